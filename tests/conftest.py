@@ -1,0 +1,102 @@
+"""Shared fixtures: a real redis-server for the session, fresh state for every test."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+import uuid
+
+import pytest
+import redis as redis_lib
+
+from app import settings as settings_mod
+from app.embedded_redis import find_binary
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """A throwaway redis-server on a free loopback port, no persistence, for tests."""
+
+    def __init__(self, tmp_dir, *extra_args: str):
+        self.port = free_port()
+        self.dir = tmp_dir
+        self.args = [find_binary(), "--bind", "127.0.0.1", "--port", str(self.port), "--dir",
+                     str(tmp_dir), "--save", "", "--appendonly", "no", *extra_args]
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        client = redis_lib.Redis(port=self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                client.close()
+                return self
+            except redis_lib.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    """URL of the session's real Redis, emptied before each test."""
+    client = redis_lib.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+@pytest.fixture
+def redis(redis_url):
+    """A decoded client on the real Redis (Lua, persistence and concurrency tests)."""
+    client = redis_lib.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def fake_redis():
+    """fakeredis for fast unit tests that do not depend on Lua fidelity."""
+    import fakeredis
+    return fakeredis.FakeRedis(decode_responses=True)
+
+
+@pytest.fixture
+def settings(redis_url) -> settings_mod.Settings:
+    """Defaults pointed at the test Redis, under a key prefix unique to the test."""
+    prefix = "{gpuo-" + uuid.uuid4().hex[:8] + "}"
+    return settings_mod.defaults().replace(redis={"url": redis_url, "prefix": prefix})
+
+
+@pytest.fixture
+def write_config(tmp_path):
+    """Write YAML text to a file and return its path."""
+    def write(text: str, name: str = "config.yaml") -> str:
+        path = tmp_path / name
+        path.write_text(text)
+        return str(path)
+    return write
