@@ -64,6 +64,11 @@ class Keys:
         """STRING leader lock (scheduler, reaper) held with a TTL."""
         return self._k("lock", name)
 
+    def stats(self) -> str:
+        """HASH of cluster-wide counters (allocations by service/status, grants, wait buckets)
+        kept by the Lua scripts, so every replica exports the same totals."""
+        return self._k("stats")
+
     def meta(self) -> str:
         """HASH of counters and version stamps the engine keeps about itself."""
         return self._k("meta")
