@@ -263,6 +263,64 @@ def _workload(gpus, memory, priority, max_util, large_batch, xlarge_batch, high_
     }
 
 
+def _model_sizes(v):
+    """Validate ``training.model_sizes``: size name -> {gpus, memory_mb}."""
+    if not isinstance(v, dict) or not v:
+        raise ValueError(v)
+    out = {}
+    for name, entry in v.items():
+        if not isinstance(name, str) or not name or not isinstance(entry, dict):
+            raise ValueError(v)
+        if set(entry) != {"gpus", "memory_mb"}:
+            raise ValueError("each size needs exactly gpus and memory_mb")
+        out[name.lower()] = {"gpus": _int(1, 64)(entry["gpus"]),
+                             "memory_mb": _int(0)(entry["memory_mb"])}
+    return out
+
+
+def _model_families(v):
+    """Validate ``inference.model_families``: [{match, memory_mb, priority, max_utilization}]."""
+    if v is None:
+        return []
+    if not isinstance(v, list):
+        raise ValueError(v)
+    out = []
+    for entry in v:
+        if not isinstance(entry, dict) or set(entry) - {"match", "memory_mb", "priority",
+                                                        "max_utilization"}:
+            raise ValueError("keys are match, memory_mb, priority, max_utilization")
+        match = entry.get("match")
+        match = [match] if isinstance(match, str) else match
+        if not isinstance(match, list) or not match or not all(
+                isinstance(m, str) and m.strip() for m in match):
+            raise ValueError("match must be a name or a list of names")
+        util = entry.get("max_utilization")
+        if util is not None and (isinstance(util, bool) or not isinstance(util, (int, float))
+                                 or not 0 <= util <= 100):
+            raise ValueError("max_utilization must be 0..100")
+        out.append({"match": [m.strip().lower() for m in match],
+                     "memory_mb": _int(0)(entry.get("memory_mb")),
+                     "priority": _int(1, 10)(entry.get("priority")),
+                     "max_utilization": None if util is None else float(util)})
+    return out
+
+
+#: The original service's training sizes.
+MODEL_SIZES = {"small": {"gpus": 1, "memory_mb": 4096}, "medium": {"gpus": 2, "memory_mb": 8192},
+               "large": {"gpus": 4, "memory_mb": 16384}, "xlarge": {"gpus": 8, "memory_mb": 32768}}
+
+#: The original service's inference model families (matched on name boundaries, first wins).
+MODEL_FAMILIES = [
+    {"match": ["gemma-7b"], "memory_mb": 16384, "priority": 8, "max_utilization": 85.0},
+    {"match": ["gemma-2b"], "memory_mb": 4096, "priority": 7, "max_utilization": 80.0},
+    {"match": ["vaultgemma", "vault-gemma"], "memory_mb": 2048, "priority": 6,
+     "max_utilization": 75.0},
+    {"match": ["phi-3.5", "phi3.5"], "memory_mb": 4096, "priority": 7, "max_utilization": 80.0},
+    {"match": ["granite-4.0", "granite4.0"], "memory_mb": 4096, "priority": 7,
+     "max_utilization": 80.0},
+]
+
+
 def _simulated(v):
     """Validate the simulated fleet (shape documented in config/config.yaml.example)."""
     if v is None:
@@ -348,11 +406,11 @@ SPEC: dict[str, dict[str, Any]] = {
     "services": {
         "deepagents_url": Url("", ("http", "https"), doc="DeepAgents advisor; empty: rules only"),
         "graph_service_url": Url("", ("http", "https"), doc="workflow lookups; empty: off"),
-        "deepagents_timeout": Duration("2s", 0.05, 60),
-        "graph_service_timeout": Duration("2s", 0.05, 60),
+        "deepagents_timeout": Duration("2s", 0.05, 60, doc="longest wait for the advisor"),
+        "graph_service_timeout": Duration("2s", 0.05, 60, doc="longest wait for a workflow lookup"),
         "breaker_failures": Int(3, 1, 100, doc="advisor failures in a row that open the breaker"),
-        "breaker_cooldown": Duration("30s", 1),
-        "graph_cache_ttl": Duration("60s", 0),
+        "breaker_cooldown": Duration("30s", 1, doc="how long an open breaker skips the advisor"),
+        "graph_cache_ttl": Duration("60s", 0, doc="workflow lookups are reused this long; 0: no cache"),
     },
     "scheduler": {
         "queue_check_interval": Duration("5s", 0.1),
@@ -372,8 +430,19 @@ SPEC: dict[str, dict[str, Any]] = {
         "node_heartbeat_timeout": Duration("30s", 1),
     },
     "workload_defaults": {
-        "training": _workload(1, 8192, 5, 90, 64, 128, 10, 20, "4h"),
-        "inference": _workload(1, 4096, 7, 80, 32, 64, 10, 20, "1h"),
+        "training": {
+            **_workload(1, 8192, 5, 90, 64, 128, 10, 20, "4h"),
+            "model_sizes": Mapping_(copy.deepcopy(MODEL_SIZES), _model_sizes,
+                                    "a mapping of size name to {gpus, memory_mb}",
+                                    doc="model_size hint -> GPUs and MB per GPU"),
+        },
+        "inference": {
+            **_workload(1, 4096, 7, 80, 32, 64, 10, 20, "1h"),
+            "model_families": Mapping_(
+                copy.deepcopy(MODEL_FAMILIES), _model_families,
+                "a list of {match, memory_mb, priority, max_utilization}",
+                doc="known models by name (whole-word match, first wins); beat the estimate"),
+        },
         "embedding": _workload(1, 2048, 6, 85, 32, 64, 10, 20, "30m"),
         "ocr": _workload(1, 4096, 6, 80, 100, 200, 50, 100, "30m"),
         "graph_processing": _workload(1, 4096, 5, 75, 1000000, 2000000, 5, 10, "1h"),
@@ -381,7 +450,11 @@ SPEC: dict[str, dict[str, Any]] = {
     },
     "memory_estimate": {
         "overhead_factor": Float(1.2, 1.0, 10, doc="activations and KV cache on top of weights"),
-        "default_dtype": Choice("fp16", ("fp32", "fp16", "bf16", "int8", "int4")),
+        "training_overhead_factor": Float(4.0, 1.0, 20,
+                                          doc="training: gradients and optimizer state too"),
+        "default_dtype": Choice("fp16", ("fp32", "fp16", "bf16", "int8", "int4"),
+                                doc="bytes per parameter when neither dtype nor quantization is given"),
+        "power_of_two_gpus": Bool(True, doc="round a spread-out model up to 1, 2, 4, 8... GPUs"),
     },
     "monitoring": {
         "refresh_interval": Duration("5s", 0.1),
