@@ -55,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="inspect configuration")
     config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     config_sub.add_parser("show", help="print the effective config as YAML, secrets redacted")
+    config_sub.add_parser("example", help="print a config file documenting every option")
     check = config_sub.add_parser("check", help="validate a config file")
     check.add_argument("file")
     return parser
@@ -75,6 +76,10 @@ def cmd_config(args, settings) -> int:
     if args.config_command == "check":
         settings_mod.check_file(args.file)
         print(f"{args.file}: OK")
+        return 0
+    if args.config_command == "example":
+        from app.config_example import render
+        sys.stdout.write(render())
         return 0
     sys.stdout.write(yaml.safe_dump(settings.redacted(), sort_keys=False))
     return 0
@@ -221,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "config" and args.config_command == "check":
+        if args.command == "config" and args.config_command in ("check", "example"):
             settings = settings_mod.defaults()
         else:
             settings = settings_mod.load(args.config)
