@@ -60,6 +60,20 @@ class Keys:
         """LIST of pending webhook deliveries written atomically by the engine's scripts."""
         return self._k("outbox", "webhooks")
 
+    def webhook_processing(self) -> str:
+        """LIST of outbox entries a dispatcher has taken but not yet turned into RQ jobs."""
+        return self._k("outbox", "webhooks", "processing")
+
+    def webhook_claim(self, event_id: str) -> str:
+        """STRING (short TTL): one dispatcher is turning this outbox entry into a job."""
+        return self._k("outbox", "claim", event_id)
+
+    def rq_queue(self, name: str) -> str:
+        """Name (not a key) of one of the service's RQ queues, unique per prefix:
+        ``{gpuo}`` -> ``gpuo-webhooks``. RQ stores it under its own ``rq:`` keys."""
+        tag = "".join(ch for ch in self.prefix if ch.isalnum() or ch in "-_.") or "gpuo"
+        return f"{tag}-{name}"
+
     def lock(self, name: str) -> str:
         """STRING leader lock (scheduler, reaper) held with a TTL."""
         return self._k("lock", name)

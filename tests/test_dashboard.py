@@ -1,0 +1,62 @@
+"""rq-dashboard under /rq: its pages and JSON endpoints answer, deletion is off by default."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis as redis_lib
+from flask import Flask
+
+from app.keys import Keys
+from workers import dashboard, outbox, queues
+
+
+def _app(settings, redis_url):
+    app = Flask("dash-test")
+    assert dashboard.init_app(app, settings, redis_url)
+    return app
+
+
+@pytest.fixture
+def queued_job(redis_url, settings):
+    rq_redis = redis_lib.Redis.from_url(redis_url)
+    entry = {"event_id": "ev1", "event": "allocated", "request_id": "svc-1", "ts": 1.0}
+    rq_redis.rpush(Keys(settings.redis.prefix).webhook_outbox(), json.dumps(entry))
+    outbox.dispatch(rq_redis, settings)
+    yield outbox.job_id_for("ev1")
+    rq_redis.close()
+
+
+def test_pages_and_json_endpoints_answer(settings, redis_url, queued_job):
+    client = _app(settings, redis_url).test_client()
+    qname = queues.queue_name(settings, queues.WEBHOOKS)
+    for path in ("/rq/", "/rq/0/view/workers", f"/rq/0/view/jobs/{qname}/queued/8/asc/1",
+                 f"/rq/0/view/job/{queued_job}"):
+        resp = client.get(path)
+        assert resp.status_code == 200, path
+        assert b"<html" in resp.data.lower()
+    listed = client.get("/rq/0/data/queues.json").get_json()
+    assert {"name": qname, "count": 1} in [{"name": q["name"], "count": q["count"]}
+                                          for q in listed["queues"]]
+    jobs = client.get(f"/rq/0/data/jobs/{qname}/queued/8/asc/1.json").get_json()
+    assert [j["id"] for j in jobs["jobs"]] == [queued_job]
+    info = client.get(f"/rq/0/data/job/{queued_job}.json").get_json()
+    assert info["id"] == queued_job and info["description"] == "webhook allocated svc-1"
+    assert client.get("/rq/0/data/workers.json").status_code == 200
+
+
+def test_deletion_is_disabled_unless_allowed(settings, redis_url, queued_job):
+    client = _app(settings, redis_url).test_client()
+    assert client.post(f"/rq/job/{queued_job}/delete").get_json() == {"status": "DISABLED"}
+    rq_redis = redis_lib.Redis.from_url(redis_url)
+    assert rq_redis.exists(f"rq:job:{queued_job}")
+    allowed = _app(settings.replace(dashboard={"allow_delete": True}), redis_url).test_client()
+    assert allowed.post(f"/rq/job/{queued_job}/delete").get_json() == {"status": "OK"}
+    assert not rq_redis.exists(f"rq:job:{queued_job}")
+    rq_redis.close()
+
+
+def test_disabled_dashboard_mounts_nothing(settings, redis_url):
+    app = Flask("dash-off")
+    assert not dashboard.init_app(app, settings.replace(dashboard={"enabled": False}), redis_url)
+    assert app.test_client().get("/rq/").status_code == 404

@@ -1,0 +1,38 @@
+"""rq-dashboard mounted under the API at ``/rq``, behind the API's own auth.
+
+rq-dashboard has no authentication of its own. The API helper protects every path under ``/rq``
+with the same API keys as the rest of the API (it is not in ``auth.public_paths``).
+
+Notes on rq-dashboard 0.9:
+
+- It imports ``six`` without declaring it; ``setup.cfg`` lists it.
+- ``RQ_DASHBOARD_REDIS_URL`` is set as a list (one instance), which its templates expect.
+- Job deletion (delete, empty queue) is disabled unless ``dashboard.allow_delete`` is true.
+- It reads jobs with a module-wide serializer; we set it to RQ's JSON serializer, the one every
+  role of this service uses. That setting is process-wide, which is fine: one process serves one
+  deployment.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from app.settings import Settings
+from workers import queues
+
+URL_PREFIX = "/rq"
+
+
+def init_app(app: Any, settings: Settings, redis_url: str) -> bool:
+    """Register rq-dashboard's blueprint on ``app`` under ``/rq``; False when disabled."""
+    if not settings.dashboard.enabled or not redis_url:
+        return False
+    import rq_dashboard
+    from rq_dashboard import web
+
+    app.config["RQ_DASHBOARD_REDIS_URL"] = [redis_url]
+    app.config["RQ_DASHBOARD_DISABLE_DELETE"] = not settings.dashboard.allow_delete
+    app.config.setdefault("RQ_DASHBOARD_POLL_INTERVAL", 2500)
+    web.config.serializer = queues.SERIALIZER
+    web.setup_rq_connection(app)
+    app.register_blueprint(rq_dashboard.blueprint, url_prefix=URL_PREFIX)
+    return True
