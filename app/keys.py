@@ -31,6 +31,22 @@ class Keys:
         """HASH of one GPU's telemetry, health and allocation state."""
         return self._k("gpu", node, str(index))
 
+    def nodes_free(self) -> str:
+        """ZSET node name -> number of its GPUs free for an exclusive grant (best-fit index)."""
+        return self._k("nodes", "free")
+
+    def node_sizes(self) -> str:
+        """ZSET node name -> number of GPUs it has (for "can never fit" checks)."""
+        return self._k("nodes", "size")
+
+    def gpus(self) -> str:
+        """ZSET ``node|index`` -> memory_total_mb of every known GPU."""
+        return self._k("gpus")
+
+    def shared_capacity(self) -> str:
+        """ZSET ``node|index`` -> MB still reservable by shared requests (shareable GPUs only)."""
+        return self._k("gpus", "shared")
+
     # Requests and allocations ----------------------------------------------
     def request(self, request_id: str) -> str:
         """HASH of one request/allocation over its whole lifecycle."""
@@ -39,6 +55,22 @@ class Keys:
     def queue(self) -> str:
         """ZSET of queued request ids, ordered by rank (lowest score is served first)."""
         return self._k("queue")
+
+    def queue_demand(self, sharing: str) -> str:
+        """ZSET of queued ids by demand: GPUs (``exclusive``) or MB (``shared``); "nothing fits"."""
+        return self._k("queue", "demand", sharing)
+
+    def queue_deadlines(self) -> str:
+        """ZSET of queued request ids by the time they time out."""
+        return self._k("queue", "deadlines")
+
+    def queue_unreserved(self) -> str:
+        """ZSET of queued ids holding no node reservation yet, by submitted_at."""
+        return self._k("queue", "unreserved")
+
+    def reservations(self) -> str:
+        """HASH node name -> id of the long-waiting request that reserves it."""
+        return self._k("reservations")
 
     def leases(self) -> str:
         """ZSET of live allocation ids by expires_at."""
