@@ -1,0 +1,147 @@
+"""Workflow context from the graph service: ``GET {url}/workflow/{id}``, with a small TTL cache.
+
+The unified-workflow integration lets a request name its ``workflow_id``; when
+``services.graph_service_url`` is set, the graph service may add the workflow's priority and the
+steps it depends on. The lookup is best effort: on any failure (refused, slow, non-200, not JSON)
+``lookup()`` returns None and the request proceeds with its own data.
+
+Accepted answer shapes (the original service read the body as a free-form object): the fields
+may sit at the top level or under ``"workflow"``; priority is ``priority`` or
+``workflow_priority`` (1..10); dependencies are ``dependencies``, ``workflow_dependencies`` or
+``depends_on`` (a list of strings). Anything else in the answer is ignored.
+
+Caching: a successful lookup (including "no such workflow", a 404) is reused for ``cache_ttl``
+seconds; a failure is remembered for ``min(cache_ttl, failure_ttl)`` seconds, so a dead graph
+service costs one time limit every few seconds rather than one per request. Two threads that
+miss the cache at the same moment may both ask the service; that is harmless (same answer).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+from urllib.parse import quote
+
+import requests
+
+log = logging.getLogger(__name__)
+
+MAX_RESPONSE_BYTES = 1 << 20
+MAX_DEPENDENCIES = 1000
+
+
+@dataclass(frozen=True)
+class WorkflowInfo:
+    """What the graph service says about one workflow."""
+
+    workflow_id: str
+    priority: int | None = None
+    dependencies: tuple[str, ...] = field(default_factory=tuple)
+
+
+class _LookupFailed(Exception):
+    pass
+
+
+def parse_workflow(workflow_id: str, body: Any) -> WorkflowInfo:
+    """Pick priority and dependencies out of a graph-service answer; ignore what does not fit."""
+    if not isinstance(body, dict):
+        raise _LookupFailed("answer is not a JSON object")
+    src = body.get("workflow") if isinstance(body.get("workflow"), dict) else body
+    priority = None
+    for key in ("priority", "workflow_priority"):
+        value = src.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+            priority = min(max(int(value), 1), 10)
+            break
+    deps: list[str] = []
+    for key in ("dependencies", "workflow_dependencies", "depends_on"):
+        value = src.get(key)
+        if isinstance(value, list):
+            deps = [d for d in value if isinstance(d, str) and d.strip()][:MAX_DEPENDENCIES]
+            break
+    return WorkflowInfo(workflow_id, priority, tuple(dict.fromkeys(deps)))
+
+
+class WorkflowClient:
+    """Looks workflows up in the graph service; thread-safe; never raises from ``lookup``."""
+
+    def __init__(self, url: str, *, timeout: float = 2.0, cache_ttl: float = 60.0,
+                 failure_ttl: float = 5.0, max_entries: int = 1024,
+                 clock: Callable[[], float] = time.monotonic,
+                 session: requests.Session | None = None):
+        if not url:
+            raise ValueError("url must be a non-empty http(s) URL")
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.cache_ttl = cache_ttl
+        self.failure_ttl = min(failure_ttl, cache_ttl)
+        self.max_entries = max_entries
+        self._clock = clock
+        self._session = session or requests.Session()
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[str, tuple[float, WorkflowInfo | None]] = OrderedDict()
+        self.requests_sent = 0
+
+    @classmethod
+    def from_settings(cls, settings, **kwargs) -> "WorkflowClient | None":
+        """The client ``services.graph_service_url`` names, or None when it is empty."""
+        svc = settings.services
+        if not svc.graph_service_url:
+            return None
+        return cls(svc.graph_service_url, timeout=svc.graph_service_timeout,
+                   cache_ttl=svc.graph_cache_ttl, **kwargs)
+
+    def lookup(self, workflow_id: str) -> WorkflowInfo | None:
+        """The workflow's context, or None when it is unknown or the service failed."""
+        now = self._clock()
+        with self._lock:
+            hit = self._cache.get(workflow_id)
+            if hit is not None and hit[0] > now:
+                return hit[1]
+        try:
+            info, ttl = self._fetch(workflow_id), self.cache_ttl
+        except _LookupFailed as exc:
+            log.warning("graph service lookup of workflow %r failed: %s; using the request's "
+                        "own data", workflow_id, exc)
+            info, ttl = None, self.failure_ttl
+        if ttl > 0:
+            with self._lock:
+                self._cache[workflow_id] = (self._clock() + ttl, info)
+                self._cache.move_to_end(workflow_id)
+                while len(self._cache) > self.max_entries:
+                    self._cache.popitem(last=False)
+        return info
+
+    def _fetch(self, workflow_id: str) -> WorkflowInfo | None:
+        url = f"{self.url}/workflow/{quote(workflow_id, safe='')}"
+        self.requests_sent += 1
+        try:
+            with self._session.get(url, timeout=(self.timeout, self.timeout),
+                                   stream=True) as resp:
+                if resp.status_code == 404:
+                    return None
+                if resp.status_code != 200:
+                    raise _LookupFailed(f"HTTP {resp.status_code}")
+                data = bytearray()
+                for chunk in resp.iter_content(65536):
+                    data += chunk
+                    if len(data) > MAX_RESPONSE_BYTES:
+                        raise _LookupFailed("answer too large")
+            body = json.loads(data)
+        except requests.RequestException as exc:
+            raise _LookupFailed(str(exc) or type(exc).__name__) from None
+        except ValueError:
+            raise _LookupFailed("answer is not JSON") from None
+        return parse_workflow(workflow_id, body)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+    def close(self) -> None:
+        self._session.close()
