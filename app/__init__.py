@@ -1,30 +1,72 @@
 """gpu-orchestrator: the Flask application factory.
 
 ``create_app(settings, redis=...)`` wires every part together explicitly; nothing connects to
-Redis or reads config as a side effect of an import.
+Redis or reads config as a side effect of an import. The engine, the workload analyser and the
+Redis clients are built once per app (one per gunicorn worker), never per request.
+
+Order of the request hooks matters and is fixed here: request id first (so every later failure,
+including a 401, carries it), then metrics timing, then auth.
 """
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
-from flask import Flask, jsonify
+from flask import Flask, g, request
 
 from app import settings as settings_mod
 
+log = logging.getLogger("gpu_orchestrator.api")
+
 
 def create_app(settings: settings_mod.Settings | None = None, *, redis: Any = None,
-               redis_url: str | None = None) -> Flask:
+               redis_url: str | None = None, clock=None) -> Flask:
     """Build the API. Tests pass ``settings`` and a ``redis`` client instead of patching."""
+    from app import auth, http_errors, metrics, request_ids
+    from app import api as api_mod
+    from app.engine import Engine
+    from app.redis_client import connect
+    from app.workload import WorkloadAnalyzer
+
     settings = settings or settings_mod.load()
+    url = redis_url or settings.redis.url
     app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.server.max_body_bytes
+    app.json.sort_keys = False
     app.extensions["gpu_settings"] = settings
-    if redis is None and (redis_url or settings.redis.url):
-        from app.redis_client import connect
-        redis = connect(redis_url or settings.redis.url, settings)
+
+    if redis is None and url:
+        redis = connect(url, settings)
     app.extensions["gpu_redis"] = redis
+    app.extensions["gpu_rq_redis"] = connect(url, settings, decode=False) if url else None
+    engine = Engine(redis, settings, clock=clock)
+    app.extensions["gpu_engine"] = engine
+    app.extensions["gpu_analyzer"] = WorkloadAnalyzer.from_settings(
+        settings, fleet_limits=engine.fleet_limits)
 
-    @app.get("/healthz")
-    def healthz():
-        return jsonify(status="ok")
+    request_ids.init_app(app)
+    metrics.init_app(app, engine)
+    auth.init_app(app, settings)
+    api_mod.init_app(app, settings)
+    http_errors.init_app(app)  # after flask-smorest's Api, so our handlers win
+    _access_log(app)
 
+    if settings.dashboard.enabled and url:
+        from workers import dashboard
+        dashboard.init_app(app, settings, url)
     return app
+
+
+def _access_log(app: Flask) -> None:
+    """One line per request (method, route, status, ms, principal); never a key or a body."""
+    access = logging.getLogger("gpu_orchestrator.access")
+
+    @app.after_request
+    def _line(response):
+        if access.isEnabledFor(logging.INFO):
+            t0 = g.get("_metrics_start")  # set by app.metrics, popped after this hook
+            ms = (time.perf_counter() - t0) * 1000 if t0 is not None else 0.0
+            access.info("%s %s %s %.1fms principal=%s", request.method, request.path,
+                        response.status_code, ms, g.get("principal") or "-")
+        return response

@@ -98,16 +98,10 @@ def cmd_redis(args, settings) -> int:
 
 
 def cmd_api(args, settings) -> int:
-    from app import create_app
-    from app.serve import GunicornApp, gunicorn_options
+    from app import serve
 
     url, embedded = resolve_redis(settings)
-    try:
-        GunicornApp(lambda: create_app(settings, redis_url=url),
-                    gunicorn_options(settings)).run()
-    finally:
-        if embedded:
-            embedded.stop()
+    serve.run(settings, url, cleanup=embedded.stop if embedded else None)
     return 0
 
 

@@ -1,0 +1,280 @@
+"""The ``/gpu`` endpoints: allocate, release, renew, cancel, inspect, analyse.
+
+Every view is thin: read and validate the body, call the engine (one Lua script per state
+change), render. Ownership is checked by the engine, which gets the caller's principal and
+whether it is an admin.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import current_app, jsonify, request, url_for
+from flask_smorest import Blueprint
+
+from app import auth, schemas
+from app.api import body, render
+from app.errors import BadRequest, NotFound
+
+log = logging.getLogger("gpu_orchestrator.api")
+
+blp = Blueprint("gpu", __name__, url_prefix="/gpu",
+                description="Allocate, release, renew and inspect GPUs.")
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+MAX_IDEMPOTENCY_KEY = 255
+
+_ERRORS = {
+    400: "BAD_REQUEST", 401: "UNAUTHORIZED", 403: "FORBIDDEN", 404: "NOT_FOUND",
+    409: "CONFLICT", 413: "REQUEST_ENTITY_TOO_LARGE", 415: "UNSUPPORTED_MEDIA_TYPE",
+    422: "UNPROCESSABLE_ENTITY", 429: "TOO_MANY_REQUESTS", 503: "SERVICE_UNAVAILABLE",
+}
+_ID_PARAM = {"in": "path", "name": "request_id", "required": True,
+             "schema": {"type": "string", "pattern": schemas.ID_RE}}
+_ALLOC_PARAM = dict(_ID_PARAM, name="allocation_id")
+_IDEM_PARAM = {"in": "header", "name": IDEMPOTENCY_HEADER, "required": False,
+               "schema": {"type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY,
+                          "pattern": r"^[\x21-\x7e]+$"},
+               "description": "Makes retries safe: the same key within 24 h returns the "
+                              "original request instead of creating a new one."}
+
+
+def errors(*codes: int):
+    """Document the error responses a route can give (all share the one error schema)."""
+    def deco(fn):
+        for code in codes:
+            fn = blp.alt_response(code, response=_ERRORS[code])(fn)
+        return fn
+    return deco
+
+
+def _engine():
+    return current_app.extensions["gpu_engine"]
+
+
+def _owner_kwargs() -> dict[str, Any]:
+    return {"principal": auth.current_principal(), "admin": auth.current_is_admin()}
+
+
+def _dispatch_webhooks() -> None:
+    """Hand freshly written webhook notifications to RQ; best effort (the scheduler also does)."""
+    rq_redis = current_app.extensions.get("gpu_rq_redis")
+    if rq_redis is None:
+        return
+    try:
+        from workers.outbox import dispatch
+        dispatch(rq_redis, current_app.extensions["gpu_settings"])
+    except Exception:  # noqa: BLE001 - never fail a request over a notification
+        log.warning("webhook dispatch failed; the scheduler will retry", exc_info=True)
+
+
+def _idempotency_key() -> str | None:
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is None:
+        return None
+    if not (0 < len(key) <= MAX_IDEMPOTENCY_KEY) or not all(0x21 <= ord(c) <= 0x7e for c in key):
+        raise BadRequest(f"{IDEMPOTENCY_HEADER} must be 1-{MAX_IDEMPOTENCY_KEY} printable "
+                         "ASCII characters", details={IDEMPOTENCY_HEADER: ["invalid"]})
+    return key
+
+
+def engine_request(data: dict[str, Any], analysis: dict[str, Any],
+                   principal: str | None) -> dict[str, Any]:
+    """Merge the validated body and the workload analysis into the engine's request."""
+    req: dict[str, Any] = {
+        "service_name": data["service_name"],
+        "workload_type": analysis.get("workload_type", data["workload_type"]),
+        "workload_data": data["workload_data"],
+        "required_gpus": analysis["required_gpus"],
+        "min_memory_mb": analysis["min_memory_mb"],
+        "max_memory_mb": analysis.get("max_memory_mb"),
+        "max_utilization": analysis.get("max_utilization"),
+        "priority": data.get("priority", analysis["priority"]),
+        "estimated_duration_seconds": analysis.get("estimated_duration_seconds"),
+    }
+    deps = list(data.get("depends_on") or [])
+    for dep in analysis.get("depends_on") or []:
+        if dep not in deps:
+            deps.append(dep)
+    if deps:
+        req["depends_on"] = deps
+    for key in ("ttl_seconds", "sharing", "preferred_gpus", "webhook_url", "webhook_events"):
+        if data.get(key) is not None:
+            req[key] = data[key]
+    if analysis.get("workflow_id"):
+        req["workflow_id"] = analysis["workflow_id"]
+    if principal is not None:
+        req["owner"] = principal
+    return req
+
+
+def _allocation_response(rec: dict[str, Any]):
+    if rec.get("status") == "queued":
+        resp = jsonify(render.queued(rec))
+        resp.status_code = 202
+        resp.headers["Location"] = url_for("gpu.request_status", request_id=rec["id"])
+    else:
+        out = render.allocation(rec)
+        if rec.get("replayed"):
+            out["replayed"] = True
+        resp = jsonify(out)
+    if rec.get("replayed"):
+        resp.headers["Idempotent-Replayed"] = "true"
+    return resp
+
+
+@blp.route("/allocate", methods=["POST"])
+@blp.doc(parameters=[_IDEM_PARAM],
+         requestBody={"required": True, "content": {
+             "application/json": {"schema": schemas.AllocateRequestSchema}}})
+@blp.alt_response(200, schema=schemas.AllocationSchema, success=True,
+                  description="Granted now: the allocation.")
+@blp.alt_response(202, schema=schemas.QueuedSchema, success=True,
+                  description="Queued; poll the Location or wait for the webhook.",
+                  headers={"Location": {"schema": {"type": "string"},
+                                        "description": "The request's status URL."}})
+@errors(400, 401, 409, 413, 415, 422, 429, 503)
+def allocate():
+    """Ask for GPUs: granted at once (200) or queued (202).
+
+    The workload is analysed into requirements first; top-level ``priority``, ``ttl_seconds``,
+    ``sharing``, ``depends_on`` and ``preferred_gpus`` apply on top of the analysis.
+    """
+    key = _idempotency_key()
+    data = body.load(schemas.AllocateRequestSchema())
+    analysis = current_app.extensions["gpu_analyzer"].analyze(data["workload_type"],
+                                                              data["workload_data"])
+    req = engine_request(data, analysis, auth.current_principal())
+    rec = _engine().allocate(req, idempotency_key=key)
+    _dispatch_webhooks()
+    return _allocation_response(rec)
+
+
+@blp.route("/release", methods=["POST"])
+@blp.doc(requestBody={"required": True, "content": {
+    "application/json": {"schema": schemas.ReleaseRequestSchema}}})
+@blp.alt_response(200, schema=schemas.ReleasedSchema, success=True, description="Released.")
+@errors(400, 401, 403, 404, 413, 415, 422, 503)
+def release():
+    """Release one allocation by id, or every allocation of a service that the caller owns."""
+    data = body.load(schemas.ReleaseRequestSchema())
+    engine = _engine()
+    if data.get("allocation_id"):
+        rec = engine.release(data["allocation_id"], **_owner_kwargs())
+        _dispatch_webhooks()
+        return jsonify(status="released", allocation_id=data["allocation_id"],
+                       service_name=rec.get("service_name") if isinstance(rec, dict) else None,
+                       released=[data["allocation_id"]], count=1)
+    if data.get("service_name"):
+        ids = engine.release_by_service(data["service_name"], **_owner_kwargs())
+        _dispatch_webhooks()
+        ids = list(ids or [])
+        if not ids:
+            raise NotFound(f"service {data['service_name']} holds no allocations"
+                           + (" that you own" if auth.current_principal() else ""),
+                           details={"service_name": data["service_name"]})
+        return jsonify(status="released", service_name=data["service_name"], released=ids,
+                       count=len(ids))
+    raise BadRequest("give allocation_id or service_name",
+                     details={"allocation_id": ["one of allocation_id, service_name is "
+                                                "required"]})
+
+
+@blp.route("/status", methods=["GET"])
+@blp.alt_response(200, schema=schemas.GpuStatusSchema, success=True,
+                  description="Every GPU with telemetry and allocation state.")
+@errors(401, 503)
+def status():
+    """Every GPU, read in one atomic snapshot."""
+    snap = _engine().snapshot()
+    return jsonify(gpus=[render.gpu(g) for g in snap.get("gpus", [])])
+
+
+@blp.route("/list", methods=["GET"])
+@blp.alt_response(200, schema=schemas.GpuListSchema, success=True,
+                  description="GPUs, live allocations and the queue, one consistent snapshot.")
+@errors(401, 503)
+def list_all():
+    """GPUs, allocations and the queue, read in one atomic snapshot."""
+    snap = _engine().snapshot()
+    return jsonify(gpus=[render.gpu(g) for g in snap.get("gpus", [])],
+                   allocations=[render.allocation(a) for a in snap.get("allocations", [])],
+                   queue=[render.allocation(q) for q in snap.get("queue", [])],
+                   nodes=list(snap.get("nodes", [])))
+
+
+@blp.route("/workload", methods=["POST"])
+@blp.doc(requestBody={"required": True, "content": {
+    "application/json": {"schema": schemas.WorkloadRequestSchema}}})
+@blp.alt_response(200, schema=schemas.RequirementsSchema, success=True,
+                  description="The requirements /gpu/allocate would use.")
+@errors(400, 401, 413, 415, 422, 503)
+def workload():
+    """Analyse a workload without side effects."""
+    data = body.load(schemas.WorkloadRequestSchema())
+    analysis = current_app.extensions["gpu_analyzer"].analyze(data["workload_type"],
+                                                              data["workload_data"])
+    return jsonify(render.requirements(analysis))
+
+
+def _get_or_404(request_id: str) -> dict[str, Any]:
+    if not schemas.ID_PATTERN.match(request_id):
+        raise NotFound(f"no request {request_id!r}", details={"id": request_id})
+    return _engine().get(request_id)
+
+
+@blp.route("/requests/<request_id>", methods=["GET"])
+@blp.doc(parameters=[_ID_PARAM])
+@blp.alt_response(200, schema=schemas.RequestStatusSchema, success=True,
+                  description="The request: status, queue position, allocation once granted.")
+@errors(401, 404, 503)
+def request_status(request_id: str):
+    """Poll a request: its status, queue position, and its allocation once granted."""
+    rec = _get_or_404(request_id)
+    out = render.allocation(rec)
+    out["allocation"] = render.allocation(rec) if rec.get("allocated_at") else None
+    return jsonify(out)
+
+
+@blp.route("/requests/<request_id>", methods=["DELETE"])
+@blp.doc(parameters=[_ID_PARAM])
+@blp.alt_response(200, schema=schemas.AllocationSchema, success=True,
+                  description="Cancelled.")
+@errors(401, 403, 404, 409, 503)
+def cancel_request(request_id: str):
+    """Cancel a queued request."""
+    if not schemas.ID_PATTERN.match(request_id):
+        raise NotFound(f"no request {request_id!r}", details={"id": request_id})
+    rec = _engine().cancel(request_id, **_owner_kwargs())
+    _dispatch_webhooks()
+    return jsonify(render.allocation(rec))
+
+
+@blp.route("/allocations/<allocation_id>", methods=["GET"])
+@blp.doc(parameters=[_ALLOC_PARAM])
+@blp.alt_response(200, schema=schemas.AllocationSchema, success=True,
+                  description="The allocation.")
+@errors(401, 404, 503)
+def get_allocation(allocation_id: str):
+    """One allocation (also recently released or expired ones)."""
+    rec = _get_or_404(allocation_id)
+    if not rec.get("allocated_at"):
+        raise NotFound(f"{allocation_id} has not been granted (status {rec.get('status')}); "
+                       f"see /gpu/requests/{allocation_id}", details={"id": allocation_id})
+    return jsonify(render.allocation(rec))
+
+
+@blp.route("/allocations/<allocation_id>/renew", methods=["POST"])
+@blp.doc(parameters=[_ALLOC_PARAM],
+         requestBody={"required": False, "content": {
+             "application/json": {"schema": schemas.RenewRequestSchema}}})
+@blp.alt_response(200, schema=schemas.AllocationSchema, success=True,
+                  description="Renewed: the allocation with its new expires_at.")
+@errors(400, 401, 403, 404, 409, 413, 415, 422, 503)
+def renew(allocation_id: str):
+    """Extend a live allocation's lease by ``ttl_seconds`` (default: its own TTL) from now."""
+    data = body.load(schemas.RenewRequestSchema())
+    if not schemas.ID_PATTERN.match(allocation_id):
+        raise NotFound(f"no allocation {allocation_id!r}", details={"id": allocation_id})
+    rec = _engine().renew(allocation_id, ttl_seconds=data.get("ttl_seconds"), **_owner_kwargs())
+    return jsonify(render.allocation(rec))

@@ -1,0 +1,40 @@
+"""Liveness and readiness probes; public by default (``auth.public_paths``)."""
+from __future__ import annotations
+
+from flask import current_app, jsonify
+from flask_smorest import Blueprint
+
+from app import schemas
+from app.errors import Unavailable
+
+blp = Blueprint("health", __name__, description="Probes for load balancers and orchestrators.")
+
+
+@blp.route("/healthz", methods=["GET"])
+@blp.doc(security=[])
+@blp.alt_response(200, schema=schemas.HealthSchema, success=True, description="Alive.")
+def healthz():
+    """Liveness: the process answers. Touches nothing else, so it stays cheap."""
+    return jsonify(status="ok")
+
+
+@blp.route("/readyz", methods=["GET"])
+@blp.doc(security=[])
+@blp.alt_response(200, schema=schemas.HealthSchema, success=True, description="Ready.")
+@blp.alt_response(503, response="SERVICE_UNAVAILABLE")
+def readyz():
+    """Readiness: 200 only when Redis answers a PING."""
+    redis = current_app.extensions.get("gpu_redis")
+    if redis is None:
+        raise Unavailable("no Redis configured")
+    redis.ping()  # ConnectionError/TimeoutError -> 503 through the app-wide handler
+    return jsonify(status="ready")
+
+
+@blp.route("/metrics", methods=["GET"])
+@blp.doc(security=[])
+@blp.alt_response(200, success=True, content_type="text/plain",
+                  schema={"type": "string"}, description="Prometheus text exposition format.")
+def metrics():
+    """Prometheus metrics: this deployment's HTTP metrics plus fleet and queue state from Redis."""
+    return current_app.extensions["gpu_metrics_view"]()

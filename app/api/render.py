@@ -1,0 +1,69 @@
+"""Engine records (epoch-float times, internal fields) -> the JSON clients see.
+
+Only documented fields leave the service; times become RFC 3339 strings.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from app import schemas
+from app.timefmt import iso
+
+TIME_FIELDS = ("submitted_at", "allocated_at", "expires_at", "finished_at", "updated_at")
+_ALLOCATION_FIELDS = tuple(schemas.AllocationSchema().fields)
+_GPU_FIELDS = tuple(schemas.GpuSchema().fields)
+_REQ_FIELDS = tuple(schemas.RequirementsSchema().fields)
+
+
+def _int_list(values: Any) -> Any:
+    if values is None:
+        return None
+    out = []
+    for v in values:
+        try:
+            out.append(int(v))
+        except (TypeError, ValueError):
+            return None
+    return out
+
+
+def allocation(rec: dict[str, Any]) -> dict[str, Any]:
+    out = {k: rec[k] for k in _ALLOCATION_FIELDS if k in rec}
+    for k in TIME_FIELDS:
+        if k in out:
+            out[k] = iso(out[k]) if out[k] not in (None, "", 0) else None
+    out["request_id"] = rec.get("id")
+    if "gpu_ids" in out:
+        out["gpu_ids"] = _int_list(out["gpu_ids"])
+        if out.get("gpu_ids") is not None and "cuda_visible_devices" not in rec:
+            out["cuda_visible_devices"] = ",".join(str(i) for i in out["gpu_ids"])
+    if "preferred_gpus" in out:
+        out["preferred_gpus"] = _int_list(out["preferred_gpus"])
+    if out.get("position") is not None and out.get("status") != "queued":
+        out.pop("position")
+    return out
+
+
+def queued(rec: dict[str, Any]) -> dict[str, Any]:
+    out = {
+        "status": "queued",
+        "request_id": rec["id"],
+        "id": rec["id"],
+        "position": rec.get("position"),
+        "priority": rec.get("priority"),
+        "submitted_at": iso(rec.get("submitted_at")),
+    }
+    if rec.get("replayed"):
+        out["replayed"] = True
+    return out
+
+
+def gpu(rec: dict[str, Any]) -> dict[str, Any]:
+    out = {k: rec[k] for k in _GPU_FIELDS if k in rec}
+    if "updated_at" in out:
+        out["updated_at"] = iso(out["updated_at"]) if out["updated_at"] else None
+    return out
+
+
+def requirements(analysis: dict[str, Any]) -> dict[str, Any]:
+    return {k: analysis[k] for k in _REQ_FIELDS if k in analysis}

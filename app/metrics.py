@@ -1,0 +1,213 @@
+"""Prometheus metrics: HTTP metrics per process, fleet and domain metrics read from Redis.
+
+Two sources make up one ``/metrics`` answer:
+
+- **HTTP metrics** (``gpu_orchestrator_http_requests_total``,
+  ``gpu_orchestrator_http_request_duration_seconds``) are counted in the process that served the
+  request. Under gunicorn every worker is a separate process, so they run in prometheus_client's
+  multiprocess mode: each worker writes its values to files in ``PROMETHEUS_MULTIPROC_DIR`` and
+  the scrape, whichever worker answers it, merges all files with ``MultiProcessCollector``.
+- **Fleet, queue and domain metrics** are read from Redis at scrape time by
+  :class:`RedisCollector`, so every replica reports the same truth.
+
+Trap avoided: in multiprocess mode a custom collector registered on a shared registry never
+reaches the output, because the scrape must build a fresh registry holding only
+``MultiProcessCollector``. Our view builds that registry itself and adds :class:`RedisCollector`
+to it on every scrape.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Iterable
+
+from flask import Flask, Response, g, request
+from prometheus_client import CollectorRegistry, Counter, Histogram, values
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+log = logging.getLogger("gpu_orchestrator.metrics")
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+#: Route label for requests that matched no route (keeps the label set bounded).
+UNMATCHED = "<unmatched>"
+
+#: Per-GPU gauges: metric name -> (GPU field, help).
+GPU_GAUGES = {
+    "gpu_orchestrator_gpu_utilization_percent": ("utilization", "GPU utilization in percent"),
+    "gpu_orchestrator_gpu_memory_used_mb": ("memory_used_mb", "GPU memory in use, MB"),
+    "gpu_orchestrator_gpu_memory_total_mb": ("memory_total_mb", "GPU memory in total, MB"),
+    "gpu_orchestrator_gpu_temperature_celsius": ("temperature", "GPU temperature, Celsius"),
+    "gpu_orchestrator_gpu_power_draw_watts": ("power_draw", "GPU power draw, watts"),
+}
+
+
+def multiprocess_dir() -> str | None:
+    path = os.environ.get(MULTIPROC_ENV)
+    return path if path and os.path.isdir(path) else None
+
+
+class HttpMetrics:
+    """The two HTTP metrics, labelled by method, route template and status."""
+
+    def __init__(self, registry: CollectorRegistry | None):
+        if multiprocess_dir() and values.ValueClass is values.MutexValue:
+            # prometheus_client picks its value class when first imported; if that happened
+            # before PROMETHEUS_MULTIPROC_DIR was set, pick again so our metrics go to files.
+            values.ValueClass = values.get_value_class()
+        self.requests = Counter(
+            "gpu_orchestrator_http_requests_total", "HTTP requests served",
+            ("method", "route", "status"), registry=registry)
+        self.duration = Histogram(
+            "gpu_orchestrator_http_request_duration_seconds", "HTTP request duration",
+            ("method", "route", "status"), buckets=HTTP_BUCKETS, registry=registry)
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        labels = (method, route, str(status))
+        self.requests.labels(*labels).inc()
+        self.duration.labels(*labels).observe(seconds)
+
+
+class RedisCollector:
+    """Fleet gauges and cluster-wide counters, read from Redis through the engine per scrape.
+
+    A Redis outage must not break the scrape: the HTTP metrics still matter then. The collector
+    reports ``gpu_orchestrator_redis_up 0`` and skips the rest.
+    """
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+
+    def collect(self) -> Iterable[Any]:
+        import redis
+        try:
+            counts = self.engine.counts()
+            snapshot_gpus = self.engine.snapshot().get("gpus", [])
+            stats = self.engine.stats()
+        except redis.RedisError as exc:
+            log.warning("metrics: Redis unavailable (%s)", exc.__class__.__name__)
+            yield _gauge("gpu_orchestrator_redis_up", "1 when Redis answered this scrape", 0)
+            return
+        yield _gauge("gpu_orchestrator_redis_up", "1 when Redis answered this scrape", 1)
+        yield _gauge("gpu_orchestrator_allocations_active", "live allocations",
+                     counts.get("allocations_active", 0))
+        yield _gauge("gpu_allocator_gpus_allocated_total", "GPUs held by live allocations",
+                     counts.get("gpus_allocated", 0))
+        yield _gauge("gpu_orchestrator_queue_depth", "requests waiting in the queue",
+                     counts.get("queue_depth", 0))
+        yield _gauge("gpu_orchestrator_gpus_total", "GPUs known to the fleet",
+                     counts.get("gpus_total", 0))
+        yield _gauge("gpu_orchestrator_gpus_available", "GPUs free and schedulable",
+                     counts.get("gpus_available", 0))
+        yield from _gpu_gauges(snapshot_gpus)
+        yield from stats_families(stats)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    fam = GaugeMetricFamily(name, doc)
+    fam.add_metric([], float(value or 0))
+    return fam
+
+
+def _gpu_gauges(gpus: list[dict[str, Any]]) -> Iterable[Any]:
+    labels = ("node", "gpu", "uuid", "name")
+    for metric, (field, doc) in GPU_GAUGES.items():
+        fam = GaugeMetricFamily(metric, doc, labels=labels)
+        for gpu in gpus:
+            value = gpu.get(field)
+            if value is None or value == "":
+                continue
+            fam.add_metric([str(gpu.get("node", "")), str(gpu.get("index", "")),
+                            str(gpu.get("uuid") or ""), str(gpu.get("name") or "")],
+                           float(value))
+        yield fam
+
+
+def stats_families(stats: dict[str, Any]) -> Iterable[Any]:
+    """Counters and the queue-wait histogram from the engine's cluster-wide stats."""
+    alloc = CounterMetricFamily("gpu_orchestrator_allocations_total",
+                                "requests by service and outcome", labels=("service", "status"))
+    for (service, status), value in sorted(stats.get("allocations", {}).items()):
+        alloc.add_metric([service, status], float(value))
+    yield alloc
+
+    sched = CounterMetricFamily("gpu_scheduler_scheduled_total",
+                                "scheduling outcomes", labels=("status",))
+    for status, value in sorted(stats.get("scheduled", {}).items()):
+        sched.add_metric([status], float(value))
+    yield sched
+
+    wait = stats.get("queue_wait") or {}
+    buckets = wait.get("buckets") or []
+    if buckets:
+        hist = HistogramMetricFamily("gpu_scheduler_queue_wait_seconds",
+                                     "time from queueing to grant, seconds")
+        hist.add_metric([], [(_le(le), float(c)) for le, c in buckets],
+                        float(wait.get("sum", 0)))
+        yield hist
+
+    hooks = CounterMetricFamily("gpu_orchestrator_webhooks_total",
+                                "webhook delivery attempts by result", labels=("result",))
+    for result, value in sorted(stats.get("webhooks", {}).items()):
+        hooks.add_metric([result], float(value))
+    yield hooks
+
+
+def _le(le: Any) -> str:
+    if le in ("+Inf", "inf", float("inf")):
+        return "+Inf"
+    return repr(float(le))
+
+
+class _Combined:
+    """A registry-like object yielding from several collectors (generate_latest needs collect)."""
+
+    def __init__(self, *collectors: Any):
+        self.collectors = collectors
+
+    def collect(self) -> Iterable[Any]:
+        for collector in self.collectors:
+            yield from collector.collect()
+
+
+def init_app(app: Flask, engine: Any) -> None:
+    """Count every request; provide the ``/metrics`` view (routed by :mod:`app.api.health`)."""
+    mp_dir = multiprocess_dir()
+    # Single process (tests, dev): a registry per app, so several apps never collide.
+    # Multiprocess: the values live in files; the registry is rebuilt per scrape.
+    local = None if mp_dir else CollectorRegistry(auto_describe=True)
+    http = HttpMetrics(local)
+    redis_collector = RedisCollector(engine)
+    app.extensions["gpu_http_metrics"] = http
+
+    @app.before_request
+    def _start_timer():
+        g._metrics_start = time.perf_counter()
+
+    @app.after_request
+    def _record(response):
+        start = g.pop("_metrics_start", None)
+        if start is not None:
+            rule = request.url_rule
+            http.observe(request.method, rule.rule if rule is not None else UNMATCHED,
+                         response.status_code, time.perf_counter() - start)
+        return response
+
+    def metrics_view():
+        if mp_dir:
+            from prometheus_client import multiprocess
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, path=mp_dir)
+            source = _Combined(registry, redis_collector)
+        else:
+            from prometheus_client import REGISTRY
+            # The global registry carries metrics other modules define (e.g. the workload
+            # analyser's decisions) plus process metrics.
+            source = _Combined(local, REGISTRY, redis_collector)
+        return Response(generate_latest(source), content_type=CONTENT_TYPE_LATEST)
+
+    # The route itself is declared with the other probes in app.api.health (so it is in the spec).
+    app.extensions["gpu_metrics_view"] = metrics_view

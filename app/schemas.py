@@ -1,0 +1,302 @@
+"""Marshmallow schemas of the REST API: what requests may carry and what responses look like.
+
+Request schemas validate (``load``) and name every bad field; response schemas only document
+(the views render records with :mod:`app.api.render`) and feed ``/openapi.json``. Response
+schemas use ``unknown = EXCLUDE`` so the spec allows fields added later without a breaking
+change; request schemas reject unknown fields so a typo is a 422, not a silently ignored option.
+"""
+from __future__ import annotations
+
+import numbers
+import re
+
+import marshmallow as ma
+from marshmallow import fields, validate
+
+from app.settings import WORKLOAD_TYPES
+
+#: Deepest nesting accepted inside ``workload_data`` (objects and arrays both count).
+MAX_WORKLOAD_DEPTH = 8
+#: Most entries in ``workload_data`` summed over every level.
+MAX_WORKLOAD_ITEMS = 1000
+
+SERVICE_NAME_RE = r"^[A-Za-z0-9._-]{1,128}$"
+#: Request ids are ``<service_name>-<digits>...``; anything longer than this cannot be ours.
+ID_RE = r"^[A-Za-z0-9._:-]{1,200}$"
+SHARING = ("exclusive", "shared")
+EVENTS = ("allocated", "queued", "released", "expired", "cancelled", "timed_out")
+MAX_TTL_SECONDS = 10 * 365 * 86400
+
+
+class StrictInt(fields.Integer):
+    """An integer that refuses strings, floats and booleans (JSON ``true`` is not 1)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(strict=True, **kwargs)
+
+    def _validated(self, value):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise self.make_error("invalid")
+        return super()._validated(value)
+
+
+class StrictStr(fields.String):
+    """A string field (marshmallow's already refuses numbers); kept for one place to tighten."""
+
+
+def _depth_and_size(value, depth=1):
+    """(deepest nesting, number of entries) of a JSON value."""
+    if isinstance(value, dict):
+        items = list(value.values())
+    elif isinstance(value, list):
+        items = value
+    else:
+        return 0, 0
+    deepest, count = depth, len(items)
+    for item in items:
+        if isinstance(item, (dict, list)):
+            d, c = _depth_and_size(item, depth + 1)
+            deepest, count = max(deepest, d), count + c
+            if deepest > MAX_WORKLOAD_DEPTH or count > MAX_WORKLOAD_ITEMS:
+                break
+    return deepest, count
+
+
+def _check_workload_data(value):
+    depth, size = _depth_and_size(value)
+    if depth > MAX_WORKLOAD_DEPTH:
+        raise ma.ValidationError(f"nesting deeper than {MAX_WORKLOAD_DEPTH} levels")
+    if size > MAX_WORKLOAD_ITEMS:
+        raise ma.ValidationError(f"more than {MAX_WORKLOAD_ITEMS} entries")
+
+
+_WEBHOOK_URL = validate.URL(schemes={"http", "https"}, require_tld=False,
+                            error="must be an http:// or https:// URL")
+
+
+class _RequestSchema(ma.Schema):
+    class Meta:
+        unknown = ma.RAISE
+
+
+class WorkloadFields(_RequestSchema):
+    """Fields shared by ``/gpu/allocate`` and ``/gpu/workload``."""
+
+    workload_type = StrictStr(
+        load_default="generic",
+        validate=validate.OneOf(WORKLOAD_TYPES,
+                                error="must be one of: " + ", ".join(WORKLOAD_TYPES)),
+        metadata={"description": "Kind of work; decides the rules that size the request.",
+                  "enum": list(WORKLOAD_TYPES)})
+    workload_data = fields.Dict(
+        keys=fields.String(), load_default=dict, validate=_check_workload_data,
+        metadata={"description": "Hints such as model_size, model_name, batch_size, "
+                                 "concurrent_requests, or explicit required_gpus, "
+                                 "min_memory_mb, priority overrides. Nesting is limited to "
+                                 f"{MAX_WORKLOAD_DEPTH} levels."})
+
+
+class WorkloadRequestSchema(WorkloadFields):
+    """Body of ``POST /gpu/workload``: analyse only."""
+
+    service_name = StrictStr(
+        validate=validate.Regexp(SERVICE_NAME_RE, error="must be 1-128 characters of "
+                                                        "[A-Za-z0-9._-]"),
+        metadata={"description": "Accepted for symmetry with /gpu/allocate; not used."})
+
+
+class AllocateRequestSchema(WorkloadFields):
+    """Body of ``POST /gpu/allocate``."""
+
+    service_name = StrictStr(
+        required=True,
+        validate=validate.Regexp(SERVICE_NAME_RE, error="must be 1-128 characters of "
+                                                        "[A-Za-z0-9._-]"),
+        metadata={"description": "Who the GPUs are for; 1-128 characters of [A-Za-z0-9._-].",
+                  "pattern": SERVICE_NAME_RE})
+    webhook_url = StrictStr(
+        allow_none=True, validate=[validate.Length(max=2048), _WEBHOOK_URL],
+        metadata={"description": "Notified (POST, JSON) when the request changes state.",
+                  "format": "uri", "pattern": "^https?://"})
+    webhook_events = fields.List(
+        StrictStr(validate=validate.OneOf(EVENTS)), validate=validate.Length(max=len(EVENTS)),
+        metadata={"description": "Events to notify; default: all."})
+    ttl_seconds = StrictInt(
+        validate=validate.Range(0, MAX_TTL_SECONDS),
+        metadata={"description": "Lease length. 0 means no expiry, when the server allows it."})
+    sharing = StrictStr(
+        validate=validate.OneOf(SHARING),
+        metadata={"description": "exclusive (default): whole GPUs; shared: reserve "
+                                 "min_memory_mb on one GPU.", "enum": list(SHARING)})
+    depends_on = fields.List(
+        StrictStr(validate=validate.Regexp(ID_RE)), validate=validate.Length(max=64),
+        metadata={"description": "Requests or allocations that must finish first."})
+    preferred_gpus = fields.List(
+        StrictInt(validate=validate.Range(0, 4095)), validate=validate.Length(max=64),
+        metadata={"description": "GPU indices to prefer on a node."})
+    priority = StrictInt(
+        validate=validate.Range(1, 10),
+        metadata={"description": "1-10, higher first; overrides the analysed priority."})
+
+
+class ReleaseRequestSchema(_RequestSchema):
+    """Body of ``POST /gpu/release``: one of the two fields (``allocation_id`` wins)."""
+
+    allocation_id = StrictStr(validate=validate.Regexp(ID_RE),
+                              metadata={"description": "Release this allocation."})
+    service_name = StrictStr(
+        validate=validate.Regexp(SERVICE_NAME_RE, error="must be 1-128 characters of "
+                                                        "[A-Za-z0-9._-]"),
+        metadata={"description": "Release every allocation of this service that the caller "
+                                 "owns."})
+
+
+class RenewRequestSchema(_RequestSchema):
+    """Optional body of ``POST /gpu/allocations/<id>/renew``."""
+
+    ttl_seconds = StrictInt(
+        validate=validate.Range(1, MAX_TTL_SECONDS),
+        metadata={"description": "New lease length from now; default: the allocation's own."})
+
+
+# --------------------------------------------------------------------------- responses
+
+class _ResponseSchema(ma.Schema):
+    class Meta:
+        unknown = ma.EXCLUDE
+
+
+def _time(description):
+    return StrictStr(allow_none=True, metadata={"description": description,
+                                                "format": "date-time"})
+
+
+class ErrorBodySchema(_ResponseSchema):
+    code = StrictStr(required=True, metadata={
+        "description": "Stable machine-readable code, e.g. validation_error, not_found."})
+    message = StrictStr(required=True, metadata={"description": "What went wrong, for humans."})
+    details = fields.Dict(required=True, metadata={
+        "description": "Context; for validation errors, field name -> messages."})
+
+
+class ErrorSchema(_ResponseSchema):
+    """The one error shape of every non-2xx response."""
+
+    error = fields.Nested(ErrorBodySchema, required=True)
+
+
+class RequirementsSchema(_ResponseSchema):
+    """What the workload analysis decided."""
+
+    workload_type = StrictStr(metadata={"enum": list(WORKLOAD_TYPES)})
+    required_gpus = StrictInt()
+    min_memory_mb = StrictInt()
+    max_memory_mb = StrictInt(allow_none=True)
+    priority = StrictInt()
+    max_utilization = fields.Float(allow_none=True)
+    estimated_duration_seconds = fields.Float(allow_none=True)
+    reasoning = StrictStr(allow_none=True)
+    decided_by = StrictStr(metadata={"description": "rules or advisor"})
+    depends_on = fields.List(StrictStr())
+    workflow_id = StrictStr(allow_none=True)
+    estimate = fields.Dict(allow_none=True, metadata={
+        "description": "Model-aware memory estimate, when a parameter count was known."})
+
+
+class AllocationSchema(_ResponseSchema):
+    """A request or allocation: one id over its whole life."""
+
+    id = StrictStr(required=True)
+    request_id = StrictStr(metadata={"description": "Same as id (the original's name)."})
+    status = StrictStr(required=True, metadata={
+        "enum": ["queued", "allocated", "released", "expired", "cancelled", "timed_out"]})
+    service_name = StrictStr(required=True)
+    owner = StrictStr(allow_none=True)
+    workload_type = StrictStr(allow_none=True)
+    workload_data = fields.Dict(allow_none=True)
+    priority = StrictInt(allow_none=True)
+    required_gpus = StrictInt(allow_none=True)
+    min_memory_mb = StrictInt(allow_none=True)
+    max_memory_mb = StrictInt(allow_none=True)
+    max_utilization = fields.Float(allow_none=True)
+    preferred_gpus = fields.List(StrictInt(), allow_none=True)
+    sharing = StrictStr(allow_none=True)
+    ttl_seconds = fields.Float(allow_none=True)
+    webhook_url = StrictStr(allow_none=True)
+    depends_on = fields.List(StrictStr(), allow_none=True)
+    position = StrictInt(allow_none=True, metadata={
+        "description": "1-based place in the queue while queued."})
+    node = StrictStr(allow_none=True)
+    gpu_ids = fields.List(StrictInt(), allow_none=True)
+    gpu_uuids = fields.List(StrictStr(), allow_none=True)
+    cuda_visible_devices = StrictStr(allow_none=True, metadata={
+        "description": "Value for CUDA_VISIBLE_DEVICES on the node, e.g. \"0,1\"."})
+    submitted_at = _time("When the request arrived.")
+    allocated_at = _time("When the GPUs were granted.")
+    expires_at = _time("When the lease ends unless renewed; null: never.")
+    finished_at = _time("When it was released, expired, cancelled or timed out.")
+    replayed = fields.Boolean(metadata={
+        "description": "True when an Idempotency-Key matched an earlier request."})
+
+
+class QueuedSchema(_ResponseSchema):
+    """202 answer of ``/gpu/allocate`` when the request waits in the queue."""
+
+    status = StrictStr(required=True, metadata={"enum": ["queued"]})
+    request_id = StrictStr(required=True)
+    id = StrictStr()
+    position = StrictInt(allow_none=True)
+    priority = StrictInt(allow_none=True)
+    submitted_at = _time("When the request arrived.")
+    replayed = fields.Boolean()
+
+
+class RequestStatusSchema(AllocationSchema):
+    """``GET /gpu/requests/<id>``: the request, with its allocation once granted."""
+
+    allocation = fields.Nested(AllocationSchema, allow_none=True)
+
+
+class ReleasedSchema(_ResponseSchema):
+    status = StrictStr(required=True, metadata={"enum": ["released"]})
+    allocation_id = StrictStr(metadata={"description": "Set when released by id."})
+    service_name = StrictStr(allow_none=True)
+    released = fields.List(StrictStr(), metadata={"description": "Ids released."})
+    count = StrictInt()
+
+
+class GpuSchema(_ResponseSchema):
+    node = StrictStr()
+    index = StrictInt()
+    uuid = StrictStr(allow_none=True)
+    name = StrictStr(allow_none=True)
+    memory_total_mb = fields.Float(allow_none=True)
+    memory_used_mb = fields.Float(allow_none=True)
+    memory_free_mb = fields.Float(allow_none=True)
+    utilization = fields.Float(allow_none=True)
+    temperature = fields.Float(allow_none=True)
+    power_draw = fields.Float(allow_none=True)
+    health = StrictStr(allow_none=True)
+    schedulable = fields.Boolean(allow_none=True)
+    allocated = fields.Boolean(allow_none=True)
+    allocation_ids = fields.List(StrictStr(), allow_none=True)
+    updated_at = _time("When the monitor last reported it.")
+
+
+class GpuStatusSchema(_ResponseSchema):
+    gpus = fields.List(fields.Nested(GpuSchema), required=True)
+
+
+class GpuListSchema(_ResponseSchema):
+    gpus = fields.List(fields.Nested(GpuSchema), required=True)
+    allocations = fields.List(fields.Nested(AllocationSchema), required=True)
+    queue = fields.List(fields.Nested(AllocationSchema), required=True)
+    nodes = fields.List(fields.Dict())
+
+
+class HealthSchema(_ResponseSchema):
+    status = StrictStr(required=True)
+
+
+#: Regex objects for code that checks ids outside marshmallow (path parameters).
+ID_PATTERN = re.compile(ID_RE)
