@@ -485,7 +485,11 @@ SPEC: dict[str, dict[str, Any]] = {
         "deny_private_networks": Bool(False, doc="refuse loopback/private/link-local targets"),
     },
     "workers": {
-        "maintenance_interval": Duration("30s", 1),
+        "maintenance_interval": Duration("30s", 1, doc="how often workers look for jobs whose "
+                                         "worker died (RQ's default is 10m)"),
+        "heartbeat_interval": Duration("5s", 1, 300, doc="a busy worker's heartbeat; a job whose "
+                                       "worker was killed is retried ~3x this plus "
+                                       "maintenance_interval later"),
         "job_timeout": Duration("60s", 1),
         "count": Int(1, 1, 64, doc="RQ worker processes that `up` starts"),
     },

@@ -1,0 +1,102 @@
+"""Webhook delivery: payload, signature, status handling and the SSRF policy."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from webhook_receiver import Receiver
+from workers import webhooks
+
+RECORD = {"id": "trainer-1700000000123-ab12", "service_name": "trainer", "gpu_ids": [2, 3],
+          "priority": 7, "submitted_at": 1767225600.0, "allocated_at": 1767225612.5,
+          "webhook_url": "http://example.invalid/hook", "status": "allocated"}
+
+
+def test_payload_is_the_original_shape_plus_event_id():
+    payload = webhooks.build_payload(RECORD, "allocated", "ev-1")
+    assert payload == {
+        "status": "allocated",
+        "request_id": "trainer-1700000000123-ab12",
+        "allocation": {"id": "trainer-1700000000123-ab12", "service_name": "trainer",
+                       "gpu_ids": [2, 3], "allocated_at": "2026-01-01T00:00:12.500Z",
+                       "priority": 7},
+        "submitted_at": "2026-01-01T00:00:00.000Z",
+        "allocated_at": "2026-01-01T00:00:12.500Z",
+        "wait_time_seconds": 12.5,
+        "event_id": "ev-1",
+    }
+
+
+def test_payload_for_a_request_that_never_got_gpus():
+    record = dict(RECORD, gpu_ids="", allocated_at=None)
+    payload = webhooks.build_payload(record, "timed_out", "ev-2")
+    assert payload["status"] == "timed_out" and payload["allocation"]["gpu_ids"] == []
+    assert payload["allocated_at"] is None and payload["wait_time_seconds"] is None
+
+
+def test_signed_post_verifies_with_the_documented_recipe(settings):
+    s = settings.replace(webhooks={"secret": "s3cret"})
+    payload = webhooks.build_payload(RECORD, "allocated", "ev-1")
+    with Receiver() as rx:
+        assert webhooks.post(rx.url, payload, s) == 200
+        [req] = rx.wait_for(1)
+    assert json.loads(req["body"]) == payload
+    ts = req["headers"][webhooks.TIMESTAMP_HEADER]
+    sig = req["headers"][webhooks.SIGNATURE_HEADER]
+    assert webhooks.verify_signature("s3cret", ts, req["body"], sig)
+    assert not webhooks.verify_signature("wrong", ts, req["body"], sig)
+    assert not webhooks.verify_signature("s3cret", ts, req["body"] + b" ", sig)
+    assert not webhooks.verify_signature("s3cret", ts, req["body"], sig, now=int(ts) + 3600)
+    assert req["headers"][webhooks.EVENT_ID_HEADER] == "ev-1"
+    assert req["headers"]["Content-Type"] == "application/json"
+
+
+def test_unsigned_without_a_secret(settings):
+    with Receiver() as rx:
+        webhooks.post(rx.url, {"status": "allocated", "event_id": "e"}, settings)
+        [req] = rx.wait_for(1)
+    assert webhooks.SIGNATURE_HEADER not in req["headers"]
+
+
+@pytest.mark.parametrize("code, error", [(500, webhooks.WebhookError), (302, webhooks.WebhookError),
+                                         (410, webhooks.WebhookGone)])
+def test_non_2xx_raises(settings, code, error):
+    with Receiver(codes=[code]) as rx:
+        with pytest.raises(error) as info:
+            webhooks.post(rx.url, {"event_id": "e"}, settings)
+    assert info.value.status == code
+
+
+def test_any_2xx_is_delivered(settings):
+    with Receiver(codes=[204]) as rx:
+        assert webhooks.post(rx.url, {"event_id": "e"}, settings) == 204
+
+
+def test_unreachable_receiver_is_a_retryable_error(settings):
+    from conftest import free_port
+    with pytest.raises(webhooks.WebhookError) as info:
+        webhooks.post(f"http://127.0.0.1:{free_port()}/x", {"event_id": "e"},
+                      settings.replace(webhooks={"timeout": "1s"}))
+    assert not isinstance(info.value, webhooks.WebhookRefused)
+
+
+def test_ssrf_policy(settings):
+    open_ = settings
+    webhooks.check_url("http://127.0.0.1:9/x", open_)  # defaults allow everything
+    private = settings.replace(webhooks={"deny_private_networks": True})
+    for url in ("http://127.0.0.1/x", "http://10.1.2.3/x", "http://169.254.169.254/latest",
+                "http://[::1]/x", "http://[::ffff:192.168.0.1]/x"):
+        with pytest.raises(webhooks.WebhookRefused):
+            webhooks.check_url(url, private)
+    webhooks.check_url("https://hooks.example.com/x", private,
+                       resolve=lambda host: ["93.184.215.14"])
+    with pytest.raises(webhooks.WebhookRefused, match="private"):
+        webhooks.check_url("https://sneaky.example.com/x", private,
+                           resolve=lambda host: ["93.184.215.14", "10.0.0.5"])
+    allow = settings.replace(webhooks={"allowed_hosts": ["hooks.example.com", "*.corp.example"]})
+    webhooks.check_url("https://hooks.example.com/x", allow)
+    webhooks.check_url("https://a.b.corp.example/x", allow)
+    for url in ("https://evil.example.com/x", "https://corp.example.evil/x", "ftp://hooks.example.com/"):
+        with pytest.raises(webhooks.WebhookRefused):
+            webhooks.check_url(url, allow)

@@ -1,0 +1,190 @@
+"""``gpu-orchestrator scheduler``: the periodic safety-net pass and the reaper, on RQ cron.
+
+Grants normally happen inside the release, cancel and expiry scripts themselves (and the API or
+monitor dispatches the webhook outbox right after). This role is the safety net:
+
+- every ``scheduler.queue_check_interval``: :func:`safety_net` runs a schedule pass (catches
+  capacity that appeared some other way, e.g. a lapsed node coming back) and drains the outbox,
+  recovering entries a crashed dispatcher left behind;
+- every ``scheduler.cleanup_interval``: :func:`reap` expires lapsed leases and timed-out queued
+  requests (the engine's reap grants their GPUs to the next requests atomically), then drains the
+  outbox.
+
+Both are RQ jobs on the maintenance queue, enqueued by RQ's ``CronScheduler`` machinery and run
+by ``gpu-orchestrator worker`` processes.
+
+Several scheduler processes may run. RQ's CronScheduler has no lock of its own, so each loop
+iteration first holds a leader lock (``Keys.lock("scheduler")``, a redis-py Lock with a TTL)::
+
+    time 0: scheduler A acquires the lock (TTL 10 s) and enqueues due jobs
+    time 0: scheduler B fails to acquire it and only sleeps
+    time 3: A renews the lock (reacquire resets the TTL) and goes on
+    time 4: A is SIGKILLed; nobody renews the lock
+    time 13: the lock expires; B acquires it and starts enqueuing (its cron jobs have never
+             run, so they are due at once)
+
+A paused leader that loses the lock finds out on its next renewal (LockNotOwnedError) and goes
+back to following, so at most one scheduler enqueues at any time (up to a clock-skew-free TTL).
+The jobs are idempotent anyway: a doubled safety-net pass grants nothing twice.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from typing import Any
+
+from redis.exceptions import LockError, RedisError
+from rq.cron import CronJob, CronScheduler
+
+from app.keys import Keys
+from app.redis_client import connect
+from app.settings import Settings
+from workers import context, outbox, queues
+
+log = logging.getLogger("gpu_orchestrator.scheduler")
+
+LOCK_TTL = 10.0
+#: Outbox entries stuck this long in the processing list are re-dispatched.
+RECOVER_AFTER = 30.0
+
+
+# ------------------------------------------------------------------------------ the jobs
+
+def _engine(settings: Settings, redis: Any):
+    from app.engine import Engine
+    return Engine(redis, settings)
+
+
+def safety_net() -> dict[str, int]:
+    """Maintenance job: one schedule pass, then drain the webhook outbox."""
+    settings, redis, rq_redis = context.get()
+    grants = _engine(settings, redis).schedule_pass()
+    dispatched = outbox.dispatch(rq_redis, settings, recover_after=RECOVER_AFTER)
+    if grants:
+        log.info("safety-net pass granted %d queued request(s)", len(grants))
+    return {"granted": len(grants or []), "dispatched": dispatched}
+
+
+def reap() -> dict[str, int]:
+    """Maintenance job: expire lapsed leases and timed-out requests, then drain the outbox."""
+    settings, redis, rq_redis = context.get()
+    result = _engine(settings, redis).reap() or {}
+    dispatched = outbox.dispatch(rq_redis, settings, recover_after=RECOVER_AFTER)
+    counts = {k: len(v) if isinstance(v, (list, tuple, set, dict)) else int(v or 0)
+              for k, v in result.items()}
+    if any(counts.values()):
+        log.info("reaper: %s", ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+    counts["dispatched"] = dispatched
+    return counts
+
+
+# ------------------------------------------------------------------------------ cron
+
+class JsonCronJob(CronJob):
+    """rq 3.0's CronJob enqueues with the default (pickle) serializer; ours must use JSON."""
+
+    def __init__(self, *args, serializer=queues.SERIALIZER, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.serializer = serializer
+
+    def enqueue(self, connection):
+        from rq import Queue
+        q = Queue(self.queue_name, connection=connection, serializer=self.serializer)
+        job = q.enqueue(self.func_name, args=self.args, kwargs=self.kwargs, **self.job_options)
+        log.debug("enqueued %s on %s", self.func_name, self.queue_name)
+        return job
+
+
+def _interval(seconds: float) -> int:
+    return max(1, int(math.ceil(seconds)))
+
+
+def build_cron(settings: Settings, rq_redis: Any) -> CronScheduler:
+    """A CronScheduler holding the two maintenance jobs (not started)."""
+    cron = CronScheduler(connection=rq_redis, logging_level=settings.logging.level,
+                         name=f"gpuo-scheduler-{Keys(settings.redis.prefix).rq_queue('cron')}-"
+                              f"{int(time.time() * 1000) % 10**9}")
+    qname = queues.queue_name(settings, queues.MAINTENANCE)
+    for func, seconds in ((safety_net, settings.scheduler.queue_check_interval),
+                          (reap, settings.scheduler.cleanup_interval)):
+        every = _interval(seconds)
+        cron._cron_jobs.append(JsonCronJob(
+            queue_name=qname, func=func, interval=every, job_timeout=60, result_ttl=0,
+            ttl=max(5, 3 * every), failure_ttl=86400,
+            name=f"{qname}:{func.__name__}"))
+    return cron
+
+
+def run(settings: Settings, *, max_iterations: int | None = None) -> int:
+    """Run until SIGTERM/SIGINT; only the holder of the leader lock enqueues jobs."""
+    from app.cli import resolve_redis
+
+    url, embedded = resolve_redis(settings)
+    stop = False
+
+    def on_signal(signum, frame):
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    rq_redis = connect(url, settings, decode=False)
+    cron = build_cron(settings, rq_redis)
+    lock = rq_redis.lock(Keys(settings.redis.prefix).lock("scheduler"), timeout=LOCK_TTL,
+                         thread_local=False)
+    leader = False
+    iterations = 0
+    try:
+        cron.register_birth()
+        log.info("scheduler %s: safety-net pass every %ss, reaper every %ss",
+                 cron.name, _interval(settings.scheduler.queue_check_interval),
+                 _interval(settings.scheduler.cleanup_interval))
+        while not stop and (max_iterations is None or iterations < max_iterations):
+            iterations += 1
+            try:
+                leader = _hold(lock, leader)
+                if leader:
+                    if cron.enqueue_jobs():
+                        cron.save()
+                cron.heartbeat()
+            except RedisError as exc:
+                log.warning("scheduler: Redis error (%s); retrying", exc)
+                leader = False
+            nap = cron.calculate_sleep_interval() if leader else LOCK_TTL / 4
+            _sleep(min(max(nap, 0.05), LOCK_TTL / 3), lambda: stop)
+    finally:
+        if leader:
+            try:
+                lock.release()
+            except (LockError, RedisError):
+                pass
+        try:
+            cron.register_death()
+        except RedisError:
+            pass
+        if embedded:
+            embedded.stop()
+    log.info("scheduler %s stopped", cron.name)
+    return 0
+
+
+def _hold(lock, leader: bool) -> bool:
+    """Renew the lock if we hold it, else try to take it; True while we are the leader."""
+    if leader:
+        try:
+            lock.reacquire()
+            return True
+        except LockError:
+            log.warning("scheduler: lost the leader lock; following")
+    got = bool(lock.acquire(blocking=False))
+    if got and not leader:
+        log.info("scheduler: became the leader")
+    return got
+
+
+def _sleep(seconds: float, stopped) -> None:
+    deadline = time.monotonic() + seconds
+    while not stopped() and time.monotonic() < deadline:
+        time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))

@@ -1,0 +1,258 @@
+"""The webhook delivery job: POST the original payload, signed, with retries and an SSRF policy.
+
+:func:`deliver` runs inside an RQ worker for one outbox entry (see :mod:`workers.outbox`). It
+reads the request's record through the engine, builds the original service's payload plus an
+``event_id``, and POSTs it as JSON:
+
+- any 2xx counts as delivered;
+- anything else (including a 3xx: redirects are not followed, so they cannot bypass the SSRF
+  policy), a timeout or a connection error raises, and RQ retries the job after the next interval
+  of ``webhooks.retry_intervals``;
+- a 410 Gone stops the retries at once;
+- a URL refused by the SSRF policy fails at once, without retries;
+- after the last try the job stays in RQ's failed registry (rq-dashboard shows it).
+
+Counters (HINCRBY on ``Keys.stats()``, exported by the API as
+``gpu_orchestrator_webhooks_total{result}``): ``webhook|delivered``, ``webhook|retried`` (a try
+failed and another one is scheduled) and ``webhook|failed`` (given up: last try, 410 or refused).
+
+Signature: with ``webhooks.secret`` set, each try carries
+``X-GPU-Orchestrator-Timestamp: <unix seconds>`` and
+``X-GPU-Orchestrator-Signature: sha256=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>``, where
+body is the exact bytes of the request body. :func:`verify_signature` is the reference check.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import socket
+import time
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+import requests
+
+from app import logs
+from app.keys import Keys
+from app.settings import Settings
+from app.timefmt import iso
+from workers import context
+
+log = logging.getLogger("gpu_orchestrator.webhooks")
+
+SIGNATURE_HEADER = "X-GPU-Orchestrator-Signature"
+TIMESTAMP_HEADER = "X-GPU-Orchestrator-Timestamp"
+EVENT_HEADER = "X-GPU-Orchestrator-Event"
+EVENT_ID_HEADER = "X-GPU-Orchestrator-Event-Id"
+USER_AGENT = "gpu-orchestrator-webhooks/0.1"
+
+#: One keep-alive session per worker process (the work horse forks from the worker).
+_session: requests.Session | None = None
+
+STAT_DELIVERED = "webhook|delivered"
+STAT_FAILED = "webhook|failed"
+STAT_RETRIED = "webhook|retried"
+
+
+class WebhookError(Exception):
+    """A delivery try failed; carries the url and, when there was a response, its status."""
+
+    def __init__(self, message: str, *, url: str, status: int | None = None):
+        super().__init__(message)
+        self.url, self.status = url, status
+
+
+class WebhookGone(WebhookError):
+    """The receiver answered 410 Gone: it wants no more deliveries; no retries."""
+
+
+class WebhookRefused(WebhookError):
+    """The URL is not allowed by ``webhooks.allowed_hosts`` / ``deny_private_networks``."""
+
+
+# ------------------------------------------------------------------------------ payload
+
+def _gpu_ids(value: Any) -> list[int]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        value = json.loads(text) if text.startswith("[") else [x for x in text.split(",") if x]
+    return [int(x) for x in value]
+
+
+def build_payload(record: dict[str, Any], event: str, event_id: str) -> dict[str, Any]:
+    """The original service's webhook body, plus ``event_id`` for receivers to dedupe."""
+    submitted = record.get("submitted_at")
+    allocated = record.get("allocated_at")
+    wait = None
+    if submitted not in (None, "") and allocated not in (None, ""):
+        wait = round(max(0.0, float(allocated) - float(submitted)), 3)
+    status = "allocated" if event == "allocated" else event
+    return {
+        "status": status,
+        "request_id": record["id"],
+        "allocation": {
+            "id": record["id"],
+            "service_name": record.get("service_name"),
+            "gpu_ids": _gpu_ids(record.get("gpu_ids")),
+            "allocated_at": iso(allocated),
+            "priority": int(record["priority"]) if record.get("priority") not in (None, "") else None,
+        },
+        "submitted_at": iso(submitted),
+        "allocated_at": iso(allocated),
+        "wait_time_seconds": wait,
+        "event_id": event_id,
+    }
+
+
+def encode(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
+
+
+def sign(secret: str, timestamp: str, body: bytes) -> str:
+    mac = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
+    return "sha256=" + mac.hexdigest()
+
+
+def verify_signature(secret: str, timestamp: str, body: bytes, signature: str, *,
+                     tolerance: float = 300, now: float | None = None) -> bool:
+    """Reference receiver check: the HMAC matches and the timestamp is recent (anti-replay)."""
+    try:
+        age = abs((time.time() if now is None else now) - int(timestamp))
+    except (TypeError, ValueError):
+        return False
+    return age <= tolerance and hmac.compare_digest(sign(secret, timestamp, body), signature)
+
+
+# ------------------------------------------------------------------------------ SSRF policy
+
+def _host_allowed(host: str, allowed: list[str]) -> bool:
+    host = host.lower().rstrip(".")
+    for pattern in allowed:
+        pattern = pattern.lower().rstrip(".")
+        if pattern.startswith("*.") and host.endswith(pattern[1:]):
+            return True
+        if host == pattern:
+            return True
+    return False
+
+
+def _is_private(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast
+            or ip.is_reserved or ip.is_unspecified)
+
+
+def check_url(url: str, settings: Settings,
+              resolve: Callable[[str], list[str]] | None = None) -> None:
+    """Raise :class:`WebhookRefused` unless ``url`` may receive webhooks under the policy."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise WebhookRefused(f"webhook URL must be http(s) with a host: {url!r}", url=url)
+    hooks = settings.webhooks
+    if hooks.allowed_hosts and not _host_allowed(parts.hostname, hooks.allowed_hosts):
+        raise WebhookRefused(f"webhook host {parts.hostname!r} is not in webhooks.allowed_hosts",
+                             url=url)
+    if hooks.deny_private_networks:
+        resolve = resolve or _resolve
+        try:
+            addresses = resolve(parts.hostname)
+        except OSError as exc:
+            raise WebhookError(f"cannot resolve {parts.hostname!r}: {exc}", url=url) from None
+        bad = [a for a in addresses if _is_private(a)]
+        if bad or not addresses:
+            raise WebhookRefused(
+                f"webhook host {parts.hostname!r} resolves to a private, loopback or link-local "
+                f"address ({', '.join(bad) or 'none'}) and webhooks.deny_private_networks is on",
+                url=url)
+
+
+def _resolve(host: str) -> list[str]:
+    return sorted({info[4][0] for info in socket.getaddrinfo(host, None)})
+
+
+# ------------------------------------------------------------------------------ delivery
+
+def post(url: str, payload: dict[str, Any], settings: Settings, *,
+         session: requests.Session | None = None, now: float | None = None) -> int:
+    """One try: POST the signed JSON body; returns the 2xx status or raises WebhookError."""
+    check_url(url, settings)
+    body = encode(payload)
+    timestamp = str(int(time.time() if now is None else now))
+    headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
+               TIMESTAMP_HEADER: timestamp, EVENT_HEADER: str(payload.get("status")),
+               EVENT_ID_HEADER: str(payload.get("event_id"))}
+    if settings.webhooks.secret:
+        headers[SIGNATURE_HEADER] = sign(settings.webhooks.secret, timestamp, body)
+    sender = session or requests
+    try:
+        resp = sender.post(url, data=body, headers=headers, timeout=settings.webhooks.timeout,
+                           allow_redirects=False)
+    except requests.RequestException as exc:
+        raise WebhookError(f"POST {url} failed: {type(exc).__name__}: {exc}", url=url) from None
+    resp.close()
+    if 200 <= resp.status_code < 300:
+        return resp.status_code
+    if resp.status_code == 410:
+        raise WebhookGone(f"POST {url} answered 410 Gone; not retrying", url=url, status=410)
+    raise WebhookError(f"POST {url} answered {resp.status_code}", url=url,
+                       status=resp.status_code)
+
+
+def _load_record(redis: Any, settings: Settings, request_id: str) -> dict[str, Any] | None:
+    from app.engine import Engine
+    from app.errors import NotFound
+    try:
+        return Engine(redis, settings).get(request_id)
+    except NotFound:
+        return None
+
+
+def deliver(entry: dict[str, Any]) -> dict[str, Any]:
+    """RQ job: deliver one outbox entry ``{"event_id", "event", "request_id", "ts"}``."""
+    from rq import get_current_job
+
+    settings, redis, _ = context.get()
+    job = get_current_job()
+    token = logs.request_id_var.set(str(entry.get("request_id") or "-"))
+    try:
+        record = _load_record(redis, settings, entry["request_id"])
+        url = (record or {}).get("webhook_url") or entry.get("webhook_url")
+        if not record or not url:
+            log.info("no webhook to deliver for %s (%s)", entry.get("request_id"),
+                     "unknown request" if not record else "no webhook_url")
+            return {"delivered": False, "reason": "no webhook_url"}
+        payload = build_payload(record, str(entry.get("event") or "allocated"),
+                                str(entry["event_id"]))
+        global _session
+        if _session is None:
+            _session = requests.Session()
+        stats = Keys(settings.redis.prefix).stats()
+        try:
+            status = post(url, payload, settings, session=_session)
+        except (WebhookGone, WebhookRefused) as exc:
+            if job is not None:
+                job.retries_left = 0  # RQ reads this right after the job raises
+            redis.hincrby(stats, STAT_FAILED, 1)
+            log.warning("webhook %s for %s given up: %s", entry["event_id"], entry["request_id"],
+                        exc)
+            raise
+        except WebhookError as exc:
+            final = job is None or not job.retries_left
+            redis.hincrby(stats, STAT_FAILED if final else STAT_RETRIED, 1)
+            log.warning("webhook %s for %s failed (%s); %s", entry["event_id"],
+                        entry["request_id"], exc,
+                        "giving up" if final else f"{job.retries_left} retries left")
+            raise
+        redis.hincrby(stats, STAT_DELIVERED, 1)
+        log.info("webhook %s for %s delivered to %s (%s)", entry["event_id"],
+                 entry["request_id"], url, status)
+        return {"delivered": True, "status": status}
+    finally:
+        logs.request_id_var.reset(token)
