@@ -1,0 +1,526 @@
+"""The allocation engine: GPUs, requests, leases and the priority queue, all in Redis.
+
+Every state change is one Lua script (``app/lua/<command>.lua``, shared pieces in
+``app/lua/includes/``), so any number of API replicas and workers may call the engine at once
+and none of them can double-allocate a GPU: Redis runs one script at a time, and each script
+reads and writes everything it needs. Scripts return a negative code on a domain error;
+``ERRORS`` below maps each code to one exception from :mod:`app.errors`.
+
+Race notes (two replicas, one Redis):
+
+* replica A and B both call ``allocate`` for the last free GPU. A's script runs first and marks
+  the GPU taken; B's script then finds no free GPU and queues its request. There is no
+  read-then-write window in Python: placement and grant happen inside one script.
+* the clock: without an injected clock each script reads Redis ``TIME``, so leases and queue
+  timeouts follow one clock whatever the replicas' own clocks say.
+* ids are ``<service>-<ms>-<8 random digits>``; a collision (same id from two replicas within
+  one millisecond) is detected inside the script and retried with a new id.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import secrets
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from app.errors import (Conflict, Forbidden, NotFound, OrchestratorError, QueueFull,
+                        Unsatisfiable, ValidationFailed)
+from app.keys import Keys
+
+LUA_DIR = Path(__file__).with_name("lua")
+SCRIPTS = ("allocate", "release", "release_service", "renew", "cancel", "schedule", "reap",
+           "report_node", "set_schedulable", "snapshot", "counts")
+_INCLUDE = re.compile(r"^-- @include (\w+)\s*$", re.M)
+
+#: Upper bounds (seconds) of the queue-wait histogram kept in keys.stats().
+WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600,
+                1800, 3600)
+STATUSES = ("queued", "allocated", "released", "expired", "cancelled", "timed_out")
+WEBHOOK_EVENTS = ("expired", "cancelled", "timed_out")
+HEALTH = ("ok", "degraded", "failed")
+#: GPU hash fields the engine owns; a monitor report may not write them.
+ENGINE_GPU_FIELDS = frozenset({"node", "lost", "updated_at", "excl", "shared_n", "shared_mb",
+                               "cordoned", "in_free", "in_busy"})
+_GPU_EXTRAS = ("ecc_uncorrectable", "ecc_corrected", "xid", "throttle_reasons", "mig_mode",
+               "processes")
+
+
+def load_script(name: str) -> str:
+    """The script's source with ``-- @include x`` lines replaced by ``includes/x.lua``."""
+    text = (LUA_DIR / f"{name}.lua").read_text()
+    return _INCLUDE.sub(lambda m: (LUA_DIR / "includes" / f"{m.group(1)}.lua").read_text(), text)
+
+
+def _not_found(what: str, ident: str, detail: Any = None) -> OrchestratorError:
+    msg = f"{what} {ident!r} not found"
+    if detail:
+        msg += f" (it is {detail})"
+    return NotFound(msg, details={"id": ident, **({"status": detail} if detail else {})})
+
+
+#: Lua error code -> builder(context, details from the script) of the exception to raise.
+ERRORS: dict[int, Callable[[dict, list], OrchestratorError]] = {
+    -1: lambda ctx, d: _not_found(ctx.get("what", "request"), ctx.get("id", ""),
+                                  d[0] if d else None),
+    -2: lambda ctx, d: Forbidden(f"{ctx.get('what', 'request')} {ctx.get('id')!r} belongs to "
+                                 f"another principal", details={"id": ctx.get("id")}),
+    -3: lambda ctx, d: Conflict(f"{ctx.get('what', 'request')} {ctx.get('id')!r} is "
+                                f"{d[0]}, not {ctx.get('expected')}",
+                                details={"id": ctx.get("id"), "status": d[0]}),
+    -4: lambda ctx, d: Conflict("idempotency key already used for a different request "
+                                f"({d[0]})", details={"idempotency_key": ctx.get("key"),
+                                                      "request_id": d[0]}),
+    -5: lambda ctx, d: QueueFull(f"queue is full ({d[0]} waiting); retry later",
+                                 details={"queue_depth": int(d[0])}),
+    -6: lambda ctx, d: _unsatisfiable(d[0], d[1], ctx),
+    -7: lambda ctx, d: ValidationFailed(f"depends_on names unknown request {d[0]!r}",
+                                        details={"field": "depends_on", "id": d[0]}),
+}
+_RETRY_ID = -8
+
+
+def _unsatisfiable(reason: str, limit: str, ctx: dict) -> Unsatisfiable:
+    limit_n = int(float(limit))
+    if reason == "no_gpus":
+        msg = "no GPUs are registered yet, so the request can never be placed"
+    elif reason == "required_gpus":
+        msg = (f"required_gpus={ctx.get('required_gpus')} exceeds the largest node "
+               f"({limit_n} GPUs); all GPUs of an allocation sit on one node")
+    else:
+        msg = (f"min_memory_mb={ctx.get('min_memory_mb')} exceeds the largest GPU "
+               f"({limit_n} MB)")
+    return Unsatisfiable(msg, details={"field": None if reason == "no_gpus" else reason,
+                                       "reason": reason, "limit": limit_n})
+
+
+# --------------------------------------------------------------------------- records
+
+_INT_FIELDS = ("priority", "required_gpus", "min_memory_mb", "max_memory_mb")
+_FLOAT_FIELDS = ("max_utilization", "submitted_at", "allocated_at", "released_at", "ended_at",
+                 "wait_time_seconds", "renewed_at", "queue_timeout_seconds")
+_OPT_FLOAT_FIELDS = ("ttl_seconds", "estimated_duration_seconds", "expires_at", "lease_seconds")
+_JSON_FIELDS = ("workload_data", "preferred_gpus", "webhook_events", "depends_on", "gpu_ids",
+                "gpu_uuids")
+_OPT_STR_FIELDS = ("owner", "webhook_url", "node", "reserved_node")
+
+
+def _pairs(flat: list) -> dict:
+    return dict(zip(flat[0::2], flat[1::2]))
+
+
+def parse_record(raw: dict | list) -> dict:
+    """A stored request hash -> the record the API returns (plain JSON-able types)."""
+    h = _pairs(raw) if isinstance(raw, list) else dict(raw)
+    rec: dict[str, Any] = {}
+    for key, value in h.items():
+        if key in _INT_FIELDS:
+            rec[key] = int(float(value))
+        elif key in _FLOAT_FIELDS:
+            rec[key] = float(value) if value != "" else None
+        elif key in _OPT_FLOAT_FIELDS:
+            rec[key] = float(value) if value not in ("", "-1") else None
+        elif key in _JSON_FIELDS:
+            rec[key] = json.loads(value) if value else None
+            if rec[key] == {} and key != "workload_data":
+                rec[key] = []
+        elif key in _OPT_STR_FIELDS:
+            rec[key] = value or None
+        else:
+            rec[key] = value
+    for key in ("gpu_ids", "gpu_uuids"):
+        rec.setdefault(key, [])
+    for key in ("node", "allocated_at", "expires_at"):
+        rec.setdefault(key, None)
+    return rec
+
+
+def _gpu_view(raw: list, now: float, alive: bool) -> dict:
+    h = _pairs(raw)
+    out: dict[str, Any] = {}
+    for key, value in h.items():
+        if key in ("index", "shared_n", "memory_total_mb", "memory_used_mb", "memory_free_mb",
+                   "shared_mb"):
+            out[key] = int(float(value or 0))
+        elif key in ("utilization", "temperature", "power_draw", "updated_at"):
+            out[key] = float(value or 0)
+        elif key in ("processes", "throttle_reasons", "xid") and value[:1] in ("[", "{"):
+            out[key] = json.loads(value)
+        elif key in ("in_free", "in_busy"):
+            continue
+        else:
+            out[key] = value
+    ok = h.get("health") == "ok" and h.get("lost") != "1"
+    out["cordoned"] = h.get("cordoned") == "1"
+    out["lost"] = h.get("lost") == "1"
+    out["node_alive"] = alive
+    out["schedulable"] = ok and not out["cordoned"] and alive
+    out["allocated_to"] = h.get("excl") or None
+    return out
+
+
+class Engine:
+    """All allocation state changes; one atomic Lua script per call."""
+
+    def __init__(self, redis, settings, *, clock: Callable[[], float] | None = None):
+        self.redis = redis
+        self.settings = settings
+        self.clock = clock
+        self.keys = Keys(settings.redis.prefix)
+        k = self.keys
+        self._fixed_keys = [k.nodes(), k.nodes_free(), k.node_sizes(), k.gpus(),
+                            k.shared_capacity(), k.queue(), k.queue_demand("exclusive"),
+                            k.queue_demand("shared"), k.queue_deadlines(), k.queue_unreserved(),
+                            k.reservations(), k.leases(), k.events(), k.webhook_outbox(),
+                            k.stats(), k.meta()]
+        self._templates = [k.node("%s"), k.gpu("%s", "%s"), k.request("%s"), k.service("%s"),
+                           k.idempotency("%s")]
+        # register_script only hashes the text; nothing talks to Redis until the first call.
+        self._scripts = {name: redis.register_script(load_script(name)) for name in SCRIPTS}
+
+    # ------------------------------------------------------------------ plumbing
+    def _common(self) -> list:
+        s = self.settings.scheduler
+        now = "" if self.clock is None else repr(float(self.clock()))
+        reservation = s.reservation_after if s.reservation_after > 0 else 0.0
+        return self._templates + [now, s.policy, repr(s.aging_rate / 60.0), repr(reservation),
+                                  repr(s.node_heartbeat_timeout), str(s.events_maxlen),
+                                  repr(s.history_ttl), str(s.max_queue_size)]
+
+    def _run(self, name: str, *args, ctx: dict | None = None):
+        res = self._scripts[name](keys=self._fixed_keys, args=self._common() + [str(a) for a in args])
+        if isinstance(res, list) and res and isinstance(res[0], int) and res[0] < 0:
+            code = res[0]
+            if code == _RETRY_ID:
+                return res
+            raise ERRORS[code](ctx or {}, res[1:])
+        return res
+
+    def now(self) -> float:
+        """The engine's clock: the injected one, else Redis TIME."""
+        if self.clock is not None:
+            return float(self.clock())
+        sec, usec = self.redis.time()
+        return sec + usec / 1e6
+
+    # ------------------------------------------------------------------ fleet
+    def report_node(self, node: str, gpus: list[dict], *, backend: str = "",
+                    host: str = "") -> list[dict]:
+        """Upsert the node's heartbeat and every GPU's telemetry; returns grants made."""
+        if not node or "|" in node or "%" in node:
+            raise ValidationFailed(f"bad node name {node!r} (non-empty, no '|' or '%')",
+                                   details={"field": "node"})
+        rows = [self._gpu_fields(g) for g in gpus]
+        res = self._run("report_node", node, backend, host, json.dumps(rows))
+        return [parse_record(r) for r in res]
+
+    @staticmethod
+    def _gpu_fields(g: dict) -> dict[str, str]:
+        try:
+            index = int(g["index"])
+        except (KeyError, TypeError, ValueError):
+            raise ValidationFailed("each GPU needs an integer index",
+                                   details={"field": "index"}) from None
+        health = g.get("health", "ok")
+        if health not in HEALTH:
+            raise ValidationFailed(f"health must be one of {', '.join(HEALTH)}",
+                                   details={"field": "health"})
+        total = float(g.get("memory_total_mb") or 0)
+        used = float(g.get("memory_used_mb") or 0)
+        free = g.get("memory_free_mb")
+        free = max(total - used, 0.0) if free is None else float(free)
+        out = {"index": str(index), "uuid": str(g.get("uuid") or ""), "name": str(g.get("name") or ""),
+               "memory_total_mb": _num(total), "memory_used_mb": _num(used),
+               "memory_free_mb": _num(free), "utilization": _num(g.get("utilization") or 0),
+               "temperature": _num(g.get("temperature") or 0),
+               "power_draw": _num(g.get("power_draw") or 0), "health": health}
+        for key in _GPU_EXTRAS:
+            if key in g and g[key] is not None:
+                val = g[key]
+                out[key] = json.dumps(val) if isinstance(val, (list, dict)) else str(val)
+        return out
+
+    def set_gpu_schedulable(self, node: str, index: int, schedulable: bool) -> dict:
+        """Admin cordon (False) or clear it (True); allocations on the GPU stay."""
+        res = self._run("set_schedulable", node, int(index), "1" if schedulable else "0",
+                        ctx={"what": "GPU", "id": f"{node}/{index}"})
+        return _gpu_view(res[1], 0.0, self._node_alive(node))
+
+    def _node_alive(self, node: str) -> bool:
+        hb = self.redis.zscore(self.keys.nodes(), node)
+        return hb is not None and hb >= self.now() - self.settings.scheduler.node_heartbeat_timeout
+
+    def fleet_limits(self) -> dict:
+        """Largest node (GPUs), largest GPU (MB) and the GPU count; three O(1)/O(log n) reads."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrevrange(self.keys.node_sizes(), 0, 0, withscores=True)
+        pipe.zrevrange(self.keys.gpus(), 0, 0, withscores=True)
+        pipe.zcard(self.keys.gpus())
+        sizes, mems, total = pipe.execute()
+        return {"max_gpus_per_node": int(sizes[0][1]) if sizes else 0,
+                "max_gpu_memory_mb": int(mems[0][1]) if mems else 0,
+                "gpus_total": int(total)}
+
+    # ------------------------------------------------------------------ requests
+    def allocate(self, req: dict, *, idempotency_key: str | None = None) -> dict:
+        """Grant now or queue; see the module docstring and docs/engine.md for the rules."""
+        fields, queue_timeout = self._request_fields(req)
+        body_hash = hashlib.sha256(json.dumps(req, sort_keys=True, default=str)
+                                   .encode()).hexdigest()[:32]
+        flat: list[str] = []
+        for key, value in fields.items():
+            flat += [key, value]
+        ctx = {"key": idempotency_key, "required_gpus": fields["required_gpus"],
+               "min_memory_mb": fields["min_memory_mb"]}
+        for _ in range(5):
+            rid = new_id(fields["service_name"])
+            res = self._run("allocate", rid, idempotency_key or "", body_hash,
+                            repr(self.settings.scheduler.idempotency_ttl), repr(queue_timeout),
+                            *flat, ctx=ctx)
+            if res[0] != _RETRY_ID:
+                break
+        else:  # pragma: no cover - five id collisions in a row
+            raise Conflict("could not allocate a unique request id; retry")
+        rec = parse_record(res[1])
+        if res[2]:
+            rec["position"] = int(res[2])
+        rec["replayed"] = res[0] == 2
+        return rec
+
+    def _request_fields(self, req: dict) -> tuple[dict[str, str], float]:
+        s = self.settings.scheduler
+
+        def bad(field, msg):
+            return ValidationFailed(f"{field}: {msg}", details={"field": field})
+
+        svc = req.get("service_name")
+        if not isinstance(svc, str) or not re.fullmatch(r"[A-Za-z0-9_.:-]{1,128}", svc or ""):
+            raise bad("service_name", "1-128 characters of letters, digits, _ . : -")
+        prio = _int_in(req.get("priority", 5), 1, 10, "priority")
+        gpus = _int_in(req.get("required_gpus", 1), 1, 4096, "required_gpus")
+        min_mb = _int_in(req.get("min_memory_mb", 0), 0, 10**9, "min_memory_mb")
+        max_mb = _int_in(req.get("max_memory_mb", 0) or 0, 0, 10**9, "max_memory_mb")
+        if max_mb and max_mb < min_mb:
+            raise bad("max_memory_mb", "must be 0 (no limit) or >= min_memory_mb")
+        util = req.get("max_utilization", 100)
+        util = 100.0 if util is None else util
+        if isinstance(util, bool) or not isinstance(util, (int, float)) or not 0 <= util <= 100:
+            raise bad("max_utilization", "a number in 0..100")
+        sharing = req.get("sharing") or "exclusive"
+        if sharing not in ("exclusive", "shared"):
+            raise bad("sharing", "exclusive or shared")
+        if sharing == "shared" and gpus != 1:
+            raise bad("required_gpus", "a shared request takes exactly one GPU")
+        pref = req.get("preferred_gpus") or []
+        if not isinstance(pref, list) or not all(isinstance(p, int) and not isinstance(p, bool)
+                                                 and p >= 0 for p in pref):
+            raise bad("preferred_gpus", "a list of GPU indexes (integers >= 0)")
+        events = req.get("webhook_events") or []
+        if not isinstance(events, list) or any(e not in WEBHOOK_EVENTS for e in events):
+            raise bad("webhook_events", "a list of " + ", ".join(WEBHOOK_EVENTS))
+        deps = req.get("depends_on") or []
+        if not isinstance(deps, list) or not all(isinstance(d, str) and d for d in deps):
+            raise bad("depends_on", "a list of request ids")
+        owner = req.get("owner") or ""
+        lease = self.lease_for(req.get("ttl_seconds"), req.get("estimated_duration_seconds"))
+        qt = req.get("queue_timeout_seconds")
+        qt = s.queue_timeout if qt is None else _float_pos(qt, "queue_timeout_seconds")
+        data = req.get("workload_data") or {}
+        fields = {
+            "service_name": svc, "owner": str(owner), "workload_type": str(req.get("workload_type")
+                                                                          or "generic"),
+            "workload_data": json.dumps(data, sort_keys=True, default=str),
+            "priority": str(prio), "required_gpus": str(gpus), "min_memory_mb": str(min_mb),
+            "max_memory_mb": str(max_mb), "max_utilization": _num(util),
+            "preferred_gpus": json.dumps(sorted(set(pref))), "sharing": sharing,
+            "ttl_seconds": "" if req.get("ttl_seconds") is None else _num(req["ttl_seconds"]),
+            "estimated_duration_seconds": "" if req.get("estimated_duration_seconds") is None
+            else _num(req["estimated_duration_seconds"]),
+            "lease_seconds": _num(lease), "webhook_url": str(req.get("webhook_url") or ""),
+            "webhook_events": json.dumps(list(dict.fromkeys(events))),
+            "depends_on": json.dumps(list(dict.fromkeys(deps))),
+            "queue_timeout_seconds": _num(qt), "reserved_node": "",
+        }
+        return fields, qt
+
+    def lease_for(self, ttl: float | None, estimate: float | None) -> float:
+        """Lease seconds (-1 = no expiry): ttl, else estimate x multiplier, else default_ttl."""
+        s = self.settings.scheduler
+        if ttl is not None:
+            ttl = _float_nonneg(ttl, "ttl_seconds")
+            if ttl == 0:
+                if not s.allow_infinite_ttl:
+                    raise ValidationFailed("ttl_seconds: 0 (no expiry) is not allowed here",
+                                           details={"field": "ttl_seconds"})
+                return -1.0
+            if s.max_ttl and ttl > s.max_ttl:
+                raise ValidationFailed(f"ttl_seconds: at most {s.max_ttl:g}",
+                                       details={"field": "ttl_seconds", "max": s.max_ttl})
+            return ttl
+        if estimate is not None:
+            lease = _float_pos(estimate, "estimated_duration_seconds") * s.default_ttl_multiplier
+        else:
+            lease = s.default_ttl
+        return min(lease, s.max_ttl) if s.max_ttl else lease
+
+    def release(self, allocation_id: str, *, principal: str | None = None,
+                admin: bool = False) -> dict:
+        """End a live allocation (a still-queued request is cancelled instead)."""
+        res = self._run("release", allocation_id, principal or "", "1" if admin else "0",
+                        ctx={"what": "allocation", "id": allocation_id})
+        return parse_record(res[1])
+
+    def release_by_service(self, service_name: str, *, principal: str | None = None,
+                           admin: bool = False) -> list[dict]:
+        res = self._run("release_service", service_name, principal or "", "1" if admin else "0",
+                        ctx={"what": "live allocation of service", "id": service_name})
+        return [parse_record(r) for r in res[1]]
+
+    def renew(self, allocation_id: str, ttl_seconds: float | None = None, *,
+              principal: str | None = None, admin: bool = False) -> dict:
+        lease = "" if ttl_seconds is None else _num(self.lease_for(ttl_seconds, None))
+        res = self._run("renew", allocation_id, lease, principal or "", "1" if admin else "0",
+                        ctx={"what": "allocation", "id": allocation_id, "expected": "allocated"})
+        return parse_record(res[1])
+
+    def cancel(self, request_id: str, *, principal: str | None = None,
+               admin: bool = False) -> dict:
+        res = self._run("cancel", request_id, principal or "", "1" if admin else "0",
+                        ctx={"what": "request", "id": request_id, "expected": "queued"})
+        return parse_record(res[1])
+
+    def get(self, request_id: str) -> dict:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hgetall(self.keys.request(request_id))
+        pipe.zrank(self.keys.queue(), request_id)
+        raw, rank = pipe.execute()
+        if not raw:
+            raise _not_found("request", request_id)
+        rec = parse_record(raw)
+        if rank is not None:
+            rec["position"] = rank + 1
+        return rec
+
+    def schedule_pass(self) -> list[dict]:
+        return [parse_record(r) for r in self._run("schedule")]
+
+    def reap(self, limit: int = 1000) -> dict:
+        expired, timed_out, granted = self._run("reap", int(limit))
+        return {"expired": list(expired), "timed_out": list(timed_out),
+                "granted": [parse_record(r) for r in granted]}
+
+    # ------------------------------------------------------------------ views
+    def snapshot(self) -> dict:
+        data = json.loads(self._run("snapshot"))
+        now = float(data["now"])
+        timeout = self.settings.scheduler.node_heartbeat_timeout
+        nodes = []
+        alive = {}
+        for raw in _list(data["nodes"]):
+            h = _pairs(raw)
+            hb = float(h.get("heartbeat") or 0)
+            alive[h.get("name")] = hb >= now - timeout
+            nodes.append({"name": h.get("name"), "heartbeat": hb, "alive": alive[h.get("name")],
+                          "gpu_count": int(h.get("gpu_count") or 0), "backend": h.get("backend", ""),
+                          "host": h.get("host", "")})
+        gpus = [_gpu_view(raw, now, False) for raw in _list(data["gpus"])]
+        for g in gpus:
+            g["node_alive"] = alive.get(g.get("node"), False)
+            g["schedulable"] = g["schedulable"] or (g["health"] == "ok" and not g["lost"]
+                                                    and not g["cordoned"] and g["node_alive"])
+        queue = []
+        for pos, raw in enumerate(_list(data["queue"]), 1):
+            rec = parse_record(raw)
+            rec["position"] = pos
+            queue.append(rec)
+        return {"now": now, "gpus": gpus, "nodes": nodes,
+                "allocations": [parse_record(r) for r in _list(data["allocations"])],
+                "queue": queue}
+
+    def counts(self) -> dict:
+        a, busy, q, total, avail = self._run("counts")
+        return {"allocations_active": int(a), "gpus_allocated": int(busy), "queue_depth": int(q),
+                "gpus_total": int(total), "gpus_available": int(avail)}
+
+    def stats(self) -> dict:
+        """Cluster-wide counters: allocations[service][status], scheduler counters, wait histogram
+        (cumulative buckets, Prometheus style)."""
+        raw = self.redis.hgetall(self.keys.stats())
+        allocations: dict[str, dict[str, int]] = {}
+        scheduler: dict[str, int] = {}
+        per_bucket: dict[str, int] = {}
+        wait_sum, wait_count = 0.0, 0
+        for field, value in raw.items():
+            parts = field.split("|")
+            if parts[0] == "alloc" and len(parts) >= 3:
+                svc, status = "|".join(parts[1:-1]), parts[-1]
+                allocations.setdefault(svc, {})[status] = int(value)
+            elif parts[0] == "sched":
+                scheduler[parts[1]] = int(value)
+            elif field == "wait|sum":
+                wait_sum = float(value)
+            elif field == "wait|count":
+                wait_count = int(value)
+            elif parts[:2] == ["wait", "le"]:
+                per_bucket[parts[2]] = int(value)
+        buckets, running = [], 0
+        for b in WAIT_BUCKETS:
+            running += per_bucket.get(_bucket_label(b), 0)
+            buckets.append((float(b), running))
+        buckets.append((math.inf, running + per_bucket.get("+Inf", 0)))
+        return {"allocations": allocations, "scheduler": scheduler,
+                "wait": {"buckets": buckets, "sum": wait_sum, "count": wait_count}}
+
+    def events(self, after: str = "-", count: int = 100) -> list[dict]:
+        start = "-" if after in ("-", "", None) else "(" + after
+        out = []
+        for entry_id, fields in self.redis.xrange(self.keys.events(), start, "+", count=count):
+            ev: dict[str, Any] = {"id": entry_id, **fields}
+            if "ts" in ev:
+                ev["ts"] = float(ev["ts"])
+            for key in ("gpu_ids", "gpu_uuids"):
+                if key in ev:
+                    ev[key] = json.loads(ev[key])
+            out.append(ev)
+        return out
+
+
+# --------------------------------------------------------------------------- helpers
+
+def new_id(service_name: str) -> str:
+    """``<service>-<ms>-<8 random digits>``: sortable, and replicas never collide in practice."""
+    return f"{service_name}-{int(time.time() * 1000)}-{secrets.randbelow(10**8):08d}"
+
+
+def _bucket_label(b: float) -> str:
+    return f"{b:g}"
+
+
+def _num(x: Any) -> str:
+    x = float(x)
+    return str(int(x)) if x.is_integer() else repr(x)
+
+
+def _list(v) -> list:
+    return v if isinstance(v, list) else []
+
+
+def _int_in(v: Any, lo: int, hi: int, field: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ValidationFailed(f"{field}: an integer in {lo}..{hi}", details={"field": field})
+    return v
+
+
+def _float_nonneg(v: Any, field: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == math.inf:
+        raise ValidationFailed(f"{field}: a number >= 0", details={"field": field})
+    return float(v)
+
+
+def _float_pos(v: Any, field: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v == math.inf:
+        raise ValidationFailed(f"{field}: a number > 0", details={"field": field})
+    return float(v)

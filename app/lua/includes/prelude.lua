@@ -1,0 +1,578 @@
+--[[
+  prelude: the pieces every engine script shares (inlined by app/engine.py at load time).
+
+  KEYS (the same 16 for every script, built by app/keys.py, all under one hash tag):
+    1 nodes            ZSET node -> heartbeat        9  queue_deadlines  ZSET id -> timeout at
+    2 nodes_free       ZSET node -> free GPUs        10 queue_unreserved ZSET id -> submitted_at
+    3 node_sizes       ZSET node -> GPU count        11 reservations     HASH node -> id
+    4 gpus             ZSET node|idx -> total MB     12 leases           ZSET id -> expires_at
+    5 shared_capacity  ZSET node|idx -> free MB      13 events           STREAM
+    6 queue            ZSET id -> rank score         14 webhook_outbox   LIST
+    7 queue_demand:exclusive ZSET id -> GPUs         15 stats            HASH
+    8 queue_demand:shared    ZSET id -> MB           16 meta             HASH
+  ARGV (common block, then each script's own arguments from ARGV[A + 1]):
+    1..5  key templates with %s holes: node, gpu, request, service, idempotency
+    6 now (epoch seconds; "" = use Redis TIME)   7 policy (best_effort|strict_fifo)
+    8 aging rate (priority points per second)    9 reservation_after (s; < 0 = never)
+    10 node_heartbeat_timeout (s)                11 events_maxlen
+    12 history_ttl (s)                           13 max_queue_size
+
+  Errors are returned, not raised: { negative code, details... } (see ERRORS in app/engine.py).
+
+  GPU hash fields owned by the engine (the monitor owns the telemetry fields):
+    excl      id of the exclusive allocation holding it ("" = none)
+    shared_n  number of shared allocations on it;  shared_mb  MB they reserve
+    cordoned  "1" when an admin made it unschedulable;  lost  "1" when its node stopped reporting it
+    in_free   "1" while counted in nodes_free;  in_busy  "1" while counted as allocated (meta gpus_busy)
+]]
+local K_NODES, K_FREE, K_SIZES, K_GPUS, K_SHARED = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local K_QUEUE, K_QDX, K_QDS, K_QDEAD, K_QUNRES = KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+local K_RES, K_LEASES, K_EVENTS, K_OUTBOX, K_STATS, K_META =
+  KEYS[11], KEYS[12], KEYS[13], KEYS[14], KEYS[15], KEYS[16]
+
+local T_NODE, T_GPU, T_REQ, T_SVC, T_IDEM = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local NOW
+if ARGV[6] ~= '' then
+  NOW = tonumber(ARGV[6])
+else
+  local t = redis.call('TIME')
+  NOW = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local POLICY = ARGV[7]
+local AGING = tonumber(ARGV[8])
+local RES_AFTER = tonumber(ARGV[9])
+local HB_TIMEOUT = tonumber(ARGV[10])
+local EV_MAX = ARGV[11]
+local HIST_TTL = tonumber(ARGV[12])
+local MAX_QUEUE = tonumber(ARGV[13])
+local A = 13
+
+local function k_node(n) return string.format(T_NODE, n) end
+local function k_gpu(n, i) return string.format(T_GPU, n, i) end
+local function k_req(id) return string.format(T_REQ, id) end
+local function k_svc(s) return string.format(T_SVC, s) end
+local function k_idem(k) return string.format(T_IDEM, k) end
+
+local function ftime(x) return string.format('%.6f', x) end
+local function fnum(x) return string.format('%.17g', x) end
+
+local WAIT_BUCKETS = {'0.005', '0.01', '0.025', '0.05', '0.1', '0.25', '0.5', '1', '2.5', '5',
+  '10', '30', '60', '120', '300', '600', '1800', '3600'}
+
+local function stat(field, n) redis.call('HINCRBY', K_STATS, field, n or 1) end
+
+local function stat_wait(wait)
+  local label = '+Inf'
+  for _, b in ipairs(WAIT_BUCKETS) do
+    if wait <= tonumber(b) then label = b; break end
+  end
+  redis.call('HINCRBY', K_STATS, 'wait|le|' .. label, 1)
+  redis.call('HINCRBY', K_STATS, 'wait|count', 1)
+  redis.call('HINCRBYFLOAT', K_STATS, 'wait|sum', string.format('%.6f', wait))
+end
+
+local function bump_capacity() redis.call('HINCRBY', K_META, 'capver', 1) end
+
+-- Append one event to the capped stream; returns its entry id.
+local function event(name, id, svc, extra)
+  local args = {'XADD', K_EVENTS, 'MAXLEN', '~', EV_MAX, '*', 'event', name,
+    'request_id', id or '', 'service_name', svc or '', 'ts', ftime(NOW)}
+  if extra then
+    for i = 1, #extra do args[#args + 1] = extra[i] end
+  end
+  return redis.call(unpack(args))
+end
+
+-- Queue a webhook delivery when the record has a URL and (for non-grant events) opted in.
+local function outbox(name, id, event_id, url, events_json, always)
+  if url == nil or url == '' then return end
+  if not always then
+    local ok = false
+    for _, e in ipairs(cjson.decode(events_json or '[]')) do
+      if e == name then ok = true end
+    end
+    if not ok then return end
+  end
+  redis.call('RPUSH', K_OUTBOX, cjson.encode({event_id = event_id, event = name,
+    request_id = id, ts = NOW}))
+end
+
+local function split_member(m) return string.match(m, '^(.*)|([^|]*)$') end
+
+local alive_cache = {}
+local function node_alive(node)
+  local v = alive_cache[node]
+  if v == nil then
+    local hb = redis.call('ZSCORE', K_NODES, node)
+    v = (hb and tonumber(hb) >= NOW - HB_TIMEOUT) and true or false
+    alive_cache[node] = v
+  end
+  return v
+end
+
+local index_cache = {}
+local function node_indexes(node)
+  local v = index_cache[node]
+  if v == nil then
+    v = {}
+    local s = redis.call('HGET', k_node(node), 'indexes')
+    if s then
+      for idx in string.gmatch(s, '[^,]+') do v[#v + 1] = idx end
+    end
+    index_cache[node] = v
+  end
+  return v
+end
+
+-- Recompute one GPU's place in the indexes after any change to it. Capacity that appears
+-- (a GPU turning free, more reservable memory) bumps meta.capver so the next pass rescans.
+local function gpu_sync(node, idx)
+  local gk = k_gpu(node, idx)
+  local f = redis.call('HMGET', gk, 'excl', 'shared_n', 'health', 'cordoned', 'lost',
+    'memory_free_mb', 'shared_mb', 'in_free', 'in_busy')
+  local excl = f[1] or ''
+  local sn = tonumber(f[2] or '0') or 0
+  local ok = f[3] == 'ok' and f[4] ~= '1' and f[5] ~= '1'
+  local free = ok and excl == '' and sn == 0
+  local busy = excl ~= '' or sn > 0
+  if free ~= (f[8] == '1') then
+    redis.call('ZINCRBY', K_FREE, free and 1 or -1, node)
+    redis.call('HINCRBY', K_META, 'gpus_free', free and 1 or -1)
+    redis.call('HSET', gk, 'in_free', free and '1' or '0')
+    if free then bump_capacity() end
+  end
+  if busy ~= (f[9] == '1') then
+    redis.call('HINCRBY', K_META, 'gpus_busy', busy and 1 or -1)
+    redis.call('HSET', gk, 'in_busy', busy and '1' or '0')
+  end
+  local member = node .. '|' .. idx
+  local old = redis.call('ZSCORE', K_SHARED, member)
+  if ok and excl == '' then
+    local cap = (tonumber(f[6] or '0') or 0) - (tonumber(f[7] or '0') or 0)
+    if cap < 0 then cap = 0 end
+    if old == false or tonumber(old) ~= cap then
+      redis.call('ZADD', K_SHARED, cap, member)
+      if old == false or tonumber(old) < cap then bump_capacity() end
+    end
+  elseif old then
+    redis.call('ZREM', K_SHARED, member)
+  end
+end
+
+-- A request as the scheduler sees it.
+local REQ_FIELDS = {'service_name', 'sharing', 'required_gpus', 'min_memory_mb', 'max_memory_mb',
+  'max_utilization', 'preferred_gpus', 'depends_on', 'submitted_at', 'webhook_url',
+  'webhook_events', 'lease_seconds', 'priority', 'reserved_node', 'status', 'owner'}
+
+local function req_from(id, f)
+  local r = {id = id, svc = f[1], sharing = f[2], k = tonumber(f[3]), minm = tonumber(f[4]),
+    maxm = tonumber(f[5]), util = tonumber(f[6]), pref_raw = f[7] or '[]',
+    deps_raw = f[8] or '[]', submitted = tonumber(f[9]), hook = f[10] or '',
+    hook_events = f[11] or '[]', lease = tonumber(f[12]), priority = tonumber(f[13]),
+    reserved = f[14] or '', status = f[15], owner = f[16] or ''}
+  r.pref = {}
+  r.npref = 0
+  for _, p in ipairs(cjson.decode(r.pref_raw)) do
+    local key = string.format('%d', p)
+    if not r.pref[key] then r.pref[key] = true; r.npref = r.npref + 1 end
+  end
+  return r
+end
+
+local function load_req(id)
+  local f = redis.call('HMGET', k_req(id), unpack(REQ_FIELDS))
+  if not f[15] then return nil end
+  return req_from(id, f)
+end
+
+-- True when nothing the request depends on is still queued or live.
+local function deps_done(r)
+  if r.deps_raw == '[]' then return true end
+  for _, dep in ipairs(cjson.decode(r.deps_raw)) do
+    local st = redis.call('HGET', k_req(dep), 'status')
+    if st == 'queued' or st == 'allocated' then return false end
+  end
+  return true
+end
+
+-- Qualifying free GPUs of one node for an exclusive request.
+local function node_candidates(r, node)
+  local q = {}
+  for _, idx in ipairs(node_indexes(node)) do
+    local g = redis.call('HMGET', k_gpu(node, idx), 'in_free', 'memory_free_mb', 'utilization',
+      'uuid')
+    if g[1] == '1' then
+      local mem = tonumber(g[2]) or 0
+      local util = tonumber(g[3]) or 0
+      if mem >= r.minm and (r.maxm <= 0 or mem <= r.maxm) and util <= r.util then
+        q[#q + 1] = {idx = idx, mem = mem, util = util, uuid = g[4] or '',
+          pref = r.pref[idx] and 1 or 0}
+      end
+    end
+  end
+  return q
+end
+
+local function rank_gpus(a, b)
+  if a.pref ~= b.pref then return a.pref > b.pref end
+  if a.mem ~= b.mem then return a.mem > b.mem end
+  if a.util ~= b.util then return a.util < b.util end
+  return tonumber(a.idx) < tonumber(b.idx)
+end
+
+-- Exclusive placement: best fit over nodes by free-GPU count, preferred GPUs outranking it.
+local function place_exclusive(r, blocked)
+  local k = r.k
+  local want = math.min(r.npref, k)
+  local best, bestq, bestp = nil, nil, -1
+  local offset = 0
+  while true do
+    local batch = redis.call('ZRANGEBYSCORE', K_FREE, k, '+inf', 'LIMIT', offset, 64)
+    if #batch == 0 then break end
+    for _, node in ipairs(batch) do
+      if not blocked[node] and node_alive(node) then
+        local q = node_candidates(r, node)
+        if #q >= k then
+          local p = 0
+          for _, g in ipairs(q) do p = p + g.pref end
+          if p > want then p = want end
+          if p > bestp then
+            best, bestq, bestp = node, q, p
+            if p >= want then break end
+          end
+        end
+      end
+    end
+    if best and bestp >= want then break end
+    offset = offset + #batch
+  end
+  if not best then return nil end
+  table.sort(bestq, rank_gpus)
+  local chosen = {}
+  for i = 1, k do chosen[i] = bestq[i] end
+  return best, chosen
+end
+
+-- Shared placement: the GPU whose reservable memory fits the request most tightly
+-- (a preferred GPU first, when one qualifies).
+local function place_shared(r, blocked)
+  local hi = '+inf'
+  if r.maxm > 0 then hi = r.maxm end
+  local fallback, fnode = nil, nil
+  local offset = 0
+  while true do
+    local batch = redis.call('ZRANGEBYSCORE', K_SHARED, r.minm, hi, 'WITHSCORES', 'LIMIT',
+      offset, 128)
+    if #batch == 0 then break end
+    for i = 1, #batch, 2 do
+      local node, idx = split_member(batch[i])
+      if node and not blocked[node] and node_alive(node) then
+        local g = redis.call('HMGET', k_gpu(node, idx), 'utilization', 'uuid')
+        if (tonumber(g[1]) or 0) <= r.util then
+          local cand = {idx = idx, mem = tonumber(batch[i + 1]), uuid = g[2] or ''}
+          if r.npref == 0 or r.pref[idx] then return node, {cand} end
+          if not fallback then fallback, fnode = cand, node end
+        end
+      end
+    end
+    offset = offset + #batch / 2
+  end
+  if fallback then return fnode, {fallback} end
+  return nil
+end
+
+local function place(r, blocked)
+  if r.sharing == 'shared' then return place_shared(r, blocked) end
+  return place_exclusive(r, blocked)
+end
+
+-- Remove a request from every queue index; drop its reservation (that frees a node for others).
+local function dequeue(id, reserved)
+  redis.call('ZREM', K_QUEUE, id)
+  redis.call('ZREM', K_QDX, id)
+  redis.call('ZREM', K_QDS, id)
+  redis.call('ZREM', K_QDEAD, id)
+  redis.call('ZREM', K_QUNRES, id)
+  if reserved and reserved ~= '' then
+    if redis.call('HGET', K_RES, reserved) == id then
+      redis.call('HDEL', K_RES, reserved)
+      bump_capacity()
+    end
+  end
+end
+
+local function enqueue(r, queue_timeout)
+  local score
+  if AGING > 0 then
+    score = AGING * r.submitted - r.priority
+  else
+    score = -r.priority * 1e12 + redis.call('HINCRBY', K_META, 'seq', 1)
+  end
+  redis.call('ZADD', K_QUEUE, fnum(score), r.id)
+  if r.sharing == 'shared' then
+    redis.call('ZADD', K_QDS, r.minm, r.id)
+  else
+    redis.call('ZADD', K_QDX, r.k, r.id)
+  end
+  redis.call('ZADD', K_QDEAD, ftime(r.submitted + queue_timeout), r.id)
+  redis.call('ZADD', K_QUNRES, ftime(r.submitted), r.id)
+end
+
+-- Give the chosen GPUs to the request. from_queue: the client saw it queued (webhook).
+local function grant(r, node, chosen, from_queue)
+  local ids, uuids = {}, {}
+  for i, g in ipairs(chosen) do
+    local gk = k_gpu(node, g.idx)
+    if r.sharing == 'shared' then
+      redis.call('HINCRBY', gk, 'shared_n', 1)
+      redis.call('HINCRBY', gk, 'shared_mb', r.minm)
+    else
+      redis.call('HSET', gk, 'excl', r.id)
+    end
+    gpu_sync(node, g.idx)
+    ids[i] = tonumber(g.idx)
+    uuids[i] = g.uuid
+  end
+  local expires, score = '', '+inf'
+  if r.lease >= 0 then
+    expires = ftime(NOW + r.lease)
+    score = expires
+  end
+  local wait = NOW - r.submitted
+  if wait < 0 then wait = 0 end
+  local ids_json, uuids_json = cjson.encode(ids), cjson.encode(uuids)
+  redis.call('HSET', k_req(r.id), 'status', 'allocated', 'node', node, 'gpu_ids', ids_json,
+    'gpu_uuids', uuids_json, 'allocated_at', ftime(NOW), 'expires_at', expires,
+    'wait_time_seconds', ftime(wait))
+  redis.call('ZADD', K_LEASES, score, r.id)
+  redis.call('SADD', k_svc(r.svc), r.id)
+  dequeue(r.id, r.reserved)
+  local evid = event('allocated', r.id, r.svc, {'node', node, 'gpu_ids', ids_json,
+    'gpu_uuids', uuids_json})
+  stat('alloc|' .. r.svc .. '|allocated')
+  stat('sched|granted')
+  stat(from_queue and 'sched|from_queue' or 'sched|immediate')
+  stat_wait(wait)
+  if from_queue then outbox('allocated', r.id, evid, r.hook, nil, true) end
+end
+
+-- End a live allocation (released | expired): give its GPUs back.
+local function finish_alloc(id, status)
+  local rk = k_req(id)
+  local f = redis.call('HMGET', rk, 'node', 'gpu_ids', 'sharing', 'min_memory_mb',
+    'service_name', 'webhook_url', 'webhook_events')
+  local node, sharing, minm, svc = f[1], f[3], tonumber(f[4]) or 0, f[5] or ''
+  local ids = cjson.decode(f[2] or '[]')
+  for _, i in ipairs(ids) do
+    local idx = string.format('%d', i)
+    local gk = k_gpu(node, idx)
+    if sharing == 'shared' then
+      redis.call('HINCRBY', gk, 'shared_n', -1)
+      redis.call('HINCRBY', gk, 'shared_mb', -minm)
+    elseif redis.call('HGET', gk, 'excl') == id then
+      redis.call('HSET', gk, 'excl', '')
+    end
+    gpu_sync(node, idx)
+  end
+  if status == 'released' then
+    redis.call('HSET', rk, 'status', status, 'released_at', ftime(NOW), 'ended_at', ftime(NOW))
+  else
+    redis.call('HSET', rk, 'status', status, 'ended_at', ftime(NOW))
+  end
+  redis.call('EXPIRE', rk, math.floor(HIST_TTL))
+  redis.call('ZREM', K_LEASES, id)
+  redis.call('SREM', k_svc(svc), id)
+  bump_capacity()
+  local evid = event(status, id, svc, {'node', node or '', 'gpu_ids', f[2] or '[]'})
+  stat('alloc|' .. svc .. '|' .. status)
+  outbox(status, id, evid, f[6], f[7], false)
+end
+
+-- End a queued request (cancelled | timed_out). Its dependents may now run: bump capver.
+local function finish_queued(id, status)
+  local rk = k_req(id)
+  local f = redis.call('HMGET', rk, 'service_name', 'webhook_url', 'webhook_events',
+    'reserved_node')
+  dequeue(id, f[4])
+  redis.call('HSET', rk, 'status', status, 'ended_at', ftime(NOW))
+  redis.call('EXPIRE', rk, math.floor(HIST_TTL))
+  bump_capacity()
+  local evid = event(status, id, f[1], nil)
+  stat('alloc|' .. (f[1] or '') .. '|' .. status)
+  outbox(status, id, evid, f[2], f[3], false)
+end
+
+-- Does queued request a rank ahead of queued request b?
+local function ranks_before(a, b)
+  local sa = redis.call('ZSCORE', K_QUEUE, a)
+  local sb = redis.call('ZSCORE', K_QUEUE, b)
+  if not sa or not sb then return false end
+  sa, sb = tonumber(sa), tonumber(sb)
+  if sa ~= sb then return sa < sb end
+  return a < b
+end
+
+local function top_score(key)
+  local t = redis.call('ZREVRANGE', key, 0, 0, 'WITHSCORES')
+  if #t == 0 then return -1 end
+  return tonumber(t[2])
+end
+
+local function low_score(key)
+  local t = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  if #t == 0 then return nil end
+  return tonumber(t[2])
+end
+
+-- Cheap test: no queued demand can fit the best free capacity anywhere.
+local function nothing_fits()
+  local minx, mins = low_score(K_QDX), low_score(K_QDS)
+  local xfit = minx ~= nil and minx <= top_score(K_FREE)
+  local sfit = mins ~= nil and mins <= top_score(K_SHARED)
+  return not xfit and not sfit
+end
+
+-- Reserve the node where a long-waiting request will fit soonest: the k-th earliest time a
+-- GPU that could hold it becomes free (now for free ones, the holder's lease end otherwise).
+local function reserve(r, blocked)
+  local best, best_t, best_size = nil, nil, nil
+  local sizes = redis.call('ZRANGEBYSCORE', K_SIZES, r.k, '+inf', 'WITHSCORES')
+  for i = 1, #sizes, 2 do
+    local node, size = sizes[i], tonumber(sizes[i + 1])
+    if not blocked[node] and node_alive(node) and not redis.call('HGET', K_RES, node) then
+      local times = {}
+      for _, idx in ipairs(node_indexes(node)) do
+        local g = redis.call('HMGET', k_gpu(node, idx), 'health', 'cordoned', 'lost',
+          'memory_total_mb', 'excl', 'shared_n')
+        if g[1] == 'ok' and g[2] ~= '1' and g[3] ~= '1' and (tonumber(g[4]) or 0) >= r.minm then
+          local t = NOW
+          if g[5] and g[5] ~= '' then
+            t = tonumber(redis.call('ZSCORE', K_LEASES, g[5]) or '1e18') or 1e18
+          elseif (tonumber(g[6] or '0') or 0) > 0 and r.sharing ~= 'shared' then
+            t = 1e18
+          end
+          times[#times + 1] = t
+        end
+      end
+      if #times >= r.k then
+        table.sort(times)
+        local t = times[r.k]
+        if best == nil or t < best_t or (t == best_t and size < best_size) then
+          best, best_t, best_size = node, t, size
+        end
+      end
+    end
+  end
+  redis.call('ZREM', K_QUNRES, r.id)
+  if best then
+    redis.call('HSET', K_RES, best, r.id)
+    redis.call('HSET', k_req(r.id), 'reserved_node', best)
+    event('reserved', r.id, r.svc, {'node', best})
+    return best
+  end
+  return ''
+end
+
+--[[
+  The schedule pass. Walks the queue in rank order (priority desc, FIFO; aging is in the score)
+  and grants what fits. Guarantee: a grant never overtakes a higher-ranked waiting request that
+  fits, because higher-ranked ones were tried first against at least the capacity now left.
+
+  Cost control:
+  * meta.capver counts capacity appearing (GPU freed, node back, dependency finished,
+    reservation dropped); meta.passver is capver at the last full pass. Equal: every queued
+    request already failed against at least today's capacity, so only new_id is tried.
+  * nothing_fits(): smallest queued demand vs best free capacity, O(log n).
+  * in the walk, a demand shape that failed is not tried again (capacity only shrinks).
+]]
+local function schedule(new_id)
+  local granted = {}
+  if redis.call('ZCARD', K_QUEUE) == 0 then return granted end
+  local capver = redis.call('HGET', K_META, 'capver') or '0'
+  local full = capver ~= (redis.call('HGET', K_META, 'passver') or '')
+  if not full and RES_AFTER >= 0 and POLICY ~= 'strict_fifo' then
+    local due = low_score(K_QUNRES)
+    if due and due <= NOW - RES_AFTER then full = true end
+  end
+  if not full then
+    if new_id == nil then
+      stat('sched|passes_skipped')
+      return granted
+    end
+    if POLICY == 'strict_fifo' and redis.call('ZRANK', K_QUEUE, new_id) ~= 0 then
+      return granted
+    end
+    local r = load_req(new_id)
+    if not r or r.status ~= 'queued' or not deps_done(r) then return granted end
+    local blocked = {}
+    local res = redis.call('HGETALL', K_RES)
+    for i = 1, #res, 2 do
+      if ranks_before(res[i + 1], new_id) then blocked[res[i]] = true end
+    end
+    local node, chosen = place(r, blocked)
+    if node then
+      grant(r, node, chosen, false)
+      granted[1] = new_id
+    end
+    return granted
+  end
+  redis.call('HSET', K_META, 'passver', capver)
+  stat('sched|passes')
+  if nothing_fits() then return granted end
+  local blocked, failed = {}, {}
+  local maxfree, maxshared = top_score(K_FREE), top_score(K_SHARED)
+  local may_reserve = RES_AFTER >= 0 and POLICY ~= 'strict_fifo'
+  local new_reservations = 0
+  local offset = 0
+  while true do
+    local ids = redis.call('ZRANGE', K_QUEUE, offset, offset + 499)
+    if #ids == 0 then break end
+    local removed = 0
+    for _, id in ipairs(ids) do
+      local r = load_req(id)
+      local placed = false
+      if r and deps_done(r) then
+        local possible
+        if r.sharing == 'shared' then possible = r.minm <= maxshared else possible = r.k <= maxfree end
+        if possible then
+          local sig = r.sharing .. '|' .. r.k .. '|' .. r.minm .. '|' .. r.maxm .. '|' .. r.util ..
+            '|' .. r.pref_raw
+          if not failed[sig] then
+            local node, chosen = place(r, blocked)
+            if node then
+              grant(r, node, chosen, id ~= new_id)
+              granted[#granted + 1] = id
+              placed = true
+              removed = removed + 1
+              maxfree, maxshared = top_score(K_FREE), top_score(K_SHARED)
+            else
+              failed[sig] = true
+            end
+          end
+        end
+      end
+      if not placed and r then
+        if POLICY == 'strict_fifo' then return granted end
+        local rn = r.reserved
+        if rn == '' and may_reserve and new_reservations < 4 and NOW - r.submitted >= RES_AFTER then
+          rn = reserve(r, blocked)
+          if rn == '' then may_reserve = false else new_reservations = new_reservations + 1 end
+        end
+        if rn ~= '' then blocked[rn] = true end
+      end
+    end
+    if removed > 0 and nothing_fits() then break end
+    offset = offset + #ids - removed
+  end
+  return granted
+end
+
+local function record(id)
+  return redis.call('HGETALL', k_req(id))
+end
+
+local function records(ids)
+  local out = {}
+  for i, id in ipairs(ids) do out[i] = record(id) end
+  return out
+end

@@ -1,0 +1,26 @@
+--[[
+  renew: extend a live allocation's lease to now + lease seconds.
+
+  KEYS, ARGV[1..13]: the common block (includes/prelude.lua).
+  ARGV[A+1] id   ARGV[A+2] lease seconds ("" = the allocation's own lease, < 0 = no expiry)
+  ARGV[A+3] principal   ARGV[A+4] "1" when admin
+  Returns: {1, record} or {-1} unknown, {-2} not the owner, {-3, status} not live.
+]]
+-- @include prelude
+local id, lease, principal, admin = ARGV[A + 1], ARGV[A + 2], ARGV[A + 3], ARGV[A + 4]
+local rk = k_req(id)
+local f = redis.call('HMGET', rk, 'status', 'owner', 'lease_seconds', 'service_name')
+if not f[1] then return {-1} end
+if principal ~= '' and admin ~= '1' and (f[2] or '') ~= principal then return {-2} end
+if f[1] ~= 'allocated' then return {-3, f[1]} end
+local secs = tonumber(f[3])
+if lease ~= '' then secs = tonumber(lease) end
+local expires, score = '', '+inf'
+if secs >= 0 then
+  expires = ftime(NOW + secs)
+  score = expires
+end
+redis.call('HSET', rk, 'expires_at', expires, 'lease_seconds', fnum(secs), 'renewed_at', ftime(NOW))
+redis.call('ZADD', K_LEASES, score, id)
+event('renewed', id, f[4], {'expires_at', expires})
+return {1, record(id)}

@@ -1,0 +1,84 @@
+--[[
+  report_node: the monitor's heartbeat for one node and the telemetry of all its GPUs.
+
+  KEYS, ARGV[1..13]: the common block (includes/prelude.lua).
+  ARGV[A+1] node   ARGV[A+2] backend   ARGV[A+3] host
+  ARGV[A+4] JSON list of GPUs, each a flat object of string fields including index, health,
+            memory_total_mb and memory_free_mb (the telemetry the monitor owns).
+  Returns: the records granted by the pass that follows (capacity may have appeared).
+  Guarantees: a GPU known for the node but missing from the report turns failed and lost (not
+  schedulable) while its allocations stay; it comes back when reported again. Events
+  gpu_unhealthy / gpu_recovered mark health leaving or reaching "ok".
+]]
+-- @include prelude
+local node, backend, host = ARGV[A + 1], ARGV[A + 2], ARGV[A + 3]
+local gpus = cjson.decode(ARGV[A + 4])
+local nk = k_node(node)
+
+local prev_hb = redis.call('ZSCORE', K_NODES, node)
+if prev_hb and tonumber(prev_hb) < NOW - HB_TIMEOUT then bump_capacity() end
+redis.call('ZADD', K_NODES, ftime(NOW), node)
+alive_cache[node] = true
+
+local known = {}
+local list = {}
+for _, idx in ipairs(node_indexes(node)) do
+  known[idx] = true
+  list[#list + 1] = idx
+end
+
+local function was_ok(h)
+  return h[1] == 'ok' and h[2] ~= '1'
+end
+
+local seen = {}
+for _, g in ipairs(gpus) do
+  local idx = g.index
+  seen[idx] = true
+  local gk = k_gpu(node, idx)
+  local prev = redis.call('HMGET', gk, 'health', 'lost')
+  local args = {'HSET', gk, 'node', node, 'lost', '0', 'updated_at', ftime(NOW)}
+  for key, value in pairs(g) do
+    args[#args + 1] = key
+    args[#args + 1] = value
+  end
+  redis.call(unpack(args))
+  if not known[idx] then
+    known[idx] = true
+    list[#list + 1] = idx
+    redis.call('HSET', gk, 'excl', '', 'shared_n', '0', 'shared_mb', '0', 'cordoned', '0',
+      'in_free', '0', 'in_busy', '0')
+  end
+  redis.call('ZADD', K_GPUS, tonumber(g.memory_total_mb) or 0, node .. '|' .. idx)
+  if prev[1] then
+    local now_ok = g.health == 'ok'
+    if was_ok(prev) and not now_ok then
+      event('gpu_unhealthy', '', '', {'node', node, 'gpu_index', idx, 'health', g.health})
+    elseif not was_ok(prev) and now_ok then
+      event('gpu_recovered', '', '', {'node', node, 'gpu_index', idx, 'health', g.health})
+    end
+  end
+  gpu_sync(node, idx)
+end
+
+for _, idx in ipairs(list) do
+  if not seen[idx] then
+    local gk = k_gpu(node, idx)
+    local prev = redis.call('HMGET', gk, 'health', 'lost')
+    if prev[2] ~= '1' then
+      redis.call('HSET', gk, 'health', 'failed', 'lost', '1', 'updated_at', ftime(NOW))
+      if was_ok(prev) then
+        event('gpu_unhealthy', '', '', {'node', node, 'gpu_index', idx, 'health', 'failed',
+          'reason', 'lost'})
+      end
+      gpu_sync(node, idx)
+    end
+  end
+end
+
+table.sort(list, function(a, b) return tonumber(a) < tonumber(b) end)
+redis.call('HSET', nk, 'name', node, 'heartbeat', ftime(NOW), 'gpu_count', #list,
+  'backend', backend, 'host', host, 'indexes', table.concat(list, ','))
+redis.call('ZADD', K_SIZES, #list, node)
+if redis.call('ZSCORE', K_FREE, node) == false then redis.call('ZADD', K_FREE, 0, node) end
+return records(schedule(nil))
