@@ -1,0 +1,356 @@
+"""Chaos run: break the whole service on purpose, on one machine, and count what was lost.
+
+    python bench/chaos.py --duration SECONDS --seed N [--clients 6] [--keep]
+
+Starts a real topology on loopback (Redis with AOF, 3 API replicas, 2 RQ workers, the
+scheduler, 4 simulated nodes x 8 GPUs, a webhook receiver), drives randomized clients against
+the replicas for ``--duration`` seconds while a seeded schedule injects faults, then drains and
+checks the invariants (see docs/reliability.md). Start-up and drain add about 25 s to the
+duration. It prints a table, then as its last line one JSON object. The exit code is 0 when
+every invariant held, 1 when one broke, 2 when the run itself could not be carried out.
+
+Every child process is stopped on the way out, whatever happened (exception, Ctrl-C).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import secrets
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import redis as redis_lib  # noqa: E402
+import requests  # noqa: E402
+
+from app.keys import Keys  # noqa: E402
+from chaos_checks import Canary, Sampler, check_ledgers, leaked_gpus  # noqa: E402
+from chaos_clients import ChaosClient  # noqa: E402
+from chaos_faults import KINDS, FaultInjector, schedule  # noqa: E402
+from chaos_receiver import WebhookReceiver  # noqa: E402
+from chaos_topology import Topology  # noqa: E402
+
+PRINCIPALS = ("team-a", "team-b")
+ADMIN = "ops"
+TTL_RANGE = (6, 15)
+HEARTBEAT_TIMEOUT = 3.0
+
+
+def _log(msg: str) -> None:
+    print(f"[chaos {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    k = max(0, min(len(values) - 1, math.ceil(q * len(values)) - 1))
+    return values[k]
+
+
+def _stop_on_signal(signum, frame):
+    raise KeyboardInterrupt
+
+
+class Run:
+    def __init__(self, args):
+        self.args = args
+        self.keys = {secrets.token_urlsafe(24): p for p in PRINCIPALS + (ADMIN,)}
+        self.key_of = {p: k for k, p in self.keys.items()}
+        self.webhook_secret = secrets.token_urlsafe(32)
+        self.topo = Topology(apis=3, workers=2, nodes=4, gpus_per_node=8,
+                             api_keys=self.keys, admins=[ADMIN],
+                             webhook_secret=self.webhook_secret,
+                             workdir=args.workdir,
+                             extra_config={"scheduler": {
+                                 "node_heartbeat_timeout": f"{HEARTBEAT_TIMEOUT}s"}})
+        self.receiver = WebhookReceiver(secret=self.webhook_secret)
+        self.stop_load = threading.Event()
+        self.stop_watch = threading.Event()
+        self.canary = None
+        self.sampler = None
+        self.clients: list[ChaosClient] = []
+        self.injector = None
+        self.t_load = None
+        self.phase = {}
+
+    # ------------------------------------------------------------------ phases
+
+    def start(self) -> None:
+        t0 = time.monotonic()
+        self.topo.start()
+        self.phase["startup_s"] = round(time.monotonic() - t0, 1)
+        _log(f"topology up in {self.phase['startup_s']} s (logs in {self.topo.dir / 'logs'})")
+        self.canary = Canary(self.topo.redis_url, self.stop_watch)
+        self.sampler = Sampler(self.topo.redis_url, self.topo.prefix, self.stop_watch)
+        self.canary.start()
+        self.sampler.start()
+        self.injector = FaultInjector(self.topo, self.receiver, self.canary, log=_log)
+
+    def load(self) -> None:
+        args = self.args
+        urls = [self.topo.api_url(i) for i in range(len(self.topo.api_ports))]
+        for i in range(args.clients):
+            principal = PRINCIPALS[i % len(PRINCIPALS)]
+            self.clients.append(ChaosClient(i, args.seed, urls, self.key_of[principal], principal,
+                                            self.receiver.url, self.stop_load,
+                                            ttl_range=TTL_RANGE))
+        steps = schedule(args.duration, args.seed, apis=len(urls), workers=self.topo.n_workers,
+                         nodes=self.topo.node_names, heartbeat_timeout=HEARTBEAT_TIMEOUT)
+        self.t_load = time.monotonic()
+        for c in self.clients:
+            c.start()
+        pending = list(steps)
+        while time.monotonic() - self.t_load < args.duration:
+            elapsed = time.monotonic() - self.t_load
+            while pending and pending[0].at <= elapsed:
+                self.injector.inject(pending.pop(0))
+            self.injector.tick()
+            self._supervise()
+            time.sleep(0.05)
+        self.stop_load.set()
+        self.injector.heal_all()
+        for c in self.clients:
+            c.join(30)
+        self._supervise()
+
+    def _supervise(self) -> None:
+        for name in self.topo.supervise():
+            _log(f"{name} exited on its own (code {self.topo.children[name].unexpected_exits[-1]})"
+                 "; restarted")
+
+    def _admin(self, method: str, path: str, **kw):
+        for i in range(len(self.topo.api_ports)):
+            try:
+                return requests.request(method, self.topo.api_url(i) + path,
+                                        headers={"X-API-Key": self.key_of[ADMIN]}, timeout=5,
+                                        **kw)
+            except requests.RequestException:
+                continue
+        return None
+
+    def drain(self) -> dict:
+        """Release about half of what the clients still hold, cancel what they have queued, and
+        let the rest expire; wait until no lease and no queued request is left."""
+        t0 = time.monotonic()
+        for c in self.clients:
+            for rid, state in list(c.held.items()):
+                if state == "queued":
+                    c.cancel_id(rid)
+                elif c.rng.random() < 0.5:
+                    c.release_id(rid)
+        client = redis_lib.Redis.from_url(self.topo.redis_url, decode_responses=True)
+        keys = Keys(self.topo.prefix)
+        deadline = time.monotonic() + 2 * TTL_RANGE[1] + 20
+        left = None
+        try:
+            while time.monotonic() < deadline:
+                self._supervise()
+                left = (client.zcard(keys.leases()), client.zcard(keys.queue()))
+                if left == (0, 0):
+                    break
+                time.sleep(0.25)
+            self.phase["drain_s"] = round(time.monotonic() - t0, 1)
+            leaked, held = leaked_gpus(client, keys)
+            queued = client.zrange(keys.queue(), 0, -1)
+        finally:
+            client.close()
+        return {"leaked": leaked, "held": held, "queued_left": queued, "left": left}
+
+    def wait_webhooks(self, timeout: float):
+        client = redis_lib.Redis.from_url(self.topo.redis_url, decode_responses=True)
+        keys = Keys(self.topo.prefix)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                findings = check_ledgers(client, keys, [c.ledger for c in self.clients],
+                                         self.receiver.delivered(), self.canary.lost_windows())
+                if not findings.webhooks_missing or time.monotonic() > deadline:
+                    return findings
+                self._supervise()
+                time.sleep(0.5)
+        finally:
+            client.close()
+
+    def secrets_in_logs(self) -> list[str]:
+        """Every configured secret (API keys, webhook secret) that shows up in any child log."""
+        hits = []
+        needles = list(self.keys) + [self.webhook_secret]
+        for path in self.topo.log_paths():
+            text = path.read_text(errors="replace")
+            for needle in needles:
+                if needle in text:
+                    hits.append(f"{path.name}: {needle[:4]}...")
+        return hits
+
+    # ------------------------------------------------------------------ report
+
+    def report(self, drained: dict, findings, wall: float) -> dict:
+        ops = [op for c in self.clients for op in c.ledger.ops]
+        windows = [(r.start, (r.end or r.start) + 2.0) for r in self.injector.records]
+        lat_all = [lat for _, lat, _, code in ops if code]
+        lat_faults = [lat for t, lat, _, code in ops if code and any(a <= t <= b
+                                                                     for a, b in windows)]
+        codes = Counter(code for *_, code in ops)
+        unexpected = [u for c in self.clients for u in c.ledger.unexpected]
+        kills = [w for w in self.canary.windows if w.kind == "sigkill"]
+        terms = [w for w in self.canary.windows if w.kind == "sigterm"]
+        term_lost = sum(w.lost_writes for w in terms)
+        secret_hits = self.secrets_in_logs()
+        out = {
+            "ops": len(ops),
+            "faults": len(self.injector.records),
+            "double_allocations": len(self.sampler.conflicts),
+            "lost_requests": len(findings.lost),
+            "lost_transitions": len(findings.lost_transitions),
+            "aof_window_lost": len(findings.aof_lost),
+            "aof_window_ms": round(max((w.ms for w in kills), default=0.0), 1),
+            "aof_window_writes_lost": sum(w.lost_writes for w in kills),
+            "sigterm_writes_lost": term_lost,
+            "leaked_gpus": drained["leaked"],
+            "webhooks_expected": findings.webhooks_expected,
+            "webhooks_delivered": findings.webhooks_delivered,
+            "webhook_event_id_mismatch": len(findings.webhook_dup_mismatch),
+            "webhook_bad_signatures": findings.bad_signatures,
+            "duplicate_grants": len(findings.duplicate_grants),
+            "secrets_in_logs": len(secret_hits),
+            "server_errors": len(unexpected),
+            "unexpected_exits": {k: len(v) for k, v in self.topo.unexpected_exits().items()},
+            "p99_ms": _ms(percentile(lat_all, 0.99)),
+            "p99_during_faults_ms": _ms(percentile(lat_faults, 0.99)),
+            "p50_ms": _ms(percentile(lat_all, 0.50)),
+            "http_status": {str(k): v for k, v in sorted(codes.items())},
+            "faults_by_kind": dict(Counter(r.kind for r in self.injector.records)),
+            "worker_killed_mid_job": sum(1 for r in self.injector.records
+                                         if r.kind == "worker_kill" and r.detail.get("mid_job")),
+            "samples": self.sampler.samples,
+            "index_drift": len(self.sampler.drift),
+            "seed": self.args.seed,
+            "duration_s": self.args.duration,
+            "wall_s": round(wall, 1),
+            **self.phase,
+        }
+        out["violations"] = (out["double_allocations"] + out["lost_requests"]
+                             + out["lost_transitions"] + out["leaked_gpus"]
+                             + (out["webhooks_expected"] - out["webhooks_delivered"])
+                             + out["webhook_event_id_mismatch"] + out["webhook_bad_signatures"]
+                             + out["duplicate_grants"] + out["secrets_in_logs"]
+                             + out["server_errors"] + out["sigterm_writes_lost"])
+        details = {
+            "double_allocations": sorted(map(str, self.sampler.conflicts))[:20],
+            "index_drift": sorted(map(str, self.sampler.drift))[:20],
+            "lost_requests": findings.lost[:20],
+            "lost_transitions": findings.lost_transitions[:20],
+            "aof_window_lost": findings.aof_lost[:20],
+            "leaked": drained["held"][:20], "queued_left": drained["queued_left"][:20],
+            "webhooks_missing": findings.webhooks_missing[:20],
+            "webhook_event_id_mismatch": findings.webhook_dup_mismatch[:20],
+            "duplicate_grants": findings.duplicate_grants[:20],
+            "secrets_in_logs": secret_hits[:20],
+            "server_errors": unexpected[:20],
+            "faults": [(r.kind, r.target, round(r.start - self.t_load_epoch, 1), r.detail)
+                       for r in self.injector.records],
+        }
+        return out, details
+
+    def run(self) -> int:
+        t0 = time.monotonic()
+        self.start()
+        self.t_load_epoch = time.time()
+        self.load()
+        _log("load stopped; draining")
+        drained = self.drain()
+        findings = self.wait_webhooks(timeout=40)
+        self.stop_watch.set()
+        self.sampler.join(5)
+        self.canary.join(5)
+        out, details = self.report(drained, findings, time.monotonic() - t0)
+        print_table(out, details)
+        print(json.dumps(out, sort_keys=False), flush=True)
+        return 0 if out["violations"] == 0 else 1
+
+    def close(self) -> None:
+        self.stop_load.set()
+        self.stop_watch.set()
+        self.receiver.close()
+        self.topo.close()
+
+
+def _ms(seconds):
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
+def print_table(out: dict, details: dict) -> None:
+    rows = [
+        ("operations", out["ops"], ""),
+        ("faults injected", out["faults"], ", ".join(f"{k} {v}" for k, v in
+                                                     sorted(out["faults_by_kind"].items()))),
+        ("double allocations", out["double_allocations"], f"{out['samples']} samples"),
+        ("requests lost", out["lost_requests"], "outside the AOF window"),
+        ("acknowledged transitions lost", out["lost_transitions"], "release/cancel"),
+        ("lost in the AOF window", out["aof_window_lost"],
+         f"window {out['aof_window_ms']} ms, {out['aof_window_writes_lost']} canary writes"),
+        ("writes lost on SIGTERM", out["sigterm_writes_lost"], ""),
+        ("leaked GPUs", out["leaked_gpus"], "after drain and lease expiry"),
+        ("webhooks delivered/expected", f"{out['webhooks_delivered']}/{out['webhooks_expected']}",
+         f"{out['webhook_event_id_mismatch']} event_id mismatches, "
+         f"{out['webhook_bad_signatures']} bad signatures"),
+        ("duplicate grants", out["duplicate_grants"], "idempotent retries"),
+        ("secrets in logs", out["secrets_in_logs"], ""),
+        ("5xx other than 503", out["server_errors"], ""),
+        ("p99 latency", f"{out['p99_ms']} ms", f"during faults {out['p99_during_faults_ms']} ms"),
+        ("unexpected exits", sum(out["unexpected_exits"].values()),
+         ", ".join(f"{k} {v}" for k, v in out["unexpected_exits"].items())),
+    ]
+    width = max(len(r[0]) for r in rows)
+    for name, value, note in rows:
+        print(f"{name:<{width}}  {str(value):>10}  {note}")
+    for key, items in details.items():
+        if items and key != "faults":
+            print(f"-- {key}:")
+            for item in items:
+                print(f"   {item}")
+    print("-- fault log (kind, target, seconds into the load, detail):")
+    for item in details["faults"]:
+        print(f"   {item}")
+    print(f"violations: {out['violations']}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=35,
+                        help="seconds of load and faults (start-up and drain come on top)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--clients", type=int, default=6)
+    parser.add_argument("--workdir", help="keep config and logs here instead of a temp dir")
+    args = parser.parse_args(argv)
+    if not 10 <= args.duration <= 3600:
+        parser.error("--duration must be 10..3600 seconds")
+    if not 1 <= args.clients <= 32:
+        parser.error("--clients must be 1..32")
+    signal.signal(signal.SIGTERM, _stop_on_signal)
+    run = Run(args)
+    try:
+        return run.run()
+    except KeyboardInterrupt:
+        _log("interrupted; cleaning up")
+        return 130
+    except RuntimeError as exc:  # the topology could not be built or run
+        _log(f"run failed: {exc}")
+        print(json.dumps({"error": str(exc)}), flush=True)
+        return 2
+    finally:
+        run.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
