@@ -1,0 +1,229 @@
+"""Graph-service workflow lookups against a real HTTP server on 127.0.0.1, and their cache."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from app import settings as settings_mod
+from app.workflow import WorkflowClient, WorkflowInfo, parse_workflow
+from app.workload import WorkloadAnalyzer
+
+
+class GraphService:
+    """``GET /workflow/<id>`` answered from ``self.workflows``; ``status``/``delay`` for faults."""
+
+    def __init__(self):
+        self.workflows: dict[str, object] = {}
+        self.status, self.delay = 200, 0.0
+        self.paths: list[str] = []
+        graph = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                graph.paths.append(self.path)
+                if graph.delay:
+                    time.sleep(graph.delay)
+                wf_id = self.path.removeprefix("/workflow/")
+                status = graph.status
+                if status == 200 and wf_id not in graph.workflows:
+                    status = 404
+                body = graph.workflows.get(wf_id, {"error": "not found"})
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 500.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def graph():
+    service = GraphService()
+    yield service
+    service.close()
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def client(graph, clock):
+    c = WorkflowClient(graph.url, timeout=2.0, cache_ttl=60, failure_ttl=5, clock=clock)
+    yield c
+    c.close()
+
+
+def test_lookup_reads_priority_and_dependencies(graph, client):
+    graph.workflows["wf-1"] = {"id": "wf-1", "priority": 9, "dependencies": ["req-a", "req-b"],
+                               "steps": [{"name": "x"}]}
+    assert client.lookup("wf-1") == WorkflowInfo("wf-1", 9, ("req-a", "req-b"))
+    assert graph.paths == ["/workflow/wf-1"]
+
+
+def test_ids_are_escaped_in_the_path(graph, client):
+    graph.workflows["a%2Fb%20c"] = {"priority": 3}
+    assert client.lookup("a/b c").priority == 3
+    assert graph.paths == ["/workflow/a%2Fb%20c"]
+
+
+@pytest.mark.parametrize("body,priority,deps", [
+    ({"workflow": {"workflow_priority": 7, "workflow_dependencies": ["x"]}}, 7, ("x",)),
+    ({"priority": 42, "depends_on": ["x", "x", 3, "", "y"]}, 10, ("x", "y")),
+    ({"priority": "high", "dependencies": "x"}, None, ()),
+    ({"priority": 0.0}, 1, ()),
+    ({}, None, ()),
+])
+def test_answer_shapes(body, priority, deps):
+    info = parse_workflow("wf", body)
+    assert (info.priority, info.dependencies) == (priority, deps)
+
+
+def test_answers_are_cached_for_the_ttl(graph, client, clock):
+    graph.workflows["wf-1"] = {"priority": 4}
+    assert client.lookup("wf-1").priority == 4
+    graph.workflows["wf-1"] = {"priority": 8}
+    clock.now += 59
+    assert client.lookup("wf-1").priority == 4
+    assert len(graph.paths) == 1
+    clock.now += 2
+    assert client.lookup("wf-1").priority == 8
+    assert len(graph.paths) == 2
+
+
+def test_unknown_workflow_is_none_and_cached(graph, client, clock):
+    assert client.lookup("nope") is None
+    assert client.lookup("nope") is None
+    assert len(graph.paths) == 1
+
+
+@pytest.mark.parametrize("fault", ["500", "garbage", "slow", "not-an-object"])
+def test_failures_return_none_and_are_retried_soon(graph, clock, fault):
+    graph.workflows["wf-1"] = {"priority": 4}
+    if fault == "500":
+        graph.status = 500
+    elif fault == "garbage":
+        graph.workflows["wf-1"] = b"<html>"
+    elif fault == "slow":
+        graph.delay = 1.5
+    else:
+        graph.workflows["wf-1"] = [1, 2]
+    c = WorkflowClient(graph.url, timeout=0.2, cache_ttl=60, failure_ttl=5, clock=clock)
+    try:
+        assert c.lookup("wf-1") is None
+        assert c.lookup("wf-1") is None
+        assert len(graph.paths) == 1  # the failure is remembered briefly
+        graph.status, graph.delay, graph.workflows["wf-1"] = 200, 0.0, {"priority": 4}
+        clock.now += 5
+        assert c.lookup("wf-1").priority == 4
+    finally:
+        c.close()
+
+
+def test_refused_connection_is_none():
+    c = WorkflowClient("http://127.0.0.1:9", timeout=0.5)
+    try:
+        assert c.lookup("wf-1") is None
+    finally:
+        c.close()
+
+
+def test_zero_ttl_disables_the_cache(graph, clock):
+    graph.workflows["wf-1"] = {"priority": 4}
+    c = WorkflowClient(graph.url, cache_ttl=0, clock=clock)
+    try:
+        c.lookup("wf-1")
+        c.lookup("wf-1")
+        assert len(graph.paths) == 2
+    finally:
+        c.close()
+
+
+def test_cache_is_bounded(graph, clock):
+    for i in range(5):
+        graph.workflows[f"wf-{i}"] = {"priority": i + 1}
+    c = WorkflowClient(graph.url, clock=clock, max_entries=3)
+    try:
+        for i in range(5):
+            c.lookup(f"wf-{i}")
+        c.lookup("wf-0")  # evicted: asked again
+        c.lookup("wf-4")  # still cached
+        assert graph.paths.count("/workflow/wf-0") == 2
+        assert graph.paths.count("/workflow/wf-4") == 1
+    finally:
+        c.close()
+
+
+def test_from_settings():
+    assert WorkflowClient.from_settings(settings_mod.defaults()) is None
+    settings = settings_mod.defaults().replace(services={
+        "graph_service_url": "http://graph:8081/", "graph_service_timeout": "300ms",
+        "graph_cache_ttl": "10s"})
+    c = WorkflowClient.from_settings(settings)
+    try:
+        assert (c.url, c.timeout, c.cache_ttl) == ("http://graph:8081", 0.3, 10.0)
+    finally:
+        c.close()
+
+
+# --------------------------------------------------------------------------- in the analyzer
+
+@pytest.fixture
+def analyzer(client):
+    return WorkloadAnalyzer(settings_mod.defaults(), workflow=client)
+
+
+def test_graph_context_enriches_the_analysis(graph, analyzer):
+    graph.workflows["wf-9"] = {"priority": 9, "dependencies": ["req-2", "req-1"]}
+    result = analyzer.analyze("inference", {"workflow_id": "wf-9",
+                                            "workflow_dependencies": ["req-1", "req-0"]})
+    assert result["priority"] == 9
+    assert result["depends_on"] == ["req-1", "req-0", "req-2"]
+    assert result["workflow_id"] == "wf-9"
+    assert "graph service" in result["reasoning"]
+
+
+def test_request_workflow_priority_beats_the_graph(graph, analyzer):
+    graph.workflows["wf-9"] = {"priority": 9}
+    assert analyzer.analyze("inference", {"workflow_id": "wf-9",
+                                          "workflow_priority": 3})["priority"] == 3
+
+
+def test_graph_failure_proceeds_with_own_data(graph, analyzer):
+    graph.status = 503
+    graph.workflows["wf-9"] = {"priority": 9}
+    result = analyzer.analyze("inference", {"workflow_id": "wf-9",
+                                            "workflow_dependencies": ["req-1"]})
+    assert (result["priority"], result["depends_on"]) == (7, ["req-1"])
+
+
+def test_no_workflow_id_means_no_lookup(graph, analyzer):
+    analyzer.analyze("inference", {"workflow_dependencies": ["req-1"]})
+    assert graph.paths == []
