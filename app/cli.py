@@ -121,11 +121,16 @@ def cmd_monitor(args, settings) -> int:
 
 
 #: Roles that ``up`` runs as child processes, in start order.
-UP_ROLES = ("api",)
+UP_ROLES = ("api", "worker", "scheduler", "monitor")
 
 
 def cmd_up(args, settings) -> int:
-    """Embedded Redis plus every role as a child process; Ctrl-C stops them all in order."""
+    """Embedded Redis plus every role as a child process; Ctrl-C stops them all in order.
+
+    Children run in their own sessions, so a Ctrl-C reaches only this supervisor, which then
+    sends each child exactly one SIGTERM (an RQ worker finishes its current job on the first
+    signal; a second one would kill it mid-job).
+    """
     url, embedded = resolve_redis(settings)
     roles = [r for r in UP_ROLES if not (r == "monitor" and args.no_monitor)]
     env = dict(os.environ, REDIS_URL=url)
@@ -134,10 +139,17 @@ def cmd_up(args, settings) -> int:
         base += ["--config", args.config]
     if args.log_format:
         base += ["--log-format", args.log_format]
+    if args.log_level:
+        base += ["--log-level", args.log_level]
+    names = []
+    for role in roles:
+        count = settings.workers.count if role == "worker" else 1
+        names += [role] if count == 1 else [f"{role}-{i + 1}" for i in range(count)]
     children: dict[str, subprocess.Popen] = {}
 
-    def spawn(role: str) -> None:
-        children[role] = subprocess.Popen(base + [role], env=env)
+    def spawn(name: str) -> None:
+        role = name.split("-")[0]
+        children[name] = subprocess.Popen(base + [role], env=env, start_new_session=True)
 
     stopping = False
 
@@ -148,21 +160,22 @@ def cmd_up(args, settings) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        for role in roles:
-            spawn(role)
+        for name in names:
+            spawn(name)
         srv = settings.server
         host = "127.0.0.1" if srv.host in ("0.0.0.0", "::") else srv.host
-        print(_summary(settings, url, embedded, host, roles), flush=True)
+        ready = _wait_until_up(settings, url, host, "monitor" in roles, lambda: stopping)
+        print(_summary(settings, url, embedded, host, names, ready), flush=True)
         restarts: dict[str, float] = {}
         while not stopping:
             time.sleep(0.2)
-            for role, proc in list(children.items()):
+            for name, proc in list(children.items()):
                 if proc.poll() is not None and not stopping:
-                    log.warning("%s exited with code %s; restarting", role, proc.returncode)
-                    if time.monotonic() - restarts.get(role, 0) < 5:
+                    log.warning("%s exited with code %s; restarting", name, proc.returncode)
+                    if time.monotonic() - restarts.get(name, 0) < 5:
                         time.sleep(1)
-                    restarts[role] = time.monotonic()
-                    spawn(role)
+                    restarts[name] = time.monotonic()
+                    spawn(name)
     finally:
         _stop_children(children)
         if embedded:
@@ -170,16 +183,55 @@ def cmd_up(args, settings) -> int:
     return 0
 
 
-def _summary(settings, url, embedded, host, roles) -> str:
+def _wait_until_up(settings, url, host, with_monitor, stopped, timeout=20.0) -> dict:
+    """Wait (bounded) for /healthz and the monitor's first report; what was found, for the summary."""
+    import urllib.request
+
+    found = {"api": False, "gpus": None, "nodes": None, "queued": None, "allocations": None}
+    deadline = time.monotonic() + timeout
+    health = f"http://{host}:{settings.server.port}/healthz"
+    while not stopped() and time.monotonic() < deadline and not found["api"]:
+        try:
+            with urllib.request.urlopen(health, timeout=1) as resp:
+                found["api"] = resp.status == 200
+        except OSError:
+            time.sleep(0.2)
+    try:
+        from app.engine import Engine
+        from app.redis_client import connect
+        engine = Engine(connect(url, settings), settings)
+        while not stopped():
+            snap = engine.snapshot()
+            found.update(gpus=len(snap.get("gpus") or []), nodes=len(snap.get("nodes") or []),
+                         queued=len(snap.get("queue") or []),
+                         allocations=len(snap.get("allocations") or []))
+            if found["gpus"] or not with_monitor or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    except Exception as exc:  # the summary must never stop the service from running
+        log.debug("could not read the fleet for the summary: %s", exc)
+    return found
+
+
+def _summary(settings, url, embedded, host, roles, found=None) -> str:
+    found = found or {}
     where = (f"embedded, data in {embedded.data_dir}" if embedded
              else settings_mod._redact_url(url))
+    base = f"http://{host}:{settings.server.port}"
+    gpus = ("not reported yet" if found.get("gpus") is None
+            else f"{found['gpus']} on {found['nodes']} node(s)")
     lines = [
-        "gpu-orchestrator is up",
-        f"  API:        http://{host}:{settings.server.port}  (docs: /docs, metrics: /metrics)",
+        "gpu-orchestrator is up" if found.get("api", True) else
+        "gpu-orchestrator is starting (the API has not answered yet)",
+        f"  API:        {base}  (docs: {base}/docs, metrics: {base}/metrics)",
+        f"  Dashboard:  {base}/rq" if settings.dashboard.enabled else "  Dashboard:  off",
         f"  Redis:      {settings_mod._redact_url(url)}  ({where})",
-        f"  Roles:      {', '.join(roles)}",
-        "  Ctrl-C stops everything.",
+        f"  GPUs:       {gpus}",
     ]
+    if found.get("allocations") is not None:
+        lines.append(f"  State:      {found['allocations']} allocation(s), "
+                     f"{found['queued']} queued request(s)")
+    lines += [f"  Roles:      {', '.join(roles)}", "  Ctrl-C stops everything."]
     return "\n".join(lines)
 
 
