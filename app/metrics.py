@@ -18,6 +18,7 @@ to it on every scrape.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from typing import Any, Iterable
@@ -35,6 +36,8 @@ HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 #: Route label for requests that matched no route (keeps the label set bounded).
 UNMATCHED = "<unmatched>"
 
+#: Results the webhook workers count in the stats hash (``webhook|<result>``).
+WEBHOOK_RESULTS = ("delivered", "failed", "retried")
 #: Per-GPU gauges: metric name -> (GPU field, help).
 GPU_GAUGES = {
     "gpu_orchestrator_gpu_utilization_percent": ("utilization", "GPU utilization in percent"),
@@ -86,7 +89,8 @@ class RedisCollector:
         try:
             counts = self.engine.counts()
             snapshot_gpus = self.engine.snapshot().get("gpus", [])
-            stats = self.engine.stats()
+            stats = dict(self.engine.stats())
+            stats.setdefault("webhooks", self._webhook_counts())
         except redis.RedisError as exc:
             log.warning("metrics: Redis unavailable (%s)", exc.__class__.__name__)
             yield _gauge("gpu_orchestrator_redis_up", "1 when Redis answered this scrape", 0)
@@ -104,6 +108,13 @@ class RedisCollector:
                      counts.get("gpus_available", 0))
         yield from _gpu_gauges(snapshot_gpus)
         yield from stats_families(stats)
+
+
+    def _webhook_counts(self) -> dict[str, int]:
+        """``webhook|<result>`` fields of the stats hash, written by the delivery workers."""
+        fields = [f"webhook|{r}" for r in WEBHOOK_RESULTS]
+        values = self.engine.redis.hmget(self.engine.keys.stats(), fields)
+        return {r: int(v or 0) for r, v in zip(WEBHOOK_RESULTS, values)}
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -130,17 +141,18 @@ def stats_families(stats: dict[str, Any]) -> Iterable[Any]:
     """Counters and the queue-wait histogram from the engine's cluster-wide stats."""
     alloc = CounterMetricFamily("gpu_orchestrator_allocations_total",
                                 "requests by service and outcome", labels=("service", "status"))
-    for (service, status), value in sorted(stats.get("allocations", {}).items()):
-        alloc.add_metric([service, status], float(value))
+    for service, by_status in sorted(stats.get("allocations", {}).items()):
+        for status, value in sorted(by_status.items()):
+            alloc.add_metric([service, status], float(value))
     yield alloc
 
     sched = CounterMetricFamily("gpu_scheduler_scheduled_total",
                                 "scheduling outcomes", labels=("status",))
-    for status, value in sorted(stats.get("scheduled", {}).items()):
+    for status, value in sorted(stats.get("scheduler", {}).items()):
         sched.add_metric([status], float(value))
     yield sched
 
-    wait = stats.get("queue_wait") or {}
+    wait = stats.get("wait") or {}
     buckets = wait.get("buckets") or []
     if buckets:
         hist = HistogramMetricFamily("gpu_scheduler_queue_wait_seconds",
@@ -150,16 +162,15 @@ def stats_families(stats: dict[str, Any]) -> Iterable[Any]:
         yield hist
 
     hooks = CounterMetricFamily("gpu_orchestrator_webhooks_total",
-                                "webhook delivery attempts by result", labels=("result",))
+                                "webhook deliveries by result", labels=("result",))
     for result, value in sorted(stats.get("webhooks", {}).items()):
         hooks.add_metric([result], float(value))
     yield hooks
 
 
 def _le(le: Any) -> str:
-    if le in ("+Inf", "inf", float("inf")):
-        return "+Inf"
-    return repr(float(le))
+    le = float(le)
+    return "+Inf" if math.isinf(le) else repr(le)
 
 
 class _Combined:

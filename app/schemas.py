@@ -234,7 +234,15 @@ class AllocationSchema(_ResponseSchema):
     submitted_at = _time("When the request arrived.")
     allocated_at = _time("When the GPUs were granted.")
     expires_at = _time("When the lease ends unless renewed; null: never.")
-    finished_at = _time("When it was released, expired, cancelled or timed out.")
+    released_at = _time("When it was released.")
+    ended_at = _time("When it ended: released, expired, cancelled or timed out.")
+    renewed_at = _time("When the lease was last renewed.")
+    lease_seconds = fields.Float(allow_none=True, metadata={
+        "description": "Lease length applied at grant and renewal; null: no expiry."})
+    estimated_duration_seconds = fields.Float(allow_none=True)
+    wait_time_seconds = fields.Float(allow_none=True, metadata={
+        "description": "Time spent queued before the grant."})
+    webhook_events = fields.List(StrictStr(), allow_none=True)
     replayed = fields.Boolean(metadata={
         "description": "True when an Idempotency-Key matched an earlier request."})
 
@@ -270,16 +278,26 @@ class GpuSchema(_ResponseSchema):
     index = StrictInt()
     uuid = StrictStr(allow_none=True)
     name = StrictStr(allow_none=True)
-    memory_total_mb = fields.Float(allow_none=True)
-    memory_used_mb = fields.Float(allow_none=True)
-    memory_free_mb = fields.Float(allow_none=True)
+    memory_total_mb = StrictInt(allow_none=True)
+    memory_used_mb = StrictInt(allow_none=True)
+    memory_free_mb = StrictInt(allow_none=True)
     utilization = fields.Float(allow_none=True)
     temperature = fields.Float(allow_none=True)
     power_draw = fields.Float(allow_none=True)
-    health = StrictStr(allow_none=True)
+    health = StrictStr(allow_none=True, metadata={"enum": ["ok", "degraded", "failed"]})
     schedulable = fields.Boolean(allow_none=True)
-    allocated = fields.Boolean(allow_none=True)
-    allocation_ids = fields.List(StrictStr(), allow_none=True)
+    cordoned = fields.Boolean(allow_none=True)
+    lost = fields.Boolean(allow_none=True, metadata={
+        "description": "The monitor stopped reporting this GPU."})
+    node_alive = fields.Boolean(allow_none=True)
+    allocated = fields.Boolean(allow_none=True, metadata={
+        "description": "Held by an exclusive allocation or by shared reservations."})
+    allocated_to = StrictStr(allow_none=True, metadata={
+        "description": "The exclusive allocation holding it."})
+    shared_n = StrictInt(allow_none=True, metadata={
+        "description": "Shared allocations on it."})
+    shared_mb = StrictInt(allow_none=True, metadata={
+        "description": "Memory reserved by shared allocations, MB."})
     updated_at = _time("When the monitor last reported it.")
 
 

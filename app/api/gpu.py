@@ -142,8 +142,8 @@ def allocate():
     """
     key = _idempotency_key()
     data = body.load(schemas.AllocateRequestSchema())
-    analysis = current_app.extensions["gpu_analyzer"].analyze(data["workload_type"],
-                                                              data["workload_data"])
+    analysis = current_app.extensions["gpu_analyzer"].analyze(
+        data["workload_type"], data["workload_data"], service_name=data.get("service_name"))
     req = engine_request(data, analysis, auth.current_principal())
     rec = _engine().allocate(req, idempotency_key=key)
     _dispatch_webhooks()
@@ -166,9 +166,9 @@ def release():
                        service_name=rec.get("service_name") if isinstance(rec, dict) else None,
                        released=[data["allocation_id"]], count=1)
     if data.get("service_name"):
-        ids = engine.release_by_service(data["service_name"], **_owner_kwargs())
+        recs = engine.release_by_service(data["service_name"], **_owner_kwargs())
         _dispatch_webhooks()
-        ids = list(ids or [])
+        ids = [r["id"] for r in recs or []]
         if not ids:
             raise NotFound(f"service {data['service_name']} holds no allocations"
                            + (" that you own" if auth.current_principal() else ""),
@@ -212,8 +212,8 @@ def list_all():
 def workload():
     """Analyse a workload without side effects."""
     data = body.load(schemas.WorkloadRequestSchema())
-    analysis = current_app.extensions["gpu_analyzer"].analyze(data["workload_type"],
-                                                              data["workload_data"])
+    analysis = current_app.extensions["gpu_analyzer"].analyze(
+        data["workload_type"], data["workload_data"], service_name=data.get("service_name"))
     return jsonify(render.requirements(analysis))
 
 

@@ -9,7 +9,8 @@ from typing import Any
 from app import schemas
 from app.timefmt import iso
 
-TIME_FIELDS = ("submitted_at", "allocated_at", "expires_at", "finished_at", "updated_at")
+TIME_FIELDS = ("submitted_at", "allocated_at", "expires_at", "released_at", "ended_at",
+               "renewed_at", "updated_at")
 _ALLOCATION_FIELDS = tuple(schemas.AllocationSchema().fields)
 _GPU_FIELDS = tuple(schemas.GpuSchema().fields)
 _REQ_FIELDS = tuple(schemas.RequirementsSchema().fields)
@@ -60,6 +61,7 @@ def queued(rec: dict[str, Any]) -> dict[str, Any]:
 
 def gpu(rec: dict[str, Any]) -> dict[str, Any]:
     out = {k: rec[k] for k in _GPU_FIELDS if k in rec}
+    out["allocated"] = bool(rec.get("allocated_to")) or int(rec.get("shared_n") or 0) > 0
     if "updated_at" in out:
         out["updated_at"] = iso(out["updated_at"]) if out["updated_at"] else None
     return out

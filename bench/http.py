@@ -1,0 +1,254 @@
+"""HTTP benchmark: the API under gunicorn, as ``gpu-orchestrator api`` runs it.
+
+Starts an embedded redis-server (temporary directory, free port), registers a simulated fleet,
+starts ``python -m app.cli api`` (gunicorn with the default ``server.*`` settings: 2 workers, 4
+threads), then drives it from a separate client process with 16 concurrent keep-alive
+connections:
+
+1. a no-op route (``GET /healthz``: the full middleware stack, no Redis) for ``--noop-seconds``;
+2. allocate then release (``POST /gpu/allocate``, ``POST /gpu/release``) on the same server for
+   ``--alloc-seconds``.
+
+Prints one JSON object: ``noop_rps``, ``noop_p50_ms``, ``noop_p99_ms``, ``alloc_release_rps``
+(HTTP requests per second in the allocate+release loop), ``alloc_p50_ms``, ``alloc_p99_ms``,
+``release_p50_ms``, ``release_p99_ms``, ``ratio`` (alloc_release_rps / noop_rps), errors and the
+machine. Not a test; finishes in well under 2 minutes.
+
+    .venv/bin/python bench/http.py            # defaults: 16 clients, 10 s + 15 s
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- client side
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split(b" ", 2)[1])
+    length = 0
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value.strip())
+    body = await reader.readexactly(length) if length else b""
+    return status, body
+
+
+def _request(method: str, path: str, body: bytes | None = None) -> bytes:
+    head = f"{method} {path} HTTP/1.1\r\nHost: bench\r\nConnection: keep-alive\r\n"
+    if body is not None:
+        head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    return head.encode() + b"\r\n" + (body or b"")
+
+
+async def _noop_client(port: int, deadline: float, lat: list[float], errors: list[int]) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    req = _request("GET", "/healthz")
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        writer.write(req)
+        status, _ = await _read_response(reader)
+        lat.append(time.perf_counter() - t0)
+        if status != 200:
+            errors.append(status)
+    writer.close()
+
+
+async def _alloc_client(port: int, n: int, deadline: float, alloc_lat: list[float],
+                        rel_lat: list[float], errors: list[int]) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    alloc = _request("POST", "/gpu/allocate", json.dumps(
+        {"service_name": f"bench-{n}", "workload_type": "inference",
+         "workload_data": {"model_size": "small"}}).encode())
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        writer.write(alloc)
+        status, body = await _read_response(reader)
+        alloc_lat.append(time.perf_counter() - t0)
+        if status not in (200, 202):
+            errors.append(status)
+            continue
+        rid = json.loads(body).get("id")
+        release = _request("POST", "/gpu/release",
+                           json.dumps({"allocation_id": rid}).encode())
+        t0 = time.perf_counter()
+        writer.write(release)
+        status, _ = await _read_response(reader)
+        rel_lat.append(time.perf_counter() - t0)
+        if status != 200:
+            errors.append(status)
+    writer.close()
+
+
+def _pct(values: list[float], p: float) -> float:
+    if not values:
+        return 0.0
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))] * 1000
+
+
+async def _client_main(port: int, clients: int, noop_s: float, alloc_s: float,
+                       warmup_s: float) -> dict:
+    # Warm-up: both routes, results discarded (imports, connection pools, script loading).
+    sink: list[float] = []
+    end = time.perf_counter() + warmup_s
+    await asyncio.gather(*[_noop_client(port, end, sink, []) for _ in range(clients // 2)],
+                         *[_alloc_client(port, i, end, sink, sink, [])
+                           for i in range(clients // 2)])
+
+    noop_lat: list[float] = []
+    noop_err: list[int] = []
+    t0 = time.perf_counter()
+    await asyncio.gather(*[_noop_client(port, t0 + noop_s, noop_lat, noop_err)
+                           for _ in range(clients)])
+    noop_wall = time.perf_counter() - t0
+
+    alloc_lat: list[float] = []
+    rel_lat: list[float] = []
+    alloc_err: list[int] = []
+    t0 = time.perf_counter()
+    await asyncio.gather(*[_alloc_client(port, i, t0 + alloc_s, alloc_lat, rel_lat, alloc_err)
+                           for i in range(clients)])
+    alloc_wall = time.perf_counter() - t0
+
+    noop_rps = len(noop_lat) / noop_wall
+    alloc_rps = (len(alloc_lat) + len(rel_lat)) / alloc_wall
+    return {
+        "clients": clients,
+        "noop_requests": len(noop_lat),
+        "noop_rps": round(noop_rps, 1),
+        "noop_p50_ms": round(_pct(noop_lat, 50), 2),
+        "noop_p99_ms": round(_pct(noop_lat, 99), 2),
+        "alloc_release_requests": len(alloc_lat) + len(rel_lat),
+        "alloc_release_rps": round(alloc_rps, 1),
+        "alloc_p50_ms": round(_pct(alloc_lat, 50), 2),
+        "alloc_p99_ms": round(_pct(alloc_lat, 99), 2),
+        "release_p50_ms": round(_pct(rel_lat, 50), 2),
+        "release_p99_ms": round(_pct(rel_lat, 99), 2),
+        "ratio": round(alloc_rps / noop_rps, 3) if noop_rps else 0.0,
+        "errors": {"noop": len(noop_err), "alloc_release": len(alloc_err),
+                   "statuses": sorted(set(noop_err + alloc_err))},
+    }
+
+
+# --------------------------------------------------------------------------- server side
+
+def _register_fleet(redis_url: str, prefix: str, nodes: int, per_node: int) -> None:
+    sys.path.insert(0, ROOT)
+    from app import settings as settings_mod
+    from app.engine import Engine
+    from app.redis_client import connect
+    from workers.simulated import fleet
+
+    settings = settings_mod.defaults().replace(redis={"url": redis_url, "prefix": prefix})
+    engine = Engine(connect(redis_url, settings), settings)
+    spec = {"nodes": [{"name": f"bench-node-{i}", "count": per_node} for i in range(nodes)]}
+    for node, gpus in fleet(spec).items():
+        engine.report_node(node, gpus)
+
+
+def _wait_http(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("the API did not come up")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--noop-seconds", type=float, default=10.0)
+    parser.add_argument("--alloc-seconds", type=float, default=15.0)
+    parser.add_argument("--warmup-seconds", type=float, default=2.0)
+    parser.add_argument("--nodes", type=int, default=8, help="simulated nodes of 8 GPUs")
+    parser.add_argument("--log-level", default="INFO",
+                        help="API log level (INFO writes one access line per request)")
+    parser.add_argument("--client", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.client:  # the load-generating child process
+        result = asyncio.run(_client_main(args.client, args.clients, args.noop_seconds,
+                                          args.alloc_seconds, args.warmup_seconds))
+        print(json.dumps(result))
+        return 0
+
+    sys.path.insert(0, ROOT)
+    from app.embedded_redis import EmbeddedRedis
+
+    tmp = tempfile.mkdtemp(prefix="gpuo-bench-")
+    redis = EmbeddedRedis(os.path.join(tmp, "redis"), port=free_port())
+    api = None
+    try:
+        redis_url = redis.start()
+        prefix = "{gpuo-bench}"
+        _register_fleet(redis_url, prefix, args.nodes, 8)
+        port = free_port()
+        env = dict(os.environ, REDIS_URL=redis_url, PORT=str(port),
+                   CONFIG_PATH=os.path.join(tmp, "none.yaml"),
+                   GPU_ORCH__REDIS__PREFIX=prefix,
+                   GPU_ORCH__LOGGING__LEVEL=args.log_level,
+                   # The fleet is registered once; keep it schedulable for the whole run.
+                   GPU_ORCH__SCHEDULER__NODE_HEARTBEAT_TIMEOUT="1h",
+                   PYTHONPATH=ROOT)
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        open(env["CONFIG_PATH"], "w").close()
+        api = subprocess.Popen([sys.executable, "-m", "app.cli", "api"], cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               start_new_session=True)
+        _wait_http(port)
+        client = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--client", str(port),
+             "--clients", str(args.clients), "--noop-seconds", str(args.noop_seconds),
+             "--alloc-seconds", str(args.alloc_seconds),
+             "--warmup-seconds", str(args.warmup_seconds)],
+            capture_output=True, text=True, timeout=300, check=True)
+        result = json.loads(client.stdout)
+        result.update({
+            "gpus": args.nodes * 8,
+            "server": "gunicorn gthread, server.workers=2, server.threads=4 (defaults)",
+            "api_log_level": args.log_level,
+            "machine": f"{platform.machine()} {os.cpu_count()} CPUs, "
+                       f"Python {platform.python_version()}, {platform.system()}",
+        })
+        print(json.dumps(result, indent=2))
+        return 0
+    finally:
+        if api is not None and api.poll() is None:
+            os.killpg(api.pid, signal.SIGTERM)
+            try:
+                api.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(api.pid, signal.SIGKILL)
+        redis.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
