@@ -51,17 +51,15 @@ def test_health_follows_the_gpu_both_ways():
     assert [g["health"] for g in backend.read()["n1"]] == ["ok", "ok"]
 
 
-def test_a_vanished_gpu_is_reported_failed_until_it_returns():
+def test_a_vanished_gpu_is_left_out_and_returns():
     fake = fake_pynvml.make([fake_pynvml.h100(0), fake_pynvml.h100(1)])
     backend = NvmlBackend("n1", nvml=fake)
     backend.read()
     gone = fake.gpus.pop()
-    gpus = backend.read()["n1"]
-    assert [(g["index"], g["uuid"], g["health"]) for g in gpus] == [
-        (0, "GPU-0000-0", "ok"), (1, "GPU-0000-1", "failed")]
-    assert gpus[1]["error"] == "vanished"
+    assert [g["uuid"] for g in backend.read()["n1"]] == ["GPU-0000-0"]
     fake.gpus.append(gone)
-    assert [g["health"] for g in backend.read()["n1"]] == ["ok", "ok"]
+    assert [(g["uuid"], g["health"]) for g in backend.read()["n1"]] == [
+        ("GPU-0000-0", "ok"), ("GPU-0000-1", "ok")]
 
 
 def test_critical_xid_is_reported_and_degrades_for_a_while():

@@ -13,9 +13,9 @@ Health, recomputed on every read (so it is never a one-way door):
   last ``XID_WINDOW`` seconds;
 - ``ok`` otherwise.
 
-A GPU that was seen before and no longer appears at its index (it fell off the bus) is reported
-as ``failed`` with its last known identity, so the engine makes it unschedulable; it comes back
-as soon as NVML sees it again.
+A GPU that NVML can no longer read is reported ``failed`` with its last known identity. A GPU
+that no longer appears at all (it fell off the bus) is simply not in the report; the engine marks
+GPUs missing from a node's report as lost (unschedulable) and brings them back when they reappear.
 
 This module imports only the standard library and pynvml, so it can be run on its own against a
 real driver (``python -m workers.nvml`` prints one reading as JSON).
@@ -199,9 +199,8 @@ class NvmlBackend:
             self._known[index] = {k: gpu[k] for k in ("index", "uuid", "name", "memory_total_mb")}
             gpus.append(gpu)
         for index in sorted(set(self._known) - set(range(count))):
-            log.error("GPU %s (%s) vanished; marking it failed", index,
-                      self._known[index].get("uuid"))
-            gpus.append(self._failed(index, "vanished"))
+            log.error("GPU %s (%s) vanished; the engine marks it lost until it returns", index,
+                      self._known.pop(index).get("uuid"))
         return {self.node_name: gpus}
 
     def close(self) -> None:
