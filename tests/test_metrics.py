@@ -1,0 +1,136 @@
+"""``/metrics``: the exact metric names, fleet gauges from Redis, HTTP metrics by route template."""
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from app import create_app
+from tests.api_support import allocate, assert_error, client, app, clock, make_app  # noqa: F401
+from tests.conftest import free_port
+
+EXACT_NAMES = [
+    "gpu_orchestrator_allocations_total",
+    "gpu_orchestrator_allocations_active",
+    "gpu_allocator_gpus_allocated_total",
+    "gpu_orchestrator_queue_depth",
+    "gpu_scheduler_queue_wait_seconds",
+    "gpu_scheduler_scheduled_total",
+    "gpu_orchestrator_gpu_utilization_percent",
+    "gpu_orchestrator_gpu_memory_used_mb",
+    "gpu_orchestrator_gpu_memory_total_mb",
+    "gpu_orchestrator_gpu_temperature_celsius",
+    "gpu_orchestrator_gpu_power_draw_watts",
+    "gpu_orchestrator_gpus_total",
+    "gpu_orchestrator_gpus_available",
+    "gpu_orchestrator_http_request_duration_seconds",
+    "gpu_orchestrator_http_requests_total",
+    "gpu_orchestrator_webhooks_total",
+]
+
+
+def scrape(client) -> dict[str, list]:
+    """sample name -> [(labels, value)]"""
+    resp = client.get("/metrics")
+    assert resp.status_code == 200
+    assert resp.mimetype == "text/plain"
+    out: dict[str, list] = {}
+    for family in text_string_to_metric_families(resp.get_data(as_text=True)):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return out
+
+
+def value(samples, name, **labels) -> float:
+    return sum(v for lab, v in samples.get(name, []) if all(lab.get(k) == x
+                                                           for k, x in labels.items()))
+
+
+def test_every_metric_name_from_the_original_is_exported(client):
+    allocate(client)
+    client.post("/gpu/release", json={"allocation_id": allocate(client).get_json()["id"]})
+    text = client.get("/metrics").get_data(as_text=True)
+    for name in EXACT_NAMES:
+        assert f"# TYPE {name.removesuffix('_total')}" in text or f"# TYPE {name} " in text, name
+
+
+def test_fleet_and_queue_gauges_read_from_redis(make_app):
+    client = make_app(nodes=(("node-a", 4),)).test_client()
+    big = allocate(client, "big", workload_data={"required_gpus": 3}).get_json()
+    allocate(client, "waiter", workload_data={"required_gpus": 2})
+    m = scrape(client)
+    assert value(m, "gpu_orchestrator_allocations_active") == 1
+    assert value(m, "gpu_allocator_gpus_allocated_total") == 3
+    assert value(m, "gpu_orchestrator_queue_depth") == 1
+    assert value(m, "gpu_orchestrator_gpus_total") == 4
+    assert value(m, "gpu_orchestrator_gpus_available") == 1
+    assert value(m, "gpu_orchestrator_allocations_total", service="big", status="allocated") == 1
+    assert value(m, "gpu_orchestrator_allocations_total", service="waiter", status="queued") == 1
+
+    # A second app (another replica) on the same Redis reports the same truth.
+    other = create_app(client.application.extensions["gpu_settings"])
+    m2 = scrape(other.test_client())
+    assert value(m2, "gpu_orchestrator_queue_depth") == 1
+    assert value(m2, "gpu_orchestrator_allocations_active") == 1
+
+    waits_before = value(m, "gpu_scheduler_queue_wait_seconds_count")
+    client.post("/gpu/release", json={"allocation_id": big["id"]})
+    m = scrape(client)
+    assert value(m, "gpu_orchestrator_queue_depth") == 0
+    assert value(m, "gpu_scheduler_queue_wait_seconds_count") == waits_before + 1
+    assert value(m, "gpu_orchestrator_allocations_total", service="big", status="released") == 1
+
+
+def test_per_gpu_gauges_carry_node_gpu_uuid_and_name(make_app):
+    client = make_app(nodes=(("node-a", 2), ("node-b", 1))).test_client()
+    m = scrape(client)
+    totals = m["gpu_orchestrator_gpu_memory_total_mb"]
+    assert len(totals) == 3
+    labels = {(lab["node"], lab["gpu"]) for lab, _ in totals}
+    assert labels == {("node-a", "0"), ("node-a", "1"), ("node-b", "0")}
+    for lab, v in totals:
+        assert lab["uuid"].startswith("GPU-") and lab["name"] and v == 81559
+    for name in ("gpu_orchestrator_gpu_utilization_percent",
+                 "gpu_orchestrator_gpu_temperature_celsius",
+                 "gpu_orchestrator_gpu_power_draw_watts", "gpu_orchestrator_gpu_memory_used_mb"):
+        assert len(m[name]) == 3, name
+
+
+def test_http_metrics_use_the_route_template_never_the_raw_path(client):
+    client.get("/gpu/requests/svc-123")
+    client.get("/gpu/requests/svc-456")
+    client.get("/definitely/not/a/route")
+    m = scrape(client)
+    reqs = m["gpu_orchestrator_http_requests_total"]
+    routes = {lab["route"] for lab, _ in reqs}
+    assert "/gpu/requests/<request_id>" in routes
+    assert not any("svc-123" in r or "definitely" in r for r in routes)
+    assert value(m, "gpu_orchestrator_http_requests_total", method="GET",
+                 route="/gpu/requests/<request_id>", status="404") == 2
+    assert value(m, "gpu_orchestrator_http_requests_total", route="<unmatched>") == 1
+    assert value(m, "gpu_orchestrator_http_request_duration_seconds_count",
+                 route="/gpu/requests/<request_id>") == 2
+
+
+def test_webhook_results_come_from_the_stats_hash(app, client):
+    engine = app.extensions["gpu_engine"]
+    engine.redis.hincrby(engine.keys.stats(), "webhook|delivered", 3)
+    engine.redis.hincrby(engine.keys.stats(), "webhook|failed", 1)
+    m = scrape(client)
+    assert value(m, "gpu_orchestrator_webhooks_total", result="delivered") == 3
+    assert value(m, "gpu_orchestrator_webhooks_total", result="failed") == 1
+    assert value(m, "gpu_orchestrator_webhooks_total", result="retried") == 0
+
+
+def test_analyser_decisions_are_exported(client):
+    client.post("/gpu/workload", json={"workload_type": "generic"})
+    assert "decisions" in client.get("/metrics").get_data(as_text=True)
+
+
+def test_scrape_survives_a_redis_outage(settings):
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    app = create_app(settings.replace(redis={"url": dead, "socket_timeout": 0.2},
+                                      dashboard={"enabled": False}), redis_url=dead)
+    client = app.test_client()
+    client.get("/healthz")
+    m = scrape(client)
+    assert value(m, "gpu_orchestrator_redis_up") == 0
+    assert value(m, "gpu_orchestrator_http_requests_total", route="/healthz") == 1

@@ -1,0 +1,119 @@
+"""``gpu-orchestrator api``: gunicorn options from the config, and metrics across workers."""
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from app import serve
+from app import settings as settings_mod
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gunicorn_options_come_from_server_settings():
+    s = settings_mod.defaults().replace(server={
+        "host": "127.0.0.1", "port": 9001, "workers": 3, "threads": 5,
+        "write_timeout": "40s", "idle_timeout": "7s", "read_timeout": "12s"})
+    opts = serve.gunicorn_options(s)
+    assert opts["bind"] == "127.0.0.1:9001"
+    assert (opts["workers"], opts["threads"], opts["worker_class"]) == (3, 5, "gthread")
+    assert (opts["timeout"], opts["keepalive"], opts["graceful_timeout"]) == (40, 7, 12)
+    assert opts["on_starting"] is serve.on_starting and opts["child_exit"] is serve.child_exit
+
+
+def test_prepare_metrics_dir_wipes_stale_files_and_creates_one_when_unset(tmp_path):
+    (tmp_path / "counter_123.db").write_bytes(b"stale")
+    (tmp_path / "keep.txt").write_text("not ours")
+    env = {serve.MULTIPROC_ENV: str(tmp_path)}
+    path, created = serve.prepare_metrics_dir(env)
+    assert path == str(tmp_path) and not created
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+    env = {}
+    path, created = serve.prepare_metrics_dir(env)
+    try:
+        assert created and os.path.isdir(path) and env[serve.MULTIPROC_ENV] == path
+    finally:
+        os.rmdir(path)
+
+
+def _get(port: int, path: str) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+def test_gunicorn_with_two_workers_counts_add_up(tmp_path, redis_url):
+    """Real `gpu-orchestrator api`, 2 workers: every request is counted once, whichever worker
+    served it, and whichever worker answers the scrape."""
+    port = free_port()
+    metrics_dir = tmp_path / "prom"
+    metrics_dir.mkdir()
+    (metrics_dir / "counter_999999.db").write_bytes(b"from an earlier run")
+    config = tmp_path / "config.yaml"
+    config.write_text("server:\n  workers: 2\n  threads: 2\n  host: 127.0.0.1\n"
+                      "dashboard:\n  enabled: false\n")
+    env = dict(os.environ, REDIS_URL=redis_url, PORT=str(port), CONFIG_PATH=str(config),
+               PROMETHEUS_MULTIPROC_DIR=str(metrics_dir), GPU_ORCH__REDIS__PREFIX="{gpuo-serve}",
+               GPU_ORCH__LOGGING__LEVEL="WARNING", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "api"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if _get(port, "/healthz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "gunicorn did not come up"
+            time.sleep(0.1)
+        assert not (metrics_dir / "counter_999999.db").exists()
+
+        # Concurrent connections until both workers have served some (each worker writes its
+        # own counter_<pid>.db); which worker accepts a connection is up to the kernel.
+        n = 0
+        with ThreadPoolExecutor(8) as pool:
+            for _ in range(25):
+                statuses = list(pool.map(lambda _: _get(port, "/healthz")[0], range(40)))
+                assert statuses == [200] * 40
+                n += 40
+                if len(list(metrics_dir.glob("counter_*.db"))) >= 2:
+                    break
+        assert len(list(metrics_dir.glob("counter_*.db"))) >= 2, "one worker served everything"
+
+        for _ in range(4):  # every scrape, whichever worker answers, sees the same total
+            status, body = _get(port, "/metrics")
+            assert status == 200
+            total = 0.0
+            for family in text_string_to_metric_families(body.decode()):
+                for sample in family.samples:
+                    if (sample.name == "gpu_orchestrator_http_requests_total"
+                            and sample.labels.get("route") == "/healthz"):
+                        total += sample.value
+            assert total == n + 1  # + the readiness probe above
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        proc.stderr.close()
