@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import requests
+import urllib3
 from prometheus_client import Counter
 
 log = logging.getLogger(__name__)
@@ -203,12 +204,15 @@ class Advisor:
         except FutureTimeout:
             future.cancel()
             return self._fail("timeout", f"no answer within {self.timeout:g}s")
-        except requests.Timeout:
+        except (requests.Timeout, urllib3.exceptions.TimeoutError):
             return self._fail("timeout", f"no answer within {self.timeout:g}s")
         except AdvisorGarbage as exc:
             return self._fail("garbage", str(exc))
-        except (requests.RequestException, OSError, RuntimeError) as exc:
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
             return self._fail("error", str(exc) or type(exc).__name__)
+        except Exception as exc:  # an advisor failure never fails an allocation
+            log.exception("advisor call failed unexpectedly")
+            return self._fail("error", type(exc).__name__)
         self._record(True)
         ADVISOR_CALLS.labels("ok").inc()
         return advice
@@ -226,14 +230,21 @@ class Advisor:
             return self._pool
 
     def _post(self, body: dict) -> Any:
-        """One HTTP call; runs on the pool. Raises on HTTP errors and unparsable bodies."""
+        """One HTTP call; runs on the pool. Raises on HTTP errors and unparsable bodies.
+
+        The caller stops waiting after ``timeout``; the loop's own deadline makes sure a server
+        that drips its answer byte by byte cannot hold a pool thread for long either.
+        """
+        give_up = time.monotonic() + 2 * self.timeout
         with self._session.post(self.url, json=body, timeout=(self.timeout, self.timeout),
                                 stream=True) as resp:
             if resp.status_code != 200:
                 raise requests.HTTPError(f"HTTP {resp.status_code} from {self.url}")
             data = bytearray()
-            for chunk in resp.iter_content(65536):
+            while chunk := resp.raw.read1(65536, decode_content=True):  # what has arrived
                 data += chunk
+                if time.monotonic() > give_up:
+                    raise requests.Timeout("answer still arriving")
                 if len(data) > MAX_RESPONSE_BYTES:
                     raise AdvisorGarbage(f"answer larger than {MAX_RESPONSE_BYTES} bytes")
         try:

@@ -27,6 +27,7 @@ from typing import Any, Callable
 from urllib.parse import quote
 
 import requests
+import urllib3
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,6 @@ class WorkflowClient:
         self._session = session or requests.Session()
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, tuple[float, WorkflowInfo | None]] = OrderedDict()
-        self.requests_sent = 0
 
     @classmethod
     def from_settings(cls, settings, **kwargs) -> "WorkflowClient | None":
@@ -105,7 +105,7 @@ class WorkflowClient:
                 return hit[1]
         try:
             info, ttl = self._fetch(workflow_id), self.cache_ttl
-        except _LookupFailed as exc:
+        except Exception as exc:  # _LookupFailed, or anything unforeseen: never fail a request
             log.warning("graph service lookup of workflow %r failed: %s; using the request's "
                         "own data", workflow_id, exc)
             info, ttl = None, self.failure_ttl
@@ -119,7 +119,7 @@ class WorkflowClient:
 
     def _fetch(self, workflow_id: str) -> WorkflowInfo | None:
         url = f"{self.url}/workflow/{quote(workflow_id, safe='')}"
-        self.requests_sent += 1
+        give_up = time.monotonic() + self.timeout
         try:
             with self._session.get(url, timeout=(self.timeout, self.timeout),
                                    stream=True) as resp:
@@ -128,12 +128,14 @@ class WorkflowClient:
                 if resp.status_code != 200:
                     raise _LookupFailed(f"HTTP {resp.status_code}")
                 data = bytearray()
-                for chunk in resp.iter_content(65536):
+                while chunk := resp.raw.read1(65536, decode_content=True):  # what has arrived
                     data += chunk
                     if len(data) > MAX_RESPONSE_BYTES:
                         raise _LookupFailed("answer too large")
+                    if time.monotonic() > give_up:
+                        raise _LookupFailed(f"answer took longer than {self.timeout:g}s")
             body = json.loads(data)
-        except requests.RequestException as exc:
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
             raise _LookupFailed(str(exc) or type(exc).__name__) from None
         except ValueError:
             raise _LookupFailed("answer is not JSON") from None

@@ -21,6 +21,7 @@ class StubServer:
         self.requests: list[tuple[str, str, object]] = []
         self.reply = lambda path, body: (200, {}, 0.0)
         self.received = threading.Event()
+        self.drip = 0.0  # > 0: send the body one byte at a time, this many seconds apart
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -39,7 +40,12 @@ class StubServer:
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
-                    self.wfile.write(data)
+                    if not stub.drip:
+                        self.wfile.write(data)
+                    for i in range(len(data) if stub.drip else 0):
+                        self.wfile.write(data[i:i + 1])
+                        self.wfile.flush()
+                        time.sleep(stub.drip)
                 except OSError:
                     pass  # the client gave up waiting
 
@@ -181,6 +187,18 @@ def test_slow_answer_hits_the_time_limit(stub, make_advisor):
     started = time.monotonic()
     assert advisor.advise("s", "generic", {}, **LIMITS) is None
     assert time.monotonic() - started < 2.5  # well before the server's 3 s answer
+    assert outcome_count("timeout") == before + 1
+
+
+def test_dripping_answer_hits_the_time_limit(stub, make_advisor):
+    # each byte arrives well within the socket timeout, but the whole answer takes ~3 s
+    stub.reply = lambda path, body: (200, b" " * 60 + json.dumps(structured()).encode(), 0)
+    stub.drip = 0.02
+    advisor = make_advisor(timeout=0.3)
+    before = outcome_count("timeout")
+    started = time.monotonic()
+    assert advisor.advise("s", "generic", {}, **LIMITS) is None
+    assert time.monotonic() - started < 2.0
     assert outcome_count("timeout") == before + 1
 
 

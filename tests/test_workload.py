@@ -55,6 +55,9 @@ RULES = [
     ("inference", {"model_name": "vaultgemma-1b"}, {"required_gpus": 1, "min_memory_mb": 2048,
                                                     "priority": 6, "max_utilization": 75.0}),
     ("inference", {"model_name": "vault-gemma"}, {"min_memory_mb": 2048, "priority": 6}),
+    # whole-word family match: "gemma-2b" inside "vaultgemma-2b" is not the gemma-2b family
+    ("inference", {"model_name": "vaultgemma-2b"}, {"min_memory_mb": 2048, "priority": 6}),
+    ("inference", {"model_name": "supergemma-7b"}, {"min_memory_mb": 16022, "priority": 7}),
     ("inference", {"model_name": "phi-3.5-mini"}, {"required_gpus": 1, "min_memory_mb": 4096,
                                                    "priority": 7}),
     ("inference", {"model_name": "granite-4.0-tiny"}, {"min_memory_mb": 4096, "priority": 7}),
