@@ -37,6 +37,11 @@ class ServiceWorker(Worker):
 
 def build(settings: Settings, redis_url: str) -> ServiceWorker:
     """A configured worker (not started); tests use it directly."""
+    # Import the job modules here, once, so every forked work horse starts with them loaded.
+    import app.engine  # noqa: F401
+    import workers.scheduler  # noqa: F401
+    import workers.webhooks  # noqa: F401
+
     rq_redis = connect(redis_url, settings, decode=False)
     context.configure(settings, connect(redis_url, settings), rq_redis)
     return ServiceWorker(

@@ -1,0 +1,162 @@
+"""Webhooks end to end: real worker processes, a real redis-server, a real HTTP receiver."""
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import redis as redis_lib
+from rq.registry import FailedJobRegistry
+
+from app.engine import Engine
+from app.keys import Keys
+from app.timefmt import iso
+from proc_support import Role, wait_until, write_settings
+from webhook_receiver import Receiver
+from workers import outbox, queues, webhooks
+
+pytestmark = pytest.mark.slow
+
+SECRET = "test-secret"
+
+
+@pytest.fixture
+def rq_redis(redis_url):
+    client = redis_lib.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+def _one_gpu(engine):
+    engine.report_node("node-a", [{"index": 0, "uuid": "GPU-a0", "name": "NVIDIA H100 80GB HBM3",
+                                   "memory_total_mb": 81559, "memory_used_mb": 0}],
+                       backend="simulated", host="test")
+
+
+def _queue_behind_holder(engine, url, **extra):
+    _one_gpu(engine)
+    holder = engine.allocate({"service_name": "holder", "required_gpus": 1, **extra})
+    assert holder["status"] == "allocated"
+    waiter = engine.allocate({"service_name": "waiter", "required_gpus": 1, "priority": 7,
+                              "webhook_url": url})
+    assert waiter["status"] == "queued"
+    return holder, waiter
+
+
+def _stats(redis, settings):
+    return redis.hgetall(Keys(settings.redis.prefix).stats())
+
+
+def _worker(tmp_path, settings, **webhook_opts):
+    """A worker process, and the settings it runs with (dispatch must use the same ones)."""
+    hooks = {"secret": SECRET, "timeout": "3s", **webhook_opts}
+    workers = {"maintenance_interval": "1s", "heartbeat_interval": "1s"}
+    cfg = write_settings(tmp_path, settings, webhooks=hooks, workers=workers)
+    return settings.replace(webhooks=hooks, workers=workers), cfg, Role(cfg, "worker",
+                                                                         log_dir=tmp_path)
+
+
+def test_release_grants_the_queued_request_and_its_webhook_arrives_signed(
+        tmp_path, settings, redis, rq_redis):
+    engine = Engine(redis, settings)
+    with Receiver() as rx:
+        holder, waiter = _queue_behind_holder(engine, rx.url)
+        settings, cfg, worker = _worker(tmp_path, settings)
+        try:
+            engine.release(holder["id"])
+            outbox.dispatch(rq_redis, settings)   # what the API does right after a release
+            [req] = rx.wait_for(1)
+        finally:
+            worker.stop()
+    rec = engine.get(waiter["id"])
+    assert rec["status"] == "allocated"
+    body = json.loads(req["body"])
+    event_id = body.pop("event_id")
+    assert event_id and req["headers"][webhooks.EVENT_ID_HEADER] == event_id
+    assert body == {
+        "status": "allocated",
+        "request_id": waiter["id"],
+        "allocation": {"id": waiter["id"], "service_name": "waiter", "gpu_ids": [0],
+                       "allocated_at": iso(rec["allocated_at"]), "priority": 7},
+        "submitted_at": iso(rec["submitted_at"]),
+        "allocated_at": iso(rec["allocated_at"]),
+        "wait_time_seconds": round(rec["allocated_at"] - rec["submitted_at"], 3),
+    }
+    headers = req["headers"]
+    assert webhooks.verify_signature(SECRET, headers[webhooks.TIMESTAMP_HEADER], req["body"],
+                                     headers[webhooks.SIGNATURE_HEADER])
+    assert _stats(redis, settings).get(webhooks.STAT_DELIVERED) == "1"
+
+
+def test_receiver_failing_twice_then_ok_gets_it_on_the_third_try(
+        tmp_path, settings, redis, rq_redis):
+    engine = Engine(redis, settings)
+    with Receiver(codes=[500, 500, 200]) as rx:
+        holder, waiter = _queue_behind_holder(engine, rx.url)
+        settings, cfg, worker = _worker(tmp_path, settings, retry_intervals=["1s", "1s", "1s"])
+        try:
+            engine.release(holder["id"])
+            outbox.dispatch(rq_redis, settings)
+            reqs = rx.wait_for(3)
+            wait_until(lambda: _stats(redis, settings).get(webhooks.STAT_DELIVERED) == "1",
+                       message="delivered counter")
+        finally:
+            worker.stop()
+    assert len(reqs) == 3
+    assert len({r["body"] for r in reqs}) == 1        # the same event, byte for byte
+    stats = _stats(redis, settings)
+    assert stats.get(webhooks.STAT_RETRIED) == "2" and webhooks.STAT_FAILED not in stats
+
+
+def test_gone_stops_retries_and_final_failures_land_in_the_failed_registry(
+        tmp_path, settings, redis, rq_redis):
+    engine = Engine(redis, settings)
+    _one_gpu(engine)
+    with Receiver(codes=[410]) as gone, Receiver(codes=[503]) as down:
+        settings, cfg, worker = _worker(tmp_path, settings, retry_intervals=["0s", "0s"])
+        try:
+            ids = []
+            for url in (gone.url, down.url):
+                holder = engine.allocate({"service_name": "holder", "required_gpus": 1})
+                waiter = engine.allocate({"service_name": "waiter", "webhook_url": url})
+                engine.release(holder["id"])
+                ids.append(outbox.job_id_for(
+                    json.loads(rq_redis.lindex(Keys(settings.redis.prefix).webhook_outbox(), 0))
+                    ["event_id"]))
+                outbox.dispatch(rq_redis, settings)
+                engine.release(waiter["id"])
+            failed = FailedJobRegistry(queues.queue_name(settings, queues.WEBHOOKS),
+                                       connection=rq_redis, serializer=queues.SERIALIZER)
+            wait_until(lambda: len(failed.get_job_ids()) == 2, message="two failed jobs")
+        finally:
+            worker.stop()
+    assert len(gone.requests) == 1                 # 410: no retries
+    assert len(down.requests) == 3                 # first try + 2 retries
+    assert sorted(failed.get_job_ids()) == sorted(ids)
+    stats = _stats(redis, settings)
+    assert stats.get(webhooks.STAT_FAILED) == "2" and stats.get(webhooks.STAT_RETRIED) == "2"
+
+
+def test_worker_killed_mid_delivery_the_webhook_is_still_delivered(
+        tmp_path, settings, redis, rq_redis):
+    engine = Engine(redis, settings)
+    hold = threading.Event()
+    with Receiver(codes=[200], hold=hold) as rx:
+        holder, waiter = _queue_behind_holder(engine, rx.url)
+        settings, cfg, first = _worker(tmp_path, settings, retry_intervals=["0s", "10s"])
+        try:
+            engine.release(holder["id"])
+            outbox.dispatch(rq_redis, settings)
+            rx.wait_for(1)               # the first worker is inside the POST right now
+            first.kill_group()           # SIGKILL: worker, work horse and its RQ scheduler
+        finally:
+            first.stop()
+        second = Role(cfg, "worker", log_dir=tmp_path)
+        try:
+            reqs = rx.wait_for(2, timeout=30)
+            wait_until(lambda: _stats(redis, settings).get(webhooks.STAT_DELIVERED) == "1",
+                       message="delivered counter")
+        finally:
+            second.stop()
+    assert len(reqs) == 2 and reqs[0]["body"] == reqs[1]["body"]
+    assert json.loads(reqs[1]["body"])["request_id"] == waiter["id"]
