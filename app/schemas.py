@@ -13,6 +13,7 @@ import re
 import marshmallow as ma
 from marshmallow import fields, validate
 
+from app.engine import WEBHOOK_EVENTS as EVENTS
 from app.settings import WORKLOAD_TYPES
 
 #: Deepest nesting accepted inside ``workload_data`` (objects and arrays both count).
@@ -24,7 +25,6 @@ SERVICE_NAME_RE = r"^[A-Za-z0-9._-]{1,128}$"
 #: Request ids are ``<service_name>-<digits>...``; anything longer than this cannot be ours.
 ID_RE = r"^[A-Za-z0-9._:-]{1,200}$"
 SHARING = ("exclusive", "shared")
-EVENTS = ("allocated", "queued", "released", "expired", "cancelled", "timed_out")
 MAX_TTL_SECONDS = 10 * 365 * 86400
 
 
@@ -120,7 +120,8 @@ class AllocateRequestSchema(WorkloadFields):
                   "format": "uri", "pattern": "^https?://"})
     webhook_events = fields.List(
         StrictStr(validate=validate.OneOf(EVENTS)), validate=validate.Length(max=len(EVENTS)),
-        metadata={"description": "Events to notify; default: all."})
+        metadata={"description": "Extra events to notify besides the grant of a queued "
+                                 "request: " + ", ".join(EVENTS) + "."})
     ttl_seconds = StrictInt(
         validate=validate.Range(0, MAX_TTL_SECONDS),
         metadata={"description": "Lease length. 0 means no expiry, when the server allows it."})
