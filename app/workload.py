@@ -187,7 +187,9 @@ class _Checker:
             return None
         v = self.data[name]
         kind = "an integer" if whole else "a number"
-        rng = f" in {lo:g}..{hi:g}" if hi is not None else (f" > {lo:g}" if above else f" >= {lo:g}")
+        low = f"> {lo:g}" if above else f">= {lo:g}"
+        rng = f" {low} and <= {hi:g}" if hi is not None and above else (
+            f" in {lo:g}..{hi:g}" if hi is not None else f" {low}")
         if (not _is_number(v) or (whole and v != int(v)) or v < lo or (above and v <= lo)
                 or (hi is not None and v > hi)):
             self.bad(name, f"{kind}{rng}, got {v!r}")
@@ -259,7 +261,7 @@ def check_workload_data(workload_type: str, data: Any, training_sizes) -> Hints:
         priority=c.number("priority", 1, 10, whole=True),
         max_utilization=c.number("max_utilization", 0, 100),
         estimated_duration_seconds=c.number("estimated_duration_seconds", 0, above=True),
-        parameters_billions=c.number("parameters_billions", 0, above=True),
+        parameters_billions=c.number("parameters_billions", 0, 100_000, above=True),
         workflow_priority=c.number("workflow_priority", 1, 10, whole=True),
         model_size=c.string("model_size", choices=sizes),
         model_name=c.string("model_name"),
@@ -270,8 +272,6 @@ def check_workload_data(workload_type: str, data: Any, training_sizes) -> Hints:
         workflow_id=c.string("workflow_id"),
         workflow_dependencies=c.id_list("workflow_dependencies"),
     )
-    if hints.parameters_billions is not None and hints.parameters_billions > 100_000:
-        c.bad("parameters_billions", "a number in 0..100000")
     if (hints.max_memory_mb and hints.min_memory_mb is not None
             and hints.max_memory_mb < hints.min_memory_mb):
         c.bad("max_memory_mb", f"0 (no limit) or >= min_memory_mb ({hints.min_memory_mb})")
