@@ -114,7 +114,10 @@ def _pairs(flat: list) -> dict:
 
 def parse_record(raw: dict | list) -> dict:
     """A stored request hash -> the record the API returns (plain JSON-able types)."""
-    h = _pairs(raw) if isinstance(raw, list) else dict(raw)
+    if isinstance(raw, str):
+        h = json.loads(raw)
+    else:
+        h = _pairs(raw) if isinstance(raw, list) else raw
     rec: dict[str, Any] = {}
     for key, value in h.items():
         if key in _INT_FIELDS:
@@ -178,20 +181,29 @@ class Engine:
                             k.stats(), k.meta()]
         self._templates = [k.node("%s"), k.gpu("%s", "%s"), k.request("%s"), k.service("%s"),
                            k.idempotency("%s")]
+        self._meta_key = [k.meta()]
+        self._static_for = None
+        self._static = ""
         # register_script only hashes the text; nothing talks to Redis until the first call.
         self._scripts = {name: redis.register_script(load_script(name)) for name in SCRIPTS}
 
     # ------------------------------------------------------------------ plumbing
-    def _common(self) -> list:
+    def _static_block(self) -> str:
+        """ARGV[1] of every script (see includes/prelude.lua), rebuilt when settings change."""
         s = self.settings.scheduler
-        now = "" if self.clock is None else repr(float(self.clock()))
-        reservation = s.reservation_after if s.reservation_after > 0 else 0.0
-        return self._templates + [now, s.policy, repr(s.aging_rate / 60.0), repr(reservation),
-                                  repr(s.node_heartbeat_timeout), str(s.events_maxlen),
-                                  repr(s.history_ttl), str(s.max_queue_size)]
+        if self._static_for is not s:
+            parts = self._fixed_keys + self._templates + [
+                s.policy, repr(s.aging_rate / 60.0), repr(s.reservation_after),
+                repr(s.node_heartbeat_timeout), str(s.events_maxlen), repr(s.history_ttl),
+                str(s.max_queue_size)]
+            self._static = "\n".join(parts)
+            self._static_for = s
+        return self._static
 
     def _run(self, name: str, *args, ctx: dict | None = None):
-        res = self._scripts[name](keys=self._fixed_keys, args=self._common() + [str(a) for a in args])
+        now = "" if self.clock is None else repr(float(self.clock()))
+        res = self._scripts[name](keys=self._meta_key,
+                                  args=[self._static_block(), now, *args])
         if isinstance(res, list) and res and isinstance(res[0], int) and res[0] < 0:
             code = res[0]
             if code == _RETRY_ID:
@@ -270,21 +282,24 @@ class Engine:
         fields, queue_timeout = self._request_fields(req)
         body_hash = hashlib.sha256(json.dumps(req, sort_keys=True, default=str)
                                    .encode()).hexdigest()[:32]
-        flat: list[str] = []
-        for key, value in fields.items():
-            flat += [key, value]
+        body = json.dumps(fields)
         ctx = {"key": idempotency_key, "required_gpus": fields["required_gpus"],
                "min_memory_mb": fields["min_memory_mb"]}
         for _ in range(5):
             rid = new_id(fields["service_name"])
             res = self._run("allocate", rid, idempotency_key or "", body_hash,
                             repr(self.settings.scheduler.idempotency_ttl), repr(queue_timeout),
-                            *flat, ctx=ctx)
+                            body, ctx=ctx)
             if res[0] != _RETRY_ID:
                 break
         else:  # pragma: no cover - five id collisions in a row
             raise Conflict("could not allocate a unique request id; retry")
-        rec = parse_record(res[1])
+        if res[0] == 2:
+            rec = parse_record(res[1])
+        else:
+            fields.update(id=rid, status="queued", submitted_at=res[1])
+            fields.update(json.loads(res[3]))
+            rec = parse_record(fields)
         if res[2]:
             rec["position"] = int(res[2])
         rec["replayed"] = res[0] == 2

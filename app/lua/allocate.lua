@@ -1,28 +1,24 @@
 --[[
   allocate: place a request now, or queue it, in one atomic step (enqueue + schedule pass).
 
-  KEYS, ARGV[1..13]: the common block (includes/prelude.lua).
+  KEYS[1], ARGV[1..2]: the common block (includes/prelude.lua).
   ARGV[A+1] id             ARGV[A+2] idempotency key ("" = none)
   ARGV[A+3] request hash   ARGV[A+4] idempotency ttl (s)
   ARGV[A+5] queue timeout (s)
-  ARGV[A+6..] field, value pairs of the new record (strings, JSON for lists and dicts)
-  Returns: {1, record, position} (position 0 when not queued), {2, record, position} for an
-  idempotent replay, or an error: {-4, existing id} idempotency key reused with another body,
-  {-7, dep} unknown depends_on id, {-6, reason, limit} can never fit, {-5, depth} queue full,
-  {-8} id already taken.
+  ARGV[A+6] the new record's fields as one JSON object of strings (lists and dicts as JSON)
+  Returns:
+    {1, submitted_at, position, grant JSON}  the new request: the caller already holds the
+        fields it sent; position 0 and a JSON object of the grant fields (status, node,
+        gpu_ids, ...) when granted, position >= 1 and "{}" when queued
+    {2, record JSON, position}  an idempotent replay of an earlier request
+    errors: {-4, existing id} idempotency key reused with another body, {-7, dep} unknown
+    depends_on id, {-6, reason, limit} can never fit, {-5, depth} queue full, {-8} id taken.
   Guarantees: the request is granted at once only if no higher-ranked waiting request could
-  use the GPUs (the pass tries those first); otherwise it is queued. No partial writes on error.
+  use the GPUs (the pass tries those first); otherwise it is queued. No writes on error.
 ]]
 -- @include prelude
 local id, idem_key, idem_hash = ARGV[A + 1], ARGV[A + 2], ARGV[A + 3]
 local idem_ttl, queue_timeout = tonumber(ARGV[A + 4]), tonumber(ARGV[A + 5])
-
-local function answer(code, rid)
-  local pos = 0
-  local rank = redis.call('ZRANK', K_QUEUE, rid)
-  if rank then pos = rank + 1 end
-  return {code, record(rid), pos}
-end
 
 if idem_key ~= '' then
   local v = redis.call('GET', k_idem(idem_key))
@@ -30,31 +26,30 @@ if idem_key ~= '' then
     local oid, ohash = split_member(v)
     if redis.call('EXISTS', k_req(oid)) == 1 then
       if ohash ~= idem_hash then return {-4, oid} end
-      return answer(2, oid)
+      local rank = redis.call('ZRANK', K_QUEUE, oid)
+      return {2, record(oid), rank and rank + 1 or 0}
     end
   end
 end
 
-local f = {}
-for i = A + 6, #ARGV, 2 do f[ARGV[i]] = ARGV[i + 1] end
+local f = cjson.decode(ARGV[A + 6])
 local svc = f.service_name
 
-for _, dep in ipairs(cjson.decode(f.depends_on or '[]')) do
-  if redis.call('EXISTS', k_req(dep)) == 0 then return {-7, dep} end
+if f.depends_on ~= '[]' then
+  for _, dep in ipairs(cjson.decode(f.depends_on)) do
+    if redis.call('EXISTS', k_req(dep)) == 0 then return {-7, dep} end
+  end
 end
 
 local k, minm = tonumber(f.required_gpus), tonumber(f.min_memory_mb)
+local m = redis.call('HMGET', K_META, 'gpus_total', 'max_node_gpus', 'max_gpu_mb')
 local reject = nil
-if redis.call('ZCARD', K_GPUS) == 0 then
+if (tonumber(m[1]) or 0) == 0 then
   reject = {-6, 'no_gpus', '0'}
-else
-  local biggest_node = top_score(K_SIZES)
-  local biggest_gpu = top_score(K_GPUS)
-  if k > biggest_node then
-    reject = {-6, 'required_gpus', tostring(biggest_node)}
-  elseif minm > biggest_gpu then
-    reject = {-6, 'min_memory_mb', tostring(biggest_gpu)}
-  end
+elseif k > tonumber(m[2]) then
+  reject = {-6, 'required_gpus', m[2]}
+elseif minm > tonumber(m[3]) then
+  reject = {-6, 'min_memory_mb', m[3]}
 end
 if reject then
   stat('alloc|' .. svc .. '|rejected')
@@ -65,29 +60,44 @@ if depth >= MAX_QUEUE then
   stat('alloc|' .. svc .. '|rejected')
   return {-5, tostring(depth)}
 end
-if redis.call('EXISTS', k_req(id)) == 1 then return {-8} end
-
 local rk = k_req(id)
-local pairs_ = {}
-for i = A + 6, #ARGV do pairs_[#pairs_ + 1] = ARGV[i] end
-redis.call('HSET', rk, 'id', id, 'status', 'queued', 'submitted_at', ftime(NOW), unpack(pairs_))
+if redis.call('EXISTS', rk) == 1 then return {-8} end
+
+local submitted = ftime(NOW)
+local hset = {'HSET', rk, 'id', id, 'status', 'queued', 'submitted_at', submitted}
+for key, value in pairs(f) do
+  hset[#hset + 1] = key
+  hset[#hset + 1] = value
+end
+redis.call(unpack(hset))
 if idem_key ~= '' then
   redis.call('SET', k_idem(idem_key), id .. '|' .. idem_hash, 'EX', math.floor(idem_ttl))
 end
-local r = load_req(id)
+local r = req_from(id, {svc, f.sharing, f.required_gpus, f.min_memory_mb, f.max_memory_mb,
+  f.max_utilization, f.preferred_gpus, f.depends_on, submitted, f.webhook_url, f.webhook_events,
+  f.lease_seconds, f.priority, '', 'queued', f.owner})
 
 if depth == 0 and deps_done(r) then
   local node, chosen = place(r, {})
   if node then
-    grant(r, node, chosen, false)
-    return answer(1, id)
+    local out = grant(r, node, chosen, false, false)
+    local obj = {}
+    for i = 1, #out, 2 do obj[out[i]] = out[i + 1] end
+    return {1, submitted, 0, cjson.encode(obj)}
   end
 end
 
 enqueue(r, queue_timeout)
 schedule(id)
-if redis.call('HGET', rk, 'status') == 'queued' then
+local rank = redis.call('ZRANK', K_QUEUE, id)
+if rank then
   event('queued', id, svc, nil)
   stat('alloc|' .. svc .. '|queued')
+  return {1, submitted, rank + 1, '{}'}
 end
-return answer(1, id)
+local names = {'status', 'node', 'gpu_ids', 'gpu_uuids', 'allocated_at', 'expires_at',
+  'wait_time_seconds'}
+local vals = redis.call('HMGET', rk, unpack(names))
+local obj = {}
+for i, name in ipairs(names) do obj[name] = vals[i] or '' end
+return {1, submitted, 0, cjson.encode(obj)}

@@ -1,7 +1,7 @@
 --[[
   report_node: the monitor's heartbeat for one node and the telemetry of all its GPUs.
 
-  KEYS, ARGV[1..13]: the common block (includes/prelude.lua).
+  KEYS[1], ARGV[1..2]: the common block (includes/prelude.lua).
   ARGV[A+1] node   ARGV[A+2] backend   ARGV[A+3] host
   ARGV[A+4] JSON list of GPUs, each a flat object of string fields including index, health,
             memory_total_mb and memory_free_mb (the telemetry the monitor owns).
@@ -81,4 +81,6 @@ redis.call('HSET', nk, 'name', node, 'heartbeat', ftime(NOW), 'gpu_count', #list
   'backend', backend, 'host', host, 'indexes', table.concat(list, ','))
 redis.call('ZADD', K_SIZES, #list, node)
 if redis.call('ZSCORE', K_FREE, node) == false then redis.call('ZADD', K_FREE, 0, node) end
+redis.call('HSET', K_META, 'max_node_gpus', top_score(K_SIZES), 'max_gpu_mb', top_score(K_GPUS),
+  'gpus_total', redis.call('ZCARD', K_GPUS))
 return records(schedule(nil))

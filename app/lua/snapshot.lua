@@ -1,7 +1,7 @@
 --[[
   snapshot: one consistent view of the whole state (dashboards, the invariant tests).
 
-  KEYS, ARGV[1..13]: the common block (includes/prelude.lua).
+  KEYS[1], ARGV[1..2]: the common block (includes/prelude.lua).
   Returns: JSON {now, gpus: [flat hash...], nodes: [...], allocations: [...], queue: [...]}
   (queue in rank order; each entry a flat field/value list).
 ]]

@@ -1,21 +1,19 @@
 --[[
   prelude: the pieces every engine script shares (inlined by app/engine.py at load time).
 
-  KEYS (the same 16 for every script, built by app/keys.py, all under one hash tag):
-    1 nodes            ZSET node -> heartbeat        9  queue_deadlines  ZSET id -> timeout at
-    2 nodes_free       ZSET node -> free GPUs        10 queue_unreserved ZSET id -> submitted_at
-    3 node_sizes       ZSET node -> GPU count        11 reservations     HASH node -> id
-    4 gpus             ZSET node|idx -> total MB     12 leases           ZSET id -> expires_at
-    5 shared_capacity  ZSET node|idx -> free MB      13 events           STREAM
-    6 queue            ZSET id -> rank score         14 webhook_outbox   LIST
-    7 queue_demand:exclusive ZSET id -> GPUs         15 stats            HASH
-    8 queue_demand:shared    ZSET id -> MB           16 meta             HASH
-  ARGV (common block, then each script's own arguments from ARGV[A + 1]):
-    1..5  key templates with %s holes: node, gpu, request, service, idempotency
-    6 now (epoch seconds; "" = use Redis TIME)   7 policy (best_effort|strict_fifo)
-    8 aging rate (priority points per second)    9 reservation_after (s; < 0 = never)
-    10 node_heartbeat_timeout (s)                11 events_maxlen
-    12 history_ttl (s)                           13 max_queue_size
+  KEYS[1]  meta (declared so a cluster client routes the script; every key shares its hash tag)
+  ARGV[1]  the common block: one string, lines joined by "\n" (built once per Engine, so a call
+           sends two strings instead of thirty):
+             1-16  keys: nodes, nodes_free, node_sizes, gpus, shared_capacity, queue,
+                   queue_demand:exclusive, queue_demand:shared, queue_deadlines,
+                   queue_unreserved, reservations, leases, events, webhook_outbox, stats, meta
+             17-21 key templates with %s holes: node, gpu, request, service, idempotency
+             22 policy (best_effort|strict_fifo)     23 aging (priority points per second)
+             24 reservation_after (s)               25 node_heartbeat_timeout (s)
+             26 events_maxlen                       27 history_ttl (s)
+             28 max_queue_size
+  ARGV[2]  now (epoch seconds; "" = use Redis TIME, one clock for every replica)
+  Each script's own arguments start at ARGV[A + 1].
 
   Errors are returned, not raised: { negative code, details... } (see ERRORS in app/engine.py).
 
@@ -25,27 +23,28 @@
     cordoned  "1" when an admin made it unschedulable;  lost  "1" when its node stopped reporting it
     in_free   "1" while counted in nodes_free;  in_busy  "1" while counted as allocated (meta gpus_busy)
 ]]
-local K_NODES, K_FREE, K_SIZES, K_GPUS, K_SHARED = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local K_QUEUE, K_QDX, K_QDS, K_QDEAD, K_QUNRES = KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
-local K_RES, K_LEASES, K_EVENTS, K_OUTBOX, K_STATS, K_META =
-  KEYS[11], KEYS[12], KEYS[13], KEYS[14], KEYS[15], KEYS[16]
-
-local T_NODE, T_GPU, T_REQ, T_SVC, T_IDEM = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local C = {}
+for item in string.gmatch(ARGV[1], '[^\n]+') do C[#C + 1] = item end
+local K_NODES, K_FREE, K_SIZES, K_GPUS, K_SHARED = C[1], C[2], C[3], C[4], C[5]
+local K_QUEUE, K_QDX, K_QDS, K_QDEAD, K_QUNRES = C[6], C[7], C[8], C[9], C[10]
+local K_RES, K_LEASES, K_EVENTS, K_OUTBOX, K_STATS, K_META = C[11], C[12], C[13], C[14], C[15],
+  C[16]
+local T_NODE, T_GPU, T_REQ, T_SVC, T_IDEM = C[17], C[18], C[19], C[20], C[21]
+local POLICY = C[22]
+local AGING = tonumber(C[23])
+local RES_AFTER = tonumber(C[24])
+local HB_TIMEOUT = tonumber(C[25])
+local EV_MAX = C[26]
+local HIST_TTL = tonumber(C[27])
+local MAX_QUEUE = tonumber(C[28])
 local NOW
-if ARGV[6] ~= '' then
-  NOW = tonumber(ARGV[6])
+if ARGV[2] ~= '' then
+  NOW = tonumber(ARGV[2])
 else
   local t = redis.call('TIME')
   NOW = tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
-local POLICY = ARGV[7]
-local AGING = tonumber(ARGV[8])
-local RES_AFTER = tonumber(ARGV[9])
-local HB_TIMEOUT = tonumber(ARGV[10])
-local EV_MAX = ARGV[11]
-local HIST_TTL = tonumber(ARGV[12])
-local MAX_QUEUE = tonumber(ARGV[13])
-local A = 13
+local A = 2
 
 local function k_node(n) return string.format(T_NODE, n) end
 local function k_gpu(n, i) return string.format(T_GPU, n, i) end
@@ -318,18 +317,59 @@ local function enqueue(r, queue_timeout)
   redis.call('ZADD', K_QUNRES, ftime(r.submitted), r.id)
 end
 
--- Give the chosen GPUs to the request. from_queue: the client saw it queued (webhook).
-local function grant(r, node, chosen, from_queue)
+-- Take one GPU for a request. An exclusive pick was free (in_free = 1, so in_busy = 0 and it
+-- sits in shared_capacity): flip it directly instead of re-reading it.
+local function take_gpu(r, node, idx)
+  local gk = k_gpu(node, idx)
+  if r.sharing == 'shared' then
+    redis.call('HINCRBY', gk, 'shared_n', 1)
+    redis.call('HINCRBY', gk, 'shared_mb', r.minm)
+    gpu_sync(node, idx)
+  else
+    redis.call('HSET', gk, 'excl', r.id, 'in_free', '0', 'in_busy', '1')
+    redis.call('ZINCRBY', K_FREE, -1, node)
+    redis.call('HINCRBY', K_META, 'gpus_free', -1)
+    redis.call('HINCRBY', K_META, 'gpus_busy', 1)
+    redis.call('ZREM', K_SHARED, node .. '|' .. idx)
+  end
+end
+
+-- Give one GPU back from allocation id.
+local function return_gpu(id, sharing, minm, node, idx)
+  local gk = k_gpu(node, idx)
+  if sharing == 'shared' then
+    redis.call('HINCRBY', gk, 'shared_n', -1)
+    redis.call('HINCRBY', gk, 'shared_mb', -minm)
+    gpu_sync(node, idx)
+    return
+  end
+  local g = redis.call('HMGET', gk, 'excl', 'health', 'cordoned', 'lost', 'memory_free_mb',
+    'shared_n', 'in_busy')
+  if g[1] ~= id then return end
+  if g[6] ~= '0' or g[7] ~= '1' then
+    redis.call('HSET', gk, 'excl', '')
+    gpu_sync(node, idx)
+    return
+  end
+  local ok = g[2] == 'ok' and g[3] ~= '1' and g[4] ~= '1'
+  redis.call('HSET', gk, 'excl', '', 'in_busy', '0', 'in_free', ok and '1' or '0')
+  redis.call('HINCRBY', K_META, 'gpus_busy', -1)
+  if ok then
+    redis.call('ZINCRBY', K_FREE, 1, node)
+    redis.call('HINCRBY', K_META, 'gpus_free', 1)
+    local cap = tonumber(g[5] or '0') or 0
+    if cap < 0 then cap = 0 end
+    redis.call('ZADD', K_SHARED, cap, node .. '|' .. idx)
+    bump_capacity()
+  end
+end
+
+-- Give the chosen GPUs to the request. queued: it sits in the queue indexes; from_queue: the
+-- client saw it queued (webhook). Returns the fields it wrote.
+local function grant(r, node, chosen, queued, from_queue)
   local ids, uuids = {}, {}
   for i, g in ipairs(chosen) do
-    local gk = k_gpu(node, g.idx)
-    if r.sharing == 'shared' then
-      redis.call('HINCRBY', gk, 'shared_n', 1)
-      redis.call('HINCRBY', gk, 'shared_mb', r.minm)
-    else
-      redis.call('HSET', gk, 'excl', r.id)
-    end
-    gpu_sync(node, g.idx)
+    take_gpu(r, node, g.idx)
     ids[i] = tonumber(g.idx)
     uuids[i] = g.uuid
   end
@@ -341,12 +381,12 @@ local function grant(r, node, chosen, from_queue)
   local wait = NOW - r.submitted
   if wait < 0 then wait = 0 end
   local ids_json, uuids_json = cjson.encode(ids), cjson.encode(uuids)
-  redis.call('HSET', k_req(r.id), 'status', 'allocated', 'node', node, 'gpu_ids', ids_json,
-    'gpu_uuids', uuids_json, 'allocated_at', ftime(NOW), 'expires_at', expires,
-    'wait_time_seconds', ftime(wait))
+  local out = {'status', 'allocated', 'node', node, 'gpu_ids', ids_json, 'gpu_uuids', uuids_json,
+    'allocated_at', ftime(NOW), 'expires_at', expires, 'wait_time_seconds', ftime(wait)}
+  redis.call('HSET', k_req(r.id), unpack(out))
   redis.call('ZADD', K_LEASES, score, r.id)
   redis.call('SADD', k_svc(r.svc), r.id)
-  dequeue(r.id, r.reserved)
+  if queued then dequeue(r.id, r.reserved) end
   local evid = event('allocated', r.id, r.svc, {'node', node, 'gpu_ids', ids_json,
     'gpu_uuids', uuids_json})
   stat('alloc|' .. r.svc .. '|allocated')
@@ -354,6 +394,7 @@ local function grant(r, node, chosen, from_queue)
   stat(from_queue and 'sched|from_queue' or 'sched|immediate')
   stat_wait(wait)
   if from_queue then outbox('allocated', r.id, evid, r.hook, nil, true) end
+  return out
 end
 
 -- End a live allocation (released | expired): give its GPUs back.
@@ -362,17 +403,8 @@ local function finish_alloc(id, status)
   local f = redis.call('HMGET', rk, 'node', 'gpu_ids', 'sharing', 'min_memory_mb',
     'service_name', 'webhook_url', 'webhook_events')
   local node, sharing, minm, svc = f[1], f[3], tonumber(f[4]) or 0, f[5] or ''
-  local ids = cjson.decode(f[2] or '[]')
-  for _, i in ipairs(ids) do
-    local idx = string.format('%d', i)
-    local gk = k_gpu(node, idx)
-    if sharing == 'shared' then
-      redis.call('HINCRBY', gk, 'shared_n', -1)
-      redis.call('HINCRBY', gk, 'shared_mb', -minm)
-    elseif redis.call('HGET', gk, 'excl') == id then
-      redis.call('HSET', gk, 'excl', '')
-    end
-    gpu_sync(node, idx)
+  for _, i in ipairs(cjson.decode(f[2] or '[]')) do
+    return_gpu(id, sharing, minm, node, string.format('%d', i))
   end
   if status == 'released' then
     redis.call('HSET', rk, 'status', status, 'released_at', ftime(NOW), 'ended_at', ftime(NOW))
@@ -511,7 +543,7 @@ local function schedule(new_id)
     end
     local node, chosen = place(r, blocked)
     if node then
-      grant(r, node, chosen, false)
+      grant(r, node, chosen, true, false)
       granted[1] = new_id
     end
     return granted
@@ -540,7 +572,7 @@ local function schedule(new_id)
           if not failed[sig] then
             local node, chosen = place(r, blocked)
             if node then
-              grant(r, node, chosen, id ~= new_id)
+              grant(r, node, chosen, true, id ~= new_id)
               granted[#granted + 1] = id
               placed = true
               removed = removed + 1
@@ -567,8 +599,12 @@ local function schedule(new_id)
   return granted
 end
 
+-- A record as one JSON object string (one reply element instead of fifty).
 local function record(id)
-  return redis.call('HGETALL', k_req(id))
+  local h = redis.call('HGETALL', k_req(id))
+  local t = {}
+  for i = 1, #h, 2 do t[h[i]] = h[i + 1] end
+  return cjson.encode(t)
 end
 
 local function records(ids)

@@ -1,0 +1,172 @@
+"""Engine benchmark: prints ONE JSON object (not a test). Runs on the embedded Redis.
+
+    .venv/bin/python bench/engine.py [--quick]
+
+Measures the single-client ceiling (a no-op EVALSHA round trip), allocate+release cycles at
+fleet sizes of 8, 1,024 and 16,384 GPUs (nodes of 8), and schedule passes over 10,000 queued
+requests: one where nothing fits and one that grants 1,000 of them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Run as a script, sys.path[0] is bench/, whose other benchmarks (http.py) shadow the stdlib.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import redis as redis_lib  # noqa: E402
+
+from app import settings as settings_mod  # noqa: E402
+from app.embedded_redis import EmbeddedRedis  # noqa: E402
+from app.engine import Engine  # noqa: E402
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def gpu(i: int, mem: int = 81920) -> dict:
+    return {"index": i, "uuid": f"GPU-{i}", "name": "bench", "memory_total_mb": mem,
+            "memory_used_mb": 0, "utilization": 0, "temperature": 30, "power_draw": 60,
+            "health": "ok"}
+
+
+def fleet(engine: Engine, n_gpus: int, per_node: int = 8) -> None:
+    for n in range(n_gpus // per_node):
+        engine.report_node(f"node-{n:05d}", [gpu(i) for i in range(per_node)])
+
+
+def best_of(fn, repeat: int, rounds: int = 3) -> float:
+    """Median-of-rounds mean seconds per call."""
+    samples = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        samples.append((time.perf_counter() - t0) / repeat)
+    samples.sort()
+    return samples[len(samples) // 2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    opts = ap.parse_args()
+    reps = 300 if opts.quick else 2000
+    with tempfile.TemporaryDirectory() as tmp:
+        server = EmbeddedRedis(tmp, port=free_port())
+        server.start()
+        try:
+            result = run(server.url, reps)
+        finally:
+            server.stop()
+    print(json.dumps(result, indent=2))
+
+
+def run(url: str, reps: int) -> dict:
+    client = redis_lib.Redis.from_url(url, decode_responses=True)
+    client.config_set("appendonly", "no")
+    out: dict = {"machine": {"nproc": os.cpu_count(), "cpu": cpu_model(),
+                             "python": platform.python_version(),
+                             "redis": client.info("server")["redis_version"]}}
+    noop = client.register_script("return 1")
+    noop()
+    out["noop_roundtrip_us"] = round(best_of(noop, reps * 2) * 1e6, 1)
+
+    alloc_release = {}
+    for size in (8, 1024, 16384):
+        client.flushall()
+        settings = settings_mod.defaults().replace(redis={"prefix": "{bench}"})
+        engine = Engine(client, settings)
+        fleet(engine, size)
+        req = {"service_name": "bench", "required_gpus": 1, "priority": 5}
+
+        def cycle():
+            engine.release(engine.allocate(req)["id"])
+        for _ in range(50):
+            cycle()
+        alloc_release[str(size)] = round(best_of(cycle, reps) * 1e6, 1)
+    out["alloc_release_us"] = alloc_release
+    out["alloc_release_per_s"] = {k: round(1e6 / v) for k, v in alloc_release.items()}
+
+    # schedule passes over 10,000 queued requests on 1,024 GPUs
+    client.flushall()
+    settings = settings_mod.defaults().replace(redis={"prefix": "{bench}"})
+    engine = Engine(client, settings)
+    fleet(engine, 1024)
+    holders = [engine.allocate({"service_name": "hold", "required_gpus": 8})["id"]
+               for _ in range(128)]
+    for _ in range(10000):
+        engine.allocate({"service_name": "wait", "required_gpus": 1, "priority": 5})
+    assert engine.counts()["queue_depth"] == 10000
+    times = []
+    engine.schedule_pass()
+    for _ in range(20):
+        t0 = time.perf_counter()
+        engine.schedule_pass()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    out["pass_nothing_fits_ms"] = round(times[len(times) // 2] * 1e3, 3)
+    # and the same when the capacity version moved but still nothing fits (a full check)
+    pass_changed = []
+    for _ in range(10):
+        client.hincrby(engine.keys.meta(), "capver", 1)
+        t0 = time.perf_counter()
+        engine.schedule_pass()
+        pass_changed.append(time.perf_counter() - t0)
+    pass_changed.sort()
+    out["pass_nothing_fits_capacity_changed_ms"] = round(pass_changed[len(pass_changed) // 2] * 1e3, 3)
+
+    # a pass that grants 1,000 of 10,000: every queued request waits on a gate allocation;
+    # releasing the gate frees the last 8 of 1,000 free GPUs and runs the pass (timed together).
+    client.flushall()
+    engine = Engine(client, settings)
+    fleet(engine, 1024)
+    gate = engine.allocate({"service_name": "gate", "required_gpus": 8})["id"]
+    for _ in range(3):
+        engine.allocate({"service_name": "hold", "required_gpus": 8})
+    for _ in range(10000):
+        engine.allocate({"service_name": "wait", "required_gpus": 1, "depends_on": [gate]})
+    assert engine.counts()["queue_depth"] == 10000
+    t0 = time.perf_counter()
+    engine.release(gate)
+    out["pass_grant_1000_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
+    counts = engine.counts()
+    out["pass_grant_1000_granted"] = 10000 - counts["queue_depth"]
+
+    noop_us = out["noop_roundtrip_us"]
+    a8, a1k, a16k = (alloc_release[k] for k in ("8", "1024", "16384"))
+    out["ratios"] = {"alloc_release_1024_vs_2_noops": round(a1k / 2 / (2 * noop_us), 3),
+                     "alloc_release_16384_vs_8": round(a16k / a8, 3)}
+    out["targets"] = {
+        "one_op_at_1024_le_2_noops": a1k / 2 <= 2 * noop_us,
+        "16384_le_1.5x_8": a16k <= 1.5 * a8,
+        "pass_nothing_fits_le_10ms": out["pass_nothing_fits_ms"] <= 10,
+        "pass_grant_1000_le_150ms": out["pass_grant_1000_ms"] <= 150,
+    }
+    return out
+
+
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    main()
