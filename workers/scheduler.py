@@ -152,6 +152,8 @@ def run(settings: Settings, *, max_iterations: int | None = None) -> int:
             except RedisError as exc:
                 log.warning("scheduler: Redis error (%s); retrying", exc)
                 leader = False
+            if max_iterations is not None and iterations >= max_iterations:
+                break
             nap = cron.calculate_sleep_interval() if leader else LOCK_TTL / 4
             _sleep(min(max(nap, 0.05), LOCK_TTL / 3), lambda: stop)
     finally:

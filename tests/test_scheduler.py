@@ -1,0 +1,110 @@
+"""The scheduler role: RQ cron jobs (JSON), the leader lock, and the reaper end to end."""
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+import redis as redis_lib
+from rq.job import Job
+
+from app.engine import Engine
+from app.keys import Keys
+from proc_support import Role, wait_until, write_settings
+from webhook_receiver import Receiver
+from workers import context, queues, scheduler
+from workers import worker as worker_mod
+
+
+@pytest.fixture
+def rq_redis(redis_url):
+    client = redis_lib.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def keep_signals():
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+def _maintenance_jobs(rq_redis, settings):
+    q = queues.queue(rq_redis, settings, queues.MAINTENANCE)
+    return [Job.fetch(i, connection=rq_redis, serializer=queues.SERIALIZER) for i in q.job_ids]
+
+
+def test_one_iteration_enqueues_both_jobs_as_json(settings, rq_redis, keep_signals):
+    assert scheduler.run(settings, max_iterations=1) == 0
+    jobs = _maintenance_jobs(rq_redis, settings)
+    assert sorted(j.func_name for j in jobs) == ["workers.scheduler.reap",
+                                                "workers.scheduler.safety_net"]
+    raw = rq_redis.hget(Job.key_for(jobs[0].id), "data")
+    json.loads(__import__("zlib").decompress(raw))   # JSON, not pickle
+    # The lock was released on the way out, so the next scheduler can lead at once.
+    assert not rq_redis.exists(Keys(settings.redis.prefix).lock("scheduler"))
+
+
+def test_only_the_lock_holder_enqueues(settings, rq_redis):
+    lock_key = Keys(settings.redis.prefix).lock("scheduler")
+    a = rq_redis.lock(lock_key, timeout=scheduler.LOCK_TTL, thread_local=False)
+    b = rq_redis.lock(lock_key, timeout=scheduler.LOCK_TTL, thread_local=False)
+    assert scheduler._hold(a, False) is True
+    assert scheduler._hold(b, False) is False
+    assert scheduler._hold(a, True) is True            # renewal keeps it
+    assert scheduler._hold(b, False) is False
+    rq_redis.delete(lock_key)                          # A's lease lapsed (A paused or died)
+    assert scheduler._hold(b, False) is True
+    assert scheduler._hold(a, True) is False           # A finds out and follows
+
+
+def test_a_follower_enqueues_nothing(settings, rq_redis, keep_signals):
+    rq_redis.set(Keys(settings.redis.prefix).lock("scheduler"), "someone-else", px=10_000)
+    scheduler.run(settings, max_iterations=1)
+    assert _maintenance_jobs(rq_redis, settings) == []
+
+
+def test_maintenance_jobs_run_the_engine_in_a_worker(settings, redis, rq_redis, keep_signals):
+    engine = Engine(redis, settings)
+    engine.report_node("n1", [{"index": 0, "uuid": "u0", "name": "GPU", "memory_total_mb": 1000}])
+    lease = engine.allocate({"service_name": "short", "ttl_seconds": 1})
+    nxt = engine.allocate({"service_name": "next"})
+    assert nxt["status"] == "queued"
+    redis.zadd(Keys(settings.redis.prefix).leases(), {lease["id"]: 1})  # lapsed long ago
+    scheduler.run(settings, max_iterations=1)
+    worker_mod.build(settings, settings.redis.url).work(burst=True)
+    context.configure(None, None, None)
+    assert engine.get(lease["id"])["status"] == "expired"
+    assert engine.get(nxt["id"])["status"] == "allocated"
+
+
+@pytest.mark.slow
+def test_expired_lease_is_reaped_and_its_gpus_go_to_the_next_request(tmp_path, settings, redis):
+    engine = Engine(redis, settings)
+    engine.report_node("node-a", [{"index": i, "uuid": f"u{i}", "name": "NVIDIA A10",
+                                   "memory_total_mb": 23028} for i in range(2)])
+    with Receiver() as rx:
+        lease = engine.allocate({"service_name": "batch", "required_gpus": 2, "ttl_seconds": 1,
+                                 "webhook_url": rx.url, "webhook_events": ["expired"]})
+        nxt = engine.allocate({"service_name": "next", "required_gpus": 2, "webhook_url": rx.url})
+        assert lease["status"] == "allocated" and nxt["status"] == "queued"
+        cfg = write_settings(tmp_path, settings, scheduler={"cleanup_interval": "1s",
+                                                            "queue_check_interval": "1s"},
+                             workers={"maintenance_interval": "1s"})
+        roles = [Role(cfg, "scheduler", log_dir=tmp_path), Role(cfg, "worker", log_dir=tmp_path)]
+        try:
+            wait_until(lambda: engine.get(nxt["id"])["status"] == "allocated", timeout=20,
+                       message="the queued request to be granted")
+            reqs = rx.wait_for(2)
+        finally:
+            codes = [r.stop() for r in roles]
+    assert codes == [0, 0]                    # both stop cleanly on SIGTERM
+    assert engine.get(lease["id"])["status"] == "expired"
+    granted = engine.get(nxt["id"])
+    assert sorted(granted["gpu_ids"]) == sorted(lease["gpu_ids"])
+    events = {json.loads(r["body"])["status"]: json.loads(r["body"]) for r in reqs}
+    assert set(events) == {"expired", "allocated"}
+    assert events["allocated"]["request_id"] == nxt["id"]
+    assert events["expired"]["request_id"] == lease["id"]
