@@ -1,0 +1,112 @@
+"""Every Redis key shape, pinned; and the Lua scripts build keys only from what keys.py gives them."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from app.engine import LUA_DIR, Engine
+from app.keys import Keys
+
+K = Keys("{gpuo}")
+
+SHAPES = [
+    (K.nodes(), "{gpuo}:nodes"),
+    (K.node("n1"), "{gpuo}:node:n1"),
+    (K.gpu("n1", 3), "{gpuo}:gpu:n1:3"),
+    (K.gpu("n1", "3"), "{gpuo}:gpu:n1:3"),
+    (K.nodes_free(), "{gpuo}:nodes:free"),
+    (K.node_sizes(), "{gpuo}:nodes:size"),
+    (K.gpus(), "{gpuo}:gpus"),
+    (K.shared_capacity(), "{gpuo}:gpus:shared"),
+    (K.request("svc-1-2"), "{gpuo}:req:svc-1-2"),
+    (K.queue(), "{gpuo}:queue"),
+    (K.queue_demand("exclusive"), "{gpuo}:queue:demand:exclusive"),
+    (K.queue_demand("shared"), "{gpuo}:queue:demand:shared"),
+    (K.queue_deadlines(), "{gpuo}:queue:deadlines"),
+    (K.queue_unreserved(), "{gpuo}:queue:unreserved"),
+    (K.reservations(), "{gpuo}:reservations"),
+    (K.leases(), "{gpuo}:leases"),
+    (K.service("web"), "{gpuo}:svc:web"),
+    (K.idempotency("abc"), "{gpuo}:idem:abc"),
+    (K.events(), "{gpuo}:events"),
+    (K.webhook_outbox(), "{gpuo}:outbox:webhooks"),
+    (K.webhook_processing(), "{gpuo}:outbox:webhooks:processing"),
+    (K.webhook_claim("e1"), "{gpuo}:outbox:claim:e1"),
+    (K.lock("scheduler"), "{gpuo}:lock:scheduler"),
+    (K.stats(), "{gpuo}:stats"),
+    (K.meta(), "{gpuo}:meta"),
+]
+
+
+@pytest.mark.parametrize("got,want", SHAPES, ids=[w for _, w in SHAPES])
+def test_key_shape(got, want):
+    assert got == want
+
+
+def test_every_key_method_is_pinned():
+    methods = {name for name in dir(Keys) if not name.startswith("_") and name != "rq_queue"
+               and callable(getattr(Keys, name))}
+    pinned = {w.split("}:", 1)[1].split(":")[0] for _, w in SHAPES}
+    # each method's first segment appears in a pinned shape
+    first = {"nodes": "nodes", "node": "node", "gpu": "gpu", "nodes_free": "nodes",
+             "node_sizes": "nodes", "gpus": "gpus", "shared_capacity": "gpus", "request": "req",
+             "queue": "queue", "queue_demand": "queue", "queue_deadlines": "queue",
+             "queue_unreserved": "queue", "reservations": "reservations", "leases": "leases",
+             "service": "svc", "idempotency": "idem", "events": "events",
+             "webhook_outbox": "outbox", "webhook_processing": "outbox",
+             "webhook_claim": "outbox", "lock": "lock", "stats": "stats", "meta": "meta"}
+    assert methods == set(first), "a new key needs a pinned shape in SHAPES"
+    assert set(first.values()) <= pinned
+
+
+def test_keys_are_distinct():
+    assert len({got for got, _ in SHAPES}) == len(SHAPES) - 1  # gpu(n, 3) == gpu(n, "3")
+
+
+def test_rq_queue_name_is_derived_from_the_prefix():
+    assert K.rq_queue("webhooks") == "gpuo-webhooks"
+    assert Keys("{tenant-a}").rq_queue("webhooks") == "tenant-a-webhooks"
+
+
+def test_every_key_shares_the_prefix_hash_tag():
+    k = Keys("{t1}")
+    for name in ("nodes", "gpus", "queue", "leases", "events", "stats", "meta"):
+        assert getattr(k, name)().startswith("{t1}:")
+    assert k.gpu("n", 1).startswith("{t1}:")
+
+
+def test_bad_prefix_is_refused():
+    with pytest.raises(ValueError):
+        Keys("")
+    with pytest.raises(ValueError):
+        Keys("{gpuo}:")
+
+
+def test_lua_scripts_contain_no_key_text():
+    """Scripts get every key (and the templates) from keys.py through ARGV[1]."""
+    for path in list(LUA_DIR.glob("*.lua")) + list(LUA_DIR.glob("includes/*.lua")):
+        code = "\n".join(line for line in path.read_text().splitlines()
+                         if not line.strip().startswith("--"))
+        code = re.sub(r"--\[\[.*?\]\]", "", code, flags=re.S)
+        assert "gpuo" not in code, path
+        assert not re.search(r"['\"](req|gpu|node|svc|idem|queue|leases|meta):", code), path
+
+
+def test_lua_builds_the_same_keys_as_keys_py(redis, settings):
+    engine = Engine(redis, settings)
+    keys = engine.keys
+    probe = redis.register_script(_PROBE)
+    got = probe(keys=[keys.meta()], args=[engine._static_block(), "1000", "n1", "7", "svc-1",
+                                          "web", "idem-key"])
+    assert got == [keys.node("n1"), keys.gpu("n1", 7), keys.request("svc-1"),
+                   keys.service("web"), keys.idempotency("idem-key"), keys.nodes(),
+                   keys.queue(), keys.leases(), keys.meta(), keys.webhook_outbox()]
+
+
+_PROBE = """
+-- @include prelude
+""".replace("-- @include prelude", (LUA_DIR / "includes" / "prelude.lua").read_text()) + """
+return {k_node(ARGV[A + 1]), k_gpu(ARGV[A + 1], ARGV[A + 2]), k_req(ARGV[A + 3]),
+  k_svc(ARGV[A + 4]), k_idem(ARGV[A + 5]), K_NODES, K_QUEUE, K_LEASES, K_META, K_OUTBOX}
+"""
