@@ -81,6 +81,8 @@ class Opt:
     secret: bool = False
     show: Callable[[Any], Any] = lambda v: v
     doc: str = ""
+    #: How a rejected value appears in a ConfigError (None: as given); hides embedded secrets.
+    redact_got: Callable[[Any], Any] | None = None
 
     def parse(self, raw: Any) -> Any:
         try:
@@ -220,7 +222,17 @@ def Url(default, schemes, doc="", optional=True):
             raise ValueError(v)
         return v.rstrip("/") if parts.scheme in ("http", "https") else v
     return Opt(default, convert, "a URL with scheme " + " or ".join(schemes),
-               show=_redact_url, doc=doc)
+               show=_redact_url, doc=doc, redact_got=_redact_got_url)
+
+
+def _redact_got_url(value: Any) -> Any:
+    """A rejected URL as an error may show it: with any password hidden."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return _redact_url(value)
+    except ValueError:  # not even parseable (a bad port): show nothing of it
+        return REDACTED
 
 
 def KeyMap(doc=""):
@@ -238,7 +250,7 @@ def KeyMap(doc=""):
         return out
     return Opt({}, convert, "a mapping of API key to principal name",
                show=lambda v: {f"{REDACTED}{i + 1}": p for i, p in enumerate(v.values())},
-               secret=False, doc=doc)
+               secret=False, doc=doc, redact_got=lambda v: REDACTED)
 
 
 def Mapping_(default, validate: Callable[[Any], Any], expected: str, doc=""):
@@ -586,7 +598,8 @@ def _merge(target: dict, raw: Any, spec: dict, source: str, path: list[str]):
         try:
             target[key] = opt.parse(value)
         except _Bad as bad:
-            raise ConfigError(source, name, str(bad), value,
+            got = opt.redact_got(value) if opt.redact_got else value
+            raise ConfigError(source, name, str(bad), got,
                               show_got=not opt.secret) from None
 
 
