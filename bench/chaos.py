@@ -26,18 +26,21 @@ import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# Run as a script, Python puts bench/ first on sys.path, where bench/http.py would shadow the
+# standard library's http package; import the helpers as bench.* from the repository root.
+_ROOT = str(Path(__file__).resolve().parent.parent)
+sys.path[:] = [_ROOT] + [p for p in sys.path
+                         if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import redis as redis_lib  # noqa: E402
 import requests  # noqa: E402
 
 from app.keys import Keys  # noqa: E402
-from chaos_checks import Canary, Sampler, check_ledgers, leaked_gpus  # noqa: E402
-from chaos_clients import ChaosClient  # noqa: E402
-from chaos_faults import KINDS, FaultInjector, schedule  # noqa: E402
-from chaos_receiver import WebhookReceiver  # noqa: E402
-from chaos_topology import Topology  # noqa: E402
+from bench.chaos_checks import Canary, Sampler, check_ledgers, leaked_gpus  # noqa: E402
+from bench.chaos_clients import ChaosClient  # noqa: E402
+from bench.chaos_faults import KINDS, FaultInjector, schedule  # noqa: E402
+from bench.chaos_receiver import WebhookReceiver  # noqa: E402
+from bench.chaos_topology import Topology  # noqa: E402
 
 PRINCIPALS = ("team-a", "team-b")
 ADMIN = "ops"
@@ -118,10 +121,12 @@ class Run:
             self._supervise()
             time.sleep(0.05)
         self.stop_load.set()
+        t0 = time.monotonic()
         self.injector.heal_all()
         for c in self.clients:
             c.join(30)
         self._supervise()
+        self.phase["stop_s"] = round(time.monotonic() - t0, 1)
 
     def _supervise(self) -> None:
         for name in self.topo.supervise():
@@ -269,12 +274,17 @@ class Run:
         self.load()
         _log("load stopped; draining")
         drained = self.drain()
+        t1 = time.monotonic()
         findings = self.wait_webhooks(timeout=40)
+        self.phase["webhook_wait_s"] = round(time.monotonic() - t1, 1)
         self.stop_watch.set()
         self.sampler.join(5)
         self.canary.join(5)
         out, details = self.report(drained, findings, time.monotonic() - t0)
         print_table(out, details)
+        if self.args.workdir:
+            (Path(self.args.workdir) / "report.json").write_text(
+                json.dumps({"summary": out, "details": details}, indent=1, default=str))
         print(json.dumps(out, sort_keys=False), flush=True)
         return 0 if out["violations"] == 0 else 1
 

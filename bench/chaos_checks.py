@@ -161,11 +161,16 @@ class Window:
             return 0
         return max(0, self.last_acked - self.survived)
 
+    #: When the first lost write was sent and the last lost one acknowledged (set by mark_up).
+    lost_span: tuple[float, float] | None = None
+
     @property
     def ms(self) -> float:
-        if self.t_survived_send is None:
+        """How much acknowledged history the restart rolled back, in milliseconds (0 when
+        every acknowledged write survived)."""
+        if not self.lost_writes or self.lost_span is None:
             return 0.0
-        return max(0.0, (self.t_kill - self.t_survived_send) * 1000)
+        return max(0.0, (self.lost_span[1] - self.lost_span[0]) * 1000)
 
 
 class Canary(threading.Thread):
@@ -223,6 +228,10 @@ class Canary(threading.Thread):
         window.survived = survived
         with self._lock:
             window.t_survived_send = self.sent.get(survived, window.t_kill)
+            if window.lost_writes:
+                first = self.sent.get(survived + 1, window.t_kill)
+                last = self.acked.get(window.last_acked, window.t_kill)
+                window.lost_span = (first, last)
             # Writes after the restart must not be compared against the old counter.
             self.seq = max(self.seq, window.last_acked or 0)
             self.last_acked = survived
@@ -335,9 +344,14 @@ def check_ledgers(client: redis_lib.Redis, keys: Keys, ledgers: list, deliveries
     for rid, ack in allocs.items():
         if not ack.webhook:
             continue
-        grants = [e for e in events.get(rid, []) if e.get("event") == "allocated"]
-        rec = records.get(rid) or {}
-        if not grants and not rec.get("allocated_at"):
+        # The engine notifies grants of *queued* requests (an immediate grant is the 200
+        # answer itself), so count the allocated events that follow a queued event.
+        grants, queued = [], False
+        for e in events.get(rid, []):
+            queued = queued or e.get("event") == "queued"
+            if e.get("event") == "allocated" and queued:
+                grants.append(e)
+        if not grants:
             continue
         f.webhooks_expected += 1
         got = [d for d in by_request.get(rid, []) if d.get("event") == "allocated"]
