@@ -160,3 +160,26 @@ def test_worker_killed_mid_delivery_the_webhook_is_still_delivered(
             second.stop()
     assert len(reqs) == 2 and reqs[0]["body"] == reqs[1]["body"]
     assert json.loads(reqs[1]["body"])["request_id"] == waiter["id"]
+
+
+def test_a_slow_delivery_is_not_mistaken_for_a_dead_worker(tmp_path, settings, redis, rq_redis):
+    """Heartbeats continue while a job runs: a POST that outlives the heartbeat TTL (3 s here)
+    is not retried by the other worker's maintenance pass."""
+    engine = Engine(redis, settings)
+    hold = threading.Event()
+    with Receiver(codes=[200], hold=hold) as rx:
+        holder, waiter = _queue_behind_holder(engine, rx.url)
+        settings, cfg, first = _worker(tmp_path, settings, timeout="20s",
+                                       retry_intervals=["0s"])
+        second = Role(cfg, "worker", log_dir=tmp_path)
+        try:
+            engine.release(holder["id"])
+            outbox.dispatch(rq_redis, settings)
+            rx.wait_for(1)
+            threading.Timer(5.0, hold.set).start()   # answer after 5 s
+            wait_until(lambda: _stats(redis, settings).get(webhooks.STAT_DELIVERED) == "1",
+                       timeout=20, message="delivered counter")
+        finally:
+            first.stop()
+            second.stop()
+    assert len(rx.requests) == 1

@@ -3,23 +3,22 @@
 The engine's Lua scripts RPUSH one JSON entry per deliverable event onto
 ``Keys.webhook_outbox()`` in the same atomic step as the state change:
 ``{"event_id", "event", "request_id", "ts"}``. :func:`dispatch` moves each entry, one at a
-time, to ``Keys.webhook_processing()`` (LMOVE, atomic), enqueues a delivery job whose id is
-derived from the event id, and only then removes the entry from the processing list.
+time, to ``Keys.webhook_processing()`` (LMOVE, atomic), then enqueues a delivery job whose id is
+derived from the event id and removes the entry from the processing list in one MULTI/EXEC.
 
 Crash safety, step by step (two dispatchers A and B: an API replica and the scheduler)::
 
     A: LMOVE outbox -> processing      entry is never in neither list
     A: SET claim:<event> NX PX 30000   B cannot work on the same entry meanwhile
-    A: job "webhook-<event>" exists?   no -> enqueue it (a crash here leaves the entry in
-                                       processing; the job may or may not exist)
-    A: LREM processing entry           done
+    A: job "webhook-<event>" exists?   (same round trip as the claim)
+    A: MULTI enqueue job; LREM processing entry; EXEC     done, atomically
 
-If A dies anywhere before LREM, the entry stays in the processing list. The scheduler calls
-``dispatch(..., recover_after=30)``, which re-handles processing entries older than that. The
-claim (expired by then) and the job-id check make the retry harmless: when the job was already
-enqueued, nothing new is enqueued. The only window for a duplicate is a dispatcher that stalls for
-longer than the claim TTL between its existence check and its enqueue; receivers can dedupe on
-``event_id`` even then.
+If A dies anywhere before EXEC, the entry stays in the processing list (and no job exists, unless
+an earlier attempt made one). The scheduler calls ``dispatch(..., recover_after=30)``, which
+re-handles processing entries older than that. The claim (expired by then) and the job-id check
+make the retry harmless: an existing job is never enqueued twice. The only window for a duplicate
+is a dispatcher that stalls for longer than the claim TTL between its check and its EXEC;
+receivers can dedupe on ``event_id`` even then.
 """
 from __future__ import annotations
 
@@ -112,18 +111,26 @@ def _handle(rq_redis, keys: Keys, q, raw, entry, retry, timeout) -> int:
         rq_redis.lrem(processing, 1, raw)
         return 0
     event_id = str(entry["event_id"])
-    if not rq_redis.set(keys.webhook_claim(event_id), b"1", nx=True, px=CLAIM_TTL_MS):
-        return 0  # another dispatcher is on it and will remove the entry
     job_id = job_id_for(event_id)
-    made = 0
-    if not Job.exists(job_id, connection=rq_redis):
-        q.enqueue("workers.webhooks.deliver", entry, job_id=job_id, retry=retry,
-                  job_timeout=timeout, result_ttl=RESULT_TTL, failure_ttl=FAILURE_TTL,
-                  description=f"webhook {entry.get('event', '?')} {entry['request_id']}")
-        made = 1
-    rq_redis.lrem(processing, 1, raw)
-    rq_redis.delete(keys.webhook_claim(event_id))
-    return made
+    claim = keys.webhook_claim(event_id)
+    check = rq_redis.pipeline(transaction=False)
+    check.set(claim, b"1", nx=True, px=CLAIM_TTL_MS)
+    check.exists(Job.key_for(job_id))
+    claimed, exists = check.execute()
+    if not claimed:
+        return 0  # another dispatcher is on it and will remove the entry
+    # One MULTI/EXEC: the job is saved and queued, and the entry leaves the processing list,
+    # together or not at all.
+    with rq_redis.pipeline(transaction=True) as pipe:
+        if not exists:
+            q.enqueue("workers.webhooks.deliver", entry, job_id=job_id, retry=retry,
+                      job_timeout=timeout, result_ttl=RESULT_TTL, failure_ttl=FAILURE_TTL,
+                      description=f"webhook {entry.get('event', '?')} {entry['request_id']}",
+                      pipeline=pipe)
+        pipe.lrem(processing, 1, raw)
+        pipe.delete(claim)
+        pipe.execute()
+    return 0 if exists else 1
 
 
 def pending(rq_redis: Any, settings: Settings) -> int:

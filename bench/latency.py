@@ -1,0 +1,204 @@
+"""Latency benchmark: release -> grant of a queued request, and -> its webhook arriving.
+
+Starts an embedded redis-server (temporary directory, free port), the API under gunicorn
+(``python -m app.cli api``) and one webhook worker (``python -m app.cli worker``), registers a
+one-GPU node, and runs a local HTTP receiver on 127.0.0.1. Each trial, over HTTP with a
+keep-alive session:
+
+1. ``POST /gpu/allocate`` a holder (granted: the only GPU);
+2. ``POST /gpu/allocate`` a waiter with a ``webhook_url`` (202, queued);
+3. t0; ``POST /gpu/release`` the holder; then ``GET /gpu/requests/<waiter>`` until its status
+   reads ``allocated`` (grant latency), and wait until the receiver has the waiter's webhook
+   (webhook latency, stamped on arrival in the receiver thread);
+4. release the waiter.
+
+Prints one JSON object with ``grant_p50_ms``, ``grant_p99_ms``, ``webhook_p50_ms``,
+``webhook_p99_ms`` (and max, means, trials, machine). Not a test; about 20 s for 200 trials.
+
+    .venv/bin/python bench/latency.py [--trials 200]
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+# Run as a script, bench/ comes first on sys.path and bench/http.py would shadow the standard
+# library's ``http`` package; drop that entry before anything imports http.server.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
+
+ROOT = os.path.dirname(_HERE)
+sys.path.insert(0, ROOT)
+
+import requests  # noqa: E402
+import yaml  # noqa: E402
+
+from app import settings as settings_mod  # noqa: E402
+from app.embedded_redis import EmbeddedRedis  # noqa: E402
+from app.engine import Engine  # noqa: E402
+from app.redis_client import connect  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Receiver:
+    """Stamps each webhook's arrival (perf_counter) by request_id."""
+
+    def __init__(self):
+        self.arrived: dict[str, float] = {}
+        self.cond = threading.Condition()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                stamp = time.perf_counter()
+                rid = json.loads(body).get("request_id")
+                with outer.cond:
+                    outer.arrived[rid] = stamp
+                    outer.cond.notify_all()
+                self.send_response(204)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def wait(self, rid: str, timeout: float = 10.0) -> float | None:
+        with self.cond:
+            self.cond.wait_for(lambda: rid in self.arrived, timeout)
+            return self.arrived.get(rid)
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--trials", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=10)
+    args = parser.parse_args()
+
+    tmp = tempfile.mkdtemp(prefix="gpuo-latency-")
+    redis_srv = EmbeddedRedis(os.path.join(tmp, "redis"), port=free_port())
+    url = redis_srv.start()
+    api_port = free_port()
+    config = {"redis": {"url": url}, "server": {"port": api_port, "host": "127.0.0.1"},
+              "logging": {"level": "WARNING"}}
+    cfg_path = os.path.join(tmp, "config.yaml")
+    with open(cfg_path, "w") as fh:
+        yaml.safe_dump(config, fh)
+    settings = settings_mod.load(cfg_path, environ={})
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("GPU_ORCH__") and k not in ("REDIS_URL", "CONFIG_PATH", "PORT")}
+    procs = [subprocess.Popen([sys.executable, "-m", "app.cli", "--config", cfg_path, role],
+                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+             for role in ("api", "worker")]
+    receiver = Receiver()
+    grant_ms: list[float] = []
+    release_ms: list[float] = []
+    hook_ms: list[float] = []
+    missing = 0
+    try:
+        engine = Engine(connect(url, settings), settings)
+        engine.report_node("bench-node", [{"index": 0, "uuid": "GPU-bench-0",
+                                           "name": "NVIDIA H100 80GB HBM3",
+                                           "memory_total_mb": 81559}],
+                           backend="simulated", host="bench")
+        base = f"http://127.0.0.1:{api_port}"
+        http = requests.Session()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if http.get(base + "/healthz", timeout=1).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("the API did not come up")
+            time.sleep(0.1)
+        time.sleep(1.0)  # let the worker register and start listening
+
+        for trial in range(args.warmup + args.trials):
+            holder = http.post(base + "/gpu/allocate", json={"service_name": "holder"}).json()
+            resp = http.post(base + "/gpu/allocate",
+                             json={"service_name": "waiter", "webhook_url": receiver.url})
+            assert resp.status_code == 202, resp.text
+            rid = resp.json()["request_id"]
+            t0 = time.perf_counter()
+            assert http.post(base + "/gpu/release",
+                             json={"allocation_id": holder["id"]}).status_code == 200
+            t_released = time.perf_counter()
+            while http.get(f"{base}/gpu/requests/{rid}").json().get("status") != "allocated":
+                pass
+            t_grant = time.perf_counter()
+            t_hook = receiver.wait(rid)
+            if trial >= args.warmup:
+                grant_ms.append((t_grant - t0) * 1000)
+                release_ms.append((t_released - t0) * 1000)
+                if t_hook is None:
+                    missing += 1
+                else:
+                    hook_ms.append((t_hook - t0) * 1000)
+            http.post(base + "/gpu/release", json={"allocation_id": rid})
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        receiver.server.shutdown()
+        redis_srv.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    out = {
+        "trials": len(grant_ms),
+        "grant_p50_ms": round(pct(grant_ms, 50), 2),
+        "grant_p99_ms": round(pct(grant_ms, 99), 2),
+        "grant_max_ms": round(max(grant_ms), 2),
+        "grant_mean_ms": round(statistics.mean(grant_ms), 2),
+        "release_call_p50_ms": round(pct(release_ms, 50), 2),
+        "release_call_p99_ms": round(pct(release_ms, 99), 2),
+        "webhook_p50_ms": round(pct(hook_ms, 50), 2) if hook_ms else None,
+        "webhook_p99_ms": round(pct(hook_ms, 99), 2) if hook_ms else None,
+        "webhook_max_ms": round(max(hook_ms), 2) if hook_ms else None,
+        "webhooks_missing": missing,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform()},
+    }
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
