@@ -290,6 +290,7 @@ class Findings:
     webhooks_missing: list[str] = field(default_factory=list)
     webhook_dup_mismatch: list[str] = field(default_factory=list)
     bad_signatures: int = 0
+    webhook_delays: list[float] = field(default_factory=list)  # grant -> first delivery, s
 
 
 def in_windows(t: float, windows: list[tuple[float, float]]) -> bool:
@@ -357,6 +358,9 @@ def check_ledgers(client: redis_lib.Redis, keys: Keys, ledgers: list, deliveries
         got = [d for d in by_request.get(rid, []) if d.get("event") == "allocated"]
         if got:
             f.webhooks_delivered += 1
+            granted = float(grants[0].get("ts") or 0)
+            if granted:
+                f.webhook_delays.append(min(d["t"] for d in got) - granted)
         else:
             f.webhooks_missing.append(rid)
         event_ids = {d.get("event_id") for d in got}

@@ -1,0 +1,231 @@
+"""The reliability proof: the short chaos run passes with 0 violations; its checks can fail.
+
+The slow test runs ``bench/chaos.py`` end to end (real Redis with AOF, 3 gunicorn replicas, 2 RQ
+workers, the scheduler, 4 simulated nodes, every kind of fault) and asserts each invariant. The
+fast tests show that each check of the harness does catch what it is meant to catch, so a
+passing chaos run means something.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from app.keys import Keys
+from bench import chaos_checks, chaos_faults
+from bench.chaos_clients import Ack, Ledger
+from bench.chaos_receiver import WebhookReceiver
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# --------------------------------------------------------------------------- the sampler
+
+
+def _alloc(rid, node, ids, sharing="exclusive", mb=0):
+    return [rid, "allocated", node, json.dumps(ids), sharing, str(mb)]
+
+
+def _gpu(member, total=80000, excl="", shared_n=0, shared_mb=0):
+    return [member, str(total), excl, str(shared_n), str(shared_mb)]
+
+
+def test_check_state_passes_a_consistent_fleet():
+    allocs = [_alloc("a", "n1", [0, 1]), _alloc("b", "n1", [2], "shared", 30000),
+              _alloc("c", "n1", [2], "shared", 30000)]
+    gpus = [_gpu("n1|0", excl="a"), _gpu("n1|1", excl="a"), _gpu("n1|2", shared_n=2)]
+    conflicts, drift, live = chaos_checks.check_state(allocs, gpus)
+    assert (conflicts, drift, live) == (set(), set(), 3)
+
+
+def test_check_state_catches_every_kind_of_double_allocation():
+    allocs = [_alloc("a", "n1", [0]), _alloc("b", "n1", [0]),           # exclusive twice
+              _alloc("c", "n1", [1]), _alloc("d", "n1", [1], "shared", 10),  # excl + shared
+              _alloc("e", "n2", [0], "shared", 50000), _alloc("f", "n2", [0], "shared", 40000)]
+    gpus = [_gpu("n1|0", excl="a"), _gpu("n1|1", excl="c"), _gpu("n2|0", total=80000)]
+    conflicts, _, _ = chaos_checks.check_state(allocs, gpus)
+    kinds = {(kind, member) for kind, member, _ in conflicts}
+    assert kinds == {("exclusive-twice", "n1|0"), ("exclusive-and-shared", "n1|1"),
+                     ("shared-over-memory", "n2|0")}
+
+
+def test_check_state_reports_index_drift_apart_from_double_allocations():
+    allocs = [_alloc("a", "n1", [0]), ["z", "released", "n1", "[1]", "exclusive", "0"]]
+    conflicts, drift, _ = chaos_checks.check_state(allocs, [_gpu("n1|0", excl="")])
+    assert conflicts == set()
+    assert {d[0] for d in drift} == {"excl-field", "lease-not-allocated"}
+
+
+def test_sampler_reads_the_engine_state_atomically(settings, redis):
+    """Against the real engine: a live allocation is seen, and a forged second holder of the
+    same GPU is reported as a double allocation."""
+    from app.engine import Engine
+    from workers.simulated import fleet
+
+    engine = Engine(redis, settings)
+    for node, gpus in fleet({"nodes": [{"name": "n1", "count": 2}]}).items():
+        engine.report_node(node, gpus)
+    rec = engine.allocate({"service_name": "svc", "required_gpus": 1, "ttl_seconds": 60})
+    stop = threading.Event()
+    sampler = chaos_checks.Sampler(settings.redis.url, settings.redis.prefix, stop)
+    sampler.sample()
+    assert sampler.conflicts == set() and sampler.max_live == 1
+    keys = Keys(settings.redis.prefix)
+    redis.hset(keys.request("forged"), mapping={"status": "allocated", "node": rec["node"],
+                                                "gpu_ids": json.dumps(rec["gpu_ids"]),
+                                                "sharing": "exclusive"})
+    redis.zadd(keys.leases(), {"forged": time.time() + 60})
+    sampler.sample()
+    assert [c[0] for c in sampler.conflicts] == ["exclusive-twice"]
+    sampler.client.close()
+
+
+# --------------------------------------------------------------------------- ledgers
+
+
+def test_check_ledgers_separates_lost_from_the_aof_window(settings, redis):
+    keys = Keys(settings.redis.prefix)
+    redis.hset(keys.request("kept"), mapping={"id": "kept", "status": "allocated",
+                                              "service_name": "s1"})
+    ledger = Ledger(0, "p")
+    ledger.acks += [Ack("allocate", "kept", 200, 1.0, 1.1, "s1", "allocated"),
+                    Ack("allocate", "gone-early", 200, 2.0, 2.1, "s2", "allocated"),
+                    Ack("allocate", "gone-in-window", 202, 5.0, 5.1, "s3", "queued"),
+                    Ack("release", "kept", 200, 6.0, 6.1)]
+    found = chaos_checks.check_ledgers(redis, keys, [ledger], [], windows=[(5.0, 5.5)])
+    assert found.lost == ["gone-early"]
+    assert found.aof_lost == ["gone-in-window"]
+    assert found.lost_transitions == ["release of kept acknowledged, now allocated"]
+
+
+def test_check_ledgers_counts_duplicate_grants_and_missing_webhooks(settings, redis):
+    keys = Keys(settings.redis.prefix)
+    for rid in ("r1", "r1-twin"):
+        redis.hset(keys.request(rid), mapping={"id": rid, "status": "allocated",
+                                               "service_name": "svc-1"})
+    redis.hset(keys.request("r2"), mapping={"id": "r2", "status": "allocated",
+                                            "service_name": "svc-2"})
+    for event in ("queued", "allocated"):
+        redis.xadd(keys.events(), {"event": event, "request_id": "r2", "ts": "10"})
+    ledger = Ledger(0, "p")
+    ledger.acks += [Ack("allocate", "r1", 200, 1, 1.1, "svc-1", "allocated", idem_key="k"),
+                    Ack("allocate", "r2", 202, 1, 1.1, "svc-2", "queued", webhook=True)]
+    found = chaos_checks.check_ledgers(redis, keys, [ledger], [], windows=[])
+    assert found.duplicate_grants == ["svc-1: ['r1', 'r1-twin']"]
+    assert (found.webhooks_expected, found.webhooks_delivered) == (1, 0)
+    twice = [{"request_id": "r2", "event": "allocated", "event_id": e, "t": 11.0}
+             for e in ("ev-1", "ev-2")]
+    found = chaos_checks.check_ledgers(redis, keys, [ledger], twice, windows=[])
+    assert found.webhooks_delivered == 1
+    assert found.webhook_dup_mismatch  # two deliveries of one grant with different event ids
+
+
+# --------------------------------------------------------------------------- faults, receiver
+
+
+def test_schedule_is_seeded_and_covers_every_fault():
+    args = dict(apis=3, workers=2, nodes=["node-a", "node-b"], heartbeat_timeout=3.0)
+    one = chaos_faults.schedule(25, 7, **args)
+    assert one == chaos_faults.schedule(25, 7, **args)
+    assert one != chaos_faults.schedule(25, 8, **args)
+    assert sorted(s.kind for s in one) == sorted(chaos_faults.KINDS)
+    assert all(3.0 <= s.at and s.at + s.hold * 2 < 25 for s in one)
+    longer = chaos_faults.schedule(300, 7, **args)
+    assert len(longer) >= 7 * 7
+
+
+def test_receiver_records_fails_and_goes_down():
+    receiver = WebhookReceiver(secret="s3cret")
+    try:
+        body = json.dumps({"status": "allocated", "request_id": "r", "event_id": "e"}).encode()
+        import hashlib
+        import hmac as hmac_mod
+        sig = "sha256=" + hmac_mod.new(b"s3cret", b"123." + body, hashlib.sha256).hexdigest()
+        headers = {"X-GPU-Orchestrator-Timestamp": "123", "X-GPU-Orchestrator-Signature": sig}
+        assert requests.post(receiver.url + "/x", data=body, headers=headers).status_code == 200
+        receiver.set_mode("error")
+        assert requests.post(receiver.url + "/x", data=body, headers=headers).status_code == 500
+        receiver.set_mode("down")
+        with pytest.raises(requests.ConnectionError):
+            requests.post(receiver.url + "/x", data=body, timeout=2)
+        receiver.set_mode("up")
+        assert requests.post(receiver.url + "/x", data=body,
+                             headers=dict(headers, **{"X-GPU-Orchestrator-Signature": "bad"})
+                             ).status_code == 200
+        got = receiver.delivered()
+        assert [d["signature_ok"] for d in got] == [True, False]
+        assert got[0]["event_id"] == "e" and receiver.failed_attempts == 1
+    finally:
+        receiver.close()
+
+
+def test_canary_measures_what_a_redis_sigkill_rolls_back(tmp_path):
+    """A SIGKILL after writes that never reached the AOF (appendonly turned off for the test)
+    shows up as lost writes; a SIGTERM with AOF on loses nothing."""
+    from bench.chaos_topology import Topology
+
+    topo = Topology(apis=0, workers=0, nodes=0, workdir=str(tmp_path / "t"))
+    try:
+        topo._build()
+        topo.start_redis()
+        stop = threading.Event()
+        canary = chaos_checks.Canary(topo.redis_url, stop, interval=0.002)
+        canary.start()
+        time.sleep(0.3)
+        canary.paused.set()
+        window = canary.mark_down("sigterm")
+        topo.terminate("redis")
+        topo.start_redis()
+        canary.mark_up(window)
+        assert window.survived == window.last_acked > 0 and window.lost_writes == 0
+        import redis as redis_lib
+        client = redis_lib.Redis.from_url(topo.redis_url)
+        client.config_set("appendonly", "no")
+        client.close()
+        canary.paused.clear()
+        time.sleep(0.3)
+        canary.paused.set()
+        topo.kill("redis")
+        window = canary.mark_down("sigkill")
+        topo.start_redis()
+        canary.mark_up(window)
+        assert window.lost_writes > 0 and window.ms > 0
+        assert canary.lost_windows() == [(window.t_survived_send, window.t_kill)]
+        stop.set()
+        canary.join(5)
+    finally:
+        topo.close()
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(280)
+def test_short_chaos_run_has_no_violations(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "chaos.py"), "--duration", "20", "--seed", "11",
+         "--workdir", str(tmp_path / "run")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=270)
+    lines = proc.stdout.strip().splitlines()
+    assert lines, proc.stderr[-3000:]
+    result = json.loads(lines[-1])
+    detail = proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "error" not in result, detail
+    assert result["faults"] >= len(chaos_faults.KINDS), detail
+    assert set(result["faults_by_kind"]) == set(chaos_faults.KINDS), detail
+    assert result["ops"] > 300, detail
+    for key in ("double_allocations", "lost_requests", "lost_transitions", "leaked_gpus",
+                "duplicate_grants", "webhook_event_id_mismatch", "webhook_bad_signatures",
+                "secrets_in_logs", "server_errors", "sigterm_writes_lost"):
+        assert result[key] == 0, (key, detail)
+    assert result["webhooks_delivered"] == result["webhooks_expected"] > 0, detail
+    assert result["samples"] > 100, detail
+    assert result["violations"] == 0 and proc.returncode == 0, detail
