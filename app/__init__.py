@@ -25,6 +25,7 @@ def create_app(settings: settings_mod.Settings | None = None, *, redis: Any = No
     """Build the API. Tests pass ``settings`` and a ``redis`` client instead of patching."""
     from app import auth, http_errors, metrics, request_ids
     from app import api as api_mod
+    from app.dispatcher import OutboxDispatcher
     from app.engine import Engine
     from app.redis_client import connect
     from app.workload import WorkloadAnalyzer
@@ -39,11 +40,13 @@ def create_app(settings: settings_mod.Settings | None = None, *, redis: Any = No
     if redis is None and url:
         redis = connect(url, settings)
     app.extensions["gpu_redis"] = redis
-    app.extensions["gpu_rq_redis"] = connect(url, settings, decode=False) if url else None
+    rq_redis = connect(url, settings, decode=False) if url else None
+    app.extensions["gpu_rq_redis"] = rq_redis
+    app.extensions["gpu_dispatcher"] = OutboxDispatcher(rq_redis, settings) if rq_redis else None
     engine = Engine(redis, settings, clock=clock)
     app.extensions["gpu_engine"] = engine
     app.extensions["gpu_analyzer"] = WorkloadAnalyzer.from_settings(
-        settings, fleet_limits=engine.fleet_limits)
+        settings, fleet_limits=_cached(engine.fleet_limits, FLEET_LIMITS_TTL))
 
     request_ids.init_app(app)
     metrics.init_app(app, engine)
@@ -56,6 +59,23 @@ def create_app(settings: settings_mod.Settings | None = None, *, redis: Any = No
         from workers import dashboard
         dashboard.init_app(app, settings, url)
     return app
+
+
+#: Seconds the fleet's limits (largest node, largest GPU) are reused by the workload analyser.
+#: They change only when nodes join or leave; the engine still checks every request itself.
+FLEET_LIMITS_TTL = 2.0
+
+
+def _cached(fn, ttl: float):
+    """``fn()`` remembered for ``ttl`` seconds (thread-safe enough: a race costs one extra call)."""
+    state: dict[str, Any] = {"at": float("-inf"), "value": None}
+
+    def cached():
+        now = time.monotonic()
+        if now - state["at"] >= ttl:
+            state["value"], state["at"] = fn(), now
+        return state["value"]
+    return cached
 
 
 def _access_log(app: Flask) -> None:

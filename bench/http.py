@@ -18,19 +18,25 @@ machine. Not a test; finishes in well under 2 minutes.
 """
 from __future__ import annotations
 
-import argparse
-import asyncio
-import json
 import os
-import platform
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import time
-import urllib.request
+
+# Run as a script, this file's directory comes first on sys.path and its name shadows the
+# standard library's ``http`` package; drop that entry before anything imports http.client.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -219,8 +225,9 @@ def main() -> int:
                    PYTHONPATH=ROOT)
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         open(env["CONFIG_PATH"], "w").close()
+        api_log = open(os.path.join(tmp, "api.log"), "wb")  # a pipe would fill up and block
         api = subprocess.Popen([sys.executable, "-m", "app.cli", "api"], cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               stdout=api_log, stderr=subprocess.STDOUT,
                                start_new_session=True)
         _wait_http(port)
         client = subprocess.run(
@@ -228,7 +235,7 @@ def main() -> int:
              "--clients", str(args.clients), "--noop-seconds", str(args.noop_seconds),
              "--alloc-seconds", str(args.alloc_seconds),
              "--warmup-seconds", str(args.warmup_seconds)],
-            capture_output=True, text=True, timeout=300, check=True)
+            capture_output=True, text=True, timeout=150, check=True)
         result = json.loads(client.stdout)
         result.update({
             "gpus": args.nodes * 8,

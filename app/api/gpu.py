@@ -24,6 +24,13 @@ blp = Blueprint("gpu", __name__, url_prefix="/gpu",
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 MAX_IDEMPOTENCY_KEY = 255
 
+# Schema instances are built once: building one deep-copies its fields (a measurable cost per
+# request), and loading with a shared instance is thread-safe (marshmallow 4 has no context).
+_ALLOCATE_BODY = schemas.AllocateRequestSchema()
+_RELEASE_BODY = schemas.ReleaseRequestSchema()
+_WORKLOAD_BODY = schemas.WorkloadRequestSchema()
+_RENEW_BODY = schemas.RenewRequestSchema()
+
 _ERRORS = {
     400: "BAD_REQUEST", 401: "UNAUTHORIZED", 403: "FORBIDDEN", 404: "NOT_FOUND",
     409: "CONFLICT", 413: "REQUEST_ENTITY_TOO_LARGE", 415: "UNSUPPORTED_MEDIA_TYPE",
@@ -57,15 +64,10 @@ def _owner_kwargs() -> dict[str, Any]:
 
 
 def _dispatch_webhooks() -> None:
-    """Hand freshly written webhook notifications to RQ; best effort (the scheduler also does)."""
-    rq_redis = current_app.extensions.get("gpu_rq_redis")
-    if rq_redis is None:
-        return
-    try:
-        from workers.outbox import dispatch
-        dispatch(rq_redis, current_app.extensions["gpu_settings"])
-    except Exception:  # noqa: BLE001 - never fail a request over a notification
-        log.warning("webhook dispatch failed; the scheduler will retry", exc_info=True)
+    """Have fresh webhook notifications handed to RQ (in the background; see app.dispatcher)."""
+    dispatcher = current_app.extensions.get("gpu_dispatcher")
+    if dispatcher is not None:
+        dispatcher.kick()
 
 
 def _idempotency_key() -> str | None:
@@ -141,7 +143,7 @@ def allocate():
     ``sharing``, ``depends_on`` and ``preferred_gpus`` apply on top of the analysis.
     """
     key = _idempotency_key()
-    data = body.load(schemas.AllocateRequestSchema())
+    data = body.load(_ALLOCATE_BODY)
     analysis = current_app.extensions["gpu_analyzer"].analyze(
         data["workload_type"], data["workload_data"], service_name=data.get("service_name"))
     req = engine_request(data, analysis, auth.current_principal())
@@ -157,7 +159,7 @@ def allocate():
 @errors(400, 401, 403, 404, 413, 415, 422, 503)
 def release():
     """Release one allocation by id, or every allocation of a service that the caller owns."""
-    data = body.load(schemas.ReleaseRequestSchema())
+    data = body.load(_RELEASE_BODY)
     engine = _engine()
     if data.get("allocation_id"):
         rec = engine.release(data["allocation_id"], **_owner_kwargs())
@@ -211,7 +213,7 @@ def list_all():
 @errors(400, 401, 413, 415, 422, 503)
 def workload():
     """Analyse a workload without side effects."""
-    data = body.load(schemas.WorkloadRequestSchema())
+    data = body.load(_WORKLOAD_BODY)
     analysis = current_app.extensions["gpu_analyzer"].analyze(
         data["workload_type"], data["workload_data"], service_name=data.get("service_name"))
     return jsonify(render.requirements(analysis))
@@ -273,7 +275,7 @@ def get_allocation(allocation_id: str):
 @errors(400, 401, 403, 404, 409, 413, 415, 422, 503)
 def renew(allocation_id: str):
     """Extend a live allocation's lease by ``ttl_seconds`` (default: its own TTL) from now."""
-    data = body.load(schemas.RenewRequestSchema())
+    data = body.load(_RENEW_BODY)
     if not schemas.ID_PATTERN.match(allocation_id):
         raise NotFound(f"no allocation {allocation_id!r}", details={"id": allocation_id})
     rec = _engine().renew(allocation_id, ttl_seconds=data.get("ttl_seconds"), **_owner_kwargs())
