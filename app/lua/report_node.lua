@@ -8,7 +8,10 @@
   Returns: the records granted by the pass that follows (capacity may have appeared).
   Guarantees: a GPU known for the node but missing from the report turns failed and lost (not
   schedulable) while its allocations stay; it comes back when reported again. Events
-  gpu_unhealthy / gpu_recovered mark health leaving or reaching "ok".
+  gpu_unhealthy / gpu_recovered mark health leaving or reaching "ok". Any report that could
+  let a waiting request fit (a GPU back, less utilization, changed free memory on a GPU
+  without an exclusive holder, a node whose heartbeat had lapsed) bumps the capacity version,
+  so the pass that follows rescans the queue.
 ]]
 -- @include prelude
 local node, backend, host = ARGV[A + 1], ARGV[A + 2], ARGV[A + 3]
@@ -36,7 +39,7 @@ for _, g in ipairs(gpus) do
   local idx = g.index
   seen[idx] = true
   local gk = k_gpu(node, idx)
-  local prev = redis.call('HMGET', gk, 'health', 'lost')
+  local prev = redis.call('HMGET', gk, 'health', 'lost', 'utilization', 'memory_free_mb', 'excl')
   local args = {'HSET', gk, 'node', node, 'lost', '0', 'updated_at', ftime(NOW)}
   for key, value in pairs(g) do
     args[#args + 1] = key
@@ -51,6 +54,12 @@ for _, g in ipairs(gpus) do
   end
   redis.call('ZADD', K_GPUS, tonumber(g.memory_total_mb) or 0, node .. '|' .. idx)
   if prev[1] then
+    -- telemetry that can make a waiting request fit (less busy; other free memory, which
+    -- max_memory_mb also bounds) is new capacity for the next pass
+    if (prev[5] or '') == '' and ((tonumber(g.utilization) or 0) < (tonumber(prev[3]) or 0)
+        or (tonumber(g.memory_free_mb) or 0) ~= (tonumber(prev[4]) or 0)) then
+      bump_capacity()
+    end
     local now_ok = g.health == 'ok'
     if was_ok(prev) and not now_ok then
       event('gpu_unhealthy', '', '', {'node', node, 'gpu_index', idx, 'health', g.health})

@@ -323,7 +323,7 @@ local function take_gpu(r, node, idx)
   local gk = k_gpu(node, idx)
   if r.sharing == 'shared' then
     redis.call('HINCRBY', gk, 'shared_n', 1)
-    redis.call('HINCRBY', gk, 'shared_mb', r.minm)
+    redis.call('HINCRBY', gk, 'shared_mb', string.format('%d', r.minm))
     gpu_sync(node, idx)
   else
     redis.call('HSET', gk, 'excl', r.id, 'in_free', '0', 'in_busy', '1')
@@ -339,7 +339,7 @@ local function return_gpu(id, sharing, minm, node, idx)
   local gk = k_gpu(node, idx)
   if sharing == 'shared' then
     redis.call('HINCRBY', gk, 'shared_n', -1)
-    redis.call('HINCRBY', gk, 'shared_mb', -minm)
+    redis.call('HINCRBY', gk, 'shared_mb', string.format('%d', -minm))
     gpu_sync(node, idx)
     return
   end

@@ -1,0 +1,419 @@
+"""The engine's invariants under random operation sequences (hypothesis) and real concurrency.
+
+After every step a full scan of Redis is compared with the engine's own indexes and counts:
+no GPU held twice, shared reservations within memory, one state per request, counts equal the
+scan, and the queue order (no waiting request that fits is left behind, no grant overtook a
+higher-ranked request that fitted).
+"""
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+from hypothesis import HealthCheck, settings as hyp_settings, strategies as st
+from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,
+                                 rule, run_state_machine_as_test)
+
+from app import errors
+from app.engine import Engine
+
+FLEET = {"n0": (2, 16000), "n1": (4, 32000), "n2": (1, 80000)}
+
+
+class Clock:
+    def __init__(self, t: float = 1_800_000_000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def gpus_for(node, health=None, missing=(), util=None, used=None):
+    count, mem = FLEET[node]
+    out = []
+    for i in range(count):
+        if i in missing:
+            continue
+        out.append({"index": i, "uuid": f"{node}-{i}", "name": "T", "memory_total_mb": mem,
+                    "memory_used_mb": (used or {}).get(i, 0),
+                    "utilization": (util or {}).get(i, 10 * i), "temperature": 40,
+                    "power_draw": 100, "health": (health or {}).get(i, "ok")})
+    return out
+
+
+# --------------------------------------------------------------------------- the full scan
+
+def scan(engine: Engine, redis) -> dict:
+    """Everything, read key by key (not through the engine's indexes)."""
+    k = engine.keys
+    reqs = {}
+    for key in redis.scan_iter(match=k.request("*"), count=1000):
+        h = redis.hgetall(key)
+        reqs[h["id"]] = h
+    gpus = {}
+    for key in redis.scan_iter(match=k.gpu("*", "*"), count=1000):
+        h = redis.hgetall(key)
+        gpus[(h["node"], h["index"])] = h
+    nodes = {n: float(hb) for n, hb in redis.zrange(k.nodes(), 0, -1, withscores=True)}
+    return {"reqs": reqs, "gpus": gpus, "nodes": nodes}
+
+
+def gpu_ok(g) -> bool:
+    return g.get("health") == "ok" and g.get("lost") != "1" and g.get("cordoned") != "1"
+
+
+def check_invariants(engine: Engine, redis, now: float) -> dict:
+    import json
+    k = engine.keys
+    s = scan(engine, redis)
+    timeout = engine.settings.scheduler.node_heartbeat_timeout
+    alive = {n for n, hb in s["nodes"].items() if hb >= now - timeout}
+    excl: dict = {}
+    shared: dict = {}
+    live = {rid: r for rid, r in s["reqs"].items() if r["status"] == "allocated"}
+    queued = {rid: r for rid, r in s["reqs"].items() if r["status"] == "queued"}
+    for rid, r in live.items():
+        for idx in json.loads(r["gpu_ids"]):
+            key = (r["node"], str(idx))
+            assert key in s["gpus"], f"{rid} holds an unknown GPU {key}"
+            if r["sharing"] == "shared":
+                shared.setdefault(key, []).append(r)
+            else:
+                excl.setdefault(key, []).append(rid)
+        assert len(set(json.loads(r["gpu_ids"]))) == int(r["required_gpus"])
+    for key, g in s["gpus"].items():
+        holders = excl.get(key, [])
+        assert len(holders) <= 1, f"GPU {key} in two exclusive allocations: {holders}"
+        assert not (holders and shared.get(key)), f"GPU {key} exclusive and shared at once"
+        reserved = sum(int(r["min_memory_mb"]) for r in shared.get(key, []))
+        assert reserved <= float(g["memory_total_mb"]), f"GPU {key} over-reserved"
+        assert (g.get("excl") or None) == (holders[0] if holders else None)
+        assert int(g.get("shared_n") or 0) == len(shared.get(key, []))
+        assert int(g.get("shared_mb") or 0) == reserved
+
+    # one state per request; the indexes agree with the records
+    statuses = {"queued", "allocated", "released", "expired", "cancelled", "timed_out"}
+    assert all(r["status"] in statuses for r in s["reqs"].values())
+    queue_ids = redis.zrange(k.queue(), 0, -1)
+    assert set(queue_ids) == set(queued) and len(queue_ids) == len(queued)
+    assert set(redis.zrange(k.leases(), 0, -1)) == set(live)
+    assert set(redis.zrange(k.queue_deadlines(), 0, -1)) == set(queued)
+    demand = set(redis.zrange(k.queue_demand("exclusive"), 0, -1)) | set(
+        redis.zrange(k.queue_demand("shared"), 0, -1))
+    assert demand == set(queued)
+    for node, holder in redis.hgetall(k.reservations()).items():
+        assert holder in queued and queued[holder].get("reserved_node") == node
+
+    # counts equal the scan
+    def free(key, g):
+        return gpu_ok(g) and not excl.get(key) and not shared.get(key)
+    busy = sum(1 for key in s["gpus"] if excl.get(key) or shared.get(key))
+    available = sum(1 for key, g in s["gpus"].items() if free(key, g) and key[0] in alive)
+    assert engine.counts() == {"allocations_active": len(live), "gpus_allocated": busy,
+                               "queue_depth": len(queued), "gpus_total": len(s["gpus"]),
+                               "gpus_available": available}
+    free_by_node = {n: 0 for n in s["nodes"]}
+    for key, g in s["gpus"].items():
+        free_by_node[key[0]] += free(key, g)
+    assert {n: int(v) for n, v in redis.zrange(k.nodes_free(), 0, -1, withscores=True)} == \
+        free_by_node
+
+    # nothing that fits is left waiting (best_effort: every queued request; strict: the head)
+    order = [rid for rid in queue_ids]
+    blocked: set = set()
+    for pos, rid in enumerate(order):
+        r = queued[rid]
+        deps = json.loads(r.get("depends_on") or "[]")
+        deps_done = all(s["reqs"].get(d, {}).get("status") not in ("queued", "allocated")
+                        for d in deps)
+        if deps_done:
+            assert not fits(r, s["gpus"], excl, shared, alive, blocked), \
+                f"queued {rid} (position {pos + 1}) fits now"
+        if engine.settings.scheduler.policy == "strict_fifo":
+            break
+        if r.get("reserved_node"):
+            blocked.add(r["reserved_node"])
+    return s
+
+
+def fits(r, gpus, excl, shared, alive, blocked, extra_free=()) -> bool:
+    """Could request r be placed now (the placement rules, written plainly)?"""
+    k, lo = int(r["required_gpus"]), float(r["min_memory_mb"])
+    hi = float(r["max_memory_mb"]) or float("inf")
+    util = float(r["max_utilization"])
+    per_node: dict = {}
+    for key, g in gpus.items():
+        node = key[0]
+        if node not in alive or node in blocked or not gpu_ok(g):
+            continue
+        if float(g.get("utilization") or 0) > util:
+            continue
+        holders_x = excl.get(key) and key not in extra_free
+        if r["sharing"] == "shared":
+            if holders_x:
+                continue
+            cap = float(g["memory_free_mb"]) - sum(int(x["min_memory_mb"])
+                                                   for x in shared.get(key, []))
+            if lo <= cap <= hi:
+                return True
+        else:
+            if holders_x or shared.get(key):
+                continue
+            if lo <= float(g["memory_free_mb"]) <= hi:
+                per_node[node] = per_node.get(node, 0) + 1
+    return any(n >= k for n in per_node.values())
+
+
+# --------------------------------------------------------------------------- state machine
+
+class EngineMachine(RuleBasedStateMachine):
+    redis = None
+    settings = None
+
+    @initialize(policy=st.sampled_from(["best_effort", "strict_fifo"]))
+    def setup(self, policy):
+        self.redis.flushdb()
+        self.clock = Clock()
+        st_ = self.settings.replace(scheduler={"policy": policy, "aging_rate": 0,
+                                               "reservation_after": 10**6,
+                                               "max_queue_size": 12})
+        self.engine = Engine(self.redis, st_, clock=self.clock)
+        self.health: dict = {}
+        self.util: dict = {}
+        self.silent: set = set()
+        for node in FLEET:
+            self.engine.report_node(node, gpus_for(node))
+        self.ids: list = []
+        self.seq: dict = {}
+
+    def report_all(self):
+        for node in FLEET:
+            if node not in self.silent:
+                self.engine.report_node(node, gpus_for(node, health=self.health.get(node),
+                                                       util=self.util.get(node)))
+
+    def _before(self):
+        return {rid: r for rid, r in scan(self.engine, self.redis)["reqs"].items()}
+
+    def _check_no_overtake(self, before: dict, new_id=None):
+        """Every grant of this step: no higher-ranked request still waiting could have used
+        the capacity the grant took (post-step free GPUs plus those given to lower ranks)."""
+        import json
+        after = scan(self.engine, self.redis)
+        granted = [rid for rid, r in after["reqs"].items() if r["status"] == "allocated"
+                   and (before.get(rid, {}).get("status") != "allocated")]
+        if not granted:
+            return
+        waiting = [rid for rid, r in after["reqs"].items() if r["status"] == "queued"]
+        rank = lambda rid: (-int(after["reqs"][rid]["priority"]), self.seq[rid])  # noqa: E731
+        timeout = self.engine.settings.scheduler.node_heartbeat_timeout
+        alive = {n for n, hb in after["nodes"].items() if hb >= self.clock.t - timeout}
+        for h in waiting:
+            hr = after["reqs"][h]
+            deps = json.loads(hr.get("depends_on") or "[]")
+            if any(after["reqs"].get(d, {}).get("status") in ("queued", "allocated")
+                   for d in deps):
+                continue
+            lower = [g for g in granted if rank(g) > rank(h)]
+            if not lower:
+                continue
+            excl, shared = {}, {}
+            for rid, r in after["reqs"].items():
+                if r["status"] != "allocated" or rid in lower:
+                    continue
+                for idx in json.loads(r["gpu_ids"]):
+                    key = (r["node"], str(idx))
+                    (shared.setdefault(key, []).append(r) if r["sharing"] == "shared"
+                     else excl.setdefault(key, []).append(rid))
+            assert not fits(hr, after["gpus"], excl, shared, alive, set()), \
+                f"{lower} overtook {h}, which fitted"
+
+    @rule(k=st.integers(1, 4), shared=st.booleans(),
+          mem=st.sampled_from([0, 4000, 12000, 30000]), prio=st.integers(1, 10),
+          dep=st.booleans(), ttl=st.sampled_from([None, 30, 300]), svc=st.sampled_from("ab"))
+    def allocate(self, k, shared, mem, prio, dep, ttl, svc):
+        req = {"service_name": svc, "required_gpus": 1 if shared else k,
+               "sharing": "shared" if shared else "exclusive", "min_memory_mb": mem,
+               "priority": prio, "max_utilization": 95}
+        if ttl:
+            req["ttl_seconds"] = ttl
+        if dep and self.ids:
+            req["depends_on"] = [self.ids[-1]]
+        before = self._before()
+        try:
+            rec = self.engine.allocate(req)
+        except (errors.QueueFull, errors.Unsatisfiable):
+            return
+        except errors.ValidationFailed:
+            assert dep  # a dependency whose history expired
+            return
+        self.seq[rec["id"]] = len(self.seq)
+        self.ids.append(rec["id"])
+        self._check_no_overtake(before)
+
+    @precondition(lambda self: self.ids)
+    @rule(data=st.data())
+    def release(self, data):
+        rid = data.draw(st.sampled_from(self.ids))
+        before = self._before()
+        try:
+            self.engine.release(rid)
+        except errors.NotFound:
+            assert before.get(rid, {}).get("status") not in ("queued", "allocated")
+        self._check_no_overtake(before)
+
+    @precondition(lambda self: self.ids)
+    @rule(data=st.data())
+    def cancel(self, data):
+        rid = data.draw(st.sampled_from(self.ids))
+        before = self._before()
+        try:
+            self.engine.cancel(rid)
+            assert before[rid]["status"] == "queued"
+        except errors.Conflict:
+            assert before[rid]["status"] != "queued"
+        self._check_no_overtake(before)
+
+    @precondition(lambda self: self.ids)
+    @rule(data=st.data(), ttl=st.sampled_from([None, 10, 600]))
+    def renew(self, data, ttl):
+        rid = data.draw(st.sampled_from(self.ids))
+        try:
+            rec = self.engine.renew(rid, ttl)
+            assert rec["expires_at"] > self.clock.t
+        except errors.Conflict:
+            pass
+
+    @rule(seconds=st.sampled_from([1, 20, 100]))
+    def time_passes(self, seconds):
+        self.clock.t += seconds
+        before = self._before()
+        self.report_all()
+        self.engine.reap()
+        self._check_no_overtake(before)
+
+    @rule(node=st.sampled_from(sorted(FLEET)), idx=st.integers(0, 3),
+          health=st.sampled_from(["ok", "degraded", "failed"]), util=st.sampled_from([0, 99]))
+    def telemetry(self, node, idx, health, util):
+        self.health.setdefault(node, {})[idx] = health
+        self.util.setdefault(node, {})[idx] = util
+        before = self._before()
+        self.report_all()
+        self._check_no_overtake(before)
+
+    @rule(node=st.sampled_from(sorted(FLEET)), idx=st.integers(0, 3), on=st.booleans())
+    def cordon(self, node, idx, on):
+        before = self._before()
+        try:
+            self.engine.set_gpu_schedulable(node, idx, on)
+        except errors.NotFound:
+            assert idx >= FLEET[node][0]
+        self._check_no_overtake(before)
+
+    @rule(node=st.sampled_from(sorted(FLEET)))
+    def node_goes_silent_or_returns(self, node):
+        if node in self.silent:
+            self.silent.discard(node)
+        else:
+            self.silent.add(node)
+        self.clock.t += 31
+        before = self._before()
+        self.report_all()
+        self.engine.reap()
+        self._check_no_overtake(before)
+
+    @invariant()
+    def invariants_hold(self):
+        if hasattr(self, "engine"):
+            check_invariants(self.engine, self.redis, self.clock.t)
+
+    def teardown(self):
+        if not hasattr(self, "engine"):
+            return
+        # after all releases and expiries no GPU is held
+        for rid in self.ids:
+            try:
+                self.engine.release(rid)
+            except errors.NotFound:
+                pass
+        self.silent.clear()
+        self.clock.t += 10**6
+        self.report_all()
+        self.engine.reap()
+        s = check_invariants(self.engine, self.redis, self.clock.t)
+        assert all(not g.get("excl") and int(g.get("shared_n") or 0) == 0
+                   for g in s["gpus"].values())
+        assert self.engine.counts()["gpus_allocated"] == 0
+
+
+def test_engine_state_machine(redis, settings):
+    EngineMachine.redis = redis
+    EngineMachine.settings = settings
+    run_state_machine_as_test(EngineMachine, settings=hyp_settings(
+        max_examples=30, stateful_step_count=25, deadline=None,
+        suppress_health_check=list(HealthCheck)))
+
+
+# --------------------------------------------------------------------------- concurrency
+
+def test_concurrent_allocate_release_keeps_the_invariants(redis_url, settings):
+    """Six threads, each with its own connection and engine (like six API replicas)."""
+    import redis as redis_lib
+    setup = redis_lib.Redis.from_url(redis_url, decode_responses=True)
+    st_ = settings.replace(scheduler={"max_queue_size": 100000})
+    Engine(setup, st_).report_node("n0", gpus_for("n0"))
+    Engine(setup, st_).report_node("n1", gpus_for("n1"))
+    Engine(setup, st_).report_node("n2", gpus_for("n2"))
+    failures: list = []
+    granted_ids: list = []
+
+    def worker(seed: int):
+        rnd = random.Random(seed)
+        client = redis_lib.Redis.from_url(redis_url, decode_responses=True)
+        engine = Engine(client, st_)
+        mine: list = []
+        try:
+            for _ in range(80):
+                if mine and rnd.random() < 0.45:
+                    rid = mine.pop(rnd.randrange(len(mine)))
+                    try:
+                        engine.release(rid)
+                    except errors.NotFound:
+                        pass
+                else:
+                    shared = rnd.random() < 0.3
+                    rec = engine.allocate({
+                        "service_name": f"t{seed}", "sharing": "shared" if shared else "exclusive",
+                        "required_gpus": 1 if shared else rnd.choice([1, 1, 2, 3]),
+                        "min_memory_mb": rnd.choice([0, 4000, 12000]),
+                        "priority": rnd.randint(1, 10), "ttl_seconds": 3600})
+                    mine.append(rec["id"])
+                    if rec["status"] == "allocated":
+                        granted_ids.append(rec["id"])
+        except Exception as exc:  # pragma: no cover - reported below
+            failures.append(exc)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not failures, [str(f) for f in failures]
+    engine = Engine(setup, st_)
+    now = engine.now()
+    check_invariants(engine, setup, now)
+    assert engine.stats()["scheduler"]["granted"] >= len(granted_ids) > 0
+    # drain: release everything; nothing stays held
+    for rec in engine.snapshot()["allocations"]:
+        engine.release(rec["id"])
+    while engine.counts()["allocations_active"]:
+        for rec in engine.snapshot()["allocations"]:
+            engine.release(rec["id"])
+    for rec in engine.snapshot()["queue"]:
+        engine.cancel(rec["id"])
+    check_invariants(engine, setup, engine.now())
+    assert engine.counts()["gpus_allocated"] == 0
+    setup.close()
