@@ -79,14 +79,18 @@ def _cached(fn, ttl: float):
 
 
 def _access_log(app: Flask) -> None:
-    """One line per request (method, route, status, ms, principal); never a key or a body."""
+    """One DEBUG line per request (method, path, status, ms, principal); never a key or a body.
+
+    DEBUG, not INFO: a log write per request is a syscall per request, a real share of a cheap
+    request's cost; ``--log-level DEBUG`` turns it on.
+    """
     access = logging.getLogger("gpu_orchestrator.access")
 
     @app.after_request
     def _line(response):
-        if access.isEnabledFor(logging.INFO):
+        if access.isEnabledFor(logging.DEBUG):
             t0 = g.get("_metrics_start")  # set by app.metrics, popped after this hook
             ms = (time.perf_counter() - t0) * 1000 if t0 is not None else 0.0
-            access.info("%s %s %s %.1fms principal=%s", request.method, request.path,
+            access.debug("%s %s %s %.1fms principal=%s", request.method, request.path,
                         response.status_code, ms, g.get("principal") or "-")
         return response

@@ -195,7 +195,7 @@ def main() -> int:
     parser.add_argument("--warmup-seconds", type=float, default=2.0)
     parser.add_argument("--nodes", type=int, default=8, help="simulated nodes of 8 GPUs")
     parser.add_argument("--log-level", default="INFO",
-                        help="API log level (INFO writes one access line per request)")
+                        help="API log level (DEBUG adds one access line per request)")
     parser.add_argument("--client", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
 

@@ -375,7 +375,7 @@ def test_every_response_carries_a_request_id(client):
 
 def test_logs_carry_the_request_id(client, caplog):
     caplog.handler.addFilter(logs._RequestIdFilter())
-    with caplog.at_level(logging.INFO, logger="gpu_orchestrator.access"):
+    with caplog.at_level(logging.DEBUG, logger="gpu_orchestrator.access"):
         client.get("/gpu/status", headers={"X-Request-ID": "trace-me-42"})
     lines = [r for r in caplog.records if r.name == "gpu_orchestrator.access"]
     assert lines and lines[-1].request_id == "trace-me-42"
