@@ -145,7 +145,8 @@ class Topology:
             "webhooks": {"timeout": "2s", "secret": self.webhook_secret,
                          "retry_intervals": ["1s", "1s", "2s", "2s", "3s", "3s", "5s", "5s",
                                              "5s", "5s"]},
-            "workers": {"maintenance_interval": "2s", "job_timeout": "10s"},
+            "workers": {"maintenance_interval": "2s", "job_timeout": "10s",
+                        "heartbeat_interval": "1s"},
             "dashboard": {"enabled": False},
         }
         for section, values in self.extra_config.items():

@@ -229,3 +229,36 @@ def test_short_chaos_run_has_no_violations(tmp_path):
     assert result["webhooks_delivered"] == result["webhooks_expected"] > 0, detail
     assert result["samples"] > 100, detail
     assert result["violations"] == 0 and proc.returncode == 0, detail
+
+
+# --------------------------------------------------------------------------- regressions
+
+
+def test_scheduler_survives_redis_being_unavailable_at_start_up(settings, monkeypatch):
+    """Chaos found it: a scheduler restarted while Redis replayed its AOF died on
+    BusyLoadingError from ``register_birth``, outside the loop that retries Redis errors."""
+    import signal
+
+    import redis as redis_lib
+    from rq.cron import CronScheduler
+
+    from workers import scheduler
+
+    real = CronScheduler.register_birth
+    calls = []
+
+    def flaky(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise redis_lib.exceptions.BusyLoadingError("Redis is loading the dataset in memory")
+        return real(self)
+
+    monkeypatch.setattr(CronScheduler, "register_birth", flaky)
+    monkeypatch.setattr(scheduler, "_sleep", lambda seconds, stopped: None)
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert scheduler.run(settings, max_iterations=3) == 0
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    assert len(calls) == 2

@@ -135,15 +135,18 @@ def run(settings: Settings, *, max_iterations: int | None = None) -> int:
     lock = rq_redis.lock(Keys(settings.redis.prefix).lock("scheduler"), timeout=LOCK_TTL,
                          thread_local=False)
     leader = False
+    born = False
     iterations = 0
     try:
-        cron.register_birth()
-        log.info("scheduler %s: safety-net pass every %ss, reaper every %ss",
-                 cron.name, _interval(settings.scheduler.queue_check_interval),
-                 _interval(settings.scheduler.cleanup_interval))
         while not stop and (max_iterations is None or iterations < max_iterations):
             iterations += 1
             try:
+                if not born:  # inside the retry: Redis may be down or LOADING at start-up
+                    cron.register_birth()
+                    born = True
+                    log.info("scheduler %s: safety-net pass every %ss, reaper every %ss",
+                             cron.name, _interval(settings.scheduler.queue_check_interval),
+                             _interval(settings.scheduler.cleanup_interval))
                 leader = _hold(lock, leader)
                 if leader:
                     if cron.enqueue_jobs():
@@ -163,7 +166,8 @@ def run(settings: Settings, *, max_iterations: int | None = None) -> int:
             except (LockError, RedisError):
                 pass
         try:
-            cron.register_death()
+            if born:
+                cron.register_death()
         except RedisError:
             pass
         if embedded:
