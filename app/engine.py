@@ -180,7 +180,7 @@ class Engine:
                             k.reservations(), k.leases(), k.events(), k.webhook_outbox(),
                             k.stats(), k.meta()]
         self._templates = [k.node("%s"), k.gpu("%s", "%s"), k.request("%s"), k.service("%s"),
-                           k.idempotency("%s")]
+                           k.idempotency("%s"), k.node_free_gpus("%s")]
         self._meta_key = [k.meta()]
         self._static_for = None
         self._static = ""

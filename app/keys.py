@@ -31,6 +31,11 @@ class Keys:
         """HASH of one GPU's telemetry, health and allocation state."""
         return self._k("gpu", node, str(index))
 
+    def node_free_gpus(self, node: str) -> str:
+        """HASH index -> "memory_free_mb|utilization|uuid" of the node's GPUs that are free for an
+        exclusive grant (placement reads one hash per node instead of every GPU)."""
+        return self._k("freegpus", node)
+
     def nodes_free(self) -> str:
         """ZSET node name -> number of its GPUs free for an exclusive grant (best-fit index)."""
         return self._k("nodes", "free")

@@ -118,6 +118,11 @@ def check_invariants(engine: Engine, redis, now: float) -> dict:
         free_by_node[key[0]] += free(key, g)
     assert {n: int(v) for n, v in redis.zrange(k.nodes_free(), 0, -1, withscores=True)} == \
         free_by_node
+    for node in s["nodes"]:
+        listed = redis.hgetall(k.node_free_gpus(node))
+        want = {idx: f"{g['memory_free_mb']}|{g['utilization']}|{g['uuid']}"
+                for (n, idx), g in s["gpus"].items() if n == node and free((n, idx), g)}
+        assert listed == want, f"node_free_gpus({node}) is stale"
 
     # nothing that fits is left waiting (best_effort: every queued request; strict: the head)
     order = [rid for rid in queue_ids]

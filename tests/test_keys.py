@@ -16,6 +16,7 @@ SHAPES = [
     (K.gpu("n1", 3), "{gpuo}:gpu:n1:3"),
     (K.gpu("n1", "3"), "{gpuo}:gpu:n1:3"),
     (K.nodes_free(), "{gpuo}:nodes:free"),
+    (K.node_free_gpus("n1"), "{gpuo}:freegpus:n1"),
     (K.node_sizes(), "{gpuo}:nodes:size"),
     (K.gpus(), "{gpuo}:gpus"),
     (K.shared_capacity(), "{gpuo}:gpus:shared"),
@@ -49,7 +50,7 @@ def test_every_key_method_is_pinned():
                and callable(getattr(Keys, name))}
     pinned = {w.split("}:", 1)[1].split(":")[0] for _, w in SHAPES}
     # each method's first segment appears in a pinned shape
-    first = {"nodes": "nodes", "node": "node", "gpu": "gpu", "nodes_free": "nodes",
+    first = {"nodes": "nodes", "node": "node", "gpu": "gpu", "nodes_free": "nodes", "node_free_gpus": "freegpus",
              "node_sizes": "nodes", "gpus": "gpus", "shared_capacity": "gpus", "request": "req",
              "queue": "queue", "queue_demand": "queue", "queue_deadlines": "queue",
              "queue_unreserved": "queue", "reservations": "reservations", "leases": "leases",
@@ -90,7 +91,7 @@ def test_lua_scripts_contain_no_key_text():
                          if not line.strip().startswith("--"))
         code = re.sub(r"--\[\[.*?\]\]", "", code, flags=re.S)
         assert "gpuo" not in code, path
-        assert not re.search(r"['\"](req|gpu|node|svc|idem|queue|leases|meta):", code), path
+        assert not re.search(r"['\"](req|gpu|node|svc|idem|queue|leases|meta|freegpus):", code), path
 
 
 def test_lua_builds_the_same_keys_as_keys_py(redis, settings):
@@ -100,7 +101,8 @@ def test_lua_builds_the_same_keys_as_keys_py(redis, settings):
     got = probe(keys=[keys.meta()], args=[engine._static_block(), "1000", "n1", "7", "svc-1",
                                           "web", "idem-key"])
     assert got == [keys.node("n1"), keys.gpu("n1", 7), keys.request("svc-1"),
-                   keys.service("web"), keys.idempotency("idem-key"), keys.nodes(),
+                   keys.service("web"), keys.idempotency("idem-key"),
+                   keys.node_free_gpus("n1"), keys.nodes(),
                    keys.queue(), keys.leases(), keys.meta(), keys.webhook_outbox()]
 
 
@@ -108,5 +110,5 @@ _PROBE = """
 -- @include prelude
 """.replace("-- @include prelude", (LUA_DIR / "includes" / "prelude.lua").read_text()) + """
 return {k_node(ARGV[A + 1]), k_gpu(ARGV[A + 1], ARGV[A + 2]), k_req(ARGV[A + 3]),
-  k_svc(ARGV[A + 4]), k_idem(ARGV[A + 5]), K_NODES, K_QUEUE, K_LEASES, K_META, K_OUTBOX}
+  k_svc(ARGV[A + 4]), k_idem(ARGV[A + 5]), k_free(ARGV[A + 1]), K_NODES, K_QUEUE, K_LEASES, K_META, K_OUTBOX}
 """

@@ -7,11 +7,12 @@
              1-16  keys: nodes, nodes_free, node_sizes, gpus, shared_capacity, queue,
                    queue_demand:exclusive, queue_demand:shared, queue_deadlines,
                    queue_unreserved, reservations, leases, events, webhook_outbox, stats, meta
-             17-21 key templates with %s holes: node, gpu, request, service, idempotency
-             22 policy (best_effort|strict_fifo)     23 aging (priority points per second)
-             24 reservation_after (s)               25 node_heartbeat_timeout (s)
-             26 events_maxlen                       27 history_ttl (s)
-             28 max_queue_size
+             17-22 key templates with %s holes: node, gpu, request, service, idempotency,
+                   node_free_gpus
+             23 policy (best_effort|strict_fifo)     24 aging (priority points per second)
+             25 reservation_after (s)               26 node_heartbeat_timeout (s)
+             27 events_maxlen                       28 history_ttl (s)
+             29 max_queue_size
   ARGV[2]  now (epoch seconds; "" = use Redis TIME, one clock for every replica)
   Each script's own arguments start at ARGV[A + 1].
 
@@ -21,7 +22,8 @@
     excl      id of the exclusive allocation holding it ("" = none)
     shared_n  number of shared allocations on it;  shared_mb  MB they reserve
     cordoned  "1" when an admin made it unschedulable;  lost  "1" when its node stopped reporting it
-    in_free   "1" while counted in nodes_free;  in_busy  "1" while counted as allocated (meta gpus_busy)
+    in_free   "1" while counted in nodes_free and listed in the node's node_free_gpus hash
+    in_busy   "1" while counted as allocated (meta gpus_busy)
 ]]
 local C = {}
 for item in string.gmatch(ARGV[1], '[^\n]+') do C[#C + 1] = item end
@@ -29,14 +31,14 @@ local K_NODES, K_FREE, K_SIZES, K_GPUS, K_SHARED = C[1], C[2], C[3], C[4], C[5]
 local K_QUEUE, K_QDX, K_QDS, K_QDEAD, K_QUNRES = C[6], C[7], C[8], C[9], C[10]
 local K_RES, K_LEASES, K_EVENTS, K_OUTBOX, K_STATS, K_META = C[11], C[12], C[13], C[14], C[15],
   C[16]
-local T_NODE, T_GPU, T_REQ, T_SVC, T_IDEM = C[17], C[18], C[19], C[20], C[21]
-local POLICY = C[22]
-local AGING = tonumber(C[23])
-local RES_AFTER = tonumber(C[24])
-local HB_TIMEOUT = tonumber(C[25])
-local EV_MAX = C[26]
-local HIST_TTL = tonumber(C[27])
-local MAX_QUEUE = tonumber(C[28])
+local T_NODE, T_GPU, T_REQ, T_SVC, T_IDEM, T_FREE = C[17], C[18], C[19], C[20], C[21], C[22]
+local POLICY = C[23]
+local AGING = tonumber(C[24])
+local RES_AFTER = tonumber(C[25])
+local HB_TIMEOUT = tonumber(C[26])
+local EV_MAX = C[27]
+local HIST_TTL = tonumber(C[28])
+local MAX_QUEUE = tonumber(C[29])
 local NOW
 if ARGV[2] ~= '' then
   NOW = tonumber(ARGV[2])
@@ -51,6 +53,7 @@ local function k_gpu(n, i) return string.format(T_GPU, n, i) end
 local function k_req(id) return string.format(T_REQ, id) end
 local function k_svc(s) return string.format(T_SVC, s) end
 local function k_idem(k) return string.format(T_IDEM, k) end
+local function k_free(n) return string.format(T_FREE, n) end
 
 local function ftime(x) return string.format('%.6f', x) end
 local function fnum(x) return string.format('%.17g', x) end
@@ -128,7 +131,7 @@ end
 local function gpu_sync(node, idx)
   local gk = k_gpu(node, idx)
   local f = redis.call('HMGET', gk, 'excl', 'shared_n', 'health', 'cordoned', 'lost',
-    'memory_free_mb', 'shared_mb', 'in_free', 'in_busy')
+    'memory_free_mb', 'shared_mb', 'in_free', 'in_busy', 'utilization', 'uuid')
   local excl = f[1] or ''
   local sn = tonumber(f[2] or '0') or 0
   local ok = f[3] == 'ok' and f[4] ~= '1' and f[5] ~= '1'
@@ -139,6 +142,12 @@ local function gpu_sync(node, idx)
     redis.call('HINCRBY', K_META, 'gpus_free', free and 1 or -1)
     redis.call('HSET', gk, 'in_free', free and '1' or '0')
     if free then bump_capacity() end
+  end
+  if free then
+    redis.call('HSET', k_free(node), idx, (f[6] or '0') .. '|' .. (f[10] or '0') .. '|' ..
+      (f[11] or ''))
+  elseif f[8] == '1' then
+    redis.call('HDEL', k_free(node), idx)
   end
   if busy ~= (f[9] == '1') then
     redis.call('HINCRBY', K_META, 'gpus_busy', busy and 1 or -1)
@@ -194,19 +203,17 @@ local function deps_done(r)
   return true
 end
 
--- Qualifying free GPUs of one node for an exclusive request.
+-- Qualifying free GPUs of one node for an exclusive request (one read: node_free_gpus).
 local function node_candidates(r, node)
   local q = {}
-  for _, idx in ipairs(node_indexes(node)) do
-    local g = redis.call('HMGET', k_gpu(node, idx), 'in_free', 'memory_free_mb', 'utilization',
-      'uuid')
-    if g[1] == '1' then
-      local mem = tonumber(g[2]) or 0
-      local util = tonumber(g[3]) or 0
-      if mem >= r.minm and (r.maxm <= 0 or mem <= r.maxm) and util <= r.util then
-        q[#q + 1] = {idx = idx, mem = mem, util = util, uuid = g[4] or '',
-          pref = r.pref[idx] and 1 or 0}
-      end
+  local h = redis.call('HGETALL', k_free(node))
+  for i = 1, #h, 2 do
+    local mem, util, uuid = string.match(h[i + 1], '^([^|]*)|([^|]*)|(.*)$')
+    mem, util = tonumber(mem) or 0, tonumber(util) or 0
+    if mem >= r.minm and (r.maxm <= 0 or mem <= r.maxm) and util <= r.util then
+      local idx = h[i]
+      q[#q + 1] = {idx = idx, mem = mem, util = util, uuid = uuid,
+        pref = r.pref[idx] and 1 or 0}
     end
   end
   return q
@@ -327,6 +334,7 @@ local function take_gpu(r, node, idx)
     gpu_sync(node, idx)
   else
     redis.call('HSET', gk, 'excl', r.id, 'in_free', '0', 'in_busy', '1')
+    redis.call('HDEL', k_free(node), idx)
     redis.call('ZINCRBY', K_FREE, -1, node)
     redis.call('HINCRBY', K_META, 'gpus_free', -1)
     redis.call('HINCRBY', K_META, 'gpus_busy', 1)
@@ -344,7 +352,7 @@ local function return_gpu(id, sharing, minm, node, idx)
     return
   end
   local g = redis.call('HMGET', gk, 'excl', 'health', 'cordoned', 'lost', 'memory_free_mb',
-    'shared_n', 'in_busy')
+    'shared_n', 'in_busy', 'utilization', 'uuid')
   if g[1] ~= id then return end
   if g[6] ~= '0' or g[7] ~= '1' then
     redis.call('HSET', gk, 'excl', '')
@@ -355,6 +363,8 @@ local function return_gpu(id, sharing, minm, node, idx)
   redis.call('HSET', gk, 'excl', '', 'in_busy', '0', 'in_free', ok and '1' or '0')
   redis.call('HINCRBY', K_META, 'gpus_busy', -1)
   if ok then
+    redis.call('HSET', k_free(node), idx, (g[5] or '0') .. '|' .. (g[8] or '0') .. '|' ..
+      (g[9] or ''))
     redis.call('ZINCRBY', K_FREE, 1, node)
     redis.call('HINCRBY', K_META, 'gpus_free', 1)
     local cap = tonumber(g[5] or '0') or 0
