@@ -4,6 +4,7 @@ from __future__ import annotations
 import http.client
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -117,3 +118,59 @@ def test_gunicorn_with_two_workers_counts_add_up(tmp_path, redis_url):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         proc.stderr.close()
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True,
+                         text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+@pytest.mark.slow
+def test_a_worker_exiting_does_not_stop_the_embedded_redis(tmp_path):
+    """Regression: gunicorn workers unwind through the master's frames when they exit, so a
+    cleanup in ``finally`` must run only in the master (it used to stop the embedded Redis)."""
+    port, redis_port = free_port(), free_port()
+    config = tmp_path / "config.yaml"
+    config.write_text(f"server:\n  workers: 2\n  threads: 1\n  host: 127.0.0.1\n"
+                      f"redis:\n  data_dir: {tmp_path / 'redis'}\n  embedded_port: {redis_port}\n"
+                      "dashboard:\n  enabled: false\nlogging:\n  level: WARNING\n")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR")}
+    env.update(PORT=str(port), CONFIG_PATH=str(config), PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "api"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if _get(port, "/readyz")[0] == 200 and len(_children(proc.pid)) >= 2:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "API did not come up"
+            time.sleep(0.1)
+        gunicorn_workers = [p for p in _children(proc.pid)
+                            if "redis-server" not in Path(f"/proc/{p}/cmdline").read_text()]
+        os.kill(gunicorn_workers[0], signal.SIGTERM)  # a graceful worker exit
+        time.sleep(1.0)
+        for _ in range(5):
+            assert _get(port, "/readyz")[0] == 200
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    # The master stopped the embedded Redis on its way out.
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", redis_port), timeout=0.5):
+                time.sleep(0.2)
+        except OSError:
+            break
+    else:
+        pytest.fail("embedded Redis still running after the API stopped")
