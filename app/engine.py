@@ -467,7 +467,7 @@ class Engine:
         allocations: dict[str, dict[str, int]] = {}
         scheduler: dict[str, int] = {}
         per_bucket: dict[str, int] = {}
-        wait_sum, wait_count = 0.0, 0
+        wait_sum = 0.0
         for field, value in raw.items():
             parts = field.split("|")
             if parts[0] == "alloc" and len(parts) >= 3:
@@ -477,8 +477,6 @@ class Engine:
                 scheduler[parts[1]] = int(value)
             elif field == "wait|sum":
                 wait_sum = float(value)
-            elif field == "wait|count":
-                wait_count = int(value)
             elif parts[:2] == ["wait", "le"]:
                 per_bucket[parts[2]] = int(value)
         buckets, running = [], 0
@@ -486,6 +484,8 @@ class Engine:
             running += per_bucket.get(_bucket_label(b), 0)
             buckets.append((float(b), running))
         buckets.append((math.inf, running + per_bucket.get("+Inf", 0)))
+        scheduler["granted"] = scheduler.get("immediate", 0) + scheduler.get("from_queue", 0)
+        wait_count = scheduler["granted"]
         return {"allocations": allocations, "scheduler": scheduler,
                 "wait": {"buckets": buckets, "sum": wait_sum, "count": wait_count}}
 

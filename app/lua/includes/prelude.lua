@@ -63,14 +63,17 @@ local WAIT_BUCKETS = {'0.005', '0.01', '0.025', '0.05', '0.1', '0.25', '0.5', '1
 
 local function stat(field, n) redis.call('HINCRBY', K_STATS, field, n or 1) end
 
+-- One grant's queue wait. The histogram's count is sched|immediate + sched|from_queue (every
+-- grant is one of the two), so only the bucket and the sum are written here.
 local function stat_wait(wait)
   local label = '+Inf'
   for _, b in ipairs(WAIT_BUCKETS) do
     if wait <= tonumber(b) then label = b; break end
   end
   redis.call('HINCRBY', K_STATS, 'wait|le|' .. label, 1)
-  redis.call('HINCRBY', K_STATS, 'wait|count', 1)
-  redis.call('HINCRBYFLOAT', K_STATS, 'wait|sum', string.format('%.6f', wait))
+  if wait > 0 then
+    redis.call('HINCRBYFLOAT', K_STATS, 'wait|sum', string.format('%.6f', wait))
+  end
 end
 
 local function bump_capacity() redis.call('HINCRBY', K_META, 'capver', 1) end
@@ -180,9 +183,11 @@ local function req_from(id, f)
     reserved = f[14] or '', status = f[15], owner = f[16] or ''}
   r.pref = {}
   r.npref = 0
-  for _, p in ipairs(cjson.decode(r.pref_raw)) do
-    local key = string.format('%d', p)
-    if not r.pref[key] then r.pref[key] = true; r.npref = r.npref + 1 end
+  if r.pref_raw ~= '[]' then
+    for _, p in ipairs(cjson.decode(r.pref_raw)) do
+      local key = string.format('%d', p)
+      if not r.pref[key] then r.pref[key] = true; r.npref = r.npref + 1 end
+    end
   end
   return r
 end
@@ -233,7 +238,8 @@ local function place_exclusive(r, blocked)
   local best, bestq, bestp = nil, nil, -1
   local offset = 0
   while true do
-    local batch = redis.call('ZRANGEBYSCORE', K_FREE, k, '+inf', 'LIMIT', offset, 64)
+    local batch = redis.call('ZRANGEBYSCORE', K_FREE, k, '+inf', 'LIMIT', offset,
+      offset == 0 and 8 or 64)
     if #batch == 0 then break end
     for _, node in ipairs(batch) do
       if not blocked[node] and node_alive(node) then
@@ -253,6 +259,13 @@ local function place_exclusive(r, blocked)
     offset = offset + #batch
   end
   if not best then return nil end
+  if k == 1 then
+    local top = bestq[1]
+    for i = 2, #bestq do
+      if rank_gpus(bestq[i], top) then top = bestq[i] end
+    end
+    return best, {top}
+  end
   table.sort(bestq, rank_gpus)
   local chosen = {}
   for i = 1, k do chosen[i] = bestq[i] end
@@ -342,7 +355,7 @@ local function take_gpu(r, node, idx)
   end
 end
 
--- Give one GPU back from allocation id.
+-- Give one GPU back from allocation id (the caller bumps the capacity version).
 local function return_gpu(id, sharing, minm, node, idx)
   local gk = k_gpu(node, idx)
   if sharing == 'shared' then
@@ -370,7 +383,6 @@ local function return_gpu(id, sharing, minm, node, idx)
     local cap = tonumber(g[5] or '0') or 0
     if cap < 0 then cap = 0 end
     redis.call('ZADD', K_SHARED, cap, node .. '|' .. idx)
-    bump_capacity()
   end
 end
 
@@ -400,7 +412,6 @@ local function grant(r, node, chosen, queued, from_queue)
   local evid = event('allocated', r.id, r.svc, {'node', node, 'gpu_ids', ids_json,
     'gpu_uuids', uuids_json})
   stat('alloc|' .. r.svc .. '|allocated')
-  stat('sched|granted')
   stat(from_queue and 'sched|from_queue' or 'sched|immediate')
   stat_wait(wait)
   if from_queue then outbox('allocated', r.id, evid, r.hook, nil, true) end
