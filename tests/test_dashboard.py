@@ -60,3 +60,16 @@ def test_disabled_dashboard_mounts_nothing(settings, redis_url):
     app = Flask("dash-off")
     assert not dashboard.init_app(app, settings.replace(dashboard={"enabled": False}), redis_url)
     assert app.test_client().get("/rq/").status_code == 404
+
+
+def test_mounted_in_the_api_behind_its_auth(settings, redis_url, queued_job):
+    from app import create_app
+    s = settings.replace(auth={"enabled": True, "api_keys": {"k-ops": "ops"}})
+    client = create_app(s, redis_url=redis_url).test_client()
+    assert client.get("/rq/").status_code == 401
+    assert client.get("/rq/0/data/queues.json").status_code == 401
+    assert client.post(f"/rq/job/{queued_job}/delete").status_code == 401
+    ok = client.get("/rq/", headers={"X-API-Key": "k-ops"})
+    assert ok.status_code == 200 and b"<html" in ok.data.lower()
+    listed = client.get("/rq/0/data/queues.json", headers={"X-API-Key": "k-ops"}).get_json()
+    assert queues.queue_name(settings, queues.WEBHOOKS) in [q["name"] for q in listed["queues"]]

@@ -14,6 +14,8 @@ import yaml
 
 from conftest import free_port
 from proc_support import ROOT, wait_until
+from webhook_receiver import Receiver
+from workers import webhooks
 
 pytestmark = pytest.mark.slow
 
@@ -86,6 +88,7 @@ def config(tmp_path):
     data = {
         "server": {"port": port, "host": "127.0.0.1", "workers": 1, "threads": 2},
         "redis": {"url": "", "data_dir": str(tmp_path / "data"), "embedded_port": free_port()},
+        "webhooks": {"secret": "up-secret"},
         "monitoring": {"backend": "simulated", "refresh_interval": "1s",
                        "simulated": {"nodes": [{"name": "laptop", "count": 2,
                                                 "gpu": {"name": "NVIDIA L4",
@@ -96,7 +99,13 @@ def config(tmp_path):
     return str(path), f"http://127.0.0.1:{port}", tmp_path
 
 
-def test_up_starts_serves_stops_cleanly_and_restarts_with_state(config):
+@pytest.fixture
+def rx():
+    with Receiver() as receiver:
+        yield receiver
+
+
+def test_up_starts_serves_stops_cleanly_and_restarts_with_state(config, rx):
     path, base, tmp_path = config
     up = Up(path, tmp_path / "up-1.log")
     try:
@@ -114,7 +123,8 @@ def test_up_starts_serves_stops_cleanly_and_restarts_with_state(config):
             code, alloc = _post(base + "/gpu/allocate", {"service_name": "keeper"})
             assert code == 200
             held.append(alloc["id"])
-        code, queued = _post(base + "/gpu/allocate", {"service_name": "waiter"})
+        code, queued = _post(base + "/gpu/allocate", {"service_name": "waiter",
+                                                      "webhook_url": rx.url})
         assert code == 202
         family = _descendants(up.proc.pid)
         assert len(family) >= 5      # redis, api, worker, scheduler, monitor (and their forks)
@@ -133,5 +143,13 @@ def test_up_starts_serves_stops_cleanly_and_restarts_with_state(config):
         assert sorted(a["id"] for a in listing["allocations"]) == sorted(held)
         assert [q["request_id"] if "request_id" in q else q["id"]
                 for q in listing["queue"]] == [queued["request_id"]]
+        # The whole path after the restart: API release -> grant -> worker -> signed webhook.
+        code, _ = _post(base + "/gpu/release", {"allocation_id": held[0]})
+        assert code == 200
+        [hook] = rx.wait_for(1)
+        payload = json.loads(hook["body"])
+        assert (payload["status"], payload["request_id"]) == ("allocated", queued["request_id"])
+        assert webhooks.verify_signature("up-secret", hook["headers"][webhooks.TIMESTAMP_HEADER],
+                                         hook["body"], hook["headers"][webhooks.SIGNATURE_HEADER])
     finally:
         assert again.stop() == 0
