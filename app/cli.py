@@ -184,7 +184,7 @@ def cmd_up(args, settings) -> int:
 
 
 def _wait_until_up(settings, url, host, with_monitor, stopped, timeout=20.0) -> dict:
-    """Wait (bounded) for /healthz and the monitor's first report; what was found, for the summary."""
+    """Wait (bounded) for /healthz and the first GPU report; returns what the summary shows."""
     import urllib.request
 
     found = {"api": False, "gpus": None, "nodes": None, "queued": None, "allocations": None}

@@ -29,7 +29,8 @@ class Role:
 
     def __init__(self, config: str, *args: str, log_dir=None):
         self.args = [sys.executable, "-m", "app.cli", "--config", config, *args]
-        self.log_path = Path(log_dir or "/tmp") / f"{args[0]}-{os.getpid()}-{time.monotonic_ns()}.log"
+        name = f"{args[0]}-{os.getpid()}-{time.monotonic_ns()}.log"
+        self.log_path = Path(log_dir or "/tmp") / name
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("GPU_ORCH__") and k not in ("REDIS_URL", "CONFIG_PATH", "PORT")}
         self.log = open(self.log_path, "wb")

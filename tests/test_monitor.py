@@ -5,7 +5,6 @@ import logging
 import socket
 
 import fake_pynvml
-import pytest
 
 from app import cli
 from app.engine import Engine

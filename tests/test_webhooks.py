@@ -97,6 +97,7 @@ def test_ssrf_policy(settings):
     allow = settings.replace(webhooks={"allowed_hosts": ["hooks.example.com", "*.corp.example"]})
     webhooks.check_url("https://hooks.example.com/x", allow)
     webhooks.check_url("https://a.b.corp.example/x", allow)
-    for url in ("https://evil.example.com/x", "https://corp.example.evil/x", "ftp://hooks.example.com/"):
+    for url in ("https://evil.example.com/x", "https://corp.example.evil/x",
+                "ftp://hooks.example.com/"):
         with pytest.raises(webhooks.WebhookRefused):
             webhooks.check_url(url, allow)

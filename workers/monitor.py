@@ -63,7 +63,8 @@ class Monitor:
     """One refresh = read the backend, report every node, dispatch webhooks for new grants."""
 
     def __init__(self, settings: Settings, engine: Any, backend: Any, rq_redis: Any = None):
-        self.settings, self.engine, self.backend, self.rq_redis = settings, engine, backend, rq_redis
+        self.settings, self.engine, self.backend = settings, engine, backend
+        self.rq_redis = rq_redis
         self.host = socket.gethostname()
         self._health: dict[tuple[str, int], str] = {}
 

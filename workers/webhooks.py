@@ -100,7 +100,8 @@ def build_payload(record: dict[str, Any], event: str, event_id: str) -> dict[str
             "service_name": record.get("service_name"),
             "gpu_ids": _gpu_ids(record.get("gpu_ids")),
             "allocated_at": iso(allocated),
-            "priority": int(record["priority"]) if record.get("priority") not in (None, "") else None,
+            "priority": (int(record["priority"])
+                         if record.get("priority") not in (None, "") else None),
         },
         "submitted_at": iso(submitted),
         "allocated_at": iso(allocated),
