@@ -84,6 +84,7 @@ class Run:
         self.clients: list[ChaosClient] = []
         self.injector = None
         self.t_load = None
+        self.drained_clean = False
         self.phase = {}
 
     # ------------------------------------------------------------------ phases
@@ -178,13 +179,23 @@ class Run:
         try:
             while True:
                 findings = check_ledgers(client, keys, [c.ledger for c in self.clients],
-                                         self.receiver.delivered(), self.canary.lost_windows())
+                                         self.receiver.delivered(), self.canary.lost_windows(),
+                                         drained=self.drained_clean, silent=self.silent_windows())
                 if not findings.webhooks_missing or time.monotonic() > deadline:
                     return findings
                 self._supervise()
                 time.sleep(0.5)
         finally:
             client.close()
+
+    def silent_windows(self) -> list[tuple[str, float, float]]:
+        """(node, from, to): from the heartbeat lapse (plus a refresh of slack) to the resume."""
+        out = []
+        for r in self.injector.records:
+            if r.kind == "node_silent" and r.end:
+                node = r.target.removeprefix("monitor-")
+                out.append((node, r.start + HEARTBEAT_TIMEOUT + 0.6, r.end))
+        return out
 
     def secrets_in_logs(self) -> list[str]:
         """Every configured secret (API keys, webhook secret) that shows up in any child log."""
@@ -217,6 +228,9 @@ class Run:
             "double_allocations": len(self.sampler.conflicts),
             "lost_requests": len(findings.lost),
             "lost_transitions": len(findings.lost_transitions),
+            "stuck_requests": len(findings.stuck),
+            "finished_without_event": len(findings.unrecorded),
+            "grants_on_silent_nodes": len(findings.silent_node_grants),
             "aof_window_lost": len(findings.aof_lost),
             "aof_window_ms": round(max((w.ms for w in kills), default=0.0), 1),
             "aof_window_writes_lost": sum(w.lost_writes for w in kills),
@@ -248,6 +262,8 @@ class Run:
         }
         out["violations"] = (out["double_allocations"] + out["lost_requests"]
                              + out["lost_transitions"] + out["leaked_gpus"]
+                             + out["stuck_requests"] + out["finished_without_event"]
+                             + out["grants_on_silent_nodes"]
                              + (out["webhooks_expected"] - out["webhooks_delivered"])
                              + out["webhook_event_id_mismatch"] + out["webhook_bad_signatures"]
                              + out["duplicate_grants"] + out["secrets_in_logs"]
@@ -257,6 +273,9 @@ class Run:
             "index_drift": sorted(map(str, self.sampler.drift))[:20],
             "lost_requests": findings.lost[:20],
             "lost_transitions": findings.lost_transitions[:20],
+            "stuck_requests": findings.stuck[:20],
+            "finished_without_event": findings.unrecorded[:20],
+            "grants_on_silent_nodes": findings.silent_node_grants[:20],
             "aof_window_lost": findings.aof_lost[:20],
             "leaked": drained["held"][:20], "queued_left": drained["queued_left"][:20],
             "webhooks_missing": findings.webhooks_missing[:20],
@@ -276,6 +295,7 @@ class Run:
         self.load()
         _log("load stopped; draining")
         drained = self.drain()
+        self.drained_clean = drained["left"] == (0, 0)
         t1 = time.monotonic()
         # A webhook retry scheduled by RQ waits for RQ's scheduler lock; when the worker that
         # held it was SIGKILLed, that lock only expires after 60 s (rq/scheduler.py). Wait that
@@ -317,6 +337,9 @@ def print_table(out: dict, details: dict) -> None:
         ("lost in the AOF window", out["aof_window_lost"],
          f"window {out['aof_window_ms']} ms, {out['aof_window_writes_lost']} canary writes"),
         ("writes lost on SIGTERM", out["sigterm_writes_lost"], ""),
+        ("requests unfinished after drain", out["stuck_requests"], ""),
+        ("finished without an event", out["finished_without_event"], ""),
+        ("grants on a silent node", out["grants_on_silent_nodes"], "heartbeat lapsed"),
         ("leaked GPUs", out["leaked_gpus"], "after drain and lease expiry"),
         ("webhooks delivered/expected", f"{out['webhooks_delivered']}/{out['webhooks_expected']}",
          f"{out['webhook_event_id_mismatch']} event_id mismatches, "

@@ -189,23 +189,37 @@ class Canary(threading.Thread):
         self.windows: list[Window] = []
         self.paused = threading.Event()
         self._lock = threading.Lock()
+        self._io = threading.Lock()  # held around each write, so pause() can wait it out
 
     def run(self) -> None:
         while not self.stop_event.is_set():
-            if not self.paused.is_set():
-                with self._lock:
-                    self.seq += 1
-                    seq = self.seq
-                    self.sent[seq] = time.time()
-                try:
-                    self.client.set(CANARY_KEY, seq)
-                    with self._lock:
-                        self.acked[seq] = time.time()
-                        self.last_acked = max(self.last_acked, seq)
-                except redis_lib.RedisError:
-                    pass
+            with self._io:
+                if not self.paused.is_set():
+                    self._write()
             self.stop_event.wait(self.interval)
         self.client.close()
+
+    def _write(self) -> None:
+        with self._lock:
+            self.seq += 1
+            seq = self.seq
+            self.sent[seq] = time.time()
+        try:
+            self.client.set(CANARY_KEY, seq)
+            with self._lock:
+                self.acked[seq] = time.time()
+                self.last_acked = max(self.last_acked, seq)
+        except redis_lib.RedisError:
+            pass
+
+    def pause(self) -> None:
+        """Stop writing, and return only once no write is in flight."""
+        self.paused.set()
+        with self._io:
+            pass
+
+    def resume(self) -> None:
+        self.paused.clear()
 
     def mark_down(self, kind: str) -> Window:
         """Call right after Redis was stopped (``kind`` = sigterm or sigkill)."""
@@ -291,6 +305,9 @@ class Findings:
     webhook_dup_mismatch: list[str] = field(default_factory=list)
     bad_signatures: int = 0
     webhook_delays: list[float] = field(default_factory=list)  # grant -> first delivery, s
+    stuck: list[str] = field(default_factory=list)        # not finished after the drain
+    unrecorded: list[str] = field(default_factory=list)   # finished without its event
+    silent_node_grants: list[str] = field(default_factory=list)
 
 
 def in_windows(t: float, windows: list[tuple[float, float]]) -> bool:
@@ -301,8 +318,13 @@ TERMINAL = {"released", "expired", "cancelled", "timed_out"}
 
 
 def check_ledgers(client: redis_lib.Redis, keys: Keys, ledgers: list, deliveries: list[dict],
-                  windows: list[tuple[float, float]]) -> Findings:
-    """Replay the clients' acknowledgements against what Redis and the event stream hold."""
+                  windows: list[tuple[float, float]], *, drained: bool = False,
+                  silent: list[tuple[str, float, float]] = ()) -> Findings:
+    """Replay the clients' acknowledgements against what Redis and the event stream hold.
+
+    ``windows``: AOF windows (see :class:`Canary`); ``drained``: no lease or queued request is
+    left, so every acknowledged request must have finished; ``silent``: (node, from, to) epoch
+    ranges in which the node's heartbeat had lapsed."""
     f = Findings()
     acks = [a for ledger in ledgers for a in ledger.acks]
     allocs = {a.request_id: a for a in acks if a.op == "allocate"}
@@ -312,8 +334,24 @@ def check_ledgers(client: redis_lib.Redis, keys: Keys, ledgers: list, deliveries
     for rid, ack in allocs.items():
         rec = records.get(rid)
         evs = events.get(rid, [])
-        if rec is None and not any(e.get("event") in TERMINAL for e in evs):
+        names = [e.get("event") for e in evs]
+        if rec is None and not any(n in TERMINAL for n in names):
             (f.aof_lost if in_windows(ack.t_ack, windows) else f.lost).append(rid)
+            continue
+        status = (rec or {}).get("status")
+        if drained and status not in TERMINAL:
+            f.stuck.append(f"{rid} is still {status} after the drain")
+        elif status in TERMINAL and status not in names:
+            f.unrecorded.append(f"{rid} is {status} with no {status} event")
+
+    # A node whose heartbeat lapsed is not schedulable: no grant may land on it meanwhile.
+    for node, lo, hi in silent:
+        for evs in events.values():
+            for e in evs:
+                if (e.get("event") == "allocated" and e.get("node") == node
+                        and lo <= float(e.get("ts") or 0) <= hi):
+                    f.silent_node_grants.append(f"{e.get('request_id')} on {node} at "
+                                                f"{float(e['ts']) - lo:+.2f}s into the lapse")
 
     for ack in acks:
         if ack.op not in ("release", "cancel"):

@@ -159,7 +159,7 @@ class FaultInjector:
         return False
 
     def _redis(self, step, rec, sig_kind: str):
-        self.canary.paused.set()
+        self.canary.pause()
         if sig_kind == "sigkill":
             self.topo.kill("redis")
         else:
@@ -167,7 +167,7 @@ class FaultInjector:
         window = self.canary.mark_down(sig_kind)
         down = self.topo.start_redis()
         self.canary.mark_up(window)
-        self.canary.paused.clear()
+        self.canary.resume()
         rec.end = time.time()
         rec.detail.update(restart_s=round(down, 3), window_ms=round(window.ms, 1),
                           lost_writes=window.lost_writes)

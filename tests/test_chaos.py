@@ -126,6 +126,27 @@ def test_check_ledgers_counts_duplicate_grants_and_missing_webhooks(settings, re
     assert found.webhook_dup_mismatch  # two deliveries of one grant with different event ids
 
 
+def test_check_ledgers_finds_grants_on_a_silent_node_and_unfinished_requests(settings, redis):
+    keys = Keys(settings.redis.prefix)
+    redis.hset(keys.request("r1"), mapping={"id": "r1", "status": "allocated",
+                                            "service_name": "s1"})
+    redis.hset(keys.request("r2"), mapping={"id": "r2", "status": "released",
+                                            "service_name": "s2"})
+    redis.xadd(keys.events(), {"event": "allocated", "request_id": "r1", "node": "node-b",
+                               "ts": "105"})
+    ledger = Ledger(0, "p")
+    ledger.acks += [Ack("allocate", "r1", 200, 1, 1.1, "s1", "allocated"),
+                    Ack("allocate", "r2", 200, 1, 1.1, "s2", "allocated")]
+    found = chaos_checks.check_ledgers(redis, keys, [ledger], [], windows=[], drained=True,
+                                       silent=[("node-b", 100.0, 110.0)])
+    assert found.silent_node_grants == ["r1 on node-b at +5.00s into the lapse"]
+    assert found.stuck == ["r1 is still allocated after the drain"]
+    assert found.unrecorded == ["r2 is released with no released event"]
+    found = chaos_checks.check_ledgers(redis, keys, [ledger], [], windows=[],
+                                       silent=[("node-a", 100.0, 110.0)])
+    assert found.silent_node_grants == [] and found.stuck == []
+
+
 # --------------------------------------------------------------------------- faults, receiver
 
 
@@ -178,7 +199,7 @@ def test_canary_measures_what_a_redis_sigkill_rolls_back(tmp_path):
         canary = chaos_checks.Canary(topo.redis_url, stop, interval=0.002)
         canary.start()
         time.sleep(0.3)
-        canary.paused.set()
+        canary.pause()
         window = canary.mark_down("sigterm")
         topo.terminate("redis")
         topo.start_redis()
@@ -188,9 +209,9 @@ def test_canary_measures_what_a_redis_sigkill_rolls_back(tmp_path):
         client = redis_lib.Redis.from_url(topo.redis_url)
         client.config_set("appendonly", "no")
         client.close()
-        canary.paused.clear()
+        canary.resume()
         time.sleep(0.3)
-        canary.paused.set()
+        canary.pause()
         topo.kill("redis")
         window = canary.mark_down("sigkill")
         topo.start_redis()
