@@ -308,6 +308,9 @@ class Run:
         self.sampler.join(5)
         self.canary.join(5)
         out, details = self.report(drained, findings, time.monotonic() - t0)
+        if self.args.fuzz_scale:
+            out["fuzz"] = run_fuzz(self.args.fuzz_scale)
+            out["violations"] += 0 if out["fuzz"]["passed"] else 1
         print_table(out, details)
         if self.args.workdir:
             (Path(self.args.workdir) / "report.json").write_text(
@@ -320,6 +323,21 @@ class Run:
         self.stop_watch.set()
         self.receiver.close()
         self.topo.close()
+
+
+def run_fuzz(scale: int) -> dict:
+    """The API's schemathesis fuzz (tests/test_fuzz.py) at ``scale`` times its examples."""
+    import subprocess
+    _log(f"schemathesis fuzz at {scale}x its examples")
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "tests/test_fuzz.py", "-q", "-p", "no:cacheprovider",
+         "-o", "timeout=3000"],
+        cwd=_ROOT, env=dict(os.environ, GPUO_FUZZ_SCALE=str(scale)), capture_output=True,
+        text=True)
+    tail = (proc.stdout.strip().splitlines() or [""])[-1]
+    return {"scale": scale, "passed": proc.returncode == 0, "summary": tail,
+            "seconds": round(time.monotonic() - t0, 1)}
 
 
 def _ms(seconds):
@@ -374,6 +392,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--clients", type=int, default=6)
     parser.add_argument("--workdir", help="keep config and logs here instead of a temp dir")
+    parser.add_argument("--fuzz-scale", type=int, default=0, metavar="N",
+                        help="afterwards, run the schemathesis fuzz at N times its examples "
+                             "(the long mode uses 10)")
     args = parser.parse_args(argv)
     if not 10 <= args.duration <= 3600:
         parser.error("--duration must be 10..3600 seconds")

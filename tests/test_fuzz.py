@@ -6,6 +6,8 @@ pytest 9, so the test walks the operations itself with plain Hypothesis.)
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings as hsettings
@@ -15,7 +17,9 @@ from schemathesis.checks import positive_data_acceptance
 from tests.api_support import clock, make_app  # noqa: F401 (fixtures)
 
 #: Examples per operation: positive (valid per the spec) and negative (invalid on purpose).
-EXAMPLES = {GenerationMode.POSITIVE: 25, GenerationMode.NEGATIVE: 15}
+#: ``GPUO_FUZZ_SCALE`` multiplies both (the chaos long mode runs ``--fuzz-scale 10``).
+_SCALE = max(1, int(os.environ.get("GPUO_FUZZ_SCALE", "1") or 1))
+EXAMPLES = {GenerationMode.POSITIVE: 25 * _SCALE, GenerationMode.NEGATIVE: 15 * _SCALE}
 
 
 def run_operation(operation, mode: GenerationMode) -> None:
