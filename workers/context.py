@@ -15,6 +15,7 @@ class _Context:
     settings: Settings | None = None
     redis: Any = None      # decoded client, for the engine
     rq_redis: Any = None   # raw-bytes client, for RQ
+    engine: Any = None     # built on first use, reused by every job in this process
 
 
 _context = _Context()
@@ -22,6 +23,7 @@ _context = _Context()
 
 def configure(settings: Settings, redis: Any, rq_redis: Any = None) -> None:
     _context.settings, _context.redis, _context.rq_redis = settings, redis, rq_redis
+    _context.engine = None
 
 
 def get() -> tuple[Settings, Any, Any]:
@@ -33,3 +35,12 @@ def get() -> tuple[Settings, Any, Any]:
         configure(settings, connect(settings.redis.url, settings),
                   connect(settings.redis.url, settings, decode=False))
     return _context.settings, _context.redis, _context.rq_redis
+
+
+def engine() -> Any:
+    """The process's :class:`app.engine.Engine` (scripts loaded once, not per job)."""
+    settings, redis, _ = get()
+    if _context.engine is None:
+        from app.engine import Engine
+        _context.engine = Engine(redis, settings)
+    return _context.engine

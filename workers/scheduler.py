@@ -52,15 +52,10 @@ RECOVER_AFTER = 30.0
 
 # ------------------------------------------------------------------------------ the jobs
 
-def _engine(settings: Settings, redis: Any):
-    from app.engine import Engine
-    return Engine(redis, settings)
-
-
 def safety_net() -> dict[str, int]:
     """Maintenance job: one schedule pass, then drain the webhook outbox."""
-    settings, redis, rq_redis = context.get()
-    grants = _engine(settings, redis).schedule_pass()
+    settings, _, rq_redis = context.get()
+    grants = context.engine().schedule_pass()
     dispatched = outbox.dispatch(rq_redis, settings, recover_after=RECOVER_AFTER)
     if grants:
         log.info("safety-net pass granted %d queued request(s)", len(grants))
@@ -69,8 +64,8 @@ def safety_net() -> dict[str, int]:
 
 def reap() -> dict[str, int]:
     """Maintenance job: expire lapsed leases and timed-out requests, then drain the outbox."""
-    settings, redis, rq_redis = context.get()
-    result = _engine(settings, redis).reap() or {}
+    settings, _, rq_redis = context.get()
+    result = context.engine().reap() or {}
     dispatched = outbox.dispatch(rq_redis, settings, recover_after=RECOVER_AFTER)
     counts = {k: len(v) if isinstance(v, (list, tuple, set, dict)) else int(v or 0)
               for k, v in result.items()}

@@ -208,11 +208,10 @@ def post(url: str, payload: dict[str, Any], settings: Settings, *,
                        status=resp.status_code)
 
 
-def _load_record(redis: Any, settings: Settings, request_id: str) -> dict[str, Any] | None:
-    from app.engine import Engine
+def _load_record(request_id: str) -> dict[str, Any] | None:
     from app.errors import NotFound
     try:
-        return Engine(redis, settings).get(request_id)
+        return context.engine().get(request_id)
     except NotFound:
         return None
 
@@ -225,7 +224,7 @@ def deliver(entry: dict[str, Any]) -> dict[str, Any]:
     job = get_current_job()
     token = logs.request_id_var.set(str(entry.get("request_id") or "-"))
     try:
-        record = _load_record(redis, settings, entry["request_id"])
+        record = _load_record(entry["request_id"])
         url = (record or {}).get("webhook_url") or entry.get("webhook_url")
         if not record or not url:
             log.info("no webhook to deliver for %s (%s)", entry.get("request_id"),
