@@ -419,8 +419,10 @@ class Engine:
             rec["position"] = rank + 1
         return rec
 
-    def schedule_pass(self) -> list[dict]:
-        return [parse_record(r) for r in self._run("schedule")]
+    def schedule_pass(self, *, force: bool = True) -> list[dict]:
+        """Grant what fits now. ``force=False`` skips the walk when no capacity appeared since
+        the last pass (the passes inside allocate/release/report already work that way)."""
+        return [parse_record(r) for r in self._run("schedule", "1" if force else "0")]
 
     def reap(self, limit: int = 1000) -> dict:
         expired, timed_out, granted = self._run("reap", int(limit))

@@ -709,3 +709,42 @@ def test_scripts_reload_after_script_flush(engine, redis):
     engine.report_node("a", gpu_list(1))
     redis.script_flush()
     assert engine.allocate(req())["status"] == "allocated"
+
+
+def test_schedule_pass_forced_walk_finds_capacity_the_version_missed(engine, redis):
+    engine.report_node("a", gpu_list(1))
+    x = engine.allocate(req())
+    q = engine.allocate(req())
+    # free the GPU behind the engine's back, keeping the indexes right but not the version
+    gk = engine.keys.gpu("a", 0)
+    redis.hset(gk, mapping={"excl": "", "in_free": "1", "in_busy": "0"})
+    redis.hset(engine.keys.node_free_gpus("a"), "0", "81920|0|GPU-0")
+    redis.zincrby(engine.keys.nodes_free(), 1, "a")
+    redis.hset(engine.keys.request(x["id"]), "status", "released")
+    redis.zrem(engine.keys.leases(), x["id"])
+    assert engine.schedule_pass(force=False) == []
+    assert [g["id"] for g in engine.schedule_pass()] == [q["id"]]
+
+
+def test_full_queue_still_grants_a_request_that_fits(make_engine):
+    engine = make_engine(max_queue_size=1)
+    engine.report_node("a", gpu_list(2))
+    engine.allocate(req())
+    big = engine.allocate(req(required_gpus=2))
+    assert big["status"] == "queued"
+    small = engine.allocate(req(priority=1))  # fits on the free GPU; the big one cannot use it
+    assert small["status"] == "allocated"
+    with pytest.raises(errors.QueueFull):
+        engine.allocate(req(), idempotency_key="k")
+    assert engine.counts()["queue_depth"] == 1
+    # the rejected request left nothing behind: its idempotency key is free again
+    with pytest.raises(errors.QueueFull):
+        engine.allocate(req(priority=2), idempotency_key="k")
+
+
+def test_fifo_within_priority_with_aging_at_the_same_instant(make_engine):
+    engine = make_engine(aging_rate=0.1)
+    engine.report_node("a", gpu_list(1))
+    engine.allocate(req())
+    ids = [engine.allocate(req(service=f"s{9 - i}"))["id"] for i in range(10)]
+    assert [r["id"] for r in engine.snapshot()["queue"]] == ids

@@ -14,7 +14,8 @@
     errors: {-4, existing id} idempotency key reused with another body, {-7, dep} unknown
     depends_on id, {-6, reason, limit} can never fit, {-5, depth} queue full, {-8} id taken.
   Guarantees: the request is granted at once only if no higher-ranked waiting request could
-  use the GPUs (the pass tries those first); otherwise it is queued. No writes on error.
+  use the GPUs (the pass tries those first); otherwise it is queued. A full queue rejects only
+  requests that would wait. No writes on error (other than grants the pass made for others).
 ]]
 -- @include prelude
 local id, idem_key, idem_hash = ARGV[A + 1], ARGV[A + 2], ARGV[A + 3]
@@ -56,10 +57,6 @@ if reject then
   return reject
 end
 local depth = redis.call('ZCARD', K_QUEUE)
-if depth >= MAX_QUEUE then
-  stat('alloc|' .. svc .. '|rejected')
-  return {-5, tostring(depth)}
-end
 local rk = k_req(id)
 if redis.call('EXISTS', rk) == 1 then return {-8} end
 
@@ -90,6 +87,14 @@ end
 enqueue(r, queue_timeout)
 schedule(id)
 local rank = redis.call('ZRANK', K_QUEUE, id)
+if rank and depth >= MAX_QUEUE then
+  -- it would wait, and the queue is full: undo (nothing about it was announced yet)
+  dequeue(id, '')
+  redis.call('DEL', rk)
+  if idem_key ~= '' then redis.call('DEL', k_idem(idem_key)) end
+  stat('alloc|' .. svc .. '|rejected')
+  return {-5, tostring(depth)}
+end
 if rank then
   event('queued', id, svc, nil)
   stat('alloc|' .. svc .. '|queued')

@@ -320,10 +320,18 @@ local function dequeue(id, reserved)
   end
 end
 
+-- Queue rank score, lowest first. With aging, effective priority p + AGING * (now - s) orders
+-- like p - AGING * s, so the score AGING * s - p never has to change. s is made strictly
+-- increasing (10 us apart at least) so equal times still queue FIFO, and is taken relative
+-- to 1.7e9 s to keep the double's precision for that step.
 local function enqueue(r, queue_timeout)
   local score
   if AGING > 0 then
-    score = AGING * r.submitted - r.priority
+    local s = r.submitted
+    local last = tonumber(redis.call('HGET', K_META, 'last_submit') or '0') or 0
+    if s <= last then s = last + 0.00001 end
+    redis.call('HSET', K_META, 'last_submit', fnum(s))
+    score = AGING * (s - 1700000000) - r.priority
   else
     score = -r.priority * 1e12 + redis.call('HINCRBY', K_META, 'seq', 1)
   end
@@ -535,14 +543,15 @@ end
   * meta.capver counts capacity appearing (GPU freed, node back, dependency finished,
     reservation dropped); meta.passver is capver at the last full pass. Equal: every queued
     request already failed against at least today's capacity, so only new_id is tried.
+    force (the periodic safety-net pass) walks regardless.
   * nothing_fits(): smallest queued demand vs best free capacity, O(log n).
   * in the walk, a demand shape that failed is not tried again (capacity only shrinks).
 ]]
-local function schedule(new_id)
+local function schedule(new_id, force)
   local granted = {}
   if redis.call('ZCARD', K_QUEUE) == 0 then return granted end
   local capver = redis.call('HGET', K_META, 'capver') or '0'
-  local full = capver ~= (redis.call('HGET', K_META, 'passver') or '')
+  local full = force or capver ~= (redis.call('HGET', K_META, 'passver') or '')
   if not full and RES_AFTER >= 0 and POLICY ~= 'strict_fifo' then
     local due = low_score(K_QUNRES)
     if due and due <= NOW - RES_AFTER then full = true end
