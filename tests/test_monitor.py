@@ -112,6 +112,10 @@ def test_fake_nvml_health_is_not_a_one_way_door(settings, redis):
     assert all(g["schedulable"] and g["health"] == "ok" for g in gpus.values())
     # Recovery is new capacity: the monitor's report granted the queued request.
     assert engine.get(queued["id"])["status"] == "allocated"
+    health_events = [(e["event"], e["gpu_index"]) for e in engine.events(count=1000)
+                     if e["event"].startswith("gpu_")]
+    assert sorted(health_events) == [("gpu_recovered", "0"), ("gpu_recovered", "1"),
+                                     ("gpu_unhealthy", "0"), ("gpu_unhealthy", "1")]
 
 
 def test_a_vanished_gpu_becomes_unschedulable_and_comes_back(settings, redis):
