@@ -4,7 +4,8 @@ Views call :meth:`OutboxDispatcher.kick` after any engine call that may have gra
 request (allocate, release, release by service, cancel). A kick only sets a flag; one daemon
 thread per process wakes up and calls :func:`workers.outbox.dispatch`, which moves every pending
 entry into an RQ job. Many kicks during one dispatch collapse into one more pass, so under load
-the cost is a pass per burst, not per request, and no request waits for it.
+the cost is a pass per burst, not per request (passes are at least ``MIN_INTERVAL`` apart), and
+no request waits for it.
 
 Best effort by design: a failed pass is logged and retried on the next kick; the scheduler also
 drains the outbox periodically (with crash recovery), so nothing is lost if this process dies
@@ -17,17 +18,24 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any, Callable
 
 log = logging.getLogger("gpu_orchestrator.dispatcher")
+
+#: Shortest time between two passes. Under load every request kicks; spacing the passes lets
+#: kicks gather (at most 200 passes a second per process) for at most 5 ms more webhook latency.
+MIN_INTERVAL = 0.005
 
 
 class OutboxDispatcher:
     """One background thread per process that drains the webhook outbox when kicked."""
 
     def __init__(self, rq_redis: Any, settings: Any,
-                 dispatch: Callable[[Any, Any], int] | None = None):
+                 dispatch: Callable[[Any, Any], int] | None = None,
+                 min_interval: float = MIN_INTERVAL):
         self.rq_redis = rq_redis
+        self.min_interval = min_interval
         self.settings = settings
         self._dispatch = dispatch
         self._wake = threading.Event()
@@ -56,9 +64,14 @@ class OutboxDispatcher:
         if self._dispatch is None:
             from workers.outbox import dispatch
             self._dispatch = dispatch
+        last = float("-inf")
         while True:
             self._wake.wait()
+            pause = last + self.min_interval - time.monotonic()
+            if pause > 0:  # let a burst of kicks gather into this pass
+                time.sleep(pause)
             self._wake.clear()
+            last = time.monotonic()
             try:
                 moved = self._dispatch(self.rq_redis, self.settings)
                 if moved:
