@@ -45,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("api", help="serve the REST API with gunicorn")
     worker = sub.add_parser("worker", help="run an RQ worker on the service's queues")
     worker.add_argument("--burst", action="store_true", help="exit when the queues are empty")
-    sub.add_parser("scheduler", help="run the periodic scheduler pass, reaper and RQ scheduler")
+    sub.add_parser("scheduler", help="enqueue the periodic safety-net pass and the reaper "
+                                    "(RQ cron, one leader at a time)")
     monitor = sub.add_parser("monitor", help="report this node's GPUs to Redis")
     monitor.add_argument("--once", action="store_true", help="report once and exit")
     monitor.add_argument("--backend", choices=("auto", "nvml", "simulated"),

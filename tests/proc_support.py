@@ -38,7 +38,8 @@ class Role:
                                      stderr=subprocess.STDOUT, start_new_session=True)
 
     def output(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return self.log_path.read_text(errors="replace")
 
     def kill_group(self, sig=signal.SIGKILL) -> None:

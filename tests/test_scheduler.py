@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 
 import pytest
 import redis as redis_lib
@@ -108,3 +109,23 @@ def test_expired_lease_is_reaped_and_its_gpus_go_to_the_next_request(tmp_path, s
     assert set(events) == {"expired", "allocated"}
     assert events["allocated"]["request_id"] == nxt["id"]
     assert events["expired"]["request_id"] == lease["id"]
+
+
+@pytest.mark.slow
+def test_two_scheduler_processes_do_not_double_the_work(tmp_path, settings, rq_redis):
+    cfg = write_settings(tmp_path, settings, scheduler={"queue_check_interval": "1s",
+                                                        "cleanup_interval": "1s"})
+    roles = [Role(cfg, "scheduler", log_dir=tmp_path) for _ in range(2)]
+    try:
+        wait_until(lambda: _maintenance_jobs(rq_redis, settings), message="a first job")
+        time.sleep(3.0)
+    finally:
+        for role in roles:
+            role.stop()
+    names = [j.func_name for j in _maintenance_jobs(rq_redis, settings)]
+    # One leader, 1 s interval, about 3-4 s of leading: at most ~5 passes of each kind. Two
+    # unguarded schedulers would have made about twice that.
+    assert 2 <= names.count("workers.scheduler.safety_net") <= 5
+    assert names.count("workers.scheduler.reap") == names.count("workers.scheduler.safety_net")
+    led = [r for r in roles if "became the leader" in r.output()]
+    assert len(led) == 1, [r.output()[-500:] for r in roles]
