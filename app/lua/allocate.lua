@@ -89,7 +89,7 @@ schedule(id)
 local rank = redis.call('ZRANK', K_QUEUE, id)
 if rank and depth >= MAX_QUEUE then
   -- it would wait, and the queue is full: undo (nothing about it was announced yet)
-  dequeue(id, '')
+  dequeue(id, '', r.sharing)
   redis.call('DEL', rk)
   if idem_key ~= '' then redis.call('DEL', k_idem(idem_key)) end
   stat('alloc|' .. svc .. '|rejected')

@@ -306,10 +306,10 @@ local function place(r, blocked)
 end
 
 -- Remove a request from every queue index; drop its reservation (that frees a node for others).
-local function dequeue(id, reserved)
+local function dequeue(id, reserved, sharing)
   redis.call('ZREM', K_QUEUE, id)
-  redis.call('ZREM', K_QDX, id)
-  redis.call('ZREM', K_QDS, id)
+  if sharing ~= 'shared' then redis.call('ZREM', K_QDX, id) end
+  if sharing ~= 'exclusive' then redis.call('ZREM', K_QDS, id) end
   redis.call('ZREM', K_QDEAD, id)
   redis.call('ZREM', K_QUNRES, id)
   if reserved and reserved ~= '' then
@@ -416,7 +416,7 @@ local function grant(r, node, chosen, queued, from_queue)
   redis.call('HSET', k_req(r.id), unpack(out))
   redis.call('ZADD', K_LEASES, score, r.id)
   redis.call('SADD', k_svc(r.svc), r.id)
-  if queued then dequeue(r.id, r.reserved) end
+  if queued then dequeue(r.id, r.reserved, r.sharing) end
   local evid = event('allocated', r.id, r.svc, {'node', node, 'gpu_ids', ids_json,
     'gpu_uuids', uuids_json})
   stat('alloc|' .. r.svc .. '|allocated')
@@ -453,8 +453,8 @@ end
 local function finish_queued(id, status)
   local rk = k_req(id)
   local f = redis.call('HMGET', rk, 'service_name', 'webhook_url', 'webhook_events',
-    'reserved_node')
-  dequeue(id, f[4])
+    'reserved_node', 'sharing')
+  dequeue(id, f[4], f[5])
   redis.call('HSET', rk, 'status', status, 'ended_at', ftime(NOW))
   redis.call('EXPIRE', rk, math.floor(HIST_TTL))
   bump_capacity()
@@ -591,15 +591,21 @@ local function schedule(new_id, force)
     if #ids == 0 then break end
     local removed = 0
     for _, id in ipairs(ids) do
-      local r = load_req(id)
-      local placed = false
-      if r and deps_done(r) then
+      -- the shape first: a shape that already failed this pass is skipped without more reads
+      local f = redis.call('HMGET', k_req(id), 'sharing', 'required_gpus', 'min_memory_mb',
+        'max_memory_mb', 'max_utilization', 'preferred_gpus', 'reserved_node', 'submitted_at')
+      if f[1] and f[6] then
+        local placed = false
         local possible
-        if r.sharing == 'shared' then possible = r.minm <= maxshared else possible = r.k <= maxfree end
-        if possible then
-          local sig = r.sharing .. '|' .. r.k .. '|' .. r.minm .. '|' .. r.maxm .. '|' .. r.util ..
-            '|' .. r.pref_raw
-          if not failed[sig] then
+        if f[1] == 'shared' then
+          possible = tonumber(f[3]) <= maxshared
+        else
+          possible = tonumber(f[2]) <= maxfree
+        end
+        local sig = table.concat(f, '|', 1, 6)
+        if possible and not failed[sig] then
+          local r = load_req(id)
+          if deps_done(r) then
             local node, chosen = place(r, blocked)
             if node then
               grant(r, node, chosen, true, id ~= new_id)
@@ -612,15 +618,16 @@ local function schedule(new_id, force)
             end
           end
         end
-      end
-      if not placed and r then
-        if POLICY == 'strict_fifo' then return granted end
-        local rn = r.reserved
-        if rn == '' and may_reserve and new_reservations < 4 and NOW - r.submitted >= RES_AFTER then
-          rn = reserve(r, blocked)
-          if rn == '' then may_reserve = false else new_reservations = new_reservations + 1 end
+        if not placed then
+          if POLICY == 'strict_fifo' then return granted end
+          local rn = f[7] or ''
+          if rn == '' and may_reserve and new_reservations < 4
+              and NOW - tonumber(f[8]) >= RES_AFTER then
+            rn = reserve(load_req(id), blocked)
+            if rn == '' then may_reserve = false else new_reservations = new_reservations + 1 end
+          end
+          if rn ~= '' then blocked[rn] = true end
         end
-        if rn ~= '' then blocked[rn] = true end
       end
     end
     if removed > 0 and nothing_fits() then break end
