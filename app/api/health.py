@@ -12,7 +12,8 @@ blp = Blueprint("health", __name__, description="Probes for load balancers and o
 
 @blp.route("/healthz", methods=["GET"])
 @blp.doc(security=[])
-@blp.alt_response(200, schema=schemas.HealthSchema, success=True, description="Alive.")
+@blp.doc(responses={"200": {"description": "Alive.", "content": {
+    "application/json": {"schema": schemas.HealthSchema}}}})
 def healthz():
     """Liveness: the process answers. Touches nothing else, so it stays cheap."""
     return jsonify(status="ok")
@@ -20,8 +21,8 @@ def healthz():
 
 @blp.route("/readyz", methods=["GET"])
 @blp.doc(security=[])
-@blp.alt_response(200, schema=schemas.HealthSchema, success=True, description="Ready.")
-@blp.alt_response(503, response="SERVICE_UNAVAILABLE")
+@blp.doc(responses={"200": {"description": "Ready.", "content": {
+    "application/json": {"schema": schemas.HealthSchema}}}, "503": "SERVICE_UNAVAILABLE"})
 def readyz():
     """Readiness: 200 only when Redis answers a PING."""
     redis = current_app.extensions.get("gpu_redis")
@@ -33,8 +34,8 @@ def readyz():
 
 @blp.route("/metrics", methods=["GET"])
 @blp.doc(security=[])
-@blp.alt_response(200, success=True, content_type="text/plain",
-                  schema={"type": "string"}, description="Prometheus text exposition format.")
+@blp.doc(responses={"200": {"description": "Prometheus text exposition format.",
+                             "content": {"text/plain": {"schema": {"type": "string"}}}}})
 def metrics():
     """Prometheus metrics: this deployment's HTTP metrics plus fleet and queue state from Redis."""
     return current_app.extensions["gpu_metrics_view"]()
