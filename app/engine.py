@@ -21,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import random
 import re
 import secrets
 import time
@@ -507,9 +509,19 @@ class Engine:
 
 # --------------------------------------------------------------------------- helpers
 
+_rng = random.Random()
+_rng_pid = 0
+
+
 def new_id(service_name: str) -> str:
-    """``<service>-<ms>-<8 random digits>``: sortable, and replicas never collide in practice."""
-    return f"{service_name}-{int(time.time() * 1000)}-{secrets.randbelow(10**8):08d}"
+    """``<service>-<ms>-<8 random digits>``. The digits come from a PRNG seeded from the OS once
+    per process (a ``getrandom`` syscall per id is measurable on a busy host); the allocate
+    script refuses an id that exists and the caller retries, so even a forked twin is safe."""
+    global _rng_pid
+    if _rng_pid != os.getpid():
+        _rng.seed(secrets.token_bytes(16))
+        _rng_pid = os.getpid()
+    return f"{service_name}-{int(time.time() * 1000)}-{_rng.randrange(10**8):08d}"
 
 
 def _bucket_label(b: float) -> str:

@@ -748,3 +748,12 @@ def test_fifo_within_priority_with_aging_at_the_same_instant(make_engine):
     engine.allocate(req())
     ids = [engine.allocate(req(service=f"s{9 - i}"))["id"] for i in range(10)]
     assert [r["id"] for r in engine.snapshot()["queue"]] == ids
+
+
+def test_an_id_collision_is_detected_and_retried(engine, monkeypatch):
+    engine.report_node("a", gpu_list(2))
+    ids = iter(["svc-1-1", "svc-1-1", "svc-1-2"])
+    monkeypatch.setattr("app.engine.new_id", lambda svc: next(ids))
+    assert engine.allocate(req())["id"] == "svc-1-1"
+    assert engine.allocate(req())["id"] == "svc-1-2"
+    assert engine.counts()["allocations_active"] == 2
