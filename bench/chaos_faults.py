@@ -194,6 +194,6 @@ class FaultInjector:
         self.topo.pause(step.target)
 
         def heal():
+            rec.end = time.time()  # before SIGCONT: the monitor reports the moment it resumes
             self.topo.resume(step.target)
-            rec.end = time.time()
         self._heal_later(step.hold, heal)
