@@ -204,6 +204,13 @@ def test_nan_is_not_json(client):
     assert_error(resp, 400, "bad_request")
 
 
+def test_numbers_beyond_float_range_are_400(client):
+    resp = client.post("/gpu/allocate", data='{"service_name": "a", "workload_data": '
+                                              '{"batch_size": 1e400}}',
+                       content_type="application/json")
+    assert_error(resp, 400, "bad_request")
+
+
 def test_wrong_content_type_is_415(client):
     resp = client.post("/gpu/allocate", data="service_name=svc",
                        content_type="application/x-www-form-urlencoded")

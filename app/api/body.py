@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import marshmallow as ma
@@ -16,6 +17,13 @@ from app.errors import BadRequest, ValidationFailed
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e400 parses as inf, which no JSON answer could echo back
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
 
 
 def _is_json(mimetype: str) -> bool:
@@ -33,7 +41,7 @@ def raw_json() -> Any:
     if not _is_json(request.mimetype):
         raise UnsupportedMediaType("Content-Type must be application/json")
     try:
-        return json.loads(data, parse_constant=_reject_constant)
+        return json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
         raise BadRequest(f"malformed JSON: {exc}") from None
     except RecursionError:
