@@ -231,6 +231,7 @@ class Run:
             "stuck_requests": len(findings.stuck),
             "finished_without_event": len(findings.unrecorded),
             "grants_on_silent_nodes": len(findings.silent_node_grants),
+            "placement_mismatches": len(findings.moved),
             "aof_window_lost": len(findings.aof_lost),
             "aof_window_ms": round(max((w.ms for w in kills), default=0.0), 1),
             "aof_window_writes_lost": sum(w.lost_writes for w in kills),
@@ -263,7 +264,7 @@ class Run:
         out["violations"] = (out["double_allocations"] + out["lost_requests"]
                              + out["lost_transitions"] + out["leaked_gpus"]
                              + out["stuck_requests"] + out["finished_without_event"]
-                             + out["grants_on_silent_nodes"]
+                             + out["grants_on_silent_nodes"] + out["placement_mismatches"]
                              + (out["webhooks_expected"] - out["webhooks_delivered"])
                              + out["webhook_event_id_mismatch"] + out["webhook_bad_signatures"]
                              + out["duplicate_grants"] + out["secrets_in_logs"]
@@ -276,6 +277,7 @@ class Run:
             "stuck_requests": findings.stuck[:20],
             "finished_without_event": findings.unrecorded[:20],
             "grants_on_silent_nodes": findings.silent_node_grants[:20],
+            "placement_mismatches": findings.moved[:20],
             "aof_window_lost": findings.aof_lost[:20],
             "leaked": drained["held"][:20], "queued_left": drained["queued_left"][:20],
             "webhooks_missing": findings.webhooks_missing[:20],
@@ -358,6 +360,7 @@ def print_table(out: dict, details: dict) -> None:
         ("requests unfinished after drain", out["stuck_requests"], ""),
         ("finished without an event", out["finished_without_event"], ""),
         ("grants on a silent node", out["grants_on_silent_nodes"], "heartbeat lapsed"),
+        ("GPUs answered != recorded", out["placement_mismatches"], "200 bodies and webhooks"),
         ("leaked GPUs", out["leaked_gpus"], "after drain and lease expiry"),
         ("webhooks delivered/expected", f"{out['webhooks_delivered']}/{out['webhooks_expected']}",
          f"{out['webhook_event_id_mismatch']} event_id mismatches, "

@@ -308,6 +308,7 @@ class Findings:
     stuck: list[str] = field(default_factory=list)        # not finished after the drain
     unrecorded: list[str] = field(default_factory=list)   # finished without its event
     silent_node_grants: list[str] = field(default_factory=list)
+    moved: list[str] = field(default_factory=list)  # GPUs answered != GPUs recorded
 
 
 def in_windows(t: float, windows: list[tuple[float, float]]) -> bool:
@@ -339,6 +340,10 @@ def check_ledgers(client: redis_lib.Redis, keys: Keys, ledgers: list, deliveries
             (f.aof_lost if in_windows(ack.t_ack, windows) else f.lost).append(rid)
             continue
         status = (rec or {}).get("status")
+        if ack.placement and rec and rec.get("node"):
+            now = f"{rec.get('node')}:{parse_ids(rec.get('gpu_ids'))}"
+            if now != ack.placement and not in_windows(ack.t_ack, windows):
+                f.moved.append(f"{rid} answered {ack.placement}, recorded {now}")
         if drained and status not in TERMINAL:
             f.stuck.append(f"{rid} is still {status} after the drain")
         elif status in TERMINAL and status not in names:
@@ -394,6 +399,12 @@ def check_ledgers(client: redis_lib.Redis, keys: Keys, ledgers: list, deliveries
             continue
         f.webhooks_expected += 1
         got = [d for d in by_request.get(rid, []) if d.get("event") == "allocated"]
+        rec = records.get(rid) or {}
+        for d in got:
+            sent = (d.get("body") or {}).get("allocation") or {}
+            if rec.get("gpu_ids") and sent.get("gpu_ids") != parse_ids(rec.get("gpu_ids")):
+                f.moved.append(f"{rid} webhook said {sent.get('gpu_ids')}, recorded "
+                               f"{parse_ids(rec.get('gpu_ids'))}")
         if got:
             f.webhooks_delivered += 1
             granted = float(grants[0].get("ts") or 0)

@@ -45,6 +45,7 @@ class Ack:
     idem_key: str | None = None
     webhook: bool = False
     replayed: bool = False
+    placement: str = ""          # allocate 200: "node:[gpu ids]" as answered
 
 
 @dataclass
@@ -137,8 +138,11 @@ class ChaosClient(threading.Thread):
                 payload = resp.json()
                 rid = payload.get("id") or payload.get("request_id")
                 state = "allocated" if resp.status_code == 200 else "queued"
+                placement = (f"{payload.get('node')}:{payload.get('gpu_ids')}"
+                             if resp.status_code == 200 else "")
                 self.ledger.acks.append(Ack("allocate", rid, resp.status_code, t0, t1, service,
-                                            state, idem, webhook, bool(payload.get("replayed"))))
+                                            state, idem, webhook, bool(payload.get("replayed")),
+                                            placement))
                 self.held[rid] = state
                 if idem and rng.random() < 0.25:
                     self._replay(body, headers, rid, used + 1)

@@ -147,6 +147,18 @@ def test_check_ledgers_finds_grants_on_a_silent_node_and_unfinished_requests(set
     assert found.silent_node_grants == [] and found.stuck == []
 
 
+def test_check_ledgers_finds_gpus_that_differ_from_what_was_answered(settings, redis):
+    keys = Keys(settings.redis.prefix)
+    redis.hset(keys.request("r1"), mapping={"id": "r1", "status": "allocated", "node": "n1",
+                                            "gpu_ids": "[3]", "service_name": "s1"})
+    ledger = Ledger(0, "p")
+    ledger.acks.append(Ack("allocate", "r1", 200, 1, 1.1, "s1", "allocated", placement="n1:[2]"))
+    found = chaos_checks.check_ledgers(redis, keys, [ledger], [], windows=[])
+    assert found.moved == ["r1 answered n1:[2], recorded n1:[3]"]
+    ledger.acks[0].placement = "n1:[3]"
+    assert chaos_checks.check_ledgers(redis, keys, [ledger], [], windows=[]).moved == []
+
+
 # --------------------------------------------------------------------------- faults, receiver
 
 
