@@ -39,6 +39,9 @@ def create_app(settings: settings_mod.Settings | None = None, *, redis: Any = No
 
     if redis is None and url:
         redis = connect(url, settings)
+    if redis is None:
+        raise ValueError("create_app needs Redis: pass redis= or redis_url=, or set redis.url "
+                         "(REDIS_URL); `gpu-orchestrator api` starts an embedded one for you")
     app.extensions["gpu_redis"] = redis
     rq_redis = connect(url, settings, decode=False) if url else None
     app.extensions["gpu_rq_redis"] = rq_redis
