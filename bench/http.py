@@ -7,7 +7,9 @@ connections:
 
 1. a no-op route (``GET /healthz``: the full middleware stack, no Redis) for ``--noop-seconds``;
 2. allocate then release (``POST /gpu/allocate``, ``POST /gpu/release``) on the same server for
-   ``--alloc-seconds``.
+   ``--alloc-seconds``;
+
+alternating in ``--rounds`` short rounds, so drift in the machine's other load hits both.
 
 Prints one JSON object: ``noop_rps``, ``noop_p50_ms``, ``noop_p99_ms``, ``alloc_release_rps``
 (HTTP requests per second in the allocate+release loop), ``alloc_p50_ms``, ``alloc_p99_ms``,
@@ -116,7 +118,7 @@ def _pct(values: list[float], p: float) -> float:
 
 
 async def _client_main(port: int, clients: int, noop_s: float, alloc_s: float,
-                       warmup_s: float) -> dict:
+                       warmup_s: float, rounds: int) -> dict:
     # Warm-up: both routes, results discarded (imports, connection pools, script loading).
     sink: list[float] = []
     end = time.perf_counter() + warmup_s
@@ -124,25 +126,29 @@ async def _client_main(port: int, clients: int, noop_s: float, alloc_s: float,
                          *[_alloc_client(port, i, end, sink, sink, [])
                            for i in range(clients // 2)])
 
+    # The two loads alternate in short rounds, so a change in the machine's other load (it is
+    # shared) hits both about equally and the ratio stays meaningful.
     noop_lat: list[float] = []
     noop_err: list[int] = []
-    t0 = time.perf_counter()
-    await asyncio.gather(*[_noop_client(port, t0 + noop_s, noop_lat, noop_err)
-                           for _ in range(clients)])
-    noop_wall = time.perf_counter() - t0
-
     alloc_lat: list[float] = []
     rel_lat: list[float] = []
     alloc_err: list[int] = []
-    t0 = time.perf_counter()
-    await asyncio.gather(*[_alloc_client(port, i, t0 + alloc_s, alloc_lat, rel_lat, alloc_err)
-                           for i in range(clients)])
-    alloc_wall = time.perf_counter() - t0
+    noop_wall = alloc_wall = 0.0
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        await asyncio.gather(*[_noop_client(port, t0 + noop_s / rounds, noop_lat, noop_err)
+                               for _ in range(clients)])
+        noop_wall += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        await asyncio.gather(*[_alloc_client(port, i, t0 + alloc_s / rounds, alloc_lat,
+                                             rel_lat, alloc_err) for i in range(clients)])
+        alloc_wall += time.perf_counter() - t0
 
     noop_rps = len(noop_lat) / noop_wall
     alloc_rps = (len(alloc_lat) + len(rel_lat)) / alloc_wall
     return {
         "clients": clients,
+        "rounds": rounds,
         "noop_requests": len(noop_lat),
         "noop_rps": round(noop_rps, 1),
         "noop_p50_ms": round(_pct(noop_lat, 50), 2),
@@ -193,6 +199,8 @@ def main() -> int:
     parser.add_argument("--noop-seconds", type=float, default=10.0)
     parser.add_argument("--alloc-seconds", type=float, default=15.0)
     parser.add_argument("--warmup-seconds", type=float, default=2.0)
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="alternate the two loads this many times")
     parser.add_argument("--nodes", type=int, default=8, help="simulated nodes of 8 GPUs")
     parser.add_argument("--log-level", default="INFO",
                         help="API log level (DEBUG adds one access line per request)")
@@ -201,7 +209,8 @@ def main() -> int:
 
     if args.client:  # the load-generating child process
         result = asyncio.run(_client_main(args.client, args.clients, args.noop_seconds,
-                                          args.alloc_seconds, args.warmup_seconds))
+                                          args.alloc_seconds, args.warmup_seconds,
+                                          max(1, args.rounds)))
         print(json.dumps(result))
         return 0
 
@@ -234,7 +243,7 @@ def main() -> int:
             [sys.executable, os.path.abspath(__file__), "--client", str(port),
              "--clients", str(args.clients), "--noop-seconds", str(args.noop_seconds),
              "--alloc-seconds", str(args.alloc_seconds),
-             "--warmup-seconds", str(args.warmup_seconds)],
+             "--warmup-seconds", str(args.warmup_seconds), "--rounds", str(args.rounds)],
             capture_output=True, text=True, timeout=150, check=True)
         result = json.loads(client.stdout)
         result.update({
