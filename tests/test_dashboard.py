@@ -73,3 +73,27 @@ def test_mounted_in_the_api_behind_its_auth(settings, redis_url, queued_job):
     assert ok.status_code == 200 and b"<html" in ok.data.lower()
     listed = client.get("/rq/0/data/queues.json", headers={"X-API-Key": "k-ops"}).get_json()
     assert queues.queue_name(settings, queues.WEBHOOKS) in [q["name"] for q in listed["queues"]]
+
+
+def test_live_workers_and_failed_jobs_show(settings, redis_url, queued_job):
+    from rq.job import Job
+    from rq.registry import FailedJobRegistry
+
+    from workers import worker as worker_mod
+    rq_redis = redis_lib.Redis.from_url(redis_url)
+    qname = queues.queue_name(settings, queues.WEBHOOKS)
+    job = Job.fetch(queued_job, connection=rq_redis, serializer=queues.SERIALIZER)
+    FailedJobRegistry(qname, connection=rq_redis, serializer=queues.SERIALIZER).add(
+        job, exc_string="WebhookError: POST answered 500")
+    w = worker_mod.build(settings, redis_url)
+    w.register_birth()
+    try:
+        client = _app(settings, redis_url).test_client()
+        workers = client.get("/rq/0/data/workers.json").get_json()["workers"]
+        assert [sorted(x["queues"]) for x in workers] == [sorted(w.queue_names())]
+        failed = client.get(f"/rq/0/data/jobs/{qname}/failed/8/asc/1.json").get_json()
+        assert [j["id"] for j in failed["jobs"]] == [queued_job]
+        assert client.get(f"/rq/0/view/jobs/{qname}/failed/8/asc/1").status_code == 200
+    finally:
+        w.register_death()
+        rq_redis.close()
