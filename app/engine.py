@@ -154,7 +154,7 @@ def _gpu_view(raw: list, now: float, alive: bool) -> dict:
             out[key] = float(value or 0)
         elif key in ("processes", "throttle_reasons", "xid") and value[:1] in ("[", "{"):
             out[key] = json.loads(value)
-        elif key in ("in_free", "in_busy"):
+        elif key in ("in_free", "in_busy", "excl"):
             continue
         else:
             out[key] = value

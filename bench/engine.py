@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -55,6 +56,9 @@ def median_ms(fn, repeat: int) -> float:
     return round(times[len(times) // 2] * 1e3, 3)
 
 
+ROUNDS = 5
+
+
 def best_of(fn, repeat: int, rounds: int = 3) -> float:
     """Median-of-rounds mean seconds per call."""
     samples = []
@@ -71,7 +75,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     opts = ap.parse_args()
-    reps = 300 if opts.quick else 2000
+    reps = 100 if opts.quick else 400
     with tempfile.TemporaryDirectory() as tmp:
         server = EmbeddedRedis(tmp, port=free_port())
         server.start()
@@ -90,28 +94,42 @@ def run(url: str, reps: int) -> dict:
                              "redis": client.info("server")["redis_version"]}}
     noop = client.register_script("return 1")
     noop()
-    out["noop_roundtrip_us"] = round(best_of(noop, reps * 2) * 1e6, 1)
-
-    alloc_release = {}
+    engines = {}
     for size in (8, 1024, 16384):
-        client.flushall()
-        settings = settings_mod.defaults().replace(redis={"prefix": "{bench}"})
-        engine = Engine(client, settings)
+        engine = Engine(client, settings_mod.defaults().replace(redis={"prefix": f"{{b{size}}}"}))
         fleet(engine, size)
-        req = {"service_name": "bench", "required_gpus": 1, "priority": 5}
+        engines[str(size)] = engine
+    req = {"service_name": "bench", "required_gpus": 1, "priority": 5}
 
-        def cycle():
-            engine.release(engine.allocate(req)["id"])
-        for _ in range(50):
-            cycle()
-        alloc_release[str(size)] = round(best_of(cycle, reps) * 1e6, 1)
+    def cycle_of(engine):
+        return lambda: engine.release(engine.allocate(req)["id"])
+
+    # The host may be shared: interleave the measurements in rounds and keep each one's best
+    # round, so a burst of outside load hits every fleet size alike instead of one of them.
+    best = {"noop": math.inf, **{k: math.inf for k in engines}}
+    server = {k: math.inf for k in engines}
+    for _ in range(ROUNDS):
+        best["noop"] = min(best["noop"], best_of(noop, reps, rounds=1))
+        for key, engine in engines.items():
+            cycle = cycle_of(engine)
+            for _ in range(20):
+                cycle()
+            client.config_resetstat()
+            best[key] = min(best[key], best_of(cycle, reps, rounds=1))
+            stat = client.info("commandstats").get("cmdstat_evalsha", {})
+            server[key] = min(server[key], stat.get("usec_per_call", math.inf))
+    out["noop_roundtrip_us"] = round(best["noop"] * 1e6, 1)
+    alloc_release = {k: round(best[k] * 1e6, 1) for k in engines}
     out["alloc_release_us"] = alloc_release
     out["alloc_release_per_s"] = {k: round(1e6 / v) for k, v in alloc_release.items()}
+    out["script_server_us"] = {k: round(v, 1) for k, v in server.items()}
+    client.flushall()
 
     # schedule passes over 10,000 queued requests on 1,024 GPUs (all 90 % busy); the queued
     # requests accept at most 50 % utilization, so none can ever be placed here
     client.flushall()
-    settings = settings_mod.defaults().replace(redis={"prefix": "{bench}"})
+    settings = settings_mod.defaults().replace(redis={"prefix": "{bench}"},
+                                               scheduler={"max_queue_size": 20000})
     engine = Engine(client, settings)
     fleet(engine, 1024, util=90)
     for _ in range(127):
@@ -140,9 +158,12 @@ def run(url: str, reps: int) -> dict:
     for _ in range(10000):
         engine.allocate({"service_name": "wait", "required_gpus": 1, "depends_on": [gate]})
     assert engine.counts()["queue_depth"] == 10000
+    client.config_resetstat()
     t0 = time.perf_counter()
     engine.release(gate)
     out["pass_grant_1000_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
+    stat = client.info("commandstats").get("cmdstat_evalsha", {})
+    out["pass_grant_1000_server_ms"] = round(stat.get("usec", 0) / 1e3, 3)
     counts = engine.counts()
     out["pass_grant_1000_granted"] = 10000 - counts["queue_depth"]
 
