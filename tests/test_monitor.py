@@ -5,6 +5,7 @@ import logging
 import socket
 
 import fake_pynvml
+import pytest
 
 from app import cli
 from app.engine import Engine
@@ -154,3 +155,27 @@ def test_auto_prefers_nvml_when_a_driver_answers(settings, monkeypatch):
     monkeypatch.setattr(monitor, "NvmlBackend", lambda node: NvmlBackend(
         node, nvml=fake_pynvml.make([fake_pynvml.h100(0)])))
     assert monitor.choose_backend(settings.replace(monitoring={"backend": "auto"})).name == "nvml"
+
+
+def test_real_nvml_without_a_driver_exits_2_before_touching_redis(tmp_path):
+    import subprocess
+    import sys
+
+    import pynvml
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        pass
+    else:  # pragma: no cover - a machine with a GPU
+        pynvml.nvmlShutdown()
+        pytest.skip("an NVIDIA driver answers here")
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(f"redis: {{data_dir: {tmp_path / 'redis'}}}\n")
+    env = {k: v for k, v in __import__("os").environ.items()
+           if k not in ("REDIS_URL", "CONFIG_PATH") and not k.startswith("GPU_ORCH__")}
+    out = subprocess.run([sys.executable, "-m", "app.cli", "--config", str(cfg), "monitor",
+                          "--backend", "nvml", "--once"], capture_output=True, text=True,
+                         env=env, timeout=60)
+    assert out.returncode == 2
+    assert "needs an NVIDIA driver" in out.stderr
+    assert not (tmp_path / "redis").exists()     # no embedded Redis was started for nothing

@@ -98,6 +98,16 @@ def run(settings: Settings, once: bool = False, backend: Any = None) -> int:
     from app.cli import resolve_redis
     from app.engine import Engine
 
+    engines: list[Any] = []  # the simulated backend reads the engine once it exists
+    if backend is None or isinstance(backend, str):
+        try:
+            backend = choose_backend(settings, backend,
+                                     snapshot=lambda: engines[0].snapshot() if engines else {})
+        except NvmlUnavailable as exc:
+            print(f"gpu-orchestrator monitor: the nvml backend needs an NVIDIA driver: {exc}. "
+                  f"Use --backend simulated (or auto) on machines without GPUs.",
+                  file=sys.stderr)
+            return EXIT_NO_DRIVER
     url, embedded = resolve_redis(settings)
     stop = False
 
@@ -108,14 +118,7 @@ def run(settings: Settings, once: bool = False, backend: Any = None) -> int:
     try:
         redis = connect(url, settings)
         engine = Engine(redis, settings)
-        if backend is None or isinstance(backend, str):
-            try:
-                backend = choose_backend(settings, backend, snapshot=engine.snapshot)
-            except NvmlUnavailable as exc:
-                print(f"gpu-orchestrator monitor: the nvml backend needs an NVIDIA driver: {exc}. "
-                      f"Use --backend simulated (or auto) on machines without GPUs.",
-                      file=sys.stderr)
-                return EXIT_NO_DRIVER
+        engines.append(engine)
         monitor = Monitor(settings, engine, backend, connect(url, settings, decode=False))
         if not once:
             signal.signal(signal.SIGINT, on_signal)
