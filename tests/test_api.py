@@ -111,6 +111,32 @@ def test_idempotency_key_replays_the_original_and_conflicts_on_a_different_body(
     assert_error(other, 409, "conflict")
 
 
+def test_idempotent_retry_replays_even_when_the_analysis_changed(app, client):
+    """The advisor may answer differently on a retry (or time out and leave it to the rules);
+    the client's request is the same, so the retry must replay, not conflict."""
+    analyzer = app.extensions["gpu_analyzer"]
+    real = analyzer.analyze
+    answers = iter([2, 1, 1])
+
+    def flaky(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out["required_gpus"] = next(answers)
+        return out
+
+    analyzer.analyze = flaky
+    body = {"service_name": "svc", "workload_type": "inference", "ttl_seconds": 600,
+            "workload_data": {"model_name": "gemma-7b"}}
+    headers = {"Idempotency-Key": "advisor-flip"}
+    first = client.post("/gpu/allocate", json=body, headers=headers)
+    again = client.post("/gpu/allocate", json=body, headers=headers)
+    assert first.status_code == again.status_code == 200, again.get_json()
+    assert again.get_json()["id"] == first.get_json()["id"]
+    assert again.get_json()["required_gpus"] == 2
+    assert again.headers["Idempotent-Replayed"] == "true"
+    changed = dict(body, ttl_seconds=700)
+    assert_error(client.post("/gpu/allocate", json=changed, headers=headers), 409, "conflict")
+
+
 def test_idempotency_key_must_be_printable(client):
     resp = client.post("/gpu/allocate", json={"service_name": "svc"},
                        headers={"Idempotency-Key": "x" * 300})
