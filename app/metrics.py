@@ -109,7 +109,6 @@ class RedisCollector:
         yield from _gpu_gauges(snapshot_gpus)
         yield from stats_families(stats)
 
-
     def _webhook_counts(self) -> dict[str, int]:
         """``webhook|<result>`` fields of the stats hash, written by the delivery workers."""
         fields = [f"webhook|{r}" for r in WEBHOOK_RESULTS]

@@ -4,7 +4,7 @@ from __future__ import annotations
 from prometheus_client.parser import text_string_to_metric_families
 
 from app import create_app
-from tests.api_support import allocate, assert_error, client, app, clock, make_app  # noqa: F401
+from tests.api_support import allocate, app, client, clock, make_app  # noqa: F401 (fixtures)
 from tests.conftest import free_port
 
 EXACT_NAMES = [
