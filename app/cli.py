@@ -172,6 +172,11 @@ def cmd_up(args, settings) -> int:
             time.sleep(0.2)
             for name, proc in list(children.items()):
                 if proc.poll() is not None and not stopping:
+                    if proc.returncode == EXIT_USAGE:  # a config problem: restarting won't help
+                        log.error("%s exited with code %s (see its message above); not "
+                                  "restarting it", name, proc.returncode)
+                        del children[name]
+                        continue
                     log.warning("%s exited with code %s; restarting", name, proc.returncode)
                     if time.monotonic() - restarts.get(name, 0) < 5:
                         time.sleep(1)
