@@ -88,9 +88,10 @@ def build_payload(record: dict[str, Any], event: str, event_id: str) -> dict[str
     """The original service's webhook body, plus ``event_id`` for receivers to dedupe."""
     submitted = record.get("submitted_at")
     allocated = record.get("allocated_at")
-    wait = None
-    if submitted not in (None, "") and allocated not in (None, ""):
-        wait = round(max(0.0, float(allocated) - float(submitted)), 3)
+    wait = record.get("wait_time_seconds")
+    if wait in (None, "") and submitted not in (None, "") and allocated not in (None, ""):
+        wait = max(0.0, float(allocated) - float(submitted))
+    wait = None if wait in (None, "") or allocated in (None, "") else round(float(wait), 3)
     status = "allocated" if event == "allocated" else event
     return {
         "status": status,
