@@ -177,10 +177,15 @@ class Topology:
              "--protected-mode", "yes"],
             dict(os.environ), self.dir / "logs" / "redis.log")
         self.children["redis"] = self.redis_child
+        # The first API replica and the first worker log at DEBUG, so the search for secrets in
+        # the logs sees the most talkative output the service can produce.
+        debug = {"GPU_ORCH__LOGGING__LEVEL": "DEBUG"}
         for i, port in enumerate(self.api_ports):
-            self._add(f"api-{i}", "api", py + ["api"], self._env(main_cfg, PORT=str(port)))
+            self._add(f"api-{i}", "api", py + ["api"],
+                      self._env(main_cfg, PORT=str(port), **(debug if i == 0 else {})))
         for i in range(self.n_workers):
-            self._add(f"worker-{i}", "worker", py + ["worker"], self._env(main_cfg))
+            self._add(f"worker-{i}", "worker", py + ["worker"],
+                      self._env(main_cfg, **(debug if i == 0 else {})))
         self._add("scheduler", "scheduler", py + ["scheduler"], self._env(main_cfg))
         for node in self.node_names:
             cfg = self._write_config(f"monitor-{node}.yaml", self.config([node]))

@@ -295,3 +295,25 @@ def test_scheduler_survives_redis_being_unavailable_at_start_up(settings, monkey
         for sig, handler in saved.items():
             signal.signal(sig, handler)
     assert len(calls) == 2
+
+
+def test_a_worker_dying_mid_clean_blocks_registry_cleaning_for_seconds_not_15_minutes(
+        settings, monkeypatch):
+    """Chaos found it: a worker that died while cleaning (Redis SIGKILLed under it) left RQ's
+    899 s maintenance lock behind, and a webhook abandoned by a dead worker waited 15 minutes."""
+    import redis as redis_lib
+    import rq.worker.base
+
+    from workers import worker as worker_mod
+
+    def redis_went_away(queue, handlers=None):
+        raise redis_lib.exceptions.ConnectionError("Connection closed by server.")
+
+    monkeypatch.setattr(rq.worker.base, "clean_registries", redis_went_away)
+    monkeypatch.setattr(worker_mod, "clean_registries", redis_went_away, raising=False)
+    worker = worker_mod.build(settings.replace(workers={"maintenance_interval": "2s"}),
+                              settings.redis.url)
+    with pytest.raises(redis_lib.exceptions.ConnectionError):
+        worker.clean_registries()
+    ttl = worker.connection.ttl(worker.queues[0].registry_cleaning_key)
+    assert 0 < ttl <= 10

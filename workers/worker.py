@@ -16,7 +16,9 @@ from __future__ import annotations
 import logging
 import threading
 
-from rq import SimpleWorker
+from rq import SimpleWorker, worker_registration
+from rq.registry import clean_registries
+from rq.utils import now
 from rq.worker import WorkerStatus
 
 from app.redis_client import connect
@@ -37,6 +39,25 @@ class ServiceWorker(SimpleWorker):
     """
 
     heartbeat_grace_factor = 2
+
+    def clean_registries(self):
+        """RQ's registry maintenance, under a maintenance lock that lapses in seconds.
+
+        RQ takes ``rq:clean_registries:<queue>`` for 899 s and releases it when done. A worker
+        that dies while cleaning (SIGKILL, or Redis going away mid-clean, which RQ's work loop
+        does not survive) leaves it behind, and for 15 minutes no worker retries the jobs that
+        dead workers abandoned: a webhook whose worker died waited that long (found by
+        bench/chaos.py). Cleaning takes milliseconds, so a lock of a few maintenance intervals
+        bounds that wait without letting two cleaners overlap in practice.
+        """
+        ttl = max(10, 3 * int(self.maintenance_interval))
+        for queue in self.queues:
+            if self.connection.set(queue.registry_cleaning_key, 1, nx=True, ex=ttl):
+                clean_registries(queue, self._exc_handlers)
+                worker_registration.clean_worker_registry(queue)
+                queue.intermediate_queue.cleanup(self, queue)
+                queue.release_maintenance_lock()
+        self.last_cleaned_at = now()
 
     def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
         return (1 + self.heartbeat_grace_factor) * max(1, int(self.job_monitoring_interval))
