@@ -77,6 +77,7 @@ class Child:
     expected_down: bool = True
     starts: int = 0
     unexpected_exits: list[int] = field(default_factory=list)
+    exit_times: list[float] = field(default_factory=list)  # epoch seconds of those exits
     stopped: bool = False  # SIGSTOPped (silent), not dead
 
     @property
@@ -333,6 +334,7 @@ class Topology:
             if child.proc is None or child.expected_down or child.proc.poll() is None:
                 continue
             child.unexpected_exits.append(child.proc.returncode)
+            child.exit_times.append(time.time())
             if name == "redis":
                 self.start_redis()
             else:
