@@ -175,14 +175,16 @@ def fits(r, gpus, excl, shared, alive, blocked, extra_free=()) -> bool:
 class EngineMachine(RuleBasedStateMachine):
     redis = None
     settings = None
+    #: scheduler options of the run; the overtake check ranks by (priority, FIFO), so it is
+    #: only made when aging is off
+    scheduler = {"aging_rate": 0, "reservation_after": 10**6}
 
     @initialize(policy=st.sampled_from(["best_effort", "strict_fifo"]))
     def setup(self, policy):
         self.redis.flushdb()
         self.clock = Clock()
-        st_ = self.settings.replace(scheduler={"policy": policy, "aging_rate": 0,
-                                               "reservation_after": 10**6,
-                                               "max_queue_size": 12})
+        st_ = self.settings.replace(scheduler={"policy": policy, "max_queue_size": 12,
+                                               **self.scheduler})
         self.engine = Engine(self.redis, st_, clock=self.clock)
         self.health: dict = {}
         self.util: dict = {}
@@ -208,7 +210,7 @@ class EngineMachine(RuleBasedStateMachine):
         after = scan(self.engine, self.redis)
         granted = [rid for rid, r in after["reqs"].items() if r["status"] == "allocated"
                    and (before.get(rid, {}).get("status") != "allocated")]
-        if not granted:
+        if not granted or self.engine.settings.scheduler.aging_rate:
             return
         waiting = [rid for rid, r in after["reqs"].items() if r["status"] == "queued"]
         rank = lambda rid: (-int(after["reqs"][rid]["priority"]), self.seq[rid])  # noqa: E731
@@ -237,6 +239,9 @@ class EngineMachine(RuleBasedStateMachine):
     @rule(k=st.integers(1, 4), shared=st.booleans(),
           mem=st.sampled_from([0, 4000, 12000, 30000]), prio=st.integers(1, 10),
           dep=st.booleans(), ttl=st.sampled_from([None, 30, 300]), svc=st.sampled_from("ab"))
+    def allocate_any(self, k, shared, mem, prio, dep, ttl, svc):
+        self.allocate(k, shared, mem, prio, dep, ttl, svc)
+
     def allocate(self, k, shared, mem, prio, dep, ttl, svc):
         req = {"service_name": svc, "required_gpus": 1 if shared else k,
                "sharing": "shared" if shared else "exclusive", "min_memory_mb": mem,
@@ -256,6 +261,12 @@ class EngineMachine(RuleBasedStateMachine):
         self.seq[rec["id"]] = len(self.seq)
         self.ids.append(rec["id"])
         self._check_no_overtake(before)
+
+    @rule(k=st.integers(1, 2), prio=st.integers(1, 10))
+    def allocate_small(self, k, prio):
+        """Small exclusive requests (the common case); a second rule so that allocations make
+        up more of each run."""
+        self.allocate(k=k, shared=False, mem=0, prio=prio, dep=False, ttl=60, svc="c")
 
     @precondition(lambda self: self.ids)
     @rule(data=st.data())
@@ -356,7 +367,21 @@ def test_engine_state_machine(redis, settings):
     EngineMachine.redis = redis
     EngineMachine.settings = settings
     run_state_machine_as_test(EngineMachine, settings=hyp_settings(
-        max_examples=30, stateful_step_count=25, deadline=None,
+        max_examples=15, stateful_step_count=40, deadline=None,
+        suppress_health_check=list(HealthCheck)))
+
+
+class AgingReservingMachine(EngineMachine):
+    """Aging on and reservations after 20 s: long waits (time passes in 1-100 s steps) make
+    requests reserve nodes, and the invariants still hold with those nodes blocked."""
+    scheduler = {"aging_rate": 6.0, "reservation_after": 20}
+
+
+def test_engine_state_machine_with_aging_and_reservations(redis, settings):
+    AgingReservingMachine.redis = redis
+    AgingReservingMachine.settings = settings
+    run_state_machine_as_test(AgingReservingMachine, settings=hyp_settings(
+        max_examples=15, stateful_step_count=40, deadline=None,
         suppress_health_check=list(HealthCheck)))
 
 
