@@ -18,6 +18,7 @@ Race notes (two replicas, one Redis):
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -51,6 +52,7 @@ _GPU_EXTRAS = ("ecc_uncorrectable", "ecc_corrected", "xid", "throttle_reasons", 
                "processes")
 
 
+@functools.lru_cache(maxsize=None)
 def load_script(name: str) -> str:
     """The script's source with ``-- @include x`` lines replaced by ``includes/x.lua``."""
     text = (LUA_DIR / f"{name}.lua").read_text()
@@ -282,9 +284,9 @@ class Engine:
     def allocate(self, req: dict, *, idempotency_key: str | None = None) -> dict:
         """Grant now or queue; see the module docstring and docs/engine.md for the rules."""
         fields, queue_timeout = self._request_fields(req)
-        body_hash = hashlib.sha256(json.dumps(req, sort_keys=True, default=str)
-                                   .encode()).hexdigest()[:32]
-        body = json.dumps(fields)
+        body = json.dumps(fields, sort_keys=True)
+        # the normalised request: an omitted default and the same value spelled out match
+        body_hash = hashlib.sha256(body.encode()).hexdigest()[:32]
         ctx = {"key": idempotency_key, "required_gpus": fields["required_gpus"],
                "min_memory_mb": fields["min_memory_mb"]}
         for _ in range(5):

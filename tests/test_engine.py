@@ -757,3 +757,11 @@ def test_an_id_collision_is_detected_and_retried(engine, monkeypatch):
     assert engine.allocate(req())["id"] == "svc-1-1"
     assert engine.allocate(req())["id"] == "svc-1-2"
     assert engine.counts()["allocations_active"] == 2
+
+
+def test_idempotency_compares_the_normalised_request(engine):
+    engine.report_node("a", gpu_list(2))
+    a = engine.allocate({"service_name": "svc"}, idempotency_key="k")
+    again = engine.allocate({"service_name": "svc", "priority": 5, "required_gpus": 1,
+                             "sharing": "exclusive", "depends_on": []}, idempotency_key="k")
+    assert again["replayed"] and again["id"] == a["id"]
