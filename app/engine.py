@@ -145,8 +145,10 @@ def parse_record(raw: dict | list) -> dict:
     return rec
 
 
-def _gpu_view(raw: list, now: float, alive: bool) -> dict:
+def _gpu_view(raw: list, alive_nodes: set[str]) -> dict:
+    """A stored GPU hash -> what callers see (engine bookkeeping fields left out)."""
     h = _pairs(raw)
+    alive = h.get("node") in alive_nodes
     out: dict[str, Any] = {}
     for key, value in h.items():
         if key in ("index", "shared_n", "memory_total_mb", "memory_used_mb", "memory_free_mb",
@@ -263,7 +265,7 @@ class Engine:
         """Admin cordon (False) or clear it (True); allocations on the GPU stay."""
         res = self._run("set_schedulable", node, int(index), "1" if schedulable else "0",
                         ctx={"what": "GPU", "id": f"{node}/{index}"})
-        return _gpu_view(res[1], 0.0, self._node_alive(node))
+        return _gpu_view(res[1], {node} if self._node_alive(node) else set())
 
     def _node_alive(self, node: str) -> bool:
         hb = self.redis.zscore(self.keys.nodes(), node)
@@ -447,11 +449,8 @@ class Engine:
             nodes.append({"name": h.get("name"), "heartbeat": hb, "alive": alive[h.get("name")],
                           "gpu_count": int(h.get("gpu_count") or 0), "backend": h.get("backend", ""),
                           "host": h.get("host", "")})
-        gpus = [_gpu_view(raw, now, False) for raw in _list(data["gpus"])]
-        for g in gpus:
-            g["node_alive"] = alive.get(g.get("node"), False)
-            g["schedulable"] = g["schedulable"] or (g["health"] == "ok" and not g["lost"]
-                                                    and not g["cordoned"] and g["node_alive"])
+        alive_nodes = {name for name, up in alive.items() if up}
+        gpus = [_gpu_view(raw, alive_nodes) for raw in _list(data["gpus"])]
         queue = []
         for pos, raw in enumerate(_list(data["queue"]), 1):
             rec = parse_record(raw)
