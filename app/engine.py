@@ -184,7 +184,7 @@ class Engine:
                             k.shared_capacity(), k.queue(), k.queue_demand("exclusive"),
                             k.queue_demand("shared"), k.queue_deadlines(), k.queue_unreserved(),
                             k.reservations(), k.leases(), k.events(), k.webhook_outbox(),
-                            k.stats(), k.meta()]
+                            k.stats(), k.meta(), k.queue_shapes()]
         self._templates = [k.node("%s"), k.gpu("%s", "%s"), k.request("%s"), k.service("%s"),
                            k.idempotency("%s"), k.node_free_gpus("%s")]
         self._meta_key = [k.meta()]

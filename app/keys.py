@@ -65,6 +65,11 @@ class Keys:
         """ZSET of queued ids by demand: GPUs (``exclusive``) or MB (``shared``); "nothing fits"."""
         return self._k("queue", "demand", sharing)
 
+    def queue_shapes(self) -> str:
+        """HASH queued id -> "<shape>#<submitted_at>"; a pass reads 500 shapes per call and skips
+        shapes that already failed without reading the requests."""
+        return self._k("queue", "shapes")
+
     def queue_deadlines(self) -> str:
         """ZSET of queued request ids by the time they time out."""
         return self._k("queue", "deadlines")

@@ -99,6 +99,7 @@ def check_invariants(engine: Engine, redis, now: float) -> dict:
     assert set(queue_ids) == set(queued) and len(queue_ids) == len(queued)
     assert set(redis.zrange(k.leases(), 0, -1)) == set(live)
     assert set(redis.zrange(k.queue_deadlines(), 0, -1)) == set(queued)
+    assert set(redis.hkeys(k.queue_shapes())) == set(queued)
     demand = set(redis.zrange(k.queue_demand("exclusive"), 0, -1)) | set(
         redis.zrange(k.queue_demand("shared"), 0, -1))
     assert demand == set(queued)

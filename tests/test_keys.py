@@ -25,6 +25,7 @@ SHAPES = [
     (K.queue_demand("exclusive"), "{gpuo}:queue:demand:exclusive"),
     (K.queue_demand("shared"), "{gpuo}:queue:demand:shared"),
     (K.queue_deadlines(), "{gpuo}:queue:deadlines"),
+    (K.queue_shapes(), "{gpuo}:queue:shapes"),
     (K.queue_unreserved(), "{gpuo}:queue:unreserved"),
     (K.reservations(), "{gpuo}:reservations"),
     (K.leases(), "{gpuo}:leases"),
@@ -52,7 +53,7 @@ def test_every_key_method_is_pinned():
     # each method's first segment appears in a pinned shape
     first = {"nodes": "nodes", "node": "node", "gpu": "gpu", "nodes_free": "nodes", "node_free_gpus": "freegpus",
              "node_sizes": "nodes", "gpus": "gpus", "shared_capacity": "gpus", "request": "req",
-             "queue": "queue", "queue_demand": "queue", "queue_deadlines": "queue",
+             "queue": "queue", "queue_demand": "queue", "queue_deadlines": "queue", "queue_shapes": "queue",
              "queue_unreserved": "queue", "reservations": "reservations", "leases": "leases",
              "service": "svc", "idempotency": "idem", "events": "events",
              "webhook_outbox": "outbox", "webhook_processing": "outbox",

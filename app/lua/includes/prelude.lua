@@ -4,15 +4,16 @@
   KEYS[1]  meta (declared so a cluster client routes the script; every key shares its hash tag)
   ARGV[1]  the common block: one string, lines joined by "\n" (built once per Engine, so a call
            sends two strings instead of thirty):
-             1-16  keys: nodes, nodes_free, node_sizes, gpus, shared_capacity, queue,
+             1-17  keys: nodes, nodes_free, node_sizes, gpus, shared_capacity, queue,
                    queue_demand:exclusive, queue_demand:shared, queue_deadlines,
-                   queue_unreserved, reservations, leases, events, webhook_outbox, stats, meta
-             17-22 key templates with %s holes: node, gpu, request, service, idempotency,
+                   queue_unreserved, reservations, leases, events, webhook_outbox, stats, meta,
+                   queue_shapes
+             18-23 key templates with %s holes: node, gpu, request, service, idempotency,
                    node_free_gpus
-             23 policy (best_effort|strict_fifo)     24 aging (priority points per second)
-             25 reservation_after (s)               26 node_heartbeat_timeout (s)
-             27 events_maxlen                       28 history_ttl (s)
-             29 max_queue_size
+             24 policy (best_effort|strict_fifo)     25 aging (priority points per second)
+             26 reservation_after (s)               27 node_heartbeat_timeout (s)
+             28 events_maxlen                       29 history_ttl (s)
+             30 max_queue_size
   ARGV[2]  now (epoch seconds; "" = use Redis TIME, one clock for every replica)
   Each script's own arguments start at ARGV[A + 1].
 
@@ -31,14 +32,15 @@ local K_NODES, K_FREE, K_SIZES, K_GPUS, K_SHARED = C[1], C[2], C[3], C[4], C[5]
 local K_QUEUE, K_QDX, K_QDS, K_QDEAD, K_QUNRES = C[6], C[7], C[8], C[9], C[10]
 local K_RES, K_LEASES, K_EVENTS, K_OUTBOX, K_STATS, K_META = C[11], C[12], C[13], C[14], C[15],
   C[16]
-local T_NODE, T_GPU, T_REQ, T_SVC, T_IDEM, T_FREE = C[17], C[18], C[19], C[20], C[21], C[22]
-local POLICY = C[23]
-local AGING = tonumber(C[24])
-local RES_AFTER = tonumber(C[25])
-local HB_TIMEOUT = tonumber(C[26])
-local EV_MAX = C[27]
-local HIST_TTL = tonumber(C[28])
-local MAX_QUEUE = tonumber(C[29])
+local K_QSHAPE = C[17]
+local T_NODE, T_GPU, T_REQ, T_SVC, T_IDEM, T_FREE = C[18], C[19], C[20], C[21], C[22], C[23]
+local POLICY = C[24]
+local AGING = tonumber(C[25])
+local RES_AFTER = tonumber(C[26])
+local HB_TIMEOUT = tonumber(C[27])
+local EV_MAX = C[28]
+local HIST_TTL = tonumber(C[29])
+local MAX_QUEUE = tonumber(C[30])
 local NOW
 if ARGV[2] ~= '' then
   NOW = tonumber(ARGV[2])
@@ -333,6 +335,7 @@ end
 -- Remove a request from every queue index; drop its reservation (that frees a node for others).
 local function dequeue(id, reserved, sharing)
   redis.call('ZREM', K_QUEUE, id)
+  redis.call('HDEL', K_QSHAPE, id)
   if sharing ~= 'shared' then redis.call('ZREM', K_QDX, id) end
   if sharing ~= 'exclusive' then redis.call('ZREM', K_QDS, id) end
   redis.call('ZREM', K_QDEAD, id)
@@ -361,6 +364,8 @@ local function enqueue(r, queue_timeout)
     score = -r.priority * 1e12 + redis.call('HINCRBY', K_META, 'seq', 1)
   end
   redis.call('ZADD', K_QUEUE, fnum(score), r.id)
+  redis.call('HSET', K_QSHAPE, r.id, r.sharing .. '|' .. r.k .. '|' .. r.minm .. '|' .. r.maxm ..
+    '|' .. r.util .. '|' .. r.pref_raw .. '#' .. ftime(r.submitted))
   if r.sharing == 'shared' then
     redis.call('ZADD', K_QDS, r.minm, r.id)
   else
@@ -610,27 +615,32 @@ local function schedule_inner(new_id, force)
   local maxfree, maxshared = top_score(K_FREE), top_score(K_SHARED)
   local may_reserve = RES_AFTER >= 0 and POLICY ~= 'strict_fifo'
   local new_reservations = 0
+  local reserved_by = {}
+  local res = redis.call('HGETALL', K_RES)
+  for i = 1, #res, 2 do reserved_by[res[i + 1]] = res[i] end
   local offset = 0
   while true do
     local ids = redis.call('ZRANGE', K_QUEUE, offset, offset + 499)
     if #ids == 0 then break end
     local removed = 0
-    for _, id in ipairs(ids) do
-      -- the shape first: a shape that already failed this pass is skipped without more reads
-      local f = redis.call('HMGET', k_req(id), 'sharing', 'required_gpus', 'min_memory_mb',
-        'max_memory_mb', 'max_utilization', 'preferred_gpus', 'reserved_node', 'submitted_at')
-      if f[1] and f[6] then
+    local shapes = redis.call('HMGET', K_QSHAPE, unpack(ids))
+    for i, id in ipairs(ids) do
+      -- the shape first (500 per read): a shape that already failed in this pass is skipped
+      -- without reading the request
+      local v = shapes[i]
+      if v then
+        local sig, submitted = string.match(v, '^(.*)#([^#]*)$')
+        local sharing, k, minm = string.match(sig, '^([^|]*)|([^|]*)|([^|]*)|')
         local placed = false
         local possible
-        if f[1] == 'shared' then
-          possible = tonumber(f[3]) <= maxshared
+        if sharing == 'shared' then
+          possible = tonumber(minm) <= maxshared
         else
-          possible = tonumber(f[2]) <= maxfree
+          possible = tonumber(k) <= maxfree
         end
-        local sig = table.concat(f, '|', 1, 6)
         if possible and not failed[sig] then
           local r = load_req(id)
-          if deps_done(r) then
+          if r and deps_done(r) then
             local node, chosen = place(r, blocked)
             if node then
               grant(r, node, chosen, true, id ~= new_id)
@@ -645,9 +655,9 @@ local function schedule_inner(new_id, force)
         end
         if not placed then
           if POLICY == 'strict_fifo' then return granted end
-          local rn = f[7] or ''
+          local rn = reserved_by[id] or ''
           if rn == '' and may_reserve and new_reservations < 4
-              and NOW - tonumber(f[8]) >= RES_AFTER then
+              and NOW - tonumber(submitted) >= RES_AFTER then
             rn = reserve(load_req(id), blocked)
             if rn == '' then may_reserve = false else new_reservations = new_reservations + 1 end
           end
