@@ -390,8 +390,7 @@ def test_renew_validates_its_body(client):
 def test_renew_a_released_allocation_is_an_error(client):
     alloc_id = allocate(client).get_json()["id"]
     client.post("/gpu/release", json={"allocation_id": alloc_id})
-    resp = client.post(f"/gpu/allocations/{alloc_id}/renew")
-    assert resp.status_code in (404, 409)
+    assert_error(client.post(f"/gpu/allocations/{alloc_id}/renew"), 409, "conflict")
 
 
 # --------------------------------------------------------------------------- request ids
