@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import os
-import re
 import secrets
 import signal
 import sys
@@ -38,7 +37,7 @@ import requests  # noqa: E402
 from app.keys import Keys  # noqa: E402
 from bench.chaos_checks import Canary, Sampler, check_ledgers, leaked_gpus  # noqa: E402
 from bench.chaos_clients import ChaosClient  # noqa: E402
-from bench.chaos_faults import KINDS, FaultInjector, schedule  # noqa: E402
+from bench.chaos_faults import FaultInjector, schedule  # noqa: E402
 from bench.chaos_receiver import WebhookReceiver  # noqa: E402
 from bench.chaos_topology import Topology  # noqa: E402
 
@@ -210,7 +209,7 @@ class Run:
 
     # ------------------------------------------------------------------ report
 
-    def report(self, drained: dict, findings, wall: float) -> dict:
+    def report(self, drained: dict, findings, wall: float) -> tuple[dict, dict]:
         ops = [op for c in self.clients for op in c.ledger.ops]
         windows = [(r.start, (r.end or r.start) + 2.0) for r in self.injector.records]
         lat_all = [lat for _, lat, _, code in ops if code]

@@ -326,13 +326,13 @@ def test_config_errors_never_echo_a_key_or_a_password():
         assert "sec-leak-key-1234" not in text and REDIS_PASSWORD not in text  # ... not its secret
 
 
-def test_config_show_redacts_every_secret(capsys, monkeypatch):
+def test_config_show_redacts_every_secret(capsys, monkeypatch, tmp_path):
     from app import cli
     monkeypatch.setenv("GPU_ORCH__AUTH__API_KEYS", f"{{{OWNER_KEY}: owner}}")
     monkeypatch.setenv("GPU_ORCH__WEBHOOKS__SECRET", WEBHOOK_SECRET)
     monkeypatch.setenv("REDIS_URL", f"redis://:{REDIS_PASSWORD}@127.0.0.1:6379/0")
-    monkeypatch.setenv("CONFIG_PATH", "/nonexistent-but-optional.yaml")
-    monkeypatch.delenv("CONFIG_PATH")
+    monkeypatch.delenv("CONFIG_PATH", raising=False)
+    monkeypatch.chdir(tmp_path)  # no ./config.yaml: defaults plus the environment
     assert cli.main(["config", "show"]) == 0
     out = capsys.readouterr()
     for secret in (OWNER_KEY, WEBHOOK_SECRET, REDIS_PASSWORD):
