@@ -372,3 +372,39 @@ def test_no_secret_in_logs_during_a_run(make_app, tmp_path, caplog):
     assert len(caplog.records) > 5
     for secret in list(KEYS) + [OWNER_KEY + "-wrong", WEBHOOK_SECRET]:
         assert secret not in caplog.text
+
+
+# --------------------------------------------------------------------------- rq-dashboard
+
+def test_every_dashboard_route_needs_a_key_and_deletion_stays_off(make_app, settings):
+    """rq-dashboard has no auth of its own; every one of its routes sits behind the API's. With
+    ``dashboard.allow_delete`` off (the default), even an admin cannot delete or empty."""
+    import redis as redis_lib
+
+    from workers import queues
+
+    app = make_app(auth={"enabled": True, "api_keys": KEYS, "admins": ["root"]},
+                   dashboard={"enabled": True})
+    client = app.test_client()
+    routes = [(m, r.rule) for r in app.url_map.iter_rules() if r.rule.startswith("/rq")
+              for m in r.methods - {"HEAD", "OPTIONS"}]
+    assert len(routes) >= 10
+    for method, rule in routes:
+        path = (rule.replace("<int:instance_number>", "0").replace("<job_id>", "j1")
+                .replace("<queue_name>", "q").replace("<registry_name>", "queued")
+                .replace("<path:filename>", "x.css").replace("<", "").replace(">", ""))
+        for key, headers in ((None, None), ("not-a-key", None),
+                             (None, {"Authorization": "Bearer not-a-key"})):
+            resp = _call(client, method, path, None, key, headers)
+            assert resp.status_code == 401, (method, rule, resp.status_code)
+
+    rq_redis = redis_lib.Redis.from_url(settings.redis.url)
+    try:
+        q = queues.queue(rq_redis, settings, queues.WEBHOOKS)
+        job = q.enqueue("workers.webhooks.deliver", {"event_id": "e", "request_id": "r"})
+        for path in (f"/rq/queue/{q.name}/queued/empty", f"/rq/job/{job.id}/delete"):
+            resp = _call(client, "POST", path, None, ADMIN_KEY)
+            assert resp.status_code == 200 and resp.get_json() == {"status": "DISABLED"}
+        assert q.count == 1 and q.job_ids == [job.id]
+    finally:
+        rq_redis.close()
