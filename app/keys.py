@@ -75,7 +75,8 @@ class Keys:
         return self._k("queue", "deadlines")
 
     def queue_unreserved(self) -> str:
-        """ZSET of queued ids holding no node reservation yet, by submitted_at."""
+        """ZSET of queued ids holding no node reservation yet, by submitted_at (or by the time
+        of their last attempt to reserve, which found no node)."""
         return self._k("queue", "unreserved")
 
     def reservations(self) -> str:

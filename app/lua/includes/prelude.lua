@@ -63,14 +63,23 @@ local function fnum(x) return string.format('%.17g', x) end
 local WAIT_BUCKETS = {'0.005', '0.01', '0.025', '0.05', '0.1', '0.25', '0.5', '1', '2.5', '5',
   '10', '30', '60', '120', '300', '600', '1800', '3600'}
 
--- Counters. Inside a schedule pass they are summed in Lua and written once per field at the
--- end of the pass (a pass granting 1,000 requests writes a handful of fields, not 4,000).
-local stat_buf = nil
+-- Counters (the stats hash, and meta's gpus_free / gpus_busy). Inside a schedule pass they are
+-- summed in Lua and written once per field at the end of the pass (a pass granting 1,000
+-- requests writes a handful of fields, not 6,000). Nothing reads them during a script.
+local stat_buf, meta_buf = nil, nil
 local function stat(field, n)
   if stat_buf then
     stat_buf[field] = (stat_buf[field] or 0) + (n or 1)
   else
     redis.call('HINCRBY', K_STATS, field, n or 1)
+  end
+end
+
+local function meta_incr(field, n)
+  if meta_buf then
+    meta_buf[field] = (meta_buf[field] or 0) + n
+  else
+    redis.call('HINCRBY', K_META, field, n)
   end
 end
 
@@ -83,7 +92,10 @@ local function stat_flush()
       redis.call('HINCRBY', K_STATS, field, n)
     end
   end
-  stat_buf = nil
+  for field, n in pairs(meta_buf) do
+    if n ~= 0 then redis.call('HINCRBY', K_META, field, n) end
+  end
+  stat_buf, meta_buf = nil, nil
 end
 
 -- One grant's queue wait. The histogram's count is sched|immediate + sched|from_queue (every
@@ -169,7 +181,7 @@ local function gpu_sync(node, idx)
   local busy = excl ~= '' or sn > 0
   if free ~= (f[8] == '1') then
     redis.call('ZINCRBY', K_FREE, free and 1 or -1, node)
-    redis.call('HINCRBY', K_META, 'gpus_free', free and 1 or -1)
+    meta_incr('gpus_free', free and 1 or -1)
     redis.call('HSET', gk, 'in_free', free and '1' or '0')
     if free then bump_capacity() end
   end
@@ -180,7 +192,7 @@ local function gpu_sync(node, idx)
     redis.call('HDEL', k_free(node), idx)
   end
   if busy ~= (f[9] == '1') then
-    redis.call('HINCRBY', K_META, 'gpus_busy', busy and 1 or -1)
+    meta_incr('gpus_busy', busy and 1 or -1)
     redis.call('HSET', gk, 'in_busy', busy and '1' or '0')
   end
   local member = node .. '|' .. idx
@@ -365,7 +377,7 @@ local function enqueue(r, queue_timeout)
   end
   redis.call('ZADD', K_QUEUE, fnum(score), r.id)
   redis.call('HSET', K_QSHAPE, r.id, r.sharing .. '|' .. r.k .. '|' .. r.minm .. '|' .. r.maxm ..
-    '|' .. r.util .. '|' .. r.pref_raw .. '#' .. ftime(r.submitted))
+    '|' .. r.util .. '|' .. r.pref_raw)
   if r.sharing == 'shared' then
     redis.call('ZADD', K_QDS, r.minm, r.id)
   else
@@ -387,8 +399,8 @@ local function take_gpu(r, node, idx)
     redis.call('HSET', gk, 'excl', r.id, 'in_free', '0', 'in_busy', '1')
     redis.call('HDEL', k_free(node), idx)
     redis.call('ZINCRBY', K_FREE, -1, node)
-    redis.call('HINCRBY', K_META, 'gpus_free', -1)
-    redis.call('HINCRBY', K_META, 'gpus_busy', 1)
+    meta_incr('gpus_free', -1)
+    meta_incr('gpus_busy', 1)
     redis.call('ZREM', K_SHARED, node .. '|' .. idx)
   end
 end
@@ -412,12 +424,12 @@ local function return_gpu(id, sharing, minm, node, idx)
   end
   local ok = g[2] == 'ok' and g[3] ~= '1' and g[4] ~= '1'
   redis.call('HSET', gk, 'excl', '', 'in_busy', '0', 'in_free', ok and '1' or '0')
-  redis.call('HINCRBY', K_META, 'gpus_busy', -1)
+  meta_incr('gpus_busy', -1)
   if ok then
     redis.call('HSET', k_free(node), idx, (g[5] or '0') .. '|' .. (g[8] or '0') .. '|' ..
       (g[9] or ''))
     redis.call('ZINCRBY', K_FREE, 1, node)
-    redis.call('HINCRBY', K_META, 'gpus_free', 1)
+    meta_incr('gpus_free', 1)
     local cap = tonumber(g[5] or '0') or 0
     if cap < 0 then cap = 0 end
     redis.call('ZADD', K_SHARED, cap, node .. '|' .. idx)
@@ -554,13 +566,15 @@ local function reserve(r, blocked)
       end
     end
   end
-  redis.call('ZREM', K_QUNRES, r.id)
   if best then
+    redis.call('ZREM', K_QUNRES, r.id)
     redis.call('HSET', K_RES, best, r.id)
     redis.call('HSET', k_req(r.id), 'reserved_node', best)
     event('reserved', r.id, r.svc, {'node', best})
     return best
   end
+  -- no node can take it now: try again after another reservation_after
+  redis.call('ZADD', K_QUNRES, ftime(NOW), r.id)
   return ''
 end
 
@@ -615,9 +629,13 @@ local function schedule_inner(new_id, force)
   local maxfree, maxshared = top_score(K_FREE), top_score(K_SHARED)
   local may_reserve = RES_AFTER >= 0 and POLICY ~= 'strict_fifo'
   local new_reservations = 0
-  local reserved_by = {}
+  local reserved_by, due, possible = {}, {}, {}
   local res = redis.call('HGETALL', K_RES)
   for i = 1, #res, 2 do reserved_by[res[i + 1]] = res[i] end
+  if may_reserve then
+    local waited = redis.call('ZRANGEBYSCORE', K_QUNRES, '-inf', ftime(NOW - RES_AFTER))
+    for _, id in ipairs(waited) do due[id] = true end
+  end
   local offset = 0
   while true do
     local ids = redis.call('ZRANGE', K_QUEUE, offset, offset + 499)
@@ -625,20 +643,22 @@ local function schedule_inner(new_id, force)
     local removed = 0
     local shapes = redis.call('HMGET', K_QSHAPE, unpack(ids))
     for i, id in ipairs(ids) do
-      -- the shape first (500 per read): a shape that already failed in this pass is skipped
-      -- without reading the request
-      local v = shapes[i]
-      if v then
-        local sig, submitted = string.match(v, '^(.*)#([^#]*)$')
-        local sharing, k, minm = string.match(sig, '^([^|]*)|([^|]*)|([^|]*)|')
+      -- the shape first (500 per read): a shape that already failed in this pass, or that
+      -- the best free capacity cannot hold, is skipped without reading the request
+      local sig = shapes[i]
+      if sig then
         local placed = false
-        local possible
-        if sharing == 'shared' then
-          possible = tonumber(minm) <= maxshared
-        else
-          possible = tonumber(k) <= maxfree
+        local ok = possible[sig]
+        if ok == nil then
+          local sharing, k, minm = string.match(sig, '^([^|]*)|([^|]*)|([^|]*)|')
+          if sharing == 'shared' then
+            ok = tonumber(minm) <= maxshared
+          else
+            ok = tonumber(k) <= maxfree
+          end
+          possible[sig] = ok
         end
-        if possible and not failed[sig] then
+        if ok and not failed[sig] then
           local r = load_req(id)
           if r and deps_done(r) then
             local node, chosen = place(r, blocked)
@@ -648,6 +668,7 @@ local function schedule_inner(new_id, force)
               placed = true
               removed = removed + 1
               maxfree, maxshared = top_score(K_FREE), top_score(K_SHARED)
+              possible = {}
             else
               failed[sig] = true
             end
@@ -655,13 +676,12 @@ local function schedule_inner(new_id, force)
         end
         if not placed then
           if POLICY == 'strict_fifo' then return granted end
-          local rn = reserved_by[id] or ''
-          if rn == '' and may_reserve and new_reservations < 4
-              and NOW - tonumber(submitted) >= RES_AFTER then
+          local rn = reserved_by[id]
+          if not rn and due[id] and may_reserve and new_reservations < 4 then
             rn = reserve(load_req(id), blocked)
             if rn == '' then may_reserve = false else new_reservations = new_reservations + 1 end
           end
-          if rn ~= '' then blocked[rn] = true end
+          if rn and rn ~= '' then blocked[rn] = true end
         end
       end
     end
@@ -672,7 +692,7 @@ local function schedule_inner(new_id, force)
 end
 
 local function schedule(new_id, force)
-  stat_buf = {}
+  stat_buf, meta_buf = {}, {}
   local granted = schedule_inner(new_id, force)
   stat_flush()
   return granted
