@@ -317,3 +317,28 @@ def test_a_worker_dying_mid_clean_blocks_registry_cleaning_for_seconds_not_15_mi
         worker.clean_registries()
     ttl = worker.connection.ttl(worker.queues[0].registry_cleaning_key)
     assert 0 < ttl <= 10
+
+
+def test_worker_process_starts_a_new_worker_when_rq_quits_on_an_error(settings, monkeypatch):
+    """Chaos found it: RQ's work loop quits on an error it does not handle (Redis SIGKILLed
+    while a job finished), and ``gpu-orchestrator worker`` exited with it. It must carry on,
+    and still stop for good when a stop was requested."""
+    from rq.utils import now
+
+    from workers import worker as worker_mod
+
+    calls = []
+
+    def work(self, **kwargs):
+        calls.append(self.name)
+        if len(calls) == 2:
+            self._shutdown_requested_date = now()  # SIGTERM during the second worker's life
+        return True
+
+    monkeypatch.setattr(worker_mod.ServiceWorker, "work", work)
+    monkeypatch.setattr(worker_mod, "RESTART_DELAY", 0)
+    assert worker_mod.run(settings) == 0
+    assert len(calls) == 2 and calls[0] != calls[1]
+    calls.clear()
+    assert worker_mod.run(settings, burst=True) == 0
+    assert len(calls) == 1  # burst: one pass, no restart

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
+from redis.exceptions import RedisError
 from rq import SimpleWorker, worker_registration
+from rq.exceptions import StopRequested
 from rq.registry import clean_registries
 from rq.utils import now
 from rq.worker import WorkerStatus
@@ -26,6 +29,9 @@ from app.settings import Settings
 from workers import context, queues
 
 log = logging.getLogger("gpu_orchestrator.worker")
+
+#: Seconds between a worker quitting on an error and its replacement starting.
+RESTART_DELAY = 1.0
 
 
 class ServiceWorker(SimpleWorker):
@@ -106,13 +112,28 @@ def run(settings: Settings, burst: bool = False) -> int:
     from app.cli import resolve_redis
 
     url, embedded = resolve_redis(settings)
+    # RQ logs every job (and every maintenance pass) at INFO; our own job logs say what
+    # matters, so RQ's are shown from WARNING up unless DEBUG is asked for.
+    rq_level = "DEBUG" if settings.logging.level == "DEBUG" else "WARNING"
     try:
-        worker = build(settings, url)
-        log.info("worker %s on queues %s", worker.name, ", ".join(worker.queue_names()))
-        # RQ logs every job (and every maintenance pass) at INFO; our own job logs say what
-        # matters, so RQ's are shown from WARNING up unless DEBUG is asked for.
-        rq_level = "DEBUG" if settings.logging.level == "DEBUG" else "WARNING"
-        worker.work(burst=burst, with_scheduler=True, logging_level=rq_level)
+        while True:
+            try:
+                worker = build(settings, url)
+                log.info("worker %s on queues %s", worker.name, ", ".join(worker.queue_names()))
+                try:
+                    worker.work(burst=burst, with_scheduler=True, logging_level=rq_level)
+                except RedisError as exc:  # RQ's teardown could not reach Redis either
+                    log.warning("worker %s: Redis error on the way out: %s", worker.name, exc)
+                if burst or worker._shutdown_requested_date is not None:
+                    break
+                # RQ's work loop quits on any error it does not handle, such as Redis going
+                # away while a job finishes (found by bench/chaos.py). Its job is recovered
+                # from the started registry; this process carries on with a fresh worker.
+                log.warning("worker %s quit on an error; starting a new worker in %.0f s",
+                            worker.name, RESTART_DELAY)
+                time.sleep(RESTART_DELAY)
+            except StopRequested:  # SIGTERM/SIGINT between two workers
+                break
     finally:
         if embedded:
             embedded.stop()
