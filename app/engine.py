@@ -436,8 +436,10 @@ class Engine:
                 "granted": [parse_record(r) for r in granted]}
 
     # ------------------------------------------------------------------ views
-    def snapshot(self) -> dict:
-        data = json.loads(self._run("snapshot"))
+    def snapshot(self, *, requests: bool = True) -> dict:
+        """One consistent view. ``requests=False``: GPUs and nodes only (allocations and queue
+        empty), for callers such as the metrics scrape that do not need the requests."""
+        data = json.loads(self._run("snapshot", "1" if not requests else "0"))
         now = float(data["now"])
         timeout = self.settings.scheduler.node_heartbeat_timeout
         nodes = []

@@ -765,3 +765,14 @@ def test_idempotency_compares_the_normalised_request(engine):
     again = engine.allocate({"service_name": "svc", "priority": 5, "required_gpus": 1,
                              "sharing": "exclusive", "depends_on": []}, idempotency_key="k")
     assert again["replayed"] and again["id"] == a["id"]
+
+
+def test_snapshot_without_requests(engine):
+    engine.report_node("a", gpu_list(2))
+    engine.allocate(req())
+    engine.allocate(req(required_gpus=2))
+    snap = engine.snapshot(requests=False)
+    assert len(snap["gpus"]) == 2 and snap["allocations"] == [] and snap["queue"] == []
+    full = engine.snapshot()
+    assert len(full["allocations"]) == 1 and len(full["queue"]) == 1
+    assert sum(1 for g in full["gpus"] if g["allocated_to"]) == 1

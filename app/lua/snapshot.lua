@@ -2,6 +2,7 @@
   snapshot: one consistent view of the whole state (dashboards, the invariant tests).
 
   KEYS[1], ARGV[1..2]: the common block (includes/prelude.lua).
+  ARGV[A+1] "1": GPUs and nodes only (allocations and queue left empty; cheaper for metrics)
   Returns: JSON {now, gpus: [flat hash...], nodes: [...], allocations: [...], queue: [...]}
   (queue in rank order; each entry a flat field/value list).
 ]]
@@ -14,10 +15,12 @@ end
 for _, node in ipairs(redis.call('ZRANGE', K_NODES, 0, -1)) do
   out.nodes[#out.nodes + 1] = redis.call('HGETALL', k_node(node))
 end
-for _, id in ipairs(redis.call('ZRANGE', K_LEASES, 0, -1)) do
-  out.allocations[#out.allocations + 1] = record(id)
-end
-for _, id in ipairs(redis.call('ZRANGE', K_QUEUE, 0, -1)) do
-  out.queue[#out.queue + 1] = record(id)
+if ARGV[A + 1] ~= '1' then
+  for _, id in ipairs(redis.call('ZRANGE', K_LEASES, 0, -1)) do
+    out.allocations[#out.allocations + 1] = record(id)
+  end
+  for _, id in ipairs(redis.call('ZRANGE', K_QUEUE, 0, -1)) do
+    out.queue[#out.queue + 1] = record(id)
+  end
 end
 return cjson.encode(out)
