@@ -45,9 +45,6 @@ WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
 STATUSES = ("queued", "allocated", "released", "expired", "cancelled", "timed_out")
 WEBHOOK_EVENTS = ("expired", "cancelled", "timed_out")
 HEALTH = ("ok", "degraded", "failed")
-#: GPU hash fields the engine owns; a monitor report may not write them.
-ENGINE_GPU_FIELDS = frozenset({"node", "lost", "updated_at", "excl", "shared_n", "shared_mb",
-                               "cordoned", "in_free", "in_busy"})
 _GPU_EXTRAS = ("ecc_uncorrectable", "ecc_corrected", "xid", "throttle_reasons", "mig_mode",
                "processes")
 
@@ -250,7 +247,8 @@ class Engine:
         used = float(g.get("memory_used_mb") or 0)
         free = g.get("memory_free_mb")
         free = max(total - used, 0.0) if free is None else float(free)
-        out = {"index": str(index), "uuid": str(g.get("uuid") or ""), "name": str(g.get("name") or ""),
+        out = {"index": str(index), "uuid": str(g.get("uuid") or ""),
+               "name": str(g.get("name") or ""),
                "memory_total_mb": _num(total), "memory_used_mb": _num(used),
                "memory_free_mb": _num(free), "utilization": _num(g.get("utilization") or 0),
                "temperature": _num(g.get("temperature") or 0),
@@ -449,7 +447,8 @@ class Engine:
             hb = float(h.get("heartbeat") or 0)
             alive[h.get("name")] = hb >= now - timeout
             nodes.append({"name": h.get("name"), "heartbeat": hb, "alive": alive[h.get("name")],
-                          "gpu_count": int(h.get("gpu_count") or 0), "backend": h.get("backend", ""),
+                          "gpu_count": int(h.get("gpu_count") or 0),
+                          "backend": h.get("backend", ""),
                           "host": h.get("host", "")})
         alive_nodes = {name for name, up in alive.items() if up}
         gpus = [_gpu_view(raw, alive_nodes) for raw in _list(data["gpus"])]

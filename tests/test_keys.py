@@ -1,4 +1,4 @@
-"""Every Redis key shape, pinned; and the Lua scripts build keys only from what keys.py gives them."""
+"""Every Redis key shape, pinned; the Lua scripts build keys only from what keys.py gives them."""
 from __future__ import annotations
 
 import re
@@ -51,9 +51,11 @@ def test_every_key_method_is_pinned():
                and callable(getattr(Keys, name))}
     pinned = {w.split("}:", 1)[1].split(":")[0] for _, w in SHAPES}
     # each method's first segment appears in a pinned shape
-    first = {"nodes": "nodes", "node": "node", "gpu": "gpu", "nodes_free": "nodes", "node_free_gpus": "freegpus",
+    first = {"nodes": "nodes", "node": "node", "gpu": "gpu", "nodes_free": "nodes",
+             "node_free_gpus": "freegpus",
              "node_sizes": "nodes", "gpus": "gpus", "shared_capacity": "gpus", "request": "req",
-             "queue": "queue", "queue_demand": "queue", "queue_deadlines": "queue", "queue_shapes": "queue",
+             "queue": "queue", "queue_demand": "queue", "queue_deadlines": "queue",
+             "queue_shapes": "queue",
              "queue_unreserved": "queue", "reservations": "reservations", "leases": "leases",
              "service": "svc", "idempotency": "idem", "events": "events",
              "webhook_outbox": "outbox", "webhook_processing": "outbox",
@@ -92,7 +94,8 @@ def test_lua_scripts_contain_no_key_text():
                          if not line.strip().startswith("--"))
         code = re.sub(r"--\[\[.*?\]\]", "", code, flags=re.S)
         assert "gpuo" not in code, path
-        assert not re.search(r"['\"](req|gpu|node|svc|idem|queue|leases|meta|freegpus):", code), path
+        pattern = r"['\"](req|gpu|node|svc|idem|queue|leases|meta|freegpus):"
+        assert not re.search(pattern, code), path
 
 
 def test_lua_builds_the_same_keys_as_keys_py(redis, settings):
@@ -111,5 +114,6 @@ _PROBE = """
 -- @include prelude
 """.replace("-- @include prelude", (LUA_DIR / "includes" / "prelude.lua").read_text()) + """
 return {k_node(ARGV[A + 1]), k_gpu(ARGV[A + 1], ARGV[A + 2]), k_req(ARGV[A + 3]),
-  k_svc(ARGV[A + 4]), k_idem(ARGV[A + 5]), k_free(ARGV[A + 1]), K_NODES, K_QUEUE, K_LEASES, K_META, K_OUTBOX}
+  k_svc(ARGV[A + 4]), k_idem(ARGV[A + 5]), k_free(ARGV[A + 1]), K_NODES, K_QUEUE, K_LEASES,
+  K_META, K_OUTBOX}
 """

@@ -7,7 +7,8 @@
 ]]
 -- @include prelude
 local available = tonumber(redis.call('HGET', K_META, 'gpus_free') or '0')
-for _, node in ipairs(redis.call('ZRANGEBYSCORE', K_NODES, '-inf', '(' .. ftime(NOW - HB_TIMEOUT))) do
+local lapsed = redis.call('ZRANGEBYSCORE', K_NODES, '-inf', '(' .. ftime(NOW - HB_TIMEOUT))
+for _, node in ipairs(lapsed) do
   available = available - (tonumber(redis.call('ZSCORE', K_FREE, node) or '0') or 0)
 end
 return {redis.call('ZCARD', K_LEASES), tonumber(redis.call('HGET', K_META, 'gpus_busy') or '0'),
