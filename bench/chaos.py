@@ -35,7 +35,7 @@ import redis as redis_lib  # noqa: E402
 import requests  # noqa: E402
 
 from app.keys import Keys  # noqa: E402
-from bench.chaos_checks import Canary, Sampler, check_ledgers, leaked_gpus  # noqa: E402
+from bench.chaos_checks import Canary, Sampler, check_ledgers, in_windows, leaked_gpus  # noqa: E402
 from bench.chaos_clients import ChaosClient  # noqa: E402
 from bench.chaos_faults import FaultInjector, schedule  # noqa: E402
 from bench.chaos_receiver import WebhookReceiver  # noqa: E402
@@ -216,6 +216,13 @@ class Run:
         lat_faults = [lat for t, lat, _, code in ops if code and any(a <= t <= b
                                                                      for a, b in windows)]
         codes = Counter(code for *_, code in ops)
+        by_op = Counter(f"{op} {code}" for _, _, op, code in ops)
+        aof = self.canary.lost_windows()
+        acked_at = {a.request_id: a.t_ack for c in self.clients for a in c.ledger.acks
+                    if a.op == "allocate"}
+        vanished = [f"{rid} read as 404 at {t - self.t_load_epoch:.1f}s" for c in self.clients
+                    for rid, t in c.ledger.vanished
+                    if not in_windows(acked_at.get(rid, 0.0), aof)]
         unexpected = [u for c in self.clients for u in c.ledger.unexpected]
         kills = [w for w in self.canary.windows if w.kind == "sigkill"]
         terms = [w for w in self.canary.windows if w.kind == "sigterm"]
@@ -250,6 +257,8 @@ class Run:
             "p99_during_faults_ms": _ms(percentile(lat_faults, 0.99)),
             "p50_ms": _ms(percentile(lat_all, 0.50)),
             "http_status": {str(k): v for k, v in sorted(codes.items())},
+            "http_status_by_op": dict(sorted(by_op.items())),
+            "acknowledged_read_as_404": len(vanished),
             "faults_by_kind": dict(Counter(r.kind for r in self.injector.records)),
             "worker_killed_mid_job": sum(1 for r in self.injector.records
                                          if r.kind == "worker_kill" and r.detail.get("mid_job")),
@@ -267,7 +276,8 @@ class Run:
                              + (out["webhooks_expected"] - out["webhooks_delivered"])
                              + out["webhook_event_id_mismatch"] + out["webhook_bad_signatures"]
                              + out["duplicate_grants"] + out["secrets_in_logs"]
-                             + out["server_errors"] + out["sigterm_writes_lost"])
+                             + out["server_errors"] + out["sigterm_writes_lost"]
+                             + out["acknowledged_read_as_404"])
         details = {
             "double_allocations": sorted(map(str, self.sampler.conflicts))[:20],
             "index_drift": sorted(map(str, self.sampler.drift))[:20],
@@ -284,6 +294,7 @@ class Run:
             "duplicate_grants": findings.duplicate_grants[:20],
             "secrets_in_logs": secret_hits[:20],
             "server_errors": unexpected[:20],
+            "acknowledged_read_as_404": vanished[:20],
             "faults": [(r.kind, r.target, round(r.start - self.t_load_epoch, 1), r.detail)
                        for r in self.injector.records],
         }
@@ -371,6 +382,7 @@ def print_table(out: dict, details: dict) -> None:
         ("duplicate grants", out["duplicate_grants"], "idempotent retries"),
         ("secrets in logs", out["secrets_in_logs"], ""),
         ("5xx other than 503", out["server_errors"], ""),
+        ("acknowledged ids read as 404", out["acknowledged_read_as_404"], "during the run"),
         ("p99 latency", f"{out['p99_ms']} ms", f"during faults {out['p99_during_faults_ms']} ms"),
         ("unexpected exits", sum(out["unexpected_exits"].values()),
          ", ".join(f"{k} {v}" for k, v in out["unexpected_exits"].items())),

@@ -57,6 +57,7 @@ class Ledger:
     submitted_services: set[str] = field(default_factory=set)  # every service_name ever sent
     idem_mismatches: list[tuple[str, str, str]] = field(default_factory=list)  # key, id1, id2
     unexpected: list[str] = field(default_factory=list)  # 5xx bodies other than 503, etc.
+    vanished: list[tuple[str, float]] = field(default_factory=list)  # acked id read as 404
 
 
 class ChaosClient(threading.Thread):
@@ -213,7 +214,10 @@ class ChaosClient(threading.Thread):
             self._refresh(rid)
 
     def _refresh(self, rid: str) -> None:
-        resp, *_ = self._call("status", "GET", f"/gpu/requests/{rid}")
+        resp, t0, _, _ = self._call("status", "GET", f"/gpu/requests/{rid}")
+        if resp is not None and resp.status_code == 404:
+            self.ledger.vanished.append((rid, t0))  # every id we hold was acknowledged
+            self.held.pop(rid, None)
         if resp is None or resp.status_code != 200:
             return
         state = resp.json().get("status")

@@ -257,7 +257,9 @@ def test_short_chaos_run_has_no_violations(tmp_path):
     assert result["ops"] > 300, detail
     for key in ("double_allocations", "lost_requests", "lost_transitions", "leaked_gpus",
                 "duplicate_grants", "webhook_event_id_mismatch", "webhook_bad_signatures",
-                "secrets_in_logs", "server_errors", "sigterm_writes_lost"):
+                "secrets_in_logs", "server_errors", "sigterm_writes_lost", "stuck_requests",
+                "finished_without_event", "grants_on_silent_nodes", "placement_mismatches",
+                "acknowledged_read_as_404"):
         assert result[key] == 0, (key, detail)
     assert result["webhooks_delivered"] == result["webhooks_expected"] > 0, detail
     assert result["samples"] > 100, detail
