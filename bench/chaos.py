@@ -417,6 +417,7 @@ def main(argv=None) -> int:
     if not 1 <= args.clients <= 32:
         parser.error("--clients must be 1..32")
     signal.signal(signal.SIGTERM, _stop_on_signal)
+    signal.signal(signal.SIGINT, _stop_on_signal)
     run = Run(args)
     try:
         return run.run()
