@@ -35,7 +35,8 @@ import redis as redis_lib  # noqa: E402
 import requests  # noqa: E402
 
 from app.keys import Keys  # noqa: E402
-from bench.chaos_checks import Canary, Sampler, check_ledgers, in_windows, leaked_gpus  # noqa: E402
+from bench.chaos_checks import (ApiSampler, Canary, Sampler, check_ledgers,  # noqa: E402
+                                 in_windows, leaked_gpus)  # noqa: E402
 from bench.chaos_clients import ChaosClient  # noqa: E402
 from bench.chaos_faults import FaultInjector, schedule  # noqa: E402
 from bench.chaos_receiver import WebhookReceiver  # noqa: E402
@@ -80,6 +81,7 @@ class Run:
         self.stop_watch = threading.Event()
         self.canary = None
         self.sampler = None
+        self.api_sampler = None
         self.clients: list[ChaosClient] = []
         self.injector = None
         self.t_load = None
@@ -95,8 +97,11 @@ class Run:
         _log(f"topology up in {self.phase['startup_s']} s (logs in {self.topo.dir / 'logs'})")
         self.canary = Canary(self.topo.redis_url, self.stop_watch)
         self.sampler = Sampler(self.topo.redis_url, self.topo.prefix, self.stop_watch)
+        self.api_sampler = ApiSampler([self.topo.api_url(i) for i in range(len(self.topo.api_ports))],
+                                      self.key_of[ADMIN], self.stop_watch)
         self.canary.start()
         self.sampler.start()
+        self.api_sampler.start()
         self.injector = FaultInjector(self.topo, self.receiver, self.canary, log=_log)
 
     def load(self) -> None:
@@ -231,7 +236,7 @@ class Run:
         out = {
             "ops": len(ops),
             "faults": len(self.injector.records),
-            "double_allocations": len(self.sampler.conflicts),
+            "double_allocations": len(self.sampler.conflicts | self.api_sampler.conflicts),
             "lost_requests": len(findings.lost),
             "lost_transitions": len(findings.lost_transitions),
             "stuck_requests": len(findings.stuck),
@@ -263,7 +268,9 @@ class Run:
             "worker_killed_mid_job": sum(1 for r in self.injector.records
                                          if r.kind == "worker_kill" and r.detail.get("mid_job")),
             "samples": self.sampler.samples,
+            "api_samples": self.api_sampler.samples,
             "index_drift": len(self.sampler.drift),
+            "snapshot_inconsistencies": len(self.api_sampler.drift),
             "seed": self.args.seed,
             "duration_s": self.args.duration,
             "wall_s": round(wall, 1),
@@ -277,10 +284,13 @@ class Run:
                              + out["webhook_event_id_mismatch"] + out["webhook_bad_signatures"]
                              + out["duplicate_grants"] + out["secrets_in_logs"]
                              + out["server_errors"] + out["sigterm_writes_lost"]
-                             + out["acknowledged_read_as_404"])
+                             + out["acknowledged_read_as_404"] + out["index_drift"]
+                             + out["snapshot_inconsistencies"])
         details = {
-            "double_allocations": sorted(map(str, self.sampler.conflicts))[:20],
+            "double_allocations": sorted(map(str, self.sampler.conflicts
+                                             | self.api_sampler.conflicts))[:20],
             "index_drift": sorted(map(str, self.sampler.drift))[:20],
+            "snapshot_inconsistencies": sorted(map(str, self.api_sampler.drift))[:20],
             "lost_requests": findings.lost[:20],
             "lost_transitions": findings.lost_transitions[:20],
             "stuck_requests": findings.stuck[:20],
@@ -320,6 +330,7 @@ class Run:
         self.phase["webhook_wait_s"] = round(time.monotonic() - t1, 1)
         self.stop_watch.set()
         self.sampler.join(5)
+        self.api_sampler.join(10)
         self.canary.join(5)
         out, details = self.report(drained, findings, time.monotonic() - t0)
         if self.args.fuzz_scale:
@@ -363,7 +374,10 @@ def print_table(out: dict, details: dict) -> None:
         ("operations", out["ops"], ""),
         ("faults injected", out["faults"], ", ".join(f"{k} {v}" for k, v in
                                                      sorted(out["faults_by_kind"].items()))),
-        ("double allocations", out["double_allocations"], f"{out['samples']} samples"),
+        ("double allocations", out["double_allocations"],
+         f"{out['samples']} Redis samples, {out['api_samples']} /gpu/list samples"),
+        ("index drift / snapshot inconsistencies",
+         f"{out['index_drift']}/{out['snapshot_inconsistencies']}", "GPU hashes vs allocations"),
         ("requests lost", out["lost_requests"], "outside the AOF window"),
         ("acknowledged transitions lost", out["lost_transitions"], "release/cancel"),
         ("lost in the AOF window", out["aof_window_lost"],

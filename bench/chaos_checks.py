@@ -107,6 +107,12 @@ def check_state(allocs: list[list[str]], gpus: list[list[str]]) -> tuple[set, se
         reserved = sum(mb for _, mb in holders)
         if member in totals and reserved > totals[member]:
             conflicts.add(("shared-over-memory", member, tuple(sorted(r for r, _ in holders))))
+    for member, (e, n, mb) in hashes.items():
+        if e and not excl.get(member):
+            drift.add(("excl-without-allocation", member, e))
+        holders = shared.get(member, [])
+        if int(float(n or 0)) != len(holders) or float(mb or 0) != sum(m for _, m in holders):
+            drift.add(("shared-count", member, n, mb, tuple(sorted(r for r, _ in holders))))
     return conflicts, drift, len(allocs)
 
 
@@ -145,6 +151,46 @@ class Sampler(threading.Thread):
                 self.failed += 1  # Redis is down or loading: nothing to sample
             self.stop_event.wait(self.interval)
         self.client.close()
+
+
+class ApiSampler(threading.Thread):
+    """The same checks on ``GET /gpu/list``, which the API promises is one atomic snapshot:
+    a double allocation or an inconsistency there is a state the API showed that never
+    existed, or a real one."""
+
+    def __init__(self, urls: list[str], api_key: str, stop: threading.Event, interval=0.2):
+        super().__init__(name="chaos-api-sampler", daemon=True)
+        import requests
+        self.session = requests.Session()
+        self.urls, self.headers = urls, {"X-API-Key": api_key}
+        self.stop_event, self.interval = stop, interval
+        self.samples = self.failed = 0
+        self.conflicts: set = set()
+        self.drift: set = set()
+
+    def sample(self, url: str) -> None:
+        body = self.session.get(url + "/gpu/list", headers=self.headers, timeout=5).json()
+        allocs = [[a["id"], a.get("status") or "", a.get("node") or "",
+                   json.dumps(a.get("gpu_ids") or []), a.get("sharing") or "",
+                   str(a.get("min_memory_mb") or 0)] for a in body["allocations"]]
+        gpus = [[f"{g['node']}|{g['index']}", str(g.get("memory_total_mb") or 0),
+                 g.get("allocated_to") or "", str(g.get("shared_n") or 0),
+                 str(g.get("shared_mb") or 0)] for g in body["gpus"]]
+        conflicts, drift, _ = check_state(allocs, gpus)
+        self.conflicts |= conflicts
+        self.drift |= drift
+        self.samples += 1
+
+    def run(self) -> None:
+        i = 0
+        while not self.stop_event.is_set():
+            i += 1
+            try:
+                self.sample(self.urls[i % len(self.urls)])
+            except Exception:  # noqa: BLE001 - a replica or Redis down: no sample this time
+                self.failed += 1
+            self.stop_event.wait(self.interval)
+        self.session.close()
 
 
 @dataclass

@@ -39,7 +39,8 @@ def _gpu(member, total=80000, excl="", shared_n=0, shared_mb=0):
 def test_check_state_passes_a_consistent_fleet():
     allocs = [_alloc("a", "n1", [0, 1]), _alloc("b", "n1", [2], "shared", 30000),
               _alloc("c", "n1", [2], "shared", 30000)]
-    gpus = [_gpu("n1|0", excl="a"), _gpu("n1|1", excl="a"), _gpu("n1|2", shared_n=2)]
+    gpus = [_gpu("n1|0", excl="a"), _gpu("n1|1", excl="a"),
+            _gpu("n1|2", shared_n=2, shared_mb=60000), _gpu("n1|3")]
     conflicts, drift, live = chaos_checks.check_state(allocs, gpus)
     assert (conflicts, drift, live) == (set(), set(), 3)
 
@@ -57,9 +58,11 @@ def test_check_state_catches_every_kind_of_double_allocation():
 
 def test_check_state_reports_index_drift_apart_from_double_allocations():
     allocs = [_alloc("a", "n1", [0]), ["z", "released", "n1", "[1]", "exclusive", "0"]]
-    conflicts, drift, _ = chaos_checks.check_state(allocs, [_gpu("n1|0", excl="")])
+    gpus = [_gpu("n1|0", excl=""), _gpu("n1|1", excl="ghost"), _gpu("n1|2", shared_n=1)]
+    conflicts, drift, _ = chaos_checks.check_state(allocs, gpus)
     assert conflicts == set()
-    assert {d[0] for d in drift} == {"excl-field", "lease-not-allocated"}
+    assert {d[0] for d in drift} == {"excl-field", "lease-not-allocated",
+                                     "excl-without-allocation", "shared-count"}
 
 
 def test_sampler_reads_the_engine_state_atomically(settings, redis):
@@ -259,10 +262,10 @@ def test_short_chaos_run_has_no_violations(tmp_path):
                 "duplicate_grants", "webhook_event_id_mismatch", "webhook_bad_signatures",
                 "secrets_in_logs", "server_errors", "sigterm_writes_lost", "stuck_requests",
                 "finished_without_event", "grants_on_silent_nodes", "placement_mismatches",
-                "acknowledged_read_as_404"):
+                "acknowledged_read_as_404", "index_drift", "snapshot_inconsistencies"):
         assert result[key] == 0, (key, detail)
     assert result["webhooks_delivered"] == result["webhooks_expected"] > 0, detail
-    assert result["samples"] > 100, detail
+    assert result["samples"] > 100 and result["api_samples"] > 20, detail
     assert result["violations"] == 0 and proc.returncode == 0, detail
 
 
