@@ -243,6 +243,7 @@ class Run:
             "finished_without_event": len(findings.unrecorded),
             "grants_on_silent_nodes": len(findings.silent_node_grants),
             "placement_mismatches": len(findings.moved),
+            "dependency_violations": len(findings.dependency_violations),
             "aof_window_lost": len(findings.aof_lost),
             "aof_window_ms": round(max((w.ms for w in kills), default=0.0), 1),
             "aof_window_writes_lost": sum(w.lost_writes for w in kills),
@@ -280,6 +281,7 @@ class Run:
                              + out["lost_transitions"] + out["leaked_gpus"]
                              + out["stuck_requests"] + out["finished_without_event"]
                              + out["grants_on_silent_nodes"] + out["placement_mismatches"]
+                             + out["dependency_violations"]
                              + (out["webhooks_expected"] - out["webhooks_delivered"])
                              + out["webhook_event_id_mismatch"] + out["webhook_bad_signatures"]
                              + out["duplicate_grants"] + out["secrets_in_logs"]
@@ -297,6 +299,7 @@ class Run:
             "finished_without_event": findings.unrecorded[:20],
             "grants_on_silent_nodes": findings.silent_node_grants[:20],
             "placement_mismatches": findings.moved[:20],
+            "dependency_violations": findings.dependency_violations[:20],
             "aof_window_lost": findings.aof_lost[:20],
             "leaked": drained["held"][:20], "queued_left": drained["queued_left"][:20],
             "webhooks_missing": findings.webhooks_missing[:20],
@@ -387,6 +390,7 @@ def print_table(out: dict, details: dict) -> None:
         ("finished without an event", out["finished_without_event"], ""),
         ("grants on a silent node", out["grants_on_silent_nodes"], "heartbeat lapsed"),
         ("GPUs answered != recorded", out["placement_mismatches"], "200 bodies and webhooks"),
+        ("granted before a dependency finished", out["dependency_violations"], "depends_on"),
         ("leaked GPUs", out["leaked_gpus"], "after drain and lease expiry"),
         ("webhooks delivered/expected", f"{out['webhooks_delivered']}/{out['webhooks_expected']}",
          f"{out['webhook_event_id_mismatch']} event_id mismatches, "

@@ -355,6 +355,7 @@ class Findings:
     unrecorded: list[str] = field(default_factory=list)   # finished without its event
     silent_node_grants: list[str] = field(default_factory=list)
     moved: list[str] = field(default_factory=list)  # GPUs answered != GPUs recorded
+    dependency_violations: list[str] = field(default_factory=list)
 
 
 def in_windows(t: float, windows: list[tuple[float, float]]) -> bool:
@@ -394,6 +395,16 @@ def check_ledgers(client: redis_lib.Redis, keys: Keys, ledgers: list, deliveries
             f.stuck.append(f"{rid} is still {status} after the drain")
         elif status in TERMINAL and status not in names:
             f.unrecorded.append(f"{rid} is {status} with no {status} event")
+
+    # depends_on: no grant while a named request is still queued or live.
+    for rid, ack in allocs.items():
+        for grant in (e for e in events.get(rid, []) if e.get("event") == "allocated"):
+            at = float(grant.get("ts") or 0)
+            for dep in ack.depends_on:
+                done = [float(e.get("ts") or 0) for e in events.get(dep, [])
+                        if e.get("event") in TERMINAL]
+                if not done or min(done) > at:
+                    f.dependency_violations.append(f"{rid} granted while {dep} was not finished")
 
     # A node whose heartbeat lapsed is not schedulable: no grant may land on it meanwhile.
     for node, lo, hi in silent:

@@ -46,6 +46,7 @@ class Ack:
     webhook: bool = False
     replayed: bool = False
     placement: str = ""          # allocate 200: "node:[gpu ids]" as answered
+    depends_on: tuple[str, ...] = ()
 
 
 @dataclass
@@ -123,6 +124,10 @@ class ChaosClient(threading.Thread):
         body["workload_data"] = data
         if rng.random() < 0.3:
             body["priority"] = rng.randint(1, 10)
+        if self.held and rng.random() < 0.1:  # wait for one of our own live requests
+            body["depends_on"] = [rng.choice(sorted(self.held))]
+        if rng.random() < 0.1:
+            body["preferred_gpus"] = rng.sample(range(8), rng.randint(1, 3))
         webhook = rng.random() < 0.4
         if webhook:
             body["webhook_url"] = f"{self.webhook_url}/c{self.index}"
@@ -143,7 +148,7 @@ class ChaosClient(threading.Thread):
                              if resp.status_code == 200 else "")
                 self.ledger.acks.append(Ack("allocate", rid, resp.status_code, t0, t1, service,
                                             state, idem, webhook, bool(payload.get("replayed")),
-                                            placement))
+                                            placement, tuple(body.get("depends_on", ()))))
                 self.held[rid] = state
                 if idem and rng.random() < 0.25:
                     self._replay(body, headers, rid, used + 1)

@@ -162,6 +162,22 @@ def test_check_ledgers_finds_gpus_that_differ_from_what_was_answered(settings, r
     assert chaos_checks.check_ledgers(redis, keys, [ledger], [], windows=[]).moved == []
 
 
+def test_check_ledgers_finds_a_grant_before_its_dependency_finished(settings, redis):
+    keys = Keys(settings.redis.prefix)
+    for rid in ("dep", "early", "late"):
+        redis.hset(keys.request(rid), mapping={"id": rid, "status": "released",
+                                               "service_name": rid})
+    for event, rid, ts in (("allocated", "dep", 1), ("allocated", "early", 2),
+                           ("released", "dep", 3), ("allocated", "late", 4),
+                           ("released", "early", 5), ("released", "late", 6)):
+        redis.xadd(keys.events(), {"event": event, "request_id": rid, "ts": str(ts)})
+    ledger = Ledger(0, "p")
+    ledger.acks += [Ack("allocate", rid, 202, 1, 1.1, rid, "queued", depends_on=("dep",))
+                    for rid in ("early", "late")]
+    found = chaos_checks.check_ledgers(redis, keys, [ledger], [], windows=[])
+    assert found.dependency_violations == ["early granted while dep was not finished"]
+
+
 # --------------------------------------------------------------------------- faults, receiver
 
 
@@ -262,7 +278,8 @@ def test_short_chaos_run_has_no_violations(tmp_path):
                 "duplicate_grants", "webhook_event_id_mismatch", "webhook_bad_signatures",
                 "secrets_in_logs", "server_errors", "sigterm_writes_lost", "stuck_requests",
                 "finished_without_event", "grants_on_silent_nodes", "placement_mismatches",
-                "acknowledged_read_as_404", "index_drift", "snapshot_inconsistencies"):
+                "acknowledged_read_as_404", "index_drift", "snapshot_inconsistencies",
+                "dependency_violations"):
         assert result[key] == 0, (key, detail)
     assert result["webhooks_delivered"] == result["webhooks_expected"] > 0, detail
     assert result["samples"] > 100 and result["api_samples"] > 20, detail
