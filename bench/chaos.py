@@ -65,6 +65,8 @@ def _stop_on_signal(signum, frame):
 
 
 class Run:
+    """One chaos run: start, load with faults, drain, check, report; ``close`` cleans up."""
+
     def __init__(self, args):
         self.args = args
         self.keys = {secrets.token_urlsafe(24): p for p in PRINCIPALS + (ADMIN,)}
@@ -85,6 +87,7 @@ class Run:
         self.clients: list[ChaosClient] = []
         self.injector = None
         self.t_load = None
+        self.t_load_epoch = 0.0
         self.drained_clean = False
         self.phase = {}
 
@@ -97,8 +100,8 @@ class Run:
         _log(f"topology up in {self.phase['startup_s']} s (logs in {self.topo.dir / 'logs'})")
         self.canary = Canary(self.topo.redis_url, self.stop_watch)
         self.sampler = Sampler(self.topo.redis_url, self.topo.prefix, self.stop_watch)
-        self.api_sampler = ApiSampler([self.topo.api_url(i) for i in range(len(self.topo.api_ports))],
-                                      self.key_of[ADMIN], self.stop_watch)
+        urls = [self.topo.api_url(i) for i in range(len(self.topo.api_ports))]
+        self.api_sampler = ApiSampler(urls, self.key_of[ADMIN], self.stop_watch)
         self.canary.start()
         self.sampler.start()
         self.api_sampler.start()
