@@ -86,7 +86,7 @@ class ChaosClient(threading.Thread):
 
     def _call(self, op: str, method: str, path: str, *, replica: int | None = None,
               **kwargs) -> tuple[requests.Response | None, float, float, int]:
-        """One HTTP call; returns (response or None on a transport error, t_send, t_ack, replica)."""
+        """One HTTP call: (response, or None on a transport error; t_send; t_ack; replica)."""
         i = self.rng.randrange(len(self.urls)) if replica is None else replica % len(self.urls)
         headers = dict(self.headers, **kwargs.pop("headers", {}))
         t0 = time.time()

@@ -94,7 +94,8 @@ class Topology:
     def __init__(self, *, apis: int = 3, workers: int = 2, nodes: int = 4, gpus_per_node: int = 8,
                  gpu_memory_mb: int = 81559, api_keys: dict[str, str] | None = None,
                  admins: list[str] | None = None, webhook_secret: str = "",
-                 prefix: str = "{chaos}", workdir: str | None = None, extra_config: dict | None = None):
+                 prefix: str = "{chaos}", workdir: str | None = None,
+                 extra_config: dict | None = None):
         self._owner_thread = threading.get_ident()
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="gpuo-chaos-")
         self.dir = Path(workdir or self._tmp.name)
