@@ -364,3 +364,39 @@ def test_worker_process_starts_a_new_worker_when_rq_quits_on_an_error(settings, 
     calls.clear()
     assert worker_mod.run(settings, burst=True) == 0
     assert len(calls) == 1  # burst: one pass, no restart
+
+
+def test_a_dequeued_job_stays_in_a_list_until_it_is_registered_as_started(settings):
+    """Chaos found it: with two queues RQ dequeues by BLPOP, so a webhook job popped as Redis
+    restarted was in no list at all and was never delivered. Our workers dequeue through RQ's
+    intermediate list instead, and a normal run leaves that list empty."""
+    import signal
+
+    from workers import queues
+    from workers import worker as worker_mod
+
+    worker = worker_mod.build(settings, settings.redis.url)
+    rq_redis = worker.connection
+    webhooks_q, maintenance_q = worker.queues
+    assert [webhooks_q.name, maintenance_q.name] == [
+        queues.queue_name(settings, queues.WEBHOOKS), queues.queue_name(settings, queues.MAINTENANCE)]
+    job = maintenance_q.enqueue("builtins.len", [1, 2])
+    # The worker pops the job and dies before it registers it: the id must not vanish.
+    found, queue = worker.queue_class.dequeue_any(worker.queues, 1, connection=rq_redis,
+                                                  serializer=queues.SERIALIZER)
+    assert found.id == job.id and queue.name == maintenance_q.name
+    assert rq_redis.lrange(maintenance_q.intermediate_queue_key, 0, -1) == [job.id.encode()]
+    rq_redis.delete(maintenance_q.intermediate_queue_key)
+    # A normal run takes each job off the intermediate list once it has started.
+    jobs = [webhooks_q.enqueue("builtins.len", [1]), maintenance_q.enqueue("builtins.len", [1])]
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        worker.work(burst=True)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    for done in jobs:
+        done.refresh()
+        assert done.get_status() == "finished" and done.return_value() == 1
+    for q in worker.queues:
+        assert rq_redis.llen(q.intermediate_queue_key) == 0

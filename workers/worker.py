@@ -18,7 +18,7 @@ import threading
 import time
 
 from redis.exceptions import RedisError
-from rq import SimpleWorker, worker_registration
+from rq import Queue, SimpleWorker, worker_registration
 from rq.exceptions import StopRequested
 from rq.registry import clean_registries
 from rq.utils import now
@@ -32,6 +32,38 @@ log = logging.getLogger("gpu_orchestrator.worker")
 
 #: Seconds between a worker quitting on an error and its replacement starting.
 RESTART_DELAY = 1.0
+#: Longest blocking wait of one dequeue call (see ServiceQueue).
+MAX_BLOCK = 1
+
+
+class ServiceQueue(Queue):
+    """RQ's Queue, dequeuing through RQ's intermediate list whatever the number of queues.
+
+    RQ moves a job id from a queue into ``<queue>:intermediate`` (LMOVE) only for a worker that
+    listens on exactly one queue; with several (ours: webhooks, maintenance) it BLPOPs. A job
+    popped just as the connection breaks (Redis restarting, the worker SIGKILLed) is then in no
+    list at all: its status says queued and nothing ever runs it (found by bench/chaos.py: a
+    webhook never delivered). Here every queue is tried in order with a non-blocking LMOVE, then
+    the first (highest-priority) queue is waited on with BLMOVE for at most MAX_BLOCK seconds,
+    so a job on a later queue waits at most that long. A job left in an intermediate list by a
+    dead worker is recovered by RQ's intermediate-queue cleanup (part of clean_registries).
+    """
+
+    @classmethod
+    def dequeue_any(cls, queues, timeout, connection=None, job_class=None, serializer=None,
+                    death_penalty_class=None):
+        queues = list(queues)
+        kwargs = dict(connection=connection, job_class=job_class, serializer=serializer,
+                      death_penalty_class=death_penalty_class)
+        if len(queues) <= 1:
+            return super().dequeue_any(queues, timeout, **kwargs)
+        for queue in queues:
+            found = super().dequeue_any([queue], None, **kwargs)
+            if found is not None:
+                return found
+        if timeout is None:
+            return None
+        return super().dequeue_any(queues[:1], min(timeout, MAX_BLOCK), **kwargs)
 
 
 class ServiceWorker(SimpleWorker):
@@ -45,6 +77,12 @@ class ServiceWorker(SimpleWorker):
     """
 
     heartbeat_grace_factor = 2
+    queue_class = ServiceQueue
+
+    def prepare_job_execution(self, job, remove_from_intermediate_queue: bool = False) -> None:
+        # ServiceQueue always dequeues through the intermediate list: take the job off it once
+        # it is registered as started, as RQ does for its single-queue workers.
+        super().prepare_job_execution(job, remove_from_intermediate_queue=True)
 
     def clean_registries(self):
         """RQ's registry maintenance, under a maintenance lock that lapses in seconds.
@@ -98,8 +136,10 @@ def build(settings: Settings, redis_url: str) -> ServiceWorker:
 
     rq_redis = connect(redis_url, settings, decode=False)
     context.configure(settings, connect(redis_url, settings), rq_redis)
+    service_queues = [ServiceQueue(q.name, connection=rq_redis, serializer=queues.SERIALIZER)
+                      for q in queues.all_queues(rq_redis, settings)]
     return ServiceWorker(
-        queues.all_queues(rq_redis, settings), connection=rq_redis,
+        service_queues, connection=rq_redis,
         serializer=queues.SERIALIZER,
         maintenance_interval=max(1, int(settings.workers.maintenance_interval)),
         job_monitoring_interval=max(1, int(settings.workers.heartbeat_interval)),
