@@ -88,7 +88,7 @@ class RedisCollector:
         import redis
         try:
             counts = self.engine.counts()
-            snapshot_gpus = self.engine.snapshot().get("gpus", [])
+            snapshot_gpus = self.engine.snapshot(requests=False)["gpus"]
             stats = dict(self.engine.stats())
             stats.setdefault("webhooks", self._webhook_counts())
         except redis.RedisError as exc:
