@@ -281,12 +281,19 @@ class Engine:
                 "gpus_total": int(total)}
 
     # ------------------------------------------------------------------ requests
-    def allocate(self, req: dict, *, idempotency_key: str | None = None) -> dict:
-        """Grant now or queue; see the module docstring and docs/engine.md for the rules."""
+    def allocate(self, req: dict, *, idempotency_key: str | None = None,
+                 request_hash: str | None = None) -> dict:
+        """Grant now or queue; see the module docstring and docs/engine.md for the rules.
+
+        An idempotency key replays the request first stored under it when ``request_hash``
+        matches, and is a Conflict otherwise. ``request_hash`` defaults to a hash of the
+        normalised engine request; the API passes a hash of what the client sent, so a retry
+        whose workload analysis came out differently (advisor vs rules) still replays.
+        """
         fields, queue_timeout = self._request_fields(req)
         body = json.dumps(fields, sort_keys=True)
         # the normalised request: an omitted default and the same value spelled out match
-        body_hash = hashlib.sha256(body.encode()).hexdigest()[:32]
+        body_hash = request_hash or hashlib.sha256(body.encode()).hexdigest()[:32]
         ctx = {"key": idempotency_key, "required_gpus": fields["required_gpus"],
                "min_memory_mb": fields["min_memory_mb"]}
         for _ in range(5):

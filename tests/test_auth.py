@@ -177,3 +177,19 @@ def test_keys_never_appear_in_logs(client, caplog):
     assert caplog.records  # something was logged ...
     for secret in ("leaky-wrong-key-123", ALICE_KEY, BOB_KEY):
         assert secret not in caplog.text  # ... but never a key
+
+
+def test_idempotency_keys_are_per_principal(client):
+    """The same Idempotency-Key from two teams makes two requests; neither sees the other's."""
+    body = {"service_name": "svc", "workload_type": "generic"}
+    first = client.post("/gpu/allocate", json=body,
+                        headers={**hdr(ALICE_KEY), "Idempotency-Key": "retry-1"})
+    second = client.post("/gpu/allocate", json=body,
+                         headers={**hdr(BOB_KEY), "Idempotency-Key": "retry-1"})
+    assert first.status_code == 200 and second.status_code == 200
+    assert first.get_json()["id"] != second.get_json()["id"]
+    assert second.get_json()["owner"] == "bob" and not second.get_json().get("replayed")
+    again = client.post("/gpu/allocate", json=body,
+                        headers={**hdr(ALICE_KEY), "Idempotency-Key": "retry-1"})
+    assert again.get_json()["id"] == first.get_json()["id"]
+    assert again.headers["Idempotent-Replayed"] == "true"

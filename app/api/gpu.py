@@ -6,6 +6,8 @@ whether it is an admin.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from typing import Any
 
@@ -14,7 +16,7 @@ from flask_smorest import Blueprint
 
 from app import auth, schemas
 from app.api import body, render
-from app.errors import BadRequest, Conflict, NotFound
+from app.errors import BadRequest, NotFound
 
 log = logging.getLogger("gpu_orchestrator.api")
 
@@ -153,54 +155,25 @@ def allocate():
     data = body.load(_ALLOCATE_BODY)
     analysis = current_app.extensions["gpu_analyzer"].analyze(
         data["workload_type"], data["workload_data"], service_name=data.get("service_name"))
-    req = engine_request(data, analysis, auth.current_principal())
-    try:
-        rec = _engine().allocate(req, idempotency_key=key)
-    except Conflict as exc:
-        rec = _replay_despite_new_analysis(exc, key, data)
+    principal = auth.current_principal()
+    req = engine_request(data, analysis, principal)
+    rec = _engine().allocate(req, idempotency_key=_scoped(key, principal),
+                             request_hash=_client_hash(data, principal))
     _dispatch_webhooks()
     return _allocation_response(rec)
 
 
-def _replay_despite_new_analysis(exc: Conflict, key: str | None,
-                                 data: dict[str, Any]) -> dict[str, Any]:
-    """A retry whose *analysis* changed (the advisor answered differently, or timed out and the
-    rules decided) is still the same client request: replay the original instead of a 409.
-
-    The engine fingerprints the whole engine request, analysis included; here the original is
-    compared on what the client sent. Any difference there keeps the 409.
-    """
-    original_id = exc.details.get("request_id") if key else None
-    if not original_id:
-        raise exc
-    try:
-        rec = _engine().get(original_id)
-    except NotFound:
-        raise exc from None
-    if not _same_client_request(rec, data, auth.current_principal()):
-        raise exc
-    rec["replayed"] = True
-    return rec
+def _scoped(key: str | None, principal: str | None) -> str | None:
+    """Idempotency keys are per principal: one team's key never returns another team's request."""
+    return None if key is None else f"{principal or ''}|{key}"
 
 
-def _same_client_request(rec: dict[str, Any], data: dict[str, Any],
-                         principal: str | None) -> bool:
-    checks = [
-        rec.get("service_name") == data["service_name"],
-        rec.get("workload_type") == data["workload_type"],
-        (rec.get("workload_data") or {}) == data["workload_data"],
-        (rec.get("owner") or None) == principal,
-        (rec.get("webhook_url") or None) == data.get("webhook_url"),
-        (rec.get("sharing") or "exclusive") == data.get("sharing", "exclusive"),
-        rec.get("ttl_seconds") == (None if data.get("ttl_seconds") is None
-                                   else float(data["ttl_seconds"])),
-        sorted(rec.get("preferred_gpus") or []) == sorted(set(data.get("preferred_gpus") or [])),
-        list(rec.get("webhook_events") or []) == list(dict.fromkeys(
-            data.get("webhook_events") or [])),
-        set(data.get("depends_on") or []) <= set(rec.get("depends_on") or []),
-        "priority" not in data or rec.get("priority") == data["priority"],
-    ]
-    return all(checks)
+def _client_hash(data: dict[str, Any], principal: str | None) -> str:
+    """Fingerprint of what the client sent (validated, defaults filled in), not of the analysis:
+    a retry whose analysis changed (the advisor answered otherwise, or timed out and the rules
+    decided) is the same request and replays; any difference in the body is a 409."""
+    text = json.dumps({"body": data, "principal": principal}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 @blp.route("/release", methods=["POST"])
