@@ -289,6 +289,29 @@ def test_short_chaos_run_has_no_violations(tmp_path):
 # --------------------------------------------------------------------------- regressions
 
 
+@pytest.fixture
+def make_worker(monkeypatch):
+    """``workers.worker.build``, closing every Redis client the built workers opened."""
+    from workers import context
+    from workers import worker as worker_mod
+
+    built = []
+    real_build = worker_mod.build
+
+    def build(settings, url):
+        worker = real_build(settings, url)
+        built.append((worker, context.get()[1]))
+        return worker
+
+    monkeypatch.setattr(worker_mod, "build", build)
+    yield build
+    for worker, decoded in built:
+        worker.connection.close()
+        decoded.close()
+        if worker.scheduler is not None and worker.scheduler._connection is not None:
+            worker.scheduler._connection.close()
+
+
 def test_scheduler_survives_redis_being_unavailable_at_start_up(settings, monkeypatch):
     """Chaos found it: a scheduler restarted while Redis replayed its AOF died on
     BusyLoadingError from ``register_birth``, outside the loop that retries Redis errors."""
@@ -320,7 +343,7 @@ def test_scheduler_survives_redis_being_unavailable_at_start_up(settings, monkey
 
 
 def test_a_worker_dying_mid_clean_blocks_registry_cleaning_for_seconds_not_15_minutes(
-        settings, monkeypatch):
+        settings, monkeypatch, make_worker):
     """Chaos found it: a worker that died while cleaning (Redis SIGKILLed under it) left RQ's
     899 s maintenance lock behind, and a webhook abandoned by a dead worker waited 15 minutes."""
     import redis as redis_lib
@@ -333,15 +356,16 @@ def test_a_worker_dying_mid_clean_blocks_registry_cleaning_for_seconds_not_15_mi
 
     monkeypatch.setattr(rq.worker.base, "clean_registries", redis_went_away)
     monkeypatch.setattr(worker_mod, "clean_registries", redis_went_away, raising=False)
-    worker = worker_mod.build(settings.replace(workers={"maintenance_interval": "2s"}),
-                              settings.redis.url)
+    worker = make_worker(settings.replace(workers={"maintenance_interval": "2s"}),
+                         settings.redis.url)
     with pytest.raises(redis_lib.exceptions.ConnectionError):
         worker.clean_registries()
     ttl = worker.connection.ttl(worker.queues[0].registry_cleaning_key)
     assert 0 < ttl <= 10
 
 
-def test_worker_process_starts_a_new_worker_when_rq_quits_on_an_error(settings, monkeypatch):
+def test_worker_process_starts_a_new_worker_when_rq_quits_on_an_error(settings, monkeypatch,
+                                                                      make_worker):
     """Chaos found it: RQ's work loop quits on an error it does not handle (Redis SIGKILLed
     while a job finished), and ``gpu-orchestrator worker`` exited with it. It must carry on,
     and still stop for good when a stop was requested."""
@@ -366,7 +390,8 @@ def test_worker_process_starts_a_new_worker_when_rq_quits_on_an_error(settings, 
     assert len(calls) == 1  # burst: one pass, no restart
 
 
-def test_a_dequeued_job_stays_in_a_list_until_it_is_registered_as_started(settings):
+def test_a_dequeued_job_stays_in_a_list_until_it_is_registered_as_started(settings,
+                                                                          make_worker):
     """Chaos found it: with two queues RQ dequeues by BLPOP, so a webhook job popped as Redis
     restarted was in no list at all and was never delivered. Our workers dequeue through RQ's
     intermediate list instead, and a normal run leaves that list empty."""
@@ -375,7 +400,7 @@ def test_a_dequeued_job_stays_in_a_list_until_it_is_registered_as_started(settin
     from workers import queues
     from workers import worker as worker_mod
 
-    worker = worker_mod.build(settings, settings.redis.url)
+    worker = make_worker(settings, settings.redis.url)
     rq_redis = worker.connection
     webhooks_q, maintenance_q = worker.queues
     assert [webhooks_q.name, maintenance_q.name] == [
@@ -400,3 +425,24 @@ def test_a_dequeued_job_stays_in_a_list_until_it_is_registered_as_started(settin
         assert done.get_status() == "finished" and done.return_value() == 1
     for q in worker.queues:
         assert rq_redis.llen(q.intermediate_queue_key) == 0
+
+
+def test_a_dead_workers_scheduler_lock_is_released_in_seconds_not_a_minute(settings,
+                                                                           make_worker):
+    """Chaos found it: webhook retries stalled about 60 s whenever the worker holding RQ's
+    scheduler lock was SIGKILLed (RQ gives the lock interval + 60 s)."""
+    from rq.scheduler import RQScheduler
+
+    from workers import worker as worker_mod
+
+    worker = make_worker(settings, settings.redis.url)
+    worker.scheduler = RQScheduler(worker.queues, connection=worker.connection)
+    webhooks_q, maintenance_q = worker.queues
+    dead = worker.scheduler.get_locking_key(webhooks_q.name)
+    live = worker.scheduler.get_locking_key(maintenance_q.name)
+    worker.connection.set(dead, "dead-worker", ex=61 - 15)  # last refreshed 15 s ago
+    worker.connection.set(live, "live-worker", ex=61 - 1)   # refreshed a second ago
+    assert worker.release_stale_scheduler_locks() == [webhooks_q.name]
+    assert worker.connection.get(dead) is None and worker.connection.get(live) == b"live-worker"
+    assert worker.scheduler.acquire_locks() == {webhooks_q.name}
+    worker.scheduler.release_locks()

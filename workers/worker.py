@@ -20,6 +20,7 @@ import time
 from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker, worker_registration
 from rq.exceptions import StopRequested
+from rq.scripts import release_lock
 from rq.registry import clean_registries
 from rq.utils import now
 from rq.worker import WorkerStatus
@@ -34,6 +35,8 @@ log = logging.getLogger("gpu_orchestrator.worker")
 RESTART_DELAY = 1.0
 #: Longest blocking wait of one dequeue call (see ServiceQueue).
 MAX_BLOCK = 1
+#: A scheduler lock not refreshed for this many seconds belongs to a dead worker.
+STALE_SCHEDULER_LOCK = 10
 
 
 class ServiceQueue(Queue):
@@ -83,6 +86,40 @@ class ServiceWorker(SimpleWorker):
         # ServiceQueue always dequeues through the intermediate list: take the job off it once
         # it is registered as started, as RQ does for its single-queue workers.
         super().prepare_job_execution(job, remove_from_intermediate_queue=True)
+
+    def run_maintenance_tasks(self):
+        self.release_stale_scheduler_locks()
+        super().run_maintenance_tasks()
+
+    def release_stale_scheduler_locks(self) -> list[str]:
+        """Free the scheduler locks of dead workers; returns the queue names freed.
+
+        Only the worker holding ``rq:scheduler-lock:<queue>`` moves due retries (webhook retry
+        backoff) onto the queue. RQ gives that lock ``interval + 60`` s and its holder refreshes
+        it every interval; a holder that is SIGKILLed leaves it, and every retry waits up to a
+        minute (found by bench/chaos.py). A lock not refreshed for STALE_SCHEDULER_LOCK seconds
+        is released (compare-and-delete on the holder's token), and RQ's maintenance pass that
+        follows lets this worker's scheduler take it.
+        """
+        if self.scheduler is None:
+            return []
+        full = int(self.scheduler.interval) + 60
+        freed = []
+        for queue in self.queues:
+            key = self.scheduler.get_locking_key(queue.name)
+            holder = self.connection.get(key)
+            if holder is None:
+                continue
+            holder = holder.decode() if isinstance(holder, bytes) else str(holder)
+            if holder == self.scheduler.name:
+                continue
+            left = self.connection.ttl(key)
+            if 0 <= left < full - STALE_SCHEDULER_LOCK and release_lock(self.connection, key,
+                                                                          holder):
+                log.warning("released the scheduler lock of %s, held by %s that stopped "
+                            "refreshing it", queue.name, holder)
+                freed.append(queue.name)
+        return freed
 
     def clean_registries(self):
         """RQ's registry maintenance, under a maintenance lock that lapses in seconds.
