@@ -11,13 +11,13 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Callable
 
 import yaml
 
 from app import logs
 from app import settings as settings_mod
 from app.embedded_redis import EmbeddedRedis, EmbeddedRedisError
+from app.shutdown import StopSignal
 
 log = logging.getLogger("gpu_orchestrator.cli")
 
@@ -91,8 +91,10 @@ def cmd_redis(args, settings) -> int:
     if embedded is None:
         raise CliError(f"REDIS_URL is set ({settings_mod._redact_url(url)}); nothing to start")
     print(f"embedded Redis at {url}, data in {embedded.data_dir}; Ctrl-C stops it", flush=True)
+    stop = StopSignal().install()
     try:
-        _wait_for_signal(lambda: embedded.proc is not None and embedded.proc.poll() is None)
+        while not stop.sleep(0.2) and embedded.proc is not None and embedded.proc.poll() is None:
+            pass
     finally:
         embedded.stop()
     return 0
@@ -152,24 +154,16 @@ def cmd_up(args, settings) -> int:
         role = name.split("-")[0]
         children[name] = subprocess.Popen(base + [role], env=env, start_new_session=True)
 
-    stopping = False
-
-    def on_signal(signum, frame):
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    stopping = StopSignal().install()
     try:
         for name in names:
             spawn(name)
         srv = settings.server
         host = "127.0.0.1" if srv.host in ("0.0.0.0", "::") else srv.host
-        ready = _wait_until_up(settings, url, host, "monitor" in roles, lambda: stopping)
+        ready = _wait_until_up(settings, url, host, "monitor" in roles, stopping.__bool__)
         print(_summary(settings, url, embedded, host, names, ready), flush=True)
         restarts: dict[str, float] = {}
-        while not stopping:
-            time.sleep(0.2)
+        while not stopping.sleep(0.2):
             for name, proc in list(children.items()):
                 if proc.poll() is not None and not stopping:
                     if proc.returncode == EXIT_USAGE:  # a config problem: restarting won't help
@@ -178,8 +172,8 @@ def cmd_up(args, settings) -> int:
                         del children[name]
                         continue
                     log.warning("%s exited with code %s; restarting", name, proc.returncode)
-                    if time.monotonic() - restarts.get(name, 0) < 5:
-                        time.sleep(1)
+                    if time.monotonic() - restarts.get(name, 0) < 5 and stopping.sleep(1):
+                        break
                     restarts[name] = time.monotonic()
                     spawn(name)
     finally:
@@ -253,19 +247,6 @@ def _stop_children(children: dict[str, subprocess.Popen], timeout: float = 15.0)
             log.warning("%s did not stop in %.0fs; killing it", role, timeout)
             proc.kill()
             proc.wait()
-
-
-def _wait_for_signal(alive: Callable[[], bool]) -> None:
-    stop = False
-
-    def on_signal(signum, frame):
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    while not stop and alive():
-        time.sleep(0.2)
 
 
 COMMANDS = {

@@ -14,7 +14,6 @@ Backends (``monitoring.backend`` or ``--backend``):
 from __future__ import annotations
 
 import logging
-import signal
 import socket
 import sys
 import time
@@ -22,6 +21,7 @@ from typing import Any
 
 from app.redis_client import connect
 from app.settings import Settings
+from app.shutdown import StopSignal
 from workers import outbox
 from workers.nvml import NvmlBackend, NvmlUnavailable
 from workers.simulated import SimulatedBackend
@@ -109,11 +109,7 @@ def run(settings: Settings, once: bool = False, backend: Any = None) -> int:
                   file=sys.stderr)
             return EXIT_NO_DRIVER
     url, embedded = resolve_redis(settings)
-    stop = False
-
-    def on_signal(signum, frame):
-        nonlocal stop
-        stop = True
+    stop = StopSignal()
 
     try:
         redis = connect(url, settings)
@@ -121,8 +117,7 @@ def run(settings: Settings, once: bool = False, backend: Any = None) -> int:
         engines.append(engine)
         monitor = Monitor(settings, engine, backend, connect(url, settings, decode=False))
         if not once:
-            signal.signal(signal.SIGINT, on_signal)
-            signal.signal(signal.SIGTERM, on_signal)
+            stop.install()
         interval = settings.monitoring.refresh_interval
         first = True
         while True:
@@ -138,11 +133,8 @@ def run(settings: Settings, once: bool = False, backend: Any = None) -> int:
                 if once:
                     raise
                 log.exception("monitor refresh failed: %s", exc)
-            if once or stop:
+            if once or stop.sleep(started + interval - time.monotonic()):
                 break
-            deadline = started + interval
-            while not stop and time.monotonic() < deadline:
-                time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
         close = getattr(backend, "close", None)
         if close:
             close()

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
 import time
 from typing import Any
 
@@ -41,6 +40,7 @@ from rq.cron import CronJob, CronScheduler
 from app.keys import Keys
 from app.redis_client import connect
 from app.settings import Settings
+from app.shutdown import StopSignal
 from workers import context, outbox, queues
 
 log = logging.getLogger("gpu_orchestrator.scheduler")
@@ -117,14 +117,7 @@ def run(settings: Settings, *, max_iterations: int | None = None) -> int:
     from app.cli import resolve_redis
 
     url, embedded = resolve_redis(settings)
-    stop = False
-
-    def on_signal(signum, frame):
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    stop = StopSignal().install()
     rq_redis = connect(url, settings, decode=False)
     cron = build_cron(settings, rq_redis)
     lock = rq_redis.lock(Keys(settings.redis.prefix).lock("scheduler"), timeout=LOCK_TTL,
@@ -153,7 +146,7 @@ def run(settings: Settings, *, max_iterations: int | None = None) -> int:
             if max_iterations is not None and iterations >= max_iterations:
                 break
             nap = cron.calculate_sleep_interval() if leader else LOCK_TTL / 4
-            _sleep(min(max(nap, 0.05), LOCK_TTL / 3), lambda: stop)
+            stop.sleep(min(max(nap, 0.05), LOCK_TTL / 3))
     finally:
         if leader:
             try:
@@ -184,8 +177,3 @@ def _hold(lock, leader: bool) -> bool:
         log.info("scheduler: became the leader")
     return got
 
-
-def _sleep(seconds: float, stopped) -> None:
-    deadline = time.monotonic() + seconds
-    while not stopped() and time.monotonic() < deadline:
-        time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
