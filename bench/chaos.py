@@ -325,13 +325,14 @@ class Run:
         drained = self.drain()
         self.drained_clean = drained["left"] == (0, 0)
         t1 = time.monotonic()
-        # A webhook retry scheduled by RQ waits for RQ's scheduler lock; when the worker that
-        # held it died (SIGKILL or crash), it only expires after 60 s (rq/scheduler.py). Wait that
-        # out, so a late delivery is measured (webhook_max_delay_s) instead of called lost.
+        # A webhook retry scheduled by RQ waits for RQ's scheduler lock. When the worker that
+        # held it died (SIGKILL or crash), our workers free it after 10 s (RQ itself: 60 s), and
+        # a job it had in hand is retried once its heartbeat lapses. Leave room for that, so a
+        # late delivery is measured (webhook_max_delay_s) rather than called lost.
         kills = [r.start for r in self.injector.records if r.kind == "worker_kill"]
         kills += [t for name in self.topo.names("worker")
                   for t in self.topo.children[name].exit_times]  # a crash holds it too
-        wait = max(30.0, (max(kills) + 80 - time.time()) if kills else 0.0)
+        wait = max(30.0, (max(kills) + 45 - time.time()) if kills else 0.0)
         findings = self.wait_webhooks(timeout=wait)
         self.phase["webhook_wait_s"] = round(time.monotonic() - t1, 1)
         self.stop_watch.set()
