@@ -320,6 +320,7 @@ def test_scheduler_survives_redis_being_unavailable_at_start_up(settings, monkey
     import redis as redis_lib
     from rq.cron import CronScheduler
 
+    from app.shutdown import StopSignal
     from workers import scheduler
 
     real = CronScheduler.register_birth
@@ -332,7 +333,7 @@ def test_scheduler_survives_redis_being_unavailable_at_start_up(settings, monkey
         return real(self)
 
     monkeypatch.setattr(CronScheduler, "register_birth", flaky)
-    monkeypatch.setattr(scheduler, "_sleep", lambda seconds, stopped: None)
+    monkeypatch.setattr(StopSignal, "sleep", lambda self, seconds: bool(self))
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         assert scheduler.run(settings, max_iterations=3) == 0
