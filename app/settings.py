@@ -259,18 +259,30 @@ def Mapping_(default, validate: Callable[[Any], Any], expected: str, doc=""):
 
 # --------------------------------------------------------------------------- the options
 
+#: What each threshold means; every type carries them (as in the original), docs/workload.md
+#: says which type reads which.
+THRESHOLD_DOCS = {
+    "large_batch_size": "training batch_size above: >= 2 GPUs; embedding batch_size above: "
+                        "2 GPUs; ocr image_count above: 2 GPUs; graph node_count above: 8192 MB",
+    "xlarge_batch_size": "training batch_size above this: >= 4 GPUs",
+    "high_concurrency": "inference concurrent_requests above this: 2 GPUs",
+    "very_high_concurrency": "inference concurrent_requests above this: 4 GPUs",
+}
+
+
 def _workload(gpus, memory, priority, max_util, large_batch, xlarge_batch, high_conc, vhigh_conc,
               duration):
     """The original service's per-type thresholds, under its own key names."""
     return {
-        "default_gpus": Int(gpus, 1, 64),
-        "default_memory_mb": Int(memory, 0),
-        "default_priority": Int(priority, 1, 10),
-        "max_utilization": Float(max_util, 0, 100),
-        "large_batch_size": Int(large_batch, 1),
-        "xlarge_batch_size": Int(xlarge_batch, 1),
-        "high_concurrency": Int(high_conc, 1),
-        "very_high_concurrency": Int(vhigh_conc, 1),
+        "default_gpus": Int(gpus, 1, 64, doc="GPUs when no hint asks for more"),
+        "default_memory_mb": Int(memory, 0, doc="free memory per GPU when no hint says"),
+        "default_priority": Int(priority, 1, 10, doc="1..10, higher is served first"),
+        "max_utilization": Float(max_util, 0, 100,
+                                 doc="a GPU busier than this (%) does not qualify"),
+        "large_batch_size": Int(large_batch, 1, doc=THRESHOLD_DOCS["large_batch_size"]),
+        "xlarge_batch_size": Int(xlarge_batch, 1, doc=THRESHOLD_DOCS["xlarge_batch_size"]),
+        "high_concurrency": Int(high_conc, 1, doc=THRESHOLD_DOCS["high_concurrency"]),
+        "very_high_concurrency": Int(vhigh_conc, 1, doc=THRESHOLD_DOCS["very_high_concurrency"]),
         "estimated_duration": Duration(duration, 1, doc="typical run time, used for the lease"),
     }
 
@@ -428,21 +440,26 @@ SPEC: dict[str, dict[str, Any]] = {
         "graph_cache_ttl": Duration("60s", 0, doc="workflow lookups are reused this long; 0: no cache"),
     },
     "scheduler": {
-        "queue_check_interval": Duration("5s", 0.1),
-        "cleanup_interval": Duration("5s", 0.1),
-        "max_queue_size": Int(10000, 1, 10_000_000),
-        "default_ttl_multiplier": Float(2.0, 0.1, 1000),
+        "queue_check_interval": Duration(
+            "5s", 0.1, doc="safety-net schedule pass (grants happen at once on release anyway)"),
+        "cleanup_interval": Duration("5s", 0.1, doc="reaper: expire leases, time out requests"),
+        "max_queue_size": Int(10000, 1, 10_000_000,
+                              doc="queued requests beyond this are refused with 429"),
+        "default_ttl_multiplier": Float(2.0, 0.1, 1000,
+                                        doc="lease = estimated duration x this, when no ttl"),
         "default_ttl": Duration("1h", 1, doc="lease when nothing else gives one"),
         "max_ttl": Duration("7d", 0, doc="longest lease a client may ask for; 0 = no limit"),
         "allow_infinite_ttl": Bool(False, doc="allow ttl_seconds: 0 to mean no expiry"),
-        "policy": Choice("best_effort", ("best_effort", "strict_fifo")),
+        "policy": Choice("best_effort", ("best_effort", "strict_fifo"),
+                         doc="best_effort: skip what does not fit; strict_fifo: the head blocks"),
         "aging_rate": Float(0.1, 0, 100, doc="priority points a queued request gains per minute"),
         "reservation_after": Duration("10m", 0, doc="wait after which a request reserves a node"),
         "queue_timeout": Duration("1h", 1, doc="queued requests time out after this"),
         "history_ttl": Duration("24h", 3600, doc="finished requests stay readable this long"),
-        "idempotency_ttl": Duration("24h", 60),
-        "events_maxlen": Int(100000, 100),
-        "node_heartbeat_timeout": Duration("30s", 1),
+        "idempotency_ttl": Duration("24h", 60, doc="how long an Idempotency-Key replays"),
+        "events_maxlen": Int(100000, 100, doc="the event stream keeps about this many entries"),
+        "node_heartbeat_timeout": Duration(
+            "30s", 1, doc="a node silent this long has its GPUs taken out of scheduling"),
     },
     "workload_defaults": {
         "training": {
@@ -472,26 +489,32 @@ SPEC: dict[str, dict[str, Any]] = {
         "power_of_two_gpus": Bool(True, doc="round a spread-out model up to 1, 2, 4, 8... GPUs"),
     },
     "monitoring": {
-        "refresh_interval": Duration("5s", 0.1),
-        "metrics_enabled": Bool(True),
-        "backend": Choice("auto", ("auto", "nvml", "simulated")),
+        "refresh_interval": Duration("5s", 0.1, doc="how often a monitor reports its GPUs"),
+        "metrics_enabled": Bool(True, doc="serve /metrics and count HTTP requests"),
+        "backend": Choice("auto", ("auto", "nvml", "simulated"),
+                          doc="auto: NVML when a driver answers, else the simulated fleet"),
         "node_name": Str("", doc="this node's name; empty: the host name"),
         "simulated": Mapping_({"dynamic": False, "nodes": [], "seed": 0}, _simulated,
                               "a simulated fleet: {dynamic, nodes: [{name, count, gpu} | "
-                              "{name, gpus: [...]}]}"),
+                              "{name, gpus: [...]}]}",
+                              doc="the fleet the simulated backend reports; no nodes: one "
+                                  "node named after the host with 8 H100 80GB"),
     },
     "auth": {
-        "enabled": Bool(False),
+        "enabled": Bool(False, doc="require an API key on every non-public path"),
         "header_name": Str("X-API-Key", pattern=r"[A-Za-z0-9-]+",
-                           expected="an HTTP header name"),
+                           expected="an HTTP header name",
+                           doc="header carrying the key (Authorization: Bearer works too)"),
         "api_keys": KeyMap(doc="key -> principal; a key may be written as sha256:<hex>"),
         "admins": StrList([], doc="principals that may act on anything"),
-        "public_paths": StrList(["/healthz", "/readyz", "/metrics"]),
+        "public_paths": StrList(["/healthz", "/readyz", "/metrics"],
+                                doc="paths open without a key; a trailing * matches a prefix"),
     },
     "webhooks": {
-        "timeout": Duration("5s", 0.1, 120),
+        "timeout": Duration("5s", 0.1, 120, doc="time limit of one delivery attempt"),
         "retry_intervals": DurationList(["10s", "30s", "1m", "2m", "5m", "10m", "10m", "15m",
-                                         "15m"]),
+                                         "15m"],
+                                        doc="waits between tries (10 tries over about an hour)"),
         "secret": Str("", secret=True, doc="HMAC-SHA256 signing secret; empty: unsigned"),
         "allowed_hosts": StrList([], doc="if non-empty, only these hosts receive webhooks"),
         "deny_private_networks": Bool(False, doc="refuse loopback/private/link-local targets"),
@@ -502,12 +525,12 @@ SPEC: dict[str, dict[str, Any]] = {
         "heartbeat_interval": Duration("5s", 1, 300, doc="a busy worker's heartbeat; a job whose "
                                        "worker was killed is retried ~3x this plus "
                                        "maintenance_interval later"),
-        "job_timeout": Duration("60s", 1),
+        "job_timeout": Duration("60s", 1, doc="an RQ job running longer is stopped"),
         "count": Int(1, 1, 64, doc="RQ worker processes that `up` starts"),
     },
     "dashboard": {
         "enabled": Bool(True, doc="mount rq-dashboard under /rq"),
-        "allow_delete": Bool(False),
+        "allow_delete": Bool(False, doc="let rq-dashboard delete jobs and empty queues"),
     },
 }
 

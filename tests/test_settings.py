@@ -166,3 +166,14 @@ def test_example_config_is_the_rendered_spec():
     from app.config_example import render
     shipped = (ROOT / "config" / "config.yaml.example").read_text()
     assert shipped == render(), "run: gpu-orchestrator config example > config/config.yaml.example"
+
+
+def test_every_option_says_what_it_is_for():
+    def undocumented(spec, prefix=""):
+        for key, opt in spec.items():
+            if isinstance(opt, dict):
+                yield from undocumented(opt, f"{prefix}{key}.")
+            elif not opt.doc:
+                yield prefix + key
+
+    assert list(undocumented(settings_mod.SPEC)) == []
