@@ -113,32 +113,62 @@ def _pairs(flat: list) -> dict:
     return dict(zip(flat[0::2], flat[1::2]))
 
 
-def parse_record(raw: dict | list) -> dict:
+def _to_int(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        return int(float(value))
+
+
+def _to_float(value: str) -> float | None:
+    return float(value) if value != "" else None
+
+
+def _to_opt_float(value: str) -> float | None:
+    return float(value) if value not in ("", "-1") else None
+
+
+def _to_json(value: str) -> Any:
+    if value == "[]":  # most list fields: skip the decoder
+        return []
+    parsed = json.loads(value) if value else None
+    return [] if parsed == {} else parsed
+
+
+def _to_json_data(value: str) -> Any:
+    return json.loads(value) if value else None
+
+
+def _to_opt_str(value: str) -> str | None:
+    return value or None
+
+
+#: Stored field -> converter to the API type (fields not named here stay strings).
+_CONVERT: dict[str, Callable[[str], Any]] = {
+    **{key: _to_int for key in _INT_FIELDS}, **{key: _to_float for key in _FLOAT_FIELDS},
+    **{key: _to_opt_float for key in _OPT_FLOAT_FIELDS},
+    **{key: _to_json for key in _JSON_FIELDS}, "workload_data": _to_json_data,
+    **{key: _to_opt_str for key in _OPT_STR_FIELDS}}
+
+
+def parse_record(raw: dict | list | str) -> dict:
     """A stored request hash -> the record the API returns (plain JSON-able types)."""
     if isinstance(raw, str):
         h = json.loads(raw)
     else:
         h = _pairs(raw) if isinstance(raw, list) else raw
+    convert = _CONVERT.get
     rec: dict[str, Any] = {}
     for key, value in h.items():
-        if key in _INT_FIELDS:
-            rec[key] = int(float(value))
-        elif key in _FLOAT_FIELDS:
-            rec[key] = float(value) if value != "" else None
-        elif key in _OPT_FLOAT_FIELDS:
-            rec[key] = float(value) if value not in ("", "-1") else None
-        elif key in _JSON_FIELDS:
-            rec[key] = json.loads(value) if value else None
-            if rec[key] == {} and key != "workload_data":
-                rec[key] = []
-        elif key in _OPT_STR_FIELDS:
-            rec[key] = value or None
-        else:
-            rec[key] = value
-    for key in ("gpu_ids", "gpu_uuids"):
-        rec.setdefault(key, [])
+        fn = convert(key)
+        rec[key] = fn(value) if fn is not None else value
+    if "gpu_ids" not in rec:
+        rec["gpu_ids"] = []
+    if "gpu_uuids" not in rec:
+        rec["gpu_uuids"] = []
     for key in ("node", "allocated_at", "expires_at"):
-        rec.setdefault(key, None)
+        if key not in rec:
+            rec[key] = None
     return rec
 
 

@@ -66,7 +66,6 @@ for key, value in pairs(f) do
   hset[#hset + 1] = key
   hset[#hset + 1] = value
 end
-redis.call(unpack(hset))
 if idem_key ~= '' then
   redis.call('SET', k_idem(idem_key), id .. '|' .. idem_hash, 'EX', math.floor(idem_ttl))
 end
@@ -77,13 +76,16 @@ local r = req_from(id, {svc, f.sharing, f.required_gpus, f.min_memory_mb, f.max_
 if depth == 0 and deps_done(r) then
   local node, chosen = place(r, {})
   if node then
-    local out = grant(r, node, chosen, false, false)
+    -- the record is written once, by the grant (the same HSET, so the same fields in the same
+    -- order as writing the queued record first and the grant's fields after it)
+    local out = grant(r, node, chosen, false, false, hset)
     local obj = {}
     for i = 1, #out, 2 do obj[out[i]] = out[i + 1] end
     return {1, submitted, 0, cjson.encode(obj)}
   end
 end
 
+redis.call(unpack(hset))
 enqueue(r, queue_timeout)
 schedule(id)
 local rank = redis.call('ZRANK', K_QUEUE, id)

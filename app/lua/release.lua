@@ -9,15 +9,20 @@
 ]]
 -- @include prelude
 local id, principal, admin = ARGV[A + 1], ARGV[A + 2], ARGV[A + 3]
-local f = redis.call('HMGET', k_req(id), 'status', 'owner')
-if not f[1] then return {-1, ''} end
-if principal ~= '' and admin ~= '1' and (f[2] or '') ~= principal then return {-2} end
-if f[1] == 'allocated' then
-  finish_alloc(id, 'released')
-elseif f[1] == 'queued' then
+-- one read of the whole record: the checks, the release and the reply all use it (the pass
+-- below never touches a record that is no longer queued or live)
+local h = redis.call('HGETALL', k_req(id))
+local rec = {}
+for i = 1, #h, 2 do rec[h[i]] = h[i + 1] end
+if not rec.status then return {-1, ''} end
+if principal ~= '' and admin ~= '1' and (rec.owner or '') ~= principal then return {-2} end
+if rec.status == 'allocated' then
+  finish_alloc(id, 'released', rec)
+elseif rec.status == 'queued' then
   finish_queued(id, 'cancelled')
+  rec = nil
 else
-  return {-1, f[1]}
+  return {-1, rec.status}
 end
 local granted = schedule(nil)
-return {1, record(id), records(granted)}
+return {1, rec and cjson.encode(rec) or record(id), records(granted)}
