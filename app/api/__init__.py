@@ -6,8 +6,11 @@ loads from a CDN.
 """
 from __future__ import annotations
 
+from copy import deepcopy
+
 from flask import Flask, abort, send_from_directory
 from flask_smorest import Api
+from flask_smorest.utils import deepupdate
 
 from app import schemas
 from app.settings import Settings
@@ -24,6 +27,21 @@ class OrchestratorApi(Api):
     """flask-smorest's Api, documenting our one error shape instead of its own."""
 
     ERROR_SCHEMA = schemas.ErrorSchema
+
+
+def doc(**kwargs):
+    """``Blueprint.doc`` without its per-request wrapper.
+
+    flask-smorest's ``doc`` wraps the view in a function that runs ``current_app.ensure_sync``
+    on every request, one more layer per decorator; the spec only needs the ``_apidoc``
+    attribute, so this sets that on the view itself (same merge, same spec).
+    """
+    def decorator(func):
+        func._apidoc = deepcopy(getattr(func, "_apidoc", {}))
+        func._apidoc["manual_doc"] = deepupdate(deepcopy(func._apidoc.get("manual_doc", {})),
+                                                kwargs)
+        return func
+    return decorator
 
 
 def _security(settings: Settings) -> dict:

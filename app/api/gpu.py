@@ -15,7 +15,7 @@ from flask import current_app, jsonify, request, url_for
 from flask_smorest import Blueprint
 
 from app import auth, schemas
-from app.api import body, render
+from app.api import body, doc, render
 from app.errors import BadRequest, NotFound
 
 log = logging.getLogger("gpu_orchestrator.api")
@@ -51,10 +51,10 @@ _IDEM_PARAM = {"in": "header", "name": IDEMPOTENCY_HEADER, "required": False,
 def errors(*codes: int):
     """Document the error responses a route can give (all share the one error schema).
 
-    One ``doc`` call instead of one ``alt_response`` per code: each ``alt_response`` adds a
+    A ``doc`` entry instead of one ``alt_response`` per code: each ``alt_response`` adds a
     wrapper that runs on every request.
     """
-    return blp.doc(responses={str(code): _ERRORS[code] for code in codes})
+    return doc(responses={str(code): _ERRORS[code] for code in codes})
 
 
 def ok(status: int, schema, description: str, headers: dict | None = None):
@@ -63,7 +63,7 @@ def ok(status: int, schema, description: str, headers: dict | None = None):
             "content": {"application/json": {"schema": schema}}}
     if headers:
         resp["headers"] = headers
-    return blp.doc(responses={str(status): resp})
+    return doc(responses={str(status): resp})
 
 
 def _engine():
@@ -137,7 +137,7 @@ def _allocation_response(rec: dict[str, Any]):
 
 
 @blp.route("/allocate", methods=["POST"])
-@blp.doc(parameters=[_IDEM_PARAM],
+@doc(parameters=[_IDEM_PARAM],
          requestBody={"required": True, "content": {
              "application/json": {"schema": schemas.AllocateRequestSchema}}})
 @ok(200, schemas.AllocationSchema, "Granted now: the allocation.")
@@ -177,7 +177,7 @@ def _client_hash(data: dict[str, Any], principal: str | None) -> str:
 
 
 @blp.route("/release", methods=["POST"])
-@blp.doc(requestBody={"required": True, "content": {
+@doc(requestBody={"required": True, "content": {
     "application/json": {"schema": schemas.ReleaseRequestSchema}}})
 @ok(200, schemas.ReleasedSchema, "Released.")
 @errors(400, 401, 403, 404, 413, 415, 422, 503)
@@ -229,7 +229,7 @@ def list_all():
 
 
 @blp.route("/workload", methods=["POST"])
-@blp.doc(requestBody={"required": True, "content": {
+@doc(requestBody={"required": True, "content": {
     "application/json": {"schema": schemas.WorkloadRequestSchema}}})
 @ok(200, schemas.RequirementsSchema, "The requirements /gpu/allocate would use.")
 @errors(400, 401, 413, 415, 422, 503)
@@ -248,7 +248,7 @@ def _get_or_404(request_id: str) -> dict[str, Any]:
 
 
 @blp.route("/requests/<request_id>", methods=["GET"])
-@blp.doc(parameters=[_ID_PARAM])
+@doc(parameters=[_ID_PARAM])
 @ok(200, schemas.RequestStatusSchema,
     "The request: status, queue position, allocation once granted.")
 @errors(401, 404, 503)
@@ -261,7 +261,7 @@ def request_status(request_id: str):
 
 
 @blp.route("/requests/<request_id>", methods=["DELETE"])
-@blp.doc(parameters=[_ID_PARAM])
+@doc(parameters=[_ID_PARAM])
 @ok(200, schemas.AllocationSchema, "Cancelled.")
 @errors(401, 403, 404, 409, 503)
 def cancel_request(request_id: str):
@@ -274,7 +274,7 @@ def cancel_request(request_id: str):
 
 
 @blp.route("/allocations/<allocation_id>", methods=["GET"])
-@blp.doc(parameters=[_ALLOC_PARAM])
+@doc(parameters=[_ALLOC_PARAM])
 @ok(200, schemas.AllocationSchema, "The allocation.")
 @errors(401, 404, 503)
 def get_allocation(allocation_id: str):
@@ -287,7 +287,7 @@ def get_allocation(allocation_id: str):
 
 
 @blp.route("/allocations/<allocation_id>/renew", methods=["POST"])
-@blp.doc(parameters=[_ALLOC_PARAM],
+@doc(parameters=[_ALLOC_PARAM],
          requestBody={"required": False, "content": {
              "application/json": {"schema": schemas.RenewRequestSchema}}})
 @ok(200, schemas.AllocationSchema, "Renewed: the allocation with its new expires_at.")

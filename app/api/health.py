@@ -5,14 +5,15 @@ from flask import current_app, jsonify
 from flask_smorest import Blueprint
 
 from app import schemas
+from app.api import doc
 from app.errors import Unavailable
 
 blp = Blueprint("health", __name__, description="Probes for load balancers and orchestrators.")
 
 
 @blp.route("/healthz", methods=["GET"])
-@blp.doc(security=[])
-@blp.doc(responses={"200": {"description": "Alive.", "content": {
+@doc(security=[])
+@doc(responses={"200": {"description": "Alive.", "content": {
     "application/json": {"schema": schemas.HealthSchema}}}})
 def healthz():
     """Liveness: the process answers. Touches nothing else, so it stays cheap."""
@@ -20,8 +21,8 @@ def healthz():
 
 
 @blp.route("/readyz", methods=["GET"])
-@blp.doc(security=[])
-@blp.doc(responses={"200": {"description": "Ready.", "content": {
+@doc(security=[])
+@doc(responses={"200": {"description": "Ready.", "content": {
     "application/json": {"schema": schemas.HealthSchema}}}, "503": "SERVICE_UNAVAILABLE"})
 def readyz():
     """Readiness: 200 only when Redis answers a PING."""
@@ -33,8 +34,8 @@ def readyz():
 
 
 @blp.route("/metrics", methods=["GET"])
-@blp.doc(security=[])
-@blp.doc(responses={"200": {"description": "Prometheus text exposition format.",
+@doc(security=[])
+@doc(responses={"200": {"description": "Prometheus text exposition format.",
                              "content": {"text/plain": {"schema": {"type": "string"}}}}})
 def metrics():
     """Prometheus metrics: this deployment's HTTP metrics plus fleet and queue state from Redis."""
