@@ -38,6 +38,7 @@ LUA_DIR = Path(__file__).with_name("lua")
 SCRIPTS = ("allocate", "release", "release_service", "renew", "cancel", "schedule", "reap",
            "report_node", "set_schedulable", "snapshot", "counts")
 _INCLUDE = re.compile(r"^-- @include (\w+)\s*$", re.M)
+_SERVICE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 #: Upper bounds (seconds) of the queue-wait histogram kept in keys.stats().
 WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600,
@@ -353,7 +354,7 @@ class Engine:
             return ValidationFailed(f"{field}: {msg}", details={"field": field})
 
         svc = req.get("service_name")
-        if not isinstance(svc, str) or not re.fullmatch(r"[A-Za-z0-9_.:-]{1,128}", svc or ""):
+        if not isinstance(svc, str) or not _SERVICE_NAME.fullmatch(svc):
             raise bad("service_name", "1-128 characters of letters, digits, _ . : -")
         prio = _int_in(req.get("priority", 5), 1, 10, "priority")
         gpus = _int_in(req.get("required_gpus", 1), 1, 4096, "required_gpus")
@@ -388,16 +389,16 @@ class Engine:
         fields = {
             "service_name": svc, "owner": str(owner), "workload_type": str(req.get("workload_type")
                                                                           or "generic"),
-            "workload_data": json.dumps(data, sort_keys=True, default=str),
+            "workload_data": json.dumps(data, sort_keys=True, default=str) if data else "{}",
             "priority": str(prio), "required_gpus": str(gpus), "min_memory_mb": str(min_mb),
             "max_memory_mb": str(max_mb), "max_utilization": _num(util),
-            "preferred_gpus": json.dumps(sorted(set(pref))), "sharing": sharing,
+            "preferred_gpus": json.dumps(sorted(set(pref))) if pref else "[]", "sharing": sharing,
             "ttl_seconds": "" if req.get("ttl_seconds") is None else _num(req["ttl_seconds"]),
             "estimated_duration_seconds": "" if req.get("estimated_duration_seconds") is None
             else _num(req["estimated_duration_seconds"]),
             "lease_seconds": _num(lease), "webhook_url": str(req.get("webhook_url") or ""),
-            "webhook_events": json.dumps(list(dict.fromkeys(events))),
-            "depends_on": json.dumps(list(dict.fromkeys(deps))),
+            "webhook_events": json.dumps(list(dict.fromkeys(events))) if events else "[]",
+            "depends_on": json.dumps(list(dict.fromkeys(deps))) if deps else "[]",
             "queue_timeout_seconds": _num(qt), "reserved_node": "",
         }
         return fields, qt

@@ -259,10 +259,15 @@ end
 local function node_candidates(r, node)
   local q = {}
   local h = redis.call('HGETALL', k_free(node))
+  local find, sub = string.find, string.sub
   for i = 1, #h, 2 do
-    local mem, util, uuid = string.match(h[i + 1], '^([^|]*)|([^|]*)|(.*)$')
-    mem, util = tonumber(mem) or 0, tonumber(util) or 0
+    -- "<memory_free_mb>|<utilization>|<uuid>", split by plain find (no pattern, no captures)
+    local v = h[i + 1]
+    local a = find(v, '|', 1, true)
+    local b = find(v, '|', a + 1, true)
+    local mem, util = tonumber(sub(v, 1, a - 1)) or 0, tonumber(sub(v, a + 1, b - 1)) or 0
     if mem >= r.minm and (r.maxm <= 0 or mem <= r.maxm) and util <= r.util then
+      local uuid = sub(v, b + 1)
       local idx = h[i]
       q[#q + 1] = {idx = idx, mem = mem, util = util, uuid = uuid,
         pref = r.pref[idx] and 1 or 0}
@@ -717,6 +722,8 @@ local function schedule_inner(new_id, force)
 end
 
 local function schedule(new_id, force)
+  -- an empty queue (the usual case for a release) has nothing to pass over: one ZCARD
+  if redis.call('ZCARD', K_QUEUE) == 0 then return {} end
   stat_buf, meta_buf = {}, {}
   local granted = schedule_inner(new_id, force)
   stat_flush()
