@@ -1,21 +1,33 @@
 """Redis connections built from settings, one way for every process."""
 from __future__ import annotations
 
+import select
+
 import redis
 
 from app.settings import Settings
 
 
+def _readable(sock) -> bool:
+    """True when the socket has bytes or an end-of-file waiting (one ``poll``, no waiting)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 class LeanConnectionPool(redis.ConnectionPool):
     """redis-py's pool without the per-command work this service does not need.
 
-    redis-py's ``get_connection`` polls every pooled connection for stray data before each
-    command (two ``settimeout`` calls and a non-blocking ``recv``), and both ``get_connection``
-    and ``release`` feed its OpenTelemetry recorder even when observability is off: together
-    about a third of a small command's client CPU. Stray data cannot be left behind here:
-    redis-py disconnects a connection whenever sending or reading fails or is interrupted, so
-    it never returns to the pool half read. We use no client-side cache, no maintenance
-    notifications and no re-authentication events, which the skipped steps serve.
+    redis-py's ``get_connection`` checks every pooled connection for stray data before each
+    command through its parser (two ``settimeout`` calls and a non-blocking ``recv``), and both
+    ``get_connection`` and ``release`` feed its OpenTelemetry recorder even when observability
+    is off: together about a third of a small command's client CPU. Here the check is one
+    ``poll`` on the socket, which still sees what matters: a connection that Redis closed (a
+    restart, ``CLIENT KILL``, an idle timeout) reads as end-of-file and is reconnected before
+    the command instead of failing it. (Half-read replies cannot be left behind: redis-py
+    disconnects a connection whenever sending or reading fails or is interrupted.) We use no
+    client-side cache, no maintenance notifications and no re-authentication events, which the
+    skipped steps serve.
     """
 
     def get_connection(self, *args, **kwargs):  # args: deprecated command name and keys
@@ -28,6 +40,10 @@ class LeanConnectionPool(redis.ConnectionPool):
             self._in_use_connections.add(connection)
         try:
             connection.connect()  # a no-op when connected
+            sock = getattr(connection, "_sock", None)
+            if sock is not None and _readable(sock):  # closed by Redis, or stray bytes
+                connection.disconnect()
+                connection.connect()
         except BaseException:
             self.release(connection)
             raise
