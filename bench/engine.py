@@ -59,16 +59,17 @@ def median_ms(fn, repeat: int) -> float:
 ROUNDS = 5
 
 
-def best_of(fn, repeat: int, rounds: int = 3) -> float:
-    """Median-of-rounds mean seconds per call."""
-    samples = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(repeat):
-            fn()
-        samples.append((time.perf_counter() - t0) / repeat)
-    samples.sort()
-    return samples[len(samples) // 2]
+def timed(client, fn, repeat: int) -> tuple[float, float, float]:
+    """Per call: wall seconds, this process's CPU seconds, redis-server's CPU seconds."""
+    info = client.info("cpu")
+    server0 = info["used_cpu_user"] + info["used_cpu_sys"]
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(repeat):
+        fn()
+    wall, client_cpu = time.perf_counter() - t0, time.process_time() - c0
+    info = client.info("cpu")
+    server_cpu = info["used_cpu_user"] + info["used_cpu_sys"] - server0
+    return wall / repeat, client_cpu / repeat, server_cpu / repeat
 
 
 def main() -> None:
@@ -108,14 +109,19 @@ def run(url: str, reps: int) -> dict:
     # round, so a burst of outside load hits every fleet size alike instead of one of them.
     best = {"noop": math.inf, **{k: math.inf for k in engines}}
     server = {k: math.inf for k in engines}
+    cpu: dict[str, tuple] = {}
     for _ in range(ROUNDS):
-        best["noop"] = min(best["noop"], best_of(noop, reps, rounds=1))
+        wall, client_cpu, server_cpu = timed(client, noop, reps)
+        if wall < best["noop"]:
+            best["noop"], cpu["noop"] = wall, (client_cpu, server_cpu)
         for key, engine in engines.items():
             cycle = cycle_of(engine)
             for _ in range(20):
                 cycle()
             client.config_resetstat()
-            best[key] = min(best[key], best_of(cycle, reps, rounds=1))
+            wall, client_cpu, server_cpu = timed(client, cycle, reps)
+            if wall < best[key]:
+                best[key], cpu[key] = wall, (client_cpu, server_cpu)
             stat = client.info("commandstats").get("cmdstat_evalsha", {})
             server[key] = min(server[key], stat.get("usec_per_call", math.inf))
     out["noop_roundtrip_us"] = round(best["noop"] * 1e6, 1)
@@ -123,6 +129,10 @@ def run(url: str, reps: int) -> dict:
     out["alloc_release_us"] = alloc_release
     out["alloc_release_per_s"] = {k: round(1e6 / v) for k, v in alloc_release.items()}
     out["script_server_us"] = {k: round(v, 1) for k, v in server.items()}
+    # where the time of the best round went: CPU of this process (engine Python, redis-py,
+    # socket calls) and of redis-server (INFO cpu: the scripts plus its event loop), per call
+    out["cpu_us"] = {k: {"client": round(c * 1e6, 1), "server": round(sv * 1e6, 1)}
+                     for k, (c, sv) in cpu.items()}
     client.flushall()
 
     # schedule passes over 10,000 queued requests on 1,024 GPUs (all 90 % busy); the queued
