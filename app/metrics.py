@@ -29,6 +29,8 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from app.errors import NotFound
+
 log = logging.getLogger("gpu_orchestrator.metrics")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -184,7 +186,15 @@ class _Combined:
 
 
 def init_app(app: Flask, engine: Any) -> None:
-    """Count every request; provide the ``/metrics`` view (routed by :mod:`app.api.health`)."""
+    """Count every request; provide the ``/metrics`` view (routed by :mod:`app.api.health`).
+
+    With ``monitoring.metrics_enabled: false`` nothing is counted and ``/metrics`` is a 404.
+    """
+    if not engine.settings.monitoring.metrics_enabled:
+        def disabled():
+            raise NotFound("metrics are disabled (monitoring.metrics_enabled: false)")
+        app.extensions["gpu_metrics_view"] = disabled
+        return
     mp_dir = multiprocess_dir()
     # Single process (tests, dev): a registry per app, so several apps never collide.
     # Multiprocess: the values live in files; the registry is rebuilt per scrape.

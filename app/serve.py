@@ -46,6 +46,9 @@ def gunicorn_options(settings: Settings, **overrides: Any) -> dict[str, Any]:
         "loglevel": settings.logging.level.lower(),
         "on_starting": on_starting,
         "child_exit": child_exit,
+        # gunicorn 27 opens a control socket at one fixed path in $HOME; several API processes
+        # on one host (replicas, chaos, benchmarks) would fight over it, and we do not use it.
+        "control_socket_disable": True,
     }
     opts.update(overrides)
     return opts

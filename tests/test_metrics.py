@@ -134,3 +134,13 @@ def test_scrape_survives_a_redis_outage(settings):
     m = scrape(client)
     assert value(m, "gpu_orchestrator_redis_up") == 0
     assert value(m, "gpu_orchestrator_http_requests_total", route="/healthz") == 1
+
+
+def test_metrics_can_be_switched_off(make_app):
+    """``monitoring.metrics_enabled: false`` (a key of the original config) hides /metrics."""
+    client = make_app(monitoring={"metrics_enabled": False}).test_client()
+    assert client.get("/healthz").status_code == 200
+    resp = client.get("/metrics")
+    assert resp.status_code == 404
+    assert resp.get_json()["error"]["code"] == "not_found"
+    assert "metrics_enabled" in resp.get_json()["error"]["message"]
