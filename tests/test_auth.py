@@ -107,11 +107,15 @@ def test_custom_header_name(make_app):
     assert_error(client.get("/gpu/status", headers=hdr(ALICE_KEY)), 401, "unauthorized")
 
 
-def test_dashboard_is_protected_like_any_other_route(make_app):
-    client = make_app(auth={"enabled": True, "api_keys": KEYS},
+def test_dashboard_needs_a_key_and_is_for_admins_only(make_app):
+    """rq-dashboard shows every team's jobs and can requeue them: admins only."""
+    client = make_app(auth={"enabled": True, "api_keys": KEYS, "admins": ["ops"]},
                       dashboard={"enabled": True}).test_client()
     assert_error(client.get("/rq/"), 401, "unauthorized")
-    assert client.get("/rq/", headers=hdr(ALICE_KEY)).status_code == 200
+    assert_error(client.get("/rq/", headers=hdr(ALICE_KEY)), 403, "forbidden")
+    assert_error(client.get("/rq/0/data/queues.json", headers=hdr(ALICE_KEY)), 403, "forbidden")
+    assert client.get("/rq/", headers=hdr(ADMIN_KEY)).status_code == 200
+    assert client.get("/gpu/status", headers=hdr(ALICE_KEY)).status_code == 200
 
 
 # --------------------------------------------------------------------------- ownership

@@ -64,11 +64,13 @@ def test_disabled_dashboard_mounts_nothing(settings, redis_url):
 
 def test_mounted_in_the_api_behind_its_auth(settings, redis_url, queued_job):
     from app import create_app
-    s = settings.replace(auth={"enabled": True, "api_keys": {"k-ops": "ops"}})
+    s = settings.replace(auth={"enabled": True, "api_keys": {"k-ops": "ops", "k-dev": "dev"},
+                               "admins": ["ops"]})
     client = create_app(s, redis_url=redis_url).test_client()
     assert client.get("/rq/").status_code == 401
     assert client.get("/rq/0/data/queues.json").status_code == 401
     assert client.post(f"/rq/job/{queued_job}/delete").status_code == 401
+    assert client.get("/rq/", headers={"X-API-Key": "k-dev"}).status_code == 403
     ok = client.get("/rq/", headers={"X-API-Key": "k-ops"})
     assert ok.status_code == 200 and b"<html" in ok.data.lower()
     listed = client.get("/rq/0/data/queues.json", headers={"X-API-Key": "k-ops"}).get_json()

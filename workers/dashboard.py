@@ -1,7 +1,8 @@
 """rq-dashboard mounted under the API at ``/rq``, behind the API's own auth.
 
-rq-dashboard has no authentication of its own. The API helper protects every path under ``/rq``
-with the same API keys as the rest of the API (it is not in ``auth.public_paths``).
+rq-dashboard has no authentication of its own. Every path under ``/rq`` needs an API key like
+the rest of the API (it is not in ``auth.public_paths``), and with auth on only principals in
+``auth.admins`` may open it: it shows every team's jobs and can requeue them.
 
 Notes on rq-dashboard 0.9:
 
@@ -35,4 +36,14 @@ def init_app(app: Any, settings: Settings, redis_url: str) -> bool:
     web.config.serializer = queues.SERIALIZER
     web.setup_rq_connection(app)
     app.register_blueprint(rq_dashboard.blueprint, url_prefix=URL_PREFIX)
+
+    @app.before_request
+    def _admins_only():  # runs after the API's authentication, registered earlier
+        from flask import request
+
+        from app.auth import current_is_admin
+        from app.errors import Forbidden
+        path = request.path
+        if (path == URL_PREFIX or path.startswith(URL_PREFIX + "/")) and not current_is_admin():
+            raise Forbidden("rq-dashboard is open to admins only (auth.admins)")
     return True
