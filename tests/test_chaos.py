@@ -447,3 +447,97 @@ def test_a_dead_workers_scheduler_lock_is_released_in_seconds_not_a_minute(setti
     assert worker.connection.get(dead) is None and worker.connection.get(live) == b"live-worker"
     assert worker.scheduler.acquire_locks() == {webhooks_q.name}
     worker.scheduler.release_locks()
+
+
+def test_a_job_dropped_between_dequeue_and_start_is_requeued_and_delivered(settings, redis,
+                                                                           make_worker):
+    """Chaos found it (64 of 66 webhooks): RQ's scheduler moved two due webhook retries onto
+    the queue, a worker LMOVEd them into the intermediate list, and Redis was SIGKILLed before
+    the worker registered them as started. Their status said queued; they were in no queue and
+    no registry. RQ's own cleanup waits a minute and then *fails* such a job (a job on its last
+    retry is never tried). The worker's maintenance puts it back on the queue instead."""
+    import signal
+
+    from app.engine import Engine
+    from webhook_receiver import Receiver
+    from workers import outbox, queues
+    from workers import worker as worker_mod
+
+    engine = Engine(redis, settings)
+    engine.report_node("node-a", [{"index": 0, "uuid": "GPU-a0", "name": "NVIDIA H100 80GB HBM3",
+                                   "memory_total_mb": 81559, "memory_used_mb": 0}],
+                       backend="simulated", host="test")
+    holder = engine.allocate({"service_name": "holder", "required_gpus": 1})
+    with Receiver() as rx:
+        waiter = engine.allocate({"service_name": "waiter", "required_gpus": 1,
+                                  "webhook_url": rx.url})
+        assert waiter["status"] == "queued"
+        worker = make_worker(settings, settings.redis.url)
+        rq_redis = worker.connection
+        engine.release(holder["id"])
+        assert outbox.dispatch(rq_redis, settings) == 1
+        webhooks_q = worker.queues[0]
+        [job_id] = webhooks_q.get_job_ids()
+        job = webhooks_q.fetch_job(job_id)
+        job.retries_left = 0          # its last retry: failing it would lose the webhook
+        job.save()
+        # The bad state, as a dequeue that died leaves it: the id only in the intermediate list.
+        assert rq_redis.lmove(webhooks_q.key, webhooks_q.intermediate_queue_key) == job_id.encode()
+        # A job another worker is running right now (in the started registry) is left alone.
+        busy = worker.queues[1].enqueue("builtins.len", [1])
+        rq_redis.lmove(worker.queues[1].key, worker.queues[1].intermediate_queue_key)
+        rq_redis.zadd(worker.queues[1].started_job_registry.key,
+                      {f"{busy.id}:exec-1": time.time() + 600})
+
+        t = [1_000_000.0]
+        worker.clock = lambda: t[0]
+        worker.clean_registries()     # first sighting: it may still be in a live worker's hands
+        assert rq_redis.lrange(webhooks_q.intermediate_queue_key, 0, -1) == [job_id.encode()]
+        t[0] += worker_mod.STUCK_DEQUEUE - 1
+        worker.clean_registries()
+        assert rq_redis.llen(webhooks_q.key) == 0
+        t[0] += 1
+        worker.clean_registries()
+        assert webhooks_q.get_job_ids() == [job_id]
+        assert rq_redis.llen(webhooks_q.intermediate_queue_key) == 0
+        assert webhooks_q.fetch_job(job_id).get_status() == "queued"
+        assert rq_redis.lrange(worker.queues[1].intermediate_queue_key, 0, -1) == [
+            busy.id.encode()]
+        rq_redis.zrem(worker.queues[1].started_job_registry.key, f"{busy.id}:exec-1")
+        rq_redis.delete(worker.queues[1].intermediate_queue_key)
+
+        saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            worker.work(burst=True)
+        finally:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
+        [req] = rx.wait_for(1)
+    assert json.loads(req["body"])["request_id"] == waiter["id"]
+    assert webhooks_q.fetch_job(job_id).get_status() == "finished"
+    assert rq_redis.llen(webhooks_q.intermediate_queue_key) == 0
+    assert queues.queue_name(settings, queues.WEBHOOKS) == webhooks_q.name
+
+
+def test_intermediate_recovery_drops_ids_whose_job_is_done_or_queued_elsewhere(settings,
+                                                                               make_worker):
+    """Only a job that would otherwise be lost is re-queued: one that already finished, or is
+    still on its queue (a second copy of the id), is just taken off the intermediate list."""
+    from workers import worker as worker_mod
+
+    worker = make_worker(settings, settings.redis.url)
+    rq_redis = worker.connection
+    q = worker.queues[1]
+    done = q.enqueue("builtins.len", [1])
+    queued = q.enqueue("builtins.len", [2])
+    rq_redis.lrem(q.key, 0, done.id)
+    done.set_status("finished")
+    rq_redis.rpush(q.intermediate_queue_key, done.id, queued.id, "no-such-job")
+    t = [50.0]
+    worker.clock = lambda: t[0]
+    assert worker.recover_intermediate(q) == []
+    t[0] += worker_mod.STUCK_DEQUEUE
+    assert worker.recover_intermediate(q) == []
+    assert rq_redis.llen(q.intermediate_queue_key) == 0
+    assert q.get_job_ids() == [queued.id]
+    assert q.fetch_job(done.id).get_status() == "finished"

@@ -19,7 +19,9 @@ import time
 
 from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker, worker_registration
+from redis.exceptions import WatchError
 from rq.exceptions import StopRequested
+from rq.job import Job, JobStatus
 from rq.scripts import release_lock
 from rq.registry import clean_registries
 from rq.utils import now
@@ -37,6 +39,9 @@ RESTART_DELAY = 1.0
 MAX_BLOCK = 1
 #: A scheduler lock not refreshed for this many seconds belongs to a dead worker.
 STALE_SCHEDULER_LOCK = 10
+#: A job id seen in an intermediate list, not started, this many seconds apart was dropped by a
+#: dequeue that died (a live worker registers it as started within milliseconds).
+STUCK_DEQUEUE = 10
 
 
 class ServiceQueue(Queue):
@@ -49,7 +54,8 @@ class ServiceQueue(Queue):
     webhook never delivered). Here every queue is tried in order with a non-blocking LMOVE, then
     the first (highest-priority) queue is waited on with BLMOVE for at most MAX_BLOCK seconds,
     so a job on a later queue waits at most that long. A job left in an intermediate list by a
-    dead worker is recovered by RQ's intermediate-queue cleanup (part of clean_registries).
+    dead dequeue is put back on its queue by ServiceWorker.recover_intermediate (part of
+    clean_registries) within seconds.
     """
 
     @classmethod
@@ -81,6 +87,8 @@ class ServiceWorker(SimpleWorker):
 
     heartbeat_grace_factor = 2
     queue_class = ServiceQueue
+    #: Wall clock for the intermediate-list recovery; tests replace it.
+    clock = staticmethod(time.time)
 
     def prepare_job_execution(self, job, remove_from_intermediate_queue: bool = False) -> None:
         # ServiceQueue always dequeues through the intermediate list: take the job off it once
@@ -136,9 +144,69 @@ class ServiceWorker(SimpleWorker):
             if self.connection.set(queue.registry_cleaning_key, 1, nx=True, ex=ttl):
                 clean_registries(queue, self._exc_handlers)
                 worker_registration.clean_worker_registry(queue)
-                queue.intermediate_queue.cleanup(self, queue)
+                self.recover_intermediate(queue)
                 queue.release_maintenance_lock()
         self.last_cleaned_at = now()
+
+    def recover_intermediate(self, queue) -> list[str]:
+        """Put jobs a dead dequeue left in ``<queue>:intermediate`` back on the queue.
+
+        A worker LMOVEs a job id from the queue into the intermediate list, then registers it as
+        started, which also takes it off that list. When Redis is SIGKILLed (or the worker dies)
+        between the two, the id stays there with status ``queued``, in no queue and no registry.
+        RQ's own cleanup acts on it only after a minute, and then as a *failure*: it spends one
+        of the job's retries, and a job on its last retry is marked failed without ever being
+        tried (found by bench/chaos.py: webhook retries that RQ's scheduler had just moved onto
+        the queue were never delivered, 64 of 66). Here an id that is not in the started
+        registry and was first seen at least STUCK_DEQUEUE seconds before (RQ's first-seen key)
+        is moved back onto the front of its queue, status queued, in one MULTI/EXEC under WATCH
+        of the list and the job: if a slow live worker takes it meanwhile, nothing is moved.
+        A job that already finished, failed, or is scheduled or queued elsewhere is only taken
+        off the list. Returns the ids re-queued. Delivery stays at least once: the worst case
+        is a live worker stalled for STUCK_DEQUEUE seconds between its LMOVE and its start,
+        whose job then runs twice (webhook receivers dedupe on event_id).
+        """
+        intermediate = queue.intermediate_queue
+        requeued = []
+        for job_id in intermediate.get_job_ids():
+            if job_id in queue.started_job_registry:
+                continue  # a live (or dead) execution owns it; the started registry recovers it
+            first_seen = intermediate.get_first_seen_key(job_id)
+            t = self.clock()
+            if self.connection.set(first_seen, repr(t), nx=True, ex=86400):
+                continue  # first sighting: may still be in a live worker's hands
+            seen = self.connection.get(first_seen)
+            if seen is not None and t - float(seen) < STUCK_DEQUEUE:
+                continue
+            if self._requeue_from_intermediate(queue, job_id):
+                requeued.append(job_id)
+        return requeued
+
+    def _requeue_from_intermediate(self, queue, job_id: str) -> bool:
+        intermediate = queue.intermediate_queue
+        job_key = Job.key_for(job_id)
+        with self.connection.pipeline() as pipe:
+            try:
+                pipe.watch(intermediate.key, job_key, queue.key)
+                if pipe.lpos(intermediate.key, job_id) is None:
+                    pipe.unwatch()
+                    return False
+                job = queue.fetch_job(job_id)
+                status = job.get_status(refresh=False) if job is not None else None
+                requeue = (status in (JobStatus.QUEUED, JobStatus.STARTED)
+                           and pipe.lpos(queue.key, job_id) is None)
+                pipe.multi()
+                if requeue:
+                    queue._enqueue_job(job, pipeline=pipe, at_front=True)
+                pipe.lrem(intermediate.key, 1, job_id)
+                pipe.delete(intermediate.get_first_seen_key(job_id))
+                pipe.execute()
+            except WatchError:
+                return False  # it moved meanwhile; look again next pass
+        if requeue:
+            log.warning("job %s was dequeued by a worker that never started it; re-queued on %s",
+                        job_id, queue.name)
+        return requeue
 
     def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
         return (1 + self.heartbeat_grace_factor) * max(1, int(self.job_monitoring_interval))
