@@ -24,11 +24,10 @@ from typing import Any, Callable
 log = logging.getLogger("gpu_orchestrator.dispatcher")
 
 #: Shortest time between two passes. Under load every request kicks; spacing the passes lets
-#: kicks gather (at most 20 passes a second per process) for at most 50 ms more webhook latency,
-#: small next to an RQ worker's pick-up and the HTTP delivery itself. At 5 ms apart the passes
-#: (a Redis round trip each, plus waking this thread) cost about a tenth of the API's CPU under
-#: the allocate/release benchmark.
-MIN_INTERVAL = 0.05
+#: kicks gather (at most 100 passes a second per process). 10 ms apart, the benchmarks could
+#: not tell the passes' CPU cost from noise (bench/http.py ratio 0.347 vs 0.352 at 50 ms), while
+#: 50 ms apart added ~25 ms to the typical webhook (bench/latency.py p50 37.6 -> 13.3 ms).
+MIN_INTERVAL = 0.01
 
 
 class OutboxDispatcher:
