@@ -81,6 +81,12 @@ def _dispatch_webhooks() -> None:
         dispatcher.kick()
 
 
+def _analyze(data: dict[str, Any]) -> dict[str, Any]:
+    """The workload analyser's requirements for a validated allocate/workload body."""
+    return current_app.extensions["gpu_analyzer"].analyze(
+        data["workload_type"], data["workload_data"], service_name=data.get("service_name"))
+
+
 def _idempotency_key() -> str | None:
     key = request.headers.get(IDEMPOTENCY_HEADER)
     if key is None:
@@ -153,8 +159,7 @@ def allocate():
     """
     key = _idempotency_key()
     data = body.load(_ALLOCATE_BODY)
-    analysis = current_app.extensions["gpu_analyzer"].analyze(
-        data["workload_type"], data["workload_data"], service_name=data.get("service_name"))
+    analysis = _analyze(data)
     principal = auth.current_principal()
     req = engine_request(data, analysis, principal)
     rec = _engine().allocate(req, idempotency_key=_scoped(key, principal),
@@ -236,14 +241,18 @@ def list_all():
 def workload():
     """Analyse a workload without side effects."""
     data = body.load(_WORKLOAD_BODY)
-    analysis = current_app.extensions["gpu_analyzer"].analyze(
-        data["workload_type"], data["workload_data"], service_name=data.get("service_name"))
+    analysis = _analyze(data)
     return jsonify(render.requirements(analysis))
 
 
+def _require_id(value: str, noun: str = "request") -> None:
+    """404 for a path id that cannot exist (wrong shape), before asking Redis."""
+    if not schemas.ID_PATTERN.match(value):
+        raise NotFound(f"no {noun} {value!r}", details={"id": value})
+
+
 def _get_or_404(request_id: str) -> dict[str, Any]:
-    if not schemas.ID_PATTERN.match(request_id):
-        raise NotFound(f"no request {request_id!r}", details={"id": request_id})
+    _require_id(request_id)
     return _engine().get(request_id)
 
 
@@ -256,7 +265,7 @@ def request_status(request_id: str):
     """Poll a request: its status, queue position, and its allocation once granted."""
     rec = _get_or_404(request_id)
     out = render.allocation(rec)
-    out["allocation"] = render.allocation(rec) if rec.get("allocated_at") else None
+    out["allocation"] = dict(out) if rec.get("allocated_at") else None
     return jsonify(out)
 
 
@@ -266,8 +275,7 @@ def request_status(request_id: str):
 @errors(401, 403, 404, 409, 503)
 def cancel_request(request_id: str):
     """Cancel a queued request."""
-    if not schemas.ID_PATTERN.match(request_id):
-        raise NotFound(f"no request {request_id!r}", details={"id": request_id})
+    _require_id(request_id)
     rec = _engine().cancel(request_id, **_owner_kwargs())
     _dispatch_webhooks()
     return jsonify(render.allocation(rec))
@@ -295,7 +303,6 @@ def get_allocation(allocation_id: str):
 def renew(allocation_id: str):
     """Extend a live allocation's lease by ``ttl_seconds`` (default: its own TTL) from now."""
     data = body.load(_RENEW_BODY)
-    if not schemas.ID_PATTERN.match(allocation_id):
-        raise NotFound(f"no allocation {allocation_id!r}", details={"id": allocation_id})
+    _require_id(allocation_id, "allocation")
     rec = _engine().renew(allocation_id, ttl_seconds=data.get("ttl_seconds"), **_owner_kwargs())
     return jsonify(render.allocation(rec))
