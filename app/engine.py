@@ -105,8 +105,7 @@ _INT_FIELDS = ("priority", "required_gpus", "min_memory_mb", "max_memory_mb")
 _FLOAT_FIELDS = ("max_utilization", "submitted_at", "allocated_at", "released_at", "ended_at",
                  "wait_time_seconds", "renewed_at", "queue_timeout_seconds")
 _OPT_FLOAT_FIELDS = ("ttl_seconds", "estimated_duration_seconds", "expires_at", "lease_seconds")
-_JSON_FIELDS = ("workload_data", "preferred_gpus", "webhook_events", "depends_on", "gpu_ids",
-                "gpu_uuids")
+_JSON_FIELDS = ("preferred_gpus", "webhook_events", "depends_on", "gpu_ids", "gpu_uuids")
 _OPT_STR_FIELDS = ("owner", "webhook_url", "node", "reserved_node")
 
 
