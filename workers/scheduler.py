@@ -59,16 +59,15 @@ def safety_net() -> dict[str, int]:
     dispatched = outbox.dispatch(rq_redis, settings, recover_after=RECOVER_AFTER)
     if grants:
         log.info("safety-net pass granted %d queued request(s)", len(grants))
-    return {"granted": len(grants or []), "dispatched": dispatched}
+    return {"granted": len(grants), "dispatched": dispatched}
 
 
 def reap() -> dict[str, int]:
     """Maintenance job: expire lapsed leases and timed-out requests, then drain the outbox."""
     settings, _, rq_redis = context.get()
-    result = context.engine().reap() or {}
+    result = context.engine().reap()
     dispatched = outbox.dispatch(rq_redis, settings, recover_after=RECOVER_AFTER)
-    counts = {k: len(v) if isinstance(v, (list, tuple, set, dict)) else int(v or 0)
-              for k, v in result.items()}
+    counts = {k: len(v) for k, v in result.items()}
     if any(counts.values()):
         log.info("reaper: %s", ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
     counts["dispatched"] = dispatched
