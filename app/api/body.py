@@ -34,12 +34,10 @@ def _is_json(mimetype: str) -> bool:
 def raw_json() -> Any:
     """The decoded body, or None when there is none."""
     data = request.get_data(cache=True)
-    if not data:
-        if request.mimetype and not _is_json(request.mimetype):
-            raise UnsupportedMediaType("Content-Type must be application/json")
-        return None
-    if not _is_json(request.mimetype):
+    if (data or request.mimetype) and not _is_json(request.mimetype):  # no body, no type: fine
         raise UnsupportedMediaType("Content-Type must be application/json")
+    if not data:
+        return None
     try:
         return json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
