@@ -49,7 +49,7 @@ EVENT_HEADER = "X-GPU-Orchestrator-Event"
 EVENT_ID_HEADER = "X-GPU-Orchestrator-Event-Id"
 USER_AGENT = "gpu-orchestrator-webhooks/0.1"
 
-#: One keep-alive session per worker process (the work horse forks from the worker).
+#: One keep-alive session per worker process (jobs run in the worker itself; no fork per job).
 _session: requests.Session | None = None
 
 STAT_DELIVERED = "webhook|delivered"

@@ -234,7 +234,7 @@ class ServiceWorker(SimpleWorker):
 
 def build(settings: Settings, redis_url: str) -> ServiceWorker:
     """A configured worker (not started); tests use it directly."""
-    # Import the job modules here, once, so every forked work horse starts with them loaded.
+    # Import the job modules here, once, so the first job does not pay for loading them.
     import app.engine  # noqa: F401
     import workers.scheduler  # noqa: F401
     import workers.webhooks  # noqa: F401
