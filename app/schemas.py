@@ -70,6 +70,8 @@ def _check_workload_data(value):
         raise ma.ValidationError(f"more than {MAX_WORKLOAD_ITEMS} entries")
 
 
+_SERVICE_NAME = validate.Regexp(SERVICE_NAME_RE, error="must be 1-128 characters of "
+                                                     "[A-Za-z0-9._-]")
 _WEBHOOK_URL = validate.URL(schemes={"http", "https"}, require_tld=False,
                             error="must be an http:// or https:// URL")
 
@@ -100,8 +102,7 @@ class WorkloadRequestSchema(WorkloadFields):
     """Body of ``POST /gpu/workload``: analyse only."""
 
     service_name = StrictStr(
-        validate=validate.Regexp(SERVICE_NAME_RE, error="must be 1-128 characters of "
-                                                        "[A-Za-z0-9._-]"),
+        validate=_SERVICE_NAME,
         metadata={"description": "Accepted for symmetry with /gpu/allocate; not used."})
 
 
@@ -110,8 +111,7 @@ class AllocateRequestSchema(WorkloadFields):
 
     service_name = StrictStr(
         required=True,
-        validate=validate.Regexp(SERVICE_NAME_RE, error="must be 1-128 characters of "
-                                                        "[A-Za-z0-9._-]"),
+        validate=_SERVICE_NAME,
         metadata={"description": "Who the GPUs are for; 1-128 characters of [A-Za-z0-9._-].",
                   "pattern": SERVICE_NAME_RE})
     webhook_url = StrictStr(
@@ -146,8 +146,7 @@ class ReleaseRequestSchema(_RequestSchema):
     allocation_id = StrictStr(validate=validate.Regexp(ID_RE),
                               metadata={"description": "Release this allocation."})
     service_name = StrictStr(
-        validate=validate.Regexp(SERVICE_NAME_RE, error="must be 1-128 characters of "
-                                                        "[A-Za-z0-9._-]"),
+        validate=_SERVICE_NAME,
         metadata={"description": "Release every allocation of this service that the caller "
                                  "owns."})
 
