@@ -34,10 +34,6 @@ def new_id() -> str:
     return f"{_state['prefix']}{next(_state['counter']):08x}"
 
 
-def current() -> str:
-    return g.get("request_id") or "-"
-
-
 def init_app(app: Flask) -> None:
     """Register first, so the id exists before auth or anything else can fail."""
 
