@@ -725,12 +725,5 @@ def defaults() -> Settings:
     return Settings(_defaults())
 
 
-def option_docs() -> dict[str, dict[str, str]]:
-    """section -> key -> one-line doc, for generating and checking the example config."""
-    def walk(spec):
-        return {k: walk(v) if isinstance(v, dict) else v.doc for k, v in spec.items()}
-    return walk(SPEC)
-
-
 __all__ = ["ConfigError", "Settings", "Section", "load", "check_file", "defaults",
            "parse_duration", "WORKLOAD_TYPES", "SPEC"]
