@@ -43,6 +43,8 @@ _SERVICE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 #: Upper bounds (seconds) of the queue-wait histogram kept in keys.stats().
 WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600,
                 1800, 3600)
+#: ``webhook|<result>`` counters in keys.stats(), incremented by the webhook workers.
+WEBHOOK_RESULTS = ("delivered", "failed", "retried")
 STATUSES = ("queued", "allocated", "released", "expired", "cancelled", "timed_out")
 WEBHOOK_EVENTS = ("expired", "cancelled", "timed_out")
 HEALTH = ("ok", "degraded", "failed")
@@ -505,11 +507,13 @@ class Engine:
 
     def stats(self) -> dict:
         """Cluster-wide counters: allocations[service][status], scheduler counters, wait histogram
-        (cumulative buckets, Prometheus style)."""
+        (cumulative buckets, Prometheus style), and webhook results (``webhook|<result>``
+        fields, written by the delivery workers)."""
         raw = self.redis.hgetall(self.keys.stats())
         allocations: dict[str, dict[str, int]] = {}
         scheduler: dict[str, int] = {}
         per_bucket: dict[str, int] = {}
+        webhooks = dict.fromkeys(WEBHOOK_RESULTS, 0)
         wait_sum = 0.0
         for field, value in raw.items():
             parts = field.split("|")
@@ -522,6 +526,8 @@ class Engine:
                 wait_sum = float(value)
             elif parts[:2] == ["wait", "le"]:
                 per_bucket[parts[2]] = int(value)
+            elif parts[0] == "webhook" and len(parts) == 2:
+                webhooks[parts[1]] = int(value)
         buckets, running = [], 0
         for b in WAIT_BUCKETS:
             running += per_bucket.get(_bucket_label(b), 0)
@@ -530,7 +536,8 @@ class Engine:
         scheduler["granted"] = scheduler.get("immediate", 0) + scheduler.get("from_queue", 0)
         wait_count = scheduler["granted"]
         return {"allocations": allocations, "scheduler": scheduler,
-                "wait": {"buckets": buckets, "sum": wait_sum, "count": wait_count}}
+                "wait": {"buckets": buckets, "sum": wait_sum, "count": wait_count},
+                "webhooks": webhooks}
 
     def events(self, after: str = "-", count: int = 100) -> list[dict]:
         start = "-" if after in ("-", "", None) else "(" + after

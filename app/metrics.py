@@ -38,8 +38,6 @@ HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 #: Route label for requests that matched no route (keeps the label set bounded).
 UNMATCHED = "<unmatched>"
 
-#: Results the webhook workers count in the stats hash (``webhook|<result>``).
-WEBHOOK_RESULTS = ("delivered", "failed", "retried")
 #: Per-GPU gauges: metric name -> (GPU field, help).
 GPU_GAUGES = {
     "gpu_orchestrator_gpu_utilization_percent": ("utilization", "GPU utilization in percent"),
@@ -91,8 +89,7 @@ class RedisCollector:
         try:
             counts = self.engine.counts()
             snapshot_gpus = self.engine.snapshot(requests=False)["gpus"]
-            stats = dict(self.engine.stats())
-            stats.setdefault("webhooks", self._webhook_counts())
+            stats = self.engine.stats()
         except redis.RedisError as exc:
             log.warning("metrics: Redis unavailable (%s)", exc.__class__.__name__)
             yield _gauge("gpu_orchestrator_redis_up", "1 when Redis answered this scrape", 0)
@@ -110,12 +107,6 @@ class RedisCollector:
                      counts.get("gpus_available", 0))
         yield from _gpu_gauges(snapshot_gpus)
         yield from stats_families(stats)
-
-    def _webhook_counts(self) -> dict[str, int]:
-        """``webhook|<result>`` fields of the stats hash, written by the delivery workers."""
-        fields = [f"webhook|{r}" for r in WEBHOOK_RESULTS]
-        values = self.engine.redis.hmget(self.engine.keys.stats(), fields)
-        return {r: int(v or 0) for r, v in zip(WEBHOOK_RESULTS, values)}
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
