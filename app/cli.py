@@ -89,7 +89,7 @@ def cmd_config(args, settings) -> int:
 def cmd_redis(args, settings) -> int:
     url, embedded = resolve_redis(settings)
     if embedded is None:
-        raise CliError(f"REDIS_URL is set ({settings_mod._redact_url(url)}); nothing to start")
+        raise CliError(f"REDIS_URL is set ({settings_mod.redact_url(url)}); nothing to start")
     print(f"embedded Redis at {url}, data in {embedded.data_dir}; Ctrl-C stops it", flush=True)
     stop = StopSignal().install()
     try:
@@ -216,7 +216,7 @@ def _wait_until_up(settings, url, host, with_monitor, stopped, timeout=20.0) -> 
 def _summary(settings, url, embedded, host, roles, found=None) -> str:
     found = found or {}
     where = (f"embedded, data in {embedded.data_dir}" if embedded
-             else settings_mod._redact_url(url))
+             else settings_mod.redact_url(url))
     base = f"http://{host}:{settings.server.port}"
     gpus = ("not reported yet" if found.get("gpus") is None
             else f"{found['gpus']} on {found['nodes']} node(s)")
@@ -225,7 +225,7 @@ def _summary(settings, url, embedded, host, roles, found=None) -> str:
         "gpu-orchestrator is starting (the API has not answered yet)",
         f"  API:        {base}  (docs: {base}/docs, metrics: {base}/metrics)",
         f"  Dashboard:  {base}/rq" if settings.dashboard.enabled else "  Dashboard:  off",
-        f"  Redis:      {settings_mod._redact_url(url)}  ({where})",
+        f"  Redis:      {settings_mod.redact_url(url)}  ({where})",
         f"  GPUs:       {gpus}",
     ]
     if found.get("allocations") is not None:

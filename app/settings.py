@@ -192,7 +192,7 @@ def StrList(default, doc=""):
     return Opt(list(default), convert, "a list of strings", doc=doc)
 
 
-def _redact_url(url: str) -> str:
+def redact_url(url: str) -> str:
     """Hide the password (and a lone token user) in a URL, keep the rest readable."""
     if not url:
         return url
@@ -222,7 +222,7 @@ def Url(default, schemes, doc="", optional=True):
             raise ValueError(v)
         return v.rstrip("/") if parts.scheme in ("http", "https") else v
     return Opt(default, convert, "a URL with scheme " + " or ".join(schemes),
-               show=_redact_url, doc=doc, redact_got=_redact_got_url)
+               show=redact_url, doc=doc, redact_got=_redact_got_url)
 
 
 def _redact_got_url(value: Any) -> Any:
@@ -230,7 +230,7 @@ def _redact_got_url(value: Any) -> Any:
     if not isinstance(value, str):
         return value
     try:
-        return _redact_url(value)
+        return redact_url(value)
     except ValueError:  # not even parseable (a bad port): show nothing of it
         return REDACTED
 
