@@ -38,6 +38,7 @@ LUA_DIR = Path(__file__).with_name("lua")
 SCRIPTS = ("allocate", "release", "release_service", "renew", "cancel", "schedule", "reap",
            "report_node", "set_schedulable", "snapshot", "counts")
 _INCLUDE = re.compile(r"^-- @include (\w+)\s*$", re.M)
+_CONSTANTS = "-- @constants"
 _SERVICE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 #: Upper bounds (seconds) of the queue-wait histogram kept in keys.stats().
@@ -217,28 +218,45 @@ class Engine:
         self._templates = [k.node("%s"), k.gpu("%s", "%s"), k.request("%s"), k.service("%s"),
                            k.idempotency("%s"), k.node_free_gpus("%s")]
         self._meta_key = [k.meta()]
-        self._static_for = None
-        self._static = ""
-        # register_script only hashes the text; nothing talks to Redis until the first call.
-        self._scripts = {name: redis.register_script(load_script(name)) for name in SCRIPTS}
+        self._scripts_for = None
+        self._scripts: dict = {}
 
     # ------------------------------------------------------------------ plumbing
-    def _static_block(self) -> str:
-        """ARGV[1] of every script (see includes/prelude.lua), rebuilt when settings change."""
+    def _constants(self) -> str:
+        """The Lua that replaces ``-- @constants`` in includes/prelude.lua: the keys, the key
+        templates and the scheduler settings as literals. Rendering them into the source (one
+        script per prefix and settings) saves every call sending them and the script splitting
+        them: Redis 6.2 runs a script's whole body on every call."""
         s = self.settings.scheduler
-        if self._static_for is not s:
-            parts = self._fixed_keys + self._templates + [
-                s.policy, repr(s.aging_rate / 60.0), repr(s.reservation_after),
-                repr(s.node_heartbeat_timeout), str(s.events_maxlen), repr(s.history_ttl),
-                str(s.max_queue_size)]
-            self._static = "\n".join(parts)
-            self._static_for = s
-        return self._static
+        names = ("K_NODES K_FREE K_SIZES K_GPUS K_SHARED K_QUEUE K_QDX K_QDS K_QDEAD K_QUNRES "
+                 "K_RES K_LEASES K_EVENTS K_OUTBOX K_STATS K_META K_QSHAPE "
+                 "T_NODE T_GPU T_REQ T_SVC T_IDEM T_FREE").split()
+        values = [_lua_str(v) for v in self._fixed_keys + self._templates]
+        lines = [f"local {name} = {value}" for name, value in zip(names, values)]
+        lines += [f"local POLICY = {_lua_str(s.policy)}",
+                  f"local AGING = {_lua_num(s.aging_rate / 60.0)}",
+                  f"local RES_AFTER = {_lua_num(s.reservation_after)}",
+                  f"local HB_TIMEOUT = {_lua_num(s.node_heartbeat_timeout)}",
+                  f"local EV_MAX = {_lua_str(str(s.events_maxlen))}",
+                  f"local HIST_TTL = {_lua_num(s.history_ttl)}",
+                  f"local MAX_QUEUE = {_lua_num(s.max_queue_size)}"]
+        return "\n".join(lines)
+
+    def _script(self, name: str):
+        """The registered script for the current settings (re-rendered when they change;
+        register_script only hashes the text, nothing talks to Redis until the first call)."""
+        s = self.settings.scheduler
+        if self._scripts_for is not s:
+            constants = self._constants()
+            self._scripts = {
+                n: self.redis.register_script(load_script(n).replace(_CONSTANTS, constants, 1))
+                for n in SCRIPTS}
+            self._scripts_for = s
+        return self._scripts[name]
 
     def _run(self, name: str, *args, ctx: dict | None = None):
         now = "" if self.clock is None else repr(float(self.clock()))
-        res = self._scripts[name](keys=self._meta_key,
-                                  args=[self._static_block(), now, *args])
+        res = self._script(name)(keys=self._meta_key, args=[now, *args])
         if isinstance(res, list) and res and isinstance(res[0], int) and res[0] < 0:
             code = res[0]
             if code == _RETRY_ID:
@@ -577,6 +595,17 @@ def _bucket_label(b: float) -> str:
 def _num(x: Any) -> str:
     x = float(x)
     return str(int(x)) if x.is_integer() else repr(x)
+
+
+def _lua_str(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def _lua_num(x: float) -> str:
+    x = float(x)
+    if math.isinf(x):
+        return "math.huge" if x > 0 else "-math.huge"
+    return repr(x)
 
 
 def _list(v) -> list:

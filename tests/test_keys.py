@@ -88,7 +88,7 @@ def test_bad_prefix_is_refused():
 
 
 def test_lua_scripts_contain_no_key_text():
-    """Scripts get every key (and the templates) from keys.py through ARGV[1]."""
+    """Scripts get every key (and the templates) from keys.py, rendered in by the engine."""
     for path in list(LUA_DIR.glob("*.lua")) + list(LUA_DIR.glob("includes/*.lua")):
         code = "\n".join(line for line in path.read_text().splitlines()
                          if not line.strip().startswith("--"))
@@ -101,9 +101,8 @@ def test_lua_scripts_contain_no_key_text():
 def test_lua_builds_the_same_keys_as_keys_py(redis, settings):
     engine = Engine(redis, settings)
     keys = engine.keys
-    probe = redis.register_script(_PROBE)
-    got = probe(keys=[keys.meta()], args=[engine._static_block(), "1000", "n1", "7", "svc-1",
-                                          "web", "idem-key"])
+    probe = redis.register_script(_PROBE.replace("-- @constants", engine._constants()))
+    got = probe(keys=[keys.meta()], args=["1000", "n1", "7", "svc-1", "web", "idem-key"])
     assert got == [keys.node("n1"), keys.gpu("n1", 7), keys.request("svc-1"),
                    keys.service("web"), keys.idempotency("idem-key"),
                    keys.node_free_gpus("n1"), keys.nodes(),

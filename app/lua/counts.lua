@@ -1,7 +1,7 @@
 --[[
   counts: the gauges the metrics report, from the indexes (no scan of GPUs or requests).
 
-  KEYS[1], ARGV[1..2]: the common block (includes/prelude.lua).
+  KEYS[1], ARGV[1]: the common block (includes/prelude.lua).
   Returns: {allocations_active, gpus_allocated, queue_depth, gpus_total, gpus_available}
   gpus_available: free, healthy, schedulable GPUs on nodes whose heartbeat is current.
 ]]

@@ -2,7 +2,7 @@
   reap: expire allocations past expires_at and time out queued requests past their deadline,
   then run a schedule pass for the capacity that freed.
 
-  KEYS[1], ARGV[1..2]: the common block (includes/prelude.lua).
+  KEYS[1], ARGV[1]: the common block (includes/prelude.lua).
   ARGV[A+1] most of each kind to end in one call
   Returns: {expired ids, timed-out ids, granted records}
 ]]

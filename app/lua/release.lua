@@ -1,7 +1,7 @@
 --[[
   release: end one allocation and hand its GPUs to the queue (a queued request is cancelled).
 
-  KEYS[1], ARGV[1..2]: the common block (includes/prelude.lua).
+  KEYS[1], ARGV[1]: the common block (includes/prelude.lua).
   ARGV[A+1] id   ARGV[A+2] principal ("" = auth off)   ARGV[A+3] "1" when admin
   Returns: {1, record, granted records} or {-1, status} not found / already finished,
   {-2} the principal does not own it.

@@ -1,7 +1,7 @@
 --[[
   set_schedulable: an admin cordons a GPU (no new grants; its allocations stay) or clears that.
 
-  KEYS[1], ARGV[1..2]: the common block (includes/prelude.lua).
+  KEYS[1], ARGV[1]: the common block (includes/prelude.lua).
   ARGV[A+1] node   ARGV[A+2] index   ARGV[A+3] "1" schedulable / "0" cordoned
   Returns: {1, gpu hash, granted records} or {-1} unknown GPU.
 ]]

@@ -1,7 +1,7 @@
 --[[
   snapshot: one consistent view of the whole state (dashboards, the invariant tests).
 
-  KEYS[1], ARGV[1..2]: the common block (includes/prelude.lua).
+  KEYS[1], ARGV[1]: the common block (includes/prelude.lua).
   ARGV[A+1] "1": GPUs and nodes only (allocations and queue left empty; cheaper for metrics)
   Returns: JSON {now, gpus: [flat hash...], nodes: [...], allocations: [...], queue: [...]}
   (queue in rank order; each entry a flat field/value list).

@@ -2,20 +2,20 @@
   prelude: the pieces every engine script shares (inlined by app/engine.py at load time).
 
   KEYS[1]  meta (declared so a cluster client routes the script; every key shares its hash tag)
-  ARGV[1]  the common block: one string, lines joined by "\n" (built once per Engine, so a call
-           sends two strings instead of thirty):
-             1-17  keys: nodes, nodes_free, node_sizes, gpus, shared_capacity, queue,
-                   queue_demand:exclusive, queue_demand:shared, queue_deadlines,
-                   queue_unreserved, reservations, leases, events, webhook_outbox, stats, meta,
-                   queue_shapes
-             18-23 key templates with %s holes: node, gpu, request, service, idempotency,
-                   node_free_gpus
-             24 policy (best_effort|strict_fifo)     25 aging (priority points per second)
-             26 reservation_after (s)               27 node_heartbeat_timeout (s)
-             28 events_maxlen                       29 history_ttl (s)
-             30 max_queue_size
-  ARGV[2]  now (epoch seconds; "" = use Redis TIME, one clock for every replica)
+  ARGV[1]  now (epoch seconds; "" = use Redis TIME, one clock for every replica)
   Each script's own arguments start at ARGV[A + 1].
+
+  The constants below are rendered into the source by app/engine.py (Engine._constants) from
+  keys.py and the scheduler settings, so a call neither sends nor parses them (Redis 6.2 runs
+  a script's whole body on every call):
+    K_NODES K_FREE K_SIZES K_GPUS K_SHARED K_QUEUE K_QDX K_QDS K_QDEAD K_QUNRES K_RES K_LEASES
+    K_EVENTS K_OUTBOX K_STATS K_META K_QSHAPE      keys: nodes, nodes_free, node_sizes, gpus,
+        shared_capacity, queue, queue_demand:exclusive, queue_demand:shared, queue_deadlines,
+        queue_unreserved, reservations, leases, events, webhook_outbox, stats, meta, queue_shapes
+    T_NODE T_GPU T_REQ T_SVC T_IDEM T_FREE      key templates with %s holes: node, gpu,
+        request, service, idempotency, node_free_gpus
+    POLICY (best_effort|strict_fifo)  AGING (priority points per second)
+    RES_AFTER (s; < 0 = off)  HB_TIMEOUT (s)  EV_MAX  HIST_TTL (s)  MAX_QUEUE
 
   Errors are returned, not raised: { negative code, details... } (see ERRORS in app/engine.py).
 
@@ -26,37 +26,15 @@
     in_free   "1" while counted in nodes_free and listed in the node's node_free_gpus hash
     in_busy   "1" while counted as allocated (meta gpus_busy)
 ]]
-local C = {}
-do -- split on plain '\n' (string.find with plain=true is a memchr; a pattern is 3x slower)
-  local s, pos, find, sub = ARGV[1], 1, string.find, string.sub
-  while true do
-    local e = find(s, '\n', pos, true)
-    if not e then C[#C + 1] = sub(s, pos); break end
-    C[#C + 1] = sub(s, pos, e - 1)
-    pos = e + 1
-  end
-end
-local K_NODES, K_FREE, K_SIZES, K_GPUS, K_SHARED = C[1], C[2], C[3], C[4], C[5]
-local K_QUEUE, K_QDX, K_QDS, K_QDEAD, K_QUNRES = C[6], C[7], C[8], C[9], C[10]
-local K_RES, K_LEASES, K_EVENTS, K_OUTBOX, K_STATS, K_META = C[11], C[12], C[13], C[14], C[15],
-  C[16]
-local K_QSHAPE = C[17]
-local T_NODE, T_GPU, T_REQ, T_SVC, T_IDEM, T_FREE = C[18], C[19], C[20], C[21], C[22], C[23]
-local POLICY = C[24]
-local AGING = tonumber(C[25])
-local RES_AFTER = tonumber(C[26])
-local HB_TIMEOUT = tonumber(C[27])
-local EV_MAX = C[28]
-local HIST_TTL = tonumber(C[29])
-local MAX_QUEUE = tonumber(C[30])
+-- @constants
 local NOW
-if ARGV[2] ~= '' then
-  NOW = tonumber(ARGV[2])
+if ARGV[1] ~= '' then
+  NOW = tonumber(ARGV[1])
 else
   local t = redis.call('TIME')
   NOW = tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
-local A = 2
+local A = 1
 
 local function k_node(n) return string.format(T_NODE, n) end
 local function k_gpu(n, i) return string.format(T_GPU, n, i) end
