@@ -341,16 +341,19 @@ class Engine:
         whose workload analysis came out differently (advisor vs rules) still replays.
         """
         fields, queue_timeout = self._request_fields(req)
-        body = json.dumps(fields, sort_keys=True)
-        # the normalised request: an omitted default and the same value spelled out match
-        body_hash = request_hash or hashlib.sha256(body.encode()).hexdigest()[:32]
+        body_hash = ""
+        if idempotency_key:
+            # the normalised request: an omitted default and the same value spelled out match
+            body_hash = request_hash or hashlib.sha256(
+                json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
         ctx = {"key": idempotency_key, "required_gpus": fields["required_gpus"],
                "min_memory_mb": fields["min_memory_mb"]}
+        flat = [x for pair in fields.items() for x in pair]
         for _ in range(5):
             rid = new_id(fields["service_name"])
             res = self._run("allocate", rid, idempotency_key or "", body_hash,
                             repr(self.settings.scheduler.idempotency_ttl), repr(queue_timeout),
-                            body, ctx=ctx)
+                            *flat, ctx=ctx)
             if res[0] != _RETRY_ID:
                 break
         else:  # pragma: no cover - five id collisions in a row
@@ -359,7 +362,7 @@ class Engine:
             rec = parse_record(res[1])
         else:
             fields.update(id=rid, status="queued", submitted_at=res[1])
-            fields.update(json.loads(res[3]))
+            fields.update(_pairs(res[3]))
             rec = parse_record(fields)
         if res[2]:
             rec["position"] = int(res[2])
@@ -546,7 +549,8 @@ class Engine:
                 per_bucket[parts[2]] = int(value)
             elif parts[0] == "webhook" and len(parts) == 2:
                 webhooks[parts[1]] = int(value)
-        buckets, running = [], 0
+        # an immediate grant waited 0 s: the scripts count it only in sched|immediate
+        buckets, running = [], scheduler.get("immediate", 0)
         for b in WAIT_BUCKETS:
             running += per_bucket.get(_bucket_label(b), 0)
             buckets.append((float(b), running))

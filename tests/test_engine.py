@@ -197,6 +197,13 @@ def test_ranking_within_node_preferred_then_memory_then_utilization(engine):
     assert a["gpu_ids"] == [0, 2, 1]
 
 
+def test_a_single_gpu_goes_by_free_memory_then_utilization_then_index(engine):
+    engine.report_node("a", gpu_list(4, mem=81920, free=[50000, 80000, 80000, 80000],
+                                     util=[0, 30, 10, 10]))
+    order = [engine.allocate(req())["gpu_ids"] for _ in range(4)]
+    assert order == [[2], [3], [1], [0]]
+
+
 def test_shared_goes_to_the_tightest_fit_and_reservations_cap_it(engine):
     engine.report_node("a", gpu_list(3, mem=81920, free=[40000, 20000, 30000]))
     s1 = engine.allocate(req(sharing="shared", min_memory_mb=15000))
@@ -675,6 +682,7 @@ def test_stats_count_by_service_and_status_and_wait(engine, clock):
     assert st["scheduler"]["from_queue"] == 1
     assert st["wait"]["count"] == 2 and st["wait"]["sum"] == pytest.approx(7)
     buckets = dict(st["wait"]["buckets"])
+    assert buckets[0.005] == 1  # the immediate grant waited 0 s
     assert buckets[5.0] == 1 and buckets[10.0] == 2 and buckets[float("inf")] == 2
     assert engine.get(q["id"])["wait_time_seconds"] == pytest.approx(7)
 

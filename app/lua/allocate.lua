@@ -5,11 +5,12 @@
   ARGV[A+1] id             ARGV[A+2] idempotency key ("" = none)
   ARGV[A+3] request hash   ARGV[A+4] idempotency ttl (s)
   ARGV[A+5] queue timeout (s)
-  ARGV[A+6] the new record's fields as one JSON object of strings (lists and dicts as JSON)
+  ARGV[A+6..] the new record's fields: name, value, name, value, ... (strings; lists and dicts
+            as JSON)
   Returns:
-    {1, submitted_at, position, grant JSON}  the new request: the caller already holds the
-        fields it sent; position 0 and a JSON object of the grant fields (status, node,
-        gpu_ids, ...) when granted, position >= 1 and "{}" when queued
+    {1, submitted_at, position, grant fields}  the new request: the caller already holds the
+        fields it sent; position 0 and the grant's fields as a flat list (status, allocated,
+        node, ..., as in the record) when granted, position >= 1 and an empty list when queued
     {2, record JSON, position}  an idempotent replay of an earlier request
     errors: {-4, existing id} idempotency key reused with another body, {-7, dep} unknown
     depends_on id, {-6, reason, limit} can never fit, {-5, depth} queue full, {-8} id taken.
@@ -33,7 +34,8 @@ if idem_key ~= '' then
   end
 end
 
-local f = cjson.decode(ARGV[A + 6])
+local f = {}
+for i = A + 6, #ARGV, 2 do f[ARGV[i]] = ARGV[i + 1] end
 local svc = f.service_name
 
 if f.depends_on ~= '[]' then
@@ -62,10 +64,7 @@ if redis.call('EXISTS', rk) == 1 then return {-8} end
 
 local submitted = ftime(NOW)
 local hset = {'HSET', rk, 'id', id, 'status', 'queued', 'submitted_at', submitted}
-for key, value in pairs(f) do
-  hset[#hset + 1] = key
-  hset[#hset + 1] = value
-end
+for i = A + 6, #ARGV do hset[#hset + 1] = ARGV[i] end
 if idem_key ~= '' then
   redis.call('SET', k_idem(idem_key), id .. '|' .. idem_hash, 'EX', math.floor(idem_ttl))
 end
@@ -78,20 +77,17 @@ if depth == 0 and deps_done(r) then
   if node then
     -- the record is written once, by the grant (the same HSET, so the same fields in the same
     -- order as writing the queued record first and the grant's fields after it)
-    local out = grant(r, node, chosen, false, false, hset)
-    local obj = {}
-    for i = 1, #out, 2 do obj[out[i]] = out[i + 1] end
-    return {1, submitted, 0, cjson.encode(obj)}
+    return {1, submitted, 0, grant(r, node, chosen, false, false, hset)}
   end
 end
 
 redis.call(unpack(hset))
-enqueue(r, queue_timeout)
+queue().enqueue(r, queue_timeout)
 schedule(id)
 local rank = redis.call('ZRANK', K_QUEUE, id)
 if rank and depth >= MAX_QUEUE then
   -- it would wait, and the queue is full: undo (nothing about it was announced yet)
-  dequeue(id, '', r.sharing)
+  queue().dequeue(id, '', r.sharing)
   redis.call('DEL', rk)
   if idem_key ~= '' then redis.call('DEL', k_idem(idem_key)) end
   stat('alloc|' .. svc .. '|rejected')
@@ -100,11 +96,11 @@ end
 if rank then
   event('queued', id, svc, nil)
   stat('alloc|' .. svc .. '|queued')
-  return {1, submitted, rank + 1, '{}'}
+  return {1, submitted, rank + 1, {}}
 end
 local names = {'status', 'node', 'gpu_ids', 'gpu_uuids', 'allocated_at', 'expires_at',
   'wait_time_seconds'}
 local vals = redis.call('HMGET', rk, unpack(names))
-local obj = {}
-for i, name in ipairs(names) do obj[name] = vals[i] or '' end
-return {1, submitted, 0, cjson.encode(obj)}
+local out = {}
+for i, name in ipairs(names) do out[2 * i - 1], out[2 * i] = name, vals[i] or '' end
+return {1, submitted, 0, out}

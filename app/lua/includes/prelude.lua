@@ -84,8 +84,10 @@ local function stat_flush()
   stat_buf, meta_buf = nil, nil
 end
 
--- One grant's queue wait. The histogram's count is sched|immediate + sched|from_queue (every
--- grant is one of the two), so only the bucket and the sum are written here.
+-- One grant's queue wait (only for grants from the queue). The histogram's count is
+-- sched|immediate + sched|from_queue (every grant is one of the two), so only the bucket and
+-- the sum are written here. An immediate grant waited 0 s: Engine.stats() counts it in the
+-- first bucket, which saves the hot path a write.
 local function stat_wait(wait)
   local label = '+Inf'
   for _, b in ipairs(WAIT_BUCKETS) do
@@ -100,6 +102,9 @@ local function stat_wait(wait)
     end
   end
 end
+
+-- built on first use, below
+local queue, queue_fns
 
 local function bump_capacity() redis.call('HINCRBY', K_META, 'capver', 1) end
 
@@ -254,6 +259,32 @@ local function node_candidates(r, node)
   return q
 end
 
+-- The one GPU a single-GPU request without preferences gets on a node (the same choice as
+-- node_candidates + rank_gpus, without a table per candidate): most free memory, then the
+-- lowest utilization, then the lowest index. nil when none qualifies.
+local function node_best1(r, node)
+  local h = redis.call('HGETALL', k_free(node))
+  local find, sub = string.find, string.sub
+  local best, bmem, butil, bidx
+  for i = 1, #h, 2 do
+    local v = h[i + 1]
+    local a = find(v, '|', 1, true)
+    local b = find(v, '|', a + 1, true)
+    local mem, util = tonumber(sub(v, 1, a - 1)) or 0, tonumber(sub(v, a + 1, b - 1)) or 0
+    if mem >= r.minm and (r.maxm <= 0 or mem <= r.maxm) and util <= r.util then
+      local idx = tonumber(h[i])
+      if not best or mem > bmem or (mem == bmem and (util < butil or
+          (util == butil and idx < bidx))) then
+        best, bmem, butil, bidx = i, mem, util, idx
+      end
+    end
+  end
+  if not best then return nil end
+  local v = h[best + 1]
+  local b = find(v, '|', find(v, '|', 1, true) + 1, true)
+  return {idx = h[best], mem = bmem, util = butil, uuid = sub(v, b + 1), pref = 0}
+end
+
 local function rank_gpus(a, b)
   if a.pref ~= b.pref then return a.pref > b.pref end
   if a.mem ~= b.mem then return a.mem > b.mem end
@@ -264,6 +295,22 @@ end
 -- Exclusive placement: best fit over nodes by free-GPU count, preferred GPUs outranking it.
 local function place_exclusive(r, blocked)
   local k = r.k
+  if k == 1 and r.npref == 0 then
+    -- the common case: the first live node (fewest free GPUs first) with a qualifying GPU
+    local offset = 0
+    while true do
+      local batch = redis.call('ZRANGEBYSCORE', K_FREE, 1, '+inf', 'LIMIT', offset,
+        offset == 0 and 8 or 64)
+      if #batch == 0 then return nil end
+      for _, node in ipairs(batch) do
+        if not blocked[node] and node_alive(node) then
+          local g = node_best1(r, node)
+          if g then return node, {g} end
+        end
+      end
+      offset = offset + #batch
+    end
+  end
   local want = math.min(r.npref, k)
   local best, bestq, bestp = nil, nil, -1
   local offset = 0
@@ -333,49 +380,6 @@ end
 local function place(r, blocked)
   if r.sharing == 'shared' then return place_shared(r, blocked) end
   return place_exclusive(r, blocked)
-end
-
--- Remove a request from every queue index; drop its reservation (that frees a node for others).
-local function dequeue(id, reserved, sharing)
-  redis.call('ZREM', K_QUEUE, id)
-  redis.call('HDEL', K_QSHAPE, id)
-  if sharing ~= 'shared' then redis.call('ZREM', K_QDX, id) end
-  if sharing ~= 'exclusive' then redis.call('ZREM', K_QDS, id) end
-  redis.call('ZREM', K_QDEAD, id)
-  redis.call('ZREM', K_QUNRES, id)
-  if reserved and reserved ~= '' then
-    if redis.call('HGET', K_RES, reserved) == id then
-      redis.call('HDEL', K_RES, reserved)
-      bump_capacity()
-    end
-  end
-end
-
--- Queue rank score, lowest first. With aging, effective priority p + AGING * (now - s) orders
--- like p - AGING * s, so the score AGING * s - p never has to change. s is made strictly
--- increasing (10 us apart at least) so equal times still queue FIFO, and is taken relative
--- to 1.7e9 s to keep the double's precision for that step.
-local function enqueue(r, queue_timeout)
-  local score
-  if AGING > 0 then
-    local s = r.submitted
-    local last = tonumber(redis.call('HGET', K_META, 'last_submit') or '0') or 0
-    if s <= last then s = last + 0.00001 end
-    redis.call('HSET', K_META, 'last_submit', fnum(s))
-    score = AGING * (s - 1700000000) - r.priority
-  else
-    score = -r.priority * 1e12 + redis.call('HINCRBY', K_META, 'seq', 1)
-  end
-  redis.call('ZADD', K_QUEUE, fnum(score), r.id)
-  redis.call('HSET', K_QSHAPE, r.id, r.sharing .. '|' .. r.k .. '|' .. r.minm .. '|' .. r.maxm ..
-    '|' .. r.util .. '|' .. r.pref_raw)
-  if r.sharing == 'shared' then
-    redis.call('ZADD', K_QDS, r.minm, r.id)
-  else
-    redis.call('ZADD', K_QDX, r.k, r.id)
-  end
-  redis.call('ZADD', K_QDEAD, ftime(r.submitted + queue_timeout), r.id)
-  redis.call('ZADD', K_QUNRES, ftime(r.submitted), r.id)
 end
 
 -- Take one GPU for a request. An exclusive pick was free (in_free = 1, so in_busy = 0 and it
@@ -456,12 +460,16 @@ local function grant(r, node, chosen, queued, from_queue, pending)
   end
   redis.call('ZADD', K_LEASES, score, r.id)
   redis.call('SADD', k_svc(r.svc), r.id)
-  if queued then dequeue(r.id, r.reserved, r.sharing) end
+  if queued then queue().dequeue(r.id, r.reserved, r.sharing) end
   local evid = event('allocated', r.id, r.svc, {'node', node, 'gpu_ids', ids_json,
     'gpu_uuids', uuids_json})
   stat('alloc|' .. r.svc .. '|allocated')
-  stat(from_queue and 'sched|from_queue' or 'sched|immediate')
-  stat_wait(wait)
+  if from_queue then
+    stat('sched|from_queue')
+    stat_wait(wait)
+  else
+    stat('sched|immediate')
+  end
   if from_queue then outbox('allocated', r.id, evid, r.hook, nil, true) end
   return out
 end
@@ -504,7 +512,7 @@ local function finish_queued(id, status)
   local rk = k_req(id)
   local f = redis.call('HMGET', rk, 'service_name', 'webhook_url', 'webhook_events',
     'reserved_node', 'sharing')
-  dequeue(id, f[4], f[5])
+  queue().dequeue(id, f[4], f[5])
   redis.call('HSET', rk, 'status', status, 'ended_at', ftime(NOW))
   redis.call('EXPIRE', rk, math.floor(HIST_TTL))
   bump_capacity()
@@ -513,197 +521,250 @@ local function finish_queued(id, status)
   outbox(status, id, evid, f[2], f[3], false)
 end
 
--- Does queued request a rank ahead of queued request b?
-local function ranks_before(a, b)
-  local sa = redis.call('ZSCORE', K_QUEUE, a)
-  local sb = redis.call('ZSCORE', K_QUEUE, b)
-  if not sa or not sb then return false end
-  sa, sb = tonumber(sa), tonumber(sb)
-  if sa ~= sb then return sa < sb end
-  return a < b
-end
-
 local function top_score(key)
   local t = redis.call('ZREVRANGE', key, 0, 0, 'WITHSCORES')
   if #t == 0 then return -1 end
   return tonumber(t[2])
 end
 
-local function low_score(key)
-  local t = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
-  if #t == 0 then return nil end
-  return tonumber(t[2])
-end
-
--- Cheap test: no queued demand can fit the best free capacity anywhere.
-local function nothing_fits()
-  local minx, mins = low_score(K_QDX), low_score(K_QDS)
-  local xfit = minx ~= nil and minx <= top_score(K_FREE)
-  local sfit = mins ~= nil and mins <= top_score(K_SHARED)
-  return not xfit and not sfit
-end
-
--- Reserve the node where a long-waiting request will fit soonest: the k-th earliest time a
--- GPU that could hold it becomes free (now for free ones, the holder's lease end otherwise).
-local function reserve(r, blocked)
-  local best, best_t, best_size = nil, nil, nil
-  local sizes = redis.call('ZRANGEBYSCORE', K_SIZES, r.k, '+inf', 'WITHSCORES')
-  for i = 1, #sizes, 2 do
-    local node, size = sizes[i], tonumber(sizes[i + 1])
-    if not blocked[node] and node_alive(node) and not redis.call('HGET', K_RES, node) then
-      local times = {}
-      for _, idx in ipairs(node_indexes(node)) do
-        local g = redis.call('HMGET', k_gpu(node, idx), 'health', 'cordoned', 'lost',
-          'memory_total_mb', 'excl', 'shared_n')
-        if g[1] == 'ok' and g[2] ~= '1' and g[3] ~= '1' and (tonumber(g[4]) or 0) >= r.minm then
-          local t = NOW
-          if g[5] and g[5] ~= '' then
-            t = tonumber(redis.call('ZSCORE', K_LEASES, g[5]) or '1e18') or 1e18
-          elseif (tonumber(g[6] or '0') or 0) > 0 and r.sharing ~= 'shared' then
-            t = 1e18
-          end
-          times[#times + 1] = t
-        end
-      end
-      if #times >= r.k then
-        table.sort(times)
-        local t = times[r.k]
-        if best == nil or t < best_t or (t == best_t and size < best_size) then
-          best, best_t, best_size = node, t, size
-        end
-      end
-    end
-  end
-  if best then
-    redis.call('ZREM', K_QUNRES, r.id)
-    redis.call('HSET', K_RES, best, r.id)
-    redis.call('HSET', k_req(r.id), 'reserved_node', best)
-    event('reserved', r.id, r.svc, {'node', best})
-    return best
-  end
-  -- no node can take it now: try again after another reservation_after
-  redis.call('ZADD', K_QUNRES, ftime(NOW), r.id)
-  return ''
-end
-
 --[[
-  The schedule pass. Walks the queue in rank order (priority desc, FIFO; aging is in the score)
-  and grants what fits. Guarantee: a grant never overtakes a higher-ranked waiting request that
-  fits, because higher-ranked ones were tried first against at least the capacity now left.
-
-  Cost control:
-  * meta.capver counts capacity appearing (GPU freed, node back, dependency finished,
-    reservation dropped); meta.passver is capver at the last full pass. Equal: every queued
-    request already failed against at least today's capacity, so only new_id is tried.
-    force (the periodic safety-net pass) walks regardless.
-  * nothing_fits(): smallest queued demand vs best free capacity, O(log n).
-  * in the walk, a demand shape that failed is not tried again (capacity only shrinks).
+  The queue's functions (dequeue, enqueue, the schedule pass and its helpers) are built on first
+  use: Redis 6.2 creates every local function of a script on every call, and the usual allocate
+  or release (an empty queue) needs none of them.
 ]]
-local function schedule_inner(new_id, force)
-  local granted = {}
-  if redis.call('ZCARD', K_QUEUE) == 0 then return granted end
-  local capver = redis.call('HGET', K_META, 'capver') or '0'
-  local full = force or capver ~= (redis.call('HGET', K_META, 'passver') or '')
-  if not full and RES_AFTER >= 0 and POLICY ~= 'strict_fifo' then
-    local due = low_score(K_QUNRES)
-    if due and due <= NOW - RES_AFTER then full = true end
+queue = function()
+  if queue_fns then return queue_fns end
+  -- Remove a request from every queue index; drop its reservation (that frees a node for others).
+  local function dequeue(id, reserved, sharing)
+    redis.call('ZREM', K_QUEUE, id)
+    redis.call('HDEL', K_QSHAPE, id)
+    if sharing ~= 'shared' then redis.call('ZREM', K_QDX, id) end
+    if sharing ~= 'exclusive' then redis.call('ZREM', K_QDS, id) end
+    redis.call('ZREM', K_QDEAD, id)
+    redis.call('ZREM', K_QUNRES, id)
+    if reserved and reserved ~= '' then
+      if redis.call('HGET', K_RES, reserved) == id then
+        redis.call('HDEL', K_RES, reserved)
+        bump_capacity()
+      end
+    end
   end
-  if not full then
-    if new_id == nil then
-      stat('sched|passes_skipped')
+
+  -- Queue rank score, lowest first. With aging, effective priority p + AGING * (now - s) orders
+  -- like p - AGING * s, so the score AGING * s - p never has to change. s is made strictly
+  -- increasing (10 us apart at least) so equal times still queue FIFO, and is taken relative
+  -- to 1.7e9 s to keep the double's precision for that step.
+  local function enqueue(r, queue_timeout)
+    local score
+    if AGING > 0 then
+      local s = r.submitted
+      local last = tonumber(redis.call('HGET', K_META, 'last_submit') or '0') or 0
+      if s <= last then s = last + 0.00001 end
+      redis.call('HSET', K_META, 'last_submit', fnum(s))
+      score = AGING * (s - 1700000000) - r.priority
+    else
+      score = -r.priority * 1e12 + redis.call('HINCRBY', K_META, 'seq', 1)
+    end
+    redis.call('ZADD', K_QUEUE, fnum(score), r.id)
+    redis.call('HSET', K_QSHAPE, r.id, r.sharing .. '|' .. r.k .. '|' .. r.minm .. '|' .. r.maxm ..
+      '|' .. r.util .. '|' .. r.pref_raw)
+    if r.sharing == 'shared' then
+      redis.call('ZADD', K_QDS, r.minm, r.id)
+    else
+      redis.call('ZADD', K_QDX, r.k, r.id)
+    end
+    redis.call('ZADD', K_QDEAD, ftime(r.submitted + queue_timeout), r.id)
+    redis.call('ZADD', K_QUNRES, ftime(r.submitted), r.id)
+  end
+
+  -- Does queued request a rank ahead of queued request b?
+  local function ranks_before(a, b)
+    local sa = redis.call('ZSCORE', K_QUEUE, a)
+    local sb = redis.call('ZSCORE', K_QUEUE, b)
+    if not sa or not sb then return false end
+    sa, sb = tonumber(sa), tonumber(sb)
+    if sa ~= sb then return sa < sb end
+    return a < b
+  end
+
+  local function low_score(key)
+    local t = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+    if #t == 0 then return nil end
+    return tonumber(t[2])
+  end
+
+  -- Cheap test: no queued demand can fit the best free capacity anywhere.
+  local function nothing_fits()
+    local minx, mins = low_score(K_QDX), low_score(K_QDS)
+    local xfit = minx ~= nil and minx <= top_score(K_FREE)
+    local sfit = mins ~= nil and mins <= top_score(K_SHARED)
+    return not xfit and not sfit
+  end
+
+  -- Reserve the node where a long-waiting request will fit soonest: the k-th earliest time a
+  -- GPU that could hold it becomes free (now for free ones, the holder's lease end otherwise).
+  local function reserve(r, blocked)
+    local best, best_t, best_size = nil, nil, nil
+    local sizes = redis.call('ZRANGEBYSCORE', K_SIZES, r.k, '+inf', 'WITHSCORES')
+    for i = 1, #sizes, 2 do
+      local node, size = sizes[i], tonumber(sizes[i + 1])
+      if not blocked[node] and node_alive(node) and not redis.call('HGET', K_RES, node) then
+        local times = {}
+        for _, idx in ipairs(node_indexes(node)) do
+          local g = redis.call('HMGET', k_gpu(node, idx), 'health', 'cordoned', 'lost',
+            'memory_total_mb', 'excl', 'shared_n')
+          if g[1] == 'ok' and g[2] ~= '1' and g[3] ~= '1' and (tonumber(g[4]) or 0) >= r.minm then
+            local t = NOW
+            if g[5] and g[5] ~= '' then
+              t = tonumber(redis.call('ZSCORE', K_LEASES, g[5]) or '1e18') or 1e18
+            elseif (tonumber(g[6] or '0') or 0) > 0 and r.sharing ~= 'shared' then
+              t = 1e18
+            end
+            times[#times + 1] = t
+          end
+        end
+        if #times >= r.k then
+          table.sort(times)
+          local t = times[r.k]
+          if best == nil or t < best_t or (t == best_t and size < best_size) then
+            best, best_t, best_size = node, t, size
+          end
+        end
+      end
+    end
+    if best then
+      redis.call('ZREM', K_QUNRES, r.id)
+      redis.call('HSET', K_RES, best, r.id)
+      redis.call('HSET', k_req(r.id), 'reserved_node', best)
+      event('reserved', r.id, r.svc, {'node', best})
+      return best
+    end
+    -- no node can take it now: try again after another reservation_after
+    redis.call('ZADD', K_QUNRES, ftime(NOW), r.id)
+    return ''
+  end
+
+  --[[
+    The schedule pass. Walks the queue in rank order (priority desc, FIFO; aging is in the score)
+    and grants what fits. Guarantee: a grant never overtakes a higher-ranked waiting request that
+    fits, because higher-ranked ones were tried first against at least the capacity now left.
+
+    Cost control:
+    * meta.capver counts capacity appearing (GPU freed, node back, dependency finished,
+      reservation dropped); meta.passver is capver at the last full pass. Equal: every queued
+      request already failed against at least today's capacity, so only new_id is tried.
+      force (the periodic safety-net pass) walks regardless.
+    * nothing_fits(): smallest queued demand vs best free capacity, O(log n).
+    * in the walk, a demand shape that failed is not tried again (capacity only shrinks).
+  ]]
+  local function schedule_inner(new_id, force)
+    local granted = {}
+    if redis.call('ZCARD', K_QUEUE) == 0 then return granted end
+    local capver = redis.call('HGET', K_META, 'capver') or '0'
+    local full = force or capver ~= (redis.call('HGET', K_META, 'passver') or '')
+    if not full and RES_AFTER >= 0 and POLICY ~= 'strict_fifo' then
+      local due = low_score(K_QUNRES)
+      if due and due <= NOW - RES_AFTER then full = true end
+    end
+    if not full then
+      if new_id == nil then
+        stat('sched|passes_skipped')
+        return granted
+      end
+      if POLICY == 'strict_fifo' and redis.call('ZRANK', K_QUEUE, new_id) ~= 0 then
+        return granted
+      end
+      local r = load_req(new_id)
+      if not r or r.status ~= 'queued' or not deps_done(r) then return granted end
+      local blocked = {}
+      local res = redis.call('HGETALL', K_RES)
+      for i = 1, #res, 2 do
+        if ranks_before(res[i + 1], new_id) then blocked[res[i]] = true end
+      end
+      local node, chosen = place(r, blocked)
+      if node then
+        grant(r, node, chosen, true, false)
+        granted[1] = new_id
+      end
       return granted
     end
-    if POLICY == 'strict_fifo' and redis.call('ZRANK', K_QUEUE, new_id) ~= 0 then
-      return granted
-    end
-    local r = load_req(new_id)
-    if not r or r.status ~= 'queued' or not deps_done(r) then return granted end
-    local blocked = {}
+    redis.call('HSET', K_META, 'passver', capver)
+    stat('sched|passes')
+    if nothing_fits() then return granted end
+    local blocked, failed = {}, {}
+    local maxfree, maxshared = top_score(K_FREE), top_score(K_SHARED)
+    local may_reserve = RES_AFTER >= 0 and POLICY ~= 'strict_fifo'
+    local new_reservations = 0
+    local reserved_by, due, possible = {}, {}, {}
     local res = redis.call('HGETALL', K_RES)
-    for i = 1, #res, 2 do
-      if ranks_before(res[i + 1], new_id) then blocked[res[i]] = true end
+    for i = 1, #res, 2 do reserved_by[res[i + 1]] = res[i] end
+    if may_reserve then
+      local waited = redis.call('ZRANGEBYSCORE', K_QUNRES, '-inf', ftime(NOW - RES_AFTER))
+      for _, id in ipairs(waited) do due[id] = true end
     end
-    local node, chosen = place(r, blocked)
-    if node then
-      grant(r, node, chosen, true, false)
-      granted[1] = new_id
+    local offset = 0
+    while true do
+      local ids = redis.call('ZRANGE', K_QUEUE, offset, offset + 499)
+      if #ids == 0 then break end
+      local removed = 0
+      local shapes = redis.call('HMGET', K_QSHAPE, unpack(ids))
+      for i, id in ipairs(ids) do
+        -- the shape first (500 per read): a shape that already failed in this pass, or that
+        -- the best free capacity cannot hold, is skipped without reading the request
+        local sig = shapes[i]
+        if sig then
+          local placed = false
+          local ok = possible[sig]
+          if ok == nil then
+            local sharing, k, minm = string.match(sig, '^([^|]*)|([^|]*)|([^|]*)|')
+            if sharing == 'shared' then
+              ok = tonumber(minm) <= maxshared
+            else
+              ok = tonumber(k) <= maxfree
+            end
+            possible[sig] = ok
+          end
+          if ok and not failed[sig] then
+            local r = load_req(id)
+            if r and deps_done(r) then
+              local node, chosen = place(r, blocked)
+              if node then
+                grant(r, node, chosen, true, id ~= new_id)
+                granted[#granted + 1] = id
+                placed = true
+                removed = removed + 1
+                maxfree, maxshared = top_score(K_FREE), top_score(K_SHARED)
+                possible = {}
+              else
+                failed[sig] = true
+              end
+            end
+          end
+          if not placed then
+            if POLICY == 'strict_fifo' then return granted end
+            local rn = reserved_by[id]
+            if not rn and due[id] and may_reserve and new_reservations < 4 then
+              rn = reserve(load_req(id), blocked)
+              if rn == '' then may_reserve = false else new_reservations = new_reservations + 1 end
+            end
+            if rn and rn ~= '' then blocked[rn] = true end
+          end
+        end
+      end
+      if removed > 0 and nothing_fits() then break end
+      offset = offset + #ids - removed
     end
     return granted
   end
-  redis.call('HSET', K_META, 'passver', capver)
-  stat('sched|passes')
-  if nothing_fits() then return granted end
-  local blocked, failed = {}, {}
-  local maxfree, maxshared = top_score(K_FREE), top_score(K_SHARED)
-  local may_reserve = RES_AFTER >= 0 and POLICY ~= 'strict_fifo'
-  local new_reservations = 0
-  local reserved_by, due, possible = {}, {}, {}
-  local res = redis.call('HGETALL', K_RES)
-  for i = 1, #res, 2 do reserved_by[res[i + 1]] = res[i] end
-  if may_reserve then
-    local waited = redis.call('ZRANGEBYSCORE', K_QUNRES, '-inf', ftime(NOW - RES_AFTER))
-    for _, id in ipairs(waited) do due[id] = true end
-  end
-  local offset = 0
-  while true do
-    local ids = redis.call('ZRANGE', K_QUEUE, offset, offset + 499)
-    if #ids == 0 then break end
-    local removed = 0
-    local shapes = redis.call('HMGET', K_QSHAPE, unpack(ids))
-    for i, id in ipairs(ids) do
-      -- the shape first (500 per read): a shape that already failed in this pass, or that
-      -- the best free capacity cannot hold, is skipped without reading the request
-      local sig = shapes[i]
-      if sig then
-        local placed = false
-        local ok = possible[sig]
-        if ok == nil then
-          local sharing, k, minm = string.match(sig, '^([^|]*)|([^|]*)|([^|]*)|')
-          if sharing == 'shared' then
-            ok = tonumber(minm) <= maxshared
-          else
-            ok = tonumber(k) <= maxfree
-          end
-          possible[sig] = ok
-        end
-        if ok and not failed[sig] then
-          local r = load_req(id)
-          if r and deps_done(r) then
-            local node, chosen = place(r, blocked)
-            if node then
-              grant(r, node, chosen, true, id ~= new_id)
-              granted[#granted + 1] = id
-              placed = true
-              removed = removed + 1
-              maxfree, maxshared = top_score(K_FREE), top_score(K_SHARED)
-              possible = {}
-            else
-              failed[sig] = true
-            end
-          end
-        end
-        if not placed then
-          if POLICY == 'strict_fifo' then return granted end
-          local rn = reserved_by[id]
-          if not rn and due[id] and may_reserve and new_reservations < 4 then
-            rn = reserve(load_req(id), blocked)
-            if rn == '' then may_reserve = false else new_reservations = new_reservations + 1 end
-          end
-          if rn and rn ~= '' then blocked[rn] = true end
-        end
-      end
-    end
-    if removed > 0 and nothing_fits() then break end
-    offset = offset + #ids - removed
-  end
-  return granted
+  queue_fns = {dequeue = dequeue, enqueue = enqueue, schedule_inner = schedule_inner}
+  return queue_fns
 end
 
 local function schedule(new_id, force)
   -- an empty queue (the usual case for a release) has nothing to pass over: one ZCARD
   if redis.call('ZCARD', K_QUEUE) == 0 then return {} end
   stat_buf, meta_buf = {}, {}
-  local granted = schedule_inner(new_id, force)
+  local granted = queue().schedule_inner(new_id, force)
   stat_flush()
   return granted
 end
