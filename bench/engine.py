@@ -125,6 +125,7 @@ def run(url: str, reps: int) -> dict:
             stat = client.info("commandstats").get("cmdstat_evalsha", {})
             server[key] = min(server[key], stat.get("usec_per_call", math.inf))
     out["noop_roundtrip_us"] = round(best["noop"] * 1e6, 1)
+    out["equal_server_time"] = equal_server_time(client, server["1024"], reps)
     alloc_release = {k: round(best[k] * 1e6, 1) for k in engines}
     out["alloc_release_us"] = alloc_release
     out["alloc_release_per_s"] = {k: round(1e6 / v) for k, v in alloc_release.items()}
@@ -180,6 +181,8 @@ def run(url: str, reps: int) -> dict:
     noop_us = out["noop_roundtrip_us"]
     a8, a1k, a16k = (alloc_release[k] for k in ("8", "1024", "16384"))
     out["ratios"] = {"alloc_release_1024_vs_2_noops": round(a1k / 2 / (2 * noop_us), 3),
+                     "equal_server_time_vs_noop": round(
+                         out["equal_server_time"]["roundtrip_us"] / noop_us, 3),
                      "alloc_release_16384_vs_8": round(a16k / a8, 3)}
     out["targets"] = {
         "one_op_at_1024_le_2_noops": a1k / 2 <= 2 * noop_us,
@@ -190,6 +193,32 @@ def run(url: str, reps: int) -> dict:
     return out
 
 
+
+
+def equal_server_time(client, engine_us: float, reps: int) -> dict:
+    """The round trip of a script that only spins for as long as one engine call runs inside
+    Redis (the average of allocate and release at 1,024 GPUs): the best any script of that
+    server time could do from this client. Its excess over the no-op shows what a long
+    script adds to a round trip on this host beyond its own time (on a VM, mostly waking a
+    client that went to sleep waiting)."""
+    spin = client.register_script(
+        "local x = 0 for i = 1, tonumber(ARGV[1]) do x = x + i end return 1")
+    n = 20000
+    for _ in range(3):  # calibrate the loop count to the engine's server time
+        client.config_resetstat()
+        for _ in range(50):
+            spin(args=[n])
+        per = client.info("commandstats")["cmdstat_evalsha"]["usec_per_call"]
+        n = max(1, int(n * engine_us / max(per, 0.1)))
+    best = math.inf
+    for _ in range(ROUNDS):
+        wall, _, _ = timed(client, lambda: spin(args=[n]), reps // 2)
+        best = min(best, wall)
+    client.config_resetstat()
+    for _ in range(50):
+        spin(args=[n])
+    per = client.info("commandstats")["cmdstat_evalsha"]["usec_per_call"]
+    return {"script_server_us": round(per, 1), "roundtrip_us": round(best * 1e6, 1)}
 
 
 def cpu_model() -> str:
