@@ -512,6 +512,45 @@ def test_strict_fifo_head_blocks(make_engine):
     assert status(engine, big["id"]) == "queued"
 
 
+def queue_index_members(engine, redis) -> dict:
+    k = engine.keys
+    return {"queue": set(redis.zrange(k.queue(), 0, -1)),
+            "demand": set(redis.zrange(k.queue_demand("exclusive"), 0, -1))
+            | set(redis.zrange(k.queue_demand("shared"), 0, -1)),
+            "deadlines": set(redis.zrange(k.queue_deadlines(), 0, -1)),
+            "unreserved": set(redis.zrange(k.queue_unreserved(), 0, -1)),
+            "shapes": set(redis.hkeys(k.queue_shapes()))}
+
+
+def test_a_pass_across_batches_clears_every_queue_index(engine, redis):
+    """A pass reads the queue 500 at a time and drops its grants from the indexes per batch."""
+    for n in range(77):
+        engine.report_node(f"n{n:02d}", gpu_list(8))  # 616 GPUs
+    gate = engine.allocate(req(required_gpus=8))
+    waiting = [engine.allocate(req(depends_on=[gate["id"]]))["id"] for _ in range(620)]
+    big = engine.allocate(req(required_gpus=8, depends_on=[gate["id"]]))["id"]
+    engine.release(gate["id"])
+    assert [status(engine, rid) for rid in waiting] == ["allocated"] * 616 + ["queued"] * 4
+    assert status(engine, big) == "queued"
+    members = queue_index_members(engine, redis)
+    assert all(m == set(waiting[616:]) | {big} for m in members.values())
+    assert engine.counts()["queue_depth"] == 5 and engine.counts()["gpus_available"] == 0
+
+
+def test_strict_fifo_pass_that_stops_at_the_head_still_dequeues_its_grants(make_engine, redis):
+    engine = make_engine(policy="strict_fifo")
+    engine.report_node("a", gpu_list(2))
+    gate = engine.allocate(req(required_gpus=2))
+    first = engine.allocate(req())
+    big = engine.allocate(req(required_gpus=2))
+    last = engine.allocate(req())
+    engine.release(gate["id"])
+    assert status(engine, first["id"]) == "allocated"
+    assert status(engine, big["id"]) == "queued" and status(engine, last["id"]) == "queued"
+    members = queue_index_members(engine, redis)
+    assert all(m == {big["id"], last["id"]} for m in members.values())
+
+
 def test_aging_lifts_old_requests(make_engine, clock):
     engine = make_engine(aging_rate=1.0)  # one priority point per minute
     engine.report_node("a", gpu_list(1))

@@ -535,18 +535,34 @@ end
 queue = function()
   if queue_fns then return queue_fns end
   -- Remove a request from every queue index; drop its reservation (that frees a node for others).
+  -- Inside a pass (dq_ids set) the ids are collected and leave the indexes together, one call
+  -- per index, in dequeue_flush: the pass flushes before it reads the queue again.
+  local dq_ids = nil
   local function dequeue(id, reserved, sharing)
-    redis.call('ZREM', K_QUEUE, id)
-    redis.call('HDEL', K_QSHAPE, id)
-    if sharing ~= 'shared' then redis.call('ZREM', K_QDX, id) end
-    if sharing ~= 'exclusive' then redis.call('ZREM', K_QDS, id) end
-    redis.call('ZREM', K_QDEAD, id)
-    redis.call('ZREM', K_QUNRES, id)
+    if dq_ids then
+      dq_ids[#dq_ids + 1] = id
+    else
+      redis.call('ZREM', K_QUEUE, id)
+      redis.call('HDEL', K_QSHAPE, id)
+      if sharing ~= 'shared' then redis.call('ZREM', K_QDX, id) end
+      if sharing ~= 'exclusive' then redis.call('ZREM', K_QDS, id) end
+      redis.call('ZREM', K_QDEAD, id)
+      redis.call('ZREM', K_QUNRES, id)
+    end
     if reserved and reserved ~= '' then
       if redis.call('HGET', K_RES, reserved) == id then
         redis.call('HDEL', K_RES, reserved)
         bump_capacity()
       end
+    end
+  end
+
+  local function dequeue_flush()
+    if dq_ids and #dq_ids > 0 then
+      for _, key in ipairs({K_QUEUE, K_QDX, K_QDS, K_QDEAD, K_QUNRES}) do
+        redis.call('ZREM', key, unpack(dq_ids))
+      end
+      redis.call('HDEL', K_QSHAPE, unpack(dq_ids))
     end
   end
 
@@ -733,8 +749,8 @@ queue = function()
                 granted[#granted + 1] = id
                 placed = true
                 removed = removed + 1
-                maxfree, maxshared = top_score(K_FREE), top_score(K_SHARED)
-                possible = {}
+                -- maxfree and maxshared are not re-read: capacity only shrinks in a pass, so
+                -- a shape judged possible that no longer fits fails once in place()
               else
                 failed[sig] = true
               end
@@ -751,12 +767,27 @@ queue = function()
           end
         end
       end
-      if removed > 0 and nothing_fits() then break end
+      dequeue_flush()
+      dq_ids = {}
+      if removed > 0 then
+        if nothing_fits() then break end
+        maxfree, maxshared = top_score(K_FREE), top_score(K_SHARED)
+        possible = {}
+      end
       offset = offset + #ids - removed
     end
     return granted
   end
-  queue_fns = {dequeue = dequeue, enqueue = enqueue, schedule_inner = schedule_inner}
+
+  -- One pass: dequeues are collected (see dequeue) and flushed however the pass ends.
+  local function pass(new_id, force)
+    dq_ids = {}
+    local granted = schedule_inner(new_id, force)
+    dequeue_flush()
+    dq_ids = nil
+    return granted
+  end
+  queue_fns = {dequeue = dequeue, enqueue = enqueue, pass = pass}
   return queue_fns
 end
 
@@ -764,7 +795,7 @@ local function schedule(new_id, force)
   -- an empty queue (the usual case for a release) has nothing to pass over: one ZCARD
   if redis.call('ZCARD', K_QUEUE) == 0 then return {} end
   stat_buf, meta_buf = {}, {}
-  local granted = queue().schedule_inner(new_id, force)
+  local granted = queue().pass(new_id, force)
   stat_flush()
   return granted
 end
