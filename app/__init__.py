@@ -45,7 +45,8 @@ def create_app(settings: settings_mod.Settings | None = None, *, redis: Any = No
     app.extensions["gpu_redis"] = redis
     rq_redis = connect(url, settings, decode=False) if url else None
     app.extensions["gpu_rq_redis"] = rq_redis
-    app.extensions["gpu_dispatcher"] = OutboxDispatcher(rq_redis, settings) if rq_redis else None
+    app.extensions["gpu_dispatcher"] = (OutboxDispatcher(rq_redis, settings, watch=True)
+                                        if rq_redis else None)
     engine = Engine(redis, settings, clock=clock)
     app.extensions["gpu_engine"] = engine
     app.extensions["gpu_analyzer"] = WorkloadAnalyzer.from_settings(
