@@ -229,16 +229,20 @@ class Engine:
         them: Redis 6.2 runs a script's whole body on every call."""
         s = self.settings.scheduler
         names = ("K_NODES K_FREE K_SIZES K_GPUS K_SHARED K_QUEUE K_QDX K_QDS K_QDEAD K_QUNRES "
-                 "K_RES K_LEASES K_EVENTS K_OUTBOX K_STATS K_META K_QSHAPE "
-                 "T_NODE T_GPU T_REQ T_SVC T_IDEM T_FREE").split()
-        values = [_lua_str(v) for v in self._fixed_keys + self._templates]
-        lines = [f"local {name} = {value}" for name, value in zip(names, values)]
+                 "K_RES K_LEASES K_EVENTS K_OUTBOX K_STATS K_META K_QSHAPE").split()
+        lines = [f"local {name} = {_lua_str(key)}" for name, key in zip(names, self._fixed_keys)]
+        builders = (("k_node", "n"), ("k_gpu", "n, i"), ("k_req", "id"), ("k_svc", "s"),
+                    ("k_idem", "k"), ("k_free", "n"))
+        for (name, params), template in zip(builders, self._templates):
+            lines.append(f"local function {name}({params}) return "
+                         f"{_lua_concat(template, params.split(', '))} end")
         lines += [f"local POLICY = {_lua_str(s.policy)}",
                   f"local AGING = {_lua_num(s.aging_rate / 60.0)}",
                   f"local RES_AFTER = {_lua_num(s.reservation_after)}",
                   f"local HB_TIMEOUT = {_lua_num(s.node_heartbeat_timeout)}",
                   f"local EV_MAX = {_lua_str(str(s.events_maxlen))}",
                   f"local HIST_TTL = {_lua_num(s.history_ttl)}",
+                  f"local HIST_TTL_S = '{math.floor(s.history_ttl)}'",
                   f"local MAX_QUEUE = {_lua_num(s.max_queue_size)}"]
         return "\n".join(lines)
 
@@ -603,6 +607,18 @@ def _num(x: Any) -> str:
 
 def _lua_str(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def _lua_concat(template: str, params: list[str]) -> str:
+    """A Lua expression filling the template's %s holes with params, by concatenation
+    (``'{p}:gpu:' .. n .. ':' .. i``): string.format goes through snprintf in Lua 5.1."""
+    parts = template.split("%s")
+    out = [_lua_str(parts[0])] if parts[0] else []
+    for param, text in zip(params, parts[1:]):
+        out.append(param)
+        if text:
+            out.append(_lua_str(text))
+    return " .. ".join(out)
 
 
 def _lua_num(x: float) -> str:

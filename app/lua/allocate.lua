@@ -62,7 +62,7 @@ local depth = redis.call('ZCARD', K_QUEUE)
 local rk = k_req(id)
 if redis.call('EXISTS', rk) == 1 then return {-8} end
 
-local submitted = ftime(NOW)
+local submitted = NOW_S
 local hset = {'HSET', rk, 'id', id, 'status', 'queued', 'submitted_at', submitted}
 for i = A + 6, #ARGV do hset[#hset + 1] = ARGV[i] end
 if idem_key ~= '' then

@@ -8,8 +8,8 @@
 ]]
 -- @include prelude
 local limit = tonumber(ARGV[A + 1])
-local expired = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', ftime(NOW), 'LIMIT', 0, limit)
+local expired = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', NOW_S, 'LIMIT', 0, limit)
 for _, id in ipairs(expired) do finish_alloc(id, 'expired') end
-local timed_out = redis.call('ZRANGEBYSCORE', K_QDEAD, '-inf', ftime(NOW), 'LIMIT', 0, limit)
+local timed_out = redis.call('ZRANGEBYSCORE', K_QDEAD, '-inf', NOW_S, 'LIMIT', 0, limit)
 for _, id in ipairs(timed_out) do finish_queued(id, 'timed_out') end
 return {expired, timed_out, records(schedule(nil))}

@@ -20,7 +20,7 @@ if secs >= 0 then
   expires = ftime(NOW + secs)
   score = expires
 end
-redis.call('HSET', rk, 'expires_at', expires, 'lease_seconds', fnum(secs), 'renewed_at', ftime(NOW))
+redis.call('HSET', rk, 'expires_at', expires, 'lease_seconds', fnum(secs), 'renewed_at', NOW_S)
 redis.call('ZADD', K_LEASES, score, id)
 event('renewed', id, f[4], {'expires_at', expires})
 return {1, record(id)}

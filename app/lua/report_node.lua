@@ -20,7 +20,7 @@ local nk = k_node(node)
 
 local prev_hb = redis.call('ZSCORE', K_NODES, node)
 if prev_hb and tonumber(prev_hb) < NOW - HB_TIMEOUT then bump_capacity() end
-redis.call('ZADD', K_NODES, ftime(NOW), node)
+redis.call('ZADD', K_NODES, NOW_S, node)
 alive_cache[node] = true
 
 local known = {}
@@ -40,7 +40,7 @@ for _, g in ipairs(gpus) do
   seen[idx] = true
   local gk = k_gpu(node, idx)
   local prev = redis.call('HMGET', gk, 'health', 'lost', 'utilization', 'memory_free_mb', 'excl')
-  local args = {'HSET', gk, 'node', node, 'lost', '0', 'updated_at', ftime(NOW)}
+  local args = {'HSET', gk, 'node', node, 'lost', '0', 'updated_at', NOW_S}
   for key, value in pairs(g) do
     args[#args + 1] = key
     args[#args + 1] = value
@@ -75,7 +75,7 @@ for _, idx in ipairs(list) do
     local gk = k_gpu(node, idx)
     local prev = redis.call('HMGET', gk, 'health', 'lost')
     if prev[2] ~= '1' then
-      redis.call('HSET', gk, 'health', 'failed', 'lost', '1', 'updated_at', ftime(NOW))
+      redis.call('HSET', gk, 'health', 'failed', 'lost', '1', 'updated_at', NOW_S)
       if was_ok(prev) then
         event('gpu_unhealthy', '', '', {'node', node, 'gpu_index', idx, 'health', 'failed',
           'reason', 'lost'})
@@ -86,7 +86,7 @@ for _, idx in ipairs(list) do
 end
 
 table.sort(list, function(a, b) return tonumber(a) < tonumber(b) end)
-redis.call('HSET', nk, 'name', node, 'heartbeat', ftime(NOW), 'gpu_count', #list,
+redis.call('HSET', nk, 'name', node, 'heartbeat', NOW_S, 'gpu_count', #list,
   'backend', backend, 'host', host, 'indexes', table.concat(list, ','))
 redis.call('ZADD', K_SIZES, #list, node)
 if redis.call('ZSCORE', K_FREE, node) == false then redis.call('ZADD', K_FREE, 0, node) end

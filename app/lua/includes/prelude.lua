@@ -12,10 +12,11 @@
     K_EVENTS K_OUTBOX K_STATS K_META K_QSHAPE      keys: nodes, nodes_free, node_sizes, gpus,
         shared_capacity, queue, queue_demand:exclusive, queue_demand:shared, queue_deadlines,
         queue_unreserved, reservations, leases, events, webhook_outbox, stats, meta, queue_shapes
-    T_NODE T_GPU T_REQ T_SVC T_IDEM T_FREE      key templates with %s holes: node, gpu,
-        request, service, idempotency, node_free_gpus
+    k_node(n) k_gpu(n, i) k_req(id) k_svc(s) k_idem(k) k_free(n)      key builders: node, gpu,
+        request, service, idempotency, node_free_gpus (concatenation, no string.format)
     POLICY (best_effort|strict_fifo)  AGING (priority points per second)
-    RES_AFTER (s; < 0 = off)  HB_TIMEOUT (s)  EV_MAX  HIST_TTL (s)  MAX_QUEUE
+    RES_AFTER (s; < 0 = off)  HB_TIMEOUT (s)  EV_MAX  HIST_TTL (s; HIST_TTL_S: whole seconds,
+    as a string)  MAX_QUEUE
 
   Errors are returned, not raised: { negative code, details... } (see ERRORS in app/engine.py).
 
@@ -34,14 +35,8 @@ else
   local t = redis.call('TIME')
   NOW = tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
+local NOW_S = string.format('%.6f', NOW) -- formatted once: most scripts write it several times
 local A = 1
-
-local function k_node(n) return string.format(T_NODE, n) end
-local function k_gpu(n, i) return string.format(T_GPU, n, i) end
-local function k_req(id) return string.format(T_REQ, id) end
-local function k_svc(s) return string.format(T_SVC, s) end
-local function k_idem(k) return string.format(T_IDEM, k) end
-local function k_free(n) return string.format(T_FREE, n) end
 
 local function ftime(x) return string.format('%.6f', x) end
 local function fnum(x) return string.format('%.17g', x) end
@@ -57,7 +52,7 @@ local function stat(field, n)
   if stat_buf then
     stat_buf[field] = (stat_buf[field] or 0) + (n or 1)
   else
-    redis.call('HINCRBY', K_STATS, field, n or 1)
+    redis.call('HINCRBY', K_STATS, field, n or '1')
   end
 end
 
@@ -65,7 +60,7 @@ local function meta_incr(field, n)
   if meta_buf then
     meta_buf[field] = (meta_buf[field] or 0) + n
   else
-    redis.call('HINCRBY', K_META, field, n)
+    redis.call('HINCRBY', K_META, field, n == 1 and '1' or n == -1 and '-1' or n)
   end
 end
 
@@ -106,12 +101,12 @@ end
 -- built on first use, below
 local queue, queue_fns
 
-local function bump_capacity() redis.call('HINCRBY', K_META, 'capver', 1) end
+local function bump_capacity() redis.call('HINCRBY', K_META, 'capver', '1') end
 
 -- Append one event to the capped stream; returns its entry id.
 local function event(name, id, svc, extra)
   local args = {'XADD', K_EVENTS, 'MAXLEN', '~', EV_MAX, '*', 'event', name,
-    'request_id', id or '', 'service_name', svc or '', 'ts', ftime(NOW)}
+    'request_id', id or '', 'service_name', svc or '', 'ts', NOW_S}
   if extra then
     for i = 1, #extra do args[#args + 1] = extra[i] end
   end
@@ -393,7 +388,7 @@ local function take_gpu(r, node, idx)
   else
     redis.call('HSET', gk, 'excl', r.id, 'in_free', '0', 'in_busy', '1')
     redis.call('HDEL', k_free(node), idx)
-    redis.call('ZINCRBY', K_FREE, -1, node)
+    redis.call('ZINCRBY', K_FREE, '-1', node)
     meta_incr('gpus_free', -1)
     meta_incr('gpus_busy', 1)
     redis.call('ZREM', K_SHARED, node .. '|' .. idx)
@@ -423,7 +418,7 @@ local function return_gpu(id, sharing, minm, node, idx)
   if ok then
     redis.call('HSET', k_free(node), idx, (g[5] or '0') .. '|' .. (g[8] or '0') .. '|' ..
       (g[9] or ''))
-    redis.call('ZINCRBY', K_FREE, 1, node)
+    redis.call('ZINCRBY', K_FREE, '1', node)
     meta_incr('gpus_free', 1)
     local cap = tonumber(g[5] or '0') or 0
     if cap < 0 then cap = 0 end
@@ -451,7 +446,7 @@ local function grant(r, node, chosen, queued, from_queue, pending)
   if wait < 0 then wait = 0 end
   local ids_json, uuids_json = cjson.encode(ids), cjson.encode(uuids)
   local out = {'status', 'allocated', 'node', node, 'gpu_ids', ids_json, 'gpu_uuids', uuids_json,
-    'allocated_at', ftime(NOW), 'expires_at', expires, 'wait_time_seconds', ftime(wait)}
+    'allocated_at', NOW_S, 'expires_at', expires, 'wait_time_seconds', ftime(wait)}
   if pending then
     for i = 1, #out do pending[#pending + 1] = out[i] end
     redis.call(unpack(pending))
@@ -490,7 +485,7 @@ local function finish_alloc(id, status, rec)
   for _, i in ipairs(cjson.decode(f[2] or '[]')) do
     return_gpu(id, sharing, minm, node, string.format('%d', i))
   end
-  local now = ftime(NOW)
+  local now = NOW_S
   if status == 'released' then
     redis.call('HSET', rk, 'status', status, 'released_at', now, 'ended_at', now)
     if rec then rec.released_at = now end
@@ -498,7 +493,7 @@ local function finish_alloc(id, status, rec)
     redis.call('HSET', rk, 'status', status, 'ended_at', now)
   end
   if rec then rec.status, rec.ended_at = status, now end
-  redis.call('EXPIRE', rk, math.floor(HIST_TTL))
+  redis.call('EXPIRE', rk, HIST_TTL_S)
   redis.call('ZREM', K_LEASES, id)
   redis.call('SREM', k_svc(svc), id)
   bump_capacity()
@@ -513,8 +508,8 @@ local function finish_queued(id, status)
   local f = redis.call('HMGET', rk, 'service_name', 'webhook_url', 'webhook_events',
     'reserved_node', 'sharing')
   queue().dequeue(id, f[4], f[5])
-  redis.call('HSET', rk, 'status', status, 'ended_at', ftime(NOW))
-  redis.call('EXPIRE', rk, math.floor(HIST_TTL))
+  redis.call('HSET', rk, 'status', status, 'ended_at', NOW_S)
+  redis.call('EXPIRE', rk, HIST_TTL_S)
   bump_capacity()
   local evid = event(status, id, f[1], nil)
   stat('alloc|' .. (f[1] or '') .. '|' .. status)
@@ -656,7 +651,7 @@ queue = function()
       return best
     end
     -- no node can take it now: try again after another reservation_after
-    redis.call('ZADD', K_QUNRES, ftime(NOW), r.id)
+    redis.call('ZADD', K_QUNRES, NOW_S, r.id)
     return ''
   end
 
