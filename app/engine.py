@@ -39,6 +39,8 @@ SCRIPTS = ("allocate", "release", "release_service", "renew", "cancel", "schedul
            "report_node", "set_schedulable", "snapshot", "counts")
 _INCLUDE = re.compile(r"^-- @include (\w+)\s*$", re.M)
 _CONSTANTS = "-- @constants"
+_CONSTANT_NAME = re.compile(r"\b(?:K_[A-Z]+|POLICY|AGING|RES_AFTER|HB_TIMEOUT|EV_MAX|HIST_TTL_S|"
+                            r"HIST_TTL|MAX_QUEUE)\b")
 _SERVICE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 #: Upper bounds (seconds) of the queue-wait histogram kept in keys.stats().
@@ -222,39 +224,37 @@ class Engine:
         self._scripts: dict = {}
 
     # ------------------------------------------------------------------ plumbing
-    def _constants(self) -> str:
-        """The Lua that replaces ``-- @constants`` in includes/prelude.lua: the keys, the key
-        templates and the scheduler settings as literals. Rendering them into the source (one
-        script per prefix and settings) saves every call sending them and the script splitting
-        them: Redis 6.2 runs a script's whole body on every call."""
+    def _render(self, source: str) -> str:
+        """A script's source for this prefix and these settings. The keys and the scheduler
+        settings are substituted as literals wherever the source names them (K_QUEUE,
+        POLICY, ...) and the key builders replace ``-- @constants`` in includes/prelude.lua.
+        Nothing is sent or parsed per call, and the prelude's closures need no upvalues for
+        constants: Redis 6.2 runs a script's whole body, closures included, on every call."""
         s = self.settings.scheduler
         names = ("K_NODES K_FREE K_SIZES K_GPUS K_SHARED K_QUEUE K_QDX K_QDS K_QDEAD K_QUNRES "
                  "K_RES K_LEASES K_EVENTS K_OUTBOX K_STATS K_META K_QSHAPE").split()
-        lines = [f"local {name} = {_lua_str(key)}" for name, key in zip(names, self._fixed_keys)]
+        literals = {name: _lua_str(key) for name, key in zip(names, self._fixed_keys)}
+        literals.update(POLICY=_lua_str(s.policy), AGING=_lua_num(s.aging_rate / 60.0),
+                        RES_AFTER=_lua_num(s.reservation_after),
+                        HB_TIMEOUT=_lua_num(s.node_heartbeat_timeout),
+                        EV_MAX=_lua_str(str(s.events_maxlen)), HIST_TTL=_lua_num(s.history_ttl),
+                        HIST_TTL_S=_lua_str(str(math.floor(s.history_ttl))),
+                        MAX_QUEUE=_lua_num(s.max_queue_size))
         builders = (("k_node", "n"), ("k_gpu", "n, i"), ("k_req", "id"), ("k_svc", "s"),
                     ("k_idem", "k"), ("k_free", "n"))
-        for (name, params), template in zip(builders, self._templates):
-            lines.append(f"local function {name}({params}) return "
-                         f"{_lua_concat(template, params.split(', '))} end")
-        lines += [f"local POLICY = {_lua_str(s.policy)}",
-                  f"local AGING = {_lua_num(s.aging_rate / 60.0)}",
-                  f"local RES_AFTER = {_lua_num(s.reservation_after)}",
-                  f"local HB_TIMEOUT = {_lua_num(s.node_heartbeat_timeout)}",
-                  f"local EV_MAX = {_lua_str(str(s.events_maxlen))}",
-                  f"local HIST_TTL = {_lua_num(s.history_ttl)}",
-                  f"local HIST_TTL_S = '{math.floor(s.history_ttl)}'",
-                  f"local MAX_QUEUE = {_lua_num(s.max_queue_size)}"]
-        return "\n".join(lines)
+        lines = [f"local function {name}({params}) return "
+                 f"{_lua_concat(template, params.split(', '))} end"
+                 for (name, params), template in zip(builders, self._templates)]
+        source = source.replace(_CONSTANTS, "\n".join(lines), 1)
+        return _CONSTANT_NAME.sub(lambda m: literals[m.group(0)], source)
 
     def _script(self, name: str):
         """The registered script for the current settings (re-rendered when they change;
         register_script only hashes the text, nothing talks to Redis until the first call)."""
         s = self.settings.scheduler
         if self._scripts_for is not s:
-            constants = self._constants()
-            self._scripts = {
-                n: self.redis.register_script(load_script(n).replace(_CONSTANTS, constants, 1))
-                for n in SCRIPTS}
+            self._scripts = {n: self.redis.register_script(self._render(load_script(n)))
+                             for n in SCRIPTS}
             self._scripts_for = s
         return self._scripts[name]
 
@@ -622,10 +622,11 @@ def _lua_concat(template: str, params: list[str]) -> str:
 
 
 def _lua_num(x: float) -> str:
+    """A number literal that is safe anywhere in an expression (negatives in parentheses:
+    ``a -(-1.0)``, never ``a --1.0``, which Lua reads as a comment)."""
     x = float(x)
-    if math.isinf(x):
-        return "math.huge" if x > 0 else "-math.huge"
-    return repr(x)
+    text = "math.huge" if math.isinf(x) else repr(abs(x))
+    return f"(-{text})" if x < 0 else text
 
 
 def _list(v) -> list:

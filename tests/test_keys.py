@@ -101,7 +101,7 @@ def test_lua_scripts_contain_no_key_text():
 def test_lua_builds_the_same_keys_as_keys_py(redis, settings):
     engine = Engine(redis, settings)
     keys = engine.keys
-    probe = redis.register_script(_PROBE.replace("-- @constants", engine._constants()))
+    probe = redis.register_script(engine._render(_PROBE))
     got = probe(keys=[keys.meta()], args=["1000", "n1", "7", "svc-1", "web", "idem-key"])
     assert got == [keys.node("n1"), keys.gpu("n1", 7), keys.request("svc-1"),
                    keys.service("web"), keys.idempotency("idem-key"),

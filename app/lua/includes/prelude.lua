@@ -5,9 +5,10 @@
   ARGV[1]  now (epoch seconds; "" = use Redis TIME, one clock for every replica)
   Each script's own arguments start at ARGV[A + 1].
 
-  The constants below are rendered into the source by app/engine.py (Engine._constants) from
-  keys.py and the scheduler settings, so a call neither sends nor parses them (Redis 6.2 runs
-  a script's whole body on every call):
+  Constants come from app/engine.py (Engine._render), built from keys.py and the scheduler
+  settings: these names are replaced by literals wherever a script uses them, and the key
+  builders replace the @constants line below. Redis 6.2 runs a script's whole body on every
+  call, so nothing is sent, split or captured as an upvalue per call:
     K_NODES K_FREE K_SIZES K_GPUS K_SHARED K_QUEUE K_QDX K_QDS K_QDEAD K_QUNRES K_RES K_LEASES
     K_EVENTS K_OUTBOX K_STATS K_META K_QSHAPE      keys: nodes, nodes_free, node_sizes, gpus,
         shared_capacity, queue, queue_demand:exclusive, queue_demand:shared, queue_deadlines,
