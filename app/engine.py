@@ -141,6 +141,8 @@ def _to_json(value: str) -> Any:
 
 
 def _to_json_data(value: str) -> Any:
+    if value == "{}":  # no workload data: skip the decoder
+        return {}
     return json.loads(value) if value else None
 
 
@@ -582,17 +584,23 @@ class Engine:
 # --------------------------------------------------------------------------- helpers
 
 _rng = random.Random()
-_rng_pid = 0
+_rng_seeded = False
+
+
+def _reseed() -> None:
+    _rng.seed(secrets.token_bytes(16))
 
 
 def new_id(service_name: str) -> str:
     """``<service>-<ms>-<8 random digits>``. The digits come from a PRNG seeded from the OS once
-    per process (a ``getrandom`` syscall per id is measurable on a busy host); the allocate
-    script refuses an id that exists and the caller retries, so even a forked twin is safe."""
-    global _rng_pid
-    if _rng_pid != os.getpid():
-        _rng.seed(secrets.token_bytes(16))
-        _rng_pid = os.getpid()
+    per process and again in every forked child (a ``getrandom`` or ``getpid`` syscall per id
+    is measurable on a VM); the allocate script refuses an id that exists and the caller
+    retries, so even a twin is safe."""
+    global _rng_seeded
+    if not _rng_seeded:
+        _reseed()
+        os.register_at_fork(after_in_child=_reseed)
+        _rng_seeded = True
     return f"{service_name}-{int(time.time() * 1000)}-{_rng.randrange(10**8):08d}"
 
 

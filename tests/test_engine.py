@@ -808,6 +808,25 @@ def test_an_id_collision_is_detected_and_retried(engine, monkeypatch):
     assert engine.counts()["allocations_active"] == 2
 
 
+def test_a_forked_process_draws_other_id_digits_than_its_parent():
+    """gunicorn forks its workers after the app is loaded: each must reseed its id generator."""
+    import os
+
+    from app.engine import new_id
+    new_id("svc")  # the parent's generator is seeded before the fork
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports and exits at once
+        os.write(write_end, new_id("svc").encode())
+        os._exit(0)
+    os.close(write_end)
+    child = os.read(read_end, 200).decode()
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    parent = new_id("svc")
+    assert child and child.rsplit("-", 1)[1] != parent.rsplit("-", 1)[1]
+
+
 def test_idempotency_compares_the_normalised_request(engine):
     engine.report_node("a", gpu_list(2))
     a = engine.allocate({"service_name": "svc"}, idempotency_key="k")
