@@ -219,6 +219,14 @@ def test_malformed_json_is_400(client):
     assert_error(resp, 400, "bad_request")
 
 
+@pytest.mark.parametrize("path", ["/gpu/allocate", "/gpu/workload", "/gpu/release"])
+def test_a_json_null_body_is_422_not_an_empty_body(client, path):
+    """Found by the schemathesis fuzz: ``null`` was read as "no body" and /gpu/workload
+    answered 200 with the defaults."""
+    resp = client.post(path, data="null", content_type="application/json")
+    assert_error(resp, 422, "validation_error")
+
+
 def test_deeply_nested_json_is_400_not_a_crash(client):
     resp = client.post("/gpu/allocate", data="[" * 50000, content_type="application/json")
     assert_error(resp, 400, "bad_request")

@@ -47,9 +47,10 @@ def raw_json() -> Any:
 
 
 def load(schema: ma.Schema, *, empty: Any = None) -> dict[str, Any]:
-    """Validate the body with ``schema``; a missing body counts as ``empty`` (default ``{}``)."""
+    """Validate the body with ``schema``; a missing body counts as ``empty`` (default ``{}``).
+    A body of JSON ``null`` is not a missing body: the schema rejects it (422)."""
     body = raw_json()
-    if body is None:
+    if body is None and not request.get_data(cache=True):
         body = {} if empty is None else empty
     try:
         return schema.load(body)
