@@ -179,3 +179,169 @@ def test_a_worker_exiting_does_not_stop_the_embedded_redis(tmp_path):
             break
     else:
         pytest.fail("embedded Redis still running after the API stopped")
+
+
+# --------------------------------------------------------------------------- balanced accepting
+
+class _Log:
+    def __getattr__(self, name):
+        return lambda *a, **k: None
+
+
+@pytest.fixture
+def make_worker():
+    """A BalancedThreadWorker as a master builds one before the fork (not started)."""
+    from gunicorn.config import Config
+    made = []
+
+    def make(slot: int):
+        cfg = Config()
+        cfg.set("worker_class", "gthread")
+        worker = serve.BalancedThreadWorker(1, os.getpid(), [], None, 30, cfg, _Log())
+        worker.board_slot = slot
+        made.append(worker)
+        return worker
+    yield make
+    for worker in made:
+        worker.tmp.close()
+
+
+def test_a_worker_holding_more_connections_than_a_sibling_leaves_new_ones_to_it(monkeypatch,
+                                                                              make_worker):
+    from multiprocessing.sharedctypes import RawArray
+    board = RawArray("i", [-1] * 4)
+    monkeypatch.setattr(serve, "_board", board)
+    a, b = make_worker(0), make_worker(1)
+    a.nr_conns, b.nr_conns = 3, 2
+    a._publish()
+    b._publish()
+    assert list(board) == [3, 2, -1, -1]
+    assert a._defer() and not b._defer()
+    b.nr_conns = 3
+    b._publish()
+    assert not a._defer() and not b._defer()  # equal: either may take it
+    board[1] = -1  # the sibling is gone (child_exit frees its slot)
+    a.nr_conns = 10
+    assert not a._defer()
+
+
+def test_a_worker_defers_at_most_max_defer_then_takes_the_connection(monkeypatch, make_worker):
+    from multiprocessing.sharedctypes import RawArray
+    board = RawArray("i", [5, 0])  # slot 1: a sibling that never accepts (stuck)
+    monkeypatch.setattr(serve, "_board", board)
+    monkeypatch.setattr(serve, "MAX_DEFER", 0.05)
+    a = make_worker(0)
+    a.nr_conns = 5
+    assert a._defer()
+    time.sleep(0.06)
+    assert not a._defer()
+
+
+def test_master_hooks_hand_out_and_free_board_slots(monkeypatch):
+    from types import SimpleNamespace
+    monkeypatch.setattr(serve, "_board", None)
+    server = SimpleNamespace(cfg=SimpleNamespace(workers=2), WORKERS={})
+    serve.on_starting(server)
+    assert list(serve._board) == [-1] * 4
+    w1, w2 = SimpleNamespace(pid=11), SimpleNamespace(pid=12)
+    serve.pre_fork(server, w1)
+    server.WORKERS[11] = w1
+    serve.pre_fork(server, w2)
+    server.WORKERS[12] = w2
+    assert (w1.board_slot, w2.board_slot) == (0, 1)
+    serve._board[1] = 7
+    serve.child_exit(server, w2)
+    del server.WORKERS[12]
+    assert serve._board[1] == -1
+    w3 = SimpleNamespace(pid=13)
+    serve.pre_fork(server, w3)
+    assert w3.board_slot == 1  # the freed slot is reused
+
+
+def _client_conns_per_worker(workers: list[int], port: int) -> list[int]:
+    """Established connections to ``port`` held by each worker (Linux /proc)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                inodes.add(fields[9])
+    counts = []
+    for pid in workers:
+        n = 0
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in inodes:
+                n += 1
+        counts.append(n)
+    return counts
+
+
+@pytest.mark.slow
+def test_a_burst_of_keep_alive_connections_spreads_over_the_workers(tmp_path, redis_url):
+    """16 clients connecting at once (bench/http.py's load): without balancing, one of two
+    workers usually took nearly all of them (16/0, 15/1, 14/2)."""
+    port = free_port()
+    config = tmp_path / "config.yaml"
+    config.write_text("server:\n  workers: 2\n  threads: 2\n  host: 127.0.0.1\n"
+                      "dashboard:\n  enabled: false\n")
+    env = dict(os.environ, REDIS_URL=redis_url, PORT=str(port), CONFIG_PATH=str(config),
+               GPU_ORCH__REDIS__PREFIX="{gpuo-serve}", GPU_ORCH__LOGGING__LEVEL="WARNING",
+               PYTHONPATH=str(ROOT))
+    env.pop(serve.MULTIPROC_ENV, None)
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "api"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    conns = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(_children(proc.pid)) < 2 or _try_get(port) != 200:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "gunicorn did not come up"
+            time.sleep(0.1)
+        workers = _children(proc.pid)
+        # Rounds of 16 connections at once (all connected before any request, as a burst of
+        # clients does) until five rounds in a row spread; the first rounds may find the
+        # second worker still loading the app.
+        history = []
+        for _ in range(30):
+            conns = [socket.create_connection(("127.0.0.1", port), timeout=10)
+                     for _ in range(16)]
+            for sock in conns:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            for sock in conns:
+                assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            counts = _client_conns_per_worker(workers, port)
+            for sock in conns:
+                sock.close()
+            conns = []
+            assert sum(counts) == 16
+            history.append(min(counts))
+            if len(history) >= 5 and min(history[-5:]) >= 6:
+                break
+            time.sleep(0.2)  # the workers notice the closed connections
+        assert len(history) >= 5 and min(history[-5:]) >= 6, history
+    finally:
+        for sock in conns:
+            sock.close()
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        proc.stderr.close()
+
+
+def _try_get(port: int) -> int | None:
+    try:
+        return _get(port, "/healthz")[0]
+    except OSError:
+        return None
