@@ -3,7 +3,7 @@
 
   KEYS[1], ARGV[1]: the common block (includes/prelude.lua).
   ARGV[A+1] id   ARGV[A+2] principal ("" = auth off)   ARGV[A+3] "1" when admin
-  Returns: {1, record, granted records} or {-1} unknown, {-2} not the owner,
+  Returns: {1, record, number granted} or {-1} unknown, {-2} not the owner,
   {-3, status} not queued.
 ]]
 -- @include prelude
@@ -14,4 +14,4 @@ if principal ~= '' and admin ~= '1' and (f[2] or '') ~= principal then return {-
 if f[1] ~= 'queued' then return {-3, f[1]} end
 finish_queued(id, 'cancelled')
 local granted = schedule(nil)
-return {1, record(id), records(granted)}
+return {1, record(id), #granted}

@@ -3,7 +3,7 @@
 
   KEYS[1], ARGV[1]: the common block (includes/prelude.lua).
   ARGV[A+1] id   ARGV[A+2] principal ("" = auth off)   ARGV[A+3] "1" when admin
-  Returns: {1, record, granted records} or {-1, status} not found / already finished,
+  Returns: {1, record, number granted} or {-1, status} not found / already finished,
   {-2} the principal does not own it.
   Guarantees: releasing twice, or an unknown id, changes nothing.
 ]]
@@ -25,4 +25,4 @@ else
   return {-1, rec.status}
 end
 local granted = schedule(nil)
-return {1, rec and cjson.encode(rec) or record(id), records(granted)}
+return {1, rec and cjson.encode(rec) or record(id), #granted}

@@ -4,7 +4,7 @@
 
   KEYS[1], ARGV[1]: the common block (includes/prelude.lua).
   ARGV[A+1] service name   ARGV[A+2] principal ("" = auth off)   ARGV[A+3] "1" when admin
-  Returns: {1, released records, granted records} or {-1} when it had none to release.
+  Returns: {1, released records, number granted} or {-1} when it had none to release.
 ]]
 -- @include prelude
 local svc, principal, admin = ARGV[A + 1], ARGV[A + 2], ARGV[A + 3]
@@ -21,4 +21,4 @@ end
 if #done == 0 then return {-1} end
 table.sort(done)
 local granted = schedule(nil)
-return {1, records(done), records(granted)}
+return {1, records(done), #granted}

@@ -3,7 +3,7 @@
 
   KEYS[1], ARGV[1]: the common block (includes/prelude.lua).
   ARGV[A+1] node   ARGV[A+2] index   ARGV[A+3] "1" schedulable / "0" cordoned
-  Returns: {1, gpu hash, granted records} or {-1} unknown GPU.
+  Returns: {1, gpu hash, number granted} or {-1} unknown GPU.
 ]]
 -- @include prelude
 local node, idx, on = ARGV[A + 1], ARGV[A + 2], ARGV[A + 3]
@@ -17,4 +17,4 @@ if redis.call('HGET', gk, 'cordoned') ~= cordoned then
     {'node', node, 'gpu_index', idx})
 end
 local granted = schedule(nil)
-return {1, redis.call('HGETALL', gk), records(granted)}
+return {1, redis.call('HGETALL', gk), #granted}
