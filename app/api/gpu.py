@@ -163,7 +163,7 @@ def allocate():
     principal = auth.current_principal()
     req = engine_request(data, analysis, principal)
     rec = _engine().allocate(req, idempotency_key=_scoped(key, principal),
-                             request_hash=_client_hash(data, principal))
+                             request_hash=None if key is None else _client_hash(data, principal))
     _dispatch_webhooks()
     return _allocation_response(rec)
 
