@@ -463,10 +463,10 @@ local function grant(r, node, chosen, queued, from_queue, pending)
   if from_queue then
     stat('sched|from_queue')
     stat_wait(wait)
+    outbox('allocated', r.id, evid, r.hook, nil, true)
   else
     stat('sched|immediate')
   end
-  if from_queue then outbox('allocated', r.id, evid, r.hook, nil, true) end
   return out
 end
 
