@@ -234,21 +234,25 @@ local function deps_done(r)
   return true
 end
 
+-- One node_free_gpus entry "<memory_free_mb>|<utilization>|<uuid>" -> memory, utilization and
+-- the uuid's start, split by plain find (no pattern, no captures); and whether r can use it.
+local function free_entry(r, v)
+  local a = string.find(v, '|', 1, true)
+  local b = string.find(v, '|', a + 1, true)
+  local mem = tonumber(string.sub(v, 1, a - 1)) or 0
+  local util = tonumber(string.sub(v, a + 1, b - 1)) or 0
+  return mem, util, b + 1, mem >= r.minm and (r.maxm <= 0 or mem <= r.maxm) and util <= r.util
+end
+
 -- Qualifying free GPUs of one node for an exclusive request (one read: node_free_gpus).
 local function node_candidates(r, node)
   local q = {}
   local h = redis.call('HGETALL', k_free(node))
-  local find, sub = string.find, string.sub
   for i = 1, #h, 2 do
-    -- "<memory_free_mb>|<utilization>|<uuid>", split by plain find (no pattern, no captures)
-    local v = h[i + 1]
-    local a = find(v, '|', 1, true)
-    local b = find(v, '|', a + 1, true)
-    local mem, util = tonumber(sub(v, 1, a - 1)) or 0, tonumber(sub(v, a + 1, b - 1)) or 0
-    if mem >= r.minm and (r.maxm <= 0 or mem <= r.maxm) and util <= r.util then
-      local uuid = sub(v, b + 1)
+    local mem, util, at, ok = free_entry(r, h[i + 1])
+    if ok then
       local idx = h[i]
-      q[#q + 1] = {idx = idx, mem = mem, util = util, uuid = uuid,
+      q[#q + 1] = {idx = idx, mem = mem, util = util, uuid = string.sub(h[i + 1], at),
         pref = r.pref[idx] and 1 or 0}
     end
   end
@@ -260,25 +264,19 @@ end
 -- lowest utilization, then the lowest index. nil when none qualifies.
 local function node_best1(r, node)
   local h = redis.call('HGETALL', k_free(node))
-  local find, sub = string.find, string.sub
-  local best, bmem, butil, bidx
+  local best, bmem, butil, bidx, bat
   for i = 1, #h, 2 do
-    local v = h[i + 1]
-    local a = find(v, '|', 1, true)
-    local b = find(v, '|', a + 1, true)
-    local mem, util = tonumber(sub(v, 1, a - 1)) or 0, tonumber(sub(v, a + 1, b - 1)) or 0
-    if mem >= r.minm and (r.maxm <= 0 or mem <= r.maxm) and util <= r.util then
+    local mem, util, at, ok = free_entry(r, h[i + 1])
+    if ok then
       local idx = tonumber(h[i])
       if not best or mem > bmem or (mem == bmem and (util < butil or
           (util == butil and idx < bidx))) then
-        best, bmem, butil, bidx = i, mem, util, idx
+        best, bmem, butil, bidx, bat = i, mem, util, idx, at
       end
     end
   end
   if not best then return nil end
-  local v = h[best + 1]
-  local b = find(v, '|', find(v, '|', 1, true) + 1, true)
-  return {idx = h[best], mem = bmem, util = butil, uuid = sub(v, b + 1), pref = 0}
+  return {idx = h[best], mem = bmem, util = butil, uuid = string.sub(h[best + 1], bat), pref = 0}
 end
 
 local function rank_gpus(a, b)
