@@ -116,13 +116,7 @@ def test_gunicorn_with_two_workers_counts_add_up(tmp_path, redis_url):
                         total += sample.value
             assert total == n + 1  # + the readiness probe above
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        proc.stderr.close()
+        _stop(proc)
 
 
 def _children(pid: int) -> list[int]:
@@ -163,12 +157,7 @@ def test_a_worker_exiting_does_not_stop_the_embedded_redis(tmp_path):
         for _ in range(5):
             assert _get(port, "/readyz")[0] == 200
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _stop(proc)
     # The master stopped the embedded Redis on its way out.
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
@@ -331,12 +320,18 @@ def test_a_burst_of_keep_alive_connections_spreads_over_the_workers(tmp_path, re
     finally:
         for sock in conns:
             sock.close()
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _stop(proc)
+
+
+def _stop(proc) -> None:
+    """SIGTERM the server's process group; SIGKILL it if it has not left within 30 s."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    if proc.stderr is not None:
         proc.stderr.close()
 
 
