@@ -541,3 +541,33 @@ def test_intermediate_recovery_drops_ids_whose_job_is_done_or_queued_elsewhere(s
     assert rq_redis.llen(q.intermediate_queue_key) == 0
     assert q.get_job_ids() == [queued.id]
     assert q.fetch_job(done.id).get_status() == "finished"
+
+
+def test_a_retry_cut_short_by_redis_leaves_the_job_started_so_it_is_retried(settings,
+                                                                             make_worker):
+    """RQ wrote a retry's SCHEDULED status before the pipeline that schedules the job ran; a
+    Redis SIGKILL between the two left the job 'scheduled' in no registry, never run again
+    (a chaos run lost a webhook so). Nothing may be written until the pipeline commits."""
+    from rq import Retry
+    from rq.registry import ScheduledJobRegistry, StartedJobRegistry
+
+    worker = make_worker(settings, settings.redis.url)
+    rq_redis = worker.connection
+    q = worker.queues[1]
+    job = q.enqueue("builtins.len", [1], retry=Retry(max=3, interval=[5]))
+    job = q.fetch_job(job.id)
+    assert type(job).__name__ == "ServiceJob"
+    job.set_status("started")
+    pipe = rq_redis.pipeline()
+    job.retry(q, pipe)
+    pipe.reset()  # Redis died before the pipeline ran
+    assert q.fetch_job(job.id).get_status() == "started"  # the cleanup still sees it abandoned
+    pipe = rq_redis.pipeline()
+    job = q.fetch_job(job.id)
+    job.retry(q, pipe)
+    pipe.execute()
+    assert q.fetch_job(job.id).get_status() == "scheduled"
+    assert job.id in ScheduledJobRegistry(queue=q).get_job_ids()
+    assert q.fetch_job(job.id).retries_left == 2
+    assert job.id not in StartedJobRegistry(queue=q).get_job_ids()
+

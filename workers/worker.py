@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from datetime import timedelta
 
 from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker, worker_registration
@@ -42,6 +43,27 @@ STALE_SCHEDULER_LOCK = 10
 #: A job id seen in an intermediate list, not started, this many seconds apart was dropped by a
 #: dequeue that died (a live worker registers it as started within milliseconds).
 STUCK_DEQUEUE = 10
+
+
+class ServiceJob(Job):
+    """RQ's job, whose retry writes nothing outside the caller's pipeline."""
+
+    def retry(self, queue, pipeline) -> None:
+        """RQ 3.0's ``Job.retry``, except for the status. RQ writes SCHEDULED at once, before the
+        pipeline that schedules the job runs; if Redis dies between the two, the job is left
+        ``scheduled`` in no registry: the started-registry cleanup passes over it (it is not
+        STARTED) and the scheduler never sees it, so it never runs again (found by
+        bench/chaos.py: a webhook lost to a Redis SIGKILL while its failed try was recorded).
+        Here the status goes in the same pipeline, so the job stays STARTED, and is retried as
+        abandoned, until the whole retry commits."""
+        interval = self.get_retry_interval()
+        assert self.retries_left
+        self.retries_left -= 1
+        if interval:
+            self.set_status(JobStatus.SCHEDULED, pipeline=pipeline)
+            queue.schedule_job(self, now() + timedelta(seconds=interval), pipeline=pipeline)
+        else:
+            queue._enqueue_job(self, pipeline=pipeline, at_front=self.enqueue_at_front_on_retry)
 
 
 class ServiceQueue(Queue):
@@ -241,11 +263,12 @@ def build(settings: Settings, redis_url: str) -> ServiceWorker:
 
     rq_redis = connect(redis_url, settings, decode=False)
     context.configure(settings, connect(redis_url, settings), rq_redis)
-    service_queues = [ServiceQueue(q.name, connection=rq_redis, serializer=queues.SERIALIZER)
+    service_queues = [ServiceQueue(q.name, connection=rq_redis, serializer=queues.SERIALIZER,
+                                   job_class=ServiceJob)
                       for q in queues.all_queues(rq_redis, settings)]
     return ServiceWorker(
         service_queues, connection=rq_redis,
-        serializer=queues.SERIALIZER,
+        serializer=queues.SERIALIZER, job_class=ServiceJob,
         maintenance_interval=max(1, int(settings.workers.maintenance_interval)),
         job_monitoring_interval=max(1, int(settings.workers.heartbeat_interval)),
         worker_ttl=max(10, int(3 * settings.workers.heartbeat_interval)),
