@@ -214,13 +214,19 @@ class Engine:
         self.clock = clock
         self.keys = Keys(settings.redis.prefix)
         k = self.keys
-        self._fixed_keys = [k.nodes(), k.nodes_free(), k.node_sizes(), k.gpus(),
-                            k.shared_capacity(), k.queue(), k.queue_demand("exclusive"),
-                            k.queue_demand("shared"), k.queue_deadlines(), k.queue_unreserved(),
-                            k.reservations(), k.leases(), k.events(), k.webhook_outbox(),
-                            k.stats(), k.meta(), k.queue_shapes()]
-        self._templates = [k.node("%s"), k.gpu("%s", "%s"), k.request("%s"), k.service("%s"),
-                           k.idempotency("%s"), k.node_free_gpus("%s")]
+        #: the Lua names of the fixed keys and of the key builders (includes/prelude.lua)
+        self._lua_keys = {
+            "K_NODES": k.nodes(), "K_FREE": k.nodes_free(), "K_SIZES": k.node_sizes(),
+            "K_GPUS": k.gpus(), "K_SHARED": k.shared_capacity(), "K_QUEUE": k.queue(),
+            "K_QDX": k.queue_demand("exclusive"), "K_QDS": k.queue_demand("shared"),
+            "K_QDEAD": k.queue_deadlines(), "K_QUNRES": k.queue_unreserved(),
+            "K_RES": k.reservations(), "K_LEASES": k.leases(), "K_EVENTS": k.events(),
+            "K_OUTBOX": k.webhook_outbox(), "K_STATS": k.stats(), "K_META": k.meta(),
+            "K_QSHAPE": k.queue_shapes()}
+        self._lua_builders = {
+            "k_node(n)": k.node("%s"), "k_gpu(n, i)": k.gpu("%s", "%s"),
+            "k_req(id)": k.request("%s"), "k_svc(s)": k.service("%s"),
+            "k_idem(k)": k.idempotency("%s"), "k_free(n)": k.node_free_gpus("%s")}
         self._meta_key = [k.meta()]
         self._scripts_for = None
         self._scripts: dict = {}
@@ -233,20 +239,17 @@ class Engine:
         Nothing is sent or parsed per call, and the prelude's closures need no upvalues for
         constants: Redis 6.2 runs a script's whole body, closures included, on every call."""
         s = self.settings.scheduler
-        names = ("K_NODES K_FREE K_SIZES K_GPUS K_SHARED K_QUEUE K_QDX K_QDS K_QDEAD K_QUNRES "
-                 "K_RES K_LEASES K_EVENTS K_OUTBOX K_STATS K_META K_QSHAPE").split()
-        literals = {name: _lua_str(key) for name, key in zip(names, self._fixed_keys)}
+        literals = {name: _lua_str(key) for name, key in self._lua_keys.items()}
         literals.update(POLICY=_lua_str(s.policy), AGING=_lua_num(s.aging_rate / 60.0),
                         RES_AFTER=_lua_num(s.reservation_after),
                         HB_TIMEOUT=_lua_num(s.node_heartbeat_timeout),
                         EV_MAX=_lua_str(str(s.events_maxlen)), HIST_TTL=_lua_num(s.history_ttl),
                         HIST_TTL_S=_lua_str(str(math.floor(s.history_ttl))),
                         MAX_QUEUE=_lua_num(s.max_queue_size))
-        builders = (("k_node", "n"), ("k_gpu", "n, i"), ("k_req", "id"), ("k_svc", "s"),
-                    ("k_idem", "k"), ("k_free", "n"))
-        lines = [f"local function {name}({params}) return "
-                 f"{_lua_concat(template, params.split(', '))} end"
-                 for (name, params), template in zip(builders, self._templates)]
+        lines = []
+        for head, template in self._lua_builders.items():
+            params = head[head.index("(") + 1:-1].split(", ")
+            lines.append(f"local function {head} return {_lua_concat(template, params)} end")
         source = source.replace(_CONSTANTS, "\n".join(lines), 1)
         return _CONSTANT_NAME.sub(lambda m: literals[m.group(0)], source)
 
