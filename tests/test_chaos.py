@@ -7,8 +7,10 @@ passing chaos run means something.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -289,6 +291,17 @@ def test_short_chaos_run_has_no_violations(tmp_path):
 # --------------------------------------------------------------------------- regressions
 
 
+@contextlib.contextmanager
+def _handlers_restored():
+    """Workers and the scheduler install SIGINT/SIGTERM handlers; put pytest's back after."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 @pytest.fixture
 def make_worker(monkeypatch):
     """``workers.worker.build``, closing every Redis client the built workers opened."""
@@ -315,7 +328,6 @@ def make_worker(monkeypatch):
 def test_scheduler_survives_redis_being_unavailable_at_start_up(settings, monkeypatch):
     """Chaos found it: a scheduler restarted while Redis replayed its AOF died on
     BusyLoadingError from ``register_birth``, outside the loop that retries Redis errors."""
-    import signal
 
     import redis as redis_lib
     from rq.cron import CronScheduler
@@ -334,12 +346,8 @@ def test_scheduler_survives_redis_being_unavailable_at_start_up(settings, monkey
 
     monkeypatch.setattr(CronScheduler, "register_birth", flaky)
     monkeypatch.setattr(StopSignal, "sleep", lambda self, seconds: bool(self))
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with _handlers_restored():
         assert scheduler.run(settings, max_iterations=3) == 0
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
     assert len(calls) == 2
 
 
@@ -396,7 +404,6 @@ def test_a_dequeued_job_stays_in_a_list_until_it_is_registered_as_started(settin
     """Chaos found it: with two queues RQ dequeues by BLPOP, so a webhook job popped as Redis
     restarted was in no list at all and was never delivered. Our workers dequeue through RQ's
     intermediate list instead, and a normal run leaves that list empty."""
-    import signal
 
     from workers import queues
     from workers import worker as worker_mod
@@ -415,12 +422,8 @@ def test_a_dequeued_job_stays_in_a_list_until_it_is_registered_as_started(settin
     rq_redis.delete(maintenance_q.intermediate_queue_key)
     # A normal run takes each job off the intermediate list once it has started.
     jobs = [webhooks_q.enqueue("builtins.len", [1]), maintenance_q.enqueue("builtins.len", [1])]
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with _handlers_restored():
         worker.work(burst=True)
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
     for done in jobs:
         done.refresh()
         assert done.get_status() == "finished" and done.return_value() == 1
@@ -456,7 +459,6 @@ def test_a_job_dropped_between_dequeue_and_start_is_requeued_and_delivered(setti
     the worker registered them as started. Their status said queued; they were in no queue and
     no registry. RQ's own cleanup waits a minute and then *fails* such a job (a job on its last
     retry is never tried). The worker's maintenance puts it back on the queue instead."""
-    import signal
 
     from app.engine import Engine
     from webhook_receiver import Receiver
@@ -506,12 +508,8 @@ def test_a_job_dropped_between_dequeue_and_start_is_requeued_and_delivered(setti
         rq_redis.zrem(worker.queues[1].started_job_registry.key, f"{busy.id}:exec-1")
         rq_redis.delete(worker.queues[1].intermediate_queue_key)
 
-        saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
+        with _handlers_restored():
             worker.work(burst=True)
-        finally:
-            for sig, handler in saved.items():
-                signal.signal(sig, handler)
         [req] = rx.wait_for(1)
     assert json.loads(req["body"])["request_id"] == waiter["id"]
     assert webhooks_q.fetch_job(job_id).get_status() == "finished"
