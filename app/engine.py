@@ -40,8 +40,12 @@ SCRIPTS = ("allocate", "release", "release_service", "renew", "cancel", "schedul
 _INCLUDE = re.compile(r"^-- @include (\w+)\s*$", re.M)
 _CONSTANTS = "-- @constants"
 _CONSTANT_NAME = re.compile(r"\b(?:K_[A-Z]+|POLICY|AGING|RES_AFTER|HB_TIMEOUT|EV_MAX|HIST_TTL_S|"
-                            r"HIST_TTL|MAX_QUEUE)\b")
+                            r"HIST_TTL|MAX_QUEUE|MAX_LEASE)\b")
 _SERVICE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+#: The longest lease there is (10 years), whatever ``scheduler.max_ttl`` says (0 = no limit
+#: of its own): every lease is finite or none, and every stored time stays representable.
+MAX_LEASE_SECONDS = 10 * 365 * 86400
 
 #: Upper bounds (seconds) of the queue-wait histogram kept in keys.stats().
 WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600,
@@ -118,19 +122,25 @@ def _pairs(flat: list) -> dict:
     return dict(zip(flat[0::2], flat[1::2]))
 
 
-def _to_int(value: str) -> int:
+def _to_int(value: str) -> int | None:
     try:
         return int(value)
     except ValueError:
-        return int(float(value))
+        return int(_finite(float(value)))
+
+
+def _finite(x: float) -> float:
+    if not math.isfinite(x):
+        raise ValueError(x)
+    return x
 
 
 def _to_float(value: str) -> float | None:
-    return float(value) if value != "" else None
+    return _finite(float(value)) if value != "" else None
 
 
 def _to_opt_float(value: str) -> float | None:
-    return float(value) if value not in ("", "-1") else None
+    return _finite(float(value)) if value not in ("", "-1") else None
 
 
 def _to_json(value: str) -> Any:
@@ -159,7 +169,8 @@ _CONVERT: dict[str, Callable[[str], Any]] = {
 
 
 def parse_record(raw: dict | list | str) -> dict:
-    """A stored request hash -> the record the API returns (plain JSON-able types)."""
+    """A stored request hash -> the record the API returns (plain JSON-able types). A field
+    that does not convert (not a number, not finite, not JSON) becomes None."""
     if isinstance(raw, str):
         h = json.loads(raw)
     else:
@@ -168,7 +179,15 @@ def parse_record(raw: dict | list | str) -> dict:
     rec: dict[str, Any] = {}
     for key, value in h.items():
         fn = convert(key)
-        rec[key] = fn(value) if fn is not None else value
+        if fn is None:
+            rec[key] = value
+            continue
+        try:
+            rec[key] = fn(value)
+        except (ValueError, TypeError, OverflowError, RecursionError):
+            # a value no reader can use (written by an older version, or by hand) reads as
+            # absent: one bad field must not make every listing answer 500
+            rec[key] = None
     if "gpu_ids" not in rec:
         rec["gpu_ids"] = []
     if "gpu_uuids" not in rec:
@@ -245,7 +264,8 @@ class Engine:
                         HB_TIMEOUT=_lua_num(s.node_heartbeat_timeout),
                         EV_MAX=_lua_str(str(s.events_maxlen)), HIST_TTL=_lua_num(s.history_ttl),
                         HIST_TTL_S=_lua_str(str(math.floor(s.history_ttl))),
-                        MAX_QUEUE=_lua_num(s.max_queue_size))
+                        MAX_QUEUE=_lua_num(s.max_queue_size),
+                        MAX_LEASE=_lua_num(MAX_LEASE_SECONDS))
         lines = []
         for head, template in self._lua_builders.items():
             params = head[head.index("(") + 1:-1].split(", ")
@@ -435,7 +455,8 @@ class Engine:
         return fields, qt
 
     def lease_for(self, ttl: float | None, estimate: float | None) -> float:
-        """Lease seconds (-1 = no expiry): ttl, else estimate x multiplier, else default_ttl."""
+        """Lease seconds (-1 = no expiry): ttl, else estimate x multiplier, else default_ttl;
+        never more than ``max_ttl`` (when set) nor :data:`MAX_LEASE_SECONDS`."""
         s = self.settings.scheduler
         if ttl is not None:
             ttl = _float_nonneg(ttl, "ttl_seconds")
@@ -444,15 +465,18 @@ class Engine:
                     raise ValidationFailed("ttl_seconds: 0 (no expiry) is not allowed here",
                                            details={"field": "ttl_seconds"})
                 return -1.0
-            if s.max_ttl and ttl > s.max_ttl:
-                raise ValidationFailed(f"ttl_seconds: at most {s.max_ttl:g}",
-                                       details={"field": "ttl_seconds", "max": s.max_ttl})
+            limit = min(s.max_ttl, MAX_LEASE_SECONDS) if s.max_ttl else MAX_LEASE_SECONDS
+            if ttl > limit:
+                raise ValidationFailed(f"ttl_seconds: at most {limit:g}",
+                                       details={"field": "ttl_seconds", "max": limit})
             return ttl
         if estimate is not None:
             lease = _float_pos(estimate, "estimated_duration_seconds") * s.default_ttl_multiplier
         else:
             lease = s.default_ttl
-        return min(lease, s.max_ttl) if s.max_ttl else lease
+        if s.max_ttl:
+            lease = min(lease, s.max_ttl)
+        return min(lease, MAX_LEASE_SECONDS)
 
     def release(self, allocation_id: str, *, principal: str | None = None,
                 admin: bool = False) -> dict:

@@ -13,7 +13,7 @@ import re
 import marshmallow as ma
 from marshmallow import fields, validate
 
-from app.engine import WEBHOOK_EVENTS as EVENTS
+from app.engine import MAX_LEASE_SECONDS, WEBHOOK_EVENTS as EVENTS
 from app.settings import WORKLOAD_TYPES
 
 #: Deepest nesting accepted inside ``workload_data`` (objects and arrays both count).
@@ -25,7 +25,7 @@ SERVICE_NAME_RE = r"^[A-Za-z0-9._-]{1,128}$"
 #: Request ids are ``<service_name>-<digits>...``; anything longer than this cannot be ours.
 ID_RE = r"^[A-Za-z0-9._:-]{1,200}$"
 SHARING = ("exclusive", "shared")
-MAX_TTL_SECONDS = 10 * 365 * 86400
+MAX_TTL_SECONDS = MAX_LEASE_SECONDS
 
 
 class StrictInt(fields.Integer):

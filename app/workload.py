@@ -33,6 +33,7 @@ from typing import Any, Callable
 from prometheus_client import Counter
 
 from app.advisor import Advisor
+from app.engine import MAX_LEASE_SECONDS
 from app.errors import Unsatisfiable, ValidationFailed
 from app.settings import WORKLOAD_TYPES
 from app.workflow import WorkflowClient
@@ -169,8 +170,27 @@ class Hints:
     workflow_dependencies: list[str] = field(default_factory=list)
 
 
+#: Largest magnitude any numeric hint may have: past it no float holds the value exactly
+#: enough to compare and scale (and ``math.isfinite`` of a larger int raises OverflowError).
+MAX_HINT = 1e15
+#: Longest estimated_duration_seconds: the longest lease there is (app.engine.MAX_LEASE_SECONDS).
+MAX_DURATION_SECONDS = MAX_LEASE_SECONDS
+
+
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A real JSON number (not a bool) that a float holds: ints of any size are compared as
+    ints, never converted (``float(10**400)`` raises OverflowError)."""
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, int):
+        return -MAX_HINT <= v <= MAX_HINT
+    return isinstance(v, float) and math.isfinite(v) and -MAX_HINT <= v <= MAX_HINT
+
+
+def _shown(v: Any) -> str:
+    """A bad value for an error message, cut short (a 400-digit integer is not worth echoing)."""
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 class _Checker:
@@ -192,7 +212,7 @@ class _Checker:
             f" in {lo:g}..{hi:g}" if hi is not None else f" {low}")
         if (not _is_number(v) or (whole and v != int(v)) or v < lo or (above and v <= lo)
                 or (hi is not None and v > hi)):
-            self.bad(name, f"{kind}{rng}, got {v!r}")
+            self.bad(name, f"{kind}{rng}, got {_shown(v)}")
             return None
         return int(v) if whole else float(v)
 
@@ -201,11 +221,11 @@ class _Checker:
             return None
         v = self.data[name]
         if not isinstance(v, str) or not v.strip() or len(v) > max_len:
-            self.bad(name, f"a non-empty string of at most {max_len} characters, got {v!r}")
+            self.bad(name, f"a non-empty string of at most {max_len} characters, got {_shown(v)}")
             return None
         v = v.strip()
         if choices is not None and v.lower() not in choices:
-            self.bad(name, f"one of {', '.join(choices)}, got {v!r}")
+            self.bad(name, f"one of {', '.join(choices)}, got {_shown(v)}")
             return None
         return v.lower() if choices is not None else v
 
@@ -214,7 +234,7 @@ class _Checker:
         if v is None:
             return False
         if not isinstance(v, bool):
-            self.bad(name, f"true or false, got {v!r}")
+            self.bad(name, f"true or false, got {_shown(v)}")
             return False
         return v
 
@@ -223,7 +243,7 @@ class _Checker:
         if v is None:
             return []
         if not isinstance(v, list) or len(v) > max_items:
-            self.bad(name, f"a list of at most {max_items} ids, got {v!r}")
+            self.bad(name, f"a list of at most {max_items} ids, got {_shown(v)}")
             return []
         for i, item in enumerate(v):
             if not isinstance(item, str) or not item.strip() or len(item) > 256:
@@ -251,16 +271,17 @@ def check_workload_data(workload_type: str, data: Any, training_sizes) -> Hints:
     sizes = tuple(training_sizes) if workload_type == "training" else (
         tuple(INFERENCE_SIZES) if workload_type == "inference" else None)
     hints = Hints(
-        batch_size=c.number("batch_size"),
-        concurrent_requests=c.number("concurrent_requests"),
-        image_count=c.number("image_count"),
-        node_count=c.number("node_count"),
+        batch_size=c.number("batch_size", 0, MAX_HINT),
+        concurrent_requests=c.number("concurrent_requests", 0, MAX_HINT),
+        image_count=c.number("image_count", 0, MAX_HINT),
+        node_count=c.number("node_count", 0, MAX_HINT),
         required_gpus=c.number("required_gpus", 1, 64, whole=True),
         min_memory_mb=c.number("min_memory_mb", 0, 16 * 1024 * 1024, whole=True),
         max_memory_mb=c.number("max_memory_mb", 0, 16 * 1024 * 1024, whole=True),
         priority=c.number("priority", 1, 10, whole=True),
         max_utilization=c.number("max_utilization", 0, 100),
-        estimated_duration_seconds=c.number("estimated_duration_seconds", 0, above=True),
+        estimated_duration_seconds=c.number("estimated_duration_seconds", 0,
+                                            MAX_DURATION_SECONDS, above=True),
         parameters_billions=c.number("parameters_billions", 0, 100_000, above=True),
         workflow_priority=c.number("workflow_priority", 1, 10, whole=True),
         model_size=c.string("model_size", choices=sizes),

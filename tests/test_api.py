@@ -232,17 +232,19 @@ def test_deeply_nested_json_is_400_not_a_crash(client):
     assert_error(resp, 400, "bad_request")
 
 
-def test_nan_is_not_json(client):
+def test_nan_is_a_422_naming_the_field(client):
     resp = client.post("/gpu/allocate", data='{"service_name": "a", "priority": NaN}',
                        content_type="application/json")
-    assert_error(resp, 400, "bad_request")
+    err = assert_error(resp, 422, "validation_error")
+    assert list(err["details"]) == ["priority"]
 
 
-def test_numbers_beyond_float_range_are_400(client):
+def test_numbers_beyond_float_range_are_422_naming_the_field(client):
     resp = client.post("/gpu/allocate", data='{"service_name": "a", "workload_data": '
                                               '{"batch_size": 1e400}}',
                        content_type="application/json")
-    assert_error(resp, 400, "bad_request")
+    err = assert_error(resp, 422, "validation_error")
+    assert list(err["details"]) == ["workload_data.batch_size"]
 
 
 def test_wrong_content_type_is_415(client):

@@ -1,5 +1,6 @@
 """Reading a JSON request body: 415 for the wrong content type, 400 for malformed JSON, 422
-(naming each bad field) for a body the schema rejects. The size limit (413) is Flask's
+(naming each bad field) for a body the schema rejects, or one holding NaN, Infinity or a
+number past a float's range (``1e400``). The size limit (413) is Flask's
 ``MAX_CONTENT_LENGTH``, enforced while the body is read here.
 """
 from __future__ import annotations
@@ -15,15 +16,36 @@ from werkzeug.exceptions import UnsupportedMediaType
 from app.errors import BadRequest, ValidationFailed
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
+class NonFinite:
+    """Stands in for NaN, Infinity, -Infinity and numbers past a float's range (1e400) while
+    the body is parsed, so the 422 that follows can name the field that held one."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str):
+        self.text = text[:40]
+
+    def __repr__(self) -> str:
+        return self.text
 
 
-def _finite_float(text: str) -> float:
+def _finite_float(text: str) -> float | NonFinite:
     value = float(text)
-    if math.isinf(value):  # 1e400 parses as inf, which no JSON answer could echo back
-        raise ValueError(f"number {text[:40]} is out of range")
-    return value
+    return NonFinite(text) if math.isinf(value) else value
+
+
+def _non_finite_paths(value: Any, path: str = "") -> dict[str, list[str]]:
+    """``{"workload_data.batch_size": ["a finite number, got NaN"]}`` for each NonFinite."""
+    if isinstance(value, NonFinite):
+        return {path or "_schema": [f"a finite number, got {value.text}"]}
+    out: dict[str, list[str]] = {}
+    if isinstance(value, dict):
+        for key, item in value.items():
+            out.update(_non_finite_paths(item, f"{path}.{key}" if path else str(key)))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            out.update(_non_finite_paths(item, f"{path}[{i}]"))
+    return out
 
 
 def _is_json(mimetype: str) -> bool:
@@ -38,12 +60,35 @@ def raw_json() -> Any:
         raise UnsupportedMediaType("Content-Type must be application/json")
     if not data:
         return None
+    odd = []
+
+    def constant(text: str) -> NonFinite:
+        odd.append(text)
+        return NonFinite(text)
+
+    def number(text: str) -> float | NonFinite:
+        value = _finite_float(text)
+        if isinstance(value, NonFinite):
+            odd.append(text)
+        return value
+
+    def integer(text: str) -> int | NonFinite:
+        if len(text) > 309:  # past any float (and int() refuses 4,300 digits outright)
+            odd.append(text)
+            return NonFinite(text)
+        return int(text)
+
     try:
-        return json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
+        body = json.loads(data, parse_constant=constant, parse_float=number, parse_int=integer)
     except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
         raise BadRequest(f"malformed JSON: {exc}") from None
     except RecursionError:
         raise BadRequest("malformed JSON: nested too deeply") from None
+    if odd:  # NaN/Infinity are not JSON numbers, 1e400 has no float: 422 naming the field
+        details = _non_finite_paths(body)
+        raise ValidationFailed("invalid request body: " + ", ".join(sorted(details))
+                               + " must be finite numbers", details=details)
+    return body
 
 
 def load(schema: ma.Schema, *, empty: Any = None) -> dict[str, Any]:

@@ -17,13 +17,13 @@ _REQ_FIELDS = tuple(schemas.RequirementsSchema().fields)
 
 
 def _int_list(values: Any) -> Any:
-    if values is None:
+    if not isinstance(values, list):
         return None
     out = []
     for v in values:
         try:
             out.append(int(v))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             return None
     return out
 

@@ -13,8 +13,7 @@ local f = redis.call('HMGET', rk, 'status', 'owner', 'lease_seconds', 'service_n
 if not f[1] then return {-1} end
 if principal ~= '' and admin ~= '1' and (f[2] or '') ~= principal then return {-2} end
 if f[1] ~= 'allocated' then return {-3, f[1]} end
-local secs = tonumber(f[3])
-if lease ~= '' then secs = tonumber(lease) end
+local secs = lease_secs(lease ~= '' and lease or f[3])
 local expires, score = '', '+inf'
 if secs >= 0 then
   expires = ftime(NOW + secs)

@@ -17,7 +17,7 @@
         request, service, idempotency, node_free_gpus (concatenation, no string.format)
     POLICY (best_effort|strict_fifo)  AGING (priority points per second)
     RES_AFTER (s; < 0 = off)  HB_TIMEOUT (s)  EV_MAX  HIST_TTL (s; HIST_TTL_S: whole seconds,
-    as a string)  MAX_QUEUE
+    as a string)  MAX_QUEUE  MAX_LEASE (s; the longest lease there is)
 
   Errors are returned, not raised: { negative code, details... } (see ERRORS in app/engine.py).
 
@@ -41,6 +41,16 @@ local A = 1
 
 local function ftime(x) return string.format('%.6f', x) end
 local function fnum(x) return string.format('%.17g', x) end
+
+-- A lease as sent or stored -> seconds, -1 = no expiry. Never endless by accident: anything
+-- that is not a number, NaN, or longer than MAX_LEASE (inf included) becomes MAX_LEASE, so
+-- every expiry is a finite, representable time whatever a record holds.
+local function lease_secs(x)
+  x = tonumber(x)
+  if x == nil or x ~= x or x > MAX_LEASE then return MAX_LEASE end
+  if x < 0 then return -1 end
+  return x
+end
 
 local WAIT_BUCKETS = {'0.005', '0.01', '0.025', '0.05', '0.1', '0.25', '0.5', '1', '2.5', '5',
   '10', '30', '60', '120', '300', '600', '1800', '3600'}
@@ -205,7 +215,7 @@ local function req_from(id, f)
   local r = {id = id, svc = f[1], sharing = f[2], k = tonumber(f[3]), minm = tonumber(f[4]),
     maxm = tonumber(f[5]), util = tonumber(f[6]), pref_raw = f[7] or '[]',
     deps_raw = f[8] or '[]', submitted = tonumber(f[9]), hook = f[10] or '',
-    hook_events = f[11] or '[]', lease = tonumber(f[12]), priority = tonumber(f[13]),
+    hook_events = f[11] or '[]', lease = lease_secs(f[12]), priority = tonumber(f[13]),
     reserved = f[14] or '', status = f[15], owner = f[16] or ''}
   r.pref = {}
   r.npref = 0
