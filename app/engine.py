@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from app.errors import (Conflict, Forbidden, NotFound, OrchestratorError, QueueFull,
-                        Unsatisfiable, ValidationFailed)
+from app.errors import (Conflict, Forbidden, NotFound, OrchestratorError, OwnerQueueFull,
+                        PayloadTooLarge, QueueFull, Unsatisfiable, ValidationFailed)
 from app.keys import Keys
 
 LUA_DIR = Path(__file__).with_name("lua")
@@ -40,7 +40,7 @@ SCRIPTS = ("allocate", "release", "release_service", "renew", "cancel", "schedul
 _INCLUDE = re.compile(r"^-- @include (\w+)\s*$", re.M)
 _CONSTANTS = "-- @constants"
 _CONSTANT_NAME = re.compile(r"\b(?:K_[A-Z]+|POLICY|AGING|RES_AFTER|HB_TIMEOUT|EV_MAX|HIST_TTL_S|"
-                            r"HIST_TTL|MAX_QUEUE|MAX_LEASE)\b")
+                            r"HIST_TTL|MAX_QUEUE|MAX_LEASE|MAX_OWNER|MAX_SVC_LABELS)\b")
 _SERVICE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 #: The longest lease there is (10 years), whatever ``scheduler.max_ttl`` says (0 = no limit
@@ -90,8 +90,29 @@ ERRORS: dict[int, Callable[[dict, list], OrchestratorError]] = {
     -6: lambda ctx, d: _unsatisfiable(d[0], d[1], ctx),
     -7: lambda ctx, d: ValidationFailed(f"depends_on names unknown request {d[0]!r}",
                                         details={"field": "depends_on", "id": d[0]}),
+    -9: lambda ctx, d: OwnerQueueFull(
+        f"you already have {d[0]} requests queued, your share of the queue (at most {d[1]}); "
+        "retry when some are granted", details={"queued": int(d[0]), "limit": int(d[1])}),
 }
 _RETRY_ID = -8
+
+
+def workload_data_json(data: Any, limit: int) -> str:
+    """``workload_data`` as the engine stores it; PayloadTooLarge (413) past ``limit`` bytes
+    (``server.max_workload_data_bytes``), so no client keeps large blobs in Redis for a day."""
+    text = json.dumps(data, sort_keys=True, default=str) if data else "{}"
+    if len(text) > limit:  # ensure_ascii: one character is one byte
+        raise PayloadTooLarge(
+            f"workload_data is {len(text)} bytes as JSON, more than the {limit} allowed "
+            "(server.max_workload_data_bytes); send hints, not data",
+            details={"field": "workload_data", "bytes": len(text), "limit": limit})
+    return text
+
+
+def max_queued_per_owner(settings) -> int:
+    """``scheduler.max_queued_per_owner``; 0 (the default) is a quarter of max_queue_size."""
+    s = settings.scheduler
+    return s.max_queued_per_owner or max(1, s.max_queue_size // 4)
 
 
 def _unsatisfiable(reason: str, limit: str, ctx: dict) -> Unsatisfiable:
@@ -241,7 +262,8 @@ class Engine:
             "K_QDEAD": k.queue_deadlines(), "K_QUNRES": k.queue_unreserved(),
             "K_RES": k.reservations(), "K_LEASES": k.leases(), "K_EVENTS": k.events(),
             "K_OUTBOX": k.webhook_outbox(), "K_STATS": k.stats(), "K_META": k.meta(),
-            "K_QSHAPE": k.queue_shapes()}
+            "K_QSHAPE": k.queue_shapes(), "K_SVCLABELS": k.stats_services(),
+            "K_QOWNERS": k.queue_owners()}
         self._lua_builders = {
             "k_node(n)": k.node("%s"), "k_gpu(n, i)": k.gpu("%s", "%s"),
             "k_req(id)": k.request("%s"), "k_svc(s)": k.service("%s"),
@@ -265,7 +287,9 @@ class Engine:
                         EV_MAX=_lua_str(str(s.events_maxlen)), HIST_TTL=_lua_num(s.history_ttl),
                         HIST_TTL_S=_lua_str(str(math.floor(s.history_ttl))),
                         MAX_QUEUE=_lua_num(s.max_queue_size),
-                        MAX_LEASE=_lua_num(MAX_LEASE_SECONDS))
+                        MAX_LEASE=_lua_num(MAX_LEASE_SECONDS),
+                        MAX_OWNER=_lua_num(max_queued_per_owner(self.settings)),
+                        MAX_SVC_LABELS=_lua_num(self.settings.monitoring.max_service_labels))
         lines = []
         for head, template in self._lua_builders.items():
             params = head[head.index("(") + 1:-1].split(", ")
@@ -276,11 +300,12 @@ class Engine:
     def _script(self, name: str):
         """The registered script for the current settings (re-rendered when they change;
         register_script only hashes the text, nothing talks to Redis until the first call)."""
-        s = self.settings.scheduler
-        if self._scripts_for is not s:
+        s, m = self.settings.scheduler, self.settings.monitoring
+        if self._scripts_for is None or self._scripts_for[0] is not s \
+                or self._scripts_for[1] is not m:
             self._scripts = {n: self.redis.register_script(self._render(load_script(n)))
                              for n in SCRIPTS}
-            self._scripts_for = s
+            self._scripts_for = (s, m)
         return self._scripts[name]
 
     def _run(self, name: str, *args, ctx: dict | None = None):
@@ -440,7 +465,7 @@ class Engine:
         fields = {
             "service_name": svc, "owner": str(owner), "workload_type": str(req.get("workload_type")
                                                                           or "generic"),
-            "workload_data": json.dumps(data, sort_keys=True, default=str) if data else "{}",
+            "workload_data": workload_data_json(data, self.settings.server.max_workload_data_bytes),
             "priority": str(prio), "required_gpus": str(gpus), "min_memory_mb": str(min_mb),
             "max_memory_mb": str(max_mb), "max_utilization": _num(util),
             "preferred_gpus": json.dumps(sorted(set(pref))) if pref else "[]", "sharing": sharing,

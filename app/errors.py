@@ -10,7 +10,9 @@
     ├── Forbidden (403, forbidden)
     ├── NotFound (404, not_found)
     ├── Conflict (409, conflict)
+    ├── PayloadTooLarge (413, payload_too_large)
     ├── QueueFull (429, queue_full)
+    │   └── OwnerQueueFull (429, owner_queue_full)
     └── Unavailable (503, unavailable)
 
 The API's app-wide handler turns any of them into
@@ -65,9 +67,18 @@ class Conflict(OrchestratorError):
     status, code = 409, "conflict"
 
 
+class PayloadTooLarge(OrchestratorError):
+    status, code = 413, "payload_too_large"
+
+
 class QueueFull(OrchestratorError):
     status, code = 429, "queue_full"
     retry_after = 5
+
+
+class OwnerQueueFull(QueueFull):
+    """The caller's own share of the queue is full; other owners can still queue."""
+    code = "owner_queue_full"
 
 
 class Unavailable(OrchestratorError):

@@ -121,6 +121,16 @@ class Keys:
         """STRING leader lock (scheduler, reaper) held with a TTL."""
         return self._k("lock", name)
 
+    def stats_services(self) -> str:
+        """SET of the services that have their own label in the stats hash (at most
+        ``monitoring.max_service_labels``; the rest are counted as ``other``)."""
+        return self._k("stats", "services")
+
+    def queue_owners(self) -> str:
+        """HASH of owner (``o:<principal>``, or ``s:<service>`` with auth off) -> requests it
+        has queued; for ``scheduler.max_queued_per_owner``. Owners with none have no field."""
+        return self._k("queue", "owners")
+
     def stats(self) -> str:
         """HASH of cluster-wide counters (allocations by service/status, grants, wait buckets)
         kept by the Lua scripts, so every replica exports the same totals."""

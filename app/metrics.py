@@ -37,6 +37,15 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 #: Route label for requests that matched no route (keeps the label set bounded).
 UNMATCHED = "<unmatched>"
+#: Method labels: the standard methods (RFC 9110 and PATCH); anything else a client invents
+#: is counted as ``other``, so random methods cannot add series.
+METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
+                     "PATCH"))
+OTHER = "other"
+
+
+def method_label(method: str) -> str:
+    return method if method in METHODS else OTHER
 
 #: Per-GPU gauges: metric name -> (GPU field, help).
 GPU_GAUGES = {
@@ -106,7 +115,7 @@ class RedisCollector:
         yield _gauge("gpu_orchestrator_gpus_available", "GPUs free and schedulable",
                      counts.get("gpus_available", 0))
         yield from _gpu_gauges(snapshot_gpus)
-        yield from stats_families(stats)
+        yield from stats_families(stats, self.engine.settings.monitoring.max_service_labels)
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -129,11 +138,29 @@ def _gpu_gauges(gpus: list[dict[str, Any]]) -> Iterable[Any]:
         yield fam
 
 
-def stats_families(stats: dict[str, Any]) -> Iterable[Any]:
+def service_series(allocations: dict[str, dict[str, int]],
+                   max_labels: int) -> dict[str, dict[str, int]]:
+    """At most ``max_labels`` services keep their own label; the rest are summed as ``other``.
+    The scripts already fold new services into ``other`` past the limit; this also bounds a
+    stats hash written before the limit existed (or under a larger one)."""
+    own = sorted(s for s in allocations if s != OTHER)
+    if len(own) <= max_labels:
+        return allocations
+    keep = set(own[:max_labels])
+    out: dict[str, dict[str, int]] = {}
+    for service in sorted(allocations):
+        into = out.setdefault(service if service in keep else OTHER, {})
+        for status, value in allocations[service].items():
+            into[status] = into.get(status, 0) + value
+    return out
+
+
+def stats_families(stats: dict[str, Any], max_service_labels: int = 100) -> Iterable[Any]:
     """Counters and the queue-wait histogram from the engine's cluster-wide stats."""
     alloc = CounterMetricFamily("gpu_orchestrator_allocations_total",
                                 "requests by service and outcome", labels=("service", "status"))
-    for service, by_status in sorted(stats.get("allocations", {}).items()):
+    series = service_series(stats.get("allocations", {}), max_service_labels)
+    for service, by_status in sorted(series.items()):
         for status, value in sorted(by_status.items()):
             alloc.add_metric([service, status], float(value))
     yield alloc
@@ -203,7 +230,8 @@ def init_app(app: Flask, engine: Any) -> None:
         start = g.pop("_metrics_start", None)
         if start is not None:
             rule = request.url_rule
-            http.observe(request.method, rule.rule if rule is not None else UNMATCHED,
+            http.observe(method_label(request.method),
+                         rule.rule if rule is not None else UNMATCHED,
                          response.status_code, time.perf_counter() - start)
         return response
 

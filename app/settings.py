@@ -412,6 +412,9 @@ SPEC: dict[str, dict[str, Any]] = {
         "workers": Int(2, 1, 64, doc="gunicorn worker processes"),
         "threads": Int(4, 1, 256, doc="threads per gunicorn worker"),
         "max_body_bytes": Int(65536, 1024, 16 * 1024 * 1024, doc="largest accepted request body"),
+        "max_workload_data_bytes": Int(8192, 64, 16 * 1024 * 1024,
+                                       doc="largest workload_data (as compact JSON); past it "
+                                           "413"),
     },
     "logging": {
         "format": Choice("text", ("text", "json"), doc="text for people, json for log pipelines"),
@@ -445,6 +448,10 @@ SPEC: dict[str, dict[str, Any]] = {
         "cleanup_interval": Duration("5s", 0.1, doc="reaper: expire leases, time out requests"),
         "max_queue_size": Int(10000, 1, 10_000_000,
                               doc="queued requests beyond this are refused with 429"),
+        "max_queued_per_owner": Int(0, 0, 10_000_000,
+                                    doc="queued requests one owner (API key; the service_name "
+                                        "when auth is off) may have; past it 429 for that "
+                                        "owner only; 0 = a quarter of max_queue_size"),
         "default_ttl_multiplier": Float(2.0, 0.1, 1000,
                                         doc="lease = estimated duration x this, when no ttl"),
         "default_ttl": Duration("1h", 1, doc="lease when nothing else gives one"),
@@ -491,6 +498,9 @@ SPEC: dict[str, dict[str, Any]] = {
     "monitoring": {
         "refresh_interval": Duration("5s", 0.1, doc="how often a monitor reports its GPUs"),
         "metrics_enabled": Bool(True, doc="serve /metrics and count HTTP requests"),
+        "max_service_labels": Int(100, 1, 100_000,
+                                  doc="services with their own allocations_total series; "
+                                      "later ones are counted as service=\"other\""),
         "backend": Choice("auto", ("auto", "nvml", "simulated"),
                           doc="auto: NVML when a driver answers, else the simulated fleet"),
         "node_name": Str("", doc="this node's name; empty: the host name"),

@@ -140,7 +140,8 @@ def run(url: str, reps: int) -> dict:
     # requests accept at most 50 % utilization, so none can ever be placed here
     client.flushall()
     settings = settings_mod.defaults().replace(redis={"prefix": "{bench}"},
-                                               scheduler={"max_queue_size": 20000})
+                                               scheduler={"max_queue_size": 20000,
+                                                          "max_queued_per_owner": 20000})
     engine = Engine(client, settings)
     fleet(engine, 1024, util=90)
     for _ in range(127):

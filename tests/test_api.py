@@ -150,7 +150,7 @@ def test_unsatisfiable_request_is_422_with_the_reason(client):
 
 
 def test_full_queue_is_429_with_retry_after(make_app):
-    client = make_app(scheduler={"max_queue_size": 1}).test_client()
+    client = make_app(scheduler={"max_queue_size": 1, "max_queued_per_owner": 1}).test_client()
     assert allocate(client, workload_data={"required_gpus": 8}).status_code == 200
     assert allocate(client).status_code == 202
     resp = allocate(client)

@@ -100,6 +100,12 @@ def check_invariants(engine: Engine, redis, now: float) -> dict:
     assert set(redis.zrange(k.leases(), 0, -1)) == set(live)
     assert set(redis.zrange(k.queue_deadlines(), 0, -1)) == set(queued)
     assert set(redis.hkeys(k.queue_shapes())) == set(queued)
+    # each owner's count of queued requests (scheduler.max_queued_per_owner) matches the queue
+    per_owner: dict = {}
+    for r in queued.values():
+        bucket = "o:" + r["owner"] if r.get("owner") else "s:" + r["service_name"]
+        per_owner[bucket] = per_owner.get(bucket, 0) + 1
+    assert {b: int(n) for b, n in redis.hgetall(k.queue_owners()).items()} == per_owner
     demand = set(redis.zrange(k.queue_demand("exclusive"), 0, -1)) | set(
         redis.zrange(k.queue_demand("shared"), 0, -1))
     assert demand == set(queued)
@@ -185,6 +191,7 @@ class EngineMachine(RuleBasedStateMachine):
         self.redis.flushdb()
         self.clock = Clock()
         st_ = self.settings.replace(scheduler={"policy": policy, "max_queue_size": 12,
+                                               "max_queued_per_owner": 12,
                                                **self.scheduler})
         self.engine = Engine(self.redis, st_, clock=self.clock)
         self.health: dict = {}

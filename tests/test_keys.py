@@ -37,6 +37,8 @@ SHAPES = [
     (K.webhook_claim("e1"), "{gpuo}:outbox:claim:e1"),
     (K.lock("scheduler"), "{gpuo}:lock:scheduler"),
     (K.stats(), "{gpuo}:stats"),
+    (K.stats_services(), "{gpuo}:stats:services"),
+    (K.queue_owners(), "{gpuo}:queue:owners"),
     (K.meta(), "{gpuo}:meta"),
 ]
 
@@ -59,7 +61,8 @@ def test_every_key_method_is_pinned():
              "queue_unreserved": "queue", "reservations": "reservations", "leases": "leases",
              "service": "svc", "idempotency": "idem", "events": "events",
              "webhook_outbox": "outbox", "webhook_processing": "outbox",
-             "webhook_claim": "outbox", "lock": "lock", "stats": "stats", "meta": "meta"}
+             "webhook_claim": "outbox", "lock": "lock", "stats": "stats", "meta": "meta",
+             "stats_services": "stats", "queue_owners": "queue"}
     assert methods == set(first), "a new key needs a pinned shape in SHAPES"
     assert set(first.values()) <= pinned
 

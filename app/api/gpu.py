@@ -16,6 +16,7 @@ from flask_smorest import Blueprint
 
 from app import auth, schemas
 from app.api import body, doc, render
+from app.engine import workload_data_json
 from app.errors import BadRequest, NotFound
 
 log = logging.getLogger("gpu_orchestrator.api")
@@ -79,6 +80,12 @@ def _dispatch_webhooks() -> None:
     dispatcher = current_app.extensions.get("gpu_dispatcher")
     if dispatcher is not None:
         dispatcher.kick()
+
+
+def _check_size(data: dict[str, Any]) -> None:
+    """413 for workload_data past ``server.max_workload_data_bytes``, before anything reads it."""
+    workload_data_json(data.get("workload_data"),
+                       current_app.extensions["gpu_engine"].settings.server.max_workload_data_bytes)
 
 
 def _analyze(data: dict[str, Any]) -> dict[str, Any]:
@@ -159,6 +166,7 @@ def allocate():
     """
     key = _idempotency_key()
     data = body.load(_ALLOCATE_BODY)
+    _check_size(data)
     analysis = _analyze(data)
     principal = auth.current_principal()
     req = engine_request(data, analysis, principal)
@@ -241,6 +249,7 @@ def list_all():
 def workload():
     """Analyse a workload without side effects."""
     data = body.load(_WORKLOAD_BODY)
+    _check_size(data)
     analysis = _analyze(data)
     return jsonify(render.requirements(analysis))
 

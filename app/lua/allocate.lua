@@ -13,10 +13,13 @@
         node, ..., as in the record) when granted, position >= 1 and an empty list when queued
     {2, record JSON, position}  an idempotent replay of an earlier request
     errors: {-4, existing id} idempotency key reused with another body, {-7, dep} unknown
-    depends_on id, {-6, reason, limit} can never fit, {-5, depth} queue full, {-8} id taken.
+    depends_on id, {-6, reason, limit} can never fit, {-5, depth} queue full, {-9, queued,
+    limit} the owner already has MAX_OWNER requests queued, {-8} id taken.
   Guarantees: the request is granted at once only if no higher-ranked waiting request could
-  use the GPUs (the pass tries those first); otherwise it is queued. A full queue rejects only
-  requests that would wait. No writes on error (other than grants the pass made for others).
+  use the GPUs (the pass tries those first); otherwise it is queued. A full queue, or an owner
+  at its share (MAX_OWNER; the owner is the principal, else the service), rejects only
+  requests that would wait. No writes on error (other than grants the pass made for others):
+  a rejected request leaves no record, counter or stats field behind.
 ]]
 -- @include prelude
 local id, idem_key, idem_hash = ARGV[A + 1], ARGV[A + 2], ARGV[A + 3]
@@ -54,11 +57,10 @@ elseif k > tonumber(m[2]) then
 elseif minm > tonumber(m[3]) then
   reject = {-6, 'min_memory_mb', m[3]}
 end
-if reject then
-  stat('alloc|' .. svc .. '|rejected')
-  return reject
-end
+if reject then return reject end
 local depth = redis.call('ZCARD', K_QUEUE)
+local bucket = owner_bucket(f.owner, svc)
+local mine = tonumber(redis.call('HGET', K_QOWNERS, bucket) or '0') or 0
 local rk = k_req(id)
 if redis.call('EXISTS', rk) == 1 then return {-8} end
 
@@ -85,17 +87,18 @@ redis.call(unpack(hset))
 queue().enqueue(r, queue_timeout)
 schedule(id)
 local rank = redis.call('ZRANK', K_QUEUE, id)
-if rank and depth >= MAX_QUEUE then
-  -- it would wait, and the queue is full: undo (nothing about it was announced yet)
-  queue().dequeue(id, '', r.sharing)
+if rank and (depth >= MAX_QUEUE or mine >= MAX_OWNER) then
+  -- it would wait, and the queue is full or the owner has its share: undo (nothing about it
+  -- was announced yet)
+  queue().dequeue(id, '', r.sharing, bucket)
   redis.call('DEL', rk)
   if idem_key ~= '' then redis.call('DEL', k_idem(idem_key)) end
-  stat('alloc|' .. svc .. '|rejected')
-  return {-5, tostring(depth)}
+  if depth >= MAX_QUEUE then return {-5, tostring(depth)} end
+  return {-9, tostring(mine), tostring(MAX_OWNER)}
 end
 if rank then
   event('queued', id, svc, nil)
-  stat('alloc|' .. svc .. '|queued')
+  stat('alloc|' .. svc_label(svc) .. '|queued')
   return {1, submitted, rank + 1, {}}
 end
 local names = {'status', 'node', 'gpu_ids', 'gpu_uuids', 'allocated_at', 'expires_at',

@@ -10,14 +10,16 @@
   builders replace the @constants line below. Redis 6.2 runs a script's whole body on every
   call, so nothing is sent, split or captured as an upvalue per call:
     K_NODES K_FREE K_SIZES K_GPUS K_SHARED K_QUEUE K_QDX K_QDS K_QDEAD K_QUNRES K_RES K_LEASES
-    K_EVENTS K_OUTBOX K_STATS K_META K_QSHAPE      keys: nodes, nodes_free, node_sizes, gpus,
-        shared_capacity, queue, queue_demand:exclusive, queue_demand:shared, queue_deadlines,
-        queue_unreserved, reservations, leases, events, webhook_outbox, stats, meta, queue_shapes
+    K_EVENTS K_OUTBOX K_STATS K_META K_QSHAPE K_SVCLABELS K_QOWNERS      keys: nodes,
+        nodes_free, node_sizes, gpus, shared_capacity, queue, queue_demand:exclusive,
+        queue_demand:shared, queue_deadlines, queue_unreserved, reservations, leases, events,
+        webhook_outbox, stats, meta, queue_shapes, stats_services, queue_owners
     k_node(n) k_gpu(n, i) k_req(id) k_svc(s) k_idem(k) k_free(n)      key builders: node, gpu,
         request, service, idempotency, node_free_gpus (concatenation, no string.format)
     POLICY (best_effort|strict_fifo)  AGING (priority points per second)
     RES_AFTER (s; < 0 = off)  HB_TIMEOUT (s)  EV_MAX  HIST_TTL (s; HIST_TTL_S: whole seconds,
     as a string)  MAX_QUEUE  MAX_LEASE (s; the longest lease there is)
+    MAX_OWNER (queued requests per owner)  MAX_SVC_LABELS (services with their own stats label)
 
   Errors are returned, not raised: { negative code, details... } (see ERRORS in app/engine.py).
 
@@ -106,6 +108,40 @@ local function stat_wait(wait)
     else
       redis.call('HINCRBYFLOAT', K_STATS, 'wait|sum', string.format('%.6f', wait))
     end
+  end
+end
+
+-- The service part of an ``alloc|<service>|<status>`` stats field: the service's own name for
+-- the first MAX_SVC_LABELS services ever counted (kept in K_SVCLABELS), 'other' past them, so
+-- no number of service names grows the stats hash or /metrics without bound.
+local svc_labels = {}
+local function svc_label(svc)
+  svc = svc or ''
+  local v = svc_labels[svc]
+  if v == nil then
+    if redis.call('SISMEMBER', K_SVCLABELS, svc) == 1 then
+      v = svc
+    elseif redis.call('SCARD', K_SVCLABELS) < MAX_SVC_LABELS then
+      redis.call('SADD', K_SVCLABELS, svc)
+      v = svc
+    else
+      v = 'other'
+    end
+    svc_labels[svc] = v
+  end
+  return v
+end
+
+-- Whose share of the queue a request counts against (K_QOWNERS field): its owner (the API
+-- key's principal), or its service when auth is off and there is no owner.
+local function owner_bucket(owner, svc)
+  if owner and owner ~= '' then return 'o:' .. owner end
+  return 's:' .. (svc or '')
+end
+
+local function owner_count(bucket, n)
+  if redis.call('HINCRBY', K_QOWNERS, bucket, n) <= 0 then
+    redis.call('HDEL', K_QOWNERS, bucket)
   end
 end
 
@@ -464,10 +500,10 @@ local function grant(r, node, chosen, queued, from_queue, pending)
   end
   redis.call('ZADD', K_LEASES, score, r.id)
   redis.call('SADD', k_svc(r.svc), r.id)
-  if queued then queue().dequeue(r.id, r.reserved, r.sharing) end
+  if queued then queue().dequeue(r.id, r.reserved, r.sharing, owner_bucket(r.owner, r.svc)) end
   local evid = event('allocated', r.id, r.svc, {'node', node, 'gpu_ids', ids_json,
     'gpu_uuids', uuids_json})
-  stat('alloc|' .. r.svc .. '|allocated')
+  stat('alloc|' .. svc_label(r.svc) .. '|allocated')
   if from_queue then
     stat('sched|from_queue')
     stat_wait(wait)
@@ -507,7 +543,7 @@ local function finish_alloc(id, status, rec)
   redis.call('SREM', k_svc(svc), id)
   bump_capacity()
   local evid = event(status, id, svc, {'node', node or '', 'gpu_ids', f[2] or '[]'})
-  stat('alloc|' .. svc .. '|' .. status)
+  stat('alloc|' .. svc_label(svc) .. '|' .. status)
   outbox(status, id, evid, f[6], f[7], false)
 end
 
@@ -515,13 +551,13 @@ end
 local function finish_queued(id, status)
   local rk = k_req(id)
   local f = redis.call('HMGET', rk, 'service_name', 'webhook_url', 'webhook_events',
-    'reserved_node', 'sharing')
-  queue().dequeue(id, f[4], f[5])
+    'reserved_node', 'sharing', 'owner')
+  queue().dequeue(id, f[4], f[5], owner_bucket(f[6], f[1]))
   redis.call('HSET', rk, 'status', status, 'ended_at', NOW_S)
   redis.call('EXPIRE', rk, HIST_TTL_S)
   bump_capacity()
   local evid = event(status, id, f[1], nil)
-  stat('alloc|' .. (f[1] or '') .. '|' .. status)
+  stat('alloc|' .. svc_label(f[1]) .. '|' .. status)
   outbox(status, id, evid, f[2], f[3], false)
 end
 
@@ -541,11 +577,17 @@ queue = function()
   -- Remove a request from every queue index; drop its reservation (that frees a node for others).
   -- Inside a pass (dq_ids set) the ids are collected and leave the indexes together, one call
   -- per index, in dequeue_flush: the pass flushes before it reads the queue again.
-  local dq_ids = nil
-  local function dequeue(id, reserved, sharing)
+  local dq_ids, dq_owners = nil, nil
+  local function dequeue(id, reserved, sharing, bucket)
+    if not bucket then
+      local f = redis.call('HMGET', k_req(id), 'owner', 'service_name')
+      bucket = owner_bucket(f[1], f[2])
+    end
     if dq_ids then
       dq_ids[#dq_ids + 1] = id
+      dq_owners[bucket] = (dq_owners[bucket] or 0) - 1
     else
+      owner_count(bucket, -1)
       redis.call('ZREM', K_QUEUE, id)
       redis.call('HDEL', K_QSHAPE, id)
       if sharing ~= 'shared' then redis.call('ZREM', K_QDX, id) end
@@ -567,7 +609,9 @@ queue = function()
         redis.call('ZREM', key, unpack(dq_ids))
       end
       redis.call('HDEL', K_QSHAPE, unpack(dq_ids))
+      for bucket, n in pairs(dq_owners) do owner_count(bucket, n) end
     end
+    dq_owners = {}
   end
 
   -- Queue rank score, lowest first. With aging, effective priority p + AGING * (now - s) orders
@@ -595,6 +639,7 @@ queue = function()
     end
     redis.call('ZADD', K_QDEAD, ftime(r.submitted + queue_timeout), r.id)
     redis.call('ZADD', K_QUNRES, ftime(r.submitted), r.id)
+    owner_count(owner_bucket(r.owner, r.svc), 1)
   end
 
   -- Does queued request a rank ahead of queued request b?
@@ -785,10 +830,10 @@ queue = function()
 
   -- One pass: dequeues are collected (see dequeue) and flushed however the pass ends.
   local function pass(new_id, force)
-    dq_ids = {}
+    dq_ids, dq_owners = {}, {}
     local granted = schedule_inner(new_id, force)
     dequeue_flush()
-    dq_ids = nil
+    dq_ids, dq_owners = nil, nil
     return granted
   end
   queue_fns = {dequeue = dequeue, enqueue = enqueue, pass = pass}
