@@ -201,10 +201,11 @@ def _wait_until_up(settings, url, host, with_monitor, stopped, timeout=20.0) -> 
         from app.redis_client import connect
         engine = Engine(connect(url, settings), settings)
         while not stopped():
-            snap = engine.snapshot()
+            snap = engine.snapshot(requests=False)
+            counts = engine.counts()
             found.update(gpus=len(snap.get("gpus") or []), nodes=len(snap.get("nodes") or []),
-                         queued=len(snap.get("queue") or []),
-                         allocations=len(snap.get("allocations") or []))
+                         queued=counts["queue_depth"],
+                         allocations=counts["allocations_active"])
             if found["gpus"] or not with_monitor or time.monotonic() > deadline:
                 break
             time.sleep(0.2)

@@ -219,19 +219,22 @@ def parse_record(raw: dict | list | str) -> dict:
     return rec
 
 
-def _gpu_view(raw: list, alive_nodes: set[str]) -> dict:
+def _gpu_view(raw: list | dict, alive_nodes: set[str]) -> dict:
     """A stored GPU hash -> what callers see (engine bookkeeping fields left out)."""
-    h = _pairs(raw)
+    h = raw if isinstance(raw, dict) else _pairs(raw)
     alive = h.get("node") in alive_nodes
     out: dict[str, Any] = {}
     for key, value in h.items():
         if key in ("index", "shared_n", "memory_total_mb", "memory_used_mb", "memory_free_mb",
                    "shared_mb"):
-            out[key] = int(float(value or 0))
+            out[key] = int(_float_or(value, 0.0))
         elif key in ("utilization", "temperature", "power_draw", "updated_at"):
-            out[key] = float(value or 0)
+            out[key] = _float_or(value, 0.0)
         elif key in ("processes", "throttle_reasons", "xid") and value[:1] in ("[", "{"):
-            out[key] = json.loads(value)
+            try:
+                out[key] = json.loads(value)
+            except ValueError:
+                out[key] = None
         elif key in ("in_free", "in_busy", "excl"):
             continue
         else:
@@ -552,32 +555,74 @@ class Engine:
                 "granted": [parse_record(r) for r in granted]}
 
     # ------------------------------------------------------------------ views
-    def snapshot(self, *, requests: bool = True) -> dict:
-        """One consistent view. ``requests=False``: GPUs and nodes only (allocations and queue
-        empty), for callers such as the metrics scrape that do not need the requests."""
-        data = json.loads(self._run("snapshot", "1" if not requests else "0"))
-        now = float(data["now"])
+    def snapshot(self, *, requests: bool = True, queue: bool = True, limit: int | None = None,
+                 after: str | None = None) -> dict:
+        """One consistent view: GPUs, nodes, and one page of the live allocations (lease order)
+        then the queue (rank order), as compact records (no ``workload_data``).
+
+        ``requests=False``: GPUs and nodes only (the metrics scrape). ``queue=False``: no queue
+        (the simulated monitor only needs what is held). ``limit``: most records on the page
+        (None = all); ``after``: the ``next`` cursor of the previous page. The answer also
+        carries ``allocations_total``, ``queue_depth`` and ``next`` (None on the last page).
+        Redis time per call is O(GPUs + limit x log n), whatever the queue's length.
+        """
+        if after is not None and not valid_cursor(after):
+            raise ValidationFailed("after: a cursor from a listing's next field",
+                                   details={"field": "after"})
+        if requests:
+            data = json.loads(self._run("snapshot", "all" if queue else "allocations",
+                                        "" if limit is None else str(int(limit)), after or ""))
+        else:
+            data = {}
+        gpu_hashes, node_hashes, now = self._fleet_hashes()
+        if "now" in data:
+            now = float(data["now"])
         timeout = self.settings.scheduler.node_heartbeat_timeout
         nodes = []
         alive = {}
-        for raw in _list(data["nodes"]):
-            h = _pairs(raw)
-            hb = float(h.get("heartbeat") or 0)
+        for h in node_hashes:
+            if not h:
+                continue  # removed between the two reads
+            hb = _float_or(h.get("heartbeat"), 0.0)
             alive[h.get("name")] = hb >= now - timeout
             nodes.append({"name": h.get("name"), "heartbeat": hb, "alive": alive[h.get("name")],
-                          "gpu_count": int(h.get("gpu_count") or 0),
+                          "gpu_count": int(_float_or(h.get("gpu_count"), 0)),
                           "backend": h.get("backend", ""),
                           "host": h.get("host", "")})
         alive_nodes = {name for name, up in alive.items() if up}
-        gpus = [_gpu_view(raw, alive_nodes) for raw in _list(data["gpus"])]
-        queue = []
-        for pos, raw in enumerate(_list(data["queue"]), 1):
+        gpus = [_gpu_view(h, alive_nodes) for h in gpu_hashes if h]
+        queue_recs = []
+        start = int(data.get("queue_start") or 0)
+        for pos, raw in enumerate(_list(data.get("queue")), start + 1):
             rec = parse_record(raw)
             rec["position"] = pos
-            queue.append(rec)
+            queue_recs.append(rec)
         return {"now": now, "gpus": gpus, "nodes": nodes,
-                "allocations": [parse_record(r) for r in _list(data["allocations"])],
-                "queue": queue}
+                "allocations": [parse_record(r) for r in _list(data.get("allocations"))],
+                "queue": queue_recs,
+                "allocations_total": int(data.get("allocations_total") or 0),
+                "queue_depth": int(data.get("queue_depth") or 0),
+                "next": data.get("next") or None}
+
+    def _fleet_hashes(self) -> tuple[list[dict], list[dict], float]:
+        """Every GPU's and node's hash (in index order) and the clock, in two pipelined round
+        trips of short commands: a 1,024-GPU fleet read inside one script held Redis for
+        milliseconds on every listing and scrape. Each hash is read atomically; the set of
+        them is as of this call (a GPU or node removed in between is left out)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrange(self.keys.gpus(), 0, -1)
+        pipe.zrange(self.keys.nodes(), 0, -1)
+        pipe.time()
+        members, node_names, (sec, usec) = pipe.execute()
+        now = float(self.clock()) if self.clock is not None else sec + usec / 1e6
+        pipe = self.redis.pipeline(transaction=False)
+        for member in members:
+            node, _, idx = member.rpartition("|")
+            pipe.hgetall(self.keys.gpu(node, idx))
+        for node in node_names:
+            pipe.hgetall(self.keys.node(node))
+        hashes = pipe.execute() if members or node_names else []
+        return hashes[:len(members)], hashes[len(members):], now
 
     def counts(self) -> dict:
         a, busy, q, total, avail = self._run("counts")
@@ -687,6 +732,29 @@ def _lua_num(x: float) -> str:
     x = float(x)
     text = "math.huge" if math.isinf(x) else repr(abs(x))
     return f"(-{text})" if x < 0 else text
+
+
+_CURSOR = re.compile(r"[aq]\|([^|]{1,40})\|[A-Za-z0-9._:-]{1,200}")
+
+
+def valid_cursor(text: str) -> bool:
+    """A listing cursor (``next``): ``a|<score>|<id>`` or ``q|<score>|<id>``."""
+    m = _CURSOR.fullmatch(text)
+    if not m:
+        return False
+    try:
+        return not math.isnan(float(m.group(1)))
+    except ValueError:
+        return False
+
+
+def _float_or(value: Any, default: float) -> float:
+    """A stored number, or ``default`` when it is missing or not a finite number."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return default
+    return x if math.isfinite(x) else default
 
 
 def _list(v) -> list:

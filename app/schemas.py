@@ -306,10 +306,19 @@ class GpuStatusSchema(_ResponseSchema):
 
 
 class GpuListSchema(_ResponseSchema):
+    """``GET /gpu/list``: the fleet, and one page of requests as compact records."""
+
     gpus = fields.List(fields.Nested(GpuSchema), required=True)
-    allocations = fields.List(fields.Nested(AllocationSchema), required=True)
-    queue = fields.List(fields.Nested(AllocationSchema), required=True)
+    allocations = fields.List(fields.Nested(AllocationSchema), required=True, metadata={
+        "description": "This page's live allocations, by lease end (no workload_data)."})
+    queue = fields.List(fields.Nested(AllocationSchema), required=True, metadata={
+        "description": "This page's queued requests, by rank (no workload_data)."})
     nodes = fields.List(fields.Dict())
+    allocations_total = StrictInt(metadata={"description": "Live allocations in all."})
+    queue_depth = StrictInt(metadata={"description": "Queued requests in all."})
+    limit = StrictInt(metadata={"description": "Most requests on one page."})
+    next = StrictStr(allow_none=True, metadata={
+        "description": "Pass as ?after= for the next page; null on the last page."})
 
 
 class HealthSchema(_ResponseSchema):

@@ -146,9 +146,11 @@ def run(url: str, reps: int) -> dict:
     fleet(engine, 1024, util=90)
     for _ in range(127):
         engine.allocate({"service_name": "hold", "required_gpus": 8})
-    for _ in range(10000):
-        engine.allocate({"service_name": "wait", "required_gpus": 1, "max_utilization": 50})
+    for _ in range(10000):  # each with 1 KB of workload_data, which listings leave out
+        engine.allocate({"service_name": "wait", "required_gpus": 1, "max_utilization": 50,
+                         "workload_data": {"notes": "x" * 1024}})
     assert engine.counts()["queue_depth"] == 10000
+    out.update(snapshot_figures(client, engine))
     # 8 GPUs free but unusable: the cheap test passes, so the pass walks all 10,000
     out["pass_nothing_fits_walk_ms"] = median_ms(lambda: engine.schedule_pass(), 5)
     engine.allocate({"service_name": "hold", "required_gpus": 8})
@@ -190,10 +192,59 @@ def run(url: str, reps: int) -> dict:
         "16384_le_1.5x_8": a16k <= 1.5 * a8,
         "pass_nothing_fits_le_10ms": out["pass_nothing_fits_ms"] <= 10,
         "pass_grant_1000_le_150ms": out["pass_grant_1000_ms"] <= 150,
+        "snapshot_le_5ms": out["snapshot_ms"] <= 5,
     }
     return out
 
 
+
+
+def server_ms(client, fn, calls: int) -> tuple[float, float]:
+    """(longest single command, all commands) Redis spent on one call of ``fn``, ms, median
+    over ``calls`` (SLOWLOG). The longest command is what blocks every other client."""
+    old = client.config_get("slowlog-*")
+    client.config_set("slowlog-log-slower-than", 0)
+    client.config_set("slowlog-max-len", 20000)
+    longest, total = [], []
+    try:
+        for _ in range(calls):
+            client.slowlog_reset()
+            fn()
+            times = [e["duration"] for e in client.slowlog_get(20000)
+                     if not e["command"].startswith((b"SLOWLOG", b"CONFIG"))]
+            longest.append(max(times))
+            total.append(sum(times))
+    finally:
+        client.config_set("slowlog-log-slower-than", old["slowlog-log-slower-than"])
+        client.config_set("slowlog-max-len", old["slowlog-max-len"])
+    longest.sort()
+    total.sort()
+    return round(longest[calls // 2] / 1e3, 3), round(total[calls // 2] / 1e3, 3)
+
+
+def snapshot_figures(client, engine: Engine) -> dict:
+    """One /gpu/list page (the default 100 compact records, 1,024 GPUs) with 10,000 queued:
+    the longest Redis stays blocked by one call (``snapshot_ms``, the issue's figure), all
+    of its Redis time, its round trip, a page deep in the queue, and the unpaged listing of
+    every request (what /gpu/list did before paging) as the baseline."""
+    first = engine.snapshot(limit=100)
+    deep = first
+    for _ in range(50):  # page 51: ranks 5,000-5,099
+        deep = engine.snapshot(limit=100, after=deep["next"])
+    cursor = deep["next"]
+    page_block, page_total = server_ms(client, lambda: engine.snapshot(limit=100), 20)
+    deep_block, _ = server_ms(client, lambda: engine.snapshot(limit=100, after=cursor), 20)
+    all_block, _ = server_ms(client, lambda: engine.snapshot(), 3)
+    gpus_block, gpus_total = server_ms(client, lambda: engine.snapshot(requests=False), 20)
+    return {
+        "snapshot_ms": page_block,
+        "snapshot_server_total_ms": page_total,
+        "snapshot_deep_page_ms": deep_block,
+        "snapshot_roundtrip_ms": median_ms(lambda: engine.snapshot(limit=100), 20),
+        "snapshot_all_10000_ms": all_block,
+        "snapshot_gpus_only_ms": gpus_block,
+        "snapshot_gpus_only_server_total_ms": gpus_total,
+    }
 
 
 def equal_server_time(client, engine_us: float, reps: int) -> dict:

@@ -168,3 +168,82 @@ def test_workload_data_past_the_limit_is_413(make_app, redis, path):
     assert_error(small.post(path, json={"service_name": "svc",
                                         "workload_data": {"notes": "x" * 100}}),
                  413, "payload_too_large")
+
+
+# --------------------------------------------------------------------------- listings
+
+def _fill(client, allocated=3, queued=25, pad=2000):
+    """``allocated`` one-GPU grants on a node of that many GPUs, then ``queued`` waiting."""
+    ids = []
+    for i in range(allocated + queued):
+        resp = allocate(client, f"s{i % 4}", workload_data={"required_gpus": 1, "pad": "x" * pad})
+        assert resp.status_code in (200, 202), resp.get_data(as_text=True)
+        ids.append(resp.get_json()["id"])
+    return ids
+
+
+def test_listing_records_are_compact(make_app):
+    client = make_app(nodes=(("node-a", 2),)).test_client()
+    ids = _fill(client, allocated=2, queued=3)
+    body = client.get("/gpu/list").get_json()
+    for rec in body["allocations"] + body["queue"]:
+        assert "workload_data" not in rec
+        assert rec["service_name"] and rec["status"] in ("allocated", "queued")
+    # one request still shows everything
+    assert client.get(f"/gpu/requests/{ids[0]}").get_json()["workload_data"]["pad"]
+
+
+def test_listing_pages_walk_every_request_once_in_order(make_app):
+    client = make_app(nodes=(("node-a", 3),)).test_client()
+    ids = _fill(client, allocated=3, queued=25)
+    full = client.get("/gpu/list?limit=1000").get_json()
+    assert full["next"] is None and full["allocations_total"] == 3
+    assert full["queue_depth"] == 25 and full["limit"] == 1000
+    want = [r["id"] for r in full["allocations"]] + [r["id"] for r in full["queue"]]
+    assert sorted(want) == sorted(ids)
+    seen, positions, after, pages = [], [], None, 0
+    while True:
+        url = "/gpu/list?limit=4" + (f"&after={after}" if after else "")
+        page = client.get(url).get_json()
+        pages += 1
+        assert len(page["allocations"]) + len(page["queue"]) <= 4
+        assert page["gpus"] and page["queue_depth"] == 25
+        seen += [r["id"] for r in page["allocations"]] + [r["id"] for r in page["queue"]]
+        positions += [r["position"] for r in page["queue"]]
+        after = page["next"]
+        if after is None:
+            break
+    assert seen == want
+    assert positions == list(range(1, 26))
+    assert pages == 7  # 28 requests, 4 a page: no empty page at the end
+
+
+def test_a_page_resumes_after_its_last_request_left(make_app):
+    client = make_app(nodes=(("node-a", 1),)).test_client()
+    ids = _fill(client, allocated=1, queued=6)
+    page = client.get("/gpu/list?limit=3").get_json()  # the allocation and 2 queued
+    last = page["queue"][-1]["id"]
+    assert last == ids[2]
+    assert client.delete(f"/gpu/requests/{last}").status_code == 200
+    rest = client.get(f"/gpu/list?limit=10&after={page['next']}").get_json()
+    assert [r["id"] for r in rest["queue"]] == ids[3:]
+    assert [r["position"] for r in rest["queue"]] == [2, 3, 4, 5]
+
+
+def test_the_default_page_is_bounded(make_app):
+    client = make_app(nodes=(("node-a", 1),),
+                      scheduler={"max_queued_per_owner": 1000}).test_client()
+    _fill(client, allocated=1, queued=120, pad=10)
+    page = client.get("/gpu/list").get_json()
+    assert len(page["allocations"]) + len(page["queue"]) == 100
+    assert page["limit"] == 100 and page["next"] and page["queue_depth"] == 120
+
+
+@pytest.mark.parametrize("query,field", [("limit=0", "limit"), ("limit=1001", "limit"),
+                                         ("limit=x", "limit"), ("limit=-1", "limit"),
+                                         ("after=garbage", "after"),
+                                         ("after=q|nan|svc-1", "after")])
+def test_bad_listing_parameters_are_422_naming_them(make_app, query, field):
+    client = make_app().test_client()
+    err = assert_error(client.get(f"/gpu/list?{query}"), 422, "validation_error")
+    assert field in err["details"]

@@ -102,7 +102,7 @@ def run(settings: Settings, once: bool = False, backend: Any = None) -> int:
     if backend is None or isinstance(backend, str):
         try:
             backend = choose_backend(settings, backend,
-                                     snapshot=lambda: engines[0].snapshot() if engines else {})
+                                     snapshot=lambda: engines[0].snapshot(queue=False) if engines else {})
         except NvmlUnavailable as exc:
             print(f"gpu-orchestrator monitor: the nvml backend needs an NVIDIA driver: {exc}. "
                   f"Use --backend simulated (or auto) on machines without GPUs.",

@@ -16,8 +16,8 @@ from flask_smorest import Blueprint
 
 from app import auth, schemas
 from app.api import body, doc, render
-from app.engine import workload_data_json
-from app.errors import BadRequest, NotFound
+from app.engine import valid_cursor, workload_data_json
+from app.errors import BadRequest, NotFound, ValidationFailed
 
 log = logging.getLogger("gpu_orchestrator.api")
 
@@ -224,21 +224,55 @@ def release():
 @errors(401, 503)
 def status():
     """Every GPU, read in one atomic snapshot."""
-    snap = _engine().snapshot()
+    snap = _engine().snapshot(requests=False)
     return jsonify(gpus=[render.gpu(g) for g in snap.get("gpus", [])])
 
 
+LIST_LIMIT = 100
+LIST_MAX_LIMIT = 1000
+_LIST_PARAMS = [
+    {"in": "query", "name": "limit", "required": False,
+     "schema": {"type": "integer", "minimum": 1, "maximum": LIST_MAX_LIMIT,
+                "default": LIST_LIMIT},
+     "description": "Most requests (allocations, then queued) on this page."},
+    {"in": "query", "name": "after", "required": False, "schema": {"type": "string"},
+     "description": "The previous page's `next` value; omitted: the first page."},
+]
+
+
+def _list_args() -> tuple[int, str | None]:
+    raw = request.args.get("limit")
+    limit = LIST_LIMIT
+    if raw is not None:
+        if not raw.isdigit() or len(raw) > 6 or not 1 <= int(raw) <= LIST_MAX_LIMIT:
+            raise ValidationFailed(f"limit: an integer in 1..{LIST_MAX_LIMIT}",
+                                   details={"limit": [f"an integer in 1..{LIST_MAX_LIMIT}"]})
+        limit = int(raw)
+    after = request.args.get("after") or None
+    if after is not None and not valid_cursor(after):
+        raise ValidationFailed("after: the next value of a previous page",
+                               details={"after": ["the next value of a previous page"]})
+    return limit, after
+
+
 @blp.route("/list", methods=["GET"])
+@doc(parameters=_LIST_PARAMS)
 @ok(200, schemas.GpuListSchema,
-    "GPUs, live allocations and the queue, one consistent snapshot.")
-@errors(401, 503)
+    "GPUs, nodes and one page of the live allocations and the queue, one consistent "
+    "snapshot.")
+@errors(401, 422, 503)
 def list_all():
-    """GPUs, allocations and the queue, read in one atomic snapshot."""
-    snap = _engine().snapshot()
+    """GPUs and nodes, then one page of requests: live allocations (by lease end), then the
+    queue (by rank), as compact records (no ``workload_data``; read one request for that).
+    ``next`` is the ``after`` of the following page, null on the last one."""
+    limit, after = _list_args()
+    snap = _engine().snapshot(limit=limit, after=after)
     return jsonify(gpus=[render.gpu(g) for g in snap.get("gpus", [])],
                    allocations=[render.allocation(a) for a in snap.get("allocations", [])],
                    queue=[render.allocation(q) for q in snap.get("queue", [])],
-                   nodes=list(snap.get("nodes", [])))
+                   nodes=list(snap.get("nodes", [])),
+                   allocations_total=snap["allocations_total"],
+                   queue_depth=snap["queue_depth"], limit=limit, next=snap["next"])
 
 
 @blp.route("/workload", methods=["POST"])

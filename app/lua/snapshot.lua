@@ -1,26 +1,90 @@
 --[[
-  snapshot: one consistent view of the whole state (dashboards, the invariant tests).
+  snapshot: one consistent page of the requests (listings, dashboards, the invariant tests).
+  The GPUs and nodes are read by Engine.snapshot with plain pipelined reads, one short command
+  per hash, so a large fleet never blocks Redis for the length of one long script.
 
   KEYS[1], ARGV[1]: the common block (includes/prelude.lua).
-  ARGV[A+1] "1": GPUs and nodes only (allocations and queue left empty; cheaper for metrics)
-  Returns: JSON {now, gpus: [flat hash...], nodes: [...], allocations: [...], queue: [...]}
-  (queue in rank order; each entry a flat field/value list).
+  ARGV[A+1] what: "allocations" (the live allocations only, no queue), anything else:
+            allocations and queue
+  ARGV[A+2] limit: most records on this page ("" = all)
+  ARGV[A+3] cursor: "" = from the start, else the page's resume point as returned in `next`:
+            "a|<score>|<id>" (after that allocation) or "q|<score>|<id>" (after that queued
+            request)
+  Returns: JSON {now, allocations: [...], queue: [...], allocations_total, queue_depth,
+  queue_start (0-based rank of the page's first queued request), next ("" when this page ends
+  the listing)}. Records are compact: one JSON object each, without workload_data (the
+  listing's cost must not grow with what clients attach).
+  Pages walk the live allocations in lease order, then the queue in rank order. Cost per call:
+  O(limit x log n), whatever the queue's length.
 ]]
 -- @include prelude
-local out = {now = NOW, gpus = {}, nodes = {}, allocations = {}, queue = {}}
-for _, m in ipairs(redis.call('ZRANGE', K_GPUS, 0, -1)) do
-  local node, idx = split_member(m)
-  out.gpus[#out.gpus + 1] = redis.call('HGETALL', k_gpu(node, idx))
-end
-for _, node in ipairs(redis.call('ZRANGE', K_NODES, 0, -1)) do
-  out.nodes[#out.nodes + 1] = redis.call('HGETALL', k_node(node))
-end
-if ARGV[A + 1] ~= '1' then
-  for _, id in ipairs(redis.call('ZRANGE', K_LEASES, 0, -1)) do
-    out.allocations[#out.allocations + 1] = record(id)
+local what, limit, cursor = ARGV[A + 1], tonumber(ARGV[A + 2]), ARGV[A + 3]
+local out = {now = NOW, allocations = {}, queue = {}, allocations_total = 0, queue_depth = 0,
+  queue_start = 0, next = ''}
+
+local function compact(id)
+  local h = redis.call('HGETALL', k_req(id))
+  local t = {}
+  for i = 1, #h, 2 do
+    if h[i] ~= 'workload_data' then t[h[i]] = h[i + 1] end
   end
-  for _, id in ipairs(redis.call('ZRANGE', K_QUEUE, 0, -1)) do
-    out.queue[#out.queue + 1] = record(id)
+  return cjson.encode(t)
+end
+
+-- where a page starts in key: after the cursor's id, or (when that id has left the list since)
+-- at the first member scored at or after it (a record may then show twice, none is skipped)
+local function start_of(key, score, id)
+  local rank = redis.call('ZRANK', key, id)
+  if rank then return rank + 1 end
+  return redis.call('ZCOUNT', key, '-inf', '(' .. score)
+end
+
+-- one list's part of the page: up to room records from rank start; the last one's cursor
+local function take(key, tag, start, room, into)
+  if room == nil then room = -1 end
+  if room == 0 then return '' end
+  local stop = room < 0 and -1 or start + room - 1
+  local ids = redis.call('ZRANGE', key, start, stop, 'WITHSCORES')
+  for i = 1, #ids, 2 do into[#into + 1] = compact(ids[i]) end
+  if #ids == 0 then return '' end
+  return tag .. '|' .. ids[#ids] .. '|' .. ids[#ids - 1]
+end
+
+out.allocations_total = redis.call('ZCARD', K_LEASES)
+out.queue_depth = redis.call('ZCARD', K_QUEUE)
+local list, score, id = string.match(cursor, '^([aq])|([^|]*)|(.*)$')
+local a_start, q_start = 0, 0
+if list == 'a' then
+  a_start = start_of(K_LEASES, score, id)
+elseif list == 'q' then
+  a_start, q_start = nil, start_of(K_QUEUE, score, id)
+end
+local room = limit
+local last = ''
+if a_start then
+  last = take(K_LEASES, 'a', a_start, room, out.allocations)
+  if room then room = room - #out.allocations end
+end
+if what ~= 'allocations' and (room == nil or room > 0) then
+  out.queue_start = q_start
+  local q_last = take(K_QUEUE, 'q', q_start, room, out.queue)
+  if q_last ~= '' then last = q_last end
+  if room then room = room - #out.queue end
+end
+-- more to come only when the page is full and something lies beyond it
+if room == 0 and last ~= '' then
+  local beyond
+  if what ~= 'allocations' then
+    local l, s, i = string.match(last, '^([aq])|([^|]*)|(.*)$')
+    if l == 'a' then
+      beyond = start_of(K_LEASES, s, i) < out.allocations_total or out.queue_depth > 0
+    else
+      beyond = start_of(K_QUEUE, s, i) < out.queue_depth
+    end
+  else
+    local _, s, i = string.match(last, '^([aq])|([^|]*)|(.*)$')
+    beyond = start_of(K_LEASES, s, i) < out.allocations_total
   end
+  if beyond then out.next = last end
 end
 return cjson.encode(out)
