@@ -577,6 +577,12 @@ class Engine:
         gpu_hashes, node_hashes, now = self._fleet_hashes()
         if "now" in data:
             now = float(data["now"])
+            # who holds each GPU as of the page (read in its script), so the two agree
+            holders = _holders(_list(data.get("held")))
+            for h in gpu_hashes:
+                if h:
+                    excl, n, mb = holders.get(f"{h.get('node')}|{h.get('index')}", ("", 0, 0))
+                    h["excl"], h["shared_n"], h["shared_mb"] = excl, str(n), _num(mb)
         timeout = self.settings.scheduler.node_heartbeat_timeout
         nodes = []
         alive = {}
@@ -746,6 +752,26 @@ def valid_cursor(text: str) -> bool:
         return not math.isnan(float(m.group(1)))
     except ValueError:
         return False
+
+
+def _holders(flat: list) -> dict[str, tuple[str, int, float]]:
+    """``node|index`` -> (exclusive holder, shared allocations, MB they reserve), from the
+    snapshot script's flat list of live allocations (id, node, gpu_ids, sharing, min MB)."""
+    out: dict[str, tuple[str, int, float]] = {}
+    for i in range(0, len(flat) - 4, 5):
+        rid, node, ids, sharing, min_mb = flat[i:i + 5]
+        try:
+            gpu_ids = [int(x) for x in json.loads(ids)]
+        except (ValueError, TypeError, OverflowError):
+            continue
+        for idx in gpu_ids:
+            member = f"{node}|{idx}"
+            excl, n, mb = out.get(member, ("", 0, 0.0))
+            if sharing == "shared":
+                out[member] = (excl, n + 1, mb + _float_or(min_mb, 0.0))
+            else:
+                out[member] = (rid, n, mb)
+    return out
 
 
 def _float_or(value: Any, default: float) -> float:

@@ -169,7 +169,11 @@ class ApiSampler(threading.Thread):
         self.drift: set = set()
 
     def sample(self, url: str) -> None:
-        body = self.session.get(url + "/gpu/list", headers=self.headers, timeout=5).json()
+        # the largest page: every live allocation of a chaos run fits on it (allocations come
+        # before the queue), so each GPU's holder is on the page
+        body = self.session.get(url + "/gpu/list?limit=1000", headers=self.headers,
+                                timeout=5).json()
+        assert body["allocations_total"] == len(body["allocations"]), "allocations paged"
         allocs = [[a["id"], a.get("status") or "", a.get("node") or "",
                    json.dumps(a.get("gpu_ids") or []), a.get("sharing") or "",
                    str(a.get("min_memory_mb") or 0)] for a in body["allocations"]]

@@ -247,3 +247,21 @@ def test_bad_listing_parameters_are_422_naming_them(make_app, query, field):
     client = make_app().test_client()
     err = assert_error(client.get(f"/gpu/list?{query}"), 422, "validation_error")
     assert field in err["details"]
+
+
+def test_listing_gpu_rows_name_their_holders_like_status(make_app):
+    """/gpu/list fills each GPU's holder fields from the allocations read with its page; they
+    must say what the GPU hashes (/gpu/status) say."""
+    client = make_app(nodes=(("node-a", 3),)).test_client()
+    excl = allocate(client, "x", workload_data={"required_gpus": 2}).get_json()
+    for _ in range(2):
+        assert allocate(client, "sh", sharing="shared",
+                        workload_data={"min_memory_mb": 1000}).status_code == 200
+    listed = {g["index"]: g for g in client.get("/gpu/list?limit=1").get_json()["gpus"]}
+    status = {g["index"]: g for g in client.get("/gpu/status").get_json()["gpus"]}
+    keys = ("allocated_to", "shared_n", "shared_mb", "allocated")
+    assert {i: [g.get(k) for k in keys] for i, g in listed.items()} == \
+        {i: [g.get(k) for k in keys] for i, g in status.items()}
+    assert sorted(i for i, g in listed.items() if g["allocated_to"] == excl["id"]) == \
+        sorted(excl["gpu_ids"])
+    assert sum(g["shared_n"] or 0 for g in listed.values()) == 2

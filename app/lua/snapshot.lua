@@ -1,7 +1,10 @@
 --[[
   snapshot: one consistent page of the requests (listings, dashboards, the invariant tests).
-  The GPUs and nodes are read by Engine.snapshot with plain pipelined reads, one short command
-  per hash, so a large fleet never blocks Redis for the length of one long script.
+  The GPUs' telemetry and the nodes are read by Engine.snapshot with plain pipelined reads, one
+  short command per hash, so a large fleet never blocks Redis for the length of one long
+  script. What must agree with the page, which allocation holds each GPU, is read here from
+  the live allocations (one short read each; there are at most as many as GPUs, usually far
+  fewer), and Engine.snapshot fills each GPU's holder fields from it.
 
   KEYS[1], ARGV[1]: the common block (includes/prelude.lua).
   ARGV[A+1] what: "allocations" (the live allocations only, no queue), anything else:
@@ -10,7 +13,9 @@
   ARGV[A+3] cursor: "" = from the start, else the page's resume point as returned in `next`:
             "a|<score>|<id>" (after that allocation) or "q|<score>|<id>" (after that queued
             request)
-  Returns: JSON {now, allocations: [...], queue: [...], allocations_total, queue_depth,
+  Returns: JSON {now, held: [id, node, gpu_ids, sharing, min_memory_mb, ...] for every live
+  allocation,
+  allocations: [...], queue: [...], allocations_total, queue_depth,
   queue_start (0-based rank of the page's first queued request), next ("" when this page ends
   the listing)}. Records are compact: one JSON object each, without workload_data (the
   listing's cost must not grow with what clients attach).
@@ -19,8 +24,15 @@
 ]]
 -- @include prelude
 local what, limit, cursor = ARGV[A + 1], tonumber(ARGV[A + 2]), ARGV[A + 3]
-local out = {now = NOW, allocations = {}, queue = {}, allocations_total = 0, queue_depth = 0,
-  queue_start = 0, next = ''}
+local out = {now = NOW, held = {}, allocations = {}, queue = {}, allocations_total = 0,
+  queue_depth = 0, queue_start = 0, next = ''}
+local held = out.held
+for _, id in ipairs(redis.call('ZRANGE', K_LEASES, 0, -1)) do
+  local f = redis.call('HMGET', k_req(id), 'node', 'gpu_ids', 'sharing', 'min_memory_mb')
+  local n = #held
+  held[n + 1], held[n + 2], held[n + 3], held[n + 4], held[n + 5] =
+    id, f[1] or '', f[2] or '[]', f[3] or '', f[4] or '0'
+end
 
 local function compact(id)
   local h = redis.call('HGETALL', k_req(id))
