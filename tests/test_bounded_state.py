@@ -265,3 +265,42 @@ def test_listing_gpu_rows_name_their_holders_like_status(make_app):
     assert sorted(i for i, g in listed.items() if g["allocated_to"] == excl["id"]) == \
         sorted(excl["gpu_ids"])
     assert sum(g["shared_n"] or 0 for g in listed.values()) == 2
+
+
+def test_the_owner_share_holds_under_concurrent_allocates(settings, redis):
+    """Eight threads, one owner, 80 requests that all have to wait: exactly the share is
+    queued (the check and the enqueue are one script), and the rest are owner_queue_full."""
+    import threading
+
+    from app import errors
+    from app.engine import Engine
+    from tests.test_engine import gpu_list
+
+    st = settings.replace(scheduler={"max_queue_size": 100, "max_queued_per_owner": 5})
+    engine = Engine(redis, st)
+    engine.report_node("a", gpu_list(1))
+    engine.allocate({"service_name": "hold", "owner": "team-a"})
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def worker():
+        for _ in range(10):
+            try:
+                rec = engine.allocate({"service_name": f"t{threading.get_ident() % 97}",
+                                       "owner": "team-a"})
+                got = rec["status"]
+            except errors.OwnerQueueFull:
+                got = "refused"
+            with lock:
+                outcomes.append(got)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcomes.count("queued") == 5 and outcomes.count("refused") == 75
+    assert engine.counts()["queue_depth"] == 5
+    assert redis.hgetall(engine.keys.queue_owners()) == {"o:team-a": "5"}
+    # another owner is not affected
+    assert engine.allocate({"service_name": "b", "owner": "team-b"})["status"] == "queued"

@@ -203,3 +203,20 @@ def test_a_stored_endless_lease_is_given_a_finite_end_when_granted(make_app, red
     assert got["status"] == "allocated"
     expires = float(redis.zscore(engine.keys.leases(), queued["id"]))
     assert math.isfinite(expires) and expires <= clock() + MAX_LEASE_SECONDS
+
+
+def test_renew_ttl_seconds_is_checked(client):
+    rec = allocate(client, workload_data={"required_gpus": 1}).get_json()
+    url = f"/gpu/allocations/{rec['id']}/renew"
+
+    @given(value=values)
+    @hsettings(max_examples=150, deadline=None, database=None, derandomize=True,
+               suppress_health_check=list(HealthCheck))
+    def check(value):
+        body = _with({}, ("ttl_seconds",), value)
+        resp = client.post(url, data=_body_text(body, value), content_type="application/json")
+        _check(resp, "ttl_seconds")
+        if resp.status_code == 200:
+            assert resp.get_json()["expires_at"] is not None
+
+    check()
