@@ -60,7 +60,6 @@ end
 if reject then return reject end
 local depth = redis.call('ZCARD', K_QUEUE)
 local bucket = owner_bucket(f.owner, svc)
-local mine = tonumber(redis.call('HGET', K_QOWNERS, bucket) or '0') or 0
 local rk = k_req(id)
 if redis.call('EXISTS', rk) == 1 then return {-8} end
 
@@ -87,6 +86,8 @@ redis.call(unpack(hset))
 queue().enqueue(r, queue_timeout)
 schedule(id)
 local rank = redis.call('ZRANK', K_QUEUE, id)
+-- the owner's other queued requests, after the pass (which may have granted some of them)
+local mine = rank and (tonumber(redis.call('HGET', K_QOWNERS, bucket) or '1') or 1) - 1 or 0
 if rank and (depth >= MAX_QUEUE or mine >= MAX_OWNER) then
   -- it would wait, and the queue is full or the owner has its share: undo (nothing about it
   -- was announced yet)
