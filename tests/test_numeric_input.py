@@ -220,3 +220,14 @@ def test_renew_ttl_seconds_is_checked(client):
             assert resp.get_json()["expires_at"] is not None
 
     check()
+
+
+def test_nan_deep_inside_the_body_is_a_client_error(client):
+    deep = "[" * 900 + "NaN" + "]" * 900
+    resp = client.post("/gpu/allocate", content_type="application/json",
+                       data='{"service_name": "svc", "workload_data": {"x": %s}}' % deep)
+    assert resp.status_code in (400, 422), resp.get_data(as_text=True)
+    resp = client.post("/gpu/allocate", content_type="application/json",
+                       data='{"service_name": "svc", "workload_data": {"x": [1, {"y": -Infinity}]}}')
+    err = assert_error(resp, 422, "validation_error")
+    assert list(err["details"]) == ["workload_data.x[1].y"]

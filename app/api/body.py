@@ -80,12 +80,13 @@ def raw_json() -> Any:
 
     try:
         body = json.loads(data, parse_constant=constant, parse_float=number, parse_int=integer)
+        # NaN/Infinity are not JSON numbers, 1e400 has no float: 422 naming each field
+        details = _non_finite_paths(body) if odd else None
     except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
         raise BadRequest(f"malformed JSON: {exc}") from None
     except RecursionError:
         raise BadRequest("malformed JSON: nested too deeply") from None
-    if odd:  # NaN/Infinity are not JSON numbers, 1e400 has no float: 422 naming the field
-        details = _non_finite_paths(body)
+    if details:
         raise ValidationFailed("invalid request body: " + ", ".join(sorted(details))
                                + " must be finite numbers", details=details)
     return body
