@@ -23,7 +23,7 @@ log = logging.getLogger("gpu_orchestrator.api")
 def create_app(settings: settings_mod.Settings | None = None, *, redis: Any = None,
                redis_url: str | None = None, clock=None) -> Flask:
     """Build the API. Tests pass ``settings`` and a ``redis`` client instead of patching."""
-    from app import auth, http_errors, metrics, request_ids
+    from app import auth, http_errors, longpoll, metrics, request_ids
     from app import api as api_mod
     from app.dispatcher import OutboxDispatcher
     from app.engine import Engine
@@ -52,6 +52,7 @@ def create_app(settings: settings_mod.Settings | None = None, *, redis: Any = No
     app.extensions["gpu_analyzer"] = WorkloadAnalyzer.from_settings(
         settings, fleet_limits=_cached(engine.fleet_limits, FLEET_LIMITS_TTL))
 
+    longpoll.init_app(app, settings, redis)
     request_ids.init_app(app)
     metrics.init_app(app, engine)
     auth.init_app(app, settings)

@@ -117,16 +117,84 @@ def max_queued_per_owner(settings) -> int:
 
 def _unsatisfiable(reason: str, limit: str, ctx: dict) -> Unsatisfiable:
     limit_n = int(float(limit))
+    field = reason
     if reason == "no_gpus":
         msg = "no GPUs are registered yet, so the request can never be placed"
+        field = None
+    elif reason == "gpu_model":
+        msg = (f"no GPU {_on_nodes(ctx)}matches gpu_model {ctx.get('gpu_model')!r}, so the "
+               "request can never be placed")
+    elif reason == "nodes":
+        msg = f"none of the nodes {ctx.get('nodes')} is known, so the request can never be placed"
+    elif reason == "no_node":
+        field = "required_gpus"
+        what = f" {ctx.get('gpu_model')!r}" if ctx.get("gpu_model") else ""
+        msg = (f"no node {_on_nodes(ctx).replace('on ', 'among ')}has {ctx.get('required_gpus')} "
+               f"GPUs{what} with at least {ctx.get('min_memory_mb')} MB (the most is {limit_n});"
+               " all GPUs of an allocation sit on one node")
     elif reason == "required_gpus":
         msg = (f"required_gpus={ctx.get('required_gpus')} exceeds the largest node "
                f"({limit_n} GPUs); all GPUs of an allocation sit on one node")
     else:
         msg = (f"min_memory_mb={ctx.get('min_memory_mb')} exceeds the largest GPU "
                f"({limit_n} MB)")
-    return Unsatisfiable(msg, details={"field": None if reason == "no_gpus" else reason,
-                                       "reason": reason, "limit": limit_n})
+    return Unsatisfiable(msg, details={"field": field, "reason": reason, "limit": limit_n})
+
+
+def _on_nodes(ctx: dict) -> str:
+    return f"on the nodes {ctx['nodes']} " if ctx.get("nodes") else "in the fleet "
+
+
+#: Most ``*`` in a gpu_model glob: Lua's matcher backtracks over each one (a GPU name is short,
+#: so three cost at most a few thousand steps per GPU; twenty could stall Redis).
+MAX_GLOB_STARS = 3
+
+
+def _set_end(g: str, i: int) -> int:
+    """Index of the ``]`` closing the set that opens at ``g[i]`` (fnmatch's rule: a ``!`` and
+    then a ``]`` right after the ``[`` belong to the set); -1 when it is not closed."""
+    j = i + 1
+    if g[j:j + 1] == "!":
+        j += 1
+    if g[j:j + 1] == "]":
+        j += 1
+    return g.find("]", j)
+
+
+def gpu_model_pattern(glob: str) -> str:
+    """A case-insensitive shell glob (``*``, ``?``, ``[a-z]``, ``[!x]``) as an anchored Lua
+    pattern on the lower-cased GPU name, for the placement scripts. Raises ValidationFailed."""
+    def bad(msg):
+        return ValidationFailed(f"gpu_model: {msg}", details={"field": "gpu_model"})
+
+    if not isinstance(glob, str) or not 0 < len(glob) <= 128 or "|" in glob or not all(
+            0x20 <= ord(c) < 0x7f for c in glob):
+        raise bad("1-128 printable ASCII characters, no '|'")
+    g = glob.lower()
+    out, i, stars = ["^"], 0, 0
+    while i < len(g):
+        c = g[i]
+        if c == "*":
+            if not out[-1] == ".*":  # a run of stars matches what one does
+                out.append(".*")
+                stars += 1
+        elif c == "?":
+            out.append(".")
+        elif c == "[" and _set_end(g, i) > 0:
+            end = _set_end(g, i)
+            body = g[i + 1:end]
+            neg = body[:1] == "!"
+            body = body[1:] if neg else body
+            out.append("[" + ("^" if neg else "") + "".join(
+                "%" + ch if ch in "%]^" else ch for ch in body) + "]")
+            i = end
+        else:
+            out.append(c if c.isalnum() else "%" + c)
+        i += 1
+    if stars > MAX_GLOB_STARS:
+        raise bad(f"at most {MAX_GLOB_STARS} '*' wildcards")
+    return "".join(out) + "$"
+
 
 
 # --------------------------------------------------------------------------- records
@@ -135,8 +203,8 @@ _INT_FIELDS = ("priority", "required_gpus", "min_memory_mb", "max_memory_mb")
 _FLOAT_FIELDS = ("max_utilization", "submitted_at", "allocated_at", "released_at", "ended_at",
                  "wait_time_seconds", "renewed_at", "queue_timeout_seconds")
 _OPT_FLOAT_FIELDS = ("ttl_seconds", "estimated_duration_seconds", "expires_at", "lease_seconds")
-_JSON_FIELDS = ("preferred_gpus", "webhook_events", "depends_on", "gpu_ids", "gpu_uuids")
-_OPT_STR_FIELDS = ("owner", "webhook_url", "node", "reserved_node")
+_JSON_FIELDS = ("preferred_gpus", "webhook_events", "depends_on", "gpu_ids", "gpu_uuids", "nodes")
+_OPT_STR_FIELDS = ("owner", "webhook_url", "node", "reserved_node", "gpu_model")
 
 
 def _pairs(flat: list) -> dict:
@@ -266,7 +334,7 @@ class Engine:
             "K_RES": k.reservations(), "K_LEASES": k.leases(), "K_EVENTS": k.events(),
             "K_OUTBOX": k.webhook_outbox(), "K_STATS": k.stats(), "K_META": k.meta(),
             "K_QSHAPE": k.queue_shapes(), "K_SVCLABELS": k.stats_services(),
-            "K_QOWNERS": k.queue_owners()}
+            "K_QOWNERS": k.queue_owners(), "K_CHANGES": k.changes()}
         self._lua_builders = {
             "k_node(n)": k.node("%s"), "k_gpu(n, i)": k.gpu("%s", "%s"),
             "k_req(id)": k.request("%s"), "k_svc(s)": k.service("%s"),
@@ -404,7 +472,8 @@ class Engine:
             body_hash = request_hash or hashlib.sha256(
                 json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
         ctx = {"key": idempotency_key, "required_gpus": fields["required_gpus"],
-               "min_memory_mb": fields["min_memory_mb"]}
+               "min_memory_mb": fields["min_memory_mb"], "gpu_model": fields["gpu_model"],
+               "nodes": json.loads(fields["nodes"])}
         flat = [x for pair in fields.items() for x in pair]
         for _ in range(5):
             rid = new_id(fields["service_name"])
@@ -460,6 +529,13 @@ class Engine:
         deps = req.get("depends_on") or []
         if not isinstance(deps, list) or not all(isinstance(d, str) and d for d in deps):
             raise bad("depends_on", "a list of request ids")
+        model = req.get("gpu_model") or ""
+        pattern = gpu_model_pattern(model) if model else ""
+        nodes = req.get("nodes") or []
+        if not isinstance(nodes, list) or not 0 <= len(nodes) <= 64 or not all(
+                isinstance(n, str) and n and "|" not in n and "%" not in n and len(n) <= 253
+                for n in nodes):
+            raise bad("nodes", "a list of at most 64 node names")
         owner = req.get("owner") or ""
         lease = self.lease_for(req.get("ttl_seconds"), req.get("estimated_duration_seconds"))
         qt = req.get("queue_timeout_seconds")
@@ -479,6 +555,8 @@ class Engine:
             "webhook_events": json.dumps(list(dict.fromkeys(events))) if events else "[]",
             "depends_on": json.dumps(list(dict.fromkeys(deps))) if deps else "[]",
             "queue_timeout_seconds": _num(qt), "reserved_node": "",
+            "gpu_model": model, "gpu_pattern": pattern,
+            "nodes": json.dumps(sorted(set(nodes))) if nodes else "[]",
         }
         return fields, qt
 

@@ -111,6 +111,11 @@ class Keys:
         """STRING (short TTL): one dispatcher is turning this outbox entry into a job."""
         return self._k("outbox", "claim", event_id)
 
+    def changes(self) -> str:
+        """Pub/Sub channel (not a key): ``<id>|<status>`` each time a request that someone may
+        be waiting on changes status; the API's long-polls listen (app/longpoll.py)."""
+        return self._k("changes")
+
     def rq_queue(self, name: str) -> str:
         """Name (not a key) of one of the service's RQ queues, unique per prefix:
         ``{gpuo}`` -> ``gpuo-webhooks``. RQ stores it under its own ``rq:`` keys."""

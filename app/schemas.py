@@ -98,7 +98,34 @@ class WorkloadFields(_RequestSchema):
                                  f"{MAX_WORKLOAD_DEPTH} levels."})
 
 
-class WorkloadRequestSchema(WorkloadFields):
+#: Node names as the monitor reports them: printable ASCII without '|' or '%'.
+NODE_NAME_RE = r"^[!-$&-{}~]{1,253}$"
+
+
+class PlacementFields(WorkloadFields):
+    """What the caller asks for outright, overriding the analysis (``/gpu/allocate`` and
+    ``/gpu/workload`` alike, so the latter shows what the former would use)."""
+
+    required_gpus = StrictInt(
+        validate=validate.Range(1, 4096),
+        metadata={"description": "GPUs, all on one node (1 to the largest node's count: more is "
+                                 "422 unsatisfiable); overrides the analysis."})
+    min_memory_mb = StrictInt(
+        validate=validate.Range(0, 10**9),
+        metadata={"description": "Memory each GPU must have free, MB; overrides the analysis."})
+    gpu_model = StrictStr(
+        validate=validate.Length(1, 128),
+        metadata={"description": "Case-insensitive shell glob on the GPU name, e.g. \"*H100*\" "
+                                 "(*, ?, [abc], [!abc]; at most 3 '*'). No GPU in the fleet "
+                                 "matches: 422 unsatisfiable.", "example": "*H100*"})
+    nodes = fields.List(
+        StrictStr(validate=validate.Regexp(NODE_NAME_RE, error="not a node name")),
+        validate=validate.Length(1, 64),
+        metadata={"description": "Node names the allocation may use (any of them); none known: "
+                                 "422 unsatisfiable."})
+
+
+class WorkloadRequestSchema(PlacementFields):
     """Body of ``POST /gpu/workload``: analyse only."""
 
     service_name = StrictStr(
@@ -106,7 +133,7 @@ class WorkloadRequestSchema(WorkloadFields):
         metadata={"description": "Accepted for symmetry with /gpu/allocate; not used."})
 
 
-class AllocateRequestSchema(WorkloadFields):
+class AllocateRequestSchema(PlacementFields):
     """Body of ``POST /gpu/allocate``."""
 
     service_name = StrictStr(
@@ -201,6 +228,10 @@ class RequirementsSchema(_ResponseSchema):
     workflow_id = StrictStr(allow_none=True)
     estimate = fields.Dict(allow_none=True, metadata={
         "description": "Model-aware memory estimate, when a parameter count was known."})
+    gpu_model = StrictStr(allow_none=True, metadata={
+        "description": "GPU name glob the request asked for; null: any model."})
+    nodes = fields.List(StrictStr(), allow_none=True, metadata={
+        "description": "Nodes the request may use; null: any node."})
 
 
 class AllocationSchema(_ResponseSchema):
@@ -220,6 +251,10 @@ class AllocationSchema(_ResponseSchema):
     max_memory_mb = StrictInt(allow_none=True)
     max_utilization = fields.Float(allow_none=True)
     preferred_gpus = fields.List(StrictInt(), allow_none=True)
+    gpu_model = StrictStr(allow_none=True, metadata={
+        "description": "GPU name glob asked for; null: any model."})
+    nodes = fields.List(StrictStr(), allow_none=True, metadata={
+        "description": "Nodes it may use; empty: any node."})
     sharing = StrictStr(allow_none=True)
     ttl_seconds = fields.Float(allow_none=True)
     webhook_url = StrictStr(allow_none=True)

@@ -40,6 +40,7 @@ SHAPES = [
     (K.stats_services(), "{gpuo}:stats:services"),
     (K.queue_owners(), "{gpuo}:queue:owners"),
     (K.meta(), "{gpuo}:meta"),
+    (K.changes(), "{gpuo}:changes"),
 ]
 
 
@@ -62,7 +63,7 @@ def test_every_key_method_is_pinned():
              "service": "svc", "idempotency": "idem", "events": "events",
              "webhook_outbox": "outbox", "webhook_processing": "outbox",
              "webhook_claim": "outbox", "lock": "lock", "stats": "stats", "meta": "meta",
-             "stats_services": "stats", "queue_owners": "queue"}
+             "stats_services": "stats", "queue_owners": "queue", "changes": "changes"}
     assert methods == set(first), "a new key needs a pinned shape in SHAPES"
     assert set(first.values()) <= pinned
 

@@ -14,7 +14,7 @@ from typing import Any
 from flask import current_app, jsonify, request, url_for
 from flask_smorest import Blueprint
 
-from app import auth, schemas
+from app import auth, longpoll, schemas
 from app.api import body, doc, render
 from app.engine import valid_cursor, workload_data_json
 from app.errors import BadRequest, NotFound, ValidationFailed
@@ -42,6 +42,13 @@ _ERRORS = {
 _ID_PARAM = {"in": "path", "name": "request_id", "required": True,
              "schema": {"type": "string", "pattern": schemas.ID_RE}}
 _ALLOC_PARAM = dict(_ID_PARAM, name="allocation_id")
+_WAIT_PARAM = {"in": "query", "name": "wait", "required": False,
+               "schema": {"type": "number", "minimum": 0, "maximum": longpoll.MAX_WAIT,
+                          "default": 0},
+               "description": "Long-poll: hold the call up to this many seconds while the "
+                              "status stays {}; answer as soon as it changes. When the time is "
+                              "up (or the server needs the thread back) the answer is the "
+                              "current record, unchanged."}
 _IDEM_PARAM = {"in": "header", "name": IDEMPOTENCY_HEADER, "required": False,
                "schema": {"type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY,
                           "pattern": r"^[\x21-\x7e]+$"},
@@ -88,10 +95,26 @@ def _check_size(data: dict[str, Any]) -> None:
                        current_app.extensions["gpu_engine"].settings.server.max_workload_data_bytes)
 
 
+#: Top-level body fields that override the analysis outright.
+OVERRIDES = ("required_gpus", "min_memory_mb", "gpu_model", "nodes")
+
+
 def _analyze(data: dict[str, Any]) -> dict[str, Any]:
-    """The workload analyser's requirements for a validated allocate/workload body."""
-    return current_app.extensions["gpu_analyzer"].analyze(
+    """The workload analyser's requirements for a validated allocate/workload body, with the
+    body's own ``required_gpus``, ``min_memory_mb``, ``gpu_model`` and ``nodes`` on top."""
+    analysis = current_app.extensions["gpu_analyzer"].analyze(
         data["workload_type"], data["workload_data"], service_name=data.get("service_name"))
+    given = {key: data[key] for key in OVERRIDES if data.get(key) is not None}
+    if not given:
+        return analysis
+    analysis = dict(analysis, **given)
+    if ("min_memory_mb" in given and analysis.get("max_memory_mb")
+            and analysis["max_memory_mb"] < given["min_memory_mb"]):
+        analysis["max_memory_mb"] = None  # the analysis' ceiling is below what was asked
+    note = ", ".join(f"{key}={given[key]!r}" for key in OVERRIDES if key in given)
+    analysis["reasoning"] = "; ".join(x for x in (analysis.get("reasoning"), f"set by the "
+                                                  f"request: {note}") if x)
+    return analysis
 
 
 def _idempotency_key() -> str | None:
@@ -124,6 +147,9 @@ def engine_request(data: dict[str, Any], analysis: dict[str, Any],
             deps.append(dep)
     if deps:
         req["depends_on"] = deps
+    for key in ("gpu_model", "nodes"):
+        if analysis.get(key):
+            req[key] = analysis[key]
     for key in ("ttl_seconds", "sharing", "preferred_gpus", "webhook_url", "webhook_events"):
         if data.get(key) is not None:
             req[key] = data[key]
@@ -161,8 +187,9 @@ def _allocation_response(rec: dict[str, Any]):
 def allocate():
     """Ask for GPUs: granted at once (200) or queued (202).
 
-    The workload is analysed into requirements first; top-level ``priority``, ``ttl_seconds``,
-    ``sharing``, ``depends_on`` and ``preferred_gpus`` apply on top of the analysis.
+    The workload is analysed into requirements first; top-level ``required_gpus``,
+    ``min_memory_mb``, ``gpu_model``, ``nodes``, ``priority``, ``ttl_seconds``, ``sharing``,
+    ``depends_on`` and ``preferred_gpus`` apply on top of the analysis.
     """
     key = _idempotency_key()
     data = body.load(_ALLOCATE_BODY)
@@ -294,19 +321,28 @@ def _require_id(value: str, noun: str = "request") -> None:
         raise NotFound(f"no {noun} {value!r}", details={"id": value})
 
 
-def _get_or_404(request_id: str) -> dict[str, Any]:
+def _get_or_404(request_id: str, waits: frozenset = frozenset()) -> dict[str, Any]:
+    """The record; with ``?wait=`` held while its status is one of ``waits`` (app.longpoll)."""
+    timeout = longpoll.wait_seconds(request.args.get("wait"))
     _require_id(request_id)
-    return _engine().get(request_id)
+    engine = _engine()
+    if not timeout:
+        return engine.get(request_id)
+    return current_app.extensions["gpu_longpoll"].read(
+        request_id, lambda: engine.get(request_id), waits, timeout)
 
 
 @blp.route("/requests/<request_id>", methods=["GET"])
-@doc(parameters=[_ID_PARAM])
+@doc(parameters=[_ID_PARAM, dict(_WAIT_PARAM, description=_WAIT_PARAM["description"].format(
+    "queued"))])
 @ok(200, schemas.RequestStatusSchema,
     "The request: status, queue position, allocation once granted.")
-@errors(401, 404, 503)
+@errors(401, 404, 422, 503)
 def request_status(request_id: str):
-    """Poll a request: its status, queue position, and its allocation once granted."""
-    rec = _get_or_404(request_id)
+    """A request: its status, queue position, and its allocation once granted.
+
+    ``?wait=N`` (0-60 s) waits for a queued request to leave the queue instead of polling."""
+    rec = _get_or_404(request_id, longpoll.REQUEST_WAITS)
     out = render.allocation(rec)
     out["allocation"] = dict(out) if rec.get("allocated_at") else None
     return jsonify(out)
@@ -325,12 +361,16 @@ def cancel_request(request_id: str):
 
 
 @blp.route("/allocations/<allocation_id>", methods=["GET"])
-@doc(parameters=[_ALLOC_PARAM])
+@doc(parameters=[_ALLOC_PARAM, dict(_WAIT_PARAM, description=_WAIT_PARAM["description"].format(
+    "live (allocated, preempting)"))])
 @ok(200, schemas.AllocationSchema, "The allocation.")
-@errors(401, 404, 503)
+@errors(401, 404, 422, 503)
 def get_allocation(allocation_id: str):
-    """One allocation (also recently released or expired ones)."""
-    rec = _get_or_404(allocation_id)
+    """One allocation (also recently released or expired ones).
+
+    ``?wait=N`` (0-60 s) waits for a live allocation to change state (preempting, released,
+    expired)."""
+    rec = _get_or_404(allocation_id, longpoll.ALLOCATION_WAITS)
     if not rec.get("allocated_at"):
         raise NotFound(f"{allocation_id} has not been granted (status {rec.get('status')}); "
                        f"see /gpu/requests/{allocation_id}", details={"id": allocation_id})

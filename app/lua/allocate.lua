@@ -13,7 +13,8 @@
         node, ..., as in the record) when granted, position >= 1 and an empty list when queued
     {2, record JSON, position}  an idempotent replay of an earlier request
     errors: {-4, existing id} idempotency key reused with another body, {-7, dep} unknown
-    depends_on id, {-6, reason, limit} can never fit, {-5, depth} queue full, {-9, queued,
+    depends_on id, {-6, reason, limit} can never fit (reason no_gpus, required_gpus,
+    min_memory_mb, gpu_model, nodes or no_node), {-5, depth} queue full, {-9, queued,
     limit} the owner already has MAX_OWNER requests queued, {-8} id taken.
   Guarantees: the request is granted at once only if no higher-ranked waiting request could
   use the GPUs (the pass tries those first); otherwise it is queued. A full queue, or an owner
@@ -48,6 +49,38 @@ if f.depends_on ~= '[]' then
 end
 
 local k, minm = tonumber(f.required_gpus), tonumber(f.min_memory_mb)
+local pat, nodes_raw = f.gpu_pattern or '', f.nodes or '[]'
+
+-- With a gpu_model or a nodes list the fleet-wide maxima say too little: look for one allowed
+-- node that could ever hold the request (k GPUs of the model with enough memory, free or not).
+-- O(GPUs on the allowed nodes), paid only by requests that name a model or nodes.
+local function never_fits()
+  local allowed = nil
+  if nodes_raw ~= '[]' then
+    allowed = {}
+    for _, n in ipairs(cjson.decode(nodes_raw)) do allowed[n] = true end
+  end
+  local any_node, any_model, most = false, false, 0
+  for _, node in ipairs(redis.call('ZRANGE', K_SIZES, 0, -1)) do
+    if not allowed or allowed[node] then
+      any_node = true
+      local n = 0
+      for _, idx in ipairs(node_indexes(node)) do
+        local g = redis.call('HMGET', k_gpu(node, idx), 'name', 'memory_total_mb')
+        if model_matches(pat, g[1]) then
+          any_model = true
+          if (tonumber(g[2]) or 0) >= minm then n = n + 1 end
+        end
+      end
+      if n >= k then return nil end
+      if n > most then most = n end
+    end
+  end
+  if not any_node then return {-6, 'nodes', '0'} end
+  if not any_model then return {-6, 'gpu_model', '0'} end
+  return {-6, 'no_node', tostring(most)}
+end
+
 local m = redis.call('HMGET', K_META, 'gpus_total', 'max_node_gpus', 'max_gpu_mb')
 local reject = nil
 if (tonumber(m[1]) or 0) == 0 then
@@ -56,6 +89,8 @@ elseif k > tonumber(m[2]) then
   reject = {-6, 'required_gpus', m[2]}
 elseif minm > tonumber(m[3]) then
   reject = {-6, 'min_memory_mb', m[3]}
+elseif pat ~= '' or nodes_raw ~= '[]' then
+  reject = never_fits()
 end
 if reject then return reject end
 local depth = redis.call('ZCARD', K_QUEUE)
@@ -71,7 +106,7 @@ if idem_key ~= '' then
 end
 local r = req_from(id, {svc, f.sharing, f.required_gpus, f.min_memory_mb, f.max_memory_mb,
   f.max_utilization, f.preferred_gpus, f.depends_on, submitted, f.webhook_url, f.webhook_events,
-  f.lease_seconds, f.priority, '', 'queued', f.owner})
+  f.lease_seconds, f.priority, '', 'queued', f.owner, pat, nodes_raw})
 
 if depth == 0 and deps_done(r) then
   local node, chosen = place(r, {})

@@ -10,10 +10,11 @@
   builders replace the @constants line below. Redis 6.2 runs a script's whole body on every
   call, so nothing is sent, split or captured as an upvalue per call:
     K_NODES K_FREE K_SIZES K_GPUS K_SHARED K_QUEUE K_QDX K_QDS K_QDEAD K_QUNRES K_RES K_LEASES
-    K_EVENTS K_OUTBOX K_STATS K_META K_QSHAPE K_SVCLABELS K_QOWNERS      keys: nodes,
-        nodes_free, node_sizes, gpus, shared_capacity, queue, queue_demand:exclusive,
+    K_EVENTS K_OUTBOX K_STATS K_META K_QSHAPE K_SVCLABELS K_QOWNERS K_CHANGES      keys:
+        nodes, nodes_free, node_sizes, gpus, shared_capacity, queue, queue_demand:exclusive,
         queue_demand:shared, queue_deadlines, queue_unreserved, reservations, leases, events,
-        webhook_outbox, stats, meta, queue_shapes, stats_services, queue_owners
+        webhook_outbox, stats, meta, queue_shapes, stats_services, queue_owners; and the
+        changes Pub/Sub channel
     k_node(n) k_gpu(n, i) k_req(id) k_svc(s) k_idem(k) k_free(n)      key builders: node, gpu,
         request, service, idempotency, node_free_gpus (concatenation, no string.format)
     POLICY (best_effort|strict_fifo)  AGING (priority points per second)
@@ -174,6 +175,14 @@ local function outbox(name, id, event_id, url, events_json, always)
     request_id = id, ts = NOW}))
 end
 
+-- Wake the API calls long-polling this request (app/longpoll.py): one PUBLISH per status
+-- change of a request that someone may be waiting on (a queued request leaving the queue, a
+-- live allocation ending or changing state). Redis delivers it after the script, so a waiter
+-- that wakes reads the new status. Without subscribers a PUBLISH costs one dictionary lookup.
+local function notify(id, status)
+  redis.call('PUBLISH', K_CHANGES, id .. '|' .. status)
+end
+
 local function split_member(m) return string.match(m, '^(.*)|([^|]*)$') end
 
 local alive_cache = {}
@@ -245,14 +254,22 @@ end
 -- A request as the scheduler sees it.
 local REQ_FIELDS = {'service_name', 'sharing', 'required_gpus', 'min_memory_mb', 'max_memory_mb',
   'max_utilization', 'preferred_gpus', 'depends_on', 'submitted_at', 'webhook_url',
-  'webhook_events', 'lease_seconds', 'priority', 'reserved_node', 'status', 'owner'}
+  'webhook_events', 'lease_seconds', 'priority', 'reserved_node', 'status', 'owner',
+  'gpu_pattern', 'nodes'}
 
 local function req_from(id, f)
   local r = {id = id, svc = f[1], sharing = f[2], k = tonumber(f[3]), minm = tonumber(f[4]),
     maxm = tonumber(f[5]), util = tonumber(f[6]), pref_raw = f[7] or '[]',
     deps_raw = f[8] or '[]', submitted = tonumber(f[9]), hook = f[10] or '',
     hook_events = f[11] or '[]', lease = lease_secs(f[12]), priority = tonumber(f[13]),
-    reserved = f[14] or '', status = f[15], owner = f[16] or ''}
+    reserved = f[14] or '', status = f[15], owner = f[16] or '', pat = f[17] or '',
+    nodes_raw = f[18] or '[]'}
+  -- gpu_model as an anchored Lua pattern on the lower-cased GPU name ('' = any model) and the
+  -- nodes it may use (nil = any node): both set by the client, checked in placement
+  if r.nodes_raw ~= '[]' then
+    r.nodes = {}
+    for _, n in ipairs(cjson.decode(r.nodes_raw)) do r.nodes[n] = true end
+  end
   r.pref = {}
   r.npref = 0
   if r.pref_raw ~= '[]' then
@@ -268,6 +285,18 @@ local function load_req(id)
   local f = redis.call('HMGET', k_req(id), unpack(REQ_FIELDS))
   if not f[15] then return nil end
   return req_from(id, f)
+end
+
+-- May the request use this node (its nodes list), and this GPU (its gpu_model)?
+local function node_ok(r, node) return r.nodes == nil or r.nodes[node] == true end
+
+local function model_matches(pat, name)
+  return pat == '' or string.find(string.lower(name or ''), pat) ~= nil
+end
+
+local function model_ok(r, node, idx)
+  if r.pat == '' then return true end
+  return model_matches(r.pat, redis.call('HGET', k_gpu(node, idx), 'name'))
 end
 
 -- True when nothing the request depends on is still queued or live.
@@ -296,7 +325,7 @@ local function node_candidates(r, node)
   local h = redis.call('HGETALL', k_free(node))
   for i = 1, #h, 2 do
     local mem, util, at, ok = free_entry(r, h[i + 1])
-    if ok then
+    if ok and model_ok(r, node, h[i]) then
       local idx = h[i]
       q[#q + 1] = {idx = idx, mem = mem, util = util, uuid = string.sub(h[i + 1], at),
         pref = r.pref[idx] and 1 or 0}
@@ -313,7 +342,7 @@ local function node_best1(r, node)
   local best, bmem, butil, bidx, bat
   for i = 1, #h, 2 do
     local mem, util, at, ok = free_entry(r, h[i + 1])
-    if ok then
+    if ok and model_ok(r, node, h[i]) then
       local idx = tonumber(h[i])
       if not best or mem > bmem or (mem == bmem and (util < butil or
           (util == butil and idx < bidx))) then
@@ -343,7 +372,7 @@ local function place_exclusive(r, blocked)
         offset == 0 and 8 or 64)
       if #batch == 0 then return nil end
       for _, node in ipairs(batch) do
-        if not blocked[node] and node_alive(node) then
+        if not blocked[node] and node_ok(r, node) and node_alive(node) then
           local g = node_best1(r, node)
           if g then return node, {g} end
         end
@@ -359,7 +388,7 @@ local function place_exclusive(r, blocked)
       offset == 0 and 8 or 64)
     if #batch == 0 then break end
     for _, node in ipairs(batch) do
-      if not blocked[node] and node_alive(node) then
+      if not blocked[node] and node_ok(r, node) and node_alive(node) then
         local q = node_candidates(r, node)
         if #q >= k then
           local p = 0
@@ -402,9 +431,9 @@ local function place_shared(r, blocked)
     if #batch == 0 then break end
     for i = 1, #batch, 2 do
       local node, idx = split_member(batch[i])
-      if node and not blocked[node] and node_alive(node) then
-        local g = redis.call('HMGET', k_gpu(node, idx), 'utilization', 'uuid')
-        if (tonumber(g[1]) or 0) <= r.util then
+      if node and not blocked[node] and node_ok(r, node) and node_alive(node) then
+        local g = redis.call('HMGET', k_gpu(node, idx), 'utilization', 'uuid', 'name')
+        if (tonumber(g[1]) or 0) <= r.util and model_matches(r.pat, g[3]) then
           local cand = {idx = idx, mem = tonumber(batch[i + 1]), uuid = g[2] or ''}
           if r.npref == 0 or r.pref[idx] then return node, {cand} end
           if not fallback then fallback, fnode = cand, node end
@@ -500,7 +529,10 @@ local function grant(r, node, chosen, queued, from_queue, pending)
   end
   redis.call('ZADD', K_LEASES, score, r.id)
   redis.call('SADD', k_svc(r.svc), r.id)
-  if queued then queue().dequeue(r.id, r.reserved, r.sharing, owner_bucket(r.owner, r.svc)) end
+  if queued then
+    queue().dequeue(r.id, r.reserved, r.sharing, owner_bucket(r.owner, r.svc))
+    notify(r.id, 'allocated')
+  end
   local evid = event('allocated', r.id, r.svc, {'node', node, 'gpu_ids', ids_json,
     'gpu_uuids', uuids_json})
   stat('alloc|' .. svc_label(r.svc) .. '|allocated')
@@ -542,6 +574,7 @@ local function finish_alloc(id, status, rec)
   redis.call('ZREM', K_LEASES, id)
   redis.call('SREM', k_svc(svc), id)
   bump_capacity()
+  notify(id, status)
   local evid = event(status, id, svc, {'node', node or '', 'gpu_ids', f[2] or '[]'})
   stat('alloc|' .. svc_label(svc) .. '|' .. status)
   outbox(status, id, evid, f[6], f[7], false)
@@ -556,6 +589,7 @@ local function finish_queued(id, status)
   redis.call('HSET', rk, 'status', status, 'ended_at', NOW_S)
   redis.call('EXPIRE', rk, HIST_TTL_S)
   bump_capacity()
+  notify(id, status)
   local evid = event(status, id, f[1], nil)
   stat('alloc|' .. svc_label(f[1]) .. '|' .. status)
   outbox(status, id, evid, f[2], f[3], false)
@@ -631,7 +665,7 @@ queue = function()
     end
     redis.call('ZADD', K_QUEUE, fnum(score), r.id)
     redis.call('HSET', K_QSHAPE, r.id, r.sharing .. '|' .. r.k .. '|' .. r.minm .. '|' .. r.maxm ..
-      '|' .. r.util .. '|' .. r.pref_raw)
+      '|' .. r.util .. '|' .. r.pref_raw .. '|' .. r.pat .. '|' .. r.nodes_raw)
     if r.sharing == 'shared' then
       redis.call('ZADD', K_QDS, r.minm, r.id)
     else
@@ -673,12 +707,14 @@ queue = function()
     local sizes = redis.call('ZRANGEBYSCORE', K_SIZES, r.k, '+inf', 'WITHSCORES')
     for i = 1, #sizes, 2 do
       local node, size = sizes[i], tonumber(sizes[i + 1])
-      if not blocked[node] and node_alive(node) and not redis.call('HGET', K_RES, node) then
+      if not blocked[node] and node_ok(r, node) and node_alive(node) and
+          not redis.call('HGET', K_RES, node) then
         local times = {}
         for _, idx in ipairs(node_indexes(node)) do
           local g = redis.call('HMGET', k_gpu(node, idx), 'health', 'cordoned', 'lost',
-            'memory_total_mb', 'excl', 'shared_n')
-          if g[1] == 'ok' and g[2] ~= '1' and g[3] ~= '1' and (tonumber(g[4]) or 0) >= r.minm then
+            'memory_total_mb', 'excl', 'shared_n', 'name')
+          if g[1] == 'ok' and g[2] ~= '1' and g[3] ~= '1' and (tonumber(g[4]) or 0) >= r.minm
+              and model_matches(r.pat, g[7]) then
             local t = NOW
             if g[5] and g[5] ~= '' then
               t = tonumber(redis.call('ZSCORE', K_LEASES, g[5]) or '1e18') or 1e18

@@ -1,0 +1,195 @@
+"""Long-polls on GET /gpu/requests/<id>?wait= and /gpu/allocations/<id>?wait= (real Redis)."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import redis as redis_lib
+
+from app.longpoll import ChangeListener, Holds, Waiter
+from tests.api_support import allocate, assert_error, clock, make_app  # noqa: F401
+
+
+class Call(threading.Thread):
+    """A GET in a background thread, timed."""
+
+    def __init__(self, app, path):
+        super().__init__(daemon=True)
+        self.app, self.path = app, path
+        self.resp = None
+        self.elapsed = None
+        self.start()
+
+    def run(self):
+        t0 = time.monotonic()
+        self.resp = self.app.test_client().get(self.path)
+        self.elapsed = time.monotonic() - t0
+
+    def result(self, timeout=20):
+        self.join(timeout)
+        assert not self.is_alive(), f"{self.path} still held"
+        return self.resp
+
+
+def _held(app, n=1, timeout=5):
+    listener = app.extensions["gpu_longpoll"].listener
+    deadline = time.monotonic() + timeout
+    while listener.held() < n:
+        assert time.monotonic() < deadline, "the call was never held"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def app(make_app):
+    return make_app(nodes=(("node-a", 1),))
+
+
+def _holder_and_waiter(client):
+    holder = allocate(client, "holder").get_json()["id"]
+    waiter = allocate(client, "waiter")
+    assert waiter.status_code == 202
+    return holder, waiter.get_json()["request_id"]
+
+
+def test_a_held_request_answers_when_the_release_grants_it(app):
+    client = app.test_client()
+    holder, waiter = _holder_and_waiter(client)
+    call = Call(app, f"/gpu/requests/{waiter}?wait=30")
+    _held(app)
+    time.sleep(0.2)
+    assert call.is_alive(), "answered before anything changed"
+    t0 = time.monotonic()
+    client.post("/gpu/release", json={"allocation_id": holder})
+    body = call.result().get_json()
+    assert time.monotonic() - t0 < 2
+    assert body["status"] == "allocated" and body["allocation"]["gpu_ids"] == [0]
+
+
+def test_a_wait_that_runs_out_answers_the_unchanged_record(app):
+    client = app.test_client()
+    _, waiter = _holder_and_waiter(client)
+    call = Call(app, f"/gpu/requests/{waiter}?wait=0.5")
+    resp = call.result()
+    assert resp.status_code == 200 and resp.get_json()["status"] == "queued"
+    assert resp.get_json()["position"] == 1
+    assert call.elapsed >= 0.5
+
+
+def test_no_polling_inside_the_server_while_held(app, redis):
+    client = app.test_client()
+    _, waiter = _holder_and_waiter(client)
+
+    def reads():
+        stats = redis.info("commandstats")
+        return stats.get("cmdstat_hgetall", {}).get("calls", 0)
+
+    before = reads()
+    call = Call(app, f"/gpu/requests/{waiter}?wait=1.5")
+    assert call.result().get_json()["status"] == "queued"
+    assert reads() - before <= 2  # the first read and the one after subscribing
+
+
+def test_cancel_and_timeout_wake_the_held_call(app, clock):
+    client = app.test_client()
+    _, waiter = _holder_and_waiter(client)
+    call = Call(app, f"/gpu/requests/{waiter}?wait=30")
+    _held(app)
+    client.delete(f"/gpu/requests/{waiter}")
+    assert call.result().get_json()["status"] == "cancelled"
+
+    _, waiter = (None, allocate(client, "late").get_json()["request_id"])
+    call = Call(app, f"/gpu/requests/{waiter}?wait=30")
+    _held(app)
+    clock.advance(app.extensions["gpu_settings"].scheduler.queue_timeout + 1)
+    app.extensions["gpu_engine"].reap()
+    assert call.result().get_json()["status"] == "timed_out"
+
+
+def test_not_queued_answers_at_once(app):
+    client = app.test_client()
+    rid = allocate(client, "now").get_json()["id"]
+    t0 = time.monotonic()
+    assert client.get(f"/gpu/requests/{rid}?wait=30").get_json()["status"] == "allocated"
+    client.post("/gpu/release", json={"allocation_id": rid})
+    assert client.get(f"/gpu/allocations/{rid}?wait=30").get_json()["status"] == "released"
+    assert time.monotonic() - t0 < 1
+
+
+def test_a_held_allocation_answers_when_it_ends(app, clock):
+    client = app.test_client()
+    rid = allocate(client, "live", ttl_seconds=60).get_json()["id"]
+    call = Call(app, f"/gpu/allocations/{rid}?wait=30")
+    _held(app)
+    client.post(f"/gpu/allocations/{rid}/renew")  # a renewal is no change of state
+    time.sleep(0.2)
+    assert call.is_alive()
+    clock.advance(61)
+    app.extensions["gpu_engine"].reap()
+    body = call.result().get_json()
+    assert body["status"] == "expired"
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "61", "nan", "inf", "1e400"])
+def test_bad_wait_is_422_naming_wait(app, value):
+    client = app.test_client()
+    rid = allocate(client).get_json()["id"]
+    for path in (f"/gpu/requests/{rid}", f"/gpu/allocations/{rid}"):
+        err = assert_error(client.get(f"{path}?wait={value}"), 422, "validation_error")
+        assert "wait" in err["details"]
+
+
+def test_a_held_call_gives_its_thread_back_when_the_worker_runs_short(make_app):
+    app = make_app(nodes=(("node-a", 1),), server={"threads": 2})
+    client = app.test_client()
+    _, waiter = _holder_and_waiter(client)
+    call = Call(app, f"/gpu/requests/{waiter}?wait=30")
+    _held(app)
+    # another client's request takes the worker's last idle thread: the held call lets go
+    slow = threading.Event()
+    inner = app.extensions["gpu_engine"].snapshot
+
+    def snapshot(*a, **kw):
+        slow.wait(5)
+        return inner(*a, **kw)
+    app.extensions["gpu_engine"].snapshot = snapshot
+    other = Call(app, "/gpu/status")
+    resp = call.result(timeout=5)
+    assert resp.get_json()["status"] == "queued" and call.elapsed < 5
+    slow.set()
+    assert other.result().status_code == 200
+
+
+def test_holds_never_take_the_last_thread():
+    holds = Holds(3)
+    a, b, c = Waiter("a"), Waiter("b"), Waiter("c")
+    holds.enter()
+    assert holds.hold(a)
+    holds.enter()
+    assert holds.hold(b)  # two running, one idle thread left
+    holds.enter()          # the last idle thread is taken: the oldest held call lets go
+    assert a.evicted and a.event.is_set() and not b.evicted
+    holds.enter()
+    assert not holds.hold(c)  # nothing idle: answer at once
+    assert b.evicted
+
+
+def test_listener_stops_when_idle_and_restarts(redis_url, settings):
+    client = redis_lib.Redis.from_url(redis_url, decode_responses=True)
+    listener = ChangeListener(client, "chan-test", idle_exit=0.2)
+    w = listener.watch("x-1")
+    assert w is not None
+    client.publish("chan-test", "x-2|allocated")
+    client.publish("chan-test", "x-1|allocated")
+    assert w.event.wait(2)
+    listener.unwatch(w)
+    deadline = time.monotonic() + 5
+    while listener._run is not None:  # noqa: SLF001 - the thread's own slot
+        assert time.monotonic() < deadline, "listener never stopped"
+        time.sleep(0.05)
+    names = [t.name for t in threading.enumerate()]
+    w = listener.watch("x-3")
+    assert w is not None
+    client.publish("chan-test", "x-3|cancelled")
+    assert w.event.wait(2)
+    listener.unwatch(w)
