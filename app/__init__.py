@@ -4,6 +4,9 @@
 Redis or reads config as a side effect of an import. The engine, the workload analyser and the
 Redis clients are built once per app (one per gunicorn worker), never per request.
 
+Importing the package imports nothing else (no Flask, no Redis client): ``app.client`` lives
+here and must import with only ``requests`` installed.
+
 Order of the request hooks matters and is fixed here: request id first (so every later failure,
 including a 401, carries it), then metrics timing, then auth.
 """
@@ -11,11 +14,12 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flask import Flask, g, request
+if TYPE_CHECKING:
+    from flask import Flask
 
-from app import settings as settings_mod
+    from app import settings as settings_mod
 
 log = logging.getLogger("gpu_orchestrator.api")
 
@@ -23,6 +27,9 @@ log = logging.getLogger("gpu_orchestrator.api")
 def create_app(settings: settings_mod.Settings | None = None, *, redis: Any = None,
                redis_url: str | None = None, clock=None) -> Flask:
     """Build the API. Tests pass ``settings`` and a ``redis`` client instead of patching."""
+    from flask import Flask
+
+    from app import settings as settings_mod
     from app import auth, http_errors, longpoll, metrics, request_ids
     from app import api as api_mod
     from app.dispatcher import OutboxDispatcher
@@ -89,6 +96,8 @@ def _access_log(app: Flask) -> None:
     DEBUG, not INFO: a log write per request is a syscall per request, a real share of a cheap
     request's cost; ``--log-level DEBUG`` turns it on.
     """
+    from flask import g, request
+
     access = logging.getLogger("gpu_orchestrator.access")
 
     @app.after_request

@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     monitor.add_argument("--backend", choices=("auto", "nvml", "simulated"),
                          help="override monitoring.backend")
     sub.add_parser("redis", help="run only the embedded Redis in the foreground")
+    sub.add_parser("run", add_help=False,
+                   help="run a command on GPUs from the API: allocate, wait, set "
+                        "CUDA_VISIBLE_DEVICES, renew, release (see `run --help`)")
 
     config = sub.add_parser("config", help="inspect configuration")
     config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
@@ -256,7 +259,33 @@ COMMANDS = {
 }
 
 
+#: Global options that take a value (to find the subcommand without parsing its options).
+_VALUED_GLOBALS = ("--config", "--log-format", "--log-level")
+
+
+def _run_args(argv: list[str]) -> list[str] | None:
+    """The arguments after ``run`` when the subcommand is ``run``, else None. ``run`` parses
+    its own options (everything after ``--`` is COMMAND's) and needs no config or Redis."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "run":
+            return argv[i + 1:]
+        if arg in _VALUED_GLOBALS:
+            i += 2
+        elif arg.startswith("-"):
+            i += 1
+        else:
+            return None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    run_args = _run_args(argv)
+    if run_args is not None:
+        from app import run
+        return run.main(run_args)
     parser = _parser()
     args = parser.parse_args(argv)
     try:

@@ -47,20 +47,8 @@ class ConfigError(Exception):
 
 # --------------------------------------------------------------------------- field types
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
-
-
-def parse_duration(value: Any) -> float:
-    """Seconds from ``15s``, ``5m``, ``1h``, ``250ms`` or a plain number of seconds."""
-    if isinstance(value, bool):
-        raise ValueError(value)
-    if isinstance(value, (int, float)):
-        return float(value)
-    match = _DURATION_RE.match(str(value))
-    if not match:
-        raise ValueError(value)
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+# one rule for durations, shared with the client (app.client imports no settings)
+from app.timefmt import parse_duration  # noqa: E402,F401
 
 
 def format_duration(seconds: float) -> str:

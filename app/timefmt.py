@@ -1,7 +1,25 @@
-"""Timestamps: the engine stores epoch seconds; clients see RFC 3339 UTC strings."""
+"""Timestamps and durations: the engine stores epoch seconds; clients see RFC 3339 UTC strings;
+people write durations as ``15s``, ``5m``, ``1h``. Standard library only (app.client uses it)."""
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
+from typing import Any
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from ``15s``, ``5m``, ``1h``, ``250ms`` or a plain number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, (int, float)):
+        return float(value)
+    match = _DURATION_RE.match(str(value))
+    if not match:
+        raise ValueError(value)
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
 
 
 def iso(ts: float | None) -> str | None:

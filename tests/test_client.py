@@ -1,0 +1,240 @@
+"""app.client and `run` against a scripted stub API on 127.0.0.1: the cases a real service
+cannot be made to produce on demand (preemption, an API that stops answering, error codes)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from app import client as api
+from tests.proc_support import ROOT
+
+
+class Stub:
+    """A scripted API: ``routes[(method, path)] = fn(stub, body, query) -> (status, body,
+    headers)``; every request is recorded."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, str, dict, dict]] = []
+        self.routes: dict = {}
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _serve(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                path, _, query = self.path.partition("?")
+                body = json.loads(raw) if raw else {}
+                with outer.lock:
+                    outer.calls.append((self.command, path, dict(self.headers), body))
+                fn = outer.routes.get((self.command, path))
+                if fn is None:
+                    status, out, headers = 404, {"error": {"code": "not_found", "message": "no",
+                                                           "details": {}}}, {}
+                else:
+                    status, out, headers = fn(outer, body, query)
+                if status == 0:  # drop the connection without an answer
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                data = json.dumps(out).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_DELETE = _serve
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def count(self, method, path):
+        with self.lock:
+            return sum(1 for c in self.calls if c[0] == method and c[1] == path)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def stub():
+    s = Stub()
+    yield s
+    s.close()
+
+
+def granted(lease=60.0):
+    return {"id": "s-1", "request_id": "s-1", "status": "allocated", "node": "n1",
+            "gpu_ids": [0, 1], "gpu_uuids": ["GPU-a", "GPU-b"], "cuda_visible_devices": "0,1",
+            "lease_seconds": lease, "expires_at": "2030-01-01T00:00:00.000Z"}
+
+
+def err(status, code, retry_after=None, **details):
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
+    return status, {"error": {"code": code, "message": f"{code} happened",
+                              "details": details}}, headers
+
+
+def hold_then(status_after: float, status: str):
+    """GET /gpu/allocations/s-1?wait=: live until ``status_after`` s from the first call."""
+    start: list[float] = []
+
+    def fn(stub, body, query):
+        if not start:
+            start.append(time.monotonic())
+        left = start[0] + status_after - time.monotonic()
+        if left > 0:
+            time.sleep(min(left, 0.5))
+            return 200, granted(), {}
+        return 200, dict(granted(), status=status, preempt_at="2030-01-01T00:00:30Z"), {}
+    return fn
+
+
+def run(stub, *args, timeout=60):
+    env = dict(os.environ, GPU_ORCH_URL=stub.url)
+    env.pop("GPU_ORCH_API_KEY", None)
+    return subprocess.run([sys.executable, "-m", "app.cli", "run", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+TRAP = textwrap.dedent("""
+    import signal, sys, time
+    t0 = time.monotonic()
+    def bye(signum, frame):
+        print(f"term after {time.monotonic() - t0:.1f}", flush=True)
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, bye)
+    time.sleep(float(sys.argv[1]))
+    print("finished", flush=True)
+""")
+
+
+def test_importing_the_client_needs_only_requests():
+    code = ("import sys, app.client; bad = {'flask', 'rq', 'redis', 'yaml', 'marshmallow', "
+            "'gunicorn'} & {m.split('.')[0] for m in sys.modules}; "
+            "print(sorted(bad)); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("status,code,cls", [
+    (429, "queue_full", api.QueueFull), (422, "unsatisfiable", api.Unsatisfiable),
+    (422, "validation_error", api.ValidationError), (403, "forbidden", api.Forbidden),
+    (401, "unauthorized", api.Unauthorized), (409, "conflict", api.Conflict),
+    (429, "too_many_requests", api.TooManyRequests), (400, "bad_request", api.BadRequest),
+    (413, "payload_too_large", api.PayloadTooLarge), (418, "teapot", api.BadRequest),
+])
+def test_each_error_code_is_its_own_exception(stub, status, code, cls):
+    stub.routes[("POST", "/gpu/allocate")] = lambda s, b, q: err(status, code, retry_after=7,
+                                                                  field="x")
+    with pytest.raises(cls) as exc:
+        api.Client(stub.url).allocate("svc")
+    assert (exc.value.status, exc.value.code, exc.value.retry_after) == (status, code, 7)
+    assert exc.value.details == {"field": "x"} and code in str(exc.value)
+
+
+def test_a_retry_after_a_dropped_connection_reuses_the_idempotency_key(stub):
+    answers = iter([(0, None, {}), (200, granted(), {})])
+    stub.routes[("POST", "/gpu/allocate")] = lambda s, b, q: next(answers)
+    alloc = api.Client(stub.url).allocate("svc", required_gpus=2, gpu_model="*H100*",
+                                          ttl="10m")
+    assert alloc.status == "allocated" and alloc.gpu_ids == [0, 1]
+    posts = [c for c in stub.calls if c[1] == "/gpu/allocate"]
+    assert len(posts) == 2
+    assert posts[0][2]["Idempotency-Key"] == posts[1][2]["Idempotency-Key"]
+    assert posts[0][3]["ttl_seconds"] == 600 and posts[0][3]["gpu_model"] == "*H100*"
+
+
+def test_the_key_travels_as_a_bearer_token_and_never_in_repr(stub):
+    stub.routes[("GET", "/gpu/status")] = lambda s, b, q: (200, {"gpus": []}, {})
+    c = api.Client(stub.url, api_key="sekrit")
+    assert c.status() == []
+    assert stub.calls[0][2]["Authorization"] == "Bearer sekrit"
+    assert "sekrit" not in repr(c)
+
+
+def test_unreachable_api_is_connection_failed():
+    with pytest.raises(api.ConnectionFailed) as exc:
+        api.Client("http://127.0.0.1:9", retries=1).status()
+    assert "connection refused" in str(exc.value)
+
+
+def test_run_sends_sigterm_when_the_allocation_turns_preempting(stub):
+    stub.routes[("POST", "/gpu/allocate")] = lambda s, b, q: (200, granted(), {})
+    stub.routes[("GET", "/gpu/allocations/s-1")] = hold_then(1.0, "preempting")
+    stub.routes[("POST", "/gpu/release")] = lambda s, b, q: (200, {"status": "released"}, {})
+    proc = run(stub, "--", sys.executable, "-c", TRAP, "30")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("term after"), proc.stdout
+    assert float(proc.stdout.split()[-1]) < 10
+    assert "preempted" in proc.stderr
+    assert stub.count("POST", "/gpu/release") == 1
+
+
+def test_run_keeps_the_command_while_the_api_is_down_until_the_lease_would_end(stub):
+    stub.routes[("POST", "/gpu/allocate")] = lambda s, b, q: (200, granted(lease=3.0), {})
+    stub.routes[("GET", "/gpu/allocations/s-1")] = lambda s, b, q: err(503, "unavailable", 0)
+    stub.routes[("POST", "/gpu/allocations/s-1/renew")] = lambda s, b, q: err(
+        503, "unavailable", 0)
+    stub.routes[("POST", "/gpu/release")] = lambda s, b, q: (200, {"status": "released"}, {})
+    proc = run(stub, "--", sys.executable, "-c", TRAP, "30")
+    assert proc.returncode == 0, proc.stderr
+    after = float(proc.stdout.split()[-1])
+    assert 2.0 <= after < 15, proc.stdout  # ran on until the 3 s lease would have ended
+    assert stub.count("POST", "/gpu/allocations/s-1/renew") >= 2  # kept retrying
+    assert "could not renew" in proc.stderr and "lost" in proc.stderr
+
+
+def test_run_renews_every_third_of_the_lease(stub):
+    stub.routes[("POST", "/gpu/allocate")] = lambda s, b, q: (200, granted(lease=1.5), {})
+    stub.routes[("GET", "/gpu/allocations/s-1")] = hold_then(1e9, "allocated")
+    stub.routes[("POST", "/gpu/allocations/s-1/renew")] = lambda s, b, q: (
+        200, granted(lease=1.5), {})
+    stub.routes[("POST", "/gpu/release")] = lambda s, b, q: (200, {"status": "released"}, {})
+    proc = run(stub, "--", sys.executable, "-c", TRAP, "3")
+    assert proc.returncode == 0 and proc.stdout.strip() == "finished", proc.stderr
+    assert 3 <= stub.count("POST", "/gpu/allocations/s-1/renew") <= 8
+
+
+@pytest.mark.parametrize("args,needle", [
+    ([], "missing COMMAND"), (["--gpus", "0", "--", "true"], "--gpus"),
+    (["--wait", "soon", "--", "true"], "--wait"), (["--bogus", "--", "true"], "--bogus"),
+    (["--data", "novalue", "--", "true"], "KEY=VALUE"),
+    (["--priority", "11", "--", "true"], "--priority"),
+    (["--url", "ftp://x", "--", "true"], "http://"),
+])
+def test_usage_errors_exit_2_with_one_line(stub, args, needle):
+    proc = run(stub, *args)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+    assert stub.calls == []  # nothing was sent
+
+
+def test_api_refusals_map_to_exit_codes(stub):
+    for (status, code), want in {(422, "unsatisfiable"): 2, (429, "queue_full"): 75,
+                                 (403, "forbidden"): 77}.items():
+        stub.routes[("POST", "/gpu/allocate")] = lambda s, b, q: err(status, code)
+        proc = run(stub, "--", "true")
+        assert proc.returncode == want, (code, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1 and code in proc.stderr
