@@ -18,6 +18,7 @@ Race notes (two replicas, one Redis):
 """
 from __future__ import annotations
 
+import fnmatch
 import functools
 import hashlib
 import json
@@ -161,6 +162,20 @@ def _set_end(g: str, i: int) -> int:
     return g.find("]", j)
 
 
+_PRINTABLE = [chr(c) for c in range(0x20, 0x7f)]
+
+
+def _lua_set(body: str) -> str:
+    """A glob's ``[...]`` as a Lua set of the very characters fnmatch's reading of it matches
+    (ranges spelled out: Lua and fnmatch disagree on ranges next to ``]`` or escapes)."""
+    neg = body[:1] == "!"
+    rx = re.compile(fnmatch.translate("[" + (body[1:] if neg else body) + "]"))
+    chars = "".join(c if c.isalnum() else "%" + c for c in _PRINTABLE if rx.match(c))
+    if not chars:
+        return "." if neg else "[^%s%S]"  # any character / none
+    return "[" + ("^" if neg else "") + chars + "]"
+
+
 def gpu_model_pattern(glob: str) -> str:
     """A case-insensitive shell glob (``*``, ``?``, ``[a-z]``, ``[!x]``) as an anchored Lua
     pattern on the lower-cased GPU name, for the placement scripts. Raises ValidationFailed."""
@@ -182,11 +197,7 @@ def gpu_model_pattern(glob: str) -> str:
             out.append(".")
         elif c == "[" and _set_end(g, i) > 0:
             end = _set_end(g, i)
-            body = g[i + 1:end]
-            neg = body[:1] == "!"
-            body = body[1:] if neg else body
-            out.append("[" + ("^" if neg else "") + "".join(
-                "%" + ch if ch in "%]^" else ch for ch in body) + "]")
+            out.append(_lua_set(g[i + 1:end]))
             i = end
         else:
             out.append(c if c.isalnum() else "%" + c)

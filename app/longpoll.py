@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import collections
 import logging
+import signal
 import threading
+import weakref
 import time
 from typing import Any, Callable
 
@@ -157,6 +159,10 @@ class ChangeListener:
                     pass
 
 
+#: Every Holds of this process, for answer_held_on_stop.
+_ALL_HOLDS: "weakref.WeakSet[Holds]" = weakref.WeakSet()
+
+
 class Holds:
     """Which calls may hold a thread of this process; see the module docstring."""
 
@@ -165,6 +171,17 @@ class Holds:
         self._lock = threading.Lock()
         self._busy = 0
         self._held: collections.OrderedDict[Waiter, None] = collections.OrderedDict()
+        self._stopping = False
+        _ALL_HOLDS.add(self)
+
+    def stop(self) -> None:
+        """The process is shutting down: every held call answers now, none is held again."""
+        with self._lock:
+            self._stopping = True
+            for w in self._held:
+                w.evicted = True
+                w.event.set()
+            self._held.clear()
 
     def enter(self) -> None:
         """A request took a thread; if that was the last idle one, let the oldest held go."""
@@ -182,7 +199,7 @@ class Holds:
     def hold(self, w: Waiter) -> bool:
         """May this call (already counted as running) wait on its thread now?"""
         with self._lock:
-            if self._busy >= self.threads:
+            if self._busy >= self.threads or self._stopping:
                 return False
             self._held[w] = None
             return True
@@ -237,6 +254,21 @@ class LongPoll:
         finally:
             self.listener.unwatch(w)
         return rec
+
+
+def answer_held_on_stop(signals=(signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)) -> None:
+    """In a server process (a gunicorn worker, from ``post_worker_init``): when a stop signal
+    arrives, held calls answer at once (the current record) before the server's own handler
+    runs, so a graceful stop does not wait up to 60 s for them. Runs in the main thread."""
+    for signum in signals:
+        previous = signal.getsignal(signum)
+
+        def handler(num, frame, previous=previous):
+            for holds in list(_ALL_HOLDS):
+                holds.stop()
+            if callable(previous):
+                previous(num, frame)
+        signal.signal(signum, handler)
 
 
 def init_app(app, settings, redis) -> LongPoll:

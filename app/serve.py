@@ -53,6 +53,7 @@ def gunicorn_options(settings: Settings, **overrides: Any) -> dict[str, Any]:
         "loglevel": settings.logging.level.lower(),
         "on_starting": on_starting,
         "pre_fork": pre_fork,
+        "post_worker_init": post_worker_init,
         "child_exit": child_exit,
         # gunicorn 27 opens a control socket at one fixed path in $HOME; several API processes
         # on one host (replicas, chaos, benchmarks) would fight over it, and we do not use it.
@@ -106,6 +107,13 @@ def pre_fork(server, worker) -> None:
         return
     used = {getattr(w, "board_slot", None) for w in server.WORKERS.values()}
     worker.board_slot = next((i for i in range(len(_board)) if i not in used), None)
+
+
+def post_worker_init(worker) -> None:
+    """gunicorn worker hook, once the app is loaded: a stop signal first answers the long-polls
+    the worker holds (app.longpoll), so a graceful stop is not held up by them."""
+    from app import longpoll
+    longpoll.answer_held_on_stop()
 
 
 def child_exit(server, worker) -> None:

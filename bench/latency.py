@@ -12,8 +12,13 @@ keep-alive session:
    (webhook latency, stamped on arrival in the receiver thread);
 4. release the waiter.
 
+Then the long-poll trials: a holder, a waiter (202), a second client holding
+``GET /gpu/requests/<waiter>?wait=30`` (given ``HOLD_S`` to be held); t0; release the holder;
+the held call's answer (``allocated``) stamped on arrival: ``longpoll_*`` (target p99 <= 25 ms).
+
 Prints one JSON object with ``grant_p50_ms``, ``grant_p99_ms``, ``webhook_p50_ms``,
-``webhook_p99_ms`` (and max, means, trials, machine). Not a test; about 20 s for 200 trials.
+``webhook_p99_ms``, ``longpoll_p50_ms``, ``longpoll_p99_ms`` (and max, means, trials, machine).
+Not a test; about 40 s for 200 trials of each.
 
     .venv/bin/python bench/latency.py [--trials 200]
 """
@@ -28,6 +33,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 import argparse  # noqa: E402
+import concurrent.futures  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
@@ -94,6 +100,11 @@ class Receiver:
             return self.arrived.get(rid)
 
 
+#: Seconds a long-poll is given to be held before the release (the first one in a process also
+#: starts its listener and subscribes).
+HOLD_S = 0.05
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
@@ -103,6 +114,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--longpoll-trials", type=int, default=200)
     args = parser.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="gpuo-latency-")
@@ -125,6 +137,7 @@ def main() -> int:
     grant_ms: list[float] = []
     release_ms: list[float] = []
     hook_ms: list[float] = []
+    poll_ms: list[float] = []
     missing = 0
     try:
         engine = Engine(connect(url, settings), settings)
@@ -168,6 +181,32 @@ def main() -> int:
                 else:
                     hook_ms.append((t_hook - t0) * 1000)
             http.post(base + "/gpu/release", json={"allocation_id": rid})
+
+        poller = concurrent.futures.ThreadPoolExecutor(1)
+        poll_http = requests.Session()
+
+        def held_wait(rid: str) -> tuple[str, float]:
+            status = poll_http.get(f"{base}/gpu/requests/{rid}", params={"wait": 30},
+                                   timeout=40).json().get("status")
+            return status, time.perf_counter()
+
+        for trial in range(args.warmup + args.longpoll_trials):
+            holder = http.post(base + "/gpu/allocate", json={"service_name": "holder"}).json()
+            resp = http.post(base + "/gpu/allocate", json={"service_name": "waiter"})
+            assert resp.status_code == 202, resp.text
+            rid = resp.json()["request_id"]
+            answer = poller.submit(held_wait, rid)
+            time.sleep(HOLD_S)
+            assert not answer.done(), "the long-poll answered before the release"
+            t0 = time.perf_counter()
+            assert http.post(base + "/gpu/release",
+                             json={"allocation_id": holder["id"]}).status_code == 200
+            status, t_answer = answer.result(timeout=40)
+            assert status == "allocated", status
+            if trial >= args.warmup:
+                poll_ms.append((t_answer - t0) * 1000)
+            http.post(base + "/gpu/release", json={"allocation_id": rid})
+        poller.shutdown()
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -193,6 +232,10 @@ def main() -> int:
         "webhook_p99_ms": round(pct(hook_ms, 99), 2) if hook_ms else None,
         "webhook_max_ms": round(max(hook_ms), 2) if hook_ms else None,
         "webhooks_missing": missing,
+        "longpoll_trials": len(poll_ms),
+        "longpoll_p50_ms": round(pct(poll_ms, 50), 2) if poll_ms else None,
+        "longpoll_p99_ms": round(pct(poll_ms, 99), 2) if poll_ms else None,
+        "longpoll_max_ms": round(max(poll_ms), 2) if poll_ms else None,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform()},
     }

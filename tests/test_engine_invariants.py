@@ -7,6 +7,7 @@ higher-ranked request that fitted).
 """
 from __future__ import annotations
 
+import json
 import random
 import threading
 
@@ -19,6 +20,8 @@ from app import errors
 from app.engine import Engine
 
 FLEET = {"n0": (2, 16000), "n1": (4, 32000), "n2": (1, 80000)}
+#: GPU model per node, for gpu_model globs
+MODELS = {"n0": "NVIDIA A10", "n1": "NVIDIA H100 PCIe", "n2": "NVIDIA H100 NVL"}
 
 
 class Clock:
@@ -35,7 +38,8 @@ def gpus_for(node, health=None, missing=(), util=None, used=None):
     for i in range(count):
         if i in missing:
             continue
-        out.append({"index": i, "uuid": f"{node}-{i}", "name": "T", "memory_total_mb": mem,
+        out.append({"index": i, "uuid": f"{node}-{i}", "name": MODELS[node],
+                    "memory_total_mb": mem,
                     "memory_used_mb": (used or {}).get(i, 0),
                     "utilization": (util or {}).get(i, 10 * i), "temperature": 40,
                     "power_draw": 100, "health": (health or {}).get(i, "ok")})
@@ -82,6 +86,9 @@ def check_invariants(engine: Engine, redis, now: float) -> dict:
             else:
                 excl.setdefault(key, []).append(rid)
         assert len(set(json.loads(r["gpu_ids"]))) == int(r["required_gpus"])
+        assert model_ok(r, s["gpus"][key]), f"{rid} got a {s['gpus'][key]['name']}"
+        assert r["node"] in (json.loads(r.get("nodes") or "[]") or [r["node"]]), \
+            f"{rid} placed on {r['node']} outside its nodes"
     for key, g in s["gpus"].items():
         holders = excl.get(key, [])
         assert len(holders) <= 1, f"GPU {key} in two exclusive allocations: {holders}"
@@ -149,15 +156,24 @@ def check_invariants(engine: Engine, redis, now: float) -> dict:
     return s
 
 
+def model_ok(r, g) -> bool:
+    import fnmatch
+    glob = r.get("gpu_model") or "*"
+    return fnmatch.fnmatchcase(str(g.get("name") or "").lower(), glob.lower())
+
+
 def fits(r, gpus, excl, shared, alive, blocked, extra_free=()) -> bool:
     """Could request r be placed now (the placement rules, written plainly)?"""
     k, lo = int(r["required_gpus"]), float(r["min_memory_mb"])
     hi = float(r["max_memory_mb"]) or float("inf")
     util = float(r["max_utilization"])
     per_node: dict = {}
+    allowed = set(json.loads(r.get("nodes") or "[]")) or None
     for key, g in gpus.items():
         node = key[0]
         if node not in alive or node in blocked or not gpu_ok(g):
+            continue
+        if (allowed is not None and node not in allowed) or not model_ok(r, g):
             continue
         if float(g.get("utilization") or 0) > util:
             continue
@@ -246,14 +262,16 @@ class EngineMachine(RuleBasedStateMachine):
 
     @rule(k=st.integers(1, 4), shared=st.booleans(),
           mem=st.sampled_from([0, 4000, 12000, 30000]), prio=st.integers(1, 10),
-          dep=st.booleans(), ttl=st.sampled_from([None, 30, 300]), svc=st.sampled_from("ab"))
-    def allocate_any(self, k, shared, mem, prio, dep, ttl, svc):
-        self.allocate(k, shared, mem, prio, dep, ttl, svc)
+          dep=st.booleans(), ttl=st.sampled_from([None, 30, 300]), svc=st.sampled_from("ab"),
+          model=st.sampled_from([None, None, "*h100*", "*A10", "nvidia h100 ?c*"]),
+          nodes=st.sampled_from([None, None, ["n0"], ["n1", "n2"], ["n2", "gone"]]))
+    def allocate_any(self, k, shared, mem, prio, dep, ttl, svc, model, nodes):
+        self.allocate(k, shared, mem, prio, dep, ttl, svc, model, nodes)
 
-    def allocate(self, k, shared, mem, prio, dep, ttl, svc):
+    def allocate(self, k, shared, mem, prio, dep, ttl, svc, model=None, nodes=None):
         req = {"service_name": svc, "required_gpus": 1 if shared else k,
                "sharing": "shared" if shared else "exclusive", "min_memory_mb": mem,
-               "priority": prio, "max_utilization": 95}
+               "priority": prio, "max_utilization": 95, "gpu_model": model, "nodes": nodes}
         if ttl:
             req["ttl_seconds"] = ttl
         if dep and self.ids:

@@ -1,6 +1,7 @@
 """Long-polls on GET /gpu/requests/<id>?wait= and /gpu/allocations/<id>?wait= (real Redis)."""
 from __future__ import annotations
 
+import signal
 import threading
 import time
 
@@ -193,3 +194,55 @@ def test_listener_stops_when_idle_and_restarts(redis_url, settings):
     client.publish("chan-test", "x-3|cancelled")
     assert w.event.wait(2)
     listener.unwatch(w)
+
+
+def test_under_gunicorn_a_held_call_outlives_the_worker_timeout_and_ends_with_a_stop(
+        tmp_path, settings):
+    """The real server: a 5 s wait with a 2 s gunicorn timeout answers after 5 s (a held call
+    is not a stuck worker), and SIGTERM answers a held 60 s call at once instead of holding the
+    graceful stop (30 s here) for it."""
+    import requests
+
+    from app.engine import Engine
+    from app.redis_client import connect
+    from tests.conftest import free_port
+    from tests.proc_support import Role, wait_until, write_settings
+
+    port = free_port()
+    config = write_settings(tmp_path, settings, dashboard={"enabled": False},
+                            server={"port": port, "host": "127.0.0.1", "workers": 1,
+                                    "threads": 4, "write_timeout": "2s",
+                                    "read_timeout": "30s"})
+    role = Role(config, "api", log_dir=tmp_path)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        def up():
+            try:
+                return requests.get(base + "/healthz", timeout=1).status_code == 200
+            except requests.RequestException:
+                return False
+        wait_until(up, timeout=60, message="the API")
+        Engine(connect(settings.redis.url, settings), settings).report_node(
+            "node-a", [{"index": 0, "memory_total_mb": 1000}])
+        requests.post(base + "/gpu/allocate", json={"service_name": "holder"}, timeout=10)
+        rid = requests.post(base + "/gpu/allocate", json={"service_name": "waiter"},
+                            timeout=10).json()["request_id"]
+        t0 = time.monotonic()
+        resp = requests.get(f"{base}/gpu/requests/{rid}?wait=5", timeout=30)
+        assert resp.status_code == 200 and resp.json()["status"] == "queued"
+        assert time.monotonic() - t0 >= 4.9
+
+        answers = []
+        held = threading.Thread(target=lambda: answers.append(
+            requests.get(f"{base}/gpu/requests/{rid}?wait=60", timeout=90)), daemon=True)
+        held.start()
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        role.proc.send_signal(signal.SIGTERM)
+        held.join(20)
+        assert answers and answers[0].status_code == 200, role.output()[-2000:]
+        assert answers[0].json()["status"] == "queued"
+        role.proc.wait(20)
+        assert time.monotonic() - t0 < 10, "the graceful stop waited for the held call"
+    finally:
+        role.stop()
