@@ -5,19 +5,22 @@ Configuration errors and bad arguments exit with code 2 and one line on stderr.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
-import signal
-import subprocess
+import socket
 import sys
+import textwrap
 import time
+from pathlib import Path
 
 import yaml
 
-from app import logs
+from app import lifeline, logs
 from app import settings as settings_mod
 from app.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 from app.shutdown import StopSignal
+from app.supervisor import Supervisor, SupervisorError, UpLock
 
 log = logging.getLogger("gpu_orchestrator.cli")
 
@@ -28,40 +31,167 @@ class CliError(Exception):
     """A problem the operator must fix; printed as one line, exit code 2."""
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="gpu-orchestrator",
-        description="Hands out GPUs to the services that need them.")
-    parser.add_argument("--config", metavar="PATH",
-                        help="YAML config file (default: $CONFIG_PATH or ./config.yaml)")
-    parser.add_argument("--log-format", choices=("text", "json"),
-                        help="log format (overrides logging.format)")
-    parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+class _Parser(argparse.ArgumentParser):
+    """argparse with the README's promise: a bad argument is one line on stderr, exit 2."""
 
-    up = sub.add_parser("up", help="run the whole service in one terminal: Redis, API, "
-                                   "worker, scheduler, monitor")
+    def error(self, message: str):
+        message = " ".join(message.split())
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _global_options(parser: argparse.ArgumentParser) -> None:
+    """Options every command accepts, before or after its name (``config show --config x``).
+
+    They are added to the top parser and to every subcommand with ``SUPPRESS`` defaults, so a
+    value given in one place is never overwritten by the other's default; :func:`main` fills
+    in the ``None`` defaults afterwards.
+    """
+    parser.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
+                        help="YAML config file (default: $CONFIG_PATH or ./config.yaml)")
+    parser.add_argument("--log-format", choices=("text", "json"), default=argparse.SUPPRESS,
+                        help="log format (overrides logging.format)")
+    parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        default=argparse.SUPPRESS, help="lowest level logged (overrides "
+                                                        "logging.level)")
+
+
+GLOBAL_DESTS = ("config", "log_format", "log_level")
+HELP_WIDTH = 79
+
+
+def settings_help(*sections: str) -> str:
+    """The part of a ``--help`` page that names the settings and environment variables."""
+    lines = ["settings (config file, or GPU_ORCH__<SECTION>__<KEY> in the environment):"]
+    for section in sections:
+        keys = ", ".join(settings_mod.SPEC[section])
+        lines.append(textwrap.fill(f"  {section}.*: {keys}", HELP_WIDTH, subsequent_indent="    "))
+    aliases = [f"{var} ({'.'.join(key)})" for var, key in settings_mod.ENV_ALIASES.items()
+               if key[0] in sections]
+    lines.append(textwrap.fill("environment: " + ", ".join(
+        aliases + ["CONFIG_PATH (--config)", "GPU_ORCH__<SECTION>__<KEY>"]), HELP_WIDTH,
+        subsequent_indent="  "))
+    return "\n".join(lines)
+
+
+def add_command(sub, name: str, func, summary: str, description: str,
+                sections: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """Register one subcommand: ``summary`` for the command list, ``description`` and the
+    settings it reads for its own ``--help``."""
+    parser = sub.add_parser(name, help=summary, description=textwrap.fill(description, HELP_WIDTH),
+                            epilog=settings_help(*sections) if sections else None,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    _global_options(parser)
+    parser.set_defaults(func=func)
+    return parser
+
+
+def _add_up(sub) -> None:
+    up = add_command(
+        sub, "up", cmd_up,
+        "run the whole service in one terminal: Redis, API, worker, scheduler, monitor",
+        "Run the whole service in one terminal: the embedded Redis (unless REDIS_URL or "
+        "redis.url is set), the API, workers.count worker(s), the scheduler and a monitor, each "
+        "in its own process. Ctrl-C stops them all in order. A role that dies is restarted, "
+        "the embedded Redis too; only one 'up' runs per redis.data_dir.",
+        ("server", "redis", "workers", "monitoring", "logging"))
     up.add_argument("--no-monitor", action="store_true", help="do not start a local monitor")
-    sub.add_parser("api", help="serve the REST API with gunicorn")
-    worker = sub.add_parser("worker", help="run an RQ worker on the service's queues")
+
+
+def _add_api(sub) -> None:
+    add_command(sub, "api", cmd_api, "serve the REST API with gunicorn",
+                "Serve the REST API with gunicorn on server.host:server.port (env PORT). "
+                "Exits with code 2 when the port is taken.",
+                ("server", "redis", "auth", "scheduler", "dashboard", "logging"))
+
+
+def _add_worker(sub) -> None:
+    worker = add_command(sub, "worker", cmd_worker, "run an RQ worker on the service's queues",
+                         "Run an RQ worker: webhook deliveries with retries and the periodic "
+                         "maintenance jobs. SIGTERM finishes the job in hand first.",
+                         ("workers", "webhooks", "redis", "logging"))
     worker.add_argument("--burst", action="store_true", help="exit when the queues are empty")
-    sub.add_parser("scheduler", help="enqueue the periodic safety-net pass and the reaper "
-                                    "(RQ cron, one leader at a time)")
-    monitor = sub.add_parser("monitor", help="report this node's GPUs to Redis")
+
+
+def _add_scheduler(sub) -> None:
+    add_command(sub, "scheduler", cmd_scheduler,
+                "enqueue the periodic safety-net pass and the reaper (RQ cron, one leader at "
+                "a time)",
+                "Enqueue the periodic safety-net schedule pass and the lease reaper (RQ cron). "
+                "Any number may run; one leader at a time does the work.",
+                ("scheduler", "redis", "logging"))
+
+
+def _add_monitor(sub) -> None:
+    monitor = add_command(sub, "monitor", cmd_monitor, "report this node's GPUs to Redis",
+                          "Report this node's GPUs to Redis every monitoring.refresh_interval: "
+                          "NVML, or a simulated fleet. Exits with code 2 when --backend nvml "
+                          "finds no driver.",
+                          ("monitoring", "redis", "logging"))
     monitor.add_argument("--once", action="store_true", help="report once and exit")
     monitor.add_argument("--backend", choices=("auto", "nvml", "simulated"),
                          help="override monitoring.backend")
-    sub.add_parser("redis", help="run only the embedded Redis in the foreground")
+
+
+def _add_redis(sub) -> None:
+    add_command(sub, "redis", cmd_redis, "run only the embedded Redis in the foreground",
+                "Run only the embedded Redis in the foreground (AOF in redis.data_dir), for "
+                "roles started by hand. Nothing to do when REDIS_URL is set.",
+                ("redis", "logging"))
+
+
+def _add_run(sub) -> None:
+    """``run`` parses its own arguments (app/run.py); :func:`main` hands them over before
+    argparse sees them, so this entry only lists it in ``--help``."""
     sub.add_parser("run", add_help=False,
                    help="run a command on GPUs from the API: allocate, wait, set "
                         "CUDA_VISIBLE_DEVICES, renew, release (see `run --help`)")
 
-    config = sub.add_parser("config", help="inspect configuration")
-    config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
-    config_sub.add_parser("show", help="print the effective config as YAML, secrets redacted")
-    config_sub.add_parser("example", help="print a config file documenting every option")
-    check = config_sub.add_parser("check", help="validate a config file")
+
+def _add_config(sub) -> None:
+    config = add_command(sub, "config", cmd_config, "inspect configuration",
+                         "Inspect configuration: the effective settings, an example file, or "
+                         "a check of a file.")
+    actions = config.add_subparsers(dest="config_command", metavar="ACTION", required=True,
+                                    parser_class=_Parser)
+    add_command(actions, "show", cmd_config,
+                "print the effective config as YAML, secrets redacted",
+                "Print the effective config (defaults, then the file, then the environment) "
+                "as YAML, secrets redacted.", tuple(settings_mod.SPEC))
+    example = add_command(actions, "example", cmd_config,
+                          "print a config file documenting every option",
+                          "Print a config file documenting every option with its default.")
+    example.set_defaults(needs_settings=False)
+    check = add_command(actions, "check", cmd_config, "validate a config file",
+                        "Validate a config file: exit 0, or exit 2 with one line naming the "
+                        "file, the key and what was expected.")
     check.add_argument("file")
+    check.set_defaults(needs_settings=False)
+
+
+#: One function per subcommand, in the order ``--help`` lists them; a new command adds its own.
+SUBCOMMANDS = [_add_up, _add_api, _add_worker, _add_scheduler, _add_monitor, _add_redis,
+               _add_run, _add_config]
+
+
+def version() -> str:
+    try:
+        from importlib.metadata import PackageNotFoundError, version as dist_version
+        return dist_version("gpu-orchestrator")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="gpu-orchestrator",
+                     description="Hands out GPUs to the services that need them.",
+                     epilog="'gpu-orchestrator COMMAND --help' names the settings and "
+                            "environment variables each command reads.")
+    parser.add_argument("--version", action="version", version=f"gpu-orchestrator {version()}")
+    _global_options(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                parser_class=_Parser)
+    for add in SUBCOMMANDS:
+        add(sub)
     return parser
 
 
@@ -103,9 +233,34 @@ def cmd_redis(args, settings) -> int:
     return 0
 
 
+def require_free_port(host: str, port: int) -> None:
+    """CliError (exit 2) when ``host:port`` cannot be bound; gunicorn would retry forever.
+
+    Binds the way gunicorn does (``SO_REUSEADDR``), so a port in TIME_WAIT counts as free.
+    """
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                    flags=socket.AI_PASSIVE)[0][0]
+    except socket.gaierror as exc:
+        raise CliError(f"server.host {host!r} cannot be resolved ({exc.strerror}); set "
+                       f"server.host (GPU_ORCH__SERVER__HOST)") from None
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise CliError(f"API port {port} on {host} is taken by another process; set "
+                               f"server.port (env PORT) to a free port, or stop that "
+                               f"process") from None
+            raise CliError(f"cannot listen on {host}:{port} ({exc.strerror}); check "
+                           f"server.host and server.port (env PORT)") from None
+
+
 def cmd_api(args, settings) -> int:
     from app import serve
 
+    require_free_port(settings.server.host, settings.server.port)
     url, embedded = resolve_redis(settings)
     serve.run(settings, url, cleanup=embedded.stop if embedded else None)
     return 0
@@ -135,52 +290,57 @@ def cmd_up(args, settings) -> int:
 
     Children run in their own sessions, so a Ctrl-C reaches only this supervisor, which then
     sends each child exactly one SIGTERM (an RQ worker finishes its current job on the first
-    signal; a second one would kill it mid-job).
+    signal; a second one would kill it mid-job). What keeps them running, and what stops
+    them when this process dies, is in ``app/supervisor.py``.
     """
-    url, embedded = resolve_redis(settings)
+    lock = None
+    if not settings.redis.url:
+        lock = UpLock(Path(settings.redis.data_dir).resolve())
+        lock.acquire()
+    try:
+        if lock is not None:
+            lock.stop_leftovers()
+        return _run_up(args, settings, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_up(args, settings, lock) -> int:
+    srv = settings.server
+    require_free_port(srv.host, srv.port)
+    if settings.redis.url:
+        url, embedded = settings.redis.url, None
+    else:
+        embedded = EmbeddedRedis(settings.redis.data_dir, settings.redis.embedded_host,
+                                 settings.redis.embedded_port,
+                                 preexec_fn=lifeline.die_with_parent())
+        url = embedded.start()
     roles = [r for r in UP_ROLES if not (r == "monitor" and args.no_monitor)]
-    env = dict(os.environ, REDIS_URL=url)
     base = [sys.executable, "-m", "app.cli"]
-    if args.config:
-        base += ["--config", args.config]
-    if args.log_format:
-        base += ["--log-format", args.log_format]
-    if args.log_level:
-        base += ["--log-level", args.log_level]
-    names = []
+    for flag, value in (("--config", args.config), ("--log-format", args.log_format),
+                        ("--log-level", args.log_level)):
+        if value:
+            base += [flag, value]
+    commands = {}
     for role in roles:
         count = settings.workers.count if role == "worker" else 1
-        names += [role] if count == 1 else [f"{role}-{i + 1}" for i in range(count)]
-    children: dict[str, subprocess.Popen] = {}
-
-    def spawn(name: str) -> None:
-        role = name.split("-")[0]
-        children[name] = subprocess.Popen(base + [role], env=env, start_new_session=True)
-
+        for i in range(count):
+            commands[role if count == 1 else f"{role}-{i + 1}"] = base + [role]
+    sup = Supervisor(commands, dict(os.environ, REDIS_URL=url), embedded, lock)
     stopping = StopSignal().install()
     try:
-        for name in names:
-            spawn(name)
-        srv = settings.server
+        sup.start()
         host = "127.0.0.1" if srv.host in ("0.0.0.0", "::") else srv.host
-        ready = _wait_until_up(settings, url, host, "monitor" in roles, stopping.__bool__)
-        print(_summary(settings, url, embedded, host, names, ready), flush=True)
-        restarts: dict[str, float] = {}
+        ready = _wait_until_up(settings, url, host, "monitor" in roles,
+                               lambda: bool(stopping) or sup.failed_early())
+        if sup.failed_early():
+            sup.check(stopping)  # raises with the reason
+        print(_summary(settings, url, embedded, host, list(commands), ready), flush=True)
         while not stopping.sleep(0.2):
-            for name, proc in list(children.items()):
-                if proc.poll() is not None and not stopping:
-                    if proc.returncode == EXIT_USAGE:  # a config problem: restarting won't help
-                        log.error("%s exited with code %s (see its message above); not "
-                                  "restarting it", name, proc.returncode)
-                        del children[name]
-                        continue
-                    log.warning("%s exited with code %s; restarting", name, proc.returncode)
-                    if time.monotonic() - restarts.get(name, 0) < 5 and stopping.sleep(1):
-                        break
-                    restarts[name] = time.monotonic()
-                    spawn(name)
+            sup.check(stopping)
     finally:
-        _stop_children(children)
+        sup.stop()
         if embedded:
             embedded.stop()
     return 0
@@ -239,26 +399,6 @@ def _summary(settings, url, embedded, host, roles, found=None) -> str:
     return "\n".join(lines)
 
 
-def _stop_children(children: dict[str, subprocess.Popen], timeout: float = 15.0) -> None:
-    for proc in children.values():
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    for role, proc in children.items():
-        try:
-            proc.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            log.warning("%s did not stop in %.0fs; killing it", role, timeout)
-            proc.kill()
-            proc.wait()
-
-
-COMMANDS = {
-    "up": cmd_up, "api": cmd_api, "worker": cmd_worker, "scheduler": cmd_scheduler,
-    "monitor": cmd_monitor, "redis": cmd_redis, "config": cmd_config,
-}
-
-
 #: Global options that take a value (to find the subcommand without parsing its options).
 _VALUED_GLOBALS = ("--config", "--log-format", "--log-level")
 
@@ -286,22 +426,27 @@ def main(argv: list[str] | None = None) -> int:
     if run_args is not None:
         from app import run
         return run.main(run_args)
-    parser = _parser()
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
+    for dest in GLOBAL_DESTS:
+        setattr(args, dest, getattr(args, dest, None))
+    lifeline.watch_parent()
     try:
-        if args.command == "config" and args.config_command in ("check", "example"):
-            settings = settings_mod.defaults()
-        else:
+        if getattr(args, "needs_settings", True):
             settings = settings_mod.load(args.config)
+        else:
+            settings = settings_mod.defaults()
         logs.setup(args.log_format or settings.logging.format,
                    args.log_level or settings.logging.level)
-        return COMMANDS[args.command](args, settings) or 0
+        return args.func(args, settings) or 0
     except settings_mod.ConfigError as exc:
         print(f"gpu-orchestrator: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (CliError, EmbeddedRedisError) as exc:
         print(f"gpu-orchestrator: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except SupervisorError as exc:
+        print(f"gpu-orchestrator: error: {exc}", file=sys.stderr)
+        return exc.code
     except KeyboardInterrupt:
         return 130
 

@@ -52,10 +52,12 @@ class EmbeddedRedis:
     """One redis-server process bound to ``host:port`` with its files in ``data_dir``."""
 
     def __init__(self, data_dir: str, host: str = "127.0.0.1", port: int = 6390,
-                 binary: str | None = None):
+                 binary: str | None = None, preexec_fn=None):
         self.data_dir = Path(data_dir).resolve()
         self.host, self.port = host, port
         self.binary = binary
+        #: Runs in the child before exec (``up`` passes app.lifeline.die_with_parent()).
+        self.preexec_fn = preexec_fn
         self.proc: subprocess.Popen | None = None
         self.owned = False
 
@@ -99,7 +101,8 @@ class EmbeddedRedis:
         # Own session: a Ctrl-C aimed at the service's process group must not kill Redis before
         # the service has stopped using it; stop() shuts it down in order.
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
+                                     stderr=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=self.preexec_fn)
         self.owned = True
         deadline = time.monotonic() + timeout
         client = redis.Redis(host=self.host, port=self.port, socket_timeout=1)
@@ -119,6 +122,13 @@ class EmbeddedRedis:
             time.sleep(0.05)
         self.stop()
         raise EmbeddedRedisError(f"redis-server did not answer within {timeout:.0f}s")
+
+    def restart(self, timeout: float = 15.0) -> str:
+        """Start again on the same data directory after our server died (AOF replay)."""
+        if self.proc is not None and self.proc.poll() is None:
+            raise EmbeddedRedisError("the embedded Redis is still running")
+        self.proc, self.owned = None, False
+        return self.start(timeout)
 
     def stop(self, timeout: float = 15.0) -> None:
         """Shut the server down cleanly (final AOF fsync) if this object started it."""

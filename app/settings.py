@@ -391,7 +391,8 @@ def _simulated(v):
 
 SPEC: dict[str, dict[str, Any]] = {
     "server": {
-        "host": Str("0.0.0.0", doc="address the API binds to"),
+        "host": Str("127.0.0.1", doc="address the API binds to; 0.0.0.0 for every interface "
+                                  "(the Docker image sets it)"),
         "port": Int(8086, 1, 65535, allow_str=True, doc="API port (env PORT)"),
         "read_timeout": Duration("15s", 1, doc="graceful shutdown window for in-flight requests"),
         "write_timeout": Duration("15s", 1,
