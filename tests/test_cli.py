@@ -2,14 +2,19 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
 import venv
 from pathlib import Path
 
 import pytest
+import yaml
 
+from app import serve, settings as settings_mod
 from app.cli import main
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,6 +77,82 @@ def test_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["no-such-command"])
     assert exc.value.code == 2
+
+
+def test_version_prints_the_package_version():
+    out = run_cli("--version")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "gpu-orchestrator 0.1.0"
+
+
+def test_global_options_work_after_the_subcommand_too(write_config):
+    path = write_config("server: {port: 8123}\n")
+    for args in (("config", "show", "--config", path), ("--config", path, "config", "show"),
+                 ("config", "--config", path, "show")):
+        out = run_cli(*args)
+        assert out.returncode == 0, (args, out.stderr)
+        assert "port: 8123" in out.stdout, args
+    out = run_cli("config", "show", "--log-level", "DEBUG", "--log-format", "json")
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("command, names", [
+    (["up"], ["server.*", "redis.*", "workers.*", "PORT", "REDIS_URL", "data_dir"]),
+    (["api"], ["server.*", "host", "port", "PORT", "REDIS_URL", "auth.*"]),
+    (["worker"], ["workers.*", "webhooks.*", "REDIS_URL"]),
+    (["scheduler"], ["scheduler.*", "REDIS_URL"]),
+    (["monitor"], ["monitoring.*", "REDIS_URL"]),
+    (["redis"], ["redis.*", "embedded_port"]),
+    (["config", "show"], ["server.*", "CONFIG_PATH"]),
+])
+def test_each_subcommand_help_describes_it_and_names_its_settings(command, names):
+    out = run_cli(*command, "--help")
+    assert out.returncode == 0, out.stderr
+    usage, description = out.stdout.split("\n\n")[:2]
+    assert usage.startswith("usage: gpu-orchestrator " + " ".join(command))
+    assert len(description.split()) >= 8, description  # a sentence, not the options list
+    assert "GPU_ORCH__<SECTION>__<KEY>" in out.stdout
+    for name in names:
+        assert name in out.stdout, (command, name)
+
+
+@pytest.mark.parametrize("args", [
+    ["no-such-command"], ["api", "--no-such-option"], ["monitor", "--backend", "cuda"],
+    ["config", "check"], ["config"], [], ["--log-level", "LOUD", "config", "show"],
+])
+def test_bad_arguments_print_one_line_and_exit_2(args):
+    out = run_cli(*args)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert "error:" in lines[0] and "usage:" not in out.stderr and "--help" in lines[0]
+    assert out.stdout == ""
+
+
+def test_the_api_binds_to_loopback_unless_told_otherwise():
+    settings = settings_mod.load(environ={})
+    assert settings.server.host == "127.0.0.1"
+    assert serve.gunicorn_options(settings)["bind"] == "127.0.0.1:8086"
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    for name in ("api-1", "api-2"):
+        env = compose["services"][name]["environment"]
+        assert env["GPU_ORCH__SERVER__HOST"] == "0.0.0.0", name  # nginx reaches it over the network
+
+
+def test_api_exits_2_at_once_with_one_line_when_its_port_is_taken(write_config):
+    port = free_port()
+    path = write_config(f"server: {{port: {port}, host: 127.0.0.1}}\n")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        started = time.monotonic()
+        out = run_cli("--config", path, "api", env={"REDIS_URL": "redis://127.0.0.1:1/0"})
+        took = time.monotonic() - started
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert took < 10
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert str(port) in lines[0] and "server.port" in lines[0] and "PORT" in lines[0]
 
 
 @pytest.mark.slow
