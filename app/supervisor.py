@@ -150,20 +150,30 @@ class UpLock:
                  if since is not None and started_at(pid) == since}
         if not alive:
             return []
-        for pid in alive.values():
-            _signal_group(pid, signal.SIGTERM)
-            _signal_group(pid, signal.SIGCONT)  # a stopped process must run to see SIGTERM
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(
-                started_at(pid) == recorded[name][1] for name, pid in alive.items()):
-            time.sleep(0.1)
-        for name, pid in alive.items():
-            if started_at(pid) == recorded[name][1]:
-                _signal_group(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and any(
-                started_at(pid) == recorded[name][1] for name, pid in alive.items()):
-            time.sleep(0.1)
+
+        def running() -> list[str]:
+            return [name for name, pid in alive.items() if started_at(pid) == recorded[name][1]]
+
+        def wait(seconds: float) -> None:
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline and running():
+                time.sleep(0.1)
+
+        # With a parent-death signal they already have their SIGTERM (a second one makes an RQ
+        # worker drop the job in hand); a stopped process only needs to run to act on it.
+        first = ((signal.SIGCONT,) if lifeline.has_parent_death_signal()
+                 else (signal.SIGTERM, signal.SIGCONT))
+        for sig in first:
+            for pid in alive.values():
+                _signal_group(pid, sig)
+        wait(grace)
+        for sig in (signal.SIGTERM, signal.SIGCONT):
+            for name in running():
+                _signal_group(alive[name], sig)
+        wait(5)
+        for name in running():
+            _signal_group(alive[name], signal.SIGKILL)
+        wait(5)
         stuck = [f"{name} (pid {pid})" for name, pid in alive.items()
                  if started_at(pid) == recorded[name][1]]
         if stuck:
