@@ -104,8 +104,13 @@ class UpLock:
 
     def acquire(self) -> None:
         """Take the lock or raise SupervisorError naming the ``up`` that holds it."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise SupervisorError(
+                f"cannot use data directory {self.data_dir} ({exc.strerror}); set "
+                f"redis.data_dir (GPU_ORCH__REDIS__DATA_DIR) to a writable directory") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -112,6 +112,15 @@ def test_second_lock_on_one_data_directory_is_refused_with_the_holder(tmp_path):
     again.release()
 
 
+def test_an_unusable_data_directory_is_one_line_naming_the_setting(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(SupervisorError) as exc:
+        UpLock(blocker / "data").acquire()
+    assert exc.value.code == 2 and "redis.data_dir" in str(exc.value)
+    assert str(blocker / "data") in str(exc.value)
+
+
 def test_leftovers_of_an_earlier_up_are_stopped_and_reused_pids_are_not(tmp_path):
     earlier = UpLock(tmp_path)
     earlier.acquire()
