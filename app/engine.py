@@ -83,9 +83,10 @@ ERRORS: dict[int, Callable[[dict, list], OrchestratorError]] = {
     -3: lambda ctx, d: Conflict(f"{ctx.get('what', 'request')} {ctx.get('id')!r} is "
                                 f"{d[0]}, not {ctx.get('expected')}",
                                 details={"id": ctx.get("id"), "status": d[0]}),
-    -4: lambda ctx, d: Conflict("idempotency key already used for a different request "
-                                f"({d[0]})", details={"idempotency_key": ctx.get("key"),
-                                                      "request_id": d[0]}),
+    -4: lambda ctx, d: Conflict(f"Idempotency-Key {ctx.get('key')!r} was already used for "
+                                f"a different request ({d[0]})",
+                                details={"idempotency_key": ctx.get("key"),
+                                         "request_id": d[0]}),
     -5: lambda ctx, d: QueueFull(f"queue is full ({d[0]} waiting); retry later",
                                  details={"queue_depth": int(d[0])}),
     -6: lambda ctx, d: _unsatisfiable(d[0], d[1], ctx),
@@ -136,6 +137,9 @@ def _unsatisfiable(reason: str, limit: str, ctx: dict) -> Unsatisfiable:
     elif reason == "required_gpus":
         msg = (f"required_gpus={ctx.get('required_gpus')} exceeds the largest node "
                f"({limit_n} GPUs); all GPUs of an allocation sit on one node")
+    elif reason == "preferred_gpus":
+        msg = (f"preferred_gpus={ctx.get('preferred_gpus')} names a GPU index that no node "
+               f"has: the largest node has {limit_n} GPUs (indexes 0-{limit_n - 1})")
     else:
         msg = (f"min_memory_mb={ctx.get('min_memory_mb')} exceeds the largest GPU "
                f"({limit_n} MB)")
@@ -472,7 +476,8 @@ class Engine:
         """Grant now or queue; see the module docstring and docs/engine.md for the rules.
 
         An idempotency key replays the request first stored under it when ``request_hash``
-        matches, and is a Conflict otherwise. ``request_hash`` defaults to a hash of the
+        matches, and is a Conflict otherwise. Keys are per owner (``req["owner"]``): one team's
+        key never returns another team's request; errors show the key as the client sent it. ``request_hash`` defaults to a hash of the
         normalised engine request; the API passes a hash of what the client sent, so a retry
         whose workload analysis came out differently (advisor vs rules) still replays.
         """
@@ -484,11 +489,13 @@ class Engine:
                 json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
         ctx = {"key": idempotency_key, "required_gpus": fields["required_gpus"],
                "min_memory_mb": fields["min_memory_mb"], "gpu_model": fields["gpu_model"],
-               "nodes": json.loads(fields["nodes"])}
+               "nodes": json.loads(fields["nodes"]),
+               "preferred_gpus": json.loads(fields["preferred_gpus"])}
+        scoped_key = f"{fields['owner']}|{idempotency_key}" if idempotency_key else ""
         flat = [x for pair in fields.items() for x in pair]
         for _ in range(5):
             rid = new_id(fields["service_name"])
-            res = self._run("allocate", rid, idempotency_key or "", body_hash,
+            res = self._run("allocate", rid, scoped_key, body_hash,
                             repr(self.settings.scheduler.idempotency_ttl), repr(queue_timeout),
                             *flat, ctx=ctx)
             if res[0] != _RETRY_ID:

@@ -7,6 +7,7 @@ loads from a CDN.
 from __future__ import annotations
 
 from copy import deepcopy
+from importlib import metadata
 
 from flask import Flask, abort, send_from_directory
 from flask_smorest import Api
@@ -16,7 +17,8 @@ from app import schemas
 from app.settings import Settings
 
 TITLE = "gpu-orchestrator"
-API_VERSION = "1.0"
+#: The distribution whose version the spec's ``info.version`` states.
+DISTRIBUTION = "gpu-orchestrator"
 ASSETS_URL = "/docs/assets/"
 #: The only files /docs/assets serves.
 ASSET_FILES = ("swagger-ui.css", "swagger-ui-bundle.js", "swagger-ui-standalone-preset.js",
@@ -44,7 +46,19 @@ def doc(**kwargs):
     return decorator
 
 
+def api_version() -> str:
+    """The installed package's version: the spec documents the code that serves it."""
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
+
+
 def _security(settings: Settings) -> dict:
+    """Security schemes, only with auth on: Swagger UI shows an Authorize button for any
+    scheme, and with auth off there is nothing to authorize."""
+    if not settings.auth.enabled:
+        return {}
     header = settings.auth.header_name
     return {
         "securitySchemes": {
@@ -54,13 +68,21 @@ def _security(settings: Settings) -> dict:
     }
 
 
+def _drop_unused_schemas(api: Api) -> None:
+    """Remove flask-smorest's pagination schema: it registers one for its pagination header
+    whether or not a route paginates, and none of ours does (an unused schema only misleads
+    a reader of /docs). apispec's ``components.schemas`` is a public dict. A route that starts
+    to paginate must drop this call: the spec test fails on a dangling reference."""
+    api.spec.components.schemas.pop("PaginationMetadata", None)
+
+
 def init_app(app: Flask, settings: Settings) -> Api:
     """Register the blueprints and the docs routes on ``app``."""
     from app.api import gpu, health
 
     app.config.update(
         API_TITLE=TITLE,
-        API_VERSION=API_VERSION,
+        API_VERSION=api_version(),
         OPENAPI_VERSION="3.0.3",
         OPENAPI_URL_PREFIX="/",
         OPENAPI_JSON_PATH="openapi.json",
@@ -77,6 +99,7 @@ def init_app(app: Flask, settings: Settings) -> Api:
     api = OrchestratorApi(app, spec_kwargs=spec_kwargs)
     api.register_blueprint(health.blp)
     api.register_blueprint(gpu.blp)
+    _drop_unused_schemas(api)
 
     @app.get(ASSETS_URL + "<path:filename>")
     def docs_assets(filename: str):

@@ -197,15 +197,10 @@ def allocate():
     analysis = _analyze(data)
     principal = auth.current_principal()
     req = engine_request(data, analysis, principal)
-    rec = _engine().allocate(req, idempotency_key=_scoped(key, principal),
+    rec = _engine().allocate(req, idempotency_key=key,
                              request_hash=None if key is None else _client_hash(data, principal))
     _dispatch_webhooks()
     return _allocation_response(rec)
-
-
-def _scoped(key: str | None, principal: str | None) -> str | None:
-    """Idempotency keys are per principal: one team's key never returns another team's request."""
-    return None if key is None else f"{principal or ''}|{key}"
 
 
 def _client_hash(data: dict[str, Any], principal: str | None) -> str:

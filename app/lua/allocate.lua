@@ -14,8 +14,9 @@
     {2, record JSON, position}  an idempotent replay of an earlier request
     errors: {-4, existing id} idempotency key reused with another body, {-7, dep} unknown
     depends_on id, {-6, reason, limit} can never fit (reason no_gpus, required_gpus,
-    min_memory_mb, gpu_model, nodes or no_node), {-5, depth} queue full, {-9, queued,
-    limit} the owner already has MAX_OWNER requests queued, {-8} id taken.
+    min_memory_mb, preferred_gpus (an index beyond the largest node), gpu_model, nodes or
+    no_node), {-5, depth} queue full, {-9, queued, limit} the owner already has MAX_OWNER
+    requests queued, {-8} id taken.
   Guarantees: the request is granted at once only if no higher-ranked waiting request could
   use the GPUs (the pass tries those first); otherwise it is queued. A full queue, or an owner
   at its share (MAX_OWNER; the owner is the principal, else the service), rejects only
@@ -81,6 +82,12 @@ local function never_fits()
   return {-6, 'no_node', tostring(most)}
 end
 
+-- the highest preferred GPU index (the engine sorts the list); a node of n GPUs has 0..n-1
+local function top_pref(raw)
+  local pref = cjson.decode(raw)
+  return pref[#pref]
+end
+
 local m = redis.call('HMGET', K_META, 'gpus_total', 'max_node_gpus', 'max_gpu_mb')
 local reject = nil
 if (tonumber(m[1]) or 0) == 0 then
@@ -89,6 +96,8 @@ elseif k > tonumber(m[2]) then
   reject = {-6, 'required_gpus', m[2]}
 elseif minm > tonumber(m[3]) then
   reject = {-6, 'min_memory_mb', m[3]}
+elseif f.preferred_gpus ~= '[]' and top_pref(f.preferred_gpus) >= tonumber(m[2]) then
+  reject = {-6, 'preferred_gpus', m[2]}
 elseif pat ~= '' or nodes_raw ~= '[]' then
   reject = never_fits()
 end
