@@ -198,6 +198,10 @@ def _time(description):
                                                 "format": "date-time"})
 
 
+_WARNINGS = ("One line per workload_data key that the analysis ignored, with a did-you-mean "
+             "(gpu_count -> required_gpus); empty when every key was used.")
+
+
 class ErrorBodySchema(_ResponseSchema):
     code = StrictStr(required=True, metadata={
         "description": "Stable machine-readable code, e.g. validation_error, not_found."})
@@ -232,6 +236,7 @@ class RequirementsSchema(_ResponseSchema):
         "description": "GPU name glob the request asked for; null: any model."})
     nodes = fields.List(StrictStr(), allow_none=True, metadata={
         "description": "Nodes the request may use; null: any node."})
+    warnings = fields.List(StrictStr(), metadata={"description": _WARNINGS})
 
 
 class AllocationSchema(_ResponseSchema):
@@ -282,6 +287,12 @@ class AllocationSchema(_ResponseSchema):
         "description": "True when an Idempotency-Key matched an earlier request."})
 
 
+class GrantedSchema(AllocationSchema):
+    """200 answer of ``/gpu/allocate``: the allocation, and what the analysis ignored."""
+
+    warnings = fields.List(StrictStr(), required=True, metadata={"description": _WARNINGS})
+
+
 class QueuedSchema(_ResponseSchema):
     """202 answer of ``/gpu/allocate`` when the request waits in the queue."""
 
@@ -292,6 +303,7 @@ class QueuedSchema(_ResponseSchema):
     priority = StrictInt(allow_none=True)
     submitted_at = _time("When the request arrived.")
     replayed = fields.Boolean()
+    warnings = fields.List(StrictStr(), required=True, metadata={"description": _WARNINGS})
 
 
 class RequestStatusSchema(AllocationSchema):

@@ -23,10 +23,11 @@ always agree. The steps, in order of increasing precedence:
 """
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from fractions import Fraction
 from typing import Any, Callable
 
@@ -175,6 +176,57 @@ class Hints:
 MAX_HINT = 1e15
 #: Longest estimated_duration_seconds: the longest lease there is (app.engine.MAX_LEASE_SECONDS).
 MAX_DURATION_SECONDS = MAX_LEASE_SECONDS
+
+#: Every hint the analysis reads: the fields of :class:`Hints`, one list for both.
+KNOWN_HINTS = tuple(f.name for f in fields(Hints))
+
+#: Spellings clients use for a hint -> the hint meant (the did-you-mean of a warning, where
+#: the spelling is too far from the name for difflib).
+HINT_ALIASES = {
+    "gpu_count": "required_gpus", "gpus": "required_gpus", "num_gpus": "required_gpus",
+    "n_gpus": "required_gpus", "gpu_num": "required_gpus", "number_of_gpus": "required_gpus",
+    "count": "required_gpus", "memory_mb": "min_memory_mb", "memory": "min_memory_mb",
+    "gpu_memory_mb": "min_memory_mb", "gpu_memory": "min_memory_mb", "vram_mb": "min_memory_mb",
+    "vram": "min_memory_mb", "mem_mb": "min_memory_mb", "model": "model_name",
+    "params": "parameters_billions", "parameters": "parameters_billions",
+    "num_parameters": "parameters_billions", "precision": "dtype", "quant": "quantization",
+    "batch": "batch_size", "duration": "estimated_duration_seconds",
+    "duration_seconds": "estimated_duration_seconds", "images": "image_count",
+    "nodes": "node_count", "concurrency": "concurrent_requests",
+}
+
+#: Most warnings in one answer (a body may carry 1,000 keys); the rest are counted.
+MAX_WARNINGS = 20
+
+
+def hint_warnings(data: Any, *, top_level: tuple[str, ...] = (),
+                  advisor_used: bool = False) -> list[str]:
+    """One line per ``workload_data`` key the analysis does not read, with a did-you-mean.
+
+    An unknown top-level field of the body is a 422; an unknown hint is not (``workload_data``
+    is also handed to the advisor, which may read more), but the client must learn that the
+    rules ignored it: ``{"gpu_count": 16}`` otherwise quietly gets one GPU.
+    ``top_level`` names the body's own fields, so a hint that belongs there says so.
+    """
+    if not isinstance(data, dict):
+        return []
+    unknown = [key for key in data if key not in KNOWN_HINTS]
+    out = []
+    for key in unknown[:MAX_WARNINGS]:
+        fate = "only the advisor saw it" if advisor_used else "it was ignored"
+        line = f"workload_data.{key} is not a workload hint; {fate}"
+        if key in top_level:
+            line += f"; {key} is a top-level field of the request body"
+        else:
+            guess = HINT_ALIASES.get(str(key).lower()) or next(
+                iter(difflib.get_close_matches(str(key).lower(), KNOWN_HINTS, n=1,
+                                               cutoff=0.75)), None)
+            if guess:
+                line += f"; did you mean {guess}?"
+        out.append(line)
+    if len(unknown) > MAX_WARNINGS:
+        out.append(f"... and {len(unknown) - MAX_WARNINGS} more unknown workload_data keys")
+    return out
 
 
 def _is_number(v: Any) -> bool:
@@ -352,8 +404,11 @@ class WorkloadAnalyzer:
         return int(gpus), int(memory)
 
     def analyze(self, workload_type: str, workload_data: dict | None, *,
-                service_name: str | None = None) -> dict:
+                service_name: str | None = None, top_level: tuple[str, ...] = ()) -> dict:
         """The requirements for one workload (see the module docstring for the precedence).
+
+        ``warnings`` lists the ``workload_data`` keys the analysis ignored (see
+        :func:`hint_warnings`; ``top_level`` names the request body's own fields).
 
         Raises ValidationFailed naming each bad field, and Unsatisfiable when the
         parameter-count estimate needs more than one node and the client gave no explicit
@@ -420,6 +475,8 @@ class WorkloadAnalyzer:
             "depends_on": depends_on,
             "workflow_id": hints.workflow_id,
             "estimate": estimate.as_dict() if estimate is not None else None,
+            "warnings": hint_warnings(workload_data, top_level=top_level,
+                                      advisor_used=decided_by == "advisor"),
         }
 
     # ------------------------------------------------------------------ rules
@@ -610,4 +667,4 @@ class WorkloadAnalyzer:
 
 
 __all__ = ["WorkloadAnalyzer", "DECISIONS", "estimate_memory", "parse_parameter_count",
-           "MemoryEstimate", "FALLBACK_LIMITS"]
+           "MemoryEstimate", "FALLBACK_LIMITS", "KNOWN_HINTS", "hint_warnings"]

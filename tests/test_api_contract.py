@@ -73,3 +73,43 @@ def test_preferred_gpu_beyond_the_largest_node_is_422(client):
     assert client.get("/gpu/list").get_json()["allocations"] == []
     ok = allocate(client, preferred_gpus=[7])
     assert ok.status_code == 200 and ok.get_json()["gpu_ids"] == [7]
+
+
+# --------------------------------------------------------------------------- warnings
+
+def test_an_unknown_hint_is_a_warning_with_a_did_you_mean(client):
+    resp = allocate(client, workload_data={"gpu_count": 16})
+    body = resp.get_json()
+    assert resp.status_code == 200, body
+    assert body["gpu_ids"] == [body["gpu_ids"][0]]          # still the default: one GPU
+    assert len(body["warnings"]) == 1
+    line = body["warnings"][0]
+    assert "workload_data.gpu_count" in line and "ignored" in line
+    assert "did you mean required_gpus?" in line
+
+
+def test_warnings_one_line_per_ignored_key_on_every_answer(client):
+    hints = {"required_gpus": 8, "batchsize": 64, "ttl_seconds": 60, "gpu_memory_mb": 1}
+    granted = allocate(client, workload_data=hints)
+    assert granted.status_code == 200
+    lines = granted.get_json()["warnings"]
+    assert len(lines) == 3
+    assert "did you mean batch_size?" in lines[0]
+    assert "top-level field" in lines[1] and "ttl_seconds" in lines[1]
+    assert "did you mean min_memory_mb?" in lines[2]
+    queued = allocate(client, workload_data={"required_gpus": 1, "gpus": 2})
+    assert queued.status_code == 202
+    assert [w.split(";")[-1] for w in queued.get_json()["warnings"]] == [
+        " did you mean required_gpus?"]
+    analysed = client.post("/gpu/workload", json={"workload_data": hints}).get_json()
+    assert analysed["warnings"] == lines
+    clean = client.post("/gpu/workload", json={"workload_data": {"required_gpus": 2}})
+    assert clean.get_json()["warnings"] == []
+    assert allocate(client, "other", workload_data={"batch_size": 1}).get_json()["warnings"] \
+        == []
+
+
+def test_a_thousand_unknown_hints_give_a_bounded_list(client):
+    body = client.post("/gpu/workload",
+                       json={"workload_data": {f"k{i}": i for i in range(900)}}).get_json()
+    assert len(body["warnings"]) == 21 and body["warnings"][-1].startswith("... and 880 more")

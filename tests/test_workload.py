@@ -137,11 +137,13 @@ def test_result_shape_and_workflow_fields(analyzer):
                                           "workflow_dependencies": ["a", "b", "a"]})
     assert set(result) == {"workload_type", "required_gpus", "min_memory_mb", "max_memory_mb",
                            "priority", "max_utilization", "estimated_duration_seconds",
-                           "reasoning", "decided_by", "depends_on", "workflow_id", "estimate"}
+                           "reasoning", "decided_by", "depends_on", "workflow_id", "estimate",
+                           "warnings"}
     assert result["workflow_id"] == "wf-1"
     assert result["depends_on"] == ["a", "b"]
     assert result["max_memory_mb"] == 0
     assert result["estimate"] is None
+    assert result["warnings"] == []
     assert analyzer.analyze("generic", None)["depends_on"] == []
 
 

@@ -33,6 +33,8 @@ _ALLOCATE_BODY = schemas.AllocateRequestSchema()
 _RELEASE_BODY = schemas.ReleaseRequestSchema()
 _WORKLOAD_BODY = schemas.WorkloadRequestSchema()
 _RENEW_BODY = schemas.RenewRequestSchema()
+#: The allocate body's own fields: a hint spelled like one of them is told to move up.
+_TOP_LEVEL = tuple(_ALLOCATE_BODY.fields)
 
 _ERRORS = {
     400: "BAD_REQUEST", 401: "UNAUTHORIZED", 403: "FORBIDDEN", 404: "NOT_FOUND",
@@ -103,7 +105,8 @@ def _analyze(data: dict[str, Any]) -> dict[str, Any]:
     """The workload analyser's requirements for a validated allocate/workload body, with the
     body's own ``required_gpus``, ``min_memory_mb``, ``gpu_model`` and ``nodes`` on top."""
     analysis = current_app.extensions["gpu_analyzer"].analyze(
-        data["workload_type"], data["workload_data"], service_name=data.get("service_name"))
+        data["workload_type"], data["workload_data"], service_name=data.get("service_name"),
+        top_level=_TOP_LEVEL)
     given = {key: data[key] for key in OVERRIDES if data.get(key) is not None}
     if not given:
         return analysis
@@ -160,15 +163,16 @@ def engine_request(data: dict[str, Any], analysis: dict[str, Any],
     return req
 
 
-def _allocation_response(rec: dict[str, Any]):
+def _allocation_response(rec: dict[str, Any], warnings: list[str]):
     if rec.get("status") == "queued":
-        resp = jsonify(render.queued(rec))
+        resp = jsonify(render.queued(rec, warnings))
         resp.status_code = 202
         resp.headers["Location"] = url_for("gpu.request_status", request_id=rec["id"])
     else:
         out = render.allocation(rec)
         if rec.get("replayed"):
             out["replayed"] = True
+        out["warnings"] = warnings
         resp = jsonify(out)
     if rec.get("replayed"):
         resp.headers["Idempotent-Replayed"] = "true"
@@ -179,7 +183,7 @@ def _allocation_response(rec: dict[str, Any]):
 @doc(parameters=[_IDEM_PARAM],
          requestBody={"required": True, "content": {
              "application/json": {"schema": schemas.AllocateRequestSchema}}})
-@ok(200, schemas.AllocationSchema, "Granted now: the allocation.")
+@ok(200, schemas.GrantedSchema, "Granted now: the allocation.")
 @ok(202, schemas.QueuedSchema, "Queued; poll the Location or wait for the webhook.",
     headers={"Location": {"schema": {"type": "string"},
                            "description": "The request's status URL."}})
@@ -200,7 +204,7 @@ def allocate():
     rec = _engine().allocate(req, idempotency_key=key,
                              request_hash=None if key is None else _client_hash(data, principal))
     _dispatch_webhooks()
-    return _allocation_response(rec)
+    return _allocation_response(rec, analysis.get("warnings") or [])
 
 
 def _client_hash(data: dict[str, Any], principal: str | None) -> str:

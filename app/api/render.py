@@ -45,7 +45,7 @@ def allocation(rec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def queued(rec: dict[str, Any]) -> dict[str, Any]:
+def queued(rec: dict[str, Any], warnings: list[str] | None = None) -> dict[str, Any]:
     out = {
         "status": "queued",
         "request_id": rec["id"],
@@ -56,6 +56,7 @@ def queued(rec: dict[str, Any]) -> dict[str, Any]:
     }
     if rec.get("replayed"):
         out["replayed"] = True
+    out["warnings"] = list(warnings or [])
     return out
 
 
