@@ -306,10 +306,42 @@ class QueuedSchema(_ResponseSchema):
     warnings = fields.List(StrictStr(), required=True, metadata={"description": _WARNINGS})
 
 
-class RequestStatusSchema(AllocationSchema):
-    """``GET /gpu/requests/<id>``: the request, with its allocation once granted."""
+#: What a grant adds to a request: under ``allocation`` in ``GET /gpu/requests/<id>``, never at
+#: its top level.
+GRANT_FIELDS = ("node", "gpu_ids", "gpu_uuids", "cuda_visible_devices", "expires_at",
+                "lease_seconds", "renewed_at", "released_at")
 
-    allocation = fields.Nested(AllocationSchema, allow_none=True)
+
+class GrantSchema(_ResponseSchema):
+    """The ``allocation`` of a granted request: the original's fields (id, service_name,
+    gpu_ids, allocated_at, priority) and what the grant decided."""
+
+    id = StrictStr(required=True, metadata={"description": "The allocation id (= request_id)."})
+    service_name = StrictStr(required=True)
+    priority = StrictInt(allow_none=True)
+    node = StrictStr(allow_none=True)
+    gpu_ids = fields.List(StrictInt(), allow_none=True)
+    gpu_uuids = fields.List(StrictStr(), allow_none=True)
+    cuda_visible_devices = StrictStr(allow_none=True, metadata={
+        "description": "Value for CUDA_VISIBLE_DEVICES on the node, e.g. \"0,1\"."})
+    allocated_at = _time("When the GPUs were granted.")
+    expires_at = _time("When the lease ends unless renewed; null: never.")
+    lease_seconds = fields.Float(allow_none=True, metadata={
+        "description": "Lease length applied at grant and renewal; null: no expiry."})
+    renewed_at = _time("When the lease was last renewed.")
+    released_at = _time("When it was released.")
+
+
+class RequestStatusSchema(AllocationSchema):
+    """``GET /gpu/requests/<id>`` (and ``DELETE``): the request at the top level, what it was
+    granted under ``allocation`` (null until then). Each field has one place; the original's
+    service_name, priority and allocated_at appear in both, as in the original."""
+
+    class Meta:
+        exclude = ("id", "replayed") + GRANT_FIELDS
+
+    allocation = fields.Nested(GrantSchema, allow_none=True, required=True, metadata={
+        "description": "null until granted; then the allocation, also after it ended."})
 
 
 class ReleasedSchema(_ResponseSchema):

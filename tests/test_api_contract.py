@@ -113,3 +113,54 @@ def test_a_thousand_unknown_hints_give_a_bounded_list(client):
     body = client.post("/gpu/workload",
                        json={"workload_data": {f"k{i}": i for i in range(900)}}).get_json()
     assert len(body["warnings"]) == 21 and body["warnings"][-1].startswith("... and 880 more")
+
+
+# --------------------------------------------------------------------------- request status
+
+def test_a_granted_request_has_one_shape_with_each_field_in_one_place(client):
+    first = allocate(client, "big", workload_data={"required_gpus": 8}).get_json()
+    queued = allocate(client, "next", workload_data={"required_gpus": 2}).get_json()
+    rid = queued["request_id"]
+    waiting = client.get(f"/gpu/requests/{rid}").get_json()
+    assert waiting["request_id"] == rid and "id" not in waiting
+    assert waiting["status"] == "queued" and waiting["position"] == 1
+    assert waiting["allocation"] is None and "gpu_ids" not in waiting
+    assert waiting["required_gpus"] == 2 and waiting["service_name"] == "next"
+
+    client.post("/gpu/release", json={"allocation_id": first["id"]})
+    polled = client.get(f"/gpu/requests/{rid}").get_json()
+    grant = polled["allocation"]
+    assert polled["status"] == "allocated" and "position" not in polled
+    assert polled["request_id"] == rid and "id" not in polled
+    # the grant's fields live under allocation only; the original's five are all there
+    for field in ("id", "service_name", "gpu_ids", "allocated_at", "priority", "node",
+                  "gpu_uuids", "cuda_visible_devices", "expires_at", "lease_seconds"):
+        assert field in grant, field
+    assert grant["id"] == rid and len(grant["gpu_ids"]) == 2
+    assert grant["cuda_visible_devices"] == ",".join(map(str, grant["gpu_ids"]))
+    assert set(polled) & set(grant) == {"service_name", "priority", "allocated_at"}
+    assert polled["wait_time_seconds"] is not None and polled["submitted_at"]
+    same = client.get(f"/gpu/allocations/{rid}").get_json()
+    assert {k: same[k] for k in grant} == grant
+
+    client.post("/gpu/release", json={"allocation_id": rid})
+    ended = client.get(f"/gpu/requests/{rid}").get_json()
+    assert ended["status"] == "released" and ended["allocation"]["released_at"]
+    assert ended["ended_at"] == ended["allocation"]["released_at"]
+
+
+def test_the_spec_documents_the_request_status_shape(client):
+    spec = client.get("/openapi.json").get_json()
+    props = spec["components"]["schemas"]["RequestStatus"]["properties"]
+    assert "request_id" in props and "allocation" in props
+    assert not {"id", "gpu_ids", "node", "expires_at"} & set(props)
+    grant = spec["components"]["schemas"]["Grant"]["properties"]
+    assert {"id", "gpu_ids", "node", "gpu_uuids", "expires_at"} <= set(grant)
+
+
+def test_cancel_answers_the_request_shape(client):
+    allocate(client, "big", workload_data={"required_gpus": 8})
+    rid = allocate(client, "waiter").get_json()["request_id"]
+    body = client.delete(f"/gpu/requests/{rid}").get_json()
+    assert body["status"] == "cancelled" and body["request_id"] == rid
+    assert body["allocation"] is None and body["ended_at"]

@@ -341,22 +341,19 @@ def request_status(request_id: str):
     """A request: its status, queue position, and its allocation once granted.
 
     ``?wait=N`` (0-60 s) waits for a queued request to leave the queue instead of polling."""
-    rec = _get_or_404(request_id, longpoll.REQUEST_WAITS)
-    out = render.allocation(rec)
-    out["allocation"] = dict(out) if rec.get("allocated_at") else None
-    return jsonify(out)
+    return jsonify(render.request_status(_get_or_404(request_id, longpoll.REQUEST_WAITS)))
 
 
 @blp.route("/requests/<request_id>", methods=["DELETE"])
 @doc(parameters=[_ID_PARAM])
-@ok(200, schemas.AllocationSchema, "Cancelled.")
+@ok(200, schemas.RequestStatusSchema, "Cancelled: the request, as GET shows it.")
 @errors(401, 403, 404, 409, 503)
 def cancel_request(request_id: str):
     """Cancel a queued request."""
     _require_id(request_id)
     rec = _engine().cancel(request_id, **_owner_kwargs())
     _dispatch_webhooks()
-    return jsonify(render.allocation(rec))
+    return jsonify(render.request_status(rec))
 
 
 @blp.route("/allocations/<allocation_id>", methods=["GET"])

@@ -14,6 +14,8 @@ TIME_FIELDS = ("submitted_at", "allocated_at", "expires_at", "released_at", "end
 _ALLOCATION_FIELDS = tuple(schemas.AllocationSchema().fields)
 _GPU_FIELDS = tuple(schemas.GpuSchema().fields)
 _REQ_FIELDS = tuple(schemas.RequirementsSchema().fields)
+_STATUS_FIELDS = tuple(k for k in schemas.RequestStatusSchema().fields if k != "allocation")
+_GRANT_FIELDS = tuple(schemas.GrantSchema().fields)
 
 
 def _int_list(values: Any) -> Any:
@@ -42,6 +44,16 @@ def allocation(rec: dict[str, Any]) -> dict[str, Any]:
         out["preferred_gpus"] = _int_list(out["preferred_gpus"])
     if out.get("position") is not None and out.get("status") != "queued":
         out.pop("position")
+    return out
+
+
+def request_status(rec: dict[str, Any]) -> dict[str, Any]:
+    """``/gpu/requests/<id>``: the request on top, its grant under ``allocation`` (null while
+    it was never granted)."""
+    full = allocation(rec)
+    out = {k: full[k] for k in _STATUS_FIELDS if k in full}
+    out["allocation"] = ({k: full[k] for k in _GRANT_FIELDS if k in full}
+                         if rec.get("allocated_at") else None)
     return out
 
 
