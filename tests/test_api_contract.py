@@ -164,3 +164,20 @@ def test_cancel_answers_the_request_shape(client):
     body = client.delete(f"/gpu/requests/{rid}").get_json()
     assert body["status"] == "cancelled" and body["request_id"] == rid
     assert body["allocation"] is None and body["ended_at"]
+
+
+# --------------------------------------------------------------------------- grant webhook
+
+def test_the_grant_webhooks_allocation_has_the_fields_of_a_200_answer(app, client):
+    from workers.webhooks import build_payload
+
+    now = allocate(client, "big", workload_data={"required_gpus": 8}).get_json()
+    rid = allocate(client, "next", webhook_url="http://127.0.0.1:9/hook").get_json()["request_id"]
+    client.post("/gpu/release", json={"allocation_id": now["id"]})
+    record = app.extensions["gpu_engine"].get(rid)
+    allocation = build_payload(record, "allocated", "ev-1")["allocation"]
+    assert set(allocation) == set(now) - {"warnings", "replayed"}  # answer metadata
+    assert allocation["node"] == "node-a" and len(allocation["gpu_uuids"]) == 1
+    assert allocation["expires_at"] and allocation["cuda_visible_devices"] == str(
+        allocation["gpu_ids"][0])
+    assert allocation == client.get(f"/gpu/allocations/{rid}").get_json()

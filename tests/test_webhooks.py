@@ -15,17 +15,37 @@ RECORD = {"id": "trainer-1700000000123-ab12", "service_name": "trainer", "gpu_id
 
 def test_payload_is_the_original_shape_plus_event_id():
     payload = webhooks.build_payload(RECORD, "allocated", "ev-1")
+    allocation = payload.pop("allocation")
     assert payload == {
         "status": "allocated",
         "request_id": "trainer-1700000000123-ab12",
-        "allocation": {"id": "trainer-1700000000123-ab12", "service_name": "trainer",
-                       "gpu_ids": [2, 3], "allocated_at": "2026-01-01T00:00:12.500Z",
-                       "priority": 7},
         "submitted_at": "2026-01-01T00:00:00.000Z",
         "allocated_at": "2026-01-01T00:00:12.500Z",
         "wait_time_seconds": 12.5,
         "event_id": "ev-1",
     }
+    # the original's allocation fields, among those of a 200 answer of /gpu/allocate
+    assert {k: allocation[k] for k in ("id", "service_name", "gpu_ids", "allocated_at",
+                                       "priority")} == {
+        "id": "trainer-1700000000123-ab12", "service_name": "trainer", "gpu_ids": [2, 3],
+        "allocated_at": "2026-01-01T00:00:12.500Z", "priority": 7}
+    assert allocation["cuda_visible_devices"] == "2,3"
+    assert allocation["status"] == "allocated"
+
+
+def test_an_allocated_payload_pins_the_lease_as_granted():
+    """A renewal between two tries of the grant's webhook does not change its body."""
+    renewed = dict(RECORD, expires_at=1767230000.0, lease_seconds=4000.0,
+                   renewed_at=1767226000.0, status="released", released_at=1767229000.0)
+    pinned = {"expires_at": "1767229212.500000", "lease_seconds": "3600"}
+    allocation = webhooks.build_payload(renewed, "allocated", "ev-1", pinned)["allocation"]
+    assert allocation["expires_at"] == "2026-01-01T01:00:12.500Z"
+    assert allocation["lease_seconds"] == 3600
+    assert allocation["status"] == "allocated"
+    assert "renewed_at" not in allocation and "released_at" not in allocation
+    forever = webhooks.build_payload(renewed, "allocated", "ev-1",
+                                     {"expires_at": "", "lease_seconds": "-1"})["allocation"]
+    assert forever["expires_at"] is None and forever["lease_seconds"] is None
 
 
 def test_payload_for_a_request_that_never_got_gpus():

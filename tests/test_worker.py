@@ -8,6 +8,7 @@ import pytest
 import redis as redis_lib
 from rq.registry import FailedJobRegistry
 
+from app.api import render
 from app.engine import Engine
 from app.keys import Keys
 from app.timefmt import iso
@@ -76,8 +77,8 @@ def test_release_grants_the_queued_request_and_its_webhook_arrives_signed(
     assert body == {
         "status": "allocated",
         "request_id": waiter["id"],
-        "allocation": {"id": waiter["id"], "service_name": "waiter", "gpu_ids": [0],
-                       "allocated_at": iso(rec["allocated_at"]), "priority": 7},
+        # the same fields as a 200 answer of /gpu/allocate (node, gpu_uuids, expires_at, ...)
+        "allocation": render.allocation(rec),
         "submitted_at": iso(rec["submitted_at"]),
         "allocated_at": iso(rec["allocated_at"]),
         "wait_time_seconds": round(rec["allocated_at"] - rec["submitted_at"], 3),
@@ -97,6 +98,8 @@ def test_receiver_failing_twice_then_ok_gets_it_on_the_third_try(
         try:
             engine.release(holder["id"])
             outbox.dispatch(rq_redis, settings)
+            rx.wait_for(1)
+            engine.renew(waiter["id"], ttl_seconds=9999)  # the retries still send the grant
             reqs = rx.wait_for(3)
             wait_until(lambda: _stats(redis, settings).get(webhooks.STAT_DELIVERED) == "1",
                        message="delivered counter")

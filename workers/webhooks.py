@@ -84,8 +84,39 @@ def _gpu_ids(value: Any) -> list[int]:
     return [int(x) for x in value]
 
 
-def build_payload(record: dict[str, Any], event: str, event_id: str) -> dict[str, Any]:
-    """The original service's webhook body, plus ``event_id`` for receivers to dedupe."""
+#: Fields that only happen after a grant: an ``allocated`` event's payload leaves them out
+#: (they are null at the grant), so every try of that event sends the same body.
+_LATER_FIELDS = ("released_at", "ended_at", "renewed_at", "position")
+
+
+def _allocation(record: dict[str, Any], event: str,
+                pinned: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``allocation`` object: the fields of a 200 answer of ``/gpu/allocate``, as they
+    were at the event (``pinned`` holds what a renewal may have changed since)."""
+    from app.api import render  # the API's renderer: one definition of an allocation's JSON
+
+    rec = dict(record, gpu_ids=_gpu_ids(record.get("gpu_ids")), status=event)
+    if event == "allocated":
+        for key in _LATER_FIELDS:
+            rec.pop(key, None)
+        if pinned and "expires_at" in pinned:
+            rec["expires_at"] = float(pinned["expires_at"]) if pinned["expires_at"] else None
+            lease = float(pinned.get("lease_seconds") or -1)
+            rec["lease_seconds"] = None if lease < 0 else lease
+    rec.pop("replayed", None)
+    out = render.allocation(rec)
+    if out.get("priority") not in (None, ""):
+        out["priority"] = int(out["priority"])
+    return out
+
+
+def build_payload(record: dict[str, Any], event: str, event_id: str,
+                  pinned: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The original service's webhook body, plus ``event_id`` for receivers to dedupe.
+
+    ``allocation`` carries the same fields as a 200 answer of ``/gpu/allocate`` (node,
+    gpu_uuids, expires_at, cuda_visible_devices, ...): with several nodes gpu_ids alone is
+    ambiguous."""
     submitted = record.get("submitted_at")
     allocated = record.get("allocated_at")
     wait = record.get("wait_time_seconds")
@@ -96,14 +127,7 @@ def build_payload(record: dict[str, Any], event: str, event_id: str) -> dict[str
     return {
         "status": status,
         "request_id": record["id"],
-        "allocation": {
-            "id": record["id"],
-            "service_name": record.get("service_name"),
-            "gpu_ids": _gpu_ids(record.get("gpu_ids")),
-            "allocated_at": iso(allocated),
-            "priority": (int(record["priority"])
-                         if record.get("priority") not in (None, "") else None),
-        },
+        "allocation": _allocation(record, status, pinned),
         "submitted_at": iso(submitted),
         "allocated_at": iso(allocated),
         "wait_time_seconds": wait,
@@ -232,7 +256,7 @@ def deliver(entry: dict[str, Any]) -> dict[str, Any]:
                      "unknown request" if not record else "no webhook_url")
             return {"delivered": False, "reason": "no webhook_url"}
         payload = build_payload(record, str(entry.get("event") or "allocated"),
-                                str(entry["event_id"]))
+                                str(entry["event_id"]), entry.get("pinned"))
         global _session
         if _session is None:
             _session = requests.Session()

@@ -162,7 +162,9 @@ local function event(name, id, svc, extra)
 end
 
 -- Queue a webhook delivery when the record has a URL and (for non-grant events) opted in.
-local function outbox(name, id, event_id, url, events_json, always)
+-- pinned: fields as they were at the event, which a later change (a renewal) must not alter
+-- in the payload (every try of one event sends the same body).
+local function outbox(name, id, event_id, url, events_json, always, pinned)
   if url == nil or url == '' then return end
   if not always then
     local ok = false
@@ -172,7 +174,7 @@ local function outbox(name, id, event_id, url, events_json, always)
     if not ok then return end
   end
   redis.call('RPUSH', K_OUTBOX, cjson.encode({event_id = event_id, event = name,
-    request_id = id, ts = NOW}))
+    request_id = id, ts = NOW, pinned = pinned}))
 end
 
 -- Wake the API calls long-polling this request (app/longpoll.py): one PUBLISH per status
@@ -539,7 +541,8 @@ local function grant(r, node, chosen, queued, from_queue, pending)
   if from_queue then
     stat('sched|from_queue')
     stat_wait(wait)
-    outbox('allocated', r.id, evid, r.hook, nil, true)
+    outbox('allocated', r.id, evid, r.hook, nil, true,
+      {expires_at = expires, lease_seconds = fnum(r.lease)})
   else
     stat('sched|immediate')
   end
