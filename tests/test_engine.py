@@ -205,7 +205,10 @@ def test_a_single_gpu_goes_by_free_memory_then_utilization_then_index(engine):
 
 
 def test_shared_goes_to_the_tightest_fit_and_reservations_cap_it(engine):
-    engine.report_node("a", gpu_list(3, mem=81920, free=[40000, 20000, 30000]))
+    gpus = gpu_list(3)
+    for g, total in zip(gpus, (40000, 20000, 30000)):
+        g.update(memory_total_mb=total, memory_used_mb=0)   # idle: reservations decide
+    engine.report_node("a", gpus)
     s1 = engine.allocate(req(sharing="shared", min_memory_mb=15000))
     assert s1["gpu_ids"] == [1]  # 20000 is the tightest that holds 15000
     s2 = engine.allocate(req(sharing="shared", min_memory_mb=10000))

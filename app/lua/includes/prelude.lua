@@ -217,7 +217,8 @@ end
 local function gpu_sync(node, idx)
   local gk = k_gpu(node, idx)
   local f = redis.call('HMGET', gk, 'excl', 'shared_n', 'health', 'cordoned', 'lost',
-    'memory_free_mb', 'shared_mb', 'in_free', 'in_busy', 'utilization', 'uuid')
+    'memory_free_mb', 'shared_mb', 'in_free', 'in_busy', 'utilization', 'uuid',
+    'memory_total_mb')
   local excl = f[1] or ''
   local sn = tonumber(f[2] or '0') or 0
   local ok = f[3] == 'ok' and f[4] ~= '1' and f[5] ~= '1'
@@ -242,7 +243,12 @@ local function gpu_sync(node, idx)
   local member = node .. '|' .. idx
   local old = redis.call('ZSCORE', K_SHARED, member)
   if ok and excl == '' then
-    local cap = (tonumber(f[6] or '0') or 0) - (tonumber(f[7] or '0') or 0)
+    -- room for shared requests: total - max(reserved, used), i.e. what is neither reserved
+    -- nor in use (a running shared job's memory shows in the reading and in its reservation;
+    -- counting both would halve packing on real GPUs). See docs/engine.md, Placement.
+    local free_mb = tonumber(f[6] or '0') or 0
+    local cap = (tonumber(f[12] or '0') or 0) - (tonumber(f[7] or '0') or 0)
+    if free_mb < cap then cap = free_mb end
     if cap < 0 then cap = 0 end
     if old == false or tonumber(old) ~= cap then
       redis.call('ZADD', K_SHARED, cap, member)
