@@ -54,6 +54,11 @@ WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
 #: ``webhook|<result>`` counters in keys.stats(), incremented by the webhook workers.
 WEBHOOK_RESULTS = ("delivered", "failed", "retried")
 STATUSES = ("queued", "allocated", "released", "expired", "cancelled", "timed_out")
+#: ``depends_on_mode``: any ending of a dependency frees its dependents (``any``), or only a
+#: normal release does and any other ending cancels them (``ok``, like Slurm's afterok).
+DEPENDS_ON_MODES = ("any", "ok")
+#: ``reason`` of a request the engine cancelled because a dependency did not end normally.
+DEPENDENCY_FAILED = "dependency_failed"
 WEBHOOK_EVENTS = ("expired", "cancelled", "timed_out")
 HEALTH = ("ok", "degraded", "failed")
 _GPU_EXTRAS = ("ecc_uncorrectable", "ecc_corrected", "xid", "throttle_reasons", "mig_mode",
@@ -95,6 +100,9 @@ ERRORS: dict[int, Callable[[dict, list], OrchestratorError]] = {
     -9: lambda ctx, d: OwnerQueueFull(
         f"you already have {d[0]} requests queued, your share of the queue (at most {d[1]}); "
         "retry when some are granted", details={"queued": int(d[0]), "limit": int(d[1])}),
+    -10: lambda ctx, d: ValidationFailed(
+        f"depends_on names {d[0]!r}, which ended {d[1]}: with depends_on_mode ok this request "
+        "could never run", details={"field": "depends_on", "id": d[0], "status": d[1]}),
 }
 _RETRY_ID = -8
 
@@ -219,7 +227,8 @@ _FLOAT_FIELDS = ("max_utilization", "submitted_at", "allocated_at", "released_at
                  "wait_time_seconds", "renewed_at", "queue_timeout_seconds")
 _OPT_FLOAT_FIELDS = ("ttl_seconds", "estimated_duration_seconds", "expires_at", "lease_seconds")
 _JSON_FIELDS = ("preferred_gpus", "webhook_events", "depends_on", "gpu_ids", "gpu_uuids", "nodes")
-_OPT_STR_FIELDS = ("owner", "webhook_url", "node", "reserved_node", "gpu_model")
+_OPT_STR_FIELDS = ("owner", "webhook_url", "node", "reserved_node", "gpu_model", "reason",
+                   "failed_dependency")
 
 
 def _pairs(flat: list) -> dict:
@@ -352,7 +361,8 @@ class Engine:
             "K_QOWNERS": k.queue_owners(), "K_CHANGES": k.changes()}
         self._lua_builders = {
             "k_node(n)": k.node("%s"), "k_gpu(n, i)": k.gpu("%s", "%s"),
-            "k_req(id)": k.request("%s"), "k_svc(s)": k.service("%s"),
+            "k_req(id)": k.request("%s"), "k_deps(id)": k.dependents("%s"),
+            "k_svc(s)": k.service("%s"),
             "k_idem(k)": k.idempotency("%s"), "k_free(n)": k.node_free_gpus("%s")}
         self._meta_key = [k.meta()]
         self._scripts_for = None
@@ -554,6 +564,9 @@ class Engine:
                 isinstance(n, str) and n and "|" not in n and "%" not in n and len(n) <= 253
                 for n in nodes):
             raise bad("nodes", "a list of at most 64 node names")
+        mode = req.get("depends_on_mode") or "any"
+        if mode not in DEPENDS_ON_MODES:
+            raise bad("depends_on_mode", " or ".join(DEPENDS_ON_MODES))
         owner = req.get("owner") or ""
         lease = self.lease_for(req.get("ttl_seconds"), req.get("estimated_duration_seconds"))
         qt = req.get("queue_timeout_seconds")
@@ -572,6 +585,7 @@ class Engine:
             "lease_seconds": _num(lease), "webhook_url": str(req.get("webhook_url") or ""),
             "webhook_events": json.dumps(list(dict.fromkeys(events))) if events else "[]",
             "depends_on": json.dumps(list(dict.fromkeys(deps))) if deps else "[]",
+            "depends_on_mode": mode,
             "queue_timeout_seconds": _num(qt), "reserved_node": "",
             "gpu_model": model, "gpu_pattern": pattern,
             "nodes": json.dumps(sorted(set(nodes))) if nodes else "[]",

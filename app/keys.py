@@ -57,6 +57,11 @@ class Keys:
         """HASH of one request/allocation over its whole lifecycle."""
         return self._k("req", request_id)
 
+    def dependents(self, request_id: str) -> str:
+        """SET of the queued requests that wait on this one with ``depends_on_mode: ok``
+        (cancelled when it ends otherwise than released; deleted when it ends)."""
+        return self._k("deps", request_id)
+
     def queue(self) -> str:
         """ZSET of queued request ids, ordered by rank (lowest score is served first)."""
         return self._k("queue")

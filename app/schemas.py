@@ -13,7 +13,8 @@ import re
 import marshmallow as ma
 from marshmallow import fields, validate
 
-from app.engine import MAX_LEASE_SECONDS, WEBHOOK_EVENTS as EVENTS
+from app.engine import DEPENDENCY_FAILED, DEPENDS_ON_MODES, MAX_LEASE_SECONDS
+from app.engine import WEBHOOK_EVENTS as EVENTS
 from app.settings import WORKLOAD_TYPES
 
 #: Deepest nesting accepted inside ``workload_data`` (objects and arrays both count).
@@ -159,6 +160,13 @@ class AllocateRequestSchema(PlacementFields):
     depends_on = fields.List(
         StrictStr(validate=validate.Regexp(ID_RE)), validate=validate.Length(max=64),
         metadata={"description": "Requests or allocations that must finish first."})
+    depends_on_mode = StrictStr(
+        validate=validate.OneOf(DEPENDS_ON_MODES, error="must be one of: any, ok"),
+        metadata={"description": "any (default): any ending of a dependency lets this request "
+                                 "run. ok: only a normal release does; a dependency that is "
+                                 "cancelled, times out or expires cancels this request "
+                                 f"(reason {DEPENDENCY_FAILED}), like Slurm's afterok.",
+                  "enum": list(DEPENDS_ON_MODES)})
     preferred_gpus = fields.List(
         StrictInt(validate=validate.Range(0, 4095)), validate=validate.Length(max=64),
         metadata={"description": "GPU indices to prefer on a node."})
@@ -264,6 +272,12 @@ class AllocationSchema(_ResponseSchema):
     ttl_seconds = fields.Float(allow_none=True)
     webhook_url = StrictStr(allow_none=True)
     depends_on = fields.List(StrictStr(), allow_none=True)
+    depends_on_mode = StrictStr(allow_none=True, metadata={"enum": list(DEPENDS_ON_MODES)})
+    reason = StrictStr(allow_none=True, metadata={
+        "description": f"Why the engine ended it: {DEPENDENCY_FAILED} (a depends_on_mode ok "
+                       "dependency ended otherwise than released)."})
+    failed_dependency = StrictStr(allow_none=True, metadata={
+        "description": f"With reason {DEPENDENCY_FAILED}: the dependency that failed."})
     position = StrictInt(allow_none=True, metadata={
         "description": "1-based place in the queue while queued."})
     node = StrictStr(allow_none=True)

@@ -141,6 +141,14 @@ def check_invariants(engine: Engine, redis, now: float) -> dict:
     # nothing that fits is left waiting (best_effort: every queued request; strict: the head)
     order = [rid for rid in queue_ids]
     blocked: set = set()
+    for rid, r in list(live.items()) + list(queued.items()):
+        if r.get("depends_on_mode") == "ok":
+            ends = {s["reqs"].get(d, {}).get("status", "gone")
+                    for d in json.loads(r.get("depends_on") or "[]")}
+            # ok: granted only after every dependency was released; never left waiting on
+            # one that ended otherwise (it is cancelled in the same step)
+            assert ends <= ({"released", "gone"} if r["status"] == "allocated" else
+                            {"released", "gone", "queued", "allocated"}), (rid, ends)
     for pos, rid in enumerate(order):
         r = queued[rid]
         deps = json.loads(r.get("depends_on") or "[]")
@@ -181,8 +189,9 @@ def fits(r, gpus, excl, shared, alive, blocked, extra_free=()) -> bool:
         if r["sharing"] == "shared":
             if holders_x:
                 continue
-            cap = float(g["memory_free_mb"]) - sum(int(x["min_memory_mb"])
-                                                   for x in shared.get(key, []))
+            # max(reserved, used) + m <= total
+            reserved = sum(int(x["min_memory_mb"]) for x in shared.get(key, []))
+            cap = min(float(g["memory_total_mb"]) - reserved, float(g["memory_free_mb"]))
             if lo <= cap <= hi:
                 return True
         else:
@@ -262,7 +271,8 @@ class EngineMachine(RuleBasedStateMachine):
 
     @rule(k=st.integers(1, 4), shared=st.booleans(),
           mem=st.sampled_from([0, 4000, 12000, 30000]), prio=st.integers(1, 10),
-          dep=st.booleans(), ttl=st.sampled_from([None, 30, 300]), svc=st.sampled_from("ab"),
+          dep=st.sampled_from([False, "any", "ok"]), ttl=st.sampled_from([None, 30, 300]),
+          svc=st.sampled_from("ab"),
           model=st.sampled_from([None, None, "*h100*", "*A10", "nvidia h100 ?c*"]),
           nodes=st.sampled_from([None, None, ["n0"], ["n1", "n2"], ["n2", "gone"]]))
     def allocate_any(self, k, shared, mem, prio, dep, ttl, svc, model, nodes):
@@ -276,6 +286,8 @@ class EngineMachine(RuleBasedStateMachine):
             req["ttl_seconds"] = ttl
         if dep and self.ids:
             req["depends_on"] = [self.ids[-1]]
+            if dep == "ok":
+                req["depends_on_mode"] = "ok"
         before = self._before()
         try:
             rec = self.engine.allocate(req)

@@ -21,6 +21,7 @@ SHAPES = [
     (K.gpus(), "{gpuo}:gpus"),
     (K.shared_capacity(), "{gpuo}:gpus:shared"),
     (K.request("svc-1-2"), "{gpuo}:req:svc-1-2"),
+    (K.dependents("svc-1-2"), "{gpuo}:deps:svc-1-2"),
     (K.queue(), "{gpuo}:queue"),
     (K.queue_demand("exclusive"), "{gpuo}:queue:demand:exclusive"),
     (K.queue_demand("shared"), "{gpuo}:queue:demand:shared"),
@@ -56,7 +57,7 @@ def test_every_key_method_is_pinned():
     # each method's first segment appears in a pinned shape
     first = {"nodes": "nodes", "node": "node", "gpu": "gpu", "nodes_free": "nodes",
              "node_free_gpus": "freegpus",
-             "node_sizes": "nodes", "gpus": "gpus", "shared_capacity": "gpus", "request": "req",
+             "node_sizes": "nodes", "gpus": "gpus", "shared_capacity": "gpus", "request": "req", "dependents": "deps",
              "queue": "queue", "queue_demand": "queue", "queue_deadlines": "queue",
              "queue_shapes": "queue",
              "queue_unreserved": "queue", "reservations": "reservations", "leases": "leases",
@@ -98,7 +99,7 @@ def test_lua_scripts_contain_no_key_text():
                          if not line.strip().startswith("--"))
         code = re.sub(r"--\[\[.*?\]\]", "", code, flags=re.S)
         assert "gpuo" not in code, path
-        pattern = r"['\"](req|gpu|node|svc|idem|queue|leases|meta|freegpus):"
+        pattern = r"['\"](req|deps|gpu|node|svc|idem|queue|leases|meta|freegpus):"
         assert not re.search(pattern, code), path
 
 
@@ -108,6 +109,7 @@ def test_lua_builds_the_same_keys_as_keys_py(redis, settings):
     probe = redis.register_script(engine._render(_PROBE))
     got = probe(keys=[keys.meta()], args=["1000", "n1", "7", "svc-1", "web", "idem-key"])
     assert got == [keys.node("n1"), keys.gpu("n1", 7), keys.request("svc-1"),
+                   keys.dependents("svc-1"),
                    keys.service("web"), keys.idempotency("idem-key"),
                    keys.node_free_gpus("n1"), keys.nodes(),
                    keys.queue(), keys.leases(), keys.meta(), keys.webhook_outbox()]
@@ -117,6 +119,7 @@ _PROBE = """
 -- @include prelude
 """.replace("-- @include prelude", (LUA_DIR / "includes" / "prelude.lua").read_text()) + """
 return {k_node(ARGV[A + 1]), k_gpu(ARGV[A + 1], ARGV[A + 2]), k_req(ARGV[A + 3]),
+  k_deps(ARGV[A + 3]),
   k_svc(ARGV[A + 4]), k_idem(ARGV[A + 5]), k_free(ARGV[A + 1]), K_NODES, K_QUEUE, K_LEASES,
   K_META, K_OUTBOX}
 """

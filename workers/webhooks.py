@@ -124,6 +124,7 @@ def build_payload(record: dict[str, Any], event: str, event_id: str,
         wait = max(0.0, float(allocated) - float(submitted))
     wait = None if wait in (None, "") or allocated in (None, "") else round(float(wait), 3)
     status = "allocated" if event == "allocated" else event
+    extra = {"reason": record["reason"]} if record.get("reason") and event != "allocated" else {}
     return {
         "status": status,
         "request_id": record["id"],
@@ -132,6 +133,7 @@ def build_payload(record: dict[str, Any], event: str, event_id: str,
         "allocated_at": iso(allocated),
         "wait_time_seconds": wait,
         "event_id": event_id,
+        **extra,
     }
 
 

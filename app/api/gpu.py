@@ -153,7 +153,8 @@ def engine_request(data: dict[str, Any], analysis: dict[str, Any],
     for key in ("gpu_model", "nodes"):
         if analysis.get(key):
             req[key] = analysis[key]
-    for key in ("ttl_seconds", "sharing", "preferred_gpus", "webhook_url", "webhook_events"):
+    for key in ("ttl_seconds", "sharing", "preferred_gpus", "webhook_url", "webhook_events",
+                "depends_on_mode"):
         if data.get(key) is not None:
             req[key] = data[key]
     if analysis.get("workflow_id"):

@@ -13,10 +13,11 @@
         node, ..., as in the record) when granted, position >= 1 and an empty list when queued
     {2, record JSON, position}  an idempotent replay of an earlier request
     errors: {-4, existing id} idempotency key reused with another body, {-7, dep} unknown
-    depends_on id, {-6, reason, limit} can never fit (reason no_gpus, required_gpus,
-    min_memory_mb, preferred_gpus (an index beyond the largest node), gpu_model, nodes or
-    no_node), {-5, depth} queue full, {-9, queued, limit} the owner already has MAX_OWNER
-    requests queued, {-8} id taken.
+    depends_on id, {-10, dep, status} depends_on_mode ok on a dependency that already ended
+    otherwise than released, {-6, reason, limit} can never fit (reason no_gpus,
+    required_gpus, min_memory_mb, preferred_gpus (an index beyond the largest node),
+    gpu_model, nodes or no_node), {-5, depth} queue full, {-9, queued, limit} the owner
+    already has MAX_OWNER requests queued, {-8} id taken.
   Guarantees: the request is granted at once only if no higher-ranked waiting request could
   use the GPUs (the pass tries those first); otherwise it is queued. A full queue, or an owner
   at its share (MAX_OWNER; the owner is the principal, else the service), rejects only
@@ -43,9 +44,20 @@ local f = {}
 for i = A + 6, #ARGV, 2 do f[ARGV[i]] = ARGV[i + 1] end
 local svc = f.service_name
 
+-- dependencies: each must exist; with mode ok, none may have ended otherwise than released,
+-- and those still queued or live learn of this request (fail_dependents in the prelude)
+local waits_on = {}
 if f.depends_on ~= '[]' then
   for _, dep in ipairs(cjson.decode(f.depends_on)) do
-    if redis.call('EXISTS', k_req(dep)) == 0 then return {-7, dep} end
+    local st = redis.call('HGET', k_req(dep), 'status')
+    if not st then return {-7, dep} end
+    if f.depends_on_mode == 'ok' then
+      if st == 'queued' or st == 'allocated' then
+        waits_on[#waits_on + 1] = dep
+      elseif st ~= 'released' then
+        return {-10, dep, st}
+      end
+    end
   end
 end
 
@@ -115,7 +127,7 @@ if idem_key ~= '' then
 end
 local r = req_from(id, {svc, f.sharing, f.required_gpus, f.min_memory_mb, f.max_memory_mb,
   f.max_utilization, f.preferred_gpus, f.depends_on, submitted, f.webhook_url, f.webhook_events,
-  f.lease_seconds, f.priority, '', 'queued', f.owner, pat, nodes_raw})
+  f.lease_seconds, f.priority, '', 'queued', f.owner, pat, nodes_raw, f.depends_on_mode})
 
 if depth == 0 and deps_done(r) then
   local node, chosen = place(r, {})
@@ -142,6 +154,10 @@ if rank and (depth >= MAX_QUEUE or mine >= MAX_OWNER) then
   return {-9, tostring(mine), tostring(MAX_OWNER)}
 end
 if rank then
+  for _, dep in ipairs(waits_on) do
+    redis.call('SADD', k_deps(dep), id)
+    redis.call('HSET', k_req(dep), 'ok_dependents', '1')
+  end
   event('queued', id, svc, nil)
   stat('alloc|' .. svc_label(svc) .. '|queued')
   return {1, submitted, rank + 1, {}}

@@ -15,8 +15,9 @@
         queue_demand:shared, queue_deadlines, queue_unreserved, reservations, leases, events,
         webhook_outbox, stats, meta, queue_shapes, stats_services, queue_owners; and the
         changes Pub/Sub channel
-    k_node(n) k_gpu(n, i) k_req(id) k_svc(s) k_idem(k) k_free(n)      key builders: node, gpu,
-        request, service, idempotency, node_free_gpus (concatenation, no string.format)
+    k_node(n) k_gpu(n, i) k_req(id) k_deps(id) k_svc(s) k_idem(k) k_free(n)    key builders:
+        node, gpu, request, dependents, service, idempotency, node_free_gpus (concatenation,
+        no string.format)
     POLICY (best_effort|strict_fifo)  AGING (priority points per second)
     RES_AFTER (s; < 0 = off)  HB_TIMEOUT (s)  EV_MAX  HIST_TTL (s; HIST_TTL_S: whole seconds,
     as a string)  MAX_QUEUE  MAX_LEASE (s; the longest lease there is)
@@ -263,7 +264,7 @@ end
 local REQ_FIELDS = {'service_name', 'sharing', 'required_gpus', 'min_memory_mb', 'max_memory_mb',
   'max_utilization', 'preferred_gpus', 'depends_on', 'submitted_at', 'webhook_url',
   'webhook_events', 'lease_seconds', 'priority', 'reserved_node', 'status', 'owner',
-  'gpu_pattern', 'nodes'}
+  'gpu_pattern', 'nodes', 'depends_on_mode'}
 
 local function req_from(id, f)
   local r = {id = id, svc = f[1], sharing = f[2], k = tonumber(f[3]), minm = tonumber(f[4]),
@@ -271,7 +272,7 @@ local function req_from(id, f)
     deps_raw = f[8] or '[]', submitted = tonumber(f[9]), hook = f[10] or '',
     hook_events = f[11] or '[]', lease = lease_secs(f[12]), priority = tonumber(f[13]),
     reserved = f[14] or '', status = f[15], owner = f[16] or '', pat = f[17] or '',
-    nodes_raw = f[18] or '[]'}
+    nodes_raw = f[18] or '[]', mode = f[19] or 'any'}
   -- gpu_model as an anchored Lua pattern on the lower-cased GPU name ('' = any model) and the
   -- nodes it may use (nil = any node): both set by the client, checked in placement
   if r.nodes_raw ~= '[]' then
@@ -307,12 +308,16 @@ local function model_ok(r, node, idx)
   return model_matches(r.pat, redis.call('HGET', k_gpu(node, idx), 'name'))
 end
 
--- True when nothing the request depends on is still queued or live.
+-- True when nothing the request depends on is still queued or live. depends_on_mode ok also
+-- needs each to have been released (a record gone with its history was: a dependency that
+-- ended otherwise cancels its ok-dependents at once, see fail_dependents).
 local function deps_done(r)
   if r.deps_raw == '[]' then return true end
+  local ok_mode = r.mode == 'ok'
   for _, dep in ipairs(cjson.decode(r.deps_raw)) do
     local st = redis.call('HGET', k_req(dep), 'status')
     if st == 'queued' or st == 'allocated' then return false end
+    if ok_mode and st and st ~= 'released' then return false end
   end
   return true
 end
@@ -555,6 +560,50 @@ local function grant(r, node, chosen, queued, from_queue, pending)
   return out
 end
 
+-- End a queued request (cancelled | timed_out) without looking at its dependents. reason and
+-- cause: set when the engine cancels it because dependency `cause` failed. Returns whether
+-- requests wait on it with depends_on_mode ok.
+local function end_queued(id, status, reason, cause)
+  local rk = k_req(id)
+  local f = redis.call('HMGET', rk, 'service_name', 'webhook_url', 'webhook_events',
+    'reserved_node', 'sharing', 'ok_dependents', 'owner')
+  queue().dequeue(id, f[4], f[5], owner_bucket(f[7], f[1]))
+  if reason then
+    redis.call('HSET', rk, 'status', status, 'ended_at', NOW_S, 'reason', reason,
+      'failed_dependency', cause)
+  else
+    redis.call('HSET', rk, 'status', status, 'ended_at', NOW_S)
+  end
+  redis.call('EXPIRE', rk, HIST_TTL_S)
+  bump_capacity()
+  notify(id, status)
+  local evid = event(status, id, f[1], reason and {'reason', reason, 'dependency', cause} or nil)
+  stat('alloc|' .. svc_label(f[1]) .. '|' .. status)
+  outbox(status, id, evid, f[2], f[3], false)
+  return f[6] == '1'
+end
+
+--[[
+  `id` ended otherwise than released: every request waiting on it with depends_on_mode ok can
+  never run. Each still queued is cancelled (reason dependency_failed, its cancelled event and
+  webhook), and so on down the chain, in this same script: no pass can grant a dependent in
+  between. A worklist, not recursion, so a chain of any length fits Lua's stack.
+]]
+local function fail_dependents(id)
+  local work, i = {id}, 1
+  while i <= #work do
+    local cause = work[i]
+    i = i + 1
+    local dk = k_deps(cause)
+    for _, d in ipairs(redis.call('SMEMBERS', dk)) do
+      if redis.call('HGET', k_req(d), 'status') == 'queued' then
+        if end_queued(d, 'cancelled', 'dependency_failed', cause) then work[#work + 1] = d end
+      end
+    end
+    redis.call('DEL', dk)
+  end
+end
+
 -- End a live allocation (released | expired): give its GPUs back. rec: the record as a table
 -- when the caller already read it (release); it is updated to match what is written.
 local function finish_alloc(id, status, rec)
@@ -562,10 +611,10 @@ local function finish_alloc(id, status, rec)
   local f
   if rec then
     f = {rec.node, rec.gpu_ids, rec.sharing, rec.min_memory_mb, rec.service_name,
-      rec.webhook_url, rec.webhook_events}
+      rec.webhook_url, rec.webhook_events, rec.ok_dependents}
   else
     f = redis.call('HMGET', rk, 'node', 'gpu_ids', 'sharing', 'min_memory_mb',
-      'service_name', 'webhook_url', 'webhook_events')
+      'service_name', 'webhook_url', 'webhook_events', 'ok_dependents')
   end
   local node, sharing, minm, svc = f[1], f[3], tonumber(f[4]) or 0, f[5] or ''
   for _, i in ipairs(cjson.decode(f[2] or '[]')) do
@@ -587,21 +636,19 @@ local function finish_alloc(id, status, rec)
   local evid = event(status, id, svc, {'node', node or '', 'gpu_ids', f[2] or '[]'})
   stat('alloc|' .. svc_label(svc) .. '|' .. status)
   outbox(status, id, evid, f[6], f[7], false)
+  if f[8] == '1' then
+    if status == 'released' then
+      redis.call('DEL', k_deps(id))  -- its ok-dependents may run now; nothing left to cancel
+    else
+      fail_dependents(id)
+    end
+  end
 end
 
--- End a queued request (cancelled | timed_out). Its dependents may now run: bump capver.
+-- End a queued request (cancelled | timed_out). Its any-dependents may now run (capver is
+-- bumped); its ok-dependents are cancelled.
 local function finish_queued(id, status)
-  local rk = k_req(id)
-  local f = redis.call('HMGET', rk, 'service_name', 'webhook_url', 'webhook_events',
-    'reserved_node', 'sharing', 'owner')
-  queue().dequeue(id, f[4], f[5], owner_bucket(f[6], f[1]))
-  redis.call('HSET', rk, 'status', status, 'ended_at', NOW_S)
-  redis.call('EXPIRE', rk, HIST_TTL_S)
-  bump_capacity()
-  notify(id, status)
-  local evid = event(status, id, f[1], nil)
-  stat('alloc|' .. svc_label(f[1]) .. '|' .. status)
-  outbox(status, id, evid, f[2], f[3], false)
+  if end_queued(id, status) then fail_dependents(id) end
 end
 
 local function top_score(key)
