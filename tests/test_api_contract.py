@@ -111,8 +111,8 @@ def test_warnings_one_line_per_ignored_key_on_every_answer(client):
 
 def test_a_thousand_unknown_hints_give_a_bounded_list(client):
     body = client.post("/gpu/workload",
-                       json={"workload_data": {f"k{i}": i for i in range(900)}}).get_json()
-    assert len(body["warnings"]) == 21 and body["warnings"][-1].startswith("... and 880 more")
+                       json={"workload_data": {f"k{i}": i for i in range(300)}}).get_json()
+    assert len(body["warnings"]) == 21 and body["warnings"][-1].startswith("... and 280 more")
 
 
 # --------------------------------------------------------------------------- request status
