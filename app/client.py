@@ -203,7 +203,9 @@ class Allocation:
     environment variable ("" while queued)."""
 
     def __init__(self, data: dict[str, Any]):
-        self.data = dict(data)
+        # /gpu/requests/<id> keeps the grant under "allocation"; one flat record either way
+        grant = data.get("allocation")
+        self.data = {**grant, **data} if isinstance(grant, dict) else dict(data)
 
     def __getattr__(self, name: str) -> Any:
         try:

@@ -181,3 +181,18 @@ def test_the_grant_webhooks_allocation_has_the_fields_of_a_200_answer(app, clien
     assert allocation["expires_at"] and allocation["cuda_visible_devices"] == str(
         allocation["gpu_ids"][0])
     assert allocation == client.get(f"/gpu/allocations/{rid}").get_json()
+
+
+def test_the_python_client_reads_a_polled_grant(client):
+    """app.client's Allocation takes the request-status shape (grant under allocation)."""
+    from app.client import Allocation
+
+    first = allocate(client, "big", workload_data={"required_gpus": 8}).get_json()
+    rid = allocate(client, "next", workload_data={"required_gpus": 2}).get_json()["request_id"]
+    assert Allocation(client.get(f"/gpu/requests/{rid}").get_json()).gpu_ids == []
+    client.post("/gpu/release", json={"allocation_id": first["id"]})
+    polled = Allocation(client.get(f"/gpu/requests/{rid}").get_json())
+    assert polled.id == rid and polled.status == "allocated" and polled.node == "node-a"
+    assert len(polled.gpu_ids) == 2 and polled.cuda_visible_devices == ",".join(
+        map(str, polled.gpu_ids))
+    assert polled.lease_seconds and polled.granted
