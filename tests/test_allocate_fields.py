@@ -38,7 +38,7 @@ def test_gpu_model_places_only_on_matching_gpus_and_waits_for_them(client):
     queued = got[2].get_json()["request_id"]
     client.post("/gpu/release", json={"allocation_id": got[0].get_json()["id"]})
     rec = client.get(f"/gpu/requests/{queued}").get_json()
-    assert (rec["status"], rec["node"]) == ("allocated", "n-h100")
+    assert (rec["status"], rec["allocation"]["node"]) == ("allocated", "n-h100")
 
 
 def test_gpu_model_glob_is_case_insensitive_and_anchored(client):
