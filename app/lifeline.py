@@ -77,7 +77,7 @@ def watch_parent(interval: float = 1.0) -> threading.Thread | None:
     Does nothing unless ``up`` started this process (``GPU_ORCH_SUPERVISOR_PID``) and the
     platform lacks ``prctl``: there the kernel already does the job.
     """
-    supervisor = os.environ.get(SUPERVISOR_ENV)
+    supervisor = os.environ.pop(SUPERVISOR_ENV, None)  # for us, not for what we start
     if not supervisor or has_parent_death_signal():
         return None
     try:
