@@ -174,3 +174,29 @@ def test_a_child_started_with_die_with_parent_gets_sigterm_when_its_parent_is_ki
             os.kill(child, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_without_prctl_a_role_stops_itself_when_its_supervisor_is_gone():
+    """The fallback for platforms without a parent-death signal (forced here on Linux)."""
+    role = ("import time\nfrom app import lifeline\nlifeline._prctl = None\n"
+            "assert lifeline.watch_parent(interval=0.1) is not None\n"
+            "print('watching', flush=True); time.sleep(120)\n")
+    code = ("import os, subprocess, sys, time\n"
+            "c = subprocess.Popen([sys.executable, '-c', sys.argv[1]], start_new_session=True,\n"
+            "    env=dict(os.environ, GPU_ORCH_SUPERVISOR_PID=str(os.getpid())),\n"
+            "    stdout=subprocess.PIPE, text=True)\n"
+            "c.stdout.readline(); print(c.pid, flush=True); time.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code, role], stdout=subprocess.PIPE,
+                              text=True)
+    child = int(parent.stdout.readline())
+    try:
+        assert started_at(child) is not None
+        parent.kill()
+        parent.wait()
+        wait_until(lambda: started_at(child) is None, timeout=20, message="the role to stop")
+    finally:
+        parent.stdout.close()
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
