@@ -398,6 +398,10 @@ SPEC: dict[str, dict[str, Any]] = {
         "write_timeout": Duration("15s", 1,
                                   doc="longest a request may run before its worker is recycled"),
         "idle_timeout": Duration("60s", 1, doc="keep-alive window for idle client connections"),
+        "header_timeout": Duration(
+            "10s", 0.1, 3600,
+            doc="a client must send its whole request (head and body) within this; else it is "
+                "disconnected (a kept-alive connection: counted from its first byte)"),
         "workers": Int(2, 1, 64, doc="gunicorn worker processes"),
         "threads": Int(4, 1, 256, doc="threads per gunicorn worker"),
         "max_body_bytes": Int(65536, 1024, 16 * 1024 * 1024, doc="largest accepted request body"),

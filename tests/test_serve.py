@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app import serve
 from app import settings as settings_mod
+from app.http_worker import BufferingWorker, Limits
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,11 +25,15 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_gunicorn_options_come_from_server_settings():
     s = settings_mod.defaults().replace(server={
         "host": "127.0.0.1", "port": 9001, "workers": 3, "threads": 5,
-        "write_timeout": "40s", "idle_timeout": "7s", "read_timeout": "12s"})
+        "write_timeout": "40s", "idle_timeout": "7s", "read_timeout": "12s",
+        "header_timeout": "3s", "max_body_bytes": 2048})
     opts = serve.gunicorn_options(s)
     assert opts["bind"] == "127.0.0.1:9001"
-    assert (opts["workers"], opts["threads"], opts["worker_class"]) == (3, 5, "gthread")
-    assert (opts["timeout"], opts["keepalive"], opts["graceful_timeout"]) == (40, 7, 12)
+    assert (opts["workers"], opts["threads"], opts["timeout"], opts["graceful_timeout"]) == (
+        3, 5, 40, 12)
+    assert issubclass(opts["worker_class"], BufferingWorker)
+    assert opts["worker_class"].limits == Limits(header_timeout=3, idle_timeout=7,
+                                                 max_body_bytes=2048)
     assert opts["on_starting"] is serve.on_starting and opts["child_exit"] is serve.child_exit
 
 
@@ -170,82 +175,7 @@ def test_a_worker_exiting_does_not_stop_the_embedded_redis(tmp_path):
         pytest.fail("embedded Redis still running after the API stopped")
 
 
-# --------------------------------------------------------------------------- balanced accepting
-
-class _Log:
-    def __getattr__(self, name):
-        return lambda *a, **k: None
-
-
-@pytest.fixture
-def make_worker():
-    """A BalancedThreadWorker as a master builds one before the fork (not started)."""
-    from gunicorn.config import Config
-    made = []
-
-    def make(slot: int):
-        cfg = Config()
-        cfg.set("worker_class", "gthread")
-        worker = serve.BalancedThreadWorker(1, os.getpid(), [], None, 30, cfg, _Log())
-        worker.board_slot = slot
-        made.append(worker)
-        return worker
-    yield make
-    for worker in made:
-        worker.tmp.close()
-
-
-def test_a_worker_holding_more_connections_than_a_sibling_leaves_new_ones_to_it(monkeypatch,
-                                                                              make_worker):
-    from multiprocessing.sharedctypes import RawArray
-    board = RawArray("i", [-1] * 4)
-    monkeypatch.setattr(serve, "_board", board)
-    a, b = make_worker(0), make_worker(1)
-    a.nr_conns, b.nr_conns = 3, 2
-    a._publish()
-    b._publish()
-    assert list(board) == [3, 2, -1, -1]
-    assert a._defer() and not b._defer()
-    b.nr_conns = 3
-    b._publish()
-    assert not a._defer() and not b._defer()  # equal: either may take it
-    board[1] = -1  # the sibling is gone (child_exit frees its slot)
-    a.nr_conns = 10
-    assert not a._defer()
-
-
-def test_a_worker_defers_at_most_max_defer_then_takes_the_connection(monkeypatch, make_worker):
-    from multiprocessing.sharedctypes import RawArray
-    board = RawArray("i", [5, 0])  # slot 1: a sibling that never accepts (stuck)
-    monkeypatch.setattr(serve, "_board", board)
-    monkeypatch.setattr(serve, "MAX_DEFER", 0.05)
-    a = make_worker(0)
-    a.nr_conns = 5
-    assert a._defer()
-    time.sleep(0.06)
-    assert not a._defer()
-
-
-def test_master_hooks_hand_out_and_free_board_slots(monkeypatch):
-    from types import SimpleNamespace
-    monkeypatch.setattr(serve, "_board", None)
-    server = SimpleNamespace(cfg=SimpleNamespace(workers=2), WORKERS={})
-    serve.on_starting(server)
-    assert list(serve._board) == [-1] * 4
-    w1, w2 = SimpleNamespace(pid=11), SimpleNamespace(pid=12)
-    serve.pre_fork(server, w1)
-    server.WORKERS[11] = w1
-    serve.pre_fork(server, w2)
-    server.WORKERS[12] = w2
-    assert (w1.board_slot, w2.board_slot) == (0, 1)
-    serve._board[1] = 7
-    serve.child_exit(server, w2)
-    del server.WORKERS[12]
-    assert serve._board[1] == -1
-    w3 = SimpleNamespace(pid=13)
-    serve.pre_fork(server, w3)
-    assert w3.board_slot == 1  # the freed slot is reused
-
+# --------------------------------------------------------------------------- spreading
 
 def _client_conns_per_worker(workers: list[int], port: int) -> list[int]:
     """Established connections to ``port`` held by each worker (Linux /proc)."""
@@ -275,8 +205,9 @@ def _client_conns_per_worker(workers: list[int], port: int) -> list[int]:
 
 @pytest.mark.slow
 def test_a_burst_of_keep_alive_connections_spreads_over_the_workers(tmp_path, redis_url):
-    """16 clients connecting at once (bench/http.py's load): without balancing, one of two
-    workers usually took nearly all of them (16/0, 15/1, 14/2)."""
+    """16 clients connecting at once (bench/http.py's load): when a worker took every
+    connection that was waiting, one of two workers usually got nearly all of them (16/0, 15/1,
+    14/2) and ran them on one core; each worker takes one connection per wake-up instead."""
     port = free_port()
     config = tmp_path / "config.yaml"
     config.write_text("server:\n  workers: 2\n  threads: 2\n  host: 127.0.0.1\n"
