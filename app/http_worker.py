@@ -22,8 +22,9 @@ Per connection, in this order:
   passed.
 
 HTTP/1.1 framing (Content-Length, chunked, keep-alive, pipelining, ``Expect: 100-continue``) is
-h11's, a well-kept state machine that refuses ambiguous framing (both Content-Length and
-Transfer-Encoding, duplicate lengths), so this module holds policy, not parsing.
+h11's, a well-kept state machine that refuses malformed framing (conflicting lengths, unknown
+transfer codings, bare CR/LF), so this module holds policy, not parsing. On top of it a request
+with both Content-Length and Transfer-Encoding (request smuggling's shape) is a 400.
 
 Gunicorn contract: a custom worker subclasses ``gunicorn.workers.base.Worker`` and overrides
 ``run()`` (its docstring invites exactly that) and ``init_process()`` (ending with the super
@@ -382,6 +383,13 @@ class _Connection(asyncio.Protocol):
                 return
             if isinstance(event, h11.Request):
                 self.request, self.body, self.body_size = event, [], 0
+                if self._head_size(event) > MAX_HEAD_BYTES:  # h11 bounds only a partial head
+                    self._fail(431)
+                    return
+                names = [name for name, _ in event.headers]
+                if b"transfer-encoding" in names and b"content-length" in names:
+                    self._fail(400)  # request smuggling's shape (RFC 9112 6.1): refused
+                    return
                 if self._declared_length(event) > self.limits.max_body_bytes:
                     self._fail(413)
                     return
@@ -400,6 +408,10 @@ class _Connection(asyncio.Protocol):
             elif isinstance(event, h11.ConnectionClosed):
                 self._close()
                 return
+
+    @staticmethod
+    def _head_size(request: h11.Request) -> int:
+        return len(request.target) + sum(len(n) + len(v) + 4 for n, v in request.headers) + 16
 
     @staticmethod
     def _declared_length(request: h11.Request) -> int:
