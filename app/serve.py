@@ -6,6 +6,13 @@ keeps counter and histogram values in files under ``PROMETHEUS_MULTIPROC_DIR`` a
 starts (an operator-set one, or a fresh temporary one), wipes stale files from an earlier run
 in gunicorn's ``on_starting`` hook, and marks dead workers in ``child_exit``.
 
+Stale temporary directories: a master killed with SIGKILL cannot remove its temporary metrics
+directory. Each one therefore holds ``owner.lock``, flock-ed by the master from before the file
+has its name until the master and its workers (which inherit the lock) are gone; the kernel
+drops the lock when the last of them dies, however it dies. At start, :func:`run` removes every
+``gpu-orchestrator-metrics-*`` directory of this user whose lock it can take: nobody uses it.
+A directory without the file (being made right now, or from an older version) is left alone.
+
 Fork trap: gunicorn forks workers from inside ``run()``; a worker that exits raises
 ``SystemExit`` through the very same Python frames as the master. Cleanup in ``finally`` blocks
 (removing the temporary directory, stopping the embedded Redis) therefore checks that it runs
@@ -16,7 +23,9 @@ before a thread runs it, so slow or idle clients hold no thread (see that module
 """
 from __future__ import annotations
 
+import fcntl
 import glob
+import logging
 import os
 import shutil
 import tempfile
@@ -28,6 +37,13 @@ from app.http_worker import BufferingWorker, Limits
 from app.settings import Settings
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+#: Name prefix of the temporary metrics directories; the lock file inside each.
+TEMP_PREFIX = "gpu-orchestrator-metrics-"
+OWNER_LOCK = "owner.lock"
+
+log = logging.getLogger("gpu_orchestrator.api")
+#: The open, locked ``owner.lock`` of this process's temporary directory (kept for its life).
+_owner_fd: int | None = None
 
 
 def gunicorn_options(settings: Settings, **overrides: Any) -> dict[str, Any]:
@@ -74,17 +90,59 @@ def wipe_metrics_dir(path: str) -> int:
 
 
 def prepare_metrics_dir(environ: dict | None = None) -> tuple[str, bool]:
-    """Make sure ``PROMETHEUS_MULTIPROC_DIR`` names an empty directory; (path, created by us)."""
+    """Make sure ``PROMETHEUS_MULTIPROC_DIR`` names an empty directory; (path, created by us).
+    A directory we create is claimed with a lock (see the module docstring)."""
+    global _owner_fd
     environ = os.environ if environ is None else environ
     path = environ.get(MULTIPROC_ENV) or ""
     created = False
     if not path:
-        path = tempfile.mkdtemp(prefix="gpu-orchestrator-metrics-")
+        path = tempfile.mkdtemp(prefix=TEMP_PREFIX)
+        _owner_fd = claim_dir(path)
         created = True
         environ[MULTIPROC_ENV] = path
     os.makedirs(path, exist_ok=True)
     wipe_metrics_dir(path)
     return path, created
+
+
+def claim_dir(path: str) -> int:
+    """Create ``path/owner.lock`` already locked (made under another name, locked, renamed), so
+    a lock file that can be seen is either held or abandoned. Returns its descriptor, which
+    must stay open (and is not passed on to programs this process executes)."""
+    fd, tmp = tempfile.mkstemp(dir=path, prefix=".owner-")
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    os.rename(tmp, os.path.join(path, OWNER_LOCK))
+    return fd
+
+
+def remove_stale_metrics_dirs(parent: str | None = None) -> list[str]:
+    """Remove this user's temporary metrics directories whose owners are all dead."""
+    parent = parent or tempfile.gettempdir()
+    removed = []
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        try:
+            if (not entry.name.startswith(TEMP_PREFIX) or not entry.is_dir(follow_symlinks=False)
+                    or entry.stat(follow_symlinks=False).st_uid != os.getuid()):
+                continue
+            fd = os.open(os.path.join(entry.path, OWNER_LOCK), os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue  # no lock file: being made now, or not ours to judge
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # held: its master or a worker of it is alive
+        else:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+        finally:
+            os.close(fd)
+    return removed
 
 
 def on_starting(server) -> None:
@@ -131,7 +189,12 @@ class GunicornApp(BaseApplication):
 def run(settings: Settings, redis_url: str, *, cleanup: Callable[[], None] | None = None,
         **overrides: Any) -> None:
     """Serve the API until gunicorn stops; ``cleanup`` runs once, in the master only."""
+    global _owner_fd
     master = os.getpid()
+    stale = remove_stale_metrics_dirs()
+    if stale:
+        log.info("removed %d metrics director%s left by a killed API: %s", len(stale),
+                 "y" if len(stale) == 1 else "ies", ", ".join(stale))
     path, created = prepare_metrics_dir()
 
     def factory():
@@ -144,5 +207,8 @@ def run(settings: Settings, redis_url: str, *, cleanup: Callable[[], None] | Non
         if os.getpid() == master:
             if created:
                 shutil.rmtree(path, ignore_errors=True)
+                if _owner_fd is not None:
+                    os.close(_owner_fd)
+                    _owner_fd = None
             if cleanup is not None:
                 cleanup()

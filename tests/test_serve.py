@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -49,8 +50,100 @@ def test_prepare_metrics_dir_wipes_stale_files_and_creates_one_when_unset(tmp_pa
     path, created = serve.prepare_metrics_dir(env)
     try:
         assert created and os.path.isdir(path) and env[serve.MULTIPROC_ENV] == path
+        assert os.listdir(path) == [serve.OWNER_LOCK]
     finally:
-        os.rmdir(path)
+        os.close(serve._owner_fd)
+        serve._owner_fd = None
+        shutil.rmtree(path)
+
+
+def _claim_in_child(path) -> subprocess.Popen:
+    """A process that claims ``path`` and lives until killed."""
+    code = ("import sys, time; from app import serve; serve.claim_dir(sys.argv[1]); "
+            "print('ok', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ok"
+    return proc
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    proc.kill()
+    proc.wait()
+    proc.stdout.close()
+
+
+def test_only_metrics_dirs_whose_owners_are_dead_are_removed(tmp_path):
+    dead, alive, unclaimed = (tmp_path / f"{serve.TEMP_PREFIX}{n}"
+                              for n in ("dead", "alive", "unclaimed"))
+    for path in (dead, alive, unclaimed):
+        path.mkdir()
+    other = tmp_path / "something-else"
+    other.mkdir()
+    (other / serve.OWNER_LOCK).write_text("")
+    holder = _claim_in_child(alive)
+    killed = _claim_in_child(dead)
+    _kill(killed)
+    try:
+        assert serve.remove_stale_metrics_dirs(str(tmp_path)) == [str(dead)]
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            [alive.name, unclaimed.name, other.name])
+    finally:
+        _kill(holder)
+    assert serve.remove_stale_metrics_dirs(str(tmp_path)) == [str(alive)]  # owner gone now
+
+
+def _metrics_dirs(parent: Path) -> list[Path]:
+    return sorted(parent.glob(serve.TEMP_PREFIX + "*"))
+
+
+@pytest.mark.slow
+def test_a_killed_api_leaves_a_metrics_dir_that_the_next_start_removes(tmp_path, redis_url):
+    """Regression: SIGKILL of the API master left its gpu-orchestrator-metrics-* directory in
+    the temporary directory for good."""
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    config = tmp_path / "config.yaml"
+    config.write_text("server:\n  workers: 2\n  threads: 1\n  host: 127.0.0.1\n"
+                      "dashboard:\n  enabled: false\nlogging:\n  level: WARNING\n")
+    env = {k: v for k, v in os.environ.items() if k != serve.MULTIPROC_ENV}
+    env.update(REDIS_URL=redis_url, CONFIG_PATH=str(config), TMPDIR=str(tmpdir),
+               GPU_ORCH__REDIS__PREFIX="{gpuo-serve}", PYTHONPATH=str(ROOT))
+
+    def start():
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "api"], cwd=ROOT,
+                                env=dict(env, PORT=str(port)), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while _try_get(port) != 200 or len(_children(proc.pid)) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "API did not come up"
+            time.sleep(0.1)
+        return proc
+
+    first = start()
+    try:
+        workers = _children(first.pid)
+        [left] = _metrics_dirs(tmpdir)
+        first.kill()  # the master only; its workers notice and leave on their own
+        first.wait()
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{pid}").exists() for pid in workers):
+            assert time.monotonic() < deadline, "workers outlived their master"
+            time.sleep(0.1)
+        assert left.exists()  # nobody could clean up
+        second = start()
+        try:
+            dirs = _metrics_dirs(tmpdir)
+            assert left not in dirs and len(dirs) == 1
+        finally:
+            _stop(second)
+        assert _metrics_dirs(tmpdir) == []  # a clean stop removes its own
+    finally:
+        try:
+            os.killpg(first.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _get(port: int, path: str) -> tuple[int, bytes]:
