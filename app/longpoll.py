@@ -20,8 +20,8 @@ Race notes (one held call, one release on another replica):
   again (and answers 503 if Redis is still gone, like any other read). The next held call
   starts a new listener.
 
-Threads (gunicorn ``gthread``): a held call sits on one of its worker's threads, so it may
-only use a thread nobody else needs. :class:`Holds` counts the requests each process is
+Threads (``server.threads`` per API worker, app/http_worker.py): a held call sits on one of
+its worker's threads, so it may only use a thread nobody else needs. :class:`Holds` counts the requests each process is
 running (a WSGI wrapper) and lets a call be held only while another thread of its worker is
 idle; when a request takes the worker's last idle thread, the oldest held call answers at once
 with the current record (as if its time were up), so a thread is free again for the next
