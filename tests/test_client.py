@@ -61,8 +61,13 @@ class Stub:
 
             do_GET = do_POST = do_DELETE = _serve
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address):
+                pass  # a client that went away mid-answer (run exiting during a long-poll)
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -238,3 +243,60 @@ def test_api_refusals_map_to_exit_codes(stub):
         proc = run(stub, "--", "true")
         assert proc.returncode == want, (code, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1 and code in proc.stderr
+
+
+COUNT_SIGINT = textwrap.dedent("""
+    import os, signal, sys, time
+    got = []
+    signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    print("ready", flush=True)
+    while not got:
+        time.sleep(0.01)
+    time.sleep(1.0)  # a second SIGINT (forwarded as well) would arrive meanwhile
+    print(f"sigints {len(got)}", flush=True)
+    sys.exit(3)
+""")
+
+
+def test_a_ctrl_c_at_the_terminal_reaches_the_command_once(stub):
+    """run under a pseudo-terminal: Ctrl-C makes the terminal signal run and COMMAND alike, and
+    run must not forward a second SIGINT."""
+    import fcntl
+    import pty
+    import termios
+
+    stub.routes[("POST", "/gpu/allocate")] = lambda s, b, q: (200, granted(), {})
+    stub.routes[("GET", "/gpu/allocations/s-1")] = hold_then(1e9, "allocated")
+    stub.routes[("POST", "/gpu/release")] = lambda s, b, q: (200, {"status": "released"}, {})
+    master, slave = pty.openpty()
+
+    def take_terminal():
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    env = dict(os.environ, GPU_ORCH_URL=stub.url)
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "run", "--", sys.executable, "-c",
+                             COUNT_SIGINT], cwd=ROOT, env=env, stdin=slave, stdout=slave,
+                            stderr=slave, start_new_session=True, preexec_fn=take_terminal)
+    os.close(slave)
+    out = b""
+    try:
+        deadline = time.monotonic() + 30
+        while b"ready" not in out:
+            assert time.monotonic() < deadline, out
+            out += os.read(master, 1024)
+        os.write(master, b"\x03")  # Ctrl-C, as typed
+        assert proc.wait(30) == 3
+        while True:
+            try:
+                chunk = os.read(master, 1024)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    assert b"sigints 1" in out, out
+    assert stub.count("POST", "/gpu/release") == 1

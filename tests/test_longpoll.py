@@ -246,3 +246,11 @@ def test_under_gunicorn_a_held_call_outlives_the_worker_timeout_and_ends_with_a_
         assert time.monotonic() - t0 < 10, "the graceful stop waited for the held call"
     finally:
         role.stop()
+
+
+def test_openapi_documents_the_wait_parameter(app):
+    spec = app.test_client().get("/openapi.json").get_json()
+    for path in ("/gpu/requests/{request_id}", "/gpu/allocations/{allocation_id}"):
+        params = {p["name"]: p for p in spec["paths"][path]["get"]["parameters"]}
+        assert params["wait"]["in"] == "query"
+        assert params["wait"]["schema"]["maximum"] == 60
