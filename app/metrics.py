@@ -42,6 +42,9 @@ UNMATCHED = "<unmatched>"
 METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
                      "PATCH"))
 OTHER = "other"
+#: Appended to the route label of a long-poll (``?wait=``): its duration is mostly the wait the
+#: client asked for, and would drown the route's real latency.
+LONG_POLL_SUFFIX = "?wait"
 
 
 def method_label(method: str) -> str:
@@ -230,8 +233,10 @@ def init_app(app: Flask, engine: Any) -> None:
         start = g.pop("_metrics_start", None)
         if start is not None:
             rule = request.url_rule
-            http.observe(method_label(request.method),
-                         rule.rule if rule is not None else UNMATCHED,
+            route = rule.rule if rule is not None else UNMATCHED
+            if request.args.get("wait") not in (None, "", "0") and rule is not None:
+                route += LONG_POLL_SUFFIX  # held on purpose: kept out of the route's latency
+            http.observe(method_label(request.method), route,
                          response.status_code, time.perf_counter() - start)
         return response
 

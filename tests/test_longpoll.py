@@ -254,3 +254,13 @@ def test_openapi_documents_the_wait_parameter(app):
         params = {p["name"]: p for p in spec["paths"][path]["get"]["parameters"]}
         assert params["wait"]["in"] == "query"
         assert params["wait"]["schema"]["maximum"] == 60
+
+
+def test_a_long_poll_is_timed_under_its_own_route_label(app):
+    client = app.test_client()
+    rid = allocate(client).get_json()["id"]
+    client.get(f"/gpu/requests/{rid}?wait=5")
+    client.get(f"/gpu/requests/{rid}")
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'route="/gpu/requests/<request_id>?wait"' in text
+    assert 'route="/gpu/requests/<request_id>"' in text
