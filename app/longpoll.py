@@ -16,9 +16,10 @@ Race notes (one held call, one release on another replica):
   and only then wait. A change published before the second read is seen by that read; one
   published after it reaches the listener and sets the event (an event set before ``wait``
   makes ``wait`` return at once).
-* Redis goes away: the listener wakes every held call and exits; each call reads the record
-  again (and answers 503 if Redis is still gone, like any other read). The next held call
-  starts a new listener.
+* Redis goes away (or drops the Pub/Sub connection): the listener lets every held call go and
+  exits; each call reads the record again and answers it (503 if Redis is still gone, like any
+  other read). Nothing would wake a call that went on waiting. The next held call starts a new
+  listener.
 
 Threads (``server.threads`` per API worker, app/http_worker.py): a held call sits on one of
 its worker's threads, so it may only use a thread nobody else needs. :class:`Holds` counts the requests each process is
@@ -119,9 +120,11 @@ class ChangeListener:
             for w in self._waiters.get(request_id, ()):
                 w.event.set()
 
-    def _wake_all(self) -> None:
+    def _let_go_all(self) -> None:
+        """The subscription is gone: every held call answers now (nothing would wake it)."""
         for group in self._waiters.values():
             for w in group:
+                w.evicted = True
                 w.event.set()
 
     def _listen(self, run: _Run) -> None:
@@ -150,7 +153,7 @@ class ChangeListener:
             with self._lock:
                 if self._run is run:
                     self._run = None
-                self._wake_all()
+                self._let_go_all()
         finally:
             if pubsub is not None:
                 try:

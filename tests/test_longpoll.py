@@ -264,3 +264,17 @@ def test_a_long_poll_is_timed_under_its_own_route_label(app):
     text = client.get("/metrics").get_data(as_text=True)
     assert 'route="/gpu/requests/<request_id>?wait"' in text
     assert 'route="/gpu/requests/<request_id>"' in text
+
+
+def test_a_dropped_subscription_lets_held_calls_go_and_the_next_wait_resubscribes(app, redis):
+    client = app.test_client()
+    holder, waiter = _holder_and_waiter(client)
+    call = Call(app, f"/gpu/requests/{waiter}?wait=30")
+    _held(app)
+    assert redis.client_kill_filter(_type="pubsub") >= 1
+    resp = call.result(timeout=10)
+    assert resp.get_json()["status"] == "queued" and call.elapsed < 10
+    call = Call(app, f"/gpu/requests/{waiter}?wait=30")
+    _held(app)
+    client.post("/gpu/release", json={"allocation_id": holder})
+    assert call.result(timeout=10).get_json()["status"] == "allocated"
