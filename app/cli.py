@@ -404,13 +404,14 @@ _VALUED_GLOBALS = ("--config", "--log-format", "--log-level")
 
 
 def _run_args(argv: list[str]) -> list[str] | None:
-    """The arguments after ``run`` when the subcommand is ``run``, else None. ``run`` parses
-    its own options (everything after ``--`` is COMMAND's) and needs no config or Redis."""
+    """The arguments for ``run`` when the subcommand is ``run`` (global options given before
+    it first), else None. ``run`` parses its own options (everything after ``--`` is COMMAND's)
+    and needs no config or Redis."""
     i = 0
     while i < len(argv):
         arg = argv[i]
         if arg == "run":
-            return argv[i + 1:]
+            return argv[:i] + argv[i + 1:]
         if arg in _VALUED_GLOBALS:
             i += 2
         elif arg.startswith("-"):

@@ -100,6 +100,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", metavar="DURATION", type=_duration,
                    help="longest time to wait in the queue (default: no limit); then the "
                         f"request is cancelled and run exits {EXIT_TEMPFAIL}")
+    p.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                   default="WARNING", help="what run itself says on stderr (default WARNING)")
+    p.add_argument("--config", metavar="PATH", help="accepted like every command's; run reads "
+                                                    "no config file (it only talks to the API)")
+    p.add_argument("--log-format", choices=("text", "json"), help=argparse.SUPPRESS)
     p.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return p
 
@@ -170,7 +175,7 @@ def main(argv: list[str]) -> int:
         client = api.Client(args.url)
     except (UsageError, ValueError) as exc:
         return _fail(f"error: {exc}", EXIT_USAGE)
-    _log_to_stderr()
+    _log_to_stderr(args.log_level)
     return Run(client, args, command).run()
 
 
@@ -179,11 +184,11 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-def _log_to_stderr() -> None:
+def _log_to_stderr(level: str = "WARNING") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
     log.addHandler(handler)
-    log.setLevel(logging.WARNING)
+    log.setLevel(level)
     log.propagate = False
 
 

@@ -300,3 +300,16 @@ def test_a_ctrl_c_at_the_terminal_reaches_the_command_once(stub):
         os.close(master)
     assert b"sigints 1" in out, out
     assert stub.count("POST", "/gpu/release") == 1
+
+
+def test_global_options_before_or_after_run_are_accepted(stub):
+    stub.routes[("POST", "/gpu/allocate")] = lambda s, b, q: (200, granted(), {})
+    stub.routes[("GET", "/gpu/allocations/s-1")] = hold_then(1e9, "allocated")
+    stub.routes[("POST", "/gpu/release")] = lambda s, b, q: (200, {"status": "released"}, {})
+    env = dict(os.environ, GPU_ORCH_URL=stub.url)
+    for argv in (["--log-level", "DEBUG", "run", "--", "true"],
+                 ["run", "--config", "/nonexistent.yaml", "--log-level", "INFO", "--", "true"]):
+        proc = subprocess.run([sys.executable, "-m", "app.cli", *argv], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+    assert stub.count("POST", "/gpu/release") == 2
