@@ -22,9 +22,9 @@ Race notes (one held call, one release on another replica):
   listener.
 
 Threads (``server.threads`` per API worker, app/http_worker.py): a held call sits on one of
-its worker's threads, so it may only use a thread nobody else needs. :class:`Holds` counts the requests each process is
-running (a WSGI wrapper) and lets a call be held only while another thread of its worker is
-idle; when a request takes the worker's last idle thread, the oldest held call answers at once
+its worker's threads, so it may only use a thread nobody else needs. :class:`Holds` counts the
+requests each process is running (a WSGI wrapper) and lets a call be held only while another
+thread of its worker is idle; when a request takes the worker's last idle thread, the oldest held call answers at once
 with the current record (as if its time were up), so a thread is free again for the next
 client. Clients ask again: :mod:`app.client` pauses briefly when a wait comes back early with
 nothing changed, so this never turns into a busy loop.
