@@ -75,7 +75,7 @@ def _port_open(host: str, port: int) -> bool:
 
 
 class EmbeddedRedis:
-    """One redis-server (or valkey-server) process bound to ``host:port`` with its files in ``data_dir``."""
+    """One redis-server (or valkey-server) process on ``host:port``, its files in ``data_dir``."""
 
     def __init__(self, data_dir: str, host: str = "127.0.0.1", port: int = 6390,
                  binary: str | None = None, preexec_fn=None):

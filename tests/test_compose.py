@@ -129,8 +129,9 @@ def test_mounted_files_exist(compose):
 def test_app_services_mount_the_shipped_config_as_config_path(compose):
     """A fresh clone has the file (it is committed), and a missing one fails instead of
     mounting an empty folder."""
-    tracked = subprocess.run(["git", "ls-files", "--error-unmatch", "deploy/gpu-orchestrator.yaml"],
-                             cwd=ROOT, capture_output=True, text=True)
+    tracked = subprocess.run(
+        ["git", "ls-files", "--error-unmatch", "deploy/gpu-orchestrator.yaml"],
+        cwd=ROOT, capture_output=True, text=True)
     assert tracked.returncode == 0, "deploy/gpu-orchestrator.yaml is not committed"
     settings_mod.check_file(str(ROOT / "deploy" / "gpu-orchestrator.yaml"))
     for name, svc in _app_services(compose).items():
@@ -182,7 +183,7 @@ def test_compose_v2_is_what_the_readme_asks_for():
     assert "Compose v2" in readme and "docker-compose` 1." in readme
 
 
-# ------------------------------------------------------------------ the image, as the test reads it
+# ---------------------------------------------------------------------------------- the image
 
 def _dockerfile_final_stage() -> list[tuple[str, str]]:
     text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())

