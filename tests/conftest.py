@@ -5,12 +5,37 @@ import socket
 import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import redis as redis_lib
 
 from app import settings as settings_mod
 from app.embedded_redis import find_binary
+
+
+ROOT = Path(__file__).resolve().parent.parent
+#: Folders a test run must not leave in the checkout: schemathesis keeps its cache and crash
+#: files in .schemathesis/ under the working directory (issue 12 saw one after `dev.py test`).
+STRAY_FOLDERS = (".schemathesis",)
+_stray_before = pytest.StashKey[set]()
+
+
+def pytest_sessionstart(session):
+    session.stash[_stray_before] = {name for name in STRAY_FOLDERS if (ROOT / name).exists()}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run when it left a stray folder behind, naming it (it was not there before)."""
+    before = session.stash.get(_stray_before, set())
+    left = [name for name in STRAY_FOLDERS if (ROOT / name).exists() and name not in before]
+    if left:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.ensure_newline()
+            reporter.write_line(f"ERROR: the test run left {', '.join(left)} in {ROOT}",
+                                red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def free_port() -> int:
