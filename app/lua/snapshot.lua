@@ -59,7 +59,10 @@ local function take(key, tag, start, room, into)
   local ids = redis.call('ZRANGE', key, start, stop, 'WITHSCORES')
   for i = 1, #ids, 2 do into[#into + 1] = compact(ids[i]) end
   if #ids == 0 then return '' end
-  return tag .. '|' .. ids[#ids] .. '|' .. ids[#ids - 1]
+  -- the score as it round-trips, without the '+' that Redis 7+ and Valkey put in an exponent
+  -- (1.666616666666667e+5): a client pasting `next` into a URL would send it as a space
+  local score = string.format('%.17g', tonumber(ids[#ids])):gsub('e%+', 'e')
+  return tag .. '|' .. score .. '|' .. ids[#ids - 1]
 end
 
 out.allocations_total = redis.call('ZCARD', K_LEASES)
