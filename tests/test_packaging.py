@@ -143,18 +143,32 @@ def _imported_top_level(folder: Path) -> set[str]:
     return names
 
 
-def test_every_import_of_the_service_is_a_declared_dependency():
-    declared = {canonicalize_name(r.name) for r in _install_requires()}
-    modules = (_imported_top_level(ROOT / "app") | _imported_top_level(ROOT / "workers")) \
-        - set(sys.stdlib_module_names) - {"app", "workers"}
+def _undeclared(folders: list[str], declared: set[str]) -> dict[str, list[str]]:
+    """Third-party modules imported under ``folders`` that no declared distribution provides."""
+    modules = set().union(*(_imported_top_level(ROOT / f) for f in folders))
+    local = {m for m in modules if (ROOT / m).is_dir()
+             or any((ROOT / f / f"{m}.py").exists() for f in folders)}
     owners = metadata.packages_distributions()
     undeclared = {}
-    for module in sorted(modules):
+    for module in sorted(modules - set(sys.stdlib_module_names) - local):
         dists = {canonicalize_name(d) for d in owners.get(module, [])}
         assert dists, f"no installed distribution provides {module!r}"
         if not dists & declared:
             undeclared[module] = sorted(dists)
+    return undeclared
+
+
+def test_every_import_of_the_service_is_a_declared_dependency():
+    declared = {canonicalize_name(r.name) for r in _install_requires()}
+    undeclared = _undeclared(["app", "workers"], declared)
     assert not undeclared, f"imported but not in install_requires: {undeclared}"
+
+
+def test_every_import_of_the_tests_and_benchmarks_is_declared():
+    requirements = _install_requires() + _extras()["test"] + _extras()["embedded"]
+    declared = {canonicalize_name(r.name) for r in requirements}
+    undeclared = _undeclared(["tests", "bench"], declared)
+    assert not undeclared, f"imported but not in install_requires or the test extra: {undeclared}"
 
 
 def _locked_closure() -> dict[str, str]:
