@@ -415,7 +415,7 @@ SPEC: dict[str, dict[str, Any]] = {
     },
     "redis": {
         "url": Url("", ("redis", "rediss", "unix"),
-                   doc="empty: start the embedded redis-server (env REDIS_URL)"),
+                   doc="empty: start the embedded server, Valkey or Redis (env REDIS_URL)"),
         "prefix": Str("{gpuo}", pattern=r"[A-Za-z0-9_:{}.-]+",
                       expected="a key prefix of [A-Za-z0-9_:{}.-]",
                       doc="every key starts with this; keep one {hash tag} for Redis Cluster"),
