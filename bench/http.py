@@ -248,7 +248,8 @@ def main() -> int:
         result = json.loads(client.stdout)
         result.update({
             "gpus": args.nodes * 8,
-            "server": "gunicorn gthread, server.workers=2, server.threads=4 (defaults)",
+            "server": "gunicorn, app.http_worker.BufferingWorker, server.workers=2, "
+                      "server.threads=4 (defaults)",
             "api_log_level": args.log_level,
             "machine": f"{platform.machine()} {os.cpu_count()} CPUs, "
                        f"Python {platform.python_version()}, {platform.system()}",
