@@ -19,7 +19,8 @@ Per connection, in this order:
   ``server.max_body_bytes`` a 413, whether it is sent with a Content-Length or chunked, and
   before the body is read;
 - a response the client does not read is dropped with the connection once ``idle_timeout`` has
-  passed.
+  passed; a client that pipelines requests without reading the answers is read no further
+  once 64 KiB of answers wait (asyncio's write flow control), so it cannot grow our buffers.
 
 HTTP/1.1 framing (Content-Length, chunked, keep-alive, pipelining, ``Expect: 100-continue``) is
 h11's, a well-kept state machine that refuses malformed framing (conflicting lengths, unknown
@@ -340,6 +341,8 @@ class _Connection(asyncio.Protocol):
         self.started = False   # a byte of the current request has arrived (or it is the first)
         self.busy = False      # the app is running this connection's request
         self.closing = False   # an answer with Connection: close was written
+        self.eof = False       # the client half-closed its side
+        self.write_paused = False  # asyncio's flow control: too much unsent
 
     # ---- asyncio.Protocol
 
@@ -360,13 +363,18 @@ class _Connection(asyncio.Protocol):
             self.started = True
             self._arm(self.limits.header_timeout, self._timed_out)
         self.h11.receive_data(data)
-        self._advance()
+        if not self.write_paused:
+            self._advance()
 
     def eof_received(self):
-        if not self.closing and not self.busy:
+        """The client has finished sending: answer what it sent, then close."""
+        self.eof = True
+        if self.closing:
+            return False  # lingering after an error: nothing more to read, close now
+        if not self.busy:
             self.h11.receive_data(b"")
             self._advance()
-        return True  # we close the connection ourselves, after any answer
+        return True  # keep the write side for the answer; _next_request closes after it
 
     # ---- reading a request
 
@@ -510,10 +518,16 @@ class _Connection(asyncio.Protocol):
     def _next_request(self) -> None:
         if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
             self.h11.start_next_cycle()
-        if self.h11.our_state is not h11.IDLE or not self.worker.alive:
+        if self.h11.our_state is not h11.IDLE or not self.worker.alive or self.eof:
             self._close()
             return
         self.request = None
+        if self.write_paused:  # answers pile up unread: read no more until they drain
+            self._arm(self.limits.idle_timeout, self.abort)
+            return
+        self._read_next()
+
+    def _read_next(self) -> None:
         self.transport.resume_reading()
         if self.h11.trailing_data[0]:  # a pipelined request is already (partly) here
             self.started = True
@@ -522,6 +536,17 @@ class _Connection(asyncio.Protocol):
         else:
             self.started = False
             self._arm(self.limits.idle_timeout, self._timed_out)
+
+    def pause_writing(self) -> None:
+        """asyncio: our unsent answers passed the high-water mark (a client that pipelines
+        requests without reading the answers); no further request is read until they drain."""
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if (self.transport is not None and not self.busy and not self.closing
+                and self.request is None):
+            self._read_next()
 
     def stop(self) -> None:
         """The worker is stopping: close now unless a request is running or arriving."""

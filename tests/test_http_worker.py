@@ -2,6 +2,7 @@
 slow and idle clients, deadlines, body limits and HTTP/1.1 framing."""
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import os
@@ -12,12 +13,14 @@ import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from gunicorn.workers import base as gunicorn_base
 
-from app.http_worker import BufferingWorker
+from app.http_worker import BufferingWorker, Limits, _Clock, _Connection
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -233,6 +236,84 @@ def test_pipelined_requests_are_answered_in_order(api):
         sock.sendall(_get("/healthz") + _get("/nope") + _get("/healthz", "Connection: close\r\n"))
         answer = _read_all(sock)
     assert re.findall(rb"HTTP/1.1 (\d{3}) ", answer) == [b"200", b"404", b"200"]
+
+
+def test_a_client_that_half_closes_after_its_request_gets_the_answer_then_eof(api):
+    with _connect(api) as sock:
+        sock.sendall(_get("/healthz"))
+        sock.shutdown(socket.SHUT_WR)
+        answer = _read_all(sock)  # EOF promptly after the answer, not after idle_timeout
+    assert _status(answer) == 200
+
+
+class _Transport(asyncio.Transport):
+    """Records what the connection writes and whether it reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.out = b""
+        self.reading = True
+        self.closed = False
+
+    def write(self, data):
+        self.out += data
+
+    def pause_reading(self):
+        self.reading = False
+
+    def resume_reading(self):
+        self.reading = True
+
+    def get_write_buffer_size(self):
+        return 0
+
+    def can_write_eof(self):
+        return True
+
+    def write_eof(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+    def abort(self):
+        self.closed = True
+
+
+def test_a_client_not_reading_its_answers_is_read_no_further_until_they_drain():
+    """Pipelined requests from a client that reads nothing: once asyncio says the unsent
+    answers passed its high-water mark, the next request waits, so what a client sends
+    cannot grow the server's buffers."""
+    loop = asyncio.new_event_loop()
+    worker = SimpleNamespace(
+        limits=Limits(), loop=loop, pool=ThreadPoolExecutor(1), clock=_Clock(), alive=True,
+        cfg=SimpleNamespace(workers=1), log=None, forget=lambda conn: None,
+        call_app=lambda env: ("200 OK", [("Content-Type", "text/plain")], env["PATH_INFO"].encode()))
+    conn = _Connection(worker, ("127.0.0.1", 1), ("127.0.0.1", "80"))
+    transport = _Transport()
+    try:
+        conn.connection_made(transport)
+
+        def answers():
+            loop.run_until_complete(asyncio.sleep(0.2))
+            return transport.out.count(b"HTTP/1.1 200")
+
+        conn.data_received(_get("/one"))
+        assert answers() == 1
+        conn.pause_writing()  # as asyncio does once unsent answers pass its high-water mark
+        conn.data_received(_get("/two"))  # already in flight: kept, not answered
+        assert answers() == 1
+        conn.resume_writing()
+        assert answers() == 2 and transport.out.endswith(b"/two") and transport.reading
+        conn.data_received(_get("/three"))
+        conn.pause_writing()  # backs up while /three runs
+        assert answers() == 3 and not transport.reading  # answered, but nothing more is read
+        conn.resume_writing()
+        assert transport.reading
+    finally:
+        conn.connection_lost(None)
+        worker.pool.shutdown()
+        loop.close()
 
 
 def test_expect_100_continue_gets_a_100_then_the_answer(api):
