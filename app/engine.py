@@ -37,11 +37,11 @@ from app.keys import Keys
 
 LUA_DIR = Path(__file__).with_name("lua")
 SCRIPTS = ("allocate", "release", "release_service", "renew", "cancel", "schedule", "reap",
-           "report_node", "set_schedulable", "snapshot", "counts")
+           "report_node", "cordon", "forget", "priority", "snapshot", "counts")
 _INCLUDE = re.compile(r"^-- @include (\w+)\s*$", re.M)
 _CONSTANTS = "-- @constants"
-_CONSTANT_NAME = re.compile(r"\b(?:K_[A-Z]+|POLICY|AGING|RES_AFTER|HB_TIMEOUT|EV_MAX|HIST_TTL_S|"
-                            r"HIST_TTL|MAX_QUEUE|MAX_LEASE|MAX_OWNER|MAX_SVC_LABELS)\b")
+_CONSTANT_NAME = re.compile(r"(?:K_[A-Z]+|POLICY|AGING|RES_AFTER|HB_TIMEOUT|FORGET_AFTER|EV_MAX|"
+                            r"HIST_TTL_S|HIST_TTL|MAX_QUEUE|MAX_LEASE|MAX_OWNER|MAX_SVC_LABELS)")
 _SERVICE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 #: The longest lease there is (10 years), whatever ``scheduler.max_ttl`` says (0 = no limit
@@ -53,12 +53,14 @@ WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
                 1800, 3600)
 #: ``webhook|<result>`` counters in keys.stats(), incremented by the webhook workers.
 WEBHOOK_RESULTS = ("delivered", "failed", "retried")
-STATUSES = ("queued", "allocated", "released", "expired", "cancelled", "timed_out")
+STATUSES = ("queued", "allocated", "released", "expired", "cancelled", "timed_out", "lost")
 #: ``depends_on_mode``: any ending of a dependency frees its dependents (``any``), or only a
 #: normal release does and any other ending cancels them (``ok``, like Slurm's afterok).
 DEPENDS_ON_MODES = ("any", "ok")
 #: ``reason`` of a request the engine cancelled because a dependency did not end normally.
 DEPENDENCY_FAILED = "dependency_failed"
+#: Events a request may opt in to with ``webhook_events`` (``allocated``, ``lost`` and
+#: ``gpu_unhealthy`` are always sent to a request's webhook_url).
 WEBHOOK_EVENTS = ("expired", "cancelled", "timed_out")
 HEALTH = ("ok", "degraded", "failed")
 _GPU_EXTRAS = ("ecc_uncorrectable", "ecc_corrected", "xid", "throttle_reasons", "mig_mode",
@@ -380,6 +382,7 @@ class Engine:
         literals.update(POLICY=_lua_str(s.policy), AGING=_lua_num(s.aging_rate / 60.0),
                         RES_AFTER=_lua_num(s.reservation_after),
                         HB_TIMEOUT=_lua_num(s.node_heartbeat_timeout),
+                        FORGET_AFTER=_lua_num(s.node_forget_after),
                         EV_MAX=_lua_str(str(s.events_maxlen)), HIST_TTL=_lua_num(s.history_ttl),
                         HIST_TTL_S=_lua_str(str(math.floor(s.history_ttl))),
                         MAX_QUEUE=_lua_num(s.max_queue_size),
@@ -459,11 +462,67 @@ class Engine:
                 out[key] = json.dumps(val) if isinstance(val, (list, dict)) else str(val)
         return out
 
-    def set_gpu_schedulable(self, node: str, index: int, schedulable: bool) -> dict:
+    def set_gpu_schedulable(self, node: str, index: int, schedulable: bool, *,
+                            principal: str | None = None) -> dict:
         """Admin cordon (False) or clear it (True); allocations on the GPU stay."""
-        res = self._run("set_schedulable", node, int(index), "1" if schedulable else "0",
-                        ctx={"what": "GPU", "id": f"{node}/{index}"})
+        res = self._run("cordon", node, int(index), "0" if schedulable else "1", "0",
+                        principal or "", ctx={"what": "GPU", "id": f"{node}/{index}"})
         return _gpu_view(res[1], {node} if self._node_alive(node) else set())
+
+    def cordon_node(self, node: str, cordon: bool = True, *, drain: bool = False,
+                    principal: str | None = None) -> dict:
+        """Cordon every GPU of a node (and those it reports later), or clear that; ``drain``
+        also marks it draining. Allocations on it stay until they end."""
+        res = self._run("cordon", node, "", "1" if cordon else "0", "1" if drain else "0",
+                        principal or "", ctx={"what": "node", "id": node})
+        return _node_view(_pairs(res[1]), self.now(), self.settings.scheduler)
+
+    def forget_node(self, node: str, *, principal: str | None = None) -> dict:
+        """Forget a node that is not alive: its live allocations end as ``lost``."""
+        res = self._run("forget", node, principal or "",
+                        ctx={"what": "node", "id": node,
+                             "expected": "silent (cordon or drain a node that reports)"})
+        return {"node": node, "lost": list(res[1]), "granted": int(res[2])}
+
+    def set_priority(self, request_id: str, priority: int, *,
+                     principal: str | None = None) -> dict:
+        """Change a queued request's priority (1..10); it moves in the queue at once."""
+        prio = _int_in(priority, 1, 10, "priority")
+        res = self._run("priority", request_id, prio, principal or "",
+                        ctx={"what": "request", "id": request_id, "expected": "queued"})
+        rec = parse_record(res[1])
+        if rec.get("status") == "queued":
+            rank = self.redis.zrank(self.keys.queue(), request_id)
+            rec["position"] = None if rank is None else rank + 1
+        return rec
+
+    def node_allocations(self, node: str) -> list[str]:
+        """Ids of the live allocations on a node (a scan of the leases; for drains)."""
+        ids = self.redis.zrange(self.keys.leases(), 0, -1)
+        if not ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for rid in ids:
+            pipe.hget(self.keys.request(rid), "node")
+        return [rid for rid, where in zip(ids, pipe.execute()) if where == node]
+
+    def gpu_health(self, rec: dict) -> list[dict] | None:
+        """Health of each GPU under an allocation: ok, degraded, failed, or lost (the node
+        stopped reporting it, or the node itself is silent or forgotten)."""
+        node, ids = rec.get("node"), rec.get("gpu_ids") or []
+        if not node or not ids:
+            return None
+        pipe = self.redis.pipeline(transaction=False)
+        for idx in ids:
+            pipe.hmget(self.keys.gpu(node, idx), "health", "lost")
+        rows = pipe.execute()
+        alive = self._node_alive(node)
+        out = []
+        for idx, (health, lost) in zip(ids, rows):
+            if health is None or lost == "1" or not alive:
+                health = "lost"
+            out.append({"index": int(idx), "health": health})
+        return out
 
     def _node_alive(self, node: str) -> bool:
         hb = self.redis.zscore(self.keys.nodes(), node)
@@ -660,9 +719,10 @@ class Engine:
         return [parse_record(r) for r in self._run("schedule", "1" if force else "0")]
 
     def reap(self, limit: int = 1000) -> dict:
-        expired, timed_out, granted = self._run("reap", int(limit))
+        expired, timed_out, granted, forgotten, lost = self._run("reap", int(limit))
         return {"expired": list(expired), "timed_out": list(timed_out),
-                "granted": [parse_record(r) for r in granted]}
+                "granted": [parse_record(r) for r in granted], "forgotten": list(forgotten),
+                "lost": list(lost)}
 
     # ------------------------------------------------------------------ views
     def snapshot(self, *, requests: bool = True, queue: bool = True, limit: int | None = None,
@@ -693,18 +753,14 @@ class Engine:
                 if h:
                     excl, n, mb = holders.get(f"{h.get('node')}|{h.get('index')}", ("", 0, 0))
                     h["excl"], h["shared_n"], h["shared_mb"] = excl, str(n), _num(mb)
-        timeout = self.settings.scheduler.node_heartbeat_timeout
         nodes = []
         alive = {}
         for h in node_hashes:
             if not h:
                 continue  # removed between the two reads
-            hb = _float_or(h.get("heartbeat"), 0.0)
-            alive[h.get("name")] = hb >= now - timeout
-            nodes.append({"name": h.get("name"), "heartbeat": hb, "alive": alive[h.get("name")],
-                          "gpu_count": int(_float_or(h.get("gpu_count"), 0)),
-                          "backend": h.get("backend", ""),
-                          "host": h.get("host", "")})
+            view = _node_view(h, now, self.settings.scheduler)
+            alive[view["name"]] = view["alive"]
+            nodes.append(view)
         alive_nodes = {name for name, up in alive.items() if up}
         gpus = [_gpu_view(h, alive_nodes) for h in gpu_hashes if h]
         queue_recs = []
@@ -740,10 +796,15 @@ class Engine:
         hashes = pipe.execute() if members or node_names else []
         return hashes[:len(members)], hashes[len(members):], now
 
-    def counts(self) -> dict:
-        a, busy, q, total, avail = self._run("counts")
-        return {"allocations_active": int(a), "gpus_allocated": int(busy), "queue_depth": int(q),
-                "gpus_total": int(total), "gpus_available": int(avail)}
+    def counts(self, *, nodes: bool = False) -> dict:
+        """Gauges from the indexes; GPUs of silent nodes are in neither GPU count.
+        ``nodes=True`` adds nodes_total and nodes_alive."""
+        a, busy, q, total, avail, n_total, n_alive = self._run("counts")
+        out = {"allocations_active": int(a), "gpus_allocated": int(busy),
+               "queue_depth": int(q), "gpus_total": int(total), "gpus_available": int(avail)}
+        if nodes:
+            out.update(nodes_total=int(n_total), nodes_alive=int(n_alive))
+        return out
 
     def stats(self) -> dict:
         """Cluster-wide counters: allocations[service][status], scheduler counters, wait histogram
@@ -782,19 +843,36 @@ class Engine:
 
     def events(self, after: str = "-", count: int = 100) -> list[dict]:
         start = "-" if after in ("-", "", None) else "(" + after
-        out = []
-        for entry_id, fields in self.redis.xrange(self.keys.events(), start, "+", count=count):
-            ev: dict[str, Any] = {"id": entry_id, **fields}
-            if "ts" in ev:
-                ev["ts"] = float(ev["ts"])
-            for key in ("gpu_ids", "gpu_uuids"):
-                if key in ev:
-                    ev[key] = json.loads(ev[key])
-            out.append(ev)
-        return out
+        return [_event(entry_id, fields) for entry_id, fields in
+                self.redis.xrange(self.keys.events(), start, "+", count=count)]
+
+    def latest_events(self, count: int = 50) -> list[dict]:
+        """The newest ``count`` events, newest first."""
+        return [_event(entry_id, fields) for entry_id, fields in
+                self.redis.xrevrange(self.keys.events(), "+", "-", count=count)]
 
 
 # --------------------------------------------------------------------------- helpers
+
+def _event(entry_id: str, fields: dict) -> dict[str, Any]:
+    ev: dict[str, Any] = {"id": entry_id, **fields}
+    if "ts" in ev:
+        ev["ts"] = float(ev["ts"])
+    for key in ("gpu_ids", "gpu_uuids", "gpus"):
+        if key in ev:
+            ev[key] = json.loads(ev[key])
+    return ev
+
+
+def _node_view(h: dict, now: float, sched) -> dict[str, Any]:
+    """A stored node hash -> what callers see: alive, heartbeat age, admin marks."""
+    hb = _float_or(h.get("heartbeat"), 0.0)
+    return {"name": h.get("name"), "heartbeat": hb,
+            "alive": hb >= now - sched.node_heartbeat_timeout,
+            "heartbeat_age_seconds": round(max(now - hb, 0.0), 3),
+            "gpu_count": int(_float_or(h.get("gpu_count"), 0)), "backend": h.get("backend", ""),
+            "host": h.get("host", ""), "cordoned": h.get("cordoned") == "1",
+            "draining": h.get("draining") == "1"}
 
 _rng = random.Random()
 _rng_seeded = False

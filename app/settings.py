@@ -460,6 +460,9 @@ SPEC: dict[str, dict[str, Any]] = {
         "events_maxlen": Int(100000, 100, doc="the event stream keeps about this many entries"),
         "node_heartbeat_timeout": Duration(
             "30s", 1, doc="a node silent this long has its GPUs taken out of scheduling"),
+        "node_forget_after": Duration(
+            "1h", 0, doc="a node silent this long is forgotten: its allocations end as lost "
+                         "(webhook lost); 0 = never"),
     },
     "workload_defaults": {
         "training": {
@@ -512,6 +515,10 @@ SPEC: dict[str, dict[str, Any]] = {
         "admins": StrList([], doc="principals that may act on anything"),
         "public_paths": StrList(["/healthz", "/readyz", "/metrics"],
                                 doc="paths open without a key; a trailing * matches a prefix"),
+        "session_ttl": Duration("12h", 60, doc="a browser sign-in (GET /login) lasts this long"),
+        "session_secret": Str("", secret=True,
+                              doc="signs browser session cookies; empty: a random secret kept "
+                                  "in Redis, shared by every replica"),
     },
     "webhooks": {
         "timeout": Duration("5s", 0.1, 120, doc="time limit of one delivery attempt"),
@@ -640,6 +647,11 @@ def _check_consistency(values: dict, source: str):
     if values["auth"]["enabled"] and not values["auth"]["api_keys"]:
         raise ConfigError(source, "auth.api_keys", "at least one key when auth.enabled is true",
                           show_got=False)
+    sched = values["scheduler"]
+    if 0 < sched["node_forget_after"] <= sched["node_heartbeat_timeout"]:
+        raise ConfigError(source, "scheduler.node_forget_after",
+                          "0 (never) or a duration longer than node_heartbeat_timeout",
+                          format_duration(sched["node_forget_after"]))
     for key in values["auth"]["api_keys"]:
         if key.startswith("sha256:") and not re.fullmatch(r"sha256:[0-9a-fA-F]{64}", key):
             raise ConfigError(source, "auth.api_keys", "sha256: followed by 64 hex digits",

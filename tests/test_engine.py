@@ -429,6 +429,7 @@ def test_never_infinite_unless_configured(make_engine, clock):
     a = engine.allocate(req(ttl_seconds=0))
     assert a["expires_at"] is None
     clock.advance(10**8)
+    engine.report_node("a", gpu_list(1))  # the monitor keeps reporting: the node stays
     assert engine.reap()["expired"] == []
     assert status(engine, a["id"]) == "allocated"
 
@@ -453,7 +454,9 @@ def test_reap_expires_leases_and_times_out_the_queue(make_engine, clock, redis):
     assert [(o["event"], o["request_id"]) for o in outbox] == [("timed_out", q1["id"]),
                                                                 ("expired", a["id"])]
     clock.advance(300)
-    assert engine.reap() == {"expired": [], "timed_out": [], "granted": []}
+    engine.report_node("a", gpu_list(1))
+    assert engine.reap() == {"expired": [], "timed_out": [], "granted": [], "forgotten": [],
+                             "lost": []}
 
 
 # --------------------------------------------------------------------------- queue order

@@ -100,7 +100,7 @@ def check_invariants(engine: Engine, redis, now: float) -> dict:
         assert int(g.get("shared_mb") or 0) == reserved
 
     # one state per request; the indexes agree with the records
-    statuses = {"queued", "allocated", "released", "expired", "cancelled", "timed_out"}
+    statuses = {"queued", "allocated", "released", "expired", "cancelled", "timed_out", "lost"}
     assert all(r["status"] in statuses for r in s["reqs"].values())
     queue_ids = redis.zrange(k.queue(), 0, -1)
     assert set(queue_ids) == set(queued) and len(queue_ids) == len(queued)
@@ -125,7 +125,8 @@ def check_invariants(engine: Engine, redis, now: float) -> dict:
     busy = sum(1 for key in s["gpus"] if excl.get(key) or shared.get(key))
     available = sum(1 for key, g in s["gpus"].items() if free(key, g) and key[0] in alive)
     assert engine.counts() == {"allocations_active": len(live), "gpus_allocated": busy,
-                               "queue_depth": len(queued), "gpus_total": len(s["gpus"]),
+                               "queue_depth": len(queued),
+                               "gpus_total": sum(1 for key in s["gpus"] if key[0] in alive),
                                "gpus_available": available}
     free_by_node = {n: 0 for n in s["nodes"]}
     for key, g in s["gpus"].items():
@@ -371,6 +372,48 @@ class EngineMachine(RuleBasedStateMachine):
             self.engine.set_gpu_schedulable(node, idx, on)
         except errors.NotFound:
             assert idx >= FLEET[node][0]
+        self._check_no_overtake(before)
+
+    @rule(node=st.sampled_from(sorted(FLEET)), on=st.booleans(), drain=st.booleans())
+    def cordon_node(self, node, on, drain):
+        before = self._before()
+        try:
+            view = self.engine.cordon_node(node, on, drain=drain, principal="ops")
+        except errors.NotFound:  # forgotten and not back yet
+            assert node in self.silent
+            return
+        assert view["cordoned"] is on
+        assert view["draining"] if on and drain else not on and not view["draining"] or on
+        self._check_no_overtake(before)
+
+    @rule(node=st.sampled_from(sorted(FLEET)))
+    def forget(self, node):
+        before = self._before()
+        try:
+            out = self.engine.forget_node(node, principal="ops")
+        except errors.Conflict:
+            assert node not in self.silent
+            return
+        except errors.NotFound:
+            return
+        for rid in out["lost"]:
+            assert before[rid]["status"] == "allocated" and before[rid]["node"] == node
+            assert self.engine.get(rid)["status"] == "lost"
+        self._check_no_overtake(before)
+
+    @precondition(lambda self: self.ids)
+    @rule(data=st.data(), priority=st.integers(1, 10))
+    def reprioritize(self, data, priority):
+        rid = data.draw(st.sampled_from(self.ids))
+        before = self._before()
+        try:
+            rec = self.engine.set_priority(rid, priority, principal="ops")
+            assert before[rid]["status"] == "queued"
+            assert rec["priority"] == priority or rec["status"] != "queued"
+        except errors.Conflict:
+            assert before[rid]["status"] != "queued"
+        except errors.NotFound:
+            return
         self._check_no_overtake(before)
 
     @rule(node=st.sampled_from(sorted(FLEET)))

@@ -2,14 +2,20 @@
   counts: the gauges the metrics report, from the indexes (no scan of GPUs or requests).
 
   KEYS[1], ARGV[1]: the common block (includes/prelude.lua).
-  Returns: {allocations_active, gpus_allocated, queue_depth, gpus_total, gpus_available}
+  Returns: {allocations_active, gpus_allocated, queue_depth, gpus_total, gpus_available,
+  nodes_total, nodes_alive}
+  gpus_total: GPUs of nodes whose heartbeat is current (a silent node's GPUs are not counted
+  until it reports again or is forgotten).
   gpus_available: free, healthy, schedulable GPUs on nodes whose heartbeat is current.
 ]]
 -- @include prelude
 local available = tonumber(redis.call('HGET', K_META, 'gpus_free') or '0')
+local total = redis.call('ZCARD', K_GPUS)
 local lapsed = redis.call('ZRANGEBYSCORE', K_NODES, '-inf', '(' .. ftime(NOW - HB_TIMEOUT))
 for _, node in ipairs(lapsed) do
   available = available - (tonumber(redis.call('ZSCORE', K_FREE, node) or '0') or 0)
+  total = total - (tonumber(redis.call('ZSCORE', K_SIZES, node) or '0') or 0)
 end
+local nodes = redis.call('ZCARD', K_NODES)
 return {redis.call('ZCARD', K_LEASES), tonumber(redis.call('HGET', K_META, 'gpus_busy') or '0'),
-  redis.call('ZCARD', K_QUEUE), redis.call('ZCARD', K_GPUS), available}
+  redis.call('ZCARD', K_QUEUE), total, available, nodes, nodes - #lapsed}

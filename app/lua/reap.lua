@@ -1,15 +1,27 @@
 --[[
   reap: expire allocations past expires_at and time out queued requests past their deadline,
-  then run a schedule pass for the capacity that freed.
+  forget nodes silent for longer than scheduler.node_forget_after, then run a schedule pass for
+  the capacity that freed.
 
   KEYS[1], ARGV[1]: the common block (includes/prelude.lua).
   ARGV[A+1] most of each kind to end in one call
-  Returns: {expired ids, timed-out ids, granted records}
+  Returns: {expired ids, timed-out ids, granted records, forgotten nodes, lost allocation ids}
+  Guarantees: a forgotten node's allocations end as lost (includes/nodes.lua, forget_node).
 ]]
 -- @include prelude
+-- @include nodes
 local limit = tonumber(ARGV[A + 1])
 local expired = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', NOW_S, 'LIMIT', 0, limit)
 for _, id in ipairs(expired) do finish_alloc(id, 'expired') end
 local timed_out = redis.call('ZRANGEBYSCORE', K_QDEAD, '-inf', NOW_S, 'LIMIT', 0, limit)
 for _, id in ipairs(timed_out) do finish_queued(id, 'timed_out') end
-return {expired, timed_out, records(schedule(nil))}
+local forgotten, lost = {}, {}
+if FORGET_AFTER > 0 then
+  local silent = redis.call('ZRANGEBYSCORE', K_NODES, '-inf', '(' .. ftime(NOW - FORGET_AFTER),
+    'LIMIT', 0, 10)
+  for _, node in ipairs(silent) do
+    forgotten[#forgotten + 1] = node
+    for _, id in ipairs(forget_node(node, 'system', 'silent')) do lost[#lost + 1] = id end
+  end
+end
+return {expired, timed_out, records(schedule(nil)), forgotten, lost}

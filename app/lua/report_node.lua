@@ -8,12 +8,15 @@
   Returns: the records granted by the pass that follows (capacity may have appeared).
   Guarantees: a GPU known for the node but missing from the report turns failed and lost (not
   schedulable) while its allocations stay; it comes back when reported again. Events
-  gpu_unhealthy / gpu_recovered mark health leaving or reaching "ok". Any report that could
-  let a waiting request fit (a GPU back, less utilization, changed free memory on a GPU
+  gpu_unhealthy / gpu_recovered mark health leaving or reaching "ok"; when a held GPU leaves
+  "ok" or turns lost, each holder gets one allocation_unhealthy event and a gpu_unhealthy
+  webhook naming those GPUs (includes/nodes.lua). GPUs first reported by a cordoned node arrive
+  cordoned. Any report that could let a waiting request fit (a GPU back, less utilization, changed free memory on a GPU
   without an exclusive holder, a node whose heartbeat had lapsed) bumps the capacity version,
   so the pass that follows rescans the queue.
 ]]
 -- @include prelude
+-- @include nodes
 local node, backend, host = ARGV[A + 1], ARGV[A + 2], ARGV[A + 3]
 local gpus = cjson.decode(ARGV[A + 4])
 local nk = k_node(node)
@@ -34,12 +37,34 @@ local function was_ok(h)
   return h[1] == 'ok' and h[2] ~= '1'
 end
 
+-- allocations holding a GPU that just turned unhealthy: id -> {{index, health}...}
+local affected, affected_ids = {}, {}
+local function held_turned_bad(idx, excl, shared_n, health)
+  local holders = {}
+  if excl and excl ~= '' then holders[1] = excl end
+  if (tonumber(shared_n or '0') or 0) > 0 then
+    for _, id in ipairs(allocs_on(node, idx)) do
+      if id ~= excl then holders[#holders + 1] = id end
+    end
+  end
+  for _, id in ipairs(holders) do
+    if not affected[id] then
+      affected[id] = {}
+      affected_ids[#affected_ids + 1] = id
+    end
+    local list = affected[id]
+    list[#list + 1] = {index = tonumber(idx), health = health}
+  end
+end
+local node_cordoned = redis.call('HGET', nk, 'cordoned') == '1' and '1' or '0'
+
 local seen = {}
 for _, g in ipairs(gpus) do
   local idx = g.index
   seen[idx] = true
   local gk = k_gpu(node, idx)
-  local prev = redis.call('HMGET', gk, 'health', 'lost', 'utilization', 'memory_free_mb', 'excl')
+  local prev = redis.call('HMGET', gk, 'health', 'lost', 'utilization', 'memory_free_mb', 'excl',
+    'shared_n')
   local args = {'HSET', gk, 'node', node, 'lost', '0', 'updated_at', NOW_S}
   for key, value in pairs(g) do
     args[#args + 1] = key
@@ -49,7 +74,7 @@ for _, g in ipairs(gpus) do
   if not known[idx] then
     known[idx] = true
     list[#list + 1] = idx
-    redis.call('HSET', gk, 'excl', '', 'shared_n', '0', 'shared_mb', '0', 'cordoned', '0',
+    redis.call('HSET', gk, 'excl', '', 'shared_n', '0', 'shared_mb', '0', 'cordoned', node_cordoned,
       'in_free', '0', 'in_busy', '0')
   end
   redis.call('ZADD', K_GPUS, tonumber(g.memory_total_mb) or 0, node .. '|' .. idx)
@@ -63,6 +88,7 @@ for _, g in ipairs(gpus) do
     local now_ok = g.health == 'ok'
     if was_ok(prev) and not now_ok then
       event('gpu_unhealthy', '', '', {'node', node, 'gpu_index', idx, 'health', g.health})
+      held_turned_bad(idx, prev[5], prev[6], g.health)
     elseif not was_ok(prev) and now_ok then
       event('gpu_recovered', '', '', {'node', node, 'gpu_index', idx, 'health', g.health})
     end
@@ -73,17 +99,20 @@ end
 for _, idx in ipairs(list) do
   if not seen[idx] then
     local gk = k_gpu(node, idx)
-    local prev = redis.call('HMGET', gk, 'health', 'lost')
+    local prev = redis.call('HMGET', gk, 'health', 'lost', 'excl', 'shared_n')
     if prev[2] ~= '1' then
       redis.call('HSET', gk, 'health', 'failed', 'lost', '1', 'updated_at', NOW_S)
       if was_ok(prev) then
         event('gpu_unhealthy', '', '', {'node', node, 'gpu_index', idx, 'health', 'failed',
           'reason', 'lost'})
       end
+      held_turned_bad(idx, prev[3], prev[4], 'lost')
       gpu_sync(node, idx)
     end
   end
 end
+
+notify_unhealthy(node, affected, affected_ids)
 
 table.sort(list, function(a, b) return tonumber(a) < tonumber(b) end)
 redis.call('HSET', nk, 'name', node, 'heartbeat', NOW_S, 'gpu_count', #list,

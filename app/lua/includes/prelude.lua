@@ -19,9 +19,10 @@
         node, gpu, request, dependents, service, idempotency, node_free_gpus (concatenation,
         no string.format)
     POLICY (best_effort|strict_fifo)  AGING (priority points per second)
-    RES_AFTER (s; < 0 = off)  HB_TIMEOUT (s)  EV_MAX  HIST_TTL (s; HIST_TTL_S: whole seconds,
-    as a string)  MAX_QUEUE  MAX_LEASE (s; the longest lease there is)
-    MAX_OWNER (queued requests per owner)  MAX_SVC_LABELS (services with their own stats label)
+    RES_AFTER (s; < 0 = off)  HB_TIMEOUT (s)  FORGET_AFTER (s; <= 0 = never)  EV_MAX
+    HIST_TTL (s; HIST_TTL_S: whole seconds, as a string)  MAX_QUEUE  MAX_LEASE (s; the longest
+    lease there is)  MAX_OWNER (queued requests per owner)  MAX_SVC_LABELS (services with their
+    own stats label)
 
   Errors are returned, not raised: { negative code, details... } (see ERRORS in app/engine.py).
 
@@ -31,6 +32,8 @@
     cordoned  "1" when an admin made it unschedulable;  lost  "1" when its node stopped reporting it
     in_free   "1" while counted in nodes_free and listed in the node's node_free_gpus hash
     in_busy   "1" while counted as allocated (meta gpus_busy)
+  Node hash fields an admin owns: cordoned "1" (GPUs the node reports later arrive cordoned),
+  draining "1" (cordoned, waiting for its allocations to end).
 ]]
 -- @constants
 local NOW
@@ -164,8 +167,9 @@ end
 
 -- Queue a webhook delivery when the record has a URL and (for non-grant events) opted in.
 -- pinned: fields as they were at the event, which a later change (a renewal) must not alter
--- in the payload (every try of one event sends the same body).
-local function outbox(name, id, event_id, url, events_json, always, pinned)
+-- in the payload (every try of one event sends the same body). extra: more fields for the
+-- entry (gpu_unhealthy names the node and the GPUs), or nil.
+local function outbox(name, id, event_id, url, events_json, always, pinned, extra)
   if url == nil or url == '' then return end
   if not always then
     local ok = false
@@ -174,8 +178,11 @@ local function outbox(name, id, event_id, url, events_json, always, pinned)
     end
     if not ok then return end
   end
-  redis.call('RPUSH', K_OUTBOX, cjson.encode({event_id = event_id, event = name,
-    request_id = id, ts = NOW, pinned = pinned}))
+  local entry = {event_id = event_id, event = name, request_id = id, ts = NOW, pinned = pinned}
+  if extra then
+    for k, v in pairs(extra) do entry[k] = v end
+  end
+  redis.call('RPUSH', K_OUTBOX, cjson.encode(entry))
 end
 
 -- Wake the API calls long-polling this request (app/longpoll.py): one PUBLISH per status
@@ -604,8 +611,9 @@ local function fail_dependents(id)
   end
 end
 
--- End a live allocation (released | expired): give its GPUs back. rec: the record as a table
--- when the caller already read it (release); it is updated to match what is written.
+-- End a live allocation (released | expired | lost): give its GPUs back. rec: the record as a
+-- table when the caller already read it (release); it is updated to match what is written.
+-- A lost allocation (its node was forgotten) is always notified when it has a webhook_url.
 local function finish_alloc(id, status, rec)
   local rk = k_req(id)
   local f
@@ -635,7 +643,7 @@ local function finish_alloc(id, status, rec)
   notify(id, status)
   local evid = event(status, id, svc, {'node', node or '', 'gpu_ids', f[2] or '[]'})
   stat('alloc|' .. svc_label(svc) .. '|' .. status)
-  outbox(status, id, evid, f[6], f[7], false)
+  outbox(status, id, evid, f[6], f[7], status == 'lost')
   if f[8] == '1' then
     if status == 'released' then
       redis.call('DEL', k_deps(id))  -- its ok-dependents may run now; nothing left to cancel

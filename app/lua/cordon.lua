@@ -1,0 +1,51 @@
+--[[
+  cordon: an admin cordons a node, or one GPU of it, or clears that (uncordon); drain is a
+  node cordon that also marks the node draining. Allocations on cordoned GPUs stay.
+
+  KEYS[1], ARGV[1]: the common block (includes/prelude.lua).
+  ARGV[A+1] node   ARGV[A+2] GPU index ("" = the whole node)   ARGV[A+3] "1" cordon / "0" clear
+  ARGV[A+4] "1" drain (whole node only)   ARGV[A+5] principal ("" = auth off)
+  Returns: {1, node or GPU hash, number granted} or {-1} unknown node or GPU.
+  Guarantees: a node cordon covers the GPUs it reports later too; an uncordon of the node
+  clears every GPU's cordon and the draining mark; each change is one event naming the
+  principal.
+]]
+-- @include prelude
+local node, idx, cordon, drain, by = ARGV[A + 1], ARGV[A + 2], ARGV[A + 3] == '1',
+  ARGV[A + 4] == '1', ARGV[A + 5]
+local flag = cordon and '1' or '0'
+
+local function set_gpu(i)
+  local gk = k_gpu(node, i)
+  if redis.call('HGET', gk, 'cordoned') ~= flag then
+    redis.call('HSET', gk, 'cordoned', flag)
+    gpu_sync(node, i)
+    return true
+  end
+  return false
+end
+
+local out
+if idx ~= '' then
+  local gk = k_gpu(node, idx)
+  if redis.call('EXISTS', gk) == 0 then return {-1} end
+  if set_gpu(idx) then
+    event(cordon and 'gpu_cordoned' or 'gpu_uncordoned', '', '',
+      {'node', node, 'gpu_index', idx, 'by', by})
+  end
+  out = redis.call('HGETALL', gk)
+else
+  local nk = k_node(node)
+  if redis.call('EXISTS', nk) == 0 then return {-1} end
+  for _, i in ipairs(node_indexes(node)) do set_gpu(i) end
+  local was = redis.call('HMGET', nk, 'cordoned', 'draining')
+  local draining = (cordon and drain) and '1' or (cordon and (was[2] or '0') or '0')
+  redis.call('HSET', nk, 'cordoned', flag, 'draining', draining)
+  local name = cordon and (drain and 'node_draining' or 'node_cordoned') or 'node_uncordoned'
+  if was[1] ~= flag or (drain and was[2] ~= '1') then
+    event(name, '', '', {'node', node, 'by', by})
+  end
+  out = redis.call('HGETALL', nk)
+end
+local granted = schedule(nil)
+return {1, out, #granted}
