@@ -62,7 +62,7 @@ def create_app(settings: settings_mod.Settings | None = None, *, redis: Any = No
     longpoll.init_app(app, settings, redis)
     request_ids.init_app(app)
     metrics.init_app(app, engine)
-    auth.init_app(app, settings)
+    auth.init_app(app, settings, redis)
     api_mod.init_app(app, settings)
     http_errors.init_app(app)  # after flask-smorest's Api, so our handlers win
     _access_log(app)

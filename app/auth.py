@@ -6,7 +6,13 @@ Every comparison uses :func:`hmac.compare_digest` against every configured key, 
 not reveal which prefix matched. Keys are never logged: only the principal is.
 
 The key travels in ``auth.header_name`` (default ``X-API-Key``) or as ``Authorization: Bearer``.
-Paths in ``auth.public_paths`` need no key; an entry ending in ``*`` is a prefix.
+Paths in ``auth.public_paths`` need no key; an entry ending in ``*`` is a prefix. The sign-in
+page and the console's static files are always open (:data:`ALWAYS_PUBLIC`).
+
+Browsers sign in once at ``/login`` and then carry a session cookie (:mod:`app.sessions`): it
+opens every route with the principal's rights, and a state-changing request made with it needs
+the session's CSRF token. A browser asking for a page without a key or session is redirected
+to ``/login``; API clients keep getting a JSON 401.
 """
 from __future__ import annotations
 
@@ -14,9 +20,10 @@ import hashlib
 import hmac
 import logging
 
-from flask import Flask, g, request
+from flask import Flask, g, redirect, request, url_for
 
-from app.errors import Unauthorized
+from app import sessions
+from app.errors import Forbidden, Unauthorized
 from app.settings import Settings
 
 log = logging.getLogger("gpu_orchestrator.auth")
@@ -54,6 +61,24 @@ class Authenticator:
     def is_admin(self, principal: str | None) -> bool:
         return principal is not None and principal in self.admins
 
+    def digest_for(self, key: str | None) -> tuple[bytes, str] | None:
+        """(digest, principal) of a valid key, for the session cookie; None otherwise."""
+        principal = self.principal_for(key)
+        if principal is None or key is None:
+            return None
+        return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest(), principal
+
+    def digests(self) -> list[tuple[bytes, str]]:
+        """Every configured key's digest and principal (sessions check theirs is still here)."""
+        return list(self._digests)
+
+
+#: Always open with auth on: sign-in and sign-out (they check what they need themselves) and the
+#: console's static files (no data in them).
+ALWAYS_PUBLIC = ["/login", "/logout", "/static/console/*"]
+#: Pages a browser opens; without a key or session it is sent to /login instead of a 401.
+BROWSER_PAGES = ["/", "/docs", "/docs/*", "/rq", "/rq/*"]
+
 
 def presented_key(header_name: str) -> str | None:
     """The key from the configured header, else from ``Authorization: Bearer``."""
@@ -87,25 +112,54 @@ def current_is_admin() -> bool:
     return bool(g.get("is_admin", True))
 
 
-def init_app(app: Flask, settings: Settings) -> None:
-    """Require a key on every non-public route when ``auth.enabled``."""
+def current_session() -> "sessions.Session | None":
+    """The browser session this request came with (None: a header key, or no auth)."""
+    return g.get("session")
+
+
+def wants_page() -> bool:
+    """A browser navigating (GET for HTML), as opposed to a script asking for JSON."""
+    if request.method not in ("GET", "HEAD"):
+        return False
+    if is_public(request.path, BROWSER_PAGES):
+        return True
+    best = request.accept_mimetypes.best_match(["application/json", "text/html"])
+    return best == "text/html"
+
+
+def init_app(app: Flask, settings: Settings, redis=None) -> None:
+    """Require a key or a session on every non-public route when ``auth.enabled``."""
     cfg = settings.auth
     authenticator = Authenticator.from_settings(settings)
     app.extensions["gpu_auth"] = authenticator
+    manager = sessions.SessionManager(settings, redis, authenticator.digests)
+    app.extensions["gpu_sessions"] = manager
     if not cfg.enabled:
         return
-    public = list(cfg.public_paths)
+    public = list(cfg.public_paths) + ALWAYS_PUBLIC
     header = cfg.header_name
 
     @app.before_request
     def _authenticate():
-        g.principal, g.is_admin = None, False
+        g.principal, g.is_admin, g.session = None, False, None
         if request.method == "OPTIONS" or is_public(request.path, public):
             return None
         key = presented_key(header)
         if key is None:
-            raise Unauthorized(f"an API key is required (header {header} or "
-                               "Authorization: Bearer)")
+            session = manager.load(request.cookies.get(sessions.COOKIE))
+            if session is None:
+                if wants_page():
+                    return redirect(url_for("console.login", next=request.full_path
+                                            if request.query_string else request.path))
+                raise Unauthorized(f"an API key is required (header {header} or "
+                                   "Authorization: Bearer)")
+            if request.method not in sessions.SAFE_METHODS and not _csrf_ok(session):
+                raise Forbidden("this request was made with a session cookie; it needs the "
+                                f"session's CSRF token ({sessions.CSRF_HEADER} header)",
+                                details={"header": sessions.CSRF_HEADER})
+            g.principal, g.session = session.principal, session
+            g.is_admin = authenticator.is_admin(session.principal)
+            return None
         principal = authenticator.principal_for(key)
         if principal is None:
             log.info("rejected an invalid API key")
@@ -113,3 +167,11 @@ def init_app(app: Flask, settings: Settings) -> None:
         g.principal = principal
         g.is_admin = authenticator.is_admin(principal)
         return None
+
+    def _csrf_ok(session) -> bool:
+        # rq-dashboard's own pages post without our token: for them a same-origin request
+        # (Origin header present and ours) is the check; SameSite=Strict already keeps the
+        # cookie off cross-site requests.
+        if is_public(request.path, ["/rq/*"]) and request.headers.get("Origin"):
+            return sessions.same_origin(request)
+        return manager.csrf_ok(session, request)

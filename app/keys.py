@@ -141,6 +141,11 @@ class Keys:
         has queued; for ``scheduler.max_queued_per_owner``. Owners with none have no field."""
         return self._k("queue", "owners")
 
+    def session_secret(self) -> str:
+        """STRING: the random secret that signs browser session cookies when
+        ``auth.session_secret`` is empty (made once, shared by every replica)."""
+        return self._k("session", "secret")
+
     def stats(self) -> str:
         """HASH of cluster-wide counters (allocations by service/status, grants, wait buckets)
         kept by the Lua scripts, so every replica exports the same totals."""

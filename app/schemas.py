@@ -247,13 +247,19 @@ class RequirementsSchema(_ResponseSchema):
     warnings = fields.List(StrictStr(), metadata={"description": _WARNINGS})
 
 
+class GpuHealthSchema(_ResponseSchema):
+    index = StrictInt(required=True)
+    health = StrictStr(required=True, metadata={"enum": ["ok", "degraded", "failed", "lost"]})
+
+
 class AllocationSchema(_ResponseSchema):
     """A request or allocation: one id over its whole life."""
 
     id = StrictStr(required=True)
     request_id = StrictStr(metadata={"description": "Same as id (the original's name)."})
     status = StrictStr(required=True, metadata={
-        "enum": ["queued", "allocated", "released", "expired", "cancelled", "timed_out"]})
+        "enum": ["queued", "allocated", "released", "expired", "cancelled", "timed_out",
+                 "lost"]})
     service_name = StrictStr(required=True)
     owner = StrictStr(allow_none=True)
     workload_type = StrictStr(allow_none=True)
@@ -299,6 +305,10 @@ class AllocationSchema(_ResponseSchema):
     webhook_events = fields.List(StrictStr(), allow_none=True)
     replayed = fields.Boolean(metadata={
         "description": "True when an Idempotency-Key matched an earlier request."})
+    gpu_health = fields.List(fields.Nested(GpuHealthSchema), allow_none=True,
+                             metadata={"description": "Health of each GPU under the "
+                                       "allocation (GET /gpu/allocations/<id>)."})
+
 
 
 class GrantedSchema(AllocationSchema):
@@ -420,3 +430,48 @@ class HealthSchema(_ResponseSchema):
 
 #: Regex objects for code that checks ids outside marshmallow (path parameters).
 ID_PATTERN = re.compile(ID_RE)
+
+
+# --------------------------------------------------------------------------- admin
+
+NODE_RE = r"^[^|%/]{1,200}$"
+
+
+class NodeSchema(_ResponseSchema):
+    """A node as admins see it."""
+
+    name = StrictStr(required=True)
+    alive = fields.Boolean(required=True)
+    heartbeat = fields.Float(metadata={"description": "Last report, epoch seconds."})
+    heartbeat_age_seconds = fields.Float()
+    gpu_count = StrictInt()
+    backend = StrictStr(allow_none=True)
+    host = StrictStr(allow_none=True)
+    cordoned = fields.Boolean()
+    draining = fields.Boolean()
+    allocations = fields.List(StrictStr(), metadata={
+        "description": "Live allocations on the node."})
+    gpus = fields.List(fields.Nested(GpuSchema))
+
+
+class NodeListSchema(_ResponseSchema):
+    nodes = fields.List(fields.Nested(NodeSchema), required=True)
+
+
+class DrainSchema(NodeSchema):
+    drained = fields.Boolean(required=True, metadata={
+        "description": "True when no allocation is left on the node."})
+
+
+class ForgetSchema(_ResponseSchema):
+    node = StrictStr(required=True)
+    forgotten = fields.Boolean(required=True)
+    lost = fields.List(StrictStr(), required=True, metadata={
+        "description": "Allocations that ended with status lost."})
+
+
+class PriorityRequestSchema(ma.Schema):
+    class Meta:
+        unknown = ma.RAISE
+
+    priority = StrictInt(required=True, validate=validate.Range(1, 10))

@@ -40,6 +40,7 @@ SHAPES = [
     (K.stats(), "{gpuo}:stats"),
     (K.stats_services(), "{gpuo}:stats:services"),
     (K.queue_owners(), "{gpuo}:queue:owners"),
+    (K.session_secret(), "{gpuo}:session:secret"),
     (K.meta(), "{gpuo}:meta"),
     (K.changes(), "{gpuo}:changes"),
 ]

@@ -78,7 +78,7 @@ def _drop_unused_schemas(api: Api) -> None:
 
 def init_app(app: Flask, settings: Settings) -> Api:
     """Register the blueprints and the docs routes on ``app``."""
-    from app.api import gpu, health
+    from app.api import admin, console, gpu, health
 
     app.config.update(
         API_TITLE=TITLE,
@@ -99,6 +99,8 @@ def init_app(app: Flask, settings: Settings) -> Api:
     api = OrchestratorApi(app, spec_kwargs=spec_kwargs)
     api.register_blueprint(health.blp)
     api.register_blueprint(gpu.blp)
+    api.register_blueprint(admin.blp)
+    app.register_blueprint(console.bp)  # HTML pages and their JSON: not part of the API spec
     _drop_unused_schemas(api)
 
     @app.get(ASSETS_URL + "<path:filename>")

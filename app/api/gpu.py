@@ -371,6 +371,8 @@ def get_allocation(allocation_id: str):
     if not rec.get("allocated_at"):
         raise NotFound(f"{allocation_id} has not been granted (status {rec.get('status')}); "
                        f"see /gpu/requests/{allocation_id}", details={"id": allocation_id})
+    if rec.get("status") == "allocated":
+        rec["gpu_health"] = _engine().gpu_health(rec)
     return jsonify(render.allocation(rec))
 
 

@@ -82,3 +82,56 @@ def gpu(rec: dict[str, Any]) -> dict[str, Any]:
 
 def requirements(analysis: dict[str, Any]) -> dict[str, Any]:
     return {k: analysis[k] for k in _REQ_FIELDS if k in analysis}
+
+
+#: Event fields the console shows (the rest of an event stays in the stream).
+_EVENT_FIELDS = ("id", "event", "request_id", "service_name", "node", "gpu_index", "health",
+                 "by", "reason", "priority", "previous_priority", "allocations_lost", "gpu_ids",
+                 "gpus")
+
+
+def fleet(snap: dict[str, Any], events: list[dict[str, Any]],
+          counts: dict[str, Any]) -> dict[str, Any]:
+    """The console's view: nodes with GPUs and their holders, the queue with why each request
+    waits, the latest events (newest first), and the counts."""
+    from app import waiting
+
+    holders: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for a in snap["allocations"]:
+        for idx in a.get("gpu_ids") or []:
+            holders.setdefault((a.get("node") or "", int(idx)), []).append({
+                "request_id": a["id"], "service_name": a.get("service_name"),
+                "owner": a.get("owner"), "sharing": a.get("sharing") or "exclusive",
+                "since": iso(a.get("allocated_at")),
+                "expires_at": iso(a["expires_at"]) if a.get("expires_at") else None})
+    by_node: dict[str, list[dict[str, Any]]] = {}
+    for g in snap["gpus"]:
+        view = gpu(g)
+        view["holders"] = holders.get((g.get("node") or "", int(g.get("index") or 0)), [])
+        by_node.setdefault(g.get("node") or "", []).append(view)
+    nodes = []
+    for n in snap["nodes"]:
+        node = dict(n)
+        node["heartbeat"] = iso(n["heartbeat"]) if n.get("heartbeat") else None
+        node["gpus"] = sorted(by_node.get(n["name"], []), key=lambda g: g.get("index", 0))
+        nodes.append(node)
+    why = waiting.explain(snap)
+    queue = []
+    for q in snap["queue"]:
+        w = why.get(q["id"], {})
+        queue.append({"position": q.get("position"), "request_id": q["id"],
+                      "service_name": q.get("service_name"), "owner": q.get("owner"),
+                      "required_gpus": q.get("required_gpus"),
+                      "min_memory_mb": q.get("min_memory_mb"), "priority": q.get("priority"),
+                      "sharing": q.get("sharing"), "submitted_at": iso(q.get("submitted_at")),
+                      "waiting_seconds": round(max(snap["now"] - (q.get("submitted_at") or
+                                                                  snap["now"]), 0.0), 1),
+                      "reason": w.get("reason"),
+                      "eta": iso(w["eta"]) if w.get("eta") is not None else None})
+    shown = []
+    for ev in events:
+        item = {k: ev[k] for k in _EVENT_FIELDS if k in ev and ev[k] not in ("", None)}
+        item["at"] = iso(ev.get("ts"))
+        shown.append(item)
+    return {"now": iso(snap["now"]), "counts": counts, "nodes": nodes, "queue": queue,
+            "events": shown}
