@@ -110,7 +110,7 @@ def fleet(snap: dict[str, Any], events: list[dict[str, Any]],
         view["holders"] = holders.get((g.get("node") or "", int(g.get("index") or 0)), [])
         by_node.setdefault(g.get("node") or "", []).append(view)
     nodes = []
-    for n in snap["nodes"]:
+    for n in sorted(snap["nodes"], key=lambda n: n["name"]):
         node = dict(n)
         node["heartbeat"] = iso(n["heartbeat"]) if n.get("heartbeat") else None
         node["gpus"] = sorted(by_node.get(n["name"], []), key=lambda g: g.get("index", 0))

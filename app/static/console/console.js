@@ -111,14 +111,16 @@
     var head = el("div", {"class": "node-head"}, [
       el("h3", {text: n.name}),
       el("span", {"class": "marks"}, marks),
-      el("span", {"class": "muted", text: "heartbeat " + ago(n.heartbeat_age_seconds) + " ago · " +
-        (n.backend || "?") + (n.host ? " · " + n.host : "")}),
+      el("span", {"class": "muted", text: "heartbeat " + ago(n.heartbeat_age_seconds) + " ago" +
+        (n.backend ? " · " + n.backend : "") + (n.host ? " · " + n.host : "")}),
       actions
     ]);
     var rows = n.gpus.map(function (g) { return gpuRow(n, g); });
     var table = el("table", {"class": "grid gpus"}, [
       el("thead", {}, [el("tr", {}, ["GPU", "Model", "Memory", "Util", "Temp", "Health", "Held by", ADMIN ? "" : null]
-        .filter(function (h) { return h !== null; }).map(function (h) { return el("th", {text: h}); }))]),
+        .filter(function (h) { return h !== null; }).map(function (h) {
+          return el("th", h === "Model" ? {"class": "col-model", text: h} : {text: h});
+        }))]),
       el("tbody", {}, rows)
     ]);
     return el("article", {"class": "node card" + (n.alive ? "" : " dead"), "data-node": n.name},
@@ -151,7 +153,7 @@
     }
     var cells = [
       el("td", {text: String(g.index)}),
-      el("td", {text: g.name || "?"}),
+      el("td", {"class": "col-model", text: g.name || "?"}),
       el("td", {}, [mem]),
       el("td", {text: Math.round(g.utilization || 0) + "%"}),
       el("td", {text: Math.round(g.temperature || 0) + "°C"}),

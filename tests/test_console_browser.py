@@ -1,0 +1,180 @@
+"""The operators' console in a real browser (headless Chromium): sign in with a key, see the
+fleet, watch an allocation made through the API appear without a reload, drain a node with a
+button, read at phone width, sign out. Screenshots go to the test's tmp dir, and to
+``GPUO_SCREENSHOTS`` when set (docs/images holds the ones docs/operations.md shows)."""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import pytest
+import requests
+
+from app import create_app
+from app.engine import Engine
+from tests.api_support import register_fleet
+from tests.browser_support import LiveServer, require_browser, start_chromium
+
+ADMIN_KEY, USER_KEY = "k-ops-admin", "k-alice-user"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def browser():
+    binary, driver = require_browser()
+    drv = start_chromium(binary, driver)
+    drv.set_page_load_timeout(30)
+    yield drv
+    drv.quit()
+
+
+@pytest.fixture
+def live(settings, redis_url):
+    st = settings.replace(
+        dashboard={"enabled": False},
+        scheduler={"node_heartbeat_timeout": "10m", "node_forget_after": "1h"},
+        auth={"enabled": True, "api_keys": {ADMIN_KEY: "ops", USER_KEY: "alice"},
+              "admins": ["ops"]})
+    app = create_app(st, redis_url=redis_url)
+    register_fleet(app, (("gpu-node-1", 4),))
+    # a node that last reported 12 minutes ago: shown, not alive
+    from workers.simulated import fleet
+    old = Engine(app.extensions["gpu_engine"].redis, st, clock=lambda: time.time() - 720)
+    for node, gpus in fleet({"nodes": [{"name": "gpu-node-2", "count": 2}]}).items():
+        old.report_node(node, gpus)
+    with LiveServer(app) as server:
+        yield server
+
+
+def api(live, method, path, key=USER_KEY, **kw):
+    return requests.request(method, live.url + path, headers={"X-API-Key": key}, timeout=10,
+                            **kw)
+
+
+#: The elements wider than the window (names what breaks the layout when the check fails).
+OVERFLOW = """return [window.innerWidth, document.documentElement.scrollWidth].concat(
+  Array.from(document.querySelectorAll('body *')).filter(function (e) {
+    return e.getBoundingClientRect().right > window.innerWidth + 1 && !e.closest('.scroll');
+  }).slice(0, 5).map(function (e) { return e.tagName + '.' + e.className + '#' + e.id; }));"""
+
+
+def wait_for(check, what, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+            if last:
+                return last
+        except Exception as exc:  # the DOM is redrawn under us: retry
+            last = exc
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+
+
+def shot(drv, tmp_path, name):
+    path = tmp_path / name
+    drv.save_screenshot(str(path))
+    out = os.environ.get("GPUO_SCREENSHOTS")
+    if out:
+        os.makedirs(out, exist_ok=True)
+        shutil.copy(path, os.path.join(out, name))
+    return path
+
+
+def text_of(drv, css):
+    from selenium.webdriver.common.by import By
+    return " ".join(e.text for e in drv.find_elements(By.CSS_SELECTOR, css))
+
+
+def test_sign_in_see_the_fleet_and_a_new_allocation_without_reload(browser, live, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    held = api(live, "POST", "/gpu/allocate", json={
+        "service_name": "training-job", "workload_type": "training",
+        "workload_data": {"required_gpus": 2, "min_memory_mb": 40000}, "ttl_seconds": 3600})
+    assert held.status_code == 200, held.text
+    waiting = api(live, "POST", "/gpu/allocate", json={
+        "service_name": "big-finetune", "workload_data": {"required_gpus": 4}, "priority": 6})
+    assert waiting.status_code == 202, waiting.text
+
+    # no session: the browser lands on the sign-in form, not on a JSON 401
+    browser.get(live.url + "/")
+    assert browser.current_url.startswith(live.url + "/login")
+    browser.find_element(By.ID, "api_key").send_keys("not-a-key")
+    browser.find_element(By.ID, "sign-in").click()
+    assert "not valid" in browser.find_element(By.ID, "login-error").text
+    shot(browser, tmp_path, "console-login.png")
+    browser.find_element(By.ID, "api_key").send_keys(ADMIN_KEY)
+    browser.find_element(By.ID, "sign-in").click()
+    assert wait_for(lambda: browser.current_url == live.url + "/", "the redirect back to /")
+
+    # the fleet: both nodes, the silent one marked, the holder and the queue with its reason
+    wait_for(lambda: "training-job" in text_of(browser, "[data-node='gpu-node-1'] .holder"),
+             "the holder of gpu-node-1's GPUs")
+    assert "silent" in text_of(browser, "[data-node='gpu-node-2'] .marks")
+    assert "alive" in text_of(browser, "[data-node='gpu-node-1'] .marks")
+    assert "ops (admin)" in browser.find_element(By.ID, "principal").text
+    queue = text_of(browser, "#queue tbody")
+    assert "big-finetune" in queue
+    assert "waits for 4 GPUs with 4096 MB on one node to be released" in queue
+    assert "2 / 4 GPUs free" in browser.find_element(By.ID, "summary").text
+    browser.execute_script("window.__noReload = 'still here';")
+    shot(browser, tmp_path, "console-fleet.png")
+
+    # an allocation made through the API appears without a reload
+    new = api(live, "POST", "/gpu/allocate", json={"service_name": "inference-api",
+                                                   "ttl_seconds": 600})
+    assert new.status_code == 200, new.text
+    gpu = f"gpu-node-1/{new.json()['gpu_ids'][0]}"
+    wait_for(lambda: "inference-api" in text_of(browser, f"tr[data-gpu='{gpu}'] .holder"),
+             "the new allocation on the page")
+    assert "alice" in text_of(browser, f"tr[data-gpu='{gpu}'] .holder")
+    assert browser.execute_script("return window.__noReload") == "still here"
+    wait_for(lambda: "allocated" in text_of(browser, "#events li[data-event='allocated']"),
+             "the grant in the latest events")
+
+    # an admin drains the node with its button; the action is an event naming the admin
+    browser.find_element(By.CSS_SELECTOR,
+                         "[data-node='gpu-node-1'] [data-action='drain-node']").click()
+    wait_for(lambda: "draining" in text_of(browser, "[data-node='gpu-node-1'] .marks"),
+             "the draining mark")
+    wait_for(lambda: "by ops" in text_of(browser, "#events li[data-event='node_draining']"),
+             "the drain event naming ops")
+    nodes = {n["name"]: n for n in api(live, "GET", "/admin/nodes", key=ADMIN_KEY).json()["nodes"]}
+    assert nodes["gpu-node-1"]["draining"] and not nodes["gpu-node-2"]["draining"]
+    assert browser.execute_script("return window.__noReload") == "still here"
+    shot(browser, tmp_path, "console-drain.png")
+
+    # phone width: nothing sticks out sideways (wide tables scroll inside their box)
+    browser.set_window_size(390, 844)
+    try:
+        wait_for(lambda: browser.execute_script(
+            "return document.documentElement.scrollWidth <= window.innerWidth"),
+            "the page to fit a phone's width", timeout=5)
+    except AssertionError:
+        raise AssertionError(f"wider than a phone: {browser.execute_script(OVERFLOW)}") from None
+    shot(browser, tmp_path, "console-phone.png")
+
+    # sign out: the cookie is gone, the page sends the browser back to /login
+    browser.set_window_size(1280, 800)
+    browser.find_element(By.ID, "sign-out").click()
+    wait_for(lambda: "/login" in browser.current_url, "the sign-in page after sign-out")
+    browser.get(live.url + "/")
+    assert "/login" in browser.current_url
+
+
+def test_a_user_sees_the_fleet_without_admin_buttons(browser, live):
+    from selenium.webdriver.common.by import By
+
+    browser.get(live.url + "/login?next=/")
+    browser.find_element(By.ID, "api_key").send_keys(USER_KEY)
+    browser.find_element(By.ID, "sign-in").click()
+    wait_for(lambda: text_of(browser, "[data-node='gpu-node-1']"), "the fleet")
+    assert browser.find_elements(By.CSS_SELECTOR, "[data-action]") == []
+    assert "alice" in browser.find_element(By.ID, "principal").text
+    assert "(admin)" not in browser.find_element(By.ID, "principal").text
+    # the cookie opens /docs too, and /rq stays admin-only
+    browser.get(live.url + "/docs")
+    assert "swagger" in browser.page_source.lower()
