@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from flask import Request, Response
-from itsdangerous import BadSignature, URLSafeTimedSerializer
+from itsdangerous import BadSignature, TimestampSigner, URLSafeTimedSerializer
 
 from app.keys import Keys
 from app.settings import Settings
@@ -50,8 +50,10 @@ class Session:
 class SessionManager:
     """Issues and checks session cookies for one app (thread-safe; the secret is read once)."""
 
-    def __init__(self, settings: Settings, redis: Any, key_digests: Callable[[], list]):
+    def __init__(self, settings: Settings, redis: Any, key_digests: Callable[[], list], *,
+                 clock: Callable[[], float] | None = None):
         self.ttl = settings.auth.session_ttl
+        self._clock = clock
         self._configured = settings.auth.session_secret
         self._redis = redis
         self._secret_key = Keys(settings.redis.prefix).session_secret()
@@ -72,7 +74,14 @@ class SessionManager:
         return self._secret
 
     def _serializer(self) -> URLSafeTimedSerializer:
-        return URLSafeTimedSerializer(self._get_secret(), salt=_SALT)
+        if self._clock is None:
+            return URLSafeTimedSerializer(self._get_secret(), salt=_SALT)
+        clock = self._clock
+
+        class ClockSigner(TimestampSigner):
+            def get_timestamp(self) -> int:  # itsdangerous' documented hook for the time
+                return int(clock())
+        return URLSafeTimedSerializer(self._get_secret(), salt=_SALT, signer=ClockSigner)
 
     def _fingerprint(self, digest: bytes) -> str:
         return hmac.new(self._get_secret(), b"key|" + digest, hashlib.sha256).hexdigest()[:32]
