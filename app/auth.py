@@ -76,8 +76,6 @@ class Authenticator:
 #: Always open with auth on: sign-in and sign-out (they check what they need themselves) and the
 #: console's static files (no data in them).
 ALWAYS_PUBLIC = ["/login", "/logout", "/static/console/*"]
-#: Pages a browser opens; without a key or session it is sent to /login instead of a 401.
-BROWSER_PAGES = ["/", "/docs", "/docs/*", "/rq", "/rq/*"]
 
 
 def presented_key(header_name: str) -> str | None:
@@ -118,11 +116,10 @@ def current_session() -> "sessions.Session | None":
 
 
 def wants_page() -> bool:
-    """A browser navigating (GET for HTML), as opposed to a script asking for JSON."""
+    """A browser navigating: a GET that prefers HTML (browsers send ``Accept: text/html,...``
+    for a page). Scripts (``*/*`` or ``application/json``) keep getting a JSON 401."""
     if request.method not in ("GET", "HEAD"):
         return False
-    if is_public(request.path, BROWSER_PAGES):
-        return True
     best = request.accept_mimetypes.best_match(["application/json", "text/html"])
     return best == "text/html"
 

@@ -168,9 +168,16 @@ def _add_config(sub) -> None:
     check.set_defaults(needs_settings=False)
 
 
+def _add_admin(sub) -> None:
+    from app import admin_cli
+    admin = add_command(sub, "admin", cmd_admin, admin_cli.SUMMARY, admin_cli.DESCRIPTION)
+    admin.set_defaults(needs_settings=False)  # it talks to the API: no local config needed
+    admin_cli.add_actions(admin, _Parser, _global_options)
+
+
 #: One function per subcommand, in the order ``--help`` lists them; a new command adds its own.
 SUBCOMMANDS = [_add_up, _add_api, _add_worker, _add_scheduler, _add_monitor, _add_redis,
-               _add_run, _add_config]
+               _add_run, _add_config, _add_admin]
 
 
 def version() -> str:
@@ -276,6 +283,11 @@ def cmd_scheduler(args, settings) -> int:
     return run(settings)
 
 
+def cmd_admin(args, settings) -> int:
+    from app import admin_cli
+    return admin_cli.run(args, settings)
+
+
 def cmd_monitor(args, settings) -> int:
     from workers.monitor import run
     return run(settings, once=args.once, backend=args.backend)
@@ -366,7 +378,8 @@ def _wait_until_up(settings, url, host, with_monitor, stopped, timeout=20.0) -> 
         while not stopped():
             snap = engine.snapshot(requests=False)
             counts = engine.counts()
-            found.update(gpus=len(snap.get("gpus") or []), nodes=len(snap.get("nodes") or []),
+            found.update(gpus=sum(1 for g in snap.get("gpus") or [] if g.get("node_alive")),
+                         nodes=sum(1 for n in snap.get("nodes") or [] if n.get("alive")),
                          queued=counts["queue_depth"],
                          allocations=counts["allocations_active"])
             if found["gpus"] or not with_monitor or time.monotonic() > deadline:

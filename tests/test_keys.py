@@ -65,7 +65,8 @@ def test_every_key_method_is_pinned():
              "service": "svc", "idempotency": "idem", "events": "events",
              "webhook_outbox": "outbox", "webhook_processing": "outbox",
              "webhook_claim": "outbox", "lock": "lock", "stats": "stats", "meta": "meta",
-             "stats_services": "stats", "queue_owners": "queue", "changes": "changes"}
+             "stats_services": "stats", "queue_owners": "queue", "changes": "changes",
+             "session_secret": "session"}
     assert methods == set(first), "a new key needs a pinned shape in SHAPES"
     assert set(first.values()) <= pinned
 

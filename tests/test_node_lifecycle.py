@@ -262,3 +262,39 @@ def test_priority_change_keeps_fifo_among_equals_with_aging(make_engine, clock):
         clock.advance(1)
     engine.set_priority(ids[0], 5)  # now equal and the oldest: first in line
     assert [engine.get(i)["position"] for i in ids] == [1, 2, 3]
+
+
+# --------------------------------------------------------------------------- delivery
+
+def test_gpu_unhealthy_and_lost_webhooks_are_delivered_signed(settings, redis):
+    """From the engine's outbox through the delivery job to a real receiver on 127.0.0.1."""
+    from webhook_receiver import Receiver
+    from workers import context, webhooks
+
+    st = settings.replace(webhooks={"secret": "s3cret"})
+    clock = Clock()
+    engine = Engine(redis, st, clock=clock)
+    engine.report_node("a", gpu_list(2))
+    with Receiver() as rx:
+        a = engine.allocate(req(required_gpus=2, webhook_url=rx.url))
+        engine.report_node("a", gpu_list(2, health=["failed", "ok"]))
+        clock.advance(st.scheduler.node_heartbeat_timeout + 1)
+        engine.forget_node("a", principal="ops")
+        entries = [e for e in outbox(engine, redis) if e["event"] != "allocated"]
+        assert [e["event"] for e in entries] == ["gpu_unhealthy", "lost"]
+        context.configure(st, redis, None)
+        try:
+            for entry in entries:
+                assert webhooks.deliver(entry)["delivered"] is True
+        finally:
+            context.configure(None, None, None)
+        bodies = []
+        for got in rx.requests:
+            h = {k.lower(): v for k, v in got["headers"].items()}
+            assert webhooks.verify_signature("s3cret", h["x-gpu-orchestrator-timestamp"],
+                                             got["body"], h["x-gpu-orchestrator-signature"])
+            bodies.append(json.loads(got["body"]))
+    unhealthy, lost = bodies
+    assert unhealthy["status"] == "gpu_unhealthy" and unhealthy["request_id"] == a["id"]
+    assert unhealthy["node"] == "a" and unhealthy["gpus"] == [{"index": 0, "health": "failed"}]
+    assert lost["status"] == "lost" and lost["request_id"] == a["id"] and "gpus" not in lost

@@ -26,7 +26,7 @@ OWNER_KEY = "sec-owner-key-7f3a9c1e"
 OTHER_KEY = "sec-other-key-2b8d4e6f"
 ADMIN_KEY = "sec-admin-key-9a1c3e5b"
 KEYS = {OWNER_KEY: "owner", OTHER_KEY: "other", ADMIN_KEY: "root"}
-PUBLIC = {"/healthz", "/readyz", "/metrics"}
+PUBLIC = {"/healthz", "/readyz", "/metrics", "/login", "/logout"}
 
 
 def hdr(key):
@@ -98,6 +98,26 @@ CALLS = {
                                               {"owner": 200, "other": 200, "admin": 200}),
     ("GET", "/static/<path:filename>"): ("/static/nothing-here.txt", None,
                                          {"owner": 404, "other": 404, "admin": 404}),
+    # the console: every principal sees the fleet; /admin is for admins only
+    ("GET", "/"): ("/", None, {"owner": 200, "other": 200, "admin": 200}),
+    ("GET", "/console/state"): ("/console/state", None,
+                                {"owner": 200, "other": 200, "admin": 200}),
+    ("GET", "/admin/nodes"): ("/admin/nodes", None, {"owner": 403, "other": 403, "admin": 200}),
+    ("POST", "/admin/nodes/<node>/cordon"): ("/admin/nodes/node-z/cordon", None,
+                                             {"owner": 403, "other": 403, "admin": 404}),
+    ("POST", "/admin/nodes/<node>/uncordon"): ("/admin/nodes/node-a/uncordon", None,
+                                               {"owner": 403, "other": 403, "admin": 200}),
+    ("POST", "/admin/nodes/<node>/drain"): ("/admin/nodes/node-z/drain", None,
+                                            {"owner": 403, "other": 403, "admin": 404}),
+    ("DELETE", "/admin/nodes/<node>"): ("/admin/nodes/node-a", None,
+                                        {"owner": 403, "other": 403, "admin": 409}),
+    ("POST", "/admin/gpus/<node>/<int:index>/cordon"): (
+        "/admin/gpus/node-a/1/cordon", None, {"owner": 403, "other": 403, "admin": 200}),
+    ("POST", "/admin/gpus/<node>/<int:index>/uncordon"): (
+        "/admin/gpus/node-a/1/uncordon", None, {"owner": 403, "other": 403, "admin": 200}),
+    ("POST", "/admin/requests/<request_id>/priority"): (
+        "/admin/requests/{queued}/priority", {"priority": 7},
+        {"owner": 403, "other": 403, "admin": 200}),
 }
 
 

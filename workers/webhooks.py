@@ -111,12 +111,15 @@ def _allocation(record: dict[str, Any], event: str,
 
 
 def build_payload(record: dict[str, Any], event: str, event_id: str,
-                  pinned: dict[str, Any] | None = None) -> dict[str, Any]:
+                  pinned: dict[str, Any] | None = None,
+                  entry: dict[str, Any] | None = None) -> dict[str, Any]:
     """The original service's webhook body, plus ``event_id`` for receivers to dedupe.
 
     ``allocation`` carries the same fields as a 200 answer of ``/gpu/allocate`` (node,
     gpu_uuids, expires_at, cuda_visible_devices, ...): with several nodes gpu_ids alone is
-    ambiguous."""
+    ambiguous. ``gpu_unhealthy`` also names the node and the GPUs that turned unhealthy, with
+    their health (``degraded``, ``failed`` or ``lost``), from the outbox ``entry``; its
+    allocation keeps its own status (it is still live)."""
     submitted = record.get("submitted_at")
     allocated = record.get("allocated_at")
     wait = record.get("wait_time_seconds")
@@ -125,10 +128,15 @@ def build_payload(record: dict[str, Any], event: str, event_id: str,
     wait = None if wait in (None, "") or allocated in (None, "") else round(float(wait), 3)
     status = "allocated" if event == "allocated" else event
     extra = {"reason": record["reason"]} if record.get("reason") and event != "allocated" else {}
+    if event == "gpu_unhealthy" and entry is not None:
+        extra["node"] = entry.get("node") or record.get("node")
+        extra["gpus"] = [{"index": int(g["index"]), "health": str(g["health"])}
+                         for g in entry.get("gpus") or []]
     return {
         "status": status,
         "request_id": record["id"],
-        "allocation": _allocation(record, status, pinned),
+        "allocation": _allocation(record, (record.get("status") or "allocated")
+                                  if event == "gpu_unhealthy" else status, pinned),
         "submitted_at": iso(submitted),
         "allocated_at": iso(allocated),
         "wait_time_seconds": wait,
@@ -258,7 +266,7 @@ def deliver(entry: dict[str, Any]) -> dict[str, Any]:
                      "unknown request" if not record else "no webhook_url")
             return {"delivered": False, "reason": "no webhook_url"}
         payload = build_payload(record, str(entry.get("event") or "allocated"),
-                                str(entry["event_id"]), entry.get("pinned"))
+                                str(entry["event_id"]), entry.get("pinned"), entry)
         global _session
         if _session is None:
             _session = requests.Session()
