@@ -99,7 +99,7 @@ class RedisCollector:
     def collect(self) -> Iterable[Any]:
         import redis
         try:
-            counts = self.engine.counts()
+            counts = self.engine.counts(nodes=True)
             snapshot_gpus = self.engine.snapshot(requests=False)["gpus"]
             stats = self.engine.stats()
         except redis.RedisError as exc:
@@ -117,6 +117,13 @@ class RedisCollector:
                      counts.get("gpus_total", 0))
         yield _gauge("gpu_orchestrator_gpus_available", "GPUs free and schedulable",
                      counts.get("gpus_available", 0))
+        nodes = GaugeMetricFamily("gpu_orchestrator_nodes",
+                                  "nodes known to the fleet, by state (silent: no heartbeat "
+                                  "within scheduler.node_heartbeat_timeout)", labels=("state",))
+        alive = counts.get("nodes_alive", 0)
+        nodes.add_metric(["alive"], float(alive))
+        nodes.add_metric(["silent"], float(counts.get("nodes_total", 0) - alive))
+        yield nodes
         yield from _gpu_gauges(snapshot_gpus)
         yield from stats_families(stats, self.engine.settings.monitoring.max_service_labels)
 
