@@ -24,6 +24,7 @@ import hashlib
 import hmac
 import secrets
 import threading
+from urllib.parse import urlsplit
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -140,12 +141,23 @@ def is_https(request: Request) -> bool:
 
 
 def same_origin(request: Request) -> bool:
-    """False only when the browser says the request came from another origin."""
+    """False only when the browser says the request came from another site: its ``Origin``
+    names another host. Ports are not compared (a proxy may pass ``Host`` without one, as
+    deploy/nginx.conf does), which matches what SameSite cookies call the same site."""
     origin = request.headers.get("Origin")
-    if not origin or origin == "null":
-        return origin is None
+    if origin is None:
+        return True
+    if origin == "null":
+        return False
     host = request.headers.get("X-Forwarded-Host") or request.host
-    return origin.split("://", 1)[-1].rstrip("/") == host
+    return _hostname(urlsplit(origin).netloc) == _hostname(host)
+
+
+def _hostname(netloc: str) -> str:
+    try:
+        return (urlsplit("//" + netloc.split(",")[0].strip()).hostname or "").lower()
+    except ValueError:
+        return ""
 
 
 def safe_next(target: str | None) -> str:

@@ -287,3 +287,22 @@ def test_allocation_shows_gpu_health(client, app):
     a = client.post("/gpu/allocate", json={"service_name": "x"}).get_json()
     got = client.get("/gpu/allocations/" + a["id"]).get_json()
     assert got["gpu_health"] == [{"index": a["gpu_ids"][0], "health": "ok"}]
+
+
+def test_the_cookie_opens_rq_for_admins_only(make_app):
+    app = make_app(nodes=(("node-a", 1),), dashboard={"enabled": True},
+                   auth={"enabled": True, "api_keys": dict(KEYS), "admins": ["ops"]})
+    admin, user = app.test_client(), app.test_client()
+    sign_in(admin)
+    sign_in(user, USER)
+    assert admin.get("/rq/").status_code == 200
+    assert_error(user.get("/rq/"), 403, "forbidden")
+    assert admin.get("/docs").status_code == 200 and user.get("/docs").status_code == 200
+
+
+def test_other_sites_cannot_drive_admin_actions_even_with_auth_off(client):
+    evil = {"Origin": "https://evil.example"}
+    assert_error(client.post("/admin/nodes/node-a/cordon", headers=evil), 403, "forbidden")
+    assert client.post("/admin/nodes/node-a/cordon",
+                       headers={"Origin": "http://localhost:8080"}).status_code == 200
+    assert client.post("/admin/nodes/node-a/uncordon").status_code == 200  # no Origin: a script

@@ -16,7 +16,7 @@ import time
 from flask import current_app, jsonify, request
 from flask_smorest import Blueprint
 
-from app import auth, schemas
+from app import auth, schemas, sessions
 from app.api import body, doc, render
 from app.api.gpu import _ID_PARAM, _dispatch_webhooks, _require_id, errors, ok
 from app.errors import BadRequest, Forbidden
@@ -51,6 +51,9 @@ def _engine():
 def _admins_only():
     if not auth.current_is_admin():
         raise Forbidden("admin actions are for admins only (auth.admins)")
+    # a page on another site cannot make an operator's browser act here (with auth off, too)
+    if not sessions.same_origin(request):
+        raise Forbidden("admin actions from another site's page are refused")
 
 
 def _by() -> str:

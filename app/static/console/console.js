@@ -119,7 +119,8 @@
     var table = el("table", {"class": "grid gpus"}, [
       el("thead", {}, [el("tr", {}, ["GPU", "Model", "Memory", "Util", "Temp", "Health", "Held by", ADMIN ? "" : null]
         .filter(function (h) { return h !== null; }).map(function (h) {
-          return el("th", h === "Model" ? {"class": "col-model", text: h} : {text: h});
+          var cls = {"Model": "col-model", "Temp": "col-temp"}[h];
+          return el("th", cls ? {"class": cls, text: h} : {text: h});
         }))]),
       el("tbody", {}, rows)
     ]);
@@ -156,7 +157,7 @@
       el("td", {"class": "col-model", text: g.name || "?"}),
       el("td", {}, [mem]),
       el("td", {text: Math.round(g.utilization || 0) + "%"}),
-      el("td", {text: Math.round(g.temperature || 0) + "°C"}),
+      el("td", {"class": "col-temp", text: Math.round(g.temperature || 0) + "°C"}),
       healthCell, held
     ];
     if (ADMIN) {
