@@ -400,6 +400,7 @@ def _summary(settings, url, embedded, host, roles, found=None) -> str:
     lines = [
         "gpu-orchestrator is up" if found.get("api", True) else
         "gpu-orchestrator is starting (the API has not answered yet)",
+        f"  Console:    {base}/  (the fleet, the queue, admin actions)",
         f"  API:        {base}  (docs: {base}/docs, metrics: {base}/metrics)",
         f"  Dashboard:  {base}/rq" if settings.dashboard.enabled else "  Dashboard:  off",
         f"  Redis:      {settings_mod.redact_url(url)}  ({where})",

@@ -160,6 +160,7 @@ def test_up_starts_serves_stops_cleanly_and_restarts_with_state(config, rx):
                    message="the summary")
         summary = up.output()
         assert f"API:        {base}" in summary and f"{base}/rq" in summary
+        assert f"Console:    {base}/ " in summary
         assert "GPUs:       2 on 1 node(s)" in summary
         assert str(tmp_path / "data") in summary
         assert _get(base + "/healthz") == {"status": "ok"}
