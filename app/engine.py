@@ -40,8 +40,8 @@ SCRIPTS = ("allocate", "release", "release_service", "renew", "cancel", "schedul
            "report_node", "cordon", "forget", "priority", "snapshot", "counts")
 _INCLUDE = re.compile(r"^-- @include (\w+)\s*$", re.M)
 _CONSTANTS = "-- @constants"
-_CONSTANT_NAME = re.compile(r"(?:K_[A-Z]+|POLICY|AGING|RES_AFTER|HB_TIMEOUT|FORGET_AFTER|EV_MAX|"
-                            r"HIST_TTL_S|HIST_TTL|MAX_QUEUE|MAX_LEASE|MAX_OWNER|MAX_SVC_LABELS)")
+_CONSTANT_NAME = re.compile(r"\b(?:K_[A-Z]+|POLICY|AGING|RES_AFTER|HB_TIMEOUT|FORGET_AFTER|EV_MAX|"
+                            r"HIST_TTL_S|HIST_TTL|MAX_QUEUE|MAX_LEASE|MAX_OWNER|MAX_SVC_LABELS)\b")
 _SERVICE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 #: The longest lease there is (10 years), whatever ``scheduler.max_ttl`` says (0 = no limit

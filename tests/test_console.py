@@ -306,3 +306,16 @@ def test_other_sites_cannot_drive_admin_actions_even_with_auth_off(client):
     assert client.post("/admin/nodes/node-a/cordon",
                        headers={"Origin": "http://localhost:8080"}).status_code == 200
     assert client.post("/admin/nodes/node-a/uncordon").status_code == 200  # no Origin: a script
+
+
+def test_state_shows_the_head_of_a_long_queue_and_its_whole_depth(client, monkeypatch):
+    from app.api import console
+    monkeypatch.setattr(console, "QUEUE_SHOWN", 2)
+    client.post("/gpu/allocate", json={"service_name": "all", "workload_data": {
+        "required_gpus": 8}})
+    ids = [client.post("/gpu/allocate", json={"service_name": f"q{i}"}).get_json()["id"]
+           for i in range(3)]
+    state = client.get("/console/state").get_json()
+    assert [q["request_id"] for q in state["queue"]] == ids[:2]
+    assert state["counts"]["queue_depth"] == 3 and state["counts"]["allocations_active"] == 1
+    assert sum(len(g["holders"]) for g in state["nodes"][0]["gpus"]) == 8

@@ -71,7 +71,7 @@ def _node_json(node: dict, snap: dict | None = None) -> dict:
 
 
 def _one_node(name: str) -> dict:
-    snap = _engine().snapshot()
+    snap = _engine().snapshot(queue=False)
     for node in snap["nodes"]:
         if node["name"] == name:
             return _node_json(node, snap)
@@ -84,7 +84,7 @@ def _one_node(name: str) -> dict:
 @errors(401, 403, 503)
 def nodes():
     """Every node the engine knows, alive or not."""
-    snap = _engine().snapshot()
+    snap = _engine().snapshot(queue=False)
     return jsonify(nodes=[_node_json(n, snap) for n in snap["nodes"]])
 
 

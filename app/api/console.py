@@ -25,6 +25,8 @@ bp = Blueprint("console", __name__)
 POLL_MS = 2000
 #: Latest events shown.
 EVENTS_SHOWN = 40
+#: Queued requests shown (the head of the queue; the counts give the whole depth).
+QUEUE_SHOWN = 200
 #: Headers of every HTML page here: our own scripts and styles only, no framing.
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
@@ -61,9 +63,11 @@ def fleet():
 def state():
     """Nodes with their GPUs and holders, the queue with reasons, the latest events."""
     engine = current_app.extensions["gpu_engine"]
-    snap = engine.snapshot()
-    out: dict[str, Any] = render.fleet(snap, engine.latest_events(EVENTS_SHOWN),
-                                             engine.counts(nodes=True))
+    counts = engine.counts(nodes=True)
+    # every live allocation (at most one per GPU share) and the head of the queue: the page's
+    # cost must not grow with a long queue
+    snap = engine.snapshot(limit=counts["allocations_active"] + QUEUE_SHOWN)
+    out: dict[str, Any] = render.fleet(snap, engine.latest_events(EVENTS_SHOWN), counts)
     out["viewer"] = {"principal": auth.current_principal(), "admin": auth.current_is_admin(),
                      "auth": _settings().auth.enabled}
     resp = jsonify(out)
