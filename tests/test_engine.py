@@ -442,6 +442,7 @@ def test_reap_expires_leases_and_times_out_the_queue(make_engine, clock, redis):
                              webhook_url="http://h/y", webhook_events=["timed_out"]))
     q2 = engine.allocate(req())
     clock.advance(60)
+    engine.report_node("a", gpu_list(1))  # the monitor keeps the heartbeat fresh
     out = engine.reap()
     assert out["timed_out"] == [q1["id"]] and out["expired"] == []
     clock.advance(50)

@@ -229,6 +229,24 @@ def test_shared_holders_are_told_too(engine, redis):
         [s2["id"]]  # only s2 has a webhook_url
 
 
+def test_holders_are_told_once_when_their_node_goes_silent(engine, clock, redis):
+    engine.report_node("a", gpu_list(2))
+    a = engine.allocate(req(required_gpus=2, webhook_url="http://127.0.0.1:9/a"))
+    assert engine.reap()["expired"] == []
+    assert [o for o in outbox(engine, redis) if o["event"] == "gpu_unhealthy"] == []
+    clock.advance(engine.settings.scheduler.node_heartbeat_timeout + 1)
+    engine.reap()
+    engine.reap()
+    hooks = [o for o in outbox(engine, redis) if o["event"] == "gpu_unhealthy"]
+    assert len(hooks) == 1 and hooks[0]["request_id"] == a["id"]
+    assert sorted(g["index"] for g in hooks[0]["gpus"]) == sorted(a["gpu_ids"])
+    assert {g["health"] for g in hooks[0]["gpus"]} == {"lost"}
+    engine.report_node("a", gpu_list(2))  # back; a second silence is a second notice
+    clock.advance(engine.settings.scheduler.node_heartbeat_timeout + 1)
+    engine.reap()
+    assert len([o for o in outbox(engine, redis) if o["event"] == "gpu_unhealthy"]) == 2
+
+
 # --------------------------------------------------------------------------- priority
 
 def test_priority_change_moves_a_queued_request_and_can_grant_it(engine):

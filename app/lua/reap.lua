@@ -6,7 +6,9 @@
   KEYS[1], ARGV[1]: the common block (includes/prelude.lua).
   ARGV[A+1] most of each kind to end in one call
   Returns: {expired ids, timed-out ids, granted records, forgotten nodes, lost allocation ids}
-  Guarantees: a forgotten node's allocations end as lost (includes/nodes.lua, forget_node).
+  Guarantees: when a node goes silent, the holders of its allocations get one gpu_unhealthy
+  notice (every GPU lost) per silence; a forgotten node's allocations end as lost
+  (includes/nodes.lua, forget_node).
 ]]
 -- @include prelude
 -- @include nodes
@@ -15,6 +17,25 @@ local expired = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', NOW_S, 'LIMIT', 0,
 for _, id in ipairs(expired) do finish_alloc(id, 'expired') end
 local timed_out = redis.call('ZRANGEBYSCORE', K_QDEAD, '-inf', NOW_S, 'LIMIT', 0, limit)
 for _, id in ipairs(timed_out) do finish_queued(id, 'timed_out') end
+-- a node that just went silent: its GPUs are lost to their holders (one notice per silence;
+-- report_node clears the mark when the node reports again)
+for _, node in ipairs(redis.call('ZRANGEBYSCORE', K_NODES, '-inf',
+    '(' .. ftime(NOW - HB_TIMEOUT), 'LIMIT', 0, 100)) do
+  local nk = k_node(node)
+  if redis.call('HGET', nk, 'silence_told') ~= '1' then
+    redis.call('HSET', nk, 'silence_told', '1')
+    local affected, ids = {}, {}
+    for _, id in ipairs(allocs_on(node, nil)) do
+      local gpus = {}
+      for _, i in ipairs(cjson.decode(redis.call('HGET', k_req(id), 'gpu_ids') or '[]')) do
+        gpus[#gpus + 1] = {index = i, health = 'lost'}
+      end
+      affected[id] = gpus
+      ids[#ids + 1] = id
+    end
+    notify_unhealthy(node, affected, ids)
+  end
+end
 local forgotten, lost = {}, {}
 if FORGET_AFTER > 0 then
   local silent = redis.call('ZRANGEBYSCORE', K_NODES, '-inf', '(' .. ftime(NOW - FORGET_AFTER),

@@ -115,8 +115,8 @@ end
 notify_unhealthy(node, affected, affected_ids)
 
 table.sort(list, function(a, b) return tonumber(a) < tonumber(b) end)
-redis.call('HSET', nk, 'name', node, 'heartbeat', NOW_S, 'gpu_count', #list,
-  'backend', backend, 'host', host, 'indexes', table.concat(list, ','))
+redis.call('HSET', nk, 'name', node, 'heartbeat', NOW_S, 'silence_told', '0',
+  'gpu_count', #list, 'backend', backend, 'host', host, 'indexes', table.concat(list, ','))
 redis.call('ZADD', K_SIZES, #list, node)
 if redis.call('ZSCORE', K_FREE, node) == false then redis.call('ZADD', K_FREE, 0, node) end
 redis.call('HSET', K_META, 'max_node_gpus', top_score(K_SIZES), 'max_gpu_mb', top_score(K_GPUS),
