@@ -180,7 +180,9 @@ def test_the_grant_webhooks_allocation_has_the_fields_of_a_200_answer(app, clien
     assert allocation["node"] == "node-a" and len(allocation["gpu_uuids"]) == 1
     assert allocation["expires_at"] and allocation["cuda_visible_devices"] == str(
         allocation["gpu_ids"][0])
-    assert allocation == client.get(f"/gpu/allocations/{rid}").get_json()
+    got = client.get(f"/gpu/allocations/{rid}").get_json()
+    assert got.pop("gpu_health") == [{"index": allocation["gpu_ids"][0], "health": "ok"}]
+    assert allocation == got  # gpu_health is the GPUs' state now, only on GET
 
 
 def test_the_python_client_reads_a_polled_grant(client):
