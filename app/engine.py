@@ -509,8 +509,12 @@ class Engine:
     def gpu_health(self, rec: dict) -> list[dict] | None:
         """Health of each GPU under an allocation: ok, degraded, failed, or lost (the node
         stopped reporting it, or the node itself is silent or forgotten)."""
-        node, ids = rec.get("node"), rec.get("gpu_ids") or []
-        if not node or not ids:
+        node, raw = rec.get("node"), rec.get("gpu_ids")
+        if not node or not isinstance(raw, list) or not raw:
+            return None
+        try:
+            ids = [int(i) for i in raw]
+        except (TypeError, ValueError, OverflowError):  # a damaged record: no health to show
             return None
         pipe = self.redis.pipeline(transaction=False)
         for idx in ids:
@@ -521,7 +525,7 @@ class Engine:
         for idx, (health, lost) in zip(ids, rows):
             if health is None or lost == "1" or not alive:
                 health = "lost"
-            out.append({"index": int(idx), "health": health})
+            out.append({"index": idx, "health": health})
         return out
 
     def _node_alive(self, node: str) -> bool:

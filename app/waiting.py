@@ -44,7 +44,10 @@ def explain(snapshot: dict[str, Any]) -> dict[str, dict[str, Any]]:
     queued = {q["id"]: q for q in snapshot["queue"]}
     out = {}
     for q in snapshot["queue"]:
-        out[q["id"]] = _one(q, now, gpus_by_node, lease_end, live, queued)
+        try:
+            out[q["id"]] = _one(q, now, gpus_by_node, lease_end, live, queued)
+        except (TypeError, ValueError, OverflowError):  # a damaged record: say so, show the rest
+            out[q["id"]] = {"reason": "unknown (its stored record is damaged)", "eta": None}
     return out
 
 

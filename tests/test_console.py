@@ -319,3 +319,15 @@ def test_state_shows_the_head_of_a_long_queue_and_its_whole_depth(client, monkey
     assert [q["request_id"] for q in state["queue"]] == ids[:2]
     assert state["counts"]["queue_depth"] == 3 and state["counts"]["allocations_active"] == 1
     assert sum(len(g["holders"]) for g in state["nodes"][0]["gpus"]) == 8
+
+
+def test_a_damaged_record_does_not_break_the_console(app, client, redis):
+    a = client.post("/gpu/allocate", json={"service_name": "x"}).get_json()
+    redis.hset(app.extensions["gpu_engine"].keys.request(a["id"]), "gpu_ids", "[1e999]")
+    client.post("/gpu/allocate", json={"service_name": "all", "workload_data": {
+        "required_gpus": 7}})
+    q = client.post("/gpu/allocate", json={"service_name": "waits"}).get_json()
+    redis.hset(app.extensions["gpu_engine"].keys.request(q["id"]), "min_memory_mb", "1e999")
+    state = client.get("/console/state")
+    assert state.status_code == 200 and len(state.get_json()["queue"]) == 1
+    assert client.get("/gpu/allocations/" + a["id"]).status_code == 200

@@ -98,8 +98,8 @@ def fleet(snap: dict[str, Any], events: list[dict[str, Any]],
 
     holders: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for a in snap["allocations"]:
-        for idx in a.get("gpu_ids") or []:
-            holders.setdefault((a.get("node") or "", int(idx)), []).append({
+        for idx in _int_list(a.get("gpu_ids")) or []:  # a damaged record shows no GPUs
+            holders.setdefault((a.get("node") or "", idx), []).append({
                 "request_id": a["id"], "service_name": a.get("service_name"),
                 "owner": a.get("owner"), "sharing": a.get("sharing") or "exclusive",
                 "since": iso(a.get("allocated_at")),
