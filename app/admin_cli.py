@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Any, Callable
 from urllib.parse import quote
 
@@ -158,9 +159,20 @@ def _do(args) -> tuple[Any, str, int]:
     if cmd == "drain":
         if not 0 <= args.timeout <= 600:
             raise AdminError("--timeout must be 0..600 seconds", 2)
-        query = f"?wait=true&timeout={args.timeout:g}" if args.wait else ""
-        data = _call("POST", f"/admin/nodes/{quote(args.node, safe='')}/drain{query}",
-                     timeout=TIMEOUT + (args.timeout if args.wait else 0))
+        path = f"/admin/nodes/{quote(args.node, safe='')}/drain"
+        if not args.wait:
+            data = _call("POST", path)
+        else:
+            # the server may answer before the timeout (it lets a held thread go when it needs
+            # it): ask again with what is left, so --timeout is the one deadline
+            deadline = time.monotonic() + args.timeout
+            while True:
+                left_s = max(deadline - time.monotonic(), 0.0)
+                data = _call("POST", f"{path}?wait=true&timeout={left_s:.3f}",
+                             timeout=TIMEOUT + left_s)
+                if data.get("drained") or left_s <= 0:
+                    break
+                time.sleep(min(0.5, left_s))
         left = data.get("allocations") or []
         if data.get("drained"):
             return data, f"{args.node}: drained (cordoned, no allocations left)", 0

@@ -71,7 +71,9 @@ class SessionManager:
                         self._secret = self._configured.encode()
                     else:
                         self._redis.set(self._secret_key, secrets.token_hex(32), nx=True)
-                        self._secret = str(self._redis.get(self._secret_key)).encode()
+                        value = self._redis.get(self._secret_key)
+                        self._secret = value if isinstance(value, bytes) else \
+                            str(value).encode()
         return self._secret
 
     def _serializer(self) -> URLSafeTimedSerializer:

@@ -331,3 +331,21 @@ def test_a_damaged_record_does_not_break_the_console(app, client, redis):
     state = client.get("/console/state")
     assert state.status_code == 200 and len(state.get_json()["queue"]) == 1
     assert client.get("/gpu/allocations/" + a["id"]).status_code == 200
+
+
+def test_a_held_drain_lets_its_thread_go_when_the_worker_needs_it(make_app):
+    """Like a long-poll, a drain waiting with ?wait=true answers (drained: false) as soon as a
+    request takes its worker's last idle thread, instead of starving other clients."""
+    app = make_app(nodes=(("node-a", 1),), server={"threads": 2})
+    client = app.test_client()
+    client.post("/gpu/allocate", json={"service_name": "x"})
+    answers = []
+    held = threading.Thread(target=lambda: answers.append(client.post(
+        "/admin/nodes/node-a/drain?wait=true&timeout=30").get_json()))
+    t0 = time.monotonic()
+    held.start()
+    time.sleep(0.5)
+    assert held.is_alive()  # held: one of the two threads
+    assert app.test_client().get("/healthz").status_code == 200  # takes the last one
+    held.join(10)
+    assert answers and answers[0]["drained"] is False and time.monotonic() - t0 < 10

@@ -133,12 +133,34 @@ def drain_node(node: str):
     wait, timeout = _wait_args()
     engine = _engine()
     engine.cordon_node(node, True, drain=True, principal=_by())
-    deadline = time.monotonic() + timeout
-    while wait and engine.node_allocations(node) and time.monotonic() < deadline:
-        time.sleep(min(DRAIN_POLL, max(deadline - time.monotonic(), 0.0)))
+    if wait and timeout > 0 and engine.node_allocations(node):
+        _hold_until_empty(engine, node, time.monotonic() + timeout)
     out = _one_node(node)
     out["drained"] = not out["allocations"]
     return jsonify(out)
+
+
+def _hold_until_empty(engine, node: str, deadline: float) -> None:
+    """Wait (polling the leases every DRAIN_POLL s) until the node holds no allocation or the
+    deadline passes. The wait sits on a worker thread, so it follows the long-polls' thread
+    budget (app/longpoll.py): it is only held while another thread of this worker is idle,
+    and lets go when a request needs the last one; the answer then says ``drained: false``
+    and the client asks again (``gpu-orchestrator admin drain --wait`` does)."""
+    from app.longpoll import Waiter
+
+    poll = current_app.extensions.get("gpu_longpoll")
+    w = Waiter(f"drain:{node}")
+    if poll is not None and not poll.holds.hold(w):
+        return
+    try:
+        while engine.node_allocations(node) and not w.evicted:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            w.event.wait(min(DRAIN_POLL, remaining))
+    finally:
+        if poll is not None:
+            poll.holds.unhold(w)
 
 
 @blp.route("/nodes/<node>", methods=["DELETE"])
