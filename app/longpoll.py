@@ -45,8 +45,9 @@ log = logging.getLogger("gpu_orchestrator.longpoll")
 MAX_WAIT = 60.0
 #: The listener stops this many seconds after the last held call ended.
 IDLE_EXIT = 30.0
-#: A held call answers at once when the listener could not subscribe within this many seconds.
-SUBSCRIBE_TIMEOUT = 2.0
+#: A held call answers at once (a fresh read) when the listener could not subscribe within this
+#: many seconds.
+SUBSCRIBE_TIMEOUT = 5.0
 #: Longest single read of the Pub/Sub connection (the listener looks at its state in between).
 READ_BLOCK = 1.0
 
@@ -240,9 +241,12 @@ class LongPoll:
         deadline = time.monotonic() + timeout
         w = self.listener.watch(request_id)
         if w is None:
-            return rec
+            log.warning("long-poll of %s answered at once: no subscription within %.0fs",
+                        request_id, SUBSCRIBE_TIMEOUT)
+            return read()  # answer now, with what is true now
         try:
             if not self.holds.hold(w):
+                log.debug("long-poll of %s answered at once: no idle thread", request_id)
                 return rec
             try:
                 rec = read()  # after subscribing: a change before this read is seen here
