@@ -16,8 +16,10 @@ Race notes (one held call, one release on another replica):
   and only then wait. A change published before the second read is seen by that read; one
   published after it reaches the listener and sets the event (an event set before ``wait``
   makes ``wait`` return at once).
-* Redis goes away (or drops the Pub/Sub connection): the listener lets every held call go and
-  exits; each call reads the record again and answers it (503 if Redis is still gone, like any
+* the Pub/Sub connection drops and redis-py reconnects and subscribes again on its own: a
+  change published in between is lost, so on a second subscription the listener lets every
+  held call go (each answers what it reads then; clients ask again).
+* Redis goes away for good: the listener lets every held call go and exits; each call reads the record again and answers it (503 if Redis is still gone, like any
   other read). Nothing would wake a call that went on waiting. The next held call starts a new
   listener.
 
@@ -71,7 +73,8 @@ class _Run:
     """One listener thread's life: its subscription state."""
 
     def __init__(self):
-        self.ready = threading.Event()
+        self.ready = threading.Event()  # subscribed, or failed
+        self.failed = False
 
 
 class ChangeListener:
@@ -97,7 +100,7 @@ class ChangeListener:
                 run = self._run = _Run()
                 threading.Thread(target=self._listen, args=(run,), name="longpoll-listener",
                                  daemon=True).start()
-        if not run.ready.wait(timeout):
+        if not run.ready.wait(timeout) or run.failed:
             self.unwatch(w)
             return None
         return w
@@ -143,6 +146,11 @@ class ChangeListener:
                             data = data.decode()
                         self._wake(data.rpartition("|")[0])
                     elif kind == "subscribe":
+                        if run.ready.is_set():
+                            # redis-py reconnected and subscribed again by itself: whatever
+                            # was published in between is lost, so the held calls read again
+                            with self._lock:
+                                self._let_go_all()
                         run.ready.set()
                     continue
                 with self._lock:
@@ -154,6 +162,8 @@ class ChangeListener:
             with self._lock:
                 if self._run is run:
                     self._run = None
+                run.failed = True
+                run.ready.set()  # a watch() waiting for the subscription gives up now
                 self._let_go_all()
         finally:
             if pubsub is not None:
