@@ -34,8 +34,11 @@ from typing import Any, Callable
 from app.errors import (Conflict, Forbidden, NotFound, OrchestratorError, OwnerQueueFull,
                         PayloadTooLarge, QueueFull, Unsatisfiable, ValidationFailed)
 from app.keys import Keys
+from app.replication import write_acked
 
 LUA_DIR = Path(__file__).with_name("lua")
+#: Scripts that write nothing: no replica acknowledgement to wait for (redis.min_replicas_ack).
+READ_ONLY_SCRIPTS = frozenset({"snapshot", "counts"})
 SCRIPTS = ("allocate", "release", "release_service", "renew", "cancel", "schedule", "reap",
            "report_node", "cordon", "forget", "priority", "snapshot", "counts")
 _INCLUDE = re.compile(r"^-- @include (\w+)\s*$", re.M)
@@ -409,7 +412,14 @@ class Engine:
 
     def _run(self, name: str, *args, ctx: dict | None = None):
         now = "" if self.clock is None else repr(float(self.clock()))
-        res = self._script(name)(keys=self._meta_key, args=[now, *args])
+        script, acks = self._script(name), self.settings.redis.min_replicas_ack
+        if acks and name not in READ_ONLY_SCRIPTS:
+            res = write_acked(self.redis, ("EVALSHA", script.sha, len(self._meta_key),
+                                           *self._meta_key, now, *args),
+                              acks, self.settings.redis.replica_ack_timeout,
+                              reload=lambda: self.redis.script_load(script.script))
+        else:
+            res = script(keys=self._meta_key, args=[now, *args])
         if isinstance(res, list) and res and isinstance(res[0], int) and res[0] < 0:
             code = res[0]
             if code == _RETRY_ID:

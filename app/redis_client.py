@@ -4,8 +4,9 @@ from __future__ import annotations
 import select
 
 import redis
+from redis.sentinel import Sentinel, SentinelConnectionPool
 
-from app.settings import Settings
+from app.settings import SENTINEL_SCHEME, SentinelTarget, Settings, sentinel_target
 
 
 def _readable(sock) -> bool:
@@ -65,12 +66,38 @@ class LeanConnectionPool(redis.ConnectionPool):
 
 
 def connect(url: str, settings: Settings | None = None, *, decode: bool = True) -> redis.Redis:
-    """A client for ``url``. The engine wants ``decode=True``; RQ needs raw bytes (``False``)."""
+    """A client for ``url``. The engine wants ``decode=True``; RQ needs raw bytes (``False``).
+
+    A ``redis+sentinel://`` URL gives a client of the current primary: each new connection
+    asks the sentinels where it is, so after a failover the connections to the old primary
+    fail once (the caller sees a ConnectionError: a 503, a retried job) and the next command
+    reaches the new one, with no restart.
+    """
     timeout = settings.redis.socket_timeout if settings else 5.0
     max_conn = settings.redis.max_connections if settings else 64
+    if url.startswith(SENTINEL_SCHEME + "://"):
+        return _sentinel_client(sentinel_target(settings, url), decode, timeout, max_conn)
     pool = LeanConnectionPool.from_url(
         url, decode_responses=decode, socket_timeout=timeout, socket_connect_timeout=timeout,
         max_connections=max_conn, health_check_interval=30, retry_on_timeout=False)
     client = redis.Redis(connection_pool=pool)
     client.auto_close_connection_pool = True  # as Redis.from_url: close() closes the pool
+    return client
+
+
+def _sentinel_client(target: SentinelTarget, decode: bool, timeout: float,
+                     max_conn: int) -> redis.Redis:
+    """A client of the primary that ``target``'s sentinels name (redis-py's documented
+    ``Sentinel`` and ``SentinelConnectionPool``). The stock pool is used here, not the lean
+    one: its connections re-resolve the primary when they connect."""
+    password = target.password or None
+    manager = Sentinel(list(target.sentinels),
+                       sentinel_kwargs={"password": password, "socket_timeout": timeout,
+                                        "socket_connect_timeout": timeout})
+    pool = SentinelConnectionPool(
+        target.master_name, manager, password=password, db=target.db, decode_responses=decode,
+        socket_timeout=timeout, socket_connect_timeout=timeout, max_connections=max_conn,
+        health_check_interval=30, retry_on_timeout=False)
+    client = redis.Redis(connection_pool=pool)
+    client.auto_close_connection_pool = True
     return client

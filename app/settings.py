@@ -184,6 +184,10 @@ def redact_url(url: str) -> str:
     """Hide the password (and a lone token user) in a URL, keep the rest readable."""
     if not url:
         return url
+    if url.startswith(SENTINEL_SCHEME + "://"):  # several host:port, which urlsplit rejects
+        rest = url[len(SENTINEL_SCHEME) + 3:]
+        auth, at, hosts = rest.rpartition("@")
+        return f"{SENTINEL_SCHEME}://{REDACTED}@{hosts}" if at and auth else url
     parts = urlsplit(url)
     if parts.password is None and not parts.username:
         return url
@@ -203,6 +207,9 @@ def Url(default, schemes, doc="", optional=True):
             raise ValueError(v)
         if v == "" and optional:
             return ""
+        if SENTINEL_SCHEME in schemes and v.startswith(SENTINEL_SCHEME + "://"):
+            parse_sentinel_url(v)
+            return v
         parts = urlsplit(v)
         if parts.scheme not in schemes:
             raise ValueError(v)
@@ -211,6 +218,86 @@ def Url(default, schemes, doc="", optional=True):
         return v.rstrip("/") if parts.scheme in ("http", "https") else v
     return Opt(default, convert, "a URL with scheme " + " or ".join(schemes),
                show=redact_url, doc=doc, redact_got=_redact_got_url)
+
+
+SENTINEL_SCHEME = "redis+sentinel"
+_HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})")
+
+
+@dataclass(frozen=True)
+class SentinelTarget:
+    """Where a Sentinel-managed Redis is: its sentinels, the master's name, db and password."""
+
+    master_name: str
+    sentinels: tuple[tuple[str, int], ...]
+    db: int = 0
+    password: str = ""
+
+
+def _host_port(text: Any) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port``) as a pair; ValueError naming the bad entry."""
+    m = _HOST_PORT.fullmatch(text) if isinstance(text, str) else None
+    if not m or not 1 <= int(m.group(2)) <= 65535:
+        raise ValueError(f"{text!r} is not host:port")
+    return m.group(1).strip("[]"), int(m.group(2))
+
+
+def parse_sentinel_url(url: str) -> SentinelTarget:
+    """``redis+sentinel://[:password@]host:port[,host:port...]/master_name[/db]``, the form
+    rq-dashboard (redis-sentinel-url) reads too; ValueError when malformed."""
+    rest = url[len(SENTINEL_SCHEME) + 3:]
+    netloc, _, path = rest.partition("/")
+    auth, _, hosts = netloc.rpartition("@")
+    password = auth.partition(":")[2] if auth else ""
+    sentinels = tuple(_host_port(h) for h in hosts.split(","))
+    parts = [p for p in path.split("?")[0].split("/") if p]
+    if not parts or len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+        raise ValueError("expected /master_name or /master_name/db after the sentinels")
+    return SentinelTarget(parts[0], sentinels, int(parts[1]) if len(parts) == 2 else 0,
+                          password)
+
+
+def sentinel_url(cfg: Mapping[str, Any]) -> str:
+    """The ``redis+sentinel://`` URL for a ``redis.sentinel`` mapping, password left out
+    (it stays in settings, so no URL handed to a child process or a log carries it)."""
+    return (f"{SENTINEL_SCHEME}://{','.join(cfg['sentinels'])}/{cfg['master_name']}")
+
+
+def sentinel_target(settings: "Settings", url: str) -> SentinelTarget:
+    """The target for a sentinel URL; the password from the URL, else ``redis.sentinel``."""
+    target = parse_sentinel_url(url)
+    if not target.password and settings is not None:
+        target = SentinelTarget(target.master_name, target.sentinels, target.db,
+                                settings.redis.sentinel["password"])
+    return target
+
+
+_NO_SENTINEL = {"master_name": "", "sentinels": [], "password": ""}
+
+
+def _sentinel(v: Any) -> dict:
+    """Validate ``redis.sentinel``: {master_name, sentinels: [host:port, ...], password?}."""
+    if v is None or v == {}:
+        return dict(_NO_SENTINEL)
+    if not isinstance(v, dict):
+        raise ValueError(v)
+    unknown = set(v) - set(_NO_SENTINEL)
+    if unknown:
+        raise ValueError(f"unknown key {sorted(unknown)[0]}")
+    name, sentinels, password = v.get("master_name"), v.get("sentinels"), v.get("password")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ValueError("master_name must be a name of [A-Za-z0-9_.-]")
+    if not isinstance(sentinels, list) or not sentinels:
+        raise ValueError("sentinels must be a non-empty list of host:port")
+    for entry in sentinels:
+        _host_port(entry)
+    if password is not None and not isinstance(password, str):
+        raise ValueError("password must be a string")
+    return {"master_name": name, "sentinels": list(sentinels), "password": password or ""}
+
+
+def _show_sentinel(v: dict) -> dict:
+    return {**v, "password": REDACTED if v.get("password") else ""}
 
 
 def _redact_got_url(value: Any) -> Any:
@@ -414,8 +501,21 @@ SPEC: dict[str, dict[str, Any]] = {
         "level": Choice("INFO", ("DEBUG", "INFO", "WARNING", "ERROR"), doc="lowest level logged"),
     },
     "redis": {
-        "url": Url("", ("redis", "rediss", "unix"),
-                   doc="empty: start the embedded server, Valkey or Redis (env REDIS_URL)"),
+        "url": Url("", ("redis", "rediss", "unix", SENTINEL_SCHEME),
+                   doc="empty: start the embedded server, Valkey or Redis (env REDIS_URL); "
+                       "redis+sentinel://[:password@]host:port,.../master_name[/db] follows "
+                       "a Sentinel-managed primary"),
+        "sentinel": Opt(dict(_NO_SENTINEL), _sentinel,
+                        "a mapping {master_name, sentinels: [host:port, ...], password}",
+                        show=_show_sentinel, redact_got=lambda v: REDACTED,
+                        doc="Redis behind Sentinel (used when url is empty): every role asks "
+                            "the sentinels for the primary and follows a failover; password "
+                            "authenticates to the sentinels and to Redis"),
+        "min_replicas_ack": Int(0, 0, 16,
+                                doc="each engine write waits (WAIT) until this many replicas "
+                                    "have it before answering; not acknowledged: 503"),
+        "replica_ack_timeout": Duration("1s", 0.001, 60,
+                                        doc="longest a write waits for min_replicas_ack"),
         "prefix": Str("{gpuo}", pattern=r"[A-Za-z0-9_:{}.-]+",
                       expected="a key prefix of [A-Za-z0-9_:{}.-]",
                       doc="every key starts with this; keep one {hash tag} for Redis Cluster"),
@@ -584,6 +684,7 @@ class Settings:
         values = self.as_dict()
         for section, changes in overrides.items():
             _merge(values, {section: dict(changes)}, SPEC, "override", [])
+        _sentinel_default_url(values, "override")
         return Settings(values, self.path)
 
 
@@ -636,6 +737,16 @@ def _merge(target: dict, raw: Any, spec: dict, source: str, path: list[str]):
                               show_got=not opt.secret) from None
 
 
+def _sentinel_default_url(values: dict, source: str) -> None:
+    """With ``redis.sentinel`` set and no URL, the URL every role uses is the sentinel one."""
+    red = values["redis"]
+    if red["sentinel"]["master_name"]:
+        if red["url"] and not red["url"].startswith(SENTINEL_SCHEME + "://"):
+            raise ConfigError(source, "redis.url", "empty or a redis+sentinel:// URL when "
+                              "redis.sentinel is set", redact_url(red["url"]))
+        red["url"] = red["url"] or sentinel_url(red["sentinel"])
+
+
 def _check_consistency(values: dict, source: str):
     for wtype, w in values["workload_defaults"].items():
         if w["xlarge_batch_size"] < w["large_batch_size"]:
@@ -652,6 +763,7 @@ def _check_consistency(values: dict, source: str):
         raise ConfigError(source, "scheduler.node_forget_after",
                           "0 (never) or a duration longer than node_heartbeat_timeout",
                           format_duration(sched["node_forget_after"]))
+    _sentinel_default_url(values, source)
     for key in values["auth"]["api_keys"]:
         if key.startswith("sha256:") and not re.fullmatch(r"sha256:[0-9a-fA-F]{64}", key):
             raise ConfigError(source, "auth.api_keys", "sha256: followed by 64 hex digits",

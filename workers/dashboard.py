@@ -9,6 +9,9 @@ Notes on rq-dashboard 0.9:
 - It imports ``six`` without declaring it; ``setup.cfg`` lists it.
 - ``RQ_DASHBOARD_REDIS_URL`` is set as a list (one instance), which its templates expect.
 - Job deletion (delete, empty queue) is disabled unless ``dashboard.allow_delete`` is true.
+- A ``redis+sentinel://`` URL is read by its own parser (redis-sentinel-url, same URL form as
+  ours), which builds a ``Sentinel(...).master_for`` client; the password comes from
+  ``redis.sentinel.password`` through its ``RQ_DASHBOARD_REDIS_(SENTINEL_)PASSWORD`` settings.
 - It reads jobs with a module-wide serializer; we set it to RQ's JSON serializer, the one every
   role of this service uses. That setting is process-wide, which is fine: one process serves one
   deployment.
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.settings import Settings
+from app.settings import SENTINEL_SCHEME, Settings, sentinel_target
 from workers import queues
 
 URL_PREFIX = "/rq"
@@ -31,6 +34,10 @@ def init_app(app: Any, settings: Settings, redis_url: str) -> bool:
     from rq_dashboard import web
 
     app.config["RQ_DASHBOARD_REDIS_URL"] = [redis_url]
+    if redis_url.startswith(SENTINEL_SCHEME + "://"):  # it follows the primary by itself
+        password = sentinel_target(settings, redis_url).password or None
+        app.config["RQ_DASHBOARD_REDIS_SENTINEL_PASSWORD"] = password
+        app.config["RQ_DASHBOARD_REDIS_PASSWORD"] = password
     app.config["RQ_DASHBOARD_DISABLE_DELETE"] = not settings.dashboard.allow_delete
     app.config.setdefault("RQ_DASHBOARD_POLL_INTERVAL", 2500)
     web.config.serializer = queues.SERIALIZER
