@@ -275,7 +275,19 @@ def sentinel_target(settings: "Settings", url: str) -> SentinelTarget:
 _NO_SENTINEL = {"master_name": "", "sentinels": [], "password": ""}
 
 
+_SENTINEL_EXPECTED = "a mapping {master_name, sentinels: [host:port, ...], password}"
+
+
 def _sentinel(v: Any) -> dict:
+    """``redis.sentinel``, its problem named (``_Bad``: shown in the one-line error)."""
+    try:
+        return _check_sentinel(v)
+    except ValueError as exc:
+        detail = str(exc) if isinstance(v, dict) and str(exc) != repr(v) else ""
+        raise _Bad(f"{_SENTINEL_EXPECTED}" + (f" ({detail})" if detail else "")) from None
+
+
+def _check_sentinel(v: Any) -> dict:
     """Validate ``redis.sentinel``: {master_name, sentinels: [host:port, ...], password?}."""
     if v is None or v == {}:
         return dict(_NO_SENTINEL)
@@ -505,8 +517,7 @@ SPEC: dict[str, dict[str, Any]] = {
                    doc="empty: start the embedded server, Valkey or Redis (env REDIS_URL); "
                        "redis+sentinel://[:password@]host:port,.../master_name[/db] follows "
                        "a Sentinel-managed primary"),
-        "sentinel": Opt(dict(_NO_SENTINEL), _sentinel,
-                        "a mapping {master_name, sentinels: [host:port, ...], password}",
+        "sentinel": Opt(dict(_NO_SENTINEL), _sentinel, _SENTINEL_EXPECTED,
                         show=_show_sentinel, redact_got=lambda v: REDACTED,
                         doc="Redis behind Sentinel (used when url is empty): every role asks "
                             "the sentinels for the primary and follows a failover; password "
