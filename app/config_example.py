@@ -24,6 +24,11 @@ EXAMPLES = {
         '"your-secret-key-1": training-service      # key: principal',
         '"sha256:<64 hex digits of sha256(key)>": inference-service',
     ],
+    ("redis", "sentinel"): [
+        "master_name: mymaster",
+        'sentinels: ["10.0.0.11:26379", "10.0.0.12:26379", "10.0.0.13:26379"]',
+        "password: change-me     # authenticates to the sentinels and to Redis; never shown",
+    ],
     ("monitoring", "simulated"): [
         "dynamic: false          # true: telemetry drifts with load; false: values stay as written",
         "nodes:",

@@ -289,7 +289,7 @@ def _sentinel(v: Any) -> dict:
 
 def _check_sentinel(v: Any) -> dict:
     """Validate ``redis.sentinel``: {master_name, sentinels: [host:port, ...], password?}."""
-    if v is None or v == {}:
+    if v is None or v == {} or v == _NO_SENTINEL:  # off (the shipped example spells it out)
         return dict(_NO_SENTINEL)
     if not isinstance(v, dict):
         raise ValueError(v)
