@@ -35,6 +35,7 @@ def create_app(settings: settings_mod.Settings | None = None, *, redis: Any = No
     from app.dispatcher import OutboxDispatcher
     from app.engine import Engine
     from app.redis_client import connect
+    from app.webhook_policy import Policy
     from app.workload import WorkloadAnalyzer
 
     settings = settings or settings_mod.load()
@@ -56,6 +57,7 @@ def create_app(settings: settings_mod.Settings | None = None, *, redis: Any = No
                                         if rq_redis else None)
     engine = Engine(redis, settings, clock=clock)
     app.extensions["gpu_engine"] = engine
+    app.extensions["gpu_webhook_policy"] = Policy.from_settings(settings)
     app.extensions["gpu_analyzer"] = WorkloadAnalyzer.from_settings(
         settings, fleet_limits=_cached(engine.fleet_limits, FLEET_LIMITS_TTL))
 

@@ -20,6 +20,14 @@ HEADER = """\
 
 #: Commented examples shown under an option, for values whose default is empty.
 EXAMPLES = {
+    ("webhooks", "allowed_hosts"): [
+        "- '*'                    # any host with a public address",
+        "- hooks.example.com      # this host, any port (even if its address is private)",
+        "- '*.corp.example'       # any name below corp.example (public addresses only)",
+        "- hooks.example.com:8443 # this host on this port only",
+        "- 10.20.0.0/16           # any receiver in this network, e.g. an internal one",
+        "- 127.0.0.0/8            # loopback: a receiver on this machine (dev, tests)",
+    ],
     ("auth", "api_keys"): [
         '"your-secret-key-1": training-service      # key: principal',
         '"sha256:<64 hex digits of sha256(key)>": inference-service',

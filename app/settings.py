@@ -180,6 +180,19 @@ def StrList(default, doc=""):
     return Opt(list(default), convert, "a list of strings", doc=doc)
 
 
+def HostList(default, doc=""):
+    """``webhooks.allowed_hosts``: each entry a host, ``*.suffix``, ``*``, host:port or CIDR."""
+    def convert(v):
+        from app.webhook_policy import parse_entry
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise ValueError(v)
+        for entry in v:
+            parse_entry(entry)
+        return list(v)
+    return Opt(list(default), convert, "a list of hosts, host:port, *.suffix or CIDRs",
+               doc=doc)
+
+
 def redact_url(url: str) -> str:
     """Hide the password (and a lone token user) in a URL, keep the rest readable."""
     if not url:
@@ -632,13 +645,18 @@ SPEC: dict[str, dict[str, Any]] = {
                                   "in Redis, shared by every replica"),
     },
     "webhooks": {
-        "timeout": Duration("5s", 0.1, 120, doc="time limit of one delivery attempt"),
+        "timeout": Duration("5s", 0.1, 120, doc="deadline of one delivery attempt, whole: "
+                            "lookup, connect, TLS, send, response headers"),
         "retry_intervals": DurationList(["10s", "30s", "1m", "2m", "5m", "10m", "10m", "15m",
                                          "15m"],
                                         doc="waits between tries (10 tries over about an hour)"),
         "secret": Str("", secret=True, doc="HMAC-SHA256 signing secret; empty: unsigned"),
-        "allowed_hosts": StrList([], doc="if non-empty, only these hosts receive webhooks"),
-        "deny_private_networks": Bool(False, doc="refuse loopback/private/link-local targets"),
+        "allowed_hosts": HostList([], doc="if non-empty, only these receive webhooks: host, "
+                                  "*.suffix, host:port, CIDR, or * for any host; naming a "
+                                  "host exactly or its CIDR allows it even if private"),
+        "deny_private_networks": Bool(True, doc="refuse loopback/private/link-local targets "
+                                      "unless allowed_hosts allows them explicitly"),
+        "concurrency": Int(8, 1, 256, doc="deliveries one worker process makes at once"),
     },
     "workers": {
         "maintenance_interval": Duration("30s", 1, doc="how often workers look for jobs whose "

@@ -145,6 +145,7 @@ class Topology:
             "auth": {"enabled": bool(self.api_keys), "api_keys": self.api_keys,
                      "admins": self.admins},
             "webhooks": {"timeout": "2s", "secret": self.webhook_secret,
+                         "allowed_hosts": ["127.0.0.0/8"],
                          "retry_intervals": ["1s", "1s", "2s", "2s", "3s", "3s", "5s", "5s",
                                              "5s", "5s"]},
             "workers": {"maintenance_interval": "2s", "job_timeout": "10s",

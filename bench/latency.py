@@ -123,7 +123,8 @@ def main() -> int:
     url = redis_srv.start()
     api_port = free_port()
     config = {"redis": {"url": url}, "server": {"port": api_port, "host": "127.0.0.1"},
-              "logging": {"level": "WARNING"}}
+              "logging": {"level": "WARNING"},
+              "webhooks": {"allowed_hosts": ["127.0.0.0/8"]}}  # loopback receivers only
     cfg_path = os.path.join(tmp, "config.yaml")
     with open(cfg_path, "w") as fh:
         yaml.safe_dump(config, fh)

@@ -38,6 +38,10 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+#: ``webhooks.allowed_hosts`` for tests: loopback receivers, explicitly (the default denies them).
+LOOPBACK = ["127.0.0.0/8", "::1"]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -112,9 +116,11 @@ def fake_redis():
 
 @pytest.fixture
 def settings(redis_url) -> settings_mod.Settings:
-    """Defaults pointed at the test Redis, under a key prefix unique to the test."""
+    """Defaults pointed at the test Redis, under a key prefix unique to the test; webhooks may
+    go to loopback receivers only (tests send traffic nowhere else)."""
     prefix = "{gpuo-" + uuid.uuid4().hex[:8] + "}"
-    return settings_mod.defaults().replace(redis={"url": redis_url, "prefix": prefix})
+    return settings_mod.defaults().replace(redis={"url": redis_url, "prefix": prefix},
+                                           webhooks={"allowed_hosts": LOOPBACK})
 
 
 @pytest.fixture

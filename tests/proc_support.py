@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def write_settings(tmp_path, settings, **sections) -> str:
     """A config file with the test's Redis URL and prefix plus ``sections`` overrides."""
     data = {"redis": {"url": settings.redis.url, "prefix": settings.redis.prefix},
-            "logging": {"level": "INFO"}}
+            "logging": {"level": "INFO"},
+            "webhooks": {"allowed_hosts": list(settings.webhooks.allowed_hosts)}}
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
     path = Path(tmp_path) / f"config-{len(list(Path(tmp_path).glob('config-*')))}.yaml"

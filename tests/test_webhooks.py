@@ -101,23 +101,31 @@ def test_unreachable_receiver_is_a_retryable_error(settings):
     assert not isinstance(info.value, webhooks.WebhookRefused)
 
 
-def test_ssrf_policy(settings):
-    open_ = settings
-    webhooks.check_url("http://127.0.0.1:9/x", open_)  # defaults allow everything
-    private = settings.replace(webhooks={"deny_private_networks": True})
+def test_ssrf_policy(settings, monkeypatch):
+    from app.webhook_policy import Policy, Refused
+
+    def connect(self, address):
+        raise AssertionError(f"connected to {address}")
+    monkeypatch.setattr(__import__("socket").socket, "connect", connect)
+
+    def check(url, allowed=(), deny=True, resolve=None):
+        return Policy(allowed, deny, resolver=resolve).resolve(url)
+
+    open_ = check("http://127.0.0.1:9/x", deny=False)  # no list, private allowed: anything
+    assert open_.addresses == ("127.0.0.1",) and open_.port == 9
     for url in ("http://127.0.0.1/x", "http://10.1.2.3/x", "http://169.254.169.254/latest",
                 "http://[::1]/x", "http://[::ffff:192.168.0.1]/x"):
-        with pytest.raises(webhooks.WebhookRefused):
-            webhooks.check_url(url, private)
-    webhooks.check_url("https://hooks.example.com/x", private,
-                       resolve=lambda host: ["93.184.215.14"])
-    with pytest.raises(webhooks.WebhookRefused, match="private"):
-        webhooks.check_url("https://sneaky.example.com/x", private,
-                           resolve=lambda host: ["93.184.215.14", "10.0.0.5"])
-    allow = settings.replace(webhooks={"allowed_hosts": ["hooks.example.com", "*.corp.example"]})
-    webhooks.check_url("https://hooks.example.com/x", allow)
-    webhooks.check_url("https://a.b.corp.example/x", allow)
+        with pytest.raises(Refused):
+            check(url)  # the default: private networks denied
+    public = lambda host, port: ["93.184.215.14"]  # noqa: E731
+    assert check("https://hooks.example.com/x", resolve=public).addresses == ("93.184.215.14",)
+    with pytest.raises(Refused, match="private"):
+        check("https://sneaky.example.com/x",
+              resolve=lambda host, port: ["93.184.215.14", "10.0.0.5"])
+    allow = ["hooks.example.com", "*.corp.example"]
+    check("https://hooks.example.com/x", allow, resolve=public)
+    check("https://a.b.corp.example/x", allow, resolve=public)
     for url in ("https://evil.example.com/x", "https://corp.example.evil/x",
                 "ftp://hooks.example.com/"):
-        with pytest.raises(webhooks.WebhookRefused):
-            webhooks.check_url(url, allow)
+        with pytest.raises(Refused):
+            check(url, allow, resolve=public)

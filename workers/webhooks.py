@@ -25,21 +25,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
-import socket
 import time
-from typing import Any, Callable
-from urllib.parse import urlsplit
-
-import requests
+from typing import Any
 
 from app import logs
 from app.keys import Keys
 from app.settings import Settings
 from app.timefmt import iso
-from workers import context
+from app.webhook_policy import Policy, Refused, Unresolvable, redact
+from workers import context, webhook_client
 
 log = logging.getLogger("gpu_orchestrator.webhooks")
 
@@ -49,16 +45,14 @@ EVENT_HEADER = "X-GPU-Orchestrator-Event"
 EVENT_ID_HEADER = "X-GPU-Orchestrator-Event-Id"
 USER_AGENT = "gpu-orchestrator-webhooks/0.1"
 
-#: One keep-alive session per worker process (jobs run in the worker itself; no fork per job).
-_session: requests.Session | None = None
-
 STAT_DELIVERED = "webhook|delivered"
 STAT_FAILED = "webhook|failed"
 STAT_RETRIED = "webhook|retried"
 
 
 class WebhookError(Exception):
-    """A delivery try failed; carries the url and, when there was a response, its status."""
+    """A delivery try failed; carries the url (redacted) and, when there was a response, its
+    status."""
 
     def __init__(self, message: str, *, url: str, status: int | None = None):
         super().__init__(message)
@@ -70,7 +64,8 @@ class WebhookGone(WebhookError):
 
 
 class WebhookRefused(WebhookError):
-    """The URL is not allowed by ``webhooks.allowed_hosts`` / ``deny_private_networks``."""
+    """The URL is not allowed by ``webhooks.allowed_hosts`` / ``deny_private_networks`` (or
+    carries credentials); no retries."""
 
 
 # ------------------------------------------------------------------------------ payload
@@ -104,7 +99,7 @@ def _allocation(record: dict[str, Any], event: str,
             lease = float(pinned.get("lease_seconds") or -1)
             rec["lease_seconds"] = None if lease < 0 else lease
     rec.pop("replayed", None)
-    out = render.allocation(rec)
+    out = render.allocation(rec, principal=None, admin=True)  # the owner's own receiver
     if out.get("priority") not in (None, ""):
         out["priority"] = int(out["priority"])
     return out
@@ -164,63 +159,25 @@ def verify_signature(secret: str, timestamp: str, body: bytes, signature: str, *
     return age <= tolerance and hmac.compare_digest(sign(secret, timestamp, body), signature)
 
 
-# ------------------------------------------------------------------------------ SSRF policy
-
-def _host_allowed(host: str, allowed: list[str]) -> bool:
-    host = host.lower().rstrip(".")
-    for pattern in allowed:
-        pattern = pattern.lower().rstrip(".")
-        if pattern.startswith("*.") and host.endswith(pattern[1:]):
-            return True
-        if host == pattern:
-            return True
-    return False
-
-
-def _is_private(address: str) -> bool:
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    # ``not is_global`` also covers what is_private misses: the shared address space
-    # 100.64.0.0/10 (where some clouds put their metadata service) and 192.0.0.0/24.
-    return (not ip.is_global or ip.is_private or ip.is_loopback or ip.is_link_local
-            or ip.is_multicast or ip.is_reserved or ip.is_unspecified)
-
-
-def check_url(url: str, settings: Settings,
-              resolve: Callable[[str], list[str]] | None = None) -> None:
-    """Raise :class:`WebhookRefused` unless ``url`` may receive webhooks under the policy."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise WebhookRefused(f"webhook URL must be http(s) with a host: {url!r}", url=url)
-    hooks = settings.webhooks
-    if hooks.allowed_hosts and not _host_allowed(parts.hostname, hooks.allowed_hosts):
-        raise WebhookRefused(f"webhook host {parts.hostname!r} is not in webhooks.allowed_hosts",
-                             url=url)
-    if hooks.deny_private_networks:
-        resolve = resolve or _resolve
-        try:
-            addresses = resolve(parts.hostname)
-        except OSError as exc:
-            raise WebhookError(f"cannot resolve {parts.hostname!r}: {exc}", url=url) from None
-        bad = [a for a in addresses if _is_private(a)]
-        if bad or not addresses:
-            raise WebhookRefused(
-                f"webhook host {parts.hostname!r} resolves to a private, loopback or link-local "
-                f"address ({', '.join(bad) or 'none'}) and webhooks.deny_private_networks is on",
-                url=url)
-
-
-def _resolve(host: str) -> list[str]:
-    return sorted({info[4][0] for info in socket.getaddrinfo(host, None)})
-
-
 # ------------------------------------------------------------------------------ delivery
 
-def post(url: str, payload: dict[str, Any], settings: Settings, *,
-         session: requests.Session | None = None, now: float | None = None) -> int:
-    """One try: POST the signed JSON body; returns the 2xx status or raises WebhookError."""
-    check_url(url, settings)
+def post(url: str, payload: dict[str, Any], settings: Settings, *, now: float | None = None,
+         policy: Policy | None = None) -> int:
+    """One try: POST the signed JSON body; returns the 2xx status or raises WebhookError.
+
+    ``webhooks.timeout`` bounds the whole try: name lookup, connect, TLS, sending and the
+    response headers. The URL is checked against the policy (:mod:`app.webhook_policy`) and
+    the connection goes to an address that check resolved and allowed, nowhere else.
+    """
+    shown = redact(url)
+    timeout = settings.webhooks.timeout
+    deadline = time.monotonic() + timeout
+    try:
+        target = (policy or Policy.from_settings(settings)).resolve(url, timeout=timeout)
+    except Unresolvable as exc:
+        raise WebhookError(f"POST {shown} failed: {exc}", url=shown) from None
+    except Refused as exc:
+        raise WebhookRefused(str(exc), url=shown) from None
     body = encode(payload)
     timestamp = str(int(time.time() if now is None else now))
     headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
@@ -228,19 +185,18 @@ def post(url: str, payload: dict[str, Any], settings: Settings, *,
                EVENT_ID_HEADER: str(payload.get("event_id"))}
     if settings.webhooks.secret:
         headers[SIGNATURE_HEADER] = sign(settings.webhooks.secret, timestamp, body)
-    sender = session or requests
     try:
-        resp = sender.post(url, data=body, headers=headers, timeout=settings.webhooks.timeout,
-                           allow_redirects=False)
-    except requests.RequestException as exc:
-        raise WebhookError(f"POST {url} failed: {type(exc).__name__}: {exc}", url=url) from None
-    resp.close()
-    if 200 <= resp.status_code < 300:
-        return resp.status_code
-    if resp.status_code == 410:
-        raise WebhookGone(f"POST {url} answered 410 Gone; not retrying", url=url, status=410)
-    raise WebhookError(f"POST {url} answered {resp.status_code}", url=url,
-                       status=resp.status_code)
+        status = webhook_client.post(target, body, headers,
+                                     max(0.0, deadline - time.monotonic()))
+    except webhook_client.DeliveryTimeout:
+        raise WebhookError(f"POST {shown} timed out after {timeout:g} s", url=shown) from None
+    except webhook_client.DeliveryFailed as exc:
+        raise WebhookError(f"POST {shown} failed: {exc}", url=shown) from None
+    if 200 <= status < 300:
+        return status
+    if status == 410:
+        raise WebhookGone(f"POST {shown} answered 410 Gone; not retrying", url=shown, status=410)
+    raise WebhookError(f"POST {shown} answered {status}", url=shown, status=status)
 
 
 def _load_record(request_id: str) -> dict[str, Any] | None:
@@ -267,12 +223,9 @@ def deliver(entry: dict[str, Any]) -> dict[str, Any]:
             return {"delivered": False, "reason": "no webhook_url"}
         payload = build_payload(record, str(entry.get("event") or "allocated"),
                                 str(entry["event_id"]), entry.get("pinned"), entry)
-        global _session
-        if _session is None:
-            _session = requests.Session()
         stats = Keys(settings.redis.prefix).stats()
         try:
-            status = post(url, payload, settings, session=_session)
+            status = post(url, payload, settings)
         except (WebhookGone, WebhookRefused) as exc:
             if job is not None:
                 job.retries_left = 0  # RQ reads this right after the job raises
@@ -289,7 +242,7 @@ def deliver(entry: dict[str, Any]) -> dict[str, Any]:
             raise
         redis.hincrby(stats, STAT_DELIVERED, 1)
         log.info("webhook %s for %s delivered to %s (%s)", entry["event_id"],
-                 entry["request_id"], url, status)
+                 entry["request_id"], redact(url), status)
         return {"delivered": True, "status": status}
     finally:
         logs.request_id_var.reset(token)

@@ -10,6 +10,14 @@ job in RQ's started registry. Another worker's maintenance pass (every
 monitoring interval plus a fixed 60 s; ours is ``3 x workers.heartbeat_interval``, so a webhook
 whose worker died is retried in seconds rather than minutes. Jobs run in the worker process
 itself (no fork per job); see :class:`ServiceWorker`.
+
+Concurrent deliveries: one process delivers up to ``webhooks.concurrency`` webhooks at once, so
+a slow receiver (each try bounded by ``webhooks.timeout``) holds one slot, not the worker. The
+main thread runs the service's worker (every queue, RQ's scheduler, the signals); each other
+slot is a :class:`DeliveryWorker` in its own thread, a full RQ worker on the webhook queue with
+its own name, registration and heartbeats. Durability is RQ's, per job, as before: a slot's job
+is in the started registry while it runs, and if the process dies (SIGKILL, OOM) every job it
+held is retried by another worker once its heartbeat lapses.
 """
 from __future__ import annotations
 
@@ -25,6 +33,7 @@ from rq.exceptions import StopRequested
 from rq.job import Job, JobStatus
 from rq.scripts import release_lock
 from rq.registry import clean_registries
+from rq.timeouts import TimerDeathPenalty
 from rq.utils import now
 from rq.worker import WorkerStatus
 
@@ -254,6 +263,20 @@ class ServiceWorker(SimpleWorker):
         self.set_state(WorkerStatus.IDLE)
 
 
+class DeliveryWorker(ServiceWorker):
+    """One extra delivery slot: a ServiceWorker on the webhook queue, run in a thread.
+
+    Signals belong to the main thread's worker (Python only lets the main thread install
+    handlers); :func:`run` stops the slots when that one stops. The job time limit uses RQ's
+    thread-safe timer death penalty instead of SIGALRM, which only the main thread gets.
+    """
+
+    death_penalty_class = TimerDeathPenalty
+
+    def _install_signal_handlers(self):
+        """None: SIGTERM/SIGINT reach the main thread's worker, which stops this one."""
+
+
 def build(settings: Settings, redis_url: str) -> ServiceWorker:
     """A configured worker (not started); tests use it directly."""
     # Import the job modules here, once, so the first job does not pay for loading them.
@@ -263,10 +286,16 @@ def build(settings: Settings, redis_url: str) -> ServiceWorker:
 
     rq_redis = connect(redis_url, settings, decode=False)
     context.configure(settings, connect(redis_url, settings), rq_redis)
-    service_queues = [ServiceQueue(q.name, connection=rq_redis, serializer=queues.SERIALIZER,
-                                   job_class=ServiceJob)
-                      for q in queues.all_queues(rq_redis, settings)]
-    return ServiceWorker(
+    return make_worker(settings, rq_redis)
+
+
+def make_worker(settings: Settings, rq_redis, worker_class: type = ServiceWorker,
+                names: tuple[str, ...] = queues.ALL) -> ServiceWorker:
+    """A worker of ``worker_class`` on the queues ``names``, sharing ``rq_redis``."""
+    service_queues = [ServiceQueue(queues.queue_name(settings, name), connection=rq_redis,
+                                   serializer=queues.SERIALIZER, job_class=ServiceJob)
+                      for name in names]
+    return worker_class(
         service_queues, connection=rq_redis,
         serializer=queues.SERIALIZER, job_class=ServiceJob,
         maintenance_interval=max(1, int(settings.workers.maintenance_interval)),
@@ -275,19 +304,83 @@ def build(settings: Settings, redis_url: str) -> ServiceWorker:
     )
 
 
+class DeliverySlots:
+    """The ``webhooks.concurrency - 1`` delivery threads beside the main worker.
+
+    Each thread runs a DeliveryWorker until :meth:`stop`; like the main loop in :func:`run`,
+    a worker that quits on an error (Redis went away) is replaced after RESTART_DELAY.
+    """
+
+    def __init__(self, settings: Settings, count: int, rq_level: str, burst: bool = False):
+        self.settings, self.rq_level, self.burst = settings, rq_level, burst
+        self._stop = threading.Event()
+        self._workers: list[ServiceWorker | None] = [None] * count
+        self._threads = [threading.Thread(target=self._loop, args=(i,), daemon=True,
+                                          name=f"delivery-{i + 1}") for i in range(count)]
+
+    def start(self) -> "DeliverySlots":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def _loop(self, index: int) -> None:
+        while not self._stop.is_set():
+            try:
+                _, _, rq_redis = context.get()
+                worker = make_worker(self.settings, rq_redis, DeliveryWorker,
+                                     names=(queues.WEBHOOKS,))
+                self._workers[index] = worker
+                if self._stop.is_set():
+                    return
+                worker.work(burst=self.burst, logging_level=self.rq_level)
+                if self.burst or self._stop.is_set():
+                    return
+                log.warning("delivery worker %s quit on an error; starting a new one in "
+                            "%.0f s", worker.name, RESTART_DELAY)
+            except Exception:  # noqa: BLE001 - this slot must come back, whatever happened
+                log.warning("delivery slot %d failed; restarting it in %.0f s", index + 1,
+                            RESTART_DELAY, exc_info=True)
+            self._stop.wait(RESTART_DELAY)
+
+    def stop(self, timeout: float) -> None:
+        """Ask every slot to finish its current delivery and quit; wait up to ``timeout``.
+
+        RQ's public way to stop a worker is a signal (or a pub/sub command that becomes one),
+        and only the main thread gets signals, so the stop flag that RQ's work loop reads
+        before each dequeue is set directly (pinned by a test in tests/test_worker_slots.py).
+        A slot still waiting in its (short) dequeue when the process exits leaves at most a
+        job id in RQ's intermediate list, which recover_intermediate puts back.
+        """
+        self._stop.set()
+        for worker in self._workers:
+            if worker is not None:
+                worker._stop_requested = True
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def alive(self) -> int:
+        return sum(t.is_alive() for t in self._threads)
+
+
 def run(settings: Settings, burst: bool = False) -> int:
-    """Work until stopped (SIGTERM/SIGINT finish the current job first); exit code 0."""
+    """Work until stopped (SIGTERM/SIGINT finish the current jobs first); exit code 0."""
     from app.cli import resolve_redis
 
     url, embedded = resolve_redis(settings)
     # RQ logs every job (and every maintenance pass) at INFO; our own job logs say what
     # matters, so RQ's are shown from WARNING up unless DEBUG is asked for.
     rq_level = "DEBUG" if settings.logging.level == "DEBUG" else "WARNING"
+    slots: DeliverySlots | None = None
     try:
         while True:
             try:
                 worker = build(settings, url)
-                log.info("worker %s on queues %s", worker.name, ", ".join(worker.queue_names()))
+                if slots is None:
+                    slots = DeliverySlots(settings, settings.webhooks.concurrency - 1,
+                                          rq_level, burst).start()
+                log.info("worker %s on queues %s, %d webhook deliveries at once", worker.name,
+                         ", ".join(worker.queue_names()), settings.webhooks.concurrency)
                 try:
                     worker.work(burst=burst, with_scheduler=True, logging_level=rq_level)
                 except RedisError as exc:  # RQ's teardown could not reach Redis either
@@ -303,6 +396,8 @@ def run(settings: Settings, burst: bool = False) -> int:
             except StopRequested:  # SIGTERM/SIGINT between two workers
                 break
     finally:
+        if slots is not None:
+            slots.stop(settings.webhooks.timeout + 5)
         if embedded:
             embedded.stop()
     return 0

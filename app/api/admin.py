@@ -209,4 +209,4 @@ def set_priority(request_id: str):
     _require_id(request_id)
     rec = _engine().set_priority(request_id, data["priority"], principal=_by())
     _dispatch_webhooks()
-    return jsonify(render.allocation(rec))
+    return jsonify(render.allocation(rec, principal=auth.current_principal(), admin=True))

@@ -18,6 +18,7 @@ from app import auth, longpoll, schemas
 from app.api import body, doc, render
 from app.engine import valid_cursor, workload_data_json
 from app.errors import BadRequest, NotFound, ValidationFailed
+from app.webhook_policy import Refused
 
 log = logging.getLogger("gpu_orchestrator.api")
 
@@ -120,6 +121,29 @@ def _analyze(data: dict[str, Any]) -> dict[str, Any]:
     return analysis
 
 
+#: Longest a name lookup for a webhook URL may hold a request at allocate.
+WEBHOOK_LOOKUP_TIMEOUT = 2.0
+
+
+def _check_webhook_url(url: str | None) -> None:
+    """422 naming ``webhook_url`` when the URL policy refuses it, before anything is stored
+    (delivery checks it again against the address it connects to)."""
+    if not url:
+        return
+    settings = current_app.extensions["gpu_settings"]
+    try:
+        current_app.extensions["gpu_webhook_policy"].resolve(
+            url, timeout=min(WEBHOOK_LOOKUP_TIMEOUT, settings.webhooks.timeout))
+    except Refused as exc:
+        raise ValidationFailed(f"webhook_url refused: {exc}",
+                               details={"webhook_url": [str(exc)]}) from None
+
+
+def _viewer() -> dict[str, Any]:
+    """Who is reading: records of other owners are shown without their private fields."""
+    return {"principal": auth.current_principal(), "admin": auth.current_is_admin()}
+
+
 def _idempotency_key() -> str | None:
     key = request.headers.get(IDEMPOTENCY_HEADER)
     if key is None:
@@ -170,7 +194,7 @@ def _allocation_response(rec: dict[str, Any], warnings: list[str]):
         resp.status_code = 202
         resp.headers["Location"] = url_for("gpu.request_status", request_id=rec["id"])
     else:
-        out = render.allocation(rec)
+        out = render.allocation(rec, **_viewer())
         if rec.get("replayed"):
             out["replayed"] = True
         out["warnings"] = warnings
@@ -199,6 +223,7 @@ def allocate():
     key = _idempotency_key()
     data = body.load(_ALLOCATE_BODY)
     _check_size(data)
+    _check_webhook_url(data.get("webhook_url"))
     analysis = _analyze(data)
     principal = auth.current_principal()
     req = engine_request(data, analysis, principal)
@@ -294,9 +319,11 @@ def list_all():
     ``next`` is the ``after`` of the following page, null on the last one."""
     limit, after = _list_args()
     snap = _engine().snapshot(limit=limit, after=after)
+    viewer = _viewer()
     return jsonify(gpus=[render.gpu(g) for g in snap.get("gpus", [])],
-                   allocations=[render.allocation(a) for a in snap.get("allocations", [])],
-                   queue=[render.allocation(q) for q in snap.get("queue", [])],
+                   allocations=[render.allocation(a, **viewer)
+                                for a in snap.get("allocations", [])],
+                   queue=[render.allocation(q, **viewer) for q in snap.get("queue", [])],
                    nodes=list(snap.get("nodes", [])),
                    allocations_total=snap["allocations_total"],
                    queue_depth=snap["queue_depth"], limit=limit, next=snap["next"])
@@ -342,7 +369,8 @@ def request_status(request_id: str):
     """A request: its status, queue position, and its allocation once granted.
 
     ``?wait=N`` (0-60 s) waits for a queued request to leave the queue instead of polling."""
-    return jsonify(render.request_status(_get_or_404(request_id, longpoll.REQUEST_WAITS)))
+    return jsonify(render.request_status(_get_or_404(request_id, longpoll.REQUEST_WAITS),
+                                         **_viewer()))
 
 
 @blp.route("/requests/<request_id>", methods=["DELETE"])
@@ -354,7 +382,7 @@ def cancel_request(request_id: str):
     _require_id(request_id)
     rec = _engine().cancel(request_id, **_owner_kwargs())
     _dispatch_webhooks()
-    return jsonify(render.request_status(rec))
+    return jsonify(render.request_status(rec, **_viewer()))
 
 
 @blp.route("/allocations/<allocation_id>", methods=["GET"])
@@ -373,7 +401,7 @@ def get_allocation(allocation_id: str):
                        f"see /gpu/requests/{allocation_id}", details={"id": allocation_id})
     if rec.get("status") == "allocated":
         rec["gpu_health"] = _engine().gpu_health(rec)
-    return jsonify(render.allocation(rec))
+    return jsonify(render.allocation(rec, **_viewer()))
 
 
 @blp.route("/allocations/<allocation_id>/renew", methods=["POST"])
@@ -387,4 +415,4 @@ def renew(allocation_id: str):
     data = body.load(_RENEW_BODY)
     _require_id(allocation_id, "allocation")
     rec = _engine().renew(allocation_id, ttl_seconds=data.get("ttl_seconds"), **_owner_kwargs())
-    return jsonify(render.allocation(rec))
+    return jsonify(render.allocation(rec, **_viewer()))

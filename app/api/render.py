@@ -30,8 +30,23 @@ def _int_list(values: Any) -> Any:
     return out
 
 
-def allocation(rec: dict[str, Any]) -> dict[str, Any]:
+#: Shown only to the request's owner and to admins: a webhook URL can carry a token in its path
+#: or query, and workload_data is a team's own business.
+PRIVATE_FIELDS = ("webhook_url", "workload_data")
+
+
+def may_see_private(rec: dict[str, Any], principal: str | None, admin: bool) -> bool:
+    """Owner or admin; with auth off (no principal) every caller is treated as the owner."""
+    return admin or principal is None or rec.get("owner") in (None, "", principal)
+
+
+def allocation(rec: dict[str, Any], *, principal: str | None, admin: bool) -> dict[str, Any]:
+    """The client's view of a record; ``principal``/``admin`` say who reads it (required: the
+    private fields depend on it)."""
     out = {k: rec[k] for k in _ALLOCATION_FIELDS if k in rec}
+    if not may_see_private(rec, principal, admin):
+        for key in PRIVATE_FIELDS:
+            out.pop(key, None)
     for k in TIME_FIELDS:
         if k in out:
             out[k] = iso(out[k]) if out[k] not in (None, "", 0) else None
@@ -47,10 +62,11 @@ def allocation(rec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def request_status(rec: dict[str, Any]) -> dict[str, Any]:
+def request_status(rec: dict[str, Any], *, principal: str | None,
+                   admin: bool) -> dict[str, Any]:
     """``/gpu/requests/<id>``: the request on top, its grant under ``allocation`` (null while
-    it was never granted)."""
-    full = allocation(rec)
+    it was never granted); private fields as :func:`allocation` decides for this reader."""
+    full = allocation(rec, principal=principal, admin=admin)
     out = {k: full[k] for k in _STATUS_FIELDS if k in full}
     out["allocation"] = ({k: full[k] for k in _GRANT_FIELDS if k in full}
                          if rec.get("allocated_at") else None)
