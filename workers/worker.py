@@ -22,6 +22,7 @@ held is retried by another worker once its heartbeat lapses.
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 from datetime import timedelta
@@ -372,9 +373,19 @@ def run(settings: Settings, burst: bool = False) -> int:
     # matters, so RQ's are shown from WARNING up unless DEBUG is asked for.
     rq_level = "DEBUG" if settings.logging.level == "DEBUG" else "WARNING"
     slots: DeliverySlots | None = None
+    stopping = threading.Event()
+
+    def stop_before_rq(signum, frame):
+        """SIGTERM/SIGINT before RQ's handlers are in place (start-up, between two workers):
+        the delivery slots may already be busy, so stop in order instead of dying."""
+        stopping.set()
+        raise StopRequested()
+
     try:
         while True:
             try:
+                signal.signal(signal.SIGTERM, stop_before_rq)
+                signal.signal(signal.SIGINT, stop_before_rq)
                 worker = build(settings, url)
                 if slots is None:
                     slots = DeliverySlots(settings, settings.webhooks.concurrency - 1,
@@ -385,7 +396,7 @@ def run(settings: Settings, burst: bool = False) -> int:
                     worker.work(burst=burst, with_scheduler=True, logging_level=rq_level)
                 except RedisError as exc:  # RQ's teardown could not reach Redis either
                     log.warning("worker %s: Redis error on the way out: %s", worker.name, exc)
-                if burst or worker._shutdown_requested_date is not None:
+                if burst or stopping.is_set() or worker._shutdown_requested_date is not None:
                     break
                 # RQ's work loop quits on any error it does not handle, such as Redis going
                 # away while a job finishes (found by bench/chaos.py). Its job is recovered
