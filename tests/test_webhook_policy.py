@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import threading
 import time
 
 import pytest
@@ -17,7 +16,7 @@ import pytest
 from app import settings as settings_mod
 from app.webhook_policy import Policy, Refused, parse_entry, redact
 from tests.api_support import assert_error, clock, make_app  # noqa: F401 (fixtures)
-from webhook_receiver import Receiver
+from webhook_receiver import Receiver, Trickler
 from workers import webhooks
 
 OWNER_KEY = "pol-owner-key-31f0a9"
@@ -204,51 +203,15 @@ def test_the_request_names_the_host_it_was_given(settings, fake_dns):
     assert req["headers"]["Host"] == f"hooks.test:{port}" and req["path"] == "/p?q=1"
 
 
-def _trickler(interval: float, lines: int):
-    """A receiver that answers 200 and then one header line every ``interval`` seconds."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(8)
-    stop = threading.Event()
-
-    def serve():
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            threading.Thread(target=drip, args=(conn,), daemon=True).start()
-
-    def drip(conn):
-        with conn:
-            try:
-                conn.recv(65536)
-                conn.sendall(b"HTTP/1.1 200 OK\r\n")
-                for i in range(lines):
-                    if stop.wait(interval):
-                        return
-                    conn.sendall(f"X-Drip-{i}: x\r\n".encode())
-                conn.sendall(b"Content-Length: 0\r\n\r\n")
-            except OSError:
-                pass
-
-    threading.Thread(target=serve, daemon=True).start()
-    return server, stop
-
-
 def test_the_timeout_is_a_deadline_for_the_whole_attempt(settings):
     """Today the timeout is per read: a receiver trickling a header line every 0.3 s kept the
     attempt going for as long as it liked (here 6 s) and it then counted as delivered."""
-    server, stop = _trickler(0.3, 20)
-    try:
-        url = f"http://127.0.0.1:{server.getsockname()[1]}/hook"
+    with Trickler(interval=0.3, lines=20) as slow:
         started = time.monotonic()
         with pytest.raises(webhooks.WebhookError, match="timed out"):
-            webhooks.post(url, {"event_id": "e"}, settings.replace(webhooks={"timeout": "1s"}))
+            webhooks.post(slow.url, {"event_id": "e"},
+                          settings.replace(webhooks={"timeout": "1s"}))
         assert time.monotonic() - started < 2.5
-    finally:
-        stop.set()
-        server.close()
 
 
 # --------------------------------------------------------------------------- who sees what

@@ -13,7 +13,7 @@ from app.engine import Engine
 from app.keys import Keys
 from app.timefmt import iso
 from proc_support import Role, wait_until, write_settings
-from webhook_receiver import Receiver
+from webhook_receiver import Receiver, Trickler
 from workers import outbox, queues, webhooks
 
 pytestmark = pytest.mark.slow
@@ -186,3 +186,36 @@ def test_a_slow_delivery_is_not_mistaken_for_a_dead_worker(tmp_path, settings, r
             first.stop()
             second.stop()
     assert len(rx.requests) == 1
+
+
+def test_a_trickling_receiver_does_not_hold_up_another_teams_webhook(
+        tmp_path, settings, redis, rq_redis):
+    """Issue 11: a receiver answering 200 and then a header line every 0.5 s held the only
+    worker (the timeout was per read), so another team's webhook waited for it. Now the slow
+    try holds one delivery slot until its deadline (4 s) and the other webhook goes out on
+    another slot meanwhile."""
+    import time
+
+    engine = Engine(redis, settings)
+    with Trickler(interval=0.5, lines=40) as slow, Receiver() as fast:
+        holder, slow_req = _queue_behind_holder(engine, slow.url)
+        other = engine.allocate({"service_name": "other-team", "required_gpus": 1,
+                                 "webhook_url": fast.url, "webhook_events": ["cancelled"]})
+        settings, cfg, worker = _worker(tmp_path, settings, timeout="4s",
+                                        retry_intervals=["60s"], concurrency=4)
+        try:
+            engine.release(holder["id"])        # grants slow_req: its webhook goes to `slow`
+            outbox.dispatch(rq_redis, settings)
+            wait_until(lambda: slow.connections, timeout=20, message="the slow delivery")
+            engine.cancel(other["id"])          # the other team's webhook
+            outbox.dispatch(rq_redis, settings)
+            [req] = fast.wait_for(1, timeout=20)
+            arrived = time.monotonic()
+            assert json.loads(req["body"])["request_id"] == other["id"]
+            # The slow try was still being held open when the other webhook arrived.
+            assert arrived < slow.connections[0] + 4.0
+            wait_until(lambda: _stats(redis, settings).get(webhooks.STAT_RETRIED) == "1",
+                       timeout=20, message="the slow try cut at its deadline")
+        finally:
+            worker.stop()
+    assert time.monotonic() - slow.connections[0] < 30

@@ -1,7 +1,9 @@
 """A real HTTP receiver on 127.0.0.1 for webhook tests: records bodies, answers scripted codes."""
 from __future__ import annotations
 
+import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -59,3 +61,50 @@ class Receiver:
         with self.received:
             self.received.wait_for(lambda: len(self.requests) >= count, timeout)
             return list(self.requests)
+
+
+class Trickler:
+    """A receiver that answers ``200`` and then one header line every ``interval`` seconds,
+    ``lines`` times (the slow receiver of issue 11). ``connections`` stamps each accept."""
+
+    def __init__(self, interval: float = 0.5, lines: int = 40):
+        self.interval, self.lines = interval, lines
+        self.connections: list[float] = []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}/hook"
+
+    def _serve(self):
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections.append(time.monotonic())
+            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+
+    def _drip(self, conn):
+        with conn:
+            try:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                for i in range(self.lines):
+                    if self.stop.wait(self.interval):
+                        return
+                    conn.sendall(f"X-Drip-{i}: x\r\n".encode())
+                conn.sendall(b"Content-Length: 0\r\n\r\n")
+            except OSError:
+                pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.sock.close()

@@ -273,9 +273,32 @@ class DeliveryWorker(ServiceWorker):
     """
 
     death_penalty_class = TimerDeathPenalty
+    _slot_stop = False
 
     def _install_signal_handlers(self):
         """None: SIGTERM/SIGINT reach the main thread's worker, which stops this one."""
+
+    @property
+    def dequeue_timeout(self) -> int:
+        """Wait at most MAX_BLOCK in Redis, so a stop is noticed within a second."""
+        return MAX_BLOCK
+
+    def request_slot_stop(self) -> None:
+        """Finish the delivery in hand, if any, then leave the work loop.
+
+        What RQ's SIGTERM handler does, without the signal: RQ's idle worker waits in a loop
+        inside ``dequeue_job_and_maintain_ttl`` that only an exception leaves (its handler
+        raises StopRequested there), and a busy one checks ``_stop_requested`` after its job.
+        Here the flag is set, and :meth:`heartbeat`, which RQ calls before every wait and after
+        every job, raises StopRequested once the slot is not busy.
+        """
+        self._slot_stop = True
+        self._stop_requested = True
+
+    def heartbeat(self, timeout=None, pipeline=None):
+        super().heartbeat(timeout, pipeline)
+        if self._slot_stop and pipeline is None and self.get_state() != WorkerStatus.BUSY:
+            raise StopRequested()
 
 
 def build(settings: Settings, redis_url: str) -> ServiceWorker:
@@ -347,15 +370,15 @@ class DeliverySlots:
         """Ask every slot to finish its current delivery and quit; wait up to ``timeout``.
 
         RQ's public way to stop a worker is a signal (or a pub/sub command that becomes one),
-        and only the main thread gets signals, so the stop flag that RQ's work loop reads
-        before each dequeue is set directly (pinned by a test in tests/test_worker_slots.py).
-        A slot still waiting in its (short) dequeue when the process exits leaves at most a
-        job id in RQ's intermediate list, which recover_intermediate puts back.
+        and only the main thread gets signals; see DeliveryWorker.request_slot_stop (the RQ
+        internals it relies on are pinned by tests/test_worker_slots.py). A slot still in its
+        (one-second) wait when the process exits leaves at most a job id in RQ's
+        intermediate list, which recover_intermediate puts back.
         """
         self._stop.set()
         for worker in self._workers:
             if worker is not None:
-                worker._stop_requested = True
+                worker.request_slot_stop()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))

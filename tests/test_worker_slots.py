@@ -1,0 +1,75 @@
+"""The worker's delivery slots (workers.worker.DeliverySlots) and the RQ internals they rely on.
+
+These canaries fail loudly when an RQ upgrade moves what the slots depend on: the work loop's
+``_stop_requested`` flag and StopRequested raised from ``heartbeat`` (how a slot is stopped,
+since only the main thread gets signals), and ``_install_signal_handlers`` (which a slot must
+not run outside the main thread).
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import redis as redis_lib
+from rq.worker import BaseWorker
+
+from workers import context, queues
+from workers import worker as worker_mod
+
+
+@pytest.fixture
+def rq_redis(redis_url):
+    client = redis_lib.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+def test_rq_still_has_what_the_slots_override_and_read(settings, rq_redis):
+    assert callable(getattr(BaseWorker, "_install_signal_handlers", None))
+    worker = worker_mod.make_worker(settings, rq_redis, worker_mod.DeliveryWorker)
+    assert worker._stop_requested is False
+
+
+def test_a_slot_runs_outside_the_main_thread_and_stops_on_request(settings, rq_redis):
+    """A DeliveryWorker works in a thread (no signal handlers, timer death penalty), runs a
+    job, and leaves its loop once the stop flag is set."""
+    context.configure(settings, redis_lib.Redis.from_url(settings.redis.url,
+                                                         decode_responses=True), rq_redis)
+    slot = worker_mod.make_worker(settings, rq_redis, worker_mod.DeliveryWorker,
+                                  names=(queues.WEBHOOKS,))
+    q = queues.queue(rq_redis, settings, queues.WEBHOOKS)
+    job = q.enqueue("workers.outbox.job_id_for", "probe")
+    errors = []
+
+    def work():
+        try:
+            slot.work(logging_level="WARNING")
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while job.get_status(refresh=True) != "finished" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert job.get_status(refresh=True) == "finished" and job.return_value() == "webhook-probe"
+    slot.request_slot_stop()
+    thread.join(10)
+    assert not thread.is_alive() and errors == []
+    context.get()[1].close()
+
+
+def test_delivery_slots_start_count_threads_and_stop(settings, rq_redis):
+    context.configure(settings, redis_lib.Redis.from_url(settings.redis.url), rq_redis)
+    slots = worker_mod.DeliverySlots(settings, 3, "WARNING").start()
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and sum(
+                w is not None for w in slots._workers) < 3:
+            time.sleep(0.05)
+        assert slots.alive() == 3
+    finally:
+        slots.stop(10)
+    assert slots.alive() == 0
+    context.get()[1].close()
