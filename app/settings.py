@@ -657,6 +657,8 @@ SPEC: dict[str, dict[str, Any]] = {
         "deny_private_networks": Bool(True, doc="refuse loopback/private/link-local targets "
                                       "unless allowed_hosts allows them explicitly"),
         "concurrency": Int(8, 1, 256, doc="deliveries one worker process makes at once"),
+        "max_per_receiver": Int(2, 1, 256, doc="of those, at most this many to one receiver "
+                                "(scheme, host, port); the rest wait their turn, no try spent"),
     },
     "workers": {
         "maintenance_interval": Duration("30s", 1, doc="how often workers look for jobs whose "

@@ -27,6 +27,7 @@ import hashlib
 import hmac
 import json
 import logging
+import threading
 import time
 from typing import Any
 
@@ -34,8 +35,9 @@ from app import logs
 from app.keys import Keys
 from app.settings import Settings
 from app.timefmt import iso
-from app.webhook_policy import Policy, Refused, Unresolvable, redact
+from app.webhook_policy import Policy, Refused, Unresolvable, redact, split
 from workers import context, webhook_client
+from workers.receiver_limit import ReceiverLimit
 
 log = logging.getLogger("gpu_orchestrator.webhooks")
 
@@ -44,6 +46,14 @@ TIMESTAMP_HEADER = "X-GPU-Orchestrator-Timestamp"
 EVENT_HEADER = "X-GPU-Orchestrator-Event"
 EVENT_ID_HEADER = "X-GPU-Orchestrator-Event-Id"
 USER_AGENT = "gpu-orchestrator-webhooks/0.1"
+
+#: A deferred delivery is tried again this many seconds later.
+DEFER_SECONDS = 2
+#: How long a delivery waits for a slot of its receiver before it is deferred.
+DEFER_WAIT = 0.1
+
+_limit: ReceiverLimit | None = None
+_limit_lock = threading.Lock()
 
 STAT_DELIVERED = "webhook|delivered"
 STAT_FAILED = "webhook|failed"
@@ -61,6 +71,11 @@ class WebhookError(Exception):
 
 class WebhookGone(WebhookError):
     """The receiver answered 410 Gone: it wants no more deliveries; no retries."""
+
+
+class WebhookDeferred(Exception):
+    """The receiver already has ``webhooks.max_per_receiver`` deliveries in flight in this
+    process: the delivery goes back on the schedule (DEFER_SECONDS) without spending a try."""
 
 
 class WebhookRefused(WebhookError):
@@ -199,6 +214,23 @@ def post(url: str, payload: dict[str, Any], settings: Settings, *, now: float | 
     raise WebhookError(f"POST {shown} answered {status}", url=shown, status=status)
 
 
+def receiver_limit(settings: Settings) -> ReceiverLimit:
+    """This process's per-receiver gate (built on first use)."""
+    global _limit
+    with _limit_lock:
+        if _limit is None or _limit.limit != settings.webhooks.max_per_receiver:
+            _limit = ReceiverLimit(settings.webhooks.max_per_receiver)
+        return _limit
+
+
+def _receiver(url: str) -> tuple[str, str, int] | None:
+    try:
+        scheme, host, port, _ = split(url)
+    except Refused:
+        return None  # post() refuses it without connecting; no slot needed
+    return scheme, host, port
+
+
 def _load_record(request_id: str) -> dict[str, Any] | None:
     from app.errors import NotFound
     try:
@@ -224,6 +256,16 @@ def deliver(entry: dict[str, Any]) -> dict[str, Any]:
         payload = build_payload(record, str(entry.get("event") or "allocated"),
                                 str(entry["event_id"]), entry.get("pinned"), entry)
         stats = Keys(settings.redis.prefix).stats()
+        receiver, limit = _receiver(url), receiver_limit(settings)
+        if receiver is not None and not limit.acquire(receiver, DEFER_WAIT):
+            if job is not None:
+                # Not a try: ServiceJob.retry schedules it DEFER_SECONDS out and takes back
+                # this extra one, so the job's tries and backoff stay as they were.
+                job.retries_left = (job.retries_left or 0) + 1
+                job.deferred = True
+            log.debug("webhook %s for %s deferred: %s has %d deliveries in flight",
+                      entry["event_id"], entry["request_id"], redact(url), limit.limit)
+            raise WebhookDeferred(f"{redact(url)} is at webhooks.max_per_receiver")
         try:
             status = post(url, payload, settings)
         except (WebhookGone, WebhookRefused) as exc:
@@ -240,6 +282,9 @@ def deliver(entry: dict[str, Any]) -> dict[str, Any]:
                         entry["request_id"], exc,
                         "giving up" if final else f"{job.retries_left} retries left")
             raise
+        finally:
+            if receiver is not None:
+                limit.release(receiver)
         redis.hincrby(stats, STAT_DELIVERED, 1)
         log.info("webhook %s for %s delivered to %s (%s)", entry["event_id"],
                  entry["request_id"], redact(url), status)

@@ -66,7 +66,13 @@ class ServiceJob(Job):
         bench/chaos.py: a webhook lost to a Redis SIGKILL while its failed try was recorded).
         Here the status goes in the same pipeline, so the job stays STARTED, and is retried as
         abandoned, until the whole retry commits."""
-        interval = self.get_retry_interval()
+        if getattr(self, "deferred", False):
+            # Not a failed try (workers.webhooks.WebhookDeferred): the delivery added the
+            # retry it spends here, and comes back after a short, fixed wait.
+            from workers.webhooks import DEFER_SECONDS
+            interval = DEFER_SECONDS
+        else:
+            interval = self.get_retry_interval()
         assert self.retries_left
         self.retries_left -= 1
         if interval:
@@ -239,6 +245,14 @@ class ServiceWorker(SimpleWorker):
             log.warning("job %s was dequeued by a worker that never started it; re-queued on %s",
                         job_id, queue.name)
         return requeue
+
+    def handle_exception(self, job, *exc_info):
+        """RQ logs every raised job at ERROR with its traceback; a deferred webhook is not an
+        error (it waits for a slot of its receiver), so it is left to our DEBUG line."""
+        from workers.webhooks import WebhookDeferred
+        if exc_info and isinstance(exc_info[1], WebhookDeferred):
+            return
+        super().handle_exception(job, *exc_info)
 
     def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
         return (1 + self.heartbeat_grace_factor) * max(1, int(self.job_monitoring_interval))

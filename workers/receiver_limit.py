@@ -1,0 +1,52 @@
+"""At most N deliveries in flight to one receiver, per worker process.
+
+The delivery slots (``webhooks.concurrency``) are shared by every team. Without a cap, one team
+whose receiver is slow and who has many webhooks pending would fill them all, each for up to
+``webhooks.timeout``, and every other team's webhook would wait behind them: the very delay
+issue 11 is about, only needing more than one request to trigger. So each receiver
+(scheme, host, port) gets at most ``webhooks.max_per_receiver`` slots at once. A delivery that
+finds its receiver at the cap waits briefly (a healthy receiver frees a slot in milliseconds),
+then is deferred: put back on the schedule without spending one of its tries (see
+:class:`workers.webhooks.WebhookDeferred`).
+
+The count lives in this process only: it guards this process's slots, which is what the cap
+is for; a process that dies takes its counts with it, so nothing can leak.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from typing import Hashable
+
+
+class ReceiverLimit:
+    """A counting gate per receiver key."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._busy: Counter = Counter()
+        self._cond = threading.Condition()
+
+    def acquire(self, key: Hashable, wait: float) -> bool:
+        """Take a slot of ``key``, waiting up to ``wait`` seconds; False when none freed."""
+        deadline = time.monotonic() + wait
+        with self._cond:
+            while self._busy[key] >= self.limit:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            self._busy[key] += 1
+            return True
+
+    def release(self, key: Hashable) -> None:
+        with self._cond:
+            self._busy[key] -= 1
+            if self._busy[key] <= 0:
+                del self._busy[key]
+            self._cond.notify_all()
+
+    def in_flight(self, key: Hashable) -> int:
+        with self._cond:
+            return self._busy[key]
