@@ -17,11 +17,18 @@ Then the long-poll trials: a holder, a waiter (202), a second client holding
 the held call's answer (``allocated``) stamped on arrival: ``longpoll_*`` (target p99 <= 25 ms;
 ``longpoll_early_answers`` counts calls that answered ``queued`` instead of being held).
 
-Prints one JSON object with ``grant_p50_ms``, ``grant_p99_ms``, ``webhook_p50_ms``,
-``webhook_p99_ms``, ``longpoll_p50_ms``, ``longpoll_p99_ms`` (and max, means, trials, machine).
-Not a test; about 40 s for 200 trials of each.
+Last, the webhook trials again beside a slow team (issue 11): before each trial, a request of
+``slow-team`` whose webhook goes to a *trickling* receiver (answers ``200``, then one header line
+every 2 s) is cancelled, so that receiver always has deliveries pending. The normal team's
+webhook latency in that phase is ``slow_receiver_webhook_p50_ms``/``_p99_ms``;
+``slow_receiver_delay_p99_ms`` is how much the slow receiver added to the webhook p99 (the goal:
+at most 1000). ``slow_receiver_connections`` counts the tries the trickling receiver saw.
 
-    .venv/bin/python bench/latency.py [--trials 200]
+Prints one JSON object with ``grant_p50_ms``, ``grant_p99_ms``, ``webhook_p50_ms``,
+``webhook_p99_ms``, ``longpoll_p50_ms``, ``longpoll_p99_ms``, the ``slow_receiver_*`` figures
+(and max, means, trials, machine). Not a test; about 60 s for 200 trials of each.
+
+    .venv/bin/python bench/latency.py [--trials 200] [--longpoll-trials 200] [--slow-trials 200]
 """
 from __future__ import annotations
 
@@ -106,6 +113,45 @@ class Receiver:
 HOLD_S = 0.05
 
 
+class Trickler:
+    """A slow receiver: ``200``, then one header line every ``interval`` s, for a minute."""
+
+    def __init__(self, interval: float = 2.0, lines: int = 30):
+        self.interval, self.lines = interval, lines
+        self.connections = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/slow"
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+
+    def _drip(self, conn):
+        with conn:
+            try:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                for i in range(self.lines):
+                    if self.stop.wait(self.interval):
+                        return
+                    conn.sendall(f"X-Slow-{i}: x\r\n".encode())
+            except OSError:
+                pass
+
+    def close(self):
+        self.stop.set()
+        self.sock.close()
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
@@ -116,6 +162,8 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--longpoll-trials", type=int, default=200)
+    parser.add_argument("--slow-trials", type=int, default=None,
+                        help="webhook trials beside the trickling receiver (default: --trials)")
     args = parser.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="gpuo-latency-")
@@ -140,6 +188,10 @@ def main() -> int:
     release_ms: list[float] = []
     hook_ms: list[float] = []
     poll_ms: list[float] = []
+    slow = Trickler()
+    slow_trials = args.trials if args.slow_trials is None else args.slow_trials
+    slow_hook_ms: list[float] = []
+    slow_missing = 0
     missing = 0
     early = 0
     try:
@@ -162,7 +214,9 @@ def main() -> int:
             time.sleep(0.1)
         time.sleep(1.0)  # let the worker register and start listening
 
-        for trial in range(args.warmup + args.trials):
+        def trial(record: bool, hooks: list[float] | None) -> bool:
+            """One release -> grant -> webhook round; False when the webhook never came.
+            ``record``: count its grant figures; ``hooks``: where its webhook latency goes."""
             holder = http.post(base + "/gpu/allocate", json={"service_name": "holder"}).json()
             resp = http.post(base + "/gpu/allocate",
                              json={"service_name": "waiter", "webhook_url": receiver.url})
@@ -176,14 +230,18 @@ def main() -> int:
                 pass
             t_grant = time.perf_counter()
             t_hook = receiver.wait(rid)
-            if trial >= args.warmup:
+            if record:
                 grant_ms.append((t_grant - t0) * 1000)
                 release_ms.append((t_released - t0) * 1000)
-                if t_hook is None:
-                    missing += 1
-                else:
-                    hook_ms.append((t_hook - t0) * 1000)
+            if hooks is not None and t_hook is not None:
+                hooks.append((t_hook - t0) * 1000)
             http.post(base + "/gpu/release", json={"allocation_id": rid})
+            return t_hook is not None
+
+        for n in range(args.warmup + args.trials):
+            measured = n >= args.warmup
+            if not trial(measured, hook_ms if measured else None) and measured:
+                missing += 1
 
         poller = concurrent.futures.ThreadPoolExecutor(1)
         poll_http = requests.Session()
@@ -211,6 +269,20 @@ def main() -> int:
                 poll_ms.append((t_answer - t0) * 1000)
             http.post(base + "/gpu/release", json={"allocation_id": rid})
         poller.shutdown()
+
+        # Beside a slow team: each trial first gives the trickling receiver one more webhook.
+        for n in range(slow_trials):
+            blocker = http.post(base + "/gpu/allocate", json={"service_name": "blocker"}).json()
+            resp = http.post(base + "/gpu/allocate",
+                             json={"service_name": "slow-team", "webhook_url": slow.url,
+                                   "webhook_events": ["cancelled"]})
+            assert resp.status_code == 202, resp.text
+            http.delete(f"{base}/gpu/requests/{resp.json()['request_id']}")
+            http.post(base + "/gpu/release", json={"allocation_id": blocker["id"]})
+            if n == 0:
+                time.sleep(0.5)  # the first slow tries are under way before we measure
+            if not trial(False, slow_hook_ms):
+                slow_missing += 1
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -221,6 +293,7 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
         receiver.server.shutdown()
+        slow.close()
         redis_srv.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -236,6 +309,14 @@ def main() -> int:
         "webhook_p99_ms": round(pct(hook_ms, 99), 2) if hook_ms else None,
         "webhook_max_ms": round(max(hook_ms), 2) if hook_ms else None,
         "webhooks_missing": missing,
+        "slow_receiver_trials": len(slow_hook_ms) + slow_missing,
+        "slow_receiver_webhook_p50_ms": round(pct(slow_hook_ms, 50), 2) if slow_hook_ms else None,
+        "slow_receiver_webhook_p99_ms": round(pct(slow_hook_ms, 99), 2) if slow_hook_ms else None,
+        "slow_receiver_webhook_max_ms": round(max(slow_hook_ms), 2) if slow_hook_ms else None,
+        "slow_receiver_delay_p99_ms": (round(pct(slow_hook_ms, 99) - pct(hook_ms, 99), 2)
+                                       if slow_hook_ms and hook_ms else None),
+        "slow_receiver_webhooks_missing": slow_missing,
+        "slow_receiver_connections": slow.connections,
         "longpoll_trials": len(poll_ms),
         "longpoll_p50_ms": round(pct(poll_ms, 50), 2) if poll_ms else None,
         "longpoll_p99_ms": round(pct(poll_ms, 99), 2) if poll_ms else None,

@@ -50,7 +50,7 @@ USER_AGENT = "gpu-orchestrator-webhooks/0.1"
 #: A deferred delivery is tried again this many seconds later.
 DEFER_SECONDS = 2
 #: How long a delivery waits for a slot of its receiver before it is deferred.
-DEFER_WAIT = 0.1
+DEFER_WAIT = 0.02
 
 _limit: ReceiverLimit | None = None
 _limit_lock = threading.Lock()
