@@ -9,8 +9,15 @@ reads the request's record through the engine, builds the original service's pay
   policy), a timeout or a connection error raises, and RQ retries the job after the next interval
   of ``webhooks.retry_intervals``;
 - a 410 Gone stops the retries at once;
-- a URL refused by the SSRF policy fails at once, without retries;
+- a URL refused by the SSRF policy (:mod:`app.webhook_policy`) fails at once, without retries;
 - after the last try the job stays in RQ's failed registry (rq-dashboard shows it).
+
+Each try has one deadline, ``webhooks.timeout``, for lookup, connect, TLS, send and response
+headers (:mod:`workers.webhook_client`), and goes only to an address the policy checked. At
+most ``webhooks.max_per_receiver`` tries run at once per receiver in a process
+(:mod:`workers.receiver_limit`); a delivery over that cap is deferred (rescheduled
+``DEFER_SECONDS`` later through ``ServiceJob.retry``) without spending a try. Logs show a URL
+without userinfo, query or fragment (:func:`app.webhook_policy.redact`).
 
 Counters (HINCRBY on ``Keys.stats()``, exported by the API as
 ``gpu_orchestrator_webhooks_total{result}``): ``webhook|delivered``, ``webhook|retried`` (a try
