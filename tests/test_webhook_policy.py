@@ -236,20 +236,26 @@ def test_webhook_url_and_workload_data_are_shown_to_owner_and_admins_only(team_a
     ids = [held.get_json()["id"], queued.get_json()["request_id"]]
 
     def views(key):
-        out = [client.get(f"/gpu/requests/{i}", headers={"X-API-Key": key}).get_json()
-               for i in ids]
-        out.append(client.get(f"/gpu/allocations/{ids[0]}", headers={"X-API-Key": key})
-                   .get_json())
+        """(full records, compact /gpu/list records: no workload_data for anyone)."""
+        full = [client.get(f"/gpu/requests/{i}", headers={"X-API-Key": key}).get_json()
+                for i in ids]
+        full.append(client.get(f"/gpu/allocations/{ids[0]}", headers={"X-API-Key": key})
+                    .get_json())
         snap = client.get("/gpu/list", headers={"X-API-Key": key}).get_json()
-        return out + snap["allocations"] + snap["queue"]
+        return full, snap["allocations"] + snap["queue"]
 
-    for rec in views(OTHER_KEY):
+    full, listed = views(OTHER_KEY)
+    assert len(full) == 3 and len(listed) == 2
+    for rec in full + listed:
         assert "webhook_url" not in rec and "workload_data" not in rec, rec
         if rec.get("allocation"):
             assert "webhook_url" not in rec["allocation"]
+            assert "workload_data" not in rec["allocation"]
     for key in (OWNER_KEY, ADMIN_KEY):
-        for rec in views(key):
+        full, listed = views(key)
+        for rec in full + listed:
             assert rec["webhook_url"] == url
+        for rec in full:
             assert rec["workload_data"] == {"model_name": "private-model-x"}
 
 
