@@ -73,3 +73,9 @@ def test_delivery_slots_start_count_threads_and_stop(settings, rq_redis):
         slots.stop(10)
     assert slots.alive() == 0
     context.get()[1].close()
+
+
+def test_the_workers_redis_pool_fits_every_slot(settings):
+    small = settings.replace(redis={"max_connections": 8}, webhooks={"concurrency": 32})
+    assert worker_mod.pool_settings(small).redis.max_connections >= 4 * 32
+    assert worker_mod.pool_settings(settings) is settings  # the defaults already fit

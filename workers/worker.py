@@ -46,6 +46,8 @@ log = logging.getLogger("gpu_orchestrator.worker")
 
 #: Seconds between a worker quitting on an error and its replacement starting.
 RESTART_DELAY = 1.0
+#: The same for a delivery slot (its own constant: a slot that keeps failing must never spin).
+SLOT_RESTART_DELAY = 1.0
 #: Longest blocking wait of one dequeue call (see ServiceQueue).
 MAX_BLOCK = 1
 #: A scheduler lock not refreshed for this many seconds belongs to a dead worker.
@@ -322,9 +324,18 @@ def build(settings: Settings, redis_url: str) -> ServiceWorker:
     import workers.scheduler  # noqa: F401
     import workers.webhooks  # noqa: F401
 
-    rq_redis = connect(redis_url, settings, decode=False)
+    rq_redis = connect(redis_url, pool_settings(settings), decode=False)
     context.configure(settings, connect(redis_url, settings), rq_redis)
     return make_worker(settings, rq_redis)
+
+
+def pool_settings(settings: Settings) -> Settings:
+    """Settings whose Redis pool fits every slot: each RQ worker holds a connection while it
+    waits for a job, one for its pub/sub commands and one for the heartbeats of a running job."""
+    need = 4 * settings.webhooks.concurrency + 8
+    if settings.redis.max_connections >= need:
+        return settings
+    return settings.replace(redis={"max_connections": need})
 
 
 def make_worker(settings: Settings, rq_redis, worker_class: type = ServiceWorker,
@@ -374,11 +385,11 @@ class DeliverySlots:
                 if self.burst or self._stop.is_set():
                     return
                 log.warning("delivery worker %s quit on an error; starting a new one in "
-                            "%.0f s", worker.name, RESTART_DELAY)
+                            "%.0f s", worker.name, SLOT_RESTART_DELAY)
             except Exception:  # noqa: BLE001 - this slot must come back, whatever happened
                 log.warning("delivery slot %d failed; restarting it in %.0f s", index + 1,
-                            RESTART_DELAY, exc_info=True)
-            self._stop.wait(RESTART_DELAY)
+                            SLOT_RESTART_DELAY, exc_info=True)
+            self._stop.wait(SLOT_RESTART_DELAY)
 
     def stop(self, timeout: float) -> None:
         """Ask every slot to finish its current delivery and quit; wait up to ``timeout``.
