@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import free_port
+from conftest import LOOPBACK, free_port
 from proc_support import ROOT, wait_until
 from webhook_receiver import Receiver
 from workers import webhooks
@@ -135,7 +135,7 @@ def config(tmp_path):
     data = {
         "server": {"port": port, "host": "127.0.0.1", "workers": 1, "threads": 2},
         "redis": {"url": "", "data_dir": str(tmp_path / "data"), "embedded_port": free_port()},
-        "webhooks": {"secret": "up-secret"},
+        "webhooks": {"secret": "up-secret", "allowed_hosts": LOOPBACK},
         "monitoring": {"backend": "simulated", "refresh_interval": "1s",
                        "simulated": {"nodes": [{"name": "laptop", "count": 2,
                                                 "gpu": {"name": "NVIDIA L4",
