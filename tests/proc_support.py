@@ -72,4 +72,5 @@ def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05, message
         if value:
             return value
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {message or predicate}")
+    text = message() if callable(message) else message
+    raise AssertionError(f"timed out after {timeout}s waiting for {text or predicate}")

@@ -227,7 +227,8 @@ def test_a_trickling_receiver_does_not_hold_up_another_teams_webhook(
             # Three rounds of two 4 s tries, each deferred one coming back within about 2 s;
             # generous, for a loaded machine.
             wait_until(lambda: len(slow.connections) >= 5, timeout=90,
-                       message="the deferred slow deliveries get their turn")
+                       message=lambda: "the deferred slow deliveries get their turn; "
+                       f"{len(slow.connections)} tries; worker said:\n{worker.output()[-6000:]}")
         finally:
             worker.stop()
     # Deferrals spent no tries: every slow webhook was tried once (retry in 60 s), none failed.
