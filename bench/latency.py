@@ -214,7 +214,7 @@ def main() -> int:
             time.sleep(0.1)
         time.sleep(1.0)  # let the worker register and start listening
 
-        def trial(record: bool, hooks: list[float] | None) -> bool:
+        def webhook_trial(record: bool, hooks: list[float] | None) -> bool:
             """One release -> grant -> webhook round; False when the webhook never came.
             ``record``: count its grant figures; ``hooks``: where its webhook latency goes."""
             holder = http.post(base + "/gpu/allocate", json={"service_name": "holder"}).json()
@@ -240,7 +240,7 @@ def main() -> int:
 
         for n in range(args.warmup + args.trials):
             measured = n >= args.warmup
-            if not trial(measured, hook_ms if measured else None) and measured:
+            if not webhook_trial(measured, hook_ms if measured else None) and measured:
                 missing += 1
 
         poller = concurrent.futures.ThreadPoolExecutor(1)
@@ -281,7 +281,7 @@ def main() -> int:
             http.post(base + "/gpu/release", json={"allocation_id": blocker["id"]})
             if n == 0:
                 time.sleep(0.5)  # the first slow tries are under way before we measure
-            if not trial(False, slow_hook_ms):
+            if not webhook_trial(False, slow_hook_ms):
                 slow_missing += 1
     finally:
         for proc in procs:
