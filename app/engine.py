@@ -1,9 +1,11 @@
 """The allocation engine: GPUs, requests, leases and the priority queue, all in Redis.
 
-Every state change is one Lua script (``app/lua/<command>.lua``, shared pieces in
-``app/lua/includes/``), so any number of API replicas and workers may call the engine at once
-and none of them can double-allocate a GPU: Redis runs one script at a time, and each script
-reads and writes everything it needs. Scripts return a negative code on a domain error;
+Every state change is one function of one Redis Functions library (``app/lua/<command>.lua``,
+shared pieces in ``app/lua/includes/``), loaded once per server (``FUNCTION LOAD REPLACE`` when
+its version, a hash of its source, changes) and called with ``FCALL`` (``FCALL_RO`` for the
+read-only ones). Any number of API replicas and workers may call the engine at once and none of
+them can double-allocate a GPU: Redis runs one function at a time, and each function reads and
+writes everything it needs. Scripts return a negative code on a domain error;
 ``ERRORS`` below maps each code to one exception from :mod:`app.errors`.
 
 Race notes (two replicas, one Redis):
@@ -31,20 +33,40 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from redis.exceptions import ResponseError
+
 from app.errors import (Conflict, Forbidden, NotFound, OrchestratorError, OwnerQueueFull,
                         PayloadTooLarge, QueueFull, Unsatisfiable, ValidationFailed)
 from app.keys import Keys
 from app.replication import write_acked
 
 LUA_DIR = Path(__file__).with_name("lua")
-#: Scripts that write nothing: no replica acknowledgement to wait for (redis.min_replicas_ack).
-READ_ONLY_SCRIPTS = frozenset({"snapshot", "counts"})
 SCRIPTS = ("allocate", "release", "release_service", "renew", "cancel", "schedule", "reap",
            "report_node", "cordon", "forget", "priority", "snapshot", "counts")
+#: Functions flagged ``no-writes`` and called with FCALL_RO (a replica may serve them); they
+#: wait for no replica acknowledgement (redis.min_replicas_ack).
+READ_ONLY = ("snapshot", "counts")
+#: The library's includes, in load order (each defined once, at the library's top level).
+INCLUDES = ("prelude", "nodes", "call")
+#: Name of the Functions library; each function is ``<LIBRARY>_<script>``.
+LIBRARY = "gpuorch"
+#: Fixed keys, passed as KEYS in this order (the Lua names bound by includes/call.lua).
+FIXED_KEYS = ("K_NODES", "K_FREE", "K_SIZES", "K_GPUS", "K_SHARED", "K_QUEUE", "K_QDX", "K_QDS",
+              "K_QDEAD", "K_QUNRES", "K_RES", "K_LEASES", "K_EVENTS", "K_OUTBOX", "K_STATS",
+              "K_META", "K_QSHAPE", "K_SVCLABELS", "K_QOWNERS", "K_CHANGES")
+#: Settings, passed as ARGV[4..] in this order: (Lua name, converted with tonumber).
+SETTINGS = (("POLICY", False), ("AGING", True), ("RES_AFTER", True), ("HB_TIMEOUT", True),
+            ("FORGET_AFTER", True), ("EV_MAX", False), ("HIST_TTL", True), ("HIST_TTL_S", False),
+            ("MAX_QUEUE", True), ("MAX_OWNER", True), ("MAX_SVC_LABELS", True))
+#: ARGV[1] now, ARGV[2] version, ARGV[3] prefix, then the settings; a function's own
+#: arguments start at ARGV[ARGS_AT + 1].
+ARGS_AT = 3 + len(SETTINGS)
+#: Key builders (Lua head -> the Keys method and its arguments' placeholders).
+_BUILDERS = (("k_node(n)", "node", 1), ("k_gpu(n, i)", "gpu", 2), ("k_req(id)", "request", 1),
+             ("k_deps(id)", "dependents", 1), ("k_svc(s)", "service", 1),
+             ("k_idem(k)", "idempotency", 1), ("k_free(n)", "node_free_gpus", 1))
 _INCLUDE = re.compile(r"^-- @include (\w+)\s*$", re.M)
-_CONSTANTS = "-- @constants"
-_CONSTANT_NAME = re.compile(r"\b(?:K_[A-Z]+|POLICY|AGING|RES_AFTER|HB_TIMEOUT|FORGET_AFTER|EV_MAX|"
-                            r"HIST_TTL_S|HIST_TTL|MAX_QUEUE|MAX_LEASE|MAX_OWNER|MAX_SVC_LABELS)\b")
+_STALE = -11
 _SERVICE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 #: The longest lease there is (10 years), whatever ``scheduler.max_ttl`` says (0 = no limit
@@ -70,11 +92,62 @@ _GPU_EXTRAS = ("ecc_uncorrectable", "ecc_corrected", "xid", "throttle_reasons", 
                "processes")
 
 
-@functools.lru_cache(maxsize=None)
 def load_script(name: str) -> str:
-    """The script's source with ``-- @include x`` lines replaced by ``includes/x.lua``."""
-    text = (LUA_DIR / f"{name}.lua").read_text()
-    return _INCLUDE.sub(lambda m: (LUA_DIR / "includes" / f"{m.group(1)}.lua").read_text(), text)
+    """A script's own source (its header and body; the includes it names are library-wide)."""
+    return (LUA_DIR / f"{name}.lua").read_text()
+
+
+def _builders() -> str:
+    """The key builders: the prefix (P, per call) joined to the shape keys.py gives each key."""
+    probe = Keys("\x00")
+    lines = []
+    for head, method, n in _BUILDERS:
+        template = getattr(probe, method)(*(["%s"] * n))
+        assert template.startswith("\x00"), method
+        params = head[head.index("(") + 1:-1].split(", ")
+        body = _lua_concat(template[1:], params)
+        lines.append(f"local function {head} return P .. {body} end")
+    return "\n".join(lines)
+
+
+def _bind() -> str:
+    """The lines of begin_call that bind the fixed keys and the settings of this call."""
+    lines = [f"  {name} = keys[{i}]" for i, name in enumerate(FIXED_KEYS, 1)]
+    lines.append("  P = argv[3]")
+    for i, (name, numeric) in enumerate(SETTINGS, 4):
+        lines.append(f"  {name} = tonumber(argv[{i}])" if numeric else f"  {name} = argv[{i}]")
+    return "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=None)
+def library_source(extra: tuple[tuple[str, str], ...] = (), name: str = LIBRARY) -> tuple[str, str]:
+    """(version, source) of the Functions library: the includes once, then one function per
+    script (``extra``: more (name, body) pairs, for tests). The version is a hash of the
+    source; every call passes it, so a server holding another version is found at once."""
+    names = ", ".join(FIXED_KEYS + tuple(n for n, _ in SETTINGS))
+    constants = (f"local P, {names}\nlocal MAX_LEASE = {_lua_num(MAX_LEASE_SECONDS)}\n"
+                 f"local A = {ARGS_AT}\n{_builders()}")
+    parts = []
+    for inc in INCLUDES:
+        text = (LUA_DIR / "includes" / f"{inc}.lua").read_text()
+        parts.append(text.replace("-- @constants", constants, 1).replace("  -- @bind", _bind(), 1))
+    scripts = [(s, load_script(s)) for s in SCRIPTS] + list(extra)
+    for script, text in scripts:
+        for inc in _INCLUDE.findall(text):
+            if inc not in INCLUDES:
+                raise ValueError(f"{script}.lua includes {inc!r}, which is not in INCLUDES")
+        body = _INCLUDE.sub("", text)
+        parts.append(f"local function f_{script}(KEYS, ARGV)\n"
+                     f"if ARGV[2] ~= VERSION then return {{{_STALE}, VERSION}} end\n"
+                     f"begin_call(KEYS, ARGV)\n{body}\nend")
+        flags = ", flags = {'no-writes'}" if script in READ_ONLY else ""
+        parts.append(f"redis.register_function{{function_name = '{name}_{script}', "
+                     f"callback = f_{script}{flags}}}")
+    parts.append(f"redis.register_function{{function_name = '{name}_version', "
+                 "callback = function() return VERSION end, flags = {'no-writes'}}")
+    code = "\n".join(parts)
+    version = hashlib.sha1(code.encode()).hexdigest()[:16]
+    return version, f"#!lua name={name}\nlocal VERSION = '{version}'\n{code}\n"
 
 
 def _not_found(what: str, ident: str, detail: Any = None) -> OrchestratorError:
@@ -354,72 +427,75 @@ class Engine:
         self.clock = clock
         self.keys = Keys(settings.redis.prefix)
         k = self.keys
-        #: the Lua names of the fixed keys and of the key builders (includes/prelude.lua)
-        self._lua_keys = {
-            "K_NODES": k.nodes(), "K_FREE": k.nodes_free(), "K_SIZES": k.node_sizes(),
-            "K_GPUS": k.gpus(), "K_SHARED": k.shared_capacity(), "K_QUEUE": k.queue(),
-            "K_QDX": k.queue_demand("exclusive"), "K_QDS": k.queue_demand("shared"),
-            "K_QDEAD": k.queue_deadlines(), "K_QUNRES": k.queue_unreserved(),
-            "K_RES": k.reservations(), "K_LEASES": k.leases(), "K_EVENTS": k.events(),
-            "K_OUTBOX": k.webhook_outbox(), "K_STATS": k.stats(), "K_META": k.meta(),
-            "K_QSHAPE": k.queue_shapes(), "K_SVCLABELS": k.stats_services(),
-            "K_QOWNERS": k.queue_owners(), "K_CHANGES": k.changes()}
-        self._lua_builders = {
-            "k_node(n)": k.node("%s"), "k_gpu(n, i)": k.gpu("%s", "%s"),
-            "k_req(id)": k.request("%s"), "k_deps(id)": k.dependents("%s"),
-            "k_svc(s)": k.service("%s"),
-            "k_idem(k)": k.idempotency("%s"), "k_free(n)": k.node_free_gpus("%s")}
-        self._meta_key = [k.meta()]
-        self._scripts_for = None
-        self._scripts: dict = {}
+        self._fixed_keys = [
+            k.nodes(), k.nodes_free(), k.node_sizes(), k.gpus(), k.shared_capacity(), k.queue(),
+            k.queue_demand("exclusive"), k.queue_demand("shared"), k.queue_deadlines(),
+            k.queue_unreserved(), k.reservations(), k.leases(), k.events(), k.webhook_outbox(),
+            k.stats(), k.meta(), k.queue_shapes(), k.stats_services(), k.queue_owners(),
+            k.changes()]
+        assert len(self._fixed_keys) == len(FIXED_KEYS)
+        self._args_for = None
+        self._fixed_args: list[str] = []
 
     # ------------------------------------------------------------------ plumbing
-    def _render(self, source: str) -> str:
-        """A script's source for this prefix and these settings. The keys and the scheduler
-        settings are substituted as literals wherever the source names them (K_QUEUE,
-        POLICY, ...) and the key builders replace ``-- @constants`` in includes/prelude.lua.
-        Nothing is sent or parsed per call, and the prelude's closures need no upvalues for
-        constants: Redis 6.2 runs a script's whole body, closures included, on every call."""
-        s = self.settings.scheduler
-        literals = {name: _lua_str(key) for name, key in self._lua_keys.items()}
-        literals.update(POLICY=_lua_str(s.policy), AGING=_lua_num(s.aging_rate / 60.0),
-                        RES_AFTER=_lua_num(s.reservation_after),
-                        HB_TIMEOUT=_lua_num(s.node_heartbeat_timeout),
-                        FORGET_AFTER=_lua_num(s.node_forget_after),
-                        EV_MAX=_lua_str(str(s.events_maxlen)), HIST_TTL=_lua_num(s.history_ttl),
-                        HIST_TTL_S=_lua_str(str(math.floor(s.history_ttl))),
-                        MAX_QUEUE=_lua_num(s.max_queue_size),
-                        MAX_LEASE=_lua_num(MAX_LEASE_SECONDS),
-                        MAX_OWNER=_lua_num(max_queued_per_owner(self.settings)),
-                        MAX_SVC_LABELS=_lua_num(self.settings.monitoring.max_service_labels))
-        lines = []
-        for head, template in self._lua_builders.items():
-            params = head[head.index("(") + 1:-1].split(", ")
-            lines.append(f"local function {head} return {_lua_concat(template, params)} end")
-        source = source.replace(_CONSTANTS, "\n".join(lines), 1)
-        return _CONSTANT_NAME.sub(lambda m: literals[m.group(0)], source)
-
-    def _script(self, name: str):
-        """The registered script for the current settings (re-rendered when they change;
-        register_script only hashes the text, nothing talks to Redis until the first call)."""
+    def _settings_args(self) -> list[str]:
+        """ARGV[3..ARGS_AT]: the prefix and the settings (SETTINGS order), rebuilt only when
+        the settings object changes. Sent with every call: measured, a dozen short
+        arguments cost less than reading a settings hash in every call."""
         s, m = self.settings.scheduler, self.settings.monitoring
-        if self._scripts_for is None or self._scripts_for[0] is not s \
-                or self._scripts_for[1] is not m:
-            self._scripts = {n: self.redis.register_script(self._render(load_script(n)))
-                             for n in SCRIPTS}
-            self._scripts_for = (s, m)
-        return self._scripts[name]
+        if self._args_for is None or self._args_for[0] is not s or self._args_for[1] is not m:
+            values = {"POLICY": s.policy, "AGING": _arg_num(s.aging_rate / 60.0),
+                      "RES_AFTER": _arg_num(s.reservation_after),
+                      "HB_TIMEOUT": _arg_num(s.node_heartbeat_timeout),
+                      "FORGET_AFTER": _arg_num(s.node_forget_after),
+                      "EV_MAX": str(s.events_maxlen), "HIST_TTL": _arg_num(s.history_ttl),
+                      "HIST_TTL_S": str(math.floor(s.history_ttl)),
+                      "MAX_QUEUE": _arg_num(s.max_queue_size),
+                      "MAX_OWNER": _arg_num(max_queued_per_owner(self.settings)),
+                      "MAX_SVC_LABELS": _arg_num(m.max_service_labels)}
+            self._fixed_args = [self.keys.prefix] + [values[n] for n, _ in SETTINGS]
+            self._args_for = (s, m)
+        return self._fixed_args
+
+    def load_library(self) -> str:
+        """Load (or replace) the engine's Functions library on the server; its version."""
+        version, source = library_source()
+        self.redis.execute_command("FUNCTION", "LOAD", "REPLACE", source)
+        return version
+
+    def _fcall(self, name: str, args: list) -> Any:
+        """FCALL (FCALL_RO for READ_ONLY) of one engine function. The library is loaded when
+        the server has none (a restart without persistence, FUNCTION FLUSH) or another
+        version (an upgrade, or a replica of another release replaced it): once, then the
+        call is retried once. With ``redis.min_replicas_ack`` a write waits for its replicas
+        (app/replication.py)."""
+        version, _ = library_source()
+        cmd = "FCALL_RO" if name in READ_ONLY else "FCALL"
+        keys, acks = self._fixed_keys, self.settings.redis.min_replicas_ack
+        argv = [args[0], version, *self._settings_args(), *args[1:]]
+        for attempt in (0, 1):
+            command = (cmd, f"{LIBRARY}_{name}", len(keys), *keys, *argv)
+            try:
+                if acks and name not in READ_ONLY:
+                    res = write_acked(self.redis, command, acks,
+                                      self.settings.redis.replica_ack_timeout)
+                else:
+                    res = self.redis.execute_command(*command)
+            except ResponseError as exc:
+                if attempt or "function not found" not in str(exc).lower():
+                    raise
+                self.load_library()
+                continue
+            if isinstance(res, list) and len(res) == 2 and res[0] == _STALE and not attempt:
+                self.load_library()
+                continue
+            return res
+        raise OrchestratorError("the engine's Redis Functions library was replaced by "
+                                "another version while this call ran; retry")
 
     def _run(self, name: str, *args, ctx: dict | None = None):
         now = "" if self.clock is None else repr(float(self.clock()))
-        script, acks = self._script(name), self.settings.redis.min_replicas_ack
-        if acks and name not in READ_ONLY_SCRIPTS:
-            res = write_acked(self.redis, ("EVALSHA", script.sha, len(self._meta_key),
-                                           *self._meta_key, now, *args),
-                              acks, self.settings.redis.replica_ack_timeout,
-                              reload=lambda: self.redis.script_load(script.script))
-        else:
-            res = script(keys=self._meta_key, args=[now, *args])
+        res = self._fcall(name, [now, *args])
         if isinstance(res, list) and res and isinstance(res[0], int) and res[0] < 0:
             code = res[0]
             if code == _RETRY_ID:
@@ -932,6 +1008,14 @@ def _lua_concat(template: str, params: list[str]) -> str:
         if text:
             out.append(_lua_str(text))
     return " .. ".join(out)
+
+
+def _arg_num(x: float) -> str:
+    """A number as an argument Lua's tonumber reads back exactly (inf as 1e999)."""
+    x = float(x)
+    if math.isinf(x):
+        return "1e999" if x > 0 else "-1e999"
+    return repr(x)
 
 
 def _lua_num(x: float) -> str:

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from app.engine import LUA_DIR, Engine
+from app.engine import LUA_DIR, Engine, library_source
 from app.keys import Keys
 
 K = Keys("{gpuo}")
@@ -106,22 +106,29 @@ def test_lua_scripts_contain_no_key_text():
 
 
 def test_lua_builds_the_same_keys_as_keys_py(redis, settings):
+    """The library's key builders (prefix passed per call) and its KEYS binding agree with
+    keys.py, whatever the prefix."""
     engine = Engine(redis, settings)
     keys = engine.keys
-    probe = redis.register_script(engine._render(_PROBE))
-    got = probe(keys=[keys.meta()], args=["1000", "n1", "7", "svc-1", "web", "idem-key"])
+    version, source = library_source((("probe", _PROBE),), name="keysprobe")
+    redis.execute_command("FUNCTION", "LOAD", "REPLACE", source)
+    try:
+        got = redis.execute_command(
+            "FCALL", "keysprobe_probe", len(engine._fixed_keys), *engine._fixed_keys, "1000",
+            version, *engine._settings_args(), "n1", "7", "svc-1", "web", "idem-key")
+    finally:
+        redis.execute_command("FUNCTION", "DELETE", "keysprobe")
     assert got == [keys.node("n1"), keys.gpu("n1", 7), keys.request("svc-1"),
                    keys.dependents("svc-1"),
                    keys.service("web"), keys.idempotency("idem-key"),
                    keys.node_free_gpus("n1"), keys.nodes(),
-                   keys.queue(), keys.leases(), keys.meta(), keys.webhook_outbox()]
+                   keys.queue(), keys.leases(), keys.meta(), keys.webhook_outbox(),
+                   keys.changes(), settings.scheduler.policy]
 
 
 _PROBE = """
--- @include prelude
-""".replace("-- @include prelude", (LUA_DIR / "includes" / "prelude.lua").read_text()) + """
 return {k_node(ARGV[A + 1]), k_gpu(ARGV[A + 1], ARGV[A + 2]), k_req(ARGV[A + 3]),
   k_deps(ARGV[A + 3]),
   k_svc(ARGV[A + 4]), k_idem(ARGV[A + 5]), k_free(ARGV[A + 1]), K_NODES, K_QUEUE, K_LEASES,
-  K_META, K_OUTBOX}
+  K_META, K_OUTBOX, K_CHANGES, POLICY}
 """

@@ -1,28 +1,30 @@
 --[[
-  prelude: the pieces every engine script shares (inlined by app/engine.py at load time).
+  prelude: the pieces every engine function shares.
 
-  KEYS[1]  meta (declared so a cluster client routes the script; every key shares its hash tag)
-  ARGV[1]  now (epoch seconds; "" = use Redis TIME, one clock for every replica)
-  Each script's own arguments start at ARGV[A + 1].
-
-  Constants come from app/engine.py (Engine._render), built from keys.py and the scheduler
-  settings: these names are replaced by literals wherever a script uses them, and the key
-  builders replace the @constants line below. Redis 6.2 runs a script's whole body on every
-  call, so nothing is sent, split or captured as an upvalue per call:
-    K_NODES K_FREE K_SIZES K_GPUS K_SHARED K_QUEUE K_QDX K_QDS K_QDEAD K_QUNRES K_RES K_LEASES
-    K_EVENTS K_OUTBOX K_STATS K_META K_QSHAPE K_SVCLABELS K_QOWNERS K_CHANGES      keys:
-        nodes, nodes_free, node_sizes, gpus, shared_capacity, queue, queue_demand:exclusive,
-        queue_demand:shared, queue_deadlines, queue_unreserved, reservations, leases, events,
-        webhook_outbox, stats, meta, queue_shapes, stats_services, queue_owners; and the
-        changes Pub/Sub channel
-    k_node(n) k_gpu(n, i) k_req(id) k_deps(id) k_svc(s) k_idem(k) k_free(n)    key builders:
-        node, gpu, request, dependents, service, idempotency, node_free_gpus (concatenation,
-        no string.format)
-    POLICY (best_effort|strict_fifo)  AGING (priority points per second)
-    RES_AFTER (s; < 0 = off)  HB_TIMEOUT (s)  FORGET_AFTER (s; <= 0 = never)  EV_MAX
-    HIST_TTL (s; HIST_TTL_S: whole seconds, as a string)  MAX_QUEUE  MAX_LEASE (s; the longest
-    lease there is)  MAX_OWNER (queued requests per owner)  MAX_SVC_LABELS (services with their
-    own stats label)
+  Loaded once as the Redis Functions library engine.LIBRARY (app/engine.py, library_source): these
+  includes at the top, then one function per app/lua/<command>.lua, each starting with
+  begin_call (includes/call.lua), which binds the per-call names below. Every function takes:
+    KEYS     the fixed keys, in the order of engine.FIXED_KEYS (all under the prefix's hash tag;
+             keys derived at run time use the same prefix, so the engine stays one slot):
+      K_NODES K_FREE K_SIZES K_GPUS K_SHARED K_QUEUE K_QDX K_QDS K_QDEAD K_QUNRES K_RES K_LEASES
+      K_EVENTS K_OUTBOX K_STATS K_META K_QSHAPE K_SVCLABELS K_QOWNERS K_CHANGES: nodes,
+      nodes_free, node_sizes, gpus, shared_capacity, queue, queue_demand:exclusive,
+      queue_demand:shared, queue_deadlines, queue_unreserved, reservations, leases, events,
+      webhook_outbox, stats, meta, queue_shapes, stats_services, queue_owners; and the changes
+      Pub/Sub channel (a channel, not a key, passed with them for one place of truth)
+    ARGV[1]  now (epoch seconds; "" = use Redis TIME, one clock for every replica)
+    ARGV[2]  the library version the caller expects (a mismatch answers {-11, version}: the
+             caller loads its library and retries)
+    ARGV[3]  the key prefix, for the key builders k_node(n) k_gpu(n, i) k_req(id) k_deps(id)
+             k_svc(s) k_idem(k) k_free(n) (node, gpu, request, dependents, service,
+             idempotency, node_free_gpus; concatenation, no string.format)
+    ARGV[4..] the scheduler settings, in the order of engine.SETTINGS:
+      POLICY (best_effort|strict_fifo)  AGING (priority points per second)
+      RES_AFTER (s; < 0 = off)  HB_TIMEOUT (s)  FORGET_AFTER (s; <= 0 = never)  EV_MAX
+      HIST_TTL (s; HIST_TTL_S: whole seconds, as a string)  MAX_QUEUE  MAX_OWNER (queued
+      requests per owner)  MAX_SVC_LABELS (services with their own stats label)
+    Each function's own arguments start at ARGV[A + 1].
+  MAX_LEASE (s; the longest lease there is) is a literal of the library.
 
   Errors are returned, not raised: { negative code, details... } (see ERRORS in app/engine.py).
 
@@ -36,15 +38,7 @@
   draining "1" (cordoned, waiting for its allocations to end).
 ]]
 -- @constants
-local NOW
-if ARGV[1] ~= '' then
-  NOW = tonumber(ARGV[1])
-else
-  local t = redis.call('TIME')
-  NOW = tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
-local NOW_S = string.format('%.6f', NOW) -- formatted once: most scripts write it several times
-local A = 1
+local NOW, NOW_S -- set per call by begin_call (includes/call.lua)
 
 local function ftime(x) return string.format('%.6f', x) end
 local function fnum(x) return string.format('%.17g', x) end

@@ -1,0 +1,18 @@
+--[[
+  call: begin_call, run first by every function of the library (after the other includes, so
+  it sees their state). A library's locals outlive a call, so everything a call may leave
+  behind is reset here: the per-call caches, the buffers of a pass an error interrupted, and
+  the queue's functions (built on first use per call, with state of their own).
+]]
+local function begin_call(keys, argv)
+  -- @bind
+  if argv[1] ~= '' then
+    NOW = tonumber(argv[1])
+  else
+    local t = redis.call('TIME')
+    NOW = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  end
+  NOW_S = string.format('%.6f', NOW) -- formatted once: most functions write it several times
+  stat_buf, meta_buf, queue_fns = nil, nil, nil
+  svc_labels, alive_cache, index_cache = {}, {}, {}
+end
