@@ -1,6 +1,7 @@
 """Redis connections built from settings, one way for every process."""
 from __future__ import annotations
 
+import re
 import select
 
 import redis
@@ -101,3 +102,37 @@ def _sentinel_client(target: SentinelTarget, decode: bool, timeout: float,
     client = redis.Redis(connection_pool=pool)
     client.auto_close_connection_pool = True
     return client
+
+
+#: Oldest servers with Redis Functions (FUNCTION LOAD, FCALL_RO, no-writes), which the engine is.
+MIN_REDIS = (7, 0)
+MIN_VALKEY = (7, 2)
+NEEDED = "Redis >= 7.0 or Valkey >= 7.2"
+
+
+class ServerTooOld(RuntimeError):
+    """The Redis server cannot run the engine; the message names the version found and needed."""
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", text)[:3]) or (0,)
+
+
+def server_version(client: redis.Redis) -> str:
+    """The server as a person names it: ``valkey 9.1.2`` or ``redis 7.2.5``."""
+    info = client.info("server")
+    if info.get("server_name") == "valkey" or "valkey_version" in info:
+        return f"valkey {info.get('valkey_version', info.get('redis_version'))}"
+    return f"redis {info.get('redis_version', '?')}"
+
+
+def version_problem(client: redis.Redis) -> str | None:
+    """None when the server can run the engine, else one line naming what was found and what
+    is needed. Connection errors propagate (the caller decides what an absent server means)."""
+    found = server_version(client)
+    name, _, number = found.partition(" ")
+    need = MIN_VALKEY if name == "valkey" else MIN_REDIS
+    if _version(str(number)) >= need:
+        return None
+    return (f"the Redis server is {found}; gpu-orchestrator needs {NEEDED} "
+            "(its engine is a Redis Functions library)")

@@ -7,6 +7,7 @@ from flask_smorest import Blueprint
 from app import schemas
 from app.api import doc
 from app.errors import Unavailable
+from app.redis_client import version_problem
 
 blp = Blueprint("health", __name__, description="Probes for load balancers and orchestrators.")
 
@@ -25,11 +26,17 @@ def healthz():
 @doc(responses={"200": {"description": "Ready.", "content": {
     "application/json": {"schema": schemas.HealthSchema}}}, "503": "SERVICE_UNAVAILABLE"})
 def readyz():
-    """Readiness: 200 only when Redis answers a PING."""
+    """Readiness: 200 only when Redis answers a PING and can run the engine (Redis >= 7.0 or
+    Valkey >= 7.2, for Redis Functions); 503 naming the version found otherwise."""
     redis = current_app.extensions.get("gpu_redis")
     if redis is None:
         raise Unavailable("no Redis configured")
     redis.ping()  # ConnectionError/TimeoutError -> 503 through the app-wide handler
+    if not current_app.extensions.get("gpu_redis_version_ok"):
+        problem = version_problem(redis)  # asked until it passes once (a server may upgrade)
+        if problem:
+            raise Unavailable(problem)
+        current_app.extensions["gpu_redis_version_ok"] = True
     return jsonify(status="ready")
 
 
