@@ -246,7 +246,7 @@ def test_readyz_names_the_version_on_an_older_server(old_redis, settings):
                      redis_url=url)
     resp = app.test_client().get("/readyz")
     assert resp.status_code == 503 and int(resp.headers["Retry-After"]) > 0
-    message = resp.get_json()["message"]
+    message = resp.get_json()["error"]["message"]
     assert "redis 6.2.14" in message and "Redis >= 7.0 or Valkey >= 7.2" in message
 
 
