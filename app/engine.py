@@ -46,8 +46,10 @@ SCRIPTS = ("allocate", "release", "release_service", "renew", "cancel", "schedul
 #: Functions flagged ``no-writes`` and called with FCALL_RO (a replica may serve them); they
 #: wait for no replica acknowledgement (redis.min_replicas_ack).
 READ_ONLY = ("snapshot", "counts")
-#: The library's includes, in load order (each defined once, at the library's top level).
-INCLUDES = ("prelude", "nodes", "call")
+#: The library's includes, in load order (each defined once, at the library's top level; an
+#: include may itself include others, e.g. queue.lua the reservations and the pass).
+INCLUDES = ("prelude", "stats", "events", "indexes", "placement", "grants", "queue", "records",
+            "nodes", "call")
 #: Name of the Functions library; each function is ``<LIBRARY>_<script>``.
 LIBRARY = "gpuorch"
 #: Fixed keys, passed as KEYS in this order (the Lua names bound by includes/call.lua).
@@ -97,6 +99,14 @@ def load_script(name: str) -> str:
     return (LUA_DIR / f"{name}.lua").read_text()
 
 
+def _expand(text: str, depth: int = 0) -> str:
+    """An include's text with the includes it names inlined (queue.lua: reservations, pass)."""
+    if depth > 4:
+        raise ValueError("includes nest too deep")
+    return _INCLUDE.sub(lambda m: _expand(
+        (LUA_DIR / "includes" / f"{m.group(1)}.lua").read_text(), depth + 1), text)
+
+
 def _builders() -> str:
     """The key builders: the prefix (P, per call) joined to the shape keys.py gives each key."""
     probe = Keys("\x00")
@@ -129,7 +139,7 @@ def library_source(extra: tuple[tuple[str, str], ...] = (), name: str = LIBRARY)
                  f"local A = {ARGS_AT}\n{_builders()}")
     parts = []
     for inc in INCLUDES:
-        text = (LUA_DIR / "includes" / f"{inc}.lua").read_text()
+        text = _expand((LUA_DIR / "includes" / f"{inc}.lua").read_text())
         parts.append(text.replace("-- @constants", constants, 1).replace("  -- @bind", _bind(), 1))
     scripts = [(s, load_script(s)) for s in SCRIPTS] + list(extra)
     for script, text in scripts:

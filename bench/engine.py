@@ -26,6 +26,7 @@ import redis as redis_lib  # noqa: E402
 from app import settings as settings_mod  # noqa: E402
 from app.embedded_redis import EmbeddedRedis  # noqa: E402
 from app.engine import Engine  # noqa: E402
+from app.redis_client import server_version  # noqa: E402
 
 
 def free_port() -> int:
@@ -90,7 +91,8 @@ def main() -> None:
 def run(url: str, reps: int) -> dict:
     client = redis_lib.Redis.from_url(url, decode_responses=True)
     client.config_set("appendonly", "no")
-    out: dict = {"machine": {"nproc": os.cpu_count(), "cpu": cpu_model(),
+    out: dict = {"server": server_version(client),
+                 "machine": {"nproc": os.cpu_count(), "cpu": cpu_model(),
                              "python": platform.python_version(),
                              "redis": client.info("server")["redis_version"]}}
     noop = client.register_script("return 1")
@@ -122,7 +124,7 @@ def run(url: str, reps: int) -> dict:
             wall, client_cpu, server_cpu = timed(client, cycle, reps)
             if wall < best[key]:
                 best[key], cpu[key] = wall, (client_cpu, server_cpu)
-            stat = client.info("commandstats").get("cmdstat_evalsha", {})
+            stat = client.info("commandstats").get("cmdstat_fcall", {})
             server[key] = min(server[key], stat.get("usec_per_call", math.inf))
     out["noop_roundtrip_us"] = round(best["noop"] * 1e6, 1)
     out["equal_server_time"] = equal_server_time(client, server["1024"], reps)

@@ -193,6 +193,16 @@ def _wait_http(port: int, timeout: float = 30.0) -> None:
     raise RuntimeError("the API did not come up")
 
 
+def _server_version(url: str) -> str:
+    """The Redis/Valkey the run used, e.g. ``valkey 9.1.2``."""
+    from app.redis_client import connect, server_version
+    client = connect(url)
+    try:
+        return server_version(client)
+    finally:
+        client.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=16)
@@ -248,8 +258,9 @@ def main() -> int:
         result = json.loads(client.stdout)
         result.update({
             "gpus": args.nodes * 8,
-            "server": "gunicorn, app.http_worker.BufferingWorker, server.workers=2, "
-                      "server.threads=4 (defaults)",
+            "server": _server_version(redis_url),
+            "api_server": "gunicorn, app.http_worker.BufferingWorker, server.workers=2, "
+                          "server.threads=4 (defaults)",
             "api_log_level": args.log_level,
             "machine": f"{platform.machine()} {os.cpu_count()} CPUs, "
                        f"Python {platform.python_version()}, {platform.system()}",

@@ -1,0 +1,46 @@
+--[[
+  events: the events stream, the webhook outbox, long-poll wake-ups (Pub/Sub)
+  and the capacity version.
+  Guarantees: an event is appended to the capped stream before its webhook is queued, so
+  every delivery names an event id.
+]]
+
+local function bump_capacity() redis.call('HINCRBY', K_META, 'capver', '1') end
+
+-- Append one event to the capped stream; returns its entry id.
+local function event(name, id, svc, extra)
+  local args = {'XADD', K_EVENTS, 'MAXLEN', '~', EV_MAX, '*', 'event', name,
+    'request_id', id or '', 'service_name', svc or '', 'ts', NOW_S}
+  if extra then
+    for i = 1, #extra do args[#args + 1] = extra[i] end
+  end
+  return redis.call(unpack(args))
+end
+
+-- Queue a webhook delivery when the record has a URL and (for non-grant events) opted in.
+-- pinned: fields as they were at the event, which a later change (a renewal) must not alter
+-- in the payload (every try of one event sends the same body). extra: more fields for the
+-- entry (gpu_unhealthy names the node and the GPUs), or nil.
+local function outbox(name, id, event_id, url, events_json, always, pinned, extra)
+  if url == nil or url == '' then return end
+  if not always then
+    local ok = false
+    for _, e in ipairs(cjson.decode(events_json or '[]')) do
+      if e == name then ok = true end
+    end
+    if not ok then return end
+  end
+  local entry = {event_id = event_id, event = name, request_id = id, ts = NOW, pinned = pinned}
+  if extra then
+    for k, v in pairs(extra) do entry[k] = v end
+  end
+  redis.call('RPUSH', K_OUTBOX, cjson.encode(entry))
+end
+
+-- Wake the API calls long-polling this request (app/longpoll.py): one PUBLISH per status
+-- change of a request that someone may be waiting on (a queued request leaving the queue, a
+-- live allocation ending or changing state). Redis delivers it after the script, so a waiter
+-- that wakes reads the new status. Without subscribers a PUBLISH costs one dictionary lookup.
+local function notify(id, status)
+  redis.call('PUBLISH', K_CHANGES, id .. '|' .. status)
+end

@@ -1,0 +1,151 @@
+--[[
+  grants: giving GPUs to a request and ending requests (end_queued,
+  fail_dependents, finish_alloc, finish_queued).
+  Guarantees: one write of the record per grant; every ending frees what it held and
+  appends its event.
+]]
+
+-- Give the chosen GPUs to the request. queued: it sits in the queue indexes; from_queue: the
+-- client saw it queued (webhook). pending: an HSET of the record not sent yet (allocate's new
+-- record), which the grant's fields join, so the record is written once. Returns the fields
+-- it wrote.
+local function grant(r, node, chosen, queued, from_queue, pending)
+  local ids, uuids = {}, {}
+  for i, g in ipairs(chosen) do
+    take_gpu(r, node, g.idx)
+    ids[i] = tonumber(g.idx)
+    uuids[i] = g.uuid
+  end
+  local expires, score = '', '+inf'
+  if r.lease >= 0 then
+    expires = ftime(NOW + r.lease)
+    score = expires
+  end
+  local wait = NOW - r.submitted
+  if wait < 0 then wait = 0 end
+  local ids_json, uuids_json = cjson.encode(ids), cjson.encode(uuids)
+  local out = {'status', 'allocated', 'node', node, 'gpu_ids', ids_json, 'gpu_uuids', uuids_json,
+    'allocated_at', NOW_S, 'expires_at', expires, 'wait_time_seconds', ftime(wait)}
+  if pending then
+    for i = 1, #out do pending[#pending + 1] = out[i] end
+    redis.call(unpack(pending))
+  else
+    redis.call('HSET', k_req(r.id), unpack(out))
+  end
+  redis.call('ZADD', K_LEASES, score, r.id)
+  redis.call('SADD', k_svc(r.svc), r.id)
+  if queued then
+    queue().dequeue(r.id, r.reserved, r.sharing, owner_bucket(r.owner, r.svc))
+    notify(r.id, 'allocated')
+  end
+  local evid = event('allocated', r.id, r.svc, {'node', node, 'gpu_ids', ids_json,
+    'gpu_uuids', uuids_json})
+  stat('alloc|' .. svc_label(r.svc) .. '|allocated')
+  if from_queue then
+    stat('sched|from_queue')
+    stat_wait(wait)
+    outbox('allocated', r.id, evid, r.hook, nil, true,
+      {expires_at = expires, lease_seconds = fnum(r.lease)})
+  else
+    stat('sched|immediate')
+  end
+  return out
+end
+
+-- End a queued request (cancelled | timed_out) without looking at its dependents. reason and
+-- cause: set when the engine cancels it because dependency `cause` failed. Returns whether
+-- requests wait on it with depends_on_mode ok.
+local function end_queued(id, status, reason, cause)
+  local rk = k_req(id)
+  local f = redis.call('HMGET', rk, 'service_name', 'webhook_url', 'webhook_events',
+    'reserved_node', 'sharing', 'ok_dependents', 'owner')
+  queue().dequeue(id, f[4], f[5], owner_bucket(f[7], f[1]))
+  if reason then
+    redis.call('HSET', rk, 'status', status, 'ended_at', NOW_S, 'reason', reason,
+      'failed_dependency', cause)
+  else
+    redis.call('HSET', rk, 'status', status, 'ended_at', NOW_S)
+  end
+  redis.call('EXPIRE', rk, HIST_TTL_S)
+  bump_capacity()
+  notify(id, status)
+  local evid = event(status, id, f[1], reason and {'reason', reason, 'dependency', cause} or nil)
+  stat('alloc|' .. svc_label(f[1]) .. '|' .. status)
+  outbox(status, id, evid, f[2], f[3], false)
+  return f[6] == '1'
+end
+
+--[[
+  `id` ended otherwise than released: every request waiting on it with depends_on_mode ok can
+  never run. Each still queued is cancelled (reason dependency_failed, its cancelled event and
+  webhook), and so on down the chain, in this same script: no pass can grant a dependent in
+  between. A worklist, not recursion, so a chain of any length fits Lua's stack.
+]]
+local function fail_dependents(id)
+  local work, i = {id}, 1
+  while i <= #work do
+    local cause = work[i]
+    i = i + 1
+    local dk = k_deps(cause)
+    for _, d in ipairs(redis.call('SMEMBERS', dk)) do
+      if redis.call('HGET', k_req(d), 'status') == 'queued' then
+        if end_queued(d, 'cancelled', 'dependency_failed', cause) then work[#work + 1] = d end
+      end
+    end
+    redis.call('DEL', dk)
+  end
+end
+
+-- End a live allocation (released | expired | lost): give its GPUs back. rec: the record as a
+-- table when the caller already read it (release); it is updated to match what is written.
+-- A lost allocation (its node was forgotten) is always notified when it has a webhook_url.
+local function finish_alloc(id, status, rec)
+  local rk = k_req(id)
+  local f
+  if rec then
+    f = {rec.node, rec.gpu_ids, rec.sharing, rec.min_memory_mb, rec.service_name,
+      rec.webhook_url, rec.webhook_events, rec.ok_dependents}
+  else
+    f = redis.call('HMGET', rk, 'node', 'gpu_ids', 'sharing', 'min_memory_mb',
+      'service_name', 'webhook_url', 'webhook_events', 'ok_dependents')
+  end
+  local node, sharing, minm, svc = f[1], f[3], tonumber(f[4]) or 0, f[5] or ''
+  for _, i in ipairs(cjson.decode(f[2] or '[]')) do
+    return_gpu(id, sharing, minm, node, string.format('%d', i))
+  end
+  local now = NOW_S
+  if status == 'released' then
+    redis.call('HSET', rk, 'status', status, 'released_at', now, 'ended_at', now)
+    if rec then rec.released_at = now end
+  else
+    redis.call('HSET', rk, 'status', status, 'ended_at', now)
+  end
+  if rec then rec.status, rec.ended_at = status, now end
+  redis.call('EXPIRE', rk, HIST_TTL_S)
+  redis.call('ZREM', K_LEASES, id)
+  redis.call('SREM', k_svc(svc), id)
+  bump_capacity()
+  notify(id, status)
+  local evid = event(status, id, svc, {'node', node or '', 'gpu_ids', f[2] or '[]'})
+  stat('alloc|' .. svc_label(svc) .. '|' .. status)
+  outbox(status, id, evid, f[6], f[7], status == 'lost')
+  if f[8] == '1' then
+    if status == 'released' then
+      redis.call('DEL', k_deps(id))  -- its ok-dependents may run now; nothing left to cancel
+    else
+      fail_dependents(id)
+    end
+  end
+end
+
+-- End a queued request (cancelled | timed_out). Its any-dependents may now run (capver is
+-- bumped); its ok-dependents are cancelled.
+local function finish_queued(id, status)
+  if end_queued(id, status) then fail_dependents(id) end
+end
+
+local function top_score(key)
+  local t = redis.call('ZREVRANGE', key, 0, 0, 'WITHSCORES')
+  if #t == 0 then return -1 end
+  return tonumber(t[2])
+end

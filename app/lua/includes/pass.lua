@@ -1,0 +1,127 @@
+  --[[
+    pass (included inside queue(), after the reservations). The schedule pass. Walks the queue in rank order (priority desc, FIFO; aging is in the score)
+    and grants what fits. Guarantee: a grant never overtakes a higher-ranked waiting request that
+    fits, because higher-ranked ones were tried first against at least the capacity now left.
+
+    Cost control:
+    * meta.capver counts capacity appearing (GPU freed, node back, dependency finished,
+      reservation dropped); meta.passver is capver at the last full pass. Equal: every queued
+      request already failed against at least today's capacity, so only new_id is tried.
+      force (the periodic safety-net pass) walks regardless.
+    * nothing_fits(): smallest queued demand vs best free capacity, O(log n).
+    * in the walk, a demand shape that failed is not tried again (capacity only shrinks).
+  ]]
+  local function schedule_inner(new_id, force)
+    local granted = {}
+    if redis.call('ZCARD', K_QUEUE) == 0 then return granted end
+    local capver = redis.call('HGET', K_META, 'capver') or '0'
+    local full = force or capver ~= (redis.call('HGET', K_META, 'passver') or '')
+    if not full and RES_AFTER >= 0 and POLICY ~= 'strict_fifo' then
+      local due = low_score(K_QUNRES)
+      if due and due <= NOW - RES_AFTER then full = true end
+    end
+    if not full then
+      if new_id == nil then
+        stat('sched|passes_skipped')
+        return granted
+      end
+      if POLICY == 'strict_fifo' and redis.call('ZRANK', K_QUEUE, new_id) ~= 0 then
+        return granted
+      end
+      local r = load_req(new_id)
+      if not r or r.status ~= 'queued' or not deps_done(r) then return granted end
+      local blocked = {}
+      local res = redis.call('HGETALL', K_RES)
+      for i = 1, #res, 2 do
+        if ranks_before(res[i + 1], new_id) then blocked[res[i]] = true end
+      end
+      local node, chosen = place(r, blocked)
+      if node then
+        grant(r, node, chosen, true, false)
+        granted[1] = new_id
+      end
+      return granted
+    end
+    redis.call('HSET', K_META, 'passver', capver)
+    stat('sched|passes')
+    if nothing_fits() then return granted end
+    local blocked, failed = {}, {}
+    local maxfree, maxshared = top_score(K_FREE), top_score(K_SHARED)
+    local may_reserve = RES_AFTER >= 0 and POLICY ~= 'strict_fifo'
+    local new_reservations = 0
+    local reserved_by, due, possible = {}, {}, {}
+    local res = redis.call('HGETALL', K_RES)
+    for i = 1, #res, 2 do reserved_by[res[i + 1]] = res[i] end
+    if may_reserve then
+      local waited = redis.call('ZRANGEBYSCORE', K_QUNRES, '-inf', ftime(NOW - RES_AFTER))
+      for _, id in ipairs(waited) do due[id] = true end
+    end
+    local offset = 0
+    while true do
+      local ids = redis.call('ZRANGE', K_QUEUE, offset, offset + 499)
+      if #ids == 0 then break end
+      local removed = 0
+      local shapes = redis.call('HMGET', K_QSHAPE, unpack(ids))
+      for i, id in ipairs(ids) do
+        -- the shape first (500 per read): a shape that already failed in this pass, or that
+        -- the best free capacity cannot hold, is skipped without reading the request
+        local sig = shapes[i]
+        if sig then
+          local placed = false
+          local ok = possible[sig]
+          if ok == nil then
+            local sharing, k, minm = string.match(sig, '^([^|]*)|([^|]*)|([^|]*)|')
+            if sharing == 'shared' then
+              ok = tonumber(minm) <= maxshared
+            else
+              ok = tonumber(k) <= maxfree
+            end
+            possible[sig] = ok
+          end
+          if ok and not failed[sig] then
+            local r = load_req(id)
+            if r and deps_done(r) then
+              local node, chosen = place(r, blocked)
+              if node then
+                grant(r, node, chosen, true, id ~= new_id)
+                granted[#granted + 1] = id
+                placed = true
+                removed = removed + 1
+                -- maxfree and maxshared are not re-read: capacity only shrinks in a pass, so
+                -- a shape judged possible that no longer fits fails once in place()
+              else
+                failed[sig] = true
+              end
+            end
+          end
+          if not placed then
+            if POLICY == 'strict_fifo' then return granted end
+            local rn = reserved_by[id]
+            if not rn and due[id] and may_reserve and new_reservations < 4 then
+              rn = reserve(load_req(id), blocked)
+              if rn == '' then may_reserve = false else new_reservations = new_reservations + 1 end
+            end
+            if rn and rn ~= '' then blocked[rn] = true end
+          end
+        end
+      end
+      dequeue_flush()
+      dq_ids = {}
+      if removed > 0 then
+        if nothing_fits() then break end
+        maxfree, maxshared = top_score(K_FREE), top_score(K_SHARED)
+        possible = {}
+      end
+      offset = offset + #ids - removed
+    end
+    return granted
+  end
+
+  -- One pass: dequeues are collected (see dequeue) and flushed however the pass ends.
+  local function pass(new_id, force)
+    dq_ids, dq_owners = {}, {}
+    local granted = schedule_inner(new_id, force)
+    dequeue_flush()
+    dq_ids, dq_owners = nil, nil
+    return granted
+  end

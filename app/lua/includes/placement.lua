@@ -1,0 +1,260 @@
+--[[
+  placement: a request as the scheduler sees it, and where it may go:
+  node and model filters, dependencies, best-fit exclusive and tightest-fit shared placement,
+  taking and giving back one GPU.
+  Guarantees: a placement only returns GPUs that are free (exclusive) or have the reservable
+  memory (shared) at the moment it is made.
+]]
+
+-- A request as the scheduler sees it.
+local REQ_FIELDS = {'service_name', 'sharing', 'required_gpus', 'min_memory_mb', 'max_memory_mb',
+  'max_utilization', 'preferred_gpus', 'depends_on', 'submitted_at', 'webhook_url',
+  'webhook_events', 'lease_seconds', 'priority', 'reserved_node', 'status', 'owner',
+  'gpu_pattern', 'nodes', 'depends_on_mode'}
+
+local function req_from(id, f)
+  local r = {id = id, svc = f[1], sharing = f[2], k = tonumber(f[3]), minm = tonumber(f[4]),
+    maxm = tonumber(f[5]), util = tonumber(f[6]), pref_raw = f[7] or '[]',
+    deps_raw = f[8] or '[]', submitted = tonumber(f[9]), hook = f[10] or '',
+    hook_events = f[11] or '[]', lease = lease_secs(f[12]), priority = tonumber(f[13]),
+    reserved = f[14] or '', status = f[15], owner = f[16] or '', pat = f[17] or '',
+    nodes_raw = f[18] or '[]', mode = f[19] or 'any'}
+  -- gpu_model as an anchored Lua pattern on the lower-cased GPU name ('' = any model) and the
+  -- nodes it may use (nil = any node): both set by the client, checked in placement
+  if r.nodes_raw ~= '[]' then
+    r.nodes = {}
+    for _, n in ipairs(cjson.decode(r.nodes_raw)) do r.nodes[n] = true end
+  end
+  r.pref = {}
+  r.npref = 0
+  if r.pref_raw ~= '[]' then
+    for _, p in ipairs(cjson.decode(r.pref_raw)) do
+      local key = string.format('%d', p)
+      if not r.pref[key] then r.pref[key] = true; r.npref = r.npref + 1 end
+    end
+  end
+  return r
+end
+
+local function load_req(id)
+  local f = redis.call('HMGET', k_req(id), unpack(REQ_FIELDS))
+  if not f[15] then return nil end
+  return req_from(id, f)
+end
+
+-- May the request use this node (its nodes list), and this GPU (its gpu_model)?
+local function node_ok(r, node) return r.nodes == nil or r.nodes[node] == true end
+
+local function model_matches(pat, name)
+  return pat == '' or string.find(string.lower(name or ''), pat) ~= nil
+end
+
+local function model_ok(r, node, idx)
+  if r.pat == '' then return true end
+  return model_matches(r.pat, redis.call('HGET', k_gpu(node, idx), 'name'))
+end
+
+-- True when nothing the request depends on is still queued or live. depends_on_mode ok also
+-- needs each to have been released (a record gone with its history was: a dependency that
+-- ended otherwise cancels its ok-dependents at once, see fail_dependents).
+local function deps_done(r)
+  if r.deps_raw == '[]' then return true end
+  local ok_mode = r.mode == 'ok'
+  for _, dep in ipairs(cjson.decode(r.deps_raw)) do
+    local st = redis.call('HGET', k_req(dep), 'status')
+    if st == 'queued' or st == 'allocated' then return false end
+    if ok_mode and st and st ~= 'released' then return false end
+  end
+  return true
+end
+
+-- One node_free_gpus entry "<memory_free_mb>|<utilization>|<uuid>" -> memory, utilization and
+-- the uuid's start, split by plain find (no pattern, no captures); and whether r can use it.
+local function free_entry(r, v)
+  local a = string.find(v, '|', 1, true)
+  local b = string.find(v, '|', a + 1, true)
+  local mem = tonumber(string.sub(v, 1, a - 1)) or 0
+  local util = tonumber(string.sub(v, a + 1, b - 1)) or 0
+  return mem, util, b + 1, mem >= r.minm and (r.maxm <= 0 or mem <= r.maxm) and util <= r.util
+end
+
+-- Qualifying free GPUs of one node for an exclusive request (one read: node_free_gpus).
+local function node_candidates(r, node)
+  local q = {}
+  local h = redis.call('HGETALL', k_free(node))
+  for i = 1, #h, 2 do
+    local mem, util, at, ok = free_entry(r, h[i + 1])
+    if ok and model_ok(r, node, h[i]) then
+      local idx = h[i]
+      q[#q + 1] = {idx = idx, mem = mem, util = util, uuid = string.sub(h[i + 1], at),
+        pref = r.pref[idx] and 1 or 0}
+    end
+  end
+  return q
+end
+
+-- The one GPU a single-GPU request without preferences gets on a node (the same choice as
+-- node_candidates + rank_gpus, without a table per candidate): most free memory, then the
+-- lowest utilization, then the lowest index. nil when none qualifies.
+local function node_best1(r, node)
+  local h = redis.call('HGETALL', k_free(node))
+  local best, bmem, butil, bidx, bat
+  for i = 1, #h, 2 do
+    local mem, util, at, ok = free_entry(r, h[i + 1])
+    if ok and model_ok(r, node, h[i]) then
+      local idx = tonumber(h[i])
+      if not best or mem > bmem or (mem == bmem and (util < butil or
+          (util == butil and idx < bidx))) then
+        best, bmem, butil, bidx, bat = i, mem, util, idx, at
+      end
+    end
+  end
+  if not best then return nil end
+  return {idx = h[best], mem = bmem, util = butil, uuid = string.sub(h[best + 1], bat), pref = 0}
+end
+
+local function rank_gpus(a, b)
+  if a.pref ~= b.pref then return a.pref > b.pref end
+  if a.mem ~= b.mem then return a.mem > b.mem end
+  if a.util ~= b.util then return a.util < b.util end
+  return tonumber(a.idx) < tonumber(b.idx)
+end
+
+-- Exclusive placement: best fit over nodes by free-GPU count, preferred GPUs outranking it.
+local function place_exclusive(r, blocked)
+  local k = r.k
+  if k == 1 and r.npref == 0 then
+    -- the common case: the first live node (fewest free GPUs first) with a qualifying GPU
+    local offset = 0
+    while true do
+      local batch = redis.call('ZRANGEBYSCORE', K_FREE, 1, '+inf', 'LIMIT', offset,
+        offset == 0 and 8 or 64)
+      if #batch == 0 then return nil end
+      for _, node in ipairs(batch) do
+        if not blocked[node] and node_ok(r, node) and node_alive(node) then
+          local g = node_best1(r, node)
+          if g then return node, {g} end
+        end
+      end
+      offset = offset + #batch
+    end
+  end
+  local want = math.min(r.npref, k)
+  local best, bestq, bestp = nil, nil, -1
+  local offset = 0
+  while true do
+    local batch = redis.call('ZRANGEBYSCORE', K_FREE, k, '+inf', 'LIMIT', offset,
+      offset == 0 and 8 or 64)
+    if #batch == 0 then break end
+    for _, node in ipairs(batch) do
+      if not blocked[node] and node_ok(r, node) and node_alive(node) then
+        local q = node_candidates(r, node)
+        if #q >= k then
+          local p = 0
+          for _, g in ipairs(q) do p = p + g.pref end
+          if p > want then p = want end
+          if p > bestp then
+            best, bestq, bestp = node, q, p
+            if p >= want then break end
+          end
+        end
+      end
+    end
+    if best and bestp >= want then break end
+    offset = offset + #batch
+  end
+  if not best then return nil end
+  if k == 1 then
+    local top = bestq[1]
+    for i = 2, #bestq do
+      if rank_gpus(bestq[i], top) then top = bestq[i] end
+    end
+    return best, {top}
+  end
+  table.sort(bestq, rank_gpus)
+  local chosen = {}
+  for i = 1, k do chosen[i] = bestq[i] end
+  return best, chosen
+end
+
+-- Shared placement: the GPU whose reservable memory fits the request most tightly
+-- (a preferred GPU first, when one qualifies).
+local function place_shared(r, blocked)
+  local hi = '+inf'
+  if r.maxm > 0 then hi = r.maxm end
+  local fallback, fnode = nil, nil
+  local offset = 0
+  while true do
+    local batch = redis.call('ZRANGEBYSCORE', K_SHARED, r.minm, hi, 'WITHSCORES', 'LIMIT',
+      offset, 128)
+    if #batch == 0 then break end
+    for i = 1, #batch, 2 do
+      local node, idx = split_member(batch[i])
+      if node and not blocked[node] and node_ok(r, node) and node_alive(node) then
+        local g = redis.call('HMGET', k_gpu(node, idx), 'utilization', 'uuid', 'name')
+        if (tonumber(g[1]) or 0) <= r.util and model_matches(r.pat, g[3]) then
+          local cand = {idx = idx, mem = tonumber(batch[i + 1]), uuid = g[2] or ''}
+          if r.npref == 0 or r.pref[idx] then return node, {cand} end
+          if not fallback then fallback, fnode = cand, node end
+        end
+      end
+    end
+    offset = offset + #batch / 2
+  end
+  if fallback then return fnode, {fallback} end
+  return nil
+end
+
+local function place(r, blocked)
+  if r.sharing == 'shared' then return place_shared(r, blocked) end
+  return place_exclusive(r, blocked)
+end
+
+-- Take one GPU for a request. An exclusive pick was free (in_free = 1, so in_busy = 0 and it
+-- sits in shared_capacity): flip it directly instead of re-reading it.
+local function take_gpu(r, node, idx)
+  local gk = k_gpu(node, idx)
+  if r.sharing == 'shared' then
+    redis.call('HINCRBY', gk, 'shared_n', 1)
+    redis.call('HINCRBY', gk, 'shared_mb', string.format('%d', r.minm))
+    gpu_sync(node, idx)
+  else
+    redis.call('HSET', gk, 'excl', r.id, 'in_free', '0', 'in_busy', '1')
+    redis.call('HDEL', k_free(node), idx)
+    redis.call('ZINCRBY', K_FREE, '-1', node)
+    meta_incr('gpus_free', -1)
+    meta_incr('gpus_busy', 1)
+    redis.call('ZREM', K_SHARED, node .. '|' .. idx)
+  end
+end
+
+-- Give one GPU back from allocation id (the caller bumps the capacity version).
+local function return_gpu(id, sharing, minm, node, idx)
+  local gk = k_gpu(node, idx)
+  if sharing == 'shared' then
+    redis.call('HINCRBY', gk, 'shared_n', -1)
+    redis.call('HINCRBY', gk, 'shared_mb', string.format('%d', -minm))
+    gpu_sync(node, idx)
+    return
+  end
+  local g = redis.call('HMGET', gk, 'excl', 'health', 'cordoned', 'lost', 'memory_free_mb',
+    'shared_n', 'in_busy', 'utilization', 'uuid')
+  if g[1] ~= id then return end
+  if g[6] ~= '0' or g[7] ~= '1' then
+    redis.call('HSET', gk, 'excl', '')
+    gpu_sync(node, idx)
+    return
+  end
+  local ok = g[2] == 'ok' and g[3] ~= '1' and g[4] ~= '1'
+  redis.call('HSET', gk, 'excl', '', 'in_busy', '0', 'in_free', ok and '1' or '0')
+  meta_incr('gpus_busy', -1)
+  if ok then
+    redis.call('HSET', k_free(node), idx, (g[5] or '0') .. '|' .. (g[8] or '0') .. '|' ..
+      (g[9] or ''))
+    redis.call('ZINCRBY', K_FREE, '1', node)
+    meta_incr('gpus_free', 1)
+    local cap = tonumber(g[5] or '0') or 0
+    if cap < 0 then cap = 0 end
+    redis.call('ZADD', K_SHARED, cap, node .. '|' .. idx)
+  end
+end

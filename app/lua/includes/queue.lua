@@ -1,0 +1,94 @@
+--[[
+  queue: the queue's functions (dequeue, enqueue, then the reservations and the pass, included
+  in the same closure) and schedule, the entry point of every pass.
+  They are built on first use in a call (begin_call drops them): they keep per-pass state
+  (dq_ids, dq_owners) that an error in the middle of a pass must not hand to the next call,
+  and the usual allocate or release (an empty queue) needs none of them.
+  Guarantees: a request leaves every queue index together (dequeue / dequeue_flush); schedule
+  on an empty queue is one ZCARD.
+]]
+queue = function()
+  if queue_fns then return queue_fns end
+  -- Remove a request from every queue index; drop its reservation (that frees a node for others).
+  -- Inside a pass (dq_ids set) the ids are collected and leave the indexes together, one call
+  -- per index, in dequeue_flush: the pass flushes before it reads the queue again.
+  local dq_ids, dq_owners = nil, nil
+  local function dequeue(id, reserved, sharing, bucket)
+    if not bucket then
+      local f = redis.call('HMGET', k_req(id), 'owner', 'service_name')
+      bucket = owner_bucket(f[1], f[2])
+    end
+    if dq_ids then
+      dq_ids[#dq_ids + 1] = id
+      dq_owners[bucket] = (dq_owners[bucket] or 0) - 1
+    else
+      owner_count(bucket, -1)
+      redis.call('ZREM', K_QUEUE, id)
+      redis.call('HDEL', K_QSHAPE, id)
+      if sharing ~= 'shared' then redis.call('ZREM', K_QDX, id) end
+      if sharing ~= 'exclusive' then redis.call('ZREM', K_QDS, id) end
+      redis.call('ZREM', K_QDEAD, id)
+      redis.call('ZREM', K_QUNRES, id)
+    end
+    if reserved and reserved ~= '' then
+      if redis.call('HGET', K_RES, reserved) == id then
+        redis.call('HDEL', K_RES, reserved)
+        bump_capacity()
+      end
+    end
+  end
+
+  local function dequeue_flush()
+    if dq_ids and #dq_ids > 0 then
+      for _, key in ipairs({K_QUEUE, K_QDX, K_QDS, K_QDEAD, K_QUNRES}) do
+        redis.call('ZREM', key, unpack(dq_ids))
+      end
+      redis.call('HDEL', K_QSHAPE, unpack(dq_ids))
+      for bucket, n in pairs(dq_owners) do owner_count(bucket, n) end
+    end
+    dq_owners = {}
+  end
+
+  -- Queue rank score, lowest first. With aging, effective priority p + AGING * (now - s) orders
+  -- like p - AGING * s, so the score AGING * s - p never has to change. s is made strictly
+  -- increasing (10 us apart at least) so equal times still queue FIFO, and is taken relative
+  -- to 1.7e9 s to keep the double's precision for that step.
+  local function enqueue(r, queue_timeout)
+    local score
+    if AGING > 0 then
+      local s = r.submitted
+      local last = tonumber(redis.call('HGET', K_META, 'last_submit') or '0') or 0
+      if s <= last then s = last + 0.00001 end
+      redis.call('HSET', K_META, 'last_submit', fnum(s))
+      score = AGING * (s - 1700000000) - r.priority
+    else
+      score = -r.priority * 1e12 + redis.call('HINCRBY', K_META, 'seq', 1)
+    end
+    redis.call('ZADD', K_QUEUE, fnum(score), r.id)
+    redis.call('HSET', K_QSHAPE, r.id, r.sharing .. '|' .. r.k .. '|' .. r.minm .. '|' .. r.maxm ..
+      '|' .. r.util .. '|' .. r.pref_raw .. '|' .. r.pat .. '|' .. r.nodes_raw)
+    if r.sharing == 'shared' then
+      redis.call('ZADD', K_QDS, r.minm, r.id)
+    else
+      redis.call('ZADD', K_QDX, r.k, r.id)
+    end
+    redis.call('ZADD', K_QDEAD, ftime(r.submitted + queue_timeout), r.id)
+    redis.call('ZADD', K_QUNRES, ftime(r.submitted), r.id)
+    owner_count(owner_bucket(r.owner, r.svc), 1)
+  end
+
+-- @include reservations
+
+-- @include pass
+  queue_fns = {dequeue = dequeue, enqueue = enqueue, pass = pass}
+  return queue_fns
+end
+
+local function schedule(new_id, force)
+  -- an empty queue (the usual case for a release) has nothing to pass over: one ZCARD
+  if redis.call('ZCARD', K_QUEUE) == 0 then return {} end
+  stat_buf, meta_buf = {}, {}
+  local granted = queue().pass(new_id, force)
+  stat_flush()
+  return granted
+end
