@@ -1,7 +1,7 @@
 --[[
   allocate: place a request now, or queue it, in one atomic step (enqueue + schedule pass).
 
-  KEYS, ARGV[1..A]: the common block (includes/prelude.lua: fixed keys, now, version, prefix, settings).
+  KEYS, ARGV[1..A]: the common block (fixed keys, now, version, prefix, settings: prelude.lua).
   ARGV[A+1] id             ARGV[A+2] idempotency key ("" = none)
   ARGV[A+3] request hash   ARGV[A+4] idempotency ttl (s)
   ARGV[A+5] queue timeout (s)

@@ -1,7 +1,7 @@
 --[[
   cancel: withdraw a queued request; requests that depended on it may now be granted.
 
-  KEYS, ARGV[1..A]: the common block (includes/prelude.lua: fixed keys, now, version, prefix, settings).
+  KEYS, ARGV[1..A]: the common block (fixed keys, now, version, prefix, settings: prelude.lua).
   ARGV[A+1] id   ARGV[A+2] principal ("" = auth off)   ARGV[A+3] "1" when admin
   Returns: {1, record, number granted} or {-1} unknown, {-2} not the owner,
   {-3, status} not queued.

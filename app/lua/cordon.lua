@@ -2,7 +2,7 @@
   cordon: an admin cordons a node, or one GPU of it, or clears that (uncordon); drain is a
   node cordon that also marks the node draining. Allocations on cordoned GPUs stay.
 
-  KEYS, ARGV[1..A]: the common block (includes/prelude.lua: fixed keys, now, version, prefix, settings).
+  KEYS, ARGV[1..A]: the common block (fixed keys, now, version, prefix, settings: prelude.lua).
   ARGV[A+1] node   ARGV[A+2] GPU index ("" = the whole node)   ARGV[A+3] "1" cordon / "0" clear
   ARGV[A+4] "1" drain (whole node only)   ARGV[A+5] principal ("" = auth off)
   Returns: {1, node or GPU hash, number granted} or {-1} unknown node or GPU.

@@ -1,7 +1,7 @@
 --[[
   counts: the gauges the metrics report, from the indexes (no scan of GPUs or requests).
 
-  KEYS, ARGV[1..A]: the common block (includes/prelude.lua: fixed keys, now, version, prefix, settings).
+  KEYS, ARGV[1..A]: the common block (fixed keys, now, version, prefix, settings: prelude.lua).
   Returns: {allocations_active, gpus_allocated, queue_depth, gpus_total, gpus_available,
   nodes_total, nodes_alive}
   gpus_total: GPUs of nodes whose heartbeat is current (a silent node's GPUs are not counted

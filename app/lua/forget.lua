@@ -1,7 +1,7 @@
 --[[
   forget: an admin forgets a node that is not alive (see includes/nodes.lua, forget_node).
 
-  KEYS, ARGV[1..A]: the common block (includes/prelude.lua: fixed keys, now, version, prefix, settings).
+  KEYS, ARGV[1..A]: the common block (fixed keys, now, version, prefix, settings: prelude.lua).
   ARGV[A+1] node   ARGV[A+2] principal ("" = auth off)
   Returns: {1, ids of the allocations that ended as lost, number granted}, {-1} unknown node,
   {-3, "alive"} the node still reports (cordon or drain it instead).

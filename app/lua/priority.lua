@@ -1,7 +1,7 @@
 --[[
   priority: an admin changes a queued request's priority; it moves in the queue at once.
 
-  KEYS, ARGV[1..A]: the common block (includes/prelude.lua: fixed keys, now, version, prefix, settings).
+  KEYS, ARGV[1..A]: the common block (fixed keys, now, version, prefix, settings: prelude.lua).
   ARGV[A+1] id   ARGV[A+2] new priority (1..10, checked by the caller)   ARGV[A+3] principal
   Returns: {1, record, number granted}, {-1} unknown request, {-3, status} not queued.
   Guarantees: the request keeps its place among requests of its new priority by submission

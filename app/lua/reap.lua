@@ -3,7 +3,7 @@
   forget nodes silent for longer than scheduler.node_forget_after, then run a schedule pass for
   the capacity that freed.
 
-  KEYS, ARGV[1..A]: the common block (includes/prelude.lua: fixed keys, now, version, prefix, settings).
+  KEYS, ARGV[1..A]: the common block (fixed keys, now, version, prefix, settings: prelude.lua).
   ARGV[A+1] most of each kind to end in one call
   Returns: {expired ids, timed-out ids, granted records, forgotten nodes, lost allocation ids}
   Guarantees: when a node goes silent, the holders of its allocations get one gpu_unhealthy

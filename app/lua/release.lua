@@ -1,7 +1,7 @@
 --[[
   release: end one allocation and hand its GPUs to the queue (a queued request is cancelled).
 
-  KEYS, ARGV[1..A]: the common block (includes/prelude.lua: fixed keys, now, version, prefix, settings).
+  KEYS, ARGV[1..A]: the common block (fixed keys, now, version, prefix, settings: prelude.lua).
   ARGV[A+1] id   ARGV[A+2] principal ("" = auth off)   ARGV[A+3] "1" when admin
   Returns: {1, record, number granted} or {-1, status} not found / already finished,
   {-2} the principal does not own it.

@@ -2,7 +2,7 @@
   release_service: end every live allocation of one service (only the principal's own unless
   admin) in one atomic step, then run a schedule pass.
 
-  KEYS, ARGV[1..A]: the common block (includes/prelude.lua: fixed keys, now, version, prefix, settings).
+  KEYS, ARGV[1..A]: the common block (fixed keys, now, version, prefix, settings: prelude.lua).
   ARGV[A+1] service name   ARGV[A+2] principal ("" = auth off)   ARGV[A+3] "1" when admin
   Returns: {1, released records, number granted} or {-1} when it had none to release.
 ]]

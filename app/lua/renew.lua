@@ -1,7 +1,7 @@
 --[[
   renew: extend a live allocation's lease to now + lease seconds.
 
-  KEYS, ARGV[1..A]: the common block (includes/prelude.lua: fixed keys, now, version, prefix, settings).
+  KEYS, ARGV[1..A]: the common block (fixed keys, now, version, prefix, settings: prelude.lua).
   ARGV[A+1] id   ARGV[A+2] lease seconds ("" = the allocation's own lease, < 0 = no expiry)
   ARGV[A+3] principal   ARGV[A+4] "1" when admin
   Returns: {1, record} or {-1} unknown, {-2} not the owner, {-3, status} not live.

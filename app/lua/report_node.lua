@@ -1,7 +1,7 @@
 --[[
   report_node: the monitor's heartbeat for one node and the telemetry of all its GPUs.
 
-  KEYS, ARGV[1..A]: the common block (includes/prelude.lua: fixed keys, now, version, prefix, settings).
+  KEYS, ARGV[1..A]: the common block (fixed keys, now, version, prefix, settings: prelude.lua).
   ARGV[A+1] node   ARGV[A+2] backend   ARGV[A+3] host
   ARGV[A+4] JSON list of GPUs, each a flat object of string fields including index, health,
             memory_total_mb and memory_free_mb (the telemetry the monitor owns).

@@ -6,7 +6,7 @@
   the live allocations (one short read each; there are at most as many as GPUs, usually far
   fewer), and Engine.snapshot fills each GPU's holder fields from it.
 
-  KEYS, ARGV[1..A]: the common block (includes/prelude.lua: fixed keys, now, version, prefix, settings).
+  KEYS, ARGV[1..A]: the common block (fixed keys, now, version, prefix, settings: prelude.lua).
   ARGV[A+1] what: "allocations" (the live allocations only, no queue), anything else:
             allocations and queue
   ARGV[A+2] limit: most records on this page ("" = all)
