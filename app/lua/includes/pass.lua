@@ -1,5 +1,6 @@
   --[[
-    pass (included inside queue(), after the reservations). The schedule pass. Walks the queue in rank order (priority desc, FIFO; aging is in the score)
+    pass (included inside queue(), after the reservations). The schedule pass.
+    Walks the queue in rank order (priority desc, FIFO; aging is in the score)
     and grants what fits. Guarantee: a grant never overtakes a higher-ranked waiting request that
     fits, because higher-ranked ones were tried first against at least the capacity now left.
 
