@@ -1,6 +1,12 @@
 """Chaos run: break the whole service on purpose, on one machine, and count what was lost.
 
     python bench/chaos.py --duration SECONDS --seed N [--clients 6] [--keep]
+    python bench/chaos.py --sentinel [--min-replicas-ack 1] ...
+
+``--sentinel`` runs Redis as a primary, one replica and three sentinels (same binary, loopback)
+with ``redis.min_replicas_ack`` (default 1), replaces the two Redis faults with a SIGKILL of the
+primary (a failover), and adds ``failovers`` and ``acked_lost`` (acknowledged writes missing
+afterwards, with no AOF-window exemption) to the JSON.
 
 Starts a real topology on loopback (Redis with AOF, 3 API replicas, 2 RQ workers, the
 scheduler, 4 simulated nodes x 8 GPUs, a webhook receiver), drives randomized clients against
@@ -31,14 +37,14 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 sys.path[:] = [_ROOT] + [p for p in sys.path
                          if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-import redis as redis_lib  # noqa: E402
 import requests  # noqa: E402
 
 from app.keys import Keys  # noqa: E402
 from bench.chaos_checks import (ApiSampler, Canary, Sampler, check_ledgers,  # noqa: E402
                                  in_windows, leaked_gpus)  # noqa: E402
 from bench.chaos_clients import ChaosClient  # noqa: E402
-from bench.chaos_faults import FaultInjector, schedule  # noqa: E402
+from bench.chaos_faults import KINDS, SENTINEL_KINDS, FaultInjector, schedule  # noqa: E402
+from bench.sentinel_topology import open_redis  # noqa: E402
 from bench.chaos_receiver import WebhookReceiver  # noqa: E402
 from bench.chaos_topology import Topology  # noqa: E402
 
@@ -72,12 +78,17 @@ class Run:
         self.keys = {secrets.token_urlsafe(24): p for p in PRINCIPALS + (ADMIN,)}
         self.key_of = {p: k for k, p in self.keys.items()}
         self.webhook_secret = secrets.token_urlsafe(32)
+        self.sentinel_password = secrets.token_urlsafe(24) if args.sentinel else ""
         self.topo = Topology(apis=3, workers=2, nodes=4, gpus_per_node=8,
                              api_keys=self.keys, admins=[ADMIN],
                              webhook_secret=self.webhook_secret,
                              workdir=args.workdir,
+                             sentinel=args.sentinel,
+                             sentinel_password=self.sentinel_password,
                              extra_config={"scheduler": {
-                                 "node_heartbeat_timeout": f"{HEARTBEAT_TIMEOUT}s"}})
+                                 "node_heartbeat_timeout": f"{HEARTBEAT_TIMEOUT}s"},
+                                 **({"redis": {"min_replicas_ack": args.min_replicas_ack}}
+                                    if args.sentinel else {})})
         self.receiver = WebhookReceiver(secret=self.webhook_secret)
         self.stop_load = threading.Event()
         self.stop_watch = threading.Event()
@@ -98,8 +109,8 @@ class Run:
         self.topo.start()
         self.phase["startup_s"] = round(time.monotonic() - t0, 1)
         _log(f"topology up in {self.phase['startup_s']} s (logs in {self.topo.dir / 'logs'})")
-        self.canary = Canary(self.topo.redis_url, self.stop_watch)
-        self.sampler = Sampler(self.topo.redis_url, self.topo.prefix, self.stop_watch)
+        self.canary = Canary(self.topo.bench_url, self.stop_watch)
+        self.sampler = Sampler(self.topo.bench_url, self.topo.prefix, self.stop_watch)
         urls = [self.topo.api_url(i) for i in range(len(self.topo.api_ports))]
         self.api_sampler = ApiSampler(urls, self.key_of[ADMIN], self.stop_watch)
         self.canary.start()
@@ -116,7 +127,8 @@ class Run:
                                             self.receiver.url, self.stop_load,
                                             ttl_range=TTL_RANGE))
         steps = schedule(args.duration, args.seed, apis=len(urls), workers=self.topo.n_workers,
-                         nodes=self.topo.node_names, heartbeat_timeout=HEARTBEAT_TIMEOUT)
+                         nodes=self.topo.node_names, heartbeat_timeout=HEARTBEAT_TIMEOUT,
+                         fault_kinds=SENTINEL_KINDS if args.sentinel else KINDS)
         self.t_load = time.monotonic()
         for c in self.clients:
             c.start()
@@ -161,7 +173,7 @@ class Run:
                     c.cancel_id(rid)
                 elif c.rng.random() < 0.5:
                     c.release_id(rid)
-        client = redis_lib.Redis.from_url(self.topo.redis_url, decode_responses=True)
+        client = open_redis(self.topo.bench_url, decode_responses=True)
         keys = Keys(self.topo.prefix)
         deadline = time.monotonic() + 2 * TTL_RANGE[1] + 20
         left = None
@@ -180,7 +192,7 @@ class Run:
         return {"leaked": leaked, "held": held, "queued_left": queued, "left": left}
 
     def wait_webhooks(self, timeout: float):
-        client = redis_lib.Redis.from_url(self.topo.redis_url, decode_responses=True)
+        client = open_redis(self.topo.bench_url, decode_responses=True)
         keys = Keys(self.topo.prefix)
         deadline = time.monotonic() + timeout
         try:
@@ -207,7 +219,8 @@ class Run:
     def secrets_in_logs(self) -> list[str]:
         """Every configured secret (API keys, webhook secret) that shows up in any child log."""
         hits = []
-        needles = list(self.keys) + [self.webhook_secret]
+        needles = list(self.keys) + [self.webhook_secret] + (
+            [self.sentinel_password] if self.sentinel_password else [])
         for path in self.topo.log_paths():
             text = path.read_text(errors="replace")
             for needle in needles:
@@ -280,6 +293,12 @@ class Run:
             "wall_s": round(wall, 1),
             **self.phase,
         }
+        if self.args.sentinel:
+            # every write a client was told succeeded, with no AOF-window exemption
+            out["failovers"] = self.topo.sentinel.failovers
+            out["acked_lost"] = (len(findings.lost) + len(findings.lost_transitions)
+                                 + len(findings.aof_lost) + len(vanished))
+            out["min_replicas_ack"] = self.args.min_replicas_ack
         out["violations"] = (out["double_allocations"] + out["lost_requests"]
                              + out["lost_transitions"] + out["leaked_gpus"]
                              + out["stuck_requests"] + out["finished_without_event"]
@@ -291,6 +310,8 @@ class Run:
                              + out["server_errors"] + out["sigterm_writes_lost"]
                              + out["acknowledged_read_as_404"] + out["index_drift"]
                              + out["snapshot_inconsistencies"])
+        if self.args.sentinel:
+            out["violations"] += out["acked_lost"] + (0 if out["failovers"] >= 1 else 1)
         details = {
             "double_allocations": sorted(map(str, self.sampler.conflicts
                                              | self.api_sampler.conflicts))[:20],
@@ -433,6 +454,11 @@ def main(argv=None) -> int:
     parser.add_argument("--fuzz-scale", type=int, default=0, metavar="N",
                         help="afterwards, run the schemathesis fuzz at N times its examples "
                              "(the long mode uses 10)")
+    parser.add_argument("--sentinel", action="store_true",
+                        help="Redis behind Sentinel (primary, replica, 3 sentinels); the Redis "
+                             "faults become a SIGKILL of the primary")
+    parser.add_argument("--min-replicas-ack", type=int, default=1, metavar="N",
+                        help="with --sentinel: redis.min_replicas_ack for every role (default 1)")
     args = parser.parse_args(argv)
     if not 10 <= args.duration <= 3600:
         parser.error("--duration must be 10..3600 seconds")

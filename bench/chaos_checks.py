@@ -29,6 +29,7 @@ from typing import Any
 import redis as redis_lib
 
 from app.keys import Keys
+from bench.sentinel_topology import open_redis
 
 #: Harness-only key (outside the service's prefix, so it cannot collide with any service key).
 CANARY_KEY = "chaos-harness:aof-canary"
@@ -121,8 +122,8 @@ class Sampler(threading.Thread):
 
     def __init__(self, redis_url: str, prefix: str, stop: threading.Event, interval=0.05):
         super().__init__(name="chaos-sampler", daemon=True)
-        self.client = redis_lib.Redis.from_url(redis_url, decode_responses=True,
-                                               socket_timeout=1, socket_connect_timeout=0.5)
+        self.client = open_redis(redis_url, decode_responses=True,
+                                 socket_timeout=1, socket_connect_timeout=0.5)
         keys = Keys(prefix)
         self.keys = [keys.leases(), keys.gpus()]
         self.argv = [keys.request(""), keys.gpu("", "")[:-1]]  # "<p>:req:", "<p>:gpu:"
@@ -228,8 +229,7 @@ class Canary(threading.Thread):
 
     def __init__(self, redis_url: str, stop: threading.Event, interval=0.005):
         super().__init__(name="chaos-canary", daemon=True)
-        self.client = redis_lib.Redis.from_url(redis_url, socket_timeout=0.5,
-                                               socket_connect_timeout=0.5)
+        self.client = open_redis(redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
         self.stop_event = stop
         self.interval = interval
         self.seq = 0

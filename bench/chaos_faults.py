@@ -13,6 +13,9 @@ redis_term     SIGTERM Redis (clean shutdown, final fsync), restart: nothing may
 redis_kill     SIGKILL Redis, restart and replay the AOF: loses at most the fsync window
 webhook_outage receiver down (connections refused), then answering 500, then up again
 node_silent    SIGSTOP one node's monitor until its heartbeat lapses, then SIGCONT
+primary_kill   (``--sentinel``, instead of the two Redis faults) SIGKILL the Sentinel-managed
+               primary, wait for the sentinels to promote the replica, start the old node
+               again (it rejoins as the new primary's replica)
 ============== ==============================================================================
 
 Steps run on the main thread (the thread that spawned the children; see chaos_topology).
@@ -26,6 +29,8 @@ from typing import Any, Callable
 
 KINDS = ("api_kill", "worker_kill", "scheduler_kill", "redis_term", "redis_kill",
          "webhook_outage", "node_silent")
+#: With ``--sentinel``: the Redis faults become one SIGKILL of the primary and a failover.
+SENTINEL_KINDS = tuple(k for k in KINDS if not k.startswith("redis_")) + ("primary_kill",)
 
 
 @dataclass
@@ -46,17 +51,17 @@ class FaultRecord:
 
 
 def schedule(duration: float, seed: int, *, apis: int, workers: int, nodes: list[str],
-             heartbeat_timeout: float) -> list[Step]:
+             heartbeat_timeout: float, fault_kinds: tuple[str, ...] = KINDS) -> list[Step]:
     """Faults for a load phase of ``duration`` seconds; the first comes after 3 s of load and
     the last heals at least 3 s before the end."""
     rng = random.Random(seed)
     usable_start, usable_end = 3.0, max(6.0, duration - 8.0)
     rounds = max(1, int((usable_end - usable_start) // 35))
-    slots = len(KINDS) * rounds
+    slots = len(fault_kinds) * rounds
     gap = (usable_end - usable_start) / slots
     kinds: list[str] = []
     for _ in range(rounds):
-        order = list(KINDS)
+        order = list(fault_kinds)
         rng.shuffle(order)
         kinds += order
     steps: list[Step] = []
@@ -69,7 +74,7 @@ def schedule(duration: float, seed: int, *, apis: int, workers: int, nodes: list
                               rng.uniform(0.5, 2.0)))
         elif kind == "scheduler_kill":
             steps.append(Step(at, kind, "scheduler", rng.uniform(1.0, 3.0)))
-        elif kind in ("redis_term", "redis_kill"):
+        elif kind in ("redis_term", "redis_kill", "primary_kill"):
             steps.append(Step(at, kind, "redis", 0.0))
         elif kind == "webhook_outage":
             steps.append(Step(at, kind, "receiver", rng.uniform(2.0, 4.0)))
@@ -138,11 +143,12 @@ class FaultInjector:
     def _wait_busy(self, name: str, timeout: float) -> bool:
         """True once the worker process has a job in hand (RQ's worker hash names it)."""
         try:
-            import redis as redis_lib
             from rq import Worker
+
+            from bench.sentinel_topology import open_redis
         except ImportError:
             return False
-        client = redis_lib.Redis.from_url(self.topo.redis_url, socket_timeout=1)
+        client = open_redis(self.topo.bench_url, socket_timeout=1)
         pid = self.topo.children[name].pid
         deadline = time.monotonic() + timeout
         try:
@@ -177,6 +183,16 @@ class FaultInjector:
 
     def _redis_kill(self, step, rec):
         self._redis(step, rec, "sigkill")
+
+    def _primary_kill(self, step, rec):
+        sentinel = self.topo.sentinel
+        t0 = time.monotonic()
+        old = sentinel.kill_primary()
+        new = sentinel.wait_failover(old)
+        promoted = time.monotonic() - t0
+        sentinel.restart(old)  # rejoins as the new primary's replica (the sentinels see to it)
+        rec.end = time.time()
+        rec.detail.update(old_port=old, new_port=new, promoted_after_s=round(promoted, 2))
 
     def _webhook_outage(self, step, rec):
         self.receiver.set_mode("down")

@@ -47,6 +47,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from app.embedded_redis import find_binary  # noqa: E402
+from bench.sentinel_topology import SentinelTopology, open_redis  # noqa: E402
 
 _PR_SET_PDEATHSIG = 1
 
@@ -95,7 +96,8 @@ class Topology:
                  gpu_memory_mb: int = 81559, api_keys: dict[str, str] | None = None,
                  admins: list[str] | None = None, webhook_secret: str = "",
                  prefix: str = "{chaos}", workdir: str | None = None,
-                 extra_config: dict | None = None):
+                 extra_config: dict | None = None, sentinel: bool = False,
+                 sentinel_password: str = ""):
         self._owner_thread = threading.get_ident()
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="gpuo-chaos-")
         self.dir = Path(workdir or self._tmp.name)
@@ -116,13 +118,25 @@ class Topology:
         self.extra_config = extra_config or {}
         self.children: dict[str, Child] = {}
         self.redis_child: Child | None = None
+        #: --sentinel: a primary, one replica and three sentinels instead of one redis-server
+        self.sentinel = (SentinelTopology(self.dir / "sentinel", password=sentinel_password,
+                                          preexec_fn=_die_with_parent)
+                         if sentinel else None)
         self._closed = False
 
     # ------------------------------------------------------------------ config
 
     @property
     def redis_url(self) -> str:
+        """What the roles get as REDIS_URL (with Sentinel: no password; it is in their config)."""
+        if self.sentinel is not None:
+            return self.sentinel.url
         return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def bench_url(self) -> str:
+        """For the harness's own clients (with the password when there is one)."""
+        return self.sentinel.url_with_password if self.sentinel is not None else self.redis_url
 
     def api_url(self, i: int) -> str:
         return f"http://127.0.0.1:{self.api_ports[i]}"
@@ -136,7 +150,8 @@ class Topology:
             "server": {"host": "127.0.0.1", "workers": 1, "threads": 8,
                        "read_timeout": "2s", "write_timeout": "30s"},
             "logging": {"level": "INFO", "format": "text"},
-            "redis": {"prefix": self.prefix, "socket_timeout": "2s"},
+            "redis": {"prefix": self.prefix, "socket_timeout": "2s",
+                      **({"sentinel": self.sentinel.sentinel_config()} if self.sentinel else {})},
             "scheduler": {"queue_check_interval": "1s", "cleanup_interval": "1s",
                           "node_heartbeat_timeout": "3s", "queue_timeout": "10m",
                           "default_ttl": "30s", "max_ttl": "5m"},
@@ -172,6 +187,13 @@ class Topology:
     def _build(self) -> None:
         main_cfg = self._write_config("config.yaml", self.config())
         py = [sys.executable, "-m", "app.cli"]
+        if self.sentinel is not None:
+            self.redis_child = None
+        else:
+            self._build_redis()
+        self._build_roles(main_cfg, py)
+
+    def _build_redis(self) -> None:
         self.redis_child = Child(
             "redis", "redis",
             [find_binary(), "--bind", "127.0.0.1", "--port", str(self.redis_port),
@@ -180,6 +202,8 @@ class Topology:
              "--protected-mode", "yes"],
             dict(os.environ), self.dir / "logs" / "redis.log")
         self.children["redis"] = self.redis_child
+
+    def _build_roles(self, main_cfg: Path, py: list[str]) -> None:
         # The first API replica and the first worker log at DEBUG, so the search for secrets in
         # the logs sees the most talkative output the service can produce.
         debug = {"GPU_ORCH__LOGGING__LEVEL": "DEBUG"}
@@ -238,6 +262,9 @@ class Topology:
     def start_redis(self, timeout: float = 20.0) -> float:
         """(Re)start redis-server on the same port and data dir; seconds until it served."""
         t0 = time.monotonic()
+        if self.sentinel is not None:
+            self.sentinel.start(timeout)
+            return time.monotonic() - t0
         self.spawn("redis")
         client = redis_lib.Redis(port=self.redis_port, socket_timeout=1)
         try:
@@ -275,7 +302,7 @@ class Topology:
 
     def wait_nodes(self, deadline: float) -> None:
         from app.keys import Keys
-        client = redis_lib.Redis(port=self.redis_port, decode_responses=True, socket_timeout=2)
+        client = open_redis(self.bench_url, decode_responses=True, socket_timeout=2)
         keys = Keys(self.prefix)
         try:
             while True:
@@ -387,6 +414,8 @@ class Topology:
                 child.proc.wait(5)
             except subprocess.TimeoutExpired:
                 pass
+        if self.sentinel is not None:
+            self.sentinel.stop()
         if self._tmp is not None:
             self._tmp.cleanup()
 

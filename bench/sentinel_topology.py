@@ -24,6 +24,21 @@ DOWN_AFTER_MS = 1000
 FAILOVER_TIMEOUT_MS = 5000
 
 
+def open_redis(url: str, **kw) -> redis_lib.Redis:
+    """A client for ``url`` (``redis://`` or ``redis+sentinel://``, the latter following the
+    primary), for the harness's own checks; ``kw`` as for ``redis.Redis``."""
+    if not url.startswith("redis+sentinel://"):
+        return redis_lib.Redis.from_url(url, **kw)
+    from redis.sentinel import Sentinel
+
+    from app.settings import parse_sentinel_url
+    t = parse_sentinel_url(url)
+    pw = t.password or None
+    manager = Sentinel(list(t.sentinels), sentinel_kwargs={
+        "password": pw, "socket_timeout": kw.get("socket_timeout") or 2})
+    return manager.master_for(t.master_name, password=pw, db=t.db, **kw)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -34,7 +49,7 @@ class SentinelTopology:
     """Start with :meth:`start`, stop with :meth:`stop` (also on error); ports chosen free."""
 
     def __init__(self, workdir: str | os.PathLike, *, password: str = "",
-                 sentinels: int = 3, appendonly: bool = True):
+                 sentinels: int = 3, appendonly: bool = True, preexec_fn=None):
         self.dir = Path(workdir)
         self.password = password
         self.binary = find_binary()
@@ -43,11 +58,18 @@ class SentinelTopology:
         self.sentinel_ports = [free_port() for _ in range(sentinels)]
         self.procs: dict[int, subprocess.Popen] = {}
         self.failovers = 0
+        self.preexec_fn = preexec_fn  # e.g. die with the harness (chaos_topology)
 
     # ---------------------------------------------------------------- addresses
     @property
     def sentinels(self) -> list[str]:
         return [f"127.0.0.1:{p}" for p in self.sentinel_ports]
+
+    @property
+    def url_with_password(self) -> str:
+        """For the harness's own clients only: never handed to a child or logged."""
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis+sentinel://{auth}{','.join(self.sentinels)}/{MASTER_NAME}"
 
     @property
     def url(self) -> str:
@@ -79,7 +101,8 @@ class SentinelTopology:
         try:
             self.procs[port] = subprocess.Popen([self.binary, *args], stdout=out,
                                                 stderr=subprocess.STDOUT,
-                                                stdin=subprocess.DEVNULL)
+                                                stdin=subprocess.DEVNULL,
+                                                preexec_fn=self.preexec_fn)
         finally:
             out.close()
 

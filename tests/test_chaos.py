@@ -288,6 +288,30 @@ def test_short_chaos_run_has_no_violations(tmp_path):
     assert result["violations"] == 0 and proc.returncode == 0, detail
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_short_sentinel_chaos_run_fails_over_and_loses_no_acknowledged_write(tmp_path):
+    """Issue 13 part 4: a primary, a replica and three sentinels; the primary is SIGKILLed
+    mid-load; with min_replicas_ack 1 every acknowledged write survives the failover."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "chaos.py"), "--sentinel", "--min-replicas-ack", "1",
+         "--duration", "20", "--seed", "11", "--workdir", str(tmp_path / "run")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=190)
+    lines = proc.stdout.strip().splitlines()
+    assert lines, proc.stderr[-3000:]
+    result = json.loads(lines[-1])
+    detail = proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "error" not in result, detail
+    assert set(result["faults_by_kind"]) == set(chaos_faults.SENTINEL_KINDS), detail
+    assert result["failovers"] >= 1 and result["min_replicas_ack"] == 1, detail
+    for key in ("acked_lost", "double_allocations", "lost_requests", "lost_transitions",
+                "leaked_gpus", "duplicate_grants", "secrets_in_logs", "server_errors"):
+        assert result[key] == 0, (key, detail)
+    assert result["ops"] > 200, detail
+    assert result["violations"] == 0 and proc.returncode == 0, detail
+
+
 # --------------------------------------------------------------------------- regressions
 
 
