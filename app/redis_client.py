@@ -2,68 +2,11 @@
 from __future__ import annotations
 
 import re
-import select
 
 import redis
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from app.settings import SENTINEL_SCHEME, SentinelTarget, Settings, sentinel_target
-
-
-def _readable(sock) -> bool:
-    """True when the socket has bytes or an end-of-file waiting (one ``poll``, no waiting)."""
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    return bool(poller.poll(0))
-
-
-class LeanConnectionPool(redis.ConnectionPool):
-    """redis-py's pool without the per-command work this service does not need.
-
-    redis-py's ``get_connection`` checks every pooled connection for stray data before each
-    command through its parser (two ``settimeout`` calls and a non-blocking ``recv``), and both
-    ``get_connection`` and ``release`` feed its OpenTelemetry recorder even when observability
-    is off: together about a third of a small command's client CPU. Here the check is one
-    ``poll`` on the socket, which still sees what matters: a connection that Redis closed (a
-    restart, ``CLIENT KILL``, an idle timeout) reads as end-of-file and is reconnected before
-    the command instead of failing it. (Half-read replies cannot be left behind: redis-py
-    disconnects a connection whenever sending or reading fails or is interrupted.) We use no
-    client-side cache, no maintenance notifications and no re-authentication events, which the
-    skipped steps serve.
-    """
-
-    def get_connection(self, *args, **kwargs):  # args: deprecated command name and keys
-        self._checkpid()
-        with self._lock:
-            try:
-                connection = self._available_connections.pop()
-            except IndexError:
-                connection = self.make_connection()
-            self._in_use_connections.add(connection)
-        try:
-            connection.connect()  # a no-op when connected
-            sock = getattr(connection, "_sock", None)
-            if sock is not None and _readable(sock):  # closed by Redis, or stray bytes
-                connection.disconnect()
-                connection.connect()
-        except BaseException:
-            self.release(connection)
-            raise
-        return connection
-
-    def release(self, connection) -> None:
-        self._checkpid()
-        with self._lock:
-            try:
-                self._in_use_connections.remove(connection)
-            except KeyError:  # not ours (e.g. from before a fork)
-                return
-            if self.owns_connection(connection):
-                if connection.should_reconnect():
-                    connection.disconnect()
-                self._available_connections.append(connection)
-                return
-        connection.disconnect()
 
 
 def connect(url: str, settings: Settings | None = None, *, decode: bool = True) -> redis.Redis:
@@ -78,7 +21,9 @@ def connect(url: str, settings: Settings | None = None, *, decode: bool = True) 
     max_conn = settings.redis.max_connections if settings else 64
     if url.startswith(SENTINEL_SCHEME + "://"):
         return _sentinel_client(sentinel_target(settings, url), decode, timeout, max_conn)
-    pool = LeanConnectionPool.from_url(
+    # redis-py's stock pool: it checks each pooled connection before use (a connection Redis
+    # closed is replaced, not failed) and keeps its own bookkeeping; see docs/reliability.md.
+    pool = redis.ConnectionPool.from_url(
         url, decode_responses=decode, socket_timeout=timeout, socket_connect_timeout=timeout,
         max_connections=max_conn, health_check_interval=30, retry_on_timeout=False)
     client = redis.Redis(connection_pool=pool)
@@ -89,8 +34,8 @@ def connect(url: str, settings: Settings | None = None, *, decode: bool = True) 
 def _sentinel_client(target: SentinelTarget, decode: bool, timeout: float,
                      max_conn: int) -> redis.Redis:
     """A client of the primary that ``target``'s sentinels name (redis-py's documented
-    ``Sentinel`` and ``SentinelConnectionPool``). The stock pool is used here, not the lean
-    one: its connections re-resolve the primary when they connect."""
+    ``Sentinel`` and ``SentinelConnectionPool``): its connections re-resolve the primary when
+    they connect."""
     password = target.password or None
     manager = Sentinel(list(target.sentinels),
                        sentinel_kwargs={"password": password, "socket_timeout": timeout,
