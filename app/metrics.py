@@ -24,7 +24,7 @@ import time
 from typing import Any, Iterable
 
 from flask import Flask, Response, g, request
-from prometheus_client import CollectorRegistry, Counter, Histogram, values
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -69,10 +69,8 @@ class HttpMetrics:
     """The two HTTP metrics, labelled by method, route template and status."""
 
     def __init__(self, registry: CollectorRegistry | None):
-        if multiprocess_dir() and values.ValueClass is values.MutexValue:
-            # prometheus_client picks its value class when first imported; if that happened
-            # before PROMETHEUS_MULTIPROC_DIR was set, pick again so our metrics go to files.
-            values.ValueClass = values.get_value_class()
+        # prometheus_client picks file-backed values when it is first imported with
+        # PROMETHEUS_MULTIPROC_DIR set: app.serve sets it before anything imports this module.
         self.requests = Counter(
             "gpu_orchestrator_http_requests_total", "HTTP requests served",
             ("method", "route", "status"), registry=registry)

@@ -28,6 +28,7 @@ import glob
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from typing import Any, Callable
 
@@ -97,6 +98,11 @@ def prepare_metrics_dir(environ: dict | None = None) -> tuple[str, bool]:
     path = environ.get(MULTIPROC_ENV) or ""
     created = False
     if not path:
+        if environ is os.environ and "prometheus_client" in sys.modules:
+            # prometheus_client reads the variable once, when first imported: set it later
+            # and every worker's metrics would silently stay in memory, unseen by /metrics.
+            raise RuntimeError("prometheus_client was imported before PROMETHEUS_MULTIPROC_DIR "
+                               "was set; import app.metrics only after app.serve sets it")
         path = tempfile.mkdtemp(prefix=TEMP_PREFIX)
         _owner_fd = claim_dir(path)
         created = True
