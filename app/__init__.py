@@ -70,7 +70,7 @@ def create_app(settings: settings_mod.Settings | None = None, *, redis: Any = No
     _access_log(app)
 
     if settings.dashboard.enabled and url:
-        from workers import dashboard
+        from app import dashboard
         dashboard.init_app(app, settings, url)
     return app
 

@@ -19,6 +19,7 @@ import yaml
 from app import lifeline, logs
 from app import settings as settings_mod
 from app.embedded_redis import EmbeddedRedis, EmbeddedRedisError
+from app.embedded_redis import resolve as resolve_redis
 from app.redis_client import ServerTooOld
 from app.shutdown import StopSignal
 from app.supervisor import Supervisor, SupervisorError, UpLock
@@ -201,40 +202,6 @@ def _parser() -> argparse.ArgumentParser:
     for add in SUBCOMMANDS:
         add(sub)
     return parser
-
-
-def resolve_redis(settings: settings_mod.Settings) -> tuple[str, EmbeddedRedis | None]:
-    """The Redis URL to use; starts (or reuses) the embedded server when none is configured."""
-    if settings.redis.url:
-        require_server_version(settings.redis.url, settings)
-        return settings.redis.url, None
-    embedded = EmbeddedRedis(settings.redis.data_dir, settings.redis.embedded_host,
-                             settings.redis.embedded_port)
-    url = embedded.start()
-    try:
-        require_server_version(url, settings)
-    except ServerTooOld:
-        embedded.stop()
-        raise
-    return url, embedded
-
-
-def require_server_version(url: str, settings: settings_mod.Settings) -> None:
-    """ServerTooOld (exit 2, one line) when the server is older than the engine needs. A server
-    that does not answer yet is left to the role's own retries (it may start after us)."""
-    import redis as redis_lib
-
-    from app.redis_client import connect, version_problem
-
-    client = connect(url, settings)
-    try:
-        problem = version_problem(client)
-    except redis_lib.RedisError:
-        return
-    finally:
-        client.close()
-    if problem:
-        raise ServerTooOld(problem)
 
 
 # ------------------------------------------------------------------------------ commands

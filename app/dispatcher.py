@@ -2,7 +2,7 @@
 
 Views call :meth:`OutboxDispatcher.kick` after any engine call that may have granted or ended a
 request (allocate, release, release by service, cancel). One daemon thread per process then
-calls :func:`workers.outbox.dispatch`, which moves every pending entry into an RQ job. No request
+calls :func:`app.outbox.dispatch`, which moves every pending entry into an RQ job. No request
 waits for it. The thread starts on the first kick, i.e. inside the gunicorn worker that serves
 requests, never in the master before the fork.
 
@@ -115,7 +115,7 @@ class OutboxDispatcher:
 
     def _load_dispatch(self) -> None:
         if self._dispatch is None:
-            from workers.outbox import dispatch
+            from app.outbox import dispatch
             self._dispatch = dispatch
 
     def _pass(self) -> bool:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import redis
 
+from app.redis_client import ServerTooOld, connect, version_problem
+
 log = logging.getLogger(__name__)
 
 
@@ -177,3 +179,36 @@ class EmbeddedRedis:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def resolve(settings) -> tuple[str, EmbeddedRedis | None]:
+    """The Redis URL every role uses (``settings``: app.settings.Settings); starts (or reuses)
+    the embedded server when none is configured. ServerTooOld when the server is older than
+    the engine needs. Here, not in app.cli, so the worker roles need not import the CLI
+    (issue 13 part 6: no import cycles)."""
+    if settings.redis.url:
+        require_server_version(settings.redis.url, settings)
+        return settings.redis.url, None
+    embedded = EmbeddedRedis(settings.redis.data_dir, settings.redis.embedded_host,
+                             settings.redis.embedded_port)
+    url = embedded.start()
+    try:
+        require_server_version(url, settings)
+    except ServerTooOld:
+        embedded.stop()
+        raise
+    return url, embedded
+
+
+def require_server_version(url: str, settings) -> None:
+    """ServerTooOld (exit 2, one line) when the server is older than the engine needs. A server
+    that does not answer yet is left to the role's own retries (it may start after us)."""
+    client = connect(url, settings)
+    try:
+        problem = version_problem(client)
+    except redis.RedisError:
+        return
+    finally:
+        client.close()
+    if problem:
+        raise ServerTooOld(problem)

@@ -60,7 +60,7 @@ def test_a_failing_pass_is_logged_and_the_next_kick_still_works(caplog):
 def test_api_calls_hand_webhooks_to_rq(make_app):
     """End to end: cancelling a queued request that asked for ``cancelled`` notifications puts a
     webhook in the outbox; the API's dispatcher turns it into an RQ job by itself."""
-    from workers import outbox, queues
+    from app import outbox, queues
 
     app = make_app()
     client = app.test_client()
@@ -170,7 +170,7 @@ def test_the_api_dispatches_entries_other_processes_write(make_app):
     import json
 
     from app.keys import Keys
-    from workers import outbox, queues
+    from app import outbox, queues
 
     app = make_app()
     client = app.test_client()

@@ -431,7 +431,7 @@ def test_a_dequeued_job_stays_in_a_list_until_it_is_registered_as_started(settin
     restarted was in no list at all and was never delivered. Our workers dequeue through RQ's
     intermediate list instead, and a normal run leaves that list empty."""
 
-    from workers import queues
+    from app import queues
     from workers import worker as worker_mod
 
     worker = make_worker(settings, settings.redis.url)
@@ -488,7 +488,7 @@ def test_a_job_dropped_between_dequeue_and_start_is_requeued_and_delivered(setti
 
     from app.engine import Engine
     from webhook_receiver import Receiver
-    from workers import outbox, queues
+    from app import outbox, queues
     from workers import worker as worker_mod
 
     engine = Engine(redis, settings)

@@ -8,7 +8,7 @@ import redis as redis_lib
 from flask import Flask
 
 from app.keys import Keys
-from workers import dashboard, outbox, queues
+from app import dashboard, outbox, queues
 
 
 def _app(settings, redis_url):

@@ -13,7 +13,8 @@ from app.engine import Engine
 from app.keys import Keys
 from proc_support import Role, wait_until, write_settings
 from webhook_receiver import Receiver
-from workers import context, queues, scheduler
+from app import queues
+from workers import context, scheduler
 from workers import worker as worker_mod
 
 

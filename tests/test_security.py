@@ -430,7 +430,7 @@ def test_every_dashboard_route_needs_a_key_and_deletion_stays_off(make_app, sett
     ``dashboard.allow_delete`` off (the default), even an admin cannot delete or empty."""
     import redis as redis_lib
 
-    from workers import queues
+    from app import queues
 
     app = make_app(auth={"enabled": True, "api_keys": KEYS, "admins": ["root"]},
                    dashboard={"enabled": True})

@@ -8,7 +8,7 @@ import redis as redis_lib
 from rq.job import Job
 
 from app.keys import Keys
-from workers import outbox, queues
+from app import outbox, queues
 
 
 @pytest.fixture

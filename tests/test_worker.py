@@ -14,7 +14,8 @@ from app.keys import Keys
 from app.timefmt import iso
 from proc_support import Role, wait_until, write_settings
 from webhook_receiver import Receiver, Trickler
-from workers import outbox, queues, webhooks
+from app import outbox, queues
+from workers import webhooks
 
 pytestmark = pytest.mark.slow
 

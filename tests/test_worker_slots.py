@@ -14,7 +14,8 @@ import pytest
 import redis as redis_lib
 from rq.worker import BaseWorker
 
-from workers import context, queues
+from app import queues
+from workers import context
 from workers import worker as worker_mod
 
 
@@ -39,7 +40,7 @@ def test_a_slot_runs_outside_the_main_thread_and_stops_on_request(settings, rq_r
     slot = worker_mod.make_worker(settings, rq_redis, worker_mod.DeliveryWorker,
                                   names=(queues.WEBHOOKS,))
     q = queues.queue(rq_redis, settings, queues.WEBHOOKS)
-    job = q.enqueue("workers.outbox.job_id_for", "probe")
+    job = q.enqueue("app.outbox.job_id_for", "probe")
     errors = []
 
     def work():

@@ -19,10 +19,10 @@ import sys
 import time
 from typing import Any
 
+from app import outbox
 from app.redis_client import connect
 from app.settings import Settings
 from app.shutdown import StopSignal
-from workers import outbox
 from workers.nvml import NvmlBackend, NvmlUnavailable
 from workers.simulated import SimulatedBackend
 
@@ -95,7 +95,7 @@ class Monitor:
 
 def run(settings: Settings, once: bool = False, backend: Any = None) -> int:
     """Report until SIGTERM/SIGINT (or once); exit code 2 when ``nvml`` finds no driver."""
-    from app.cli import resolve_redis
+    from app.embedded_redis import resolve as resolve_redis
     from app.engine import Engine
 
     engines: list[Any] = []  # the simulated backend reads the engine once it exists

@@ -37,11 +37,12 @@ from typing import Any
 from redis.exceptions import LockError, RedisError
 from rq.cron import CronJob, CronScheduler
 
+from app import outbox, queues
 from app.keys import Keys
 from app.redis_client import connect
 from app.settings import Settings
 from app.shutdown import StopSignal
-from workers import context, outbox, queues
+from workers import context
 
 log = logging.getLogger("gpu_orchestrator.scheduler")
 
@@ -113,7 +114,7 @@ def build_cron(settings: Settings, rq_redis: Any) -> CronScheduler:
 
 def run(settings: Settings, *, max_iterations: int | None = None) -> int:
     """Run until SIGTERM/SIGINT; only the holder of the leader lock enqueues jobs."""
-    from app.cli import resolve_redis
+    from app.embedded_redis import resolve as resolve_redis
 
     url, embedded = resolve_redis(settings)
     stop = StopSignal().install()

@@ -1,6 +1,6 @@
 """The webhook delivery job: POST the original payload, signed, with retries and an SSRF policy.
 
-:func:`deliver` runs inside an RQ worker for one outbox entry (see :mod:`workers.outbox`). It
+:func:`deliver` runs inside an RQ worker for one outbox entry (see :mod:`app.outbox`). It
 reads the request's record through the engine, builds the original service's payload plus an
 ``event_id``, and POSTs it as JSON:
 

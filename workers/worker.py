@@ -38,9 +38,10 @@ from rq.timeouts import TimerDeathPenalty
 from rq.utils import now
 from rq.worker import WorkerStatus
 
+from app import queues
 from app.redis_client import connect
 from app.settings import Settings
-from workers import context, queues
+from workers import context
 
 log = logging.getLogger("gpu_orchestrator.worker")
 
@@ -414,7 +415,7 @@ class DeliverySlots:
 
 def run(settings: Settings, burst: bool = False) -> int:
     """Work until stopped (SIGTERM/SIGINT finish the current jobs first); exit code 0."""
-    from app.cli import resolve_redis
+    from app.embedded_redis import resolve as resolve_redis
 
     url, embedded = resolve_redis(settings)
     # RQ logs every job (and every maintenance pass) at INFO; our own job logs say what

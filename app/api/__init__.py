@@ -9,7 +9,7 @@ from __future__ import annotations
 from importlib import metadata
 
 from flask import Flask, abort, send_from_directory
-from flask_smorest import Api, Blueprint
+from flask_smorest import Api
 
 from app import schemas
 from app.settings import Settings
@@ -27,13 +27,6 @@ class OrchestratorApi(Api):
     """flask-smorest's Api, documenting our one error shape instead of its own."""
 
     ERROR_SCHEMA = schemas.ErrorSchema
-
-
-#: flask-smorest's public ``Blueprint.doc`` (a static method). It wraps each view in one more
-#: function per decorator; measured cost in docs/benchmarks.md. (Setting flask-smorest's private
-#: ``_apidoc`` attribute directly, as this module once did, saved that wrapper but depended on
-#: its internals: issue 13 part 5.)
-doc = Blueprint.doc
 
 
 def api_version() -> str:

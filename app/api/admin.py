@@ -17,7 +17,8 @@ from flask import current_app, jsonify, request
 from flask_smorest import Blueprint
 
 from app import auth, schemas, sessions
-from app.api import body, doc, render
+from app.api import body, render
+from app.api.docs import doc
 from app.api.gpu import _ID_PARAM, _dispatch_webhooks, _require_id, errors, ok
 from app.errors import BadRequest, Forbidden
 

@@ -15,7 +15,8 @@ from flask import current_app, jsonify, request, url_for
 from flask_smorest import Blueprint
 
 from app import auth, longpoll, schemas
-from app.api import body, doc, render
+from app.api import body, render
+from app.api.docs import doc
 from app.engine import valid_cursor, workload_data_json
 from app.errors import BadRequest, NotFound, ValidationFailed
 from app.webhook_policy import Refused

@@ -5,7 +5,7 @@ from flask import current_app, jsonify
 from flask_smorest import Blueprint
 
 from app import schemas
-from app.api import doc
+from app.api.docs import doc
 from app.errors import Unavailable
 from app.redis_client import version_problem
 

@@ -31,9 +31,9 @@ from typing import Any, Callable
 from rq import Retry
 from rq.job import Job
 
+from app import queues
 from app.keys import Keys
 from app.settings import Settings
-from workers import queues
 
 log = logging.getLogger("gpu_orchestrator.outbox")
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from app import queues
 from app.settings import SENTINEL_SCHEME, Settings, sentinel_target
-from workers import queues
 
 URL_PREFIX = "/rq"
 
