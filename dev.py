@@ -10,6 +10,7 @@ Extra arguments after ``test`` go to pytest; after ``up`` to ``gpu-orchestrator 
 people who ``pip install`` the package), so a new release upstream changes nothing here until
 ``lock`` is run and its result committed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -36,19 +37,21 @@ EDITABLE_WARNING_FILTER = "ignore:Editable installation"
 def install_env() -> dict:
     """The environment for pip: ours plus the filter above, keeping any PYTHONWARNINGS set."""
     current = os.environ.get("PYTHONWARNINGS")
-    return dict(os.environ, PYTHONWARNINGS=",".join(filter(None, [current,
-                                                                 EDITABLE_WARNING_FILTER])))
+    return dict(
+        os.environ, PYTHONWARNINGS=",".join(filter(None, [current, EDITABLE_WARNING_FILTER]))
+    )
 
 
 def _install(extras: str) -> None:
     """Create the venv and install the project, skipping work when nothing changed."""
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 - dev.py is what tells an older Python so
         sys.exit(f"dev.py: Python 3.11+ is required, this is {sys.version.split()[0]}")
     if not PY.exists():
         print("dev.py: creating .venv", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
-    stamp_src = b"".join(p.read_bytes() for p in (ROOT / "setup.cfg", ROOT / "pyproject.toml",
-                                                  CONSTRAINTS))
+    stamp_src = b"".join(
+        p.read_bytes() for p in (ROOT / "setup.cfg", ROOT / "pyproject.toml", CONSTRAINTS)
+    )
     stamp = hashlib.sha256(stamp_src + extras.encode()).hexdigest()
     stamp_file = VENV / f".installed-{extras or 'base'}"
     if stamp_file.exists() and stamp_file.read_text() == stamp:
@@ -56,8 +59,11 @@ def _install(extras: str) -> None:
     print(f"dev.py: installing gpu-orchestrator{f'[{extras}]' if extras else ''}", flush=True)
     target = f".[{extras}]" if extras else "."
     subprocess.check_call([str(PY), "-m", "pip", "install", "--quiet", "--upgrade", "pip"])
-    subprocess.check_call([str(PY), "-m", "pip", "install", "--quiet", "-c", str(CONSTRAINTS),
-                           "-e", target], cwd=ROOT, env=install_env())
+    subprocess.check_call(
+        [str(PY), "-m", "pip", "install", "--quiet", "-c", str(CONSTRAINTS), "-e", target],
+        cwd=ROOT,
+        env=install_env(),
+    )
     stamp_file.write_text(stamp)
 
 
@@ -67,16 +73,30 @@ def _lock() -> int:
         venv.EnvBuilder(with_pip=True).create(tmp)
         py = str(Path(tmp) / ("Scripts" if os.name == "nt" else "bin") / "python")
         subprocess.check_call([py, "-m", "pip", "install", "--quiet", "--upgrade", "pip"])
-        subprocess.check_call([py, "-m", "pip", "install", "--quiet", f".[{LOCK_EXTRAS}]"],
-                              cwd=ROOT)
-        frozen = subprocess.check_output([py, "-m", "pip", "freeze", "--all", "--exclude", "pip",
-                                          "--exclude", "gpu-orchestrator"], text=True)
+        subprocess.check_call(
+            [py, "-m", "pip", "install", "--quiet", f".[{LOCK_EXTRAS}]"], cwd=ROOT
+        )
+        frozen = subprocess.check_output(
+            [
+                py,
+                "-m",
+                "pip",
+                "freeze",
+                "--all",
+                "--exclude",
+                "pip",
+                "--exclude",
+                "gpu-orchestrator",
+            ],
+            text=True,
+        )
     pins = sorted((line for line in frozen.splitlines() if "==" in line), key=str.lower)
     CONSTRAINTS.write_text(
         "# Exact versions that `python3 dev.py up|test` and CI install (pip -c); setup.cfg keeps\n"
         "# the ranges. Regenerate with `python3 dev.py lock` and commit the result.\n"
         f"# Resolved on Python {sys.version_info.major}.{sys.version_info.minor}, "
-        f"{sys.platform}.\n" + "\n".join(pins) + "\n")
+        f"{sys.platform}.\n" + "\n".join(pins) + "\n"
+    )
     print(f"dev.py: wrote {len(pins)} pins to {CONSTRAINTS.name}")
     return 0
 

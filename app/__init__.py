@@ -10,6 +10,7 @@ here and must import with only ``requests`` installed.
 Order of the request hooks matters and is fixed here: request id first (so every later failure,
 including a 401, carries it), then metrics timing, then auth.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,14 +25,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("gpu_orchestrator.api")
 
 
-def create_app(settings: settings_mod.Settings | None = None, *, redis: Any = None,
-               redis_url: str | None = None, clock=None) -> Flask:
+def create_app(
+    settings: settings_mod.Settings | None = None,
+    *,
+    redis: Any = None,
+    redis_url: str | None = None,
+    clock=None,
+) -> Flask:
     """Build the API. Tests pass ``settings`` and a ``redis`` client instead of patching."""
     from flask import Flask
 
-    from app import settings as settings_mod
-    from app import auth, http_errors, longpoll, metrics, request_ids
     from app import api as api_mod
+    from app import auth, http_errors, longpoll, metrics, request_ids
+    from app import settings as settings_mod
     from app.dispatcher import OutboxDispatcher
     from app.engine import Engine
     from app.redis_client import connect
@@ -48,18 +54,22 @@ def create_app(settings: settings_mod.Settings | None = None, *, redis: Any = No
     if redis is None and url:
         redis = connect(url, settings)
     if redis is None:
-        raise ValueError("create_app needs Redis: pass redis= or redis_url=, or set redis.url "
-                         "(REDIS_URL); `gpu-orchestrator api` starts an embedded one for you")
+        raise ValueError(
+            "create_app needs Redis: pass redis= or redis_url=, or set redis.url "
+            "(REDIS_URL); `gpu-orchestrator api` starts an embedded one for you"
+        )
     app.extensions["gpu_redis"] = redis
     rq_redis = connect(url, settings, decode=False) if url else None
     app.extensions["gpu_rq_redis"] = rq_redis
-    app.extensions["gpu_dispatcher"] = (OutboxDispatcher(rq_redis, settings, watch=True)
-                                        if rq_redis else None)
+    app.extensions["gpu_dispatcher"] = (
+        OutboxDispatcher(rq_redis, settings, watch=True) if rq_redis else None
+    )
     engine = Engine(redis, settings, clock=clock)
     app.extensions["gpu_engine"] = engine
     app.extensions["gpu_webhook_policy"] = Policy.from_settings(settings)
     app.extensions["gpu_analyzer"] = WorkloadAnalyzer.from_settings(
-        settings, fleet_limits=_cached(engine.fleet_limits, FLEET_LIMITS_TTL))
+        settings, fleet_limits=_cached(engine.fleet_limits, FLEET_LIMITS_TTL)
+    )
 
     longpoll.init_app(app, settings, redis)
     request_ids.init_app(app)
@@ -71,6 +81,7 @@ def create_app(settings: settings_mod.Settings | None = None, *, redis: Any = No
 
     if settings.dashboard.enabled and url:
         from app import dashboard
+
         dashboard.init_app(app, settings, url)
     return app
 
@@ -89,6 +100,7 @@ def _cached(fn, ttl: float):
         if now - state["at"] >= ttl:
             state["value"], state["at"] = fn(), now
         return state["value"]
+
     return cached
 
 
@@ -107,6 +119,12 @@ def _access_log(app: Flask) -> None:
         if access.isEnabledFor(logging.DEBUG):
             t0 = g.get("_metrics_start")  # set by app.metrics, popped after this hook
             ms = (time.perf_counter() - t0) * 1000 if t0 is not None else 0.0
-            access.debug("%s %s %s %.1fms principal=%s", request.method, request.path,
-                        response.status_code, ms, g.get("principal") or "-")
+            access.debug(
+                "%s %s %s %.1fms principal=%s",
+                request.method,
+                request.path,
+                response.status_code,
+                ms,
+                g.get("principal") or "-",
+            )
         return response

@@ -6,6 +6,7 @@ recorded with the key's principal like a click in the console. Output is a table
 ``--json`` (the API's answer) for scripts. A refused request (4xx) exits with code 2, an
 unreachable or failing API (5xx) with 1, both with one line on stderr.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,8 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import quote
 
 DEFAULT_URL = "http://127.0.0.1:8086"
@@ -29,18 +31,24 @@ class AdminError(Exception):
 
 
 SUMMARY = "operate the fleet through the API: nodes, cordon, drain, forget, priority"
-DESCRIPTION = ("Operate the fleet through the API at $GPU_ORCH_URL (default "
-               f"{DEFAULT_URL}) with the admin key in $GPU_ORCH_API_KEY: list nodes, cordon or "
-               "uncordon a node or one GPU, drain or forget a node, change a queued request's "
-               "priority. A refused request exits 2, an unreachable API 1.")
+DESCRIPTION = (
+    "Operate the fleet through the API at $GPU_ORCH_URL (default "
+    f"{DEFAULT_URL}) with the admin key in $GPU_ORCH_API_KEY: list nodes, cordon or "
+    "uncordon a node or one GPU, drain or forget a node, change a queued request's "
+    "priority. A refused request exits 2, an unreachable API 1."
+)
 
 
-def add_actions(admin: argparse.ArgumentParser, parser_class: type,
-                global_options: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_actions(
+    admin: argparse.ArgumentParser,
+    parser_class: type,
+    global_options: Callable[[argparse.ArgumentParser], None],
+) -> None:
     """The actions under ``gpu-orchestrator admin`` (``parser_class`` keeps the CLI's one-line
     errors; ``global_options`` adds --config and friends to each)."""
-    actions = admin.add_subparsers(dest="admin_command", metavar="ACTION", required=True,
-                                   parser_class=parser_class)
+    actions = admin.add_subparsers(
+        dest="admin_command", metavar="ACTION", required=True, parser_class=parser_class
+    )
 
     def action(name: str, help_text: str) -> argparse.ArgumentParser:
         p = actions.add_parser(name, help=help_text, description=help_text)
@@ -50,17 +58,28 @@ def add_actions(admin: argparse.ArgumentParser, parser_class: type,
 
     action("nodes", "list every node, alive or not, with its GPUs")
     action("cordon", "no new grants on a node or one GPU (NODE or NODE:INDEX)").add_argument(
-        "target", metavar="NODE[:INDEX]")
+        "target", metavar="NODE[:INDEX]"
+    )
     action("uncordon", "make a node or one GPU schedulable again").add_argument(
-        "target", metavar="NODE[:INDEX]")
+        "target", metavar="NODE[:INDEX]"
+    )
     drain = action("drain", "cordon a node and let its allocations finish")
     drain.add_argument("node", metavar="NODE")
-    drain.add_argument("--wait", action="store_true",
-                       help="return only when the node holds no allocation (or at --timeout)")
-    drain.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
-                       help="longest wait with --wait (default 60, at most 600)")
-    action("forget", "forget a node that stopped reporting; its allocations end as lost") \
-        .add_argument("node", metavar="NODE")
+    drain.add_argument(
+        "--wait",
+        action="store_true",
+        help="return only when the node holds no allocation (or at --timeout)",
+    )
+    drain.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="longest wait with --wait (default 60, at most 600)",
+    )
+    action(
+        "forget", "forget a node that stopped reporting; its allocations end as lost"
+    ).add_argument("node", metavar="NODE")
     prio = action("priority", "change a queued request's priority (1..10)")
     prio.add_argument("request_id", metavar="ID")
     prio.add_argument("priority", metavar="N", type=int)
@@ -86,19 +105,23 @@ def _call(method: str, path: str, body: dict | None = None, timeout: float = TIM
     if key:
         headers["X-API-Key"] = key
     try:
-        resp = requests.request(method, base + path, json=body, headers=headers,
-                                timeout=timeout, allow_redirects=False)
+        resp = requests.request(
+            method, base + path, json=body, headers=headers, timeout=timeout, allow_redirects=False
+        )
     except requests.RequestException as exc:
-        raise AdminError(f"cannot reach {base} ({type(exc).__name__}); set GPU_ORCH_URL", 1) \
-            from None
+        raise AdminError(
+            f"cannot reach {base} ({type(exc).__name__}); set GPU_ORCH_URL", 1
+        ) from None
     try:
         data = resp.json()
     except ValueError:
         data = None
     if resp.status_code >= 400:
         msg = (data or {}).get("error", {}).get("message") if isinstance(data, dict) else None
-        raise AdminError(f"{method} {path}: {resp.status_code} {msg or resp.reason}",
-                         2 if resp.status_code < 500 else 1)
+        raise AdminError(
+            f"{method} {path}: {resp.status_code} {msg or resp.reason}",
+            2 if resp.status_code < 500 else 1,
+        )
     return data
 
 
@@ -128,9 +151,17 @@ def nodes_table(nodes: list[dict]) -> str:
             state += ",cordoned"
         free = sum(1 for g in gpus if g.get("schedulable") and not g.get("allocated"))
         cordoned = [str(g["index"]) for g in gpus if g.get("cordoned")]
-        rows.append([n["name"], state, _age(n.get("heartbeat_age_seconds")),
-                     str(len(gpus)), str(free), ",".join(cordoned) or "-",
-                     str(len(n.get("allocations") or []))])
+        rows.append(
+            [
+                n["name"],
+                state,
+                _age(n.get("heartbeat_age_seconds")),
+                str(len(gpus)),
+                str(free),
+                ",".join(cordoned) or "-",
+                str(len(n.get("allocations") or [])),
+            ]
+        )
     return _table(rows) if nodes else "no nodes"
 
 
@@ -168,25 +199,41 @@ def _do(args) -> tuple[Any, str, int]:
             deadline = time.monotonic() + args.timeout
             while True:
                 left_s = max(deadline - time.monotonic(), 0.0)
-                data = _call("POST", f"{path}?wait=true&timeout={left_s:.3f}",
-                             timeout=TIMEOUT + left_s)
+                data = _call(
+                    "POST", f"{path}?wait=true&timeout={left_s:.3f}", timeout=TIMEOUT + left_s
+                )
                 if data.get("drained") or left_s <= 0:
                     break
                 time.sleep(min(0.5, left_s))
         left = data.get("allocations") or []
         if data.get("drained"):
             return data, f"{args.node}: drained (cordoned, no allocations left)", 0
-        text = (f"{args.node}: draining; {len(left)} allocation(s) left: {', '.join(left)}")
+        text = f"{args.node}: draining; {len(left)} allocation(s) left: {', '.join(left)}"
         return data, text, 1 if args.wait else 0
     if cmd == "forget":
         data = _call("DELETE", f"/admin/nodes/{quote(args.node, safe='')}")
         lost = data.get("lost") or []
-        return data, (f"{args.node}: forgotten; {len(lost)} allocation(s) ended as lost"
-                      + (f": {', '.join(lost)}" if lost else "")), 0
+        return (
+            data,
+            (
+                f"{args.node}: forgotten; {len(lost)} allocation(s) ended as lost"
+                + (f": {', '.join(lost)}" if lost else "")
+            ),
+            0,
+        )
     if cmd == "priority":
-        data = _call("POST", f"/admin/requests/{quote(args.request_id, safe='')}/priority",
-                     {"priority": args.priority})
+        data = _call(
+            "POST",
+            f"/admin/requests/{quote(args.request_id, safe='')}/priority",
+            {"priority": args.priority},
+        )
         pos = data.get("position")
-        return data, (f"{args.request_id}: priority {data.get('priority')}"
-                      + (f", position {pos}" if pos else f", {data.get('status')}")), 0
+        return (
+            data,
+            (
+                f"{args.request_id}: priority {data.get('priority')}"
+                + (f", position {pos}" if pos else f", {data.get('status')}")
+            ),
+            0,
+        )
     raise AdminError(f"unknown action {cmd}", 2)  # pragma: no cover - argparse refuses first

@@ -21,6 +21,7 @@ still-dead advisor: thread-1 at t=30.0 s sends a request, thread-2 at t=30.1 s s
 ... each paying the full time limit. The lock-protected ``_trial_in_flight`` flag lets only
 the first through; the others keep using the rules until the trial reports back.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,9 +29,11 @@ import logging
 import math
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import requests
 import urllib3
@@ -39,8 +42,9 @@ from prometheus_client import Counter
 log = logging.getLogger(__name__)
 
 #: Advisor calls by outcome: ok, timeout, error (connection/HTTP), garbage, skipped (breaker open).
-ADVISOR_CALLS = Counter("gpu_orchestrator_advisor_calls", "DeepAgents advisor calls by outcome",
-                        ["outcome"])
+ADVISOR_CALLS = Counter(
+    "gpu_orchestrator_advisor_calls", "DeepAgents advisor calls by outcome", ["outcome"]
+)
 
 MAX_RESPONSE_BYTES = 1 << 20
 
@@ -108,8 +112,11 @@ def parse_advice(answer: Any, *, max_gpus: int, max_memory_mb: int) -> Advice:
         raise AdvisorGarbage("no structured_output object in the answer")
     output = answer["structured_output"]
     raw = {f: _number(output, f) for f in ("required_gpus", "min_memory_mb", "priority")}
-    bounds = {"required_gpus": (1, max(1, max_gpus)), "min_memory_mb": (0, max(0, max_memory_mb)),
-              "priority": (1, 10)}
+    bounds = {
+        "required_gpus": (1, max(1, max_gpus)),
+        "min_memory_mb": (0, max(0, max_memory_mb)),
+        "priority": (1, 10),
+    }
     values, clamped = {}, []
     for field, (lo, hi) in bounds.items():
         value = min(max(int(raw[field]), lo), hi)
@@ -124,9 +131,17 @@ def parse_advice(answer: Any, *, max_gpus: int, max_memory_mb: int) -> Advice:
 class Advisor:
     """Client for one DeepAgents URL, with a time limit and a circuit breaker."""
 
-    def __init__(self, url: str, *, timeout: float = 2.0, breaker_failures: int = 3,
-                 breaker_cooldown: float = 30.0, clock: Callable[[], float] = time.monotonic,
-                 session: requests.Session | None = None, max_workers: int = 4):
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 2.0,
+        breaker_failures: int = 3,
+        breaker_cooldown: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        session: requests.Session | None = None,
+        max_workers: int = 4,
+    ):
         if not url:
             raise ValueError("url must be a non-empty http(s) URL")
         if timeout <= 0 or breaker_failures < 1 or breaker_cooldown < 0:
@@ -145,14 +160,18 @@ class Advisor:
         self._trial_in_flight = False
 
     @classmethod
-    def from_settings(cls, settings, **kwargs) -> "Advisor | None":
+    def from_settings(cls, settings, **kwargs) -> Advisor | None:
         """The advisor ``services.deepagents_url`` names, or None when it is empty."""
         svc = settings.services
         if not svc.deepagents_url:
             return None
-        return cls(svc.deepagents_url, timeout=svc.deepagents_timeout,
-                   breaker_failures=svc.breaker_failures,
-                   breaker_cooldown=svc.breaker_cooldown, **kwargs)
+        return cls(
+            svc.deepagents_url,
+            timeout=svc.deepagents_timeout,
+            breaker_failures=svc.breaker_failures,
+            breaker_cooldown=svc.breaker_cooldown,
+            **kwargs,
+        )
 
     # ------------------------------------------------------------------ breaker
 
@@ -184,14 +203,24 @@ class Advisor:
             self._failures += 1
             if self._open_until is not None or self._failures >= self.breaker_failures:
                 if self._open_until is None:
-                    log.warning("advisor breaker open for %.0fs after %d failures in a row",
-                                self.breaker_cooldown, self._failures)
+                    log.warning(
+                        "advisor breaker open for %.0fs after %d failures in a row",
+                        self.breaker_cooldown,
+                        self._failures,
+                    )
                 self._open_until = self._clock() + self.breaker_cooldown
 
     # ------------------------------------------------------------------ calls
 
-    def advise(self, service_name: str | None, workload_type: str, workload_data: dict, *,
-               max_gpus: int, max_memory_mb: int) -> Advice | None:
+    def advise(
+        self,
+        service_name: str | None,
+        workload_type: str,
+        workload_data: dict,
+        *,
+        max_gpus: int,
+        max_memory_mb: int,
+    ) -> Advice | None:
         """A clamped recommendation, or None (breaker open, time limit, error, garbage)."""
         if not self._admit():
             ADVISOR_CALLS.labels("skipped").inc()
@@ -236,8 +265,9 @@ class Advisor:
         that drips its answer byte by byte cannot hold a pool thread for long either.
         """
         give_up = time.monotonic() + 2 * self.timeout
-        with self._session.post(self.url, json=body, timeout=(self.timeout, self.timeout),
-                                stream=True) as resp:
+        with self._session.post(
+            self.url, json=body, timeout=(self.timeout, self.timeout), stream=True
+        ) as resp:
             if resp.status_code != 200:
                 raise requests.HTTPError(f"HTTP {resp.status_code} from {self.url}")
             data = bytearray()

@@ -14,6 +14,7 @@ opens every route with the principal's rights, and a state-changing request made
 the session's CSRF token. A browser asking for a page without a key or session is redirected
 to ``/login``; API clients keep getting a JSON 401.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,14 +38,14 @@ class Authenticator:
         self._digests: list[tuple[bytes, str]] = []
         for key, principal in api_keys.items():
             if key.startswith("sha256:"):
-                digest = bytes.fromhex(key[len("sha256:"):])
+                digest = bytes.fromhex(key[len("sha256:") :])
             else:
                 digest = hashlib.sha256(key.encode()).digest()
             self._digests.append((digest, principal))
         self.admins = frozenset(admins)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "Authenticator":
+    def from_settings(cls, settings: Settings) -> Authenticator:
         return cls(settings.auth.api_keys, settings.auth.admins)
 
     def principal_for(self, key: str | None) -> str | None:
@@ -110,7 +111,7 @@ def current_is_admin() -> bool:
     return bool(g.get("is_admin", True))
 
 
-def current_session() -> "sessions.Session | None":
+def current_session() -> sessions.Session | None:
     """The browser session this request came with (None: a header key, or no auth)."""
     return g.get("session")
 
@@ -146,14 +147,21 @@ def init_app(app: Flask, settings: Settings, redis=None) -> None:
             session = manager.load(request.cookies.get(sessions.COOKIE))
             if session is None:
                 if wants_page():
-                    return redirect(url_for("console.login", next=request.full_path
-                                            if request.query_string else request.path))
-                raise Unauthorized(f"an API key is required (header {header} or "
-                                   "Authorization: Bearer)")
+                    return redirect(
+                        url_for(
+                            "console.login",
+                            next=request.full_path if request.query_string else request.path,
+                        )
+                    )
+                raise Unauthorized(
+                    f"an API key is required (header {header} or Authorization: Bearer)"
+                )
             if request.method not in sessions.SAFE_METHODS and not _csrf_ok(session):
-                raise Forbidden("this request was made with a session cookie; it needs the "
-                                f"session's CSRF token ({sessions.CSRF_HEADER} header)",
-                                details={"header": sessions.CSRF_HEADER})
+                raise Forbidden(
+                    "this request was made with a session cookie; it needs the "
+                    f"session's CSRF token ({sessions.CSRF_HEADER} header)",
+                    details={"header": sessions.CSRF_HEADER},
+                )
             g.principal, g.session = session.principal, session
             g.is_admin = authenticator.is_admin(session.principal)
             return None

@@ -37,6 +37,7 @@ the message, the details and ``retry_after`` from the response)::
     ├── WaitTimeout             ``wait`` ran out; ``.allocation`` is the request, still queued
     └── NotGranted              the request ended without GPUs (cancelled, timed out)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,7 +48,8 @@ import random
 import threading
 import time
 import uuid
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import requests
 
@@ -69,6 +71,7 @@ LIVE = ("allocated", "preempting")
 
 # --------------------------------------------------------------------------- errors
 
+
 class ClientError(Exception):
     """Base of everything this module raises."""
 
@@ -78,8 +81,16 @@ class ApiError(ClientError):
 
     status = 0
 
-    def __init__(self, message: str, *, status: int, code: str, details: dict | None = None,
-                 retry_after: float | None = None, response: Any = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        code: str,
+        details: dict | None = None,
+        retry_after: float | None = None,
+        response: Any = None,
+    ):
         super().__init__(message)
         self.message = message
         self.status = status
@@ -147,30 +158,45 @@ class ConnectionFailed(ClientError):
 class WaitTimeout(ClientError):
     """The wait ran out while the request was still queued (``.allocation``)."""
 
-    def __init__(self, allocation: "Allocation"):
-        super().__init__(f"request {allocation.id} still queued (position "
-                         f"{allocation.position}) when the wait ran out")
+    def __init__(self, allocation: Allocation):
+        super().__init__(
+            f"request {allocation.id} still queued (position "
+            f"{allocation.position}) when the wait ran out"
+        )
         self.allocation = allocation
 
 
 class NotGranted(ClientError):
     """The request ended without GPUs (``.allocation.status``: cancelled, timed_out, ...)."""
 
-    def __init__(self, allocation: "Allocation"):
+    def __init__(self, allocation: Allocation):
         super().__init__(f"request {allocation.id} ended without GPUs: {allocation.status}")
         self.allocation = allocation
 
 
 #: API error code -> class (the code is the contract; the status decides when it is unknown).
 _BY_CODE: dict[str, type[ApiError]] = {
-    "bad_request": BadRequest, "unauthorized": Unauthorized, "forbidden": Forbidden,
-    "not_found": NotFound, "conflict": Conflict, "payload_too_large": PayloadTooLarge,
-    "validation_error": ValidationError, "unsatisfiable": Unsatisfiable,
-    "queue_full": QueueFull, "too_many_requests": TooManyRequests, "unavailable": Unavailable,
+    "bad_request": BadRequest,
+    "unauthorized": Unauthorized,
+    "forbidden": Forbidden,
+    "not_found": NotFound,
+    "conflict": Conflict,
+    "payload_too_large": PayloadTooLarge,
+    "validation_error": ValidationError,
+    "unsatisfiable": Unsatisfiable,
+    "queue_full": QueueFull,
+    "too_many_requests": TooManyRequests,
+    "unavailable": Unavailable,
 }
 _BY_STATUS: dict[int, type[ApiError]] = {
-    401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict, 413: PayloadTooLarge,
-    422: ValidationError, 429: TooManyRequests, 503: Unavailable,
+    401: Unauthorized,
+    403: Forbidden,
+    404: NotFound,
+    409: Conflict,
+    413: PayloadTooLarge,
+    422: ValidationError,
+    429: TooManyRequests,
+    503: Unavailable,
 }
 
 
@@ -187,14 +213,23 @@ def _error(resp: requests.Response) -> ApiError:
             retry_after = float(resp.headers["Retry-After"])
         except ValueError:
             pass
-    cls = _BY_CODE.get(code) or _BY_STATUS.get(resp.status_code) or (
-        ServerError if resp.status_code >= 500 else BadRequest)
-    return cls(message, status=resp.status_code, code=code,
-               details=err.get("details") if isinstance(err.get("details"), dict) else {},
-               retry_after=retry_after, response=resp)
+    cls = (
+        _BY_CODE.get(code)
+        or _BY_STATUS.get(resp.status_code)
+        or (ServerError if resp.status_code >= 500 else BadRequest)
+    )
+    return cls(
+        message,
+        status=resp.status_code,
+        code=code,
+        details=err.get("details") if isinstance(err.get("details"), dict) else {},
+        retry_after=retry_after,
+        response=resp,
+    )
 
 
 # --------------------------------------------------------------------------- records
+
 
 class Allocation:
     """A request or allocation as the API last described it; every field is also in ``.data``.
@@ -257,8 +292,9 @@ def _seconds(value: Any, name: str) -> float:
     try:
         secs = parse_duration(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name}: a duration such as 30s, 10m, 2h or a number of seconds, "
-                         f"got {value!r}") from None
+        raise ValueError(
+            f"{name}: a duration such as 30s, 10m, 2h or a number of seconds, got {value!r}"
+        ) from None
     if not math.isfinite(secs) or secs < 0:
         raise ValueError(f"{name}: must be >= 0, got {value!r}")
     return secs
@@ -266,11 +302,18 @@ def _seconds(value: Any, name: str) -> float:
 
 # --------------------------------------------------------------------------- client
 
+
 class Client:
     """One API endpoint. Thread-safe: each thread gets its own HTTP session."""
 
-    def __init__(self, url: str | None = None, api_key: str | None = None, *,
-                 timeout: float = 10.0, retries: int = 3):
+    def __init__(
+        self,
+        url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 10.0,
+        retries: int = 3,
+    ):
         self.url = (url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
         if not self.url.startswith(("http://", "https://")):
             raise ValueError(f"url must start with http:// or https://, got {self.url!r}")
@@ -292,18 +335,31 @@ class Client:
                 session.headers["Authorization"] = f"Bearer {self.api_key}"
         return session
 
-    def _call(self, method: str, path: str, *, body: Any = None, params: dict | None = None,
-              headers: dict | None = None, timeout: float | None = None,
-              done_on_retry: tuple[int, ...] = ()) -> Any:
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        params: dict | None = None,
+        headers: dict | None = None,
+        timeout: float | None = None,
+        done_on_retry: tuple[int, ...] = (),
+    ) -> Any:
         """One API call, retried on connection errors and 503 (bounded); JSON answer.
         ``done_on_retry``: statuses that, on a retry, mean the first attempt already did it."""
         url = self.url + path
         for attempt in range(self.retries + 1):
             last = attempt == self.retries
             try:
-                resp = self._session().request(method, url, json=body, params=params,
-                                               headers=headers,
-                                               timeout=(self.timeout, timeout or self.timeout))
+                resp = self._session().request(
+                    method,
+                    url,
+                    json=body,
+                    params=params,
+                    headers=headers,
+                    timeout=(self.timeout, timeout or self.timeout),
+                )
             except requests.RequestException as exc:
                 if last:
                     raise ConnectionFailed(f"cannot reach {self.url} ({_why(exc)})") from exc
@@ -321,41 +377,63 @@ class Client:
         raise AssertionError("unreachable")  # pragma: no cover
 
     # ------------------------------------------------------------------ calls
-    def allocate(self, service_name: str, workload_type: str = "generic",
-                 workload_data: dict | None = None, *, required_gpus: int | None = None,
-                 min_memory_mb: int | None = None, gpu_model: str | None = None,
-                 nodes: list[str] | None = None, priority: int | None = None,
-                 ttl: Any = None, sharing: str | None = None,
-                 depends_on: list[str] | None = None, preferred_gpus: list[int] | None = None,
-                 webhook_url: str | None = None, webhook_events: list[str] | None = None,
-                 idempotency_key: str | None = None) -> Allocation:
+    def allocate(
+        self,
+        service_name: str,
+        workload_type: str = "generic",
+        workload_data: dict | None = None,
+        *,
+        required_gpus: int | None = None,
+        min_memory_mb: int | None = None,
+        gpu_model: str | None = None,
+        nodes: list[str] | None = None,
+        priority: int | None = None,
+        ttl: Any = None,
+        sharing: str | None = None,
+        depends_on: list[str] | None = None,
+        preferred_gpus: list[int] | None = None,
+        webhook_url: str | None = None,
+        webhook_events: list[str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Allocation:
         """``POST /gpu/allocate``: granted (``status == "allocated"``) or queued. ``ttl``: the
         lease, seconds or ``"10m"``. A fresh Idempotency-Key is made when none is given, so the
         retries after a network error cannot make two requests."""
-        body: dict[str, Any] = {"service_name": service_name, "workload_type": workload_type,
-                                "workload_data": dict(workload_data or {})}
-        for key, value in (("required_gpus", required_gpus), ("min_memory_mb", min_memory_mb),
-                           ("gpu_model", gpu_model), ("nodes", nodes), ("priority", priority),
-                           ("sharing", sharing), ("depends_on", depends_on),
-                           ("preferred_gpus", preferred_gpus), ("webhook_url", webhook_url),
-                           ("webhook_events", webhook_events)):
+        body: dict[str, Any] = {
+            "service_name": service_name,
+            "workload_type": workload_type,
+            "workload_data": dict(workload_data or {}),
+        }
+        for key, value in (
+            ("required_gpus", required_gpus),
+            ("min_memory_mb", min_memory_mb),
+            ("gpu_model", gpu_model),
+            ("nodes", nodes),
+            ("priority", priority),
+            ("sharing", sharing),
+            ("depends_on", depends_on),
+            ("preferred_gpus", preferred_gpus),
+            ("webhook_url", webhook_url),
+            ("webhook_events", webhook_events),
+        ):
             if value is not None:
                 body[key] = list(value) if isinstance(value, (list, tuple)) else value
         if ttl is not None:
             body["ttl_seconds"] = math.ceil(_seconds(ttl, "ttl"))
         key = idempotency_key or f"client-{uuid.uuid4().hex}"
-        return Allocation(self._call("POST", "/gpu/allocate", body=body,
-                                     headers={"Idempotency-Key": key}))
+        return Allocation(
+            self._call("POST", "/gpu/allocate", body=body, headers={"Idempotency-Key": key})
+        )
 
     def get(self, request_id: str, wait: float = 0) -> Allocation:
         """``GET /gpu/requests/<id>``; ``wait`` > 0 holds the call while it is queued."""
-        return Allocation(self._call("GET", f"/gpu/requests/{request_id}",
-                                     **self._wait_args(wait)))
+        return Allocation(self._call("GET", f"/gpu/requests/{request_id}", **self._wait_args(wait)))
 
     def get_allocation(self, allocation_id: str, wait: float = 0) -> Allocation:
         """``GET /gpu/allocations/<id>``; ``wait`` > 0 holds the call while it is live."""
-        return Allocation(self._call("GET", f"/gpu/allocations/{allocation_id}",
-                                     **self._wait_args(wait)))
+        return Allocation(
+            self._call("GET", f"/gpu/allocations/{allocation_id}", **self._wait_args(wait))
+        )
 
     def _wait_args(self, wait: float) -> dict:
         if not wait:
@@ -363,8 +441,13 @@ class Client:
         wait = min(float(wait), 60.0)
         return {"params": {"wait": f"{wait:.3f}"}, "timeout": wait + self.timeout}
 
-    def wait(self, request_id: str, timeout: Any = None, *,
-             on_update: Callable[[Allocation], None] | None = None) -> Allocation:
+    def wait(
+        self,
+        request_id: str,
+        timeout: Any = None,
+        *,
+        on_update: Callable[[Allocation], None] | None = None,
+    ) -> Allocation:
         """Wait (long-polls) until the request is granted and return the allocation.
 
         ``timeout``: seconds or ``"5m"``; None waits as long as it takes. ``on_update`` is called
@@ -403,7 +486,7 @@ class Client:
             # or does not long-poll): pause a little, longer each time, so this never spins
             if chunk > 0 and time.monotonic() - t0 < chunk / 2:
                 early += 1
-                self._pause(deadline, min(0.1 * 2 ** early, 2.0))
+                self._pause(deadline, min(0.1 * 2**early, 2.0))
             else:
                 early = 0
 
@@ -416,13 +499,19 @@ class Client:
     def renew(self, allocation_id: str, ttl: Any = None) -> Allocation:
         """Extend the lease by ``ttl`` (default: the allocation's own lease) from now."""
         body = None if ttl is None else {"ttl_seconds": max(1, math.ceil(_seconds(ttl, "ttl")))}
-        return Allocation(self._call("POST", f"/gpu/allocations/{allocation_id}/renew",
-                                     body=body if body is not None else {}))
+        return Allocation(
+            self._call(
+                "POST",
+                f"/gpu/allocations/{allocation_id}/renew",
+                body=body if body is not None else {},
+            )
+        )
 
     def release(self, allocation_id: str) -> dict:
         """Give the GPUs back. A retry that finds it already released counts as done."""
-        out = self._call("POST", "/gpu/release", body={"allocation_id": allocation_id},
-                         done_on_retry=(404,))
+        out = self._call(
+            "POST", "/gpu/release", body={"allocation_id": allocation_id}, done_on_retry=(404,)
+        )
         return out if out is not None else {"status": "released", "allocation_id": allocation_id}
 
     def cancel(self, request_id: str) -> Allocation:
@@ -449,21 +538,31 @@ class Client:
         """Every GPU with telemetry and allocation state (``GET /gpu/status``)."""
         return self._call("GET", "/gpu/status")["gpus"]
 
-    def workload(self, workload_type: str = "generic", workload_data: dict | None = None,
-                 **fields: Any) -> dict:
+    def workload(
+        self, workload_type: str = "generic", workload_data: dict | None = None, **fields: Any
+    ) -> dict:
         """The requirements ``allocate`` would use (``POST /gpu/workload``), no side effects;
         ``fields``: required_gpus, min_memory_mb, gpu_model, nodes."""
-        body = {"workload_type": workload_type, "workload_data": dict(workload_data or {}),
-                **{k: v for k, v in fields.items() if v is not None}}
+        body = {
+            "workload_type": workload_type,
+            "workload_data": dict(workload_data or {}),
+            **{k: v for k, v in fields.items() if v is not None},
+        }
         return self._call("POST", "/gpu/workload", body=body)
 
     # ------------------------------------------------------------------ the whole life
     @contextlib.contextmanager
-    def allocation(self, service_name: str, workload_type: str = "generic",
-                   workload_data: dict | None = None, *, wait: Any = True,
-                   on_update: Callable[[Allocation], None] | None = None,
-                   on_change: Callable[[Allocation], None] | None = None,
-                   **fields: Any) -> Iterator[Allocation]:
+    def allocation(
+        self,
+        service_name: str,
+        workload_type: str = "generic",
+        workload_data: dict | None = None,
+        *,
+        wait: Any = True,
+        on_update: Callable[[Allocation], None] | None = None,
+        on_change: Callable[[Allocation], None] | None = None,
+        **fields: Any,
+    ) -> Iterator[Allocation]:
         """Allocate, wait for the grant, keep the lease renewed, release on the way out.
 
         ``wait``: True waits as long as it takes, a duration bounds it (WaitTimeout, and the
@@ -491,15 +590,24 @@ class Client:
             except NotFound:
                 pass  # it had already ended (expired, or released by an admin)
             except ClientError as exc:
-                log.warning("could not release %s (%s); its lease runs out at %s", alloc.id,
-                            exc, alloc.data.get("expires_at"))
+                log.warning(
+                    "could not release %s (%s); its lease runs out at %s",
+                    alloc.id,
+                    exc,
+                    alloc.data.get("expires_at"),
+                )
 
 
 def _why(exc: requests.RequestException) -> str:
     """A short reason for a failed connection (requests' own text runs to three lines)."""
     text = str(exc)
-    for needle in ("Connection refused", "Name or service not known", "Connection reset",
-                   "No route to host", "Network is unreachable"):
+    for needle in (
+        "Connection refused",
+        "Name or service not known",
+        "Connection reset",
+        "No route to host",
+        "Network is unreachable",
+    ):
         if needle in text:
             return needle.lower()
     if isinstance(exc, requests.Timeout):
@@ -508,7 +616,7 @@ def _why(exc: requests.RequestException) -> str:
 
 
 def _backoff(attempt: int) -> float:
-    return min(0.2 * 2 ** attempt, 2.0) * (0.5 + random.random() / 2)
+    return min(0.2 * 2**attempt, 2.0) * (0.5 + random.random() / 2)
 
 
 class LeaseKeeper:
@@ -524,8 +632,12 @@ class LeaseKeeper:
     ``alloc`` is updated in place with what the API last said.
     """
 
-    def __init__(self, client: Client, alloc: Allocation,
-                 on_change: Callable[[Allocation], None] | None = None):
+    def __init__(
+        self,
+        client: Client,
+        alloc: Allocation,
+        on_change: Callable[[Allocation], None] | None = None,
+    ):
         self.client = client
         self.alloc = alloc
         self.on_change = on_change
@@ -534,7 +646,7 @@ class LeaseKeeper:
         self._reported = alloc.status
         self._threads: list[threading.Thread] = []
 
-    def start(self) -> "LeaseKeeper":
+    def start(self) -> LeaseKeeper:
         for target, name in ((self._renew, "lease-renewer"), (self._watch, "lease-watcher")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -574,12 +686,14 @@ class LeaseKeeper:
                 rec = self.client.renew(self.alloc.id)
             except (ConnectionFailed, ServerError) as exc:
                 if time.monotonic() >= ends:
-                    log.warning("could not renew %s before its lease ended (%s)",
-                                self.alloc.id, exc)
+                    log.warning(
+                        "could not renew %s before its lease ended (%s)", self.alloc.id, exc
+                    )
                     self._report({"status": "lost"})
                     return
-                log.warning("could not renew %s (%s); retrying until its lease ends",
-                            self.alloc.id, exc)
+                log.warning(
+                    "could not renew %s (%s); retrying until its lease ends", self.alloc.id, exc
+                )
                 due = min(time.monotonic() + min(interval, 5.0), ends)
                 continue
             except Conflict as exc:  # not live any more (preempting, expired, released)

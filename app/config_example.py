@@ -2,6 +2,7 @@
 
 ``gpu-orchestrator config example`` prints it; a test checks that the shipped file equals it.
 """
+
 from __future__ import annotations
 
 import yaml
@@ -59,8 +60,9 @@ def _scalar(opt: Opt) -> str:
     return text.removesuffix("\n...").removesuffix("...").strip()
 
 
-def _render(spec: dict, path: tuple[str, ...], indent: int, out: list[str],
-            seen: set[tuple[str, str]]) -> None:
+def _render(
+    spec: dict, path: tuple[str, ...], indent: int, out: list[str], seen: set[tuple[str, str]]
+) -> None:
     pad = "  " * indent
     for key, opt in spec.items():
         if isinstance(opt, dict):

@@ -16,6 +16,7 @@ Notes on rq-dashboard 0.9:
   role of this service uses. That setting is process-wide, which is fine: one process serves one
   deployment.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -50,7 +51,9 @@ def init_app(app: Any, settings: Settings, redis_url: str) -> bool:
 
         from app.auth import current_is_admin
         from app.errors import Forbidden
+
         path = request.path
         if (path == URL_PREFIX or path.startswith(URL_PREFIX + "/")) and not current_is_admin():
             raise Forbidden("rq-dashboard is open to admins only (auth.admins)")
+
     return True

@@ -26,12 +26,14 @@ Best effort by design: a failed pass is logged and retried (watch: ``RETRY_AFTER
 on the next kick); the scheduler also drains the outbox periodically (with crash recovery), so
 nothing is lost if this process dies between the engine's write and the dispatch.
 """
+
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger("gpu_orchestrator.dispatcher")
 
@@ -52,10 +54,16 @@ RETRY_AFTER = 1.0
 class OutboxDispatcher:
     """One background thread per process that turns outbox entries into RQ jobs."""
 
-    def __init__(self, rq_redis: Any, settings: Any,
-                 dispatch: Callable[[Any, Any], int] | None = None,
-                 min_interval: float = MIN_INTERVAL, *, watch: bool = False,
-                 idle_exit: float = IDLE_EXIT):
+    def __init__(
+        self,
+        rq_redis: Any,
+        settings: Any,
+        dispatch: Callable[[Any, Any], int] | None = None,
+        min_interval: float = MIN_INTERVAL,
+        *,
+        watch: bool = False,
+        idle_exit: float = IDLE_EXIT,
+    ):
         self.rq_redis = rq_redis
         self.min_interval = min_interval
         self.settings = settings
@@ -72,6 +80,7 @@ class OutboxDispatcher:
         self._retry_at = float("-inf")  # watch mode: no new watcher before (Redis failed)
         if watch:
             from app.keys import Keys
+
             self._outbox = Keys(settings.redis.prefix).webhook_outbox()
             self._block = min(WATCH_BLOCK, settings.redis.socket_timeout / 2)
 
@@ -93,8 +102,9 @@ class OutboxDispatcher:
     def _start(self, target: Callable[[], None]) -> None:
         with self._lock:
             if self._thread is None:
-                self._thread = threading.Thread(target=target, name="outbox-dispatcher",
-                                                daemon=True)
+                self._thread = threading.Thread(
+                    target=target, name="outbox-dispatcher", daemon=True
+                )
                 self._thread.start()
 
     def wait_idle(self, timeout: float = 5.0) -> bool:
@@ -116,6 +126,7 @@ class OutboxDispatcher:
     def _load_dispatch(self) -> None:
         if self._dispatch is None:
             from app.outbox import dispatch
+
             self._dispatch = dispatch
 
     def _pass(self) -> bool:
@@ -151,8 +162,9 @@ class OutboxDispatcher:
         last = float("-inf")
         while True:
             try:
-                entry = self.rq_redis.blmove(self._outbox, self._outbox, self._block,
-                                             "LEFT", "LEFT")
+                entry = self.rq_redis.blmove(
+                    self._outbox, self._outbox, self._block, "LEFT", "LEFT"
+                )
             except Exception as exc:  # noqa: BLE001 - Redis went away
                 # Stop; the next request that kicks (it got through to Redis) starts a new
                 # watcher, not before RETRY_AFTER. Requests failing meanwhile say it loudly

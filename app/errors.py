@@ -19,6 +19,7 @@ The API's app-wide handler turns any of them into
 ``{"error": {"code", "message", "details"}}`` with the status; the engine maps each Lua error
 code to one of these in one table.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -78,6 +79,7 @@ class QueueFull(OrchestratorError):
 
 class OwnerQueueFull(QueueFull):
     """The caller's own share of the queue is full; other owners can still queue."""
+
     code = "owner_queue_full"
 
 

@@ -4,6 +4,7 @@ Registered app-wide (not per blueprint), so routing 404/405, body limits (413), 
 (503) and unexpected exceptions all answer in the same shape; a client never sees HTML or a
 stack trace.
 """
+
 from __future__ import annotations
 
 import logging
@@ -19,19 +20,35 @@ log = logging.getLogger("gpu_orchestrator.api")
 
 #: Stable codes for HTTP errors raised by Flask/Werkzeug themselves.
 HTTP_CODES = {
-    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-    405: "method_not_allowed", 406: "not_acceptable", 409: "conflict",
-    411: "length_required", 413: "payload_too_large", 414: "uri_too_long",
-    415: "unsupported_media_type", 422: "validation_error", 429: "too_many_requests",
-    431: "headers_too_large", 500: "internal_error", 503: "unavailable",
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    411: "length_required",
+    413: "payload_too_large",
+    414: "uri_too_long",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "too_many_requests",
+    431: "headers_too_large",
+    500: "internal_error",
+    503: "unavailable",
 }
 
 #: Seconds a client should wait before retrying when Redis is unreachable.
 REDIS_RETRY_AFTER = 2
 
 
-def error_response(status: int, code: str, message: str, details: dict[str, Any] | None = None,
-                   headers: dict[str, str] | None = None) -> Response:
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    details: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
     body = json.dumps({"error": {"code": code, "message": message, "details": details or {}}})
     resp = Response(body, status=status, mimetype="application/json")
     for name, value in (headers or {}).items():
@@ -62,14 +79,19 @@ def handle_http(exc: HTTPException) -> Response:
     message = exc.description or exc.name
     if status == 413:
         message = "request body is larger than the configured limit"
-    return error_response(status, HTTP_CODES.get(status, f"http_{status}"), message, details,
-                          headers)
+    return error_response(
+        status, HTTP_CODES.get(status, f"http_{status}"), message, details, headers
+    )
 
 
 def handle_redis(exc: redis.RedisError) -> Response:
     log.warning("Redis unavailable: %s", exc.__class__.__name__)
-    return handle_domain(Unavailable("the state store (Redis) is unreachable; retry shortly",
-                                     details={"retry_after": REDIS_RETRY_AFTER}))
+    return handle_domain(
+        Unavailable(
+            "the state store (Redis) is unreachable; retry shortly",
+            details={"retry_after": REDIS_RETRY_AFTER},
+        )
+    )
 
 
 def handle_unexpected(exc: Exception) -> Response:

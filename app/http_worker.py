@@ -34,6 +34,7 @@ call, as its docstring asks). ``run()`` uses the attributes every gunicorn worke
 wake-up pipe ``PIPE``. tests/test_http_worker.py names each of them, so an upgrade that moves
 one fails loudly.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -82,21 +83,30 @@ def _error_body(code: str, message: str) -> bytes:
     return json.dumps({"error": {"code": code, "message": message, "details": {}}}).encode()
 
 
-_REASONS = {400: b"Bad Request", 408: b"Request Timeout", 413: b"Content Too Large",
-            431: b"Request Header Fields Too Large", 500: b"Internal Server Error"}
-_CODES = {400: ("bad_request", "malformed HTTP request"),
-          408: ("request_timeout", "the request did not arrive within server.header_timeout"),
-          413: ("payload_too_large", "request body is larger than the configured limit"),
-          431: ("headers_too_large", "request headers are larger than the server accepts"),
-          500: ("internal_error", "internal server error")}
+_REASONS = {
+    400: b"Bad Request",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+}
+_CODES = {
+    400: ("bad_request", "malformed HTTP request"),
+    408: ("request_timeout", "the request did not arrive within server.header_timeout"),
+    413: ("payload_too_large", "request body is larger than the configured limit"),
+    431: ("headers_too_large", "request headers are larger than the server accepts"),
+    500: ("internal_error", "internal server error"),
+}
 
 
 def _raw_error(status: int) -> bytes:
     """A complete ``Connection: close`` error response, written outside h11's state machine
     (h11 cannot answer a request whose head never finished arriving)."""
     body = _error_body(*_CODES[status])
-    return (b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-            b"Connection: close\r\n\r\n" % (status, _REASONS[status], len(body))) + body
+    return (
+        b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+        b"Connection: close\r\n\r\n" % (status, _REASONS[status], len(body))
+    ) + body
 
 
 class Board:
@@ -114,6 +124,7 @@ class Board:
 
     def __init__(self, slots: int):
         from multiprocessing.sharedctypes import RawArray
+
         self.counts = RawArray("i", [-1] * slots)
 
     def slot(self, age: int) -> int:
@@ -152,7 +163,7 @@ class BufferingWorker(Worker):
     board: Board | None = None
 
     @classmethod
-    def configured(cls, limits: Limits, workers: int = 1) -> type["BufferingWorker"]:
+    def configured(cls, limits: Limits, workers: int = 1) -> type[BufferingWorker]:
         """This class with ``limits`` and a connection board for ``workers`` built in (gunicorn
         constructs the workers itself); call it in the master, before gunicorn forks."""
         board = Board(8 * workers) if workers > 1 else None
@@ -192,7 +203,8 @@ class BufferingWorker(Worker):
             listener.setblocking(False)
             name = listener.getsockname()
             self.server_names[listener.fileno()] = (
-                (str(name[0]), str(name[1])) if isinstance(name, tuple) else (str(name), ""))
+                (str(name[0]), str(name[1])) if isinstance(name, tuple) else (str(name), "")
+            )
         self._publish()
         self._set_accepting(True)
         while self.alive:
@@ -202,7 +214,7 @@ class BufferingWorker(Worker):
                 break
             try:
                 await asyncio.wait_for(self._wake.wait(), 1.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._wake.clear()
         await self._drain()
@@ -267,8 +279,9 @@ class BufferingWorker(Worker):
             return
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                self.log.warning("accept failed (%s); pausing new connections for 1s",
-                                 os.strerror(exc.errno))
+                self.log.warning(
+                    "accept failed (%s); pausing new connections for 1s", os.strerror(exc.errno)
+                )
                 self._set_accepting(False)
                 self.loop.call_later(1.0, self._resume_accepting)
                 return
@@ -283,7 +296,7 @@ class BufferingWorker(Worker):
             self._set_accepting(False)
         self.loop.create_task(self._connect(conn, sock))
 
-    async def _connect(self, conn: "_Connection", sock: socket.socket) -> None:
+    async def _connect(self, conn: _Connection, sock: socket.socket) -> None:
         try:
             await self.loop.connect_accepted_socket(lambda: conn, sock)
         except OSError:
@@ -294,7 +307,7 @@ class BufferingWorker(Worker):
         if self.alive and len(self.conns) < MAX_CONNECTIONS:
             self._set_accepting(True)
 
-    def forget(self, conn: "_Connection") -> None:
+    def forget(self, conn: _Connection) -> None:
         self.conns.discard(conn)
         self._publish()
         if self.alive and not self._accepting and len(self.conns) < MAX_CONNECTIONS:
@@ -338,10 +351,10 @@ class _Connection(asyncio.Protocol):
         self.request: h11.Request | None = None
         self.body: list[bytes] = []
         self.body_size = 0
-        self.started = False   # a byte of the current request has arrived (or it is the first)
-        self.busy = False      # the app is running this connection's request
-        self.closing = False   # an answer with Connection: close was written
-        self.eof = False       # the client half-closed its side
+        self.started = False  # a byte of the current request has arrived (or it is the first)
+        self.busy = False  # the app is running this connection's request
+        self.closing = False  # an answer with Connection: close was written
+        self.eof = False  # the client half-closed its side
         self.write_paused = False  # asyncio's flow control: too much unsent
 
     # ---- asyncio.Protocol
@@ -402,8 +415,9 @@ class _Connection(asyncio.Protocol):
                     self._fail(413)
                     return
                 if self.h11.they_are_waiting_for_100_continue:
-                    self.transport.write(self.h11.send(h11.InformationalResponse(
-                        status_code=100, headers=[])))
+                    self.transport.write(
+                        self.h11.send(h11.InformationalResponse(status_code=100, headers=[]))
+                    )
             elif isinstance(event, h11.Data):
                 self.body_size += len(event.data)
                 if self.body_size > self.limits.max_body_bytes:  # chunked: counted as it comes
@@ -544,8 +558,12 @@ class _Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        if (self.transport is not None and not self.busy and not self.closing
-                and self.request is None):
+        if (
+            self.transport is not None
+            and not self.busy
+            and not self.closing
+            and self.request is None
+        ):
             self._read_next()
 
     def stop(self) -> None:

@@ -4,6 +4,7 @@ All keys share the prefix's hash tag (``{gpuo}`` by default), so every Lua scrip
 one Redis Cluster slot. Nothing outside this module formats a key by hand; Lua scripts receive
 the prefix (or full keys) from here. ``tests/test_keys.py`` pins every shape.
 """
+
 from __future__ import annotations
 
 

@@ -17,6 +17,7 @@ Race to know about: ``PR_SET_PDEATHSIG`` fires when the parent *thread* that for
 exits, not the parent process. ``up`` forks every child from its main thread, which lives as
 long as the supervisor does.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -26,7 +27,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
         prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
         if os.getppid() != parent:  # the supervisor died before prctl took effect
             os._exit(1)
+
     return preexec
 
 
@@ -95,6 +97,7 @@ def watch_parent(interval: float = 1.0) -> threading.Thread | None:
                 log.error("the supervisor (pid %d) is gone; stopping", expected)
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
+
     thread = threading.Thread(target=run, name="parent-watch", daemon=True)
     thread.start()
     return thread

@@ -9,6 +9,7 @@ text format escapes control characters in the message (a newline becomes a backs
 ``n``) and indents a traceback under its record, so in a text log only a record starts
 at column 0. The JSON format is safe by construction (``json.dumps`` escapes them).
 """
+
 from __future__ import annotations
 
 import contextvars
@@ -87,8 +88,7 @@ class TextFormatter(logging.Formatter):
 
     @staticmethod
     def _indented(text: str) -> str:
-        return textwrap.indent(_CONTROLS_BUT_NEWLINE.sub(_escape, text), "  ",
-                               lambda line: True)
+        return textwrap.indent(_CONTROLS_BUT_NEWLINE.sub(_escape, text), "  ", lambda line: True)
 
 
 def setup(fmt: str = "text", level: str = "INFO", stream=None) -> None:

@@ -31,15 +31,17 @@ with the current record (as if its time were up), so a thread is free again for 
 client. Clients ask again: :mod:`app.client` pauses briefly when a wait comes back early with
 nothing changed, so this never turns into a busy loop.
 """
+
 from __future__ import annotations
 
 import collections
 import logging
 import signal
 import threading
-import weakref
 import time
-from typing import Any, Callable
+import weakref
+from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger("gpu_orchestrator.longpoll")
 
@@ -98,8 +100,9 @@ class ChangeListener:
             run = self._run
             if run is None:
                 run = self._run = _Run()
-                threading.Thread(target=self._listen, args=(run,), name="longpoll-listener",
-                                 daemon=True).start()
+                threading.Thread(
+                    target=self._listen, args=(run,), name="longpoll-listener", daemon=True
+                ).start()
         if not run.ready.wait(timeout) or run.failed:
             self.unwatch(w)
             return None
@@ -174,7 +177,7 @@ class ChangeListener:
 
 
 #: Every Holds of this process, for answer_held_on_stop.
-_ALL_HOLDS: "weakref.WeakSet[Holds]" = weakref.WeakSet()
+_ALL_HOLDS: weakref.WeakSet[Holds] = weakref.WeakSet()
 
 
 class Holds:
@@ -224,12 +227,14 @@ class Holds:
 
     def wrap(self, wsgi_app: Callable) -> Callable:
         """A WSGI app that counts the requests running in this process."""
+
         def counted(environ, start_response):
             self.enter()
             try:
                 return wsgi_app(environ, start_response)
             finally:
                 self.exit()
+
         return counted
 
 
@@ -240,8 +245,9 @@ class LongPoll:
         self.listener = listener
         self.holds = holds
 
-    def read(self, request_id: str, read: Callable[[], dict], waits: frozenset,
-             timeout: float) -> dict:
+    def read(
+        self, request_id: str, read: Callable[[], dict], waits: frozenset, timeout: float
+    ) -> dict:
         """``read()``'s record, once its status is not the one it had (or is not in ``waits``),
         or when ``timeout`` seconds passed, or when this call had to let its thread go."""
         rec = read()
@@ -251,8 +257,11 @@ class LongPoll:
         deadline = time.monotonic() + timeout
         w = self.listener.watch(request_id)
         if w is None:
-            log.warning("long-poll of %s answered at once: no subscription within %.0fs",
-                        request_id, SUBSCRIBE_TIMEOUT)
+            log.warning(
+                "long-poll of %s answered at once: no subscription within %.0fs",
+                request_id,
+                SUBSCRIBE_TIMEOUT,
+            )
             return read()  # answer now, with what is true now
         try:
             if not self.holds.hold(w):
@@ -285,6 +294,7 @@ def answer_held_on_stop(signals=(signal.SIGTERM, signal.SIGINT, signal.SIGQUIT))
                 holds.stop()
             if callable(previous):
                 previous(num, frame)
+
         signal.signal(signum, handler)
 
 
@@ -310,6 +320,8 @@ def wait_seconds(raw: str | None) -> float:
     except ValueError:
         value = float("nan")
     if not 0 <= value <= MAX_WAIT:  # NaN fails too
-        raise ValidationFailed(f"wait: seconds from 0 to {MAX_WAIT:g}",
-                               details={"wait": [f"must be a number from 0 to {MAX_WAIT:g}"]})
+        raise ValidationFailed(
+            f"wait: seconds from 0 to {MAX_WAIT:g}",
+            details={"wait": [f"must be a number from 0 to {MAX_WAIT:g}"]},
+        )
     return value

@@ -15,18 +15,19 @@ reaches the output, because the scrape must build a fresh registry holding only
 ``MultiProcessCollector``. Our view builds that registry itself and adds :class:`RedisCollector`
 to it on every scrape.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import os
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from flask import Flask, Response, g, request
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
-                                    HistogramMetricFamily)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from app.errors import NotFound
@@ -39,8 +40,9 @@ HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 UNMATCHED = "<unmatched>"
 #: Method labels: the standard methods (RFC 9110 and PATCH); anything else a client invents
 #: is counted as ``other``, so random methods cannot add series.
-METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
-                     "PATCH"))
+METHODS = frozenset(
+    ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+)
 OTHER = "other"
 #: Appended to the route label of a long-poll (``?wait=``): its duration is mostly the wait the
 #: client asked for, and would drown the route's real latency.
@@ -49,6 +51,7 @@ LONG_POLL_SUFFIX = "?wait"
 
 def method_label(method: str) -> str:
     return method if method in METHODS else OTHER
+
 
 #: Per-GPU gauges: metric name -> (GPU field, help).
 GPU_GAUGES = {
@@ -72,11 +75,18 @@ class HttpMetrics:
         # prometheus_client picks file-backed values when it is first imported with
         # PROMETHEUS_MULTIPROC_DIR set: app.serve sets it before anything imports this module.
         self.requests = Counter(
-            "gpu_orchestrator_http_requests_total", "HTTP requests served",
-            ("method", "route", "status"), registry=registry)
+            "gpu_orchestrator_http_requests_total",
+            "HTTP requests served",
+            ("method", "route", "status"),
+            registry=registry,
+        )
         self.duration = Histogram(
-            "gpu_orchestrator_http_request_duration_seconds", "HTTP request duration",
-            ("method", "route", "status"), buckets=HTTP_BUCKETS, registry=registry)
+            "gpu_orchestrator_http_request_duration_seconds",
+            "HTTP request duration",
+            ("method", "route", "status"),
+            buckets=HTTP_BUCKETS,
+            registry=registry,
+        )
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         labels = (method, route, str(status))
@@ -96,6 +106,7 @@ class RedisCollector:
 
     def collect(self) -> Iterable[Any]:
         import redis
+
         try:
             counts = self.engine.counts(nodes=True)
             snapshot_gpus = self.engine.snapshot(requests=False)["gpus"]
@@ -105,19 +116,35 @@ class RedisCollector:
             yield _gauge("gpu_orchestrator_redis_up", "1 when Redis answered this scrape", 0)
             return
         yield _gauge("gpu_orchestrator_redis_up", "1 when Redis answered this scrape", 1)
-        yield _gauge("gpu_orchestrator_allocations_active", "live allocations",
-                     counts.get("allocations_active", 0))
-        yield _gauge("gpu_allocator_gpus_allocated_total", "GPUs held by live allocations",
-                     counts.get("gpus_allocated", 0))
-        yield _gauge("gpu_orchestrator_queue_depth", "requests waiting in the queue",
-                     counts.get("queue_depth", 0))
-        yield _gauge("gpu_orchestrator_gpus_total", "GPUs known to the fleet",
-                     counts.get("gpus_total", 0))
-        yield _gauge("gpu_orchestrator_gpus_available", "GPUs free and schedulable",
-                     counts.get("gpus_available", 0))
-        nodes = GaugeMetricFamily("gpu_orchestrator_nodes",
-                                  "nodes known to the fleet, by state (silent: no heartbeat "
-                                  "within scheduler.node_heartbeat_timeout)", labels=("state",))
+        yield _gauge(
+            "gpu_orchestrator_allocations_active",
+            "live allocations",
+            counts.get("allocations_active", 0),
+        )
+        yield _gauge(
+            "gpu_allocator_gpus_allocated_total",
+            "GPUs held by live allocations",
+            counts.get("gpus_allocated", 0),
+        )
+        yield _gauge(
+            "gpu_orchestrator_queue_depth",
+            "requests waiting in the queue",
+            counts.get("queue_depth", 0),
+        )
+        yield _gauge(
+            "gpu_orchestrator_gpus_total", "GPUs known to the fleet", counts.get("gpus_total", 0)
+        )
+        yield _gauge(
+            "gpu_orchestrator_gpus_available",
+            "GPUs free and schedulable",
+            counts.get("gpus_available", 0),
+        )
+        nodes = GaugeMetricFamily(
+            "gpu_orchestrator_nodes",
+            "nodes known to the fleet, by state (silent: no heartbeat "
+            "within scheduler.node_heartbeat_timeout)",
+            labels=("state",),
+        )
         alive = counts.get("nodes_alive", 0)
         nodes.add_metric(["alive"], float(alive))
         nodes.add_metric(["silent"], float(counts.get("nodes_total", 0) - alive))
@@ -140,14 +167,21 @@ def _gpu_gauges(gpus: list[dict[str, Any]]) -> Iterable[Any]:
             value = gpu.get(field)
             if value is None or value == "":
                 continue
-            fam.add_metric([str(gpu.get("node", "")), str(gpu.get("index", "")),
-                            str(gpu.get("uuid") or ""), str(gpu.get("name") or "")],
-                           float(value))
+            fam.add_metric(
+                [
+                    str(gpu.get("node", "")),
+                    str(gpu.get("index", "")),
+                    str(gpu.get("uuid") or ""),
+                    str(gpu.get("name") or ""),
+                ],
+                float(value),
+            )
         yield fam
 
 
-def service_series(allocations: dict[str, dict[str, int]],
-                   max_labels: int) -> dict[str, dict[str, int]]:
+def service_series(
+    allocations: dict[str, dict[str, int]], max_labels: int
+) -> dict[str, dict[str, int]]:
     """At most ``max_labels`` services keep their own label; the rest are summed as ``other``.
     The scripts already fold new services into ``other`` past the limit; this also bounds a
     stats hash written before the limit existed (or under a larger one)."""
@@ -165,16 +199,20 @@ def service_series(allocations: dict[str, dict[str, int]],
 
 def stats_families(stats: dict[str, Any], max_service_labels: int = 100) -> Iterable[Any]:
     """Counters and the queue-wait histogram from the engine's cluster-wide stats."""
-    alloc = CounterMetricFamily("gpu_orchestrator_allocations_total",
-                                "requests by service and outcome", labels=("service", "status"))
+    alloc = CounterMetricFamily(
+        "gpu_orchestrator_allocations_total",
+        "requests by service and outcome",
+        labels=("service", "status"),
+    )
     series = service_series(stats.get("allocations", {}), max_service_labels)
     for service, by_status in sorted(series.items()):
         for status, value in sorted(by_status.items()):
             alloc.add_metric([service, status], float(value))
     yield alloc
 
-    sched = CounterMetricFamily("gpu_scheduler_scheduled_total",
-                                "scheduling outcomes", labels=("status",))
+    sched = CounterMetricFamily(
+        "gpu_scheduler_scheduled_total", "scheduling outcomes", labels=("status",)
+    )
     for status, value in sorted(stats.get("scheduler", {}).items()):
         sched.add_metric([status], float(value))
     yield sched
@@ -182,14 +220,15 @@ def stats_families(stats: dict[str, Any], max_service_labels: int = 100) -> Iter
     wait = stats.get("wait") or {}
     buckets = wait.get("buckets") or []
     if buckets:
-        hist = HistogramMetricFamily("gpu_scheduler_queue_wait_seconds",
-                                     "time from queueing to grant, seconds")
-        hist.add_metric([], [(_le(le), float(c)) for le, c in buckets],
-                        float(wait.get("sum", 0)))
+        hist = HistogramMetricFamily(
+            "gpu_scheduler_queue_wait_seconds", "time from queueing to grant, seconds"
+        )
+        hist.add_metric([], [(_le(le), float(c)) for le, c in buckets], float(wait.get("sum", 0)))
         yield hist
 
-    hooks = CounterMetricFamily("gpu_orchestrator_webhooks_total",
-                                "webhook deliveries by result", labels=("result",))
+    hooks = CounterMetricFamily(
+        "gpu_orchestrator_webhooks_total", "webhook deliveries by result", labels=("result",)
+    )
     for result, value in sorted(stats.get("webhooks", {}).items()):
         hooks.add_metric([result], float(value))
     yield hooks
@@ -217,8 +256,10 @@ def init_app(app: Flask, engine: Any) -> None:
     With ``monitoring.metrics_enabled: false`` nothing is counted and ``/metrics`` is a 404.
     """
     if not engine.settings.monitoring.metrics_enabled:
+
         def disabled():
             raise NotFound("metrics are disabled (monitoring.metrics_enabled: false)")
+
         app.extensions["gpu_metrics_view"] = disabled
         return
     mp_dir = multiprocess_dir()
@@ -241,18 +282,24 @@ def init_app(app: Flask, engine: Any) -> None:
             route = rule.rule if rule is not None else UNMATCHED
             if request.args.get("wait") not in (None, "", "0") and rule is not None:
                 route += LONG_POLL_SUFFIX  # held on purpose: kept out of the route's latency
-            http.observe(method_label(request.method), route,
-                         response.status_code, time.perf_counter() - start)
+            http.observe(
+                method_label(request.method),
+                route,
+                response.status_code,
+                time.perf_counter() - start,
+            )
         return response
 
     def metrics_view():
         if mp_dir:
             from prometheus_client import multiprocess
+
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry, path=mp_dir)
             source = _Combined(registry, redis_collector)
         else:
             from prometheus_client import REGISTRY
+
             # The global registry carries metrics other modules define (e.g. the workload
             # analyser's decisions) plus process metrics.
             source = _Combined(local, REGISTRY, redis_collector)

@@ -20,13 +20,15 @@ make the retry harmless: an existing job is never enqueued twice. The only windo
 is a dispatcher that stalls for longer than the claim TTL between its check and its EXEC;
 receivers can dedupe on ``event_id`` even then.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import math
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from rq import Retry
 from rq.job import Job
@@ -67,8 +69,13 @@ def _text(raw: Any) -> str:
     return raw.decode() if isinstance(raw, bytes) else raw
 
 
-def dispatch(rq_redis: Any, settings: Settings, *, recover_after: float | None = None,
-             clock: Callable[[], float] = time.time) -> int:
+def dispatch(
+    rq_redis: Any,
+    settings: Settings,
+    *,
+    recover_after: float | None = None,
+    clock: Callable[[], float] = time.time,
+) -> int:
     """Enqueue a delivery job for every pending outbox entry; returns how many were enqueued.
 
     ``rq_redis`` is a raw-bytes connection (RQ needs ``decode=False``). With ``recover_after``
@@ -123,10 +130,17 @@ def _handle(rq_redis, keys: Keys, q, raw, entry, retry, timeout) -> int:
     # together or not at all.
     with rq_redis.pipeline(transaction=True) as pipe:
         if not exists:
-            q.enqueue("workers.webhooks.deliver", entry, job_id=job_id, retry=retry,
-                      job_timeout=timeout, result_ttl=RESULT_TTL, failure_ttl=FAILURE_TTL,
-                      description=f"webhook {entry.get('event', '?')} {entry['request_id']}",
-                      pipeline=pipe)
+            q.enqueue(
+                "workers.webhooks.deliver",
+                entry,
+                job_id=job_id,
+                retry=retry,
+                job_timeout=timeout,
+                result_ttl=RESULT_TTL,
+                failure_ttl=FAILURE_TTL,
+                description=f"webhook {entry.get('event', '?')} {entry['request_id']}",
+                pipeline=pipe,
+            )
         pipe.lrem(processing, 1, raw)
         pipe.delete(claim)
         pipe.execute()

@@ -3,6 +3,7 @@
 Queue names come from :meth:`app.keys.Keys.rq_queue`, so two deployments that share one Redis
 under different prefixes never see each other's jobs.
 """
+
 from __future__ import annotations
 
 from typing import Any

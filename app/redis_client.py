@@ -1,4 +1,5 @@
 """Redis connections built from settings, one way for every process."""
+
 from __future__ import annotations
 
 import re
@@ -24,26 +25,46 @@ def connect(url: str, settings: Settings | None = None, *, decode: bool = True) 
     # redis-py's stock pool: it checks each pooled connection before use (a connection Redis
     # closed is replaced, not failed) and keeps its own bookkeeping; see docs/reliability.md.
     pool = redis.ConnectionPool.from_url(
-        url, decode_responses=decode, socket_timeout=timeout, socket_connect_timeout=timeout,
-        max_connections=max_conn, health_check_interval=30, retry_on_timeout=False)
+        url,
+        decode_responses=decode,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        max_connections=max_conn,
+        health_check_interval=30,
+        retry_on_timeout=False,
+    )
     client = redis.Redis(connection_pool=pool)
     client.auto_close_connection_pool = True  # as Redis.from_url: close() closes the pool
     return client
 
 
-def _sentinel_client(target: SentinelTarget, decode: bool, timeout: float,
-                     max_conn: int) -> redis.Redis:
+def _sentinel_client(
+    target: SentinelTarget, decode: bool, timeout: float, max_conn: int
+) -> redis.Redis:
     """A client of the primary that ``target``'s sentinels name (redis-py's documented
     ``Sentinel`` and ``SentinelConnectionPool``): its connections re-resolve the primary when
     they connect."""
     password = target.password or None
-    manager = Sentinel(list(target.sentinels),
-                       sentinel_kwargs={"password": password, "socket_timeout": timeout,
-                                        "socket_connect_timeout": timeout})
+    manager = Sentinel(
+        list(target.sentinels),
+        sentinel_kwargs={
+            "password": password,
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+        },
+    )
     pool = SentinelConnectionPool(
-        target.master_name, manager, password=password, db=target.db, decode_responses=decode,
-        socket_timeout=timeout, socket_connect_timeout=timeout, max_connections=max_conn,
-        health_check_interval=30, retry_on_timeout=False)
+        target.master_name,
+        manager,
+        password=password,
+        db=target.db,
+        decode_responses=decode,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        max_connections=max_conn,
+        health_check_interval=30,
+        retry_on_timeout=False,
+    )
     client = redis.Redis(connection_pool=pool)
     client.auto_close_connection_pool = True
     return client
@@ -79,5 +100,7 @@ def version_problem(client: redis.Redis) -> str | None:
     need = MIN_VALKEY if name == "valkey" else MIN_REDIS
     if _version(str(number)) >= need:
         return None
-    return (f"the Redis server is {found}; gpu-orchestrator needs {NEEDED} "
-            "(its engine is a Redis Functions library)")
+    return (
+        f"the Redis server is {found}; gpu-orchestrator needs {NEEDED} "
+        "(its engine is a Redis Functions library)"
+    )

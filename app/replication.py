@@ -8,9 +8,11 @@ write stands on the primary but may not survive a failover, and the caller gets 
 ``Idempotency-Key`` makes the retry safe). Costs: the replication round trip per write (see
 docs/reliability.md for the figure).
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from redis.exceptions import NoScriptError
 
@@ -23,8 +25,14 @@ class NotAcknowledged(Unavailable):
     code = "not_replicated"
 
 
-def write_acked(client: Any, command: Sequence[Any], replicas: int, timeout: float, *,
-                reload: Callable[[], Any] | None = None) -> Any:
+def write_acked(
+    client: Any,
+    command: Sequence[Any],
+    replicas: int,
+    timeout: float,
+    *,
+    reload: Callable[[], Any] | None = None,
+) -> Any:
     """Run one write ``command`` then ``WAIT replicas timeout`` on one connection; its reply.
 
     ``reload`` is called once on NOSCRIPT (an EVALSHA after a restart or a failover to a
@@ -46,6 +54,7 @@ def write_acked(client: Any, command: Sequence[Any], replicas: int, timeout: flo
                 f"the write was confirmed by {int(acked)} of {replicas} replica(s) within "
                 f"{timeout:g}s (redis.min_replicas_ack); it may not survive a failover: retry "
                 "with the same Idempotency-Key",
-                details={"acknowledged": int(acked), "required": replicas})
+                details={"acknowledged": int(acked), "required": replicas},
+            )
         return reply
     raise AssertionError("unreachable")

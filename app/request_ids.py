@@ -3,6 +3,7 @@
 The id is also put in :data:`app.logs.request_id_var`, so every log line written while serving
 the request carries it.
 """
+
 from __future__ import annotations
 
 import itertools

@@ -24,6 +24,7 @@ unreachable, released by an admin: SIGTERM too, the GPUs are no longer ours). Si
 blocked in every thread while COMMAND runs, so only the main thread's ``sigtimedwait`` sees
 them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,9 +44,9 @@ from app.timefmt import parse_duration
 
 PROG = "gpu-orchestrator run"
 EXIT_USAGE = 2
-EXIT_UNAVAILABLE = 69     # sysexits EX_UNAVAILABLE: the API cannot be reached
-EXIT_TEMPFAIL = 75        # sysexits EX_TEMPFAIL: --wait ran out, queue full, API down
-EXIT_NOPERM = 77          # sysexits EX_NOPERM: the key was refused
+EXIT_UNAVAILABLE = 69  # sysexits EX_UNAVAILABLE: the API cannot be reached
+EXIT_TEMPFAIL = 75  # sysexits EX_TEMPFAIL: --wait ran out, queue full, API down
+EXIT_NOPERM = 77  # sysexits EX_NOPERM: the key was refused
 EXIT_CANNOT_EXEC = 126
 EXIT_NOT_FOUND = 127
 #: Signals forwarded to COMMAND while it runs.
@@ -76,34 +77,70 @@ class Interrupted(Exception):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Run COMMAND on GPUs from gpu-orchestrator: allocate "
-                "(waiting in the queue if needed), set CUDA_VISIBLE_DEVICES, keep the lease "
-                "while it runs, release when it exits. The API key comes from "
-                f"${api.API_KEY_ENV} only (never a flag, so it stays out of ps).",
-                usage=f"{PROG} [options] -- COMMAND [ARGS...]")
-    p.add_argument("--url", help=f"API base URL (default: ${api.URL_ENV}, else "
-                                 f"{api.DEFAULT_URL})")
+    p = _Parser(
+        prog=PROG,
+        description="Run COMMAND on GPUs from gpu-orchestrator: allocate "
+        "(waiting in the queue if needed), set CUDA_VISIBLE_DEVICES, keep the lease "
+        "while it runs, release when it exits. The API key comes from "
+        f"${api.API_KEY_ENV} only (never a flag, so it stays out of ps).",
+        usage=f"{PROG} [options] -- COMMAND [ARGS...]",
+    )
+    p.add_argument("--url", help=f"API base URL (default: ${api.URL_ENV}, else {api.DEFAULT_URL})")
     p.add_argument("--service", metavar="NAME", help="service name (default: COMMAND's name)")
-    p.add_argument("--type", metavar="TYPE", default="generic", dest="workload_type",
-                   help="workload type (training, inference, ...; default generic)")
+    p.add_argument(
+        "--type",
+        metavar="TYPE",
+        default="generic",
+        dest="workload_type",
+        help="workload type (training, inference, ...; default generic)",
+    )
     p.add_argument("--gpus", metavar="N", type=_positive_int, help="GPUs, all on one node")
-    p.add_argument("--memory", metavar="MB", type=_nonneg_int,
-                   help="memory each GPU must have free, MB")
+    p.add_argument(
+        "--memory", metavar="MB", type=_nonneg_int, help="memory each GPU must have free, MB"
+    )
     p.add_argument("--gpu-model", metavar="GLOB", help='GPU name glob, e.g. "*H100*"')
-    p.add_argument("--node", metavar="NAME", action="extend", nargs="+", dest="nodes",
-                   help="node(s) the allocation may use (repeat or list several)")
+    p.add_argument(
+        "--node",
+        metavar="NAME",
+        action="extend",
+        nargs="+",
+        dest="nodes",
+        help="node(s) the allocation may use (repeat or list several)",
+    )
     p.add_argument("--priority", metavar="P", type=_priority, help="1-10, higher first")
-    p.add_argument("--ttl", metavar="DURATION", type=_duration,
-                   help="lease length, e.g. 10m (renewed every third of it while COMMAND runs)")
-    p.add_argument("--data", metavar="KEY=VALUE", action="extend", nargs="+", default=[],
-                   type=_pair, help="workload_data entries (VALUE as JSON when it parses)")
-    p.add_argument("--wait", metavar="DURATION", type=_duration,
-                   help="longest time to wait in the queue (default: no limit); then the "
-                        f"request is cancelled and run exits {EXIT_TEMPFAIL}")
-    p.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-                   default="WARNING", help="what run itself says on stderr (default WARNING)")
-    p.add_argument("--config", metavar="PATH", help="accepted like every command's; run reads "
-                                                    "no config file (it only talks to the API)")
+    p.add_argument(
+        "--ttl",
+        metavar="DURATION",
+        type=_duration,
+        help="lease length, e.g. 10m (renewed every third of it while COMMAND runs)",
+    )
+    p.add_argument(
+        "--data",
+        metavar="KEY=VALUE",
+        action="extend",
+        nargs="+",
+        default=[],
+        type=_pair,
+        help="workload_data entries (VALUE as JSON when it parses)",
+    )
+    p.add_argument(
+        "--wait",
+        metavar="DURATION",
+        type=_duration,
+        help="longest time to wait in the queue (default: no limit); then the "
+        f"request is cancelled and run exits {EXIT_TEMPFAIL}",
+    )
+    p.add_argument(
+        "--log-level",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        default="WARNING",
+        help="what run itself says on stderr (default WARNING)",
+    )
+    p.add_argument(
+        "--config",
+        metavar="PATH",
+        help="accepted like every command's; run reads no config file (it only talks to the API)",
+    )
     p.add_argument("--log-format", choices=("text", "json"), help=argparse.SUPPRESS)
     p.add_argument("command", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return p
@@ -166,6 +203,7 @@ def service_name(command: list[str]) -> str:
 
 # --------------------------------------------------------------------------- main
 
+
 def main(argv: list[str]) -> int:
     try:
         args = parser().parse_args(argv)
@@ -217,9 +255,17 @@ class Run:
     def _allocate(self) -> api.Allocation:
         a = self.args
         return self.client.allocate(
-            a.service or service_name(self.command), a.workload_type, dict(a.data),
-            required_gpus=a.gpus, min_memory_mb=a.memory, gpu_model=a.gpu_model,
-            nodes=a.nodes, priority=a.priority, ttl=a.ttl, idempotency_key=self.key)
+            a.service or service_name(self.command),
+            a.workload_type,
+            dict(a.data),
+            required_gpus=a.gpus,
+            min_memory_mb=a.memory,
+            gpu_model=a.gpu_model,
+            nodes=a.nodes,
+            priority=a.priority,
+            ttl=a.ttl,
+            idempotency_key=self.key,
+        )
 
     def run(self) -> int:
         previous = {s: signal.signal(s, self._interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -229,18 +275,25 @@ class Run:
             if alloc.status == "queued":
                 self._progress(alloc)
                 alloc = self.client.wait(alloc.id, self.args.wait, on_update=self._progress)
-                print(f"allocated: {alloc.id} on {alloc.node}, GPUs "
-                      f"{alloc.cuda_visible_devices}", file=sys.stderr, flush=True)
+                print(
+                    f"allocated: {alloc.id} on {alloc.node}, GPUs {alloc.cuda_visible_devices}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         except Interrupted as exc:
             self._quietly_withdraw()
             return 128 + exc.signum
         except api.WaitTimeout:
             self._quietly_withdraw()
-            return _fail(f"still queued after {self.args.wait:g}s; request "
-                         f"{self.request_id} cancelled", EXIT_TEMPFAIL)
+            return _fail(
+                f"still queued after {self.args.wait:g}s; request {self.request_id} cancelled",
+                EXIT_TEMPFAIL,
+            )
         except api.NotGranted as exc:
-            return _fail(f"request {exc.allocation.id} ended without GPUs: "
-                         f"{exc.allocation.status}", EXIT_TEMPFAIL)
+            return _fail(
+                f"request {exc.allocation.id} ended without GPUs: {exc.allocation.status}",
+                EXIT_TEMPFAIL,
+            )
         except api.ClientError as exc:
             if self.request_id:
                 self._quietly_withdraw()
@@ -281,13 +334,18 @@ class Run:
 
     # ------------------------------------------------------------------ COMMAND
     def _run_command(self, alloc: api.Allocation) -> int:
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=alloc.cuda_visible_devices,
-                   GPU_ORCH_ALLOCATION_ID=alloc.id, GPU_ORCH_NODE=alloc.node or "",
-                   GPU_ORCH_GPU_UUIDS=",".join(alloc.gpu_uuids))
+        env = dict(
+            os.environ,
+            CUDA_VISIBLE_DEVICES=alloc.cuda_visible_devices,
+            GPU_ORCH_ALLOCATION_ID=alloc.id,
+            GPU_ORCH_NODE=alloc.node or "",
+            GPU_ORCH_GPU_UUIDS=",".join(alloc.gpu_uuids),
+        )
         mask = set(FORWARD) | {signal.SIGCHLD}
         early: list[int] = []  # signals between the start of COMMAND and blocking them
-        previous = {s: signal.signal(s, lambda signum, frame: early.append(signum))
-                    for s in FORWARD}
+        previous = {
+            s: signal.signal(s, lambda signum, frame: early.append(signum)) for s in FORWARD
+        }
         try:
             self.child = subprocess.Popen(self.command, env=env)
         except OSError as exc:
@@ -329,11 +387,17 @@ class Run:
         status = alloc.status
         if status == "preempting":
             when = alloc.data.get("preempt_at")
-            log.warning("allocation %s is being preempted%s: sending SIGTERM to COMMAND",
-                        alloc.id, f" (GPUs taken back at {_clock(when)})" if when else "")
+            log.warning(
+                "allocation %s is being preempted%s: sending SIGTERM to COMMAND",
+                alloc.id,
+                f" (GPUs taken back at {_clock(when)})" if when else "",
+            )
         elif status in _GONE:
-            log.warning("allocation %s is %s: its GPUs are no longer held; sending SIGTERM "
-                        "to COMMAND", alloc.id, status)
+            log.warning(
+                "allocation %s is %s: its GPUs are no longer held; sending SIGTERM to COMMAND",
+                alloc.id,
+                status,
+            )
         else:
             return
         if self.child is not None:
@@ -345,8 +409,12 @@ class Run:
         except api.NotFound:
             pass  # already ended (expired, released by an admin)
         except api.ClientError as exc:
-            log.warning("could not release %s (%s); its lease runs out at %s", alloc.id, exc,
-                        alloc.data.get("expires_at"))
+            log.warning(
+                "could not release %s (%s); its lease runs out at %s",
+                alloc.id,
+                exc,
+                alloc.data.get("expires_at"),
+            )
 
 
 def _signal(child: subprocess.Popen, signum: int) -> None:

@@ -5,6 +5,7 @@ Request schemas validate (``load``) and name every bad field; response schemas o
 schemas use ``unknown = EXCLUDE`` so the spec allows fields added later without a breaking
 change; request schemas reject unknown fields so a typo is a 422, not a silently ignored option.
 """
+
 from __future__ import annotations
 
 import re
@@ -67,10 +68,10 @@ def _check_workload_data(value):
         raise ma.ValidationError(f"more than {MAX_WORKLOAD_ITEMS} entries")
 
 
-_SERVICE_NAME = validate.Regexp(SERVICE_NAME_RE, error="must be 1-128 characters of "
-                                                     "[A-Za-z0-9._-]")
-_WEBHOOK_URL = validate.URL(schemes={"http", "https"}, require_tld=False,
-                            error="must be an http:// or https:// URL")
+_SERVICE_NAME = validate.Regexp(SERVICE_NAME_RE, error="must be 1-128 characters of [A-Za-z0-9._-]")
+_WEBHOOK_URL = validate.URL(
+    schemes={"http", "https"}, require_tld=False, error="must be an http:// or https:// URL"
+)
 
 
 class _RequestSchema(ma.Schema):
@@ -83,16 +84,25 @@ class WorkloadFields(_RequestSchema):
 
     workload_type = StrictStr(
         load_default="generic",
-        validate=validate.OneOf(WORKLOAD_TYPES,
-                                error="must be one of: " + ", ".join(WORKLOAD_TYPES)),
-        metadata={"description": "Kind of work; decides the rules that size the request.",
-                  "enum": list(WORKLOAD_TYPES)})
+        validate=validate.OneOf(
+            WORKLOAD_TYPES, error="must be one of: " + ", ".join(WORKLOAD_TYPES)
+        ),
+        metadata={
+            "description": "Kind of work; decides the rules that size the request.",
+            "enum": list(WORKLOAD_TYPES),
+        },
+    )
     workload_data = fields.Dict(
-        keys=fields.String(), load_default=dict, validate=_check_workload_data,
-        metadata={"description": "Hints such as model_size, model_name, batch_size, "
-                                 "concurrent_requests, or explicit required_gpus, "
-                                 "min_memory_mb, priority overrides. Nesting is limited to "
-                                 f"{MAX_WORKLOAD_DEPTH} levels."})
+        keys=fields.String(),
+        load_default=dict,
+        validate=_check_workload_data,
+        metadata={
+            "description": "Hints such as model_size, model_name, batch_size, "
+            "concurrent_requests, or explicit required_gpus, "
+            "min_memory_mb, priority overrides. Nesting is limited to "
+            f"{MAX_WORKLOAD_DEPTH} levels."
+        },
+    )
 
 
 #: Node names as the monitor reports them: printable ASCII without '|' or '%'.
@@ -105,21 +115,32 @@ class PlacementFields(WorkloadFields):
 
     required_gpus = StrictInt(
         validate=validate.Range(1, 4096),
-        metadata={"description": "GPUs, all on one node (1 to the largest node's count: more is "
-                                 "422 unsatisfiable); overrides the analysis."})
+        metadata={
+            "description": "GPUs, all on one node (1 to the largest node's count: more is "
+            "422 unsatisfiable); overrides the analysis."
+        },
+    )
     min_memory_mb = StrictInt(
         validate=validate.Range(0, 10**9),
-        metadata={"description": "Memory each GPU must have free, MB; overrides the analysis."})
+        metadata={"description": "Memory each GPU must have free, MB; overrides the analysis."},
+    )
     gpu_model = StrictStr(
         validate=validate.Length(1, 128),
-        metadata={"description": "Case-insensitive shell glob on the GPU name, e.g. \"*H100*\" "
-                                 "(*, ?, [abc], [!abc]; at most 3 '*'). No GPU in the fleet "
-                                 "matches: 422 unsatisfiable.", "example": "*H100*"})
+        metadata={
+            "description": 'Case-insensitive shell glob on the GPU name, e.g. "*H100*" '
+            "(*, ?, [abc], [!abc]; at most 3 '*'). No GPU in the fleet "
+            "matches: 422 unsatisfiable.",
+            "example": "*H100*",
+        },
+    )
     nodes = fields.List(
         StrictStr(validate=validate.Regexp(NODE_NAME_RE, error="not a node name")),
         validate=validate.Length(1, 64),
-        metadata={"description": "Node names the allocation may use (any of them); none known: "
-                                 "422 unsatisfiable."})
+        metadata={
+            "description": "Node names the allocation may use (any of them); none known: "
+            "422 unsatisfiable."
+        },
+    )
 
 
 class WorkloadRequestSchema(PlacementFields):
@@ -127,7 +148,8 @@ class WorkloadRequestSchema(PlacementFields):
 
     service_name = StrictStr(
         validate=_SERVICE_NAME,
-        metadata={"description": "Accepted for symmetry with /gpu/allocate; not used."})
+        metadata={"description": "Accepted for symmetry with /gpu/allocate; not used."},
+    )
 
 
 class AllocateRequestSchema(PlacementFields):
@@ -136,50 +158,76 @@ class AllocateRequestSchema(PlacementFields):
     service_name = StrictStr(
         required=True,
         validate=_SERVICE_NAME,
-        metadata={"description": "Who the GPUs are for; 1-128 characters of [A-Za-z0-9._-].",
-                  "pattern": SERVICE_NAME_RE})
+        metadata={
+            "description": "Who the GPUs are for; 1-128 characters of [A-Za-z0-9._-].",
+            "pattern": SERVICE_NAME_RE,
+        },
+    )
     webhook_url = StrictStr(
-        allow_none=True, validate=[validate.Length(max=2048), _WEBHOOK_URL],
-        metadata={"description": "Notified (POST, JSON) when the request changes state.",
-                  "format": "uri", "pattern": "^https?://"})
+        allow_none=True,
+        validate=[validate.Length(max=2048), _WEBHOOK_URL],
+        metadata={
+            "description": "Notified (POST, JSON) when the request changes state.",
+            "format": "uri",
+            "pattern": "^https?://",
+        },
+    )
     webhook_events = fields.List(
-        StrictStr(validate=validate.OneOf(EVENTS)), validate=validate.Length(max=len(EVENTS)),
-        metadata={"description": "Extra events to notify besides the grant of a queued "
-                                 "request: " + ", ".join(EVENTS) + "."})
+        StrictStr(validate=validate.OneOf(EVENTS)),
+        validate=validate.Length(max=len(EVENTS)),
+        metadata={
+            "description": "Extra events to notify besides the grant of a queued "
+            "request: " + ", ".join(EVENTS) + "."
+        },
+    )
     ttl_seconds = StrictInt(
         validate=validate.Range(0, MAX_TTL_SECONDS),
-        metadata={"description": "Lease length. 0 means no expiry, when the server allows it."})
+        metadata={"description": "Lease length. 0 means no expiry, when the server allows it."},
+    )
     sharing = StrictStr(
         validate=validate.OneOf(SHARING),
-        metadata={"description": "exclusive (default): whole GPUs; shared: reserve "
-                                 "min_memory_mb on one GPU.", "enum": list(SHARING)})
+        metadata={
+            "description": "exclusive (default): whole GPUs; shared: reserve "
+            "min_memory_mb on one GPU.",
+            "enum": list(SHARING),
+        },
+    )
     depends_on = fields.List(
-        StrictStr(validate=validate.Regexp(ID_RE)), validate=validate.Length(max=64),
-        metadata={"description": "Requests or allocations that must finish first."})
+        StrictStr(validate=validate.Regexp(ID_RE)),
+        validate=validate.Length(max=64),
+        metadata={"description": "Requests or allocations that must finish first."},
+    )
     depends_on_mode = StrictStr(
         validate=validate.OneOf(DEPENDS_ON_MODES, error="must be one of: any, ok"),
-        metadata={"description": "any (default): any ending of a dependency lets this request "
-                                 "run. ok: only a normal release does; a dependency that is "
-                                 "cancelled, times out or expires cancels this request "
-                                 f"(reason {DEPENDENCY_FAILED}), like Slurm's afterok.",
-                  "enum": list(DEPENDS_ON_MODES)})
+        metadata={
+            "description": "any (default): any ending of a dependency lets this request "
+            "run. ok: only a normal release does; a dependency that is "
+            "cancelled, times out or expires cancels this request "
+            f"(reason {DEPENDENCY_FAILED}), like Slurm's afterok.",
+            "enum": list(DEPENDS_ON_MODES),
+        },
+    )
     preferred_gpus = fields.List(
-        StrictInt(validate=validate.Range(0, 4095)), validate=validate.Length(max=64),
-        metadata={"description": "GPU indices to prefer on a node."})
+        StrictInt(validate=validate.Range(0, 4095)),
+        validate=validate.Length(max=64),
+        metadata={"description": "GPU indices to prefer on a node."},
+    )
     priority = StrictInt(
         validate=validate.Range(1, 10),
-        metadata={"description": "1-10, higher first; overrides the analysed priority."})
+        metadata={"description": "1-10, higher first; overrides the analysed priority."},
+    )
 
 
 class ReleaseRequestSchema(_RequestSchema):
     """Body of ``POST /gpu/release``: one of the two fields (``allocation_id`` wins)."""
 
-    allocation_id = StrictStr(validate=validate.Regexp(ID_RE),
-                              metadata={"description": "Release this allocation."})
+    allocation_id = StrictStr(
+        validate=validate.Regexp(ID_RE), metadata={"description": "Release this allocation."}
+    )
     service_name = StrictStr(
         validate=_SERVICE_NAME,
-        metadata={"description": "Release every allocation of this service that the caller "
-                                 "owns."})
+        metadata={"description": "Release every allocation of this service that the caller owns."},
+    )
 
 
 class RenewRequestSchema(_RequestSchema):
@@ -187,10 +235,12 @@ class RenewRequestSchema(_RequestSchema):
 
     ttl_seconds = StrictInt(
         validate=validate.Range(1, MAX_TTL_SECONDS),
-        metadata={"description": "New lease length from now; default: the allocation's own."})
+        metadata={"description": "New lease length from now; default: the allocation's own."},
+    )
 
 
 # --------------------------------------------------------------------------- responses
+
 
 class _ResponseSchema(ma.Schema):
     class Meta:
@@ -198,20 +248,25 @@ class _ResponseSchema(ma.Schema):
 
 
 def _time(description):
-    return StrictStr(allow_none=True, metadata={"description": description,
-                                                "format": "date-time"})
+    return StrictStr(allow_none=True, metadata={"description": description, "format": "date-time"})
 
 
-_WARNINGS = ("One line per workload_data key that the analysis ignored, with a did-you-mean "
-             "(gpu_count -> required_gpus); empty when every key was used.")
+_WARNINGS = (
+    "One line per workload_data key that the analysis ignored, with a did-you-mean "
+    "(gpu_count -> required_gpus); empty when every key was used."
+)
 
 
 class ErrorBodySchema(_ResponseSchema):
-    code = StrictStr(required=True, metadata={
-        "description": "Stable machine-readable code, e.g. validation_error, not_found."})
+    code = StrictStr(
+        required=True,
+        metadata={"description": "Stable machine-readable code, e.g. validation_error, not_found."},
+    )
     message = StrictStr(required=True, metadata={"description": "What went wrong, for humans."})
-    details = fields.Dict(required=True, metadata={
-        "description": "Context; for validation errors, field name -> messages."})
+    details = fields.Dict(
+        required=True,
+        metadata={"description": "Context; for validation errors, field name -> messages."},
+    )
 
 
 class ErrorSchema(_ResponseSchema):
@@ -234,12 +289,19 @@ class RequirementsSchema(_ResponseSchema):
     decided_by = StrictStr(metadata={"description": "rules or advisor"})
     depends_on = fields.List(StrictStr())
     workflow_id = StrictStr(allow_none=True)
-    estimate = fields.Dict(allow_none=True, metadata={
-        "description": "Model-aware memory estimate, when a parameter count was known."})
-    gpu_model = StrictStr(allow_none=True, metadata={
-        "description": "GPU name glob the request asked for; null: any model."})
-    nodes = fields.List(StrictStr(), allow_none=True, metadata={
-        "description": "Nodes the request may use; null: any node."})
+    estimate = fields.Dict(
+        allow_none=True,
+        metadata={"description": "Model-aware memory estimate, when a parameter count was known."},
+    )
+    gpu_model = StrictStr(
+        allow_none=True,
+        metadata={"description": "GPU name glob the request asked for; null: any model."},
+    )
+    nodes = fields.List(
+        StrictStr(),
+        allow_none=True,
+        metadata={"description": "Nodes the request may use; null: any node."},
+    )
     warnings = fields.List(StrictStr(), metadata={"description": _WARNINGS})
 
 
@@ -253,9 +315,12 @@ class AllocationSchema(_ResponseSchema):
 
     id = StrictStr(required=True)
     request_id = StrictStr(metadata={"description": "Same as id (the original's name)."})
-    status = StrictStr(required=True, metadata={
-        "enum": ["queued", "allocated", "released", "expired", "cancelled", "timed_out",
-                 "lost"]})
+    status = StrictStr(
+        required=True,
+        metadata={
+            "enum": ["queued", "allocated", "released", "expired", "cancelled", "timed_out", "lost"]
+        },
+    )
     service_name = StrictStr(required=True)
     owner = StrictStr(allow_none=True)
     workload_type = StrictStr(allow_none=True)
@@ -266,45 +331,63 @@ class AllocationSchema(_ResponseSchema):
     max_memory_mb = StrictInt(allow_none=True)
     max_utilization = fields.Float(allow_none=True)
     preferred_gpus = fields.List(StrictInt(), allow_none=True)
-    gpu_model = StrictStr(allow_none=True, metadata={
-        "description": "GPU name glob asked for; null: any model."})
-    nodes = fields.List(StrictStr(), allow_none=True, metadata={
-        "description": "Nodes it may use; empty: any node."})
+    gpu_model = StrictStr(
+        allow_none=True, metadata={"description": "GPU name glob asked for; null: any model."}
+    )
+    nodes = fields.List(
+        StrictStr(), allow_none=True, metadata={"description": "Nodes it may use; empty: any node."}
+    )
     sharing = StrictStr(allow_none=True)
     ttl_seconds = fields.Float(allow_none=True)
     webhook_url = StrictStr(allow_none=True)
     depends_on = fields.List(StrictStr(), allow_none=True)
     depends_on_mode = StrictStr(allow_none=True, metadata={"enum": list(DEPENDS_ON_MODES)})
-    reason = StrictStr(allow_none=True, metadata={
-        "description": f"Why the engine ended it: {DEPENDENCY_FAILED} (a depends_on_mode ok "
-                       "dependency ended otherwise than released)."})
-    failed_dependency = StrictStr(allow_none=True, metadata={
-        "description": f"With reason {DEPENDENCY_FAILED}: the dependency that failed."})
-    position = StrictInt(allow_none=True, metadata={
-        "description": "1-based place in the queue while queued."})
+    reason = StrictStr(
+        allow_none=True,
+        metadata={
+            "description": f"Why the engine ended it: {DEPENDENCY_FAILED} (a depends_on_mode ok "
+            "dependency ended otherwise than released)."
+        },
+    )
+    failed_dependency = StrictStr(
+        allow_none=True,
+        metadata={"description": f"With reason {DEPENDENCY_FAILED}: the dependency that failed."},
+    )
+    position = StrictInt(
+        allow_none=True, metadata={"description": "1-based place in the queue while queued."}
+    )
     node = StrictStr(allow_none=True)
     gpu_ids = fields.List(StrictInt(), allow_none=True)
     gpu_uuids = fields.List(StrictStr(), allow_none=True)
-    cuda_visible_devices = StrictStr(allow_none=True, metadata={
-        "description": "Value for CUDA_VISIBLE_DEVICES on the node, e.g. \"0,1\"."})
+    cuda_visible_devices = StrictStr(
+        allow_none=True,
+        metadata={"description": 'Value for CUDA_VISIBLE_DEVICES on the node, e.g. "0,1".'},
+    )
     submitted_at = _time("When the request arrived.")
     allocated_at = _time("When the GPUs were granted.")
     expires_at = _time("When the lease ends unless renewed; null: never.")
     released_at = _time("When it was released.")
     ended_at = _time("When it ended: released, expired, cancelled or timed out.")
     renewed_at = _time("When the lease was last renewed.")
-    lease_seconds = fields.Float(allow_none=True, metadata={
-        "description": "Lease length applied at grant and renewal; null: no expiry."})
+    lease_seconds = fields.Float(
+        allow_none=True,
+        metadata={"description": "Lease length applied at grant and renewal; null: no expiry."},
+    )
     estimated_duration_seconds = fields.Float(allow_none=True)
-    wait_time_seconds = fields.Float(allow_none=True, metadata={
-        "description": "Time spent queued before the grant."})
+    wait_time_seconds = fields.Float(
+        allow_none=True, metadata={"description": "Time spent queued before the grant."}
+    )
     webhook_events = fields.List(StrictStr(), allow_none=True)
-    replayed = fields.Boolean(metadata={
-        "description": "True when an Idempotency-Key matched an earlier request."})
-    gpu_health = fields.List(fields.Nested(GpuHealthSchema), allow_none=True,
-                             metadata={"description": "Health of each GPU under the "
-                                       "allocation (GET /gpu/allocations/<id>)."})
-
+    replayed = fields.Boolean(
+        metadata={"description": "True when an Idempotency-Key matched an earlier request."}
+    )
+    gpu_health = fields.List(
+        fields.Nested(GpuHealthSchema),
+        allow_none=True,
+        metadata={
+            "description": "Health of each GPU under the allocation (GET /gpu/allocations/<id>)."
+        },
+    )
 
 
 class GrantedSchema(AllocationSchema):
@@ -328,8 +411,16 @@ class QueuedSchema(_ResponseSchema):
 
 #: What a grant adds to a request: under ``allocation`` in ``GET /gpu/requests/<id>``, never at
 #: its top level.
-GRANT_FIELDS = ("node", "gpu_ids", "gpu_uuids", "cuda_visible_devices", "expires_at",
-                "lease_seconds", "renewed_at", "released_at")
+GRANT_FIELDS = (
+    "node",
+    "gpu_ids",
+    "gpu_uuids",
+    "cuda_visible_devices",
+    "expires_at",
+    "lease_seconds",
+    "renewed_at",
+    "released_at",
+)
 
 
 class GrantSchema(_ResponseSchema):
@@ -342,12 +433,16 @@ class GrantSchema(_ResponseSchema):
     node = StrictStr(allow_none=True)
     gpu_ids = fields.List(StrictInt(), allow_none=True)
     gpu_uuids = fields.List(StrictStr(), allow_none=True)
-    cuda_visible_devices = StrictStr(allow_none=True, metadata={
-        "description": "Value for CUDA_VISIBLE_DEVICES on the node, e.g. \"0,1\"."})
+    cuda_visible_devices = StrictStr(
+        allow_none=True,
+        metadata={"description": 'Value for CUDA_VISIBLE_DEVICES on the node, e.g. "0,1".'},
+    )
     allocated_at = _time("When the GPUs were granted.")
     expires_at = _time("When the lease ends unless renewed; null: never.")
-    lease_seconds = fields.Float(allow_none=True, metadata={
-        "description": "Lease length applied at grant and renewal; null: no expiry."})
+    lease_seconds = fields.Float(
+        allow_none=True,
+        metadata={"description": "Lease length applied at grant and renewal; null: no expiry."},
+    )
     renewed_at = _time("When the lease was last renewed.")
     released_at = _time("When it was released.")
 
@@ -360,8 +455,12 @@ class RequestStatusSchema(AllocationSchema):
     class Meta:
         exclude = ("id", "replayed") + GRANT_FIELDS
 
-    allocation = fields.Nested(GrantSchema, allow_none=True, required=True, metadata={
-        "description": "null until granted; then the allocation, also after it ended."})
+    allocation = fields.Nested(
+        GrantSchema,
+        allow_none=True,
+        required=True,
+        metadata={"description": "null until granted; then the allocation, also after it ended."},
+    )
 
 
 class ReleasedSchema(_ResponseSchema):
@@ -386,17 +485,21 @@ class GpuSchema(_ResponseSchema):
     health = StrictStr(allow_none=True, metadata={"enum": ["ok", "degraded", "failed"]})
     schedulable = fields.Boolean(allow_none=True)
     cordoned = fields.Boolean(allow_none=True)
-    lost = fields.Boolean(allow_none=True, metadata={
-        "description": "The monitor stopped reporting this GPU."})
+    lost = fields.Boolean(
+        allow_none=True, metadata={"description": "The monitor stopped reporting this GPU."}
+    )
     node_alive = fields.Boolean(allow_none=True)
-    allocated = fields.Boolean(allow_none=True, metadata={
-        "description": "Held by an exclusive allocation or by shared reservations."})
-    allocated_to = StrictStr(allow_none=True, metadata={
-        "description": "The exclusive allocation holding it."})
-    shared_n = StrictInt(allow_none=True, metadata={
-        "description": "Shared allocations on it."})
-    shared_mb = StrictInt(allow_none=True, metadata={
-        "description": "Memory reserved by shared allocations, MB."})
+    allocated = fields.Boolean(
+        allow_none=True,
+        metadata={"description": "Held by an exclusive allocation or by shared reservations."},
+    )
+    allocated_to = StrictStr(
+        allow_none=True, metadata={"description": "The exclusive allocation holding it."}
+    )
+    shared_n = StrictInt(allow_none=True, metadata={"description": "Shared allocations on it."})
+    shared_mb = StrictInt(
+        allow_none=True, metadata={"description": "Memory reserved by shared allocations, MB."}
+    )
     updated_at = _time("When the monitor last reported it.")
 
 
@@ -408,16 +511,24 @@ class GpuListSchema(_ResponseSchema):
     """``GET /gpu/list``: the fleet, and one page of requests as compact records."""
 
     gpus = fields.List(fields.Nested(GpuSchema), required=True)
-    allocations = fields.List(fields.Nested(AllocationSchema), required=True, metadata={
-        "description": "This page's live allocations, by lease end (no workload_data)."})
-    queue = fields.List(fields.Nested(AllocationSchema), required=True, metadata={
-        "description": "This page's queued requests, by rank (no workload_data)."})
+    allocations = fields.List(
+        fields.Nested(AllocationSchema),
+        required=True,
+        metadata={"description": "This page's live allocations, by lease end (no workload_data)."},
+    )
+    queue = fields.List(
+        fields.Nested(AllocationSchema),
+        required=True,
+        metadata={"description": "This page's queued requests, by rank (no workload_data)."},
+    )
     nodes = fields.List(fields.Dict())
     allocations_total = StrictInt(metadata={"description": "Live allocations in all."})
     queue_depth = StrictInt(metadata={"description": "Queued requests in all."})
     limit = StrictInt(metadata={"description": "Most requests on one page."})
-    next = StrictStr(allow_none=True, metadata={
-        "description": "Pass as ?after= for the next page; null on the last page."})
+    next = StrictStr(
+        allow_none=True,
+        metadata={"description": "Pass as ?after= for the next page; null on the last page."},
+    )
 
 
 class HealthSchema(_ResponseSchema):
@@ -445,8 +556,9 @@ class NodeSchema(_ResponseSchema):
     host = StrictStr(allow_none=True)
     cordoned = fields.Boolean()
     draining = fields.Boolean()
-    allocations = fields.List(StrictStr(), metadata={
-        "description": "Live allocations on the node."})
+    allocations = fields.List(
+        StrictStr(), metadata={"description": "Live allocations on the node."}
+    )
     gpus = fields.List(fields.Nested(GpuSchema))
 
 
@@ -455,15 +567,19 @@ class NodeListSchema(_ResponseSchema):
 
 
 class DrainSchema(NodeSchema):
-    drained = fields.Boolean(required=True, metadata={
-        "description": "True when no allocation is left on the node."})
+    drained = fields.Boolean(
+        required=True, metadata={"description": "True when no allocation is left on the node."}
+    )
 
 
 class ForgetSchema(_ResponseSchema):
     node = StrictStr(required=True)
     forgotten = fields.Boolean(required=True)
-    lost = fields.List(StrictStr(), required=True, metadata={
-        "description": "Allocations that ended with status lost."})
+    lost = fields.List(
+        StrictStr(),
+        required=True,
+        metadata={"description": "Allocations that ended with status lost."},
+    )
 
 
 class PriorityRequestSchema(ma.Schema):

@@ -21,6 +21,7 @@ in the master process, not in a worker that is on its way out.
 Worker: :class:`app.http_worker.BufferingWorker` reads each request whole on an event loop
 before a thread runs it, so slow or idle clients hold no thread (see that module).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -30,7 +31,8 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
@@ -59,9 +61,14 @@ def gunicorn_options(settings: Settings, **overrides: Any) -> dict[str, Any]:
         "bind": f"{srv.host}:{srv.port}",
         "workers": srv.workers,
         "threads": srv.threads,
-        "worker_class": BufferingWorker.configured(Limits(
-            header_timeout=srv.header_timeout, idle_timeout=srv.idle_timeout,
-            max_body_bytes=srv.max_body_bytes), workers=srv.workers),
+        "worker_class": BufferingWorker.configured(
+            Limits(
+                header_timeout=srv.header_timeout,
+                idle_timeout=srv.idle_timeout,
+                max_body_bytes=srv.max_body_bytes,
+            ),
+            workers=srv.workers,
+        ),
         "timeout": int(max(srv.write_timeout, 1)),
         "graceful_timeout": int(max(srv.read_timeout, 1)),
         "accesslog": None,
@@ -101,8 +108,10 @@ def prepare_metrics_dir(environ: dict | None = None) -> tuple[str, bool]:
         if environ is os.environ and "prometheus_client" in sys.modules:
             # prometheus_client reads the variable once, when first imported: set it later
             # and every worker's metrics would silently stay in memory, unseen by /metrics.
-            raise RuntimeError("prometheus_client was imported before PROMETHEUS_MULTIPROC_DIR "
-                               "was set; import app.metrics only after app.serve sets it")
+            raise RuntimeError(
+                "prometheus_client was imported before PROMETHEUS_MULTIPROC_DIR "
+                "was set; import app.metrics only after app.serve sets it"
+            )
         path = tempfile.mkdtemp(prefix=TEMP_PREFIX)
         _owner_fd = claim_dir(path)
         created = True
@@ -133,8 +142,11 @@ def remove_stale_metrics_dirs(parent: str | None = None) -> list[str]:
         return removed
     for entry in entries:
         try:
-            if (not entry.name.startswith(TEMP_PREFIX) or not entry.is_dir(follow_symlinks=False)
-                    or entry.stat(follow_symlinks=False).st_uid != os.getuid()):
+            if (
+                not entry.name.startswith(TEMP_PREFIX)
+                or not entry.is_dir(follow_symlinks=False)
+                or entry.stat(follow_symlinks=False).st_uid != os.getuid()
+            ):
                 continue
             fd = os.open(os.path.join(entry.path, OWNER_LOCK), os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:
@@ -162,6 +174,7 @@ def post_worker_init(worker) -> None:
     """gunicorn worker hook, once the app is loaded: a stop signal first answers the long-polls
     the worker holds (app.longpoll), so a graceful stop is not held up by them."""
     from app import longpoll
+
     longpoll.answer_held_on_stop()
 
 
@@ -169,6 +182,7 @@ def child_exit(server, worker) -> None:
     """gunicorn master hook: a worker died; drop its live-gauge files and its board slot."""
     if os.environ.get(MULTIPROC_ENV):
         from prometheus_client import multiprocess
+
         multiprocess.mark_process_dead(worker.pid)
     board = getattr(worker, "board", None)
     if board is not None:
@@ -192,19 +206,29 @@ class GunicornApp(BaseApplication):
         return self.app_factory()
 
 
-def run(settings: Settings, redis_url: str, *, cleanup: Callable[[], None] | None = None,
-        **overrides: Any) -> None:
+def run(
+    settings: Settings,
+    redis_url: str,
+    *,
+    cleanup: Callable[[], None] | None = None,
+    **overrides: Any,
+) -> None:
     """Serve the API until gunicorn stops; ``cleanup`` runs once, in the master only."""
     global _owner_fd
     master = os.getpid()
     stale = remove_stale_metrics_dirs()
     if stale:
-        log.info("removed %d metrics director%s left by a killed API: %s", len(stale),
-                 "y" if len(stale) == 1 else "ies", ", ".join(stale))
+        log.info(
+            "removed %d metrics director%s left by a killed API: %s",
+            len(stale),
+            "y" if len(stale) == 1 else "ies",
+            ", ".join(stale),
+        )
     path, created = prepare_metrics_dir()
 
     def factory():
         from app import create_app
+
         return create_app(settings, redis_url=redis_url)
 
     try:

@@ -18,15 +18,17 @@ make the browser send it) and ``Secure`` when the request came over https (direc
 cookie also needs the session's CSRF token (header ``X-CSRF-Token`` or form field
 ``csrf_token``); the pages carry it in a ``<meta name="csrf-token">`` tag.
 """
+
 from __future__ import annotations
 
 import hashlib
 import hmac
 import secrets
 import threading
-from urllib.parse import urlsplit
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
+from urllib.parse import urlsplit
 
 from flask import Request, Response
 from itsdangerous import BadSignature, TimestampSigner, URLSafeTimedSerializer
@@ -51,8 +53,14 @@ class Session:
 class SessionManager:
     """Issues and checks session cookies for one app (thread-safe; the secret is read once)."""
 
-    def __init__(self, settings: Settings, redis: Any, key_digests: Callable[[], list], *,
-                 clock: Callable[[], float] | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        redis: Any,
+        key_digests: Callable[[], list],
+        *,
+        clock: Callable[[], float] | None = None,
+    ):
         self.ttl = settings.auth.session_ttl
         self._clock = clock
         self._configured = settings.auth.session_secret
@@ -72,8 +80,7 @@ class SessionManager:
                     else:
                         self._redis.set(self._secret_key, secrets.token_hex(32), nx=True)
                         value = self._redis.get(self._secret_key)
-                        self._secret = value if isinstance(value, bytes) else \
-                            str(value).encode()
+                        self._secret = value if isinstance(value, bytes) else str(value).encode()
         return self._secret
 
     def _serializer(self) -> URLSafeTimedSerializer:
@@ -84,20 +91,21 @@ class SessionManager:
         class ClockSigner(TimestampSigner):
             def get_timestamp(self) -> int:  # itsdangerous' documented hook for the time
                 return int(clock())
+
         return URLSafeTimedSerializer(self._get_secret(), salt=_SALT, signer=ClockSigner)
 
     def _fingerprint(self, digest: bytes) -> str:
         return hmac.new(self._get_secret(), b"key|" + digest, hashlib.sha256).hexdigest()[:32]
 
     def _csrf(self, nonce: str) -> str:
-        return hmac.new(self._get_secret(), b"csrf|" + nonce.encode(),
-                        hashlib.sha256).hexdigest()
+        return hmac.new(self._get_secret(), b"csrf|" + nonce.encode(), hashlib.sha256).hexdigest()
 
     # ------------------------------------------------------------------ issue and check
     def issue(self, principal: str, digest: bytes) -> str:
         """The cookie value for a principal who just presented the key with ``digest``."""
-        return self._serializer().dumps({"p": principal, "k": self._fingerprint(digest),
-                                         "n": secrets.token_urlsafe(16)})
+        return self._serializer().dumps(
+            {"p": principal, "k": self._fingerprint(digest), "n": secrets.token_urlsafe(16)}
+        )
 
     def load(self, value: str | None) -> Session | None:
         """The session a cookie value stands for, or None (bad, expired, or key removed)."""
@@ -107,8 +115,9 @@ class SessionManager:
             data = self._serializer().loads(value, max_age=self.ttl)
         except BadSignature:  # SignatureExpired is a BadSignature too
             return None
-        if not isinstance(data, dict) or not all(isinstance(data.get(k), str)
-                                                 for k in ("p", "k", "n")):
+        if not isinstance(data, dict) or not all(
+            isinstance(data.get(k), str) for k in ("p", "k", "n")
+        ):
             return None
         for digest, principal in self._digests():
             if hmac.compare_digest(self._fingerprint(digest), data["k"]):
@@ -121,20 +130,30 @@ class SessionManager:
     def csrf_ok(session: Session, request: Request) -> bool:
         """True when the request carries the session's CSRF token."""
         sent = request.headers.get(CSRF_HEADER)
-        if sent is None and request.mimetype in ("application/x-www-form-urlencoded",
-                                                 "multipart/form-data"):
+        if sent is None and request.mimetype in (
+            "application/x-www-form-urlencoded",
+            "multipart/form-data",
+        ):
             sent = request.form.get(CSRF_FIELD)
         return bool(sent) and hmac.compare_digest(sent, session.csrf_token)
 
     # ------------------------------------------------------------------ the cookie
     def set_cookie(self, response: Response, value: str, request: Request) -> None:
-        response.set_cookie(COOKIE, value, max_age=int(self.ttl), path="/", httponly=True,
-                            samesite="Strict", secure=is_https(request))
+        response.set_cookie(
+            COOKIE,
+            value,
+            max_age=int(self.ttl),
+            path="/",
+            httponly=True,
+            samesite="Strict",
+            secure=is_https(request),
+        )
 
     @staticmethod
     def clear_cookie(response: Response, request: Request) -> None:
-        response.delete_cookie(COOKIE, path="/", httponly=True, samesite="Strict",
-                               secure=is_https(request))
+        response.delete_cookie(
+            COOKIE, path="/", httponly=True, samesite="Strict", secure=is_https(request)
+        )
 
 
 def is_https(request: Request) -> bool:

@@ -10,13 +10,15 @@ Environment variables: ``PORT``, ``REDIS_URL``, ``DEEPAGENTS_URL``, ``GRAPH_SERV
 ``GPU_ORCH__SCHEDULER__MAX_QUEUE_SIZE=500``. Values are parsed as YAML scalars or flow
 collections, so ``GPU_ORCH__AUTH__ADMINS='[ops]'`` works.
 """
+
 from __future__ import annotations
 
 import copy
 import os
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
@@ -96,6 +98,7 @@ def _int(lo=None, hi=None, *, allow_str=False):
         if (lo is not None and v < lo) or (hi is not None and v > hi):
             raise ValueError(v)
         return v
+
     return convert
 
 
@@ -108,7 +111,9 @@ def _range_text(kind, lo, hi):
 
 
 def Int(default, lo=None, hi=None, doc="", allow_str=False):
-    return Opt(default, _int(lo, hi, allow_str=allow_str), _range_text("an integer", lo, hi), doc=doc)
+    return Opt(
+        default, _int(lo, hi, allow_str=allow_str), _range_text("an integer", lo, hi), doc=doc
+    )
 
 
 def Float(default, lo=None, hi=None, doc=""):
@@ -118,6 +123,7 @@ def Float(default, lo=None, hi=None, doc=""):
         if (lo is not None and v < lo) or (hi is not None and v > hi):
             raise ValueError(v)
         return float(v)
+
     return Opt(default, convert, _range_text("a number", lo, hi), doc=doc)
 
 
@@ -126,6 +132,7 @@ def Bool(default, doc=""):
         if isinstance(v, bool):
             return v
         raise ValueError(v)
+
     return Opt(default, convert, "true or false", doc=doc)
 
 
@@ -138,6 +145,7 @@ def Str(default, doc="", secret=False, pattern=None, expected="a string"):
         if pattern and v and not re.fullmatch(pattern, v):
             raise ValueError(v)
         return v
+
     return Opt(default, convert, expected, secret=secret, doc=doc)
 
 
@@ -146,6 +154,7 @@ def Choice(default, choices, doc=""):
         if v not in choices:
             raise ValueError(v)
         return v
+
     return Opt(default, convert, "one of " + ", ".join(choices), doc=doc)
 
 
@@ -155,9 +164,15 @@ def Duration(default, lo=0.0, hi=None, doc=""):
         if seconds < lo or (hi is not None and seconds > hi):
             raise ValueError(v)
         return seconds
+
     bound = f" >= {format_duration(lo)}" if lo else ""
-    return Opt(parse_duration(default), convert,
-               f"a duration like 15s, 5m, 1h or seconds{bound}", show=format_duration, doc=doc)
+    return Opt(
+        parse_duration(default),
+        convert,
+        f"a duration like 15s, 5m, 1h or seconds{bound}",
+        show=format_duration,
+        doc=doc,
+    )
 
 
 def DurationList(default, doc=""):
@@ -168,8 +183,14 @@ def DurationList(default, doc=""):
         if any(x < 0 for x in out):
             raise ValueError(v)
         return out
-    return Opt([parse_duration(x) for x in default], convert,
-               "a non-empty list of durations", show=lambda v: [format_duration(x) for x in v], doc=doc)
+
+    return Opt(
+        [parse_duration(x) for x in default],
+        convert,
+        "a non-empty list of durations",
+        show=lambda v: [format_duration(x) for x in v],
+        doc=doc,
+    )
 
 
 def StrList(default, doc=""):
@@ -177,20 +198,23 @@ def StrList(default, doc=""):
         if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
             raise ValueError(v)
         return list(v)
+
     return Opt(list(default), convert, "a list of strings", doc=doc)
 
 
 def HostList(default, doc=""):
     """``webhooks.allowed_hosts``: each entry a host, ``*.suffix``, ``*``, host:port or CIDR."""
+
     def convert(v):
         from app.webhook_policy import parse_entry
+
         if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
             raise ValueError(v)
         for entry in v:
             parse_entry(entry)
         return list(v)
-    return Opt(list(default), convert, "a list of hosts, host:port, *.suffix or CIDRs",
-               doc=doc)
+
+    return Opt(list(default), convert, "a list of hosts, host:port, *.suffix or CIDRs", doc=doc)
 
 
 def redact_url(url: str) -> str:
@@ -198,7 +222,7 @@ def redact_url(url: str) -> str:
     if not url:
         return url
     if url.startswith(SENTINEL_SCHEME + "://"):  # several host:port, which urlsplit rejects
-        rest = url[len(SENTINEL_SCHEME) + 3:]
+        rest = url[len(SENTINEL_SCHEME) + 3 :]
         auth, at, hosts = rest.rpartition("@")
         return f"{SENTINEL_SCHEME}://{REDACTED}@{hosts}" if at and auth else url
     parts = urlsplit(url)
@@ -229,8 +253,15 @@ def Url(default, schemes, doc="", optional=True):
         if parts.scheme in ("http", "https", "redis", "rediss") and not parts.hostname:
             raise ValueError(v)
         return v.rstrip("/") if parts.scheme in ("http", "https") else v
-    return Opt(default, convert, "a URL with scheme " + " or ".join(schemes),
-               show=redact_url, doc=doc, redact_got=_redact_got_url)
+
+    return Opt(
+        default,
+        convert,
+        "a URL with scheme " + " or ".join(schemes),
+        show=redact_url,
+        doc=doc,
+        redact_got=_redact_got_url,
+    )
 
 
 SENTINEL_SCHEME = "redis+sentinel"
@@ -258,7 +289,7 @@ def _host_port(text: Any) -> tuple[str, int]:
 def parse_sentinel_url(url: str) -> SentinelTarget:
     """``redis+sentinel://[:password@]host:port[,host:port...]/master_name[/db]``, the form
     rq-dashboard (redis-sentinel-url) reads too; ValueError when malformed."""
-    rest = url[len(SENTINEL_SCHEME) + 3:]
+    rest = url[len(SENTINEL_SCHEME) + 3 :]
     netloc, _, path = rest.partition("/")
     auth, _, hosts = netloc.rpartition("@")
     password = auth.partition(":")[2] if auth else ""
@@ -266,22 +297,22 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     parts = [p for p in path.split("?")[0].split("/") if p]
     if not parts or len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
         raise ValueError("expected /master_name or /master_name/db after the sentinels")
-    return SentinelTarget(parts[0], sentinels, int(parts[1]) if len(parts) == 2 else 0,
-                          password)
+    return SentinelTarget(parts[0], sentinels, int(parts[1]) if len(parts) == 2 else 0, password)
 
 
 def sentinel_url(cfg: Mapping[str, Any]) -> str:
     """The ``redis+sentinel://`` URL for a ``redis.sentinel`` mapping, password left out
     (it stays in settings, so no URL handed to a child process or a log carries it)."""
-    return (f"{SENTINEL_SCHEME}://{','.join(cfg['sentinels'])}/{cfg['master_name']}")
+    return f"{SENTINEL_SCHEME}://{','.join(cfg['sentinels'])}/{cfg['master_name']}"
 
 
-def sentinel_target(settings: "Settings", url: str) -> SentinelTarget:
+def sentinel_target(settings: Settings, url: str) -> SentinelTarget:
     """The target for a sentinel URL; the password from the URL, else ``redis.sentinel``."""
     target = parse_sentinel_url(url)
     if not target.password and settings is not None:
-        target = SentinelTarget(target.master_name, target.sentinels, target.db,
-                                settings.redis.sentinel["password"])
+        target = SentinelTarget(
+            target.master_name, target.sentinels, target.db, settings.redis.sentinel["password"]
+        )
     return target
 
 
@@ -337,6 +368,7 @@ def _redact_got_url(value: Any) -> Any:
 
 def KeyMap(doc=""):
     """``api_keys``: key -> principal. The keys themselves are the secrets."""
+
     def convert(v):
         if v is None:
             return {}
@@ -348,9 +380,16 @@ def KeyMap(doc=""):
                 raise ValueError("non-empty string keys and principals")
             out[k] = p
         return out
-    return Opt({}, convert, "a mapping of API key to principal name",
-               show=lambda v: {f"{REDACTED}{i + 1}": p for i, p in enumerate(v.values())},
-               secret=False, doc=doc, redact_got=lambda v: REDACTED)
+
+    return Opt(
+        {},
+        convert,
+        "a mapping of API key to principal name",
+        show=lambda v: {f"{REDACTED}{i + 1}": p for i, p in enumerate(v.values())},
+        secret=False,
+        doc=doc,
+        redact_got=lambda v: REDACTED,
+    )
 
 
 def Mapping_(default, validate: Callable[[Any], Any], expected: str, doc=""):
@@ -363,22 +402,24 @@ def Mapping_(default, validate: Callable[[Any], Any], expected: str, doc=""):
 #: says which type reads which.
 THRESHOLD_DOCS = {
     "large_batch_size": "training batch_size above: >= 2 GPUs; embedding batch_size above: "
-                        "2 GPUs; ocr image_count above: 2 GPUs; graph node_count above: 8192 MB",
+    "2 GPUs; ocr image_count above: 2 GPUs; graph node_count above: 8192 MB",
     "xlarge_batch_size": "training batch_size above this: >= 4 GPUs",
     "high_concurrency": "inference concurrent_requests above this: 2 GPUs",
     "very_high_concurrency": "inference concurrent_requests above this: 4 GPUs",
 }
 
 
-def _workload(gpus, memory, priority, max_util, large_batch, xlarge_batch, high_conc, vhigh_conc,
-              duration):
+def _workload(
+    gpus, memory, priority, max_util, large_batch, xlarge_batch, high_conc, vhigh_conc, duration
+):
     """The original service's per-type thresholds, under its own key names."""
     return {
         "default_gpus": Int(gpus, 1, 64, doc="GPUs when no hint asks for more"),
         "default_memory_mb": Int(memory, 0, doc="free memory per GPU when no hint says"),
         "default_priority": Int(priority, 1, 10, doc="1..10, higher is served first"),
-        "max_utilization": Float(max_util, 0, 100,
-                                 doc="a GPU busier than this (%) does not qualify"),
+        "max_utilization": Float(
+            max_util, 0, 100, doc="a GPU busier than this (%) does not qualify"
+        ),
         "large_batch_size": Int(large_batch, 1, doc=THRESHOLD_DOCS["large_batch_size"]),
         "xlarge_batch_size": Int(xlarge_batch, 1, doc=THRESHOLD_DOCS["xlarge_batch_size"]),
         "high_concurrency": Int(high_conc, 1, doc=THRESHOLD_DOCS["high_concurrency"]),
@@ -397,8 +438,10 @@ def _model_sizes(v):
             raise ValueError(v)
         if set(entry) != {"gpus", "memory_mb"}:
             raise ValueError("each size needs exactly gpus and memory_mb")
-        out[name.lower()] = {"gpus": _int(1, 64)(entry["gpus"]),
-                             "memory_mb": _int(0)(entry["memory_mb"])}
+        out[name.lower()] = {
+            "gpus": _int(1, 64)(entry["gpus"]),
+            "memory_mb": _int(0)(entry["memory_mb"]),
+        }
     return out
 
 
@@ -410,38 +453,62 @@ def _model_families(v):
         raise ValueError(v)
     out = []
     for entry in v:
-        if not isinstance(entry, dict) or set(entry) - {"match", "memory_mb", "priority",
-                                                        "max_utilization"}:
+        if not isinstance(entry, dict) or set(entry) - {
+            "match",
+            "memory_mb",
+            "priority",
+            "max_utilization",
+        }:
             raise ValueError("keys are match, memory_mb, priority, max_utilization")
         match = entry.get("match")
         match = [match] if isinstance(match, str) else match
-        if not isinstance(match, list) or not match or not all(
-                isinstance(m, str) and m.strip() for m in match):
+        if (
+            not isinstance(match, list)
+            or not match
+            or not all(isinstance(m, str) and m.strip() for m in match)
+        ):
             raise ValueError("match must be a name or a list of names")
         util = entry.get("max_utilization")
-        if util is not None and (isinstance(util, bool) or not isinstance(util, (int, float))
-                                 or not 0 <= util <= 100):
+        if util is not None and (
+            isinstance(util, bool) or not isinstance(util, (int, float)) or not 0 <= util <= 100
+        ):
             raise ValueError("max_utilization must be 0..100")
-        out.append({"match": [m.strip().lower() for m in match],
-                     "memory_mb": _int(0)(entry.get("memory_mb")),
-                     "priority": _int(1, 10)(entry.get("priority")),
-                     "max_utilization": None if util is None else float(util)})
+        out.append(
+            {
+                "match": [m.strip().lower() for m in match],
+                "memory_mb": _int(0)(entry.get("memory_mb")),
+                "priority": _int(1, 10)(entry.get("priority")),
+                "max_utilization": None if util is None else float(util),
+            }
+        )
     return out
 
 
 #: The original service's training sizes.
-MODEL_SIZES = {"small": {"gpus": 1, "memory_mb": 4096}, "medium": {"gpus": 2, "memory_mb": 8192},
-               "large": {"gpus": 4, "memory_mb": 16384}, "xlarge": {"gpus": 8, "memory_mb": 32768}}
+MODEL_SIZES = {
+    "small": {"gpus": 1, "memory_mb": 4096},
+    "medium": {"gpus": 2, "memory_mb": 8192},
+    "large": {"gpus": 4, "memory_mb": 16384},
+    "xlarge": {"gpus": 8, "memory_mb": 32768},
+}
 
 #: The original service's inference model families (matched on name boundaries, first wins).
 MODEL_FAMILIES = [
     {"match": ["gemma-7b"], "memory_mb": 16384, "priority": 8, "max_utilization": 85.0},
     {"match": ["gemma-2b"], "memory_mb": 4096, "priority": 7, "max_utilization": 80.0},
-    {"match": ["vaultgemma", "vault-gemma"], "memory_mb": 2048, "priority": 6,
-     "max_utilization": 75.0},
+    {
+        "match": ["vaultgemma", "vault-gemma"],
+        "memory_mb": 2048,
+        "priority": 6,
+        "max_utilization": 75.0,
+    },
     {"match": ["phi-3.5", "phi3.5"], "memory_mb": 4096, "priority": 7, "max_utilization": 80.0},
-    {"match": ["granite-4.0", "granite4.0"], "memory_mb": 4096, "priority": 7,
-     "max_utilization": 80.0},
+    {
+        "match": ["granite-4.0", "granite4.0"],
+        "memory_mb": 4096,
+        "priority": 7,
+        "max_utilization": 80.0,
+    },
 ]
 
 
@@ -460,8 +527,16 @@ def _simulated(v):
     nodes = v.get("nodes") or []
     if not isinstance(nodes, list):
         raise ValueError(nodes)
-    gpu_keys = {"name", "memory_total_mb", "memory_used_mb", "utilization", "temperature",
-                "power_draw", "uuid", "health"}
+    gpu_keys = {
+        "name",
+        "memory_total_mb",
+        "memory_used_mb",
+        "utilization",
+        "temperature",
+        "power_draw",
+        "uuid",
+        "health",
+    }
     out_nodes, names = [], set()
     for node in nodes:
         if not isinstance(node, dict) or not isinstance(node.get("name"), str) or not node["name"]:
@@ -489,8 +564,13 @@ def _simulated(v):
                 raise ValueError(f"gpu keys are {', '.join(sorted(gpu_keys))}")
             total = gpu.get("memory_total_mb", 81559)
             used = gpu.get("memory_used_mb", 0)
-            for key in ("memory_total_mb", "memory_used_mb", "utilization", "temperature",
-                        "power_draw"):
+            for key in (
+                "memory_total_mb",
+                "memory_used_mb",
+                "utilization",
+                "temperature",
+                "power_draw",
+            ):
                 val = gpu.get(key, 0)
                 if isinstance(val, bool) or not isinstance(val, (int, float)) or val < 0:
                     raise ValueError(f"{key} must be a number >= 0")
@@ -503,51 +583,74 @@ def _simulated(v):
 
 SPEC: dict[str, dict[str, Any]] = {
     "server": {
-        "host": Str("127.0.0.1", doc="address the API binds to; 0.0.0.0 for every interface "
-                                  "(the Docker image sets it)"),
+        "host": Str(
+            "127.0.0.1",
+            doc="address the API binds to; 0.0.0.0 for every interface (the Docker image sets it)",
+        ),
         "port": Int(8086, 1, 65535, allow_str=True, doc="API port (env PORT)"),
         "read_timeout": Duration("15s", 1, doc="graceful shutdown window for in-flight requests"),
-        "write_timeout": Duration("15s", 1,
-                                  doc="longest a request may run before its worker is recycled"),
+        "write_timeout": Duration(
+            "15s", 1, doc="longest a request may run before its worker is recycled"
+        ),
         "idle_timeout": Duration("60s", 1, doc="keep-alive window for idle client connections"),
         "header_timeout": Duration(
-            "10s", 0.1, 3600,
+            "10s",
+            0.1,
+            3600,
             doc="a client must send its whole request (head and body) within this; else it is "
-                "disconnected (a kept-alive connection: counted from its first byte)"),
+            "disconnected (a kept-alive connection: counted from its first byte)",
+        ),
         "workers": Int(2, 1, 64, doc="gunicorn worker processes"),
         "threads": Int(4, 1, 256, doc="threads per gunicorn worker"),
         "max_body_bytes": Int(65536, 1024, 16 * 1024 * 1024, doc="largest accepted request body"),
-        "max_workload_data_bytes": Int(8192, 64, 16 * 1024 * 1024,
-                                       doc="largest workload_data (as compact JSON); past it "
-                                           "413"),
+        "max_workload_data_bytes": Int(
+            8192, 64, 16 * 1024 * 1024, doc="largest workload_data (as compact JSON); past it 413"
+        ),
     },
     "logging": {
         "format": Choice("text", ("text", "json"), doc="text for people, json for log pipelines"),
         "level": Choice("INFO", ("DEBUG", "INFO", "WARNING", "ERROR"), doc="lowest level logged"),
     },
     "redis": {
-        "url": Url("", ("redis", "rediss", "unix", SENTINEL_SCHEME),
-                   doc="empty: start the embedded server, Valkey or Redis (env REDIS_URL); "
-                       "redis+sentinel://[:password@]host:port,.../master_name[/db] follows "
-                       "a Sentinel-managed primary"),
-        "sentinel": Opt(dict(_NO_SENTINEL), _sentinel, _SENTINEL_EXPECTED,
-                        show=_show_sentinel, redact_got=lambda v: REDACTED,
-                        doc="Redis behind Sentinel (used when url is empty): every role asks "
-                            "the sentinels for the primary and follows a failover; password "
-                            "authenticates to the sentinels and to Redis"),
-        "min_replicas_ack": Int(0, 0, 16,
-                                doc="each engine write waits (WAIT) until this many replicas "
-                                    "have it before answering; not acknowledged: 503"),
-        "replica_ack_timeout": Duration("1s", 0.001, 60,
-                                        doc="longest a write waits for min_replicas_ack"),
-        "prefix": Str("{gpuo}", pattern=r"[A-Za-z0-9_:{}.-]+",
-                      expected="a key prefix of [A-Za-z0-9_:{}.-]",
-                      doc="every key starts with this; keep one {hash tag} for Redis Cluster"),
+        "url": Url(
+            "",
+            ("redis", "rediss", "unix", SENTINEL_SCHEME),
+            doc="empty: start the embedded server, Valkey or Redis (env REDIS_URL); "
+            "redis+sentinel://[:password@]host:port,.../master_name[/db] follows "
+            "a Sentinel-managed primary",
+        ),
+        "sentinel": Opt(
+            dict(_NO_SENTINEL),
+            _sentinel,
+            _SENTINEL_EXPECTED,
+            show=_show_sentinel,
+            redact_got=lambda v: REDACTED,
+            doc="Redis behind Sentinel (used when url is empty): every role asks "
+            "the sentinels for the primary and follows a failover; password "
+            "authenticates to the sentinels and to Redis",
+        ),
+        "min_replicas_ack": Int(
+            0,
+            0,
+            16,
+            doc="each engine write waits (WAIT) until this many replicas "
+            "have it before answering; not acknowledged: 503",
+        ),
+        "replica_ack_timeout": Duration(
+            "1s", 0.001, 60, doc="longest a write waits for min_replicas_ack"
+        ),
+        "prefix": Str(
+            "{gpuo}",
+            pattern=r"[A-Za-z0-9_:{}.-]+",
+            expected="a key prefix of [A-Za-z0-9_:{}.-]",
+            doc="every key starts with this; keep one {hash tag} for Redis Cluster",
+        ),
         "data_dir": Str("./var/redis", doc="embedded Redis data directory (AOF lives here)"),
         "embedded_host": Str("127.0.0.1", doc="embedded Redis listens here (loopback only)"),
         "embedded_port": Int(6390, 1, 65535, doc="embedded Redis port"),
-        "socket_timeout": Duration("5s", 0.1,
-                                   doc="Redis connect/read timeout; past it the API answers 503"),
+        "socket_timeout": Duration(
+            "5s", 0.1, doc="Redis connect/read timeout; past it the API answers 503"
+        ),
         "max_connections": Int(64, 1, 10000, doc="Redis connection pool size per process"),
     },
     "services": {
@@ -557,25 +660,37 @@ SPEC: dict[str, dict[str, Any]] = {
         "graph_service_timeout": Duration("2s", 0.05, 60, doc="longest wait for a workflow lookup"),
         "breaker_failures": Int(3, 1, 100, doc="advisor failures in a row that open the breaker"),
         "breaker_cooldown": Duration("30s", 1, doc="how long an open breaker skips the advisor"),
-        "graph_cache_ttl": Duration("60s", 0, doc="workflow lookups are reused this long; 0: no cache"),
+        "graph_cache_ttl": Duration(
+            "60s", 0, doc="workflow lookups are reused this long; 0: no cache"
+        ),
     },
     "scheduler": {
         "queue_check_interval": Duration(
-            "5s", 0.1, doc="safety-net schedule pass (grants happen at once on release anyway)"),
+            "5s", 0.1, doc="safety-net schedule pass (grants happen at once on release anyway)"
+        ),
         "cleanup_interval": Duration("5s", 0.1, doc="reaper: expire leases, time out requests"),
-        "max_queue_size": Int(10000, 1, 10_000_000,
-                              doc="queued requests beyond this are refused with 429"),
-        "max_queued_per_owner": Int(0, 0, 10_000_000,
-                                    doc="queued requests one owner (API key; the service_name "
-                                        "when auth is off) may have; past it 429 for that "
-                                        "owner only; 0 = a quarter of max_queue_size"),
-        "default_ttl_multiplier": Float(2.0, 0.1, 1000,
-                                        doc="lease = estimated duration x this, when no ttl"),
+        "max_queue_size": Int(
+            10000, 1, 10_000_000, doc="queued requests beyond this are refused with 429"
+        ),
+        "max_queued_per_owner": Int(
+            0,
+            0,
+            10_000_000,
+            doc="queued requests one owner (API key; the service_name "
+            "when auth is off) may have; past it 429 for that "
+            "owner only; 0 = a quarter of max_queue_size",
+        ),
+        "default_ttl_multiplier": Float(
+            2.0, 0.1, 1000, doc="lease = estimated duration x this, when no ttl"
+        ),
         "default_ttl": Duration("1h", 1, doc="lease when nothing else gives one"),
         "max_ttl": Duration("7d", 0, doc="longest lease a client may ask for; 0 = no limit"),
         "allow_infinite_ttl": Bool(False, doc="allow ttl_seconds: 0 to mean no expiry"),
-        "policy": Choice("best_effort", ("best_effort", "strict_fifo"),
-                         doc="best_effort: skip what does not fit; strict_fifo: the head blocks"),
+        "policy": Choice(
+            "best_effort",
+            ("best_effort", "strict_fifo"),
+            doc="best_effort: skip what does not fit; strict_fifo: the head blocks",
+        ),
         "aging_rate": Float(0.1, 0, 100, doc="priority points a queued request gains per minute"),
         "reservation_after": Duration("10m", 0, doc="wait after which a request reserves a node"),
         "queue_timeout": Duration("1h", 1, doc="queued requests time out after this"),
@@ -583,24 +698,33 @@ SPEC: dict[str, dict[str, Any]] = {
         "idempotency_ttl": Duration("24h", 60, doc="how long an Idempotency-Key replays"),
         "events_maxlen": Int(100000, 100, doc="the event stream keeps about this many entries"),
         "node_heartbeat_timeout": Duration(
-            "30s", 1, doc="a node silent this long has its GPUs taken out of scheduling"),
+            "30s", 1, doc="a node silent this long has its GPUs taken out of scheduling"
+        ),
         "node_forget_after": Duration(
-            "1h", 0, doc="a node silent this long is forgotten: its allocations end as lost "
-                         "(webhook lost); 0 = never"),
+            "1h",
+            0,
+            doc="a node silent this long is forgotten: its allocations end as lost "
+            "(webhook lost); 0 = never",
+        ),
     },
     "workload_defaults": {
         "training": {
             **_workload(1, 8192, 5, 90, 64, 128, 10, 20, "4h"),
-            "model_sizes": Mapping_(copy.deepcopy(MODEL_SIZES), _model_sizes,
-                                    "a mapping of size name to {gpus, memory_mb}",
-                                    doc="model_size hint -> GPUs and MB per GPU"),
+            "model_sizes": Mapping_(
+                copy.deepcopy(MODEL_SIZES),
+                _model_sizes,
+                "a mapping of size name to {gpus, memory_mb}",
+                doc="model_size hint -> GPUs and MB per GPU",
+            ),
         },
         "inference": {
             **_workload(1, 4096, 7, 80, 32, 64, 10, 20, "1h"),
             "model_families": Mapping_(
-                copy.deepcopy(MODEL_FAMILIES), _model_families,
+                copy.deepcopy(MODEL_FAMILIES),
+                _model_families,
                 "a list of {match, memory_mb, priority, max_utilization}",
-                doc="known models by name (whole-word match, first wins); beat the estimate"),
+                doc="known models by name (whole-word match, first wins); beat the estimate",
+            ),
         },
         "embedding": _workload(1, 2048, 6, 85, 32, 64, 10, 20, "30m"),
         "ocr": _workload(1, 4096, 6, 80, 100, 200, 50, 100, "30m"),
@@ -609,63 +733,107 @@ SPEC: dict[str, dict[str, Any]] = {
     },
     "memory_estimate": {
         "overhead_factor": Float(1.2, 1.0, 10, doc="activations and KV cache on top of weights"),
-        "training_overhead_factor": Float(4.0, 1.0, 20,
-                                          doc="training: gradients and optimizer state too"),
-        "default_dtype": Choice("fp16", ("fp32", "fp16", "bf16", "int8", "int4"),
-                                doc="bytes per parameter when neither dtype nor quantization is given"),
+        "training_overhead_factor": Float(
+            4.0, 1.0, 20, doc="training: gradients and optimizer state too"
+        ),
+        "default_dtype": Choice(
+            "fp16",
+            ("fp32", "fp16", "bf16", "int8", "int4"),
+            doc="bytes per parameter when neither dtype nor quantization is given",
+        ),
         "power_of_two_gpus": Bool(True, doc="round a spread-out model up to 1, 2, 4, 8... GPUs"),
     },
     "monitoring": {
         "refresh_interval": Duration("5s", 0.1, doc="how often a monitor reports its GPUs"),
         "metrics_enabled": Bool(True, doc="serve /metrics and count HTTP requests"),
-        "max_service_labels": Int(100, 1, 100_000,
-                                  doc="services with their own allocations_total series; "
-                                      "later ones are counted as service=\"other\""),
-        "backend": Choice("auto", ("auto", "nvml", "simulated"),
-                          doc="auto: NVML when a driver answers, else the simulated fleet"),
+        "max_service_labels": Int(
+            100,
+            1,
+            100_000,
+            doc="services with their own allocations_total series; "
+            'later ones are counted as service="other"',
+        ),
+        "backend": Choice(
+            "auto",
+            ("auto", "nvml", "simulated"),
+            doc="auto: NVML when a driver answers, else the simulated fleet",
+        ),
         "node_name": Str("", doc="this node's name; empty: the host name"),
-        "simulated": Mapping_({"dynamic": False, "nodes": [], "seed": 0}, _simulated,
-                              "a simulated fleet: {dynamic, nodes: [{name, count, gpu} | "
-                              "{name, gpus: [...]}]}",
-                              doc="the fleet the simulated backend reports; no nodes: one "
-                                  "node named after the host with 8 H100 80GB"),
+        "simulated": Mapping_(
+            {"dynamic": False, "nodes": [], "seed": 0},
+            _simulated,
+            "a simulated fleet: {dynamic, nodes: [{name, count, gpu} | {name, gpus: [...]}]}",
+            doc="the fleet the simulated backend reports; no nodes: one "
+            "node named after the host with 8 H100 80GB",
+        ),
     },
     "auth": {
         "enabled": Bool(False, doc="require an API key on every non-public path"),
-        "header_name": Str("X-API-Key", pattern=r"[A-Za-z0-9-]+",
-                           expected="an HTTP header name",
-                           doc="header carrying the key (Authorization: Bearer works too)"),
+        "header_name": Str(
+            "X-API-Key",
+            pattern=r"[A-Za-z0-9-]+",
+            expected="an HTTP header name",
+            doc="header carrying the key (Authorization: Bearer works too)",
+        ),
         "api_keys": KeyMap(doc="key -> principal; a key may be written as sha256:<hex>"),
         "admins": StrList([], doc="principals that may act on anything"),
-        "public_paths": StrList(["/healthz", "/readyz", "/metrics"],
-                                doc="paths open without a key; a trailing * matches a prefix"),
+        "public_paths": StrList(
+            ["/healthz", "/readyz", "/metrics"],
+            doc="paths open without a key; a trailing * matches a prefix",
+        ),
         "session_ttl": Duration("12h", 60, doc="a browser sign-in (GET /login) lasts this long"),
-        "session_secret": Str("", secret=True,
-                              doc="signs browser session cookies; empty: a random secret kept "
-                                  "in Redis, shared by every replica"),
+        "session_secret": Str(
+            "",
+            secret=True,
+            doc="signs browser session cookies; empty: a random secret kept "
+            "in Redis, shared by every replica",
+        ),
     },
     "webhooks": {
-        "timeout": Duration("5s", 0.1, 120, doc="deadline of one delivery attempt, whole: "
-                            "lookup, connect, TLS, send, response headers"),
-        "retry_intervals": DurationList(["10s", "30s", "1m", "2m", "5m", "10m", "10m", "15m",
-                                         "15m"],
-                                        doc="waits between tries (10 tries over about an hour)"),
+        "timeout": Duration(
+            "5s",
+            0.1,
+            120,
+            doc="deadline of one delivery attempt, whole: "
+            "lookup, connect, TLS, send, response headers",
+        ),
+        "retry_intervals": DurationList(
+            ["10s", "30s", "1m", "2m", "5m", "10m", "10m", "15m", "15m"],
+            doc="waits between tries (10 tries over about an hour)",
+        ),
         "secret": Str("", secret=True, doc="HMAC-SHA256 signing secret; empty: unsigned"),
-        "allowed_hosts": HostList([], doc="if non-empty, only these receive webhooks: host, "
-                                  "*.suffix, host:port, CIDR, or * for any host; naming a "
-                                  "host exactly or its CIDR allows it even if private"),
-        "deny_private_networks": Bool(True, doc="refuse loopback/private/link-local targets "
-                                      "unless allowed_hosts allows them explicitly"),
+        "allowed_hosts": HostList(
+            [],
+            doc="if non-empty, only these receive webhooks: host, "
+            "*.suffix, host:port, CIDR, or * for any host; naming a "
+            "host exactly or its CIDR allows it even if private",
+        ),
+        "deny_private_networks": Bool(
+            True,
+            doc="refuse loopback/private/link-local targets "
+            "unless allowed_hosts allows them explicitly",
+        ),
         "concurrency": Int(8, 1, 256, doc="deliveries one worker process makes at once"),
-        "max_per_receiver": Int(2, 1, 256, doc="of those, at most this many to one receiver "
-                                "(scheme, host, port); the rest wait their turn, no try spent"),
+        "max_per_receiver": Int(
+            2,
+            1,
+            256,
+            doc="of those, at most this many to one receiver "
+            "(scheme, host, port); the rest wait their turn, no try spent",
+        ),
     },
     "workers": {
-        "maintenance_interval": Duration("30s", 1, doc="how often workers look for jobs whose "
-                                         "worker died (RQ's default is 10m)"),
-        "heartbeat_interval": Duration("5s", 1, 300, doc="a busy worker's heartbeat; a job whose "
-                                       "worker was killed is retried ~3x this plus "
-                                       "maintenance_interval later"),
+        "maintenance_interval": Duration(
+            "30s", 1, doc="how often workers look for jobs whose worker died (RQ's default is 10m)"
+        ),
+        "heartbeat_interval": Duration(
+            "5s",
+            1,
+            300,
+            doc="a busy worker's heartbeat; a job whose "
+            "worker was killed is retried ~3x this plus "
+            "maintenance_interval later",
+        ),
         "job_timeout": Duration("60s", 1, doc="an RQ job running longer is stopped"),
         "count": Int(1, 1, 64, doc="RQ worker processes that `up` starts"),
     },
@@ -677,6 +845,7 @@ SPEC: dict[str, dict[str, Any]] = {
 
 
 # --------------------------------------------------------------------------- the object
+
 
 class Section:
     """Attribute access to one validated config section (read-only by convention)."""
@@ -710,7 +879,7 @@ class Settings:
         """The config as ``config show`` prints it: durations spelled out, secrets hidden."""
         return {sec: _show(SPEC[sec], vals) for sec, vals in self._values.items()}
 
-    def replace(self, **overrides: Mapping[str, Any]) -> "Settings":
+    def replace(self, **overrides: Mapping[str, Any]) -> Settings:
         """A copy with some values changed (validated), e.g. ``replace(redis={"url": ...})``."""
         values = self.as_dict()
         for section, changes in overrides.items():
@@ -720,8 +889,9 @@ class Settings:
 
 
 def _to_section(spec, values):
-    return Section({k: _to_section(spec[k], v) if isinstance(spec[k], dict) else v
-                    for k, v in values.items()})
+    return Section(
+        {k: _to_section(spec[k], v) if isinstance(spec[k], dict) else v for k, v in values.items()}
+    )
 
 
 def _show(spec, vals):
@@ -738,8 +908,10 @@ def _show(spec, vals):
 
 
 def _defaults(spec=SPEC):
-    return {k: _defaults(v) if isinstance(v, dict) else copy.deepcopy(v.default)
-            for k, v in spec.items()}
+    return {
+        k: _defaults(v) if isinstance(v, dict) else copy.deepcopy(v.default)
+        for k, v in spec.items()
+    }
 
 
 def _merge(target: dict, raw: Any, spec: dict, source: str, path: list[str]):
@@ -754,8 +926,7 @@ def _merge(target: dict, raw: Any, spec: dict, source: str, path: list[str]):
         name = ".".join(key_path)
         if key not in spec:
             choices = ", ".join(sorted(spec))
-            raise ConfigError(source, name, f"a known key (one of {choices})",
-                              show_got=False)
+            raise ConfigError(source, name, f"a known key (one of {choices})", show_got=False)
         opt = spec[key]
         if isinstance(opt, dict):
             _merge(target[key], value, opt, source, key_path)
@@ -764,8 +935,7 @@ def _merge(target: dict, raw: Any, spec: dict, source: str, path: list[str]):
             target[key] = opt.parse(value)
         except _Bad as bad:
             got = opt.redact_got(value) if opt.redact_got else value
-            raise ConfigError(source, name, str(bad), got,
-                              show_got=not opt.secret) from None
+            raise ConfigError(source, name, str(bad), got, show_got=not opt.secret) from None
 
 
 def _sentinel_default_url(values: dict, source: str) -> None:
@@ -773,32 +943,49 @@ def _sentinel_default_url(values: dict, source: str) -> None:
     red = values["redis"]
     if red["sentinel"]["master_name"]:
         if red["url"] and not red["url"].startswith(SENTINEL_SCHEME + "://"):
-            raise ConfigError(source, "redis.url", "empty or a redis+sentinel:// URL when "
-                              "redis.sentinel is set", redact_url(red["url"]))
+            raise ConfigError(
+                source,
+                "redis.url",
+                "empty or a redis+sentinel:// URL when redis.sentinel is set",
+                redact_url(red["url"]),
+            )
         red["url"] = red["url"] or sentinel_url(red["sentinel"])
 
 
 def _check_consistency(values: dict, source: str):
     for wtype, w in values["workload_defaults"].items():
         if w["xlarge_batch_size"] < w["large_batch_size"]:
-            raise ConfigError(source, f"workload_defaults.{wtype}.xlarge_batch_size",
-                              "a value >= large_batch_size", w["xlarge_batch_size"])
+            raise ConfigError(
+                source,
+                f"workload_defaults.{wtype}.xlarge_batch_size",
+                "a value >= large_batch_size",
+                w["xlarge_batch_size"],
+            )
         if w["very_high_concurrency"] < w["high_concurrency"]:
-            raise ConfigError(source, f"workload_defaults.{wtype}.very_high_concurrency",
-                              "a value >= high_concurrency", w["very_high_concurrency"])
+            raise ConfigError(
+                source,
+                f"workload_defaults.{wtype}.very_high_concurrency",
+                "a value >= high_concurrency",
+                w["very_high_concurrency"],
+            )
     if values["auth"]["enabled"] and not values["auth"]["api_keys"]:
-        raise ConfigError(source, "auth.api_keys", "at least one key when auth.enabled is true",
-                          show_got=False)
+        raise ConfigError(
+            source, "auth.api_keys", "at least one key when auth.enabled is true", show_got=False
+        )
     sched = values["scheduler"]
     if 0 < sched["node_forget_after"] <= sched["node_heartbeat_timeout"]:
-        raise ConfigError(source, "scheduler.node_forget_after",
-                          "0 (never) or a duration longer than node_heartbeat_timeout",
-                          format_duration(sched["node_forget_after"]))
+        raise ConfigError(
+            source,
+            "scheduler.node_forget_after",
+            "0 (never) or a duration longer than node_heartbeat_timeout",
+            format_duration(sched["node_forget_after"]),
+        )
     _sentinel_default_url(values, source)
     for key in values["auth"]["api_keys"]:
         if key.startswith("sha256:") and not re.fullmatch(r"sha256:[0-9a-fA-F]{64}", key):
-            raise ConfigError(source, "auth.api_keys", "sha256: followed by 64 hex digits",
-                              show_got=False)
+            raise ConfigError(
+                source, "auth.api_keys", "sha256: followed by 64 hex digits", show_got=False
+            )
 
 
 def _env_overrides(environ: Mapping[str, str]) -> list[tuple[str, dict]]:
@@ -810,7 +997,7 @@ def _env_overrides(environ: Mapping[str, str]) -> list[tuple[str, dict]]:
     for var in sorted(environ):
         if not var.startswith(ENV_PREFIX):
             continue
-        parts = [p.lower() for p in var[len(ENV_PREFIX):].split("__") if p]
+        parts = [p.lower() for p in var[len(ENV_PREFIX) :].split("__") if p]
         if not parts:
             continue
         raw: Any = _env_value(environ[var], *parts)
@@ -858,12 +1045,14 @@ def read_yaml(path: str, required: bool) -> Any:
             text = fh.read()
     except FileNotFoundError:
         if required:
-            raise ConfigError(path, "(file)", "an existing, readable config file",
-                              show_got=False) from None
+            raise ConfigError(
+                path, "(file)", "an existing, readable config file", show_got=False
+            ) from None
         return None
     except OSError as exc:
-        raise ConfigError(path, "(file)", f"a readable file ({exc.strerror})",
-                          show_got=False) from None
+        raise ConfigError(
+            path, "(file)", f"a readable file ({exc.strerror})", show_got=False
+        ) from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -883,5 +1072,14 @@ def defaults() -> Settings:
     return Settings(_defaults())
 
 
-__all__ = ["ConfigError", "Settings", "Section", "load", "check_file", "defaults",
-           "parse_duration", "WORKLOAD_TYPES", "SPEC"]
+__all__ = [
+    "ConfigError",
+    "Settings",
+    "Section",
+    "load",
+    "check_file",
+    "defaults",
+    "parse_duration",
+    "WORKLOAD_TYPES",
+    "SPEC",
+]

@@ -1,4 +1,5 @@
 """Stop on SIGINT or SIGTERM: one flag that every long-running role checks and sleeps on."""
+
 from __future__ import annotations
 
 import signal
@@ -15,7 +16,7 @@ class StopSignal:
     def __init__(self) -> None:
         self._event = threading.Event()
 
-    def install(self) -> "StopSignal":
+    def install(self) -> StopSignal:
         signal.signal(signal.SIGINT, self._handle)
         signal.signal(signal.SIGTERM, self._handle)
         return self

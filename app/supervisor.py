@@ -20,6 +20,7 @@ What it guarantees, and how:
   directory (it replays its AOF), with one warning line. Roles keep their processes and
   reconnect on their own (their clients retry). The binary is whatever ``EmbeddedRedis`` runs.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -58,6 +59,7 @@ class SupervisorError(Exception):
 
 # ------------------------------------------------------------------------ processes
 
+
 def started_at(pid: int) -> str | None:
     """An identity for a running process (its start time), None when it is gone.
 
@@ -74,8 +76,9 @@ def started_at(pid: int) -> str | None:
         fields = stat.rsplit(")", 1)[1].split()
         return None if fields[0] == "Z" else fields[19]
     try:  # no /proc (macOS, BSD)
-        out = subprocess.run(["ps", "-o", "lstart=", "-p", str(pid)], capture_output=True,
-                             text=True, timeout=5)
+        out = subprocess.run(
+            ["ps", "-o", "lstart=", "-p", str(pid)], capture_output=True, text=True, timeout=5
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
@@ -92,6 +95,7 @@ def _signal_group(pid: int, sig: int) -> None:
 
 
 # ------------------------------------------------------------------------ the lock
+
 
 class UpLock:
     """``<data_dir>/up.lock`` held for the supervisor's life, plus the record of its children."""
@@ -110,7 +114,8 @@ class UpLock:
         except OSError as exc:
             raise SupervisorError(
                 f"cannot use data directory {self.data_dir} ({exc.strerror}); set "
-                f"redis.data_dir (GPU_ORCH__REDIS__DATA_DIR) to a writable directory") from None
+                f"redis.data_dir (GPU_ORCH__REDIS__DATA_DIR) to a writable directory"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -119,7 +124,8 @@ class UpLock:
             raise SupervisorError(
                 f"another 'gpu-orchestrator up' (pid {holder}) is running on data directory "
                 f"{self.data_dir}; stop it first (Ctrl-C), or give this one its own "
-                f"redis.data_dir (GPU_ORCH__REDIS__DATA_DIR)") from None
+                f"redis.data_dir (GPU_ORCH__REDIS__DATA_DIR)"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
@@ -135,8 +141,10 @@ class UpLock:
 
     def record(self, processes: dict[str, int]) -> None:
         """Write ``{name: pid}`` (with start times) where the next ``up`` will look."""
-        state = {"supervisor": os.getpid(), "processes": {
-            name: [pid, started_at(pid)] for name, pid in processes.items()}}
+        state = {
+            "supervisor": os.getpid(),
+            "processes": {name: [pid, started_at(pid)] for name, pid in processes.items()},
+        }
         tmp = self.state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state))
         os.replace(tmp, self.state_path)
@@ -151,8 +159,11 @@ class UpLock:
             recorded = state["processes"]
         except (OSError, ValueError, KeyError, TypeError):
             return []
-        alive = {name: pid for name, (pid, since) in recorded.items()
-                 if since is not None and started_at(pid) == since}
+        alive = {
+            name: pid
+            for name, (pid, since) in recorded.items()
+            if since is not None and started_at(pid) == since
+        }
         if not alive:
             return []
 
@@ -166,8 +177,11 @@ class UpLock:
 
         # With a parent-death signal they already have their SIGTERM (a second one makes an RQ
         # worker drop the job in hand); a stopped process only needs to run to act on it.
-        first = ((signal.SIGCONT,) if lifeline.has_parent_death_signal()
-                 else (signal.SIGTERM, signal.SIGCONT))
+        first = (
+            (signal.SIGCONT,)
+            if lifeline.has_parent_death_signal()
+            else (signal.SIGTERM, signal.SIGCONT)
+        )
         for sig in first:
             for pid in alive.values():
                 _signal_group(pid, sig)
@@ -179,20 +193,30 @@ class UpLock:
         for name in running():
             _signal_group(alive[name], signal.SIGKILL)
         wait(5)
-        stuck = [f"{name} (pid {pid})" for name, pid in alive.items()
-                 if started_at(pid) == recorded[name][1]]
+        stuck = [
+            f"{name} (pid {pid})"
+            for name, pid in alive.items()
+            if started_at(pid) == recorded[name][1]
+        ]
         if stuck:
             raise SupervisorError(
                 f"processes left by an earlier 'gpu-orchestrator up' on {self.data_dir} cannot "
-                f"be stopped: {', '.join(stuck)}; stop them and start again")
+                f"be stopped: {', '.join(stuck)}; stop them and start again"
+            )
         stopped = [f"{name} (pid {pid})" for name, pid in alive.items()]
-        log.warning("stopped %d process(es) left running by an earlier 'up' (pid %s) on %s: %s",
-                    len(stopped), state.get("supervisor", "?"), self.data_dir, ", ".join(stopped))
+        log.warning(
+            "stopped %d process(es) left running by an earlier 'up' (pid %s) on %s: %s",
+            len(stopped),
+            state.get("supervisor", "?"),
+            self.data_dir,
+            ", ".join(stopped),
+        )
         self.state_path.unlink(missing_ok=True)
         return stopped
 
 
 # ------------------------------------------------------------------------ children
+
 
 @dataclass
 class Child:
@@ -212,8 +236,13 @@ class Child:
 class Supervisor:
     """Runs the children of ``up`` and the embedded Redis, and keeps them running."""
 
-    def __init__(self, commands: dict[str, list[str]], env: dict[str, str],
-                 embedded: EmbeddedRedis | None = None, lock: UpLock | None = None):
+    def __init__(
+        self,
+        commands: dict[str, list[str]],
+        env: dict[str, str],
+        embedded: EmbeddedRedis | None = None,
+        lock: UpLock | None = None,
+    ):
         self.children = {name: Child(name, args) for name, args in commands.items()}
         self.env = dict(env, **{lifeline.SUPERVISOR_ENV: str(os.getpid())})
         self.embedded = embedded
@@ -224,15 +253,19 @@ class Supervisor:
     def _record(self) -> None:
         if self.lock is None:
             return
-        pids = {c.name: c.proc.pid for c in self.children.values()
-                if c.proc is not None and c.proc.poll() is None}
+        pids = {
+            c.name: c.proc.pid
+            for c in self.children.values()
+            if c.proc is not None and c.proc.poll() is None
+        }
         if self.embedded is not None and self.embedded.proc is not None:
             pids["redis"] = self.embedded.proc.pid
         self.lock.record(pids)
 
     def spawn(self, child: Child) -> None:
-        child.proc = subprocess.Popen(child.args, env=self.env, start_new_session=True,
-                                      preexec_fn=lifeline.die_with_parent())
+        child.proc = subprocess.Popen(
+            child.args, env=self.env, start_new_session=True, preexec_fn=lifeline.die_with_parent()
+        )
         child.started = time.monotonic()
         child.restart_at = None
         self._record()
@@ -244,8 +277,10 @@ class Supervisor:
 
     def failed_early(self) -> bool:
         """True when the API exited with code 2 (while ``up`` still waits for it to answer)."""
-        return any(c.role == "api" and c.proc is not None and c.proc.poll() == EXIT_USAGE
-                   for c in self.children.values())
+        return any(
+            c.role == "api" and c.proc is not None and c.proc.poll() == EXIT_USAGE
+            for c in self.children.values()
+        )
 
     def check(self, stopping) -> None:
         """One supervision pass; raises SupervisorError when ``up`` must end."""
@@ -269,8 +304,9 @@ class Supervisor:
         if code == EXIT_USAGE:  # config, a taken port: restarting cannot help
             if child.role == "api":
                 raise SupervisorError(f"{child.name} cannot start (see its message above)")
-            log.error("%s exited with code 2 (see its message above); not restarting it",
-                      child.name)
+            log.error(
+                "%s exited with code 2 (see its message above); not restarting it", child.name
+            )
             child.given_up = True
             self._record()
             return
@@ -280,7 +316,9 @@ class Supervisor:
             raise SupervisorError(
                 f"{child.name} exited {child.quick_failures} times in a row within "
                 f"{STABLE_AFTER:.0f} s of starting (last exit code {code}); not restarting it "
-                f"again: see its messages above", code=1)
+                f"again: see its messages above",
+                code=1,
+            )
         delay = min(2.0 ** (child.quick_failures - 1), MAX_RESTART_DELAY)
         log.warning("%s exited with code %s; restarting it in %.0f s", child.name, code, delay)
         child.restart_at = now + delay
@@ -299,10 +337,15 @@ class Supervisor:
             raise SupervisorError(
                 f"embedded Redis died {self.redis_failures} times in a row within "
                 f"{STABLE_AFTER:.0f} s of starting ({how}); see {embedded.data_dir}/redis.log",
-                code=1)
-        log.warning("embedded Redis (pid %d) died (%s); restarting it on %s (replaying its "
-                    "AOF); roles reconnect when it answers", embedded.proc.pid, how,
-                    embedded.data_dir)
+                code=1,
+            )
+        log.warning(
+            "embedded Redis (pid %d) died (%s); restarting it on %s (replaying its "
+            "AOF); roles reconnect when it answers",
+            embedded.proc.pid,
+            how,
+            embedded.data_dir,
+        )
         try:
             embedded.restart(timeout=120)
         except EmbeddedRedisError as exc:

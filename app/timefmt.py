@@ -1,9 +1,10 @@
 """Timestamps and durations: the engine stores epoch seconds; clients see RFC 3339 UTC strings;
 people write durations as ``15s``, ``5m``, ``1h``. Standard library only (app.client uses it)."""
+
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -29,7 +30,7 @@ def iso(ts: float | None) -> str | None:
     if ts is None or ts == "":
         return None
     try:
-        dt = datetime.fromtimestamp(float(ts), tz=timezone.utc)
+        dt = datetime.fromtimestamp(float(ts), tz=UTC)
     except (TypeError, ValueError, OverflowError, OSError):
         return None
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"

@@ -7,6 +7,7 @@ utilization) but only explains: the engine alone decides. The ETA is a lower bou
 lease ends of the allocations in the way (None when one of them never expires or no node could
 ever fit); fair-share ordering (issue 14) will refine it.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,8 +39,10 @@ def explain(snapshot: dict[str, Any]) -> dict[str, dict[str, Any]]:
     gpus_by_node: dict[str, list[dict]] = {}
     for gpu in snapshot["gpus"]:
         gpus_by_node.setdefault(gpu.get("node") or "", []).append(gpu)
-    lease_end = {a["id"]: (a.get("expires_at") if a.get("expires_at") is not None else math.inf)
-                 for a in snapshot["allocations"]}
+    lease_end = {
+        a["id"]: (a.get("expires_at") if a.get("expires_at") is not None else math.inf)
+        for a in snapshot["allocations"]
+    }
     live = set(lease_end)
     queued = {q["id"]: q for q in snapshot["queue"]}
     out = {}
@@ -55,8 +58,10 @@ def _one(q, now, gpus_by_node, lease_end, live, queued) -> dict[str, Any]:
     k = int(q.get("required_gpus") or 1)
     waiting_on = [d for d in (q.get("depends_on") or []) if d in live or d in queued]
     if waiting_on:
-        return {"reason": f"waits for {', '.join(waiting_on[:3])} to finish (depends_on)",
-                "eta": None}
+        return {
+            "reason": f"waits for {', '.join(waiting_on[:3])} to finish (depends_on)",
+            "eta": None,
+        }
     ahead = max(int(q.get("position") or 1) - 1, 0)
     # the k-th earliest time enough qualifying GPUs are free on one node
     best_eta, fits_now, could_fit = math.inf, False, False
@@ -78,16 +83,23 @@ def _one(q, now, gpus_by_node, lease_end, live, queued) -> dict[str, Any]:
         times.sort()
         best_eta = min(best_eta, times[k - 1])
         fits_now = fits_now or times[k - 1] <= now
-    need = (f"{k} GPU{'s' if k > 1 else ''}"
-            + (f" with {q.get('min_memory_mb')} MB" if q.get("min_memory_mb") else ""))
+    need = f"{k} GPU{'s' if k > 1 else ''}" + (
+        f" with {q.get('min_memory_mb')} MB" if q.get("min_memory_mb") else ""
+    )
     if not could_fit:
-        return {"reason": f"no live node has {need} that are healthy and not cordoned "
-                          f"(the most on one node: {largest})", "eta": None}
+        return {
+            "reason": f"no live node has {need} that are healthy and not cordoned "
+            f"(the most on one node: {largest})",
+            "eta": None,
+        }
     if q.get("reserved_node"):
         reason = f"holds a reservation on {q['reserved_node']}; waits for its GPUs to free up"
     elif fits_now:
-        reason = ("fits now; the next scheduling pass grants it" if not ahead else
-                  f"fits now; {ahead} request(s) ahead are served first")
+        reason = (
+            "fits now; the next scheduling pass grants it"
+            if not ahead
+            else f"fits now; {ahead} request(s) ahead are served first"
+        )
     else:
         reason = f"waits for {need} on one node to be released"
         if ahead:

@@ -23,18 +23,20 @@ of a host is refused, the whole URL is: a round-robin name cannot smuggle in a p
 :func:`redact` is how a webhook URL appears in logs and error messages: no userinfo, no query
 string, no fragment.
 """
+
 from __future__ import annotations
 
 import ipaddress
 import socket
 import threading
-from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Callable, Iterable, Union
 from urllib.parse import urlsplit
 
-IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], list]
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -69,8 +71,11 @@ class Entry:
         return host == self.host
 
     def contains(self, ip: IPAddress, port: int) -> bool:
-        return (self.network is not None and ip in self.network
-                and (self.port is None or self.port == port))
+        return (
+            self.network is not None
+            and ip in self.network
+            and (self.port is None or self.port == port)
+        )
 
 
 def parse_entry(text: str) -> Entry:
@@ -99,8 +104,9 @@ def parse_entry(text: str) -> Entry:
     literal = _literal(host)
     if literal is not None:
         return Entry(network=ipaddress.ip_network(literal), port=port)
-    if raw.startswith("[") or (host != "*" and not _valid_name(
-            host[2:] if host.startswith("*.") else host)):
+    if raw.startswith("[") or (
+        host != "*" and not _valid_name(host[2:] if host.startswith("*.") else host)
+    ):
         raise ValueError(f"{text!r} is not a host, host:port or CIDR")
     return Entry(host=host.rstrip("."), port=port)
 
@@ -149,8 +155,14 @@ def _is_public(ip: IPAddress) -> bool:
         ip = ip.ipv4_mapped
     # ``is_global`` is False for what is_private misses too: the shared address space
     # 100.64.0.0/10 (where some clouds put their metadata service) and 192.0.0.0/24.
-    return (ip.is_global and not (ip.is_private or ip.is_loopback or ip.is_link_local
-                                  or ip.is_multicast or ip.is_reserved or ip.is_unspecified))
+    return ip.is_global and not (
+        ip.is_private
+        or ip.is_loopback
+        or ip.is_link_local
+        or ip.is_multicast
+        or ip.is_reserved
+        or ip.is_unspecified
+    )
 
 
 def _system_resolve(host: str, port: int) -> list:
@@ -187,12 +199,14 @@ def split(url: str) -> tuple[str, str, int, str]:
     if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
         raise Refused("webhook URL must be http:// or https:// with a host")
     if "@" in parts.netloc:
-        raise Refused("webhook URL must not carry credentials (user:password@); "
-                      "receivers verify the X-GPU-Orchestrator-Signature instead")
+        raise Refused(
+            "webhook URL must not carry credentials (user:password@); "
+            "receivers verify the X-GPU-Orchestrator-Signature instead"
+        )
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
-    if any(ord(c) < 0x21 or ord(c) == 0x7f for c in path):
+    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in path):
         raise Refused("webhook URL path must not contain spaces or control characters")
     host = parts.hostname.lower().rstrip(".")
     return parts.scheme, host, port or DEFAULT_PORTS[parts.scheme], path
@@ -201,14 +215,18 @@ def split(url: str) -> tuple[str, str, int, str]:
 class Policy:
     """``webhooks.allowed_hosts`` and ``deny_private_networks``, parsed once."""
 
-    def __init__(self, allowed_hosts: Iterable[str] = (), deny_private_networks: bool = True,
-                 resolver: Resolver | None = None):
+    def __init__(
+        self,
+        allowed_hosts: Iterable[str] = (),
+        deny_private_networks: bool = True,
+        resolver: Resolver | None = None,
+    ):
         self.entries = [parse_entry(x) for x in allowed_hosts]
         self.deny_private = deny_private_networks
         self.resolver = resolver or _system_resolve
 
     @classmethod
-    def from_settings(cls, settings, resolver: Resolver | None = None) -> "Policy":
+    def from_settings(cls, settings, resolver: Resolver | None = None) -> Policy:
         hooks = settings.webhooks
         return cls(hooks.allowed_hosts, hooks.deny_private_networks, resolver)
 
@@ -240,7 +258,8 @@ class Policy:
                 raise Refused(
                     f"webhook target {shown} resolves to a private, loopback or link-local "
                     f"address ({ip}); webhooks.deny_private_networks is on and no "
-                    "webhooks.allowed_hosts network (CIDR or address) allows it")
+                    "webhooks.allowed_hosts network (CIDR or address) allows it"
+                )
         return Target(scheme, host, port, path, tuple(str(a) for a in addresses))
 
 

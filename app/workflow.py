@@ -15,6 +15,7 @@ seconds; a failure is remembered for ``min(cache_ttl, failure_ttl)`` seconds, so
 service costs one time limit every few seconds rather than one per request. Two threads that
 miss the cache at the same moment may both ask the service; that is harmless (same answer).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,9 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import quote
 
 import requests
@@ -71,10 +73,17 @@ def parse_workflow(workflow_id: str, body: Any) -> WorkflowInfo:
 class WorkflowClient:
     """Looks workflows up in the graph service; thread-safe; never raises from ``lookup``."""
 
-    def __init__(self, url: str, *, timeout: float = 2.0, cache_ttl: float = 60.0,
-                 failure_ttl: float = 5.0, max_entries: int = 1024,
-                 clock: Callable[[], float] = time.monotonic,
-                 session: requests.Session | None = None):
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 2.0,
+        cache_ttl: float = 60.0,
+        failure_ttl: float = 5.0,
+        max_entries: int = 1024,
+        clock: Callable[[], float] = time.monotonic,
+        session: requests.Session | None = None,
+    ):
         if not url:
             raise ValueError("url must be a non-empty http(s) URL")
         self.url = url.rstrip("/")
@@ -88,13 +97,17 @@ class WorkflowClient:
         self._cache: OrderedDict[str, tuple[float, WorkflowInfo | None]] = OrderedDict()
 
     @classmethod
-    def from_settings(cls, settings, **kwargs) -> "WorkflowClient | None":
+    def from_settings(cls, settings, **kwargs) -> WorkflowClient | None:
         """The client ``services.graph_service_url`` names, or None when it is empty."""
         svc = settings.services
         if not svc.graph_service_url:
             return None
-        return cls(svc.graph_service_url, timeout=svc.graph_service_timeout,
-                   cache_ttl=svc.graph_cache_ttl, **kwargs)
+        return cls(
+            svc.graph_service_url,
+            timeout=svc.graph_service_timeout,
+            cache_ttl=svc.graph_cache_ttl,
+            **kwargs,
+        )
 
     def lookup(self, workflow_id: str) -> WorkflowInfo | None:
         """The workflow's context, or None when it is unknown or the service failed."""
@@ -106,8 +119,11 @@ class WorkflowClient:
         try:
             info, ttl = self._fetch(workflow_id), self.cache_ttl
         except Exception as exc:  # _LookupFailed, or anything unforeseen: never fail a request
-            log.warning("graph service lookup of workflow %r failed: %s; using the request's "
-                        "own data", workflow_id, exc)
+            log.warning(
+                "graph service lookup of workflow %r failed: %s; using the request's own data",
+                workflow_id,
+                exc,
+            )
             info, ttl = None, self.failure_ttl
         if ttl > 0:
             with self._lock:
@@ -121,8 +137,7 @@ class WorkflowClient:
         url = f"{self.url}/workflow/{quote(workflow_id, safe='')}"
         give_up = time.monotonic() + self.timeout
         try:
-            with self._session.get(url, timeout=(self.timeout, self.timeout),
-                                   stream=True) as resp:
+            with self._session.get(url, timeout=(self.timeout, self.timeout), stream=True) as resp:
                 if resp.status_code == 404:
                     return None
                 if resp.status_code != 200:

@@ -21,15 +21,17 @@ always agree. The steps, in order of increasing precedence:
    ``max_memory_mb``, ``priority``, ``max_utilization``, ``estimated_duration_seconds``) win over
    everything, for every workload type.
 """
+
 from __future__ import annotations
 
 import difflib
 import logging
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from fractions import Fraction
-from typing import Any, Callable
+from typing import Any
 
 from prometheus_client import Counter
 
@@ -42,29 +44,51 @@ from app.workflow import WorkflowClient
 log = logging.getLogger(__name__)
 
 #: Analysis results by who decided the GPUs/memory/priority: "rules" or "advisor".
-DECISIONS = Counter("gpu_orchestrator_workload_decisions",
-                    "Workload analyses by the source of the decision", ["source"])
+DECISIONS = Counter(
+    "gpu_orchestrator_workload_decisions",
+    "Workload analyses by the source of the decision",
+    ["source"],
+)
 
 #: Used when no fleet_limits callable is given, or it has nothing to say (an empty fleet).
 FALLBACK_LIMITS = {"max_gpus_per_node": 8, "max_gpu_memory_mb": 81559}
 
 #: Inference ``model_size``: (mode, MB). "cap" lowers memory to at most MB, "set" sets it.
-INFERENCE_SIZES = {"small": ("cap", 2048), "medium": ("cap", 4096), "large": ("set", 8192),
-                   "xlarge": ("set", 16384)}
+INFERENCE_SIZES = {
+    "small": ("cap", 2048),
+    "medium": ("cap", 4096),
+    "large": ("set", 8192),
+    "xlarge": ("set", 16384),
+}
 
 #: graph_processing: memory for graphs above ``large_batch_size`` nodes (the original's 8 GB).
 LARGE_GRAPH_MEMORY_MB = 8192
 
 #: Bytes per parameter by ``dtype``.
-DTYPE_BYTES = {"fp32": Fraction(4), "float32": Fraction(4), "fp16": Fraction(2),
-               "float16": Fraction(2), "half": Fraction(2), "bf16": Fraction(2),
-               "bfloat16": Fraction(2), "fp8": Fraction(1), "int8": Fraction(1),
-               "int4": Fraction(1, 2)}
+DTYPE_BYTES = {
+    "fp32": Fraction(4),
+    "float32": Fraction(4),
+    "fp16": Fraction(2),
+    "float16": Fraction(2),
+    "half": Fraction(2),
+    "bf16": Fraction(2),
+    "bfloat16": Fraction(2),
+    "fp8": Fraction(1),
+    "int8": Fraction(1),
+    "int4": Fraction(1, 2),
+}
 
 #: Bytes per parameter by ``quantization`` (wins over dtype: the weights are what is stored).
-QUANT_BYTES = {"int8": Fraction(1), "8bit": Fraction(1), "fp8": Fraction(1),
-               "int4": Fraction(1, 2), "4bit": Fraction(1, 2), "nf4": Fraction(1, 2),
-               "awq": Fraction(1, 2), "gptq": Fraction(1, 2)}
+QUANT_BYTES = {
+    "int8": Fraction(1),
+    "8bit": Fraction(1),
+    "fp8": Fraction(1),
+    "int4": Fraction(1, 2),
+    "4bit": Fraction(1, 2),
+    "nf4": Fraction(1, 2),
+    "awq": Fraction(1, 2),
+    "gptq": Fraction(1, 2),
+}
 NO_QUANT = ("", "none", "no", "off")
 
 _MIB = 1 << 20
@@ -120,10 +144,17 @@ class MemoryEstimate:
         return dict(self.__dict__)
 
 
-def estimate_memory(parameters_billions: Fraction | float, bytes_per_parameter: Fraction | float,
-                    overhead_factor: float, *, max_gpus_per_node: int, max_gpu_memory_mb: int,
-                    power_of_two: bool = True, source: str = "parameters_billions",
-                    precision: str = "") -> MemoryEstimate:
+def estimate_memory(
+    parameters_billions: Fraction | float,
+    bytes_per_parameter: Fraction | float,
+    overhead_factor: float,
+    *,
+    max_gpus_per_node: int,
+    max_gpu_memory_mb: int,
+    power_of_two: bool = True,
+    source: str = "parameters_billions",
+    precision: str = "",
+) -> MemoryEstimate:
     """Memory for a model and the GPUs it needs.
 
     total MB = ceil(params x 1e9 x bytes x overhead / 2^20). When that exceeds the largest GPU,
@@ -131,19 +162,33 @@ def estimate_memory(parameters_billions: Fraction | float, bytes_per_parameter: 
     ``power_of_two`` and the node has that many, as tensor parallelism usually wants); each then
     needs ceil(total / GPUs). ``fits`` is False when even a whole node is too small.
     """
-    exact = (Fraction(str(parameters_billions)) * 10**9 * Fraction(str(bytes_per_parameter))
-             * Fraction(str(overhead_factor)) / _MIB)
+    exact = (
+        Fraction(str(parameters_billions))
+        * 10**9
+        * Fraction(str(bytes_per_parameter))
+        * Fraction(str(overhead_factor))
+        / _MIB
+    )
     total = math.ceil(exact)
     gpus = max(1, math.ceil(Fraction(total, max(1, max_gpu_memory_mb))))
     if power_of_two and _next_power_of_two(gpus) <= max_gpus_per_node:
         gpus = _next_power_of_two(gpus)
     per_gpu = math.ceil(Fraction(total, gpus))
-    return MemoryEstimate(float(parameters_billions), source, precision,
-                          float(bytes_per_parameter), float(overhead_factor), total, gpus,
-                          per_gpu, gpus <= max_gpus_per_node and per_gpu <= max_gpu_memory_mb)
+    return MemoryEstimate(
+        float(parameters_billions),
+        source,
+        precision,
+        float(bytes_per_parameter),
+        float(overhead_factor),
+        total,
+        gpus,
+        per_gpu,
+        gpus <= max_gpus_per_node and per_gpu <= max_gpu_memory_mb,
+    )
 
 
 # --------------------------------------------------------------------------- input checking
+
 
 @dataclass
 class Hints:
@@ -183,24 +228,41 @@ KNOWN_HINTS = tuple(f.name for f in fields(Hints))
 #: Spellings clients use for a hint -> the hint meant (the did-you-mean of a warning, where
 #: the spelling is too far from the name for difflib).
 HINT_ALIASES = {
-    "gpu_count": "required_gpus", "gpus": "required_gpus", "num_gpus": "required_gpus",
-    "n_gpus": "required_gpus", "gpu_num": "required_gpus", "number_of_gpus": "required_gpus",
-    "count": "required_gpus", "memory_mb": "min_memory_mb", "memory": "min_memory_mb",
-    "gpu_memory_mb": "min_memory_mb", "gpu_memory": "min_memory_mb", "vram_mb": "min_memory_mb",
-    "vram": "min_memory_mb", "mem_mb": "min_memory_mb", "model": "model_name",
-    "params": "parameters_billions", "parameters": "parameters_billions",
-    "num_parameters": "parameters_billions", "precision": "dtype", "quant": "quantization",
-    "batch": "batch_size", "duration": "estimated_duration_seconds",
-    "duration_seconds": "estimated_duration_seconds", "images": "image_count",
-    "nodes": "node_count", "concurrency": "concurrent_requests",
+    "gpu_count": "required_gpus",
+    "gpus": "required_gpus",
+    "num_gpus": "required_gpus",
+    "n_gpus": "required_gpus",
+    "gpu_num": "required_gpus",
+    "number_of_gpus": "required_gpus",
+    "count": "required_gpus",
+    "memory_mb": "min_memory_mb",
+    "memory": "min_memory_mb",
+    "gpu_memory_mb": "min_memory_mb",
+    "gpu_memory": "min_memory_mb",
+    "vram_mb": "min_memory_mb",
+    "vram": "min_memory_mb",
+    "mem_mb": "min_memory_mb",
+    "model": "model_name",
+    "params": "parameters_billions",
+    "parameters": "parameters_billions",
+    "num_parameters": "parameters_billions",
+    "precision": "dtype",
+    "quant": "quantization",
+    "batch": "batch_size",
+    "duration": "estimated_duration_seconds",
+    "duration_seconds": "estimated_duration_seconds",
+    "images": "image_count",
+    "nodes": "node_count",
+    "concurrency": "concurrent_requests",
 }
 
 #: Most warnings in one answer (a body may carry 1,000 keys); the rest are counted.
 MAX_WARNINGS = 20
 
 
-def hint_warnings(data: Any, *, top_level: tuple[str, ...] = (),
-                  advisor_used: bool = False) -> list[str]:
+def hint_warnings(
+    data: Any, *, top_level: tuple[str, ...] = (), advisor_used: bool = False
+) -> list[str]:
     """One line per ``workload_data`` key the analysis does not read, with a did-you-mean.
 
     An unknown top-level field of the body is a 422; an unknown hint is not (``workload_data``
@@ -219,8 +281,9 @@ def hint_warnings(data: Any, *, top_level: tuple[str, ...] = (),
             line += f"; {key} is a top-level field of the request body"
         else:
             guess = HINT_ALIASES.get(str(key).lower()) or next(
-                iter(difflib.get_close_matches(str(key).lower(), KNOWN_HINTS, n=1,
-                                               cutoff=0.75)), None)
+                iter(difflib.get_close_matches(str(key).lower(), KNOWN_HINTS, n=1, cutoff=0.75)),
+                None,
+            )
             if guess:
                 line += f"; did you mean {guess}?"
         out.append(line)
@@ -260,10 +323,18 @@ class _Checker:
         v = self.data[name]
         kind = "an integer" if whole else "a number"
         low = f"> {lo:g}" if above else f">= {lo:g}"
-        rng = f" {low} and <= {hi:g}" if hi is not None and above else (
-            f" in {lo:g}..{hi:g}" if hi is not None else f" {low}")
-        if (not _is_number(v) or (whole and v != int(v)) or v < lo or (above and v <= lo)
-                or (hi is not None and v > hi)):
+        rng = (
+            f" {low} and <= {hi:g}"
+            if hi is not None and above
+            else (f" in {lo:g}..{hi:g}" if hi is not None else f" {low}")
+        )
+        if (
+            not _is_number(v)
+            or (whole and v != int(v))
+            or v < lo
+            or (above and v <= lo)
+            or (hi is not None and v > hi)
+        ):
             self.bad(name, f"{kind}{rng}, got {_shown(v)}")
             return None
         return int(v) if whole else float(v)
@@ -308,7 +379,8 @@ def check_workload_type(workload_type: Any) -> str:
     if workload_type not in WORKLOAD_TYPES:
         raise ValidationFailed(
             f"unknown workload_type {workload_type!r}",
-            details={"workload_type": "one of " + ", ".join(WORKLOAD_TYPES)})
+            details={"workload_type": "one of " + ", ".join(WORKLOAD_TYPES)},
+        )
     return workload_type
 
 
@@ -317,11 +389,16 @@ def check_workload_data(workload_type: str, data: Any, training_sizes) -> Hints:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ValidationFailed("workload_data must be an object",
-                               details={"workload_data": f"an object, got {type(data).__name__}"})
+        raise ValidationFailed(
+            "workload_data must be an object",
+            details={"workload_data": f"an object, got {type(data).__name__}"},
+        )
     c = _Checker(data)
-    sizes = tuple(training_sizes) if workload_type == "training" else (
-        tuple(INFERENCE_SIZES) if workload_type == "inference" else None)
+    sizes = (
+        tuple(training_sizes)
+        if workload_type == "training"
+        else (tuple(INFERENCE_SIZES) if workload_type == "inference" else None)
+    )
     hints = Hints(
         batch_size=c.number("batch_size", 0, MAX_HINT),
         concurrent_requests=c.number("concurrent_requests", 0, MAX_HINT),
@@ -332,8 +409,9 @@ def check_workload_data(workload_type: str, data: Any, training_sizes) -> Hints:
         max_memory_mb=c.number("max_memory_mb", 0, 16 * 1024 * 1024, whole=True),
         priority=c.number("priority", 1, 10, whole=True),
         max_utilization=c.number("max_utilization", 0, 100),
-        estimated_duration_seconds=c.number("estimated_duration_seconds", 0,
-                                            MAX_DURATION_SECONDS, above=True),
+        estimated_duration_seconds=c.number(
+            "estimated_duration_seconds", 0, MAX_DURATION_SECONDS, above=True
+        ),
         parameters_billions=c.number("parameters_billions", 0, 100_000, above=True),
         workflow_priority=c.number("workflow_priority", 1, 10, whole=True),
         model_size=c.string("model_size", choices=sizes),
@@ -345,8 +423,11 @@ def check_workload_data(workload_type: str, data: Any, training_sizes) -> Hints:
         workflow_id=c.string("workflow_id"),
         workflow_dependencies=c.id_list("workflow_dependencies"),
     )
-    if (hints.max_memory_mb and hints.min_memory_mb is not None
-            and hints.max_memory_mb < hints.min_memory_mb):
+    if (
+        hints.max_memory_mb
+        and hints.min_memory_mb is not None
+        and hints.max_memory_mb < hints.min_memory_mb
+    ):
         c.bad("max_memory_mb", f"0 (no limit) or >= min_memory_mb ({hints.min_memory_mb})")
     if c.errors:
         first = next(iter(c.errors.items()))
@@ -355,6 +436,7 @@ def check_workload_data(workload_type: str, data: Any, training_sizes) -> Hints:
 
 
 # --------------------------------------------------------------------------- the analyzer
+
 
 @dataclass
 class _Plan:
@@ -370,19 +452,28 @@ class _Plan:
 class WorkloadAnalyzer:
     """Rules, estimate, advisor and workflow context -> one requirements dict."""
 
-    def __init__(self, settings, *, advisor: Advisor | None = None,
-                 workflow: WorkflowClient | None = None,
-                 fleet_limits: Callable[[], dict] | None = None):
+    def __init__(
+        self,
+        settings,
+        *,
+        advisor: Advisor | None = None,
+        workflow: WorkflowClient | None = None,
+        fleet_limits: Callable[[], dict] | None = None,
+    ):
         self.settings = settings
         self.advisor = advisor
         self.workflow = workflow
         self.fleet_limits = fleet_limits
 
     @classmethod
-    def from_settings(cls, settings, *, fleet_limits=None) -> "WorkloadAnalyzer":
+    def from_settings(cls, settings, *, fleet_limits=None) -> WorkloadAnalyzer:
         """With the advisor and graph-service client the settings name (each may be absent)."""
-        return cls(settings, advisor=Advisor.from_settings(settings),
-                   workflow=WorkflowClient.from_settings(settings), fleet_limits=fleet_limits)
+        return cls(
+            settings,
+            advisor=Advisor.from_settings(settings),
+            workflow=WorkflowClient.from_settings(settings),
+            fleet_limits=fleet_limits,
+        )
 
     def close(self) -> None:
         for client in (self.advisor, self.workflow):
@@ -403,8 +494,14 @@ class WorkloadAnalyzer:
             return FALLBACK_LIMITS["max_gpus_per_node"], FALLBACK_LIMITS["max_gpu_memory_mb"]
         return int(gpus), int(memory)
 
-    def analyze(self, workload_type: str, workload_data: dict | None, *,
-                service_name: str | None = None, top_level: tuple[str, ...] = ()) -> dict:
+    def analyze(
+        self,
+        workload_type: str,
+        workload_data: dict | None,
+        *,
+        service_name: str | None = None,
+        top_level: tuple[str, ...] = (),
+    ) -> dict:
         """The requirements for one workload (see the module docstring for the precedence).
 
         ``warnings`` lists the ``workload_data`` keys the analysis ignored (see
@@ -431,11 +528,19 @@ class WorkloadAnalyzer:
             info = self.workflow.lookup(hints.workflow_id)
 
         decided_by = "rules"
-        explicit = (hints.required_gpus is not None and hints.min_memory_mb is not None
-                    and (hints.priority is not None or hints.workflow_priority is not None))
+        explicit = (
+            hints.required_gpus is not None
+            and hints.min_memory_mb is not None
+            and (hints.priority is not None or hints.workflow_priority is not None)
+        )
         if self.advisor is not None and not explicit:
-            advice = self.advisor.advise(service_name, wtype, dict(workload_data or {}),
-                                         max_gpus=max_gpus, max_memory_mb=max_mb)
+            advice = self.advisor.advise(
+                service_name,
+                wtype,
+                dict(workload_data or {}),
+                max_gpus=max_gpus,
+                max_memory_mb=max_mb,
+            )
             if advice is not None:
                 decided_by = "advisor"
                 self._apply_advice(plan, advice, estimate)
@@ -447,8 +552,9 @@ class WorkloadAnalyzer:
             plan.reasons.append(f"workflow_priority {hints.workflow_priority}")
         elif info is not None and info.priority is not None:
             plan.priority = info.priority
-            plan.reasons.append(f"workflow {info.workflow_id} priority {info.priority} "
-                                "(graph service)")
+            plan.reasons.append(
+                f"workflow {info.workflow_id} priority {info.priority} (graph service)"
+            )
         self._apply_overrides(plan, hints, estimate)
 
         depends_on = list(hints.workflow_dependencies)
@@ -458,8 +564,10 @@ class WorkloadAnalyzer:
             raise ValidationFailed(
                 f"max_memory_mb {hints.max_memory_mb} is below the {plan.memory_mb} MB per GPU "
                 "this workload needs",
-                details={"workload_data.max_memory_mb":
-                         f"0 (no limit) or >= {plan.memory_mb} (the required min_memory_mb)"})
+                details={
+                    "workload_data.max_memory_mb": f"0 (no limit) or >= {plan.memory_mb} (the required min_memory_mb)"
+                },
+            )
 
         DECISIONS.labels(decided_by).inc()
         return {
@@ -475,17 +583,25 @@ class WorkloadAnalyzer:
             "depends_on": depends_on,
             "workflow_id": hints.workflow_id,
             "estimate": estimate.as_dict() if estimate is not None else None,
-            "warnings": hint_warnings(workload_data, top_level=top_level,
-                                      advisor_used=decided_by == "advisor"),
+            "warnings": hint_warnings(
+                workload_data, top_level=top_level, advisor_used=decided_by == "advisor"
+            ),
         }
 
     # ------------------------------------------------------------------ rules
 
     def _rules(self, wtype: str, cfg, h: Hints) -> _Plan:
-        plan = _Plan(cfg.default_gpus, cfg.default_memory_mb, cfg.default_priority,
-                     float(cfg.max_utilization), float(cfg.estimated_duration),
-                     [f"{wtype} defaults: {cfg.default_gpus} GPU, {cfg.default_memory_mb} MB, "
-                      f"priority {cfg.default_priority}"])
+        plan = _Plan(
+            cfg.default_gpus,
+            cfg.default_memory_mb,
+            cfg.default_priority,
+            float(cfg.max_utilization),
+            float(cfg.estimated_duration),
+            [
+                f"{wtype} defaults: {cfg.default_gpus} GPU, {cfg.default_memory_mb} MB, "
+                f"priority {cfg.default_priority}"
+            ],
+        )
         getattr(self, f"_rules_{wtype}")(plan, cfg, h)
         return plan
 
@@ -499,8 +615,9 @@ class WorkloadAnalyzer:
         if h.model_size is not None:
             size = cfg.model_sizes[h.model_size]
             plan.gpus, plan.memory_mb = size["gpus"], size["memory_mb"]
-            plan.reasons.append(f"model_size {h.model_size} -> {size['gpus']} GPUs, "
-                                f"{size['memory_mb']} MB")
+            plan.reasons.append(
+                f"model_size {h.model_size} -> {size['gpus']} GPUs, {size['memory_mb']} MB"
+            )
         if h.batch_size is not None:
             if h.batch_size > cfg.xlarge_batch_size:
                 self._at_least(plan, 4, f"batch_size {h.batch_size:g} > {cfg.xlarge_batch_size}")
@@ -518,8 +635,10 @@ class WorkloadAnalyzer:
                     plan.memory_mb, plan.priority = family["memory_mb"], family["priority"]
                     if family["max_utilization"] is not None:
                         plan.max_utilization = family["max_utilization"]
-                    plan.reasons.append(f"model family {plan.family} -> {plan.memory_mb} MB, "
-                                        f"priority {plan.priority}")
+                    plan.reasons.append(
+                        f"model family {plan.family} -> {plan.memory_mb} MB, "
+                        f"priority {plan.priority}"
+                    )
                     break
         if h.model_size is not None:
             mode, mb = INFERENCE_SIZES[h.model_size]
@@ -532,11 +651,17 @@ class WorkloadAnalyzer:
             plan.reasons.append(f"dedicated -> {plan.memory_mb} MB, priority 8")
         if h.concurrent_requests is not None:
             if h.concurrent_requests > cfg.very_high_concurrency:
-                self._at_least(plan, 4, f"concurrent_requests {h.concurrent_requests:g} > "
-                                        f"{cfg.very_high_concurrency}")
+                self._at_least(
+                    plan,
+                    4,
+                    f"concurrent_requests {h.concurrent_requests:g} > {cfg.very_high_concurrency}",
+                )
             elif h.concurrent_requests > cfg.high_concurrency:
-                self._at_least(plan, 2, f"concurrent_requests {h.concurrent_requests:g} > "
-                                        f"{cfg.high_concurrency}")
+                self._at_least(
+                    plan,
+                    2,
+                    f"concurrent_requests {h.concurrent_requests:g} > {cfg.high_concurrency}",
+                )
 
     def _rules_embedding(self, plan: _Plan, cfg, h: Hints) -> None:
         if h.batch_size is not None and h.batch_size > cfg.large_batch_size:
@@ -550,8 +675,10 @@ class WorkloadAnalyzer:
         if h.node_count is not None and h.node_count > cfg.large_batch_size:
             if LARGE_GRAPH_MEMORY_MB > plan.memory_mb:
                 plan.memory_mb = LARGE_GRAPH_MEMORY_MB
-                plan.reasons.append(f"node_count {h.node_count:g} > {cfg.large_batch_size} -> "
-                                    f"{LARGE_GRAPH_MEMORY_MB} MB")
+                plan.reasons.append(
+                    f"node_count {h.node_count:g} > {cfg.large_batch_size} -> "
+                    f"{LARGE_GRAPH_MEMORY_MB} MB"
+                )
 
     def _rules_generic(self, plan: _Plan, cfg, h: Hints) -> None:
         """Nothing beyond the defaults; explicit values apply to every type afterwards."""
@@ -567,8 +694,9 @@ class WorkloadAnalyzer:
 
     # ------------------------------------------------------------------ estimate
 
-    def _estimate(self, wtype: str, h: Hints, plan: _Plan, max_gpus: int,
-                  max_mb: int) -> MemoryEstimate | None:
+    def _estimate(
+        self, wtype: str, h: Hints, plan: _Plan, max_gpus: int, max_mb: int
+    ) -> MemoryEstimate | None:
         cfg = self.settings.memory_estimate
         if h.parameters_billions is not None:
             params, source = Fraction(str(h.parameters_billions)), "parameters_billions"
@@ -587,17 +715,29 @@ class WorkloadAnalyzer:
             precision = h.dtype or cfg.default_dtype
             nbytes = DTYPE_BYTES[precision]
         overhead = cfg.training_overhead_factor if wtype == "training" else cfg.overhead_factor
-        return estimate_memory(params, nbytes, overhead, max_gpus_per_node=max_gpus,
-                               max_gpu_memory_mb=max_mb, power_of_two=cfg.power_of_two_gpus,
-                               source=source, precision=precision)
+        return estimate_memory(
+            params,
+            nbytes,
+            overhead,
+            max_gpus_per_node=max_gpus,
+            max_gpu_memory_mb=max_mb,
+            power_of_two=cfg.power_of_two_gpus,
+            source=source,
+            precision=precision,
+        )
 
-    def _apply_estimate(self, plan: _Plan, est: MemoryEstimate, h: Hints, max_gpus: int,
-                        max_mb: int) -> None:
-        what = h.model_name if est.source == "model_name" else \
-            f"{est.parameters_billions:g}B parameters"
+    def _apply_estimate(
+        self, plan: _Plan, est: MemoryEstimate, h: Hints, max_gpus: int, max_mb: int
+    ) -> None:
+        what = (
+            h.model_name
+            if est.source == "model_name"
+            else f"{est.parameters_billions:g}B parameters"
+        )
         plan.reasons.append(
             f"{what}: {est.parameters_billions:g}B x {est.bytes_per_parameter:g} bytes "
-            f"({est.precision}) x {est.overhead_factor:g} = {est.total_memory_mb} MB")
+            f"({est.precision}) x {est.overhead_factor:g} = {est.total_memory_mb} MB"
+        )
         if h.required_gpus is not None:
             return  # spread over the client's own count in _apply_overrides
         if not est.fits and h.min_memory_mb is None:
@@ -606,12 +746,16 @@ class WorkloadAnalyzer:
                 f"{what} needs about {est.total_memory_mb} MB at {est.precision}, more than "
                 f"one node holds ({max_gpus} x {max_mb} MB); use a smaller dtype or "
                 "quantization (int8, int4), or set required_gpus and min_memory_mb",
-                details={field_name: f"needs {est.total_memory_mb} MB, a node holds "
-                                     f"{max_gpus * max_mb} MB"})
+                details={
+                    field_name: f"needs {est.total_memory_mb} MB, a node holds "
+                    f"{max_gpus * max_mb} MB"
+                },
+            )
         if est.gpus > plan.gpus:
             plan.gpus = est.gpus
-            plan.reasons.append(f"spread over {est.gpus} GPUs of one node, "
-                                f"{est.memory_per_gpu_mb} MB each")
+            plan.reasons.append(
+                f"spread over {est.gpus} GPUs of one node, {est.memory_per_gpu_mb} MB each"
+            )
         if est.memory_per_gpu_mb > plan.memory_mb:
             plan.memory_mb = min(est.memory_per_gpu_mb, max_mb)
             plan.reasons.append(f"memory raised to {plan.memory_mb} MB per GPU by the estimate")
@@ -620,10 +764,15 @@ class WorkloadAnalyzer:
 
     @staticmethod
     def _apply_advice(plan: _Plan, advice, est: MemoryEstimate | None) -> None:
-        plan.gpus, plan.memory_mb, plan.priority = (advice.required_gpus, advice.min_memory_mb,
-                                                    advice.priority)
-        text = f"advisor: {advice.required_gpus} GPUs, {advice.min_memory_mb} MB, priority " \
-               f"{advice.priority}"
+        plan.gpus, plan.memory_mb, plan.priority = (
+            advice.required_gpus,
+            advice.min_memory_mb,
+            advice.priority,
+        )
+        text = (
+            f"advisor: {advice.required_gpus} GPUs, {advice.min_memory_mb} MB, priority "
+            f"{advice.priority}"
+        )
         if advice.reasoning:
             text += f" ({advice.reasoning})"
         if advice.clamped:
@@ -633,8 +782,9 @@ class WorkloadAnalyzer:
             if est.gpus > plan.gpus or est.memory_per_gpu_mb > plan.memory_mb:
                 plan.gpus = max(plan.gpus, est.gpus)
                 plan.memory_mb = max(plan.memory_mb, est.memory_per_gpu_mb)
-                plan.reasons.append(f"raised to the estimate's {plan.gpus} GPUs, "
-                                    f"{plan.memory_mb} MB")
+                plan.reasons.append(
+                    f"raised to the estimate's {plan.gpus} GPUs, {plan.memory_mb} MB"
+                )
 
     @staticmethod
     def _apply_overrides(plan: _Plan, h: Hints, est: MemoryEstimate | None) -> None:
@@ -646,8 +796,10 @@ class WorkloadAnalyzer:
                 per_gpu = math.ceil(Fraction(est.total_memory_mb, h.required_gpus))
                 if per_gpu > plan.memory_mb:
                     plan.memory_mb = per_gpu
-                    plan.reasons.append(f"estimate spread over the requested {h.required_gpus} "
-                                        f"GPUs: {per_gpu} MB each")
+                    plan.reasons.append(
+                        f"estimate spread over the requested {h.required_gpus} "
+                        f"GPUs: {per_gpu} MB each"
+                    )
         if h.min_memory_mb is not None:
             plan.memory_mb = h.min_memory_mb
             given.append("min_memory_mb")
@@ -666,5 +818,13 @@ class WorkloadAnalyzer:
             plan.reasons.append("explicit " + ", ".join(given))
 
 
-__all__ = ["WorkloadAnalyzer", "DECISIONS", "estimate_memory", "parse_parameter_count",
-           "MemoryEstimate", "FALLBACK_LIMITS", "KNOWN_HINTS", "hint_warnings"]
+__all__ = [
+    "WorkloadAnalyzer",
+    "DECISIONS",
+    "estimate_memory",
+    "parse_parameter_count",
+    "MemoryEstimate",
+    "FALLBACK_LIMITS",
+    "KNOWN_HINTS",
+    "hint_warnings",
+]

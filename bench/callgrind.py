@@ -8,6 +8,7 @@ for ``--calls`` allocate+release cycles (instrumentation switched on and off aro
 callgrind_control). Unlike wall-clock figures on a shared VM, the count is the same on every run,
 so it judges a change to the engine against the code before it. Needs valgrind.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,11 +38,27 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     port = free_port()
     out_file = tmp / "callgrind.out"
-    proc = subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no",
-                             f"--callgrind-out-file={out_file}", find_binary(), "--port",
-                             str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-                             "no", "--dir", str(tmp)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            "valgrind",
+            "--tool=callgrind",
+            "--instr-atstart=no",
+            f"--callgrind-out-file={out_file}",
+            find_binary(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     client = redis_lib.Redis(port=port, decode_responses=True)
     try:
         deadline = time.monotonic() + 60
@@ -59,21 +76,33 @@ def main() -> None:
         req = {"service_name": "bench", "required_gpus": 1, "priority": 5}
         for _ in range(20):
             engine.release(engine.allocate(req)["id"])
-        subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["callgrind_control", "-i", "on", str(proc.pid)], check=True, capture_output=True
+        )
         for _ in range(opts.calls):
             engine.release(engine.allocate(req)["id"])
-        subprocess.run(["callgrind_control", "-i", "off", str(proc.pid)], check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["callgrind_control", "-i", "off", str(proc.pid)], check=True, capture_output=True
+        )
     finally:
         client.close()
         proc.terminate()
         proc.wait(60)
     text = out_file.read_text(errors="replace")
     total = int(re.search(r"^totals: (\d+)", text, re.M).group(1))
-    print(json.dumps({"server": server.get("server_name", "redis") + " " + server.get(
-        "valkey_version", server["redis_version"]), "gpus": opts.gpus, "calls": opts.calls,
-        "alloc_release_instructions": round(total / opts.calls)}, indent=2))
+    print(
+        json.dumps(
+            {
+                "server": server.get("server_name", "redis")
+                + " "
+                + server.get("valkey_version", server["redis_version"]),
+                "gpus": opts.gpus,
+                "calls": opts.calls,
+                "alloc_release_instructions": round(total / opts.calls),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

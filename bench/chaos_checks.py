@@ -17,6 +17,7 @@ order. So the window is ``[t_send(s), t_kill]``: an acknowledged request that is
 afterwards is blamed on the AOF only when it was acknowledged inside a window; otherwise it is
 lost, and a violation.
 """
+
 from __future__ import annotations
 
 import json
@@ -100,8 +101,13 @@ def check_state(allocs: list[list[str]], gpus: list[list[str]]) -> tuple[set, se
         if len(holders) > 1:
             conflicts.add(("exclusive-twice", member, tuple(sorted(holders))))
         if shared.get(member):
-            conflicts.add(("exclusive-and-shared", member,
-                           tuple(sorted(holders + [r for r, _ in shared[member]]))))
+            conflicts.add(
+                (
+                    "exclusive-and-shared",
+                    member,
+                    tuple(sorted(holders + [r for r, _ in shared[member]])),
+                )
+            )
         if member in hashes and hashes[member][0] not in holders:
             drift.add(("excl-field", member, hashes[member][0], tuple(holders)))
     for member, holders in shared.items():
@@ -122,8 +128,9 @@ class Sampler(threading.Thread):
 
     def __init__(self, redis_url: str, prefix: str, stop: threading.Event, interval=0.05):
         super().__init__(name="chaos-sampler", daemon=True)
-        self.client = open_redis(redis_url, decode_responses=True,
-                                 socket_timeout=1, socket_connect_timeout=0.5)
+        self.client = open_redis(
+            redis_url, decode_responses=True, socket_timeout=1, socket_connect_timeout=0.5
+        )
         keys = Keys(prefix)
         self.keys = [keys.leases(), keys.gpus()]
         self.argv = [keys.request(""), keys.gpu("", "")[:-1]]  # "<p>:req:", "<p>:gpu:"
@@ -162,6 +169,7 @@ class ApiSampler(threading.Thread):
     def __init__(self, urls: list[str], api_key: str, stop: threading.Event, interval=0.2):
         super().__init__(name="chaos-api-sampler", daemon=True)
         import requests
+
         self.session = requests.Session()
         self.urls, self.headers = urls, {"X-API-Key": api_key}
         self.stop_event, self.interval = stop, interval
@@ -172,15 +180,31 @@ class ApiSampler(threading.Thread):
     def sample(self, url: str) -> None:
         # the largest page: every live allocation of a chaos run fits on it (allocations come
         # before the queue), so each GPU's holder is on the page
-        body = self.session.get(url + "/gpu/list?limit=1000", headers=self.headers,
-                                timeout=5).json()
+        body = self.session.get(
+            url + "/gpu/list?limit=1000", headers=self.headers, timeout=5
+        ).json()
         assert body["allocations_total"] == len(body["allocations"]), "allocations paged"
-        allocs = [[a["id"], a.get("status") or "", a.get("node") or "",
-                   json.dumps(a.get("gpu_ids") or []), a.get("sharing") or "",
-                   str(a.get("min_memory_mb") or 0)] for a in body["allocations"]]
-        gpus = [[f"{g['node']}|{g['index']}", str(g.get("memory_total_mb") or 0),
-                 g.get("allocated_to") or "", str(g.get("shared_n") or 0),
-                 str(g.get("shared_mb") or 0)] for g in body["gpus"]]
+        allocs = [
+            [
+                a["id"],
+                a.get("status") or "",
+                a.get("node") or "",
+                json.dumps(a.get("gpu_ids") or []),
+                a.get("sharing") or "",
+                str(a.get("min_memory_mb") or 0),
+            ]
+            for a in body["allocations"]
+        ]
+        gpus = [
+            [
+                f"{g['node']}|{g['index']}",
+                str(g.get("memory_total_mb") or 0),
+                g.get("allocated_to") or "",
+                str(g.get("shared_n") or 0),
+                str(g.get("shared_mb") or 0),
+            ]
+            for g in body["gpus"]
+        ]
         conflicts, drift, _ = check_state(allocs, gpus)
         self.conflicts |= conflicts
         self.drift |= drift
@@ -302,11 +326,15 @@ class Canary(threading.Thread):
 
     def lost_windows(self) -> list[tuple[float, float]]:
         """[(start, end)] epoch ranges in which acknowledged state may have been lost."""
-        return [(w.t_survived_send, w.t_kill) for w in self.windows
-                if w.kind == "sigkill" and w.t_survived_send is not None and w.lost_writes]
+        return [
+            (w.t_survived_send, w.t_kill)
+            for w in self.windows
+            if w.kind == "sigkill" and w.t_survived_send is not None and w.lost_writes
+        ]
 
 
 # --------------------------------------------------------------------------- final checks
+
 
 def read_requests(client: redis_lib.Redis, keys: Keys, ids: list[str]) -> dict[str, dict]:
     pipe = client.pipeline(transaction=False)
@@ -355,8 +383,8 @@ class Findings:
     webhook_dup_mismatch: list[str] = field(default_factory=list)
     bad_signatures: int = 0
     webhook_delays: list[float] = field(default_factory=list)  # grant -> first delivery, s
-    stuck: list[str] = field(default_factory=list)        # not finished after the drain
-    unrecorded: list[str] = field(default_factory=list)   # finished without its event
+    stuck: list[str] = field(default_factory=list)  # not finished after the drain
+    unrecorded: list[str] = field(default_factory=list)  # finished without its event
     silent_node_grants: list[str] = field(default_factory=list)
     moved: list[str] = field(default_factory=list)  # GPUs answered != GPUs recorded
     dependency_violations: list[str] = field(default_factory=list)
@@ -369,9 +397,16 @@ def in_windows(t: float, windows: list[tuple[float, float]]) -> bool:
 TERMINAL = {"released", "expired", "cancelled", "timed_out"}
 
 
-def check_ledgers(client: redis_lib.Redis, keys: Keys, ledgers: list, deliveries: list[dict],
-                  windows: list[tuple[float, float]], *, drained: bool = False,
-                  silent: list[tuple[str, float, float]] = ()) -> Findings:
+def check_ledgers(
+    client: redis_lib.Redis,
+    keys: Keys,
+    ledgers: list,
+    deliveries: list[dict],
+    windows: list[tuple[float, float]],
+    *,
+    drained: bool = False,
+    silent: list[tuple[str, float, float]] = (),
+) -> Findings:
     """Replay the clients' acknowledgements against what Redis and the event stream hold.
 
     ``windows``: AOF windows (see :class:`Canary`); ``drained``: no lease or queued request is
@@ -405,8 +440,11 @@ def check_ledgers(client: redis_lib.Redis, keys: Keys, ledgers: list, deliveries
         for grant in (e for e in events.get(rid, []) if e.get("event") == "allocated"):
             at = float(grant.get("ts") or 0)
             for dep in ack.depends_on:
-                done = [float(e.get("ts") or 0) for e in events.get(dep, [])
-                        if e.get("event") in TERMINAL]
+                done = [
+                    float(e.get("ts") or 0)
+                    for e in events.get(dep, [])
+                    if e.get("event") in TERMINAL
+                ]
                 if not done or min(done) > at:
                     f.dependency_violations.append(f"{rid} granted while {dep} was not finished")
 
@@ -414,10 +452,15 @@ def check_ledgers(client: redis_lib.Redis, keys: Keys, ledgers: list, deliveries
     for node, lo, hi in silent:
         for evs in events.values():
             for e in evs:
-                if (e.get("event") == "allocated" and e.get("node") == node
-                        and lo <= float(e.get("ts") or 0) <= hi):
-                    f.silent_node_grants.append(f"{e.get('request_id')} on {node} at "
-                                                f"{float(e['ts']) - lo:+.2f}s into the lapse")
+                if (
+                    e.get("event") == "allocated"
+                    and e.get("node") == node
+                    and lo <= float(e.get("ts") or 0) <= hi
+                ):
+                    f.silent_node_grants.append(
+                        f"{e.get('request_id')} on {node} at "
+                        f"{float(e['ts']) - lo:+.2f}s into the lapse"
+                    )
 
     for ack in acks:
         if ack.op not in ("release", "cancel"):
@@ -464,8 +507,10 @@ def check_ledgers(client: redis_lib.Redis, keys: Keys, ledgers: list, deliveries
         for d in got:
             sent = (d.get("body") or {}).get("allocation") or {}
             if rec.get("gpu_ids") and sent.get("gpu_ids") != parse_ids(rec.get("gpu_ids")):
-                f.moved.append(f"{rid} webhook said {sent.get('gpu_ids')}, recorded "
-                               f"{parse_ids(rec.get('gpu_ids'))}")
+                f.moved.append(
+                    f"{rid} webhook said {sent.get('gpu_ids')}, recorded "
+                    f"{parse_ids(rec.get('gpu_ids'))}"
+                )
         if got:
             f.webhooks_delivered += 1
             granted = float(grants[0].get("ts") or 0)

@@ -15,6 +15,7 @@ Every answer is recorded in ``Ledger.ops`` (start time, latency, status) for the
 2xx answers for allocate/release/cancel also go to ``Ledger.acks``, which the checks replay
 against Redis and the event stream afterwards.
 """
+
 from __future__ import annotations
 
 import random
@@ -35,17 +36,17 @@ MAX_HELD = 5
 class Ack:
     """An operation the service answered 2xx to: what it promised."""
 
-    op: str                      # allocate | release | cancel
+    op: str  # allocate | release | cancel
     request_id: str
-    status: int                  # HTTP status
+    status: int  # HTTP status
     t_send: float
     t_ack: float
     service_name: str = ""
-    state: str = ""              # allocate: "allocated" or "queued"
+    state: str = ""  # allocate: "allocated" or "queued"
     idem_key: str | None = None
     webhook: bool = False
     replayed: bool = False
-    placement: str = ""          # allocate 200: "node:[gpu ids]" as answered
+    placement: str = ""  # allocate 200: "node:[gpu ids]" as answered
     depends_on: tuple[str, ...] = ()
 
 
@@ -64,9 +65,20 @@ class Ledger:
 class ChaosClient(threading.Thread):
     """One randomized client; ``stop`` is a shared Event."""
 
-    def __init__(self, index: int, seed: int, api_urls: list[str], api_key: str, principal: str,
-                 webhook_url: str, stop: threading.Event, *, ttl_range=(6, 15),
-                 pace=(0.02, 0.08), timeout: float = 5.0):
+    def __init__(
+        self,
+        index: int,
+        seed: int,
+        api_urls: list[str],
+        api_key: str,
+        principal: str,
+        webhook_url: str,
+        stop: threading.Event,
+        *,
+        ttl_range=(6, 15),
+        pace=(0.02, 0.08),
+        timeout: float = 5.0,
+    ):
         super().__init__(name=f"chaos-client-{index}", daemon=True)
         self.index = index
         self.rng = random.Random(f"{seed}/{index}")
@@ -84,15 +96,17 @@ class ChaosClient(threading.Thread):
 
     # ------------------------------------------------------------------ HTTP
 
-    def _call(self, op: str, method: str, path: str, *, replica: int | None = None,
-              **kwargs) -> tuple[requests.Response | None, float, float, int]:
+    def _call(
+        self, op: str, method: str, path: str, *, replica: int | None = None, **kwargs
+    ) -> tuple[requests.Response | None, float, float, int]:
         """One HTTP call: (response, or None on a transport error; t_send; t_ack; replica)."""
         i = self.rng.randrange(len(self.urls)) if replica is None else replica % len(self.urls)
         headers = dict(self.headers, **kwargs.pop("headers", {}))
         t0 = time.time()
         try:
-            resp = self.sessions[i].request(method, self.urls[i] + path, headers=headers,
-                                            timeout=self.timeout, **kwargs)
+            resp = self.sessions[i].request(
+                method, self.urls[i] + path, headers=headers, timeout=self.timeout, **kwargs
+            )
         except requests.RequestException:
             t1 = time.time()
             self.ledger.ops.append((t0, t1 - t0, op, 0))
@@ -102,8 +116,9 @@ class ChaosClient(threading.Thread):
         t1 = time.time()
         self.ledger.ops.append((t0, t1 - t0, op, resp.status_code))
         if resp.status_code >= 500 and resp.status_code != 503:
-            self.ledger.unexpected.append(f"{op} {method} {path} -> {resp.status_code}: "
-                                          f"{resp.text[:300]}")
+            self.ledger.unexpected.append(
+                f"{op} {method} {path} -> {resp.status_code}: {resp.text[:300]}"
+            )
         return resp, t0, t1, i
 
     # ------------------------------------------------------------------ operations
@@ -112,8 +127,11 @@ class ChaosClient(threading.Thread):
         self.seq += 1
         service = f"chaos-c{self.index}-{self.seq}"
         rng = self.rng
-        body: dict[str, Any] = {"service_name": service, "workload_type": "generic",
-                                "ttl_seconds": rng.randint(*self.ttl_range)}
+        body: dict[str, Any] = {
+            "service_name": service,
+            "workload_type": "generic",
+            "ttl_seconds": rng.randint(*self.ttl_range),
+        }
         data: dict[str, Any] = {}
         if rng.random() < 0.25:
             body["sharing"] = "shared"
@@ -131,24 +149,47 @@ class ChaosClient(threading.Thread):
         webhook = rng.random() < 0.4
         if webhook:
             body["webhook_url"] = f"{self.webhook_url}/c{self.index}"
-        idem = f"chaos-{self.index}-{self.seq}-{uuid.uuid4().hex[:8]}" if rng.random() < 0.6 \
-            else None
+        idem = (
+            f"chaos-{self.index}-{self.seq}-{uuid.uuid4().hex[:8]}" if rng.random() < 0.6 else None
+        )
         headers = {"Idempotency-Key": idem} if idem else {}
         self.ledger.submitted_services.add(service)
         replica = rng.randrange(len(self.urls))
         tries = 6 if idem else 1
         for attempt in range(tries):
-            resp, t0, t1, used = self._call("allocate", "POST", "/gpu/allocate", json=body,
-                                            headers=headers, replica=replica + attempt)
+            resp, t0, t1, used = self._call(
+                "allocate",
+                "POST",
+                "/gpu/allocate",
+                json=body,
+                headers=headers,
+                replica=replica + attempt,
+            )
             if resp is not None and resp.status_code in (200, 202):
                 payload = resp.json()
                 rid = payload.get("id") or payload.get("request_id")
                 state = "allocated" if resp.status_code == 200 else "queued"
-                placement = (f"{payload.get('node')}:{payload.get('gpu_ids')}"
-                             if resp.status_code == 200 else "")
-                self.ledger.acks.append(Ack("allocate", rid, resp.status_code, t0, t1, service,
-                                            state, idem, webhook, bool(payload.get("replayed")),
-                                            placement, tuple(body.get("depends_on", ()))))
+                placement = (
+                    f"{payload.get('node')}:{payload.get('gpu_ids')}"
+                    if resp.status_code == 200
+                    else ""
+                )
+                self.ledger.acks.append(
+                    Ack(
+                        "allocate",
+                        rid,
+                        resp.status_code,
+                        t0,
+                        t1,
+                        service,
+                        state,
+                        idem,
+                        webhook,
+                        bool(payload.get("replayed")),
+                        placement,
+                        tuple(body.get("depends_on", ())),
+                    )
+                )
                 self.held[rid] = state
                 if idem and rng.random() < 0.25:
                     self._replay(body, headers, rid, used + 1)
@@ -161,8 +202,9 @@ class ChaosClient(threading.Thread):
 
     def _replay(self, body, headers, rid: str, replica: int) -> None:
         """Send the same idempotent request again: the answer must name the same id."""
-        resp, *_ = self._call("allocate", "POST", "/gpu/allocate", json=body, headers=headers,
-                              replica=replica)
+        resp, *_ = self._call(
+            "allocate", "POST", "/gpu/allocate", json=body, headers=headers, replica=replica
+        )
         if resp is not None and resp.status_code in (200, 202):
             payload = resp.json()
             other = payload.get("id") or payload.get("request_id")
@@ -179,8 +221,7 @@ class ChaosClient(threading.Thread):
             self.release_id(rid)
 
     def release_id(self, rid: str) -> None:
-        resp, t0, t1, _ = self._call("release", "POST", "/gpu/release",
-                                     json={"allocation_id": rid})
+        resp, t0, t1, _ = self._call("release", "POST", "/gpu/release", json={"allocation_id": rid})
         if resp is None:
             return
         if resp.status_code == 200:
@@ -193,8 +234,12 @@ class ChaosClient(threading.Thread):
         rid = self._pick("allocated")
         if rid is None:
             return
-        resp, *_ = self._call("renew", "POST", f"/gpu/allocations/{rid}/renew",
-                              json={"ttl_seconds": self.rng.randint(*self.ttl_range)})
+        resp, *_ = self._call(
+            "renew",
+            "POST",
+            f"/gpu/allocations/{rid}/renew",
+            json={"ttl_seconds": self.rng.randint(*self.ttl_range)},
+        )
         if resp is not None and resp.status_code in (404, 409):
             self._refresh(rid)
 

@@ -20,25 +20,34 @@ primary_kill   (``--sentinel``, instead of the two Redis faults) SIGKILL the Sen
 
 Steps run on the main thread (the thread that spawned the children; see chaos_topology).
 """
+
 from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-KINDS = ("api_kill", "worker_kill", "scheduler_kill", "redis_term", "redis_kill",
-         "webhook_outage", "node_silent")
+KINDS = (
+    "api_kill",
+    "worker_kill",
+    "scheduler_kill",
+    "redis_term",
+    "redis_kill",
+    "webhook_outage",
+    "node_silent",
+)
 #: With ``--sentinel``: the Redis faults become one SIGKILL of the primary and a failover.
 SENTINEL_KINDS = tuple(k for k in KINDS if not k.startswith("redis_")) + ("primary_kill",)
 
 
 @dataclass
 class Step:
-    at: float                   # seconds after the load started
-    kind: str                   # a KINDS entry, or "<kind>:heal"
+    at: float  # seconds after the load started
+    kind: str  # a KINDS entry, or "<kind>:heal"
     target: str = ""
-    hold: float = 0.0           # how long the fault lasts before it heals
+    hold: float = 0.0  # how long the fault lasts before it heals
 
 
 @dataclass
@@ -50,8 +59,16 @@ class FaultRecord:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
-def schedule(duration: float, seed: int, *, apis: int, workers: int, nodes: list[str],
-             heartbeat_timeout: float, fault_kinds: tuple[str, ...] = KINDS) -> list[Step]:
+def schedule(
+    duration: float,
+    seed: int,
+    *,
+    apis: int,
+    workers: int,
+    nodes: list[str],
+    heartbeat_timeout: float,
+    fault_kinds: tuple[str, ...] = KINDS,
+) -> list[Step]:
     """Faults for a load phase of ``duration`` seconds; the first comes after 3 s of load and
     the last heals at least 3 s before the end."""
     rng = random.Random(seed)
@@ -70,8 +87,7 @@ def schedule(duration: float, seed: int, *, apis: int, workers: int, nodes: list
         if kind == "api_kill":
             steps.append(Step(at, kind, f"api-{rng.randrange(apis)}", rng.uniform(1.0, 3.0)))
         elif kind == "worker_kill":
-            steps.append(Step(at, kind, f"worker-{rng.randrange(workers)}",
-                              rng.uniform(0.5, 2.0)))
+            steps.append(Step(at, kind, f"worker-{rng.randrange(workers)}", rng.uniform(0.5, 2.0)))
         elif kind == "scheduler_kill":
             steps.append(Step(at, kind, "scheduler", rng.uniform(1.0, 3.0)))
         elif kind in ("redis_term", "redis_kill", "primary_kill"):
@@ -79,8 +95,14 @@ def schedule(duration: float, seed: int, *, apis: int, workers: int, nodes: list
         elif kind == "webhook_outage":
             steps.append(Step(at, kind, "receiver", rng.uniform(2.0, 4.0)))
         elif kind == "node_silent":
-            steps.append(Step(at, kind, f"monitor-{rng.choice(nodes)}",
-                              heartbeat_timeout + rng.uniform(1.5, 3.0)))
+            steps.append(
+                Step(
+                    at,
+                    kind,
+                    f"monitor-{rng.choice(nodes)}",
+                    heartbeat_timeout + rng.uniform(1.5, 3.0),
+                )
+            )
     return steps
 
 
@@ -122,6 +144,7 @@ class FaultInjector:
         def heal():
             self.topo.spawn(step.target)
             rec.end = time.time()
+
         self._heal_later(step.hold, heal)
 
     def _api_kill(self, step, rec):
@@ -175,8 +198,9 @@ class FaultInjector:
         self.canary.mark_up(window)
         self.canary.resume()
         rec.end = time.time()
-        rec.detail.update(restart_s=round(down, 3), window_ms=round(window.ms, 1),
-                          lost_writes=window.lost_writes)
+        rec.detail.update(
+            restart_s=round(down, 3), window_ms=round(window.ms, 1), lost_writes=window.lost_writes
+        )
 
     def _redis_term(self, step, rec):
         self._redis(step, rec, "sigterm")
@@ -203,6 +227,7 @@ class FaultInjector:
         def up():
             self.receiver.set_mode("up")
             rec.end = time.time()
+
         self._heal_later(step.hold, to_error)
         self._heal_later(step.hold * 2, up)
 
@@ -212,4 +237,5 @@ class FaultInjector:
         def heal():
             rec.end = time.time()  # before SIGCONT: the monitor reports the moment it resumes
             self.topo.resume(step.target)
+
         self._heal_later(step.hold, heal)

@@ -4,6 +4,7 @@ Modes: ``up`` (answer 200 and record), ``error`` (answer 500, record the attempt
 ``down`` (the listening socket is closed: connections are refused). Going from ``down`` back to
 another mode listens again on the same port, so the URLs the service holds stay valid.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -66,8 +67,9 @@ class WebhookReceiver:
     def _listen(self) -> None:
         self._server = _Server((self.host, self.port), self._handler())
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True,
-                                        kwargs={"poll_interval": 0.05})
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, daemon=True, kwargs={"poll_interval": 0.05}
+        )
         self._thread.start()
 
     def _close(self) -> None:
@@ -101,8 +103,10 @@ class WebhookReceiver:
         lower = {k.lower(): v for k, v in headers.items()}
         sig = lower.get("x-gpu-orchestrator-signature", "")
         ts = lower.get("x-gpu-orchestrator-timestamp", "")
-        want = "sha256=" + hmac.new(self.secret.encode(), ts.encode() + b"." + body,
-                                    hashlib.sha256).hexdigest()
+        want = (
+            "sha256="
+            + hmac.new(self.secret.encode(), ts.encode() + b"." + body, hashlib.sha256).hexdigest()
+        )
         return hmac.compare_digest(want, sig)
 
     def _record(self, path: str, headers: dict[str, str], body: bytes, status: int) -> None:
@@ -112,9 +116,14 @@ class WebhookReceiver:
             payload = None
         payload = payload if isinstance(payload, dict) else {}
         entry = {
-            "t": time.time(), "path": path, "status": status, "body": payload,
-            "event_id": payload.get("event_id"), "request_id": payload.get("request_id"),
-            "event": payload.get("status"), "signature_ok": self.verify(headers, body),
+            "t": time.time(),
+            "path": path,
+            "status": status,
+            "body": payload,
+            "event_id": payload.get("event_id"),
+            "request_id": payload.get("request_id"),
+            "event": payload.get("status"),
+            "signature_ok": self.verify(headers, body),
         }
         with self._lock:
             if status >= 300:

@@ -24,6 +24,7 @@ A supervisor pass (:meth:`Topology.supervise`) restarts any child that exited wi
 told to, as systemd or Kubernetes would, and counts it: an unexpected exit is a finding of the
 run, reported next to the invariants.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -92,12 +93,23 @@ class Child:
 class Topology:
     """Builds, starts, breaks and cleans up the whole service on loopback ports."""
 
-    def __init__(self, *, apis: int = 3, workers: int = 2, nodes: int = 4, gpus_per_node: int = 8,
-                 gpu_memory_mb: int = 81559, api_keys: dict[str, str] | None = None,
-                 admins: list[str] | None = None, webhook_secret: str = "",
-                 prefix: str = "{chaos}", workdir: str | None = None,
-                 extra_config: dict | None = None, sentinel: bool = False,
-                 sentinel_password: str = ""):
+    def __init__(
+        self,
+        *,
+        apis: int = 3,
+        workers: int = 2,
+        nodes: int = 4,
+        gpus_per_node: int = 8,
+        gpu_memory_mb: int = 81559,
+        api_keys: dict[str, str] | None = None,
+        admins: list[str] | None = None,
+        webhook_secret: str = "",
+        prefix: str = "{chaos}",
+        workdir: str | None = None,
+        extra_config: dict | None = None,
+        sentinel: bool = False,
+        sentinel_password: str = "",
+    ):
         self._owner_thread = threading.get_ident()
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="gpuo-chaos-")
         self.dir = Path(workdir or self._tmp.name)
@@ -119,9 +131,13 @@ class Topology:
         self.children: dict[str, Child] = {}
         self.redis_child: Child | None = None
         #: --sentinel: a primary, one replica and three sentinels instead of one redis-server
-        self.sentinel = (SentinelTopology(self.dir / "sentinel", password=sentinel_password,
-                                          preexec_fn=_die_with_parent)
-                         if sentinel else None)
+        self.sentinel = (
+            SentinelTopology(
+                self.dir / "sentinel", password=sentinel_password, preexec_fn=_die_with_parent
+            )
+            if sentinel
+            else None
+        )
         self._closed = False
 
     # ------------------------------------------------------------------ config
@@ -143,28 +159,57 @@ class Topology:
 
     def config(self, nodes: list[str] | None = None) -> dict[str, Any]:
         """The service config every role shares; ``nodes`` narrows the simulated fleet."""
-        fleet = [{"name": n, "count": self.gpus_per_node,
-                  "gpu": {"name": "NVIDIA H100 80GB HBM3", "memory_total_mb": self.gpu_memory_mb}}
-                 for n in (nodes or self.node_names)]
+        fleet = [
+            {
+                "name": n,
+                "count": self.gpus_per_node,
+                "gpu": {"name": "NVIDIA H100 80GB HBM3", "memory_total_mb": self.gpu_memory_mb},
+            }
+            for n in (nodes or self.node_names)
+        ]
         cfg: dict[str, Any] = {
-            "server": {"host": "127.0.0.1", "workers": 1, "threads": 8,
-                       "read_timeout": "2s", "write_timeout": "30s"},
+            "server": {
+                "host": "127.0.0.1",
+                "workers": 1,
+                "threads": 8,
+                "read_timeout": "2s",
+                "write_timeout": "30s",
+            },
             "logging": {"level": "INFO", "format": "text"},
-            "redis": {"prefix": self.prefix, "socket_timeout": "2s",
-                      **({"sentinel": self.sentinel.sentinel_config()} if self.sentinel else {})},
-            "scheduler": {"queue_check_interval": "1s", "cleanup_interval": "1s",
-                          "node_heartbeat_timeout": "3s", "queue_timeout": "10m",
-                          "default_ttl": "30s", "max_ttl": "5m"},
-            "monitoring": {"backend": "simulated", "refresh_interval": "500ms",
-                           "simulated": {"dynamic": False, "nodes": fleet}},
-            "auth": {"enabled": bool(self.api_keys), "api_keys": self.api_keys,
-                     "admins": self.admins},
-            "webhooks": {"timeout": "2s", "secret": self.webhook_secret,
-                         "allowed_hosts": ["127.0.0.0/8"],
-                         "retry_intervals": ["1s", "1s", "2s", "2s", "3s", "3s", "5s", "5s",
-                                             "5s", "5s"]},
-            "workers": {"maintenance_interval": "2s", "job_timeout": "10s",
-                        "heartbeat_interval": "1s"},
+            "redis": {
+                "prefix": self.prefix,
+                "socket_timeout": "2s",
+                **({"sentinel": self.sentinel.sentinel_config()} if self.sentinel else {}),
+            },
+            "scheduler": {
+                "queue_check_interval": "1s",
+                "cleanup_interval": "1s",
+                "node_heartbeat_timeout": "3s",
+                "queue_timeout": "10m",
+                "default_ttl": "30s",
+                "max_ttl": "5m",
+            },
+            "monitoring": {
+                "backend": "simulated",
+                "refresh_interval": "500ms",
+                "simulated": {"dynamic": False, "nodes": fleet},
+            },
+            "auth": {
+                "enabled": bool(self.api_keys),
+                "api_keys": self.api_keys,
+                "admins": self.admins,
+            },
+            "webhooks": {
+                "timeout": "2s",
+                "secret": self.webhook_secret,
+                "allowed_hosts": ["127.0.0.0/8"],
+                "retry_intervals": ["1s", "1s", "2s", "2s", "3s", "3s", "5s", "5s", "5s", "5s"],
+            },
+            "workers": {
+                "maintenance_interval": "2s",
+                "job_timeout": "10s",
+                "heartbeat_interval": "1s",
+            },
             "dashboard": {"enabled": False},
         }
         for section, values in self.extra_config.items():
@@ -177,10 +222,17 @@ class Topology:
         return path
 
     def _env(self, config_path: Path, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("GPU_ORCH__") and k not in ("PORT", "REDIS_URL", "CONFIG_PATH")}
-        env.update(CONFIG_PATH=str(config_path), REDIS_URL=self.redis_url,
-                   PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("GPU_ORCH__") and k not in ("PORT", "REDIS_URL", "CONFIG_PATH")
+        }
+        env.update(
+            CONFIG_PATH=str(config_path),
+            REDIS_URL=self.redis_url,
+            PYTHONPATH=str(ROOT),
+            PYTHONUNBUFFERED="1",
+        )
         env.update(extra)
         return env
 
@@ -195,12 +247,32 @@ class Topology:
 
     def _build_redis(self) -> None:
         self.redis_child = Child(
-            "redis", "redis",
-            [find_binary(), "--bind", "127.0.0.1", "--port", str(self.redis_port),
-             "--dir", str(self.redis_dir), "--appendonly", "yes", "--appendfsync", "everysec",
-             "--appendfilename", "appendonly.aof", "--save", "", "--daemonize", "no",
-             "--protected-mode", "yes"],
-            dict(os.environ), self.dir / "logs" / "redis.log")
+            "redis",
+            "redis",
+            [
+                find_binary(),
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.redis_port),
+                "--dir",
+                str(self.redis_dir),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--appendfilename",
+                "appendonly.aof",
+                "--save",
+                "",
+                "--daemonize",
+                "no",
+                "--protected-mode",
+                "yes",
+            ],
+            dict(os.environ),
+            self.dir / "logs" / "redis.log",
+        )
         self.children["redis"] = self.redis_child
 
     def _build_roles(self, main_cfg: Path, py: list[str]) -> None:
@@ -208,16 +280,28 @@ class Topology:
         # the logs sees the most talkative output the service can produce.
         debug = {"GPU_ORCH__LOGGING__LEVEL": "DEBUG"}
         for i, port in enumerate(self.api_ports):
-            self._add(f"api-{i}", "api", py + ["api"],
-                      self._env(main_cfg, PORT=str(port), **(debug if i == 0 else {})))
+            self._add(
+                f"api-{i}",
+                "api",
+                py + ["api"],
+                self._env(main_cfg, PORT=str(port), **(debug if i == 0 else {})),
+            )
         for i in range(self.n_workers):
-            self._add(f"worker-{i}", "worker", py + ["worker"],
-                      self._env(main_cfg, **(debug if i == 0 else {})))
+            self._add(
+                f"worker-{i}",
+                "worker",
+                py + ["worker"],
+                self._env(main_cfg, **(debug if i == 0 else {})),
+            )
         self._add("scheduler", "scheduler", py + ["scheduler"], self._env(main_cfg))
         for node in self.node_names:
             cfg = self._write_config(f"monitor-{node}.yaml", self.config([node]))
-            self._add(f"monitor-{node}", "monitor", py + ["monitor", "--backend", "simulated"],
-                      self._env(cfg, GPU_ORCH__MONITORING__NODE_NAME=node))
+            self._add(
+                f"monitor-{node}",
+                "monitor",
+                py + ["monitor", "--backend", "simulated"],
+                self._env(cfg, GPU_ORCH__MONITORING__NODE_NAME=node),
+            )
 
     def _add(self, name, role, argv, env) -> None:
         self.children[name] = Child(name, role, argv, env, self.dir / "logs" / f"{name}.log")
@@ -236,9 +320,16 @@ class Topology:
         log = open(child.log_path, "ab")
         log.write(f"\n=== start #{child.starts + 1} at {time.time():.3f}\n".encode())
         log.flush()
-        child.proc = subprocess.Popen(child.argv, env=child.env, cwd=str(ROOT),
-                                      stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                      start_new_session=True, preexec_fn=_die_with_parent)
+        child.proc = subprocess.Popen(
+            child.argv,
+            env=child.env,
+            cwd=str(ROOT),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
         log.close()
         child.starts += 1
         child.expected_down = False
@@ -283,6 +374,7 @@ class Topology:
 
     def wait_apis(self, deadline: float) -> None:
         import requests
+
         pending = set(range(len(self.api_ports)))
         while pending:
             for i in list(pending):
@@ -302,6 +394,7 @@ class Topology:
 
     def wait_nodes(self, deadline: float) -> None:
         from app.keys import Keys
+
         client = open_redis(self.bench_url, decode_responses=True, socket_timeout=2)
         keys = Keys(self.prefix)
         try:
@@ -313,8 +406,10 @@ class Topology:
                 if set(self.node_names) <= seen:
                     return
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"nodes {sorted(set(self.node_names) - seen)} never "
-                                       "reported; see the monitor logs")
+                    raise RuntimeError(
+                        f"nodes {sorted(set(self.node_names) - seen)} never "
+                        "reported; see the monitor logs"
+                    )
                 time.sleep(0.1)
         finally:
             client.close()
@@ -419,7 +514,7 @@ class Topology:
         if self._tmp is not None:
             self._tmp.cleanup()
 
-    def __enter__(self) -> "Topology":
+    def __enter__(self) -> Topology:
         return self
 
     def __exit__(self, *exc) -> None:

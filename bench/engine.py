@@ -6,6 +6,7 @@ Measures the single-client ceiling (a no-op EVALSHA round trip), allocate+releas
 fleet sizes of 8, 1,024 and 16,384 GPUs (nodes of 8), and schedule passes over 10,000 queued
 requests: one where nothing fits and one that grants 1,000 of them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,15 +32,24 @@ from app.redis_client import server_version  # noqa: E402
 
 def free_port() -> int:
     import socket
+
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
 def gpu(i: int, mem: int = 81920, util: float = 0) -> dict:
-    return {"index": i, "uuid": f"GPU-{i}", "name": "bench", "memory_total_mb": mem,
-            "memory_used_mb": 0, "utilization": util, "temperature": 30, "power_draw": 60,
-            "health": "ok"}
+    return {
+        "index": i,
+        "uuid": f"GPU-{i}",
+        "name": "bench",
+        "memory_total_mb": mem,
+        "memory_used_mb": 0,
+        "utilization": util,
+        "temperature": 30,
+        "power_draw": 60,
+        "health": "ok",
+    }
 
 
 def fleet(engine: Engine, n_gpus: int, per_node: int = 8, util: float = 0) -> None:
@@ -91,10 +101,15 @@ def main() -> None:
 def run(url: str, reps: int) -> dict:
     client = redis_lib.Redis.from_url(url, decode_responses=True)
     client.config_set("appendonly", "no")
-    out: dict = {"server": server_version(client),
-                 "machine": {"nproc": os.cpu_count(), "cpu": cpu_model(),
-                             "python": platform.python_version(),
-                             "redis": client.info("server")["redis_version"]}}
+    out: dict = {
+        "server": server_version(client),
+        "machine": {
+            "nproc": os.cpu_count(),
+            "cpu": cpu_model(),
+            "python": platform.python_version(),
+            "redis": client.info("server")["redis_version"],
+        },
+    }
     noop = client.register_script("return 1")
     noop()
     engines = {}
@@ -134,23 +149,31 @@ def run(url: str, reps: int) -> dict:
     out["script_server_us"] = {k: round(v, 1) for k, v in server.items()}
     # where the time of the best round went: CPU of this process (engine Python, redis-py,
     # socket calls) and of redis-server (INFO cpu: the scripts plus its event loop), per call
-    out["cpu_us"] = {k: {"client": round(c * 1e6, 1), "server": round(sv * 1e6, 1)}
-                     for k, (c, sv) in cpu.items()}
+    out["cpu_us"] = {
+        k: {"client": round(c * 1e6, 1), "server": round(sv * 1e6, 1)} for k, (c, sv) in cpu.items()
+    }
     client.flushall()
 
     # schedule passes over 10,000 queued requests on 1,024 GPUs (all 90 % busy); the queued
     # requests accept at most 50 % utilization, so none can ever be placed here
     client.flushall()
-    settings = settings_mod.defaults().replace(redis={"prefix": "{bench}"},
-                                               scheduler={"max_queue_size": 20000,
-                                                          "max_queued_per_owner": 20000})
+    settings = settings_mod.defaults().replace(
+        redis={"prefix": "{bench}"},
+        scheduler={"max_queue_size": 20000, "max_queued_per_owner": 20000},
+    )
     engine = Engine(client, settings)
     fleet(engine, 1024, util=90)
     for _ in range(127):
         engine.allocate({"service_name": "hold", "required_gpus": 8})
     for _ in range(10000):  # each with 1 KB of workload_data, which listings leave out
-        engine.allocate({"service_name": "wait", "required_gpus": 1, "max_utilization": 50,
-                         "workload_data": {"notes": "x" * 1024}})
+        engine.allocate(
+            {
+                "service_name": "wait",
+                "required_gpus": 1,
+                "max_utilization": 50,
+                "workload_data": {"notes": "x" * 1024},
+            }
+        )
     assert engine.counts()["queue_depth"] == 10000
     out.update(snapshot_figures(client, engine))
     # 8 GPUs free but unusable: the cheap test passes, so the pass walks all 10,000
@@ -160,8 +183,7 @@ def run(url: str, reps: int) -> dict:
     # no GPU free: the smallest queued demand exceeds the best free capacity, O(log n)
     out["pass_nothing_fits_ms"] = median_ms(lambda: engine.schedule_pass(), 20)
     # nothing changed since the last pass: the capacity version alone answers
-    out["pass_nothing_fits_unchanged_ms"] = median_ms(
-        lambda: engine.schedule_pass(force=False), 20)
+    out["pass_nothing_fits_unchanged_ms"] = median_ms(lambda: engine.schedule_pass(force=False), 20)
 
     # a pass that grants 1,000 of 10,000: every queued request waits on a gate allocation;
     # releasing the gate frees the last 8 of 1,000 free GPUs and runs the pass (timed together).
@@ -185,10 +207,11 @@ def run(url: str, reps: int) -> dict:
 
     noop_us = out["noop_roundtrip_us"]
     a8, a1k, a16k = (alloc_release[k] for k in ("8", "1024", "16384"))
-    out["ratios"] = {"alloc_release_1024_vs_2_noops": round(a1k / 2 / (2 * noop_us), 3),
-                     "equal_server_time_vs_noop": round(
-                         out["equal_server_time"]["roundtrip_us"] / noop_us, 3),
-                     "alloc_release_16384_vs_8": round(a16k / a8, 3)}
+    out["ratios"] = {
+        "alloc_release_1024_vs_2_noops": round(a1k / 2 / (2 * noop_us), 3),
+        "equal_server_time_vs_noop": round(out["equal_server_time"]["roundtrip_us"] / noop_us, 3),
+        "alloc_release_16384_vs_8": round(a16k / a8, 3),
+    }
     out["targets"] = {
         "one_op_at_1024_le_2_noops": a1k / 2 <= 2 * noop_us,
         "16384_le_1.5x_8": a16k <= 1.5 * a8,
@@ -197,8 +220,6 @@ def run(url: str, reps: int) -> dict:
         "snapshot_le_5ms": out["snapshot_ms"] <= 5,
     }
     return out
-
-
 
 
 def server_ms(client, fn, calls: int) -> tuple[float, float]:
@@ -212,8 +233,11 @@ def server_ms(client, fn, calls: int) -> tuple[float, float]:
         for _ in range(calls):
             client.slowlog_reset()
             fn()
-            times = [e["duration"] for e in client.slowlog_get(20000)
-                     if not e["command"].startswith((b"SLOWLOG", b"CONFIG"))]
+            times = [
+                e["duration"]
+                for e in client.slowlog_get(20000)
+                if not e["command"].startswith((b"SLOWLOG", b"CONFIG"))
+            ]
             longest.append(max(times))
             total.append(sum(times))
     finally:
@@ -256,7 +280,8 @@ def equal_server_time(client, engine_us: float, reps: int) -> dict:
     script adds to a round trip on this host beyond its own time (on a VM, mostly waking a
     client that went to sleep waiting)."""
     spin = client.register_script(
-        "local x = 0 for i = 1, tonumber(ARGV[1]) do x = x + i end return 1")
+        "local x = 0 for i = 1, tonumber(ARGV[1]) do x = x + i end return 1"
+    )
     old = client.config_get("slowlog-*")
     client.config_set("slowlog-log-slower-than", 0)
     client.config_set("slowlog-max-len", 1000)
@@ -265,8 +290,9 @@ def equal_server_time(client, engine_us: float, reps: int) -> dict:
         client.slowlog_reset()
         for _ in range(100):
             spin(args=[n])
-        times = sorted(e["duration"] for e in client.slowlog_get(1000)
-                       if e["command"].startswith(b"EVALSHA"))
+        times = sorted(
+            e["duration"] for e in client.slowlog_get(1000) if e["command"].startswith(b"EVALSHA")
+        )
         return times[len(times) // 2]
 
     try:

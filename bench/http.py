@@ -18,6 +18,7 @@ machine. Not a test; finishes in well under 2 minutes.
 
     .venv/bin/python bench/http.py            # defaults: 16 clients, 10 s + 15 s
 """
+
 from __future__ import annotations
 
 import os
@@ -50,6 +51,7 @@ def free_port() -> int:
 
 
 # --------------------------------------------------------------------------- client side
+
 
 async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     head = await reader.readuntil(b"\r\n\r\n")
@@ -84,12 +86,26 @@ async def _noop_client(port: int, deadline: float, lat: list[float], errors: lis
     writer.close()
 
 
-async def _alloc_client(port: int, n: int, deadline: float, alloc_lat: list[float],
-                        rel_lat: list[float], errors: list[int]) -> None:
+async def _alloc_client(
+    port: int,
+    n: int,
+    deadline: float,
+    alloc_lat: list[float],
+    rel_lat: list[float],
+    errors: list[int],
+) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    alloc = _request("POST", "/gpu/allocate", json.dumps(
-        {"service_name": f"bench-{n}", "workload_type": "inference",
-         "workload_data": {"model_size": "small"}}).encode())
+    alloc = _request(
+        "POST",
+        "/gpu/allocate",
+        json.dumps(
+            {
+                "service_name": f"bench-{n}",
+                "workload_type": "inference",
+                "workload_data": {"model_size": "small"},
+            }
+        ).encode(),
+    )
     while time.perf_counter() < deadline:
         t0 = time.perf_counter()
         writer.write(alloc)
@@ -99,8 +115,7 @@ async def _alloc_client(port: int, n: int, deadline: float, alloc_lat: list[floa
             errors.append(status)
             continue
         rid = json.loads(body).get("id")
-        release = _request("POST", "/gpu/release",
-                           json.dumps({"allocation_id": rid}).encode())
+        release = _request("POST", "/gpu/release", json.dumps({"allocation_id": rid}).encode())
         t0 = time.perf_counter()
         writer.write(release)
         status, _ = await _read_response(reader)
@@ -117,14 +132,16 @@ def _pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))] * 1000
 
 
-async def _client_main(port: int, clients: int, noop_s: float, alloc_s: float,
-                       warmup_s: float, rounds: int) -> dict:
+async def _client_main(
+    port: int, clients: int, noop_s: float, alloc_s: float, warmup_s: float, rounds: int
+) -> dict:
     # Warm-up: both routes, results discarded (imports, connection pools, script loading).
     sink: list[float] = []
     end = time.perf_counter() + warmup_s
-    await asyncio.gather(*[_noop_client(port, end, sink, []) for _ in range(clients // 2)],
-                         *[_alloc_client(port, i, end, sink, sink, [])
-                           for i in range(clients // 2)])
+    await asyncio.gather(
+        *[_noop_client(port, end, sink, []) for _ in range(clients // 2)],
+        *[_alloc_client(port, i, end, sink, sink, []) for i in range(clients // 2)],
+    )
 
     # The two loads alternate in short rounds, so a change in the machine's other load (it is
     # shared) hits both about equally and the ratio stays meaningful.
@@ -136,12 +153,17 @@ async def _client_main(port: int, clients: int, noop_s: float, alloc_s: float,
     noop_wall = alloc_wall = 0.0
     for _ in range(rounds):
         t0 = time.perf_counter()
-        await asyncio.gather(*[_noop_client(port, t0 + noop_s / rounds, noop_lat, noop_err)
-                               for _ in range(clients)])
+        await asyncio.gather(
+            *[_noop_client(port, t0 + noop_s / rounds, noop_lat, noop_err) for _ in range(clients)]
+        )
         noop_wall += time.perf_counter() - t0
         t0 = time.perf_counter()
-        await asyncio.gather(*[_alloc_client(port, i, t0 + alloc_s / rounds, alloc_lat,
-                                             rel_lat, alloc_err) for i in range(clients)])
+        await asyncio.gather(
+            *[
+                _alloc_client(port, i, t0 + alloc_s / rounds, alloc_lat, rel_lat, alloc_err)
+                for i in range(clients)
+            ]
+        )
         alloc_wall += time.perf_counter() - t0
 
     noop_rps = len(noop_lat) / noop_wall
@@ -160,12 +182,16 @@ async def _client_main(port: int, clients: int, noop_s: float, alloc_s: float,
         "release_p50_ms": round(_pct(rel_lat, 50), 2),
         "release_p99_ms": round(_pct(rel_lat, 99), 2),
         "ratio": round(alloc_rps / noop_rps, 3) if noop_rps else 0.0,
-        "errors": {"noop": len(noop_err), "alloc_release": len(alloc_err),
-                   "statuses": sorted(set(noop_err + alloc_err))},
+        "errors": {
+            "noop": len(noop_err),
+            "alloc_release": len(alloc_err),
+            "statuses": sorted(set(noop_err + alloc_err)),
+        },
     }
 
 
 # --------------------------------------------------------------------------- server side
+
 
 def _register_fleet(redis_url: str, prefix: str, nodes: int, per_node: int) -> None:
     sys.path.insert(0, ROOT)
@@ -196,6 +222,7 @@ def _wait_http(port: int, timeout: float = 30.0) -> None:
 def _server_version(url: str) -> str:
     """The Redis/Valkey the run used, e.g. ``valkey 9.1.2``."""
     from app.redis_client import connect, server_version
+
     client = connect(url)
     try:
         return server_version(client)
@@ -209,18 +236,27 @@ def main() -> int:
     parser.add_argument("--noop-seconds", type=float, default=10.0)
     parser.add_argument("--alloc-seconds", type=float, default=15.0)
     parser.add_argument("--warmup-seconds", type=float, default=2.0)
-    parser.add_argument("--rounds", type=int, default=5,
-                        help="alternate the two loads this many times")
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="alternate the two loads this many times"
+    )
     parser.add_argument("--nodes", type=int, default=8, help="simulated nodes of 8 GPUs")
-    parser.add_argument("--log-level", default="INFO",
-                        help="API log level (DEBUG adds one access line per request)")
+    parser.add_argument(
+        "--log-level", default="INFO", help="API log level (DEBUG adds one access line per request)"
+    )
     parser.add_argument("--client", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.client:  # the load-generating child process
-        result = asyncio.run(_client_main(args.client, args.clients, args.noop_seconds,
-                                          args.alloc_seconds, args.warmup_seconds,
-                                          max(1, args.rounds)))
+        result = asyncio.run(
+            _client_main(
+                args.client,
+                args.clients,
+                args.noop_seconds,
+                args.alloc_seconds,
+                args.warmup_seconds,
+                max(1, args.rounds),
+            )
+        )
         print(json.dumps(result))
         return 0
 
@@ -235,36 +271,63 @@ def main() -> int:
         prefix = "{gpuo-bench}"
         _register_fleet(redis_url, prefix, args.nodes, 8)
         port = free_port()
-        env = dict(os.environ, REDIS_URL=redis_url, PORT=str(port),
-                   CONFIG_PATH=os.path.join(tmp, "none.yaml"),
-                   GPU_ORCH__REDIS__PREFIX=prefix,
-                   GPU_ORCH__LOGGING__LEVEL=args.log_level,
-                   # The fleet is registered once; keep it schedulable for the whole run.
-                   GPU_ORCH__SCHEDULER__NODE_HEARTBEAT_TIMEOUT="1h",
-                   PYTHONPATH=ROOT)
+        env = dict(
+            os.environ,
+            REDIS_URL=redis_url,
+            PORT=str(port),
+            CONFIG_PATH=os.path.join(tmp, "none.yaml"),
+            GPU_ORCH__REDIS__PREFIX=prefix,
+            GPU_ORCH__LOGGING__LEVEL=args.log_level,
+            # The fleet is registered once; keep it schedulable for the whole run.
+            GPU_ORCH__SCHEDULER__NODE_HEARTBEAT_TIMEOUT="1h",
+            PYTHONPATH=ROOT,
+        )
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         open(env["CONFIG_PATH"], "w").close()
         api_log = open(os.path.join(tmp, "api.log"), "wb")  # a pipe would fill up and block
-        api = subprocess.Popen([sys.executable, "-m", "app.cli", "api"], cwd=ROOT, env=env,
-                               stdout=api_log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+        api = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "api"],
+            cwd=ROOT,
+            env=env,
+            stdout=api_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         _wait_http(port)
         client = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), "--client", str(port),
-             "--clients", str(args.clients), "--noop-seconds", str(args.noop_seconds),
-             "--alloc-seconds", str(args.alloc_seconds),
-             "--warmup-seconds", str(args.warmup_seconds), "--rounds", str(args.rounds)],
-            capture_output=True, text=True, timeout=150, check=True)
+            [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--client",
+                str(port),
+                "--clients",
+                str(args.clients),
+                "--noop-seconds",
+                str(args.noop_seconds),
+                "--alloc-seconds",
+                str(args.alloc_seconds),
+                "--warmup-seconds",
+                str(args.warmup_seconds),
+                "--rounds",
+                str(args.rounds),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=150,
+            check=True,
+        )
         result = json.loads(client.stdout)
-        result.update({
-            "gpus": args.nodes * 8,
-            "server": _server_version(redis_url),
-            "api_server": "gunicorn, app.http_worker.BufferingWorker, server.workers=2, "
-                          "server.threads=4 (defaults)",
-            "api_log_level": args.log_level,
-            "machine": f"{platform.machine()} {os.cpu_count()} CPUs, "
-                       f"Python {platform.python_version()}, {platform.system()}",
-        })
+        result.update(
+            {
+                "gpus": args.nodes * 8,
+                "server": _server_version(redis_url),
+                "api_server": "gunicorn, app.http_worker.BufferingWorker, server.workers=2, "
+                "server.threads=4 (defaults)",
+                "api_log_level": args.log_level,
+                "machine": f"{platform.machine()} {os.cpu_count()} CPUs, "
+                f"Python {platform.python_version()}, {platform.system()}",
+            }
+        )
         print(json.dumps(result, indent=2))
         return 0
     finally:

@@ -30,6 +30,7 @@ Prints one JSON object with ``grant_p50_ms``, ``grant_p99_ms``, ``webhook_p50_ms
 
     .venv/bin/python bench/latency.py [--trials 200] [--longpoll-trials 200] [--slow-trials 200]
 """
+
 from __future__ import annotations
 
 import os
@@ -162,27 +163,44 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--longpoll-trials", type=int, default=200)
-    parser.add_argument("--slow-trials", type=int, default=None,
-                        help="webhook trials beside the trickling receiver (default: --trials)")
+    parser.add_argument(
+        "--slow-trials",
+        type=int,
+        default=None,
+        help="webhook trials beside the trickling receiver (default: --trials)",
+    )
     args = parser.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="gpuo-latency-")
     redis_srv = EmbeddedRedis(os.path.join(tmp, "redis"), port=free_port())
     url = redis_srv.start()
     api_port = free_port()
-    config = {"redis": {"url": url}, "server": {"port": api_port, "host": "127.0.0.1"},
-              "logging": {"level": "WARNING"},
-              "webhooks": {"allowed_hosts": ["127.0.0.0/8"]}}  # loopback receivers only
+    config = {
+        "redis": {"url": url},
+        "server": {"port": api_port, "host": "127.0.0.1"},
+        "logging": {"level": "WARNING"},
+        "webhooks": {"allowed_hosts": ["127.0.0.0/8"]},
+    }  # loopback receivers only
     cfg_path = os.path.join(tmp, "config.yaml")
     with open(cfg_path, "w") as fh:
         yaml.safe_dump(config, fh)
     settings = settings_mod.load(cfg_path, environ={})
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("GPU_ORCH__") and k not in ("REDIS_URL", "CONFIG_PATH", "PORT")}
-    procs = [subprocess.Popen([sys.executable, "-m", "app.cli", "--config", cfg_path, role],
-                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
-             for role in ("api", "worker")]
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("GPU_ORCH__") and k not in ("REDIS_URL", "CONFIG_PATH", "PORT")
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "--config", cfg_path, role],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        for role in ("api", "worker")
+    ]
     receiver = Receiver()
     grant_ms: list[float] = []
     release_ms: list[float] = []
@@ -196,10 +214,19 @@ def main() -> int:
     early = 0
     try:
         engine = Engine(connect(url, settings), settings)
-        engine.report_node("bench-node", [{"index": 0, "uuid": "GPU-bench-0",
-                                           "name": "NVIDIA H100 80GB HBM3",
-                                           "memory_total_mb": 81559}],
-                           backend="simulated", host="bench")
+        engine.report_node(
+            "bench-node",
+            [
+                {
+                    "index": 0,
+                    "uuid": "GPU-bench-0",
+                    "name": "NVIDIA H100 80GB HBM3",
+                    "memory_total_mb": 81559,
+                }
+            ],
+            backend="simulated",
+            host="bench",
+        )
         base = f"http://127.0.0.1:{api_port}"
         http = requests.Session()
         deadline = time.monotonic() + 60
@@ -218,13 +245,16 @@ def main() -> int:
             """One release -> grant -> webhook round; False when the webhook never came.
             ``record``: count its grant figures; ``hooks``: where its webhook latency goes."""
             holder = http.post(base + "/gpu/allocate", json={"service_name": "holder"}).json()
-            resp = http.post(base + "/gpu/allocate",
-                             json={"service_name": "waiter", "webhook_url": receiver.url})
+            resp = http.post(
+                base + "/gpu/allocate", json={"service_name": "waiter", "webhook_url": receiver.url}
+            )
             assert resp.status_code == 202, resp.text
             rid = resp.json()["request_id"]
             t0 = time.perf_counter()
-            assert http.post(base + "/gpu/release",
-                             json={"allocation_id": holder["id"]}).status_code == 200
+            assert (
+                http.post(base + "/gpu/release", json={"allocation_id": holder["id"]}).status_code
+                == 200
+            )
             t_released = time.perf_counter()
             while http.get(f"{base}/gpu/requests/{rid}").json().get("status") != "allocated":
                 pass
@@ -247,8 +277,11 @@ def main() -> int:
         poll_http = requests.Session()
 
         def held_wait(rid: str) -> tuple[str, float]:
-            status = poll_http.get(f"{base}/gpu/requests/{rid}", params={"wait": 30},
-                                   timeout=40).json().get("status")
+            status = (
+                poll_http.get(f"{base}/gpu/requests/{rid}", params={"wait": 30}, timeout=40)
+                .json()
+                .get("status")
+            )
             return status, time.perf_counter()
 
         for trial in range(args.warmup + args.longpoll_trials):
@@ -260,8 +293,10 @@ def main() -> int:
             time.sleep(HOLD_S)
             assert not answer.done(), "the long-poll answered before the release"
             t0 = time.perf_counter()
-            assert http.post(base + "/gpu/release",
-                             json={"allocation_id": holder["id"]}).status_code == 200
+            assert (
+                http.post(base + "/gpu/release", json={"allocation_id": holder["id"]}).status_code
+                == 200
+            )
             status, t_answer = answer.result(timeout=40)
             if status != "allocated":  # let go early (not held, or the thread was needed)
                 early += trial >= args.warmup
@@ -273,9 +308,14 @@ def main() -> int:
         # Beside a slow team: each trial first gives the trickling receiver one more webhook.
         for n in range(slow_trials):
             blocker = http.post(base + "/gpu/allocate", json={"service_name": "blocker"}).json()
-            resp = http.post(base + "/gpu/allocate",
-                             json={"service_name": "slow-team", "webhook_url": slow.url,
-                                   "webhook_events": ["cancelled"]})
+            resp = http.post(
+                base + "/gpu/allocate",
+                json={
+                    "service_name": "slow-team",
+                    "webhook_url": slow.url,
+                    "webhook_events": ["cancelled"],
+                },
+            )
             assert resp.status_code == 202, resp.text
             http.delete(f"{base}/gpu/requests/{resp.json()['request_id']}")
             http.post(base + "/gpu/release", json={"allocation_id": blocker["id"]})
@@ -313,8 +353,9 @@ def main() -> int:
         "slow_receiver_webhook_p50_ms": round(pct(slow_hook_ms, 50), 2) if slow_hook_ms else None,
         "slow_receiver_webhook_p99_ms": round(pct(slow_hook_ms, 99), 2) if slow_hook_ms else None,
         "slow_receiver_webhook_max_ms": round(max(slow_hook_ms), 2) if slow_hook_ms else None,
-        "slow_receiver_delay_p99_ms": (round(pct(slow_hook_ms, 99) - pct(hook_ms, 99), 2)
-                                       if slow_hook_ms and hook_ms else None),
+        "slow_receiver_delay_p99_ms": (
+            round(pct(slow_hook_ms, 99) - pct(hook_ms, 99), 2) if slow_hook_ms and hook_ms else None
+        ),
         "slow_receiver_webhooks_missing": slow_missing,
         "slow_receiver_connections": slow.connections,
         "longpoll_trials": len(poll_ms),
@@ -322,8 +363,11 @@ def main() -> int:
         "longpoll_p99_ms": round(pct(poll_ms, 99), 2) if poll_ms else None,
         "longpoll_max_ms": round(max(poll_ms), 2) if poll_ms else None,
         "longpoll_early_answers": early,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "platform": platform.platform()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
     }
     print(json.dumps(out))
     return 0

@@ -9,6 +9,7 @@ ratio), p99s, ``server`` and ``ops``. Not a test; a few seconds.
 
     .venv/bin/python bench/replica_ack.py [--ops 2000]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,8 @@ import time
 from pathlib import Path
 
 sys.path[:] = [str(Path(__file__).resolve().parent.parent)] + [
-    p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+    p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent
+]
 
 import redis as redis_lib  # noqa: E402
 
@@ -36,9 +38,24 @@ from workers.simulated import fleet  # noqa: E402
 def _server(binary: str, port: int, workdir: Path, *extra: str) -> subprocess.Popen:
     node = workdir / str(port)
     node.mkdir()
-    return subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", str(port), "--dir",
-                             str(node), "--save", "", "--appendonly", "yes", *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [
+            binary,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dir",
+            str(node),
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            *extra,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def _time_block(engine: Engine, n: int) -> list[float]:
@@ -58,8 +75,10 @@ def main(argv=None) -> int:
     binary = find_binary()
     with tempfile.TemporaryDirectory(prefix="gpuo-ack-") as tmp:
         primary, replica = free_port(), free_port()
-        procs = [_server(binary, primary, Path(tmp)),
-                 _server(binary, replica, Path(tmp), "--replicaof", "127.0.0.1", str(primary))]
+        procs = [
+            _server(binary, primary, Path(tmp)),
+            _server(binary, replica, Path(tmp), "--replicaof", "127.0.0.1", str(primary)),
+        ]
         try:
             probe = redis_lib.Redis(port=replica, socket_timeout=1)
             deadline = time.monotonic() + 20
@@ -74,8 +93,13 @@ def main(argv=None) -> int:
                 time.sleep(0.1)
             url = f"redis://127.0.0.1:{primary}/0"
             base = settings_mod.defaults().replace(redis={"url": url})
-            engines = {n: Engine(connect(url, base.replace(redis={"min_replicas_ack": n})),
-                                 base.replace(redis={"min_replicas_ack": n})) for n in (0, 1)}
+            engines = {
+                n: Engine(
+                    connect(url, base.replace(redis={"min_replicas_ack": n})),
+                    base.replace(redis={"min_replicas_ack": n}),
+                )
+                for n in (0, 1)
+            }
             for node, gpus in fleet({"nodes": [{"name": "bench", "count": 8}]}).items():
                 engines[0].report_node(node, gpus)
             times: dict[int, list[float]] = {0: [], 1: []}
@@ -93,14 +117,22 @@ def main(argv=None) -> int:
 
     def p99(v):
         return sorted(v)[max(0, int(len(v) * 0.99) - 1)]
+
     med = {n: statistics.median(v) for n, v in times.items()}
-    print(json.dumps({
-        "ack0_us": round(med[0], 1), "ack1_us": round(med[1], 1),
-        "ack1_vs_ack0": round(med[1] / med[0], 2),
-        "ack0_p99_us": round(p99(times[0]), 1), "ack1_p99_us": round(p99(times[1]), 1),
-        "ops": len(times[0]),
-        "server": f"{'valkey' if 'valkey_version' in server else 'redis'} "
-                  f"{server.get('valkey_version') or server.get('redis_version')}"}))
+    print(
+        json.dumps(
+            {
+                "ack0_us": round(med[0], 1),
+                "ack1_us": round(med[1], 1),
+                "ack1_vs_ack0": round(med[1] / med[0], 2),
+                "ack0_p99_us": round(p99(times[0]), 1),
+                "ack1_p99_us": round(p99(times[1]), 1),
+                "ops": len(times[0]),
+                "server": f"{'valkey' if 'valkey_version' in server else 'redis'} "
+                f"{server.get('valkey_version') or server.get('redis_version')}",
+            }
+        )
+    )
     return 0
 
 

@@ -6,6 +6,7 @@ All five processes are the same binary as the embedded server
 killed primary is replaced within a few seconds. Used by ``bench/chaos.py --sentinel`` and by
 the failover tests; never for production.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,10 +33,13 @@ def open_redis(url: str, **kw) -> redis_lib.Redis:
     from redis.sentinel import Sentinel
 
     from app.settings import parse_sentinel_url
+
     t = parse_sentinel_url(url)
     pw = t.password or None
-    manager = Sentinel(list(t.sentinels), sentinel_kwargs={
-        "password": pw, "socket_timeout": kw.get("socket_timeout") or 2})
+    manager = Sentinel(
+        list(t.sentinels),
+        sentinel_kwargs={"password": pw, "socket_timeout": kw.get("socket_timeout") or 2},
+    )
     return manager.master_for(t.master_name, password=pw, db=t.db, **kw)
 
 
@@ -48,8 +52,15 @@ def free_port() -> int:
 class SentinelTopology:
     """Start with :meth:`start`, stop with :meth:`stop` (also on error); ports chosen free."""
 
-    def __init__(self, workdir: str | os.PathLike, *, password: str = "",
-                 sentinels: int = 3, appendonly: bool = True, preexec_fn=None):
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        *,
+        password: str = "",
+        sentinels: int = 3,
+        appendonly: bool = True,
+        preexec_fn=None,
+    ):
         self.dir = Path(workdir)
         self.password = password
         self.binary = find_binary()
@@ -77,12 +88,17 @@ class SentinelTopology:
         return f"redis+sentinel://{','.join(self.sentinels)}/{MASTER_NAME}"
 
     def sentinel_config(self) -> dict:
-        return {"master_name": MASTER_NAME, "sentinels": self.sentinels,
-                "password": self.password}
+        return {"master_name": MASTER_NAME, "sentinels": self.sentinels, "password": self.password}
 
     def client(self, port: int, **kw) -> redis_lib.Redis:
-        return redis_lib.Redis(host="127.0.0.1", port=port, password=self.password or None,
-                               socket_timeout=2, socket_connect_timeout=2, **kw)
+        return redis_lib.Redis(
+            host="127.0.0.1",
+            port=port,
+            password=self.password or None,
+            socket_timeout=2,
+            socket_connect_timeout=2,
+            **kw,
+        )
 
     def primary_port(self) -> int | None:
         """The port the sentinels name as primary now (the first sentinel that answers)."""
@@ -99,43 +115,71 @@ class SentinelTopology:
     def _spawn(self, port: int, args: list[str], log: str) -> None:
         out = open(self.dir / log, "ab")
         try:
-            self.procs[port] = subprocess.Popen([self.binary, *args], stdout=out,
-                                                stderr=subprocess.STDOUT,
-                                                stdin=subprocess.DEVNULL,
-                                                preexec_fn=self.preexec_fn)
+            self.procs[port] = subprocess.Popen(
+                [self.binary, *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=self.preexec_fn,
+            )
         finally:
             out.close()
 
     def _data_args(self, port: int) -> list[str]:
         node = self.dir / f"redis-{port}"
         node.mkdir(parents=True, exist_ok=True)
-        args = ["--bind", "127.0.0.1", "--port", str(port), "--dir", str(node),
-                "--save", "", "--appendonly", "yes" if self.appendonly else "no",
-                "--appendfsync", "everysec", "--protected-mode", "no"]
+        args = [
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dir",
+            str(node),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "everysec",
+            "--protected-mode",
+            "no",
+        ]
         if self.password:
             args += ["--requirepass", self.password, "--masterauth", self.password]
         return args
 
-    def start(self, timeout: float = 20.0) -> "SentinelTopology":
+    def start(self, timeout: float = 20.0) -> SentinelTopology:
         self.dir.mkdir(parents=True, exist_ok=True)
         primary, replica = self.data_ports
         try:
             self._spawn(primary, self._data_args(primary), f"redis-{primary}.log")
-            self._spawn(replica, self._data_args(replica)
-                        + ["--replicaof", "127.0.0.1", str(primary)], f"redis-{replica}.log")
-            self._wait(lambda: self.client(replica).info("replication")
-                       .get("master_link_status") == "up", timeout, "the replica to sync")
+            self._spawn(
+                replica,
+                self._data_args(replica) + ["--replicaof", "127.0.0.1", str(primary)],
+                f"redis-{replica}.log",
+            )
+            self._wait(
+                lambda: self.client(replica).info("replication").get("master_link_status") == "up",
+                timeout,
+                "the replica to sync",
+            )
             for port in self.sentinel_ports:
                 conf = self.dir / f"sentinel-{port}.conf"
-                lines = [f"port {port}", "bind 127.0.0.1", "protected-mode no",
-                         f"dir {self.dir}",
-                         f"sentinel monitor {MASTER_NAME} 127.0.0.1 {primary} 2",
-                         f"sentinel down-after-milliseconds {MASTER_NAME} {DOWN_AFTER_MS}",
-                         f"sentinel failover-timeout {MASTER_NAME} {FAILOVER_TIMEOUT_MS}",
-                         f"sentinel parallel-syncs {MASTER_NAME} 1"]
+                lines = [
+                    f"port {port}",
+                    "bind 127.0.0.1",
+                    "protected-mode no",
+                    f"dir {self.dir}",
+                    f"sentinel monitor {MASTER_NAME} 127.0.0.1 {primary} 2",
+                    f"sentinel down-after-milliseconds {MASTER_NAME} {DOWN_AFTER_MS}",
+                    f"sentinel failover-timeout {MASTER_NAME} {FAILOVER_TIMEOUT_MS}",
+                    f"sentinel parallel-syncs {MASTER_NAME} 1",
+                ]
                 if self.password:
-                    lines += [f"sentinel auth-pass {MASTER_NAME} {self.password}",
-                              f"requirepass {self.password}"]
+                    lines += [
+                        f"sentinel auth-pass {MASTER_NAME} {self.password}",
+                        f"requirepass {self.password}",
+                    ]
                 conf.write_text("\n".join(lines) + "\n")
                 self._spawn(port, [str(conf), "--sentinel"], f"sentinel-{port}.log")
             self._wait(self._sentinels_agree, timeout, "the sentinels to see both nodes")
@@ -147,8 +191,10 @@ class SentinelTopology:
     def _sentinels_agree(self) -> bool:
         for port in self.sentinel_ports:
             master = self.client(port, decode_responses=True).sentinel_master(MASTER_NAME)
-            if int(master.get("num-slaves", 0)) < 1 or \
-                    int(master.get("num-other-sentinels", 0)) < len(self.sentinel_ports) - 1:
+            if (
+                int(master.get("num-slaves", 0)) < 1
+                or int(master.get("num-other-sentinels", 0)) < len(self.sentinel_ports) - 1
+            ):
                 return False
         return True
 
@@ -180,11 +226,15 @@ class SentinelTopology:
 
         def promoted() -> bool:
             port = self.primary_port()
-            if port and port != old_port and \
-                    self.client(port).info("replication").get("role") == "master":
+            if (
+                port
+                and port != old_port
+                and self.client(port).info("replication").get("role") == "master"
+            ):
                 found.append(port)
                 return True
             return False
+
         self._wait(promoted, timeout, "a failover")
         self.failovers += 1
         return found[-1]

@@ -22,6 +22,7 @@ machine. Goal: p99 <= 100 ms and no errors. Loopback only; about 25 s.
     .venv/bin/python bench/slowloris.py
     .venv/bin/python bench/slowloris.py --api-root /path/to/older/checkout   # to compare
 """
+
 from __future__ import annotations
 
 import os
@@ -47,21 +48,25 @@ import time  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE_TIMEOUT = 5.0
 HEAD = b"GET /healthz HTTP/1.1\r\nHost: slowloris\r\n"
-BODY_HEAD = (b"POST /gpu/allocate HTTP/1.1\r\nHost: slowloris\r\nContent-Type: application/json"
-             b"\r\nContent-Length: 1000\r\n\r\n")
+BODY_HEAD = (
+    b"POST /gpu/allocate HTTP/1.1\r\nHost: slowloris\r\nContent-Type: application/json"
+    b"\r\nContent-Length: 1000\r\n\r\n"
+)
 KINDS = ("silent", "partial_head", "partial_body")
 
 
 def _bench_http():
     """bench/http.py's server-side helpers (loaded by path: its name shadows ``http``)."""
-    spec = importlib.util.spec_from_file_location("bench_http",
-                                                  os.path.join(ROOT, "bench", "http.py"))
+    spec = importlib.util.spec_from_file_location(
+        "bench_http", os.path.join(ROOT, "bench", "http.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 # --------------------------------------------------------------------------- client side
+
 
 class Holder:
     """Keeps ``n`` slow connections open, reopening any the server closes."""
@@ -105,21 +110,23 @@ class Holder:
         return self.closed_by_server - before
 
 
-async def _probe(port: int, deadline: float, lat: list[float], errors: list[str],
-                 held: list[int], holder: Holder) -> None:
+async def _probe(
+    port: int, deadline: float, lat: list[float], errors: list[str], held: list[int], holder: Holder
+) -> None:
     request = b"GET /healthz HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n"
     while time.perf_counter() < deadline:
         held.append(holder.open)
         t0 = time.perf_counter()
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection("127.0.0.1", port), PROBE_TIMEOUT)
+                asyncio.open_connection("127.0.0.1", port), PROBE_TIMEOUT
+            )
             writer.write(request)
             answer = await asyncio.wait_for(reader.read(), PROBE_TIMEOUT)
             writer.close()
             if not answer.startswith(b"HTTP/1.1 200"):
                 errors.append(answer[:12].decode(errors="replace") or "closed")
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             errors.append(type(exc).__name__)
         lat.append(time.perf_counter() - t0)
         await asyncio.sleep(0.01)
@@ -170,19 +177,24 @@ async def _client_main(port: int, held: int, seconds: float, header_timeout: flo
 
 # --------------------------------------------------------------------------- server side
 
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--held", type=int, default=1000, help="slow connections held")
     parser.add_argument("--seconds", type=float, default=8.0, help="probing time")
     parser.add_argument("--header-timeout", default="10s", help="server.header_timeout")
-    parser.add_argument("--api-root", default=ROOT,
-                        help="serve the API from this checkout (to measure an older version)")
+    parser.add_argument(
+        "--api-root",
+        default=ROOT,
+        help="serve the API from this checkout (to measure an older version)",
+    )
     parser.add_argument("--client", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.held = max(3, min(args.held, 5000))
     args.seconds = max(1.0, min(args.seconds, 60.0))
     sys.path.insert(0, ROOT)
     from app.settings import parse_duration  # noqa: E402  (after the path is set)
+
     header_timeout = parse_duration(args.header_timeout)
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -205,31 +217,57 @@ def main() -> int:
         prefix = "{gpuo-slowloris}"
         bench_http._register_fleet(redis_url, prefix, 2, 8)
         port = bench_http.free_port()
-        env = dict(os.environ, REDIS_URL=redis_url, PORT=str(port),
-                   CONFIG_PATH=os.path.join(tmp, "none.yaml"), GPU_ORCH__REDIS__PREFIX=prefix,
-                   GPU_ORCH__SERVER__HOST="127.0.0.1",
-                   GPU_ORCH__SCHEDULER__NODE_HEARTBEAT_TIMEOUT="1h", PYTHONPATH=args.api_root)
+        env = dict(
+            os.environ,
+            REDIS_URL=redis_url,
+            PORT=str(port),
+            CONFIG_PATH=os.path.join(tmp, "none.yaml"),
+            GPU_ORCH__REDIS__PREFIX=prefix,
+            GPU_ORCH__SERVER__HOST="127.0.0.1",
+            GPU_ORCH__SCHEDULER__NODE_HEARTBEAT_TIMEOUT="1h",
+            PYTHONPATH=args.api_root,
+        )
         if os.path.abspath(args.api_root) == ROOT:  # an older checkout lacks the setting
             env["GPU_ORCH__SERVER__HEADER_TIMEOUT"] = args.header_timeout
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         open(env["CONFIG_PATH"], "w").close()
         api_log = open(os.path.join(tmp, "api.log"), "wb")
-        api = subprocess.Popen([sys.executable, "-m", "app.cli", "api"], cwd=args.api_root,
-                               env=env, stdout=api_log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+        api = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "api"],
+            cwd=args.api_root,
+            env=env,
+            stdout=api_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         bench_http._wait_http(port)
         client = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), "--client", str(port),
-             "--held", str(args.held), "--seconds", str(args.seconds),
-             "--header-timeout", args.header_timeout],
-            capture_output=True, text=True, timeout=150, check=True)
+            [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--client",
+                str(port),
+                "--held",
+                str(args.held),
+                "--seconds",
+                str(args.seconds),
+                "--header-timeout",
+                args.header_timeout,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=150,
+            check=True,
+        )
         result = json.loads(client.stdout)
-        result.update({
-            "header_timeout_s": header_timeout,
-            "api_root": os.path.abspath(args.api_root),
-            "machine": f"{platform.machine()} {os.cpu_count()} CPUs, "
-                       f"Python {platform.python_version()}, load {os.getloadavg()[0]:.1f}",
-        })
+        result.update(
+            {
+                "header_timeout_s": header_timeout,
+                "api_root": os.path.abspath(args.api_root),
+                "machine": f"{platform.machine()} {os.cpu_count()} CPUs, "
+                f"Python {platform.python_version()}, load {os.getloadavg()[0]:.1f}",
+            }
+        )
         print(json.dumps(result, indent=2))
         return 0
     finally:

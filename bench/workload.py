@@ -2,6 +2,7 @@
 
 Run from the repository root: ``.venv/bin/python -m bench.workload``; prints one JSON object.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,12 +14,22 @@ from app.workload import WorkloadAnalyzer
 CASES = {
     "generic_empty": ("generic", {}),
     "training_hints": ("training", {"model_size": "large", "batch_size": 256, "multi_gpu": True}),
-    "inference_family": ("inference", {"model_name": "google/gemma-7b-it", "dedicated": True,
-                                       "concurrent_requests": 25}),
-    "inference_estimate": ("inference", {"model_name": "meta-llama/Llama-3-70b-instruct",
-                                         "quantization": "int8"}),
-    "workflow_deps": ("generic", {"workflow_id": "wf-1", "workflow_priority": 9,
-                                  "workflow_dependencies": [f"req-{i}" for i in range(20)]}),
+    "inference_family": (
+        "inference",
+        {"model_name": "google/gemma-7b-it", "dedicated": True, "concurrent_requests": 25},
+    ),
+    "inference_estimate": (
+        "inference",
+        {"model_name": "meta-llama/Llama-3-70b-instruct", "quantization": "int8"},
+    ),
+    "workflow_deps": (
+        "generic",
+        {
+            "workflow_id": "wf-1",
+            "workflow_priority": 9,
+            "workflow_dependencies": [f"req-{i}" for i in range(20)],
+        },
+    ),
 }
 
 

@@ -1,4 +1,5 @@
 """Fixtures and helpers shared by the API test modules (imported, not a conftest)."""
+
 from __future__ import annotations
 
 import pytest
@@ -40,6 +41,7 @@ def make_app(settings, redis_url, clock):
         if nodes:
             register_fleet(app, nodes)
         return app
+
     return make
 
 
@@ -66,5 +68,3 @@ def assert_error(resp, status, code):
     assert isinstance(err["message"], str) and err["message"]
     assert isinstance(err["details"], dict)
     return err
-
-

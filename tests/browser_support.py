@@ -4,6 +4,7 @@ Debian's ``chromium`` and ``chromium-driver`` packages (``.ci/run`` installs the
 Selenium through the system chromedriver: nothing is downloaded at test time. Without them the
 tests skip and say why; with ``CI=true`` a missing browser fails the run instead.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,16 +14,25 @@ import threading
 import pytest
 
 #: Flags for a quiet, sandbox-free headless run that never talks to the network by itself.
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run",
-         "--disable-dev-shm-usage", "--window-size=1280,800")
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+    "--window-size=1280,800",
+)
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 
 
 def find_browser() -> tuple[str | None, str | None, str]:
     """(browser, chromedriver, why not) from CHROME_BIN / CHROMEDRIVER or the PATH."""
     browser = os.environ.get("CHROME_BIN") or next(
-        (p for p in map(shutil.which, BROWSERS) if p), None)
+        (p for p in map(shutil.which, BROWSERS) if p), None
+    )
     driver = os.environ.get("CHROMEDRIVER") or shutil.which("chromedriver")
     if not browser:
         return None, None, "no Chromium found (apt-get install chromium chromium-driver)"
@@ -70,7 +80,7 @@ class LiveServer:
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def __enter__(self) -> "LiveServer":
+    def __enter__(self) -> LiveServer:
         self.thread.start()
         return self
 

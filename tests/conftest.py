@@ -1,4 +1,5 @@
 """Shared fixtures: a real redis-server for the session, fresh state for every test."""
+
 from __future__ import annotations
 
 import socket
@@ -12,7 +13,6 @@ import redis as redis_lib
 
 from app import settings as settings_mod
 from app.embedded_redis import find_binary
-
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Folders a test run must not leave in the checkout: schemathesis keeps its cache and crash
@@ -33,8 +33,7 @@ def pytest_sessionfinish(session, exitstatus):
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
             reporter.ensure_newline()
-            reporter.write_line(f"ERROR: the test run left {', '.join(left)} in {ROOT}",
-                                red=True)
+            reporter.write_line(f"ERROR: the test run left {', '.join(left)} in {ROOT}", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
@@ -54,17 +53,30 @@ class RedisServer:
     def __init__(self, tmp_dir, *extra_args: str):
         self.port = free_port()
         self.dir = tmp_dir
-        self.args = [find_binary(), "--bind", "127.0.0.1", "--port", str(self.port), "--dir",
-                     str(tmp_dir), "--save", "", "--appendonly", "no", *extra_args]
+        self.args = [
+            find_binary(),
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dir",
+            str(tmp_dir),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            *extra_args,
+        ]
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> "RedisServer":
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+    def start(self) -> RedisServer:
+        self.proc = subprocess.Popen(
+            self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         client = redis_lib.Redis(port=self.port)
         deadline = time.monotonic() + 10
         while True:
@@ -111,6 +123,7 @@ def redis(redis_url):
 def fake_redis():
     """fakeredis for fast unit tests that do not depend on Lua fidelity."""
     import fakeredis
+
     return fakeredis.FakeRedis(decode_responses=True)
 
 
@@ -119,15 +132,18 @@ def settings(redis_url) -> settings_mod.Settings:
     """Defaults pointed at the test Redis, under a key prefix unique to the test; webhooks may
     go to loopback receivers only (tests send traffic nowhere else)."""
     prefix = "{gpuo-" + uuid.uuid4().hex[:8] + "}"
-    return settings_mod.defaults().replace(redis={"url": redis_url, "prefix": prefix},
-                                           webhooks={"allowed_hosts": LOOPBACK})
+    return settings_mod.defaults().replace(
+        redis={"url": redis_url, "prefix": prefix}, webhooks={"allowed_hosts": LOOPBACK}
+    )
 
 
 @pytest.fixture
 def write_config(tmp_path):
     """Write YAML text to a file and return its path."""
+
     def write(text: str, name: str = "config.yaml") -> str:
         path = tmp_path / name
         path.write_text(text)
         return str(path)
+
     return write

@@ -3,6 +3,7 @@
 Build one with :func:`make`, describe GPUs as dicts, and flip their fields between reads to
 simulate failures (``lost=True`` raises the real ``NVMLError_GpuIsLost``).
 """
+
 from __future__ import annotations
 
 import types
@@ -35,7 +36,6 @@ def make(gpus: list[dict], *, driver: bool = True, xids: list[tuple[int, int]] |
     def handle(index):
         if index >= len(m.gpus):
             raise err(real.NVML_ERROR_INVALID_ARGUMENT)
-        gpu = m.gpus[index]
         return {"index": index}
 
     def gpu_of(h):
@@ -59,14 +59,18 @@ def make(gpus: list[dict], *, driver: bool = True, xids: list[tuple[int, int]] |
     m.nvmlDeviceGetUUID = lambda h: gpu_of(h)["uuid"]
     m.nvmlDeviceGetName = lambda h: gpu_of(h)["name"]
     m.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(
-        total=gpu_of(h)["total_mb"] * MB, used=gpu_of(h)["used_mb"] * MB,
-        free=(gpu_of(h)["total_mb"] - gpu_of(h)["used_mb"]) * MB)
+        total=gpu_of(h)["total_mb"] * MB,
+        used=gpu_of(h)["used_mb"] * MB,
+        free=(gpu_of(h)["total_mb"] - gpu_of(h)["used_mb"]) * MB,
+    )
     m.nvmlDeviceGetUtilizationRates = lambda h: types.SimpleNamespace(
-        gpu=gpu_of(h)["util"], memory=0)
+        gpu=gpu_of(h)["util"], memory=0
+    )
     m.nvmlDeviceGetTemperature = lambda h, sensor: gpu_of(h)["temp"]
     m.nvmlDeviceGetPowerUsage = lambda h: gpu_of(h)["power_mw"]
     m.nvmlDeviceGetComputeRunningProcesses = lambda h: [
-        types.SimpleNamespace(pid=pid, usedGpuMemory=mb * MB) for pid, mb in gpu_of(h)["procs"]]
+        types.SimpleNamespace(pid=pid, usedGpuMemory=mb * MB) for pid, mb in gpu_of(h)["procs"]
+    ]
 
     def ecc(h, kind, counter):
         key = "ecc_unc" if kind == real.NVML_MEMORY_ERROR_TYPE_UNCORRECTED else "ecc_cor"
@@ -92,9 +96,19 @@ def make(gpus: list[dict], *, driver: bool = True, xids: list[tuple[int, int]] |
 
 
 def h100(i: int, **over) -> dict:
-    gpu = {"uuid": f"GPU-0000-{i}", "name": "NVIDIA H100 80GB HBM3", "total_mb": 81559,
-           "used_mb": 1024 * i, "util": 10 * i, "temp": 40 + i, "power_mw": 100_500 + i,
-           "procs": [(1000 + i, 512)] if i else [], "ecc_unc": 0, "ecc_cor": 2,
-           "reasons": 0x1, "mig": 0}
+    gpu = {
+        "uuid": f"GPU-0000-{i}",
+        "name": "NVIDIA H100 80GB HBM3",
+        "total_mb": 81559,
+        "used_mb": 1024 * i,
+        "util": 10 * i,
+        "temp": 40 + i,
+        "power_mw": 100_500 + i,
+        "procs": [(1000 + i, 512)] if i else [],
+        "ecc_unc": 0,
+        "ecc_cor": 2,
+        "reasons": 0x1,
+        "mig": 0,
+    }
     gpu.update(over)
     return gpu

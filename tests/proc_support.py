@@ -1,4 +1,5 @@
 """Helpers for tests that run the service's roles as real processes."""
+
 from __future__ import annotations
 
 import os
@@ -15,9 +16,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def write_settings(tmp_path, settings, **sections) -> str:
     """A config file with the test's Redis URL and prefix plus ``sections`` overrides."""
-    data = {"redis": {"url": settings.redis.url, "prefix": settings.redis.prefix},
-            "logging": {"level": "INFO"},
-            "webhooks": {"allowed_hosts": list(settings.webhooks.allowed_hosts)}}
+    data = {
+        "redis": {"url": settings.redis.url, "prefix": settings.redis.prefix},
+        "logging": {"level": "INFO"},
+        "webhooks": {"allowed_hosts": list(settings.webhooks.allowed_hosts)},
+    }
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
     path = Path(tmp_path) / f"config-{len(list(Path(tmp_path).glob('config-*')))}.yaml"
@@ -32,11 +35,20 @@ class Role:
         self.args = [sys.executable, "-m", "app.cli", "--config", config, *args]
         name = f"{args[0]}-{os.getpid()}-{time.monotonic_ns()}.log"
         self.log_path = Path(log_dir or "/tmp") / name
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("GPU_ORCH__") and k not in ("REDIS_URL", "CONFIG_PATH", "PORT")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("GPU_ORCH__") and k not in ("REDIS_URL", "CONFIG_PATH", "PORT")
+        }
         self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.args, cwd=ROOT, env=env, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.args,
+            cwd=ROOT,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def output(self) -> str:
         if not self.log.closed:

@@ -1,4 +1,5 @@
 """The DeepAgents advisor against a real HTTP server on 127.0.0.1, and its circuit breaker."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from app import settings as settings_mod
-from app.advisor import Advisor, parse_advice, AdvisorGarbage, RESPONSE_SCHEMA
+from app.advisor import RESPONSE_SCHEMA, Advisor, AdvisorGarbage, parse_advice
 from app.workload import WorkloadAnalyzer
 
 
@@ -43,7 +44,7 @@ class StubServer:
                     if not stub.drip:
                         self.wfile.write(data)
                     for i in range(len(data) if stub.drip else 0):
-                        self.wfile.write(data[i:i + 1])
+                        self.wfile.write(data[i : i + 1])
                         self.wfile.flush()
                         time.sleep(stub.drip)
                 except OSError:
@@ -57,8 +58,7 @@ class StubServer:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.02,),
-                                       daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True)
         self.thread.start()
 
     def close(self):
@@ -67,10 +67,16 @@ class StubServer:
 
 
 def structured(gpus=2, memory=16000, priority=6, reasoning="two GPUs suffice", **extra):
-    return {"messages": [], "structured_output": {"required_gpus": gpus,
-                                                  "min_memory_mb": memory,
-                                                  "priority": priority,
-                                                  "reasoning": reasoning, **extra}}
+    return {
+        "messages": [],
+        "structured_output": {
+            "required_gpus": gpus,
+            "min_memory_mb": memory,
+            "priority": priority,
+            "reasoning": reasoning,
+            **extra,
+        },
+    }
 
 
 @pytest.fixture
@@ -104,6 +110,7 @@ def make_advisor(stub, clock):
         advisor = Advisor(stub.url, clock=clock, **kwargs)
         made.append(advisor)
         return advisor
+
     yield make
     for advisor in made:
         advisor.close()
@@ -113,23 +120,30 @@ LIMITS = {"max_gpus": 8, "max_memory_mb": 81559}
 
 
 def outcome_count(outcome):
-    return REGISTRY.get_sample_value("gpu_orchestrator_advisor_calls_total",
-                                     {"outcome": outcome}) or 0.0
+    return (
+        REGISTRY.get_sample_value("gpu_orchestrator_advisor_calls_total", {"outcome": outcome})
+        or 0.0
+    )
 
 
 def test_good_answer_and_the_original_request_shape(stub, make_advisor):
     stub.reply = lambda path, body: (200, structured(), 0)
     advisor = make_advisor()
     before = outcome_count("ok")
-    advice = advisor.advise("svc-a", "inference", {"model_name": "llama-3-8b", "batch_size": 4},
-                            **LIMITS)
+    advice = advisor.advise(
+        "svc-a", "inference", {"model_name": "llama-3-8b", "batch_size": 4}, **LIMITS
+    )
     assert (advice.required_gpus, advice.min_memory_mb, advice.priority) == (2, 16000, 6)
     assert advice.reasoning == "two GPUs suffice" and advice.clamped == ()
     method, path, body = stub.requests[0]
     assert (method, path) == ("POST", "/invoke/structured")
     assert body["response_format"] == {"type": "json_schema", "json_schema": RESPONSE_SCHEMA}
-    assert set(RESPONSE_SCHEMA["properties"]) == {"required_gpus", "min_memory_mb", "priority",
-                                                  "reasoning"}
+    assert set(RESPONSE_SCHEMA["properties"]) == {
+        "required_gpus",
+        "min_memory_mb",
+        "priority",
+        "reasoning",
+    }
     [message] = body["messages"]
     assert message["role"] == "user"
     assert "'svc-a'" in message["content"] and "'inference'" in message["content"]
@@ -148,17 +162,20 @@ def test_answer_is_clamped_to_the_fleet(stub, make_advisor):
     assert (advice.required_gpus, advice.min_memory_mb, advice.priority) == (1, 0, 10)
 
 
-@pytest.mark.parametrize("answer", [
-    b"not json at all",
-    b"[1, 2, 3]",
-    {"messages": []},
-    {"structured_output": None},
-    {"structured_output": "2 GPUs please"},
-    {"structured_output": {"required_gpus": 2, "priority": 5}},
-    {"structured_output": {"required_gpus": "two", "min_memory_mb": 1, "priority": 5}},
-    {"structured_output": {"required_gpus": True, "min_memory_mb": 1, "priority": 5}},
-    {"structured_output": {"required_gpus": 1, "min_memory_mb": None, "priority": 5}},
-])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"not json at all",
+        b"[1, 2, 3]",
+        {"messages": []},
+        {"structured_output": None},
+        {"structured_output": "2 GPUs please"},
+        {"structured_output": {"required_gpus": 2, "priority": 5}},
+        {"structured_output": {"required_gpus": "two", "min_memory_mb": 1, "priority": 5}},
+        {"structured_output": {"required_gpus": True, "min_memory_mb": 1, "priority": 5}},
+        {"structured_output": {"required_gpus": 1, "min_memory_mb": None, "priority": 5}},
+    ],
+)
 def test_garbage_means_no_advice(stub, make_advisor, answer):
     stub.reply = lambda path, body: (200, answer, 0)
     before = outcome_count("garbage")
@@ -169,8 +186,11 @@ def test_garbage_means_no_advice(stub, make_advisor, answer):
 def test_nan_and_infinity_are_garbage():
     for value in (float("nan"), float("inf")):
         with pytest.raises(AdvisorGarbage):
-            parse_advice({"structured_output": {"required_gpus": value, "min_memory_mb": 1,
-                                                "priority": 5}}, max_gpus=8, max_memory_mb=1)
+            parse_advice(
+                {"structured_output": {"required_gpus": value, "min_memory_mb": 1, "priority": 5}},
+                max_gpus=8,
+                max_memory_mb=1,
+            )
 
 
 def test_http_500_means_no_advice(stub, make_advisor):
@@ -211,7 +231,8 @@ def test_refused_connection_means_no_advice():
 
 
 def test_breaker_opens_after_failures_in_a_row_and_closes_after_a_good_trial(
-        stub, make_advisor, clock):
+    stub, make_advisor, clock
+):
     answers = {"status": 500}
     stub.reply = lambda path, body: (answers["status"], structured(), 0)
     advisor = make_advisor(breaker_failures=3, breaker_cooldown=30)
@@ -264,6 +285,7 @@ def test_half_open_lets_one_trial_through(stub, make_advisor, clock):
         if answers["delay"]:
             release.wait(5)
         return answers["status"], structured(), 0
+
     stub.reply = reply
     advisor = make_advisor(breaker_failures=1, breaker_cooldown=5, timeout=5)
     advisor.advise("s", "generic", {}, **LIMITS)
@@ -273,7 +295,8 @@ def test_half_open_lets_one_trial_through(stub, make_advisor, clock):
     stub.received.clear()
     results = []
     trial = threading.Thread(
-        target=lambda: results.append(advisor.advise("s", "generic", {}, **LIMITS)))
+        target=lambda: results.append(advisor.advise("s", "generic", {}, **LIMITS))
+    )
     trial.start()
     assert stub.received.wait(5)
     assert advisor.advise("s", "generic", {}, **LIMITS) is None  # the trial is in flight
@@ -285,32 +308,45 @@ def test_half_open_lets_one_trial_through(stub, make_advisor, clock):
 
 def test_from_settings():
     assert Advisor.from_settings(settings_mod.defaults()) is None
-    settings = settings_mod.defaults().replace(services={
-        "deepagents_url": "http://advisor.example:9004/", "deepagents_timeout": "500ms",
-        "breaker_failures": 5, "breaker_cooldown": "1m"})
+    settings = settings_mod.defaults().replace(
+        services={
+            "deepagents_url": "http://advisor.example:9004/",
+            "deepagents_timeout": "500ms",
+            "breaker_failures": 5,
+            "breaker_cooldown": "1m",
+        }
+    )
     advisor = Advisor.from_settings(settings)
     try:
         assert advisor.url == "http://advisor.example:9004/invoke/structured"
         assert (advisor.timeout, advisor.breaker_failures, advisor.breaker_cooldown) == (
-            0.5, 5, 60.0)
+            0.5,
+            5,
+            60.0,
+        )
     finally:
         advisor.close()
 
 
 # --------------------------------------------------------------------------- in the analyzer
 
+
 @pytest.fixture
 def analyzer_with(stub, make_advisor):
     def make(fleet=(8, 81559), **kwargs):
         limits = {"max_gpus_per_node": fleet[0], "max_gpu_memory_mb": fleet[1]}
-        return WorkloadAnalyzer(settings_mod.defaults(), advisor=make_advisor(**kwargs),
-                                fleet_limits=lambda: limits)
+        return WorkloadAnalyzer(
+            settings_mod.defaults(), advisor=make_advisor(**kwargs), fleet_limits=lambda: limits
+        )
+
     return make
 
 
 def decisions(source):
-    return REGISTRY.get_sample_value("gpu_orchestrator_workload_decisions_total",
-                                     {"source": source}) or 0.0
+    return (
+        REGISTRY.get_sample_value("gpu_orchestrator_workload_decisions_total", {"source": source})
+        or 0.0
+    )
 
 
 def test_analysis_uses_a_good_answer(stub, analyzer_with):
@@ -332,11 +368,14 @@ def test_analysis_clamps_the_answer_to_the_fleet(stub, analyzer_with):
     assert "clamped" in result["reasoning"]
 
 
-@pytest.mark.parametrize("reply", [
-    lambda path, body: (200, b"<html>oops</html>", 0),
-    lambda path, body: (500, {}, 0),
-    lambda path, body: (200, structured(), 3.0),
-])
+@pytest.mark.parametrize(
+    "reply",
+    [
+        lambda path, body: (200, b"<html>oops</html>", 0),
+        lambda path, body: (500, {}, 0),
+        lambda path, body: (200, structured(), 3.0),
+    ],
+)
 def test_analysis_falls_back_to_the_rules(stub, analyzer_with, reply):
     stub.reply = reply
     before = decisions("rules")
@@ -354,8 +393,9 @@ def test_explicit_values_win_over_the_advisor(stub, analyzer_with):
     assert (result["required_gpus"], result["min_memory_mb"], result["priority"]) == (1, 20000, 9)
     assert result["decided_by"] == "advisor"
     # everything explicit: the advisor is not asked at all
-    result = analyzer.analyze("inference", {"required_gpus": 1, "min_memory_mb": 100,
-                                            "priority": 2})
+    result = analyzer.analyze(
+        "inference", {"required_gpus": 1, "min_memory_mb": 100, "priority": 2}
+    )
     assert (result["required_gpus"], result["min_memory_mb"], result["priority"]) == (1, 100, 2)
     assert result["decided_by"] == "rules" and len(stub.requests) == 1
 

@@ -1,21 +1,29 @@
 """required_gpus, min_memory_mb, gpu_model and nodes on /gpu/allocate: enforced by placement."""
+
 from __future__ import annotations
 
 import fnmatch
 
 import pytest
-from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 
 from app.engine import gpu_model_pattern
 from app.errors import ValidationFailed
 from tests.api_support import allocate, assert_error, clock, make_app  # noqa: F401
 from workers.simulated import fleet
 
-MIXED = {"nodes": [
-    {"name": "n-a10", "count": 2, "gpu": {"name": "NVIDIA A10", "memory_total_mb": 23028}},
-    {"name": "n-h100", "count": 2, "gpu": {"name": "NVIDIA H100 80GB HBM3",
-                                           "memory_total_mb": 81559}},
-]}
+MIXED = {
+    "nodes": [
+        {"name": "n-a10", "count": 2, "gpu": {"name": "NVIDIA A10", "memory_total_mb": 23028}},
+        {
+            "name": "n-h100",
+            "count": 2,
+            "gpu": {"name": "NVIDIA H100 80GB HBM3", "memory_total_mb": 81559},
+        },
+    ]
+}
 
 
 @pytest.fixture
@@ -65,17 +73,22 @@ def test_nodes_limits_placement(client):
 
 
 def test_model_and_count_that_no_single_node_holds_is_unsatisfiable(client):
-    err = assert_error(allocate(client, gpu_model="*H100*", required_gpus=3), 422,
-                       "unsatisfiable")
+    err = assert_error(allocate(client, gpu_model="*H100*", required_gpus=3), 422, "unsatisfiable")
     assert err["details"]["field"] == "required_gpus" and err["details"]["limit"] == 2
-    err = assert_error(allocate(client, gpu_model="*A10*", min_memory_mb=40000), 422,
-                       "unsatisfiable")
+    err = assert_error(
+        allocate(client, gpu_model="*A10*", min_memory_mb=40000), 422, "unsatisfiable"
+    )
     assert err["details"]["limit"] == 0
 
 
 def test_required_gpus_and_min_memory_override_the_analysis(client):
-    resp = allocate(client, workload_type="inference", required_gpus=2, min_memory_mb=30000,
-                    workload_data={"model_size": "small"})
+    resp = allocate(
+        client,
+        workload_type="inference",
+        required_gpus=2,
+        min_memory_mb=30000,
+        workload_data={"model_size": "small"},
+    )
     assert resp.status_code == 200
     body = resp.get_json()
     assert (body["required_gpus"], body["min_memory_mb"], body["node"]) == (2, 30000, "n-h100")
@@ -84,19 +97,42 @@ def test_required_gpus_and_min_memory_override_the_analysis(client):
 
 
 def test_workload_answer_shows_the_overrides(client):
-    body = client.post("/gpu/workload", json={
-        "workload_type": "training", "required_gpus": 2, "min_memory_mb": 1000,
-        "gpu_model": "*H100*", "nodes": ["n-h100"]}).get_json()
+    body = client.post(
+        "/gpu/workload",
+        json={
+            "workload_type": "training",
+            "required_gpus": 2,
+            "min_memory_mb": 1000,
+            "gpu_model": "*H100*",
+            "nodes": ["n-h100"],
+        },
+    ).get_json()
     assert (body["required_gpus"], body["min_memory_mb"], body["gpu_model"], body["nodes"]) == (
-        2, 1000, "*H100*", ["n-h100"])
+        2,
+        1000,
+        "*H100*",
+        ["n-h100"],
+    )
     assert "set by the request" in body["reasoning"]
 
 
-@pytest.mark.parametrize("field,value", [
-    ("required_gpus", 0), ("required_gpus", "2"), ("required_gpus", True),
-    ("min_memory_mb", -1), ("gpu_model", ""), ("gpu_model", "*a*b*c*d*"), ("gpu_model", "a|b"),
-    ("gpu_model", 5), ("nodes", []), ("nodes", ["a|b"]), ("nodes", "n-a10"), ("nodes", [""]),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("required_gpus", 0),
+        ("required_gpus", "2"),
+        ("required_gpus", True),
+        ("min_memory_mb", -1),
+        ("gpu_model", ""),
+        ("gpu_model", "*a*b*c*d*"),
+        ("gpu_model", "a|b"),
+        ("gpu_model", 5),
+        ("nodes", []),
+        ("nodes", ["a|b"]),
+        ("nodes", "n-a10"),
+        ("nodes", [""]),
+    ],
+)
 def test_bad_values_are_422_naming_the_field(client, field, value):
     err = assert_error(allocate(client, **{field: value}), 422, "validation_error")
     assert field in str(err["details"])
@@ -107,7 +143,8 @@ def test_openapi_shows_the_fields(client):
     schemas = spec["components"]["schemas"]
     for name in ("AllocateRequest", "WorkloadRequest"):
         assert {"required_gpus", "min_memory_mb", "gpu_model", "nodes"} <= set(
-            schemas[name]["properties"]), name
+            schemas[name]["properties"]
+        ), name
     assert {"gpu_model", "nodes"} <= set(schemas["Requirements"]["properties"])
 
 
@@ -115,8 +152,9 @@ _GLOB = st.text(alphabet="aAh1 *?[]!-.%^$()", min_size=1, max_size=10)
 _NAME = st.text(alphabet="aAh1 -.x]![%^$()", max_size=12)
 
 
-@hyp_settings(max_examples=300, deadline=None,
-              suppress_health_check=[HealthCheck.function_scoped_fixture])  # read-only use
+@hyp_settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)  # read-only use
 @given(glob=_GLOB, name=_NAME)
 def test_glob_matches_like_fnmatch_in_lua(redis, glob, name):
     try:
@@ -124,6 +162,7 @@ def test_glob_matches_like_fnmatch_in_lua(redis, glob, name):
     except ValidationFailed:
         assert glob.count("*") > 3 or "**" in glob
         return
-    got = redis.eval("return string.find(string.lower(ARGV[1]), ARGV[2]) ~= nil and 1 or 0",
-                     0, name, pattern)
+    got = redis.eval(
+        "return string.find(string.lower(ARGV[1]), ARGV[2]) ~= nil and 1 or 0", 0, name, pattern
+    )
     assert bool(got) == fnmatch.fnmatchcase(name.lower(), glob.lower()), pattern

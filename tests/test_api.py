@@ -1,4 +1,5 @@
 """The REST API end to end through Flask's test client, against a real redis-server."""
+
 from __future__ import annotations
 
 import logging
@@ -10,8 +11,8 @@ from app.timefmt import iso
 from tests.api_support import allocate, app, assert_error, client, clock, make_app  # noqa: F401
 from tests.conftest import free_port
 
-
 # --------------------------------------------------------------------------- probes
+
 
 def test_healthz_is_cheap_and_public(client):
     resp = client.get("/healthz")
@@ -25,13 +26,19 @@ def test_readyz_answers_200_when_redis_answers(client):
 
 def test_readyz_and_every_redis_route_answer_503_with_retry_after_when_redis_is_down(settings):
     dead = f"redis://127.0.0.1:{free_port()}/0"
-    app = create_app(settings.replace(redis={"url": dead, "socket_timeout": 0.2},
-                                      dashboard={"enabled": False}), redis_url=dead)
+    app = create_app(
+        settings.replace(redis={"url": dead, "socket_timeout": 0.2}, dashboard={"enabled": False}),
+        redis_url=dead,
+    )
     client = app.test_client()
     assert client.get("/healthz").status_code == 200
-    for resp in (client.get("/readyz"), allocate(client), client.get("/gpu/status"),
-                 client.get("/gpu/requests/svc-1"),
-                 client.post("/gpu/release", json={"allocation_id": "svc-1"})):
+    for resp in (
+        client.get("/readyz"),
+        allocate(client),
+        client.get("/gpu/status"),
+        client.get("/gpu/requests/svc-1"),
+        client.post("/gpu/release", json={"allocation_id": "svc-1"}),
+    ):
         err = assert_error(resp, 503, "unavailable")
         assert int(resp.headers["Retry-After"]) > 0
         assert "Traceback" not in err["message"]
@@ -39,14 +46,26 @@ def test_readyz_and_every_redis_route_answer_503_with_retry_after_when_redis_is_
 
 # --------------------------------------------------------------------------- allocate
 
+
 def test_allocate_granted_returns_the_allocation_with_original_and_new_fields(client):
-    resp = allocate(client, "trainer", workload_type="training",
-                    workload_data={"model_size": "medium"})
+    resp = allocate(
+        client, "trainer", workload_type="training", workload_data={"model_size": "medium"}
+    )
     assert resp.status_code == 200, resp.get_json()
     body = resp.get_json()
-    for field in ("id", "service_name", "gpu_ids", "allocated_at", "priority", "expires_at",
-                  "node", "gpu_uuids", "cuda_visible_devices", "required_gpus",
-                  "min_memory_mb"):
+    for field in (
+        "id",
+        "service_name",
+        "gpu_ids",
+        "allocated_at",
+        "priority",
+        "expires_at",
+        "node",
+        "gpu_uuids",
+        "cuda_visible_devices",
+        "required_gpus",
+        "min_memory_mb",
+    ):
         assert field in body, field
     assert body["service_name"] == "trainer"
     assert body["id"].startswith("trainer-")
@@ -91,8 +110,10 @@ def test_allocate_that_must_wait_is_202_with_location_and_can_be_polled(client):
     assert polled["status"] == "queued" and polled["position"] == 1
     assert polled["allocation"] is None
 
-    assert client.post("/gpu/release",
-                       json={"allocation_id": first.get_json()["id"]}).status_code == 200
+    assert (
+        client.post("/gpu/release", json={"allocation_id": first.get_json()["id"]}).status_code
+        == 200
+    )
     polled = client.get(location).get_json()
     assert polled["status"] == "allocated"
     assert polled["allocation"]["gpu_ids"] and len(polled["allocation"]["gpu_ids"]) == 2
@@ -124,8 +145,12 @@ def test_idempotent_retry_replays_even_when_the_analysis_changed(app, client):
         return out
 
     analyzer.analyze = flaky
-    body = {"service_name": "svc", "workload_type": "inference", "ttl_seconds": 600,
-            "workload_data": {"model_name": "gemma-7b"}}
+    body = {
+        "service_name": "svc",
+        "workload_type": "inference",
+        "ttl_seconds": 600,
+        "workload_data": {"model_name": "gemma-7b"},
+    }
     headers = {"Idempotency-Key": "advisor-flip"}
     first = client.post("/gpu/allocate", json=body, headers=headers)
     again = client.post("/gpu/allocate", json=body, headers=headers)
@@ -138,14 +163,14 @@ def test_idempotent_retry_replays_even_when_the_analysis_changed(app, client):
 
 
 def test_idempotency_key_must_be_printable(client):
-    resp = client.post("/gpu/allocate", json={"service_name": "svc"},
-                       headers={"Idempotency-Key": "x" * 300})
+    resp = client.post(
+        "/gpu/allocate", json={"service_name": "svc"}, headers={"Idempotency-Key": "x" * 300}
+    )
     assert_error(resp, 400, "bad_request")
 
 
 def test_unsatisfiable_request_is_422_with_the_reason(client):
-    err = assert_error(allocate(client, workload_data={"required_gpus": 16}), 422,
-                       "unsatisfiable")
+    err = assert_error(allocate(client, workload_data={"required_gpus": 16}), 422, "unsatisfiable")
     assert "16" in err["message"] or err["details"]
 
 
@@ -166,21 +191,25 @@ def test_depends_on_unknown_id_is_rejected(client):
 
 # --------------------------------------------------------------------------- validation
 
-@pytest.mark.parametrize("body, field", [
-    ({}, "service_name"),
-    ({"service_name": ""}, "service_name"),
-    ({"service_name": "has space"}, "service_name"),
-    ({"service_name": "x" * 129}, "service_name"),
-    ({"service_name": "ok", "workload_type": "quantum"}, "workload_type"),
-    ({"service_name": "ok", "priority": 11}, "priority"),
-    ({"service_name": "ok", "priority": "5"}, "priority"),
-    ({"service_name": "ok", "priority": True}, "priority"),
-    ({"service_name": "ok", "ttl_seconds": -1}, "ttl_seconds"),
-    ({"service_name": "ok", "webhook_url": "ftp://example.com/x"}, "webhook_url"),
-    ({"service_name": "ok", "workload_data": []}, "workload_data"),
-    ({"service_name": "ok", "sharing": "sometimes"}, "sharing"),
-    ({"service_name": "ok", "surprise": 1}, "surprise"),
-])
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({}, "service_name"),
+        ({"service_name": ""}, "service_name"),
+        ({"service_name": "has space"}, "service_name"),
+        ({"service_name": "x" * 129}, "service_name"),
+        ({"service_name": "ok", "workload_type": "quantum"}, "workload_type"),
+        ({"service_name": "ok", "priority": 11}, "priority"),
+        ({"service_name": "ok", "priority": "5"}, "priority"),
+        ({"service_name": "ok", "priority": True}, "priority"),
+        ({"service_name": "ok", "ttl_seconds": -1}, "ttl_seconds"),
+        ({"service_name": "ok", "webhook_url": "ftp://example.com/x"}, "webhook_url"),
+        ({"service_name": "ok", "workload_data": []}, "workload_data"),
+        ({"service_name": "ok", "sharing": "sometimes"}, "sharing"),
+        ({"service_name": "ok", "surprise": 1}, "surprise"),
+    ],
+)
 def test_invalid_allocate_bodies_are_422_naming_the_field(client, body, field):
     err = assert_error(client.post("/gpu/allocate", json=body), 422, "validation_error")
     assert field in err["details"], err
@@ -204,8 +233,9 @@ def test_workload_data_nesting_is_limited(client):
 
 
 def test_workload_data_with_a_wrong_type_is_422_naming_the_field(client):
-    err = assert_error(allocate(client, workload_data={"required_gpus": "two"}), 422,
-                       "validation_error")
+    err = assert_error(
+        allocate(client, workload_data={"required_gpus": "two"}), 422, "validation_error"
+    )
     assert "required_gpus" in str(err["details"])
 
 
@@ -214,8 +244,7 @@ def test_required_gpus_out_of_range_is_422(client):
 
 
 def test_malformed_json_is_400(client):
-    resp = client.post("/gpu/allocate", data='{"service_name": ',
-                       content_type="application/json")
+    resp = client.post("/gpu/allocate", data='{"service_name": ', content_type="application/json")
     assert_error(resp, 400, "bad_request")
 
 
@@ -233,30 +262,37 @@ def test_deeply_nested_json_is_400_not_a_crash(client):
 
 
 def test_nan_is_a_422_naming_the_field(client):
-    resp = client.post("/gpu/allocate", data='{"service_name": "a", "priority": NaN}',
-                       content_type="application/json")
+    resp = client.post(
+        "/gpu/allocate",
+        data='{"service_name": "a", "priority": NaN}',
+        content_type="application/json",
+    )
     err = assert_error(resp, 422, "validation_error")
     assert list(err["details"]) == ["priority"]
 
 
 def test_numbers_beyond_float_range_are_422_naming_the_field(client):
-    resp = client.post("/gpu/allocate", data='{"service_name": "a", "workload_data": '
-                                              '{"batch_size": 1e400}}',
-                       content_type="application/json")
+    resp = client.post(
+        "/gpu/allocate",
+        data='{"service_name": "a", "workload_data": {"batch_size": 1e400}}',
+        content_type="application/json",
+    )
     err = assert_error(resp, 422, "validation_error")
     assert list(err["details"]) == ["workload_data.batch_size"]
 
 
 def test_wrong_content_type_is_415(client):
-    resp = client.post("/gpu/allocate", data="service_name=svc",
-                       content_type="application/x-www-form-urlencoded")
+    resp = client.post(
+        "/gpu/allocate", data="service_name=svc", content_type="application/x-www-form-urlencoded"
+    )
     assert_error(resp, 415, "unsupported_media_type")
 
 
 def test_body_over_the_limit_is_413(make_app):
     client = make_app(server={"max_body_bytes": 1024}).test_client()
-    resp = client.post("/gpu/allocate", json={"service_name": "svc",
-                                              "workload_data": {"pad": "x" * 2000}})
+    resp = client.post(
+        "/gpu/allocate", json={"service_name": "svc", "workload_data": {"pad": "x" * 2000}}
+    )
     assert_error(resp, 413, "payload_too_large")
 
 
@@ -270,6 +306,7 @@ def test_routing_404_and_405_are_json(client):
 def test_unexpected_exception_is_a_json_500_without_a_stack_trace(app, caplog):
     def boom():
         raise RuntimeError("secret internals")
+
     app.add_url_rule("/boom", "boom", boom)
     with caplog.at_level(logging.ERROR):
         resp = app.test_client().get("/boom")
@@ -281,20 +318,19 @@ def test_unexpected_exception_is_a_json_500_without_a_stack_trace(app, caplog):
 
 # --------------------------------------------------------------------------- release
 
+
 def test_release_by_id_then_again_is_404(client):
     alloc_id = allocate(client).get_json()["id"]
     resp = client.post("/gpu/release", json={"allocation_id": alloc_id})
     assert resp.status_code == 200
     assert resp.get_json()["status"] == "released"
     assert resp.get_json()["allocation_id"] == alloc_id
-    assert_error(client.post("/gpu/release", json={"allocation_id": alloc_id}), 404,
-                 "not_found")
+    assert_error(client.post("/gpu/release", json={"allocation_id": alloc_id}), 404, "not_found")
     assert client.get(f"/gpu/allocations/{alloc_id}").get_json()["status"] == "released"
 
 
 def test_release_unknown_id_is_404(client):
-    assert_error(client.post("/gpu/release", json={"allocation_id": "nobody-42"}), 404,
-                 "not_found")
+    assert_error(client.post("/gpu/release", json={"allocation_id": "nobody-42"}), 404, "not_found")
 
 
 def test_release_without_id_or_service_is_400(client):
@@ -313,6 +349,7 @@ def test_release_by_service_name_releases_all_of_that_service(client):
 
 
 # --------------------------------------------------------------------------- inspect
+
 
 def test_status_lists_every_gpu_with_telemetry_and_allocation_state(make_app):
     client = make_app(nodes=(("node-a", 2), ("node-b", 2))).test_client()
@@ -337,15 +374,18 @@ def test_list_returns_gpus_allocations_and_queue(client):
 
 def test_workload_analyses_without_side_effects(client):
     before = client.get("/gpu/list").get_json()
-    resp = client.post("/gpu/workload", json={"workload_type": "training",
-                                              "workload_data": {"model_size": "large"}})
+    resp = client.post(
+        "/gpu/workload",
+        json={"workload_type": "training", "workload_data": {"model_size": "large"}},
+    )
     assert resp.status_code == 200
     body = resp.get_json()
     assert body["required_gpus"] == 4 and body["min_memory_mb"] == 16384
     assert body["decided_by"] == "rules"
     assert client.get("/gpu/list").get_json() == before
-    assert_error(client.post("/gpu/workload", json={"workload_type": "nope"}), 422,
-                 "validation_error")
+    assert_error(
+        client.post("/gpu/workload", json={"workload_type": "nope"}), 422, "validation_error"
+    )
 
 
 def test_unknown_ids_are_404(client):
@@ -362,6 +402,7 @@ def test_queued_request_is_not_an_allocation_yet(client):
 
 
 # --------------------------------------------------------------------------- cancel, renew
+
 
 def test_cancel_a_queued_request(client):
     allocate(client, "big", workload_data={"required_gpus": 8})
@@ -386,14 +427,18 @@ def test_renew_extends_the_lease_from_now(client, clock):
     assert resp.get_json()["expires_at"] == iso(clock.now + 600)
     resp = client.post(f"/gpu/allocations/{alloc['id']}/renew", json={"ttl_seconds": 60})
     assert resp.get_json()["expires_at"] == iso(clock.now + 60)
-    assert client.get(f"/gpu/allocations/{alloc['id']}").get_json()["expires_at"] == \
-        iso(clock.now + 60)
+    assert client.get(f"/gpu/allocations/{alloc['id']}").get_json()["expires_at"] == iso(
+        clock.now + 60
+    )
 
 
 def test_renew_validates_its_body(client):
     alloc_id = allocate(client).get_json()["id"]
-    err = assert_error(client.post(f"/gpu/allocations/{alloc_id}/renew",
-                                   json={"ttl_seconds": 0}), 422, "validation_error")
+    err = assert_error(
+        client.post(f"/gpu/allocations/{alloc_id}/renew", json={"ttl_seconds": 0}),
+        422,
+        "validation_error",
+    )
     assert "ttl_seconds" in err["details"]
 
 
@@ -405,12 +450,15 @@ def test_renew_a_released_allocation_is_an_error(client):
 
 # --------------------------------------------------------------------------- request ids
 
+
 def test_every_response_carries_a_request_id(client):
     generated = client.get("/healthz").headers["X-Request-ID"]
     assert len(generated) >= 16
     assert client.get("/nope").headers["X-Request-ID"]
-    assert client.get("/healthz", headers={"X-Request-ID": "abc-123"}) \
-        .headers["X-Request-ID"] == "abc-123"
+    assert (
+        client.get("/healthz", headers={"X-Request-ID": "abc-123"}).headers["X-Request-ID"]
+        == "abc-123"
+    )
     bad = client.get("/healthz", headers={"X-Request-ID": "no spaces <script>"})
     assert bad.headers["X-Request-ID"] != "no spaces <script>"
 
@@ -426,16 +474,24 @@ def test_logs_carry_the_request_id(client, caplog):
 
 # --------------------------------------------------------------------------- docs
 
+
 def test_openapi_spec_describes_every_endpoint(client):
     spec = client.get("/openapi.json").get_json()
     paths = spec["paths"]
-    for path, method in [("/healthz", "get"), ("/readyz", "get"), ("/metrics", "get"),
-                         ("/gpu/allocate", "post"), ("/gpu/release", "post"),
-                         ("/gpu/status", "get"), ("/gpu/list", "get"),
-                         ("/gpu/workload", "post"), ("/gpu/requests/{request_id}", "get"),
-                         ("/gpu/requests/{request_id}", "delete"),
-                         ("/gpu/allocations/{allocation_id}", "get"),
-                         ("/gpu/allocations/{allocation_id}/renew", "post")]:
+    for path, method in [
+        ("/healthz", "get"),
+        ("/readyz", "get"),
+        ("/metrics", "get"),
+        ("/gpu/allocate", "post"),
+        ("/gpu/release", "post"),
+        ("/gpu/status", "get"),
+        ("/gpu/list", "get"),
+        ("/gpu/workload", "post"),
+        ("/gpu/requests/{request_id}", "get"),
+        ("/gpu/requests/{request_id}", "delete"),
+        ("/gpu/allocations/{allocation_id}", "get"),
+        ("/gpu/allocations/{allocation_id}/renew", "post"),
+    ]:
         assert method in paths[path], (path, method)
     schemas = spec["components"]["schemas"]
     body = schemas["AllocateRequest"]["properties"]
@@ -449,8 +505,11 @@ def test_docs_page_loads_only_local_assets(client):
     assert page.status_code == 200
     html = page.get_data(as_text=True)
     assert "cdn" not in html.lower() and "https://" not in html
-    for asset in ("/docs/assets/swagger-ui.css", "/docs/assets/swagger-ui-bundle.js",
-                  "/docs/assets/swagger-ui-standalone-preset.js"):
+    for asset in (
+        "/docs/assets/swagger-ui.css",
+        "/docs/assets/swagger-ui-bundle.js",
+        "/docs/assets/swagger-ui-standalone-preset.js",
+    ):
         assert asset in html
         with client.get(asset) as resp:  # a file response: close it
             assert resp.status_code == 200 and len(resp.get_data()) > 1000

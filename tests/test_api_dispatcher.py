@@ -1,4 +1,5 @@
 """The API's background webhook dispatcher: kicks are cheap, coalesce, and never fail a request."""
+
 from __future__ import annotations
 
 import logging
@@ -64,11 +65,17 @@ def test_api_calls_hand_webhooks_to_rq(make_app):
 
     app = make_app()
     client = app.test_client()
-    client.post("/gpu/allocate", json={"service_name": "big",
-                                       "workload_data": {"required_gpus": 8}})
-    rid = client.post("/gpu/allocate", json={
-        "service_name": "waiter", "webhook_url": "http://127.0.0.1:9/hook",
-        "webhook_events": ["cancelled"]}).get_json()["request_id"]
+    client.post(
+        "/gpu/allocate", json={"service_name": "big", "workload_data": {"required_gpus": 8}}
+    )
+    rid = client.post(
+        "/gpu/allocate",
+        json={
+            "service_name": "waiter",
+            "webhook_url": "http://127.0.0.1:9/hook",
+            "webhook_events": ["cancelled"],
+        },
+    ).get_json()["request_id"]
     assert client.delete(f"/gpu/requests/{rid}").status_code == 200
     assert app.extensions["gpu_dispatcher"].wait_idle(5)
     rq_redis = app.extensions["gpu_rq_redis"]
@@ -80,19 +87,24 @@ def test_api_calls_hand_webhooks_to_rq(make_app):
 
 # --------------------------------------------------------------------------- watch mode (the API's)
 
+
 def _watcher(settings, dispatch, **kwargs):
     from app.redis_client import connect
+
     rq_redis = connect(settings.redis.url, settings, decode=False)
     return OutboxDispatcher(rq_redis, settings, dispatch=dispatch, watch=True, **kwargs), rq_redis
 
 
 def _draining(calls):
     """A dispatch pass that records itself and empties the outbox (as the real one does)."""
+
     def dispatch(r, s):
         from app.keys import Keys
+
         calls.append(r.llen(Keys(s.redis.prefix).webhook_outbox()))
         r.delete(Keys(s.redis.prefix).webhook_outbox())
         return calls[-1]
+
     return dispatch
 
 
@@ -115,6 +127,7 @@ def test_watching_kicks_run_no_pass_while_the_outbox_is_empty(settings):
     assert calls == []
     # ... and an entry, whoever wrote it, is dispatched without a kick of its own.
     from app.keys import Keys
+
     rq_redis.rpush(Keys(settings.redis.prefix).webhook_outbox(), b"{}")
     _wait_for(lambda: calls == [1])
     assert d.wait_idle(5)
@@ -122,6 +135,7 @@ def test_watching_kicks_run_no_pass_while_the_outbox_is_empty(settings):
 
 def test_a_watcher_stops_when_nothing_kicks_and_the_next_kick_restarts_it(settings):
     from app.keys import Keys
+
     calls = []
     d, rq_redis = _watcher(settings, _draining(calls), idle_exit=0.05)
     d.kick()
@@ -144,11 +158,11 @@ def test_a_watcher_stops_when_redis_goes_away_and_a_kick_restarts_it(tmp_path, m
     from app import settings as settings_mod
     from app.keys import Keys
     from tests.conftest import RedisServer
+
     monkeypatch.setattr(dispatcher_mod, "RETRY_AFTER", 0.3)
     server = RedisServer(tmp_path).start()
     try:
-        settings = settings_mod.defaults().replace(redis={"url": server.url,
-                                                          "socket_timeout": 0.5})
+        settings = settings_mod.defaults().replace(redis={"url": server.url, "socket_timeout": 0.5})
         calls = []
         d, rq_redis = _watcher(settings, _draining(calls))
         d.kick()
@@ -169,8 +183,8 @@ def test_the_api_dispatches_entries_other_processes_write(make_app):
     another replica) becomes an RQ job without another request."""
     import json
 
-    from app.keys import Keys
     from app import outbox, queues
+    from app.keys import Keys
 
     app = make_app()
     client = app.test_client()

@@ -1,4 +1,5 @@
 """API keys: who may call what, and who may touch whose allocations."""
+
 from __future__ import annotations
 
 import hashlib
@@ -36,6 +37,7 @@ def client(auth_app):
 
 
 # --------------------------------------------------------------------------- unit
+
 
 def test_authenticator_resolves_plain_and_hashed_keys():
     auth = Authenticator(KEYS, ["ops"])
@@ -77,10 +79,15 @@ def test_protected_routes_need_a_valid_key(client, method, path, body):
     err = assert_error(call(path, **kwargs), 401, "unauthorized")
     assert "X-API-Key" in err["message"]
     assert_error(call(path, headers=hdr("wrong-key"), **kwargs), 401, "unauthorized")
-    assert_error(call(path, headers={"Authorization": "Bearer wrong"}, **kwargs), 401,
-                 "unauthorized")
-    for headers in (hdr(ALICE_KEY), {"Authorization": f"Bearer {ALICE_KEY}"}, hdr(HASHED),
-                    hdr(ADMIN_KEY)):
+    assert_error(
+        call(path, headers={"Authorization": "Bearer wrong"}, **kwargs), 401, "unauthorized"
+    )
+    for headers in (
+        hdr(ALICE_KEY),
+        {"Authorization": f"Bearer {ALICE_KEY}"},
+        hdr(HASHED),
+        hdr(ADMIN_KEY),
+    ):
         assert call(path, headers=headers, **kwargs).status_code not in (401, 403)
 
 
@@ -90,9 +97,13 @@ def test_public_paths_need_no_key(client, path):
 
 
 def test_public_paths_are_configurable(make_app):
-    client = make_app(auth={"enabled": True, "api_keys": KEYS,
-                            "public_paths": ["/healthz", "/docs", "/docs/assets/*",
-                                             "/openapi.json"]}).test_client()
+    client = make_app(
+        auth={
+            "enabled": True,
+            "api_keys": KEYS,
+            "public_paths": ["/healthz", "/docs", "/docs/assets/*", "/openapi.json"],
+        }
+    ).test_client()
     assert client.get("/docs").status_code == 200
     with client.get("/docs/assets/swagger-ui.css") as resp:
         assert resp.status_code == 200
@@ -101,16 +112,18 @@ def test_public_paths_are_configurable(make_app):
 
 
 def test_custom_header_name(make_app):
-    client = make_app(auth={"enabled": True, "api_keys": KEYS,
-                            "header_name": "X-Token"}).test_client()
+    client = make_app(
+        auth={"enabled": True, "api_keys": KEYS, "header_name": "X-Token"}
+    ).test_client()
     assert client.get("/gpu/status", headers={"X-Token": ALICE_KEY}).status_code == 200
     assert_error(client.get("/gpu/status", headers=hdr(ALICE_KEY)), 401, "unauthorized")
 
 
 def test_dashboard_needs_a_key_and_is_for_admins_only(make_app):
     """rq-dashboard shows every team's jobs and can requeue them: admins only."""
-    client = make_app(auth={"enabled": True, "api_keys": KEYS, "admins": ["ops"]},
-                      dashboard={"enabled": True}).test_client()
+    client = make_app(
+        auth={"enabled": True, "api_keys": KEYS, "admins": ["ops"]}, dashboard={"enabled": True}
+    ).test_client()
     assert_error(client.get("/rq/"), 401, "unauthorized")
     assert_error(client.get("/rq/", headers=hdr(ALICE_KEY)), 403, "forbidden")
     assert_error(client.get("/rq/0/data/queues.json", headers=hdr(ALICE_KEY)), 403, "forbidden")
@@ -120,56 +133,66 @@ def test_dashboard_needs_a_key_and_is_for_admins_only(make_app):
 
 # --------------------------------------------------------------------------- ownership
 
+
 def test_owner_is_the_principal(client):
-    body = client.post("/gpu/allocate", json={"service_name": "svc"},
-                       headers=hdr(ALICE_KEY)).get_json()
+    body = client.post(
+        "/gpu/allocate", json={"service_name": "svc"}, headers=hdr(ALICE_KEY)
+    ).get_json()
     assert body["owner"] == "alice"
 
 
 @pytest.mark.parametrize("action", ["release", "renew"])
 def test_only_the_owner_or_an_admin_may_release_or_renew(client, action):
-    alloc_id = client.post("/gpu/allocate", json={"service_name": "svc"},
-                           headers=hdr(ALICE_KEY)).get_json()["id"]
+    alloc_id = client.post(
+        "/gpu/allocate", json={"service_name": "svc"}, headers=hdr(ALICE_KEY)
+    ).get_json()["id"]
 
     def act(key):
         if action == "release":
-            return client.post("/gpu/release", json={"allocation_id": alloc_id},
-                               headers=hdr(key))
+            return client.post("/gpu/release", json={"allocation_id": alloc_id}, headers=hdr(key))
         return client.post(f"/gpu/allocations/{alloc_id}/renew", headers=hdr(key))
 
     assert_error(act(BOB_KEY), 403, "forbidden")
-    assert client.get(f"/gpu/allocations/{alloc_id}",
-                      headers=hdr(ALICE_KEY)).get_json()["status"] == "allocated"
+    assert (
+        client.get(f"/gpu/allocations/{alloc_id}", headers=hdr(ALICE_KEY)).get_json()["status"]
+        == "allocated"
+    )
     assert act(ADMIN_KEY).status_code == 200
     if action == "renew":
         assert act(ALICE_KEY).status_code == 200
 
 
 def test_only_the_owner_or_an_admin_may_cancel(client):
-    big = client.post("/gpu/allocate", json={"service_name": "big",
-                                             "workload_data": {"required_gpus": 8}},
-                      headers=hdr(ALICE_KEY))
+    big = client.post(
+        "/gpu/allocate",
+        json={"service_name": "big", "workload_data": {"required_gpus": 8}},
+        headers=hdr(ALICE_KEY),
+    )
     assert big.status_code == 200
-    rid = client.post("/gpu/allocate", json={"service_name": "svc"},
-                      headers=hdr(ALICE_KEY)).get_json()["request_id"]
+    rid = client.post(
+        "/gpu/allocate", json={"service_name": "svc"}, headers=hdr(ALICE_KEY)
+    ).get_json()["request_id"]
     assert_error(client.delete(f"/gpu/requests/{rid}", headers=hdr(BOB_KEY)), 403, "forbidden")
     assert client.delete(f"/gpu/requests/{rid}", headers=hdr(ALICE_KEY)).status_code == 200
-    rid2 = client.post("/gpu/allocate", json={"service_name": "svc"},
-                       headers=hdr(ALICE_KEY)).get_json()["request_id"]
+    rid2 = client.post(
+        "/gpu/allocate", json={"service_name": "svc"}, headers=hdr(ALICE_KEY)
+    ).get_json()["request_id"]
     assert client.delete(f"/gpu/requests/{rid2}", headers=hdr(ADMIN_KEY)).status_code == 200
 
 
 def test_release_by_service_releases_only_the_callers_own(client):
-    mine = client.post("/gpu/allocate", json={"service_name": "shared-svc"},
-                       headers=hdr(ALICE_KEY)).get_json()["id"]
-    theirs = client.post("/gpu/allocate", json={"service_name": "shared-svc"},
-                         headers=hdr(BOB_KEY)).get_json()["id"]
-    resp = client.post("/gpu/release", json={"service_name": "shared-svc"},
-                       headers=hdr(ALICE_KEY))
+    mine = client.post(
+        "/gpu/allocate", json={"service_name": "shared-svc"}, headers=hdr(ALICE_KEY)
+    ).get_json()["id"]
+    theirs = client.post(
+        "/gpu/allocate", json={"service_name": "shared-svc"}, headers=hdr(BOB_KEY)
+    ).get_json()["id"]
+    resp = client.post("/gpu/release", json={"service_name": "shared-svc"}, headers=hdr(ALICE_KEY))
     assert resp.status_code == 200
     assert resp.get_json()["released"] == [mine]
-    live = [a["id"] for a in client.get("/gpu/list", headers=hdr(BOB_KEY))
-            .get_json()["allocations"]]
+    live = [
+        a["id"] for a in client.get("/gpu/list", headers=hdr(BOB_KEY)).get_json()["allocations"]
+    ]
     assert live == [theirs]
 
 
@@ -186,14 +209,17 @@ def test_keys_never_appear_in_logs(client, caplog):
 def test_idempotency_keys_are_per_principal(client):
     """The same Idempotency-Key from two teams makes two requests; neither sees the other's."""
     body = {"service_name": "svc", "workload_type": "generic"}
-    first = client.post("/gpu/allocate", json=body,
-                        headers={**hdr(ALICE_KEY), "Idempotency-Key": "retry-1"})
-    second = client.post("/gpu/allocate", json=body,
-                         headers={**hdr(BOB_KEY), "Idempotency-Key": "retry-1"})
+    first = client.post(
+        "/gpu/allocate", json=body, headers={**hdr(ALICE_KEY), "Idempotency-Key": "retry-1"}
+    )
+    second = client.post(
+        "/gpu/allocate", json=body, headers={**hdr(BOB_KEY), "Idempotency-Key": "retry-1"}
+    )
     assert first.status_code == 200 and second.status_code == 200
     assert first.get_json()["id"] != second.get_json()["id"]
     assert second.get_json()["owner"] == "bob" and not second.get_json().get("replayed")
-    again = client.post("/gpu/allocate", json=body,
-                        headers={**hdr(ALICE_KEY), "Idempotency-Key": "retry-1"})
+    again = client.post(
+        "/gpu/allocate", json=body, headers={**hdr(ALICE_KEY), "Idempotency-Key": "retry-1"}
+    )
     assert again.get_json()["id"] == first.get_json()["id"]
     assert again.headers["Idempotent-Replayed"] == "true"

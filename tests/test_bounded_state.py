@@ -4,6 +4,7 @@ Metric labels come from fixed sets; a rejected request writes nothing to Redis; 
 series are capped; one owner cannot take the whole queue; workload_data is size-limited. All
 against a real redis-server (the limits live in the Lua scripts).
 """
+
 from __future__ import annotations
 
 import random
@@ -15,8 +16,7 @@ from app.metrics import METHODS
 from tests.api_support import allocate, assert_error, clock, make_app  # noqa: F401 (fixtures)
 from tests.test_metrics import scrape, value
 
-KEYS = {"key-team-a-1f2e3d": "team-a", "key-team-b-4c5b6a": "team-b",
-        "key-admin-7d8e9f": "root"}
+KEYS = {"key-team-a-1f2e3d": "team-a", "key-team-b-4c5b6a": "team-b", "key-admin-7d8e9f": "root"}
 
 
 def hdr(key):
@@ -28,8 +28,13 @@ def _state(redis) -> dict:
     out = {}
     for key in redis.scan_iter(count=1000):
         kind = redis.type(key)
-        size = {"hash": redis.hlen, "zset": redis.zcard, "set": redis.scard,
-                "list": redis.llen, "stream": redis.xlen}.get(kind)
+        size = {
+            "hash": redis.hlen,
+            "zset": redis.zcard,
+            "set": redis.scard,
+            "list": redis.llen,
+            "stream": redis.xlen,
+        }.get(kind)
         out[key] = (kind, size(key) if size else redis.get(key))
     return out
 
@@ -53,8 +58,9 @@ def test_random_http_methods_share_one_label(make_app):
 
 
 def test_rejected_allocates_write_nothing_to_redis(make_app, redis):
-    app = make_app(nodes=(("node-a", 2),),
-                   scheduler={"max_queue_size": 1, "max_queued_per_owner": 1})
+    app = make_app(
+        nodes=(("node-a", 2),), scheduler={"max_queue_size": 1, "max_queued_per_owner": 1}
+    )
     client = app.test_client()
     assert allocate(client, "holder", workload_data={"required_gpus": 2}).status_code == 200
     assert allocate(client, "waiter").status_code == 202  # the queue is now full
@@ -74,8 +80,11 @@ def test_rejected_allocates_write_nothing_to_redis(make_app, redis):
     assert not [f for f in redis.hkeys(stats) if "reject-" in f]
     assert after == before
     m = scrape(client)
-    assert not [lab for lab, _ in m.get("gpu_orchestrator_allocations_total", [])
-                if lab["service"].startswith("reject-")]
+    assert not [
+        lab
+        for lab, _ in m.get("gpu_orchestrator_allocations_total", [])
+        if lab["service"].startswith("reject-")
+    ]
 
 
 def test_per_service_series_are_capped(make_app, redis):
@@ -88,17 +97,22 @@ def test_per_service_series_are_capped(make_app, redis):
     series = m["gpu_orchestrator_allocations_total"]
     services = {lab["service"] for lab, _ in series}
     assert services == {"svc-0", "svc-1", "svc-2", "other"}
-    assert value(m, "gpu_orchestrator_allocations_total", service="other",
-                 status="allocated") == 9
+    assert value(m, "gpu_orchestrator_allocations_total", service="other", status="allocated") == 9
     fields = redis.hkeys(app.extensions["gpu_engine"].keys.stats())
-    assert not [f for f in fields if f.startswith("alloc|svc-") and f.split("|")[1] not in
-                ("svc-0", "svc-1", "svc-2")]
+    assert not [
+        f
+        for f in fields
+        if f.startswith("alloc|svc-") and f.split("|")[1] not in ("svc-0", "svc-1", "svc-2")
+    ]
 
 
 @pytest.fixture
 def authed(make_app):
-    return make_app(nodes=(("node-a", 1),), scheduler={"max_queue_size": 8},
-                    auth={"enabled": True, "api_keys": KEYS, "admins": ["root"]})
+    return make_app(
+        nodes=(("node-a", 1),),
+        scheduler={"max_queue_size": 8},
+        auth={"enabled": True, "api_keys": KEYS, "admins": ["root"]},
+    )
 
 
 def _queue(client, key, service="job"):
@@ -121,15 +135,19 @@ def test_one_owner_cannot_fill_the_queue(authed):
         assert _queue(client, b).status_code == 202
     assert_error(_queue(client, b), 429, "owner_queue_full")
     # a cancelled request gives the owner its slot back
-    queued = [r for r in client.get("/gpu/list", headers=hdr(list(KEYS)[2])).get_json()["queue"]
-              if r["owner"] == "team-a"]
+    queued = [
+        r
+        for r in client.get("/gpu/list", headers=hdr(list(KEYS)[2])).get_json()["queue"]
+        if r["owner"] == "team-a"
+    ]
     assert client.delete(f"/gpu/requests/{queued[0]['id']}", headers=hdr(a)).status_code == 200
     assert _queue(client, a, "job-4").status_code == 202
 
 
 def test_without_auth_the_share_is_per_service(make_app):
-    client = make_app(nodes=(("node-a", 1),),
-                      scheduler={"max_queue_size": 20, "max_queued_per_owner": 3}).test_client()
+    client = make_app(
+        nodes=(("node-a", 1),), scheduler={"max_queue_size": 20, "max_queued_per_owner": 3}
+    ).test_client()
     assert allocate(client, "hog").status_code == 200
     for _ in range(3):
         assert allocate(client, "hog").status_code == 202
@@ -138,9 +156,10 @@ def test_without_auth_the_share_is_per_service(make_app):
 
 
 def test_owner_counts_follow_grants_and_timeouts(make_app, redis, clock):
-    app = make_app(nodes=(("node-a", 1),),
-                   scheduler={"max_queue_size": 20, "max_queued_per_owner": 2,
-                              "queue_timeout": "60s"})
+    app = make_app(
+        nodes=(("node-a", 1),),
+        scheduler={"max_queue_size": 20, "max_queued_per_owner": 2, "queue_timeout": "60s"},
+    )
     client = app.test_client()
     engine = app.extensions["gpu_engine"]
     first = allocate(client, "s").get_json()
@@ -165,12 +184,15 @@ def test_workload_data_past_the_limit_is_413(make_app, redis, path):
     ok = {"service_name": "svc", "workload_data": {"notes": "x" * 8000}}
     assert client.post(path, json=ok).status_code == 200
     small = make_app(server={"max_workload_data_bytes": 100}).test_client()
-    assert_error(small.post(path, json={"service_name": "svc",
-                                        "workload_data": {"notes": "x" * 100}}),
-                 413, "payload_too_large")
+    assert_error(
+        small.post(path, json={"service_name": "svc", "workload_data": {"notes": "x" * 100}}),
+        413,
+        "payload_too_large",
+    )
 
 
 # --------------------------------------------------------------------------- listings
+
 
 def _fill(client, allocated=3, queued=25, pad=2000):
     """``allocated`` one-GPU grants on a node of that many GPUs, then ``queued`` waiting."""
@@ -231,18 +253,26 @@ def test_a_page_resumes_after_its_last_request_left(make_app):
 
 
 def test_the_default_page_is_bounded(make_app):
-    client = make_app(nodes=(("node-a", 1),),
-                      scheduler={"max_queued_per_owner": 1000}).test_client()
+    client = make_app(
+        nodes=(("node-a", 1),), scheduler={"max_queued_per_owner": 1000}
+    ).test_client()
     _fill(client, allocated=1, queued=120, pad=10)
     page = client.get("/gpu/list").get_json()
     assert len(page["allocations"]) + len(page["queue"]) == 100
     assert page["limit"] == 100 and page["next"] and page["queue_depth"] == 120
 
 
-@pytest.mark.parametrize("query,field", [("limit=0", "limit"), ("limit=1001", "limit"),
-                                         ("limit=x", "limit"), ("limit=-1", "limit"),
-                                         ("after=garbage", "after"),
-                                         ("after=q|nan|svc-1", "after")])
+@pytest.mark.parametrize(
+    "query,field",
+    [
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+        ("limit=x", "limit"),
+        ("limit=-1", "limit"),
+        ("after=garbage", "after"),
+        ("after=q|nan|svc-1", "after"),
+    ],
+)
 def test_bad_listing_parameters_are_422_naming_them(make_app, query, field):
     client = make_app().test_client()
     err = assert_error(client.get(f"/gpu/list?{query}"), 422, "validation_error")
@@ -255,15 +285,21 @@ def test_listing_gpu_rows_name_their_holders_like_status(make_app):
     client = make_app(nodes=(("node-a", 3),)).test_client()
     excl = allocate(client, "x", workload_data={"required_gpus": 2}).get_json()
     for _ in range(2):
-        assert allocate(client, "sh", sharing="shared",
-                        workload_data={"min_memory_mb": 1000}).status_code == 200
+        assert (
+            allocate(
+                client, "sh", sharing="shared", workload_data={"min_memory_mb": 1000}
+            ).status_code
+            == 200
+        )
     listed = {g["index"]: g for g in client.get("/gpu/list?limit=1").get_json()["gpus"]}
     status = {g["index"]: g for g in client.get("/gpu/status").get_json()["gpus"]}
     keys = ("allocated_to", "shared_n", "shared_mb", "allocated")
-    assert {i: [g.get(k) for k in keys] for i, g in listed.items()} == \
-        {i: [g.get(k) for k in keys] for i, g in status.items()}
-    assert sorted(i for i, g in listed.items() if g["allocated_to"] == excl["id"]) == \
-        sorted(excl["gpu_ids"])
+    assert {i: [g.get(k) for k in keys] for i, g in listed.items()} == {
+        i: [g.get(k) for k in keys] for i, g in status.items()
+    }
+    assert sorted(i for i, g in listed.items() if g["allocated_to"] == excl["id"]) == sorted(
+        excl["gpu_ids"]
+    )
     assert sum(g["shared_n"] or 0 for g in listed.values()) == 2
 
 
@@ -286,8 +322,9 @@ def test_the_owner_share_holds_under_concurrent_allocates(settings, redis):
     def worker():
         for _ in range(10):
             try:
-                rec = engine.allocate({"service_name": f"t{threading.get_ident() % 97}",
-                                       "owner": "team-a"})
+                rec = engine.allocate(
+                    {"service_name": f"t{threading.get_ident() % 97}", "owner": "team-a"}
+                )
                 got = rec["status"]
             except errors.OwnerQueueFull:
                 got = "refused"

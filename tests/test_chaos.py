@@ -5,6 +5,7 @@ workers, the scheduler, 4 simulated nodes, every kind of fault) and asserts each
 fast tests show that each check of the harness does catch what it is meant to catch, so a
 passing chaos run means something.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,23 +40,38 @@ def _gpu(member, total=80000, excl="", shared_n=0, shared_mb=0):
 
 
 def test_check_state_passes_a_consistent_fleet():
-    allocs = [_alloc("a", "n1", [0, 1]), _alloc("b", "n1", [2], "shared", 30000),
-              _alloc("c", "n1", [2], "shared", 30000)]
-    gpus = [_gpu("n1|0", excl="a"), _gpu("n1|1", excl="a"),
-            _gpu("n1|2", shared_n=2, shared_mb=60000), _gpu("n1|3")]
+    allocs = [
+        _alloc("a", "n1", [0, 1]),
+        _alloc("b", "n1", [2], "shared", 30000),
+        _alloc("c", "n1", [2], "shared", 30000),
+    ]
+    gpus = [
+        _gpu("n1|0", excl="a"),
+        _gpu("n1|1", excl="a"),
+        _gpu("n1|2", shared_n=2, shared_mb=60000),
+        _gpu("n1|3"),
+    ]
     conflicts, drift, live = chaos_checks.check_state(allocs, gpus)
     assert (conflicts, drift, live) == (set(), set(), 3)
 
 
 def test_check_state_catches_every_kind_of_double_allocation():
-    allocs = [_alloc("a", "n1", [0]), _alloc("b", "n1", [0]),           # exclusive twice
-              _alloc("c", "n1", [1]), _alloc("d", "n1", [1], "shared", 10),  # excl + shared
-              _alloc("e", "n2", [0], "shared", 50000), _alloc("f", "n2", [0], "shared", 40000)]
+    allocs = [
+        _alloc("a", "n1", [0]),
+        _alloc("b", "n1", [0]),  # exclusive twice
+        _alloc("c", "n1", [1]),
+        _alloc("d", "n1", [1], "shared", 10),  # excl + shared
+        _alloc("e", "n2", [0], "shared", 50000),
+        _alloc("f", "n2", [0], "shared", 40000),
+    ]
     gpus = [_gpu("n1|0", excl="a"), _gpu("n1|1", excl="c"), _gpu("n2|0", total=80000)]
     conflicts, _, _ = chaos_checks.check_state(allocs, gpus)
     kinds = {(kind, member) for kind, member, _ in conflicts}
-    assert kinds == {("exclusive-twice", "n1|0"), ("exclusive-and-shared", "n1|1"),
-                     ("shared-over-memory", "n2|0")}
+    assert kinds == {
+        ("exclusive-twice", "n1|0"),
+        ("exclusive-and-shared", "n1|1"),
+        ("shared-over-memory", "n2|0"),
+    }
 
 
 def test_check_state_reports_index_drift_apart_from_double_allocations():
@@ -63,8 +79,12 @@ def test_check_state_reports_index_drift_apart_from_double_allocations():
     gpus = [_gpu("n1|0", excl=""), _gpu("n1|1", excl="ghost"), _gpu("n1|2", shared_n=1)]
     conflicts, drift, _ = chaos_checks.check_state(allocs, gpus)
     assert conflicts == set()
-    assert {d[0] for d in drift} == {"excl-field", "lease-not-allocated",
-                                     "excl-without-allocation", "shared-count"}
+    assert {d[0] for d in drift} == {
+        "excl-field",
+        "lease-not-allocated",
+        "excl-without-allocation",
+        "shared-count",
+    }
 
 
 def test_sampler_reads_the_engine_state_atomically(settings, redis):
@@ -82,9 +102,15 @@ def test_sampler_reads_the_engine_state_atomically(settings, redis):
     sampler.sample()
     assert sampler.conflicts == set() and sampler.max_live == 1
     keys = Keys(settings.redis.prefix)
-    redis.hset(keys.request("forged"), mapping={"status": "allocated", "node": rec["node"],
-                                                "gpu_ids": json.dumps(rec["gpu_ids"]),
-                                                "sharing": "exclusive"})
+    redis.hset(
+        keys.request("forged"),
+        mapping={
+            "status": "allocated",
+            "node": rec["node"],
+            "gpu_ids": json.dumps(rec["gpu_ids"]),
+            "sharing": "exclusive",
+        },
+    )
     redis.zadd(keys.leases(), {"forged": time.time() + 60})
     sampler.sample()
     assert [c[0] for c in sampler.conflicts] == ["exclusive-twice"]
@@ -96,13 +122,16 @@ def test_sampler_reads_the_engine_state_atomically(settings, redis):
 
 def test_check_ledgers_separates_lost_from_the_aof_window(settings, redis):
     keys = Keys(settings.redis.prefix)
-    redis.hset(keys.request("kept"), mapping={"id": "kept", "status": "allocated",
-                                              "service_name": "s1"})
+    redis.hset(
+        keys.request("kept"), mapping={"id": "kept", "status": "allocated", "service_name": "s1"}
+    )
     ledger = Ledger(0, "p")
-    ledger.acks += [Ack("allocate", "kept", 200, 1.0, 1.1, "s1", "allocated"),
-                    Ack("allocate", "gone-early", 200, 2.0, 2.1, "s2", "allocated"),
-                    Ack("allocate", "gone-in-window", 202, 5.0, 5.1, "s3", "queued"),
-                    Ack("release", "kept", 200, 6.0, 6.1)]
+    ledger.acks += [
+        Ack("allocate", "kept", 200, 1.0, 1.1, "s1", "allocated"),
+        Ack("allocate", "gone-early", 200, 2.0, 2.1, "s2", "allocated"),
+        Ack("allocate", "gone-in-window", 202, 5.0, 5.1, "s3", "queued"),
+        Ack("release", "kept", 200, 6.0, 6.1),
+    ]
     found = chaos_checks.check_ledgers(redis, keys, [ledger], [], windows=[(5.0, 5.5)])
     assert found.lost == ["gone-early"]
     assert found.aof_lost == ["gone-in-window"]
@@ -112,20 +141,26 @@ def test_check_ledgers_separates_lost_from_the_aof_window(settings, redis):
 def test_check_ledgers_counts_duplicate_grants_and_missing_webhooks(settings, redis):
     keys = Keys(settings.redis.prefix)
     for rid in ("r1", "r1-twin"):
-        redis.hset(keys.request(rid), mapping={"id": rid, "status": "allocated",
-                                               "service_name": "svc-1"})
-    redis.hset(keys.request("r2"), mapping={"id": "r2", "status": "allocated",
-                                            "service_name": "svc-2"})
+        redis.hset(
+            keys.request(rid), mapping={"id": rid, "status": "allocated", "service_name": "svc-1"}
+        )
+    redis.hset(
+        keys.request("r2"), mapping={"id": "r2", "status": "allocated", "service_name": "svc-2"}
+    )
     for event in ("queued", "allocated"):
         redis.xadd(keys.events(), {"event": event, "request_id": "r2", "ts": "10"})
     ledger = Ledger(0, "p")
-    ledger.acks += [Ack("allocate", "r1", 200, 1, 1.1, "svc-1", "allocated", idem_key="k"),
-                    Ack("allocate", "r2", 202, 1, 1.1, "svc-2", "queued", webhook=True)]
+    ledger.acks += [
+        Ack("allocate", "r1", 200, 1, 1.1, "svc-1", "allocated", idem_key="k"),
+        Ack("allocate", "r2", 202, 1, 1.1, "svc-2", "queued", webhook=True),
+    ]
     found = chaos_checks.check_ledgers(redis, keys, [ledger], [], windows=[])
     assert found.duplicate_grants == ["svc-1: ['r1', 'r1-twin']"]
     assert (found.webhooks_expected, found.webhooks_delivered) == (1, 0)
-    twice = [{"request_id": "r2", "event": "allocated", "event_id": e, "t": 11.0}
-             for e in ("ev-1", "ev-2")]
+    twice = [
+        {"request_id": "r2", "event": "allocated", "event_id": e, "t": 11.0}
+        for e in ("ev-1", "ev-2")
+    ]
     found = chaos_checks.check_ledgers(redis, keys, [ledger], twice, windows=[])
     assert found.webhooks_delivered == 1
     assert found.webhook_dup_mismatch  # two deliveries of one grant with different event ids
@@ -133,29 +168,42 @@ def test_check_ledgers_counts_duplicate_grants_and_missing_webhooks(settings, re
 
 def test_check_ledgers_finds_grants_on_a_silent_node_and_unfinished_requests(settings, redis):
     keys = Keys(settings.redis.prefix)
-    redis.hset(keys.request("r1"), mapping={"id": "r1", "status": "allocated",
-                                            "service_name": "s1"})
-    redis.hset(keys.request("r2"), mapping={"id": "r2", "status": "released",
-                                            "service_name": "s2"})
-    redis.xadd(keys.events(), {"event": "allocated", "request_id": "r1", "node": "node-b",
-                               "ts": "105"})
+    redis.hset(
+        keys.request("r1"), mapping={"id": "r1", "status": "allocated", "service_name": "s1"}
+    )
+    redis.hset(keys.request("r2"), mapping={"id": "r2", "status": "released", "service_name": "s2"})
+    redis.xadd(
+        keys.events(), {"event": "allocated", "request_id": "r1", "node": "node-b", "ts": "105"}
+    )
     ledger = Ledger(0, "p")
-    ledger.acks += [Ack("allocate", "r1", 200, 1, 1.1, "s1", "allocated"),
-                    Ack("allocate", "r2", 200, 1, 1.1, "s2", "allocated")]
-    found = chaos_checks.check_ledgers(redis, keys, [ledger], [], windows=[], drained=True,
-                                       silent=[("node-b", 100.0, 110.0)])
+    ledger.acks += [
+        Ack("allocate", "r1", 200, 1, 1.1, "s1", "allocated"),
+        Ack("allocate", "r2", 200, 1, 1.1, "s2", "allocated"),
+    ]
+    found = chaos_checks.check_ledgers(
+        redis, keys, [ledger], [], windows=[], drained=True, silent=[("node-b", 100.0, 110.0)]
+    )
     assert found.silent_node_grants == ["r1 on node-b at +5.00s into the lapse"]
     assert found.stuck == ["r1 is still allocated after the drain"]
     assert found.unrecorded == ["r2 is released with no released event"]
-    found = chaos_checks.check_ledgers(redis, keys, [ledger], [], windows=[],
-                                       silent=[("node-a", 100.0, 110.0)])
+    found = chaos_checks.check_ledgers(
+        redis, keys, [ledger], [], windows=[], silent=[("node-a", 100.0, 110.0)]
+    )
     assert found.silent_node_grants == [] and found.stuck == []
 
 
 def test_check_ledgers_finds_gpus_that_differ_from_what_was_answered(settings, redis):
     keys = Keys(settings.redis.prefix)
-    redis.hset(keys.request("r1"), mapping={"id": "r1", "status": "allocated", "node": "n1",
-                                            "gpu_ids": "[3]", "service_name": "s1"})
+    redis.hset(
+        keys.request("r1"),
+        mapping={
+            "id": "r1",
+            "status": "allocated",
+            "node": "n1",
+            "gpu_ids": "[3]",
+            "service_name": "s1",
+        },
+    )
     ledger = Ledger(0, "p")
     ledger.acks.append(Ack("allocate", "r1", 200, 1, 1.1, "s1", "allocated", placement="n1:[2]"))
     found = chaos_checks.check_ledgers(redis, keys, [ledger], [], windows=[])
@@ -167,15 +215,23 @@ def test_check_ledgers_finds_gpus_that_differ_from_what_was_answered(settings, r
 def test_check_ledgers_finds_a_grant_before_its_dependency_finished(settings, redis):
     keys = Keys(settings.redis.prefix)
     for rid in ("dep", "early", "late"):
-        redis.hset(keys.request(rid), mapping={"id": rid, "status": "released",
-                                               "service_name": rid})
-    for event, rid, ts in (("allocated", "dep", 1), ("allocated", "early", 2),
-                           ("released", "dep", 3), ("allocated", "late", 4),
-                           ("released", "early", 5), ("released", "late", 6)):
+        redis.hset(
+            keys.request(rid), mapping={"id": rid, "status": "released", "service_name": rid}
+        )
+    for event, rid, ts in (
+        ("allocated", "dep", 1),
+        ("allocated", "early", 2),
+        ("released", "dep", 3),
+        ("allocated", "late", 4),
+        ("released", "early", 5),
+        ("released", "late", 6),
+    ):
         redis.xadd(keys.events(), {"event": event, "request_id": rid, "ts": str(ts)})
     ledger = Ledger(0, "p")
-    ledger.acks += [Ack("allocate", rid, 202, 1, 1.1, rid, "queued", depends_on=("dep",))
-                    for rid in ("early", "late")]
+    ledger.acks += [
+        Ack("allocate", rid, 202, 1, 1.1, rid, "queued", depends_on=("dep",))
+        for rid in ("early", "late")
+    ]
     found = chaos_checks.check_ledgers(redis, keys, [ledger], [], windows=[])
     assert found.dependency_violations == ["early granted while dep was not finished"]
 
@@ -200,6 +256,7 @@ def test_receiver_records_fails_and_goes_down():
         body = json.dumps({"status": "allocated", "request_id": "r", "event_id": "e"}).encode()
         import hashlib
         import hmac as hmac_mod
+
         sig = "sha256=" + hmac_mod.new(b"s3cret", b"123." + body, hashlib.sha256).hexdigest()
         headers = {"X-GPU-Orchestrator-Timestamp": "123", "X-GPU-Orchestrator-Signature": sig}
         assert requests.post(receiver.url + "/x", data=body, headers=headers).status_code == 200
@@ -209,9 +266,14 @@ def test_receiver_records_fails_and_goes_down():
         with pytest.raises(requests.ConnectionError):
             requests.post(receiver.url + "/x", data=body, timeout=2)
         receiver.set_mode("up")
-        assert requests.post(receiver.url + "/x", data=body,
-                             headers=dict(headers, **{"X-GPU-Orchestrator-Signature": "bad"})
-                             ).status_code == 200
+        assert (
+            requests.post(
+                receiver.url + "/x",
+                data=body,
+                headers=dict(headers, **{"X-GPU-Orchestrator-Signature": "bad"}),
+            ).status_code
+            == 200
+        )
         got = receiver.delivered()
         assert [d["signature_ok"] for d in got] == [True, False]
         assert got[0]["event_id"] == "e" and receiver.failed_attempts == 1
@@ -239,6 +301,7 @@ def test_canary_measures_what_a_redis_sigkill_rolls_back(tmp_path):
         canary.mark_up(window)
         assert window.survived == window.last_acked > 0 and window.lost_writes == 0
         import redis as redis_lib
+
         client = redis_lib.Redis.from_url(topo.redis_url)
         client.config_set("appendonly", "no")
         client.close()
@@ -265,9 +328,22 @@ def test_canary_measures_what_a_redis_sigkill_rolls_back(tmp_path):
 def test_short_chaos_run_has_no_violations(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "chaos.py"), "--duration", "20", "--seed", "11",
-         "--workdir", str(tmp_path / "run")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=270)
+        [
+            sys.executable,
+            str(ROOT / "bench" / "chaos.py"),
+            "--duration",
+            "20",
+            "--seed",
+            "11",
+            "--workdir",
+            str(tmp_path / "run"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=270,
+    )
     lines = proc.stdout.strip().splitlines()
     assert lines, proc.stderr[-3000:]
     result = json.loads(lines[-1])
@@ -276,12 +352,26 @@ def test_short_chaos_run_has_no_violations(tmp_path):
     assert result["faults"] >= len(chaos_faults.KINDS), detail
     assert set(result["faults_by_kind"]) == set(chaos_faults.KINDS), detail
     assert result["ops"] > 300, detail
-    for key in ("double_allocations", "lost_requests", "lost_transitions", "leaked_gpus",
-                "duplicate_grants", "webhook_event_id_mismatch", "webhook_bad_signatures",
-                "secrets_in_logs", "server_errors", "sigterm_writes_lost", "stuck_requests",
-                "finished_without_event", "grants_on_silent_nodes", "placement_mismatches",
-                "acknowledged_read_as_404", "index_drift", "snapshot_inconsistencies",
-                "dependency_violations"):
+    for key in (
+        "double_allocations",
+        "lost_requests",
+        "lost_transitions",
+        "leaked_gpus",
+        "duplicate_grants",
+        "webhook_event_id_mismatch",
+        "webhook_bad_signatures",
+        "secrets_in_logs",
+        "server_errors",
+        "sigterm_writes_lost",
+        "stuck_requests",
+        "finished_without_event",
+        "grants_on_silent_nodes",
+        "placement_mismatches",
+        "acknowledged_read_as_404",
+        "index_drift",
+        "snapshot_inconsistencies",
+        "dependency_violations",
+    ):
         assert result[key] == 0, (key, detail)
     assert result["webhooks_delivered"] == result["webhooks_expected"] > 0, detail
     assert result["samples"] > 100 and result["api_samples"] > 20, detail
@@ -295,9 +385,25 @@ def test_short_sentinel_chaos_run_fails_over_and_loses_no_acknowledged_write(tmp
     mid-load; with min_replicas_ack 1 every acknowledged write survives the failover."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "chaos.py"), "--sentinel", "--min-replicas-ack", "1",
-         "--duration", "20", "--seed", "11", "--workdir", str(tmp_path / "run")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=190)
+        [
+            sys.executable,
+            str(ROOT / "bench" / "chaos.py"),
+            "--sentinel",
+            "--min-replicas-ack",
+            "1",
+            "--duration",
+            "20",
+            "--seed",
+            "11",
+            "--workdir",
+            str(tmp_path / "run"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=190,
+    )
     lines = proc.stdout.strip().splitlines()
     assert lines, proc.stderr[-3000:]
     result = json.loads(lines[-1])
@@ -305,8 +411,16 @@ def test_short_sentinel_chaos_run_fails_over_and_loses_no_acknowledged_write(tmp
     assert "error" not in result, detail
     assert set(result["faults_by_kind"]) == set(chaos_faults.SENTINEL_KINDS), detail
     assert result["failovers"] >= 1 and result["min_replicas_ack"] == 1, detail
-    for key in ("acked_lost", "double_allocations", "lost_requests", "lost_transitions",
-                "leaked_gpus", "duplicate_grants", "secrets_in_logs", "server_errors"):
+    for key in (
+        "acked_lost",
+        "double_allocations",
+        "lost_requests",
+        "lost_transitions",
+        "leaked_gpus",
+        "duplicate_grants",
+        "secrets_in_logs",
+        "server_errors",
+    ):
         assert result[key] == 0, (key, detail)
     assert result["ops"] > 200, detail
     assert result["violations"] == 0 and proc.returncode == 0, detail
@@ -376,7 +490,8 @@ def test_scheduler_survives_redis_being_unavailable_at_start_up(settings, monkey
 
 
 def test_a_worker_dying_mid_clean_blocks_registry_cleaning_for_seconds_not_15_minutes(
-        settings, monkeypatch, make_worker):
+    settings, monkeypatch, make_worker
+):
     """Chaos found it: a worker that died while cleaning (Redis SIGKILLed under it) left RQ's
     899 s maintenance lock behind, and a webhook abandoned by a dead worker waited 15 minutes."""
     import redis as redis_lib
@@ -389,16 +504,18 @@ def test_a_worker_dying_mid_clean_blocks_registry_cleaning_for_seconds_not_15_mi
 
     monkeypatch.setattr(rq.worker.base, "clean_registries", redis_went_away)
     monkeypatch.setattr(worker_mod, "clean_registries", redis_went_away, raising=False)
-    worker = make_worker(settings.replace(workers={"maintenance_interval": "2s"}),
-                         settings.redis.url)
+    worker = make_worker(
+        settings.replace(workers={"maintenance_interval": "2s"}), settings.redis.url
+    )
     with pytest.raises(redis_lib.exceptions.ConnectionError):
         worker.clean_registries()
     ttl = worker.connection.ttl(worker.queues[0].registry_cleaning_key)
     assert 0 < ttl <= 10
 
 
-def test_worker_process_starts_a_new_worker_when_rq_quits_on_an_error(settings, monkeypatch,
-                                                                      make_worker):
+def test_worker_process_starts_a_new_worker_when_rq_quits_on_an_error(
+    settings, monkeypatch, make_worker
+):
     """Chaos found it: RQ's work loop quits on an error it does not handle (Redis SIGKILLed
     while a job finished), and ``gpu-orchestrator worker`` exited with it. It must carry on,
     and still stop for good when a stop was requested."""
@@ -425,24 +542,25 @@ def test_worker_process_starts_a_new_worker_when_rq_quits_on_an_error(settings, 
     assert len(calls) == 1  # burst: one pass, no restart
 
 
-def test_a_dequeued_job_stays_in_a_list_until_it_is_registered_as_started(settings,
-                                                                          make_worker):
+def test_a_dequeued_job_stays_in_a_list_until_it_is_registered_as_started(settings, make_worker):
     """Chaos found it: with two queues RQ dequeues by BLPOP, so a webhook job popped as Redis
     restarted was in no list at all and was never delivered. Our workers dequeue through RQ's
     intermediate list instead, and a normal run leaves that list empty."""
 
     from app import queues
-    from workers import worker as worker_mod
 
     worker = make_worker(settings, settings.redis.url)
     rq_redis = worker.connection
     webhooks_q, maintenance_q = worker.queues
     assert [webhooks_q.name, maintenance_q.name] == [
-        queues.queue_name(settings, queues.WEBHOOKS), queues.queue_name(settings, queues.MAINTENANCE)]
+        queues.queue_name(settings, queues.WEBHOOKS),
+        queues.queue_name(settings, queues.MAINTENANCE),
+    ]
     job = maintenance_q.enqueue("builtins.len", [1, 2])
     # The worker pops the job and dies before it registers it: the id must not vanish.
-    found, queue = worker.queue_class.dequeue_any(worker.queues, 1, connection=rq_redis,
-                                                  serializer=queues.SERIALIZER)
+    found, queue = worker.queue_class.dequeue_any(
+        worker.queues, 1, connection=rq_redis, serializer=queues.SERIALIZER
+    )
     assert found.id == job.id and queue.name == maintenance_q.name
     assert rq_redis.lrange(maintenance_q.intermediate_queue_key, 0, -1) == [job.id.encode()]
     rq_redis.delete(maintenance_q.intermediate_queue_key)
@@ -457,13 +575,10 @@ def test_a_dequeued_job_stays_in_a_list_until_it_is_registered_as_started(settin
         assert rq_redis.llen(q.intermediate_queue_key) == 0
 
 
-def test_a_dead_workers_scheduler_lock_is_released_in_seconds_not_a_minute(settings,
-                                                                           make_worker):
+def test_a_dead_workers_scheduler_lock_is_released_in_seconds_not_a_minute(settings, make_worker):
     """Chaos found it: webhook retries stalled about 60 s whenever the worker holding RQ's
     scheduler lock was SIGKILLed (RQ gives the lock interval + 60 s)."""
     from rq.scheduler import RQScheduler
-
-    from workers import worker as worker_mod
 
     worker = make_worker(settings, settings.redis.url)
     worker.scheduler = RQScheduler(worker.queues, connection=worker.connection)
@@ -471,34 +586,48 @@ def test_a_dead_workers_scheduler_lock_is_released_in_seconds_not_a_minute(setti
     dead = worker.scheduler.get_locking_key(webhooks_q.name)
     live = worker.scheduler.get_locking_key(maintenance_q.name)
     worker.connection.set(dead, "dead-worker", ex=61 - 15)  # last refreshed 15 s ago
-    worker.connection.set(live, "live-worker", ex=61 - 1)   # refreshed a second ago
+    worker.connection.set(live, "live-worker", ex=61 - 1)  # refreshed a second ago
     assert worker.release_stale_scheduler_locks() == [webhooks_q.name]
     assert worker.connection.get(dead) is None and worker.connection.get(live) == b"live-worker"
     assert worker.scheduler.acquire_locks() == {webhooks_q.name}
     worker.scheduler.release_locks()
 
 
-def test_a_job_dropped_between_dequeue_and_start_is_requeued_and_delivered(settings, redis,
-                                                                           make_worker):
+def test_a_job_dropped_between_dequeue_and_start_is_requeued_and_delivered(
+    settings, redis, make_worker
+):
     """Chaos found it (64 of 66 webhooks): RQ's scheduler moved two due webhook retries onto
     the queue, a worker LMOVEd them into the intermediate list, and Redis was SIGKILLed before
     the worker registered them as started. Their status said queued; they were in no queue and
     no registry. RQ's own cleanup waits a minute and then *fails* such a job (a job on its last
     retry is never tried). The worker's maintenance puts it back on the queue instead."""
 
-    from app.engine import Engine
     from webhook_receiver import Receiver
+
     from app import outbox, queues
+    from app.engine import Engine
     from workers import worker as worker_mod
 
     engine = Engine(redis, settings)
-    engine.report_node("node-a", [{"index": 0, "uuid": "GPU-a0", "name": "NVIDIA H100 80GB HBM3",
-                                   "memory_total_mb": 81559, "memory_used_mb": 0}],
-                       backend="simulated", host="test")
+    engine.report_node(
+        "node-a",
+        [
+            {
+                "index": 0,
+                "uuid": "GPU-a0",
+                "name": "NVIDIA H100 80GB HBM3",
+                "memory_total_mb": 81559,
+                "memory_used_mb": 0,
+            }
+        ],
+        backend="simulated",
+        host="test",
+    )
     holder = engine.allocate({"service_name": "holder", "required_gpus": 1})
     with Receiver() as rx:
-        waiter = engine.allocate({"service_name": "waiter", "required_gpus": 1,
-                                  "webhook_url": rx.url})
+        waiter = engine.allocate(
+            {"service_name": "waiter", "required_gpus": 1, "webhook_url": rx.url}
+        )
         assert waiter["status"] == "queued"
         worker = make_worker(settings, settings.redis.url)
         rq_redis = worker.connection
@@ -507,19 +636,20 @@ def test_a_job_dropped_between_dequeue_and_start_is_requeued_and_delivered(setti
         webhooks_q = worker.queues[0]
         [job_id] = webhooks_q.get_job_ids()
         job = webhooks_q.fetch_job(job_id)
-        job.retries_left = 0          # its last retry: failing it would lose the webhook
+        job.retries_left = 0  # its last retry: failing it would lose the webhook
         job.save()
         # The bad state, as a dequeue that died leaves it: the id only in the intermediate list.
         assert rq_redis.lmove(webhooks_q.key, webhooks_q.intermediate_queue_key) == job_id.encode()
         # A job another worker is running right now (in the started registry) is left alone.
         busy = worker.queues[1].enqueue("builtins.len", [1])
         rq_redis.lmove(worker.queues[1].key, worker.queues[1].intermediate_queue_key)
-        rq_redis.zadd(worker.queues[1].started_job_registry.key,
-                      {f"{busy.id}:exec-1": time.time() + 600})
+        rq_redis.zadd(
+            worker.queues[1].started_job_registry.key, {f"{busy.id}:exec-1": time.time() + 600}
+        )
 
         t = [1_000_000.0]
         worker.clock = lambda: t[0]
-        worker.clean_registries()     # first sighting: it may still be in a live worker's hands
+        worker.clean_registries()  # first sighting: it may still be in a live worker's hands
         assert rq_redis.lrange(webhooks_q.intermediate_queue_key, 0, -1) == [job_id.encode()]
         t[0] += worker_mod.STUCK_DEQUEUE - 1
         worker.clean_registries()
@@ -529,8 +659,7 @@ def test_a_job_dropped_between_dequeue_and_start_is_requeued_and_delivered(setti
         assert webhooks_q.get_job_ids() == [job_id]
         assert rq_redis.llen(webhooks_q.intermediate_queue_key) == 0
         assert webhooks_q.fetch_job(job_id).get_status() == "queued"
-        assert rq_redis.lrange(worker.queues[1].intermediate_queue_key, 0, -1) == [
-            busy.id.encode()]
+        assert rq_redis.lrange(worker.queues[1].intermediate_queue_key, 0, -1) == [busy.id.encode()]
         rq_redis.zrem(worker.queues[1].started_job_registry.key, f"{busy.id}:exec-1")
         rq_redis.delete(worker.queues[1].intermediate_queue_key)
 
@@ -543,8 +672,9 @@ def test_a_job_dropped_between_dequeue_and_start_is_requeued_and_delivered(setti
     assert queues.queue_name(settings, queues.WEBHOOKS) == webhooks_q.name
 
 
-def test_intermediate_recovery_drops_ids_whose_job_is_done_or_queued_elsewhere(settings,
-                                                                               make_worker):
+def test_intermediate_recovery_drops_ids_whose_job_is_done_or_queued_elsewhere(
+    settings, make_worker
+):
     """Only a job that would otherwise be lost is re-queued: one that already finished, or is
     still on its queue (a second copy of the id), is just taken off the intermediate list."""
     from workers import worker as worker_mod
@@ -567,8 +697,7 @@ def test_intermediate_recovery_drops_ids_whose_job_is_done_or_queued_elsewhere(s
     assert q.fetch_job(done.id).get_status() == "finished"
 
 
-def test_a_retry_cut_short_by_redis_leaves_the_job_started_so_it_is_retried(settings,
-                                                                             make_worker):
+def test_a_retry_cut_short_by_redis_leaves_the_job_started_so_it_is_retried(settings, make_worker):
     """RQ wrote a retry's SCHEDULED status before the pipeline that schedules the job ran; a
     Redis SIGKILL between the two left the job 'scheduled' in no registry, never run again
     (a chaos run lost a webhook so). Nothing may be written until the pipeline commits."""
@@ -594,4 +723,3 @@ def test_a_retry_cut_short_by_redis_leaves_the_job_started_so_it_is_retried(sett
     assert job.id in ScheduledJobRegistry(queue=q).get_job_ids()
     assert q.fetch_job(job.id).retries_left == 2
     assert job.id not in StartedJobRegistry(queue=q).get_job_ids()
-

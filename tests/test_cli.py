@@ -1,4 +1,5 @@
 """The gpu-orchestrator command: help, config show/check/example, exit codes."""
+
 from __future__ import annotations
 
 import os
@@ -11,21 +12,31 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from app import serve, settings as settings_mod
-from app.cli import main
 from conftest import free_port
+
+from app import serve
+from app import settings as settings_mod
+from app.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_cli(*args, env=None, cwd=None):
     """Run the real console entry point as a user would."""
-    full_env = {k: v for k, v in os.environ.items()
-                if not k.startswith("GPU_ORCH__") and k not in ("CONFIG_PATH", "REDIS_URL", "PORT")}
+    full_env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("GPU_ORCH__") and k not in ("CONFIG_PATH", "REDIS_URL", "PORT")
+    }
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "app.cli", *args], capture_output=True,
-                          text=True, env=full_env, cwd=cwd or ROOT, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd or ROOT,
+        timeout=60,
+    )
 
 
 def test_help_lists_every_subcommand():
@@ -65,8 +76,13 @@ def test_config_show_prints_effective_yaml_with_secrets_redacted(write_config):
 auth: {enabled: true, api_keys: {"k-live-777": team-a}}
 webhooks: {secret: "s3cr3t-hmac"}
 """)
-    out = run_cli("--config", path, "config", "show",
-                  env={"REDIS_URL": "redis://:pw-999@cache:6379/1", "PORT": "8123"})
+    out = run_cli(
+        "--config",
+        path,
+        "config",
+        "show",
+        env={"REDIS_URL": "redis://:pw-999@cache:6379/1", "PORT": "8123"},
+    )
     assert out.returncode == 0, out.stderr
     for secret in ("k-live-777", "s3cr3t-hmac", "pw-999"):
         assert secret not in out.stdout
@@ -87,8 +103,11 @@ def test_version_prints_the_package_version():
 
 def test_global_options_work_after_the_subcommand_too(write_config):
     path = write_config("server: {port: 8123}\n")
-    for args in (("config", "show", "--config", path), ("--config", path, "config", "show"),
-                 ("config", "--config", path, "show")):
+    for args in (
+        ("config", "show", "--config", path),
+        ("--config", path, "config", "show"),
+        ("config", "--config", path, "show"),
+    ):
         out = run_cli(*args)
         assert out.returncode == 0, (args, out.stderr)
         assert "port: 8123" in out.stdout, args
@@ -96,15 +115,18 @@ def test_global_options_work_after_the_subcommand_too(write_config):
     assert out.returncode == 0, out.stderr
 
 
-@pytest.mark.parametrize("command, names", [
-    (["up"], ["server.*", "redis.*", "workers.*", "PORT", "REDIS_URL", "data_dir"]),
-    (["api"], ["server.*", "host", "port", "PORT", "REDIS_URL", "auth.*"]),
-    (["worker"], ["workers.*", "webhooks.*", "REDIS_URL"]),
-    (["scheduler"], ["scheduler.*", "REDIS_URL"]),
-    (["monitor"], ["monitoring.*", "REDIS_URL"]),
-    (["redis"], ["redis.*", "embedded_port"]),
-    (["config", "show"], ["server.*", "CONFIG_PATH"]),
-])
+@pytest.mark.parametrize(
+    "command, names",
+    [
+        (["up"], ["server.*", "redis.*", "workers.*", "PORT", "REDIS_URL", "data_dir"]),
+        (["api"], ["server.*", "host", "port", "PORT", "REDIS_URL", "auth.*"]),
+        (["worker"], ["workers.*", "webhooks.*", "REDIS_URL"]),
+        (["scheduler"], ["scheduler.*", "REDIS_URL"]),
+        (["monitor"], ["monitoring.*", "REDIS_URL"]),
+        (["redis"], ["redis.*", "embedded_port"]),
+        (["config", "show"], ["server.*", "CONFIG_PATH"]),
+    ],
+)
 def test_each_subcommand_help_describes_it_and_names_its_settings(command, names):
     out = run_cli(*command, "--help")
     assert out.returncode == 0, out.stderr
@@ -116,10 +138,18 @@ def test_each_subcommand_help_describes_it_and_names_its_settings(command, names
         assert name in out.stdout, (command, name)
 
 
-@pytest.mark.parametrize("args", [
-    ["no-such-command"], ["api", "--no-such-option"], ["monitor", "--backend", "cuda"],
-    ["config", "check"], ["config"], [], ["--log-level", "LOUD", "config", "show"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["no-such-command"],
+        ["api", "--no-such-option"],
+        ["monitor", "--backend", "cuda"],
+        ["config", "check"],
+        ["config"],
+        [],
+        ["--log-level", "LOUD", "config", "show"],
+    ],
+)
 def test_bad_arguments_print_one_line_and_exit_2(args):
     out = run_cli(*args)
     assert out.returncode == 2
@@ -163,13 +193,18 @@ def test_pip_install_into_fresh_venv_gives_working_help(tmp_path):
     pip = [str(env_dir / "bin" / "python"), "-m", "pip", "install", "--quiet"]
     # Build from a copy so the test never writes build/ or egg-info into the work tree.
     src = tmp_path / "src"
-    files = subprocess.run(["git", "-C", str(ROOT), "ls-files"], check=True, capture_output=True,
-                           text=True).stdout.split()
+    files = subprocess.run(
+        ["git", "-C", str(ROOT), "ls-files"], check=True, capture_output=True, text=True
+    ).stdout.split()
     for rel in files:
         if (ROOT / rel).is_file():
             (src / rel).parent.mkdir(parents=True, exist_ok=True)
             (src / rel).write_bytes((ROOT / rel).read_bytes())
     subprocess.run(pip + [str(src)], check=True, timeout=600)
-    out = subprocess.run([str(env_dir / "bin" / "gpu-orchestrator"), "--help"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [str(env_dir / "bin" / "gpu-orchestrator"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0 and "monitor" in out.stdout

@@ -1,4 +1,5 @@
 """``gpu-orchestrator admin`` against a live API on 127.0.0.1: tables, --json, exit codes."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,10 @@ ADMIN, USER = "k-admin", "k-user"
 
 @pytest.fixture
 def live(settings, redis_url, monkeypatch):
-    st = settings.replace(dashboard={"enabled": False}, auth={
-        "enabled": True, "api_keys": {ADMIN: "ops", USER: "alice"}, "admins": ["ops"]})
+    st = settings.replace(
+        dashboard={"enabled": False},
+        auth={"enabled": True, "api_keys": {ADMIN: "ops", USER: "alice"}, "admins": ["ops"]},
+    )
     app = create_app(st, redis_url=redis_url)
     register_fleet(app, (("node-a", 2), ("node:b", 1)))
     with LiveServer(app) as server:
@@ -35,8 +38,15 @@ def test_nodes_table_and_json(live, capsys):
     code, out, _ = admin(capsys, "nodes")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["NODE", "STATE", "SILENT", "GPUS", "FREE", "CORDONED",
-                                "ALLOCATIONS"]
+    assert lines[0].split() == [
+        "NODE",
+        "STATE",
+        "SILENT",
+        "GPUS",
+        "FREE",
+        "CORDONED",
+        "ALLOCATIONS",
+    ]
     assert lines[1].split()[:2] == ["node-a", "alive"] and lines[1].split()[3:5] == ["2", "2"]
     code, out, _ = admin(capsys, "nodes", "--json")
     assert {n["name"] for n in json.loads(out)["nodes"]} == {"node-a", "node:b"}

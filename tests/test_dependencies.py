@@ -1,6 +1,7 @@
 """depends_on_mode: ``any`` (any ending frees a dependent) or ``ok`` (only a normal release does;
 any other ending cancels the dependents, reason dependency_failed), against a real redis-server:
 the cancellation runs inside the Lua script that ends the dependency."""
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,19 @@ def tick():
 @pytest.fixture
 def engine(redis, settings, tick):
     eng = Engine(redis, settings, clock=tick)
-    eng.report_node("a", [{"index": i, "uuid": f"GPU-{i}", "memory_total_mb": 81920,
-                           "memory_used_mb": 0, "health": "ok"} for i in range(2)])
+    eng.report_node(
+        "a",
+        [
+            {
+                "index": i,
+                "uuid": f"GPU-{i}",
+                "memory_total_mb": 81920,
+                "memory_used_mb": 0,
+                "health": "ok",
+            }
+            for i in range(2)
+        ],
+    )
     return eng
 
 
@@ -42,17 +54,19 @@ def status(engine, rid):
 
 
 def outbox_events(redis, engine):
-    return [(e["event"], e["request_id"])
-            for e in map(json.loads, redis.lrange(engine.keys.webhook_outbox(), 0, -1))]
+    return [
+        (e["event"], e["request_id"])
+        for e in map(json.loads, redis.lrange(engine.keys.webhook_outbox(), 0, -1))
+    ]
 
 
 def test_mode_any_is_the_default_and_any_ending_frees_the_dependent(engine):
-    engine.allocate(req(required_gpus=2))                       # the node is full
+    engine.allocate(req(required_gpus=2))  # the node is full
     dep = engine.allocate(req("dep"))
     waiter = engine.allocate(req("waiter", depends_on=[dep["id"]]))
     assert engine.get(waiter["id"])["depends_on_mode"] == "any"
     engine.cancel(dep["id"])
-    assert status(engine, waiter["id"]) == "queued"            # waits for a GPU, not for dep
+    assert status(engine, waiter["id"]) == "queued"  # waits for a GPU, not for dep
     assert engine.get(waiter["id"]).get("reason") is None
 
 
@@ -68,11 +82,23 @@ def test_mode_ok_runs_after_a_normal_release(engine, redis):
 
 def test_mode_ok_dependent_is_cancelled_when_its_dependency_expires(engine, redis, tick):
     dep = engine.allocate(req("dep", required_gpus=2, ttl_seconds=60))
-    waiter = engine.allocate(req("waiter", depends_on=[dep["id"]], depends_on_mode="ok",
-                                 webhook_url="http://127.0.0.1:9/hook",
-                                 webhook_events=["cancelled"]))
-    silent = engine.allocate(req("silent", depends_on=[dep["id"]], depends_on_mode="ok",
-                                 webhook_url="http://127.0.0.1:9/hook"))
+    waiter = engine.allocate(
+        req(
+            "waiter",
+            depends_on=[dep["id"]],
+            depends_on_mode="ok",
+            webhook_url="http://127.0.0.1:9/hook",
+            webhook_events=["cancelled"],
+        )
+    )
+    silent = engine.allocate(
+        req(
+            "silent",
+            depends_on=[dep["id"]],
+            depends_on_mode="ok",
+            webhook_url="http://127.0.0.1:9/hook",
+        )
+    )
     tick.t += 61
     engine.reap()
     assert status(engine, dep["id"]) == "expired"
@@ -87,7 +113,8 @@ def test_mode_ok_dependent_is_cancelled_when_its_dependency_expires(engine, redi
     cancelled = [e for e in engine.events() if e["event"] == "cancelled"]
     assert {(e["request_id"], e["reason"], e["dependency"]) for e in cancelled} == {
         (waiter["id"], "dependency_failed", dep["id"]),
-        (silent["id"], "dependency_failed", dep["id"])}
+        (silent["id"], "dependency_failed", dep["id"]),
+    }
     assert not redis.exists(engine.keys.dependents(dep["id"]))
 
 
@@ -97,20 +124,22 @@ def test_mode_ok_cancels_down_a_chain_when_a_queued_dependency_ends(engine, tick
     a = engine.allocate(req("a", queue_timeout_seconds=100))
     b = engine.allocate(req("b", depends_on=[a["id"]], depends_on_mode="ok"))
     c = engine.allocate(req("c", depends_on=[b["id"]], depends_on_mode="ok"))
-    loose = engine.allocate(req("loose", depends_on=[b["id"]]))           # mode any
+    loose = engine.allocate(req("loose", depends_on=[b["id"]]))  # mode any
     if end == "cancel":
         engine.cancel(a["id"])
     elif end == "release_queued":
-        engine.release(a["id"])              # releasing a queued request cancels it
+        engine.release(a["id"])  # releasing a queued request cancels it
     else:
         tick.t += 101
         engine.reap()
     assert status(engine, a["id"]) in ("cancelled", "timed_out")
-    assert (engine.get(b["id"])["failed_dependency"], engine.get(c["id"])["failed_dependency"]) \
-        == (a["id"], b["id"])
+    assert (engine.get(b["id"])["failed_dependency"], engine.get(c["id"])["failed_dependency"]) == (
+        a["id"],
+        b["id"],
+    )
     assert status(engine, b["id"]) == status(engine, c["id"]) == "cancelled"
     if end != "time_out":
-        assert status(engine, loose["id"]) == "queued"           # any: b ended, it may run
+        assert status(engine, loose["id"]) == "queued"  # any: b ended, it may run
         assert [q["id"] for q in engine.snapshot()["queue"]] == [loose["id"]]
 
 
@@ -153,18 +182,19 @@ def test_a_bad_mode_is_refused(engine):
 
 # --------------------------------------------------------------------------- through the API
 
+
 def test_api_takes_depends_on_mode_and_shows_the_reason(client):
     assert allocate(client, "hog", workload_data={"required_gpus": 8}).status_code == 200
     dep = allocate(client, "dep").get_json()["request_id"]
     waiter = allocate(client, "waiter", depends_on=[dep], depends_on_mode="ok").get_json()
-    assert client.get(f"/gpu/requests/{waiter['request_id']}").get_json()[
-        "depends_on_mode"] == "ok"
+    assert client.get(f"/gpu/requests/{waiter['request_id']}").get_json()["depends_on_mode"] == "ok"
     assert client.delete(f"/gpu/requests/{dep}").status_code == 200
     body = client.get(f"/gpu/requests/{waiter['request_id']}").get_json()
     assert body["status"] == "cancelled" and body["reason"] == "dependency_failed"
     assert body["failed_dependency"] == dep
-    err = assert_error(allocate(client, "late", depends_on=[dep], depends_on_mode="ok"), 422,
-                       "validation_error")
+    err = assert_error(
+        allocate(client, "late", depends_on=[dep], depends_on_mode="ok"), 422, "validation_error"
+    )
     assert err["details"]["status"] == "cancelled"
     err = assert_error(allocate(client, depends_on_mode="afterok"), 422, "validation_error")
     assert "depends_on_mode" in err["details"]

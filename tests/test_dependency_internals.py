@@ -4,6 +4,7 @@ Where no public API exists (RQ's durability fixes in workers/worker.py and worke
 each override is pinned here by a canary that fails, naming the internal, when an upgrade moves
 it. The other tests check that the supported replacements keep the behaviour users notice.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,8 +22,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _python(code: str, **env) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     environ.update(env)
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=environ,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_metrics_go_to_files_when_the_dir_is_set_before_prometheus_is_imported(tmp_path):
@@ -37,14 +44,15 @@ def test_metrics_go_to_files_when_the_dir_is_set_before_prometheus_is_imported(t
         "from app.metrics import HttpMetrics\n"
         "HttpMetrics(None).observe('GET', '/x', 200, 0.01)\n"
         "print(sorted(f for f in os.listdir(path) if f.endswith('.db')))\n"
-        "import shutil; shutil.rmtree(path)\n")
+        "import shutil; shutil.rmtree(path)\n"
+    )
     done = _python(code)
     assert done.returncode == 0, done.stderr
     assert "counter_" in done.stdout and "histogram_" in done.stdout, done.stdout
 
 
 def test_setting_the_dir_after_prometheus_was_imported_fails_loudly():
-    code = ("import prometheus_client\nfrom app import serve\nserve.prepare_metrics_dir()\n")
+    code = "import prometheus_client\nfrom app import serve\nserve.prepare_metrics_dir()\n"
     done = _python(code)
     assert done.returncode != 0
     assert "prometheus_client was imported before PROMETHEUS_MULTIPROC_DIR" in done.stderr
@@ -105,18 +113,22 @@ def test_canary_rq_functions_we_override_are_unchanged(name):
     try:
         found = _source_hash(_resolve(name))
     except (AttributeError, ImportError) as exc:
-        pytest.fail(f"RQ internal {name} is gone ({exc}); workers/worker.py or "
-                    f"workers/scheduler.py overrides it")
+        pytest.fail(
+            f"RQ internal {name} is gone ({exc}); workers/worker.py or "
+            f"workers/scheduler.py overrides it"
+        )
     assert found == RQ_UPSTREAM[name], (
         f"RQ internal {name} changed (source hash {found}): re-read it, drop or port the "
-        f"override in workers/worker.py / workers/scheduler.py, then update RQ_UPSTREAM here")
+        f"override in workers/worker.py / workers/scheduler.py, then update RQ_UPSTREAM here"
+    )
 
 
 @pytest.mark.parametrize("owner,attr", RQ_PRIVATE)
 def test_canary_rq_private_names_still_exist(owner, attr):
     cls = _resolve(owner)
     assert hasattr(cls, attr) or f"self.{attr}" in inspect.getsource(cls.__init__), (
-        f"RQ internal {owner}.{attr} is gone; workers/worker.py or workers/scheduler.py uses it")
+        f"RQ internal {owner}.{attr} is gone; workers/worker.py or workers/scheduler.py uses it"
+    )
 
 
 def test_canary_notices_a_changed_upstream_function(monkeypatch):

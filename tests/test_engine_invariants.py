@@ -5,16 +5,24 @@ no GPU held twice, shared reservations within memory, one state per request, cou
 scan, and the queue order (no waiting request that fits is left behind, no grant overtook a
 higher-ranked request that fitted).
 """
+
 from __future__ import annotations
 
 import json
 import random
 import threading
 
-import pytest
-from hypothesis import HealthCheck, settings as hyp_settings, strategies as st
-from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,
-                                 rule, run_state_machine_as_test)
+from hypothesis import HealthCheck
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from app import errors
 from app.engine import Engine
@@ -38,15 +46,24 @@ def gpus_for(node, health=None, missing=(), util=None, used=None):
     for i in range(count):
         if i in missing:
             continue
-        out.append({"index": i, "uuid": f"{node}-{i}", "name": MODELS[node],
-                    "memory_total_mb": mem,
-                    "memory_used_mb": (used or {}).get(i, 0),
-                    "utilization": (util or {}).get(i, 10 * i), "temperature": 40,
-                    "power_draw": 100, "health": (health or {}).get(i, "ok")})
+        out.append(
+            {
+                "index": i,
+                "uuid": f"{node}-{i}",
+                "name": MODELS[node],
+                "memory_total_mb": mem,
+                "memory_used_mb": (used or {}).get(i, 0),
+                "utilization": (util or {}).get(i, 10 * i),
+                "temperature": 40,
+                "power_draw": 100,
+                "health": (health or {}).get(i, "ok"),
+            }
+        )
     return out
 
 
 # --------------------------------------------------------------------------- the full scan
+
 
 def scan(engine: Engine, redis) -> dict:
     """Everything, read key by key (not through the engine's indexes)."""
@@ -69,6 +86,7 @@ def gpu_ok(g) -> bool:
 
 def check_invariants(engine: Engine, redis, now: float) -> dict:
     import json
+
     k = engine.keys
     s = scan(engine, redis)
     timeout = engine.settings.scheduler.node_heartbeat_timeout
@@ -87,8 +105,9 @@ def check_invariants(engine: Engine, redis, now: float) -> dict:
                 excl.setdefault(key, []).append(rid)
         assert len(set(json.loads(r["gpu_ids"]))) == int(r["required_gpus"])
         assert model_ok(r, s["gpus"][key]), f"{rid} got a {s['gpus'][key]['name']}"
-        assert r["node"] in (json.loads(r.get("nodes") or "[]") or [r["node"]]), \
+        assert r["node"] in (json.loads(r.get("nodes") or "[]") or [r["node"]]), (
             f"{rid} placed on {r['node']} outside its nodes"
+        )
     for key, g in s["gpus"].items():
         holders = excl.get(key, [])
         assert len(holders) <= 1, f"GPU {key} in two exclusive allocations: {holders}"
@@ -114,7 +133,8 @@ def check_invariants(engine: Engine, redis, now: float) -> dict:
         per_owner[bucket] = per_owner.get(bucket, 0) + 1
     assert {b: int(n) for b, n in redis.hgetall(k.queue_owners()).items()} == per_owner
     demand = set(redis.zrange(k.queue_demand("exclusive"), 0, -1)) | set(
-        redis.zrange(k.queue_demand("shared"), 0, -1))
+        redis.zrange(k.queue_demand("shared"), 0, -1)
+    )
     assert demand == set(queued)
     for node, holder in redis.hgetall(k.reservations()).items():
         assert holder in queued and queued[holder].get("reserved_node") == node
@@ -122,21 +142,29 @@ def check_invariants(engine: Engine, redis, now: float) -> dict:
     # counts equal the scan
     def free(key, g):
         return gpu_ok(g) and not excl.get(key) and not shared.get(key)
+
     busy = sum(1 for key in s["gpus"] if excl.get(key) or shared.get(key))
     available = sum(1 for key, g in s["gpus"].items() if free(key, g) and key[0] in alive)
-    assert engine.counts() == {"allocations_active": len(live), "gpus_allocated": busy,
-                               "queue_depth": len(queued),
-                               "gpus_total": sum(1 for key in s["gpus"] if key[0] in alive),
-                               "gpus_available": available}
+    assert engine.counts() == {
+        "allocations_active": len(live),
+        "gpus_allocated": busy,
+        "queue_depth": len(queued),
+        "gpus_total": sum(1 for key in s["gpus"] if key[0] in alive),
+        "gpus_available": available,
+    }
     free_by_node = {n: 0 for n in s["nodes"]}
     for key, g in s["gpus"].items():
         free_by_node[key[0]] += free(key, g)
-    assert {n: int(v) for n, v in redis.zrange(k.nodes_free(), 0, -1, withscores=True)} == \
-        free_by_node
+    assert {
+        n: int(v) for n, v in redis.zrange(k.nodes_free(), 0, -1, withscores=True)
+    } == free_by_node
     for node in s["nodes"]:
         listed = redis.hgetall(k.node_free_gpus(node))
-        want = {idx: f"{g['memory_free_mb']}|{g['utilization']}|{g['uuid']}"
-                for (n, idx), g in s["gpus"].items() if n == node and free((n, idx), g)}
+        want = {
+            idx: f"{g['memory_free_mb']}|{g['utilization']}|{g['uuid']}"
+            for (n, idx), g in s["gpus"].items()
+            if n == node and free((n, idx), g)
+        }
         assert listed == want, f"node_free_gpus({node}) is stale"
 
     # nothing that fits is left waiting (best_effort: every queued request; strict: the head)
@@ -144,20 +172,27 @@ def check_invariants(engine: Engine, redis, now: float) -> dict:
     blocked: set = set()
     for rid, r in list(live.items()) + list(queued.items()):
         if r.get("depends_on_mode") == "ok":
-            ends = {s["reqs"].get(d, {}).get("status", "gone")
-                    for d in json.loads(r.get("depends_on") or "[]")}
+            ends = {
+                s["reqs"].get(d, {}).get("status", "gone")
+                for d in json.loads(r.get("depends_on") or "[]")
+            }
             # ok: granted only after every dependency was released; never left waiting on
             # one that ended otherwise (it is cancelled in the same step)
-            assert ends <= ({"released", "gone"} if r["status"] == "allocated" else
-                            {"released", "gone", "queued", "allocated"}), (rid, ends)
+            assert ends <= (
+                {"released", "gone"}
+                if r["status"] == "allocated"
+                else {"released", "gone", "queued", "allocated"}
+            ), (rid, ends)
     for pos, rid in enumerate(order):
         r = queued[rid]
         deps = json.loads(r.get("depends_on") or "[]")
-        deps_done = all(s["reqs"].get(d, {}).get("status") not in ("queued", "allocated")
-                        for d in deps)
+        deps_done = all(
+            s["reqs"].get(d, {}).get("status") not in ("queued", "allocated") for d in deps
+        )
         if deps_done:
-            assert not fits(r, s["gpus"], excl, shared, alive, blocked), \
+            assert not fits(r, s["gpus"], excl, shared, alive, blocked), (
                 f"queued {rid} (position {pos + 1}) fits now"
+            )
         if engine.settings.scheduler.policy == "strict_fifo":
             break
         if r.get("reserved_node"):
@@ -167,6 +202,7 @@ def check_invariants(engine: Engine, redis, now: float) -> dict:
 
 def model_ok(r, g) -> bool:
     import fnmatch
+
     glob = r.get("gpu_model") or "*"
     return fnmatch.fnmatchcase(str(g.get("name") or "").lower(), glob.lower())
 
@@ -205,6 +241,7 @@ def fits(r, gpus, excl, shared, alive, blocked, extra_free=()) -> bool:
 
 # --------------------------------------------------------------------------- state machine
 
+
 class EngineMachine(RuleBasedStateMachine):
     redis = None
     settings = None
@@ -216,9 +253,14 @@ class EngineMachine(RuleBasedStateMachine):
     def setup(self, policy):
         self.redis.flushdb()
         self.clock = Clock()
-        st_ = self.settings.replace(scheduler={"policy": policy, "max_queue_size": 12,
-                                               "max_queued_per_owner": 12,
-                                               **self.scheduler})
+        st_ = self.settings.replace(
+            scheduler={
+                "policy": policy,
+                "max_queue_size": 12,
+                "max_queued_per_owner": 12,
+                **self.scheduler,
+            }
+        )
         self.engine = Engine(self.redis, st_, clock=self.clock)
         self.health: dict = {}
         self.util: dict = {}
@@ -231,8 +273,9 @@ class EngineMachine(RuleBasedStateMachine):
     def report_all(self):
         for node in FLEET:
             if node not in self.silent:
-                self.engine.report_node(node, gpus_for(node, health=self.health.get(node),
-                                                       util=self.util.get(node)))
+                self.engine.report_node(
+                    node, gpus_for(node, health=self.health.get(node), util=self.util.get(node))
+                )
 
     def _before(self):
         return {rid: r for rid, r in scan(self.engine, self.redis)["reqs"].items()}
@@ -241,9 +284,13 @@ class EngineMachine(RuleBasedStateMachine):
         """Every grant of this step: no higher-ranked request still waiting could have used
         the capacity the grant took (post-step free GPUs plus those given to lower ranks)."""
         import json
+
         after = scan(self.engine, self.redis)
-        granted = [rid for rid, r in after["reqs"].items() if r["status"] == "allocated"
-                   and (before.get(rid, {}).get("status") != "allocated")]
+        granted = [
+            rid
+            for rid, r in after["reqs"].items()
+            if r["status"] == "allocated" and (before.get(rid, {}).get("status") != "allocated")
+        ]
         if not granted or self.engine.settings.scheduler.aging_rate:
             return
         waiting = [rid for rid, r in after["reqs"].items() if r["status"] == "queued"]
@@ -253,8 +300,7 @@ class EngineMachine(RuleBasedStateMachine):
         for h in waiting:
             hr = after["reqs"][h]
             deps = json.loads(hr.get("depends_on") or "[]")
-            if any(after["reqs"].get(d, {}).get("status") in ("queued", "allocated")
-                   for d in deps):
+            if any(after["reqs"].get(d, {}).get("status") in ("queued", "allocated") for d in deps):
                 continue
             lower = [g for g in granted if rank(g) > rank(h)]
             if not lower:
@@ -265,24 +311,40 @@ class EngineMachine(RuleBasedStateMachine):
                     continue
                 for idx in json.loads(r["gpu_ids"]):
                     key = (r["node"], str(idx))
-                    (shared.setdefault(key, []).append(r) if r["sharing"] == "shared"
-                     else excl.setdefault(key, []).append(rid))
-            assert not fits(hr, after["gpus"], excl, shared, alive, set()), \
+                    (
+                        shared.setdefault(key, []).append(r)
+                        if r["sharing"] == "shared"
+                        else excl.setdefault(key, []).append(rid)
+                    )
+            assert not fits(hr, after["gpus"], excl, shared, alive, set()), (
                 f"{lower} overtook {h}, which fitted"
+            )
 
-    @rule(k=st.integers(1, 4), shared=st.booleans(),
-          mem=st.sampled_from([0, 4000, 12000, 30000]), prio=st.integers(1, 10),
-          dep=st.sampled_from([False, "any", "ok"]), ttl=st.sampled_from([None, 30, 300]),
-          svc=st.sampled_from("ab"),
-          model=st.sampled_from([None, None, "*h100*", "*A10", "nvidia h100 ?c*"]),
-          nodes=st.sampled_from([None, None, ["n0"], ["n1", "n2"], ["n2", "gone"]]))
+    @rule(
+        k=st.integers(1, 4),
+        shared=st.booleans(),
+        mem=st.sampled_from([0, 4000, 12000, 30000]),
+        prio=st.integers(1, 10),
+        dep=st.sampled_from([False, "any", "ok"]),
+        ttl=st.sampled_from([None, 30, 300]),
+        svc=st.sampled_from("ab"),
+        model=st.sampled_from([None, None, "*h100*", "*A10", "nvidia h100 ?c*"]),
+        nodes=st.sampled_from([None, None, ["n0"], ["n1", "n2"], ["n2", "gone"]]),
+    )
     def allocate_any(self, k, shared, mem, prio, dep, ttl, svc, model, nodes):
         self.allocate(k, shared, mem, prio, dep, ttl, svc, model, nodes)
 
     def allocate(self, k, shared, mem, prio, dep, ttl, svc, model=None, nodes=None):
-        req = {"service_name": svc, "required_gpus": 1 if shared else k,
-               "sharing": "shared" if shared else "exclusive", "min_memory_mb": mem,
-               "priority": prio, "max_utilization": 95, "gpu_model": model, "nodes": nodes}
+        req = {
+            "service_name": svc,
+            "required_gpus": 1 if shared else k,
+            "sharing": "shared" if shared else "exclusive",
+            "min_memory_mb": mem,
+            "priority": prio,
+            "max_utilization": 95,
+            "gpu_model": model,
+            "nodes": nodes,
+        }
         if ttl:
             req["ttl_seconds"] = ttl
         if dep and self.ids:
@@ -356,8 +418,12 @@ class EngineMachine(RuleBasedStateMachine):
         self.clock.t += seconds
         self.report_then_reap()
 
-    @rule(node=st.sampled_from(sorted(FLEET)), idx=st.integers(0, 3),
-          health=st.sampled_from(["ok", "degraded", "failed"]), util=st.sampled_from([0, 99]))
+    @rule(
+        node=st.sampled_from(sorted(FLEET)),
+        idx=st.integers(0, 3),
+        health=st.sampled_from(["ok", "degraded", "failed"]),
+        util=st.sampled_from([0, 99]),
+    )
     def telemetry(self, node, idx, health, util):
         self.health.setdefault(node, {})[idx] = health
         self.util.setdefault(node, {})[idx] = util
@@ -444,38 +510,54 @@ class EngineMachine(RuleBasedStateMachine):
         self.report_all()
         self.engine.reap()
         s = check_invariants(self.engine, self.redis, self.clock.t)
-        assert all(not g.get("excl") and int(g.get("shared_n") or 0) == 0
-                   for g in s["gpus"].values())
+        assert all(
+            not g.get("excl") and int(g.get("shared_n") or 0) == 0 for g in s["gpus"].values()
+        )
         assert self.engine.counts()["gpus_allocated"] == 0
 
 
 def test_engine_state_machine(redis, settings):
     EngineMachine.redis = redis
     EngineMachine.settings = settings
-    run_state_machine_as_test(EngineMachine, settings=hyp_settings(
-        max_examples=15, stateful_step_count=40, deadline=None,
-        suppress_health_check=list(HealthCheck)))
+    run_state_machine_as_test(
+        EngineMachine,
+        settings=hyp_settings(
+            max_examples=15,
+            stateful_step_count=40,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+        ),
+    )
 
 
 class AgingReservingMachine(EngineMachine):
     """Aging on and reservations after 20 s: long waits (time passes in 1-100 s steps) make
     requests reserve nodes, and the invariants still hold with those nodes blocked."""
+
     scheduler = {"aging_rate": 6.0, "reservation_after": 20}
 
 
 def test_engine_state_machine_with_aging_and_reservations(redis, settings):
     AgingReservingMachine.redis = redis
     AgingReservingMachine.settings = settings
-    run_state_machine_as_test(AgingReservingMachine, settings=hyp_settings(
-        max_examples=15, stateful_step_count=40, deadline=None,
-        suppress_health_check=list(HealthCheck)))
+    run_state_machine_as_test(
+        AgingReservingMachine,
+        settings=hyp_settings(
+            max_examples=15,
+            stateful_step_count=40,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+        ),
+    )
 
 
 # --------------------------------------------------------------------------- concurrency
 
+
 def test_concurrent_allocate_release_keeps_the_invariants(redis_url, settings):
     """Six threads, each with its own connection and engine (like six API replicas)."""
     import redis as redis_lib
+
     setup = redis_lib.Redis.from_url(redis_url, decode_responses=True)
     st_ = settings.replace(scheduler={"max_queue_size": 100000})
     Engine(setup, st_).report_node("n0", gpus_for("n0"))
@@ -499,11 +581,16 @@ def test_concurrent_allocate_release_keeps_the_invariants(redis_url, settings):
                         pass
                 else:
                     shared = rnd.random() < 0.3
-                    rec = engine.allocate({
-                        "service_name": f"t{seed}", "sharing": "shared" if shared else "exclusive",
-                        "required_gpus": 1 if shared else rnd.choice([1, 1, 2, 3]),
-                        "min_memory_mb": rnd.choice([0, 4000, 12000]),
-                        "priority": rnd.randint(1, 10), "ttl_seconds": 3600})
+                    rec = engine.allocate(
+                        {
+                            "service_name": f"t{seed}",
+                            "sharing": "shared" if shared else "exclusive",
+                            "required_gpus": 1 if shared else rnd.choice([1, 1, 2, 3]),
+                            "min_memory_mb": rnd.choice([0, 4000, 12000]),
+                            "priority": rnd.randint(1, 10),
+                            "ttl_seconds": 3600,
+                        }
+                    )
                     mine.append(rec["id"])
                     if rec["status"] == "allocated":
                         granted_ids.append(rec["id"])

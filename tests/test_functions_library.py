@@ -1,5 +1,6 @@
 """The engine as one Redis Functions library: loading, reloading, read-only calls, the server
 version it needs, and data written by the engine before it (tests/data/pre_functions)."""
+
 from __future__ import annotations
 
 import os
@@ -12,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import redis as redis_lib
+from conftest import RedisServer
+from test_engine import gpu_list, req
 
 from app import create_app
 from app.engine import LIBRARY, READ_ONLY, SCRIPTS, Engine, library_source
-from conftest import RedisServer
-from test_engine import gpu_list, req
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).with_name("data") / "pre_functions"
@@ -48,14 +49,22 @@ def test_a_read_only_function_cannot_write(redis, settings):
     """no-writes is enforced by the server: what FCALL_RO serves can never change state."""
     engine = Engine(redis, settings)
     engine.report_node("a", gpu_list(1))
-    version, source = library_source((("probe", "redis.call('SET', K_META, 'x') return 1"),),
-                                     name="roprobe")
+    version, source = library_source(
+        (("probe", "redis.call('SET', K_META, 'x') return 1"),), name="roprobe"
+    )
     source = source.replace("callback = f_probe}", "callback = f_probe, flags = {'no-writes'}}")
     redis.execute_command("FUNCTION", "LOAD", "REPLACE", source)
     try:
         with pytest.raises(redis_lib.ResponseError, match="(?i)write"):
-            redis.execute_command("FCALL_RO", "roprobe_probe", len(engine._fixed_keys),
-                                  *engine._fixed_keys, "", version, *engine._settings_args())
+            redis.execute_command(
+                "FCALL_RO",
+                "roprobe_probe",
+                len(engine._fixed_keys),
+                *engine._fixed_keys,
+                "",
+                version,
+                *engine._settings_args(),
+            )
     finally:
         redis.execute_command("FUNCTION", "DELETE", "roprobe")
 
@@ -83,9 +92,12 @@ def test_two_prefixes_and_settings_share_one_library(redis, settings):
     """Keys and settings are arguments, not part of the library: engines of two deployments
     (prefixes, queue limits) on one server each keep their own state and rules."""
     a = Engine(redis, settings)
-    b = Engine(redis, settings.replace(redis={"prefix": "{other}"},
-                                       scheduler={"max_queue_size": 1,
-                                                  "max_queued_per_owner": 1}))
+    b = Engine(
+        redis,
+        settings.replace(
+            redis={"prefix": "{other}"}, scheduler={"max_queue_size": 1, "max_queued_per_owner": 1}
+        ),
+    )
     for engine in (a, b):
         engine.report_node("n", gpu_list(1))
         engine.allocate(req())
@@ -115,23 +127,36 @@ def upgraded(tmp_path):
 
 
 def test_allocations_queue_and_idempotency_keys_written_before_the_library_survive(
-        upgraded, settings):
+    upgraded, settings
+):
     server, client = upgraded
     alloc, other, queued = (DATA / "ids.txt").read_text().split()
     assert client.execute_command("FUNCTION", "LIST") == []  # nothing loaded yet: old data
     now = [T0 + 10]
-    engine = Engine(client, settings.replace(redis={"url": server.url, "prefix": "{gpuo}"}),
-                    clock=lambda: now[0])
+    engine = Engine(
+        client,
+        settings.replace(redis={"url": server.url, "prefix": "{gpuo}"}),
+        clock=lambda: now[0],
+    )
     assert engine.get(alloc)["status"] == "allocated"
     assert engine.get(queued)["status"] == "queued"
     assert engine.counts()["queue_depth"] == 1 and engine.counts()["allocations_active"] == 2
     # an idempotent retry replays the stored allocation and the stored queued request
-    replay = engine.allocate({"service_name": "train", "required_gpus": 1, "priority": 5,
-                              "ttl_seconds": 3600}, idempotency_key="k-alloc")
+    replay = engine.allocate(
+        {"service_name": "train", "required_gpus": 1, "priority": 5, "ttl_seconds": 3600},
+        idempotency_key="k-alloc",
+    )
     assert replay["id"] == alloc
-    replay = engine.allocate({"service_name": "big", "required_gpus": 2, "priority": 7,
-                              "ttl_seconds": 3600, "queue_timeout_seconds": 3600},
-                             idempotency_key="k-queue")
+    replay = engine.allocate(
+        {
+            "service_name": "big",
+            "required_gpus": 2,
+            "priority": 7,
+            "ttl_seconds": 3600,
+            "queue_timeout_seconds": 3600,
+        },
+        idempotency_key="k-queue",
+    )
     assert replay["id"] == queued
     # the queue still works: releasing both GPUs grants the queued request both of them
     engine.report_node("a", gpu_list(2))
@@ -143,6 +168,7 @@ def test_allocations_queue_and_idempotency_keys_written_before_the_library_survi
 
 
 # ------------------------------------------------------------------ an older server
+
 
 class OldRedis:
     """A loopback stand-in for a Redis 6.2 server: answers INFO with its version, PING with
@@ -185,12 +211,27 @@ class OldRedis:
                         conn.sendall(b"$%d\r\n%s\r\n" % (len(body), body))
                     elif name == b"HELLO":  # as Redis 6.2 answers HELLO (RESP2 or 3)
                         proto = int(cmd[1]) if len(cmd) > 1 else 2
-                        items = [b"server", b"redis", b"version", b"6.2.14", b"proto", proto,
-                                 b"id", 1, b"mode", b"standalone", b"role", b"master"]
-                        out = (b"%7\r\n" if proto == 3 else b"*14\r\n")
+                        items = [
+                            b"server",
+                            b"redis",
+                            b"version",
+                            b"6.2.14",
+                            b"proto",
+                            proto,
+                            b"id",
+                            1,
+                            b"mode",
+                            b"standalone",
+                            b"role",
+                            b"master",
+                        ]
+                        out = b"%7\r\n" if proto == 3 else b"*14\r\n"
                         for item in items:
-                            out += (b":%d\r\n" % item if isinstance(item, int)
-                                    else b"$%d\r\n%s\r\n" % (len(item), item))
+                            out += (
+                                b":%d\r\n" % item
+                                if isinstance(item, int)
+                                else b"$%d\r\n%s\r\n" % (len(item), item)
+                            )
                         conn.sendall(out + b"$7\r\nmodules\r\n*0\r\n")
                     elif name == b"PING":
                         conn.sendall(b"+PONG\r\n")
@@ -215,7 +256,7 @@ def _parse(buf: bytes):
         if len(rest) < n + 2:
             return None, buf
         parts.append(rest[:n])
-        rest = rest[n + 2:]
+        rest = rest[n + 2 :]
     return parts, rest
 
 
@@ -228,11 +269,20 @@ def old_redis():
 
 @pytest.mark.parametrize("role", ["api", "worker", "scheduler", "monitor"])
 def test_every_role_exits_2_naming_the_version_on_an_older_server(old_redis, role):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_ORCH__")
-           and k not in ("CONFIG_PATH", "PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("GPU_ORCH__") and k not in ("CONFIG_PATH", "PORT")
+    }
     env["REDIS_URL"] = f"redis://127.0.0.1:{old_redis.port}/0"
-    out = subprocess.run([sys.executable, "-m", "app.cli", role], capture_output=True,
-                         text=True, env=env, cwd=ROOT, timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-m", "app.cli", role],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=30,
+    )
     assert out.returncode == 2, out.stderr
     # one line says it (a role may log what it did before it connected, e.g. its backend)
     lines = [line for line in out.stderr.splitlines() if "error" in line.lower()]
@@ -242,8 +292,9 @@ def test_every_role_exits_2_naming_the_version_on_an_older_server(old_redis, rol
 
 def test_readyz_names_the_version_on_an_older_server(old_redis, settings):
     url = f"redis://127.0.0.1:{old_redis.port}/0"
-    app = create_app(settings.replace(redis={"url": url}, dashboard={"enabled": False}),
-                     redis_url=url)
+    app = create_app(
+        settings.replace(redis={"url": url}, dashboard={"enabled": False}), redis_url=url
+    )
     resp = app.test_client().get("/readyz")
     assert resp.status_code == 503 and int(resp.headers["Retry-After"]) > 0
     message = resp.get_json()["error"]["message"]
@@ -260,11 +311,15 @@ def test_an_old_valkey_is_refused_and_a_new_one_accepted():
         def info(self, section):
             return self._info
 
-    assert "valkey 7.0.0" in version_problem(Fake({"server_name": "valkey",
-                                                   "valkey_version": "7.0.0",
-                                                   "redis_version": "7.0.0"}))
-    assert version_problem(Fake({"server_name": "valkey", "valkey_version": "7.2.5",
-                                 "redis_version": "7.2.4"})) is None
+    assert "valkey 7.0.0" in version_problem(
+        Fake({"server_name": "valkey", "valkey_version": "7.0.0", "redis_version": "7.0.0"})
+    )
+    assert (
+        version_problem(
+            Fake({"server_name": "valkey", "valkey_version": "7.2.5", "redis_version": "7.2.4"})
+        )
+        is None
+    )
     assert version_problem(Fake({"redis_version": "7.0.15"})) is None
     assert "redis 6.2.14" in version_problem(Fake({"redis_version": "6.2.14"}))
 

@@ -4,13 +4,15 @@ Bounded: a fixed number of examples per operation and mode, so the whole file ru
 under a minute on a 2-core machine. (schemathesis' ``pytest.from_fixture`` does not work with
 pytest 9, so the test walks the operations itself with plain Hypothesis.)
 """
+
 from __future__ import annotations
 
 import os
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, settings as hsettings
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
 from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
 
@@ -24,8 +26,13 @@ EXAMPLES = {GenerationMode.POSITIVE: 25 * _SCALE, GenerationMode.NEGATIVE: 15 * 
 
 def run_operation(operation, mode: GenerationMode) -> None:
     @given(case=operation.as_strategy(generation_mode=mode))
-    @hsettings(max_examples=EXAMPLES[mode], deadline=None, derandomize=True, database=None,
-               suppress_health_check=list(HealthCheck))
+    @hsettings(
+        max_examples=EXAMPLES[mode],
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     def check(case):
         # A schema-valid body may still be refused with 422 for reasons no schema can state
         # (an unknown depends_on id, more GPUs than the fleet has): skip that one check.
@@ -42,7 +49,8 @@ def test_fuzz_no_server_errors_and_no_spec_violations(make_app, mode):
     assert len(operations) >= 12
     for operation in operations:
         raw = operation.definition.raw
-        if mode is GenerationMode.NEGATIVE and not (raw.get("parameters")
-                                                    or raw.get("requestBody")):
+        if mode is GenerationMode.NEGATIVE and not (
+            raw.get("parameters") or raw.get("requestBody")
+        ):
             continue  # nothing to make invalid
         run_operation(operation, mode)

@@ -5,6 +5,7 @@ problem beyond the original's metric names (kept as they are: they are a contrac
 promtool comes from Debian's ``prometheus`` package (``.ci/run`` installs it); without it the
 promtool checks skip locally and fail under ``CI=true``.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,8 +53,9 @@ def exposition(make_app):
     """/metrics of an app that has served requests, granted, queued and released."""
     app = make_app(nodes=(("node-a", 2),))
     client = app.test_client()
-    a = client.post("/gpu/allocate", json={"service_name": "svc", "workload_data": {
-        "required_gpus": 2}}).get_json()
+    a = client.post(
+        "/gpu/allocate", json={"service_name": "svc", "workload_data": {"required_gpus": 2}}
+    ).get_json()
     client.post("/gpu/allocate", json={"service_name": "waits"})
     client.post("/gpu/release", json={"allocation_id": a["id"]})
     client.get("/gpu/requests/nope-1")
@@ -61,22 +63,30 @@ def exposition(make_app):
 
 
 def test_every_metric_the_dashboard_queries_is_exported(exposition):
-    exported = {s.name for fam in text_string_to_metric_families(exposition)
-                for s in fam.samples}
+    exported = {s.name for fam in text_string_to_metric_families(exposition) for s in fam.samples}
     queried = {m for expr in dashboard_exprs() for m in _METRIC.findall(expr)}
     assert len(queried) >= 12
-    assert not queried - exported, f"the dashboard queries metrics nobody exports: " \
-                                   f"{sorted(queried - exported)}"
+    assert not queried - exported, (
+        f"the dashboard queries metrics nobody exports: {sorted(queried - exported)}"
+    )
 
 
 def test_dashboard_panels_cover_the_operations_story():
     dash = json.loads(DASHBOARD.read_text())
     titles = " | ".join(p["title"] for p in dash["panels"]).lower()
-    for topic in ("utilization", "memory", "allocations", "queue", "wait", "webhook", "latency",
-                  "errors", "nodes"):
+    for topic in (
+        "utilization",
+        "memory",
+        "allocations",
+        "queue",
+        "wait",
+        "webhook",
+        "latency",
+        "errors",
+        "nodes",
+    ):
         assert topic in titles, topic
-    assert all(t["datasource"]["uid"] == "prometheus"
-               for p in dash["panels"] for t in p["targets"])
+    assert all(t["datasource"]["uid"] == "prometheus" for p in dash["panels"] for t in p["targets"])
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
 
@@ -97,13 +107,22 @@ def test_provisioning_points_grafana_at_prometheus_and_the_dashboards():
 
 
 def test_promtool_check_config_passes():
-    out = subprocess.run([promtool(), "check", "config", str(ROOT / "deploy" / "prometheus.yml")],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [promtool(), "check", "config", str(ROOT / "deploy" / "prometheus.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_promtool_check_metrics_finds_nothing_new(exposition):
-    out = subprocess.run([promtool(), "check", "metrics"], input=exposition,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [promtool(), "check", "metrics"],
+        input=exposition,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     problems = {line.strip() for line in (out.stdout + out.stderr).splitlines() if line.strip()}
     assert problems <= KNOWN_PROBLEMS, sorted(problems - KNOWN_PROBLEMS)

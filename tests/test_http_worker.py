@@ -1,5 +1,6 @@
 """The API's gunicorn worker (app/http_worker.py) against a real ``gpu-orchestrator api``:
 slow and idle clients, deadlines, body limits and HTTP/1.1 framing."""
+
 from __future__ import annotations
 
 import asyncio
@@ -34,17 +35,32 @@ def api(redis_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("http-worker")
     port = free_port()
     config = tmp / "config.yaml"
-    config.write_text(f"server:\n  workers: 2\n  threads: 2\n  host: 127.0.0.1\n"
-                      f"  header_timeout: {HEADER_TIMEOUT}s\n  max_body_bytes: {MAX_BODY}\n"
-                      "dashboard:\n  enabled: false\nlogging:\n  level: WARNING\n")
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("GPU_ORCH__") and k != "PROMETHEUS_MULTIPROC_DIR"}
-    env.update(REDIS_URL=redis_server.url, PORT=str(port), CONFIG_PATH=str(config),
-               GPU_ORCH__REDIS__PREFIX="{gpuo-" + uuid.uuid4().hex[:8] + "}",
-               PYTHONPATH=str(ROOT))
+    config.write_text(
+        f"server:\n  workers: 2\n  threads: 2\n  host: 127.0.0.1\n"
+        f"  header_timeout: {HEADER_TIMEOUT}s\n  max_body_bytes: {MAX_BODY}\n"
+        "dashboard:\n  enabled: false\nlogging:\n  level: WARNING\n"
+    )
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("GPU_ORCH__") and k != "PROMETHEUS_MULTIPROC_DIR"
+    }
+    env.update(
+        REDIS_URL=redis_server.url,
+        PORT=str(port),
+        CONFIG_PATH=str(config),
+        GPU_ORCH__REDIS__PREFIX="{gpuo-" + uuid.uuid4().hex[:8] + "}",
+        PYTHONPATH=str(ROOT),
+    )
     log = open(tmp / "api.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "api"], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "api"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -116,6 +132,7 @@ def _still_open(sock: socket.socket) -> bool:
 
 # --------------------------------------------------------------------------- slow clients
 
+
 def test_held_slow_connections_do_not_stall_other_clients(api):
     """Regression: under gthread, 8 half-sent heads (2 workers x 4 threads) or 200 silent
     sockets made every other request time out for as long as they were held."""
@@ -126,8 +143,10 @@ def test_held_slow_connections_do_not_stall_other_clients(api):
             if i % 3 == 1:
                 sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # head never finished
             elif i % 3 == 2:
-                sock.sendall(b"POST /gpu/allocate HTTP/1.1\r\nHost: x\r\n"
-                             b"Content-Type: application/json\r\nContent-Length: 500\r\n\r\n{")
+                sock.sendall(
+                    b"POST /gpu/allocate HTTP/1.1\r\nHost: x\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: 500\r\n\r\n{"
+                )
             held.append(sock)
         for _ in range(10):  # another client, each time on a fresh connection
             answer = _exchange(api, _get("/healthz"))
@@ -154,8 +173,10 @@ def test_the_deadline_covers_the_whole_request_not_each_read(api):
     """A client trickling its body a byte at a time keeps every read short; it is still cut
     off once header_timeout has passed since the connection opened."""
     with _connect(api) as sock:
-        sock.sendall(b"POST /gpu/allocate HTTP/1.1\r\nHost: x\r\n"
-                     b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n")
+        sock.sendall(
+            b"POST /gpu/allocate HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+        )
         t0 = time.monotonic()
         answer = b""
         for _ in range(40):  # 40 x 0.25 s = 10 s of trickle, far past header_timeout
@@ -166,7 +187,7 @@ def test_the_deadline_covers_the_whole_request_not_each_read(api):
             sock.settimeout(0.25)
             try:
                 chunk = sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             answer += chunk
             if not chunk or answer.endswith(b"}"):
@@ -193,18 +214,21 @@ def test_an_idle_keep_alive_connection_outlives_header_timeout(api):
 
 # --------------------------------------------------------------------------- bodies
 
+
 def _chunked(payload: bytes, size: int = 1000) -> bytes:
     out = b""
     for i in range(0, len(payload), size):
-        piece = payload[i:i + size]
+        piece = payload[i : i + size]
         out += b"%x\r\n%s\r\n" % (len(piece), piece)
     return out + b"0\r\n\r\n"
 
 
 def _post_chunked(api: int, payload: bytes) -> bytes:
-    return _exchange(api, b"POST /gpu/allocate HTTP/1.1\r\nHost: x\r\n"
-                     b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
-                     + _chunked(payload))
+    return _exchange(
+        api,
+        b"POST /gpu/allocate HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n" + _chunked(payload),
+    )
 
 
 def test_a_chunked_body_over_max_body_bytes_is_413(api):
@@ -217,8 +241,10 @@ def test_a_chunked_body_over_max_body_bytes_is_413(api):
 
 def test_a_content_length_over_max_body_bytes_is_413_before_the_body_is_sent(api):
     with _connect(api) as sock:
-        sock.sendall(b"POST /gpu/allocate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-                     b"\r\nContent-Length: %d\r\n\r\n" % (MAX_BODY + 1))
+        sock.sendall(
+            b"POST /gpu/allocate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            b"\r\nContent-Length: %d\r\n\r\n" % (MAX_BODY + 1)
+        )
         answer = _read_all(sock)
     assert _status(answer) == 413
 
@@ -230,6 +256,7 @@ def test_a_chunked_body_under_the_limit_reaches_the_app(api):
 
 
 # --------------------------------------------------------------------------- HTTP/1.1
+
 
 def test_pipelined_requests_are_answered_in_order(api):
     with _connect(api) as sock:
@@ -286,9 +313,20 @@ def test_a_client_not_reading_its_answers_is_read_no_further_until_they_drain():
     cannot grow the server's buffers."""
     loop = asyncio.new_event_loop()
     worker = SimpleNamespace(
-        limits=Limits(), loop=loop, pool=ThreadPoolExecutor(1), clock=_Clock(), alive=True,
-        cfg=SimpleNamespace(workers=1), log=None, forget=lambda conn: None,
-        call_app=lambda env: ("200 OK", [("Content-Type", "text/plain")], env["PATH_INFO"].encode()))
+        limits=Limits(),
+        loop=loop,
+        pool=ThreadPoolExecutor(1),
+        clock=_Clock(),
+        alive=True,
+        cfg=SimpleNamespace(workers=1),
+        log=None,
+        forget=lambda conn: None,
+        call_app=lambda env: (
+            "200 OK",
+            [("Content-Type", "text/plain")],
+            env["PATH_INFO"].encode(),
+        ),
+    )
     conn = _Connection(worker, ("127.0.0.1", 1), ("127.0.0.1", "80"))
     transport = _Transport()
     try:
@@ -319,9 +357,11 @@ def test_a_client_not_reading_its_answers_is_read_no_further_until_they_drain():
 def test_expect_100_continue_gets_a_100_then_the_answer(api):
     body = b'{"workload_type": "inference"}'
     with _connect(api) as sock:
-        sock.sendall(b"POST /gpu/allocate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-                     b"\r\nExpect: 100-continue\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
-                     % len(body))
+        sock.sendall(
+            b"POST /gpu/allocate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            b"\r\nExpect: 100-continue\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
+            % len(body)
+        )
         assert sock.recv(65536).startswith(b"HTTP/1.1 100 ")
         sock.sendall(body)
         answer = _read_all(sock)
@@ -347,6 +387,7 @@ def test_header_names_with_underscores_are_dropped(api):
 
 
 # --------------------------------------------------------------------------- gunicorn contract
+
 
 def test_gunicorn_still_offers_what_the_worker_relies_on():
     """Canary: BufferingWorker uses gunicorn's worker contract only (base.Worker's run(),

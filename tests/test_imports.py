@@ -5,6 +5,7 @@ dashboard, embedded_redis.resolve).
 The graph counts every import statement, also those inside functions (an import deferred into
 a function still runs, and hiding a cycle that way is what this test is here to stop).
 """
+
 from __future__ import annotations
 
 import ast
@@ -37,7 +38,7 @@ def _graph() -> dict[str, set[str]]:
                 base = node.module or ""
                 if node.level:  # relative import
                     here = name.split(".") if is_package else name.split(".")[:-1]
-                    here = here[:len(here) - node.level + 1]
+                    here = here[: len(here) - node.level + 1]
                     base = ".".join(here + ([base] if base else []))
                 for alias in node.names:  # ``from app import queues`` imports app.queues
                     sub = f"{base}.{alias.name}"
@@ -88,13 +89,15 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_no_import_cycles():
     cycles = _cycles(_graph())
     assert not cycles, "import cycles (each line one cycle): " + "; ".join(
-        " <-> ".join(c) for c in cycles)
+        " <-> ".join(c) for c in cycles
+    )
 
 
 def test_no_worker_role_imports_the_cli():
     graph = _graph()
-    offenders = sorted(name for name, deps in graph.items()
-                       if name.startswith("workers") and "app.cli" in deps)
+    offenders = sorted(
+        name for name, deps in graph.items() if name.startswith("workers") and "app.cli" in deps
+    )
     assert not offenders, f"these modules under workers/ import app.cli: {offenders}"
 
 

@@ -1,4 +1,5 @@
 """Every Redis key shape, pinned; the Lua scripts build keys only from what keys.py gives them."""
+
 from __future__ import annotations
 
 import re
@@ -52,21 +53,45 @@ def test_key_shape(got, want):
 
 
 def test_every_key_method_is_pinned():
-    methods = {name for name in dir(Keys) if not name.startswith("_") and name != "rq_queue"
-               and callable(getattr(Keys, name))}
+    methods = {
+        name
+        for name in dir(Keys)
+        if not name.startswith("_") and name != "rq_queue" and callable(getattr(Keys, name))
+    }
     pinned = {w.split("}:", 1)[1].split(":")[0] for _, w in SHAPES}
     # each method's first segment appears in a pinned shape
-    first = {"nodes": "nodes", "node": "node", "gpu": "gpu", "nodes_free": "nodes",
-             "node_free_gpus": "freegpus",
-             "node_sizes": "nodes", "gpus": "gpus", "shared_capacity": "gpus", "request": "req", "dependents": "deps",
-             "queue": "queue", "queue_demand": "queue", "queue_deadlines": "queue",
-             "queue_shapes": "queue",
-             "queue_unreserved": "queue", "reservations": "reservations", "leases": "leases",
-             "service": "svc", "idempotency": "idem", "events": "events",
-             "webhook_outbox": "outbox", "webhook_processing": "outbox",
-             "webhook_claim": "outbox", "lock": "lock", "stats": "stats", "meta": "meta",
-             "stats_services": "stats", "queue_owners": "queue", "changes": "changes",
-             "session_secret": "session"}
+    first = {
+        "nodes": "nodes",
+        "node": "node",
+        "gpu": "gpu",
+        "nodes_free": "nodes",
+        "node_free_gpus": "freegpus",
+        "node_sizes": "nodes",
+        "gpus": "gpus",
+        "shared_capacity": "gpus",
+        "request": "req",
+        "dependents": "deps",
+        "queue": "queue",
+        "queue_demand": "queue",
+        "queue_deadlines": "queue",
+        "queue_shapes": "queue",
+        "queue_unreserved": "queue",
+        "reservations": "reservations",
+        "leases": "leases",
+        "service": "svc",
+        "idempotency": "idem",
+        "events": "events",
+        "webhook_outbox": "outbox",
+        "webhook_processing": "outbox",
+        "webhook_claim": "outbox",
+        "lock": "lock",
+        "stats": "stats",
+        "meta": "meta",
+        "stats_services": "stats",
+        "queue_owners": "queue",
+        "changes": "changes",
+        "session_secret": "session",
+    }
     assert methods == set(first), "a new key needs a pinned shape in SHAPES"
     assert set(first.values()) <= pinned
 
@@ -97,8 +122,9 @@ def test_bad_prefix_is_refused():
 def test_lua_scripts_contain_no_key_text():
     """Scripts get every key (and the templates) from keys.py, rendered in by the engine."""
     for path in list(LUA_DIR.glob("*.lua")) + list(LUA_DIR.glob("includes/*.lua")):
-        code = "\n".join(line for line in path.read_text().splitlines()
-                         if not line.strip().startswith("--"))
+        code = "\n".join(
+            line for line in path.read_text().splitlines() if not line.strip().startswith("--")
+        )
         code = re.sub(r"--\[\[.*?\]\]", "", code, flags=re.S)
         assert "gpuo" not in code, path
         pattern = r"['\"](req|deps|gpu|node|svc|idem|queue|leases|meta|freegpus):"
@@ -114,16 +140,37 @@ def test_lua_builds_the_same_keys_as_keys_py(redis, settings):
     redis.execute_command("FUNCTION", "LOAD", "REPLACE", source)
     try:
         got = redis.execute_command(
-            "FCALL", "keysprobe_probe", len(engine._fixed_keys), *engine._fixed_keys, "1000",
-            version, *engine._settings_args(), "n1", "7", "svc-1", "web", "idem-key")
+            "FCALL",
+            "keysprobe_probe",
+            len(engine._fixed_keys),
+            *engine._fixed_keys,
+            "1000",
+            version,
+            *engine._settings_args(),
+            "n1",
+            "7",
+            "svc-1",
+            "web",
+            "idem-key",
+        )
     finally:
         redis.execute_command("FUNCTION", "DELETE", "keysprobe")
-    assert got == [keys.node("n1"), keys.gpu("n1", 7), keys.request("svc-1"),
-                   keys.dependents("svc-1"),
-                   keys.service("web"), keys.idempotency("idem-key"),
-                   keys.node_free_gpus("n1"), keys.nodes(),
-                   keys.queue(), keys.leases(), keys.meta(), keys.webhook_outbox(),
-                   keys.changes(), settings.scheduler.policy]
+    assert got == [
+        keys.node("n1"),
+        keys.gpu("n1", 7),
+        keys.request("svc-1"),
+        keys.dependents("svc-1"),
+        keys.service("web"),
+        keys.idempotency("idem-key"),
+        keys.node_free_gpus("n1"),
+        keys.nodes(),
+        keys.queue(),
+        keys.leases(),
+        keys.meta(),
+        keys.webhook_outbox(),
+        keys.changes(),
+        settings.scheduler.policy,
+    ]
 
 
 _PROBE = """

@@ -1,4 +1,5 @@
 """Log lines: readable text or JSON, always with the request id."""
+
 from __future__ import annotations
 
 import io
@@ -46,8 +47,12 @@ def test_a_client_value_cannot_forge_a_text_log_line(make_app):
     finally:
         logs.setup("text", "INFO")
     lines = stream.getvalue().splitlines()
-    assert not any(line.startswith("2026-01-01") or "FORGED" in line and not line.startswith(
-        tuple("0123456789")) for line in lines)
+    assert not any(
+        line.startswith("2026-01-01")
+        or "FORGED" in line
+        and not line.startswith(tuple("0123456789"))
+        for line in lines
+    )
     access = [line for line in lines if "/gpu/status" in line]
     assert access and "\\n2026-01-01" in access[0] and "\\r\\x1b\\u2028" in access[0]
 

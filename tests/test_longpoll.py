@@ -1,4 +1,5 @@
 """Long-polls on GET /gpu/requests/<id>?wait= and /gpu/allocations/<id>?wait= (real Redis)."""
+
 from __future__ import annotations
 
 import signal
@@ -153,6 +154,7 @@ def test_a_held_call_gives_its_thread_back_when_the_worker_runs_short(make_app):
     def snapshot(*a, **kw):
         slow.wait(5)
         return inner(*a, **kw)
+
     app.extensions["gpu_engine"].snapshot = snapshot
     other = Call(app, "/gpu/status")
     resp = call.result(timeout=5)
@@ -168,7 +170,7 @@ def test_holds_never_take_the_last_thread():
     assert holds.hold(a)
     holds.enter()
     assert holds.hold(b)  # two running, one idle thread left
-    holds.enter()          # the last idle thread is taken: the oldest held call lets go
+    holds.enter()  # the last idle thread is taken: the oldest held call lets go
     assert a.evicted and a.event.is_set() and not b.evicted
     holds.enter()
     assert not holds.hold(c)  # nothing idle: answer at once
@@ -189,7 +191,6 @@ def test_listener_stops_when_idle_and_restarts(redis_url, settings, request):
     while listener._run is not None:  # noqa: SLF001 - the thread's own slot
         assert time.monotonic() < deadline, "listener never stopped"
         time.sleep(0.05)
-    names = [t.name for t in threading.enumerate()]
     w = listener.watch("x-3")
     assert w is not None
     client.publish("chan-test", "x-3|cancelled")
@@ -198,7 +199,8 @@ def test_listener_stops_when_idle_and_restarts(redis_url, settings, request):
 
 
 def test_under_gunicorn_a_held_call_outlives_the_worker_timeout_and_ends_with_a_stop(
-        tmp_path, settings):
+    tmp_path, settings
+):
     """The real server: a 5 s wait with a 2 s gunicorn timeout answers after 5 s (a held call
     is not a stuck worker), and SIGTERM answers a held 60 s call at once instead of holding the
     graceful stop (30 s here) for it."""
@@ -210,36 +212,53 @@ def test_under_gunicorn_a_held_call_outlives_the_worker_timeout_and_ends_with_a_
     from tests.proc_support import Role, wait_until, write_settings
 
     port = free_port()
-    config = write_settings(tmp_path, settings, dashboard={"enabled": False},
-                            server={"port": port, "host": "127.0.0.1", "workers": 1,
-                                    "threads": 4, "write_timeout": "2s",
-                                    "read_timeout": "30s"})
+    config = write_settings(
+        tmp_path,
+        settings,
+        dashboard={"enabled": False},
+        server={
+            "port": port,
+            "host": "127.0.0.1",
+            "workers": 1,
+            "threads": 4,
+            "write_timeout": "2s",
+            "read_timeout": "30s",
+        },
+    )
     role = Role(config, "api", log_dir=tmp_path)
     base = f"http://127.0.0.1:{port}"
     try:
+
         def up():
             try:
                 return requests.get(base + "/healthz", timeout=1).status_code == 200
             except requests.RequestException:
                 return False
+
         wait_until(up, timeout=60, message="the API")
         redis_client = connect(settings.redis.url, settings)
         try:
             Engine(redis_client, settings).report_node(
-                "node-a", [{"index": 0, "memory_total_mb": 1000}])
+                "node-a", [{"index": 0, "memory_total_mb": 1000}]
+            )
         finally:
             redis_client.close()
         requests.post(base + "/gpu/allocate", json={"service_name": "holder"}, timeout=10)
-        rid = requests.post(base + "/gpu/allocate", json={"service_name": "waiter"},
-                            timeout=10).json()["request_id"]
+        rid = requests.post(
+            base + "/gpu/allocate", json={"service_name": "waiter"}, timeout=10
+        ).json()["request_id"]
         t0 = time.monotonic()
         resp = requests.get(f"{base}/gpu/requests/{rid}?wait=5", timeout=30)
         assert resp.status_code == 200 and resp.json()["status"] == "queued"
         assert time.monotonic() - t0 >= 4.9
 
         answers = []
-        held = threading.Thread(target=lambda: answers.append(
-            requests.get(f"{base}/gpu/requests/{rid}?wait=60", timeout=90)), daemon=True)
+        held = threading.Thread(
+            target=lambda: answers.append(
+                requests.get(f"{base}/gpu/requests/{rid}?wait=60", timeout=90)
+            ),
+            daemon=True,
+        )
         held.start()
         time.sleep(1.0)
         t0 = time.monotonic()
@@ -276,6 +295,7 @@ class ScriptedPubSub:
 
     def __init__(self):
         import queue
+
         self.messages = queue.Queue()
 
     def subscribe(self, channel):
@@ -283,6 +303,7 @@ class ScriptedPubSub:
 
     def get_message(self, timeout):
         import queue
+
         try:
             msg = self.messages.get(timeout=timeout)
         except queue.Empty:
@@ -335,5 +356,6 @@ def test_without_a_subscription_the_call_answers_a_fresh_read_at_once():
     reads = iter([{"status": "queued"}, {"status": "allocated"}])
     t0 = time.monotonic()
     assert poll.read("x-1", lambda: next(reads), frozenset({"queued"}), 30) == {
-        "status": "allocated"}
+        "status": "allocated"
+    }
     assert time.monotonic() - t0 < 2

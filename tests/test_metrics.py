@@ -1,4 +1,5 @@
 """``/metrics``: the exact metric names, fleet gauges from Redis, HTTP metrics by route template."""
+
 from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -40,8 +41,9 @@ def scrape(client) -> dict[str, list]:
 
 
 def value(samples, name, **labels) -> float:
-    return sum(v for lab, v in samples.get(name, []) if all(lab.get(k) == x
-                                                           for k, x in labels.items()))
+    return sum(
+        v for lab, v in samples.get(name, []) if all(lab.get(k) == x for k, x in labels.items())
+    )
 
 
 def test_every_metric_name_from_the_original_is_exported(client):
@@ -88,9 +90,12 @@ def test_per_gpu_gauges_carry_node_gpu_uuid_and_name(make_app):
     assert labels == {("node-a", "0"), ("node-a", "1"), ("node-b", "0")}
     for lab, v in totals:
         assert lab["uuid"].startswith("GPU-") and lab["name"] and v == 81559
-    for name in ("gpu_orchestrator_gpu_utilization_percent",
-                 "gpu_orchestrator_gpu_temperature_celsius",
-                 "gpu_orchestrator_gpu_power_draw_watts", "gpu_orchestrator_gpu_memory_used_mb"):
+    for name in (
+        "gpu_orchestrator_gpu_utilization_percent",
+        "gpu_orchestrator_gpu_temperature_celsius",
+        "gpu_orchestrator_gpu_power_draw_watts",
+        "gpu_orchestrator_gpu_memory_used_mb",
+    ):
         assert len(m[name]) == 3, name
 
 
@@ -103,11 +108,25 @@ def test_http_metrics_use_the_route_template_never_the_raw_path(client):
     routes = {lab["route"] for lab, _ in reqs}
     assert "/gpu/requests/<request_id>" in routes
     assert not any("svc-123" in r or "definitely" in r for r in routes)
-    assert value(m, "gpu_orchestrator_http_requests_total", method="GET",
-                 route="/gpu/requests/<request_id>", status="404") == 2
+    assert (
+        value(
+            m,
+            "gpu_orchestrator_http_requests_total",
+            method="GET",
+            route="/gpu/requests/<request_id>",
+            status="404",
+        )
+        == 2
+    )
     assert value(m, "gpu_orchestrator_http_requests_total", route="<unmatched>") == 1
-    assert value(m, "gpu_orchestrator_http_request_duration_seconds_count",
-                 route="/gpu/requests/<request_id>") == 2
+    assert (
+        value(
+            m,
+            "gpu_orchestrator_http_request_duration_seconds_count",
+            route="/gpu/requests/<request_id>",
+        )
+        == 2
+    )
 
 
 def test_webhook_results_come_from_the_stats_hash(app, client):
@@ -127,8 +146,10 @@ def test_analyser_decisions_are_exported(client):
 
 def test_scrape_survives_a_redis_outage(settings):
     dead = f"redis://127.0.0.1:{free_port()}/0"
-    app = create_app(settings.replace(redis={"url": dead, "socket_timeout": 0.2},
-                                      dashboard={"enabled": False}), redis_url=dead)
+    app = create_app(
+        settings.replace(redis={"url": dead, "socket_timeout": 0.2}, dashboard={"enabled": False}),
+        redis_url=dead,
+    )
     client = app.test_client()
     client.get("/healthz")
     m = scrape(client)

@@ -1,4 +1,5 @@
 """The monitor end to end against a real Redis and the real engine: simulated and fake NVML."""
+
 from __future__ import annotations
 
 import logging
@@ -15,13 +16,28 @@ from workers.nvml import NvmlBackend
 FLEET = {
     "dynamic": False,
     "nodes": [
-        {"name": "node-a", "count": 2, "gpu": {"name": "NVIDIA H100 80GB HBM3",
-                                               "memory_total_mb": 81559}},
-        {"name": "node-b", "gpus": [
-            {"name": "NVIDIA A10", "memory_total_mb": 23028, "memory_used_mb": 20980,
-             "utilization": 10},
-            {"name": "NVIDIA A10", "memory_total_mb": 23028, "memory_used_mb": 0,
-             "utilization": 95}]},
+        {
+            "name": "node-a",
+            "count": 2,
+            "gpu": {"name": "NVIDIA H100 80GB HBM3", "memory_total_mb": 81559},
+        },
+        {
+            "name": "node-b",
+            "gpus": [
+                {
+                    "name": "NVIDIA A10",
+                    "memory_total_mb": 23028,
+                    "memory_used_mb": 20980,
+                    "utilization": 10,
+                },
+                {
+                    "name": "NVIDIA A10",
+                    "memory_total_mb": 23028,
+                    "memory_used_mb": 0,
+                    "utilization": 95,
+                },
+            ],
+        },
     ],
 }
 
@@ -37,8 +53,12 @@ def test_simulated_fleet_is_reported_exactly_as_written(settings, redis):
     gpus = _gpus(engine)
     assert sorted(gpus) == [("node-a", 0), ("node-a", 1), ("node-b", 0), ("node-b", 1)]
     b0, b1 = gpus[("node-b", 0)], gpus[("node-b", 1)]
-    assert (b0["name"], b0["memory_total_mb"], b0["memory_used_mb"], b0["utilization"]) == \
-        ("NVIDIA A10", 23028, 20980, 10.0)
+    assert (b0["name"], b0["memory_total_mb"], b0["memory_used_mb"], b0["utilization"]) == (
+        "NVIDIA A10",
+        23028,
+        20980,
+        10.0,
+    )
     assert (b1["memory_used_mb"], b1["utilization"]) == (0, 95.0)
     a0 = gpus[("node-a", 0)]
     assert (a0["memory_total_mb"], a0["memory_used_mb"], a0["utilization"]) == (81559, 0, 0.0)
@@ -49,8 +69,9 @@ def test_simulated_fleet_is_reported_exactly_as_written(settings, redis):
     # Static: a second refresh reports the very same values.
     monitor.run(s, once=True)
     again = _gpus(engine)
-    assert [again[k]["utilization"] for k in sorted(again)] == \
-        [gpus[k]["utilization"] for k in sorted(gpus)]
+    assert [again[k]["utilization"] for k in sorted(again)] == [
+        gpus[k]["utilization"] for k in sorted(gpus)
+    ]
 
 
 def test_no_nodes_means_one_host_node_with_eight_h100(settings, redis):
@@ -67,8 +88,7 @@ def test_dynamic_telemetry_follows_allocations(settings, redis):
     s = settings.replace(monitoring={"backend": "simulated", "simulated": fleet})
     monitor.run(s, once=True)
     engine = Engine(redis, s)
-    alloc = engine.allocate({"service_name": "trainer", "required_gpus": 2,
-                             "min_memory_mb": 40000})
+    alloc = engine.allocate({"service_name": "trainer", "required_gpus": 2, "min_memory_mb": 40000})
     assert alloc["node"] == "node-a"
     monitor.run(s, once=True)
     gpus = _gpus(engine)
@@ -90,14 +110,18 @@ def test_fake_nvml_health_is_not_a_one_way_door(settings, redis):
     monitor.run(s, once=True, backend=backend)
     gpus = _gpus(engine)
     g1 = gpus[("gpu-1", 1)]
-    assert (g1["uuid"], g1["memory_used_mb"], g1["utilization"], g1["power_draw"]) == \
-        ("GPU-0000-1", 1024, 10.0, 100.5)
+    assert (g1["uuid"], g1["memory_used_mb"], g1["utilization"], g1["power_draw"]) == (
+        "GPU-0000-1",
+        1024,
+        10.0,
+        100.5,
+    )
     assert all(g["schedulable"] for g in gpus.values())
     nodes = {n["name"]: n for n in engine.snapshot()["nodes"]}
     assert nodes["gpu-1"]["backend"] == "nvml"
 
-    fake.gpus[0]["ecc_unc"] = 1       # uncorrectable ECC: failed
-    fake.gpus[1]["lost"] = True       # NVML: GPU is lost
+    fake.gpus[0]["ecc_unc"] = 1  # uncorrectable ECC: failed
+    fake.gpus[1]["lost"] = True  # NVML: GPU is lost
     monitor.run(s, once=True, backend=backend)
     gpus = _gpus(engine)
     assert [gpus[("gpu-1", i)]["schedulable"] for i in (0, 1)] == [False, False]
@@ -113,10 +137,17 @@ def test_fake_nvml_health_is_not_a_one_way_door(settings, redis):
     assert all(g["schedulable"] and g["health"] == "ok" for g in gpus.values())
     # Recovery is new capacity: the monitor's report granted the queued request.
     assert engine.get(queued["id"])["status"] == "allocated"
-    health_events = [(e["event"], e["gpu_index"]) for e in engine.events(count=1000)
-                     if e["event"].startswith("gpu_")]
-    assert sorted(health_events) == [("gpu_recovered", "0"), ("gpu_recovered", "1"),
-                                     ("gpu_unhealthy", "0"), ("gpu_unhealthy", "1")]
+    health_events = [
+        (e["event"], e["gpu_index"])
+        for e in engine.events(count=1000)
+        if e["event"].startswith("gpu_")
+    ]
+    assert sorted(health_events) == [
+        ("gpu_recovered", "0"),
+        ("gpu_recovered", "1"),
+        ("gpu_unhealthy", "0"),
+        ("gpu_unhealthy", "1"),
+    ]
 
 
 def test_a_vanished_gpu_becomes_unschedulable_and_comes_back(settings, redis):
@@ -134,16 +165,22 @@ def test_a_vanished_gpu_becomes_unschedulable_and_comes_back(settings, redis):
 
 def test_nvml_without_a_driver_exits_2_with_a_clear_message(settings, monkeypatch, capsys):
     monkeypatch.setenv("REDIS_URL", settings.redis.url)
-    monkeypatch.setattr(monitor, "NvmlBackend", lambda node: NvmlBackend(
-        node, nvml=fake_pynvml.make([], driver=False)))
+    monkeypatch.setattr(
+        monitor,
+        "NvmlBackend",
+        lambda node: NvmlBackend(node, nvml=fake_pynvml.make([], driver=False)),
+    )
     assert cli.main(["monitor", "--backend", "nvml", "--once"]) == 2
     err = capsys.readouterr().err
     assert "needs an NVIDIA driver" in err and "--backend simulated" in err
 
 
 def test_auto_falls_back_to_simulated_with_one_log_line(settings, monkeypatch, caplog):
-    monkeypatch.setattr(monitor, "NvmlBackend", lambda node: NvmlBackend(
-        node, nvml=fake_pynvml.make([], driver=False)))
+    monkeypatch.setattr(
+        monitor,
+        "NvmlBackend",
+        lambda node: NvmlBackend(node, nvml=fake_pynvml.make([], driver=False)),
+    )
     with caplog.at_level(logging.INFO, logger="gpu_orchestrator.monitor"):
         backend = monitor.choose_backend(settings.replace(monitoring={"backend": "auto"}))
     assert backend.name == "simulated"
@@ -152,8 +189,11 @@ def test_auto_falls_back_to_simulated_with_one_log_line(settings, monkeypatch, c
 
 
 def test_auto_prefers_nvml_when_a_driver_answers(settings, monkeypatch):
-    monkeypatch.setattr(monitor, "NvmlBackend", lambda node: NvmlBackend(
-        node, nvml=fake_pynvml.make([fake_pynvml.h100(0)])))
+    monkeypatch.setattr(
+        monitor,
+        "NvmlBackend",
+        lambda node: NvmlBackend(node, nvml=fake_pynvml.make([fake_pynvml.h100(0)])),
+    )
     assert monitor.choose_backend(settings.replace(monitoring={"backend": "auto"})).name == "nvml"
 
 
@@ -162,6 +202,7 @@ def test_real_nvml_without_a_driver_exits_2_before_touching_redis(tmp_path):
     import sys
 
     import pynvml
+
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError:
@@ -171,11 +212,28 @@ def test_real_nvml_without_a_driver_exits_2_before_touching_redis(tmp_path):
         pytest.skip("an NVIDIA driver answers here")
     cfg = tmp_path / "config.yaml"
     cfg.write_text(f"redis: {{data_dir: {tmp_path / 'redis'}}}\n")
-    env = {k: v for k, v in __import__("os").environ.items()
-           if k not in ("REDIS_URL", "CONFIG_PATH") and not k.startswith("GPU_ORCH__")}
-    out = subprocess.run([sys.executable, "-m", "app.cli", "--config", str(cfg), "monitor",
-                          "--backend", "nvml", "--once"], capture_output=True, text=True,
-                         env=env, timeout=60)
+    env = {
+        k: v
+        for k, v in __import__("os").environ.items()
+        if k not in ("REDIS_URL", "CONFIG_PATH") and not k.startswith("GPU_ORCH__")
+    }
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "--config",
+            str(cfg),
+            "monitor",
+            "--backend",
+            "nvml",
+            "--once",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert out.returncode == 2
     assert "needs an NVIDIA driver" in out.stderr
-    assert not (tmp_path / "redis").exists()     # no embedded Redis was started for nothing
+    assert not (tmp_path / "redis").exists()  # no embedded Redis was started for nothing

@@ -1,10 +1,11 @@
 """The NVML backend against a fake pynvml that raises the real NVML error classes."""
+
 from __future__ import annotations
 
+import fake_pynvml
 import pynvml
 import pytest
 
-import fake_pynvml
 from workers.nvml import NvmlBackend, NvmlUnavailable
 
 
@@ -24,8 +25,9 @@ def test_reads_every_field_with_known_values():
 
 
 def test_unsupported_optional_readings_are_left_out():
-    fake = fake_pynvml.make([fake_pynvml.h100(0, ecc_unc=None, ecc_cor=None, reasons=None,
-                                              mig=None)])
+    fake = fake_pynvml.make(
+        [fake_pynvml.h100(0, ecc_unc=None, ecc_cor=None, reasons=None, mig=None)]
+    )
     g = NvmlBackend("n1", nvml=fake).read()["n1"][0]
     assert not {"ecc_uncorrectable", "ecc_corrected", "throttle_reasons", "mig_mode"} & set(g)
     assert g["health"] == "ok"
@@ -41,9 +43,9 @@ def test_health_follows_the_gpu_both_ways():
     assert [g["health"] for g in first] == ["failed", "failed"]
     # A lost GPU keeps its last known identity, so the engine can find it.
     assert first[1]["uuid"] == "GPU-0000-1" and "GPU is lost" in first[1]["error"]
-    fake.gpus[0]["ecc_unc"] = 0          # e.g. after a reset the volatile counter clears
+    fake.gpus[0]["ecc_unc"] = 0  # e.g. after a reset the volatile counter clears
     fake.gpus[1]["lost"] = False
-    fake.gpus[1]["reasons"] = 0x40       # hardware thermal slowdown
+    fake.gpus[1]["reasons"] = 0x40  # hardware thermal slowdown
     second = backend.read()["n1"]
     assert [g["health"] for g in second] == ["ok", "degraded"]
     assert second[1]["throttle_reasons"] == ["hw_thermal_slowdown"]
@@ -59,7 +61,9 @@ def test_a_vanished_gpu_is_left_out_and_returns():
     assert [g["uuid"] for g in backend.read()["n1"]] == ["GPU-0000-0"]
     fake.gpus.append(gone)
     assert [(g["uuid"], g["health"]) for g in backend.read()["n1"]] == [
-        ("GPU-0000-0", "ok"), ("GPU-0000-1", "ok")]
+        ("GPU-0000-0", "ok"),
+        ("GPU-0000-1", "ok"),
+    ]
 
 
 def test_critical_xid_is_reported_and_degrades_for_a_while():

@@ -1,6 +1,7 @@
 """Node and GPU lifecycle in the engine: cordon and drain marks, forgetting a node (by an admin
 or after scheduler.node_forget_after), silent nodes out of the GPU counts, holders told when
 their GPUs fail, and admin priority changes. Real redis-server, injected clock."""
+
 from __future__ import annotations
 
 import json
@@ -22,6 +23,7 @@ def make_engine(redis, settings, clock):
     def make(**scheduler) -> Engine:
         st = settings.replace(scheduler=scheduler) if scheduler else settings
         return Engine(redis, st, clock=clock)
+
     return make
 
 
@@ -40,12 +42,19 @@ def events(engine, name):
 
 # --------------------------------------------------------------------------- counts
 
+
 def test_a_silent_nodes_gpus_leave_total_and_available_until_it_returns(engine, clock):
     engine.report_node("a", gpu_list(2))
     engine.report_node("b", gpu_list(4))
     assert engine.counts(nodes=True) == {
-        "allocations_active": 0, "gpus_allocated": 0, "queue_depth": 0, "gpus_total": 6,
-        "gpus_available": 6, "nodes_total": 2, "nodes_alive": 2}
+        "allocations_active": 0,
+        "gpus_allocated": 0,
+        "queue_depth": 0,
+        "gpus_total": 6,
+        "gpus_available": 6,
+        "nodes_total": 2,
+        "nodes_alive": 2,
+    }
     clock.advance(engine.settings.scheduler.node_heartbeat_timeout + 1)
     engine.report_node("a", gpu_list(2))
     counts = engine.counts(nodes=True)
@@ -56,6 +65,7 @@ def test_a_silent_nodes_gpus_leave_total_and_available_until_it_returns(engine, 
 
 
 # --------------------------------------------------------------------------- cordon and drain
+
 
 def test_node_cordon_covers_every_gpu_and_those_reported_later(engine):
     engine.report_node("a", gpu_list(2))
@@ -106,6 +116,7 @@ def test_drain_keeps_allocations_and_node_allocations_lists_them(engine):
 
 # --------------------------------------------------------------------------- forget
 
+
 def test_forget_refuses_an_alive_node_and_unknown_nodes(engine):
     engine.report_node("a", gpu_list(1))
     with pytest.raises(errors.Conflict) as exc:
@@ -129,8 +140,13 @@ def test_forgetting_a_silent_node_ends_its_allocations_as_lost(engine, clock, re
     snap = engine.snapshot()
     assert [n["name"] for n in snap["nodes"]] == ["b"]
     assert {g["node"] for g in snap["gpus"]} == {"b"}
-    assert engine.counts() == {"allocations_active": 1, "gpus_allocated": 1, "queue_depth": 0,
-                               "gpus_total": 1, "gpus_available": 0}
+    assert engine.counts() == {
+        "allocations_active": 1,
+        "gpus_allocated": 1,
+        "queue_depth": 0,
+        "gpus_total": 1,
+        "gpus_available": 0,
+    }
     lost = [o for o in outbox(engine, redis) if o["event"] == "lost"]
     assert [o["request_id"] for o in lost] == [a["id"]]  # always sent: no opt-in needed
     ev = events(engine, "node_forgotten")[0]
@@ -181,6 +197,7 @@ def test_node_forget_after_zero_never_forgets(make_engine, clock):
 
 # --------------------------------------------------------------------------- GPU health
 
+
 def test_holder_is_told_once_when_its_gpus_fail_and_gpu_health_shows_it(engine, redis):
     engine.report_node("a", gpu_list(4))
     a = engine.allocate(req(required_gpus=2, webhook_url="http://127.0.0.1:9/a"))
@@ -196,7 +213,8 @@ def test_holder_is_told_once_when_its_gpus_fail_and_gpu_health_shows_it(engine, 
     assert len(hooks) == 1 and hooks[0]["request_id"] == a["id"]
     assert sorted(hooks[0]["gpus"], key=lambda g: g["index"]) == sorted(
         [{"index": held[0], "health": "degraded"}, {"index": held[1], "health": "failed"}],
-        key=lambda g: g["index"])
+        key=lambda g: g["index"],
+    )
     engine.report_node("a", gpu_list(4, health=health))  # still failed: no second notice
     assert len([o for o in outbox(engine, redis) if o["event"] == "gpu_unhealthy"]) == 1
     got = {g["index"]: g["health"] for g in engine.gpu_health(engine.get(a["id"]))}
@@ -220,13 +238,15 @@ def test_a_gpu_missing_from_the_report_is_lost_for_its_holder(engine, redis, clo
 def test_shared_holders_are_told_too(engine, redis):
     engine.report_node("a", gpu_list(1))
     s1 = engine.allocate(req(sharing="shared", min_memory_mb=1000))
-    s2 = engine.allocate(req("two", sharing="shared", min_memory_mb=1000,
-                             webhook_url="http://127.0.0.1:9/s"))
+    s2 = engine.allocate(
+        req("two", sharing="shared", min_memory_mb=1000, webhook_url="http://127.0.0.1:9/s")
+    )
     engine.report_node("a", gpu_list(1, health="failed"))
     told = {e["request_id"] for e in events(engine, "allocation_unhealthy")}
     assert told == {s1["id"], s2["id"]}
-    assert [o["request_id"] for o in outbox(engine, redis) if o["event"] == "gpu_unhealthy"] == \
-        [s2["id"]]  # only s2 has a webhook_url
+    assert [o["request_id"] for o in outbox(engine, redis) if o["event"] == "gpu_unhealthy"] == [
+        s2["id"]
+    ]  # only s2 has a webhook_url
 
 
 def test_holders_are_told_once_when_their_node_goes_silent(engine, clock, redis):
@@ -248,6 +268,7 @@ def test_holders_are_told_once_when_their_node_goes_silent(engine, clock, redis)
 
 
 # --------------------------------------------------------------------------- priority
+
 
 def test_priority_change_moves_a_queued_request_and_can_grant_it(engine):
     engine.report_node("a", gpu_list(1))
@@ -284,9 +305,11 @@ def test_priority_change_keeps_fifo_among_equals_with_aging(make_engine, clock):
 
 # --------------------------------------------------------------------------- delivery
 
+
 def test_gpu_unhealthy_and_lost_webhooks_are_delivered_signed(settings, redis):
     """From the engine's outbox through the delivery job to a real receiver on 127.0.0.1."""
     from webhook_receiver import Receiver
+
     from workers import context, webhooks
 
     st = settings.replace(webhooks={"secret": "s3cret"})
@@ -309,8 +332,12 @@ def test_gpu_unhealthy_and_lost_webhooks_are_delivered_signed(settings, redis):
         bodies = []
         for got in rx.requests:
             h = {k.lower(): v for k, v in got["headers"].items()}
-            assert webhooks.verify_signature("s3cret", h["x-gpu-orchestrator-timestamp"],
-                                             got["body"], h["x-gpu-orchestrator-signature"])
+            assert webhooks.verify_signature(
+                "s3cret",
+                h["x-gpu-orchestrator-timestamp"],
+                got["body"],
+                h["x-gpu-orchestrator-signature"],
+            )
             bodies.append(json.loads(got["body"]))
     unhealthy, lost = bodies
     assert unhealthy["status"] == "gpu_unhealthy" and unhealthy["request_id"] == a["id"]

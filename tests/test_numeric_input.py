@@ -6,29 +6,54 @@ fields, on ``/gpu/allocate`` and ``/gpu/workload``: the answer is a 2xx or a 4xx
 field, never a 500. Then the lease and stored-record cases: no lease is endless by accident, and
 no stored record (whatever an older version or a person wrote into it) makes a read answer 500.
 """
+
 from __future__ import annotations
 
 import json
 import math
 
 import pytest
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from app.engine import MAX_LEASE_SECONDS, Engine
 from app.settings import WORKLOAD_TYPES
 from tests.api_support import allocate, assert_error, clock, make_app  # noqa: F401 (fixtures)
 
 #: Every numeric hint app.workload reads from workload_data.
-NUMERIC_HINTS = ("batch_size", "concurrent_requests", "image_count", "node_count",
-                 "required_gpus", "min_memory_mb", "max_memory_mb", "priority",
-                 "max_utilization", "estimated_duration_seconds", "parameters_billions",
-                 "workflow_priority")
+NUMERIC_HINTS = (
+    "batch_size",
+    "concurrent_requests",
+    "image_count",
+    "node_count",
+    "required_gpus",
+    "min_memory_mb",
+    "max_memory_mb",
+    "priority",
+    "max_utilization",
+    "estimated_duration_seconds",
+    "parameters_billions",
+    "workflow_priority",
+)
 #: Numeric top-level fields of /gpu/allocate (preferred_gpus holds numbers).
 TOP_LEVEL = ("priority", "ttl_seconds", "preferred_gpus")
 
 #: Spellings sent verbatim in the JSON text: not JSON numbers, or past a float's range.
-RAW_SPELLINGS = ("NaN", "Infinity", "-Infinity", "1e400", "-1e400", "1e308", "9" * 400,
-                 "-" + "9" * 400, "1E999", "0e0", "-0.0", "123456789012345678901234567890")
+RAW_SPELLINGS = (
+    "NaN",
+    "Infinity",
+    "-Infinity",
+    "1e400",
+    "-1e400",
+    "1e308",
+    "9" * 400,
+    "-" + "9" * 400,
+    "1E999",
+    "0e0",
+    "-0.0",
+    "123456789012345678901234567890",
+)
 _RAW = "__raw_token__"
 
 
@@ -38,8 +63,8 @@ class Raw(str):
 
 values = st.one_of(
     st.integers(),
-    st.integers(min_value=-(10 ** 400), max_value=10 ** 400),
-    st.sampled_from([10 ** k for k in (15, 16, 18, 19, 20, 30, 100, 308, 309, 310, 400)]),
+    st.integers(min_value=-(10**400), max_value=10**400),
+    st.sampled_from([10**k for k in (15, 16, 18, 19, 20, 30, 100, 308, 309, 310, 400)]),
     st.floats(allow_nan=True, allow_infinity=True),
     st.sampled_from([Raw(s) for s in RAW_SPELLINGS]),
     st.sampled_from(["NaN", "Infinity", "-Infinity", "inf", "nan", "1e400", "7", "", " "]),
@@ -85,19 +110,25 @@ def _check(resp, field: str) -> None:
 @pytest.fixture
 def client(make_app):
     # A small queue: granted and queued requests pile up over hundreds of examples.
-    return make_app(nodes=(("node-a", 8),),
-                    scheduler={"max_queue_size": 20, "max_ttl": 0}).test_client()
+    return make_app(
+        nodes=(("node-a", 8),), scheduler={"max_queue_size": 20, "max_ttl": 0}
+    ).test_client()
 
 
 @pytest.mark.parametrize("path", ["/gpu/workload", "/gpu/allocate"])
 def test_every_numeric_hint_of_every_workload_type_is_checked(client, path):
-    @given(wtype=st.sampled_from(WORKLOAD_TYPES), hint=st.sampled_from(NUMERIC_HINTS),
-           value=values)
-    @hsettings(max_examples=300, deadline=None, database=None, derandomize=True,
-               suppress_health_check=list(HealthCheck))
+    @given(wtype=st.sampled_from(WORKLOAD_TYPES), hint=st.sampled_from(NUMERIC_HINTS), value=values)
+    @hsettings(
+        max_examples=300,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
     def check(wtype, hint, value):
-        body = _with({"service_name": "fuzz", "workload_type": wtype}, ("workload_data", hint),
-                     value)
+        body = _with(
+            {"service_name": "fuzz", "workload_type": wtype}, ("workload_data", hint), value
+        )
         resp = client.post(path, data=_body_text(body, value), content_type="application/json")
         _check(resp, hint)
 
@@ -106,26 +137,42 @@ def test_every_numeric_hint_of_every_workload_type_is_checked(client, path):
 
 def test_every_numeric_top_level_field_of_allocate_is_checked(client):
     @given(field=st.sampled_from(TOP_LEVEL), value=values)
-    @hsettings(max_examples=200, deadline=None, database=None, derandomize=True,
-               suppress_health_check=list(HealthCheck))
+    @hsettings(
+        max_examples=200,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
     def check(field, value):
         body = _with({"service_name": "fuzz"}, (field,), value)
-        resp = client.post("/gpu/allocate", data=_body_text(body, value),
-                           content_type="application/json")
+        resp = client.post(
+            "/gpu/allocate", data=_body_text(body, value), content_type="application/json"
+        )
         _check(resp, field)
 
     check()
 
 
-@pytest.mark.parametrize("hint", ["batch_size", "required_gpus", "parameters_billions",
-                                  "estimated_duration_seconds", "concurrent_requests"])
+@pytest.mark.parametrize(
+    "hint",
+    [
+        "batch_size",
+        "required_gpus",
+        "parameters_billions",
+        "estimated_duration_seconds",
+        "concurrent_requests",
+    ],
+)
 @pytest.mark.parametrize("path", ["/gpu/workload", "/gpu/allocate"])
 def test_the_reported_huge_integers_are_422_naming_the_field(client, path, hint):
     """The issue's reproduction: 400 nines (and a float-range-breaking 10**309) was a 500."""
-    for spelling in ("9" * 400, str(10 ** 309), str(10 ** 30)):
-        resp = client.post(path, content_type="application/json",
-                           data='{"service_name": "svc", "workload_data": {"%s": %s}}'
-                           % (hint, spelling))
+    for spelling in ("9" * 400, str(10**309), str(10**30)):
+        resp = client.post(
+            path,
+            content_type="application/json",
+            data='{"service_name": "svc", "workload_data": {"%s": %s}}' % (hint, spelling),
+        )
         err = assert_error(resp, 422, "validation_error")
         assert f"workload_data.{hint}" in err["details"], err
 
@@ -161,10 +208,17 @@ def test_engine_caps_every_lease_even_without_max_ttl(settings, redis):
 
 
 BAD_STORED = {
-    "lease_seconds": "inf", "expires_at": "1e308", "submitted_at": "nan",
-    "allocated_at": "not a time", "priority": "inf", "required_gpus": "x",
-    "gpu_ids": "[1e999]", "workload_data": "{not json", "preferred_gpus": "7",
-    "wait_time_seconds": "-inf", "renewed_at": "99999999999999999999",
+    "lease_seconds": "inf",
+    "expires_at": "1e308",
+    "submitted_at": "nan",
+    "allocated_at": "not a time",
+    "priority": "inf",
+    "required_gpus": "x",
+    "gpu_ids": "[1e999]",
+    "workload_data": "{not json",
+    "preferred_gpus": "7",
+    "wait_time_seconds": "-inf",
+    "renewed_at": "99999999999999999999",
 }
 
 
@@ -177,8 +231,12 @@ def test_no_stored_value_makes_a_read_answer_500(make_app, redis, field, value):
     rec = allocate(client, workload_data={"required_gpus": 1}).get_json()
     engine = app.extensions["gpu_engine"]
     redis.hset(engine.keys.request(rec["id"]), field, value)
-    for url in ("/gpu/list", "/gpu/status", f"/gpu/requests/{rec['id']}",
-                f"/gpu/allocations/{rec['id']}"):
+    for url in (
+        "/gpu/list",
+        "/gpu/status",
+        f"/gpu/requests/{rec['id']}",
+        f"/gpu/allocations/{rec['id']}",
+    ):
         resp = client.get(url)
         assert resp.status_code in (200, 404), (url, resp.get_data(as_text=True))
         json.loads(resp.get_data(as_text=True), parse_constant=_not_json)
@@ -210,8 +268,13 @@ def test_renew_ttl_seconds_is_checked(client):
     url = f"/gpu/allocations/{rec['id']}/renew"
 
     @given(value=values)
-    @hsettings(max_examples=150, deadline=None, database=None, derandomize=True,
-               suppress_health_check=list(HealthCheck))
+    @hsettings(
+        max_examples=150,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
     def check(value):
         body = _with({}, ("ttl_seconds",), value)
         resp = client.post(url, data=_body_text(body, value), content_type="application/json")
@@ -224,10 +287,16 @@ def test_renew_ttl_seconds_is_checked(client):
 
 def test_nan_deep_inside_the_body_is_a_client_error(client):
     deep = "[" * 900 + "NaN" + "]" * 900
-    resp = client.post("/gpu/allocate", content_type="application/json",
-                       data='{"service_name": "svc", "workload_data": {"x": %s}}' % deep)
+    resp = client.post(
+        "/gpu/allocate",
+        content_type="application/json",
+        data='{"service_name": "svc", "workload_data": {"x": %s}}' % deep,
+    )
     assert resp.status_code in (400, 422), resp.get_data(as_text=True)
-    resp = client.post("/gpu/allocate", content_type="application/json",
-                       data='{"service_name": "svc", "workload_data": {"x": [1, {"y": -Infinity}]}}')
+    resp = client.post(
+        "/gpu/allocate",
+        content_type="application/json",
+        data='{"service_name": "svc", "workload_data": {"x": [1, {"y": -Infinity}]}}',
+    )
     err = assert_error(resp, 422, "validation_error")
     assert list(err["details"]) == ["workload_data.x[1].y"]

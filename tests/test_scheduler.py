@@ -1,4 +1,5 @@
 """The scheduler role: RQ cron jobs (JSON), the leader lock, and the reaper end to end."""
+
 from __future__ import annotations
 
 import json
@@ -7,13 +8,13 @@ import time
 
 import pytest
 import redis as redis_lib
+from proc_support import Role, wait_until, write_settings
 from rq.job import Job
+from webhook_receiver import Receiver
 
+from app import queues
 from app.engine import Engine
 from app.keys import Keys
-from proc_support import Role, wait_until, write_settings
-from webhook_receiver import Receiver
-from app import queues
 from workers import context, scheduler
 from workers import worker as worker_mod
 
@@ -41,10 +42,12 @@ def _maintenance_jobs(rq_redis, settings):
 def test_one_iteration_enqueues_both_jobs_as_json(settings, rq_redis, keep_signals):
     assert scheduler.run(settings, max_iterations=1) == 0
     jobs = _maintenance_jobs(rq_redis, settings)
-    assert sorted(j.func_name for j in jobs) == ["workers.scheduler.reap",
-                                                "workers.scheduler.safety_net"]
+    assert sorted(j.func_name for j in jobs) == [
+        "workers.scheduler.reap",
+        "workers.scheduler.safety_net",
+    ]
     raw = rq_redis.hget(Job.key_for(jobs[0].id), "data")
-    json.loads(__import__("zlib").decompress(raw))   # JSON, not pickle
+    json.loads(__import__("zlib").decompress(raw))  # JSON, not pickle
     # The lock was released on the way out, so the next scheduler can lead at once.
     assert not rq_redis.exists(Keys(settings.redis.prefix).lock("scheduler"))
 
@@ -55,11 +58,11 @@ def test_only_the_lock_holder_enqueues(settings, rq_redis):
     b = rq_redis.lock(lock_key, timeout=scheduler.LOCK_TTL, thread_local=False)
     assert scheduler._hold(a, False) is True
     assert scheduler._hold(b, False) is False
-    assert scheduler._hold(a, True) is True            # renewal keeps it
+    assert scheduler._hold(a, True) is True  # renewal keeps it
     assert scheduler._hold(b, False) is False
-    rq_redis.delete(lock_key)                          # A's lease lapsed (A paused or died)
+    rq_redis.delete(lock_key)  # A's lease lapsed (A paused or died)
     assert scheduler._hold(b, False) is True
-    assert scheduler._hold(a, True) is False           # A finds out and follows
+    assert scheduler._hold(a, True) is False  # A finds out and follows
 
 
 def test_a_follower_enqueues_nothing(settings, rq_redis, keep_signals):
@@ -85,24 +88,42 @@ def test_maintenance_jobs_run_the_engine_in_a_worker(settings, redis, rq_redis, 
 @pytest.mark.slow
 def test_expired_lease_is_reaped_and_its_gpus_go_to_the_next_request(tmp_path, settings, redis):
     engine = Engine(redis, settings)
-    engine.report_node("node-a", [{"index": i, "uuid": f"u{i}", "name": "NVIDIA A10",
-                                   "memory_total_mb": 23028} for i in range(2)])
+    engine.report_node(
+        "node-a",
+        [
+            {"index": i, "uuid": f"u{i}", "name": "NVIDIA A10", "memory_total_mb": 23028}
+            for i in range(2)
+        ],
+    )
     with Receiver() as rx:
-        lease = engine.allocate({"service_name": "batch", "required_gpus": 2, "ttl_seconds": 1,
-                                 "webhook_url": rx.url, "webhook_events": ["expired"]})
+        lease = engine.allocate(
+            {
+                "service_name": "batch",
+                "required_gpus": 2,
+                "ttl_seconds": 1,
+                "webhook_url": rx.url,
+                "webhook_events": ["expired"],
+            }
+        )
         nxt = engine.allocate({"service_name": "next", "required_gpus": 2, "webhook_url": rx.url})
         assert lease["status"] == "allocated" and nxt["status"] == "queued"
-        cfg = write_settings(tmp_path, settings, scheduler={"cleanup_interval": "1s",
-                                                            "queue_check_interval": "1s"},
-                             workers={"maintenance_interval": "1s"})
+        cfg = write_settings(
+            tmp_path,
+            settings,
+            scheduler={"cleanup_interval": "1s", "queue_check_interval": "1s"},
+            workers={"maintenance_interval": "1s"},
+        )
         roles = [Role(cfg, "scheduler", log_dir=tmp_path), Role(cfg, "worker", log_dir=tmp_path)]
         try:
-            wait_until(lambda: engine.get(nxt["id"])["status"] == "allocated", timeout=20,
-                       message="the queued request to be granted")
+            wait_until(
+                lambda: engine.get(nxt["id"])["status"] == "allocated",
+                timeout=20,
+                message="the queued request to be granted",
+            )
             reqs = rx.wait_for(2)
         finally:
             codes = [r.stop() for r in roles]
-    assert codes == [0, 0]                    # both stop cleanly on SIGTERM
+    assert codes == [0, 0]  # both stop cleanly on SIGTERM
     assert engine.get(lease["id"])["status"] == "expired"
     granted = engine.get(nxt["id"])
     assert sorted(granted["gpu_ids"]) == sorted(lease["gpu_ids"])
@@ -114,8 +135,9 @@ def test_expired_lease_is_reaped_and_its_gpus_go_to_the_next_request(tmp_path, s
 
 @pytest.mark.slow
 def test_two_scheduler_processes_do_not_double_the_work(tmp_path, settings, rq_redis):
-    cfg = write_settings(tmp_path, settings, scheduler={"queue_check_interval": "1s",
-                                                        "cleanup_interval": "1s"})
+    cfg = write_settings(
+        tmp_path, settings, scheduler={"queue_check_interval": "1s", "cleanup_interval": "1s"}
+    )
     roles = [Role(cfg, "scheduler", log_dir=tmp_path) for _ in range(2)]
     try:
         wait_until(lambda: _maintenance_jobs(rq_redis, settings), message="a first job")

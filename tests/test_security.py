@@ -11,6 +11,7 @@ rules one by one. This module extends it rather than repeating it:
 - no configured secret (API keys, the webhook secret, the Redis password) ever shows up in logs,
   config errors or ``config show``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,8 +37,9 @@ def hdr(key):
 @pytest.fixture
 def app(make_app):
     # One node of 2 GPUs, so a third exclusive request has to queue.
-    return make_app(nodes=(("node-a", 2),),
-                    auth={"enabled": True, "api_keys": KEYS, "admins": ["root"]})
+    return make_app(
+        nodes=(("node-a", 2),), auth={"enabled": True, "api_keys": KEYS, "admins": ["root"]}
+    )
 
 
 @pytest.fixture
@@ -46,8 +48,11 @@ def client(app):
 
 
 def _allocate(client, service, gpus=1, key=OWNER_KEY):
-    resp = client.post("/gpu/allocate", headers=hdr(key),
-                       json={"service_name": service, "workload_data": {"required_gpus": gpus}})
+    resp = client.post(
+        "/gpu/allocate",
+        headers=hdr(key),
+        json={"service_name": service, "workload_data": {"required_gpus": gpus}},
+    )
     assert resp.status_code in (200, 202), resp.get_data(as_text=True)
     return resp.get_json()["request_id"], resp.status_code
 
@@ -55,6 +60,7 @@ def _allocate(client, service, gpus=1, key=OWNER_KEY):
 @pytest.fixture
 def owned(client):
     """A fresh allocation and a fresh queued request of ``owner`` for every call."""
+
     def make():
         state = client.get("/gpu/list", headers=hdr(ADMIN_KEY)).get_json()
         for req in state["queue"]:
@@ -66,6 +72,7 @@ def owned(client):
         queued, code = _allocate(client, "sec-queued", gpus=2)
         assert code == 202
         return alloc, queued
+
     return make
 
 
@@ -76,48 +83,94 @@ def owned(client):
 # caller's success cannot change the next caller's answer.
 
 CALLS = {
-    ("POST", "/gpu/allocate"): ("/gpu/allocate", {"service_name": "sec-new"},
-                                {"owner": 200, "other": 200, "admin": 200}),
-    ("POST", "/gpu/release"): ("/gpu/release", {"allocation_id": "{alloc}"},
-                               {"owner": 200, "other": 403, "admin": 200}),
+    ("POST", "/gpu/allocate"): (
+        "/gpu/allocate",
+        {"service_name": "sec-new"},
+        {"owner": 200, "other": 200, "admin": 200},
+    ),
+    ("POST", "/gpu/release"): (
+        "/gpu/release",
+        {"allocation_id": "{alloc}"},
+        {"owner": 200, "other": 403, "admin": 200},
+    ),
     ("GET", "/gpu/status"): ("/gpu/status", None, {"owner": 200, "other": 200, "admin": 200}),
     ("GET", "/gpu/list"): ("/gpu/list", None, {"owner": 200, "other": 200, "admin": 200}),
-    ("POST", "/gpu/workload"): ("/gpu/workload", {"workload_type": "generic"},
-                                {"owner": 200, "other": 200, "admin": 200}),
-    ("GET", "/gpu/requests/<request_id>"): ("/gpu/requests/{queued}", None,
-                                            {"owner": 200, "other": 200, "admin": 200}),
-    ("DELETE", "/gpu/requests/<request_id>"): ("/gpu/requests/{queued}", None,
-                                               {"owner": 200, "other": 403, "admin": 200}),
-    ("GET", "/gpu/allocations/<allocation_id>"): ("/gpu/allocations/{alloc}", None,
-                                                  {"owner": 200, "other": 200, "admin": 200}),
+    ("POST", "/gpu/workload"): (
+        "/gpu/workload",
+        {"workload_type": "generic"},
+        {"owner": 200, "other": 200, "admin": 200},
+    ),
+    ("GET", "/gpu/requests/<request_id>"): (
+        "/gpu/requests/{queued}",
+        None,
+        {"owner": 200, "other": 200, "admin": 200},
+    ),
+    ("DELETE", "/gpu/requests/<request_id>"): (
+        "/gpu/requests/{queued}",
+        None,
+        {"owner": 200, "other": 403, "admin": 200},
+    ),
+    ("GET", "/gpu/allocations/<allocation_id>"): (
+        "/gpu/allocations/{alloc}",
+        None,
+        {"owner": 200, "other": 200, "admin": 200},
+    ),
     ("POST", "/gpu/allocations/<allocation_id>/renew"): (
-        "/gpu/allocations/{alloc}/renew", None, {"owner": 200, "other": 403, "admin": 200}),
+        "/gpu/allocations/{alloc}/renew",
+        None,
+        {"owner": 200, "other": 403, "admin": 200},
+    ),
     ("GET", "/openapi.json"): ("/openapi.json", None, {"owner": 200, "other": 200, "admin": 200}),
     ("GET", "/docs"): ("/docs", None, {"owner": 200, "other": 200, "admin": 200}),
-    ("GET", "/docs/assets/<path:filename>"): ("/docs/assets/swagger-ui.css", None,
-                                              {"owner": 200, "other": 200, "admin": 200}),
-    ("GET", "/static/<path:filename>"): ("/static/nothing-here.txt", None,
-                                         {"owner": 404, "other": 404, "admin": 404}),
+    ("GET", "/docs/assets/<path:filename>"): (
+        "/docs/assets/swagger-ui.css",
+        None,
+        {"owner": 200, "other": 200, "admin": 200},
+    ),
+    ("GET", "/static/<path:filename>"): (
+        "/static/nothing-here.txt",
+        None,
+        {"owner": 404, "other": 404, "admin": 404},
+    ),
     # the console: every principal sees the fleet; /admin is for admins only
     ("GET", "/"): ("/", None, {"owner": 200, "other": 200, "admin": 200}),
-    ("GET", "/console/state"): ("/console/state", None,
-                                {"owner": 200, "other": 200, "admin": 200}),
+    ("GET", "/console/state"): ("/console/state", None, {"owner": 200, "other": 200, "admin": 200}),
     ("GET", "/admin/nodes"): ("/admin/nodes", None, {"owner": 403, "other": 403, "admin": 200}),
-    ("POST", "/admin/nodes/<node>/cordon"): ("/admin/nodes/node-z/cordon", None,
-                                             {"owner": 403, "other": 403, "admin": 404}),
-    ("POST", "/admin/nodes/<node>/uncordon"): ("/admin/nodes/node-a/uncordon", None,
-                                               {"owner": 403, "other": 403, "admin": 200}),
-    ("POST", "/admin/nodes/<node>/drain"): ("/admin/nodes/node-z/drain", None,
-                                            {"owner": 403, "other": 403, "admin": 404}),
-    ("DELETE", "/admin/nodes/<node>"): ("/admin/nodes/node-a", None,
-                                        {"owner": 403, "other": 403, "admin": 409}),
+    ("POST", "/admin/nodes/<node>/cordon"): (
+        "/admin/nodes/node-z/cordon",
+        None,
+        {"owner": 403, "other": 403, "admin": 404},
+    ),
+    ("POST", "/admin/nodes/<node>/uncordon"): (
+        "/admin/nodes/node-a/uncordon",
+        None,
+        {"owner": 403, "other": 403, "admin": 200},
+    ),
+    ("POST", "/admin/nodes/<node>/drain"): (
+        "/admin/nodes/node-z/drain",
+        None,
+        {"owner": 403, "other": 403, "admin": 404},
+    ),
+    ("DELETE", "/admin/nodes/<node>"): (
+        "/admin/nodes/node-a",
+        None,
+        {"owner": 403, "other": 403, "admin": 409},
+    ),
     ("POST", "/admin/gpus/<node>/<int:index>/cordon"): (
-        "/admin/gpus/node-a/1/cordon", None, {"owner": 403, "other": 403, "admin": 200}),
+        "/admin/gpus/node-a/1/cordon",
+        None,
+        {"owner": 403, "other": 403, "admin": 200},
+    ),
     ("POST", "/admin/gpus/<node>/<int:index>/uncordon"): (
-        "/admin/gpus/node-a/1/uncordon", None, {"owner": 403, "other": 403, "admin": 200}),
+        "/admin/gpus/node-a/1/uncordon",
+        None,
+        {"owner": 403, "other": 403, "admin": 200},
+    ),
     ("POST", "/admin/requests/<request_id>/priority"): (
-        "/admin/requests/{queued}/priority", {"priority": 7},
-        {"owner": 403, "other": 403, "admin": 200}),
+        "/admin/requests/{queued}/priority",
+        {"priority": 7},
+        {"owner": 403, "other": 403, "admin": 200},
+    ),
 }
 
 
@@ -163,10 +216,13 @@ def test_route_matrix(client, owned, route):
     ids = owned()
     path, body = _fill(path_t, ids), _fill(body_t, ids)
     # Nobody, a wrong key, a wrong bearer token, a key in the wrong header: 401, one JSON shape.
-    for key, headers in ((None, None), ("not-a-key", None),
-                         (None, {"Authorization": "Bearer not-a-key"}),
-                         (None, {"X-Api-Key-Typo": OWNER_KEY}),
-                         (None, {"Authorization": f"Basic {OWNER_KEY}"})):
+    for key, headers in (
+        (None, None),
+        ("not-a-key", None),
+        (None, {"Authorization": "Bearer not-a-key"}),
+        (None, {"X-Api-Key-Typo": OWNER_KEY}),
+        (None, {"Authorization": f"Basic {OWNER_KEY}"}),
+    ):
         assert_error(_call(client, method, path, body, key, headers), 401, "unauthorized")
     # Each principal on a fresh copy of the owner's resources.
     for who, key in (("other", OTHER_KEY), ("owner", OWNER_KEY), ("admin", ADMIN_KEY)):
@@ -178,23 +234,36 @@ def test_route_matrix(client, owned, route):
             assert_error(resp, 403, "forbidden")
     # The bearer form authenticates exactly like the header.
     ids = owned()
-    resp = _call(client, method, _fill(path_t, ids), _fill(body_t, ids),
-                 headers={"Authorization": f"Bearer {OWNER_KEY}"})
+    resp = _call(
+        client,
+        method,
+        _fill(path_t, ids),
+        _fill(body_t, ids),
+        headers={"Authorization": f"Bearer {OWNER_KEY}"},
+    )
     assert resp.status_code == expect["owner"]
 
 
 def test_a_forbidden_attempt_changes_nothing(client, owned):
     alloc, queued = owned()
     before = client.get(f"/gpu/allocations/{alloc}", headers=hdr(OWNER_KEY)).get_json()
-    assert _call(client, "POST", "/gpu/release", {"allocation_id": alloc},
-                 OTHER_KEY).status_code == 403
-    assert _call(client, "POST", f"/gpu/allocations/{alloc}/renew", {"ttl_seconds": 99999},
-                 OTHER_KEY).status_code == 403
+    assert (
+        _call(client, "POST", "/gpu/release", {"allocation_id": alloc}, OTHER_KEY).status_code
+        == 403
+    )
+    assert (
+        _call(
+            client, "POST", f"/gpu/allocations/{alloc}/renew", {"ttl_seconds": 99999}, OTHER_KEY
+        ).status_code
+        == 403
+    )
     assert _call(client, "DELETE", f"/gpu/requests/{queued}", None, OTHER_KEY).status_code == 403
     after = client.get(f"/gpu/allocations/{alloc}", headers=hdr(OWNER_KEY)).get_json()
     assert after["status"] == "allocated" and after["expires_at"] == before["expires_at"]
-    assert client.get(f"/gpu/requests/{queued}",
-                      headers=hdr(OWNER_KEY)).get_json()["status"] == "queued"
+    assert (
+        client.get(f"/gpu/requests/{queued}", headers=hdr(OWNER_KEY)).get_json()["status"]
+        == "queued"
+    )
 
 
 def test_release_by_service_as_another_principal_releases_nothing(client, owned):
@@ -203,54 +272,63 @@ def test_release_by_service_as_another_principal_releases_nothing(client, owned)
     assert resp.status_code in (200, 404)
     if resp.status_code == 200:
         assert alloc not in resp.get_json().get("released", [])
-    assert client.get(f"/gpu/allocations/{alloc}",
-                      headers=hdr(OWNER_KEY)).get_json()["status"] == "allocated"
+    assert (
+        client.get(f"/gpu/allocations/{alloc}", headers=hdr(OWNER_KEY)).get_json()["status"]
+        == "allocated"
+    )
 
 
 def test_an_admin_flag_is_not_a_principal_name(make_app):
     """``admins`` names principals; a key whose *value* is an admin's name is not an admin."""
-    client = make_app(auth={"enabled": True, "api_keys": {"root": "owner", ADMIN_KEY: "root"},
-                            "admins": ["root"]}).test_client()
-    alloc = client.post("/gpu/allocate", headers=hdr(ADMIN_KEY),
-                        json={"service_name": "sec"}).get_json()["id"]
+    client = make_app(
+        auth={"enabled": True, "api_keys": {"root": "owner", ADMIN_KEY: "root"}, "admins": ["root"]}
+    ).test_client()
+    alloc = client.post(
+        "/gpu/allocate", headers=hdr(ADMIN_KEY), json={"service_name": "sec"}
+    ).get_json()["id"]
     resp = _call(client, "POST", "/gpu/release", {"allocation_id": alloc}, "root")
     assert_error(resp, 403, "forbidden")
 
 
 # --------------------------------------------------------------------------- SSRF policy
 
+
 def _deny(settings, **extra):
-    return settings.replace(webhooks={"deny_private_networks": True, "allowed_hosts": [],
-                                      **extra})
+    return settings.replace(webhooks={"deny_private_networks": True, "allowed_hosts": [], **extra})
 
 
 def _check(url, settings, resolve=None):
     """The webhook URL policy as allocate and delivery apply it; raises Refused."""
     from app.webhook_policy import Policy
+
     resolver = (lambda host, port: resolve(host)) if resolve else None
     return Policy.from_settings(settings, resolver=resolver).resolve(url)
 
 
-@pytest.mark.parametrize("url", [
-    "http://2130706433/hook",         # 127.0.0.1 as one decimal number
-    "http://0x7f000001/hook",         # ... as hex
-    "http://0177.0.0.1/hook",         # ... with an octal first part
-    "http://127.1/hook",              # ... short form
-    "http://0.0.0.0/hook",
-    "http://localhost/hook",
-    "http://LOCALHOST/hook",
-    "http://[::]/hook",
-    "http://[0:0:0:0:0:ffff:7f00:1]/hook",
-    "http://[fe80::1]/hook",
-    "http://169.254.169.254/latest/meta-data/",
-    "http://100.64.0.1/hook",         # carrier-grade NAT (shared address space)
-    "http://100.100.100.200/latest/meta-data/",  # a cloud metadata service inside 100.64/10
-    "http://192.0.0.170/hook",        # IETF protocol assignments (not global)
-    "http://hooks.example.com@127.0.0.1/hook",
-    "http://127.0.0.1#@hooks.example.com/hook",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://2130706433/hook",  # 127.0.0.1 as one decimal number
+        "http://0x7f000001/hook",  # ... as hex
+        "http://0177.0.0.1/hook",  # ... with an octal first part
+        "http://127.1/hook",  # ... short form
+        "http://0.0.0.0/hook",
+        "http://localhost/hook",
+        "http://LOCALHOST/hook",
+        "http://[::]/hook",
+        "http://[0:0:0:0:0:ffff:7f00:1]/hook",
+        "http://[fe80::1]/hook",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://100.64.0.1/hook",  # carrier-grade NAT (shared address space)
+        "http://100.100.100.200/latest/meta-data/",  # a cloud metadata service inside 100.64/10
+        "http://192.0.0.170/hook",  # IETF protocol assignments (not global)
+        "http://hooks.example.com@127.0.0.1/hook",
+        "http://127.0.0.1#@hooks.example.com/hook",
+    ],
+)
 def test_private_targets_in_any_spelling_are_refused(settings, url, monkeypatch):
     from app.webhook_policy import Refused
+
     _no_connections(monkeypatch)
     with pytest.raises(Refused):
         _check(url, _deny(settings))
@@ -262,6 +340,7 @@ def _no_connections(monkeypatch):
 
     def forbidden(self, address):
         raise AssertionError(f"a connection to {address} was attempted")
+
     monkeypatch.setattr(socket.socket, "connect", forbidden)
     monkeypatch.setattr(socket.socket, "connect_ex", forbidden)
 
@@ -271,13 +350,19 @@ PUBLIC_DNS = lambda host: ["93.184.215.14"]  # noqa: E731 - a documentation-rang
 
 def test_allowed_hosts_match_whole_labels_only(settings, monkeypatch):
     from app.webhook_policy import Refused
+
     _no_connections(monkeypatch)
     allow = settings.replace(webhooks={"allowed_hosts": ["hooks.example.com", "*.corp.example"]})
     _check("https://HOOKS.EXAMPLE.COM./x", allow, PUBLIC_DNS)
     _check("https://deep.a.corp.example/x", allow, PUBLIC_DNS)
-    for url in ("https://hooks.example.com.evil.test/x", "https://evilhooks.example.com/x",
-                "https://evilcorp.example/x", "https://hooks.example.com@evil.test/x",
-                "https://evil.test/hooks.example.com", "https://evil.test/?h=hooks.example.com"):
+    for url in (
+        "https://hooks.example.com.evil.test/x",
+        "https://evilhooks.example.com/x",
+        "https://evilcorp.example/x",
+        "https://hooks.example.com@evil.test/x",
+        "https://evil.test/hooks.example.com",
+        "https://evil.test/?h=hooks.example.com",
+    ):
         with pytest.raises(Refused):
             _check(url, allow, PUBLIC_DNS)
 
@@ -286,6 +371,7 @@ def test_allowed_host_that_resolves_private_is_still_refused(settings, monkeypat
     """A host *name* entry never unlocks a private address (its DNS could be made to point
     inside); only a network or address entry does."""
     from app.webhook_policy import Refused
+
     _no_connections(monkeypatch)
     both = _deny(settings, allowed_hosts=["hooks.example.com"])
     with pytest.raises(Refused):
@@ -325,13 +411,19 @@ def test_a_redirect_is_not_followed_to_an_internal_address(settings):
 
     internal = type("Internal", (_Recorder,), {"hits": [], "location": ""})
     inner = _serve(internal)
-    redirector = type("Redirector", (_Recorder,), {
-        "hits": [], "location": f"http://127.0.0.1:{inner.server_address[1]}/admin"})
+    redirector = type(
+        "Redirector",
+        (_Recorder,),
+        {"hits": [], "location": f"http://127.0.0.1:{inner.server_address[1]}/admin"},
+    )
     outer = _serve(redirector)
     try:
         with pytest.raises(webhooks.WebhookError) as info:
-            webhooks.post(f"http://127.0.0.1:{outer.server_address[1]}/hook",
-                          {"status": "allocated", "event_id": "e1"}, settings)
+            webhooks.post(
+                f"http://127.0.0.1:{outer.server_address[1]}/hook",
+                {"status": "allocated", "event_id": "e1"},
+                settings,
+            )
         assert info.value.status == 302
         assert redirector.hits == ["/hook"] and internal.hits == []
     finally:
@@ -347,8 +439,11 @@ def test_refused_url_never_opens_a_connection(settings):
     server = _serve(hits)
     try:
         with pytest.raises(webhooks.WebhookRefused):
-            webhooks.post(f"http://127.0.0.1:{server.server_address[1]}/hook",
-                          {"status": "allocated", "event_id": "e2"}, _deny(settings))
+            webhooks.post(
+                f"http://127.0.0.1:{server.server_address[1]}/hook",
+                {"status": "allocated", "event_id": "e2"},
+                _deny(settings),
+            )
         assert hits.hits == []
     finally:
         server.shutdown()
@@ -377,6 +472,7 @@ def test_config_errors_never_echo_a_key_or_a_password():
 
 def test_config_show_redacts_every_secret(capsys, monkeypatch, tmp_path):
     from app import cli
+
     monkeypatch.setenv("GPU_ORCH__AUTH__API_KEYS", f"{{{OWNER_KEY}: owner}}")
     monkeypatch.setenv("GPU_ORCH__WEBHOOKS__SECRET", WEBHOOK_SECRET)
     monkeypatch.setenv("REDIS_URL", f"redis://:{REDIS_PASSWORD}@127.0.0.1:6379/0")
@@ -397,15 +493,21 @@ def test_no_secret_in_logs_during_a_run(make_app, tmp_path, caplog):
     hits = type("Hits", (_Recorder,), {"hits": [], "location": ""})
     server = _serve(hits)
     url = f"http://127.0.0.1:{server.server_address[1]}/hook"
-    app = make_app(nodes=(("node-a", 1),),
-                   auth={"enabled": True, "api_keys": KEYS, "admins": ["root"]},
-                   webhooks={"secret": WEBHOOK_SECRET}, logging={"level": "DEBUG"})
+    app = make_app(
+        nodes=(("node-a", 1),),
+        auth={"enabled": True, "api_keys": KEYS, "admins": ["root"]},
+        webhooks={"secret": WEBHOOK_SECRET},
+        logging={"level": "DEBUG"},
+    )
     client = app.test_client()
     try:
         with caplog.at_level(logging.DEBUG):
             first, _ = _allocate(client, "sec-a")
-            resp = client.post("/gpu/allocate", headers={"Authorization": f"Bearer {OTHER_KEY}"},
-                               json={"service_name": "sec-b", "webhook_url": url})
+            resp = client.post(
+                "/gpu/allocate",
+                headers={"Authorization": f"Bearer {OTHER_KEY}"},
+                json={"service_name": "sec-b", "webhook_url": url},
+            )
             queued = resp.get_json()["request_id"]
             client.get("/gpu/status", headers=hdr(OWNER_KEY + "-wrong"))
             client.post("/gpu/release", headers=hdr(OTHER_KEY), json={"allocation_id": first})
@@ -425,6 +527,7 @@ def test_no_secret_in_logs_during_a_run(make_app, tmp_path, caplog):
 
 # --------------------------------------------------------------------------- rq-dashboard
 
+
 def test_every_dashboard_route_needs_a_key_and_deletion_stays_off(make_app, settings):
     """rq-dashboard has no auth of its own; every one of its routes sits behind the API's. With
     ``dashboard.allow_delete`` off (the default), even an admin cannot delete or empty."""
@@ -432,18 +535,32 @@ def test_every_dashboard_route_needs_a_key_and_deletion_stays_off(make_app, sett
 
     from app import queues
 
-    app = make_app(auth={"enabled": True, "api_keys": KEYS, "admins": ["root"]},
-                   dashboard={"enabled": True})
+    app = make_app(
+        auth={"enabled": True, "api_keys": KEYS, "admins": ["root"]}, dashboard={"enabled": True}
+    )
     client = app.test_client()
-    routes = [(m, r.rule) for r in app.url_map.iter_rules() if r.rule.startswith("/rq")
-              for m in r.methods - {"HEAD", "OPTIONS"}]
+    routes = [
+        (m, r.rule)
+        for r in app.url_map.iter_rules()
+        if r.rule.startswith("/rq")
+        for m in r.methods - {"HEAD", "OPTIONS"}
+    ]
     assert len(routes) >= 10
     for method, rule in routes:
-        path = (rule.replace("<int:instance_number>", "0").replace("<job_id>", "j1")
-                .replace("<queue_name>", "q").replace("<registry_name>", "queued")
-                .replace("<path:filename>", "x.css").replace("<", "").replace(">", ""))
-        for key, headers in ((None, None), ("not-a-key", None),
-                             (None, {"Authorization": "Bearer not-a-key"})):
+        path = (
+            rule.replace("<int:instance_number>", "0")
+            .replace("<job_id>", "j1")
+            .replace("<queue_name>", "q")
+            .replace("<registry_name>", "queued")
+            .replace("<path:filename>", "x.css")
+            .replace("<", "")
+            .replace(">", "")
+        )
+        for key, headers in (
+            (None, None),
+            ("not-a-key", None),
+            (None, {"Authorization": "Bearer not-a-key"}),
+        ):
             resp = _call(client, method, path, None, key, headers)
             assert resp.status_code == 401, (method, rule, resp.status_code)
 

@@ -1,4 +1,5 @@
 """``gpu-orchestrator api``: gunicorn options from the config, and metrics across workers."""
+
 from __future__ import annotations
 
 import http.client
@@ -25,17 +26,31 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_gunicorn_options_come_from_server_settings():
-    s = settings_mod.defaults().replace(server={
-        "host": "127.0.0.1", "port": 9001, "workers": 3, "threads": 5,
-        "write_timeout": "40s", "idle_timeout": "7s", "read_timeout": "12s",
-        "header_timeout": "3s", "max_body_bytes": 2048})
+    s = settings_mod.defaults().replace(
+        server={
+            "host": "127.0.0.1",
+            "port": 9001,
+            "workers": 3,
+            "threads": 5,
+            "write_timeout": "40s",
+            "idle_timeout": "7s",
+            "read_timeout": "12s",
+            "header_timeout": "3s",
+            "max_body_bytes": 2048,
+        }
+    )
     opts = serve.gunicorn_options(s)
     assert opts["bind"] == "127.0.0.1:9001"
     assert (opts["workers"], opts["threads"], opts["timeout"], opts["graceful_timeout"]) == (
-        3, 5, 40, 12)
+        3,
+        5,
+        40,
+        12,
+    )
     assert issubclass(opts["worker_class"], BufferingWorker)
-    assert opts["worker_class"].limits == Limits(header_timeout=3, idle_timeout=7,
-                                                 max_body_bytes=2048)
+    assert opts["worker_class"].limits == Limits(
+        header_timeout=3, idle_timeout=7, max_body_bytes=2048
+    )
     assert opts["on_starting"] is serve.on_starting and opts["child_exit"] is serve.child_exit
 
 
@@ -60,10 +75,13 @@ def test_prepare_metrics_dir_wipes_stale_files_and_creates_one_when_unset(tmp_pa
 
 def _claim_in_child(path) -> subprocess.Popen:
     """A process that claims ``path`` and lives until killed."""
-    code = ("import sys, time; from app import serve; serve.claim_dir(sys.argv[1]); "
-            "print('ok', flush=True); time.sleep(60)")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=ROOT,
-                            stdout=subprocess.PIPE, text=True)
+    code = (
+        "import sys, time; from app import serve; serve.claim_dir(sys.argv[1]); "
+        "print('ok', flush=True); time.sleep(60)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(path)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "ok"
     return proc
 
@@ -75,8 +93,9 @@ def _kill(proc: subprocess.Popen) -> None:
 
 
 def test_only_metrics_dirs_whose_owners_are_dead_are_removed(tmp_path):
-    dead, alive, unclaimed = (tmp_path / f"{serve.TEMP_PREFIX}{n}"
-                              for n in ("dead", "alive", "unclaimed"))
+    dead, alive, unclaimed = (
+        tmp_path / f"{serve.TEMP_PREFIX}{n}" for n in ("dead", "alive", "unclaimed")
+    )
     for path in (dead, alive, unclaimed):
         path.mkdir()
     other = tmp_path / "something-else"
@@ -88,7 +107,8 @@ def test_only_metrics_dirs_whose_owners_are_dead_are_removed(tmp_path):
     try:
         assert serve.remove_stale_metrics_dirs(str(tmp_path)) == [str(dead)]
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-            [alive.name, unclaimed.name, other.name])
+            [alive.name, unclaimed.name, other.name]
+        )
     finally:
         _kill(holder)
     assert serve.remove_stale_metrics_dirs(str(tmp_path)) == [str(alive)]  # owner gone now
@@ -105,17 +125,29 @@ def test_a_killed_api_leaves_a_metrics_dir_that_the_next_start_removes(tmp_path,
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
     config = tmp_path / "config.yaml"
-    config.write_text("server:\n  workers: 2\n  threads: 1\n  host: 127.0.0.1\n"
-                      "dashboard:\n  enabled: false\nlogging:\n  level: WARNING\n")
+    config.write_text(
+        "server:\n  workers: 2\n  threads: 1\n  host: 127.0.0.1\n"
+        "dashboard:\n  enabled: false\nlogging:\n  level: WARNING\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != serve.MULTIPROC_ENV}
-    env.update(REDIS_URL=redis_url, CONFIG_PATH=str(config), TMPDIR=str(tmpdir),
-               GPU_ORCH__REDIS__PREFIX="{gpuo-serve}", PYTHONPATH=str(ROOT))
+    env.update(
+        REDIS_URL=redis_url,
+        CONFIG_PATH=str(config),
+        TMPDIR=str(tmpdir),
+        GPU_ORCH__REDIS__PREFIX="{gpuo-serve}",
+        PYTHONPATH=str(ROOT),
+    )
 
     def start():
         port = free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "api"], cwd=ROOT,
-                                env=dict(env, PORT=str(port)), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "api"],
+            cwd=ROOT,
+            env=dict(env, PORT=str(port)),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 60
         while _try_get(port) != 200 or len(_children(proc.pid)) < 2:
             assert proc.poll() is None and time.monotonic() < deadline, "API did not come up"
@@ -166,14 +198,27 @@ def test_gunicorn_with_two_workers_counts_add_up(tmp_path, redis_url):
     metrics_dir.mkdir()
     (metrics_dir / "counter_999999.db").write_bytes(b"from an earlier run")
     config = tmp_path / "config.yaml"
-    config.write_text("server:\n  workers: 2\n  threads: 2\n  host: 127.0.0.1\n"
-                      "dashboard:\n  enabled: false\n")
-    env = dict(os.environ, REDIS_URL=redis_url, PORT=str(port), CONFIG_PATH=str(config),
-               PROMETHEUS_MULTIPROC_DIR=str(metrics_dir), GPU_ORCH__REDIS__PREFIX="{gpuo-serve}",
-               GPU_ORCH__LOGGING__LEVEL="WARNING", PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "api"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    config.write_text(
+        "server:\n  workers: 2\n  threads: 2\n  host: 127.0.0.1\ndashboard:\n  enabled: false\n"
+    )
+    env = dict(
+        os.environ,
+        REDIS_URL=redis_url,
+        PORT=str(port),
+        CONFIG_PATH=str(config),
+        PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
+        GPU_ORCH__REDIS__PREFIX="{gpuo-serve}",
+        GPU_ORCH__LOGGING__LEVEL="WARNING",
+        PYTHONPATH=str(ROOT),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "api"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -206,12 +251,17 @@ def test_gunicorn_with_two_workers_counts_add_up(tmp_path, redis_url):
             families = list(text_string_to_metric_families(body.decode()))
             names = {f.name for f in families}
             # The Redis collector reaches the output in multiprocess mode too (the known trap).
-            assert {"gpu_orchestrator_queue_depth", "gpu_orchestrator_gpus_total",
-                    "gpu_orchestrator_allocations_active"} <= names
+            assert {
+                "gpu_orchestrator_queue_depth",
+                "gpu_orchestrator_gpus_total",
+                "gpu_orchestrator_allocations_active",
+            } <= names
             for family in families:
                 for sample in family.samples:
-                    if (sample.name == "gpu_orchestrator_http_requests_total"
-                            and sample.labels.get("route") == "/healthz"):
+                    if (
+                        sample.name == "gpu_orchestrator_http_requests_total"
+                        and sample.labels.get("route") == "/healthz"
+                    ):
                         total += sample.value
             assert total == n + 1  # + the readiness probe above
     finally:
@@ -219,8 +269,9 @@ def test_gunicorn_with_two_workers_counts_add_up(tmp_path, redis_url):
 
 
 def _children(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True,
-                         text=True).stdout
+    out = subprocess.run(
+        ["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True
+    ).stdout
     return [int(x) for x in out.split()]
 
 
@@ -230,15 +281,23 @@ def test_a_worker_exiting_does_not_stop_the_embedded_redis(tmp_path):
     cleanup in ``finally`` must run only in the master (it used to stop the embedded Redis)."""
     port, redis_port = free_port(), free_port()
     config = tmp_path / "config.yaml"
-    config.write_text(f"server:\n  workers: 2\n  threads: 1\n  host: 127.0.0.1\n"
-                      f"redis:\n  data_dir: {tmp_path / 'redis'}\n  embedded_port: {redis_port}\n"
-                      "dashboard:\n  enabled: false\nlogging:\n  level: WARNING\n")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR")}
+    config.write_text(
+        f"server:\n  workers: 2\n  threads: 1\n  host: 127.0.0.1\n"
+        f"redis:\n  data_dir: {tmp_path / 'redis'}\n  embedded_port: {redis_port}\n"
+        "dashboard:\n  enabled: false\nlogging:\n  level: WARNING\n"
+    )
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR")
+    }
     env.update(PORT=str(port), CONFIG_PATH=str(config), PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "api"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "api"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -250,8 +309,9 @@ def test_a_worker_exiting_does_not_stop_the_embedded_redis(tmp_path):
             assert proc.poll() is None and time.monotonic() < deadline, "API did not come up"
             time.sleep(0.1)
         server = Path(find_binary()).name  # the embedded redis-server or valkey-server
-        gunicorn_workers = [p for p in _children(proc.pid)
-                            if server not in Path(f"/proc/{p}/cmdline").read_text()]
+        gunicorn_workers = [
+            p for p in _children(proc.pid) if server not in Path(f"/proc/{p}/cmdline").read_text()
+        ]
         os.kill(gunicorn_workers[0], signal.SIGTERM)  # a graceful worker exit
         time.sleep(1.0)
         for _ in range(5):
@@ -271,6 +331,7 @@ def test_a_worker_exiting_does_not_stop_the_embedded_redis(tmp_path):
 
 
 # --------------------------------------------------------------------------- spreading
+
 
 def _client_conns_per_worker(workers: list[int], port: int) -> list[int]:
     """Established connections to ``port`` held by each worker (Linux /proc)."""
@@ -305,15 +366,27 @@ def test_a_burst_of_keep_alive_connections_spreads_over_the_workers(tmp_path, re
     14/2) and ran them on one core; each worker takes one connection per wake-up instead."""
     port = free_port()
     config = tmp_path / "config.yaml"
-    config.write_text("server:\n  workers: 2\n  threads: 2\n  host: 127.0.0.1\n"
-                      "dashboard:\n  enabled: false\n")
-    env = dict(os.environ, REDIS_URL=redis_url, PORT=str(port), CONFIG_PATH=str(config),
-               GPU_ORCH__REDIS__PREFIX="{gpuo-serve}", GPU_ORCH__LOGGING__LEVEL="WARNING",
-               PYTHONPATH=str(ROOT))
+    config.write_text(
+        "server:\n  workers: 2\n  threads: 2\n  host: 127.0.0.1\ndashboard:\n  enabled: false\n"
+    )
+    env = dict(
+        os.environ,
+        REDIS_URL=redis_url,
+        PORT=str(port),
+        CONFIG_PATH=str(config),
+        GPU_ORCH__REDIS__PREFIX="{gpuo-serve}",
+        GPU_ORCH__LOGGING__LEVEL="WARNING",
+        PYTHONPATH=str(ROOT),
+    )
     env.pop(serve.MULTIPROC_ENV, None)
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "api"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "api"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     conns = []
     try:
         deadline = time.monotonic() + 60
@@ -327,8 +400,7 @@ def test_a_burst_of_keep_alive_connections_spreads_over_the_workers(tmp_path, re
         # second worker still loading the app.
         history = []
         for _ in range(30):
-            conns = [socket.create_connection(("127.0.0.1", port), timeout=10)
-                     for _ in range(16)]
+            conns = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(16)]
             for sock in conns:
                 sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
             for sock in conns:

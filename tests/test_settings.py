@@ -1,4 +1,5 @@
 """Configuration: layering, every kind of error, redaction, and the example file."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,12 +38,16 @@ services: {deepagents_url: "http://advisor:9004/"}
     assert s.services.deepagents_url == "http://advisor:9004"
     assert s.scheduler.default_ttl_multiplier == 2.0  # untouched default
 
-    env = {"PORT": "9100", "GPU_ORCH__SCHEDULER__MAX_QUEUE_SIZE": "7",
-           "DEEPAGENTS_URL": "http://other:1", "REDIS_URL": "redis://db:6379/2",
-           "GRAPH_SERVICE_URL": "http://graph:8081",
-           "GPU_ORCH__WORKLOAD_DEFAULTS__TRAINING__DEFAULT_GPUS": "2",
-           "GPU_ORCH__AUTH__ADMINS": "[ops, root]",
-           "GPU_ORCH__SCHEDULER__QUEUE_CHECK_INTERVAL": "250ms"}
+    env = {
+        "PORT": "9100",
+        "GPU_ORCH__SCHEDULER__MAX_QUEUE_SIZE": "7",
+        "DEEPAGENTS_URL": "http://other:1",
+        "REDIS_URL": "redis://db:6379/2",
+        "GRAPH_SERVICE_URL": "http://graph:8081",
+        "GPU_ORCH__WORKLOAD_DEFAULTS__TRAINING__DEFAULT_GPUS": "2",
+        "GPU_ORCH__AUTH__ADMINS": "[ops, root]",
+        "GPU_ORCH__SCHEDULER__QUEUE_CHECK_INTERVAL": "250ms",
+    }
     s = load(path, environ=env)
     assert s.server.port == 9100
     assert s.server.read_timeout == 120  # file value survives where env is silent
@@ -70,25 +75,31 @@ def test_missing_default_file_is_fine_but_named_file_is_an_error(tmp_path, monke
         load(environ={"CONFIG_PATH": str(tmp_path / "nope.yaml")})
 
 
-@pytest.mark.parametrize("text, key, expected", [
-    ("server: [1, 2", "line", "valid YAML"),
-    ("server: {prot: 1}", "server.prot", "a known key"),
-    ("nonsense: {}", "nonsense", "a known key"),
-    ("server: {port: abc}", "server.port", "an integer in 1..65535"),
-    ("server: {port: 70000}", "server.port", "an integer in 1..65535"),
-    ("scheduler: {max_queue_size: -1}", "scheduler.max_queue_size", "an integer in 1"),
-    ("scheduler: {cleanup_interval: soon}", "scheduler.cleanup_interval", "a duration"),
-    ("scheduler: {policy: random}", "scheduler.policy", "one of best_effort, strict_fifo"),
-    ("monitoring: {metrics_enabled: maybe}", "monitoring.metrics_enabled", "true or false"),
-    ("redis: {url: 'http://x'}", "redis.url", "a URL with scheme redis"),
-    ("auth: {enabled: true}", "auth.api_keys", "at least one key"),
-    ("auth: {api_keys: {'sha256:abc': svc}}", "auth.api_keys", "64 hex digits"),
-    ("workload_defaults: {training: {default_priority: 11}}",
-     "workload_defaults.training.default_priority", "an integer in 1..10"),
-    ("workload_defaults: {robotics: {}}", "workload_defaults.robotics", "a known key"),
-    ("server: 5", "server", "a mapping"),
-    ("monitoring: {simulated: {nodes: [{count: 2}]}}", "monitoring.simulated", "a simulated"),
-])
+@pytest.mark.parametrize(
+    "text, key, expected",
+    [
+        ("server: [1, 2", "line", "valid YAML"),
+        ("server: {prot: 1}", "server.prot", "a known key"),
+        ("nonsense: {}", "nonsense", "a known key"),
+        ("server: {port: abc}", "server.port", "an integer in 1..65535"),
+        ("server: {port: 70000}", "server.port", "an integer in 1..65535"),
+        ("scheduler: {max_queue_size: -1}", "scheduler.max_queue_size", "an integer in 1"),
+        ("scheduler: {cleanup_interval: soon}", "scheduler.cleanup_interval", "a duration"),
+        ("scheduler: {policy: random}", "scheduler.policy", "one of best_effort, strict_fifo"),
+        ("monitoring: {metrics_enabled: maybe}", "monitoring.metrics_enabled", "true or false"),
+        ("redis: {url: 'http://x'}", "redis.url", "a URL with scheme redis"),
+        ("auth: {enabled: true}", "auth.api_keys", "at least one key"),
+        ("auth: {api_keys: {'sha256:abc': svc}}", "auth.api_keys", "64 hex digits"),
+        (
+            "workload_defaults: {training: {default_priority: 11}}",
+            "workload_defaults.training.default_priority",
+            "an integer in 1..10",
+        ),
+        ("workload_defaults: {robotics: {}}", "workload_defaults.robotics", "a known key"),
+        ("server: 5", "server", "a mapping"),
+        ("monitoring: {simulated: {nodes: [{count: 2}]}}", "monitoring.simulated", "a simulated"),
+    ],
+)
 def test_each_kind_of_error_names_file_key_and_expectation(write_config, text, key, expected):
     path = write_config(text)
     with pytest.raises(ConfigError) as err:
@@ -117,14 +128,22 @@ def test_secret_values_never_appear_in_errors(write_config):
 
 
 def test_redacted_view_hides_every_secret(write_config):
-    path = write_config("""
+    path = write_config(
+        """
 auth:
   enabled: true
   api_keys: {"key-alpha-123": svc-a, "sha256:%s": svc-b}
 webhooks: {secret: "whsec-very-secret"}
-""" % ("ab" * 32))
-    s = load(path, environ={"REDIS_URL": "redis://user:p4ssw0rd@db:6379/0",
-                            "DEEPAGENTS_URL": "http://bot:tok3n@advisor:9004"})
+"""
+        % ("ab" * 32)
+    )
+    s = load(
+        path,
+        environ={
+            "REDIS_URL": "redis://user:p4ssw0rd@db:6379/0",
+            "DEEPAGENTS_URL": "http://bot:tok3n@advisor:9004",
+        },
+    )
     shown = yaml.safe_dump(s.redacted())
     for secret in ("key-alpha-123", "ab" * 32, "whsec-very-secret", "p4ssw0rd", "tok3n"):
         assert secret not in shown
@@ -132,9 +151,18 @@ webhooks: {secret: "whsec-very-secret"}
     assert s.auth.api_keys["key-alpha-123"] == "svc-a"  # the real values are intact
 
 
-@pytest.mark.parametrize("text, seconds", [
-    ("15s", 15), ("5m", 300), ("1h", 3600), ("250ms", 0.25), (42, 42), ("2d", 172800), ("1.5h", 5400),
-])
+@pytest.mark.parametrize(
+    "text, seconds",
+    [
+        ("15s", 15),
+        ("5m", 300),
+        ("1h", 3600),
+        ("250ms", 0.25),
+        (42, 42),
+        ("2d", 172800),
+        ("1.5h", 5400),
+    ],
+)
 def test_durations(text, seconds):
     assert parse_duration(text) == seconds
 
@@ -164,6 +192,7 @@ def test_example_config_documents_every_option_and_is_valid():
 
 def test_example_config_is_the_rendered_spec():
     from app.config_example import render
+
     shipped = (ROOT / "config" / "config.yaml.example").read_text()
     assert shipped == render(), "run: gpu-orchestrator config example > config/config.yaml.example"
 

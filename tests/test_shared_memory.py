@@ -4,6 +4,7 @@ The dynamic simulated fleet reports what is allocated as used memory, as NVML wo
 jobs run; the engine admits a shared request of m MB when max(reserved, used) + m <= total.
 Real redis-server (the rule lives in the Lua prelude).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -30,16 +31,24 @@ def engine(redis, settings):
 
 def dynamic_fleet(engine, settings, gpu):
     """A monitor over a dynamic simulated node "a10" of one GPU; refresh() reports it."""
-    backend = SimulatedBackend({"dynamic": True, "nodes": [{"name": "a10", "gpus": [gpu]}]},
-                               snapshot=engine.snapshot)
+    backend = SimulatedBackend(
+        {"dynamic": True, "nodes": [{"name": "a10", "gpus": [gpu]}]}, snapshot=engine.snapshot
+    )
     monitor = Monitor(settings, engine, backend)
     monitor.refresh()
     return monitor
 
 
 def shared(engine, mb, service="svc"):
-    return engine.allocate({"service_name": service, "required_gpus": 1, "priority": 5,
-                            "sharing": "shared", "min_memory_mb": mb})
+    return engine.allocate(
+        {
+            "service_name": service,
+            "required_gpus": 1,
+            "priority": 5,
+            "sharing": "shared",
+            "min_memory_mb": mb,
+        }
+    )
 
 
 def the_gpu(engine):
@@ -51,7 +60,7 @@ def test_two_10000_mb_shared_jobs_fit_one_23_gb_a10_on_dynamic_readings(engine, 
     monitor = dynamic_fleet(engine, settings, A10)
     first = shared(engine, 10000, "first")
     assert first["status"] == "allocated"
-    monitor.refresh()                                       # the job's memory is now "used"
+    monitor.refresh()  # the job's memory is now "used"
     gpu = the_gpu(engine)
     assert gpu["memory_used_mb"] == 10000 and gpu["memory_free_mb"] == 13028
     second = shared(engine, 10000, "second")
@@ -60,7 +69,7 @@ def test_two_10000_mb_shared_jobs_fit_one_23_gb_a10_on_dynamic_readings(engine, 
     monitor.refresh()
     assert the_gpu(engine)["shared_mb"] == 20000
     third = shared(engine, 10000, "third")
-    assert third["status"] == "queued"                      # 20,000 + 10,000 > 23,028
+    assert third["status"] == "queued"  # 20,000 + 10,000 > 23,028
     engine.release(first["id"])
     # the reading still shows first's 10,000 MB until the next refresh: the process may not
     # have exited yet, and the reading is what the GPU really has
@@ -83,9 +92,9 @@ def test_memory_used_by_others_counts_too(engine, settings):
     """Memory in use outside the orchestrator (the reading's baseline) is not free for a
     shared job, whatever was reserved."""
     monitor = dynamic_fleet(engine, settings, dict(A10, memory_used_mb=15000))
-    assert shared(engine, 10000, "big")["status"] == "queued"   # 8,028 MB free
+    assert shared(engine, 10000, "big")["status"] == "queued"  # 8,028 MB free
     assert shared(engine, 5000, "small")["status"] == "allocated"
-    monitor.refresh()                                           # 20,000 used, 5,000 reserved
+    monitor.refresh()  # 20,000 used, 5,000 reserved
     assert shared(engine, 3028, "exact")["status"] == "allocated"
     monitor.refresh()
     assert shared(engine, 1, "none")["status"] == "queued"

@@ -3,6 +3,7 @@
 Real child processes (tiny Python programs); the end-to-end behaviour with the real roles is in
 tests/test_up.py.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,10 +13,10 @@ import sys
 import time
 
 import pytest
+from proc_support import wait_until
 
 from app import lifeline, supervisor
 from app.supervisor import Supervisor, SupervisorError, UpLock, started_at
-from proc_support import wait_until
 
 CRASH = [sys.executable, "-c", "raise SystemExit(1)"]
 USAGE = [sys.executable, "-c", "raise SystemExit(2)"]
@@ -98,11 +99,14 @@ def test_second_lock_on_one_data_directory_is_refused_with_the_holder(tmp_path):
     first = UpLock(tmp_path)
     first.acquire()
     try:
-        code = ("import sys; from app.supervisor import UpLock, SupervisorError\n"
-                "try:\n    UpLock(sys.argv[1]).acquire()\n"
-                "except SupervisorError as e:\n    print(e); sys.exit(2)\n")
-        out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
-                             text=True, timeout=60)
+        code = (
+            "import sys; from app.supervisor import UpLock, SupervisorError\n"
+            "try:\n    UpLock(sys.argv[1]).acquire()\n"
+            "except SupervisorError as e:\n    print(e); sys.exit(2)\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60
+        )
         assert out.returncode == 2
         assert f"(pid {os.getpid()})" in out.stdout and str(tmp_path) in out.stdout
     finally:
@@ -125,9 +129,16 @@ def test_leftovers_of_an_earlier_up_are_stopped_and_reused_pids_are_not(tmp_path
     earlier = UpLock(tmp_path)
     earlier.acquire()
     stubborn = subprocess.Popen(
-        [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
-                               "signal.SIG_IGN); print('ready', flush=True); time.sleep(120)"],
-        start_new_session=True, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import signal, time; signal.signal(signal.SIGTERM, "
+            "signal.SIG_IGN); print('ready', flush=True); time.sleep(120)",
+        ],
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     polite = subprocess.Popen(SLEEP, start_new_session=True)
     stubborn.stdout.readline()
     polite.send_signal(signal.SIGSTOP)  # a stopped process must still be stopped
@@ -143,8 +154,9 @@ def test_leftovers_of_an_earlier_up_are_stopped_and_reused_pids_are_not(tmp_path
         later.acquire()
         stopped = later.stop_leftovers(grace=1.0)
         later.release()
-        assert sorted(stopped) == sorted([f"worker (pid {stubborn.pid})",
-                                          f"monitor (pid {polite.pid})"])
+        assert sorted(stopped) == sorted(
+            [f"worker (pid {stubborn.pid})", f"monitor (pid {polite.pid})"]
+        )
         assert stubborn.wait(10) == -signal.SIGKILL
         assert polite.wait(10) == -signal.SIGTERM
     finally:
@@ -157,11 +169,13 @@ def test_leftovers_of_an_earlier_up_are_stopped_and_reused_pids_are_not(tmp_path
 
 @pytest.mark.skipif(not lifeline.has_parent_death_signal(), reason="Linux only")
 def test_a_child_started_with_die_with_parent_gets_sigterm_when_its_parent_is_killed(tmp_path):
-    code = ("import subprocess, sys, time\n"
-            "from app import lifeline\n"
-            "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'],\n"
-            "                     preexec_fn=lifeline.die_with_parent(), start_new_session=True)\n"
-            "print(c.pid, flush=True); time.sleep(120)\n")
+    code = (
+        "import subprocess, sys, time\n"
+        "from app import lifeline\n"
+        "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'],\n"
+        "                     preexec_fn=lifeline.die_with_parent(), start_new_session=True)\n"
+        "print(c.pid, flush=True); time.sleep(120)\n"
+    )
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     child = int(parent.stdout.readline())
     try:
@@ -178,16 +192,19 @@ def test_a_child_started_with_die_with_parent_gets_sigterm_when_its_parent_is_ki
 
 def test_without_prctl_a_role_stops_itself_when_its_supervisor_is_gone():
     """The fallback for platforms without a parent-death signal (forced here on Linux)."""
-    role = ("import time\nfrom app import lifeline\nlifeline._prctl = None\n"
-            "assert lifeline.watch_parent(interval=0.1) is not None\n"
-            "print('watching', flush=True); time.sleep(120)\n")
-    code = ("import os, subprocess, sys, time\n"
-            "c = subprocess.Popen([sys.executable, '-c', sys.argv[1]], start_new_session=True,\n"
-            "    env=dict(os.environ, GPU_ORCH_SUPERVISOR_PID=str(os.getpid())),\n"
-            "    stdout=subprocess.PIPE, text=True)\n"
-            "c.stdout.readline(); print(c.pid, flush=True); time.sleep(120)\n")
-    parent = subprocess.Popen([sys.executable, "-c", code, role], stdout=subprocess.PIPE,
-                              text=True)
+    role = (
+        "import time\nfrom app import lifeline\nlifeline._prctl = None\n"
+        "assert lifeline.watch_parent(interval=0.1) is not None\n"
+        "print('watching', flush=True); time.sleep(120)\n"
+    )
+    code = (
+        "import os, subprocess, sys, time\n"
+        "c = subprocess.Popen([sys.executable, '-c', sys.argv[1]], start_new_session=True,\n"
+        "    env=dict(os.environ, GPU_ORCH_SUPERVISOR_PID=str(os.getpid())),\n"
+        "    stdout=subprocess.PIPE, text=True)\n"
+        "c.stdout.readline(); print(c.pid, flush=True); time.sleep(120)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code, role], stdout=subprocess.PIPE, text=True)
     child = int(parent.stdout.readline())
     try:
         assert started_at(child) is not None

@@ -1,4 +1,5 @@
 """`gpu-orchestrator up`: starts everything, serves, stops cleanly, and a restart keeps state."""
+
 from __future__ import annotations
 
 import json
@@ -14,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import LOOPBACK, free_port
 from proc_support import ROOT, wait_until
 from webhook_receiver import Receiver
+
 from workers import webhooks
 
 pytestmark = pytest.mark.slow
@@ -96,20 +97,32 @@ def _get(url: str) -> dict:
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=10) as resp:
         return resp.status, json.loads(resp.read())
 
 
 class Up:
     def __init__(self, config: str, log_path: Path):
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("GPU_ORCH__") and k not in ("REDIS_URL", "CONFIG_PATH", "PORT")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("GPU_ORCH__") and k not in ("REDIS_URL", "CONFIG_PATH", "PORT")
+        }
         self.log = open(log_path, "wb")
         self.log_path = log_path
-        self.proc = subprocess.Popen([sys.executable, "-m", "app.cli", "--config", config, "up"],
-                                     cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "--config", config, "up"],
+            cwd=ROOT,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -124,8 +137,11 @@ class Up:
             self.log.close()
 
     def wait_up(self) -> None:
-        wait_until(lambda: "gpu-orchestrator is up" in self.output() or self.proc.poll() is not None,
-                   timeout=90, message="the summary")
+        wait_until(
+            lambda: "gpu-orchestrator is up" in self.output() or self.proc.poll() is not None,
+            timeout=90,
+            message="the summary",
+        )
         assert "gpu-orchestrator is up" in self.output(), self.output()[-3000:]
 
 
@@ -136,10 +152,19 @@ def config(tmp_path):
         "server": {"port": port, "host": "127.0.0.1", "workers": 1, "threads": 2},
         "redis": {"url": "", "data_dir": str(tmp_path / "data"), "embedded_port": free_port()},
         "webhooks": {"secret": "up-secret", "allowed_hosts": LOOPBACK},
-        "monitoring": {"backend": "simulated", "refresh_interval": "1s",
-                       "simulated": {"nodes": [{"name": "laptop", "count": 2,
-                                                "gpu": {"name": "NVIDIA L4",
-                                                        "memory_total_mb": 23034}}]}},
+        "monitoring": {
+            "backend": "simulated",
+            "refresh_interval": "1s",
+            "simulated": {
+                "nodes": [
+                    {
+                        "name": "laptop",
+                        "count": 2,
+                        "gpu": {"name": "NVIDIA L4", "memory_total_mb": 23034},
+                    }
+                ]
+            },
+        },
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -156,8 +181,9 @@ def test_up_starts_serves_stops_cleanly_and_restarts_with_state(config, rx):
     path, base, tmp_path = config
     up = Up(path, tmp_path / "up-1.log")
     try:
-        wait_until(lambda: "gpu-orchestrator is up" in up.output(), timeout=90,
-                   message="the summary")
+        wait_until(
+            lambda: "gpu-orchestrator is up" in up.output(), timeout=90, message="the summary"
+        )
         summary = up.output()
         assert f"API:        {base}" in summary and f"{base}/rq" in summary
         assert f"Console:    {base}/ " in summary
@@ -171,11 +197,12 @@ def test_up_starts_serves_stops_cleanly_and_restarts_with_state(config, rx):
             code, alloc = _post(base + "/gpu/allocate", {"service_name": "keeper"})
             assert code == 200
             held.append(alloc["id"])
-        code, queued = _post(base + "/gpu/allocate", {"service_name": "waiter",
-                                                      "webhook_url": rx.url})
+        code, queued = _post(
+            base + "/gpu/allocate", {"service_name": "waiter", "webhook_url": rx.url}
+        )
         assert code == 202
         family = _descendants(up.proc.pid)
-        assert len(family) >= 5      # redis, api, worker, scheduler, monitor (and their forks)
+        assert len(family) >= 5  # redis, api, worker, scheduler, monitor (and their forks)
     finally:
         rc = up.stop()
     assert rc == 0, up.output()[-3000:]
@@ -184,21 +211,29 @@ def test_up_starts_serves_stops_cleanly_and_restarts_with_state(config, rx):
 
     again = Up(path, tmp_path / "up-2.log")
     try:
-        wait_until(lambda: "gpu-orchestrator is up" in again.output(), timeout=90,
-                   message="the summary after a restart")
+        wait_until(
+            lambda: "gpu-orchestrator is up" in again.output(),
+            timeout=90,
+            message="the summary after a restart",
+        )
         assert "2 allocation(s), 1 queued request(s)" in again.output()
         listing = _get(base + "/gpu/list")
         assert sorted(a["id"] for a in listing["allocations"]) == sorted(held)
-        assert [q["request_id"] if "request_id" in q else q["id"]
-                for q in listing["queue"]] == [queued["request_id"]]
+        assert [q["request_id"] if "request_id" in q else q["id"] for q in listing["queue"]] == [
+            queued["request_id"]
+        ]
         # The whole path after the restart: API release -> grant -> worker -> signed webhook.
         code, _ = _post(base + "/gpu/release", {"allocation_id": held[0]})
         assert code == 200
         [hook] = rx.wait_for(1)
         payload = json.loads(hook["body"])
         assert (payload["status"], payload["request_id"]) == ("allocated", queued["request_id"])
-        assert webhooks.verify_signature("up-secret", hook["headers"][webhooks.TIMESTAMP_HEADER],
-                                         hook["body"], hook["headers"][webhooks.SIGNATURE_HEADER])
+        assert webhooks.verify_signature(
+            "up-secret",
+            hook["headers"][webhooks.TIMESTAMP_HEADER],
+            hook["body"],
+            hook["headers"][webhooks.SIGNATURE_HEADER],
+        )
     finally:
         assert again.stop() == 0
 
@@ -216,10 +251,12 @@ def test_up_restarts_its_embedded_redis_after_a_sigkill_and_the_roles_reconnect(
     up = Up(path, tmp_path / "up.log")
     try:
         up.wait_up()
-        held = [_post(base + "/gpu/allocate", {"service_name": "keeper"})[1]["id"]
-                for _ in range(2)]
-        code, queued = _post(base + "/gpu/allocate", {"service_name": "waiter",
-                                                      "webhook_url": rx.url})
+        held = [
+            _post(base + "/gpu/allocate", {"service_name": "keeper"})[1]["id"] for _ in range(2)
+        ]
+        code, queued = _post(
+            base + "/gpu/allocate", {"service_name": "waiter", "webhook_url": rx.url}
+        )
         assert code == 202
         redis_pid = int((tmp_path / "data" / "redis.pid").read_text())
         roles = {pid: cmd for pid, cmd in _children(up.proc.pid).items() if pid != redis_pid}
@@ -228,8 +265,12 @@ def test_up_restarts_its_embedded_redis_after_a_sigkill_and_the_roles_reconnect(
         os.kill(redis_pid, signal.SIGKILL)
 
         def redis_lines():
-            return [line for line in up.output().splitlines()
-                    if "embedded Redis" in line and "died" in line]
+            return [
+                line
+                for line in up.output().splitlines()
+                if "embedded Redis" in line and "died" in line
+            ]
+
         wait_until(redis_lines, timeout=30, message="a line about Redis")
         wait_until(lambda: _answers(base + "/gpu/status"), timeout=60, message="the API back")
         [line] = redis_lines()
@@ -263,8 +304,11 @@ def test_a_sigkilled_up_leaves_nothing_running_and_the_next_up_stops_what_hung(c
         up.proc.kill()
         up.proc.wait()
         others = family - hung
-        wait_until(lambda: not [pid for pid in others if _alive(pid)], timeout=60,
-                   message="every child of the killed up to stop")
+        wait_until(
+            lambda: not [pid for pid in others if _alive(pid)],
+            timeout=60,
+            message="every child of the killed up to stop",
+        )
         assert _alive(worker)  # stopped: its SIGTERM waits (its forks may end on their own)
 
         again = Up(path, tmp_path / "up-2.log")
@@ -274,8 +318,9 @@ def test_a_sigkilled_up_leaves_nothing_running_and_the_next_up_stops_what_hung(c
             [line] = [ln for ln in again.output().splitlines() if "left running" in ln]
             assert f"worker (pid {worker})" in line
             assert _get(base + "/healthz") == {"status": "ok"}
-            assert len([c for c in _children(again.proc.pid).values()
-                        if c.endswith(" worker")]) == 1
+            assert (
+                len([c for c in _children(again.proc.pid).values() if c.endswith(" worker")]) == 1
+            )
         finally:
             assert again.stop() == 0, again.output()[-3000:]
     finally:

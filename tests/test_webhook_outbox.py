@@ -1,4 +1,5 @@
 """The outbox dispatcher: every engine outbox entry becomes exactly one RQ delivery job."""
+
 from __future__ import annotations
 
 import json
@@ -7,8 +8,8 @@ import pytest
 import redis as redis_lib
 from rq.job import Job
 
-from app.keys import Keys
 from app import outbox, queues
+from app.keys import Keys
 
 
 @pytest.fixture
@@ -58,8 +59,12 @@ def test_entries_left_by_a_crashed_dispatcher_are_recovered_once(rq_redis, setti
     # A dispatcher moved two entries and died; it had already enqueued the first one.
     rq_redis.rpush(keys.webhook_outbox(), _entry("e1", ts=100.0))
     outbox.dispatch(rq_redis, settings)
-    rq_redis.rpush(keys.webhook_processing(), _entry("e1", ts=100.0), _entry("e2", ts=100.0),
-                   _entry("fresh", ts=1000.0))
+    rq_redis.rpush(
+        keys.webhook_processing(),
+        _entry("e1", ts=100.0),
+        _entry("e2", ts=100.0),
+        _entry("fresh", ts=1000.0),
+    )
     # The API's plain dispatch leaves the processing list alone.
     assert outbox.dispatch(rq_redis, settings, clock=lambda: 1010.0) == 0
     assert outbox.dispatch(rq_redis, settings, recover_after=30, clock=lambda: 1010.0) == 1

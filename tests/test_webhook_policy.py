@@ -5,6 +5,7 @@ Every receiver here listens on loopback; a test that names a non-loopback target
 resolver and ``socket.connect`` so that nothing can reach it, and asserts the refusal came
 before any connection.
 """
+
 from __future__ import annotations
 
 import logging
@@ -12,11 +13,11 @@ import socket
 import time
 
 import pytest
+from webhook_receiver import Receiver, Trickler
 
 from app import settings as settings_mod
 from app.webhook_policy import Policy, Refused, parse_entry, redact
 from tests.api_support import assert_error, clock, make_app  # noqa: F401 (fixtures)
-from webhook_receiver import Receiver, Trickler
 from workers import webhooks
 
 OWNER_KEY = "pol-owner-key-31f0a9"
@@ -43,6 +44,7 @@ def no_connections(monkeypatch, redis_server):
         if isinstance(address, tuple) and address[1] != redis_port:
             attempts.append(address)
         return real_connect(self, address)
+
     monkeypatch.setattr(socket.socket, "connect", connect)
     return attempts
 
@@ -62,19 +64,32 @@ def fake_dns(monkeypatch):
             family = socket.AF_INET6 if ":" in addr else socket.AF_INET
             return [(family, socket.SOCK_STREAM, 6, "", (addr, port or 0))]
         return real(host, port, *args, **kwargs)
+
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     return answers, lookups
 
 
 # --------------------------------------------------------------------------- the rule
 
+
 def test_secure_default_denies_private_networks():
     assert settings_mod.defaults().webhooks.deny_private_networks is True
 
 
 def test_allowed_hosts_entries_are_checked_at_start_up():
-    for good in (["hooks.example.com", "*.corp.example", "*", "hooks.example.com:8443",
-                  "10.20.0.0/16", "127.0.0.1", "10.0.0.5:9000", "[::1]:9000", "::1"],):
+    for good in (
+        [
+            "hooks.example.com",
+            "*.corp.example",
+            "*",
+            "hooks.example.com:8443",
+            "10.20.0.0/16",
+            "127.0.0.1",
+            "10.0.0.5:9000",
+            "[::1]:9000",
+            "::1",
+        ],
+    ):
         settings_mod.defaults().replace(webhooks={"allowed_hosts": good})
     for bad in ("hooks example", "h:0", "h:99999", "10.0.0.0/33", "[nothex]:80", ""):
         with pytest.raises(settings_mod.ConfigError, match="allowed_hosts"):
@@ -84,12 +99,15 @@ def test_allowed_hosts_entries_are_checked_at_start_up():
 def test_entries_allow_a_host_a_port_or_a_network(no_connections):
     public = lambda host, port: ["93.184.215.14"]  # noqa: E731 - a public answer
     internal = lambda host, port: ["10.1.2.3"]  # noqa: E731
-    policy = Policy(["hooks.example.com:8443", "10.1.0.0/16", "10.9.9.9:9000"], True,
-                    resolver=public)
+    policy = Policy(
+        ["hooks.example.com:8443", "10.1.0.0/16", "10.9.9.9:9000"], True, resolver=public
+    )
     assert policy.resolve("https://hooks.example.com:8443/x").addresses == ("93.184.215.14",)
-    for url in ("https://hooks.example.com/x",           # port 443 is not 8443
-                "http://10.9.9.9:9001/x",                # the address entry names port 9000
-                "http://10.2.0.1/x"):                    # outside the network
+    for url in (
+        "https://hooks.example.com/x",  # port 443 is not 8443
+        "http://10.9.9.9:9001/x",  # the address entry names port 9000
+        "http://10.2.0.1/x",
+    ):  # outside the network
         with pytest.raises(Refused):
             policy.resolve(url)
     assert policy.resolve("http://10.1.200.7:81/x").addresses == ("10.1.200.7",)
@@ -103,8 +121,15 @@ def test_entries_allow_a_host_a_port_or_a_network(no_connections):
     assert no_connections == []
 
 
-@pytest.mark.parametrize("url", ["http://user:pw@127.0.0.1:9/hook", "http://user@127.0.0.1/x",
-                                 "http://:tok@127.0.0.1/x", "https://a%40b:c@hooks.example.com/"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://user:pw@127.0.0.1:9/hook",
+        "http://user@127.0.0.1/x",
+        "http://:tok@127.0.0.1/x",
+        "https://a%40b:c@hooks.example.com/",
+    ],
+)
 def test_userinfo_is_refused(url, no_connections):
     with pytest.raises(Refused, match="credentials") as info:
         Policy(["*", "127.0.0.0/8"], True).resolve(url)
@@ -112,24 +137,32 @@ def test_userinfo_is_refused(url, no_connections):
 
 
 def test_redact_keeps_no_userinfo_query_or_fragment():
-    assert redact("https://u:secret@hooks.example.com:8443/p/a?token=abc#frag") == \
-        "https://hooks.example.com:8443/p/a"
+    assert (
+        redact("https://u:secret@hooks.example.com:8443/p/a?token=abc#frag")
+        == "https://hooks.example.com:8443/p/a"
+    )
     assert redact("http://[::1]:9/x?y=1") == "http://[::1]:9/x"
     assert parse_entry("[::1]:9000").port == 9000
 
 
 # --------------------------------------------------------------------------- at allocate
 
+
 def test_a_refused_webhook_url_is_a_422_at_allocate_before_any_connection(
-        make_app, no_connections, fake_dns):
+    make_app, no_connections, fake_dns
+):
     """Today: 202, then the delivery fails silently. Nothing is stored for a refused URL."""
     answers, _ = fake_dns
     answers["hooks.example.com"] = ["10.0.0.7"]  # a name that points inside
     app = make_app(nodes=(("node-a", 1),), webhooks={"allowed_hosts": []})
     client = app.test_client()
-    for url in ("http://10.0.0.5/hook", "http://169.254.169.254/latest/meta-data/",
-                "http://127.0.0.1:8080/hook", "http://hooks.example.com/hook",
-                "http://user:pw@93.184.215.14/hook"):
+    for url in (
+        "http://10.0.0.5/hook",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://127.0.0.1:8080/hook",
+        "http://hooks.example.com/hook",
+        "http://user:pw@93.184.215.14/hook",
+    ):
         resp = client.post("/gpu/allocate", json={"service_name": "pol", "webhook_url": url})
         err = assert_error(resp, 422, "validation_error")
         assert "webhook_url" in err["details"], err
@@ -141,19 +174,22 @@ def test_a_refused_webhook_url_is_a_422_at_allocate_before_any_connection(
 
 def test_userinfo_is_a_422_even_where_the_host_is_allowed(make_app):
     client = make_app().test_client()
-    resp = client.post("/gpu/allocate", json={"service_name": "pol",
-                                              "webhook_url": "http://u:pw@127.0.0.1:9/hook"})
+    resp = client.post(
+        "/gpu/allocate", json={"service_name": "pol", "webhook_url": "http://u:pw@127.0.0.1:9/hook"}
+    )
     assert "webhook_url" in assert_error(resp, 422, "validation_error")["details"]
 
 
 def test_an_allowed_loopback_receiver_is_accepted(make_app):
     client = make_app().test_client()  # tests allow 127.0.0.0/8 explicitly
-    resp = client.post("/gpu/allocate", json={"service_name": "pol",
-                                              "webhook_url": "http://127.0.0.1:9/hook"})
+    resp = client.post(
+        "/gpu/allocate", json={"service_name": "pol", "webhook_url": "http://127.0.0.1:9/hook"}
+    )
     assert resp.status_code == 200, resp.get_data(as_text=True)
 
 
 # --------------------------------------------------------------------------- at delivery
+
 
 def test_delivery_refuses_a_url_the_policy_no_longer_allows(settings, no_connections):
     """Checked again at delivery (the config may have changed since allocate)."""
@@ -177,12 +213,14 @@ def test_delivery_connects_to_the_address_it_checked(settings, fake_dns, monkeyp
             dialled.append(address)
             raise ConnectionRefusedError(111, "intercepted by the test")
         return real_connect(self, address)
+
     monkeypatch.setattr(socket.socket, "connect", connect)
     with Receiver() as internal:
         port = internal.server.server_address[1]
         answers["hooks.test"] = ["93.184.215.14", "127.0.0.1"]  # first lookup, then any later
-        policy = settings.replace(webhooks={"allowed_hosts": ["hooks.test"],
-                                            "deny_private_networks": True})
+        policy = settings.replace(
+            webhooks={"allowed_hosts": ["hooks.test"], "deny_private_networks": True}
+        )
         with pytest.raises(webhooks.WebhookError) as info:
             webhooks.post(f"http://hooks.test:{port}/hook", {"event_id": "e"}, policy)
         assert not isinstance(info.value, webhooks.WebhookRefused)
@@ -197,8 +235,7 @@ def test_the_request_names_the_host_it_was_given(settings, fake_dns):
         port = rx.server.server_address[1]
         answers["hooks.test"] = ["127.0.0.1"]
         policy = settings.replace(webhooks={"allowed_hosts": ["hooks.test", "127.0.0.1"]})
-        assert webhooks.post(f"http://hooks.test:{port}/p?q=1", {"event_id": "e"},
-                             policy) == 200
+        assert webhooks.post(f"http://hooks.test:{port}/p?q=1", {"event_id": "e"}, policy) == 200
         [req] = rx.wait_for(1)
     assert req["headers"]["Host"] == f"hooks.test:{port}" and req["path"] == "/p?q=1"
 
@@ -209,17 +246,18 @@ def test_the_timeout_is_a_deadline_for_the_whole_attempt(settings):
     with Trickler(interval=0.3, lines=20) as slow:
         started = time.monotonic()
         with pytest.raises(webhooks.WebhookError, match="timed out"):
-            webhooks.post(slow.url, {"event_id": "e"},
-                          settings.replace(webhooks={"timeout": "1s"}))
+            webhooks.post(slow.url, {"event_id": "e"}, settings.replace(webhooks={"timeout": "1s"}))
         assert time.monotonic() - started < 2.5
 
 
 # --------------------------------------------------------------------------- who sees what
 
+
 @pytest.fixture
 def team_app(make_app):
-    return make_app(nodes=(("node-a", 1),),
-                    auth={"enabled": True, "api_keys": KEYS, "admins": ["root"]})
+    return make_app(
+        nodes=(("node-a", 1),), auth={"enabled": True, "api_keys": KEYS, "admins": ["root"]}
+    )
 
 
 def test_webhook_url_and_workload_data_are_shown_to_owner_and_admins_only(team_app):
@@ -227,8 +265,11 @@ def test_webhook_url_and_workload_data_are_shown_to_owner_and_admins_only(team_a
     workload_data through GET /gpu/requests/<id> and /gpu/list."""
     client = team_app.test_client()
     url = "http://127.0.0.1:9/hook?token=team-secret-71"
-    body = {"service_name": "pol", "webhook_url": url,
-            "workload_data": {"model_name": "private-model-x"}}
+    body = {
+        "service_name": "pol",
+        "webhook_url": url,
+        "workload_data": {"model_name": "private-model-x"},
+    }
     held = client.post("/gpu/allocate", headers={"X-API-Key": OWNER_KEY}, json=body)
     queued = client.post("/gpu/allocate", headers={"X-API-Key": OWNER_KEY}, json=body)
     assert (held.status_code, queued.status_code) == (200, 202)
@@ -237,10 +278,10 @@ def test_webhook_url_and_workload_data_are_shown_to_owner_and_admins_only(team_a
 
     def views(key):
         """(full records, compact /gpu/list records: no workload_data for anyone)."""
-        full = [client.get(f"/gpu/requests/{i}", headers={"X-API-Key": key}).get_json()
-                for i in ids]
-        full.append(client.get(f"/gpu/allocations/{ids[0]}", headers={"X-API-Key": key})
-                    .get_json())
+        full = [
+            client.get(f"/gpu/requests/{i}", headers={"X-API-Key": key}).get_json() for i in ids
+        ]
+        full.append(client.get(f"/gpu/allocations/{ids[0]}", headers={"X-API-Key": key}).get_json())
         snap = client.get("/gpu/list", headers={"X-API-Key": key}).get_json()
         return full, snap["allocations"] + snap["queue"]
 
@@ -266,15 +307,24 @@ def test_logs_never_show_a_webhook_urls_userinfo_or_query(settings, redis, caplo
     from workers import context
 
     engine = Engine(redis, settings)
-    engine.report_node("n", [{"index": 0, "uuid": "G-0", "name": "x", "memory_total_mb": 1000}],
-                       backend="simulated", host="h")
+    engine.report_node(
+        "n",
+        [{"index": 0, "uuid": "G-0", "name": "x", "memory_total_mb": 1000}],
+        backend="simulated",
+        host="h",
+    )
     rq_redis = connect(settings.redis.url, settings, decode=False)
     context.configure(settings, redis, rq_redis)
     try:
         with Receiver(codes=[500]) as failing, Receiver() as ok, caplog.at_level(logging.DEBUG):
             for n, rx in enumerate((failing, ok)):
-                rec = engine.allocate({"service_name": f"pol{n}", "required_gpus": 1,
-                                       "webhook_url": rx.url + "?token=query-secret-93"})
+                rec = engine.allocate(
+                    {
+                        "service_name": f"pol{n}",
+                        "required_gpus": 1,
+                        "webhook_url": rx.url + "?token=query-secret-93",
+                    }
+                )
                 entry = {"event_id": f"ev-{n}", "event": "allocated", "request_id": rec["id"]}
                 if rx is failing:
                     with pytest.raises(webhooks.WebhookError):

@@ -1,16 +1,24 @@
 """Webhook delivery: payload, signature, status handling and the SSRF policy."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
-
 from webhook_receiver import Receiver
+
 from workers import webhooks
 
-RECORD = {"id": "trainer-1700000000123-ab12", "service_name": "trainer", "gpu_ids": [2, 3],
-          "priority": 7, "submitted_at": 1767225600.0, "allocated_at": 1767225612.5,
-          "webhook_url": "http://example.invalid/hook", "status": "allocated"}
+RECORD = {
+    "id": "trainer-1700000000123-ab12",
+    "service_name": "trainer",
+    "gpu_ids": [2, 3],
+    "priority": 7,
+    "submitted_at": 1767225600.0,
+    "allocated_at": 1767225612.5,
+    "webhook_url": "http://example.invalid/hook",
+    "status": "allocated",
+}
 
 
 def test_payload_is_the_original_shape_plus_event_id():
@@ -25,26 +33,38 @@ def test_payload_is_the_original_shape_plus_event_id():
         "event_id": "ev-1",
     }
     # the original's allocation fields, among those of a 200 answer of /gpu/allocate
-    assert {k: allocation[k] for k in ("id", "service_name", "gpu_ids", "allocated_at",
-                                       "priority")} == {
-        "id": "trainer-1700000000123-ab12", "service_name": "trainer", "gpu_ids": [2, 3],
-        "allocated_at": "2026-01-01T00:00:12.500Z", "priority": 7}
+    assert {
+        k: allocation[k] for k in ("id", "service_name", "gpu_ids", "allocated_at", "priority")
+    } == {
+        "id": "trainer-1700000000123-ab12",
+        "service_name": "trainer",
+        "gpu_ids": [2, 3],
+        "allocated_at": "2026-01-01T00:00:12.500Z",
+        "priority": 7,
+    }
     assert allocation["cuda_visible_devices"] == "2,3"
     assert allocation["status"] == "allocated"
 
 
 def test_an_allocated_payload_pins_the_lease_as_granted():
     """A renewal between two tries of the grant's webhook does not change its body."""
-    renewed = dict(RECORD, expires_at=1767230000.0, lease_seconds=4000.0,
-                   renewed_at=1767226000.0, status="released", released_at=1767229000.0)
+    renewed = dict(
+        RECORD,
+        expires_at=1767230000.0,
+        lease_seconds=4000.0,
+        renewed_at=1767226000.0,
+        status="released",
+        released_at=1767229000.0,
+    )
     pinned = {"expires_at": "1767229212.500000", "lease_seconds": "3600"}
     allocation = webhooks.build_payload(renewed, "allocated", "ev-1", pinned)["allocation"]
     assert allocation["expires_at"] == "2026-01-01T01:00:12.500Z"
     assert allocation["lease_seconds"] == 3600
     assert allocation["status"] == "allocated"
     assert "renewed_at" not in allocation and "released_at" not in allocation
-    forever = webhooks.build_payload(renewed, "allocated", "ev-1",
-                                     {"expires_at": "", "lease_seconds": "-1"})["allocation"]
+    forever = webhooks.build_payload(
+        renewed, "allocated", "ev-1", {"expires_at": "", "lease_seconds": "-1"}
+    )["allocation"]
     assert forever["expires_at"] is None and forever["lease_seconds"] is None
 
 
@@ -79,8 +99,10 @@ def test_unsigned_without_a_secret(settings):
     assert webhooks.SIGNATURE_HEADER not in req["headers"]
 
 
-@pytest.mark.parametrize("code, error", [(500, webhooks.WebhookError), (302, webhooks.WebhookError),
-                                         (410, webhooks.WebhookGone)])
+@pytest.mark.parametrize(
+    "code, error",
+    [(500, webhooks.WebhookError), (302, webhooks.WebhookError), (410, webhooks.WebhookGone)],
+)
 def test_non_2xx_raises(settings, code, error):
     with Receiver(codes=[code]) as rx:
         with pytest.raises(error) as info:
@@ -95,9 +117,13 @@ def test_any_2xx_is_delivered(settings):
 
 def test_unreachable_receiver_is_a_retryable_error(settings):
     from conftest import free_port
+
     with pytest.raises(webhooks.WebhookError) as info:
-        webhooks.post(f"http://127.0.0.1:{free_port()}/x", {"event_id": "e"},
-                      settings.replace(webhooks={"timeout": "1s"}))
+        webhooks.post(
+            f"http://127.0.0.1:{free_port()}/x",
+            {"event_id": "e"},
+            settings.replace(webhooks={"timeout": "1s"}),
+        )
     assert not isinstance(info.value, webhooks.WebhookRefused)
 
 
@@ -106,6 +132,7 @@ def test_ssrf_policy(settings, monkeypatch):
 
     def connect(self, address):
         raise AssertionError(f"connected to {address}")
+
     monkeypatch.setattr(__import__("socket").socket, "connect", connect)
 
     def check(url, allowed=(), deny=True, resolve=None):
@@ -113,19 +140,28 @@ def test_ssrf_policy(settings, monkeypatch):
 
     open_ = check("http://127.0.0.1:9/x", deny=False)  # no list, private allowed: anything
     assert open_.addresses == ("127.0.0.1",) and open_.port == 9
-    for url in ("http://127.0.0.1/x", "http://10.1.2.3/x", "http://169.254.169.254/latest",
-                "http://[::1]/x", "http://[::ffff:192.168.0.1]/x"):
+    for url in (
+        "http://127.0.0.1/x",
+        "http://10.1.2.3/x",
+        "http://169.254.169.254/latest",
+        "http://[::1]/x",
+        "http://[::ffff:192.168.0.1]/x",
+    ):
         with pytest.raises(Refused):
             check(url)  # the default: private networks denied
     public = lambda host, port: ["93.184.215.14"]  # noqa: E731
     assert check("https://hooks.example.com/x", resolve=public).addresses == ("93.184.215.14",)
     with pytest.raises(Refused, match="private"):
-        check("https://sneaky.example.com/x",
-              resolve=lambda host, port: ["93.184.215.14", "10.0.0.5"])
+        check(
+            "https://sneaky.example.com/x", resolve=lambda host, port: ["93.184.215.14", "10.0.0.5"]
+        )
     allow = ["hooks.example.com", "*.corp.example"]
     check("https://hooks.example.com/x", allow, resolve=public)
     check("https://a.b.corp.example/x", allow, resolve=public)
-    for url in ("https://evil.example.com/x", "https://corp.example.evil/x",
-                "ftp://hooks.example.com/"):
+    for url in (
+        "https://evil.example.com/x",
+        "https://corp.example.evil/x",
+        "ftp://hooks.example.com/",
+    ):
         with pytest.raises(Refused):
             check(url, allow, resolve=public)

@@ -1,4 +1,5 @@
 """Webhooks end to end: real worker processes, a real redis-server, a real HTTP receiver."""
+
 from __future__ import annotations
 
 import json
@@ -6,15 +7,15 @@ import threading
 
 import pytest
 import redis as redis_lib
+from proc_support import Role, wait_until, write_settings
 from rq.registry import FailedJobRegistry
+from webhook_receiver import Receiver, Trickler
 
+from app import outbox, queues
 from app.api import render
 from app.engine import Engine
 from app.keys import Keys
 from app.timefmt import iso
-from proc_support import Role, wait_until, write_settings
-from webhook_receiver import Receiver, Trickler
-from app import outbox, queues
 from workers import webhooks
 
 pytestmark = pytest.mark.slow
@@ -30,17 +31,29 @@ def rq_redis(redis_url):
 
 
 def _one_gpu(engine):
-    engine.report_node("node-a", [{"index": 0, "uuid": "GPU-a0", "name": "NVIDIA H100 80GB HBM3",
-                                   "memory_total_mb": 81559, "memory_used_mb": 0}],
-                       backend="simulated", host="test")
+    engine.report_node(
+        "node-a",
+        [
+            {
+                "index": 0,
+                "uuid": "GPU-a0",
+                "name": "NVIDIA H100 80GB HBM3",
+                "memory_total_mb": 81559,
+                "memory_used_mb": 0,
+            }
+        ],
+        backend="simulated",
+        host="test",
+    )
 
 
 def _queue_behind_holder(engine, url, **extra):
     _one_gpu(engine)
     holder = engine.allocate({"service_name": "holder", "required_gpus": 1, **extra})
     assert holder["status"] == "allocated"
-    waiter = engine.allocate({"service_name": "waiter", "required_gpus": 1, "priority": 7,
-                              "webhook_url": url})
+    waiter = engine.allocate(
+        {"service_name": "waiter", "required_gpus": 1, "priority": 7, "webhook_url": url}
+    )
     assert waiter["status"] == "queued"
     return holder, waiter
 
@@ -54,19 +67,23 @@ def _worker(tmp_path, settings, **webhook_opts):
     hooks = {"secret": SECRET, "timeout": "3s", **webhook_opts}
     workers = {"maintenance_interval": "1s", "heartbeat_interval": "1s"}
     cfg = write_settings(tmp_path, settings, webhooks=hooks, workers=workers)
-    return settings.replace(webhooks=hooks, workers=workers), cfg, Role(cfg, "worker",
-                                                                         log_dir=tmp_path)
+    return (
+        settings.replace(webhooks=hooks, workers=workers),
+        cfg,
+        Role(cfg, "worker", log_dir=tmp_path),
+    )
 
 
 def test_release_grants_the_queued_request_and_its_webhook_arrives_signed(
-        tmp_path, settings, redis, rq_redis):
+    tmp_path, settings, redis, rq_redis
+):
     engine = Engine(redis, settings)
     with Receiver() as rx:
         holder, waiter = _queue_behind_holder(engine, rx.url)
         settings, cfg, worker = _worker(tmp_path, settings)
         try:
             engine.release(holder["id"])
-            outbox.dispatch(rq_redis, settings)   # what the API does right after a release
+            outbox.dispatch(rq_redis, settings)  # what the API does right after a release
             [req] = rx.wait_for(1)
         finally:
             worker.stop()
@@ -85,13 +102,15 @@ def test_release_grants_the_queued_request_and_its_webhook_arrives_signed(
         "wait_time_seconds": round(rec["allocated_at"] - rec["submitted_at"], 3),
     }
     headers = req["headers"]
-    assert webhooks.verify_signature(SECRET, headers[webhooks.TIMESTAMP_HEADER], req["body"],
-                                     headers[webhooks.SIGNATURE_HEADER])
+    assert webhooks.verify_signature(
+        SECRET, headers[webhooks.TIMESTAMP_HEADER], req["body"], headers[webhooks.SIGNATURE_HEADER]
+    )
     assert _stats(redis, settings).get(webhooks.STAT_DELIVERED) == "1"
 
 
 def test_receiver_failing_twice_then_ok_gets_it_on_the_third_try(
-        tmp_path, settings, redis, rq_redis):
+    tmp_path, settings, redis, rq_redis
+):
     engine = Engine(redis, settings)
     with Receiver(codes=[500, 500, 200]) as rx:
         holder, waiter = _queue_behind_holder(engine, rx.url)
@@ -102,18 +121,21 @@ def test_receiver_failing_twice_then_ok_gets_it_on_the_third_try(
             rx.wait_for(1)
             engine.renew(waiter["id"], ttl_seconds=9999)  # the retries still send the grant
             reqs = rx.wait_for(3)
-            wait_until(lambda: _stats(redis, settings).get(webhooks.STAT_DELIVERED) == "1",
-                       message="delivered counter")
+            wait_until(
+                lambda: _stats(redis, settings).get(webhooks.STAT_DELIVERED) == "1",
+                message="delivered counter",
+            )
         finally:
             worker.stop()
     assert len(reqs) == 3
-    assert len({r["body"] for r in reqs}) == 1        # the same event, byte for byte
+    assert len({r["body"] for r in reqs}) == 1  # the same event, byte for byte
     stats = _stats(redis, settings)
     assert stats.get(webhooks.STAT_RETRIED) == "2" and webhooks.STAT_FAILED not in stats
 
 
 def test_gone_stops_retries_and_final_failures_land_in_the_failed_registry(
-        tmp_path, settings, redis, rq_redis):
+    tmp_path, settings, redis, rq_redis
+):
     engine = Engine(redis, settings)
     _one_gpu(engine)
     with Receiver(codes=[410]) as gone, Receiver(codes=[503]) as down:
@@ -124,25 +146,33 @@ def test_gone_stops_retries_and_final_failures_land_in_the_failed_registry(
                 holder = engine.allocate({"service_name": "holder", "required_gpus": 1})
                 waiter = engine.allocate({"service_name": "waiter", "webhook_url": url})
                 engine.release(holder["id"])
-                ids.append(outbox.job_id_for(
-                    json.loads(rq_redis.lindex(Keys(settings.redis.prefix).webhook_outbox(), 0))
-                    ["event_id"]))
+                ids.append(
+                    outbox.job_id_for(
+                        json.loads(
+                            rq_redis.lindex(Keys(settings.redis.prefix).webhook_outbox(), 0)
+                        )["event_id"]
+                    )
+                )
                 outbox.dispatch(rq_redis, settings)
                 engine.release(waiter["id"])
-            failed = FailedJobRegistry(queues.queue_name(settings, queues.WEBHOOKS),
-                                       connection=rq_redis, serializer=queues.SERIALIZER)
+            failed = FailedJobRegistry(
+                queues.queue_name(settings, queues.WEBHOOKS),
+                connection=rq_redis,
+                serializer=queues.SERIALIZER,
+            )
             wait_until(lambda: len(failed.get_job_ids()) == 2, message="two failed jobs")
         finally:
             worker.stop()
-    assert len(gone.requests) == 1                 # 410: no retries
-    assert len(down.requests) == 3                 # first try + 2 retries
+    assert len(gone.requests) == 1  # 410: no retries
+    assert len(down.requests) == 3  # first try + 2 retries
     assert sorted(failed.get_job_ids()) == sorted(ids)
     stats = _stats(redis, settings)
     assert stats.get(webhooks.STAT_FAILED) == "2" and stats.get(webhooks.STAT_RETRIED) == "2"
 
 
 def test_worker_killed_mid_delivery_the_webhook_is_still_delivered(
-        tmp_path, settings, redis, rq_redis):
+    tmp_path, settings, redis, rq_redis
+):
     engine = Engine(redis, settings)
     hold = threading.Event()
     with Receiver(codes=[200], hold=hold) as rx:
@@ -151,15 +181,17 @@ def test_worker_killed_mid_delivery_the_webhook_is_still_delivered(
         try:
             engine.release(holder["id"])
             outbox.dispatch(rq_redis, settings)
-            rx.wait_for(1)               # the first worker is inside the POST right now
-            first.kill_group()           # SIGKILL: worker, work horse and its RQ scheduler
+            rx.wait_for(1)  # the first worker is inside the POST right now
+            first.kill_group()  # SIGKILL: worker, work horse and its RQ scheduler
         finally:
             first.stop()
         second = Role(cfg, "worker", log_dir=tmp_path)
         try:
             reqs = rx.wait_for(2, timeout=30)
-            wait_until(lambda: _stats(redis, settings).get(webhooks.STAT_DELIVERED) == "1",
-                       message="delivered counter")
+            wait_until(
+                lambda: _stats(redis, settings).get(webhooks.STAT_DELIVERED) == "1",
+                message="delivered counter",
+            )
         finally:
             second.stop()
     assert len(reqs) == 2 and reqs[0]["body"] == reqs[1]["body"]
@@ -173,16 +205,18 @@ def test_a_slow_delivery_is_not_mistaken_for_a_dead_worker(tmp_path, settings, r
     hold = threading.Event()
     with Receiver(codes=[200], hold=hold) as rx:
         holder, waiter = _queue_behind_holder(engine, rx.url)
-        settings, cfg, first = _worker(tmp_path, settings, timeout="20s",
-                                       retry_intervals=["0s"])
+        settings, cfg, first = _worker(tmp_path, settings, timeout="20s", retry_intervals=["0s"])
         second = Role(cfg, "worker", log_dir=tmp_path)
         try:
             engine.release(holder["id"])
             outbox.dispatch(rq_redis, settings)
             rx.wait_for(1)
-            threading.Timer(5.0, hold.set).start()   # answer after 5 s
-            wait_until(lambda: _stats(redis, settings).get(webhooks.STAT_DELIVERED) == "1",
-                       timeout=20, message="delivered counter")
+            threading.Timer(5.0, hold.set).start()  # answer after 5 s
+            wait_until(
+                lambda: _stats(redis, settings).get(webhooks.STAT_DELIVERED) == "1",
+                timeout=20,
+                message="delivered counter",
+            )
         finally:
             first.stop()
             second.stop()
@@ -190,7 +224,8 @@ def test_a_slow_delivery_is_not_mistaken_for_a_dead_worker(tmp_path, settings, r
 
 
 def test_a_trickling_receiver_does_not_hold_up_another_teams_webhook(
-        tmp_path, settings, redis, rq_redis):
+    tmp_path, settings, redis, rq_redis
+):
     """Issue 11: a receiver answering 200 and then a header line every 0.5 s held the only
     worker (the timeout was per read), so another team's webhook waited for it. Now a slow try
     holds one delivery slot until its deadline (4 s), one receiver gets at most
@@ -201,22 +236,42 @@ def test_a_trickling_receiver_does_not_hold_up_another_teams_webhook(
     engine = Engine(redis, settings)
     with Trickler(interval=0.5, lines=40) as slow, Receiver() as fast:
         holder, first = _queue_behind_holder(engine, slow.url)
-        slow_team = [engine.allocate({"service_name": "slow-team", "required_gpus": 1,
-                                      "webhook_url": slow.url, "webhook_events": ["cancelled"]})
-                     for _ in range(4)]
-        other = engine.allocate({"service_name": "other-team", "required_gpus": 1,
-                                 "webhook_url": fast.url, "webhook_events": ["cancelled"]})
-        settings, cfg, worker = _worker(tmp_path, settings, timeout="4s",
-                                        retry_intervals=["60s"], concurrency=4,
-                                        max_per_receiver=2)
+        slow_team = [
+            engine.allocate(
+                {
+                    "service_name": "slow-team",
+                    "required_gpus": 1,
+                    "webhook_url": slow.url,
+                    "webhook_events": ["cancelled"],
+                }
+            )
+            for _ in range(4)
+        ]
+        other = engine.allocate(
+            {
+                "service_name": "other-team",
+                "required_gpus": 1,
+                "webhook_url": fast.url,
+                "webhook_events": ["cancelled"],
+            }
+        )
+        settings, cfg, worker = _worker(
+            tmp_path,
+            settings,
+            timeout="4s",
+            retry_intervals=["60s"],
+            concurrency=4,
+            max_per_receiver=2,
+        )
         try:
-            engine.release(holder["id"])        # grants `first`: its webhook goes to `slow`
+            engine.release(holder["id"])  # grants `first`: its webhook goes to `slow`
             for req in slow_team:
-                engine.cancel(req["id"])        # four more for `slow`
+                engine.cancel(req["id"])  # four more for `slow`
             outbox.dispatch(rq_redis, settings)
-            wait_until(lambda: len(slow.connections) >= 2, timeout=20,
-                       message="the slow deliveries")
-            engine.cancel(other["id"])          # the other team's webhook
+            wait_until(
+                lambda: len(slow.connections) >= 2, timeout=20, message="the slow deliveries"
+            )
+            engine.cancel(other["id"])  # the other team's webhook
             outbox.dispatch(rq_redis, settings)
             [req] = fast.wait_for(1, timeout=20)
             arrived = time.monotonic()
@@ -227,9 +282,14 @@ def test_a_trickling_receiver_does_not_hold_up_another_teams_webhook(
             assert len([t for t in slow.connections if t < arrived]) <= 2
             # Three rounds of two 4 s tries, each deferred one coming back within about 2 s;
             # generous, for a loaded machine.
-            wait_until(lambda: len(slow.connections) >= 5, timeout=90,
-                       message=lambda: "the deferred slow deliveries get their turn; "
-                       f"{len(slow.connections)} tries; worker said:\n{worker.output()[-6000:]}")
+            wait_until(
+                lambda: len(slow.connections) >= 5,
+                timeout=90,
+                message=lambda: (
+                    "the deferred slow deliveries get their turn; "
+                    f"{len(slow.connections)} tries; worker said:\n{worker.output()[-6000:]}"
+                ),
+            )
         finally:
             worker.stop()
     # Deferrals spent no tries: every slow webhook was tried once (retry in 60 s), none failed.

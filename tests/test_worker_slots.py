@@ -5,6 +5,7 @@ These canaries fail loudly when an RQ upgrade moves what the slots depend on: th
 since only the main thread gets signals), and ``_install_signal_handlers`` (which a slot must
 not run outside the main thread).
 """
+
 from __future__ import annotations
 
 import threading
@@ -35,10 +36,12 @@ def test_rq_still_has_what_the_slots_override_and_read(settings, rq_redis):
 def test_a_slot_runs_outside_the_main_thread_and_stops_on_request(settings, rq_redis):
     """A DeliveryWorker works in a thread (no signal handlers, timer death penalty), runs a
     job, and leaves its loop once the stop flag is set."""
-    context.configure(settings, redis_lib.Redis.from_url(settings.redis.url,
-                                                         decode_responses=True), rq_redis)
-    slot = worker_mod.make_worker(settings, rq_redis, worker_mod.DeliveryWorker,
-                                  names=(queues.WEBHOOKS,))
+    context.configure(
+        settings, redis_lib.Redis.from_url(settings.redis.url, decode_responses=True), rq_redis
+    )
+    slot = worker_mod.make_worker(
+        settings, rq_redis, worker_mod.DeliveryWorker, names=(queues.WEBHOOKS,)
+    )
     q = queues.queue(rq_redis, settings, queues.WEBHOOKS)
     job = q.enqueue("app.outbox.job_id_for", "probe")
     errors = []
@@ -66,8 +69,7 @@ def test_delivery_slots_start_count_threads_and_stop(settings, rq_redis):
     slots = worker_mod.DeliverySlots(settings, 3, "WARNING").start()
     try:
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and sum(
-                w is not None for w in slots._workers) < 3:
+        while time.monotonic() < deadline and sum(w is not None for w in slots._workers) < 3:
             time.sleep(0.05)
         assert slots.alive() == 3
     finally:

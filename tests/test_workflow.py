@@ -1,4 +1,5 @@
 """Graph-service workflow lookups against a real HTTP server on 127.0.0.1, and their cache."""
+
 from __future__ import annotations
 
 import json
@@ -82,8 +83,12 @@ def client(graph, clock):
 
 
 def test_lookup_reads_priority_and_dependencies(graph, client):
-    graph.workflows["wf-1"] = {"id": "wf-1", "priority": 9, "dependencies": ["req-a", "req-b"],
-                               "steps": [{"name": "x"}]}
+    graph.workflows["wf-1"] = {
+        "id": "wf-1",
+        "priority": 9,
+        "dependencies": ["req-a", "req-b"],
+        "steps": [{"name": "x"}],
+    }
     assert client.lookup("wf-1") == WorkflowInfo("wf-1", 9, ("req-a", "req-b"))
     assert graph.paths == ["/workflow/wf-1"]
 
@@ -94,13 +99,16 @@ def test_ids_are_escaped_in_the_path(graph, client):
     assert graph.paths == ["/workflow/a%2Fb%20c"]
 
 
-@pytest.mark.parametrize("body,priority,deps", [
-    ({"workflow": {"workflow_priority": 7, "workflow_dependencies": ["x"]}}, 7, ("x",)),
-    ({"priority": 42, "depends_on": ["x", "x", 3, "", "y"]}, 10, ("x", "y")),
-    ({"priority": "high", "dependencies": "x"}, None, ()),
-    ({"priority": 0.0}, 1, ()),
-    ({}, None, ()),
-])
+@pytest.mark.parametrize(
+    "body,priority,deps",
+    [
+        ({"workflow": {"workflow_priority": 7, "workflow_dependencies": ["x"]}}, 7, ("x",)),
+        ({"priority": 42, "depends_on": ["x", "x", 3, "", "y"]}, 10, ("x", "y")),
+        ({"priority": "high", "dependencies": "x"}, None, ()),
+        ({"priority": 0.0}, 1, ()),
+        ({}, None, ()),
+    ],
+)
 def test_answer_shapes(body, priority, deps):
     info = parse_workflow("wf", body)
     assert (info.priority, info.dependencies) == (priority, deps)
@@ -183,9 +191,13 @@ def test_cache_is_bounded(graph, clock):
 
 def test_from_settings():
     assert WorkflowClient.from_settings(settings_mod.defaults()) is None
-    settings = settings_mod.defaults().replace(services={
-        "graph_service_url": "http://graph:8081/", "graph_service_timeout": "300ms",
-        "graph_cache_ttl": "10s"})
+    settings = settings_mod.defaults().replace(
+        services={
+            "graph_service_url": "http://graph:8081/",
+            "graph_service_timeout": "300ms",
+            "graph_cache_ttl": "10s",
+        }
+    )
     c = WorkflowClient.from_settings(settings)
     try:
         assert (c.url, c.timeout, c.cache_ttl) == ("http://graph:8081", 0.3, 10.0)
@@ -195,6 +207,7 @@ def test_from_settings():
 
 # --------------------------------------------------------------------------- in the analyzer
 
+
 @pytest.fixture
 def analyzer(client):
     return WorkloadAnalyzer(settings_mod.defaults(), workflow=client)
@@ -202,8 +215,9 @@ def analyzer(client):
 
 def test_graph_context_enriches_the_analysis(graph, analyzer):
     graph.workflows["wf-9"] = {"priority": 9, "dependencies": ["req-2", "req-1"]}
-    result = analyzer.analyze("inference", {"workflow_id": "wf-9",
-                                            "workflow_dependencies": ["req-1", "req-0"]})
+    result = analyzer.analyze(
+        "inference", {"workflow_id": "wf-9", "workflow_dependencies": ["req-1", "req-0"]}
+    )
     assert result["priority"] == 9
     assert result["depends_on"] == ["req-1", "req-0", "req-2"]
     assert result["workflow_id"] == "wf-9"
@@ -212,15 +226,18 @@ def test_graph_context_enriches_the_analysis(graph, analyzer):
 
 def test_request_workflow_priority_beats_the_graph(graph, analyzer):
     graph.workflows["wf-9"] = {"priority": 9}
-    assert analyzer.analyze("inference", {"workflow_id": "wf-9",
-                                          "workflow_priority": 3})["priority"] == 3
+    assert (
+        analyzer.analyze("inference", {"workflow_id": "wf-9", "workflow_priority": 3})["priority"]
+        == 3
+    )
 
 
 def test_graph_failure_proceeds_with_own_data(graph, analyzer):
     graph.status = 503
     graph.workflows["wf-9"] = {"priority": 9}
-    result = analyzer.analyze("inference", {"workflow_id": "wf-9",
-                                            "workflow_dependencies": ["req-1"]})
+    result = analyzer.analyze(
+        "inference", {"workflow_id": "wf-9", "workflow_dependencies": ["req-1"]}
+    )
     assert (result["priority"], result["depends_on"]) == (7, ["req-1"])
 
 

@@ -1,4 +1,5 @@
 """A real HTTP receiver on 127.0.0.1 for webhook tests: records bodies, answers scripted codes."""
+
 from __future__ import annotations
 
 import socket
@@ -26,8 +27,9 @@ class Receiver:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 with outer.received:
                     n = len(outer.requests)
-                    outer.requests.append({"path": self.path, "headers": dict(self.headers),
-                                           "body": body})
+                    outer.requests.append(
+                        {"path": self.path, "headers": dict(self.headers), "body": body}
+                    )
                     outer.received.notify_all()
                 if outer.hold is not None and n == 0:
                     outer.hold.wait(30)

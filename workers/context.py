@@ -4,6 +4,7 @@
 connection on import. A job run by a plain ``rq worker`` (not ours) falls back to loading the
 config the usual way (file + environment) on first use.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -13,9 +14,9 @@ from app.settings import Settings
 
 class _Context:
     settings: Settings | None = None
-    redis: Any = None      # decoded client, for the engine
-    rq_redis: Any = None   # raw-bytes client, for RQ
-    engine: Any = None     # built on first use, reused by every job in this process
+    redis: Any = None  # decoded client, for the engine
+    rq_redis: Any = None  # raw-bytes client, for RQ
+    engine: Any = None  # built on first use, reused by every job in this process
 
 
 _context = _Context()
@@ -31,9 +32,13 @@ def get() -> tuple[Settings, Any, Any]:
     if _context.settings is None:
         from app import settings as settings_mod
         from app.redis_client import connect
+
         settings = settings_mod.load()
-        configure(settings, connect(settings.redis.url, settings),
-                  connect(settings.redis.url, settings, decode=False))
+        configure(
+            settings,
+            connect(settings.redis.url, settings),
+            connect(settings.redis.url, settings, decode=False),
+        )
     return _context.settings, _context.redis, _context.rq_redis
 
 
@@ -42,5 +47,6 @@ def engine() -> Any:
     settings, redis, _ = get()
     if _context.engine is None:
         from app.engine import Engine
+
         _context.engine = Engine(redis, settings)
     return _context.engine

@@ -11,6 +11,7 @@ Backends (``monitoring.backend`` or ``--backend``):
 - ``simulated``: the fleet from ``monitoring.simulated`` (see :mod:`workers.simulated`);
 - ``auto`` (default): NVML if a driver answers, else simulated, with one log line saying which.
 """
+
 from __future__ import annotations
 
 import logging
@@ -50,8 +51,9 @@ def choose_backend(settings: Settings, name: str | None = None, *, snapshot=None
                 raise NvmlUnavailable(str(exc)) from None
             log.info("monitor backend: simulated (no NVIDIA driver answered: %s)", exc)
         else:
-            log.info("monitor backend: nvml (driver %s) on node %s",
-                     backend.driver_version or "?", node)
+            log.info(
+                "monitor backend: nvml (driver %s) on node %s", backend.driver_version or "?", node
+            )
             return backend
     sim = SimulatedBackend(settings.monitoring.simulated, host=node, snapshot=snapshot)
     if name == "simulated":
@@ -73,8 +75,7 @@ class Monitor:
         granted = 0
         for node, gpus in reading.items():
             self._log_health_changes(node, gpus)
-            grants = self.engine.report_node(node, gpus, backend=self.backend.name,
-                                             host=self.host)
+            grants = self.engine.report_node(node, gpus, backend=self.backend.name, host=self.host)
             granted += len(grants or [])
         if granted:
             log.info("new capacity granted %d queued request(s)", granted)
@@ -88,8 +89,14 @@ class Monitor:
             health = gpu.get("health", "ok")
             before = self._health.get(key)
             if before is not None and before != health:
-                log.warning("GPU %s/%s health %s -> %s%s", node, key[1], before, health,
-                            f" ({gpu['error']})" if gpu.get("error") else "")
+                log.warning(
+                    "GPU %s/%s health %s -> %s%s",
+                    node,
+                    key[1],
+                    before,
+                    health,
+                    f" ({gpu['error']})" if gpu.get("error") else "",
+                )
             self._health[key] = health
 
 
@@ -101,12 +108,17 @@ def run(settings: Settings, once: bool = False, backend: Any = None) -> int:
     engines: list[Any] = []  # the simulated backend reads the engine once it exists
     if backend is None or isinstance(backend, str):
         try:
-            backend = choose_backend(settings, backend,
-                                     snapshot=lambda: engines[0].snapshot(queue=False) if engines else {})
+            backend = choose_backend(
+                settings,
+                backend,
+                snapshot=lambda: engines[0].snapshot(queue=False) if engines else {},
+            )
         except NvmlUnavailable as exc:
-            print(f"gpu-orchestrator monitor: the nvml backend needs an NVIDIA driver: {exc}. "
-                  f"Use --backend simulated (or auto) on machines without GPUs.",
-                  file=sys.stderr)
+            print(
+                f"gpu-orchestrator monitor: the nvml backend needs an NVIDIA driver: {exc}. "
+                f"Use --backend simulated (or auto) on machines without GPUs.",
+                file=sys.stderr,
+            )
             return EXIT_NO_DRIVER
     url, embedded = resolve_redis(settings)
     stop = StopSignal()
@@ -126,8 +138,12 @@ def run(settings: Settings, once: bool = False, backend: Any = None) -> int:
                 reading = monitor.refresh()
                 if first:
                     total = sum(len(g) for g in reading.values())
-                    log.info("monitor reporting %d GPU(s) on %d node(s) every %ss", total,
-                             len(reading), interval)
+                    log.info(
+                        "monitor reporting %d GPU(s) on %d node(s) every %ss",
+                        total,
+                        len(reading),
+                        interval,
+                    )
                     first = False
             except Exception as exc:  # keep reporting through transient Redis/NVML trouble
                 if once:

@@ -20,6 +20,7 @@ GPUs missing from a node's report as lost (unschedulable) and brings them back w
 This module imports only the standard library and pynvml, so it can be run on its own against a
 real driver (``python -m workers.nvml`` prints one reading as JSON).
 """
+
 from __future__ import annotations
 
 import json
@@ -87,8 +88,9 @@ class NvmlBackend:
             for index in range(nvml.nvmlDeviceGetCount()):
                 try:
                     handle = nvml.nvmlDeviceGetHandleByIndex(index)
-                    nvml.nvmlDeviceRegisterEvents(handle, nvml.nvmlEventTypeXidCriticalError,
-                                                  self._events)
+                    nvml.nvmlDeviceRegisterEvents(
+                        handle, nvml.nvmlEventTypeXidCriticalError, self._events
+                    )
                 except nvml.NVMLError:
                     continue  # NotSupported on many consumer GPUs
         except (nvml.NVMLError, AttributeError):
@@ -137,22 +139,35 @@ class NvmlBackend:
         gpu["power_draw"] = round(power / 1000.0, 1) if power is not None else 0.0
         procs = self._optional(nvml.nvmlDeviceGetComputeRunningProcesses, handle) or []
         gpu["processes"] = [
-            {"pid": int(p.pid),
-             "used_memory_mb": int(p.usedGpuMemory // MB) if p.usedGpuMemory else 0}
-            for p in procs]
+            {
+                "pid": int(p.pid),
+                "used_memory_mb": int(p.usedGpuMemory // MB) if p.usedGpuMemory else 0,
+            }
+            for p in procs
+        ]
         health = "ok"
-        unc = self._optional(nvml.nvmlDeviceGetTotalEccErrors, handle,
-                             nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nvml.NVML_VOLATILE_ECC)
+        unc = self._optional(
+            nvml.nvmlDeviceGetTotalEccErrors,
+            handle,
+            nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
+            nvml.NVML_VOLATILE_ECC,
+        )
         if unc is not None:
             gpu["ecc_uncorrectable"] = int(unc)
-            cor = self._optional(nvml.nvmlDeviceGetTotalEccErrors, handle,
-                                 nvml.NVML_MEMORY_ERROR_TYPE_CORRECTED, nvml.NVML_VOLATILE_ECC)
+            cor = self._optional(
+                nvml.nvmlDeviceGetTotalEccErrors,
+                handle,
+                nvml.NVML_MEMORY_ERROR_TYPE_CORRECTED,
+                nvml.NVML_VOLATILE_ECC,
+            )
             if cor is not None:
                 gpu["ecc_corrected"] = int(cor)
             if unc > 0:
                 health = "failed"
-        reasons_fn = (getattr(nvml, "nvmlDeviceGetCurrentClocksEventReasons", None)
-                      or nvml.nvmlDeviceGetCurrentClocksThrottleReasons)
+        reasons_fn = (
+            getattr(nvml, "nvmlDeviceGetCurrentClocksEventReasons", None)
+            or nvml.nvmlDeviceGetCurrentClocksThrottleReasons
+        )
         mask = self._optional(reasons_fn, handle)
         if mask is not None:
             gpu["throttle_reasons"] = [name for bit, name in _REASONS if mask & bit]
@@ -170,10 +185,19 @@ class NvmlBackend:
         return gpu
 
     def _failed(self, index: int, reason: str) -> dict[str, Any]:
-        last = dict(self._known.get(index) or {"index": index, "uuid": "", "name": "unknown",
-                                                "memory_total_mb": 0})
-        last.update(index=index, health="failed", memory_used_mb=0,
-                    memory_free_mb=0, utilization=0.0, processes=[], error=reason)
+        last = dict(
+            self._known.get(index)
+            or {"index": index, "uuid": "", "name": "unknown", "memory_total_mb": 0}
+        )
+        last.update(
+            index=index,
+            health="failed",
+            memory_used_mb=0,
+            memory_free_mb=0,
+            utilization=0.0,
+            processes=[],
+            error=reason,
+        )
         return last
 
     def read(self) -> dict[str, list[dict[str, Any]]]:
@@ -199,8 +223,11 @@ class NvmlBackend:
             self._known[index] = {k: gpu[k] for k in ("index", "uuid", "name", "memory_total_mb")}
             gpus.append(gpu)
         for index in sorted(set(self._known) - set(range(count))):
-            log.error("GPU %s (%s) vanished; the engine marks it lost until it returns", index,
-                      self._known.pop(index).get("uuid"))
+            log.error(
+                "GPU %s (%s) vanished; the engine marks it lost until it returns",
+                index,
+                self._known.pop(index).get("uuid"),
+            )
         return {self.node_name: gpus}
 
     def close(self) -> None:
@@ -215,6 +242,7 @@ class NvmlBackend:
 def main() -> int:
     """Print one reading as JSON (for comparing with ``nvidia-smi`` on a real GPU node)."""
     import socket
+
     backend = NvmlBackend(socket.gethostname())
     print(json.dumps({"driver_version": backend.driver_version, **backend.read()}, indent=2))
     backend.close()

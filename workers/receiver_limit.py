@@ -12,12 +12,13 @@ then is deferred: put back on the schedule without spending one of its tries (se
 The count lives in this process only: it guards this process's slots, which is what the cap
 is for; a process that dies takes its counts with it, so nothing can leak.
 """
+
 from __future__ import annotations
 
 import threading
 import time
 from collections import Counter
-from typing import Hashable
+from collections.abc import Hashable
 
 
 class ReceiverLimit:

@@ -27,6 +27,7 @@ A paused leader that loses the lock finds out on its next renewal (LockNotOwnedE
 back to following, so at most one scheduler enqueues at any time (up to a clock-skew-free TTL).
 The jobs are idempotent anyway: a doubled safety-net pass grants nothing twice.
 """
+
 from __future__ import annotations
 
 import logging
@@ -53,6 +54,7 @@ RECOVER_AFTER = 30.0
 
 # ------------------------------------------------------------------------------ the jobs
 
+
 def safety_net() -> dict[str, int]:
     """Maintenance job: one schedule pass, then drain the webhook outbox."""
     settings, _, rq_redis = context.get()
@@ -77,6 +79,7 @@ def reap() -> dict[str, int]:
 
 # ------------------------------------------------------------------------------ cron
 
+
 class JsonCronJob(CronJob):
     """rq 3.0's CronJob enqueues with the default (pickle) serializer; ours must use JSON."""
 
@@ -86,6 +89,7 @@ class JsonCronJob(CronJob):
 
     def enqueue(self, connection):
         from rq import Queue
+
         q = Queue(self.queue_name, connection=connection, serializer=self.serializer)
         job = q.enqueue(self.func_name, args=self.args, kwargs=self.kwargs, **self.job_options)
         log.debug("enqueued %s on %s", self.func_name, self.queue_name)
@@ -98,17 +102,30 @@ def _interval(seconds: float) -> int:
 
 def build_cron(settings: Settings, rq_redis: Any) -> CronScheduler:
     """A CronScheduler holding the two maintenance jobs (not started)."""
-    cron = CronScheduler(connection=rq_redis, logging_level=settings.logging.level,
-                         name=f"gpuo-scheduler-{Keys(settings.redis.prefix).rq_queue('cron')}-"
-                              f"{int(time.time() * 1000) % 10**9}")
+    cron = CronScheduler(
+        connection=rq_redis,
+        logging_level=settings.logging.level,
+        name=f"gpuo-scheduler-{Keys(settings.redis.prefix).rq_queue('cron')}-"
+        f"{int(time.time() * 1000) % 10**9}",
+    )
     qname = queues.queue_name(settings, queues.MAINTENANCE)
-    for func, seconds in ((safety_net, settings.scheduler.queue_check_interval),
-                          (reap, settings.scheduler.cleanup_interval)):
+    for func, seconds in (
+        (safety_net, settings.scheduler.queue_check_interval),
+        (reap, settings.scheduler.cleanup_interval),
+    ):
         every = _interval(seconds)
-        cron._cron_jobs.append(JsonCronJob(
-            queue_name=qname, func=func, interval=every, job_timeout=60, result_ttl=0,
-            ttl=max(5, 3 * every), failure_ttl=86400,
-            name=f"{qname}:{func.__name__}"))
+        cron._cron_jobs.append(
+            JsonCronJob(
+                queue_name=qname,
+                func=func,
+                interval=every,
+                job_timeout=60,
+                result_ttl=0,
+                ttl=max(5, 3 * every),
+                failure_ttl=86400,
+                name=f"{qname}:{func.__name__}",
+            )
+        )
     return cron
 
 
@@ -120,8 +137,9 @@ def run(settings: Settings, *, max_iterations: int | None = None) -> int:
     stop = StopSignal().install()
     rq_redis = connect(url, settings, decode=False)
     cron = build_cron(settings, rq_redis)
-    lock = rq_redis.lock(Keys(settings.redis.prefix).lock("scheduler"), timeout=LOCK_TTL,
-                         thread_local=False)
+    lock = rq_redis.lock(
+        Keys(settings.redis.prefix).lock("scheduler"), timeout=LOCK_TTL, thread_local=False
+    )
     leader = False
     born = False
     iterations = 0
@@ -132,9 +150,12 @@ def run(settings: Settings, *, max_iterations: int | None = None) -> int:
                 if not born:  # inside the retry: Redis may be down or LOADING at start-up
                     cron.register_birth()
                     born = True
-                    log.info("scheduler %s: safety-net pass every %ss, reaper every %ss",
-                             cron.name, _interval(settings.scheduler.queue_check_interval),
-                             _interval(settings.scheduler.cleanup_interval))
+                    log.info(
+                        "scheduler %s: safety-net pass every %ss, reaper every %ss",
+                        cron.name,
+                        _interval(settings.scheduler.queue_check_interval),
+                        _interval(settings.scheduler.cleanup_interval),
+                    )
                 leader = _hold(lock, leader)
                 if leader:
                     if cron.enqueue_jobs():
@@ -176,4 +197,3 @@ def _hold(lock, leader: bool) -> bool:
     if got and not leader:
         log.info("scheduler: became the leader")
     return got
-

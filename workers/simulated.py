@@ -22,12 +22,14 @@ engine's snapshot: an exclusively allocated GPU runs at 70-98 % utilization with
 memory in use, a GPU holding shared allocations uses the memory they reserved, and temperature
 and power follow utilization. A seeded random generator (``seed``) keeps runs reproducible.
 """
+
 from __future__ import annotations
 
 import random
 import socket
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 DEFAULT_GPU = {"name": "NVIDIA H100 80GB HBM3", "memory_total_mb": 81559}
 DEFAULT_COUNT = 8
@@ -37,8 +39,11 @@ IDLE = {"memory_used_mb": 0, "utilization": 0.0, "temperature": 32.0, "power_dra
 def fleet(simulated: dict[str, Any], host: str | None = None) -> dict[str, list[dict[str, Any]]]:
     """The configured fleet as ``{node: [gpu, ...]}`` with every default filled in."""
     nodes = simulated.get("nodes") or [
-        {"name": host or socket.gethostname(), "gpus": [dict(DEFAULT_GPU)
-                                                        for _ in range(DEFAULT_COUNT)]}]
+        {
+            "name": host or socket.gethostname(),
+            "gpus": [dict(DEFAULT_GPU) for _ in range(DEFAULT_COUNT)],
+        }
+    ]
     out: dict[str, list[dict[str, Any]]] = {}
     for node in nodes:
         gpus = node.get("gpus")
@@ -53,8 +58,8 @@ def _gpu(node: str, index: int, spec: dict[str, Any]) -> dict[str, Any]:
     used = int(spec.get("memory_used_mb", IDLE["memory_used_mb"]))
     return {
         "index": index,
-        "uuid": spec.get("uuid") or "GPU-sim-" + str(uuid.uuid5(uuid.NAMESPACE_URL,
-                                                                 f"gpuo-sim/{node}/{index}")),
+        "uuid": spec.get("uuid")
+        or "GPU-sim-" + str(uuid.uuid5(uuid.NAMESPACE_URL, f"gpuo-sim/{node}/{index}")),
         "name": spec.get("name", DEFAULT_GPU["name"]),
         "memory_total_mb": total,
         "memory_used_mb": used,
@@ -72,8 +77,12 @@ class SimulatedBackend:
 
     name = "simulated"
 
-    def __init__(self, simulated: dict[str, Any], host: str | None = None,
-                 snapshot: Callable[[], dict[str, Any]] | None = None):
+    def __init__(
+        self,
+        simulated: dict[str, Any],
+        host: str | None = None,
+        snapshot: Callable[[], dict[str, Any]] | None = None,
+    ):
         self.base = fleet(simulated, host)
         self.dynamic = bool(simulated.get("dynamic"))
         self.snapshot = snapshot

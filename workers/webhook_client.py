@@ -15,6 +15,7 @@ between the policy check and the connection (DNS rebinding). Here:
 
 HTTPS verifies the certificate against the URL's host name (SNI too), as a browser would.
 """
+
 from __future__ import annotations
 
 import socket
@@ -51,7 +52,7 @@ def _connect(target: Target, deadline: float) -> socket.socket:
             sock.settimeout(_left(deadline))
             sock.connect((address, target.port))
             return sock
-        except socket.timeout:
+        except TimeoutError:
             sock.close()
             raise DeliveryTimeout(f"connecting to {address} timed out") from None
         except DeliveryTimeout:
@@ -72,14 +73,18 @@ def post(target: Target, body: bytes, headers: dict[str, str], timeout: float) -
         if target.scheme == "https":
             sock.settimeout(_left(deadline))
             sock = ssl.create_default_context().wrap_socket(sock, server_hostname=target.host)
-        lines = [f"POST {target.path} HTTP/1.1", f"Host: {target.host_header}",
-                 f"Content-Length: {len(body)}", "Connection: close"]
+        lines = [
+            f"POST {target.path} HTTP/1.1",
+            f"Host: {target.host_header}",
+            f"Content-Length: {len(body)}",
+            "Connection: close",
+        ]
         lines += [f"{name}: {value}" for name, value in headers.items()]
         request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
         sock.settimeout(_left(deadline))
         sock.sendall(request)  # the timeout bounds the whole sendall (Python >= 3.5)
         return _read_status(sock, deadline)
-    except socket.timeout:
+    except TimeoutError:
         raise DeliveryTimeout("the receiver did not answer in time") from None
     except ssl.SSLError as exc:
         raise DeliveryFailed(f"TLS: {exc.reason or exc}") from None

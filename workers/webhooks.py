@@ -28,6 +28,7 @@ Signature: with ``webhooks.secret`` set, each try carries
 ``X-GPU-Orchestrator-Signature: sha256=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>``, where
 body is the exact bytes of the request body. :func:`verify_signature` is the reference check.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -92,6 +93,7 @@ class WebhookRefused(WebhookError):
 
 # ------------------------------------------------------------------------------ payload
 
+
 def _gpu_ids(value: Any) -> list[int]:
     if value is None or value == "":
         return []
@@ -106,8 +108,9 @@ def _gpu_ids(value: Any) -> list[int]:
 _LATER_FIELDS = ("released_at", "ended_at", "renewed_at", "position")
 
 
-def _allocation(record: dict[str, Any], event: str,
-                pinned: dict[str, Any] | None) -> dict[str, Any]:
+def _allocation(
+    record: dict[str, Any], event: str, pinned: dict[str, Any] | None
+) -> dict[str, Any]:
     """The ``allocation`` object: the fields of a 200 answer of ``/gpu/allocate``, as they
     were at the event (``pinned`` holds what a renewal may have changed since)."""
     from app.api import render  # the API's renderer: one definition of an allocation's JSON
@@ -127,9 +130,13 @@ def _allocation(record: dict[str, Any], event: str,
     return out
 
 
-def build_payload(record: dict[str, Any], event: str, event_id: str,
-                  pinned: dict[str, Any] | None = None,
-                  entry: dict[str, Any] | None = None) -> dict[str, Any]:
+def build_payload(
+    record: dict[str, Any],
+    event: str,
+    event_id: str,
+    pinned: dict[str, Any] | None = None,
+    entry: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The original service's webhook body, plus ``event_id`` for receivers to dedupe.
 
     ``allocation`` carries the same fields as a 200 answer of ``/gpu/allocate`` (node,
@@ -147,13 +154,17 @@ def build_payload(record: dict[str, Any], event: str, event_id: str,
     extra = {"reason": record["reason"]} if record.get("reason") and event != "allocated" else {}
     if event == "gpu_unhealthy" and entry is not None:
         extra["node"] = entry.get("node") or record.get("node")
-        extra["gpus"] = [{"index": int(g["index"]), "health": str(g["health"])}
-                         for g in entry.get("gpus") or []]
+        extra["gpus"] = [
+            {"index": int(g["index"]), "health": str(g["health"])} for g in entry.get("gpus") or []
+        ]
     return {
         "status": status,
         "request_id": record["id"],
-        "allocation": _allocation(record, (record.get("status") or "allocated")
-                                  if event == "gpu_unhealthy" else status, pinned),
+        "allocation": _allocation(
+            record,
+            (record.get("status") or "allocated") if event == "gpu_unhealthy" else status,
+            pinned,
+        ),
         "submitted_at": iso(submitted),
         "allocated_at": iso(allocated),
         "wait_time_seconds": wait,
@@ -171,8 +182,15 @@ def sign(secret: str, timestamp: str, body: bytes) -> str:
     return "sha256=" + mac.hexdigest()
 
 
-def verify_signature(secret: str, timestamp: str, body: bytes, signature: str, *,
-                     tolerance: float = 300, now: float | None = None) -> bool:
+def verify_signature(
+    secret: str,
+    timestamp: str,
+    body: bytes,
+    signature: str,
+    *,
+    tolerance: float = 300,
+    now: float | None = None,
+) -> bool:
     """Reference receiver check: the HMAC matches and the timestamp is recent (anti-replay)."""
     try:
         age = abs((time.time() if now is None else now) - int(timestamp))
@@ -183,8 +201,15 @@ def verify_signature(secret: str, timestamp: str, body: bytes, signature: str, *
 
 # ------------------------------------------------------------------------------ delivery
 
-def post(url: str, payload: dict[str, Any], settings: Settings, *, now: float | None = None,
-         policy: Policy | None = None) -> int:
+
+def post(
+    url: str,
+    payload: dict[str, Any],
+    settings: Settings,
+    *,
+    now: float | None = None,
+    policy: Policy | None = None,
+) -> int:
     """One try: POST the signed JSON body; returns the 2xx status or raises WebhookError.
 
     ``webhooks.timeout`` bounds the whole try: name lookup, connect, TLS, sending and the
@@ -202,14 +227,17 @@ def post(url: str, payload: dict[str, Any], settings: Settings, *, now: float | 
         raise WebhookRefused(str(exc), url=shown) from None
     body = encode(payload)
     timestamp = str(int(time.time() if now is None else now))
-    headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
-               TIMESTAMP_HEADER: timestamp, EVENT_HEADER: str(payload.get("status")),
-               EVENT_ID_HEADER: str(payload.get("event_id"))}
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": USER_AGENT,
+        TIMESTAMP_HEADER: timestamp,
+        EVENT_HEADER: str(payload.get("status")),
+        EVENT_ID_HEADER: str(payload.get("event_id")),
+    }
     if settings.webhooks.secret:
         headers[SIGNATURE_HEADER] = sign(settings.webhooks.secret, timestamp, body)
     try:
-        status = webhook_client.post(target, body, headers,
-                                     max(0.0, deadline - time.monotonic()))
+        status = webhook_client.post(target, body, headers, max(0.0, deadline - time.monotonic()))
     except webhook_client.DeliveryTimeout:
         raise WebhookError(f"POST {shown} timed out after {timeout:g} s", url=shown) from None
     except webhook_client.DeliveryFailed as exc:
@@ -240,6 +268,7 @@ def _receiver(url: str) -> tuple[str, str, int] | None:
 
 def _load_record(request_id: str) -> dict[str, Any] | None:
     from app.errors import NotFound
+
     try:
         return context.engine().get(request_id)
     except NotFound:
@@ -257,11 +286,19 @@ def deliver(entry: dict[str, Any]) -> dict[str, Any]:
         record = _load_record(entry["request_id"])
         url = (record or {}).get("webhook_url") or entry.get("webhook_url")
         if not record or not url:
-            log.info("no webhook to deliver for %s (%s)", entry.get("request_id"),
-                     "unknown request" if not record else "no webhook_url")
+            log.info(
+                "no webhook to deliver for %s (%s)",
+                entry.get("request_id"),
+                "unknown request" if not record else "no webhook_url",
+            )
             return {"delivered": False, "reason": "no webhook_url"}
-        payload = build_payload(record, str(entry.get("event") or "allocated"),
-                                str(entry["event_id"]), entry.get("pinned"), entry)
+        payload = build_payload(
+            record,
+            str(entry.get("event") or "allocated"),
+            str(entry["event_id"]),
+            entry.get("pinned"),
+            entry,
+        )
         stats = Keys(settings.redis.prefix).stats()
         receiver, limit = _receiver(url), receiver_limit(settings)
         if receiver is not None and not limit.acquire(receiver, DEFER_WAIT):
@@ -270,8 +307,13 @@ def deliver(entry: dict[str, Any]) -> dict[str, Any]:
                 # this extra one, so the job's tries and backoff stay as they were.
                 job.retries_left = (job.retries_left or 0) + 1
                 job.deferred = True
-            log.debug("webhook %s for %s deferred: %s has %d deliveries in flight",
-                      entry["event_id"], entry["request_id"], redact(url), limit.limit)
+            log.debug(
+                "webhook %s for %s deferred: %s has %d deliveries in flight",
+                entry["event_id"],
+                entry["request_id"],
+                redact(url),
+                limit.limit,
+            )
             raise WebhookDeferred(f"{redact(url)} is at webhooks.max_per_receiver")
         try:
             status = post(url, payload, settings)
@@ -279,22 +321,32 @@ def deliver(entry: dict[str, Any]) -> dict[str, Any]:
             if job is not None:
                 job.retries_left = 0  # RQ reads this right after the job raises
             redis.hincrby(stats, STAT_FAILED, 1)
-            log.warning("webhook %s for %s given up: %s", entry["event_id"], entry["request_id"],
-                        exc)
+            log.warning(
+                "webhook %s for %s given up: %s", entry["event_id"], entry["request_id"], exc
+            )
             raise
         except WebhookError as exc:
             final = job is None or not job.retries_left
             redis.hincrby(stats, STAT_FAILED if final else STAT_RETRIED, 1)
-            log.warning("webhook %s for %s failed (%s); %s", entry["event_id"],
-                        entry["request_id"], exc,
-                        "giving up" if final else f"{job.retries_left} retries left")
+            log.warning(
+                "webhook %s for %s failed (%s); %s",
+                entry["event_id"],
+                entry["request_id"],
+                exc,
+                "giving up" if final else f"{job.retries_left} retries left",
+            )
             raise
         finally:
             if receiver is not None:
                 limit.release(receiver)
         redis.hincrby(stats, STAT_DELIVERED, 1)
-        log.info("webhook %s for %s delivered to %s (%s)", entry["event_id"],
-                 entry["request_id"], redact(url), status)
+        log.info(
+            "webhook %s for %s delivered to %s (%s)",
+            entry["event_id"],
+            entry["request_id"],
+            redact(url),
+            status,
+        )
         return {"delivered": True, "status": status}
     finally:
         logs.request_id_var.reset(token)

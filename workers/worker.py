@@ -19,6 +19,7 @@ its own name, registration and heartbeats. Durability is RQ's, per job, as befor
 is in the started registry while it runs, and if the process dies (SIGKILL, OOM) every job it
 held is retried by another worker once its heartbeat lapses.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,13 +28,12 @@ import threading
 import time
 from datetime import timedelta
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, WatchError
 from rq import Queue, SimpleWorker, worker_registration
-from redis.exceptions import WatchError
 from rq.exceptions import StopRequested
 from rq.job import Job, JobStatus
-from rq.scripts import release_lock
 from rq.registry import clean_registries
+from rq.scripts import release_lock
 from rq.timeouts import TimerDeathPenalty
 from rq.utils import now
 from rq.worker import WorkerStatus
@@ -73,6 +73,7 @@ class ServiceJob(Job):
             # Not a failed try (workers.webhooks.WebhookDeferred): the delivery added the
             # retry it spends here, and comes back after a short, fixed wait.
             from workers.webhooks import DEFER_SECONDS
+
             interval = DEFER_SECONDS
         else:
             interval = self.get_retry_interval()
@@ -100,11 +101,22 @@ class ServiceQueue(Queue):
     """
 
     @classmethod
-    def dequeue_any(cls, queues, timeout, connection=None, job_class=None, serializer=None,
-                    death_penalty_class=None):
+    def dequeue_any(
+        cls,
+        queues,
+        timeout,
+        connection=None,
+        job_class=None,
+        serializer=None,
+        death_penalty_class=None,
+    ):
         queues = list(queues)
-        kwargs = dict(connection=connection, job_class=job_class, serializer=serializer,
-                      death_penalty_class=death_penalty_class)
+        kwargs = dict(
+            connection=connection,
+            job_class=job_class,
+            serializer=serializer,
+            death_penalty_class=death_penalty_class,
+        )
         if len(queues) <= 1:
             return super().dequeue_any(queues, timeout, **kwargs)
         for queue in queues:
@@ -163,10 +175,14 @@ class ServiceWorker(SimpleWorker):
             if holder == self.scheduler.name:
                 continue
             left = self.connection.ttl(key)
-            if 0 <= left < full - STALE_SCHEDULER_LOCK and release_lock(self.connection, key,
-                                                                          holder):
-                log.warning("released the scheduler lock of %s, held by %s that stopped "
-                            "refreshing it", queue.name, holder)
+            if 0 <= left < full - STALE_SCHEDULER_LOCK and release_lock(
+                self.connection, key, holder
+            ):
+                log.warning(
+                    "released the scheduler lock of %s, held by %s that stopped refreshing it",
+                    queue.name,
+                    holder,
+                )
                 freed.append(queue.name)
         return freed
 
@@ -234,8 +250,10 @@ class ServiceWorker(SimpleWorker):
                     return False
                 job = queue.fetch_job(job_id)
                 status = job.get_status(refresh=False) if job is not None else None
-                requeue = (status in (JobStatus.QUEUED, JobStatus.STARTED)
-                           and pipe.lpos(queue.key, job_id) is None)
+                requeue = (
+                    status in (JobStatus.QUEUED, JobStatus.STARTED)
+                    and pipe.lpos(queue.key, job_id) is None
+                )
                 pipe.multi()
                 if requeue:
                     queue._enqueue_job(job, pipeline=pipe, at_front=True)
@@ -245,14 +263,18 @@ class ServiceWorker(SimpleWorker):
             except WatchError:
                 return False  # it moved meanwhile; look again next pass
         if requeue:
-            log.warning("job %s was dequeued by a worker that never started it; re-queued on %s",
-                        job_id, queue.name)
+            log.warning(
+                "job %s was dequeued by a worker that never started it; re-queued on %s",
+                job_id,
+                queue.name,
+            )
         return requeue
 
     def handle_exception(self, job, *exc_info):
         """RQ logs every raised job at ERROR with its traceback; a deferred webhook is not an
         error (it waits for a slot of its receiver), so it is left to our DEBUG line."""
         from workers.webhooks import WebhookDeferred
+
         if exc_info and isinstance(exc_info[1], WebhookDeferred):
             return
         super().handle_exception(job, *exc_info)
@@ -339,15 +361,27 @@ def pool_settings(settings: Settings) -> Settings:
     return settings.replace(redis={"max_connections": need})
 
 
-def make_worker(settings: Settings, rq_redis, worker_class: type = ServiceWorker,
-                names: tuple[str, ...] = queues.ALL) -> ServiceWorker:
+def make_worker(
+    settings: Settings,
+    rq_redis,
+    worker_class: type = ServiceWorker,
+    names: tuple[str, ...] = queues.ALL,
+) -> ServiceWorker:
     """A worker of ``worker_class`` on the queues ``names``, sharing ``rq_redis``."""
-    service_queues = [ServiceQueue(queues.queue_name(settings, name), connection=rq_redis,
-                                   serializer=queues.SERIALIZER, job_class=ServiceJob)
-                      for name in names]
+    service_queues = [
+        ServiceQueue(
+            queues.queue_name(settings, name),
+            connection=rq_redis,
+            serializer=queues.SERIALIZER,
+            job_class=ServiceJob,
+        )
+        for name in names
+    ]
     return worker_class(
-        service_queues, connection=rq_redis,
-        serializer=queues.SERIALIZER, job_class=ServiceJob,
+        service_queues,
+        connection=rq_redis,
+        serializer=queues.SERIALIZER,
+        job_class=ServiceJob,
         maintenance_interval=max(1, int(settings.workers.maintenance_interval)),
         job_monitoring_interval=max(1, int(settings.workers.heartbeat_interval)),
         worker_ttl=max(10, int(3 * settings.workers.heartbeat_interval)),
@@ -365,10 +399,12 @@ class DeliverySlots:
         self.settings, self.rq_level, self.burst = settings, rq_level, burst
         self._stop = threading.Event()
         self._workers: list[ServiceWorker | None] = [None] * count
-        self._threads = [threading.Thread(target=self._loop, args=(i,), daemon=True,
-                                          name=f"delivery-{i + 1}") for i in range(count)]
+        self._threads = [
+            threading.Thread(target=self._loop, args=(i,), daemon=True, name=f"delivery-{i + 1}")
+            for i in range(count)
+        ]
 
-    def start(self) -> "DeliverySlots":
+    def start(self) -> DeliverySlots:
         for thread in self._threads:
             thread.start()
         return self
@@ -377,19 +413,27 @@ class DeliverySlots:
         while not self._stop.is_set():
             try:
                 _, _, rq_redis = context.get()
-                worker = make_worker(self.settings, rq_redis, DeliveryWorker,
-                                     names=(queues.WEBHOOKS,))
+                worker = make_worker(
+                    self.settings, rq_redis, DeliveryWorker, names=(queues.WEBHOOKS,)
+                )
                 self._workers[index] = worker
                 if self._stop.is_set():
                     return
                 worker.work(burst=self.burst, logging_level=self.rq_level)
                 if self.burst or self._stop.is_set():
                     return
-                log.warning("delivery worker %s quit on an error; starting a new one in "
-                            "%.0f s", worker.name, SLOT_RESTART_DELAY)
+                log.warning(
+                    "delivery worker %s quit on an error; starting a new one in %.0f s",
+                    worker.name,
+                    SLOT_RESTART_DELAY,
+                )
             except Exception:  # noqa: BLE001 - this slot must come back, whatever happened
-                log.warning("delivery slot %d failed; restarting it in %.0f s", index + 1,
-                            SLOT_RESTART_DELAY, exc_info=True)
+                log.warning(
+                    "delivery slot %d failed; restarting it in %.0f s",
+                    index + 1,
+                    SLOT_RESTART_DELAY,
+                    exc_info=True,
+                )
             self._stop.wait(SLOT_RESTART_DELAY)
 
     def stop(self, timeout: float) -> None:
@@ -437,10 +481,15 @@ def run(settings: Settings, burst: bool = False) -> int:
                 signal.signal(signal.SIGINT, stop_before_rq)
                 worker = build(settings, url)
                 if slots is None:
-                    slots = DeliverySlots(settings, settings.webhooks.concurrency - 1,
-                                          rq_level, burst).start()
-                log.info("worker %s on queues %s, %d webhook deliveries at once", worker.name,
-                         ", ".join(worker.queue_names()), settings.webhooks.concurrency)
+                    slots = DeliverySlots(
+                        settings, settings.webhooks.concurrency - 1, rq_level, burst
+                    ).start()
+                log.info(
+                    "worker %s on queues %s, %d webhook deliveries at once",
+                    worker.name,
+                    ", ".join(worker.queue_names()),
+                    settings.webhooks.concurrency,
+                )
                 try:
                     worker.work(burst=burst, with_scheduler=True, logging_level=rq_level)
                 except RedisError as exc:  # RQ's teardown could not reach Redis either
@@ -450,8 +499,11 @@ def run(settings: Settings, burst: bool = False) -> int:
                 # RQ's work loop quits on any error it does not handle, such as Redis going
                 # away while a job finishes (found by bench/chaos.py). Its job is recovered
                 # from the started registry; this process carries on with a fresh worker.
-                log.warning("worker %s quit on an error; starting a new worker in %.0f s",
-                            worker.name, RESTART_DELAY)
+                log.warning(
+                    "worker %s quit on an error; starting a new worker in %.0f s",
+                    worker.name,
+                    RESTART_DELAY,
+                )
                 time.sleep(RESTART_DELAY)
             except StopRequested:  # SIGTERM/SIGINT between two workers
                 break

@@ -4,6 +4,7 @@ The spec is generated from the marshmallow schemas in :mod:`app.schemas`. Swagge
 come from the ``swagger-ui-bundle`` wheel and are served by us under ``/docs/assets/``: nothing
 loads from a CDN.
 """
+
 from __future__ import annotations
 
 from importlib import metadata
@@ -19,8 +20,13 @@ TITLE = "gpu-orchestrator"
 DISTRIBUTION = "gpu-orchestrator"
 ASSETS_URL = "/docs/assets/"
 #: The only files /docs/assets serves.
-ASSET_FILES = ("swagger-ui.css", "swagger-ui-bundle.js", "swagger-ui-standalone-preset.js",
-               "favicon-16x16.png", "favicon-32x32.png")
+ASSET_FILES = (
+    "swagger-ui.css",
+    "swagger-ui-bundle.js",
+    "swagger-ui-standalone-preset.js",
+    "favicon-16x16.png",
+    "favicon-32x32.png",
+)
 
 
 class OrchestratorApi(Api):
@@ -73,8 +79,10 @@ def init_app(app: Flask, settings: Settings) -> Api:
         OPENAPI_SWAGGER_UI_URL=ASSETS_URL,
     )
     spec_kwargs = {
-        "info": {"description": "Hands out GPUs to the services that need them: atomic "
-                                "leases and a priority queue in Redis."},
+        "info": {
+            "description": "Hands out GPUs to the services that need them: atomic "
+            "leases and a priority queue in Redis."
+        },
         "components": _security(settings),
     }
     if settings.auth.enabled:
@@ -91,6 +99,7 @@ def init_app(app: Flask, settings: Settings) -> Api:
         if filename not in ASSET_FILES:
             abort(404)
         from swagger_ui_bundle import swagger_ui_path
+
         return send_from_directory(str(swagger_ui_path), filename, max_age=86400)
 
     app.extensions["gpu_api"] = api

@@ -9,6 +9,7 @@ auth is off). Every action is an event in the engine's stream naming the princip
 - forget a node that is not alive: its allocations end as ``lost`` (webhook ``lost``).
 - change a queued request's priority.
 """
+
 from __future__ import annotations
 
 import time
@@ -22,21 +23,42 @@ from app.api.docs import doc
 from app.api.gpu import _ID_PARAM, _dispatch_webhooks, _require_id, errors, ok
 from app.errors import BadRequest, Forbidden
 
-blp = Blueprint("admin", __name__, url_prefix="/admin",
-                description="Operators: cordon, drain and forget nodes; cordon GPUs; "
-                            "change priorities. Admins only.")
+blp = Blueprint(
+    "admin",
+    __name__,
+    url_prefix="/admin",
+    description="Operators: cordon, drain and forget nodes; cordon GPUs; "
+    "change priorities. Admins only.",
+)
 
 _PRIORITY_BODY = schemas.PriorityRequestSchema()
-_NODE_PARAM = {"in": "path", "name": "node", "required": True,
-               "schema": {"type": "string", "pattern": schemas.NODE_RE}}
-_INDEX_PARAM = {"in": "path", "name": "index", "required": True,
-                "schema": {"type": "integer", "minimum": 0}}
+_NODE_PARAM = {
+    "in": "path",
+    "name": "node",
+    "required": True,
+    "schema": {"type": "string", "pattern": schemas.NODE_RE},
+}
+_INDEX_PARAM = {
+    "in": "path",
+    "name": "index",
+    "required": True,
+    "schema": {"type": "integer", "minimum": 0},
+}
 _WAIT_PARAMS = [
-    {"in": "query", "name": "wait", "required": False, "schema": {"type": "boolean"},
-     "description": "Answer only when the node holds no allocation (or at the timeout)."},
-    {"in": "query", "name": "timeout", "required": False,
-     "schema": {"type": "number", "minimum": 0, "maximum": 600},
-     "description": "Longest wait in seconds with wait=true (default 60)."},
+    {
+        "in": "query",
+        "name": "wait",
+        "required": False,
+        "schema": {"type": "boolean"},
+        "description": "Answer only when the node holds no allocation (or at the timeout).",
+    },
+    {
+        "in": "query",
+        "name": "timeout",
+        "required": False,
+        "schema": {"type": "number", "minimum": 0, "maximum": 600},
+        "description": "Longest wait in seconds with wait=true (default 60).",
+    },
 ]
 #: Longest and default ?wait=true hold of a drain (a held request keeps one worker thread).
 MAX_DRAIN_WAIT = 600.0
@@ -62,12 +84,23 @@ def _by() -> str:
 
 
 def _node_json(node: dict, snap: dict | None = None) -> dict:
-    out = {k: node[k] for k in ("name", "alive", "heartbeat", "heartbeat_age_seconds",
-                                "gpu_count", "backend", "host", "cordoned", "draining")}
+    out = {
+        k: node[k]
+        for k in (
+            "name",
+            "alive",
+            "heartbeat",
+            "heartbeat_age_seconds",
+            "gpu_count",
+            "backend",
+            "host",
+            "cordoned",
+            "draining",
+        )
+    }
     if snap is not None:
         out["gpus"] = [render.gpu(g) for g in snap["gpus"] if g.get("node") == node["name"]]
-        out["allocations"] = [a["id"] for a in snap["allocations"]
-                              if a.get("node") == node["name"]]
+        out["allocations"] = [a["id"] for a in snap["allocations"] if a.get("node") == node["name"]]
     return out
 
 
@@ -77,6 +110,7 @@ def _one_node(name: str) -> dict:
         if node["name"] == name:
             return _node_json(node, snap)
     from app.errors import NotFound
+
     raise NotFound(f"node {name!r} not found", details={"node": name})
 
 
@@ -117,11 +151,14 @@ def _wait_args() -> tuple[bool, float]:
     try:
         timeout = float(request.args.get("timeout", DEFAULT_DRAIN_WAIT))
     except ValueError:
-        raise BadRequest("timeout must be a number of seconds",
-                         details={"timeout": ["not a number"]}) from None
+        raise BadRequest(
+            "timeout must be a number of seconds", details={"timeout": ["not a number"]}
+        ) from None
     if not 0 <= timeout <= MAX_DRAIN_WAIT:
-        raise BadRequest(f"timeout must be in 0..{MAX_DRAIN_WAIT:g} seconds",
-                         details={"timeout": ["out of range"]})
+        raise BadRequest(
+            f"timeout must be in 0..{MAX_DRAIN_WAIT:g} seconds",
+            details={"timeout": ["out of range"]},
+        )
     return wait, timeout
 
 
@@ -200,8 +237,13 @@ def uncordon_gpu(node: str, index: int):
 
 
 @blp.route("/requests/<request_id>/priority", methods=["POST"])
-@doc(parameters=[_ID_PARAM], requestBody={"required": True, "content": {
-    "application/json": {"schema": schemas.PriorityRequestSchema}}})
+@doc(
+    parameters=[_ID_PARAM],
+    requestBody={
+        "required": True,
+        "content": {"application/json": {"schema": schemas.PriorityRequestSchema}},
+    },
+)
 @ok(200, schemas.AllocationSchema, "The request with its new priority and place.")
 @errors(400, 401, 403, 404, 409, 413, 415, 422, 503)
 def set_priority(request_id: str):

@@ -3,6 +3,7 @@
 number past a float's range (``1e400``). The size limit (413) is Flask's
 ``MAX_CONTENT_LENGTH``, enforced while the body is read here.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,9 @@ def _non_finite_paths(value: Any, path: str = "") -> dict[str, list[str]]:
 
 
 def _is_json(mimetype: str) -> bool:
-    return mimetype == "application/json" or (mimetype.startswith("application/")
-                                               and mimetype.endswith("+json"))
+    return mimetype == "application/json" or (
+        mimetype.startswith("application/") and mimetype.endswith("+json")
+    )
 
 
 def raw_json() -> Any:
@@ -87,8 +89,10 @@ def raw_json() -> Any:
     except RecursionError:
         raise BadRequest("malformed JSON: nested too deeply") from None
     if details:
-        raise ValidationFailed("invalid request body: " + ", ".join(sorted(details))
-                               + " must be finite numbers", details=details)
+        raise ValidationFailed(
+            "invalid request body: " + ", ".join(sorted(details)) + " must be finite numbers",
+            details=details,
+        )
     return body
 
 

@@ -7,13 +7,22 @@ where a stream would hold one of the few gunicorn worker threads per open browse
 
 Sign-in (``/login``, ``/logout``) is described in :mod:`app.sessions`.
 """
+
 from __future__ import annotations
 
 import hmac
 from typing import Any
 
-from flask import (Blueprint, current_app, jsonify, make_response, redirect, render_template,
-                   request, url_for)
+from flask import (
+    Blueprint,
+    current_app,
+    jsonify,
+    make_response,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
 
 from app import auth, sessions
 from app.api import render
@@ -30,8 +39,8 @@ QUEUE_SHOWN = 200
 #: Headers of every HTML page here: our own scripts and styles only, no framing.
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; "
-                               "img-src 'self' data:; connect-src 'self'; "
-                               "frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    "img-src 'self' data:; connect-src 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "same-origin",
@@ -53,10 +62,17 @@ def _page(html: str, status: int = 200):
 def fleet():
     """The fleet page (the data arrives by polling /console/state)."""
     session = auth.current_session()
-    return _page(render_template(
-        "console.html", principal=auth.current_principal(), is_admin=auth.current_is_admin(),
-        auth_enabled=_settings().auth.enabled, csrf_token=session.csrf_token if session else "",
-        signed_in=session is not None, poll_ms=POLL_MS))
+    return _page(
+        render_template(
+            "console.html",
+            principal=auth.current_principal(),
+            is_admin=auth.current_is_admin(),
+            auth_enabled=_settings().auth.enabled,
+            csrf_token=session.csrf_token if session else "",
+            signed_in=session is not None,
+            poll_ms=POLL_MS,
+        )
+    )
 
 
 @bp.get("/console/state")
@@ -68,8 +84,11 @@ def state():
     # cost must not grow with a long queue
     snap = engine.snapshot(limit=counts["allocations_active"] + QUEUE_SHOWN)
     out: dict[str, Any] = render.fleet(snap, engine.latest_events(EVENTS_SHOWN), counts)
-    out["viewer"] = {"principal": auth.current_principal(), "admin": auth.current_is_admin(),
-                     "auth": _settings().auth.enabled}
+    out["viewer"] = {
+        "principal": auth.current_principal(),
+        "admin": auth.current_is_admin(),
+        "auth": _settings().auth.enabled,
+    }
     resp = jsonify(out)
     resp.headers["Cache-Control"] = "no-store"
     return resp
@@ -97,8 +116,9 @@ def login_submit():
         raise Forbidden("sign-in must come from this site's own form")
     found = current_app.extensions["gpu_auth"].digest_for(request.form.get("api_key", ""))
     if found is None:
-        return _page(render_template("login.html", next=target,
-                                     error="That API key is not valid."), 401)
+        return _page(
+            render_template("login.html", next=target, error="That API key is not valid."), 401
+        )
     digest, _principal = found
     manager = current_app.extensions["gpu_sessions"]
     resp = redirect(target, code=303)
@@ -113,8 +133,9 @@ def logout():
     manager = current_app.extensions["gpu_sessions"]
     session = manager.load(request.cookies.get(sessions.COOKIE))
     if session is not None and not hmac.compare_digest(
-            request.form.get(sessions.CSRF_FIELD, "") or
-            request.headers.get(sessions.CSRF_HEADER, ""), session.csrf_token):
+        request.form.get(sessions.CSRF_FIELD, "") or request.headers.get(sessions.CSRF_HEADER, ""),
+        session.csrf_token,
+    ):
         raise Forbidden("sign-out needs the session's CSRF token")
     resp = redirect(url_for("console.login"), code=303)
     manager.clear_cookie(resp, request)

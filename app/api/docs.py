@@ -5,6 +5,7 @@ Setting flask-smorest's private ``_apidoc`` attribute directly, as ``app.api.doc
 saved that wrapper but depended on its internals (issue 13 part 5). A module of its own so the
 views need not import the ``app.api`` package that registers them (tests/test_imports.py).
 """
+
 from __future__ import annotations
 
 from flask_smorest import Blueprint

@@ -4,6 +4,7 @@ Every view is thin: read and validate the body, call the engine (one Lua script 
 change), render. Ownership is checked by the engine, which gets the caller's principal and
 whether it is an admin.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,8 +24,9 @@ from app.webhook_policy import Refused
 
 log = logging.getLogger("gpu_orchestrator.api")
 
-blp = Blueprint("gpu", __name__, url_prefix="/gpu",
-                description="Allocate, release, renew and inspect GPUs.")
+blp = Blueprint(
+    "gpu", __name__, url_prefix="/gpu", description="Allocate, release, renew and inspect GPUs."
+)
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 MAX_IDEMPOTENCY_KEY = 255
@@ -39,25 +41,47 @@ _RENEW_BODY = schemas.RenewRequestSchema()
 _TOP_LEVEL = tuple(_ALLOCATE_BODY.fields)
 
 _ERRORS = {
-    400: "BAD_REQUEST", 401: "UNAUTHORIZED", 403: "FORBIDDEN", 404: "NOT_FOUND",
-    409: "CONFLICT", 413: "REQUEST_ENTITY_TOO_LARGE", 415: "UNSUPPORTED_MEDIA_TYPE",
-    422: "UNPROCESSABLE_ENTITY", 429: "TOO_MANY_REQUESTS", 503: "SERVICE_UNAVAILABLE",
+    400: "BAD_REQUEST",
+    401: "UNAUTHORIZED",
+    403: "FORBIDDEN",
+    404: "NOT_FOUND",
+    409: "CONFLICT",
+    413: "REQUEST_ENTITY_TOO_LARGE",
+    415: "UNSUPPORTED_MEDIA_TYPE",
+    422: "UNPROCESSABLE_ENTITY",
+    429: "TOO_MANY_REQUESTS",
+    503: "SERVICE_UNAVAILABLE",
 }
-_ID_PARAM = {"in": "path", "name": "request_id", "required": True,
-             "schema": {"type": "string", "pattern": schemas.ID_RE}}
+_ID_PARAM = {
+    "in": "path",
+    "name": "request_id",
+    "required": True,
+    "schema": {"type": "string", "pattern": schemas.ID_RE},
+}
 _ALLOC_PARAM = dict(_ID_PARAM, name="allocation_id")
-_WAIT_PARAM = {"in": "query", "name": "wait", "required": False,
-               "schema": {"type": "number", "minimum": 0, "maximum": longpoll.MAX_WAIT,
-                          "default": 0},
-               "description": "Long-poll: hold the call up to this many seconds while the "
-                              "status stays {}; answer as soon as it changes. When the time is "
-                              "up (or the server needs the thread back) the answer is the "
-                              "current record, unchanged."}
-_IDEM_PARAM = {"in": "header", "name": IDEMPOTENCY_HEADER, "required": False,
-               "schema": {"type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY,
-                          "pattern": r"^[\x21-\x7e]+$"},
-               "description": "Makes retries safe: the same key within 24 h returns the "
-                              "original request instead of creating a new one."}
+_WAIT_PARAM = {
+    "in": "query",
+    "name": "wait",
+    "required": False,
+    "schema": {"type": "number", "minimum": 0, "maximum": longpoll.MAX_WAIT, "default": 0},
+    "description": "Long-poll: hold the call up to this many seconds while the "
+    "status stays {}; answer as soon as it changes. When the time is "
+    "up (or the server needs the thread back) the answer is the "
+    "current record, unchanged.",
+}
+_IDEM_PARAM = {
+    "in": "header",
+    "name": IDEMPOTENCY_HEADER,
+    "required": False,
+    "schema": {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": MAX_IDEMPOTENCY_KEY,
+        "pattern": r"^[\x21-\x7e]+$",
+    },
+    "description": "Makes retries safe: the same key within 24 h returns the "
+    "original request instead of creating a new one.",
+}
 
 
 def errors(*codes: int):
@@ -71,8 +95,7 @@ def errors(*codes: int):
 
 def ok(status: int, schema, description: str, headers: dict | None = None):
     """Document a success response (a doc entry only; no per-request wrapper)."""
-    resp = {"description": description,
-            "content": {"application/json": {"schema": schema}}}
+    resp = {"description": description, "content": {"application/json": {"schema": schema}}}
     if headers:
         resp["headers"] = headers
     return doc(responses={str(status): resp})
@@ -95,8 +118,10 @@ def _dispatch_webhooks() -> None:
 
 def _check_size(data: dict[str, Any]) -> None:
     """413 for workload_data past ``server.max_workload_data_bytes``, before anything reads it."""
-    workload_data_json(data.get("workload_data"),
-                       current_app.extensions["gpu_engine"].settings.server.max_workload_data_bytes)
+    workload_data_json(
+        data.get("workload_data"),
+        current_app.extensions["gpu_engine"].settings.server.max_workload_data_bytes,
+    )
 
 
 #: Top-level body fields that override the analysis outright.
@@ -107,18 +132,25 @@ def _analyze(data: dict[str, Any]) -> dict[str, Any]:
     """The workload analyser's requirements for a validated allocate/workload body, with the
     body's own ``required_gpus``, ``min_memory_mb``, ``gpu_model`` and ``nodes`` on top."""
     analysis = current_app.extensions["gpu_analyzer"].analyze(
-        data["workload_type"], data["workload_data"], service_name=data.get("service_name"),
-        top_level=_TOP_LEVEL)
+        data["workload_type"],
+        data["workload_data"],
+        service_name=data.get("service_name"),
+        top_level=_TOP_LEVEL,
+    )
     given = {key: data[key] for key in OVERRIDES if data.get(key) is not None}
     if not given:
         return analysis
     analysis = dict(analysis, **given)
-    if ("min_memory_mb" in given and analysis.get("max_memory_mb")
-            and analysis["max_memory_mb"] < given["min_memory_mb"]):
+    if (
+        "min_memory_mb" in given
+        and analysis.get("max_memory_mb")
+        and analysis["max_memory_mb"] < given["min_memory_mb"]
+    ):
         analysis["max_memory_mb"] = None  # the analysis' ceiling is below what was asked
     note = ", ".join(f"{key}={given[key]!r}" for key in OVERRIDES if key in given)
-    analysis["reasoning"] = "; ".join(x for x in (analysis.get("reasoning"), f"set by the "
-                                                  f"request: {note}") if x)
+    analysis["reasoning"] = "; ".join(
+        x for x in (analysis.get("reasoning"), f"set by the request: {note}") if x
+    )
     return analysis
 
 
@@ -134,10 +166,12 @@ def _check_webhook_url(url: str | None) -> None:
     settings = current_app.extensions["gpu_settings"]
     try:
         current_app.extensions["gpu_webhook_policy"].resolve(
-            url, timeout=min(WEBHOOK_LOOKUP_TIMEOUT, settings.webhooks.timeout))
+            url, timeout=min(WEBHOOK_LOOKUP_TIMEOUT, settings.webhooks.timeout)
+        )
     except Refused as exc:
-        raise ValidationFailed(f"webhook_url refused: {exc}",
-                               details={"webhook_url": [str(exc)]}) from None
+        raise ValidationFailed(
+            f"webhook_url refused: {exc}", details={"webhook_url": [str(exc)]}
+        ) from None
 
 
 def _viewer() -> dict[str, Any]:
@@ -149,14 +183,17 @@ def _idempotency_key() -> str | None:
     key = request.headers.get(IDEMPOTENCY_HEADER)
     if key is None:
         return None
-    if not (0 < len(key) <= MAX_IDEMPOTENCY_KEY) or not all(0x21 <= ord(c) <= 0x7e for c in key):
-        raise BadRequest(f"{IDEMPOTENCY_HEADER} must be 1-{MAX_IDEMPOTENCY_KEY} printable "
-                         "ASCII characters", details={IDEMPOTENCY_HEADER: ["invalid"]})
+    if not (0 < len(key) <= MAX_IDEMPOTENCY_KEY) or not all(0x21 <= ord(c) <= 0x7E for c in key):
+        raise BadRequest(
+            f"{IDEMPOTENCY_HEADER} must be 1-{MAX_IDEMPOTENCY_KEY} printable ASCII characters",
+            details={IDEMPOTENCY_HEADER: ["invalid"]},
+        )
     return key
 
 
-def engine_request(data: dict[str, Any], analysis: dict[str, Any],
-                   principal: str | None) -> dict[str, Any]:
+def engine_request(
+    data: dict[str, Any], analysis: dict[str, Any], principal: str | None
+) -> dict[str, Any]:
     """Merge the validated body and the workload analysis into the engine's request."""
     req: dict[str, Any] = {
         "service_name": data["service_name"],
@@ -178,8 +215,14 @@ def engine_request(data: dict[str, Any], analysis: dict[str, Any],
     for key in ("gpu_model", "nodes"):
         if analysis.get(key):
             req[key] = analysis[key]
-    for key in ("ttl_seconds", "sharing", "preferred_gpus", "webhook_url", "webhook_events",
-                "depends_on_mode"):
+    for key in (
+        "ttl_seconds",
+        "sharing",
+        "preferred_gpus",
+        "webhook_url",
+        "webhook_events",
+        "depends_on_mode",
+    ):
         if data.get(key) is not None:
             req[key] = data[key]
     if analysis.get("workflow_id"):
@@ -206,13 +249,22 @@ def _allocation_response(rec: dict[str, Any], warnings: list[str]):
 
 
 @blp.route("/allocate", methods=["POST"])
-@doc(parameters=[_IDEM_PARAM],
-         requestBody={"required": True, "content": {
-             "application/json": {"schema": schemas.AllocateRequestSchema}}})
+@doc(
+    parameters=[_IDEM_PARAM],
+    requestBody={
+        "required": True,
+        "content": {"application/json": {"schema": schemas.AllocateRequestSchema}},
+    },
+)
 @ok(200, schemas.GrantedSchema, "Granted now: the allocation.")
-@ok(202, schemas.QueuedSchema, "Queued; poll the Location or wait for the webhook.",
-    headers={"Location": {"schema": {"type": "string"},
-                           "description": "The request's status URL."}})
+@ok(
+    202,
+    schemas.QueuedSchema,
+    "Queued; poll the Location or wait for the webhook.",
+    headers={
+        "Location": {"schema": {"type": "string"}, "description": "The request's status URL."}
+    },
+)
 @errors(400, 401, 409, 413, 415, 422, 429, 503)
 def allocate():
     """Ask for GPUs: granted at once (200) or queued (202).
@@ -228,8 +280,11 @@ def allocate():
     analysis = _analyze(data)
     principal = auth.current_principal()
     req = engine_request(data, analysis, principal)
-    rec = _engine().allocate(req, idempotency_key=key,
-                             request_hash=None if key is None else _client_hash(data, principal))
+    rec = _engine().allocate(
+        req,
+        idempotency_key=key,
+        request_hash=None if key is None else _client_hash(data, principal),
+    )
     _dispatch_webhooks()
     return _allocation_response(rec, analysis.get("warnings") or [])
 
@@ -243,8 +298,12 @@ def _client_hash(data: dict[str, Any], principal: str | None) -> str:
 
 
 @blp.route("/release", methods=["POST"])
-@doc(requestBody={"required": True, "content": {
-    "application/json": {"schema": schemas.ReleaseRequestSchema}}})
+@doc(
+    requestBody={
+        "required": True,
+        "content": {"application/json": {"schema": schemas.ReleaseRequestSchema}},
+    }
+)
 @ok(200, schemas.ReleasedSchema, "Released.")
 @errors(400, 401, 403, 404, 413, 415, 422, 503)
 def release():
@@ -254,22 +313,30 @@ def release():
     if data.get("allocation_id"):
         rec = engine.release(data["allocation_id"], **_owner_kwargs())
         _dispatch_webhooks()
-        return jsonify(status="released", allocation_id=data["allocation_id"],
-                       service_name=rec.get("service_name") if isinstance(rec, dict) else None,
-                       released=[data["allocation_id"]], count=1)
+        return jsonify(
+            status="released",
+            allocation_id=data["allocation_id"],
+            service_name=rec.get("service_name") if isinstance(rec, dict) else None,
+            released=[data["allocation_id"]],
+            count=1,
+        )
     if data.get("service_name"):
         recs = engine.release_by_service(data["service_name"], **_owner_kwargs())
         _dispatch_webhooks()
         ids = [r["id"] for r in recs or []]
         if not ids:
-            raise NotFound(f"service {data['service_name']} holds no allocations"
-                           + (" that you own" if auth.current_principal() else ""),
-                           details={"service_name": data["service_name"]})
-        return jsonify(status="released", service_name=data["service_name"], released=ids,
-                       count=len(ids))
-    raise BadRequest("give allocation_id or service_name",
-                     details={"allocation_id": ["one of allocation_id, service_name is "
-                                                "required"]})
+            raise NotFound(
+                f"service {data['service_name']} holds no allocations"
+                + (" that you own" if auth.current_principal() else ""),
+                details={"service_name": data["service_name"]},
+            )
+        return jsonify(
+            status="released", service_name=data["service_name"], released=ids, count=len(ids)
+        )
+    raise BadRequest(
+        "give allocation_id or service_name",
+        details={"allocation_id": ["one of allocation_id, service_name is required"]},
+    )
 
 
 @blp.route("/status", methods=["GET"])
@@ -284,12 +351,25 @@ def status():
 LIST_LIMIT = 100
 LIST_MAX_LIMIT = 1000
 _LIST_PARAMS = [
-    {"in": "query", "name": "limit", "required": False,
-     "schema": {"type": "integer", "minimum": 1, "maximum": LIST_MAX_LIMIT,
-                "default": LIST_LIMIT},
-     "description": "Most requests (allocations, then queued) on this page."},
-    {"in": "query", "name": "after", "required": False, "schema": {"type": "string"},
-     "description": "The previous page's `next` value; omitted: the first page."},
+    {
+        "in": "query",
+        "name": "limit",
+        "required": False,
+        "schema": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": LIST_MAX_LIMIT,
+            "default": LIST_LIMIT,
+        },
+        "description": "Most requests (allocations, then queued) on this page.",
+    },
+    {
+        "in": "query",
+        "name": "after",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": "The previous page's `next` value; omitted: the first page.",
+    },
 ]
 
 
@@ -298,21 +378,27 @@ def _list_args() -> tuple[int, str | None]:
     limit = LIST_LIMIT
     if raw is not None:
         if not raw.isdigit() or len(raw) > 6 or not 1 <= int(raw) <= LIST_MAX_LIMIT:
-            raise ValidationFailed(f"limit: an integer in 1..{LIST_MAX_LIMIT}",
-                                   details={"limit": [f"an integer in 1..{LIST_MAX_LIMIT}"]})
+            raise ValidationFailed(
+                f"limit: an integer in 1..{LIST_MAX_LIMIT}",
+                details={"limit": [f"an integer in 1..{LIST_MAX_LIMIT}"]},
+            )
         limit = int(raw)
     after = request.args.get("after") or None
     if after is not None and not valid_cursor(after):
-        raise ValidationFailed("after: the next value of a previous page",
-                               details={"after": ["the next value of a previous page"]})
+        raise ValidationFailed(
+            "after: the next value of a previous page",
+            details={"after": ["the next value of a previous page"]},
+        )
     return limit, after
 
 
 @blp.route("/list", methods=["GET"])
 @doc(parameters=_LIST_PARAMS)
-@ok(200, schemas.GpuListSchema,
-    "GPUs, nodes and one page of the live allocations and the queue, one consistent "
-    "snapshot.")
+@ok(
+    200,
+    schemas.GpuListSchema,
+    "GPUs, nodes and one page of the live allocations and the queue, one consistent snapshot.",
+)
 @errors(401, 422, 503)
 def list_all():
     """GPUs and nodes, then one page of requests: live allocations (by lease end), then the
@@ -321,18 +407,25 @@ def list_all():
     limit, after = _list_args()
     snap = _engine().snapshot(limit=limit, after=after)
     viewer = _viewer()
-    return jsonify(gpus=[render.gpu(g) for g in snap.get("gpus", [])],
-                   allocations=[render.allocation(a, **viewer)
-                                for a in snap.get("allocations", [])],
-                   queue=[render.allocation(q, **viewer) for q in snap.get("queue", [])],
-                   nodes=list(snap.get("nodes", [])),
-                   allocations_total=snap["allocations_total"],
-                   queue_depth=snap["queue_depth"], limit=limit, next=snap["next"])
+    return jsonify(
+        gpus=[render.gpu(g) for g in snap.get("gpus", [])],
+        allocations=[render.allocation(a, **viewer) for a in snap.get("allocations", [])],
+        queue=[render.allocation(q, **viewer) for q in snap.get("queue", [])],
+        nodes=list(snap.get("nodes", [])),
+        allocations_total=snap["allocations_total"],
+        queue_depth=snap["queue_depth"],
+        limit=limit,
+        next=snap["next"],
+    )
 
 
 @blp.route("/workload", methods=["POST"])
-@doc(requestBody={"required": True, "content": {
-    "application/json": {"schema": schemas.WorkloadRequestSchema}}})
+@doc(
+    requestBody={
+        "required": True,
+        "content": {"application/json": {"schema": schemas.WorkloadRequestSchema}},
+    }
+)
 @ok(200, schemas.RequirementsSchema, "The requirements /gpu/allocate would use.")
 @errors(400, 401, 413, 415, 422, 503)
 def workload():
@@ -357,21 +450,30 @@ def _get_or_404(request_id: str, waits: frozenset = frozenset()) -> dict[str, An
     if not timeout:
         return engine.get(request_id)
     return current_app.extensions["gpu_longpoll"].read(
-        request_id, lambda: engine.get(request_id), waits, timeout)
+        request_id, lambda: engine.get(request_id), waits, timeout
+    )
 
 
 @blp.route("/requests/<request_id>", methods=["GET"])
-@doc(parameters=[_ID_PARAM, dict(_WAIT_PARAM, description=_WAIT_PARAM["description"].format(
-    "queued"))])
-@ok(200, schemas.RequestStatusSchema,
-    "The request: status, queue position, allocation once granted.")
+@doc(
+    parameters=[
+        _ID_PARAM,
+        dict(_WAIT_PARAM, description=_WAIT_PARAM["description"].format("queued")),
+    ]
+)
+@ok(
+    200,
+    schemas.RequestStatusSchema,
+    "The request: status, queue position, allocation once granted.",
+)
 @errors(401, 404, 422, 503)
 def request_status(request_id: str):
     """A request: its status, queue position, and its allocation once granted.
 
     ``?wait=N`` (0-60 s) waits for a queued request to leave the queue instead of polling."""
-    return jsonify(render.request_status(_get_or_404(request_id, longpoll.REQUEST_WAITS),
-                                         **_viewer()))
+    return jsonify(
+        render.request_status(_get_or_404(request_id, longpoll.REQUEST_WAITS), **_viewer())
+    )
 
 
 @blp.route("/requests/<request_id>", methods=["DELETE"])
@@ -387,8 +489,15 @@ def cancel_request(request_id: str):
 
 
 @blp.route("/allocations/<allocation_id>", methods=["GET"])
-@doc(parameters=[_ALLOC_PARAM, dict(_WAIT_PARAM, description=_WAIT_PARAM["description"].format(
-    "live (allocated, preempting)"))])
+@doc(
+    parameters=[
+        _ALLOC_PARAM,
+        dict(
+            _WAIT_PARAM,
+            description=_WAIT_PARAM["description"].format("live (allocated, preempting)"),
+        ),
+    ]
+)
 @ok(200, schemas.AllocationSchema, "The allocation.")
 @errors(401, 404, 422, 503)
 def get_allocation(allocation_id: str):
@@ -398,17 +507,24 @@ def get_allocation(allocation_id: str):
     expired)."""
     rec = _get_or_404(allocation_id, longpoll.ALLOCATION_WAITS)
     if not rec.get("allocated_at"):
-        raise NotFound(f"{allocation_id} has not been granted (status {rec.get('status')}); "
-                       f"see /gpu/requests/{allocation_id}", details={"id": allocation_id})
+        raise NotFound(
+            f"{allocation_id} has not been granted (status {rec.get('status')}); "
+            f"see /gpu/requests/{allocation_id}",
+            details={"id": allocation_id},
+        )
     if rec.get("status") == "allocated":
         rec["gpu_health"] = _engine().gpu_health(rec)
     return jsonify(render.allocation(rec, **_viewer()))
 
 
 @blp.route("/allocations/<allocation_id>/renew", methods=["POST"])
-@doc(parameters=[_ALLOC_PARAM],
-         requestBody={"required": False, "content": {
-             "application/json": {"schema": schemas.RenewRequestSchema}}})
+@doc(
+    parameters=[_ALLOC_PARAM],
+    requestBody={
+        "required": False,
+        "content": {"application/json": {"schema": schemas.RenewRequestSchema}},
+    },
+)
 @ok(200, schemas.AllocationSchema, "Renewed: the allocation with its new expires_at.")
 @errors(400, 401, 403, 404, 409, 413, 415, 422, 503)
 def renew(allocation_id: str):

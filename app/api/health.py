@@ -1,4 +1,5 @@
 """Liveness and readiness probes; public by default (``auth.public_paths``)."""
+
 from __future__ import annotations
 
 from flask import current_app, jsonify
@@ -14,8 +15,14 @@ blp = Blueprint("health", __name__, description="Probes for load balancers and o
 
 @blp.route("/healthz", methods=["GET"])
 @doc(security=[])
-@doc(responses={"200": {"description": "Alive.", "content": {
-    "application/json": {"schema": schemas.HealthSchema}}}})
+@doc(
+    responses={
+        "200": {
+            "description": "Alive.",
+            "content": {"application/json": {"schema": schemas.HealthSchema}},
+        }
+    }
+)
 def healthz():
     """Liveness: the process answers. Touches nothing else, so it stays cheap."""
     return jsonify(status="ok")
@@ -23,8 +30,15 @@ def healthz():
 
 @blp.route("/readyz", methods=["GET"])
 @doc(security=[])
-@doc(responses={"200": {"description": "Ready.", "content": {
-    "application/json": {"schema": schemas.HealthSchema}}}, "503": "SERVICE_UNAVAILABLE"})
+@doc(
+    responses={
+        "200": {
+            "description": "Ready.",
+            "content": {"application/json": {"schema": schemas.HealthSchema}},
+        },
+        "503": "SERVICE_UNAVAILABLE",
+    }
+)
 def readyz():
     """Readiness: 200 only when Redis answers a PING and can run the engine (Redis >= 7.0 or
     Valkey >= 7.2, for Redis Functions); 503 naming the version found otherwise."""
@@ -42,8 +56,14 @@ def readyz():
 
 @blp.route("/metrics", methods=["GET"])
 @doc(security=[])
-@doc(responses={"200": {"description": "Prometheus text exposition format.",
-                             "content": {"text/plain": {"schema": {"type": "string"}}}}})
+@doc(
+    responses={
+        "200": {
+            "description": "Prometheus text exposition format.",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        }
+    }
+)
 def metrics():
     """Prometheus metrics: this deployment's HTTP metrics plus fleet and queue state from Redis."""
     return current_app.extensions["gpu_metrics_view"]()

@@ -2,6 +2,7 @@
 
 Only documented fields leave the service; times become RFC 3339 strings.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -9,8 +10,15 @@ from typing import Any
 from app import schemas
 from app.timefmt import iso
 
-TIME_FIELDS = ("submitted_at", "allocated_at", "expires_at", "released_at", "ended_at",
-               "renewed_at", "updated_at")
+TIME_FIELDS = (
+    "submitted_at",
+    "allocated_at",
+    "expires_at",
+    "released_at",
+    "ended_at",
+    "renewed_at",
+    "updated_at",
+)
 _ALLOCATION_FIELDS = tuple(schemas.AllocationSchema().fields)
 _GPU_FIELDS = tuple(schemas.GpuSchema().fields)
 _REQ_FIELDS = tuple(schemas.RequirementsSchema().fields)
@@ -62,14 +70,14 @@ def allocation(rec: dict[str, Any], *, principal: str | None, admin: bool) -> di
     return out
 
 
-def request_status(rec: dict[str, Any], *, principal: str | None,
-                   admin: bool) -> dict[str, Any]:
+def request_status(rec: dict[str, Any], *, principal: str | None, admin: bool) -> dict[str, Any]:
     """``/gpu/requests/<id>``: the request on top, its grant under ``allocation`` (null while
     it was never granted); private fields as :func:`allocation` decides for this reader."""
     full = allocation(rec, principal=principal, admin=admin)
     out = {k: full[k] for k in _STATUS_FIELDS if k in full}
-    out["allocation"] = ({k: full[k] for k in _GRANT_FIELDS if k in full}
-                         if rec.get("allocated_at") else None)
+    out["allocation"] = (
+        {k: full[k] for k in _GRANT_FIELDS if k in full} if rec.get("allocated_at") else None
+    )
     return out
 
 
@@ -101,13 +109,27 @@ def requirements(analysis: dict[str, Any]) -> dict[str, Any]:
 
 
 #: Event fields the console shows (the rest of an event stays in the stream).
-_EVENT_FIELDS = ("id", "event", "request_id", "service_name", "node", "gpu_index", "health",
-                 "by", "reason", "priority", "previous_priority", "allocations_lost", "gpu_ids",
-                 "gpus")
+_EVENT_FIELDS = (
+    "id",
+    "event",
+    "request_id",
+    "service_name",
+    "node",
+    "gpu_index",
+    "health",
+    "by",
+    "reason",
+    "priority",
+    "previous_priority",
+    "allocations_lost",
+    "gpu_ids",
+    "gpus",
+)
 
 
-def fleet(snap: dict[str, Any], events: list[dict[str, Any]],
-          counts: dict[str, Any]) -> dict[str, Any]:
+def fleet(
+    snap: dict[str, Any], events: list[dict[str, Any]], counts: dict[str, Any]
+) -> dict[str, Any]:
     """The console's view: nodes with GPUs and their holders, the queue with why each request
     waits, the latest events (newest first), and the counts."""
     from app import waiting
@@ -115,11 +137,16 @@ def fleet(snap: dict[str, Any], events: list[dict[str, Any]],
     holders: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for a in snap["allocations"]:
         for idx in _int_list(a.get("gpu_ids")) or []:  # a damaged record shows no GPUs
-            holders.setdefault((a.get("node") or "", idx), []).append({
-                "request_id": a["id"], "service_name": a.get("service_name"),
-                "owner": a.get("owner"), "sharing": a.get("sharing") or "exclusive",
-                "since": iso(a.get("allocated_at")),
-                "expires_at": iso(a["expires_at"]) if a.get("expires_at") else None})
+            holders.setdefault((a.get("node") or "", idx), []).append(
+                {
+                    "request_id": a["id"],
+                    "service_name": a.get("service_name"),
+                    "owner": a.get("owner"),
+                    "sharing": a.get("sharing") or "exclusive",
+                    "since": iso(a.get("allocated_at")),
+                    "expires_at": iso(a["expires_at"]) if a.get("expires_at") else None,
+                }
+            )
     by_node: dict[str, list[dict[str, Any]]] = {}
     for g in snap["gpus"]:
         view = gpu(g)
@@ -135,19 +162,33 @@ def fleet(snap: dict[str, Any], events: list[dict[str, Any]],
     queue = []
     for q in snap["queue"]:
         w = why.get(q["id"], {})
-        queue.append({"position": q.get("position"), "request_id": q["id"],
-                      "service_name": q.get("service_name"), "owner": q.get("owner"),
-                      "required_gpus": q.get("required_gpus"),
-                      "min_memory_mb": q.get("min_memory_mb"), "priority": q.get("priority"),
-                      "sharing": q.get("sharing"), "submitted_at": iso(q.get("submitted_at")),
-                      "waiting_seconds": round(max(snap["now"] - (q.get("submitted_at") or
-                                                                  snap["now"]), 0.0), 1),
-                      "reason": w.get("reason"),
-                      "eta": iso(w["eta"]) if w.get("eta") is not None else None})
+        queue.append(
+            {
+                "position": q.get("position"),
+                "request_id": q["id"],
+                "service_name": q.get("service_name"),
+                "owner": q.get("owner"),
+                "required_gpus": q.get("required_gpus"),
+                "min_memory_mb": q.get("min_memory_mb"),
+                "priority": q.get("priority"),
+                "sharing": q.get("sharing"),
+                "submitted_at": iso(q.get("submitted_at")),
+                "waiting_seconds": round(
+                    max(snap["now"] - (q.get("submitted_at") or snap["now"]), 0.0), 1
+                ),
+                "reason": w.get("reason"),
+                "eta": iso(w["eta"]) if w.get("eta") is not None else None,
+            }
+        )
     shown = []
     for ev in events:
         item = {k: ev[k] for k in _EVENT_FIELDS if k in ev and ev[k] not in ("", None)}
         item["at"] = iso(ev.get("ts"))
         shown.append(item)
-    return {"now": iso(snap["now"]), "counts": counts, "nodes": nodes, "queue": queue,
-            "events": shown}
+    return {
+        "now": iso(snap["now"]),
+        "counts": counts,
+        "nodes": nodes,
+        "queue": queue,
+        "events": shown,
+    }
