@@ -604,7 +604,11 @@ def test_a_pass_across_batches_clears_every_queue_index(engine, redis):
     assert [status(engine, rid) for rid in waiting] == ["allocated"] * 616 + ["queued"] * 4
     assert status(engine, big) == "queued"
     members = queue_index_members(engine, redis)
-    assert all(m == set(waiting[616:]) | {big} for m in members.values())
+    left = set(waiting[616:]) | {big}
+    # the first request left is its tenant's head: it reserved a node, so it left `unreserved`
+    assert engine.get(waiting[616])["reserved_node"]
+    assert all(m == left for name, m in members.items() if name != "unreserved")
+    assert members["unreserved"] == left - {waiting[616]}
     assert engine.counts()["queue_depth"] == 5 and engine.counts()["gpus_available"] == 0
 
 
@@ -672,17 +676,57 @@ def test_reservation_stops_small_jobs_starving_a_big_one(make_engine, clock):
             assert rec["node"] != "a"
 
 
-def test_without_reservation_the_big_job_starves(make_engine, clock):
+def test_a_tenants_head_reserves_at_once_and_is_not_starved(make_engine, clock):
+    """Issue 14: the head request of a tenant that cannot fit reserves a node at once (no
+    reservation_after wait): a stream of small jobs whose leases outlast the reserved start no
+    longer takes the GPUs the big job waits for (before, this test showed it starving)."""
     engine = make_engine(reservation_after=10**9, aging_rate=0)
     engine.report_node("a", gpu_list(4))
     held = [engine.allocate(req(ttl_seconds=1000))["id"] for _ in range(4)]
     big = engine.allocate(req(required_gpus=4))
+    assert engine.get(big["id"])["reserved_node"] == "a"
     clock.advance(61)
     engine.report_node("a", gpu_list(4))
+    smalls = []
     for sid in held:
-        engine.allocate(req(priority=5))
+        smalls.append(engine.allocate(req(priority=5, ttl_seconds=3600))["id"])
         engine.release(sid)
-    assert status(engine, big["id"]) == "queued"
+    assert status(engine, big["id"]) == "allocated"
+    assert [status(engine, s) for s in smalls] == ["queued"] * 4
+
+
+def test_backfill_only_with_a_lease_that_ends_before_the_reserved_start(make_engine, clock):
+    engine = make_engine(aging_rate=0)
+    engine.report_node("a", gpu_list(2))
+    holder = engine.allocate(req(ttl_seconds=600))
+    big = engine.allocate(req(required_gpus=2, service="big"))
+    assert engine.get(big["id"])["reserved_node"] == "a"  # starts when holder's lease ends
+    too_long = engine.allocate(req(service="small", ttl_seconds=601))
+    assert too_long["status"] == "queued"
+    short = engine.allocate(req(service="short", ttl_seconds=600))
+    assert short["status"] == "allocated" and short["node"] == "a"
+    assert short["expires_at"] <= engine.get(holder["id"])["expires_at"]
+    clock.advance(601)
+    engine.report_node("a", gpu_list(2))
+    engine.reap()
+    assert status(engine, big["id"]) == "allocated"
+    assert status(engine, too_long["id"]) == "queued"
+
+
+def test_spare_gpus_of_a_reserved_node_go_to_anyone(make_engine):
+    """A node has more GPUs free by the reserved start than the reserved request needs: the
+    spare ones are not held back, whatever the lease."""
+    engine = make_engine(aging_rate=0)
+    engine.report_node("a", gpu_list(4))
+    held = [engine.allocate(req(ttl_seconds=100))["id"] for _ in range(3)]
+    big = engine.allocate(req(required_gpus=2, service="big"))
+    assert big["status"] == "queued" and engine.get(big["id"])["reserved_node"] == "a"
+    # at the start (t+100) 4 GPUs are free and big needs 2: the free one now is spare
+    long = engine.allocate(req(service="other", ttl_seconds=10_000))
+    assert long["status"] == "allocated" and long["node"] == "a"
+    # no more spare: a second long one waits
+    assert engine.allocate(req(service="third", ttl_seconds=10_000))["status"] == "queued"
+    assert held
 
 
 # --------------------------------------------------------------------------- dependencies
@@ -756,6 +800,7 @@ def test_events_record_every_state_change(engine):
     assert evs == [
         ("allocated", a["id"]),
         ("queued", q["id"]),
+        ("reserved", q["id"]),  # the head of its tenant reserves its node at once (issue 14)
         ("released", a["id"]),
         ("allocated", q["id"]),
         ("released", q["id"]),

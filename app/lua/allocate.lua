@@ -160,6 +160,7 @@ if rank then
   end
   event('queued', id, svc, nil)
   stat('alloc|' .. svc_label(svc) .. '|queued')
+  queue().reserve_new(id)
   return {1, submitted, rank + 1, {}}
 end
 local names = {'status', 'node', 'gpu_ids', 'gpu_uuids', 'allocated_at', 'expires_at',

@@ -12,6 +12,28 @@
     * nothing_fits(): smallest queued demand vs best free capacity, O(log n).
     * in the walk, a demand shape that failed is not tried again (capacity only shrinks).
   ]]
+  -- reservations one full pass may make, and how deep in the queue it looks for tenants' heads
+  local MAX_NEW_RES, HEAD_SCAN = 8, 500
+
+  -- The new request of an allocate reserves after its queued event (reserve_new), when the
+  -- walk found it its tenant's head (or long-waiting); new_wants: nil when no walk saw it.
+  -- A tenant's head is its first eligible exclusive request that does not fit: a shared one
+  -- waits for memory on any GPU and holds no node back (unless it waited reservation_after).
+  local new_wants = nil
+
+  -- allocate, after the queued event: the new request reserves when it is its tenant's head
+  -- (the walk said so, or it is its tenant's only queued request) and does not fit.
+  local function reserve_new(id)
+    if RES_AFTER < 0 or POLICY == 'strict_fifo' or new_wants == false then return end
+    local r = load_req(id)
+    if not r or r.status ~= 'queued' or r.reserved ~= '' or not deps_done(r) then return end
+    if new_wants == nil and RES_AFTER > 0 and (r.sharing == 'shared' or
+        tonumber(redis.call('HGET', K_QOWNERS, owner_bucket(r.owner, r.svc)) or '0') ~= 1) then
+      return
+    end
+    reserve(r, {})
+  end
+
   local function schedule_inner(new_id, force)
     local granted = {}
     if redis.call('ZCARD', K_QUEUE) == 0 then return granted end
@@ -34,7 +56,7 @@
       local blocked = {}
       local res = redis.call('HGETALL', K_RES)
       for i = 1, #res, 2 do
-        if ranks_before(res[i + 1], new_id) then blocked[res[i]] = true end
+        if ranks_before(res[i + 1], new_id) then blocked[res[i]] = {id = res[i + 1]} end
       end
       local node, chosen = place(r, blocked)
       if node then
@@ -49,7 +71,7 @@
     local blocked, failed = {}, {}
     local maxfree, maxshared = top_score(K_FREE), top_score(K_SHARED)
     local may_reserve = RES_AFTER >= 0 and POLICY ~= 'strict_fifo'
-    local new_reservations = 0
+    local new_reservations, head_seen = 0, {}
     local reserved_by, due, possible = {}, {}, {}
     local res = redis.call('HGETALL', K_RES)
     for i = 1, #res, 2 do reserved_by[res[i + 1]] = res[i] end
@@ -79,17 +101,24 @@
             end
             possible[sig] = ok
           end
+          local r, eligible = nil, false
           if ok and not failed[sig] then
-            local r = load_req(id)
-            if r and deps_done(r) then
+            r = load_req(id)
+            eligible = r ~= nil and deps_done(r)
+            -- a failure the reservations caused depends on the lease too (backfill)
+            local lkey = eligible and sig .. '|' .. fnum(r.lease)
+            if eligible and not failed[lkey] then
               local node, chosen = place(r, blocked)
               if node then
+                took(r, node, blocked)
                 grant(r, node, chosen, true, id ~= new_id)
                 granted[#granted + 1] = id
                 placed = true
                 removed = removed + 1
                 -- maxfree and maxshared are not re-read: capacity only shrinks in a pass, so
                 -- a shape judged possible that no longer fits fails once in place()
+              elseif held_hit then
+                failed[lkey] = true
               else
                 failed[sig] = true
               end
@@ -98,11 +127,34 @@
           if not placed then
             if POLICY == 'strict_fifo' then return granted end
             local rn = reserved_by[id]
-            if not rn and due[id] and may_reserve and new_reservations < 4 then
-              rn = reserve(load_req(id), blocked)
-              if rn == '' then may_reserve = false else new_reservations = new_reservations + 1 end
+            local want = due[id]
+            if may_reserve and offset + i <= HEAD_SCAN then
+              -- each tenant's first eligible request that cannot fit is its head: it reserves
+              if r == nil then
+                r = load_req(id)
+                eligible = r ~= nil and deps_done(r)
+              end
+              if eligible and r.sharing ~= 'shared' then
+                local t = tenant_of(r)
+                if not head_seen[t] then
+                  head_seen[t] = true
+                  want = true
+                end
+              end
             end
-            if rn and rn ~= '' then blocked[rn] = true end
+            if id == new_id then
+              -- reserved by allocate after its queued event (reserve_new)
+              new_wants = want and true or false
+              want = false
+            end
+            if not rn and want and may_reserve and new_reservations < MAX_NEW_RES then
+              r = r or load_req(id)
+              if r then
+                rn = reserve(r, blocked)
+                if rn == '' then may_reserve = false else new_reservations = new_reservations + 1 end
+              end
+            end
+            if rn and rn ~= '' then blocked[rn] = {id = id, r = r} end
           end
         end
       end
@@ -120,7 +172,7 @@
 
   -- One pass: dequeues are collected (see dequeue) and flushed however the pass ends.
   local function pass(new_id, force)
-    dq_ids, dq_owners = {}, {}
+    dq_ids, dq_owners, new_wants = {}, {}, nil
     local granted = schedule_inner(new_id, force)
     dequeue_flush()
     dq_ids, dq_owners = nil, nil

@@ -10,7 +10,7 @@
 local REQ_FIELDS = {'service_name', 'sharing', 'required_gpus', 'min_memory_mb', 'max_memory_mb',
   'max_utilization', 'preferred_gpus', 'depends_on', 'submitted_at', 'webhook_url',
   'webhook_events', 'lease_seconds', 'priority', 'reserved_node', 'status', 'owner',
-  'gpu_pattern', 'nodes', 'depends_on_mode'}
+  'gpu_pattern', 'nodes', 'depends_on_mode', 'tenant'}
 
 local function req_from(id, f)
   local r = {id = id, svc = f[1], sharing = f[2], k = tonumber(f[3]), minm = tonumber(f[4]),
@@ -18,7 +18,7 @@ local function req_from(id, f)
     deps_raw = f[8] or '[]', submitted = tonumber(f[9]), hook = f[10] or '',
     hook_events = f[11] or '[]', lease = lease_secs(f[12]), priority = tonumber(f[13]),
     reserved = f[14] or '', status = f[15], owner = f[16] or '', pat = f[17] or '',
-    nodes_raw = f[18] or '[]', mode = f[19] or 'any'}
+    nodes_raw = f[18] or '[]', mode = f[19] or 'any', tenant = f[20] or ''}
   -- gpu_model as an anchored Lua pattern on the lower-cased GPU name ('' = any model) and the
   -- nodes it may use (nil = any node): both set by the client, checked in placement
   if r.nodes_raw ~= '[]' then
@@ -120,6 +120,76 @@ local function rank_gpus(a, b)
   return tonumber(a.idx) < tonumber(b.idx)
 end
 
+--[[
+  Reservations and backfill (see includes/reservations.lua for who reserves). A node reserved
+  for a request ranked ahead is held back from the requests behind it, with two exceptions:
+  * backfill on lease end: a request whose lease ends by the reserved start (NOW + lease <=
+    start) may use the node's GPUs; they are free again when the reserved request needs them;
+  * spare GPUs: GPUs the node will have free by the reserved start beyond the k the reserved
+    request needs may go to anyone.
+  node_start(r, node): the reserved start on one node: the k-th earliest time a qualifying GPU
+  is free (now for free ones, the exclusive holder's lease end otherwise; a lease without
+  expiry, or shared holders in the way of an exclusive request, count as never = 1e18), and
+  how many more are free by then (spare). nil when the node has fewer than k such GPUs.
+]]
+local NEVER = 1e18
+
+local function node_start(r, node)
+  local times = {}
+  for _, idx in ipairs(node_indexes(node)) do
+    local g = redis.call('HMGET', k_gpu(node, idx), 'health', 'cordoned', 'lost',
+      'memory_total_mb', 'excl', 'shared_n', 'name')
+    if g[1] == 'ok' and g[2] ~= '1' and g[3] ~= '1' and (tonumber(g[4]) or 0) >= r.minm
+        and model_matches(r.pat, g[7]) then
+      local t = NOW
+      if g[5] and g[5] ~= '' then
+        t = tonumber(redis.call('ZSCORE', K_LEASES, g[5]) or '') or NEVER
+        if t > NEVER then t = NEVER end
+      elseif (tonumber(g[6] or '0') or 0) > 0 and r.sharing ~= 'shared' then
+        t = NEVER
+      end
+      times[#times + 1] = t
+    end
+  end
+  local k = r.sharing == 'shared' and 1 or r.k
+  if #times < k then return nil end
+  table.sort(times)
+  local t = times[k]
+  if t < NOW then t = NOW end -- a lease past its end holds the GPU until the reaper's pass
+  local spare = 0
+  for i = k + 1, #times do
+    if times[i] <= t then spare = spare + 1 end
+  end
+  return t, spare
+end
+
+-- blocked: node -> {id = the reserved request ranked ahead, r = it when loaded}; its start
+-- and spare are worked out on first use. held_hit: a node was held back from the last place()
+-- (its failure then depends on the lease, not only on the shape).
+local held_hit = false
+local function held_back(r, node, blocked)
+  local b = blocked[node]
+  if not b then return false end
+  if b.t == nil then
+    local holder = b.r or load_req(b.id)
+    local t, spare
+    if holder then t, spare = node_start(holder, node) end
+    b.t, b.spare = t or NEVER, spare or 0
+  end
+  if r.lease >= 0 and b.t < NEVER and NOW + r.lease <= b.t then return false end
+  if b.spare >= (r.sharing == 'shared' and 1 or r.k) then return false end
+  held_hit = true
+  return true
+end
+
+-- After a grant on a node another request reserved: GPUs kept past the start use its spare.
+local function took(r, node, blocked)
+  local b = blocked[node]
+  if b and b.t and not (r.lease >= 0 and b.t < NEVER and NOW + r.lease <= b.t) then
+    b.spare = b.spare - (r.sharing == 'shared' and 1 or r.k)
+  end
+end
+
 -- Exclusive placement: best fit over nodes by free-GPU count, preferred GPUs outranking it.
 local function place_exclusive(r, blocked)
   local k = r.k
@@ -131,7 +201,7 @@ local function place_exclusive(r, blocked)
         offset == 0 and 8 or 64)
       if #batch == 0 then return nil end
       for _, node in ipairs(batch) do
-        if not blocked[node] and node_ok(r, node) and node_alive(node) then
+        if node_ok(r, node) and node_alive(node) and not held_back(r, node, blocked) then
           local g = node_best1(r, node)
           if g then return node, {g} end
         end
@@ -147,7 +217,7 @@ local function place_exclusive(r, blocked)
       offset == 0 and 8 or 64)
     if #batch == 0 then break end
     for _, node in ipairs(batch) do
-      if not blocked[node] and node_ok(r, node) and node_alive(node) then
+      if node_ok(r, node) and node_alive(node) and not held_back(r, node, blocked) then
         local q = node_candidates(r, node)
         if #q >= k then
           local p = 0
@@ -190,7 +260,7 @@ local function place_shared(r, blocked)
     if #batch == 0 then break end
     for i = 1, #batch, 2 do
       local node, idx = split_member(batch[i])
-      if node and not blocked[node] and node_ok(r, node) and node_alive(node) then
+      if node and node_ok(r, node) and node_alive(node) and not held_back(r, node, blocked) then
         local g = redis.call('HMGET', k_gpu(node, idx), 'utilization', 'uuid', 'name')
         if (tonumber(g[1]) or 0) <= r.util and model_matches(r.pat, g[3]) then
           local cand = {idx = idx, mem = tonumber(batch[i + 1]), uuid = g[2] or ''}
@@ -206,6 +276,7 @@ local function place_shared(r, blocked)
 end
 
 local function place(r, blocked)
+  held_hit = false
   if r.sharing == 'shared' then return place_shared(r, blocked) end
   return place_exclusive(r, blocked)
 end

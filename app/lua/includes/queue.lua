@@ -80,7 +80,7 @@ queue = function()
 -- @include reservations
 
 -- @include pass
-  queue_fns = {dequeue = dequeue, enqueue = enqueue, pass = pass}
+  queue_fns = {dequeue = dequeue, enqueue = enqueue, pass = pass, reserve_new = reserve_new}
   return queue_fns
 end
 
