@@ -1107,9 +1107,13 @@ class Engine:
         queue: bool = True,
         limit: int | None = None,
         after: str | None = None,
+        wait: int = 0,
     ) -> dict:
         """One consistent view: GPUs, nodes, and one page of the live allocations (lease order)
         then the queue (rank order), as compact records (no ``workload_data``).
+
+        ``wait``: also read, in the same script, what app/waiting.py simulates for the first
+        ``wait`` queued requests (the answer's ``wait``: ``held``, ``queue``, ``deps``).
 
         ``requests=False``: GPUs and nodes only (the metrics scrape). ``queue=False``: no queue
         (the simulated monitor only needs what is held). ``limit``: most records on the page
@@ -1128,6 +1132,7 @@ class Engine:
                     "all" if queue else "allocations",
                     "" if limit is None else str(int(limit)),
                     after or "",
+                    str(int(wait)),
                 )
             )
         else:
@@ -1166,7 +1171,13 @@ class Engine:
             "allocations_total": int(data.get("allocations_total") or 0),
             "queue_depth": int(data.get("queue_depth") or 0),
             "next": data.get("next") or None,
+            **({"wait": _wait_view(data["wait"])} if isinstance(data.get("wait"), dict) else {}),
         }
+
+    def wait_view(self, upto: int) -> dict:
+        """What app/waiting.py needs to explain the first ``upto`` queued requests: GPUs,
+        nodes and the ``wait`` read (no page of records), from one script."""
+        return self.snapshot(limit=0, wait=max(int(upto), 1))
 
     def _fleet_hashes(self) -> tuple[list[dict], list[dict], float]:
         """Every GPU's and node's hash (in index order) and the clock, in two pipelined round
@@ -1379,6 +1390,16 @@ def _holders(flat: list) -> dict[str, tuple[str, int, float]]:
             else:
                 out[member] = (rid, n, mb)
     return out
+
+
+def _wait_view(raw: dict) -> dict:
+    """The snapshot script's ``wait`` part -> records app/waiting.py reads."""
+    deps = raw.get("deps")
+    return {
+        "held": [parse_record(a) for a in _list(raw.get("held")) if isinstance(a, dict)],
+        "queue": [parse_record(q) for q in _list(raw.get("queue")) if isinstance(q, dict)],
+        "deps": {k: (v or None) for k, v in deps.items()} if isinstance(deps, dict) else {},
+    }
 
 
 def _float_or(value: Any, default: float) -> float:

@@ -16,6 +16,7 @@ from marshmallow import fields, validate
 from app.engine import DEPENDENCY_FAILED, DEPENDS_ON_MODES, MAX_LEASE_SECONDS
 from app.engine import WEBHOOK_EVENTS as EVENTS
 from app.settings import WORKLOAD_TYPES
+from app.waiting import REASONS as WAIT_REASONS
 
 #: Deepest nesting accepted inside ``workload_data`` (objects and arrays both count).
 MAX_WORKLOAD_DEPTH = 8
@@ -251,6 +252,17 @@ def _time(description):
     return StrictStr(allow_none=True, metadata={"description": description, "format": "date-time"})
 
 
+_WAIT_REASONS = (
+    "capacity (no GPUs free that fit it), quota (its tenant holds max_gpus), dependency "
+    "(waits for depends_on), reservation (GPUs that fit are held back for a request ahead of "
+    "it) or priority (it fits, but another request goes first)"
+)
+_ETA = (
+    "While queued: the estimated grant, simulated in queue order from the lease ends "
+    "(expires_at) of the allocations ahead of it, as Slurm's squeue --start does; null when it "
+    "cannot be known (a lease without expiry in the way, or deeper in the queue than the "
+    "estimate looks)."
+)
 _WARNINGS = (
     "One line per workload_data key that the analysis ignored, with a did-you-mean "
     "(gpu_count -> required_gpus); empty when every key was used."
@@ -345,10 +357,13 @@ class AllocationSchema(_ResponseSchema):
     reason = StrictStr(
         allow_none=True,
         metadata={
-            "description": f"Why the engine ended it: {DEPENDENCY_FAILED} (a depends_on_mode ok "
+            "description": "While queued, why it waits: "
+            + _WAIT_REASONS
+            + f". When the engine ended it: {DEPENDENCY_FAILED} (a depends_on_mode ok "
             "dependency ended otherwise than released)."
         },
     )
+    eta = _time(_ETA)
     failed_dependency = StrictStr(
         allow_none=True,
         metadata={"description": f"With reason {DEPENDENCY_FAILED}: the dependency that failed."},
@@ -405,6 +420,11 @@ class QueuedSchema(_ResponseSchema):
     position = StrictInt(allow_none=True)
     priority = StrictInt(allow_none=True)
     submitted_at = _time("When the request arrived.")
+    reason = StrictStr(
+        allow_none=True,
+        metadata={"enum": list(WAIT_REASONS), "description": "Why it waits: " + _WAIT_REASONS},
+    )
+    eta = _time(_ETA)
     replayed = fields.Boolean()
     warnings = fields.List(StrictStr(), required=True, metadata={"description": _WARNINGS})
 

@@ -1,107 +1,512 @@
-"""Why a queued request waits, and the earliest time it could run, from one engine snapshot.
+"""Why each queued request waits (``reason``) and when it should be granted (``eta``).
 
-The console shows this beside every queued request. It mirrors the engine's placement rules
-(``includes/prelude.lua``: one node holds all GPUs of an allocation; a GPU qualifies when it is
-healthy, not cordoned, not lost, on a live node, free, with enough free memory and low enough
-utilization) but only explains: the engine alone decides. The ETA is a lower bound from the
-lease ends of the allocations in the way (None when one of them never expires or no node could
-ever fit); fair-share ordering (issue 14) will refine it.
+One rule, one place: the API's 202 answer, ``GET /gpu/requests/<id>``, the queue of
+``/gpu/list`` and the console all call :func:`explain`. It works in Python over one consistent
+read (``Engine.snapshot(wait=n)``: the live allocations with their lease ends, the head of the
+queue with what placement needs, the reservations), so it costs the engine's hot path nothing.
+
+``reason`` (checked in this order, against the fleet as it is now):
+
+* ``dependency``  a ``depends_on`` request is still queued or live;
+* ``quota``       its tenant holds ``max_gpus`` already (a hook for ``tenants.quotas``);
+* ``capacity``    no GPUs free now fit it, reservations aside;
+* ``reservation`` GPUs that fit it are free but held back for a request ahead of it;
+* ``priority``    it fits, but another request goes first (strict_fifo's head, or the pass
+                  that will grant it has not run yet).
+
+``eta`` is what Slurm's ``squeue --start`` does: the queue is walked in the order the
+scheduler grants (rank order), on a simulated timeline. Time jumps from one lease end
+(``expires_at``) to the next; there the GPUs come free and the walk places what fits with the
+engine's placement rules (best fit over nodes, tightest fit for shared), its reservations
+(each tenant's first eligible exclusive request that does not fit holds the node where it
+starts soonest) and its backfill rule (a request ranked behind may use a reserved node when
+its lease ends by the reserved start, or on the node's spare GPUs). A simulated grant holds
+its GPUs for its own lease. ``eta`` is None when it cannot be known: a lease without expiry
+in the way, a dependency beyond the simulated head, or the cap below reached.
+
+Bounds: at most :data:`MAX_SIMULATED` queued requests are simulated (the rest get a reason
+and ``eta: null``), and the walk stops after :data:`MAX_STEPS` placement attempts.
+Assumptions: nobody releases early or renews, nothing new arrives ahead, GPUs that come free
+report their whole memory and no utilization.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from typing import Any
 
+#: Queued requests simulated at most (from the head of the queue).
+MAX_SIMULATED = 500
+#: Placement attempts the simulation makes at most before it gives up (the rest: eta None).
+MAX_STEPS = 20_000
+#: Queue ranks within which each tenant's head reserves (the engine's HEAD_SCAN).
+HEAD_SCAN = 500
+REASONS = ("capacity", "quota", "dependency", "reservation", "priority")
+INF = math.inf
 
-def _qualifies(gpu: dict, req: dict, *, ignore_holder: bool) -> bool:
-    if not gpu.get("schedulable"):
-        return False
-    shared = req.get("sharing") == "shared"
-    if not ignore_holder:
-        if gpu.get("allocated_to"):
+
+def tenant_of(rec: dict[str, Any]) -> str:
+    """Whose head a request is: its tenant, else (as the engine's queue shares) its owner,
+    else its service."""
+    if rec.get("tenant"):
+        return str(rec["tenant"])
+    if rec.get("owner"):
+        return "o:" + str(rec["owner"])
+    return "s:" + str(rec.get("service_name") or "")
+
+
+class _Gpu:
+    __slots__ = ("node", "idx", "ok", "total", "free", "util", "name", "excl", "shared", "held")
+
+    def __init__(self, g: dict[str, Any]):
+        self.node = str(g.get("node") or "")
+        self.idx = int(g.get("index") or 0)
+        self.ok = bool(g.get("schedulable"))
+        self.total = float(g.get("memory_total_mb") or 0)
+        self.free = float(g.get("memory_free_mb") or 0)
+        self.util = float(g.get("utilization") or 0)
+        self.name = str(g.get("name") or "").lower()
+        self.excl = 0.0  # the exclusive holder's lease end (0: none)
+        self.shared: list[tuple[float, float]] = []  # (lease end, MB) of shared holders
+        self.held = False  # held when the walk started (its readings are the holder's)
+
+    def excl_free(self, t: float) -> bool:
+        return self.excl <= t and all(end <= t for end, _ in self.shared)
+
+    def mem_free(self) -> float:
+        # a GPU that came free is assumed idle (its whole memory), one free now as read
+        return self.total if self.held else self.free
+
+    def room(self, t: float) -> float:
+        """Memory a shared request may reserve at t: total - max(reserved, used)."""
+        reserved = sum(mb for end, mb in self.shared if end > t)
+        cap = self.total - reserved
+        return min(cap, self.free) if not self.held else cap
+
+    def busy_until(self, shared_ok: bool) -> float:
+        """When this GPU is free for an exclusive request (shared_ok: for a shared one)."""
+        end = self.excl
+        if not shared_ok:
+            for e, _ in self.shared:
+                end = max(end, e)
+        return end
+
+
+class _Req:
+    __slots__ = (
+        "id",
+        "rec",
+        "k",
+        "shared",
+        "minm",
+        "maxm",
+        "util",
+        "pref",
+        "nodes",
+        "model",
+        "lease",
+        "deps",
+        "tenant",
+        "reserved",
+        "submitted",
+        "deadline",
+        "shape",
+    )
+
+    def __init__(self, rec: dict[str, Any]):
+        self.id = rec["id"]
+        self.rec = rec
+        self.shared = rec.get("sharing") == "shared"
+        self.k = 1 if self.shared else max(int(rec.get("required_gpus") or 1), 1)
+        self.minm = float(rec.get("min_memory_mb") or 0)
+        self.maxm = float(rec.get("max_memory_mb") or 0)
+        util = rec.get("max_utilization")
+        self.util = 100.0 if util is None else float(util)
+        self.pref = {int(p) for p in rec.get("preferred_gpus") or []}
+        self.nodes = set(rec.get("nodes") or []) or None
+        self.model = (rec.get("gpu_model") or "").lower() or None
+        lease = rec.get("lease_seconds")
+        self.lease = INF if lease is None or float(lease) < 0 else float(lease)
+        self.deps = list(rec.get("depends_on") or [])
+        self.tenant = tenant_of(rec)
+        self.reserved = rec.get("reserved_node") or None
+        self.submitted = float(rec.get("submitted_at") or 0)
+        timeout = rec.get("queue_timeout_seconds")
+        self.deadline = INF if timeout is None else self.submitted + float(timeout)
+        self.shape = (
+            self.shared,
+            self.k,
+            self.minm,
+            self.maxm,
+            self.util,
+            tuple(sorted(self.pref)),
+            tuple(sorted(self.nodes or ())),
+            self.model,
+        )
+
+    def static_ok(self, g: _Gpu) -> bool:
+        """GPU qualifies whatever holds it: schedulable, big enough, the model, the node."""
+        if not g.ok or g.total < self.minm:
             return False
-        if not shared and int(gpu.get("shared_n") or 0) > 0:
+        if self.nodes is not None and g.node not in self.nodes:
             return False
-    need = int(req.get("min_memory_mb") or 0)
-    cap = int(req.get("max_memory_mb") or 0)
-    if ignore_holder:
-        have = int(gpu.get("memory_total_mb") or 0)
-        return have >= need
-    have = int(gpu.get("memory_free_mb") or 0) - (int(gpu.get("shared_mb") or 0) if shared else 0)
-    util = float(req.get("max_utilization") if req.get("max_utilization") is not None else 100)
-    return have >= need and (not cap or have <= cap) and float(gpu.get("utilization") or 0) <= util
+        return self.model is None or fnmatch.fnmatchcase(g.name, self.model)
 
 
-def explain(snapshot: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """request id -> {"reason": text, "eta": epoch seconds or None} for every queued request."""
-    now = float(snapshot["now"])
-    gpus_by_node: dict[str, list[dict]] = {}
-    for gpu in snapshot["gpus"]:
-        gpus_by_node.setdefault(gpu.get("node") or "", []).append(gpu)
-    lease_end = {
-        a["id"]: (a.get("expires_at") if a.get("expires_at") is not None else math.inf)
-        for a in snapshot["allocations"]
-    }
-    live = set(lease_end)
-    queued = {q["id"]: q for q in snapshot["queue"]}
-    out = {}
-    for q in snapshot["queue"]:
+class _Sim:
+    """The fleet on a simulated timeline: which GPU is held until when."""
+
+    def __init__(self, snap: dict[str, Any], sched, limits):
+        self.now = float(snap["now"])
+        self.policy = getattr(sched, "policy", "best_effort")
+        self.res_after = float(getattr(sched, "reservation_after", 600))
+        self.limits = limits
+        self.gpus: dict[str, list[_Gpu]] = {}
+        self.by_key: dict[tuple[str, int], _Gpu] = {}
+        for g in snap.get("gpus", []):
+            gpu = _Gpu(g)
+            self.gpus.setdefault(gpu.node, []).append(gpu)
+            self.by_key[(gpu.node, gpu.idx)] = gpu
+        for gs in self.gpus.values():
+            gs.sort(key=lambda g: g.idx)
+        self.node_order = sorted(self.gpus)
+        #: request id -> when it ends (live allocations, then simulated grants)
+        self.ends: dict[str, float] = {}
+        self.held_by_tenant: dict[str, int] = {}
+        wait = snap.get("wait") or {}
+        for a in wait.get("held", []):
+            end = a.get("expires_at")
+            end = INF if end is None else float(end)
+            self.ends[a["id"]] = end
+            try:
+                self._hold(a.get("node") or "", a.get("gpu_ids") or [], a, end)
+            except (TypeError, ValueError, OverflowError):
+                continue  # a damaged record: the GPUs it names cannot be told
+            t = tenant_of(a)
+            self.held_by_tenant[t] = self.held_by_tenant.get(t, 0) + len(a.get("gpu_ids") or [])
+        #: status of dependencies that are neither live nor in the simulated head
+        self.dep_status: dict[str, str | None] = dict(wait.get("deps") or {})
+        #: queued requests of the simulated head not granted yet, and the reserved nodes
+        self.pending: set[str] = set()
+        self.reserved_nodes: set[str] = set()
+
+    def _hold(self, node: str, gpu_ids, rec, end: float) -> None:
+        for idx in gpu_ids:
+            g = self.by_key.get((node, int(idx)))
+            if g is None:
+                continue
+            g.held = True
+            if rec.get("sharing") == "shared":
+                g.shared.append((end, float(rec.get("min_memory_mb") or 0)))
+            else:
+                g.excl = end
+
+    # ------------------------------------------------------------------ placement
+    def _free_gpus(self, r: _Req, node: str, t: float) -> list[_Gpu]:
+        out = []
+        for g in self.gpus[node]:
+            if not r.static_ok(g) or not g.excl_free(t):
+                continue
+            mem, util = g.mem_free(), (0.0 if g.held else g.util)
+            if mem < r.minm or (r.maxm > 0 and mem > r.maxm) or util > r.util:
+                continue
+            out.append(g)
+        return out
+
+    def _held_back(self, r: _Req, node: str, t: float, blocked: dict) -> bool:
+        b = blocked.get(node)
+        if b is None:
+            return False
+        start, spare = b
+        if r.lease < INF and start < INF and t + r.lease <= start:
+            return False  # backfill: free again by the reserved start
+        return spare < r.k
+
+    def place(self, r: _Req, t: float, blocked: dict) -> tuple[str, list[_Gpu]] | None:
+        if r.shared:
+            return self._place_shared(r, t, blocked)
+        want = min(len(r.pref), r.k)
+        best = None
+        for node in self.node_order:
+            if r.nodes is not None and node not in r.nodes:
+                continue
+            if self._held_back(r, node, t, blocked):
+                continue
+            q = self._free_gpus(r, node, t)
+            if len(q) < r.k:
+                continue
+            p = min(sum(1 for g in q if g.idx in r.pref), want)
+            nfree = sum(1 for g in self.gpus[node] if g.ok and g.excl_free(t))
+            key = (-p, nfree, node)
+            if best is None or key < best[0]:
+                best = (key, node, q)
+        if best is None:
+            return None
+        _, node, q = best
+        q.sort(key=lambda g: (g.idx not in r.pref, -g.mem_free(), g.util, g.idx))
+        return node, q[: r.k]
+
+    def _place_shared(self, r: _Req, t: float, blocked: dict):
+        cands = []
+        for node in self.node_order:
+            if r.nodes is not None and node not in r.nodes:
+                continue
+            if self._held_back(r, node, t, blocked):
+                continue
+            for g in self.gpus[node]:
+                if not r.static_ok(g) or g.excl > t:
+                    continue
+                room = g.room(t)
+                if room < r.minm or (r.maxm > 0 and room > r.maxm):
+                    continue
+                if (0.0 if g.held else g.util) > r.util:
+                    continue
+                cands.append((room, f"{g.node}|{g.idx}", g))
+        if not cands:
+            return None
+        cands.sort(key=lambda c: (c[0], c[1]))
+        for _, _, g in cands:
+            if not r.pref or g.idx in r.pref:
+                return g.node, [g]
+        return cands[0][2].node, [cands[0][2]]
+
+    def grant(self, r: _Req, node: str, chosen: list[_Gpu], t: float) -> None:
+        end = t + r.lease
+        for g in chosen:
+            if r.shared:
+                g.shared.append((end, r.minm))
+            else:
+                g.excl = end
+        self.ends[r.id] = end
+        self.held_by_tenant[r.tenant] = self.held_by_tenant.get(r.tenant, 0) + r.k
+
+    def node_start(self, r: _Req, node: str, t: float) -> tuple[float, int] | None:
+        """The engine's reserved start on a node: the k-th earliest time a qualifying GPU is
+        free, and how many more are free by then."""
+        times = sorted(max(g.busy_until(r.shared), t) for g in self.gpus[node] if r.static_ok(g))
+        if len(times) < r.k:
+            return None
+        start = times[r.k - 1]
+        return start, sum(1 for x in times[r.k :] if x <= start)
+
+    def reserve(self, r: _Req, t: float, blocked: dict) -> None:
+        if r.reserved is None:
+            best = None
+            for node in self.node_order:
+                if node in blocked or (r.nodes is not None and node not in r.nodes):
+                    continue
+                if node in self.reserved_nodes:
+                    continue
+                s = self.node_start(r, node, t)
+                if s is not None and (best is None or s[0] < best[0]):
+                    best = (s[0], node)
+            if best is None:
+                return
+            r.reserved = best[1]
+            self.reserved_nodes.add(best[1])
+        s = self.node_start(r, r.reserved, t) if r.reserved in self.gpus else None
+        blocked[r.reserved] = s if s is not None else (INF, 0)
+
+    def deps_done(self, r: _Req, t: float) -> bool | None:
+        """True / False at t; None when it cannot be known (a dependency beyond the head)."""
+        for d in r.deps:
+            if d in self.ends:
+                if self.ends[d] > t:
+                    return False
+            elif d in self.pending:
+                return False
+            elif self.dep_status.get(d) in ("queued", "allocated"):
+                return None
+        return True
+
+    def over_quota(self, r: _Req) -> bool:
+        cap = self.limits(r.tenant) if self.limits else None
+        return cap is not None and self.held_by_tenant.get(r.tenant, 0) + r.k > cap
+
+
+def explain(
+    snap: dict[str, Any],
+    sched=None,
+    *,
+    records: list[dict[str, Any]] | None = None,
+    limits=None,
+) -> dict[str, dict[str, Any]]:
+    """request id -> {"reason", "eta" (epoch seconds or None)} for every queued request of the
+    page (``snap["queue"]``) and of ``records``. ``snap`` comes from
+    ``Engine.snapshot(wait=n)``; ``sched`` is the scheduler settings (policy,
+    reservation_after); ``limits(tenant)`` gives a tenant's max_gpus (None: no cap)."""
+    wait = snap.get("wait") or {}
+    sim = _Sim(snap, sched, limits)
+    head = []
+    damaged: set[str] = set()
+    for rec in wait.get("queue", []):
         try:
-            out[q["id"]] = _one(q, now, gpus_by_node, lease_end, live, queued)
-        except (TypeError, ValueError, OverflowError):  # a damaged record: say so, show the rest
-            out[q["id"]] = {"reason": "unknown (its stored record is damaged)", "eta": None}
+            head.append(_Req(rec))
+        except (TypeError, ValueError, OverflowError, KeyError):
+            damaged.add(str(rec.get("id")))  # a damaged record: no reason, no estimate
+    sim.pending = {r.id for r in head}
+    sim.reserved_nodes = {r.reserved for r in head if r.reserved}
+    targets: dict[str, dict[str, Any]] = {}
+    for rec in list(snap.get("queue", [])) + list(records or []):
+        if rec.get("status", "queued") == "queued" and rec.get("id"):
+            targets[rec["id"]] = rec
+    out: dict[str, dict[str, Any]] = {}
+    eta: dict[str, float | None] = {}
+    reasons: dict[str, str] = {}
+    now = sim.now
+
+    # the reasons, against the fleet as it is now and the reservations of those ahead
+    blocked_now: dict = {}
+    seen: set[str] = set()
+    for rank, r in enumerate(head, 1):
+        reasons[r.id] = _reason(sim, r, now, blocked_now)
+        if reasons[r.id] in ("capacity", "reservation"):
+            _maybe_reserve(sim, r, now, blocked_now, seen, rank)
+    for rid, rec in targets.items():
+        if rid not in reasons and rid not in damaged:
+            try:
+                reasons[rid] = _reason(sim, _Req(rec), now, blocked_now)
+            except (TypeError, ValueError, OverflowError, KeyError):
+                damaged.add(rid)
+
+    # the timeline
+    try:
+        _walk(sim, head, eta)
+    except (TypeError, ValueError, OverflowError):  # a damaged record: no estimate at all
+        eta.clear()
+    for rid in targets:
+        e = eta.get(rid)
+        out[rid] = {"reason": reasons.get(rid), "eta": e}
     return out
 
 
-def _one(q, now, gpus_by_node, lease_end, live, queued) -> dict[str, Any]:
-    k = int(q.get("required_gpus") or 1)
-    waiting_on = [d for d in (q.get("depends_on") or []) if d in live or d in queued]
-    if waiting_on:
-        return {
-            "reason": f"waits for {', '.join(waiting_on[:3])} to finish (depends_on)",
-            "eta": None,
-        }
-    ahead = max(int(q.get("position") or 1) - 1, 0)
-    # the k-th earliest time enough qualifying GPUs are free on one node
-    best_eta, fits_now, could_fit = math.inf, False, False
-    largest = 0
-    for gpus in gpus_by_node.values():
-        usable = [g for g in gpus if _qualifies(g, q, ignore_holder=True)]
-        largest = max(largest, len(usable))
-        if len(usable) < k:
-            continue
-        could_fit = True
-        times = []
-        for g in usable:
-            if _qualifies(g, q, ignore_holder=False):
-                times.append(now)
-            elif g.get("allocated_to"):
-                times.append(lease_end.get(g["allocated_to"], math.inf))
-            else:
-                times.append(math.inf)  # shared holders, or busy/too full right now
-        times.sort()
-        best_eta = min(best_eta, times[k - 1])
-        fits_now = fits_now or times[k - 1] <= now
-    need = f"{k} GPU{'s' if k > 1 else ''}" + (
-        f" with {q.get('min_memory_mb')} MB" if q.get("min_memory_mb") else ""
+def _reason(sim: _Sim, r: _Req, now: float, blocked: dict) -> str:
+    done = sim.deps_done(r, now)
+    if done is not True:
+        return "dependency"
+    if sim.over_quota(r):
+        return "quota"
+    if sim.place(r, now, {}) is None:
+        return "capacity"
+    if sim.place(r, now, blocked) is None:
+        return "reservation"
+    return "priority"
+
+
+def _maybe_reserve(sim: _Sim, r: _Req, t: float, blocked: dict, seen: set, rank: int) -> None:
+    """The engine's reservation rule: a request that holds one keeps it; each tenant's first
+    eligible exclusive request that does not fit reserves; so does one waiting long."""
+    if sim.policy == "strict_fifo":
+        return
+    head = False
+    if rank <= HEAD_SCAN and not r.shared and r.tenant not in seen:
+        seen.add(r.tenant)
+        head = True
+    if r.reserved or head or t - r.submitted >= sim.res_after:
+        sim.reserve(r, t, blocked)
+
+
+def _walk(sim: _Sim, head: list[_Req], eta: dict[str, float | None]) -> None:
+    t = sim.now
+    waiting = list(head[:MAX_SIMULATED])
+    steps = 0
+    strict = sim.policy == "strict_fifo"
+    while waiting:
+        blocked: dict = {}
+        seen: set[str] = set()
+        failed: set = set()
+        left = []
+        stop = False
+        for rank, r in enumerate(waiting, 1):
+            if stop:
+                left.append(r)
+                continue
+            if r.deadline < t:
+                eta[r.id] = None  # times out first
+                sim.pending.discard(r.id)
+                continue
+            done = sim.deps_done(r, t)
+            if done is None:
+                eta[r.id] = None
+                sim.pending.discard(r.id)
+                continue
+            placed = None
+            if done and not sim.over_quota(r):
+                key = (r.shape, r.lease) if blocked else r.shape
+                if key not in failed and r.shape not in failed:
+                    steps += 1
+                    placed = sim.place(r, t, blocked)
+                    if placed is None:
+                        failed.add(key)
+            if placed is not None:
+                node, chosen = placed
+                b = blocked.get(node)
+                if b is not None and not (r.lease < INF and t + r.lease <= b[0]):
+                    blocked[node] = (b[0], b[1] - r.k)
+                sim.grant(r, node, chosen, t)
+                sim.pending.discard(r.id)
+                if r.reserved:
+                    sim.reserved_nodes.discard(r.reserved)
+                eta[r.id] = t
+                continue
+            left.append(r)
+            if strict:
+                stop = True
+            elif done:
+                _maybe_reserve(sim, r, t, blocked, seen, rank)
+        waiting = left
+        if not waiting or steps > MAX_STEPS:
+            break
+        # the next time capacity appears: the earliest lease end after t
+        nxt = INF
+        for gs in sim.gpus.values():
+            for g in gs:
+                if t < g.excl < nxt:
+                    nxt = g.excl
+                for end, _ in g.shared:
+                    if t < end < nxt:
+                        nxt = end
+        if nxt == INF:
+            break  # only leases without expiry in the way: unknown
+        t = nxt
+    for r in waiting:
+        eta.setdefault(r.id, None)
+
+
+def tenant_limits(settings):
+    """``tenant -> max_gpus`` (None: no cap) from ``tenants.quotas``, or None when no tenant
+    has a cap (the hook the quota reason reads; tenants arrive with issue 14's quotas)."""
+    tenants = getattr(settings, "tenants", None)
+    if tenants is None:
+        return None
+    quotas = getattr(tenants, "quotas", None) or {}
+    default = getattr(tenants, "default", None)
+
+    def cap_of(q):
+        if q is None:
+            return None
+        return q.get("max_gpus") if isinstance(q, dict) else getattr(q, "max_gpus", None)
+
+    caps = {name: cap_of(q) for name, q in dict(quotas).items()}
+    fallback = cap_of(default)
+    if fallback is None and all(v is None for v in caps.values()):
+        return None
+    return lambda tenant: caps.get(tenant, fallback)
+
+
+def annotate(engine, records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """reason and eta for the queued ones among ``records`` (each with its ``position``): one
+    read of the first min(last position, MAX_SIMULATED) queued requests, then :func:`explain`.
+    Nothing is read when no record is queued."""
+    queued = [r for r in records if r.get("status") == "queued" and r.get("id")]
+    if not queued:
+        return {}
+    upto = max(int(r.get("position") or MAX_SIMULATED) for r in queued)
+    view = engine.wait_view(min(upto, MAX_SIMULATED))
+    return explain(
+        view,
+        engine.settings.scheduler,
+        records=queued,
+        limits=tenant_limits(engine.settings),
     )
-    if not could_fit:
-        return {
-            "reason": f"no live node has {need} that are healthy and not cordoned "
-            f"(the most on one node: {largest})",
-            "eta": None,
-        }
-    if q.get("reserved_node"):
-        reason = f"holds a reservation on {q['reserved_node']}; waits for its GPUs to free up"
-    elif fits_now:
-        reason = (
-            "fits now; the next scheduling pass grants it"
-            if not ahead
-            else f"fits now; {ahead} request(s) ahead are served first"
-        )
-    else:
-        reason = f"waits for {need} on one node to be released"
-        if ahead:
-            reason += f"; {ahead} request(s) ahead"
-    return {"reason": reason, "eta": None if math.isinf(best_eta) else max(best_eta, now)}

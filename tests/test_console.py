@@ -72,8 +72,13 @@ def test_state_shows_holders_queue_reasons_and_events(client):
     assert holders[0]["expires_at"] is not None
     [row] = state["queue"]
     assert row["service_name"] == "waits" and row["position"] == 1
-    assert row["reason"].startswith("waits for 1 GPU") and row["eta"] == holders[0]["expires_at"]
-    assert [e["event"] for e in state["events"]][:2] == ["queued", "allocated"]  # newest first
+    # the server's reason and ETA (app.waiting), the same as the request's own
+    assert row["reason"] == "capacity" and row["eta"] == holders[0]["expires_at"]
+    own = client.get(f"/gpu/requests/{q.get_json()['id']}").get_json()
+    assert (own["reason"], own["eta"]) == (row["reason"], row["eta"])
+    assert (q.get_json()["reason"], q.get_json()["eta"]) == (row["reason"], row["eta"])
+    # newest first; the queued head reserved its node at once (issue 14)
+    assert [e["event"] for e in state["events"]][:3] == ["reserved", "queued", "allocated"]
 
 
 # --------------------------------------------------------------------------- sign-in

@@ -138,7 +138,12 @@ def test_sign_in_see_the_fleet_and_a_new_allocation_without_reload(browser, live
     assert "ops (admin)" in browser.find_element(By.ID, "principal").text
     queue = text_of(browser, "#queue tbody")
     assert "big-finetune" in queue
-    assert "waits for 4 GPUs with 4096 MB on one node to be released" in queue
+    # the server's reason (app/waiting.py), the one the API gives for the request
+    assert (
+        waiting.json()["reason"] == "capacity"
+        and waiting.json()["eta"] == held.json()["expires_at"]
+    )
+    assert text_of(browser, f"tr[data-request='{waiting.json()['id']}'] .reason") == "capacity"
     assert "2 / 4 GPUs free" in browser.find_element(By.ID, "summary").text
     browser.execute_script("window.__noReload = 'still here';")
     shot(browser, tmp_path, "console-fleet.png")

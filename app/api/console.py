@@ -24,7 +24,7 @@ from flask import (
     url_for,
 )
 
-from app import auth, sessions
+from app import auth, sessions, waiting
 from app.api import render
 from app.errors import Forbidden
 
@@ -83,6 +83,9 @@ def state():
     # every live allocation (at most one per GPU share) and the head of the queue: the page's
     # cost must not grow with a long queue
     snap = engine.snapshot(limit=counts["allocations_active"] + QUEUE_SHOWN)
+    why = waiting.annotate(engine, snap["queue"])  # the API's reason and eta, one rule
+    for q in snap["queue"]:
+        q.update(why.get(q["id"], {}))
     out: dict[str, Any] = render.fleet(snap, engine.latest_events(EVENTS_SHOWN), counts)
     out["viewer"] = {
         "principal": auth.current_principal(),

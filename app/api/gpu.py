@@ -14,12 +14,13 @@ from typing import Any
 
 from flask import current_app, jsonify, request, url_for
 from flask_smorest import Blueprint
+from redis.exceptions import RedisError
 
-from app import auth, longpoll, schemas
+from app import auth, longpoll, schemas, waiting
 from app.api import body, render
 from app.api.docs import doc
 from app.engine import valid_cursor, workload_data_json
-from app.errors import BadRequest, NotFound, ValidationFailed
+from app.errors import BadRequest, NotFound, OrchestratorError, ValidationFailed
 from app.webhook_policy import Refused
 
 log = logging.getLogger("gpu_orchestrator.api")
@@ -232,8 +233,23 @@ def engine_request(
     return req
 
 
+def _explain(records: list[dict[str, Any]]) -> None:
+    """Set ``reason`` and ``eta`` on the queued ones among ``records`` (app.waiting)."""
+    why = waiting.annotate(_engine(), records)
+    for rec in records:
+        if rec.get("status") == "queued":
+            w = why.get(rec.get("id")) or {}
+            rec["reason"], rec["eta"] = w.get("reason"), w.get("eta")
+
+
 def _allocation_response(rec: dict[str, Any], warnings: list[str]):
     if rec.get("status") == "queued":
+        try:
+            _explain([rec])
+        except (RedisError, OrchestratorError):
+            # the request is queued whatever happens here: answer without the estimate
+            log.warning("no wait estimate for %s", rec.get("id"), exc_info=True)
+            rec["reason"], rec["eta"] = None, None
         resp = jsonify(render.queued(rec, warnings))
         resp.status_code = 202
         resp.headers["Location"] = url_for("gpu.request_status", request_id=rec["id"])
@@ -406,6 +422,7 @@ def list_all():
     ``next`` is the ``after`` of the following page, null on the last one."""
     limit, after = _list_args()
     snap = _engine().snapshot(limit=limit, after=after)
+    _explain(snap.get("queue", []))
     viewer = _viewer()
     return jsonify(
         gpus=[render.gpu(g) for g in snap.get("gpus", [])],
@@ -471,9 +488,9 @@ def request_status(request_id: str):
     """A request: its status, queue position, and its allocation once granted.
 
     ``?wait=N`` (0-60 s) waits for a queued request to leave the queue instead of polling."""
-    return jsonify(
-        render.request_status(_get_or_404(request_id, longpoll.REQUEST_WAITS), **_viewer())
-    )
+    rec = _get_or_404(request_id, longpoll.REQUEST_WAITS)
+    _explain([rec])
+    return jsonify(render.request_status(rec, **_viewer()))
 
 
 @blp.route("/requests/<request_id>", methods=["DELETE"])

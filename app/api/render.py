@@ -18,6 +18,7 @@ TIME_FIELDS = (
     "ended_at",
     "renewed_at",
     "updated_at",
+    "eta",
 )
 _ALLOCATION_FIELDS = tuple(schemas.AllocationSchema().fields)
 _GPU_FIELDS = tuple(schemas.GpuSchema().fields)
@@ -89,6 +90,8 @@ def queued(rec: dict[str, Any], warnings: list[str] | None = None) -> dict[str, 
         "position": rec.get("position"),
         "priority": rec.get("priority"),
         "submitted_at": iso(rec.get("submitted_at")),
+        "reason": rec.get("reason"),
+        "eta": iso(rec["eta"]) if rec.get("eta") is not None else None,
     }
     if rec.get("replayed"):
         out["replayed"] = True
@@ -131,9 +134,8 @@ def fleet(
     snap: dict[str, Any], events: list[dict[str, Any]], counts: dict[str, Any]
 ) -> dict[str, Any]:
     """The console's view: nodes with GPUs and their holders, the queue with why each request
-    waits, the latest events (newest first), and the counts."""
-    from app import waiting
-
+    waits and its ETA (``reason`` and ``eta`` as app.waiting set them on the records), the
+    latest events (newest first), and the counts."""
     holders: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for a in snap["allocations"]:
         for idx in _int_list(a.get("gpu_ids")) or []:  # a damaged record shows no GPUs
@@ -158,10 +160,8 @@ def fleet(
         node["heartbeat"] = iso(n["heartbeat"]) if n.get("heartbeat") else None
         node["gpus"] = sorted(by_node.get(n["name"], []), key=lambda g: g.get("index", 0))
         nodes.append(node)
-    why = waiting.explain(snap)
     queue = []
     for q in snap["queue"]:
-        w = why.get(q["id"], {})
         queue.append(
             {
                 "position": q.get("position"),
@@ -176,8 +176,8 @@ def fleet(
                 "waiting_seconds": round(
                     max(snap["now"] - (q.get("submitted_at") or snap["now"]), 0.0), 1
                 ),
-                "reason": w.get("reason"),
-                "eta": iso(w["eta"]) if w.get("eta") is not None else None,
+                "reason": q.get("reason"),
+                "eta": iso(q["eta"]) if q.get("eta") is not None else None,
             }
         )
     shown = []

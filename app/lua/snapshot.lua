@@ -13,8 +13,13 @@
   ARGV[A+3] cursor: "" = from the start, else the page's resume point as returned in `next`:
             "a|<score>|<id>" (after that allocation) or "q|<score>|<id>" (after that queued
             request)
+  ARGV[A+4] wait: how many queued requests, from the head, app/waiting.py simulates ("" or 0 =
+            none: no `wait` in the answer)
   Returns: JSON {now, held: [id, node, gpu_ids, sharing, min_memory_mb, ...] for every live
-  allocation,
+  allocation, wait (with ARGV[A+4] > 0): {held: [{id, node, gpu_ids, sharing, min_memory_mb,
+  expires_at, owner, service_name, tenant}] every live allocation, queue: [the first `wait`
+  queued requests with the fields placement needs], deps: {id: status or false} for their
+  dependencies that are neither live nor among them},
   allocations: [...], queue: [...], allocations_total, queue_depth,
   queue_start (0-based rank of the page's first queued request), next ("" when this page ends
   the listing)}. Records are compact: one JSON object each, without workload_data (the
@@ -101,5 +106,46 @@ if room == 0 and last ~= '' then
     beyond = start_of(K_LEASES, s, i) < out.allocations_total
   end
   if beyond then out.next = last end
+end
+
+-- the consistent read app/waiting.py simulates: O(live allocations + wait) short reads
+local wait_n = tonumber(ARGV[A + 4] or '') or 0
+if wait_n > 0 then
+  local wait = {held = {}, queue = {}, deps = {}}
+  local known = {}
+  local AF = {'node', 'gpu_ids', 'sharing', 'min_memory_mb', 'expires_at', 'owner',
+    'service_name', 'tenant'}
+  for i = 1, #held, 5 do
+    local id = held[i]
+    local f = redis.call('HMGET', k_req(id), unpack(AF))
+    local a = {id = id}
+    for j, name in ipairs(AF) do a[name] = f[j] or '' end
+    wait.held[#wait.held + 1] = a
+    known[id] = true
+  end
+  local QF = {'sharing', 'required_gpus', 'min_memory_mb', 'max_memory_mb', 'max_utilization',
+    'preferred_gpus', 'nodes', 'gpu_model', 'lease_seconds', 'depends_on', 'reserved_node',
+    'owner', 'service_name', 'tenant', 'submitted_at', 'queue_timeout_seconds', 'priority',
+    'status'}
+  local ids = redis.call('ZRANGE', K_QUEUE, 0, wait_n - 1)
+  for _, id in ipairs(ids) do known[id] = true end
+  for _, id in ipairs(ids) do
+    local f = redis.call('HMGET', k_req(id), unpack(QF))
+    local q = {id = id}
+    for j, name in ipairs(QF) do q[name] = f[j] or '' end
+    wait.queue[#wait.queue + 1] = q
+    if q.depends_on ~= '' and q.depends_on ~= '[]' then
+      local ok, deps = pcall(cjson.decode, q.depends_on)
+      if ok and type(deps) == 'table' then
+        for _, d in ipairs(deps) do
+          if type(d) == 'string' and not known[d] then
+            wait.deps[d] = redis.call('HGET', k_req(d), 'status') or false
+            known[d] = true
+          end
+        end
+      end
+    end
+  end
+  out.wait = wait
 end
 return cjson.encode(out)

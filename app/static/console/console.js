@@ -187,10 +187,19 @@
       el("td", {text: q.required_gpus + (q.min_memory_mb ? " × " + Math.round(q.min_memory_mb / 1024) + " GB" : "")}),
       prio,
       el("td", {text: ago(q.waiting_seconds)}),
-      el("td", {"class": "reason", text: q.reason || ""}),
+      el("td", {"class": "reason", text: q.reason || "", title: REASONS[q.reason] || ""}),
       el("td", {text: q.eta ? clock(q.eta) : "unknown"})
     ]);
   }
+
+  // the server's reason (app/waiting.py), explained on hover
+  var REASONS = {
+    capacity: "no GPUs free that fit it",
+    quota: "its tenant holds its max_gpus",
+    dependency: "waits for a depends_on request to finish",
+    reservation: "GPUs that fit are held back for a request ahead of it",
+    priority: "it fits, but another request goes first"
+  };
 
   function eventItem(e) {
     var parts = [];
