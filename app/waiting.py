@@ -37,7 +37,7 @@ import math
 from typing import Any
 
 #: Queued requests simulated at most (from the head of the queue).
-MAX_SIMULATED = 500
+MAX_SIMULATED = 200
 #: Placement attempts the simulation makes at most before it gives up (the rest: eta None).
 MAX_STEPS = 20_000
 #: Queue ranks within which each tenant's head reserves (the engine's HEAD_SCAN).
@@ -84,13 +84,13 @@ class _Gpu:
         cap = self.total - reserved
         return min(cap, self.free) if not self.held else cap
 
-    def busy_until(self, shared_ok: bool) -> float:
-        """When this GPU is free for an exclusive request (shared_ok: for a shared one)."""
-        end = self.excl
-        if not shared_ok:
-            for e, _ in self.shared:
-                end = max(end, e)
-        return end
+    def busy_until(self, shared_ok: bool, t: float) -> float:
+        """When the engine's reservations count this GPU free for an exclusive request
+        (shared_ok: for a shared one). As in the engine (node_start), shared holders in the way
+        of an exclusive request count as never: it does not look up their leases."""
+        if not shared_ok and any(end > t for end, _ in self.shared):
+            return INF
+        return self.excl
 
 
 class _Req:
@@ -281,16 +281,24 @@ class _Sim:
         self.ends[r.id] = end
         self.held_by_tenant[r.tenant] = self.held_by_tenant.get(r.tenant, 0) + r.k
 
+    def max_free(self, t: float) -> int:
+        """The most GPUs free for an exclusive request on one node at t."""
+        return max(
+            (sum(1 for g in gs if g.ok and g.excl_free(t)) for gs in self.gpus.values()),
+            default=0,
+        )
+
     def node_start(self, r: _Req, node: str, t: float) -> tuple[float, int] | None:
         """The engine's reserved start on a node: the k-th earliest time a qualifying GPU is
         free, and how many more are free by then."""
-        times = sorted(max(g.busy_until(r.shared), t) for g in self.gpus[node] if r.static_ok(g))
+        times = sorted(max(g.busy_until(r.shared, t), t) for g in self.gpus[node] if r.static_ok(g))
         if len(times) < r.k:
             return None
         start = times[r.k - 1]
         return start, sum(1 for x in times[r.k :] if x <= start)
 
-    def reserve(self, r: _Req, t: float, blocked: dict) -> None:
+    def reserve(self, r: _Req, t: float, blocked: dict) -> bool:
+        """r holds its node back from those behind it (False: no node to reserve)."""
         if r.reserved is None:
             best = None
             for node in self.node_order:
@@ -302,11 +310,12 @@ class _Sim:
                 if s is not None and (best is None or s[0] < best[0]):
                     best = (s[0], node)
             if best is None:
-                return
+                return False
             r.reserved = best[1]
             self.reserved_nodes.add(best[1])
         s = self.node_start(r, r.reserved, t) if r.reserved in self.gpus else None
         blocked[r.reserved] = s if s is not None else (INF, 0)
+        return True
 
     def deps_done(self, r: _Req, t: float) -> bool | None:
         """True / False at t; None when it cannot be known (a dependency beyond the head)."""
@@ -332,8 +341,8 @@ def explain(
     records: list[dict[str, Any]] | None = None,
     limits=None,
 ) -> dict[str, dict[str, Any]]:
-    """request id -> {"reason", "eta" (epoch seconds or None)} for every queued request of the
-    page (``snap["queue"]``) and of ``records``. ``snap`` comes from
+    """request id -> {"reason", "eta" (epoch seconds or None)} for every queued request that
+    was simulated, of the page (``snap["queue"]``) and of ``records``. ``snap`` comes from
     ``Engine.snapshot(wait=n)``; ``sched`` is the scheduler settings (policy,
     reservation_after); ``limits(tenant)`` gives a tenant's max_gpus (None: no cap)."""
     wait = snap.get("wait") or {}
@@ -347,7 +356,7 @@ def explain(
             damaged.add(str(rec.get("id")))  # a damaged record: no reason, no estimate
     sim.pending = {r.id for r in head}
     sim.reserved_nodes = {r.reserved for r in head if r.reserved}
-    targets: dict[str, dict[str, Any]] = {}
+    targets: dict[str, dict[str, Any]] = {r.id: r.rec for r in head}
     for rec in list(snap.get("queue", [])) + list(records or []):
         if rec.get("status", "queued") == "queued" and rec.get("id"):
             targets[rec["id"]] = rec
@@ -396,15 +405,19 @@ def _reason(sim: _Sim, r: _Req, now: float, blocked: dict) -> str:
 
 def _maybe_reserve(sim: _Sim, r: _Req, t: float, blocked: dict, seen: set, rank: int) -> None:
     """The engine's reservation rule: a request that holds one keeps it; each tenant's first
-    eligible exclusive request that does not fit reserves; so does one waiting long."""
+    eligible exclusive request that does not fit reserves; so does one waiting long. As in
+    the engine, once one finds no node to reserve, no other reserves in that pass."""
     if sim.policy == "strict_fifo":
         return
     head = False
     if rank <= HEAD_SCAN and not r.shared and r.tenant not in seen:
         seen.add(r.tenant)
         head = True
-    if r.reserved or head or t - r.submitted >= sim.res_after:
+    if r.reserved:
         sim.reserve(r, t, blocked)
+    elif (head or t - r.submitted >= sim.res_after) and None not in seen:
+        if not sim.reserve(r, t, blocked):
+            seen.add(None)  # None: no tenant's name; marks the pass done reserving
 
 
 def _walk(sim: _Sim, head: list[_Req], eta: dict[str, float | None]) -> None:
@@ -412,13 +425,19 @@ def _walk(sim: _Sim, head: list[_Req], eta: dict[str, float | None]) -> None:
     waiting = list(head[:MAX_SIMULATED])
     steps = 0
     strict = sim.policy == "strict_fifo"
+    any_shared = any(r.shared for r in waiting)
     while waiting:
         blocked: dict = {}
-        seen: set[str] = set()
+        seen: set = set()
         failed: set = set()
         left = []
         stop = False
-        for rank, r in enumerate(waiting, 1):
+        max_free = sim.max_free(t)
+        walk = waiting
+        if max_free == 0 and not any_shared and t > sim.now:
+            # nothing can fit (the engine's nothing_fits): on to the next lease end
+            left, walk = list(waiting), []
+        for rank, r in enumerate(walk, 1):
             if stop:
                 left.append(r)
                 continue
@@ -432,7 +451,7 @@ def _walk(sim: _Sim, head: list[_Req], eta: dict[str, float | None]) -> None:
                 sim.pending.discard(r.id)
                 continue
             placed = None
-            if done and not sim.over_quota(r):
+            if done and not sim.over_quota(r) and (r.shared or r.k <= max_free):
                 key = (r.shape, r.lease) if blocked else r.shape
                 if key not in failed and r.shape not in failed:
                     steps += 1
@@ -445,6 +464,7 @@ def _walk(sim: _Sim, head: list[_Req], eta: dict[str, float | None]) -> None:
                 if b is not None and not (r.lease < INF and t + r.lease <= b[0]):
                     blocked[node] = (b[0], b[1] - r.k)
                 sim.grant(r, node, chosen, t)
+                max_free = sim.max_free(t)
                 sim.pending.discard(r.id)
                 if r.reserved:
                     sim.reserved_nodes.discard(r.reserved)

@@ -514,3 +514,25 @@ def test_docs_page_loads_only_local_assets(client):
         with client.get(asset) as resp:  # a file response: close it
             assert resp.status_code == 200 and len(resp.get_data()) > 1000
     assert_error(client.get("/docs/assets/index.html"), 404, "not_found")
+
+
+# ------------------------------------------------------------- reason and eta (issue 14)
+
+
+def test_every_queued_answer_carries_reason_and_eta(client):
+    held = client.post(
+        "/gpu/allocate",
+        json={"service_name": "train", "workload_data": {"required_gpus": 8}, "ttl_seconds": 600},
+    ).get_json()
+    q = client.post("/gpu/allocate", json={"service_name": "waits", "ttl_seconds": 60})
+    assert q.status_code == 202
+    body = q.get_json()
+    assert body["reason"] == "capacity" and body["eta"] == held["expires_at"]
+    own = client.get(f"/gpu/requests/{body['id']}").get_json()
+    assert (own["reason"], own["eta"]) == (body["reason"], body["eta"])
+    listed = client.get("/gpu/list").get_json()["queue"]
+    assert [(r["id"], r["reason"], r["eta"]) for r in listed] == [
+        (body["id"], "capacity", held["expires_at"])
+    ]
+    granted = client.get(f"/gpu/allocations/{held['id']}").get_json()
+    assert "eta" not in granted

@@ -1,0 +1,231 @@
+"""reason and eta of queued requests (app/waiting.py) against the real engine on a real Redis,
+with an injected clock: each reason as the issue defines it, the head's ETA against its real
+grant, and an ETA never earlier than the lease ends it depends on (hypothesis)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import HealthCheck, given, settings as hsettings
+from hypothesis import strategies as st
+
+from app import waiting
+from app.engine import Engine
+from tests.test_engine import Clock, gpu_list, req
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def make_engine(redis, settings, clock):
+    def make(**scheduler) -> Engine:
+        st_ = settings.replace(scheduler=scheduler) if scheduler else settings
+        return Engine(redis, st_, clock=clock)
+
+    return make
+
+
+def why(engine, rid=None, limits=None):
+    view = engine.wait_view(waiting.MAX_SIMULATED)
+    out = waiting.explain(view, engine.settings.scheduler, limits=limits)
+    return out if rid is None else out[rid]
+
+
+# --------------------------------------------------------------------------- reasons
+
+
+def test_capacity_and_the_eta_is_the_lease_end_in_the_way(make_engine, clock):
+    engine = make_engine(aging_rate=0)
+    engine.report_node("a", gpu_list(2))
+    first = engine.allocate(req(ttl_seconds=100))
+    second = engine.allocate(req(ttl_seconds=300))
+    q = engine.allocate(req(service="q", required_gpus=2))
+    w = why(engine, q["id"])
+    assert w["reason"] == "capacity"
+    assert w["eta"] == second["expires_at"] and first["expires_at"] < w["eta"]
+
+
+def test_dependency(make_engine):
+    engine = make_engine(aging_rate=0)
+    engine.report_node("a", gpu_list(2))
+    dep = engine.allocate(req(ttl_seconds=100))
+    q = engine.allocate(req(service="q", depends_on=[dep["id"]]))
+    w = why(engine, q["id"])
+    assert w["reason"] == "dependency"
+    assert w["eta"] == dep["expires_at"]  # runs when its dependency's lease ends
+
+
+def test_reservation(make_engine):
+    """A GPU is free, but on the node held for the big request ahead, and the small one's
+    lease outlasts the reserved start: it waits for the reservation."""
+    engine = make_engine(aging_rate=0)
+    engine.report_node("a", gpu_list(2))
+    holder = engine.allocate(req(ttl_seconds=100))
+    big = engine.allocate(req(service="big", required_gpus=2, ttl_seconds=1000))
+    small = engine.allocate(req(service="small", ttl_seconds=500))
+    assert small["status"] == "queued"
+    assert why(engine, big["id"]) == {"reason": "capacity", "eta": holder["expires_at"]}
+    w = why(engine, small["id"])
+    assert w["reason"] == "reservation"
+    assert w["eta"] == holder["expires_at"] + 1000  # after big's lease
+
+
+def test_priority_under_strict_fifo(make_engine):
+    engine = make_engine(aging_rate=0, policy="strict_fifo")
+    engine.report_node("a", gpu_list(2))
+    holder = engine.allocate(req(ttl_seconds=100))
+    head = engine.allocate(req(service="big", required_gpus=2, ttl_seconds=1000))
+    behind = engine.allocate(req(service="small", ttl_seconds=50))
+    assert behind["status"] == "queued"
+    assert why(engine, head["id"])["reason"] == "capacity"
+    w = why(engine, behind["id"])
+    assert w["reason"] == "priority"  # it fits; the head goes first
+    assert w["eta"] == holder["expires_at"] + 1000
+
+
+def test_quota_from_the_tenants_max_gpus(make_engine):
+    engine = make_engine(aging_rate=0)
+    engine.report_node("a", gpu_list(4))
+    engine.allocate(req(service="team", ttl_seconds=100, required_gpus=2))
+    engine.allocate(req(service="other", ttl_seconds=100, required_gpus=2))
+    q = engine.allocate(req(service="team"))
+    caps = {"s:team": 2}
+    assert why(engine, q["id"], limits=caps.get)["reason"] == "quota"
+    assert why(engine, q["id"])["reason"] == "capacity"
+
+
+def test_one_that_would_time_out_first_gets_no_eta(make_engine):
+    engine = make_engine(aging_rate=0)
+    engine.report_node("a", gpu_list(1))
+    engine.allocate(req(ttl_seconds=4000))
+    q = engine.allocate(req(service="q", queue_timeout_seconds=3600))
+    assert why(engine, q["id"]) == {"reason": "capacity", "eta": None}
+
+
+def test_a_lease_without_expiry_in_the_way_gives_no_eta(make_engine):
+    engine = make_engine(aging_rate=0, allow_infinite_ttl=True)
+    engine.report_node("a", gpu_list(1))
+    engine.allocate(req(ttl_seconds=0))
+    q = engine.allocate(req(service="q"))
+    assert why(engine, q["id"]) == {"reason": "capacity", "eta": None}
+
+
+# --------------------------------------------------------------------------- properties
+
+NODES = ("n0", "n1", "n2")
+
+
+def lower_bound(engine, rec, snap) -> float:
+    """The earliest a request can start by the lease ends in its way: on some node, the k-th
+    earliest time a GPU that could hold it is free (now when free, else its holders' expiry)."""
+    now = snap["now"]
+    ends = {a["id"]: (a["expires_at"] or math.inf) for a in snap["allocations"]}
+    held: dict = {}
+    for a in snap["allocations"]:
+        for idx in a["gpu_ids"]:
+            held.setdefault((a["node"], idx), []).append(ends[a["id"]])
+    shared = rec["sharing"] == "shared"
+    k = 1 if shared else rec["required_gpus"]
+    for a in snap["allocations"]:
+        if shared and a["sharing"] == "shared":
+            for idx in a["gpu_ids"]:  # shared holders leave room for a shared request
+                held[(a["node"], idx)].remove(ends[a["id"]])
+    best = math.inf
+    for node in NODES:
+        times = sorted(
+            max(held.get((node, g["index"])) or [now])
+            for g in snap["gpus"]
+            if g["node"] == node and g["schedulable"]
+        )
+        if len(times) >= k:
+            best = min(best, times[k - 1])
+    return max(best, now)
+
+
+scenario = st.fixed_dictionaries(
+    {
+        "sizes": st.lists(st.integers(1, 8), min_size=1, max_size=3),
+        "held": st.lists(
+            st.tuples(st.integers(1, 3), st.integers(5, 400), st.sampled_from("xyz")),
+            min_size=1,
+            max_size=8,
+        ),
+        "queued": st.lists(
+            st.tuples(
+                st.integers(1, 4),
+                st.integers(5, 400),
+                st.sampled_from("abc"),
+                st.booleans(),
+                st.integers(1, 10),
+            ),
+            min_size=1,
+            max_size=12,
+        ),
+    }
+)
+
+
+@hsettings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(sc=scenario)
+def test_the_heads_eta_is_its_real_grant_and_no_eta_beats_a_lease_end(redis, settings, sc):
+    """Every lease known, no renewals, nothing new arrives: the head request is granted within
+    2 s of its ETA (the reaper runs every second here); and at every step no queued
+    request's ETA is earlier than the lease ends in its way."""
+    redis.flushdb()
+    clock = Clock()
+    engine = Engine(redis, settings.replace(scheduler={"aging_rate": 0}), clock=clock)
+    sizes = sc["sizes"]
+
+    def report():
+        for node, n in zip(NODES, sizes, strict=False):
+            engine.report_node(node, gpu_list(n))
+
+    report()
+    for k, ttl, svc in sc["held"]:
+        try:
+            engine.allocate(req(service=svc, required_gpus=k, ttl_seconds=ttl))
+        except Exception:  # more GPUs than the largest node: not this test's business
+            pass
+    queued = []
+    for k, ttl, svc, shared, prio in sc["queued"]:
+        body = req(service=svc, required_gpus=k, ttl_seconds=ttl, priority=prio)
+        if shared:
+            body.update(sharing="shared", required_gpus=1, min_memory_mb=20000)
+        try:
+            rec = engine.allocate(body)
+        except Exception:
+            continue
+        if rec["status"] == "queued":
+            queued.append(rec["id"])
+    snap = engine.snapshot(wait=waiting.MAX_SIMULATED)
+    if not snap["queue"]:
+        return
+    head = snap["queue"][0]
+    predicted = waiting.explain(snap, engine.settings.scheduler)
+    eta = predicted[head["id"]]["eta"]
+    assert eta is not None  # every lease is finite
+    for _ in range(100):
+        now = waiting.explain(snap, engine.settings.scheduler)
+        for rec in snap["queue"]:
+            e = now[rec["id"]]["eta"]
+            if e is not None:
+                assert e >= lower_bound(engine, rec, snap) - 1e-6, (rec["id"], e)
+        if engine.get(head["id"])["status"] != "queued":
+            break
+        # the reaper runs at the next lease end (as one running every second would, within 1 s)
+        ends = [a["expires_at"] for a in snap["allocations"] if a["expires_at"] > clock.t]
+        clock.t = min(ends) if ends else clock.t + 1
+        report()
+        engine.reap()
+        snap = engine.snapshot(wait=waiting.MAX_SIMULATED)
+    got = engine.get(head["id"])
+    assert got["status"] == "allocated"
+    assert abs(got["allocated_at"] - eta) <= 2, (got["allocated_at"] - eta, sc)
