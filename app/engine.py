@@ -1175,9 +1175,47 @@ class Engine:
         }
 
     def wait_view(self, upto: int) -> dict:
-        """What app/waiting.py needs to explain the first ``upto`` queued requests: GPUs,
-        nodes and the ``wait`` read (no page of records), from one script."""
-        return self.snapshot(limit=0, wait=max(int(upto), 1))
+        """What app/waiting.py needs to explain the first ``upto`` queued requests: who holds
+        what until when and the head of the queue (the ``wait`` read of one snapshot script),
+        and each GPU's placement fields (pipelined HMGETs of those fields only: telemetry is as
+        fresh as the monitor's last report anyway)."""
+        raw = json.loads(self._run("snapshot", "allocations", "0", "", str(max(int(upto), 1))))
+        now = float(raw["now"])
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrange(self.keys.gpus(), 0, -1)
+        pipe.zrange(self.keys.nodes(), 0, -1, withscores=True)
+        members, beats = pipe.execute()
+        timeout = self.settings.scheduler.node_heartbeat_timeout
+        alive = {name for name, hb in beats if hb >= now - timeout}
+        pipe = self.redis.pipeline(transaction=False)
+        keys = [m.rpartition("|") for m in members]
+        for node, _, idx in keys:
+            pipe.hmget(self.keys.gpu(node, idx), *_WAIT_GPU_FIELDS)
+        gpus = []
+        for (node, _, idx), f in zip(keys, pipe.execute() if keys else [], strict=True):
+            health, cordoned, lost, total, free, util, name = f
+            gpus.append(
+                {
+                    "node": node,
+                    "index": _to_int(idx) or 0,
+                    "schedulable": health == "ok"
+                    and cordoned != "1"
+                    and lost != "1"
+                    and node in alive,
+                    "memory_total_mb": _float_or(total, 0.0),
+                    "memory_free_mb": _float_or(free, 0.0),
+                    "utilization": _float_or(util, 0.0),
+                    "name": name or "",
+                }
+            )
+        wait = raw.get("wait")
+        return {
+            "now": now,
+            "gpus": gpus,
+            "allocations": [],
+            "queue": [],
+            "wait": _wait_view(wait) if isinstance(wait, dict) else {},
+        }
 
     def _fleet_hashes(self) -> tuple[list[dict], list[dict], float]:
         """Every GPU's and node's hash (in index order) and the clock, in two pipelined round
@@ -1390,6 +1428,18 @@ def _holders(flat: list) -> dict[str, tuple[str, int, float]]:
             else:
                 out[member] = (rid, n, mb)
     return out
+
+
+#: GPU fields app/waiting.py places by (Engine.wait_view).
+_WAIT_GPU_FIELDS = (
+    "health",
+    "cordoned",
+    "lost",
+    "memory_total_mb",
+    "memory_free_mb",
+    "utilization",
+    "name",
+)
 
 
 def _wait_view(raw: dict) -> dict:

@@ -430,6 +430,7 @@ def _walk(sim: _Sim, head: list[_Req], eta: dict[str, float | None]) -> None:
         blocked: dict = {}
         seen: set = set()
         failed: set = set()
+        fail_lease: dict = {}
         left = []
         stop = False
         max_free = sim.max_free(t)
@@ -452,12 +453,15 @@ def _walk(sim: _Sim, head: list[_Req], eta: dict[str, float | None]) -> None:
                 continue
             placed = None
             if done and not sim.over_quota(r) and (r.shared or r.k <= max_free):
-                key = (r.shape, r.lease) if blocked else r.shape
-                if key not in failed and r.shape not in failed:
+                shortest = fail_lease.get(r.shape)
+                if r.shape not in failed and (shortest is None or r.lease < shortest):
                     steps += 1
                     placed = sim.place(r, t, blocked)
-                    if placed is None:
-                        failed.add(key)
+                    if placed is None and blocked:
+                        # held back: a lease as long or longer fails too (the engine's rule)
+                        fail_lease[r.shape] = r.lease
+                    elif placed is None:
+                        failed.add(r.shape)
             if placed is not None:
                 node, chosen = placed
                 b = blocked.get(node)

@@ -713,6 +713,31 @@ def test_backfill_only_with_a_lease_that_ends_before_the_reserved_start(make_eng
     assert status(engine, too_long["id"]) == "queued"
 
 
+def test_one_pass_backfills_a_short_lease_behind_a_long_one_of_the_same_shape(make_engine):
+    engine = make_engine(aging_rate=0)
+    engine.report_node("a", gpu_list(2))
+    engine.allocate(req(ttl_seconds=600))
+    temp = engine.allocate(req(ttl_seconds=1000))
+    big = engine.allocate(req(service="big", required_gpus=2))
+    long = engine.allocate(req(service="long", ttl_seconds=700))
+    short = engine.allocate(req(service="short", ttl_seconds=500))
+    engine.release(temp["id"])  # one pass: big waits for 600 s, long would outlast that
+    assert [status(engine, r["id"]) for r in (big, long, short)] == [
+        "queued",
+        "queued",
+        "allocated",
+    ]
+
+
+def test_a_queued_request_without_expiry_is_still_granted(make_engine):
+    engine = make_engine(allow_infinite_ttl=True, max_ttl=0, aging_rate=0)
+    engine.report_node("a", gpu_list(1))
+    first = engine.allocate(req(ttl_seconds=100))
+    endless = engine.allocate(req(service="endless", ttl_seconds=0))
+    engine.release(first["id"])
+    assert status(engine, endless["id"]) == "allocated"
+
+
 def test_spare_gpus_of_a_reserved_node_go_to_anyone(make_engine):
     """A node has more GPUs free by the reserved start than the reserved request needs: the
     spare ones are not held back, whatever the lease."""

@@ -68,7 +68,7 @@
     redis.call('HSET', K_META, 'passver', capver)
     stat('sched|passes')
     if nothing_fits() then return granted end
-    local blocked, failed = {}, {}
+    local blocked, failed, fail_lease = {}, {}, {}
     local maxfree, maxshared = top_score(K_FREE), top_score(K_SHARED)
     local may_reserve = RES_AFTER >= 0 and POLICY ~= 'strict_fifo'
     local new_reservations, head_seen = 0, {}
@@ -88,8 +88,12 @@
       for i, id in ipairs(ids) do
         -- the shape first (500 per read): a shape that already failed in this pass, or that
         -- the best free capacity cannot hold, is skipped without reading the request
-        local sig = shapes[i]
-        if sig then
+        local shape = shapes[i]
+        if shape then
+          -- the shape without its lease (|L<seconds>, absent for requests queued before it)
+          local sig, lease = string.match(shape, '^(.*)|L([^|]*)$')
+          if sig then lease = tonumber(lease) else sig = shape end
+          if lease and lease < 0 then lease = NEVER end
           local placed = false
           local ok = possible[sig]
           if ok == nil then
@@ -102,12 +106,13 @@
             possible[sig] = ok
           end
           local r, eligible = nil, false
-          if ok and not failed[sig] then
+          -- a failure the reservations caused (held_hit) holds for every lease as long or
+          -- longer (backfill needs a lease that ends by the reserved start): fail_lease[sig]
+          if ok and not failed[sig] and not (lease and lease >= (fail_lease[sig] or math.huge)) then
             r = load_req(id)
             eligible = r ~= nil and deps_done(r)
-            -- a failure the reservations caused depends on the lease too (backfill)
-            local lkey = eligible and sig .. '|' .. fnum(r.lease)
-            if eligible and not failed[lkey] then
+            local rl = eligible and (r.lease < 0 and NEVER or r.lease)
+            if eligible and rl < (fail_lease[sig] or math.huge) then
               local node, chosen = place(r, blocked)
               if node then
                 took(r, node, blocked)
@@ -118,7 +123,7 @@
                 -- maxfree and maxshared are not re-read: capacity only shrinks in a pass, so
                 -- a shape judged possible that no longer fits fails once in place()
               elseif held_hit then
-                failed[lkey] = true
+                fail_lease[sig] = rl
               else
                 failed[sig] = true
               end

@@ -66,7 +66,8 @@ queue = function()
     end
     redis.call('ZADD', K_QUEUE, fnum(score), r.id)
     redis.call('HSET', K_QSHAPE, r.id, r.sharing .. '|' .. r.k .. '|' .. r.minm .. '|' .. r.maxm ..
-      '|' .. r.util .. '|' .. r.pref_raw .. '|' .. r.pat .. '|' .. r.nodes_raw)
+      '|' .. r.util .. '|' .. r.pref_raw .. '|' .. r.pat .. '|' .. r.nodes_raw .. '|L' ..
+      fnum(r.lease))
     if r.sharing == 'shared' then
       redis.call('ZADD', K_QDS, r.minm, r.id)
     else
