@@ -38,6 +38,10 @@ EXAMPLES = {
         'sentinels: ["10.0.0.11:26379", "10.0.0.12:26379", "10.0.0.13:26379"]',
         "password: change-me     # authenticates to the sentinels and to Redis; never shown",
     ],
+    ("tenants", "quotas"): [
+        "training-team:  {weight: 2, guaranteed_gpus: 4, max_gpus: 8}",
+        "inference-team: {weight: 1, guaranteed_gpus: 2, max_gpus: 4, max_queued: 50}",
+    ],
     ("monitoring", "simulated"): [
         "dynamic: false          # true: telemetry drifts with load; false: values stay as written",
         "nodes:",

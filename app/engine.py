@@ -50,6 +50,7 @@ from app.errors import (
 )
 from app.keys import Keys
 from app.replication import write_acked
+from app.settings import tenant_key, tenant_quotas
 
 LUA_DIR = Path(__file__).with_name("lua")
 SCRIPTS = (
@@ -75,6 +76,7 @@ READ_ONLY = ("snapshot", "counts")
 INCLUDES = (
     "prelude",
     "stats",
+    "tenants",
     "events",
     "indexes",
     "placement",
@@ -108,6 +110,9 @@ FIXED_KEYS = (
     "K_SVCLABELS",
     "K_QOWNERS",
     "K_CHANGES",
+    "K_TENANTS",
+    "K_TQUEUED",
+    "K_QTENANT",
 )
 #: Settings, passed as ARGV[4..] in this order: (Lua name, converted with tonumber).
 SETTINGS = (
@@ -122,6 +127,12 @@ SETTINGS = (
     ("MAX_QUEUE", True),
     ("MAX_OWNER", True),
     ("MAX_SVC_LABELS", True),
+    ("TENANT_FAIR", False),
+    ("TENANT_HALF_LIFE", True),
+    ("TENANT_QUOTAS", False),
+    ("TENANT_DEFAULT", False),
+    ("PREEMPT", False),
+    ("PREEMPT_GRACE", True),
 )
 #: ARGV[1] now, ARGV[2] version, ARGV[3] prefix, then the settings; a function's own
 #: arguments start at ARGV[ARGS_AT + 1].
@@ -318,6 +329,43 @@ def workload_data_json(data: Any, limit: int) -> str:
             details={"field": "workload_data", "bytes": len(text), "limit": limit},
         )
     return text
+
+
+def _quota_row(q: dict) -> list:
+    """One tenant's quota as the scripts read it: [weight, guaranteed, max_gpus, max_queued],
+    -1 for no limit."""
+    none = -1
+    return [
+        q["weight"],
+        q["guaranteed_gpus"],
+        none if q["max_gpus"] is None else q["max_gpus"],
+        none if q["max_queued"] is None else q["max_queued"],
+    ]
+
+
+def tenant_args(settings) -> dict[str, str]:
+    """The TENANT_* and PREEMPT* settings of every call (built once per settings object)."""
+    t, pre = settings.tenants, settings.preemption
+    quotas = tenant_quotas(settings)
+    return {
+        "TENANT_FAIR": "1" if t.fair_share else "0",
+        "TENANT_HALF_LIFE": _arg_num(t.usage_half_life),
+        "TENANT_QUOTAS": json.dumps({n: _quota_row(q) for n, q in quotas.items()}, sort_keys=True)
+        if quotas
+        else "",
+        "TENANT_DEFAULT": "|".join(_arg_num(x) for x in _quota_row(t.default)),
+        "PREEMPT": "1" if pre.enabled else "0",
+        "PREEMPT_GRACE": _arg_num(pre.grace_period),
+    }
+
+
+def tenant_of(settings, owner: str, service_name: str) -> str:
+    """The tenant a request counts against: its principal (``tenants.key: principal``, the
+    default with auth on; a request without one, auth being off, falls back to its service)
+    or its service_name."""
+    if owner and tenant_key(settings) == "principal":
+        return owner
+    return service_name
 
 
 def max_queued_per_owner(settings) -> int:
@@ -606,6 +654,9 @@ class Engine:
             k.stats_services(),
             k.queue_owners(),
             k.changes(),
+            k.tenants(),
+            k.tenant_queued(),
+            k.queue_tenants(),
         ]
         assert len(self._fixed_keys) == len(FIXED_KEYS)
         self._args_for = None
@@ -617,7 +668,10 @@ class Engine:
         the settings object changes. Sent with every call: measured, a dozen short
         arguments cost less than reading a settings hash in every call."""
         s, m = self.settings.scheduler, self.settings.monitoring
-        if self._args_for is None or self._args_for[0] is not s or self._args_for[1] is not m:
+        t, pre = self.settings.tenants, self.settings.preemption
+        if self._args_for is None or any(
+            a is not b for a, b in zip(self._args_for, (s, m, t, pre))
+        ):
             values = {
                 "POLICY": s.policy,
                 "AGING": _arg_num(s.aging_rate / 60.0),
@@ -630,9 +684,10 @@ class Engine:
                 "MAX_QUEUE": _arg_num(s.max_queue_size),
                 "MAX_OWNER": _arg_num(max_queued_per_owner(self.settings)),
                 "MAX_SVC_LABELS": _arg_num(m.max_service_labels),
+                **tenant_args(self.settings),
             }
             self._fixed_args = [self.keys.prefix] + [values[n] for n, _ in SETTINGS]
-            self._args_for = (s, m)
+            self._args_for = (s, m, t, pre)
         return self._fixed_args
 
     def load_library(self) -> str:
@@ -987,6 +1042,7 @@ class Engine:
             "gpu_model": model,
             "gpu_pattern": pattern,
             "nodes": json.dumps(sorted(set(nodes))) if nodes else "[]",
+            "tenant": tenant_of(self.settings, str(owner), svc),
         }
         return fields, qt
 

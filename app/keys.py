@@ -142,6 +142,21 @@ class Keys:
         has queued; for ``scheduler.max_queued_per_owner``. Owners with none have no field."""
         return self._k("queue", "owners")
 
+    def tenants(self) -> str:
+        """HASH of tenant -> ``<GPUs held>|<decayed usage, GPU-seconds>|<as of, epoch s>``,
+        kept by the engine on every grant and end (a shared allocation counts as one GPU). A
+        tenant holding nothing whose usage decayed below a GPU-minute has no field."""
+        return self._k("tenants")
+
+    def tenant_queued(self) -> str:
+        """HASH of tenant -> requests it has queued (``tenants.default.max_queued`` and the
+        quotas). Tenants with none have no field."""
+        return self._k("tenants", "queued")
+
+    def queue_tenants(self) -> str:
+        """HASH of queued request id -> its tenant, read 500 at a time by the fair-share pass."""
+        return self._k("queue", "tenants")
+
     def session_secret(self) -> str:
         """STRING: the random secret that signs browser session cookies when
         ``auth.session_secret`` is empty (made once, shared by every replica)."""

@@ -335,6 +335,13 @@ class AllocationSchema(_ResponseSchema):
     )
     service_name = StrictStr(required=True)
     owner = StrictStr(allow_none=True)
+    tenant = StrictStr(
+        allow_none=True,
+        metadata={
+            "description": "Who pays for it (tenants.key: the principal or the service_name); "
+            "quotas and fair share count it here."
+        },
+    )
     workload_type = StrictStr(allow_none=True)
     workload_data = fields.Dict(allow_none=True)
     priority = StrictInt(allow_none=True)

@@ -85,6 +85,10 @@ class _Bad(Exception):
     """Raised by converters; the loader turns it into a ConfigError with source and key."""
 
 
+def _raise(exc: Exception):
+    raise exc
+
+
 def _int(lo=None, hi=None, *, allow_str=False):
     def convert(v):
         if isinstance(v, bool):
@@ -581,6 +585,111 @@ def _simulated(v):
     return {"dynamic": dynamic, "nodes": out_nodes, "seed": v.get("seed", 0)}
 
 
+# --------------------------------------------------------------------------- tenants
+
+#: Fields of one tenant's quota (``tenants.default`` and each ``tenants.quotas`` entry).
+TENANT_FIELDS = ("weight", "guaranteed_gpus", "max_gpus", "max_queued")
+TENANT_DEFAULT = {"weight": 1, "guaranteed_gpus": 0, "max_gpus": None, "max_queued": None}
+TENANT_KEYS = ("principal", "service_name")
+
+
+class _BadAt(_Bad):
+    """A value inside a mapping option is wrong: names the sub-key (``quotas.team-a.max_gpus``)
+    so the one-line error points at it, not at the whole mapping."""
+
+    def __init__(self, where: str, expected: str, got: Any = None):
+        super().__init__(expected)
+        self.where, self.got = where, got
+
+
+def _tenant_entry(v: Any, base: dict, where: str) -> dict:
+    """One tenant's quota over ``base`` (the default): known fields, no negative numbers,
+    guaranteed_gpus <= max_gpus."""
+    if v is None:
+        v = {}
+    if not isinstance(v, dict):
+        raise _BadAt(where, "a mapping {weight, guaranteed_gpus, max_gpus, max_queued}", v)
+    out = dict(base)
+    for key, val in v.items():
+        sub = f"{where}.{key}"
+        if key not in TENANT_FIELDS:
+            raise _BadAt(sub, f"a known tenant field (one of {', '.join(TENANT_FIELDS)})")
+        if key == "weight":
+            if (
+                isinstance(val, bool)
+                or not isinstance(val, (int, float))
+                or not 0 < val < float("inf")
+            ):
+                raise _BadAt(sub, "a number > 0", val)
+            out[key] = int(val) if float(val).is_integer() else float(val)
+        elif val is None and key in ("max_gpus", "max_queued"):
+            out[key] = None
+        else:
+            try:
+                out[key] = _int(0, 10_000_000)(val)
+            except ValueError:
+                nullable = " or null (no limit)" if key != "guaranteed_gpus" else ""
+                raise _BadAt(sub, f"an integer >= 0{nullable}", val) from None
+    if out["max_gpus"] is not None and out["guaranteed_gpus"] > out["max_gpus"]:
+        raise _BadAt(
+            f"{where}.guaranteed_gpus",
+            f"a value <= max_gpus ({out['max_gpus']})",
+            out["guaranteed_gpus"],
+        )
+    return out
+
+
+def _tenant_default(v: Any) -> dict:
+    return _tenant_entry(v, TENANT_DEFAULT, "").copy()
+
+
+def _tenant_quotas(v: Any) -> dict:
+    """``tenants.quotas``: tenant name -> the fields it sets (the rest come from
+    ``tenants.default`` when the settings are used, so a changed default applies to all)."""
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise _BadAt("", "a mapping of tenant name to {weight, guaranteed_gpus, max_gpus, ...}", v)
+    out = {}
+    for name, entry in v.items():
+        if (
+            not isinstance(name, str)
+            or not 0 < len(name) <= 256
+            or not all(0x20 < ord(c) < 0x7F for c in name)
+        ):
+            raise _BadAt("", "tenant names of 1-256 printable characters, no spaces", name)
+        if entry is not None and not isinstance(entry, dict):
+            raise _BadAt(f".{name}", "a mapping {weight, guaranteed_gpus, max_gpus, max_queued}")
+        _tenant_entry(entry, TENANT_DEFAULT, f".{name}")  # its own fields' types
+        out[name] = dict(entry or {})
+    return out
+
+
+def _show_tenant(v: dict) -> dict:
+    return dict(v)
+
+
+def tenant_key(settings: Settings) -> str:
+    """``tenants.key``, its default resolved: the principal when auth is on, else the
+    service_name."""
+    key = settings.tenants.key
+    if key:
+        return key
+    return "principal" if settings.auth.enabled else "service_name"
+
+
+def tenant_quotas(settings: Settings) -> dict[str, dict]:
+    """Every configured tenant's quota, ``tenants.default`` filled in for what it leaves out."""
+    t = settings.tenants
+    return {name: {**t.default, **entry} for name, entry in t.quotas.items()}
+
+
+def tenant_quota(settings: Settings, tenant: str) -> dict:
+    """The quota of one tenant: its own entry over the default, else the default."""
+    t = settings.tenants
+    return {**t.default, **t.quotas.get(tenant, {})}
+
+
 SPEC: dict[str, dict[str, Any]] = {
     "server": {
         "host": Str(
@@ -706,6 +815,41 @@ SPEC: dict[str, dict[str, Any]] = {
             doc="a node silent this long is forgotten: its allocations end as lost "
             "(webhook lost); 0 = never",
         ),
+    },
+    "tenants": {
+        "key": Opt(
+            None,
+            lambda v: v if v is None or v in TENANT_KEYS else _raise(ValueError(v)),
+            "one of principal, service_name (or null: principal when auth is on, else "
+            "service_name)",
+            doc="who pays for the GPUs: principal (the API key's; the default when auth is "
+            "on) or service_name (the default when auth is off)",
+        ),
+        "fair_share": Bool(
+            False,
+            doc="order across tenants by (decayed usage + GPUs held) / weight; "
+            "false: one priority queue",
+        ),
+        "usage_half_life": Duration(
+            "1h", 1, doc="past usage (GPU-seconds) counts half after this long"
+        ),
+        "default": Opt(
+            dict(TENANT_DEFAULT),
+            _tenant_default,
+            "a mapping {weight, guaranteed_gpus, max_gpus, max_queued}",
+            show=_show_tenant,
+            doc="the quota of every tenant not in quotas (max_gpus, max_queued: null = no limit)",
+        ),
+        "quotas": Opt(
+            {},
+            _tenant_quotas,
+            "a mapping of tenant name to {weight, guaranteed_gpus, max_gpus, max_queued}",
+            doc="per tenant: what it sets over default",
+        ),
+    },
+    "preemption": {
+        "enabled": Bool(False, doc="reclaim guaranteed GPUs from tenants above their guarantee"),
+        "grace_period": Duration("30s", 0, doc="notice the holder gets before its allocation ends"),
     },
     "workload_defaults": {
         "training": {
@@ -877,7 +1021,9 @@ class Settings:
 
     def redacted(self) -> dict:
         """The config as ``config show`` prints it: durations spelled out, secrets hidden."""
-        return {sec: _show(SPEC[sec], vals) for sec, vals in self._values.items()}
+        out = {sec: _show(SPEC[sec], vals) for sec, vals in self._values.items()}
+        out["tenants"]["key"] = tenant_key(self)  # the auth-dependent default, resolved
+        return out
 
     def replace(self, **overrides: Mapping[str, Any]) -> Settings:
         """A copy with some values changed (validated), e.g. ``replace(redis={"url": ...})``."""
@@ -933,6 +1079,8 @@ def _merge(target: dict, raw: Any, spec: dict, source: str, path: list[str]):
             continue
         try:
             target[key] = opt.parse(value)
+        except _BadAt as bad:
+            raise ConfigError(source, name + bad.where, str(bad), bad.got) from None
         except _Bad as bad:
             got = opt.redact_got(value) if opt.redact_got else value
             raise ConfigError(source, name, str(bad), got, show_got=not opt.secret) from None
@@ -981,6 +1129,12 @@ def _check_consistency(values: dict, source: str):
             format_duration(sched["node_forget_after"]),
         )
     _sentinel_default_url(values, source)
+    tenants = values["tenants"]
+    for name, entry in tenants["quotas"].items():
+        try:
+            _tenant_entry(entry, tenants["default"], f".{name}")
+        except _BadAt as bad:
+            raise ConfigError(source, "tenants.quotas" + bad.where, str(bad), bad.got) from None
     for key in values["auth"]["api_keys"]:
         if key.startswith("sha256:") and not re.fullmatch(r"sha256:[0-9a-fA-F]{64}", key):
             raise ConfigError(
@@ -1082,4 +1236,7 @@ __all__ = [
     "parse_duration",
     "WORKLOAD_TYPES",
     "SPEC",
+    "tenant_key",
+    "tenant_quota",
+    "tenant_quotas",
 ]

@@ -127,7 +127,8 @@ if idem_key ~= '' then
 end
 local r = req_from(id, {svc, f.sharing, f.required_gpus, f.min_memory_mb, f.max_memory_mb,
   f.max_utilization, f.preferred_gpus, f.depends_on, submitted, f.webhook_url, f.webhook_events,
-  f.lease_seconds, f.priority, '', 'queued', f.owner, pat, nodes_raw, f.depends_on_mode})
+  f.lease_seconds, f.priority, '', 'queued', f.owner, pat, nodes_raw, f.depends_on_mode,
+  f.tenant})
 
 if depth == 0 and deps_done(r) then
   local node, chosen = place(r, {})
@@ -147,7 +148,7 @@ local mine = rank and (tonumber(redis.call('HGET', K_QOWNERS, bucket) or '1') or
 if rank and (depth >= MAX_QUEUE or mine >= MAX_OWNER) then
   -- it would wait, and the queue is full or the owner has its share: undo (nothing about it
   -- was announced yet)
-  queue().dequeue(id, '', r.sharing, bucket)
+  queue().dequeue(id, '', r.sharing, bucket, r.tenant)
   redis.call('DEL', rk)
   if idem_key ~= '' then redis.call('DEL', k_idem(idem_key)) end
   if depth >= MAX_QUEUE then return {-5, tostring(depth)} end

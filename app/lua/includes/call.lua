@@ -15,4 +15,5 @@ local function begin_call(keys, argv)
   NOW_S = string.format('%.6f', NOW) -- formatted once: most functions write it several times
   stat_buf, meta_buf, queue_fns = nil, nil, nil
   svc_labels, alive_cache, index_cache = {}, {}, {}
+  tq_cache, tq_map, tq_default = nil, nil, nil
 end

@@ -34,8 +34,9 @@ local function grant(r, node, chosen, queued, from_queue, pending)
   end
   redis.call('ZADD', K_LEASES, score, r.id)
   redis.call('SADD', k_svc(r.svc), r.id)
+  tenant_add(r.tenant, alloc_gpus(r))
   if queued then
-    queue().dequeue(r.id, r.reserved, r.sharing, owner_bucket(r.owner, r.svc))
+    queue().dequeue(r.id, r.reserved, r.sharing, owner_bucket(r.owner, r.svc), r.tenant)
     notify(r.id, 'allocated')
   end
   local evid = event('allocated', r.id, r.svc, {'node', node, 'gpu_ids', ids_json,
@@ -58,8 +59,8 @@ end
 local function end_queued(id, status, reason, cause)
   local rk = k_req(id)
   local f = redis.call('HMGET', rk, 'service_name', 'webhook_url', 'webhook_events',
-    'reserved_node', 'sharing', 'ok_dependents', 'owner')
-  queue().dequeue(id, f[4], f[5], owner_bucket(f[7], f[1]))
+    'reserved_node', 'sharing', 'ok_dependents', 'owner', 'tenant')
+  queue().dequeue(id, f[4], f[5], owner_bucket(f[7], f[1]), f[8] or '')
   if reason then
     redis.call('HSET', rk, 'status', status, 'ended_at', NOW_S, 'reason', reason,
       'failed_dependency', cause)
@@ -104,15 +105,17 @@ local function finish_alloc(id, status, rec)
   local f
   if rec then
     f = {rec.node, rec.gpu_ids, rec.sharing, rec.min_memory_mb, rec.service_name,
-      rec.webhook_url, rec.webhook_events, rec.ok_dependents}
+      rec.webhook_url, rec.webhook_events, rec.ok_dependents, rec.tenant}
   else
     f = redis.call('HMGET', rk, 'node', 'gpu_ids', 'sharing', 'min_memory_mb',
-      'service_name', 'webhook_url', 'webhook_events', 'ok_dependents')
+      'service_name', 'webhook_url', 'webhook_events', 'ok_dependents', 'tenant')
   end
   local node, sharing, minm, svc = f[1], f[3], tonumber(f[4]) or 0, f[5] or ''
-  for _, i in ipairs(cjson.decode(f[2] or '[]')) do
+  local ids = cjson.decode(f[2] or '[]')
+  for _, i in ipairs(ids) do
     return_gpu(id, sharing, minm, node, string.format('%d', i))
   end
+  tenant_add(f[9], -#ids)
   local now = NOW_S
   if status == 'released' then
     redis.call('HSET', rk, 'status', status, 'released_at', now, 'ended_at', now)

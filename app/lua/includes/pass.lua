@@ -177,9 +177,9 @@
 
   -- One pass: dequeues are collected (see dequeue) and flushed however the pass ends.
   local function pass(new_id, force)
-    dq_ids, dq_owners, new_wants = {}, {}, nil
+    dq_ids, dq_owners, dq_tenants, new_wants = {}, {}, {}, nil
     local granted = schedule_inner(new_id, force)
     dequeue_flush()
-    dq_ids, dq_owners = nil, nil
+    dq_ids, dq_owners, dq_tenants = nil, nil, nil
     return granted
   end

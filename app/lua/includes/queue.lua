@@ -12,19 +12,25 @@ queue = function()
   -- Remove a request from every queue index; drop its reservation (that frees a node for others).
   -- Inside a pass (dq_ids set) the ids are collected and leave the indexes together, one call
   -- per index, in dequeue_flush: the pass flushes before it reads the queue again.
-  local dq_ids, dq_owners = nil, nil
-  local function dequeue(id, reserved, sharing, bucket)
+  -- tenant: the record's tenant ('' = none, a record from before tenants: not counted).
+  local dq_ids, dq_owners, dq_tenants = nil, nil, nil
+  local function dequeue(id, reserved, sharing, bucket, tenant)
     if not bucket then
-      local f = redis.call('HMGET', k_req(id), 'owner', 'service_name')
+      local f = redis.call('HMGET', k_req(id), 'owner', 'service_name', 'tenant')
       bucket = owner_bucket(f[1], f[2])
+      tenant = f[3]
     end
+    tenant = tenant or ''
     if dq_ids then
       dq_ids[#dq_ids + 1] = id
       dq_owners[bucket] = (dq_owners[bucket] or 0) - 1
+      if tenant ~= '' then dq_tenants[tenant] = (dq_tenants[tenant] or 0) - 1 end
     else
       owner_count(bucket, -1)
+      tenant_queue_add(tenant, -1)
       redis.call('ZREM', K_QUEUE, id)
       redis.call('HDEL', K_QSHAPE, id)
+      redis.call('HDEL', K_QTENANT, id)
       if sharing ~= 'shared' then redis.call('ZREM', K_QDX, id) end
       if sharing ~= 'exclusive' then redis.call('ZREM', K_QDS, id) end
       redis.call('ZREM', K_QDEAD, id)
@@ -44,9 +50,11 @@ queue = function()
         redis.call('ZREM', key, unpack(dq_ids))
       end
       redis.call('HDEL', K_QSHAPE, unpack(dq_ids))
+      redis.call('HDEL', K_QTENANT, unpack(dq_ids))
       for bucket, n in pairs(dq_owners) do owner_count(bucket, n) end
+      for t, n in pairs(dq_tenants) do tenant_queue_add(t, n) end
     end
-    dq_owners = {}
+    dq_owners, dq_tenants = {}, {}
   end
 
   -- Queue rank score, lowest first. With aging, effective priority p + AGING * (now - s) orders
@@ -76,6 +84,10 @@ queue = function()
     redis.call('ZADD', K_QDEAD, ftime(r.submitted + queue_timeout), r.id)
     redis.call('ZADD', K_QUNRES, ftime(r.submitted), r.id)
     owner_count(owner_bucket(r.owner, r.svc), 1)
+    if r.tenant ~= '' then
+      tenant_queue_add(r.tenant, 1)
+      redis.call('HSET', K_QTENANT, r.id, r.tenant)
+    end
   end
 
 -- @include reservations

@@ -1,0 +1,121 @@
+--[[
+  tenants: who pays for the GPUs (tenants.* and preemption.* in the settings). Every record
+  carries its tenant (field `tenant`, resolved by the engine from the principal or the
+  service_name per tenants.key; '' on records written before tenants existed: those are
+  never counted).
+
+  State, kept by the scripts that grant, end, queue and dequeue:
+    K_TENANTS  tenant -> "<held>|<usage>|<at>": GPUs held now (a shared allocation counts as
+               one GPU), usage in GPU-seconds decayed with TENANT_HALF_LIFE as of time <at>.
+               Usage is exact for any clock: between two changes of held it grows by
+               held * integral of 2^(-(now - s) / half-life) ds. A tenant holding nothing whose
+               usage decayed below USAGE_FORGET has no field (the reaper sweeps them).
+    K_TQUEUED  tenant -> requests queued (no field at 0).
+    K_QTENANT  queued request id -> tenant (bulk reads by the fair-share pass).
+
+  Helpers other includes call (all cheap; quotas parsed once per call):
+    tenant_quota(t)      {weight, guaranteed, max_gpus (nil = none), max_queued (nil = none)}
+    tenant_held(t)       GPUs t holds now
+    tenant_usage(t)      held, decayed usage in GPU-seconds as of NOW
+    tenant_queued(t)     requests t has queued
+    alloc_gpus(r)        GPUs a request counts for: 1 when shared, else r.k
+    over_quota(r)        true when granting r now would take its tenant past max_gpus
+    tenant_share(t)      (usage in GPU-hours + held) / weight: the fair-share order, lowest first
+    tenant_add(t, n)     held += n (n < 0 on an end), usage brought to NOW; grant/finish_alloc
+    tenant_queue_add(t, n)  queued += n; enqueue/dequeue
+]]
+
+local LN2 = 0.69314718055994531 -- math.log(2); the library's load runs without math
+-- a tenant holding nothing is forgotten once its decayed usage is below this (GPU-seconds):
+-- so the hash is bounded by the fleet (sum of decayed usage <= GPUs x half-life / ln 2), not
+-- by the names clients send
+local USAGE_FORGET = 60
+
+local tq_cache, tq_map, tq_default = nil, nil, nil -- per call (reset by begin_call)
+
+local function quota_of(v)
+  local m, q = tonumber(v[3]), tonumber(v[4])
+  return {weight = tonumber(v[1]), guaranteed = tonumber(v[2]),
+    max_gpus = (m and m >= 0) and m or nil, max_queued = (q and q >= 0) and q or nil}
+end
+
+local function tenant_quota(t)
+  if not tq_cache then tq_cache = {} end
+  local q = tq_cache[t]
+  if q then return q end
+  if TENANT_QUOTAS ~= '' then
+    if not tq_map then tq_map = cjson.decode(TENANT_QUOTAS) end
+    local v = tq_map[t]
+    if v then q = quota_of(v) end
+  end
+  if not q then
+    if not tq_default then
+      local v = {}
+      for x in string.gmatch(TENANT_DEFAULT, '[^|]+') do v[#v + 1] = x end
+      tq_default = quota_of(v)
+    end
+    q = tq_default
+  end
+  tq_cache[t] = q
+  return q
+end
+
+local function decayed(u, held, dt)
+  if dt <= 0 then return u end
+  local d = math.pow(2, -dt / TENANT_HALF_LIFE)
+  return u * d + held * (1 - d) * TENANT_HALF_LIFE / LN2
+end
+
+-- held, usage (GPU-seconds, decayed as of NOW)
+local function tenant_usage(t)
+  local v = redis.call('HGET', K_TENANTS, t)
+  if not v then return 0, 0 end
+  local a = string.find(v, '|', 1, true)
+  local b = string.find(v, '|', a + 1, true)
+  local held = tonumber(string.sub(v, 1, a - 1)) or 0
+  local u = tonumber(string.sub(v, a + 1, b - 1)) or 0
+  return held, decayed(u, held, NOW - (tonumber(string.sub(v, b + 1)) or NOW))
+end
+
+local function tenant_held(t)
+  local v = redis.call('HGET', K_TENANTS, t)
+  if not v then return 0 end
+  return tonumber(string.sub(v, 1, string.find(v, '|', 1, true) - 1)) or 0
+end
+
+local function tenant_queued(t)
+  return tonumber(redis.call('HGET', K_TQUEUED, t) or '0') or 0
+end
+
+local function alloc_gpus(r)
+  if r.sharing == 'shared' then return 1 end
+  return r.k
+end
+
+local function over_quota(r)
+  if r.tenant == '' then return false end
+  local m = tenant_quota(r.tenant).max_gpus
+  return m ~= nil and tenant_held(r.tenant) + alloc_gpus(r) > m
+end
+
+local function tenant_share(t)
+  local held, u = tenant_usage(t)
+  return (u / 3600 + held) / tenant_quota(t).weight
+end
+
+local function tenant_add(t, n)
+  if t == nil or t == '' then return end
+  local held, u = tenant_usage(t)
+  held = held + n
+  if held < 0 then held = 0 end
+  if held == 0 and u < USAGE_FORGET then
+    redis.call('HDEL', K_TENANTS, t)
+  else
+    redis.call('HSET', K_TENANTS, t, held .. '|' .. fnum(u) .. '|' .. NOW_S)
+  end
+end
+
+local function tenant_queue_add(t, n)
+  if t == nil or t == '' or n == 0 then return end
+  if redis.call('HINCRBY', K_TQUEUED, t, n) <= 0 then redis.call('HDEL', K_TQUEUED, t) end
+end
