@@ -112,7 +112,6 @@ FIXED_KEYS = (
     "K_CHANGES",
     "K_TENANTS",
     "K_TQUEUED",
-    "K_QTENANT",
 )
 #: Settings, passed as ARGV[4..] in this order: (Lua name, converted with tonumber).
 SETTINGS = (
@@ -146,6 +145,7 @@ _BUILDERS = (
     ("k_svc(s)", "service", 1),
     ("k_idem(k)", "idempotency", 1),
     ("k_free(n)", "node_free_gpus", 1),
+    ("k_tqueue(t)", "queue_tenant", 1),
 )
 _INCLUDE = re.compile(r"^-- @include (\w+)\s*$", re.M)
 _STALE = -11
@@ -656,7 +656,6 @@ class Engine:
             k.changes(),
             k.tenants(),
             k.tenant_queued(),
-            k.queue_tenants(),
         ]
         assert len(self._fixed_keys) == len(FIXED_KEYS)
         self._args_for = None
@@ -920,9 +919,12 @@ class Engine:
         body_hash = ""
         if idempotency_key:
             # the normalised request: an omitted default and the same value spelled out match
+            # the tenant is derived (owner or service, and the config): not part of the hash,
+            # so keys stored before tenants existed still replay
+            hashed = {k: v for k, v in fields.items() if k != "tenant"}
             body_hash = (
                 request_hash
-                or hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
+                or hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:32]
             )
         ctx = {
             "key": idempotency_key,

@@ -153,9 +153,10 @@ class Keys:
         quotas). Tenants with none have no field."""
         return self._k("tenants", "queued")
 
-    def queue_tenants(self) -> str:
-        """HASH of queued request id -> its tenant, read 500 at a time by the fair-share pass."""
-        return self._k("queue", "tenants")
+    def queue_tenant(self, tenant: str) -> str:
+        """ZSET of one tenant's queued requests, scored as in ``queue()`` (its own queue order;
+        the fair-share pass walks these). Gone when the tenant has nothing queued."""
+        return self._k("queue", "tenant", tenant)
 
     def session_secret(self) -> str:
         """STRING: the random secret that signs browser session cookies when

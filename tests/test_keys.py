@@ -43,7 +43,7 @@ SHAPES = [
     (K.queue_owners(), "{gpuo}:queue:owners"),
     (K.tenants(), "{gpuo}:tenants"),
     (K.tenant_queued(), "{gpuo}:tenants:queued"),
-    (K.queue_tenants(), "{gpuo}:queue:tenants"),
+    (K.queue_tenant("team-a"), "{gpuo}:queue:tenant:team-a"),
     (K.session_secret(), "{gpuo}:session:secret"),
     (K.meta(), "{gpuo}:meta"),
     (K.changes(), "{gpuo}:changes"),
@@ -94,7 +94,7 @@ def test_every_key_method_is_pinned():
         "queue_owners": "queue",
         "tenants": "tenants",
         "tenant_queued": "tenants",
-        "queue_tenants": "queue",
+        "queue_tenant": "queue",
         "changes": "changes",
         "session_secret": "session",
     }

@@ -252,7 +252,8 @@ def test_queued_counts_follow_enqueue_grant_cancel_and_timeout(make_engine, tclo
     assert [q1["status"], q2["status"], q3["status"]] == ["queued"] * 3
     assert queued(eng) == {"b": 2, "c": 1}
     keys = eng.keys
-    assert eng.redis.hgetall(keys.queue_tenants()) == {q1["id"]: "b", q2["id"]: "b", q3["id"]: "c"}
+    assert eng.redis.zrange(keys.queue_tenant("b"), 0, -1) == [q1["id"], q2["id"]]
+    assert eng.redis.zrange(keys.queue_tenant("c"), 0, -1) == [q3["id"]]
     eng.cancel(q3["id"])
     assert queued(eng) == {"b": 2}
     tclock.now += 11
@@ -261,7 +262,7 @@ def test_queued_counts_follow_enqueue_grant_cancel_and_timeout(make_engine, tclo
     eng.release(hold["id"])  # q1 is granted from the queue
     assert eng.get(q1["id"])["status"] == "allocated"
     assert queued(eng) == {}
-    assert eng.redis.hgetall(keys.queue_tenants()) == {}
+    assert not eng.redis.exists(keys.queue_tenant("b"), keys.queue_tenant("c"))
     assert held(eng) == {"b": 1}
 
 
@@ -316,3 +317,17 @@ def test_an_idle_tenant_with_little_usage_leaves_no_state(make_engine, tclock):
     eng.release(rec["id"])
     assert eng.redis.hgetall(eng.keys.tenants()) == {}
     assert eng.redis.hgetall(eng.keys.tenant_queued()) == {}
+
+
+def test_a_priority_change_moves_the_request_in_its_tenants_queue(make_engine):
+    eng = make_engine(n=1)
+    eng.allocate({"service_name": "hold"})
+    low = eng.allocate({"service_name": "b", "priority": 3})
+    high = eng.allocate({"service_name": "b", "priority": 5})
+    key = eng.keys.queue_tenant("b")
+    assert eng.redis.zrange(key, 0, -1) == [high["id"], low["id"]]
+    eng.set_priority(low["id"], 9)
+    assert eng.redis.zrange(key, 0, -1) == [low["id"], high["id"]]
+    assert eng.redis.zrange(key, 0, -1, withscores=True) == eng.redis.zrange(
+        eng.keys.queue(), 0, -1, withscores=True
+    )

@@ -10,7 +10,7 @@
 ]]
 -- @include prelude
 local id, prio, by = ARGV[A + 1], tonumber(ARGV[A + 2]), ARGV[A + 3]
-local f = redis.call('HMGET', k_req(id), 'status', 'priority', 'service_name')
+local f = redis.call('HMGET', k_req(id), 'status', 'priority', 'service_name', 'tenant')
 if not f[1] then return {-1} end
 if f[1] ~= 'queued' then return {-3, f[1]} end
 local old = tonumber(f[2]) or 0
@@ -18,7 +18,9 @@ if old ~= prio then
   local score = tonumber(redis.call('ZSCORE', K_QUEUE, id))
   -- scores: AGING * s - p with aging, -p * 1e12 + seq without (see enqueue in the prelude)
   local step = AGING > 0 and 1 or 1e12
-  redis.call('ZADD', K_QUEUE, fnum(score + (old - prio) * step), id)
+  local moved = fnum(score + (old - prio) * step)
+  redis.call('ZADD', K_QUEUE, moved, id)
+  if f[4] and f[4] ~= '' then redis.call('ZADD', k_tqueue(f[4]), moved, id) end
   redis.call('HSET', k_req(id), 'priority', string.format('%d', prio))
   bump_capacity()
   event('priority_changed', id, f[3], {'priority', string.format('%d', prio),

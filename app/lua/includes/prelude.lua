@@ -7,22 +7,28 @@
     KEYS     the fixed keys, in the order of engine.FIXED_KEYS (all under the prefix's hash tag;
              keys derived at run time use the same prefix, so the engine stays one slot):
       K_NODES K_FREE K_SIZES K_GPUS K_SHARED K_QUEUE K_QDX K_QDS K_QDEAD K_QUNRES K_RES K_LEASES
-      K_EVENTS K_OUTBOX K_STATS K_META K_QSHAPE K_SVCLABELS K_QOWNERS K_CHANGES: nodes,
-      nodes_free, node_sizes, gpus, shared_capacity, queue, queue_demand:exclusive,
-      queue_demand:shared, queue_deadlines, queue_unreserved, reservations, leases, events,
-      webhook_outbox, stats, meta, queue_shapes, stats_services, queue_owners; and the changes
-      Pub/Sub channel (a channel, not a key, passed with them for one place of truth)
+      K_EVENTS K_OUTBOX K_STATS K_META K_QSHAPE K_SVCLABELS K_QOWNERS K_CHANGES K_TENANTS
+      K_TQUEUED: nodes, nodes_free, node_sizes, gpus, shared_capacity, queue,
+      queue_demand:exclusive, queue_demand:shared, queue_deadlines, queue_unreserved,
+      reservations, leases, events, webhook_outbox, stats, meta, queue_shapes, stats_services,
+      queue_owners; the changes Pub/Sub channel (a channel, not a key, passed with them for one
+      place of truth); tenants, tenant_queued (includes/tenants.lua)
     ARGV[1]  now (epoch seconds; "" = use Redis TIME, one clock for every replica)
     ARGV[2]  the library version the caller expects (a mismatch answers {-11, version}: the
              caller loads its library and retries)
     ARGV[3]  the key prefix, for the key builders k_node(n) k_gpu(n, i) k_req(id) k_deps(id)
-             k_svc(s) k_idem(k) k_free(n) (node, gpu, request, dependents, service,
-             idempotency, node_free_gpus; concatenation, no string.format)
+             k_svc(s) k_idem(k) k_free(n) k_tqueue(t) (node, gpu, request, dependents,
+             service, idempotency, node_free_gpus, queue_tenant; concatenation, no
+             string.format)
     ARGV[4..] the scheduler settings, in the order of engine.SETTINGS:
       POLICY (best_effort|strict_fifo)  AGING (priority points per second)
       RES_AFTER (s; < 0 = off)  HB_TIMEOUT (s)  FORGET_AFTER (s; <= 0 = never)  EV_MAX
       HIST_TTL (s; HIST_TTL_S: whole seconds, as a string)  MAX_QUEUE  MAX_OWNER (queued
       requests per owner)  MAX_SVC_LABELS (services with their own stats label)
+      TENANT_FAIR ("1" = tenants.fair_share)  TENANT_HALF_LIFE (s)  TENANT_QUOTAS (JSON
+      {tenant: [weight, guaranteed, max_gpus, max_queued]}, -1 = no limit; "" = none)
+      TENANT_DEFAULT ("weight|guaranteed|max_gpus|max_queued")  PREEMPT ("1" = enabled)
+      PREEMPT_GRACE (s)
     Each function's own arguments start at ARGV[A + 1].
   MAX_LEASE (s; the longest lease there is) is a literal of the library.
 

@@ -24,13 +24,19 @@ queue = function()
     if dq_ids then
       dq_ids[#dq_ids + 1] = id
       dq_owners[bucket] = (dq_owners[bucket] or 0) - 1
-      if tenant ~= '' then dq_tenants[tenant] = (dq_tenants[tenant] or 0) - 1 end
+      if tenant ~= '' then
+        local l = dq_tenants[tenant]
+        if not l then l = {}; dq_tenants[tenant] = l end
+        l[#l + 1] = id
+      end
     else
       owner_count(bucket, -1)
-      tenant_queue_add(tenant, -1)
+      if tenant ~= '' then
+        tenant_queue_add(tenant, -1)
+        redis.call('ZREM', k_tqueue(tenant), id)
+      end
       redis.call('ZREM', K_QUEUE, id)
       redis.call('HDEL', K_QSHAPE, id)
-      redis.call('HDEL', K_QTENANT, id)
       if sharing ~= 'shared' then redis.call('ZREM', K_QDX, id) end
       if sharing ~= 'exclusive' then redis.call('ZREM', K_QDS, id) end
       redis.call('ZREM', K_QDEAD, id)
@@ -50,9 +56,11 @@ queue = function()
         redis.call('ZREM', key, unpack(dq_ids))
       end
       redis.call('HDEL', K_QSHAPE, unpack(dq_ids))
-      redis.call('HDEL', K_QTENANT, unpack(dq_ids))
       for bucket, n in pairs(dq_owners) do owner_count(bucket, n) end
-      for t, n in pairs(dq_tenants) do tenant_queue_add(t, n) end
+      for t, l in pairs(dq_tenants) do
+        tenant_queue_add(t, -#l)
+        redis.call('ZREM', k_tqueue(t), unpack(l))
+      end
     end
     dq_owners, dq_tenants = {}, {}
   end
@@ -86,7 +94,7 @@ queue = function()
     owner_count(owner_bucket(r.owner, r.svc), 1)
     if r.tenant ~= '' then
       tenant_queue_add(r.tenant, 1)
-      redis.call('HSET', K_QTENANT, r.id, r.tenant)
+      redis.call('ZADD', k_tqueue(r.tenant), fnum(score), r.id)
     end
   end
 

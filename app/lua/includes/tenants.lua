@@ -11,7 +11,8 @@
                held * integral of 2^(-(now - s) / half-life) ds. A tenant holding nothing whose
                usage decayed below USAGE_FORGET has no field (the reaper sweeps them).
     K_TQUEUED  tenant -> requests queued (no field at 0).
-    K_QTENANT  queued request id -> tenant (bulk reads by the fair-share pass).
+    k_tqueue(t) the tenant's queued requests, scored as in K_QUEUE (its own queue order; the
+               fair-share pass walks these).
 
   Helpers other includes call (all cheap; quotas parsed once per call):
     tenant_quota(t)      {weight, guaranteed, max_gpus (nil = none), max_queued (nil = none)}
