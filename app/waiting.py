@@ -499,21 +499,12 @@ def _walk(sim: _Sim, head: list[_Req], eta: dict[str, float | None]) -> None:
 
 
 def tenant_limits(settings):
-    """``tenant -> max_gpus`` (None: no cap) from ``tenants.quotas``, or None when no tenant
-    has a cap (the hook the quota reason reads; tenants arrive with issue 14's quotas)."""
-    tenants = getattr(settings, "tenants", None)
-    if tenants is None:
-        return None
-    quotas = getattr(tenants, "quotas", None) or {}
-    default = getattr(tenants, "default", None)
+    """``tenant -> max_gpus`` (None: no cap) from ``tenants.quotas`` over ``tenants.default``,
+    or None when no tenant has a cap (then no request waits for its quota)."""
+    from app.settings import tenant_quotas
 
-    def cap_of(q):
-        if q is None:
-            return None
-        return q.get("max_gpus") if isinstance(q, dict) else getattr(q, "max_gpus", None)
-
-    caps = {name: cap_of(q) for name, q in dict(quotas).items()}
-    fallback = cap_of(default)
+    caps = {name: q["max_gpus"] for name, q in tenant_quotas(settings).items()}
+    fallback = settings.tenants.default["max_gpus"]
     if fallback is None and all(v is None for v in caps.values()):
         return None
     return lambda tenant: caps.get(tenant, fallback)

@@ -94,7 +94,7 @@ def test_quota_from_the_tenants_max_gpus(make_engine):
     engine.allocate(req(service="team", ttl_seconds=100, required_gpus=2))
     engine.allocate(req(service="other", ttl_seconds=100, required_gpus=2))
     q = engine.allocate(req(service="team"))
-    caps = {"s:team": 2}
+    caps = {"team": 2}  # the record's tenant (tenants.key: service_name with auth off)
     assert why(engine, q["id"], limits=caps.get)["reason"] == "quota"
     assert why(engine, q["id"])["reason"] == "capacity"
 

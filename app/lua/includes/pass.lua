@@ -27,8 +27,9 @@
     if RES_AFTER < 0 or POLICY == 'strict_fifo' or new_wants == false then return end
     local r = load_req(id)
     if not r or r.status ~= 'queued' or r.reserved ~= '' or not deps_done(r) then return end
-    if new_wants == nil and RES_AFTER > 0 and (r.sharing == 'shared' or
-        tonumber(redis.call('HGET', K_QOWNERS, owner_bucket(r.owner, r.svc)) or '0') ~= 1) then
+    if new_wants == nil and RES_AFTER > 0 and (r.sharing == 'shared' or (r.tenant ~= '' and
+        tenant_queued(r.tenant) or
+        tonumber(redis.call('HGET', K_QOWNERS, owner_bucket(r.owner, r.svc)) or '0')) ~= 1) then
       return
     end
     reserve(r, {})
