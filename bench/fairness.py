@@ -199,7 +199,7 @@ class Simulation:
     def __init__(
         self, client, prefix: str, tenants, gpus: int, hours: float, config: dict, etas=True
     ):
-        self.etas = etas and hasattr(waiting, "annotate")
+        self.etas = etas
         self.tenants = {t.name: t for t in tenants}
         self.gpus, self.hours = gpus, hours
         self.window = (hours * 3600 / 12, hours * 3600)
