@@ -497,13 +497,13 @@ def test_a_worker_dying_mid_clean_blocks_registry_cleaning_for_seconds_not_15_mi
     import redis as redis_lib
     import rq.worker.base
 
-    from workers import worker as worker_mod
+    from workers import rq_overrides
 
     def redis_went_away(queue, handlers=None):
         raise redis_lib.exceptions.ConnectionError("Connection closed by server.")
 
     monkeypatch.setattr(rq.worker.base, "clean_registries", redis_went_away)
-    monkeypatch.setattr(worker_mod, "clean_registries", redis_went_away, raising=False)
+    monkeypatch.setattr(rq_overrides, "clean_registries", redis_went_away)
     worker = make_worker(
         settings.replace(workers={"maintenance_interval": "2s"}), settings.redis.url
     )
@@ -519,18 +519,17 @@ def test_worker_process_starts_a_new_worker_when_rq_quits_on_an_error(
     """Chaos found it: RQ's work loop quits on an error it does not handle (Redis SIGKILLed
     while a job finished), and ``gpu-orchestrator worker`` exited with it. It must carry on,
     and still stop for good when a stop was requested."""
-    from rq.utils import now
-
+    from workers import rq_overrides
     from workers import worker as worker_mod
 
     calls = []
 
     def work(self, **kwargs):
-        if isinstance(self, worker_mod.DeliveryWorker):
+        if isinstance(self, rq_overrides.ThreadWorker):
             return True  # a delivery slot (a thread beside the main worker): not counted here
         calls.append(self.name)
         if len(calls) == 2:
-            self._shutdown_requested_date = now()  # SIGTERM during the second worker's life
+            self.stop_requested = True  # SIGTERM during the second worker's life
         return True
 
     monkeypatch.setattr(worker_mod.ServiceWorker, "work", work)
@@ -606,7 +605,7 @@ def test_a_job_dropped_between_dequeue_and_start_is_requeued_and_delivered(
 
     from app import outbox, queues
     from app.engine import Engine
-    from workers import worker as worker_mod
+    from workers import rq_overrides
 
     engine = Engine(redis, settings)
     engine.report_node(
@@ -651,7 +650,7 @@ def test_a_job_dropped_between_dequeue_and_start_is_requeued_and_delivered(
         worker.clock = lambda: t[0]
         worker.clean_registries()  # first sighting: it may still be in a live worker's hands
         assert rq_redis.lrange(webhooks_q.intermediate_queue_key, 0, -1) == [job_id.encode()]
-        t[0] += worker_mod.STUCK_DEQUEUE - 1
+        t[0] += rq_overrides.STUCK_DEQUEUE - 1
         worker.clean_registries()
         assert rq_redis.llen(webhooks_q.key) == 0
         t[0] += 1
@@ -677,7 +676,7 @@ def test_intermediate_recovery_drops_ids_whose_job_is_done_or_queued_elsewhere(
 ):
     """Only a job that would otherwise be lost is re-queued: one that already finished, or is
     still on its queue (a second copy of the id), is just taken off the intermediate list."""
-    from workers import worker as worker_mod
+    from workers import rq_overrides
 
     worker = make_worker(settings, settings.redis.url)
     rq_redis = worker.connection
@@ -690,7 +689,7 @@ def test_intermediate_recovery_drops_ids_whose_job_is_done_or_queued_elsewhere(
     t = [50.0]
     worker.clock = lambda: t[0]
     assert worker.recover_intermediate(q) == []
-    t[0] += worker_mod.STUCK_DEQUEUE
+    t[0] += rq_overrides.STUCK_DEQUEUE
     assert worker.recover_intermediate(q) == []
     assert rq_redis.llen(q.intermediate_queue_key) == 0
     assert q.get_job_ids() == [queued.id]

@@ -1,9 +1,9 @@
-"""The worker's delivery slots (workers.worker.DeliverySlots) and the RQ internals they rely on.
+"""The worker's delivery slots (workers.worker.DeliverySlots): RQ workers run in threads.
 
-These canaries fail loudly when an RQ upgrade moves what the slots depend on: the work loop's
-``_stop_requested`` flag and StopRequested raised from ``heartbeat`` (how a slot is stopped,
-since only the main thread gets signals), and ``_install_signal_handlers`` (which a slot must
-not run outside the main thread).
+A slot is a workers.rq_overrides.ThreadWorker; the RQ internals it relies on (the work loop's
+``_stop_requested`` flag, StopRequested raised from ``heartbeat``, ``_install_signal_handlers``)
+are pinned with the other overrides' in tests/test_dependency_internals.py. These tests check
+what a user would notice: a slot delivers, and stops when asked.
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ import time
 
 import pytest
 import redis as redis_lib
-from rq.worker import BaseWorker
 
 from app import queues
-from workers import context
+from workers import context, rq_overrides
 from workers import worker as worker_mod
 
 
@@ -27,20 +26,14 @@ def rq_redis(redis_url):
     client.close()
 
 
-def test_rq_still_has_what_the_slots_override_and_read(settings, rq_redis):
-    assert callable(getattr(BaseWorker, "_install_signal_handlers", None))
-    worker = worker_mod.make_worker(settings, rq_redis, worker_mod.DeliveryWorker)
-    assert worker._stop_requested is False
-
-
 def test_a_slot_runs_outside_the_main_thread_and_stops_on_request(settings, rq_redis):
-    """A DeliveryWorker works in a thread (no signal handlers, timer death penalty), runs a
+    """A ThreadWorker works in a thread (no signal handlers, timer death penalty), runs a
     job, and leaves its loop once the stop flag is set."""
     context.configure(
         settings, redis_lib.Redis.from_url(settings.redis.url, decode_responses=True), rq_redis
     )
     slot = worker_mod.make_worker(
-        settings, rq_redis, worker_mod.DeliveryWorker, names=(queues.WEBHOOKS,)
+        settings, rq_redis, rq_overrides.ThreadWorker, names=(queues.WEBHOOKS,)
     )
     q = queues.queue(rq_redis, settings, queues.WEBHOOKS)
     job = q.enqueue("app.outbox.job_id_for", "probe")
@@ -58,7 +51,7 @@ def test_a_slot_runs_outside_the_main_thread_and_stops_on_request(settings, rq_r
     while job.get_status(refresh=True) != "finished" and time.monotonic() < deadline:
         time.sleep(0.05)
     assert job.get_status(refresh=True) == "finished" and job.return_value() == "webhook-probe"
-    slot.request_slot_stop()
+    slot.request_thread_stop()
     thread.join(10)
     assert not thread.is_alive() and errors == []
     context.get()[1].close()

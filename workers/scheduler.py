@@ -36,7 +36,7 @@ import time
 from typing import Any
 
 from redis.exceptions import LockError, RedisError
-from rq.cron import CronJob, CronScheduler
+from rq.cron import CronScheduler
 
 from app import outbox, queues
 from app.keys import Keys
@@ -44,6 +44,7 @@ from app.redis_client import connect
 from app.settings import Settings
 from app.shutdown import StopSignal
 from workers import context
+from workers.rq_overrides import JsonCronJob, add_cron_job
 
 log = logging.getLogger("gpu_orchestrator.scheduler")
 
@@ -80,22 +81,6 @@ def reap() -> dict[str, int]:
 # ------------------------------------------------------------------------------ cron
 
 
-class JsonCronJob(CronJob):
-    """rq 3.0's CronJob enqueues with the default (pickle) serializer; ours must use JSON."""
-
-    def __init__(self, *args, serializer=queues.SERIALIZER, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.serializer = serializer
-
-    def enqueue(self, connection):
-        from rq import Queue
-
-        q = Queue(self.queue_name, connection=connection, serializer=self.serializer)
-        job = q.enqueue(self.func_name, args=self.args, kwargs=self.kwargs, **self.job_options)
-        log.debug("enqueued %s on %s", self.func_name, self.queue_name)
-        return job
-
-
 def _interval(seconds: float) -> int:
     return max(1, int(math.ceil(seconds)))
 
@@ -114,7 +99,8 @@ def build_cron(settings: Settings, rq_redis: Any) -> CronScheduler:
         (reap, settings.scheduler.cleanup_interval),
     ):
         every = _interval(seconds)
-        cron._cron_jobs.append(
+        add_cron_job(
+            cron,
             JsonCronJob(
                 queue_name=qname,
                 func=func,
@@ -124,7 +110,8 @@ def build_cron(settings: Settings, rq_redis: Any) -> CronScheduler:
                 ttl=max(5, 3 * every),
                 failure_ttl=86400,
                 name=f"{qname}:{func.__name__}",
-            )
+                serializer=queues.SERIALIZER,
+            ),
         )
     return cron
 

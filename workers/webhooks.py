@@ -16,7 +16,7 @@ Each try has one deadline, ``webhooks.timeout``, for lookup, connect, TLS, send 
 headers (:mod:`workers.webhook_client`), and goes only to an address the policy checked. At
 most ``webhooks.max_per_receiver`` tries run at once per receiver in a process
 (:mod:`workers.receiver_limit`); a delivery over that cap is deferred (rescheduled
-``DEFER_SECONDS`` later through ``ServiceJob.retry``) without spending a try. Logs show a URL
+``DEFER_SECONDS`` later by :func:`workers.rq_overrides.defer`) without spending a try. Logs show a URL
 without userinfo, query or fragment (:func:`app.webhook_policy.redact`).
 
 Counters (HINCRBY on ``Keys.stats()``, exported by the API as
@@ -44,7 +44,7 @@ from app.keys import Keys
 from app.settings import Settings
 from app.timefmt import iso
 from app.webhook_policy import Policy, Refused, Unresolvable, redact, split
-from workers import context, webhook_client
+from workers import context, rq_overrides, webhook_client
 from workers.receiver_limit import ReceiverLimit
 
 log = logging.getLogger("gpu_orchestrator.webhooks")
@@ -81,7 +81,7 @@ class WebhookGone(WebhookError):
     """The receiver answered 410 Gone: it wants no more deliveries; no retries."""
 
 
-class WebhookDeferred(Exception):
+class WebhookDeferred(rq_overrides.JobDeferred):
     """The receiver already has ``webhooks.max_per_receiver`` deliveries in flight in this
     process: the delivery goes back on the schedule (DEFER_SECONDS) without spending a try."""
 
@@ -303,10 +303,8 @@ def deliver(entry: dict[str, Any]) -> dict[str, Any]:
         receiver, limit = _receiver(url), receiver_limit(settings)
         if receiver is not None and not limit.acquire(receiver, DEFER_WAIT):
             if job is not None:
-                # Not a try: ServiceJob.retry schedules it DEFER_SECONDS out and takes back
-                # this extra one, so the job's tries and backoff stay as they were.
-                job.retries_left = (job.retries_left or 0) + 1
-                job.deferred = True
+                # Not a try: it comes back DEFER_SECONDS out, its tries and backoff unchanged.
+                rq_overrides.defer(job, DEFER_SECONDS)
             log.debug(
                 "webhook %s for %s deferred: %s has %d deliveries in flight",
                 entry["event_id"],
@@ -319,21 +317,22 @@ def deliver(entry: dict[str, Any]) -> dict[str, Any]:
             status = post(url, payload, settings)
         except (WebhookGone, WebhookRefused) as exc:
             if job is not None:
-                job.retries_left = 0  # RQ reads this right after the job raises
+                rq_overrides.give_up(job)
             redis.hincrby(stats, STAT_FAILED, 1)
             log.warning(
                 "webhook %s for %s given up: %s", entry["event_id"], entry["request_id"], exc
             )
             raise
         except WebhookError as exc:
-            final = job is None or not job.retries_left
+            left = 0 if job is None else rq_overrides.retries_left(job)
+            final = not left
             redis.hincrby(stats, STAT_FAILED if final else STAT_RETRIED, 1)
             log.warning(
                 "webhook %s for %s failed (%s); %s",
                 entry["event_id"],
                 entry["request_id"],
                 exc,
-                "giving up" if final else f"{job.retries_left} retries left",
+                "giving up" if final else f"{left} retries left",
             )
             raise
         finally:
