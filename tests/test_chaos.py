@@ -459,8 +459,6 @@ def make_worker(monkeypatch):
     for worker, decoded in built:
         worker.connection.close()
         decoded.close()
-        if worker.scheduler is not None and worker.scheduler._connection is not None:
-            worker.scheduler._connection.close()
 
 
 def test_scheduler_survives_redis_being_unavailable_at_start_up(settings, monkeypatch):
@@ -577,19 +575,25 @@ def test_a_dequeued_job_stays_in_a_list_until_it_is_registered_as_started(settin
 def test_a_dead_workers_scheduler_lock_is_released_in_seconds_not_a_minute(settings, make_worker):
     """Chaos found it: webhook retries stalled about 60 s whenever the worker holding RQ's
     scheduler lock was SIGKILLed (RQ gives the lock interval + 60 s)."""
-    from rq.scheduler import RQScheduler
+    from app import queues
+    from workers.rq_overrides import SchedulerThread
 
     worker = make_worker(settings, settings.redis.url)
-    worker.scheduler = RQScheduler(worker.queues, connection=worker.connection)
+    thread = SchedulerThread(worker.queues, worker.connection, serializer=queues.SERIALIZER)
+    scheduler = thread.scheduler
     webhooks_q, maintenance_q = worker.queues
-    dead = worker.scheduler.get_locking_key(webhooks_q.name)
-    live = worker.scheduler.get_locking_key(maintenance_q.name)
+    dead = scheduler.get_locking_key(webhooks_q.name)
+    live = scheduler.get_locking_key(maintenance_q.name)
     worker.connection.set(dead, "dead-worker", ex=61 - 15)  # last refreshed 15 s ago
     worker.connection.set(live, "live-worker", ex=61 - 1)  # refreshed a second ago
-    assert worker.release_stale_scheduler_locks() == [webhooks_q.name]
-    assert worker.connection.get(dead) is None and worker.connection.get(live) == b"live-worker"
-    assert worker.scheduler.acquire_locks() == {webhooks_q.name}
-    worker.scheduler.release_locks()
+    try:
+        thread.run_once()  # frees the dead holder's lock and takes it, leaves the live one's
+        assert scheduler.acquired_locks == {webhooks_q.name}
+        assert worker.connection.get(dead) == scheduler.name.encode()
+        assert worker.connection.get(live) == b"live-worker"
+    finally:
+        scheduler.release_locks()
+        scheduler.connection.close()
 
 
 def test_a_job_dropped_between_dequeue_and_start_is_requeued_and_delivered(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 
 import pytest
@@ -108,6 +109,15 @@ def test_release_grants_the_queued_request_and_its_webhook_arrives_signed(
     assert _stats(redis, settings).get(webhooks.STAT_DELIVERED) == "1"
 
 
+def _children(pid: int) -> list[int]:
+    """Live child processes of ``pid`` (Linux /proc)."""
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as fh:
+            found += [int(c) for c in fh.read().split()]
+    return found
+
+
 def test_receiver_failing_twice_then_ok_gets_it_on_the_third_try(
     tmp_path, settings, redis, rq_redis
 ):
@@ -125,8 +135,12 @@ def test_receiver_failing_twice_then_ok_gets_it_on_the_third_try(
                 lambda: _stats(redis, settings).get(webhooks.STAT_DELIVERED) == "1",
                 message="delivered counter",
             )
+            # The retries went through RQ's scheduler, which runs in a thread of the worker
+            # process: nothing was forked from a process whose threads may hold locks.
+            children = _children(worker.proc.pid)
         finally:
             worker.stop()
+    assert children == []
     assert len(reqs) == 3
     assert len({r["body"] for r in reqs}) == 1  # the same event, byte for byte
     stats = _stats(redis, settings)

@@ -14,8 +14,10 @@ override if upstream fixed the problem, else port it; then update the pin.
   deferral (:func:`defer`): a job that cannot run yet comes back later without spending a try.
 - :class:`ServiceQueue` ``dequeue_any``: RQ BLPOPs (no intermediate list) with several queues.
 - :class:`ServiceWorker`: dequeue through the intermediate list and recover what a dead dequeue
-  left there, a maintenance lock that lapses in seconds, free a dead worker's scheduler lock,
-  heartbeats while a job runs in a non-forking worker, a public "stop was requested" flag.
+  left there, a maintenance lock that lapses in seconds, heartbeats while a job runs in a
+  non-forking worker, a public "stop was requested" flag.
+- :class:`SchedulerThread`: RQ's scheduler in a thread, not a process forked from a process
+  with threads; frees a dead holder's scheduler lock in seconds.
 - :class:`ThreadWorker`: a ServiceWorker that runs in a thread (RQ assumes the main thread).
 - :class:`JsonCronJob` / :func:`add_cron_job`: RQ's cron enqueues with pickle; ours is JSON.
 """
@@ -33,6 +35,7 @@ from rq.cron import CronJob, CronScheduler
 from rq.exceptions import StopRequested
 from rq.job import Job, JobStatus
 from rq.registry import clean_registries
+from rq.scheduler import RQScheduler
 from rq.scripts import release_lock
 from rq.timeouts import TimerDeathPenalty
 from rq.utils import now
@@ -57,7 +60,6 @@ UPSTREAM = {
     "rq.queue.Queue.dequeue_any": "2452e56ad5197396",
     "rq.worker.base.BaseWorker.prepare_job_execution": "d08dd32962e3f82a",
     "rq.worker.base.BaseWorker.clean_registries": "e2c9790c8156c72c",
-    "rq.worker.base.BaseWorker.run_maintenance_tasks": "3d8a446b5354fce3",
     "rq.worker.base.BaseWorker.handle_exception": "fffd9b2925ac1432",
     "rq.worker.base.BaseWorker.request_stop": "f934e7e7e6eecfee",
     "rq.worker.base.BaseWorker._install_signal_handlers": "f30e3c58661a235a",
@@ -94,6 +96,13 @@ CALLED = (
     "rq.intermediate_queue.IntermediateQueue.get_first_seen_key",
     "rq.intermediate_queue.IntermediateQueue.get_job_ids",
     "rq.scheduler.RQScheduler.get_locking_key",
+    "rq.scheduler.RQScheduler.acquire_locks",
+    "rq.scheduler.RQScheduler.acquired_locks",
+    "rq.scheduler.RQScheduler.heartbeat",
+    "rq.scheduler.RQScheduler.enqueue_scheduled_jobs",
+    "rq.scheduler.RQScheduler.register_birth",
+    "rq.scheduler.RQScheduler.stop",
+    "rq.scheduler.RQScheduler.connection",
     "rq.worker.base.BaseWorker.prepare_execution",
     "rq.worker.base.BaseWorker.perform_job",
     "rq.worker.base.BaseWorker.maintain_heartbeats",
@@ -232,44 +241,6 @@ class ServiceWorker(SimpleWorker):
         loop (workers.worker.run) must tell a stop from RQ quitting on an error."""
         self.stop_requested = True
         super().request_stop(signum, frame)
-
-    def run_maintenance_tasks(self):
-        self.release_stale_scheduler_locks()
-        super().run_maintenance_tasks()
-
-    def release_stale_scheduler_locks(self) -> list[str]:
-        """Free the scheduler locks of dead workers; returns the queue names freed.
-
-        Only the worker holding ``rq:scheduler-lock:<queue>`` moves due retries (webhook retry
-        backoff) onto the queue. RQ gives that lock ``interval + 60`` s and its holder refreshes
-        it every interval; a holder that is SIGKILLed leaves it, and every retry waits up to a
-        minute (found by bench/chaos.py). A lock not refreshed for STALE_SCHEDULER_LOCK seconds
-        is released (compare-and-delete on the holder's token), and RQ's maintenance pass that
-        follows lets this worker's scheduler take it.
-        """
-        if self.scheduler is None:
-            return []
-        full = int(self.scheduler.interval) + 60
-        freed = []
-        for queue in self.queues:
-            key = self.scheduler.get_locking_key(queue.name)
-            holder = self.connection.get(key)
-            if holder is None:
-                continue
-            holder = holder.decode() if isinstance(holder, bytes) else str(holder)
-            if holder == self.scheduler.name:
-                continue
-            left = self.connection.ttl(key)
-            if 0 <= left < full - STALE_SCHEDULER_LOCK and release_lock(
-                self.connection, key, holder
-            ):
-                log.warning(
-                    "released the scheduler lock of %s, held by %s that stopped refreshing it",
-                    queue.name,
-                    holder,
-                )
-                freed.append(queue.name)
-        return freed
 
     def clean_registries(self):
         """RQ's registry maintenance, under a maintenance lock that lapses in seconds.
@@ -430,6 +401,120 @@ class ThreadWorker(ServiceWorker):
         super().heartbeat(timeout, pipeline)
         if self._thread_stop and pipeline is None and self.get_state() != WorkerStatus.BUSY:
             raise StopRequested()
+
+
+# ------------------------------------------------------------------------------ scheduler
+
+
+class SchedulerThread:
+    """RQ's scheduler (due retries onto their queues) in a thread of the worker process.
+
+    RQ's worker runs its scheduler (``work(with_scheduler=True)``) in a process it forks with
+    multiprocessing's ``fork``, from a process that by then has threads (our delivery slots and
+    their heartbeats, RQ's pub/sub listener), and forks it again whenever it finds it dead. A
+    fork copies every lock as it stands; one that another thread held at that instant (a
+    logging handler's, a connection pool's, an allocator's) is held for ever in the child, which
+    then hangs: alive, so never replaced, and refreshing nothing, so deferred and retried jobs
+    wait in the scheduled registry until the worker restarts (what the flaky
+    ``test_a_trickling_receiver_does_not_hold_up_another_teams_webhook`` showed). Python 3.12
+    warns about such forks. Here the same loop as ``RQScheduler.work``, through its public
+    methods, runs in a thread: no fork at all.
+
+    Several worker processes each run one; RQ's per-queue scheduler locks let one move a given
+    queue's jobs at a time. RQ gives a lock ``interval + 60`` s and its holder refreshes it every
+    interval; a holder that was SIGKILLed leaves it, and every retry waited up to a minute
+    (found by bench/chaos.py). So a thread missing a lock frees one not refreshed for
+    STALE_SCHEDULER_LOCK seconds (compare-and-delete on the holder's token) and takes it.
+    """
+
+    def __init__(
+        self, queues, connection, *, serializer=None, interval: int = 1, logging_level="WARNING"
+    ):
+        self.scheduler = RQScheduler(
+            [q.name for q in queues],
+            connection=connection,
+            interval=interval,
+            serializer=serializer,
+            logging_level=logging_level,
+        )
+        self.queue_names = {q.name for q in queues}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="rq-scheduler", daemon=True)
+
+    @property
+    def name(self) -> str:
+        return self.scheduler.name
+
+    def start(self) -> SchedulerThread:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Leave the loop, release the locks held and deregister (RQScheduler.stop)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def run_once(self) -> None:
+        """One pass: take the missing locks (freeing stale ones), refresh the held ones, move
+        due jobs onto their queues."""
+        scheduler = self.scheduler
+        if scheduler.acquired_locks != self.queue_names:
+            self.release_stale_locks()
+            scheduler.acquire_locks()
+        scheduler.heartbeat()
+        if scheduler.acquired_locks:
+            scheduler.enqueue_scheduled_jobs()
+
+    def run_burst(self) -> None:
+        """What RQ's burst mode does: one pass, then the locks go back."""
+        try:
+            self.run_once()
+        finally:
+            self.scheduler.release_locks()
+
+    def _loop(self) -> None:
+        scheduler = self.scheduler
+        born = False
+        while not self._stop.is_set():
+            try:
+                if not born:
+                    scheduler.register_birth()
+                    born = True
+                self.run_once()
+            except Exception:  # noqa: BLE001 - Redis away, a bad job: the next pass retries
+                log.warning("scheduler %s: pass failed; retrying", scheduler.name, exc_info=True)
+            self._stop.wait(scheduler.interval)
+        try:
+            scheduler.stop()
+        except Exception:  # noqa: BLE001 - Redis away: the locks lapse on their own
+            log.warning("scheduler %s: could not release its locks", scheduler.name)
+
+    def release_stale_locks(self) -> list[str]:
+        """Free the scheduler locks of dead holders; returns the queue names freed."""
+        scheduler, conn = self.scheduler, self.scheduler.connection
+        full = int(scheduler.interval) + 60
+        freed = []
+        for name in sorted(self.queue_names - scheduler.acquired_locks):
+            key = scheduler.get_locking_key(name)
+            holder = conn.get(key)
+            if holder is None:
+                continue
+            holder = holder.decode() if isinstance(holder, bytes) else str(holder)
+            if holder == scheduler.name:
+                continue
+            left = conn.ttl(key)
+            if 0 <= left < full - STALE_SCHEDULER_LOCK and release_lock(conn, key, holder):
+                log.warning(
+                    "released the scheduler lock of %s, held by %s that stopped refreshing it",
+                    name,
+                    holder,
+                )
+                freed.append(name)
+        return freed
 
 
 # ------------------------------------------------------------------------------ cron

@@ -1,8 +1,10 @@
 """``gpu-orchestrator worker``: an RQ worker on the service's queues (webhooks, maintenance).
 
-It always runs with RQ's scheduler, because ``Retry(interval=...)`` only fires in a worker that
-has one, and with the JSON serializer. Any number of workers may run: RQ hands each job to one
-of them, and RQ's scheduler takes a lock so only one worker moves due retries at a time.
+It always runs RQ's scheduler, because ``Retry(interval=...)`` only fires where one runs, in a
+thread of the worker process (:class:`~workers.rq_overrides.SchedulerThread`; RQ would fork a
+process for it from a process that has threads), and uses the JSON serializer. Any number of
+workers may run: RQ hands each job to one of them, and RQ's scheduler takes a lock per queue so
+only one worker moves due retries at a time.
 
 Recovering from a killed worker: a worker that is SIGKILLed (OOM killer, node loss) leaves its
 job in RQ's started registry. Another worker's maintenance pass (every
@@ -14,7 +16,7 @@ behaviour of RQ this service corrects lives.
 
 Concurrent deliveries: one process delivers up to ``webhooks.concurrency`` webhooks at once, so
 a slow receiver (each try bounded by ``webhooks.timeout``) holds one slot, not the worker. The
-main thread runs the service's worker (every queue, RQ's scheduler, the signals); each other
+main thread runs the service's worker (every queue, the signals); each other
 slot is a :class:`~workers.rq_overrides.ThreadWorker` in its own thread, a full RQ worker on
 the webhook queue with its own name, registration and heartbeats. Durability is RQ's, per job, as before: a slot's job
 is in the started registry while it runs, and if the process dies (SIGKILL, OOM) every job it
@@ -35,7 +37,13 @@ from app import queues
 from app.redis_client import connect
 from app.settings import Settings
 from workers import context
-from workers.rq_overrides import ServiceJob, ServiceQueue, ServiceWorker, ThreadWorker
+from workers.rq_overrides import (
+    SchedulerThread,
+    ServiceJob,
+    ServiceQueue,
+    ServiceWorker,
+    ThreadWorker,
+)
 
 log = logging.getLogger("gpu_orchestrator.worker")
 
@@ -171,6 +179,7 @@ def run(settings: Settings, burst: bool = False) -> int:
     # matters, so RQ's are shown from WARNING up unless DEBUG is asked for.
     rq_level = "DEBUG" if settings.logging.level == "DEBUG" else "WARNING"
     slots: DeliverySlots | None = None
+    scheduler: SchedulerThread | None = None
     stopping = threading.Event()
 
     def stop_before_rq(signum, frame):
@@ -185,6 +194,20 @@ def run(settings: Settings, burst: bool = False) -> int:
                 signal.signal(signal.SIGTERM, stop_before_rq)
                 signal.signal(signal.SIGINT, stop_before_rq)
                 worker = build(settings, url)
+                if scheduler is None:
+                    scheduler = SchedulerThread(
+                        worker.queues,
+                        worker.connection,
+                        serializer=queues.SERIALIZER,
+                        logging_level=rq_level,
+                    )
+                    if burst:  # due jobs run in this burst too
+                        try:
+                            scheduler.run_burst()
+                        except RedisError as exc:
+                            log.warning("scheduler pass failed: %s", exc)
+                    else:
+                        scheduler.start()
                 if slots is None:
                     slots = DeliverySlots(
                         settings, settings.webhooks.concurrency - 1, rq_level, burst
@@ -196,7 +219,7 @@ def run(settings: Settings, burst: bool = False) -> int:
                     settings.webhooks.concurrency,
                 )
                 try:
-                    worker.work(burst=burst, with_scheduler=True, logging_level=rq_level)
+                    worker.work(burst=burst, logging_level=rq_level)
                 except RedisError as exc:  # RQ's teardown could not reach Redis either
                     log.warning("worker %s: Redis error on the way out: %s", worker.name, exc)
                 if burst or stopping.is_set() or worker.stop_requested:
@@ -215,6 +238,8 @@ def run(settings: Settings, burst: bool = False) -> int:
     finally:
         if slots is not None:
             slots.stop(settings.webhooks.timeout + 5)
+        if scheduler is not None:
+            scheduler.stop()
         if embedded:
             embedded.stop()
     return 0
