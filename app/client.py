@@ -32,7 +32,7 @@ the message, the details and ``retry_after`` from the response)::
     │   ├── TooManyRequests     429 (any code)
     │   │   └── QueueFull       429 queue_full
     │   ├── ServerError         5xx
-    │   │   └── Unavailable     503 unavailable (Redis down)
+    │   │   └── Unavailable     503 unavailable (Redis down), engine_upgrading (rolling upgrade)
     ├── ConnectionFailed        the API could not be reached (after the retries)
     ├── WaitTimeout             ``wait`` ran out; ``.allocation`` is the request, still queued
     └── NotGranted              the request ended without GPUs (cancelled, timed out)
@@ -187,6 +187,7 @@ _BY_CODE: dict[str, type[ApiError]] = {
     "queue_full": QueueFull,
     "too_many_requests": TooManyRequests,
     "unavailable": Unavailable,
+    "engine_upgrading": Unavailable,
 }
 _BY_STATUS: dict[int, type[ApiError]] = {
     401: Unauthorized,

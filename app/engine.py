@@ -39,6 +39,7 @@ from redis.exceptions import ResponseError
 
 from app.errors import (
     Conflict,
+    EngineUpgrading,
     Forbidden,
     NotFound,
     OrchestratorError,
@@ -271,6 +272,21 @@ def library_source(extra: tuple[tuple[str, str], ...] = (), name: str = LIBRARY)
     code = "\n".join(parts)
     version = hashlib.sha1(code.encode()).hexdigest()[:16]
     return version, f"#!lua name={name}\nlocal VERSION = '{version}'\n{code}\n"
+
+
+def _upgrading(function: str, ours: str, found: Any) -> EngineUpgrading:
+    """Our library was loaded, and another release's replaced it again before the retry: a
+    rolling upgrade, replicas of two releases calling one Redis. The call ran nothing."""
+    return EngineUpgrading(
+        "the engine's Redis Functions library is being replaced by another version (a rolling "
+        "upgrade: replicas of two releases share this Redis); nothing was applied, retry",
+        details={
+            "function": function,
+            "library_version": ours,
+            "server_version": found if isinstance(found, str) else None,
+            "retry_after": EngineUpgrading.retry_after,
+        },
+    )
 
 
 def _not_found(what: str, ident: str, detail: Any = None) -> OrchestratorError:
@@ -715,18 +731,19 @@ class Engine:
                 else:
                     res = self.redis.execute_command(*command)
             except ResponseError as exc:
-                if attempt or "function not found" not in str(exc).lower():
+                if "function not found" not in str(exc).lower():
                     raise
+                if attempt:  # replaced by a release without this function since our load
+                    raise _upgrading(name, version, None) from None
                 self.load_library()
                 continue
-            if isinstance(res, list) and len(res) == 2 and res[0] == _STALE and not attempt:
+            if isinstance(res, list) and len(res) == 2 and res[0] == _STALE:
+                if attempt:  # another release loaded its version again since our load
+                    raise _upgrading(name, version, res[1])
                 self.load_library()
                 continue
             return res
-        raise OrchestratorError(
-            "the engine's Redis Functions library was replaced by "
-            "another version while this call ran; retry"
-        )
+        raise AssertionError("unreachable")
 
     def _run(self, name: str, *args, ctx: dict | None = None):
         now = "" if self.clock is None else repr(float(self.clock()))

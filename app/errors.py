@@ -14,6 +14,7 @@
     ├── QueueFull (429, queue_full)
     │   └── OwnerQueueFull (429, owner_queue_full)
     └── Unavailable (503, unavailable)
+        └── EngineUpgrading (503, engine_upgrading)
 
 The API's app-wide handler turns any of them into
 ``{"error": {"code", "message", "details"}}`` with the status; the engine maps each Lua error
@@ -86,3 +87,12 @@ class OwnerQueueFull(QueueFull):
 class Unavailable(OrchestratorError):
     status, code = 503, "unavailable"
     retry_after = 2
+
+
+class EngineUpgrading(Unavailable):
+    """The engine's Redis Functions library was replaced by another version while the call ran
+    (replicas of two releases share one Redis during a rolling upgrade). Nothing was applied;
+    the client should retry after ``Retry-After``."""
+
+    code = "engine_upgrading"
+    retry_after = 1
