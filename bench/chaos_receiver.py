@@ -3,6 +3,14 @@
 Modes: ``up`` (answer 200 and record), ``error`` (answer 500, record the attempt as failed) and
 ``down`` (the listening socket is closed: connections are refused). Going from ``down`` back to
 another mode listens again on the same port, so the URLs the service holds stay valid.
+
+Its URL carries a random token (``http://127.0.0.1:<port>/<token>``). Several chaos runs share a
+machine (the test suites of parallel branches, each with its own webhook secret), and a port one
+run's receiver gave up (``down``, or its run ended) can be handed to another run's receiver while
+the first run's workers still retry deliveries to it: those arrive signed with the other run's
+secret. Before the token they were recorded as deliveries with bad signatures (one chaos run
+failed on ``webhook_bad_signatures: 1``). Now a request outside the token answers 404 and is
+counted in ``foreign``, apart from this run's deliveries, whose signatures are all checked.
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import secrets
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,6 +41,9 @@ class WebhookReceiver:
         self.delay = 0.0  # seconds each answer waits (to catch a worker inside a job)
         self.deliveries: list[dict[str, Any]] = []
         self.failed_attempts = 0
+        self.token = secrets.token_hex(8)
+        self.foreign_requests = 0  # requests outside the token: another sender's
+        self.foreign: list[dict[str, Any]] = []  # the first 100 of them, for the report
         self._lock = threading.Lock()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -40,7 +52,7 @@ class WebhookReceiver:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"http://{self.host}:{self.port}/{self.token}"
 
     def _handler(self):
         receiver = self
@@ -54,6 +66,12 @@ class WebhookReceiver:
             def do_POST(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length)
+                if self.path.split("/")[1:2] != [receiver.token]:
+                    receiver._foreign(self.path, dict(self.headers), body)
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if receiver.delay:
                     time.sleep(receiver.delay)
                 status = 500 if receiver.mode == "error" else 200
@@ -130,6 +148,20 @@ class WebhookReceiver:
                 self.failed_attempts += 1
             else:
                 self.deliveries.append(entry)
+
+    def _foreign(self, path: str, headers: dict[str, str], body: bytes) -> None:
+        """Keep a few for the report (no signature header: it is another run's secret's)."""
+        with self._lock:
+            self.foreign_requests += 1
+            if len(self.foreign) < 100:
+                self.foreign.append(
+                    {
+                        "t": time.time(),
+                        "path": path,
+                        "user_agent": headers.get("User-Agent", ""),
+                        "bytes": len(body),
+                    }
+                )
 
     def delivered(self) -> list[dict[str, Any]]:
         with self._lock:

@@ -274,6 +274,15 @@ def test_receiver_records_fails_and_goes_down():
             ).status_code
             == 200
         )
+        # Another run's worker retrying to a port this receiver now holds: signed with that
+        # run's secret, outside this run's token. Answered 404, kept apart from deliveries.
+        foreign = requests.post(
+            f"http://127.0.0.1:{receiver.port}/c0",
+            data=body,
+            headers=dict(headers, **{"X-GPU-Orchestrator-Signature": "sha256=other-secret"}),
+        )
+        assert foreign.status_code == 404
+        assert receiver.foreign_requests == 1 and receiver.foreign[0]["path"] == "/c0"
         got = receiver.delivered()
         assert [d["signature_ok"] for d in got] == [True, False]
         assert got[0]["event_id"] == "e" and receiver.failed_attempts == 1
