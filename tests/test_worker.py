@@ -113,8 +113,11 @@ def _children(pid: int) -> list[int]:
     """Live child processes of ``pid`` (Linux /proc)."""
     found = []
     for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as fh:
-            found += [int(c) for c in fh.read().split()]
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as fh:
+                found += [int(c) for c in fh.read().split()]
+        except FileNotFoundError:
+            continue  # a thread that ended meanwhile (a job's heartbeat thread)
     return found
 
 

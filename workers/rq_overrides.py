@@ -29,7 +29,7 @@ import threading
 import time
 from datetime import timedelta
 
-from redis.exceptions import WatchError
+from redis.exceptions import RedisError, WatchError
 from rq import Queue, SimpleWorker, worker_registration
 from rq.cron import CronJob, CronScheduler
 from rq.exceptions import StopRequested
@@ -485,7 +485,9 @@ class SchedulerThread:
                     scheduler.register_birth()
                     born = True
                 self.run_once()
-            except Exception:  # noqa: BLE001 - Redis away, a bad job: the next pass retries
+            except RedisError as exc:  # Redis away or restarting: one line, no traceback
+                log.warning("scheduler %s: Redis error (%s); retrying", scheduler.name, exc)
+            except Exception:  # noqa: BLE001 - this thread must keep moving due jobs
                 log.warning("scheduler %s: pass failed; retrying", scheduler.name, exc_info=True)
             self._stop.wait(scheduler.interval)
         try:
