@@ -620,3 +620,76 @@ def test_concurrent_allocate_release_keeps_the_invariants(redis_url, settings):
     check_invariants(engine, setup, engine.now())
     assert engine.counts()["gpus_allocated"] == 0
     setup.close()
+
+
+# --------------------------------------------------------------------------- ETA (issue 14)
+
+
+def eta_lower_bound(view, rec) -> float:
+    """The earliest a queued request can start by the lease ends in its way, written plainly:
+    every live dependency's lease end, and on some allowed node the k-th earliest time a GPU
+    that could ever hold it is free (now when nothing holds it, else its holders' lease ends;
+    a shared request may join shared holders)."""
+    import fnmatch
+    import math
+
+    now = view["now"]
+    held: dict = {}
+    ends = {}
+    shared = rec.get("sharing") == "shared"
+    for a in view["wait"]["held"]:
+        end = a["expires_at"] if a["expires_at"] is not None else math.inf
+        ends[a["id"]] = end
+        if shared and a.get("sharing") == "shared":
+            continue
+        for idx in a["gpu_ids"] or []:
+            held.setdefault((a["node"], int(idx)), []).append(end)
+    bound = max([now] + [ends[d] for d in rec.get("depends_on") or [] if d in ends])
+    k = 1 if shared else int(rec["required_gpus"])
+    allowed = set(rec.get("nodes") or []) or None
+    glob = (rec.get("gpu_model") or "*").lower()
+    per_node: dict = {}
+    for g in view["gpus"]:
+        if not g["schedulable"] or g["memory_total_mb"] < float(rec["min_memory_mb"] or 0):
+            continue
+        if allowed is not None and g["node"] not in allowed:
+            continue
+        if not fnmatch.fnmatchcase(str(g["name"]).lower(), glob):
+            continue
+        per_node.setdefault(g["node"], []).append(max(held.get((g["node"], g["index"])) or [now]))
+    best = min((sorted(t)[k - 1] for t in per_node.values() if len(t) >= k), default=math.inf)
+    return max(bound, best)
+
+
+class EtaMachine(EngineMachine):
+    """Every step of the engine's random operations (renewals, cancels, cordons, silent nodes,
+    dependencies, shared requests): no queued request's ETA is earlier than the lease ends it
+    depends on."""
+
+    @invariant()
+    def no_eta_before_the_lease_ends_in_its_way(self):
+        from app import waiting
+
+        if not hasattr(self, "engine"):
+            return
+        view = self.engine.wait_view(waiting.MAX_SIMULATED)
+        out = waiting.explain(view, self.engine.settings.scheduler)
+        for rec in view["wait"]["queue"]:
+            w = out[rec["id"]]
+            assert w["reason"] in waiting.REASONS
+            if w["eta"] is not None:
+                assert w["eta"] >= eta_lower_bound(view, rec) - 1e-6, (rec["id"], w)
+
+
+def test_no_eta_is_earlier_than_the_lease_ends_in_its_way(redis, settings):
+    EtaMachine.redis = redis
+    EtaMachine.settings = settings
+    run_state_machine_as_test(
+        EtaMachine,
+        settings=hyp_settings(
+            max_examples=15,
+            stateful_step_count=40,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+        ),
+    )
