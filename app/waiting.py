@@ -154,6 +154,11 @@ class _Req:
         return self.model is None or fnmatch.fnmatchcase(g.name, self.model)
 
 
+def _backfills(r: _Req, t: float, start: float) -> bool:
+    """The engine's backfill: an exclusive request whose lease ends by the reserved start."""
+    return not r.shared and r.lease < INF and start < INF and t + r.lease <= start
+
+
 class _Sim:
     """The fleet on a simulated timeline: which GPU is held until when."""
 
@@ -219,8 +224,8 @@ class _Sim:
         if b is None:
             return False
         start, spare = b
-        if r.lease < INF and start < INF and t + r.lease <= start:
-            return False  # backfill: free again by the reserved start
+        if _backfills(r, t, start):
+            return False  # free again by the reserved start
         return spare < r.k
 
     def place(self, r: _Req, t: float, blocked: dict) -> tuple[str, list[_Gpu]] | None:
@@ -370,8 +375,9 @@ def explain(
     seen: set[str] = set()
     for rank, r in enumerate(head, 1):
         reasons[r.id] = _reason(sim, r, now, blocked_now)
-        if reasons[r.id] in ("capacity", "reservation"):
-            _maybe_reserve(sim, r, now, blocked_now, seen, rank)
+        if reasons[r.id] != "priority":
+            eligible = reasons[r.id] in ("capacity", "reservation")
+            _maybe_reserve(sim, r, now, blocked_now, seen, rank, eligible)
     for rid, rec in targets.items():
         if rid not in reasons and rid not in damaged:
             try:
@@ -403,16 +409,19 @@ def _reason(sim: _Sim, r: _Req, now: float, blocked: dict) -> str:
     return "priority"
 
 
-def _maybe_reserve(sim: _Sim, r: _Req, t: float, blocked: dict, seen: set, rank: int) -> None:
+def _maybe_reserve(
+    sim: _Sim, r: _Req, t: float, blocked: dict, seen: set, rank: int, eligible: bool = True
+) -> None:
     """The engine's reservation rule: a request that holds one keeps it; each tenant's first
-    eligible exclusive request that does not fit reserves; so does one waiting long. As in
-    the engine, once one finds no node to reserve, no other reserves in that pass."""
+    request not placed is its head, and reserves when it is exclusive and eligible; so does
+    one waiting long. As in the engine, once one finds no node to reserve, no other reserves
+    in that pass."""
     if sim.policy == "strict_fifo":
         return
     head = False
-    if rank <= HEAD_SCAN and not r.shared and r.tenant not in seen:
+    if rank <= HEAD_SCAN and r.tenant not in seen:
         seen.add(r.tenant)
-        head = True
+        head = eligible and not r.shared
     if r.reserved:
         sim.reserve(r, t, blocked)
     elif (head or t - r.submitted >= sim.res_after) and None not in seen:
@@ -465,7 +474,8 @@ def _walk(sim: _Sim, head: list[_Req], eta: dict[str, float | None]) -> None:
             if placed is not None:
                 node, chosen = placed
                 b = blocked.get(node)
-                if b is not None and not (r.lease < INF and t + r.lease <= b[0]):
+                joins = r.shared and any(end > t for end, _ in chosen[0].shared)
+                if b is not None and not _backfills(r, t, b[0]) and not joins:
                     blocked[node] = (b[0], b[1] - r.k)
                 sim.grant(r, node, chosen, t)
                 max_free = sim.max_free(t)
@@ -477,8 +487,8 @@ def _walk(sim: _Sim, head: list[_Req], eta: dict[str, float | None]) -> None:
             left.append(r)
             if strict:
                 stop = True
-            elif done:
-                _maybe_reserve(sim, r, t, blocked, seen, rank)
+            else:
+                _maybe_reserve(sim, r, t, blocked, seen, rank, bool(done))
         waiting = left
         if not waiting or steps > MAX_STEPS:
             break

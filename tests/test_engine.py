@@ -738,6 +738,24 @@ def test_a_queued_request_without_expiry_is_still_granted(make_engine):
     assert status(engine, endless["id"]) == "allocated"
 
 
+def test_the_next_head_reserves_when_its_tenants_head_leaves(make_engine, clock):
+    """A tenant's head is cancelled while nothing fits (the pass does not walk): the tenant's
+    next request, its new head, reserves in that same pass, so small requests cannot take the
+    GPUs it waits for meanwhile."""
+    engine = make_engine(aging_rate=0)
+    engine.report_node("a", gpu_list(2))
+    engine.report_node("b", gpu_list(2))
+    engine.allocate(req(required_gpus=2, ttl_seconds=100))
+    engine.allocate(req(ttl_seconds=200))
+    engine.allocate(req(ttl_seconds=300))
+    first = engine.allocate(req(service="t", required_gpus=2))
+    second = engine.allocate(req(service="t", required_gpus=2))
+    assert engine.get(first["id"])["reserved_node"] == "a"
+    assert engine.get(second["id"])["reserved_node"] is None  # not its tenant's head yet
+    engine.cancel(first["id"])
+    assert engine.get(second["id"])["reserved_node"] == "a"
+
+
 def test_spare_gpus_of_a_reserved_node_go_to_anyone(make_engine):
     """A node has more GPUs free by the reserved start than the reserved request needs: the
     spare ones are not held back, whatever the lease."""

@@ -13,12 +13,14 @@
     * in the walk, a demand shape that failed is not tried again (capacity only shrinks).
   ]]
   -- reservations one full pass may make, and how deep in the queue it looks for tenants' heads
-  local MAX_NEW_RES, HEAD_SCAN = 8, 500
+  -- (HEAD_SCAN), and how far past the point where a walk stopped (SWEEP)
+  local MAX_NEW_RES, HEAD_SCAN, SWEEP = 8, 500, 100
 
   -- The new request of an allocate reserves after its queued event (reserve_new), when the
   -- walk found it its tenant's head (or long-waiting); new_wants: nil when no walk saw it.
-  -- A tenant's head is its first eligible exclusive request that does not fit: a shared one
-  -- waits for memory on any GPU and holds no node back (unless it waited reservation_after).
+  -- A tenant's head is its first queued request a pass does not place; it reserves when it is
+  -- exclusive and its dependencies are done (a shared one waits for memory on any GPU and
+  -- holds no node back, unless it waited reservation_after).
   local new_wants = nil
 
   -- allocate, after the queued event: the new request reserves when it is its tenant's head
@@ -68,18 +70,71 @@
     end
     redis.call('HSET', K_META, 'passver', capver)
     stat('sched|passes')
-    if nothing_fits() then return granted end
     local blocked, failed, fail_lease = {}, {}, {}
-    local maxfree, maxshared = top_score(K_FREE), top_score(K_SHARED)
     local may_reserve = RES_AFTER >= 0 and POLICY ~= 'strict_fifo'
     local new_reservations, head_seen = 0, {}
     local reserved_by, due, possible = {}, {}, {}
-    local res = redis.call('HGETALL', K_RES)
-    for i = 1, #res, 2 do reserved_by[res[i + 1]] = res[i] end
+    -- tenants with queued requests whose head this pass has not met yet
+    local tenants_left = may_reserve and redis.call('HLEN', K_QOWNERS) or 0
     if may_reserve then
+      local res = redis.call('HGETALL', K_RES)
+      for i = 1, #res, 2 do reserved_by[res[i + 1]] = res[i] end
       local waited = redis.call('ZRANGEBYSCORE', K_QUNRES, '-inf', ftime(NOW - RES_AFTER))
       for _, id in ipairs(waited) do due[id] = true end
     end
+
+    -- A queued request the pass did not place (r: it, when read; eligible: its dependencies
+    -- are done; rank: its place in the queue now). The first one of each tenant is the
+    -- tenant's head: when it is an eligible exclusive request it reserves; so does one that
+    -- waited reservation_after. Its reserved node is held back from the requests after it.
+    local function consider(id, r, eligible, rank)
+      local rn = reserved_by[id]
+      local want = due[id]
+      if tenants_left > 0 and rank <= HEAD_SCAN then
+        if r == nil then
+          r = load_req(id)
+          eligible = r ~= nil and deps_done(r)
+        end
+        if r then
+          local t = tenant_of(r)
+          if not head_seen[t] then
+            head_seen[t] = true
+            tenants_left = tenants_left - 1
+            if eligible and r.sharing ~= 'shared' then want = true end
+          end
+        end
+      end
+      if id == new_id then
+        -- reserved by allocate after its queued event (reserve_new)
+        new_wants = want and true or false
+        want = false
+      end
+      if not rn and want and may_reserve and new_reservations < MAX_NEW_RES then
+        r = r or load_req(id)
+        if r then
+          rn = reserve(r, blocked)
+          if rn == '' then may_reserve = false else new_reservations = new_reservations + 1 end
+        end
+      end
+      if rn and rn ~= '' then blocked[rn] = {id = id, r = r} end
+    end
+
+    -- When the walk stops early because nothing fits any more, the heads it did not reach
+    -- still reserve: the first SWEEP ranks from `from`, until every tenant's head was met.
+    local function sweep(from)
+      if not may_reserve or tenants_left <= 0 or from >= SWEEP then return end
+      local ids = redis.call('ZRANGE', K_QUEUE, from, SWEEP - 1)
+      for i, id in ipairs(ids) do
+        if tenants_left <= 0 then break end
+        consider(id, nil, nil, from + i)
+      end
+    end
+
+    if nothing_fits() then
+      sweep(0)
+      return granted
+    end
+    local maxfree, maxshared = top_score(K_FREE), top_score(K_SHARED)
     local offset = 0
     while true do
       local ids = redis.call('ZRANGE', K_QUEUE, offset, offset + 499)
@@ -116,7 +171,7 @@
             if eligible and rl < (fail_lease[sig] or math.huge) then
               local node, chosen = place(r, blocked)
               if node then
-                took(r, node, blocked)
+                took(r, node, blocked, chosen)
                 grant(r, node, chosen, true, id ~= new_id)
                 granted[#granted + 1] = id
                 placed = true
@@ -132,42 +187,17 @@
           end
           if not placed then
             if POLICY == 'strict_fifo' then return granted end
-            local rn = reserved_by[id]
-            local want = due[id]
-            if may_reserve and offset + i <= HEAD_SCAN then
-              -- each tenant's first eligible request that cannot fit is its head: it reserves
-              if r == nil then
-                r = load_req(id)
-                eligible = r ~= nil and deps_done(r)
-              end
-              if eligible and r.sharing ~= 'shared' then
-                local t = tenant_of(r)
-                if not head_seen[t] then
-                  head_seen[t] = true
-                  want = true
-                end
-              end
-            end
-            if id == new_id then
-              -- reserved by allocate after its queued event (reserve_new)
-              new_wants = want and true or false
-              want = false
-            end
-            if not rn and want and may_reserve and new_reservations < MAX_NEW_RES then
-              r = r or load_req(id)
-              if r then
-                rn = reserve(r, blocked)
-                if rn == '' then may_reserve = false else new_reservations = new_reservations + 1 end
-              end
-            end
-            if rn and rn ~= '' then blocked[rn] = {id = id, r = r} end
+            consider(id, r, eligible, offset + i - removed)
           end
         end
       end
       dequeue_flush()
       dq_ids = {}
       if removed > 0 then
-        if nothing_fits() then break end
+        if nothing_fits() then
+          sweep(offset + #ids - removed)
+          break
+        end
         maxfree, maxshared = top_score(K_FREE), top_score(K_SHARED)
         possible = {}
       end

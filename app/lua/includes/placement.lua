@@ -123,8 +123,9 @@ end
 --[[
   Reservations and backfill (see includes/reservations.lua for who reserves). A node reserved
   for a request ranked ahead is held back from the requests behind it, with two exceptions:
-  * backfill on lease end: a request whose lease ends by the reserved start (NOW + lease <=
-    start) may use the node's GPUs; they are free again when the reserved request needs them;
+  * backfill on lease end: an exclusive request whose lease ends by the reserved start (NOW +
+    lease <= start) may use the node's GPUs; they are free again when the reserved request
+    needs them;
   * spare GPUs: GPUs the node will have free by the reserved start beyond the k the reserved
     request needs may go to anyone.
   node_start(r, node): the reserved start on one node: the k-th earliest time a qualifying GPU
@@ -167,6 +168,14 @@ end
 -- and spare are worked out on first use. held_hit: a node was held back from the last place()
 -- (its failure then depends on the lease, not only on the shape).
 local held_hit = false
+
+-- Backfill: an exclusive request whose lease ends by the reserved start. Not a shared one:
+-- the reservations count a GPU with shared holders as never free (their leases are not
+-- indexed by GPU), so a shared backfill would move the start it was judged against.
+local function backfills(r, b)
+  return r.sharing ~= 'shared' and r.lease >= 0 and b.t < NEVER and NOW + r.lease <= b.t
+end
+
 local function held_back(r, node, blocked)
   local b = blocked[node]
   if not b then return false end
@@ -176,17 +185,24 @@ local function held_back(r, node, blocked)
     if holder then t, spare = node_start(holder, node) end
     b.t, b.spare = t or NEVER, spare or 0
   end
-  if r.lease >= 0 and b.t < NEVER and NOW + r.lease <= b.t then return false end
+  if backfills(r, b) then return false end
   if b.spare >= (r.sharing == 'shared' and 1 or r.k) then return false end
   held_hit = true
   return true
 end
 
--- After a grant on a node another request reserved: GPUs kept past the start use its spare.
-local function took(r, node, blocked)
+-- Before a grant on a node another request reserved: GPUs kept past the start use its spare
+-- (a shared request joining shared holders takes nothing: that GPU already counted as never).
+local function took(r, node, blocked, chosen)
   local b = blocked[node]
-  if b and b.t and not (r.lease >= 0 and b.t < NEVER and NOW + r.lease <= b.t) then
-    b.spare = b.spare - (r.sharing == 'shared' and 1 or r.k)
+  if b and b.t and not backfills(r, b) then
+    if r.sharing == 'shared' then
+      if (tonumber(redis.call('HGET', k_gpu(node, chosen[1].idx), 'shared_n')) or 0) == 0 then
+        b.spare = b.spare - 1
+      end
+    else
+      b.spare = b.spare - r.k
+    end
   end
 end
 
