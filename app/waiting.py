@@ -179,6 +179,7 @@ class _Sim:
         #: request id -> when it ends (live allocations, then simulated grants)
         self.ends: dict[str, float] = {}
         self.held_by_tenant: dict[str, int] = {}
+        self.holds: list[tuple[float, str, int]] = []  # (lease end, tenant, GPUs)
         wait = snap.get("wait") or {}
         for a in wait.get("held", []):
             end = a.get("expires_at")
@@ -190,11 +191,16 @@ class _Sim:
                 continue  # a damaged record: the GPUs it names cannot be told
             t = tenant_of(a)
             self.held_by_tenant[t] = self.held_by_tenant.get(t, 0) + len(a.get("gpu_ids") or [])
+            self.holds.append((end, t, len(a.get("gpu_ids") or [])))
         #: status of dependencies that are neither live nor in the simulated head
         self.dep_status: dict[str, str | None] = dict(wait.get("deps") or {})
         #: queued requests of the simulated head not granted yet, and the reserved nodes
         self.pending: set[str] = set()
         self.reserved_nodes: set[str] = set()
+        #: tenants.fair_share: tenant -> [decayed usage (GPU-seconds), weight], the half-life
+        #: and the default weight; None: the queue's own order
+        self.fair: dict[str, list[float]] | None = None
+        self.half_life, self.default_weight, self.fair_at = 3600.0, 1.0, self.now
 
     def _hold(self, node: str, gpu_ids, rec, end: float) -> None:
         for idx in gpu_ids:
@@ -285,6 +291,7 @@ class _Sim:
                 g.excl = end
         self.ends[r.id] = end
         self.held_by_tenant[r.tenant] = self.held_by_tenant.get(r.tenant, 0) + r.k
+        self.holds.append((end, r.tenant, r.k))
 
     def max_free(self, t: float) -> int:
         """The most GPUs free for an exclusive request on one node at t."""
@@ -334,6 +341,27 @@ class _Sim:
                 return None
         return True
 
+    def share(self, tenant: str) -> float:
+        u, w = (self.fair or {}).get(tenant, (0.0, self.default_weight))
+        return (u / 3600.0 + self.held_by_tenant.get(tenant, 0)) / (w or 1.0)
+
+    def accrue(self, t: float) -> None:
+        """Time moves to t: what ended no longer counts as held; with fair share, usage
+        decays and grows with what each tenant held."""
+        if t <= self.fair_at:
+            return
+        if self.fair is not None:
+            d = 2.0 ** (-(t - self.fair_at) / self.half_life)
+            for tenant in set(self.fair) | set(self.held_by_tenant):
+                u, w = self.fair.get(tenant, (0.0, self.default_weight))
+                held = self.held_by_tenant.get(tenant, 0)
+                self.fair[tenant] = [u * d + held * (1 - d) * self.half_life / math.log(2), w]
+        self.held_by_tenant = dict.fromkeys(self.held_by_tenant, 0)
+        for end, tenant, k in self.holds:
+            if end > t:
+                self.held_by_tenant[tenant] = self.held_by_tenant.get(tenant, 0) + k
+        self.fair_at = t
+
     def over_quota(self, r: _Req) -> bool:
         cap = self.limits(r.tenant) if self.limits else None
         return cap is not None and self.held_by_tenant.get(r.tenant, 0) + r.k > cap
@@ -345,13 +373,20 @@ def explain(
     *,
     records: list[dict[str, Any]] | None = None,
     limits=None,
+    fair: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """request id -> {"reason", "eta" (epoch seconds or None)} for every queued request that
     was simulated, of the page (``snap["queue"]``) and of ``records``. ``snap`` comes from
     ``Engine.snapshot(wait=n)``; ``sched`` is the scheduler settings (policy,
-    reservation_after); ``limits(tenant)`` gives a tenant's max_gpus (None: no cap)."""
+    reservation_after); ``limits(tenant)`` gives a tenant's max_gpus (None: no cap); ``fair``
+    (tenants.fair_share): {"tenants": {tenant: (decayed usage in GPU-seconds, weight)},
+    "half_life", "default_weight"} orders the simulation across tenants as the fair pass does."""
     wait = snap.get("wait") or {}
     sim = _Sim(snap, sched, limits)
+    if fair is not None:
+        sim.fair = {k: [float(u), float(w)] for k, (u, w) in fair["tenants"].items()}
+        sim.half_life = float(fair["half_life"])
+        sim.default_weight = float(fair["default_weight"])
     head = []
     damaged: set[str] = set()
     for rec in wait.get("queue", []):
@@ -440,26 +475,34 @@ def _walk(sim: _Sim, head: list[_Req], eta: dict[str, float | None]) -> None:
         seen: set = set()
         failed: set = set()
         fail_lease: dict = {}
-        left = []
         stop = False
         max_free = sim.max_free(t)
         walk = waiting
         if max_free == 0 and not any_shared and t > sim.now:
-            # nothing can fit (the engine's nothing_fits): on to the next lease end
-            left, walk = list(waiting), []
-        for rank, r in enumerate(walk, 1):
+            walk = []  # nothing can fit (the engine's nothing_fits): on to the next lease end
+
+        def attempt(
+            r: _Req,
+            rank: int,
+            t=t,
+            blocked=blocked,
+            seen=seen,
+            failed=failed,
+            fail_lease=fail_lease,
+        ) -> bool:
+            """The pass meets r: place it, or let it reserve. True when it was placed."""
+            nonlocal steps, stop, max_free
             if stop:
-                left.append(r)
-                continue
+                return False
             if r.deadline < t:
                 eta[r.id] = None  # times out first
                 sim.pending.discard(r.id)
-                continue
+                return False
             done = sim.deps_done(r, t)
             if done is None:
                 eta[r.id] = None
                 sim.pending.discard(r.id)
-                continue
+                return False
             placed = None
             if done and not sim.over_quota(r) and (r.shared or r.k <= max_free):
                 shortest = fail_lease.get(r.shape)
@@ -483,13 +526,19 @@ def _walk(sim: _Sim, head: list[_Req], eta: dict[str, float | None]) -> None:
                 if r.reserved:
                     sim.reserved_nodes.discard(r.reserved)
                 eta[r.id] = t
-                continue
-            left.append(r)
+                return True
             if strict:
                 stop = True
             else:
                 _maybe_reserve(sim, r, t, blocked, seen, rank, bool(done))
-        waiting = left
+            return False
+
+        if sim.fair is None:
+            for rank, r in enumerate(walk, 1):
+                attempt(r, rank)
+        else:
+            _fair_pass(sim, walk, t, attempt)
+        waiting = [r for r in waiting if r.id not in eta]
         if not waiting or steps > MAX_STEPS:
             break
         # the next time capacity appears: the earliest lease end after t
@@ -503,9 +552,31 @@ def _walk(sim: _Sim, head: list[_Req], eta: dict[str, float | None]) -> None:
                         nxt = end
         if nxt == INF:
             break  # only leases without expiry in the way: unknown
+        sim.accrue(nxt)
         t = nxt
     for r in waiting:
         eta.setdefault(r.id, None)
+
+
+def _fair_pass(sim: _Sim, walk: list[_Req], t: float, attempt) -> None:
+    """tenants.fair_share: the next grant goes to the tenant with the lowest (decayed usage in
+    GPU-hours + GPUs held) / weight that has a request that fits; within a tenant, queue order.
+    Simplified from the engine's fair pass: reservations follow queue order as in the walk."""
+    queues: dict[str, list[tuple[int, _Req]]] = {}
+    for rank, r in enumerate(walk, 1):
+        queues.setdefault(r.tenant, []).append((rank, r))
+    pos = dict.fromkeys(queues, 0)
+    active = set(queues)
+    while active:
+        tenant = min(active, key=lambda x: (sim.share(x), x))
+        got = False
+        q = queues[tenant]
+        while pos[tenant] < len(q) and not got:
+            rank, r = q[pos[tenant]]
+            pos[tenant] += 1
+            got = attempt(r, rank)
+        if not got:
+            active.discard(tenant)
 
 
 def tenant_limits(settings):
@@ -534,4 +605,21 @@ def annotate(engine, records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]
         engine.settings.scheduler,
         records=queued,
         limits=tenant_limits(engine.settings),
+        fair=fair_inputs(engine),
     )
+
+
+def fair_inputs(engine) -> dict[str, Any] | None:
+    """With tenants.fair_share on (and an engine that keeps tenants' usage): each tenant's
+    decayed usage and weight, for :func:`explain`'s fair order; None otherwise."""
+    tenants = getattr(engine.settings, "tenants", None)
+    if not getattr(tenants, "fair_share", False) or not hasattr(engine, "tenants"):
+        return None
+    rows = engine.tenants()
+    return {
+        "tenants": {
+            row["tenant"]: (row["usage_gpu_hours"] * 3600.0, row["weight"]) for row in rows
+        },
+        "half_life": tenants.usage_half_life,
+        "default_weight": tenants.default["weight"],
+    }

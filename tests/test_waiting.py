@@ -232,3 +232,41 @@ def test_the_heads_eta_is_its_real_grant_and_no_eta_beats_a_lease_end(redis, set
     got = engine.get(head["id"])
     assert got["status"] == "allocated"
     assert abs(got["allocated_at"] - eta) <= 2, (got["allocated_at"] - eta, sc)
+
+
+def test_fair_share_orders_the_simulation_across_tenants():
+    """tenants.fair_share: the next grant goes to the tenant with the lowest (usage + held) /
+    weight, whatever the queue's rank order says (one GPU, two tenants, B used it before)."""
+    now = 1_800_000_000.0
+    gpu = {"node": "a", "index": 0, "schedulable": True, "memory_total_mb": 80000,
+           "memory_free_mb": 80000, "utilization": 0.0, "name": "A100"}  # fmt: skip
+
+    def queued(rid, tenant):
+        return {"id": rid, "status": "queued", "tenant": tenant, "required_gpus": 1,
+                "sharing": "exclusive", "lease_seconds": 100.0, "submitted_at": now,
+                "queue_timeout_seconds": 3600.0}  # fmt: skip
+
+    view = {
+        "now": now,
+        "gpus": [gpu],
+        "wait": {
+            "held": [
+                {
+                    "id": "h",
+                    "node": "a",
+                    "gpu_ids": [0],
+                    "sharing": "exclusive",
+                    "expires_at": now + 100,
+                    "tenant": "C",
+                }
+            ],  # fmt: skip
+            "queue": [queued("b1", "B"), queued("a1", "A")],
+            "deps": {},
+        },
+    }
+    ranked = waiting.explain(view)
+    assert (ranked["b1"]["eta"], ranked["a1"]["eta"]) == (now + 100, now + 200)
+    fair = {"tenants": {"A": (0.0, 3.0), "B": (3600.0, 1.0)}, "half_life": 3600.0,
+            "default_weight": 1.0}  # fmt: skip
+    shared_out = waiting.explain(view, fair=fair)
+    assert (shared_out["a1"]["eta"], shared_out["b1"]["eta"]) == (now + 100, now + 200)
