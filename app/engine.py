@@ -50,6 +50,7 @@ from app.errors import (
     ValidationFailed,
 )
 from app.keys import Keys
+from app.record import _pairs, lua_tables, parse_record, stored
 from app.replication import write_acked
 from app.settings import tenant_key, tenant_quotas
 
@@ -114,7 +115,10 @@ FIXED_KEYS = (
     "K_TENANTS",
     "K_TQUEUED",
 )
-#: Settings, passed as ARGV[4..] in this order: (Lua name, converted with tonumber).
+#: Settings, passed joined by newlines as ARGV[4] in this order: (Lua name, converted with
+#: tonumber). The library keeps the last string it parsed, so a call whose settings did not
+#: change costs one string comparison (measured: eleven arguments cost ~11k server
+#: instructions per call, and their parsing as many again).
 SETTINGS = (
     ("POLICY", False),
     ("AGING", True),
@@ -134,9 +138,9 @@ SETTINGS = (
     ("PREEMPT", False),
     ("PREEMPT_GRACE", True),
 )
-#: ARGV[1] now, ARGV[2] version, ARGV[3] prefix, then the settings; a function's own
+#: ARGV[1] now, ARGV[2] version, ARGV[3] prefix, ARGV[4] the settings; a function's own
 #: arguments start at ARGV[ARGS_AT + 1].
-ARGS_AT = 3 + len(SETTINGS)
+ARGS_AT = 4
 #: Key builders (Lua head -> the Keys method and its arguments' placeholders).
 _BUILDERS = (
     ("k_node(n)", "node", 1),
@@ -230,8 +234,15 @@ def _bind() -> str:
     """The lines of begin_call that bind the fixed keys and the settings of this call."""
     lines = [f"  {name} = keys[{i}]" for i, name in enumerate(FIXED_KEYS, 1)]
     lines.append("  P = argv[3]")
-    for i, (name, numeric) in enumerate(SETTINGS, 4):
-        lines.append(f"  {name} = tonumber(argv[{i}])" if numeric else f"  {name} = argv[{i}]")
+    lines.append("  if argv[4] ~= SETTINGS_RAW then")
+    lines.append("    SETTINGS_RAW = argv[4]")
+    lines.append("    local v = {}")
+    lines.append(
+        "    for x in string.gmatch(SETTINGS_RAW .. '\\n', '([^\\n]*)\\n') do v[#v + 1] = x end"
+    )
+    for i, (name, numeric) in enumerate(SETTINGS, 1):
+        lines.append(f"    {name} = tonumber(v[{i}])" if numeric else f"    {name} = v[{i}]")
+    lines.append("  end")
     return "\n".join(lines)
 
 
@@ -240,10 +251,10 @@ def library_source(extra: tuple[tuple[str, str], ...] = (), name: str = LIBRARY)
     """(version, source) of the Functions library: the includes once, then one function per
     script (``extra``: more (name, body) pairs, for tests). The version is a hash of the
     source; every call passes it, so a server holding another version is found at once."""
-    names = ", ".join(FIXED_KEYS + tuple(n for n, _ in SETTINGS))
+    names = ", ".join(FIXED_KEYS + tuple(n for n, _ in SETTINGS) + ("SETTINGS_RAW",))
     constants = (
         f"local P, {names}\nlocal MAX_LEASE = {_lua_num(MAX_LEASE_SECONDS)}\n"
-        f"local A = {ARGS_AT}\n{_builders()}"
+        f"local A = {ARGS_AT}\n{_builders()}\n{lua_tables()}"
     )
     parts = []
     for inc in INCLUDES:
@@ -497,112 +508,7 @@ def gpu_model_pattern(glob: str) -> str:
 
 
 # --------------------------------------------------------------------------- records
-
-_INT_FIELDS = ("priority", "required_gpus", "min_memory_mb", "max_memory_mb")
-_FLOAT_FIELDS = (
-    "max_utilization",
-    "submitted_at",
-    "allocated_at",
-    "released_at",
-    "ended_at",
-    "wait_time_seconds",
-    "renewed_at",
-    "queue_timeout_seconds",
-)
-_OPT_FLOAT_FIELDS = ("ttl_seconds", "estimated_duration_seconds", "expires_at", "lease_seconds")
-_JSON_FIELDS = ("preferred_gpus", "webhook_events", "depends_on", "gpu_ids", "gpu_uuids", "nodes")
-_OPT_STR_FIELDS = (
-    "owner",
-    "webhook_url",
-    "node",
-    "reserved_node",
-    "gpu_model",
-    "reason",
-    "failed_dependency",
-)
-
-
-def _pairs(flat: list) -> dict:
-    return dict(zip(flat[0::2], flat[1::2]))
-
-
-def _to_int(value: str) -> int | None:
-    try:
-        return int(value)
-    except ValueError:
-        return int(_finite(float(value)))
-
-
-def _finite(x: float) -> float:
-    if not math.isfinite(x):
-        raise ValueError(x)
-    return x
-
-
-def _to_float(value: str) -> float | None:
-    return _finite(float(value)) if value != "" else None
-
-
-def _to_opt_float(value: str) -> float | None:
-    return _finite(float(value)) if value not in ("", "-1") else None
-
-
-def _to_json(value: str) -> Any:
-    if value == "[]":  # most list fields: skip the decoder
-        return []
-    parsed = json.loads(value) if value else None
-    return [] if parsed == {} else parsed
-
-
-def _to_json_data(value: str) -> Any:
-    if value == "{}":  # no workload data: skip the decoder
-        return {}
-    return json.loads(value) if value else None
-
-
-def _to_opt_str(value: str) -> str | None:
-    return value or None
-
-
-#: Stored field -> converter to the API type (fields not named here stay strings).
-_CONVERT: dict[str, Callable[[str], Any]] = {
-    **{key: _to_int for key in _INT_FIELDS},
-    **{key: _to_float for key in _FLOAT_FIELDS},
-    **{key: _to_opt_float for key in _OPT_FLOAT_FIELDS},
-    **{key: _to_json for key in _JSON_FIELDS},
-    "workload_data": _to_json_data,
-    **{key: _to_opt_str for key in _OPT_STR_FIELDS},
-}
-
-
-def parse_record(raw: dict | list | str) -> dict:
-    """A stored request hash -> the record the API returns (plain JSON-able types). A field
-    that does not convert (not a number, not finite, not JSON) becomes None."""
-    if isinstance(raw, str):
-        h = json.loads(raw)
-    else:
-        h = _pairs(raw) if isinstance(raw, list) else raw
-    convert = _CONVERT.get
-    rec: dict[str, Any] = {}
-    for key, value in h.items():
-        fn = convert(key)
-        if fn is None:
-            rec[key] = value
-            continue
-        try:
-            rec[key] = fn(value)
-        except (ValueError, TypeError, OverflowError, RecursionError):
-            # a value no reader can use (written by an older version, or by hand) reads as
-            # absent: one bad field must not make every listing answer 500
-            rec[key] = None
-    if "gpu_ids" not in rec:
-        rec["gpu_ids"] = []
-    if "gpu_uuids" not in rec:
-        rec["gpu_uuids"] = []
-    for key in ("node", "allocated_at", "expires_at"):
-        if key not in rec:
-            rec[key] = None
-    return rec
+# (declared in app/record.py)
 
 
 def _gpu_view(raw: list | dict, alive_nodes: set[str]) -> dict:
@@ -679,9 +585,9 @@ class Engine:
 
     # ------------------------------------------------------------------ plumbing
     def _settings_args(self) -> list[str]:
-        """ARGV[3..ARGS_AT]: the prefix and the settings (SETTINGS order), rebuilt only when
-        the settings object changes. Sent with every call: measured, a dozen short
-        arguments cost less than reading a settings hash in every call."""
+        """ARGV[3..4]: the prefix and the settings (SETTINGS order, joined by newlines), rebuilt
+        only when the settings object changes. Sent with every call: measured, one argument
+        costs less than reading a settings hash in every call."""
         s, m = self.settings.scheduler, self.settings.monitoring
         t, pre = self.settings.tenants, self.settings.preemption
         if self._args_for is None or any(
@@ -701,7 +607,9 @@ class Engine:
                 "MAX_SVC_LABELS": _arg_num(m.max_service_labels),
                 **tenant_args(self.settings),
             }
-            self._fixed_args = [self.keys.prefix] + [values[n] for n, _ in SETTINGS]
+            joined = [values[n] for n, _ in SETTINGS]
+            assert not any("\n" in v for v in joined), joined
+            self._fixed_args = [self.keys.prefix, "\n".join(joined)]
             self._args_for = (s, m, t, pre)
         return self._fixed_args
 
@@ -952,7 +860,7 @@ class Engine:
             "preferred_gpus": json.loads(fields["preferred_gpus"]),
         }
         scoped_key = f"{fields['owner']}|{idempotency_key}" if idempotency_key else ""
-        flat = [x for pair in fields.items() for x in pair]
+        flat = stored(fields)  # fields at their default are not stored (app/record.py)
         for _ in range(5):
             rid = new_id(fields["service_name"])
             res = self._run(
@@ -1234,14 +1142,14 @@ class Engine:
         queue_recs = []
         start = int(data.get("queue_start") or 0)
         for pos, raw in enumerate(_list(data.get("queue")), start + 1):
-            rec = parse_record(raw)
+            rec = parse_record(raw, compact=True)
             rec["position"] = pos
             queue_recs.append(rec)
         return {
             "now": now,
             "gpus": gpus,
             "nodes": nodes,
-            "allocations": [parse_record(r) for r in _list(data.get("allocations"))],
+            "allocations": [parse_record(r, compact=True) for r in _list(data.get("allocations"))],
             "queue": queue_recs,
             "allocations_total": int(data.get("allocations_total") or 0),
             "queue_depth": int(data.get("queue_depth") or 0),

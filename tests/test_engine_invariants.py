@@ -24,7 +24,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from app import errors
+from app import errors, record
 from app.engine import Engine
 
 FLEET = {"n0": (2, 16000), "n1": (4, 32000), "n2": (1, 80000)}
@@ -70,7 +70,8 @@ def scan(engine: Engine, redis) -> dict:
     k = engine.keys
     reqs = {}
     for key in redis.scan_iter(match=k.request("*"), count=1000):
-        h = redis.hgetall(key)
+        # a request field at its default is not stored (app/record.py): read as the engine does
+        h = {**record.DEFAULTS, **redis.hgetall(key)}
         reqs[h["id"]] = h
     gpus = {}
     for key in redis.scan_iter(match=k.gpu("*", "*"), count=1000):

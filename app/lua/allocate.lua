@@ -6,7 +6,7 @@
   ARGV[A+3] request hash   ARGV[A+4] idempotency ttl (s)
   ARGV[A+5] queue timeout (s)
   ARGV[A+6..] the new record's fields: name, value, name, value, ... (strings; lists and dicts
-            as JSON)
+            as JSON; a field at its default, app/record.py, is not sent and not stored)
   Returns:
     {1, submitted_at, position, grant fields}  the new request: the caller already holds the
         fields it sent; position 0 and the grant's fields as a flat list (status, allocated,
@@ -40,7 +40,8 @@ if idem_key ~= '' then
   end
 end
 
-local f = {}
+-- the fields sent (those at their default are not: REC_DEFAULTS answers for them)
+local f = setmetatable({}, REC_DEFAULTS_MT)
 for i = A + 6, #ARGV, 2 do f[ARGV[i]] = ARGV[i + 1] end
 local svc = f.service_name
 
@@ -120,25 +121,24 @@ local rk = k_req(id)
 if redis.call('EXISTS', rk) == 1 then return {-8} end
 
 local submitted = NOW_S
-local hset = {'HSET', rk, 'id', id, 'status', 'queued', 'submitted_at', submitted}
+-- status last: a grant adds 'allocated', a queued request 'queued' (one write of the field)
+local hset = {'HSET', rk, 'id', id, 'submitted_at', submitted}
 for i = A + 6, #ARGV do hset[#hset + 1] = ARGV[i] end
 if idem_key ~= '' then
   redis.call('SET', k_idem(idem_key), id .. '|' .. idem_hash, 'EX', math.floor(idem_ttl))
 end
-local r = req_from(id, {svc, f.sharing, f.required_gpus, f.min_memory_mb, f.max_memory_mb,
-  f.max_utilization, f.preferred_gpus, f.depends_on, submitted, f.webhook_url, f.webhook_events,
-  f.lease_seconds, f.priority, '', 'queued', f.owner, pat, nodes_raw, f.depends_on_mode,
-  f.tenant})
+f.submitted_at, f.status = submitted, 'queued'
+local r = req_from(id, f)
 
 if depth == 0 and deps_done(r) then
   local node, chosen = place(r, {})
   if node then
-    -- the record is written once, by the grant (the same HSET, so the same fields in the same
-    -- order as writing the queued record first and the grant's fields after it)
+    -- the record is written once, by the grant (the same HSET, with the grant's fields)
     return {1, submitted, 0, grant(r, node, chosen, false, false, hset)}
   end
 end
 
+hset[#hset + 1], hset[#hset + 2] = 'status', 'queued'
 redis.call(unpack(hset))
 queue().enqueue(r, queue_timeout)
 schedule(id)

@@ -22,7 +22,7 @@ end
 -- in the payload (every try of one event sends the same body). extra: more fields for the
 -- entry (gpu_unhealthy names the node and the GPUs), or nil.
 local function outbox(name, id, event_id, url, events_json, always, pinned, extra)
-  if url == nil or url == '' then return end
+  if not url or url == '' then return end -- false: an HMGET of a field not stored
   if not always then
     local ok = false
     for _, e in ipairs(cjson.decode(events_json or '[]')) do

@@ -6,19 +6,18 @@
   memory (shared) at the moment it is made.
 ]]
 
--- A request as the scheduler sees it.
-local REQ_FIELDS = {'service_name', 'sharing', 'required_gpus', 'min_memory_mb', 'max_memory_mb',
-  'max_utilization', 'preferred_gpus', 'depends_on', 'submitted_at', 'webhook_url',
-  'webhook_events', 'lease_seconds', 'priority', 'reserved_node', 'status', 'owner',
-  'gpu_pattern', 'nodes', 'depends_on_mode', 'tenant'}
-
+-- A request as the scheduler sees it. f: its record's fields by name (REQ_FIELDS at least),
+-- with REC_DEFAULTS_MT as metatable, so a field at its default (not stored) reads as it.
+-- REQ_FIELDS and REC_DEFAULTS are generated from app/record.py when the library is built.
 local function req_from(id, f)
-  local r = {id = id, svc = f[1], sharing = f[2], k = tonumber(f[3]), minm = tonumber(f[4]),
-    maxm = tonumber(f[5]), util = tonumber(f[6]), pref_raw = f[7] or '[]',
-    deps_raw = f[8] or '[]', submitted = tonumber(f[9]), hook = f[10] or '',
-    hook_events = f[11] or '[]', lease = lease_secs(f[12]), priority = tonumber(f[13]),
-    reserved = f[14] or '', status = f[15], owner = f[16] or '', pat = f[17] or '',
-    nodes_raw = f[18] or '[]', mode = f[19] or 'any', tenant = f[20] or ''}
+  local r = {id = id, svc = f.service_name, sharing = f.sharing, k = tonumber(f.required_gpus),
+    minm = tonumber(f.min_memory_mb), maxm = tonumber(f.max_memory_mb),
+    util = tonumber(f.max_utilization), pref_raw = f.preferred_gpus, deps_raw = f.depends_on,
+    submitted = tonumber(f.submitted_at), hook = f.webhook_url or '',
+    hook_events = f.webhook_events, lease = lease_secs(f.lease_seconds),
+    priority = tonumber(f.priority), reserved = f.reserved_node or '', status = f.status,
+    owner = f.owner or '', pat = f.gpu_pattern or '', nodes_raw = f.nodes,
+    mode = f.depends_on_mode, tenant = f.tenant or ''}
   -- gpu_model as an anchored Lua pattern on the lower-cased GPU name ('' = any model) and the
   -- nodes it may use (nil = any node): both set by the client, checked in placement
   if r.nodes_raw ~= '[]' then
@@ -37,8 +36,12 @@ local function req_from(id, f)
 end
 
 local function load_req(id)
-  local f = redis.call('HMGET', k_req(id), unpack(REQ_FIELDS))
-  if not f[15] then return nil end
+  local v = redis.call('HMGET', k_req(id), unpack(REQ_FIELDS))
+  local f = setmetatable({}, REC_DEFAULTS_MT)
+  for i, name in ipairs(REQ_FIELDS) do
+    if v[i] then f[name] = v[i] end
+  end
+  if not f.status then return nil end
   return req_from(id, f)
 end
 

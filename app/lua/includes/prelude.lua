@@ -20,7 +20,8 @@
              k_svc(s) k_idem(k) k_free(n) k_tqueue(t) (node, gpu, request, dependents,
              service, idempotency, node_free_gpus, queue_tenant; concatenation, no
              string.format)
-    ARGV[4..] the scheduler settings, in the order of engine.SETTINGS:
+    ARGV[4]  the scheduler settings joined by newlines, in the order of engine.SETTINGS (parsed
+             only when they differ from the last call's):
       POLICY (best_effort|strict_fifo)  AGING (priority points per second)
       RES_AFTER (s; < 0 = off)  HB_TIMEOUT (s)  FORGET_AFTER (s; <= 0 = never)  EV_MAX
       HIST_TTL (s; HIST_TTL_S: whole seconds, as a string)  MAX_QUEUE  MAX_OWNER (queued
