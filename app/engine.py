@@ -50,7 +50,7 @@ from app.errors import (
     ValidationFailed,
 )
 from app.keys import Keys
-from app.record import _pairs, lua_tables, parse_record, stored
+from app.record import _pairs, _to_int, lua_tables, parse_record, stored
 from app.replication import write_acked
 from app.settings import tenant_key, tenant_quotas
 

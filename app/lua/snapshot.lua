@@ -119,7 +119,7 @@ if wait_n > 0 then
     local id = held[i]
     local f = redis.call('HMGET', k_req(id), unpack(AF))
     local a = {id = id}
-    for j, name in ipairs(AF) do a[name] = f[j] or '' end
+    for j, name in ipairs(AF) do a[name] = f[j] or REC_DEFAULTS[name] or '' end
     wait.held[#wait.held + 1] = a
     known[id] = true
   end
@@ -132,7 +132,7 @@ if wait_n > 0 then
   for _, id in ipairs(ids) do
     local f = redis.call('HMGET', k_req(id), unpack(QF))
     local q = {id = id}
-    for j, name in ipairs(QF) do q[name] = f[j] or '' end
+    for j, name in ipairs(QF) do q[name] = f[j] or REC_DEFAULTS[name] or '' end
     wait.queue[#wait.queue + 1] = q
     if q.depends_on ~= '' and q.depends_on ~= '[]' then
       local ok, deps = pcall(cjson.decode, q.depends_on)
