@@ -50,7 +50,15 @@ from app.errors import (
     ValidationFailed,
 )
 from app.keys import Keys
-from app.record import _pairs, _to_int, lua_tables, parse_record, stored
+from app.record import (
+    SERVICE_NAME_RE,
+    SERVICE_NAME_RULE,
+    _pairs,
+    _to_int,
+    lua_tables,
+    parse_record,
+    stored,
+)
 from app.replication import write_acked
 from app.settings import tenant_key, tenant_quotas
 
@@ -154,7 +162,7 @@ _BUILDERS = (
 )
 _INCLUDE = re.compile(r"^-- @include (\w+)\s*$", re.M)
 _STALE = -11
-_SERVICE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+_SERVICE_NAME = re.compile(SERVICE_NAME_RE)
 
 #: The longest lease there is (10 years), whatever ``scheduler.max_ttl`` says (0 = no limit
 #: of its own): every lease is finite or none, and every stored time stays representable.
@@ -896,7 +904,7 @@ class Engine:
 
         svc = req.get("service_name")
         if not isinstance(svc, str) or not _SERVICE_NAME.fullmatch(svc):
-            raise bad("service_name", "1-128 characters of letters, digits, _ . : -")
+            raise bad("service_name", SERVICE_NAME_RULE)
         prio = _int_in(req.get("priority", 5), 1, 10, "priority")
         gpus = _int_in(req.get("required_gpus", 1), 1, 4096, "required_gpus")
         min_mb = _int_in(req.get("min_memory_mb", 0), 0, 10**9, "min_memory_mb")

@@ -21,6 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+#: The service_name rule (the API schema and the engine both check it; it becomes part of
+#: request ids and of stats field names).
+SERVICE_NAME_RE = r"^[A-Za-z0-9._-]{1,128}$"
+SERVICE_NAME_RULE = "1-128 characters of [A-Za-z0-9._-]"
+
 
 @dataclass(frozen=True)
 class Field:

@@ -15,6 +15,7 @@ from marshmallow import fields, validate
 
 from app.engine import DEPENDENCY_FAILED, DEPENDS_ON_MODES, MAX_LEASE_SECONDS
 from app.engine import WEBHOOK_EVENTS as EVENTS
+from app.record import SERVICE_NAME_RE, SERVICE_NAME_RULE
 from app.settings import WORKLOAD_TYPES
 from app.waiting import REASONS as WAIT_REASONS
 
@@ -23,7 +24,6 @@ MAX_WORKLOAD_DEPTH = 8
 #: Most entries in ``workload_data`` summed over every level.
 MAX_WORKLOAD_ITEMS = 1000
 
-SERVICE_NAME_RE = r"^[A-Za-z0-9._-]{1,128}$"
 #: Request ids are ``<service_name>-<digits>...``; anything longer than this cannot be ours.
 ID_RE = r"^[A-Za-z0-9._:-]{1,200}$"
 SHARING = ("exclusive", "shared")
@@ -69,7 +69,7 @@ def _check_workload_data(value):
         raise ma.ValidationError(f"more than {MAX_WORKLOAD_ITEMS} entries")
 
 
-_SERVICE_NAME = validate.Regexp(SERVICE_NAME_RE, error="must be 1-128 characters of [A-Za-z0-9._-]")
+_SERVICE_NAME = validate.Regexp(SERVICE_NAME_RE, error="must be " + SERVICE_NAME_RULE)
 _WEBHOOK_URL = validate.URL(
     schemes={"http", "https"}, require_tld=False, error="must be an http:// or https:// URL"
 )
