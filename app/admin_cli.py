@@ -63,12 +63,16 @@ def add_actions(
     action("uncordon", "make a node or one GPU schedulable again").add_argument(
         "target", metavar="NODE[:INDEX]"
     )
-    drain = action("drain", "cordon a node and let its allocations finish")
+    drain = action(
+        "drain",
+        "cordon a node and preempt its allocations with notice (preemption.grace_period)",
+    )
     drain.add_argument("node", metavar="NODE")
     drain.add_argument(
         "--wait",
         action="store_true",
-        help="return only when the node holds no allocation (or at --timeout)",
+        help="preempt nothing: return only when the holders have released every allocation "
+        "on the node (or at --timeout)",
     )
     drain.add_argument(
         "--timeout",
@@ -209,6 +213,12 @@ def _do(args) -> tuple[Any, str, int]:
         if data.get("drained"):
             return data, f"{args.node}: drained (cordoned, no allocations left)", 0
         text = f"{args.node}: draining; {len(left)} allocation(s) left: {', '.join(left)}"
+        preempted = data.get("preempted") or []
+        if preempted:
+            text += (
+                f"\n{len(preempted)} allocation(s) given notice (preempting; they end as "
+                f"preempted after the grace period): {', '.join(preempted)}"
+            )
         return data, text, 1 if args.wait else 0
     if cmd == "forget":
         data = _call("DELETE", f"/admin/nodes/{quote(args.node, safe='')}")

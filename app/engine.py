@@ -91,6 +91,7 @@ INCLUDES = (
     "indexes",
     "placement",
     "grants",
+    "preemption",
     "queue",
     "records",
     "nodes",
@@ -191,7 +192,22 @@ WAIT_BUCKETS = (
 )
 #: ``webhook|<result>`` counters in keys.stats(), incremented by the webhook workers.
 WEBHOOK_RESULTS = ("delivered", "failed", "retried")
-STATUSES = ("queued", "allocated", "released", "expired", "cancelled", "timed_out", "lost")
+STATUSES = (
+    "queued",
+    "allocated",
+    "preempting",
+    "released",
+    "expired",
+    "cancelled",
+    "timed_out",
+    "lost",
+    "preempted",
+)
+#: Statuses of a live allocation (it holds its GPUs): ``preempting`` until its ``preempt_at``.
+LIVE_STATUSES = ("allocated", "preempting")
+#: ``reason`` of a preempting or preempted allocation: an admin drained its node, or a tenant
+#: below its guaranteed_gpus needed the GPUs (issue 14).
+PREEMPT_REASONS = ("drain", "guarantee")
 #: ``depends_on_mode``: any ending of a dependency frees its dependents (``any``), or only a
 #: normal release does and any other ending cancels them (``ok``, like Slurm's afterok).
 DEPENDS_ON_MODES = ("any", "ok")
@@ -757,6 +773,26 @@ class Engine:
         )
         return _node_view(_pairs(res[1]), self.now(), self.settings.scheduler)
 
+    def drain_node(self, node: str, *, preempt: bool = True, principal: str | None = None) -> dict:
+        """Cordon the node and mark it draining; with ``preempt`` every live allocation on it
+        turns ``preempting`` with ``preemption.grace_period`` of notice (then ``preempted``),
+        else they end when their holders release them. Returns the node's view plus
+        ``preempted``: the ids marked now (one already preempting keeps its deadline)."""
+        grace = _arg_num(self.settings.preemption.grace_period) if preempt else ""
+        res = self._run(
+            "cordon",
+            node,
+            "",
+            "1",
+            "1",
+            principal or "",
+            grace,
+            ctx={"what": "node", "id": node},
+        )
+        view = _node_view(_pairs(res[1]), self.now(), self.settings.scheduler)
+        view["preempted"] = list(res[3])
+        return view
+
     def forget_node(self, node: str, *, principal: str | None = None) -> dict:
         """Forget a node that is not alive: its live allocations end as ``lost``."""
         res = self._run(
@@ -786,6 +822,14 @@ class Engine:
             rank = self.redis.zrank(self.keys.queue(), request_id)
             rec["position"] = None if rank is None else rank + 1
         return rec
+
+    def next_lease_end(self) -> float | None:
+        """The earliest lease end of a live allocation (a preempting one's is at most its
+        preempt_at); None when no lease ends."""
+        first = self.redis.zrange(self.keys.leases(), 0, 0, withscores=True)
+        if not first or math.isinf(first[0][1]):
+            return None
+        return float(first[0][1])
 
     def node_allocations(self, node: str) -> list[str]:
         """Ids of the live allocations on a node (a scan of the leases; for drains)."""
@@ -1049,7 +1093,7 @@ class Engine:
             lease,
             principal or "",
             "1" if admin else "0",
-            ctx={"what": "allocation", "id": allocation_id, "expected": "allocated"},
+            ctx={"what": "allocation", "id": allocation_id, "expected": "live"},
         )
         return parse_record(res[1])
 
@@ -1081,14 +1125,21 @@ class Engine:
         return [parse_record(r) for r in self._run("schedule", "1" if force else "0")]
 
     def reap(self, limit: int = 1000) -> dict:
-        expired, timed_out, granted, forgotten, lost = self._run("reap", int(limit))
-        return {
+        """End what is due: ``expired`` leases, ``timed_out`` queued requests, ``forgotten``
+        silent nodes (their allocations ``lost``), the ``granted`` records of the pass that
+        follows; ``preempted``: allocations whose preempt_at came (the key is there only when
+        some were)."""
+        expired, timed_out, granted, forgotten, lost, preempted = self._run("reap", int(limit))
+        out = {
             "expired": list(expired),
             "timed_out": list(timed_out),
             "granted": [parse_record(r) for r in granted],
             "forgotten": list(forgotten),
             "lost": list(lost),
         }
+        if preempted:
+            out["preempted"] = list(preempted)
+        return out
 
     # ------------------------------------------------------------------ views
     def snapshot(

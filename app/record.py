@@ -86,6 +86,12 @@ FIELDS: tuple[Field, ...] = (
     Field("reason", "opt_str"),
     Field("failed_dependency", "opt_str"),
     Field("ok_dependents"),
+    # preemption (includes/preemption.lua): when a preempting allocation ends, the request it
+    # was preempted for; on that request, its victims not ended yet and when its hold lapses
+    Field("preempt_at", "opt_float"),
+    Field("preempted_for", "opt_str"),
+    Field("preempt_pending"),
+    Field("hold_until"),
 )
 
 BY_NAME: dict[str, Field] = {f.name: f for f in FIELDS}

@@ -54,7 +54,7 @@ FORWARD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 #: ``si_code`` of a signal the kernel sent itself (a terminal's Ctrl-C, Ctrl-\\).
 SI_KERNEL = 0x80
 #: Statuses after which COMMAND no longer holds its GPUs.
-_GONE = ("expired", "released", "lost", "ended", "cancelled", "timed_out")
+_GONE = ("expired", "released", "lost", "preempted", "ended", "cancelled", "timed_out")
 
 log = logging.getLogger("gpu_orchestrator.client")
 

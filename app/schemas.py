@@ -13,7 +13,7 @@ import re
 import marshmallow as ma
 from marshmallow import fields, validate
 
-from app.engine import DEPENDENCY_FAILED, DEPENDS_ON_MODES, MAX_LEASE_SECONDS
+from app.engine import DEPENDENCY_FAILED, DEPENDS_ON_MODES, MAX_LEASE_SECONDS, STATUSES
 from app.engine import WEBHOOK_EVENTS as EVENTS
 from app.record import SERVICE_NAME_RE, SERVICE_NAME_RULE
 from app.settings import WORKLOAD_TYPES
@@ -330,7 +330,10 @@ class AllocationSchema(_ResponseSchema):
     status = StrictStr(
         required=True,
         metadata={
-            "enum": ["queued", "allocated", "released", "expired", "cancelled", "timed_out", "lost"]
+            "enum": list(STATUSES),
+            "description": "queued, then allocated (live; preempting while it has notice to "
+            "leave), then released, expired, lost or preempted; or cancelled / timed_out "
+            "while queued.",
         },
     )
     service_name = StrictStr(required=True)
@@ -367,7 +370,9 @@ class AllocationSchema(_ResponseSchema):
             "description": "While queued, why it waits: "
             + _WAIT_REASONS
             + f". When the engine ended it: {DEPENDENCY_FAILED} (a depends_on_mode ok "
-            "dependency ended otherwise than released)."
+            "dependency ended otherwise than released). On a preempting or preempted "
+            "allocation, why it was preempted: drain (an admin drained its node) or guarantee "
+            "(a tenant below its guaranteed_gpus needed the GPUs)."
         },
     )
     eta = _time(_ETA)
@@ -391,6 +396,14 @@ class AllocationSchema(_ResponseSchema):
     released_at = _time("When it was released.")
     ended_at = _time("When it ended: released, expired, cancelled or timed out.")
     renewed_at = _time("When the lease was last renewed.")
+    preempt_at = _time(
+        "Set once it is preempting: when it ends as preempted unless released before; "
+        "no renewal extends expires_at past it."
+    )
+    preempted_for = StrictStr(
+        allow_none=True,
+        metadata={"description": "The queued request it was preempted for (reason guarantee)."},
+    )
     lease_seconds = fields.Float(
         allow_none=True,
         metadata={"description": "Lease length applied at grant and renewal; null: no expiry."},
@@ -447,6 +460,8 @@ GRANT_FIELDS = (
     "lease_seconds",
     "renewed_at",
     "released_at",
+    "preempt_at",
+    "preempted_for",
 )
 
 
@@ -471,6 +486,14 @@ class GrantSchema(_ResponseSchema):
         metadata={"description": "Lease length applied at grant and renewal; null: no expiry."},
     )
     renewed_at = _time("When the lease was last renewed.")
+    preempt_at = _time(
+        "Set once it is preempting: when it ends as preempted unless released before; "
+        "no renewal extends expires_at past it."
+    )
+    preempted_for = StrictStr(
+        allow_none=True,
+        metadata={"description": "The queued request it was preempted for (reason guarantee)."},
+    )
     released_at = _time("When it was released.")
 
 
@@ -596,6 +619,14 @@ class NodeListSchema(_ResponseSchema):
 class DrainSchema(NodeSchema):
     drained = fields.Boolean(
         required=True, metadata={"description": "True when no allocation is left on the node."}
+    )
+    preempted = fields.List(
+        StrictStr(),
+        metadata={
+            "description": "Allocations this drain marked preempting (they end as preempted "
+            "at their preempt_at, preemption.grace_period from now, or when released); "
+            "empty with wait=true, which preempts nothing."
+        },
     )
 
 

@@ -849,7 +849,12 @@ SPEC: dict[str, dict[str, Any]] = {
     },
     "preemption": {
         "enabled": Bool(False, doc="reclaim guaranteed GPUs from tenants above their guarantee"),
-        "grace_period": Duration("30s", 0, doc="notice the holder gets before its allocation ends"),
+        "grace_period": Duration(
+            "30s",
+            0,
+            doc="notice a preempted allocation's holder gets (webhook preempting, status "
+            "preempting) before it ends as preempted; also what a drain gives",
+        ),
     },
     "workload_defaults": {
         "training": {

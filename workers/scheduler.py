@@ -8,7 +8,10 @@ monitor dispatches the webhook outbox right after). This role is the safety net:
   recovering entries a crashed dispatcher left behind;
 - every ``scheduler.cleanup_interval``: :func:`reap` expires lapsed leases and timed-out queued
   requests (the engine's reap grants their GPUs to the next requests atomically), then drains the
-  outbox.
+  outbox. When a lease ends before the next such run (a preempting allocation's preempt_at,
+  above all), the job also schedules a one-off reap at that moment (RQ's scheduler, which every
+  worker runs, moves it within about a second), so a preemption ends on time rather than up to
+  ``cleanup_interval`` late.
 
 Both are RQ jobs on the maintenance queue, enqueued by RQ's ``CronScheduler`` machinery and run
 by ``gpu-orchestrator worker`` processes.
@@ -33,6 +36,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from redis.exceptions import LockError, RedisError
@@ -69,13 +73,42 @@ def safety_net() -> dict[str, int]:
 def reap() -> dict[str, int]:
     """Maintenance job: expire lapsed leases and timed-out requests, then drain the outbox."""
     settings, _, rq_redis = context.get()
-    result = context.engine().reap()
+    engine = context.engine()
+    result = engine.reap()
     dispatched = outbox.dispatch(rq_redis, settings, recover_after=RECOVER_AFTER)
     counts = {k: len(v) for k, v in result.items()}
     if any(counts.values()):
         log.info("reaper: %s", ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
     counts["dispatched"] = dispatched
+    reap_at_next_lease_end(engine, rq_redis, settings)
     return counts
+
+
+def reap_at_next_lease_end(engine, rq_redis: Any, settings: Settings) -> str | None:
+    """Schedule a one-off :func:`reap` at the earliest lease end when it comes before the next
+    periodic one; returns the job id (None when the periodic reap comes first).
+
+    Two reapers (the periodic one and a one-off, or two one-offs) may run at once: reap is one
+    engine script, so the second finds nothing left to end. One job per deadline (its id
+    names it), so running this from every reap schedules each deadline once."""
+    due = engine.next_lease_end()
+    if due is None:
+        return None
+    now = engine.now()
+    if due - now >= settings.scheduler.cleanup_interval:
+        return None
+    q = queues.queue(rq_redis, settings, queues.MAINTENANCE)
+    at = math.ceil(max(due, now))  # RQ schedules by whole seconds: never before the end
+    job_id = f"{q.name}-reap-at-{at}"
+    q.enqueue_at(
+        datetime.fromtimestamp(at, tz=UTC),
+        reap,
+        job_id=job_id,
+        job_timeout=60,
+        result_ttl=0,
+        failure_ttl=86400,
+    )
+    return job_id
 
 
 # ------------------------------------------------------------------------------ cron

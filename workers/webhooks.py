@@ -123,6 +123,11 @@ def _allocation(
             rec["expires_at"] = float(pinned["expires_at"]) if pinned["expires_at"] else None
             lease = float(pinned.get("lease_seconds") or -1)
             rec["lease_seconds"] = None if lease < 0 else lease
+    elif event == "preempting" and pinned:
+        # as at the mark: a renewal in between (capped at preempt_at) changes no try's body
+        rec.pop("renewed_at", None)
+        rec["expires_at"] = float(pinned["expires_at"]) if pinned.get("expires_at") else None
+        rec["preempt_at"] = float(pinned["preempt_at"]) if pinned.get("preempt_at") else None
     rec.pop("replayed", None)
     out = render.allocation(rec, principal=None, admin=True)  # the owner's own receiver
     if out.get("priority") not in (None, ""):
@@ -143,7 +148,8 @@ def build_payload(
     gpu_uuids, expires_at, cuda_visible_devices, ...): with several nodes gpu_ids alone is
     ambiguous. ``gpu_unhealthy`` also names the node and the GPUs that turned unhealthy, with
     their health (``degraded``, ``failed`` or ``lost``), from the outbox ``entry``; its
-    allocation keeps its own status (it is still live)."""
+    allocation keeps its own status (it is still live). ``preempting`` also carries
+    ``preempt_at`` (when the GPUs are taken back) and ``reason`` (drain or guarantee)."""
     submitted = record.get("submitted_at")
     allocated = record.get("allocated_at")
     wait = record.get("wait_time_seconds")
@@ -157,14 +163,17 @@ def build_payload(
         extra["gpus"] = [
             {"index": int(g["index"]), "health": str(g["health"])} for g in entry.get("gpus") or []
         ]
+    allocation = _allocation(
+        record,
+        (record.get("status") or "allocated") if event == "gpu_unhealthy" else status,
+        pinned,
+    )
+    if event == "preempting":
+        extra["preempt_at"] = allocation.get("preempt_at")
     return {
         "status": status,
         "request_id": record["id"],
-        "allocation": _allocation(
-            record,
-            (record.get("status") or "allocated") if event == "gpu_unhealthy" else status,
-            pinned,
-        ),
+        "allocation": allocation,
         "submitted_at": iso(submitted),
         "allocated_at": iso(allocated),
         "wait_time_seconds": wait,

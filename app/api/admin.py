@@ -2,10 +2,11 @@
 auth is off). Every action is an event in the engine's stream naming the principal.
 
 - cordon / uncordon a node or one GPU: no new grants there; allocations stay.
-- drain a node: cordon it and mark it draining; allocations on it end when their holders
-  release them or their leases expire. ``?wait=true`` holds the answer until the node is empty
-  or ``timeout`` seconds pass (preempting allocations with notice comes with fair sharing,
-  issue 14; until then a drain never ends an allocation itself).
+- drain a node: cordon it and mark it draining, then preempt every allocation on it with
+  notice: each turns ``preempting`` (webhook ``preempting``) and ends as ``preempted``
+  ``preemption.grace_period`` later, or when its holder releases it. ``?wait=true`` preempts
+  nothing: it holds the answer until the holders have released everything (or their leases
+  ran out) or ``timeout`` seconds pass.
 - forget a node that is not alive: its allocations end as ``lost`` (webhook ``lost``).
 - change a queued request's priority.
 """
@@ -164,17 +165,26 @@ def _wait_args() -> tuple[bool, float]:
 
 @blp.route("/nodes/<node>/drain", methods=["POST"])
 @doc(parameters=[_NODE_PARAM, *_WAIT_PARAMS])
-@ok(200, schemas.DrainSchema, "Cordoned and draining; drained says whether it is empty.")
+@ok(
+    200,
+    schemas.DrainSchema,
+    "Cordoned and draining; preempted lists the allocations given notice, drained says "
+    "whether the node is empty.",
+)
 @errors(400, 401, 403, 404, 503)
 def drain_node(node: str):
-    """Cordon the node and let its allocations finish; ``wait=true`` waits for that."""
+    """Cordon the node and preempt its allocations with notice (``preemption.grace_period``);
+    ``wait=true`` preempts nothing and waits for their holders to release them."""
     wait, timeout = _wait_args()
     engine = _engine()
-    engine.cordon_node(node, True, drain=True, principal=_by())
+    view = engine.drain_node(node, preempt=not wait, principal=_by())
+    if view["preempted"]:
+        _dispatch_webhooks()
     if wait and timeout > 0 and engine.node_allocations(node):
         _hold_until_empty(engine, node, time.monotonic() + timeout)
     out = _one_node(node)
     out["drained"] = not out["allocations"]
+    out["preempted"] = view["preempted"]
     return jsonify(out)
 
 

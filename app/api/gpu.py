@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 from app import auth, longpoll, schemas, waiting
 from app.api import body, render
 from app.api.docs import doc
-from app.engine import valid_cursor, workload_data_json
+from app.engine import LIVE_STATUSES, valid_cursor, workload_data_json
 from app.errors import BadRequest, NotFound, OrchestratorError, ValidationFailed
 from app.webhook_policy import Refused
 
@@ -529,7 +529,7 @@ def get_allocation(allocation_id: str):
             f"see /gpu/requests/{allocation_id}",
             details={"id": allocation_id},
         )
-    if rec.get("status") == "allocated":
+    if rec.get("status") in LIVE_STATUSES:
         rec["gpu_health"] = _engine().gpu_health(rec)
     return jsonify(render.allocation(rec, **_viewer()))
 

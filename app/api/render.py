@@ -19,6 +19,7 @@ TIME_FIELDS = (
     "renewed_at",
     "updated_at",
     "eta",
+    "preempt_at",
 )
 _ALLOCATION_FIELDS = tuple(schemas.AllocationSchema().fields)
 _GPU_FIELDS = tuple(schemas.GpuSchema().fields)
@@ -127,6 +128,8 @@ _EVENT_FIELDS = (
     "allocations_lost",
     "gpu_ids",
     "gpus",
+    "preempt_at",
+    "for",
 )
 
 
@@ -147,6 +150,8 @@ def fleet(
                     "sharing": a.get("sharing") or "exclusive",
                     "since": iso(a.get("allocated_at")),
                     "expires_at": iso(a["expires_at"]) if a.get("expires_at") else None,
+                    "status": a.get("status"),
+                    "preempt_at": iso(a["preempt_at"]) if a.get("preempt_at") else None,
                 }
             )
     by_node: dict[str, list[dict[str, Any]]] = {}
@@ -184,6 +189,8 @@ def fleet(
     for ev in events:
         item = {k: ev[k] for k in _EVENT_FIELDS if k in ev and ev[k] not in ("", None)}
         item["at"] = iso(ev.get("ts"))
+        if "preempt_at" in item:
+            item["preempt_at"] = iso(item["preempt_at"])
         shown.append(item)
     return {
         "now": iso(snap["now"]),

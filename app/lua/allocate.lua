@@ -53,7 +53,7 @@ if f.depends_on ~= '[]' then
     local st = redis.call('HGET', k_req(dep), 'status')
     if not st then return {-7, dep} end
     if f.depends_on_mode == 'ok' then
-      if st == 'queued' or st == 'allocated' then
+      if st == 'queued' or st == 'allocated' or st == 'preempting' then
         waits_on[#waits_on + 1] = dep
       elseif st ~= 'released' then
         return {-10, dep, st}

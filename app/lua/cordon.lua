@@ -5,14 +5,20 @@
   KEYS, ARGV[1..A]: the common block (fixed keys, now, version, prefix, settings: prelude.lua).
   ARGV[A+1] node   ARGV[A+2] GPU index ("" = the whole node)   ARGV[A+3] "1" cordon / "0" clear
   ARGV[A+4] "1" drain (whole node only)   ARGV[A+5] principal ("" = auth off)
-  Returns: {1, node or GPU hash, number granted} or {-1} unknown node or GPU.
+  ARGV[A+6] drain only: grace seconds of the notice each live allocation on the node gets
+            before it is preempted ("" = none is preempted: they end when their holders
+            release them or their leases run out)
+  Returns: {1, node or GPU hash, number granted, ids of the allocations marked preempting} or
+  {-1} unknown node or GPU.
   Guarantees: a node cordon covers the GPUs it reports later too; an uncordon of the node
-  clears every GPU's cordon and the draining mark; each change is one event naming the
-  principal.
+  clears every GPU's cordon and the draining mark (allocations already preempting stay so);
+  each change is one event naming the principal.
 ]]
 -- @include prelude
+-- @include nodes
 local node, idx, cordon, drain, by = ARGV[A + 1], ARGV[A + 2], ARGV[A + 3] == '1',
   ARGV[A + 4] == '1', ARGV[A + 5]
+local grace = tonumber(ARGV[A + 6] or '')
 local flag = cordon and '1' or '0'
 
 local function set_gpu(i)
@@ -47,5 +53,11 @@ else
   end
   out = redis.call('HGETALL', nk)
 end
+local preempted = {}
+if cordon and drain and idx == '' and grace then
+  for _, id in ipairs(allocs_on(node, nil)) do
+    if preempt_alloc(id, grace, 'drain', by, '') then preempted[#preempted + 1] = id end
+  end
+end
 local granted = schedule(nil)
-return {1, out, #granted}
+return {1, out, #granted, preempted}

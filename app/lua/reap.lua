@@ -1,11 +1,13 @@
 --[[
-  reap: expire allocations past expires_at and time out queued requests past their deadline,
+  reap: expire allocations past expires_at (a preempting one at its preempt_at ends as
+  preempted) and time out queued requests past their deadline,
   forget nodes silent for longer than scheduler.node_forget_after, then run a schedule pass for
   the capacity that freed.
 
   KEYS, ARGV[1..A]: the common block (fixed keys, now, version, prefix, settings: prelude.lua).
   ARGV[A+1] most of each kind to end in one call
-  Returns: {expired ids, timed-out ids, granted records, forgotten nodes, lost allocation ids}
+  Returns: {expired ids, timed-out ids, granted records, forgotten nodes, lost allocation ids,
+  preempted ids}
   Guarantees: when a node goes silent, the holders of its allocations get one gpu_unhealthy
   notice (every GPU lost) per silence; a forgotten node's allocations end as lost
   (includes/nodes.lua, forget_node).
@@ -13,8 +15,14 @@
 -- @include prelude
 -- @include nodes
 local limit = tonumber(ARGV[A + 1])
-local expired = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', NOW_S, 'LIMIT', 0, limit)
-for _, id in ipairs(expired) do finish_alloc(id, 'expired') end
+local due = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', NOW_S, 'LIMIT', 0, limit)
+local expired, preempted = {}, {}
+for _, id in ipairs(due) do
+  local status = due_status(id)
+  local list = status == 'preempted' and preempted or expired
+  list[#list + 1] = id
+  finish_alloc(id, status)
+end
 local timed_out = redis.call('ZRANGEBYSCORE', K_QDEAD, '-inf', NOW_S, 'LIMIT', 0, limit)
 for _, id in ipairs(timed_out) do finish_queued(id, 'timed_out') end
 -- a node that just went silent: its GPUs are lost to their holders (one notice per silence;
@@ -45,4 +53,4 @@ if FORGET_AFTER > 0 then
     for _, id in ipairs(forget_node(node, 'system', 'silent')) do lost[#lost + 1] = id end
   end
 end
-return {expired, timed_out, records(schedule(nil)), forgotten, lost}
+return {expired, timed_out, records(schedule(nil)), forgotten, lost, preempted}

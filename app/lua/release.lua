@@ -1,5 +1,6 @@
 --[[
-  release: end one allocation and hand its GPUs to the queue (a queued request is cancelled).
+  release: end one allocation and hand its GPUs to the queue (a queued request is cancelled; a
+  preempting allocation ends as preempted).
 
   KEYS, ARGV[1..A]: the common block (fixed keys, now, version, prefix, settings: prelude.lua).
   ARGV[A+1] id   ARGV[A+2] principal ("" = auth off)   ARGV[A+3] "1" when admin
@@ -18,6 +19,8 @@ if not rec.status then return {-1, ''} end
 if principal ~= '' and admin ~= '1' and (rec.owner or '') ~= principal then return {-2} end
 if rec.status == 'allocated' then
   finish_alloc(id, 'released', rec)
+elseif rec.status == 'preempting' then
+  finish_alloc(id, 'preempted', rec, true)
 elseif rec.status == 'queued' then
   finish_queued(id, 'cancelled')
   rec = nil

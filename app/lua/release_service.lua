@@ -1,6 +1,6 @@
 --[[
   release_service: end every live allocation of one service (only the principal's own unless
-  admin) in one atomic step, then run a schedule pass.
+  admin) in one atomic step, then run a schedule pass. A preempting one ends as preempted.
 
   KEYS, ARGV[1..A]: the common block (fixed keys, now, version, prefix, settings: prelude.lua).
   ARGV[A+1] service name   ARGV[A+2] principal ("" = auth off)   ARGV[A+3] "1" when admin
@@ -11,8 +11,9 @@ local svc, principal, admin = ARGV[A + 1], ARGV[A + 2], ARGV[A + 3]
 local done = {}
 for _, id in ipairs(redis.call('SMEMBERS', k_svc(svc))) do
   local f = redis.call('HMGET', k_req(id), 'status', 'owner')
-  if f[1] == 'allocated' and (principal == '' or admin == '1' or (f[2] or '') == principal) then
-    finish_alloc(id, 'released')
+  local live = f[1] == 'allocated' or f[1] == 'preempting'
+  if live and (principal == '' or admin == '1' or (f[2] or '') == principal) then
+    finish_alloc(id, f[1] == 'allocated' and 'released' or 'preempted', nil, true)
     done[#done + 1] = id
   elseif not f[1] then
     redis.call('SREM', k_svc(svc), id)

@@ -1,5 +1,6 @@
 --[[
-  renew: extend a live allocation's lease to now + lease seconds.
+  renew: extend a live allocation's lease to now + lease seconds (a preempting one's never past
+  its preempt_at).
 
   KEYS, ARGV[1..A]: the common block (fixed keys, now, version, prefix, settings: prelude.lua).
   ARGV[A+1] id   ARGV[A+2] lease seconds ("" = the allocation's own lease, < 0 = no expiry)
@@ -9,15 +10,20 @@
 -- @include prelude
 local id, lease, principal, admin = ARGV[A + 1], ARGV[A + 2], ARGV[A + 3], ARGV[A + 4]
 local rk = k_req(id)
-local f = redis.call('HMGET', rk, 'status', 'owner', 'lease_seconds', 'service_name')
+local f = redis.call('HMGET', rk, 'status', 'owner', 'lease_seconds', 'service_name',
+  'preempt_at')
 if not f[1] then return {-1} end
 if principal ~= '' and admin ~= '1' and (f[2] or '') ~= principal then return {-2} end
-if f[1] ~= 'allocated' then return {-3, f[1]} end
+if f[1] ~= 'allocated' and f[1] ~= 'preempting' then return {-3, f[1]} end
 local secs = lease_secs(lease ~= '' and lease or f[3])
 local expires, score = '', '+inf'
 if secs >= 0 then
   expires = ftime(NOW + secs)
   score = expires
+end
+if f[1] == 'preempting' then
+  -- notice was given: no renewal reaches past preempt_at (includes/preemption.lua)
+  expires, score = capped_lease(expires, tonumber(f[5]) or NOW)
 end
 redis.call('HSET', rk, 'expires_at', expires, 'lease_seconds', fnum(secs), 'renewed_at', NOW_S)
 redis.call('ZADD', K_LEASES, score, id)

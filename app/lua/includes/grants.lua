@@ -97,10 +97,12 @@ local function fail_dependents(id)
   end
 end
 
--- End a live allocation (released | expired | lost): give its GPUs back. rec: the record as a
--- table when the caller already read it (release); it is updated to match what is written.
--- A lost allocation (its node was forgotten) is always notified when it has a webhook_url.
-local function finish_alloc(id, status, rec)
+-- End a live allocation (released | expired | lost | preempted): give its GPUs back. rec: the
+-- record as a table when the caller already read it (release); it is updated to match what is
+-- written. by_holder: its holder released it (released_at is set; a preempting allocation its
+-- holder releases ends as preempted). A lost allocation (its node was forgotten) and a
+-- preempted one are always notified when they have a webhook_url.
+local function finish_alloc(id, status, rec, by_holder)
   local rk = k_req(id)
   local f
   if rec then
@@ -117,7 +119,7 @@ local function finish_alloc(id, status, rec)
   end
   tenant_add(f[9], -#ids)
   local now = NOW_S
-  if status == 'released' then
+  if status == 'released' or by_holder then
     redis.call('HSET', rk, 'status', status, 'released_at', now, 'ended_at', now)
     if rec then rec.released_at = now end
   else
@@ -131,7 +133,7 @@ local function finish_alloc(id, status, rec)
   notify(id, status)
   local evid = event(status, id, svc, {'node', node or '', 'gpu_ids', f[2] or '[]'})
   stat('alloc|' .. svc_label(svc) .. '|' .. status)
-  outbox(status, id, evid, f[6], f[7], status == 'lost')
+  outbox(status, id, evid, f[6], f[7], status == 'lost' or status == 'preempted')
   if f[8] == '1' then
     if status == 'released' then
       redis.call('DEL', k_deps(id))  -- its ok-dependents may run now; nothing left to cancel

@@ -65,7 +65,7 @@ local function deps_done(r)
   local ok_mode = r.mode == 'ok'
   for _, dep in ipairs(cjson.decode(r.deps_raw)) do
     local st = redis.call('HGET', k_req(dep), 'status')
-    if st == 'queued' or st == 'allocated' then return false end
+    if st == 'queued' or st == 'allocated' or st == 'preempting' then return false end
     if ok_mode and st and st ~= 'released' then return false end
   end
   return true

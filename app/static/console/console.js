@@ -146,7 +146,8 @@
           el("strong", {text: h.service_name || "?"}),
           h.owner ? el("span", {"class": "muted", text: " (" + h.owner + ")"}) : null,
           el("div", {"class": "muted small", text: "since " + short(h.since) + " · lease ends " + short(h.expires_at) +
-            (h.sharing === "shared" ? " · shared" : "")})
+            (h.sharing === "shared" ? " · shared" : "")}),
+          h.status === "preempting" ? badge("preempting until " + clock(h.preempt_at), "warn") : null
         ]);
       }));
     } else {
@@ -203,9 +204,10 @@
 
   function eventItem(e) {
     var parts = [];
-    ["service_name", "request_id", "node", "gpu_index", "health", "priority", "reason", "allocations_lost"].forEach(function (k) {
+    ["service_name", "request_id", "node", "gpu_index", "health", "priority", "reason", "allocations_lost", "for"].forEach(function (k) {
       if (e[k] !== undefined) parts.push(k.replace("_", " ") + " " + e[k]);
     });
+    if (e.preempt_at) parts.push("ends " + clock(e.preempt_at));
     if (e.by) parts.push("by " + e.by);
     return el("li", {"data-event": e.event}, [
       el("span", {"class": "muted mono", text: short(e.at)}), " ",
