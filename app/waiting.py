@@ -337,7 +337,7 @@ class _Sim:
                     return False
             elif d in self.pending:
                 return False
-            elif self.dep_status.get(d) in ("queued", "allocated"):
+            elif self.dep_status.get(d) in ("queued", "allocated", "preempting"):
                 return None
         return True
 
