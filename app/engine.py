@@ -1303,6 +1303,7 @@ class Engine:
         scheduler: dict[str, int] = {}
         per_bucket: dict[str, int] = {}
         webhooks = dict.fromkeys(WEBHOOK_RESULTS, 0)
+        preemptions: dict[str, int] = {}
         wait_sum = 0.0
         for field, value in raw.items():
             parts = field.split("|")
@@ -1317,6 +1318,8 @@ class Engine:
                 per_bucket[parts[2]] = int(value)
             elif parts[0] == "webhook" and len(parts) == 2:
                 webhooks[parts[1]] = int(value)
+            elif parts[0] == "preempt" and len(parts) >= 2:
+                preemptions["|".join(parts[1:])] = int(value)
         # an immediate grant waited 0 s: the scripts count it only in sched|immediate
         buckets, running = [], scheduler.get("immediate", 0)
         for b in WAIT_BUCKETS:
@@ -1330,6 +1333,7 @@ class Engine:
             "scheduler": scheduler,
             "wait": {"buckets": buckets, "sum": wait_sum, "count": wait_count},
             "webhooks": webhooks,
+            "preemptions": preemptions,
         }
 
     def events(self, after: str = "-", count: int = 100) -> list[dict]:

@@ -233,6 +233,15 @@ def stats_families(stats: dict[str, Any], max_service_labels: int = 100) -> Iter
         hooks.add_metric([result], float(value))
     yield hooks
 
+    pre = CounterMetricFamily(
+        "gpu_orchestrator_preemptions_total",
+        "allocations given notice to leave (drain, or another tenant's guarantee), by tenant",
+        labels=("tenant",),
+    )
+    for tenant, value in sorted(stats.get("preemptions", {}).items()):
+        pre.add_metric([tenant], float(value))
+    yield pre
+
 
 def _le(le: Any) -> str:
     le = float(le)

@@ -58,6 +58,7 @@ def exposition(make_app):
     ).get_json()
     client.post("/gpu/allocate", json={"service_name": "waits"})
     client.post("/gpu/release", json={"allocation_id": a["id"]})
+    client.post("/admin/nodes/node-a/drain")  # "waits" got a GPU: it is preempted
     client.get("/gpu/requests/nope-1")
     return client.get("/metrics").get_data(as_text=True)
 
@@ -84,6 +85,7 @@ def test_dashboard_panels_cover_the_operations_story():
         "latency",
         "errors",
         "nodes",
+        "preemptions",
     ):
         assert topic in titles, topic
     assert all(t["datasource"]["uid"] == "prometheus" for p in dash["panels"] for t in p["targets"])

@@ -173,3 +173,15 @@ def test_admin_cli_drain_preempts_and_says_so(settings, redis_url, monkeypatch, 
         data = json.loads(capsys.readouterr()[0])
     assert code == 0 and data["preempted"] == [] and data["allocations"] == [a["id"]]
     assert live_app.extensions["gpu_engine"].get(a["id"])["status"] == "preempting"
+
+
+def test_preemptions_are_counted_per_tenant_on_metrics(app):  # noqa: F811
+    client = app.test_client()
+    allocate(client, "trainer", nodes=["node-a"])
+    allocate(client, "trainer", nodes=["node-a"])
+    allocate(client, "web", nodes=["node-b"])
+    client.post("/admin/nodes/node-a/drain")
+    client.post("/admin/nodes/node-a/drain")  # already preempting: not counted twice
+    text = client.get("/metrics").get_data(as_text=True)
+    lines = [x for x in text.splitlines() if x.startswith("gpu_orchestrator_preemptions_total")]
+    assert lines == ['gpu_orchestrator_preemptions_total{tenant="trainer"} 2.0']

@@ -28,7 +28,7 @@ end
 local function preempt_alloc(id, grace, reason, by, for_id)
   local rk = k_req(id)
   local f = redis.call('HMGET', rk, 'status', 'expires_at', 'service_name', 'webhook_url', 'node',
-    'gpu_ids')
+    'gpu_ids', 'tenant')
   if f[1] ~= 'allocated' then return false end
   if grace < 0 then grace = 0 end
   local at = NOW + grace
@@ -45,6 +45,10 @@ local function preempt_alloc(id, grace, reason, by, for_id)
     extra[#extra + 1] = for_id
   end
   local evid = event('preempting', id, f[3], extra)
+  -- gpu_orchestrator_preemptions_total{tenant}: the tenant (its service before tenants), under
+  -- the same bounded label set as the services (stats.lua, svc_label)
+  local tenant = f[7] or ''
+  stat('preempt|' .. svc_label(tenant ~= '' and tenant or f[3]))
   outbox('preempting', id, evid, f[4], nil, true, {expires_at = expires, preempt_at = at_s})
   if grace <= 0 then finish_alloc(id, 'preempted') end
   return true
