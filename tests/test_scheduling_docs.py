@@ -10,6 +10,7 @@ examples' wall-clock times are UTC on 2026-12-01.
 from __future__ import annotations
 
 import re
+import uuid
 from datetime import UTC, datetime
 
 import pytest
@@ -66,6 +67,7 @@ class World:
         overrides["scheduler"] = {
             "aging_rate": 0,
             "node_heartbeat_timeout": 86400,
+            "node_forget_after": 0,
             **overrides.get("scheduler", {}),
             **scheduler,
         }
@@ -167,3 +169,48 @@ def test_spare_gpus_of_a_reserved_node_example(world):
     long = w.ask("10:00", "team", 1, 60)
     assert long["status"] == "allocated"  # a spare GPU: Big needs 2 of the 4 free at 10:10
     says(text, "Long takes the free GPU at once")
+
+
+def hms(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%H:%M:%S")
+
+
+def test_preemption_with_notice_example(world):
+    text = section("Preemption with notice")
+    for trainer_releases in (True, False):
+        prefix = "{docs-%s}" % uuid.uuid4().hex[:8]  # a fresh engine state per replay
+        w = world({**config_of(text), "redis": {"prefix": prefix}})
+        w.node("gpu-node-1", 2)
+        w.now = at("13:00")
+        trainer = w.engine.allocate(
+            {"service_name": "trainer", "required_gpus": 1, "ttl_seconds": 7200}
+        )
+        w.now = at("13:00:20")
+        batch = w.engine.allocate(
+            {"service_name": "batch", "required_gpus": 1, "ttl_seconds": 3600}
+        )
+        w.now = at("14:00")
+        drained = w.engine.drain_node("gpu-node-1")
+        assert set(drained["preempted"]) == {trainer["id"], batch["id"]}
+        t, b = w.engine.get(trainer["id"]), w.engine.get(batch["id"])
+        assert t["status"] == b["status"] == "preempting"
+        assert hms(t["preempt_at"]) == hms(b["preempt_at"]) == "14:00:30"
+        assert hms(t["expires_at"]) == "14:00:30" and hms(b["expires_at"]) == "14:00:20"
+        if trainer_releases:
+            w.release("14:00:12", trainer)  # checkpointed
+            assert w.status(trainer) == "preempted"
+        w.now = at("14:00:20")
+        w.engine.reap()
+        assert w.status(batch) == "expired"
+        if not trainer_releases:
+            w.now = at("14:00:30")
+            w.engine.reap()
+            assert w.status(trainer) == "preempted"
+            assert hms(w.engine.get(trainer["id"])["ended_at"]) == "14:00:30"
+    says(
+        text,
+        "`preempt_at` 14:00:30",
+        "ends `expired` at 14:00:20",
+        "releases at 14:00:12: it ends `preempted`",
+        "ended it `preempted` at 14:00:30",
+    )
