@@ -160,6 +160,7 @@ _BUILDERS = (
     ("k_idem(k)", "idempotency", 1),
     ("k_free(n)", "node_free_gpus", 1),
     ("k_tqueue(t)", "queue_tenant", 1),
+    ("k_holds()", "preempt_holds", 0),
 )
 _INCLUDE = re.compile(r"^-- @include (\w+)\s*$", re.M)
 _STALE = -11

@@ -153,6 +153,11 @@ class Keys:
         quotas). Tenants with none have no field."""
         return self._k("tenants", "queued")
 
+    def preempt_holds(self) -> str:
+        """HASH node -> id of the queued request a guarantee preemption holds it for (a strong
+        reservation: no other request is placed there; includes/preemption.lua)."""
+        return self._k("preempt", "holds")
+
     def queue_tenant(self, tenant: str) -> str:
         """ZSET of one tenant's queued requests, scored as in ``queue()`` (its own queue order;
         the fair-share pass walks these). Gone when the tenant has nothing queued."""

@@ -44,6 +44,7 @@ SHAPES = [
     (K.tenants(), "{gpuo}:tenants"),
     (K.tenant_queued(), "{gpuo}:tenants:queued"),
     (K.queue_tenant("team-a"), "{gpuo}:queue:tenant:team-a"),
+    (K.preempt_holds(), "{gpuo}:preempt:holds"),
     (K.session_secret(), "{gpuo}:session:secret"),
     (K.meta(), "{gpuo}:meta"),
     (K.changes(), "{gpuo}:changes"),
@@ -95,6 +96,7 @@ def test_every_key_method_is_pinned():
         "tenants": "tenants",
         "tenant_queued": "tenants",
         "queue_tenant": "queue",
+        "preempt_holds": "preempt",
         "changes": "changes",
         "session_secret": "session",
     }

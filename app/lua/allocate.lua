@@ -162,7 +162,13 @@ if rank then
   event('queued', id, svc, nil)
   stat('alloc|' .. svc_label(svc) .. '|queued')
   queue().reserve_new(id)
-  return {1, submitted, rank + 1, {}}
+  -- a tenant below its guarantee may preempt for it (includes/preemption.lua); with no grace
+  -- period the victims ended already and a pass may place it now
+  if PREEMPT == '1' and preempt_for_guarantees(id, false) > 0 and PREEMPT_GRACE <= 0 then
+    schedule(nil, true)
+    rank = redis.call('ZRANK', K_QUEUE, id)
+  end
+  if rank then return {1, submitted, rank + 1, {}} end
 end
 local names = {'status', 'node', 'gpu_ids', 'gpu_uuids', 'allocated_at', 'expires_at',
   'wait_time_seconds'}

@@ -97,6 +97,18 @@ local function fail_dependents(id)
   end
 end
 
+-- A victim of a guarantee preemption ended: the queued request it was preempted for (rid)
+-- waits for one fewer; after the last, its hold lasts HB_TIMEOUT more (the monitor's next
+-- report shows the memory freed) and then lapses if it still does not fit (pass.lua).
+local function victim_ended(rid)
+  if not rid or rid == '' then return end
+  local rk = k_req(rid)
+  if redis.call('HGET', rk, 'status') ~= 'queued' then return end
+  if redis.call('HINCRBY', rk, 'preempt_pending', -1) <= 0 then
+    redis.call('HSET', rk, 'hold_until', ftime(NOW + HB_TIMEOUT))
+  end
+end
+
 -- End a live allocation (released | expired | lost | preempted): give its GPUs back. rec: the
 -- record as a table when the caller already read it (release); it is updated to match what is
 -- written. by_holder: its holder released it (released_at is set; a preempting allocation its
@@ -107,10 +119,11 @@ local function finish_alloc(id, status, rec, by_holder)
   local f
   if rec then
     f = {rec.node, rec.gpu_ids, rec.sharing, rec.min_memory_mb, rec.service_name,
-      rec.webhook_url, rec.webhook_events, rec.ok_dependents, rec.tenant}
+      rec.webhook_url, rec.webhook_events, rec.ok_dependents, rec.tenant, rec.preempted_for}
   else
     f = redis.call('HMGET', rk, 'node', 'gpu_ids', 'sharing', 'min_memory_mb',
-      'service_name', 'webhook_url', 'webhook_events', 'ok_dependents', 'tenant')
+      'service_name', 'webhook_url', 'webhook_events', 'ok_dependents', 'tenant',
+      'preempted_for')
   end
   local node, sharing, minm, svc = f[1], f[3], tonumber(f[4]) or 0, f[5] or ''
   local ids = cjson.decode(f[2] or '[]')
@@ -134,6 +147,7 @@ local function finish_alloc(id, status, rec, by_holder)
   local evid = event(status, id, svc, {'node', node or '', 'gpu_ids', f[2] or '[]'})
   stat('alloc|' .. svc_label(svc) .. '|' .. status)
   outbox(status, id, evid, f[6], f[7], status == 'lost' or status == 'preempted')
+  victim_ended(f[10])
   if f[8] == '1' then
     if status == 'released' then
       redis.call('DEL', k_deps(id))  -- its ok-dependents may run now; nothing left to cancel

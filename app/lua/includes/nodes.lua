@@ -67,6 +67,7 @@ local function forget_node(node, by, reason)
   local holder = redis.call('HGET', K_RES, node)
   if holder then
     redis.call('HDEL', K_RES, node)
+    redis.call('HDEL', k_holds(), node)
     redis.call('HSET', k_req(holder), 'reserved_node', '')
     redis.call('ZADD', K_QUNRES, NOW_S, holder)
   end

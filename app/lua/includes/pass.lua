@@ -58,8 +58,16 @@
       if not r or r.status ~= 'queued' or not deps_done(r) then return granted end
       local blocked = {}
       local res = redis.call('HGETALL', K_RES)
+      -- a preemption's hold is a reservation nobody else may use (no backfill, no spare)
+      local holds = #res > 0 and read_holds() or nil
       for i = 1, #res, 2 do
-        if ranks_before(res[i + 1], new_id) then blocked[res[i]] = {id = res[i + 1]} end
+        if holds and holds[res[i]] == res[i + 1] then
+          if res[i + 1] ~= new_id then
+            blocked[res[i]] = {id = res[i + 1], t = NEVER, spare = 0}
+          end
+        elseif ranks_before(res[i + 1], new_id) then
+          blocked[res[i]] = {id = res[i + 1]}
+        end
       end
       local node, chosen = place(r, blocked)
       if node then
@@ -81,6 +89,13 @@
       for i = 1, #res, 2 do reserved_by[res[i + 1]] = res[i] end
       local waited = redis.call('ZRANGEBYSCORE', K_QUNRES, '-inf', ftime(NOW - RES_AFTER))
       for _, id in ipairs(waited) do due[id] = true end
+    end
+    -- nodes held for a preemption's request: blocked for every other request from the start
+    -- (no backfill, no spare GPUs); held_node: holder id -> its node
+    local held_node = {}
+    for node, hid in pairs(read_holds() or {}) do
+      blocked[node] = {id = hid, t = NEVER, spare = 0}
+      held_node[hid] = node
     end
 
     -- A queued request the pass did not place (r: it, when read; eligible: its dependencies
@@ -116,7 +131,7 @@
           if rn == '' then may_reserve = false else new_reservations = new_reservations + 1 end
         end
       end
-      if rn and rn ~= '' then blocked[rn] = {id = id, r = r} end
+      if rn and rn ~= '' and not held_node[id] then blocked[rn] = {id = id, r = r} end
     end
 
     -- When the walk stops early because nothing fits any more, the heads it did not reach
@@ -164,13 +179,30 @@
           local r, eligible = nil, false
           -- a failure the reservations caused (held_hit) holds for every lease as long or
           -- longer (backfill needs a lease that ends by the reserved start): fail_lease[sig]
-          if ok and not failed[sig] and not (lease and lease >= (fail_lease[sig] or math.huge)) then
+          -- a holder is tried whatever failed before it (its node is blocked for the others)
+          local hn = held_node[id]
+          if ok and (hn or (not failed[sig] and
+              not (lease and lease >= (fail_lease[sig] or math.huge)))) then
             r = load_req(id)
             eligible = r ~= nil and deps_done(r)
             local rl = eligible and (r.lease < 0 and NEVER or r.lease)
-            if eligible and rl < (fail_lease[sig] or math.huge) then
+            if eligible and (hn or rl < (fail_lease[sig] or math.huge)) then
+              local hb = hn and blocked[hn]
+              if hn then blocked[hn] = nil end
               local node, chosen = place(r, blocked)
-              if node then
+              if hn and not node then
+                if hold_lapsed(id) then
+                  -- its victims are gone and it still does not fit: a plain reservation again
+                  redis.call('HDEL', k_holds(), hn)
+                  held_node[id] = nil
+                  blocked[hn] = {id = id, r = r}
+                else
+                  blocked[hn] = hb
+                end
+              end
+              if hn and not node then
+                held_hit = false -- a holder's failure says nothing about its shape for others
+              elseif node then
                 took(r, node, blocked, chosen)
                 grant(r, node, chosen, true, id ~= new_id)
                 granted[#granted + 1] = id

@@ -45,6 +45,7 @@ queue = function()
     if reserved and reserved ~= '' then
       if redis.call('HGET', K_RES, reserved) == id then
         redis.call('HDEL', K_RES, reserved)
+        redis.call('HDEL', k_holds(), reserved) -- a preemption's hold, if it was one
         bump_capacity()
       end
     end
@@ -110,6 +111,11 @@ local function schedule(new_id, force)
   if redis.call('ZCARD', K_QUEUE) == 0 then return {} end
   stat_buf, meta_buf = {}, {}
   local granted = queue().pass(new_id, force)
+  -- the periodic pass: tenants below their guarantee may preempt (includes/preemption.lua);
+  -- with no grace period the victims ended already, and another pass places the request
+  if force and PREEMPT == '1' and preempt_for_guarantees(nil, true) > 0 and PREEMPT_GRACE <= 0 then
+    for _, id in ipairs(queue().pass(nil, true)) do granted[#granted + 1] = id end
+  end
   stat_flush()
   return granted
 end
