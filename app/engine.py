@@ -46,6 +46,7 @@ from app.errors import (
     OwnerQueueFull,
     PayloadTooLarge,
     QueueFull,
+    TenantQueueFull,
     Unsatisfiable,
     ValidationFailed,
 )
@@ -60,7 +61,7 @@ from app.record import (
     stored,
 )
 from app.replication import write_acked
-from app.settings import tenant_key, tenant_quotas
+from app.settings import tenant_key, tenant_quota, tenant_quotas
 
 LUA_DIR = Path(__file__).with_name("lua")
 SCRIPTS = (
@@ -77,10 +78,11 @@ SCRIPTS = (
     "priority",
     "snapshot",
     "counts",
+    "tenant_list",
 )
 #: Functions flagged ``no-writes`` and called with FCALL_RO (a replica may serve them); they
 #: wait for no replica acknowledgement (redis.min_replicas_ack).
-READ_ONLY = ("snapshot", "counts")
+READ_ONLY = ("snapshot", "counts", "tenant_list")
 #: The library's includes, in load order (each defined once, at the library's top level; an
 #: include may itself include others, e.g. queue.lua the reservations and the pass).
 INCLUDES = (
@@ -325,6 +327,14 @@ def _upgrading(function: str, ours: str, found: Any) -> EngineUpgrading:
     )
 
 
+def _tenant_queue_full(queued: str, limit: str, tenant: str) -> TenantQueueFull:
+    return TenantQueueFull(
+        f"tenant {tenant!r} already has {queued} requests queued, its max_queued ({limit}); "
+        "retry when some are granted",
+        details={"tenant": tenant, "queued": int(queued), "limit": int(limit)},
+    )
+
+
 def _not_found(what: str, ident: str, detail: Any = None) -> OrchestratorError:
     msg = f"{what} {ident!r} not found"
     if detail:
@@ -361,6 +371,7 @@ ERRORS: dict[int, Callable[[dict, list], OrchestratorError]] = {
         "retry when some are granted",
         details={"queued": int(d[0]), "limit": int(d[1])},
     ),
+    -12: lambda ctx, d: _tenant_queue_full(*d[:2], d[2] if len(d) > 2 else ""),
     -10: lambda ctx, d: ValidationFailed(
         f"depends_on names {d[0]!r}, which ended {d[1]}: with depends_on_mode ok this request "
         "could never run",
@@ -446,6 +457,13 @@ def _unsatisfiable(reason: str, limit: str, ctx: dict) -> Unsatisfiable:
             f"no node {_on_nodes(ctx).replace('on ', 'among ')}has {ctx.get('required_gpus')} "
             f"GPUs{what} with at least {ctx.get('min_memory_mb')} MB (the most is {limit_n});"
             " all GPUs of an allocation sit on one node"
+        )
+    elif reason == "max_gpus":
+        field = "required_gpus"
+        gpus = 1 if ctx.get("sharing") == "shared" else ctx.get("required_gpus")
+        msg = (
+            f"the request needs {gpus} GPUs at once, more than tenant {ctx.get('tenant')!r} "
+            f"may hold (max_gpus {limit_n}), so it can never be granted"
         )
     elif reason == "required_gpus":
         msg = (
@@ -911,6 +929,8 @@ class Engine:
             "gpu_model": fields["gpu_model"],
             "nodes": json.loads(fields["nodes"]),
             "preferred_gpus": json.loads(fields["preferred_gpus"]),
+            "sharing": fields["sharing"],
+            "tenant": fields["tenant"],
         }
         scoped_key = f"{fields['owner']}|{idempotency_key}" if idempotency_key else ""
         flat = stored(fields)  # fields at their default are not stored (app/record.py)
@@ -1294,6 +1314,41 @@ class Engine:
         if nodes:
             out.update(nodes_total=int(n_total), nodes_alive=int(n_alive))
         return out
+
+    def tenants(self, include: tuple[str, ...] = ()) -> list[dict]:
+        """Every tenant the engine knows of (the configured ones, and every tenant holding
+        GPUs, waiting, or with usage left), by name: its quota (``weight``,
+        ``guaranteed_gpus``, ``max_gpus``, ``max_queued``), ``gpus_held``, ``queued``,
+        ``usage_gpu_hours`` (decayed with ``tenants.usage_half_life``, as of now) and
+        ``fair_share``: its weight over the weights of the tenants that hold or wait for GPUs
+        now (the fraction of the fleet fair share gives it; 0 while it does neither).
+        ``include``: tenants to list even when the engine has nothing on them."""
+        flat = list(self._run("tenant_list"))
+        for name in include:
+            if name not in flat[0::4]:
+                flat += [name, "0", "0", "0"]
+        rows = []
+        for i in range(0, len(flat) - 3, 4):
+            name = flat[i]
+            q = tenant_quota(self.settings, name)
+            rows.append(
+                {
+                    "tenant": name,
+                    "weight": q["weight"],
+                    "guaranteed_gpus": q["guaranteed_gpus"],
+                    "max_gpus": q["max_gpus"],
+                    "max_queued": q["max_queued"],
+                    "gpus_held": int(float(flat[i + 1])),
+                    "queued": int(flat[i + 3]),
+                    "usage_gpu_hours": _float_or(flat[i + 2], 0.0) / 3600.0,
+                }
+            )
+        active = sum(r["weight"] for r in rows if r["gpus_held"] or r["queued"])
+        for r in rows:
+            r["fair_share"] = (
+                r["weight"] / active if active and (r["gpus_held"] or r["queued"]) else 0.0
+            )
+        return sorted(rows, key=lambda r: r["tenant"])
 
     def stats(self) -> dict:
         """Cluster-wide counters: allocations[service][status], scheduler counters, wait histogram

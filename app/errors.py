@@ -12,7 +12,8 @@
     ├── Conflict (409, conflict)
     ├── PayloadTooLarge (413, payload_too_large)
     ├── QueueFull (429, queue_full)
-    │   └── OwnerQueueFull (429, owner_queue_full)
+    │   ├── OwnerQueueFull (429, owner_queue_full)
+    │   └── TenantQueueFull (429, tenant_queue_full)
     └── Unavailable (503, unavailable)
         └── EngineUpgrading (503, engine_upgrading)
 
@@ -82,6 +83,13 @@ class OwnerQueueFull(QueueFull):
     """The caller's own share of the queue is full; other owners can still queue."""
 
     code = "owner_queue_full"
+
+
+class TenantQueueFull(QueueFull):
+    """The caller's tenant has its ``max_queued`` requests queued; other tenants can still
+    queue."""
+
+    code = "tenant_queue_full"
 
 
 class Unavailable(OrchestratorError):

@@ -111,6 +111,8 @@ class RedisCollector:
             counts = self.engine.counts(nodes=True)
             snapshot_gpus = self.engine.snapshot(requests=False)["gpus"]
             stats = self.engine.stats()
+            tenants = self.engine.tenants()
+            labelled = tenant_labels(self.engine)
         except redis.RedisError as exc:
             log.warning("metrics: Redis unavailable (%s)", exc.__class__.__name__)
             yield _gauge("gpu_orchestrator_redis_up", "1 when Redis answered this scrape", 0)
@@ -151,6 +153,42 @@ class RedisCollector:
         yield nodes
         yield from _gpu_gauges(snapshot_gpus)
         yield from stats_families(stats, self.engine.settings.monitoring.max_service_labels)
+        yield from tenant_families(tenants, labelled)
+
+
+def tenant_labels(engine: Any) -> set[str]:
+    """Tenants that get their own ``tenant`` label: the configured ones, the principals of
+    ``auth.api_keys``, and the services with their own stats label (at most
+    ``monitoring.max_service_labels``). Any other name a client sends is ``other``, so no
+    number of service names adds series."""
+    from app.settings import tenant_quotas
+
+    settings = engine.settings
+    names = set(tenant_quotas(settings)) | set(settings.auth.api_keys.values())
+    names |= set(engine.redis.smembers(engine.keys.stats_services()))
+    return names
+
+
+def tenant_families(tenants: list[dict[str, Any]], labelled: set[str]) -> Iterable[Any]:
+    """``gpu_orchestrator_tenant_gpus_held`` and ``..._tenant_queued_requests`` by tenant."""
+    held: dict[str, float] = {}
+    queued: dict[str, float] = {}
+    for row in tenants:
+        label = row["tenant"] if row["tenant"] in labelled and row["tenant"] != OTHER else OTHER
+        held[label] = held.get(label, 0.0) + row["gpus_held"]
+        queued[label] = queued.get(label, 0.0) + row["queued"]
+    for name, doc, values in (
+        (
+            "gpu_orchestrator_tenant_gpus_held",
+            "GPUs each tenant's live allocations hold (a shared allocation counts as one)",
+            held,
+        ),
+        ("gpu_orchestrator_tenant_queued_requests", "requests each tenant has queued", queued),
+    ):
+        fam = GaugeMetricFamily(name, doc, labels=("tenant",))
+        for label in sorted(values):
+            fam.add_metric([label], values[label])
+        yield fam
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -557,6 +557,54 @@ class GpuStatusSchema(_ResponseSchema):
     gpus = fields.List(fields.Nested(GpuSchema), required=True)
 
 
+class TenantSchema(_ResponseSchema):
+    """One tenant: its quota (tenants.quotas over tenants.default) and what it uses now."""
+
+    tenant = StrictStr(
+        required=True, metadata={"description": "Its name: a principal or a service_name."}
+    )
+    weight = fields.Float(required=True, metadata={"description": "Its weight in fair share."})
+    guaranteed_gpus = StrictInt(required=True)
+    max_gpus = StrictInt(
+        required=True, allow_none=True, metadata={"description": "null: no limit."}
+    )
+    max_queued = StrictInt(
+        required=True, allow_none=True, metadata={"description": "null: no limit."}
+    )
+    gpus_held = StrictInt(
+        required=True,
+        metadata={"description": "GPUs its live allocations hold; a shared one counts as one."},
+    )
+    queued = StrictInt(required=True, metadata={"description": "Its requests in the queue."})
+    usage_gpu_hours = fields.Float(
+        required=True,
+        metadata={
+            "description": "GPU-hours it used, each counting half after every "
+            "tenants.usage_half_life."
+        },
+    )
+    fair_share = fields.Float(
+        required=True,
+        metadata={
+            "description": "The fraction of the fleet fair share gives it now: its weight over "
+            "the weights of the tenants holding or waiting for GPUs (0 while it does neither)."
+        },
+    )
+
+
+class TenantListSchema(_ResponseSchema):
+    """``GET /gpu/tenants``."""
+
+    tenants = fields.List(fields.Nested(TenantSchema), required=True)
+    key = StrictStr(
+        required=True,
+        metadata={"enum": ["principal", "service_name"], "description": "tenants.key in effect."},
+    )
+    fair_share_enabled = fields.Boolean(
+        required=True, metadata={"description": "tenants.fair_share: the order across tenants."}
+    )
+
+
 class GpuListSchema(_ResponseSchema):
     """``GET /gpu/list``: the fleet, and one page of requests as compact records."""
 

@@ -214,3 +214,78 @@ def test_preemption_with_notice_example(world):
         "releases at 14:00:12: it ends `preempted`",
         "ended it `preempted` at 14:00:30",
     )
+def test_quotas_example(world):
+    from app.errors import TenantQueueFull, Unsatisfiable
+
+    text = section("Quotas")
+    w = world(config_of(text))
+    w.node("a", 16)
+    with pytest.raises(Unsatisfiable) as err:
+        w.ask("10:00", "training-team", 10, 60)
+    assert err.value.status == 422 and err.value.details["limit"] == 8
+    six = w.ask("10:00", "training-team", 6, 60)
+    assert six["status"] == "allocated"
+    four = w.ask("10:00", "training-team", 4, 60)
+    assert four["status"] == "queued" and w.why(four)["reason"] == "quota"
+    assert w.engine.counts()["gpus_available"] == 10
+    assert w.ask("10:00", "inference-team", 4, 60)["status"] == "allocated"
+    two = w.ask("10:00", "training-team", 2, 60)
+    assert two["status"] == "allocated" and w.status(four) == "queued"
+    again = w.ask("10:00", "training-team", 2, 60)
+    assert again["status"] == "queued" and w.why(again)["reason"] == "quota"
+    with pytest.raises(TenantQueueFull) as full:
+        w.ask("10:00", "training-team", 2, 60)
+    assert full.value.status == 429 and full.value.code == "tenant_queue_full"
+    assert full.value.details["queued"] == 2 and full.value.details["limit"] == 2
+    w.release("10:30", six)
+    assert w.status(four) == "allocated" and w.status(again) == "allocated"
+    says(
+        text,
+        "`422 unsatisfiable` with `details.limit: 8`",
+        "it waits with `reason: quota` although 10 GPUs are free",
+        "`429 tenant_queue_full` with `queued: 2, limit: 2`",
+        "the 4-GPU request, first in its queue, is granted (it holds 6), then the 2-GPU one "
+        "(it holds 8)",
+    )
+
+
+def test_fair_share_example(world):
+    text = section("Fair share")
+    w = world(config_of(text))
+    w.node("a", 8)
+    job = w.ask("09:00", "third", 8, 120)
+    for _ in range(10):
+        w.ask("09:10", "inference-team", 1, 60)
+    for _ in range(10):
+        w.ask("09:10", "training-team", 1, 60)
+    w.release("10:00", job)
+    grants = [
+        e["service_name"]
+        for e in w.engine.events(count=1000)
+        if e["event"] == "allocated" and e["service_name"] != "third"
+    ]
+    assert grants == [
+        "inference-team",
+        "training-team",
+        "training-team",
+        "training-team",
+        "inference-team",
+        "training-team",
+        "training-team",
+        "training-team",
+    ]
+    rows = {r["tenant"]: r for r in w.engine.tenants()}
+    assert rows["training-team"]["gpus_held"] == 6 and rows["inference-team"]["gpus_held"] == 2
+    says(text, "`training-team` ends with 6 GPUs and `inference-team` with 2: 3:1")
+    # without fair share the queue order wins
+    w2 = world({"tenants": {"quotas": config_of(text)["tenants"]["quotas"]}})
+    w2.engine.redis.flushdb()
+    w2.node("a", 8)
+    job = w2.ask("09:00", "third", 8, 120)
+    for _ in range(10):
+        w2.ask("09:10", "inference-team", 1, 60)
+    for _ in range(10):
+        w2.ask("09:10", "training-team", 1, 60)
+    w2.release("10:00", job)
+    assert {r["tenant"]: r["gpus_held"] for r in w2.engine.tenants()}["inference-team"] == 8
+    says(text, "would have received all 8")

@@ -95,6 +95,7 @@ CALLS = {
     ),
     ("GET", "/gpu/status"): ("/gpu/status", None, {"owner": 200, "other": 200, "admin": 200}),
     ("GET", "/gpu/list"): ("/gpu/list", None, {"owner": 200, "other": 200, "admin": 200}),
+    ("GET", "/gpu/tenants"): ("/gpu/tenants", None, {"owner": 200, "other": 200, "admin": 200}),
     ("POST", "/gpu/workload"): (
         "/gpu/workload",
         {"workload_type": "generic"},

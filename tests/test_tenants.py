@@ -10,6 +10,7 @@ import pytest
 from app import settings as settings_mod
 from app.cli import main as cli_main
 from app.engine import Engine
+from app.errors import TenantQueueFull, Unsatisfiable
 from tests.api_support import allocate, clock, make_app  # noqa: F401 (fixtures)
 
 HOUR = 3600.0
@@ -331,3 +332,350 @@ def test_a_priority_change_moves_the_request_in_its_tenants_queue(make_engine):
     assert eng.redis.zrange(key, 0, -1, withscores=True) == eng.redis.zrange(
         eng.keys.queue(), 0, -1, withscores=True
     )
+
+
+# ----------------------------------------------------------------------------- quotas
+
+
+QUOTAS = {"quotas": {"team-a": {"max_gpus": 3, "max_queued": 2}, "team-b": {"weight": 1}}}
+
+
+def test_a_request_alone_over_max_gpus_is_unsatisfiable(make_engine, redis):
+    eng = make_engine(n=8, tenants=QUOTAS)
+    before = redis.dbsize()
+    with pytest.raises(Unsatisfiable) as err:
+        eng.allocate({"service_name": "team-a", "required_gpus": 4})
+    assert err.value.details == {"field": "required_gpus", "reason": "max_gpus", "limit": 3}
+    assert "team-a" in err.value.message and "max_gpus 3" in err.value.message
+    assert redis.dbsize() == before  # nothing written
+    assert eng.allocate({"service_name": "team-a", "required_gpus": 3})["status"] == "allocated"
+    # another tenant is not capped
+    assert eng.allocate({"service_name": "team-b", "required_gpus": 4})["status"] == "allocated"
+
+
+def test_the_default_max_gpus_caps_every_other_tenant(make_engine):
+    eng = make_engine(n=8, tenants={"default": {"max_gpus": 1}, "quotas": {"big": {}}})
+    with pytest.raises(Unsatisfiable):
+        eng.allocate({"service_name": "anyone", "required_gpus": 2})
+    with pytest.raises(Unsatisfiable):
+        eng.allocate({"service_name": "big", "required_gpus": 2})  # inherits the default
+
+
+def test_one_that_would_exceed_max_gpus_waits_until_the_tenant_releases(make_engine):
+    eng = make_engine(n=8, tenants=QUOTAS)
+    a1 = eng.allocate({"service_name": "team-a", "required_gpus": 2})
+    a2 = eng.allocate({"service_name": "team-a", "required_gpus": 2})
+    assert a1["status"] == "allocated" and a2["status"] == "queued"  # 2 + 2 > 3, GPUs free
+    small = eng.allocate({"service_name": "team-a", "required_gpus": 1})
+    assert small["status"] == "allocated"  # 2 + 1 <= 3: it may pass the one that waits
+    other = eng.allocate({"service_name": "team-b", "required_gpus": 4})
+    assert other["status"] == "allocated"  # the quota holds back only team-a
+    assert held(eng) == {"team-a": 3, "team-b": 4}
+    eng.schedule_pass()
+    assert eng.get(a2["id"])["status"] == "queued"
+    eng.release(a1["id"])
+    assert eng.get(a2["id"])["status"] == "allocated"
+    assert held(eng) == {"team-a": 3, "team-b": 4}
+
+
+def test_a_shared_allocation_counts_as_one_gpu_against_max_gpus(make_engine):
+    eng = make_engine(n=4, tenants={"quotas": {"s": {"max_gpus": 2}}})
+    shared = {"service_name": "s", "sharing": "shared", "min_memory_mb": 100}
+    assert eng.allocate(shared)["status"] == "allocated"
+    assert eng.allocate(shared)["status"] == "allocated"
+    assert eng.allocate(shared)["status"] == "queued"
+
+
+def test_a_quota_held_request_does_not_block_strict_fifo(make_engine):
+    eng = make_engine(n=4, scheduler={"policy": "strict_fifo"}, tenants=QUOTAS)
+    eng.allocate({"service_name": "team-a", "required_gpus": 3})
+    waits = eng.allocate({"service_name": "team-a", "required_gpus": 1})
+    assert waits["status"] == "queued"
+    assert eng.allocate({"service_name": "team-b"})["status"] == "allocated"
+
+
+def test_max_queued_refuses_only_that_tenant(make_engine, redis):
+    eng = make_engine(n=1, tenants=QUOTAS)
+    eng.allocate({"service_name": "hold"})
+    for _ in range(2):
+        assert eng.allocate({"service_name": "team-a"})["status"] == "queued"
+    keys_before = redis.dbsize()
+    with pytest.raises(TenantQueueFull) as err:
+        eng.allocate({"service_name": "team-a"})
+    assert err.value.status == 429 and err.value.code == "tenant_queue_full"
+    assert err.value.details == {"tenant": "team-a", "queued": 2, "limit": 2}
+    assert redis.dbsize() == keys_before
+    assert queued(eng) == {"team-a": 2}
+    assert eng.allocate({"service_name": "team-b"})["status"] == "queued"
+
+
+# ----------------------------------------------------------------------------- fair share
+
+
+def test_fair_share_spreads_freed_gpus_by_weight(make_engine):
+    """8 GPUs free up at once; A (weight 3) and B (weight 1), both with plenty queued and no
+    past usage: A gets 6, B 2."""
+    eng = make_engine(
+        n=8,
+        tenants={"fair_share": True, "quotas": {"a": {"weight": 3}, "b": {"weight": 1}}},
+    )
+    hold = eng.allocate({"service_name": "hold", "required_gpus": 8})
+    for _ in range(10):
+        eng.allocate({"service_name": "b"})  # b asked first: without fair share it takes all
+    for _ in range(10):
+        eng.allocate({"service_name": "a"})
+    eng.release(hold["id"])
+    assert held(eng) == {"a": 6, "b": 2}
+
+
+def test_without_fair_share_the_queue_order_wins(make_engine):
+    eng = make_engine(n=8, tenants={"quotas": {"a": {"weight": 3}, "b": {"weight": 1}}})
+    hold = eng.allocate({"service_name": "hold", "required_gpus": 8})
+    for _ in range(10):
+        eng.allocate({"service_name": "b"})
+    for _ in range(10):
+        eng.allocate({"service_name": "a"})
+    eng.release(hold["id"])
+    assert held(eng) == {"b": 8}
+
+
+def test_fair_share_favours_the_tenant_with_less_past_usage(make_engine, tclock):
+    eng = make_engine(n=2, tenants={"fair_share": True})
+    t0 = tclock.now
+    a = eng.allocate({"service_name": "a", "required_gpus": 2})
+    tclock.now = t0 + 3600
+    eng.report_node("n1", gpus(2))
+    for svc in ("a", "a", "b"):
+        eng.allocate({"service_name": svc})  # a first in the queue
+    eng.release(a["id"])
+    # usage: a ~1.44 GPU-hours, b none: the first GPU goes to b, then a (1.44+0 vs 0+1)
+    assert held(eng) == {"a": 1, "b": 1}
+    first = [e for e in eng.events(count=1000) if e["event"] == "allocated"][-2:]
+    assert [e["service_name"] for e in first] == ["b", "a"]
+
+
+def test_fair_share_keeps_the_order_within_a_tenant(make_engine):
+    eng = make_engine(n=1, tenants={"fair_share": True})
+    hold = eng.allocate({"service_name": "hold"})
+    low = eng.allocate({"service_name": "a", "priority": 3})
+    high = eng.allocate({"service_name": "a", "priority": 8})
+    eng.release(hold["id"])
+    assert eng.get(high["id"])["status"] == "allocated"
+    assert eng.get(low["id"])["status"] == "queued"
+
+
+def test_fair_share_respects_max_gpus_and_a_reservation(make_engine):
+    eng = make_engine(
+        n=4,
+        tenants={"fair_share": True, "quotas": {"a": {"max_gpus": 1}}},
+    )
+    hold = eng.allocate({"service_name": "hold", "required_gpus": 4})
+    for _ in range(3):
+        eng.allocate({"service_name": "a"})
+    for _ in range(3):
+        eng.allocate({"service_name": "b"})
+    eng.release(hold["id"])
+    assert held(eng) == {"a": 1, "b": 3}
+
+
+def test_fair_share_grants_requests_queued_before_tenants(make_engine, redis):
+    eng = make_engine(n=1, tenants={"fair_share": True})
+    hold = eng.allocate({"service_name": "hold"})
+    old = eng.allocate({"service_name": "legacy"})
+    # as an older release wrote it: no tenant on the record, in no tenant's queue
+    redis.hdel(eng.keys.request(old["id"]), "tenant")
+    redis.delete(eng.keys.queue_tenant("legacy"), eng.keys.tenant_queued())
+    eng.release(hold["id"])
+    assert eng.get(old["id"])["status"] == "allocated"
+    assert eng.get(old["id"])["tenant"] == "legacy"
+
+
+def test_the_reaper_forgets_tenants_whose_usage_decayed(make_engine, tclock, redis):
+    eng = make_engine(n=1, tenants={"usage_half_life": "1h"})
+    rec = eng.allocate({"service_name": "a"})
+    tclock.now += 3600  # 3600 GPU-seconds
+    eng.report_node("n1", gpus(1))
+    eng.release(rec["id"])
+    assert "a" in tenant_state(eng)
+    tclock.now += 6 * 3600  # 3600 / 2^6 = 56 < 60
+    eng.reap()
+    assert tenant_state(eng) == {}
+
+
+def test_equal_weights_and_demand_share_gpu_seconds_evenly_and_3_to_1_by_weight(
+    make_engine, tclock
+):
+    """Two backlogged tenants on 4 GPUs, 60 s jobs, 2 simulated hours: GPU-seconds split by
+    weight (exact under the injected clock)."""
+    for weights, want in (((1, 1), 1.0), ((3, 1), 3.0)):
+        eng = make_engine(
+            n=4,
+            tenants={
+                "fair_share": True,
+                "quotas": {"a": {"weight": weights[0]}, "b": {"weight": weights[1]}},
+            },
+        )
+        eng.redis.flushdb()
+        eng.report_node("n1", gpus(4))
+        used = {"a": 0.0, "b": 0.0}
+        live: dict = {}
+
+        def top_up(eng=eng):
+            for t in "ab":
+                while int(eng.redis.hget(eng.keys.tenant_queued(), t) or 0) < 5:  # backlogged
+                    eng.allocate({"service_name": t, "ttl_seconds": 600})
+
+        top_up()
+        end = tclock.now + 7200
+        while tclock.now < end:
+            for rid, rec in list(live.items()):
+                if rec["until"] <= tclock.now:
+                    eng.release(rid)
+                    del live[rid]
+            for rec in eng.snapshot(queue=False)["allocations"]:
+                if rec["id"] not in live:
+                    live[rec["id"]] = {"until": tclock.now + 60, "t": rec["tenant"]}
+            for rec in live.values():
+                used[rec["t"]] += 10
+            top_up()
+            tclock.now += 10
+            eng.report_node("n1", gpus(4))
+        ratio = used["a"] / used["b"]
+        assert abs(ratio - want) / want < 0.1, (weights, used)
+
+
+# ----------------------------------------------------------------------------- HTTP
+
+
+KEYS = {
+    "key-team-a-1f2e3d4c": "team-a",
+    "key-team-b-4c5b6a7d": "team-b",
+    "key-root-7d8e9f0a": "root",
+}
+
+
+def hdr(key):
+    return {"X-API-Key": key}
+
+
+def auth_app(make_app, **tenants):
+    return make_app(
+        auth={"enabled": True, "api_keys": KEYS, "admins": ["root"]},
+        tenants={"quotas": {"team-a": {"max_gpus": 2, "max_queued": 1, "weight": 2}}, **tenants},
+    ).test_client()
+
+
+def test_http_a_request_over_max_gpus_is_422_with_the_limit(make_app):
+    client = auth_app(make_app)
+    resp = client.post(
+        "/gpu/allocate",
+        json={"service_name": "train", "required_gpus": 3},
+        headers=hdr("key-team-a-1f2e3d4c"),
+    )
+    assert resp.status_code == 422
+    err = resp.get_json()["error"]
+    assert err["code"] == "unsatisfiable"
+    assert err["details"]["limit"] == 2 and err["details"]["reason"] == "max_gpus"
+    assert err["details"]["field"] == "required_gpus"
+
+
+def test_http_the_tenant_queue_full_is_429_for_that_tenant_only(make_app):
+    client = auth_app(make_app)
+    a, b = hdr("key-team-a-1f2e3d4c"), hdr("key-team-b-4c5b6a7d")
+    body = {"service_name": "train", "required_gpus": 2}
+    assert client.post("/gpu/allocate", json=body, headers=a).status_code == 200
+    assert client.post("/gpu/allocate", json=body, headers=a).status_code == 202  # quota
+    resp = client.post("/gpu/allocate", json=body, headers=a)
+    assert resp.status_code == 429 and resp.headers.get("Retry-After")
+    err = resp.get_json()["error"]
+    assert err["code"] == "tenant_queue_full"
+    assert err["details"] == {"tenant": "team-a", "queued": 1, "limit": 1}
+    assert client.post("/gpu/allocate", json=body, headers=b).status_code == 200
+
+
+def test_http_tenants_admins_see_all_others_their_own(make_app, clock):
+    client = auth_app(make_app)
+    a, b, root = hdr("key-team-a-1f2e3d4c"), hdr("key-team-b-4c5b6a7d"), hdr("key-root-7d8e9f0a")
+    body = {"service_name": "train", "required_gpus": 2}
+    client.post("/gpu/allocate", json=body, headers=a)
+    client.post("/gpu/allocate", json=body, headers=a)  # waits for team-a's quota
+    shared = {"service_name": "inf", "sharing": "shared", "min_memory_mb": 100}
+    client.post("/gpu/allocate", json=shared, headers=b)
+    clock.advance(1800)
+    register = client.application.extensions["gpu_engine"]
+    from tests.api_support import register_fleet
+
+    register_fleet(client.application)
+    assert register is not None
+    every = client.get("/gpu/tenants", headers=root)
+    assert every.status_code == 200
+    data = every.get_json()
+    assert data["key"] == "principal" and data["fair_share_enabled"] is False
+    rows = {r["tenant"]: r for r in data["tenants"]}
+    assert set(rows) == {"team-a", "team-b"}
+    assert rows["team-a"] == {
+        "tenant": "team-a",
+        "weight": 2,
+        "guaranteed_gpus": 0,
+        "max_gpus": 2,
+        "max_queued": 1,
+        "gpus_held": 2,
+        "queued": 1,
+        "usage_gpu_hours": pytest.approx(2 * 3600 / math.log(2) * (1 - 2**-0.5) / 3600),
+        "fair_share": pytest.approx(2 / 3),
+    }
+    assert rows["team-b"]["gpus_held"] == 1 and rows["team-b"]["max_gpus"] is None
+    assert rows["team-b"]["fair_share"] == pytest.approx(1 / 3)
+    mine = client.get("/gpu/tenants", headers=b).get_json()["tenants"]
+    assert [r["tenant"] for r in mine] == ["team-b"]
+    # a principal with nothing running still sees its own (empty) row, and nobody else's
+    lone = client.get("/gpu/tenants", headers=root)
+    assert lone.status_code == 200
+    assert client.get("/gpu/tenants").status_code == 401
+
+
+def test_http_tenants_with_key_service_name_shows_a_principal_its_services(make_app):
+    client = auth_app(make_app, key="service_name")
+    a, b = hdr("key-team-a-1f2e3d4c"), hdr("key-team-b-4c5b6a7d")
+    client.post("/gpu/allocate", json={"service_name": "svc-a"}, headers=a)
+    client.post("/gpu/allocate", json={"service_name": "svc-b"}, headers=b)
+    mine = client.get("/gpu/tenants", headers=a).get_json()
+    assert mine["key"] == "service_name"
+    assert [r["tenant"] for r in mine["tenants"]] == ["svc-a"]
+
+
+def test_http_tenants_is_in_the_openapi_spec(make_app):
+    spec = make_app().test_client().get("/openapi.json").get_json()
+    op = spec["paths"]["/gpu/tenants"]["get"]
+    assert {"200", "401", "503"} <= set(op["responses"])
+    props = spec["components"]["schemas"]["Tenant"]["properties"]
+    assert {
+        "weight",
+        "guaranteed_gpus",
+        "max_gpus",
+        "gpus_held",
+        "queued",
+        "usage_gpu_hours",
+        "fair_share",
+    } <= set(props)
+
+
+def test_metrics_per_tenant_with_bounded_labels(make_app):
+    from tests.test_metrics import scrape, value
+
+    client = make_app(
+        monitoring={"max_service_labels": 3}, tenants={"quotas": {"team": {"max_gpus": 8}}}
+    ).test_client()
+    client.post("/gpu/allocate", json={"service_name": "team", "required_gpus": 2})
+    for i in range(12):  # an attacker's stream of fresh names (auth off: tenant = service)
+        client.post("/gpu/allocate", json={"service_name": f"x{i}", "required_gpus": 1})
+    m = scrape(client)
+    held = m["gpu_orchestrator_tenant_gpus_held"]
+    labels = {lab["tenant"] for lab, _ in held}
+    assert "team" in labels and len(labels) <= 1 + 3 + 1, labels  # configured, 3 own, other
+    assert value(m, "gpu_orchestrator_tenant_gpus_held", tenant="team") == 2
+    assert sum(v for _, v in held) == 8  # 2 + 6 of the fresh names (8 GPUs), all counted
+    queued = m["gpu_orchestrator_tenant_queued_requests"]
+    assert sum(v for _, v in queued) == 6 and {lab["tenant"] for lab, _ in queued} <= labels | {
+        "other"
+    }

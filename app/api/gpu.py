@@ -21,6 +21,7 @@ from app.api import body, render
 from app.api.docs import doc
 from app.engine import LIVE_STATUSES, valid_cursor, workload_data_json
 from app.errors import BadRequest, NotFound, OrchestratorError, ValidationFailed
+from app.settings import tenant_key
 from app.webhook_policy import Refused
 
 log = logging.getLogger("gpu_orchestrator.api")
@@ -434,6 +435,42 @@ def list_all():
         limit=limit,
         next=snap["next"],
     )
+
+
+@blp.route("/tenants", methods=["GET"])
+@ok(
+    200,
+    schemas.TenantListSchema,
+    "Each tenant's quota, the GPUs it holds, its queued requests, decayed usage and fair share.",
+)
+@errors(401, 503)
+def tenants():
+    """Tenants (who pays for the GPUs: tenants.key). Admins, and everyone with auth off, see
+    every tenant; others see their own: the one named after their principal
+    (``tenants.key: principal``), or the services of their live and queued requests
+    (``tenants.key: service_name``)."""
+    engine = _engine()
+    settings = engine.settings
+    key = tenant_key(settings)
+    principal = auth.current_principal()
+    if auth.current_is_admin():
+        rows = engine.tenants()
+    else:
+        mine = _own_tenants(engine, key, principal)
+        rows = [r for r in engine.tenants(include=tuple(sorted(mine))) if r["tenant"] in mine]
+    return jsonify(tenants=rows, key=key, fair_share_enabled=settings.tenants.fair_share)
+
+
+def _own_tenants(engine, key: str, principal: str | None) -> set[str]:
+    """The tenants a principal's requests count against."""
+    if key == "principal":
+        return {principal} if principal else set()
+    snap = engine.snapshot()  # compact records of every live and queued request
+    return {
+        r["tenant"]
+        for r in snap["allocations"] + snap["queue"]
+        if r.get("owner") == principal and r.get("tenant")
+    }
 
 
 @blp.route("/workload", methods=["POST"])

@@ -16,12 +16,13 @@
     depends_on id, {-10, dep, status} depends_on_mode ok on a dependency that already ended
     otherwise than released, {-6, reason, limit} can never fit (reason no_gpus,
     required_gpus, min_memory_mb, preferred_gpus (an index beyond the largest node),
-    gpu_model, nodes or no_node), {-5, depth} queue full, {-9, queued, limit} the owner
-    already has MAX_OWNER requests queued, {-8} id taken.
+    gpu_model, nodes, no_node, or max_gpus: more than its tenant may hold), {-5, depth} queue
+    full, {-9, queued, limit} the owner already has MAX_OWNER requests queued, {-12, queued,
+    limit, tenant} the tenant already has its max_queued queued, {-8} id taken.
   Guarantees: the request is granted at once only if no higher-ranked waiting request could
-  use the GPUs (the pass tries those first); otherwise it is queued. A full queue, or an owner
-  at its share (MAX_OWNER; the owner is the principal, else the service), rejects only
-  requests that would wait. No writes on error (other than grants the pass made for others):
+  use the GPUs (the pass tries those first) and its tenant stays within max_gpus; otherwise it
+  is queued. A full queue, an owner at its share (MAX_OWNER; the owner is the principal, else
+  the service), or a tenant at its max_queued rejects only requests that would wait. No writes on error (other than grants the pass made for others):
   a rejected request leaves no record, counter or stats field behind.
 ]]
 -- @include prelude
@@ -115,6 +116,12 @@ elseif pat ~= '' or nodes_raw ~= '[]' then
   reject = never_fits()
 end
 if reject then return reject end
+-- the tenant's max_gpus: a request that alone exceeds it can never be granted
+local tenant = f.tenant or ''
+local tquota = tenant ~= '' and tenant_quota(tenant) or nil
+if tquota and tquota.max_gpus and (f.sharing == 'shared' and 1 or k) > tquota.max_gpus then
+  return {-6, 'max_gpus', tostring(tquota.max_gpus)}
+end
 local depth = redis.call('ZCARD', K_QUEUE)
 local bucket = owner_bucket(f.owner, svc)
 local rk = k_req(id)
@@ -130,7 +137,7 @@ end
 f.submitted_at, f.status = submitted, 'queued'
 local r = req_from(id, f)
 
-if depth == 0 and deps_done(r) then
+if depth == 0 and deps_done(r) and not over_quota(r) then
   local node, chosen = place(r, {})
   if node then
     -- the record is written once, by the grant (the same HSET, with the grant's fields)
@@ -145,14 +152,18 @@ schedule(id)
 local rank = redis.call('ZRANK', K_QUEUE, id)
 -- the owner's other queued requests, after the pass (which may have granted some of them)
 local mine = rank and (tonumber(redis.call('HGET', K_QOWNERS, bucket) or '1') or 1) - 1 or 0
-if rank and (depth >= MAX_QUEUE or mine >= MAX_OWNER) then
+-- and the tenant's (tenants.*.max_queued)
+local tlimit = tquota and tquota.max_queued
+local tmine = (rank and tlimit) and tenant_queued(tenant) - 1 or 0
+if rank and (depth >= MAX_QUEUE or mine >= MAX_OWNER or (tlimit and tmine >= tlimit)) then
   -- it would wait, and the queue is full or the owner has its share: undo (nothing about it
   -- was announced yet)
   queue().dequeue(id, '', r.sharing, bucket, r.tenant)
   redis.call('DEL', rk)
   if idem_key ~= '' then redis.call('DEL', k_idem(idem_key)) end
   if depth >= MAX_QUEUE then return {-5, tostring(depth)} end
-  return {-9, tostring(mine), tostring(MAX_OWNER)}
+  if mine >= MAX_OWNER then return {-9, tostring(mine), tostring(MAX_OWNER)} end
+  return {-12, tostring(tmine), tostring(tlimit), tenant}
 end
 if rank then
   for _, dep in ipairs(waits_on) do

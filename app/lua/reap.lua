@@ -53,4 +53,5 @@ if FORGET_AFTER > 0 then
     for _, id in ipairs(forget_node(node, 'system', 'silent')) do lost[#lost + 1] = id end
   end
 end
+tenant_sweep(64)
 return {expired, timed_out, records(schedule(nil)), forgotten, lost, preempted}

@@ -28,13 +28,186 @@
   local function reserve_new(id)
     if RES_AFTER < 0 or POLICY == 'strict_fifo' or new_wants == false then return end
     local r = load_req(id)
-    if not r or r.status ~= 'queued' or r.reserved ~= '' or not deps_done(r) then return end
+    if not r or r.status ~= 'queued' or r.reserved ~= '' or not deps_done(r) or over_quota(r) then
+      return
+    end
     if new_wants == nil and RES_AFTER > 0 and (r.sharing == 'shared' or (r.tenant ~= '' and
         tenant_queued(r.tenant) or
         tonumber(redis.call('HGET', K_QOWNERS, owner_bucket(r.owner, r.svc)) or '0')) ~= 1) then
       return
     end
     reserve(r, {})
+  end
+
+  -- Requests queued before tenants existed have no tenant, so no tenant's queue holds them:
+  -- the first fair pass that finds some gives each its owner (else its service) as tenant.
+  local function adopt_untenanted()
+    local n = 0
+    for _, v in ipairs(redis.call('HVALS', K_TQUEUED)) do n = n + (tonumber(v) or 0) end
+    if n >= redis.call('ZCARD', K_QUEUE) then return end
+    local offset = 0
+    while true do
+      local ids = redis.call('ZRANGE', K_QUEUE, offset, offset + 499, 'WITHSCORES')
+      if #ids == 0 then break end
+      for i = 1, #ids, 2 do
+        local id = ids[i]
+        local f = redis.call('HMGET', k_req(id), 'tenant', 'owner', 'service_name')
+        if (f[1] or '') == '' then
+          local t = (f[2] and f[2] ~= '') and f[2] or (f[3] or '')
+          redis.call('HSET', k_req(id), 'tenant', t)
+          redis.call('ZADD', k_tqueue(t), ids[i + 1], id)
+          tenant_queue_add(t, 1)
+        end
+      end
+      offset = offset + #ids / 2
+    end
+  end
+
+  --[[
+    The fair-share walk (tenants.fair_share). The next grant goes to the tenant with the lowest
+    tenant_share ((decayed usage in GPU-hours + GPUs held) / weight; ties by name) among those
+    with a queued request that fits; within a tenant, its own queue order (k_tqueue: priority
+    with aging, then submission). After each grant the tenant's share is read again, so one
+    pass spreads the GPUs it frees across tenants. A reserved node is held back from everyone
+    but its holder (backfill as in the walk); each tenant's head (its first eligible exclusive
+    request that does not fit) reserves, as do requests past reservation_after. A request its
+    tenant's max_gpus holds back is skipped. strict_fifo: a tenant's first request that cannot
+    go stops that tenant only.
+    Cost: each queued request is looked at once per pass at most (its tenant's position only
+    moves forward; capacity only shrinks in a pass), plus one share read per grant and a scan
+    of the tenants with queued requests per grant.
+  ]]
+  local function fair_walk(new_id, granted)
+    adopt_untenanted()
+    -- reserved nodes: node -> {id = holder}; by_tenant: the holder's tenant -> its nodes
+    local blocked, failed, by_tenant = {}, {}, {}
+    local res = redis.call('HGETALL', K_RES)
+    for i = 1, #res, 2 do
+      blocked[res[i]] = {id = res[i + 1]}
+      local t = redis.call('HGET', k_req(res[i + 1]), 'tenant') or ''
+      local l = by_tenant[t]
+      if not l then l = {}; by_tenant[t] = l end
+      l[#l + 1] = res[i]
+    end
+    -- what a request may not use: every reserved node but its own and those its own tenant's
+    -- requests ranked after it hold (its tenant's order is today's order)
+    local function lift(r)
+      local lifted = nil
+      for _, node in ipairs(by_tenant[r.tenant] or {}) do
+        local b = blocked[node]
+        if b and (b.id == r.id or ranks_before(r.id, b.id)) then
+          lifted = lifted or {}
+          lifted[node] = b
+          blocked[node] = nil
+        end
+      end
+      return lifted
+    end
+    local may_reserve = RES_AFTER >= 0 and POLICY ~= 'strict_fifo'
+    local new_reservations, due = 0, {}
+    if may_reserve then
+      local waited = redis.call('ZRANGEBYSCORE', K_QUNRES, '-inf', ftime(NOW - RES_AFTER))
+      for _, id in ipairs(waited) do due[id] = true end
+    end
+    local tenants = {}
+    for _, t in ipairs(redis.call('HKEYS', K_TQUEUED)) do
+      tenants[#tenants + 1] = {t = t, share = tenant_share(t), pos = 0, head = false}
+    end
+    local maxfree, maxshared = top_score(K_FREE), top_score(K_SHARED)
+    while #tenants > 0 do
+      local bi = 1
+      for i = 2, #tenants do
+        local a, b = tenants[i], tenants[bi]
+        if a.share < b.share or (a.share == b.share and a.t < b.t) then bi = i end
+      end
+      local cur = tenants[bi]
+      local got, done = false, false
+      while not got and not done do
+        local ids = redis.call('ZRANGE', k_tqueue(cur.t), cur.pos, cur.pos + 99)
+        if #ids == 0 then break end
+        local shapes = redis.call('HMGET', K_QSHAPE, unpack(ids))
+        for i, id in ipairs(ids) do
+          cur.pos = cur.pos + 1
+          local shape = shapes[i]
+          if shape then
+            local sig = string.match(shape, '^(.*)|L[^|]*$') or shape
+            local sharing, k, minm = string.match(sig, '^([^|]*)|([^|]*)|([^|]*)|')
+            local ok
+            if sharing == 'shared' then
+              ok = tonumber(minm) <= maxshared
+            else
+              ok = tonumber(k) <= maxfree
+            end
+            local r = nil
+            if ok and not failed[sig] then
+              r = load_req(id)
+              if r and deps_done(r) and not over_quota(r) then
+                local own = lift(r)
+                local node, chosen = place(r, blocked)
+                if node then
+                  took(r, node, blocked, chosen)
+                  grant(r, node, chosen, true, id ~= new_id)
+                  granted[#granted + 1] = id
+                  got = true
+                  -- its own reservation ended with the grant; the others hold again
+                  for n, b in pairs(own or {}) do
+                    if b.id ~= id then blocked[n] = b end
+                  end
+                  break
+                end
+                if own then
+                  for n, b in pairs(own) do blocked[n] = b end
+                elseif not held_hit then
+                  failed[sig] = true
+                end
+              end
+            end
+            if POLICY == 'strict_fifo' then
+              r = r or load_req(id)
+              if not (r and over_quota(r)) then done = true; break end
+            elseif may_reserve and (not cur.head or due[id]) then
+              r = r or load_req(id)
+              if r and r.reserved ~= '' then
+                cur.head = true
+              elseif r and deps_done(r) and not over_quota(r) then
+                local want = due[id]
+                if not cur.head and r.sharing ~= 'shared' then
+                  cur.head = true
+                  want = true
+                end
+                if id == new_id then
+                  new_wants = want and true or false
+                  want = false
+                end
+                if want and new_reservations < MAX_NEW_RES then
+                  local rn = reserve(r, blocked)
+                  if rn == '' then
+                    may_reserve = false
+                  else
+                    new_reservations = new_reservations + 1
+                    blocked[rn] = {id = id, r = r}
+                    local l = by_tenant[r.tenant] or {}
+                    by_tenant[r.tenant] = l
+                    l[#l + 1] = rn
+                  end
+                end
+              end
+            end
+          end
+        end
+        if #ids < 100 then break end
+      end
+      if got then
+        cur.share = tenant_share(cur.t)
+        -- the queue's demand indexes still list this pass's grants (flushed at its end), so
+        -- this test can only answer "something fits" wrongly: safe
+        if nothing_fits() then break end
+        maxfree, maxshared = top_score(K_FREE), top_score(K_SHARED)
+      else
+        table.remove(tenants, bi)
+      end
+    end
+    return granted
   end
 
   local function schedule_inner(new_id, force)
@@ -46,6 +219,10 @@
       local due = low_score(K_QUNRES)
       if due and due <= NOW - RES_AFTER then full = true end
     end
+    if not full and new_id and POLICY == 'strict_fifo' and quotas_on() and
+        redis.call('ZRANK', K_QUEUE, new_id) ~= 0 then
+      full = true -- the requests ahead may wait only for their tenants' quotas: walk
+    end
     if not full then
       if new_id == nil then
         stat('sched|passes_skipped')
@@ -55,7 +232,9 @@
         return granted
       end
       local r = load_req(new_id)
-      if not r or r.status ~= 'queued' or not deps_done(r) then return granted end
+      if not r or r.status ~= 'queued' or not deps_done(r) or over_quota(r) then
+        return granted
+      end
       local blocked = {}
       local res = redis.call('HGETALL', K_RES)
       -- a preemption's hold is a reservation nobody else may use (no backfill, no spare)
@@ -78,12 +257,17 @@
     end
     redis.call('HSET', K_META, 'passver', capver)
     stat('sched|passes')
+    if TENANT_FAIR == '1' then
+      if nothing_fits() then return granted end
+      return fair_walk(new_id, granted)
+    end
     local blocked, failed, fail_lease = {}, {}, {}
     local may_reserve = RES_AFTER >= 0 and POLICY ~= 'strict_fifo'
     local new_reservations, head_seen = 0, {}
     local reserved_by, due, possible = {}, {}, {}
     -- tenants with queued requests whose head this pass has not met yet
-    local tenants_left = may_reserve and redis.call('HLEN', K_QOWNERS) or 0
+    local tenants_left = may_reserve and math.max(redis.call('HLEN', K_QOWNERS),
+      redis.call('HLEN', K_TQUEUED)) or 0
     if may_reserve then
       local res = redis.call('HGETALL', K_RES)
       for i = 1, #res, 2 do reserved_by[res[i + 1]] = res[i] end
@@ -108,7 +292,7 @@
       if tenants_left > 0 and rank <= HEAD_SCAN then
         if r == nil then
           r = load_req(id)
-          eligible = r ~= nil and deps_done(r)
+          eligible = r ~= nil and deps_done(r) and not over_quota(r)
         end
         if r then
           local t = tenant_of(r)
@@ -126,7 +310,7 @@
       end
       if not rn and want and may_reserve and new_reservations < MAX_NEW_RES then
         r = r or load_req(id)
-        if r then
+        if r and not over_quota(r) then
           rn = reserve(r, blocked)
           if rn == '' then may_reserve = false else new_reservations = new_reservations + 1 end
         end
@@ -184,7 +368,9 @@
           if ok and (hn or (not failed[sig] and
               not (lease and lease >= (fail_lease[sig] or math.huge)))) then
             r = load_req(id)
-            eligible = r ~= nil and deps_done(r)
+            -- a request its tenant's max_gpus holds back waits (reason quota): it neither
+            -- fails its shape nor reserves
+            eligible = r ~= nil and deps_done(r) and not over_quota(r)
             local rl = eligible and (r.lease < 0 and NEVER or r.lease)
             if eligible and (hn or rl < (fail_lease[sig] or math.huge)) then
               local hb = hn and blocked[hn]
@@ -217,8 +403,11 @@
               end
             end
           end
-          if not placed then
-            if POLICY == 'strict_fifo' then return granted end
+          if not placed and POLICY == 'strict_fifo' then
+            -- the head blocks, unless only its tenant's quota holds it back
+            r = r or load_req(id)
+            if not (r and over_quota(r)) then return granted end
+          elseif not placed then
             consider(id, r, eligible, offset + i - removed)
           end
         end

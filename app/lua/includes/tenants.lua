@@ -21,9 +21,11 @@
     tenant_queued(t)     requests t has queued
     alloc_gpus(r)        GPUs a request counts for: 1 when shared, else r.k
     over_quota(r)        true when granting r now would take its tenant past max_gpus
+    quotas_on()          whether any tenant may have a max_gpus
     tenant_share(t)      (usage in GPU-hours + held) / weight: the fair-share order, lowest first
     tenant_add(t, n)     held += n (n < 0 on an end), usage brought to NOW; grant/finish_alloc
     tenant_queue_add(t, n)  queued += n; enqueue/dequeue
+    tenant_sweep(count)  the reaper: forget idle tenants whose usage decayed
 ]]
 
 local LN2 = 0.69314718055994531 -- math.log(2); the library's load runs without math
@@ -99,6 +101,11 @@ local function over_quota(r)
   return m ~= nil and tenant_held(r.tenant) + alloc_gpus(r) > m
 end
 
+-- Whether any tenant may have a max_gpus (a quota or the default's).
+local function quotas_on()
+  return TENANT_QUOTAS ~= '' or tenant_quota('').max_gpus ~= nil
+end
+
 local function tenant_share(t)
   local held, u = tenant_usage(t)
   return (u / 3600 + held) / tenant_quota(t).weight
@@ -119,4 +126,22 @@ end
 local function tenant_queue_add(t, n)
   if t == nil or t == '' or n == 0 then return end
   if redis.call('HINCRBY', K_TQUEUED, t, n) <= 0 then redis.call('HDEL', K_TQUEUED, t) end
+end
+
+-- The reaper: forget up to `count` idle tenants (nothing held, usage decayed below
+-- USAGE_FORGET); an HSCAN cursor in meta (tenant_cursor) moves through the hash over calls.
+local function tenant_sweep(count)
+  local cur = redis.call('HGET', K_META, 'tenant_cursor') or '0'
+  local page = redis.call('HSCAN', K_TENANTS, cur, 'COUNT', count)
+  local forgot = 0
+  local kv = page[2]
+  for i = 1, #kv, 2 do
+    local held, u = tenant_usage(kv[i])
+    if held <= 0 and u < USAGE_FORGET then
+      redis.call('HDEL', K_TENANTS, kv[i])
+      forgot = forgot + 1
+    end
+  end
+  if page[1] ~= cur then redis.call('HSET', K_META, 'tenant_cursor', page[1]) end
+  return forgot
 end

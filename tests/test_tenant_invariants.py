@@ -1,0 +1,189 @@
+"""Tenant invariants under random operation sequences (hypothesis, real redis-server): no
+tenant ever holds more than its max_gpus, and the engine's per-tenant counters (GPUs held,
+queued requests, each tenant's queue) always equal a full scan of the records."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import HealthCheck
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from app import errors
+from app.engine import Engine
+
+NODES = {"n0": 2, "n1": 4}
+#: tenant (= service, auth off) -> max_gpus; "c" has the default's
+MAX_GPUS = {"a": 3, "b": 2}
+DEFAULT_MAX = 4
+TENANTS = {
+    "default": {"max_gpus": DEFAULT_MAX},
+    "quotas": {"a": {"max_gpus": 3, "weight": 3}, "b": {"max_gpus": 2, "max_queued": 3}},
+}
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1_800_000_000.0
+
+    def __call__(self):
+        return self.t
+
+
+def gpus(node):
+    return [
+        {"index": i, "uuid": f"{node}-{i}", "name": "H100", "memory_total_mb": 40000}
+        for i in range(NODES[node])
+    ]
+
+
+def counted(r) -> int:
+    return 1 if r["sharing"] == "shared" else len(json.loads(r["gpu_ids"]))
+
+
+class TenantMachine(RuleBasedStateMachine):
+    redis = None
+    settings = None
+
+    @initialize(
+        fair=st.booleans(),
+        policy=st.sampled_from(["best_effort", "strict_fifo"]),
+        aging=st.sampled_from([0, 6.0]),
+    )
+    def setup(self, fair, policy, aging):
+        self.redis.flushdb()
+        self.clock = Clock()
+        s = self.settings.replace(
+            scheduler={"policy": policy, "aging_rate": aging, "reservation_after": 30},
+            tenants={**TENANTS, "fair_share": fair},
+        )
+        self.engine = Engine(self.redis, s, clock=self.clock)
+        for node in NODES:
+            self.engine.report_node(node, gpus(node))
+        self.ids: list = []
+
+    @rule(
+        tenant=st.sampled_from("abc"),
+        k=st.integers(1, 5),
+        shared=st.booleans(),
+        prio=st.integers(1, 10),
+        ttl=st.sampled_from([None, 30, 300]),
+    )
+    def allocate(self, tenant, k, shared, prio, ttl):
+        req = {
+            "service_name": tenant,
+            "required_gpus": 1 if shared else k,
+            "sharing": "shared" if shared else "exclusive",
+            "min_memory_mb": 1000,
+            "priority": prio,
+        }
+        if ttl:
+            req["ttl_seconds"] = ttl
+        cap = MAX_GPUS.get(tenant, DEFAULT_MAX)
+        need = 1 if shared else k
+        try:
+            rec = self.engine.allocate(req)
+        except errors.Unsatisfiable as exc:
+            assert need > cap or need > max(NODES.values()), exc.details
+            if need <= max(NODES.values()):
+                assert exc.details["reason"] == "max_gpus" and exc.details["limit"] == cap
+            return
+        except errors.TenantQueueFull as exc:
+            assert tenant == "b" and exc.details["queued"] >= 3
+            return
+        assert need <= cap
+        self.ids.append(rec["id"])
+
+    @precondition(lambda self: self.ids)
+    @rule(data=st.data())
+    def release(self, data):
+        rid = data.draw(st.sampled_from(self.ids))
+        try:
+            self.engine.release(rid)
+        except errors.NotFound:
+            pass
+
+    @rule(seconds=st.sampled_from([1, 20, 100]))
+    def time_passes(self, seconds):
+        self.clock.t += seconds
+        for node in NODES:
+            self.engine.report_node(node, gpus(node))
+        self.engine.reap()
+
+    @rule()
+    def safety_net(self):
+        self.engine.schedule_pass()
+
+    @invariant()
+    def tenants_within_quota_and_counted(self):
+        if not hasattr(self, "engine"):
+            return
+        k, redis = self.engine.keys, self.redis
+        reqs = [redis.hgetall(key) for key in redis.scan_iter(match=k.request("*"), count=1000)]
+        held: dict = {}
+        queued: dict = {}
+        for r in reqs:
+            if r["status"] == "allocated":
+                held[r["tenant"]] = held.get(r["tenant"], 0) + counted(r)
+            elif r["status"] == "queued":
+                queued.setdefault(r["tenant"], []).append(r["id"])
+        for tenant, n in held.items():
+            assert n <= MAX_GPUS.get(tenant, DEFAULT_MAX), f"{tenant} holds {n}"
+        stored = {
+            t: int(v.split("|")[0])
+            for t, v in redis.hgetall(k.tenants()).items()
+            if int(v.split("|")[0])
+        }
+        assert stored == held
+        assert {t: int(n) for t, n in redis.hgetall(k.tenant_queued()).items()} == {
+            t: len(ids) for t, ids in queued.items()
+        }
+        scores = dict(redis.zrange(k.queue(), 0, -1, withscores=True))
+        for t in "abc":
+            mine = dict(redis.zrange(k.queue_tenant(t), 0, -1, withscores=True))
+            assert mine == {i: scores[i] for i in queued.get(t, [])}
+        # no GPU in two exclusive allocations
+        taken: set = set()
+        for r in reqs:
+            if r["status"] == "allocated" and r["sharing"] != "shared":
+                for idx in json.loads(r["gpu_ids"]):
+                    assert (r["node"], idx) not in taken
+                    taken.add((r["node"], idx))
+
+    def teardown(self):
+        if not hasattr(self, "engine"):
+            return
+        for rid in self.ids:
+            try:
+                self.engine.release(rid)
+            except errors.NotFound:
+                pass
+        assert {
+            t: v
+            for t, v in self.redis.hgetall(self.engine.keys.tenants()).items()
+            if v.split("|")[0] != "0"
+        } == {}
+        assert self.redis.hgetall(self.engine.keys.tenant_queued()) == {}
+
+
+def test_no_tenant_above_max_gpus_and_the_counters_match(redis, settings):
+    TenantMachine.redis = redis
+    TenantMachine.settings = settings
+    run_state_machine_as_test(
+        TenantMachine,
+        settings=hyp_settings(
+            max_examples=25,
+            stateful_step_count=40,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+        ),
+    )
