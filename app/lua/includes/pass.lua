@@ -114,6 +114,7 @@
       tenants[#tenants + 1] = {t = t, share = tenant_share(t), pos = 0, head = false}
     end
     local maxfree, maxshared = top_score(K_FREE), top_score(K_SHARED)
+    local heads_done = false
     while #tenants > 0 do
       local bi = 1
       for i = 2, #tenants do
@@ -173,7 +174,10 @@
                 local want = due[id]
                 if not cur.head and r.sharing ~= 'shared' then
                   cur.head = true
-                  want = true
+                  -- only the first tenant (lowest share) whose head cannot go reserves at
+                  -- once: a node held for a tenant above its share would serve it ahead
+                  want = want or not heads_done
+                  heads_done = true
                 end
                 if id == new_id then
                   new_wants = want and true or false
