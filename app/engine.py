@@ -146,6 +146,7 @@ SETTINGS = (
     ("TENANT_HALF_LIFE", True),
     ("TENANT_QUOTAS", False),
     ("TENANT_DEFAULT", False),
+    ("TENANT_LIMITS", False),
     ("PREEMPT", False),
     ("PREEMPT_GRACE", True),
 )
@@ -163,6 +164,7 @@ _BUILDERS = (
     ("k_free(n)", "node_free_gpus", 1),
     ("k_tqueue(t)", "queue_tenant", 1),
     ("k_holds()", "preempt_holds", 0),
+    ("k_tusage()", "tenant_usage", 0),
 )
 _INCLUDE = re.compile(r"^-- @include (\w+)\s*$", re.M)
 _STALE = -11
@@ -417,6 +419,12 @@ def tenant_args(settings) -> dict[str, str]:
         if quotas
         else "",
         "TENANT_DEFAULT": "|".join(_arg_num(x) for x in _quota_row(t.default)),
+        "TENANT_LIMITS": "1"
+        if any(
+            q["max_gpus"] is not None or q["max_queued"] is not None
+            for q in [t.default, *quotas.values()]
+        )
+        else "0",
         "PREEMPT": "1" if pre.enabled else "0",
         "PREEMPT_GRACE": _arg_num(pre.grace_period),
     }

@@ -143,10 +143,15 @@ class Keys:
         return self._k("queue", "owners")
 
     def tenants(self) -> str:
-        """HASH of tenant -> ``<GPUs held>|<decayed usage, GPU-seconds>|<as of, epoch s>``,
-        kept by the engine on every grant and end (a shared allocation counts as one GPU). A
-        tenant holding nothing whose usage decayed below a GPU-minute has no field."""
+        """HASH of tenant -> GPUs it holds now (a shared allocation counts as one GPU), kept
+        by the engine on every grant and end. Tenants holding nothing have no field."""
         return self._k("tenants")
+
+    def tenant_usage(self) -> str:
+        """HASH of tenant -> ``<decayed usage, GPU-seconds>|<as of, epoch s>``, kept while
+        ``tenants.fair_share`` is on. A tenant holding nothing whose usage decayed below a
+        GPU-minute has no field."""
+        return self._k("tenants", "usage")
 
     def tenant_queued(self) -> str:
         """HASH of tenant -> requests it has queued (``tenants.default.max_queued`` and the

@@ -138,12 +138,7 @@ class TenantMachine(RuleBasedStateMachine):
                 queued.setdefault(r["tenant"], []).append(r["id"])
         for tenant, n in held.items():
             assert n <= MAX_GPUS.get(tenant, DEFAULT_MAX), f"{tenant} holds {n}"
-        stored = {
-            t: int(v.split("|")[0])
-            for t, v in redis.hgetall(k.tenants()).items()
-            if int(v.split("|")[0])
-        }
-        assert stored == held
+        assert {t: int(n) for t, n in redis.hgetall(k.tenants()).items()} == held
         assert {t: int(n) for t, n in redis.hgetall(k.tenant_queued()).items()} == {
             t: len(ids) for t, ids in queued.items()
         }
@@ -167,11 +162,7 @@ class TenantMachine(RuleBasedStateMachine):
                 self.engine.release(rid)
             except errors.NotFound:
                 pass
-        assert {
-            t: v
-            for t, v in self.redis.hgetall(self.engine.keys.tenants()).items()
-            if v.split("|")[0] != "0"
-        } == {}
+        assert self.redis.hgetall(self.engine.keys.tenants()) == {}
         assert self.redis.hgetall(self.engine.keys.tenant_queued()) == {}
 
 

@@ -45,12 +45,14 @@ def make_engine(redis, settings, tclock):
 
 
 def tenant_state(engine) -> dict:
-    """tenant -> (held, usage GPU-seconds as stored, at)."""
-    out = {}
-    for t, v in engine.redis.hgetall(engine.keys.tenants()).items():
-        held, usage, at = v.split("|")
-        out[t] = (int(held), float(usage), float(at))
-    return out
+    """tenant -> (held, usage GPU-seconds as stored, at); usage is kept with fair share."""
+    r, k = engine.redis, engine.keys
+    held = {t: int(n) for t, n in r.hgetall(k.tenants()).items()}
+    usage = {t: v.split("|") for t, v in r.hgetall(k.tenant_usage()).items()}
+    return {
+        t: (held.get(t, 0), float(usage.get(t, (0, 0))[0]), float(usage.get(t, (0, 0))[1]))
+        for t in set(held) | set(usage)
+    }
 
 
 def held(engine) -> dict:
@@ -283,7 +285,7 @@ def test_counts_survive_expiry_release_by_service_and_a_forgotten_node(make_engi
 
 
 def test_usage_is_exact_decayed_gpu_seconds_under_the_injected_clock(make_engine, tclock):
-    eng = make_engine(n=4, tenants={"usage_half_life": "1h"})
+    eng = make_engine(n=4, tenants={"usage_half_life": "1h", "fair_share": True})
     t0 = tclock.now
 
     def at(t):
@@ -311,12 +313,24 @@ def test_usage_is_exact_decayed_gpu_seconds_under_the_injected_clock(make_engine
     assert usage == pytest.approx(want, rel=1e-12)
 
 
+def test_without_fair_share_grant_and_release_keep_only_the_gpus_held(make_engine, tclock):
+    eng = make_engine(n=2)
+    rec = eng.allocate({"service_name": "a", "required_gpus": 2})
+    assert eng.redis.hgetall(eng.keys.tenants()) == {"a": "2"}
+    tclock.now += 600
+    eng.report_node("n1", gpus(2))
+    eng.release(rec["id"])
+    assert eng.redis.hgetall(eng.keys.tenants()) == {}
+    assert eng.redis.hgetall(eng.keys.tenant_usage()) == {}  # usage accrues with fair share
+
+
 def test_an_idle_tenant_with_little_usage_leaves_no_state(make_engine, tclock):
-    eng = make_engine(n=1)
+    eng = make_engine(n=1, tenants={"fair_share": True})
     rec = eng.allocate({"service_name": "brief"})
     tclock.now += 30  # 30 GPU-seconds: below a GPU-minute
     eng.release(rec["id"])
     assert eng.redis.hgetall(eng.keys.tenants()) == {}
+    assert eng.redis.hgetall(eng.keys.tenant_usage()) == {}
     assert eng.redis.hgetall(eng.keys.tenant_queued()) == {}
 
 
@@ -491,7 +505,7 @@ def test_fair_share_grants_requests_queued_before_tenants(make_engine, redis):
 
 
 def test_the_reaper_forgets_tenants_whose_usage_decayed(make_engine, tclock, redis):
-    eng = make_engine(n=1, tenants={"usage_half_life": "1h"})
+    eng = make_engine(n=1, tenants={"usage_half_life": "1h", "fair_share": True})
     rec = eng.allocate({"service_name": "a"})
     tclock.now += 3600  # 3600 GPU-seconds
     eng.report_node("n1", gpus(1))
@@ -594,7 +608,7 @@ def test_http_the_tenant_queue_full_is_429_for_that_tenant_only(make_app):
 
 
 def test_http_tenants_admins_see_all_others_their_own(make_app, clock):
-    client = auth_app(make_app)
+    client = auth_app(make_app, fair_share=True)
     a, b, root = hdr("key-team-a-1f2e3d4c"), hdr("key-team-b-4c5b6a7d"), hdr("key-root-7d8e9f0a")
     body = {"service_name": "train", "required_gpus": 2}
     client.post("/gpu/allocate", json=body, headers=a)
@@ -610,7 +624,7 @@ def test_http_tenants_admins_see_all_others_their_own(make_app, clock):
     every = client.get("/gpu/tenants", headers=root)
     assert every.status_code == 200
     data = every.get_json()
-    assert data["key"] == "principal" and data["fair_share_enabled"] is False
+    assert data["key"] == "principal" and data["fair_share_enabled"] is True
     rows = {r["tenant"]: r for r in data["tenants"]}
     assert set(rows) == {"team-a", "team-b"}
     assert rows["team-a"] == {

@@ -118,7 +118,7 @@ end
 if reject then return reject end
 -- the tenant's max_gpus: a request that alone exceeds it can never be granted
 local tenant = f.tenant or ''
-local tquota = tenant ~= '' and tenant_quota(tenant) or nil
+local tquota = (TENANT_LIMITS == '1' and tenant ~= '') and tenant_quota(tenant) or nil
 if tquota and tquota.max_gpus and (f.sharing == 'shared' and 1 or k) > tquota.max_gpus then
   return {-6, 'max_gpus', tostring(tquota.max_gpus)}
 end

@@ -4,7 +4,8 @@
   KEYS, ARGV[1..A]: the common block (fixed keys, now, version, prefix, settings: prelude.lua).
   Returns: a flat list tenant, GPUs held, usage (GPU-seconds, decayed as of now), queued, ...
   for the tenants of TENANT_QUOTAS and every tenant holding GPUs, with usage left or queued.
-  Bounded: K_TENANTS by the fleet (includes/tenants.lua), K_TQUEUED by the queue.
+  Bounded: K_TENANTS by the live allocations, k_tusage() by the fleet (includes/tenants.lua),
+  K_TQUEUED by the queue.
 ]]
 -- @include prelude
 local seen, out = {}, {}
@@ -21,5 +22,6 @@ if TENANT_QUOTAS ~= '' then
   for t in pairs(cjson.decode(TENANT_QUOTAS)) do add(t) end
 end
 for _, t in ipairs(redis.call('HKEYS', K_TENANTS)) do add(t) end
+for _, t in ipairs(redis.call('HKEYS', k_tusage())) do add(t) end
 for _, t in ipairs(redis.call('HKEYS', K_TQUEUED)) do add(t) end
 return out

@@ -5,19 +5,24 @@
   never counted).
 
   State, kept by the scripts that grant, end, queue and dequeue:
-    K_TENANTS  tenant -> "<held>|<usage>|<at>": GPUs held now (a shared allocation counts as
-               one GPU), usage in GPU-seconds decayed with TENANT_HALF_LIFE as of time <at>.
-               Usage is exact for any clock: between two changes of held it grows by
-               held * integral of 2^(-(now - s) / half-life) ds. A tenant holding nothing whose
-               usage decayed below USAGE_FORGET has no field (the reaper sweeps them).
+    K_TENANTS  tenant -> GPUs held now (a shared allocation counts as one GPU); no field at 0.
+               One HINCRBY per grant and per end: the allocate/release path pays no more.
+    k_tusage() tenant -> "<usage>|<at>": usage in GPU-seconds decayed with TENANT_HALF_LIFE
+               as of time <at>, kept while fair share is on (its one reader). Exact for any
+               clock: between two changes of held it grows by held * integral of
+               2^(-(now - s) / half-life) ds. A tenant holding nothing whose usage decayed
+               below USAGE_FORGET has no field (the reaper sweeps them), so the hash is
+               bounded by the fleet, not by the names clients send.
     K_TQUEUED  tenant -> requests queued (no field at 0).
     k_tqueue(t) the tenant's queued requests, scored as in K_QUEUE (its own queue order; the
                fair-share pass walks these).
+  TENANT_LIMITS is "1" when some tenant may have a max_gpus or max_queued: without, no quota
+  is read on any path.
 
   Helpers other includes call (all cheap; quotas parsed once per call):
     tenant_quota(t)      {weight, guaranteed, max_gpus (nil = none), max_queued (nil = none)}
     tenant_held(t)       GPUs t holds now
-    tenant_usage(t)      held, decayed usage in GPU-seconds as of NOW
+    tenant_usage(t)      held, decayed usage in GPU-seconds as of NOW (accrues with fair share)
     tenant_queued(t)     requests t has queued
     alloc_gpus(r)        GPUs a request counts for: 1 when shared, else r.k
     over_quota(r)        true when granting r now would take its tenant past max_gpus
@@ -69,21 +74,23 @@ local function decayed(u, held, dt)
   return u * d + held * (1 - d) * TENANT_HALF_LIFE / LN2
 end
 
--- held, usage (GPU-seconds, decayed as of NOW)
-local function tenant_usage(t)
-  local v = redis.call('HGET', K_TENANTS, t)
-  if not v then return 0, 0 end
-  local a = string.find(v, '|', 1, true)
-  local b = string.find(v, '|', a + 1, true)
-  local held = tonumber(string.sub(v, 1, a - 1)) or 0
-  local u = tonumber(string.sub(v, a + 1, b - 1)) or 0
-  return held, decayed(u, held, NOW - (tonumber(string.sub(v, b + 1)) or NOW))
+local function tenant_held(t)
+  return tonumber(redis.call('HGET', K_TENANTS, t) or '0') or 0
 end
 
-local function tenant_held(t)
-  local v = redis.call('HGET', K_TENANTS, t)
-  if not v then return 0 end
-  return tonumber(string.sub(v, 1, string.find(v, '|', 1, true) - 1)) or 0
+-- a usage entry "<usage>|<at>" -> usage, at
+local function usage_of(v)
+  local a = string.find(v, '|', 1, true)
+  return tonumber(string.sub(v, 1, a - 1)) or 0, tonumber(string.sub(v, a + 1)) or NOW
+end
+
+-- held, usage (GPU-seconds, decayed as of NOW; it accrues while fair share is on)
+local function tenant_usage(t)
+  local held = tenant_held(t)
+  local v = redis.call('HGET', k_tusage(), t)
+  if not v then return held, 0 end
+  local u, at = usage_of(v)
+  return held, decayed(u, TENANT_FAIR == '1' and held or 0, NOW - at)
 end
 
 local function tenant_queued(t)
@@ -96,14 +103,14 @@ local function alloc_gpus(r)
 end
 
 local function over_quota(r)
-  if r.tenant == '' then return false end
+  if TENANT_LIMITS ~= '1' or r.tenant == '' then return false end
   local m = tenant_quota(r.tenant).max_gpus
   return m ~= nil and tenant_held(r.tenant) + alloc_gpus(r) > m
 end
 
 -- Whether any tenant may have a max_gpus (a quota or the default's).
 local function quotas_on()
-  return TENANT_QUOTAS ~= '' or tenant_quota('').max_gpus ~= nil
+  return TENANT_LIMITS == '1'
 end
 
 local function tenant_share(t)
@@ -111,15 +118,29 @@ local function tenant_share(t)
   return (u / 3600 + held) / tenant_quota(t).weight
 end
 
+-- held += n. The allocate/release path pays one HINCRBY (and an HDEL when the tenant's last
+-- allocation ends); usage is brought to NOW only when fair share is on, its one reader.
 local function tenant_add(t, n)
   if t == nil or t == '' then return end
-  local held, u = tenant_usage(t)
-  held = held + n
-  if held < 0 then held = 0 end
-  if held == 0 and u < USAGE_FORGET then
+  local after = redis.call('HINCRBY', K_TENANTS, t, n)
+  if after <= 0 then
     redis.call('HDEL', K_TENANTS, t)
+    after = 0
+  end
+  if TENANT_FAIR ~= '1' then return end
+  local before = after - n
+  if before < 0 then before = 0 end
+  local uk = k_tusage()
+  local v = redis.call('HGET', uk, t)
+  local u = 0
+  if v then
+    local u0, at = usage_of(v)
+    u = decayed(u0, before, NOW - at)
+  end
+  if after == 0 and u < USAGE_FORGET then
+    if v then redis.call('HDEL', uk, t) end
   else
-    redis.call('HSET', K_TENANTS, t, held .. '|' .. fnum(u) .. '|' .. NOW_S)
+    redis.call('HSET', uk, t, fnum(u) .. '|' .. NOW_S)
   end
 end
 
@@ -132,13 +153,14 @@ end
 -- USAGE_FORGET); an HSCAN cursor in meta (tenant_cursor) moves through the hash over calls.
 local function tenant_sweep(count)
   local cur = redis.call('HGET', K_META, 'tenant_cursor') or '0'
-  local page = redis.call('HSCAN', K_TENANTS, cur, 'COUNT', count)
+  local uk = k_tusage()
+  local page = redis.call('HSCAN', uk, cur, 'COUNT', count)
   local forgot = 0
   local kv = page[2]
   for i = 1, #kv, 2 do
     local held, u = tenant_usage(kv[i])
     if held <= 0 and u < USAGE_FORGET then
-      redis.call('HDEL', K_TENANTS, kv[i])
+      redis.call('HDEL', uk, kv[i])
       forgot = forgot + 1
     end
   end
