@@ -214,6 +214,8 @@ def test_preemption_with_notice_example(world):
         "releases at 14:00:12: it ends `preempted`",
         "ended it `preempted` at 14:00:30",
     )
+
+
 def test_quotas_example(world):
     from app.errors import TenantQueueFull, Unsatisfiable
 
