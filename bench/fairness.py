@@ -235,6 +235,7 @@ class Simulation:
         self.calls = 0
         self.preemptions = 0
         self.preempting = 0
+        self.draining = False
 
     # ---------------------------------------------------------------- plumbing
     def push(self, at: float, kind: int, payload=None) -> None:
@@ -263,14 +264,23 @@ class Simulation:
             self.drain()
 
     def drain(self) -> None:
-        """Apply what the engine did, from its event stream."""
-        while True:
-            entries = self.engine.events(after=self.last_event, count=1000)
-            for ev in entries:
-                self.last_event = ev["id"]
-                self.on_event(ev)
-            if len(entries) < 1000:
-                return
+        """Apply what the engine did, from its event stream. Not re-entrant: a ``preempted``
+        event resubmits the job (an engine call, which drains), and a nested drain would apply
+        the entries the outer one had already read a second time; the outer loop reads on until
+        the stream has nothing new instead."""
+        if self.draining:
+            return
+        self.draining = True
+        try:
+            while True:
+                entries = self.engine.events(after=self.last_event, count=1000)
+                if not entries:
+                    return
+                for ev in entries:
+                    self.last_event = ev["id"]
+                    self.on_event(ev)
+        finally:
+            self.draining = False
 
     def on_event(self, ev: dict) -> None:
         job = self.jobs.get(ev.get("request_id", ""))
