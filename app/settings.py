@@ -684,6 +684,15 @@ def tenant_quotas(settings: Settings) -> dict[str, dict]:
     return {name: {**t.default, **entry} for name, entry in t.quotas.items()}
 
 
+def tenants_configured(settings: Settings) -> bool:
+    """Tenants are configured: ``tenants.fair_share`` on or ``tenants.quotas`` not empty.
+    Only then does each tenant's head request reserve its node at once (issue 14); with the
+    defaults the queue is the one priority queue it was before tenants (the engine's Lua reads
+    the same two settings: tenants_on in includes/tenants.lua)."""
+    t = settings.tenants
+    return bool(t.fair_share) or bool(t.quotas)
+
+
 def tenant_quota(settings: Settings, tenant: str) -> dict:
     """The quota of one tenant: its own entry over the default, else the default."""
     t = settings.tenants
@@ -801,7 +810,12 @@ SPEC: dict[str, dict[str, Any]] = {
             doc="best_effort: skip what does not fit; strict_fifo: the head blocks",
         ),
         "aging_rate": Float(0.1, 0, 100, doc="priority points a queued request gains per minute"),
-        "reservation_after": Duration("10m", 0, doc="wait after which a request reserves a node"),
+        "reservation_after": Duration(
+            "10m",
+            0,
+            doc="wait after which a request that does not fit reserves a node (with tenants "
+            "configured, fair_share or quotas, each tenant's head reserves at once)",
+        ),
         "queue_timeout": Duration("1h", 1, doc="queued requests time out after this"),
         "history_ttl": Duration("24h", 3600, doc="finished requests stay readable this long"),
         "idempotency_ttl": Duration("24h", 60, doc="how long an Idempotency-Key replays"),
@@ -828,7 +842,8 @@ SPEC: dict[str, dict[str, Any]] = {
         "fair_share": Bool(
             False,
             doc="order across tenants by (decayed usage + GPUs held) / weight; "
-            "false: one priority queue",
+            "false: one priority queue. On (or quotas set): each tenant's head request "
+            "reserves its node at once",
         ),
         "usage_half_life": Duration(
             "1h", 1, doc="past usage (GPU-seconds) counts half after this long"
@@ -844,7 +859,8 @@ SPEC: dict[str, dict[str, Any]] = {
             {},
             _tenant_quotas,
             "a mapping of tenant name to {weight, guaranteed_gpus, max_gpus, max_queued}",
-            doc="per tenant: what it sets over default",
+            doc="per tenant: what it sets over default; not empty (or fair_share on): each "
+            "tenant's head request reserves its node at once (docs/scheduling.md)",
         ),
     },
     "preemption": {
@@ -1244,4 +1260,5 @@ __all__ = [
     "tenant_key",
     "tenant_quota",
     "tenant_quotas",
+    "tenants_configured",
 ]

@@ -18,10 +18,11 @@ queue with what placement needs, the reservations), so it costs the engine's hot
 scheduler grants (rank order), on a simulated timeline. Time jumps from one lease end
 (``expires_at``) to the next; there the GPUs come free and the walk places what fits with the
 engine's placement rules (best fit over nodes, tightest fit for shared), its reservations
-(each tenant's first eligible exclusive request that does not fit holds the node where it
-starts soonest) and its backfill rule (a request ranked behind may use a reserved node when
-its lease ends by the reserved start, or on the node's spare GPUs). A simulated grant holds
-its GPUs for its own lease. ``eta`` is None when it cannot be known: a lease without expiry
+(a request that waited ``reservation_after`` holds the node where it starts soonest; with
+tenants configured, ``heads``, so does each tenant's first eligible exclusive request that
+does not fit) and its backfill rule (a request ranked behind may use a reserved node when its
+lease ends by the reserved start; with tenants configured also the node's spare GPUs). A
+simulated grant holds its GPUs for its own lease. ``eta`` is None when it cannot be known: a lease without expiry
 in the way, a dependency beyond the simulated head, or the cap below reached.
 
 Bounds: at most :data:`MAX_SIMULATED` queued requests are simulated (the rest get a reason
@@ -201,6 +202,9 @@ class _Sim:
         #: and the default weight; None: the queue's own order
         self.fair: dict[str, list[float]] | None = None
         self.half_life, self.default_weight, self.fair_at = 3600.0, 1.0, self.now
+        #: tenants configured (settings.tenants_configured): each tenant's head reserves at
+        #: once and a reserved node's spare GPUs go to anyone; else only reservation_after
+        self.heads = False
 
     def _hold(self, node: str, gpu_ids, rec, end: float) -> None:
         for idx in gpu_ids:
@@ -326,7 +330,9 @@ class _Sim:
             r.reserved = best[1]
             self.reserved_nodes.add(best[1])
         s = self.node_start(r, r.reserved, t) if r.reserved in self.gpus else None
-        blocked[r.reserved] = s if s is not None else (INF, 0)
+        if s is None:
+            s = (INF, 0)
+        blocked[r.reserved] = s if self.heads else (s[0], 0)  # spare GPUs with tenants only
         return True
 
     def deps_done(self, r: _Req, t: float) -> bool | None:
@@ -374,15 +380,19 @@ def explain(
     records: list[dict[str, Any]] | None = None,
     limits=None,
     fair: dict[str, Any] | None = None,
+    heads: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """request id -> {"reason", "eta" (epoch seconds or None)} for every queued request that
     was simulated, of the page (``snap["queue"]``) and of ``records``. ``snap`` comes from
     ``Engine.snapshot(wait=n)``; ``sched`` is the scheduler settings (policy,
     reservation_after); ``limits(tenant)`` gives a tenant's max_gpus (None: no cap); ``fair``
     (tenants.fair_share): {"tenants": {tenant: (decayed usage in GPU-seconds, weight)},
-    "half_life", "default_weight"} orders the simulation across tenants as the fair pass does."""
+    "half_life", "default_weight"} orders the simulation across tenants as the fair pass does;
+    ``heads``: tenants are configured (``settings.tenants_configured``), so each tenant's head
+    reserves at once, as the engine does then."""
     wait = snap.get("wait") or {}
     sim = _Sim(snap, sched, limits)
+    sim.heads = heads
     if fair is not None:
         sim.fair = {k: [float(u), float(w)] for k, (u, w) in fair["tenants"].items()}
         sim.half_life = float(fair["half_life"])
@@ -447,14 +457,14 @@ def _reason(sim: _Sim, r: _Req, now: float, blocked: dict) -> str:
 def _maybe_reserve(
     sim: _Sim, r: _Req, t: float, blocked: dict, seen: set, rank: int, eligible: bool = True
 ) -> None:
-    """The engine's reservation rule: a request that holds one keeps it; each tenant's first
-    request not placed is its head, and reserves when it is exclusive and eligible; so does
-    one waiting long. As in the engine, once one finds no node to reserve, no other reserves
-    in that pass."""
+    """The engine's reservation rule: a request that holds one keeps it; one waiting
+    reservation_after reserves; with tenants configured (sim.heads) each tenant's first request
+    not placed is its head, and reserves when it is exclusive and eligible. As in the engine,
+    once one finds no node to reserve, no other reserves in that pass."""
     if sim.policy == "strict_fifo":
         return
     head = False
-    if rank <= HEAD_SCAN and r.tenant not in seen:
+    if sim.heads and rank <= HEAD_SCAN and r.tenant not in seen:
         seen.add(r.tenant)
         head = eligible and not r.shared
     if r.reserved:
@@ -595,6 +605,8 @@ def annotate(engine, records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]
     """reason and eta for the queued ones among ``records`` (each with its ``position``): one
     read of the first min(last position, MAX_SIMULATED) queued requests, then :func:`explain`.
     Nothing is read when no record is queued."""
+    from app.settings import tenants_configured
+
     queued = [r for r in records if r.get("status") == "queued" and r.get("id")]
     if not queued:
         return {}
@@ -606,6 +618,7 @@ def annotate(engine, records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]
         records=queued,
         limits=tenant_limits(engine.settings),
         fair=fair_inputs(engine),
+        heads=tenants_configured(engine.settings),
     )
 
 

@@ -30,8 +30,10 @@ def clock():
 
 @pytest.fixture
 def make_engine(redis, settings, clock):
-    def make(**scheduler) -> Engine:
+    def make(tenants=None, **scheduler) -> Engine:
         st = settings.replace(scheduler=scheduler) if scheduler else settings
+        if tenants is not None:
+            st = st.replace(tenants=tenants)
         return Engine(redis, st, clock=clock)
 
     return make
@@ -604,11 +606,7 @@ def test_a_pass_across_batches_clears_every_queue_index(engine, redis):
     assert [status(engine, rid) for rid in waiting] == ["allocated"] * 616 + ["queued"] * 4
     assert status(engine, big) == "queued"
     members = queue_index_members(engine, redis)
-    left = set(waiting[616:]) | {big}
-    # the first request left is its tenant's head: it reserved a node, so it left `unreserved`
-    assert engine.get(waiting[616])["reserved_node"]
-    assert all(m == left for name, m in members.items() if name != "unreserved")
-    assert members["unreserved"] == left - {waiting[616]}
+    assert all(m == set(waiting[616:]) | {big} for m in members.values())
     assert engine.counts()["queue_depth"] == 5 and engine.counts()["gpus_available"] == 0
 
 
@@ -676,11 +674,29 @@ def test_reservation_stops_small_jobs_starving_a_big_one(make_engine, clock):
             assert rec["node"] != "a"
 
 
-def test_a_tenants_head_reserves_at_once_and_is_not_starved(make_engine, clock):
-    """Issue 14: the head request of a tenant that cannot fit reserves a node at once (no
-    reservation_after wait): a stream of small jobs whose leases outlast the reserved start no
-    longer takes the GPUs the big job waits for (before, this test showed it starving)."""
+def test_without_reservation_the_big_job_starves(make_engine, clock):
     engine = make_engine(reservation_after=10**9, aging_rate=0)
+    engine.report_node("a", gpu_list(4))
+    held = [engine.allocate(req(ttl_seconds=1000))["id"] for _ in range(4)]
+    big = engine.allocate(req(required_gpus=4))
+    clock.advance(61)
+    engine.report_node("a", gpu_list(4))
+    for sid in held:
+        engine.allocate(req(priority=5))
+        engine.release(sid)
+    assert status(engine, big["id"]) == "queued"
+
+
+#: a tenants config (issue 14): with tenants configured, each tenant's head reserves at once
+TENANTS = {"quotas": {"svc": {"weight": 1}}}
+
+
+def test_a_tenants_head_reserves_at_once_and_is_not_starved(make_engine, clock):
+    """Issue 14, with tenants configured: the head request of a tenant that cannot fit reserves
+    a node at once (no reservation_after wait): a stream of small jobs whose leases outlast the
+    reserved start no longer takes the GPUs the big job waits for (with the default config it
+    starves: test_without_reservation_the_big_job_starves)."""
+    engine = make_engine(TENANTS, reservation_after=10**9, aging_rate=0)
     engine.report_node("a", gpu_list(4))
     held = [engine.allocate(req(ttl_seconds=1000))["id"] for _ in range(4)]
     big = engine.allocate(req(required_gpus=4))
@@ -696,7 +712,7 @@ def test_a_tenants_head_reserves_at_once_and_is_not_starved(make_engine, clock):
 
 
 def test_backfill_only_with_a_lease_that_ends_before_the_reserved_start(make_engine, clock):
-    engine = make_engine(aging_rate=0)
+    engine = make_engine(TENANTS, aging_rate=0)
     engine.report_node("a", gpu_list(2))
     holder = engine.allocate(req(ttl_seconds=600))
     big = engine.allocate(req(required_gpus=2, service="big"))
@@ -714,7 +730,7 @@ def test_backfill_only_with_a_lease_that_ends_before_the_reserved_start(make_eng
 
 
 def test_one_pass_backfills_a_short_lease_behind_a_long_one_of_the_same_shape(make_engine):
-    engine = make_engine(aging_rate=0)
+    engine = make_engine(TENANTS, aging_rate=0)
     engine.report_node("a", gpu_list(2))
     engine.allocate(req(ttl_seconds=600))
     temp = engine.allocate(req(ttl_seconds=1000))
@@ -730,7 +746,7 @@ def test_one_pass_backfills_a_short_lease_behind_a_long_one_of_the_same_shape(ma
 
 
 def test_a_queued_request_without_expiry_is_still_granted(make_engine):
-    engine = make_engine(allow_infinite_ttl=True, max_ttl=0, aging_rate=0)
+    engine = make_engine(TENANTS, allow_infinite_ttl=True, max_ttl=0, aging_rate=0)
     engine.report_node("a", gpu_list(1))
     first = engine.allocate(req(ttl_seconds=100))
     endless = engine.allocate(req(service="endless", ttl_seconds=0))
@@ -742,7 +758,7 @@ def test_the_next_head_reserves_when_its_tenants_head_leaves(make_engine, clock)
     """A tenant's head is cancelled while nothing fits (the pass does not walk): the tenant's
     next request, its new head, reserves in that same pass, so small requests cannot take the
     GPUs it waits for meanwhile."""
-    engine = make_engine(aging_rate=0)
+    engine = make_engine(TENANTS, aging_rate=0)
     engine.report_node("a", gpu_list(2))
     engine.report_node("b", gpu_list(2))
     engine.allocate(req(required_gpus=2, ttl_seconds=100))
@@ -759,7 +775,7 @@ def test_the_next_head_reserves_when_its_tenants_head_leaves(make_engine, clock)
 def test_spare_gpus_of_a_reserved_node_go_to_anyone(make_engine):
     """A node has more GPUs free by the reserved start than the reserved request needs: the
     spare ones are not held back, whatever the lease."""
-    engine = make_engine(aging_rate=0)
+    engine = make_engine(TENANTS, aging_rate=0)
     engine.report_node("a", gpu_list(4))
     held = [engine.allocate(req(ttl_seconds=100))["id"] for _ in range(3)]
     big = engine.allocate(req(required_gpus=2, service="big"))
@@ -843,7 +859,6 @@ def test_events_record_every_state_change(engine):
     assert evs == [
         ("allocated", a["id"]),
         ("queued", q["id"]),
-        ("reserved", q["id"]),  # the head of its tenant reserves its node at once (issue 14)
         ("released", a["id"]),
         ("allocated", q["id"]),
         ("released", q["id"]),

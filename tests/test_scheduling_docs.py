@@ -171,6 +171,36 @@ def test_spare_gpus_of_a_reserved_node_example(world):
     says(text, "Long takes the free GPU at once")
 
 
+def test_reservation_with_the_default_config_example(world):
+    text = section("With the default config")
+    for long_at in ("10:10", "10:03"):
+        prefix = "{docs-%s}" % uuid.uuid4().hex[:8]  # a fresh engine state per replay
+        w = world({**config_of(text), "redis": {"prefix": prefix}})
+        w.node("a", 2)
+        w.ask("09:30", "other", 1, 60)  # GPU 0 until 10:30
+        big = w.ask("10:00", "team", 2, 60)
+        assert big["status"] == "queued" and w.engine.get(big["id"])["reserved_node"] is None
+        assert w.why(big) == {"reason": "capacity", "eta": "10:30"}
+        long = w.ask(long_at, "team", 1, 60)
+        if long_at == "10:03":  # nothing reserved yet: Long takes the free GPU
+            assert long["status"] == "allocated"
+            assert w.why(big) == {"reason": "capacity", "eta": "11:03"}
+            continue
+        assert long["status"] == "queued"
+        assert w.engine.get(big["id"])["reserved_node"] == "a"
+        assert w.why(long) == {"reason": "reservation", "eta": "11:30"}
+        short = w.ask("10:10", "team", 1, 15)
+        assert short["status"] == "allocated"  # ends 10:25, before Big's start at 10:30
+    says(
+        text,
+        "Big: `reason: capacity`, `eta` 10:30",
+        "Long: `reason: reservation`, `eta` 11:30",
+        "Short is granted at once",
+        "Had Long asked at 10:03",
+        "Big's `eta` would move to 11:03",
+    )
+
+
 def hms(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%H:%M:%S")
 

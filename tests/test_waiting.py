@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from app import waiting
 from app.engine import Engine
+from app.settings import tenants_configured
 from tests.test_engine import Clock, gpu_list, req
 
 
@@ -23,8 +24,10 @@ def clock():
 
 @pytest.fixture
 def make_engine(redis, settings, clock):
-    def make(**scheduler) -> Engine:
+    def make(tenants=None, **scheduler) -> Engine:
         st_ = settings.replace(scheduler=scheduler) if scheduler else settings
+        if tenants is not None:
+            st_ = st_.replace(tenants=tenants)
         return Engine(redis, st_, clock=clock)
 
     return make
@@ -32,7 +35,8 @@ def make_engine(redis, settings, clock):
 
 def why(engine, rid=None, limits=None):
     view = engine.wait_view(waiting.MAX_SIMULATED)
-    out = waiting.explain(view, engine.settings.scheduler, limits=limits)
+    heads = tenants_configured(engine.settings)
+    out = waiting.explain(view, engine.settings.scheduler, limits=limits, heads=heads)
     return out if rid is None else out[rid]
 
 
@@ -60,10 +64,15 @@ def test_dependency(make_engine):
     assert w["eta"] == dep["expires_at"]  # runs when its dependency's lease ends
 
 
+#: tenants configured (issue 14): each tenant's head reserves its node at once
+TENANTS = {"quotas": {"big": {"weight": 1}}}
+
+
 def test_reservation(make_engine):
-    """A GPU is free, but on the node held for the big request ahead, and the small one's
-    lease outlasts the reserved start: it waits for the reservation."""
-    engine = make_engine(aging_rate=0)
+    """Tenants configured: a GPU is free, but on the node held for the big request ahead (its
+    tenant's head), and the small one's lease outlasts the reserved start: it waits for the
+    reservation."""
+    engine = make_engine(TENANTS, aging_rate=0)
     engine.report_node("a", gpu_list(2))
     holder = engine.allocate(req(ttl_seconds=100))
     big = engine.allocate(req(service="big", required_gpus=2, ttl_seconds=1000))
@@ -73,6 +82,30 @@ def test_reservation(make_engine):
     w = why(engine, small["id"])
     assert w["reason"] == "reservation"
     assert w["eta"] == holder["expires_at"] + 1000  # after big's lease
+
+
+def test_with_the_default_config_only_a_long_wait_reserves(make_engine, clock):
+    """No tenants configured (the defaults): the big request reserves only once it waited
+    reservation_after, in a pass that walks the queue, as before issue 14; then a long lease
+    waits for the reservation and a lease that ends by the reserved start backfills."""
+    engine = make_engine(aging_rate=0, reservation_after=60)
+    engine.report_node("a", gpu_list(2))
+    holder = engine.allocate(req(ttl_seconds=1000))
+    big = engine.allocate(req(service="big", required_gpus=2, ttl_seconds=1000))
+    assert engine.get(big["id"])["reserved_node"] is None
+    early = engine.allocate(req(service="early", ttl_seconds=5000))
+    assert early["status"] == "allocated"  # nothing reserved yet: the free GPU goes
+    engine.release(early["id"])
+    clock.advance(61)
+    engine.report_node("a", gpu_list(2))
+    # the pass this request starts walks the queue (something fits): big reserves first
+    late = engine.allocate(req(service="late", ttl_seconds=5000))
+    assert late["status"] == "queued"
+    assert engine.get(big["id"])["reserved_node"] == "a"
+    assert why(engine, big["id"]) == {"reason": "capacity", "eta": holder["expires_at"]}
+    assert why(engine, late["id"]) == {"reason": "reservation", "eta": holder["expires_at"] + 1000}
+    short = engine.allocate(req(service="short", ttl_seconds=900))
+    assert short["status"] == "allocated" and short["node"] == "a"  # backfill on lease end
 
 
 def test_priority_under_strict_fifo(make_engine):
@@ -176,13 +209,21 @@ scenario = st.fixed_dictionaries(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(sc=scenario)
-def test_the_heads_eta_is_its_real_grant_and_no_eta_beats_a_lease_end(redis, settings, sc):
+@pytest.mark.parametrize(
+    "tenants", [None, {"quotas": {"a": {"weight": 1}}}], ids=["default", "tenants"]
+)
+def test_the_heads_eta_is_its_real_grant_and_no_eta_beats_a_lease_end(redis, settings, tenants, sc):
     """Every lease known, no renewals, nothing new arrives: the head request is granted within
     2 s of its ETA (the reaper and the scheduler's periodic pass run at each lease end here);
-    and at every step no queued request's ETA is earlier than the lease ends in its way."""
+    and at every step no queued request's ETA is earlier than the lease ends in its way. With
+    the default config and with tenants configured (each tenant's head reserves at once)."""
     redis.flushdb()
     clock = Clock()
-    engine = Engine(redis, settings.replace(scheduler={"aging_rate": 0}), clock=clock)
+    st_ = settings.replace(scheduler={"aging_rate": 0})
+    if tenants is not None:
+        st_ = st_.replace(tenants=tenants)
+    engine = Engine(redis, st_, clock=clock)
+    heads = tenants_configured(engine.settings)
     sizes = sc["sizes"]
 
     def report():
@@ -211,11 +252,11 @@ def test_the_heads_eta_is_its_real_grant_and_no_eta_beats_a_lease_end(redis, set
     if not snap["queue"]:
         return
     head = snap["queue"][0]
-    predicted = waiting.explain(snap, engine.settings.scheduler)
+    predicted = waiting.explain(snap, engine.settings.scheduler, heads=heads)
     eta = predicted[head["id"]]["eta"]
     assert eta is not None  # every lease is finite
     for _ in range(100):
-        now = waiting.explain(snap, engine.settings.scheduler)
+        now = waiting.explain(snap, engine.settings.scheduler, heads=heads)
         for rec in snap["queue"]:
             e = now[rec["id"]]["eta"]
             if e is not None:

@@ -12,21 +12,26 @@
     * nothing_fits(): smallest queued demand vs best free capacity, O(log n).
     * in the walk, a demand shape that failed is not tried again (capacity only shrinks).
   ]]
+  -- HEADS: tenants are configured (tenants_on: fair_share, or tenants.quotas). Then each
+  -- tenant's head reserves at once (issue 14); without, only requests that waited
+  -- reservation_after reserve, as before tenants existed (the default config is today's).
+  local HEADS = tenants_on()
   -- reservations one full pass may make, and how deep in the queue it looks for tenants' heads
   -- (HEAD_SCAN), and how far past the point where a walk stopped (SWEEP)
-  local MAX_NEW_RES, HEAD_SCAN, SWEEP = 8, 500, 100
+  local MAX_NEW_RES, HEAD_SCAN, SWEEP = HEADS and 8 or 4, 500, 100
 
-  -- The new request of an allocate reserves after its queued event (reserve_new), when the
-  -- walk found it its tenant's head (or long-waiting); new_wants: nil when no walk saw it.
-  -- A tenant's head is its first queued request a pass does not place; it reserves when it is
-  -- exclusive and its dependencies are done (a shared one waits for memory on any GPU and
-  -- holds no node back, unless it waited reservation_after).
+  -- With HEADS, the new request of an allocate reserves after its queued event (reserve_new),
+  -- when the walk found it its tenant's head (or long-waiting); new_wants: nil when no walk
+  -- saw it. A tenant's head is its first queued request a pass does not place; it reserves when
+  -- it is exclusive and its dependencies are done (a shared one waits for memory on any GPU and
+  -- holds no node back, unless it waited reservation_after). Without HEADS the walk reserves
+  -- what waited reservation_after, the new request included (reservation_after 0).
   local new_wants = nil
 
   -- allocate, after the queued event: the new request reserves when it is its tenant's head
   -- (the walk said so, or it is its tenant's only queued request) and does not fit.
   local function reserve_new(id)
-    if RES_AFTER < 0 or POLICY == 'strict_fifo' or new_wants == false then return end
+    if not HEADS or RES_AFTER < 0 or POLICY == 'strict_fifo' or new_wants == false then return end
     local r = load_req(id)
     if not r or r.status ~= 'queued' or r.reserved ~= '' or not deps_done(r) or over_quota(r) then
       return
@@ -269,12 +274,13 @@
     local may_reserve = RES_AFTER >= 0 and POLICY ~= 'strict_fifo'
     local new_reservations, head_seen = 0, {}
     local reserved_by, due, possible = {}, {}, {}
-    -- tenants with queued requests whose head this pass has not met yet
-    local tenants_left = may_reserve and math.max(redis.call('HLEN', K_QOWNERS),
+    -- tenants with queued requests whose head this pass has not met yet (HEADS only)
+    local tenants_left = (may_reserve and HEADS) and math.max(redis.call('HLEN', K_QOWNERS),
       redis.call('HLEN', K_TQUEUED)) or 0
+    -- a reservation made before holds back its node whatever the settings now
+    local res = redis.call('HGETALL', K_RES)
+    for i = 1, #res, 2 do reserved_by[res[i + 1]] = res[i] end
     if may_reserve then
-      local res = redis.call('HGETALL', K_RES)
-      for i = 1, #res, 2 do reserved_by[res[i + 1]] = res[i] end
       local waited = redis.call('ZRANGEBYSCORE', K_QUNRES, '-inf', ftime(NOW - RES_AFTER))
       for _, id in ipairs(waited) do due[id] = true end
     end
@@ -287,9 +293,9 @@
     end
 
     -- A queued request the pass did not place (r: it, when read; eligible: its dependencies
-    -- are done; rank: its place in the queue now). The first one of each tenant is the
-    -- tenant's head: when it is an eligible exclusive request it reserves; so does one that
-    -- waited reservation_after. Its reserved node is held back from the requests after it.
+    -- are done; rank: its place in the queue now). One that waited reservation_after
+    -- reserves; with HEADS so does the first one of each tenant (the tenant's head) when it is
+    -- an eligible exclusive request. Its reserved node is held back from the requests after it.
     local function consider(id, r, eligible, rank)
       local rn = reserved_by[id]
       local want = due[id]
@@ -307,7 +313,7 @@
           end
         end
       end
-      if id == new_id then
+      if HEADS and id == new_id then
         -- reserved by allocate after its queued event (reserve_new)
         new_wants = want and true or false
         want = false

@@ -129,12 +129,14 @@ end
   * backfill on lease end: an exclusive request whose lease ends by the reserved start (NOW +
     lease <= start) may use the node's GPUs; they are free again when the reserved request
     needs them;
-  * spare GPUs: GPUs the node will have free by the reserved start beyond the k the reserved
-    request needs may go to anyone.
+  * spare GPUs (only with tenants configured, tenants_on()): GPUs the node will have free by
+    the reserved start beyond the k the reserved request needs may go to anyone.
   node_start(r, node): the reserved start on one node: the k-th earliest time a qualifying GPU
   is free (now for free ones, the exclusive holder's lease end otherwise; a lease without
   expiry, or shared holders in the way of an exclusive request, count as never = 1e18), and
-  how many more are free by then (spare). nil when the node has fewer than k such GPUs.
+  how many more are free by then (spare), and the k-th time before it is raised to NOW (a lease
+  past its end: the node whose lease ended first is chosen). nil when the node has fewer than
+  k such GPUs.
 ]]
 local NEVER = 1e18
 
@@ -158,13 +160,13 @@ local function node_start(r, node)
   local k = r.sharing == 'shared' and 1 or r.k
   if #times < k then return nil end
   table.sort(times)
-  local t = times[k]
-  if t < NOW then t = NOW end -- a lease past its end holds the GPU until the reaper's pass
+  local raw = times[k]
+  local t = raw < NOW and NOW or raw -- a lease past its end holds the GPU until the reaper's pass
   local spare = 0
   for i = k + 1, #times do
     if times[i] <= t then spare = spare + 1 end
   end
-  return t, spare
+  return t, spare, raw
 end
 
 -- blocked: node -> {id = the reserved request ranked ahead, r = it when loaded}; its start
@@ -186,7 +188,7 @@ local function held_back(r, node, blocked)
     local holder = b.r or load_req(b.id)
     local t, spare
     if holder then t, spare = node_start(holder, node) end
-    b.t, b.spare = t or NEVER, spare or 0
+    b.t, b.spare = t or NEVER, tenants_on() and spare or 0
   end
   if backfills(r, b) then return false end
   if b.spare >= (r.sharing == 'shared' and 1 or r.k) then return false end

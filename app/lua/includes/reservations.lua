@@ -1,6 +1,7 @@
   --[[
     reservations (inside queue(), after enqueue): queue rank, the cheap nothing-fits test and
-    the reservation of a node for a tenant's head request or a long-waiting one.
+    the reservation of a node for a long-waiting request or (tenants configured, tenants_on) a
+    tenant's head request.
     Guarantees: at most one reservation per request, one per node; a reserved node is not given
     to requests ranked after it, except by backfill (a lease that ends by the reserved start)
     or on its spare GPUs (includes/placement.lua, held_back).
@@ -30,7 +31,7 @@
   end
 
   -- Reserve the node where r will fit soonest (node_start: the k-th earliest time a GPU that
-  -- could hold it is free; ties to the smaller node). blocked: nodes reserved for requests
+  -- could hold it is free, a lease past its end by when it ended; ties to the smaller node). blocked: nodes reserved for requests
   -- ranked ahead. Returns the node, '' when none can take it now.
   local function reserve(r, blocked)
     local best, best_t, best_size = nil, nil, nil
@@ -40,7 +41,7 @@
       local node, size = sizes[i], tonumber(sizes[i + 1])
       if not blocked[node] and node_ok(r, node) and node_alive(node) and
           not redis.call('HGET', K_RES, node) then
-        local t = node_start(r, node)
+        local _, _, t = node_start(r, node)
         if t and (best == nil or t < best_t or (t == best_t and size < best_size)) then
           best, best_t, best_size = node, t, size
         end

@@ -27,6 +27,9 @@
     alloc_gpus(r)        GPUs a request counts for: 1 when shared, else r.k
     over_quota(r)        true when granting r now would take its tenant past max_gpus
     quotas_on()          whether any tenant may have a max_gpus
+    tenants_on()         whether tenants are configured (fair_share, or tenants.quotas): the
+                         rules that change the scheduler's order for everyone (each tenant's
+                         head reserves at once, spare GPUs) apply only then
     tenant_share(t)      (usage in GPU-hours + held) / weight: the fair-share order, lowest first
     tenant_add(t, n)     held += n (n < 0 on an end), usage brought to NOW; grant/finish_alloc
     tenant_queue_add(t, n)  queued += n; enqueue/dequeue
@@ -111,6 +114,13 @@ end
 -- Whether any tenant may have a max_gpus (a quota or the default's).
 local function quotas_on()
   return TENANT_LIMITS == '1'
+end
+
+-- Tenants configured: tenants.fair_share on, or tenants.quotas not empty. Without (the
+-- defaults) the queue is today's one priority queue (issue 14): reservations only after
+-- reservation_after, as before tenants existed.
+local function tenants_on()
+  return TENANT_FAIR == '1' or TENANT_QUOTAS ~= ''
 end
 
 local function tenant_share(t)
