@@ -1384,13 +1384,18 @@ class Engine:
                 webhooks[parts[1]] = int(value)
             elif parts[0] == "preempt" and len(parts) >= 2:
                 preemptions["|".join(parts[1:])] = int(value)
-        # an immediate grant waited 0 s: the scripts count it only in sched|immediate
-        buckets, running = [], scheduler.get("immediate", 0)
+        # every grant counts in alloc|<service>|allocated; the scripts count those from the
+        # queue in sched|from_queue, the rest were immediate (an older release also kept
+        # sched|immediate: the same number, derived the same way here)
+        granted = sum(by.get("allocated", 0) for by in allocations.values())
+        scheduler["immediate"] = max(0, granted - scheduler.get("from_queue", 0))
+        # an immediate grant waited 0 s: the scripts count it in no bucket
+        buckets, running = [], scheduler["immediate"]
         for b in WAIT_BUCKETS:
             running += per_bucket.get(_bucket_label(b), 0)
             buckets.append((float(b), running))
         buckets.append((math.inf, running + per_bucket.get("+Inf", 0)))
-        scheduler["granted"] = scheduler.get("immediate", 0) + scheduler.get("from_queue", 0)
+        scheduler["granted"] = scheduler["immediate"] + scheduler.get("from_queue", 0)
         wait_count = scheduler["granted"]
         return {
             "allocations": allocations,

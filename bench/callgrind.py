@@ -12,6 +12,8 @@ so it judges a change to the engine against the code before it. Needs valgrind.
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import json
 import re
 import subprocess
@@ -89,6 +91,8 @@ def main() -> None:
         proc.terminate()
         proc.wait(60)
     text = out_file.read_text(errors="replace")
+    if os.environ.get("CALLGRIND_KEEP"):
+        shutil.copy(out_file, os.environ["CALLGRIND_KEEP"])
     total = int(re.search(r"^totals: (\d+)", text, re.M).group(1))
     print(
         json.dumps(

@@ -63,7 +63,7 @@ if f.depends_on ~= '[]' then
   end
 end
 
-local k, minm = tonumber(f.required_gpus), tonumber(f.min_memory_mb)
+local k, minm = num(f.required_gpus), num(f.min_memory_mb)
 local pat, nodes_raw = f.gpu_pattern or '', f.nodes or '[]'
 
 -- With a gpu_model or a nodes list the fleet-wide maxima say too little: look for one allowed
@@ -102,37 +102,49 @@ local function top_pref(raw)
   return pref[#pref]
 end
 
-local m = redis.call('HMGET', K_META, 'gpus_total', 'max_node_gpus', 'max_gpu_mb')
-local reject = nil
-if (tonumber(m[1]) or 0) == 0 then
-  reject = {-6, 'no_gpus', '0'}
-elseif k > tonumber(m[2]) then
-  reject = {-6, 'required_gpus', m[2]}
-elseif minm > tonumber(m[3]) then
-  reject = {-6, 'min_memory_mb', m[3]}
-elseif f.preferred_gpus ~= '[]' and top_pref(f.preferred_gpus) >= tonumber(m[2]) then
-  reject = {-6, 'preferred_gpus', m[2]}
-elseif pat ~= '' or nodes_raw ~= '[]' then
-  reject = never_fits()
+-- Can it never fit? (the fleet's maxima in meta). A request that a node can take now fits:
+-- for a plain one (exclusive, no preferred GPUs) the answer is needed only when it does not
+-- get GPUs at once, or before another error (the order of the errors stays the same).
+local function never()
+  local m = redis.call('HMGET', K_META, 'gpus_total', 'max_node_gpus', 'max_gpu_mb')
+  if (tonumber(m[1]) or 0) == 0 then
+    return {-6, 'no_gpus', '0'}
+  elseif k > tonumber(m[2]) then
+    return {-6, 'required_gpus', m[2]}
+  elseif minm > tonumber(m[3]) then
+    return {-6, 'min_memory_mb', m[3]}
+  elseif f.preferred_gpus ~= '[]' and top_pref(f.preferred_gpus) >= tonumber(m[2]) then
+    return {-6, 'preferred_gpus', m[2]}
+  elseif pat ~= '' or nodes_raw ~= '[]' then
+    return never_fits()
+  end
+  return nil
 end
-if reject then return reject end
+local plain = f.sharing ~= 'shared' and f.preferred_gpus == '[]'
+local reject = nil
+if not plain then
+  reject = never()
+  if reject then return reject end
+end
 -- the tenant's max_gpus: a request that alone exceeds it can never be granted
 local tenant = f.tenant or ''
 local tquota = (TENANT_LIMITS == '1' and tenant ~= '') and tenant_quota(tenant) or nil
 if tquota and tquota.max_gpus and (f.sharing == 'shared' and 1 or k) > tquota.max_gpus then
-  return {-6, 'max_gpus', tostring(tquota.max_gpus)}
+  return (plain and never()) or {-6, 'max_gpus', tostring(tquota.max_gpus)}
 end
 local depth = redis.call('ZCARD', K_QUEUE)
 local bucket = owner_bucket(f.owner, svc)
 local rk = k_req(id)
-if redis.call('EXISTS', rk) == 1 then return {-8} end
+if redis.call('EXISTS', rk) == 1 then return (plain and never()) or {-8} end
 
 local submitted = NOW_S
 -- status last: a grant adds 'allocated', a queued request 'queued' (one write of the field)
 local hset = {'HSET', rk, 'id', id, 'submitted_at', submitted}
 for i = A + 6, #ARGV do hset[#hset + 1] = ARGV[i] end
-if idem_key ~= '' then
-  redis.call('SET', k_idem(idem_key), id .. '|' .. idem_hash, 'EX', math.floor(idem_ttl))
+local function remember()
+  if idem_key ~= '' then
+    redis.call('SET', k_idem(idem_key), id .. '|' .. idem_hash, 'EX', math.floor(idem_ttl))
+  end
 end
 f.submitted_at, f.status = submitted, 'queued'
 local r = req_from(id, f)
@@ -140,10 +152,16 @@ local r = req_from(id, f)
 if depth == 0 and deps_done(r) and not over_quota(r) then
   local node, chosen = place(r, {})
   if node then
+    remember()
     -- the record is written once, by the grant (the same HSET, with the grant's fields)
     return {1, submitted, 0, grant(r, node, chosen, false, false, hset)}
   end
 end
+if plain then
+  reject = never()
+  if reject then return reject end
+end
+remember()
 
 hset[#hset + 1], hset[#hset + 2] = 'status', 'queued'
 redis.call(unpack(hset))
@@ -171,7 +189,7 @@ if rank then
     redis.call('HSET', k_req(dep), 'ok_dependents', '1')
   end
   event('queued', id, svc, nil)
-  stat('alloc|' .. svc_label(svc) .. '|queued')
+  stat_alloc(svc, 'queued')
   queue().reserve_new(id)
   -- a tenant below its guarantee may preempt for it (includes/preemption.lua); with no grace
   -- period the victims ended already and a pass may place it now

@@ -9,12 +9,19 @@
   gpus_available: free, healthy, schedulable GPUs on nodes whose heartbeat is current.
 ]]
 -- @include prelude
-local available = tonumber(redis.call('HGET', K_META, 'gpus_free') or '0')
 local total = redis.call('ZCARD', K_GPUS)
 local lapsed = redis.call('ZRANGEBYSCORE', K_NODES, '-inf', '(' .. ftime(NOW - HB_TIMEOUT))
+local silent = {}
 for _, node in ipairs(lapsed) do
-  available = available - (tonumber(redis.call('ZSCORE', K_FREE, node) or '0') or 0)
+  silent[node] = true
   total = total - (tonumber(redis.call('ZSCORE', K_SIZES, node) or '0') or 0)
+end
+-- the free GPUs are counted per node in nodes_free only (a grant writes no fleet-wide counter):
+-- O(nodes with a free GPU), paid by this read for the metrics, not by every grant and release
+local available = 0
+local free = redis.call('ZRANGEBYSCORE', K_FREE, 1, '+inf', 'WITHSCORES')
+for i = 1, #free, 2 do
+  if not silent[free[i]] then available = available + tonumber(free[i + 1]) end
 end
 local nodes = redis.call('ZCARD', K_NODES)
 return {redis.call('ZCARD', K_LEASES), tonumber(redis.call('HGET', K_META, 'gpus_busy') or '0'),

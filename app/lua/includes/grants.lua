@@ -41,15 +41,13 @@ local function grant(r, node, chosen, queued, from_queue, pending)
   end
   local evid = event('allocated', r.id, r.svc, {'node', node, 'gpu_ids', ids_json,
     'gpu_uuids', uuids_json})
-  stat('alloc|' .. svc_label(r.svc) .. '|allocated')
+  stat_alloc(r.svc, 'allocated')
   if from_queue then
     stat('sched|from_queue')
     stat_wait(wait)
     outbox('allocated', r.id, evid, r.hook, nil, true,
       {expires_at = expires, lease_seconds = fnum(r.lease)})
-  else
-    stat('sched|immediate')
-  end
+  end -- sched|immediate is not counted: Engine.stats() derives it (grants - from_queue)
   return out
 end
 
@@ -71,7 +69,7 @@ local function end_queued(id, status, reason, cause)
   bump_capacity()
   notify(id, status)
   local evid = event(status, id, f[1], reason and {'reason', reason, 'dependency', cause} or nil)
-  stat('alloc|' .. svc_label(f[1]) .. '|' .. status)
+  stat_alloc(f[1], status)
   outbox(status, id, evid, f[2], f[3], false)
   return f[6] == '1'
 end
@@ -145,7 +143,7 @@ local function finish_alloc(id, status, rec, by_holder)
   bump_capacity()
   notify(id, status)
   local evid = event(status, id, svc, {'node', node or '', 'gpu_ids', f[2] or '[]'})
-  stat('alloc|' .. svc_label(svc) .. '|' .. status)
+  stat_alloc(svc, status)
   outbox(status, id, evid, f[6], f[7], status == 'lost' or status == 'preempted')
   victim_ended(f[10])
   if f[8] == '1' then

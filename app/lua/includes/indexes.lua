@@ -1,7 +1,7 @@
 --[[
   indexes: node liveness and GPU indexes, and gpu_sync, which puts one GPU back
   in the right indexes (nodes_free, the node's node_free_gpus, shared capacity, meta
-  gpus_free/gpus_busy) after any change to it.
+  gpus_busy) after any change to it.
   Guarantees: after gpu_sync the indexes agree with the GPU hash.
 ]]
 
@@ -46,7 +46,6 @@ local function gpu_sync(node, idx)
   local busy = excl ~= '' or sn > 0
   if free ~= (f[8] == '1') then
     redis.call('ZINCRBY', K_FREE, free and 1 or -1, node)
-    meta_incr('gpus_free', free and 1 or -1)
     redis.call('HSET', gk, 'in_free', free and '1' or '0')
     if free then bump_capacity() end
   end

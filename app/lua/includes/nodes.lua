@@ -51,7 +51,6 @@ local function forget_node(node, by, reason)
     local f = redis.call('HMGET', gk, 'in_free', 'in_busy')
     if f[1] == '1' then
       redis.call('ZINCRBY', K_FREE, '-1', node)
-      meta_incr('gpus_free', -1)
     end
     if f[2] == '1' then meta_incr('gpus_busy', -1) end
     local member = node .. '|' .. idx

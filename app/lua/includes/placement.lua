@@ -10,12 +10,12 @@
 -- with REC_DEFAULTS_MT as metatable, so a field at its default (not stored) reads as it.
 -- REQ_FIELDS and REC_DEFAULTS are generated from app/record.py when the library is built.
 local function req_from(id, f)
-  local r = {id = id, svc = f.service_name, sharing = f.sharing, k = tonumber(f.required_gpus),
-    minm = tonumber(f.min_memory_mb), maxm = tonumber(f.max_memory_mb),
-    util = tonumber(f.max_utilization), pref_raw = f.preferred_gpus, deps_raw = f.depends_on,
+  local r = {id = id, svc = f.service_name, sharing = f.sharing, k = num(f.required_gpus),
+    minm = num(f.min_memory_mb), maxm = num(f.max_memory_mb),
+    util = num(f.max_utilization), pref_raw = f.preferred_gpus, deps_raw = f.depends_on,
     submitted = tonumber(f.submitted_at), hook = f.webhook_url or '',
     hook_events = f.webhook_events, lease = lease_secs(f.lease_seconds),
-    priority = tonumber(f.priority), reserved = f.reserved_node or '', status = f.status,
+    priority = num(f.priority), reserved = f.reserved_node or '', status = f.status,
     owner = f.owner or '', pat = f.gpu_pattern or '', nodes_raw = f.nodes,
     mode = f.depends_on_mode, tenant = f.tenant or ''}
   -- gpu_model as an anchored Lua pattern on the lower-cased GPU name ('' = any model) and the
@@ -73,12 +73,21 @@ end
 
 -- One node_free_gpus entry "<memory_free_mb>|<utilization>|<uuid>" -> memory, utilization and
 -- the uuid's start, split by plain find (no pattern, no captures); and whether r can use it.
+-- Parsed entries are memoized (the same entries come back until a GPU's readings change;
+-- bounded like num's memo).
+local entry_memo, entry_n = {}, 0
 local function free_entry(r, v)
-  local a = string.find(v, '|', 1, true)
-  local b = string.find(v, '|', a + 1, true)
-  local mem = tonumber(string.sub(v, 1, a - 1)) or 0
-  local util = tonumber(string.sub(v, a + 1, b - 1)) or 0
-  return mem, util, b + 1, mem >= r.minm and (r.maxm <= 0 or mem <= r.maxm) and util <= r.util
+  local e = entry_memo[v]
+  if not e then
+    local a = string.find(v, '|', 1, true)
+    local b = string.find(v, '|', a + 1, true)
+    e = {tonumber(string.sub(v, 1, a - 1)) or 0, tonumber(string.sub(v, a + 1, b - 1)) or 0,
+      b + 1}
+    if entry_n >= MEMO_MAX then entry_memo, entry_n = {}, 0 end
+    entry_memo[v], entry_n = e, entry_n + 1
+  end
+  local mem, util = e[1], e[2]
+  return mem, util, e[3], mem >= r.minm and (r.maxm <= 0 or mem <= r.maxm) and util <= r.util
 end
 
 -- Qualifying free GPUs of one node for an exclusive request (one read: node_free_gpus).
@@ -105,7 +114,7 @@ local function node_best1(r, node)
   for i = 1, #h, 2 do
     local mem, util, at, ok = free_entry(r, h[i + 1])
     if ok and model_ok(r, node, h[i]) then
-      local idx = tonumber(h[i])
+      local idx = num(h[i])
       if not best or mem > bmem or (mem == bmem and (util < butil or
           (util == butil and idx < bidx))) then
         best, bmem, butil, bidx, bat = i, mem, util, idx, at
@@ -314,7 +323,6 @@ local function take_gpu(r, node, idx)
     redis.call('HSET', gk, 'excl', r.id, 'in_free', '0', 'in_busy', '1')
     redis.call('HDEL', k_free(node), idx)
     redis.call('ZINCRBY', K_FREE, '-1', node)
-    meta_incr('gpus_free', -1)
     meta_incr('gpus_busy', 1)
     redis.call('ZREM', K_SHARED, node .. '|' .. idx)
   end
@@ -344,7 +352,6 @@ local function return_gpu(id, sharing, minm, node, idx)
     redis.call('HSET', k_free(node), idx, (g[5] or '0') .. '|' .. (g[8] or '0') .. '|' ..
       (g[9] or ''))
     redis.call('ZINCRBY', K_FREE, '1', node)
-    meta_incr('gpus_free', 1)
     local cap = tonumber(g[5] or '0') or 0
     if cap < 0 then cap = 0 end
     redis.call('ZADD', K_SHARED, cap, node .. '|' .. idx)

@@ -47,6 +47,23 @@
 -- @constants
 local NOW, NOW_S -- set per call by begin_call (includes/call.lua)
 
+-- tonumber with a memo. The same few strings come back call after call (a request's
+-- defaults, a GPU's free memory), and tonumber of a string costs two strtod (~1k
+-- instructions); a hit is one table read. The memo outlives the call (a library's locals do)
+-- and is bounded: it starts again empty past MEMO_MAX entries.
+local MEMO_MAX = 4096
+local num_memo, num_n = {}, 0
+local function num(s)
+  if type(s) ~= 'string' then return tonumber(s) end
+  local v = num_memo[s]
+  if v == nil then
+    v = tonumber(s) or false
+    if num_n >= MEMO_MAX then num_memo, num_n = {}, 0 end
+    num_memo[s], num_n = v, num_n + 1
+  end
+  return v or nil
+end
+
 local function ftime(x) return string.format('%.6f', x) end
 local function fnum(x) return string.format('%.17g', x) end
 
@@ -54,7 +71,7 @@ local function fnum(x) return string.format('%.17g', x) end
 -- that is not a number, NaN, or longer than MAX_LEASE (inf included) becomes MAX_LEASE, so
 -- every expiry is a finite, representable time whatever a record holds.
 local function lease_secs(x)
-  x = tonumber(x)
+  x = num(x)
   if x == nil or x ~= x or x > MAX_LEASE then return MAX_LEASE end
   if x < 0 then return -1 end
   return x

@@ -1,5 +1,5 @@
 --[[
-  stats: the counters (the stats hash, meta's gpus_free / gpus_busy), the queue-wait histogram,
+  stats: the counters (the stats hash, meta's gpus_busy), the queue-wait histogram,
   the bounded service labels and each owner's share of the queue.
   Guarantees: inside a pass the counters are buffered and written once per field
   (stat_flush); no service name grows the stats hash past MAX_SVC_LABELS labels.
@@ -8,7 +8,7 @@
 local WAIT_BUCKETS = {'0.005', '0.01', '0.025', '0.05', '0.1', '0.25', '0.5', '1', '2.5', '5',
   '10', '30', '60', '120', '300', '600', '1800', '3600'}
 
--- Counters (the stats hash, and meta's gpus_free / gpus_busy). Inside a schedule pass they are
+-- Counters (the stats hash, and meta's gpus_busy). Inside a schedule pass they are
 -- summed in Lua and written once per field at the end of the pass (a pass granting 1,000
 -- requests writes a handful of fields, not 6,000). Nothing reads them during a script.
 local stat_buf, meta_buf = nil, nil
@@ -43,9 +43,8 @@ local function stat_flush()
   stat_buf, meta_buf = nil, nil
 end
 
--- One grant's queue wait (only for grants from the queue). The histogram's count is
--- sched|immediate + sched|from_queue (every grant is one of the two), so only the bucket and
--- the sum are written here. An immediate grant waited 0 s: Engine.stats() counts it in the
+-- One grant's queue wait (only for grants from the queue). The histogram's count is every
+-- grant (the alloc|*|allocated counters), so only the bucket and the sum are written here. An immediate grant waited 0 s: Engine.stats() counts it in the
 -- first bucket, which saves the hot path a write.
 local function stat_wait(wait)
   local label = '+Inf'
@@ -81,6 +80,29 @@ local function svc_label(svc)
     svc_labels[svc] = v
   end
   return v
+end
+
+-- Count one request of service svc in alloc|<label>|<status>. Outside a pass: one HINCRBY
+-- when that field exists already (a field alloc|<s>|<status> is only ever created for a
+-- service s that is a label, or for the label 'other', which is where s's count goes anyway),
+-- and the label set is consulted only when the increment created the field.
+local function stat_alloc(svc, status)
+  svc = svc or ''
+  local label = svc_labels[svc]
+  if stat_buf or label then
+    stat('alloc|' .. (label or svc_label(svc)) .. '|' .. status)
+    return
+  end
+  local field = 'alloc|' .. svc .. '|' .. status
+  if redis.call('HINCRBY', K_STATS, field, '1') > 1 then
+    svc_labels[svc] = svc
+    return
+  end
+  label = svc_label(svc)
+  if label ~= svc then
+    redis.call('HDEL', K_STATS, field)
+    redis.call('HINCRBY', K_STATS, 'alloc|' .. label .. '|' .. status, '1')
+  end
 end
 
 -- Whose share of the queue a request counts against (K_QOWNERS field): its owner (the API
