@@ -49,7 +49,7 @@ FIELDS: tuple[Field, ...] = (
     Field("status"),
     Field("submitted_at", "float"),
     _req("service_name"),
-    _req("owner", "opt_str"),
+    _req("owner", "opt_str", ""),
     _req("workload_type", default="generic"),
     _req("workload_data", "json_data", "{}"),
     _req("priority", "int"),

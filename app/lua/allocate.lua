@@ -139,8 +139,7 @@ if redis.call('EXISTS', rk) == 1 then return (plain and never()) or {-8} end
 
 local submitted = NOW_S
 -- status last: a grant adds 'allocated', a queued request 'queued' (one write of the field)
-local hset = {'HSET', rk, 'id', id, 'submitted_at', submitted}
-for i = A + 6, #ARGV do hset[#hset + 1] = ARGV[i] end
+local hset = {'HSET', rk, 'id', id, 'submitted_at', submitted, unpack(ARGV, A + 6)}
 local function remember()
   if idem_key ~= '' then
     redis.call('SET', k_idem(idem_key), id .. '|' .. idem_hash, 'EX', math.floor(idem_ttl))

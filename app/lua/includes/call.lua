@@ -14,6 +14,9 @@ local function begin_call(keys, argv)
   end
   NOW_S = string.format('%.6f', NOW) -- formatted once: most functions write it several times
   stat_buf, meta_buf, queue_fns = nil, nil, nil
-  svc_labels, alive_cache, index_cache = {}, {}, {}
+  -- a fresh table only when the last call left something in it (fewer tables per call)
+  if next(svc_labels) then svc_labels = {} end
+  if next(alive_cache) then alive_cache = {} end
+  if next(index_cache) then index_cache = {} end
   tq_cache, tq_map, tq_default = nil, nil, nil
 end

@@ -27,7 +27,8 @@ local function grant(r, node, chosen, queued, from_queue, pending)
   local out = {'status', 'allocated', 'node', node, 'gpu_ids', ids_json, 'gpu_uuids', uuids_json,
     'allocated_at', NOW_S, 'expires_at', expires, 'wait_time_seconds', ftime(wait)}
   if pending then
-    for i = 1, #out do pending[#pending + 1] = out[i] end
+    local n = #pending
+    for i = 1, #out do pending[n + i] = out[i] end
     redis.call(unpack(pending))
   else
     redis.call('HSET', k_req(r.id), unpack(out))
