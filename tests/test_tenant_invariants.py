@@ -19,6 +19,7 @@ from hypothesis.stateful import (
 )
 
 from app import errors
+from app.record import DEFAULTS
 from app.engine import Engine
 
 NODES = {"n0": 2, "n1": 4}
@@ -128,7 +129,11 @@ class TenantMachine(RuleBasedStateMachine):
         if not hasattr(self, "engine"):
             return
         k, redis = self.engine.keys, self.redis
-        reqs = [redis.hgetall(key) for key in redis.scan_iter(match=k.request("*"), count=1000)]
+        # the stored records, with the fields a sparse record leaves out at their default
+        reqs = [
+            {**DEFAULTS, **redis.hgetall(key)}
+            for key in redis.scan_iter(match=k.request("*"), count=1000)
+        ]
         held: dict = {}
         queued: dict = {}
         for r in reqs:

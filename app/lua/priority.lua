@@ -13,7 +13,7 @@ local id, prio, by = ARGV[A + 1], tonumber(ARGV[A + 2]), ARGV[A + 3]
 local f = redis.call('HMGET', k_req(id), 'status', 'priority', 'service_name', 'tenant')
 if not f[1] then return {-1} end
 if f[1] ~= 'queued' then return {-3, f[1]} end
-local old = tonumber(f[2]) or 0
+local old = tonumber(f[2] or REC_DEFAULTS.priority) or 0
 if old ~= prio then
   local score = tonumber(redis.call('ZSCORE', K_QUEUE, id))
   -- scores: AGING * s - p with aging, -p * 1e12 + seq without (see enqueue in the prelude)

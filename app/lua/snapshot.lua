@@ -36,7 +36,7 @@ for _, id in ipairs(redis.call('ZRANGE', K_LEASES, 0, -1)) do
   local f = redis.call('HMGET', k_req(id), 'node', 'gpu_ids', 'sharing', 'min_memory_mb')
   local n = #held
   held[n + 1], held[n + 2], held[n + 3], held[n + 4], held[n + 5] =
-    id, f[1] or '', f[2] or '[]', f[3] or '', f[4] or '0'
+    id, f[1] or '', f[2] or '[]', f[3] or REC_DEFAULTS.sharing, f[4] or '0'
 end
 
 local function compact(id)

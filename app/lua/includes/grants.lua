@@ -59,7 +59,8 @@ local function end_queued(id, status, reason, cause)
   local rk = k_req(id)
   local f = redis.call('HMGET', rk, 'service_name', 'webhook_url', 'webhook_events',
     'reserved_node', 'sharing', 'ok_dependents', 'owner', 'tenant')
-  queue().dequeue(id, f[4], f[5], owner_bucket(f[7], f[1]), f[8] or '')
+  queue().dequeue(id, f[4], f[5] or REC_DEFAULTS.sharing, owner_bucket(f[7], f[1]),
+    f[8] or '')
   if reason then
     redis.call('HSET', rk, 'status', status, 'ended_at', NOW_S, 'reason', reason,
       'failed_dependency', cause)
@@ -124,7 +125,8 @@ local function finish_alloc(id, status, rec, by_holder)
       'service_name', 'webhook_url', 'webhook_events', 'ok_dependents', 'tenant',
       'preempted_for')
   end
-  local node, sharing, minm, svc = f[1], f[3], tonumber(f[4]) or 0, f[5] or ''
+  local node, sharing, minm = f[1], f[3] or REC_DEFAULTS.sharing, num(f[4]) or 0
+  local svc = f[5] or ''
   local ids = cjson.decode(f[2] or '[]')
   for _, i in ipairs(ids) do
     return_gpu(id, sharing, minm, node, string.format('%d', i))

@@ -160,7 +160,8 @@ local function live_view()
     local n = 1
     if f[5] ~= 'shared' then n = #cjson.decode(f[6] or '[]') end
     local a = {id = id, ends = tonumber(ls[i + 1]) or NEVER, status = f[1], tenant = f[2] or '',
-      priority = tonumber(f[3]) or 0, at = tonumber(f[4]) or 0, shared = f[5] == 'shared', n = n}
+      priority = tonumber(f[3] or REC_DEFAULTS.priority) or 0, at = tonumber(f[4]) or 0,
+      shared = f[5] == 'shared', n = n}
     if a.ends > NEVER then a.ends = NEVER end
     v.by_id[id] = a
     if a.status == 'preempting' then
@@ -247,7 +248,9 @@ local function incoming(t, holds_by_node)
   if holds_by_node then
     for _, id in pairs(holds_by_node) do
       local f = redis.call('HMGET', k_req(id), 'tenant', 'required_gpus', 'sharing')
-      if f[1] == t then n = n + (f[3] == 'shared' and 1 or (tonumber(f[2]) or 0)) end
+      if f[1] == t then
+        n = n + (f[3] == 'shared' and 1 or (tonumber(f[2] or REC_DEFAULTS.required_gpus) or 0))
+      end
     end
   end
   return n
