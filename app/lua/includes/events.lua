@@ -9,12 +9,12 @@ local function bump_capacity() redis.call('HINCRBY', K_META, 'capver', '1') end
 
 -- Append one event to the capped stream; returns its entry id.
 local function event(name, id, svc, extra)
-  local args = {'XADD', K_EVENTS, 'MAXLEN', '~', EV_MAX, '*', 'event', name,
-    'request_id', id or '', 'service_name', svc or '', 'ts', NOW_S}
   if extra then
-    for i = 1, #extra do args[#args + 1] = extra[i] end
+    return redis.call('XADD', K_EVENTS, 'MAXLEN', '~', EV_MAX, '*', 'event', name,
+      'request_id', id or '', 'service_name', svc or '', 'ts', NOW_S, unpack(extra))
   end
-  return redis.call(unpack(args))
+  return redis.call('XADD', K_EVENTS, 'MAXLEN', '~', EV_MAX, '*', 'event', name,
+    'request_id', id or '', 'service_name', svc or '', 'ts', NOW_S)
 end
 
 -- Queue a webhook delivery when the record has a URL and (for non-grant events) opted in.

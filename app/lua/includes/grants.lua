@@ -13,7 +13,7 @@ local function grant(r, node, chosen, queued, from_queue, pending)
   local ids, uuids = {}, {}
   for i, g in ipairs(chosen) do
     take_gpu(r, node, g.idx)
-    ids[i] = tonumber(g.idx)
+    ids[i] = num(g.idx)
     uuids[i] = g.uuid
   end
   local expires, score = '', '+inf'
@@ -23,9 +23,10 @@ local function grant(r, node, chosen, queued, from_queue, pending)
   end
   local wait = NOW - r.submitted
   if wait < 0 then wait = 0 end
+  local wait_s = wait == 0 and '0.000000' or ftime(wait)
   local ids_json, uuids_json = cjson.encode(ids), cjson.encode(uuids)
   local out = {'status', 'allocated', 'node', node, 'gpu_ids', ids_json, 'gpu_uuids', uuids_json,
-    'allocated_at', NOW_S, 'expires_at', expires, 'wait_time_seconds', ftime(wait)}
+    'allocated_at', NOW_S, 'expires_at', expires, 'wait_time_seconds', wait_s}
   if pending then
     local n = #pending
     for i = 1, #out do pending[n + i] = out[i] end
