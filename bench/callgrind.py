@@ -1,6 +1,6 @@
 """redis-server instructions per engine call, counted by callgrind: prints ONE JSON object.
 
-    .venv/bin/python bench/callgrind.py [--calls 200] [--gpus 1024]
+    .venv/bin/python bench/callgrind.py [--calls 200] [--gpus 1024] [--profile PATH]
 
 Starts the embedded server binary under ``valgrind --tool=callgrind`` with instrumentation off,
 registers a fleet (nodes of 8 GPUs), warms up, then counts the instructions the server executes
@@ -12,10 +12,9 @@ so it judges a change to the engine against the code before it. Needs valgrind.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--gpus", type=int, default=1024)
+    ap.add_argument(
+        "--profile", metavar="PATH", help="keep the callgrind profile there (callgrind_annotate)"
+    )
     opts = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
     port = free_port()
@@ -97,8 +99,8 @@ def main() -> None:
         proc.terminate()
         proc.wait(60)
     text = out_file.read_text(errors="replace")
-    if os.environ.get("CALLGRIND_KEEP"):
-        shutil.copy(out_file, os.environ["CALLGRIND_KEEP"])
+    if opts.profile:
+        shutil.copy(out_file, opts.profile)
     total = int(re.search(r"^totals: (\d+)", text, re.M).group(1))
     print(
         json.dumps(

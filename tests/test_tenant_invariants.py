@@ -19,8 +19,8 @@ from hypothesis.stateful import (
 )
 
 from app import errors
-from app.record import DEFAULTS
 from app.engine import Engine
+from app.record import DEFAULTS
 
 NODES = {"n0": 2, "n1": 4}
 #: tenant (= service, auth off) -> max_gpus; "c" has the default's
