@@ -225,7 +225,7 @@ local function place_exclusive(r, blocked)
   local k = r.k
   if k == 1 and r.npref == 0 then
     -- the common case: the first live node (fewest free GPUs first) with a qualifying GPU.
-    -- The first read takes one node (it is nearly always the one: reading 8 cost ~20k
+    -- The first read takes one node (it is nearly always the one: reading 8 cost ~5k
     -- instructions more per grant), later ones 64.
     local offset = 0
     while true do
