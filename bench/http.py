@@ -280,6 +280,7 @@ def main() -> int:
             GPU_ORCH__LOGGING__LEVEL=args.log_level,
             # The fleet is registered once; keep it schedulable for the whole run.
             GPU_ORCH__SCHEDULER__NODE_HEARTBEAT_TIMEOUT="1h",
+            GPU_ORCH__SCHEDULER__NODE_FORGET_AFTER="0",
             PYTHONPATH=ROOT,
         )
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
