@@ -52,8 +52,6 @@ from app.errors import (
 )
 from app.keys import Keys
 from app.record import (
-    SERVICE_NAME_RE,
-    SERVICE_NAME_RULE,
     _pairs,
     _to_int,
     lua_tables,
@@ -61,6 +59,20 @@ from app.record import (
     stored,
 )
 from app.replication import write_acked
+from app.request_rules import (
+    FIELDS,
+    IDEMPOTENCY_KEY_RULE,
+    MAX_GLOB_STARS,
+    MAX_LEASE_SECONDS,
+    CheckedRequest,
+    check,
+    check_together,
+    given,
+    idempotency_key_ok,
+)
+from app.request_rules import (
+    bad as bad_field,
+)
 from app.settings import tenant_key, tenant_quota, tenant_quotas
 
 LUA_DIR = Path(__file__).with_name("lua")
@@ -168,11 +180,6 @@ _BUILDERS = (
 )
 _INCLUDE = re.compile(r"^-- @include (\w+)\s*$", re.M)
 _STALE = -11
-_SERVICE_NAME = re.compile(SERVICE_NAME_RE)
-
-#: The longest lease there is (10 years), whatever ``scheduler.max_ttl`` says (0 = no limit
-#: of its own): every lease is finite or none, and every stored time stays representable.
-MAX_LEASE_SECONDS = 10 * 365 * 86400
 
 #: Upper bounds (seconds) of the queue-wait histogram kept in keys.stats().
 WAIT_BUCKETS = (
@@ -213,14 +220,8 @@ LIVE_STATUSES = ("allocated", "preempting")
 #: ``reason`` of a preempting or preempted allocation: an admin drained its node, or a tenant
 #: below its guaranteed_gpus needed the GPUs (issue 14).
 PREEMPT_REASONS = ("drain", "guarantee")
-#: ``depends_on_mode``: any ending of a dependency frees its dependents (``any``), or only a
-#: normal release does and any other ending cancels them (``ok``, like Slurm's afterok).
-DEPENDS_ON_MODES = ("any", "ok")
 #: ``reason`` of a request the engine cancelled because a dependency did not end normally.
 DEPENDENCY_FAILED = "dependency_failed"
-#: Events a request may opt in to with ``webhook_events`` (``allocated``, ``lost`` and
-#: ``gpu_unhealthy`` are always sent to a request's webhook_url).
-WEBHOOK_EVENTS = ("expired", "cancelled", "timed_out")
 HEALTH = ("ok", "degraded", "failed")
 _GPU_EXTRAS = (
     "ecc_uncorrectable",
@@ -494,7 +495,6 @@ def _on_nodes(ctx: dict) -> str:
 
 #: Most ``*`` in a gpu_model glob: Lua's matcher backtracks over each one (a GPU name is short,
 #: so three cost at most a few thousand steps per GPU; twenty could stall Redis).
-MAX_GLOB_STARS = 3
 
 
 def _set_end(g: str, i: int) -> int:
@@ -529,13 +529,9 @@ def gpu_model_pattern(glob: str) -> str:
     def bad(msg):
         return ValidationFailed(f"gpu_model: {msg}", details={"field": "gpu_model"})
 
-    if (
-        not isinstance(glob, str)
-        or not 0 < len(glob) <= 128
-        or "|" in glob
-        or not all(0x20 <= ord(c) < 0x7F for c in glob)
-    ):
-        raise bad("1-128 printable ASCII characters, no '|'")
+    rule = FIELDS["gpu_model"]
+    if not rule.accepts(glob) or "|" in glob or not all(0x20 <= ord(c) < 0x7F for c in glob):
+        raise bad(f"{rule.min_len}-{rule.max_len} printable ASCII characters, no '|'")
     g = glob.lower()
     out, i, stars = ["^"], 0, 0
     while i < len(g):
@@ -836,7 +832,7 @@ class Engine:
 
     def set_priority(self, request_id: str, priority: int, *, principal: str | None = None) -> dict:
         """Change a queued request's priority (1..10); it moves in the queue at once."""
-        prio = _int_in(priority, 1, 10, "priority")
+        prio = _int_in(priority, FIELDS["priority"])
         res = self._run(
             "priority",
             request_id,
@@ -920,6 +916,12 @@ class Engine:
         whose workload analysis came out differently (advisor vs rules) still replays.
         """
         fields, queue_timeout = self._request_fields(req)
+        if (
+            idempotency_key
+            and not isinstance(req, CheckedRequest)
+            and not idempotency_key_ok(idempotency_key)
+        ):
+            raise bad_field("idempotency_key", IDEMPOTENCY_KEY_RULE)
         body_hash = ""
         if idempotency_key:
             # the normalised request: an omitted default and the same value spelled out match
@@ -970,87 +972,62 @@ class Engine:
         return rec
 
     def _request_fields(self, req: dict) -> tuple[dict[str, str], float]:
+        """The request as the fields allocate stores. A :class:`CheckedRequest` (the API's,
+        built from a validated body) is taken as it is; anything else is checked against
+        app.request_rules first."""
+        if isinstance(req, CheckedRequest):
+            data_json = req.workload_data_json
+        else:
+            check(req)
+            data_json = None
         s = self.settings.scheduler
-
-        def bad(field, msg):
-            return ValidationFailed(f"{field}: {msg}", details={"field": field})
-
-        svc = req.get("service_name")
-        if not isinstance(svc, str) or not _SERVICE_NAME.fullmatch(svc):
-            raise bad("service_name", SERVICE_NAME_RULE)
-        prio = _int_in(req.get("priority", 5), 1, 10, "priority")
-        gpus = _int_in(req.get("required_gpus", 1), 1, 4096, "required_gpus")
-        min_mb = _int_in(req.get("min_memory_mb", 0), 0, 10**9, "min_memory_mb")
-        max_mb = _int_in(req.get("max_memory_mb", 0) or 0, 0, 10**9, "max_memory_mb")
-        if max_mb and max_mb < min_mb:
-            raise bad("max_memory_mb", "must be 0 (no limit) or >= min_memory_mb")
-        util = req.get("max_utilization", 100)
-        util = 100.0 if util is None else util
-        if isinstance(util, bool) or not isinstance(util, (int, float)) or not 0 <= util <= 100:
-            raise bad("max_utilization", "a number in 0..100")
-        sharing = req.get("sharing") or "exclusive"
-        if sharing not in ("exclusive", "shared"):
-            raise bad("sharing", "exclusive or shared")
-        if sharing == "shared" and gpus != 1:
-            raise bad("required_gpus", "a shared request takes exactly one GPU")
-        pref = req.get("preferred_gpus") or []
-        if not isinstance(pref, list) or not all(
-            isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in pref
-        ):
-            raise bad("preferred_gpus", "a list of GPU indexes (integers >= 0)")
-        events = req.get("webhook_events") or []
-        if not isinstance(events, list) or any(e not in WEBHOOK_EVENTS for e in events):
-            raise bad("webhook_events", "a list of " + ", ".join(WEBHOOK_EVENTS))
-        deps = req.get("depends_on") or []
-        if not isinstance(deps, list) or not all(isinstance(d, str) and d for d in deps):
-            raise bad("depends_on", "a list of request ids")
-        model = req.get("gpu_model") or ""
-        pattern = gpu_model_pattern(model) if model else ""
-        nodes = req.get("nodes") or []
-        if (
-            not isinstance(nodes, list)
-            or not 0 <= len(nodes) <= 64
-            or not all(
-                isinstance(n, str) and n and "|" not in n and "%" not in n and len(n) <= 253
-                for n in nodes
-            )
-        ):
-            raise bad("nodes", "a list of at most 64 node names")
-        mode = req.get("depends_on_mode") or "any"
-        if mode not in DEPENDS_ON_MODES:
-            raise bad("depends_on_mode", " or ".join(DEPENDS_ON_MODES))
-        owner = req.get("owner") or ""
-        lease = self.lease_for(req.get("ttl_seconds"), req.get("estimated_duration_seconds"))
+        svc = req["service_name"]
+        prio = _given_or_default(req, "priority")
+        gpus = _given_or_default(req, "required_gpus")
+        min_mb = _given_or_default(req, "min_memory_mb")
+        max_mb = _given_or_default(req, "max_memory_mb")
+        sharing = _given_or_default(req, "sharing")
+        check_together(gpus, min_mb, max_mb, sharing)
+        pref = given(req, "preferred_gpus")
+        events = given(req, "webhook_events")
+        deps = given(req, "depends_on")
+        model = given(req, "gpu_model") or ""
+        nodes = given(req, "nodes")
+        owner = given(req, "owner") or ""
+        ttl = req.get("ttl_seconds")
+        estimate = req.get("estimated_duration_seconds")
+        lease = self.lease_for(ttl, estimate)
         qt = req.get("queue_timeout_seconds")
-        qt = s.queue_timeout if qt is None else _float_pos(qt, "queue_timeout_seconds")
-        data = req.get("workload_data") or {}
+        qt = s.queue_timeout if qt is None else float(qt)
+        if data_json is None:
+            data_json = workload_data_json(
+                req.get("workload_data"), self.settings.server.max_workload_data_bytes
+            )
         fields = {
             "service_name": svc,
-            "owner": str(owner),
-            "workload_type": str(req.get("workload_type") or "generic"),
-            "workload_data": workload_data_json(data, self.settings.server.max_workload_data_bytes),
-            "priority": str(prio),
-            "required_gpus": str(gpus),
-            "min_memory_mb": str(min_mb),
-            "max_memory_mb": str(max_mb),
-            "max_utilization": _num(util),
+            "owner": owner,
+            "workload_type": _given_or_default(req, "workload_type"),
+            "workload_data": data_json,
+            "priority": str(int(prio)),
+            "required_gpus": str(int(gpus)),
+            "min_memory_mb": str(int(min_mb)),
+            "max_memory_mb": str(int(max_mb)),
+            "max_utilization": _num(_given_or_default(req, "max_utilization")),
             "preferred_gpus": json.dumps(sorted(set(pref))) if pref else "[]",
             "sharing": sharing,
-            "ttl_seconds": "" if req.get("ttl_seconds") is None else _num(req["ttl_seconds"]),
-            "estimated_duration_seconds": ""
-            if req.get("estimated_duration_seconds") is None
-            else _num(req["estimated_duration_seconds"]),
+            "ttl_seconds": "" if ttl is None else _num(ttl),
+            "estimated_duration_seconds": "" if estimate is None else _num(estimate),
             "lease_seconds": _num(lease),
-            "webhook_url": str(req.get("webhook_url") or ""),
+            "webhook_url": given(req, "webhook_url") or "",
             "webhook_events": json.dumps(list(dict.fromkeys(events))) if events else "[]",
             "depends_on": json.dumps(list(dict.fromkeys(deps))) if deps else "[]",
-            "depends_on_mode": mode,
+            "depends_on_mode": _given_or_default(req, "depends_on_mode"),
             "queue_timeout_seconds": _num(qt),
             "reserved_node": "",
             "gpu_model": model,
-            "gpu_pattern": pattern,
+            "gpu_pattern": gpu_model_pattern(model) if model else "",
             "nodes": json.dumps(sorted(set(nodes))) if nodes else "[]",
-            "tenant": tenant_of(self.settings, str(owner), svc),
+            "tenant": tenant_of(self.settings, owner, svc),
         }
         return fields, qt
 
@@ -1059,7 +1036,7 @@ class Engine:
         never more than ``max_ttl`` (when set) nor :data:`MAX_LEASE_SECONDS`."""
         s = self.settings.scheduler
         if ttl is not None:
-            ttl = _float_nonneg(ttl, "ttl_seconds")
+            ttl = _float_nonneg(ttl, "ttl_seconds")  # renew's argument, checked nowhere else
             if ttl == 0:
                 if not s.allow_infinite_ttl:
                     raise ValidationFailed(
@@ -1075,7 +1052,7 @@ class Engine:
                 )
             return ttl
         if estimate is not None:
-            lease = _float_pos(estimate, "estimated_duration_seconds") * s.default_ttl_multiplier
+            lease = float(estimate) * s.default_ttl_multiplier
         else:
             lease = s.default_ttl
         if s.max_ttl:
@@ -1580,19 +1557,18 @@ def _list(v) -> list:
     return v if isinstance(v, list) else []
 
 
-def _int_in(v: Any, lo: int, hi: int, field: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise ValidationFailed(f"{field}: an integer in {lo}..{hi}", details={"field": field})
-    return v
+def _int_in(v: Any, rule) -> int:
+    if not rule.accepts(v):
+        raise bad_field(rule.name, rule.expected)
+    return int(v)
+
+
+def _given_or_default(req: dict, name: str) -> Any:
+    value = given(req, name)
+    return FIELDS[name].default if value is None else value
 
 
 def _float_nonneg(v: Any, field: str) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or v == math.inf:
         raise ValidationFailed(f"{field}: a number >= 0", details={"field": field})
-    return float(v)
-
-
-def _float_pos(v: Any, field: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v == math.inf:
-        raise ValidationFailed(f"{field}: a number > 0", details={"field": field})
     return float(v)

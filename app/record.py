@@ -21,10 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-#: The service_name rule (the API schema and the engine both check it; it becomes part of
-#: request ids and of stats field names).
-SERVICE_NAME_RE = r"^[A-Za-z0-9._-]{1,128}$"
-SERVICE_NAME_RULE = "1-128 characters of [A-Za-z0-9._-]"
+from app.request_rules import FIELDS as REQUEST_RULES
 
 
 @dataclass(frozen=True)
@@ -42,6 +39,11 @@ def _req(name: str, kind: str = "str", default: str | None = None) -> Field:
     return Field(name, kind, default, request=True)
 
 
+def _default(name: str) -> str:
+    """A request field's default (app.request_rules) as allocate stores it."""
+    return str(REQUEST_RULES[name].default)
+
+
 #: Every field of a record, in the order allocate writes them. kind: str, opt_str ("" reads as
 #: None), int, float, opt_float ("" or "-1" read as None), json (a list), json_data (a dict).
 FIELDS: tuple[Field, ...] = (
@@ -49,23 +51,23 @@ FIELDS: tuple[Field, ...] = (
     Field("status"),
     Field("submitted_at", "float"),
     _req("service_name"),
-    _req("owner", "opt_str", ""),
-    _req("workload_type", default="generic"),
+    _req("owner", "opt_str", _default("owner")),
+    _req("workload_type", default=_default("workload_type")),
     _req("workload_data", "json_data", "{}"),
-    _req("priority", "int", "5"),
-    _req("required_gpus", "int", "1"),
-    _req("min_memory_mb", "int", "0"),
-    _req("max_memory_mb", "int", "0"),
-    _req("max_utilization", "float", "100"),
+    _req("priority", "int", _default("priority")),
+    _req("required_gpus", "int", _default("required_gpus")),
+    _req("min_memory_mb", "int", _default("min_memory_mb")),
+    _req("max_memory_mb", "int", _default("max_memory_mb")),
+    _req("max_utilization", "float", _default("max_utilization")),
     _req("preferred_gpus", "json", "[]"),
-    _req("sharing", default="exclusive"),
+    _req("sharing", default=_default("sharing")),
     _req("ttl_seconds", "opt_float", ""),
     _req("estimated_duration_seconds", "opt_float", ""),
     _req("lease_seconds", "opt_float"),
     _req("webhook_url", "opt_str", ""),
     _req("webhook_events", "json", "[]"),
     _req("depends_on", "json", "[]"),
-    _req("depends_on_mode", default="any"),
+    _req("depends_on_mode", default=_default("depends_on_mode")),
     _req("queue_timeout_seconds", "float"),
     _req("reserved_node", "opt_str", ""),
     _req("gpu_model", "opt_str", ""),

@@ -40,6 +40,7 @@ from datetime import datetime
 from typing import Any
 
 from app import client as api
+from app.request_rules import FIELDS
 from app.timefmt import parse_duration
 
 PROG = "gpu-orchestrator run"
@@ -161,9 +162,9 @@ def _nonneg_int(text: str) -> int:
 
 
 def _priority(text: str) -> int:
-    value = _int(text)
-    if not 1 <= value <= 10:
-        raise argparse.ArgumentTypeError(f"must be 1-10, got {text!r}")
+    value, rule = _int(text), FIELDS["priority"]
+    if not rule.accepts(value):
+        raise argparse.ArgumentTypeError(f"must be {rule.lo:g}-{rule.hi:g}, got {text!r}")
     return value
 
 

@@ -13,20 +13,25 @@ import re
 import marshmallow as ma
 from marshmallow import fields, validate
 
-from app.engine import DEPENDENCY_FAILED, DEPENDS_ON_MODES, MAX_LEASE_SECONDS, STATUSES
-from app.engine import WEBHOOK_EVENTS as EVENTS
-from app.record import SERVICE_NAME_RE, SERVICE_NAME_RULE
-from app.settings import WORKLOAD_TYPES
+from app.engine import DEPENDENCY_FAILED, STATUSES
+from app.request_rules import (
+    DEPENDS_ON_MODES,
+    FIELDS,
+    ID_RE,
+    MAX_LEASE_SECONDS,
+    MAX_WORKLOAD_DEPTH,
+    RENEW_TTL,
+    SERVICE_NAME_RE,
+    SERVICE_NAME_RULE,
+    SHARING,
+    WEBHOOK_SCHEMES,
+    WORKLOAD_TYPES,
+    Rule,
+    workload_data_problem,
+)
+from app.request_rules import WEBHOOK_EVENTS as EVENTS
 from app.waiting import REASONS as WAIT_REASONS
 
-#: Deepest nesting accepted inside ``workload_data`` (objects and arrays both count).
-MAX_WORKLOAD_DEPTH = 8
-#: Most entries in ``workload_data`` summed over every level.
-MAX_WORKLOAD_ITEMS = 1000
-
-#: Request ids are ``<service_name>-<digits>...``; anything longer than this cannot be ours.
-ID_RE = r"^[A-Za-z0-9._:-]{1,200}$"
-SHARING = ("exclusive", "shared")
 MAX_TTL_SECONDS = MAX_LEASE_SECONDS
 
 
@@ -43,35 +48,44 @@ class StrictStr(fields.String):
     """A string field (marshmallow's already refuses numbers); kept for one place to tighten."""
 
 
-def _depth_and_size(value, depth=1):
-    """(deepest nesting, number of entries) of a JSON value."""
-    if isinstance(value, dict):
-        items = list(value.values())
-    elif isinstance(value, list):
-        items = value
-    else:
-        return 0, 0
-    deepest, count = depth, len(items)
-    for item in items:
-        if isinstance(item, (dict, list)):
-            d, c = _depth_and_size(item, depth + 1)
-            deepest, count = max(deepest, d), count + c
-            if deepest > MAX_WORKLOAD_DEPTH or count > MAX_WORKLOAD_ITEMS:
-                break
-    return deepest, count
-
-
 def _check_workload_data(value):
-    depth, size = _depth_and_size(value)
-    if depth > MAX_WORKLOAD_DEPTH:
-        raise ma.ValidationError(f"nesting deeper than {MAX_WORKLOAD_DEPTH} levels")
-    if size > MAX_WORKLOAD_ITEMS:
-        raise ma.ValidationError(f"more than {MAX_WORKLOAD_ITEMS} entries")
+    problem = workload_data_problem(value)
+    if problem:
+        raise ma.ValidationError(problem)
 
 
-_SERVICE_NAME = validate.Regexp(SERVICE_NAME_RE, error="must be " + SERVICE_NAME_RULE)
+def _field(rule: Rule, *, error: str | None = None, item_error: str | None = None, **kwargs):
+    """The marshmallow field of one declared rule (app.request_rules): its type and limits
+    become validators, and so the 422 and the OpenAPI document; ``error`` replaces
+    marshmallow's message of the choices or pattern check, ``kwargs`` go to the field
+    (metadata, required, ...)."""
+    checks: list = []
+    if rule.kind == "list":
+        if rule.max_len is not None:
+            checks.append(validate.Length(rule.min_len or None, rule.max_len))
+        item = _field(rule.item, error=item_error) if rule.item else fields.Raw()
+        return fields.List(item, validate=checks, **kwargs)
+    if rule.kind == "object":
+        return fields.Dict(keys=fields.String(), validate=_check_workload_data, **kwargs)
+    if rule.kind == "int":
+        checks.append(validate.Range(rule.lo, rule.hi, min_inclusive=not rule.above))
+        return StrictInt(validate=checks, **kwargs)
+    if rule.kind != "str":
+        raise AssertionError(rule.kind)  # pragma: no cover - no number field in a body
+    if rule.max_len is not None:
+        checks.append(validate.Length(rule.min_len or None, rule.max_len))
+    if rule.choices is not None:
+        kw = {"error": error} if error else {}
+        checks.append(validate.OneOf(rule.choices, **kw))
+    if rule.regex is not None:
+        kw = {"error": error} if error else {}
+        checks.append(validate.Regexp(rule.regex, **kw))
+    return StrictStr(validate=checks[0] if len(checks) == 1 else checks, **kwargs)
+
+
+_SERVICE_NAME_ERROR = "must be " + SERVICE_NAME_RULE
 _WEBHOOK_URL = validate.URL(
-    schemes={"http", "https"}, require_tld=False, error="must be an http:// or https:// URL"
+    schemes=set(WEBHOOK_SCHEMES), require_tld=False, error="must be an http:// or https:// URL"
 )
 
 
@@ -83,20 +97,18 @@ class _RequestSchema(ma.Schema):
 class WorkloadFields(_RequestSchema):
     """Fields shared by ``/gpu/allocate`` and ``/gpu/workload``."""
 
-    workload_type = StrictStr(
-        load_default="generic",
-        validate=validate.OneOf(
-            WORKLOAD_TYPES, error="must be one of: " + ", ".join(WORKLOAD_TYPES)
-        ),
+    workload_type = _field(
+        FIELDS["workload_type"],
+        error="must be one of: " + ", ".join(WORKLOAD_TYPES),
+        load_default=FIELDS["workload_type"].default,
         metadata={
             "description": "Kind of work; decides the rules that size the request.",
             "enum": list(WORKLOAD_TYPES),
         },
     )
-    workload_data = fields.Dict(
-        keys=fields.String(),
+    workload_data = _field(
+        FIELDS["workload_data"],
         load_default=dict,
-        validate=_check_workload_data,
         metadata={
             "description": "Hints such as model_size, model_name, batch_size, "
             "concurrent_requests, or explicit required_gpus, "
@@ -106,27 +118,23 @@ class WorkloadFields(_RequestSchema):
     )
 
 
-#: Node names as the monitor reports them: printable ASCII without '|' or '%'.
-NODE_NAME_RE = r"^[!-$&-{}~]{1,253}$"
-
-
 class PlacementFields(WorkloadFields):
     """What the caller asks for outright, overriding the analysis (``/gpu/allocate`` and
     ``/gpu/workload`` alike, so the latter shows what the former would use)."""
 
-    required_gpus = StrictInt(
-        validate=validate.Range(1, 4096),
+    required_gpus = _field(
+        FIELDS["required_gpus"],
         metadata={
             "description": "GPUs, all on one node (1 to the largest node's count: more is "
             "422 unsatisfiable); overrides the analysis."
         },
     )
-    min_memory_mb = StrictInt(
-        validate=validate.Range(0, 10**9),
+    min_memory_mb = _field(
+        FIELDS["min_memory_mb"],
         metadata={"description": "Memory each GPU must have free, MB; overrides the analysis."},
     )
-    gpu_model = StrictStr(
-        validate=validate.Length(1, 128),
+    gpu_model = _field(
+        FIELDS["gpu_model"],
         metadata={
             "description": 'Case-insensitive shell glob on the GPU name, e.g. "*H100*" '
             "(*, ?, [abc], [!abc]; at most 3 '*'). No GPU in the fleet "
@@ -134,9 +142,9 @@ class PlacementFields(WorkloadFields):
             "example": "*H100*",
         },
     )
-    nodes = fields.List(
-        StrictStr(validate=validate.Regexp(NODE_NAME_RE, error="not a node name")),
-        validate=validate.Length(1, 64),
+    nodes = _field(
+        FIELDS["nodes"],
+        item_error="not a node name",
         metadata={
             "description": "Node names the allocation may use (any of them); none known: "
             "422 unsatisfiable."
@@ -147,8 +155,9 @@ class PlacementFields(WorkloadFields):
 class WorkloadRequestSchema(PlacementFields):
     """Body of ``POST /gpu/workload``: analyse only."""
 
-    service_name = StrictStr(
-        validate=_SERVICE_NAME,
+    service_name = _field(
+        FIELDS["service_name"],
+        error=_SERVICE_NAME_ERROR,
         metadata={"description": "Accepted for symmetry with /gpu/allocate; not used."},
     )
 
@@ -156,50 +165,50 @@ class WorkloadRequestSchema(PlacementFields):
 class AllocateRequestSchema(PlacementFields):
     """Body of ``POST /gpu/allocate``."""
 
-    service_name = StrictStr(
+    service_name = _field(
+        FIELDS["service_name"],
+        error=_SERVICE_NAME_ERROR,
         required=True,
-        validate=_SERVICE_NAME,
         metadata={
-            "description": "Who the GPUs are for; 1-128 characters of [A-Za-z0-9._-].",
+            "description": "Who the GPUs are for; " + SERVICE_NAME_RULE + ".",
             "pattern": SERVICE_NAME_RE,
         },
     )
     webhook_url = StrictStr(
         allow_none=True,
-        validate=[validate.Length(max=2048), _WEBHOOK_URL],
+        validate=[validate.Length(max=FIELDS["webhook_url"].max_len), _WEBHOOK_URL],
         metadata={
             "description": "Notified (POST, JSON) when the request changes state.",
             "format": "uri",
             "pattern": "^https?://",
         },
     )
-    webhook_events = fields.List(
-        StrictStr(validate=validate.OneOf(EVENTS)),
-        validate=validate.Length(max=len(EVENTS)),
+    webhook_events = _field(
+        FIELDS["webhook_events"],
         metadata={
             "description": "Extra events to notify besides the grant of a queued "
             "request: " + ", ".join(EVENTS) + "."
         },
     )
-    ttl_seconds = StrictInt(
-        validate=validate.Range(0, MAX_TTL_SECONDS),
+    ttl_seconds = _field(
+        FIELDS["ttl_seconds"],
         metadata={"description": "Lease length. 0 means no expiry, when the server allows it."},
     )
-    sharing = StrictStr(
-        validate=validate.OneOf(SHARING),
+    sharing = _field(
+        FIELDS["sharing"],
         metadata={
             "description": "exclusive (default): whole GPUs; shared: reserve "
             "min_memory_mb on one GPU.",
             "enum": list(SHARING),
         },
     )
-    depends_on = fields.List(
-        StrictStr(validate=validate.Regexp(ID_RE)),
-        validate=validate.Length(max=64),
+    depends_on = _field(
+        FIELDS["depends_on"],
         metadata={"description": "Requests or allocations that must finish first."},
     )
-    depends_on_mode = StrictStr(
-        validate=validate.OneOf(DEPENDS_ON_MODES, error="must be one of: any, ok"),
+    depends_on_mode = _field(
+        FIELDS["depends_on_mode"],
+        error="must be one of: " + ", ".join(DEPENDS_ON_MODES),
         metadata={
             "description": "any (default): any ending of a dependency lets this request "
             "run. ok: only a normal release does; a dependency that is "
@@ -208,13 +217,12 @@ class AllocateRequestSchema(PlacementFields):
             "enum": list(DEPENDS_ON_MODES),
         },
     )
-    preferred_gpus = fields.List(
-        StrictInt(validate=validate.Range(0, 4095)),
-        validate=validate.Length(max=64),
+    preferred_gpus = _field(
+        FIELDS["preferred_gpus"],
         metadata={"description": "GPU indices to prefer on a node."},
     )
-    priority = StrictInt(
-        validate=validate.Range(1, 10),
+    priority = _field(
+        FIELDS["priority"],
         metadata={"description": "1-10, higher first; overrides the analysed priority."},
     )
 
@@ -222,11 +230,12 @@ class AllocateRequestSchema(PlacementFields):
 class ReleaseRequestSchema(_RequestSchema):
     """Body of ``POST /gpu/release``: one of the two fields (``allocation_id`` wins)."""
 
-    allocation_id = StrictStr(
-        validate=validate.Regexp(ID_RE), metadata={"description": "Release this allocation."}
+    allocation_id = _field(
+        FIELDS["depends_on"].item, metadata={"description": "Release this allocation."}
     )
-    service_name = StrictStr(
-        validate=_SERVICE_NAME,
+    service_name = _field(
+        FIELDS["service_name"],
+        error=_SERVICE_NAME_ERROR,
         metadata={"description": "Release every allocation of this service that the caller owns."},
     )
 
@@ -234,8 +243,8 @@ class ReleaseRequestSchema(_RequestSchema):
 class RenewRequestSchema(_RequestSchema):
     """Optional body of ``POST /gpu/allocations/<id>/renew``."""
 
-    ttl_seconds = StrictInt(
-        validate=validate.Range(1, MAX_TTL_SECONDS),
+    ttl_seconds = _field(
+        RENEW_TTL,
         metadata={"description": "New lease length from now; default: the allocation's own."},
     )
 
@@ -692,4 +701,4 @@ class PriorityRequestSchema(ma.Schema):
     class Meta:
         unknown = ma.RAISE
 
-    priority = StrictInt(required=True, validate=validate.Range(1, 10))
+    priority = _field(FIELDS["priority"], required=True)

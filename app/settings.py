@@ -23,6 +23,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
+from app.request_rules import FIELDS as REQUEST_FIELDS
+from app.request_rules import HINTS, WORKLOAD_TYPES
+
 DEFAULT_CONFIG_PATH = "config.yaml"
 ENV_PREFIX = "GPU_ORCH__"
 REDACTED = "***"
@@ -34,8 +37,6 @@ ENV_ALIASES = {
     "DEEPAGENTS_URL": ("services", "deepagents_url"),
     "GRAPH_SERVICE_URL": ("services", "graph_service_url"),
 }
-
-WORKLOAD_TYPES = ("training", "inference", "embedding", "ocr", "graph_processing", "generic")
 
 
 class ConfigError(Exception):
@@ -413,22 +414,42 @@ THRESHOLD_DOCS = {
 }
 
 
+def _range(rule) -> tuple:
+    return rule.lo, rule.hi
+
+
 def _workload(
     gpus, memory, priority, max_util, large_batch, xlarge_batch, high_conc, vhigh_conc, duration
 ):
     """The original service's per-type thresholds, under its own key names."""
     return {
-        "default_gpus": Int(gpus, 1, 64, doc="GPUs when no hint asks for more"),
-        "default_memory_mb": Int(memory, 0, doc="free memory per GPU when no hint says"),
-        "default_priority": Int(priority, 1, 10, doc="1..10, higher is served first"),
+        # the same ranges as the request's own fields (app.request_rules)
+        "default_gpus": Int(
+            gpus, *_range(HINTS["required_gpus"]), doc="GPUs when no hint asks for more"
+        ),
+        "default_memory_mb": Int(
+            memory,
+            *_range(REQUEST_FIELDS["min_memory_mb"]),
+            doc="free memory per GPU when no hint says",
+        ),
+        "default_priority": Int(
+            priority, *_range(REQUEST_FIELDS["priority"]), doc="1..10, higher is served first"
+        ),
         "max_utilization": Float(
-            max_util, 0, 100, doc="a GPU busier than this (%) does not qualify"
+            max_util,
+            *_range(REQUEST_FIELDS["max_utilization"]),
+            doc="a GPU busier than this (%) does not qualify",
         ),
         "large_batch_size": Int(large_batch, 1, doc=THRESHOLD_DOCS["large_batch_size"]),
         "xlarge_batch_size": Int(xlarge_batch, 1, doc=THRESHOLD_DOCS["xlarge_batch_size"]),
         "high_concurrency": Int(high_conc, 1, doc=THRESHOLD_DOCS["high_concurrency"]),
         "very_high_concurrency": Int(vhigh_conc, 1, doc=THRESHOLD_DOCS["very_high_concurrency"]),
-        "estimated_duration": Duration(duration, 1, doc="typical run time, used for the lease"),
+        "estimated_duration": Duration(
+            duration,
+            1,
+            REQUEST_FIELDS["estimated_duration_seconds"].hi,
+            doc="typical run time, used for the lease",
+        ),
     }
 
 
@@ -443,8 +464,8 @@ def _model_sizes(v):
         if set(entry) != {"gpus", "memory_mb"}:
             raise ValueError("each size needs exactly gpus and memory_mb")
         out[name.lower()] = {
-            "gpus": _int(1, 64)(entry["gpus"]),
-            "memory_mb": _int(0)(entry["memory_mb"]),
+            "gpus": _int(*_range(HINTS["required_gpus"]))(entry["gpus"]),
+            "memory_mb": _int(*_range(REQUEST_FIELDS["min_memory_mb"]))(entry["memory_mb"]),
         }
     return out
 
@@ -480,8 +501,8 @@ def _model_families(v):
         out.append(
             {
                 "match": [m.strip().lower() for m in match],
-                "memory_mb": _int(0)(entry.get("memory_mb")),
-                "priority": _int(1, 10)(entry.get("priority")),
+                "memory_mb": _int(*_range(REQUEST_FIELDS["min_memory_mb"]))(entry.get("memory_mb")),
+                "priority": _int(*_range(REQUEST_FIELDS["priority"]))(entry.get("priority")),
                 "max_utilization": None if util is None else float(util),
             }
         )

@@ -36,9 +36,8 @@ from typing import Any
 from prometheus_client import Counter
 
 from app.advisor import Advisor
-from app.engine import MAX_LEASE_SECONDS
 from app.errors import Unsatisfiable, ValidationFailed
-from app.settings import WORKLOAD_TYPES
+from app.request_rules import FIELDS, HINTS, MAX_HINT, WORKLOAD_TYPES, Rule, check_fields
 from app.workflow import WorkflowClient
 
 log = logging.getLogger(__name__)
@@ -216,12 +215,6 @@ class Hints:
     workflow_dependencies: list[str] = field(default_factory=list)
 
 
-#: Largest magnitude any numeric hint may have: past it no float holds the value exactly
-#: enough to compare and scale (and ``math.isfinite`` of a larger int raises OverflowError).
-MAX_HINT = 1e15
-#: Longest estimated_duration_seconds: the longest lease there is (app.engine.MAX_LEASE_SECONDS).
-MAX_DURATION_SECONDS = MAX_LEASE_SECONDS
-
 #: Every hint the analysis reads: the fields of :class:`Hints`, one list for both.
 KNOWN_HINTS = tuple(f.name for f in fields(Hints))
 
@@ -317,27 +310,17 @@ class _Checker:
     def bad(self, name: str, expected: str) -> None:
         self.errors.setdefault(f"workload_data.{name}", expected)
 
-    def number(self, name, lo=0.0, hi=None, *, whole=False, above=False):
+    def number(self, name: str):
+        """The hint ``name`` checked against its rule (app.request_rules.HINTS)."""
         if name not in self.data or self.data[name] is None:
             return None
+        rule: Rule = HINTS[name]
         v = self.data[name]
-        kind = "an integer" if whole else "a number"
-        low = f"> {lo:g}" if above else f">= {lo:g}"
-        rng = (
-            f" {low} and <= {hi:g}"
-            if hi is not None and above
-            else (f" in {lo:g}..{hi:g}" if hi is not None else f" {low}")
-        )
-        if (
-            not _is_number(v)
-            or (whole and v != int(v))
-            or v < lo
-            or (above and v <= lo)
-            or (hi is not None and v > hi)
-        ):
-            self.bad(name, f"{kind}{rng}, got {_shown(v)}")
+        # _is_number first: an int of 400 digits is refused before anything converts it
+        if not _is_number(v) or not rule.accepts(v):
+            self.bad(name, f"{rule.expected}, got {_shown(v)}")
             return None
-        return int(v) if whole else float(v)
+        return int(v) if rule.kind == "int" else float(v)
 
     def string(self, name, *, choices=None, max_len=256):
         if name not in self.data or self.data[name] is None:
@@ -361,16 +344,18 @@ class _Checker:
             return False
         return v
 
-    def id_list(self, name, max_items=1000):
+    def id_list(self, name):
+        """A list of request ids, as the request's own ``depends_on`` (its limits)."""
         v = self.data.get(name)
         if v is None:
             return []
-        if not isinstance(v, list) or len(v) > max_items:
-            self.bad(name, f"a list of at most {max_items} ids, got {_shown(v)}")
+        rule = FIELDS["depends_on"]
+        if not isinstance(v, list) or len(v) > rule.max_len:
+            self.bad(name, f"a list of at most {rule.max_len} ids, got {_shown(v)}")
             return []
         for i, item in enumerate(v):
-            if not isinstance(item, str) or not item.strip() or len(item) > 256:
-                self.bad(f"{name}[{i}]", f"a non-empty id string, got {item!r}")
+            if not isinstance(item, str) or not rule.item.accepts(item.strip()):
+                self.bad(f"{name}[{i}]", f"a request id, got {_shown(item)}")
                 return []
         return list(dict.fromkeys(item.strip() for item in v))
 
@@ -400,20 +385,18 @@ def check_workload_data(workload_type: str, data: Any, training_sizes) -> Hints:
         else (tuple(INFERENCE_SIZES) if workload_type == "inference" else None)
     )
     hints = Hints(
-        batch_size=c.number("batch_size", 0, MAX_HINT),
-        concurrent_requests=c.number("concurrent_requests", 0, MAX_HINT),
-        image_count=c.number("image_count", 0, MAX_HINT),
-        node_count=c.number("node_count", 0, MAX_HINT),
-        required_gpus=c.number("required_gpus", 1, 64, whole=True),
-        min_memory_mb=c.number("min_memory_mb", 0, 16 * 1024 * 1024, whole=True),
-        max_memory_mb=c.number("max_memory_mb", 0, 16 * 1024 * 1024, whole=True),
-        priority=c.number("priority", 1, 10, whole=True),
-        max_utilization=c.number("max_utilization", 0, 100),
-        estimated_duration_seconds=c.number(
-            "estimated_duration_seconds", 0, MAX_DURATION_SECONDS, above=True
-        ),
-        parameters_billions=c.number("parameters_billions", 0, 100_000, above=True),
-        workflow_priority=c.number("workflow_priority", 1, 10, whole=True),
+        batch_size=c.number("batch_size"),
+        concurrent_requests=c.number("concurrent_requests"),
+        image_count=c.number("image_count"),
+        node_count=c.number("node_count"),
+        required_gpus=c.number("required_gpus"),
+        min_memory_mb=c.number("min_memory_mb"),
+        max_memory_mb=c.number("max_memory_mb"),
+        priority=c.number("priority"),
+        max_utilization=c.number("max_utilization"),
+        estimated_duration_seconds=c.number("estimated_duration_seconds"),
+        parameters_billions=c.number("parameters_billions"),
+        workflow_priority=c.number("workflow_priority"),
         model_size=c.string("model_size", choices=sizes),
         model_name=c.string("model_name"),
         dtype=c.string("dtype", choices=tuple(DTYPE_BYTES)),
@@ -569,15 +552,21 @@ class WorkloadAnalyzer:
                 },
             )
 
-        DECISIONS.labels(decided_by).inc()
-        return {
-            "workload_type": wtype,
+        decided = {
             "required_gpus": plan.gpus,
             "min_memory_mb": plan.memory_mb,
             "max_memory_mb": hints.max_memory_mb or 0,
             "priority": plan.priority,
             "max_utilization": plan.max_utilization,
             "estimated_duration_seconds": plan.duration,
+        }
+        # what the rules, the config or the advisor decided: within the request's limits,
+        # since the engine takes the API's request as checked (app.request_rules)
+        check_fields(decided)
+        DECISIONS.labels(decided_by).inc()
+        return {
+            "workload_type": wtype,
+            **decided,
             "reasoning": "; ".join(plan.reasons),
             "decided_by": decided_by,
             "depends_on": depends_on,

@@ -21,6 +21,13 @@ from app.api import body, render
 from app.api.docs import doc
 from app.engine import LIVE_STATUSES, valid_cursor, workload_data_json
 from app.errors import BadRequest, NotFound, OrchestratorError, ValidationFailed
+from app.request_rules import (
+    IDEMPOTENCY_KEY_RULE,
+    MAX_IDEMPOTENCY_KEY,
+    CheckedRequest,
+    check_fields,
+    idempotency_key_ok,
+)
 from app.settings import tenant_key
 from app.webhook_policy import Refused
 
@@ -31,7 +38,6 @@ blp = Blueprint(
 )
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
-MAX_IDEMPOTENCY_KEY = 255
 
 # Schema instances are built once: building one deep-copies its fields (a measurable cost per
 # request), and loading with a shared instance is thread-safe (marshmallow 4 has no context).
@@ -118,9 +124,10 @@ def _dispatch_webhooks() -> None:
         dispatcher.kick()
 
 
-def _check_size(data: dict[str, Any]) -> None:
-    """413 for workload_data past ``server.max_workload_data_bytes``, before anything reads it."""
-    workload_data_json(
+def _workload_data_json(data: dict[str, Any]) -> str:
+    """workload_data as the engine stores it; 413 past ``server.max_workload_data_bytes``,
+    before anything reads it."""
+    return workload_data_json(
         data.get("workload_data"),
         current_app.extensions["gpu_engine"].settings.server.max_workload_data_bytes,
     )
@@ -185,18 +192,20 @@ def _idempotency_key() -> str | None:
     key = request.headers.get(IDEMPOTENCY_HEADER)
     if key is None:
         return None
-    if not (0 < len(key) <= MAX_IDEMPOTENCY_KEY) or not all(0x21 <= ord(c) <= 0x7E for c in key):
+    if not idempotency_key_ok(key):
         raise BadRequest(
-            f"{IDEMPOTENCY_HEADER} must be 1-{MAX_IDEMPOTENCY_KEY} printable ASCII characters",
+            f"{IDEMPOTENCY_HEADER} must be {IDEMPOTENCY_KEY_RULE}",
             details={IDEMPOTENCY_HEADER: ["invalid"]},
         )
     return key
 
 
 def engine_request(
-    data: dict[str, Any], analysis: dict[str, Any], principal: str | None
-) -> dict[str, Any]:
-    """Merge the validated body and the workload analysis into the engine's request."""
+    data: dict[str, Any], analysis: dict[str, Any], principal: str | None, data_json: str
+) -> CheckedRequest:
+    """Merge the validated body and the workload analysis into the engine's request, which
+    the engine takes without checking it again (app.request_rules); ``data_json``: the
+    body's workload_data as JSON (see :func:`_workload_data_json`)."""
     req: dict[str, Any] = {
         "service_name": data["service_name"],
         "workload_type": analysis.get("workload_type", data["workload_type"]),
@@ -209,9 +218,10 @@ def engine_request(
         "estimated_duration_seconds": analysis.get("estimated_duration_seconds"),
     }
     deps = list(data.get("depends_on") or [])
-    for dep in analysis.get("depends_on") or []:
-        if dep not in deps:
-            deps.append(dep)
+    more = [dep for dep in analysis.get("depends_on") or [] if dep not in deps]
+    if more:  # the workflow's: each list was checked, the two together were not
+        deps = list(dict.fromkeys(deps + more))
+        check_fields({"depends_on": deps})
     if deps:
         req["depends_on"] = deps
     for key in ("gpu_model", "nodes"):
@@ -231,7 +241,7 @@ def engine_request(
         req["workflow_id"] = analysis["workflow_id"]
     if principal is not None:
         req["owner"] = principal
-    return req
+    return CheckedRequest(req, data_json)
 
 
 def _explain(records: list[dict[str, Any]]) -> None:
@@ -292,11 +302,11 @@ def allocate():
     """
     key = _idempotency_key()
     data = body.load(_ALLOCATE_BODY)
-    _check_size(data)
+    data_json = _workload_data_json(data)
     _check_webhook_url(data.get("webhook_url"))
     analysis = _analyze(data)
     principal = auth.current_principal()
-    req = engine_request(data, analysis, principal)
+    req = engine_request(data, analysis, principal, data_json)
     rec = _engine().allocate(
         req,
         idempotency_key=key,
@@ -485,7 +495,7 @@ def _own_tenants(engine, key: str, principal: str | None) -> set[str]:
 def workload():
     """Analyse a workload without side effects."""
     data = body.load(_WORKLOAD_BODY)
-    _check_size(data)
+    _workload_data_json(data)  # the 413 of /gpu/allocate
     analysis = _analyze(data)
     return jsonify(render.requirements(analysis))
 
