@@ -385,18 +385,7 @@ def check_workload_data(workload_type: str, data: Any, training_sizes) -> Hints:
         else (tuple(INFERENCE_SIZES) if workload_type == "inference" else None)
     )
     hints = Hints(
-        batch_size=c.number("batch_size"),
-        concurrent_requests=c.number("concurrent_requests"),
-        image_count=c.number("image_count"),
-        node_count=c.number("node_count"),
-        required_gpus=c.number("required_gpus"),
-        min_memory_mb=c.number("min_memory_mb"),
-        max_memory_mb=c.number("max_memory_mb"),
-        priority=c.number("priority"),
-        max_utilization=c.number("max_utilization"),
-        estimated_duration_seconds=c.number("estimated_duration_seconds"),
-        parameters_billions=c.number("parameters_billions"),
-        workflow_priority=c.number("workflow_priority"),
+        **{name: c.number(name) for name in HINTS},  # every numeric hint
         model_size=c.string("model_size", choices=sizes),
         model_name=c.string("model_name"),
         dtype=c.string("dtype", choices=tuple(DTYPE_BYTES)),

@@ -12,8 +12,6 @@ import json
 import random
 import threading
 
-from hypothesis import HealthCheck
-from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -21,23 +19,21 @@ from hypothesis.stateful import (
     invariant,
     precondition,
     rule,
-    run_state_machine_as_test,
 )
 
-from app import errors, record
+from app import errors
 from app.engine import Engine
+from tests.invariant_support import (
+    Clock,
+    exclusive_holders,
+    release_all,
+    run_machine,
+    stored_requests,
+)
 
 FLEET = {"n0": (2, 16000), "n1": (4, 32000), "n2": (1, 80000)}
 #: GPU model per node, for gpu_model globs
 MODELS = {"n0": "NVIDIA A10", "n1": "NVIDIA H100 PCIe", "n2": "NVIDIA H100 NVL"}
-
-
-class Clock:
-    def __init__(self, t: float = 1_800_000_000.0):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def gpus_for(node, health=None, missing=(), util=None, used=None):
@@ -68,11 +64,7 @@ def gpus_for(node, health=None, missing=(), util=None, used=None):
 def scan(engine: Engine, redis) -> dict:
     """Everything, read key by key (not through the engine's indexes)."""
     k = engine.keys
-    reqs = {}
-    for key in redis.scan_iter(match=k.request("*"), count=1000):
-        # a request field at its default is not stored (app/record.py): read as the engine does
-        h = {**record.DEFAULTS, **redis.hgetall(key)}
-        reqs[h["id"]] = h
+    reqs = stored_requests(engine, redis)
     gpus = {}
     for key in redis.scan_iter(match=k.gpu("*", "*"), count=1000):
         h = redis.hgetall(key)
@@ -92,26 +84,23 @@ def check_invariants(engine: Engine, redis, now: float) -> dict:
     s = scan(engine, redis)
     timeout = engine.settings.scheduler.node_heartbeat_timeout
     alive = {n for n, hb in s["nodes"].items() if hb >= now - timeout}
-    excl: dict = {}
     shared: dict = {}
     live = {rid: r for rid, r in s["reqs"].items() if r["status"] == "allocated"}
     queued = {rid: r for rid, r in s["reqs"].items() if r["status"] == "queued"}
+    excl = exclusive_holders(live.values())  # no GPU in two exclusive allocations
     for rid, r in live.items():
         for idx in json.loads(r["gpu_ids"]):
             key = (r["node"], str(idx))
             assert key in s["gpus"], f"{rid} holds an unknown GPU {key}"
             if r["sharing"] == "shared":
                 shared.setdefault(key, []).append(r)
-            else:
-                excl.setdefault(key, []).append(rid)
         assert len(set(json.loads(r["gpu_ids"]))) == int(r["required_gpus"])
         assert model_ok(r, s["gpus"][key]), f"{rid} got a {s['gpus'][key]['name']}"
         assert r["node"] in (json.loads(r.get("nodes") or "[]") or [r["node"]]), (
             f"{rid} placed on {r['node']} outside its nodes"
         )
     for key, g in s["gpus"].items():
-        holders = excl.get(key, [])
-        assert len(holders) <= 1, f"GPU {key} in two exclusive allocations: {holders}"
+        holders = [excl[key]] if key in excl else []
         assert not (holders and shared.get(key)), f"GPU {key} exclusive and shared at once"
         reserved = sum(int(r["min_memory_mb"]) for r in shared.get(key, []))
         assert reserved <= float(g["memory_total_mb"]), f"GPU {key} over-reserved"
@@ -501,11 +490,7 @@ class EngineMachine(RuleBasedStateMachine):
         if not hasattr(self, "engine"):
             return
         # after all releases and expiries no GPU is held
-        for rid in self.ids:
-            try:
-                self.engine.release(rid)
-            except errors.NotFound:
-                pass
+        release_all(self.engine, self.ids)
         self.silent.clear()
         self.clock.t += 10**6
         self.report_all()
@@ -518,17 +503,7 @@ class EngineMachine(RuleBasedStateMachine):
 
 
 def test_engine_state_machine(redis, settings):
-    EngineMachine.redis = redis
-    EngineMachine.settings = settings
-    run_state_machine_as_test(
-        EngineMachine,
-        settings=hyp_settings(
-            max_examples=15,
-            stateful_step_count=40,
-            deadline=None,
-            suppress_health_check=list(HealthCheck),
-        ),
-    )
+    run_machine(EngineMachine, redis, settings)
 
 
 class AgingReservingMachine(EngineMachine):
@@ -539,17 +514,7 @@ class AgingReservingMachine(EngineMachine):
 
 
 def test_engine_state_machine_with_aging_and_reservations(redis, settings):
-    AgingReservingMachine.redis = redis
-    AgingReservingMachine.settings = settings
-    run_state_machine_as_test(
-        AgingReservingMachine,
-        settings=hyp_settings(
-            max_examples=15,
-            stateful_step_count=40,
-            deadline=None,
-            suppress_health_check=list(HealthCheck),
-        ),
-    )
+    run_machine(AgingReservingMachine, redis, settings)
 
 
 # --------------------------------------------------------------------------- concurrency
@@ -683,14 +648,4 @@ class EtaMachine(EngineMachine):
 
 
 def test_no_eta_is_earlier_than_the_lease_ends_in_its_way(redis, settings):
-    EtaMachine.redis = redis
-    EtaMachine.settings = settings
-    run_state_machine_as_test(
-        EtaMachine,
-        settings=hyp_settings(
-            max_examples=15,
-            stateful_step_count=40,
-            deadline=None,
-            suppress_health_check=list(HealthCheck),
-        ),
-    )
+    run_machine(EtaMachine, redis, settings)

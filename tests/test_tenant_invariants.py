@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 
-from hypothesis import HealthCheck
-from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -15,12 +13,17 @@ from hypothesis.stateful import (
     invariant,
     precondition,
     rule,
-    run_state_machine_as_test,
 )
 
 from app import errors
 from app.engine import Engine
-from app.record import DEFAULTS
+from tests.invariant_support import (
+    Clock,
+    exclusive_holders,
+    release_all,
+    run_machine,
+    stored_requests,
+)
 
 NODES = {"n0": 2, "n1": 4}
 #: tenant (= service, auth off) -> max_gpus; "c" has the default's
@@ -30,14 +33,6 @@ TENANTS = {
     "default": {"max_gpus": DEFAULT_MAX},
     "quotas": {"a": {"max_gpus": 3, "weight": 3}, "b": {"max_gpus": 2, "max_queued": 3}},
 }
-
-
-class Clock:
-    def __init__(self):
-        self.t = 1_800_000_000.0
-
-    def __call__(self):
-        return self.t
 
 
 def gpus(node):
@@ -129,11 +124,7 @@ class TenantMachine(RuleBasedStateMachine):
         if not hasattr(self, "engine"):
             return
         k, redis = self.engine.keys, self.redis
-        # the stored records, with the fields a sparse record leaves out at their default
-        reqs = [
-            {**DEFAULTS, **redis.hgetall(key)}
-            for key in redis.scan_iter(match=k.request("*"), count=1000)
-        ]
+        reqs = list(stored_requests(self.engine, redis).values())
         held: dict = {}
         queued: dict = {}
         for r in reqs:
@@ -151,35 +142,15 @@ class TenantMachine(RuleBasedStateMachine):
         for t in "abc":
             mine = dict(redis.zrange(k.queue_tenant(t), 0, -1, withscores=True))
             assert mine == {i: scores[i] for i in queued.get(t, [])}
-        # no GPU in two exclusive allocations
-        taken: set = set()
-        for r in reqs:
-            if r["status"] == "allocated" and r["sharing"] != "shared":
-                for idx in json.loads(r["gpu_ids"]):
-                    assert (r["node"], idx) not in taken
-                    taken.add((r["node"], idx))
+        exclusive_holders(reqs)  # no GPU in two exclusive allocations
 
     def teardown(self):
         if not hasattr(self, "engine"):
             return
-        for rid in self.ids:
-            try:
-                self.engine.release(rid)
-            except errors.NotFound:
-                pass
+        release_all(self.engine, self.ids)
         assert self.redis.hgetall(self.engine.keys.tenants()) == {}
         assert self.redis.hgetall(self.engine.keys.tenant_queued()) == {}
 
 
 def test_no_tenant_above_max_gpus_and_the_counters_match(redis, settings):
-    TenantMachine.redis = redis
-    TenantMachine.settings = settings
-    run_state_machine_as_test(
-        TenantMachine,
-        settings=hyp_settings(
-            max_examples=25,
-            stateful_step_count=40,
-            deadline=None,
-            suppress_health_check=list(HealthCheck),
-        ),
-    )
+    run_machine(TenantMachine, redis, settings, max_examples=25)
