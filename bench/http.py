@@ -16,6 +16,11 @@ Prints one JSON object: ``noop_rps``, ``noop_p50_ms``, ``noop_p99_ms``, ``alloc_
 ``release_p50_ms``, ``release_p99_ms``, ``ratio`` (alloc_release_rps / noop_rps), errors and the
 machine. Not a test; finishes in well under 2 minutes.
 
+On Linux it also prints the server side's CPU time per request (the API's processes and
+redis-server, from /proc): ``noop_cpu_us``, ``alloc_release_cpu_us`` and ``cpu_ratio``
+(noop_cpu_us / alloc_release_cpu_us). On a machine shared with other work the wall-clock
+ratio follows whatever else runs; the CPU a request costs barely moves.
+
     .venv/bin/python bench/http.py            # defaults: 16 clients, 10 s + 15 s
 """
 
@@ -132,8 +137,39 @@ def _pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))] * 1000
 
 
+def _cpu_seconds(pids: list[int]) -> float | None:
+    """utime + stime of the processes and their children's threads (the API's gunicorn
+    master, its workers, redis-server), from /proc; None where /proc is not there."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total, seen = 0, set()
+    todo = list(pids)
+    try:
+        while todo:
+            pid = todo.pop()
+            if pid in seen:
+                continue
+            seen.add(pid)
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+            try:
+                with open(f"/proc/{pid}/task/{pid}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+            except OSError:
+                pass
+    except (OSError, ValueError, IndexError):
+        return None
+    return total / tick
+
+
 async def _client_main(
-    port: int, clients: int, noop_s: float, alloc_s: float, warmup_s: float, rounds: int
+    port: int,
+    clients: int,
+    noop_s: float,
+    alloc_s: float,
+    warmup_s: float,
+    rounds: int,
+    pids: list[int] | None = None,
 ) -> dict:
     # Warm-up: both routes, results discarded (imports, connection pools, script loading).
     sink: list[float] = []
@@ -151,13 +187,15 @@ async def _client_main(
     rel_lat: list[float] = []
     alloc_err: list[int] = []
     noop_wall = alloc_wall = 0.0
+    noop_cpu = alloc_cpu = 0.0
+    cpu = (lambda: _cpu_seconds(pids)) if pids else (lambda: None)
     for _ in range(rounds):
-        t0 = time.perf_counter()
+        c0, t0 = cpu(), time.perf_counter()
         await asyncio.gather(
             *[_noop_client(port, t0 + noop_s / rounds, noop_lat, noop_err) for _ in range(clients)]
         )
         noop_wall += time.perf_counter() - t0
-        t0 = time.perf_counter()
+        c1, t0 = cpu(), time.perf_counter()
         await asyncio.gather(
             *[
                 _alloc_client(port, i, t0 + alloc_s / rounds, alloc_lat, rel_lat, alloc_err)
@@ -165,9 +203,23 @@ async def _client_main(
             ]
         )
         alloc_wall += time.perf_counter() - t0
+        c2 = cpu()
+        if None not in (c0, c1, c2):
+            noop_cpu += c1 - c0
+            alloc_cpu += c2 - c1
 
     noop_rps = len(noop_lat) / noop_wall
     alloc_rps = (len(alloc_lat) + len(rel_lat)) / alloc_wall
+    n_alloc = len(alloc_lat) + len(rel_lat)
+    cpu_figures = {}
+    if noop_cpu and alloc_cpu and noop_lat and n_alloc:
+        noop_us = noop_cpu / len(noop_lat) * 1e6
+        alloc_us = alloc_cpu / n_alloc * 1e6
+        cpu_figures = {
+            "noop_cpu_us": round(noop_us, 1),
+            "alloc_release_cpu_us": round(alloc_us, 1),
+            "cpu_ratio": round(noop_us / alloc_us, 3),
+        }
     return {
         "clients": clients,
         "rounds": rounds,
@@ -182,6 +234,7 @@ async def _client_main(
         "release_p50_ms": round(_pct(rel_lat, 50), 2),
         "release_p99_ms": round(_pct(rel_lat, 99), 2),
         "ratio": round(alloc_rps / noop_rps, 3) if noop_rps else 0.0,
+        **cpu_figures,
         "errors": {
             "noop": len(noop_err),
             "alloc_release": len(alloc_err),
@@ -244,6 +297,7 @@ def main() -> int:
         "--log-level", default="INFO", help="API log level (DEBUG adds one access line per request)"
     )
     parser.add_argument("--client", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--pids", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.client:  # the load-generating child process
@@ -255,6 +309,7 @@ def main() -> int:
                 args.alloc_seconds,
                 args.warmup_seconds,
                 max(1, args.rounds),
+                [int(p) for p in args.pids.split(",") if p],
             )
         )
         print(json.dumps(result))
@@ -311,6 +366,8 @@ def main() -> int:
                 str(args.warmup_seconds),
                 "--rounds",
                 str(args.rounds),
+                "--pids",
+                f"{api.pid},{redis.proc.pid}",
             ],
             capture_output=True,
             text=True,
