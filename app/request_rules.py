@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -103,46 +103,53 @@ class Rule:
             return f"{noun} > {self.lo:g} and <= {self.hi:g}"
         return f"{noun} in {self.lo:g}..{self.hi:g}"
 
-    def accepts(self, value: Any) -> bool:
-        """The engine's test of one value (the schema builds marshmallow validators instead)."""
-        kind = self.kind
-        if kind in ("int", "number"):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                return False
-            if kind == "int" and isinstance(value, float) and not value.is_integer():
-                return False
-            if isinstance(value, float) and not math.isfinite(value):
-                return False
-            if self.lo is not None and (value <= self.lo if self.above else value < self.lo):
-                return False
-            return self.hi is None or value <= self.hi
-        if kind == "str":
-            if not isinstance(value, str) or not self.min_len <= len(value):
-                return False
-            if self.max_len is not None and len(value) > self.max_len:
-                return False
-            if self.choices is not None and value not in self.choices:
-                return False
-            return self.regex is None or _compiled(self.regex).match(value) is not None
-        if kind == "list":
-            if not isinstance(value, list) or len(value) < self.min_len:
-                return False
-            if self.max_len is not None and len(value) > self.max_len:
-                return False
-            return self.item is None or all(self.item.accepts(v) for v in value)
-        if kind == "object":
-            return isinstance(value, dict) and workload_data_problem(value) is None
-        raise AssertionError(kind)  # pragma: no cover - a declaration error
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "accepts", _tester(self))
+
+    #: accepts(value) -> bool: the engine's test of one value (the schema builds marshmallow
+    #: validators instead), compiled once per rule: it runs for every field of a direct
+    #: caller's request and for what the workload analysis decided.
+    accepts: Any = field(default=None, init=False, repr=False, compare=False)
 
 
-_REGEXES: dict[str, re.Pattern] = {}
+def _tester(rule: Rule):
+    """The accepts() function of one rule: a closure with its bounds bound."""
+    lo, hi, above, kind = rule.lo, rule.hi, rule.above, rule.kind
+    if kind in ("int", "number"):
+        whole = kind == "int"
 
+        def in_range(v) -> bool:
+            t = type(v)
+            if t is float:
+                if not (v.is_integer() if whole else math.isfinite(v)):
+                    return False  # is_integer() is False for inf and nan too
+            elif t is not int:
+                return False  # bool included: JSON true is not 1
+            if lo is not None and (v <= lo if above else v < lo):
+                return False
+            return hi is None or v <= hi
 
-def _compiled(regex: str) -> re.Pattern:
-    rx = _REGEXES.get(regex)
-    if rx is None:
-        rx = _REGEXES[regex] = re.compile(regex)
-    return rx
+        return in_range
+    if kind in ("str", "list"):
+        typ, min_len = (str, list)[kind == "list"], rule.min_len
+        max_len = rule.max_len if rule.max_len is not None else math.inf
+        choices = frozenset(rule.choices) if rule.choices is not None else None
+        match = re.compile(rule.regex).match if rule.regex is not None else None
+        item = rule.item.accepts if rule.item is not None else None
+
+        def sized(v) -> bool:
+            if type(v) is not typ or not min_len <= len(v) <= max_len:
+                return False
+            if choices is not None and v not in choices:
+                return False
+            if match is not None and match(v) is None:
+                return False
+            return item is None or all(item(x) for x in v)
+
+        return sized
+    if kind == "object":
+        return lambda v: type(v) is dict and workload_data_problem(v) is None
+    raise AssertionError(kind)  # pragma: no cover - a declaration error
 
 
 def _int(name: str, lo: int, hi: int, default: Any = None) -> Rule:
@@ -244,10 +251,6 @@ HINTS: dict[str, Rule] = {
     )
 }
 
-#: The rules :func:`check` applies, in the order it names a bad field. gpu_model is checked
-#: where the engine turns it into a pattern (``app.engine.gpu_model_pattern``).
-_CHECKED = tuple(r for name, r in FIELDS.items() if name != "gpu_model")
-
 
 def _depth_and_size(value: Any, depth: int = 1) -> tuple[int, int]:
     """(deepest nesting, number of entries) of a JSON value, stopping past the limits."""
@@ -287,6 +290,18 @@ def webhook_url_ok(url: str) -> bool:
     return parts.scheme in WEBHOOK_SCHEMES and bool(parts.hostname)
 
 
+#: Each field's test: the rule's, and for webhook_url also :func:`webhook_url_ok`.
+_ACCEPTS = {
+    name: (lambda v, a=rule.accepts: a(v) and webhook_url_ok(v))
+    if name == "webhook_url"
+    else rule.accepts
+    for name, rule in FIELDS.items()
+}
+#: The fields :func:`check` tests, in the order it names a bad one. gpu_model is checked
+#: where the engine turns it into a pattern (``app.engine.gpu_model_pattern``).
+_CHECKED = tuple((name, a) for name, a in _ACCEPTS.items() if name != "gpu_model")
+
+
 def idempotency_key_ok(key: str) -> bool:
     return 0 < len(key) <= MAX_IDEMPOTENCY_KEY and all(0x21 <= ord(c) <= 0x7E for c in key)
 
@@ -311,23 +326,20 @@ def check(req: Mapping[str, Any]) -> None:
     none."""
     if given(req, "service_name") is None:
         raise bad("service_name", SERVICE_NAME_RULE)
-    for rule in _CHECKED:
-        value = given(req, rule.name)
-        if value is not None and not _accepts(rule, value):
-            raise bad(rule.name, rule.expected)
+    for name, accepts in _CHECKED:
+        value = req.get(name)
+        if value is None or value == "" or value == []:  # left to the default (given())
+            continue
+        if not accepts(value):
+            raise bad(name, FIELDS[name].expected)
 
 
 def check_fields(values: Mapping[str, Any]) -> None:
     """:func:`check` for some fields only: what the workload analysis decided (its output
     goes to the engine unchecked, see :class:`CheckedRequest`)."""
     for name, value in values.items():
-        rule = FIELDS[name]
-        if value is not None and not _accepts(rule, value):
-            raise bad(name, rule.expected)
-
-
-def _accepts(rule: Rule, value: Any) -> bool:
-    return rule.accepts(value) and (rule.name != "webhook_url" or webhook_url_ok(value))
+        if value is not None and not _ACCEPTS[name](value):
+            raise bad(name, FIELDS[name].expected)
 
 
 def check_together(required_gpus: int, min_mb: int, max_mb: int, sharing: str) -> None:
@@ -347,6 +359,6 @@ class CheckedRequest(dict):
 
     __slots__ = ("workload_data_json",)
 
-    def __init__(self, fields: Mapping[str, Any], workload_data_json: str):
+    def __init__(self, workload_data_json: str, fields: Mapping[str, Any] = ()):
         super().__init__(fields)
         self.workload_data_json = workload_data_json

@@ -206,7 +206,8 @@ def engine_request(
     """Merge the validated body and the workload analysis into the engine's request, which
     the engine takes without checking it again (app.request_rules); ``data_json``: the
     body's workload_data as JSON (see :func:`_workload_data_json`)."""
-    req: dict[str, Any] = {
+    req = CheckedRequest(data_json)
+    req |= {
         "service_name": data["service_name"],
         "workload_type": analysis.get("workload_type", data["workload_type"]),
         "workload_data": data["workload_data"],
@@ -241,7 +242,7 @@ def engine_request(
         req["workflow_id"] = analysis["workflow_id"]
     if principal is not None:
         req["owner"] = principal
-    return CheckedRequest(req, data_json)
+    return req
 
 
 def _explain(records: list[dict[str, Any]]) -> None:
