@@ -97,11 +97,12 @@ class Rule:
         if self.choices:
             return ", ".join(self.choices[:-1]) + " or " + self.choices[-1]
         noun = "an integer" if self.kind == "int" else "a number"
+        lo, hi = _shown(self.lo), _shown(self.hi)
         if self.hi is None:
-            return f"{noun} {'>' if self.above else '>='} {self.lo:g}"
+            return f"{noun} {'>' if self.above else '>='} {lo}"
         if self.above:
-            return f"{noun} > {self.lo:g} and <= {self.hi:g}"
-        return f"{noun} in {self.lo:g}..{self.hi:g}"
+            return f"{noun} > {lo} and <= {hi}"
+        return f"{noun} in {lo}..{hi}"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "accepts", _tester(self))
@@ -110,6 +111,11 @@ class Rule:
     #: validators instead), compiled once per rule: it runs for every field of a direct
     #: caller's request and for what the workload analysis decided.
     accepts: Any = field(default=None, init=False, repr=False, compare=False)
+
+
+def _shown(x: float | None) -> str:
+    """A bound as messages write it: 315360000, not 3.1536e+08; 1e+15 stays short."""
+    return str(x) if isinstance(x, int) else f"{x:g}"
 
 
 def _tester(rule: Rule):

@@ -320,7 +320,8 @@ class Simulation:
             "service_name": tenant,
             "required_gpus": gpus,
             "priority": priority,
-            "ttl_seconds": duration,
+            # whole seconds, as app.client sends it (a resubmission's remaining time is not)
+            "ttl_seconds": math.ceil(duration),
         }
         try:
             rec = self.call(self._allocate, req, job)
