@@ -18,6 +18,8 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
+from app.request_rules import FIELDS
+
 DEFAULT_URL = "http://127.0.0.1:8086"
 TIMEOUT = 30.0
 
@@ -84,7 +86,8 @@ def add_actions(
     action(
         "forget", "forget a node that stopped reporting; its allocations end as lost"
     ).add_argument("node", metavar="NODE")
-    prio = action("priority", "change a queued request's priority (1..10)")
+    rule = FIELDS["priority"]
+    prio = action("priority", f"change a queued request's priority ({rule.lo}..{rule.hi})")
     prio.add_argument("request_id", metavar="ID")
     prio.add_argument("priority", metavar="N", type=int)
 
