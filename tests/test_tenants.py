@@ -492,6 +492,38 @@ def test_fair_share_respects_max_gpus_and_a_reservation(make_engine):
     assert held(eng) == {"a": 1, "b": 3}
 
 
+def test_fair_share_reservations_follow_the_fair_order(make_engine, tclock):
+    """With fair share only the lowest-share tenant whose head cannot go reserves (its head);
+    a tenant above it does not, nor does an exclusive request behind its tenant's head that
+    waited reservation_after. Once the lowest tenant is served, the next one's head reserves."""
+    eng = make_engine(
+        n=4,
+        nodes=("n1", "n2"),
+        tenants={"fair_share": True},
+        scheduler={"reservation_after": 60, "aging_rate": 0, "queue_timeout": "2h"},
+    )
+    first = eng.allocate({"service_name": "hold", "required_gpus": 4, "ttl_seconds": 1000})
+    eng.allocate({"service_name": "hold", "required_gpus": 4, "ttl_seconds": 2000})
+    a1 = eng.allocate({"service_name": "a", "required_gpus": 4})
+    a2 = eng.allocate({"service_name": "a", "required_gpus": 4})
+    b1 = eng.allocate({"service_name": "b", "required_gpus": 4})  # a and b tie: a goes first
+
+    def reserved():
+        return {r["id"]: r["reserved_node"] for r in (eng.get(x["id"]) for x in (a1, a2, b1))}
+
+    assert reserved() == {a1["id"]: first["node"], a2["id"]: None, b1["id"]: None}
+    tclock.now += 61  # a2 and b1 waited reservation_after; a is still the lowest share
+    for node in ("n1", "n2"):
+        eng.report_node(node, gpus(4))
+    eng.schedule_pass()
+    assert reserved() == {a1["id"]: first["node"], a2["id"]: None, b1["id"]: None}
+    eng.release(first["id"])  # a1 starts: a holds 4, b is now the lowest share
+    assert eng.get(a1["id"])["status"] == "allocated"
+    # in that same pass, though it stopped there (nothing fits any more), b's head reserved
+    other = "n2" if first["node"] == "n1" else "n1"
+    assert reserved()[b1["id"]] == other and reserved()[a2["id"]] is None
+
+
 def test_fair_share_grants_requests_queued_before_tenants(make_engine, redis):
     eng = make_engine(n=1, tenants={"fair_share": True})
     hold = eng.allocate({"service_name": "hold"})
