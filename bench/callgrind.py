@@ -5,8 +5,10 @@
 Starts the embedded server binary under ``valgrind --tool=callgrind`` with instrumentation off,
 registers a fleet (nodes of 8 GPUs), warms up, then counts the instructions the server executes
 for ``--calls`` allocate+release cycles (instrumentation switched on and off around them with
-callgrind_control). Unlike wall-clock figures on a shared VM, the count is the same on every run,
-so it judges a change to the engine against the code before it. Needs valgrind.
+callgrind_control), counting only the work of the clients' commands (not the server's timer,
+whose share grew with valgrind's wall time). Unlike wall-clock figures on a shared VM, the count
+repeats within ~0.3 % whatever the load, so it judges a change to the engine against the code
+before it. Needs valgrind.
 """
 
 from __future__ import annotations
