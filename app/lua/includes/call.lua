@@ -8,11 +8,14 @@ local function begin_call(keys, argv)
   -- @bind
   if argv[1] ~= '' then
     NOW = tonumber(argv[1])
+    NOW_S = string.format('%.6f', NOW) -- formatted once: most functions write it several times
   else
+    -- TIME's seconds and microseconds are the digits of '%.6f' already: joined, not printed
     local t = redis.call('TIME')
-    NOW = tonumber(t[1]) + tonumber(t[2]) / 1000000
+    local us = t[2]
+    NOW_S = t[1] .. (#us == 6 and '.' or string.sub('.000000', 1, 7 - #us)) .. us
+    NOW = tonumber(NOW_S)
   end
-  NOW_S = string.format('%.6f', NOW) -- formatted once: most functions write it several times
   stat_buf, meta_buf, queue_fns = nil, nil, nil
   -- a fresh table only when the last call left something in it (fewer tables per call)
   if next(svc_labels) then svc_labels = {} end

@@ -128,9 +128,11 @@ local function finish_alloc(id, status, rec, by_holder)
   end
   local node, sharing, minm = f[1], f[3] or REC_DEFAULTS.sharing, num(f[4]) or 0
   local svc = f[5] or ''
-  local ids = cjson.decode(f[2] or '[]')
+  local raw = f[2] or '[]'
+  local one = string.match(raw, '^%[(%d+)%]$') -- one GPU (most allocations): no decode
+  local ids = one and {one} or cjson.decode(raw)
   for _, i in ipairs(ids) do
-    return_gpu(id, sharing, minm, node, string.format('%d', i))
+    return_gpu(id, sharing, minm, node, one or string.format('%d', i))
   end
   tenant_add(f[9], -#ids)
   local now = NOW_S
