@@ -39,6 +39,11 @@ import requests
 import urllib3
 from prometheus_client import Counter
 
+from app.request_rules import FIELDS
+
+#: The request's priority rule (app.request_rules): the advice is clamped to it.
+PRIORITY = FIELDS["priority"]
+
 log = logging.getLogger(__name__)
 
 #: Advisor calls by outcome: ok, timeout, error (connection/HTTP), garbage, skipped (breaker open).
@@ -54,7 +59,7 @@ RESPONSE_SCHEMA = {
     "properties": {
         "required_gpus": {"type": "integer", "minimum": 0},
         "min_memory_mb": {"type": "integer", "minimum": 0},
-        "priority": {"type": "integer", "minimum": 1, "maximum": 10},
+        "priority": {"type": "integer", "minimum": PRIORITY.lo, "maximum": PRIORITY.hi},
         "reasoning": {"type": "string"},
     },
     "required": ["required_gpus", "min_memory_mb", "priority"],
@@ -115,7 +120,7 @@ def parse_advice(answer: Any, *, max_gpus: int, max_memory_mb: int) -> Advice:
     bounds = {
         "required_gpus": (1, max(1, max_gpus)),
         "min_memory_mb": (0, max(0, max_memory_mb)),
-        "priority": (1, 10),
+        "priority": (PRIORITY.lo, PRIORITY.hi),
     }
     values, clamped = {}, []
     for field, (lo, hi) in bounds.items():

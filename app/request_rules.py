@@ -35,8 +35,9 @@ from urllib.parse import urlsplit
 from app.errors import ValidationFailed
 
 #: The service_name rule (it becomes part of request ids and of stats field names).
-SERVICE_NAME_RE = r"^[A-Za-z0-9._-]{1,128}$"
-SERVICE_NAME_RULE = "1-128 characters of [A-Za-z0-9._-]"
+SERVICE_NAME_MAX = 128
+SERVICE_NAME_RE = rf"^[A-Za-z0-9._-]{{1,{SERVICE_NAME_MAX}}}$"
+SERVICE_NAME_RULE = f"1-{SERVICE_NAME_MAX} characters of [A-Za-z0-9._-]"
 #: Request ids are ``<service_name>-<digits>...``; anything longer than this cannot be ours.
 ID_RE = r"^[A-Za-z0-9._:-]{1,200}$"
 #: Node names as the monitor reports them: printable ASCII without '|' or '%'.

@@ -40,7 +40,7 @@ from datetime import datetime
 from typing import Any
 
 from app import client as api
-from app.request_rules import FIELDS
+from app.request_rules import FIELDS, SERVICE_NAME_MAX
 from app.timefmt import parse_duration
 
 PROG = "gpu-orchestrator run"
@@ -108,7 +108,10 @@ def parser() -> argparse.ArgumentParser:
         dest="nodes",
         help="node(s) the allocation may use (repeat or list several)",
     )
-    p.add_argument("--priority", metavar="P", type=_priority, help="1-10, higher first")
+    prio = FIELDS["priority"]
+    p.add_argument(
+        "--priority", metavar="P", type=_priority, help=f"{prio.lo}-{prio.hi}, higher first"
+    )
     p.add_argument(
         "--ttl",
         metavar="DURATION",
@@ -198,7 +201,9 @@ def _pair(text: str) -> tuple[str, Any]:
 
 def service_name(command: list[str]) -> str:
     """COMMAND's name as a service name (``/usr/bin/python3`` -> ``python3``)."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.basename(command[0]))[:128].strip("-")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.basename(command[0]))[:SERVICE_NAME_MAX].strip(
+        "-"
+    )
     return name or "run"
 
 

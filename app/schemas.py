@@ -223,7 +223,10 @@ class AllocateRequestSchema(PlacementFields):
     )
     priority = _field(
         FIELDS["priority"],
-        metadata={"description": "1-10, higher first; overrides the analysed priority."},
+        metadata={
+            "description": f"{FIELDS['priority'].lo}-{FIELDS['priority'].hi}, higher first; "
+            "overrides the analysed priority."
+        },
     )
 
 

@@ -31,6 +31,11 @@ from urllib.parse import quote
 import requests
 import urllib3
 
+from app.request_rules import FIELDS
+
+#: The request's priority rule (app.request_rules): the graph service's is clamped to it.
+PRIORITY = FIELDS["priority"]
+
 log = logging.getLogger(__name__)
 
 MAX_RESPONSE_BYTES = 1 << 20
@@ -59,7 +64,7 @@ def parse_workflow(workflow_id: str, body: Any) -> WorkflowInfo:
     for key in ("priority", "workflow_priority"):
         value = src.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
-            priority = min(max(int(value), 1), 10)
+            priority = min(max(int(value), PRIORITY.lo), PRIORITY.hi)
             break
     deps: list[str] = []
     for key in ("dependencies", "workflow_dependencies", "depends_on"):
