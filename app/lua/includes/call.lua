@@ -16,7 +16,7 @@ local function begin_call(keys, argv)
     NOW_S = t[1] .. (#us == 6 and '.' or string.sub('.000000', 1, 7 - #us)) .. us
     NOW = tonumber(NOW_S)
   end
-  stat_buf, meta_buf, queue_fns = nil, nil, nil
+  stat_buf, meta_buf, queue_fns, qlen = nil, nil, nil, nil
   -- a fresh table only when the last call left something in it (fewer tables per call)
   if next(svc_labels) then svc_labels = {} end
   if next(alive_cache) then alive_cache = {} end

@@ -5,7 +5,21 @@
   every delivery names an event id.
 ]]
 
-local function bump_capacity() redis.call('HINCRBY', K_META, 'capver', '1') end
+-- The queue's length, read at most once while nothing enters or leaves the queue (enqueue and
+-- dequeue forget it, as begin_call does): a release's bump_capacity and schedule share one ZCARD.
+local qlen
+local function queue_len()
+  if qlen == nil then qlen = redis.call('ZCARD', K_QUEUE) end
+  return qlen
+end
+
+-- Capacity appeared (a GPU freed, a node back, a dependency done, a reservation dropped): the
+-- next pass walks the whole queue again (meta.capver, includes/pass.lua). With the queue empty
+-- nobody waits to be told: a request queued later is tried against the capacity of then as the
+-- pass's new request (only allocate enqueues), so the version stays (one write less per release).
+local function bump_capacity()
+  if queue_len() > 0 then redis.call('HINCRBY', K_META, 'capver', '1') end
+end
 
 -- Append one event to the capped stream; returns its entry id.
 local function event(name, id, svc, extra)

@@ -36,6 +36,7 @@ queue = function()
         redis.call('ZREM', k_tqueue(tenant), id)
       end
       redis.call('ZREM', K_QUEUE, id)
+      qlen = nil
       redis.call('HDEL', K_QSHAPE, id)
       if sharing ~= 'shared' then redis.call('ZREM', K_QDX, id) end
       if sharing ~= 'exclusive' then redis.call('ZREM', K_QDS, id) end
@@ -56,6 +57,7 @@ queue = function()
       for _, key in ipairs({K_QUEUE, K_QDX, K_QDS, K_QDEAD, K_QUNRES}) do
         redis.call('ZREM', key, unpack(dq_ids))
       end
+      qlen = nil
       redis.call('HDEL', K_QSHAPE, unpack(dq_ids))
       for bucket, n in pairs(dq_owners) do owner_count(bucket, n) end
       for t, l in pairs(dq_tenants) do
@@ -82,6 +84,7 @@ queue = function()
       score = -r.priority * 1e12 + redis.call('HINCRBY', K_META, 'seq', 1)
     end
     redis.call('ZADD', K_QUEUE, fnum(score), r.id)
+    qlen = nil
     redis.call('HSET', K_QSHAPE, r.id, r.sharing .. '|' .. r.k .. '|' .. r.minm .. '|' .. r.maxm ..
       '|' .. r.util .. '|' .. r.pref_raw .. '|' .. r.pat .. '|' .. r.nodes_raw .. '|L' ..
       fnum(r.lease))
@@ -107,8 +110,9 @@ queue = function()
 end
 
 local function schedule(new_id, force)
-  -- an empty queue (the usual case for a release) has nothing to pass over: one ZCARD
-  if redis.call('ZCARD', K_QUEUE) == 0 then return {} end
+  -- an empty queue (the usual case for a release) has nothing to pass over: one ZCARD, shared
+  -- with bump_capacity's
+  if queue_len() == 0 then return {} end
   stat_buf, meta_buf = {}, {}
   local granted = queue().pass(new_id, force)
   -- the periodic pass: tenants below their guarantee may preempt (includes/preemption.lua);
