@@ -91,10 +91,14 @@ SCRIPTS = (
     "snapshot",
     "counts",
     "tenant_list",
+    "watch",
 )
 #: Functions flagged ``no-writes`` and called with FCALL_RO (a replica may serve them); they
 #: wait for no replica acknowledgement (redis.min_replicas_ack).
 READ_ONLY = ("snapshot", "counts", "tenant_list")
+#: Writes that wait for no replica acknowledgement: a long-poll's mark (lost in a failover, the
+#: held call still answers when the listener resubscribes, app/longpoll.py).
+UNACKED = ("watch",)
 #: The library's includes, in load order (each defined once, at the library's top level; an
 #: include may itself include others, e.g. queue.lua the reservations and the pass).
 INCLUDES = (
@@ -679,7 +683,7 @@ class Engine:
         for attempt in (0, 1):
             command = (cmd, f"{LIBRARY}_{name}", len(keys), *keys, *argv)
             try:
-                if acks and name not in READ_ONLY:
+                if acks and name not in READ_ONLY and name not in UNACKED:
                     res = write_acked(
                         self.redis, command, acks, self.settings.redis.replica_ack_timeout
                     )
@@ -1122,6 +1126,18 @@ class Engine:
             raise _not_found("request", request_id)
         rec = parse_record(raw)
         if rank is not None:
+            rec["position"] = rank + 1
+        return rec
+
+    def watch(self, request_id: str) -> dict:
+        """:meth:`get` for a long-poll (app/longpoll.py) whose listener has subscribed: marks a
+        queued or live record ``watched`` in the same atomic step, so that the engine publishes
+        its next status change (a release of an unwatched allocation publishes nothing)."""
+        raw, rank = self._run("watch", request_id)
+        if not raw:
+            raise _not_found("request", request_id)
+        rec = parse_record(raw)
+        if rank >= 0:
             rec["position"] = rank + 1
         return rec
 

@@ -2,7 +2,9 @@
 
 No polling inside the server. The engine's scripts ``PUBLISH <id>|<status>`` on the changes
 channel (``Keys.changes``) in the same atomic step that changes a request's status
-(``notify`` in ``app/lua/includes/prelude.lua``). Each API process runs one listener thread
+(``notify`` in ``app/lua/includes/events.lua``); a release publishes only for a record a
+long-poll marked ``watched`` (``Engine.watch``, the read after subscribing, marks it in the same
+atomic step as it reads it), so the releases nobody waits on cost Redis one call less. Each API process runs one listener thread
 with one Pub/Sub connection, whatever the number of held calls; a held call waits on an
 event that the listener sets when its id goes by. The listener starts with the first held
 call and stops ``IDLE_EXIT`` seconds after the last one, so a process nobody waits on
@@ -246,10 +248,17 @@ class LongPoll:
         self.holds = holds
 
     def read(
-        self, request_id: str, read: Callable[[], dict], waits: frozenset, timeout: float
+        self,
+        request_id: str,
+        read: Callable[[], dict],
+        waits: frozenset,
+        timeout: float,
+        watch: Callable[[], dict] | None = None,
     ) -> dict:
         """``read()``'s record, once its status is not the one it had (or is not in ``waits``),
-        or when ``timeout`` seconds passed, or when this call had to let its thread go."""
+        or when ``timeout`` seconds passed, or when this call had to let its thread go.
+        ``watch``: the read after subscribing, when it differs from ``read`` (``Engine.watch``
+        marks the record so that the engine publishes its next change)."""
         rec = read()
         status = rec.get("status")
         if timeout <= 0 or status not in waits:
@@ -268,7 +277,8 @@ class LongPoll:
                 log.debug("long-poll of %s answered at once: no idle thread", request_id)
                 return rec
             try:
-                rec = read()  # after subscribing: a change before this read is seen here
+                # after subscribing: a change before this read is seen here
+                rec = (watch or read)()
                 while rec.get("status") == status and not w.evicted:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0 or not w.event.wait(remaining):

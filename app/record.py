@@ -125,6 +125,9 @@ SCHEDULER_FIELDS: tuple[str, ...] = (
     "depends_on_mode",
     "tenant",
 )
+#: Stored by a long-poll (Engine.watch) so that a release publishes the change; not a field
+#: of the API's record.
+WATCHED = "watched"
 #: Left out of compact records (listings): what clients attach must not grow a listing.
 NOT_LISTED = ("workload_data",)
 
@@ -225,6 +228,8 @@ def parse_record(raw: dict | list | str, *, compact: bool = False) -> dict:
     convert = _CONVERT.get
     rec: dict[str, Any] = {}
     for key, value in h.items():
+        if key == WATCHED:
+            continue
         fn = convert(key)
         if fn is None:
             rec[key] = value

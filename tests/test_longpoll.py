@@ -132,6 +132,32 @@ def test_a_held_allocation_answers_when_it_ends(app, clock):
     assert body["status"] == "expired"
 
 
+def test_a_held_allocation_answers_when_its_holder_releases_it(app, redis):
+    """The release publishes only for an allocation a long-poll marked (Engine.watch): the
+    held call still wakes at once, and a release nobody waits on publishes nothing."""
+    client = app.test_client()
+
+    def publishes():
+        return redis.info("commandstats").get("cmdstat_publish", {}).get("calls", 0)
+
+    before = publishes()
+    rid = allocate(client, "quiet").get_json()["id"]
+    client.post("/gpu/release", json={"allocation_id": rid})
+    assert publishes() == before
+
+    rid = allocate(client, "live").get_json()["id"]
+    call = Call(app, f"/gpu/allocations/{rid}?wait=30")
+    _held(app)
+    time.sleep(0.2)
+    assert call.is_alive(), "answered before anything changed"
+    t0 = time.monotonic()
+    client.post("/gpu/release", json={"allocation_id": rid})
+    body = call.result().get_json()
+    assert time.monotonic() - t0 < 2
+    assert body["status"] == "released" and "watched" not in body
+    assert "watched" not in client.get(f"/gpu/requests/{rid}").get_json()
+
+
 @pytest.mark.parametrize("value", ["abc", "-1", "61", "nan", "inf", "1e400"])
 def test_bad_wait_is_422_naming_wait(app, value):
     client = app.test_client()

@@ -515,7 +515,11 @@ def _get_or_404(request_id: str, waits: frozenset = frozenset()) -> dict[str, An
     if not timeout:
         return engine.get(request_id)
     return current_app.extensions["gpu_longpoll"].read(
-        request_id, lambda: engine.get(request_id), waits, timeout
+        request_id,
+        lambda: engine.get(request_id),
+        waits,
+        timeout,
+        watch=lambda: engine.watch(request_id),
     )
 
 

@@ -147,7 +147,8 @@ local function finish_alloc(id, status, rec, by_holder)
   redis.call('ZREM', K_LEASES, id)
   redis.call('SREM', k_svc(svc), id)
   bump_capacity()
-  notify(id, status)
+  -- a release read the whole record: nobody long-polls it unless watch.lua marked it
+  if not rec or rec.watched then notify(id, status) end
   local evid = event(status, id, svc, {'node', node or '', 'gpu_ids', f[2] or '[]'})
   stat_alloc(svc, status)
   outbox(status, id, evid, f[6], f[7], status == 'lost' or status == 'preempted')
