@@ -34,6 +34,7 @@ report their whole memory and no utilization.
 from __future__ import annotations
 
 import fnmatch
+import heapq
 import math
 from typing import Any
 
@@ -43,6 +44,14 @@ MAX_SIMULATED = 200
 MAX_STEPS = 20_000
 #: Queue ranks within which each tenant's head reserves (the engine's HEAD_SCAN).
 HEAD_SCAN = 500
+#: Reservations one pass makes at most (the engine's MAX_NEW_RES).
+MAX_NEW_RES = 8
+#: Each tenant keeps its current load: an allocation that ends in the simulation is
+#: submitted again at that instant, as a phantom of its tenant (same GPUs, priority, lease).
+PHANTOMS = True
+#: Phantoms one simulation makes at most, and a tenant's phantoms waiting at once at most.
+MAX_PHANTOMS = 1000
+PHANTOM_QUEUE = 8
 REASONS = ("capacity", "quota", "dependency", "reservation", "priority")
 INF = math.inf
 
@@ -113,6 +122,9 @@ class _Req:
         "submitted",
         "deadline",
         "shape",
+        "prio",
+        "phantom",
+        "unres",
     )
 
     def __init__(self, rec: dict[str, Any]):
@@ -135,6 +147,11 @@ class _Req:
         self.submitted = float(rec.get("submitted_at") or 0)
         timeout = rec.get("queue_timeout_seconds")
         self.deadline = INF if timeout is None else self.submitted + float(timeout)
+        self.prio = float(rec.get("priority") or 0)
+        since = rec.get("unreserved_since")
+        #: reservation_after counts from here (the engine restarts it when a reserve fails)
+        self.unres = float(since) if since not in (None, "") else self.submitted
+        self.phantom = False
         self.shape = (
             self.shared,
             self.k,
@@ -167,6 +184,7 @@ class _Sim:
         self.now = float(snap["now"])
         self.policy = getattr(sched, "policy", "best_effort")
         self.res_after = float(getattr(sched, "reservation_after", 600))
+        self.aging = float(getattr(sched, "aging_rate", 0) or 0) / 60.0
         self.limits = limits
         self.gpus: dict[str, list[_Gpu]] = {}
         self.by_key: dict[tuple[str, int], _Gpu] = {}
@@ -181,6 +199,11 @@ class _Sim:
         self.ends: dict[str, float] = {}
         self.held_by_tenant: dict[str, int] = {}
         self.holds: list[tuple[float, str, int]] = []  # (lease end, tenant, GPUs)
+        #: allocations with a known lease end, as (end, n, the record a phantom copies)
+        self.ending: list[tuple[float, int, dict[str, Any]]] = []
+        self.phantoms = PHANTOMS
+        self.seq = 0
+        self.held_hit = False
         wait = snap.get("wait") or {}
         for a in wait.get("held", []):
             end = a.get("expires_at")
@@ -193,6 +216,19 @@ class _Sim:
             t = tenant_of(a)
             self.held_by_tenant[t] = self.held_by_tenant.get(t, 0) + len(a.get("gpu_ids") or [])
             self.holds.append((end, t, len(a.get("gpu_ids") or [])))
+            if end < INF:
+                template = {
+                    "tenant": a.get("tenant"),
+                    "owner": a.get("owner"),
+                    "service_name": a.get("service_name"),
+                    "sharing": a.get("sharing"),
+                    "required_gpus": len(a.get("gpu_ids") or []) or 1,
+                    "min_memory_mb": a.get("min_memory_mb"),
+                    "lease_seconds": a.get("lease_seconds"),
+                    "priority": a.get("priority"),
+                }
+                self.seq += 1
+                heapq.heappush(self.ending, (end, self.seq, template))
         #: status of dependencies that are neither live nor in the simulated head
         self.dep_status: dict[str, str | None] = dict(wait.get("deps") or {})
         #: queued requests of the simulated head not granted yet, and the reserved nodes
@@ -236,9 +272,13 @@ class _Sim:
         start, spare = b
         if _backfills(r, t, start):
             return False  # free again by the reserved start
-        return spare < r.k
+        if spare < r.k:
+            self.held_hit = True
+            return True
+        return False
 
     def place(self, r: _Req, t: float, blocked: dict) -> tuple[str, list[_Gpu]] | None:
+        self.held_hit = False  # set when a reserved node was held back from r
         if r.shared:
             return self._place_shared(r, t, blocked)
         want = min(len(r.pref), r.k)
@@ -246,13 +286,14 @@ class _Sim:
         for node in self.node_order:
             if r.nodes is not None and node not in r.nodes:
                 continue
-            if self._held_back(r, node, t, blocked):
+            # as the engine's index of free GPUs per node: too few free, not looked at
+            nfree = sum(1 for g in self.gpus[node] if g.ok and g.excl_free(t))
+            if nfree < r.k or self._held_back(r, node, t, blocked):
                 continue
             q = self._free_gpus(r, node, t)
             if len(q) < r.k:
                 continue
             p = min(sum(1 for g in q if g.idx in r.pref), want)
-            nfree = sum(1 for g in self.gpus[node] if g.ok and g.excl_free(t))
             key = (-p, nfree, node)
             if best is None or key < best[0]:
                 best = (key, node, q)
@@ -296,6 +337,9 @@ class _Sim:
         self.ends[r.id] = end
         self.held_by_tenant[r.tenant] = self.held_by_tenant.get(r.tenant, 0) + r.k
         self.holds.append((end, r.tenant, r.k))
+        if end < INF:
+            self.seq += 1
+            heapq.heappush(self.ending, (end, self.seq, r.rec))
 
     def max_free(self, t: float) -> int:
         """The most GPUs free for an exclusive request on one node at t."""
@@ -373,6 +417,27 @@ class _Sim:
         return cap is not None and self.held_by_tenant.get(r.tenant, 0) + r.k > cap
 
 
+def _new_sim(snap: dict[str, Any], sched, limits, fair, heads) -> tuple[_Sim, list[_Req], set]:
+    """The fleet of ``snap`` on a timeline at its ``now``, its simulated head (the first queued
+    requests), and the ids of damaged records among them (no reason, no estimate)."""
+    sim = _Sim(snap, sched, limits)
+    sim.heads = heads
+    if fair is not None:
+        sim.fair = {k: [float(u), float(w)] for k, (u, w) in fair["tenants"].items()}
+        sim.half_life = float(fair["half_life"])
+        sim.default_weight = float(fair["default_weight"])
+    head = []
+    damaged: set[str] = set()
+    for rec in (snap.get("wait") or {}).get("queue", []):
+        try:
+            head.append(_Req(rec))
+        except (TypeError, ValueError, OverflowError, KeyError):
+            damaged.add(str(rec.get("id")))
+    sim.pending = {r.id for r in head}
+    sim.reserved_nodes = {r.reserved for r in head if r.reserved}
+    return sim, head, damaged
+
+
 def explain(
     snap: dict[str, Any],
     sched=None,
@@ -382,36 +447,22 @@ def explain(
     fair: dict[str, Any] | None = None,
     heads: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """request id -> {"reason", "eta" (epoch seconds or None)} for every queued request that
-    was simulated, of the page (``snap["queue"]``) and of ``records``. ``snap`` comes from
-    ``Engine.snapshot(wait=n)``; ``sched`` is the scheduler settings (policy,
-    reservation_after); ``limits(tenant)`` gives a tenant's max_gpus (None: no cap); ``fair``
-    (tenants.fair_share): {"tenants": {tenant: (decayed usage in GPU-seconds, weight)},
-    "half_life", "default_weight"} orders the simulation across tenants as the fair pass does;
-    ``heads``: tenants are configured (``settings.tenants_configured``), so each tenant's head
-    reserves at once, as the engine does then."""
-    wait = snap.get("wait") or {}
-    sim = _Sim(snap, sched, limits)
-    sim.heads = heads
-    if fair is not None:
-        sim.fair = {k: [float(u), float(w)] for k, (u, w) in fair["tenants"].items()}
-        sim.half_life = float(fair["half_life"])
-        sim.default_weight = float(fair["default_weight"])
-    head = []
-    damaged: set[str] = set()
-    for rec in wait.get("queue", []):
-        try:
-            head.append(_Req(rec))
-        except (TypeError, ValueError, OverflowError, KeyError):
-            damaged.add(str(rec.get("id")))  # a damaged record: no reason, no estimate
-    sim.pending = {r.id for r in head}
-    sim.reserved_nodes = {r.reserved for r in head if r.reserved}
-    targets: dict[str, dict[str, Any]] = {r.id: r.rec for r in head}
+    """request id -> {"reason", "eta" (epoch seconds or None)} for the queued requests of the
+    page (``snap["queue"]``) and of ``records`` (with neither: every simulated one).
+    ``snap`` comes from ``Engine.snapshot(wait=n)``; ``sched`` is the scheduler settings
+    (policy, reservation_after, aging_rate); ``limits(tenant)`` gives a tenant's max_gpus
+    (None: no cap); ``fair`` (tenants.fair_share): {"tenants": {tenant: (decayed usage in
+    GPU-seconds, weight)}, "half_life", "default_weight"} orders the simulation across tenants
+    as the fair pass does; ``heads``: tenants are configured (``settings.tenants_configured``),
+    so each tenant's head reserves at once, as the engine does then."""
+    sim, head, damaged = _new_sim(snap, sched, limits, fair, heads)
+    # what the caller asked about: the page and ``records``; with neither, the whole head
+    targets: dict[str, dict[str, Any]] = {}
     for rec in list(snap.get("queue", [])) + list(records or []):
         if rec.get("status", "queued") == "queued" and rec.get("id"):
             targets[rec["id"]] = rec
-    out: dict[str, dict[str, Any]] = {}
-    eta: dict[str, float | None] = {}
+    if not targets:
+        targets = {r.id: r.rec for r in head}
     reasons: dict[str, str] = {}
     now = sim.now
 
@@ -430,15 +481,26 @@ def explain(
             except (TypeError, ValueError, OverflowError, KeyError):
                 damaged.add(rid)
 
-    # the timeline
+    # the timeline, from the engine's reservations (those the reasons made are left behind):
+    # with phantoms (each tenant keeps its load), except for the head request, whose estimate
+    # assumes nothing new arrives (then it is its grant, within the reaper's period)
+    eta = _timeline(snap, sched, limits, fair, heads, set(targets), PHANTOMS)
+    first = head[0].id if head else None
+    if PHANTOMS and first in targets:
+        eta[first] = _timeline(snap, sched, limits, fair, heads, {first}, False).get(first)
+    return {rid: {"reason": reasons.get(rid), "eta": eta.get(rid)} for rid in targets}
+
+
+def _timeline(snap, sched, limits, fair, heads, wanted: set, phantoms: bool) -> dict:
+    """request id -> simulated grant time (None: unknown) for the ``wanted`` ones."""
+    sim, head, _ = _new_sim(snap, sched, limits, fair, heads)
+    sim.phantoms = phantoms
+    eta: dict[str, float | None] = {}
     try:
-        _walk(sim, head, eta)
+        _walk(sim, head, eta, wanted)
     except (TypeError, ValueError, OverflowError):  # a damaged record: no estimate at all
         eta.clear()
-    for rid in targets:
-        e = eta.get(rid)
-        out[rid] = {"reason": reasons.get(rid), "eta": e}
-    return out
+    return eta
 
 
 def _reason(sim: _Sim, r: _Req, now: float, blocked: dict) -> str:
@@ -469,124 +531,274 @@ def _maybe_reserve(
         head = eligible and not r.shared
     if r.reserved:
         sim.reserve(r, t, blocked)
-    elif (head or t - r.submitted >= sim.res_after) and None not in seen:
+    elif (head or t - r.unres >= sim.res_after) and None not in seen:
         if not sim.reserve(r, t, blocked):
+            r.unres = t  # the engine waits reservation_after again
             seen.add(None)  # None: no tenant's name; marks the pass done reserving
 
 
-def _walk(sim: _Sim, head: list[_Req], eta: dict[str, float | None]) -> None:
+def _walk(sim: _Sim, head: list[_Req], eta: dict[str, float | None], wanted: set) -> None:
+    """The timeline: a pass now, then one at each lease end (the engine's pass on release),
+    where the allocations that ended come back as phantoms (:func:`_resubmit`)."""
     t = sim.now
     waiting = list(head[:MAX_SIMULATED])
     steps = 0
-    strict = sim.policy == "strict_fifo"
-    any_shared = any(r.shared for r in waiting)
+    made = 0  # phantoms made
     while waiting:
-        blocked: dict = {}
-        seen: set = set()
-        failed: set = set()
-        fail_lease: dict = {}
-        stop = False
-        max_free = sim.max_free(t)
-        walk = waiting
-        if max_free == 0 and not any_shared and t > sim.now:
-            walk = []  # nothing can fit (the engine's nothing_fits): on to the next lease end
+        if sim.fair is None:
+            steps += _rank_pass(sim, waiting, t, eta)
+        else:
+            walk = waiting
+            if sim.max_free(t) == 0 and not any(r.shared for r in waiting) and t > sim.now:
+                walk = []  # the engine's nothing_fits: no walk, no reservation
+            steps += _fair_pass(sim, walk, t, eta)
+        waiting = [r for r in waiting if r.id not in eta]
+        steps += 1
+        if steps > MAX_STEPS or not any(r.id in wanted for r in waiting):
+            break  # what was asked is known (those behind it cannot change it)
+        # the next time capacity appears: the earliest lease end after t
+        end = INF
+        for gs in sim.gpus.values():
+            for g in gs:
+                if t < g.excl < end:
+                    end = g.excl
+                for e, _ in g.shared:
+                    if t < e < end:
+                        end = e
+        if end == INF:
+            break  # only leases without expiry in the way: unknown
+        sim.accrue(end)
+        t = end
+        if sim.phantoms and made < MAX_PHANTOMS:
+            made += _resubmit(sim, waiting, t, MAX_PHANTOMS - made)
+    for r in waiting:
+        if not r.phantom:
+            eta.setdefault(r.id, None)
 
-        def attempt(
-            r: _Req,
-            rank: int,
-            t=t,
-            blocked=blocked,
-            seen=seen,
-            failed=failed,
-            fail_lease=fail_lease,
-        ) -> bool:
-            """The pass meets r: place it, or let it reserve. True when it was placed."""
-            nonlocal steps, stop, max_free
-            if stop:
-                return False
+
+def _rank_pass(sim: _Sim, walk: list[_Req], t: float, eta: dict) -> int:
+    """One pass of the engine's rank walk (pass.lua): rank order; what fits is granted, the
+    rest may reserve. Returns the placement attempts made."""
+    strict = sim.policy == "strict_fifo"
+    max_free = sim.max_free(t)
+    if max_free == 0 and not any(r.shared for r in walk) and t > sim.now:
+        return 0  # nothing can fit (the engine's nothing_fits): on to the next lease end
+    blocked: dict = {}
+    seen: set = set()
+    failed: set = set()
+    fail_lease: dict = {}
+    steps = 0
+    for rank, r in enumerate(walk, 1):
+        if r.deadline < t:
+            eta[r.id] = None  # times out first
+            sim.pending.discard(r.id)
+            continue
+        done = sim.deps_done(r, t)
+        if done is None:
+            eta[r.id] = None
+            sim.pending.discard(r.id)
+            continue
+        placed = None
+        if done and not sim.over_quota(r) and (r.shared or r.k <= max_free):
+            shortest = fail_lease.get(r.shape)
+            if r.shape not in failed and (shortest is None or r.lease < shortest):
+                steps += 1
+                placed = sim.place(r, t, blocked)
+                if placed is None and blocked:
+                    # held back: a lease as long or longer fails too (the engine's rule)
+                    fail_lease[r.shape] = r.lease
+                elif placed is None:
+                    failed.add(r.shape)
+        if placed is not None:
+            _granted(sim, r, placed, t, blocked, eta)
+            max_free = sim.max_free(t)
+            continue
+        if strict:
+            break
+        _maybe_reserve(sim, r, t, blocked, seen, rank, bool(done))
+    return steps
+
+
+def _granted(sim: _Sim, r: _Req, placed, t: float, blocked: dict, eta: dict) -> None:
+    """r is granted at t where ``placed`` says; a reserved node's spare GPUs it takes."""
+    node, chosen = placed
+    b = blocked.get(node)
+    joins = r.shared and any(end > t for end, _ in chosen[0].shared)
+    if b is not None and not _backfills(r, t, b[0]) and not joins:
+        blocked[node] = (b[0], b[1] - r.k)
+    sim.grant(r, node, chosen, t)
+    sim.pending.discard(r.id)
+    if r.reserved:
+        sim.reserved_nodes.discard(r.reserved)
+    eta[r.id] = t
+
+
+#: The fields a phantom copies from the allocation it stands for.
+_PHANTOM_FIELDS = (
+    "tenant",
+    "owner",
+    "service_name",
+    "sharing",
+    "min_memory_mb",
+    "max_memory_mb",
+    "max_utilization",
+    "preferred_gpus",
+    "nodes",
+    "gpu_model",
+    "lease_seconds",
+    "priority",
+)
+
+
+def _rank_key(sim: _Sim, r: _Req) -> tuple[float, float]:
+    """The engine's queue order (queue.lua enqueue): with aging, AGING * submitted - priority;
+    without, priority first, then submission."""
+    if sim.aging > 0:
+        return (sim.aging * r.submitted - r.prio, 0.0)
+    return (-r.prio, r.submitted)
+
+
+def _resubmit(sim: _Sim, waiting: list[_Req], t: float, room: int) -> int:
+    """Each tenant keeps its current load: every allocation that ended by t whose tenant has
+    no real request left in the simulation is submitted again at its end (a phantom: it only
+    takes capacity; nobody reads its estimate). Returns how many were made."""
+    queued: dict[str, int] = {}
+    for r in waiting:
+        if r.phantom:
+            queued[r.tenant] = queued.get(r.tenant, 0) + 1
+    made = 0
+    while sim.ending and sim.ending[0][0] <= t and made < room:
+        end, _, rec = heapq.heappop(sim.ending)
+        tenant = tenant_of(rec)
+        if queued.get(tenant, 0) >= PHANTOM_QUEUE:
+            continue
+        queued[tenant] = queued.get(tenant, 0) + 1
+        copy = {k: rec.get(k) for k in _PHANTOM_FIELDS}
+        copy["required_gpus"] = rec.get("required_gpus") or 1
+        sim.seq += 1
+        copy["id"] = f"~phantom-{sim.seq}"
+        copy["submitted_at"] = end
+        p = _Req(copy)
+        p.phantom = True
+        key = _rank_key(sim, p)
+        i = len(waiting)
+        while i > 0 and _rank_key(sim, waiting[i - 1]) > key:
+            i -= 1
+        waiting.insert(i, p)
+        made += 1
+    return made
+
+
+def _fair_pass(sim: _Sim, walk: list[_Req], t: float, eta: dict) -> int:
+    """tenants.fair_share, as the engine's fair_walk (pass.lua): the next grant goes to the
+    tenant with the lowest (decayed usage in GPU-hours + GPUs held) / weight; within a tenant,
+    queue order, each request met once per pass. Every reserved node is held back from the
+    start, except from its holder's tenant's requests ranked ahead of the holder; only the
+    first tenant whose head (first eligible exclusive request not placed) cannot go reserves at
+    once, plus those past reservation_after. Returns the placement attempts made."""
+    queues: dict[str, list[tuple[int, _Req]]] = {}
+    for rank, r in enumerate(walk, 1):
+        queues.setdefault(r.tenant, []).append((rank, r))
+    # reserved nodes: node -> (start, spare), their holders, and each tenant's held nodes
+    blocked: dict = {}
+    holder: dict[str, tuple[int, _Req]] = {}
+    for rank, r in enumerate(walk, 1):
+        if r.reserved and r.reserved in sim.gpus:
+            holder[r.reserved] = (rank, r)
+            s = sim.node_start(r, r.reserved, t)
+            blocked[r.reserved] = s if s is not None else (INF, 0)
+    strict = sim.policy == "strict_fifo"
+    may_reserve = sim.res_after >= 0 and not strict
+    new_reservations, heads_done, steps = 0, False, 0
+    failed: set = set()
+    fail_lease: dict = {}
+    max_free = sim.max_free(t)
+    any_shared = any(r.shared for r in walk)
+    pos = dict.fromkeys(queues, 0)
+    head = dict.fromkeys(queues, False)
+    active = set(queues)
+    while active:
+        tenant = min(active, key=lambda x: (sim.share(x), x))
+        q = queues[tenant]
+        got = False
+        while pos[tenant] < len(q) and not got:
+            rank, r = q[pos[tenant]]
+            pos[tenant] += 1
             if r.deadline < t:
                 eta[r.id] = None  # times out first
                 sim.pending.discard(r.id)
-                return False
+                continue
             done = sim.deps_done(r, t)
             if done is None:
                 eta[r.id] = None
                 sim.pending.discard(r.id)
-                return False
-            placed = None
-            if done and not sim.over_quota(r) and (r.shared or r.k <= max_free):
-                shortest = fail_lease.get(r.shape)
-                if r.shape not in failed and (shortest is None or r.lease < shortest):
-                    steps += 1
-                    placed = sim.place(r, t, blocked)
-                    if placed is None and blocked:
-                        # held back: a lease as long or longer fails too (the engine's rule)
-                        fail_lease[r.shape] = r.lease
-                    elif placed is None:
-                        failed.add(r.shape)
-            if placed is not None:
-                node, chosen = placed
-                b = blocked.get(node)
-                joins = r.shared and any(end > t for end, _ in chosen[0].shared)
-                if b is not None and not _backfills(r, t, b[0]) and not joins:
-                    blocked[node] = (b[0], b[1] - r.k)
-                sim.grant(r, node, chosen, t)
-                max_free = sim.max_free(t)
-                sim.pending.discard(r.id)
-                if r.reserved:
-                    sim.reserved_nodes.discard(r.reserved)
-                eta[r.id] = t
-                return True
+                continue
+            eligible = done and not sim.over_quota(r)
+            shortest = fail_lease.get(r.shape)
+            if (
+                eligible
+                and (r.shared or r.k <= max_free)
+                and r.shape not in failed
+                and (shortest is None or r.lease < shortest or _lifts(holder, r, rank))
+            ):
+                # its own tenant's reservations held by it or by requests ranked after it
+                own = {
+                    n: blocked.pop(n)
+                    for n, (hr, h) in holder.items()
+                    if n in blocked and h.tenant == r.tenant and hr >= rank
+                }
+                steps += 1
+                placed = sim.place(r, t, blocked)
+                if placed is not None:
+                    if r.reserved:
+                        holder.pop(r.reserved, None)
+                        own.pop(r.reserved, None)
+                    _granted(sim, r, placed, t, blocked, eta)
+                    blocked.update(own)
+                    got = True
+                    break
+                blocked.update(own)
+                if not own and not sim.held_hit:
+                    failed.add(r.shape)
+                elif not own:
+                    # capacity only shrinks in a pass: the same shape with a lease as long
+                    # or longer fails too (a shortcut; the engine tries each)
+                    fail_lease[r.shape] = min(r.lease, fail_lease.get(r.shape, INF))
             if strict:
-                stop = True
-            else:
-                _maybe_reserve(sim, r, t, blocked, seen, rank, bool(done))
-            return False
-
-        if sim.fair is None:
-            for rank, r in enumerate(walk, 1):
-                attempt(r, rank)
+                if not sim.over_quota(r):
+                    break  # its tenant's first request that cannot go stops that tenant
+                continue
+            due = t - r.unres >= sim.res_after
+            if not may_reserve or not (due or not head[tenant]):
+                continue
+            if r.reserved:
+                head[tenant] = True
+            elif eligible:
+                want = due
+                if not head[tenant] and not r.shared:
+                    head[tenant] = True
+                    want = want or not heads_done
+                    heads_done = True
+                if want and new_reservations < MAX_NEW_RES:
+                    if sim.reserve(r, t, blocked):
+                        new_reservations += 1
+                        holder[r.reserved] = (rank, r)
+                    else:
+                        r.unres = t  # the engine waits reservation_after again
+                        may_reserve = False
+        if got:
+            max_free = sim.max_free(t)
+            if max_free == 0 and not any_shared:
+                break  # the engine's nothing_fits
         else:
-            _fair_pass(sim, walk, t, attempt)
-        waiting = [r for r in waiting if r.id not in eta]
-        if not waiting or steps > MAX_STEPS:
-            break
-        # the next time capacity appears: the earliest lease end after t
-        nxt = INF
-        for gs in sim.gpus.values():
-            for g in gs:
-                if t < g.excl < nxt:
-                    nxt = g.excl
-                for end, _ in g.shared:
-                    if t < end < nxt:
-                        nxt = end
-        if nxt == INF:
-            break  # only leases without expiry in the way: unknown
-        sim.accrue(nxt)
-        t = nxt
-    for r in waiting:
-        eta.setdefault(r.id, None)
-
-
-def _fair_pass(sim: _Sim, walk: list[_Req], t: float, attempt) -> None:
-    """tenants.fair_share: the next grant goes to the tenant with the lowest (decayed usage in
-    GPU-hours + GPUs held) / weight that has a request that fits; within a tenant, queue order.
-    Simplified from the engine's fair pass: reservations follow queue order as in the walk."""
-    queues: dict[str, list[tuple[int, _Req]]] = {}
-    for rank, r in enumerate(walk, 1):
-        queues.setdefault(r.tenant, []).append((rank, r))
-    pos = dict.fromkeys(queues, 0)
-    active = set(queues)
-    while active:
-        tenant = min(active, key=lambda x: (sim.share(x), x))
-        got = False
-        q = queues[tenant]
-        while pos[tenant] < len(q) and not got:
-            rank, r = q[pos[tenant]]
-            pos[tenant] += 1
-            got = attempt(r, rank)
-        if not got:
             active.discard(tenant)
+    return steps
+
+
+def _lifts(holder: dict, r: _Req, rank: int) -> bool:
+    """Whether r may use a reserved node others may not: its own tenant's, held by r or by a
+    request ranked after it."""
+    return any(h.tenant == r.tenant and hr >= rank for hr, h in holder.values())
 
 
 def tenant_limits(settings):

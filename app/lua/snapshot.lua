@@ -114,7 +114,7 @@ if wait_n > 0 then
   local wait = {held = {}, queue = {}, deps = {}}
   local known = {}
   local AF = {'node', 'gpu_ids', 'sharing', 'min_memory_mb', 'expires_at', 'owner',
-    'service_name', 'tenant'}
+    'service_name', 'tenant', 'lease_seconds', 'priority'}
   for i = 1, #held, 5 do
     local id = held[i]
     local f = redis.call('HMGET', k_req(id), unpack(AF))
@@ -133,6 +133,8 @@ if wait_n > 0 then
     local f = redis.call('HMGET', k_req(id), unpack(QF))
     local q = {id = id}
     for j, name in ipairs(QF) do q[name] = f[j] or REC_DEFAULTS[name] or '' end
+    -- since when it waits for a reservation (reservation_after counts from there)
+    q.unreserved_since = redis.call('ZSCORE', K_QUNRES, id) or ''
     wait.queue[#wait.queue + 1] = q
     if q.depends_on ~= '' and q.depends_on ~= '[]' then
       local ok, deps = pcall(cjson.decode, q.depends_on)
