@@ -815,21 +815,24 @@ def tenant_limits(settings):
 
 def annotate(engine, records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """reason and eta for the queued ones among ``records`` (each with its ``position``): one
-    read of the first min(last position, MAX_SIMULATED) queued requests, then :func:`explain`.
+    read of the first min(last position, MAX_SIMULATED) queued requests (MAX_SIMULATED with
+    fair share: the order is not the queue's), then :func:`explain`.
     Nothing is read when no record is queued."""
     from app.settings import tenants_configured
 
     queued = [r for r in records if r.get("status") == "queued" and r.get("id")]
     if not queued:
         return {}
+    fair = fair_inputs(engine)
+    # with fair share, requests ranked behind may go first (and their reservations hold)
     upto = max(int(r.get("position") or MAX_SIMULATED) for r in queued)
-    view = engine.wait_view(min(upto, MAX_SIMULATED))
+    view = engine.wait_view(MAX_SIMULATED if fair is not None else min(upto, MAX_SIMULATED))
     return explain(
         view,
         engine.settings.scheduler,
         records=queued,
         limits=tenant_limits(engine.settings),
-        fair=fair_inputs(engine),
+        fair=fair,
         heads=tenants_configured(engine.settings),
     )
 

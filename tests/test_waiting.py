@@ -311,3 +311,98 @@ def test_fair_share_orders_the_simulation_across_tenants():
             "default_weight": 1.0}  # fmt: skip
     shared_out = waiting.explain(view, fair=fair)
     assert (shared_out["a1"]["eta"], shared_out["b1"]["eta"]) == (now + 100, now + 200)
+
+
+# --------------------------------------------------------------------------- the load model
+
+
+def fair_engine(redis, settings, clock, **scheduler) -> Engine:
+    """tenants.fair_share on, tenants by service name, equal weights, no aging; the nodes
+    stay alive without heartbeats (time jumps from one lease end to the next)."""
+    tenants = {"key": "service_name", "fair_share": True, "usage_half_life": "1h"}
+    alive = {"node_heartbeat_timeout": "1d", "node_forget_after": 0}
+    overrides = {"tenants": tenants, "scheduler": {"aging_rate": 0, **alive, **scheduler}}
+    return Engine(redis, settings.replace(**overrides), clock=clock)
+
+
+def run_until(engine, clock, rid, *, until, resubmit=()):
+    """Each lease end in turn until ``rid`` is granted: the allocations end there (the reaper),
+    those of the ``resubmit`` services come back at once with the same GPUs and lease (a
+    tenant that keeps its load), then the scheduler's pass. The grant time, or None."""
+    while clock.t < until:
+        live = [a for a in engine.snapshot()["allocations"] if a["expires_at"]]
+        ends = sorted(a["expires_at"] for a in live if a["expires_at"] > clock.t)
+        if not ends:
+            return None
+        clock.t = ends[0]
+        for a in live:
+            if a["expires_at"] == clock.t and a["service_name"] in resubmit:
+                ttl = a["expires_at"] - a["allocated_at"]
+                engine.allocate(
+                    req(service=a["service_name"], required_gpus=len(a["gpu_ids"]), ttl_seconds=ttl)
+                )
+        engine.reap()
+        engine.schedule_pass()
+        got = engine.get(rid)
+        if got["status"] == "allocated":
+            return got["allocated_at"]
+    return None
+
+
+def test_each_tenant_keeps_its_load_in_the_eta(redis, settings, clock):
+    """Fair share, equal weights, node a with 2 GPUs: q holds one until +1050, a holds the
+    other for 100 s jobs it submits again as each ends. q's second request (its first, the
+    queue's head, waits for node b) holds no reservation; each time a's job ends, a is below
+    q's share, so a's next job takes the GPU, until q's own GPU frees at +1050. Were a's
+    queue taken as final, the ETA would say +100."""
+    engine = fair_engine(redis, settings, clock, reservation_after="2h")
+    engine.report_node("a", gpu_list(2))
+    engine.report_node("b", gpu_list(1))
+    t0 = clock.t
+    engine.allocate(req(service="q", ttl_seconds=1050, nodes=["a"]))
+    engine.allocate(req(service="a", ttl_seconds=100, nodes=["a"]))
+    engine.allocate(req(service="z", ttl_seconds=5000, nodes=["b"]))
+    head = engine.allocate(req(service="q", ttl_seconds=100, nodes=["b"]))
+    mine = engine.allocate(req(service="q", ttl_seconds=100))
+    assert head["position"] == 1 and mine["status"] == "queued"
+    w = waiting.annotate(engine, [mine])[mine["id"]]
+    assert w["reason"] == "capacity"
+    assert w["eta"] == t0 + 1050
+    granted = run_until(engine, clock, mine["id"], until=t0 + 2000, resubmit=("a",))
+    assert granted is not None and abs(granted - w["eta"]) <= 2
+
+
+def test_the_head_request_assumes_nothing_new_arrives(redis, settings, clock):
+    """The same fleet, q's request alone in the queue: it is the head, whose estimate counts
+    only what is there (a's job ends at +100 and nothing comes after it), and that is its
+    grant when nothing arrives."""
+    engine = fair_engine(redis, settings, clock)
+    engine.report_node("a", gpu_list(2))
+    t0 = clock.t
+    engine.allocate(req(service="q", ttl_seconds=1050))
+    engine.allocate(req(service="a", ttl_seconds=100))
+    mine = engine.allocate(req(service="q", ttl_seconds=100))
+    assert mine["position"] == 1
+    w = waiting.annotate(engine, [mine])[mine["id"]]
+    assert w["eta"] == t0 + 100
+    assert run_until(engine, clock, mine["id"], until=t0 + 2000) == t0 + 100
+
+
+def test_a_reserved_node_is_held_back_from_the_start_of_a_fair_pass(redis, settings, clock):
+    """Fair share: y's 2-GPU request reserved node a (start +300, when y's second GPU frees).
+    x's 1-GPU request ranks first (priority 6) and x is below y's share, yet at +100 the GPU y
+    frees is on y's reserved node and x's 500 s lease outlasts the start: the fair pass holds
+    it back, as it does at +300, when y's request takes both GPUs. x runs at +1300."""
+    engine = fair_engine(redis, settings, clock)
+    engine.report_node("a", gpu_list(2))
+    t0 = clock.t
+    engine.allocate(req(service="y", ttl_seconds=100))
+    engine.allocate(req(service="y", ttl_seconds=300))
+    big = engine.allocate(req(service="y", required_gpus=2, ttl_seconds=1000))
+    assert engine.get(big["id"])["reserved_node"] == "a"
+    x = engine.allocate(req(service="x", ttl_seconds=500, priority=6))
+    assert x["position"] == 1
+    w = waiting.annotate(engine, [x])[x["id"]]
+    assert w["reason"] == "reservation" or w["reason"] == "capacity"
+    assert w["eta"] == t0 + 1300
+    assert run_until(engine, clock, x["id"], until=t0 + 3000) == t0 + 1300
