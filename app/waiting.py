@@ -15,20 +15,30 @@ queue with what placement needs, the reservations), so it costs the engine's hot
                   that will grant it has not run yet).
 
 ``eta`` is what Slurm's ``squeue --start`` does: the queue is walked in the order the
-scheduler grants (rank order), on a simulated timeline. Time jumps from one lease end
+scheduler grants (rank order; the fair pass's with fair share), on a simulated timeline. Time jumps from one lease end
 (``expires_at``) to the next; there the GPUs come free and the walk places what fits with the
 engine's placement rules (best fit over nodes, tightest fit for shared), its reservations
 (a request that waited ``reservation_after`` holds the node where it starts soonest; with
 tenants configured, ``heads``, so does each tenant's first eligible exclusive request that
 does not fit) and its backfill rule (a request ranked behind may use a reserved node when its
 lease ends by the reserved start; with tenants configured also the node's spare GPUs). A
-simulated grant holds its GPUs for its own lease. ``eta`` is None when it cannot be known: a lease without expiry
-in the way, a dependency beyond the simulated head, or the cap below reached.
+simulated grant holds its GPUs for its own lease. ``eta`` is None when it cannot be known: a
+lease without expiry in the way, a dependency beyond the simulated head, or the cap below
+reached.
+
+With ``tenants.fair_share`` the walk is the fair pass's (:func:`_fair_pass`).
+
+Load model: each tenant keeps its current load. Every allocation that ends on the timeline is
+submitted again at that instant by its tenant, same GPUs, priority and lease (a phantom: it
+takes capacity, nobody reads its estimate; :func:`_resubmit`). The head request's estimate is
+the exception: it assumes nothing new arrives (then it is its grant, within the reaper's
+period, when every lease is honoured).
 
 Bounds: at most :data:`MAX_SIMULATED` queued requests are simulated (the rest get a reason
-and ``eta: null``), and the walk stops after :data:`MAX_STEPS` placement attempts.
-Assumptions: nobody releases early or renews, nothing new arrives ahead, GPUs that come free
-report their whole memory and no utilization.
+and ``eta: null``), :data:`MAX_PHANTOMS` phantoms, and the walk stops after :data:`MAX_STEPS`
+placement attempts, or once the requests asked about are placed.
+Assumptions: nobody releases early or renews, GPUs that come free report their whole memory
+and no utilization; docs/scheduling.md says when the estimate is wrong.
 """
 
 from __future__ import annotations
@@ -659,9 +669,10 @@ def _rank_key(sim: _Sim, r: _Req) -> tuple[float, float]:
 
 
 def _resubmit(sim: _Sim, waiting: list[_Req], t: float, room: int) -> int:
-    """Each tenant keeps its current load: every allocation that ended by t whose tenant has
-    no real request left in the simulation is submitted again at its end (a phantom: it only
-    takes capacity; nobody reads its estimate). Returns how many were made."""
+    """Each tenant keeps its current load: every allocation that ended by t is submitted
+    again at its end by its tenant, same GPUs, priority and lease (a phantom: it only takes
+    capacity; nobody reads its estimate), in queue order, unless PHANTOM_QUEUE of that tenant
+    already wait. Returns how many were made (at most ``room``)."""
     queued: dict[str, int] = {}
     for r in waiting:
         if r.phantom:

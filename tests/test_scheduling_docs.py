@@ -321,3 +321,30 @@ def test_fair_share_example(world):
     w2.release("10:00", job)
     assert {r["tenant"]: r["gpus_held"] for r in w2.engine.tenants()}["inference-team"] == 8
     says(text, "would have received all 8")
+
+
+def test_each_tenant_keeps_its_load_example(world):
+    text = section("Each tenant keeps its load")
+    w = world(config_of(text))
+    w.node("a", 2)
+    w.node("b", 1)
+    w.ask("10:00", "q", 1, 32, nodes=["a"])
+    job = w.ask("10:00", "a", 1, 5, nodes=["a"])
+    w.ask("10:00", "z", 1, 50, nodes=["b"])
+    q1 = w.ask("10:00", "q", 1, 5, nodes=["b"])
+    q2 = w.ask("10:00", "q", 1, 5)
+    assert w.engine.get(q1["id"])["position"] == 1
+    assert w.why(q2) == {"reason": "capacity", "eta": "10:32"}
+    assert w.why(q1) == {"reason": "capacity", "eta": "10:50"}
+    says(text, "Q2: `reason: capacity`, `eta` 10:32", "Q1: `reason: capacity`, `eta` 10:50")
+    # what really happens: a submits its next job as each ends (before the reaper ends the
+    # old one), and it takes the GPU, until q's own GPU frees at 10:32
+    for minute in range(5, 35, 5):
+        w.ask(f"10:{minute:02d}", "a", 1, 5, nodes=["a"])
+        w.engine.reap()
+        assert w.status(q2) == "queued"
+    assert w.status(job) == "expired"
+    w.now = at("10:32")
+    w.engine.reap()
+    assert w.status(q2) == "allocated"
+    assert hhmm(w.engine.get(q2["id"])["allocated_at"]) == "10:32"
