@@ -214,6 +214,10 @@ class _Sim:
         self.phantoms = PHANTOMS
         self.seq = 0
         self.held_hit = False
+        #: GPUs free per node at free_at = (time, grants made): the placement's index
+        self.granted = 0
+        self.free_at: tuple[float, int] | None = None
+        self.free_by_node: dict[str, int] = {}
         wait = snap.get("wait") or {}
         for a in wait.get("held", []):
             end = a.get("expires_at")
@@ -293,11 +297,12 @@ class _Sim:
             return self._place_shared(r, t, blocked)
         want = min(len(r.pref), r.k)
         best = None
+        free = self.free_count(t)
         for node in self.node_order:
             if r.nodes is not None and node not in r.nodes:
                 continue
             # as the engine's index of free GPUs per node: too few free, not looked at
-            nfree = sum(1 for g in self.gpus[node] if g.ok and g.excl_free(t))
+            nfree = free[node]
             if nfree < r.k or self._held_back(r, node, t, blocked):
                 continue
             q = self._free_gpus(r, node, t)
@@ -338,6 +343,7 @@ class _Sim:
         return cands[0][2].node, [cands[0][2]]
 
     def grant(self, r: _Req, node: str, chosen: list[_Gpu], t: float) -> None:
+        self.granted += 1
         end = t + r.lease
         for g in chosen:
             if r.shared:
@@ -351,12 +357,20 @@ class _Sim:
             self.seq += 1
             heapq.heappush(self.ending, (end, self.seq, r.rec))
 
+    def free_count(self, t: float) -> dict[str, int]:
+        """node -> GPUs free for an exclusive request at t (kept until t or a grant changes)."""
+        key = (t, self.granted)
+        if self.free_at != key:
+            self.free_by_node = {
+                node: sum(1 for g in gs if g.ok and g.excl_free(t))
+                for node, gs in self.gpus.items()
+            }
+            self.free_at = key
+        return self.free_by_node
+
     def max_free(self, t: float) -> int:
         """The most GPUs free for an exclusive request on one node at t."""
-        return max(
-            (sum(1 for g in gs if g.ok and g.excl_free(t)) for gs in self.gpus.values()),
-            default=0,
-        )
+        return max(self.free_count(t).values(), default=0)
 
     def node_start(self, r: _Req, node: str, t: float) -> tuple[float, int] | None:
         """The engine's reserved start on a node: the k-th earliest time a qualifying GPU is
@@ -718,6 +732,10 @@ def _fair_pass(sim: _Sim, walk: list[_Req], t: float, eta: dict) -> int:
             holder[r.reserved] = (rank, r)
             s = sim.node_start(r, r.reserved, t)
             blocked[r.reserved] = s if s is not None else (INF, 0)
+    # tenant -> the last rank among its holders (a request ranked there or before may use them)
+    top: dict[str, int] = {}
+    for hr, h in holder.values():
+        top[h.tenant] = max(top.get(h.tenant, 0), hr)
     strict = sim.policy == "strict_fifo"
     may_reserve = sim.res_after >= 0 and not strict
     new_reservations, heads_done, steps = 0, False, 0
@@ -750,20 +768,27 @@ def _fair_pass(sim: _Sim, walk: list[_Req], t: float, eta: dict) -> int:
                 eligible
                 and (r.shared or r.k <= max_free)
                 and r.shape not in failed
-                and (shortest is None or r.lease < shortest or _lifts(holder, r, rank))
+                and (shortest is None or r.lease < shortest or top.get(r.tenant, 0) >= rank)
             ):
                 # its own tenant's reservations held by it or by requests ranked after it
-                own = {
-                    n: blocked.pop(n)
-                    for n, (hr, h) in holder.items()
-                    if n in blocked and h.tenant == r.tenant and hr >= rank
-                }
+                own = (
+                    {
+                        n: blocked.pop(n)
+                        for n, (hr, h) in holder.items()
+                        if n in blocked and h.tenant == r.tenant and hr >= rank
+                    }
+                    if top.get(r.tenant, 0) >= rank
+                    else {}
+                )
                 steps += 1
                 placed = sim.place(r, t, blocked)
                 if placed is not None:
                     if r.reserved:
                         holder.pop(r.reserved, None)
                         own.pop(r.reserved, None)
+                        top[r.tenant] = max(
+                            (hr for hr, h in holder.values() if h.tenant == r.tenant), default=0
+                        )
                     _granted(sim, r, placed, t, blocked, eta)
                     blocked.update(own)
                     got = True
@@ -794,6 +819,7 @@ def _fair_pass(sim: _Sim, walk: list[_Req], t: float, eta: dict) -> int:
                     if sim.reserve(r, t, blocked):
                         new_reservations += 1
                         holder[r.reserved] = (rank, r)
+                        top[r.tenant] = max(top.get(r.tenant, 0), rank)
                     else:
                         r.unres = t  # the engine waits reservation_after again
                         may_reserve = False
@@ -804,12 +830,6 @@ def _fair_pass(sim: _Sim, walk: list[_Req], t: float, eta: dict) -> int:
         else:
             active.discard(tenant)
     return steps
-
-
-def _lifts(holder: dict, r: _Req, rank: int) -> bool:
-    """Whether r may use a reserved node others may not: its own tenant's, held by r or by a
-    request ranked after it."""
-    return any(h.tenant == r.tenant and hr >= rank for hr, h in holder.values())
 
 
 def tenant_limits(settings):
