@@ -54,8 +54,10 @@ MAX_SIMULATED = 200
 MAX_STEPS = 20_000
 #: Queue ranks within which each tenant's head reserves (the engine's HEAD_SCAN).
 HEAD_SCAN = 500
-#: Reservations one pass makes at most (the engine's MAX_NEW_RES).
+#: Reservations one pass makes at most (the engine's MAX_NEW_RES), and how far past where a
+#: fair pass stopped it looks for the head that reserves (SWEEP).
 MAX_NEW_RES = 8
+SWEEP = 100
 #: Each tenant keeps its current load: an allocation that ends in the simulation is
 #: submitted again at that instant, as a phantom of its tenant (same GPUs, priority, lease).
 PHANTOMS = True
@@ -572,10 +574,7 @@ def _walk(sim: _Sim, head: list[_Req], eta: dict[str, float | None], wanted: set
         if sim.fair is None:
             steps += _rank_pass(sim, waiting, t, eta)
         else:
-            walk = waiting
-            if sim.max_free(t) == 0 and not any(r.shared for r in waiting) and t > sim.now:
-                walk = []  # the engine's nothing_fits: no walk, no reservation
-            steps += _fair_pass(sim, walk, t, eta)
+            steps += _fair_pass(sim, waiting, t, eta)
         waiting = [r for r in waiting if r.id not in eta]
         steps += 1
         if steps > MAX_STEPS or not any(r.id in wanted for r in waiting):
@@ -591,6 +590,10 @@ def _walk(sim: _Sim, head: list[_Req], eta: dict[str, float | None], wanted: set
                         end = e
         if end == INF:
             break  # only leases without expiry in the way: unknown
+        # a queue timeout before it (the reaper's, then a pass: a reservation it held is free)
+        for r in waiting:
+            if t <= r.deadline < end and r.reserved:
+                end = r.deadline + 1e-6
         sim.accrue(end)
         t = end
         if sim.phantoms and made < MAX_PHANTOMS:
@@ -614,8 +617,7 @@ def _rank_pass(sim: _Sim, walk: list[_Req], t: float, eta: dict) -> int:
     steps = 0
     for rank, r in enumerate(walk, 1):
         if r.deadline < t:
-            eta[r.id] = None  # times out first
-            sim.pending.discard(r.id)
+            _timed_out(sim, r, eta)
             continue
         done = sim.deps_done(r, t)
         if done is None:
@@ -641,6 +643,15 @@ def _rank_pass(sim: _Sim, walk: list[_Req], t: float, eta: dict) -> int:
             break
         _maybe_reserve(sim, r, t, blocked, seen, rank, bool(done))
     return steps
+
+
+def _timed_out(sim: _Sim, r: _Req, eta: dict) -> None:
+    """r's queue timeout comes first: no estimate; the node it reserved is free to reserve."""
+    eta[r.id] = None
+    sim.pending.discard(r.id)
+    if r.reserved:
+        sim.reserved_nodes.discard(r.reserved)
+        r.reserved = None
 
 
 def _granted(sim: _Sim, r: _Req, placed, t: float, blocked: dict, eta: dict) -> None:
@@ -718,9 +729,11 @@ def _fair_pass(sim: _Sim, walk: list[_Req], t: float, eta: dict) -> int:
     """tenants.fair_share, as the engine's fair_walk (pass.lua): the next grant goes to the
     tenant with the lowest (decayed usage in GPU-hours + GPUs held) / weight; within a tenant,
     queue order, each request met once per pass. Every reserved node is held back from the
-    start, except from its holder's tenant's requests ranked ahead of the holder; only the
-    first tenant whose head (first eligible exclusive request not placed) cannot go reserves at
-    once, plus those past reservation_after. Returns the placement attempts made."""
+    start, except from its holder's tenant's requests ranked ahead of the holder. Reservations
+    follow the fair order: only the first tenant whose head (first eligible exclusive request
+    not placed) cannot go, or holds a reservation, reserves: its head at once (also when the
+    pass stops or starts with nothing fitting), and shared requests past reservation_after.
+    Returns the placement attempts made."""
     queues: dict[str, list[tuple[int, _Req]]] = {}
     for rank, r in enumerate(walk, 1):
         queues.setdefault(r.tenant, []).append((rank, r))
@@ -728,7 +741,7 @@ def _fair_pass(sim: _Sim, walk: list[_Req], t: float, eta: dict) -> int:
     blocked: dict = {}
     holder: dict[str, tuple[int, _Req]] = {}
     for rank, r in enumerate(walk, 1):
-        if r.reserved and r.reserved in sim.gpus:
+        if r.reserved and r.reserved in sim.gpus and r.deadline >= t:
             holder[r.reserved] = (rank, r)
             s = sim.node_start(r, r.reserved, t)
             blocked[r.reserved] = s if s is not None else (INF, 0)
@@ -738,7 +751,10 @@ def _fair_pass(sim: _Sim, walk: list[_Req], t: float, eta: dict) -> int:
         top[h.tenant] = max(top.get(h.tenant, 0), hr)
     strict = sim.policy == "strict_fifo"
     may_reserve = sim.res_after >= 0 and not strict
-    new_reservations, heads_done, steps = 0, False, 0
+    new_reservations, steps = 0, 0
+    #: the first tenant (lowest share) met whose head cannot go (or holds a reservation): the
+    #: one that reserves in this pass
+    reserver: list[str | None] = [None]
     failed: set = set()
     fail_lease: dict = {}
     max_free = sim.max_free(t)
@@ -746,6 +762,31 @@ def _fair_pass(sim: _Sim, walk: list[_Req], t: float, eta: dict) -> int:
     pos = dict.fromkeys(queues, 0)
     head = dict.fromkeys(queues, False)
     active = set(queues)
+
+    def nothing_fits() -> bool:
+        """The engine's cheap test: no queued exclusive demand fits the best free node."""
+        return not any_shared and all(r.k > max_free for r in walk if r.id not in eta)
+
+    def sweep() -> None:
+        """A pass that stops (or starts) with nothing fitting still lets the lowest-share
+        tenant with a head reserve for it: its first eligible exclusive request within
+        SWEEP of where the walk left it (the engine's sweep)."""
+        if reserver[0] is not None or not may_reserve:
+            return
+        for tenant in sorted(active, key=lambda x: (sim.share(x), x)):
+            for _, r in queues[tenant][pos[tenant] : pos[tenant] + SWEEP]:
+                if r.id in eta:
+                    continue
+                if r.reserved:
+                    return
+                if not r.shared and sim.deps_done(r, t) and not sim.over_quota(r):
+                    if new_reservations < MAX_NEW_RES and not sim.reserve(r, t, blocked):
+                        r.unres = t
+                    return
+
+    if nothing_fits():
+        sweep()
+        return 0
     while active:
         tenant = min(active, key=lambda x: (sim.share(x), x))
         q = queues[tenant]
@@ -754,8 +795,7 @@ def _fair_pass(sim: _Sim, walk: list[_Req], t: float, eta: dict) -> int:
             rank, r = q[pos[tenant]]
             pos[tenant] += 1
             if r.deadline < t:
-                eta[r.id] = None  # times out first
-                sim.pending.discard(r.id)
+                _timed_out(sim, r, eta)
                 continue
             done = sim.deps_done(r, t)
             if done is None:
@@ -808,13 +848,19 @@ def _fair_pass(sim: _Sim, walk: list[_Req], t: float, eta: dict) -> int:
             if not may_reserve or not (due or not head[tenant]):
                 continue
             if r.reserved:
+                if not head[tenant] and reserver[0] is None:
+                    reserver[0] = tenant
                 head[tenant] = True
             elif eligible:
-                want = due
+                # reservations follow the fair order: only the first tenant whose head cannot
+                # go reserves, its head at once; reservation_after only shared requests, of
+                # that tenant or of one met before it
+                want = due and r.shared and reserver[0] in (None, tenant)
                 if not head[tenant] and not r.shared:
                     head[tenant] = True
-                    want = want or not heads_done
-                    heads_done = True
+                    if reserver[0] is None:
+                        reserver[0] = tenant
+                        want = True
                 if want and new_reservations < MAX_NEW_RES:
                     if sim.reserve(r, t, blocked):
                         new_reservations += 1
@@ -825,8 +871,9 @@ def _fair_pass(sim: _Sim, walk: list[_Req], t: float, eta: dict) -> int:
                         may_reserve = False
         if got:
             max_free = sim.max_free(t)
-            if max_free == 0 and not any_shared:
-                break  # the engine's nothing_fits
+            if nothing_fits():
+                sweep()
+                break
         else:
             active.discard(tenant)
     return steps
