@@ -17,8 +17,9 @@
             none: no `wait` in the answer)
   Returns: JSON {now, held: [id, node, gpu_ids, sharing, min_memory_mb, ...] for every live
   allocation, wait (with ARGV[A+4] > 0): {held: [{id, node, gpu_ids, sharing, min_memory_mb,
-  expires_at, owner, service_name, tenant}] every live allocation, queue: [the first `wait`
-  queued requests with the fields placement needs], deps: {id: status or false} for their
+  expires_at, owner, service_name, tenant, lease_seconds, priority}] every live allocation,
+  queue: [the first `wait` queued requests with the fields placement needs, and
+  unreserved_since: the score reservation_after counts from], deps: {id: status or false} for their
   dependencies that are neither live nor among them},
   allocations: [...], queue: [...], allocations_total, queue_depth,
   queue_start (0-based rank of the page's first queued request), next ("" when this page ends
