@@ -497,10 +497,6 @@ def _on_nodes(ctx: dict) -> str:
     return f"on the nodes {ctx['nodes']} " if ctx.get("nodes") else "in the fleet "
 
 
-#: Most ``*`` in a gpu_model glob: Lua's matcher backtracks over each one (a GPU name is short,
-#: so three cost at most a few thousand steps per GPU; twenty could stall Redis).
-
-
 def _set_end(g: str, i: int) -> int:
     """Index of the ``]`` closing the set that opens at ``g[i]`` (fnmatch's rule: a ``!`` and
     then a ``]`` right after the ``[`` belong to the set); -1 when it is not closed."""

@@ -61,7 +61,8 @@ MAX_LEASE_SECONDS = 10 * 365 * 86400
 MAX_WORKLOAD_DEPTH = 8
 #: Most entries in ``workload_data`` summed over every level.
 MAX_WORKLOAD_ITEMS = 1000
-#: Most ``*`` in a ``gpu_model`` glob (each one can cost the placement a backtracking match).
+#: Most ``*`` in a ``gpu_model`` glob: Lua's matcher backtracks over each one (a GPU name is
+#: short, so three cost at most a few thousand steps per GPU; twenty could stall Redis).
 MAX_GLOB_STARS = 3
 #: The ``Idempotency-Key`` header: 1 to this many printable ASCII characters.
 MAX_IDEMPOTENCY_KEY = 255
