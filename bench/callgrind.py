@@ -23,7 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+# Run as a script, sys.path[0] is bench/, whose other benchmarks (http.py) shadow the
+# stdlib. Imported (tests import bench.<name>), sys.path[0] is somebody else's: left alone.
+if __name__ == "__main__":
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import redis as redis_lib  # noqa: E402
 
