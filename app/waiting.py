@@ -616,13 +616,8 @@ def _rank_pass(sim: _Sim, walk: list[_Req], t: float, eta: dict) -> int:
     fail_lease: dict = {}
     steps = 0
     for rank, r in enumerate(walk, 1):
-        if r.deadline < t:
-            _timed_out(sim, r, eta)
-            continue
-        done = sim.deps_done(r, t)
+        done = _deps_done_or_gone(sim, r, t, eta)
         if done is None:
-            eta[r.id] = None
-            sim.pending.discard(r.id)
             continue
         placed = None
         if done and not sim.over_quota(r) and (r.shared or r.k <= max_free):
@@ -643,6 +638,20 @@ def _rank_pass(sim: _Sim, walk: list[_Req], t: float, eta: dict) -> int:
             break
         _maybe_reserve(sim, r, t, blocked, seen, rank, bool(done))
     return steps
+
+
+def _deps_done_or_gone(sim: _Sim, r: _Req, t: float, eta: dict) -> bool | None:
+    """Whether r's dependencies are done at t; None when r leaves the simulation here with no
+    estimate (its queue timeout comes first, or a dependency's end cannot be known). Both
+    passes start each request so."""
+    if r.deadline < t:
+        _timed_out(sim, r, eta)
+        return None
+    done = sim.deps_done(r, t)
+    if done is None:
+        eta[r.id] = None
+        sim.pending.discard(r.id)
+    return done
 
 
 def _timed_out(sim: _Sim, r: _Req, eta: dict) -> None:
@@ -794,13 +803,8 @@ def _fair_pass(sim: _Sim, walk: list[_Req], t: float, eta: dict) -> int:
         while pos[tenant] < len(q) and not got:
             rank, r = q[pos[tenant]]
             pos[tenant] += 1
-            if r.deadline < t:
-                _timed_out(sim, r, eta)
-                continue
-            done = sim.deps_done(r, t)
+            done = _deps_done_or_gone(sim, r, t, eta)
             if done is None:
-                eta[r.id] = None
-                sim.pending.discard(r.id)
                 continue
             eligible = done and not sim.over_quota(r)
             shortest = fail_lease.get(r.shape)
