@@ -13,6 +13,8 @@ import redis as redis_lib
 
 from app import settings as settings_mod
 from app.embedded_redis import find_binary
+from app.engine import Engine
+from tests.engine_support import Clock
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Folders a test run must not leave in the checkout: schemathesis keeps its cache and crash
@@ -135,6 +137,31 @@ def settings(redis_url) -> settings_mod.Settings:
     return settings_mod.defaults().replace(
         redis={"url": redis_url, "prefix": prefix}, webhooks={"allowed_hosts": LOOPBACK}
     )
+
+
+@pytest.fixture
+def clock():
+    """The engine's injected clock: tests move time instead of sleeping."""
+    return Clock()
+
+
+@pytest.fixture
+def make_engine(redis, settings, clock):
+    """An engine on the test Redis and clock; ``tenants``: a tenants section (issue 14), the
+    rest: scheduler settings. A test module may define its own."""
+
+    def make(tenants=None, **scheduler) -> Engine:
+        st = settings.replace(scheduler=scheduler) if scheduler else settings
+        if tenants is not None:
+            st = st.replace(tenants=tenants)
+        return Engine(redis, st, clock=clock)
+
+    return make
+
+
+@pytest.fixture
+def engine(make_engine):
+    return make_engine()
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """Helpers shared by the hypothesis state machines over the engine (tests/test_engine_invariants.py,
-tests/test_tenant_invariants.py): a settable clock, the scan of the stored requests, the
+tests/test_tenant_invariants.py): the scan of the stored requests, the
 no-GPU-held-twice check, the release of everything at teardown and the run with the suite's
 hypothesis settings."""
 
@@ -14,16 +14,6 @@ from hypothesis.stateful import RuleBasedStateMachine, run_state_machine_as_test
 
 from app import errors, record
 from app.engine import Engine
-
-
-class Clock:
-    """The engine's clock, moved by the machine's rules."""
-
-    def __init__(self, t: float = 1_800_000_000.0):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def stored_requests(engine: Engine, redis) -> dict[str, dict]:

@@ -11,14 +11,7 @@ import pytest
 from app import errors
 from app.engine import Engine
 from tests.api_support import allocate, app, assert_error, client, clock, make_app  # noqa: F401
-
-
-class Clock:
-    def __init__(self, t: float = 1_800_000_000.0):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
+from tests.engine_support import Clock
 
 
 @pytest.fixture

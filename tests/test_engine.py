@@ -10,40 +10,6 @@ from app import errors
 from app.engine import ERRORS, Engine
 
 
-class Clock:
-    """An injected clock: tests move time instead of sleeping."""
-
-    def __init__(self, t: float = 1_800_000_000.0):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
-
-
-@pytest.fixture
-def clock():
-    return Clock()
-
-
-@pytest.fixture
-def make_engine(redis, settings, clock):
-    def make(tenants=None, **scheduler) -> Engine:
-        st = settings.replace(scheduler=scheduler) if scheduler else settings
-        if tenants is not None:
-            st = st.replace(tenants=tenants)
-        return Engine(redis, st, clock=clock)
-
-    return make
-
-
-@pytest.fixture
-def engine(make_engine):
-    return make_engine()
-
-
 def gpu_list(n, mem=81920, free=None, util=0, health="ok", start=0):
     out = []
     for i in range(start, start + n):

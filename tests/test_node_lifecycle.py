@@ -10,35 +10,8 @@ import pytest
 
 from app import errors
 from app.engine import Engine
-from tests.test_engine import Clock, gpu_list, req, status
-
-
-@pytest.fixture
-def clock():
-    return Clock()
-
-
-@pytest.fixture
-def make_engine(redis, settings, clock):
-    def make(**scheduler) -> Engine:
-        st = settings.replace(scheduler=scheduler) if scheduler else settings
-        return Engine(redis, st, clock=clock)
-
-    return make
-
-
-@pytest.fixture
-def engine(make_engine):
-    return make_engine()
-
-
-def outbox(engine, redis):
-    return [json.loads(x) for x in redis.lrange(engine.keys.webhook_outbox(), 0, -1)]
-
-
-def events(engine, name):
-    return [e for e in engine.events(count=1000) if e["event"] == name]
-
+from tests.engine_support import Clock, events, outbox
+from tests.test_engine import gpu_list, req, status
 
 # --------------------------------------------------------------------------- counts
 

@@ -5,19 +5,14 @@ redis-server, injected clock."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 
 from app import errors
 from app.engine import Engine
-from tests.test_engine import Clock, gpu_list, req, status
-
-
-@pytest.fixture
-def clock():
-    return Clock()
+from tests.engine_support import events, outbox
+from tests.test_engine import gpu_list, req, status
 
 
 @pytest.fixture
@@ -29,19 +24,6 @@ def make_engine(redis, settings, clock):
         return Engine(redis, st, clock=clock)
 
     return make
-
-
-@pytest.fixture
-def engine(make_engine):
-    return make_engine()
-
-
-def outbox(engine, redis):
-    return [json.loads(x) for x in redis.lrange(engine.keys.webhook_outbox(), 0, -1)]
-
-
-def events(engine, name):
-    return [e for e in engine.events(count=1000) if e["event"] == name]
 
 
 HOOK = "http://127.0.0.1:9/hook"

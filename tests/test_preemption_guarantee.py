@@ -10,13 +10,8 @@ from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 
 from app.engine import Engine
-from tests.test_engine import Clock, gpu_list, req, status
-
-
-@pytest.fixture
-def clock():
-    return Clock()
-
+from tests.engine_support import Clock
+from tests.test_engine import gpu_list, req, status
 
 QUOTAS = {
     "team-a": {"guaranteed_gpus": 4},

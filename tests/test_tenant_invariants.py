@@ -17,8 +17,8 @@ from hypothesis.stateful import (
 
 from app import errors
 from app.engine import Engine
+from tests.engine_support import Clock
 from tests.invariant_support import (
-    Clock,
     exclusive_holders,
     release_all,
     run_machine,

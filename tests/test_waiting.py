@@ -14,23 +14,8 @@ from hypothesis import strategies as st
 from app import waiting
 from app.engine import Engine
 from app.settings import tenants_configured
-from tests.test_engine import Clock, gpu_list, req
-
-
-@pytest.fixture
-def clock():
-    return Clock()
-
-
-@pytest.fixture
-def make_engine(redis, settings, clock):
-    def make(tenants=None, **scheduler) -> Engine:
-        st_ = settings.replace(scheduler=scheduler) if scheduler else settings
-        if tenants is not None:
-            st_ = st_.replace(tenants=tenants)
-        return Engine(redis, st_, clock=clock)
-
-    return make
+from tests.engine_support import Clock
+from tests.test_engine import gpu_list, req
 
 
 def why(engine, rid=None, limits=None):
