@@ -1062,7 +1062,10 @@ class Engine:
     def release(
         self, allocation_id: str, *, principal: str | None = None, admin: bool = False
     ) -> dict:
-        """End a live allocation (a still-queued request is cancelled instead)."""
+        """End a live allocation (a still-queued request is cancelled instead). Returns the
+        ending, not the whole record (``get`` reads that): id, status (released, preempted
+        for a preempting allocation, cancelled for a queued request), service_name, ended_at
+        and released_at (None for a cancel)."""
         res = self._run(
             "release",
             allocation_id,
@@ -1070,7 +1073,13 @@ class Engine:
             "1" if admin else "0",
             ctx={"what": "allocation", "id": allocation_id},
         )
-        return parse_record(res[1])
+        return {
+            "id": allocation_id,
+            "status": res[2],
+            "service_name": res[3],
+            "ended_at": float(res[4]),
+            "released_at": float(res[5]) if res[5] else None,
+        }
 
     def release_by_service(
         self, service_name: str, *, principal: str | None = None, admin: bool = False

@@ -4,28 +4,37 @@
 
   KEYS, ARGV[1..A]: the common block (fixed keys, now, version, prefix, settings: prelude.lua).
   ARGV[A+1] id   ARGV[A+2] principal ("" = auth off)   ARGV[A+3] "1" when admin
-  Returns: {1, record, number granted} or {-1, status} not found / already finished,
-  {-2} the principal does not own it.
+  Returns: {1, number granted, status, service_name, ended_at, released_at ("" = none)}: the
+  ending, not the whole record (the caller knows the rest, or reads it with get), or
+  {-1, status} not found / already finished, {-2} the principal does not own it.
   Guarantees: releasing twice, or an unknown id, changes nothing.
 ]]
 -- @include prelude
 local id, principal, admin = ARGV[A + 1], ARGV[A + 2], ARGV[A + 3]
--- one read of the whole record: the checks, the release and the reply all use it (the pass
--- below never touches a record that is no longer queued or live)
-local h = redis.call('HGETALL', k_req(id))
-local rec = {}
-for i = 1, #h, 2 do rec[h[i]] = h[i + 1] end
-if not rec.status then return {-1, ''} end
-if principal ~= '' and admin ~= '1' and (rec.owner or '') ~= principal then return {-2} end
-if rec.status == 'allocated' then
+-- one read of the fields the checks and the ending use (the pass below never touches a record
+-- that is no longer queued or live)
+local v = redis.call('HMGET', k_req(id), 'status', 'owner', 'node', 'gpu_ids', 'sharing',
+  'min_memory_mb', 'service_name', 'webhook_url', 'webhook_events', 'ok_dependents', 'tenant',
+  'preempted_for', 'watched')
+local st = v[1]
+if not st then return {-1, ''} end
+if principal ~= '' and admin ~= '1' and (v[2] or '') ~= principal then return {-2} end
+local rec = {node = v[3] or nil, gpu_ids = v[4] or nil, sharing = v[5] or nil,
+  min_memory_mb = v[6] or nil, service_name = v[7] or nil, webhook_url = v[8] or nil,
+  webhook_events = v[9] or nil, ok_dependents = v[10] or nil, tenant = v[11] or nil,
+  preempted_for = v[12] or nil, watched = v[13] or nil}
+local released_at = NOW_S
+if st == 'allocated' then
   finish_alloc(id, 'released', rec)
-elseif rec.status == 'preempting' then
+  st = 'released'
+elseif st == 'preempting' then
   finish_alloc(id, 'preempted', rec, true)
-elseif rec.status == 'queued' then
+  st = 'preempted'
+elseif st == 'queued' then
   finish_queued(id, 'cancelled')
-  rec = nil
+  st, released_at = 'cancelled', ''
 else
-  return {-1, rec.status}
+  return {-1, st}
 end
 local granted = schedule(nil)
-return {1, rec and cjson.encode(rec) or record(id), #granted}
+return {1, #granted, st, v[7] or '', NOW_S, released_at}
