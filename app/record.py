@@ -244,6 +244,11 @@ def parse_record(raw: dict | list | str, *, compact: bool = False) -> dict:
         for key, value in (_FILLED_COMPACT if compact else _FILLED).items():
             if key not in rec:
                 rec[key] = value.copy() if isinstance(value, (list, dict)) else value
+    if "allocated_at" not in rec and h.get("node") and "submitted_at" in rec:
+        # granted at its submission: allocated_at and the wait are not stored (includes/grants.lua)
+        rec["allocated_at"] = rec["submitted_at"]
+        if "wait_time_seconds" not in rec:
+            rec["wait_time_seconds"] = 0.0
     if "gpu_ids" not in rec:
         rec["gpu_ids"] = []
     if "gpu_uuids" not in rec:

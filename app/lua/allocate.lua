@@ -201,6 +201,10 @@ end
 local names = {'status', 'node', 'gpu_ids', 'gpu_uuids', 'allocated_at', 'expires_at',
   'wait_time_seconds'}
 local vals = redis.call('HMGET', rk, unpack(names))
-local out = {}
-for i, name in ipairs(names) do out[2 * i - 1], out[2 * i] = name, vals[i] or '' end
+local out, n = {}, 0
+for i, name in ipairs(names) do
+  -- a field not stored is left out (allocated_at and the wait of a grant at submission: the
+  -- reader fills them in, app/record.py)
+  if vals[i] then out[n + 1], out[n + 2], n = name, vals[i], n + 2 end
+end
 return {1, submitted, 0, out}

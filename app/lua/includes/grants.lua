@@ -23,10 +23,14 @@ local function grant(r, node, chosen, queued, from_queue, pending)
   end
   local wait = NOW - r.submitted
   if wait < 0 then wait = 0 end
-  local wait_s = wait == 0 and '0.000000' or ftime(wait)
   local ids_json, uuids_json = cjson.encode(ids), cjson.encode(uuids)
   local out = {'status', 'allocated', 'node', node, 'gpu_ids', ids_json, 'gpu_uuids', uuids_json,
-    'allocated_at', NOW_S, 'expires_at', expires, 'wait_time_seconds', wait_s}
+    'expires_at', expires}
+  -- granted at its submission (the usual grant): allocated_at is submitted_at and the wait 0,
+  -- which readers fill in (app/record.py, live_view): two fields fewer to write and read
+  if NOW ~= r.submitted then
+    out[11], out[12], out[13], out[14] = 'allocated_at', NOW_S, 'wait_time_seconds', ftime(wait)
+  end
   if pending then
     local n = #pending
     for i = 1, #out do pending[n + i] = out[i] end

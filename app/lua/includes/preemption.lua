@@ -156,11 +156,11 @@ local function live_view()
   for i = 1, #ls, 2 do
     local id = ls[i]
     local f = redis.call('HMGET', k_req(id), 'status', 'tenant', 'priority', 'allocated_at',
-      'sharing', 'gpu_ids')
+      'sharing', 'gpu_ids', 'submitted_at')
     local n = 1
     if f[5] ~= 'shared' then n = #cjson.decode(f[6] or '[]') end
     local a = {id = id, ends = tonumber(ls[i + 1]) or NEVER, status = f[1], tenant = f[2] or '',
-      priority = tonumber(f[3] or REC_DEFAULTS.priority) or 0, at = tonumber(f[4]) or 0,
+      priority = tonumber(f[3] or REC_DEFAULTS.priority) or 0, at = tonumber(f[4] or f[7]) or 0,
       shared = f[5] == 'shared', n = n}
     if a.ends > NEVER then a.ends = NEVER end
     v.by_id[id] = a
