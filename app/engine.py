@@ -118,6 +118,8 @@ INCLUDES = (
 #: Name of the Functions library; each function is ``<LIBRARY>_<script>``.
 LIBRARY = "gpuorch"
 #: Fixed keys, passed as KEYS in this order (the Lua names bound by includes/call.lua).
+#: K_CHANGES, the long-polls' Pub/Sub channel, is a channel, not a key: the library derives it
+#: from the prefix (CHANNELS), which saves every call an argument.
 FIXED_KEYS = (
     "K_NODES",
     "K_FREE",
@@ -138,10 +140,12 @@ FIXED_KEYS = (
     "K_QSHAPE",
     "K_SVCLABELS",
     "K_QOWNERS",
-    "K_CHANGES",
     "K_TENANTS",
     "K_TQUEUED",
 )
+#: Pub/Sub channels the library names: (Lua name, the Keys method), derived from the prefix
+#: when it changes.
+CHANNELS = (("K_CHANGES", "changes"),)
 #: Settings, passed joined by newlines as ARGV[4] in this order: (Lua name, converted with
 #: tonumber). The library keeps the last string it parsed, so a call whose settings did not
 #: change costs one string comparison (measured: eleven arguments cost ~11k server
@@ -267,7 +271,14 @@ def _builders() -> str:
 def _bind() -> str:
     """The lines of begin_call that bind the fixed keys and the settings of this call."""
     lines = [f"  {name} = keys[{i}]" for i, name in enumerate(FIXED_KEYS, 1)]
-    lines.append("  P = argv[3]")
+    lines.append("  if argv[3] ~= P then")
+    lines.append("    P = argv[3]")
+    probe = Keys("\x00")
+    for name, method in CHANNELS:
+        template = getattr(probe, method)()
+        assert template.startswith("\x00"), method
+        lines.append(f"    {name} = P .. {_lua_concat(template[1:], [])}")
+    lines.append("  end")
     lines.append("  if argv[4] ~= SETTINGS_RAW then")
     lines.append("    SETTINGS_RAW = argv[4]")
     lines.append("    local v = {}")
@@ -285,7 +296,7 @@ def library_source(extra: tuple[tuple[str, str], ...] = (), name: str = LIBRARY)
     """(version, source) of the Functions library: the includes once, then one function per
     script (``extra``: more (name, body) pairs, for tests). The version is a hash of the
     source; every call passes it, so a server holding another version is found at once."""
-    names = ", ".join(FIXED_KEYS + tuple(n for n, _ in SETTINGS) + ("SETTINGS_RAW",))
+    names = ", ".join(FIXED_KEYS + tuple(n for n, _ in CHANNELS + SETTINGS) + ("SETTINGS_RAW",))
     constants = (
         f"local P, {names}\nlocal MAX_LEASE = {_lua_num(MAX_LEASE_SECONDS)}\n"
         f"local A = {ARGS_AT}\n{_builders()}\n{lua_tables()}"
@@ -622,7 +633,6 @@ class Engine:
             k.queue_shapes(),
             k.stats_services(),
             k.queue_owners(),
-            k.changes(),
             k.tenants(),
             k.tenant_queued(),
         ]
@@ -915,7 +925,7 @@ class Engine:
         normalised engine request; the API passes a hash of what the client sent, so a retry
         whose workload analysis came out differently (advisor vs rules) still replays.
         """
-        fields, queue_timeout = self._request_fields(req)
+        fields, _ = self._request_fields(req)
         if (
             idempotency_key
             and not isinstance(req, CheckedRequest)
@@ -944,18 +954,11 @@ class Engine:
         }
         scoped_key = f"{fields['owner']}|{idempotency_key}" if idempotency_key else ""
         flat = stored(fields)  # fields at their default are not stored (app/record.py)
+        # the body's hash and the key's lifetime travel only with a key
+        idem = (body_hash, repr(self.settings.scheduler.idempotency_ttl)) if scoped_key else ()
         for _ in range(5):
             rid = new_id(fields["service_name"])
-            res = self._run(
-                "allocate",
-                rid,
-                scoped_key,
-                body_hash,
-                repr(self.settings.scheduler.idempotency_ttl),
-                repr(queue_timeout),
-                *flat,
-                ctx=ctx,
-            )
+            res = self._run("allocate", rid, scoped_key, *idem, *flat, ctx=ctx)
             if res[0] != _RETRY_ID:
                 break
         else:  # pragma: no cover - five id collisions in a row
@@ -1066,12 +1069,10 @@ class Engine:
         ending, not the whole record (``get`` reads that): id, status (released, preempted
         for a preempting allocation, cancelled for a queued request), service_name, ended_at
         and released_at (None for a cancel)."""
+        # the principal and the admin flag travel only when they say something
+        who = (principal or "", "1") if admin else (principal,) if principal else ()
         res = self._run(
-            "release",
-            allocation_id,
-            principal or "",
-            "1" if admin else "0",
-            ctx={"what": "allocation", "id": allocation_id},
+            "release", allocation_id, *who, ctx={"what": "allocation", "id": allocation_id}
         )
         return {
             "id": allocation_id,

@@ -3,10 +3,10 @@
 
   KEYS, ARGV[1..A]: the common block (fixed keys, now, version, prefix, settings: prelude.lua).
   ARGV[A+1] id             ARGV[A+2] idempotency key ("" = none)
-  ARGV[A+3] request hash   ARGV[A+4] idempotency ttl (s)
-  ARGV[A+5] queue timeout (s)
-  ARGV[A+6..] the new record's fields: name, value, name, value, ... (strings; lists and dicts
-            as JSON; a field at its default, app/record.py, is not sent and not stored)
+  with a key: ARGV[A+3] request hash   ARGV[A+4] idempotency ttl (s)
+  then (from ARGV[A+3] without a key, ARGV[A+5] with one) the new record's fields: name,
+            value, name, value, ... (strings; lists and dicts as JSON; a field at its default,
+            app/record.py, is not sent and not stored; queue_timeout_seconds is always sent)
   Returns:
     {1, submitted_at, position, grant fields}  the new request: the caller already holds the
         fields it sent; position 0 and the grant's fields as a flat list (status, allocated,
@@ -26,8 +26,9 @@
   a rejected request leaves no record, counter or stats field behind.
 ]]
 -- @include prelude
-local id, idem_key, idem_hash = ARGV[A + 1], ARGV[A + 2], ARGV[A + 3]
-local idem_ttl, queue_timeout = tonumber(ARGV[A + 4]), tonumber(ARGV[A + 5])
+local id, idem_key = ARGV[A + 1], ARGV[A + 2]
+local idem_hash, idem_ttl, at = '', 0, A + 3 -- at: the first field's name
+if idem_key ~= '' then idem_hash, idem_ttl, at = ARGV[A + 3], tonumber(ARGV[A + 4]), A + 5 end
 
 if idem_key ~= '' then
   local v = redis.call('GET', k_idem(idem_key))
@@ -43,8 +44,9 @@ end
 
 -- the fields sent (those at their default are not: REC_DEFAULTS answers for them)
 local f = setmetatable({}, REC_DEFAULTS_MT)
-for i = A + 6, #ARGV, 2 do f[ARGV[i]] = ARGV[i + 1] end
+for i = at, #ARGV, 2 do f[ARGV[i]] = ARGV[i + 1] end
 local svc = f.service_name
+local queue_timeout = tonumber(f.queue_timeout_seconds)
 
 -- dependencies: each must exist; with mode ok, none may have ended otherwise than released,
 -- and those still queued or live learn of this request (fail_dependents in the prelude)
@@ -139,7 +141,7 @@ if redis.call('EXISTS', rk) == 1 then return (plain and never()) or {-8} end
 
 local submitted = NOW_S
 -- status last: a grant adds 'allocated', a queued request 'queued' (one write of the field)
-local hset = {'HSET', rk, 'id', id, 'submitted_at', submitted, unpack(ARGV, A + 6)}
+local hset = {'HSET', rk, 'id', id, 'submitted_at', submitted, unpack(ARGV, at)}
 local function remember()
   if idem_key ~= '' then
     redis.call('SET', k_idem(idem_key), id .. '|' .. idem_hash, 'EX', math.floor(idem_ttl))

@@ -3,14 +3,15 @@
   preempting allocation ends as preempted).
 
   KEYS, ARGV[1..A]: the common block (fixed keys, now, version, prefix, settings: prelude.lua).
-  ARGV[A+1] id   ARGV[A+2] principal ("" = auth off)   ARGV[A+3] "1" when admin
+  ARGV[A+1] id   ARGV[A+2] principal ("" or absent = auth off)   ARGV[A+3] "1" when admin
+  (absent = not)
   Returns: {1, number granted, status, service_name, ended_at, released_at ("" = none)}: the
   ending, not the whole record (the caller knows the rest, or reads it with get), or
   {-1, status} not found / already finished, {-2} the principal does not own it.
   Guarantees: releasing twice, or an unknown id, changes nothing.
 ]]
 -- @include prelude
-local id, principal, admin = ARGV[A + 1], ARGV[A + 2], ARGV[A + 3]
+local id, principal, admin = ARGV[A + 1], ARGV[A + 2] or '', ARGV[A + 3]
 -- one read of the fields the checks and the ending use (the pass below never touches a record
 -- that is no longer queued or live)
 local v = redis.call('HMGET', k_req(id), 'status', 'owner', 'node', 'gpu_ids', 'sharing',

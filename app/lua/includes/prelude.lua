@@ -7,12 +7,13 @@
     KEYS     the fixed keys, in the order of engine.FIXED_KEYS (all under the prefix's hash tag;
              keys derived at run time use the same prefix, so the engine stays one slot):
       K_NODES K_FREE K_SIZES K_GPUS K_SHARED K_QUEUE K_QDX K_QDS K_QDEAD K_QUNRES K_RES K_LEASES
-      K_EVENTS K_OUTBOX K_STATS K_META K_QSHAPE K_SVCLABELS K_QOWNERS K_CHANGES K_TENANTS
+      K_EVENTS K_OUTBOX K_STATS K_META K_QSHAPE K_SVCLABELS K_QOWNERS K_TENANTS
       K_TQUEUED: nodes, nodes_free, node_sizes, gpus, shared_capacity, queue,
       queue_demand:exclusive, queue_demand:shared, queue_deadlines, queue_unreserved,
       reservations, leases, events, webhook_outbox, stats, meta, queue_shapes, stats_services,
-      queue_owners; the changes Pub/Sub channel (a channel, not a key, passed with them for one
-      place of truth); tenants, tenant_queued (includes/tenants.lua)
+      queue_owners, tenants, tenant_queued (includes/tenants.lua)
+    K_CHANGES, the changes Pub/Sub channel (a channel, not a key), is derived from the prefix
+    (engine.CHANNELS) when the prefix differs from the last call's.
     ARGV[1]  now (epoch seconds; "" = use Redis TIME, one clock for every replica)
     ARGV[2]  the library version the caller expects (a mismatch answers {-11, version}: the
              caller loads its library and retries)
