@@ -461,52 +461,41 @@ class QueuedSchema(_ResponseSchema):
     warnings = fields.List(StrictStr(), required=True, metadata={"description": _WARNINGS})
 
 
-#: What a grant adds to a request: under ``allocation`` in ``GET /gpu/requests/<id>``, never at
-#: its top level.
-GRANT_FIELDS = (
+#: The ``allocation`` object of ``GET /gpu/requests/<id>``, in its JSON order: the original's
+#: id, service_name, priority and allocated_at, and what the grant decided. Its fields are
+#: AllocationSchema's (declared there once); app.api.render writes them in this order.
+GRANT_VIEW = (
+    "id",
+    "service_name",
+    "priority",
     "node",
     "gpu_ids",
     "gpu_uuids",
     "cuda_visible_devices",
+    "allocated_at",
     "expires_at",
     "lease_seconds",
     "renewed_at",
-    "released_at",
     "preempt_at",
     "preempted_for",
+    "released_at",
+)
+#: What a grant adds to a request: under ``allocation`` in ``GET /gpu/requests/<id>``, never at
+#: its top level.
+GRANT_FIELDS = tuple(
+    f for f in GRANT_VIEW if f not in ("id", "service_name", "priority", "allocated_at")
 )
 
 
-class GrantSchema(_ResponseSchema):
+class GrantSchema(AllocationSchema):
     """The ``allocation`` of a granted request: the original's fields (id, service_name,
-    gpu_ids, allocated_at, priority) and what the grant decided."""
+    gpu_ids, allocated_at, priority) and what the grant decided; AllocationSchema's fields,
+    only those of :data:`GRANT_VIEW`."""
+
+    class Meta(_ResponseSchema.Meta):
+        fields = GRANT_VIEW
 
     id = StrictStr(required=True, metadata={"description": "The allocation id (= request_id)."})
-    service_name = StrictStr(required=True)
-    priority = StrictInt(allow_none=True)
-    node = StrictStr(allow_none=True)
-    gpu_ids = fields.List(StrictInt(), allow_none=True)
-    gpu_uuids = fields.List(StrictStr(), allow_none=True)
-    cuda_visible_devices = StrictStr(
-        allow_none=True,
-        metadata={"description": 'Value for CUDA_VISIBLE_DEVICES on the node, e.g. "0,1".'},
-    )
-    allocated_at = _time("When the GPUs were granted.")
-    expires_at = _time("When the lease ends unless renewed; null: never.")
-    lease_seconds = fields.Float(
-        allow_none=True,
-        metadata={"description": "Lease length applied at grant and renewal; null: no expiry."},
-    )
-    renewed_at = _time("When the lease was last renewed.")
-    preempt_at = _time(
-        "Set once it is preempting: when it ends as preempted unless released before; "
-        "no renewal extends expires_at past it."
-    )
-    preempted_for = StrictStr(
-        allow_none=True,
-        metadata={"description": "The queued request it was preempted for (reason guarantee)."},
-    )
-    released_at = _time("When it was released.")
 
 
 class RequestStatusSchema(AllocationSchema):

@@ -188,14 +188,16 @@ async def _client_main(
     alloc_err: list[int] = []
     noop_wall = alloc_wall = 0.0
     noop_cpu = alloc_cpu = 0.0
+    noop_redis = alloc_redis = 0.0
     cpu = (lambda: _cpu_seconds(pids)) if pids else (lambda: None)
+    redis_cpu = (lambda: _cpu_seconds(pids[1:])) if pids and len(pids) > 1 else (lambda: None)
     for _ in range(rounds):
-        c0, t0 = cpu(), time.perf_counter()
+        r0, c0, t0 = redis_cpu(), cpu(), time.perf_counter()
         await asyncio.gather(
             *[_noop_client(port, t0 + noop_s / rounds, noop_lat, noop_err) for _ in range(clients)]
         )
         noop_wall += time.perf_counter() - t0
-        c1, t0 = cpu(), time.perf_counter()
+        r1, c1, t0 = redis_cpu(), cpu(), time.perf_counter()
         await asyncio.gather(
             *[
                 _alloc_client(port, i, t0 + alloc_s / rounds, alloc_lat, rel_lat, alloc_err)
@@ -203,10 +205,13 @@ async def _client_main(
             ]
         )
         alloc_wall += time.perf_counter() - t0
-        c2 = cpu()
+        c2, r2 = cpu(), redis_cpu()
         if None not in (c0, c1, c2):
             noop_cpu += c1 - c0
             alloc_cpu += c2 - c1
+        if None not in (r0, r1, r2):
+            noop_redis += r1 - r0
+            alloc_redis += r2 - r1
 
     noop_rps = len(noop_lat) / noop_wall
     alloc_rps = (len(alloc_lat) + len(rel_lat)) / alloc_wall
@@ -220,6 +225,9 @@ async def _client_main(
             "alloc_release_cpu_us": round(alloc_us, 1),
             "cpu_ratio": round(noop_us / alloc_us, 3),
         }
+        if alloc_redis:
+            cpu_figures["noop_redis_cpu_us"] = round(noop_redis / len(noop_lat) * 1e6, 1)
+            cpu_figures["alloc_release_redis_cpu_us"] = round(alloc_redis / n_alloc * 1e6, 1)
     return {
         "clients": clients,
         "rounds": rounds,

@@ -21,11 +21,13 @@ TIME_FIELDS = (
     "eta",
     "preempt_at",
 )
+# JSON key order: a response schema's declaration order, where the field is declared (once);
+# the ``allocation`` of a request's status follows schemas.GRANT_VIEW.
 _ALLOCATION_FIELDS = tuple(schemas.AllocationSchema().fields)
 _GPU_FIELDS = tuple(schemas.GpuSchema().fields)
 _REQ_FIELDS = tuple(schemas.RequirementsSchema().fields)
 _STATUS_FIELDS = tuple(k for k in schemas.RequestStatusSchema().fields if k != "allocation")
-_GRANT_FIELDS = tuple(schemas.GrantSchema().fields)
+_GRANT_FIELDS = schemas.GRANT_VIEW
 
 
 def _int_list(values: Any) -> Any:
