@@ -114,3 +114,17 @@ def test_the_hot_paths_answers_are_unchanged(client, clock):
     assert [a["name"] for a in answers] == [e["name"] for e in expected]
     for got, want in zip(answers, expected):
         assert got == want, got["name"]
+
+
+def test_the_grant_object_is_the_allocations_fields_in_grant_view_order(client):
+    """GrantSchema declares no field of its own but the id's description: the spec's
+    ``Grant`` properties are ``Allocation``'s, in GRANT_VIEW order (the order render writes)."""
+    from app.schemas import GRANT_VIEW
+
+    spec = client.get("/openapi.json").get_json()["components"]["schemas"]
+    grant, alloc = spec["Grant"], spec["Allocation"]
+    assert tuple(grant["properties"]) == GRANT_VIEW
+    for name in GRANT_VIEW[1:]:
+        assert grant["properties"][name] == alloc["properties"][name], name
+    assert grant["properties"]["id"]["description"] == "The allocation id (= request_id)."
+    assert grant["required"] == ["id", "service_name"]
