@@ -41,8 +41,10 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 # Schema instances are built once: building one deep-copies its fields (a measurable cost per
 # request), and loading with a shared instance is thread-safe (marshmallow 4 has no context).
-_ALLOCATE_BODY = schemas.AllocateRequestSchema()
-_RELEASE_BODY = schemas.ReleaseRequestSchema()
+# The two bodies of the allocate/release loop load through body.FastLoad (same checks, errors
+# from marshmallow itself).
+_ALLOCATE_BODY = body.FastLoad(schemas.AllocateRequestSchema())
+_RELEASE_BODY = body.FastLoad(schemas.ReleaseRequestSchema())
 _WORKLOAD_BODY = schemas.WorkloadRequestSchema()
 _RENEW_BODY = schemas.RenewRequestSchema()
 #: The allocate body's own fields: a hint spelled like one of them is told to move up.

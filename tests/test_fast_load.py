@@ -1,0 +1,123 @@
+"""app.api.body.FastLoad: the allocate and release bodies load to exactly what marshmallow
+loads, and every body marshmallow refuses is refused with marshmallow's own messages."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import marshmallow as ma
+import pytest
+
+from app import schemas
+from app.api import gpu
+from app.api.body import FastLoad
+from app.request_rules import FIELDS
+
+ALLOCATE = schemas.AllocateRequestSchema()
+RELEASE = schemas.ReleaseRequestSchema()
+
+#: Values each field is tried with: the edges of its rule, wrong types, null.
+ODD = [None, True, False, 0, -1, 1.0, 1.5, "", "x", [], {}, ["a"], [1], {"a": 1}, "a\n", " "]
+
+
+def _edges(name: str) -> list:
+    rule = FIELDS.get(name)
+    out = list(ODD)
+    if rule is None:
+        return out
+    if rule.kind == "int":
+        lo, hi = rule.lo, rule.hi
+        out += [lo, hi, lo - 1, hi + 1, int(lo), int(hi), float(hi)]
+    if rule.kind == "str":
+        n = rule.max_len or 10
+        out += ["a" * n, "a" * (n + 1), "svc-1", "svc:1", "svc 1", "é"]
+        out += list(rule.choices or ())
+    if rule.kind == "list":
+        n = rule.max_len or 3
+        out += [["svc-1"] * n, ["svc-1"] * (n + 1), [0, 1], [4095, 4096], ["node-a", "b|c"]]
+        out += [["svc-1", None], [True], [list(FIELDS["webhook_events"].item.choices or ())]]
+        out += [list(FIELDS["webhook_events"].item.choices or ())]
+    if name == "workload_data":
+        out += [{"model_size": "small"}, {"a": {"b": {"c": 1}}}, {"x": [1, 2, {"y": None}]}]
+        deep: dict = {}
+        cur = deep
+        for _ in range(12):
+            cur["d"] = {}
+            cur = cur["d"]
+        out += [deep, {str(i): i for i in range(1200)}]
+    if name == "webhook_url":
+        out += ["http://127.0.0.1:9/x", "ftp://x", "https://example.com/" + "a" * 3000]
+    return out
+
+
+def _same(schema: ma.Schema, body) -> bool:
+    """FastLoad and marshmallow agree on ``body``; True when the fast plan loaded it itself."""
+    fast = FastLoad(schema)
+    try:
+        want = schema.load(body)
+    except ma.ValidationError as exc:
+        with pytest.raises(ma.ValidationError) as got:
+            fast.load(body)
+        assert got.value.messages == exc.messages, body
+        assert fast._fast(body) is None if isinstance(body, dict) else True
+        return False
+    got = fast.load(body)
+    assert got == want, body
+    assert list(got) == list(want), body  # same key order
+    assert {k: type(v) for k, v in got.items()} == {k: type(v) for k, v in want.items()}
+    return fast._fast(body) is not None
+
+
+@pytest.mark.parametrize("name", list(ALLOCATE.fields))
+def test_each_allocate_field_alone_loads_as_marshmallow_loads_it(name):
+    fast_hits = 0
+    for value in _edges(name):
+        body = {"service_name": "svc"} if name != "service_name" else {}
+        body[name] = value
+        fast_hits += _same(ALLOCATE, body)
+    assert fast_hits, f"no value of {name} took the fast path"
+
+
+@pytest.mark.parametrize("name", list(RELEASE.fields))
+def test_each_release_field_alone_loads_as_marshmallow_loads_it(name):
+    assert sum(_same(RELEASE, {name: v}) for v in _edges(name))
+
+
+def test_random_allocate_bodies_load_as_marshmallow_loads_them():
+    rng = random.Random(13)
+    names = list(ALLOCATE.fields) + ["unknown_field"]
+    edges = {n: _edges(n) for n in names}
+    fast = 0
+    for _ in range(3000):
+        body = {n: rng.choice(edges[n]) for n in rng.sample(names, rng.randint(0, 6))}
+        if rng.random() < 0.7:
+            body["service_name"] = rng.choice(["svc", "svc-1.a_b", "svc:1"])
+        fast += _same(ALLOCATE, body)
+    assert fast > 100
+
+
+def test_bodies_that_are_not_objects_fail_as_before():
+    for body in (None, [], "x", 1, [{"service_name": "svc"}]):
+        assert not _same(ALLOCATE, body)
+    for body in itertools.product(["service_name", "allocation_id"], ["svc", 1]):
+        _same(RELEASE, dict([body]))
+
+
+@pytest.mark.parametrize("cls", [schemas.AllocateRequestSchema, schemas.ReleaseRequestSchema])
+def test_the_fast_bodies_declare_no_hooks(cls):
+    """FastLoad runs each field's validators and nothing else: a hook (pre_load, post_load,
+    validates, validates_schema) on these schemas would be skipped on the fast path. Add one
+    and this fails: drop FastLoad for that schema in app/api/gpu.py, or teach it the hook."""
+    for klass in cls.__mro__[: cls.__mro__.index(ma.Schema)]:
+        methods = [
+            name
+            for name, value in vars(klass).items()
+            if callable(value) and not isinstance(value, ma.fields.Field) and name != "Meta"
+        ]
+        assert methods == [], f"{klass.__name__} defines {methods}"
+
+
+def test_the_views_use_the_fast_load():
+    assert isinstance(gpu._ALLOCATE_BODY, FastLoad) and isinstance(gpu._RELEASE_BODY, FastLoad)
+    assert gpu._TOP_LEVEL == tuple(ALLOCATE.fields)
