@@ -33,4 +33,6 @@ def iso(ts: float | None) -> str | None:
         dt = datetime.fromtimestamp(float(ts), tz=UTC)
     except (TypeError, ValueError, OverflowError, OSError):
         return None
+    if dt.year >= 1000:  # isoformat pads the year to 4 digits, as strftime does from 1000 on
+        return dt.isoformat(timespec="milliseconds")[:-6] + "Z"  # "...+00:00" -> "...Z"
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"

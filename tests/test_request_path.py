@@ -1,5 +1,7 @@
-"""app.api.body.FastLoad: the allocate and release bodies load to exactly what marshmallow
-loads, and every body marshmallow refuses is refused with marshmallow's own messages."""
+"""The allocate/release request path's shortcuts (issue 13 part 3) give what the long way
+gave: app.api.body.FastLoad loads the allocate and release bodies to exactly what marshmallow
+loads (and every body marshmallow refuses is refused with marshmallow's own messages), and
+app.timefmt.iso writes the same text. tests/test_api_answers.py checks the whole answers."""
 
 from __future__ import annotations
 
@@ -121,3 +123,24 @@ def test_the_fast_bodies_declare_no_hooks(cls):
 def test_the_views_use_the_fast_load():
     assert isinstance(gpu._ALLOCATE_BODY, FastLoad) and isinstance(gpu._RELEASE_BODY, FastLoad)
     assert gpu._TOP_LEVEL == tuple(ALLOCATE.fields)
+
+
+def test_iso_writes_what_strftime_wrote():
+    """app.timefmt.iso takes isoformat's shortcut from year 1000 on; the text is strftime's."""
+    from datetime import UTC, datetime
+
+    from app.timefmt import iso
+
+    def by_strftime(ts):
+        dt = datetime.fromtimestamp(float(ts), tz=UTC)
+        return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+    rng = random.Random(7)
+    values = [0, 0.0005, 0.9999, -0.5, 1767225600.5, "1767225600.123456", 253402300799.999]
+    values += [-30610224000.25, -62135596800]  # years 1000 and 1
+    values += [rng.uniform(-6.2e10, 2.5e11) for _ in range(20000)]
+    for ts in values:
+        assert iso(ts) == by_strftime(ts), ts
+    assert iso(1767225600.5) == "2026-01-01T00:00:00.500Z"
+    for bad in (None, "", "x", float("nan"), float("inf"), 1e20):
+        assert iso(bad) is None
