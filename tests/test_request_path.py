@@ -144,3 +144,31 @@ def test_iso_writes_what_strftime_wrote():
     assert iso(1767225600.5) == "2026-01-01T00:00:00.500Z"
     for bad in (None, "", "x", float("nan"), float("inf"), 1e20):
         assert iso(bad) is None
+
+
+def test_json_response_is_jsonify_byte_for_byte():
+    from flask import Flask, jsonify
+
+    from app.api.render import json_response
+
+    app = Flask(__name__)
+    app.json.sort_keys = False
+    objs = [
+        {"b": 1, "a": [1.5, None, True], "é": "ü\u2028", "n": {"x": "<>&'"}},
+        [],
+        "x",
+        {"t": 1e300, "i": 10**30},
+    ]
+    for debug in (False, True):
+        app.debug = debug
+        with app.app_context():
+            for obj in objs:
+                want = jsonify(obj)
+                got = json_response(obj, 202)
+                assert got.get_data() == want.get_data()
+                assert got.status_code == 202 and got.mimetype == want.mimetype
+                assert got.headers == want.headers
+    app.debug = False
+    app.json.sort_keys = True
+    with app.app_context():
+        assert json_response({"b": 1, "a": 2}).get_data() == b'{"a":2,"b":1}\n'

@@ -125,7 +125,7 @@ class FastLoad:
     check it (each field's own validators, called in order), without the schema and field
     call layers. Anything the plan does not clear (a wrong type, a null, an unknown or missing
     required field, a failed check) is loaded by ``schema.load``, so errors are unchanged and
-    the two results are equal (tests/test_api_answers.py compares them on many bodies).
+    the two results are equal (tests/test_request_path.py compares them on many bodies).
 
     Only for schemas made of ``String``/``Integer(strict=True)``/``List``/``Dict(keys=String)``
     fields with no schema or field hooks (pre/post_load, validates_schema): the plan runs

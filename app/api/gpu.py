@@ -264,15 +264,14 @@ def _allocation_response(rec: dict[str, Any], warnings: list[str]):
             # the request is queued whatever happens here: answer without the estimate
             log.warning("no wait estimate for %s", rec.get("id"), exc_info=True)
             rec["reason"], rec["eta"] = None, None
-        resp = jsonify(render.queued(rec, warnings))
-        resp.status_code = 202
+        resp = render.json_response(render.queued(rec, warnings), 202)
         resp.headers["Location"] = url_for("gpu.request_status", request_id=rec["id"])
     else:
         out = render.allocation(rec, **_viewer())
         if rec.get("replayed"):
             out["replayed"] = True
         out["warnings"] = warnings
-        resp = jsonify(out)
+        resp = render.json_response(out)
     if rec.get("replayed"):
         resp.headers["Idempotent-Replayed"] = "true"
     return resp
@@ -343,12 +342,14 @@ def release():
     if data.get("allocation_id"):
         rec = engine.release(data["allocation_id"], **_owner_kwargs())
         _dispatch_webhooks()
-        return jsonify(
-            status="released",
-            allocation_id=data["allocation_id"],
-            service_name=rec.get("service_name") if isinstance(rec, dict) else None,
-            released=[data["allocation_id"]],
-            count=1,
+        return render.json_response(
+            {
+                "status": "released",
+                "allocation_id": data["allocation_id"],
+                "service_name": rec.get("service_name") if isinstance(rec, dict) else None,
+                "released": [data["allocation_id"]],
+                "count": 1,
+            }
         )
     if data.get("service_name"):
         recs = engine.release_by_service(data["service_name"], **_owner_kwargs())
