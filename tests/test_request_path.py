@@ -15,6 +15,7 @@ from app import schemas
 from app.api import gpu
 from app.api.body import FastLoad
 from app.request_rules import FIELDS
+from tests.api_support import app, client, clock, make_app  # noqa: F401
 
 ALLOCATE = schemas.AllocateRequestSchema()
 RELEASE = schemas.ReleaseRequestSchema()
@@ -172,3 +173,18 @@ def test_json_response_is_jsonify_byte_for_byte():
     app.json.sort_keys = True
     with app.app_context():
         assert json_response({"b": 1, "a": 2}).get_data() == b'{"a":2,"b":1}\n'
+
+
+def test_the_hot_views_carry_one_doc_wrapper(client):
+    """Each stacked ``@doc`` is a wrapper that runs per request; allocate and release have one
+    (docs.doc_once), and their spec entries keep every response."""
+    app = client.application
+    for name in ("gpu.allocate", "gpu.release"):
+        view = app.view_functions[name]
+        assert not hasattr(view.__wrapped__, "__wrapped__"), name
+    paths = client.get("/openapi.json").get_json()["paths"]
+    assert list(paths["/gpu/allocate"]["post"]["responses"])[-10:] == [
+        "400", "401", "409", "413", "415", "422", "429", "503", "202", "200"
+    ]  # fmt: skip
+    assert paths["/gpu/allocate"]["post"]["parameters"][0]["name"] == "Idempotency-Key"
+    assert list(paths["/gpu/release"]["post"]["responses"])[-1] == "200"

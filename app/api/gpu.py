@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 
 from app import auth, longpoll, schemas, waiting
 from app.api import body, render
-from app.api.docs import doc
+from app.api.docs import doc, doc_once
 from app.engine import LIVE_STATUSES, valid_cursor, workload_data_json
 from app.errors import BadRequest, NotFound, OrchestratorError, ValidationFailed
 from app.request_rules import (
@@ -94,21 +94,29 @@ _IDEM_PARAM = {
 }
 
 
-def errors(*codes: int):
-    """Document the error responses a route can give (all share the one error schema).
-
-    A ``doc`` entry instead of one ``alt_response`` per code: each ``alt_response`` adds a
-    wrapper that runs on every request.
-    """
-    return doc(responses={str(code): _ERRORS[code] for code in codes})
+def errors_doc(*codes: int) -> dict:
+    """The doc entry of the error responses a route can give (all share the one error
+    schema): one ``doc`` entry instead of one ``alt_response`` per code, each of which adds a
+    wrapper that runs on every request."""
+    return {"responses": {str(code): _ERRORS[code] for code in codes}}
 
 
-def ok(status: int, schema, description: str, headers: dict | None = None):
-    """Document a success response (a doc entry only; no per-request wrapper)."""
+def ok_doc(status: int, schema, description: str, headers: dict | None = None) -> dict:
+    """The doc entry of a success response."""
     resp = {"description": description, "content": {"application/json": {"schema": schema}}}
     if headers:
         resp["headers"] = headers
-    return doc(responses={str(status): resp})
+    return {"responses": {str(status): resp}}
+
+
+def errors(*codes: int):
+    """Document the error responses a route can give (see :func:`errors_doc`)."""
+    return doc(**errors_doc(*codes))
+
+
+def ok(status: int, schema, description: str, headers: dict | None = None):
+    """Document a success response."""
+    return doc(**ok_doc(status, schema, description, headers))
 
 
 def _engine():
@@ -278,23 +286,25 @@ def _allocation_response(rec: dict[str, Any], warnings: list[str]):
 
 
 @blp.route("/allocate", methods=["POST"])
-@doc(
-    parameters=[_IDEM_PARAM],
-    requestBody={
-        "required": True,
-        "content": {"application/json": {"schema": schemas.AllocateRequestSchema}},
+@doc_once(  # one doc: each adds a wrapper per request, and this route is hot
+    {
+        "parameters": [_IDEM_PARAM],
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": schemas.AllocateRequestSchema}},
+        },
     },
+    ok_doc(200, schemas.GrantedSchema, "Granted now: the allocation."),
+    ok_doc(
+        202,
+        schemas.QueuedSchema,
+        "Queued; poll the Location or wait for the webhook.",
+        headers={
+            "Location": {"schema": {"type": "string"}, "description": "The request's status URL."}
+        },
+    ),
+    errors_doc(400, 401, 409, 413, 415, 422, 429, 503),
 )
-@ok(200, schemas.GrantedSchema, "Granted now: the allocation.")
-@ok(
-    202,
-    schemas.QueuedSchema,
-    "Queued; poll the Location or wait for the webhook.",
-    headers={
-        "Location": {"schema": {"type": "string"}, "description": "The request's status URL."}
-    },
-)
-@errors(400, 401, 409, 413, 415, 422, 429, 503)
 def allocate():
     """Ask for GPUs: granted at once (200) or queued (202).
 
@@ -327,14 +337,16 @@ def _client_hash(data: dict[str, Any], principal: str | None) -> str:
 
 
 @blp.route("/release", methods=["POST"])
-@doc(
-    requestBody={
-        "required": True,
-        "content": {"application/json": {"schema": schemas.ReleaseRequestSchema}},
-    }
+@doc_once(
+    {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": schemas.ReleaseRequestSchema}},
+        }
+    },
+    ok_doc(200, schemas.ReleasedSchema, "Released."),
+    errors_doc(400, 401, 403, 404, 413, 415, 422, 503),
 )
-@ok(200, schemas.ReleasedSchema, "Released.")
-@errors(400, 401, 403, 404, 413, 415, 422, 503)
 def release():
     """Release one allocation by id, or every allocation of a service that the caller owns."""
     data = body.load(_RELEASE_BODY)
