@@ -314,7 +314,7 @@ def library_source(extra: tuple[tuple[str, str], ...] = (), name: str = LIBRARY)
         parts.append(
             f"local function f_{script}(KEYS, ARGV)\n"
             f"if ARGV[2] ~= VERSION then return {{{_STALE}, VERSION}} end\n"
-            f"begin_call(KEYS, ARGV)\n{body}\nend"
+            f"begin_call(KEYS, ARGV{', true' if script in READ_ONLY else ''})\n{body}\nend"
         )
         flags = ", flags = {'no-writes'}" if script in READ_ONLY else ""
         parts.append(

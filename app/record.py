@@ -249,6 +249,8 @@ def parse_record(raw: dict | list | str, *, compact: bool = False) -> dict:
         rec["allocated_at"] = rec["submitted_at"]
         if "wait_time_seconds" not in rec:
             rec["wait_time_seconds"] = 0.0
+    if "released_at" not in rec and h.get("status") == "released" and "ended_at" in rec:
+        rec["released_at"] = rec["ended_at"]  # not stored: the same time (includes/grants.lua)
     if "gpu_ids" not in rec:
         rec["gpu_ids"] = []
     if "gpu_uuids" not in rec:

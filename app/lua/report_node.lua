@@ -76,6 +76,7 @@ for _, g in ipairs(gpus) do
     list[#list + 1] = idx
     redis.call('HSET', gk, 'excl', '', 'shared_n', '0', 'shared_mb', '0', 'cordoned', node_cordoned,
       'in_free', '0', 'in_busy', '0')
+    meta_incr('gpus_out', 1) -- neither free nor allocated until gpu_sync below places it
   end
   redis.call('ZADD', K_GPUS, tonumber(g.memory_total_mb) or 0, node .. '|' .. idx)
   if prev[1] then

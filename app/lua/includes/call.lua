@@ -4,7 +4,24 @@
   behind is reset here: the per-call caches, the buffers of a pass an error interrupted, and
   the queue's functions (built on first use per call, with state of their own).
 ]]
-local function begin_call(keys, argv)
+-- Data of an earlier release, brought to this one's shape by the first writing call per prefix
+-- after the library loads (a library's locals outlive calls; a server started on old data
+-- loads the library afresh): meta.gpus_busy, which every grant and release kept, becomes
+-- meta.gpus_out (GPUs neither free nor allocated), which only the rare transitions change.
+local upgraded = {}
+local function upgrade_data()
+  upgraded[P] = true
+  local m = redis.call('HMGET', K_META, 'gpus_out', 'gpus_busy')
+  if m[1] then return end
+  local free = 0
+  local t = redis.call('ZRANGEBYSCORE', K_FREE, 1, '+inf', 'WITHSCORES')
+  for i = 2, #t, 2 do free = free + tonumber(t[i]) end
+  local out = redis.call('ZCARD', K_GPUS) - free - (tonumber(m[2] or '0') or 0)
+  redis.call('HSET', K_META, 'gpus_out', string.format('%d', out))
+  if m[2] then redis.call('HDEL', K_META, 'gpus_busy') end
+end
+
+local function begin_call(keys, argv, read_only)
   -- @bind
   if argv[1] ~= '' then
     NOW = tonumber(argv[1])
@@ -22,4 +39,5 @@ local function begin_call(keys, argv)
   if next(alive_cache) then alive_cache = {} end
   if next(index_cache) then index_cache = {} end
   tq_cache, tq_map, tq_default = nil, nil, nil
+  if not read_only and not upgraded[P] then upgrade_data() end
 end

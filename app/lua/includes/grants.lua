@@ -140,7 +140,11 @@ local function finish_alloc(id, status, rec, by_holder)
   end
   tenant_add(f[9], -#ids)
   local now = NOW_S
-  if status == 'released' or by_holder then
+  if status == 'released' then
+    -- released_at is ended_at: not stored (app/record.py fills it in for status released)
+    redis.call('HSET', rk, 'status', status, 'ended_at', now)
+    if rec then rec.released_at = now end
+  elseif by_holder then
     redis.call('HSET', rk, 'status', status, 'released_at', now, 'ended_at', now)
     if rec then rec.released_at = now end
   else

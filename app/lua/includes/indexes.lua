@@ -1,7 +1,7 @@
 --[[
   indexes: node liveness and GPU indexes, and gpu_sync, which puts one GPU back
   in the right indexes (nodes_free, the node's node_free_gpus, shared capacity, meta
-  gpus_busy) after any change to it.
+  gpus_out) after any change to it.
   Guarantees: after gpu_sync the indexes agree with the GPU hash.
 ]]
 
@@ -56,9 +56,11 @@ local function gpu_sync(node, idx)
     redis.call('HDEL', k_free(node), idx)
   end
   if busy ~= (f[9] == '1') then
-    meta_incr('gpus_busy', busy and 1 or -1)
     redis.call('HSET', gk, 'in_busy', busy and '1' or '0')
   end
+  -- neither free nor allocated (unusable and unheld): meta.gpus_out
+  local out, was_out = not free and not busy, f[8] ~= '1' and f[9] ~= '1'
+  if out ~= was_out then meta_incr('gpus_out', out and 1 or -1) end
   local member = node .. '|' .. idx
   local old = redis.call('ZSCORE', K_SHARED, member)
   if ok and excl == '' then

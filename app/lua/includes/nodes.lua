@@ -52,7 +52,7 @@ local function forget_node(node, by, reason)
     if f[1] == '1' then
       redis.call('ZINCRBY', K_FREE, '-1', node)
     end
-    if f[2] == '1' then meta_incr('gpus_busy', -1) end
+    if f[1] ~= '1' and f[2] ~= '1' then meta_incr('gpus_out', -1) end
     local member = node .. '|' .. idx
     redis.call('ZREM', K_SHARED, member)
     redis.call('ZREM', K_GPUS, member)

@@ -314,7 +314,9 @@ local function place(r, blocked)
 end
 
 -- Take one GPU for a request. An exclusive pick was free (in_free = 1, so in_busy = 0 and it
--- sits in shared_capacity): flip it directly instead of re-reading it.
+-- sits in shared_capacity): flip it directly instead of re-reading it. Free to allocated (and
+-- back, in return_gpu) changes no fleet counter: counts.lua derives the allocated GPUs from
+-- nodes_free and meta.gpus_out, which only a GPU that is neither changes.
 local function take_gpu(r, node, idx)
   local gk = k_gpu(node, idx)
   if r.sharing == 'shared' then
@@ -325,7 +327,6 @@ local function take_gpu(r, node, idx)
     redis.call('HSET', gk, 'excl', r.id, 'in_free', '0', 'in_busy', '1')
     redis.call('HDEL', k_free(node), idx)
     redis.call('ZINCRBY', K_FREE, '-1', node)
-    meta_incr('gpus_busy', 1)
     redis.call('ZREM', K_SHARED, node .. '|' .. idx)
   end
 end
@@ -349,7 +350,7 @@ local function return_gpu(id, sharing, minm, node, idx)
   end
   local ok = g[2] == 'ok' and g[3] ~= '1' and g[4] ~= '1'
   redis.call('HSET', gk, 'excl', '', 'in_busy', '0', 'in_free', ok and '1' or '0')
-  meta_incr('gpus_busy', -1)
+  if not ok then meta_incr('gpus_out', 1) end -- it turned unusable while held
   if ok then
     redis.call('HSET', k_free(node), idx, (g[5] or '0') .. '|' .. (g[8] or '0') .. '|' ..
       (g[9] or ''))

@@ -41,7 +41,9 @@
     shared_n  number of shared allocations on it;  shared_mb  MB they reserve
     cordoned  "1" when an admin made it unschedulable;  lost  "1" when its node stopped reporting it
     in_free   "1" while counted in nodes_free and listed in the node's node_free_gpus hash
-    in_busy   "1" while counted as allocated (meta gpus_busy)
+    in_busy   "1" while allocated (exclusive holder or shared holders)
+  meta gpus_out: GPUs with neither flag (unusable and unheld); counts.lua derives the allocated
+  GPUs as every GPU less the free ones (nodes_free) less these.
   Node hash fields an admin owns: cordoned "1" (GPUs the node reports later arrive cordoned),
   draining "1" (cordoned, waiting for its allocations to end).
 ]]

@@ -1,5 +1,5 @@
 --[[
-  stats: the counters (the stats hash, meta's gpus_busy), the queue-wait histogram,
+  stats: the counters (the stats hash, meta's gpus_out), the queue-wait histogram,
   the bounded service labels and each owner's share of the queue.
   Guarantees: inside a pass the counters are buffered and written once per field
   (stat_flush); no service name grows the stats hash past MAX_SVC_LABELS labels.
@@ -8,7 +8,7 @@
 local WAIT_BUCKETS = {'0.005', '0.01', '0.025', '0.05', '0.1', '0.25', '0.5', '1', '2.5', '5',
   '10', '30', '60', '120', '300', '600', '1800', '3600'}
 
--- Counters (the stats hash, and meta's gpus_busy). Inside a schedule pass they are
+-- Counters (the stats hash, and meta's gpus_out). Inside a schedule pass they are
 -- summed in Lua and written once per field at the end of the pass (a pass granting 1,000
 -- requests writes a handful of fields, not 6,000). Nothing reads them during a script.
 local stat_buf, meta_buf = nil, nil
