@@ -49,6 +49,11 @@ DECISIONS = Counter(
     ["source"],
 )
 
+#: Rules-only analyses a WorkloadAnalyzer remembers (see WorkloadAnalyzer.analyze's
+#: ``memo_key``), and the longest key it remembers one under: at most ~0.5 MB per process.
+MEMO_SIZE = 256
+MEMO_KEY_MAX = 2048
+
 #: Used when no fleet_limits callable is given, or it has nothing to say (an empty fleet).
 FALLBACK_LIMITS = {"max_gpus_per_node": 8, "max_gpu_memory_mb": 81559}
 
@@ -421,6 +426,12 @@ class _Plan:
     family: str | None = None
 
 
+def _copy(analysis: dict) -> dict:
+    """An analysis its reader may change: its lists and dicts copied too (one level deep;
+    the estimate's values are numbers and strings)."""
+    return {k: (v.copy() if isinstance(v, (list, dict)) else v) for k, v in analysis.items()}
+
+
 class WorkloadAnalyzer:
     """Rules, estimate, advisor and workflow context -> one requirements dict."""
 
@@ -436,6 +447,8 @@ class WorkloadAnalyzer:
         self.advisor = advisor
         self.workflow = workflow
         self.fleet_limits = fleet_limits
+        self._memo: dict[tuple, dict] = {}
+        self._by_rules = DECISIONS.labels("rules")
 
     @classmethod
     def from_settings(cls, settings, *, fleet_limits=None) -> WorkloadAnalyzer:
@@ -473,21 +486,60 @@ class WorkloadAnalyzer:
         *,
         service_name: str | None = None,
         top_level: tuple[str, ...] = (),
+        memo_key: str | None = None,
     ) -> dict:
         """The requirements for one workload (see the module docstring for the precedence).
 
         ``warnings`` lists the ``workload_data`` keys the analysis ignored (see
         :func:`hint_warnings`; ``top_level`` names the request body's own fields).
 
+        ``memo_key``: ``workload_data`` as JSON (the API has it): with neither an advisor nor
+        a graph service configured the analysis is a function of the type, that text, the
+        body's fields and the fleet's limits, so a workload seen before (a service asking for
+        the same shape again) gets a copy of the analysis made then; it still counts in
+        ``gpu_orchestrator_workload_decisions``. Up to :data:`MEMO_SIZE` are kept (then all
+        are dropped), none under a key longer than :data:`MEMO_KEY_MAX`.
+
         Raises ValidationFailed naming each bad field, and Unsatisfiable when the
         parameter-count estimate needs more than one node and the client gave no explicit
         ``required_gpus``/``min_memory_mb``.
         """
+        max_gpus, max_mb = self.limits()
+        if (
+            memo_key is None
+            or len(memo_key) > MEMO_KEY_MAX
+            or self.advisor is not None
+            or self.workflow is not None
+        ):
+            return self._analyze(
+                workload_type, workload_data, service_name, top_level, max_gpus, max_mb
+            )
+        key = (workload_type, memo_key, top_level, max_gpus, max_mb)
+        done = self._memo.get(key)
+        if done is None:
+            done = self._analyze(
+                workload_type, workload_data, service_name, top_level, max_gpus, max_mb
+            )
+            if len(self._memo) >= MEMO_SIZE:
+                self._memo.clear()
+            self._memo[key] = _copy(done)
+            return done
+        self._by_rules.inc()
+        return _copy(done)
+
+    def _analyze(
+        self,
+        workload_type: str,
+        workload_data: dict | None,
+        service_name: str | None,
+        top_level: tuple[str, ...],
+        max_gpus: int,
+        max_mb: int,
+    ) -> dict:
         wtype = check_workload_type(workload_type)
         cfg = self.settings.workload_defaults[wtype]
         training_sizes = self.settings.workload_defaults.training.model_sizes
         hints = check_workload_data(wtype, workload_data, training_sizes)
-        max_gpus, max_mb = self.limits()
 
         plan = self._rules(wtype, cfg, hints)
         self._clamp_to_fleet(plan, max_gpus, max_mb)
@@ -552,7 +604,7 @@ class WorkloadAnalyzer:
         # what the rules, the config or the advisor decided: within the request's limits,
         # since the engine takes the API's request as checked (app.request_rules)
         check_fields(decided)
-        DECISIONS.labels(decided_by).inc()
+        (self._by_rules if decided_by == "rules" else DECISIONS.labels(decided_by)).inc()
         return {
             "workload_type": wtype,
             **decided,

@@ -640,3 +640,94 @@ def test_decisions_metric_counts_rules(analyzer):
     with pytest.raises(ValidationFailed):
         analyzer.analyze("ocr", {"image_count": "many"})
     assert value() == before + 2
+
+
+# --------------------------------------------------------------------------- the memo
+
+
+def _rules_count() -> float:
+    return (
+        REGISTRY.get_sample_value("gpu_orchestrator_workload_decisions_total", {"source": "rules"})
+        or 0.0
+    )
+
+
+def test_a_workload_seen_before_gets_the_same_analysis_and_still_counts():
+    import json
+
+    a = WorkloadAnalyzer(settings_mod.defaults(), fleet_limits=fleet(8, 81559))
+    data = {"model_size": "small", "gpu_count": 2}
+    key = json.dumps(data)
+    before = _rules_count()
+    first = a.analyze("inference", data, memo_key=key, top_level=("required_gpus",))
+    fresh = WorkloadAnalyzer(settings_mod.defaults(), fleet_limits=fleet(8, 81559)).analyze(
+        "inference", data, top_level=("required_gpus",)
+    )
+    assert first == fresh and first["warnings"]
+    first["warnings"].append("changed by a reader")
+    first["required_gpus"] = 99
+    second = a.analyze("inference", data, memo_key=key, top_level=("required_gpus",))
+    assert second == fresh  # a reader's change to one answer does not reach the next
+    assert _rules_count() - before == 3
+    assert len(a._memo) == 1
+
+
+def test_the_memo_follows_the_fleet_the_type_and_the_key_order():
+    import json
+
+    limits = {"max_gpus_per_node": 8, "max_gpu_memory_mb": 81559}
+    a = WorkloadAnalyzer(settings_mod.defaults(), fleet_limits=lambda: dict(limits))
+    data = {"model_name": "llama-13b"}
+    key = json.dumps(data)
+    big = a.analyze("inference", data, memo_key=key)
+    limits["max_gpu_memory_mb"] = 24576
+    small = a.analyze("inference", data, memo_key=key)
+    assert small["required_gpus"] > big["required_gpus"]
+    assert small == WorkloadAnalyzer(settings_mod.defaults(), fleet_limits=fleet(8, 24576)).analyze(
+        "inference", data
+    )
+    assert a.analyze("training", data, memo_key=key)["workload_type"] == "training"
+    one, two = {"zz": 1, "aa": 2}, {"aa": 2, "zz": 1}
+    w1 = a.analyze("generic", one, memo_key=json.dumps(one))["warnings"]
+    w2 = a.analyze("generic", two, memo_key=json.dumps(two))["warnings"]
+    assert w1 == list(reversed(w2)) and len(w1) == 2
+
+
+def test_the_memo_is_bounded_and_skips_long_keys_and_errors():
+    import json
+
+    from app import workload
+
+    a = WorkloadAnalyzer(settings_mod.defaults())
+    for i in range(workload.MEMO_SIZE + 10):
+        data = {"batch_size": i + 1}
+        a.analyze("inference", data, memo_key=json.dumps(data))
+        assert len(a._memo) <= workload.MEMO_SIZE
+    a._memo.clear()
+    long = {"note": "x" * workload.MEMO_KEY_MAX}
+    a.analyze("generic", long, memo_key=json.dumps(long))
+    bad = {"batch_size": -1}
+    for _ in range(2):
+        with pytest.raises(ValidationFailed):
+            a.analyze("inference", bad, memo_key=json.dumps(bad))
+    assert a._memo == {}
+
+
+def test_no_memo_with_an_advisor_or_a_graph_service():
+    import json
+
+    class Advisor:
+        calls = 0
+
+        def advise(self, *args, **kwargs):
+            Advisor.calls += 1
+            return None
+
+    a = WorkloadAnalyzer(settings_mod.defaults(), advisor=Advisor())
+    data = {"model_size": "small"}
+    for _ in range(3):
+        a.analyze("inference", data, memo_key=json.dumps(data))
+    assert Advisor.calls == 3 and a._memo == {}
+    b = WorkloadAnalyzer(settings_mod.defaults(), workflow=object())
+    b.analyze("inference", data, memo_key=json.dumps(data))
+    assert b._memo == {}

@@ -147,14 +147,17 @@ def _workload_data_json(data: dict[str, Any]) -> str:
 OVERRIDES = ("required_gpus", "min_memory_mb", "gpu_model", "nodes")
 
 
-def _analyze(data: dict[str, Any]) -> dict[str, Any]:
+def _analyze(data: dict[str, Any], data_json: str | None = None) -> dict[str, Any]:
     """The workload analyser's requirements for a validated allocate/workload body, with the
-    body's own ``required_gpus``, ``min_memory_mb``, ``gpu_model`` and ``nodes`` on top."""
+    body's own ``required_gpus``, ``min_memory_mb``, ``gpu_model`` and ``nodes`` on top;
+    ``data_json``: the body's workload_data as JSON, which lets the analyser reuse an analysis
+    of the same workload (WorkloadAnalyzer.analyze's memo_key)."""
     analysis = current_app.extensions["gpu_analyzer"].analyze(
         data["workload_type"],
         data["workload_data"],
         service_name=data.get("service_name"),
         top_level=_TOP_LEVEL,
+        memo_key=data_json,
     )
     given = {key: data[key] for key in OVERRIDES if data.get(key) is not None}
     if not given:
@@ -316,7 +319,7 @@ def allocate():
     data = body.load(_ALLOCATE_BODY)
     data_json = _workload_data_json(data)
     _check_webhook_url(data.get("webhook_url"))
-    analysis = _analyze(data)
+    analysis = _analyze(data, data_json)
     principal = auth.current_principal()
     req = engine_request(data, analysis, principal, data_json)
     rec = _engine().allocate(
