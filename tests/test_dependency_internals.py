@@ -226,3 +226,30 @@ def test_canary_notices_a_changed_upstream_function(monkeypatch):
 
     monkeypatch.setattr(rq.job.Job, "retry", retry)
     assert _source_hash(_resolve("rq.job.Job.retry")) != before
+
+
+def test_canary_marshmallow_hooks_are_where_fastload_reads_them():
+    """app.api.body.schema_hooks reads marshmallow's private ``Schema._hooks`` (so that FastLoad
+    refuses a schema whose hooks it would skip). If this fails after a marshmallow upgrade, the
+    internal moved: find where the upgrade keeps the resolved hooks and change schema_hooks,
+    its only reader."""
+    from importlib import metadata
+
+    import marshmallow as ma
+
+    from app import schemas
+    from app.api.body import schema_hooks
+
+    class Hooked(schemas.ReleaseRequestSchema):
+        @ma.validates_schema
+        def _whole(self, data, **kwargs):
+            pass
+
+        @ma.validates("service_name")
+        def _svc(self, value, **kwargs):
+            pass
+
+    assert metadata.version("marshmallow").split(".")[0] == "4", "checked against marshmallow 4"
+    assert isinstance(getattr(ma.Schema, "_hooks", None), dict), "marshmallow Schema._hooks"
+    assert schema_hooks(Hooked()) == ["_svc", "_whole"]
+    assert schema_hooks(schemas.AllocateRequestSchema()) == []

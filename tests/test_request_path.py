@@ -188,3 +188,46 @@ def test_the_hot_views_carry_one_doc_wrapper(client):
     ]  # fmt: skip
     assert paths["/gpu/allocate"]["post"]["parameters"][0]["name"] == "Idempotency-Key"
     assert list(paths["/gpu/release"]["post"]["responses"])[-1] == "200"
+
+
+def _with_hook(kind: str) -> type:
+    """AllocateRequestSchema with one hook of ``kind`` added (a subclass: the original stays)."""
+    if kind == "validates_schema":
+
+        class Hooked(schemas.AllocateRequestSchema):
+            @ma.validates_schema
+            def _no_svc_x(self, data, **kwargs):
+                if data.get("service_name") == "x":
+                    raise ma.ValidationError("no x")
+
+    elif kind == "pre_load":
+
+        class Hooked(schemas.AllocateRequestSchema):
+            @ma.pre_load
+            def _lower(self, data, **kwargs):
+                return data
+
+    elif kind == "post_load":
+
+        class Hooked(schemas.AllocateRequestSchema):
+            @ma.post_load
+            def _mark(self, data, **kwargs):
+                return data
+
+    else:
+
+        class Hooked(schemas.AllocateRequestSchema):
+            @ma.validates("service_name")
+            def _svc(self, value, **kwargs):
+                pass
+
+    return Hooked
+
+
+@pytest.mark.parametrize("kind", ["validates_schema", "pre_load", "post_load", "validates"])
+def test_fastload_refuses_a_schema_with_a_hook(kind):
+    """A hook the fast plan would skip is refused when the view module is imported, not
+    skipped silently for every body the plan clears."""
+    with pytest.raises(ValueError, match="hooks"):
+        FastLoad(_with_hook(kind)())
+    FastLoad(schemas.AllocateRequestSchema())  # no hook: fine

@@ -138,6 +138,12 @@ class FastLoad:
         self.fields = schema.fields
         if schema.opts.unknown != ma.RAISE:
             raise ValueError("FastLoad needs unknown = RAISE")  # an unknown key is a 422
+        hooks = schema_hooks(schema)
+        if hooks:
+            raise ValueError(
+                f"FastLoad would skip {type(schema).__name__}'s hooks {hooks}: load it with "
+                "the schema itself"
+            )
         # (name, check, required, default): check(value) -> the loaded value or _MISSING
         self._plan = [
             (name, _check(f), f.required, f.load_default) for name, f in schema.load_fields.items()
@@ -165,6 +171,17 @@ class FastLoad:
                 return None
             out[name] = value
         return out
+
+
+def schema_hooks(schema: ma.Schema) -> list[str]:
+    """The methods marshmallow runs around or beside the fields on load or dump (pre_load,
+    post_load, validates, validates_schema, pre_dump, post_dump) that ``schema`` declares.
+
+    marshmallow has no public way to list them: this reads its private ``Schema._hooks``
+    (tag -> [(method name, pass_many, kwargs)]), here only; the canary
+    tests/test_dependency_internals.py::test_canary_marshmallow_hooks_are_where_fastload_reads_them
+    fails, naming it, when an upgrade moves it."""
+    return sorted(name for entries in type(schema)._hooks.values() for name, *_ in entries)
 
 
 def _never(value: Any) -> Any:
