@@ -114,21 +114,34 @@ local function hold_lapsed(id)
 end
 
 --[[
-  Guarantee preemption (preemption.enabled). A queued exclusive request r of tenant T may
-  preempt when:
+  Guarantee preemption (preemption.enabled). A queued request r of tenant T, exclusive or
+  shared, may preempt when:
     * T holds fewer than its guaranteed_gpus: held(T) + GPUs already coming to T through holds
-      + r's GPUs <= guaranteed(T) (a guarantee is reclaimed, never exceeded by preemption);
+      + r's GPUs (a shared request counts one) <= guaranteed(T) (a guarantee is reclaimed,
+      never exceeded by preemption);
     * r is eligible (dependencies done, not over T's max_gpus) and holds no node yet;
-    * no node could give r its GPUs within the grace period: the k-th earliest time a
-      qualifying GPU frees (now when free, the holder's lease end otherwise) is later than
-      now + grace on every node r may use (nodes reserved by other requests left out).
-  Victims: on each node, exclusive allocations of other tenants (status allocated) that hold
-  qualifying GPUs, lowest priority first, then the most recently granted; one is taken only
-  when its tenant keeps at least its guarantee after it (GPUs held, less those of its
-  allocations already preempting, less the victims taken before it) and the GPUs taken stay
-  within what r lacks on that node (never more than r needs). The node needing the fewest
-  victims (then the fewest GPUs) wins. Victims turn preempting (reason guarantee,
-  preempted_for r), and the node is held for r.
+    * r could not get its GPUs within the grace period without one (nodes reserved by other
+      requests left out):
+        exclusive r: on every node r may use, the k-th earliest time a qualifying GPU frees
+          (now when free; an exclusive holder's lease end; a GPU with shared holders when the
+          last of them ends) is later than now + grace;
+        shared r: on no qualifying GPU is the room (total - max(reserved, used)) plus the
+          reservations of the shared holders whose leases end by now + grace enough for its
+          min_memory_mb, and no GPU's exclusive holder ends by then.
+  Victims are live allocations (status allocated) of other tenants; one is taken only when its
+  tenant keeps at least its guarantee after it (GPUs held, a shared allocation counting one,
+  less those of its allocations already preempting, less the victims taken before it).
+    exclusive r, per node: the units that free GPUs are exclusive allocations and GPUs with
+      shared holders (all of them go, or none: a GPU is free only when its last holder ends);
+      lowest priority first, then the most recently granted (a GPU of shared holders ranks by
+      its most protected holder: highest priority, earliest grant); a unit is taken only while
+      the GPUs it frees keep the GPUs taken within what r lacks on that node.
+    shared r, per GPU: either its one exclusive holder when that holds this one GPU only, or
+      shared holders of it, lowest priority first, then the most recently granted, until the
+      room plus what they reserved is enough for r: never more than the one GPU r needs.
+  The plan with the fewest victims wins, then the fewest GPUs, then the lowest priority among
+  its victims (then the first node in size order). Victims turn preempting (reason
+  guarantee, preempted_for r), and the node is held for r.
 ]]
 local guarantee_for, guarantee_any = nil, false
 
@@ -149,21 +162,30 @@ local function guarantees_exist()
 end
 
 -- The live allocations once per evaluation: by id (lease end, node, GPUs, status, tenant,
--- priority, granted at) and, per tenant, the GPUs of its allocations already preempting.
+-- priority, granted at, memory reserved), per GPU ("node|index") its shared holders, and, per
+-- tenant, the GPUs of its allocations already preempting.
 local function live_view()
-  local v = {by_id = {}, leaving = {}}
+  local v = {by_id = {}, leaving = {}, shared = {}}
   local ls = redis.call('ZRANGE', K_LEASES, 0, -1, 'WITHSCORES')
   for i = 1, #ls, 2 do
     local id = ls[i]
     local f = redis.call('HMGET', k_req(id), 'status', 'tenant', 'priority', 'allocated_at',
-      'sharing', 'gpu_ids', 'submitted_at')
-    local n = 1
-    if f[5] ~= 'shared' then n = #cjson.decode(f[6] or '[]') end
+      'sharing', 'gpu_ids', 'node', 'min_memory_mb', 'submitted_at')
+    local gpus = cjson.decode(f[6] or '[]')
+    local shared = f[5] == 'shared'
+    local n = shared and 1 or #gpus
+    -- granted at submission: no allocated_at stored (grants.lua), it is submitted_at
     local a = {id = id, ends = tonumber(ls[i + 1]) or NEVER, status = f[1], tenant = f[2] or '',
-      priority = tonumber(f[3] or REC_DEFAULTS.priority) or 0, at = tonumber(f[4] or f[7]) or 0,
-      shared = f[5] == 'shared', n = n}
+      priority = tonumber(f[3] or REC_DEFAULTS.priority) or 0, at = tonumber(f[4] or f[9]) or 0,
+      shared = shared, n = n, mb = tonumber(f[8] or '0') or 0}
     if a.ends > NEVER then a.ends = NEVER end
     v.by_id[id] = a
+    if shared and gpus[1] then
+      local g = (f[7] or '') .. '|' .. string.format('%d', gpus[1])
+      local l = v.shared[g]
+      if not l then l = {}; v.shared[g] = l end
+      l[#l + 1] = a
+    end
     if a.status == 'preempting' then
       v.leaving[a.tenant] = (v.leaving[a.tenant] or 0) + n
     end
@@ -177,66 +199,181 @@ local function victim_order(x, y)
   return x.id < y.id
 end
 
+-- May live allocation a be preempted for r at all? (its tenant's guarantee is checked apart)
+local function victim_ok(a, r)
+  return a ~= nil and a.status == 'allocated' and a.tenant ~= '' and a.tenant ~= r.tenant
+end
+
+-- Can the allocations `as` all go with every tenant keeping its guarantee? taken: what this
+-- plan already takes per tenant (a shared allocation counts one); updated when they can.
+local function keeps_guarantees(as, view, taken)
+  local add = {}
+  for _, a in ipairs(as) do add[a.tenant] = (add[a.tenant] or 0) + a.n end
+  for t, n in pairs(add) do
+    local left = tenant_held(t) - (view.leaving[t] or 0) - (taken[t] or 0) - n
+    if left < tenant_quota(t).guaranteed then return false end
+  end
+  for t, n in pairs(add) do taken[t] = (taken[t] or 0) + n end
+  return true
+end
+
+-- Is plan x better than plan y (fewest victims, then GPUs, then the lowest top priority)?
+local function better_plan(x, y)
+  if y == nil then return true end
+  if #x.victims ~= #y.victims then return #x.victims < #y.victims end
+  if x.gpus ~= y.gpus then return x.gpus < y.gpus end
+  return x.top < y.top
+end
+
+local function plan_of(node, victims, gpus)
+  local top = -math.huge
+  for _, a in ipairs(victims) do
+    if a.priority > top then top = a.priority end
+  end
+  return {node = node, victims = victims, gpus = gpus, top = top}
+end
+
+-- One node's plan for an exclusive request r: plan or nil, and 'soon' when r could get its
+-- GPUs there within the grace period without one.
+local function exclusive_node_plan(r, node, view, horizon)
+  local times, free_n, q_of, groups = {}, 0, {}, {}
+  for _, idx in ipairs(node_indexes(node)) do
+    local g = redis.call('HMGET', k_gpu(node, idx), 'health', 'cordoned', 'lost',
+      'memory_total_mb', 'excl', 'shared_n', 'name')
+    if g[1] == 'ok' and g[2] ~= '1' and g[3] ~= '1' and (tonumber(g[4]) or 0) >= r.minm
+        and model_matches(r.pat, g[7]) then
+      local excl = g[5] or ''
+      if excl ~= '' then
+        local a = view.by_id[excl]
+        times[#times + 1] = a and a.ends or NEVER
+        q_of[excl] = (q_of[excl] or 0) + 1
+      elseif (tonumber(g[6]) or 0) > 0 then
+        -- free when its last shared holder ends (a holder the view lacks: never)
+        local hs = view.shared[node .. '|' .. idx] or {}
+        local t = #hs > 0 and NOW or NEVER
+        for _, a in ipairs(hs) do
+          if a.ends > t then t = a.ends end
+        end
+        times[#times + 1] = t
+        groups[#groups + 1] = hs
+      else
+        times[#times + 1] = NOW
+        free_n = free_n + 1
+      end
+    end
+  end
+  if #times < r.k then return nil end
+  table.sort(times)
+  if times[r.k] <= horizon then return nil, 'soon' end
+  local need = r.k - free_n
+  -- units: {victims, gpus they take (counted against need), qualifying GPUs they free,
+  -- priority, at, id} in victim order
+  local units = {}
+  for id, q in pairs(q_of) do
+    local a = view.by_id[id]
+    if victim_ok(a, r) then
+      units[#units + 1] = {victims = {a}, gpus = a.n, q = q, priority = a.priority, at = a.at,
+        id = id}
+    end
+  end
+  for _, hs in ipairs(groups) do
+    local vs, ok, pr, at = {}, #hs > 0, -math.huge, math.huge
+    for _, a in ipairs(hs) do
+      if a.status ~= 'preempting' then -- a preempting holder leaves anyway
+        if not victim_ok(a, r) then ok = false; break end
+        vs[#vs + 1] = a
+        if a.priority > pr then pr = a.priority end
+        if a.at < at then at = a.at end
+      end
+    end
+    if ok and #vs > 0 then
+      table.sort(vs, function(x, y) return x.id < y.id end)
+      units[#units + 1] = {victims = vs, gpus = 1, q = 1, priority = pr, at = at, id = vs[1].id}
+    end
+  end
+  table.sort(units, victim_order)
+  local taken, freed, total, victims = {}, 0, 0, {}
+  for _, u in ipairs(units) do
+    if freed >= need then break end
+    if total + u.gpus <= need and keeps_guarantees(u.victims, view, taken) then
+      freed, total = freed + u.q, total + u.gpus
+      for _, a in ipairs(u.victims) do victims[#victims + 1] = a end
+    end
+  end
+  if freed >= need then return plan_of(node, victims, total) end
+  return nil
+end
+
+-- One node's plan for a shared request r (room on one GPU): plan or nil, and 'soon' when r
+-- could get its room there within the grace period without one.
+local function shared_node_plan(r, node, view, horizon)
+  local best = nil
+  for _, idx in ipairs(node_indexes(node)) do
+    local g = redis.call('HMGET', k_gpu(node, idx), 'health', 'cordoned', 'lost',
+      'memory_total_mb', 'excl', 'shared_n', 'name', 'memory_free_mb', 'shared_mb',
+      'utilization')
+    local total = tonumber(g[4]) or 0
+    if g[1] == 'ok' and g[2] ~= '1' and g[3] ~= '1' and total >= r.minm
+        and model_matches(r.pat, g[7]) and (tonumber(g[10]) or 0) <= r.util then
+      local excl = g[5] or ''
+      local plan = nil
+      if excl ~= '' then
+        local a = view.by_id[excl]
+        if (a and a.ends or NEVER) <= horizon then return nil, 'soon' end
+        -- its exclusive holder frees the whole GPU: only one that holds this GPU alone
+        if victim_ok(a, r) and a.n <= 1 and keeps_guarantees({a}, view, {}) then
+          plan = plan_of(node, {a}, 1)
+        end
+      else
+        -- room as the placement sees it, plus what holders leaving by the horizon reserved
+        local room = total - (tonumber(g[9]) or 0)
+        local free_mb = tonumber(g[8]) or 0
+        if free_mb < room then room = free_mb end
+        if room < 0 then room = 0 end
+        local cands = {}
+        for _, a in ipairs(view.shared[node .. '|' .. idx] or {}) do
+          if a.ends <= horizon then
+            room = room + a.mb
+          elseif victim_ok(a, r) then
+            cands[#cands + 1] = a
+          end
+        end
+        if room >= r.minm then return nil, 'soon' end
+        table.sort(cands, victim_order)
+        local taken, victims = {}, {}
+        for _, a in ipairs(cands) do
+          if room >= r.minm then break end
+          if keeps_guarantees({a}, view, taken) then
+            victims[#victims + 1] = a
+            room = room + a.mb
+          end
+        end
+        if room >= r.minm and #victims > 0 then plan = plan_of(node, victims, #victims) end
+      end
+      if plan and better_plan(plan, best) then best = plan end
+    end
+  end
+  return best
+end
+
 -- The preemption plan for r: {node, victims, gpus} or nil (and 'soon' when r could get GPUs
 -- within the grace period without one).
 local function preemption_plan(r, view)
   local horizon = NOW + PREEMPT_GRACE
+  local shared = r.sharing == 'shared'
   local best = nil
-  local sizes = redis.call('ZRANGEBYSCORE', K_SIZES, r.k, '+inf')
+  local sizes = redis.call('ZRANGEBYSCORE', K_SIZES, shared and 1 or r.k, '+inf')
   for _, node in ipairs(sizes) do
     local holder = redis.call('HGET', K_RES, node)
     if node_ok(r, node) and node_alive(node) and (not holder or holder == r.id) then
-      local times, free_n, q_of = {}, 0, {}
-      for _, idx in ipairs(node_indexes(node)) do
-        local g = redis.call('HMGET', k_gpu(node, idx), 'health', 'cordoned', 'lost',
-          'memory_total_mb', 'excl', 'shared_n', 'name')
-        if g[1] == 'ok' and g[2] ~= '1' and g[3] ~= '1' and (tonumber(g[4]) or 0) >= r.minm
-            and model_matches(r.pat, g[7]) then
-          local excl = g[5] or ''
-          if excl ~= '' then
-            local a = view.by_id[excl]
-            times[#times + 1] = a and a.ends or NEVER
-            q_of[excl] = (q_of[excl] or 0) + 1
-          elseif (tonumber(g[6]) or 0) > 0 then
-            times[#times + 1] = NEVER
-          else
-            times[#times + 1] = NOW
-            free_n = free_n + 1
-          end
-        end
+      local plan, soon
+      if shared then
+        plan, soon = shared_node_plan(r, node, view, horizon)
+      else
+        plan, soon = exclusive_node_plan(r, node, view, horizon)
       end
-      if #times >= r.k then
-        table.sort(times)
-        if times[r.k] <= horizon then return nil, 'soon' end
-        local need = r.k - free_n
-        local cands = {}
-        for id, q in pairs(q_of) do
-          local a = view.by_id[id]
-          if a and a.status == 'allocated' and not a.shared and a.tenant ~= '' and
-              a.tenant ~= r.tenant then
-            cands[#cands + 1] = {a = a, q = q}
-          end
-        end
-        table.sort(cands, function(x, y) return victim_order(x.a, y.a) end)
-        local taken, freed, total, victims = {}, 0, 0, {}
-        for _, c in ipairs(cands) do
-          if freed >= need then break end
-          local a = c.a
-          if total + a.n <= need then
-            local t = a.tenant
-            local left = tenant_held(t) - (view.leaving[t] or 0) - (taken[t] or 0) - a.n
-            if left >= tenant_quota(t).guaranteed then
-              taken[t] = (taken[t] or 0) + a.n
-              freed, total = freed + c.q, total + a.n
-              victims[#victims + 1] = a
-            end
-          end
-        end
-        if freed >= need and (best == nil or #victims < #best.victims or
-            (#victims == #best.victims and total < best.gpus)) then
-          best = {node = node, victims = victims, gpus = total}
-        end
-      end
+      if soon then return nil, 'soon' end
+      if plan and better_plan(plan, best) then best = plan end
     end
   end
   return best
@@ -258,10 +395,10 @@ end
 
 -- May r preempt at all (before any look at the fleet)?
 local function may_preempt(r, holds_by_node, holds_by_id)
-  if not r or r.status ~= 'queued' or r.tenant == '' or r.sharing == 'shared' then return false end
+  if not r or r.status ~= 'queued' or r.tenant == '' then return false end
   if holds_by_id and holds_by_id[r.id] then return false end
   local g = tenant_quota(r.tenant).guaranteed
-  if g <= 0 or tenant_held(r.tenant) + incoming(r.tenant, holds_by_node) + r.k > g then
+  if g <= 0 or tenant_held(r.tenant) + incoming(r.tenant, holds_by_node) + alloc_gpus(r) > g then
     return false
   end
   return deps_done(r) and not over_quota(r)
