@@ -139,9 +139,7 @@ def test_the_requesters_own_guarantee_counts_its_shared_allocations(make_engine,
     assert preempting(engine) == []
 
 
-def test_nothing_is_preempted_when_shared_holders_leave_within_the_grace_period(
-    make_engine, clock
-):
+def test_nothing_is_preempted_when_shared_holders_leave_within_the_grace_period(make_engine, clock):
     engine = make_engine()
     fill_shared(engine, clock, "team-b", (5, 5, 5))
     engine.allocate(shared("team-b", 20000, ttl_seconds=20))  # its room comes back at +20 s
@@ -166,8 +164,8 @@ def test_a_shared_request_may_take_a_gpu_from_an_exclusive_holder_of_that_gpu_al
 
 def test_an_exclusive_holder_of_more_gpus_is_not_taken_for_a_shared_request(make_engine, clock):
     engine = make_engine(nodes=(("n1", 2), ("n2", 1)))
-    two = engine.allocate(req("team-b", required_gpus=2, priority=1, ttl_seconds=3600))
-    one = engine.allocate(req("team-b", priority=9, ttl_seconds=3600))
+    two = engine.allocate(req("team-c", required_gpus=2, priority=1, ttl_seconds=3600))
+    one = engine.allocate(req("team-c", priority=9, ttl_seconds=3600))
     assert (two["node"], one["node"]) == ("n1", "n2")
     # on n1 the only victim would end an allocation of two GPUs for a request of one: never
     assert engine.allocate(shared("team-a", 20000, nodes=["n1"]))["status"] == "queued"
