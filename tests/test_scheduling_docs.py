@@ -348,3 +348,96 @@ def test_each_tenant_keeps_its_load_example(world):
     w.engine.reap()
     assert w.status(q2) == "allocated"
     assert hhmm(w.engine.get(q2["id"])["allocated_at"]) == "10:32"
+
+
+def yaml_blocks(text: str) -> list[dict]:
+    return [yaml.safe_load(b) or {} for b in re.findall(r"```yaml\n(.*?)```", text, re.S)]
+
+
+def preempting_ids(w) -> set[str]:
+    return {a["id"] for a in w.engine.snapshot()["allocations"] if a["status"] == "preempting"}
+
+
+def test_guarantee_preemption_of_a_shared_request_example(world):
+    text = section("Guarantee and preemption")
+    w = world(yaml_blocks(text)[0])
+    w.node("a", 2)
+    x = w.ask("09:00", "batch-team", 1, 60)
+    slots = [
+        w.ask("09:00", "batch-team", 1, 60, sharing="shared", min_memory_mb=25000, priority=p)
+        for p in (3, 5, 5)
+    ]
+    assert x["gpu_ids"] == [0] and {s["gpu_ids"][0] for s in slots} == {1}
+    assert {t["tenant"]: t["gpus_held"] for t in w.engine.tenants()}["batch-team"] == 4
+
+    first = w.ask("09:30", "inference-team", 1, 60, sharing="shared", min_memory_mb=20000)
+    assert first["status"] == "queued"
+    assert preempting_ids(w) == {slots[0]["id"]}
+    assert hms(w.engine.get(slots[0]["id"])["preempt_at"]) == "09:30:30"
+    assert w.engine.get(first["id"])["reserved_node"] == "a"
+    w.release("09:30:10", slots[0])
+    assert w.status(slots[0]) == "preempted"
+    got = w.engine.get(first["id"])
+    assert got["status"] == "allocated" and got["gpu_ids"] == [1]
+
+    second = w.ask("09:31", "inference-team", 1, 60, sharing="shared", min_memory_mb=40000)
+    assert second["status"] == "queued" and preempting_ids(w) == {x["id"]}
+    assert hms(w.engine.get(x["id"])["preempt_at"]) == "09:31:30"
+    w.now = at("09:31:30")
+    assert w.engine.reap()["preempted"] == [x["id"]]
+    got = w.engine.get(second["id"])
+    assert got["status"] == "allocated" and got["gpu_ids"] == [0]
+    held = {t["tenant"]: t["gpus_held"] for t in w.engine.tenants()}
+    assert held == {"batch-team": 2, "inference-team": 2}
+
+    third = w.ask("09:32", "inference-team", 1, 60, sharing="shared", min_memory_mb=50000)
+    assert third["status"] == "queued" and preempting_ids(w) == set()
+    w.engine.schedule_pass()
+    assert preempting_ids(w) == set()
+    says(
+        text,
+        "GPU 1 has 6,920 MB of room",
+        "It holds 4 GPUs (1 + three shared), 3 above its guarantee",
+        "the priority-3 slot turns `preempting` with `preempt_at` 09:30:30",
+        "it ends `preempted`, and the request is granted on GPU 1 in the same call "
+        "(11,920 MB of room left)",
+        "GPU 0's exclusive allocation turns `preempting` (`batch-team` keeps 2 ≥ 1)",
+        "ends it `preempted` at 09:31:30 and the request is granted on GPU 0",
+        "it waits and nothing is preempted for it",
+    )
+
+
+def test_guarantee_preemption_of_an_exclusive_request_example(world):
+    text = section("Guarantee and preemption")
+    w = world(yaml_blocks(text)[1])
+    w.node("n1", 4)
+    w.node("n2", 4)
+    b = []
+    for i in range(8):  # a second apart; priority 3 for the third on each node
+        w.now = at("09:30") + i
+        prio = 3 if i in (2, 6) else 5
+        b.append(
+            w.engine.allocate({"service_name": "team-b", "ttl_seconds": 3600, "priority": prio})
+        )
+    assert [x["node"] for x in b] == ["n1"] * 4 + ["n2"] * 4
+    a = w.ask("10:00", "team-a", 2, 60)
+    assert a["status"] == "queued"
+    victims = sorted(preempting_ids(w))
+    assert victims == sorted([b[2]["id"], b[3]["id"]])  # n1: priority 3, then the latest
+    assert {hms(w.engine.get(v)["preempt_at"]) for v in victims} == {"10:00:30"}
+    assert w.engine.get(a["id"])["reserved_node"] == "n1"
+    w.release("10:00:10", b[2])
+    assert w.status(b[2]) == "preempted"
+    c = w.ask("10:00:10", "team-c", 1, 60, priority=10)
+    assert c["status"] == "queued"
+    w.now = at("10:00:30")
+    w.engine.reap()
+    got = w.engine.get(a["id"])
+    assert got["status"] == "allocated" and got["node"] == "n1"
+    assert w.status(c) == "queued"
+    says(
+        text,
+        "two victims on either node, a tie that `n1` wins",
+        "`preempting` with `preempt_at` 10:00:30",
+        "`team-a`'s request is granted on `n1`; `team-c` still waits",
+    )
