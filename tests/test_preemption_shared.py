@@ -22,9 +22,9 @@ MB = 81920  # gpu_list's memory per GPU
 
 @pytest.fixture
 def make_engine(redis, settings, clock):
-    def make(nodes=(("n1", 1),), quotas=None, grace="30s"):
+    def make(nodes=(("n1", 1),), quotas=None, grace="30s", fair=False):
         st = settings.replace(
-            tenants={"key": "service_name", "quotas": quotas or QUOTAS},
+            tenants={"key": "service_name", "quotas": quotas or QUOTAS, "fair_share": fair},
             preemption={"enabled": True, "grace_period": grace},
         )
         eng = Engine(redis, st, clock=clock)
@@ -223,3 +223,19 @@ def test_the_preempted_shared_holder_is_told_and_ends_preempted_when_it_releases
     assert status(engine, a["id"]) == "allocated"
     sent = [(o["event"], o["request_id"]) for o in outbox(engine, redis)]
     assert sent == [("preempting", b[0]["id"]), ("preempted", b[0]["id"])]
+
+
+@pytest.mark.parametrize("fair", [False, True])
+def test_the_room_a_victim_frees_waits_for_the_request_in_either_walk(make_engine, clock, fair):
+    engine = make_engine(fair=fair)
+    b = fill_shared(engine, clock, "team-b", (5, 3, 5, 5))
+    a = engine.allocate(shared("team-a", 20000))
+    assert [v["id"] for v in preempting(engine)] == [b[1]["id"]]
+    # "early" (no guarantee; first by name, and holding nothing like team-a) asks for room the
+    # victim's end frees: it waits, the room is team-a's
+    early = engine.allocate(shared("early", 15000, priority=10))
+    assert early["status"] == "queued"
+    clock.advance(10)
+    engine.release(b[1]["id"])
+    assert status(engine, a["id"]) == "allocated"
+    assert status(engine, early["id"]) == "queued"
