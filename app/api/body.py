@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from typing import Any
 
 import marshmallow as ma
@@ -62,6 +63,38 @@ def _is_json(mimetype: str) -> bool:
     )
 
 
+class _Odd(threading.local):
+    """Per thread: how many NaN/Infinity/out-of-range numbers the body being parsed held."""
+
+    count = 0
+
+
+_ODD = _Odd()
+
+
+def _constant(text: str) -> NonFinite:
+    _ODD.count += 1
+    return NonFinite(text)
+
+
+def _number(text: str) -> float | NonFinite:
+    value = _finite_float(text)
+    if isinstance(value, NonFinite):
+        _ODD.count += 1
+    return value
+
+
+def _integer(text: str) -> int | NonFinite:
+    if len(text) > 309:  # past any float (and int() refuses 4,300 digits outright)
+        _ODD.count += 1
+        return NonFinite(text)
+    return int(text)
+
+
+#: Built once: json.loads builds a decoder per call when given any hook.
+_DECODER = json.JSONDecoder(parse_constant=_constant, parse_float=_number, parse_int=_integer)
+
+
 def raw_json() -> Any:
     """The decoded body, or None when there is none."""
     data = request.get_data(cache=True)
@@ -69,28 +102,13 @@ def raw_json() -> Any:
         raise UnsupportedMediaType("Content-Type must be application/json")
     if not data:
         return None
-    odd = []
-
-    def constant(text: str) -> NonFinite:
-        odd.append(text)
-        return NonFinite(text)
-
-    def number(text: str) -> float | NonFinite:
-        value = _finite_float(text)
-        if isinstance(value, NonFinite):
-            odd.append(text)
-        return value
-
-    def integer(text: str) -> int | NonFinite:
-        if len(text) > 309:  # past any float (and int() refuses 4,300 digits outright)
-            odd.append(text)
-            return NonFinite(text)
-        return int(text)
-
+    _ODD.count = 0
     try:
-        body = json.loads(data, parse_constant=constant, parse_float=number, parse_int=integer)
+        # what json.loads does with bytes: UTF-8, -16 or -32, told apart as RFC 8259 says
+        text = data.decode(json.detect_encoding(data), "surrogatepass")
+        body = _DECODER.decode(text)
         # NaN/Infinity are not JSON numbers, 1e400 has no float: 422 naming each field
-        details = _non_finite_paths(body) if odd else None
+        details = _non_finite_paths(body) if _ODD.count else None
     except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
         raise BadRequest(f"malformed JSON: {exc}") from None
     except RecursionError:
