@@ -239,3 +239,37 @@ def test_the_room_a_victim_frees_waits_for_the_request_in_either_walk(make_engin
     engine.release(b[1]["id"])
     assert status(engine, a["id"]) == "allocated"
     assert status(engine, early["id"]) == "queued"
+
+
+def test_a_gpu_that_frees_within_the_grace_period_is_not_taken_again(make_engine, clock):
+    engine = make_engine(nodes=(("n1", 4),))
+    soon = engine.allocate(req("team-b", priority=1, ttl_seconds=10))
+    clock.advance(1)
+    b = [engine.allocate(req("team-b", priority=p, ttl_seconds=3600)) for p in (5, 5, 2)]
+    # team-a needs 2: one GPU frees at +10 s by itself, so one victim is enough (the lowest
+    # priority of those staying: priority 2), not two
+    a = engine.allocate(req("team-a", required_gpus=2, ttl_seconds=600))
+    assert [v["id"] for v in preempting(engine)] == [b[2]["id"]]
+    clock.advance(10)
+    beat(engine)
+    assert engine.reap()["expired"] == [soon["id"]]
+    assert status(engine, a["id"]) == "queued"
+    clock.advance(20)
+    beat(engine)
+    engine.reap()
+    assert status(engine, a["id"]) == "allocated"
+    assert [status(engine, x["id"]) for x in b] == ["allocated", "allocated", "preempted"]
+
+
+def test_a_shared_holder_leaving_within_the_grace_period_is_not_preempted(make_engine, clock):
+    engine = make_engine()
+    short = engine.allocate(shared("team-c", 10000, priority=1, ttl_seconds=10))
+    long_ = engine.allocate(shared("team-c", 10000, priority=5, ttl_seconds=3600))
+    a = engine.allocate(req("team-a"))
+    assert a["status"] == "queued"
+    assert [v["id"] for v in preempting(engine)] == [long_["id"]]
+    clock.advance(30)
+    beat(engine)
+    out = engine.reap()
+    assert out["expired"] == [short["id"]] and out["preempted"] == [long_["id"]]
+    assert status(engine, a["id"]) == "allocated"

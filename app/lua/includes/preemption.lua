@@ -236,50 +236,53 @@ end
 -- One node's plan for an exclusive request r: plan or nil, and 'soon' when r could get its
 -- GPUs there within the grace period without one.
 local function exclusive_node_plan(r, node, view, horizon)
-  local times, free_n, q_of, groups = {}, 0, {}, {}
+  local times, free_n, soon_n, q_of, groups = {}, 0, 0, {}, {}
   for _, idx in ipairs(node_indexes(node)) do
     local g = redis.call('HMGET', k_gpu(node, idx), 'health', 'cordoned', 'lost',
       'memory_total_mb', 'excl', 'shared_n', 'name')
     if g[1] == 'ok' and g[2] ~= '1' and g[3] ~= '1' and (tonumber(g[4]) or 0) >= r.minm
         and model_matches(r.pat, g[7]) then
       local excl = g[5] or ''
+      local t = NOW
       if excl ~= '' then
         local a = view.by_id[excl]
-        times[#times + 1] = a and a.ends or NEVER
+        t = a and a.ends or NEVER
         q_of[excl] = (q_of[excl] or 0) + 1
       elseif (tonumber(g[6]) or 0) > 0 then
         -- free when its last shared holder ends (a holder the view lacks: never)
         local hs = view.shared[node .. '|' .. idx] or {}
-        local t = #hs > 0 and NOW or NEVER
+        t = #hs > 0 and NOW or NEVER
         for _, a in ipairs(hs) do
           if a.ends > t then t = a.ends end
         end
-        times[#times + 1] = t
-        groups[#groups + 1] = hs
+        if t > horizon then groups[#groups + 1] = hs end
       else
-        times[#times + 1] = NOW
         free_n = free_n + 1
       end
+      times[#times + 1] = t
+      -- a GPU that frees by the horizon anyway (a lease ending, a holder already preempting)
+      -- is not taken again: it lessens what r lacks
+      if t > NOW and t <= horizon then soon_n = soon_n + 1 end
     end
   end
   if #times < r.k then return nil end
   table.sort(times)
   if times[r.k] <= horizon then return nil, 'soon' end
-  local need = r.k - free_n
+  local need = r.k - free_n - soon_n
   -- units: {victims, gpus they take (counted against need), qualifying GPUs they free,
   -- priority, at, id} in victim order
   local units = {}
   for id, q in pairs(q_of) do
     local a = view.by_id[id]
-    if victim_ok(a, r) then
+    if victim_ok(a, r) and a.ends > horizon then
       units[#units + 1] = {victims = {a}, gpus = a.n, q = q, priority = a.priority, at = a.at,
         id = id}
     end
   end
   for _, hs in ipairs(groups) do
-    local vs, ok, pr, at = {}, #hs > 0, -math.huge, math.huge
+    local vs, ok, pr, at = {}, true, -math.huge, math.huge
     for _, a in ipairs(hs) do
-      if a.status ~= 'preempting' then -- a preempting holder leaves anyway
+      if a.ends > horizon then -- one leaving by then (preempting already, or its lease) stays
         if not victim_ok(a, r) then ok = false; break end
         vs[#vs + 1] = a
         if a.priority > pr then pr = a.priority end
