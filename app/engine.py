@@ -1558,11 +1558,21 @@ _WAIT_GPU_FIELDS = (
 
 def _wait_view(raw: dict) -> dict:
     """The snapshot script's ``wait`` part -> records app/waiting.py reads."""
-    deps = raw.get("deps")
+    deps, holds = raw.get("deps"), raw.get("holds")
+    beyond = []
+    for q in _list(raw.get("beyond")):
+        if isinstance(q, dict):
+            rec = parse_record(q)
+            rec["position"] = _to_int(q.get("position"))
+            beyond.append(rec)
     return {
         "held": [parse_record(a) for a in _list(raw.get("held")) if isinstance(a, dict)],
         "queue": [parse_record(q) for q in _list(raw.get("queue")) if isinstance(q, dict)],
         "deps": {k: (v or None) for k, v in deps.items()} if isinstance(deps, dict) else {},
+        "beyond": sorted(beyond, key=lambda r: r["position"] or 0),
+        "holds": {k: v for k, v in holds.items() if isinstance(v, str)}
+        if isinstance(holds, dict)
+        else {},
     }
 
 

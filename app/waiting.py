@@ -257,6 +257,12 @@ class _Sim:
         #: tenants configured (settings.tenants_configured): each tenant's head reserves at
         #: once and a reserved node's spare GPUs go to anyone; else only reservation_after
         self.heads = False
+        #: queued requests ranked beyond the simulated head that hold a reservation (simulated
+        #: after it: their node is held back as the engine holds it)
+        self.beyond: list[_Req] = []
+        #: preemption holds: node -> the queued request it is held for (the rank walk gives
+        #: it to no one else, no backfill, until that request is granted or leaves)
+        self.held_for: dict[str, str] = {}
 
     def _hold(self, node: str, gpu_ids, rec, end: float) -> None:
         for idx in gpu_ids:
@@ -454,13 +460,27 @@ def _new_sim(snap: dict[str, Any], sched, limits, fair, heads) -> tuple[_Sim, li
         sim.default_weight = float(fair["default_weight"])
     head = []
     damaged: set[str] = set()
-    for rec in (snap.get("wait") or {}).get("queue", []):
+    wait = snap.get("wait") or {}
+    for rec in wait.get("queue", []):
         try:
             head.append(_Req(rec))
         except (TypeError, ValueError, OverflowError, KeyError):
             damaged.add(str(rec.get("id")))
-    sim.pending = {r.id for r in head}
-    sim.reserved_nodes = {r.reserved for r in head if r.reserved}
+    ids = {r.id for r in head}
+    for rec in wait.get("beyond", []):
+        try:
+            r = _Req(rec)
+        except (TypeError, ValueError, OverflowError, KeyError):
+            continue  # a damaged holder: its reservation is not simulated
+        if r.id not in ids and r.reserved:
+            sim.beyond.append(r)
+    sim.pending = {r.id for r in head} | {r.id for r in sim.beyond}
+    sim.reserved_nodes = {r.reserved for r in head + sim.beyond if r.reserved}
+    sim.held_for = {
+        node: rid
+        for node, rid in (wait.get("holds") or {}).items()
+        if rid in sim.pending and node in sim.gpus
+    }
     return sim, head, damaged
 
 
@@ -567,7 +587,7 @@ def _walk(sim: _Sim, head: list[_Req], eta: dict[str, float | None], wanted: set
     """The timeline: a pass now, then one at each lease end (the engine's pass on release),
     where the allocations that ended come back as phantoms (:func:`_resubmit`)."""
     t = sim.now
-    waiting = list(head[:MAX_SIMULATED])
+    waiting = list(head[:MAX_SIMULATED]) + sim.beyond
     steps = 0
     made = 0  # phantoms made
     while waiting:
@@ -610,7 +630,9 @@ def _rank_pass(sim: _Sim, walk: list[_Req], t: float, eta: dict) -> int:
     max_free = sim.max_free(t)
     if max_free == 0 and not any(r.shared for r in walk) and t > sim.now:
         return 0  # nothing can fit (the engine's nothing_fits): on to the next lease end
-    blocked: dict = {}
+    # a preemption's hold: its node is held back from every other request from the start
+    held = {rid: node for node, rid in sim.held_for.items()}
+    blocked: dict = {node: (INF, 0) for node in sim.held_for}
     seen: set = set()
     failed: set = set()
     fail_lease: dict = {}
@@ -620,9 +642,17 @@ def _rank_pass(sim: _Sim, walk: list[_Req], t: float, eta: dict) -> int:
         if done is None:
             continue
         placed = None
+        hn = held.get(r.id)
         if done and not sim.over_quota(r) and (r.shared or r.k <= max_free):
             shortest = fail_lease.get(r.shape)
-            if r.shape not in failed and (shortest is None or r.lease < shortest):
+            if hn is not None:
+                # a holder is tried whatever failed before it, its own node included
+                steps += 1
+                hb = blocked.pop(hn)
+                placed = sim.place(r, t, blocked)
+                if placed is None:
+                    blocked[hn] = hb
+            elif r.shape not in failed and (shortest is None or r.lease < shortest):
                 steps += 1
                 placed = sim.place(r, t, blocked)
                 if placed is None and blocked:
@@ -631,12 +661,16 @@ def _rank_pass(sim: _Sim, walk: list[_Req], t: float, eta: dict) -> int:
                 elif placed is None:
                     failed.add(r.shape)
         if placed is not None:
+            if hn is not None:
+                blocked.pop(hn, None)
             _granted(sim, r, placed, t, blocked, eta)
             max_free = sim.max_free(t)
             continue
         if strict:
             break
         _maybe_reserve(sim, r, t, blocked, seen, rank, bool(done))
+        if hn is not None:
+            blocked[hn] = (INF, 0)  # held, not merely reserved: no backfill, no spare
     return steps
 
 
@@ -660,6 +694,8 @@ def _timed_out(sim: _Sim, r: _Req, eta: dict) -> None:
     sim.pending.discard(r.id)
     if r.reserved:
         sim.reserved_nodes.discard(r.reserved)
+        if sim.held_for.get(r.reserved) == r.id:
+            del sim.held_for[r.reserved]
         r.reserved = None
 
 
@@ -674,6 +710,8 @@ def _granted(sim: _Sim, r: _Req, placed, t: float, blocked: dict, eta: dict) -> 
     sim.pending.discard(r.id)
     if r.reserved:
         sim.reserved_nodes.discard(r.reserved)
+        if sim.held_for.get(r.reserved) == r.id:
+            del sim.held_for[r.reserved]  # the grant ends its hold (the engine's dequeue)
     eta[r.id] = t
 
 

@@ -391,3 +391,73 @@ def test_a_reserved_node_is_held_back_from_the_start_of_a_fair_pass(redis, setti
     assert w["reason"] == "reservation" or w["reason"] == "capacity"
     assert w["eta"] == t0 + 1300
     assert run_until(engine, clock, x["id"], until=t0 + 3000) == t0 + 1300
+
+
+# ------------------------------------------------- preemption holds, reservations beyond the head
+
+
+def test_a_preemption_hold_gives_the_freed_gpus_to_its_request_in_the_eta(redis, settings, clock):
+    """Guarantee preemption (rank walk): team-a, below its guarantee, asks for 2 GPUs while
+    team-b holds all 8 for an hour; two of team-b's allocations turn preempting (preempt_at =
+    now + 30 s) and their node is held for team-a's request. team-a's estimate is preempt_at.
+    team-c's request (priority 10, ranked first) may not use the held node: its estimate is
+    the end of team-a's 600 s lease there (team-b's end an hour later), not preempt_at. Both
+    come true."""
+    quotas = {"team-a": {"guaranteed_gpus": 4}, "team-b": {"guaranteed_gpus": 2}}
+    st_ = settings.replace(
+        tenants={"key": "service_name", "quotas": quotas},
+        preemption={"enabled": True, "grace_period": "30s"},
+        scheduler={"node_heartbeat_timeout": "1d", "node_forget_after": 0},
+    )
+    engine = Engine(redis, st_, clock=clock)
+    for node in ("n1", "n2"):
+        engine.report_node(node, gpu_list(4))
+    for _ in range(8):
+        engine.allocate(req(service="team-b", ttl_seconds=3600))
+        clock.advance(1)
+    a = engine.allocate(req(service="team-a", required_gpus=2, ttl_seconds=600))
+    assert a["status"] == "queued"
+    victims = [x for x in engine.snapshot()["allocations"] if x["status"] == "preempting"]
+    assert len(victims) == 2
+    preempt_at = victims[0]["preempt_at"]
+    node = engine.get(a["id"])["reserved_node"]
+    c = engine.allocate(req(service="team-c", priority=10, ttl_seconds=600))
+    assert c["status"] == "queued" and c["position"] == 1
+    assert why(engine, a["id"])["eta"] == pytest.approx(preempt_at)
+    assert why(engine, c["id"])["eta"] == pytest.approx(preempt_at + 600)
+    # the real run: the reaper ends the victims at preempt_at, team-a's request takes the node
+    clock.t = preempt_at
+    engine.reap()
+    engine.schedule_pass()
+    got = engine.get(a["id"])
+    assert got["status"] == "allocated" and got["node"] == node
+    assert engine.get(c["id"])["status"] == "queued"
+    clock.t = got["expires_at"]
+    engine.reap()
+    engine.schedule_pass()
+    assert engine.get(c["id"])["allocated_at"] == pytest.approx(preempt_at + 600)
+
+
+def test_a_reservation_held_beyond_the_simulated_head_is_simulated(
+    redis, settings, clock, monkeypatch
+):
+    """Fair share: lo's request L (2 GPUs) reserved node a (free at +100); hi's H1 and H2
+    (priority 10) rank ahead of it. With only the first 2 queued requests simulated, L is
+    still read (it holds a reservation): at +100 node a goes to L (lo is below hi's share and
+    the node is reserved for it), so H1's estimate is +200 (node b), not +100."""
+    monkeypatch.setattr(waiting, "MAX_SIMULATED", 2)
+    engine = fair_engine(redis, settings, clock)
+    engine.report_node("a", gpu_list(2))
+    engine.report_node("b", gpu_list(2))
+    t0 = clock.t
+    engine.allocate(req(service="hi", required_gpus=2, ttl_seconds=100, nodes=["a"]))
+    engine.allocate(req(service="hi", required_gpus=2, ttl_seconds=200, nodes=["b"]))
+    low = engine.allocate(req(service="lo", required_gpus=2, ttl_seconds=1000))
+    assert engine.get(low["id"])["reserved_node"] == "a"
+    h1 = engine.allocate(req(service="hi", required_gpus=2, ttl_seconds=1000, priority=10))
+    h2 = engine.allocate(req(service="hi", required_gpus=2, ttl_seconds=1000, priority=10))
+    assert (h1["position"], h2["position"], engine.get(low["id"])["position"]) == (1, 2, 3)
+    w = waiting.annotate(engine, [h1])[h1["id"]]
+    assert w["eta"] == t0 + 200
+    assert run_until(engine, clock, low["id"], until=t0 + 150) == t0 + 100
+    assert run_until(engine, clock, h1["id"], until=t0 + 3000) == t0 + 200

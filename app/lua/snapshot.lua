@@ -20,7 +20,8 @@
   expires_at, owner, service_name, tenant, lease_seconds, priority}] every live allocation,
   queue: [the first `wait` queued requests with the fields placement needs, and
   unreserved_since: the score reservation_after counts from], deps: {id: status or false} for their
-  dependencies that are neither live nor among them},
+  dependencies that are neither live nor among them, beyond: [the holders of reservations ranked
+  after those, as queue's, with their position], holds: {node: holder} (preemption holds)},
   allocations: [...], queue: [...], allocations_total, queue_depth,
   queue_start (0-based rank of the page's first queued request), next ("" when this page ends
   the listing)}. Records are compact: one JSON object each, without workload_data (the
@@ -130,13 +131,12 @@ if wait_n > 0 then
     'status'}
   local ids = redis.call('ZRANGE', K_QUEUE, 0, wait_n - 1)
   for _, id in ipairs(ids) do known[id] = true end
-  for _, id in ipairs(ids) do
+  local function queued(id)
     local f = redis.call('HMGET', k_req(id), unpack(QF))
     local q = {id = id}
     for j, name in ipairs(QF) do q[name] = f[j] or REC_DEFAULTS[name] or '' end
     -- since when it waits for a reservation (reservation_after counts from there)
     q.unreserved_since = redis.call('ZSCORE', K_QUNRES, id) or ''
-    wait.queue[#wait.queue + 1] = q
     if q.depends_on ~= '' and q.depends_on ~= '[]' then
       local ok, deps = pcall(cjson.decode, q.depends_on)
       if ok and type(deps) == 'table' then
@@ -148,7 +148,28 @@ if wait_n > 0 then
         end
       end
     end
+    return q
   end
+  for _, id in ipairs(ids) do wait.queue[#wait.queue + 1] = queued(id) end
+  -- the holders of reservations ranked beyond that head (a reserved node is held back from
+  -- requests ahead of its holder too, with fair share or a preemption's hold): at most one
+  -- per node, each with its place in the queue; and the preemption holds (node -> holder)
+  wait.beyond, wait.holds = {}, {}
+  local res = redis.call('HGETALL', K_RES)
+  for i = 1, #res, 2 do
+    local id = res[i + 1]
+    if not known[id] then
+      local rank = redis.call('ZRANK', K_QUEUE, id)
+      if rank then
+        known[id] = true
+        local q = queued(id)
+        q.position = rank + 1
+        wait.beyond[#wait.beyond + 1] = q
+      end
+    end
+  end
+  local holds = redis.call('HGETALL', k_holds())
+  for i = 1, #holds, 2 do wait.holds[holds[i]] = holds[i + 1] end
   out.wait = wait
 end
 return cjson.encode(out)
