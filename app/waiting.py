@@ -28,6 +28,14 @@ reached.
 
 With ``tenants.fair_share`` the walk is the fair pass's (:func:`_fair_pass`).
 
+Preemption: an allocation marked ``preempting`` ends at its ``preempt_at`` (its ``expires_at``
+is capped there). A node held for the request a guarantee preemption was made for
+(``wait.holds``) goes to that request only in the rank walk (no other request, no backfill,
+until it is granted or leaves); the fair walk treats the hold as its reservation, as the
+engine's does. The holders of reservations ranked beyond the simulated head
+(``wait.beyond``, one per node at most) are simulated after it, so their nodes are held back
+as the engine holds them.
+
 Load model: each tenant keeps its current load. Every allocation that ends on the timeline is
 submitted again at that instant by its tenant, same GPUs, priority and lease (a phantom: it
 takes capacity, nobody reads its estimate; :func:`_resubmit`). The head request's estimate is
