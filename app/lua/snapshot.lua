@@ -155,7 +155,8 @@ if wait_n > 0 then
   -- requests ahead of its holder too, with fair share or a preemption's hold): at most one
   -- per node, each with its place in the queue; and the preemption holds (node -> holder)
   wait.beyond, wait.holds = {}, {}
-  local res = redis.call('HGETALL', K_RES)
+  -- (HLEN first: most reads find neither reservations nor holds)
+  local res = redis.call('HLEN', K_RES) > 0 and redis.call('HGETALL', K_RES) or {}
   for i = 1, #res, 2 do
     local id = res[i + 1]
     if not known[id] then
@@ -168,7 +169,8 @@ if wait_n > 0 then
       end
     end
   end
-  local holds = redis.call('HGETALL', k_holds())
+  local hk = k_holds()
+  local holds = redis.call('HLEN', hk) > 0 and redis.call('HGETALL', hk) or {}
   for i = 1, #holds, 2 do wait.holds[holds[i]] = holds[i + 1] end
   out.wait = wait
 end
