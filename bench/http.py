@@ -18,8 +18,9 @@ machine. Not a test; finishes in well under 2 minutes.
 
 On Linux it also prints the server side's CPU time per request (the API's processes and
 redis-server, from /proc): ``noop_cpu_us``, ``alloc_release_cpu_us`` and ``cpu_ratio``
-(noop_cpu_us / alloc_release_cpu_us). On a machine shared with other work the wall-clock
-ratio follows whatever else runs; the CPU a request costs barely moves.
+(noop_cpu_us / alloc_release_cpu_us), and redis-server's part of each (``noop_redis_cpu_us``,
+``alloc_release_redis_cpu_us``). On a machine shared with other work the wall-clock ratio
+follows whatever else runs; the CPU a request costs barely moves.
 
     .venv/bin/python bench/http.py            # defaults: 16 clients, 10 s + 15 s
 """
