@@ -710,14 +710,16 @@ class Engine:
             return res
         raise AssertionError("unreachable")
 
-    def _run(self, name: str, *args, ctx: dict | None = None):
+    def _run(self, name: str, *args, ctx: dict | Callable[[], dict] | None = None):
+        """One engine function; an error it returns is raised with ``ctx`` (the call's
+        context for the message: a dict, or a function building it when one is raised)."""
         now = "" if self.clock is None else repr(float(self.clock()))
         res = self._fcall(name, [now, *args])
         if isinstance(res, list) and res and isinstance(res[0], int) and res[0] < 0:
             code = res[0]
             if code == _RETRY_ID:
                 return res
-            raise ERRORS[code](ctx or {}, res[1:])
+            raise ERRORS[code]((ctx() if callable(ctx) else ctx) or {}, res[1:])
         return res
 
     def now(self) -> float:
@@ -942,16 +944,19 @@ class Engine:
                 request_hash
                 or hashlib.sha256(json.dumps(hashed, sort_keys=True).encode()).hexdigest()[:32]
             )
-        ctx = {
-            "key": idempotency_key,
-            "required_gpus": fields["required_gpus"],
-            "min_memory_mb": fields["min_memory_mb"],
-            "gpu_model": fields["gpu_model"],
-            "nodes": json.loads(fields["nodes"]),
-            "preferred_gpus": json.loads(fields["preferred_gpus"]),
-            "sharing": fields["sharing"],
-            "tenant": fields["tenant"],
-        }
+
+        def ctx() -> dict:  # for an error's message only: built when one is raised
+            return {
+                "key": idempotency_key,
+                "required_gpus": fields["required_gpus"],
+                "min_memory_mb": fields["min_memory_mb"],
+                "gpu_model": fields["gpu_model"],
+                "nodes": json.loads(fields["nodes"]),
+                "preferred_gpus": json.loads(fields["preferred_gpus"]),
+                "sharing": fields["sharing"],
+                "tenant": fields["tenant"],
+            }
+
         scoped_key = f"{fields['owner']}|{idempotency_key}" if idempotency_key else ""
         flat = stored(fields)  # fields at their default are not stored (app/record.py)
         # the body's hash and the key's lifetime travel only with a key
@@ -966,9 +971,12 @@ class Engine:
         if res[0] == 2:
             rec = parse_record(res[1])
         else:
-            fields.update(id=rid, status="queued", submitted_at=res[1])
-            fields.update(_pairs(res[3]))
-            rec = parse_record(fields)
+            # the record as stored: what was sent (parse_record fills in the defaults left
+            # out) and what the script added
+            raw = {"id": rid, "status": "queued", "submitted_at": res[1]}
+            raw.update(zip(flat[0::2], flat[1::2]))
+            raw.update(zip(res[3][0::2], res[3][1::2]))
+            rec = parse_record(raw)
         if res[2]:
             rec["position"] = int(res[2])
         rec["replayed"] = res[0] == 2

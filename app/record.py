@@ -214,7 +214,13 @@ _CONVERT: dict[str, Callable[[str], Any]] = {
     f.name: _KINDS[f.kind] for f in FIELDS if f.kind != "str"
 }
 _FILLED = {name: _CONVERT.get(name, str)(value) for name, value in DEFAULTS.items()}
-_FILLED_COMPACT = {k: v for k, v in _FILLED.items() if k not in NOT_LISTED}
+#: The defaults a reader fills in, split: immutable values (shared) and the empty lists and
+#: dicts (a fresh one per record), each also without NOT_LISTED for compact records.
+_FILL_VALUES = {k: v for k, v in _FILLED.items() if not isinstance(v, (list, dict))}
+_FILL_EMPTY = tuple((k, type(v)) for k, v in _FILLED.items() if isinstance(v, (list, dict)))
+assert all(not v for k, v in _FILLED.items() if isinstance(v, (list, dict)))
+_FILL_VALUES_COMPACT = {k: v for k, v in _FILL_VALUES.items() if k not in NOT_LISTED}
+_FILL_EMPTY_COMPACT = tuple((k, t) for k, t in _FILL_EMPTY if k not in NOT_LISTED)
 
 
 def parse_record(raw: dict | list | str, *, compact: bool = False) -> dict:
@@ -226,13 +232,15 @@ def parse_record(raw: dict | list | str, *, compact: bool = False) -> dict:
     else:
         h = _pairs(raw) if isinstance(raw, list) else raw
     convert = _CONVERT.get
-    rec: dict[str, Any] = {}
+    # a request's record (not an empty or foreign hash): the fields not stored read as their
+    # default, filled in first and overwritten by what is stored
+    request = "service_name" in h
+    rec: dict[str, Any] = dict(_FILL_VALUES_COMPACT if compact else _FILL_VALUES) if request else {}
     for key, value in h.items():
-        if key == WATCHED:
-            continue
         fn = convert(key)
         if fn is None:
-            rec[key] = value
+            if key != WATCHED:
+                rec[key] = value
             continue
         try:
             rec[key] = fn(value)
@@ -240,10 +248,10 @@ def parse_record(raw: dict | list | str, *, compact: bool = False) -> dict:
             # a value no reader can use (written by an older version, or by hand) reads as
             # absent: one bad field must not make every listing answer 500
             rec[key] = None
-    if "service_name" in rec:  # a request's record (not an empty or foreign hash)
-        for key, value in (_FILLED_COMPACT if compact else _FILLED).items():
+    if request:
+        for key, empty in _FILL_EMPTY_COMPACT if compact else _FILL_EMPTY:
             if key not in rec:
-                rec[key] = value.copy() if isinstance(value, (list, dict)) else value
+                rec[key] = empty()
     if "allocated_at" not in rec and h.get("node") and "submitted_at" in rec:
         # granted at its submission: allocated_at and the wait are not stored (includes/grants.lua)
         rec["allocated_at"] = rec["submitted_at"]

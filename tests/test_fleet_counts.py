@@ -76,3 +76,20 @@ def test_a_release_reads_released_at_as_its_end_whether_stored_or_not(engine, re
         },
     )
     assert engine.get(rid) == rec
+
+
+def test_allocations_written_before_tenants_existed_end_cleanly(engine, redis, clock):
+    """A record of a release before tenants (no tenant field) expires, is released and is
+    forgotten with its node like any other, and the GPUs come back."""
+    engine.report_node("a", gpu_list(3))
+    ids = [engine.allocate(req(ttl_seconds=60))["id"] for _ in range(3)]
+    for rid in ids:
+        redis.hdel(engine.keys.request(rid), "tenant")
+    redis.delete(engine.keys.tenants())
+    engine.release(ids[0])
+    clock.advance(61)
+    engine.report_node("a", gpu_list(3))
+    assert engine.reap()["expired"] == ids[1:]
+    assert [engine.get(r)["status"] for r in ids] == ["released", "expired", "expired"]
+    assert allocated(engine) == 0 and engine.counts()["gpus_available"] == 3
+    assert redis.hgetall(engine.keys.tenants()) == {}

@@ -68,101 +68,42 @@ end
 local k, minm = num(f.required_gpus), num(f.min_memory_mb)
 local pat, nodes_raw = f.gpu_pattern or '', f.nodes or '[]'
 
--- With a gpu_model or a nodes list the fleet-wide maxima say too little: look for one allowed
--- node that could ever hold the request (k GPUs of the model with enough memory, free or not).
--- O(GPUs on the allowed nodes), paid only by requests that name a model or nodes.
-local function never_fits()
-  local allowed = nil
-  if nodes_raw ~= '[]' then
-    allowed = {}
-    for _, n in ipairs(cjson.decode(nodes_raw)) do allowed[n] = true end
-  end
-  local any_node, any_model, most = false, false, 0
-  for _, node in ipairs(redis.call('ZRANGE', K_SIZES, 0, -1)) do
-    if not allowed or allowed[node] then
-      any_node = true
-      local n = 0
-      for _, idx in ipairs(node_indexes(node)) do
-        local g = redis.call('HMGET', k_gpu(node, idx), 'name', 'memory_total_mb')
-        if model_matches(pat, g[1]) then
-          any_model = true
-          if (tonumber(g[2]) or 0) >= minm then n = n + 1 end
-        end
-      end
-      if n >= k then return nil end
-      if n > most then most = n end
-    end
-  end
-  if not any_node then return {-6, 'nodes', '0'} end
-  if not any_model then return {-6, 'gpu_model', '0'} end
-  return {-6, 'no_node', tostring(most)}
-end
-
--- the highest preferred GPU index (the engine sorts the list); a node of n GPUs has 0..n-1
-local function top_pref(raw)
-  local pref = cjson.decode(raw)
-  return pref[#pref]
-end
-
--- Can it never fit? (the fleet's maxima in meta). A request that a node can take now fits:
--- for a plain one (exclusive, no preferred GPUs) the answer is needed only when it does not
--- get GPUs at once, or before another error (the order of the errors stays the same).
-local function never()
-  local m = redis.call('HMGET', K_META, 'gpus_total', 'max_node_gpus', 'max_gpu_mb')
-  if (tonumber(m[1]) or 0) == 0 then
-    return {-6, 'no_gpus', '0'}
-  elseif k > tonumber(m[2]) then
-    return {-6, 'required_gpus', m[2]}
-  elseif minm > tonumber(m[3]) then
-    return {-6, 'min_memory_mb', m[3]}
-  elseif f.preferred_gpus ~= '[]' and top_pref(f.preferred_gpus) >= tonumber(m[2]) then
-    return {-6, 'preferred_gpus', m[2]}
-  elseif pat ~= '' or nodes_raw ~= '[]' then
-    return never_fits()
-  end
-  return nil
-end
 local plain = f.sharing ~= 'shared' and f.preferred_gpus == '[]'
 local reject = nil
 if not plain then
-  reject = never()
+  reject = never(f, k, minm, pat, nodes_raw)
   if reject then return reject end
 end
 -- the tenant's max_gpus: a request that alone exceeds it can never be granted
 local tenant = f.tenant or ''
 local tquota = (TENANT_LIMITS == '1' and tenant ~= '') and tenant_quota(tenant) or nil
 if tquota and tquota.max_gpus and (f.sharing == 'shared' and 1 or k) > tquota.max_gpus then
-  return (plain and never()) or {-6, 'max_gpus', tostring(tquota.max_gpus)}
+  return (plain and never(f, k, minm, pat, nodes_raw)) or {-6, 'max_gpus', tostring(tquota.max_gpus)}
 end
 local depth = redis.call('ZCARD', K_QUEUE)
 local bucket = owner_bucket(f.owner, svc)
 local rk = k_req(id)
-if redis.call('EXISTS', rk) == 1 then return (plain and never()) or {-8} end
+if redis.call('EXISTS', rk) == 1 then return (plain and never(f, k, minm, pat, nodes_raw)) or {-8} end
 
 local submitted = NOW_S
 -- status last: a grant adds 'allocated', a queued request 'queued' (one write of the field)
 local hset = {'HSET', rk, 'id', id, 'submitted_at', submitted, unpack(ARGV, at)}
-local function remember()
-  if idem_key ~= '' then
-    redis.call('SET', k_idem(idem_key), id .. '|' .. idem_hash, 'EX', math.floor(idem_ttl))
-  end
-end
 f.submitted_at, f.status = submitted, 'queued'
 local r = req_from(id, f)
 
 if depth == 0 and deps_done(r) and not over_quota(r) then
   local node, chosen = place(r, {})
   if node then
-    remember()
+    remember_idem(idem_key, id, idem_hash, idem_ttl)
     -- the record is written once, by the grant (the same HSET, with the grant's fields)
     return {1, submitted, 0, grant(r, node, chosen, false, false, hset)}
   end
 end
 if plain then
-  reject = never()
+  reject = never(f, k, minm, pat, nodes_raw)
   if reject then return reject end
 end
-remember()
+remember_idem(idem_key, id, idem_hash, idem_ttl)
 
 hset[#hset + 1], hset[#hset + 2] = 'status', 'queued'
 redis.call(unpack(hset))

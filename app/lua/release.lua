@@ -12,24 +12,19 @@
 ]]
 -- @include prelude
 local id, principal, admin = ARGV[A + 1], ARGV[A + 2] or '', ARGV[A + 3]
--- one read of the fields the checks and the ending use (the pass below never touches a record
--- that is no longer queued or live)
-local v = redis.call('HMGET', k_req(id), 'status', 'owner', 'node', 'gpu_ids', 'sharing',
-  'min_memory_mb', 'service_name', 'webhook_url', 'webhook_events', 'ok_dependents', 'tenant',
-  'preempted_for', 'watched')
-local st = v[1]
+-- one read of the fields the ending (FINISH_FIELDS) and the checks use (the pass below never
+-- touches a record that is no longer queued or live)
+local n = #FINISH_FIELDS
+local v = redis.call('HMGET', k_req(id), unpack(RELEASE_FIELDS))
+local st = v[n + 1]
 if not st then return {-1, ''} end
-if principal ~= '' and admin ~= '1' and (v[2] or '') ~= principal then return {-2} end
-local rec = {node = v[3] or nil, gpu_ids = v[4] or nil, sharing = v[5] or nil,
-  min_memory_mb = v[6] or nil, service_name = v[7] or nil, webhook_url = v[8] or nil,
-  webhook_events = v[9] or nil, ok_dependents = v[10] or nil, tenant = v[11] or nil,
-  preempted_for = v[12] or nil, watched = v[13] or nil}
+if principal ~= '' and admin ~= '1' and (v[n + 2] or '') ~= principal then return {-2} end
 local released_at = NOW_S
 if st == 'allocated' then
-  finish_alloc(id, 'released', rec)
+  finish_alloc(id, 'released', v)
   st = 'released'
 elseif st == 'preempting' then
-  finish_alloc(id, 'preempted', rec, true)
+  finish_alloc(id, 'preempted', v, true)
   st = 'preempted'
 elseif st == 'queued' then
   finish_queued(id, 'cancelled')
@@ -38,4 +33,4 @@ else
   return {-1, st}
 end
 local granted = schedule(nil)
-return {1, #granted, st, v[7] or '', NOW_S, released_at}
+return {1, #granted, st, v[5] or '', NOW_S, released_at}

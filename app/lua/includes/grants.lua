@@ -114,22 +114,18 @@ local function victim_ended(rid)
   end
 end
 
--- End a live allocation (released | expired | lost | preempted): give its GPUs back. rec: the
--- record as a table when the caller already read it (release); it is updated to match what is
--- written. by_holder: its holder released it (released_at is set; a preempting allocation its
+-- The record fields finish_alloc reads, in this order (FINISH_FIELDS[11] 'watched').
+local FINISH_FIELDS = {'node', 'gpu_ids', 'sharing', 'min_memory_mb', 'service_name',
+  'webhook_url', 'webhook_events', 'ok_dependents', 'tenant', 'preempted_for', 'watched'}
+
+-- End a live allocation (released | expired | lost | preempted): give its GPUs back. read: the
+-- HMGET of FINISH_FIELDS (then any more fields) when the caller already made it (release), else
+-- nil. by_holder: its holder released it (released_at is set; a preempting allocation its
 -- holder releases ends as preempted). A lost allocation (its node was forgotten) and a
 -- preempted one are always notified when they have a webhook_url.
-local function finish_alloc(id, status, rec, by_holder)
+local function finish_alloc(id, status, read, by_holder)
   local rk = k_req(id)
-  local f
-  if rec then
-    f = {rec.node, rec.gpu_ids, rec.sharing, rec.min_memory_mb, rec.service_name,
-      rec.webhook_url, rec.webhook_events, rec.ok_dependents, rec.tenant, rec.preempted_for}
-  else
-    f = redis.call('HMGET', rk, 'node', 'gpu_ids', 'sharing', 'min_memory_mb',
-      'service_name', 'webhook_url', 'webhook_events', 'ok_dependents', 'tenant',
-      'preempted_for')
-  end
+  local f = read or redis.call('HMGET', rk, unpack(FINISH_FIELDS))
   local node, sharing, minm = f[1], f[3] or REC_DEFAULTS.sharing, num(f[4]) or 0
   local svc = f[5] or ''
   local raw = f[2] or '[]'
@@ -143,20 +139,17 @@ local function finish_alloc(id, status, rec, by_holder)
   if status == 'released' then
     -- released_at is ended_at: not stored (app/record.py fills it in for status released)
     redis.call('HSET', rk, 'status', status, 'ended_at', now)
-    if rec then rec.released_at = now end
   elseif by_holder then
     redis.call('HSET', rk, 'status', status, 'released_at', now, 'ended_at', now)
-    if rec then rec.released_at = now end
   else
     redis.call('HSET', rk, 'status', status, 'ended_at', now)
   end
-  if rec then rec.status, rec.ended_at = status, now end
   redis.call('EXPIRE', rk, HIST_TTL_S)
   redis.call('ZREM', K_LEASES, id)
   redis.call('SREM', k_svc(svc), id)
   bump_capacity()
-  -- a release read the whole record: nobody long-polls it unless watch.lua marked it
-  if not rec or rec.watched then notify(id, status) end
+  -- a release by its holder: nobody long-polls it unless watch.lua marked it
+  if not read or f[11] then notify(id, status) end
   local evid = event(status, id, svc, {'node', node or '', 'gpu_ids', f[2] or '[]'})
   stat_alloc(svc, status)
   outbox(status, id, evid, f[6], f[7], status == 'lost' or status == 'preempted')
@@ -169,6 +162,11 @@ local function finish_alloc(id, status, rec, by_holder)
     end
   end
 end
+
+-- What release reads of a record: FINISH_FIELDS, then its status and owner.
+local RELEASE_FIELDS = {'node', 'gpu_ids', 'sharing', 'min_memory_mb', 'service_name',
+  'webhook_url', 'webhook_events', 'ok_dependents', 'tenant', 'preempted_for', 'watched',
+  'status', 'owner'}
 
 -- End a queued request (cancelled | timed_out). Its any-dependents may now run (capver is
 -- bumped); its ok-dependents are cancelled.

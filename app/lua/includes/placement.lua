@@ -9,6 +9,7 @@
 -- A request as the scheduler sees it. f: its record's fields by name (REQ_FIELDS at least),
 -- with REC_DEFAULTS_MT as metatable, so a field at its default (not stored) reads as it.
 -- REQ_FIELDS and REC_DEFAULTS are generated from app/record.py when the library is built.
+local NO_PREF = {}
 local function req_from(id, f)
   local r = {id = id, svc = f.service_name, sharing = f.sharing, k = num(f.required_gpus),
     minm = num(f.min_memory_mb), maxm = num(f.max_memory_mb),
@@ -24,9 +25,10 @@ local function req_from(id, f)
     r.nodes = {}
     for _, n in ipairs(cjson.decode(r.nodes_raw)) do r.nodes[n] = true end
   end
-  r.pref = {}
+  r.pref = NO_PREF -- read only: one shared empty set for the requests without preferences
   r.npref = 0
   if r.pref_raw ~= '[]' then
+    r.pref = {}
     for _, p in ipairs(cjson.decode(r.pref_raw)) do
       local key = string.format('%d', p)
       if not r.pref[key] then r.pref[key] = true; r.npref = r.npref + 1 end
@@ -358,5 +360,72 @@ local function return_gpu(id, sharing, minm, node, idx)
     local cap = tonumber(g[5] or '0') or 0
     if cap < 0 then cap = 0 end
     redis.call('ZADD', K_SHARED, cap, node .. '|' .. idx)
+  end
+end
+
+--[[
+  Admission checks of allocate (library functions with parameters: a local function of the
+  allocate body would be a new closure, with its upvalues, on every call).
+]]
+
+-- With a gpu_model or a nodes list the fleet-wide maxima say too little: look for one allowed
+-- node that could ever hold the request (k GPUs of the model with enough memory, free or not).
+-- O(GPUs on the allowed nodes), paid only by requests that name a model or nodes.
+local function never_fits(k, minm, pat, nodes_raw)
+  local allowed = nil
+  if nodes_raw ~= '[]' then
+    allowed = {}
+    for _, n in ipairs(cjson.decode(nodes_raw)) do allowed[n] = true end
+  end
+  local any_node, any_model, most = false, false, 0
+  for _, node in ipairs(redis.call('ZRANGE', K_SIZES, 0, -1)) do
+    if not allowed or allowed[node] then
+      any_node = true
+      local n = 0
+      for _, idx in ipairs(node_indexes(node)) do
+        local g = redis.call('HMGET', k_gpu(node, idx), 'name', 'memory_total_mb')
+        if model_matches(pat, g[1]) then
+          any_model = true
+          if (tonumber(g[2]) or 0) >= minm then n = n + 1 end
+        end
+      end
+      if n >= k then return nil end
+      if n > most then most = n end
+    end
+  end
+  if not any_node then return {-6, 'nodes', '0'} end
+  if not any_model then return {-6, 'gpu_model', '0'} end
+  return {-6, 'no_node', tostring(most)}
+end
+
+-- the highest preferred GPU index (the engine sorts the list); a node of n GPUs has 0..n-1
+local function top_pref(raw)
+  local pref = cjson.decode(raw)
+  return pref[#pref]
+end
+
+-- Can it never fit? (the fleet's maxima in meta). A request that a node can take now fits:
+-- for a plain one (exclusive, no preferred GPUs) the answer is needed only when it does not
+-- get GPUs at once, or before another error (the order of the errors stays the same).
+local function never(f, k, minm, pat, nodes_raw)
+  local m = redis.call('HMGET', K_META, 'gpus_total', 'max_node_gpus', 'max_gpu_mb')
+  if (tonumber(m[1]) or 0) == 0 then
+    return {-6, 'no_gpus', '0'}
+  elseif k > tonumber(m[2]) then
+    return {-6, 'required_gpus', m[2]}
+  elseif minm > tonumber(m[3]) then
+    return {-6, 'min_memory_mb', m[3]}
+  elseif f.preferred_gpus ~= '[]' and top_pref(f.preferred_gpus) >= tonumber(m[2]) then
+    return {-6, 'preferred_gpus', m[2]}
+  elseif pat ~= '' or nodes_raw ~= '[]' then
+    return never_fits(k, minm, pat, nodes_raw)
+  end
+  return nil
+end
+
+-- Remember an idempotency key (key "" = none) for the request it created.
+local function remember_idem(key, id, hash, ttl)
+  if key ~= '' then
+    redis.call('SET', k_idem(key), id .. '|' .. hash, 'EX', math.floor(ttl))
   end
 end

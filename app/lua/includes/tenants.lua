@@ -131,7 +131,7 @@ end
 -- held += n. The allocate/release path pays one HINCRBY (and an HDEL when the tenant's last
 -- allocation ends); usage is brought to NOW only when fair share is on, its one reader.
 local function tenant_add(t, n)
-  if t == nil or t == '' then return end
+  if not t or t == '' then return end -- nil, or false: an HMGET of a record without one
   local after = redis.call('HINCRBY', K_TENANTS, t, n)
   if after <= 0 then
     redis.call('HDEL', K_TENANTS, t)
