@@ -65,19 +65,21 @@ for _, g in ipairs(gpus) do
   local gk = k_gpu(node, idx)
   local prev = redis.call('HMGET', gk, 'health', 'lost', 'utilization', 'memory_free_mb', 'excl',
     'shared_n')
+  if not known[idx] then
+    known[idx] = true
+    list[#list + 1] = idx
+    -- the engine's fields first: a small hash is a list searched from its head, and a grant
+    -- and a release read and write these
+    redis.call('HSET', gk, 'excl', '', 'in_free', '0', 'in_busy', '0', 'shared_n', '0',
+      'shared_mb', '0', 'cordoned', node_cordoned)
+    meta_incr('gpus_out', 1) -- neither free nor allocated until gpu_sync below places it
+  end
   local args = {'HSET', gk, 'node', node, 'lost', '0', 'updated_at', NOW_S}
   for key, value in pairs(g) do
     args[#args + 1] = key
     args[#args + 1] = value
   end
   redis.call(unpack(args))
-  if not known[idx] then
-    known[idx] = true
-    list[#list + 1] = idx
-    redis.call('HSET', gk, 'excl', '', 'shared_n', '0', 'shared_mb', '0', 'cordoned', node_cordoned,
-      'in_free', '0', 'in_busy', '0')
-    meta_incr('gpus_out', 1) -- neither free nor allocated until gpu_sync below places it
-  end
   redis.call('ZADD', K_GPUS, tonumber(g.memory_total_mb) or 0, node .. '|' .. idx)
   if prev[1] then
     -- telemetry that can make a waiting request fit (less busy; other free memory, which
