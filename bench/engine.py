@@ -202,7 +202,7 @@ def run(url: str, reps: int) -> dict:
     t0 = time.perf_counter()
     engine.release(gate)
     out["pass_grant_1000_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
-    stat = client.info("commandstats").get("cmdstat_evalsha", {})
+    stat = client.info("commandstats").get("cmdstat_fcall", {})
     out["pass_grant_1000_server_ms"] = round(stat.get("usec", 0) / 1e3, 3)
     counts = engine.counts()
     out["pass_grant_1000_granted"] = 10000 - counts["queue_depth"]
