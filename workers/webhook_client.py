@@ -61,6 +61,9 @@ def _connect(target: Target, deadline: float) -> socket.socket:
         except OSError as exc:
             sock.close()
             errors.append(f"{address}: {exc.strerror or exc}")
+        except BaseException:
+            sock.close()  # anything else (a bad port's OverflowError, an interrupt): no leak
+            raise
     raise DeliveryFailed("cannot connect (" + "; ".join(errors) + ")")
 
 
