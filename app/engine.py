@@ -58,6 +58,7 @@ from app.record import (
     parse_record,
     stored,
 )
+from app.redis_client import bulk, call_packed, packs
 from app.replication import write_acked
 from app.request_rules import (
     FIELDS,
@@ -639,6 +640,10 @@ class Engine:
         assert len(self._fixed_keys) == len(FIXED_KEYS)
         self._args_for = None
         self._fixed_args: list[str] = []
+        # FCALLs go out packed by hand (app.redis_client.call_packed) where the client allows
+        self._packs = packs(redis)
+        self._heads: dict[str, tuple[bytes, bytes]] = {}
+        self._heads_for: list[str] | None = None
 
     # ------------------------------------------------------------------ plumbing
     def _settings_args(self) -> list[str]:
@@ -681,20 +686,26 @@ class Engine:
         the server has none (a restart without persistence, FUNCTION FLUSH) or another
         version (an upgrade, or a replica of another release replaced it): once, then the
         call is retried once. With ``redis.min_replicas_ack`` a write waits for its replicas
-        (app/replication.py)."""
+        (app/replication.py). Otherwise the call's fixed arguments go out packed once per
+        function (:meth:`_packed`, app.redis_client.call_packed)."""
         version, _ = library_source()
-        cmd = "FCALL_RO" if name in READ_ONLY else "FCALL"
-        keys, acks = self._fixed_keys, self.settings.redis.min_replicas_ack
-        argv = [args[0], version, *self._settings_args(), *args[1:]]
+        acks = self.settings.redis.min_replicas_ack
+        acked = bool(acks) and name not in READ_ONLY and name not in UNACKED
         for attempt in (0, 1):
-            command = (cmd, f"{LIBRARY}_{name}", len(keys), *keys, *argv)
             try:
-                if acks and name not in READ_ONLY and name not in UNACKED:
-                    res = write_acked(
-                        self.redis, command, acks, self.settings.redis.replica_ack_timeout
-                    )
+                if self._packs and not acked:
+                    res = call_packed(self.redis, self._packed(name, args))
                 else:
-                    res = self.redis.execute_command(*command)
+                    keys = self._fixed_keys
+                    cmd = "FCALL_RO" if name in READ_ONLY else "FCALL"
+                    argv = [args[0], version, *self._settings_args(), *args[1:]]
+                    command = (cmd, f"{LIBRARY}_{name}", len(keys), *keys, *argv)
+                    if acked:
+                        res = write_acked(
+                            self.redis, command, acks, self.settings.redis.replica_ack_timeout
+                        )
+                    else:
+                        res = self.redis.execute_command(*command)
             except ResponseError as exc:
                 if "function not found" not in str(exc).lower():
                     raise
@@ -709,6 +720,28 @@ class Engine:
                 continue
             return res
         raise AssertionError("unreachable")
+
+    def _packed(self, name: str, args: list) -> bytes:
+        """The whole FCALL of ``name`` with ``args`` (ARGV[1], then the function's own) as
+        RESP: the same arguments, in the same order, as the ``execute_command`` path sends.
+        What never changes between calls (command, function, the fixed keys; the version,
+        the prefix and the settings) is packed once per function and settings object."""
+        fixed = self._settings_args()
+        if self._heads_for is not fixed:
+            self._heads = {}
+            self._heads_for = fixed
+        heads = self._heads.get(name)
+        if heads is None:
+            keys = self._fixed_keys
+            cmd = "FCALL_RO" if name in READ_ONLY else "FCALL"
+            heads = (
+                bulk((cmd, f"{LIBRARY}_{name}", len(keys), *keys)),
+                bulk((library_source()[0], *fixed)),
+            )
+            self._heads[name] = heads
+        # command, function, numkeys, the keys, version, prefix and settings, the arguments
+        count = 4 + len(self._fixed_keys) + len(fixed) + len(args)
+        return b"*%d\r\n%b%b%b%b" % (count, heads[0], bulk(args[:1]), heads[1], bulk(args[1:]))
 
     def _run(self, name: str, *args, ctx: dict | Callable[[], dict] | None = None):
         """One engine function; an error it returns is raised with ``ctx`` (the call's
