@@ -696,10 +696,7 @@ class Engine:
                 if self._packs and not acked:
                     res = call_packed(self.redis, self._packed(name, args))
                 else:
-                    keys = self._fixed_keys
-                    cmd = "FCALL_RO" if name in READ_ONLY else "FCALL"
-                    argv = [args[0], version, *self._settings_args(), *args[1:]]
-                    command = (cmd, f"{LIBRARY}_{name}", len(keys), *keys, *argv)
+                    command = self._command(name, args)
                     if acked:
                         res = write_acked(
                             self.redis, command, acks, self.settings.redis.replica_ack_timeout
@@ -721,9 +718,17 @@ class Engine:
             return res
         raise AssertionError("unreachable")
 
+    def _command(self, name: str, args: list) -> tuple:
+        """The FCALL of ``name`` with ``args`` (ARGV[1], then the function's own), as
+        ``execute_command`` takes it."""
+        keys = self._fixed_keys
+        cmd = "FCALL_RO" if name in READ_ONLY else "FCALL"
+        argv = [args[0], library_source()[0], *self._settings_args(), *args[1:]]
+        return (cmd, f"{LIBRARY}_{name}", len(keys), *keys, *argv)
+
     def _packed(self, name: str, args: list) -> bytes:
-        """The whole FCALL of ``name`` with ``args`` (ARGV[1], then the function's own) as
-        RESP: the same arguments, in the same order, as the ``execute_command`` path sends.
+        """:meth:`_command` packed as RESP (tests/test_redis_client.py checks it is byte for
+        byte what redis-py packs: a change to one must change the other).
         What never changes between calls (command, function, the fixed keys; the version,
         the prefix and the settings) is packed once per function and settings object."""
         fixed = self._settings_args()

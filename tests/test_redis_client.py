@@ -40,23 +40,6 @@ def test_close_closes_the_pool(redis_url):
 # ------------------------------------------------------------ the engine's packed FCALLs
 
 
-def _engine_command(engine, name: str, args: list) -> tuple:
-    """The FCALL as the execute_command path builds it (app.engine.Engine._fcall)."""
-    from app.engine import LIBRARY, READ_ONLY, library_source
-
-    keys = engine._fixed_keys
-    return (
-        "FCALL_RO" if name in READ_ONLY else "FCALL",
-        f"{LIBRARY}_{name}",
-        len(keys),
-        *keys,
-        args[0],
-        library_source()[0],
-        *engine._settings_args(),
-        *args[1:],
-    )
-
-
 @pytest.mark.parametrize(
     "name, args",
     [
@@ -74,13 +57,13 @@ def test_a_packed_fcall_is_byte_for_byte_what_redis_py_would_send(settings, name
     try:
         engine = Engine(client, settings)
         conn = client.connection_pool.make_connection()
-        expected = b"".join(conn.pack_command(*_engine_command(engine, name, args)))
+        expected = b"".join(conn.pack_command(*engine._command(name, args)))
         assert engine._packed(name, args) == expected
         assert engine._packed(name, args) == expected  # from the cached head
         # new settings: the fixed part is packed again
         other = settings.replace(scheduler={"max_queue_size": 77})
         engine.settings = other
-        expected = b"".join(conn.pack_command(*_engine_command(engine, name, args)))
+        expected = b"".join(conn.pack_command(*engine._command(name, args)))
         assert engine._packed(name, args) == expected
     finally:
         client.close()
