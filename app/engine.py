@@ -312,15 +312,17 @@ def library_source(extra: tuple[tuple[str, str], ...] = (), name: str = LIBRARY)
             if inc not in INCLUDES:
                 raise ValueError(f"{script}.lua includes {inc!r}, which is not in INCLUDES")
         body = _INCLUDE.sub("", text)
+        # each function in its own block: its local leaves scope there, so the functions do
+        # not count against Lua's 200 locals of the library's main chunk
         parts.append(
-            f"local function f_{script}(KEYS, ARGV)\n"
+            f"do local function f_{script}(KEYS, ARGV)\n"
             f"if ARGV[2] ~= VERSION then return {{{_STALE}, VERSION}} end\n"
             f"begin_call(KEYS, ARGV{', true' if script in READ_ONLY else ''})\n{body}\nend"
         )
         flags = ", flags = {'no-writes'}" if script in READ_ONLY else ""
         parts.append(
             f"redis.register_function{{function_name = '{name}_{script}', "
-            f"callback = f_{script}{flags}}}"
+            f"callback = f_{script}{flags}}} end"
         )
     parts.append(
         f"redis.register_function{{function_name = '{name}_version', "
@@ -1002,22 +1004,32 @@ class Engine:
         for _ in range(5):
             rid = new_id(fields["service_name"])
             res = self._run("allocate", rid, scoped_key, *idem, *flat, ctx=ctx)
-            if res[0] != _RETRY_ID:
+            if isinstance(res, str) or res[0] != _RETRY_ID:
                 break
         else:  # pragma: no cover - five id collisions in a row
             raise Conflict("could not allocate a unique request id; retry")
-        if res[0] == 2:
-            rec = parse_record(res[1])
-        else:
-            # the record as stored: what was sent (parse_record fills in the defaults left
-            # out) and what the script added
-            raw = {"id": rid, "status": "queued", "submitted_at": res[1]}
+        if isinstance(res, str):
+            # the new request: "position|submitted_at|grant" (includes/allocate.lua); the
+            # record as stored is what was sent (parse_record fills in the defaults left out)
+            # and what the script added
+            position, submitted, grant = res.split("|", 2)
+            raw = {"id": rid, "status": "queued", "submitted_at": submitted}
             raw.update(zip(flat[0::2], flat[1::2]))
-            raw.update(zip(res[3][0::2], res[3][1::2]))
+            if grant:  # "status|node|expires_at|allocated_at|wait|gpu_ids|gpu_uuids"
+                st, node, expires, allocated, wait, ids, uuids = grant.split("|", 6)
+                raw.update(status=st, node=node, expires_at=expires, gpu_ids=ids, gpu_uuids=uuids)
+                if allocated:  # not stored when granted at its submission (parse_record)
+                    raw["allocated_at"] = allocated
+                if wait:
+                    raw["wait_time_seconds"] = wait
             rec = parse_record(raw)
-        if res[2]:
-            rec["position"] = int(res[2])
-        rec["replayed"] = res[0] == 2
+            replayed = False
+        else:  # [2, record JSON, position]: an idempotent replay
+            rec = parse_record(res[1])
+            position, replayed = res[2], True
+        if position := int(position):
+            rec["position"] = position
+        rec["replayed"] = replayed
         return rec
 
     def _request_fields(self, req: dict) -> tuple[dict[str, str], float]:
@@ -1120,12 +1132,13 @@ class Engine:
         res = self._run(
             "release", allocation_id, *who, ctx={"what": "allocation", "id": allocation_id}
         )
+        _, status, ended, released, service = res.split("|", 4)
         return {
             "id": allocation_id,
-            "status": res[2],
-            "service_name": res[3],
-            "ended_at": float(res[4]),
-            "released_at": float(res[5]) if res[5] else None,
+            "status": status,
+            "service_name": service,
+            "ended_at": float(ended),
+            "released_at": float(released) if released else None,
         }
 
     def release_by_service(

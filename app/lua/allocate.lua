@@ -8,9 +8,12 @@
             value, name, value, ... (strings; lists and dicts as JSON; a field at its default,
             app/record.py, is not sent and not stored; queue_timeout_seconds is always sent)
   Returns:
-    {1, submitted_at, position, grant fields}  the new request: the caller already holds the
-        fields it sent; position 0 and the grant's fields as a flat list (status, allocated,
-        node, ..., as in the record) when granted, position >= 1 and an empty list when queued
+    "position|submitted_at|grant"  the new request, as one string (each element of a
+        function's reply costs the server ~2.4k instructions): the caller already holds the
+        fields it sent; position 0 and the grant's fields when granted,
+        "status|node|expires_at|allocated_at|wait_time_seconds|gpu_ids|gpu_uuids" (a field not
+        stored is empty; the uuids last, whatever they hold; a node name has no '|'),
+        position >= 1 and an empty grant when queued
     {2, record JSON, position}  an idempotent replay of an earlier request
     errors: {-4, existing id} idempotency key reused with another body, {-7, dep} unknown
     depends_on id, {-10, dep, status} depends_on_mode ok on a dependency that already ended
@@ -31,12 +34,12 @@ local idem_hash, idem_ttl, at = '', 0, A + 3 -- at: the first field's name
 if idem_key ~= '' then idem_hash, idem_ttl, at = ARGV[A + 3], tonumber(ARGV[A + 4]), A + 5 end
 
 if idem_key ~= '' then
-  local v = redis.call('GET', k_idem(idem_key))
+  local v = rcall('GET', k_idem(idem_key))
   if v then
     local oid, ohash = split_member(v)
-    if redis.call('EXISTS', k_req(oid)) == 1 then
+    if rcall('EXISTS', k_req(oid)) == 1 then
       if ohash ~= idem_hash then return {-4, oid} end
-      local rank = redis.call('ZRANK', K_QUEUE, oid)
+      local rank = rcall('ZRANK', K_QUEUE, oid)
       return {2, record(oid), rank and rank + 1 or 0}
     end
   end
@@ -46,14 +49,13 @@ end
 local f = setmetatable({}, REC_DEFAULTS_MT)
 for i = at, #ARGV, 2 do f[ARGV[i]] = ARGV[i + 1] end
 local svc = f.service_name
-local queue_timeout = tonumber(f.queue_timeout_seconds)
 
 -- dependencies: each must exist; with mode ok, none may have ended otherwise than released,
 -- and those still queued or live learn of this request (fail_dependents in the prelude)
 local waits_on = {}
 if f.depends_on ~= '[]' then
   for _, dep in ipairs(cjson.decode(f.depends_on)) do
-    local st = redis.call('HGET', k_req(dep), 'status')
+    local st = rcall('HGET', k_req(dep), 'status')
     if not st then return {-7, dep} end
     if f.depends_on_mode == 'ok' then
       if st == 'queued' or st == 'allocated' or st == 'preempting' then
@@ -80,23 +82,26 @@ local tquota = (TENANT_LIMITS == '1' and tenant ~= '') and tenant_quota(tenant) 
 if tquota and tquota.max_gpus and (f.sharing == 'shared' and 1 or k) > tquota.max_gpus then
   return (plain and never(f, k, minm, pat, nodes_raw)) or {-6, 'max_gpus', tostring(tquota.max_gpus)}
 end
-local depth = redis.call('ZCARD', K_QUEUE)
-local bucket = owner_bucket(f.owner, svc)
+local depth = rcall('ZCARD', K_QUEUE)
 local rk = k_req(id)
-if redis.call('EXISTS', rk) == 1 then return (plain and never(f, k, minm, pat, nodes_raw)) or {-8} end
+if rcall('EXISTS', rk) == 1 then return (plain and never(f, k, minm, pat, nodes_raw)) or {-8} end
 
 local submitted = NOW_S
 -- status last: a grant adds 'allocated', a queued request 'queued' (one write of the field)
 local hset = {'HSET', rk, 'id', id, 'submitted_at', submitted, unpack(ARGV, at)}
 f.submitted_at, f.status = submitted, 'queued'
-local r = req_from(id, f)
+-- from TIME, NOW is tonumber(NOW_S) already (not so for a clock the caller passed: it is
+-- printed to the microsecond)
+local r = req_from(id, f, ARGV[1] == '' and NOW or nil)
 
 if depth == 0 and deps_done(r) and not over_quota(r) then
-  local node, chosen = place(r, {})
+  local node, chosen = place(r, {}, 1)
   if node then
     remember_idem(idem_key, id, idem_hash, idem_ttl)
     -- the record is written once, by the grant (the same HSET, with the grant's fields)
-    return {1, submitted, 0, grant(r, node, chosen, false, false, hset)}
+    local g = grant(r, node, chosen, false, false, hset)
+    return '0|' .. submitted .. '|' .. g[2] .. '|' .. g[4] .. '|' .. g[10] .. '|' ..
+      (g[12] or '') .. '|' .. (g[14] or '') .. '|' .. g[6] .. '|' .. g[8]
   end
 end
 if plain then
@@ -104,14 +109,15 @@ if plain then
   if reject then return reject end
 end
 remember_idem(idem_key, id, idem_hash, idem_ttl)
+local bucket = owner_bucket(f.owner, svc)
 
 hset[#hset + 1], hset[#hset + 2] = 'status', 'queued'
-redis.call(unpack(hset))
-queue().enqueue(r, queue_timeout)
+rcall(unpack(hset))
+queue().enqueue(r, tonumber(f.queue_timeout_seconds))
 schedule(id)
-local rank = redis.call('ZRANK', K_QUEUE, id)
+local rank = rcall('ZRANK', K_QUEUE, id)
 -- the owner's other queued requests, after the pass (which may have granted some of them)
-local mine = rank and (tonumber(redis.call('HGET', K_QOWNERS, bucket) or '1') or 1) - 1 or 0
+local mine = rank and (tonumber(rcall('HGET', K_QOWNERS, bucket) or '1') or 1) - 1 or 0
 -- and the tenant's (tenants.*.max_queued)
 local tlimit = tquota and tquota.max_queued
 local tmine = (rank and tlimit) and tenant_queued(tenant) - 1 or 0
@@ -119,16 +125,16 @@ if rank and (depth >= MAX_QUEUE or mine >= MAX_OWNER or (tlimit and tmine >= tli
   -- it would wait, and the queue is full or the owner has its share: undo (nothing about it
   -- was announced yet)
   queue().dequeue(id, '', r.sharing, bucket, r.tenant)
-  redis.call('DEL', rk)
-  if idem_key ~= '' then redis.call('DEL', k_idem(idem_key)) end
+  rcall('DEL', rk)
+  if idem_key ~= '' then rcall('DEL', k_idem(idem_key)) end
   if depth >= MAX_QUEUE then return {-5, tostring(depth)} end
   if mine >= MAX_OWNER then return {-9, tostring(mine), tostring(MAX_OWNER)} end
   return {-12, tostring(tmine), tostring(tlimit), tenant}
 end
 if rank then
   for _, dep in ipairs(waits_on) do
-    redis.call('SADD', k_deps(dep), id)
-    redis.call('HSET', k_req(dep), 'ok_dependents', '1')
+    rcall('SADD', k_deps(dep), id)
+    rcall('HSET', k_req(dep), 'ok_dependents', '1')
   end
   event('queued', id, svc, nil)
   stat_alloc(svc, 'queued')
@@ -137,17 +143,13 @@ if rank then
   -- period the victims ended already and a pass may place it now
   if PREEMPT == '1' and preempt_for_guarantees(id, false) > 0 and PREEMPT_GRACE <= 0 then
     schedule(nil, true)
-    rank = redis.call('ZRANK', K_QUEUE, id)
+    rank = rcall('ZRANK', K_QUEUE, id)
   end
-  if rank then return {1, submitted, rank + 1, {}} end
+  if rank then return (rank + 1) .. '|' .. submitted .. '|' end
 end
-local names = {'status', 'node', 'gpu_ids', 'gpu_uuids', 'allocated_at', 'expires_at',
-  'wait_time_seconds'}
-local vals = redis.call('HMGET', rk, unpack(names))
-local out, n = {}, 0
-for i, name in ipairs(names) do
-  -- a field not stored is left out (allocated_at and the wait of a grant at submission: the
-  -- reader fills them in, app/record.py)
-  if vals[i] then out[n + 1], out[n + 2], n = name, vals[i], n + 2 end
-end
-return {1, submitted, 0, out}
+local v = rcall('HMGET', rk, 'status', 'node', 'expires_at', 'allocated_at', 'wait_time_seconds',
+  'gpu_ids', 'gpu_uuids')
+-- a field not stored is '' (allocated_at and the wait of a grant at submission: the reader
+-- fills them in, app/record.py)
+return '0|' .. submitted .. '|' .. (v[1] or '') .. '|' .. (v[2] or '') .. '|' .. (v[3] or '') ..
+  '|' .. (v[4] or '') .. '|' .. (v[5] or '') .. '|' .. (v[6] or '[]') .. '|' .. (v[7] or '[]')

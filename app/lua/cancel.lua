@@ -8,7 +8,7 @@
 ]]
 -- @include prelude
 local id, principal, admin = ARGV[A + 1], ARGV[A + 2], ARGV[A + 3]
-local f = redis.call('HMGET', k_req(id), 'status', 'owner')
+local f = rcall('HMGET', k_req(id), 'status', 'owner')
 if not f[1] then return {-1} end
 if principal ~= '' and admin ~= '1' and (f[2] or '') ~= principal then return {-2} end
 if f[1] ~= 'queued' then return {-3, f[1]} end

@@ -23,8 +23,8 @@ local flag = cordon and '1' or '0'
 
 local function set_gpu(i)
   local gk = k_gpu(node, i)
-  if redis.call('HGET', gk, 'cordoned') ~= flag then
-    redis.call('HSET', gk, 'cordoned', flag)
+  if rcall('HGET', gk, 'cordoned') ~= flag then
+    rcall('HSET', gk, 'cordoned', flag)
     gpu_sync(node, i)
     return true
   end
@@ -34,24 +34,24 @@ end
 local out
 if idx ~= '' then
   local gk = k_gpu(node, idx)
-  if redis.call('EXISTS', gk) == 0 then return {-1} end
+  if rcall('EXISTS', gk) == 0 then return {-1} end
   if set_gpu(idx) then
     event(cordon and 'gpu_cordoned' or 'gpu_uncordoned', '', '',
       {'node', node, 'gpu_index', idx, 'by', by})
   end
-  out = redis.call('HGETALL', gk)
+  out = rcall('HGETALL', gk)
 else
   local nk = k_node(node)
-  if redis.call('EXISTS', nk) == 0 then return {-1} end
+  if rcall('EXISTS', nk) == 0 then return {-1} end
   for _, i in ipairs(node_indexes(node)) do set_gpu(i) end
-  local was = redis.call('HMGET', nk, 'cordoned', 'draining')
+  local was = rcall('HMGET', nk, 'cordoned', 'draining')
   local draining = (cordon and drain) and '1' or (cordon and (was[2] or '0') or '0')
-  redis.call('HSET', nk, 'cordoned', flag, 'draining', draining)
+  rcall('HSET', nk, 'cordoned', flag, 'draining', draining)
   local name = cordon and (drain and 'node_draining' or 'node_cordoned') or 'node_uncordoned'
   if was[1] ~= flag or (drain and was[2] ~= '1') then
     event(name, '', '', {'node', node, 'by', by})
   end
-  out = redis.call('HGETALL', nk)
+  out = rcall('HGETALL', nk)
 end
 local preempted = {}
 if cordon and drain and idx == '' and grace then

@@ -9,18 +9,18 @@
   gpus_available: free, healthy, schedulable GPUs on nodes whose heartbeat is current.
 ]]
 -- @include prelude
-local all = redis.call('ZCARD', K_GPUS)
+local all = rcall('ZCARD', K_GPUS)
 local total = all
-local lapsed = redis.call('ZRANGEBYSCORE', K_NODES, '-inf', '(' .. ftime(NOW - HB_TIMEOUT))
+local lapsed = rcall('ZRANGEBYSCORE', K_NODES, '-inf', '(' .. ftime(NOW - HB_TIMEOUT))
 local silent = {}
 for _, node in ipairs(lapsed) do
   silent[node] = true
-  total = total - (tonumber(redis.call('ZSCORE', K_SIZES, node) or '0') or 0)
+  total = total - (tonumber(rcall('ZSCORE', K_SIZES, node) or '0') or 0)
 end
 -- the free GPUs are counted per node in nodes_free only (a grant writes no fleet-wide counter):
 -- O(nodes with a free GPU), paid by this read for the metrics, not by every grant and release
 local available, free_all = 0, 0
-local free = redis.call('ZRANGEBYSCORE', K_FREE, 1, '+inf', 'WITHSCORES')
+local free = rcall('ZRANGEBYSCORE', K_FREE, 1, '+inf', 'WITHSCORES')
 for i = 1, #free, 2 do
   local n = tonumber(free[i + 1])
   free_all = free_all + n
@@ -29,10 +29,10 @@ end
 -- allocated GPUs (silent nodes' too): every GPU is free, allocated, or neither (gpus_out), so
 -- a grant or release writes no fleet-wide counter. Without gpus_out no call of this release
 -- has written yet (upgrade_data, includes/call.lua): the earlier release's gpus_busy holds.
-local m = redis.call('HMGET', K_META, 'gpus_out', 'gpus_busy')
+local m = rcall('HMGET', K_META, 'gpus_out', 'gpus_busy')
 local busy = tonumber(m[2] or '0') or 0
 if m[1] then busy = all - free_all - (tonumber(m[1]) or 0) end
 if busy < 0 then busy = 0 end
-local nodes = redis.call('ZCARD', K_NODES)
-return {redis.call('ZCARD', K_LEASES), busy, redis.call('ZCARD', K_QUEUE), total, available,
+local nodes = rcall('ZCARD', K_NODES)
+return {rcall('ZCARD', K_LEASES), busy, rcall('ZCARD', K_QUEUE), total, available,
   nodes, nodes - #lapsed}

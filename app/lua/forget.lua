@@ -10,7 +10,7 @@
 -- @include prelude
 -- @include nodes
 local node, by = ARGV[A + 1], ARGV[A + 2]
-if not redis.call('ZSCORE', K_NODES, node) then return {-1} end
+if not rcall('ZSCORE', K_NODES, node) then return {-1} end
 if node_alive(node) then return {-3, 'alive'} end
 local lost = forget_node(node, by, 'admin')
 local granted = schedule(nil)

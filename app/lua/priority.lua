@@ -10,18 +10,18 @@
 ]]
 -- @include prelude
 local id, prio, by = ARGV[A + 1], tonumber(ARGV[A + 2]), ARGV[A + 3]
-local f = redis.call('HMGET', k_req(id), 'status', 'priority', 'service_name', 'tenant')
+local f = rcall('HMGET', k_req(id), 'status', 'priority', 'service_name', 'tenant')
 if not f[1] then return {-1} end
 if f[1] ~= 'queued' then return {-3, f[1]} end
 local old = tonumber(f[2] or REC_DEFAULTS.priority) or 0
 if old ~= prio then
-  local score = tonumber(redis.call('ZSCORE', K_QUEUE, id))
+  local score = tonumber(rcall('ZSCORE', K_QUEUE, id))
   -- scores: AGING * s - p with aging, -p * 1e12 + seq without (see enqueue in the prelude)
   local step = AGING > 0 and 1 or 1e12
   local moved = fnum(score + (old - prio) * step)
-  redis.call('ZADD', K_QUEUE, moved, id)
-  if f[4] and f[4] ~= '' then redis.call('ZADD', k_tqueue(f[4]), moved, id) end
-  redis.call('HSET', k_req(id), 'priority', string.format('%d', prio))
+  rcall('ZADD', K_QUEUE, moved, id)
+  if f[4] and f[4] ~= '' then rcall('ZADD', k_tqueue(f[4]), moved, id) end
+  rcall('HSET', k_req(id), 'priority', string.format('%d', prio))
   bump_capacity()
   event('priority_changed', id, f[3], {'priority', string.format('%d', prio),
     'previous_priority', string.format('%d', old), 'by', by})

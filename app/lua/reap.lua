@@ -15,7 +15,7 @@
 -- @include prelude
 -- @include nodes
 local limit = tonumber(ARGV[A + 1])
-local due = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', NOW_S, 'LIMIT', 0, limit)
+local due = rcall('ZRANGEBYSCORE', K_LEASES, '-inf', NOW_S, 'LIMIT', 0, limit)
 local expired, preempted = {}, {}
 for _, id in ipairs(due) do
   local status = due_status(id)
@@ -23,19 +23,19 @@ for _, id in ipairs(due) do
   list[#list + 1] = id
   finish_alloc(id, status)
 end
-local timed_out = redis.call('ZRANGEBYSCORE', K_QDEAD, '-inf', NOW_S, 'LIMIT', 0, limit)
+local timed_out = rcall('ZRANGEBYSCORE', K_QDEAD, '-inf', NOW_S, 'LIMIT', 0, limit)
 for _, id in ipairs(timed_out) do finish_queued(id, 'timed_out') end
 -- a node that just went silent: its GPUs are lost to their holders (one notice per silence;
 -- report_node clears the mark when the node reports again)
-for _, node in ipairs(redis.call('ZRANGEBYSCORE', K_NODES, '-inf',
+for _, node in ipairs(rcall('ZRANGEBYSCORE', K_NODES, '-inf',
     '(' .. ftime(NOW - HB_TIMEOUT), 'LIMIT', 0, 100)) do
   local nk = k_node(node)
-  if redis.call('HGET', nk, 'silence_told') ~= '1' then
-    redis.call('HSET', nk, 'silence_told', '1')
+  if rcall('HGET', nk, 'silence_told') ~= '1' then
+    rcall('HSET', nk, 'silence_told', '1')
     local affected, ids = {}, {}
     for _, id in ipairs(allocs_on(node, nil)) do
       local gpus = {}
-      for _, i in ipairs(cjson.decode(redis.call('HGET', k_req(id), 'gpu_ids') or '[]')) do
+      for _, i in ipairs(cjson.decode(rcall('HGET', k_req(id), 'gpu_ids') or '[]')) do
         gpus[#gpus + 1] = {index = i, health = 'lost'}
       end
       affected[id] = gpus
@@ -46,7 +46,7 @@ for _, node in ipairs(redis.call('ZRANGEBYSCORE', K_NODES, '-inf',
 end
 local forgotten, lost = {}, {}
 if FORGET_AFTER > 0 then
-  local silent = redis.call('ZRANGEBYSCORE', K_NODES, '-inf', '(' .. ftime(NOW - FORGET_AFTER),
+  local silent = rcall('ZRANGEBYSCORE', K_NODES, '-inf', '(' .. ftime(NOW - FORGET_AFTER),
     'LIMIT', 0, 10)
   for _, node in ipairs(silent) do
     forgotten[#forgotten + 1] = node

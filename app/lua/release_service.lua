@@ -9,14 +9,14 @@
 -- @include prelude
 local svc, principal, admin = ARGV[A + 1], ARGV[A + 2], ARGV[A + 3]
 local done = {}
-for _, id in ipairs(redis.call('SMEMBERS', k_svc(svc))) do
-  local f = redis.call('HMGET', k_req(id), 'status', 'owner')
+for _, id in ipairs(rcall('SMEMBERS', k_svc(svc))) do
+  local f = rcall('HMGET', k_req(id), 'status', 'owner')
   local live = f[1] == 'allocated' or f[1] == 'preempting'
   if live and (principal == '' or admin == '1' or (f[2] or '') == principal) then
     finish_alloc(id, f[1] == 'allocated' and 'released' or 'preempted', nil, true)
     done[#done + 1] = id
   elseif not f[1] then
-    redis.call('SREM', k_svc(svc), id)
+    rcall('SREM', k_svc(svc), id)
   end
 end
 if #done == 0 then return {-1} end

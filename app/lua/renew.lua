@@ -10,7 +10,7 @@
 -- @include prelude
 local id, lease, principal, admin = ARGV[A + 1], ARGV[A + 2], ARGV[A + 3], ARGV[A + 4]
 local rk = k_req(id)
-local f = redis.call('HMGET', rk, 'status', 'owner', 'lease_seconds', 'service_name',
+local f = rcall('HMGET', rk, 'status', 'owner', 'lease_seconds', 'service_name',
   'preempt_at')
 if not f[1] then return {-1} end
 if principal ~= '' and admin ~= '1' and (f[2] or '') ~= principal then return {-2} end
@@ -25,7 +25,7 @@ if f[1] == 'preempting' then
   -- notice was given: no renewal reaches past preempt_at (includes/preemption.lua)
   expires, score = capped_lease(expires, tonumber(f[5]) or NOW)
 end
-redis.call('HSET', rk, 'expires_at', expires, 'lease_seconds', fnum(secs), 'renewed_at', NOW_S)
-redis.call('ZADD', K_LEASES, score, id)
+rcall('HSET', rk, 'expires_at', expires, 'lease_seconds', fnum(secs), 'renewed_at', NOW_S)
+rcall('ZADD', K_LEASES, score, id)
 event('renewed', id, f[4], {'expires_at', expires})
 return {1, record(id)}

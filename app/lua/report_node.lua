@@ -21,9 +21,9 @@ local node, backend, host = ARGV[A + 1], ARGV[A + 2], ARGV[A + 3]
 local gpus = cjson.decode(ARGV[A + 4])
 local nk = k_node(node)
 
-local prev_hb = redis.call('ZSCORE', K_NODES, node)
+local prev_hb = rcall('ZSCORE', K_NODES, node)
 if prev_hb and tonumber(prev_hb) < NOW - HB_TIMEOUT then bump_capacity() end
-redis.call('ZADD', K_NODES, NOW_S, node)
+rcall('ZADD', K_NODES, NOW_S, node)
 alive_cache[node] = true
 
 local known = {}
@@ -56,21 +56,21 @@ local function held_turned_bad(idx, excl, shared_n, health)
     list[#list + 1] = {index = tonumber(idx), health = health}
   end
 end
-local node_cordoned = redis.call('HGET', nk, 'cordoned') == '1' and '1' or '0'
+local node_cordoned = rcall('HGET', nk, 'cordoned') == '1' and '1' or '0'
 
 local seen = {}
 for _, g in ipairs(gpus) do
   local idx = g.index
   seen[idx] = true
   local gk = k_gpu(node, idx)
-  local prev = redis.call('HMGET', gk, 'health', 'lost', 'utilization', 'memory_free_mb', 'excl',
+  local prev = rcall('HMGET', gk, 'health', 'lost', 'utilization', 'memory_free_mb', 'excl',
     'shared_n')
   if not known[idx] then
     known[idx] = true
     list[#list + 1] = idx
     -- the engine's fields first: a small hash is a list searched from its head, and a grant
     -- and a release read and write these
-    redis.call('HSET', gk, 'excl', '', 'in_free', '0', 'in_busy', '0', 'shared_n', '0',
+    rcall('HSET', gk, 'excl', '', 'in_free', '0', 'in_busy', '0', 'shared_n', '0',
       'shared_mb', '0', 'cordoned', node_cordoned)
     meta_incr('gpus_out', 1) -- neither free nor allocated until gpu_sync below places it
   end
@@ -79,8 +79,8 @@ for _, g in ipairs(gpus) do
     args[#args + 1] = key
     args[#args + 1] = value
   end
-  redis.call(unpack(args))
-  redis.call('ZADD', K_GPUS, tonumber(g.memory_total_mb) or 0, node .. '|' .. idx)
+  rcall(unpack(args))
+  rcall('ZADD', K_GPUS, tonumber(g.memory_total_mb) or 0, node .. '|' .. idx)
   if prev[1] then
     -- telemetry that can make a waiting request fit (less busy; other free memory, which
     -- max_memory_mb also bounds) is new capacity for the next pass
@@ -102,9 +102,9 @@ end
 for _, idx in ipairs(list) do
   if not seen[idx] then
     local gk = k_gpu(node, idx)
-    local prev = redis.call('HMGET', gk, 'health', 'lost', 'excl', 'shared_n')
+    local prev = rcall('HMGET', gk, 'health', 'lost', 'excl', 'shared_n')
     if prev[2] ~= '1' then
-      redis.call('HSET', gk, 'health', 'failed', 'lost', '1', 'updated_at', NOW_S)
+      rcall('HSET', gk, 'health', 'failed', 'lost', '1', 'updated_at', NOW_S)
       if was_ok(prev) then
         event('gpu_unhealthy', '', '', {'node', node, 'gpu_index', idx, 'health', 'failed',
           'reason', 'lost'})
@@ -118,10 +118,10 @@ end
 notify_unhealthy(node, affected, affected_ids)
 
 table.sort(list, function(a, b) return tonumber(a) < tonumber(b) end)
-redis.call('HSET', nk, 'name', node, 'heartbeat', NOW_S, 'silence_told', '0',
+rcall('HSET', nk, 'name', node, 'heartbeat', NOW_S, 'silence_told', '0',
   'gpu_count', #list, 'backend', backend, 'host', host, 'indexes', table.concat(list, ','))
-redis.call('ZADD', K_SIZES, #list, node)
-if redis.call('ZSCORE', K_FREE, node) == false then redis.call('ZADD', K_FREE, 0, node) end
-redis.call('HSET', K_META, 'max_node_gpus', top_score(K_SIZES), 'max_gpu_mb', top_score(K_GPUS),
-  'gpus_total', redis.call('ZCARD', K_GPUS))
+rcall('ZADD', K_SIZES, #list, node)
+if rcall('ZSCORE', K_FREE, node) == false then rcall('ZADD', K_FREE, 0, node) end
+rcall('HSET', K_META, 'max_node_gpus', top_score(K_SIZES), 'max_gpu_mb', top_score(K_GPUS),
+  'gpus_total', rcall('ZCARD', K_GPUS))
 return records(schedule(nil))

@@ -34,15 +34,15 @@ local what, limit, cursor = ARGV[A + 1], tonumber(ARGV[A + 2]), ARGV[A + 3]
 local out = {now = NOW, held = {}, allocations = {}, queue = {}, allocations_total = 0,
   queue_depth = 0, queue_start = 0, next = ''}
 local held = out.held
-for _, id in ipairs(redis.call('ZRANGE', K_LEASES, 0, -1)) do
-  local f = redis.call('HMGET', k_req(id), 'node', 'gpu_ids', 'sharing', 'min_memory_mb')
+for _, id in ipairs(rcall('ZRANGE', K_LEASES, 0, -1)) do
+  local f = rcall('HMGET', k_req(id), 'node', 'gpu_ids', 'sharing', 'min_memory_mb')
   local n = #held
   held[n + 1], held[n + 2], held[n + 3], held[n + 4], held[n + 5] =
     id, f[1] or '', f[2] or '[]', f[3] or REC_DEFAULTS.sharing, f[4] or '0'
 end
 
 local function compact(id)
-  local h = redis.call('HGETALL', k_req(id))
+  local h = rcall('HGETALL', k_req(id))
   local t = {}
   for i = 1, #h, 2 do
     if h[i] ~= 'workload_data' then t[h[i]] = h[i + 1] end
@@ -53,9 +53,9 @@ end
 -- where a page starts in key: after the cursor's id, or (when that id has left the list since)
 -- at the first member scored at or after it (a record may then show twice, none is skipped)
 local function start_of(key, score, id)
-  local rank = redis.call('ZRANK', key, id)
+  local rank = rcall('ZRANK', key, id)
   if rank then return rank + 1 end
-  return redis.call('ZCOUNT', key, '-inf', '(' .. score)
+  return rcall('ZCOUNT', key, '-inf', '(' .. score)
 end
 
 -- one list's part of the page: up to room records from rank start; the last one's cursor
@@ -63,7 +63,7 @@ local function take(key, tag, start, room, into)
   if room == nil then room = -1 end
   if room == 0 then return '' end
   local stop = room < 0 and -1 or start + room - 1
-  local ids = redis.call('ZRANGE', key, start, stop, 'WITHSCORES')
+  local ids = rcall('ZRANGE', key, start, stop, 'WITHSCORES')
   for i = 1, #ids, 2 do into[#into + 1] = compact(ids[i]) end
   if #ids == 0 then return '' end
   -- the score as it round-trips, without the '+' that Redis 7+ and Valkey put in an exponent
@@ -72,8 +72,8 @@ local function take(key, tag, start, room, into)
   return tag .. '|' .. score .. '|' .. ids[#ids - 1]
 end
 
-out.allocations_total = redis.call('ZCARD', K_LEASES)
-out.queue_depth = redis.call('ZCARD', K_QUEUE)
+out.allocations_total = rcall('ZCARD', K_LEASES)
+out.queue_depth = rcall('ZCARD', K_QUEUE)
 local list, score, id = string.match(cursor, '^([aq])|([^|]*)|(.*)$')
 local a_start, q_start = 0, 0
 if list == 'a' then
@@ -119,7 +119,7 @@ if wait_n > 0 then
     'service_name', 'tenant', 'lease_seconds', 'priority'}
   for i = 1, #held, 5 do
     local id = held[i]
-    local f = redis.call('HMGET', k_req(id), unpack(AF))
+    local f = rcall('HMGET', k_req(id), unpack(AF))
     local a = {id = id}
     for j, name in ipairs(AF) do a[name] = f[j] or REC_DEFAULTS[name] or '' end
     wait.held[#wait.held + 1] = a
@@ -129,20 +129,20 @@ if wait_n > 0 then
     'preferred_gpus', 'nodes', 'gpu_model', 'lease_seconds', 'depends_on', 'reserved_node',
     'owner', 'service_name', 'tenant', 'submitted_at', 'queue_timeout_seconds', 'priority',
     'status'}
-  local ids = redis.call('ZRANGE', K_QUEUE, 0, wait_n - 1)
+  local ids = rcall('ZRANGE', K_QUEUE, 0, wait_n - 1)
   for _, id in ipairs(ids) do known[id] = true end
   local function queued(id)
-    local f = redis.call('HMGET', k_req(id), unpack(QF))
+    local f = rcall('HMGET', k_req(id), unpack(QF))
     local q = {id = id}
     for j, name in ipairs(QF) do q[name] = f[j] or REC_DEFAULTS[name] or '' end
     -- since when it waits for a reservation (reservation_after counts from there)
-    q.unreserved_since = redis.call('ZSCORE', K_QUNRES, id) or ''
+    q.unreserved_since = rcall('ZSCORE', K_QUNRES, id) or ''
     if q.depends_on ~= '' and q.depends_on ~= '[]' then
       local ok, deps = pcall(cjson.decode, q.depends_on)
       if ok and type(deps) == 'table' then
         for _, d in ipairs(deps) do
           if type(d) == 'string' and not known[d] then
-            wait.deps[d] = redis.call('HGET', k_req(d), 'status') or false
+            wait.deps[d] = rcall('HGET', k_req(d), 'status') or false
             known[d] = true
           end
         end
@@ -156,11 +156,11 @@ if wait_n > 0 then
   -- per node, each with its place in the queue; and the preemption holds (node -> holder)
   wait.beyond, wait.holds = {}, {}
   -- (HLEN first: most reads find neither reservations nor holds)
-  local res = redis.call('HLEN', K_RES) > 0 and redis.call('HGETALL', K_RES) or {}
+  local res = rcall('HLEN', K_RES) > 0 and rcall('HGETALL', K_RES) or {}
   for i = 1, #res, 2 do
     local id = res[i + 1]
     if not known[id] then
-      local rank = redis.call('ZRANK', K_QUEUE, id)
+      local rank = rcall('ZRANK', K_QUEUE, id)
       if rank then
         known[id] = true
         local q = queued(id)
@@ -170,7 +170,7 @@ if wait_n > 0 then
     end
   end
   local hk = k_holds()
-  local holds = redis.call('HLEN', hk) > 0 and redis.call('HGETALL', hk) or {}
+  local holds = rcall('HLEN', hk) > 0 and rcall('HGETALL', hk) or {}
   for i = 1, #holds, 2 do wait.holds[holds[i]] = holds[i + 1] end
   out.wait = wait
 end

@@ -21,7 +21,7 @@ end
 if TENANT_QUOTAS ~= '' then
   for t in pairs(cjson.decode(TENANT_QUOTAS)) do add(t) end
 end
-for _, t in ipairs(redis.call('HKEYS', K_TENANTS)) do add(t) end
-for _, t in ipairs(redis.call('HKEYS', k_tusage())) do add(t) end
-for _, t in ipairs(redis.call('HKEYS', K_TQUEUED)) do add(t) end
+for _, t in ipairs(rcall('HKEYS', K_TENANTS)) do add(t) end
+for _, t in ipairs(rcall('HKEYS', k_tusage())) do add(t) end
+for _, t in ipairs(rcall('HKEYS', K_TQUEUED)) do add(t) end
 return out

@@ -12,9 +12,9 @@
 -- @include prelude
 local id = ARGV[A + 1]
 local rk = k_req(id)
-local st = redis.call('HGET', rk, 'status')
+local st = rcall('HGET', rk, 'status')
 if st == 'queued' or st == 'allocated' or st == 'preempting' then
-  redis.call('HSET', rk, 'watched', '1')
+  rcall('HSET', rk, 'watched', '1')
 end
 if not st then return {{}, -1} end
-return {redis.call('HGETALL', rk), redis.call('ZRANK', K_QUEUE, id) or -1}
+return {rcall('HGETALL', rk), rcall('ZRANK', K_QUEUE, id) or -1}

@@ -11,24 +11,25 @@
 local upgraded = {}
 local function upgrade_data()
   upgraded[P] = true
-  local m = redis.call('HMGET', K_META, 'gpus_out', 'gpus_busy')
+  local m = rcall('HMGET', K_META, 'gpus_out', 'gpus_busy')
   if m[1] then return end
   local free = 0
-  local t = redis.call('ZRANGEBYSCORE', K_FREE, 1, '+inf', 'WITHSCORES')
+  local t = rcall('ZRANGEBYSCORE', K_FREE, 1, '+inf', 'WITHSCORES')
   for i = 2, #t, 2 do free = free + tonumber(t[i]) end
-  local out = redis.call('ZCARD', K_GPUS) - free - (tonumber(m[2] or '0') or 0)
-  redis.call('HSET', K_META, 'gpus_out', string.format('%d', out))
-  if m[2] then redis.call('HDEL', K_META, 'gpus_busy') end
+  local out = rcall('ZCARD', K_GPUS) - free - (tonumber(m[2] or '0') or 0)
+  rcall('HSET', K_META, 'gpus_out', string.format('%d', out))
+  if m[2] then rcall('HDEL', K_META, 'gpus_busy') end
 end
 
 local function begin_call(keys, argv, read_only)
+  rcall = redis.call
   -- @bind
   if argv[1] ~= '' then
     NOW = tonumber(argv[1])
     NOW_S = string.format('%.6f', NOW) -- formatted once: most functions write it several times
   else
     -- TIME's seconds and microseconds are the digits of '%.6f' already: joined, not printed
-    local t = redis.call('TIME')
+    local t = rcall('TIME')
     local us = t[2]
     NOW_S = t[1] .. (#us == 6 and '.' or string.sub('.000000', 1, 7 - #us)) .. us
     NOW = tonumber(NOW_S)

@@ -9,7 +9,7 @@
 -- dequeue forget it, as begin_call does): a release's bump_capacity and schedule share one ZCARD.
 local qlen
 local function queue_len()
-  if qlen == nil then qlen = redis.call('ZCARD', K_QUEUE) end
+  if qlen == nil then qlen = rcall('ZCARD', K_QUEUE) end
   return qlen
 end
 
@@ -18,7 +18,7 @@ end
 -- nobody waits to be told: a request queued later is tried against the capacity of then as the
 -- pass's new request (only allocate enqueues), so the version stays (one write less per release).
 local function bump_capacity()
-  if queue_len() > 0 then redis.call('HINCRBY', K_META, 'capver', '1') end
+  if queue_len() > 0 then rcall('HINCRBY', K_META, 'capver', '1') end
 end
 
 -- Append one event to the capped stream; returns its entry id. Every TRIM_EVERY-th append
@@ -31,19 +31,36 @@ local function event(name, id, svc, extra)
   appended = appended + 1
   if appended < TRIM_EVERY then
     if extra then
-      return redis.call('XADD', K_EVENTS, '*', 'event', name, 'request_id', id or '',
+      return rcall('XADD', K_EVENTS, '*', 'event', name, 'request_id', id or '',
         'service_name', svc or '', 'ts', NOW_S, unpack(extra))
     end
-    return redis.call('XADD', K_EVENTS, '*', 'event', name, 'request_id', id or '',
+    return rcall('XADD', K_EVENTS, '*', 'event', name, 'request_id', id or '',
       'service_name', svc or '', 'ts', NOW_S)
   end
   appended = 0
   if extra then
-    return redis.call('XADD', K_EVENTS, 'MAXLEN', '~', EV_MAX, '*', 'event', name,
+    return rcall('XADD', K_EVENTS, 'MAXLEN', '~', EV_MAX, '*', 'event', name,
       'request_id', id or '', 'service_name', svc or '', 'ts', NOW_S, unpack(extra))
   end
-  return redis.call('XADD', K_EVENTS, 'MAXLEN', '~', EV_MAX, '*', 'event', name,
+  return rcall('XADD', K_EVENTS, 'MAXLEN', '~', EV_MAX, '*', 'event', name,
     'request_id', id or '', 'service_name', svc or '', 'ts', NOW_S)
+end
+
+-- event() of a grant or an ending, with its node and GPU ids (and a grant's uuids) as
+-- arguments: no table to build and unpack on the hot path. The trimming append goes through
+-- event().
+local function event_gpus(name, id, svc, node, ids, uuids)
+  if appended + 1 >= TRIM_EVERY then
+    return event(name, id, svc, uuids and {'node', node, 'gpu_ids', ids, 'gpu_uuids', uuids}
+      or {'node', node, 'gpu_ids', ids})
+  end
+  appended = appended + 1
+  if uuids then
+    return rcall('XADD', K_EVENTS, '*', 'event', name, 'request_id', id, 'service_name', svc,
+      'ts', NOW_S, 'node', node, 'gpu_ids', ids, 'gpu_uuids', uuids)
+  end
+  return rcall('XADD', K_EVENTS, '*', 'event', name, 'request_id', id, 'service_name', svc,
+    'ts', NOW_S, 'node', node, 'gpu_ids', ids)
 end
 
 -- Queue a webhook delivery when the record has a URL and (for non-grant events) opted in.
@@ -63,7 +80,7 @@ local function outbox(name, id, event_id, url, events_json, always, pinned, extr
   if extra then
     for k, v in pairs(extra) do entry[k] = v end
   end
-  redis.call('RPUSH', K_OUTBOX, cjson.encode(entry))
+  rcall('RPUSH', K_OUTBOX, cjson.encode(entry))
 end
 
 -- Wake the API calls long-polling this request (app/longpoll.py): one PUBLISH per status
@@ -71,5 +88,5 @@ end
 -- live allocation ending or changing state). Redis delivers it after the script, so a waiter
 -- that wakes reads the new status. Without subscribers a PUBLISH costs one dictionary lookup.
 local function notify(id, status)
-  redis.call('PUBLISH', K_CHANGES, id .. '|' .. status)
+  rcall('PUBLISH', K_CHANGES, id .. '|' .. status)
 end

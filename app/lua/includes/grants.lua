@@ -9,12 +9,36 @@
 -- client saw it queued (webhook). pending: an HSET of the record not sent yet (allocate's new
 -- record), which the grant's fields join, so the record is written once. Returns the fields
 -- it wrote.
+-- A one-GPU grant's gpu_ids and gpu_uuids as cjson.encode writes them, memoized per index and
+-- per uuid (bounded like num's memo): an encode costs ~4.7k instructions, and the same GPUs
+-- come back grant after grant. ONE_GPU: such a gpu_ids back to the index finish_alloc's match
+-- would read from it (a table read instead of a pattern match, ~1.3k instructions).
+local json1_ids, json1_uuids, json1_n, ONE_GPU = {}, {}, 0, {}
+local function json1(idx, uuid)
+  local a, b = json1_ids[idx], json1_uuids[uuid]
+  if not (a and b) then
+    if json1_n >= MEMO_MAX then json1_ids, json1_uuids, json1_n, ONE_GPU = {}, {}, 0, {} end
+    a, b = cjson.encode({num(idx)}), cjson.encode({uuid})
+    json1_ids[idx], json1_uuids[uuid], json1_n = a, b, json1_n + 1
+    ONE_GPU[a] = string.match(a, '^%[(%d+)%]$') or false
+  end
+  return a, b
+end
+
 local function grant(r, node, chosen, queued, from_queue, pending)
-  local ids, uuids = {}, {}
-  for i, g in ipairs(chosen) do
+  local ids_json, uuids_json
+  if #chosen == 1 then
+    local g = chosen[1]
     take_gpu(r, node, g.idx)
-    ids[i] = num(g.idx)
-    uuids[i] = g.uuid
+    ids_json, uuids_json = json1(g.idx, g.uuid)
+  else
+    local ids, uuids = {}, {}
+    for i, g in ipairs(chosen) do
+      take_gpu(r, node, g.idx)
+      ids[i] = num(g.idx)
+      uuids[i] = g.uuid
+    end
+    ids_json, uuids_json = cjson.encode(ids), cjson.encode(uuids)
   end
   local expires, score = '', '+inf'
   if r.lease >= 0 then
@@ -23,7 +47,6 @@ local function grant(r, node, chosen, queued, from_queue, pending)
   end
   local wait = NOW - r.submitted
   if wait < 0 then wait = 0 end
-  local ids_json, uuids_json = cjson.encode(ids), cjson.encode(uuids)
   local out = {'status', 'allocated', 'node', node, 'gpu_ids', ids_json, 'gpu_uuids', uuids_json,
     'expires_at', expires}
   -- granted at its submission (the usual grant): allocated_at is submitted_at and the wait 0,
@@ -34,19 +57,18 @@ local function grant(r, node, chosen, queued, from_queue, pending)
   if pending then
     local n = #pending
     for i = 1, #out do pending[n + i] = out[i] end
-    redis.call(unpack(pending))
+    rcall(unpack(pending))
   else
-    redis.call('HSET', k_req(r.id), unpack(out))
+    rcall('HSET', k_req(r.id), unpack(out))
   end
-  redis.call('ZADD', K_LEASES, score, r.id)
-  redis.call('SADD', k_svc(r.svc), r.id)
+  rcall('ZADD', K_LEASES, score, r.id)
+  rcall('SADD', k_svc(r.svc), r.id)
   tenant_add(r.tenant, alloc_gpus(r))
   if queued then
     queue().dequeue(r.id, r.reserved, r.sharing, owner_bucket(r.owner, r.svc), r.tenant)
     notify(r.id, 'allocated')
   end
-  local evid = event('allocated', r.id, r.svc, {'node', node, 'gpu_ids', ids_json,
-    'gpu_uuids', uuids_json})
+  local evid = event_gpus('allocated', r.id, r.svc or '', node, ids_json, uuids_json)
   stat_alloc(r.svc, 'allocated')
   if from_queue then
     stat('sched|from_queue')
@@ -62,17 +84,17 @@ end
 -- requests wait on it with depends_on_mode ok.
 local function end_queued(id, status, reason, cause)
   local rk = k_req(id)
-  local f = redis.call('HMGET', rk, 'service_name', 'webhook_url', 'webhook_events',
+  local f = rcall('HMGET', rk, 'service_name', 'webhook_url', 'webhook_events',
     'reserved_node', 'sharing', 'ok_dependents', 'owner', 'tenant')
   queue().dequeue(id, f[4], f[5] or REC_DEFAULTS.sharing, owner_bucket(f[7], f[1]),
     f[8] or '')
   if reason then
-    redis.call('HSET', rk, 'status', status, 'ended_at', NOW_S, 'reason', reason,
+    rcall('HSET', rk, 'status', status, 'ended_at', NOW_S, 'reason', reason,
       'failed_dependency', cause)
   else
-    redis.call('HSET', rk, 'status', status, 'ended_at', NOW_S)
+    rcall('HSET', rk, 'status', status, 'ended_at', NOW_S)
   end
-  redis.call('EXPIRE', rk, HIST_TTL_S)
+  rcall('EXPIRE', rk, HIST_TTL_S)
   bump_capacity()
   notify(id, status)
   local evid = event(status, id, f[1], reason and {'reason', reason, 'dependency', cause} or nil)
@@ -93,12 +115,12 @@ local function fail_dependents(id)
     local cause = work[i]
     i = i + 1
     local dk = k_deps(cause)
-    for _, d in ipairs(redis.call('SMEMBERS', dk)) do
-      if redis.call('HGET', k_req(d), 'status') == 'queued' then
+    for _, d in ipairs(rcall('SMEMBERS', dk)) do
+      if rcall('HGET', k_req(d), 'status') == 'queued' then
         if end_queued(d, 'cancelled', 'dependency_failed', cause) then work[#work + 1] = d end
       end
     end
-    redis.call('DEL', dk)
+    rcall('DEL', dk)
   end
 end
 
@@ -108,9 +130,9 @@ end
 local function victim_ended(rid)
   if not rid or rid == '' then return end
   local rk = k_req(rid)
-  if redis.call('HGET', rk, 'status') ~= 'queued' then return end
-  if redis.call('HINCRBY', rk, 'preempt_pending', -1) <= 0 then
-    redis.call('HSET', rk, 'hold_until', ftime(NOW + HB_TIMEOUT))
+  if rcall('HGET', rk, 'status') ~= 'queued' then return end
+  if rcall('HINCRBY', rk, 'preempt_pending', -1) <= 0 then
+    rcall('HSET', rk, 'hold_until', ftime(NOW + HB_TIMEOUT))
   end
 end
 
@@ -125,48 +147,58 @@ local FINISH_FIELDS = {'node', 'gpu_ids', 'sharing', 'min_memory_mb', 'service_n
 -- preempted one are always notified when they have a webhook_url.
 local function finish_alloc(id, status, read, by_holder)
   local rk = k_req(id)
-  local f = read or redis.call('HMGET', rk, unpack(FINISH_FIELDS))
+  local f = read or rcall('HMGET', rk, unpack(FINISH_FIELDS))
   local node, sharing, minm = f[1], f[3] or REC_DEFAULTS.sharing, num(f[4]) or 0
   local svc = f[5] or ''
   local raw = f[2] or '[]'
-  local one = string.match(raw, '^%[(%d+)%]$') -- one GPU (most allocations): no decode
-  local ids = one and {one} or cjson.decode(raw)
-  for _, i in ipairs(ids) do
-    return_gpu(id, sharing, minm, node, one or string.format('%d', i))
+  -- one GPU (most allocations): no decode
+  local one = ONE_GPU[raw]
+  if one == nil then one = string.match(raw, '^%[(%d+)%]$') end
+  local nids = 1
+  if one then
+    return_gpu(id, sharing, minm, node, one)
+  else
+    local ids = cjson.decode(raw)
+    for _, i in ipairs(ids) do return_gpu(id, sharing, minm, node, string.format('%d', i)) end
+    nids = #ids
   end
-  tenant_add(f[9], -#ids)
+  tenant_add(f[9], -nids)
   local now = NOW_S
   if status == 'released' then
     -- released_at is ended_at: not stored (app/record.py fills it in for status released)
-    redis.call('HSET', rk, 'status', status, 'ended_at', now)
+    rcall('HSET', rk, 'status', status, 'ended_at', now)
   elseif by_holder then
-    redis.call('HSET', rk, 'status', status, 'released_at', now, 'ended_at', now)
+    rcall('HSET', rk, 'status', status, 'released_at', now, 'ended_at', now)
   else
-    redis.call('HSET', rk, 'status', status, 'ended_at', now)
+    rcall('HSET', rk, 'status', status, 'ended_at', now)
   end
-  redis.call('EXPIRE', rk, HIST_TTL_S)
-  redis.call('ZREM', K_LEASES, id)
-  redis.call('SREM', k_svc(svc), id)
+  rcall('EXPIRE', rk, HIST_TTL_S)
+  rcall('ZREM', K_LEASES, id)
+  rcall('SREM', k_svc(svc), id)
   bump_capacity()
   -- a release by its holder: nobody long-polls it unless watch.lua marked it
   if not read or f[11] then notify(id, status) end
-  local evid = event(status, id, svc, {'node', node or '', 'gpu_ids', f[2] or '[]'})
+  local evid = event_gpus(status, id, svc, node or '', f[2] or '[]', nil)
   stat_alloc(svc, status)
   outbox(status, id, evid, f[6], f[7], status == 'lost' or status == 'preempted')
   victim_ended(f[10])
   if f[8] == '1' then
     if status == 'released' then
-      redis.call('DEL', k_deps(id))  -- its ok-dependents may run now; nothing left to cancel
+      rcall('DEL', k_deps(id))  -- its ok-dependents may run now; nothing left to cancel
     else
       fail_dependents(id)
     end
   end
 end
 
--- What release reads of a record: FINISH_FIELDS, then its status and owner.
+-- What release reads of a record: FINISH_FIELDS, then its status and owner (the owner only
+-- when a principal must own it).
 local RELEASE_FIELDS = {'node', 'gpu_ids', 'sharing', 'min_memory_mb', 'service_name',
   'webhook_url', 'webhook_events', 'ok_dependents', 'tenant', 'preempted_for', 'watched',
   'status', 'owner'}
+local RELEASE_FIELDS_NO_OWNER = {'node', 'gpu_ids', 'sharing', 'min_memory_mb', 'service_name',
+  'webhook_url', 'webhook_events', 'ok_dependents', 'tenant', 'preempted_for', 'watched',
+  'status'}
 
 -- End a queued request (cancelled | timed_out). Its any-dependents may now run (capver is
 -- bumped); its ok-dependents are cancelled.
@@ -175,7 +207,7 @@ local function finish_queued(id, status)
 end
 
 local function top_score(key)
-  local t = redis.call('ZREVRANGE', key, 0, 0, 'WITHSCORES')
+  local t = rcall('ZREVRANGE', key, 0, 0, 'WITHSCORES')
   if #t == 0 then return -1 end
   return tonumber(t[2])
 end

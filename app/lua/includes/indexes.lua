@@ -11,8 +11,8 @@ local alive_cache = {}
 local function node_alive(node)
   local v = alive_cache[node]
   if v == nil then
-    local hb = redis.call('ZSCORE', K_NODES, node)
-    v = (hb and tonumber(hb) >= NOW - HB_TIMEOUT) and true or false
+    local hb = rcall('ZSCORE', K_NODES, node)
+    v = (hb and num(hb) >= NOW - HB_TIMEOUT) and true or false
     alive_cache[node] = v
   end
   return v
@@ -23,7 +23,7 @@ local function node_indexes(node)
   local v = index_cache[node]
   if v == nil then
     v = {}
-    local s = redis.call('HGET', k_node(node), 'indexes')
+    local s = rcall('HGET', k_node(node), 'indexes')
     if s then
       for idx in string.gmatch(s, '[^,]+') do v[#v + 1] = idx end
     end
@@ -36,7 +36,7 @@ end
 -- (a GPU turning free, more reservable memory) bumps meta.capver so the next pass rescans.
 local function gpu_sync(node, idx)
   local gk = k_gpu(node, idx)
-  local f = redis.call('HMGET', gk, 'excl', 'shared_n', 'health', 'cordoned', 'lost',
+  local f = rcall('HMGET', gk, 'excl', 'shared_n', 'health', 'cordoned', 'lost',
     'memory_free_mb', 'shared_mb', 'in_free', 'in_busy', 'utilization', 'uuid',
     'memory_total_mb')
   local excl = f[1] or ''
@@ -45,24 +45,24 @@ local function gpu_sync(node, idx)
   local free = ok and excl == '' and sn == 0
   local busy = excl ~= '' or sn > 0
   if free ~= (f[8] == '1') then
-    redis.call('ZINCRBY', K_FREE, free and 1 or -1, node)
-    redis.call('HSET', gk, 'in_free', free and '1' or '0')
+    rcall('ZINCRBY', K_FREE, free and 1 or -1, node)
+    rcall('HSET', gk, 'in_free', free and '1' or '0')
     if free then bump_capacity() end
   end
   if free then
-    redis.call('HSET', k_free(node), idx, (f[6] or '0') .. '|' .. (f[10] or '0') .. '|' ..
+    rcall('HSET', k_free(node), idx, (f[6] or '0') .. '|' .. (f[10] or '0') .. '|' ..
       (f[11] or ''))
   elseif f[8] == '1' then
-    redis.call('HDEL', k_free(node), idx)
+    rcall('HDEL', k_free(node), idx)
   end
   if busy ~= (f[9] == '1') then
-    redis.call('HSET', gk, 'in_busy', busy and '1' or '0')
+    rcall('HSET', gk, 'in_busy', busy and '1' or '0')
   end
   -- neither free nor allocated (unusable and unheld): meta.gpus_out
   local out, was_out = not free and not busy, f[8] ~= '1' and f[9] ~= '1'
   if out ~= was_out then meta_incr('gpus_out', out and 1 or -1) end
   local member = node .. '|' .. idx
-  local old = redis.call('ZSCORE', K_SHARED, member)
+  local old = rcall('ZSCORE', K_SHARED, member)
   if ok and excl == '' then
     -- room for shared requests: total - max(reserved, used), i.e. what is neither reserved
     -- nor in use (a running shared job's memory shows in the reading and in its reservation;
@@ -72,10 +72,10 @@ local function gpu_sync(node, idx)
     if free_mb < cap then cap = free_mb end
     if cap < 0 then cap = 0 end
     if old == false or tonumber(old) ~= cap then
-      redis.call('ZADD', K_SHARED, cap, member)
+      rcall('ZADD', K_SHARED, cap, member)
       if old == false or tonumber(old) < cap then bump_capacity() end
     end
   elseif old then
-    redis.call('ZREM', K_SHARED, member)
+    rcall('ZREM', K_SHARED, member)
   end
 end

@@ -8,8 +8,8 @@
 -- leases: only admin actions, node forgets and health transitions of held GPUs call it.
 local function allocs_on(node, idx)
   local out = {}
-  for _, id in ipairs(redis.call('ZRANGE', K_LEASES, 0, -1)) do
-    local f = redis.call('HMGET', k_req(id), 'node', 'gpu_ids')
+  for _, id in ipairs(rcall('ZRANGE', K_LEASES, 0, -1)) do
+    local f = rcall('HMGET', k_req(id), 'node', 'gpu_ids')
     if f[1] == node then
       if idx == nil then
         out[#out + 1] = id
@@ -31,7 +31,7 @@ end
 -- affected: {[id] = {{index = n, health = h}, ...}}, ids: the allocation ids in order.
 local function notify_unhealthy(node, affected, ids)
   for _, id in ipairs(ids) do
-    local f = redis.call('HMGET', k_req(id), 'service_name', 'webhook_url')
+    local f = rcall('HMGET', k_req(id), 'service_name', 'webhook_url')
     local gpus = affected[id]
     local evid = event('allocation_unhealthy', id, f[1], {'node', node,
       'gpus', cjson.encode(gpus)})
@@ -48,30 +48,30 @@ local function forget_node(node, by, reason)
   for _, id in ipairs(lost) do finish_alloc(id, 'lost') end
   for _, idx in ipairs(node_indexes(node)) do
     local gk = k_gpu(node, idx)
-    local f = redis.call('HMGET', gk, 'in_free', 'in_busy')
+    local f = rcall('HMGET', gk, 'in_free', 'in_busy')
     if f[1] == '1' then
-      redis.call('ZINCRBY', K_FREE, '-1', node)
+      rcall('ZINCRBY', K_FREE, '-1', node)
     end
     if f[1] ~= '1' and f[2] ~= '1' then meta_incr('gpus_out', -1) end
     local member = node .. '|' .. idx
-    redis.call('ZREM', K_SHARED, member)
-    redis.call('ZREM', K_GPUS, member)
-    redis.call('DEL', gk)
+    rcall('ZREM', K_SHARED, member)
+    rcall('ZREM', K_GPUS, member)
+    rcall('DEL', gk)
   end
-  redis.call('DEL', k_free(node), k_node(node))
-  redis.call('ZREM', K_FREE, node)
-  redis.call('ZREM', K_SIZES, node)
-  redis.call('ZREM', K_NODES, node)
+  rcall('DEL', k_free(node), k_node(node))
+  rcall('ZREM', K_FREE, node)
+  rcall('ZREM', K_SIZES, node)
+  rcall('ZREM', K_NODES, node)
   index_cache[node], alive_cache[node] = nil, nil
-  local holder = redis.call('HGET', K_RES, node)
+  local holder = rcall('HGET', K_RES, node)
   if holder then
-    redis.call('HDEL', K_RES, node)
-    redis.call('HDEL', k_holds(), node)
-    redis.call('HSET', k_req(holder), 'reserved_node', '')
-    redis.call('ZADD', K_QUNRES, NOW_S, holder)
+    rcall('HDEL', K_RES, node)
+    rcall('HDEL', k_holds(), node)
+    rcall('HSET', k_req(holder), 'reserved_node', '')
+    rcall('ZADD', K_QUNRES, NOW_S, holder)
   end
-  redis.call('HSET', K_META, 'max_node_gpus', top_score(K_SIZES), 'max_gpu_mb',
-    top_score(K_GPUS), 'gpus_total', redis.call('ZCARD', K_GPUS))
+  rcall('HSET', K_META, 'max_node_gpus', top_score(K_SIZES), 'max_gpu_mb',
+    top_score(K_GPUS), 'gpus_total', rcall('ZCARD', K_GPUS))
   bump_capacity()
   event('node_forgotten', '', '', {'node', node, 'by', by, 'reason', reason,
     'allocations_lost', tostring(#lost)})

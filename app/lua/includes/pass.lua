@@ -40,7 +40,7 @@
       -- no walk met it: its tenant's head when it is its tenant's only queued request (an
       -- exclusive one), or due at once (reservation_after 0; with fair share a shared one)
       local only = (r.tenant ~= '' and tenant_queued(r.tenant) or
-        tonumber(redis.call('HGET', K_QOWNERS, owner_bucket(r.owner, r.svc)) or '0')) == 1
+        tonumber(rcall('HGET', K_QOWNERS, owner_bucket(r.owner, r.svc)) or '0')) == 1
       local head = only and r.sharing ~= 'shared'
       local due_now = RES_AFTER == 0 and (TENANT_FAIR ~= '1' or r.sharing == 'shared')
       if not head and not due_now then return end
@@ -49,7 +49,7 @@
       -- with fair share it reserves only as the lowest-share tenant with queued requests (the
       -- fair walk's rule: reservations follow the fair order)
       local mine = tenant_share(r.tenant)
-      for _, t in ipairs(redis.call('HKEYS', K_TQUEUED)) do
+      for _, t in ipairs(rcall('HKEYS', K_TQUEUED)) do
         if t ~= r.tenant then
           local sh = tenant_share(t)
           if sh < mine or (sh == mine and t < r.tenant) then return end
@@ -63,19 +63,19 @@
   -- the first fair pass that finds some gives each its owner (else its service) as tenant.
   local function adopt_untenanted()
     local n = 0
-    for _, v in ipairs(redis.call('HVALS', K_TQUEUED)) do n = n + (tonumber(v) or 0) end
-    if n >= redis.call('ZCARD', K_QUEUE) then return end
+    for _, v in ipairs(rcall('HVALS', K_TQUEUED)) do n = n + (tonumber(v) or 0) end
+    if n >= rcall('ZCARD', K_QUEUE) then return end
     local offset = 0
     while true do
-      local ids = redis.call('ZRANGE', K_QUEUE, offset, offset + 499, 'WITHSCORES')
+      local ids = rcall('ZRANGE', K_QUEUE, offset, offset + 499, 'WITHSCORES')
       if #ids == 0 then break end
       for i = 1, #ids, 2 do
         local id = ids[i]
-        local f = redis.call('HMGET', k_req(id), 'tenant', 'owner', 'service_name')
+        local f = rcall('HMGET', k_req(id), 'tenant', 'owner', 'service_name')
         if (f[1] or '') == '' then
           local t = (f[2] and f[2] ~= '') and f[2] or (f[3] or '')
-          redis.call('HSET', k_req(id), 'tenant', t)
-          redis.call('ZADD', k_tqueue(t), ids[i + 1], id)
+          rcall('HSET', k_req(id), 'tenant', t)
+          rcall('ZADD', k_tqueue(t), ids[i + 1], id)
           tenant_queue_add(t, 1)
         end
       end
@@ -103,10 +103,10 @@
     adopt_untenanted()
     -- reserved nodes: node -> {id = holder}; by_tenant: the holder's tenant -> its nodes
     local blocked, failed, by_tenant = {}, {}, {}
-    local res = redis.call('HGETALL', K_RES)
+    local res = rcall('HGETALL', K_RES)
     for i = 1, #res, 2 do
       blocked[res[i]] = {id = res[i + 1]}
-      local t = redis.call('HGET', k_req(res[i + 1]), 'tenant') or ''
+      local t = rcall('HGET', k_req(res[i + 1]), 'tenant') or ''
       local l = by_tenant[t]
       if not l then l = {}; by_tenant[t] = l end
       l[#l + 1] = res[i]
@@ -128,11 +128,11 @@
     local may_reserve = RES_AFTER >= 0 and POLICY ~= 'strict_fifo'
     local new_reservations, due = 0, {}
     if may_reserve then
-      local waited = redis.call('ZRANGEBYSCORE', K_QUNRES, '-inf', ftime(NOW - RES_AFTER))
+      local waited = rcall('ZRANGEBYSCORE', K_QUNRES, '-inf', ftime(NOW - RES_AFTER))
       for _, id in ipairs(waited) do due[id] = true end
     end
     local tenants = {}
-    for _, t in ipairs(redis.call('HKEYS', K_TQUEUED)) do
+    for _, t in ipairs(rcall('HKEYS', K_TQUEUED)) do
       tenants[#tenants + 1] = {t = t, share = tenant_share(t), pos = 0, head = false}
     end
     -- the first tenant (lowest share) met with a head that cannot go (or holds a reservation)
@@ -146,7 +146,7 @@
         return a.share < b.share or (a.share == b.share and a.t < b.t)
       end)
       for _, cur in ipairs(tenants) do
-        for _, id in ipairs(redis.call('ZRANGE', k_tqueue(cur.t), cur.pos, cur.pos + SWEEP - 1)) do
+        for _, id in ipairs(rcall('ZRANGE', k_tqueue(cur.t), cur.pos, cur.pos + SWEEP - 1)) do
           local r = load_req(id)
           if r and r.status == 'queued' and r.reserved ~= '' then
             if new_wants == nil then new_wants = false end
@@ -179,9 +179,9 @@
       local cur = tenants[bi]
       local got, done = false, false
       while not got and not done do
-        local ids = redis.call('ZRANGE', k_tqueue(cur.t), cur.pos, cur.pos + 99)
+        local ids = rcall('ZRANGE', k_tqueue(cur.t), cur.pos, cur.pos + 99)
         if #ids == 0 then break end
-        local shapes = redis.call('HMGET', K_QSHAPE, unpack(ids))
+        local shapes = rcall('HMGET', K_QSHAPE, unpack(ids))
         for i, id in ipairs(ids) do
           cur.pos = cur.pos + 1
           local shape = shapes[i]
@@ -284,15 +284,15 @@
 
   local function schedule_inner(new_id, force)
     local granted = {}
-    if redis.call('ZCARD', K_QUEUE) == 0 then return granted end
-    local capver = redis.call('HGET', K_META, 'capver') or '0'
-    local full = force or capver ~= (redis.call('HGET', K_META, 'passver') or '')
+    if rcall('ZCARD', K_QUEUE) == 0 then return granted end
+    local capver = rcall('HGET', K_META, 'capver') or '0'
+    local full = force or capver ~= (rcall('HGET', K_META, 'passver') or '')
     if not full and RES_AFTER >= 0 and POLICY ~= 'strict_fifo' then
       local due = low_score(K_QUNRES)
       if due and due <= NOW - RES_AFTER then full = true end
     end
     if not full and new_id and POLICY == 'strict_fifo' and quotas_on() and
-        redis.call('ZRANK', K_QUEUE, new_id) ~= 0 then
+        rcall('ZRANK', K_QUEUE, new_id) ~= 0 then
       full = true -- the requests ahead may wait only for their tenants' quotas: walk
     end
     if not full then
@@ -300,7 +300,7 @@
         stat('sched|passes_skipped')
         return granted
       end
-      if POLICY == 'strict_fifo' and redis.call('ZRANK', K_QUEUE, new_id) ~= 0 then
+      if POLICY == 'strict_fifo' and rcall('ZRANK', K_QUEUE, new_id) ~= 0 then
         return granted
       end
       local r = load_req(new_id)
@@ -308,7 +308,7 @@
         return granted
       end
       local blocked = {}
-      local res = redis.call('HGETALL', K_RES)
+      local res = rcall('HGETALL', K_RES)
       -- a preemption's hold is a reservation nobody else may use (no backfill, no spare)
       local holds = #res > 0 and read_holds() or nil
       for i = 1, #res, 2 do
@@ -327,7 +327,7 @@
       end
       return granted
     end
-    redis.call('HSET', K_META, 'passver', capver)
+    rcall('HSET', K_META, 'passver', capver)
     stat('sched|passes')
     if TENANT_FAIR == '1' then return fair_walk(new_id, granted) end
     local blocked, failed, fail_lease = {}, {}, {}
@@ -335,13 +335,13 @@
     local new_reservations, head_seen = 0, {}
     local reserved_by, due, possible = {}, {}, {}
     -- tenants with queued requests whose head this pass has not met yet (HEADS only)
-    local tenants_left = (may_reserve and HEADS) and math.max(redis.call('HLEN', K_QOWNERS),
-      redis.call('HLEN', K_TQUEUED)) or 0
+    local tenants_left = (may_reserve and HEADS) and math.max(rcall('HLEN', K_QOWNERS),
+      rcall('HLEN', K_TQUEUED)) or 0
     -- a reservation made before holds back its node whatever the settings now
-    local res = redis.call('HGETALL', K_RES)
+    local res = rcall('HGETALL', K_RES)
     for i = 1, #res, 2 do reserved_by[res[i + 1]] = res[i] end
     if may_reserve then
-      local waited = redis.call('ZRANGEBYSCORE', K_QUNRES, '-inf', ftime(NOW - RES_AFTER))
+      local waited = rcall('ZRANGEBYSCORE', K_QUNRES, '-inf', ftime(NOW - RES_AFTER))
       for _, id in ipairs(waited) do due[id] = true end
     end
     -- nodes held for a preemption's request: blocked for every other request from the start
@@ -392,7 +392,7 @@
     -- still reserve: the first SWEEP ranks from `from`, until every tenant's head was met.
     local function sweep(from)
       if not may_reserve or tenants_left <= 0 or from >= SWEEP then return end
-      local ids = redis.call('ZRANGE', K_QUEUE, from, SWEEP - 1)
+      local ids = rcall('ZRANGE', K_QUEUE, from, SWEEP - 1)
       for i, id in ipairs(ids) do
         if tenants_left <= 0 then break end
         consider(id, nil, nil, from + i)
@@ -406,10 +406,10 @@
     local maxfree, maxshared = top_score(K_FREE), top_score(K_SHARED)
     local offset = 0
     while true do
-      local ids = redis.call('ZRANGE', K_QUEUE, offset, offset + 499)
+      local ids = rcall('ZRANGE', K_QUEUE, offset, offset + 499)
       if #ids == 0 then break end
       local removed = 0
-      local shapes = redis.call('HMGET', K_QSHAPE, unpack(ids))
+      local shapes = rcall('HMGET', K_QSHAPE, unpack(ids))
       for i, id in ipairs(ids) do
         -- the shape first (500 per read): a shape that already failed in this pass, or that
         -- the best free capacity cannot hold, is skipped without reading the request
@@ -449,7 +449,7 @@
               if hn and not node then
                 if hold_lapsed(id) then
                   -- its victims are gone and it still does not fit: a plain reservation again
-                  redis.call('HDEL', k_holds(), hn)
+                  rcall('HDEL', k_holds(), hn)
                   held_node[id] = nil
                   blocked[hn] = {id = id, r = r}
                 else

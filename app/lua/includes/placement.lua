@@ -10,13 +10,17 @@
 -- with REC_DEFAULTS_MT as metatable, so a field at its default (not stored) reads as it.
 -- REQ_FIELDS and REC_DEFAULTS are generated from app/record.py when the library is built.
 local NO_PREF = {}
-local function req_from(id, f)
-  local r = {id = id, svc = f.service_name, sharing = f.sharing, k = num(f.required_gpus),
-    minm = num(f.min_memory_mb), maxm = num(f.max_memory_mb),
-    util = num(f.max_utilization), pref_raw = f.preferred_gpus, deps_raw = f.depends_on,
-    submitted = tonumber(f.submitted_at), hook = f.webhook_url or '',
+local function req_from(id, f, submitted)
+  -- num's memo read first (a hit, the usual case, is one table read instead of a call)
+  local m = num_memo
+  local k, minm, maxm = f.required_gpus, f.min_memory_mb, f.max_memory_mb
+  local util, prio = f.max_utilization, f.priority
+  local r = {id = id, svc = f.service_name, sharing = f.sharing, k = m[k] or num(k),
+    minm = m[minm] or num(minm), maxm = m[maxm] or num(maxm),
+    util = m[util] or num(util), pref_raw = f.preferred_gpus, deps_raw = f.depends_on,
+    submitted = submitted or tonumber(f.submitted_at), hook = f.webhook_url or '',
     hook_events = f.webhook_events, lease = lease_secs(f.lease_seconds),
-    priority = num(f.priority), reserved = f.reserved_node or '', status = f.status,
+    priority = m[prio] or num(prio), reserved = f.reserved_node or '', status = f.status,
     owner = f.owner or '', pat = f.gpu_pattern or '', nodes_raw = f.nodes,
     mode = f.depends_on_mode, tenant = f.tenant or ''}
   -- gpu_model as an anchored Lua pattern on the lower-cased GPU name ('' = any model) and the
@@ -38,7 +42,7 @@ local function req_from(id, f)
 end
 
 local function load_req(id)
-  local v = redis.call('HMGET', k_req(id), unpack(REQ_FIELDS))
+  local v = rcall('HMGET', k_req(id), unpack(REQ_FIELDS))
   local f = setmetatable({}, REC_DEFAULTS_MT)
   for i, name in ipairs(REQ_FIELDS) do
     if v[i] then f[name] = v[i] end
@@ -56,7 +60,7 @@ end
 
 local function model_ok(r, node, idx)
   if r.pat == '' then return true end
-  return model_matches(r.pat, redis.call('HGET', k_gpu(node, idx), 'name'))
+  return model_matches(r.pat, rcall('HGET', k_gpu(node, idx), 'name'))
 end
 
 -- True when nothing the request depends on is still queued or live. depends_on_mode ok also
@@ -66,7 +70,7 @@ local function deps_done(r)
   if r.deps_raw == '[]' then return true end
   local ok_mode = r.mode == 'ok'
   for _, dep in ipairs(cjson.decode(r.deps_raw)) do
-    local st = redis.call('HGET', k_req(dep), 'status')
+    local st = rcall('HGET', k_req(dep), 'status')
     if st == 'queued' or st == 'allocated' or st == 'preempting' then return false end
     if ok_mode and st and st ~= 'released' then return false end
   end
@@ -95,7 +99,7 @@ end
 -- Qualifying free GPUs of one node for an exclusive request (one read: node_free_gpus).
 local function node_candidates(r, node)
   local q = {}
-  local h = redis.call('HGETALL', k_free(node))
+  local h = rcall('HGETALL', k_free(node))
   for i = 1, #h, 2 do
     local mem, util, at, ok = free_entry(r, h[i + 1])
     if ok and model_ok(r, node, h[i]) then
@@ -111,15 +115,25 @@ end
 -- node_candidates + rank_gpus, without a table per candidate): most free memory, then the
 -- lowest utilization, then the lowest index. nil when none qualifies.
 local function node_best1(r, node)
-  local h = redis.call('HGETALL', k_free(node))
-  local best, bmem, butil, bidx, bat
+  local h = rcall('HGETALL', k_free(node))
+  local best, bmem, butil, bat
+  local minm, maxm, maxu, anymodel = r.minm, r.maxm, r.util, r.pat == ''
   for i = 1, #h, 2 do
-    local mem, util, at, ok = free_entry(r, h[i + 1])
-    if ok and model_ok(r, node, h[i]) then
-      local idx = num(h[i])
+    -- free_entry's test, inlined (a Lua call per entry costs as much as the test); a miss
+    -- goes through it once, which memoizes the entry
+    local v = h[i + 1]
+    local e = entry_memo[v]
+    if not e then
+      free_entry(r, v)
+      e = entry_memo[v]
+    end
+    local mem, util, at = e[1], e[2], e[3]
+    if mem >= minm and (maxm <= 0 or mem <= maxm) and util <= maxu and
+        (anymodel or model_ok(r, node, h[i])) then
+      -- the index compared (as a number) only on a tie of memory and utilization
       if not best or mem > bmem or (mem == bmem and (util < butil or
-          (util == butil and idx < bidx))) then
-        best, bmem, butil, bidx, bat = i, mem, util, idx, at
+          (util == butil and num(h[i]) < num(h[best])))) then
+        best, bmem, butil, bat = i, mem, util, at
       end
     end
   end
@@ -154,13 +168,13 @@ local NEVER = 1e18
 local function node_start(r, node)
   local times = {}
   for _, idx in ipairs(node_indexes(node)) do
-    local g = redis.call('HMGET', k_gpu(node, idx), 'health', 'cordoned', 'lost',
+    local g = rcall('HMGET', k_gpu(node, idx), 'health', 'cordoned', 'lost',
       'memory_total_mb', 'excl', 'shared_n', 'name')
     if g[1] == 'ok' and g[2] ~= '1' and g[3] ~= '1' and (tonumber(g[4]) or 0) >= r.minm
         and model_matches(r.pat, g[7]) then
       local t = NOW
       if g[5] and g[5] ~= '' then
-        t = tonumber(redis.call('ZSCORE', K_LEASES, g[5]) or '') or NEVER
+        t = tonumber(rcall('ZSCORE', K_LEASES, g[5]) or '') or NEVER
         if t > NEVER then t = NEVER end
       elseif (tonumber(g[6] or '0') or 0) > 0 and r.sharing ~= 'shared' then
         t = NEVER
@@ -213,7 +227,7 @@ local function took(r, node, blocked, chosen)
   local b = blocked[node]
   if b and b.t and not backfills(r, b) then
     if r.sharing == 'shared' then
-      if (tonumber(redis.call('HGET', k_gpu(node, chosen[1].idx), 'shared_n')) or 0) == 0 then
+      if (tonumber(rcall('HGET', k_gpu(node, chosen[1].idx), 'shared_n')) or 0) == 0 then
         b.spare = b.spare - 1
       end
     else
@@ -223,16 +237,17 @@ local function took(r, node, blocked, chosen)
 end
 
 -- Exclusive placement: best fit over nodes by free-GPU count, preferred GPUs outranking it.
-local function place_exclusive(r, blocked)
+local function place_exclusive(r, blocked, first)
   local k = r.k
   if k == 1 and r.npref == 0 then
     -- the common case: the first live node (fewest free GPUs first) with a qualifying GPU.
-    -- (A first read of one node saved ~5k instructions per grant but cost the pass that
-    -- walks a queue nothing fits a second read per placement: +50 %.)
+    -- first: how many nodes the first read asks for: 1 for allocate's request on an empty
+    -- queue (the first node usually takes it: seven reply elements fewer, ~7k instructions),
+    -- else 8 (a pass that walks a queue nothing fits would read twice per placement: +50 %)
     local offset = 0
     while true do
-      local batch = redis.call('ZRANGEBYSCORE', K_FREE, 1, '+inf', 'LIMIT', offset,
-        offset == 0 and 8 or 64)
+      local batch = rcall('ZRANGEBYSCORE', K_FREE, 1, '+inf', 'LIMIT', offset,
+        offset == 0 and (first or 8) or 64)
       if #batch == 0 then return nil end
       for _, node in ipairs(batch) do
         if node_ok(r, node) and node_alive(node) and not held_back(r, node, blocked) then
@@ -247,7 +262,7 @@ local function place_exclusive(r, blocked)
   local best, bestq, bestp = nil, nil, -1
   local offset = 0
   while true do
-    local batch = redis.call('ZRANGEBYSCORE', K_FREE, k, '+inf', 'LIMIT', offset,
+    local batch = rcall('ZRANGEBYSCORE', K_FREE, k, '+inf', 'LIMIT', offset,
       offset == 0 and 8 or 64)
     if #batch == 0 then break end
     for _, node in ipairs(batch) do
@@ -289,13 +304,13 @@ local function place_shared(r, blocked)
   local fallback, fnode = nil, nil
   local offset = 0
   while true do
-    local batch = redis.call('ZRANGEBYSCORE', K_SHARED, r.minm, hi, 'WITHSCORES', 'LIMIT',
+    local batch = rcall('ZRANGEBYSCORE', K_SHARED, r.minm, hi, 'WITHSCORES', 'LIMIT',
       offset, 128)
     if #batch == 0 then break end
     for i = 1, #batch, 2 do
       local node, idx = split_member(batch[i])
       if node and node_ok(r, node) and node_alive(node) and not held_back(r, node, blocked) then
-        local g = redis.call('HMGET', k_gpu(node, idx), 'utilization', 'uuid', 'name')
+        local g = rcall('HMGET', k_gpu(node, idx), 'utilization', 'uuid', 'name')
         if (tonumber(g[1]) or 0) <= r.util and model_matches(r.pat, g[3]) then
           local cand = {idx = idx, mem = tonumber(batch[i + 1]), uuid = g[2] or ''}
           if r.npref == 0 or r.pref[idx] then return node, {cand} end
@@ -309,10 +324,10 @@ local function place_shared(r, blocked)
   return nil
 end
 
-local function place(r, blocked)
+local function place(r, blocked, first)
   held_hit = false
   if r.sharing == 'shared' then return place_shared(r, blocked) end
-  return place_exclusive(r, blocked)
+  return place_exclusive(r, blocked, first)
 end
 
 -- Take one GPU for a request. An exclusive pick was free (in_free = 1, so in_busy = 0 and it
@@ -322,14 +337,14 @@ end
 local function take_gpu(r, node, idx)
   local gk = k_gpu(node, idx)
   if r.sharing == 'shared' then
-    redis.call('HINCRBY', gk, 'shared_n', 1)
-    redis.call('HINCRBY', gk, 'shared_mb', string.format('%d', r.minm))
+    rcall('HINCRBY', gk, 'shared_n', 1)
+    rcall('HINCRBY', gk, 'shared_mb', string.format('%d', r.minm))
     gpu_sync(node, idx)
   else
-    redis.call('HSET', gk, 'excl', r.id, 'in_free', '0', 'in_busy', '1')
-    redis.call('HDEL', k_free(node), idx)
-    redis.call('ZINCRBY', K_FREE, '-1', node)
-    redis.call('ZREM', K_SHARED, node .. '|' .. idx)
+    rcall('HSET', gk, 'excl', r.id, 'in_free', '0', 'in_busy', '1')
+    rcall('HDEL', k_free(node), idx)
+    rcall('ZINCRBY', K_FREE, '-1', node)
+    rcall('ZREM', K_SHARED, node .. '|' .. idx)
   end
 end
 
@@ -337,29 +352,31 @@ end
 local function return_gpu(id, sharing, minm, node, idx)
   local gk = k_gpu(node, idx)
   if sharing == 'shared' then
-    redis.call('HINCRBY', gk, 'shared_n', -1)
-    redis.call('HINCRBY', gk, 'shared_mb', string.format('%d', -minm))
+    rcall('HINCRBY', gk, 'shared_n', -1)
+    rcall('HINCRBY', gk, 'shared_mb', string.format('%d', -minm))
     gpu_sync(node, idx)
     return
   end
-  local g = redis.call('HMGET', gk, 'excl', 'health', 'cordoned', 'lost', 'memory_free_mb',
+  local g = rcall('HMGET', gk, 'excl', 'health', 'cordoned', 'lost', 'memory_free_mb',
     'shared_n', 'in_busy', 'utilization', 'uuid')
   if g[1] ~= id then return end
   if g[6] ~= '0' or g[7] ~= '1' then
-    redis.call('HSET', gk, 'excl', '')
+    rcall('HSET', gk, 'excl', '')
     gpu_sync(node, idx)
     return
   end
   local ok = g[2] == 'ok' and g[3] ~= '1' and g[4] ~= '1'
-  redis.call('HSET', gk, 'excl', '', 'in_busy', '0', 'in_free', ok and '1' or '0')
+  rcall('HSET', gk, 'excl', '', 'in_busy', '0', 'in_free', ok and '1' or '0')
   if not ok then meta_incr('gpus_out', 1) end -- it turned unusable while held
   if ok then
-    redis.call('HSET', k_free(node), idx, (g[5] or '0') .. '|' .. (g[8] or '0') .. '|' ..
+    rcall('HSET', k_free(node), idx, (g[5] or '0') .. '|' .. (g[8] or '0') .. '|' ..
       (g[9] or ''))
-    redis.call('ZINCRBY', K_FREE, '1', node)
-    local cap = tonumber(g[5] or '0') or 0
-    if cap < 0 then cap = 0 end
-    redis.call('ZADD', K_SHARED, cap, node .. '|' .. idx)
+    rcall('ZINCRBY', K_FREE, '1', node)
+    -- the reading as stored when it is the score (no number printed back to a string)
+    local m = g[5] or '0'
+    local cap = num(m) or 0
+    if cap < 0 then cap, m = 0, '0' elseif cap ~= cap then m = cap end
+    rcall('ZADD', K_SHARED, m, node .. '|' .. idx)
   end
 end
 
@@ -378,12 +395,12 @@ local function never_fits(k, minm, pat, nodes_raw)
     for _, n in ipairs(cjson.decode(nodes_raw)) do allowed[n] = true end
   end
   local any_node, any_model, most = false, false, 0
-  for _, node in ipairs(redis.call('ZRANGE', K_SIZES, 0, -1)) do
+  for _, node in ipairs(rcall('ZRANGE', K_SIZES, 0, -1)) do
     if not allowed or allowed[node] then
       any_node = true
       local n = 0
       for _, idx in ipairs(node_indexes(node)) do
-        local g = redis.call('HMGET', k_gpu(node, idx), 'name', 'memory_total_mb')
+        local g = rcall('HMGET', k_gpu(node, idx), 'name', 'memory_total_mb')
         if model_matches(pat, g[1]) then
           any_model = true
           if (tonumber(g[2]) or 0) >= minm then n = n + 1 end
@@ -398,24 +415,21 @@ local function never_fits(k, minm, pat, nodes_raw)
   return {-6, 'no_node', tostring(most)}
 end
 
--- the highest preferred GPU index (the engine sorts the list); a node of n GPUs has 0..n-1
-local function top_pref(raw)
-  local pref = cjson.decode(raw)
-  return pref[#pref]
-end
-
 -- Can it never fit? (the fleet's maxima in meta). A request that a node can take now fits:
 -- for a plain one (exclusive, no preferred GPUs) the answer is needed only when it does not
 -- get GPUs at once, or before another error (the order of the errors stays the same).
 local function never(f, k, minm, pat, nodes_raw)
-  local m = redis.call('HMGET', K_META, 'gpus_total', 'max_node_gpus', 'max_gpu_mb')
+  local m = rcall('HMGET', K_META, 'gpus_total', 'max_node_gpus', 'max_gpu_mb')
   if (tonumber(m[1]) or 0) == 0 then
     return {-6, 'no_gpus', '0'}
   elseif k > tonumber(m[2]) then
     return {-6, 'required_gpus', m[2]}
   elseif minm > tonumber(m[3]) then
     return {-6, 'min_memory_mb', m[3]}
-  elseif f.preferred_gpus ~= '[]' and top_pref(f.preferred_gpus) >= tonumber(m[2]) then
+  end
+  -- the highest preferred GPU index (the engine sorts the list); a node of n GPUs has 0..n-1
+  local pref = f.preferred_gpus ~= '[]' and cjson.decode(f.preferred_gpus)
+  if pref and pref[#pref] >= tonumber(m[2]) then
     return {-6, 'preferred_gpus', m[2]}
   elseif pat ~= '' or nodes_raw ~= '[]' then
     return never_fits(k, minm, pat, nodes_raw)
@@ -426,6 +440,6 @@ end
 -- Remember an idempotency key (key "" = none) for the request it created.
 local function remember_idem(key, id, hash, ttl)
   if key ~= '' then
-    redis.call('SET', k_idem(key), id .. '|' .. hash, 'EX', math.floor(ttl))
+    rcall('SET', k_idem(key), id .. '|' .. hash, 'EX', math.floor(ttl))
   end
 end

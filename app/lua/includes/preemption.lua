@@ -27,16 +27,16 @@ end
 ]]
 local function preempt_alloc(id, grace, reason, by, for_id)
   local rk = k_req(id)
-  local f = redis.call('HMGET', rk, 'status', 'expires_at', 'service_name', 'webhook_url', 'node',
+  local f = rcall('HMGET', rk, 'status', 'expires_at', 'service_name', 'webhook_url', 'node',
     'gpu_ids', 'tenant')
   if f[1] ~= 'allocated' then return false end
   if grace < 0 then grace = 0 end
   local at = NOW + grace
   local at_s = ftime(at)
   local expires, score = capped_lease(f[2], at)
-  redis.call('HSET', rk, 'status', 'preempting', 'preempt_at', at_s, 'expires_at', expires,
+  rcall('HSET', rk, 'status', 'preempting', 'preempt_at', at_s, 'expires_at', expires,
     'reason', reason, 'preempted_for', for_id or '')
-  redis.call('ZADD', K_LEASES, score, id)
+  rcall('ZADD', K_LEASES, score, id)
   notify(id, 'preempting')
   local extra = {'node', f[5] or '', 'gpu_ids', f[6] or '[]', 'preempt_at', at_s,
     'reason', reason, 'by', by or ''}
@@ -57,7 +57,7 @@ end
 -- How a live allocation ends now that its lease index says it is due: a preempting one whose
 -- lease end is its preempt_at is preempted; any other (its own lease ran out first) expired.
 local function due_status(id)
-  local f = redis.call('HMGET', k_req(id), 'status', 'expires_at', 'preempt_at')
+  local f = rcall('HMGET', k_req(id), 'status', 'expires_at', 'preempt_at')
   if f[1] == 'preempting' and (tonumber(f[2]) or 0) >= (tonumber(f[3]) or math.huge) then
     return 'preempted'
   end
@@ -80,7 +80,7 @@ end
     time 30  the reaper ends the other at preempt_at: the same script's pass places R on n
 ]]
 local function read_holds()
-  local h = redis.call('HGETALL', k_holds())
+  local h = rcall('HGETALL', k_holds())
   if #h == 0 then return nil, nil end
   local by_node, by_id = {}, {}
   for i = 1, #h, 2 do
@@ -93,15 +93,15 @@ end
 -- Hold node for queued request rid, whose preemption made `pending` victims.
 local function hold_node(r, node, pending)
   local old = r.reserved
-  if old ~= '' and old ~= node and redis.call('HGET', K_RES, old) == r.id then
-    redis.call('HDEL', K_RES, old)
-    redis.call('HDEL', k_holds(), old)
+  if old ~= '' and old ~= node and rcall('HGET', K_RES, old) == r.id then
+    rcall('HDEL', K_RES, old)
+    rcall('HDEL', k_holds(), old)
     bump_capacity()
   end
-  redis.call('HSET', K_RES, node, r.id)
-  redis.call('HSET', k_holds(), node, r.id)
-  redis.call('ZREM', K_QUNRES, r.id)
-  redis.call('HSET', k_req(r.id), 'reserved_node', node, 'preempt_pending', pending,
+  rcall('HSET', K_RES, node, r.id)
+  rcall('HSET', k_holds(), node, r.id)
+  rcall('ZREM', K_QUNRES, r.id)
+  rcall('HSET', k_req(r.id), 'reserved_node', node, 'preempt_pending', pending,
     'hold_until', '')
   r.reserved = node
   event('reserved', r.id, r.svc, {'node', node, 'reason', 'preemption'})
@@ -109,7 +109,7 @@ end
 
 -- The holder's victims have all ended and their grace for the monitor passed: the hold lapses.
 local function hold_lapsed(id)
-  local f = redis.call('HMGET', k_req(id), 'preempt_pending', 'hold_until')
+  local f = rcall('HMGET', k_req(id), 'preempt_pending', 'hold_until')
   return (tonumber(f[1]) or 0) <= 0 and NOW >= (tonumber(f[2]) or 0)
 end
 
@@ -166,10 +166,10 @@ end
 -- tenant, the GPUs of its allocations already preempting.
 local function live_view()
   local v = {by_id = {}, leaving = {}, shared = {}}
-  local ls = redis.call('ZRANGE', K_LEASES, 0, -1, 'WITHSCORES')
+  local ls = rcall('ZRANGE', K_LEASES, 0, -1, 'WITHSCORES')
   for i = 1, #ls, 2 do
     local id = ls[i]
-    local f = redis.call('HMGET', k_req(id), 'status', 'tenant', 'priority', 'allocated_at',
+    local f = rcall('HMGET', k_req(id), 'status', 'tenant', 'priority', 'allocated_at',
       'sharing', 'gpu_ids', 'node', 'min_memory_mb', 'submitted_at')
     local gpus = cjson.decode(f[6] or '[]')
     local shared = f[5] == 'shared'
@@ -238,7 +238,7 @@ end
 local function exclusive_node_plan(r, node, view, horizon)
   local times, free_n, soon_n, q_of, groups = {}, 0, 0, {}, {}
   for _, idx in ipairs(node_indexes(node)) do
-    local g = redis.call('HMGET', k_gpu(node, idx), 'health', 'cordoned', 'lost',
+    local g = rcall('HMGET', k_gpu(node, idx), 'health', 'cordoned', 'lost',
       'memory_total_mb', 'excl', 'shared_n', 'name')
     if g[1] == 'ok' and g[2] ~= '1' and g[3] ~= '1' and (tonumber(g[4]) or 0) >= r.minm
         and model_matches(r.pat, g[7]) then
@@ -312,7 +312,7 @@ end
 local function shared_node_plan(r, node, view, horizon)
   local best = nil
   for _, idx in ipairs(node_indexes(node)) do
-    local g = redis.call('HMGET', k_gpu(node, idx), 'health', 'cordoned', 'lost',
+    local g = rcall('HMGET', k_gpu(node, idx), 'health', 'cordoned', 'lost',
       'memory_total_mb', 'excl', 'shared_n', 'name', 'memory_free_mb', 'shared_mb',
       'utilization')
     local total = tonumber(g[4]) or 0
@@ -365,9 +365,9 @@ local function preemption_plan(r, view)
   local horizon = NOW + PREEMPT_GRACE
   local shared = r.sharing == 'shared'
   local best = nil
-  local sizes = redis.call('ZRANGEBYSCORE', K_SIZES, shared and 1 or r.k, '+inf')
+  local sizes = rcall('ZRANGEBYSCORE', K_SIZES, shared and 1 or r.k, '+inf')
   for _, node in ipairs(sizes) do
-    local holder = redis.call('HGET', K_RES, node)
+    local holder = rcall('HGET', K_RES, node)
     if node_ok(r, node) and node_alive(node) and (not holder or holder == r.id) then
       local plan, soon
       if shared then
@@ -387,7 +387,7 @@ local function incoming(t, holds_by_node)
   local n = 0
   if holds_by_node then
     for _, id in pairs(holds_by_node) do
-      local f = redis.call('HMGET', k_req(id), 'tenant', 'required_gpus', 'sharing')
+      local f = rcall('HMGET', k_req(id), 'tenant', 'required_gpus', 'sharing')
       if f[1] == t then
         n = n + (f[3] == 'shared' and 1 or (tonumber(f[2] or REC_DEFAULTS.required_gpus) or 0))
       end
@@ -446,13 +446,13 @@ local function preempt_for_guarantees(new_id, force)
     try(load_req(new_id))
     return done
   end
-  local tq = redis.call('HGETALL', K_TQUEUED)
+  local tq = rcall('HGETALL', K_TQUEUED)
   for i = 1, #tq, 2 do
     if evals >= MAX_PREEMPT_EVALS then break end
     local t = tq[i]
     local g = tenant_quota(t).guaranteed
     if g > 0 and tenant_held(t) < g then
-      for _, id in ipairs(redis.call('ZRANGE', k_tqueue(t), 0, 49)) do
+      for _, id in ipairs(rcall('ZRANGE', k_tqueue(t), 0, 49)) do
         local r = load_req(id)
         if may_preempt(r, holds_by_node, holds_by_id) then
           try(r)

@@ -16,7 +16,7 @@ queue = function()
   local dq_ids, dq_owners, dq_tenants = nil, nil, nil
   local function dequeue(id, reserved, sharing, bucket, tenant)
     if not bucket then
-      local f = redis.call('HMGET', k_req(id), 'owner', 'service_name', 'tenant')
+      local f = rcall('HMGET', k_req(id), 'owner', 'service_name', 'tenant')
       bucket = owner_bucket(f[1], f[2])
       tenant = f[3]
     end
@@ -33,20 +33,20 @@ queue = function()
       owner_count(bucket, -1)
       if tenant ~= '' then
         tenant_queue_add(tenant, -1)
-        redis.call('ZREM', k_tqueue(tenant), id)
+        rcall('ZREM', k_tqueue(tenant), id)
       end
-      redis.call('ZREM', K_QUEUE, id)
+      rcall('ZREM', K_QUEUE, id)
       qlen = nil
-      redis.call('HDEL', K_QSHAPE, id)
-      if sharing ~= 'shared' then redis.call('ZREM', K_QDX, id) end
-      if sharing ~= 'exclusive' then redis.call('ZREM', K_QDS, id) end
-      redis.call('ZREM', K_QDEAD, id)
-      redis.call('ZREM', K_QUNRES, id)
+      rcall('HDEL', K_QSHAPE, id)
+      if sharing ~= 'shared' then rcall('ZREM', K_QDX, id) end
+      if sharing ~= 'exclusive' then rcall('ZREM', K_QDS, id) end
+      rcall('ZREM', K_QDEAD, id)
+      rcall('ZREM', K_QUNRES, id)
     end
     if reserved and reserved ~= '' then
-      if redis.call('HGET', K_RES, reserved) == id then
-        redis.call('HDEL', K_RES, reserved)
-        redis.call('HDEL', k_holds(), reserved) -- a preemption's hold, if it was one
+      if rcall('HGET', K_RES, reserved) == id then
+        rcall('HDEL', K_RES, reserved)
+        rcall('HDEL', k_holds(), reserved) -- a preemption's hold, if it was one
         bump_capacity()
       end
     end
@@ -55,14 +55,14 @@ queue = function()
   local function dequeue_flush()
     if dq_ids and #dq_ids > 0 then
       for _, key in ipairs({K_QUEUE, K_QDX, K_QDS, K_QDEAD, K_QUNRES}) do
-        redis.call('ZREM', key, unpack(dq_ids))
+        rcall('ZREM', key, unpack(dq_ids))
       end
       qlen = nil
-      redis.call('HDEL', K_QSHAPE, unpack(dq_ids))
+      rcall('HDEL', K_QSHAPE, unpack(dq_ids))
       for bucket, n in pairs(dq_owners) do owner_count(bucket, n) end
       for t, l in pairs(dq_tenants) do
         tenant_queue_add(t, -#l)
-        redis.call('ZREM', k_tqueue(t), unpack(l))
+        rcall('ZREM', k_tqueue(t), unpack(l))
       end
     end
     dq_owners, dq_tenants = {}, {}
@@ -76,29 +76,29 @@ queue = function()
     local score
     if AGING > 0 then
       local s = r.submitted
-      local last = tonumber(redis.call('HGET', K_META, 'last_submit') or '0') or 0
+      local last = tonumber(rcall('HGET', K_META, 'last_submit') or '0') or 0
       if s <= last then s = last + 0.00001 end
-      redis.call('HSET', K_META, 'last_submit', fnum(s))
+      rcall('HSET', K_META, 'last_submit', fnum(s))
       score = AGING * (s - 1700000000) - r.priority
     else
-      score = -r.priority * 1e12 + redis.call('HINCRBY', K_META, 'seq', 1)
+      score = -r.priority * 1e12 + rcall('HINCRBY', K_META, 'seq', 1)
     end
-    redis.call('ZADD', K_QUEUE, fnum(score), r.id)
+    rcall('ZADD', K_QUEUE, fnum(score), r.id)
     qlen = nil
-    redis.call('HSET', K_QSHAPE, r.id, r.sharing .. '|' .. r.k .. '|' .. r.minm .. '|' .. r.maxm ..
+    rcall('HSET', K_QSHAPE, r.id, r.sharing .. '|' .. r.k .. '|' .. r.minm .. '|' .. r.maxm ..
       '|' .. r.util .. '|' .. r.pref_raw .. '|' .. r.pat .. '|' .. r.nodes_raw .. '|L' ..
       fnum(r.lease))
     if r.sharing == 'shared' then
-      redis.call('ZADD', K_QDS, r.minm, r.id)
+      rcall('ZADD', K_QDS, r.minm, r.id)
     else
-      redis.call('ZADD', K_QDX, r.k, r.id)
+      rcall('ZADD', K_QDX, r.k, r.id)
     end
-    redis.call('ZADD', K_QDEAD, ftime(r.submitted + queue_timeout), r.id)
-    redis.call('ZADD', K_QUNRES, ftime(r.submitted), r.id)
+    rcall('ZADD', K_QDEAD, ftime(r.submitted + queue_timeout), r.id)
+    rcall('ZADD', K_QUNRES, ftime(r.submitted), r.id)
     owner_count(owner_bucket(r.owner, r.svc), 1)
     if r.tenant ~= '' then
       tenant_queue_add(r.tenant, 1)
-      redis.call('ZADD', k_tqueue(r.tenant), fnum(score), r.id)
+      rcall('ZADD', k_tqueue(r.tenant), fnum(score), r.id)
     end
   end
 

@@ -4,7 +4,7 @@
 
 -- A record as one JSON object string (one reply element instead of fifty).
 local function record(id)
-  local h = redis.call('HGETALL', k_req(id))
+  local h = rcall('HGETALL', k_req(id))
   local t = {}
   for i = 1, #h, 2 do t[h[i]] = h[i + 1] end
   return cjson.encode(t)

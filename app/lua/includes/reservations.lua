@@ -8,8 +8,8 @@
   ]]
   -- Does queued request a rank ahead of queued request b?
   local function ranks_before(a, b)
-    local sa = redis.call('ZSCORE', K_QUEUE, a)
-    local sb = redis.call('ZSCORE', K_QUEUE, b)
+    local sa = rcall('ZSCORE', K_QUEUE, a)
+    local sb = rcall('ZSCORE', K_QUEUE, b)
     if not sa or not sb then return false end
     sa, sb = tonumber(sa), tonumber(sb)
     if sa ~= sb then return sa < sb end
@@ -17,7 +17,7 @@
   end
 
   local function low_score(key)
-    local t = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+    local t = rcall('ZRANGE', key, 0, 0, 'WITHSCORES')
     if #t == 0 then return nil end
     return tonumber(t[2])
   end
@@ -35,12 +35,12 @@
   -- ranked ahead. Returns the node, '' when none can take it now.
   local function reserve(r, blocked)
     local best, best_t, best_size = nil, nil, nil
-    local sizes = redis.call('ZRANGEBYSCORE', K_SIZES, r.sharing == 'shared' and 1 or r.k, '+inf',
+    local sizes = rcall('ZRANGEBYSCORE', K_SIZES, r.sharing == 'shared' and 1 or r.k, '+inf',
       'WITHSCORES')
     for i = 1, #sizes, 2 do
       local node, size = sizes[i], tonumber(sizes[i + 1])
       if not blocked[node] and node_ok(r, node) and node_alive(node) and
-          not redis.call('HGET', K_RES, node) then
+          not rcall('HGET', K_RES, node) then
         local _, _, t = node_start(r, node)
         if t and (best == nil or t < best_t or (t == best_t and size < best_size)) then
           best, best_t, best_size = node, t, size
@@ -48,15 +48,15 @@
       end
     end
     if best then
-      redis.call('ZREM', K_QUNRES, r.id)
-      redis.call('HSET', K_RES, best, r.id)
-      redis.call('HSET', k_req(r.id), 'reserved_node', best)
+      rcall('ZREM', K_QUNRES, r.id)
+      rcall('HSET', K_RES, best, r.id)
+      rcall('HSET', k_req(r.id), 'reserved_node', best)
       r.reserved = best
       event('reserved', r.id, r.svc, {'node', best})
       return best
     end
     -- no node can take it now: try again after another reservation_after
-    redis.call('ZADD', K_QUNRES, NOW_S, r.id)
+    rcall('ZADD', K_QUNRES, NOW_S, r.id)
     return ''
   end
 

@@ -16,7 +16,7 @@ local function stat(field, n)
   if stat_buf then
     stat_buf[field] = (stat_buf[field] or 0) + (n or 1)
   else
-    redis.call('HINCRBY', K_STATS, field, n or '1')
+    rcall('HINCRBY', K_STATS, field, n or '1')
   end
 end
 
@@ -24,7 +24,7 @@ local function meta_incr(field, n)
   if meta_buf then
     meta_buf[field] = (meta_buf[field] or 0) + n
   else
-    redis.call('HINCRBY', K_META, field, n == 1 and '1' or n == -1 and '-1' or n)
+    rcall('HINCRBY', K_META, field, n == 1 and '1' or n == -1 and '-1' or n)
   end
 end
 
@@ -32,13 +32,13 @@ local function stat_flush()
   if not stat_buf then return end
   for field, n in pairs(stat_buf) do
     if field == 'wait|sum' then
-      redis.call('HINCRBYFLOAT', K_STATS, field, string.format('%.6f', n))
+      rcall('HINCRBYFLOAT', K_STATS, field, string.format('%.6f', n))
     else
-      redis.call('HINCRBY', K_STATS, field, n)
+      rcall('HINCRBY', K_STATS, field, n)
     end
   end
   for field, n in pairs(meta_buf) do
-    if n ~= 0 then redis.call('HINCRBY', K_META, field, n) end
+    if n ~= 0 then rcall('HINCRBY', K_META, field, n) end
   end
   stat_buf, meta_buf = nil, nil
 end
@@ -56,7 +56,7 @@ local function stat_wait(wait)
     if stat_buf then
       stat_buf['wait|sum'] = (stat_buf['wait|sum'] or 0) + wait
     else
-      redis.call('HINCRBYFLOAT', K_STATS, 'wait|sum', string.format('%.6f', wait))
+      rcall('HINCRBYFLOAT', K_STATS, 'wait|sum', string.format('%.6f', wait))
     end
   end
 end
@@ -69,10 +69,10 @@ local function svc_label(svc)
   svc = svc or ''
   local v = svc_labels[svc]
   if v == nil then
-    if redis.call('SISMEMBER', K_SVCLABELS, svc) == 1 then
+    if rcall('SISMEMBER', K_SVCLABELS, svc) == 1 then
       v = svc
-    elseif redis.call('SCARD', K_SVCLABELS) < MAX_SVC_LABELS then
-      redis.call('SADD', K_SVCLABELS, svc)
+    elseif rcall('SCARD', K_SVCLABELS) < MAX_SVC_LABELS then
+      rcall('SADD', K_SVCLABELS, svc)
       v = svc
     else
       v = 'other'
@@ -94,14 +94,14 @@ local function stat_alloc(svc, status)
     return
   end
   local field = 'alloc|' .. svc .. '|' .. status
-  if redis.call('HINCRBY', K_STATS, field, '1') > 1 then
+  if rcall('HINCRBY', K_STATS, field, '1') > 1 then
     svc_labels[svc] = svc
     return
   end
   label = svc_label(svc)
   if label ~= svc then
-    redis.call('HDEL', K_STATS, field)
-    redis.call('HINCRBY', K_STATS, 'alloc|' .. label .. '|' .. status, '1')
+    rcall('HDEL', K_STATS, field)
+    rcall('HINCRBY', K_STATS, 'alloc|' .. label .. '|' .. status, '1')
   end
 end
 
@@ -113,7 +113,7 @@ local function owner_bucket(owner, svc)
 end
 
 local function owner_count(bucket, n)
-  if redis.call('HINCRBY', K_QOWNERS, bucket, n) <= 0 then
-    redis.call('HDEL', K_QOWNERS, bucket)
+  if rcall('HINCRBY', K_QOWNERS, bucket, n) <= 0 then
+    rcall('HDEL', K_QOWNERS, bucket)
   end
 end

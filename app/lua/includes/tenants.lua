@@ -78,7 +78,7 @@ local function decayed(u, held, dt)
 end
 
 local function tenant_held(t)
-  return tonumber(redis.call('HGET', K_TENANTS, t) or '0') or 0
+  return tonumber(rcall('HGET', K_TENANTS, t) or '0') or 0
 end
 
 -- a usage entry "<usage>|<at>" -> usage, at
@@ -90,14 +90,14 @@ end
 -- held, usage (GPU-seconds, decayed as of NOW; it accrues while fair share is on)
 local function tenant_usage(t)
   local held = tenant_held(t)
-  local v = redis.call('HGET', k_tusage(), t)
+  local v = rcall('HGET', k_tusage(), t)
   if not v then return held, 0 end
   local u, at = usage_of(v)
   return held, decayed(u, TENANT_FAIR == '1' and held or 0, NOW - at)
 end
 
 local function tenant_queued(t)
-  return tonumber(redis.call('HGET', K_TQUEUED, t) or '0') or 0
+  return tonumber(rcall('HGET', K_TQUEUED, t) or '0') or 0
 end
 
 local function alloc_gpus(r)
@@ -132,48 +132,48 @@ end
 -- allocation ends); usage is brought to NOW only when fair share is on, its one reader.
 local function tenant_add(t, n)
   if not t or t == '' then return end -- nil, or false: an HMGET of a record without one
-  local after = redis.call('HINCRBY', K_TENANTS, t, n)
+  local after = rcall('HINCRBY', K_TENANTS, t, n == 1 and '1' or n == -1 and '-1' or n)
   if after <= 0 then
-    redis.call('HDEL', K_TENANTS, t)
+    rcall('HDEL', K_TENANTS, t)
     after = 0
   end
   if TENANT_FAIR ~= '1' then return end
   local before = after - n
   if before < 0 then before = 0 end
   local uk = k_tusage()
-  local v = redis.call('HGET', uk, t)
+  local v = rcall('HGET', uk, t)
   local u = 0
   if v then
     local u0, at = usage_of(v)
     u = decayed(u0, before, NOW - at)
   end
   if after == 0 and u < USAGE_FORGET then
-    if v then redis.call('HDEL', uk, t) end
+    if v then rcall('HDEL', uk, t) end
   else
-    redis.call('HSET', uk, t, fnum(u) .. '|' .. NOW_S)
+    rcall('HSET', uk, t, fnum(u) .. '|' .. NOW_S)
   end
 end
 
 local function tenant_queue_add(t, n)
   if t == nil or t == '' or n == 0 then return end
-  if redis.call('HINCRBY', K_TQUEUED, t, n) <= 0 then redis.call('HDEL', K_TQUEUED, t) end
+  if rcall('HINCRBY', K_TQUEUED, t, n) <= 0 then rcall('HDEL', K_TQUEUED, t) end
 end
 
 -- The reaper: forget up to `count` idle tenants (nothing held, usage decayed below
 -- USAGE_FORGET); an HSCAN cursor in meta (tenant_cursor) moves through the hash over calls.
 local function tenant_sweep(count)
-  local cur = redis.call('HGET', K_META, 'tenant_cursor') or '0'
+  local cur = rcall('HGET', K_META, 'tenant_cursor') or '0'
   local uk = k_tusage()
-  local page = redis.call('HSCAN', uk, cur, 'COUNT', count)
+  local page = rcall('HSCAN', uk, cur, 'COUNT', count)
   local forgot = 0
   local kv = page[2]
   for i = 1, #kv, 2 do
     local held, u = tenant_usage(kv[i])
     if held <= 0 and u < USAGE_FORGET then
-      redis.call('HDEL', uk, kv[i])
+      rcall('HDEL', uk, kv[i])
       forgot = forgot + 1
     end
   end
-  if page[1] ~= cur then redis.call('HSET', K_META, 'tenant_cursor', page[1]) end
+  if page[1] ~= cur then rcall('HSET', K_META, 'tenant_cursor', page[1]) end
   return forgot
 end
