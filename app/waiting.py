@@ -814,7 +814,8 @@ def _resubmit(sim: _Sim, waiting: list[_Req], t: float, room: int) -> int:
     """Each tenant keeps its current load: every allocation that ended by t is submitted
     again at its end by its tenant, same GPUs, priority and lease (a phantom: it only takes
     capacity; nobody reads its estimate), in queue order, unless PHANTOM_QUEUE of that tenant
-    already wait. Returns how many were made (at most ``room``)."""
+    already wait; except a tenant with a stream (:func:`_streams`): its arrivals due by t
+    come from the stream instead. Returns how many were made (at most ``room``)."""
     queued: dict[str, int] = {}
     for r in waiting:
         if r.phantom:
