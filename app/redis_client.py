@@ -8,6 +8,11 @@ from typing import Any
 
 import redis
 from redis.exceptions import DataError
+
+try:
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # pragma: no cover - a declared dependency; redis-py works without it
+    _hiredis_pack = None
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from app.settings import SENTINEL_SCHEME, SentinelTarget, Settings, sentinel_target
@@ -89,9 +94,16 @@ def _sentinel_client(
 
 
 def bulk(args: Iterable[Any]) -> bytes:
-    """``args`` as RESP bulk strings (no array header), encoded as redis-py's default Encoder
-    does: str as UTF-8, bytes as they are, int and float by ``repr``; anything else (bool
-    included) is a DataError, as redis-py raises."""
+    """``args`` as RESP bulk strings (no array header), as redis-py packs them: with hiredis
+    (a declared dependency) by hiredis's ``pack_command``, which redis-py itself calls then;
+    without it as redis-py's default Encoder does (str as UTF-8, bytes as they are, int and
+    float by ``repr``). Anything else (bool included) is a DataError, as redis-py raises."""
+    if _hiredis_pack is not None:
+        try:
+            packed = _hiredis_pack(tuple(args))
+        except TypeError as exc:
+            raise DataError(str(exc)) from None
+        return packed[packed.index(b"\n") + 1 :]  # less the array header, *<n>\r\n
     out = []
     for a in args:
         t = type(a)

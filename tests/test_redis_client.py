@@ -69,17 +69,25 @@ def test_a_packed_fcall_is_byte_for_byte_what_redis_py_would_send(settings, name
         client.close()
 
 
-def test_a_packed_call_refuses_what_redis_py_refuses():
+@pytest.mark.parametrize("hiredis", [True, False])
+def test_a_packed_call_refuses_what_redis_py_refuses(monkeypatch, hiredis):
+    """With hiredis (packed by it, as redis-py does) and without (redis-py's Encoder rules):
+    the same bytes, and a DataError for what redis-py refuses."""
     from redis.exceptions import DataError
 
-    from app.redis_client import bulk
+    from app import redis_client
 
+    if not hiredis:
+        monkeypatch.setattr(redis_client, "_hiredis_pack", None)
+    else:
+        assert redis_client._hiredis_pack is not None
     with pytest.raises(DataError):
-        bulk(["a", True])
+        redis_client.bulk(["a", True])
     with pytest.raises(DataError):
-        bulk([None])
-    assert (
-        bulk(["é", b"\x00", 3, 0.5]) == b"$2\r\n\xc3\xa9\r\n$1\r\n\x00\r\n$1\r\n3\r\n$3\r\n0.5\r\n"
+        redis_client.bulk([None])
+    assert redis_client.bulk([]) == b""
+    assert redis_client.bulk(["é", b"\x00", 3, 0.5, 10**20]) == (
+        b"$2\r\n\xc3\xa9\r\n$1\r\n\x00\r\n$1\r\n3\r\n$3\r\n0.5\r\n$21\r\n100000000000000000000\r\n"
     )
 
 

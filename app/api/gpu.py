@@ -201,8 +201,13 @@ def _viewer() -> dict[str, Any]:
     return {"principal": auth.current_principal(), "admin": auth.current_is_admin()}
 
 
+#: The header's WSGI environ key: what ``request.headers.get`` reads, without the KeyError it
+#: raises and catches inside for a header that is absent (most requests).
+_IDEMPOTENCY_ENVIRON = "HTTP_" + IDEMPOTENCY_HEADER.upper().replace("-", "_")
+
+
 def _idempotency_key() -> str | None:
-    key = request.headers.get(IDEMPOTENCY_HEADER)
+    key = request.environ.get(_IDEMPOTENCY_ENVIRON)
     if key is None:
         return None
     if not idempotency_key_ok(key):
