@@ -38,10 +38,9 @@ as the engine holds them.
 
 Load model: each tenant keeps its current load. Every allocation that ends on the timeline is
 submitted again at that instant by its tenant, same GPUs, priority and lease (a phantom: it
-takes capacity, nobody reads its estimate; :func:`_resubmit`), except, with fair share, a
-tenant with nothing queued: it arrives at its recent average load (:func:`_streams`). The
-head request's estimate is the exception: it assumes nothing new arrives (then it is its
-grant, within the reaper's period, when every lease is honoured).
+takes capacity, nobody reads its estimate; :func:`_resubmit`). The head request's estimate is
+the exception: it assumes nothing new arrives (then it is its grant, within the reaper's
+period, when every lease is honoured).
 
 Bounds: at most :data:`MAX_SIMULATED` queued requests are simulated (the rest get a reason
 and ``eta: null``), :data:`MAX_PHANTOMS` phantoms, and the walk stops after :data:`MAX_STEPS`
@@ -73,9 +72,6 @@ PHANTOMS = True
 #: Phantoms one simulation makes at most, and a tenant's phantoms waiting at once at most.
 MAX_PHANTOMS = 1000
 PHANTOM_QUEUE = 8
-#: With fair share, a tenant with nothing queued arrives at its recent average load instead
-#: (:func:`_streams`).
-STREAMS = True
 REASONS = ("capacity", "quota", "dependency", "reservation", "priority")
 INF = math.inf
 
@@ -227,10 +223,6 @@ class _Sim:
         self.ending: list[tuple[float, int, dict[str, Any]]] = []
         self.phantoms = PHANTOMS
         self.seq = 0
-        #: tenant -> its live allocations with a known lease end (what its stream copies)
-        self.templates: dict[str, list[dict[str, Any]]] = {}
-        #: tenants that arrive at their average load (:func:`_streams`)
-        self.streams: dict[str, _Stream] = {}
         self.held_hit = False
         #: GPUs free per node at free_at = (time, grants made): the placement's index
         self.granted = 0
@@ -261,7 +253,6 @@ class _Sim:
                 }
                 self.seq += 1
                 heapq.heappush(self.ending, (end, self.seq, template))
-                self.templates.setdefault(t, []).append(template)
         #: status of dependencies that are neither live nor in the simulated head
         self.dep_status: dict[str, str | None] = dict(wait.get("deps") or {})
         #: queued requests of the simulated head not granted yet, and the reserved nodes
@@ -498,60 +489,7 @@ def _new_sim(snap: dict[str, Any], sched, limits, fair, heads) -> tuple[_Sim, li
         for node, rid in (wait.get("holds") or {}).items()
         if rid in sim.pending and node in sim.gpus
     }
-    if sim.fair is not None and STREAMS:
-        queued = {r.tenant for r in head} | {r.tenant for r in sim.beyond}
-        sim.streams = _streams(sim, queued)
     return sim, head, damaged
-
-
-class _Stream:
-    """A tenant's arrivals at its recent average load (:func:`_streams`)."""
-
-    __slots__ = ("next", "interval", "templates", "leases", "passes")
-
-    def __init__(self, start: float, interval: float, templates: list, leases: list[float]):
-        self.next, self.interval = start, interval
-        self.templates, self.leases = templates, leases
-        self.passes = [0.0] * len(templates)
-
-    def pop(self) -> tuple[float, dict[str, Any]]:
-        """The next arrival: (when, the template it copies). Each template comes 1 / lease
-        of the time (stride scheduling: the one with the least pass, which then grows by its
-        lease; ties to the first listed)."""
-        i = min(range(len(self.passes)), key=self.passes.__getitem__)
-        self.passes[i] += self.leases[i]
-        at = self.next
-        self.next += self.interval
-        return at, self.templates[i]
-
-
-def _streams(sim: _Sim, queued: set) -> dict[str, _Stream]:
-    """With fair share, a tenant with nothing queued is served as it arrives, so its load is
-    its arrivals, not its allocation ends: it arrives at its recent average load, evenly
-    spaced. Its decayed usage u (GPU-seconds, half-life h) is what holding u ln 2 / h GPUs
-    all along gives; its live allocations with a lease end stand for its requests, each
-    counting 1 / lease of the arrivals (a long lease is more likely to be live now): one
-    arrives every sum(GPUs) / sum(1 / lease) / (u ln 2 / h) seconds, from half an interval
-    after now."""
-    out: dict[str, _Stream] = {}
-    for tenant, (usage, _) in (sim.fair or {}).items():
-        templates = sim.templates.get(tenant)
-        if tenant in queued or not templates or usage <= 0:
-            continue
-        held = usage * math.log(2) / sim.half_life
-        templates = templates[::-1]  # ties: the one whose lease ends last first
-        try:
-            leases = [float(t["lease_seconds"] or 0) for t in templates]
-            gpus = sum(float(t["required_gpus"]) for t in templates)
-        except (TypeError, ValueError):
-            continue  # a damaged record: this tenant keeps its current load
-        if held <= 0 or min(leases) <= 0 or not math.isfinite(sum(leases)):
-            continue
-        interval = gpus / sum(1 / x for x in leases) / held
-        if not interval > 0:
-            continue
-        out[tenant] = _Stream(sim.now + interval / 2, interval, templates, leases)
-    return out
 
 
 def explain(
@@ -814,27 +752,14 @@ def _resubmit(sim: _Sim, waiting: list[_Req], t: float, room: int) -> int:
     """Each tenant keeps its current load: every allocation that ended by t is submitted
     again at its end by its tenant, same GPUs, priority and lease (a phantom: it only takes
     capacity; nobody reads its estimate), in queue order, unless PHANTOM_QUEUE of that tenant
-    already wait; except a tenant with a stream (:func:`_streams`): its arrivals due by t
-    come from the stream instead. Returns how many were made (at most ``room``)."""
+    already wait. Returns how many were made (at most ``room``)."""
     queued: dict[str, int] = {}
     for r in waiting:
         if r.phantom:
             queued[r.tenant] = queued.get(r.tenant, 0) + 1
     made = 0
-    arrivals = []
-    while sim.ending and sim.ending[0][0] <= t:
+    while sim.ending and sim.ending[0][0] <= t and made < room:
         end, _, rec = heapq.heappop(sim.ending)
-        if tenant_of(rec) not in sim.streams:
-            arrivals.append((end, rec))
-    for stream in sim.streams.values():
-        n = 0
-        while stream.next <= t and n < room:  # room: a short interval stays bounded
-            arrivals.append(stream.pop())
-            n += 1
-    arrivals.sort(key=lambda a: a[0])
-    for end, rec in arrivals:
-        if made >= room:
-            break
         tenant = tenant_of(rec)
         if queued.get(tenant, 0) >= PHANTOM_QUEUE:
             continue

@@ -9,7 +9,6 @@ examples' wall-clock times are UTC on 2026-12-01.
 
 from __future__ import annotations
 
-import math
 import re
 import uuid
 from datetime import UTC, datetime
@@ -349,39 +348,6 @@ def test_each_tenant_keeps_its_load_example(world):
     w.engine.reap()
     assert w.status(q2) == "allocated"
     assert hhmm(w.engine.get(q2["id"])["allocated_at"]) == "10:32"
-
-
-def test_a_tenant_with_nothing_queued_arrives_at_its_average_load_example(world):
-    text = section("A tenant with nothing queued arrives at its average load")
-    w = world(config_of(text))
-    w.node("a", 2)
-    w.node("b", 1)
-    for start in ("09:00", "09:20", "09:40"):
-        w.ask(start, "b", 1, 5, nodes=["a"])
-        w.now = at(start) + 300
-        w.engine.reap()
-    w.ask("10:00", "b", 1, 5, nodes=["a"])
-    w.ask("10:00", "q", 1, 32, nodes=["a"])
-    w.ask("10:00", "z", 1, 50, nodes=["b"])
-    q1 = w.ask("10:00", "q", 1, 5, nodes=["b"])
-    q2 = w.ask("10:00", "q", 1, 5)
-    assert w.engine.get(q1["id"])["position"] == 1
-    usage = {r["tenant"]: r["usage_gpu_hours"] for r in w.engine.tenants()}
-    held = usage["b"] * math.log(2)  # GPUs: usage in GPU-hours, half-life 1 h
-    interval = 5 / held  # minutes between b's modelled arrivals
-    assert w.why(q2) == {"reason": "capacity", "eta": "10:05"}
-    says(
-        text,
-        f"about {held:.2f} of a GPU",
-        f"every {round(interval)} minutes",
-        f"from {hhmm(at('10:00') + interval * 30)}",
-        "Q2: `reason: capacity`, `eta` 10:05",
-    )
-    # what really happens: b's next job comes at 10:20; at 10:05 the GPU goes to Q2
-    w.now = at("10:05")
-    w.engine.reap()
-    assert w.status(q2) == "allocated"
-    assert hhmm(w.engine.get(q2["id"])["allocated_at"]) == "10:05"
 
 
 def yaml_blocks(text: str) -> list[dict]:

@@ -357,42 +357,6 @@ def test_each_tenant_keeps_its_load_in_the_eta(redis, settings, clock):
     assert granted is not None and abs(granted - w["eta"]) <= 2
 
 
-def test_a_tenant_with_nothing_queued_arrives_at_its_average_load(redis, settings, clock):
-    """Fair share, equal weights. For an hour b ran a 100 s job on one GPU every 400 s; it
-    holds one GPU until +100 and has nothing queued. Its decayed usage (half-life 1 h) is what
-    holding about an eighth of a GPU all along gives. q holds the other GPU of node a until
-    +5000, its head waits for node c, and its second request asks for one GPU of node a. b is
-    served as it arrives, so the estimate models b's arrivals at that average load (a 100 s
-    job every 100 / 0.125 = 800 s, the first half of that from now), not at its allocation
-    ends: at +100 b has nothing waiting and the GPU goes to q. Were b to resubmit at each end
-    (the load model of a tenant with requests queued; b stays below q's share), b would keep
-    the GPU and q's request would time out first (eta null). b submits nothing more: the
-    grant is at +100."""
-    engine = fair_engine(redis, settings, clock, reservation_after="2h")
-    engine.report_node("a", gpu_list(2))
-    engine.report_node("c", gpu_list(1))
-    engine.allocate(req(service="z", ttl_seconds=20000, nodes=["c"]))
-    for _ in range(9):  # an hour: 100 s on, 300 s off
-        engine.allocate(req(service="b", ttl_seconds=100, nodes=["a"]))
-        clock.advance(100)
-        engine.reap()
-        clock.advance(300)
-    engine.allocate(req(service="b", ttl_seconds=100, nodes=["a"]))
-    t0 = clock.t
-    engine.allocate(req(service="q", ttl_seconds=5000, nodes=["a"]))
-    head = engine.allocate(req(service="q", ttl_seconds=100, nodes=["c"]))
-    mine = engine.allocate(req(service="q", ttl_seconds=100, nodes=["a"]))
-    assert head["position"] == 1 and mine["status"] == "queued"
-    usage = {r["tenant"]: r["usage_gpu_hours"] for r in engine.tenants()}
-    held = usage["b"] * 3600 * math.log(2) / 3600  # b's average GPUs
-    assert 0.1 < held < 0.2  # an hour of a quarter of a GPU, as held all along
-    w = waiting.annotate(engine, [mine])[mine["id"]]
-    assert w["eta"] == t0 + 100
-    assert t0 + 100 / held / 2 > t0 + 100  # b's first modelled arrival comes after +100
-    granted = run_until(engine, clock, mine["id"], until=t0 + 6000)
-    assert granted == t0 + 100
-
-
 def test_the_head_request_assumes_nothing_new_arrives(redis, settings, clock):
     """The same fleet, q's request alone in the queue: it is the head, whose estimate counts
     only what is there (a's job ends at +100 and nothing comes after it), and that is its
