@@ -38,7 +38,7 @@ from redis.retry import Retry  # noqa: E402
 from app import settings as settings_mod  # noqa: E402
 from app.embedded_redis import find_binary  # noqa: E402
 from app.engine import Engine  # noqa: E402
-from bench.engine import fleet, free_port  # noqa: E402
+from bench.engine import fleet, free_port, gated_queue  # noqa: E402
 
 
 def counting(proc: subprocess.Popen, on: bool) -> None:
@@ -83,12 +83,7 @@ def count_passes(proc: subprocess.Popen, client, out_file: Path) -> dict:
     # a release whose pass grants 1,000: every queued request waits on the gate allocation
     client.flushall()
     engine = Engine(client, settings)
-    fleet(engine, 1024)
-    gate = engine.allocate({"service_name": "gate", "required_gpus": 8})["id"]
-    for _ in range(3):
-        engine.allocate({"service_name": "hold", "required_gpus": 8})
-    for _ in range(3000):
-        engine.allocate({"service_name": "wait", "required_gpus": 1, "depends_on": [gate]})
+    gate = gated_queue(engine, 3000)
     measure("pass_grant_1000_instructions", lambda: engine.release(gate))
     assert 3000 - engine.counts()["queue_depth"] == 1000
     return out

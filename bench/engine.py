@@ -59,6 +59,19 @@ def fleet(engine: Engine, n_gpus: int, per_node: int = 8, util: float = 0) -> No
         engine.report_node(f"node-{n:05d}", [gpu(i, util=util) for i in range(per_node)])
 
 
+def gated_queue(engine: Engine, queued: int) -> str:
+    """1,024 GPUs, 32 of them held (the gate and three more 8-GPU allocations), and ``queued``
+    one-GPU requests that depend on the gate: releasing the gate (its id is returned) frees
+    the 1,000th GPU, and its pass grants 1,000 of them."""
+    fleet(engine, 1024)
+    gate = engine.allocate({"service_name": "gate", "required_gpus": 8})["id"]
+    for _ in range(3):
+        engine.allocate({"service_name": "hold", "required_gpus": 8})
+    for _ in range(queued):
+        engine.allocate({"service_name": "wait", "required_gpus": 1, "depends_on": [gate]})
+    return gate
+
+
 def median_ms(fn, repeat: int) -> float:
     times = []
     for _ in range(repeat):
@@ -191,12 +204,7 @@ def run(url: str, reps: int) -> dict:
     # releasing the gate frees the last 8 of 1,000 free GPUs and runs the pass (timed together).
     client.flushall()
     engine = Engine(client, settings)
-    fleet(engine, 1024)
-    gate = engine.allocate({"service_name": "gate", "required_gpus": 8})["id"]
-    for _ in range(3):
-        engine.allocate({"service_name": "hold", "required_gpus": 8})
-    for _ in range(10000):
-        engine.allocate({"service_name": "wait", "required_gpus": 1, "depends_on": [gate]})
+    gate = gated_queue(engine, 10000)
     assert engine.counts()["queue_depth"] == 10000
     client.config_resetstat()
     t0 = time.perf_counter()
