@@ -8,14 +8,14 @@ from typing import Any
 
 import redis
 from redis.exceptions import DataError
+from redis.sentinel import Sentinel, SentinelConnectionPool
+
+from app.settings import SENTINEL_SCHEME, SentinelTarget, Settings, sentinel_target
 
 try:
     from hiredis import pack_command as _hiredis_pack
 except ImportError:  # pragma: no cover - a declared dependency; redis-py works without it
     _hiredis_pack = None
-from redis.sentinel import Sentinel, SentinelConnectionPool
-
-from app.settings import SENTINEL_SCHEME, SentinelTarget, Settings, sentinel_target
 
 
 def connect(url: str, settings: Settings | None = None, *, decode: bool = True) -> redis.Redis:
