@@ -720,13 +720,16 @@ class Engine:
             return res
         raise AssertionError("unreachable")
 
+    def _head(self, name: str) -> tuple:
+        """The start of every FCALL of ``name``: command, function, number of keys, the keys."""
+        keys = self._fixed_keys
+        return ("FCALL_RO" if name in READ_ONLY else "FCALL", f"{LIBRARY}_{name}", len(keys), *keys)
+
     def _command(self, name: str, args: list) -> tuple:
         """The FCALL of ``name`` with ``args`` (ARGV[1], then the function's own), as
         ``execute_command`` takes it."""
-        keys = self._fixed_keys
-        cmd = "FCALL_RO" if name in READ_ONLY else "FCALL"
         argv = [args[0], library_source()[0], *self._settings_args(), *args[1:]]
-        return (cmd, f"{LIBRARY}_{name}", len(keys), *keys, *argv)
+        return (*self._head(name), *argv)
 
     def _packed(self, name: str, args: list) -> bytes:
         """:meth:`_command` packed as RESP (tests/test_redis_client.py checks it is byte for
@@ -739,12 +742,7 @@ class Engine:
             self._heads_for = fixed
         heads = self._heads.get(name)
         if heads is None:
-            keys = self._fixed_keys
-            cmd = "FCALL_RO" if name in READ_ONLY else "FCALL"
-            heads = (
-                bulk((cmd, f"{LIBRARY}_{name}", len(keys), *keys)),
-                bulk((library_source()[0], *fixed)),
-            )
+            heads = (bulk(self._head(name)), bulk((library_source()[0], *fixed)))
             self._heads[name] = heads
         # command, function, numkeys, the keys, version, prefix and settings, the arguments
         count = 4 + len(self._fixed_keys) + len(fixed) + len(args)

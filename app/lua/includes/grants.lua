@@ -192,13 +192,14 @@ local function finish_alloc(id, status, read, by_holder)
 end
 
 -- What release reads of a record: FINISH_FIELDS, then its status and owner (the owner only
--- when a principal must own it).
-local RELEASE_FIELDS = {'node', 'gpu_ids', 'sharing', 'min_memory_mb', 'service_name',
-  'webhook_url', 'webhook_events', 'ok_dependents', 'tenant', 'preempted_for', 'watched',
-  'status', 'owner'}
-local RELEASE_FIELDS_NO_OWNER = {'node', 'gpu_ids', 'sharing', 'min_memory_mb', 'service_name',
-  'webhook_url', 'webhook_events', 'ok_dependents', 'tenant', 'preempted_for', 'watched',
-  'status'}
+-- when a principal must own it). Built once, when the library loads (where no global such as
+-- unpack or ipairs may be read).
+local RELEASE_FIELDS_NO_OWNER, RELEASE_FIELDS = {}, {}
+for i = 1, #FINISH_FIELDS do
+  RELEASE_FIELDS_NO_OWNER[i], RELEASE_FIELDS[i] = FINISH_FIELDS[i], FINISH_FIELDS[i]
+end
+RELEASE_FIELDS_NO_OWNER[#FINISH_FIELDS + 1] = 'status'
+RELEASE_FIELDS[#FINISH_FIELDS + 1], RELEASE_FIELDS[#FINISH_FIELDS + 2] = 'status', 'owner'
 
 -- End a queued request (cancelled | timed_out). Its any-dependents may now run (capver is
 -- bumped); its ok-dependents are cancelled.
