@@ -58,7 +58,7 @@ from app.record import (
     parse_record,
     stored,
 )
-from app.redis_client import bulk, call_packed, packs
+from app.redis_client import PinnedCalls, bulk, packs
 from app.replication import write_acked
 from app.request_rules import (
     FIELDS,
@@ -642,8 +642,8 @@ class Engine:
         assert len(self._fixed_keys) == len(FIXED_KEYS)
         self._args_for = None
         self._fixed_args: list[str] = []
-        # FCALLs go out packed by hand (app.redis_client.call_packed) where the client allows
-        self._packs = packs(redis)
+        # FCALLs go out packed by hand (app.redis_client.PinnedCalls) where the client allows
+        self._pinned = PinnedCalls(redis) if packs(redis) else None
         self._heads: dict[str, tuple[bytes, bytes]] = {}
         self._heads_for: list[str] | None = None
 
@@ -689,14 +689,14 @@ class Engine:
         version (an upgrade, or a replica of another release replaced it): once, then the
         call is retried once. With ``redis.min_replicas_ack`` a write waits for its replicas
         (app/replication.py). Otherwise the call's fixed arguments go out packed once per
-        function (:meth:`_packed`, app.redis_client.call_packed)."""
+        function (:meth:`_packed`, app.redis_client.PinnedCalls)."""
         version, _ = library_source()
         acks = self.settings.redis.min_replicas_ack
         acked = bool(acks) and name not in READ_ONLY and name not in UNACKED
         for attempt in (0, 1):
             try:
-                if self._packs and not acked:
-                    res = call_packed(self.redis, self._packed(name, args))
+                if self._pinned is not None and not acked:
+                    res = self._pinned.call(self._packed(name, args))
                 else:
                     command = self._command(name, args)
                     if acked:

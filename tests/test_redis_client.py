@@ -92,25 +92,110 @@ def test_a_packed_call_refuses_what_redis_py_refuses(monkeypatch, hiredis):
 
 
 def test_engine_calls_survive_a_connection_redis_closed(settings):
-    """The engine's packed calls take their connection from the pool like any command: one
-    Redis closed (a restart, CLIENT KILL) is replaced before the next call, not failed."""
+    """The connection a thread keeps for the engine's packed calls is checked before each
+    call as the pool checks one it hands out: one Redis closed (a restart, CLIENT KILL) is
+    replaced before the next call, not failed."""
     from app.engine import Engine
 
     client = connect(settings.redis.url, settings)
     admin = redis_lib.Redis.from_url(settings.redis.url)
     try:
         engine = Engine(client, settings)
-        assert engine._packs
+        assert engine._pinned is not None
         before = engine.counts()
-        client.client_setname("packed-test")
-        killed = [c for c in admin.client_list() if c.get("name") == "packed-test"]
-        assert killed
-        for c in killed:
-            admin.client_kill_filter(_id=c["id"])
+        mine = admin.client_id()
+        killed = [c for c in admin.client_list() if int(c["id"]) != mine]
+        assert killed  # the engine's kept connection among them
+        admin.client_kill_filter(skipme=True, _type="normal")
+        assert not [c for c in admin.client_list() if int(c["id"]) != mine]
         assert engine.counts() == before  # no ConnectionError
     finally:
         client.close()
         admin.close()
+
+
+def _connections(admin) -> int:
+    return len(admin.client_list()) - 1  # less the admin's own
+
+
+def test_each_thread_keeps_one_connection_and_gives_it_back_when_it_ends(settings):
+    """A thread's engine calls reuse one connection; a thread that ends gives it back to the
+    pool, so threads that come and go do not open a connection each."""
+    import threading
+
+    from app.engine import Engine
+
+    client = connect(settings.redis.url, settings)
+    admin = redis_lib.Redis.from_url(settings.redis.url)
+    try:
+        engine = Engine(client, settings)
+        for _ in range(5):
+            engine.counts()
+        assert _connections(admin) == 1
+        for _ in range(30):  # one after another: each can take the one the last gave back
+            t = threading.Thread(target=engine.counts)
+            t.start()
+            t.join()
+        assert _connections(admin) <= 2
+        barrier = threading.Barrier(4)
+
+        def together():
+            barrier.wait()
+            for _ in range(20):
+                engine.counts()
+
+        threads = [threading.Thread(target=together) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert _connections(admin) <= 5  # four at once, plus this thread's
+        del engine  # an engine that goes away gives back what its threads kept
+        pool = client.connection_pool
+        assert not pool._in_use_connections
+    finally:
+        client.close()
+        admin.close()
+
+
+def test_a_forked_child_does_not_use_its_parents_connection(settings):
+    """A process forked after the engine's first call (gunicorn's workers, RQ's work horse)
+    gets its own connection: parent and child calling at the same time both get their own
+    answers."""
+    import os
+
+    from app.engine import Engine
+    from bench.engine import fleet
+
+    client = connect(settings.redis.url, settings)
+    try:
+        engine = Engine(client, settings)
+        fleet(engine, 8)
+        engine.allocate({"service_name": "fork-test", "required_gpus": 1})
+        # parent and child ask different questions, each an FCALL
+        def held():
+            return [(t["tenant"], t["gpus_held"]) for t in engine.tenants()]
+
+        expected, tenants = engine.counts(), held()
+        ready_r, ready_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: any wrong or failed answer exits non-zero
+            code = 1
+            try:
+                os.write(ready_w, b"1")  # start together
+                ok = all(held() == tenants for _ in range(1000))
+                code = 0 if ok else 3
+            finally:
+                os._exit(code)
+        os.read(ready_r, 1)
+        answers = [engine.counts() for _ in range(1000)]
+        _, status = os.waitpid(pid, 0)
+        os.close(ready_r)
+        os.close(ready_w)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert all(a == expected for a in answers)
+    finally:
+        client.close()
 
 
 def test_engine_errors_and_clients_it_does_not_pack_for(settings, fake_redis):
@@ -118,7 +203,7 @@ def test_engine_errors_and_clients_it_does_not_pack_for(settings, fake_redis):
     that is not a plain redis.Redis on a redis-py pool (fakeredis, a single-connection
     client) keeps execute_command."""
     from app.engine import Engine
-    from app.redis_client import call_packed, packs
+    from app.redis_client import PinnedCalls, packs
 
     client = connect(settings.redis.url, settings)
     try:
@@ -126,9 +211,10 @@ def test_engine_errors_and_clients_it_does_not_pack_for(settings, fake_redis):
         engine.counts()
         client.execute_command("FUNCTION", "FLUSH")  # as after a restart without persistence
         assert engine.counts()["gpus_total"] == 0  # loaded again, then called again
+        pinned = PinnedCalls(client)
         with pytest.raises(redis_lib.ResponseError):
-            call_packed(client, b"*1\r\n$7\r\nNOSUCHC\r\n")
-        assert client.ping()  # the connection went back clean
+            pinned.call(b"*1\r\n$7\r\nNOSUCHC\r\n")
+        assert pinned.call(b"*1\r\n$4\r\nPING\r\n") == "PONG"  # the connection stays clean
     finally:
         client.close()
     assert not packs(fake_redis)
