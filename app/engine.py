@@ -68,7 +68,7 @@ from app.request_rules import (
     CheckedRequest,
     check,
     check_together,
-    given,
+    given_fields,
     idempotency_key_ok,
 )
 from app.request_rules import (
@@ -94,6 +94,8 @@ SCRIPTS = (
     "tenant_list",
     "watch",
 )
+#: Each request field's default (app/request_rules.py), for the fields a request leaves out.
+_DEFAULT = {name: rule.default for name, rule in FIELDS.items()}
 #: Functions flagged ``no-writes`` and called with FCALL_RO (a replica may serve them); they
 #: wait for no replica acknowledgement (redis.min_replicas_ack).
 READ_ONLY = ("snapshot", "counts", "tenant_list")
@@ -1040,19 +1042,20 @@ class Engine:
             check(req)
             data_json = None
         s = self.settings.scheduler
+        g = given_fields(req)
         svc = req["service_name"]
-        prio = _given_or_default(req, "priority")
-        gpus = _given_or_default(req, "required_gpus")
-        min_mb = _given_or_default(req, "min_memory_mb")
-        max_mb = _given_or_default(req, "max_memory_mb")
-        sharing = _given_or_default(req, "sharing")
+        prio = g.get("priority", _DEFAULT["priority"])
+        gpus = g.get("required_gpus", _DEFAULT["required_gpus"])
+        min_mb = g.get("min_memory_mb", _DEFAULT["min_memory_mb"])
+        max_mb = g.get("max_memory_mb", _DEFAULT["max_memory_mb"])
+        sharing = g.get("sharing", _DEFAULT["sharing"])
         check_together(gpus, min_mb, max_mb, sharing)
-        pref = given(req, "preferred_gpus")
-        events = given(req, "webhook_events")
-        deps = given(req, "depends_on")
-        model = given(req, "gpu_model") or ""
-        nodes = given(req, "nodes")
-        owner = given(req, "owner") or ""
+        pref = g.get("preferred_gpus")
+        events = g.get("webhook_events")
+        deps = g.get("depends_on")
+        model = g.get("gpu_model") or ""
+        nodes = g.get("nodes")
+        owner = g.get("owner") or ""
         ttl = req.get("ttl_seconds")
         estimate = req.get("estimated_duration_seconds")
         lease = self.lease_for(ttl, estimate)
@@ -1065,22 +1068,22 @@ class Engine:
         fields = {
             "service_name": svc,
             "owner": owner,
-            "workload_type": _given_or_default(req, "workload_type"),
+            "workload_type": g.get("workload_type", _DEFAULT["workload_type"]),
             "workload_data": data_json,
             "priority": str(int(prio)),
             "required_gpus": str(int(gpus)),
             "min_memory_mb": str(int(min_mb)),
             "max_memory_mb": str(int(max_mb)),
-            "max_utilization": _num(_given_or_default(req, "max_utilization")),
+            "max_utilization": _num(g.get("max_utilization", _DEFAULT["max_utilization"])),
             "preferred_gpus": json.dumps(sorted(set(pref))) if pref else "[]",
             "sharing": sharing,
             "ttl_seconds": "" if ttl is None else _num(ttl),
             "estimated_duration_seconds": "" if estimate is None else _num(estimate),
             "lease_seconds": _num(lease),
-            "webhook_url": given(req, "webhook_url") or "",
+            "webhook_url": g.get("webhook_url") or "",
             "webhook_events": json.dumps(list(dict.fromkeys(events))) if events else "[]",
             "depends_on": json.dumps(list(dict.fromkeys(deps))) if deps else "[]",
-            "depends_on_mode": _given_or_default(req, "depends_on_mode"),
+            "depends_on_mode": g.get("depends_on_mode", _DEFAULT["depends_on_mode"]),
             "queue_timeout_seconds": _num(qt),
             "reserved_node": "",
             "gpu_model": model,
@@ -1650,11 +1653,6 @@ def _int_in(v: Any, rule) -> int:
     if not rule.accepts(v):
         raise bad_field(rule.name, rule.expected)
     return int(v)
-
-
-def _given_or_default(req: dict, name: str) -> Any:
-    value = given(req, name)
-    return FIELDS[name].default if value is None else value
 
 
 def _float_nonneg(v: Any, field: str) -> float:

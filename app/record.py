@@ -184,10 +184,23 @@ def _to_opt_float(value: str) -> float | None:
     return _finite(float(value)) if value not in ("", "-1") else None
 
 
+#: Short flat JSON lists read before (GPU ids and UUIDs, node lists: a fleet has few
+#: distinct ones), each decoded once; a reader gets its own copy. Emptied when full.
+_LISTS_READ: dict[str, tuple] = {}
+_LISTS_READ_MAX = 4096
+
+
 def _to_json(value: str) -> Any:
     if value == "[]":  # most list fields: skip the decoder
         return []
+    known = _LISTS_READ.get(value)
+    if known is not None:
+        return list(known)
     parsed = json.loads(value) if value else None
+    if type(parsed) is list and len(value) <= 512 and all(type(x) in (int, str) for x in parsed):
+        if len(_LISTS_READ) >= _LISTS_READ_MAX:
+            _LISTS_READ.clear()
+        _LISTS_READ[value] = tuple(parsed)
     return [] if parsed == {} else parsed
 
 

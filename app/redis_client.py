@@ -156,8 +156,8 @@ class _Kept:
 
     __slots__ = ("pool", "conn", "generation")
 
-    def __init__(self, pool: redis.ConnectionPool) -> None:
-        self.pool, self.conn, self.generation = pool, pool.get_connection(), _generation
+    def __init__(self, pool: redis.ConnectionPool, conn: Any) -> None:
+        self.pool, self.conn, self.generation = pool, conn, _generation
 
     def __del__(self) -> None:
         if self.generation == _generation:
@@ -188,7 +188,8 @@ class PinnedCalls:
         ``sendall``) and read its reply."""
         kept = getattr(self._local, "kept", None)
         if kept is None or kept.generation != _generation:
-            kept = self._local.kept = _Kept(self.pool)
+            # (taken first: when that fails there is no half-made _Kept to give back)
+            kept = self._local.kept = _Kept(self.pool, self.pool.get_connection())
         conn = kept.conn
         if conn.is_connected:  # (one that is not connects as it sends)
             try:

@@ -790,7 +790,12 @@ SPEC: dict[str, dict[str, Any]] = {
         "socket_timeout": Duration(
             "5s", 0.1, doc="Redis connect/read timeout; past it the API answers 503"
         ),
-        "max_connections": Int(64, 1, 10000, doc="Redis connection pool size per process"),
+        "max_connections": Int(
+            64,
+            1,
+            10000,
+            doc="Redis connection pool size per process (a thread that calls the engine keeps one)",
+        ),
     },
     "services": {
         "deepagents_url": Url("", ("http", "https"), doc="DeepAgents advisor; empty: rules only"),

@@ -85,3 +85,17 @@ def test_one_service_name_rule_for_the_api_and_the_engine(engine, name):
     assert "service_name" in errors
     assert not AllocateRequestSchema().validate({"service_name": "ok.name_1-2"})
     assert engine._request_fields(req("ok.name_1-2"))[0]["service_name"] == "ok.name_1-2"
+
+
+def test_records_read_from_the_same_stored_list_do_not_share_it():
+    """GPU id lists are decoded once per distinct stored string: each record still gets its
+    own list, so a caller that changes one record changes no other."""
+    raw = {"service_name": "a", "gpu_ids": "[3, 5]", "gpu_uuids": '["GPU-3","GPU-5"]'}
+    first, second = record.parse_record(dict(raw)), record.parse_record(dict(raw))
+    assert first["gpu_ids"] == second["gpu_ids"] == [3, 5]
+    assert first["gpu_uuids"] == ["GPU-3", "GPU-5"]
+    first["gpu_ids"].append(7)
+    first["gpu_uuids"].clear()
+    third = record.parse_record(dict(raw))
+    assert third["gpu_ids"] == second["gpu_ids"] == [3, 5]
+    assert third["gpu_uuids"] == ["GPU-3", "GPU-5"]

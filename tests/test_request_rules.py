@@ -157,3 +157,15 @@ def test_a_workload_hint_past_its_limit_is_refused_naming_it(app, name):
     resp = allocate(app.test_client(), workload_data={name: rule.hi + 1})
     assert resp.status_code == 422
     assert f"workload_data.{name}" in resp.get_json()["error"]["details"]
+
+
+def test_of_several_bad_fields_the_error_names_the_first_in_field_order():
+    """Whatever order a caller's dict lists them in, the engine names the same field (the
+    first bad one in the declared order), so an error does not depend on key order."""
+    forward = {"service_name": "svc", "priority": 99, "required_gpus": -1}
+    backward = {"required_gpus": -1, "priority": 99, "service_name": "svc"}
+    for req in (forward, backward):
+        with pytest.raises(ValidationFailed) as info:
+            request_rules.check(req)
+        assert info.value.details["field"] == "priority"
+    request_rules.check({"service_name": "svc", "priority": 3, "nodes": [], "owner": ""})
