@@ -41,13 +41,14 @@ from app.engine import Engine  # noqa: E402
 from bench.engine import fleet, free_port, gated_queue  # noqa: E402
 
 
+def control(proc: subprocess.Popen, *args: str) -> None:
+    """``callgrind_control`` on the running server (``-d``: dump the counts so far)."""
+    subprocess.run(["callgrind_control", *args, str(proc.pid)], check=True, capture_output=True)
+
+
 def counting(proc: subprocess.Popen, on: bool) -> None:
     """Switch callgrind's instrumentation on or off in the running server."""
-    subprocess.run(
-        ["callgrind_control", "-i", "on" if on else "off", str(proc.pid)],
-        check=True,
-        capture_output=True,
-    )
+    control(proc, "-i", "on" if on else "off")
 
 
 def count_passes(proc: subprocess.Popen, client, out_file: Path) -> dict:
@@ -63,12 +64,12 @@ def count_passes(proc: subprocess.Popen, client, out_file: Path) -> dict:
     out = {}
 
     def measure(name: str, fn) -> None:
-        subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
+        control(proc, "-d")
         before = dumped(out_file)
         counting(proc, True)
         fn()
         counting(proc, False)
-        subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True, capture_output=True)
+        control(proc, "-d")
         out[name] = dumped(out_file) - before
 
     # a queue nothing fits: every GPU 90 % busy, the queued requests accept at most 50 %
