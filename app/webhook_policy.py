@@ -30,8 +30,6 @@ import ipaddress
 import socket
 import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -40,8 +38,9 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], list]
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
-#: Name lookups run here, so a resolver that hangs costs the caller its deadline, not forever.
-_LOOKUP_THREADS = 4
+#: Most name lookups running at once in a process (one thread each, however many callers wait
+#: on one); past it a lookup is refused at once instead of waiting behind the hung ones.
+MAX_LOOKUPS = 128
 
 
 class Refused(Exception):
@@ -170,23 +169,78 @@ def _system_resolve(host: str, port: int) -> list:
     return list(dict.fromkeys(info[4][0] for info in infos))
 
 
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
+class _Lookup:
+    """One name lookup running in its own thread; every caller that wants it waits on it."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.addresses: list = []
+        self.error: BaseException | None = None
 
 
-def _lookup(resolver: Resolver, host: str, port: int, timeout: float) -> list:
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(_LOOKUP_THREADS, thread_name_prefix="webhook-dns")
-    future = _pool.submit(resolver, host, port)
-    try:
-        return future.result(timeout=max(0.0, timeout))
-    except FutureTimeout:
-        future.cancel()
-        raise Unresolvable(f"looking up {host!r} took longer than {timeout:.1f} s") from None
-    except OSError as exc:
-        raise Unresolvable(f"cannot resolve {host!r}: {exc.strerror or exc}") from None
+class Lookups:
+    """Name lookups with a deadline per caller, none waiting behind another host's.
+
+    ``getaddrinfo`` cannot be interrupted: a caller can stop waiting, but the lookup's thread
+    runs on until the system resolver gives up (tens of seconds for a name whose DNS server
+    does not answer). These used to run on a shared pool of four threads, so four such names
+    held every thread, and for as long as they hung every other host's lookup timed out in the
+    queue behind them: other teams' allocates with a webhook_url were refused (422) and their
+    deliveries failed. Here each lookup has its own thread, callers asking for a name that is
+    already being looked up wait on that lookup instead of starting another (a name that hangs
+    holds one thread, however often it is asked for), and at most ``limit`` lookups run at
+    once: past that, a lookup is refused at once (Unresolvable, retried by delivery) rather
+    than queued. Nothing is cached: a lookup that ends is forgotten.
+    """
+
+    def __init__(self, limit: int = MAX_LOOKUPS):
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._running: dict[tuple[Resolver, str, int], _Lookup] = {}
+
+    def running(self) -> int:
+        with self._lock:
+            return len(self._running)
+
+    def resolve(self, resolver: Resolver, host: str, port: int, timeout: float) -> list:
+        key = (resolver, host, port)
+        with self._lock:
+            lookup = self._running.get(key)
+            if lookup is None:
+                if len(self._running) >= self.limit:
+                    raise Unresolvable(
+                        f"cannot look up {host!r} now: {self.limit} name lookups are still running"
+                    )
+                lookup = self._running[key] = _Lookup()
+                try:
+                    threading.Thread(
+                        target=self._run, args=(key, lookup), name="webhook-dns", daemon=True
+                    ).start()
+                except RuntimeError as exc:  # no thread to be had: refuse, keep nothing
+                    del self._running[key]
+                    raise Unresolvable(f"cannot look up {host!r} now: {exc}") from None
+        if not lookup.done.wait(max(0.0, timeout)):
+            raise Unresolvable(f"looking up {host!r} took longer than {timeout:.1f} s")
+        if isinstance(lookup.error, OSError):
+            exc = lookup.error
+            raise Unresolvable(f"cannot resolve {host!r}: {exc.strerror or exc}")
+        if lookup.error is not None:
+            raise lookup.error
+        return list(lookup.addresses)
+
+    def _run(self, key: tuple[Resolver, str, int], lookup: _Lookup) -> None:
+        resolver, host, port = key
+        try:
+            lookup.addresses = list(resolver(host, port))
+        except BaseException as exc:  # noqa: BLE001 - handed to every caller waiting on it
+            lookup.error = exc
+        finally:
+            with self._lock:
+                del self._running[key]
+            lookup.done.set()
+
+
+_lookups = Lookups()
 
 
 def split(url: str) -> tuple[str, str, int, str]:
@@ -246,7 +300,7 @@ class Policy:
         else:
             if self.entries and not named and not networks:
                 raise Refused(f"webhook host {host!r} is not in webhooks.allowed_hosts")
-            addresses = _lookup(self.resolver, host, port, timeout)
+            addresses = _lookups.resolve(self.resolver, host, port, timeout)
             if not addresses:
                 raise Unresolvable(f"{host!r} resolves to no address")
         for text in addresses:

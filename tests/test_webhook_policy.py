@@ -250,6 +250,85 @@ def test_the_timeout_is_a_deadline_for_the_whole_attempt(settings):
         assert time.monotonic() - started < 2.5
 
 
+@pytest.fixture
+def hung_dns(monkeypatch):
+    """``socket.getaddrinfo`` hangs for names starting with ``hung`` (a DNS server that does
+    not answer) until the test ends, answers 127.0.0.1 for ``hooks.test`` and counts the
+    lookups of each name; nothing outside loopback is ever dialled."""
+    import threading
+
+    release = threading.Event()
+    lookups: list[str] = []
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host.startswith("hung") or host == "hooks.test":
+            lookups.append(host)
+            if host.startswith("hung"):
+                release.wait(30)
+                raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port or 0))]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    yield lookups
+    release.set()
+
+
+def test_names_whose_dns_hangs_do_not_stall_other_teams_webhooks(
+    settings, hung_dns, no_connections
+):
+    """One team's webhook host names whose DNS never answers: each try of theirs times out, but
+    the lookup itself runs on (getaddrinfo cannot be interrupted). Before, lookups shared four
+    threads: four such names held them all, and every other team's delivery then failed with
+    "looking up 'hooks.test' took longer than 0.3 s" for as long as those lookups hung."""
+    quick = settings.replace(webhooks={"timeout": "300ms"})
+    for i in range(6):
+        with pytest.raises(webhooks.WebhookError, match="took longer"):
+            webhooks.post(f"http://hung{i}.test/hook", {"event_id": f"e{i}"}, quick)
+    with Receiver() as rx:
+        port = rx.server.server_address[1]
+        assert webhooks.post(f"http://hooks.test:{port}/h", {"event_id": "ok"}, quick) == 200
+        assert len(rx.wait_for(1)) == 1
+    assert no_connections == [("127.0.0.1", port)]
+
+
+def test_names_whose_dns_hangs_do_not_refuse_other_teams_allocates(make_app, hung_dns):
+    """The same at allocate: while another client's hung lookups held the four threads, every
+    allocate with a webhook_url was a 422 "webhook_url refused: looking up ... took longer"."""
+    client = make_app(nodes=(("node-a", 8),), webhooks={"timeout": "300ms"}).test_client()
+    for i in range(6):
+        resp = client.post(
+            "/gpu/allocate", json={"service_name": "a", "webhook_url": f"http://hung-api{i}.test/h"}
+        )
+        assert "took longer" in assert_error(resp, 422, "validation_error")["message"]
+    resp = client.post(
+        "/gpu/allocate", json={"service_name": "b", "webhook_url": "http://hooks.test:9/h"}
+    )
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+
+
+def test_a_hung_name_holds_one_lookup_however_often_it_is_asked_for(settings, hung_dns):
+    """Tries of the same name wait on the lookup already running instead of starting more, and
+    past MAX_LOOKUPS running lookups a new one is refused at once instead of queued."""
+    from app import webhook_policy
+
+    quick = settings.replace(webhooks={"timeout": "200ms"})
+    for _ in range(3):
+        with pytest.raises(webhooks.WebhookError, match="took longer"):
+            webhooks.post("http://hung.test/hook", {"event_id": "e"}, quick)
+    assert hung_dns.count("hung.test") == 1
+    lookups = webhook_policy.Lookups(limit=2)
+    policy = Policy(["*"], resolver=socket.getaddrinfo)
+    for name in ("hung-a.test", "hung-b.test"):
+        with pytest.raises(webhook_policy.Unresolvable, match="took longer"):
+            lookups.resolve(policy.resolver, name, 80, 0.05)
+    started = time.monotonic()
+    with pytest.raises(webhook_policy.Unresolvable, match="2 name lookups are still running"):
+        lookups.resolve(policy.resolver, "hung-c.test", 80, 5.0)
+    assert time.monotonic() - started < 1.0 and lookups.running() == 2
+
+
 # --------------------------------------------------------------------------- who sees what
 
 
