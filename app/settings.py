@@ -14,6 +14,7 @@ collections, so ``GPU_ORCH__AUTH__ADMINS='[ops]'`` works.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -123,7 +124,7 @@ def Int(default, lo=None, hi=None, doc="", allow_str=False):
 
 def Float(default, lo=None, hi=None, doc=""):
     def convert(v):
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise ValueError(v)
         if (lo is not None and v < lo) or (hi is not None and v > hi):
             raise ValueError(v)
@@ -166,7 +167,7 @@ def Choice(default, choices, doc=""):
 def Duration(default, lo=0.0, hi=None, doc=""):
     def convert(v):
         seconds = parse_duration(v)
-        if seconds < lo or (hi is not None and seconds > hi):
+        if not math.isfinite(seconds) or seconds < lo or (hi is not None and seconds > hi):
             raise ValueError(v)
         return seconds
 
@@ -185,7 +186,7 @@ def DurationList(default, doc=""):
         if not isinstance(v, list) or not v:
             raise ValueError(v)
         out = [parse_duration(x) for x in v]
-        if any(x < 0 for x in out):
+        if any(not math.isfinite(x) or x < 0 for x in out):
             raise ValueError(v)
         return out
 
@@ -222,10 +223,17 @@ def HostList(default, doc=""):
     return Opt(list(default), convert, "a list of hosts, host:port, *.suffix or CIDRs", doc=doc)
 
 
+#: A password given in a URL's query (redis-py reads ``unix:///path.sock?password=...``, and
+#: passes any other query argument, such as ``ssl_password``, to the connection).
+_QUERY_PASSWORD = re.compile(r"([?&][^=&#]*password=)[^&#]*", re.IGNORECASE)
+
+
 def redact_url(url: str) -> str:
-    """Hide the password (and a lone token user) in a URL, keep the rest readable."""
+    """Hide the password (in the userinfo or the query; a lone token user too), keep the rest
+    readable."""
     if not url:
         return url
+    url = _QUERY_PASSWORD.sub(lambda m: m.group(1) + REDACTED, url)
     if url.startswith(SENTINEL_SCHEME + "://"):  # several host:port, which urlsplit rejects
         rest = url[len(SENTINEL_SCHEME) + 3 :]
         auth, at, hosts = rest.rpartition("@")
@@ -257,12 +265,20 @@ def Url(default, schemes, doc="", optional=True):
             raise ValueError(v)
         if parts.scheme in ("http", "https", "redis", "rediss") and not parts.hostname:
             raise ValueError(v)
+        try:
+            port = parts.port  # urlsplit checks the port only when it is read
+        except ValueError:
+            port = -1
+        if port is not None and not 1 <= port <= 65535:
+            raise _Bad(f"{expected}, its port a number in 1..65535")
         return v.rstrip("/") if parts.scheme in ("http", "https") else v
+
+    expected = "a URL with scheme " + " or ".join(schemes)
 
     return Opt(
         default,
         convert,
-        "a URL with scheme " + " or ".join(schemes),
+        expected,
         show=redact_url,
         doc=doc,
         redact_got=_redact_got_url,
@@ -597,7 +613,12 @@ def _simulated(v):
                 "power_draw",
             ):
                 val = gpu.get(key, 0)
-                if isinstance(val, bool) or not isinstance(val, (int, float)) or val < 0:
+                if (
+                    isinstance(val, bool)
+                    or not isinstance(val, (int, float))
+                    or not math.isfinite(val)
+                    or val < 0
+                ):
                     raise ValueError(f"{key} must be a number >= 0")
             if used > total or gpu.get("utilization", 0) > 100:
                 raise ValueError("memory_used_mb <= memory_total_mb and utilization <= 100")

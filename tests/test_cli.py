@@ -89,6 +89,37 @@ webhooks: {secret: "s3cr3t-hmac"}
     assert "port: 8123" in out.stdout and "team-a" in out.stdout and "cache:6379" in out.stdout
 
 
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        # redis-py's documented form for a socket with a password
+        (
+            "unix:///run/redis.sock?db=0&password=pw-in-query",
+            "unix:///run/redis.sock?db=0&password=***",
+        ),
+        # any other query argument goes to the connection too
+        (
+            "rediss://cache:6380/0?ssl_password=pw-in-query",
+            "rediss://cache:6380/0?ssl_password=***",
+        ),
+    ],
+)
+def test_config_show_hides_a_password_in_the_url_query(url, shown):
+    out = run_cli("config", "show", env={"REDIS_URL": url})
+    assert out.returncode == 0, out.stderr
+    assert "pw-in-query" not in out.stdout
+    assert f"url: {shown}" in out.stdout
+
+
+@pytest.mark.parametrize("port", ["99999", "port"])
+def test_a_redis_url_with_a_bad_port_is_one_line_exit_2_without_its_password(port):
+    out = run_cli("config", "show", env={"REDIS_URL": f"redis://:pw-777@cache:{port}/0"})
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1
+    assert "REDIS_URL" in out.stderr and "redis.url" in out.stderr and "port" in out.stderr
+    assert "pw-777" not in out.stderr
+
+
 def test_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["no-such-command"])

@@ -98,6 +98,24 @@ def test_missing_default_file_is_fine_but_named_file_is_an_error(tmp_path, monke
         ("workload_defaults: {robotics: {}}", "workload_defaults.robotics", "a known key"),
         ("server: 5", "server", "a mapping"),
         ("monitoring: {simulated: {nodes: [{count: 2}]}}", "monitoring.simulated", "a simulated"),
+        # YAML's .nan and .inf are floats: no bound refuses NaN, and no option means infinity
+        ("scheduler: {queue_check_interval: .nan}", "scheduler.queue_check_interval", "a duration"),
+        ("server: {read_timeout: .inf}", "server.read_timeout", "a duration"),
+        ("scheduler: {aging_rate: .nan}", "scheduler.aging_rate", "a number in 0..100"),
+        (
+            "memory_estimate: {overhead_factor: .nan}",
+            "memory_estimate.overhead_factor",
+            "a number in 1.0..10",
+        ),
+        ("webhooks: {retry_intervals: [10s, .inf]}", "webhooks.retry_intervals", "a non-empty"),
+        (
+            "monitoring: {simulated: {nodes: [{name: a, gpu: {utilization: .nan}}]}}",
+            "monitoring.simulated",
+            "a simulated",
+        ),
+        ("redis: {url: 'redis://db:99999/0'}", "redis.url", "its port a number in 1..65535"),
+        ("redis: {url: 'redis://db:port/0'}", "redis.url", "its port a number in 1..65535"),
+        ("services: {deepagents_url: 'http://advisor:0'}", "services.deepagents_url", "port"),
     ],
 )
 def test_each_kind_of_error_names_file_key_and_expectation(write_config, text, key, expected):
