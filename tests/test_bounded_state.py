@@ -269,6 +269,9 @@ def test_the_default_page_is_bounded(make_app):
         ("limit=1001", "limit"),
         ("limit=x", "limit"),
         ("limit=-1", "limit"),
+        # str.isdigit() is true for these, int() refuses them: was a 500
+        ("limit=%C2%B2", "limit"),
+        ("limit=%E2%91%A0", "limit"),
         ("after=garbage", "after"),
         ("after=q|nan|svc-1", "after"),
     ],

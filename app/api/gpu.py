@@ -428,7 +428,12 @@ def _list_args() -> tuple[int, str | None]:
     raw = request.args.get("limit")
     limit = LIST_LIMIT
     if raw is not None:
-        if not raw.isdigit() or len(raw) > 6 or not 1 <= int(raw) <= LIST_MAX_LIMIT:
+        # ASCII digits only: str.isdigit() is also true for "²", which int() refuses
+        if (
+            not (raw.isascii() and raw.isdigit())
+            or len(raw) > 6
+            or not 1 <= int(raw) <= LIST_MAX_LIMIT
+        ):
             raise ValidationFailed(
                 f"limit: an integer in 1..{LIST_MAX_LIMIT}",
                 details={"limit": [f"an integer in 1..{LIST_MAX_LIMIT}"]},
