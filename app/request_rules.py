@@ -261,7 +261,10 @@ HINTS: dict[str, Rule] = {
 
 
 def _depth_and_size(value: Any, depth: int = 1) -> tuple[int, int]:
-    """(deepest nesting, number of entries) of a JSON value, stopping past the limits."""
+    """(deepest nesting, number of entries) of a JSON value, stopping past the limits.
+
+    It never descends past MAX_WORKLOAD_DEPTH: a body nested as deep as the JSON parser allows
+    (~900 levels) would otherwise run this walk out of stack (a 500)."""
     if isinstance(value, dict):
         items = list(value.values())
     elif isinstance(value, list):
@@ -269,6 +272,8 @@ def _depth_and_size(value: Any, depth: int = 1) -> tuple[int, int]:
     else:
         return 0, 0
     deepest, count = depth, len(items)
+    if depth > MAX_WORKLOAD_DEPTH:
+        return deepest, count
     for item in items:
         if isinstance(item, (dict, list)):
             d, c = _depth_and_size(item, depth + 1)

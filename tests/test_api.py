@@ -232,6 +232,20 @@ def test_workload_data_nesting_is_limited(client):
     assert "workload_data" in err["details"]
 
 
+@pytest.mark.parametrize("path", ["/gpu/allocate", "/gpu/workload"])
+def test_workload_data_nested_as_deep_as_the_parser_allows_is_a_client_error(client, path):
+    """The depth check walked the whole nesting before comparing it with the limit: a body
+    the JSON parser still took (~940 levels) ran it out of stack, a 500 internal_error."""
+    answers = set()
+    for depth in range(850, 1001):
+        text = '{"service_name": "svc", "workload_data": ' + '{"a": ' * depth + "1" + "}" * depth
+        resp = client.post(path, data=text + "}", content_type="application/json")
+        answers.add(resp.status_code)
+        if resp.status_code == 422:
+            assert "workload_data" in resp.get_json()["error"]["details"]
+    assert answers == {400, 422}  # too deep to parse, or parsed and refused naming the field
+
+
 def test_workload_data_with_a_wrong_type_is_422_naming_the_field(client):
     err = assert_error(
         allocate(client, workload_data={"required_gpus": "two"}), 422, "validation_error"
