@@ -1,7 +1,7 @@
 """One JSON error shape for every failure: ``{"error": {"code", "message", "details"}}``.
 
 Registered app-wide (not per blueprint), so routing 404/405, body limits (413), Redis outages
-(503) and unexpected exceptions all answer in the same shape; a client never sees HTML or a
+and refusals (503) and unexpected exceptions all answer in the same shape; a client never sees HTML or a
 stack trace.
 """
 
@@ -94,6 +94,34 @@ def handle_redis(exc: redis.RedisError) -> Response:
     )
 
 
+#: Redis error replies that mean "not now" (it is up but refuses the command), by reply prefix:
+#: out of memory, a replica (READONLY; MASTERDOWN: cut off from its primary), too few
+#: replicas, a script running past busy-reply-threshold, a failed save, a cluster moving
+#: slots. The client retries as after an outage; any other error reply is a bug (500).
+REDIS_REFUSALS = ("OOM", "READONLY", "MASTERDOWN", "NOREPLICAS", "BUSY", "MISCONF", "TRYAGAIN")
+
+
+def _refusal(exc: redis.ResponseError) -> str | None:
+    """The refusal ``exc`` is, or None. redis-py raises some as their own classes with the
+    prefix cut from the message (``status_code`` keeps it), others as a plain ResponseError
+    whose message starts with it."""
+    prefix = getattr(exc, "status_code", None) or str(exc).partition(" ")[0]
+    return prefix if prefix in REDIS_REFUSALS else None
+
+
+def handle_redis_reply(exc: redis.ResponseError) -> Response:
+    refusal = _refusal(exc)
+    if refusal is None:
+        return handle_unexpected(exc)
+    log.warning("Redis refused a command: %s", refusal)
+    return handle_domain(
+        Unavailable(
+            "the state store (Redis) refuses commands for now; retry shortly",
+            details={"retry_after": REDIS_RETRY_AFTER},
+        )
+    )
+
+
 def handle_unexpected(exc: Exception) -> Response:
     if isinstance(exc, HTTPException):  # Flask routes these here when no closer handler fits
         return handle_http(exc)
@@ -116,4 +144,5 @@ def init_app(app: Flask) -> None:
     app.register_error_handler(HTTPException, handle_http)
     app.register_error_handler(redis.ConnectionError, handle_redis)
     app.register_error_handler(redis.TimeoutError, handle_redis)
+    app.register_error_handler(redis.ResponseError, handle_redis_reply)
     app.register_error_handler(Exception, handle_unexpected)

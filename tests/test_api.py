@@ -44,6 +44,60 @@ def test_readyz_and_every_redis_route_answer_503_with_retry_after_when_redis_is_
         assert "Traceback" not in err["message"]
 
 
+#: Commands that make a Redis refuse what it is sent, each with the refusal it answers;
+#: ``{port}``: a port nobody listens on (a primary that is gone).
+REFUSALS = {
+    # maxmemory reached (noeviction): every write refused
+    "OOM": [("CONFIG", "SET", "maxmemory", "1")],
+    # min-replicas-to-write not met: every write refused
+    "NOREPLICAS": [("CONFIG", "SET", "min-replicas-to-write", "1")],
+    # a demoted primary (a failover, with a plain redis:// URL): every write refused
+    "READONLY": [("REPLICAOF", "127.0.0.1", "{port}")],
+    # a replica cut off from its primary: reads refused too
+    "MASTERDOWN": [
+        ("CONFIG", "SET", "replica-serve-stale-data", "no"),
+        ("REPLICAOF", "127.0.0.1", "{port}"),
+    ],
+}
+
+
+@pytest.mark.parametrize("mode", sorted(REFUSALS))
+def test_redis_refusing_commands_is_503_with_retry_after_not_500(settings, tmp_path, mode):
+    """Redis up but refusing (out of memory, a replica, no link to its primary, too few
+    replicas): the client is told to retry (503), as when Redis is unreachable. It was a 500
+    internal_error with a logged stack trace."""
+    import redis as redis_lib
+
+    from tests.api_support import register_fleet
+    from tests.conftest import RedisServer
+
+    server = RedisServer(tmp_path).start()
+    admin = redis_lib.Redis(port=server.port)
+    try:
+        st = settings.replace(redis={"url": server.url}, dashboard={"enabled": False})
+        app = create_app(st, redis_url=server.url)
+        register_fleet(app)
+        client = app.test_client()
+        held = allocate(client, "holder").get_json()["id"]
+        port = str(free_port())
+        for command in REFUSALS[mode]:
+            admin.execute_command(*(port if arg == "{port}" else arg for arg in command))
+        answers = [
+            allocate(client),
+            client.post("/gpu/release", json={"allocation_id": held}),
+            client.post(f"/gpu/allocations/{held}/renew"),
+            client.post("/admin/nodes/node-a/cordon"),
+        ]
+        if mode == "MASTERDOWN":
+            answers += [client.get(f"/gpu/requests/{held}"), client.get("/readyz")]
+        for resp in answers:
+            err = assert_error(resp, 503, "unavailable")
+            assert int(resp.headers["Retry-After"]) > 0, err
+    finally:
+        admin.close()
+        server.stop()
+
+
 # --------------------------------------------------------------------------- allocate
 
 
