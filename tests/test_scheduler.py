@@ -12,7 +12,7 @@ from proc_support import Role, wait_until, write_settings
 from rq.job import Job
 from webhook_receiver import Receiver
 
-from app import queues
+from app import outbox, queues
 from app.engine import Engine
 from app.keys import Keys
 from workers import context, scheduler
@@ -152,3 +152,92 @@ def test_two_scheduler_processes_do_not_double_the_work(tmp_path, settings, rq_r
     assert names.count("workers.scheduler.reap") == names.count("workers.scheduler.safety_net")
     led = [r for r in roles if "became the leader" in r.output()]
     assert len(led) == 1, [r.output()[-500:] for r in roles]
+
+
+class _BlackHole:
+    """A webhook receiver on 127.0.0.1 whose connections complete but are never answered:
+    every try to it lasts the whole ``webhooks.timeout``."""
+
+    def __init__(self):
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(256)  # never accepted: the kernel completes the handshakes
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/hook"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.sock.close()
+
+
+@pytest.mark.slow
+def test_lapsed_leases_end_on_time_while_webhook_receivers_are_slow(
+    tmp_path, settings, redis, rq_redis
+):
+    """Slow receivers keep the webhook queue full; the reaper must still run every interval.
+
+    Before, a worker took jobs from the webhook queue first and from the maintenance queue only
+    when no webhook job was waiting, and only its main thread listened on maintenance. With 40
+    webhooks to a receiver that never answers (1 s per try, 2 at once), the reaper's cron jobs
+    sat behind them and lapsed unrun: a lease that ended went on holding its GPUs, and the
+    request queued for them waited, for as long as the backlog lasted (here 20 s)."""
+    engine = Engine(redis, settings)
+    engine.report_node(
+        "node-a",
+        [
+            {"index": i, "uuid": f"u{i}", "name": "NVIDIA A10", "memory_total_mb": 23028}
+            for i in (0, 1)
+        ],
+    )
+    hooks = {"timeout": "1s", "concurrency": 2, "retry_intervals": ["1s"] * 3}
+    settings = settings.replace(webhooks=hooks)
+    holder = engine.allocate({"service_name": "holder", "required_gpus": 2, "ttl_seconds": 30})
+    with _BlackHole() as hole:
+        waiting = [
+            engine.allocate(
+                {
+                    "service_name": f"slow-{i}",
+                    "required_gpus": 1,
+                    "webhook_url": hole.url,
+                    "webhook_events": ["cancelled"],
+                }
+            )
+            for i in range(40)
+        ]
+        for req in waiting:
+            engine.cancel(req["id"])
+        assert outbox.dispatch(rq_redis, settings) == 40
+        lease = engine.allocate({"service_name": "lease", "required_gpus": 2, "ttl_seconds": 3})
+        nxt = engine.allocate({"service_name": "next", "required_gpus": 2})
+        assert holder["status"] == "allocated"
+        engine.release(holder["id"])
+        assert engine.get(lease["id"])["status"] == "allocated"
+        assert engine.get(nxt["id"])["status"] == "queued"
+        cfg = write_settings(
+            tmp_path,
+            settings,
+            webhooks=hooks,
+            scheduler={"cleanup_interval": "1s", "queue_check_interval": "1s"},
+            workers={"maintenance_interval": "1s", "heartbeat_interval": "1s"},
+        )
+        roles = [Role(cfg, "worker", log_dir=tmp_path), Role(cfg, "scheduler", log_dir=tmp_path)]
+        try:
+            webhook_queue = queues.queue(rq_redis, settings, queues.WEBHOOKS)
+            wait_until(lambda: webhook_queue.count < 40, timeout=20, message="the worker to start")
+            ends = engine.get(lease["id"])["expires_at"]
+            wait_until(
+                lambda: engine.get(nxt["id"])["status"] == "allocated",
+                timeout=max(0.0, ends - time.time()) + 5,
+                message=lambda: (
+                    f"the lapsed lease's GPUs to go to the next request; lease "
+                    f"{engine.get(lease['id'])['status']}, {webhook_queue.count} webhooks queued"
+                ),
+            )
+            assert webhook_queue.count > 0  # the backlog was still there
+        finally:
+            for role in roles:
+                role.stop()
+    assert engine.get(lease["id"])["status"] == "expired"
