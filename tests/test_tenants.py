@@ -423,6 +423,31 @@ def test_max_queued_refuses_only_that_tenant(make_engine, redis):
     assert eng.allocate({"service_name": "team-b"})["status"] == "queued"
 
 
+def test_a_request_refused_by_max_queued_keeps_no_reservation(make_engine):
+    """With reservation_after 0 (default tenants: the walk reserves for the new request) a
+    request that the walk let reserve, then max_queued refused, leaves its node free for
+    the next big request to reserve: a 1-GPU request with a long lease may not take it."""
+    eng = make_engine(
+        n=2,
+        nodes=("n1", "n2", "n3"),
+        scheduler={"reservation_after": 0},
+        tenants={"default": {"max_queued": 1}},
+    )
+    holds = [
+        eng.allocate({"service_name": "h", "nodes": [n], "ttl_seconds": 600})
+        for n in ("n1", "n2", "n3")
+    ]
+    # a request whose shape fits the free GPUs makes each allocate walk the queue
+    eng.allocate({"service_name": "d", "depends_on": [holds[0]["id"]], "ttl_seconds": 60})
+    assert eng.allocate({"service_name": "a", "required_gpus": 2})["status"] == "queued"
+    with pytest.raises(TenantQueueFull):
+        eng.allocate({"service_name": "a", "required_gpus": 2})
+    big = eng.allocate({"service_name": "b", "required_gpus": 2, "ttl_seconds": 60})
+    assert eng.get(big["id"])["reserved_node"] == "n3"
+    long = eng.allocate({"service_name": "c", "nodes": ["n3"], "ttl_seconds": 3600})
+    assert long["status"] == "queued"  # it would end after big's start on n3
+
+
 # ----------------------------------------------------------------------------- fair share
 
 

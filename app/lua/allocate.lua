@@ -123,8 +123,9 @@ local tlimit = tquota and tquota.max_queued
 local tmine = (rank and tlimit) and tenant_queued(tenant) - 1 or 0
 if rank and (depth >= MAX_QUEUE or mine >= MAX_OWNER or (tlimit and tmine >= tlimit)) then
   -- it would wait, and the queue is full or the owner has its share: undo (nothing about it
-  -- was announced yet)
-  queue().dequeue(id, '', r.sharing, bucket, r.tenant)
+  -- was announced yet but a `reserved` event: with reservation_after 0 and no tenants
+  -- configured the pass may have reserved a node for it, and that node is given back)
+  queue().dequeue(id, rcall('HGET', rk, 'reserved_node') or '', r.sharing, bucket, r.tenant)
   rcall('DEL', rk)
   if idem_key ~= '' then rcall('DEL', k_idem(idem_key)) end
   if depth >= MAX_QUEUE then return {-5, tostring(depth)} end
