@@ -8,7 +8,7 @@ queue with what placement needs, the reservations), so it costs the engine's hot
 ``reason`` (checked in this order, against the fleet as it is now):
 
 * ``dependency``  a ``depends_on`` request is still queued or live;
-* ``quota``       its tenant holds ``max_gpus`` already (a hook for ``tenants.quotas``);
+* ``quota``       what its tenant holds now plus its own GPUs exceed the tenant's ``max_gpus``;
 * ``capacity``    no GPUs free now fit it, reservations aside;
 * ``reservation`` GPUs that fit it are free but held back for a request ahead of it;
 * ``priority``    it fits, but another request goes first (strict_fifo's head, or the pass
@@ -583,12 +583,26 @@ def _maybe_reserve(
     if sim.heads and rank <= HEAD_SCAN and r.tenant not in seen:
         seen.add(r.tenant)
         head = eligible and not r.shared
+    if r.reserved and _unreserve_over_quota(sim, r):
+        return
     if r.reserved:
         sim.reserve(r, t, blocked)
-    elif (head or t - r.unres >= sim.res_after) and None not in seen:
+    elif (head or t - r.unres >= sim.res_after) and None not in seen and not sim.over_quota(r):
         if not sim.reserve(r, t, blocked):
             r.unres = t  # the engine waits reservation_after again
             seen.add(None)  # None: no tenant's name; marks the pass done reserving
+
+
+def _unreserve_over_quota(sim: _Sim, r: _Req) -> bool:
+    """The engine's rule (reservations.lua, unreserve_over_quota): a reservation whose holder
+    its tenant's max_gpus holds back is dropped by the pass that meets it (a preemption's hold
+    is not); the holder counts as unreserved since its submission. True when dropped."""
+    if sim.held_for.get(r.reserved) == r.id or not sim.over_quota(r):
+        return False
+    sim.reserved_nodes.discard(r.reserved)
+    r.reserved = None
+    r.unres = r.submitted
+    return True
 
 
 def _walk(sim: _Sim, head: list[_Req], eta: dict[str, float | None], wanted: set) -> None:
@@ -796,6 +810,8 @@ def _fair_pass(sim: _Sim, walk: list[_Req], t: float, eta: dict) -> int:
     blocked: dict = {}
     holder: dict[str, tuple[int, _Req]] = {}
     for rank, r in enumerate(walk, 1):
+        if r.reserved and r.deadline >= t and _unreserve_over_quota(sim, r):
+            continue
         if r.reserved and r.reserved in sim.gpus and r.deadline >= t:
             holder[r.reserved] = (rank, r)
             s = sim.node_start(r, r.reserved, t)

@@ -392,6 +392,35 @@ def test_one_that_would_exceed_max_gpus_waits_until_the_tenant_releases(make_eng
     assert held(eng) == {"team-a": 3, "team-b": 4}
 
 
+@pytest.mark.parametrize("fair_share", [False, True])
+def test_a_reservation_holds_nothing_back_once_its_quota_holds_its_holder(
+    make_engine, tclock, fair_share
+):
+    """team-a's head (4 GPUs) reserves n1 while b holds it; then team-a takes a GPU on n2,
+    so the head waits for its quota (1 + 4 > 4). When n1 frees, another tenant's request
+    gets it: a request its quota holds back holds nothing back (docs/scheduling.md)."""
+    eng = make_engine(
+        n=4,
+        nodes=("n1", "n2"),
+        tenants={"fair_share": fair_share, "quotas": {"team-a": {"max_gpus": 4}}},
+    )
+    b = eng.allocate({"service_name": "b", "required_gpus": 4, "nodes": ["n1"], "ttl_seconds": 60})
+    big = eng.allocate({"service_name": "team-a", "required_gpus": 4, "nodes": ["n1"]})
+    assert eng.get(big["id"])["reserved_node"] == "n1"
+    small = eng.allocate({"service_name": "team-a", "nodes": ["n2"], "ttl_seconds": 6000})
+    assert small["status"] == "allocated"
+    tclock.now += 61
+    for node in ("n1", "n2"):
+        eng.report_node(node, gpus(4))
+    assert eng.reap()["expired"] == [b["id"]]
+    other = eng.allocate({"service_name": "c", "nodes": ["n1"], "ttl_seconds": 600})
+    assert other["status"] == "allocated"
+    assert eng.get(big["id"])["status"] == "queued"
+    # once team-a is within its quota again, its head reserves again
+    eng.release(small["id"])
+    assert eng.get(big["id"])["reserved_node"] == "n1"
+
+
 def test_a_shared_allocation_counts_as_one_gpu_against_max_gpus(make_engine):
     eng = make_engine(n=4, tenants={"quotas": {"s": {"max_gpus": 2}}})
     shared = {"service_name": "s", "sharing": "shared", "min_memory_mb": 100}
@@ -662,6 +691,31 @@ def test_http_the_tenant_queue_full_is_429_for_that_tenant_only(make_app):
     assert err["code"] == "tenant_queue_full"
     assert err["details"] == {"tenant": "team-a", "queued": 1, "limit": 1}
     assert client.post("/gpu/allocate", json=body, headers=b).status_code == 200
+
+
+def test_http_the_eta_counts_a_reservation_its_quota_holds_back_as_dropped(make_app, clock):
+    """team-a's head reserves n1; y (another tenant) queues for n1 behind it; team-a then
+    takes a GPU on n2, so its head waits for its quota: the next pass drops the reservation,
+    and y's eta is when n1 frees, as its grant then shows."""
+    from tests.api_support import register_fleet
+
+    fleet = (("n1", 4), ("n2", 4))
+    client = make_app(
+        nodes=fleet, tenants={"key": "service_name", "quotas": {"team-a": {"max_gpus": 4}}}
+    ).test_client()
+    allocate(client, "b", required_gpus=4, nodes=["n1"], ttl_seconds=60)
+    big = allocate(client, "team-a", required_gpus=4, nodes=["n1"]).get_json()
+    y = allocate(client, "c", nodes=["n1"], ttl_seconds=600).get_json()
+    small = allocate(client, "team-a", nodes=["n2"], ttl_seconds=6000)
+    assert small.status_code == 200
+    assert client.get(f"/gpu/requests/{big['id']}").get_json()["reason"] == "quota"
+    eta = client.get(f"/gpu/requests/{y['id']}").get_json()["eta"]
+    clock.advance(60)  # b's lease ends: the reaper's pass
+    register_fleet(client.application, fleet)
+    client.application.extensions["gpu_engine"].reap()
+    got = client.get(f"/gpu/allocations/{y['id']}").get_json()
+    assert got["status"] == "allocated"
+    assert eta == got["allocated_at"] == "2027-01-15T08:01:00.000Z"
 
 
 def test_http_tenants_admins_see_all_others_their_own(make_app, clock):

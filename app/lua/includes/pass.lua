@@ -104,12 +104,17 @@
     -- reserved nodes: node -> {id = holder}; by_tenant: the holder's tenant -> its nodes
     local blocked, failed, by_tenant = {}, {}, {}
     local res = rcall('HGETALL', K_RES)
+    -- a holder its quota holds back drops its reservation (not a preemption's hold)
+    local holds = (#res > 0 and quotas_on()) and (read_holds() or {}) or nil
     for i = 1, #res, 2 do
-      blocked[res[i]] = {id = res[i + 1]}
-      local t = rcall('HGET', k_req(res[i + 1]), 'tenant') or ''
-      local l = by_tenant[t]
-      if not l then l = {}; by_tenant[t] = l end
-      l[#l + 1] = res[i]
+      local h = (holds and holds[res[i]] ~= res[i + 1]) and load_req(res[i + 1]) or nil
+      if not (h and unreserve_over_quota(h, res[i])) then
+        blocked[res[i]] = {id = res[i + 1]}
+        local t = rcall('HGET', k_req(res[i + 1]), 'tenant') or ''
+        local l = by_tenant[t]
+        if not l then l = {}; by_tenant[t] = l end
+        l[#l + 1] = res[i]
+      end
     end
     -- what a request may not use: every reserved node but its own and those its own tenant's
     -- requests ranked after it hold (its tenant's order is today's order)
@@ -317,7 +322,10 @@
             blocked[res[i]] = {id = res[i + 1], t = NEVER, spare = 0}
           end
         elseif ranks_before(res[i + 1], new_id) then
-          blocked[res[i]] = {id = res[i + 1]}
+          local h = quotas_on() and load_req(res[i + 1]) or nil
+          if not (h and unreserve_over_quota(h, res[i])) then
+            blocked[res[i]] = {id = res[i + 1]}
+          end
         end
       end
       local node, chosen = place(r, blocked)
@@ -358,6 +366,13 @@
     -- an eligible exclusive request. Its reserved node is held back from the requests after it.
     local function consider(id, r, eligible, rank)
       local rn = reserved_by[id]
+      if rn and not held_node[id] and quotas_on() then
+        if r == nil then
+          r = load_req(id)
+          eligible = r ~= nil and deps_done(r) and not over_quota(r)
+        end
+        if r and unreserve_over_quota(r, rn) then rn, reserved_by[id] = nil, nil end
+      end
       local want = due[id]
       if tenants_left > 0 and rank <= HEAD_SCAN then
         if r == nil then

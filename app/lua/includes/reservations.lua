@@ -60,6 +60,24 @@
     return ''
   end
 
+  -- A reservation holds its node back only while its tenant's max_gpus lets its holder be
+  -- granted: a request its quota holds back holds nothing back (docs/scheduling.md, Quotas).
+  -- Its tenant took more GPUs since it reserved, or the quota shrank: the pass that meets it
+  -- drops the reservation (a preemption's hold is not a plain reservation: pass.lua leaves
+  -- it). It counts as unreserved since its submission, so it may reserve again as soon as
+  -- its quota lets it. h: the holder (loaded); node: its reserved node. true when dropped.
+  local function unreserve_over_quota(h, node)
+    if not quotas_on() or not over_quota(h) then return false end
+    if rcall('HGET', K_RES, node) == h.id then
+      rcall('HDEL', K_RES, node)
+      bump_capacity()
+    end
+    rcall('HSET', k_req(h.id), 'reserved_node', '')
+    rcall('ZADD', K_QUNRES, ftime(h.submitted), h.id)
+    h.reserved = ''
+    return true
+  end
+
   -- Whose head request a request may be (tenants.key; before tenants, the owner's bucket).
   local function tenant_of(r)
     if r.tenant ~= '' then return r.tenant end
