@@ -109,8 +109,8 @@ def _call(method: str, path: str, body: dict | None = None, timeout: float = TIM
     base = (os.environ.get("GPU_ORCH_URL") or DEFAULT_URL).rstrip("/")
     headers = {"Accept": "application/json"}
     key = os.environ.get("GPU_ORCH_API_KEY")
-    if key:
-        headers["X-API-Key"] = key
+    if key:  # a bearer token: accepted whatever auth.header_name the server reads
+        headers["Authorization"] = f"Bearer {key}"
     try:
         resp = requests.request(
             method, base + path, json=body, headers=headers, timeout=timeout, allow_redirects=False

@@ -89,3 +89,24 @@ def test_refusals_and_an_unreachable_api_are_one_line(live, capsys, monkeypatch)
     with pytest.raises(SystemExit) as exc:
         cli.main(["admin", "priority", "x", "high"])
     assert exc.value.code == 2
+
+
+def test_the_key_reaches_an_api_that_reads_another_header(settings, redis_url, monkeypatch, capsys):
+    """auth.header_name is the server's choice; the CLI sends the key as a bearer token, which
+    every server accepts, so an operator's admin key works whatever the header is called."""
+    st = settings.replace(
+        dashboard={"enabled": False},
+        auth={
+            "enabled": True,
+            "header_name": "X-Gpu-Token",
+            "api_keys": {ADMIN: "ops"},
+            "admins": ["ops"],
+        },
+    )
+    app = create_app(st, redis_url=redis_url)
+    register_fleet(app, (("node-a", 2),))
+    with LiveServer(app) as server:
+        monkeypatch.setenv("GPU_ORCH_URL", server.url)
+        monkeypatch.setenv("GPU_ORCH_API_KEY", ADMIN)
+        code, out, err = admin(capsys, "cordon", "node-a")
+    assert (code, out.strip(), err) == (0, "node-a: cordoned", "")
