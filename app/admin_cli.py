@@ -3,8 +3,9 @@
 It talks to a running API (``GPU_ORCH_URL``, default ``http://127.0.0.1:8086``) with the key in
 ``GPU_ORCH_API_KEY``, so it works from any machine that can reach the API, and every action is
 recorded with the key's principal like a click in the console. Output is a table for people or
-``--json`` (the API's answer) for scripts. A refused request (4xx) exits with code 2, an
-unreachable or failing API (5xx) with 1, both with one line on stderr.
+``--json`` (the API's answer) for scripts. A refused request (4xx) or a GPU_ORCH_URL that is
+not http(s) exits with code 2, an unreachable or failing API (5xx) with 1, both with one line
+on stderr.
 """
 
 from __future__ import annotations
@@ -107,6 +108,8 @@ def _call(method: str, path: str, body: dict | None = None, timeout: float = TIM
     import requests
 
     base = (os.environ.get("GPU_ORCH_URL") or DEFAULT_URL).rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        raise AdminError(f"GPU_ORCH_URL must start with http:// or https://, got {base!r}", 2)
     headers = {"Accept": "application/json"}
     key = os.environ.get("GPU_ORCH_API_KEY")
     if key:  # a bearer token: accepted whatever auth.header_name the server reads

@@ -91,6 +91,14 @@ def test_refusals_and_an_unreachable_api_are_one_line(live, capsys, monkeypatch)
     assert exc.value.code == 2
 
 
+def test_a_url_without_its_scheme_is_bad_input(monkeypatch, capsys):
+    """Exit 2 (fix the setting), not 1 (an API that is down), and one line that names it."""
+    monkeypatch.setenv("GPU_ORCH_URL", "gpu-api:8086")
+    code, out, err = admin(capsys, "nodes")
+    assert (code, out) == (2, "")
+    assert err.count("\n") == 1 and "GPU_ORCH_URL" in err and "http://" in err
+
+
 def test_the_key_reaches_an_api_that_reads_another_header(settings, redis_url, monkeypatch, capsys):
     """auth.header_name is the server's choice; the CLI sends the key as a bearer token, which
     every server accepts, so an operator's admin key works whatever the header is called."""
