@@ -30,7 +30,7 @@ the message, the details and ``retry_after`` from the response)::
     │   ├── ValidationError     422 validation_error
     │   ├── Unsatisfiable       422 unsatisfiable: no GPU in the fleet can ever hold it
     │   ├── TooManyRequests     429 (any code)
-    │   │   └── QueueFull       429 queue_full
+    │   │   └── QueueFull       429 queue_full, owner_queue_full, tenant_queue_full
     │   ├── ServerError         5xx
     │   │   └── Unavailable     503 unavailable (Redis down), engine_upgrading (rolling upgrade)
     ├── ConnectionFailed        the API could not be reached (after the retries)
@@ -41,6 +41,7 @@ the message, the details and ``retry_after`` from the response)::
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import logging
 import math
 import os
@@ -185,6 +186,8 @@ _BY_CODE: dict[str, type[ApiError]] = {
     "validation_error": ValidationError,
     "unsatisfiable": Unsatisfiable,
     "queue_full": QueueFull,
+    "owner_queue_full": QueueFull,
+    "tenant_queue_full": QueueFull,
     "too_many_requests": TooManyRequests,
     "unavailable": Unavailable,
     "engine_upgrading": Unavailable,
@@ -208,12 +211,7 @@ def _error(resp: requests.Response) -> ApiError:
         err = {}
     code = str(err.get("code") or f"http_{resp.status_code}")
     message = str(err.get("message") or resp.reason or "error")
-    retry_after = None
-    if resp.headers.get("Retry-After"):
-        try:
-            retry_after = float(resp.headers["Retry-After"])
-        except ValueError:
-            pass
+    retry_after = _retry_after(resp.headers.get("Retry-After"))
     cls = (
         _BY_CODE.get(code)
         or _BY_STATUS.get(resp.status_code)
@@ -227,6 +225,21 @@ def _error(resp: requests.Response) -> ApiError:
         retry_after=retry_after,
         response=resp,
     )
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header, seconds or an HTTP-date (RFC 9110); None
+    when absent or unreadable, never negative or infinite (a proxy may send anything)."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 # --------------------------------------------------------------------------- records

@@ -3,6 +3,7 @@ cannot be made to produce on demand (preemption, an API that stops answering, er
 
 from __future__ import annotations
 
+import email.utils
 import json
 import os
 import subprocess
@@ -169,6 +170,9 @@ def test_importing_the_client_needs_only_requests():
     "status,code,cls",
     [
         (429, "queue_full", api.QueueFull),
+        # the caller's own share, or its tenant's max_queued: the queue is full for it too
+        (429, "owner_queue_full", api.QueueFull),
+        (429, "tenant_queue_full", api.QueueFull),
         (422, "unsatisfiable", api.Unsatisfiable),
         (422, "validation_error", api.ValidationError),
         (403, "forbidden", api.Forbidden),
@@ -199,6 +203,24 @@ def test_a_retry_after_a_dropped_connection_reuses_the_idempotency_key(stub):
     assert len(posts) == 2
     assert posts[0][2]["Idempotency-Key"] == posts[1][2]["Idempotency-Key"]
     assert posts[0][3]["ttl_seconds"] == 600 and posts[0][3]["gpu_model"] == "*H100*"
+
+
+@pytest.mark.parametrize("header", ["-1", "nan", "inf", "soon"])
+def test_a_503_with_an_unreadable_retry_after_is_still_retried(stub, header):
+    """A proxy's Retry-After is not ours: whatever it says, the client retries as for a 503
+    without one (it does not crash on time.sleep of a negative or NaN)."""
+    answers = iter([err(503, "unavailable", header), (200, granted(), {})])
+    stub.routes[("POST", "/gpu/allocate")] = lambda s, b, q: next(answers)
+    assert api.Client(stub.url).allocate("svc").status == "allocated"
+    assert stub.count("POST", "/gpu/allocate") == 2
+
+
+def test_retry_after_as_an_http_date_is_seconds_from_now(stub):
+    when = email.utils.formatdate(time.time() + 30, usegmt=True)
+    stub.routes[("POST", "/gpu/allocate")] = lambda s, b, q: err(429, "queue_full", when)
+    with pytest.raises(api.QueueFull) as exc:
+        api.Client(stub.url).allocate("svc")
+    assert 25 <= exc.value.retry_after <= 30
 
 
 def test_the_key_travels_as_a_bearer_token_and_never_in_repr(stub):
