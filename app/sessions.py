@@ -170,8 +170,12 @@ def same_origin(request: Request) -> bool:
         return True
     if origin == "null":
         return False
+    try:
+        netloc = urlsplit(origin).netloc
+    except ValueError:  # unparsable ("http://[", an unclosed IPv6 bracket): not a site of ours
+        return False
     host = request.headers.get("X-Forwarded-Host") or request.host
-    return _hostname(urlsplit(origin).netloc) == _hostname(host)
+    return _hostname(netloc) == _hostname(host)
 
 
 def _hostname(netloc: str) -> str:

@@ -355,6 +355,18 @@ def test_other_sites_cannot_drive_admin_actions_even_with_auth_off(client):
     assert client.post("/admin/nodes/node-a/uncordon").status_code == 200  # no Origin: a script
 
 
+@pytest.mark.parametrize("origin", ["http://[", "http://[::1", "http://a]"])
+def test_a_malformed_origin_is_another_site_not_a_500(secured, origin):
+    """An Origin that urlsplit cannot parse (an unclosed IPv6 bracket) made every /admin route
+    and POST /login answer 500 internal_error; it names no site of ours: 403."""
+    client = secured().test_client()
+    headers = {"Origin": origin, "X-API-Key": ADMIN}
+    assert_error(client.post("/admin/nodes/node-a/cordon", headers=headers), 403, "forbidden")
+    resp = client.post("/login", data={"api_key": ADMIN, "next": "/"}, headers={"Origin": origin})
+    assert_error(resp, 403, "forbidden")
+    assert "Set-Cookie" not in resp.headers
+
+
 def test_state_shows_the_head_of_a_long_queue_and_its_whole_depth(client, monkeypatch):
     from app.api import console
 
