@@ -246,9 +246,10 @@ _lookups = Lookups()
 def split(url: str) -> tuple[str, str, int, str]:
     """(scheme, host, port, path+query) of an acceptable URL shape; Refused otherwise."""
     try:
+        url.encode()  # a lone surrogate (JSON can spell "\ud800") is in no URL, and no store
         parts = urlsplit(url)
         port = parts.port
-    except ValueError:
+    except ValueError:  # UnicodeEncodeError is one
         raise Refused("webhook URL is not a valid URL") from None
     if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
         raise Refused("webhook URL must be http:// or https:// with a host")

@@ -269,6 +269,20 @@ def test_invalid_allocate_bodies_are_422_naming_the_field(client, body, field):
     assert field in err["details"], err
 
 
+@pytest.mark.parametrize(
+    "url",
+    [r"http://127.0.0.1/\ud800", r"http://127.0.0.1/a?x=\udfff", r"http://127.0.0.1:8080/p#\ud83d"],
+)
+def test_a_webhook_url_with_a_lone_surrogate_is_422_naming_it(client, redis, url):
+    """JSON can spell a lone UTF-16 surrogate (\\ud800); no URL holds one, and handing it to
+    Redis failed to encode: a 500 internal_error after the URL policy had passed it."""
+    body = '{"service_name": "svc", "webhook_url": "%s"}' % url
+    resp = client.post("/gpu/allocate", data=body, content_type="application/json")
+    err = assert_error(resp, 422, "validation_error")
+    assert "webhook_url" in err["details"]
+    assert not [k for k in redis.scan_iter() if ":req:" in k]  # nothing stored
+
+
 def test_unknown_workload_type_lists_the_valid_ones(client):
     err = assert_error(allocate(client, workload_type="quantum"), 422, "validation_error")
     text = " ".join(err["details"]["workload_type"])
