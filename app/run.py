@@ -9,13 +9,16 @@ when COMMAND exits, whatever happens.
 Exit codes: COMMAND's own (128+N when a signal N ended it); 2 for a usage error or a request
 the API refuses as invalid (400/404/422: one line on stderr); 75 when ``--wait`` ran out (the
 request is cancelled) or the queue is full / the API is down (429/503); 69 when the API cannot
-be reached; 77 when the API key is refused (401/403); 130/143 after SIGINT/SIGTERM while
-queued (the request is cancelled); 126/127 when COMMAND cannot be run.
+be reached; 77 when the API key is refused (401/403); 128+N after signal N (SIGINT, SIGTERM,
+SIGHUP, SIGQUIT: 130, 143, 129, 131) while queued (the request is cancelled); 126/127 when
+COMMAND cannot be run.
 
-Signals while COMMAND runs: SIGINT, SIGTERM (and SIGHUP, SIGQUIT) are forwarded to COMMAND,
-and ``run`` releases after COMMAND exits. A Ctrl-C typed at the terminal already reaches
-COMMAND (it shares the terminal's process group), so that one is not sent a second time: the
-main thread takes signals with ``sigtimedwait`` and looks at who sent them (``si_code``).
+Signals while COMMAND runs: SIGINT, SIGTERM, SIGHUP and SIGQUIT are forwarded to COMMAND,
+and ``run`` releases after COMMAND exits (one arriving during that release is dropped: the exit
+code stays COMMAND's). A Ctrl-C typed at the terminal already reaches COMMAND (it shares the
+terminal's process group), so that one is not sent a second time: the main thread takes
+signals with ``sigtimedwait`` and looks at who sent them (``si_code``). A signal that was
+ignored when ``run`` started (``nohup`` ignores SIGHUP) stays ignored by run and by COMMAND.
 
 Concurrency: the lease threads (:class:`app.client.LeaseKeeper`) call back from their own
 threads when the allocation turns ``preempting`` (SIGTERM to COMMAND at once, so it can
@@ -257,6 +260,9 @@ class Run:
         self.request_id: str | None = None
         self.child: subprocess.Popen | None = None
         self._last_line = ""
+        #: FORWARD less the signals ignored when run started (``nohup`` ignores SIGHUP): those
+        #: stay ignored, by run and by COMMAND (which inherits SIG_IGN), as without run
+        self.signals = tuple(s for s in FORWARD if signal.getsignal(s) != signal.SIG_IGN)
 
     def _allocate(self) -> api.Allocation:
         a = self.args
@@ -274,7 +280,7 @@ class Run:
         )
 
     def run(self) -> int:
-        previous = {s: signal.signal(s, self._interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, self._interrupt) for s in self.signals}
         try:
             alloc = self._allocate()
             self.request_id = alloc.id
@@ -310,7 +316,7 @@ class Run:
 
     def _interrupt(self, signum, frame):
         # queued: leave the wait; signals arriving during the clean-up are ignored
-        for s in (signal.SIGINT, signal.SIGTERM):
+        for s in self.signals:
             signal.signal(s, signal.SIG_IGN)
         raise Interrupted(signum)
 
@@ -347,10 +353,10 @@ class Run:
             GPU_ORCH_NODE=alloc.node or "",
             GPU_ORCH_GPU_UUIDS=",".join(alloc.gpu_uuids),
         )
-        mask = set(FORWARD) | {signal.SIGCHLD}
+        mask = set(self.signals) | {signal.SIGCHLD}
         early: list[int] = []  # signals between the start of COMMAND and blocking them
         previous = {
-            s: signal.signal(s, lambda signum, frame: early.append(signum)) for s in FORWARD
+            s: signal.signal(s, lambda signum, frame: early.append(signum)) for s in self.signals
         }
         try:
             self.child = subprocess.Popen(self.command, env=env)
@@ -379,8 +385,12 @@ class Run:
         finally:
             keeper.stop()
             self._release(alloc)
-            self._restore(previous)
+            # COMMAND is gone: a signal that came during the release is dropped here (SIG_IGN
+            # discards it) instead of reaching the handlers restored below once unblocked
+            for s in self.signals:
+                signal.signal(s, signal.SIG_IGN)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, mask)
+            self._restore(previous)
         return 128 - code if code < 0 else code
 
     @staticmethod

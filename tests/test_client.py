@@ -6,6 +6,7 @@ from __future__ import annotations
 import email.utils
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -392,4 +393,104 @@ def test_global_options_before_or_after_run_are_accepted(stub):
             timeout=60,
         )
         assert proc.returncode == 0, proc.stderr
+    assert stub.count("POST", "/gpu/release") == 2
+
+
+def queued():
+    return dict(granted(), status="queued", position=1, gpu_ids=[], cuda_visible_devices="")
+
+
+def start_run(stub, *args, preexec_fn=None):
+    env = dict(os.environ, GPU_ORCH_URL=stub.url)
+    env.pop("GPU_ORCH_API_KEY", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "run", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=preexec_fn,
+    )
+
+
+def wait_for(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGQUIT])
+def test_a_hangup_or_quit_while_queued_cancels_the_request(stub, signum):
+    """A closed terminal (SIGHUP) ends a queued run like Ctrl-C does: the request is withdrawn,
+    else it would be granted later and hold its GPUs, unused, for a whole lease."""
+
+    def still_queued(s, b, q):
+        time.sleep(0.2)
+        return 200, queued(), {}
+
+    stub.routes[("POST", "/gpu/allocate")] = lambda s, b, q: (202, queued(), {})
+    stub.routes[("GET", "/gpu/requests/s-1")] = still_queued
+    stub.routes[("DELETE", "/gpu/requests/s-1")] = lambda s, b, q: (
+        200,
+        dict(queued(), status="cancelled"),
+        {},
+    )
+    proc = start_run(stub, "--", "true")
+    wait_for(lambda: stub.count("GET", "/gpu/requests/s-1") >= 1)
+    proc.send_signal(signum)
+    _, err_text = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signum, err_text
+    assert stub.count("DELETE", "/gpu/requests/s-1") == 1
+
+
+HUP_DISPOSITION = textwrap.dedent("""
+    import signal, sys, time
+    print(f"sighup ignored: {signal.getsignal(signal.SIGHUP) == signal.SIG_IGN}", flush=True)
+    time.sleep(1.5)
+    print("finished", flush=True)
+""")
+
+
+def test_under_nohup_the_command_keeps_ignoring_sighup(stub):
+    """``nohup gpu-orchestrator run -- job``: the job must survive the terminal closing, as it
+    would without run. run passes an ignored SIGHUP on and does not forward one."""
+    stub.routes[("POST", "/gpu/allocate")] = lambda s, b, q: (200, granted(), {})
+    stub.routes[("GET", "/gpu/allocations/s-1")] = hold_then(1e9, "allocated")
+    stub.routes[("POST", "/gpu/release")] = lambda s, b, q: (200, {"status": "released"}, {})
+    proc = start_run(
+        stub,
+        "--",
+        sys.executable,
+        "-c",
+        HUP_DISPOSITION,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+    )
+    assert proc.stdout.readline().strip() == "sighup ignored: True"
+    proc.send_signal(signal.SIGHUP)  # the terminal hung up
+    out, err_text = proc.communicate(timeout=30)
+    assert (proc.returncode, out.strip()) == (0, "finished"), err_text
+    assert stub.count("POST", "/gpu/release") == 1
+
+
+def test_a_signal_while_releasing_keeps_the_commands_exit_code(stub):
+    """COMMAND has exited and run is giving the GPUs back when a second Ctrl-C or a SIGTERM
+    arrives: run finishes the release and exits with COMMAND's code, without a traceback."""
+
+    def slow_release(s, b, q):
+        time.sleep(1.5)
+        return 200, {"status": "released"}, {}
+
+    stub.routes[("POST", "/gpu/allocate")] = lambda s, b, q: (200, granted(), {})
+    stub.routes[("GET", "/gpu/allocations/s-1")] = hold_then(1e9, "allocated")
+    stub.routes[("POST", "/gpu/release")] = slow_release
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        before = stub.count("POST", "/gpu/release")
+        proc = start_run(stub, "--", "sh", "-c", "exit 3")
+        wait_for(lambda before=before: stub.count("POST", "/gpu/release") > before)
+        proc.send_signal(signum)
+        _, err_text = proc.communicate(timeout=30)
+        assert proc.returncode == 3, (signum, err_text)
+        assert "Traceback" not in err_text
     assert stub.count("POST", "/gpu/release") == 2
