@@ -430,6 +430,19 @@ def test_release_by_service_name_releases_all_of_that_service(client):
     assert live == {other}
 
 
+def test_release_of_a_queued_request_cancels_it_and_by_service_leaves_the_queue(make_app):
+    """What docs/api.md says of POST /gpu/release for a request that is still queued."""
+    client = make_app(nodes=(("node-a", 1),)).test_client()
+    allocate(client, "holder")
+    queued = [allocate(client, "waiter").get_json()["request_id"] for _ in range(2)]
+    assert_error(client.post("/gpu/release", json={"service_name": "waiter"}), 404, "not_found")
+    assert client.get(f"/gpu/requests/{queued[0]}").get_json()["status"] == "queued"
+    resp = client.post("/gpu/release", json={"allocation_id": queued[0]})
+    assert resp.status_code == 200 and resp.get_json()["status"] == "released"
+    assert client.get(f"/gpu/requests/{queued[0]}").get_json()["status"] == "cancelled"
+    assert client.get(f"/gpu/requests/{queued[1]}").get_json()["status"] == "queued"
+
+
 # --------------------------------------------------------------------------- inspect
 
 
