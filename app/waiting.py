@@ -689,7 +689,9 @@ def _rank_pass(sim: _Sim, walk: list[_Req], t: float, eta: dict) -> int:
             max_free = sim.max_free(t)
             continue
         if strict:
-            break
+            if not sim.over_quota(r):
+                break  # the head blocks, unless only its tenant's quota holds it back
+            continue
         _maybe_reserve(sim, r, t, blocked, seen, rank, bool(done))
         if hn is not None:
             blocked[hn] = (INF, 0)  # held, not merely reserved: no backfill, no spare
@@ -960,7 +962,7 @@ def tenant_limits(settings):
 def annotate(engine, records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """reason and eta for the queued ones among ``records`` (each with its ``position``): one
     read of the first min(last position, MAX_SIMULATED) queued requests (MAX_SIMULATED with
-    fair share: the order is not the queue's), then :func:`explain`.
+    fair share or a max_gpus: the order is not the queue's), then :func:`explain`.
     Nothing is read when no record is queued."""
     from app.settings import tenants_configured
 
@@ -968,14 +970,18 @@ def annotate(engine, records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]
     if not queued:
         return {}
     fair = fair_inputs(engine)
-    # with fair share, requests ranked behind may go first (and their reservations hold)
+    limits = tenant_limits(engine.settings)
+    # with fair share, requests ranked behind may go first (and their reservations hold); with
+    # a max_gpus, one ranked behind a request its quota holds back may go first and take its
+    # tenant's quota (then the one ahead waits longer)
     upto = max(int(r.get("position") or MAX_SIMULATED) for r in queued)
-    view = engine.wait_view(MAX_SIMULATED if fair is not None else min(upto, MAX_SIMULATED))
+    whole = fair is not None or limits is not None
+    view = engine.wait_view(MAX_SIMULATED if whole else min(upto, MAX_SIMULATED))
     return explain(
         view,
         engine.settings.scheduler,
         records=queued,
-        limits=tenant_limits(engine.settings),
+        limits=limits,
         fair=fair,
         heads=tenants_configured(engine.settings),
     )

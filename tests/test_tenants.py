@@ -11,6 +11,7 @@ from app import settings as settings_mod
 from app.cli import main as cli_main
 from app.engine import Engine
 from app.errors import TenantQueueFull, Unsatisfiable
+from app.timefmt import iso
 from tests.api_support import allocate, clock, make_app  # noqa: F401 (fixtures)
 
 HOUR = 3600.0
@@ -691,6 +692,40 @@ def test_http_the_tenant_queue_full_is_429_for_that_tenant_only(make_app):
     assert err["code"] == "tenant_queue_full"
     assert err["details"] == {"tenant": "team-a", "queued": 1, "limit": 1}
     assert client.post("/gpu/allocate", json=body, headers=b).status_code == 200
+
+
+@pytest.mark.parametrize("policy", ["best_effort", "strict_fifo"])
+def test_http_the_eta_lets_a_request_behind_pass_a_head_its_quota_holds_back(
+    make_app, clock, policy
+):
+    """The head H waits for team-a's quota, so S behind it may go first (with strict_fifo
+    too: docs/scheduling.md, Quotas). When A ends, S fits the quota and n1: it starts, and H
+    waits for S. H's eta (the head's: nothing new arrives), read alone, is that grant."""
+    from tests.api_support import register_fleet
+
+    fleet = (("n1", 4), ("n2", 2))
+    client = make_app(
+        nodes=fleet,
+        scheduler={"policy": policy, "queue_timeout": "2h"},
+        tenants={"key": "service_name", "quotas": {"team-a": {"max_gpus": 4}}},
+    ).test_client()
+    engine = client.application.extensions["gpu_engine"]
+    allocate(client, "team-a", nodes=["n2"], ttl_seconds=270)  # A
+    allocate(client, "team-a", nodes=["n2"], ttl_seconds=720)
+    allocate(client, "other", nodes=["n1"], ttl_seconds=1080)
+    h = allocate(client, "team-a", required_gpus=4, ttl_seconds=600).get_json()
+    s = allocate(client, "team-a", required_gpus=3, ttl_seconds=1260).get_json()
+    assert h["reason"] == s["reason"] == "quota"
+    eta = client.get(f"/gpu/requests/{h['id']}").get_json()["eta"]
+    while client.get(f"/gpu/requests/{h['id']}").get_json()["status"] == "queued":
+        clock.now = engine.next_lease_end()
+        register_fleet(client.application, fleet)
+        engine.reap()
+    assert client.get(f"/gpu/allocations/{s['id']}").get_json()["allocated_at"] == iso(
+        1_800_000_270.0
+    )
+    assert eta == client.get(f"/gpu/allocations/{h['id']}").get_json()["allocated_at"]
+    assert eta == iso(1_800_000_000.0 + 270 + 1260)
 
 
 def test_http_the_eta_counts_a_reservation_its_quota_holds_back_as_dropped(make_app, clock):
