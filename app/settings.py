@@ -1254,9 +1254,12 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> S
     raw = read_yaml(path, required=bool(explicit))
     if raw is not None:
         _merge(values, raw, SPEC, path, [])
-    for var, raw_env in _env_overrides(environ):
+    env = _env_overrides(environ)
+    for var, raw_env in env:
         _merge(values, raw_env, SPEC, f"environment {var}", [])
-    _check_consistency(values, path)
+    # a rule across keys blames what set them: the file, the environment, or both
+    sources = [path] if raw is not None else []
+    _check_consistency(values, " and ".join(sources + ["environment"] * bool(env)) or path)
     return Settings(values, path if os.path.exists(path) else None)
 
 

@@ -224,3 +224,17 @@ def test_every_option_says_what_it_is_for():
                 yield prefix + key
 
     assert list(undocumented(settings_mod.SPEC)) == []
+
+
+def test_a_rule_across_keys_set_from_the_environment_names_the_environment(
+    tmp_path, monkeypatch, write_config
+):
+    """No ./config.yaml here: the error must not send the operator looking for one."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        load(environ={"GPU_ORCH__AUTH__ENABLED": "true"})
+    assert str(err.value).startswith("environment: auth.api_keys: ")
+    path = write_config("scheduler: {node_heartbeat_timeout: 1m}")
+    with pytest.raises(ConfigError) as err:
+        load(path, environ={"GPU_ORCH__SCHEDULER__NODE_FORGET_AFTER": "30s"})
+    assert str(err.value).startswith(f"{path} and environment: scheduler.node_forget_after: ")
