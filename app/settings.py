@@ -60,7 +60,8 @@ def format_duration(seconds: float) -> str:
     for unit, size in (("h", 3600), ("m", 60), ("s", 1)):
         if seconds >= size and seconds % size == 0:
             return f"{int(seconds // size)}{unit}"
-    return f"{int(seconds * 1000)}ms" if seconds < 1 else f"{seconds}s"
+    millis = round(float(seconds) * 1000, 6)
+    return f"{int(millis)}ms" if seconds < 1 and millis.is_integer() else f"{seconds}s"
 
 
 @dataclass

@@ -238,3 +238,10 @@ def test_a_rule_across_keys_set_from_the_environment_names_the_environment(
     with pytest.raises(ConfigError) as err:
         load(path, environ={"GPU_ORCH__SCHEDULER__NODE_FORGET_AFTER": "30s"})
     assert str(err.value).startswith(f"{path} and environment: scheduler.node_forget_after: ")
+
+
+@pytest.mark.parametrize("given", ["1.5ms", "100.5ms", "250ms", "1.5s", "59.5s"])
+def test_config_show_spells_each_duration_as_the_value_in_effect(given):
+    s = load(environ={"GPU_ORCH__REDIS__REPLICA_ACK_TIMEOUT": given})
+    shown = s.redacted()["redis"]["replica_ack_timeout"]
+    assert parse_duration(shown) == s.redis.replica_ack_timeout == parse_duration(given)
