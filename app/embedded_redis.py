@@ -120,7 +120,13 @@ class EmbeddedRedis:
 
     def start(self, timeout: float = 15.0) -> str:
         """Start (or reuse) the server and return its URL once it answers PING."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # the same line `up` gives (app.supervisor.UpLock)
+            raise EmbeddedRedisError(
+                f"cannot use data directory {self.data_dir} ({exc.strerror}); set "
+                f"redis.data_dir (GPU_ORCH__REDIS__DATA_DIR) to a writable directory"
+            ) from None
         if _port_open(self.host, self.port):
             if self._ours_running():
                 log.info(

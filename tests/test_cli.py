@@ -120,6 +120,23 @@ def test_a_redis_url_with_a_bad_port_is_one_line_exit_2_without_its_password(por
     assert "pw-777" not in out.stderr
 
 
+@pytest.mark.parametrize("command", ["redis", "api"])
+def test_a_data_dir_that_cannot_be_made_is_one_line_exit_2(tmp_path, command):
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    out = run_cli(
+        command,
+        env={
+            "GPU_ORCH__REDIS__DATA_DIR": str(taken / "redis"),
+            "GPU_ORCH__REDIS__EMBEDDED_PORT": str(free_port()),
+            "PORT": str(free_port()),
+        },
+    )
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1
+    assert str(taken) in out.stderr and "redis.data_dir" in out.stderr
+
+
 def test_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["no-such-command"])
