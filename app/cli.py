@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import yaml
+from redis.exceptions import RedisError
 
 from app import lifeline, logs
 from app import settings as settings_mod
@@ -574,6 +575,9 @@ def main(argv: list[str] | None = None) -> int:
     except SupervisorError as exc:
         print(f"gpu-orchestrator: error: {exc}", file=sys.stderr)
         return exc.code
+    except RedisError as exc:  # unreachable at start (worker, monitor --once): not a usage error
+        print(f"gpu-orchestrator: error: Redis: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

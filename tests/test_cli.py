@@ -137,6 +137,16 @@ def test_a_data_dir_that_cannot_be_made_is_one_line_exit_2(tmp_path, command):
     assert str(taken) in out.stderr and "redis.data_dir" in out.stderr
 
 
+@pytest.mark.parametrize("command", [["worker", "--burst"], ["monitor", "--once"]])
+def test_a_role_that_cannot_reach_redis_says_so_in_one_line(command):
+    """Exit 1 (a restart may help: up and docker-compose restart it), not a traceback."""
+    out = run_cli(*command, env={"REDIS_URL": f"redis://:pw-555@127.0.0.1:{free_port()}/0"})
+    assert out.returncode == 1
+    err_lines = [line for line in out.stderr.splitlines() if "gpu-orchestrator:" in line]
+    assert "Traceback" not in out.stderr and len(err_lines) == 1, out.stderr
+    assert "Redis" in err_lines[0] and "pw-555" not in out.stderr
+
+
 def test_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["no-such-command"])
