@@ -1047,7 +1047,12 @@ SPEC: dict[str, dict[str, Any]] = {
             "worker was killed is retried ~3x this plus "
             "maintenance_interval later",
         ),
-        "job_timeout": Duration("60s", 1, doc="an RQ job running longer is stopped"),
+        "job_timeout": Duration(
+            "60s",
+            1,
+            doc="a webhook delivery job running longer is stopped (at least "
+            "webhooks.timeout + 10s; the scheduler's maintenance jobs have 60s)",
+        ),
         "count": Int(1, 1, 64, doc="RQ worker processes that `up` starts"),
     },
     "dashboard": {
