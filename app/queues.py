@@ -18,8 +18,14 @@ from app.settings import Settings
 WEBHOOKS = "webhooks"
 #: Periodic safety-net pass and reaper jobs enqueued by the scheduler.
 MAINTENANCE = "maintenance"
+#: Deliveries deferred because their receiver had ``webhooks.max_per_receiver`` tries in flight
+#: (workers.webhooks.WebhookDeferred): taken after any fresh delivery, so a deep backlog to one
+#: slow receiver never queues ahead of another team's webhook.
+WEBHOOKS_DEFERRED = "webhooks-deferred"
 #: Every queue a ``gpu-orchestrator worker`` listens on, highest priority first.
-ALL = (WEBHOOKS, MAINTENANCE)
+ALL = (WEBHOOKS, MAINTENANCE, WEBHOOKS_DEFERRED)
+#: The queues of a delivery slot (workers.worker.DeliverySlots), highest priority first.
+DELIVERIES = (WEBHOOKS, WEBHOOKS_DEFERRED)
 
 SERIALIZER = JSONSerializer
 

@@ -557,7 +557,7 @@ def test_a_dequeued_job_stays_in_a_list_until_it_is_registered_as_started(settin
 
     worker = make_worker(settings, settings.redis.url)
     rq_redis = worker.connection
-    webhooks_q, maintenance_q = worker.queues
+    webhooks_q, maintenance_q, _ = worker.queues
     assert [webhooks_q.name, maintenance_q.name] == [
         queues.queue_name(settings, queues.WEBHOOKS),
         queues.queue_name(settings, queues.MAINTENANCE),
@@ -590,14 +590,14 @@ def test_a_dead_workers_scheduler_lock_is_released_in_seconds_not_a_minute(setti
     worker = make_worker(settings, settings.redis.url)
     thread = SchedulerThread(worker.queues, worker.connection, serializer=queues.SERIALIZER)
     scheduler = thread.scheduler
-    webhooks_q, maintenance_q = worker.queues
+    webhooks_q, maintenance_q, deferred_q = worker.queues
     dead = scheduler.get_locking_key(webhooks_q.name)
     live = scheduler.get_locking_key(maintenance_q.name)
     worker.connection.set(dead, "dead-worker", ex=61 - 15)  # last refreshed 15 s ago
     worker.connection.set(live, "live-worker", ex=61 - 1)  # refreshed a second ago
     try:
         thread.run_once()  # frees the dead holder's lock and takes it, leaves the live one's
-        assert scheduler.acquired_locks == {webhooks_q.name}
+        assert scheduler.acquired_locks == {webhooks_q.name, deferred_q.name}  # and a free one
         assert worker.connection.get(dead) == scheduler.name.encode()
         assert worker.connection.get(live) == b"live-worker"
     finally:

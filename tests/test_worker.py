@@ -9,6 +9,7 @@ import threading
 import pytest
 import redis as redis_lib
 from proc_support import Role, wait_until, write_settings
+from rq.job import Job
 from rq.registry import FailedJobRegistry
 from webhook_receiver import Receiver, Trickler
 
@@ -63,13 +64,21 @@ def _stats(redis, settings):
     return redis.hgetall(Keys(settings.redis.prefix).stats())
 
 
+_WORKERS = {"maintenance_interval": "1s", "heartbeat_interval": "1s"}
+
+
+def _worker_settings(settings, **webhook_opts):
+    """The settings _worker's process runs with."""
+    hooks = {"secret": SECRET, "timeout": "3s", **webhook_opts}
+    return settings.replace(webhooks=hooks, workers=_WORKERS)
+
+
 def _worker(tmp_path, settings, **webhook_opts):
     """A worker process, and the settings it runs with (dispatch must use the same ones)."""
     hooks = {"secret": SECRET, "timeout": "3s", **webhook_opts}
-    workers = {"maintenance_interval": "1s", "heartbeat_interval": "1s"}
-    cfg = write_settings(tmp_path, settings, webhooks=hooks, workers=workers)
+    cfg = write_settings(tmp_path, settings, webhooks=hooks, workers=_WORKERS)
     return (
-        settings.replace(webhooks=hooks, workers=workers),
+        _worker_settings(settings, **webhook_opts),
         cfg,
         Role(cfg, "worker", log_dir=tmp_path),
     )
@@ -312,3 +321,63 @@ def test_a_trickling_receiver_does_not_hold_up_another_teams_webhook(
     # Deferrals spent no tries: every slow webhook was tried once (retry in 60 s), none failed.
     stats = _stats(redis, settings)
     assert stats.get(webhooks.STAT_RETRIED) == "5" and webhooks.STAT_FAILED not in stats
+
+
+def test_a_deep_backlog_to_one_slow_receiver_does_not_delay_another_teams_webhook(
+    tmp_path, settings, redis, rq_redis
+):
+    """400 webhooks pending to a receiver that never answers: two are tried at once (the cap),
+    the rest are deferred every 2 s. Before, a deferred delivery came back at the end of the
+    one webhook queue, so another team's webhook waited behind every deferral queued ahead of
+    it (about 4 s here with 300 pending, growing with the backlog). Now deferred deliveries
+    wait in their own queue, taken only when no fresh delivery is waiting."""
+    import socket
+    import time
+
+    hole = socket.socket()  # connections complete (the kernel's backlog) but are never answered
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(1024)
+    slow_url = f"http://127.0.0.1:{hole.getsockname()[1]}/hook"
+    engine = Engine(redis, settings)
+    _one_gpu(engine)
+    engine.allocate({"service_name": "holder", "required_gpus": 1})
+
+    def cancelled_webhook(service, url):
+        req = engine.allocate(
+            {
+                "service_name": service,
+                "required_gpus": 1,
+                "webhook_url": url,
+                "webhook_events": ["cancelled"],
+            }
+        )
+        return lambda: engine.cancel(req["id"])
+
+    with Receiver() as fast:
+        backlog = [cancelled_webhook(f"slow-{i}", slow_url) for i in range(400)]
+        others = [cancelled_webhook(f"other-{i}", fast.url) for i in range(3)]
+        opts = dict(timeout="5s", retry_intervals=["60s"], concurrency=4, max_per_receiver=2)
+        for cancel in backlog:
+            cancel()
+        assert outbox.dispatch(rq_redis, _worker_settings(settings, **opts)) == 400
+        jobs = queues.queue(rq_redis, settings, queues.WEBHOOKS).job_ids
+        settings, cfg, worker = _worker(tmp_path, settings, **opts)
+        try:
+            # Every slow webhook has had its first turn (two tries, the rest deferred), and the
+            # deferred ones keep coming back.
+            wait_until(
+                lambda: all(rq_redis.hget(Job.key_for(j), "started_at") for j in jobs),
+                timeout=60,
+                message="every slow webhook's first turn",
+            )
+            delays = []
+            for n, cancel in enumerate(others, 1):
+                started = time.monotonic()
+                cancel()
+                outbox.dispatch(rq_redis, settings)
+                fast.wait_for(n, timeout=30)
+                delays.append(time.monotonic() - started)
+        finally:
+            worker.stop()
+            hole.close()
+    assert max(delays) < 1.0, (delays, worker.output()[-3000:])

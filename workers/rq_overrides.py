@@ -121,16 +121,19 @@ class JobDeferred(Exception):
     one by ServiceWorker), and it comes back later without spending a try."""
 
 
-def defer(job: Job, seconds: float) -> None:
-    """Make the running job's coming retry a deferral: ``seconds`` out, no try spent.
+def defer(job: Job, seconds: float, queue_name: str | None = None) -> None:
+    """Make the running job's coming retry a deferral: ``seconds`` out, no try spent, and then
+    onto the queue ``queue_name`` (default: the one it came from).
 
     RQ has no notion of "not yet": a job that raises spends a retry and waits its backoff.
     Here the job is given one extra retry, which :meth:`ServiceJob.retry` takes back, at a
     fixed short interval. RQ reads ``retries_left`` from this very object right after the job
-    raises; a job run by a plain ``rq worker`` (not a ServiceJob) just spends the extra retry.
+    raises; a job run by a plain ``rq worker`` (not a ServiceJob) just spends the extra retry
+    (and comes back on its own queue).
     """
     job.retries_left = (job.retries_left or 0) + 1
     job.deferred_for = seconds
+    job.deferred_to = queue_name
 
 
 def give_up(job: Job) -> None:
@@ -155,8 +158,16 @@ class ServiceJob(Job):
         bench/chaos.py: a webhook lost to a Redis SIGKILL while its failed try was recorded).
         Here the status goes in the same pipeline, so the job stays STARTED, and is retried as
         abandoned, until the whole retry commits. A deferred job (:func:`defer`) comes back
-        after its own interval."""
+        after its own interval, on the queue it was deferred to."""
         interval = getattr(self, "deferred_for", None) or self.get_retry_interval()
+        target = getattr(self, "deferred_to", None)
+        if target and target != queue.name:
+            queue = type(queue)(
+                target,
+                connection=queue.connection,
+                serializer=queue.serializer,
+                job_class=type(self),
+            )
         assert self.retries_left
         self.retries_left -= 1
         if interval:

@@ -39,7 +39,7 @@ import threading
 import time
 from typing import Any
 
-from app import logs
+from app import logs, queues
 from app.keys import Keys
 from app.settings import Settings
 from app.timefmt import iso
@@ -312,8 +312,11 @@ def deliver(entry: dict[str, Any]) -> dict[str, Any]:
         receiver, limit = _receiver(url), receiver_limit(settings)
         if receiver is not None and not limit.acquire(receiver, DEFER_WAIT):
             if job is not None:
-                # Not a try: it comes back DEFER_SECONDS out, its tries and backoff unchanged.
-                rq_overrides.defer(job, DEFER_SECONDS)
+                # Not a try: it comes back DEFER_SECONDS out, its tries and backoff unchanged,
+                # on the deferred queue, behind any fresh delivery (of another receiver).
+                rq_overrides.defer(
+                    job, DEFER_SECONDS, queues.queue_name(settings, queues.WEBHOOKS_DEFERRED)
+                )
             log.debug(
                 "webhook %s for %s deferred: %s has %d deliveries in flight",
                 entry["event_id"],

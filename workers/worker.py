@@ -127,9 +127,7 @@ class DeliverySlots:
         while not self._stop.is_set():
             try:
                 _, _, rq_redis = context.get()
-                worker = make_worker(
-                    self.settings, rq_redis, ThreadWorker, names=(queues.WEBHOOKS,)
-                )
+                worker = make_worker(self.settings, rq_redis, ThreadWorker, names=queues.DELIVERIES)
                 self._workers[index] = worker
                 if self._stop.is_set():
                     return
