@@ -280,7 +280,16 @@ class Run:
         )
 
     def run(self) -> int:
-        previous = {s: signal.signal(s, self._interrupt) for s in self.signals}
+        # The wait's handlers stay until COMMAND's replace them, with no default handler in
+        # between (a SIGTERM there killed run holding the GPUs until their lease ran out); the
+        # original handlers come back at the end.
+        original = {s: signal.signal(s, self._interrupt) for s in self.signals}
+        try:
+            return self._run()
+        finally:
+            self._restore(original)
+
+    def _run(self) -> int:
         try:
             alloc = self._allocate()
             self.request_id = alloc.id
@@ -310,15 +319,20 @@ class Run:
             if self.request_id:
                 self._quietly_withdraw()
             return _fail(f"error: {exc}", _exit_code_for(exc))
-        finally:
-            self._restore(previous)
-        return self._run_command(alloc)
+        try:
+            return self._run_command(alloc)
+        except Interrupted as exc:  # granted, but COMMAND had not started yet
+            self._release(alloc)
+            return 128 + exc.signum
 
     def _interrupt(self, signum, frame):
         # queued: leave the wait; signals arriving during the clean-up are ignored
+        self._ignore_signals()
+        raise Interrupted(signum)
+
+    def _ignore_signals(self) -> None:
         for s in self.signals:
             signal.signal(s, signal.SIG_IGN)
-        raise Interrupted(signum)
 
     def _quietly_withdraw(self) -> None:
         """Cancel the request (release it if the grant won the race). Interrupted before the
@@ -355,13 +369,12 @@ class Run:
         )
         mask = set(self.signals) | {signal.SIGCHLD}
         early: list[int] = []  # signals between the start of COMMAND and blocking them
-        previous = {
-            s: signal.signal(s, lambda signum, frame: early.append(signum)) for s in self.signals
-        }
+        for s in self.signals:
+            signal.signal(s, lambda signum, frame: early.append(signum))
         try:
             self.child = subprocess.Popen(self.command, env=env)
         except OSError as exc:
-            self._restore(previous)
+            self._ignore_signals()  # nothing to forward them to; run() restores the handlers
             self._release(alloc)
             code = EXIT_NOT_FOUND if isinstance(exc, FileNotFoundError) else EXIT_CANNOT_EXEC
             return _fail(f"cannot run {self.command[0]!r}: {exc.strerror or exc}", code)
@@ -386,11 +399,9 @@ class Run:
             keeper.stop()
             self._release(alloc)
             # COMMAND is gone: a signal that came during the release is dropped here (SIG_IGN
-            # discards it) instead of reaching the handlers restored below once unblocked
-            for s in self.signals:
-                signal.signal(s, signal.SIG_IGN)
+            # discards it) instead of reaching a handler once unblocked; run() restores them
+            self._ignore_signals()
             signal.pthread_sigmask(signal.SIG_UNBLOCK, mask)
-            self._restore(previous)
         return 128 - code if code < 0 else code
 
     @staticmethod

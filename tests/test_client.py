@@ -494,3 +494,33 @@ def test_a_signal_while_releasing_keeps_the_commands_exit_code(stub):
         assert proc.returncode == 3, (signum, err_text)
         assert "Traceback" not in err_text
     assert stub.count("POST", "/gpu/release") == 2
+
+
+SIGTERM_AT_THE_GRANT = textwrap.dedent("""
+    import os, signal, sys
+    from app import run
+
+    start_command = run.Run._run_command
+
+    def sigterm_first(self, alloc):  # a SIGTERM arriving just after the grant
+        os.kill(os.getpid(), signal.SIGTERM)
+        return start_command(self, alloc)
+
+    run.Run._run_command = sigterm_first
+    sys.exit(run.main(["--", "true"]))
+""")
+
+
+def test_a_sigterm_between_the_grant_and_the_command_releases_the_gpus(stub):
+    stub.routes[("POST", "/gpu/allocate")] = lambda s, b, q: (200, granted(), {})
+    stub.routes[("POST", "/gpu/release")] = lambda s, b, q: (200, {"status": "released"}, {})
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGTERM_AT_THE_GRANT],
+        cwd=ROOT,
+        env=dict(os.environ, GPU_ORCH_URL=stub.url),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 143, proc.stderr
+    assert stub.count("POST", "/gpu/release") == 1
