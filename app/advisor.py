@@ -40,6 +40,7 @@ import urllib3
 from prometheus_client import Counter
 
 from app.request_rules import FIELDS
+from app.settings import redact_url
 
 #: The request's priority rule (app.request_rules): the advice is clamped to it.
 PRIORITY = FIELDS["priority"]
@@ -152,6 +153,7 @@ class Advisor:
         if timeout <= 0 or breaker_failures < 1 or breaker_cooldown < 0:
             raise ValueError("timeout > 0, breaker_failures >= 1 and breaker_cooldown >= 0")
         self.url = url.rstrip("/") + "/invoke/structured"
+        self._shown = redact_url(self.url)  # as logs show it: no basic-auth password
         self.timeout = timeout
         self.breaker_failures = breaker_failures
         self.breaker_cooldown = breaker_cooldown
@@ -202,7 +204,7 @@ class Advisor:
             self._trial_in_flight = False
             if ok:
                 if self._open_until is not None:
-                    log.info("advisor breaker closed: %s answered again", self.url)
+                    log.info("advisor breaker closed: %s answered again", self._shown)
                 self._failures, self._open_until = 0, None
                 return
             self._failures += 1
@@ -274,7 +276,7 @@ class Advisor:
             self.url, json=body, timeout=(self.timeout, self.timeout), stream=True
         ) as resp:
             if resp.status_code != 200:
-                raise requests.HTTPError(f"HTTP {resp.status_code} from {self.url}")
+                raise requests.HTTPError(f"HTTP {resp.status_code} from {self._shown}")
             data = bytearray()
             while chunk := resp.raw.read1(65536, decode_content=True):  # what has arrived
                 data += chunk

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -414,3 +415,22 @@ def test_open_breaker_costs_nothing(stub, analyzer_with, clock):
         assert analyzer.analyze("ocr", {"image_count": 200})["required_gpus"] == 2
     assert len(stub.requests) == 2
     assert analyzer.advisor.state == "open"
+
+
+def test_the_advisor_urls_password_never_reaches_the_log(stub, clock, caplog):
+    """services.deepagents_url may carry basic-auth credentials (config show hides them);
+    the log lines that name the advisor must hide them too."""
+    caplog.set_level(logging.INFO, logger="app.advisor")
+    answers = {"status": 500}
+    stub.reply = lambda path, body: (answers["status"], structured(), 0)
+    url = stub.url.replace("http://", "http://bot:tok3n-secret@")
+    advisor = Advisor(url, clock=clock, breaker_failures=1, breaker_cooldown=30)
+    try:
+        assert advisor.advise("s", "generic", {}, **LIMITS) is None  # HTTP 500: breaker opens
+        clock.now += 31
+        answers["status"] = 200
+        assert advisor.advise("s", "generic", {}, **LIMITS) is not None  # breaker closes
+    finally:
+        advisor.close()
+    assert "HTTP 500" in caplog.text and "breaker closed" in caplog.text
+    assert "tok3n-secret" not in caplog.text and "bot:***@127.0.0.1" in caplog.text
