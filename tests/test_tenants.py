@@ -579,6 +579,35 @@ def test_fair_share_reservations_follow_the_fair_order(make_engine, tclock):
     assert reserved()[b1["id"]] == other and reserved()[a2["id"]] is None
 
 
+def test_fair_share_a_tenant_whose_requests_all_wait_for_its_quota_does_not_stop_a_reservation(
+    make_engine, tclock
+):
+    """t0 (share 2, all its queued requests held back by its max_gpus) has no head; t1 (also
+    share 2, but after t0 by name) is then the lowest-share tenant with a head, and its new
+    request reserves at once (as the fair pass's sweep says: docs/scheduling.md, Fair share).
+    When t0's first allocation ends, t1's request takes n1, not t0's."""
+    eng = make_engine(
+        n=2,
+        nodes=("n1", "n2", "n3"),
+        tenants={"fair_share": True, "quotas": {"t0": {"max_gpus": 4, "weight": 2}}},
+    )
+    eng.allocate({"service_name": "t1", "required_gpus": 2, "nodes": ["n3"], "ttl_seconds": 720})
+    first = eng.allocate(
+        {"service_name": "t0", "required_gpus": 2, "nodes": ["n1"], "ttl_seconds": 240}
+    )
+    eng.allocate({"service_name": "t0", "required_gpus": 2, "nodes": ["n2"], "ttl_seconds": 930})
+    t0 = eng.allocate({"service_name": "t0", "required_gpus": 1, "ttl_seconds": 120})
+    t1 = eng.allocate({"service_name": "t1", "required_gpus": 2, "ttl_seconds": 30})
+    assert t0["status"] == t1["status"] == "queued"
+    assert eng.get(t1["id"])["reserved_node"] == "n1"
+    tclock.now += 240
+    for node in ("n1", "n2", "n3"):
+        eng.report_node(node, gpus(2))
+    assert eng.reap()["expired"] == [first["id"]]
+    assert eng.get(t1["id"])["status"] == "allocated"
+    assert eng.get(t0["id"])["status"] == "queued"
+
+
 def test_fair_share_grants_requests_queued_before_tenants(make_engine, redis):
     eng = make_engine(n=1, tenants={"fair_share": True})
     hold = eng.allocate({"service_name": "hold"})

@@ -28,6 +28,22 @@
   -- what waited reservation_after, the new request included (reservation_after 0).
   local new_wants = nil
 
+  -- With fair share, tenant t's head for the reservations: its first queued request within
+  -- SWEEP of `from` (in its own queue) that holds a reservation, or that is exclusive,
+  -- eligible (dependencies done) and within t's max_gpus. nil: t has none, so it does not
+  -- stand in the way of the tenants above it (a tenant whose requests all wait for its quota,
+  -- their dependencies, or memory on a shared GPU).
+  local function fair_head(t, from)
+    for _, id in ipairs(rcall('ZRANGE', k_tqueue(t), from, from + SWEEP - 1)) do
+      local r = load_req(id)
+      if r and r.status == 'queued' and (r.reserved ~= '' or
+          (r.sharing ~= 'shared' and deps_done(r) and not over_quota(r))) then
+        return r
+      end
+    end
+    return nil
+  end
+
   -- allocate, after the queued event: the new request reserves when it is its tenant's head
   -- (the walk said so, or it is its tenant's only queued request) and does not fit.
   local function reserve_new(id)
@@ -46,13 +62,13 @@
       if not head and not due_now then return end
     end
     if new_wants == nil and TENANT_FAIR == '1' then
-      -- with fair share it reserves only as the lowest-share tenant with queued requests (the
-      -- fair walk's rule: reservations follow the fair order)
+      -- with fair share it reserves only as the lowest-share tenant with a head (the fair
+      -- walk's rule: reservations follow the fair order)
       local mine = tenant_share(r.tenant)
       for _, t in ipairs(rcall('HKEYS', K_TQUEUED)) do
         if t ~= r.tenant then
           local sh = tenant_share(t)
-          if sh < mine or (sh == mine and t < r.tenant) then return end
+          if (sh < mine or (sh == mine and t < r.tenant)) and fair_head(t, 0) then return end
         end
       end
     end
@@ -151,22 +167,17 @@
         return a.share < b.share or (a.share == b.share and a.t < b.t)
       end)
       for _, cur in ipairs(tenants) do
-        for _, id in ipairs(rcall('ZRANGE', k_tqueue(cur.t), cur.pos, cur.pos + SWEEP - 1)) do
-          local r = load_req(id)
-          if r and r.status == 'queued' and r.reserved ~= '' then
+        local r = fair_head(cur.t, cur.pos)
+        if r then
+          if r.reserved ~= '' then
             if new_wants == nil then new_wants = false end
-            return
+          elseif r.id == new_id then
+            new_wants = true
+          else
+            if new_wants == nil then new_wants = false end
+            if new_reservations < MAX_NEW_RES then reserve(r, blocked) end
           end
-          if r and r.status == 'queued' and r.sharing ~= 'shared' and deps_done(r) and
-              not over_quota(r) then
-            if id == new_id then
-              new_wants = true
-            else
-              if new_wants == nil then new_wants = false end
-              if new_reservations < MAX_NEW_RES then reserve(r, blocked) end
-            end
-            return
-          end
+          return
         end
       end
     end
