@@ -1272,8 +1272,8 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> S
 def read_yaml(path: str, required: bool) -> Any:
     """The parsed YAML file, None when absent and optional; ConfigError otherwise."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
+        with open(path, "rb") as fh:
+            data = fh.read()
     except FileNotFoundError:
         if required:
             raise ConfigError(
@@ -1284,6 +1284,11 @@ def read_yaml(path: str, required: bool) -> Any:
         raise ConfigError(
             path, "(file)", f"a readable file ({exc.strerror})", show_got=False
         ) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:  # a file saved as Latin-1, or not text at all
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(path, f"line {line}", "UTF-8 text", show_got=False) from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:

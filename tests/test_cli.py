@@ -147,6 +147,16 @@ def test_a_role_that_cannot_reach_redis_says_so_in_one_line(command):
     assert "Redis" in err_lines[0] and "pw-555" not in out.stderr
 
 
+def test_a_config_file_that_is_not_utf8_is_one_line_exit_2(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("scheduler:\n  max_queue_size: 20  # \u00e9quipe\n".encode("latin-1"))
+    for args in (["config", "check", str(path)], ["--config", str(path), "config", "show"]):
+        out = run_cli(*args)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert out.stderr.count("\n") == 1
+        assert f"{path}: line 2: expected UTF-8 text" in out.stderr
+
+
 def test_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["no-such-command"])
