@@ -757,6 +757,34 @@ def test_http_the_eta_lets_a_request_behind_pass_a_head_its_quota_holds_back(
     assert eta == iso(1_800_000_000.0 + 270 + 1260)
 
 
+def test_http_a_restart_that_lowers_max_gpus_below_a_queued_request(make_app, clock):
+    """Queued for 4 GPUs under max_gpus 4; restarted with max_gpus 3: it stays queued (reason
+    quota, eta null) until its queue timeout, holds nothing back (strict_fifo lets the next
+    request pass), and nothing else is lost: counts stay right."""
+    before = make_app(
+        nodes=(("n1", 4),),
+        scheduler={"policy": "strict_fifo"},
+        tenants={"key": "service_name", "quotas": {"a": {"max_gpus": 4}}},
+    ).test_client()
+    held = allocate(before, "b", required_gpus=4, ttl_seconds=60).get_json()
+    big = allocate(before, "a", required_gpus=4, ttl_seconds=60).get_json()
+    assert big["reason"] == "capacity"
+    after = make_app(
+        nodes=(("n1", 4),),
+        scheduler={"policy": "strict_fifo"},
+        tenants={"key": "service_name", "quotas": {"a": {"max_gpus": 3}}},
+    ).test_client()
+    got = after.get(f"/gpu/requests/{big['id']}").get_json()
+    assert (got["status"], got["reason"], got["eta"]) == ("queued", "quota", None)
+    assert after.post("/gpu/release", json={"allocation_id": held["id"]}).status_code == 200
+    assert allocate(after, "c", required_gpus=4).status_code == 200
+    rows = {r["tenant"]: r for r in after.get("/gpu/tenants").get_json()["tenants"]}
+    assert (rows["a"]["gpus_held"], rows["a"]["queued"], rows["c"]["gpus_held"]) == (0, 1, 4)
+    clock.advance(3601)
+    after.application.extensions["gpu_engine"].reap()
+    assert after.get(f"/gpu/requests/{big['id']}").get_json()["status"] == "timed_out"
+
+
 def test_http_the_eta_counts_a_reservation_its_quota_holds_back_as_dropped(make_app, clock):
     """team-a's head reserves n1; y (another tenant) queues for n1 behind it; team-a then
     takes a GPU on n2, so its head waits for its quota: the next pass drops the reservation,
