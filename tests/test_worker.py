@@ -381,3 +381,52 @@ def test_a_deep_backlog_to_one_slow_receiver_does_not_delay_another_teams_webhoo
             worker.stop()
             hole.close()
     assert max(delays) < 1.0, (delays, worker.output()[-3000:])
+
+
+def test_sigterm_finishes_the_deliveries_in_hand_and_starts_no_new_one(
+    tmp_path, settings, redis, rq_redis
+):
+    """SIGTERM while four deliveries (1.5 s each) are in flight and six more wait: the four
+    finish, nothing new starts, and the six stay queued for the next worker. Before, the
+    delivery threads were told to stop only once the main thread's own delivery had finished,
+    and took new ones meanwhile (6 or 7 tries here): a stop could take two webhooks.timeout,
+    past docker's default 10 s grace at the default 5 s, and a SIGKILL then can make a delivered
+    webhook go out again."""
+    import time
+
+    engine = Engine(redis, settings)
+    _one_gpu(engine)
+    engine.allocate({"service_name": "holder", "required_gpus": 1})
+    with Trickler(interval=0.5, lines=3) as slow:  # a 200 after 1.5 s
+        pending = [
+            engine.allocate(
+                {
+                    "service_name": f"team-{i}",
+                    "required_gpus": 1,
+                    "webhook_url": slow.url,
+                    "webhook_events": ["cancelled"],
+                }
+            )
+            for i in range(10)
+        ]
+        settings, cfg, worker = _worker(
+            tmp_path, settings, timeout="5s", concurrency=4, max_per_receiver=4
+        )
+        try:
+            wait_until(lambda: "webhook deliveries at once" in worker.output(), message="start")
+            for req in pending:
+                engine.cancel(req["id"])
+            assert outbox.dispatch(rq_redis, settings) == 10
+            wait_until(lambda: len(slow.connections) >= 4, message="four deliveries in flight")
+            started = time.monotonic()
+            code = worker.stop()
+            stopped_after = time.monotonic() - started
+        finally:
+            worker.stop()
+        tried = len(slow.connections)
+    q = queues.queue(rq_redis, settings, queues.WEBHOOKS)
+    assert code == 0
+    assert tried == 4, f"{tried} deliveries were started"
+    assert _stats(redis, settings).get(webhooks.STAT_DELIVERED) == "4"
+    assert q.count == 6 and q.started_job_registry.count == 0
+    assert stopped_after < 5.0  # about one try (1.5 s) plus the process's own exit

@@ -239,6 +239,8 @@ class ServiceWorker(SimpleWorker):
     queue_class = ServiceQueue
     #: True once a warm stop was asked for (SIGTERM/SIGINT, or RQ's shutdown command).
     stop_requested = False
+    #: Called (in the signal handler: it must only set flags) when a warm stop is asked for.
+    on_stop_request = None
     #: Wall clock for the intermediate-list recovery; tests replace it.
     clock = staticmethod(time.time)
 
@@ -249,8 +251,12 @@ class ServiceWorker(SimpleWorker):
 
     def request_stop(self, signum, frame):
         """RQ records a warm stop only in the private ``_shutdown_requested_date``; the process
-        loop (workers.worker.run) must tell a stop from RQ quitting on an error."""
+        loop (workers.worker.run) must tell a stop from RQ quitting on an error, and the
+        process's other workers (the delivery slots) must stop taking jobs now, not once this
+        one's job is done (:attr:`on_stop_request`)."""
         self.stop_requested = True
+        if self.on_stop_request is not None:
+            self.on_stop_request()
         super().request_stop(signum, frame)
 
     def clean_registries(self):

@@ -148,6 +148,14 @@ class DeliverySlots:
                 )
             self._stop.wait(SLOT_RESTART_DELAY)
 
+    def request_stop(self) -> None:
+        """Ask every slot to finish its current delivery and quit, without waiting (safe in a
+        signal handler: it only sets flags)."""
+        self._stop.set()
+        for worker in self._workers:
+            if worker is not None:
+                worker.request_thread_stop()
+
     def stop(self, timeout: float) -> None:
         """Ask every slot to finish its current delivery and quit; wait up to ``timeout``.
 
@@ -157,10 +165,7 @@ class DeliverySlots:
         (one-second) wait when the process exits leaves at most a job id in RQ's
         intermediate list, which recover_intermediate puts back.
         """
-        self._stop.set()
-        for worker in self._workers:
-            if worker is not None:
-                worker.request_thread_stop()
+        self.request_stop()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -211,6 +216,10 @@ def run(settings: Settings, burst: bool = False) -> int:
                     slots = DeliverySlots(
                         settings, settings.webhooks.concurrency - 1, rq_level, burst
                     ).start()
+                # SIGTERM stops the slots at once: they take no new delivery while this
+                # worker finishes the one in hand (before, they took new ones meanwhile, and a
+                # stop took up to two webhooks.timeout).
+                worker.on_stop_request = slots.request_stop
                 log.info(
                     "worker %s on queues %s, %d webhook deliveries at once",
                     worker.name,
