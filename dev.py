@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -25,6 +26,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / "python"
+PIP = BIN / ("pip.exe" if os.name == "nt" else "pip")
 CONSTRAINTS = ROOT / "constraints.txt"
 #: Extras that `lock` resolves: together they name every package `up` and `test` install.
 LOCK_EXTRAS = "embedded,test"
@@ -46,9 +48,8 @@ def _install(extras: str) -> None:
     """Create the venv and install the project, skipping work when nothing changed."""
     if sys.version_info < (3, 11):  # noqa: UP036 - dev.py is what tells an older Python so
         sys.exit(f"dev.py: Python 3.11+ is required, this is {sys.version.split()[0]}")
-    if not PY.exists():
-        print("dev.py: creating .venv", flush=True)
-        venv.EnvBuilder(with_pip=True).create(VENV)
+    if not PY.exists() or not PIP.exists():  # no pip: a creation that failed half-way
+        _create_venv()
     stamp_src = b"".join(
         p.read_bytes() for p in (ROOT / "setup.cfg", ROOT / "pyproject.toml", CONSTRAINTS)
     )
@@ -65,6 +66,17 @@ def _install(extras: str) -> None:
         env=install_env(),
     )
     stamp_file.write_text(stamp)
+
+
+def _create_venv() -> None:
+    print("dev.py: creating .venv", flush=True)
+    try:
+        venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
+    except subprocess.CalledProcessError:  # ensurepip, which Debian and Ubuntu ship apart
+        sys.exit(
+            "dev.py: could not install pip into .venv (ensurepip failed); on Debian or Ubuntu "
+            "run 'apt-get install python3-venv', then this command again"
+        )
 
 
 def _lock() -> int:
@@ -102,6 +114,14 @@ def _lock() -> int:
 
 
 def main(argv: list[str]) -> int:
+    try:
+        return _main(argv)
+    except subprocess.CalledProcessError as exc:  # pip said why, above
+        print(f"dev.py: {shlex.join(map(str, exc.cmd))} failed (exit {exc.returncode})")
+        return 1
+
+
+def _main(argv: list[str]) -> int:
     if not argv or argv[0] not in ("up", "test", "lock"):
         print(__doc__)
         return 2

@@ -249,8 +249,10 @@ def test_dev_py_installs_from_the_constraints_file(tmp_path, monkeypatch):
     fake_python = tmp_path / "venv" / "bin" / "python"
     fake_python.parent.mkdir(parents=True)
     fake_python.touch()
+    fake_python.with_name("pip").touch()
     monkeypatch.setattr(dev, "VENV", tmp_path / "venv")
     monkeypatch.setattr(dev, "PY", fake_python)
+    monkeypatch.setattr(dev, "PIP", fake_python.with_name("pip"))
     calls = []
     monkeypatch.setattr(dev.subprocess, "check_call", lambda cmd, **kw: calls.append(cmd))
     dev._install("test")
@@ -261,3 +263,41 @@ def test_dev_py_installs_from_the_constraints_file(tmp_path, monkeypatch):
     dev._install("embedded")  # what `dev.py up` installs
     [install] = [c for c in calls if "-e" in c]
     assert install[-1] == ".[embedded]" and "-c" in install
+
+
+def test_dev_py_remakes_a_venv_that_a_failed_first_run_left_without_pip(tmp_path, monkeypatch):
+    """ensurepip missing (Debian's python3 without python3-venv) leaves .venv/bin/python and no
+    pip; once python3-venv is installed, the next run must make the venv again, not fail on
+    'No module named pip' until someone deletes .venv by hand."""
+    dev = _dev()
+    bin_dir = tmp_path / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "python").touch()
+    monkeypatch.setattr(dev, "VENV", tmp_path / "venv")
+    monkeypatch.setattr(dev, "PY", bin_dir / "python")
+    monkeypatch.setattr(dev, "PIP", bin_dir / "pip", raising=False)  # new in this change
+    made = []
+
+    class Builder:
+        def __init__(self, **options):
+            self.options = options
+
+        def create(self, path):
+            made.append((path, self.options))
+
+    monkeypatch.setattr(dev.venv, "EnvBuilder", Builder)
+    monkeypatch.setattr(dev.subprocess, "check_call", lambda cmd, **kw: None)
+    dev._install("embedded")
+    assert made == [(tmp_path / "venv", {"with_pip": True, "clear": True})]
+
+
+def test_dev_py_says_in_one_line_which_install_step_failed(monkeypatch, capsys):
+    dev = _dev()
+
+    def failing_install(extras):
+        raise dev.subprocess.CalledProcessError(1, ["/x/.venv/bin/python", "-m", "pip", "install"])
+
+    monkeypatch.setattr(dev, "_install", failing_install)
+    assert dev.main(["test"]) == 1  # not a traceback: pip's own messages are above it
+    out = capsys.readouterr().out
+    assert out == "dev.py: /x/.venv/bin/python -m pip install failed (exit 1)\n"
