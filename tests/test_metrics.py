@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client.parser import text_string_to_metric_families
 
 from app import create_app
+from app.engine import Engine
 from tests.api_support import allocate, app, client, clock, make_app  # noqa: F401 (fixtures)
 from tests.conftest import free_port
 
@@ -165,3 +166,60 @@ def test_metrics_can_be_switched_off(make_app):
     assert resp.status_code == 404
     assert resp.get_json()["error"]["code"] == "not_found"
     assert "metrics_enabled" in resp.get_json()["error"]["message"]
+
+
+def reads(redis) -> dict[str, int]:
+    """Commands Redis ran since CONFIG RESETSTAT, by name, less a connection's setup and the
+    test's own INFO and CONFIG."""
+    skip = ("client|", "hello", "info", "config|", "ping", "select")
+    return {
+        name.removeprefix("cmdstat_"): s["calls"]
+        for name, s in redis.info("commandstats").items()
+        if not name.removeprefix("cmdstat_").startswith(skip)
+    }
+
+
+def test_a_burst_of_scrapes_reads_redis_once_and_a_scrape_after_a_second_reads_it_again(
+    make_app, clock, redis
+):
+    """/metrics is public by default: however many scrapes arrive within REDIS_MAX_AGE (1 s),
+    this process reads Redis once (Redis's own command counts show it); one scrape later, the
+    figures are read again and show what another replica changed meanwhile."""
+    import threading
+
+    nodes = (("node-a", 4), ("node-b", 4))
+    client = make_app(nodes=nodes).test_client()
+    allocate(client, "first")
+    redis.config_resetstat()
+    m = scrape(client)
+    assert value(m, "gpu_orchestrator_allocations_active") == 1
+    one = reads(redis)
+    # one collection reads each GPU's and node's hash and the stats hash once
+    assert one["hgetall"] == 8 + 2 + 1 and one["fcall_ro"] == 2
+
+    def burst():
+        c = client.application.test_client()
+        for _ in range(5):
+            assert c.get("/metrics").status_code == 200
+
+    redis.config_resetstat()
+    threads = [threading.Thread(target=burst) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    clock.advance(0.9)
+    assert value(scrape(client), "gpu_orchestrator_allocations_active") == 1
+    assert reads(redis) == {}  # 41 scrapes, not one read
+
+    # another replica grants a request: not seen before the second is up, seen after
+    other = Engine(redis, client.application.extensions["gpu_settings"], clock=clock)
+    assert other.allocate({"service_name": "second"})["status"] == "allocated"
+    assert value(scrape(client), "gpu_orchestrator_allocations_active") == 1
+    clock.advance(0.1)
+    redis.config_resetstat()
+    m = scrape(client)
+    assert value(m, "gpu_orchestrator_allocations_active") == 2
+    assert value(m, "gpu_orchestrator_allocations_total", service="second", status="allocated") == 1
+    again = reads(redis)
+    assert (again["hgetall"], again["fcall_ro"]) == (one["hgetall"], one["fcall_ro"])
