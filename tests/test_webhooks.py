@@ -165,3 +165,39 @@ def test_ssrf_policy(settings, monkeypatch):
     ):
         with pytest.raises(Refused):
             check(url, allow, resolve=public)
+
+
+def test_an_event_whose_request_is_gone_counts_as_a_failed_webhook(settings, redis, caplog):
+    """An ended request's record lives for scheduler.history_ttl (1 h at least), and a webhook's
+    tries can outlast it (the default retry_intervals span 59 min, more with deferrals or a
+    worker outage). Before, such a delivery ended as a success: nothing was sent, the job was
+    'finished', webhook|failed did not move and the only trace was an INFO line. Now it is
+    given up as a failure: counted, and a warning naming history_ttl."""
+    import logging
+
+    from app.engine import Engine
+    from app.keys import Keys
+    from app.redis_client import connect
+    from workers import context
+
+    engine = Engine(redis, settings)
+    engine.report_node(
+        "n", [{"index": 0, "uuid": "G-0", "name": "x", "memory_total_mb": 1000}], host="h"
+    )
+    rec = engine.allocate(
+        {"service_name": "gone", "required_gpus": 1, "webhook_url": "http://127.0.0.1:9/hook"}
+    )
+    redis.delete(Keys(settings.redis.prefix).request(rec["id"]))  # history_ttl has passed
+    rq_redis = connect(settings.redis.url, settings, decode=False)
+    context.configure(settings, redis, rq_redis)
+    try:
+        entry = {"event_id": "ev-gone", "event": "expired", "request_id": rec["id"]}
+        with caplog.at_level(logging.INFO, logger="gpu_orchestrator.webhooks"):
+            assert webhooks.deliver(entry)["delivered"] is False
+    finally:
+        rq_redis.close()
+        context.configure(None, None, None)
+    stats = redis.hgetall(Keys(settings.redis.prefix).stats())
+    assert stats.get(webhooks.STAT_FAILED) == "1"
+    [line] = [r for r in caplog.records if rec["id"] in r.getMessage()]
+    assert line.levelno == logging.WARNING and "history_ttl" in line.getMessage()

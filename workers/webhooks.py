@@ -21,7 +21,8 @@ without userinfo, query or fragment (:func:`app.webhook_policy.redact`).
 
 Counters (HINCRBY on ``Keys.stats()``, exported by the API as
 ``gpu_orchestrator_webhooks_total{result}``): ``webhook|delivered``, ``webhook|retried`` (a try
-failed and another one is scheduled) and ``webhook|failed`` (given up: last try, 410 or refused).
+failed and another one is scheduled) and ``webhook|failed`` (given up: last try, 410 or refused;
+or the request's record expired, scheduler.history_ttl after it ended, before the try).
 
 Signature: with ``webhooks.secret`` set, each try carries
 ``X-GPU-Orchestrator-Timestamp: <unix seconds>`` and
@@ -292,14 +293,22 @@ def deliver(entry: dict[str, Any]) -> dict[str, Any]:
     job = get_current_job()
     token = logs.request_id_var.set(str(entry.get("request_id") or "-"))
     try:
+        stats = Keys(settings.redis.prefix).stats()
         record = _load_record(entry["request_id"])
-        url = (record or {}).get("webhook_url") or entry.get("webhook_url")
-        if not record or not url:
-            log.info(
-                "no webhook to deliver for %s (%s)",
+        if not record:
+            # Its record expired (scheduler.history_ttl after it ended) before this try: there
+            # is nothing left to build the payload from. A lost event, so counted as one.
+            redis.hincrby(stats, STAT_FAILED, 1)
+            log.warning(
+                "webhook %s for %s given up: the request is gone (it ended longer than "
+                "scheduler.history_ttl ago)",
+                entry.get("event_id"),
                 entry.get("request_id"),
-                "unknown request" if not record else "no webhook_url",
             )
+            return {"delivered": False, "reason": "unknown request"}
+        url = record.get("webhook_url") or entry.get("webhook_url")
+        if not url:
+            log.info("no webhook to deliver for %s (no webhook_url)", entry.get("request_id"))
             return {"delivered": False, "reason": "no webhook_url"}
         payload = build_payload(
             record,
@@ -308,7 +317,6 @@ def deliver(entry: dict[str, Any]) -> dict[str, Any]:
             entry.get("pinned"),
             entry,
         )
-        stats = Keys(settings.redis.prefix).stats()
         receiver, limit = _receiver(url), receiver_limit(settings)
         if receiver is not None and not limit.acquire(receiver, DEFER_WAIT):
             if job is not None:
