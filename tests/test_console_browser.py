@@ -122,7 +122,8 @@ def test_sign_in_see_the_fleet_and_a_new_allocation_without_reload(browser, live
     assert browser.current_url.startswith(live.url + "/login")
     browser.find_element(By.ID, "api_key").send_keys("not-a-key")
     browser.find_element(By.ID, "sign-in").click()
-    assert "not valid" in browser.find_element(By.ID, "login-error").text
+    # the click posts the form; the answer is a new page, which may not have loaded yet
+    wait_for(lambda: "not valid" in text_of(browser, "#login-error"), "the sign-in error")
     shot(browser, tmp_path, "console-login.png")
     browser.find_element(By.ID, "api_key").send_keys(ADMIN_KEY)
     browser.find_element(By.ID, "sign-in").click()
