@@ -32,7 +32,8 @@ the message, the details and ``retry_after`` from the response)::
     │   ├── TooManyRequests     429 (any code)
     │   │   └── QueueFull       429 queue_full, owner_queue_full, tenant_queue_full
     │   ├── ServerError         5xx
-    │   │   └── Unavailable     503 unavailable (Redis down), engine_upgrading (rolling upgrade)
+    │   │   └── Unavailable     503 unavailable (Redis down), engine_upgrading (rolling upgrade),
+    │   │                       not_replicated (redis.min_replicas_ack not met)
     ├── ConnectionFailed        the API could not be reached (after the retries)
     ├── WaitTimeout             ``wait`` ran out; ``.allocation`` is the request, still queued
     └── NotGranted              the request ended without GPUs (cancelled, timed out)
@@ -191,6 +192,7 @@ _BY_CODE: dict[str, type[ApiError]] = {
     "too_many_requests": TooManyRequests,
     "unavailable": Unavailable,
     "engine_upgrading": Unavailable,
+    "not_replicated": Unavailable,
 }
 _BY_STATUS: dict[int, type[ApiError]] = {
     401: Unauthorized,
