@@ -10,7 +10,8 @@ queue with what placement needs, the reservations), so it costs the engine's hot
 * ``dependency``  a ``depends_on`` request is still queued or live;
 * ``quota``       what its tenant holds now plus its own GPUs exceed the tenant's ``max_gpus``;
 * ``capacity``    no GPUs free now fit it, reservations aside;
-* ``reservation`` GPUs that fit it are free but held back for a request ahead of it;
+* ``reservation`` GPUs that fit it are free but held back for a request ahead of it (or, a
+                  preemption's hold, for the request it was made for, whatever its rank);
 * ``priority``    it fits, but another request goes first (strict_fifo's head, or the pass
                   that will grant it has not run yet).
 
@@ -520,14 +521,17 @@ def explain(
     reasons: dict[str, str] = {}
     now = sim.now
 
-    # the reasons, against the fleet as it is now and the reservations of those ahead
-    blocked_now: dict = {}
+    # the reasons, against the fleet as it is now and the reservations of those ahead; a node
+    # a preemption holds is held back from every other request, whatever its rank
+    blocked_now: dict = {node: (INF, 0) for node in sim.held_for}
     seen: set[str] = set()
     for rank, r in enumerate(head, 1):
         reasons[r.id] = _reason(sim, r, now, blocked_now)
         if reasons[r.id] != "priority":
             eligible = reasons[r.id] in ("capacity", "reservation")
             _maybe_reserve(sim, r, now, blocked_now, seen, rank, eligible)
+            if sim.held_for.get(r.reserved) == r.id:
+                blocked_now[r.reserved] = (INF, 0)  # held, not merely reserved
     for rid, rec in targets.items():
         if rid not in reasons and rid not in damaged:
             try:
@@ -565,6 +569,8 @@ def _reason(sim: _Sim, r: _Req, now: float, blocked: dict) -> str:
         return "quota"
     if sim.place(r, now, {}) is None:
         return "capacity"
+    if sim.held_for.get(r.reserved) == r.id:  # its own hold is not held back from it
+        blocked = {n: b for n, b in blocked.items() if n != r.reserved}
     if sim.place(r, now, blocked) is None:
         return "reservation"
     return "priority"

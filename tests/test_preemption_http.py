@@ -185,3 +185,32 @@ def test_preemptions_are_counted_per_tenant_on_metrics(app):  # noqa: F811
     text = client.get("/metrics").get_data(as_text=True)
     lines = [x for x in text.splitlines() if x.startswith("gpu_orchestrator_preemptions_total")]
     assert lines == ['gpu_orchestrator_preemptions_total{tenant="trainer"} 2.0']
+
+
+GUARANTEES = {"team-a": {"guaranteed_gpus": 2}, "team-b": {"guaranteed_gpus": 1}}
+
+
+def test_a_request_ranked_ahead_of_a_hold_reads_reason_reservation(make_app, clock):  # noqa: F811
+    """team-a's request preempts two of team-b's four GPUs; one victim releases: its GPU is
+    free but held for team-a's request, so team-c's priority-10 request, ranked ahead of it,
+    waits with reason reservation (not priority: no pass will grant it there), and its eta is
+    after team-a's lease."""
+    fleet = (("n1", 4),)
+    client = make_app(
+        nodes=fleet,
+        tenants={"key": "service_name", "quotas": GUARANTEES},
+        preemption={"enabled": True, "grace_period": "30s"},
+    ).test_client()
+    held = [allocate(client, "team-b", ttl_seconds=3600).get_json()["id"] for _ in range(4)]
+    a = allocate(client, "team-a", required_gpus=2, ttl_seconds=600).get_json()
+    victims = [
+        v for v in held if client.get(f"/gpu/allocations/{v}").get_json()["status"] == "preempting"
+    ]
+    assert len(victims) == 2
+    clock.advance(5)
+    register_fleet(client.application, fleet)
+    assert client.post("/gpu/release", json={"allocation_id": victims[0]}).status_code == 200
+    c = allocate(client, "team-c", priority=10, ttl_seconds=100).get_json()
+    assert (c["status"], c["position"], c["reason"]) == ("queued", 1, "reservation")
+    assert c["eta"] == iso(clock() - 5 + 30 + 600)
+    assert client.get(f"/gpu/requests/{a['id']}").get_json()["reason"] == "capacity"
