@@ -334,6 +334,10 @@ class Client:
         if not self.url.startswith(("http://", "https://")):
             raise ValueError(f"url must start with http:// or https://, got {self.url!r}")
         self.api_key = api_key if api_key is not None else (os.environ.get(API_KEY_ENV) or None)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"timeout: seconds > 0, got {timeout!r}")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries: an integer >= 0, got {retries!r}")
         self.timeout = timeout
         self.retries = retries
         self._local = threading.local()

@@ -232,6 +232,21 @@ def test_the_key_travels_as_a_bearer_token_and_never_in_repr(stub):
     assert "sekrit" not in repr(c)
 
 
+@pytest.mark.parametrize(
+    "options, field",
+    [
+        ({"retries": -1}, "retries"),
+        ({"timeout": 0}, "timeout"),
+        ({"timeout": float("nan")}, "timeout"),
+    ],
+)
+def test_bad_client_options_are_refused_where_they_enter(options, field):
+    """retries=-1 made every call fail with AssertionError('unreachable'); a zero or NaN
+    timeout failed only at the first call, inside requests."""
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        api.Client("http://127.0.0.1:9", **options)
+
+
 def test_unreachable_api_is_connection_failed():
     with pytest.raises(api.ConnectionFailed) as exc:
         api.Client("http://127.0.0.1:9", retries=1).status()
