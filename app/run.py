@@ -8,7 +8,8 @@ when COMMAND exits, whatever happens.
 
 Exit codes: COMMAND's own (128+N when a signal N ended it); 2 for a usage error or a request
 the API refuses as invalid (400/404/422: one line on stderr); 75 when ``--wait`` ran out (the
-request is cancelled) or the queue is full / the API is down (429/503); 69 when the API cannot
+request is cancelled), the request ended without GPUs (timed out in the queue, cancelled by
+someone) or the queue is full / the API is down (429/503); 69 when the API cannot
 be reached; 77 when the API key is refused (401/403); 128+N after signal N (SIGINT, SIGTERM,
 SIGHUP, SIGQUIT: 130, 143, 129, 131) while queued (the request is cancelled); 126/127 when
 COMMAND cannot be run.
