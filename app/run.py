@@ -18,8 +18,10 @@ Signals while COMMAND runs: SIGINT, SIGTERM, SIGHUP and SIGQUIT are forwarded to
 and ``run`` releases after COMMAND exits (one arriving during that release is dropped: the exit
 code stays COMMAND's). A Ctrl-C typed at the terminal already reaches COMMAND (it shares the
 terminal's process group), so that one is not sent a second time: the main thread takes
-signals with ``sigtimedwait`` and looks at who sent them (``si_code``). A signal that was
-ignored when ``run`` started (``nohup`` ignores SIGHUP) stays ignored by run and by COMMAND.
+signals with ``sigtimedwait`` and looks at who sent them (``si_code``). A SIGHUP ignored when
+``run`` started (``nohup``) stays ignored by run and by COMMAND. SIGINT and SIGQUIT are handled
+even when ignored at start (a non-interactive shell ignores them for a job started with ``&``),
+so ``kill -INT`` still cancels or reaches COMMAND, as it always did.
 
 Concurrency: the lease threads (:class:`app.client.LeaseKeeper`) call back from their own
 threads when the allocation turns ``preempting`` (SIGTERM to COMMAND at once, so it can
@@ -261,9 +263,10 @@ class Run:
         self.request_id: str | None = None
         self.child: subprocess.Popen | None = None
         self._last_line = ""
-        #: FORWARD less the signals ignored when run started (``nohup`` ignores SIGHUP): those
-        #: stay ignored, by run and by COMMAND (which inherits SIG_IGN), as without run
-        self.signals = tuple(s for s in FORWARD if signal.getsignal(s) != signal.SIG_IGN)
+        #: FORWARD less a SIGHUP ignored when run started (``nohup``): it stays ignored, by run
+        #: and by COMMAND (which inherits SIG_IGN), as without run
+        nohup = signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        self.signals = tuple(s for s in FORWARD if not (nohup and s == signal.SIGHUP))
 
     def _allocate(self) -> api.Allocation:
         a = self.args
