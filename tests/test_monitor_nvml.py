@@ -86,3 +86,15 @@ def test_fake_raises_the_real_error_classes():
     fake = fake_pynvml.make([fake_pynvml.h100(0, lost=True)])
     with pytest.raises(pynvml.NVMLError_GpuIsLost):
         fake.nvmlDeviceGetUUID(fake.nvmlDeviceGetHandleByIndex(0))
+
+
+def test_the_reading_command_without_a_driver_is_one_line_exit_2(monkeypatch, capsys):
+    """``python -m workers.nvml`` (docs/workers.md) on a machine without a driver."""
+    import sys
+
+    from workers import nvml
+
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml.make([], driver=False))
+    assert nvml.main() == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "NVML is not available" in err

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from typing import Any
 
@@ -243,7 +244,11 @@ def main() -> int:
     """Print one reading as JSON (for comparing with ``nvidia-smi`` on a real GPU node)."""
     import socket
 
-    backend = NvmlBackend(socket.gethostname())
+    try:
+        backend = NvmlBackend(socket.gethostname())
+    except NvmlUnavailable as exc:  # not a GPU node, or no driver: one line, as monitor says it
+        print(f"python -m workers.nvml: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps({"driver_version": backend.driver_version, **backend.read()}, indent=2))
     backend.close()
     return 0
