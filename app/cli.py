@@ -315,6 +315,13 @@ def cmd_redis(args, settings) -> int:
     url, embedded = resolve_redis(settings)
     if embedded is None:
         raise CliError(f"REDIS_URL is set ({settings_mod.redact_url(url)}); nothing to start")
+    if not embedded.owned:  # another process (up, a role started by hand) runs it
+        print(
+            f"embedded Redis already running at {url}, data in {embedded.data_dir}, started by "
+            f"another process; nothing to do",
+            flush=True,
+        )
+        return 0
     print(f"embedded Redis at {url}, data in {embedded.data_dir}; Ctrl-C stops it", flush=True)
     stop = StopSignal().install()
     try:

@@ -157,6 +157,28 @@ def test_a_config_file_that_is_not_utf8_is_one_line_exit_2(tmp_path):
         assert f"{path}: line 2: expected UTF-8 text" in out.stderr
 
 
+def test_redis_says_so_when_the_server_on_its_data_dir_is_another_process(tmp_path):
+    """It used to print '...; Ctrl-C stops it' and exit at once: Ctrl-C stopped nothing."""
+    from app.embedded_redis import EmbeddedRedis
+
+    port = free_port()
+    owner = EmbeddedRedis(str(tmp_path / "data"), port=port)
+    owner.start()
+    try:
+        out = run_cli(
+            "redis",
+            env={
+                "GPU_ORCH__REDIS__DATA_DIR": str(tmp_path / "data"),
+                "GPU_ORCH__REDIS__EMBEDDED_PORT": str(port),
+            },
+        )
+        assert out.returncode == 0, out.stderr
+        assert "already running" in out.stdout and "Ctrl-C" not in out.stdout
+        assert owner.proc.poll() is None  # still the owner's, still up
+    finally:
+        owner.stop()
+
+
 def test_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["no-such-command"])
