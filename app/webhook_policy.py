@@ -20,12 +20,15 @@ to one of exactly those addresses (see :mod:`workers.webhook_client`), so a DNS 
 changes between the check and the connection (DNS rebinding) cannot redirect it. If any address
 of a host is refused, the whole URL is: a round-robin name cannot smuggle in a private one.
 
-:func:`redact` is how a webhook URL appears in logs and error messages: no userinfo, no query
-string, no fragment.
+:func:`redact` is how a webhook URL appears in logs and error messages: scheme, host and port,
+and the path only as a fingerprint. Many receivers (Slack, Discord, chat bridges) take the
+credential in the path, so the path is as secret as a query token; the fingerprint still tells
+one receiver's URLs apart from another's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import socket
 import threading
@@ -121,7 +124,8 @@ def _valid_name(host: str) -> bool:
 
 
 def redact(url: str) -> str:
-    """The URL as logs and messages show it: scheme, host, port and path only."""
+    """The URL as logs and messages show it: scheme, host and port; a path other than ``/``
+    as the first 8 hex digits of its SHA-256 (``https://hooks.example.com/…#1a2b3c4d``)."""
     try:
         parts = urlsplit(url)
         host = parts.hostname or ""
@@ -130,7 +134,11 @@ def redact(url: str) -> str:
         port = f":{parts.port}" if parts.port else ""
     except ValueError:
         return "<unparseable URL>"
-    return f"{parts.scheme}://{host}{port}{parts.path}"
+    path = parts.path
+    if path not in ("", "/"):
+        digest = hashlib.sha256(path.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        path = f"/…#{digest}"
+    return f"{parts.scheme}://{host}{port}{path}"
 
 
 @dataclass(frozen=True)

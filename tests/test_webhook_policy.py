@@ -136,12 +136,16 @@ def test_userinfo_is_refused(url, no_connections):
     assert "pw" not in str(info.value) and "tok" not in str(info.value)
 
 
-def test_redact_keeps_no_userinfo_query_or_fragment():
-    assert (
-        redact("https://u:secret@hooks.example.com:8443/p/a?token=abc#frag")
-        == "https://hooks.example.com:8443/p/a"
-    )
-    assert redact("http://[::1]:9/x?y=1") == "http://[::1]:9/x"
+def test_redact_keeps_no_userinfo_query_fragment_or_path():
+    shown = redact("https://u:secret@hooks.example.com:8443/services/T1/B2/s3cr3t?token=abc#frag")
+    assert shown.startswith("https://hooks.example.com:8443/…#")
+    for secret in ("u:", "secret", "s3cr3t", "T1", "token", "abc", "frag"):
+        assert secret not in shown
+    # the fingerprint tells two receivers' URLs apart, and is the same for one URL each time
+    assert redact("https://hooks.example.com/services/T1/B2/other") != shown
+    assert redact("https://hooks.example.com:8443/services/T1/B2/s3cr3t") == shown
+    assert redact("http://[::1]:9/x?y=1").startswith("http://[::1]:9/…#")
+    assert redact("http://[::1]:9/?y=1") == "http://[::1]:9/"
     assert parse_entry("[::1]:9000").port == 9000
 
 

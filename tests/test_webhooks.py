@@ -201,3 +201,38 @@ def test_an_event_whose_request_is_gone_counts_as_a_failed_webhook(settings, red
     assert stats.get(webhooks.STAT_FAILED) == "1"
     [line] = [r for r in caplog.records if rec["id"] in r.getMessage()]
     assert line.levelno == logging.WARNING and "history_ttl" in line.getMessage()
+
+
+def test_logs_show_a_receivers_host_but_not_the_path_that_holds_its_credential(
+    settings, redis, caplog
+):
+    """Chat receivers (Slack, Discord) take their credential in the URL's path, and the API
+    hides a webhook_url from other clients; the delivery's log lines must not print it."""
+    import logging
+
+    from app.engine import Engine
+    from app.redis_client import connect
+    from workers import context
+
+    engine = Engine(redis, settings)
+    engine.report_node(
+        "n", [{"index": 0, "uuid": "G-0", "name": "x", "memory_total_mb": 1000}], host="h"
+    )
+    rq_redis = connect(settings.redis.url, settings, decode=False)
+    context.configure(settings, redis, rq_redis)
+    try:
+        with Receiver() as rx:
+            where = rx.url.split("/")[2]  # host:port
+            url = f"http://{where}/services/T1/B2/s3cr3tpath"
+            rec = engine.allocate({"service_name": "chat", "required_gpus": 1, "webhook_url": url})
+            entry = {"event_id": "ev-chat", "event": "allocated", "request_id": rec["id"]}
+            with caplog.at_level(logging.DEBUG):
+                assert webhooks.deliver(entry)["delivered"] is True
+            [req] = rx.wait_for(1)
+    finally:
+        rq_redis.close()
+        context.configure(None, None, None)
+    assert req["path"] == "/services/T1/B2/s3cr3tpath"  # delivered to the whole URL
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(f"http://{where}/…#" in line for line in lines), lines
+    assert not [line for line in lines if "s3cr3tpath" in line or "T1/B2" in line]

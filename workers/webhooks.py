@@ -17,7 +17,7 @@ headers (:mod:`workers.webhook_client`), and goes only to an address the policy 
 most ``webhooks.max_per_receiver`` tries run at once per receiver in a process
 (:mod:`workers.receiver_limit`); a delivery over that cap is deferred (rescheduled
 ``DEFER_SECONDS`` later by :func:`workers.rq_overrides.defer`) without spending a try. Logs show a URL
-without userinfo, query or fragment (:func:`app.webhook_policy.redact`).
+as scheme, host and port with a fingerprint of its path (:func:`app.webhook_policy.redact`).
 
 Counters (HINCRBY on ``Keys.stats()``, exported by the API as
 ``gpu_orchestrator_webhooks_total{result}``): ``webhook|delivered``, ``webhook|retried`` (a try
