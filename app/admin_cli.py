@@ -132,6 +132,12 @@ def _call(method: str, path: str, body: dict | None = None, timeout: float = TIM
             f"{method} {path}: {resp.status_code} {msg or resp.reason}",
             2 if resp.status_code < 500 else 1,
         )
+    if not isinstance(data, dict):  # a wrong URL, a proxy's or a captive portal's page
+        raise AdminError(
+            f"{base} answered {method} {path} with HTTP {resp.status_code} but not the API's "
+            f"JSON; set GPU_ORCH_URL to the gpu-orchestrator API",
+            1,
+        )
     return data
 
 

@@ -34,7 +34,8 @@ the message, the details and ``retry_after`` from the response)::
     │   ├── ServerError         5xx
     │   │   └── Unavailable     503 unavailable (Redis down), engine_upgrading (rolling upgrade),
     │   │                       not_replicated (redis.min_replicas_ack not met)
-    ├── ConnectionFailed        the API could not be reached (after the retries)
+    ├── ConnectionFailed        the API could not be reached (after the retries), or what
+    │                           answered at the URL is not the API
     ├── WaitTimeout             ``wait`` ran out; ``.allocation`` is the request, still queued
     └── NotGranted              the request ended without GPUs (cancelled, timed out)
 """
@@ -154,7 +155,8 @@ class Unavailable(ServerError):
 
 
 class ConnectionFailed(ClientError):
-    """The API could not be reached (refused, reset, timed out) after the retries."""
+    """The API could not be reached (refused, reset, timed out) after the retries, or what
+    answered at the URL is not the API (a success that is not a JSON object)."""
 
 
 class WaitTimeout(ClientError):
@@ -386,7 +388,7 @@ class Client:
                 time.sleep(_backoff(attempt))
                 continue
             if resp.status_code < 400:
-                return resp.json() if resp.content else {}
+                return self._answer(resp)
             if attempt and resp.status_code in done_on_retry:
                 return None
             err = _error(resp)
@@ -395,6 +397,23 @@ class Client:
                 continue
             raise err
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _answer(self, resp: requests.Response) -> dict:
+        """A success's JSON object; ConnectionFailed when what answered is not the API (a
+        wrong URL, a proxy's or a captive portal's page)."""
+        if not resp.content:
+            return {}
+        try:
+            data = resp.json()
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            kind = resp.headers.get("Content-Type") or "no Content-Type"
+            raise ConnectionFailed(
+                f"{self.url} answered HTTP {resp.status_code} with {kind}, not the API's JSON; "
+                f"is it the gpu-orchestrator API?"
+            )
+        return data
 
     # ------------------------------------------------------------------ calls
     def allocate(

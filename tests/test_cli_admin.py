@@ -118,3 +118,33 @@ def test_the_key_reaches_an_api_that_reads_another_header(settings, redis_url, m
         monkeypatch.setenv("GPU_ORCH_API_KEY", ADMIN)
         code, out, err = admin(capsys, "cordon", "node-a")
     assert (code, out.strip(), err) == (0, "node-a: cordoned", "")
+
+
+def test_a_url_that_is_not_the_api_is_one_line_exit_1(monkeypatch, capsys):
+    """A 200 page that is not the API's JSON (a wrong GPU_ORCH_URL) made 'admin nodes' die
+    with a TypeError traceback."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"<html>some other service</html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("GPU_ORCH_URL", f"http://127.0.0.1:{server.server_address[1]}")
+        code, out, err = admin(capsys, "nodes")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (code, out) == (1, "")
+    assert err.count("\n") == 1 and "not the API's JSON" in err and "GPU_ORCH_URL" in err

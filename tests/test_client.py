@@ -56,9 +56,10 @@ class Stub:
                     self.close_connection = True
                     self.connection.shutdown(2)
                     return
-                data = json.dumps(out).encode()
+                raw_page = isinstance(out, bytes)  # a page, not the API's JSON
+                data = out if raw_page else json.dumps(out).encode()
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", "text/html" if raw_page else "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 for k, v in headers.items():
                     self.send_header(k, v)
@@ -245,6 +246,18 @@ def test_bad_client_options_are_refused_where_they_enter(options, field):
     timeout failed only at the first call, inside requests."""
     with pytest.raises(ValueError, match=f"^{field}: "):
         api.Client("http://127.0.0.1:9", **options)
+
+
+@pytest.mark.parametrize("page", [b"<html>sign in to the guest wifi</html>", b'"just a string"'])
+def test_a_url_that_is_not_the_api_is_connection_failed_and_run_exits_69(stub, page):
+    """A wrong GPU_ORCH_URL (another service, a proxy's or captive portal's page answering
+    200) raised requests' JSONDecodeError, and run died with a traceback."""
+    stub.routes[("POST", "/gpu/allocate")] = lambda s, b, q: (200, page, {})
+    with pytest.raises(api.ConnectionFailed, match="not the API's JSON"):
+        api.Client(stub.url).allocate("svc")
+    proc = run(stub, "--", "true")
+    assert proc.returncode == 69 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "not the API's JSON" in proc.stderr
 
 
 def test_unreachable_api_is_connection_failed():
