@@ -243,6 +243,8 @@ def redact_url(url: str) -> str:
     if parts.password is None and not parts.username:
         return url
     host = parts.hostname or ""
+    if ":" in host:  # an IPv6 address keeps its brackets
+        host = f"[{host}]"
     if parts.port:
         host = f"{host}:{parts.port}"
     user = parts.username if parts.password is not None else ""

@@ -102,6 +102,8 @@ webhooks: {secret: "s3cr3t-hmac"}
             "rediss://cache:6380/0?ssl_password=pw-in-query",
             "rediss://cache:6380/0?ssl_password=***",
         ),
+        # an IPv6 host keeps its brackets, or the URL shown is not the one in effect
+        ("redis://:pw-in-query@[::1]:6390/0", "redis://***@[::1]:6390/0"),
     ],
 )
 def test_config_show_hides_a_password_in_the_url_query(url, shown):
