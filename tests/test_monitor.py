@@ -237,3 +237,42 @@ def test_real_nvml_without_a_driver_exits_2_before_touching_redis(tmp_path):
     assert out.returncode == 2
     assert "needs an NVIDIA driver" in out.stderr
     assert not (tmp_path / "redis").exists()  # no embedded Redis was started for nothing
+
+
+def test_redis_trouble_while_reporting_is_a_warning_line_each_try_not_a_traceback(
+    settings, redis, monkeypatch, caplog
+):
+    """While Redis is down or failing over, every node's monitor logs one line per refresh
+    (as the scheduler does), not a stack trace; another error still shows its trace."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from app.shutdown import StopSignal
+
+    errors = [
+        RedisConnectionError("Error 111 connecting to 127.0.0.1:6390. Connection refused."),
+        RedisConnectionError("Error 111 connecting to 127.0.0.1:6390. Connection refused."),
+        RuntimeError("a bug"),
+    ]
+
+    def refresh(self):
+        raise errors.pop(0)
+
+    class ThreeTries(StopSignal):
+        def install(self):  # no signal handlers in the test process
+            return self
+
+        def sleep(self, seconds):
+            return not errors
+
+    monkeypatch.setattr(monitor.Monitor, "refresh", refresh)
+    monkeypatch.setattr(monitor, "StopSignal", ThreeTries)
+    s = settings.replace(monitoring={"backend": "simulated", "simulated": FLEET})
+    with caplog.at_level(logging.INFO, logger="gpu_orchestrator.monitor"):
+        assert monitor.run(s) == 0
+    tries = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [(r.levelno, r.exc_info is not None) for r in tries] == [
+        (logging.WARNING, False),
+        (logging.WARNING, False),
+        (logging.ERROR, True),
+    ]
+    assert "Connection refused" in tries[0].getMessage()

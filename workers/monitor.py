@@ -20,6 +20,8 @@ import sys
 import time
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from app import outbox
 from app.redis_client import connect
 from app.settings import Settings
@@ -145,7 +147,11 @@ def run(settings: Settings, once: bool = False, backend: Any = None) -> int:
                         interval,
                     )
                     first = False
-            except Exception as exc:  # keep reporting through transient Redis/NVML trouble
+            except RedisError as exc:  # an outage or a failover: one line a try, as the scheduler
+                if once:
+                    raise
+                log.warning("monitor: Redis error (%s); retrying", exc)
+            except Exception as exc:  # keep reporting through NVML trouble; a bug shows its trace
                 if once:
                     raise
                 log.exception("monitor refresh failed: %s", exc)
