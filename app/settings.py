@@ -143,11 +143,11 @@ def Bool(default, doc=""):
     return Opt(default, convert, "true or false", doc=doc)
 
 
-def Str(default, doc="", secret=False, pattern=None, expected="a string"):
+def Str(default, doc="", secret=False, pattern=None, expected="a string", empty=True):
     def convert(v):
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             v = str(v)
-        if not isinstance(v, str):
+        if not isinstance(v, str) or (not empty and not v.strip()):
             raise ValueError(v)
         if pattern and v and not re.fullmatch(pattern, v):
             raise ValueError(v)
@@ -749,6 +749,8 @@ SPEC: dict[str, dict[str, Any]] = {
         "host": Str(
             "127.0.0.1",
             doc="address the API binds to; 0.0.0.0 for every interface (the Docker image sets it)",
+            expected="a host name or address",
+            empty=False,
         ),
         "port": Int(8086, 1, 65535, allow_str=True, doc="API port (env PORT)"),
         "read_timeout": Duration("15s", 1, doc="graceful shutdown window for in-flight requests"),

@@ -83,6 +83,7 @@ def test_missing_default_file_is_fine_but_named_file_is_an_error(tmp_path, monke
         ("nonsense: {}", "nonsense", "a known key"),
         ("server: {port: abc}", "server.port", "an integer in 1..65535"),
         ("server: {port: 70000}", "server.port", "an integer in 1..65535"),
+        ("server: {host: ''}", "server.host", "a host name or address"),
         ("scheduler: {max_queue_size: -1}", "scheduler.max_queue_size", "an integer in 1"),
         ("scheduler: {cleanup_interval: soon}", "scheduler.cleanup_interval", "a duration"),
         ("scheduler: {policy: random}", "scheduler.policy", "one of best_effort, strict_fifo"),
