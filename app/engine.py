@@ -92,13 +92,14 @@ SCRIPTS = (
     "snapshot",
     "counts",
     "tenant_list",
+    "own_tenants",
     "watch",
 )
 #: Each request field's default (app/request_rules.py), for the fields a request leaves out.
 _DEFAULT = {name: rule.default for name, rule in FIELDS.items()}
 #: Functions flagged ``no-writes`` and called with FCALL_RO (a replica may serve them); they
 #: wait for no replica acknowledgement (redis.min_replicas_ack).
-READ_ONLY = ("snapshot", "counts", "tenant_list")
+READ_ONLY = ("snapshot", "counts", "tenant_list", "own_tenants")
 #: Writes that wait for no replica acknowledgement: a long-poll's mark (lost in a failover, the
 #: held call still answers when the listener resubscribes, app/longpoll.py).
 UNACKED = ("watch",)
@@ -186,6 +187,7 @@ _BUILDERS = (
     ("k_idem(k)", "idempotency", 1),
     ("k_free(n)", "node_free_gpus", 1),
     ("k_tqueue(t)", "queue_tenant", 1),
+    ("k_qotenants(o)", "queue_owner_tenants", 1),
     ("k_holds()", "preempt_holds", 0),
     ("k_tusage()", "tenant_usage", 0),
 )
@@ -1381,6 +1383,13 @@ class Engine:
         if nodes:
             out.update(nodes_total=int(n_total), nodes_alive=int(n_alive))
         return out
+
+    def own_tenants(self, owner: str) -> set[str]:
+        """The tenants ``owner``'s live and queued requests count against (records from before
+        tenants, with none, are left out), read from the live allocations and the owner's own
+        index of its queued requests (keys.queue_owner_tenants): the queue's length does not
+        matter."""
+        return set(self._run("own_tenants", owner)) if owner else set()
 
     def tenants(self, include: tuple[str, ...] = ()) -> list[dict]:
         """Every tenant the engine knows of (the configured ones, and every tenant holding

@@ -142,6 +142,13 @@ class Keys:
         has queued; for ``scheduler.max_queued_per_owner``. Owners with none have no field."""
         return self._k("queue", "owners")
 
+    def queue_owner_tenants(self, owner: str) -> str:
+        """HASH of tenant -> requests the owner (a principal) has queued in it (``""``: records
+        from before tenants), so GET /gpu/tenants of a non-admin reads its own tenants without
+        the queue. Its counts add up to the owner's ``queue_owners()`` field; it is gone when
+        that is, and rebuilt from the queue after each library load (includes/call.lua)."""
+        return self._k("queue", "owner", owner)
+
     def tenants(self) -> str:
         """HASH of tenant -> GPUs it holds now (a shared allocation counts as one GPU), kept
         by the engine on every grant and end. Tenants holding nothing have no field."""

@@ -896,3 +896,177 @@ def test_metrics_per_tenant_with_bounded_labels(make_app):
     assert sum(v for _, v in queued) == 6 and {lab["tenant"] for lab, _ in queued} <= labels | {
         "other"
     }
+
+
+def own_index(engine, redis) -> dict[str, dict[str, int]]:
+    """Every owner's queued requests by tenant, as the engine keeps them (keys.py
+    queue_owner_tenants), read key by key."""
+    out = {}
+    for key in redis.scan_iter(match=engine.keys.queue_owner_tenants("*"), count=1000):
+        owner = key.removeprefix(engine.keys.queue_owner_tenants(""))
+        out[owner] = {t: int(n) for t, n in redis.hgetall(key).items()}
+    return out
+
+
+def own_scan(engine) -> dict[str, dict[str, int]]:
+    """The same, counted from the queued records."""
+    out: dict[str, dict[str, int]] = {}
+    for r in engine.snapshot()["queue"]:
+        if r.get("owner"):
+            by = out.setdefault(r["owner"], {})
+            by[r.get("tenant") or ""] = by.get(r.get("tenant") or "", 0) + 1
+    return out
+
+
+def test_each_owners_queued_requests_by_tenant_match_the_queue_through_every_change(
+    make_engine, redis, tclock
+):
+    """The index GET /gpu/tenants reads for a non-admin equals a scan of the queue after
+    queueing, grants by a pass (fair share's batched dequeue), cancels, timeouts and
+    releases, for owners with several tenants."""
+    import random
+
+    eng = make_engine(
+        tenants={"key": "service_name", "fair_share": True},
+        scheduler={"max_queue_size": 100, "max_queued_per_owner": 100},
+    )
+    rnd = random.Random(7)
+    live: list[str] = []
+    queued: list[str] = []
+    for step in range(150):
+        op = rnd.random()
+        if op < 0.5:
+            owner = rnd.choice(["alice", "bob", ""])
+            svc = rnd.choice(["s1", "s2", "s3"])
+            got = eng.allocate(
+                {
+                    "service_name": svc,
+                    "owner": owner,
+                    "required_gpus": rnd.choice([1, 2]),
+                    "queue_timeout_seconds": rnd.choice([30, 600]),
+                }
+            )
+            (live if got["status"] == "allocated" else queued).append(got["id"])
+        elif op < 0.7 and live:
+            eng.release(live.pop(rnd.randrange(len(live))))
+        elif op < 0.8 and queued:
+            rid = queued.pop(rnd.randrange(len(queued)))
+            if eng.get(rid)["status"] == "queued":
+                eng.cancel(rid, admin=True)
+        else:
+            tclock.now += rnd.choice([5, 40])
+            eng.report_node("n1", gpus(4))
+            eng.reap()
+        for rid in list(queued):
+            if eng.get(rid)["status"] == "allocated":
+                queued.remove(rid)
+                live.append(rid)
+        assert own_index(eng, redis) == own_scan(eng), step
+        for owner in ("alice", "bob"):
+            want = {
+                r["tenant"]
+                for r in eng.snapshot()["allocations"] + eng.snapshot()["queue"]
+                if r.get("owner") == owner and r.get("tenant")
+            }
+            assert eng.own_tenants(owner) == want, step
+    assert own_index(eng, redis)  # the run did leave owners with queued requests
+
+
+def test_http_tenants_of_a_non_admin_with_key_service_name_do_not_read_the_queue(make_app, redis):
+    """GET /gpu/tenants by a non-admin (tenants.key: service_name) lists exactly the services
+    of its own live and queued requests, and what Redis runs for it does not grow with the
+    queue: reading the whole queue cost 264-315 ms of API CPU per call at 10,000 queued."""
+    app = make_app(
+        nodes=(("node-a", 2),),
+        auth={"enabled": True, "api_keys": KEYS, "admins": ["root"]},
+        tenants={"key": "service_name"},
+        scheduler={"max_queue_size": 1000, "max_queued_per_owner": 1000},
+    )
+    client = app.test_client()
+    engine = app.extensions["gpu_engine"]
+    a, b = hdr("key-team-a-1f2e3d4c"), hdr("key-team-b-4c5b6a7d")
+
+    def post(headers, svc):
+        resp = client.post("/gpu/allocate", json={"service_name": svc}, headers=headers)
+        assert resp.status_code in (200, 202), resp.get_json()
+        return resp.get_json()["id"]
+
+    a_live = post(a, "a-live")
+    post(b, "b-live")  # the fleet is full: everything below waits
+
+    def fill(n):  # team-b's queued requests, in ten services
+        for i in range(n):
+            engine.allocate({"service_name": f"b-{i % 10}", "owner": "team-b"})
+
+    fill(100)
+    a_first = post(a, "a-first")
+    fill(100)
+    post(a, "a-last")
+    post(a, "a-last")
+
+    def mine():
+        resp = client.get("/gpu/tenants", headers=a)
+        assert resp.status_code == 200
+        return [r["tenant"] for r in resp.get_json()["tenants"]]
+
+    def reads() -> dict[str, int]:
+        redis.config_resetstat()
+        assert mine() == ["a-first", "a-last", "a-live"]
+        stats = redis.info("commandstats")
+        return {
+            name: stats.get(f"cmdstat_{name}", {}).get("calls", 0)
+            for name in ("fcall_ro", "hgetall", "hmget", "hget", "zrange")
+        }
+
+    at_200 = reads()
+    fill(300)
+    assert reads() == at_200  # 500 queued: the same commands as at 200
+    # (own_tenants, tenant_list; one HMGET per live allocation; the owner's own index)
+    assert at_200["fcall_ro"] == 2 and at_200["hmget"] == 2 and at_200["hgetall"] == 1
+
+    # an admin sees the others too; team-b sees only its own
+    every = client.get("/gpu/tenants", headers=hdr("key-root-7d8e9f0a")).get_json()["tenants"]
+    assert {r["tenant"] for r in every} >= {"a-first", "a-last", "a-live", "b-live", "b-0"}
+    theirs = client.get("/gpu/tenants", headers=b).get_json()["tenants"]
+    assert [r["tenant"] for r in theirs] == ["b-0", *[f"b-{i}" for i in range(1, 10)], "b-live"]
+
+    # what a cancel and a release change is seen at once
+    assert client.delete(f"/gpu/requests/{a_first}", headers=a).status_code == 200
+    assert client.post("/gpu/release", json={"allocation_id": a_live}, headers=a).status_code == 200
+    resp = client.get("/gpu/tenants", headers=a).get_json()["tenants"]
+    assert [(r["tenant"], r["queued"]) for r in resp] == [("a-last", 2)]
+
+
+def test_queued_requests_from_a_release_without_the_owner_index_are_listed_then_indexed(
+    make_app, redis
+):
+    """Data of a release that kept no per-owner index (or that the other release of a rolling
+    upgrade changed): the answer is still exact (read from the queue), and the first write
+    after the library loads rebuilds the index, after which the queue is not read."""
+    app = make_app(
+        nodes=(("node-a", 1),),
+        auth={"enabled": True, "api_keys": KEYS, "admins": ["root"]},
+        tenants={"key": "service_name"},
+    )
+    client = app.test_client()
+    engine = app.extensions["gpu_engine"]
+    a = hdr("key-team-a-1f2e3d4c")
+    for svc in ("a-run", "a-wait", "a-wait", "a-other"):
+        client.post("/gpu/allocate", json={"service_name": svc}, headers=a)
+    for i in range(20):
+        engine.allocate({"service_name": f"b-{i}", "owner": "team-b"})
+    # as a release without the index leaves it: no index, a library loaded afresh
+    for key in redis.scan_iter(match=engine.keys.queue_owner_tenants("*")):
+        redis.delete(key)
+    redis.execute_command("FUNCTION", "FLUSH")
+
+    def listed():
+        redis.config_resetstat()
+        resp = client.get("/gpu/tenants", headers=a)
+        hmget = redis.info("commandstats").get("cmdstat_hmget", {}).get("calls", 0)
+        return [r["tenant"] for r in resp.get_json()["tenants"]], hmget
+
+    assert listed() == (["a-other", "a-run", "a-wait"], 1 + 23)  # the queue, read
+    engine.schedule_pass()  # any write: the library's first rebuilds the index
+    assert own_index(engine, redis) == own_scan(engine)
+    assert listed() == (["a-other", "a-run", "a-wait"], 1)  # the live allocation only

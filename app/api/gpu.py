@@ -504,12 +504,8 @@ def _own_tenants(engine, key: str, principal: str | None) -> set[str]:
     """The tenants a principal's requests count against."""
     if key == "principal":
         return {principal} if principal else set()
-    snap = engine.snapshot()  # compact records of every live and queued request
-    return {
-        r["tenant"]
-        for r in snap["allocations"] + snap["queue"]
-        if r.get("owner") == principal and r.get("tenant")
-    }
+    # from the live allocations and the principal's own queued requests: never the whole queue
+    return engine.own_tenants(principal or "")
 
 
 @blp.route("/workload", methods=["POST"])

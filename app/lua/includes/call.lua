@@ -8,9 +8,26 @@
 -- after the library loads (a library's locals outlive calls; a server started on old data
 -- loads the library afresh): meta.gpus_busy, which every grant and release kept, becomes
 -- meta.gpus_out (GPUs neither free nor allocated), which only the rare transitions change.
+-- And each owner's queued requests by tenant (k_qotenants, see owner_count) are rebuilt from
+-- the queue, after every load: a release without them, or the other release of a rolling
+-- upgrade, may have queued and dequeued requests since (O(queue) once per load and prefix:
+-- measured 65 ms of Redis at 10,000 queued on a loaded 2-core VM; the next write took 0.2 ms).
 local upgraded = {}
 local function upgrade_data()
   upgraded[P] = true
+  for _, b in ipairs(rcall('HKEYS', K_QOWNERS)) do
+    if string.sub(b, 1, 2) == 'o:' then rcall('DEL', k_qotenants(string.sub(b, 3))) end
+  end
+  local offset = 0
+  while true do
+    local ids = rcall('ZRANGE', K_QUEUE, offset, offset + 499)
+    if #ids == 0 then break end
+    for _, id in ipairs(ids) do
+      local f = rcall('HMGET', k_req(id), 'owner', 'tenant')
+      if f[1] and f[1] ~= '' then rcall('HINCRBY', k_qotenants(f[1]), f[2] or '', 1) end
+    end
+    offset = offset + #ids
+  end
   local m = rcall('HMGET', K_META, 'gpus_out', 'gpus_busy')
   if m[1] then return end
   local free = 0

@@ -93,6 +93,11 @@
           rcall('HSET', k_req(id), 'tenant', t)
           rcall('ZADD', k_tqueue(t), ids[i + 1], id)
           tenant_queue_add(t, 1)
+          if f[2] and f[2] ~= '' then -- counted under '' by its owner until now
+            local k = k_qotenants(f[2])
+            if rcall('HINCRBY', k, '', -1) <= 0 then rcall('HDEL', k, '') end
+            rcall('HINCRBY', k, t, 1)
+          end
         end
       end
       offset = offset + #ids / 2

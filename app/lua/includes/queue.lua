@@ -2,8 +2,8 @@
   queue: the queue's functions (dequeue, enqueue, then the reservations and the pass, included
   in the same closure) and schedule, the entry point of every pass.
   They are built on first use in a call (begin_call drops them): they keep per-pass state
-  (dq_ids, dq_owners) that an error in the middle of a pass must not hand to the next call,
-  and the usual allocate or release (an empty queue) needs none of them.
+  (dq_ids, dq_owners: bucket -> tenant -> n) that an error in the middle of a pass must not
+  hand to the next call, and the usual allocate or release (an empty queue) needs none of them.
   Guarantees: a request leaves every queue index together (dequeue / dequeue_flush); schedule
   on an empty queue is one ZCARD.
 ]]
@@ -23,14 +23,16 @@ queue = function()
     tenant = tenant or ''
     if dq_ids then
       dq_ids[#dq_ids + 1] = id
-      dq_owners[bucket] = (dq_owners[bucket] or 0) - 1
+      local o = dq_owners[bucket]
+      if not o then o = {}; dq_owners[bucket] = o end
+      o[tenant] = (o[tenant] or 0) - 1
       if tenant ~= '' then
         local l = dq_tenants[tenant]
         if not l then l = {}; dq_tenants[tenant] = l end
         l[#l + 1] = id
       end
     else
-      owner_count(bucket, -1)
+      owner_count(bucket, -1, tenant)
       if tenant ~= '' then
         tenant_queue_add(tenant, -1)
         rcall('ZREM', k_tqueue(tenant), id)
@@ -59,7 +61,9 @@ queue = function()
       end
       qlen = nil
       rcall('HDEL', K_QSHAPE, unpack(dq_ids))
-      for bucket, n in pairs(dq_owners) do owner_count(bucket, n) end
+      for bucket, o in pairs(dq_owners) do
+        for t, n in pairs(o) do owner_count(bucket, n, t) end
+      end
       for t, l in pairs(dq_tenants) do
         tenant_queue_add(t, -#l)
         rcall('ZREM', k_tqueue(t), unpack(l))
@@ -95,7 +99,7 @@ queue = function()
     end
     rcall('ZADD', K_QDEAD, ftime(r.submitted + queue_timeout), r.id)
     rcall('ZADD', K_QUNRES, ftime(r.submitted), r.id)
-    owner_count(owner_bucket(r.owner, r.svc), 1)
+    owner_count(owner_bucket(r.owner, r.svc), 1, r.tenant)
     if r.tenant ~= '' then
       tenant_queue_add(r.tenant, 1)
       rcall('ZADD', k_tqueue(r.tenant), fnum(score), r.id)

@@ -112,8 +112,15 @@ local function owner_bucket(owner, svc)
   return 's:' .. (svc or '')
 end
 
-local function owner_count(bucket, n)
-  if rcall('HINCRBY', K_QOWNERS, bucket, n) <= 0 then
-    rcall('HDEL', K_QOWNERS, bucket)
-  end
+-- n more (fewer) queued requests of bucket, in tenant ('' = a record from before tenants). An
+-- owner's ('o:' bucket) are also counted by tenant in k_qotenants(owner), whose counts add up
+-- to its K_QOWNERS field (GET /gpu/tenants of a non-admin reads it instead of the queue): it
+-- goes with that field, and its first request clears what a release without it left there.
+local function owner_count(bucket, n, tenant)
+  local left = rcall('HINCRBY', K_QOWNERS, bucket, n)
+  if left <= 0 then rcall('HDEL', K_QOWNERS, bucket) end
+  if string.sub(bucket, 1, 2) ~= 'o:' then return end
+  local k = k_qotenants(string.sub(bucket, 3))
+  if left <= 0 or left == n then rcall('DEL', k) end
+  if left > 0 and rcall('HINCRBY', k, tenant, n) <= 0 then rcall('HDEL', k, tenant) end
 end
