@@ -23,6 +23,8 @@ from app.request_rules import FIELDS
 
 DEFAULT_URL = "http://127.0.0.1:8086"
 TIMEOUT = 30.0
+#: how long `drain --wait` waits by default (seconds)
+DRAIN_WAIT = 60.0
 
 
 class AdminError(Exception):
@@ -80,7 +82,7 @@ def add_actions(
     drain.add_argument(
         "--timeout",
         type=float,
-        default=60.0,
+        default=None,
         metavar="SECONDS",
         help="longest wait with --wait (default 60, at most 600)",
     )
@@ -204,6 +206,10 @@ def _do(args) -> tuple[Any, str, int]:
         data = _call("POST", f"/admin/gpus/{quote(node, safe='')}/{index}/{cmd}")
         return data, f"{node}:{index}: {'cordoned' if data['cordoned'] else 'schedulable'}", 0
     if cmd == "drain":
+        if args.timeout is not None and not args.wait:
+            raise AdminError("--timeout applies to --wait only: add --wait, or drop --timeout", 2)
+        if args.timeout is None:
+            args.timeout = DRAIN_WAIT
         if not 0 <= args.timeout <= 600:
             raise AdminError("--timeout must be 0..600 seconds", 2)
         path = f"/admin/nodes/{quote(args.node, safe='')}/drain"

@@ -70,6 +70,12 @@ def test_drain_wait_and_forget_and_priority(live, capsys):
     q = engine.allocate({"service_name": "y", "required_gpus": 2})
     code, out, _ = admin(capsys, "drain", "node-a", "--wait", "--timeout", "0.3")
     assert code == 1 and "1 allocation(s) left" in out and a["id"] in out
+    # --timeout alone would be ignored (a drain without --wait does not wait): refused, and
+    # the node is not drained by it
+    code, _, err = admin(capsys, "drain", "node:b", "--timeout", "30")
+    assert code == 2 and "--wait" in err and len(err.splitlines()) == 1
+    node_b = [g for g in engine.snapshot(queue=False)["gpus"] if g["node"] == "node:b"]
+    assert node_b and not any(g["cordoned"] for g in node_b)
     code, out, _ = admin(capsys, "priority", q["id"], "9")
     assert code == 0 and out.strip() == f"{q['id']}: priority 9, position 1"
     code, _, err = admin(capsys, "forget", "node-a")
