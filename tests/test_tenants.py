@@ -1070,3 +1070,30 @@ def test_queued_requests_from_a_release_without_the_owner_index_are_listed_then_
     engine.schedule_pass()  # any write: the library's first rebuilds the index
     assert own_index(engine, redis) == own_scan(engine)
     assert listed() == (["a-other", "a-run", "a-wait"], 1)  # the live allocation only
+
+
+def test_an_owners_request_queued_before_tenants_is_listed_once_fair_share_adopts_it(
+    make_engine, redis
+):
+    """A queued record of a release before tenants (no tenant, no index) counts for its owner
+    under no tenant; when the fair pass gives it a tenant, the owner's index moves it there
+    and the owner's tenants include it."""
+    eng = make_engine(n=1, tenants={"fair_share": True, "key": "service_name"})
+    hold = eng.allocate({"service_name": "hold", "owner": "alice"})
+    old = eng.allocate({"service_name": "legacy", "owner": "alice"})
+    assert old["status"] == "queued"
+    # as an older release wrote it: no tenant on the record, in no tenant's queue, no index
+    redis.hdel(eng.keys.request(old["id"]), "tenant")
+    redis.delete(
+        eng.keys.queue_tenant("legacy"),
+        eng.keys.tenant_queued(),
+        eng.keys.queue_owner_tenants("alice"),
+    )
+    redis.execute_command("FUNCTION", "FLUSH")
+    assert eng.own_tenants("alice") == {"hold"}  # read from the queue: counts do not add up
+    eng.renew(hold["id"])  # the first write after the load rebuilds the index
+    assert own_index(eng, redis) == own_scan(eng) == {"alice": {"": 1}}
+    eng.schedule_pass()  # the fair walk adopts it (its owner, else its service, as tenant)
+    assert eng.get(old["id"])["tenant"] == "alice"
+    assert own_index(eng, redis) == own_scan(eng) == {"alice": {"alice": 1}}
+    assert eng.own_tenants("alice") == {"hold", "alice"}
