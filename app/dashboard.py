@@ -15,16 +15,27 @@ Notes on rq-dashboard 0.9:
 - It reads jobs with a module-wide serializer; we set it to RQ's JSON serializer, the one every
   role of this service uses. That setting is process-wide, which is fine: one process serves one
   deployment.
+- Its job and workers pages write the JSON of ``data/job/<id>.json`` and ``data/workers.json``
+  into the page as HTML (underscore ``<%= %>``). A failed delivery's exception text holds what a
+  tenant's webhook receiver answered, so those two answers have their strings HTML-escaped here
+  (:func:`_escape_for_page`); the one field its template already escapes is left alone.
 """
 
 from __future__ import annotations
 
+import html
 from typing import Any
 
 from app import queues
 from app.settings import SENTINEL_SCHEME, Settings, sentinel_target
 
 URL_PREFIX = "/rq"
+#: rq-dashboard's JSON answers that its pages write as HTML, and the fields of each that its
+#: template escapes itself (escaping those again would show ``&lt;``).
+_RENDERED_AS_HTML = {
+    "rq_dashboard.job_info": (),
+    "rq_dashboard.list_workers": ("description",),
+}
 
 
 def init_app(app: Any, settings: Settings, redis_url: str) -> bool:
@@ -56,4 +67,25 @@ def init_app(app: Any, settings: Settings, redis_url: str) -> bool:
         if (path == URL_PREFIX or path.startswith(URL_PREFIX + "/")) and not current_is_admin():
             raise Forbidden("rq-dashboard is open to admins only (auth.admins)")
 
+    @app.after_request
+    def _text_not_html(response):
+        from flask import request
+
+        keep = _RENDERED_AS_HTML.get(request.endpoint or "")
+        if keep is not None and response.is_json and response.status_code == 200:
+            response.set_data(app.json.dumps(_escape_for_page(response.get_json(), keep)))
+        return response
+
     return True
+
+
+def _escape_for_page(value: Any, keep: tuple[str, ...] = ()) -> Any:
+    """``value`` with every string HTML-escaped, at any depth, except under the keys in
+    ``keep`` (dates and ids come out unchanged: they hold no ``<>&"'``)."""
+    if isinstance(value, str):
+        return html.escape(value)
+    if isinstance(value, list):
+        return [_escape_for_page(v, keep) for v in value]
+    if isinstance(value, dict):
+        return {k: v if k in keep else _escape_for_page(v, keep) for k, v in value.items()}
+    return value

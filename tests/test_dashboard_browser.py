@@ -1,0 +1,143 @@
+"""rq-dashboard under /rq in a real browser (headless Chromium), as an admin signed in with
+the console's cookie: what a hostile tenant can put on its pages shows as text, and the pages
+never show the Redis password."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+
+import pytest
+import requests
+
+from app import create_app, outbox, queues
+from tests.api_support import register_fleet
+from tests.browser_support import LiveServer, require_browser, start_chromium
+from tests.test_console_browser import text_of, wait_for
+
+ADMIN_KEY = "k-ops-admin"
+#: What a hostile receiver answers instead of a status line; it ends up in the failed job's
+#: exception text ("not an HTTP response: '...'"), which the job page shows.
+PAYLOAD = "<img src=x onerror=document.title='pwned'>"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def browser():
+    binary, driver = require_browser()
+    drv = start_chromium(binary, driver)
+    drv.set_page_load_timeout(30)
+    yield drv
+    drv.quit()
+
+
+def secured(settings, **overrides):
+    return settings.replace(
+        dashboard={"enabled": True},
+        auth={"enabled": True, "api_keys": {ADMIN_KEY: "ops"}, "admins": ["ops"]},
+        **overrides,
+    )
+
+
+def sign_in(browser, live, path):
+    from selenium.webdriver.common.by import By
+
+    browser.get(live.url + "/login?next=" + path)
+    browser.find_element(By.ID, "api_key").send_keys(ADMIN_KEY)
+    browser.find_element(By.ID, "sign-in").click()
+    wait_for(lambda: browser.current_url == live.url + path, f"the redirect to {path}")
+
+
+class HostileReceiver:
+    """Answers every connection with ``answer`` and two line ends, then closes."""
+
+    def __init__(self, answer: str):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.answer = answer.encode() + b"\r\n\r\n"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}/hook"
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                try:
+                    conn.recv(65536)
+                    conn.sendall(self.answer)
+                except OSError:
+                    pass
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.sock.close()
+
+
+def deliver_all(app) -> None:
+    """What a worker does: the outbox becomes RQ jobs, a worker tries each once."""
+    from workers import context
+    from workers import worker as worker_mod
+
+    settings = app.extensions["gpu_settings"]
+    assert app.extensions["gpu_dispatcher"].wait_idle(5)
+    outbox.dispatch(app.extensions["gpu_rq_redis"], settings)
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        worker_mod.build(settings, settings.redis.url).work(burst=True)
+    finally:
+        context.configure(None, None, None)
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
+def test_a_receivers_answer_shows_as_text_on_the_failed_jobs_page(browser, settings, redis_url):
+    """A tenant's webhook receiver controls the text of its delivery's failure; rq-dashboard's
+    job page wrote that text as HTML (an admin opening the failed job ran the tenant's
+    script in the orchestrator's origin, with the admin's session)."""
+    from rq.registry import FailedJobRegistry
+
+    st = secured(settings, webhooks={"retry_intervals": ["0s"]})  # one retry, at once
+    app = create_app(st, redis_url=redis_url)
+    register_fleet(app, (("node-a", 1),))
+    with HostileReceiver(PAYLOAD) as rx, LiveServer(app) as live:
+
+        def call(path, body):
+            return requests.post(
+                live.url + path, json=body, headers={"X-API-Key": ADMIN_KEY}, timeout=10
+            )
+
+        # the tenant's request waits for the one GPU; its grant is a webhook to its receiver
+        first = call("/gpu/allocate", {"service_name": "first"})
+        assert first.status_code == 200, first.text
+        queued = call("/gpu/allocate", {"service_name": "mallory", "webhook_url": rx.url})
+        assert queued.status_code == 202, queued.text
+        assert call("/gpu/release", {"allocation_id": first.json()["id"]}).status_code == 200
+        deliver_all(app)
+        qname = queues.queue_name(settings, queues.WEBHOOKS)
+        failed = FailedJobRegistry(
+            qname, connection=app.extensions["gpu_rq_redis"], serializer=queues.SERIALIZER
+        ).get_job_ids()
+        assert len(failed) == 1
+        sign_in(browser, live, f"/rq/0/view/job/{failed[0]}")
+        shown = wait_for(
+            lambda: (
+                "not an HTTP response" in text_of(browser, ".exc_info")
+                and text_of(browser, ".exc_info")
+            ),
+            "the failure on the job page",
+        )
+        assert browser.title != "pwned"  # the receiver's script did not run
+        assert PAYLOAD in shown  # its answer shows as text
+        assert (
+            browser.execute_script("return document.querySelectorAll('#job-data img').length") == 0
+        )
