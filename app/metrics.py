@@ -369,18 +369,14 @@ def init_app(app: Flask, engine: Any) -> None:
     @app.after_request
     def _record(response):
         start = g.pop("_metrics_start", None)
+        method, status = request.method, response.status_code  # through a proxy: read once
         if start is not None:
             rule = request.url_rule
             route = rule.rule if rule is not None else UNMATCHED
             if request.args.get("wait") not in (None, "", "0") and rule is not None:
                 route += LONG_POLL_SUFFIX  # held on purpose: kept out of the route's latency
-            http.observe(
-                method_label(request.method),
-                route,
-                response.status_code,
-                time.perf_counter() - start,
-            )
-        if request.method not in _READS and 200 <= response.status_code < 300:
+            http.observe(method_label(method), route, status, time.perf_counter() - start)
+        if method not in _READS and 200 <= status < 300:
             # this process changed state (a grant, a release, a drain...): its next scrape
             # shows it. Only a client allowed to write (with auth on: one with a key) can cause
             # a collection this way, one per successful write; scrapes alone never do within
