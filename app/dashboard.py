@@ -12,6 +12,9 @@ Notes on rq-dashboard 0.9:
 - A ``redis+sentinel://`` URL is read by its own parser (redis-sentinel-url, same URL form as
   ours), which builds a ``Sentinel(...).master_for`` client; the password comes from
   ``redis.sentinel.password`` through its ``RQ_DASHBOARD_REDIS_(SENTINEL_)PASSWORD`` settings.
+- It shows its Redis URL at the top of every page, hiding only a password between ``://`` and
+  ``@``; one given as ``?password=`` was shown. It gets the URL without the password
+  (:func:`_without_password`), and the password through ``RQ_DASHBOARD_REDIS_PASSWORD``.
 - It reads jobs with a module-wide serializer; we set it to RQ's JSON serializer, the one every
   role of this service uses. That setting is process-wide, which is fine: one process serves one
   deployment.
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import html
 from typing import Any
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from app import queues
 from app.settings import SENTINEL_SCHEME, Settings, sentinel_target
@@ -45,11 +49,14 @@ def init_app(app: Any, settings: Settings, redis_url: str) -> bool:
     import rq_dashboard
     from rq_dashboard import web
 
-    app.config["RQ_DASHBOARD_REDIS_URL"] = [redis_url]
     if redis_url.startswith(SENTINEL_SCHEME + "://"):  # it follows the primary by itself
         password = sentinel_target(settings, redis_url).password or None
         app.config["RQ_DASHBOARD_REDIS_SENTINEL_PASSWORD"] = password
         app.config["RQ_DASHBOARD_REDIS_PASSWORD"] = password
+    else:  # redis-py takes a password keyword where the URL has none
+        redis_url, password = _without_password(redis_url)
+        app.config["RQ_DASHBOARD_REDIS_PASSWORD"] = password
+    app.config["RQ_DASHBOARD_REDIS_URL"] = [redis_url]
     app.config["RQ_DASHBOARD_DISABLE_DELETE"] = not settings.dashboard.allow_delete
     app.config.setdefault("RQ_DASHBOARD_POLL_INTERVAL", 2500)
     web.config.serializer = queues.SERIALIZER
@@ -77,6 +84,25 @@ def init_app(app: Any, settings: Settings, redis_url: str) -> bool:
         return response
 
     return True
+
+
+def _without_password(url: str) -> tuple[str, str | None]:
+    """``url`` without its password (in the userinfo or a ``password=`` query argument, as
+    redis-py reads them), and that password (None when there is none)."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    password = next((v for k, v in query if k == "password"), None)
+    if parts.password is not None:
+        password = unquote(parts.password)  # redis-py: the userinfo's wins
+    netloc = parts.netloc.rpartition("@")[2]
+    if parts.username:
+        netloc = parts.netloc.rpartition("@")[0].partition(":")[0] + "@" + netloc
+    if password is None:
+        return url, None
+    rest = urlencode([(k, v) for k, v in query if k != "password"])
+    # built by hand: urlunsplit drops the "//" of an empty netloc (unix:///path)
+    url = f"{parts.scheme}://{netloc}{parts.path}" + (f"?{rest}" if rest else "")
+    return url + (f"#{parts.fragment}" if parts.fragment else ""), password
 
 
 def _escape_for_page(value: Any, keep: tuple[str, ...] = ()) -> Any:

@@ -109,3 +109,22 @@ def test_live_workers_and_failed_jobs_show(settings, redis_url, queued_job):
     finally:
         w.register_death()
         rq_redis.close()
+
+
+@pytest.mark.parametrize(
+    "url, shown, password",
+    [
+        ("unix:///run/redis.sock?password=p%26w&db=1", "unix:///run/redis.sock?db=1", "p&w"),
+        ("redis://default:p%40w@h:6379/0", "redis://default@h:6379/0", "p@w"),
+        ("redis://:pw@[::1]:6379/0", "redis://[::1]:6379/0", "pw"),
+        ("unix:///run/redis.sock", "unix:///run/redis.sock", None),
+        ("rediss://h/0?ssl_cert_reqs=none", "rediss://h/0?ssl_cert_reqs=none", None),
+    ],
+)
+def test_the_dashboard_gets_its_url_without_the_password(settings, url, shown, password):
+    """What rq-dashboard shows at the top of its pages has no password; it connects with the
+    password given apart (tests/test_dashboard_browser.py reads a real Redis that way)."""
+    app = Flask("dash-url")
+    assert dashboard.init_app(app, settings, url)
+    assert app.config["RQ_DASHBOARD_REDIS_URL"] == [shown]
+    assert app.config["RQ_DASHBOARD_REDIS_PASSWORD"] == password
