@@ -9,6 +9,8 @@ Notes on rq-dashboard 0.9:
 - It imports ``six`` without declaring it; ``setup.cfg`` lists it.
 - ``RQ_DASHBOARD_REDIS_URL`` is set as a list (one instance), which its templates expect.
 - Job deletion (delete, empty queue) is disabled unless ``dashboard.allow_delete`` is true.
+- Like ``/admin``, it refuses a request whose ``Origin`` names another site (with auth off too),
+  and "requeue all" (which it also answers on GET, where no CSRF check applies) takes POST only.
 - A ``redis+sentinel://`` URL is read by its own parser (redis-sentinel-url, same URL form as
   ours), which builds a ``Sentinel(...).master_for`` client; the password comes from
   ``redis.sentinel.password`` through its ``RQ_DASHBOARD_REDIS_(SENTINEL_)PASSWORD`` settings.
@@ -66,13 +68,23 @@ def init_app(app: Any, settings: Settings, redis_url: str) -> bool:
     @app.before_request
     def _admins_only():  # runs after the API's authentication, registered earlier
         from flask import request
+        from werkzeug.exceptions import MethodNotAllowed
 
         from app.auth import current_is_admin
         from app.errors import Forbidden
+        from app.sessions import same_origin
 
         path = request.path
-        if (path == URL_PREFIX or path.startswith(URL_PREFIX + "/")) and not current_is_admin():
+        if not (path == URL_PREFIX or path.startswith(URL_PREFIX + "/")):
+            return
+        if not current_is_admin():
             raise Forbidden("rq-dashboard is open to admins only (auth.admins)")
+        # as for /admin: another site's page cannot drive it, with auth off too
+        if not same_origin(request):
+            raise Forbidden("rq-dashboard requests from another site's page are refused")
+        # it answers GET here too, which no CSRF check covers; its own button posts
+        if request.endpoint == "rq_dashboard.requeue_all" and request.method != "POST":
+            raise MethodNotAllowed(valid_methods=["POST"])
 
     @app.after_request
     def _text_not_html(response):

@@ -128,3 +128,55 @@ def test_the_dashboard_gets_its_url_without_the_password(settings, url, shown, p
     assert dashboard.init_app(app, settings, url)
     assert app.config["RQ_DASHBOARD_REDIS_URL"] == [shown]
     assert app.config["RQ_DASHBOARD_REDIS_PASSWORD"] == password
+
+
+def _failed(settings, redis_url, job_id):
+    from rq.job import Job
+    from rq.registry import FailedJobRegistry
+
+    rq_redis = redis_lib.Redis.from_url(redis_url)
+    qname = queues.queue_name(settings, queues.WEBHOOKS)
+    registry = FailedJobRegistry(qname, connection=rq_redis, serializer=queues.SERIALIZER)
+    job = Job.fetch(job_id, connection=rq_redis, serializer=queues.SERIALIZER)
+    registry.add(job, exc_string="WebhookError: POST answered 500")
+    return qname, registry
+
+
+def test_requeue_all_is_a_post_only(settings, redis_url, queued_job):
+    """rq-dashboard answers GET /rq/requeue/<queue> too: a GET changes nothing by the rules
+    the session cookie follows (no CSRF token, no Origin), so a link or an <img> on any page
+    of the site requeued every failed job of a queue with an admin's cookie. GET is refused;
+    the dashboard's own button posts."""
+    from app import create_app
+
+    s = settings.replace(
+        dashboard={"enabled": True},
+        auth={"enabled": True, "api_keys": {"k-ops": "ops"}, "admins": ["ops"]},
+    )
+    qname, failed = _failed(settings, redis_url, queued_job)
+    browser = create_app(s, redis_url=redis_url).test_client()
+    signed = browser.post("/login", data={"api_key": "k-ops", "next": "/rq/"})
+    assert signed.status_code == 303
+    got = browser.get(f"/rq/requeue/{qname}")
+    assert got.status_code == 405 and got.get_json()["error"]["code"] == "method_not_allowed"
+    assert failed.get_job_ids() == [queued_job]
+    page = browser.post(f"/rq/requeue/{qname}", headers={"Origin": "http://localhost"})
+    assert page.get_json() == {"status": "OK", "count": 1}
+    assert failed.get_job_ids() == []
+
+
+def test_other_sites_cannot_drive_the_dashboard_even_with_auth_off(settings, redis_url, queued_job):
+    """/admin refuses a request from another site's page with auth off too (an operator's
+    browser can reach an API that the other site cannot); /rq's requeue and compact did not."""
+    from app import create_app
+
+    client = create_app(settings, redis_url=redis_url).test_client()
+    qname, failed = _failed(settings, redis_url, queued_job)
+    evil = {"Origin": "https://evil.example"}
+    for path in (f"/rq/requeue/{qname}", f"/rq/job/{queued_job}/requeue"):
+        got = client.post(path, headers=evil)
+        assert got.status_code == 403 and got.get_json()["error"]["code"] == "forbidden"
+    assert client.get("/rq/0/data/queues.json", headers=evil).status_code == 403
+    assert failed.get_job_ids() == [queued_job]
+    ours = client.post(f"/rq/requeue/{qname}", headers={"Origin": "http://localhost"})
+    assert ours.get_json() == {"status": "OK", "count": 1}

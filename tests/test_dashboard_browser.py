@@ -175,3 +175,32 @@ def test_the_dashboard_never_shows_the_redis_password(browser, settings, redis_u
         shown = browser.find_element(By.ID, "rq-instances").text
         assert "redis://" in shown and "127.0.0.1" in shown
         assert "s3cret-pw" not in browser.page_source
+
+
+def test_the_dashboards_own_requeue_all_button_still_works(browser, settings, redis_url):
+    """/rq refuses other sites' requests and a GET requeue; its own button (a POST from its
+    page, which carries our Origin but not our CSRF token) still requeues."""
+    from rq.job import Job
+    from rq.registry import FailedJobRegistry
+    from selenium.webdriver.common.by import By
+
+    st = secured(settings)
+    app = create_app(st, redis_url=redis_url)
+    rq_redis = app.extensions["gpu_rq_redis"]
+    entry = {"event_id": "ev1", "event": "allocated", "request_id": "svc-1", "ts": 1.0}
+    rq_redis.rpush(Keys(st.redis.prefix).webhook_outbox(), json.dumps(entry))
+    outbox.dispatch(rq_redis, st)
+    qname = queues.queue_name(st, queues.WEBHOOKS)
+    failed = FailedJobRegistry(qname, connection=rq_redis, serializer=queues.SERIALIZER)
+    job = Job.fetch(outbox.job_id_for("ev1"), connection=rq_redis, serializer=queues.SERIALIZER)
+    failed.add(job, exc_string="WebhookError: POST answered 500")
+    with LiveServer(app) as live:
+        sign_in(browser, live, f"/rq/0/view/jobs/{qname}/failed/8/asc/1")
+        wait_for(lambda: job.id in text_of(browser, "#jobs"), "the failed job in the list")
+        browser.find_element(By.ID, "requeue-all-btn").click()
+        wait_for(
+            lambda: browser.find_element(By.ID, "confirmation-modal-yes").is_displayed(),
+            "the confirmation",
+        )
+        browser.find_element(By.ID, "confirmation-modal-yes").click()
+        wait_for(lambda: failed.get_job_ids() == [], "the job to leave the failed registry")
