@@ -579,10 +579,11 @@ def _reason(sim: _Sim, r: _Req, now: float, blocked: dict) -> str:
 def _maybe_reserve(
     sim: _Sim, r: _Req, t: float, blocked: dict, seen: set, rank: int, eligible: bool = True
 ) -> None:
-    """The engine's reservation rule: a request that holds one keeps it; one waiting
-    reservation_after reserves; with tenants configured (sim.heads) each tenant's first request
-    not placed is its head, and reserves when it is exclusive and eligible. As in the engine,
-    once one finds no node to reserve, no other reserves in that pass."""
+    """The engine's reservation rule: a request that holds one keeps it; an eligible one
+    (dependencies done; ``eligible``) waiting reservation_after reserves; with tenants
+    configured (sim.heads) each tenant's first request not placed is its head, and reserves
+    when it is exclusive and eligible. As in the engine, once one finds no node to reserve, no
+    other reserves in that pass."""
     if sim.policy == "strict_fifo":
         return
     head = False
@@ -593,7 +594,12 @@ def _maybe_reserve(
         return
     if r.reserved:
         sim.reserve(r, t, blocked)
-    elif (head or t - r.unres >= sim.res_after) and None not in seen and not sim.over_quota(r):
+    elif (
+        eligible
+        and (head or t - r.unres >= sim.res_after)
+        and None not in seen
+        and not sim.over_quota(r)
+    ):
         if not sim.reserve(r, t, blocked):
             r.unres = t  # the engine waits reservation_after again
             seen.add(None)  # None: no tenant's name; marks the pass done reserving

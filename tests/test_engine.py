@@ -786,6 +786,41 @@ def test_depends_on_unknown_id_is_rejected(engine):
     assert engine.counts()["queue_depth"] == 0 and engine.counts()["allocations_active"] == 0
 
 
+#: the configs a dependency-waiting request must reserve nothing in: the default (the rank
+#: walk, reservation_after only), tenants.quotas (the rank walk with heads), fair share (the
+#: fair walk)
+DEPENDENCY_CONFIGS = [None, {"quotas": {"w": {"weight": 1}}}, {"fair_share": True}]
+
+
+@pytest.mark.parametrize("tenants", DEPENDENCY_CONFIGS, ids=["default", "quotas", "fair_share"])
+def test_a_request_waiting_for_its_dependency_reserves_nothing(make_engine, clock, tenants):
+    """A request that cannot run until its dependency ends holds no node back, however long it
+    has waited: a node it reserved would keep its free GPUs from everyone behind it (but
+    backfill) for as long as the dependency runs. A request ranked behind it is granted there."""
+    engine = make_engine(tenants, reservation_after=60, aging_rate=0)
+    engine.report_node("a", gpu_list(2))
+    engine.report_node("b", gpu_list(1, start=2))
+    dep = engine.allocate(req(service="dep", ttl_seconds=10_000))
+    assert dep["node"] == "b"
+    w = engine.allocate(req(service="w", required_gpus=2, depends_on=[dep["id"]]))
+    assert w["status"] == "queued"
+    clock.advance(61)  # w waited reservation_after: the monitors' reports' passes meet it
+    engine.report_node("a", gpu_list(2))
+    engine.report_node("b", gpu_list(1, start=2))
+    engine.schedule_pass()
+    assert engine.get(w["id"])["reserved_node"] is None
+    assert "reserved" not in [e["event"] for e in engine.events(count=1000)]
+    x = engine.allocate(req(service="x", required_gpus=2, ttl_seconds=3600))
+    assert x["status"] == "allocated" and x["node"] == "a"
+    # once its dependency ends it is an ordinary request again: it has waited
+    # reservation_after (counted from its submission), so the next pass that walks the queue
+    # reserves the node where it starts soonest
+    engine.release(dep["id"])
+    z = engine.allocate(req(service="z", ttl_seconds=3600))
+    assert z["status"] == "allocated" and z["node"] == "b"
+    assert engine.get(w["id"])["reserved_node"] == "a"
+
+
 # --------------------------------------------------------------------------- idempotency
 
 

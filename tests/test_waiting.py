@@ -93,6 +93,38 @@ def test_with_the_default_config_only_a_long_wait_reserves(make_engine, clock):
     assert short["status"] == "allocated" and short["node"] == "a"  # backfill on lease end
 
 
+@pytest.mark.parametrize("tenants", [None, TENANTS], ids=["default", "quotas"])
+def test_a_request_waiting_for_its_dependency_holds_nothing_back_in_the_eta(
+    make_engine, clock, tenants
+):
+    """A request past reservation_after that waits for its dependency reserves nothing, in the
+    engine as in the estimate: the request behind it gets the node as soon as its GPUs free,
+    and its eta says so (it was held back until the dependency's end before)."""
+    engine = make_engine(tenants, aging_rate=0, reservation_after=60)
+    engine.report_node("a", gpu_list(2))
+    engine.report_node("b", gpu_list(1, start=2))
+    holder = engine.allocate(req(required_gpus=2, ttl_seconds=100))
+    dep = engine.allocate(req(service="dep", ttl_seconds=10_000))
+    assert (holder["node"], dep["node"]) == ("a", "b")
+    w = engine.allocate(
+        req(service="w", required_gpus=2, depends_on=[dep["id"]], queue_timeout_seconds=20_000)
+    )
+    clock.advance(61)  # w waited reservation_after
+    engine.report_node("a", gpu_list(2))
+    engine.report_node("b", gpu_list(1, start=2))
+    x = engine.allocate(req(service="x", required_gpus=2, ttl_seconds=3600))
+    assert x["status"] == "queued"
+    assert why(engine, w["id"]) == {"reason": "dependency", "eta": dep["expires_at"]}
+    assert why(engine, x["id"]) == {"reason": "capacity", "eta": holder["expires_at"]}
+    clock.t = holder["expires_at"]
+    engine.report_node("a", gpu_list(2))
+    engine.report_node("b", gpu_list(1, start=2))
+    engine.release(holder["id"])
+    assert engine.get(x["id"])["status"] == "allocated"
+    assert engine.get(x["id"])["allocated_at"] == holder["expires_at"]
+    assert engine.get(w["id"])["reserved_node"] is None
+
+
 def test_priority_under_strict_fifo(make_engine):
     engine = make_engine(aging_rate=0, policy="strict_fifo")
     engine.report_node("a", gpu_list(2))

@@ -377,9 +377,10 @@
     end
 
     -- A queued request the pass did not place (r: it, when read; eligible: its dependencies
-    -- are done; rank: its place in the queue now). One that waited reservation_after
-    -- reserves; with HEADS so does the first one of each tenant (the tenant's head) when it is
-    -- an eligible exclusive request. Its reserved node is held back from the requests after it.
+    -- are done and its quota lets it; rank: its place in the queue now). An eligible one that
+    -- waited reservation_after reserves; with HEADS so does the first one of each tenant (the
+    -- tenant's head) when it is an eligible exclusive request. Its reserved node is held back
+    -- from the requests after it.
     local function consider(id, r, eligible, rank)
       local rn = reserved_by[id]
       if rn and not held_node[id] and quotas_on() then
@@ -410,8 +411,13 @@
         want = false
       end
       if not rn and want and may_reserve and new_reservations < MAX_NEW_RES then
-        r = r or load_req(id)
-        if r and not over_quota(r) then
+        if r == nil then
+          r = load_req(id)
+          eligible = r ~= nil and deps_done(r) and not over_quota(r)
+        end
+        -- one waiting for a dependency reserves nothing: it could not run on the node before
+        -- its dependency ends, and the node's free GPUs would be held back meanwhile
+        if eligible then
           rn = reserve(r, blocked)
           if rn == '' then may_reserve = false else new_reservations = new_reservations + 1 end
         end
