@@ -529,7 +529,8 @@ def explain(
         reasons[r.id] = _reason(sim, r, now, blocked_now)
         if reasons[r.id] != "priority":
             eligible = reasons[r.id] in ("capacity", "reservation")
-            _maybe_reserve(sim, r, now, blocked_now, seen, rank, eligible)
+            pending = reasons[r.id] == "dependency"
+            _maybe_reserve(sim, r, now, blocked_now, seen, rank, eligible, pending)
             if sim.held_for.get(r.reserved) == r.id:
                 blocked_now[r.reserved] = (INF, 0)  # held, not merely reserved
     for rid, rec in targets.items():
@@ -577,13 +578,21 @@ def _reason(sim: _Sim, r: _Req, now: float, blocked: dict) -> str:
 
 
 def _maybe_reserve(
-    sim: _Sim, r: _Req, t: float, blocked: dict, seen: set, rank: int, eligible: bool = True
+    sim: _Sim,
+    r: _Req,
+    t: float,
+    blocked: dict,
+    seen: set,
+    rank: int,
+    eligible: bool = True,
+    deps_pending: bool = False,
 ) -> None:
     """The engine's reservation rule: a request that holds one keeps it; an eligible one
     (dependencies done; ``eligible``) waiting reservation_after reserves; with tenants
     configured (sim.heads) each tenant's first request not placed is its head, and reserves
     when it is exclusive and eligible. As in the engine, once one finds no node to reserve, no
-    other reserves in that pass."""
+    other reserves in that pass; one that waited reservation_after for its dependencies
+    (``deps_pending``) waits reservation_after again."""
     if sim.policy == "strict_fifo":
         return
     head = False
@@ -603,6 +612,8 @@ def _maybe_reserve(
         if not sim.reserve(r, t, blocked):
             r.unres = t  # the engine waits reservation_after again
             seen.add(None)  # None: no tenant's name; marks the pass done reserving
+    elif deps_pending and t - r.unres >= sim.res_after and None not in seen:
+        r.unres = t  # so does one waiting for its dependencies
 
 
 def _unreserve_over_quota(sim: _Sim, r: _Req) -> bool:
@@ -704,7 +715,7 @@ def _rank_pass(sim: _Sim, walk: list[_Req], t: float, eta: dict) -> int:
             if not sim.over_quota(r):
                 break  # the head blocks, unless only its tenant's quota holds it back
             continue
-        _maybe_reserve(sim, r, t, blocked, seen, rank, bool(done))
+        _maybe_reserve(sim, r, t, blocked, seen, rank, bool(done), not done)
         if hn is not None:
             blocked[hn] = (INF, 0)  # held, not merely reserved: no backfill, no spare
     return steps

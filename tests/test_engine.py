@@ -812,13 +812,40 @@ def test_a_request_waiting_for_its_dependency_reserves_nothing(make_engine, cloc
     assert "reserved" not in [e["event"] for e in engine.events(count=1000)]
     x = engine.allocate(req(service="x", required_gpus=2, ttl_seconds=3600))
     assert x["status"] == "allocated" and x["node"] == "a"
-    # once its dependency ends it is an ordinary request again: it has waited
-    # reservation_after (counted from its submission), so the next pass that walks the queue
-    # reserves the node where it starts soonest
+    # once its dependency ends it is an ordinary request again: reservation_after (counted
+    # again from the pass that found it waiting for its dependency) over, the next pass that
+    # walks the queue reserves the node where it starts soonest
     engine.release(dep["id"])
+    clock.advance(61)
+    engine.report_node("a", gpu_list(2))
+    engine.report_node("b", gpu_list(1, start=2))
     z = engine.allocate(req(service="z", ttl_seconds=3600))
     assert z["status"] == "allocated" and z["node"] == "b"
     assert engine.get(w["id"])["reserved_node"] == "a"
+
+
+def test_a_request_waiting_for_its_dependency_does_not_make_every_pass_walk(make_engine, clock):
+    """A request past reservation_after makes the next pass walk the queue (so that it may
+    reserve). One that waits for its dependency reserves nothing, and waits reservation_after
+    again, as one that found no node does: the passes of the allocations after it do not each
+    walk a queue it cannot leave."""
+    engine = make_engine(reservation_after=60, aging_rate=0)
+    engine.report_node("a", gpu_list(2))
+    engine.report_node("b", gpu_list(1, start=2))
+    engine.report_node("c", gpu_list(1, start=3))
+    dep = engine.allocate(req(service="dep", ttl_seconds=10_000, nodes=["b"]))
+    engine.allocate(req(service="x", required_gpus=2, ttl_seconds=10_000))
+    w = engine.allocate(req(service="w", required_gpus=2, depends_on=[dep["id"]]))
+    # a request that fits the free GPU of c by its size (so passes walk) but may use only a
+    engine.allocate(req(service="p", nodes=["a"]))
+    clock.advance(61)
+    for node, n, start in (("a", 2, 0), ("b", 1, 2), ("c", 1, 3)):
+        engine.report_node(node, gpu_list(n, start=start))
+    before = engine.stats()["scheduler"]["passes"]
+    for _ in range(3):
+        assert engine.allocate(req(service="q", required_gpus=2))["status"] == "queued"
+    assert engine.stats()["scheduler"]["passes"] == before
+    assert engine.get(w["id"])["reserved_node"] is None
 
 
 # --------------------------------------------------------------------------- idempotency

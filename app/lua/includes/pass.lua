@@ -420,6 +420,10 @@
         if eligible then
           rn = reserve(r, blocked)
           if rn == '' then may_reserve = false else new_reservations = new_reservations + 1 end
+        elseif r and due[id] and not deps_done(r) then
+          -- reservation_after counts again from now, as when no node can take it: else every
+          -- pass until its dependency ends would walk the queue for it (schedule_inner)
+          rcall('ZADD', K_QUNRES, NOW_S, id)
         end
       end
       if rn and rn ~= '' and not held_node[id] then blocked[rn] = {id = id, r = r} end
