@@ -467,15 +467,16 @@ def test_a_request_refused_by_max_queued_keeps_no_reservation(make_engine):
         eng.allocate({"service_name": "h", "nodes": [n], "ttl_seconds": 600})
         for n in ("n1", "n2", "n3")
     ]
-    # a request whose shape fits the free GPUs makes each allocate walk the queue
+    # a request whose shape fits the free GPUs makes each allocate walk the queue (waiting
+    # for its dependency, it reserves nothing itself)
     eng.allocate({"service_name": "d", "depends_on": [holds[0]["id"]], "ttl_seconds": 60})
     assert eng.allocate({"service_name": "a", "required_gpus": 2})["status"] == "queued"
     with pytest.raises(TenantQueueFull):
         eng.allocate({"service_name": "a", "required_gpus": 2})
     big = eng.allocate({"service_name": "b", "required_gpus": 2, "ttl_seconds": 60})
-    assert eng.get(big["id"])["reserved_node"] == "n3"
-    long = eng.allocate({"service_name": "c", "nodes": ["n3"], "ttl_seconds": 3600})
-    assert long["status"] == "queued"  # it would end after big's start on n3
+    assert eng.get(big["id"])["reserved_node"] == "n2"
+    long = eng.allocate({"service_name": "c", "nodes": ["n2"], "ttl_seconds": 3600})
+    assert long["status"] == "queued"  # it would end after big's start on n2
 
 
 # ----------------------------------------------------------------------------- fair share
