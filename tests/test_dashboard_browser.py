@@ -204,3 +204,30 @@ def test_the_dashboards_own_requeue_all_button_still_works(browser, settings, re
         )
         browser.find_element(By.ID, "confirmation-modal-yes").click()
         wait_for(lambda: failed.get_job_ids() == [], "the job to leave the failed registry")
+
+
+@pytest.mark.parametrize("path", ["/rq/", "/docs", "/"])
+def test_no_other_page_can_frame_the_console_the_dashboard_or_the_docs(
+    browser, settings, redis_url, path
+):
+    """With auth off no cookie is needed, so another site's page could show /rq (Requeue All,
+    Compact) or /docs (Try it out) in a frame and steer an operator's clicks onto them; every
+    HTML page refuses to be framed, as the console's already did."""
+    from flask import Flask
+    from selenium.webdriver.common.by import By
+
+    app = create_app(settings, redis_url=redis_url)
+    other = Flask("another-site")  # another origin (its own port)
+    with LiveServer(app) as live, LiveServer(other) as site:
+        assert requests.get(live.url + path, timeout=10).status_code == 200
+        other.add_url_rule("/", "page", lambda: f"<iframe id='f' src='{live.url}{path}'></iframe>")
+        browser.get(site.url + "/")
+        browser.switch_to.frame(browser.find_element(By.ID, "f"))
+        shown = wait_for(
+            lambda: browser.execute_script(
+                "return document.readyState === 'complete' && location.href"
+            ),
+            "the frame to settle",
+        )
+        browser.switch_to.default_content()
+        assert not shown.startswith(live.url), f"{path} was shown in another page's frame"

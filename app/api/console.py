@@ -47,6 +47,23 @@ PAGE_HEADERS = {
     "Cache-Control": "no-store",
 }
 
+#: Headers of every other HTML answer (rq-dashboard under /rq, Swagger UI at /docs): their
+#: scripts are their own, but no other site's page may frame them (with auth off no cookie is
+#: needed to click their buttons).
+NO_FRAMING = {
+    "Content-Security-Policy": "frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+@bp.after_app_request
+def _no_framing(resp):
+    if resp.mimetype == "text/html":
+        for name, value in NO_FRAMING.items():
+            resp.headers.setdefault(name, value)
+    return resp
+
 
 def _settings():
     return current_app.extensions["gpu_settings"]
