@@ -21,10 +21,11 @@ import hashlib
 import hmac
 import logging
 
-from flask import Flask, g, redirect, request, url_for
+from flask import Flask, redirect, request, url_for
 
 from app import sessions
 from app.errors import Forbidden, Unauthorized
+from app.flask_context import current_request, request_globals
 from app.settings import Settings
 
 log = logging.getLogger("gpu_orchestrator.auth")
@@ -81,10 +82,11 @@ ALWAYS_PUBLIC = ["/login", "/logout", "/static/console/*"]
 
 def presented_key(header_name: str) -> str | None:
     """The key from the configured header, else from ``Authorization: Bearer``."""
-    key = request.headers.get(header_name)
+    headers = current_request().headers
+    key = headers.get(header_name)
     if key:
         return key.strip()
-    authz = request.headers.get("Authorization", "")
+    authz = headers.get("Authorization", "")
     scheme, _, token = authz.partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
@@ -103,17 +105,17 @@ def is_public(path: str, public_paths: list[str]) -> bool:
 
 def current_principal() -> str | None:
     """The authenticated principal of this request (None when auth is off)."""
-    return g.get("principal")
+    return request_globals().get("principal")
 
 
 def current_is_admin() -> bool:
     """True for admins, and for everyone when auth is off (nothing to own then)."""
-    return bool(g.get("is_admin", True))
+    return bool(request_globals().get("is_admin", True))
 
 
 def current_session() -> sessions.Session | None:
     """The browser session this request came with (None: a header key, or no auth)."""
-    return g.get("session")
+    return request_globals().get("session")
 
 
 def wants_page() -> bool:
@@ -139,38 +141,39 @@ def init_app(app: Flask, settings: Settings, redis=None) -> None:
 
     @app.before_request
     def _authenticate():
-        g.principal, g.is_admin, g.session = None, False, None
-        if request.method == "OPTIONS" or is_public(request.path, public):
+        req, ctx = current_request(), request_globals()
+        ctx.principal, ctx.is_admin, ctx.session = None, False, None
+        if req.method == "OPTIONS" or is_public(req.path, public):
             return None
         key = presented_key(header)
         if key is None:
-            session = manager.load(request.cookies.get(sessions.COOKIE))
+            session = manager.load(req.cookies.get(sessions.COOKIE))
             if session is None:
                 if wants_page():
                     return redirect(
                         url_for(
                             "console.login",
-                            next=request.full_path if request.query_string else request.path,
+                            next=req.full_path if req.query_string else req.path,
                         )
                     )
                 raise Unauthorized(
                     f"an API key is required (header {header} or Authorization: Bearer)"
                 )
-            if request.method not in sessions.SAFE_METHODS and not _csrf_ok(session):
+            if req.method not in sessions.SAFE_METHODS and not _csrf_ok(session):
                 raise Forbidden(
                     "this request was made with a session cookie; it needs the "
                     f"session's CSRF token ({sessions.CSRF_HEADER} header)",
                     details={"header": sessions.CSRF_HEADER},
                 )
-            g.principal, g.session = session.principal, session
-            g.is_admin = authenticator.is_admin(session.principal)
+            ctx.principal, ctx.session = session.principal, session
+            ctx.is_admin = authenticator.is_admin(session.principal)
             return None
         principal = authenticator.principal_for(key)
         if principal is None:
             log.info("rejected an invalid API key")
             raise Unauthorized("invalid API key")
-        g.principal = principal
-        g.is_admin = authenticator.is_admin(principal)
+        ctx.principal = principal
+        ctx.is_admin = authenticator.is_admin(principal)
         return None
 
     def _csrf_ok(session) -> bool:

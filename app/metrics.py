@@ -28,12 +28,13 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from app.errors import NotFound
+from app.flask_context import current_request, request_globals
 
 log = logging.getLogger("gpu_orchestrator.metrics")
 
@@ -364,16 +365,21 @@ def init_app(app: Flask, engine: Any) -> None:
 
     @app.before_request
     def _start_timer():
-        g._metrics_start = time.perf_counter()
+        request_globals()._metrics_start = time.perf_counter()
 
     @app.after_request
     def _record(response):
-        start = g.pop("_metrics_start", None)
-        method, status = request.method, response.status_code  # through a proxy: read once
+        start = request_globals().pop("_metrics_start", None)
+        req = current_request()
+        method, status = req.method, response.status_code
         if start is not None:
-            rule = request.url_rule
+            rule = req.url_rule
             route = rule.rule if rule is not None else UNMATCHED
-            if request.args.get("wait") not in (None, "", "0") and rule is not None:
+            if (
+                rule is not None
+                and req.query_string
+                and req.args.get("wait") not in (None, "", "0")
+            ):
                 route += LONG_POLL_SUFFIX  # held on purpose: kept out of the route's latency
             http.observe(method_label(method), route, status, time.perf_counter() - start)
         if method not in _READS and 200 <= status < 300:

@@ -10,8 +10,9 @@ import itertools
 import os
 import re
 
-from flask import Flask, g, request
+from flask import Flask
 
+from app.flask_context import current_request, request_globals
 from app.logs import request_id_var
 
 HEADER = "X-Request-ID"
@@ -40,20 +41,21 @@ def init_app(app: Flask) -> None:
 
     @app.before_request
     def _assign_request_id():
-        rid = request.headers.get(HEADER, "")
+        rid = current_request().headers.get(HEADER, "")
         if not _VALID.match(rid):
             rid = new_id()
-        g.request_id = rid
-        g._request_id_token = request_id_var.set(rid)
+        ctx = request_globals()
+        ctx.request_id = rid
+        ctx._request_id_token = request_id_var.set(rid)
 
     @app.after_request
     def _echo_request_id(response):
-        response.headers[HEADER] = g.get("request_id") or new_id()
+        response.headers[HEADER] = request_globals().get("request_id") or new_id()
         return response
 
     @app.teardown_request
     def _forget_request_id(exc):
-        token = g.pop("_request_id_token", None)
+        token = request_globals().pop("_request_id_token", None)
         if token is not None:
             try:
                 request_id_var.reset(token)

@@ -17,12 +17,12 @@ import threading
 from typing import Any
 
 import marshmallow as ma
-from flask import request
 from marshmallow import fields as mf
 from marshmallow import validate as mv
 from werkzeug.exceptions import UnsupportedMediaType
 
 from app.errors import BadRequest, ValidationFailed
+from app.flask_context import current_request
 
 
 class NonFinite:
@@ -97,8 +97,9 @@ _DECODER = json.JSONDecoder(parse_constant=_constant, parse_float=_number, parse
 
 def raw_json() -> Any:
     """The decoded body, or None when there is none."""
-    data = request.get_data(cache=True)
-    if (data or request.mimetype) and not _is_json(request.mimetype):  # no body, no type: fine
+    req = current_request()
+    data = req.get_data(cache=True)
+    if (data or req.mimetype) and not _is_json(req.mimetype):  # no body, no type: fine
         raise UnsupportedMediaType("Content-Type must be application/json")
     if not data:
         return None
@@ -125,7 +126,7 @@ def load(schema: ma.Schema, *, empty: Any = None) -> dict[str, Any]:
     """Validate the body with ``schema``; a missing body counts as ``empty`` (default ``{}``).
     A body of JSON ``null`` is not a missing body: the schema rejects it (422)."""
     body = raw_json()
-    if body is None and not request.get_data(cache=True):
+    if body is None and not current_request().get_data(cache=True):
         body = {} if empty is None else empty
     try:
         return schema.load(body)

@@ -21,6 +21,7 @@ from app.api import body, render
 from app.api.docs import doc, doc_once
 from app.engine import LIVE_STATUSES, valid_cursor, workload_data_json
 from app.errors import BadRequest, NotFound, OrchestratorError, ValidationFailed
+from app.flask_context import current_request, this_app
 from app.request_rules import (
     IDEMPOTENCY_KEY_RULE,
     MAX_IDEMPOTENCY_KEY,
@@ -120,7 +121,7 @@ def ok(status: int, schema, description: str, headers: dict | None = None):
 
 
 def _engine():
-    return current_app.extensions["gpu_engine"]
+    return this_app().extensions["gpu_engine"]
 
 
 def _owner_kwargs() -> dict[str, Any]:
@@ -129,7 +130,7 @@ def _owner_kwargs() -> dict[str, Any]:
 
 def _dispatch_webhooks() -> None:
     """Have fresh webhook notifications handed to RQ (in the background; see app.dispatcher)."""
-    dispatcher = current_app.extensions.get("gpu_dispatcher")
+    dispatcher = this_app().extensions.get("gpu_dispatcher")
     if dispatcher is not None:
         dispatcher.kick()
 
@@ -139,7 +140,7 @@ def _workload_data_json(data: dict[str, Any]) -> str:
     before anything reads it."""
     return workload_data_json(
         data.get("workload_data"),
-        current_app.extensions["gpu_engine"].settings.server.max_workload_data_bytes,
+        _engine().settings.server.max_workload_data_bytes,
     )
 
 
@@ -152,7 +153,8 @@ def _analyze(data: dict[str, Any], data_json: str | None = None) -> dict[str, An
     body's own ``required_gpus``, ``min_memory_mb``, ``gpu_model`` and ``nodes`` on top;
     ``data_json``: the body's workload_data as JSON, which lets the analyser reuse an analysis
     of the same workload (WorkloadAnalyzer.analyze's memo_key)."""
-    analysis = current_app.extensions["gpu_analyzer"].analyze(
+    analyzer = this_app().extensions["gpu_analyzer"]
+    analysis = analyzer.analyze(
         data["workload_type"],
         data["workload_data"],
         service_name=data.get("service_name"),
@@ -185,9 +187,10 @@ def _check_webhook_url(url: str | None) -> None:
     (delivery checks it again against the address it connects to)."""
     if not url:
         return
-    settings = current_app.extensions["gpu_settings"]
+    extensions = this_app().extensions
+    settings = extensions["gpu_settings"]
     try:
-        current_app.extensions["gpu_webhook_policy"].resolve(
+        extensions["gpu_webhook_policy"].resolve(
             url, timeout=min(WEBHOOK_LOOKUP_TIMEOUT, settings.webhooks.timeout)
         )
     except Refused as exc:
@@ -207,7 +210,7 @@ _IDEMPOTENCY_ENVIRON = "HTTP_" + IDEMPOTENCY_HEADER.upper().replace("-", "_")
 
 
 def _idempotency_key() -> str | None:
-    key = request.environ.get(_IDEMPOTENCY_ENVIRON)
+    key = current_request().environ.get(_IDEMPOTENCY_ENVIRON)
     if key is None:
         return None
     if not idempotency_key_ok(key):

@@ -9,10 +9,11 @@ import json
 from functools import lru_cache
 from typing import Any
 
-from flask import current_app, jsonify
+from flask import jsonify
 from flask.json.provider import DefaultJSONProvider
 
 from app import schemas
+from app.flask_context import this_app
 from app.timefmt import iso
 
 TIME_FIELDS = (
@@ -39,7 +40,7 @@ def json_response(obj: Any, status: int = 200):
     """``flask.jsonify(obj)`` with ``status``, byte for byte, from an encoder built once: jsonify
     builds a json.JSONEncoder per answer (json.dumps does, given any option). Debug mode (an
     indented answer) or another JSON provider: jsonify itself."""
-    app = current_app
+    app = this_app()
     js = app.json
     if (
         type(js) is not DefaultJSONProvider
