@@ -218,3 +218,44 @@ def test_a_user_sees_the_fleet_without_admin_buttons(browser, live):
     # the cookie opens /docs too, and /rq stays admin-only
     browser.get(live.url + "/docs")
     assert "swagger" in browser.page_source.lower()
+
+
+def test_a_long_node_name_fits_a_phone(browser, settings, redis_url):
+    """Node names are host names (up to 253 characters, no spaces), which a browser does not
+    break at a dot: a name such as dgxa100node0017.gpucluster.research.example.edu made the
+    whole page wider than a phone, and a longer one wider than a laptop's window."""
+    from workers.simulated import fleet
+
+    cloud = "dgxa100node0017.gpucluster.research.example.edu"
+    longest = ".".join(["dgxa100node0017rack0042row0007hall0003"] * 7)[:253]
+    st = settings.replace(
+        dashboard={"enabled": False},
+        auth={"enabled": True, "api_keys": {ADMIN_KEY: "ops"}, "admins": ["ops"]},
+    )
+    app = create_app(st, redis_url=redis_url)
+    engine = app.extensions["gpu_engine"]
+    for node, gpus in fleet({"nodes": [{"name": cloud}, {"name": longest}]}).items():
+        engine.report_node(node, gpus, backend="nvml", host=node)
+    with LiveServer(app) as live:
+        from selenium.webdriver.common.by import By
+
+        browser.get(live.url + "/login?next=/")
+        browser.find_element(By.ID, "api_key").send_keys(ADMIN_KEY)
+        browser.find_element(By.ID, "sign-in").click()
+        wait_for(lambda: cloud in text_of(browser, f"[data-node='{cloud}'] h3"), "the nodes")
+        for width, height in ((1280, 800), (390, 844)):
+            browser.set_window_size(width, height)
+            try:
+                wait_for(
+                    lambda: browser.execute_script(
+                        "return document.documentElement.scrollWidth <= window.innerWidth"
+                    ),
+                    f"the page to fit {width} px",
+                    timeout=5,
+                )
+            except AssertionError:
+                raise AssertionError(
+                    f"wider than {width} px: {browser.execute_script(OVERFLOW)}"
+                ) from None
+        # the whole name is still there to read (wrapped, not cut)
+        assert text_of(browser, f"[data-node='{longest}'] h3").replace("\n", "") == longest
