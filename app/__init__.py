@@ -33,20 +33,19 @@ def create_app(
     clock=None,
 ) -> Flask:
     """Build the API. Tests pass ``settings`` and a ``redis`` client instead of patching."""
-    from flask import Flask
-
     from app import api as api_mod
     from app import auth, http_errors, longpoll, metrics, request_ids
     from app import settings as settings_mod
     from app.dispatcher import OutboxDispatcher
     from app.engine import Engine
+    from app.flask_app import OrchestratorFlask
     from app.redis_client import connect
     from app.webhook_policy import Policy
     from app.workload import WorkloadAnalyzer
 
     settings = settings or settings_mod.load()
     url = redis_url or settings.redis.url
-    app = Flask(__name__)
+    app = OrchestratorFlask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.server.max_body_bytes
     app.json.sort_keys = False
     app.extensions["gpu_settings"] = settings

@@ -22,3 +22,29 @@ def test_the_objects_are_the_ones_the_proxies_stand_for():
         assert g.seen == 1 and current_app.name == current.name
     with app.test_request_context("/y"):  # a new request: new objects
         assert current_request() is not req and "seen" not in request_globals()
+
+
+def test_the_app_remembers_whether_a_function_is_async_as_flask_answers_it():
+    """OrchestratorFlask keeps ensure_sync's answer per function, and answers as Flask does:
+    a plain function as it is, an async one never as it is (Flask wraps it, or without the
+    async extra refuses it)."""
+    from app.flask_app import OrchestratorFlask
+
+    app = OrchestratorFlask(__name__)
+
+    def hook():
+        return None
+
+    assert app.ensure_sync(hook) is hook and app.ensure_sync(hook) is hook
+    assert hook in app._sync
+
+    async def view():
+        return "async"
+
+    for _ in range(2):
+        try:
+            wrapped = app.ensure_sync(view)
+        except RuntimeError as exc:  # no asgiref: Flask's own refusal, each time
+            assert "async" in str(exc)
+        else:
+            assert wrapped is not view
