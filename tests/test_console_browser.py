@@ -259,3 +259,40 @@ def test_a_long_node_name_fits_a_phone(browser, settings, redis_url):
                 ) from None
         # the whole name is still there to read (wrapped, not cut)
         assert text_of(browser, f"[data-node='{longest}'] h3").replace("\n", "") == longest
+
+
+def test_the_queue_keeps_updating_after_a_priority_is_set(browser, live):
+    """The queue is not redrawn while a priority is being typed. Chromium leaves the focus on
+    the Set button after its click, and that counted as typing: from then on the queue never
+    changed (a newly queued request never appeared, the new order never showed) while the
+    page still said "updated" every two seconds."""
+    from selenium.webdriver.common.by import By
+
+    held = api(live, "POST", "/gpu/allocate", json={"service_name": "holder", "required_gpus": 4})
+    assert held.status_code == 200, held.text
+    ids = []
+    for name in ("first", "second"):
+        got = api(live, "POST", "/gpu/allocate", json={"service_name": name, "required_gpus": 4})
+        assert got.status_code == 202, got.text
+        ids.append(got.json()["id"])
+    browser.get(live.url + "/login?next=/")
+    browser.find_element(By.ID, "api_key").send_keys(ADMIN_KEY)
+    browser.find_element(By.ID, "sign-in").click()
+    wait_for(lambda: ids[1] in text_of(browser, "#queue tbody"), "the queue")
+    row = f"#queue tr[data-request='{ids[1]}']"
+    box = browser.find_element(By.CSS_SELECTOR, row + " input.prio")
+    box.clear()
+    box.send_keys("9")
+    browser.find_element(By.CSS_SELECTOR, row + " [data-action='set-priority']").click()
+    wait_for(lambda: "done" in text_of(browser, "#notice"), "the priority change")
+    late = api(live, "POST", "/gpu/allocate", json={"service_name": "late", "required_gpus": 4})
+    assert late.status_code == 202, late.text
+    wait_for(lambda: "late" in text_of(browser, "#queue tbody"), "the newly queued request")
+    # the raised request now heads the queue
+    wait_for(
+        lambda: (
+            browser.find_element(By.CSS_SELECTOR, "#queue tbody tr").get_attribute("data-request")
+            == ids[1]
+        ),
+        "the new order",
+    )

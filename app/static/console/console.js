@@ -235,7 +235,9 @@
     state.nodes.forEach(function (n) { nodes.appendChild(nodeCard(n)); });
     var tbody = document.querySelector("#queue tbody");
     // keep a priority being typed: skip redrawing the queue while one of its inputs has focus
-    if (!(document.activeElement && tbody.contains(document.activeElement))) {
+    // (an input only: a Set button keeps the focus after its click, and nothing is typed there)
+    var typing = document.activeElement;
+    if (!(typing && typing.tagName === "INPUT" && tbody.contains(typing))) {
       tbody.textContent = "";
       if (!state.queue.length) tbody.appendChild(el("tr", {}, [el("td", {"colspan": "9", "class": "muted", text: "Nothing waits."})]));
       state.queue.forEach(function (q) { tbody.appendChild(queueRow(q)); });
