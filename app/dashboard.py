@@ -49,7 +49,10 @@ def init_app(app: Any, settings: Settings, redis_url: str) -> bool:
     if not settings.dashboard.enabled or not redis_url:
         return False
     import rq_dashboard
+    from rq.exceptions import NoSuchJobError
     from rq_dashboard import web
+
+    from app.errors import Forbidden, NotFound
 
     if redis_url.startswith(SENTINEL_SCHEME + "://"):  # it follows the primary by itself
         password = sentinel_target(settings, redis_url).password or None
@@ -71,7 +74,6 @@ def init_app(app: Any, settings: Settings, redis_url: str) -> bool:
         from werkzeug.exceptions import MethodNotAllowed
 
         from app.auth import current_is_admin
-        from app.errors import Forbidden
         from app.sessions import same_origin
 
         path = request.path
@@ -85,6 +87,15 @@ def init_app(app: Any, settings: Settings, redis_url: str) -> bool:
         # it answers GET here too, which no CSRF check covers; its own button posts
         if request.endpoint == "rq_dashboard.requeue_all" and request.method != "POST":
             raise MethodNotAllowed(valid_methods=["POST"])
+        # it has one Redis (instance 0); another number was a LookupError, a 500
+        if (request.view_args or {}).get("instance_number", 0) != 0:
+            raise NotFound("rq-dashboard has one Redis instance: /rq/0/...")
+
+    @app.errorhandler(NoSuchJobError)
+    def _job_gone(exc):  # a job that expired (results and failures are kept for a while)
+        from app.http_errors import handle_domain
+
+        return handle_domain(NotFound(f"no such job (it may have expired): {exc}"))
 
     @app.after_request
     def _text_not_html(response):

@@ -180,3 +180,23 @@ def test_other_sites_cannot_drive_the_dashboard_even_with_auth_off(settings, red
     assert failed.get_job_ids() == [queued_job]
     ours = client.post(f"/rq/requeue/{qname}", headers={"Origin": "http://localhost"})
     assert ours.get_json() == {"status": "OK", "count": 1}
+
+
+def test_a_job_that_is_gone_or_another_instance_is_a_404_not_a_500(settings, redis_url, caplog):
+    """A link to a job that has since expired (finished deliveries are kept for a while) or
+    to an instance other than /rq/0 answered 500 internal_error and logged a stack trace."""
+    import logging
+
+    from app import create_app
+
+    client = create_app(settings, redis_url=redis_url).test_client()
+    caplog.set_level(logging.ERROR)
+    for path in (
+        "/rq/0/view/job/webhook-gone",
+        "/rq/0/data/job/webhook-gone.json",
+        "/rq/1/view/queues",
+        "/rq/7/data/queues.json",
+    ):
+        got = client.get(path)
+        assert got.status_code == 404 and got.get_json()["error"]["code"] == "not_found", path
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
