@@ -296,3 +296,25 @@ def test_the_queue_keeps_updating_after_a_priority_is_set(browser, live):
         ),
         "the new order",
     )
+
+
+@pytest.mark.parametrize("dashboard", [True, False])
+def test_the_jobs_link_is_there_only_when_the_dashboard_is(browser, settings, redis_url, dashboard):
+    """An admin's "Jobs" link led to a JSON 404 when the deployment runs without rq-dashboard
+    (dashboard.enabled: false)."""
+    from selenium.webdriver.common.by import By
+
+    st = settings.replace(
+        dashboard={"enabled": dashboard},
+        auth={"enabled": True, "api_keys": {ADMIN_KEY: "ops"}, "admins": ["ops"]},
+    )
+    with LiveServer(create_app(st, redis_url=redis_url)) as server:
+        browser.get(server.url + "/login?next=/")
+        browser.find_element(By.ID, "api_key").send_keys(ADMIN_KEY)
+        browser.find_element(By.ID, "sign-in").click()
+        wait_for(lambda: "ops (admin)" in text_of(browser, "#principal"), "the fleet page")
+        links = [a.text for a in browser.find_elements(By.CSS_SELECTOR, "nav.who a")]
+        assert ("Jobs" in links) == dashboard, links
+        if dashboard:
+            browser.find_element(By.LINK_TEXT, "Jobs").click()
+            wait_for(lambda: browser.title == "RQ dashboard", "rq-dashboard")

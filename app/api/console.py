@@ -84,6 +84,7 @@ def fleet():
             "console.html",
             principal=auth.current_principal(),
             is_admin=auth.current_is_admin(),
+            jobs="rq_dashboard" in current_app.blueprints,  # mounted (app.dashboard)
             auth_enabled=_settings().auth.enabled,
             csrf_token=session.csrf_token if session else "",
             signed_in=session is not None,
