@@ -231,3 +231,29 @@ def test_no_other_page_can_frame_the_console_the_dashboard_or_the_docs(
         )
         browser.switch_to.default_content()
         assert not shown.startswith(live.url), f"{path} was shown in another page's frame"
+
+
+def test_the_workers_page_shows_what_it_lists_as_text(browser, settings, redis_url):
+    """The workers page writes each worker's fields (name, queues, the job it runs with its
+    arguments: a gpu_unhealthy delivery's hold a node name, which a monitor reports with any
+    printable character but '|' and '%') into the page as HTML."""
+    from rq import Queue, Worker
+
+    name = "<b>w1</b>"  # no '=' or space: Redis's CLIENT LIST would not parse the name
+    st = secured(settings)
+    app = create_app(st, redis_url=redis_url)
+    rq_redis = app.extensions["gpu_rq_redis"]
+    q = Queue(queues.queue_name(st, queues.WEBHOOKS), connection=rq_redis)
+    worker = Worker([q], name=name, connection=rq_redis, serializer=queues.SERIALIZER)
+    worker.register_birth()
+    try:
+        with LiveServer(app) as live:
+            sign_in(browser, live, "/rq/0/view/workers")
+            wait_for(lambda: name in text_of(browser, "#workers"), "the worker, as text")
+            assert (
+                browser.execute_script("return document.querySelectorAll('#workers img').length")
+                == 0
+            )
+            assert browser.title != "pwned"
+    finally:
+        worker.register_death()
