@@ -318,3 +318,31 @@ def test_the_jobs_link_is_there_only_when_the_dashboard_is(browser, settings, re
         if dashboard:
             browser.find_element(By.LINK_TEXT, "Jobs").click()
             wait_for(lambda: browser.title == "RQ dashboard", "rq-dashboard")
+
+
+def test_another_site_cannot_sign_you_out(browser, live):
+    """Sign-out checked the CSRF token only when the cookie came with the request, and a
+    SameSite=Strict cookie never comes with another site's form: its answer cleared the cookie
+    anyway, so any page could sign an operator out of the console."""
+    from flask import Flask
+    from selenium.webdriver.common.by import By
+
+    browser.get(live.url + "/login?next=/")
+    browser.find_element(By.ID, "api_key").send_keys(ADMIN_KEY)
+    browser.find_element(By.ID, "sign-in").click()
+    wait_for(lambda: "ops (admin)" in text_of(browser, "#principal"), "the fleet page")
+    other = Flask("another-site")  # localhost: another site than 127.0.0.1
+    other.add_url_rule(
+        "/",
+        "page",
+        lambda: (
+            f"<form id='f' method='post' action='{live.url}/logout'></form>"
+            "<script>document.getElementById('f').submit()</script>"
+        ),
+    )
+    with LiveServer(other) as site:
+        browser.get(site.url.replace("127.0.0.1", "localhost") + "/")
+        wait_for(lambda: browser.current_url.startswith(live.url), "the other site's form post")
+    browser.get(live.url + "/")
+    wait_for(lambda: "ops (admin)" in text_of(browser, "#principal"), "still signed in")
+    assert browser.current_url == live.url + "/"

@@ -151,6 +151,10 @@ def login_submit():
 @bp.post("/logout")
 def logout():
     """End the browser session (the cookie is cleared; nothing is kept server-side)."""
+    # another site's form comes without the (SameSite=Strict) cookie, so no token is checked
+    # below, and its answer would still clear the cookie
+    if not sessions.same_origin(request):
+        raise Forbidden("sign-out must come from this site's own page")
     manager = current_app.extensions["gpu_sessions"]
     session = manager.load(request.cookies.get(sessions.COOKIE))
     if session is not None and not hmac.compare_digest(
