@@ -241,7 +241,7 @@ def _retry_after(value: str | None) -> float | None:
     except ValueError:
         try:
             seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # a year no datetime holds overflows
             return None
     return max(0.0, seconds) if math.isfinite(seconds) else None
 

@@ -207,10 +207,13 @@ def test_a_retry_after_a_dropped_connection_reuses_the_idempotency_key(stub):
     assert posts[0][3]["ttl_seconds"] == 600 and posts[0][3]["gpu_model"] == "*H100*"
 
 
-@pytest.mark.parametrize("header", ["-1", "nan", "inf", "soon"])
+@pytest.mark.parametrize(
+    "header", ["-1", "nan", "inf", "soon", "Mon, 01 Jan 9999999999999 00:00:00 GMT"]
+)
 def test_a_503_with_an_unreadable_retry_after_is_still_retried(stub, header):
     """A proxy's Retry-After is not ours: whatever it says, the client retries as for a 503
-    without one (it does not crash on time.sleep of a negative or NaN)."""
+    without one (it does not crash on time.sleep of a negative or NaN, nor on an HTTP-date
+    whose year no datetime holds)."""
     answers = iter([err(503, "unavailable", header), (200, granted(), {})])
     stub.routes[("POST", "/gpu/allocate")] = lambda s, b, q: next(answers)
     assert api.Client(stub.url).allocate("svc").status == "allocated"
