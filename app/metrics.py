@@ -176,7 +176,9 @@ class RecentCollection:
     Concurrent scrapes (threads of one worker): the first takes the lock and collects; the
     others wait on the lock, then find the text it left and send that. A failed collection
     (``gpu_orchestrator_redis_up 0``) is kept as long, so an outage is not retried per scrape.
-    :meth:`stale` (a state change served by this process) makes the next scrape collect.
+    :meth:`stale` (a state change served by this process) makes the next scrape collect, also
+    when it comes while a collection runs: that collection may have read Redis before the
+    change, so its text is sent but not kept.
     """
 
     def __init__(self, collector: Any, clock: Any, max_age: float = REDIS_MAX_AGE):
@@ -187,17 +189,20 @@ class RecentCollection:
         self._lock = threading.Lock()
         self._text = b""
         self._at: float | None = None
+        self._changes = 0  # bumped by stale(), which takes no lock (it never waits)
 
     def text(self) -> bytes:
         with self._lock:
             now = self.clock()
             if self._at is None or not 0 <= now - self._at < self.max_age:
+                changes = self._changes
                 self._text = generate_latest(self.collector)
-                self._at = self.clock()
+                self._at = self.clock() if changes == self._changes else None
                 self.collections += 1
             return self._text
 
     def stale(self) -> None:
+        self._changes += 1
         self._at = None
 
 

@@ -220,3 +220,34 @@ def test_a_burst_of_scrapes_reads_redis_once_and_a_scrape_after_a_second_reads_i
     assert value(m, "gpu_orchestrator_allocations_total", service="second", status="allocated") == 1
     again = reads(redis)
     assert (again["hgetall"], again["fcall_ro"]) == (one["hgetall"], one["fcall_ro"])
+
+
+def test_a_write_answered_while_a_scrape_collects_is_shown_by_the_next_scrape(
+    make_app, monkeypatch
+):
+    """A grant served by this process while a scrape is reading Redis (after that scrape read
+    the allocations): the scrape answers what it read, but the next one, sent after the
+    grant's 200 and within REDIS_MAX_AGE, shows the grant instead of the older figures."""
+    import threading
+
+    app = make_app(nodes=(("node-a", 4),))
+    client = app.test_client()
+    allocate(client, "first")
+    engine = app.extensions["gpu_engine"]
+    real_counts = engine.counts
+    granted = []
+
+    def counts_then_a_grant(*args, **kwargs):
+        out = real_counts(*args, **kwargs)
+        if not granted:  # the first collection only: another client's grant lands now
+            writer = threading.Thread(
+                target=lambda: granted.append(allocate(app.test_client(), "second").status_code)
+            )
+            writer.start()
+            writer.join()
+        return out
+
+    monkeypatch.setattr(engine, "counts", counts_then_a_grant)
+    assert value(scrape(client), "gpu_orchestrator_allocations_active") == 1
+    assert granted == [200]
+    assert value(scrape(client), "gpu_orchestrator_allocations_active") == 2
