@@ -272,6 +272,10 @@ def split(url: str) -> tuple[str, str, int, str]:
     if any(ord(c) < 0x21 or ord(c) == 0x7F for c in path):
         raise Refused("webhook URL path must not contain spaces or control characters")
     host = parts.hostname.lower().rstrip(".")
+    try:  # what the name lookup does first; an empty or over-long label can never resolve
+        host.encode("idna")
+    except UnicodeError:
+        raise Refused("webhook URL host is not a valid host name") from None
     return parts.scheme, host, port or DEFAULT_PORTS[parts.scheme], path
 
 

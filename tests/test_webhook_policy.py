@@ -176,6 +176,22 @@ def test_a_refused_webhook_url_is_a_422_at_allocate_before_any_connection(
     assert no_connections == []
 
 
+@pytest.mark.parametrize("host", ["a" * 64 + ".example.com", "hooks..example.com"])
+def test_a_host_name_no_lookup_can_encode_is_a_422_and_refused_at_delivery(
+    make_app, settings, no_connections, host
+):
+    """A label over 63 characters, or an empty one: the name lookup refuses it before asking
+    DNS (a UnicodeError out of the idna codec). That was a 500 at allocate, and at delivery an
+    uncounted job failure retried to the end, instead of a refusal naming webhook_url."""
+    client = make_app(webhooks={"allowed_hosts": ["*"]}).test_client()
+    url = f"https://{host}/hook"
+    resp = client.post("/gpu/allocate", json={"service_name": "pol", "webhook_url": url})
+    assert "webhook_url" in assert_error(resp, 422, "validation_error")["details"]
+    with pytest.raises(webhooks.WebhookRefused):
+        webhooks.post(url, {"event_id": "e"}, settings.replace(webhooks={"allowed_hosts": ["*"]}))
+    assert no_connections == []
+
+
 def test_userinfo_is_a_422_even_where_the_host_is_allowed(make_app):
     client = make_app().test_client()
     resp = client.post(
