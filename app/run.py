@@ -340,7 +340,11 @@ class Run:
 
     def _quietly_withdraw(self) -> None:
         """Cancel the request (release it if the grant won the race). Interrupted before the
-        allocate answered: the same Idempotency-Key finds the request, if it was made."""
+        allocate answered: the same Idempotency-Key finds the request, if it was made. run is
+        leaving: a signal from here on is ignored, as after an interrupt, so that none raises
+        out of the cancel (after --wait ran out, or an API error) and leaves the request
+        queued."""
+        self._ignore_signals()
         try:
             rid = self.request_id or self._allocate().id
             self.client.withdraw(rid)

@@ -281,3 +281,44 @@ def test_client_wait_timeout_withdraws_the_request(service, api):
         api.allocate("bad", required_gpus=0)
     assert exc.value.status == 422 and "required_gpus" in str(exc.value.details)
     api.release(holder.id)
+
+
+def test_a_signal_while_a_timed_out_wait_cancels_still_cancels_and_exits_75():
+    """--wait ran out and run is cancelling the request (one more API call) when a SIGTERM
+    comes: the cancel goes through and run exits 75 as it says, instead of the wait's signal
+    handler raising out of the cancel (a traceback, exit 1, the request maybe left queued)."""
+    import threading
+
+    from tests.test_client import Stub
+
+    queued = {"id": "s-1", "request_id": "s-1", "status": "queued", "position": 1}
+    cancelling, answer = threading.Event(), threading.Event()
+
+    def cancel(stub, body, query):
+        cancelling.set()
+        answer.wait(10)
+        return 200, dict(queued, status="cancelled"), {}
+
+    stub = Stub()
+    try:
+        stub.routes[("POST", "/gpu/allocate")] = lambda s, b, q: (200, queued, {})
+        stub.routes[("GET", "/gpu/requests/s-1")] = lambda s, b, q: (200, queued, {})
+        stub.routes[("DELETE", "/gpu/requests/s-1")] = cancel
+        proc = run(stub, "--wait", "1s", "--", "true", wait=False)
+        try:
+            assert cancelling.wait(30), proc.communicate(timeout=30)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)  # the signal is handled while the cancel is in flight
+            answer.set()
+            out, err = proc.communicate(timeout=30)
+        finally:
+            answer.set()
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert "Traceback" not in err, err
+        assert proc.returncode == 75, err
+        assert "cancelled" in err.splitlines()[-1]
+        assert stub.count("DELETE", "/gpu/requests/s-1") == 1
+    finally:
+        stub.close()
