@@ -191,3 +191,36 @@ def test_api_takes_depends_on_mode_and_shows_the_reason(client):
     assert err["details"]["status"] == "cancelled"
     err = assert_error(allocate(client, depends_on_mode="afterok"), 422, "validation_error")
     assert "depends_on_mode" in err["details"]
+
+
+def test_a_reap_does_not_time_out_a_dependent_its_own_timeout_already_cancelled(
+    engine, redis, tick
+):
+    """A queued request and its mode-ok dependent time out in the same reap: the dependent is
+    cancelled by its dependency's failure, once. It was then ended a second time as timed_out
+    (it was still in the reap's list), so its owner's queued count (max_queued_per_owner, the
+    owner's tenant index) and its tenant's queued count lost one more: the owner's remaining
+    queued request was no longer counted or listed among its tenants."""
+    engine.allocate(req("hog", required_gpus=2))
+    a = engine.allocate(req("a", owner="alice", queue_timeout_seconds=100))
+    b = engine.allocate(
+        req(
+            "b",
+            owner="alice",
+            queue_timeout_seconds=100,
+            depends_on=[a["id"]],
+            depends_on_mode="ok",
+        )
+    )
+    keep = engine.allocate(req("keep", owner="alice", queue_timeout_seconds=1000))
+    tick.t += 101
+    out = engine.reap()
+    assert out["timed_out"] == [a["id"]]
+    after = engine.get(b["id"])
+    assert (after["status"], after["reason"]) == ("cancelled", "dependency_failed")
+    assert [q["id"] for q in engine.snapshot()["queue"]] == [keep["id"]]
+    assert redis.hgetall(engine.keys.queue_owners()) == {"o:alice": "1"}
+    assert redis.hgetall(engine.keys.queue_owner_tenants("alice")) == {keep["tenant"]: "1"}
+    assert engine.own_tenants("alice") == {keep["tenant"]}
+    ended = [e["event"] for e in engine.events() if e.get("request_id") == b["id"]]
+    assert ended[1:] == ["cancelled"]  # after its queued event: one end

@@ -23,8 +23,16 @@ for _, id in ipairs(due) do
   list[#list + 1] = id
   finish_alloc(id, status)
 end
-local timed_out = rcall('ZRANGEBYSCORE', K_QDEAD, '-inf', NOW_S, 'LIMIT', 0, limit)
-for _, id in ipairs(timed_out) do finish_queued(id, 'timed_out') end
+local timed_out = {}
+for _, id in ipairs(rcall('ZRANGEBYSCORE', K_QDEAD, '-inf', NOW_S, 'LIMIT', 0, limit)) do
+  -- a mode-ok dependent of one timed out before it in this list was cancelled by that
+  -- (fail_dependents): ending it again would count it out of the queue twice
+  local st = rcall('HGET', k_req(id), 'status')
+  if not st or st == 'queued' then
+    timed_out[#timed_out + 1] = id
+    finish_queued(id, 'timed_out')
+  end
+end
 -- a node that just went silent: its GPUs are lost to their holders (one notice per silence;
 -- report_node clears the mark when the node reports again)
 for _, node in ipairs(rcall('ZRANGEBYSCORE', K_NODES, '-inf',
