@@ -241,3 +241,41 @@ def test_lapsed_leases_end_on_time_while_webhook_receivers_are_slow(
             for role in roles:
                 role.stop()
     assert engine.get(lease["id"])["status"] == "expired"
+
+
+def _step(name: str, queue_after: str | None = None) -> None:
+    """An in-process job: records that it ran; with ``queue_after``, enqueues a maintenance
+    job on that queue while it runs (a reap falling due during a delivery)."""
+    from rq import get_current_job
+
+    conn = get_current_job().connection
+    conn.rpush("test:order", name)
+    if queue_after:
+        from rq import Queue
+
+        q = Queue(queue_after, connection=conn, serializer=queues.SERIALIZER)
+        q.enqueue("test_scheduler._step", f"reap-after-{name}")
+
+
+def test_a_reap_due_during_any_delivery_runs_next(settings, rq_redis, keep_signals):
+    """The main worker looks at the maintenance queue right after every delivery, fresh or
+    deferred, so a reap that falls due during a delivery waits for that one only. In RQ's
+    round robin over its three queues, a reap due during a deferred delivery waited for a
+    fresh delivery too (the order after the deferred queue is webhooks, maintenance)."""
+    one = settings.replace(webhooks={"concurrency": 1})
+    name = {n: queues.queue_name(one, n) for n in queues.ALL}
+    fresh = queues.queue(rq_redis, one, queues.WEBHOOKS)
+    deferred = queues.queue(rq_redis, one, queues.WEBHOOKS_DEFERRED)
+    fresh.enqueue("test_scheduler._step", "fresh-1", name[queues.MAINTENANCE])
+    fresh.enqueue("test_scheduler._step", "fresh-2")
+    deferred.enqueue("test_scheduler._step", "deferred-1", name[queues.MAINTENANCE])
+    try:
+        assert worker_mod.run(one, burst=True) == 0
+    finally:
+        context.configure(None, None, None)
+    order = [x.decode() for x in rq_redis.lrange("test:order", 0, -1)]
+    assert sorted(order) == sorted(
+        ["fresh-1", "fresh-2", "deferred-1", "reap-after-fresh-1", "reap-after-deferred-1"]
+    )
+    for delivery in ("fresh-1", "deferred-1"):
+        assert order[order.index(delivery) + 1] == f"reap-after-{delivery}", order

@@ -65,6 +65,7 @@ UPSTREAM = {
     "rq.worker.base.BaseWorker._install_signal_handlers": "f30e3c58661a235a",
     "rq.worker.base.BaseWorker.heartbeat": "63b1089fd146d19c",
     "rq.worker.base.BaseWorker.dequeue_timeout": "62cbfcfcde523452",
+    "rq.worker.base.BaseWorker.reorder_queues": "03ea7d537f7e3a54",
     "rq.worker.worker_classes.SimpleWorker.execute_job": "eae0f23110aeb280",
     "rq.worker.worker_classes.SimpleWorker.get_heartbeat_ttl": "f83449c2eebaacb1",
     "rq.cron.CronJob.enqueue": "7d695e184914aa75",
@@ -78,6 +79,7 @@ PRIVATE = (
     ("rq.queue.Queue", "_enqueue_job"),
     ("rq.worker.base.BaseWorker", "_exc_handlers"),
     ("rq.worker.base.BaseWorker", "_stop_requested"),
+    ("rq.worker.base.BaseWorker", "_ordered_queues"),
     ("rq.cron.CronScheduler", "_cron_jobs"),
 )
 #: RQ names the overrides call or read (public, but they must keep meaning what they mean).
@@ -243,6 +245,9 @@ class ServiceWorker(SimpleWorker):
     on_stop_request = None
     #: Wall clock for the intermediate-list recovery; tests replace it.
     clock = staticmethod(time.time)
+    #: A queue looked at first after a job from any other queue, and last after one of its
+    #: own (workers.worker.run: the maintenance queue); None: RQ's dequeue strategy decides.
+    checked_after_each_job: str | None = None
 
     def prepare_job_execution(self, job, remove_from_intermediate_queue: bool = False) -> None:
         """RQ takes the job off the intermediate list only when it dequeued through one (a
@@ -258,6 +263,21 @@ class ServiceWorker(SimpleWorker):
         if self.on_stop_request is not None:
             self.on_stop_request()
         super().request_stop(signum, frame)
+
+    def reorder_queues(self, reference_queue):
+        """After each job: with :attr:`checked_after_each_job`, that queue comes first unless
+        the job came from it, the others keep their priority order.
+
+        RQ's round robin over webhooks, maintenance and webhooks-deferred meets maintenance
+        right after a fresh delivery but not after a deferred one (the order is then
+        webhooks, maintenance): a reap due during a deferred delivery waited for a fresh one
+        too. Here it waits for the one delivery in hand, whichever queue it came from."""
+        name = self.checked_after_each_job
+        if name is None:
+            return super().reorder_queues(reference_queue)
+        own = [q for q in self.queues if q.name == name]
+        rest = [q for q in self.queues if q.name != name]
+        self._ordered_queues = rest + own if reference_queue.name == name else own + rest
 
     def clean_registries(self):
         """RQ's registry maintenance, under a maintenance lock that lapses in seconds.

@@ -16,7 +16,7 @@ behaviour of RQ this service corrects lives.
 
 Concurrent deliveries: one process delivers up to ``webhooks.concurrency`` webhooks at once, so
 a slow receiver (each try bounded by ``webhooks.timeout``) holds one slot, not the worker. The
-main thread runs the service's worker (every queue in turn, the signals); each other
+main thread runs the service's worker (every queue, maintenance first after each delivery; the signals); each other
 slot is a :class:`~workers.rq_overrides.ThreadWorker` in its own thread, a full RQ worker on
 the webhook queues (fresh deliveries first, then deferred ones) with its own name, registration and heartbeats. Durability is RQ's, per job, as before: a slot's job
 is in the started registry while it runs, and if the process dies (SIGKILL, OOM) every job it
@@ -32,7 +32,6 @@ import time
 
 from redis.exceptions import RedisError
 from rq.exceptions import StopRequested
-from rq.worker import DequeueStrategy
 
 from app import queues
 from app.redis_client import connect
@@ -226,16 +225,13 @@ def run(settings: Settings, burst: bool = False) -> int:
                     ", ".join(worker.queue_names()),
                     settings.webhooks.concurrency,
                 )
+                # After every delivery the maintenance queue is looked at first. In RQ's
+                # default order (webhooks first, every time) the reaper ran only when no
+                # webhook was waiting: a backlog to slow receivers kept leases from ending
+                # for as long as it lasted. Now a due reap waits for one delivery at most.
+                worker.checked_after_each_job = queues.queue_name(settings, queues.MAINTENANCE)
                 try:
-                    # Round robin: after a webhook job the maintenance queue is looked at first.
-                    # In RQ's default order (webhooks first, every time) the reaper ran only
-                    # when no webhook was waiting: a backlog to slow receivers kept leases
-                    # from ending for as long as it lasted. Now it waits for one job at most.
-                    worker.work(
-                        burst=burst,
-                        logging_level=rq_level,
-                        dequeue_strategy=DequeueStrategy.ROUND_ROBIN,
-                    )
+                    worker.work(burst=burst, logging_level=rq_level)
                 except RedisError as exc:  # RQ's teardown could not reach Redis either
                     log.warning("worker %s: Redis error on the way out: %s", worker.name, exc)
                 if burst or stopping.is_set() or worker.stop_requested:
