@@ -1098,3 +1098,26 @@ def test_an_owners_request_queued_before_tenants_is_listed_once_fair_share_adopt
     assert eng.get(old["id"])["tenant"] == "alice"
     assert own_index(eng, redis) == own_scan(eng) == {"alice": {"alice": 1}}
     assert eng.own_tenants("alice") == {"hold", "alice"}
+
+
+def test_a_non_admins_tenants_after_a_library_load_do_not_trust_an_index_the_other_release_left(
+    make_engine, redis
+):
+    """In a rolling upgrade the other release (which keeps no per-owner index) may grant an
+    owner's queued request and queue another one in another tenant: the owner's index then
+    adds up to its queued count under the wrong tenant. Until the first write of the freshly
+    loaded library rebuilds it, own_tenants reads the queue; it answered the stale tenant."""
+    eng = make_engine(n=1, tenants={"key": "service_name"})
+    hold = eng.allocate({"service_name": "hold", "owner": "x"})
+    mine = eng.allocate({"service_name": "b", "owner": "alice"})
+    assert mine["status"] == "queued"
+    # as the other release leaves it: alice's request of tenant "a" left the queue and one of
+    # "b" came, its index untouched; then this release's library is loaded again
+    index = eng.keys.queue_owner_tenants("alice")
+    redis.delete(index)
+    redis.hset(index, "a", 1)
+    redis.execute_command("FUNCTION", "FLUSH")
+    assert eng.own_tenants("alice") == {"b"}
+    eng.renew(hold["id"])  # the first write after the load rebuilds the index
+    assert own_index(eng, redis) == own_scan(eng) == {"alice": {"b": 1}}
+    assert eng.own_tenants("alice") == {"b"}

@@ -6,8 +6,10 @@
   ARGV[A+1] owner: the principal
   Returns: the tenant names (each once, none empty), in no order.
   Cost: O(live allocations) (at most as many as GPUs) plus the owner's own tenants; the queue
-  is read only while the owner's k_qotenants does not add up to its K_QOWNERS field (data of a
-  release without it, before the first write of this library rebuilds it: includes/call.lua).
+  is read only until the first write of this library load rebuilds k_qotenants
+  (includes/call.lua: the other release of a rolling upgrade may have queued and dequeued
+  requests without it, leaving counts that add up to K_QOWNERS under the wrong tenants), or
+  while it does not add up to the owner's K_QOWNERS field.
 ]]
 -- @include prelude
 local owner = ARGV[A + 1]
@@ -27,7 +29,7 @@ if queued > 0 then
   local h = rcall('HGETALL', k_qotenants(owner))
   local sum = 0
   for i = 2, #h, 2 do sum = sum + (tonumber(h[i]) or 0) end
-  if sum == queued then
+  if sum == queued and upgraded[P] then
     for i = 1, #h, 2 do add(h[i]) end
   else
     for _, id in ipairs(rcall('ZRANGE', K_QUEUE, 0, -1)) do
