@@ -612,8 +612,8 @@ def _maybe_reserve(
         if not sim.reserve(r, t, blocked):
             r.unres = t  # the engine waits reservation_after again
             seen.add(None)  # None: no tenant's name; marks the pass done reserving
-    elif deps_pending and t - r.unres >= sim.res_after and None not in seen:
-        r.unres = t  # so does one waiting for its dependencies
+    elif (deps_pending or sim.over_quota(r)) and t - r.unres >= sim.res_after and None not in seen:
+        r.unres = t  # so does one waiting for its dependencies or its tenant's max_gpus
 
 
 def _unreserve_over_quota(sim: _Sim, r: _Req) -> bool:

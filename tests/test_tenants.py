@@ -1121,3 +1121,32 @@ def test_a_non_admins_tenants_after_a_library_load_do_not_trust_an_index_the_oth
     eng.renew(hold["id"])  # the first write after the load rebuilds the index
     assert own_index(eng, redis) == own_scan(eng) == {"alice": {"b": 1}}
     assert eng.own_tenants("alice") == {"b"}
+
+
+def test_a_request_its_quota_holds_back_does_not_make_every_pass_walk(make_engine, tclock):
+    """A request past reservation_after makes the next pass walk the queue so that it may
+    reserve. One its tenant's max_gpus holds back reserves nothing, and (as one waiting for its
+    dependency) waits reservation_after again: the allocations queued after it are not each a
+    full pass (5 of 5 were). Once its tenant's allocation ends it is granted."""
+    eng = make_engine(
+        n=4,
+        nodes=("n1", "n2"),
+        tenants={"quotas": {"t": {"max_gpus": 2}}},
+        scheduler={"reservation_after": 60},
+    )
+    mine = eng.allocate({"service_name": "t", "required_gpus": 2, "ttl_seconds": 10_000})
+    eng.allocate({"service_name": "o", "required_gpus": 4, "ttl_seconds": 10_000})
+    eng.allocate({"service_name": "o2", "required_gpus": 1, "ttl_seconds": 10_000})
+    held = eng.allocate({"service_name": "t", "required_gpus": 1})
+    assert held["status"] == "queued"
+    tclock.now += 61
+    for node in ("n1", "n2"):
+        eng.report_node(node, gpus(4))
+    eng.schedule_pass()
+    before = eng.stats()["scheduler"]["passes"]
+    for _ in range(5):
+        assert eng.allocate({"service_name": "z", "required_gpus": 3})["status"] == "queued"
+    assert eng.stats()["scheduler"]["passes"] == before
+    assert eng.get(held["id"])["reserved_node"] is None
+    eng.release(mine["id"])
+    assert eng.get(held["id"])["status"] == "allocated"

@@ -420,9 +420,10 @@
         if eligible then
           rn = reserve(r, blocked)
           if rn == '' then may_reserve = false else new_reservations = new_reservations + 1 end
-        elseif r and due[id] and not deps_done(r) then
+        elseif r and due[id] and (not deps_done(r) or over_quota(r)) then
           -- reservation_after counts again from now, as when no node can take it: else every
-          -- pass until its dependency ends would walk the queue for it (schedule_inner)
+          -- pass until its dependency ends (or its tenant's max_gpus lets it) would walk the
+          -- queue for it (schedule_inner)
           rcall('ZADD', K_QUNRES, NOW_S, id)
         end
       end
