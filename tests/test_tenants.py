@@ -1150,3 +1150,32 @@ def test_a_request_its_quota_holds_back_does_not_make_every_pass_walk(make_engin
     assert eng.get(held["id"])["reserved_node"] is None
     eng.release(mine["id"])
     assert eng.get(held["id"])["status"] == "allocated"
+
+
+@pytest.mark.parametrize("tenants", [5, 20])
+def test_with_fair_share_a_new_request_reads_at_most_sweep_of_lower_tenants_requests(
+    make_engine, redis, tenants
+):
+    """With fair share a new request reserves at once only when no tenant below it has a head
+    (fair_head). Tenants below whose first requests all wait for memory on a shared GPU have
+    none, and each was read 100 deep on every such allocate: 20 of them made it 51 ms of Redis
+    instead of 0.4. It now reads at most 100 requests in all, whatever the number of tenants,
+    and past that holds back as before (the next pass's sweep reserves)."""
+    eng = make_engine(
+        n=8,
+        tenants={"fair_share": True},
+        scheduler={"reservation_after": 36000, "max_queue_size": 5000},
+    )
+    eng.allocate({"service_name": "big", "required_gpus": 8, "ttl_seconds": 100_000})
+    for t in range(tenants):
+        for _ in range(100):
+            eng.allocate(
+                {"service_name": f"t{t:02d}", "sharing": "shared", "min_memory_mb": 70_000}
+            )
+    redis.config_resetstat()
+    new = [eng.allocate({"service_name": f"z{i}", "required_gpus": 8}) for i in range(3)]
+    assert {r["status"] for r in new} == {"queued"}
+    reads = redis.info("commandstats")["cmdstat_hmget"]["calls"]
+    assert reads <= 3 * 110, reads  # 100 requests each and a few reads of their own
+    eng.schedule_pass()
+    assert eng.get(new[0]["id"])["reserved_node"] == "n1"

@@ -32,16 +32,18 @@
   -- SWEEP of `from` (in its own queue) that holds a reservation, or that is exclusive,
   -- eligible (dependencies done) and within t's max_gpus. nil: t has none, so it does not
   -- stand in the way of the tenants above it (a tenant whose requests all wait for its quota,
-  -- their dependencies, or memory on a shared GPU).
-  local function fair_head(t, from)
-    for _, id in ipairs(rcall('ZRANGE', k_tqueue(t), from, from + SWEEP - 1)) do
+  -- their dependencies, or memory on a shared GPU). n: read at most n (default SWEEP, n > 0);
+  -- second result: how many were read.
+  local function fair_head(t, from, n)
+    local ids = rcall('ZRANGE', k_tqueue(t), from, from + (n or SWEEP) - 1)
+    for _, id in ipairs(ids) do
       local r = load_req(id)
       if r and r.status == 'queued' and (r.reserved ~= '' or
           (r.sharing ~= 'shared' and deps_done(r) and not over_quota(r))) then
         return r
       end
     end
-    return nil
+    return nil, #ids
   end
 
   -- allocate, after the queued event: the new request reserves when it is its tenant's head
@@ -63,12 +65,20 @@
     end
     if new_wants == nil and TENANT_FAIR == '1' then
       -- with fair share it reserves only as the lowest-share tenant with a head (the fair
-      -- walk's rule: reservations follow the fair order)
-      local mine = tenant_share(r.tenant)
+      -- walk's rule: reservations follow the fair order). It reads at most SWEEP of the lower
+      -- tenants' requests in all: past that it takes the next lower tenant to have a head, the
+      -- rule before fair_head (lower tenants whose first requests all wait for memory, their
+      -- quota or dependencies, 20 x 100 of them, made each such allocate 51 ms instead of 0.4)
+      local mine, budget = tenant_share(r.tenant), SWEEP
       for _, t in ipairs(rcall('HKEYS', K_TQUEUED)) do
         if t ~= r.tenant then
           local sh = tenant_share(t)
-          if (sh < mine or (sh == mine and t < r.tenant)) and fair_head(t, 0) then return end
+          if sh < mine or (sh == mine and t < r.tenant) then
+            if budget <= 0 then return end
+            local h, read = fair_head(t, 0, budget)
+            if h or (read == budget and budget < SWEEP) then return end
+            budget = budget - read
+          end
         end
       end
     end
