@@ -68,3 +68,25 @@ def assert_error(resp, status, code):
     assert isinstance(err["message"], str) and err["message"]
     assert isinstance(err["details"], dict)
     return err
+
+
+def deliver_all(app) -> None:
+    """Deliver what the engine queued the way production does: the API's dispatcher (and
+    outbox.dispatch for what the reaper queued) hand the outbox to RQ; a worker in burst mode
+    tries each job once."""
+    import signal
+
+    from app import outbox
+    from workers import context
+    from workers import worker as worker_mod
+
+    settings = app.extensions["gpu_settings"]
+    assert app.extensions["gpu_dispatcher"].wait_idle(5)
+    outbox.dispatch(app.extensions["gpu_rq_redis"], settings)
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        worker_mod.build(settings, settings.redis.url).work(burst=True)
+    finally:
+        context.configure(None, None, None)
+        for s, handler in saved.items():
+            signal.signal(s, handler)

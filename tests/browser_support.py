@@ -66,6 +66,16 @@ def start_chromium(browser: str, driver: str):
     return webdriver.Chrome(service=Service(executable_path=driver), options=options)
 
 
+@pytest.fixture
+def browser():
+    """Headless Chromium for one test (without one: see require_browser)."""
+    binary, driver = require_browser()
+    drv = start_chromium(binary, driver)
+    drv.set_page_load_timeout(30)
+    yield drv
+    drv.quit()
+
+
 class LiveServer:
     """The Flask app on a free loopback port in a thread (werkzeug's threaded server)."""
 

@@ -15,19 +15,10 @@ import requests
 from app import create_app
 from app.engine import Engine
 from tests.api_support import register_fleet
-from tests.browser_support import LiveServer, require_browser, start_chromium
+from tests.browser_support import LiveServer, browser  # noqa: F401 (a fixture)
 
 ADMIN_KEY, USER_KEY = "k-ops-admin", "k-alice-user"
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def browser():
-    binary, driver = require_browser()
-    drv = start_chromium(binary, driver)
-    drv.set_page_load_timeout(30)
-    yield drv
-    drv.quit()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ never show the Redis password."""
 from __future__ import annotations
 
 import json
-import signal
 import socket
 import threading
 
@@ -14,8 +13,8 @@ import requests
 
 from app import create_app, outbox, queues
 from app.keys import Keys
-from tests.api_support import register_fleet
-from tests.browser_support import LiveServer, require_browser, start_chromium
+from tests.api_support import deliver_all, register_fleet
+from tests.browser_support import LiveServer, browser  # noqa: F401 (a fixture)
 from tests.test_console_browser import text_of, wait_for
 
 ADMIN_KEY = "k-ops-admin"
@@ -23,15 +22,6 @@ ADMIN_KEY = "k-ops-admin"
 #: exception text ("not an HTTP response: '...'"), which the job page shows.
 PAYLOAD = "<img src=x onerror=document.title='pwned'>"
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def browser():
-    binary, driver = require_browser()
-    drv = start_chromium(binary, driver)
-    drv.set_page_load_timeout(30)
-    yield drv
-    drv.quit()
 
 
 def secured(settings, **overrides):
@@ -83,23 +73,6 @@ class HostileReceiver:
 
     def __exit__(self, *exc):
         self.sock.close()
-
-
-def deliver_all(app) -> None:
-    """What a worker does: the outbox becomes RQ jobs, a worker tries each once."""
-    from workers import context
-    from workers import worker as worker_mod
-
-    settings = app.extensions["gpu_settings"]
-    assert app.extensions["gpu_dispatcher"].wait_idle(5)
-    outbox.dispatch(app.extensions["gpu_rq_redis"], settings)
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        worker_mod.build(settings, settings.redis.url).work(burst=True)
-    finally:
-        context.configure(None, None, None)
-        for s, handler in saved.items():
-            signal.signal(s, handler)
 
 
 def test_a_receivers_answer_shows_as_text_on_the_failed_jobs_page(browser, settings, redis_url):

@@ -6,7 +6,6 @@ renewals stop at preempt_at, the allocation ends as preempted, and the holder's 
 from __future__ import annotations
 
 import json
-import signal
 from datetime import datetime
 
 import pytest
@@ -14,34 +13,22 @@ from webhook_receiver import Receiver
 
 from app import cli, create_app
 from app.timefmt import iso
-from tests.api_support import allocate, clock, make_app, register_fleet  # noqa: F401
+from tests.api_support import (  # noqa: F401 (clock, make_app: fixtures)
+    allocate,
+    clock,
+    deliver_all,
+    make_app,
+    register_fleet,
+)
 from tests.browser_support import LiveServer
 from tests.test_longpoll import Call, _held
-from workers import context, webhooks
+from workers import webhooks
 
 SECRET = "s3cret"
 
 
 def ts(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-
-
-def deliver_all(app) -> None:
-    """Deliver what the engine queued the way production does: the API's dispatcher (and
-    outbox.dispatch for what the reaper queued) hand the outbox to RQ; a worker delivers."""
-    from app import outbox
-    from workers import worker as worker_mod
-
-    settings = app.extensions["gpu_settings"]
-    assert app.extensions["gpu_dispatcher"].wait_idle(5)
-    outbox.dispatch(app.extensions["gpu_rq_redis"], settings)
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        worker_mod.build(settings, settings.redis.url).work(burst=True)
-    finally:
-        context.configure(None, None, None)
-        for s, handler in saved.items():
-            signal.signal(s, handler)
 
 
 def signed_bodies(rx) -> list[dict]:
