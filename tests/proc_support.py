@@ -28,6 +28,22 @@ def write_settings(tmp_path, settings, **sections) -> str:
     return str(path)
 
 
+def start_run(url: str, *args: str, **popen) -> subprocess.Popen:
+    """``gpu-orchestrator run ARGS`` against the API at ``url`` (no API key from the caller's
+    environment), its output piped as text."""
+    env = dict(os.environ, GPU_ORCH_URL=url)
+    env.pop("GPU_ORCH_API_KEY", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "run", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+
+
 class Role:
     """``gpu-orchestrator --config CFG <role>`` in its own process group, output to a file."""
 

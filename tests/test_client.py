@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from app import client as api
-from tests.proc_support import ROOT
+from tests.proc_support import ROOT, start_run
 
 
 class Stub:
@@ -134,16 +134,15 @@ def hold_then(status_after: float, status: str):
 
 
 def run(stub, *args, timeout=60):
-    env = dict(os.environ, GPU_ORCH_URL=stub.url)
-    env.pop("GPU_ORCH_API_KEY", None)
-    return subprocess.run(
-        [sys.executable, "-m", "app.cli", "run", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """``run ARGS`` against the stub to its end (killed past ``timeout``, as subprocess.run)."""
+    proc = start_run(stub.url, *args)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 TRAP = textwrap.dedent("""
@@ -431,20 +430,6 @@ def queued():
     return dict(granted(), status="queued", position=1, gpu_ids=[], cuda_visible_devices="")
 
 
-def start_run(stub, *args, preexec_fn=None):
-    env = dict(os.environ, GPU_ORCH_URL=stub.url)
-    env.pop("GPU_ORCH_API_KEY", None)
-    return subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "run", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=preexec_fn,
-    )
-
-
 def wait_for(predicate, timeout=30.0):
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -468,7 +453,7 @@ def test_a_hangup_or_quit_while_queued_cancels_the_request(stub, signum):
         dict(queued(), status="cancelled"),
         {},
     )
-    proc = start_run(stub, "--", "true")
+    proc = start_run(stub.url, "--", "true")
     wait_for(lambda: stub.count("GET", "/gpu/requests/s-1") >= 1)
     proc.send_signal(signum)
     _, err_text = proc.communicate(timeout=30)
@@ -491,7 +476,7 @@ def test_under_nohup_the_command_keeps_ignoring_sighup(stub):
     stub.routes[("GET", "/gpu/allocations/s-1")] = hold_then(1e9, "allocated")
     stub.routes[("POST", "/gpu/release")] = lambda s, b, q: (200, {"status": "released"}, {})
     proc = start_run(
-        stub,
+        stub.url,
         "--",
         sys.executable,
         "-c",
@@ -518,7 +503,7 @@ def test_a_signal_while_releasing_keeps_the_commands_exit_code(stub):
     stub.routes[("POST", "/gpu/release")] = slow_release
     for signum in (signal.SIGINT, signal.SIGTERM):
         before = stub.count("POST", "/gpu/release")
-        proc = start_run(stub, "--", "sh", "-c", "exit 3")
+        proc = start_run(stub.url, "--", "sh", "-c", "exit 3")
         wait_for(lambda before=before: stub.count("POST", "/gpu/release") > before)
         proc.send_signal(signum)
         _, err_text = proc.communicate(timeout=30)

@@ -17,7 +17,7 @@ import yaml
 
 from app.client import Client, Unsatisfiable, ValidationError, WaitTimeout
 from tests.conftest import free_port
-from tests.proc_support import ROOT, wait_until
+from tests.proc_support import ROOT, start_run, wait_until
 
 A10 = {"name": "NVIDIA A10", "memory_total_mb": 23028}
 H100 = {"name": "NVIDIA H100 80GB HBM3", "memory_total_mb": 81559}
@@ -102,17 +102,7 @@ def api(service):
 
 
 def run(service, *args, wait=True, **popen):
-    env = dict(os.environ, GPU_ORCH_URL=service.url)
-    env.pop("GPU_ORCH_API_KEY", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "run", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **popen,
-    )
+    proc = start_run(service.url, *args, **popen)
     if not wait:
         return proc
     out, err = proc.communicate(timeout=90)
