@@ -313,7 +313,7 @@ def _seconds(value: Any, name: str) -> float:
         raise ValueError(
             f"{name}: a duration such as 30s, 10m, 2h or a number of seconds, got {value!r}"
         ) from None
-    if not math.isfinite(secs) or secs < 0:
+    if secs < 0:
         raise ValueError(f"{name}: must be >= 0, got {value!r}")
     return secs
 

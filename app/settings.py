@@ -168,7 +168,7 @@ def Choice(default, choices, doc=""):
 def Duration(default, lo=0.0, hi=None, doc=""):
     def convert(v):
         seconds = parse_duration(v)
-        if not math.isfinite(seconds) or seconds < lo or (hi is not None and seconds > hi):
+        if seconds < lo or (hi is not None and seconds > hi):
             raise ValueError(v)
         return seconds
 
@@ -187,7 +187,7 @@ def DurationList(default, doc=""):
         if not isinstance(v, list) or not v:
             raise ValueError(v)
         out = [parse_duration(x) for x in v]
-        if any(not math.isfinite(x) or x < 0 for x in out):
+        if any(x < 0 for x in out):
             raise ValueError(v)
         return out
 

@@ -3,6 +3,7 @@ people write durations as ``15s``, ``5m``, ``1h``. Standard library only (app.cl
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import UTC, datetime
 from typing import Any
@@ -12,10 +13,13 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 
 
 def parse_duration(value: Any) -> float:
-    """Seconds from ``15s``, ``5m``, ``1h``, ``250ms`` or a plain number of seconds."""
+    """Seconds from ``15s``, ``5m``, ``1h``, ``250ms`` or a plain number of seconds; a number
+    that is not finite (YAML's ``.nan`` and ``.inf``) is no duration."""
     if isinstance(value, bool):
         raise ValueError(value)
     if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError(value)
         return float(value)
     match = _DURATION_RE.match(str(value))
     if not match:
