@@ -68,14 +68,18 @@ def init_app(app: Any, settings: Settings, redis_url: str) -> bool:
     web.setup_rq_connection(app)
     app.register_blueprint(rq_dashboard.blueprint, url_prefix=URL_PREFIX)
 
+    from werkzeug.exceptions import MethodNotAllowed
+
+    from app.auth import current_is_admin
+    from app.flask_context import current_request
+    from app.http_errors import handle_domain
+    from app.sessions import same_origin
+
+    # These two hooks run on every request of the API, not only /rq's: each reads the request
+    # once (app.flask_context) and imports nothing per call.
     @app.before_request
     def _admins_only():  # runs after the API's authentication, registered earlier
-        from flask import request
-        from werkzeug.exceptions import MethodNotAllowed
-
-        from app.auth import current_is_admin
-        from app.sessions import same_origin
-
+        request = current_request()
         path = request.path
         if not (path == URL_PREFIX or path.startswith(URL_PREFIX + "/")):
             return
@@ -93,15 +97,11 @@ def init_app(app: Any, settings: Settings, redis_url: str) -> bool:
 
     @app.errorhandler(NoSuchJobError)
     def _job_gone(exc):  # a job that expired (results and failures are kept for a while)
-        from app.http_errors import handle_domain
-
         return handle_domain(NotFound(f"no such job (it may have expired): {exc}"))
 
     @app.after_request
     def _text_not_html(response):
-        from flask import request
-
-        keep = _RENDERED_AS_HTML.get(request.endpoint or "")
+        keep = _RENDERED_AS_HTML.get(current_request().endpoint or "")
         if keep is not None and response.is_json and response.status_code == 200:
             response.set_data(app.json.dumps(_escape_for_page(response.get_json(), keep)))
         return response
