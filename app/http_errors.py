@@ -1,8 +1,8 @@
 """One JSON error shape for every failure: ``{"error": {"code", "message", "details"}}``.
 
 Registered app-wide (not per blueprint), so routing 404/405, body limits (413), Redis outages
-and refusals (503) and unexpected exceptions all answer in the same shape; a client never sees HTML or a
-stack trace.
+and refusals (503) and unexpected exceptions all answer in the same shape; a client never sees
+HTML or a stack trace.
 """
 
 from __future__ import annotations

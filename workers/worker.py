@@ -16,11 +16,12 @@ behaviour of RQ this service corrects lives.
 
 Concurrent deliveries: one process delivers up to ``webhooks.concurrency`` webhooks at once, so
 a slow receiver (each try bounded by ``webhooks.timeout``) holds one slot, not the worker. The
-main thread runs the service's worker (every queue, maintenance first after each delivery; the signals); each other
-slot is a :class:`~workers.rq_overrides.ThreadWorker` in its own thread, a full RQ worker on
-the webhook queues (fresh deliveries first, then deferred ones) with its own name, registration and heartbeats. Durability is RQ's, per job, as before: a slot's job
-is in the started registry while it runs, and if the process dies (SIGKILL, OOM) every job it
-held is retried by another worker once its heartbeat lapses.
+main thread runs the service's worker (every queue, maintenance first after each delivery; the
+signals); each other slot is a :class:`~workers.rq_overrides.ThreadWorker` in its own thread, a
+full RQ worker on the webhook queues (fresh deliveries first, then deferred ones) with its own
+name, registration and heartbeats. Durability is RQ's, per job, as before: a slot's job is in
+the started registry while it runs, and if the process dies (SIGKILL, OOM) every job it held is
+retried by another worker once its heartbeat lapses.
 """
 
 from __future__ import annotations
@@ -104,8 +105,9 @@ def make_worker(
 class DeliverySlots:
     """The ``webhooks.concurrency - 1`` delivery threads beside the main worker.
 
-    Each thread runs a ThreadWorker on the webhook queues (queues.DELIVERIES) until :meth:`stop`; like the main loop in :func:`run`,
-    a worker that quits on an error (Redis went away) is replaced after RESTART_DELAY.
+    Each thread runs a ThreadWorker on the webhook queues (queues.DELIVERIES) until
+    :meth:`stop`; like the main loop in :func:`run`, a worker that quits on an error (Redis went
+    away) is replaced after RESTART_DELAY.
     """
 
     def __init__(self, settings: Settings, count: int, rq_level: str, burst: bool = False):
