@@ -17,6 +17,11 @@ Notes on rq-dashboard 0.9:
 - It shows its Redis URL at the top of every page, hiding only a password between ``://`` and
   ``@``; one given as ``?password=`` was shown. It gets the URL without the password
   (:func:`_without_password`), and the password through ``RQ_DASHBOARD_REDIS_PASSWORD``.
+  It has no setting for any other connection argument: it builds its client from the URL on
+  every request, so an argument such as ``?ssl_password=`` (the passphrase of the TLS client
+  key) must stay in the URL it gets. Its HTML pages have each such ``name=value`` (any name
+  with ``password`` in it, as ``config show`` hides them) replaced by ``name=***``
+  (:func:`_hide_secrets`) before they leave.
 - It reads jobs with a module-wide serializer; we set it to RQ's JSON serializer, the one every
   role of this service uses. That setting is process-wide, which is fine: one process serves one
   deployment.
@@ -33,7 +38,7 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from app import queues
-from app.settings import SENTINEL_SCHEME, Settings, sentinel_target
+from app.settings import SENTINEL_SCHEME, Settings, query_passwords, sentinel_target
 
 URL_PREFIX = "/rq"
 #: rq-dashboard's JSON answers that its pages write as HTML, and the fields of each that its
@@ -62,6 +67,7 @@ def init_app(app: Any, settings: Settings, redis_url: str) -> bool:
         redis_url, password = _without_password(redis_url)
         app.config["RQ_DASHBOARD_REDIS_PASSWORD"] = password
     app.config["RQ_DASHBOARD_REDIS_URL"] = [redis_url]
+    hidden = _hide_secrets(redis_url)
     app.config["RQ_DASHBOARD_DISABLE_DELETE"] = not settings.dashboard.allow_delete
     app.config.setdefault("RQ_DASHBOARD_POLL_INTERVAL", 2500)
     web.config.serializer = queues.SERIALIZER
@@ -101,9 +107,20 @@ def init_app(app: Any, settings: Settings, redis_url: str) -> bool:
 
     @app.after_request
     def _text_not_html(response):
-        keep = _RENDERED_AS_HTML.get(current_request().endpoint or "")
+        endpoint = current_request().endpoint or ""
+        keep = _RENDERED_AS_HTML.get(endpoint)
         if keep is not None and response.is_json and response.status_code == 200:
             response.set_data(app.json.dumps(_escape_for_page(response.get_json(), keep)))
+        elif (
+            hidden
+            and endpoint.startswith("rq_dashboard.")
+            and response.mimetype == "text/html"
+            and not response.direct_passthrough
+        ):
+            page = response.get_data(as_text=True)
+            for shown, instead in hidden:
+                page = page.replace(shown, instead)
+            response.set_data(page)
         return response
 
     return True
@@ -126,6 +143,15 @@ def _without_password(url: str) -> tuple[str, str | None]:
     # built by hand: urlunsplit drops the "//" of an empty netloc (unix:///path)
     url = f"{parts.scheme}://{netloc}{parts.path}" + (f"?{rest}" if rest else "")
     return url + (f"#{parts.fragment}" if parts.fragment else ""), password
+
+
+def _hide_secrets(url: str) -> list[tuple[str, str]]:
+    """What a page must show instead of each secret query argument of ``url``: as its template
+    writes it (HTML-escaped, as Jinja does) and as typed."""
+    from markupsafe import escape
+
+    pairs = query_passwords(url)
+    return [(str(escape(s)), str(escape(i))) for s, i in pairs] + pairs
 
 
 def _escape_for_page(value: Any, keep: tuple[str, ...] = ()) -> Any:

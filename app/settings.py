@@ -229,6 +229,12 @@ def HostList(default, doc=""):
 _QUERY_PASSWORD = re.compile(r"([?&][^=&#]*password=)[^&#]*", re.IGNORECASE)
 
 
+def query_passwords(url: str) -> list[tuple[str, str]]:
+    """Each ``name=value`` query argument of ``url`` that :func:`redact_url` hides (any name
+    with ``password`` in it), with the ``name=***`` it shows instead."""
+    return [(m.group(0)[1:], m.group(1)[1:] + REDACTED) for m in _QUERY_PASSWORD.finditer(url)]
+
+
 def redact_url(url: str) -> str:
     """Hide the password (in the userinfo or the query; a lone token user too), keep the rest
     readable."""

@@ -200,3 +200,102 @@ def test_a_job_that_is_gone_or_another_instance_is_a_404_not_a_500(settings, red
         got = client.get(path)
         assert got.status_code == 404 and got.get_json()["error"]["code"] == "not_found", path
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+class _TlsProxy:
+    """A TLS endpoint on 127.0.0.1 in front of the test Redis (whose build has no TLS): what
+    a ``rediss://`` URL needs to be read for real."""
+
+    def __init__(self, tmp_path, target_port):
+        import socket
+        import ssl
+        import subprocess
+        import threading
+
+        def openssl(*args):
+            subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=tmp_path)
+
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                "/CN=127.0.0.1", "-keyout", "server.key", "-out", "server.crt")  # fmt: skip
+        # the client's key is encrypted: redis-py needs ssl_password to load it
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-days", "1", "-subj", "/CN=client",
+                "-passout", f"pass:{TLS_KEY_PASSPHRASE}", "-keyout", "client.key",
+                "-out", "client.crt")  # fmt: skip
+        self.client_cert, self.client_key = tmp_path / "client.crt", tmp_path / "client.key"
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(tmp_path / "server.crt", tmp_path / "server.key")
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+
+        def pipe(src, dst):
+            try:
+                while data := src.recv(65536):
+                    dst.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for s in (src, dst):
+                    s.close()
+
+        def serve():
+            while True:
+                try:
+                    conn, _ = self.listener.accept()
+                    tls = context.wrap_socket(conn, server_side=True)
+                except OSError:
+                    if self.listener.fileno() == -1:
+                        return
+                    continue
+                upstream = socket.create_connection(("127.0.0.1", target_port))
+                threading.Thread(target=pipe, args=(tls, upstream), daemon=True).start()
+                threading.Thread(target=pipe, args=(upstream, tls), daemon=True).start()
+
+        threading.Thread(target=serve, daemon=True).start()
+
+    def url(self, passphrase):
+        return (
+            f"rediss://127.0.0.1:{self.port}/0?ssl_cert_reqs=none&ssl_certfile={self.client_cert}"
+            f"&ssl_keyfile={self.client_key}&ssl_password={passphrase}"
+        )
+
+
+TLS_KEY_PASSPHRASE = "tls-key-s3cret"
+
+
+def test_no_page_shows_a_secret_query_argument_and_the_dashboard_still_connects(
+    settings, redis_url, tmp_path
+):
+    """rq-dashboard has no setting for ``ssl_password`` (the passphrase of the TLS client key)
+    and builds its client from the URL on every request, so the argument stays in its URL; its
+    pages, which list that URL, show ``ssl_password=***`` and still read Redis through TLS."""
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = _TlsProxy(tmp_path, port)
+    try:
+        url = proxy.url(TLS_KEY_PASSPHRASE)
+        via_tls = redis_lib.Redis.from_url(url)
+        entry = {"event_id": "ev1", "event": "allocated", "request_id": "svc-1", "ts": 1.0}
+        via_tls.rpush(Keys(settings.redis.prefix).webhook_outbox(), json.dumps(entry))
+        outbox.dispatch(via_tls, settings)
+        with pytest.raises(redis_lib.ConnectionError, match="SSL"):  # the passphrase opens the key
+            redis_lib.Redis.from_url(proxy.url("wrong")).ping()
+        client = _app(settings, url).test_client()
+        qname = queues.queue_name(settings, queues.WEBHOOKS)
+        job = outbox.job_id_for("ev1")
+        for path in (
+            "/rq/",
+            "/rq/0/view/workers",
+            f"/rq/0/view/jobs/{qname}/queued/8/asc/1",
+            f"/rq/0/view/job/{job}",
+        ):
+            resp = client.get(path)
+            page = resp.get_data(as_text=True)
+            assert resp.status_code == 200 and "<html" in page.lower(), path
+            assert f"127.0.0.1:{proxy.port}" in page and "ssl_password=***" in page, path
+            assert TLS_KEY_PASSPHRASE not in page, path
+        listed = client.get("/rq/0/data/queues.json").get_json()
+        assert {"name": qname, "count": 1} in [
+            {"name": q["name"], "count": q["count"]} for q in listed["queues"]
+        ]
+        via_tls.close()
+    finally:
+        proxy.listener.close()
