@@ -238,7 +238,8 @@ def _add_config(sub) -> None:
         "check",
         cmd_config,
         "validate a config file",
-        "Validate a config file: exit 0, or exit 2 with one line naming the "
+        "Validate a config file: exit 0 (valid; settings that work against each other "
+        "are printed as warning lines on stderr), or exit 2 with one line naming the "
         "file, the key and what was expected.",
     )
     check.add_argument("file")
@@ -299,8 +300,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_config(args, settings) -> int:
     if args.config_command == "check":
-        settings_mod.check_file(args.file)
-        print(f"{args.file}: OK")
+        warnings = settings_mod.warnings(settings_mod.check_file(args.file))
+        for line in warnings:
+            print(f"{args.file}: warning: {line}", file=sys.stderr)
+        print(f"{args.file}: OK" + (f" ({len(warnings)} warning(s) on stderr)" if warnings else ""))
         return 0
     if args.config_command == "example":
         from app.config_example import render
@@ -572,6 +575,9 @@ def main(argv: list[str] | None = None) -> int:
         logs.setup(
             args.log_format or settings.logging.format, args.log_level or settings.logging.level
         )
+        if getattr(args, "needs_settings", True):
+            for line in settings_mod.warnings(settings):
+                logging.getLogger("gpu_orchestrator.settings").warning("config: %s", line)
         return args.func(args, settings) or 0
     except settings_mod.ConfigError as exc:
         print(f"gpu-orchestrator: config error: {exc}", file=sys.stderr)

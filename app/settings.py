@@ -1308,6 +1308,30 @@ def read_yaml(path: str, required: bool) -> Any:
         raise ConfigError(path, where, f"valid YAML ({problem})", show_got=False) from None
 
 
+def webhook_retry_span(settings: Settings) -> float:
+    """Longest time from a webhook event's first try to its last one: every interval of
+    ``webhooks.retry_intervals`` (rounded up to whole seconds, as RQ schedules them) plus one
+    ``webhooks.timeout`` for each failed try before the last."""
+    intervals = settings.webhooks.retry_intervals
+    return sum(math.ceil(x) for x in intervals) + len(intervals) * settings.webhooks.timeout
+
+
+def warnings(settings: Settings) -> list[str]:
+    """Valid settings that work against each other, one line each (``config check`` prints
+    them; every role logs them at start). Nothing here is refused: the config still works."""
+    out = []
+    ttl, span = settings.scheduler.history_ttl, webhook_retry_span(settings)
+    if ttl < span:
+        # An end event (released, expired, ...) is sent as the request's record starts its
+        # history_ttl: a try after that finds no record and counts as webhook|failed.
+        out.append(
+            f"scheduler.history_ttl ({format_duration(ttl)}) is shorter than the retry span "
+            f"of webhooks.retry_intervals ({format_duration(span)} with webhooks.timeout per "
+            "failed try): a webhook still retrying then finds its request gone and fails"
+        )
+    return out
+
+
 def check_file(path: str) -> Settings:
     """Validate one file on its own (``config check``): defaults plus the file, no env."""
     return load(path, environ={})
@@ -1325,6 +1349,8 @@ __all__ = [
     "load",
     "check_file",
     "defaults",
+    "warnings",
+    "webhook_retry_span",
     "parse_duration",
     "WORKLOAD_TYPES",
     "SPEC",

@@ -59,6 +59,28 @@ def test_config_check_accepts_a_good_file_and_rejects_a_bad_one(write_config):
     assert bad in lines[0] and "scheduler.max_queue_size" in lines[0] and "expected" in lines[0]
 
 
+def test_config_check_warns_when_history_ttl_ends_before_the_webhook_retries(write_config):
+    """A request's record expires scheduler.history_ttl after it ends; a webhook of its end
+    event still retrying after that finds nothing to send and counts as failed. config check
+    said OK to such a file; it now says so in one line naming both keys (the file is valid,
+    so the exit code stays 0), and the default retries fit in the shortest history_ttl."""
+    short = write_config(
+        "scheduler: {history_ttl: 1h}\nwebhooks: {retry_intervals: [30m, 30m], timeout: 5s}\n",
+        "short.yaml",
+    )
+    out = run_cli("config", "check", short)
+    assert out.returncode == 0 and f"{short}: OK (1 warning(s) on stderr)" in out.stdout
+    [line] = out.stderr.strip().splitlines()
+    assert line.startswith(f"{short}: warning: scheduler.history_ttl (1h) is shorter than")
+    assert "webhooks.retry_intervals (3610s with webhooks.timeout per failed try)" in line
+    fits = write_config("scheduler: {history_ttl: 1h}\n", "fits.yaml")
+    out = run_cli("config", "check", fits)
+    assert (out.returncode, out.stdout.strip(), out.stderr) == (0, f"{fits}: OK", "")
+    out = run_cli("--config", short, "config", "show")  # a role logs it once at start
+    assert out.returncode == 0 and yaml.safe_load(out.stdout)["scheduler"]["history_ttl"] == "1h"
+    assert "config: scheduler.history_ttl (1h) is shorter than" in out.stderr
+
+
 def test_bad_environment_stops_any_command_with_exit_2():
     out = run_cli("config", "show", env={"GPU_ORCH__SERVER__WORKERS": "zero"})
     assert out.returncode == 2

@@ -246,3 +246,14 @@ def test_config_show_spells_each_duration_as_the_value_in_effect(given):
     s = load(environ={"GPU_ORCH__REDIS__REPLICA_ACK_TIMEOUT": given})
     shown = s.redacted()["redis"]["replica_ack_timeout"]
     assert parse_duration(shown) == s.redis.replica_ack_timeout == parse_duration(given)
+
+
+def test_the_default_webhook_retries_fit_in_the_shortest_history_ttl():
+    """Webhook tries span the retry intervals plus a timeout per failed try (3,565 s by
+    default); history_ttl may not go below 1 h, so only a changed retry setting can warn."""
+    s = settings_mod.defaults()
+    assert settings_mod.webhook_retry_span(s) == 3520 + 9 * 5
+    assert settings_mod.warnings(s.replace(scheduler={"history_ttl": "1h"})) == []
+    longer = s.replace(scheduler={"history_ttl": "1h"}, webhooks={"timeout": "10s"})
+    [line] = settings_mod.warnings(longer)
+    assert "scheduler.history_ttl (1h)" in line and "webhooks.retry_intervals (3610s" in line
