@@ -171,6 +171,7 @@ SETTINGS = (
     ("TENANT_QUOTAS", False),
     ("TENANT_DEFAULT", False),
     ("TENANT_LIMITS", False),
+    ("TENANT_KEY", False),
     ("PREEMPT", False),
     ("PREEMPT_GRACE", True),
 )
@@ -448,6 +449,7 @@ def tenant_args(settings) -> dict[str, str]:
             for q in [t.default, *quotas.values()]
         )
         else "0",
+        "TENANT_KEY": tenant_key(settings),
         "PREEMPT": "1" if pre.enabled else "0",
         "PREEMPT_GRACE": _arg_num(pre.grace_period),
     }

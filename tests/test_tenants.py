@@ -1094,10 +1094,44 @@ def test_an_owners_request_queued_before_tenants_is_listed_once_fair_share_adopt
     assert eng.own_tenants("alice") == {"hold"}  # read from the queue: counts do not add up
     eng.renew(hold["id"])  # the first write after the load rebuilds the index
     assert own_index(eng, redis) == own_scan(eng) == {"alice": {"": 1}}
-    eng.schedule_pass()  # the fair walk adopts it (its owner, else its service, as tenant)
-    assert eng.get(old["id"])["tenant"] == "alice"
-    assert own_index(eng, redis) == own_scan(eng) == {"alice": {"alice": 1}}
-    assert eng.own_tenants("alice") == {"hold", "alice"}
+    eng.schedule_pass()  # the fair walk adopts it, by tenants.key as allocate would
+    assert eng.get(old["id"])["tenant"] == "legacy"  # its service (was its owner, "alice")
+    assert own_index(eng, redis) == own_scan(eng) == {"alice": {"legacy": 1}}
+    assert eng.own_tenants("alice") == {"hold", "legacy"}
+
+
+@pytest.mark.parametrize(
+    "tenants, auth, adopted",
+    [
+        ({"key": "service_name"}, False, "legacy"),
+        ({"key": "principal"}, False, "alice"),
+        ({}, True, "alice"),  # the default with auth on: principal
+        ({}, False, "legacy"),  # the default with auth off: service_name
+    ],
+)
+def test_a_request_queued_before_tenants_is_adopted_by_the_rule_of_a_new_one(
+    make_engine, redis, tenants, auth, adopted
+):
+    """The fair pass gives a queued record from before tenants the tenant allocate gives a
+    new request of the same owner and service (engine.tenant_of, by tenants.key); with
+    tenants.key: service_name it gave the owner, a tenant no request of that service has."""
+    extra = {"auth": {"enabled": True, "api_keys": {"k-alice-0123456789": "alice"}}} if auth else {}
+    eng = make_engine(n=1, tenants={"fair_share": True, **tenants}, **extra)
+    hold = eng.allocate({"service_name": "hold", "owner": "alice"})
+    old = eng.allocate({"service_name": "legacy", "owner": "alice"})
+    new = eng.allocate({"service_name": "legacy", "owner": "alice"})
+    assert new["tenant"] == adopted  # what allocate gives now
+    redis.hdel(eng.keys.request(old["id"]), "tenant")  # as a release before tenants wrote it
+    redis.zrem(eng.keys.queue_tenant(adopted), old["id"])
+    redis.hincrby(eng.keys.tenant_queued(), adopted, -1)
+    redis.delete(eng.keys.queue_owner_tenants("alice"))
+    redis.execute_command("FUNCTION", "FLUSH")
+    eng.renew(hold["id"])  # the first write after the load rebuilds the owner index
+    eng.schedule_pass()
+    assert eng.get(old["id"])["tenant"] == adopted
+    assert own_index(eng, redis) == own_scan(eng) == {"alice": {adopted: 2}}
+    eng.release(hold["id"])  # the older request goes first, in its adopted tenant
+    assert eng.get(old["id"])["status"] == "allocated"
 
 
 def test_a_non_admins_tenants_after_a_library_load_do_not_trust_an_index_the_other_release_left(

@@ -86,7 +86,8 @@
   end
 
   -- Requests queued before tenants existed have no tenant, so no tenant's queue holds them:
-  -- the first fair pass that finds some gives each its owner (else its service) as tenant.
+  -- the first fair pass that finds some gives each the tenant engine.tenant_of gives a new
+  -- one: its owner (the principal) with tenants.key: principal, else its service.
   local function adopt_untenanted()
     local n = 0
     for _, v in ipairs(rcall('HVALS', K_TQUEUED)) do n = n + (tonumber(v) or 0) end
@@ -98,8 +99,8 @@
       for i = 1, #ids, 2 do
         local id = ids[i]
         local f = rcall('HMGET', k_req(id), 'tenant', 'owner', 'service_name')
-        if (f[1] or '') == '' then
-          local t = (f[2] and f[2] ~= '') and f[2] or (f[3] or '')
+        if (f[1] or '') == '' then -- engine.tenant_of's rule: the principal per tenants.key
+          local t = (TENANT_KEY == 'principal' and f[2] and f[2] ~= '') and f[2] or (f[3] or '')
           rcall('HSET', k_req(id), 'tenant', t)
           rcall('ZADD', k_tqueue(t), ids[i + 1], id)
           tenant_queue_add(t, 1)

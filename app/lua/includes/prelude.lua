@@ -29,8 +29,9 @@
       requests per owner)  MAX_SVC_LABELS (services with their own stats label)
       TENANT_FAIR ("1" = tenants.fair_share)  TENANT_HALF_LIFE (s)  TENANT_QUOTAS (JSON
       {tenant: [weight, guaranteed, max_gpus, max_queued]}, -1 = no limit; "" = none)
-      TENANT_DEFAULT ("weight|guaranteed|max_gpus|max_queued")  PREEMPT ("1" = enabled)
-      PREEMPT_GRACE (s)
+      TENANT_DEFAULT ("weight|guaranteed|max_gpus|max_queued")  TENANT_LIMITS ("1" = some
+      max_gpus or max_queued)  TENANT_KEY (principal|service_name, tenants.key as resolved)
+      PREEMPT ("1" = enabled)  PREEMPT_GRACE (s)
     Each function's own arguments start at ARGV[A + 1].
   MAX_LEASE (s; the longest lease there is) is a literal of the library.
 
