@@ -251,3 +251,29 @@ def test_the_endpoints_of_api_md_are_the_routes_the_api_serves(app):
     assert not listed - served, f"docs/api.md lists routes the API lacks: {listed - served}"
     api = {(m, r) for m, r in served if r.startswith(("/gpu/", "/admin/"))}
     assert not api - listed, f"API routes docs/api.md's Endpoints table lacks: {api - listed}"
+
+
+# ------------------------------------------------------------------ files and tests named
+
+
+def test_every_file_and_test_the_docs_name_exists():
+    """``app/lua/reap.lua``, ``bench/chaos.py``, ``tests/test_worker.py::test_...``: a reader
+    opens them, so each must be there (a renamed test leaves its claim unbacked)."""
+    named = {
+        (path, m.rstrip(".,:;)"))
+        for path in DOCS
+        for m in re.findall(
+            r"\b(?:app|workers|deploy|bench|tests|config)/[\w./-]+(?:::\w+)?", path.read_text()
+        )
+    }
+    assert len(named) > 50
+    missing = []
+    for path, name in sorted(named):
+        file, _, test = name.partition("::")
+        if not (ROOT / file).exists():
+            missing.append(_where(path, name))
+        elif test and not re.search(
+            rf"^\s*(?:def|class) {test}\b", (ROOT / file).read_text(), re.M
+        ):
+            missing.append(_where(path, name))
+    assert not missing, f"files or tests the docs name that do not exist: {missing}"
