@@ -1042,7 +1042,8 @@ SPEC: dict[str, dict[str, Any]] = {
             1,
             256,
             doc="of those, at most this many to one receiver "
-            "(scheme, host, port); the rest wait their turn, no try spent",
+            "(the address and port a delivery connects to); the rest wait their turn, "
+            "no try spent",
         ),
     },
     "workers": {

@@ -236,3 +236,66 @@ def test_logs_show_a_receivers_host_but_not_the_path_that_holds_its_credential(
     lines = [r.getMessage() for r in caplog.records]
     assert any(f"http://{where}/…#" in line for line in lines), lines
     assert not [line for line in lines if "s3cr3tpath" in line or "T1/B2" in line]
+
+
+def test_names_for_one_receiver_share_its_delivery_slots(settings, redis, monkeypatch):
+    """webhooks.max_per_receiver counted per host name: two names of one slow backend had a
+    cap each, so its team held twice the slots. Now the cap is keyed by the address (and port)
+    the delivery connects to, taken from the lookup that checked the URL: a delivery through
+    the second name waits for the first's slot (deferred, nothing sent), while one to another
+    port on the same address has its own slots."""
+    import socket
+    import threading
+
+    from app.engine import Engine
+    from app.redis_client import connect
+    from workers import context
+
+    names = {"rx-a-5f3e1c.test", "rx-b-5f3e1c.test"}  # unique to this test: see NOTES
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host in names:
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port or 0))]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    one = settings.replace(webhooks={"max_per_receiver": 1, "timeout": "10s"})
+    engine = Engine(redis, one)
+    gpus = [{"index": i, "uuid": f"G-{i}", "name": "x", "memory_total_mb": 1000} for i in range(4)]
+    engine.report_node("n", gpus, host="h")
+    rq_redis = connect(one.redis.url, one, decode=False)
+    context.configure(one, redis, rq_redis)
+    hold = threading.Event()
+    results = {}
+
+    def deliver(name, url):
+        rec = engine.allocate({"service_name": name, "required_gpus": 1, "webhook_url": url})
+        entry = {"event_id": f"ev-{name}", "event": "allocated", "request_id": rec["id"]}
+        try:
+            results[name] = webhooks.deliver(entry)
+        except Exception as exc:  # noqa: BLE001 - the test looks at what was raised
+            results[name] = exc
+
+    try:
+        with Receiver(hold=hold) as slow, Receiver() as other:
+            port = slow.server.server_address[1]
+            first = threading.Thread(
+                target=deliver, args=("first", f"http://rx-a-5f3e1c.test:{port}/a")
+            )
+            first.start()
+            assert len(slow.wait_for(1, timeout=10)) == 1, results  # held: it has the one slot
+            deliver("second", f"http://rx-b-5f3e1c.test:{port}/b")
+            assert isinstance(results["second"], webhooks.WebhookDeferred), results
+            assert len(slow.requests) == 1  # the second name's delivery was not sent
+            deliver("elsewhere", f"http://rx-b-5f3e1c.test:{other.server.server_address[1]}/c")
+            assert results["elsewhere"] == {"delivered": True, "status": 200}
+            hold.set()
+            first.join(10)
+            assert results["first"] == {"delivered": True, "status": 200}
+            deliver("again", f"http://rx-b-5f3e1c.test:{port}/b")  # the slot is free again
+            assert results["again"] == {"delivered": True, "status": 200}
+    finally:
+        hold.set()
+        rq_redis.close()
+        context.configure(None, None, None)

@@ -4,10 +4,10 @@ The delivery slots (``webhooks.concurrency``) are shared by every team. Without 
 whose receiver is slow and who has many webhooks pending would fill them all, each for up to
 ``webhooks.timeout``, and every other team's webhook would wait behind them: the very delay
 issue 11 is about, only needing more than one request to trigger. So each receiver
-(scheme, host, port) gets at most ``webhooks.max_per_receiver`` slots at once. A delivery that
-finds its receiver at the cap waits briefly (a healthy receiver frees a slot in milliseconds),
-then is deferred: put back on the schedule without spending one of its tries (see
-:class:`workers.webhooks.WebhookDeferred`).
+(the address and port a delivery connects to, see :func:`workers.webhooks._receiver`) gets at
+most ``webhooks.max_per_receiver`` slots at once. A delivery that finds its receiver at the cap
+waits briefly (a healthy receiver frees a slot in milliseconds), then is deferred: put back on
+the schedule without spending one of its tries (see :class:`workers.webhooks.WebhookDeferred`).
 
 The count lives in this process only: it guards this process's slots, which is what the cap
 is for; a process that dies takes its counts with it, so nothing can leak.

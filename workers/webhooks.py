@@ -14,10 +14,11 @@ reads the request's record through the engine, builds the original service's pay
 
 Each try has one deadline, ``webhooks.timeout``, for lookup, connect, TLS, send and response
 headers (:mod:`workers.webhook_client`), and goes only to an address the policy checked. At
-most ``webhooks.max_per_receiver`` tries run at once per receiver in a process
-(:mod:`workers.receiver_limit`); a delivery over that cap is deferred (rescheduled
-``DEFER_SECONDS`` later by :func:`workers.rq_overrides.defer`) without spending a try. Logs show a URL
-as scheme, host and port with a fingerprint of its path (:func:`app.webhook_policy.redact`).
+most ``webhooks.max_per_receiver`` tries run at once per receiver (the address and port the
+try connects to, whatever host name led there) in a process (:mod:`workers.receiver_limit`);
+a delivery over that cap is deferred (rescheduled ``DEFER_SECONDS`` later by
+:func:`workers.rq_overrides.defer`) without spending a try. Logs show a URL as scheme, host
+and port with a fingerprint of its path (:func:`app.webhook_policy.redact`).
 
 Counters (HINCRBY on ``Keys.stats()``, exported by the API as
 ``gpu_orchestrator_webhooks_total{result}``): ``webhook|delivered``, ``webhook|retried`` (a try
@@ -44,7 +45,7 @@ from app import logs, queues
 from app.keys import Keys
 from app.settings import Settings
 from app.timefmt import iso
-from app.webhook_policy import Policy, Refused, Unresolvable, redact, split
+from app.webhook_policy import Policy, Refused, Target, Unresolvable, redact
 from workers import context, rq_overrides, webhook_client
 from workers.receiver_limit import ReceiverLimit
 
@@ -226,15 +227,37 @@ def post(
     response headers. The URL is checked against the policy (:mod:`app.webhook_policy`) and
     the connection goes to an address that check resolved and allowed, nowhere else.
     """
+    deadline = time.monotonic() + settings.webhooks.timeout
+    target = check(url, settings, deadline, policy=policy)
+    return send(target, url, payload, settings, deadline, now=now)
+
+
+def check(url: str, settings: Settings, deadline: float, *, policy: Policy | None = None) -> Target:
+    """The policy's :class:`app.webhook_policy.Target` for ``url`` (its one name lookup, by
+    ``deadline``); WebhookRefused, or WebhookError when the name does not resolve (in time)."""
     shown = redact(url)
-    timeout = settings.webhooks.timeout
-    deadline = time.monotonic() + timeout
     try:
-        target = (policy or Policy.from_settings(settings)).resolve(url, timeout=timeout)
+        return (policy or Policy.from_settings(settings)).resolve(
+            url, timeout=max(0.0, deadline - time.monotonic())
+        )
     except Unresolvable as exc:
         raise WebhookError(f"POST {shown} failed: {exc}", url=shown) from None
     except Refused as exc:
         raise WebhookRefused(str(exc), url=shown) from None
+
+
+def send(
+    target: Target,
+    url: str,
+    payload: dict[str, Any],
+    settings: Settings,
+    deadline: float,
+    *,
+    now: float | None = None,
+) -> int:
+    """POST the signed JSON body to a checked ``target`` by ``deadline`` (see :func:`post`)."""
+    shown = redact(url)
+    timeout = settings.webhooks.timeout
     body = encode(payload)
     timestamp = str(int(time.time() if now is None else now))
     headers = {
@@ -268,12 +291,16 @@ def receiver_limit(settings: Settings) -> ReceiverLimit:
         return _limit
 
 
-def _receiver(url: str) -> tuple[str, str, int] | None:
-    try:
-        scheme, host, port, _ = split(url)
-    except Refused:
-        return None  # post() refuses it without connecting; no slot needed
-    return scheme, host, port
+def _receiver(target: Target) -> tuple[str, int]:
+    """What the per-receiver cap counts: the address (and port) the delivery connects to.
+
+    Keyed by address, not by host name: several names for one backend (``hooks.a.example``
+    and ``a-hooks.example`` both pointing at it) share its slots instead of getting
+    ``max_per_receiver`` each. The address is the first one the policy's lookup gave
+    (:attr:`Target.addresses`); webhook_client connects to it first and stays there unless
+    it refuses the connection (then the next address is tried under the same slot). No second
+    lookup: the one that checked the URL chose the address."""
+    return target.addresses[0], target.port
 
 
 def _load_record(request_id: str) -> dict[str, Any] | None:
@@ -317,24 +344,32 @@ def deliver(entry: dict[str, Any]) -> dict[str, Any]:
             entry.get("pinned"),
             entry,
         )
-        receiver, limit = _receiver(url), receiver_limit(settings)
-        if receiver is not None and not limit.acquire(receiver, DEFER_WAIT):
-            if job is not None:
-                # Not a try: it comes back DEFER_SECONDS out, its tries and backoff unchanged,
-                # on the deferred queue, behind any fresh delivery (of another receiver).
-                rq_overrides.defer(
-                    job, DEFER_SECONDS, queues.queue_name(settings, queues.WEBHOOKS_DEFERRED)
-                )
-            log.debug(
-                "webhook %s for %s deferred: %s has %d deliveries in flight",
-                entry["event_id"],
-                entry["request_id"],
-                redact(url),
-                limit.limit,
-            )
-            raise WebhookDeferred(f"{redact(url)} is at webhooks.max_per_receiver")
+        limit = receiver_limit(settings)
+        deadline = time.monotonic() + settings.webhooks.timeout
         try:
-            status = post(url, payload, settings)
+            target = check(url, settings, deadline)  # the lookup counts against the try
+            receiver = _receiver(target)
+            if not limit.acquire(receiver, DEFER_WAIT):
+                if job is not None:
+                    # Not a try: it comes back DEFER_SECONDS out, its tries and backoff
+                    # unchanged, on the deferred queue, behind any fresh delivery.
+                    rq_overrides.defer(
+                        job, DEFER_SECONDS, queues.queue_name(settings, queues.WEBHOOKS_DEFERRED)
+                    )
+                log.debug(
+                    "webhook %s for %s deferred: %s (%s port %d) has %d deliveries in flight",
+                    entry["event_id"],
+                    entry["request_id"],
+                    redact(url),
+                    receiver[0],
+                    receiver[1],
+                    limit.limit,
+                )
+                raise WebhookDeferred(f"{redact(url)} is at webhooks.max_per_receiver")
+            try:
+                status = send(target, url, payload, settings, deadline)
+            finally:
+                limit.release(receiver)
         except (WebhookGone, WebhookRefused) as exc:
             if job is not None:
                 rq_overrides.give_up(job)
@@ -355,9 +390,6 @@ def deliver(entry: dict[str, Any]) -> dict[str, Any]:
                 "giving up" if final else f"{left} retries left",
             )
             raise
-        finally:
-            if receiver is not None:
-                limit.release(receiver)
         redis.hincrby(stats, STAT_DELIVERED, 1)
         log.info(
             "webhook %s for %s delivered to %s (%s)",
