@@ -1,6 +1,6 @@
 """Chaos run: break the whole service on purpose, on one machine, and count what was lost.
 
-    python bench/chaos.py --duration SECONDS --seed N [--clients 6] [--keep]
+    python bench/chaos.py --duration SECONDS --seed N [--clients 6] [--workdir DIR] [--fuzz-scale N]
     python bench/chaos.py --sentinel [--min-replicas-ack 1] ...
 
 ``--sentinel`` runs Redis as a primary, one replica and three sentinels (same binary, loopback)

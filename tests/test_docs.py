@@ -277,3 +277,20 @@ def test_every_file_and_test_the_docs_name_exists():
         ):
             missing.append(_where(path, name))
     assert not missing, f"files or tests the docs name that do not exist: {missing}"
+
+
+def test_every_benchmark_flag_the_docs_show_exists():
+    """``bench/chaos.py --duration 20 --seed 11``: each flag is one the script declares."""
+    shown = {
+        (path, script, flag)
+        for path in DOCS
+        for script, args in re.findall(r"\b(bench/\w+\.py)((?: +[^\s`|]+)*)", path.read_text())
+        for flag in re.findall(r"(?<!\S)(--[a-z][a-z-]*)", args)
+    }
+    assert len(shown) > 5
+    unknown = sorted(
+        _where(path, f"{script} {flag}")
+        for path, script, flag in shown
+        if f'"{flag}"' not in (ROOT / script).read_text()
+    )
+    assert not unknown, f"benchmark flags the docs show that the script lacks: {unknown}"
