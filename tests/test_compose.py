@@ -99,6 +99,31 @@ def test_nginx_balances_both_api_replicas(compose):
     assert conf.count("{") == conf.count("}")
 
 
+def _nginx_read_timeout(path: str) -> float:
+    """The proxy_read_timeout (seconds) nginx applies to ``path``: the first regex location that
+    matches it, else ``location /`` (nginx's order for these two kinds of location)."""
+    conf = (ROOT / "deploy" / "nginx.conf").read_text()
+    blocks = re.findall(r"location\s+(~\s+)?(\S+)\s*\{(.*?)\}", conf, re.S)
+    regex = [(pattern, body) for tilde, pattern, body in blocks if tilde]
+    prefix = {pattern: body for tilde, pattern, body in blocks if not tilde}
+    body = next((b for p, b in regex if re.search(p, path)), prefix["/"])
+    return float(re.search(r"proxy_read_timeout\s+(\d+)s;", body).group(1))
+
+
+def test_nginx_holds_each_held_call_longer_than_the_api_may_hold_it():
+    """Behind docker-compose's nginx a held call must outlast its longest wait: a long-poll
+    (``?wait=``, up to app.longpoll.MAX_WAIT) and ``admin drain --wait`` (``?wait=true&timeout=``,
+    up to MAX_DRAIN_WAIT; 60 s by default), or nginx answers 504 and ``gpu-orchestrator admin
+    drain NODE --wait`` through port 8080 exits 1 at nginx's read timeout."""
+    from app import longpoll
+    from app.api import admin
+
+    for path in ("/gpu/requests/svc-1-00000001", "/gpu/allocations/svc-1-00000001"):
+        assert _nginx_read_timeout(path) > longpoll.MAX_WAIT, path
+    assert _nginx_read_timeout("/admin/nodes/gpu-node-1/drain") > admin.MAX_DRAIN_WAIT
+    assert _nginx_read_timeout("/gpu/status") == 30  # everything else keeps a short one
+
+
 def test_prometheus_scrapes_the_api(compose):
     prom = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
     [job] = prom["scrape_configs"]
