@@ -150,7 +150,7 @@ FIXED_KEYS = (
 #: Pub/Sub channels the library names: (Lua name, the Keys method), derived from the prefix
 #: when it changes.
 CHANNELS = (("K_CHANGES", "changes"),)
-#: Settings, passed joined by newlines as ARGV[4] in this order: (Lua name, converted with
+#: Settings, passed joined by newlines in ARGV[2] in this order: (Lua name, converted with
 #: tonumber). The library keeps the last string it parsed, so a call whose settings did not
 #: change costs one string comparison (measured: eleven arguments cost ~11k server
 #: instructions per call, and their parsing as many again).
@@ -175,9 +175,10 @@ SETTINGS = (
     ("PREEMPT", False),
     ("PREEMPT_GRACE", True),
 )
-#: ARGV[1] now, ARGV[2] version, ARGV[3] prefix, ARGV[4] the settings; a function's own
-#: arguments start at ARGV[ARGS_AT + 1].
-ARGS_AT = 4
+#: ARGV[1] now, ARGV[2] the common argument: the version, the settings and the prefix, joined
+#: by newlines (one argument instead of three: each costs the server ~1k instructions per
+#: call); a function's own arguments start at ARGV[ARGS_AT + 1].
+ARGS_AT = 2
 #: Key builders (Lua head -> the Keys method and its arguments' placeholders).
 _BUILDERS = (
     ("k_node(n)", "node", 1),
@@ -275,25 +276,33 @@ def _builders() -> str:
 
 
 def _bind() -> str:
-    """The lines of begin_call that bind the fixed keys and the settings of this call."""
-    lines = [f"  {name} = keys[{i}]" for i, name in enumerate(FIXED_KEYS, 1)]
-    lines.append("  if argv[3] ~= P then")
-    lines.append("    P = argv[3]")
+    """The lines of begin_call that bind the fixed keys and the call's common argument
+    (ARGV[2]: the version, the settings, the prefix, parsed only when it differs from the last
+    call's). A version that is not the library's makes begin_call answer false (the function
+    then answers {-11, VERSION}) before anything is bound."""
+    lines = [
+        "  if argv[2] ~= COMMON_RAW then",
+        "    local s = argv[2]",
+        "    local at = string.find(s, '\\n', 1, true)",
+        "    if not at or string.sub(s, 1, at - 1) ~= VERSION then return false end",
+        "    local v = {}",
+        f"    for i = 1, {len(SETTINGS)} do",
+        "      local e = string.find(s, '\\n', at + 1, true)",
+        "      if not e then return false end",
+        "      v[i], at = string.sub(s, at + 1, e - 1), e",
+        "    end",
+        "    P = string.sub(s, at + 1)",
+    ]
     probe = Keys("\x00")
     for name, method in CHANNELS:
         template = getattr(probe, method)()
         assert template.startswith("\x00"), method
         lines.append(f"    {name} = P .. {_lua_concat(template[1:], [])}")
-    lines.append("  end")
-    lines.append("  if argv[4] ~= SETTINGS_RAW then")
-    lines.append("    SETTINGS_RAW = argv[4]")
-    lines.append("    local v = {}")
-    lines.append(
-        "    for x in string.gmatch(SETTINGS_RAW .. '\\n', '([^\\n]*)\\n') do v[#v + 1] = x end"
-    )
     for i, (name, numeric) in enumerate(SETTINGS, 1):
         lines.append(f"    {name} = tonumber(v[{i}])" if numeric else f"    {name} = v[{i}]")
+    lines.append("    COMMON_RAW = s")
     lines.append("  end")
+    lines += [f"  {name} = keys[{i}]" for i, name in enumerate(FIXED_KEYS, 1)]
     return "\n".join(lines)
 
 
@@ -302,7 +311,7 @@ def library_source(extra: tuple[tuple[str, str], ...] = (), name: str = LIBRARY)
     """(version, source) of the Functions library: the includes once, then one function per
     script (``extra``: more (name, body) pairs, for tests). The version is a hash of the
     source; every call passes it, so a server holding another version is found at once."""
-    names = ", ".join(FIXED_KEYS + tuple(n for n, _ in CHANNELS + SETTINGS) + ("SETTINGS_RAW",))
+    names = ", ".join(FIXED_KEYS + tuple(n for n, _ in CHANNELS + SETTINGS) + ("COMMON_RAW",))
     constants = (
         f"local P, {names}\nlocal MAX_LEASE = {_lua_num(MAX_LEASE_SECONDS)}\n"
         f"local A = {ARGS_AT}\n{_builders()}\n{lua_tables()}"
@@ -321,8 +330,8 @@ def library_source(extra: tuple[tuple[str, str], ...] = (), name: str = LIBRARY)
         # not count against Lua's 200 locals of the library's main chunk
         parts.append(
             f"do local function f_{script}(KEYS, ARGV)\n"
-            f"if ARGV[2] ~= VERSION then return {{{_STALE}, VERSION}} end\n"
-            f"begin_call(KEYS, ARGV{', true' if script in READ_ONLY else ''})\n{body}\nend"
+            f"if not begin_call(KEYS, ARGV{', true' if script in READ_ONLY else ''}) then "
+            f"return {{{_STALE}, VERSION}} end\n{body}\nend"
         )
         flags = ", flags = {'no-writes'}" if script in READ_ONLY else ""
         parts.append(
@@ -654,10 +663,14 @@ class Engine:
         self._heads_for: list[str] | None = None
 
     # ------------------------------------------------------------------ plumbing
-    def _settings_args(self) -> list[str]:
-        """ARGV[3..4]: the prefix and the settings (SETTINGS order, joined by newlines), rebuilt
-        only when the settings object changes. Sent with every call: measured, one argument
-        costs less than reading a settings hash in every call."""
+    def _settings_args(self, version: str | None = None) -> list[str]:
+        """[ARGV[2]]: the library version (``version``, else this release's), the settings
+        (SETTINGS order) and the prefix, joined by newlines, rebuilt only when the settings
+        object changes. Sent with every call: measured, one argument costs less than reading a
+        settings hash in every call."""
+        if version is not None and version != library_source()[0]:
+            rest = self._settings_args()[0].split("\n", 1)[1]
+            return [f"{version}\n{rest}"]
         s, m = self.settings.scheduler, self.settings.monitoring
         t, pre = self.settings.tenants, self.settings.preemption
         if self._args_for is None or any(
@@ -679,7 +692,8 @@ class Engine:
             }
             joined = [values[n] for n, _ in SETTINGS]
             assert not any("\n" in v for v in joined), joined
-            self._fixed_args = [self.keys.prefix, "\n".join(joined)]
+            assert "\n" not in library_source()[0]
+            self._fixed_args = ["\n".join([library_source()[0], *joined, self.keys.prefix])]
             self._args_for = (s, m, t, pre)
         return self._fixed_args
 
@@ -734,7 +748,7 @@ class Engine:
     def _command(self, name: str, args: list) -> tuple:
         """The FCALL of ``name`` with ``args`` (ARGV[1], then the function's own), as
         ``execute_command`` takes it."""
-        argv = [args[0], library_source()[0], *self._settings_args(), *args[1:]]
+        argv = [args[0], *self._settings_args(), *args[1:]]
         return (*self._head(name), *argv)
 
     def _packed(self, name: str, args: list) -> bytes:
@@ -748,10 +762,10 @@ class Engine:
             self._heads_for = fixed
         heads = self._heads.get(name)
         if heads is None:
-            heads = (bulk(self._head(name)), bulk((library_source()[0], *fixed)))
+            heads = (bulk(self._head(name)), bulk(fixed))
             self._heads[name] = heads
-        # command, function, numkeys, the keys, version, prefix and settings, the arguments
-        count = 4 + len(self._fixed_keys) + len(fixed) + len(args)
+        # command, function, numkeys, the keys, now, the common argument, the arguments
+        count = 3 + len(self._fixed_keys) + len(fixed) + len(args)
         return b"*%d\r\n%b%b%b%b" % (count, heads[0], bulk(args[:1]), heads[1], bulk(args[1:]))
 
     def _run(self, name: str, *args, ctx: dict | Callable[[], dict] | None = None):

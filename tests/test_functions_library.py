@@ -62,8 +62,7 @@ def test_a_read_only_function_cannot_write(redis, settings):
                 len(engine._fixed_keys),
                 *engine._fixed_keys,
                 "",
-                version,
-                *engine._settings_args(),
+                *engine._settings_args(version),
             )
     finally:
         redis.execute_command("FUNCTION", "DELETE", "roprobe")

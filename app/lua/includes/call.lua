@@ -38,9 +38,11 @@ local function upgrade_data()
   if m[2] then rcall('HDEL', K_META, 'gpus_busy') end
 end
 
+-- Binds the call's fixed keys and common argument; false (nothing bound) when the caller
+-- expects another version of the library.
 local function begin_call(keys, argv, read_only)
-  rcall = redis.call
   -- @bind
+  rcall = redis.call
   if argv[1] ~= '' then
     NOW = tonumber(argv[1])
     NOW_S = string.format('%.6f', NOW) -- formatted once: most functions write it several times
@@ -58,4 +60,5 @@ local function begin_call(keys, argv, read_only)
   if next(index_cache) then index_cache = {} end
   tq_cache, tq_map, tq_default = nil, nil, nil
   if not read_only and not upgraded[P] then upgrade_data() end
+  return true
 end
