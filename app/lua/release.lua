@@ -14,9 +14,9 @@
 ]]
 -- @include prelude
 local id, principal, admin = ARGV[A + 1], ARGV[A + 2] or '', ARGV[A + 3]
--- one read of the fields the ending (FINISH_FIELDS) and the checks use (the pass below never
--- touches a record that is no longer queued or live)
-local n = #FINISH_FIELDS
+-- one read of the fields the ending (FINISH_FIELDS, but the rarely stored last ones) and the
+-- checks use (the pass below never touches a record that is no longer queued or live)
+local n = RELEASE_READ
 -- the owner only when a principal must own it (a field fewer to read: ~1.4k instructions)
 local check = principal ~= '' and admin ~= '1'
 local v = rcall('HMGET', k_req(id), unpack(check and RELEASE_FIELDS or RELEASE_FIELDS_NO_OWNER))
@@ -37,4 +37,4 @@ else
   return {-1, st}
 end
 local granted = schedule(nil)
-return #granted .. '|' .. st .. '|' .. NOW_S .. '|' .. released_at .. '|' .. (v[5] or '')
+return #granted .. '|' .. st .. '|' .. NOW_S .. '|' .. released_at .. '|' .. (v[4] or '')
