@@ -78,9 +78,9 @@ local function deps_done(r)
 end
 
 -- One node_free_gpus entry "<memory_free_mb>|<utilization>|<uuid>" -> memory, utilization and
--- the uuid's start, split by plain find (no pattern, no captures); and whether r can use it.
--- Parsed entries are memoized (the same entries come back until a GPU's readings change;
--- bounded like num's memo).
+-- the uuid, split by plain find (no pattern, no captures); and whether r can use it. Parsed
+-- entries are memoized (the same entries come back until a GPU's readings change; bounded like
+-- num's memo).
 local entry_memo, entry_n = {}, 0
 local function free_entry(r, v)
   local e = entry_memo[v]
@@ -88,7 +88,7 @@ local function free_entry(r, v)
     local a = string.find(v, '|', 1, true)
     local b = string.find(v, '|', a + 1, true)
     e = {tonumber(string.sub(v, 1, a - 1)) or 0, tonumber(string.sub(v, a + 1, b - 1)) or 0,
-      b + 1}
+      string.sub(v, b + 1)}
     if entry_n >= MEMO_MAX then entry_memo, entry_n = {}, 0 end
     entry_memo[v], entry_n = e, entry_n + 1
   end
@@ -101,11 +101,10 @@ local function node_candidates(r, node)
   local q = {}
   local h = rcall('HGETALL', k_free(node))
   for i = 1, #h, 2 do
-    local mem, util, at, ok = free_entry(r, h[i + 1])
+    local mem, util, uuid, ok = free_entry(r, h[i + 1])
     if ok and model_ok(r, node, h[i]) then
       local idx = h[i]
-      q[#q + 1] = {idx = idx, mem = mem, util = util, uuid = string.sub(h[i + 1], at),
-        pref = r.pref[idx] and 1 or 0}
+      q[#q + 1] = {idx = idx, mem = mem, util = util, uuid = uuid, pref = r.pref[idx] and 1 or 0}
     end
   end
   return q
@@ -116,29 +115,33 @@ end
 -- lowest utilization, then the lowest index. nil when none qualifies.
 local function node_best1(r, node)
   local h = rcall('HGETALL', k_free(node))
-  local best, bmem, butil, bat
+  local best, bmem, butil, bidx, be
   local minm, maxm, maxu, anymodel = r.minm, r.maxm, r.util, r.pat == ''
+  -- the memos read inline (a Lua call per entry costs as much as the test; a memo a reset
+  -- replaced meanwhile still holds right values)
+  local memo, nm = entry_memo, num_memo
   for i = 1, #h, 2 do
-    -- free_entry's test, inlined (a Lua call per entry costs as much as the test); a miss
-    -- goes through it once, which memoizes the entry
+    -- free_entry's test, inlined; a miss goes through it once, which memoizes the entry
     local v = h[i + 1]
-    local e = entry_memo[v]
+    local e = memo[v]
     if not e then
       free_entry(r, v)
-      e = entry_memo[v]
+      memo = entry_memo
+      e = memo[v]
     end
-    local mem, util, at = e[1], e[2], e[3]
+    local mem, util = e[1], e[2]
     if mem >= minm and (maxm <= 0 or mem <= maxm) and util <= maxu and
         (anymodel or model_ok(r, node, h[i])) then
       -- the index compared (as a number) only on a tie of memory and utilization
       if not best or mem > bmem or (mem == bmem and (util < butil or
-          (util == butil and num(h[i]) < num(h[best])))) then
-        best, bmem, butil, bat = i, mem, util, at
+          (util == butil and (nm[h[i]] or num(h[i])) < bidx))) then
+        best, bmem, butil, be = i, mem, util, e
+        bidx = nm[h[i]] or num(h[i])
       end
     end
   end
   if not best then return nil end
-  return {idx = h[best], mem = bmem, util = butil, uuid = string.sub(h[best + 1], bat), pref = 0}
+  return {idx = h[best], mem = bmem, util = butil, uuid = be[3], pref = 0}
 end
 
 local function rank_gpus(a, b)
