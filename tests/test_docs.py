@@ -13,7 +13,7 @@ import argparse
 import re
 from pathlib import Path
 
-from app import cli, errors, http_errors, http_worker, replication, run
+from app import cli, errors, http_errors, http_worker, replication, run, schemas
 from app.settings import SPEC, Opt
 from tests.api_support import app, clock, make_app  # noqa: F401
 
@@ -294,3 +294,14 @@ def test_every_benchmark_flag_the_docs_show_exists():
         if f'"{flag}"' not in (ROOT / script).read_text()
     )
     assert not unknown, f"benchmark flags the docs show that the script lacks: {unknown}"
+
+
+def test_api_md_documents_every_field_of_the_allocate_body():
+    """docs/api.md's ``POST /gpu/allocate`` table is the body the API accepts (an unknown field
+    is a 422, so a field missing here is one a user cannot find)."""
+    table = _section(ROOT / "docs" / "api.md", "### `POST /gpu/allocate`", "Unknown top-level")
+    documented = set(re.findall(r"^\| `(\w+)` \|", table, re.M))
+    accepted = set(schemas.AllocateRequestSchema().fields)
+    assert documented == accepted, (
+        f"only in docs/api.md: {documented - accepted}; only in the API: {accepted - documented}"
+    )
