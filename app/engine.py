@@ -65,11 +65,13 @@ from app.request_rules import (
     IDEMPOTENCY_KEY_RULE,
     MAX_GLOB_STARS,
     MAX_LEASE_SECONDS,
+    NODE_NAME_RULE,
     CheckedRequest,
     check,
     check_together,
     given_fields,
     idempotency_key_ok,
+    node_name_ok,
 )
 from app.request_rules import (
     bad as bad_field,
@@ -792,9 +794,9 @@ class Engine:
         self, node: str, gpus: list[dict], *, backend: str = "", host: str = ""
     ) -> list[dict]:
         """Upsert the node's heartbeat and every GPU's telemetry; returns grants made."""
-        if not node or "|" in node or "%" in node:
+        if not node_name_ok(node):
             raise ValidationFailed(
-                f"bad node name {node!r} (non-empty, no '|' or '%')", details={"field": "node"}
+                f"bad node name {node!r} ({NODE_NAME_RULE})", details={"field": "node"}
             )
         rows = [self._gpu_fields(g) for g in gpus]
         res = self._run("report_node", node, backend, host, json.dumps(rows))

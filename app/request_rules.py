@@ -40,8 +40,24 @@ SERVICE_NAME_RE = rf"^[A-Za-z0-9._-]{{1,{SERVICE_NAME_MAX}}}$"
 SERVICE_NAME_RULE = f"1-{SERVICE_NAME_MAX} characters of [A-Za-z0-9._-]"
 #: Request ids are ``<service_name>-<digits>...``; anything longer than this cannot be ours.
 ID_RE = r"^[A-Za-z0-9._:-]{1,200}$"
-#: Node names as the monitor reports them: printable ASCII without '|' or '%'.
+#: Node names a request may name in ``nodes``: printable ASCII without '|' or '%'.
 NODE_NAME_RE = r"^[!-$&-{}~]{1,253}$"
+#: Node names a monitor may report (node_name_ok): the engine's separators '|' and '%' are
+#: out, and so are the names no ``/admin/nodes/<node>/...`` path can reach: one with a '/'
+#: (two path segments), and '.' or '..' (HTTP clients drop such segments from a path).
+NODE_NAME_RULE = "non-empty, no '|', '%' or '/', and not '.' or '..'"
+
+
+def node_name_ok(node: Any) -> bool:
+    """Whether a monitor may report a node by this name (NODE_NAME_RULE)."""
+    return (
+        isinstance(node, str)
+        and node not in ("", ".", "..")
+        and "|" not in node
+        and "%" not in node
+        and "/" not in node
+    )
+
 
 WORKLOAD_TYPES = ("training", "inference", "embedding", "ocr", "graph_processing", "generic")
 SHARING = ("exclusive", "shared")

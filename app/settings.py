@@ -25,7 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 import yaml
 
 from app.request_rules import FIELDS as REQUEST_FIELDS
-from app.request_rules import HINTS, WORKLOAD_TYPES
+from app.request_rules import HINTS, NODE_NAME_RULE, WORKLOAD_TYPES, node_name_ok
 
 DEFAULT_CONFIG_PATH = "config.yaml"
 ENV_PREFIX = "GPU_ORCH__"
@@ -154,6 +154,18 @@ def Str(default, doc="", secret=False, pattern=None, expected="a string", empty=
         return v
 
     return Opt(default, convert, expected, secret=secret, doc=doc)
+
+
+def NodeName():
+    """``monitoring.node_name``: empty (the host name) or a name a monitor may report."""
+
+    def convert(v):
+        if not isinstance(v, str) or (v and not node_name_ok(v)):
+            raise ValueError(v)
+        return v
+
+    expected = f"empty (the host name) or a node name: {NODE_NAME_RULE}"
+    return Opt("", convert, expected, doc="this node's name; empty: the host name")
 
 
 def Choice(default, choices, doc=""):
@@ -591,6 +603,8 @@ def _simulated(v):
     for node in nodes:
         if not isinstance(node, dict) or not isinstance(node.get("name"), str) or not node["name"]:
             raise ValueError("each node needs a name")
+        if not node_name_ok(node["name"]):
+            raise ValueError(f"node name {node['name']!r}: {NODE_NAME_RULE}")
         if node["name"] in names:
             raise ValueError(f"duplicate node {node['name']}")
         names.add(node["name"])
@@ -981,7 +995,7 @@ SPEC: dict[str, dict[str, Any]] = {
             ("auto", "nvml", "simulated"),
             doc="auto: NVML when a driver answers, else the simulated fleet",
         ),
-        "node_name": Str("", doc="this node's name; empty: the host name"),
+        "node_name": NodeName(),
         "simulated": Mapping_(
             {"dynamic": False, "nodes": [], "seed": 0},
             _simulated,

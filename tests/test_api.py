@@ -631,3 +631,22 @@ def test_every_queued_answer_carries_reason_and_eta(client):
     ]
     granted = client.get(f"/gpu/allocations/{held['id']}").get_json()
     assert "eta" not in granted
+
+
+@pytest.mark.parametrize(
+    "name", ["gpu01.example.com", "node:7", ".hidden", "..a", "a..b", "a b", "nœud-1"]
+)
+def test_every_node_name_a_monitor_may_report_is_reached_by_the_admin_routes(make_app, name):
+    """The names report_node accepts (request_rules.NODE_NAME_RULE: no '/', not '.' or '..')
+    each fit one path segment: cordon, uncordon and drain reach the node, as do its GPUs."""
+    from urllib.parse import quote
+
+    client = make_app(nodes=((name, 2),)).test_client()
+    path = "/admin/nodes/" + quote(name, safe="")
+    for action, cordoned in (("cordon", True), ("uncordon", False), ("drain", True)):
+        resp = client.post(f"{path}/{action}")
+        assert resp.status_code == 200, (action, resp.get_data(as_text=True))
+        assert resp.get_json()["name"] == name and resp.get_json()["cordoned"] is cordoned
+    resp = client.post("/admin/gpus/" + quote(name, safe="") + "/1/uncordon")
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    assert [n["name"] for n in client.get("/admin/nodes").get_json()["nodes"]] == [name]

@@ -63,6 +63,17 @@ def test_report_node_registers_gpus_and_fleet_limits(engine):
     assert g["memory_total_mb"] == 40000 and g["schedulable"] and g["uuid"] == "GPU-2"
 
 
+@pytest.mark.parametrize("name", ["", "a|b", "a%b", "rack-1/gpu-1", "/a", "a/", ".", ".."])
+def test_report_node_refuses_a_node_name_no_admin_path_reaches_naming_the_field(engine, name):
+    """'/', '.' and '..' were accepted, but no /admin/nodes/<node>/... path names such a node
+    (a '/' splits the segment; HTTP clients drop '.' and '..' segments)."""
+    with pytest.raises(errors.ValidationFailed) as err:
+        engine.report_node(name, gpu_list(1))
+    assert err.value.details == {"field": "node"}
+    assert "no '|', '%' or '/', and not '.' or '..'" in str(err.value)
+    assert engine.snapshot()["nodes"] == []
+
+
 def test_report_node_rejects_a_bad_node_name_and_gpu(engine):
     with pytest.raises(errors.ValidationFailed):
         engine.report_node("a|b", gpu_list(1))

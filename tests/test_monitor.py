@@ -276,3 +276,31 @@ def test_redis_trouble_while_reporting_is_a_warning_line_each_try_not_a_tracebac
         (logging.ERROR, True),
     ]
     assert "Connection refused" in tries[0].getMessage()
+
+
+def test_a_node_name_the_engine_refuses_is_one_log_line_and_the_other_nodes_report(
+    settings, redis, caplog
+):
+    """A backend naming a node 'rack-1/gpu-1' (no /admin/nodes/<node> path reaches it): that
+    node is left out with one ERROR line naming the field, once, not a traceback every refresh;
+    the other nodes are reported."""
+    from workers.simulated import fleet
+
+    reading = fleet({"nodes": [{"name": "node-a", "count": 1}, {"name": "node-b", "count": 1}]})
+    reading = {"rack-1/gpu-1": reading["node-a"], "node-b": reading["node-b"]}
+
+    class Backend:
+        name = "simulated"
+
+        def read(self):
+            return reading
+
+    engine = Engine(redis, settings)
+    mon = monitor.Monitor(settings, engine, Backend())
+    with caplog.at_level(logging.INFO, logger="gpu_orchestrator.monitor"):
+        mon.refresh()
+        mon.refresh()
+    assert [n["name"] for n in engine.snapshot()["nodes"]] == ["node-b"]
+    refused = [r for r in caplog.records if "rack-1/gpu-1" in r.getMessage()]
+    assert len(refused) == 1 and refused[0].levelno == logging.ERROR
+    assert "field node" in refused[0].getMessage() and refused[0].exc_info is None

@@ -114,6 +114,11 @@ def test_missing_default_file_is_fine_but_named_file_is_an_error(tmp_path, monke
             "monitoring.simulated",
             "a simulated",
         ),
+        # a node name no /admin/nodes/<node>/... path reaches (request_rules.NODE_NAME_RULE)
+        ("monitoring: {node_name: rack-1/gpu-1}", "monitoring.node_name", "no '|', '%' or '/'"),
+        ("monitoring: {node_name: '..'}", "monitoring.node_name", "not '.' or '..'"),
+        ("monitoring: {simulated: {nodes: [{name: a/b}]}}", "monitoring.simulated", "'a/b'"),
+        ("monitoring: {simulated: {nodes: [{name: '.'}]}}", "monitoring.simulated", "'.'}"),
         ("redis: {url: 'redis://db:99999/0'}", "redis.url", "its port a number in 1..65535"),
         ("redis: {url: 'redis://db:port/0'}", "redis.url", "its port a number in 1..65535"),
         ("services: {deepagents_url: 'http://advisor:0'}", "services.deepagents_url", "port"),

@@ -23,6 +23,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from app import outbox
+from app.errors import ValidationFailed
 from app.redis_client import connect
 from app.settings import Settings
 from app.shutdown import StopSignal
@@ -71,13 +72,24 @@ class Monitor:
         self.rq_redis = rq_redis
         self.host = socket.gethostname()
         self._health: dict[tuple[str, int], str] = {}
+        self._refused: set[str] = set()  # node names the engine refused, logged once each
 
     def refresh(self) -> dict[str, list[dict[str, Any]]]:
         reading = self.backend.read()
         granted = 0
         for node, gpus in reading.items():
             self._log_health_changes(node, gpus)
-            grants = self.engine.report_node(node, gpus, backend=self.backend.name, host=self.host)
+            try:
+                grants = self.engine.report_node(
+                    node, gpus, backend=self.backend.name, host=self.host
+                )
+            except ValidationFailed as exc:  # a name it refuses: the other nodes still report
+                if exc.details.get("field") != "node":
+                    raise
+                if node not in self._refused:
+                    self._refused.add(node)
+                    log.error("monitor: node %r not reported (field node): %s", node, exc)
+                continue
             granted += len(grants or [])
         if granted:
             log.info("new capacity granted %d queued request(s)", granted)
