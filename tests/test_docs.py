@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from app import cli, errors, http_errors, http_worker, replication, run, schemas
+from app import settings as settings_mod
 from app.settings import SPEC, Opt
 from tests.api_support import app, clock, make_app  # noqa: F401
 
@@ -305,3 +306,23 @@ def test_api_md_documents_every_field_of_the_allocate_body():
     assert documented == accepted, (
         f"only in docs/api.md: {documented - accepted}; only in the API: {accepted - documented}"
     )
+
+
+def test_every_yaml_config_the_docs_show_loads(tmp_path):
+    """A reader copies these into config.yaml: each ```yaml block is a valid config on its own
+    (what ``gpu-orchestrator config check`` says of it)."""
+    blocks = [
+        (path, block)
+        for path in DOCS
+        for block in re.findall(r"^```ya?ml\n(.*?)^```", path.read_text(), re.S | re.M)
+    ]
+    assert len(blocks) > 10
+    bad = []
+    for i, (path, block) in enumerate(blocks):
+        file = tmp_path / f"block{i}.yaml"
+        file.write_text(block)
+        try:
+            settings_mod.load(str(file), environ={})
+        except settings_mod.ConfigError as exc:
+            bad.append(_where(path, str(exc).replace(str(file), "<block>")))
+    assert not bad, f"config examples in the docs that do not load: {bad}"
