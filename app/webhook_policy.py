@@ -32,6 +32,8 @@ import hashlib
 import ipaddress
 import socket
 import threading
+import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -44,6 +46,16 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 #: Most name lookups running at once in a process (one thread each, however many callers wait
 #: on one); past it a lookup is refused at once instead of waiting behind the hung ones.
 MAX_LOOKUPS = 128
+#: The share of those that lookups started for one asker (the owner, or the service when there
+#: is none) may hold, and lookups of names under one domain (:func:`domain_of`): 1/8 each
+#: (16 of 128), so filling MAX_LOOKUPS with hung names takes 8 askers with 8 DNS zones, not one
+#: client with one zone.
+SHARE = 8
+#: A name whose lookup outlived a caller's deadline and then failed is refused at once for this
+#: long (seconds), so the same hung names cannot take their threads back as soon as they end.
+SLOW_NAME_TTL = 60.0
+#: Most such names remembered (the oldest is forgotten first): a bound on what clients can grow.
+MAX_SLOW_NAMES = 4096
 
 
 class Refused(Exception):
@@ -177,13 +189,31 @@ def _system_resolve(host: str, port: int) -> list:
     return list(dict.fromkeys(info[4][0] for info in infos))
 
 
+def asker_of(owner: str | None, service_name: str | None) -> str:
+    """Whose share of the name lookups a webhook URL's lookup counts against: its owner (the
+    API key's principal), or its service when auth is off and there is none; the engine's
+    rule for a share of the queue (``owner_bucket`` in app/lua/includes/stats.lua)."""
+    return f"o:{owner}" if owner else f"s:{service_name or ''}"
+
+
+def domain_of(host: str) -> str:
+    """The domain whose DNS answers for ``host``, roughly: its last two labels
+    (``a.hooks.example.com`` -> ``example.com``). Without the public suffix list, names under
+    ``co.uk`` all count as ``co.uk``; they only share a budget of *running* lookups, which a
+    name that answers holds for milliseconds."""
+    return ".".join(host.rsplit(".", 2)[-2:])
+
+
 class _Lookup:
     """One name lookup running in its own thread; every caller that wants it waits on it."""
 
-    def __init__(self) -> None:
+    def __init__(self, asker: str, domain: str) -> None:
         self.done = threading.Event()
         self.addresses: list = []
         self.error: BaseException | None = None
+        self.asker, self.domain = asker, domain
+        #: a caller stopped waiting on it: later callers are refused at once, not held too
+        self.overdue: float | None = None
 
 
 class Lookups:
@@ -198,28 +228,81 @@ class Lookups:
     already being looked up wait on that lookup instead of starting another (a name that hangs
     holds one thread, however often it is asked for), and at most ``limit`` lookups run at
     once: past that, a lookup is refused at once (Unresolvable, retried by delivery) rather
-    than queued. Nothing is cached: a lookup that ends is forgotten.
+    than queued.
+
+    One client must not be able to fill that limit and so refuse every other client's names
+    (a client controls its webhook URLs and can point them at a DNS zone of its own that never
+    answers). So of the running lookups at most ``per_asker`` may have been started for one
+    asker (:func:`asker_of`) and at most ``per_domain`` may be of names under one domain
+    (both ``limit // SHARE`` unless given; a lookup for no named asker, ``asker=""``, as a
+    test or a tool makes, meets only the limit and its domain's share)
+    (:func:`domain_of`, so fresh names in one hostile zone do not help); past either, the
+    lookup is refused at once, for that asker or domain only. And a name that is timing out
+    stops costing anyone a wait: once a caller has given up on a lookup, later callers of that
+    name are refused at once while it runs, and if it then fails the name is refused at once
+    for ``slow_ttl`` seconds (at most ``max_slow`` names remembered). Nothing else is cached: a
+    lookup that answers is forgotten when it ends.
     """
 
-    def __init__(self, limit: int = MAX_LOOKUPS):
+    def __init__(
+        self,
+        limit: int = MAX_LOOKUPS,
+        *,
+        per_asker: int | None = None,
+        per_domain: int | None = None,
+        slow_ttl: float = SLOW_NAME_TTL,
+        max_slow: int = MAX_SLOW_NAMES,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        share = max(1, limit // SHARE)
         self.limit = limit
+        self.per_asker = share if per_asker is None else per_asker
+        self.per_domain = share if per_domain is None else per_domain
+        self.slow_ttl, self.max_slow, self.clock = slow_ttl, max_slow, clock
         self._lock = threading.Lock()
         self._running: dict[tuple[Resolver, str, int], _Lookup] = {}
+        self._askers: Counter[str] = Counter()
+        self._domains: Counter[str] = Counter()
+        #: (resolver, host, port) -> until when (clock) it is refused at once; oldest first
+        self._slow: dict[tuple[Resolver, str, int], float] = {}
 
     def running(self) -> int:
         with self._lock:
             return len(self._running)
 
-    def resolve(self, resolver: Resolver, host: str, port: int, timeout: float) -> list:
+    def slow_names(self) -> int:
+        with self._lock:
+            return len(self._slow)
+
+    def resolve(
+        self, resolver: Resolver, host: str, port: int, timeout: float, asker: str = ""
+    ) -> list:
         key = (resolver, host, port)
         with self._lock:
             lookup = self._running.get(key)
+            if lookup is not None and lookup.overdue is not None:
+                raise Unresolvable(
+                    f"looking up {host!r} took longer than {lookup.overdue:.1f} s for an "
+                    "earlier caller and is still running"
+                )
             if lookup is None:
+                self._refuse_if_slow(key)
+                domain = domain_of(host)
                 if len(self._running) >= self.limit:
                     raise Unresolvable(
                         f"cannot look up {host!r} now: {self.limit} name lookups are still running"
                     )
-                lookup = self._running[key] = _Lookup()
+                if asker and self._askers[asker] >= self.per_asker:
+                    raise Unresolvable(
+                        f"cannot look up {host!r} now: {self.per_asker} name lookups for the "
+                        "same owner are still running"
+                    )
+                if self._domains[domain] >= self.per_domain:
+                    raise Unresolvable(
+                        f"cannot look up {host!r} now: {self.per_domain} lookups of names "
+                        f"under {domain!r} are still running"
+                    )
+                lookup = self._running[key] = _Lookup(asker, domain)
                 try:
                     threading.Thread(
                         target=self._run, args=(key, lookup), name="webhook-dns", daemon=True
@@ -227,7 +310,12 @@ class Lookups:
                 except RuntimeError as exc:  # no thread to be had: refuse, keep nothing
                     del self._running[key]
                     raise Unresolvable(f"cannot look up {host!r} now: {exc}") from None
+                self._askers[asker] += 1
+                self._domains[domain] += 1
         if not lookup.done.wait(max(0.0, timeout)):
+            with self._lock:
+                if not lookup.done.is_set() and lookup.overdue is None:
+                    lookup.overdue = timeout
             raise Unresolvable(f"looking up {host!r} took longer than {timeout:.1f} s")
         if isinstance(lookup.error, OSError):
             exc = lookup.error
@@ -235,6 +323,20 @@ class Lookups:
         if lookup.error is not None:
             raise lookup.error
         return list(lookup.addresses)
+
+    def _refuse_if_slow(self, key: tuple[Resolver, str, int]) -> None:
+        """Unresolvable while ``key`` is a recently timed-out name (called under the lock)."""
+        until = self._slow.get(key)
+        if until is None:
+            return
+        left = until - self.clock()
+        if left <= 0:
+            del self._slow[key]
+            return
+        raise Unresolvable(
+            f"looking up {key[1]!r} recently took too long and failed; not tried again for "
+            f"{left:.0f} s"
+        )
 
     def _run(self, key: tuple[Resolver, str, int], lookup: _Lookup) -> None:
         resolver, host, port = key
@@ -245,7 +347,21 @@ class Lookups:
         finally:
             with self._lock:
                 del self._running[key]
+                for counts, name in ((self._askers, lookup.asker), (self._domains, lookup.domain)):
+                    counts[name] -= 1
+                    if counts[name] <= 0:
+                        del counts[name]
+                if lookup.overdue is not None and lookup.error is not None:
+                    self._remember_slow(key)
             lookup.done.set()
+
+    def _remember_slow(self, key: tuple[Resolver, str, int]) -> None:
+        """Refuse ``key`` at once for slow_ttl; the oldest entry makes room (under the lock)."""
+        self._slow.pop(key, None)
+        while self._slow and len(self._slow) >= self.max_slow:
+            del self._slow[next(iter(self._slow))]
+        if self.max_slow > 0:
+            self._slow[key] = self.clock() + self.slow_ttl
 
 
 _lookups = Lookups()
@@ -297,11 +413,12 @@ class Policy:
         hooks = settings.webhooks
         return cls(hooks.allowed_hosts, hooks.deny_private_networks, resolver)
 
-    def resolve(self, url: str, timeout: float = 5.0) -> Target:
+    def resolve(self, url: str, timeout: float = 5.0, asker: str = "") -> Target:
         """Check ``url`` and return where it may be delivered; Refused (or Unresolvable).
 
         Nothing connects anywhere here; the only network traffic is the name lookup (none for
-        an address literal, nor for a name that allowed_hosts cannot admit).
+        an address literal, nor for a name that allowed_hosts cannot admit). ``asker``
+        (:func:`asker_of`): whose share of the running lookups this one counts against.
         """
         scheme, host, port, path = split(url)
         shown = redact(url)
@@ -313,7 +430,7 @@ class Policy:
         else:
             if self.entries and not named and not networks:
                 raise Refused(f"webhook host {host!r} is not in webhooks.allowed_hosts")
-            addresses = _lookups.resolve(self.resolver, host, port, timeout)
+            addresses = _lookups.resolve(self.resolver, host, port, timeout, asker)
             if not addresses:
                 raise Unresolvable(f"{host!r} resolves to no address")
         for text in addresses:

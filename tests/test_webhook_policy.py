@@ -349,6 +349,161 @@ def test_a_hung_name_holds_one_lookup_however_often_it_is_asked_for(settings, hu
     assert time.monotonic() - started < 1.0 and lookups.running() == 2
 
 
+def test_one_clients_hung_names_do_not_refuse_other_clients_allocates(
+    make_app, hung_dns, monkeypatch
+):
+    """A client fills the process's cap of running lookups (16 here, 128 in production) with
+    webhook names whose DNS never answers, each under a zone of its own: before, every other
+    client's allocate with a webhook host name was then a 422 "cannot look up ... 16 name
+    lookups are still running" until those lookups gave up. Now one asker (owner, or service
+    with auth off) may hold 1/8 of the cap; past that only its own lookups are refused, at once."""
+    from app import webhook_policy
+
+    lookups = webhook_policy.Lookups(limit=16)
+    monkeypatch.setattr(webhook_policy, "_lookups", lookups)
+    client = make_app(nodes=(("node-a", 8),), webhooks={"timeout": "200ms"}).test_client()
+    messages = []
+    for i in range(16):
+        url = f"http://hung{i}-7d41c9.test{i}/h"  # a name, and a domain, of its own each
+        resp = client.post("/gpu/allocate", json={"service_name": "greedy", "webhook_url": url})
+        messages.append(assert_error(resp, 422, "validation_error")["message"])
+    assert lookups.running() == 2 and hung_dns.count("hung2-7d41c9.test2") == 0
+    assert all("took longer" in m for m in messages[:2]), messages
+    assert all("2 name lookups for the same owner" in m for m in messages[2:]), messages
+    resp = client.post(
+        "/gpu/allocate", json={"service_name": "other", "webhook_url": "http://hooks.test:9/h"}
+    )
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+
+
+def test_one_owners_hung_names_do_not_fail_other_owners_deliveries(
+    settings, redis, hung_dns, no_connections, monkeypatch
+):
+    """The same at delivery (a name can answer at allocate and hang later): the worker counts
+    each lookup against the request's owner (its service with auth off)."""
+    from app import webhook_policy
+    from app.engine import Engine
+    from app.redis_client import connect
+    from workers import context
+
+    lookups = webhook_policy.Lookups(limit=16)
+    monkeypatch.setattr(webhook_policy, "_lookups", lookups)
+    quick = settings.replace(webhooks={"timeout": "200ms"})
+    engine = Engine(redis, quick)
+    gpus = [{"index": i, "uuid": f"G-{i}", "name": "x", "memory_total_mb": 1} for i in range(20)]
+    engine.report_node("n", gpus, host="h")
+    rq_redis = connect(quick.redis.url, quick, decode=False)
+    context.configure(quick, redis, rq_redis)
+
+    def deliver(service, url):
+        rec = engine.allocate({"service_name": service, "required_gpus": 1, "webhook_url": url})
+        entry = {"event_id": f"ev-{rec['id']}", "event": "allocated", "request_id": rec["id"]}
+        return webhooks.deliver(entry)
+
+    try:
+        errors = []
+        for i in range(16):
+            with pytest.raises(webhooks.WebhookError) as info:
+                deliver("greedy", f"http://hung{i}-95ce1f.test{i}/h")
+            errors.append(str(info.value))
+        with Receiver() as rx:
+            port = rx.server.server_address[1]
+            assert deliver("other", f"http://hooks.test:{port}/h")["delivered"] is True
+        assert all("2 name lookups for the same owner" in e for e in errors[2:]), errors
+    finally:
+        rq_redis.close()
+        context.configure(None, None, None)
+    assert lookups.running() == 2 and no_connections == [("127.0.0.1", port)]
+
+
+def test_one_zones_hung_names_hold_a_share_of_the_lookups(hung_dns):
+    """Fresh names in one hostile zone, asked for by many askers (service names are free with
+    auth off), hold at most 1/8 of the running lookups; other domains' names still resolve."""
+    from app import webhook_policy
+
+    lookups = webhook_policy.Lookups(limit=16)
+    for i in range(2):
+        with pytest.raises(webhook_policy.Unresolvable, match="took longer"):
+            lookups.resolve(socket.getaddrinfo, f"hung{i}.zone-2b8e0a.test", 80, 0.05, f"s:{i}")
+    started = time.monotonic()
+    with pytest.raises(webhook_policy.Unresolvable, match="under 'zone-2b8e0a.test'"):
+        lookups.resolve(socket.getaddrinfo, "hung9.zone-2b8e0a.test", 80, 5.0, "s:9")
+    assert time.monotonic() - started < 1.0 and lookups.running() == 2
+    assert lookups.resolve(socket.getaddrinfo, "hooks.test", 80, 5.0, "s:9")
+    assert hung_dns.count("hung9.zone-2b8e0a.test") == 0
+
+
+def test_a_name_that_timed_out_is_refused_at_once_instead_of_holding_callers():
+    """A caller gave up on a name's lookup: later callers are refused at once while it runs
+    (an allocate waited its full 2 s on it before), and once it fails the name is refused at
+    once for SLOW_NAME_TTL instead of taking a thread again; a name that answers is not kept."""
+    import threading
+
+    from app import webhook_policy
+
+    now = [0.0]
+    release = threading.Event()
+    calls: list[str] = []
+
+    def resolver(host, port):
+        calls.append(host)
+        if host.startswith("slow"):
+            release.wait(30)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return ["127.0.0.1"]
+
+    lookups = webhook_policy.Lookups(limit=16, slow_ttl=60, clock=lambda: now[0])
+    name = "slow-c0ffee.test"
+    try:
+        with pytest.raises(webhook_policy.Unresolvable, match="took longer than 0.1 s"):
+            lookups.resolve(resolver, name, 80, 0.1, "o:a")
+        started = time.monotonic()
+        with pytest.raises(webhook_policy.Unresolvable, match="earlier caller"):
+            lookups.resolve(resolver, name, 80, 5.0, "o:b")
+        assert time.monotonic() - started < 1.0
+    finally:
+        release.set()
+    deadline = time.monotonic() + 10
+    while lookups.running() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert lookups.running() == 0 and lookups.slow_names() == 1
+    with pytest.raises(webhook_policy.Unresolvable, match="not tried again for 60 s"):
+        lookups.resolve(resolver, name, 80, 5.0, "o:b")
+    assert calls == [name]
+    now[0] = 61.0
+    release.clear()
+    release.set()  # this time the failure comes at once: nobody gave up, nothing remembered
+    with pytest.raises(webhook_policy.Unresolvable, match="cannot resolve"):
+        lookups.resolve(resolver, name, 80, 5.0, "o:b")
+    assert calls == [name, name] and lookups.slow_names() == 0
+    assert lookups.resolve(resolver, "fast-c0ffee.test", 80, 5.0, "o:b") == ["127.0.0.1"]
+
+
+def test_the_remembered_slow_names_are_bounded():
+    """Each timed-out name is remembered for a while; a client sending endless fresh names
+    cannot grow that memory past max_slow (the oldest is forgotten first)."""
+    from app import webhook_policy
+
+    calls: list[str] = []
+
+    def resolver(host, port):  # answers too late for its caller, then fails
+        calls.append(host)
+        time.sleep(0.1)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    lookups = webhook_policy.Lookups(limit=16, max_slow=3)
+    for i in range(5):
+        with pytest.raises(webhook_policy.Unresolvable, match="took longer"):
+            lookups.resolve(resolver, f"gone{i}-c0ffee.test", 80, 0.01)
+    deadline = time.monotonic() + 10
+    while lookups.running() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert lookups.slow_names() == 3
+    with pytest.raises(webhook_policy.Unresolvable, match="recently took too long"):
+        lookups.resolve(resolver, "gone4-c0ffee.test", 80, 1.0)
+    assert len(calls) == 5
+
+
 # --------------------------------------------------------------------------- who sees what
 
 

@@ -45,7 +45,7 @@ from app import logs, queues
 from app.keys import Keys
 from app.settings import Settings
 from app.timefmt import iso
-from app.webhook_policy import Policy, Refused, Target, Unresolvable, redact
+from app.webhook_policy import Policy, Refused, Target, Unresolvable, asker_of, redact
 from workers import context, rq_overrides, webhook_client
 from workers.receiver_limit import ReceiverLimit
 
@@ -232,13 +232,21 @@ def post(
     return send(target, url, payload, settings, deadline, now=now)
 
 
-def check(url: str, settings: Settings, deadline: float, *, policy: Policy | None = None) -> Target:
+def check(
+    url: str,
+    settings: Settings,
+    deadline: float,
+    *,
+    policy: Policy | None = None,
+    asker: str = "",
+) -> Target:
     """The policy's :class:`app.webhook_policy.Target` for ``url`` (its one name lookup, by
-    ``deadline``); WebhookRefused, or WebhookError when the name does not resolve (in time)."""
+    ``deadline``, counted against ``asker``'s share of the lookups); WebhookRefused, or
+    WebhookError when the name does not resolve (in time)."""
     shown = redact(url)
     try:
         return (policy or Policy.from_settings(settings)).resolve(
-            url, timeout=max(0.0, deadline - time.monotonic())
+            url, timeout=max(0.0, deadline - time.monotonic()), asker=asker
         )
     except Unresolvable as exc:
         raise WebhookError(f"POST {shown} failed: {exc}", url=shown) from None
@@ -347,7 +355,9 @@ def deliver(entry: dict[str, Any]) -> dict[str, Any]:
         limit = receiver_limit(settings)
         deadline = time.monotonic() + settings.webhooks.timeout
         try:
-            target = check(url, settings, deadline)  # the lookup counts against the try
+            # the lookup counts against the try, and against its owner's share of the lookups
+            asker = asker_of(record.get("owner"), record.get("service_name"))
+            target = check(url, settings, deadline, asker=asker)
             receiver = _receiver(target)
             if not limit.acquire(receiver, DEFER_WAIT):
                 if job is not None:

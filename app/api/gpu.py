@@ -30,7 +30,7 @@ from app.request_rules import (
     idempotency_key_ok,
 )
 from app.settings import tenant_key
-from app.webhook_policy import Refused
+from app.webhook_policy import Refused, asker_of
 
 log = logging.getLogger("gpu_orchestrator.api")
 
@@ -182,16 +182,19 @@ def _analyze(data: dict[str, Any], data_json: str | None = None) -> dict[str, An
 WEBHOOK_LOOKUP_TIMEOUT = 2.0
 
 
-def _check_webhook_url(url: str | None) -> None:
+def _check_webhook_url(url: str | None, service_name: str | None) -> None:
     """422 naming ``webhook_url`` when the URL policy refuses it, before anything is stored
-    (delivery checks it again against the address it connects to)."""
+    (delivery checks it again against the address it connects to). Its name lookup counts
+    against the caller's share of the running lookups (app.webhook_policy.Lookups)."""
     if not url:
         return
     extensions = this_app().extensions
     settings = extensions["gpu_settings"]
     try:
         extensions["gpu_webhook_policy"].resolve(
-            url, timeout=min(WEBHOOK_LOOKUP_TIMEOUT, settings.webhooks.timeout)
+            url,
+            timeout=min(WEBHOOK_LOOKUP_TIMEOUT, settings.webhooks.timeout),
+            asker=asker_of(auth.current_principal(), service_name),
         )
     except Refused as exc:
         raise ValidationFailed(
@@ -326,7 +329,7 @@ def allocate():
     key = _idempotency_key()
     data = body.load(_ALLOCATE_BODY)
     data_json = _workload_data_json(data)
-    _check_webhook_url(data.get("webhook_url"))
+    _check_webhook_url(data.get("webhook_url"), data.get("service_name"))
     analysis = _analyze(data, data_json)
     principal = auth.current_principal()
     req = engine_request(data, analysis, principal, data_json)
