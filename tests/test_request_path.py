@@ -5,6 +5,7 @@ app.timefmt.iso writes the same text. tests/test_api_answers.py checks the whole
 
 from __future__ import annotations
 
+import io
 import itertools
 import random
 
@@ -217,3 +218,68 @@ def test_fastload_refuses_a_schema_with_a_hook(kind):
     with pytest.raises(ValueError, match="hooks"):
         FastLoad(_with_hook(kind)())
     FastLoad(schemas.AllocateRequestSchema())  # no hook: fine
+
+
+class _ServerStream(io.BytesIO):
+    """A wsgi.input of another kind than the in-memory body (a server reading its socket)."""
+
+
+def _read_both(environ: dict, limit: int | None) -> list:
+    """[what body.request_body gives, what werkzeug's get_data gives] for one environ: the
+    bytes, or the HTTP exception's class. After request_body werkzeug still reads the same."""
+    from flask import Flask, request
+    from werkzeug.exceptions import HTTPException
+
+    from app.api.body import request_body
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = limit
+    out = []
+    for read in (request_body, lambda req: req.get_data(cache=True)):
+        env = dict(environ)
+        env["wsgi.input"] = type(environ["wsgi.input"])(environ["wsgi.input"].getvalue())
+        with app.test_request_context(method="POST"):
+            req = request._get_current_object()
+            req.environ.pop("CONTENT_LENGTH", None)
+            req.environ.update(env)
+            try:
+                got = read(req)
+            except HTTPException as exc:
+                got = type(exc)
+            else:
+                if read is request_body:
+                    assert req.get_data(cache=True) == got
+        out.append(got)
+    return out
+
+
+@pytest.mark.parametrize("terminated", [False, True])
+@pytest.mark.parametrize("limit", [None, 10])
+def test_request_body_reads_what_werkzeug_reads(terminated, limit):
+    """body.request_body's direct read of an in-memory body gives werkzeug's bytes, and every
+    body werkzeug refuses (413 over the limit, 400 shorter than announced) is refused."""
+    from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
+
+    bodies = [b"", b"{}", b'{"a": 1}', b"x" * 10, b"x" * 11, b"\xff\xfe{", b"0123456789abc"]
+    lengths = [None, "", "0", "2", "8", "10", "11", "13", "-1", "x", " 8"]
+    outcomes = set()
+    for data, length, kind in itertools.product(bodies, lengths, [io.BytesIO, _ServerStream]):
+        env = {"wsgi.input": kind(data)}
+        if length is not None:
+            env["CONTENT_LENGTH"] = length
+        if terminated:
+            env["wsgi.input_terminated"] = True
+        fast, slow = _read_both(env, limit)
+        assert fast == slow, (data, length, kind, terminated, limit)
+        outcomes.add(fast if isinstance(fast, type) else bool(fast))
+    # a chunked body has no length: werkzeug's to read
+    env = {"wsgi.input": io.BytesIO(b"{}"), "CONTENT_LENGTH": "2"}
+    env["HTTP_TRANSFER_ENCODING"] = "chunked"
+    fast, slow = _read_both(env, limit)
+    assert fast == slow
+    refused = set()
+    if limit:
+        refused.add(RequestEntityTooLarge)
+    if not terminated:  # shorter than announced
+        refused.add(ClientDisconnected)
+    assert outcomes == {True, False} | refused
