@@ -23,7 +23,7 @@ HEADER = """\
 EXAMPLES = {
     ("webhooks", "allowed_hosts"): [
         "- '*'                    # any host with a public address",
-        "- hooks.example.com      # this host, any port (even if its address is private)",
+        "- hooks.example.com      # this host, any port (public addresses only)",
         "- '*.corp.example'       # any name below corp.example (public addresses only)",
         "- hooks.example.com:8443 # this host on this port only",
         "- 10.20.0.0/16           # any receiver in this network, e.g. an internal one",

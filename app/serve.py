@@ -52,8 +52,9 @@ _owner_fd: int | None = None
 def gunicorn_options(settings: Settings, **overrides: Any) -> dict[str, Any]:
     """Map ``server.*`` to gunicorn settings.
 
-    ``write_timeout`` bounds how long one request may run (gunicorn ``timeout``) and
-    ``read_timeout`` is the graceful-shutdown window; ``header_timeout``, ``idle_timeout`` and
+    ``write_timeout`` is gunicorn's ``timeout`` (a worker whose event loop stops notifying its
+    master that long is replaced; the loop notifies while requests run on threads, so it does
+    not bound a request) and ``read_timeout`` is the graceful-shutdown window; ``header_timeout``, ``idle_timeout`` and
     ``max_body_bytes`` are enforced per connection by the worker (:class:`BufferingWorker`).
     """
     srv = settings.server

@@ -775,7 +775,10 @@ SPEC: dict[str, dict[str, Any]] = {
         "port": Int(8086, 1, 65535, allow_str=True, doc="API port (env PORT)"),
         "read_timeout": Duration("15s", 1, doc="graceful shutdown window for in-flight requests"),
         "write_timeout": Duration(
-            "15s", 1, doc="longest a request may run before its worker is recycled"
+            "15s",
+            1,
+            doc="gunicorn's timeout: a worker whose event loop stops answering its master this "
+            "long is replaced (a request itself may run longer: long-polls hold up to 60s)",
         ),
         "idle_timeout": Duration("60s", 1, doc="keep-alive window for idle client connections"),
         "header_timeout": Duration(
@@ -1042,13 +1045,14 @@ SPEC: dict[str, dict[str, Any]] = {
         "allowed_hosts": HostList(
             [],
             doc="if non-empty, only these receive webhooks: host, "
-            "*.suffix, host:port, CIDR, or * for any host; naming a "
-            "host exactly or its CIDR allows it even if private",
+            "*.suffix, host:port, CIDR or address (and port), or * for any host; only a CIDR "
+            "or address entry allows a private address (a host name never does: its DNS could "
+            "change)",
         ),
         "deny_private_networks": Bool(
             True,
             doc="refuse loopback/private/link-local targets "
-            "unless allowed_hosts allows them explicitly",
+            "unless a CIDR or address entry of allowed_hosts allows them",
         ),
         "concurrency": Int(8, 1, 256, doc="deliveries one worker process makes at once"),
         "max_per_receiver": Int(
