@@ -326,3 +326,34 @@ def test_every_yaml_config_the_docs_show_loads(tmp_path):
         except settings_mod.ConfigError as exc:
             bad.append(_where(path, str(exc).replace(str(file), "<block>")))
     assert not bad, f"config examples in the docs that do not load: {bad}"
+
+
+def test_every_upper_case_name_the_docs_show_is_in_the_code():
+    """Environment variables (``GPU_ORCH_API_KEY``, ``PROMETHEUS_MULTIPROC_DIR``) and constants
+    (``MAX_LEASE_SECONDS``, ``REC_DEFAULTS``) the docs name in code: each is still spelled so
+    somewhere in the code, the compose files or CI."""
+    sources = [
+        *(ROOT / "app").rglob("*.py"),
+        *(ROOT / "app").rglob("*.lua"),
+        *(ROOT / "workers").rglob("*.py"),
+        *(ROOT / "bench").rglob("*.py"),
+        *(ROOT / "tests").rglob("*.py"),
+        *(ROOT / "deploy").rglob("*.*"),
+        ROOT / "dev.py",
+        ROOT / "docker-compose.yml",
+        ROOT / "Dockerfile",
+        ROOT / ".ci" / "run",
+    ]
+    this = Path(__file__).resolve()  # its docstrings name some: they do not count
+    code = "\n".join(
+        p.read_text(errors="replace") for p in sources if p.is_file() and p.resolve() != this
+    )
+    named = {
+        (path, name)
+        for path in DOCS
+        for span in _code(path.read_text())
+        for name in re.findall(r"\b([A-Z][A-Z0-9]*_[A-Z0-9_]*[A-Z0-9])\b", span)
+    }
+    assert len(named) > 30
+    unknown = sorted(_where(p, n) for p, n in named if not re.search(rf"\b{n}\b", code))
+    assert not unknown, f"upper-case names the docs show that the code does not have: {unknown}"
