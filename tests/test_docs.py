@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import time
 from pathlib import Path
 
 from app import cli, errors, http_errors, http_worker, replication, run, schemas
@@ -357,3 +358,47 @@ def test_every_upper_case_name_the_docs_show_is_in_the_code():
     assert len(named) > 30
     unknown = sorted(_where(p, n) for p, n in named if not re.search(rf"\b{n}\b", code))
     assert not unknown, f"upper-case names the docs show that the code does not have: {unknown}"
+
+
+def test_the_signature_check_of_workers_md_accepts_what_the_workers_send():
+    """docs/workers.md, "Verifying the signature": receivers copy this function; it must
+    accept a webhook the workers signed, and refuse another secret and an old timestamp."""
+    from workers.webhooks import sign
+
+    text = (ROOT / "docs" / "workers.md").read_text()
+    [snippet] = re.findall(r"```python\n(.*?def verify\(.*?)```", text, re.S)
+    namespace: dict = {}
+    exec(snippet, namespace)  # noqa: S102 - our own documentation's example
+    verify = namespace["verify"]
+    now = str(int(time.time()))
+    body = b'{"status": "allocated", "request_id": "svc-1-00000001"}'
+    headers = {"X-GPU-Orchestrator-Timestamp": now}
+    headers["X-GPU-Orchestrator-Signature"] = sign("s3cret", now, body)
+    assert verify("s3cret", headers, body)
+    assert not verify("another", headers, body)
+    assert not verify("s3cret", headers, body + b" ")
+    old = str(int(time.time()) - 3600)
+    stale = {
+        "X-GPU-Orchestrator-Timestamp": old,
+        "X-GPU-Orchestrator-Signature": sign("s3cret", old, body),
+    }
+    assert not verify("s3cret", stale, body)
+
+
+def test_the_analyzer_example_of_workload_md_runs():
+    """docs/workload.md, "For code that calls it", with the default settings and a fleet of
+    8 x 81559 MB: it gives the figures that page quotes for llama-3-70b."""
+
+    class Fleet:
+        def fleet_limits(self):
+            return {"max_gpus_per_node": 8, "max_gpu_memory_mb": 81559, "gpus_total": 8}
+
+    text = (ROOT / "docs" / "workload.md").read_text()
+    [snippet] = re.findall(
+        r"```python\n(from app.workload import WorkloadAnalyzer.*?)```", text, re.S
+    )
+    namespace: dict = {"settings": settings_mod.defaults(), "engine": Fleet()}
+    exec(snippet, namespace)  # noqa: S102 - our own documentation's example
+    result = namespace["result"]
+    assert (result["required_gpus"], result["min_memory_mb"]) == (2, 80109)
+    assert "2 GPUs of 80109 MB" in text
