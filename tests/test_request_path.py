@@ -127,10 +127,19 @@ def test_iso_writes_what_strftime_wrote():
     values = [0, 0.0005, 0.9999, -0.5, 1767225600.5, "1767225600.123456", 253402300799.999]
     values += [-30610224000.25, -62135596800]  # years 1000 and 1
     values += [rng.uniform(-6.2e10, 2.5e11) for _ in range(20000)]
-    for ts in values:
-        assert iso(ts) == by_strftime(ts), ts
+    # microseconds rounded half to even, carried into the next second (or the one before)
+    whole = [0, 1, -1, 1767225599, -62135596800, 253402300799, -30610224001]
+    fracs = [0.9999995, 0.99999949, 0.0000005, 0.0000015, 0.0000025, 0.9995, 0.4999995, 1e-7]
+    values += [w + f for w in whole for f in fracs] + [w - f for w in whole for f in fracs]
+    values += [rng.randrange(1_700_000_000, 1_800_000_000) + rng.random() for _ in range(5000)]
+    for ts in values + values:  # twice: the second time through app.timefmt's second memo
+        try:
+            want = by_strftime(ts)
+        except (ValueError, OverflowError):  # past year 9999 once rounded
+            want = None
+        assert iso(ts) == want, ts
     assert iso(1767225600.5) == "2026-01-01T00:00:00.500Z"
-    for bad in (None, "", "x", float("nan"), float("inf"), 1e20):
+    for bad in (None, "", "x", [], float("nan"), float("inf"), -float("inf"), 1e20, 253402300800):
         assert iso(bad) is None
 
 
