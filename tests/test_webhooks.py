@@ -299,3 +299,76 @@ def test_names_for_one_receiver_share_its_delivery_slots(settings, redis, monkey
         hold.set()
         rq_redis.close()
         context.configure(None, None, None)
+
+
+def test_a_delivery_deferred_again_is_not_looked_up_again(settings, redis, monkeypatch):
+    """Keying the cap by address put the name lookup before the slot, so each time a deferred
+    delivery came back (every 2 s, per delivery of a backlog) it looked its name up again only
+    to be deferred. A name's last receiver is remembered: while that one is at its cap, the
+    delivery is deferred without a lookup; once a slot frees, it looks the name up as before."""
+    import socket
+    import threading
+
+    from app.engine import Engine
+    from app.redis_client import connect
+    from workers import context
+
+    name = "rx-hint-9a7d02.test"  # unique to this test: see NOTES
+    lookups: list[str] = []
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host == name:
+            lookups.append(host)
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port or 0))]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    one = settings.replace(webhooks={"max_per_receiver": 1, "timeout": "10s"})
+    engine = Engine(redis, one)
+    gpus = [{"index": i, "uuid": f"G-{i}", "name": "x", "memory_total_mb": 1000} for i in range(8)]
+    engine.report_node("n", gpus, host="h")
+    rq_redis = connect(one.redis.url, one, decode=False)
+    context.configure(one, redis, rq_redis)
+    hold = threading.Event()
+    results = {}
+
+    def deliver(key, url):
+        rec = engine.allocate({"service_name": key, "required_gpus": 1, "webhook_url": url})
+        entry = {"event_id": f"ev-{key}", "event": "allocated", "request_id": rec["id"]}
+        try:
+            results[key] = webhooks.deliver(entry)
+        except Exception as exc:  # noqa: BLE001 - the test looks at what was raised
+            results[key] = exc
+
+    try:
+        with Receiver(hold=hold) as slow:
+            url = f"http://{name}:{slow.server.server_address[1]}/h"
+            first = threading.Thread(target=deliver, args=("first", url))
+            first.start()
+            assert len(slow.wait_for(1, timeout=10)) == 1, results
+            for i in range(3):  # the same deferred delivery coming back, three times
+                deliver(f"back{i}", url)
+                assert isinstance(results[f"back{i}"], webhooks.WebhookDeferred), results
+            assert lookups == [name]  # only the first delivery's
+            hold.set()
+            first.join(10)
+            deliver("later", url)
+            assert results["later"] == {"delivered": True, "status": 200}, results
+            assert lookups == [name, name]
+    finally:
+        hold.set()
+        rq_redis.close()
+        context.configure(None, None, None)
+
+
+def test_the_remembered_receivers_of_names_are_bounded():
+    """One entry per host name a delivery went to: endless fresh names keep at most
+    max_names (the least recently used is forgotten first)."""
+    from workers.receiver_limit import ReceiverLimit
+
+    limit = ReceiverLimit(1, max_names=2)
+    for host in ("a.test", "b.test", "c.test"):
+        limit.remember((host, 80), ("127.0.0.1", 80))
+    assert limit.names() == 2 and limit.last_receiver(("a.test", 80)) is None
+    assert limit.last_receiver(("c.test", 80)) == ("127.0.0.1", 80)

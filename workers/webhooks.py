@@ -45,7 +45,7 @@ from app import logs, queues
 from app.keys import Keys
 from app.settings import Settings
 from app.timefmt import iso
-from app.webhook_policy import Policy, Refused, Target, Unresolvable, asker_of, redact
+from app.webhook_policy import Policy, Refused, Target, Unresolvable, asker_of, redact, split
 from workers import context, rq_overrides, webhook_client
 from workers.receiver_limit import ReceiverLimit
 
@@ -311,6 +311,35 @@ def _receiver(target: Target) -> tuple[str, int]:
     return target.addresses[0], target.port
 
 
+def _name(url: str) -> tuple[str, int] | None:
+    """(host, port) of ``url``; None when its shape is refused (check() says why)."""
+    try:
+        _, host, port, _ = split(url)
+    except Refused:
+        return None
+    return host, port
+
+
+def _defer(job, settings: Settings, entry: dict[str, Any], url: str, receiver, cap: int):
+    """Raise WebhookDeferred: ``receiver`` has ``cap`` deliveries in flight in this process."""
+    if job is not None:
+        # Not a try: it comes back DEFER_SECONDS out, its tries and backoff unchanged, on the
+        # deferred queue, behind any fresh delivery.
+        rq_overrides.defer(
+            job, DEFER_SECONDS, queues.queue_name(settings, queues.WEBHOOKS_DEFERRED)
+        )
+    log.debug(
+        "webhook %s for %s deferred: %s (%s port %d) has %d deliveries in flight",
+        entry["event_id"],
+        entry["request_id"],
+        redact(url),
+        receiver[0],
+        receiver[1],
+        cap,
+    )
+    raise WebhookDeferred(f"{redact(url)} is at webhooks.max_per_receiver")
+
+
 def _load_record(request_id: str) -> dict[str, Any] | None:
     from app.errors import NotFound
 
@@ -354,32 +383,35 @@ def deliver(entry: dict[str, Any]) -> dict[str, Any]:
         )
         limit = receiver_limit(settings)
         deadline = time.monotonic() + settings.webhooks.timeout
+        held = None
         try:
-            # the lookup counts against the try, and against its owner's share of the lookups
-            asker = asker_of(record.get("owner"), record.get("service_name"))
-            target = check(url, settings, deadline, asker=asker)
-            receiver = _receiver(target)
-            if not limit.acquire(receiver, DEFER_WAIT):
-                if job is not None:
-                    # Not a try: it comes back DEFER_SECONDS out, its tries and backoff
-                    # unchanged, on the deferred queue, behind any fresh delivery.
-                    rq_overrides.defer(
-                        job, DEFER_SECONDS, queues.queue_name(settings, queues.WEBHOOKS_DEFERRED)
-                    )
-                log.debug(
-                    "webhook %s for %s deferred: %s (%s port %d) has %d deliveries in flight",
-                    entry["event_id"],
-                    entry["request_id"],
-                    redact(url),
-                    receiver[0],
-                    receiver[1],
-                    limit.limit,
-                )
-                raise WebhookDeferred(f"{redact(url)} is at webhooks.max_per_receiver")
             try:
+                # Where this name led last time: if that receiver is at its cap, defer now,
+                # without a lookup (a backlog of deferrals would otherwise look the name up
+                # every time each comes back). Only a hint: the lookup below decides.
+                name = _name(url)
+                hint = None if name is None else limit.last_receiver(name)
+                if hint is not None:
+                    if not limit.acquire(hint, DEFER_WAIT):
+                        _defer(job, settings, entry, url, hint, limit.limit)
+                    held = hint
+                # the lookup counts against the try, and against its owner's share of lookups
+                asker = asker_of(record.get("owner"), record.get("service_name"))
+                target = check(url, settings, deadline, asker=asker)
+                receiver = _receiver(target)
+                if name is not None:
+                    limit.remember(name, receiver)
+                if receiver != held:
+                    if held is not None:
+                        limit.release(held)
+                        held = None
+                    if not limit.acquire(receiver, DEFER_WAIT):
+                        _defer(job, settings, entry, url, receiver, limit.limit)
+                    held = receiver
                 status = send(target, url, payload, settings, deadline)
             finally:
-                limit.release(receiver)
+                if held is not None:
+                    limit.release(held)
         except (WebhookGone, WebhookRefused) as exc:
             if job is not None:
                 rq_overrides.give_up(job)
