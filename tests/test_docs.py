@@ -17,6 +17,7 @@ from pathlib import Path
 from app import cli, errors, http_errors, http_worker, replication, run, schemas
 from app import settings as settings_mod
 from app.settings import SPEC, Opt
+from app.timefmt import parse_duration
 from tests.api_support import app, clock, make_app  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -402,3 +403,57 @@ def test_the_analyzer_example_of_workload_md_runs():
     result = namespace["result"]
     assert (result["required_gpus"], result["min_memory_mb"]) == (2, 80109)
     assert "2 GPUs of 80109 MB" in text
+
+
+def _option(dotted: str) -> Opt | None:
+    node: object = SPEC
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node if isinstance(node, Opt) else None
+
+
+_UNITS = {"ms": 0.001, "s": 1, "min": 60, "m": 60, "h": 3600, "KiB": 1024, "MiB": 1024 * 1024}
+
+
+def _stated(text: str) -> object:
+    """A default as the docs write it (``64 KiB``, ``10,000``, ``5 s``, ``true``, ``[]``), as
+    a number, a bool or ``"empty"``; None when it is prose (``¼ of max_queue_size``)."""
+    t = text.strip().strip("`").replace(",", "").strip()
+    if t in ("true", "false"):
+        return t == "true"
+    if t in ("[]", '""', "''", "{}"):
+        return "empty"
+    m = re.fullmatch(r"(\d+(?:\.\d+)?) ?(ms|s|min|m|h|KiB|MiB)?", t)
+    return float(m.group(1)) * _UNITS.get(m.group(2), 1) if m else None
+
+
+def _actual(opt: Opt) -> object:
+    value = opt.default
+    if isinstance(value, bool):
+        return value
+    if value in ([], "", {}):
+        return "empty"
+    if isinstance(value, str):
+        return float(parse_duration(value))
+    return float(value) if isinstance(value, int | float) else None
+
+
+def test_every_default_the_docs_state_is_the_default():
+    """``| `server.idle_timeout` | `60s` |`` tables and "`key` (default X)": the value stated is
+    the built-in one."""
+    stated = []
+    for path in DOCS:
+        text = path.read_text()
+        rows = re.findall(r"^\| `([a-z_.]+)`(?: \(env `\w+`\))? \| ([^|]+) \|", text, re.M)
+        inline = re.findall(
+            r"`([a-z_]+\.[a-z_.]+)`[^`\n]{0,20}?\(?default:? `?([^`),;]+)`?[),;]", text
+        )
+        for key, value in rows + inline:
+            opt = _option(key)
+            if opt is not None and _stated(value) is not None and _actual(opt) is not None:
+                stated.append((path, key, value, _stated(value), _actual(opt)))
+    assert len(stated) > 30
+    wrong = [_where(p, f"{k}: {v} (the default is {a})") for p, k, v, s, a in stated if s != a]
+    assert not wrong, f"defaults the docs state that app/settings.py does not have: {wrong}"
