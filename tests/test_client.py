@@ -206,6 +206,23 @@ def test_a_retry_after_a_dropped_connection_reuses_the_idempotency_key(stub):
     assert posts[0][3]["ttl_seconds"] == 600 and posts[0][3]["gpu_model"] == "*H100*"
 
 
+def test_every_field_of_an_allocate_request_can_be_sent_by_the_client(stub):
+    """Client.allocate takes every field POST /gpu/allocate accepts (``ttl`` for
+    ``ttl_seconds``) and sends each one given: a field added to the API without the client
+    fails here (``depends_on_mode`` was missing)."""
+    import inspect
+
+    from app.schemas import AllocateRequestSchema
+
+    params = set(inspect.signature(api.Client.allocate).parameters) - {"self", "idempotency_key"}
+    fields = set(AllocateRequestSchema().fields) - {"ttl_seconds"} | {"ttl"}
+    assert params == fields
+    stub.routes[("POST", "/gpu/allocate")] = lambda s, b, q: (200, granted(), {})
+    api.Client(stub.url).allocate("svc", depends_on=["r-1"], depends_on_mode="ok")
+    body = [c for c in stub.calls if c[1] == "/gpu/allocate"][0][3]
+    assert body["depends_on"] == ["r-1"] and body["depends_on_mode"] == "ok"
+
+
 @pytest.mark.parametrize(
     "header", ["-1", "nan", "inf", "soon", "Mon, 01 Jan 9999999999999 00:00:00 GMT"]
 )
