@@ -89,13 +89,14 @@ if rcall('EXISTS', rk) == 1 then return (plain and never(f, k, minm, pat, nodes_
 local submitted = NOW_S
 -- status last: a grant adds 'allocated', a queued request 'queued' (one write of the field)
 local hset = {'HSET', rk, 'id', id, 'submitted_at', submitted, unpack(ARGV, at)}
-f.submitted_at, f.status = submitted, 'queued'
 -- from TIME, NOW is tonumber(NOW_S) already (not so for a clock the caller passed: it is
--- printed to the microsecond)
-local r = req_from(id, f, ARGV[1] == '' and NOW or nil)
+-- printed to the microsecond). Its status is set on r, not on f (f's hash part would grow).
+local r = req_from(id, f, ARGV[1] == '' and NOW or tonumber(submitted))
+r.status = 'queued'
 
 if depth == 0 and deps_done(r) and not over_quota(r) then
-  local node, chosen = place(r, {}, 1)
+  -- no node is held back here (EMPTY: no table made per call)
+  local node, chosen = place(r, EMPTY, 1)
   if node then
     remember_idem(idem_key, id, idem_hash, idem_ttl)
     -- the record is written once, by the grant (the same HSET, with the grant's fields)

@@ -9,7 +9,9 @@
 -- A request as the scheduler sees it. f: its record's fields by name (REQ_FIELDS at least),
 -- with REC_DEFAULTS_MT as metatable, so a field at its default (not stored) reads as it.
 -- REQ_FIELDS and REC_DEFAULTS are generated from app/record.py when the library is built.
-local NO_PREF = {}
+-- one shared empty table, read only: the preferences of a request without any, the nodes held
+-- back from allocate's own placement
+local EMPTY = {}
 local function req_from(id, f, submitted)
   -- num's memo read first (a hit, the usual case, is one table read instead of a call)
   local m = num_memo
@@ -19,7 +21,7 @@ local function req_from(id, f, submitted)
     minm = m[minm] or num(minm), maxm = m[maxm] or num(maxm),
     util = m[util] or num(util), pref_raw = f.preferred_gpus, deps_raw = f.depends_on,
     submitted = submitted or tonumber(f.submitted_at), hook = f.webhook_url or '',
-    hook_events = f.webhook_events, lease = lease_secs(f.lease_seconds),
+    lease = lease_secs(f.lease_seconds),
     priority = m[prio] or num(prio), reserved = f.reserved_node or '', status = f.status,
     owner = f.owner or '', pat = f.gpu_pattern or '', nodes_raw = f.nodes,
     mode = f.depends_on_mode, tenant = f.tenant or ''}
@@ -29,7 +31,7 @@ local function req_from(id, f, submitted)
     r.nodes = {}
     for _, n in ipairs(cjson.decode(r.nodes_raw)) do r.nodes[n] = true end
   end
-  r.pref = NO_PREF -- read only: one shared empty set for the requests without preferences
+  r.pref = EMPTY
   r.npref = 0
   if r.pref_raw ~= '[]' then
     r.pref = {}
