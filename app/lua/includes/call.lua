@@ -46,11 +46,13 @@ local function begin_call(keys, argv, read_only)
   if argv[1] ~= '' then
     NOW = tonumber(argv[1])
     NOW_S = string.format('%.6f', NOW) -- formatted once: most functions write it several times
+    NOW_SEC = nil
   else
     -- TIME's seconds and microseconds are the digits of '%.6f' already: joined, not printed
     local t = rcall('TIME')
     local us = t[2]
-    NOW_S = t[1] .. (#us == 6 and '.' or string.sub('.000000', 1, 7 - #us)) .. us
+    NOW_SEC = t[1]
+    NOW_S = NOW_SEC .. (#us == 6 and '.' or string.sub('.000000', 1, 7 - #us)) .. us
     NOW = tonumber(NOW_S)
   end
   stat_buf, meta_buf, queue_fns, qlen = nil, nil, nil, nil

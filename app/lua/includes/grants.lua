@@ -13,16 +13,38 @@
 -- per uuid (bounded like num's memo): an encode costs ~4.7k instructions, and the same GPUs
 -- come back grant after grant. ONE_GPU: such a gpu_ids back to the index finish_alloc's match
 -- would read from it (a table read instead of a pattern match, ~1.3k instructions).
-local json1_ids, json1_uuids, json1_n, ONE_GPU = {}, {}, 0, {}
-local function json1(idx, uuid)
-  local a, b = json1_ids[idx], json1_uuids[uuid]
-  if not (a and b) then
-    if json1_n >= MEMO_MAX then json1_ids, json1_uuids, json1_n, ONE_GPU = {}, {}, 0, {} end
-    a, b = cjson.encode({num(idx)}), cjson.encode({uuid})
-    json1_ids[idx], json1_uuids[uuid], json1_n = a, b, json1_n + 1
-    ONE_GPU[a] = string.match(a, '^%[(%d+)%]$') or false
+-- (State in do ... end blocks: the library's main chunk is at Lua's limit of 200 locals.)
+local ONE_GPU, json1 = {}, nil
+do
+  local ids, uuids, n = {}, {}, 0
+  json1 = function(idx, uuid)
+    local a, b = ids[idx], uuids[uuid]
+    if not (a and b) then
+      if n >= MEMO_MAX then ids, uuids, n, ONE_GPU = {}, {}, 0, {} end
+      a, b = cjson.encode({num(idx)}), cjson.encode({uuid})
+      ids[idx], uuids[uuid], n = a, b, n + 1
+      ONE_GPU[a] = string.match(a, '^%[(%d+)%]$') or false
+    end
+    return a, b
   end
-  return a, b
+end
+
+-- NOW + lease as ftime prints it. With the clock from TIME (NOW_SEC set) and a whole-second
+-- lease (most are), the end has NOW_S's own microseconds and its seconds plus the lease,
+-- printed once per second and lease: string.format('%.6f') costs ~5.9k instructions a grant.
+-- The same digits: NOW is the double nearest NOW_S, adding whole seconds to it is exact (or,
+-- across a power of two, off by less than 0.25 us), and '%.6f' rounds it back to NOW_S's
+-- microseconds. A clock the caller passed (NOW_SEC nil) goes through ftime.
+local lease_end
+do
+  local sec0, len0, end0
+  lease_end = function(lease)
+    if not NOW_SEC or lease % 1 ~= 0 then return ftime(NOW + lease) end
+    if NOW_SEC ~= sec0 or lease ~= len0 then
+      sec0, len0, end0 = NOW_SEC, lease, string.format('%d', tonumber(NOW_SEC) + lease)
+    end
+    return end0 .. string.sub(NOW_S, -7)
+  end
 end
 
 local function grant(r, node, chosen, queued, from_queue, pending)
@@ -42,7 +64,7 @@ local function grant(r, node, chosen, queued, from_queue, pending)
   end
   local expires, score = '', '+inf'
   if r.lease >= 0 then
-    expires = ftime(NOW + r.lease)
+    expires = lease_end(r.lease)
     score = expires
   end
   local wait = NOW - r.submitted

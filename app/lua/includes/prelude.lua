@@ -50,7 +50,9 @@
 ]]
 -- @constants
 local rcall -- redis.call, bound by begin_call (includes/call.lua)
-local NOW, NOW_S -- set per call by begin_call (includes/call.lua)
+-- set per call by begin_call (includes/call.lua); NOW_SEC: TIME's seconds, nil with a clock
+-- the caller passed
+local NOW, NOW_S, NOW_SEC
 
 -- tonumber with a memo. The same few strings come back call after call (a request's
 -- defaults, a GPU's free memory), and tonumber of a string costs two strtod (~1k
