@@ -85,7 +85,10 @@ end
 -- Count one request of service svc in alloc|<label>|<status>. Outside a pass: one HINCRBY
 -- when that field exists already (a field alloc|<s>|<status> is only ever created for a
 -- service s that is a label, or for the label 'other', which is where s's count goes anyway),
--- and the label set is consulted only when the increment created the field.
+-- and the label set is consulted only when the increment created the field. That increment
+-- leaves svc_labels alone: an entry there would cost the next call a new table (begin_call),
+-- ~3.8k instructions per allocate + release, against one SISMEMBER for a later pass of this
+-- call that counts svc again.
 local function stat_alloc(svc, status)
   svc = svc or ''
   local label = svc_labels[svc]
@@ -94,10 +97,7 @@ local function stat_alloc(svc, status)
     return
   end
   local field = 'alloc|' .. svc .. '|' .. status
-  if rcall('HINCRBY', K_STATS, field, '1') > 1 then
-    svc_labels[svc] = svc
-    return
-  end
+  if rcall('HINCRBY', K_STATS, field, '1') > 1 then return end
   label = svc_label(svc)
   if label ~= svc then
     rcall('HDEL', K_STATS, field)
