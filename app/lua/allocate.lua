@@ -100,9 +100,9 @@ if depth == 0 and deps_done(r) and not over_quota(r) then
   if node then
     remember_idem(idem_key, id, idem_hash, idem_ttl)
     -- the record is written once, by the grant (the same HSET, with the grant's fields)
-    local g = grant(r, node, chosen, false, false, hset)
-    return '0|' .. submitted .. '|' .. g[2] .. '|' .. g[4] .. '|' .. g[10] .. '|' ..
-      (g[12] or '') .. '|' .. (g[14] or '') .. '|' .. g[6] .. '|' .. g[8]
+    local expires, ids, uuids, at, waited = grant(r, node, chosen, false, false, hset)
+    return '0|' .. submitted .. '|allocated|' .. node .. '|' .. expires .. '|' .. (at or '') ..
+      '|' .. (waited or '') .. '|' .. ids .. '|' .. uuids
   end
 end
 if plain then

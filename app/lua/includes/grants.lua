@@ -7,8 +7,9 @@
 
 -- Give the chosen GPUs to the request. queued: it sits in the queue indexes; from_queue: the
 -- client saw it queued (webhook). pending: an HSET of the record not sent yet (allocate's new
--- record), which the grant's fields join, so the record is written once. Returns the fields
--- it wrote.
+-- record), which the grant's fields join, so the record is written once. Returns what it wrote
+-- of them: expires_at, gpu_ids, gpu_uuids, and allocated_at and wait_time_seconds (nil when
+-- not written: granted at its submission).
 -- A one-GPU grant's gpu_ids and gpu_uuids as cjson.encode writes them, memoized per index and
 -- per uuid (bounded like num's memo): an encode costs ~4.7k instructions, and the same GPUs
 -- come back grant after grant. ONE_GPU: such a gpu_ids back to the index finish_alloc's match
@@ -69,20 +70,22 @@ local function grant(r, node, chosen, queued, from_queue, pending)
   end
   local wait = NOW - r.submitted
   if wait < 0 then wait = 0 end
-  local out = {'status', 'allocated', 'node', node, 'gpu_ids', ids_json, 'gpu_uuids', uuids_json,
-    'expires_at', expires}
+  -- the grant's fields join the pending HSET (or one of their own), no table in between
+  local hset = pending or {'HSET', k_req(r.id)}
+  local n = #hset
+  hset[n + 1], hset[n + 2], hset[n + 3], hset[n + 4], hset[n + 5] = 'status', 'allocated',
+    'node', node, 'gpu_ids'
+  hset[n + 6], hset[n + 7], hset[n + 8], hset[n + 9], hset[n + 10] = ids_json, 'gpu_uuids',
+    uuids_json, 'expires_at', expires
   -- granted at its submission (the usual grant): allocated_at is submitted_at and the wait 0,
   -- which readers fill in (app/record.py, live_view): two fields fewer to write and read
+  local at, waited
   if NOW ~= r.submitted then
-    out[11], out[12], out[13], out[14] = 'allocated_at', NOW_S, 'wait_time_seconds', ftime(wait)
+    at, waited = NOW_S, ftime(wait)
+    hset[n + 11], hset[n + 12], hset[n + 13], hset[n + 14] = 'allocated_at', at,
+      'wait_time_seconds', waited
   end
-  if pending then
-    local n = #pending
-    for i = 1, #out do pending[n + i] = out[i] end
-    rcall(unpack(pending))
-  else
-    rcall('HSET', k_req(r.id), unpack(out))
-  end
+  rcall(unpack(hset))
   rcall('ZADD', K_LEASES, score, r.id)
   rcall('SADD', k_svc(r.svc), r.id)
   tenant_add(r.tenant, alloc_gpus(r))
@@ -98,7 +101,7 @@ local function grant(r, node, chosen, queued, from_queue, pending)
     outbox('allocated', r.id, evid, r.hook, nil, true,
       {expires_at = expires, lease_seconds = fnum(r.lease)})
   end -- sched|immediate is not counted: Engine.stats() derives it (grants - from_queue)
-  return out
+  return expires, ids_json, uuids_json, at, waited
 end
 
 -- End a queued request (cancelled | timed_out) without looking at its dependents. reason and
