@@ -1213,3 +1213,27 @@ def test_with_fair_share_a_new_request_reads_at_most_sweep_of_lower_tenants_requ
     assert reads <= 3 * 110, reads  # 100 requests each and a few reads of their own
     eng.schedule_pass()
     assert eng.get(new[0]["id"])["reserved_node"] == "n1"
+
+
+def test_with_fair_share_an_allocation_no_pass_walks_for_keeps_off_another_tenants_reservation(
+    make_engine,
+):
+    """An allocate whose pass tries only the new request (no capacity appeared) held back only
+    the reserved nodes of requests ranked before it: with fair share a higher-priority request
+    of another tenant took the node a lower-share tenant's head had reserved, which the fair
+    walk holds back from every other tenant whatever the ranks (a full pass left it queued)."""
+    eng = make_engine(n=4, nodes=("n1", "n2"), tenants={"fair_share": True})
+    eng.allocate({"service_name": "a", "required_gpus": 4, "ttl_seconds": 5000})  # n1
+    eng.allocate({"service_name": "b", "required_gpus": 2, "ttl_seconds": 1000})  # n2
+    head = eng.allocate({"service_name": "h", "required_gpus": 4, "priority": 1})
+    assert eng.get(head["id"])["reserved_node"] == "n2"  # free soonest: reserved at once
+    passes = eng.stats()["scheduler"]["passes"]
+    # fits n2's two free GPUs, but its lease ends after the reserved start: no backfill
+    late = eng.allocate(
+        {"service_name": "c", "required_gpus": 2, "priority": 10, "ttl_seconds": 5000}
+    )
+    assert eng.stats()["scheduler"]["passes"] == passes  # a pass that walked nothing
+    assert late["status"] == "queued"
+    eng.schedule_pass()  # the fair walk agrees
+    assert eng.get(late["id"])["status"] == "queued"
+    assert eng.get(head["id"])["reserved_node"] == "n2"

@@ -348,7 +348,10 @@
           if res[i + 1] ~= new_id then
             blocked[res[i]] = {id = res[i + 1], t = NEVER, spare = 0}
           end
-        elseif ranks_before(res[i + 1], new_id) then
+        elseif ranks_before(res[i + 1], new_id) or (TENANT_FAIR == '1' and
+            (rcall('HGET', k_req(res[i + 1]), 'tenant') or '') ~= r.tenant) then
+          -- with fair share another tenant's reserved node is held back whatever the ranks
+          -- (the fair walk's rule)
           local h = quotas_on() and load_req(res[i + 1]) or nil
           if not (h and unreserve_over_quota(h, res[i])) then
             blocked[res[i]] = {id = res[i + 1]}
