@@ -625,6 +625,11 @@ def _gpu_view(raw: list | dict, alive_nodes: set[str]) -> dict:
     return out
 
 
+#: An FCALL's first argument "" packed (app.redis_client.bulk([""])): most calls send no time
+#: of their own (Engine._run).
+_NO_TIME = b"$0\r\n\r\n"
+
+
 class Engine:
     """All allocation state changes; one atomic Lua script per call."""
 
@@ -769,7 +774,9 @@ class Engine:
             self._heads[name] = heads
         # command, function, numkeys, the keys, now, the common argument, the arguments
         count = 3 + len(self._fixed_keys) + len(fixed) + len(args)
-        return b"*%d\r\n%b%b%b%b" % (count, heads[0], bulk(args[:1]), heads[1], bulk(args[1:]))
+        # now: "" (Redis's own clock) unless a clock is injected, packed once
+        now = _NO_TIME if args[0] == "" else bulk(args[:1])
+        return b"*%d\r\n%b%b%b%b" % (count, heads[0], now, heads[1], bulk(args[1:]))
 
     def _run(self, name: str, *args, ctx: dict | Callable[[], dict] | None = None):
         """One engine function; an error it returns is raised with ``ctx`` (the call's
