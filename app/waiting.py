@@ -937,6 +937,8 @@ def _fair_pass(sim: _Sim, walk: list[_Req], t: float, eta: dict) -> int:
                 continue
             due = t - r.unres >= sim.res_after
             if not may_reserve or not (due or not head[tenant]):
+                if due and sim.res_after > 0 and not r.reserved and (not r.shared or not eligible):
+                    r.unres = t  # after a failed reserve too, as the engine
                 continue
             if r.reserved:
                 if not head[tenant] and reserver[0] is None:
@@ -960,6 +962,10 @@ def _fair_pass(sim: _Sim, walk: list[_Req], t: float, eta: dict) -> int:
                     else:
                         r.unres = t  # the engine waits reservation_after again
                         may_reserve = False
+                elif due and not r.shared and sim.res_after > 0:
+                    r.unres = t  # so for an exclusive one reservation_after never reserves
+            elif due and sim.res_after > 0:
+                r.unres = t  # and for one waiting for its dependency or its tenant's max_gpus
         if got:
             max_free = sim.max_free(t)
             if nothing_fits():

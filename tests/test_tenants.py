@@ -1237,3 +1237,42 @@ def test_with_fair_share_an_allocation_no_pass_walks_for_keeps_off_another_tenan
     eng.schedule_pass()  # the fair walk agrees
     assert eng.get(late["id"])["status"] == "queued"
     assert eng.get(head["id"])["reserved_node"] == "n2"
+
+
+@pytest.mark.parametrize("case", ["dependency", "quota", "behind_its_head"])
+def test_with_fair_share_a_request_that_cannot_reserve_does_not_make_every_pass_walk(
+    make_engine, tclock, case
+):
+    """A request past reservation_after makes the next pass walk the queue so that it may
+    reserve. With fair share one that waits for its dependency or its tenant's max_gpus, or an
+    exclusive one behind its tenant's head (reservation_after never reserves those: a head
+    reserves at once), reserves nothing; it now waits reservation_after again, as one no node
+    can take does: the allocations after it are not each a full pass (5 of 5 were; 3,000
+    queued at 1,024 GPUs: 9-23 ms of Redis per allocation instead of 0.2-1.5)."""
+    eng = make_engine(
+        n=4,
+        nodes=("n1", "n2"),
+        tenants={"fair_share": True, "quotas": {"q": {"max_gpus": 1}}},
+        scheduler={"reservation_after": 60},
+    )
+    a = eng.allocate({"service_name": "a", "required_gpus": 4, "ttl_seconds": 10_000})
+    eng.allocate({"service_name": "b", "required_gpus": 2, "ttl_seconds": 10_000})
+    if case == "dependency":
+        waiting = eng.allocate({"service_name": "w", "required_gpus": 4, "depends_on": [a["id"]]})
+    elif case == "quota":
+        eng.allocate({"service_name": "q", "required_gpus": 1, "ttl_seconds": 10_000})
+        waiting = eng.allocate({"service_name": "q", "required_gpus": 1})
+    else:
+        head = eng.allocate({"service_name": "x", "required_gpus": 4})
+        assert eng.get(head["id"])["reserved_node"] is not None  # a head reserves at once
+        waiting = eng.allocate({"service_name": "x", "required_gpus": 3})
+    assert waiting["status"] == "queued"
+    # fits the free GPUs by its size, so passes walk, but may use the full n1 only
+    eng.allocate({"service_name": "p", "required_gpus": 1, "nodes": ["n1"]})
+    tclock.now += 61
+    eng.schedule_pass()
+    before = eng.stats()["scheduler"]["passes"]
+    for _ in range(5):
+        assert eng.allocate({"service_name": "z", "required_gpus": 4})["status"] == "queued"
+    assert eng.stats()["scheduler"]["passes"] == before
+    assert eng.get(waiting["id"])["reserved_node"] is None

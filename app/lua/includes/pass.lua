@@ -291,7 +291,25 @@
                     by_tenant[r.tenant] = l
                     l[#l + 1] = rn
                   end
+                elseif due[id] and r.sharing ~= 'shared' and RES_AFTER > 0 then
+                  -- reservation_after never reserves an exclusive one (a head reserves at
+                  -- once): it counts again from now, as when no node can take a request, else
+                  -- every pass would walk the queue for it (schedule_inner)
+                  rcall('ZADD', K_QUNRES, NOW_S, id)
                 end
+              elseif r and due[id] and RES_AFTER > 0 then
+                -- so does one waiting for its dependency or its tenant's max_gpus (the rank
+                -- walk's rule in consider())
+                rcall('ZADD', K_QUNRES, NOW_S, id)
+              end
+            elseif due[id] and RES_AFTER > 0 then
+              -- a reserve failed earlier in this pass, which ends its reservations: those
+              -- two kinds count again from now too (else a head whose reserve fails in every
+              -- pass would keep every pass walking for them)
+              r = r or load_req(id)
+              if r and r.reserved == '' and
+                  (r.sharing ~= 'shared' or not deps_done(r) or over_quota(r)) then
+                rcall('ZADD', K_QUNRES, NOW_S, id)
               end
             end
           end
