@@ -79,6 +79,29 @@ local function deps_done(r)
   return true
 end
 
+-- A GPU's key, its node's node_free_gpus key and its shared_capacity member (node|idx), built
+-- once per prefix, node and index: the three concatenations cost each take or return of a GPU
+-- ~2.5k instructions. Bounded like num's memo (MEMO_MAX nodes).
+local gpu_names
+do
+  local memo, memo_p, n = {}, nil, 0
+  gpu_names = function(node, idx)
+    if memo_p ~= P then memo, memo_p, n = {}, P, 0 end
+    local m = memo[node]
+    if not m then
+      if n >= MEMO_MAX then memo, n = {}, 0 end
+      m = {free = k_free(node)}
+      memo[node], n = m, n + 1
+    end
+    local g = m[idx]
+    if not g then
+      g = {k_gpu(node, idx), node .. '|' .. idx}
+      m[idx] = g
+    end
+    return g[1], m.free, g[2]
+  end
+end
+
 -- One node_free_gpus entry "<memory_free_mb>|<utilization>|<uuid>" -> memory, utilization and
 -- the uuid, split by plain find (no pattern, no captures); and whether r can use it. Parsed
 -- entries are memoized (the same entries come back until a GPU's readings change; bounded like
@@ -340,22 +363,22 @@ end
 -- back, in return_gpu) changes no fleet counter: counts.lua derives the allocated GPUs from
 -- nodes_free and meta.gpus_out, which only a GPU that is neither changes.
 local function take_gpu(r, node, idx)
-  local gk = k_gpu(node, idx)
+  local gk, fk, member = gpu_names(node, idx)
   if r.sharing == 'shared' then
     rcall('HINCRBY', gk, 'shared_n', 1)
     rcall('HINCRBY', gk, 'shared_mb', string.format('%d', r.minm))
     gpu_sync(node, idx)
   else
     rcall('HSET', gk, 'excl', r.id, 'in_free', '0', 'in_busy', '1')
-    rcall('HDEL', k_free(node), idx)
+    rcall('HDEL', fk, idx)
     rcall('ZINCRBY', K_FREE, '-1', node)
-    rcall('ZREM', K_SHARED, node .. '|' .. idx)
+    rcall('ZREM', K_SHARED, member)
   end
 end
 
 -- Give one GPU back from allocation id (the caller bumps the capacity version).
 local function return_gpu(id, sharing, minm, node, idx)
-  local gk = k_gpu(node, idx)
+  local gk, fk, member = gpu_names(node, idx)
   if sharing == 'shared' then
     rcall('HINCRBY', gk, 'shared_n', -1)
     rcall('HINCRBY', gk, 'shared_mb', string.format('%d', -minm))
@@ -374,14 +397,13 @@ local function return_gpu(id, sharing, minm, node, idx)
   rcall('HSET', gk, 'excl', '', 'in_busy', '0', 'in_free', ok and '1' or '0')
   if not ok then meta_incr('gpus_out', 1) end -- it turned unusable while held
   if ok then
-    rcall('HSET', k_free(node), idx, (g[5] or '0') .. '|' .. (g[8] or '0') .. '|' ..
-      (g[9] or ''))
+    rcall('HSET', fk, idx, (g[5] or '0') .. '|' .. (g[8] or '0') .. '|' .. (g[9] or ''))
     rcall('ZINCRBY', K_FREE, '1', node)
     -- the reading as stored when it is the score (no number printed back to a string)
     local m = g[5] or '0'
     local cap = num(m) or 0
     if cap < 0 then cap, m = 0, '0' elseif cap ~= cap then m = cap end
-    rcall('ZADD', K_SHARED, m, node .. '|' .. idx)
+    rcall('ZADD', K_SHARED, m, member)
   end
 end
 
