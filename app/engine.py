@@ -177,10 +177,12 @@ SETTINGS = (
     ("PREEMPT", False),
     ("PREEMPT_GRACE", True),
 )
-#: ARGV[1] now, ARGV[2] the common argument: the version, the settings and the prefix, joined
-#: by newlines (one argument instead of three: each costs the server ~1k instructions per
-#: call); a function's own arguments start at ARGV[ARGS_AT + 1].
-ARGS_AT = 2
+#: ARGV[1] is the common argument: the version, "1" when an injected clock's now follows (as
+#: ARGV[2]) else "", the settings and the prefix, joined by newlines (one argument instead of
+#: four: each costs the server ~1k instructions per call, and without a clock there is no
+#: empty now); a function's own arguments start at ARGV[A + 1], A = 2 with a clock, else
+#: ARGS_AT.
+ARGS_AT = 1
 #: Key builders (Lua head -> the Keys method and its arguments' placeholders).
 _BUILDERS = (
     ("k_node(n)", "node", 1),
@@ -278,34 +280,39 @@ def _builders() -> str:
 
 
 def _bind() -> str:
-    """The lines of begin_call that bind the call's common argument (ARGV[2]: the version,
-    the settings, the prefix) and the fixed keys, only when the argument or the first key
-    differs from the last call's (the keys are the prefix's: ~1.5k instructions a call saved).
-    A version that is not the library's makes begin_call answer false (the function then
-    answers {-11, VERSION}) before anything is bound."""
+    """bind(keys, s), which begin_call runs only when the call's common argument (ARGV[1]: the
+    version, the clock flag, the settings, the prefix) or its first key differs from the last
+    call's (the keys are the prefix's: ~1.5k instructions a call saved): it binds them all.
+    A version that is not the library's makes it answer false (the function then answers
+    {-11, VERSION}) before anything is bound. (A function of its own: begin_call is at Lua's
+    limit of 60 upvalues.)"""
     lines = [
-        "  if argv[2] ~= COMMON_RAW or keys[1] ~= K_NODES then",
-        "    local s = argv[2]",
-        "    local at = string.find(s, '\\n', 1, true)",
-        "    if not at or string.sub(s, 1, at - 1) ~= VERSION then return false end",
-        "    local v = {}",
-        f"    for i = 1, {len(SETTINGS)} do",
-        "      local e = string.find(s, '\\n', at + 1, true)",
-        "      if not e then return false end",
-        "      v[i], at = string.sub(s, at + 1, e - 1), e",
-        "    end",
-        "    P = string.sub(s, at + 1)",
+        "local function bind(keys, s)",
+        "  local at = string.find(s, '\\n', 1, true)",
+        "  if not at or string.sub(s, 1, at - 1) ~= VERSION then return false end",
+        "  local e = string.find(s, '\\n', at + 1, true)",
+        "  if not e then return false end",
+        "  A = string.sub(s, at + 1, e - 1) == '1' and 2 or 1",
+        "  at = e",
+        "  local v = {}",
+        f"  for i = 1, {len(SETTINGS)} do",
+        "    e = string.find(s, '\\n', at + 1, true)",
+        "    if not e then return false end",
+        "    v[i], at = string.sub(s, at + 1, e - 1), e",
+        "  end",
+        "  P = string.sub(s, at + 1)",
     ]
     probe = Keys("\x00")
     for name, method in CHANNELS:
         template = getattr(probe, method)()
         assert template.startswith("\x00"), method
-        lines.append(f"    {name} = P .. {_lua_concat(template[1:], [])}")
+        lines.append(f"  {name} = P .. {_lua_concat(template[1:], [])}")
     for i, (name, numeric) in enumerate(SETTINGS, 1):
-        lines.append(f"    {name} = tonumber(v[{i}])" if numeric else f"    {name} = v[{i}]")
-    lines += [f"    {name} = keys[{i}]" for i, name in enumerate(FIXED_KEYS, 1)]
-    lines.append("    COMMON_RAW = s")
-    lines.append("  end")
+        lines.append(f"  {name} = tonumber(v[{i}])" if numeric else f"  {name} = v[{i}]")
+    lines += [f"  {name} = keys[{i}]" for i, name in enumerate(FIXED_KEYS, 1)]
+    lines.append("  COMMON_RAW = s")
+    lines.append("  return true")
+    lines.append("end")
     return "\n".join(lines)
 
 
@@ -322,7 +329,7 @@ def library_source(extra: tuple[tuple[str, str], ...] = (), name: str = LIBRARY)
     parts = []
     for inc in INCLUDES:
         text = _expand((LUA_DIR / "includes" / f"{inc}.lua").read_text())
-        parts.append(text.replace("-- @constants", constants, 1).replace("  -- @bind", _bind(), 1))
+        parts.append(text.replace("-- @constants", constants, 1).replace("-- @bind", _bind(), 1))
     scripts = [(s, load_script(s)) for s in SCRIPTS] + list(extra)
     for script, text in scripts:
         for inc in _INCLUDE.findall(text):
@@ -625,11 +632,6 @@ def _gpu_view(raw: list | dict, alive_nodes: set[str]) -> dict:
     return out
 
 
-#: An FCALL's first argument "" packed (app.redis_client.bulk([""])): most calls send no time
-#: of their own (Engine._run).
-_NO_TIME = b"$0\r\n\r\n"
-
-
 class Engine:
     """All allocation state changes; one atomic Lua script per call."""
 
@@ -664,21 +666,20 @@ class Engine:
         ]
         assert len(self._fixed_keys) == len(FIXED_KEYS)
         self._args_for = None
-        self._fixed_args: list[str] = []
+        self._fixed_args: dict[int, list[str]] = {}
+        self._joined = ""
         # FCALLs go out packed by hand (app.redis_client.PinnedCalls) where the client allows
         self._pinned = PinnedCalls(redis) if packs(redis) else None
-        self._heads: dict[str, tuple[bytes, bytes]] = {}
+        self._heads: dict[str, bytes] = {}
         self._heads_for: list[str] | None = None
 
     # ------------------------------------------------------------------ plumbing
-    def _settings_args(self, version: str | None = None) -> list[str]:
-        """[ARGV[2]]: the library version (``version``, else this release's), the settings
+    def _settings_args(self, version: str | None = None, clocked: bool | None = None) -> list[str]:
+        """[ARGV[1]]: the library version (``version``, else this release's), "1" when the call
+        passes now (``clocked``, default: this engine has a clock) else "", the settings
         (SETTINGS order) and the prefix, joined by newlines, rebuilt only when the settings
         object changes. Sent with every call: measured, one argument costs less than reading a
         settings hash in every call."""
-        if version is not None and version != library_source()[0]:
-            rest = self._settings_args()[0].split("\n", 1)[1]
-            return [f"{version}\n{rest}"]
         s, m = self.settings.scheduler, self.settings.monitoring
         t, pre = self.settings.tenants, self.settings.preemption
         if self._args_for is None or any(
@@ -701,9 +702,15 @@ class Engine:
             joined = [values[n] for n, _ in SETTINGS]
             assert not any("\n" in v for v in joined), joined
             assert "\n" not in library_source()[0]
-            self._fixed_args = ["\n".join([library_source()[0], *joined, self.keys.prefix])]
+            self._joined = "\n".join([*joined, self.keys.prefix])
+            ours = library_source()[0]
+            self._fixed_args = {c: [f"{ours}\n{'1' if c else ''}\n{self._joined}"] for c in (0, 1)}
             self._args_for = (s, m, t, pre)
-        return self._fixed_args
+        if clocked is None:
+            clocked = self.clock is not None
+        if version is not None and version != library_source()[0]:
+            return [f"{version}\n{'1' if clocked else ''}\n{self._joined}"]
+        return self._fixed_args[1 if clocked else 0]
 
     def load_library(self) -> str:
         """Load (or replace) the engine's Functions library on the server; its version."""
@@ -754,29 +761,31 @@ class Engine:
         return ("FCALL_RO" if name in READ_ONLY else "FCALL", f"{LIBRARY}_{name}", len(keys), *keys)
 
     def _command(self, name: str, args: list) -> tuple:
-        """The FCALL of ``name`` with ``args`` (ARGV[1], then the function's own), as
-        ``execute_command`` takes it."""
-        argv = [args[0], *self._settings_args(), *args[1:]]
-        return (*self._head(name), *argv)
+        """The FCALL of ``name`` with ``args`` (now, "" without a clock, then the function's
+        own), as ``execute_command`` takes it: the common argument, now when there is one, the
+        function's own arguments."""
+        now = args[0]
+        fixed = self._settings_args(clocked=now != "")
+        return (*self._head(name), *fixed, *(args if now else args[1:]))
 
     def _packed(self, name: str, args: list) -> bytes:
         """:meth:`_command` packed as RESP (tests/test_redis_client.py checks it is byte for
         byte what redis-py packs: a change to one must change the other).
-        What never changes between calls (command, function, the fixed keys; the version,
-        the prefix and the settings) is packed once per function and settings object."""
-        fixed = self._settings_args()
+        What never changes between calls (command, function, the fixed keys, the common
+        argument) is packed once per function, settings object and clock flag."""
+        now = args[0]
+        fixed = self._settings_args(clocked=now != "")
         if self._heads_for is not fixed:
             self._heads = {}
             self._heads_for = fixed
-        heads = self._heads.get(name)
-        if heads is None:
-            heads = (bulk(self._head(name)), bulk(fixed))
-            self._heads[name] = heads
-        # command, function, numkeys, the keys, now, the common argument, the arguments
-        count = 3 + len(self._fixed_keys) + len(fixed) + len(args)
-        # now: "" (Redis's own clock) unless a clock is injected, packed once
-        now = _NO_TIME if args[0] == "" else bulk(args[:1])
-        return b"*%d\r\n%b%b%b%b" % (count, heads[0], now, heads[1], bulk(args[1:]))
+        head = self._heads.get(name)
+        if head is None:
+            head = bulk(self._head(name)) + bulk(fixed)
+            self._heads[name] = head
+        rest = args if now else args[1:]
+        # command, function, numkeys, the keys, the common argument, now (if any), the arguments
+        count = 4 + len(self._fixed_keys) + len(rest)
+        return b"*%d\r\n%b%b" % (count, head, bulk(rest))
 
     def _run(self, name: str, *args, ctx: dict | Callable[[], dict] | None = None):
         """One engine function; an error it returns is raised with ``ctx`` (the call's

@@ -61,8 +61,7 @@ def test_a_read_only_function_cannot_write(redis, settings):
                 "roprobe_probe",
                 len(engine._fixed_keys),
                 *engine._fixed_keys,
-                "",
-                *engine._settings_args(version),
+                *engine._settings_args(version, clocked=False),
             )
     finally:
         redis.execute_command("FUNCTION", "DELETE", "roprobe")

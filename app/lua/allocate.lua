@@ -91,7 +91,7 @@ local submitted = NOW_S
 local hset = {'HSET', rk, 'id', id, 'submitted_at', submitted, unpack(ARGV, at)}
 -- from TIME, NOW is tonumber(NOW_S) already (not so for a clock the caller passed: it is
 -- printed to the microsecond). Its status is set on r, not on f (f's hash part would grow).
-local r = req_from(id, f, ARGV[1] == '' and NOW or tonumber(submitted))
+local r = req_from(id, f, A == 1 and NOW or tonumber(submitted))
 r.status = 'queued'
 
 if depth == 0 and deps_done(r) and not over_quota(r) then

@@ -38,13 +38,17 @@ local function upgrade_data()
   if m[2] then rcall('HDEL', K_META, 'gpus_busy') end
 end
 
--- Binds the call's fixed keys and common argument; false (nothing bound) when the caller
--- expects another version of the library.
+-- @bind
+
+-- Binds the call's fixed keys and common argument (bind, when they changed); false (nothing
+-- bound) when the caller expects another version of the library.
 local function begin_call(keys, argv, read_only)
-  -- @bind
+  if (argv[1] ~= COMMON_RAW or keys[1] ~= K_NODES) and not bind(keys, argv[1]) then
+    return false
+  end
   rcall = redis.call
-  if argv[1] ~= '' then
-    NOW = tonumber(argv[1])
+  if A == 2 then -- a clock the caller passed (ARGV[2])
+    NOW = tonumber(argv[2])
     NOW_S = string.format('%.6f', NOW) -- formatted once: most functions write it several times
     NOW_SEC = nil
   else

@@ -14,15 +14,16 @@
       queue_owners, tenants, tenant_queued (includes/tenants.lua)
     K_CHANGES, the changes Pub/Sub channel (a channel, not a key), is derived from the prefix
     (engine.CHANNELS) when the prefix differs from the last call's.
-    ARGV[1]  now (epoch seconds; "" = use Redis TIME, one clock for every replica)
-    ARGV[2]  one argument (each costs ~1k instructions per call), lines joined by newlines,
+    ARGV[1]  one argument (each costs ~1k instructions per call), lines joined by newlines,
              parsed only when it differs from the last call's: the library version the caller
              expects (a mismatch answers {-11, version}: the caller loads its library and
-             retries), then the scheduler settings in the order of engine.SETTINGS, then the
-             key prefix (the rest of the string), for the key builders k_node(n) k_gpu(n, i)
-             k_req(id) k_deps(id) k_svc(s) k_idem(k) k_free(n) k_tqueue(t) (node, gpu,
-             request, dependents, service, idempotency, node_free_gpus, queue_tenant;
-             concatenation, no string.format). The settings:
+             retries), "1" when ARGV[2] is now (epoch seconds, a clock the caller injected)
+             else "" (no ARGV[2]: Redis TIME, one clock for every replica), then the
+             scheduler settings in the order of engine.SETTINGS, then the key prefix (the
+             rest of the string), for the key builders k_node(n) k_gpu(n, i) k_req(id)
+             k_deps(id) k_svc(s) k_idem(k) k_free(n) k_tqueue(t) (node, gpu, request,
+             dependents, service, idempotency, node_free_gpus, queue_tenant; concatenation,
+             no string.format). The settings:
       POLICY (best_effort|strict_fifo)  AGING (priority points per second)
       RES_AFTER (s; < 0 = off)  HB_TIMEOUT (s)  FORGET_AFTER (s; <= 0 = never)  EV_MAX
       HIST_TTL (s; HIST_TTL_S: whole seconds, as a string)  MAX_QUEUE  MAX_OWNER (queued
@@ -32,7 +33,7 @@
       TENANT_DEFAULT ("weight|guaranteed|max_gpus|max_queued")  TENANT_LIMITS ("1" = some
       max_gpus or max_queued)  TENANT_KEY (principal|service_name, tenants.key as resolved)
       PREEMPT ("1" = enabled)  PREEMPT_GRACE (s)
-    Each function's own arguments start at ARGV[A + 1].
+    Each function's own arguments start at ARGV[A + 1] (A: 2 with a clock's now, else 1).
   MAX_LEASE (s; the longest lease there is) is a literal of the library.
 
   Errors are returned, not raised: { negative code, details... } (see ERRORS in app/engine.py).
