@@ -87,8 +87,6 @@ local rk = k_req(id)
 if rcall('EXISTS', rk) == 1 then return (plain and never(f, k, minm, pat, nodes_raw)) or {-8} end
 
 local submitted = NOW_S
--- status last: a grant adds 'allocated', a queued request 'queued' (one write of the field)
-local hset = {'HSET', rk, 'id', id, 'submitted_at', submitted, unpack(ARGV, at)}
 -- from TIME, NOW is tonumber(NOW_S) already (not so for a clock the caller passed: it is
 -- printed to the microsecond). Its status is set on r, not on f (f's hash part would grow).
 local r = req_from(id, f, A == 1 and NOW or tonumber(submitted))
@@ -99,10 +97,10 @@ if depth == 0 and deps_done(r) and not over_quota(r) then
   local node, chosen = place(r, EMPTY, 1)
   if node then
     remember_idem(idem_key, id, idem_hash, idem_ttl)
-    -- the record is written once, by the grant (the same HSET, with the grant's fields)
-    local expires, ids, uuids, at, waited = grant(r, node, chosen, false, false, hset)
-    return '0|' .. submitted .. '|allocated|' .. node .. '|' .. expires .. '|' .. (at or '') ..
-      '|' .. (waited or '') .. '|' .. ids .. '|' .. uuids
+    -- the record is written once, by the grant (one HSET, with the grant's fields)
+    local expires, ids, uuids, alloc_at, waited = grant(r, node, chosen, false, false, ARGV, at)
+    return '0|' .. submitted .. '|allocated|' .. node .. '|' .. expires .. '|' ..
+      (alloc_at or '') .. '|' .. (waited or '') .. '|' .. ids .. '|' .. uuids
   end
 end
 if plain then
@@ -112,8 +110,8 @@ end
 remember_idem(idem_key, id, idem_hash, idem_ttl)
 local bucket = owner_bucket(f.owner, svc)
 
-hset[#hset + 1], hset[#hset + 2] = 'status', 'queued'
-rcall(unpack(hset))
+-- status first, as a grant writes it (one write of the field)
+rcall('HSET', rk, 'status', 'queued', 'id', id, 'submitted_at', submitted, unpack(ARGV, at))
 queue().enqueue(r, tonumber(f.queue_timeout_seconds))
 schedule(id)
 local rank = rcall('ZRANK', K_QUEUE, id)

@@ -6,10 +6,12 @@
 ]]
 
 -- Give the chosen GPUs to the request. queued: it sits in the queue indexes; from_queue: the
--- client saw it queued (webhook). pending: an HSET of the record not sent yet (allocate's new
--- record), which the grant's fields join, so the record is written once. Returns what it wrote
--- of them: expires_at, gpu_ids, gpu_uuids, and allocated_at and wait_time_seconds (nil when
--- not written: granted at its submission).
+-- client saw it queued (webhook). argv, at: allocate's new record, not written yet: its id,
+-- submitted_at (NOW_S) and the fields argv[at..] join the grant's in one HSET, so the record
+-- is written once (the grant's first: status and node sit at the head of the record, where
+-- each read of them stops sooner; no table is built for the arguments). Returns what it wrote
+-- of the grant's fields: expires_at, gpu_ids, gpu_uuids, and allocated_at and
+-- wait_time_seconds (nil when not written: granted at its submission).
 -- A one-GPU grant's gpu_ids and gpu_uuids as cjson.encode writes them, memoized per index and
 -- per uuid (bounded like num's memo): an encode costs ~4.7k instructions, and the same GPUs
 -- come back grant after grant. ONE_GPU: such a gpu_ids back to the index finish_alloc's match
@@ -48,7 +50,7 @@ do
   end
 end
 
-local function grant(r, node, chosen, queued, from_queue, pending)
+local function grant(r, node, chosen, queued, from_queue, argv, at)
   local ids_json, uuids_json
   if #chosen == 1 then
     local g = chosen[1]
@@ -70,22 +72,28 @@ local function grant(r, node, chosen, queued, from_queue, pending)
   end
   local wait = NOW - r.submitted
   if wait < 0 then wait = 0 end
-  -- the grant's fields join the pending HSET (or one of their own), no table in between
-  local hset = pending or {'HSET', k_req(r.id)}
-  local n = #hset
-  hset[n + 1], hset[n + 2], hset[n + 3], hset[n + 4], hset[n + 5] = 'status', 'allocated',
-    'node', node, 'gpu_ids'
-  hset[n + 6], hset[n + 7], hset[n + 8], hset[n + 9], hset[n + 10] = ids_json, 'gpu_uuids',
-    uuids_json, 'expires_at', expires
   -- granted at its submission (the usual grant): allocated_at is submitted_at and the wait 0,
   -- which readers fill in (app/record.py, live_view): two fields fewer to write and read
-  local at, waited
+  local rk = k_req(r.id)
+  local alloc_at, waited
   if NOW ~= r.submitted then
-    at, waited = NOW_S, ftime(wait)
-    hset[n + 11], hset[n + 12], hset[n + 13], hset[n + 14] = 'allocated_at', at,
-      'wait_time_seconds', waited
+    alloc_at, waited = NOW_S, ftime(wait)
+    if argv then
+      rcall('HSET', rk, 'status', 'allocated', 'node', node, 'gpu_ids', ids_json, 'gpu_uuids',
+        uuids_json, 'expires_at', expires, 'allocated_at', alloc_at, 'wait_time_seconds',
+        waited, 'id', r.id, 'submitted_at', NOW_S, unpack(argv, at))
+    else
+      rcall('HSET', rk, 'status', 'allocated', 'node', node, 'gpu_ids', ids_json, 'gpu_uuids',
+        uuids_json, 'expires_at', expires, 'allocated_at', alloc_at, 'wait_time_seconds',
+        waited)
+    end
+  elseif argv then
+    rcall('HSET', rk, 'status', 'allocated', 'node', node, 'gpu_ids', ids_json, 'gpu_uuids',
+      uuids_json, 'expires_at', expires, 'id', r.id, 'submitted_at', NOW_S, unpack(argv, at))
+  else
+    rcall('HSET', rk, 'status', 'allocated', 'node', node, 'gpu_ids', ids_json, 'gpu_uuids',
+      uuids_json, 'expires_at', expires)
   end
-  rcall(unpack(hset))
   rcall('ZADD', K_LEASES, score, r.id)
   rcall('SADD', k_svc(r.svc), r.id)
   tenant_add(r.tenant, alloc_gpus(r))
@@ -101,7 +109,7 @@ local function grant(r, node, chosen, queued, from_queue, pending)
     outbox('allocated', r.id, evid, r.hook, nil, true,
       {expires_at = expires, lease_seconds = fnum(r.lease)})
   end -- sched|immediate is not counted: Engine.stats() derives it (grants - from_queue)
-  return expires, ids_json, uuids_json, at, waited
+  return expires, ids_json, uuids_json, alloc_at, waited
 end
 
 -- End a queued request (cancelled | timed_out) without looking at its dependents. reason and
