@@ -152,7 +152,7 @@ FIXED_KEYS = (
 #: Pub/Sub channels the library names: (Lua name, the Keys method), derived from the prefix
 #: when it changes.
 CHANNELS = (("K_CHANGES", "changes"),)
-#: Settings, passed joined by newlines in ARGV[2] in this order: (Lua name, converted with
+#: Settings, passed joined by newlines in ARGV[1] in this order: (Lua name, converted with
 #: tonumber). The library keeps the last string it parsed, so a call whose settings did not
 #: change costs one string comparison (measured: eleven arguments cost ~11k server
 #: instructions per call, and their parsing as many again).
