@@ -68,10 +68,20 @@ for _, g in ipairs(gpus) do
   if not known[idx] then
     known[idx] = true
     list[#list + 1] = idx
-    -- the engine's fields first: a small hash is a list searched from its head, and a grant
-    -- and a release read and write these
-    rcall('HSET', gk, 'excl', '', 'in_free', '0', 'in_busy', '0', 'shared_n', '0',
-      'shared_mb', '0', 'cordoned', node_cordoned)
+    -- the engine's fields first, then the readings a release reads (its HMGET of the GPU): a
+    -- small hash is a list searched from its head, and a grant and a release read and write
+    -- these (the HSET below writes them again, in place)
+    local first = {'HSET', gk, 'excl', '', 'in_free', '0', 'in_busy', '0', 'shared_n', '0',
+      'shared_mb', '0', 'cordoned', node_cordoned, 'lost', '0'}
+    if g.health ~= nil then first[#first + 1], first[#first + 2] = 'health', g.health end
+    if g.memory_free_mb ~= nil then
+      first[#first + 1], first[#first + 2] = 'memory_free_mb', g.memory_free_mb
+    end
+    if g.utilization ~= nil then
+      first[#first + 1], first[#first + 2] = 'utilization', g.utilization
+    end
+    if g.uuid ~= nil then first[#first + 1], first[#first + 2] = 'uuid', g.uuid end
+    rcall(unpack(first))
     meta_incr('gpus_out', 1) -- neither free nor allocated until gpu_sync below places it
   end
   local args = {'HSET', gk, 'node', node, 'lost', '0', 'updated_at', NOW_S}
