@@ -362,6 +362,66 @@ def test_a_delivery_deferred_again_is_not_looked_up_again(settings, redis, monke
         context.configure(None, None, None)
 
 
+def test_a_hanging_lookup_holds_no_slot_of_the_receiver_its_name_led_to(
+    settings, redis, monkeypatch
+):
+    """The remembered receiver of a name is a hint checked before the lookup, not a slot held
+    through it: while one name's lookup hangs, another name of the same receiver (cap 1) is
+    delivered at once (it was deferred while the hanging lookup held the receiver's slot)."""
+    import socket
+    import threading
+    import time
+
+    from app.engine import Engine
+    from app.redis_client import connect
+    from workers import context
+
+    stuck, healthy = "rx-stuck-5c01e7.test", "rx-well-5c01e7.test"  # unique: see NOTES
+    hang = threading.Event()
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host == stuck and hang.is_set():
+            time.sleep(3)
+        if host in (stuck, healthy):
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port or 0))]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    one = settings.replace(webhooks={"max_per_receiver": 1, "timeout": "10s"})
+    engine = Engine(redis, one)
+    gpus = [{"index": i, "uuid": f"G-{i}", "name": "x", "memory_total_mb": 1000} for i in range(8)]
+    engine.report_node("n", gpus, host="h")
+    rq_redis = connect(one.redis.url, one, decode=False)
+    context.configure(one, redis, rq_redis)
+    results = {}
+
+    def deliver(key, url):
+        rec = engine.allocate({"service_name": key, "required_gpus": 1, "webhook_url": url})
+        entry = {"event_id": f"ev-{key}", "event": "allocated", "request_id": rec["id"]}
+        try:
+            results[key] = webhooks.deliver(entry)
+        except Exception as exc:  # noqa: BLE001 - the test looks at what was raised
+            results[key] = exc
+
+    try:
+        with Receiver() as rx:
+            port = rx.server.server_address[1]
+            deliver("warm", f"http://{stuck}:{port}/a")  # the name's receiver is remembered
+            assert results["warm"] == {"delivered": True, "status": 200}, results
+            hang.set()
+            slow = threading.Thread(target=deliver, args=("slow", f"http://{stuck}:{port}/a"))
+            slow.start()
+            time.sleep(0.5)  # its lookup is hanging now
+            deliver("ready", f"http://{healthy}:{port}/b")
+            assert results["ready"] == {"delivered": True, "status": 200}, results
+            slow.join(10)
+            assert results["slow"] == {"delivered": True, "status": 200}, results
+    finally:
+        rq_redis.close()
+        context.configure(None, None, None)
+
+
 def test_the_remembered_receivers_of_names_are_bounded():
     """One entry per host name a delivery went to: endless fresh names keep at most
     max_names (the least recently used is forgotten first)."""

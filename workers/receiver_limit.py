@@ -57,6 +57,18 @@ class ReceiverLimit:
         with self._cond:
             return len(self._last)
 
+    def room(self, key: Hashable, wait: float) -> bool:
+        """Whether ``key`` has a free slot, waiting up to ``wait`` seconds for one; takes none
+        (a check before a name lookup must not hold a slot while the lookup runs)."""
+        deadline = time.monotonic() + wait
+        with self._cond:
+            while self._busy[key] >= self.limit:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
     def acquire(self, key: Hashable, wait: float) -> bool:
         """Take a slot of ``key``, waiting up to ``wait`` seconds; False when none freed."""
         deadline = time.monotonic() + wait

@@ -383,35 +383,27 @@ def deliver(entry: dict[str, Any]) -> dict[str, Any]:
         )
         limit = receiver_limit(settings)
         deadline = time.monotonic() + settings.webhooks.timeout
-        held = None
+        # Where this name led last time: if that receiver is at its cap, defer now, without a
+        # lookup (a backlog of deferrals would otherwise look the name up every time each comes
+        # back). Only a hint, and no slot is held on it: a lookup that hangs must not keep a
+        # receiver's slot from deliveries that are ready to send.
+        name = _name(url)
+        hint = None if name is None else limit.last_receiver(name)
+        if hint is not None and not limit.room(hint, DEFER_WAIT):
+            _defer(job, settings, entry, url, hint, limit.limit)
         try:
+            # the lookup counts against the try, and against its owner's share of lookups
+            asker = asker_of(record.get("owner"), record.get("service_name"))
+            target = check(url, settings, deadline, asker=asker)
+            receiver = _receiver(target)
+            if name is not None:
+                limit.remember(name, receiver)
+            if not limit.acquire(receiver, DEFER_WAIT):
+                _defer(job, settings, entry, url, receiver, limit.limit)
             try:
-                # Where this name led last time: if that receiver is at its cap, defer now,
-                # without a lookup (a backlog of deferrals would otherwise look the name up
-                # every time each comes back). Only a hint: the lookup below decides.
-                name = _name(url)
-                hint = None if name is None else limit.last_receiver(name)
-                if hint is not None:
-                    if not limit.acquire(hint, DEFER_WAIT):
-                        _defer(job, settings, entry, url, hint, limit.limit)
-                    held = hint
-                # the lookup counts against the try, and against its owner's share of lookups
-                asker = asker_of(record.get("owner"), record.get("service_name"))
-                target = check(url, settings, deadline, asker=asker)
-                receiver = _receiver(target)
-                if name is not None:
-                    limit.remember(name, receiver)
-                if receiver != held:
-                    if held is not None:
-                        limit.release(held)
-                        held = None
-                    if not limit.acquire(receiver, DEFER_WAIT):
-                        _defer(job, settings, entry, url, receiver, limit.limit)
-                    held = receiver
                 status = send(target, url, payload, settings, deadline)
             finally:
-                if held is not None:
-                    limit.release(held)
+                limit.release(receiver)
         except (WebhookGone, WebhookRefused) as exc:
             if job is not None:
                 rq_overrides.give_up(job)
