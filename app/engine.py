@@ -681,9 +681,9 @@ class Engine:
         object changes. Sent with every call: measured, one argument costs less than reading a
         settings hash in every call."""
         s, m = self.settings.scheduler, self.settings.monitoring
-        t, pre = self.settings.tenants, self.settings.preemption
+        t, pre, auth = self.settings.tenants, self.settings.preemption, self.settings.auth
         if self._args_for is None or any(
-            a is not b for a, b in zip(self._args_for, (s, m, t, pre))
+            a is not b for a, b in zip(self._args_for, (s, m, t, pre, auth))
         ):
             values = {
                 "POLICY": s.policy,
@@ -705,7 +705,7 @@ class Engine:
             self._joined = "\n".join([*joined, self.keys.prefix])
             ours = library_source()[0]
             self._fixed_args = {c: [f"{ours}\n{'1' if c else ''}\n{self._joined}"] for c in (0, 1)}
-            self._args_for = (s, m, t, pre)
+            self._args_for = (s, m, t, pre, auth)  # auth: TENANT_KEY follows auth.enabled
         if clocked is None:
             clocked = self.clock is not None
         if version is not None and version != library_source()[0]:

@@ -160,6 +160,8 @@ def NodeName():
     """``monitoring.node_name``: empty (the host name) or a name a monitor may report."""
 
     def convert(v):
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = str(v)  # as Str: ``node_name: 42`` (YAML, or the environment) names node "42"
         if not isinstance(v, str) or (v and not node_name_ok(v)):
             raise ValueError(v)
         return v

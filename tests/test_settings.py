@@ -60,6 +60,17 @@ services: {deepagents_url: "http://advisor:9004/"}
     assert s.scheduler.queue_check_interval == 0.25
 
 
+def test_a_numeric_node_name_names_the_node_as_written(write_config):
+    """``node_name: 42`` (YAML, or an environment value, read as YAML) is node "42", as any
+    string option takes a number; the node-name rule must not turn it into a config error
+    that stops every role."""
+    assert (
+        load(write_config("monitoring: {node_name: 42}\n"), environ={}).monitoring.node_name == "42"
+    )
+    env = {"GPU_ORCH__MONITORING__NODE_NAME": "7"}
+    assert load(environ=env).monitoring.node_name == "7"
+
+
 def test_config_path_env_names_the_file(write_config):
     path = write_config("server: {port: 7000}\n")
     assert load(environ={"CONFIG_PATH": path}).server.port == 7000
