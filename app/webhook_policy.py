@@ -66,6 +66,16 @@ class Unresolvable(Refused):
     """The host did not resolve (in time); may be transient, so delivery retries it."""
 
 
+class NotNow(Unresolvable):
+    """The name was not looked up at all: the lookup caps are full, or it failed slowly
+    moments ago. Nothing new was learnt about it, so a delivery waits ``retry_in`` seconds
+    (0: soon) without spending a try; the API still refuses the URL (422) as Unresolvable."""
+
+    def __init__(self, message: str, retry_in: float = 0.0):
+        super().__init__(message)
+        self.retry_in = retry_in
+
+
 @dataclass(frozen=True)
 class Entry:
     """One parsed ``webhooks.allowed_hosts`` entry: a name pattern or a network, and maybe a
@@ -227,8 +237,8 @@ class Lookups:
     deliveries failed. Here each lookup has its own thread, callers asking for a name that is
     already being looked up wait on that lookup instead of starting another (a name that hangs
     holds one thread, however often it is asked for), and at most ``limit`` lookups run at
-    once: past that, a lookup is refused at once (Unresolvable, retried by delivery) rather
-    than queued.
+    once: past that, a lookup is refused at once (:class:`NotNow`: a delivery comes back
+    later without spending a try) rather than queued.
 
     One client must not be able to fill that limit and so refuse every other client's names
     (a client controls its webhook URLs and can point them at a DNS zone of its own that never
@@ -240,7 +250,8 @@ class Lookups:
     lookup is refused at once, for that asker or domain only. And a name that is timing out
     stops costing anyone a wait: once a caller has given up on a lookup, later callers of that
     name are refused at once while it runs, and if it then fails the name is refused at once
-    for ``slow_ttl`` seconds (at most ``max_slow`` names remembered). Nothing else is cached: a
+    for ``slow_ttl`` seconds (at most ``max_slow`` names remembered; :class:`NotNow`, so a
+    delivery waits that out instead of spending tries on refusals). Nothing else is cached: a
     lookup that answers is forgotten when it ends.
     """
 
@@ -289,16 +300,16 @@ class Lookups:
                 self._refuse_if_slow(key)
                 domain = domain_of(host)
                 if len(self._running) >= self.limit:
-                    raise Unresolvable(
+                    raise NotNow(
                         f"cannot look up {host!r} now: {self.limit} name lookups are still running"
                     )
                 if asker and self._askers[asker] >= self.per_asker:
-                    raise Unresolvable(
+                    raise NotNow(
                         f"cannot look up {host!r} now: {self.per_asker} name lookups for the "
                         "same owner are still running"
                     )
                 if self._domains[domain] >= self.per_domain:
-                    raise Unresolvable(
+                    raise NotNow(
                         f"cannot look up {host!r} now: {self.per_domain} lookups of names "
                         f"under {domain!r} are still running"
                     )
@@ -325,7 +336,7 @@ class Lookups:
         return list(lookup.addresses)
 
     def _refuse_if_slow(self, key: tuple[Resolver, str, int]) -> None:
-        """Unresolvable while ``key`` is a recently timed-out name (called under the lock)."""
+        """NotNow while ``key`` is a recently timed-out name (called under the lock)."""
         until = self._slow.get(key)
         if until is None:
             return
@@ -333,9 +344,10 @@ class Lookups:
         if left <= 0:
             del self._slow[key]
             return
-        raise Unresolvable(
+        raise NotNow(
             f"looking up {key[1]!r} recently took too long and failed; not tried again for "
-            f"{left:.0f} s"
+            f"{left:.0f} s",
+            retry_in=left,
         )
 
     def _run(self, key: tuple[Resolver, str, int], lookup: _Lookup) -> None:

@@ -15,6 +15,7 @@ import time
 import pytest
 from webhook_receiver import Receiver, Trickler
 
+from app import queues
 from app import settings as settings_mod
 from app.webhook_policy import Policy, Refused, parse_entry, redact
 from tests.api_support import assert_error, clock, make_app  # noqa: F401 (fixtures)
@@ -477,6 +478,73 @@ def test_a_name_that_timed_out_is_refused_at_once_instead_of_holding_callers():
         lookups.resolve(resolver, name, 80, 5.0, "o:b")
     assert calls == [name, name] and lookups.slow_names() == 0
     assert lookups.resolve(resolver, "fast-c0ffee.test", 80, 5.0, "o:b") == ["127.0.0.1"]
+
+
+def test_a_delivery_refused_a_lookup_waits_it_out_without_spending_a_try(
+    settings, redis, monkeypatch
+):
+    """A name that timed out and failed is refused at once for SLOW_NAME_TTL. A delivery met
+    by that refusal learnt nothing about the name, so it is deferred until the refusal ends,
+    its tries untouched; it used to spend one try per refusal (a 10 s DNS slowdown cost the
+    tries due in the next minute)."""
+    import threading
+    import types
+
+    import rq
+
+    from app import webhook_policy
+    from app.engine import Engine
+    from app.keys import Keys
+    from app.redis_client import connect
+    from workers import context
+
+    name = "slowdel-61a2f0.test"  # unique to this test: see NOTES
+    release = threading.Event()
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host == name:
+            release.wait(30)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    now = [0.0]
+    lookups = webhook_policy.Lookups(limit=16, slow_ttl=60, clock=lambda: now[0])
+    monkeypatch.setattr(webhook_policy, "_lookups", lookups)
+    job = types.SimpleNamespace(retries_left=5)
+    monkeypatch.setattr(rq, "get_current_job", lambda: job)
+    quick = settings.replace(webhooks={"timeout": "200ms"})
+    engine = Engine(redis, quick)
+    gpus = [{"index": i, "uuid": f"G-{i}", "name": "x", "memory_total_mb": 1} for i in range(4)]
+    engine.report_node("n", gpus, host="h")
+    rq_redis = connect(quick.redis.url, quick, decode=False)
+    context.configure(quick, redis, rq_redis)
+    stats = Keys(quick.redis.prefix).stats()
+    rec = engine.allocate(
+        {"service_name": "svc", "required_gpus": 1, "webhook_url": f"http://{name}/h"}
+    )
+    entry = {"event_id": "ev-1", "event": "allocated", "request_id": rec["id"]}
+    try:
+        with pytest.raises(webhooks.WebhookError, match="took longer"):
+            webhooks.deliver(entry)  # a real try: the lookup ran and timed out
+        assert redis.hget(stats, "webhook|retried") == "1"
+        release.set()
+        deadline = time.monotonic() + 10
+        while lookups.running() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert lookups.slow_names() == 1
+        now[0] = 15.0  # the first retry (webhooks.retry_intervals: 10 s + the try)
+        with pytest.raises(webhooks.WebhookDeferred, match="not tried again for 45 s"):
+            webhooks.deliver(entry)
+        assert job.retries_left == 6  # one more, which the deferral takes back: none spent
+        assert job.deferred_for == pytest.approx(45.0)
+        assert job.deferred_to == queues.queue_name(quick, queues.WEBHOOKS_DEFERRED)
+        assert redis.hget(stats, "webhook|retried") == "1"
+    finally:
+        release.set()
+        rq_redis.close()
+        context.configure(None, None, None)
 
 
 def test_the_remembered_slow_names_are_bounded():

@@ -45,7 +45,16 @@ from app import logs, queues
 from app.keys import Keys
 from app.settings import Settings
 from app.timefmt import iso
-from app.webhook_policy import Policy, Refused, Target, Unresolvable, asker_of, redact, split
+from app.webhook_policy import (
+    NotNow,
+    Policy,
+    Refused,
+    Target,
+    Unresolvable,
+    asker_of,
+    redact,
+    split,
+)
 from workers import context, rq_overrides, webhook_client
 from workers.receiver_limit import ReceiverLimit
 
@@ -86,6 +95,16 @@ class WebhookGone(WebhookError):
 class WebhookDeferred(rq_overrides.JobDeferred):
     """The receiver already has ``webhooks.max_per_receiver`` deliveries in flight in this
     process: the delivery goes back on the schedule (DEFER_SECONDS) without spending a try."""
+
+
+class WebhookNotNow(WebhookError):
+    """The URL's name was not looked up (:class:`app.webhook_policy.NotNow`): a delivery comes
+    back ``retry_in`` seconds later (at least DEFER_SECONDS) without spending a try; a direct
+    :func:`post` fails with it."""
+
+    def __init__(self, message: str, *, url: str, retry_in: float = 0.0):
+        super().__init__(message, url=url)
+        self.retry_in = retry_in
 
 
 class WebhookRefused(WebhookError):
@@ -248,6 +267,9 @@ def check(
         return (policy or Policy.from_settings(settings)).resolve(
             url, timeout=max(0.0, deadline - time.monotonic()), asker=asker
         )
+    except NotNow as exc:
+        message = f"POST {shown} not tried: {exc}"
+        raise WebhookNotNow(message, url=shown, retry_in=exc.retry_in) from None
     except Unresolvable as exc:
         raise WebhookError(f"POST {shown} failed: {exc}", url=shown) from None
     except Refused as exc:
@@ -413,6 +435,20 @@ def deliver(entry: dict[str, Any]) -> dict[str, Any]:
             )
             raise
         except WebhookError as exc:
+            if isinstance(exc, WebhookNotNow) and job is not None:
+                # nothing was tried (no lookup, no connection): not a try spent
+                delay = max(DEFER_SECONDS, exc.retry_in)
+                rq_overrides.defer(
+                    job, delay, queues.queue_name(settings, queues.WEBHOOKS_DEFERRED)
+                )
+                log.info(
+                    "webhook %s for %s deferred %.0f s, no try spent: %s",
+                    entry["event_id"],
+                    entry["request_id"],
+                    delay,
+                    exc,
+                )
+                raise WebhookDeferred(str(exc)) from None
             left = 0 if job is None else rq_overrides.retries_left(job)
             final = not left
             redis.hincrby(stats, STAT_FAILED if final else STAT_RETRIED, 1)
