@@ -40,12 +40,14 @@ SERVICE_NAME_RE = rf"^[A-Za-z0-9._-]{{1,{SERVICE_NAME_MAX}}}$"
 SERVICE_NAME_RULE = f"1-{SERVICE_NAME_MAX} characters of [A-Za-z0-9._-]"
 #: Request ids are ``<service_name>-<digits>...``; anything longer than this cannot be ours.
 ID_RE = r"^[A-Za-z0-9._:-]{1,200}$"
-#: Node names a request may name in ``nodes``: printable ASCII without '|' or '%'.
-NODE_NAME_RE = r"^[!-$&-{}~]{1,253}$"
 #: Node names a monitor may report (node_name_ok): the engine's separators '|' and '%' are
 #: out, and so are the names no ``/admin/nodes/<node>/...`` path can reach: one with a '/'
 #: (two path segments), and '.' or '..' (HTTP clients drop such segments from a path).
 NODE_NAME_RULE = "non-empty, no '|', '%' or '/', and not '.' or '..'"
+#: The same rule for the names a request may give in ``nodes`` (at most 253 characters, as a
+#: DNS name): every node a monitor may report can be named (a request could not name one with
+#: a space or a non-ASCII letter before).
+NODE_NAME_RE = r"^(?!\.\.?$)[^|%/]{1,253}$"
 
 
 def node_name_ok(node: Any) -> bool:
@@ -244,7 +246,7 @@ FIELDS: dict[str, Rule] = {
             "list",
             min_len=1,
             max_len=64,
-            item=Rule("nodes[]", "str", regex=NODE_NAME_RE),
+            item=Rule("nodes[]", "str", regex=NODE_NAME_RE, expect=NODE_NAME_RULE),
             expect="a list of at most 64 node names",
         ),
     )

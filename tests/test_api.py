@@ -650,3 +650,16 @@ def test_every_node_name_a_monitor_may_report_is_reached_by_the_admin_routes(mak
     resp = client.post("/admin/gpus/" + quote(name, safe="") + "/1/uncordon")
     assert resp.status_code == 200, resp.get_data(as_text=True)
     assert [n["name"] for n in client.get("/admin/nodes").get_json()["nodes"]] == [name]
+    # and a request may name it (``nodes`` takes the same rule: 'a b' and 'nœud-1' were 422s)
+    client.post(f"{path}/uncordon")
+    resp = client.post("/gpu/allocate", json={"service_name": "pin", "nodes": [name]})
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    assert resp.get_json()["node"] == name
+
+
+@pytest.mark.parametrize("name", [".", "..", "rack-1/gpu-1", "a|b", "50%", "x" * 254])
+def test_a_request_naming_a_node_no_monitor_may_report_names_the_field(make_app, name):
+    client = make_app(nodes=(("node-a", 2),)).test_client()
+    resp = client.post("/gpu/allocate", json={"service_name": "pin", "nodes": [name]})
+    body = assert_error(resp, 422, "validation_error")
+    assert "nodes" in body["details"], body
