@@ -43,10 +43,9 @@ ID_RE = r"^[A-Za-z0-9._:-]{1,200}$"
 #: Node names a monitor may report (node_name_ok): the engine's separators '|' and '%' are
 #: out, and so are the names no ``/admin/nodes/<node>/...`` path can reach: one with a '/'
 #: (two path segments), and '.' or '..' (HTTP clients drop such segments from a path).
-NODE_NAME_RULE = "non-empty, no '|', '%' or '/', and not '.' or '..'"
-#: The same rule for the names a request may give in ``nodes`` (at most 253 characters, as a
-#: DNS name): every node a monitor may report can be named (a request could not name one with
-#: a space or a non-ASCII letter before).
+NODE_NAME_RULE = "1-253 characters, no '|', '%' or '/', and not '.' or '..'"
+#: The same rule for the names a request may give in ``nodes``: every node a monitor may
+#: report can be named (a request could not name one with a space or a non-ASCII letter before).
 NODE_NAME_RE = r"^(?!\.\.?$)[^|%/]{1,253}$"
 
 
@@ -54,7 +53,8 @@ def node_name_ok(node: Any) -> bool:
     """Whether a monitor may report a node by this name (NODE_NAME_RULE)."""
     return (
         isinstance(node, str)
-        and node not in ("", ".", "..")
+        and 0 < len(node) <= 253
+        and node not in (".", "..")
         and "|" not in node
         and "%" not in node
         and "/" not in node
