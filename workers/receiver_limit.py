@@ -60,26 +60,26 @@ class ReceiverLimit:
     def room(self, key: Hashable, wait: float) -> bool:
         """Whether ``key`` has a free slot, waiting up to ``wait`` seconds for one; takes none
         (a check before a name lookup must not hold a slot while the lookup runs)."""
-        deadline = time.monotonic() + wait
         with self._cond:
-            while self._busy[key] >= self.limit:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
-            return True
+            return self._free_slot(key, wait)
 
     def acquire(self, key: Hashable, wait: float) -> bool:
         """Take a slot of ``key``, waiting up to ``wait`` seconds; False when none freed."""
-        deadline = time.monotonic() + wait
         with self._cond:
-            while self._busy[key] >= self.limit:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
+            if not self._free_slot(key, wait):
+                return False
             self._busy[key] += 1
             return True
+
+    def _free_slot(self, key: Hashable, wait: float) -> bool:
+        """Wait (lock held) up to ``wait`` seconds until ``key`` is below its cap."""
+        deadline = time.monotonic() + wait
+        while self._busy[key] >= self.limit:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._cond.wait(left)
+        return True
 
     def release(self, key: Hashable) -> None:
         with self._cond:
