@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import pytest
 from webhook_receiver import Receiver
@@ -238,188 +240,145 @@ def test_logs_show_a_receivers_host_but_not_the_path_that_holds_its_credential(
     assert not [line for line in lines if "s3cr3tpath" in line or "T1/B2" in line]
 
 
-def test_names_for_one_receiver_share_its_delivery_slots(settings, redis, monkeypatch):
+class CappedDeliveries:
+    """Worker deliveries (``webhooks.deliver``) of fresh requests' webhooks with
+    ``max_per_receiver: 1``. The host names in ``names`` (unique to each test: see NOTES)
+    resolve to 127.0.0.1; each lookup of one is recorded in ``lookups``, and a name in
+    ``delay`` answers that many seconds late. ``results[key]`` is what a delivery returned or
+    raised."""
+
+    def __init__(self, settings, redis, monkeypatch):
+        import socket
+
+        from app.engine import Engine
+        from app.redis_client import connect
+        from workers import context
+
+        self.names: set[str] = set()
+        self.lookups: list[str] = []
+        self.delay: dict[str, float] = {}
+        self.results: dict = {}
+        real = socket.getaddrinfo
+
+        def getaddrinfo(host, port, *args, **kwargs):
+            if host not in self.names:
+                return real(host, port, *args, **kwargs)
+            self.lookups.append(host)
+            time.sleep(self.delay.get(host, 0))
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port or 0))]
+
+        monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+        one = settings.replace(webhooks={"max_per_receiver": 1, "timeout": "10s"})
+        self.engine = Engine(redis, one)
+        gpus = [
+            {"index": i, "uuid": f"G-{i}", "name": "x", "memory_total_mb": 1000} for i in range(8)
+        ]
+        self.engine.report_node("n", gpus, host="h")
+        self.rq_redis = connect(one.redis.url, one, decode=False)
+        context.configure(one, redis, self.rq_redis)
+
+    def deliver(self, key: str, url: str) -> None:
+        rec = self.engine.allocate({"service_name": key, "required_gpus": 1, "webhook_url": url})
+        entry = {"event_id": f"ev-{key}", "event": "allocated", "request_id": rec["id"]}
+        try:
+            self.results[key] = webhooks.deliver(entry)
+        except Exception as exc:  # noqa: BLE001 - the test looks at what was raised
+            self.results[key] = exc
+
+    def in_background(self, key: str, url: str):
+        thread = threading.Thread(target=self.deliver, args=(key, url))
+        thread.start()
+        return thread
+
+    def close(self) -> None:
+        from workers import context
+
+        self.rq_redis.close()
+        context.configure(None, None, None)
+
+
+@pytest.fixture
+def capped(settings, redis, monkeypatch):
+    deliveries = CappedDeliveries(settings, redis, monkeypatch)
+    yield deliveries
+    deliveries.close()
+
+
+def test_names_for_one_receiver_share_its_delivery_slots(capped):
     """webhooks.max_per_receiver counted per host name: two names of one slow backend had a
     cap each, so its team held twice the slots. Now the cap is keyed by the address (and port)
     the delivery connects to, taken from the lookup that checked the URL: a delivery through
     the second name waits for the first's slot (deferred, nothing sent), while one to another
     port on the same address has its own slots."""
-    import socket
-    import threading
-
-    from app.engine import Engine
-    from app.redis_client import connect
-    from workers import context
-
-    names = {"rx-a-5f3e1c.test", "rx-b-5f3e1c.test"}  # unique to this test: see NOTES
-    real = socket.getaddrinfo
-
-    def getaddrinfo(host, port, *args, **kwargs):
-        if host in names:
-            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port or 0))]
-        return real(host, port, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    one = settings.replace(webhooks={"max_per_receiver": 1, "timeout": "10s"})
-    engine = Engine(redis, one)
-    gpus = [{"index": i, "uuid": f"G-{i}", "name": "x", "memory_total_mb": 1000} for i in range(4)]
-    engine.report_node("n", gpus, host="h")
-    rq_redis = connect(one.redis.url, one, decode=False)
-    context.configure(one, redis, rq_redis)
+    capped.names |= {"rx-a-5f3e1c.test", "rx-b-5f3e1c.test"}
+    results = capped.results
     hold = threading.Event()
-    results = {}
-
-    def deliver(name, url):
-        rec = engine.allocate({"service_name": name, "required_gpus": 1, "webhook_url": url})
-        entry = {"event_id": f"ev-{name}", "event": "allocated", "request_id": rec["id"]}
-        try:
-            results[name] = webhooks.deliver(entry)
-        except Exception as exc:  # noqa: BLE001 - the test looks at what was raised
-            results[name] = exc
-
     try:
         with Receiver(hold=hold) as slow, Receiver() as other:
             port = slow.server.server_address[1]
-            first = threading.Thread(
-                target=deliver, args=("first", f"http://rx-a-5f3e1c.test:{port}/a")
-            )
-            first.start()
+            first = capped.in_background("first", f"http://rx-a-5f3e1c.test:{port}/a")
             assert len(slow.wait_for(1, timeout=10)) == 1, results  # held: it has the one slot
-            deliver("second", f"http://rx-b-5f3e1c.test:{port}/b")
+            capped.deliver("second", f"http://rx-b-5f3e1c.test:{port}/b")
             assert isinstance(results["second"], webhooks.WebhookDeferred), results
             assert len(slow.requests) == 1  # the second name's delivery was not sent
-            deliver("elsewhere", f"http://rx-b-5f3e1c.test:{other.server.server_address[1]}/c")
+            capped.deliver(
+                "elsewhere", f"http://rx-b-5f3e1c.test:{other.server.server_address[1]}/c"
+            )
             assert results["elsewhere"] == {"delivered": True, "status": 200}
             hold.set()
             first.join(10)
             assert results["first"] == {"delivered": True, "status": 200}
-            deliver("again", f"http://rx-b-5f3e1c.test:{port}/b")  # the slot is free again
+            capped.deliver("again", f"http://rx-b-5f3e1c.test:{port}/b")  # the slot is free
             assert results["again"] == {"delivered": True, "status": 200}
     finally:
         hold.set()
-        rq_redis.close()
-        context.configure(None, None, None)
 
 
-def test_a_delivery_deferred_again_is_not_looked_up_again(settings, redis, monkeypatch):
+def test_a_delivery_deferred_again_is_not_looked_up_again(capped):
     """Keying the cap by address put the name lookup before the slot, so each time a deferred
     delivery came back (every 2 s, per delivery of a backlog) it looked its name up again only
     to be deferred. A name's last receiver is remembered: while that one is at its cap, the
     delivery is deferred without a lookup; once a slot frees, it looks the name up as before."""
-    import socket
-    import threading
-
-    from app.engine import Engine
-    from app.redis_client import connect
-    from workers import context
-
-    name = "rx-hint-9a7d02.test"  # unique to this test: see NOTES
-    lookups: list[str] = []
-    real = socket.getaddrinfo
-
-    def getaddrinfo(host, port, *args, **kwargs):
-        if host == name:
-            lookups.append(host)
-            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port or 0))]
-        return real(host, port, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    one = settings.replace(webhooks={"max_per_receiver": 1, "timeout": "10s"})
-    engine = Engine(redis, one)
-    gpus = [{"index": i, "uuid": f"G-{i}", "name": "x", "memory_total_mb": 1000} for i in range(8)]
-    engine.report_node("n", gpus, host="h")
-    rq_redis = connect(one.redis.url, one, decode=False)
-    context.configure(one, redis, rq_redis)
+    name = "rx-hint-9a7d02.test"
+    capped.names.add(name)
+    results = capped.results
     hold = threading.Event()
-    results = {}
-
-    def deliver(key, url):
-        rec = engine.allocate({"service_name": key, "required_gpus": 1, "webhook_url": url})
-        entry = {"event_id": f"ev-{key}", "event": "allocated", "request_id": rec["id"]}
-        try:
-            results[key] = webhooks.deliver(entry)
-        except Exception as exc:  # noqa: BLE001 - the test looks at what was raised
-            results[key] = exc
-
     try:
         with Receiver(hold=hold) as slow:
             url = f"http://{name}:{slow.server.server_address[1]}/h"
-            first = threading.Thread(target=deliver, args=("first", url))
-            first.start()
+            first = capped.in_background("first", url)
             assert len(slow.wait_for(1, timeout=10)) == 1, results
             for i in range(3):  # the same deferred delivery coming back, three times
-                deliver(f"back{i}", url)
+                capped.deliver(f"back{i}", url)
                 assert isinstance(results[f"back{i}"], webhooks.WebhookDeferred), results
-            assert lookups == [name]  # only the first delivery's
+            assert capped.lookups == [name]  # only the first delivery's
             hold.set()
             first.join(10)
-            deliver("later", url)
+            capped.deliver("later", url)
             assert results["later"] == {"delivered": True, "status": 200}, results
-            assert lookups == [name, name]
+            assert capped.lookups == [name, name]
     finally:
         hold.set()
-        rq_redis.close()
-        context.configure(None, None, None)
 
 
-def test_a_hanging_lookup_holds_no_slot_of_the_receiver_its_name_led_to(
-    settings, redis, monkeypatch
-):
+def test_a_hanging_lookup_holds_no_slot_of_the_receiver_its_name_led_to(capped):
     """The remembered receiver of a name is a hint checked before the lookup, not a slot held
     through it: while one name's lookup hangs, another name of the same receiver (cap 1) is
     delivered at once (it was deferred while the hanging lookup held the receiver's slot)."""
-    import socket
-    import threading
-    import time
-
-    from app.engine import Engine
-    from app.redis_client import connect
-    from workers import context
-
-    stuck, healthy = "rx-stuck-5c01e7.test", "rx-well-5c01e7.test"  # unique: see NOTES
-    hang = threading.Event()
-    real = socket.getaddrinfo
-
-    def getaddrinfo(host, port, *args, **kwargs):
-        if host == stuck and hang.is_set():
-            time.sleep(3)
-        if host in (stuck, healthy):
-            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port or 0))]
-        return real(host, port, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    one = settings.replace(webhooks={"max_per_receiver": 1, "timeout": "10s"})
-    engine = Engine(redis, one)
-    gpus = [{"index": i, "uuid": f"G-{i}", "name": "x", "memory_total_mb": 1000} for i in range(8)]
-    engine.report_node("n", gpus, host="h")
-    rq_redis = connect(one.redis.url, one, decode=False)
-    context.configure(one, redis, rq_redis)
-    results = {}
-
-    def deliver(key, url):
-        rec = engine.allocate({"service_name": key, "required_gpus": 1, "webhook_url": url})
-        entry = {"event_id": f"ev-{key}", "event": "allocated", "request_id": rec["id"]}
-        try:
-            results[key] = webhooks.deliver(entry)
-        except Exception as exc:  # noqa: BLE001 - the test looks at what was raised
-            results[key] = exc
-
-    try:
-        with Receiver() as rx:
-            port = rx.server.server_address[1]
-            deliver("warm", f"http://{stuck}:{port}/a")  # the name's receiver is remembered
-            assert results["warm"] == {"delivered": True, "status": 200}, results
-            hang.set()
-            slow = threading.Thread(target=deliver, args=("slow", f"http://{stuck}:{port}/a"))
-            slow.start()
-            time.sleep(0.5)  # its lookup is hanging now
-            deliver("ready", f"http://{healthy}:{port}/b")
-            assert results["ready"] == {"delivered": True, "status": 200}, results
-            slow.join(10)
-            assert results["slow"] == {"delivered": True, "status": 200}, results
-    finally:
-        rq_redis.close()
-        context.configure(None, None, None)
+    stuck, healthy = "rx-stuck-5c01e7.test", "rx-well-5c01e7.test"
+    capped.names |= {stuck, healthy}
+    results = capped.results
+    with Receiver() as rx:
+        port = rx.server.server_address[1]
+        capped.deliver("warm", f"http://{stuck}:{port}/a")  # the name's receiver is remembered
+        assert results["warm"] == {"delivered": True, "status": 200}, results
+        capped.delay[stuck] = 3
+        slow = capped.in_background("slow", f"http://{stuck}:{port}/a")
+        time.sleep(0.5)  # its lookup is hanging now
+        capped.deliver("ready", f"http://{healthy}:{port}/b")
+        assert results["ready"] == {"delivered": True, "status": 200}, results
+        slow.join(10)
+        assert results["slow"] == {"delivered": True, "status": 200}, results
 
 
 def test_the_remembered_receivers_of_names_are_bounded():
