@@ -13,7 +13,7 @@ import socket
 import time
 
 import pytest
-from webhook_receiver import Receiver, Trickler
+from webhook_receiver import Receiver, Trickler, delivering
 
 from app import queues
 from app import settings as settings_mod
@@ -383,25 +383,17 @@ def test_one_owners_hung_names_do_not_fail_other_owners_deliveries(
     """The same at delivery (a name can answer at allocate and hang later): the worker counts
     each lookup against the request's owner (its service with auth off)."""
     from app import webhook_policy
-    from app.engine import Engine
-    from app.redis_client import connect
-    from workers import context
 
     lookups = webhook_policy.Lookups(limit=16)
     monkeypatch.setattr(webhook_policy, "_lookups", lookups)
     quick = settings.replace(webhooks={"timeout": "200ms"})
-    engine = Engine(redis, quick)
-    gpus = [{"index": i, "uuid": f"G-{i}", "name": "x", "memory_total_mb": 1} for i in range(20)]
-    engine.report_node("n", gpus, host="h")
-    rq_redis = connect(quick.redis.url, quick, decode=False)
-    context.configure(quick, redis, rq_redis)
+    with delivering(quick, redis, gpus=20, memory_mb=1) as engine:
 
-    def deliver(service, url):
-        rec = engine.allocate({"service_name": service, "required_gpus": 1, "webhook_url": url})
-        entry = {"event_id": f"ev-{rec['id']}", "event": "allocated", "request_id": rec["id"]}
-        return webhooks.deliver(entry)
+        def deliver(service, url):
+            rec = engine.allocate({"service_name": service, "required_gpus": 1, "webhook_url": url})
+            entry = {"event_id": f"ev-{rec['id']}", "event": "allocated", "request_id": rec["id"]}
+            return webhooks.deliver(entry)
 
-    try:
         errors = []
         for i in range(16):
             with pytest.raises(webhooks.WebhookError) as info:
@@ -411,9 +403,6 @@ def test_one_owners_hung_names_do_not_fail_other_owners_deliveries(
             port = rx.server.server_address[1]
             assert deliver("other", f"http://hooks.test:{port}/h")["delivered"] is True
         assert all("2 name lookups for the same owner" in e for e in errors[2:]), errors
-    finally:
-        rq_redis.close()
-        context.configure(None, None, None)
     assert lookups.running() == 2 and no_connections == [("127.0.0.1", port)]
 
 
@@ -493,10 +482,7 @@ def test_a_delivery_refused_a_lookup_waits_it_out_without_spending_a_try(
     import rq
 
     from app import webhook_policy
-    from app.engine import Engine
     from app.keys import Keys
-    from app.redis_client import connect
-    from workers import context
 
     name = "slowdel-61a2f0.test"  # unique to this test: see NOTES
     release = threading.Event()
@@ -515,36 +501,30 @@ def test_a_delivery_refused_a_lookup_waits_it_out_without_spending_a_try(
     job = types.SimpleNamespace(retries_left=5)
     monkeypatch.setattr(rq, "get_current_job", lambda: job)
     quick = settings.replace(webhooks={"timeout": "200ms"})
-    engine = Engine(redis, quick)
-    gpus = [{"index": i, "uuid": f"G-{i}", "name": "x", "memory_total_mb": 1} for i in range(4)]
-    engine.report_node("n", gpus, host="h")
-    rq_redis = connect(quick.redis.url, quick, decode=False)
-    context.configure(quick, redis, rq_redis)
     stats = Keys(quick.redis.prefix).stats()
-    rec = engine.allocate(
-        {"service_name": "svc", "required_gpus": 1, "webhook_url": f"http://{name}/h"}
-    )
-    entry = {"event_id": "ev-1", "event": "allocated", "request_id": rec["id"]}
     try:
-        with pytest.raises(webhooks.WebhookError, match="took longer"):
-            webhooks.deliver(entry)  # a real try: the lookup ran and timed out
-        assert redis.hget(stats, "webhook|retried") == "1"
-        release.set()
-        deadline = time.monotonic() + 10
-        while lookups.running() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert lookups.slow_names() == 1
-        now[0] = 15.0  # the first retry (webhooks.retry_intervals: 10 s + the try)
-        with pytest.raises(webhooks.WebhookDeferred, match="not tried again for 45 s"):
-            webhooks.deliver(entry)
-        assert job.retries_left == 6  # one more, which the deferral takes back: none spent
-        assert job.deferred_for == pytest.approx(45.0)
-        assert job.deferred_to == queues.queue_name(quick, queues.WEBHOOKS_DEFERRED)
-        assert redis.hget(stats, "webhook|retried") == "1"
+        with delivering(quick, redis, gpus=4, memory_mb=1) as engine:
+            rec = engine.allocate(
+                {"service_name": "svc", "required_gpus": 1, "webhook_url": f"http://{name}/h"}
+            )
+            entry = {"event_id": "ev-1", "event": "allocated", "request_id": rec["id"]}
+            with pytest.raises(webhooks.WebhookError, match="took longer"):
+                webhooks.deliver(entry)  # a real try: the lookup ran and timed out
+            assert redis.hget(stats, "webhook|retried") == "1"
+            release.set()
+            deadline = time.monotonic() + 10
+            while lookups.running() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert lookups.slow_names() == 1
+            now[0] = 15.0  # the first retry (webhooks.retry_intervals: 10 s + the try)
+            with pytest.raises(webhooks.WebhookDeferred, match="not tried again for 45 s"):
+                webhooks.deliver(entry)
+            assert job.retries_left == 6  # one more, which the deferral takes back: none spent
+            assert job.deferred_for == pytest.approx(45.0)
+            assert job.deferred_to == queues.queue_name(quick, queues.WEBHOOKS_DEFERRED)
+            assert redis.hget(stats, "webhook|retried") == "1"
     finally:
         release.set()
-        rq_redis.close()
-        context.configure(None, None, None)
 
 
 def test_the_remembered_slow_names_are_bounded():
@@ -624,38 +604,26 @@ def test_webhook_url_and_workload_data_are_shown_to_owner_and_admins_only(team_a
 
 def test_logs_never_show_a_webhook_urls_userinfo_or_query(settings, redis, caplog):
     """Today the delivered URL is logged in full at INFO."""
-    from app.engine import Engine
-    from app.redis_client import connect
-    from workers import context
-
-    engine = Engine(redis, settings)
-    engine.report_node(
-        "n",
-        [{"index": 0, "uuid": "G-0", "name": "x", "memory_total_mb": 1000}],
-        backend="simulated",
-        host="h",
-    )
-    rq_redis = connect(settings.redis.url, settings, decode=False)
-    context.configure(settings, redis, rq_redis)
-    try:
-        with Receiver(codes=[500]) as failing, Receiver() as ok, caplog.at_level(logging.DEBUG):
-            for n, rx in enumerate((failing, ok)):
-                rec = engine.allocate(
-                    {
-                        "service_name": f"pol{n}",
-                        "required_gpus": 1,
-                        "webhook_url": rx.url + "?token=query-secret-93",
-                    }
-                )
-                entry = {"event_id": f"ev-{n}", "event": "allocated", "request_id": rec["id"]}
-                if rx is failing:
-                    with pytest.raises(webhooks.WebhookError):
-                        webhooks.deliver(entry)
-                else:
-                    assert webhooks.deliver(entry)["delivered"] is True
-                assert rx.wait_for(1)[0]["path"] == "/hook?token=query-secret-93"
-    finally:
-        rq_redis.close()
-        context.configure(None, None, None)
+    with (
+        delivering(settings, redis, backend="simulated") as engine,
+        Receiver(codes=[500]) as failing,
+        Receiver() as ok,
+        caplog.at_level(logging.DEBUG),
+    ):
+        for n, rx in enumerate((failing, ok)):
+            rec = engine.allocate(
+                {
+                    "service_name": f"pol{n}",
+                    "required_gpus": 1,
+                    "webhook_url": rx.url + "?token=query-secret-93",
+                }
+            )
+            entry = {"event_id": f"ev-{n}", "event": "allocated", "request_id": rec["id"]}
+            if rx is failing:
+                with pytest.raises(webhooks.WebhookError):
+                    webhooks.deliver(entry)
+            else:
+                assert webhooks.deliver(entry)["delivered"] is True
+            assert rx.wait_for(1)[0]["path"] == "/hook?token=query-secret-93"
     assert "delivered" in caplog.text and "failed" in caplog.text
     assert "query-secret-93" not in caplog.text

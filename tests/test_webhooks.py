@@ -7,7 +7,7 @@ import threading
 import time
 
 import pytest
-from webhook_receiver import Receiver
+from webhook_receiver import Receiver, delivering
 
 from workers import webhooks
 
@@ -177,28 +177,16 @@ def test_an_event_whose_request_is_gone_counts_as_a_failed_webhook(settings, red
     given up as a failure: counted, and a warning naming history_ttl."""
     import logging
 
-    from app.engine import Engine
     from app.keys import Keys
-    from app.redis_client import connect
-    from workers import context
 
-    engine = Engine(redis, settings)
-    engine.report_node(
-        "n", [{"index": 0, "uuid": "G-0", "name": "x", "memory_total_mb": 1000}], host="h"
-    )
-    rec = engine.allocate(
-        {"service_name": "gone", "required_gpus": 1, "webhook_url": "http://127.0.0.1:9/hook"}
-    )
-    redis.delete(Keys(settings.redis.prefix).request(rec["id"]))  # history_ttl has passed
-    rq_redis = connect(settings.redis.url, settings, decode=False)
-    context.configure(settings, redis, rq_redis)
-    try:
+    with delivering(settings, redis) as engine:
+        rec = engine.allocate(
+            {"service_name": "gone", "required_gpus": 1, "webhook_url": "http://127.0.0.1:9/hook"}
+        )
+        redis.delete(Keys(settings.redis.prefix).request(rec["id"]))  # history_ttl has passed
         entry = {"event_id": "ev-gone", "event": "expired", "request_id": rec["id"]}
         with caplog.at_level(logging.INFO, logger="gpu_orchestrator.webhooks"):
             assert webhooks.deliver(entry)["delivered"] is False
-    finally:
-        rq_redis.close()
-        context.configure(None, None, None)
     stats = redis.hgetall(Keys(settings.redis.prefix).stats())
     assert stats.get(webhooks.STAT_FAILED) == "1"
     [line] = [r for r in caplog.records if rec["id"] in r.getMessage()]
@@ -212,28 +200,14 @@ def test_logs_show_a_receivers_host_but_not_the_path_that_holds_its_credential(
     hides a webhook_url from other clients; the delivery's log lines must not print it."""
     import logging
 
-    from app.engine import Engine
-    from app.redis_client import connect
-    from workers import context
-
-    engine = Engine(redis, settings)
-    engine.report_node(
-        "n", [{"index": 0, "uuid": "G-0", "name": "x", "memory_total_mb": 1000}], host="h"
-    )
-    rq_redis = connect(settings.redis.url, settings, decode=False)
-    context.configure(settings, redis, rq_redis)
-    try:
-        with Receiver() as rx:
-            where = rx.url.split("/")[2]  # host:port
-            url = f"http://{where}/services/T1/B2/s3cr3tpath"
-            rec = engine.allocate({"service_name": "chat", "required_gpus": 1, "webhook_url": url})
-            entry = {"event_id": "ev-chat", "event": "allocated", "request_id": rec["id"]}
-            with caplog.at_level(logging.DEBUG):
-                assert webhooks.deliver(entry)["delivered"] is True
-            [req] = rx.wait_for(1)
-    finally:
-        rq_redis.close()
-        context.configure(None, None, None)
+    with delivering(settings, redis) as engine, Receiver() as rx:
+        where = rx.url.split("/")[2]  # host:port
+        url = f"http://{where}/services/T1/B2/s3cr3tpath"
+        rec = engine.allocate({"service_name": "chat", "required_gpus": 1, "webhook_url": url})
+        entry = {"event_id": "ev-chat", "event": "allocated", "request_id": rec["id"]}
+        with caplog.at_level(logging.DEBUG):
+            assert webhooks.deliver(entry)["delivered"] is True
+        [req] = rx.wait_for(1)
     assert req["path"] == "/services/T1/B2/s3cr3tpath"  # delivered to the whole URL
     lines = [r.getMessage() for r in caplog.records]
     assert any(f"http://{where}/…#" in line for line in lines), lines
@@ -247,13 +221,10 @@ class CappedDeliveries:
     ``delay`` answers that many seconds late. ``results[key]`` is what a delivery returned or
     raised."""
 
-    def __init__(self, settings, redis, monkeypatch):
+    def __init__(self, engine, monkeypatch):
         import socket
 
-        from app.engine import Engine
-        from app.redis_client import connect
-        from workers import context
-
+        self.engine = engine
         self.names: set[str] = set()
         self.lookups: list[str] = []
         self.delay: dict[str, float] = {}
@@ -268,14 +239,6 @@ class CappedDeliveries:
             return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port or 0))]
 
         monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-        one = settings.replace(webhooks={"max_per_receiver": 1, "timeout": "10s"})
-        self.engine = Engine(redis, one)
-        gpus = [
-            {"index": i, "uuid": f"G-{i}", "name": "x", "memory_total_mb": 1000} for i in range(8)
-        ]
-        self.engine.report_node("n", gpus, host="h")
-        self.rq_redis = connect(one.redis.url, one, decode=False)
-        context.configure(one, redis, self.rq_redis)
 
     def deliver(self, key: str, url: str) -> None:
         rec = self.engine.allocate({"service_name": key, "required_gpus": 1, "webhook_url": url})
@@ -290,18 +253,12 @@ class CappedDeliveries:
         thread.start()
         return thread
 
-    def close(self) -> None:
-        from workers import context
-
-        self.rq_redis.close()
-        context.configure(None, None, None)
-
 
 @pytest.fixture
 def capped(settings, redis, monkeypatch):
-    deliveries = CappedDeliveries(settings, redis, monkeypatch)
-    yield deliveries
-    deliveries.close()
+    one = settings.replace(webhooks={"max_per_receiver": 1, "timeout": "10s"})
+    with delivering(one, redis, gpus=8) as engine:
+        yield CappedDeliveries(engine, monkeypatch)
 
 
 def test_names_for_one_receiver_share_its_delivery_slots(capped):

@@ -1,10 +1,12 @@
-"""A real HTTP receiver on 127.0.0.1 for webhook tests: records bodies, answers scripted codes."""
+"""A real HTTP receiver on 127.0.0.1 for webhook tests (records bodies, answers scripted codes),
+and the worker side that delivers to it in the test's process."""
 
 from __future__ import annotations
 
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -110,3 +112,27 @@ class Trickler:
     def __exit__(self, *exc):
         self.stop.set()
         self.sock.close()
+
+
+@contextmanager
+def delivering(settings, redis, *, gpus: int = 1, memory_mb: int = 1000, backend: str = ""):
+    """The worker side of a delivery, in this process: an engine whose fleet is one node "n"
+    of ``gpus`` GPUs, and ``workers.context`` configured as a worker has it (RQ's connection
+    too), which ``workers.webhooks.deliver`` reads; undone on the way out. Yields the engine."""
+    from app.engine import Engine
+    from app.redis_client import connect
+    from workers import context
+
+    engine = Engine(redis, settings)
+    node = [
+        {"index": i, "uuid": f"G-{i}", "name": "x", "memory_total_mb": memory_mb}
+        for i in range(gpus)
+    ]
+    engine.report_node("n", node, backend=backend, host="h")
+    rq_redis = connect(settings.redis.url, settings, decode=False)
+    context.configure(settings, redis, rq_redis)
+    try:
+        yield engine
+    finally:
+        rq_redis.close()
+        context.configure(None, None, None)
