@@ -342,14 +342,16 @@ def _name(url: str) -> tuple[str, int] | None:
     return host, port
 
 
+def _put_back(job, settings: Settings, seconds: float) -> None:
+    """Not a try: the running job comes back ``seconds`` out, its tries and backoff unchanged,
+    on the deferred queue, behind any fresh delivery."""
+    rq_overrides.defer(job, seconds, queues.queue_name(settings, queues.WEBHOOKS_DEFERRED))
+
+
 def _defer(job, settings: Settings, entry: dict[str, Any], url: str, receiver, cap: int):
     """Raise WebhookDeferred: ``receiver`` has ``cap`` deliveries in flight in this process."""
     if job is not None:
-        # Not a try: it comes back DEFER_SECONDS out, its tries and backoff unchanged, on the
-        # deferred queue, behind any fresh delivery.
-        rq_overrides.defer(
-            job, DEFER_SECONDS, queues.queue_name(settings, queues.WEBHOOKS_DEFERRED)
-        )
+        _put_back(job, settings, DEFER_SECONDS)
     log.debug(
         "webhook %s for %s deferred: %s (%s port %d) has %d deliveries in flight",
         entry["event_id"],
@@ -438,9 +440,7 @@ def deliver(entry: dict[str, Any]) -> dict[str, Any]:
             if isinstance(exc, WebhookNotNow) and job is not None:
                 # nothing was tried (no lookup, no connection): not a try spent
                 delay = max(DEFER_SECONDS, exc.retry_in)
-                rq_overrides.defer(
-                    job, delay, queues.queue_name(settings, queues.WEBHOOKS_DEFERRED)
-                )
+                _put_back(job, settings, delay)
                 log.info(
                     "webhook %s for %s deferred %.0f s, no try spent: %s",
                     entry["event_id"],
