@@ -60,7 +60,8 @@ class Keys:
 
     def dependents(self, request_id: str) -> str:
         """SET of the queued requests that wait on this one with ``depends_on_mode: ok``
-        (cancelled when it ends otherwise than released; deleted when it ends)."""
+        (cancelled when it ends otherwise than released; deleted when it ends). A member
+        that ends while queued leaves it (so it holds at most the queue)."""
         return self._k("deps", request_id)
 
     def queue(self) -> str:

@@ -224,3 +224,62 @@ def test_a_reap_does_not_time_out_a_dependent_its_own_timeout_already_cancelled(
     assert engine.own_tenants("alice") == {keep["tenant"]}
     ended = [e["event"] for e in engine.events() if e.get("request_id") == b["id"]]
     assert ended[1:] == ["cancelled"]  # after its queued event: one end
+
+
+@pytest.mark.parametrize(
+    "end, ended",
+    [
+        ("cancel", "cancelled"),
+        ("release_queued", "cancelled"),
+        ("time_out", "timed_out"),
+        ("dependency_failed", "cancelled"),
+    ],
+)
+def test_a_dependent_that_leaves_the_queue_leaves_its_dependencies_sets(
+    engine, redis, tick, end, ended
+):
+    """A mode-ok dependent that ends while queued is no longer a member of its dependencies'
+    ``deps:<id>`` sets. It stayed: a client that submits and cancels dependents of one long
+    lease (anyone's request, in a loop) grew that set without bound (200,000 members: 10.7 MB,
+    and a 1.0 s script blocking Redis when the lease ended otherwise than released)."""
+    live = engine.allocate(req("live", required_gpus=1, ttl_seconds=3600))
+    engine.allocate(req("hog", required_gpus=1))
+    queued = engine.allocate(req("queued", queue_timeout_seconds=1000))
+    own = engine.allocate(req("own", queue_timeout_seconds=1000))
+    deps = [live["id"], queued["id"]]
+    mine = [
+        engine.allocate(
+            req(
+                "waiter",
+                depends_on=deps + [own["id"]],
+                depends_on_mode="ok",
+                queue_timeout_seconds=100,
+            )
+        )
+        for _ in range(3)
+    ]
+    keep = engine.allocate(req("keep", depends_on=deps, depends_on_mode="ok"))
+    for dep in deps:
+        assert redis.smembers(engine.keys.dependents(dep)) == {r["id"] for r in mine + [keep]}
+    if end == "cancel":
+        for r in mine:
+            engine.cancel(r["id"])
+    elif end == "release_queued":
+        for r in mine:
+            engine.release(r["id"])
+    elif end == "time_out":
+        tick.t += 101
+        assert sorted(engine.reap()["timed_out"]) == sorted(r["id"] for r in mine)
+    else:  # their own dependency fails: the other dependencies' sets drop them too
+        engine.cancel(own["id"])
+        assert not redis.exists(engine.keys.dependents(own["id"]))
+    assert [status(engine, r["id"]) for r in mine] == [ended] * 3
+    for dep in deps:
+        assert redis.smembers(engine.keys.dependents(dep)) == {keep["id"]}
+    engine.cancel(queued["id"])  # keep fails with it, and leaves the live one's set
+    assert (status(engine, keep["id"]), engine.get(keep["id"])["reason"]) == (
+        "cancelled",
+        "dependency_failed",
+    )
+    assert not redis.exists(engine.keys.dependents(queued["id"]))
+    assert not redis.exists(engine.keys.dependents(live["id"]))

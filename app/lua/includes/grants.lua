@@ -114,13 +114,19 @@ end
 
 -- End a queued request (cancelled | timed_out) without looking at its dependents. reason and
 -- cause: set when the engine cancels it because dependency `cause` failed. Returns whether
--- requests wait on it with depends_on_mode ok.
+-- requests wait on it with depends_on_mode ok. A mode-ok request leaves the k_deps sets of
+-- what it waited on (allocate added it): else submitting and cancelling dependents of one
+-- long lease grows that set without bound, and fail_dependents reads all of it.
 local function end_queued(id, status, reason, cause)
   local rk = k_req(id)
   local f = rcall('HMGET', rk, 'service_name', 'webhook_url', 'webhook_events',
-    'reserved_node', 'sharing', 'ok_dependents', 'owner', 'tenant')
+    'reserved_node', 'sharing', 'ok_dependents', 'owner', 'tenant', 'depends_on_mode',
+    'depends_on')
   queue().dequeue(id, f[4], f[5] or REC_DEFAULTS.sharing, owner_bucket(f[7], f[1]),
     f[8] or '')
+  if f[9] == 'ok' and f[10] then
+    for _, dep in ipairs(cjson.decode(f[10])) do rcall('SREM', k_deps(dep), id) end
+  end
   if reason then
     rcall('HSET', rk, 'status', status, 'ended_at', NOW_S, 'reason', reason,
       'failed_dependency', cause)
