@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
@@ -47,6 +47,14 @@ NODE_NAME_RULE = "1-253 characters, no '|', '%' or '/', and not '.' or '..'"
 #: The same rule for the names a request may give in ``nodes``: every node a monitor may
 #: report can be named (a request could not name one with a space or a non-ASCII letter before).
 NODE_NAME_RE = r"^(?!\.\.?$)[^|%/]{1,253}$"
+
+
+def whole_match(regex: str) -> Callable[[str], re.Match | None]:
+    """The check that a string matches ``regex`` as a whole: its ``fullmatch``. The rules'
+    patterns end in ``$`` (they are also the OpenAPI spec's, where ``$`` ends the input), and
+    Python's ``re.match`` lets ``$`` match before one trailing newline: ``"svc\n"`` passed as
+    a service name, and its request id held a newline no path or body could name again."""
+    return re.compile(regex).fullmatch
 
 
 def node_name_ok(node: Any) -> bool:
@@ -160,7 +168,7 @@ def _tester(rule: Rule):
         typ, min_len = (str, list)[kind == "list"], rule.min_len
         max_len = rule.max_len if rule.max_len is not None else math.inf
         choices = frozenset(rule.choices) if rule.choices is not None else None
-        match = re.compile(rule.regex).match if rule.regex is not None else None
+        match = whole_match(rule.regex) if rule.regex is not None else None
         item = rule.item.accepts if rule.item is not None else None
 
         def sized(v) -> bool:

@@ -8,8 +8,6 @@ change; request schemas reject unknown fields so a typo is a 422, not a silently
 
 from __future__ import annotations
 
-import re
-
 import marshmallow as ma
 from marshmallow import fields, validate
 
@@ -27,6 +25,7 @@ from app.request_rules import (
     WEBHOOK_SCHEMES,
     WORKLOAD_TYPES,
     Rule,
+    whole_match,
     workload_data_problem,
 )
 from app.request_rules import WEBHOOK_EVENTS as EVENTS
@@ -54,6 +53,21 @@ def _check_workload_data(value):
         raise ma.ValidationError(problem)
 
 
+class WholeRegexp(validate.Regexp):
+    """``validate.Regexp`` over the whole string (app.request_rules.whole_match): its
+    ``re.match`` let a pattern ending in ``$`` take one more trailing newline. Kept a
+    ``Regexp`` so the OpenAPI document still shows the pattern."""
+
+    def __init__(self, regex: str, **kwargs):
+        super().__init__(regex, **kwargs)
+        self._whole = whole_match(regex)
+
+    def __call__(self, value):
+        if self._whole(value) is None:
+            raise ma.ValidationError(self.error.format(input=value, regex=self.regex.pattern))
+        return value
+
+
 def _field(rule: Rule, *, error: str | None = None, item_error: str | None = None, **kwargs):
     """The marshmallow field of one declared rule (app.request_rules): its type and limits
     become validators, and so the 422 and the OpenAPI document; ``error`` replaces
@@ -79,7 +93,7 @@ def _field(rule: Rule, *, error: str | None = None, item_error: str | None = Non
         checks.append(validate.OneOf(rule.choices, **kw))
     if rule.regex is not None:
         kw = {"error": error} if error else {}
-        checks.append(validate.Regexp(rule.regex, **kw))
+        checks.append(WholeRegexp(rule.regex, **kw))
     return StrictStr(validate=checks[0] if len(checks) == 1 else checks, **kwargs)
 
 
@@ -634,8 +648,8 @@ class HealthSchema(_ResponseSchema):
     status = StrictStr(required=True)
 
 
-#: Regex objects for code that checks ids outside marshmallow (path parameters).
-ID_PATTERN = re.compile(ID_RE)
+#: The id check for code outside marshmallow (path parameters): the whole string (whole_match).
+ID_MATCH = whole_match(ID_RE)
 
 
 # --------------------------------------------------------------------------- admin

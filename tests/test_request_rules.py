@@ -53,6 +53,10 @@ def limit_cases():
     yield "service_name", "s" * 128, True
     yield "service_name", "s" * 129, False
     yield "service_name", "a:b", False
+    # the pattern holds for the whole name: Python's re.match let its '$' take a trailing
+    # newline, and the request id made from "svc\n" was one no path or body could name
+    yield "service_name", "svc\n", False
+    yield "service_name", "s" * 128 + "\n", False
 
 
 CASES = list(limit_cases())

@@ -533,7 +533,7 @@ def workload():
 
 def _require_id(value: str, noun: str = "request") -> None:
     """404 for a path id that cannot exist (wrong shape), before asking Redis."""
-    if not schemas.ID_PATTERN.match(value):
+    if not schemas.ID_MATCH(value):
         raise NotFound(f"no {noun} {value!r}", details={"id": value})
 
 
