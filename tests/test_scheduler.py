@@ -138,17 +138,41 @@ def test_two_scheduler_processes_do_not_double_the_work(tmp_path, settings, rq_r
     cfg = write_settings(
         tmp_path, settings, scheduler={"queue_check_interval": "1s", "cleanup_interval": "1s"}
     )
+    q = queues.queue(rq_redis, settings, queues.MAINTENANCE)
+    seen: dict[str, str] = {}  # job id -> function, read while the job exists
+
+    def look() -> None:
+        # A cron job's key expires ttl = max(5, 3 * interval) = 5 s after it was enqueued:
+        # read each one as it comes, not all of them at the end (a slow stop outlived the first).
+        new = [i for i in q.job_ids if i not in seen]
+        for job_id, job in zip(new, Job.fetch_many(new, rq_redis, queues.SERIALIZER)):
+            assert job is not None, f"job {job_id} expired before it was read"
+            seen[job_id] = job.func_name
+
     roles = [Role(cfg, "scheduler", log_dir=tmp_path) for _ in range(2)]
     try:
-        wait_until(lambda: _maintenance_jobs(rq_redis, settings), message="a first job")
-        time.sleep(3.0)
+        wait_until(lambda: look() or seen, message="a first job")
+        first = time.monotonic()
+        while time.monotonic() - first < 3.0:
+            look()
+            time.sleep(0.1)
+        led = [r for r in roles if "became the leader" in r.output()]
+        assert len(led) == 1, [r.output()[-500:] for r in roles]
+        # Stop the follower first. A leader stopping first hands the lock over on its way out
+        # (as it should), and the follower, waking every LOCK_TTL / 4, could take it and
+        # enqueue before its own SIGTERM came: a later leader, not a second one at once.
+        for role in sorted(roles, key=lambda r: r in led):
+            role.stop()
+            look()
+        leading = time.monotonic() - first
     finally:
         for role in roles:
             role.stop()
-    names = [j.func_name for j in _maintenance_jobs(rq_redis, settings)]
-    # One leader, 1 s interval, about 3-4 s of leading: at most ~5 passes of each kind. Two
-    # unguarded schedulers would have made about twice that.
-    assert 2 <= names.count("workers.scheduler.safety_net") <= 5
+    names = list(seen.values())
+    # One leader, 1 s interval: at most one pass of each kind per second it led after its first
+    # (3 s, plus the time both took to stop), and one more at each end. Two unguarded schedulers
+    # would have made about twice that.
+    assert 2 <= names.count("workers.scheduler.safety_net") <= int(leading) + 2
     assert names.count("workers.scheduler.reap") == names.count("workers.scheduler.safety_net")
     led = [r for r in roles if "became the leader" in r.output()]
     assert len(led) == 1, [r.output()[-500:] for r in roles]
