@@ -1266,6 +1266,39 @@ def _env_overrides(environ: Mapping[str, str]) -> list[tuple[str, dict]]:
     return out
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping. YAML parsers keep the
+    last of two equal keys without a word, so a second ``auth:`` section would drop the first
+    one's ``enabled: true`` while ``config check`` said OK."""
+
+
+def _mapping_with_unique_keys(loader: _YamlLoader, node: yaml.MappingNode) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # keys merged in with << may be overridden: that is what << is for
+        key = loader.construct_object(key_node, deep=True)
+        if isinstance(key, list | dict):
+            continue  # unhashable: construct_mapping refuses it with its own message
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                problem=f"key {key!r} given twice in one mapping",
+                problem_mark=key_node.start_mark,
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=True)
+
+
+yaml.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_with_unique_keys, Loader=_YamlLoader
+)
+
+
+def _parse_yaml(text: str) -> Any:
+    """The one way settings read YAML (a file or an environment value)."""
+    return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader: no arbitrary objects
+
+
 def _env_value(text: str, *path: str) -> Any:
     """Parse an environment value as YAML, except for options that are plain strings."""
     opt: Any = SPEC
@@ -1274,7 +1307,7 @@ def _env_value(text: str, *path: str) -> Any:
     if isinstance(opt, Opt) and opt.expected.startswith(("a string", "a URL", "an HTTP", "a key")):
         return text
     try:
-        return yaml.safe_load(text)
+        return _parse_yaml(text)
     except yaml.YAMLError:
         return text
 
@@ -1321,7 +1354,7 @@ def read_yaml(path: str, required: bool) -> Any:
         line = data.count(b"\n", 0, exc.start) + 1
         raise ConfigError(path, f"line {line}", "UTF-8 text", show_got=False) from None
     try:
-        return yaml.safe_load(text)
+        return _parse_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "(file)"

@@ -145,6 +145,41 @@ def test_each_kind_of_error_names_file_key_and_expectation(write_config, text, k
     assert key in line and expected in line
 
 
+@pytest.mark.parametrize(
+    "text, line, key",
+    [
+        # a second section replaces the first one whole: auth would be off without a word
+        (
+            "auth:\n  enabled: true\n  api_keys: {k1: ops}\nserver: {}\nauth:\n  admins: [ops]\n",
+            5,
+            "auth",
+        ),
+        ("server:\n  port: 8086\n  port: 9000\n", 3, "port"),
+        ("tenants: {quotas: {a: {weight: 2}, a: {weight: 1}}}", 1, "a"),
+    ],
+)
+def test_a_key_given_twice_in_one_mapping_is_an_error(write_config, text, line, key):
+    """YAML parsers keep the last of two equal keys silently; the first one's settings would
+    be dropped without a word (``config check`` said OK)."""
+    path = write_config(text)
+    with pytest.raises(ConfigError) as err:
+        load(path, environ={})
+    assert str(err.value) == (
+        f"{path}: line {line}: expected valid YAML (key {key!r} given twice in one mapping)"
+    )
+
+
+def test_a_merge_key_may_still_be_overridden_by_its_own_mapping(write_config):
+    path = write_config(
+        "workload_defaults:\n"
+        "  training: &base {default_gpus: 2, default_priority: 4}\n"
+        "  inference: {<<: *base, default_priority: 7}\n"
+    )
+    settings = load(path, environ={})
+    assert settings.workload_defaults["inference"].default_gpus == 2
+    assert settings.workload_defaults["inference"].default_priority == 7
+
+
 def test_env_errors_name_the_variable():
     with pytest.raises(ConfigError) as err:
         load(environ={"GPU_ORCH__SCHEDULER__MAX_QUEUE_SIZE": "lots"})
