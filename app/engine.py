@@ -65,6 +65,7 @@ from app.request_rules import (
     IDEMPOTENCY_KEY_RULE,
     MAX_GLOB_STARS,
     MAX_LEASE_SECONDS,
+    MAX_SHARED_PER_GPU,
     NODE_NAME_RULE,
     CheckedRequest,
     check,
@@ -324,6 +325,7 @@ def library_source(extra: tuple[tuple[str, str], ...] = (), name: str = LIBRARY)
     names = ", ".join(FIXED_KEYS + tuple(n for n, _ in CHANNELS + SETTINGS) + ("COMMON_RAW",))
     constants = (
         f"local P, {names}\nlocal MAX_LEASE = {_lua_num(MAX_LEASE_SECONDS)}\n"
+        f"local MAX_SHARED = {MAX_SHARED_PER_GPU}\n"
         f"local A = {ARGS_AT}\n{_builders()}\n{lua_tables()}"
     )
     parts = []

@@ -74,6 +74,13 @@ SHARING = ("exclusive", "shared")
 #: ``depends_on_mode``: any ending of a dependency frees its dependents (``any``), or only a
 #: normal release does and any other ending cancels them (``ok``, like Slurm's afterok).
 DEPENDS_ON_MODES = ("any", "ok")
+#: Shared allocations one GPU holds at most; past it the GPU takes no more until one ends.
+#: Memory alone did not bound them (``min_memory_mb`` may be 0, or 1 MB: 80,000 on one 80 GB
+#: GPU), and every live allocation costs a record and a share of each script that walks a
+#: node's allocations (10,000 on one GPU made a drain one 0.7 s script, and a console poll
+#: 0.5 s of Redis). 48 is CUDA MPS's most client processes per GPU (Volta and later), and more
+#: CUDA contexts than that do not fit in a GPU's memory anyway (each takes some 300 MB).
+MAX_SHARED_PER_GPU = 48
 #: Events a request may opt in to with ``webhook_events`` (``allocated``, ``lost`` and
 #: ``gpu_unhealthy`` are always sent to a request's webhook_url).
 WEBHOOK_EVENTS = ("expired", "cancelled", "timed_out")

@@ -57,6 +57,8 @@ import heapq
 import math
 from typing import Any
 
+from app.request_rules import MAX_SHARED_PER_GPU
+
 #: Queued requests simulated at most (from the head of the queue).
 MAX_SIMULATED = 200
 #: Placement attempts the simulation makes at most before it gives up (the rest: eta None).
@@ -110,8 +112,12 @@ class _Gpu:
         return self.total if self.held else self.free
 
     def room(self, t: float) -> float:
-        """Memory a shared request may reserve at t: total - max(reserved, used)."""
-        reserved = sum(mb for end, mb in self.shared if end > t)
+        """Memory a shared request may reserve at t: total - max(reserved, used); -1 (none,
+        not even for 0 MB) while MAX_SHARED_PER_GPU shared allocations hold it."""
+        staying = [mb for end, mb in self.shared if end > t]
+        if len(staying) >= MAX_SHARED_PER_GPU:
+            return -1.0
+        reserved = sum(staying)
         cap = self.total - reserved
         return min(cap, self.free) if not self.held else cap
 

@@ -13,6 +13,7 @@ import string
 import pytest
 
 from app.metrics import METHODS
+from app.request_rules import MAX_SHARED_PER_GPU
 from tests.api_support import allocate, assert_error, clock, make_app  # noqa: F401 (fixtures)
 from tests.test_metrics import scrape, value
 
@@ -344,3 +345,28 @@ def test_the_owner_share_holds_under_concurrent_allocates(settings, redis):
     assert redis.hgetall(engine.keys.queue_owners()) == {"o:team-a": "5"}
     # another owner is not affected
     assert engine.allocate({"service_name": "b", "owner": "team-b"})["status"] == "queued"
+
+
+def test_a_gpu_holds_at_most_max_shared_per_gpu_shared_allocations(make_app):
+    """Memory does not bound shared allocations (0 MB asks for none, 1 MB fits 80,000 times on
+    an 80 GB GPU), and each live one costs a record and a share of every script that walks a
+    node's allocations: 10,000 on one GPU made a drain one 0.7 s script and a console poll
+    0.5 s of Redis. A GPU takes MAX_SHARED_PER_GPU; the next waits (reason capacity, its eta
+    the first of their leases to end) and is granted when one of them leaves."""
+    app = make_app(nodes=(("node-a", 1),))
+    client = app.test_client()
+    held = [
+        allocate(client, f"s{i}", sharing="shared", min_memory_mb=0, ttl_seconds=600 + i)
+        for i in range(MAX_SHARED_PER_GPU)
+    ]
+    assert [r.status_code for r in held] == [200] * MAX_SHARED_PER_GPU
+    waiter = allocate(client, "one-more", sharing="shared", min_memory_mb=0)
+    assert waiter.status_code == 202
+    body = waiter.get_json()
+    assert body["reason"] == "capacity"
+    assert body["eta"] == held[0].get_json()["expires_at"]
+    gone = held[7].get_json()["id"]
+    assert client.post("/gpu/release", json={"allocation_id": gone}).status_code == 200
+    now = client.get(f"/gpu/requests/{body['id']}").get_json()
+    assert now["status"] == "allocated"
+    assert allocate(client, "next", sharing="shared", min_memory_mb=0).status_code == 202

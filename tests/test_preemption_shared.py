@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from app.engine import Engine
+from app.request_rules import MAX_SHARED_PER_GPU
 from tests.engine_support import events, outbox
 from tests.test_engine import gpu_list, req, status
 
@@ -272,4 +273,24 @@ def test_a_shared_holder_leaving_within_the_grace_period_is_not_preempted(make_e
     beat(engine)
     out = engine.reap()
     assert out["expired"] == [short["id"]] and out["preempted"] == [long_["id"]]
+    assert status(engine, a["id"]) == "allocated"
+
+
+def test_a_gpu_full_of_shared_holders_gives_a_slot_back_though_its_memory_is_free(
+    make_engine, clock
+):
+    """A GPU with MAX_SHARED_PER_GPU shared holders takes no more, whatever memory is free:
+    a guaranteed tenant's shared request preempts one holder for its slot (it waited, with
+    nothing preempted, while the plan looked at memory alone)."""
+    engine = make_engine()
+    c = [
+        engine.allocate(shared("team-c", 0, priority=p, ttl_seconds=3600))
+        for p in [5] * (MAX_SHARED_PER_GPU - 1) + [3]
+    ]
+    assert {r["status"] for r in c} == {"allocated"}
+    a = engine.allocate(shared("team-a", 1000))
+    assert a["status"] == "queued"
+    assert [v["id"] for v in preempting(engine)] == [c[-1]["id"]]  # the lowest priority
+    engine.release(c[-1]["id"])
+    assert status(engine, c[-1]["id"]) == "preempted"
     assert status(engine, a["id"]) == "allocated"

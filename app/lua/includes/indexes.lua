@@ -63,8 +63,8 @@ local function gpu_sync(node, idx)
   if out ~= was_out then meta_incr('gpus_out', out and 1 or -1) end
   local member = node .. '|' .. idx
   local old = rcall('ZSCORE', K_SHARED, member)
-  if ok and excl == '' then
-    -- room for shared requests: total - max(reserved, used), i.e. what is neither reserved
+  if ok and excl == '' and sn < MAX_SHARED then
+    -- room for shared requests (none once MAX_SHARED shared allocations hold it): total - max(reserved, used), i.e. what is neither reserved
     -- nor in use (a running shared job's memory shows in the reading and in its reservation;
     -- counting both would halve packing on real GPUs). See docs/engine.md, Placement.
     local free_mb = tonumber(f[6] or '0') or 0

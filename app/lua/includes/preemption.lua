@@ -333,25 +333,29 @@ local function shared_node_plan(r, node, view, horizon)
         local free_mb = tonumber(g[8]) or 0
         if free_mb < room then room = free_mb end
         if room < 0 then room = 0 end
-        local cands = {}
+        -- and a slot: the holders staying past the horizon, fewer than MAX_SHARED
+        local cands, staying = {}, 0
         for _, a in ipairs(view.shared[node .. '|' .. idx] or {}) do
           if a.ends <= horizon then
             room = room + a.mb
-          elseif victim_ok(a, r) then
-            cands[#cands + 1] = a
+          else
+            staying = staying + 1
+            if victim_ok(a, r) then cands[#cands + 1] = a end
           end
         end
-        if room >= r.minm then return nil, 'soon' end
+        if room >= r.minm and staying < MAX_SHARED then return nil, 'soon' end
         table.sort(cands, victim_order)
         local taken, victims = {}, {}
         for _, a in ipairs(cands) do
-          if room >= r.minm then break end
+          if room >= r.minm and staying < MAX_SHARED then break end
           if keeps_guarantees({a}, view, taken) then
             victims[#victims + 1] = a
-            room = room + a.mb
+            room, staying = room + a.mb, staying - 1
           end
         end
-        if room >= r.minm and #victims > 0 then plan = plan_of(node, victims, #victims) end
+        if room >= r.minm and staying < MAX_SHARED and #victims > 0 then
+          plan = plan_of(node, victims, #victims)
+        end
       end
       if plan and better_plan(plan, best) then best = plan end
     end

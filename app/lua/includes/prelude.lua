@@ -34,7 +34,8 @@
       max_gpus or max_queued)  TENANT_KEY (principal|service_name, tenants.key as resolved)
       PREEMPT ("1" = enabled)  PREEMPT_GRACE (s)
     Each function's own arguments start at ARGV[A + 1] (A: 2 with a clock's now, else 1).
-  MAX_LEASE (s; the longest lease there is) is a literal of the library.
+  MAX_LEASE (s; the longest lease there is) and MAX_SHARED (shared allocations one GPU holds
+  at most; request_rules.MAX_SHARED_PER_GPU) are literals of the library.
 
   Errors are returned, not raised: { negative code, details... } (see ERRORS in app/engine.py).
 
