@@ -50,6 +50,10 @@ METHODS = frozenset(
 OTHER = "other"
 #: Methods that change nothing (any other, answered 2xx, makes the next scrape collect afresh).
 _READS = frozenset(("GET", "HEAD", "OPTIONS"))
+#: Endpoints that change nothing whatever their method: POST /gpu/workload only analyses. Each
+#: answer of one made the next scrape read Redis afresh (~1,200 commands at 1,024 GPUs), so a
+#: client alternating it with GET /metrics got a collection per pair without a GPU or a write.
+_READ_ONLY_ENDPOINTS = frozenset(("gpu.workload",))
 #: Appended to the route label of a long-poll (``?wait=``): its duration is mostly the wait the
 #: client asked for, and would drown the route's real latency.
 LONG_POLL_SUFFIX = "?wait"
@@ -387,7 +391,11 @@ def init_app(app: Flask, engine: Any) -> None:
             ):
                 route += LONG_POLL_SUFFIX  # held on purpose: kept out of the route's latency
             http.observe(method_label(method), route, status, time.perf_counter() - start)
-        if method not in _READS and 200 <= status < 300:
+        if (
+            method not in _READS
+            and 200 <= status < 300
+            and (req.url_rule is None or req.url_rule.endpoint not in _READ_ONLY_ENDPOINTS)
+        ):
             # this process changed state (a grant, a release, a drain...): its next scrape
             # shows it. Only a client allowed to write (with auth on: one with a key) can cause
             # a collection this way, one per successful write; scrapes alone never do within

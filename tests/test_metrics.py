@@ -251,3 +251,21 @@ def test_a_write_answered_while_a_scrape_collects_is_shown_by_the_next_scrape(
     assert value(scrape(client), "gpu_orchestrator_allocations_active") == 1
     assert granted == [200]
     assert value(scrape(client), "gpu_orchestrator_allocations_active") == 2
+
+
+def test_an_analysis_does_not_make_the_next_scrape_read_redis(make_app, redis):
+    """POST /gpu/workload changes nothing: a scrape after it, within REDIS_MAX_AGE, answers
+    from the last collection (a client alternating the two made every scrape a collection:
+    ~1,200 Redis commands at 1,024 GPUs, for one cheap request). A write still does."""
+    client = make_app(nodes=(("node-a", 4),)).test_client()
+    scrape(client)
+    redis.config_resetstat()
+    for _ in range(3):
+        resp = client.post("/gpu/workload", json={"workload_type": "inference"})
+        assert resp.status_code == 200
+        scrape(client)
+    assert reads(redis) == {}
+    allocate(client, "writer")
+    redis.config_resetstat()
+    assert value(scrape(client), "gpu_orchestrator_allocations_active") == 1
+    assert reads(redis)["fcall_ro"] == 2
