@@ -313,7 +313,8 @@ class _Checker:
         self.data, self.errors = data, {}
 
     def bad(self, name: str, expected: str) -> None:
-        self.errors.setdefault(f"workload_data.{name}", expected)
+        # a list of messages per field, the shape of every other 422's details
+        self.errors.setdefault(f"workload_data.{name}", [expected])
 
     def number(self, name: str):
         """The hint ``name`` checked against its rule (app.request_rules.HINTS)."""
@@ -369,7 +370,7 @@ def check_workload_type(workload_type: Any) -> str:
     if workload_type not in WORKLOAD_TYPES:
         raise ValidationFailed(
             f"unknown workload_type {workload_type!r}",
-            details={"workload_type": "one of " + ", ".join(WORKLOAD_TYPES)},
+            details={"workload_type": ["one of " + ", ".join(WORKLOAD_TYPES)]},
         )
     return workload_type
 
@@ -381,7 +382,7 @@ def check_workload_data(workload_type: str, data: Any, training_sizes) -> Hints:
     if not isinstance(data, dict):
         raise ValidationFailed(
             "workload_data must be an object",
-            details={"workload_data": f"an object, got {type(data).__name__}"},
+            details={"workload_data": [f"an object, got {type(data).__name__}"]},
         )
     c = _Checker(data)
     sizes = (
@@ -407,8 +408,8 @@ def check_workload_data(workload_type: str, data: Any, training_sizes) -> Hints:
     ):
         c.bad("max_memory_mb", f"0 (no limit) or >= min_memory_mb ({hints.min_memory_mb})")
     if c.errors:
-        first = next(iter(c.errors.items()))
-        raise ValidationFailed(f"invalid {first[0]}: expected {first[1]}", details=c.errors)
+        field, (expected,) = next(iter(c.errors.items()))
+        raise ValidationFailed(f"invalid {field}: expected {expected}", details=c.errors)
     return hints
 
 
@@ -589,7 +590,9 @@ class WorkloadAnalyzer:
                 f"max_memory_mb {hints.max_memory_mb} is below the {plan.memory_mb} MB per GPU "
                 "this workload needs",
                 details={
-                    "workload_data.max_memory_mb": f"0 (no limit) or >= {plan.memory_mb} (the required min_memory_mb)"
+                    "workload_data.max_memory_mb": [
+                        f"0 (no limit) or >= {plan.memory_mb} (the required min_memory_mb)"
+                    ]
                 },
             )
 

@@ -363,6 +363,28 @@ def test_numbers_beyond_float_range_are_422_naming_the_field(client):
     assert list(err["details"]) == ["workload_data.batch_size"]
 
 
+@pytest.mark.parametrize(
+    "workload_data, field",
+    [
+        ({"batch_size": 1e400}, "workload_data.batch_size"),  # refused by the body reader
+        ({"batch_size": "32"}, "workload_data.batch_size"),  # refused by the analysis
+        ({"batch_size": 1e16}, "workload_data.batch_size"),
+        ({"model_size": 7}, "workload_data.model_size"),
+        ({"min_memory_mb": 9000, "max_memory_mb": 10}, "workload_data.max_memory_mb"),
+    ],
+)
+def test_a_bad_workload_hint_is_named_with_a_list_of_messages(client, workload_data, field):
+    """One shape for every field's 422 (docs/api.md: ``{"workload_data.batch_size": ["a finite
+    number, got 1e400"]}``): a hint the analysis refused was a bare string, so a client
+    iterating over a field's messages got its characters."""
+    for path in ("/gpu/allocate", "/gpu/workload"):
+        resp = client.post(path, json={"service_name": "a", "workload_data": workload_data})
+        details = assert_error(resp, 422, "validation_error")["details"]
+        assert list(details) == [field]
+        assert isinstance(details[field], list) and details[field]
+        assert all(isinstance(m, str) and m for m in details[field])
+
+
 def test_wrong_content_type_is_415(client):
     resp = client.post(
         "/gpu/allocate", data="service_name=svc", content_type="application/x-www-form-urlencoded"

@@ -269,7 +269,7 @@ def test_thresholds_and_tables_come_from_the_config():
     assert (huge["required_gpus"], huge["min_memory_mb"]) == (6, 40000)
     with pytest.raises(ValidationFailed) as exc:
         a.analyze("training", {"model_size": "large"})  # no longer in the table
-    assert "huge" in exc.value.details["workload_data.model_size"]
+    assert "huge" in exc.value.details["workload_data.model_size"][0]
     assert a.analyze("inference", {"concurrent_requests": 3})["required_gpus"] == 2
     assert a.analyze("inference", {"concurrent_requests": 4})["required_gpus"] == 4
     bot = a.analyze("inference", {"model_name": "acme/mybot-v2"})
@@ -372,8 +372,8 @@ def test_every_bad_field_is_reported_at_once(analyzer):
 def test_unknown_workload_type_lists_the_valid_ones(analyzer):
     with pytest.raises(ValidationFailed) as exc:
         analyzer.analyze("rendering", {})
-    assert "training" in exc.value.details["workload_type"]
-    assert "graph_processing" in exc.value.details["workload_type"]
+    assert "training" in exc.value.details["workload_type"][0]
+    assert "graph_processing" in exc.value.details["workload_type"][0]
 
 
 def test_workload_data_must_be_an_object(analyzer):
@@ -388,7 +388,7 @@ def test_max_memory_below_min_memory_is_rejected(analyzer):
     assert "workload_data.max_memory_mb" in exc.value.details
     with pytest.raises(ValidationFailed) as exc:  # below what the rules require
         analyzer.analyze("inference", {"model_name": "gemma-7b", "max_memory_mb": 8000})
-    assert "16384" in exc.value.details["workload_data.max_memory_mb"]
+    assert "16384" in exc.value.details["workload_data.max_memory_mb"][0]
 
 
 def test_unknown_keys_are_ignored(analyzer):
