@@ -779,9 +779,11 @@ class WorkloadAnalyzer:
                 f"{what} needs about {est.total_memory_mb} MB at {est.precision}, more than "
                 f"one node holds ({max_gpus} x {max_mb} MB); use a smaller dtype or "
                 "quantization (int8, int4), or set required_gpus and min_memory_mb",
-                details={
-                    field_name: f"needs {est.total_memory_mb} MB, a node holds "
-                    f"{max_gpus * max_mb} MB"
+                details={  # the shape of every unsatisfiable (engine._unsatisfiable)
+                    "field": field_name,
+                    "reason": "memory_estimate",
+                    "limit": max_gpus * max_mb,
+                    "needed_mb": est.total_memory_mb,
                 },
             )
         if est.gpus > plan.gpus:

@@ -228,6 +228,27 @@ def test_unsatisfiable_request_is_422_with_the_reason(client):
     assert "16" in err["message"] or err["details"]
 
 
+@pytest.mark.parametrize(
+    "workload_type, workload_data, field",
+    [
+        ("inference", {"model_name": "llama-3-405b", "dtype": "fp32"}, "model_name"),
+        ("inference", {"parameters_billions": 5000}, "parameters_billions"),
+    ],
+)
+def test_a_model_no_node_can_hold_is_unsatisfiable_with_field_reason_and_limit(
+    client, workload_type, workload_data, field
+):
+    """Every other ``unsatisfiable`` names ``details.field``, ``reason`` and ``limit``, and
+    docs/client.md reads ``exc.details["field"]``; the memory estimate's answer had only
+    ``{"workload_data.model_name": "needs ... MB"}`` (a KeyError in that example)."""
+    resp = allocate(client, workload_type=workload_type, workload_data=workload_data)
+    err = assert_error(resp, 422, "unsatisfiable")
+    assert err["details"]["field"] == f"workload_data.{field}"
+    assert err["details"]["reason"] == "memory_estimate"
+    assert err["details"]["limit"] == 8 * 81559  # MB one node of the fleet holds
+    assert err["details"]["needed_mb"] > err["details"]["limit"]
+
+
 def test_full_queue_is_429_with_retry_after(make_app):
     client = make_app(scheduler={"max_queue_size": 1, "max_queued_per_owner": 1}).test_client()
     assert allocate(client, workload_data={"required_gpus": 8}).status_code == 200

@@ -589,7 +589,7 @@ def test_model_too_big_for_any_node_is_unsatisfiable(analyzer):
     with pytest.raises(Unsatisfiable) as exc:
         analyzer.analyze("inference", {"model_name": "Meta-Llama-3.1-405B-Instruct"})
     assert exc.value.status == 422
-    assert "workload_data.model_name" in exc.value.details
+    assert exc.value.details["field"] == "workload_data.model_name"
     assert "int4" in exc.value.message
     ok = analyzer.analyze(
         "inference", {"model_name": "Meta-Llama-3.1-405B-Instruct", "quantization": "int4"}
