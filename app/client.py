@@ -492,7 +492,8 @@ class Client:
         """Wait (long-polls) until the request is granted and return the allocation.
 
         ``timeout``: seconds or ``"5m"``; None waits as long as it takes. ``on_update`` is called
-        with the record each time its status, position, reason or ETA changes. Raises
+        with the record at once, then each time its status, position, reason or ETA changes
+        (the last call sees it granted). Raises
         WaitTimeout (still queued), NotGranted (cancelled, timed out). The API being
         unreachable for a while does not end the wait: the request is still queued there."""
         deadline = None if timeout is None else time.monotonic() + _seconds(timeout, "timeout")
@@ -505,6 +506,8 @@ class Client:
             if rec is not None and remaining <= 0:
                 raise WaitTimeout(rec)
             chunk = max(0.0, min(longest, remaining))
+            if rec is None and on_update is not None:
+                chunk = 0.0  # read at once: a long-poll would hold the queued state back
             t0 = time.monotonic()
             try:
                 rec = self.get(request_id, wait=chunk)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -271,6 +272,28 @@ def test_client_wait_timeout_withdraws_the_request(service, api):
         api.allocate("bad", required_gpus=0)
     assert exc.value.status == 422 and "required_gpus" in str(exc.value.details)
     api.release(holder.id)
+
+
+def test_client_on_update_sees_the_queued_state_before_the_grant(service, api):
+    """docs/client.md: on_update is called while queued. The first long-poll held the call
+    until something changed (up to 5 s), so a request granted within that time reported only
+    its grant, and a longer wait showed nothing for its first 5 s."""
+    holder = api.allocate("holder", gpu_model="*A10*")
+    calls = []
+    release = threading.Timer(2.0, api.release, args=(holder.id,))
+    release.start()
+    try:
+        with api.allocation(
+            service_name="next",
+            gpu_model="*A10*",
+            wait=True,
+            on_update=lambda a: calls.append((a.status, a.position, a.data.get("reason"))),
+        ) as alloc:
+            assert alloc.status == "allocated"
+    finally:
+        release.join()
+    assert calls[0] == ("queued", 1, "capacity"), calls
+    assert calls[-1][0] == "allocated", calls
 
 
 def test_a_signal_while_a_timed_out_wait_cancels_still_cancels_and_exits_75():
