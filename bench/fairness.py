@@ -1,6 +1,7 @@
 """Fairness benchmark (issue 14): prints ONE JSON object (not a test).
 
     .venv/bin/python bench/fairness.py [--seed 1] [--hours 24] [--gpus 64] [--json]
+        [--no-baseline] [--poll-every 300]
 
 Four tenants with different weights and demand share a fleet (nodes of 8 GPUs) for ``--hours``
 simulated hours. The clock is injected (``Engine(clock=...)``), so nothing sleeps: the
@@ -43,6 +44,13 @@ decayed usage build up) to the end:
 ``utilization``
     GPU-seconds held / GPU-seconds of the fleet, over the instants when demand exceeds the
     fleet: GPUs held plus GPUs asked by queued requests > GPUs in the fleet. Goal >= 0.95.
+
+``eta_polled_error_p50_s``, ``eta_polled_error_p90_s``, ``eta_polled_samples`` (only with
+``--poll-every S``)
+    What a client polling ``GET /gpu/requests/<id>`` reads while it waits: every ``S``
+    simulated seconds the ``eta`` of every queued request is read again (one read answers
+    all), and each reading of a request submitted in the window and later granted is one
+    sample of ``|eta read - allocated_at|``. The reads change nothing the engine does.
 
 More keys: ``goals`` (each goal met or not), ``tenants`` (per tenant: weight, guarantee, demand,
 target and actual GPU-hours, backlogged, granted / timed-out / rejected / preempted counts),
@@ -123,6 +131,9 @@ class Job:
     queued: bool = False
     eta: float | None = None
     position: int | None = None
+    rec: dict | None = None
+    #: (read at, eta read) of each poll while it waited (``--poll-every``)
+    polled: list | None = None
     allocated_at: float | None = None
     ends_at: float | None = None
     state: str = "new"
@@ -192,16 +203,25 @@ def gpu(i: int) -> dict:
 
 # event kinds, in the order they run at one instant: work ends before new work arrives, and
 # the maintenance sees the result of both
-RELEASE, ARRIVAL, REAP, PASS = 0, 1, 2, 3
+RELEASE, ARRIVAL, REAP, PASS, POLL = 0, 1, 2, 3, 4
 
 
 class Simulation:
     """One run: the engine, the jobs, and the integrals the figures are made of."""
 
     def __init__(
-        self, client, prefix: str, tenants, gpus: int, hours: float, config: dict, etas=True
+        self,
+        client,
+        prefix: str,
+        tenants,
+        gpus: int,
+        hours: float,
+        config: dict,
+        etas=True,
+        poll_every: float = 0,
     ):
         self.etas = etas
+        self.poll_every = poll_every if etas else 0
         self.tenants = {t.name: t for t in tenants}
         self.gpus, self.hours = gpus, hours
         self.window = (hours * 3600 / 12, hours * 3600)
@@ -331,7 +351,7 @@ class Simulation:
             self.counts[tenant]["rejected"] += 1
             return
         if rec.get("status") == "queued":
-            job.queued, job.position = True, rec.get("position")
+            job.queued, job.position, job.rec = True, rec.get("position"), rec
             job.eta = self.eta(rec)
 
     def eta(self, rec: dict) -> float | None:
@@ -358,6 +378,19 @@ class Simulation:
         except NotFound:
             pass
 
+    def poll(self) -> None:
+        """Every queued request's ``eta`` as a client polling ``GET /gpu/requests/<id>`` reads
+        it now (one read for all: the same walk answers each)."""
+        waiting_jobs = [j for j in self.jobs.values() if j.state == "queued" and j.rec]
+        if not waiting_jobs:
+            return
+        self.calls += 1
+        why = waiting.annotate(self.engine, [j.rec for j in waiting_jobs])
+        for job in waiting_jobs:
+            eta = (why.get(job.rec["id"]) or {}).get("eta")
+            if eta is not None:
+                job.polled = (job.polled or []) + [(self.now, eta)]
+
     # ---------------------------------------------------------------- the run
     def run(self, load: list[Arrival]) -> dict:
         for n in range(self.gpus // GPUS_PER_NODE):
@@ -370,6 +403,8 @@ class Simulation:
         end = self.hours * 3600
         for kind, every in ((REAP, s.cleanup_interval), (PASS, s.queue_check_interval)):
             self.push(every, kind, every)
+        if self.poll_every:
+            self.push(self.poll_every, POLL, self.poll_every)
         while self.heap:
             at, kind, _, payload = heapq.heappop(self.heap)
             if at > end:
@@ -390,6 +425,9 @@ class Simulation:
             elif kind == PASS:
                 self.call(self.engine.schedule_pass)
                 self.push(at + payload, PASS, payload)
+            elif kind == POLL:
+                self.poll()
+                self.push(at + payload, POLL, payload)
         self.advance(end)
         return self.figures()
 
@@ -410,6 +448,12 @@ class Simulation:
                 eta_signed.append(job.eta - job.allocated_at)
         eta_errors = sorted(abs(e) for e in eta_signed)
         eta_signed.sort()
+        polled = sorted(
+            abs(eta - job.allocated_at)
+            for job in self.jobs.values()
+            if lo <= job.submitted_at < hi and job.allocated_at is not None and job.polled
+            for _, eta in job.polled
+        )
         utilization = (
             self.contended_held / (self.contended_s * self.gpus) if self.contended_s else None
         )
@@ -426,6 +470,15 @@ class Simulation:
             "eta_samples": len(eta_errors),
             # eta - real grant: > 0 when granted before its ETA
             "eta_early_p50_s": _round(percentile(eta_signed, 50)),
+            **(
+                {
+                    "eta_polled_error_p50_s": _round(percentile(polled, 50)),
+                    "eta_polled_error_p90_s": _round(percentile(polled, 90)),
+                    "eta_polled_samples": len(polled),
+                }
+                if self.poll_every
+                else {}
+            ),
             "contended_fraction": round(self.contended_s / (hi - lo), 4),
             "utilization_overall": round(sum(self.used.values()) / (self.gpus * (hi - lo)), 4),
             "tenants": {
@@ -491,6 +544,7 @@ def run(
     gpus: int = 64,
     baseline: bool = True,
     tenants=TENANTS,
+    poll_every: float = 0,
 ) -> dict:
     """Both runs on one server (each under its own key prefix); the JSON object."""
     if gpus < 2 * GPUS_PER_NODE or gpus % GPUS_PER_NODE:
@@ -499,7 +553,9 @@ def run(
     load = arrivals(tenants, gpus, hours, seed)
     tag = f"{seed}-{time.monotonic_ns()}"
     config = tenants_config(tenants, gpus)
-    fair = Simulation(client, "{fair-" + tag + "}", tenants, gpus, hours, config).run(load)
+    fair = Simulation(
+        client, "{fair-" + tag + "}", tenants, gpus, hours, config, poll_every=poll_every
+    ).run(load)
     out = {key: fair.pop(key) for key in CONTRACT}
     out.update(
         server=server_version(client),
@@ -572,6 +628,12 @@ def main() -> None:
     ap.add_argument("--no-baseline", action="store_true", help="skip the default-config run")
     ap.add_argument("--redis-url", help="a running Redis >= 7 / Valkey (default: embedded)")
     ap.add_argument("--json", action="store_true", help="one line of JSON, nothing else")
+    ap.add_argument(
+        "--poll-every",
+        type=float,
+        default=0,
+        help="also read every queued request's eta each this many simulated seconds (0: off)",
+    )
     opts = ap.parse_args()
     if opts.redis_url:
         result = _run_on(opts.redis_url, opts)
@@ -590,7 +652,12 @@ def _run_on(url: str, opts) -> dict:
     client = redis_lib.Redis.from_url(url, decode_responses=True)
     try:
         return run(
-            client, seed=opts.seed, hours=opts.hours, gpus=opts.gpus, baseline=not opts.no_baseline
+            client,
+            seed=opts.seed,
+            hours=opts.hours,
+            gpus=opts.gpus,
+            baseline=not opts.no_baseline,
+            poll_every=opts.poll_every,
         )
     finally:
         client.close()

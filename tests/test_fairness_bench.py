@@ -106,3 +106,32 @@ def test_the_command_prints_the_contract_keys():
     assert set(out["p99_wait_s_by_tenant"]) == {t.name for t in fairness.TENANTS}
     assert out["simulated_hours"] == 2 and out["gpus"] == 16
     assert out["events"]["arrivals"] > 0
+
+
+def test_polling_reads_the_eta_a_waiting_client_sees_and_changes_nothing(redis):
+    """``--poll-every``: each queued request's ``eta`` is read again every so often, as a client
+    polling ``GET /gpu/requests/<id>`` would read it; those reads are read-only, so the engine
+    grants exactly as without them, and estimates read nearer their grants are closer to them
+    on average."""
+    tenants, gpus, hours = fairness.TENANTS, 16, 2
+    config = fairness.tenants_config(tenants, gpus)
+    load = fairness.arrivals(tenants, gpus, hours, 3)
+
+    def sim(prefix, poll_every):
+        s = fairness.Simulation(redis, prefix, tenants, gpus, hours, config, poll_every=poll_every)
+        return s, s.run(load)
+
+    _, plain = sim("{poll-off}", 0)
+    polling, polled = sim("{poll-on}", 300)
+    assert "eta_polled_error_p50_s" not in plain
+    for key in ("share_error_max", "preemptions", "eta_error_p50_s", "eta_error_p90_s"):
+        assert polled[key] == plain[key], key
+    assert polled["eta_polled_samples"] > polled["eta_samples"]
+    assert polled["eta_polled_error_p50_s"] <= polled["eta_polled_error_p90_s"]
+    near, far = [], []
+    for job in polling.jobs.values():
+        for at, eta in job.polled or ():
+            if job.allocated_at is not None:
+                (near if job.allocated_at - at < 600 else far).append(abs(eta - job.allocated_at))
+    assert near and far
+    assert sum(near) / len(near) < sum(far) / len(far)
