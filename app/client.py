@@ -757,6 +757,7 @@ class LeaseKeeper:
             interval = lease / 3
             ends = time.monotonic() + lease
             due = time.monotonic() + interval
+            log.debug("renewed %s until %s", self.alloc.id, rec.data.get("expires_at"))
             self._report(rec.data)
 
     def _watch(self) -> None:

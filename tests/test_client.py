@@ -324,6 +324,26 @@ def test_run_renews_every_third_of_the_lease(stub):
     assert 3 <= stub.count("POST", "/gpu/allocations/s-1/renew") <= 8
 
 
+def test_run_at_debug_shows_every_renewal_and_at_the_default_none(stub):
+    """docs/client.md: ``--log-level DEBUG`` shows every lease change; it showed only changes
+    of status, so a run whose lease was renewed all along printed nothing."""
+    stub.routes[("POST", "/gpu/allocate")] = lambda s, b, q: (200, granted(lease=1.5), {})
+    stub.routes[("GET", "/gpu/allocations/s-1")] = hold_then(1e9, "allocated")
+    stub.routes[("POST", "/gpu/allocations/s-1/renew")] = lambda s, b, q: (
+        200,
+        granted(lease=1.5),
+        {},
+    )
+    stub.routes[("POST", "/gpu/release")] = lambda s, b, q: (200, {"status": "released"}, {})
+    debug = run(stub, "--log-level", "DEBUG", "--", sys.executable, "-c", TRAP, "2")
+    assert debug.returncode == 0, debug.stderr
+    renewed = [line for line in debug.stderr.splitlines() if "renewed s-1" in line]
+    assert len(renewed) >= 2, debug.stderr
+    assert "until 2030-01-01T00:00:00.000Z" in renewed[0]
+    quiet = run(stub, "--", sys.executable, "-c", TRAP, "2")
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+
+
 @pytest.mark.parametrize(
     "args,needle",
     [
