@@ -130,6 +130,18 @@ def test_http_metrics_use_the_route_template_never_the_raw_path(client):
     )
 
 
+def test_a_method_its_path_does_not_allow_is_counted_as_unmatched(client):
+    """docs/api.md, Metrics: no route takes a 405 either, so it is <unmatched>, not /gpu/status."""
+    assert client.put("/gpu/status").status_code == 405
+    m = scrape(client)
+    labels = {
+        (lab["method"], lab["route"], lab["status"])
+        for lab, _ in m["gpu_orchestrator_http_requests_total"]
+    }
+    assert ("PUT", "<unmatched>", "405") in labels
+    assert not any(route == "/gpu/status" and method == "PUT" for method, route, _ in labels)
+
+
 def test_webhook_results_come_from_the_stats_hash(app, client):
     engine = app.extensions["gpu_engine"]
     engine.redis.hincrby(engine.keys.stats(), "webhook|delivered", 3)
