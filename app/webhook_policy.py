@@ -224,6 +224,8 @@ class _Lookup:
         self.asker, self.domain = asker, domain
         #: a caller stopped waiting on it: later callers are refused at once, not held too
         self.overdue: float | None = None
+        #: callers' own events (``abort``), set too when the lookup ends
+        self.wakers: list[threading.Event] = []
 
 
 class Lookups:
@@ -286,8 +288,17 @@ class Lookups:
             return len(self._slow)
 
     def resolve(
-        self, resolver: Resolver, host: str, port: int, timeout: float, asker: str = ""
+        self,
+        resolver: Resolver,
+        host: str,
+        port: int,
+        timeout: float,
+        asker: str = "",
+        abort: threading.Event | None = None,
     ) -> list:
+        """The addresses of ``host``. ``abort``: an event whose setting ends the wait at once
+        with NotNow (the API's thread budget wants the thread back); the lookup also sets it
+        when it ends, so the caller waits on one event."""
         key = (resolver, host, port)
         with self._lock:
             lookup = self._running.get(key)
@@ -323,11 +334,19 @@ class Lookups:
                     raise Unresolvable(f"cannot look up {host!r} now: {exc}") from None
                 self._askers[asker] += 1
                 self._domains[domain] += 1
-        if not lookup.done.wait(max(0.0, timeout)):
+            if abort is not None:
+                lookup.wakers.append(abort)
+        waited = (abort or lookup.done).wait(max(0.0, timeout))
+        if not lookup.done.is_set():
             with self._lock:
+                if abort is not None and abort in lookup.wakers:
+                    lookup.wakers.remove(abort)
+                if waited:  # aborted: the name is not known to be slow
+                    raise NotNow(f"cannot wait for the lookup of {host!r} now: server busy")
                 if not lookup.done.is_set() and lookup.overdue is None:
                     lookup.overdue = timeout
-            raise Unresolvable(f"looking up {host!r} took longer than {timeout:.1f} s")
+            if not lookup.done.is_set():
+                raise Unresolvable(f"looking up {host!r} took longer than {timeout:.1f} s")
         if isinstance(lookup.error, OSError):
             exc = lookup.error
             raise Unresolvable(f"cannot resolve {host!r}: {exc.strerror or exc}")
@@ -365,7 +384,10 @@ class Lookups:
                         del counts[name]
                 if lookup.overdue is not None and lookup.error is not None:
                     self._remember_slow(key)
+                wakers = list(lookup.wakers)
             lookup.done.set()
+            for event in wakers:
+                event.set()
 
     def _remember_slow(self, key: tuple[Resolver, str, int]) -> None:
         """Refuse ``key`` at once for slow_ttl; the oldest entry makes room (under the lock)."""
@@ -425,12 +447,19 @@ class Policy:
         hooks = settings.webhooks
         return cls(hooks.allowed_hosts, hooks.deny_private_networks, resolver)
 
-    def resolve(self, url: str, timeout: float = 5.0, asker: str = "") -> Target:
+    def resolve(
+        self,
+        url: str,
+        timeout: float = 5.0,
+        asker: str = "",
+        abort: threading.Event | None = None,
+    ) -> Target:
         """Check ``url`` and return where it may be delivered; Refused (or Unresolvable).
 
         Nothing connects anywhere here; the only network traffic is the name lookup (none for
         an address literal, nor for a name that allowed_hosts cannot admit). ``asker``
-        (:func:`asker_of`): whose share of the running lookups this one counts against.
+        (:func:`asker_of`): whose share of the running lookups this one counts against;
+        ``abort``: set, it ends a wait for the lookup at once (NotNow; Lookups.resolve).
         """
         scheme, host, port, path = split(url)
         shown = redact(url)
@@ -442,7 +471,7 @@ class Policy:
         else:
             if self.entries and not named and not networks:
                 raise Refused(f"webhook host {host!r} is not in webhooks.allowed_hosts")
-            addresses = _lookups.resolve(self.resolver, host, port, timeout, asker)
+            addresses = _lookups.resolve(self.resolver, host, port, timeout, asker, abort)
             if not addresses:
                 raise Unresolvable(f"{host!r} resolves to no address")
         for text in addresses:

@@ -329,6 +329,60 @@ def test_names_whose_dns_hangs_do_not_refuse_other_teams_allocates(make_app, hun
     assert resp.status_code == 200, resp.get_data(as_text=True)
 
 
+def test_a_hung_lookup_lets_its_thread_go_when_another_request_needs_the_last_one(
+    make_app, hung_dns
+):
+    """A lookup at allocate waits on its worker thread as a long-poll does: while another
+    request takes the worker's last idle thread, it stops waiting (422, try again) instead of
+    holding the thread for its 2 s. Before, a client sending names in a zone that never
+    answers held every thread: other clients' GET /gpu/status took up to 1.95 s (3-8 ms
+    otherwise; 10 such clients against 2 workers x 4 threads)."""
+    import threading
+
+    app = make_app(nodes=(("node-a", 8),), server={"threads": 2}, webhooks={"timeout": "5s"})
+    answers = {}
+
+    def hung_allocate():
+        start = time.monotonic()
+        resp = app.test_client().post(
+            "/gpu/allocate", json={"service_name": "a", "webhook_url": "http://hung-held.test/h"}
+        )
+        answers["held"] = (resp, time.monotonic() - start)
+
+    waiter = threading.Thread(target=hung_allocate)
+    waiter.start()
+    deadline = time.monotonic() + 5
+    while "hung-held.test" not in hung_dns:  # its lookup runs: it waits on it now
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.05)
+    assert app.test_client().get("/gpu/status").status_code == 200  # takes the last thread
+    waiter.join(5)
+    resp, took = answers["held"]
+    assert "server busy" in assert_error(resp, 422, "validation_error")["message"]
+    assert took < 1.0  # not the lookup's 2 s
+
+
+def test_a_lookup_on_the_last_idle_thread_holds_it_a_quarter_second_at_most(make_app, hung_dns):
+    """With no other thread idle, the allocate's lookup waits LAST_THREAD_LOOKUP_TIMEOUT
+    (0.25 s), not WEBHOOK_LOOKUP_TIMEOUT (2 s): a name in a DNS cache answers in
+    milliseconds, and a name that does not must not keep the worker's only thread."""
+    client = make_app(
+        nodes=(("node-a", 8),), server={"threads": 1}, webhooks={"timeout": "5s"}
+    ).test_client()
+    start = time.monotonic()
+    resp = client.post(
+        "/gpu/allocate", json={"service_name": "a", "webhook_url": "http://hung-last.test/h"}
+    )
+    took = time.monotonic() - start
+    assert "took longer than 0.2 s" in assert_error(resp, 422, "validation_error")["message"]
+    assert 0.25 <= took < 1.0
+    resp = client.post(
+        "/gpu/allocate", json={"service_name": "b", "webhook_url": "http://hooks.test:9/h"}
+    )
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+
+
 def test_a_hung_name_holds_one_lookup_however_often_it_is_asked_for(settings, hung_dns):
     """Tries of the same name wait on the lookup already running instead of starting more, and
     past MAX_LOOKUPS running lookups a new one is refused at once instead of queued."""
