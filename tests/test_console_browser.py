@@ -157,10 +157,22 @@ def test_sign_in_see_the_fleet_and_a_new_allocation_without_reload(browser, live
         "the grant in the latest events",
     )
 
-    # an admin drains the node with its button; the action is an event naming the admin
-    browser.find_element(
-        By.CSS_SELECTOR, "[data-node='gpu-node-1'] [data-action='drain-node']"
-    ).click()
+    # a drain preempts every holder on the node: the button asks first, and a "no" drains
+    # nothing (one stray click next to Cordon used to give every holder notice at once)
+    drain = "[data-node='gpu-node-1'] [data-action='drain-node']"
+    browser.find_element(By.CSS_SELECTOR, drain).click()
+    question = wait_for(lambda: browser.switch_to.alert, "the drain's confirmation", timeout=5)
+    assert "gpu-node-1" in question.text and "preempt" in question.text
+    question.dismiss()
+    time.sleep(1)  # a drain sent anyway would show in the API by now
+    nodes = {n["name"]: n for n in api(live, "GET", "/admin/nodes", key=ADMIN_KEY).json()["nodes"]}
+    assert not nodes["gpu-node-1"]["draining"] and not nodes["gpu-node-1"]["cordoned"]
+    assert api(live, "GET", f"/gpu/allocations/{held.json()['id']}").json()["status"] == (
+        "allocated"
+    )
+    # yes: the node drains; the action is an event naming the admin
+    browser.find_element(By.CSS_SELECTOR, drain).click()
+    wait_for(lambda: browser.switch_to.alert, "the drain's confirmation", timeout=5).accept()
     wait_for(
         lambda: "draining" in text_of(browser, "[data-node='gpu-node-1'] .marks"),
         "the draining mark",

@@ -98,8 +98,12 @@
       else a.push(button("Cordon", "", function () {
         act("POST", "/admin/nodes/" + enc(n.name) + "/cordon", undefined, "Cordon " + n.name);
       }, "cordon-node"));
+      // a drain preempts every holder (notice, then preempted): ask, as Forget does
       if (!n.draining) a.push(button("Drain", "", function () {
-        act("POST", "/admin/nodes/" + enc(n.name) + "/drain", undefined, "Drain " + n.name);
+        if (window.confirm("Drain " + n.name + "? Every allocation on it is preempted: its " +
+                           "holder gets notice to leave, and the node stays cordoned.")) {
+          act("POST", "/admin/nodes/" + enc(n.name) + "/drain", undefined, "Drain " + n.name);
+        }
       }, "drain-node"));
       if (!n.alive) a.push(button("Forget", "danger", function () {
         if (window.confirm("Forget " + n.name + "? Its allocations end as lost.")) {
