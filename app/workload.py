@@ -472,8 +472,15 @@ class WorkloadAnalyzer:
         if self.fleet_limits is not None:
             try:
                 limits = self.fleet_limits()
-            except Exception:  # the fleet view is advisory here; never fail an analysis on it
-                log.warning("fleet_limits failed; using %s", FALLBACK_LIMITS, exc_info=True)
+            except Exception as exc:  # the fleet view is advisory here; never fail on it
+                # one line, no traceback: with Redis down this runs for every request (each
+                # of which answers 503 anyway), and a traceback per request buried the log
+                log.warning(
+                    "fleet_limits failed (%s: %s); using %s",
+                    type(exc).__name__,
+                    " ".join(str(exc).split()),
+                    FALLBACK_LIMITS,
+                )
         gpus = (limits or {}).get("max_gpus_per_node") or 0
         memory = (limits or {}).get("max_gpu_memory_mb") or 0
         if gpus < 1 or memory < 1:

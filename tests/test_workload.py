@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from prometheus_client import REGISTRY
 
@@ -622,6 +624,23 @@ def test_unknown_fleet_falls_back_to_eight_80gb_gpus(limits):
     a = WorkloadAnalyzer(settings_mod.defaults(), fleet_limits=limits)
     assert a.limits() == (8, 81559)
     assert a.analyze("inference", {"model_name": "llama-3-70b"})["required_gpus"] == 2
+
+
+def test_an_unreachable_fleet_view_is_one_log_line_not_a_traceback(caplog):
+    """With Redis down every allocate and /gpu/workload logged a 40-line traceback of the
+    fleet read (the client already gets its 503); one line per analysis names the error."""
+    import redis
+
+    def down():
+        raise redis.exceptions.ConnectionError("Error 111 connecting to 127.0.0.1:1.")
+
+    a = WorkloadAnalyzer(settings_mod.defaults(), fleet_limits=down)
+    with caplog.at_level(logging.WARNING, logger="app.workload"):
+        assert a.limits() == (8, 81559)
+    (record,) = [r for r in caplog.records if r.name == "app.workload"]
+    assert record.exc_info is None
+    assert "ConnectionError: Error 111 connecting" in record.getMessage()
+    assert "\n" not in record.getMessage()
 
 
 def test_decisions_metric_counts_rules(analyzer):
