@@ -96,6 +96,11 @@ def settings_help(*sections: str) -> str:
     return "\n".join(lines)
 
 
+#: Sent with every engine call (engine.SETTINGS, with monitoring.max_service_labels): each role
+#: that runs the engine (api, worker, monitor) schedules by its own copy of them.
+ENGINE_SECTIONS = ("scheduler", "tenants", "preemption")
+
+
 def add_command(
     sub, name: str, func, summary: str, description: str, sections: tuple[str, ...] = ()
 ) -> argparse.ArgumentParser:
@@ -123,7 +128,7 @@ def _add_up(sub) -> None:
         "redis.url is set), the API, workers.count worker(s), the scheduler and a monitor, each "
         "in its own process. Ctrl-C stops them all in order. A role that dies is restarted, "
         "the embedded Redis too; only one 'up' runs per redis.data_dir.",
-        ("server", "redis", "workers", "monitoring", "logging"),
+        tuple(settings_mod.SPEC),  # every role it starts reads the one config
     )
     up.add_argument("--no-monitor", action="store_true", help="do not start a local monitor")
 
@@ -136,7 +141,19 @@ def _add_api(sub) -> None:
         "serve the REST API with gunicorn",
         "Serve the REST API with gunicorn on server.host:server.port (env PORT). "
         "Exits with code 2 when the port is taken.",
-        ("server", "redis", "auth", "scheduler", "dashboard", "logging"),
+        (
+            "server",
+            "redis",
+            "auth",
+            *ENGINE_SECTIONS,
+            "webhooks",  # the webhook URL policy, the outbox dispatcher
+            "workload_defaults",
+            "memory_estimate",
+            "services",
+            "monitoring",  # metrics_enabled, max_service_labels
+            "dashboard",
+            "logging",
+        ),
     )
 
 
@@ -148,7 +165,7 @@ def _add_worker(sub) -> None:
         "run an RQ worker on the service's queues",
         "Run an RQ worker: webhook deliveries with retries and the periodic "
         "maintenance jobs. SIGTERM finishes the job in hand first.",
-        ("workers", "webhooks", "redis", "logging"),
+        ("workers", "webhooks", *ENGINE_SECTIONS, "monitoring", "redis", "logging"),
     )
     worker.add_argument("--burst", action="store_true", help="exit when the queues are empty")
 
@@ -174,7 +191,7 @@ def _add_monitor(sub) -> None:
         "Report this node's GPUs to Redis every monitoring.refresh_interval: "
         "NVML, or a simulated fleet. Exits with code 2 when --backend nvml "
         "finds no driver.",
-        ("monitoring", "redis", "logging"),
+        ("monitoring", *ENGINE_SECTIONS, "redis", "logging"),  # a report runs a pass
     )
     monitor.add_argument("--once", action="store_true", help="report once and exit")
     monitor.add_argument(

@@ -233,10 +233,18 @@ def test_global_options_work_after_the_subcommand_too(write_config):
     "command, names",
     [
         (["up"], ["server.*", "redis.*", "workers.*", "PORT", "REDIS_URL", "data_dir"]),
+        (["up"], ["tenants.*", "preemption.*", "webhooks.*", "workload_defaults.*"]),
         (["api"], ["server.*", "host", "port", "PORT", "REDIS_URL", "auth.*"]),
+        # what else the API reads: the engine's settings (sent with every call), the webhook
+        # URL policy, the workload analysis, the metrics switches
+        (["api"], ["scheduler.*", "tenants.*", "preemption.*", "webhooks.*", "services.*"]),
+        (["api"], ["workload_defaults.*", "memory_estimate.*", "monitoring.*"]),
         (["worker"], ["workers.*", "webhooks.*", "REDIS_URL"]),
+        # its maintenance jobs (reaper, safety-net pass) and a monitor's report run the engine
+        (["worker"], ["scheduler.*", "tenants.*", "preemption.*", "monitoring.*"]),
         (["scheduler"], ["scheduler.*", "REDIS_URL"]),
         (["monitor"], ["monitoring.*", "REDIS_URL"]),
+        (["monitor"], ["scheduler.*", "tenants.*", "preemption.*"]),
         (["redis"], ["redis.*", "embedded_port"]),
         (["config", "show"], ["server.*", "CONFIG_PATH"]),
     ],
