@@ -5,11 +5,14 @@ The binary is a ``redis-server`` or ``valkey-server`` on PATH when there is one,
 ``data_dir`` with AOF (``appendfsync everysec``), so state survives restarts; a single-file AOF
 left by an older Redis (6.x) is upgraded in place by the server on its first start. A second
 start against the same data directory while the first server is up reuses that server instead
-of starting a rival on the same files.
+of starting a rival on the same files; one on another port is refused: the server itself holds
+an exclusive ``flock`` on ``<data_dir>/redis.lock`` (it inherits the descriptor), so the lock
+lasts exactly as long as a server runs on those files, whoever started it and however it ends.
 """
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import logging
 import os
@@ -108,6 +111,54 @@ class EmbeddedRedis:
     def pidfile(self) -> Path:
         return self.data_dir / "redis.pid"
 
+    @property
+    def lockfile(self) -> Path:
+        return self.data_dir / "redis.lock"
+
+    def _recorded_server(self) -> int | None:
+        """The pid in ``redis.pid`` when that process is alive (a SIGKILL leaves the file)."""
+        try:
+            pid = int(self.pidfile.read_text().strip())
+            os.kill(pid, 0)
+        except PermissionError:
+            return pid
+        except (OSError, ValueError):
+            return None
+        return pid
+
+    def _lock_data_dir(self, timeout: float) -> int | None:
+        """A descriptor holding ``redis.lock`` for the server to inherit, None when a server
+        on our port and data directory came up meanwhile (reuse it), or EmbeddedRedisError.
+
+        Two servers on one data directory would each serve their own copy of the state (two
+        engines granting the same GPUs) and append to the same AOF. The lock outlives a server
+        that was SIGKILLed only in a child it forked (an AOF rewrite finishing): while the
+        recorded server is dead, wait for that child, up to ``timeout``.
+        """
+        fd = os.open(self.lockfile, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if _port_open(self.host, self.port) and self._ours_running():
+                    os.close(fd)
+                    return None
+                holder = self._recorded_server()
+                if holder is None and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                os.close(fd)
+                who = f" (pid {holder})" if holder else ""
+                raise EmbeddedRedisError(
+                    f"another Redis server{who} is running on data directory {self.data_dir}, "
+                    f"not on port {self.port}; two servers must not share one data directory: "
+                    f"stop it, or set redis.embedded_port (GPU_ORCH__REDIS__EMBEDDED_PORT) to "
+                    f"its port, or give this one its own redis.data_dir "
+                    f"(GPU_ORCH__REDIS__DATA_DIR)"
+                ) from None
+
     def _ours_running(self) -> bool:
         """True when a server on our port serves our data directory."""
         try:
@@ -129,17 +180,15 @@ class EmbeddedRedis:
             ) from None
         if _port_open(self.host, self.port):
             if self._ours_running():
-                log.info(
-                    "reusing embedded Redis already running at %s (data in %s)",
-                    self.url,
-                    self.data_dir,
-                )
-                return self.url
+                return self._reuse()
             raise EmbeddedRedisError(
                 f"port {self.host}:{self.port} is taken by another process; set "
                 f"redis.embedded_port (GPU_ORCH__REDIS__EMBEDDED_PORT) or REDIS_URL"
             )
         binary = self.binary or find_binary()
+        lock = self._lock_data_dir(timeout)
+        if lock is None:
+            return self._reuse()
         args = [
             binary,
             "--bind",
@@ -167,14 +216,18 @@ class EmbeddedRedis:
         ]
         # Own session: a Ctrl-C aimed at the service's process group must not kill Redis before
         # the service has stopped using it; stop() shuts it down in order.
-        self.proc = subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=self.preexec_fn,
-        )
+        try:
+            self.proc = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=self.preexec_fn,
+                pass_fds=(lock,),  # the server holds the lock from here on, not us
+            )
+        finally:
+            os.close(lock)
         self.owned = True
         deadline = time.monotonic() + timeout
         client = redis.Redis(host=self.host, port=self.port, socket_timeout=1)
@@ -195,6 +248,12 @@ class EmbeddedRedis:
             time.sleep(0.05)
         self.stop()
         raise EmbeddedRedisError(f"{Path(binary).name} did not answer within {timeout:.0f}s")
+
+    def _reuse(self) -> str:
+        log.info(
+            "reusing embedded Redis already running at %s (data in %s)", self.url, self.data_dir
+        )
+        return self.url
 
     def restart(self, timeout: float = 15.0) -> str:
         """Start again on the same data directory after our server died (AOF replay)."""

@@ -14,7 +14,7 @@ import pytest
 import redis as redis_lib
 
 from app import embedded_redis
-from app.embedded_redis import EmbeddedRedis, EmbeddedRedisError, find_binary
+from app.embedded_redis import EmbeddedRedis, EmbeddedRedisError, _port_open, find_binary
 from tests.conftest import free_port
 
 
@@ -163,3 +163,39 @@ def test_other_data_dir_on_same_port_is_refused(tmp_path):
             EmbeddedRedis(str(tmp_path / "two"), port=port).start(timeout=2)
     finally:
         owner.stop()
+
+
+def test_a_second_server_on_the_same_data_directory_is_refused_whatever_the_port(tmp_path):
+    """Two servers on one data directory would be two engines granting the same GPUs."""
+    data = tmp_path / "d"
+    owner = EmbeddedRedis(str(data), port=free_port())
+    owner.start()
+    try:
+        rival = EmbeddedRedis(str(data), port=free_port())
+        with pytest.raises(EmbeddedRedisError) as refused:
+            rival.start(timeout=2)
+        message = str(refused.value)
+        assert f"(pid {owner.proc.pid})" in message and str(data) in message
+        assert "redis.embedded_port" in message and "redis.data_dir" in message
+        assert rival.proc is None
+        assert not _port_open("127.0.0.1", rival.port)
+    finally:
+        owner.stop()
+
+
+def test_the_server_holds_the_data_directory_lock_after_whoever_started_it_is_gone(tmp_path):
+    """The lock lives in the server process: a SIGKILLed server frees it at once, and a
+    server whose starter died (here: forgot it) still holds it."""
+    data = tmp_path / "d"
+    first = EmbeddedRedis(str(data), port=free_port())
+    first.start()
+    orphan, first.proc = first.proc, None  # the starter forgot it; the server runs on
+    with pytest.raises(EmbeddedRedisError, match=rf"\(pid {orphan.pid}\)"):
+        EmbeddedRedis(str(data), port=free_port()).start(timeout=2)
+    orphan.kill()
+    orphan.wait(10)
+    second = EmbeddedRedis(str(data), port=free_port())
+    try:
+        second.start()  # the lock died with the server: no wait, no stale-lock error
+    finally:
+        second.stop()
