@@ -276,24 +276,26 @@ def test_client_wait_timeout_withdraws_the_request(service, api):
 
 def test_client_on_update_sees_the_queued_state_before_the_grant(service, api):
     """docs/client.md: on_update is called while queued. The first long-poll held the call
-    until something changed (up to 5 s), so a request granted within that time reported only
-    its grant, and a longer wait showed nothing for its first 5 s."""
+    until something changed (up to PROGRESS_POLL, 5 s), so a request granted within that time
+    reported only its grant, and a longer wait showed nothing for its first 5 s."""
     holder = api.allocate("holder", gpu_model="*A10*")
+    queued = api.allocate("next", gpu_model="*A10*")
+    assert queued.status == "queued"
     calls = []
-    release = threading.Timer(2.0, api.release, args=(holder.id,))
+    release = threading.Timer(3.0, api.release, args=(holder.id,))  # within the 5 s poll
     release.start()
     try:
-        with api.allocation(
-            service_name="next",
-            gpu_model="*A10*",
-            wait=True,
+        alloc = api.wait(
+            queued.id,
+            timeout=30,
             on_update=lambda a: calls.append((a.status, a.position, a.data.get("reason"))),
-        ) as alloc:
-            assert alloc.status == "allocated"
+        )
     finally:
         release.join()
-    assert calls[0] == ("queued", 1, "capacity"), calls
+    assert alloc.status == "allocated"
+    assert calls[0] == ("queued", 1, "capacity"), calls  # before: [("allocated", None, None)]
     assert calls[-1][0] == "allocated", calls
+    api.release(alloc.id)
 
 
 def test_a_signal_while_a_timed_out_wait_cancels_still_cancels_and_exits_75():
