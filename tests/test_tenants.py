@@ -1276,3 +1276,39 @@ def test_with_fair_share_a_request_that_cannot_reserve_does_not_make_every_pass_
         assert eng.allocate({"service_name": "z", "required_gpus": 4})["status"] == "queued"
     assert eng.stats()["scheduler"]["passes"] == before
     assert eng.get(waiting["id"])["reserved_node"] is None
+
+
+def test_the_fair_walk_grants_many_tenants_in_share_order(make_engine):
+    """The fair walk takes the tenants from a heap (pass.lua fair_sift; a scan per grant was
+    O(tenants^2): 3,000 tenants of one queued request each made an allocate 1.7 s of Redis,
+    0.21 s with the heap). The order is the rule's, however many tenants: the lowest
+    GPUs held / weight first, then the name, each tenant's share read again after its grant."""
+    weights = {f"t{i:02d}": 1 + i % 3 for i in range(20)}
+    eng = make_engine(
+        n=8,
+        nodes=tuple(f"n{i}" for i in range(5)),
+        tenants={
+            "key": "service_name",
+            "fair_share": True,
+            "quotas": {t: {"weight": w} for t, w in weights.items()},
+        },
+    )
+    hogs = [eng.allocate({"service_name": "hog", "required_gpus": 8}) for _ in range(5)]
+    assert {h["status"] for h in hogs} == {"allocated"}
+    for t in weights:
+        for _ in range(3):
+            assert eng.allocate({"service_name": t, "required_gpus": 1})["status"] == "queued"
+    for h in hogs:
+        eng.release(h["id"])
+    granted = [
+        e["service_name"]
+        for e in eng.events(count=1000)
+        if e["event"] == "allocated" and e["service_name"] != "hog"
+    ]
+    held, left, want = dict.fromkeys(weights, 0), dict.fromkeys(weights, 3), []
+    for _ in range(5):  # each release frees 8 GPUs: one pass grants 8
+        for _ in range(8):
+            t = min((t for t in weights if left[t]), key=lambda t: (held[t] / weights[t], t))
+            held[t], left[t] = held[t] + 1, left[t] - 1
+            want.append(t)
+    assert granted == want

@@ -131,6 +131,26 @@
     moves forward; capacity only shrinks in a pass), plus one share read per grant and a scan
     of the tenants with queued requests per grant.
   ]]
+  -- The fair walk's order of tenants: lowest share first, then name. tenants[1..n] is a
+  -- binary heap on it: the walk takes the root, and after a grant (its share grew) sifts it
+  -- down again. A scan for the lowest per turn was O(tenants^2) a pass: with tenants.key
+  -- service_name a client can make a tenant per service name, and 3,000 of them, one queued
+  -- request each, made every allocate and release 0.87 s of Redis.
+  local function fair_before(a, b)
+    return a.share < b.share or (a.share == b.share and a.t < b.t)
+  end
+  local function fair_sift(h, i)
+    local n = #h
+    while true do
+      local l, m = 2 * i, i
+      if l <= n and fair_before(h[l], h[m]) then m = l end
+      if l + 1 <= n and fair_before(h[l + 1], h[m]) then m = l + 1 end
+      if m == i then return end
+      h[i], h[m] = h[m], h[i]
+      i = m
+    end
+  end
+
   local function fair_walk(new_id, granted)
     adopt_untenanted()
     -- reserved nodes: node -> {id = holder}; by_tenant: the holder's tenant -> its nodes
@@ -202,13 +222,9 @@
       return granted
     end
     local maxfree, maxshared = top_score(K_FREE), top_score(K_SHARED)
+    for i = math.floor(#tenants / 2), 1, -1 do fair_sift(tenants, i) end
     while #tenants > 0 do
-      local bi = 1
-      for i = 2, #tenants do
-        local a, b = tenants[i], tenants[bi]
-        if a.share < b.share or (a.share == b.share and a.t < b.t) then bi = i end
-      end
-      local cur = tenants[bi]
+      local cur = tenants[1]
       local got, done = false, false
       while not got and not done do
         local ids = rcall('ZRANGE', k_tqueue(cur.t), cur.pos, cur.pos + 99)
@@ -326,8 +342,10 @@
         end
         maxfree, maxshared = top_score(K_FREE), top_score(K_SHARED)
       else
-        table.remove(tenants, bi)
+        tenants[1] = tenants[#tenants]
+        tenants[#tenants] = nil
       end
+      fair_sift(tenants, 1)
     end
     return granted
   end
