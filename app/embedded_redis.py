@@ -26,6 +26,7 @@ from pathlib import Path
 
 import redis
 
+from app import lifeline
 from app.redis_client import ServerTooOld, connect, version_problem
 
 log = logging.getLogger(__name__)
@@ -294,7 +295,12 @@ def resolve(settings) -> tuple[str, EmbeddedRedis | None]:
         require_server_version(settings.redis.url, settings)
         return settings.redis.url, None
     embedded = EmbeddedRedis(
-        settings.redis.data_dir, settings.redis.embedded_host, settings.redis.embedded_port
+        settings.redis.data_dir,
+        settings.redis.embedded_host,
+        settings.redis.embedded_port,
+        # The role stops the server it started when it exits; a SIGKILL must not leave it
+        # running without an owner (nothing would stop it, and no 'up' could restart it).
+        preexec_fn=lifeline.die_with_parent(),
     )
     url = embedded.start()
     try:

@@ -7,15 +7,20 @@ extra); a ``redis-server`` or ``valkey-server`` on PATH wins.
 from __future__ import annotations
 
 import importlib.util
+import os
+import signal
 import socket
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import redis as redis_lib
 
-from app import embedded_redis
+from app import embedded_redis, lifeline
 from app.embedded_redis import EmbeddedRedis, EmbeddedRedisError, _port_open, find_binary
 from tests.conftest import free_port
+from tests.proc_support import ROOT, wait_until
 
 
 def _fake_server(folder, name: str) -> str:
@@ -180,6 +185,7 @@ def test_a_second_server_on_the_same_data_directory_is_refused_whatever_the_port
         assert rival.proc is None
         assert not _port_open("127.0.0.1", rival.port)
     finally:
+        rival.stop()  # only does something when it was (wrongly) started
         owner.stop()
 
 
@@ -190,12 +196,68 @@ def test_the_server_holds_the_data_directory_lock_after_whoever_started_it_is_go
     first = EmbeddedRedis(str(data), port=free_port())
     first.start()
     orphan, first.proc = first.proc, None  # the starter forgot it; the server runs on
-    with pytest.raises(EmbeddedRedisError, match=rf"\(pid {orphan.pid}\)"):
-        EmbeddedRedis(str(data), port=free_port()).start(timeout=2)
-    orphan.kill()
-    orphan.wait(10)
+    rival = EmbeddedRedis(str(data), port=free_port())
+    try:
+        with pytest.raises(EmbeddedRedisError, match=rf"\(pid {orphan.pid}\)"):
+            rival.start(timeout=2)
+    finally:
+        rival.stop()
+        orphan.kill()
+        orphan.wait(10)
     second = EmbeddedRedis(str(data), port=free_port())
     try:
         second.start()  # the lock died with the server: no wait, no stale-lock error
     finally:
         second.stop()
+
+
+@pytest.mark.skipif(not lifeline.has_parent_death_signal(), reason="Linux only (prctl)")
+def test_a_role_sigkilled_after_starting_the_server_does_not_leave_it_running(tmp_path):
+    """A role started by hand stops the server it started when it exits: a SIGKILL too, with
+    the orderly stop (SIGTERM: Redis fsyncs its AOF), not an orphan nothing would stop."""
+    data, port = tmp_path / "data", free_port()
+    env = dict(
+        {k: v for k, v in os.environ.items() if not k.startswith("GPU_ORCH__")},
+        GPU_ORCH__REDIS__URL="",
+        GPU_ORCH__REDIS__DATA_DIR=str(data),
+        GPU_ORCH__REDIS__EMBEDDED_PORT=str(port),
+    )
+    env.pop("REDIS_URL", None)
+    role = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "redis"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert "Ctrl-C stops it" in role.stdout.readline()
+        server = int((data / "redis.pid").read_text())
+        writer = redis_lib.Redis(port=port)
+        writer.set("acknowledged", "1")
+        writer.close()
+    finally:
+        role.kill()
+        role.wait(10)
+        role.stdout.close()
+    try:
+        wait_until(lambda: not _running(server), timeout=15, message="the server to stop")
+    except AssertionError:
+        os.kill(server, signal.SIGKILL)  # leave no orphan behind a failure
+        raise
+    again = EmbeddedRedis(str(data), port=port)
+    client = redis_lib.Redis.from_url(again.start())
+    try:
+        assert client.get("acknowledged") == b"1"
+    finally:
+        client.close()
+        again.stop()
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (the server's parent was killed; init reaps it soon)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
