@@ -46,6 +46,15 @@ def _gpus(engine):
     return {(g["node"], g["index"]): g for g in engine.snapshot()["gpus"]}
 
 
+def test_once_says_it_reported_once_not_every_interval(settings, redis, caplog):
+    """`monitor --once` logged 'reporting 4 GPU(s) on 2 node(s) every 5.0s' and exited."""
+    s = settings.replace(monitoring={"backend": "simulated", "simulated": FLEET})
+    with caplog.at_level(logging.INFO, logger="gpu_orchestrator.monitor"):
+        assert monitor.run(s, once=True) == 0
+    lines = [r.getMessage() for r in caplog.records if "GPU(s)" in r.getMessage()]
+    assert lines == ["monitor reported 4 GPU(s) on 2 node(s) once"]
+
+
 def test_simulated_fleet_is_reported_exactly_as_written(settings, redis):
     s = settings.replace(monitoring={"backend": "simulated", "simulated": FLEET})
     assert monitor.run(s, once=True) == 0

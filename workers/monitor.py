@@ -152,12 +152,17 @@ def run(settings: Settings, once: bool = False, backend: Any = None) -> int:
                 reading = monitor.refresh()
                 if first:
                     total = sum(len(g) for g in reading.values())
-                    log.info(
-                        "monitor reporting %d GPU(s) on %d node(s) every %ss",
-                        total,
-                        len(reading),
-                        interval,
-                    )
+                    if once:
+                        log.info(
+                            "monitor reported %d GPU(s) on %d node(s) once", total, len(reading)
+                        )
+                    else:
+                        log.info(
+                            "monitor reporting %d GPU(s) on %d node(s) every %ss",
+                            total,
+                            len(reading),
+                            interval,
+                        )
                     first = False
             except RedisError as exc:  # an outage or a failover: one line a try, as the scheduler
                 if once:
