@@ -1463,6 +1463,22 @@ class Engine:
             )
         return sorted(rows, key=lambda r: r["tenant"])
 
+    def fair_usage(self) -> dict[str, tuple[float, float]]:
+        """tenant -> (decayed usage in GPU-seconds as of now, weight) of the configured tenants
+        and those with usage left: the inputs of the fair order (app/waiting.py). Any other
+        tenant has no usage and the default weight. Unlike :meth:`tenants` it does not read
+        every tenant with a queued request (with ``tenants.key: service_name`` a client makes
+        one per service name: 3,000 made each read of a queued request's reason and eta
+        39 ms of Redis more)."""
+        flat = list(self._run("tenant_list", "usage"))
+        return {
+            flat[i]: (
+                _float_or(flat[i + 2], 0.0),
+                float(tenant_quota(self.settings, flat[i])["weight"]),
+            )
+            for i in range(0, len(flat) - 3, 4)
+        }
+
     def stats(self) -> dict:
         """Cluster-wide counters: allocations[service][status], scheduler counters, wait histogram
         (cumulative buckets, Prometheus style), and webhook results (``webhook|<result>``

@@ -1026,13 +1026,11 @@ def fair_inputs(engine) -> dict[str, Any] | None:
     """With tenants.fair_share on (and an engine that keeps tenants' usage): each tenant's
     decayed usage and weight, for :func:`explain`'s fair order; None otherwise."""
     tenants = getattr(engine.settings, "tenants", None)
-    if not getattr(tenants, "fair_share", False) or not hasattr(engine, "tenants"):
+    if not getattr(tenants, "fair_share", False) or not hasattr(engine, "fair_usage"):
         return None
-    rows = engine.tenants()
     return {
-        "tenants": {
-            row["tenant"]: (row["usage_gpu_hours"] * 3600.0, row["weight"]) for row in rows
-        },
+        # the configured tenants and those with usage: any other has (0, default weight)
+        "tenants": engine.fair_usage(),
         "half_life": tenants.usage_half_life,
         "default_weight": tenants.default["weight"],
     }
