@@ -84,6 +84,39 @@ def started_at(pid: int) -> str | None:
     return out.stdout.strip() or None
 
 
+def _group_left(pgid: int) -> bool:
+    """True while a process group lives on after its leader died: the API's gunicorn workers
+    outlive a SIGKILLed master (for a second, or for as long as a request in hand takes) and
+    keep its listening socket. Call only when no process has the pid ``pgid`` (then the group
+    can only be the remnant of the child that led it: the kernel reuses no live group's id).
+    Zombies do not count (a killed child of ours stays one until we reap it).
+    """
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").exists():  # no /proc (macOS, BSD): zombies count there
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    for entry in proc.iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[2] == str(pgid) and fields[0] != "Z":
+                return True
+    return False
+
+
+def _still_there(pid: int, since: str | None) -> bool:
+    """A recorded child (or what is left of its process group) is still running."""
+    now = started_at(pid)
+    return now == since if now is not None else _group_left(pid)
+
+
 def _signal_group(pid: int, sig: int) -> None:
     """Signal a child's whole process group (each child leads its own session)."""
     try:
@@ -162,13 +195,13 @@ class UpLock:
         alive = {
             name: pid
             for name, (pid, since) in recorded.items()
-            if since is not None and started_at(pid) == since
+            if since is not None and _still_there(pid, since)
         }
         if not alive:
             return []
 
         def running() -> list[str]:
-            return [name for name, pid in alive.items() if started_at(pid) == recorded[name][1]]
+            return [name for name, pid in alive.items() if _still_there(pid, recorded[name][1])]
 
         def wait(seconds: float) -> None:
             deadline = time.monotonic() + seconds
@@ -196,7 +229,7 @@ class UpLock:
         stuck = [
             f"{name} (pid {pid})"
             for name, pid in alive.items()
-            if started_at(pid) == recorded[name][1]
+            if _still_there(pid, recorded[name][1])
         ]
         if stuck:
             raise SupervisorError(

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from proc_support import wait_until
@@ -165,6 +166,56 @@ def test_leftovers_of_an_earlier_up_are_stopped_and_reused_pids_are_not(tmp_path
                 proc.kill()
                 proc.wait()
         stubborn.stdout.close()
+
+
+def test_what_a_dead_child_left_in_its_process_group_is_stopped_too(tmp_path):
+    """The API's gunicorn workers outlive a SIGKILLed master and keep the API port: the next
+    'up' said 'API port ... is taken by another process' (exit 2) until they noticed. Here the
+    recorded child is dead and only a process of its group is left."""
+    earlier = UpLock(tmp_path)
+    earlier.acquire()
+    leader = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys; subprocess.Popen(sys.argv[1:]); input()"]
+        + SLEEP,
+        start_new_session=True,
+        stdin=subprocess.PIPE,
+    )
+    wait_until(lambda: _group_members(leader.pid) == 2, message="the leader's child")
+    earlier.record({"api": leader.pid})
+    earlier._fd and os.close(earlier._fd)  # the earlier `up` dies without cleaning up
+    earlier._fd = None
+    leader.kill()  # the master: SIGKILLed with the earlier `up`
+    leader.wait()
+    leader.stdin.close()
+    [worker] = _group_pids(leader.pid)
+    try:
+        later = UpLock(tmp_path)
+        later.acquire()
+        stopped = later.stop_leftovers(grace=0.5)
+        later.release()
+        assert stopped == [f"api (pid {leader.pid})"]
+        assert _group_pids(leader.pid) == []
+    finally:
+        if _group_pids(leader.pid):
+            os.kill(worker, signal.SIGKILL)
+
+
+def _group_pids(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                found.append(int(entry))
+    return found
+
+
+def _group_members(pgid: int) -> int:
+    return len(_group_pids(pgid))
 
 
 @pytest.mark.skipif(not lifeline.has_parent_death_signal(), reason="Linux only")
