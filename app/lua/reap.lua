@@ -23,16 +23,20 @@ for _, id in ipairs(due) do
   list[#list + 1] = id
   finish_alloc(id, status)
 end
-local timed_out = {}
+local timed_out, leaving = {}, {}
 for _, id in ipairs(rcall('ZRANGEBYSCORE', K_QDEAD, '-inf', NOW_S, 'LIMIT', 0, limit)) do
   -- a mode-ok dependent of one timed out before it in this list was cancelled by that
   -- (fail_dependents): ending it again would count it out of the queue twice
   local st = rcall('HGET', k_req(id), 'status')
   if not st or st == 'queued' then
     timed_out[#timed_out + 1] = id
-    finish_queued(id, 'timed_out')
+    finish_queued(id, 'timed_out', leaving)
   end
 end
+-- the timed-out (and those cancelled with them) leave their dependencies' sets, per set
+-- (1,000 with 64 dependencies each, alternating runs: 210-272 ms of Redis for this reap one
+-- SREM at a time, 154-177 ms so)
+leave_deps(leaving)
 -- a node that just went silent: its GPUs are lost to their holders (one notice per silence;
 -- report_node clears the mark when the node reports again)
 for _, node in ipairs(rcall('ZRANGEBYSCORE', K_NODES, '-inf',

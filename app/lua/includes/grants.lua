@@ -157,8 +157,21 @@ end
   webhook), and so on down the chain, in this same script: no pass can grant a dependent in
   between. A worklist, not recursion, so a chain of any length fits Lua's stack.
 ]]
-local function fail_dependents(id)
-  local work, i, leaving, gone = {id}, 1, {}, {}
+-- Remove the ids gathered in leaving (dependency -> ids; end_queued) from the k_deps sets:
+-- one SREM per set and 500 ids, not one per id and set. gone: sets deleted already.
+local function leave_deps(leaving, gone)
+  for dep, ids in pairs(leaving) do
+    if not (gone and gone[dep]) then
+      for j = 1, #ids, 500 do
+        rcall('SREM', k_deps(dep), unpack(ids, j, math.min(j + 499, #ids)))
+      end
+    end
+  end
+end
+
+-- outer: a caller's leaving table (the reap's), flushed by that caller
+local function fail_dependents(id, outer)
+  local work, i, leaving, gone = {id}, 1, outer or {}, {}
   while i <= #work do
     local cause = work[i]
     i = i + 1
@@ -176,13 +189,7 @@ local function fail_dependents(id)
   -- the cancelled leave the sets of their other dependencies (a 3,000-request cascade with
   -- 64 dependencies each: 0.99-1.30 s of Redis with an SREM per id and set, 0.52-0.69 s
   -- batched; 0.22-0.62 s when they stayed in the sets)
-  for dep, ids in pairs(leaving) do
-    if not gone[dep] then
-      for j = 1, #ids, 500 do
-        rcall('SREM', k_deps(dep), unpack(ids, j, math.min(j + 499, #ids)))
-      end
-    end
-  end
+  if not outer then leave_deps(leaving, gone) end
 end
 
 -- A victim of a guarantee preemption ended: the queued request it was preempted for (rid)
@@ -277,9 +284,9 @@ RELEASE_FIELDS_NO_OWNER[RELEASE_READ + 1] = 'status'
 RELEASE_FIELDS[RELEASE_READ + 1], RELEASE_FIELDS[RELEASE_READ + 2] = 'status', 'owner'
 
 -- End a queued request (cancelled | timed_out). Its any-dependents may now run (capver is
--- bumped); its ok-dependents are cancelled.
-local function finish_queued(id, status)
-  if end_queued(id, status) then fail_dependents(id) end
+-- bumped); its ok-dependents are cancelled. leaving: the reap's (leave_deps after its loop).
+local function finish_queued(id, status, leaving)
+  if end_queued(id, status, nil, nil, leaving) then fail_dependents(id, leaving) end
 end
 
 local function top_score(key)
