@@ -238,15 +238,27 @@ def HostList(default, doc=""):
     return Opt(list(default), convert, "a list of hosts, host:port, *.suffix or CIDRs", doc=doc)
 
 
-#: A password given in a URL's query (redis-py reads ``unix:///path.sock?password=...``, and
-#: passes any other query argument, such as ``ssl_password``, to the connection).
-_QUERY_PASSWORD = re.compile(r"([?&][^=&#]*password=)[^&#]*", re.IGNORECASE)
+#: Query argument names that carry a credential, as a part of the name: redis-py reads
+#: ``unix:///path.sock?password=...`` and passes any other argument (``ssl_password``) to the
+#: connection; an HTTP service URL (``services.deepagents_url``) may carry ``?token=``,
+#: ``?api_key=``, ``?access_token=``, a signature (``sig``) or a ``secret``. A name ending in
+#: ``file`` names where a credential is (``ssl_keyfile``), not the credential: it stays.
+SECRET_QUERY_NAMES = ("password", "passwd", "token", "secret", "key", "auth", "sig", "credential")
+_QUERY_ARG = re.compile(r"[?&]([^=&#]*)=([^&#]*)")
+
+
+def _secret_args(url: str):
+    """The query arguments of ``url`` whose name holds a credential (SECRET_QUERY_NAMES)."""
+    for m in _QUERY_ARG.finditer(url):
+        name = m.group(1).lower()
+        if not name.endswith("file") and any(part in name for part in SECRET_QUERY_NAMES):
+            yield m
 
 
 def query_passwords(url: str) -> list[tuple[str, str]]:
-    """Each ``name=value`` query argument of ``url`` that :func:`redact_url` hides (any name
-    with ``password`` in it), with the ``name=***`` it shows instead."""
-    return [(m.group(0)[1:], m.group(1)[1:] + REDACTED) for m in _QUERY_PASSWORD.finditer(url)]
+    """Each ``name=value`` query argument of ``url`` that :func:`redact_url` hides, with the
+    ``name=***`` it shows instead."""
+    return [(m.group(0)[1:], f"{m.group(1)}={REDACTED}") for m in _secret_args(url)]
 
 
 def redact_url(url: str) -> str:
@@ -254,7 +266,8 @@ def redact_url(url: str) -> str:
     readable."""
     if not url:
         return url
-    url = _QUERY_PASSWORD.sub(lambda m: m.group(1) + REDACTED, url)
+    for m in reversed(list(_secret_args(url))):
+        url = url[: m.start(2)] + REDACTED + url[m.end(2) :]
     if url.startswith(SENTINEL_SCHEME + "://"):  # several host:port, which urlsplit rejects
         rest = url[len(SENTINEL_SCHEME) + 3 :]
         auth, at, hosts = rest.rpartition("@")

@@ -135,6 +135,23 @@ def test_config_show_hides_a_password_in_the_url_query(url, shown):
     assert f"url: {shown}" in out.stdout
 
 
+def test_config_show_hides_a_token_in_a_service_urls_query():
+    """An HTTP service may take its credential in the query (``?token=``, ``?api_key=``,
+    ``?X-Amz-Signature=``); what is not a credential stays readable."""
+    url = (
+        "https://advisor.example:8443/v1?model=m1&token=tk-in-query&api_key=ak-in-query"
+        "&X-Amz-Signature=sg-in-query&region=eu"
+    )
+    out = run_cli("config", "show", env={"DEEPAGENTS_URL": url})
+    assert out.returncode == 0, out.stderr
+    for secret in ("tk-in-query", "ak-in-query", "sg-in-query"):
+        assert secret not in out.stdout
+    assert (
+        "deepagents_url: https://advisor.example:8443/v1?model=m1&token=***&api_key=***"
+        "&X-Amz-Signature=***&region=eu"
+    ) in out.stdout
+
+
 @pytest.mark.parametrize("port", ["99999", "port"])
 def test_a_redis_url_with_a_bad_port_is_one_line_exit_2_without_its_password(port):
     out = run_cli("config", "show", env={"REDIS_URL": f"redis://:pw-777@cache:{port}/0"})
