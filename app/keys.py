@@ -50,7 +50,8 @@ class Keys:
         return self._k("gpus")
 
     def shared_capacity(self) -> str:
-        """ZSET ``node|index`` -> MB still reservable by shared requests (shareable GPUs only)."""
+        """ZSET ``node|index`` -> MB still reservable by shared requests (shareable GPUs with
+        fewer than ``request_rules.MAX_SHARED_PER_GPU`` shared holders only)."""
         return self._k("gpus", "shared")
 
     # Requests and allocations ----------------------------------------------
