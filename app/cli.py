@@ -526,6 +526,9 @@ def _wait_until_up(settings, url, host, with_monitor, stopped, timeout=20.0) -> 
 def _summary(settings, url, embedded, host, roles, found=None) -> str:
     found = found or {}
     where = f"embedded, data in {embedded.data_dir}" if embedded else settings_mod.redact_url(url)
+    foreign = embedded is not None and not embedded.owned  # e.g. `gpu-orchestrator redis`
+    if foreign:
+        where += "; run by another process: up neither restarts nor stops it"
     base = f"http://{host}:{settings.server.port}"
     gpus = (
         "not reported yet"
@@ -547,7 +550,8 @@ def _summary(settings, url, embedded, host, roles, found=None) -> str:
             f"  State:      {found['allocations']} allocation(s), "
             f"{found['queued']} queued request(s)"
         )
-    lines += [f"  Roles:      {', '.join(roles)}", "  Ctrl-C stops everything."]
+    stops = "every role (not that Redis)" if foreign else "everything"
+    lines += [f"  Roles:      {', '.join(roles)}", f"  Ctrl-C stops {stops}."]
     return "\n".join(lines)
 
 

@@ -347,3 +347,24 @@ def test_pip_install_into_fresh_venv_gives_working_help(tmp_path):
         timeout=60,
     )
     assert out.returncode == 0 and "monitor" in out.stdout
+
+
+def test_up_says_when_its_redis_is_run_by_another_process(tmp_path, settings):
+    """`up` restarts and stops only a server it started; its summary said 'Ctrl-C stops
+    everything' over one that `gpu-orchestrator redis` ran in another terminal."""
+    from app.cli import _summary
+    from app.embedded_redis import EmbeddedRedis
+
+    port = free_port()
+    owner = EmbeddedRedis(str(tmp_path / "data"), port=port)
+    url = owner.start()
+    try:
+        mine = _summary(settings, url, owner, "127.0.0.1", ["api"])
+        assert "Ctrl-C stops everything." in mine and "another process" not in mine
+        guest = EmbeddedRedis(str(tmp_path / "data"), port=port)
+        guest.start()
+        theirs = _summary(settings, url, guest, "127.0.0.1", ["api"])
+        assert "run by another process: up neither restarts nor stops it" in theirs
+        assert "Ctrl-C stops every role (not that Redis)." in theirs
+    finally:
+        owner.stop()
