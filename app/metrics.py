@@ -380,9 +380,8 @@ def init_app(app: Flask, engine: Any) -> None:
     def _record(response):
         start = request_globals().pop("_metrics_start", None)
         req = current_request()
-        method, status = req.method, response.status_code
+        method, status, rule = req.method, response.status_code, req.url_rule
         if start is not None:
-            rule = req.url_rule
             route = rule.rule if rule is not None else UNMATCHED
             if (
                 rule is not None
@@ -394,7 +393,7 @@ def init_app(app: Flask, engine: Any) -> None:
         if (
             method not in _READS
             and 200 <= status < 300
-            and (req.url_rule is None or req.url_rule.endpoint not in _READ_ONLY_ENDPOINTS)
+            and (rule is None or rule.endpoint not in _READ_ONLY_ENDPOINTS)
         ):
             # this process changed state (a grant, a release, a drain...): its next scrape
             # shows it. Only a client allowed to write (with auth on: one with a key) can cause
