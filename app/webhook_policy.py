@@ -76,6 +76,15 @@ class NotNow(Unresolvable):
         self.retry_in = retry_in
 
 
+class TimedOut(Unresolvable):
+    """The lookup did not end within the caller's timeout (it may still answer later)."""
+
+
+class Busy(NotNow):
+    """The caller stopped waiting for the server's sake (``abort``: its thread was wanted):
+    nothing was learnt about the name, so the API answers 503 (try again), not a refusal."""
+
+
 @dataclass(frozen=True)
 class Entry:
     """One parsed ``webhooks.allowed_hosts`` entry: a name pattern or a network, and maybe a
@@ -304,7 +313,7 @@ class Lookups:
             lookup = self._running.get(key)
             if lookup is not None and lookup.overdue is not None:
                 raise Unresolvable(
-                    f"looking up {host!r} took longer than {lookup.overdue:.1f} s for an "
+                    f"looking up {host!r} took longer than {lookup.overdue:g} s for an "
                     "earlier caller and is still running"
                 )
             if lookup is None:
@@ -342,11 +351,11 @@ class Lookups:
                 if abort is not None and abort in lookup.wakers:
                     lookup.wakers.remove(abort)
                 if waited:  # aborted: the name is not known to be slow
-                    raise NotNow(f"cannot wait for the lookup of {host!r} now: server busy")
+                    raise Busy(f"cannot wait for the lookup of {host!r} now: server busy")
                 if not lookup.done.is_set() and lookup.overdue is None:
                     lookup.overdue = timeout
             if not lookup.done.is_set():
-                raise Unresolvable(f"looking up {host!r} took longer than {timeout:.1f} s")
+                raise TimedOut(f"looking up {host!r} took longer than {timeout:g} s")
         if isinstance(lookup.error, OSError):
             exc = lookup.error
             raise Unresolvable(f"cannot resolve {host!r}: {exc.strerror or exc}")

@@ -20,7 +20,7 @@ from app import auth, longpoll, schemas, waiting
 from app.api import body, render
 from app.api.docs import doc, doc_once
 from app.engine import LIVE_STATUSES, valid_cursor, workload_data_json
-from app.errors import BadRequest, NotFound, OrchestratorError, ValidationFailed
+from app.errors import BadRequest, NotFound, OrchestratorError, Unavailable, ValidationFailed
 from app.flask_context import current_request, this_app
 from app.request_rules import (
     IDEMPOTENCY_KEY_RULE,
@@ -30,7 +30,7 @@ from app.request_rules import (
     idempotency_key_ok,
 )
 from app.settings import tenant_key
-from app.webhook_policy import Refused, asker_of
+from app.webhook_policy import Busy, Refused, TimedOut, asker_of
 
 log = logging.getLogger("gpu_orchestrator.api")
 
@@ -191,8 +191,9 @@ def _check_webhook_url(url: str | None, service_name: str | None) -> None:
     (delivery checks it again against the address it connects to). Its name lookup counts
     against the caller's share of the running lookups (app.webhook_policy.Lookups), and
     waits on its thread as a long-poll does (app.longpoll.Holds): only while another thread
-    of the worker is idle, letting go (422, try again) when a request needs the last one;
-    on the last idle thread itself it waits LAST_THREAD_LOOKUP_TIMEOUT at most."""
+    of the worker is idle, letting go when a request needs the last one; on the last idle
+    thread itself it waits LAST_THREAD_LOOKUP_TIMEOUT at most. A wait cut short so is a 503
+    (try again), not a 422: nothing was learnt about the URL."""
     if not url:
         return
     extensions = this_app().extensions
@@ -201,6 +202,7 @@ def _check_webhook_url(url: str | None, service_name: str | None) -> None:
     poll = extensions.get("gpu_longpoll")
     w = longpoll.Waiter("webhook-lookup")
     held = poll is not None and poll.holds.hold(w)
+    full = timeout
     if poll is not None and not held:
         timeout = min(timeout, LAST_THREAD_LOOKUP_TIMEOUT)
     try:
@@ -211,6 +213,12 @@ def _check_webhook_url(url: str | None, service_name: str | None) -> None:
             abort=w.event if held else None,
         )
     except Refused as exc:
+        if isinstance(exc, Busy) or (isinstance(exc, TimedOut) and timeout < full):
+            # the server cut the wait short for its other requests: the URL may be fine
+            raise Unavailable(
+                f"webhook_url not checked: {exc}; the API is busy, try again",
+                details={"webhook_url": [str(exc)]},
+            ) from None
         raise ValidationFailed(
             f"webhook_url refused: {exc}", details={"webhook_url": [str(exc)]}
         ) from None
