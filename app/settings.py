@@ -851,6 +851,13 @@ SPEC: dict[str, dict[str, Any]] = {
         "data_dir": Str("./var/redis", doc="embedded Redis data directory (AOF lives here)"),
         "embedded_host": Str("127.0.0.1", doc="embedded Redis listens here (loopback only)"),
         "embedded_port": Int(6390, 1, 65535, doc="embedded Redis port"),
+        "embedded_appendfsync": Choice(
+            "everysec",
+            ("everysec", "always"),
+            doc="when the embedded Redis it starts fsyncs its AOF: everysec loses no "
+            "acknowledged write to a killed process, about the last second to a machine crash; "
+            "always loses none to either, each write waiting for the disk",
+        ),
         "socket_timeout": Duration(
             "5s", 0.1, doc="Redis connect/read timeout; past it the API answers 503"
         ),

@@ -261,3 +261,27 @@ def _running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_redis_embedded_appendfsync_always_reaches_the_server_a_role_starts(tmp_path):
+    """The everysec default loses about a second to a machine crash; always is the setting
+    for none (bench/aof_fsync.py: what it costs)."""
+    from app import settings as settings_mod
+
+    port = free_port()
+    settings = settings_mod.load(
+        environ={
+            "GPU_ORCH__REDIS__DATA_DIR": str(tmp_path / "data"),
+            "GPU_ORCH__REDIS__EMBEDDED_PORT": str(port),
+            "GPU_ORCH__REDIS__EMBEDDED_APPENDFSYNC": "always",
+        }
+    )
+    url, server = embedded_redis.resolve(settings)
+    client = redis_lib.Redis.from_url(url)
+    try:
+        assert server.owned
+        assert client.config_get("appendfsync")["appendfsync"] == "always"
+        assert settings_mod.load(environ={}).redis.embedded_appendfsync == "everysec"
+    finally:
+        client.close()
+        server.stop()
