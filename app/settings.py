@@ -1260,11 +1260,15 @@ def _check_consistency(values: dict, source: str):
             _tenant_entry(entry, tenants["default"], f".{name}")
         except _BadAt as bad:
             raise ConfigError(source, "tenants.quotas" + bad.where, str(bad), bad.got) from None
-    for key in values["auth"]["api_keys"]:
+    for key, principal in values["auth"]["api_keys"].items():
         if key.startswith("sha256:") and not re.fullmatch(r"sha256:[0-9a-fA-F]{64}", key):
             raise ConfigError(
                 source, "auth.api_keys", "sha256: followed by 64 hex digits", show_got=False
             )
+        # the engine stores an idempotency key as "<owner>|<key>": principals "a" and "a|b"
+        # would share "a|b|c" (a|b's key "c", a's key "b|c") and replay each other's requests
+        if "|" in principal:
+            raise ConfigError(source, "auth.api_keys", "principal names without '|'", principal)
 
 
 def _env_overrides(environ: Mapping[str, str]) -> list[tuple[str, dict]]:

@@ -102,6 +102,8 @@ def test_missing_default_file_is_fine_but_named_file_is_an_error(tmp_path, monke
         ("redis: {url: 'http://x'}", "redis.url", "a URL with scheme redis"),
         ("auth: {enabled: true}", "auth.api_keys", "at least one key"),
         ("auth: {api_keys: {'sha256:abc': svc}}", "auth.api_keys", "64 hex digits"),
+        # "<owner>|<idempotency key>" must name one owner's key only
+        ("auth: {api_keys: {k1: 'team|a'}}", "auth.api_keys", "principal names without '|'"),
         (
             "workload_defaults: {training: {default_priority: 11}}",
             "workload_defaults.training.default_priority",
