@@ -304,10 +304,13 @@ class Lookups:
         timeout: float,
         asker: str = "",
         abort: threading.Event | None = None,
+        patience: float | None = None,
     ) -> list:
         """The addresses of ``host``. ``abort``: an event whose setting ends the wait at once
-        with NotNow (the API's thread budget wants the thread back); the lookup also sets it
-        when it ends, so the caller waits on one event."""
+        with Busy (the API's thread budget wants the thread back); the lookup also sets it
+        when it ends, so the caller waits on one event. ``patience`` (below ``timeout``): the
+        caller stops waiting then for the server's sake, Busy too. Neither marks the lookup
+        overdue: only a wait of the whole ``timeout`` says the name is slow."""
         key = (resolver, host, port)
         with self._lock:
             lookup = self._running.get(key)
@@ -345,13 +348,19 @@ class Lookups:
                 self._domains[domain] += 1
             if abort is not None:
                 lookup.wakers.append(abort)
-        waited = (abort or lookup.done).wait(max(0.0, timeout))
+        wait = timeout if patience is None else min(patience, timeout)
+        waited = (abort or lookup.done).wait(max(0.0, wait))
         if not lookup.done.is_set():
             with self._lock:
                 if abort is not None and abort in lookup.wakers:
                     lookup.wakers.remove(abort)
                 if waited:  # aborted: the name is not known to be slow
                     raise Busy(f"cannot wait for the lookup of {host!r} now: server busy")
+                if wait < timeout:  # out of patience: nor is it then
+                    raise Busy(
+                        f"looking up {host!r} took longer than {wait:g} s, as long as the "
+                        "server can wait now: server busy"
+                    )
                 if not lookup.done.is_set() and lookup.overdue is None:
                     lookup.overdue = timeout
             if not lookup.done.is_set():
@@ -462,13 +471,14 @@ class Policy:
         timeout: float = 5.0,
         asker: str = "",
         abort: threading.Event | None = None,
+        patience: float | None = None,
     ) -> Target:
         """Check ``url`` and return where it may be delivered; Refused (or Unresolvable).
 
         Nothing connects anywhere here; the only network traffic is the name lookup (none for
         an address literal, nor for a name that allowed_hosts cannot admit). ``asker``
         (:func:`asker_of`): whose share of the running lookups this one counts against;
-        ``abort``: set, it ends a wait for the lookup at once (NotNow; Lookups.resolve).
+        ``abort``, ``patience``: the caller's limits on its wait (Busy; Lookups.resolve).
         """
         scheme, host, port, path = split(url)
         shown = redact(url)
@@ -480,7 +490,7 @@ class Policy:
         else:
             if self.entries and not named and not networks:
                 raise Refused(f"webhook host {host!r} is not in webhooks.allowed_hosts")
-            addresses = _lookups.resolve(self.resolver, host, port, timeout, asker, abort)
+            addresses = _lookups.resolve(self.resolver, host, port, timeout, asker, abort, patience)
             if not addresses:
                 raise Unresolvable(f"{host!r} resolves to no address")
         for text in addresses:

@@ -387,6 +387,28 @@ def test_a_lookup_on_the_last_idle_thread_holds_it_a_quarter_second_at_most(make
     assert resp.status_code == 200, resp.get_data(as_text=True)
 
 
+def test_a_lookup_cut_short_on_the_last_thread_refuses_no_later_caller(make_app, hung_dns):
+    """A lookup the API stopped waiting for after LAST_THREAD_LOOKUP_TIMEOUT (its last idle
+    thread) learnt nothing about the name: a caller with a whole WEBHOOK_LOOKUP_TIMEOUT to
+    wait joins that lookup and waits, then gets its own answer. Before, the cut-short wait
+    marked the lookup overdue, and the next allocate naming the host was a 422 "webhook_url
+    refused: looking up ... took longer than 0.25 s for an earlier caller" at once."""
+    single = make_app(nodes=(("node-a", 8),), server={"threads": 1}, webhooks={"timeout": "5s"})
+    url = "http://hung-cut.test/h"
+    resp = single.test_client().post(
+        "/gpu/allocate", json={"service_name": "a", "webhook_url": url}
+    )
+    assert_error(resp, 503, "unavailable")
+    roomy = make_app(nodes=(("node-a", 8),), webhooks={"timeout": "300ms"})
+    start = time.monotonic()
+    resp = roomy.test_client().post("/gpu/allocate", json={"service_name": "b", "webhook_url": url})
+    took = time.monotonic() - start
+    body = assert_error(resp, 422, "validation_error")
+    assert "took longer than 0.3 s" in body["message"], body["message"]
+    assert "earlier caller" not in body["message"] and took >= 0.3
+    assert hung_dns.count("hung-cut.test") == 1  # it waited on the running lookup
+
+
 def test_a_hung_name_holds_one_lookup_however_often_it_is_asked_for(settings, hung_dns):
     """Tries of the same name wait on the lookup already running instead of starting more, and
     past MAX_LOOKUPS running lookups a new one is refused at once instead of queued."""

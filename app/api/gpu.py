@@ -30,7 +30,7 @@ from app.request_rules import (
     idempotency_key_ok,
 )
 from app.settings import tenant_key
-from app.webhook_policy import Busy, Refused, TimedOut, asker_of
+from app.webhook_policy import Busy, Refused, asker_of
 
 log = logging.getLogger("gpu_orchestrator.api")
 
@@ -198,22 +198,19 @@ def _check_webhook_url(url: str | None, service_name: str | None) -> None:
         return
     extensions = this_app().extensions
     settings = extensions["gpu_settings"]
-    timeout = min(WEBHOOK_LOOKUP_TIMEOUT, settings.webhooks.timeout)
     poll = extensions.get("gpu_longpoll")
     w = longpoll.Waiter("webhook-lookup")
     held = poll is not None and poll.holds.hold(w)
-    full = timeout
-    if poll is not None and not held:
-        timeout = min(timeout, LAST_THREAD_LOOKUP_TIMEOUT)
     try:
         extensions["gpu_webhook_policy"].resolve(
             url,
-            timeout=timeout,
+            timeout=min(WEBHOOK_LOOKUP_TIMEOUT, settings.webhooks.timeout),
             asker=asker_of(auth.current_principal(), service_name),
             abort=w.event if held else None,
+            patience=LAST_THREAD_LOOKUP_TIMEOUT if poll is not None and not held else None,
         )
     except Refused as exc:
-        if isinstance(exc, Busy) or (isinstance(exc, TimedOut) and timeout < full):
+        if isinstance(exc, Busy):
             # the server cut the wait short for its other requests: the URL may be fine
             raise Unavailable(
                 f"webhook_url not checked: {exc}; the API is busy, try again",
