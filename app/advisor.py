@@ -11,15 +11,10 @@ Two guards keep a sick advisor from slowing allocations down:
 - a hard time limit: the HTTP call runs on a small thread pool and the caller waits at most
   ``timeout`` seconds for it (the socket timeouts are the same, so a stuck thread frees itself
   soon after);
-- a circuit breaker: ``failures`` failures in a row open it, and for ``cooldown`` seconds every
-  call is skipped at no cost. After that one caller is let through as a trial (half-open); its
-  success closes the breaker, its failure opens it for another cooldown.
-
-Concurrency note: gunicorn threads share one Advisor. Without the half-open trial slot, when
-the cooldown ends every thread would see "closed" at once and all of them would wait on a
-still-dead advisor: thread-1 at t=30.0 s sends a request, thread-2 at t=30.1 s sends another,
-... each paying the full time limit. The lock-protected ``_trial_in_flight`` flag lets only
-the first through; the others keep using the rules until the trial reports back.
+- a circuit breaker (app/breaker.py, shared with the graph service): ``breaker_failures``
+  failures in a row open it, and for ``breaker_cooldown`` seconds every call is skipped at no
+  cost. After that one caller is let through as a trial (half-open); its success closes the
+  breaker, its failure opens it for another cooldown.
 """
 
 from __future__ import annotations
@@ -39,6 +34,7 @@ import requests
 import urllib3
 from prometheus_client import Counter
 
+from app.breaker import Breaker
 from app.request_rules import FIELDS
 from app.settings import redact_url
 
@@ -65,8 +61,6 @@ RESPONSE_SCHEMA = {
     },
     "required": ["required_gpus", "min_memory_mb", "priority"],
 }
-
-CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 
 
 @dataclass(frozen=True)
@@ -157,14 +151,18 @@ class Advisor:
         self.timeout = timeout
         self.breaker_failures = breaker_failures
         self.breaker_cooldown = breaker_cooldown
-        self._clock = clock
         self._session = session or requests.Session()
         self._max_workers = max_workers
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
-        self._failures = 0
-        self._open_until: float | None = None
-        self._trial_in_flight = False
+        self._breaker = Breaker(
+            "advisor",
+            failures=breaker_failures,
+            cooldown=breaker_cooldown,
+            clock=clock,
+            log=log,
+            shown=self._shown,
+        )
 
     @classmethod
     def from_settings(cls, settings, **kwargs) -> Advisor | None:
@@ -184,38 +182,8 @@ class Advisor:
 
     @property
     def state(self) -> str:
-        with self._lock:
-            if self._open_until is None:
-                return CLOSED
-            return OPEN if self._clock() < self._open_until else HALF_OPEN
-
-    def _admit(self) -> bool:
-        """May this call go out? Claims the half-open trial slot when it is free."""
-        with self._lock:
-            if self._open_until is None:
-                return True
-            if self._clock() < self._open_until or self._trial_in_flight:
-                return False
-            self._trial_in_flight = True
-            return True
-
-    def _record(self, ok: bool) -> None:
-        with self._lock:
-            self._trial_in_flight = False
-            if ok:
-                if self._open_until is not None:
-                    log.info("advisor breaker closed: %s answered again", self._shown)
-                self._failures, self._open_until = 0, None
-                return
-            self._failures += 1
-            if self._open_until is not None or self._failures >= self.breaker_failures:
-                if self._open_until is None:
-                    log.warning(
-                        "advisor breaker open for %.0fs after %d failures in a row",
-                        self.breaker_cooldown,
-                        self._failures,
-                    )
-                self._open_until = self._clock() + self.breaker_cooldown
+        """The breaker's: closed, open or half_open."""
+        return self._breaker.state
 
     # ------------------------------------------------------------------ calls
 
@@ -229,7 +197,7 @@ class Advisor:
         max_memory_mb: int,
     ) -> Advice | None:
         """A clamped recommendation, or None (breaker open, time limit, error, garbage)."""
-        if not self._admit():
+        if not self._breaker.admit():
             ADVISOR_CALLS.labels("skipped").inc()
             return None
         body = build_request(service_name, workload_type, workload_data)
@@ -249,14 +217,14 @@ class Advisor:
         except Exception as exc:  # an advisor failure never fails an allocation
             log.exception("advisor call failed unexpectedly")
             return self._fail("error", type(exc).__name__)
-        self._record(True)
+        self._breaker.record(True)
         ADVISOR_CALLS.labels("ok").inc()
         return advice
 
     def _fail(self, outcome: str, why: str) -> None:
         log.warning("advisor %s: %s; using the rules", outcome, why)
         ADVISOR_CALLS.labels(outcome).inc()
-        self._record(False)
+        self._breaker.record(False)
         return None
 
     def _executor(self) -> ThreadPoolExecutor:
