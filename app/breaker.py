@@ -69,10 +69,15 @@ class Breaker:
             self._trial_in_flight = True
             return True
 
-    def record(self, ok: bool) -> None:
-        """The outcome of an admitted call: a success closes, a failure counts (and may open)."""
+    def record(self, ok: bool | None) -> None:
+        """The outcome of an admitted call: a success closes, a failure counts (and may open).
+
+        None: the call says nothing about the service's health (it answered, but about the
+        caller's input); it only frees the trial slot, so the next caller is the trial."""
         with self._lock:
             self._trial_in_flight = False
+            if ok is None:
+                return
             if ok:
                 if self._open_until is not None:
                     self._log.info("%s breaker closed: %s answered again", self.name, self.shown)

@@ -873,8 +873,15 @@ SPEC: dict[str, dict[str, Any]] = {
         "graph_service_url": Url("", ("http", "https"), doc="workflow lookups; empty: off"),
         "deepagents_timeout": Duration("2s", 0.05, 60, doc="longest wait for the advisor"),
         "graph_service_timeout": Duration("2s", 0.05, 60, doc="longest wait for a workflow lookup"),
-        "breaker_failures": Int(3, 1, 100, doc="advisor failures in a row that open the breaker"),
-        "breaker_cooldown": Duration("30s", 1, doc="how long an open breaker skips the advisor"),
+        "breaker_failures": Int(
+            3,
+            1,
+            100,
+            doc="failures in a row that open a breaker (advisor and graph service: one each)",
+        ),
+        "breaker_cooldown": Duration(
+            "30s", 1, doc="how long an open breaker skips its service (advisor, graph service)"
+        ),
         "graph_cache_ttl": Duration(
             "60s", 0, doc="workflow lookups are reused this long; 0: no cache"
         ),

@@ -11,9 +11,20 @@ may sit at the top level or under ``"workflow"``; priority is ``priority`` or
 ``depends_on`` (a list of strings). Anything else in the answer is ignored.
 
 Caching: a successful lookup (including "no such workflow", a 404) is reused for ``cache_ttl``
-seconds; a failure is remembered for ``min(cache_ttl, failure_ttl)`` seconds, so a dead graph
-service costs one time limit every few seconds rather than one per request. Two threads that
-miss the cache at the same moment may both ask the service; that is harmless (same answer).
+seconds; a failure is remembered for ``min(cache_ttl, failure_ttl)`` seconds, so one workflow id
+costs a dead graph service's time limit at most every few seconds. Two threads that miss the
+cache at the same moment may both ask the service; that is harmless (same answer).
+
+Circuit breaker (app/breaker.py, the advisor's; ``services.breaker_failures`` and
+``services.breaker_cooldown``): the failure cache is per id, so without it every request with a
+new ``workflow_id`` would wait the full time limit on a hanging service and could occupy every
+API thread. ``breaker_failures`` failed lookups in a row open it; while it is open a lookup that
+misses the cache returns None at once without asking, and after ``breaker_cooldown`` one lookup
+goes out as a trial. Only failures that say the service is unwell count: no connection, no
+answer in time, or a 5xx. An answer about the id (another 4xx, a body that is not a workflow)
+neither counts nor resets the count: the id is the client's, and a client must neither switch
+the graph service off for everyone with ids the service refuses nor keep a hanging service's
+breaker closed with them.
 """
 
 from __future__ import annotations
@@ -30,13 +41,22 @@ from urllib.parse import quote
 
 import requests
 import urllib3
+from prometheus_client import Counter
 
+from app.breaker import Breaker
 from app.request_rules import FIELDS
+from app.settings import redact_url
 
 #: The request's priority rule (app.request_rules): the graph service's is clamped to it.
 PRIORITY = FIELDS["priority"]
 
 log = logging.getLogger(__name__)
+
+#: Lookups sent or skipped, by outcome: ok (an answer, 404 included), timeout, error (no
+#: connection or a 5xx), garbage (an answer that is not a workflow), skipped (breaker open).
+GRAPH_LOOKUPS = Counter(
+    "gpu_orchestrator_graph_lookups", "Graph-service workflow lookups by outcome", ["outcome"]
+)
 
 MAX_RESPONSE_BYTES = 1 << 20
 MAX_DEPENDENCIES = 1000
@@ -52,7 +72,17 @@ class WorkflowInfo:
 
 
 class _LookupFailed(Exception):
-    pass
+    """A lookup that gave no workflow; ``outcome`` is its GRAPH_LOOKUPS label."""
+
+    def __init__(self, why: str, outcome: str = "garbage"):
+        super().__init__(why)
+        self.outcome = outcome
+
+    @property
+    def unwell(self) -> bool:
+        """Does it count towards the breaker? Only when the service itself failed (else the
+        answer was about the client's id: app.breaker's record(None))."""
+        return self.outcome != "garbage"
 
 
 def parse_workflow(workflow_id: str, body: Any) -> WorkflowInfo:
@@ -86,6 +116,8 @@ class WorkflowClient:
         cache_ttl: float = 60.0,
         failure_ttl: float = 5.0,
         max_entries: int = 1024,
+        breaker_failures: int = 3,
+        breaker_cooldown: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
         session: requests.Session | None = None,
     ):
@@ -100,6 +132,14 @@ class WorkflowClient:
         self._session = session or requests.Session()
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, tuple[float, WorkflowInfo | None]] = OrderedDict()
+        self.breaker = Breaker(
+            "graph service",
+            failures=breaker_failures,
+            cooldown=breaker_cooldown,
+            clock=clock,
+            log=log,
+            shown=redact_url(self.url),
+        )
 
     @classmethod
     def from_settings(cls, settings, **kwargs) -> WorkflowClient | None:
@@ -111,25 +151,39 @@ class WorkflowClient:
             svc.graph_service_url,
             timeout=svc.graph_service_timeout,
             cache_ttl=svc.graph_cache_ttl,
+            breaker_failures=svc.breaker_failures,
+            breaker_cooldown=svc.breaker_cooldown,
             **kwargs,
         )
 
     def lookup(self, workflow_id: str) -> WorkflowInfo | None:
-        """The workflow's context, or None when it is unknown or the service failed."""
+        """The workflow's context, or None when it is unknown, the service failed or its
+        breaker is open (then nothing is sent and nothing is cached)."""
         now = self._clock()
         with self._lock:
             hit = self._cache.get(workflow_id)
             if hit is not None and hit[0] > now:
                 return hit[1]
+        if not self.breaker.admit():
+            GRAPH_LOOKUPS.labels("skipped").inc()
+            return None
+        healthy: bool | None = False
         try:
             info, ttl = self._fetch(workflow_id), self.cache_ttl
+            healthy = True
+            GRAPH_LOOKUPS.labels("ok").inc()
         except Exception as exc:  # _LookupFailed, or anything unforeseen: never fail a request
+            failed = exc if isinstance(exc, _LookupFailed) else _LookupFailed(repr(exc), "error")
+            healthy = False if failed.unwell else None
+            GRAPH_LOOKUPS.labels(failed.outcome).inc()
             log.warning(
                 "graph service lookup of workflow %r failed: %s; using the request's own data",
                 workflow_id,
                 exc,
             )
             info, ttl = None, self.failure_ttl
+        finally:
+            self.breaker.record(healthy)  # admitted: always reported, or a trial never ends
         if ttl > 0:
             with self._lock:
                 self._cache[workflow_id] = (self._clock() + ttl, info)
@@ -146,17 +200,22 @@ class WorkflowClient:
                 if resp.status_code == 404:
                     return None
                 if resp.status_code != 200:
-                    raise _LookupFailed(f"HTTP {resp.status_code}")
+                    unwell = resp.status_code >= 500
+                    raise _LookupFailed(
+                        f"HTTP {resp.status_code}", "error" if unwell else "garbage"
+                    )
                 data = bytearray()
                 while chunk := resp.raw.read1(65536, decode_content=True):  # what has arrived
                     data += chunk
                     if len(data) > MAX_RESPONSE_BYTES:
                         raise _LookupFailed("answer too large")
                     if time.monotonic() > give_up:
-                        raise _LookupFailed(f"answer took longer than {self.timeout:g}s")
+                        raise _LookupFailed(f"answer took longer than {self.timeout:g}s", "timeout")
             body = json.loads(data)
+        except (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError) as exc:
+            raise _LookupFailed(str(exc) or type(exc).__name__, "timeout") from None
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-            raise _LookupFailed(str(exc) or type(exc).__name__) from None
+            raise _LookupFailed(str(exc) or type(exc).__name__, "error") from None
         except ValueError:
             raise _LookupFailed("answer is not JSON") from None
         return parse_workflow(workflow_id, body)

@@ -1,17 +1,21 @@
-"""Graph-service workflow lookups against a real HTTP server on 127.0.0.1, and their cache."""
+"""Graph-service workflow lookups against a real HTTP server on 127.0.0.1: cache, breaker."""
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from prometheus_client import REGISTRY
 
+from app import create_app
 from app import settings as settings_mod
 from app.workflow import WorkflowClient, WorkflowInfo, parse_workflow
 from app.workload import WorkloadAnalyzer
+from tests.api_support import Clock, register_fleet
 
 
 class GraphService:
@@ -244,3 +248,191 @@ def test_graph_failure_proceeds_with_own_data(graph, analyzer):
 def test_no_workflow_id_means_no_lookup(graph, analyzer):
     analyzer.analyze("inference", {"workflow_dependencies": ["req-1"]})
     assert graph.paths == []
+
+
+# --------------------------------------------------------------------------- circuit breaker
+
+
+def lookups(outcome: str) -> float:
+    sample = REGISTRY.get_sample_value("gpu_orchestrator_graph_lookups_total", {"outcome": outcome})
+    return sample or 0.0
+
+
+def make_sick(graph, fault: str) -> None:
+    """``hang``: the service answers long after the client's time limit; ``503``: at once."""
+    if fault == "hang":
+        graph.delay = 2.0
+    else:
+        graph.status = 503
+
+
+@pytest.fixture
+def guarded(graph, clock):
+    c = WorkflowClient(graph.url, timeout=0.3, breaker_failures=3, breaker_cooldown=30, clock=clock)
+    yield c
+    c.close()
+
+
+@pytest.mark.parametrize("fault", ["hang", "503"])
+def test_open_breaker_skips_fresh_ids_without_asking(graph, guarded, clock, fault, caplog):
+    make_sick(graph, fault)
+    for i in range(3):
+        assert guarded.lookup(f"wf-{i}") is None
+    assert len(graph.paths) == 3 and guarded.breaker.state == "open"
+    assert "graph service breaker open for 30s after 3 failures in a row" in caplog.text
+    skipped = lookups("skipped")
+    started = time.monotonic()
+    for i in range(3, 13):  # a new id each time: the per-id failure cache does not cover them
+        assert guarded.lookup(f"wf-{i}") is None
+    assert time.monotonic() - started < guarded.timeout  # all ten together: less than one wait
+    assert len(graph.paths) == 3  # not one of them was sent
+    assert lookups("skipped") == skipped + 10
+
+
+def test_after_the_cooldown_one_trial_goes_out_and_its_success_closes(
+    graph, guarded, clock, caplog
+):
+    caplog.set_level(logging.INFO, logger="app.workflow")
+    graph.status = 503
+    for i in range(3):
+        guarded.lookup(f"wf-{i}")
+    clock.now += 29.9
+    assert guarded.lookup("wf-a") is None and len(graph.paths) == 3  # still open
+    clock.now += 0.1
+    assert guarded.breaker.state == "half_open"
+    graph.status = 200
+    graph.workflows["wf-b"] = {"priority": 8}
+    assert guarded.lookup("wf-b").priority == 8  # the trial
+    assert graph.paths[3:] == ["/workflow/wf-b"] and guarded.breaker.state == "closed"
+    assert f"graph service breaker closed: {graph.url} answered again" in caplog.text
+    graph.workflows["wf-c"] = {"priority": 2}
+    assert guarded.lookup("wf-c").priority == 2 and len(graph.paths) == 5  # closed: all go out
+
+
+def test_a_failed_trial_reopens_for_a_full_cooldown(graph, guarded, clock):
+    graph.status = 503
+    for i in range(3):
+        guarded.lookup(f"wf-{i}")
+    clock.now += 30
+    assert guarded.lookup("wf-trial") is None and len(graph.paths) == 4  # the trial, failed
+    assert guarded.breaker.state == "open"
+    clock.now += 29
+    assert guarded.lookup("wf-x") is None and len(graph.paths) == 4
+    clock.now += 1
+    assert guarded.breaker.state == "half_open"
+
+
+def test_half_open_sends_one_trial_while_the_others_skip(graph, guarded, clock):
+    graph.delay = 2.0
+    for i in range(3):
+        guarded.lookup(f"wf-{i}")
+    clock.now += 30
+    trial = threading.Thread(target=guarded.lookup, args=("wf-trial",))
+    trial.start()
+    deadline = time.monotonic() + 5
+    while len(graph.paths) < 4 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert graph.paths[3:] == ["/workflow/wf-trial"]
+    started = time.monotonic()
+    assert guarded.lookup("wf-other") is None  # the trial is still waiting: skip
+    assert time.monotonic() - started < guarded.timeout
+    trial.join()
+    assert len(graph.paths) == 4 and guarded.breaker.state == "open"
+
+
+def test_cached_answers_are_still_served_while_open(graph, guarded, clock):
+    graph.workflows["wf-known"] = {"priority": 6}
+    assert guarded.lookup("wf-known").priority == 6
+    graph.status = 503
+    for i in range(3):
+        guarded.lookup(f"wf-{i}")
+    assert guarded.breaker.state == "open"
+    assert guarded.lookup("wf-known").priority == 6
+
+
+@pytest.mark.parametrize("answer", ["400", "not-a-workflow"])
+def test_answers_about_the_id_neither_open_nor_reset_the_breaker(graph, guarded, answer):
+    """The id is the client's: ids the service refuses must not switch it off for everyone,
+    nor keep a hanging service's breaker closed."""
+    for i in range(10):
+        if answer == "400":
+            graph.status = 400
+        else:
+            graph.workflows[f"wf-{i}"] = b"<html>"
+        assert guarded.lookup(f"wf-{i}") is None
+    assert len(graph.paths) == 10 and guarded.breaker.state == "closed"
+    graph.status = 200
+    graph.delay = 2.0
+    guarded.lookup("hang-1")
+    guarded.lookup("hang-2")
+    graph.delay, graph.status = 0.0, 400
+    guarded.lookup("refused-id")  # an answer: does not reset the two timeouts
+    graph.delay, graph.status = 2.0, 200
+    guarded.lookup("hang-3")
+    assert guarded.breaker.state == "open"
+
+
+def test_refused_connections_open_it_too():
+    c = WorkflowClient("http://127.0.0.1:9", timeout=0.5, breaker_failures=2)
+    try:
+        c.lookup("wf-1")
+        c.lookup("wf-2")
+        assert c.breaker.state == "open"
+    finally:
+        c.close()
+
+
+def test_the_breaker_settings_are_the_advisors():
+    settings = settings_mod.defaults().replace(
+        services={
+            "graph_service_url": "http://graph:8081/",
+            "breaker_failures": 5,
+            "breaker_cooldown": "1m",
+        }
+    )
+    c = WorkflowClient.from_settings(settings)
+    try:
+        assert (c.breaker.failures, c.breaker.cooldown) == (5, 60.0)
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("fault", ["hang", "503"])
+def test_allocates_with_fresh_workflow_ids_are_granted_at_once_while_it_is_open(
+    graph, settings, redis_url, fault
+):
+    """The attack: a client (or normal traffic) sends a new workflow_id with each allocate
+    while the graph service hangs; before the breaker each allocate waited the full time
+    limit, holding an API thread."""
+    make_sick(graph, fault)
+    services = {"graph_service_url": graph.url, "graph_service_timeout": "500ms"}
+    app = create_app(
+        settings.replace(dashboard={"enabled": False}, services=services),
+        redis_url=redis_url,
+        clock=Clock(),
+    )
+    register_fleet(app)
+    http = app.test_client()
+
+    def allocate(i: int):
+        body = {
+            "service_name": f"svc-{i}",
+            "required_gpus": 1,
+            "workload_type": "inference",
+            "workload_data": {"workflow_id": f"wf-{i}"},
+        }
+        started = time.monotonic()
+        resp = http.post("/gpu/allocate", json=body)
+        assert resp.status_code == 200, resp.get_data(as_text=True)
+        assert resp.get_json()["status"] == "allocated"
+        return time.monotonic() - started
+
+    try:
+        for i in range(3):  # services.breaker_failures (3 by default) failures open it
+            allocate(i)
+        assert len(graph.paths) == 3
+        for i in range(3, 8):
+            assert allocate(i) < 0.5  # under one graph_service_timeout each
+        assert len(graph.paths) == 3  # and no lookup was sent
+    finally:
+        app.extensions["gpu_analyzer"].close()
