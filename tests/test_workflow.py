@@ -405,7 +405,7 @@ def test_allocates_with_fresh_workflow_ids_are_granted_at_once_while_it_is_open(
     while the graph service hangs; before the breaker each allocate waited the full time
     limit, holding an API thread."""
     make_sick(graph, fault)
-    services = {"graph_service_url": graph.url, "graph_service_timeout": "500ms"}
+    services = {"graph_service_url": graph.url, "graph_service_timeout": "1s"}
     app = create_app(
         settings.replace(dashboard={"enabled": False}, services=services),
         redis_url=redis_url,
@@ -432,7 +432,7 @@ def test_allocates_with_fresh_workflow_ids_are_granted_at_once_while_it_is_open(
             allocate(i)
         assert len(graph.paths) == 3
         for i in range(3, 8):
-            assert allocate(i) < 0.5  # under one graph_service_timeout each
+            assert allocate(i) < 1.0  # under one graph_service_timeout each (a loaded box)
         assert len(graph.paths) == 3  # and no lookup was sent
     finally:
         app.extensions["gpu_analyzer"].close()
