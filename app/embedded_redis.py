@@ -131,6 +131,14 @@ class EmbeddedRedis:
             return None
         return pid
 
+    def _unusable(self, exc: OSError) -> EmbeddedRedisError:
+        """The one line for a data directory we cannot create or write (the same line `up`
+        gives, app.supervisor.UpLock)."""
+        return EmbeddedRedisError(
+            f"cannot use data directory {self.data_dir} ({exc.strerror}); set "
+            f"redis.data_dir (GPU_ORCH__REDIS__DATA_DIR) to a writable directory"
+        )
+
     def _lock_data_dir(self, timeout: float) -> int | None:
         """A descriptor holding ``redis.lock`` for the server to inherit, None when a server
         on our port and data directory came up meanwhile (reuse it), or EmbeddedRedisError.
@@ -140,7 +148,10 @@ class EmbeddedRedis:
         that was SIGKILLed only in a child it forked (an AOF rewrite finishing): while the
         recorded server is dead, wait for that child, up to ``timeout``.
         """
-        fd = os.open(self.lockfile, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(self.lockfile, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:  # a directory this user may not write to, say
+            raise self._unusable(exc) from None
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -178,11 +189,8 @@ class EmbeddedRedis:
         """Start (or reuse) the server and return its URL once it answers PING."""
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:  # the same line `up` gives (app.supervisor.UpLock)
-            raise EmbeddedRedisError(
-                f"cannot use data directory {self.data_dir} ({exc.strerror}); set "
-                f"redis.data_dir (GPU_ORCH__REDIS__DATA_DIR) to a writable directory"
-            ) from None
+        except OSError as exc:
+            raise self._unusable(exc) from None
         if _port_open(self.host, self.port):
             if self._ours_running():
                 return self._reuse()

@@ -189,6 +189,22 @@ def test_a_second_server_on_the_same_data_directory_is_refused_whatever_the_port
         owner.stop()
 
 
+def test_a_lock_file_that_cannot_be_opened_is_a_clear_error(tmp_path):
+    """A data directory this user may not write to (made by root, say), or a redis.lock that
+    is not a file: one line naming the directory and the setting, as an unmakeable data
+    directory gets (CLI exit 2). Before, the lock's os.open raised through: a traceback and
+    exit 1 from every role that starts the server."""
+    data = tmp_path / "d"
+    (data / "redis.lock").mkdir(parents=True)
+    server = EmbeddedRedis(str(data), port=free_port())
+    with pytest.raises(EmbeddedRedisError) as refused:
+        server.start(timeout=2)
+    message = str(refused.value)
+    assert message.startswith(f"cannot use data directory {data} (")
+    assert "redis.data_dir" in message and "\n" not in message
+    assert server.proc is None and not _port_open("127.0.0.1", server.port)
+
+
 def test_the_server_holds_the_data_directory_lock_after_whoever_started_it_is_gone(tmp_path):
     """The lock lives in the server process: a SIGKILLed server frees it at once, and a
     server whose starter died (here: forgot it) still holds it."""
