@@ -362,7 +362,7 @@ def test_a_hung_lookup_lets_its_thread_go_when_another_request_needs_the_last_on
     body = assert_error(resp, 503, "unavailable")  # not a verdict on the URL: try again
     assert "server busy" in body["message"] and "webhook_url" in body["details"]
     assert resp.headers["Retry-After"] == "2"
-    assert took < 1.0  # not the lookup's 2 s
+    assert took < 1.5  # not the lookup's 2 s (0.15-0.18 s at load 1.5; room for a loaded box)
 
 
 def test_a_lookup_on_the_last_idle_thread_holds_it_a_quarter_second_at_most(make_app, hung_dns):
@@ -380,7 +380,7 @@ def test_a_lookup_on_the_last_idle_thread_holds_it_a_quarter_second_at_most(make
     body = assert_error(resp, 503, "unavailable")  # cut short for the server's sake
     assert "took longer than 0.25 s" in body["message"] and "webhook_url" in body["details"]
     assert resp.headers["Retry-After"] == "2"
-    assert 0.25 <= took < 1.0
+    assert 0.25 <= took < 1.5  # not 2 s; 0.25-0.26 s at load 1.5
     resp = client.post(
         "/gpu/allocate", json={"service_name": "b", "webhook_url": "http://hooks.test:9/h"}
     )
