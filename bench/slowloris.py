@@ -225,6 +225,8 @@ def main() -> int:
             GPU_ORCH__REDIS__PREFIX=prefix,
             GPU_ORCH__SERVER__HOST="127.0.0.1",
             GPU_ORCH__SCHEDULER__NODE_HEARTBEAT_TIMEOUT="1h",
+            # forgetting must come after the heartbeat timeout (a config error otherwise): never
+            GPU_ORCH__SCHEDULER__NODE_FORGET_AFTER="0",
             PYTHONPATH=args.api_root,
         )
         if os.path.abspath(args.api_root) == ROOT:  # an older checkout lacks the setting
