@@ -235,6 +235,8 @@ class _Lookup:
         self.overdue: float | None = None
         #: callers' own events (``abort``), set too when the lookup ends
         self.wakers: list[threading.Event] = []
+        #: a caller ran out of patience after this long: one with no more is Busy at once
+        self.cut: float | None = None
 
 
 class Lookups:
@@ -310,7 +312,8 @@ class Lookups:
         with Busy (the API's thread budget wants the thread back); the lookup also sets it
         when it ends, so the caller waits on one event. ``patience`` (below ``timeout``): the
         caller stops waiting then for the server's sake, Busy too. Neither marks the lookup
-        overdue: only a wait of the whole ``timeout`` says the name is slow."""
+        overdue: only a wait of the whole ``timeout`` says the name is slow. A later caller
+        with no more patience than one that ran out is Busy at once."""
         key = (resolver, host, port)
         with self._lock:
             lookup = self._running.get(key)
@@ -319,6 +322,12 @@ class Lookups:
                     f"looking up {host!r} took longer than {lookup.overdue:g} s for an "
                     "earlier caller and is still running"
                 )
+            if lookup is not None and lookup.cut is not None and patience is not None:
+                if min(patience, timeout) <= lookup.cut:
+                    raise Busy(
+                        f"looking up {host!r} took longer than {lookup.cut:g} s for an "
+                        "earlier caller, as long as the server can wait now: server busy"
+                    )
             if lookup is None:
                 self._refuse_if_slow(key)
                 domain = domain_of(host)
@@ -357,6 +366,7 @@ class Lookups:
                 if waited:  # aborted: the name is not known to be slow
                     raise Busy(f"cannot wait for the lookup of {host!r} now: server busy")
                 if wait < timeout:  # out of patience: nor is it then
+                    lookup.cut = max(lookup.cut or 0.0, wait)
                     raise Busy(
                         f"looking up {host!r} took longer than {wait:g} s, as long as the "
                         "server can wait now: server busy"

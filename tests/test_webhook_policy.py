@@ -409,6 +409,25 @@ def test_a_lookup_cut_short_on_the_last_thread_refuses_no_later_caller(make_app,
     assert hung_dns.count("hung-cut.test") == 1  # it waited on the running lookup
 
 
+def test_a_caller_out_of_patience_spares_the_next_impatient_one_the_wait(hung_dns):
+    """A caller that ran out of ``patience`` (the API's last idle thread) learnt nothing about
+    the name, so it does not refuse anyone; but another caller with no more patience would
+    only wait as long for the same lookup: it is answered Busy at once, so a hung name asked
+    for again and again holds a busy server's last thread once per lookup, not once per
+    request. A caller with its whole timeout still waits for it."""
+    from app import webhook_policy
+
+    lookups = webhook_policy.Lookups(limit=8)
+    name = "hung-patience.test"
+    with pytest.raises(webhook_policy.Busy, match="took longer than 0.05 s, as long as"):
+        lookups.resolve(socket.getaddrinfo, name, 80, 5.0, patience=0.05)
+    with pytest.raises(webhook_policy.Busy, match="for an earlier caller"):
+        lookups.resolve(socket.getaddrinfo, name, 80, 5.0, patience=0.05)
+    with pytest.raises(webhook_policy.TimedOut, match="took longer than 0.1 s$"):
+        lookups.resolve(socket.getaddrinfo, name, 80, 0.1)
+    assert hung_dns.count(name) == 1
+
+
 def test_a_hung_name_holds_one_lookup_however_often_it_is_asked_for(settings, hung_dns):
     """Tries of the same name wait on the lookup already running instead of starting more, and
     past MAX_LOOKUPS running lookups a new one is refused at once instead of queued."""
