@@ -199,9 +199,7 @@
     -- request within SWEEP of where the walk left it (the rank walk's sweep).
     local function sweep()
       if reserver or not may_reserve then return end
-      table.sort(tenants, function(a, b)
-        return a.share < b.share or (a.share == b.share and a.t < b.t)
-      end)
+      table.sort(tenants, fair_before)
       for _, cur in ipairs(tenants) do
         local r = fair_head(cur.t, cur.pos)
         if r then
