@@ -4,11 +4,13 @@ version it needs, and data written by the engine before it (tests/data/pre_funct
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -111,12 +113,35 @@ def test_two_prefixes_and_settings_share_one_library(redis, settings):
 # ------------------------------------------------------------------ data from before the library
 
 T0 = 1_800_000_000.0
+#: When tests/data/make_pre_functions_aof.py wrote the data (the ids' timestamps say so). Redis
+#: keeps a key's expiry as a wall-clock time (PEXPIREAT in the AOF), whatever clock the engine
+#: was given: the idempotency keys (24 h) expired on 2026-12-01 21:53 UTC, and the replay
+#: below failed from then on.
+WRITTEN_MS = 1_796_075_591_000
+_PEXPIREAT = re.compile(rb"(\$9\r\nPEXPIREAT\r\n\$\d+\r\n[^\r]*\r\n)\$\d+\r\n(\d+)\r\n")
+
+
+def _shift_expiries(aof: Path, by_ms: int) -> None:
+    """Move each PEXPIREAT of ``aof`` by ``by_ms``: its key expires as long after now as it
+    did after the data was written."""
+
+    def shifted(m: re.Match) -> bytes:
+        at = b"%d" % (int(m.group(2)) + by_ms)
+        return m.group(1) + b"$%d\r\n%s\r\n" % (len(at), at)
+
+    text, n = _PEXPIREAT.subn(shifted, aof.read_bytes())
+    assert n == 2, n  # the two idempotency keys
+    aof.write_bytes(text)
 
 
 @pytest.fixture
 def upgraded(tmp_path):
     """A server started on the AOF that the EVALSHA engine (main 07afee6) wrote."""
     shutil.copytree(DATA / "appendonlydir", tmp_path / "appendonlydir")
+    _shift_expiries(
+        tmp_path / "appendonlydir" / "appendonly.aof.2.base.aof",
+        int(time.time() * 1000) - WRITTEN_MS,
+    )
     server = RedisServer(tmp_path, "--appendonly", "yes").start()
     client = redis_lib.Redis(port=server.port, decode_responses=True)
     yield server, client
