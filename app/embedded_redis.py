@@ -266,6 +266,21 @@ class EmbeddedRedis:
         log.info(
             "reusing embedded Redis already running at %s (data in %s)", self.url, self.data_dir
         )
+        # it keeps the appendfsync of whoever started it: say so when that is not ours
+        try:
+            client = redis.Redis(host=self.host, port=self.port, socket_timeout=1)
+            running = client.config_get("appendfsync").get("appendfsync")
+            client.close()
+        except redis.RedisError:
+            running = None
+        if running is not None and running != self.appendfsync:
+            log.warning(
+                "embedded Redis at %s runs appendfsync %s, not redis.embedded_appendfsync %s: "
+                "the process that started it chose; restart it with this config to change it",
+                self.url,
+                running,
+                self.appendfsync,
+            )
         return self.url
 
     def restart(self, timeout: float = 15.0) -> str:

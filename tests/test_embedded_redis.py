@@ -301,3 +301,28 @@ def test_redis_embedded_appendfsync_always_reaches_the_server_a_role_starts(tmp_
     finally:
         client.close()
         server.stop()
+
+
+def test_a_reused_server_that_fsyncs_otherwise_than_configured_is_named_in_a_warning(
+    tmp_path, caplog
+):
+    """A server found running (say `gpu-orchestrator redis` started with the default) keeps
+    its own appendfsync: `redis.embedded_appendfsync: always` then did not apply, without a
+    word, though it is what someone set for zero loss on a machine crash."""
+    import logging
+
+    data, port = str(tmp_path / "data"), free_port()
+    owner = EmbeddedRedis(data, port=port)  # everysec
+    owner.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="app.embedded_redis"):
+            same = EmbeddedRedis(data, port=port)
+            same.start()
+            assert not same.owned and caplog.records == []
+            strict = EmbeddedRedis(data, port=port, appendfsync="always")
+            strict.start()
+        assert not strict.owned
+        [line] = [r.getMessage() for r in caplog.records]
+        assert "appendfsync everysec" in line and "redis.embedded_appendfsync always" in line
+    finally:
+        owner.stop()
