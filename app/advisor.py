@@ -36,7 +36,7 @@ from prometheus_client import Counter
 
 from app.breaker import Breaker
 from app.request_rules import FIELDS
-from app.settings import redact_url
+from app.settings import redact_url, url_with_path
 
 #: The request's priority rule (app.request_rules): the advice is clamped to it.
 PRIORITY = FIELDS["priority"]
@@ -146,7 +146,7 @@ class Advisor:
             raise ValueError("url must be a non-empty http(s) URL")
         if timeout <= 0 or breaker_failures < 1 or breaker_cooldown < 0:
             raise ValueError("timeout > 0, breaker_failures >= 1 and breaker_cooldown >= 0")
-        self.url = url.rstrip("/") + "/invoke/structured"
+        self.url = url_with_path(url, "/invoke/structured")
         self._shown = redact_url(self.url)  # as logs show it: no basic-auth password
         self.timeout = timeout
         self.breaker_failures = breaker_failures

@@ -261,6 +261,14 @@ def query_passwords(url: str) -> list[tuple[str, str]]:
     return [(m.group(0)[1:], f"{m.group(1)}={REDACTED}") for m in _secret_args(url)]
 
 
+def url_with_path(url: str, path: str) -> str:
+    """``url`` with ``path`` (from ``/``) after its own path, its query kept after both: a
+    service URL may carry its credential as a query (``?token=``), and a path appended to the
+    whole string went into that credential's value."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + path))
+
+
 def redact_url(url: str) -> str:
     """Hide the password (in the userinfo or the query; a lone token user too), keep the rest
     readable."""

@@ -45,7 +45,7 @@ from prometheus_client import Counter
 
 from app.breaker import Breaker
 from app.request_rules import FIELDS
-from app.settings import redact_url
+from app.settings import redact_url, url_with_path
 
 #: The request's priority rule (app.request_rules): the graph service's is clamped to it.
 PRIORITY = FIELDS["priority"]
@@ -193,7 +193,7 @@ class WorkflowClient:
         return info
 
     def _fetch(self, workflow_id: str) -> WorkflowInfo | None:
-        url = f"{self.url}/workflow/{quote(workflow_id, safe='')}"
+        url = url_with_path(self.url, f"/workflow/{quote(workflow_id, safe='')}")
         give_up = time.monotonic() + self.timeout
         try:
             with self._session.get(url, timeout=(self.timeout, self.timeout), stream=True) as resp:

@@ -153,6 +153,18 @@ def test_good_answer_and_the_original_request_shape(stub, make_advisor):
     assert advisor.state == "closed"
 
 
+def test_a_query_in_the_advisor_url_stays_after_the_path(stub, clock):
+    """``services.deepagents_url`` may carry its credential as a query (``?token=``, hidden by
+    config show): /invoke/structured goes before it, not into the token's value."""
+    stub.reply = lambda path, body: (200, structured(), 0)
+    advisor = Advisor(stub.url + "/v1?token=tk-1", clock=clock)
+    try:
+        assert advisor.advise("svc-a", "inference", {}, **LIMITS) is not None
+    finally:
+        advisor.close()
+    assert [(m, p) for m, p, _ in stub.requests] == [("POST", "/v1/invoke/structured?token=tk-1")]
+
+
 def test_answer_is_clamped_to_the_fleet(stub, make_advisor):
     stub.reply = lambda path, body: (200, structured(gpus=99, memory=10**7, priority=0), 0)
     advice = make_advisor().advise("s", "training", {}, max_gpus=4, max_memory_mb=24576)

@@ -97,6 +97,18 @@ def test_lookup_reads_priority_and_dependencies(graph, client):
     assert graph.paths == ["/workflow/wf-1"]
 
 
+def test_a_query_in_the_service_url_stays_after_the_path(graph, clock):
+    """A graph service URL may carry its credential as a query (settings.SECRET_QUERY_NAMES
+    hides it in config show): the lookup path goes before it. It went after it, into the
+    token's value (``?token=tk-1/workflow/wf-1``), and the service saw the base path."""
+    c = WorkflowClient(graph.url + "/g/?token=tk-1", clock=clock)
+    try:
+        c.lookup("wf-1")
+    finally:
+        c.close()
+    assert graph.paths == ["/g/workflow/wf-1?token=tk-1"]
+
+
 def test_ids_are_escaped_in_the_path(graph, client):
     graph.workflows["a%2Fb%20c"] = {"priority": 3}
     assert client.lookup("a/b c").priority == 3
