@@ -34,12 +34,9 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 import argparse  # noqa: E402
 import http.client  # noqa: E402
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -47,16 +44,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E40
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HANG_S = 60.0
-
-
-def _bench_http():
-    """bench/http.py's server-side helpers (loaded by path: its name shadows ``http``)."""
-    spec = importlib.util.spec_from_file_location(
-        "bench_http", os.path.join(ROOT, "bench", "http.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class HangingGraph:
@@ -168,8 +155,8 @@ def main() -> int:
     args = parser.parse_args()
 
     sys.path.insert(0, ROOT)
-    bench_http = _bench_http()
     from app.embedded_redis import EmbeddedRedis
+    from bench import http as bench_http  # bench.http: not the standard library's http
 
     tmp = tempfile.mkdtemp(prefix="gpuo-graph-outage-")
     redis = EmbeddedRedis(os.path.join(tmp, "redis"), port=bench_http.free_port())
@@ -179,36 +166,9 @@ def main() -> int:
         redis_url = redis.start()
         prefix = "{gpuo-graph-outage}"
         bench_http._register_fleet(redis_url, prefix, 2, 8)
-        port = bench_http.free_port()
-        env = dict(
-            os.environ,
-            REDIS_URL=redis_url,
-            PORT=str(port),
-            CONFIG_PATH=os.path.join(tmp, "none.yaml"),
-            GRAPH_SERVICE_URL=graph.url,
-            GPU_ORCH__REDIS__PREFIX=prefix,
-            GPU_ORCH__SERVER__HOST="127.0.0.1",
-            GPU_ORCH__SCHEDULER__NODE_HEARTBEAT_TIMEOUT="1h",
-            GPU_ORCH__SCHEDULER__NODE_FORGET_AFTER="0",
-            PYTHONPATH=args.api_root,
+        api, port = bench_http.start_api(
+            tmp, redis_url, prefix, args.api_root, GRAPH_SERVICE_URL=graph.url
         )
-        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        open(env["CONFIG_PATH"], "w").close()
-        api_log = open(os.path.join(tmp, "api.log"), "wb")
-        api = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "api"],
-            cwd=args.api_root,
-            env=env,
-            stdout=api_log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            bench_http._wait_http(port)
-        except RuntimeError:
-            api_log.flush()
-            sys.stderr.write(open(api_log.name, errors="replace").read()[-3000:])
-            raise
         result = _run_clients(port, args.clients, args.allocates)
         result.update(
             {
@@ -221,12 +181,7 @@ def main() -> int:
         print(json.dumps(result, indent=2))
         return 0
     finally:
-        if api is not None and api.poll() is None:
-            os.killpg(api.pid, signal.SIGTERM)
-            try:
-                api.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(api.pid, signal.SIGKILL)
+        bench_http.stop_api(api)
         graph.close()
         redis.stop()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -281,6 +281,60 @@ def _wait_http(port: int, timeout: float = 30.0) -> None:
     raise RuntimeError("the API did not come up")
 
 
+def start_api(
+    tmp: str, redis_url: str, prefix: str, api_root: str = ROOT, **env: str
+) -> tuple[subprocess.Popen, int]:
+    """``gpu-orchestrator api`` of ``api_root`` in its own process group on a free loopback
+    port, over the fleet :func:`_register_fleet` wrote under ``prefix``; ``env`` adds settings.
+    One place for what every benchmark's API needs: the fleet is registered once, so it stays
+    schedulable (heartbeat timeout 1 h, never forgotten: forgetting must come after the
+    timeout, a config error otherwise). Its output goes to ``tmp``/api.log (a pipe would fill
+    up and block), whose tail is printed when it does not come up."""
+    port = free_port()
+    env = dict(
+        os.environ,
+        REDIS_URL=redis_url,
+        PORT=str(port),
+        CONFIG_PATH=os.path.join(tmp, "none.yaml"),
+        GPU_ORCH__REDIS__PREFIX=prefix,
+        GPU_ORCH__SERVER__HOST="127.0.0.1",
+        GPU_ORCH__SCHEDULER__NODE_HEARTBEAT_TIMEOUT="1h",
+        GPU_ORCH__SCHEDULER__NODE_FORGET_AFTER="0",
+        PYTHONPATH=api_root,
+        **env,
+    )
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    open(env["CONFIG_PATH"], "w").close()
+    log_path = os.path.join(tmp, "api.log")
+    with open(log_path, "wb") as api_log:
+        api = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "api"],
+            cwd=api_root,
+            env=env,
+            stdout=api_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        _wait_http(port)
+    except RuntimeError:
+        with open(log_path, errors="replace") as log:
+            sys.stderr.write(log.read()[-3000:])
+        stop_api(api)
+        raise
+    return api, port
+
+
+def stop_api(api: subprocess.Popen | None) -> None:
+    """Stop what :func:`start_api` started: SIGTERM to its group, SIGKILL after 20 s."""
+    if api is not None and api.poll() is None:
+        os.killpg(api.pid, signal.SIGTERM)
+        try:
+            api.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(api.pid, signal.SIGKILL)
+
+
 def _server_version(url: str) -> str:
     """The Redis/Valkey the run used, e.g. ``valkey 9.1.2``."""
     from app.redis_client import connect, server_version
@@ -334,31 +388,7 @@ def main() -> int:
         redis_url = redis.start()
         prefix = "{gpuo-bench}"
         _register_fleet(redis_url, prefix, args.nodes, 8)
-        port = free_port()
-        env = dict(
-            os.environ,
-            REDIS_URL=redis_url,
-            PORT=str(port),
-            CONFIG_PATH=os.path.join(tmp, "none.yaml"),
-            GPU_ORCH__REDIS__PREFIX=prefix,
-            GPU_ORCH__LOGGING__LEVEL=args.log_level,
-            # The fleet is registered once; keep it schedulable for the whole run.
-            GPU_ORCH__SCHEDULER__NODE_HEARTBEAT_TIMEOUT="1h",
-            GPU_ORCH__SCHEDULER__NODE_FORGET_AFTER="0",
-            PYTHONPATH=ROOT,
-        )
-        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        open(env["CONFIG_PATH"], "w").close()
-        api_log = open(os.path.join(tmp, "api.log"), "wb")  # a pipe would fill up and block
-        api = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "api"],
-            cwd=ROOT,
-            env=env,
-            stdout=api_log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        _wait_http(port)
+        api, port = start_api(tmp, redis_url, prefix, GPU_ORCH__LOGGING__LEVEL=args.log_level)
         client = subprocess.run(
             [
                 sys.executable,
@@ -398,12 +428,7 @@ def main() -> int:
         print(json.dumps(result, indent=2))
         return 0
     finally:
-        if api is not None and api.poll() is None:
-            os.killpg(api.pid, signal.SIGTERM)
-            try:
-                api.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(api.pid, signal.SIGKILL)
+        stop_api(api)
         redis.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -35,12 +35,10 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
 import shutil  # noqa: E402
-import signal  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -53,16 +51,6 @@ BODY_HEAD = (
     b"\r\nContent-Length: 1000\r\n\r\n"
 )
 KINDS = ("silent", "partial_head", "partial_body")
-
-
-def _bench_http():
-    """bench/http.py's server-side helpers (loaded by path: its name shadows ``http``)."""
-    spec = importlib.util.spec_from_file_location(
-        "bench_http", os.path.join(ROOT, "bench", "http.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # --------------------------------------------------------------------------- client side
@@ -206,8 +194,8 @@ def main() -> int:
         print(json.dumps(result))
         return 0
 
-    bench_http = _bench_http()
     from app.embedded_redis import EmbeddedRedis
+    from bench import http as bench_http  # bench.http: not the standard library's http
 
     tmp = tempfile.mkdtemp(prefix="gpuo-slowloris-")
     redis = EmbeddedRedis(os.path.join(tmp, "redis"), port=bench_http.free_port())
@@ -216,33 +204,10 @@ def main() -> int:
         redis_url = redis.start()
         prefix = "{gpuo-slowloris}"
         bench_http._register_fleet(redis_url, prefix, 2, 8)
-        port = bench_http.free_port()
-        env = dict(
-            os.environ,
-            REDIS_URL=redis_url,
-            PORT=str(port),
-            CONFIG_PATH=os.path.join(tmp, "none.yaml"),
-            GPU_ORCH__REDIS__PREFIX=prefix,
-            GPU_ORCH__SERVER__HOST="127.0.0.1",
-            GPU_ORCH__SCHEDULER__NODE_HEARTBEAT_TIMEOUT="1h",
-            # forgetting must come after the heartbeat timeout (a config error otherwise): never
-            GPU_ORCH__SCHEDULER__NODE_FORGET_AFTER="0",
-            PYTHONPATH=args.api_root,
-        )
+        extra = {}
         if os.path.abspath(args.api_root) == ROOT:  # an older checkout lacks the setting
-            env["GPU_ORCH__SERVER__HEADER_TIMEOUT"] = args.header_timeout
-        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        open(env["CONFIG_PATH"], "w").close()
-        api_log = open(os.path.join(tmp, "api.log"), "wb")
-        api = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "api"],
-            cwd=args.api_root,
-            env=env,
-            stdout=api_log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        bench_http._wait_http(port)
+            extra["GPU_ORCH__SERVER__HEADER_TIMEOUT"] = args.header_timeout
+        api, port = bench_http.start_api(tmp, redis_url, prefix, args.api_root, **extra)
         client = subprocess.run(
             [
                 sys.executable,
@@ -273,12 +238,7 @@ def main() -> int:
         print(json.dumps(result, indent=2))
         return 0
     finally:
-        if api is not None and api.poll() is None:
-            os.killpg(api.pid, signal.SIGTERM)
-            try:
-                api.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(api.pid, signal.SIGKILL)
+        bench_http.stop_api(api)
         redis.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
