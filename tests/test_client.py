@@ -310,15 +310,20 @@ def test_run_keeps_the_command_while_the_api_is_down_until_the_lease_would_end(s
     assert "could not renew" in proc.stderr and "lost" in proc.stderr
 
 
-def test_run_renews_every_third_of_the_lease(stub):
-    stub.routes[("POST", "/gpu/allocate")] = lambda s, b, q: (200, granted(lease=1.5), {})
+def _grant_and_renew(stub, lease: float) -> None:
+    """s-1 granted at once with ``lease``, held until released, every renewal granted."""
+    stub.routes[("POST", "/gpu/allocate")] = lambda s, b, q: (200, granted(lease=lease), {})
     stub.routes[("GET", "/gpu/allocations/s-1")] = hold_then(1e9, "allocated")
     stub.routes[("POST", "/gpu/allocations/s-1/renew")] = lambda s, b, q: (
         200,
-        granted(lease=1.5),
+        granted(lease=lease),
         {},
     )
     stub.routes[("POST", "/gpu/release")] = lambda s, b, q: (200, {"status": "released"}, {})
+
+
+def test_run_renews_every_third_of_the_lease(stub):
+    _grant_and_renew(stub, lease=1.5)
     proc = run(stub, "--", sys.executable, "-c", TRAP, "3")
     assert proc.returncode == 0 and proc.stdout.strip() == "finished", proc.stderr
     assert 3 <= stub.count("POST", "/gpu/allocations/s-1/renew") <= 8
@@ -327,14 +332,7 @@ def test_run_renews_every_third_of_the_lease(stub):
 def test_run_at_debug_shows_every_renewal_and_at_the_default_none(stub):
     """docs/client.md: ``--log-level DEBUG`` shows every lease change; it showed only changes
     of status, so a run whose lease was renewed all along printed nothing."""
-    stub.routes[("POST", "/gpu/allocate")] = lambda s, b, q: (200, granted(lease=1.5), {})
-    stub.routes[("GET", "/gpu/allocations/s-1")] = hold_then(1e9, "allocated")
-    stub.routes[("POST", "/gpu/allocations/s-1/renew")] = lambda s, b, q: (
-        200,
-        granted(lease=1.5),
-        {},
-    )
-    stub.routes[("POST", "/gpu/release")] = lambda s, b, q: (200, {"status": "released"}, {})
+    _grant_and_renew(stub, lease=1.5)
     debug = run(stub, "--log-level", "DEBUG", "--", sys.executable, "-c", TRAP, "2")
     assert debug.returncode == 0, debug.stderr
     renewed = [line for line in debug.stderr.splitlines() if "renewed s-1" in line]
